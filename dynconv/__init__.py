@@ -1,0 +1,14 @@
+"""dynconv: Triton GPU kernels for dynamic convolutions, as torch ops and nn modules.
+
+>>> import dynconv
+>>> y = dynconv.involution(x, weight)            # SPEC.md §1a
+>>> y = dynconv.dynamic_dwconv2d(x, weight)      # SPEC.md §1b
+>>> layer = dynconv.nn.Involution2d(64)
+"""
+from dynconv.ops.involution import dynamic_dwconv2d, involution
+
+from . import nn, reference
+
+__version__ = "0.1.0"
+
+__all__ = ["involution", "dynamic_dwconv2d", "nn", "reference", "__version__"]

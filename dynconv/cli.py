@@ -1,0 +1,40 @@
+"""The ``dynconv`` command: ``run``, ``inspect``, ``autotune``, ``bench``, ``plot``.
+
+Each subcommand lives in its own module with a ``main(argv)``; this file only dispatches, so a
+subcommand's imports (matplotlib, the kernels) load only when it runs.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "run": ("dynconv.demo", "the main job: benchmark + plots on a GPU, interpreter demo + plots without"),
+    "inspect": ("dynconv.inspect", "registers, spills, shared memory and load widths per kernel (AOT compile)"),
+    "autotune": ("dynconv.autotune", "sweep kernel configurations on this GPU and write the JSON"),
+    "bench": ("dynconv.bench", "measure every op and provider on this GPU, write perf_reports/"),
+    "plot": ("dynconv.plot", "draw throughput and roofline plots from perf_reports/ csv files"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: dynconv <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"dynconv: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``dynconv inspect``: compile every kernel ahead of time for a GPU architecture and report its
+registers, spills, shared memory and whether its global loads are vectorised.
+
+This is the tuning tool for sessions without a GPU: the numbers come from the triton wheel's
+own ptxas and cuobjdump, for exactly the launches the ops make by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dynconv inspect", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper) or 80 (Ampere)")
+    parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    parser.add_argument("--label", default="", help="only launches whose label contains this")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    args = parser.parse_args(argv)
+
+    from dynconv.kernels import catalogue
+    from dynconv.kernels._launch import resource_usage
+
+    seen = set()
+    header = f"{'kernel':<32} {'launch':<44} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'vec/ld':>7}  meta"
+    if not args.json:
+        print(header)
+    failures = 0
+    for launch in catalogue():
+        if args.kernel not in launch.name or args.label not in launch.label:
+            continue
+        try:
+            # Launches differing only in sizes compile to the same binary: report each binary once.
+            source_key = (launch.name, str(launch.source().signature), str(launch.meta), launch.num_warps)
+            if source_key in seen:
+                continue
+            seen.add(source_key)
+            usage = resource_usage(launch, args.arch)
+        except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is a finding, not a crash
+            failures += 1
+            print(f"{launch.name:<32} {launch.label:<44} FAILED: {str(exc).splitlines()[0][:200]}")
+            continue
+        if args.json:
+            usage["meta"] = {k: str(v) for k, v in usage["meta"].items()}
+            print(json.dumps(usage))
+        else:
+            blocks = " ".join(f"{k}={v}" for k, v in usage["meta"].items() if k.startswith("BLOCK"))
+            print(f"{usage['kernel']:<32} {usage['label'][:44]:<44} {usage['num_warps']:>5} {usage['registers']:>5} "
+                  f"{usage['spill_bytes']:>6} {usage['shared_bytes']:>7} {usage['vector_loads']:>3}/{usage['global_loads']:<3}  {blocks}")
+    return 1 if failures else 0

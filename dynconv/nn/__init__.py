@@ -1,0 +1,1 @@
+"""Drop-in nn modules built on the dynconv ops."""

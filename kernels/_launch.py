@@ -1,0 +1,149 @@
+"""A kernel launch as data: run it, or compile it ahead of time for a GPU we do not have.
+
+Every launcher in ``kernels/`` builds a :class:`Launch` (kernel, grid, arguments, meta-parameters)
+and calls it. Building the same object from ``meta`` tensors gives the exact signature the JIT
+would see on a GPU, so the AOT compile check and ``dynconv inspect`` test what really launches.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+
+_TRITON_DTYPE = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int8: "i8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+# Architectures the AOT check compiles for, with their shared-memory ceiling per block (bytes).
+ARCHS = {90: 232448, 80: 166912}
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """NHWC strides that are not also NCHW-contiguous (as for C == 1 or 1x1 images)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
+def kernels_are_interpreted() -> bool:
+    """True when TRITON_INTERPRET=1 was set before the kernels were imported (a decoration-time switch)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .involution import involution_fwd_kernel
+
+    return isinstance(involution_fwd_kernel, InterpretedFunction)
+
+
+@dataclass
+class Launch:
+    """One kernel launch: ``kernel[grid](**args, **meta, num_warps=..., num_stages=...)``."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: dict[str, Any]
+    meta: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+    label: str = field(default="")
+
+    def __call__(self) -> None:
+        if min(self.grid) == 0:
+            return
+        self.kernel[self.grid](**self.args, **self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @property
+    def name(self) -> str:
+        fn = getattr(self.kernel, "fn", self.kernel)
+        return getattr(fn, "__name__", str(fn))
+
+    # -- ahead-of-time compilation --------------------------------------------------------
+    def _jit_function(self):
+        fn = self.kernel
+        # An interpreted kernel wraps the plain JITFunction we need for compilation.
+        while not isinstance(fn, triton.runtime.jit.JITFunction) and hasattr(fn, "fn"):
+            fn = fn.fn
+        if not isinstance(fn, triton.runtime.jit.JITFunction):
+            fn = triton.jit(fn)
+        return fn
+
+    def source(self):
+        """The ASTSource the JIT would build for these arguments (same specialisation rules)."""
+        from triton.compiler import ASTSource
+
+        fn = self._jit_function()
+        values = {**self.args, **self.meta}
+        signature, constexprs, attrs = {}, {}, {}
+        for index, name in enumerate(fn.arg_names):
+            value = values[name]
+            if name in self.meta or value is None or isinstance(value, bool) or (isinstance(value, int) and value == 1):
+                # The JIT turns None and integers equal to 1 into compile-time constants.
+                signature[name] = "constexpr"
+                constexprs[name] = value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + _TRITON_DTYPE[value.dtype]
+                attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+            elif isinstance(value, int):
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+            elif isinstance(value, float):
+                signature[name] = "fp32"
+            else:
+                raise TypeError(f"cannot derive a Triton type for argument {name}={value!r}")
+        return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+    def compile(self, arch: int = 90):
+        from triton.backends.compiler import GPUTarget
+
+        return triton.compile(
+            self.source(),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": self.num_warps, "num_stages": self.num_stages},
+        )
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(launch: Launch, arch: int = 90) -> dict[str, Any]:
+    """Compile ``launch`` for sm_<arch> and report registers, spills, shared memory and load widths."""
+    compiled = launch.compile(arch)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", dump))
+    ptx = compiled.asm["ptx"]
+    loads = re.findall(r"\bld\.global(?:\.[a-z0-9]+)*", ptx)
+    vector_loads = sum(1 for op in loads if ".v2" in op or ".v4" in op)
+    return {
+        "kernel": launch.name,
+        "label": launch.label,
+        "arch": f"sm_{arch}",
+        "num_warps": launch.num_warps,
+        "num_stages": launch.num_stages,
+        "registers": int(usage.get("REG", 0)),
+        "spill_bytes": int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0)),
+        "shared_bytes": int(compiled.metadata.shared),
+        "shared_limit": ARCHS.get(arch),
+        "global_loads": len(loads),
+        "vector_loads": vector_loads,
+        "meta": dict(launch.meta),
+    }

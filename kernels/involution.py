@@ -1,0 +1,424 @@
+"""Spatial-specific, channel-shared weighting (SPEC.md §1): involution and dynamic depth-wise conv.
+
+One family of kernels serves both ops. A weight is either per pixel, ``(B, G, K, K, Ho, Wo)``
+(involution, inhomogeneous dynamic depth-wise conv), or per sample, ``(B, G, K, K)`` (homogeneous
+dynamic depth-wise conv); the kernels take a ``PER_PIXEL`` switch and never expand the latter.
+
+Every program owns a 3-D tile ``[BLOCK_G groups, BLOCK_CG channels of each group, BLOCK_H*BLOCK_W
+pixels]``. The weight of a tile is loaded once per tap as ``[BLOCK_G, 1, pixels]`` and broadcast
+over the group's channels, so G = 1 (involution) and G = C (depth-wise) are the same code.
+All strides are passed, so NCHW, channels_last and non-contiguous views need no copies; Triton
+specialises the unit stride and vectorises along whichever axis it belongs to.
+
+Kernels here know nothing of autograd: ``ops/involution.py`` wires them into torch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, is_channels_last
+from .configs import get_config
+
+INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _tile_indices(pid_pix, pid_ch, TILES_W, CG_TILES, G, CG,
+                  BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                  INDEX_64: tl.constexpr):
+    """Group, channel-in-group and pixel coordinates of this program's tile."""
+    tile_h = pid_pix // TILES_W
+    tile_w = pid_pix % TILES_W
+    g = (pid_ch // CG_TILES) * BLOCK_G + tl.arange(0, BLOCK_G)
+    cg = (pid_ch % CG_TILES) * BLOCK_CG + tl.arange(0, BLOCK_CG)
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    # BLOCK_W is a power of two: the row split is a shift, and columns stay provably contiguous.
+    row = tile_h * BLOCK_H + p // BLOCK_W
+    col = tile_w * BLOCK_W + p % BLOCK_W
+    if INDEX_64:
+        g = g.to(tl.int64)
+        cg = cg.to(tl.int64)
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+    g3 = g[:, None, None]
+    cg3 = cg[None, :, None]
+    channel_mask = (g3 < G) & (cg3 < CG)
+    return g3, cg3, g3 * CG + cg3, channel_mask, row, col
+
+
+@triton.jit
+def involution_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    B, C, H, W, Ho, Wo, CG, K,
+    sxb, sxc, sxh, sxw,
+    swb, swg, swu, swv, swh, sww,
+    sbb, sbc,
+    syb, syc, syh, syw,
+    SH, SW, PH, PW, DH, DW,
+    TILES_PIX, TILES_W, CG_TILES,
+    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    PER_PIXEL: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v,(i,j)] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW]."""
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PIX
+    if INDEX_64:
+        b = b.to(tl.int64)
+    G = C // CG
+    g3, cg3, c3, channel_mask, i, j = _tile_indices(
+        pid0 % TILES_PIX, tl.program_id(1), TILES_W, CG_TILES, G, CG,
+        BLOCK_G, BLOCK_CG, BLOCK_H, BLOCK_W, INDEX_64)
+    out_mask = (i < Ho) & (j < Wo)
+
+    x_rows = x_ptr + b * sxb + c3 * sxc
+    if PER_PIXEL:
+        w_taps = w_ptr + b * swb + g3 * swg + (i * swh + j * sww)[None, None, :]
+        w_mask = (g3 < G) & out_mask[None, None, :]
+    else:
+        w_taps = w_ptr + b * swb + g3 * swg
+        w_mask = g3 < G
+
+    acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+    h_first = i * SH - PH
+    w_first = j * SW - PW
+    for u in range(K):
+        h_in = h_first + u * DH
+        row_ok = out_mask & (h_in >= 0) & (h_in < H)
+        for v in range(K):
+            w_in = w_first + v * DW
+            ok = row_ok & (w_in >= 0) & (w_in < W)
+            weight = tl.load(w_taps + u * swu + v * swv, mask=w_mask, other=0.0)
+            xv = tl.load(x_rows + (h_in * sxh + w_in * sxw)[None, None, :],
+                         mask=channel_mask & ok[None, None, :], other=0.0)
+            acc += weight.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+    y_off = b * syb + c3 * syc + (i * syh + j * syw)[None, None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=channel_mask & out_mask[None, None, :])
+
+
+@triton.jit
+def involution_bwd_input_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    B, C, H, W, Ho, Wo, CG, K,
+    sdyb, sdyc, sdyh, sdyw,
+    swb, swg, swu, swv, swh, sww,
+    sdxb, sdxc, sdxh, sdxw,
+    SH, SW, PH, PW, DH, DW,
+    TILES_PIX, TILES_W, CG_TILES,
+    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    PER_PIXEL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Gather form of dx: each input pixel sums the taps that read it, so no atomics are needed.
+
+    dx[b,c,h,w] = sum_{u,v} w[b,g,u,v,i,j] * dy[b,c,i,j] with i = (h+PH-u*DH)/SH when that is a whole
+    number inside [0, Ho), likewise j.
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PIX
+    if INDEX_64:
+        b = b.to(tl.int64)
+    G = C // CG
+    g3, cg3, c3, channel_mask, h, w = _tile_indices(
+        pid0 % TILES_PIX, tl.program_id(1), TILES_W, CG_TILES, G, CG,
+        BLOCK_G, BLOCK_CG, BLOCK_H, BLOCK_W, INDEX_64)
+    in_mask = (h < H) & (w < W)
+
+    dy_rows = dy_ptr + b * sdyb + c3 * sdyc
+    w_group = w_ptr + b * swb + g3 * swg
+    acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+    for u in range(K):
+        i_scaled = h + PH - u * DH
+        # Clamp before dividing: masked lanes must still form in-range arithmetic.
+        i = tl.maximum(i_scaled, 0) // SH
+        row_ok = in_mask & (i_scaled >= 0) & (i_scaled % SH == 0) & (i < Ho)
+        for v in range(K):
+            j_scaled = w + PW - v * DW
+            j = tl.maximum(j_scaled, 0) // SW
+            ok = row_ok & (j_scaled >= 0) & (j_scaled % SW == 0) & (j < Wo)
+            ok3 = ok[None, None, :]
+            if PER_PIXEL:
+                weight = tl.load(w_group + u * swu + v * swv + (i * swh + j * sww)[None, None, :],
+                                 mask=(g3 < G) & ok3, other=0.0)
+            else:
+                weight = tl.load(w_group + u * swu + v * swv, mask=g3 < G, other=0.0)
+            grad = tl.load(dy_rows + (i * sdyh + j * sdyw)[None, None, :], mask=channel_mask & ok3, other=0.0)
+            acc += weight.to(ACC_DTYPE) * grad.to(ACC_DTYPE)
+    dx_off = b * sdxb + c3 * sdxc + (h * sdxh + w * sdxw)[None, None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=channel_mask & in_mask[None, None, :])
+
+
+@triton.jit
+def involution_bwd_weight_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    B, C, H, W, Ho, Wo, CG, K,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    sdwb, sdwg, sdwu, sdwv, sdwh, sdww,
+    SH, SW, PH, PW, DH, DW,
+    TILES_PIX, TILES_W, CG_TILES,
+    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    PER_PIXEL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dw[b,g,u,v,i,j] = sum_{c in g} dy[b,c,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    Per-sample weights (PER_PIXEL false) also sum over this program's pixel tile and store one
+    partial per tile at dw[b, g, u, v, tile] (sdwh is the tile stride); the caller adds the
+    partials in a fixed order, so the result is deterministic. Each program loops over all
+    channels of its groups (CG_TILES is 1 on the grid).
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PIX
+    tile = pid0 % TILES_PIX
+    if INDEX_64:
+        b = b.to(tl.int64)
+    G = C // CG
+    g3, cg3, c3, channel_mask, i, j = _tile_indices(
+        tile, tl.program_id(1), TILES_W, 1, G, CG,
+        BLOCK_G, BLOCK_CG, BLOCK_H, BLOCK_W, INDEX_64)
+    out_mask = (i < Ho) & (j < Wo)
+    g1 = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    if INDEX_64:
+        g1 = g1.to(tl.int64)
+
+    dy_rows = dy_ptr + b * sdyb + (i * sdyh + j * sdyw)[None, None, :]
+    x_rows = x_ptr + b * sxb
+    dw_group = dw_ptr + b * sdwb + g1 * sdwg
+    h_first = i * SH - PH
+    w_first = j * SW - PW
+    for u in range(K):
+        h_in = h_first + u * DH
+        row_ok = out_mask & (h_in >= 0) & (h_in < H)
+        for v in range(K):
+            w_in = w_first + v * DW
+            ok3 = (row_ok & (w_in >= 0) & (w_in < W))[None, None, :]
+            x_tap = x_rows + (h_in * sxh + w_in * sxw)[None, None, :]
+            acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+            for cg_start in range(0, CG, BLOCK_CG):
+                c = c3 + cg_start
+                m = (g3 < G) & (cg3 + cg_start < CG)
+                grad = tl.load(dy_rows + c * sdyc, mask=m & out_mask[None, None, :], other=0.0)
+                xv = tl.load(x_tap + c * sxc, mask=m & ok3, other=0.0)
+                acc += grad.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
+            per_pixel = tl.sum(acc, axis=1)  # [BLOCK_G, pixels]
+            if PER_PIXEL:
+                tl.store(dw_group[:, None] + u * sdwu + v * sdwv + (i * sdwh + j * sdww)[None, :],
+                         per_pixel.to(dw_ptr.dtype.element_ty), mask=(g1 < G)[:, None] & out_mask[None, :])
+            else:
+                tl.store(dw_group + u * sdwu + v * sdwv + tile * sdwh,
+                         tl.sum(per_pixel, axis=1).to(dw_ptr.dtype.element_ty), mask=g1 < G)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    return max(1, min(triton.next_power_of_2(max(int(n), 1)), cap))
+
+
+def default_config(C: int, G: int, height: int, width: int, channels_last: bool) -> dict:
+    """A safe, reasonable tile for a pass whose tile spans ``height x width`` pixels.
+
+    NCHW favours wide pixel rows (the contiguous axis), channels_last wide channel blocks.
+    """
+    cg = C // G
+    if channels_last:
+        block_cg = _pow2_at_most(cg, 64)
+        block_g = _pow2_at_most(G, max(1, 64 // block_cg))
+        block_w = _pow2_at_most(width, 8)
+        block_h = _pow2_at_most(height, max(1, 32 // block_w))
+    else:
+        block_cg = _pow2_at_most(cg, 16)
+        block_g = _pow2_at_most(G, max(1, 16 // block_cg))
+        block_w = _pow2_at_most(width, 32)
+        block_h = _pow2_at_most(height, max(1, 128 // block_w))
+    return {"BLOCK_G": block_g, "BLOCK_CG": block_cg, "BLOCK_H": block_h, "BLOCK_W": block_w,
+            "num_warps": 4, "num_stages": 1}
+
+
+def problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
+    """What the tuned configuration depends on (the autotuner buckets these)."""
+    B, C, H, W = x.shape
+    return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride": stride[0],
+            "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether any element offset of these tensors exceeds int32 (then the kernels index in int64)."""
+    return any(_max_offset(t) > INT32_MAX for t in tensors)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _weight_strides(weight: torch.Tensor) -> tuple[int, ...]:
+    """(b, g, u, v, h, w) strides; per-sample weights get zero pixel strides."""
+    s = weight.stride()
+    return tuple(s) if weight.dim() == 6 else (*s, 0, 0)
+
+
+def _split_config(config: dict, grid_cg: bool, C: int, G: int):
+    meta = {k: config[k] for k in ("BLOCK_G", "BLOCK_CG", "BLOCK_H", "BLOCK_W")}
+    cg_tiles = triton.cdiv(C // G, meta["BLOCK_CG"]) if grid_cg else 1
+    return meta, cg_tiles, config.get("num_warps", 4), config.get("num_stages", 1)
+
+
+def _grid(B, G, tiles_pix, cg_tiles, block_g):
+    ch_tiles = triton.cdiv(G, block_g) * cg_tiles
+    if ch_tiles > 65535:
+        raise ValueError(f"too many channel tiles for the grid ({ch_tiles}); use a larger BLOCK_G/BLOCK_CG")
+    return (B * tiles_pix, ch_tiles, 1)
+
+
+def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
+    B, C, H, W = x.shape
+    G, K = weight.shape[1], weight.shape[2]
+    Ho, Wo = y.shape[2], y.shape[3]
+    config = config or get_config("involution_fwd", problem_key(x, G, K, stride),
+                                  default_config(C, G, Ho, Wo, is_channels_last(x)))
+    meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
+    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    args = dict(
+        x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y,
+        B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K,
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("swb", "swg", "swu", "swv", "swh", "sww"), _weight_strides(weight))),
+        sbb=bias_strides[0], sbc=bias_strides[1],
+        **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
+        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+        TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
+    )
+    meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
+                INDEX_64=needs_int64(x, weight, y), ACC_DTYPE=_acc_dtype(x.dtype))
+    return Launch(involution_fwd_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
+                  num_warps, num_stages)
+
+
+def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
+    B, C, H, W = dx.shape
+    G, K = weight.shape[1], weight.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    config = config or get_config("involution_bwd_input", problem_key(dx, G, K, stride),
+                                  default_config(C, G, H, W, is_channels_last(dy)))
+    meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
+    tiles_w = triton.cdiv(W, meta["BLOCK_W"])
+    tiles_pix = triton.cdiv(H, meta["BLOCK_H"]) * tiles_w
+    args = dict(
+        dy_ptr=dy, w_ptr=weight, dx_ptr=dx,
+        B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("swb", "swg", "swu", "swv", "swh", "sww"), _weight_strides(weight))),
+        **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
+        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+        TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
+    )
+    meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
+    return Launch(involution_bwd_input_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
+                  num_warps, num_stages)
+
+
+def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool, config=None) -> Launch:
+    """``dw`` is (B, G, K, K, Ho, Wo) per pixel, or (B, G, K, K, tiles) fp32 partials per sample."""
+    B, C, H, W = x.shape
+    G, K = dw.shape[1], dw.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel)
+    meta, _, num_warps, num_stages = _split_config(config, False, C, G)
+    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    dw_strides = dw.stride() if per_pixel else (*dw.stride(), 0)
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw,
+        B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("sdwb", "sdwg", "sdwu", "sdwv", "sdwh", "sdww"), dw_strides)),
+        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+        TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=1,
+    )
+    meta.update(PER_PIXEL=per_pixel, INDEX_64=needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
+    return Launch(involution_bwd_weight_kernel, _grid(B, G, tiles_pix, 1, meta["BLOCK_G"]), args, meta,
+                  num_warps, num_stages)
+
+
+def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool) -> dict:
+    name = "involution_bwd_weight" if per_pixel else "dwconv_bwd_weight"
+    return get_config(name, problem_key(x, G, K, stride), default_config(x.shape[1], G, Ho, Wo, is_channels_last(x)))
+
+
+def weight_grad_tiles(Ho: int, Wo: int, config: dict) -> int:
+    """How many per-tile partials the per-sample weight gradient writes."""
+    return triton.cdiv(Ho, config["BLOCK_H"]) * triton.cdiv(Wo, config["BLOCK_W"])
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points used by ops/: they write into outputs the caller allocated (layout is the op's call).
+# --------------------------------------------------------------------------------------------
+
+def involution_forward(x, weight, bias, y, stride, padding, dilation, config=None) -> None:
+    forward_launch(x, weight, bias, y, stride, padding, dilation, config)()
+
+
+def involution_backward_input(dy, weight, dx, stride, padding, dilation, config=None) -> None:
+    backward_input_launch(dy, weight, dx, stride, padding, dilation, config)()
+
+
+def involution_backward_weight(dy, x, dw, stride, padding, dilation, config=None) -> None:
+    """Per-pixel ``dw`` is written directly; per-sample ``dw`` via deterministic per-tile partials."""
+    if dw.dim() == 6:
+        backward_weight_launch(dy, x, dw, stride, padding, dilation, True, config)()
+        return
+    B, G, K = dw.shape[:3]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=False)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    partials = torch.empty((B, G, K, K, weight_grad_tiles(Ho, Wo, config)), dtype=acc, device=x.device)
+    backward_weight_launch(dy, x, partials, stride, padding, dilation, False, config)()
+    dw.copy_(partials.sum(-1))
+
+
+def catalogue() -> list[Launch]:
+    """The launches ops make by default at representative shapes, on meta tensors (for AOT checks)."""
+    launches = []
+    shapes = [  # (B, C, H, W, K, G, stride, label)
+        (32, 256, 56, 56, 7, 16, 1, "R1 involution"),
+        (32, 128, 56, 56, 7, 128, 1, "R3 depth-wise per-pixel"),
+        (8, 64, 31, 31, 3, 4, 2, "stride 2, odd H"),
+    ]
+    for B, C, H, W, K, G, s, label in shapes:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for channels_last in (False, True):
+                for per_pixel in (True, False):
+                    fmt = torch.channels_last if channels_last else torch.contiguous_format
+                    p = (K - 1) // 2
+                    Ho = (H + 2 * p - (K - 1) - 1) // s + 1
+                    x = torch.empty((B, C, H, W), dtype=dtype, device="meta").to(memory_format=fmt)
+                    y = torch.empty((B, C, Ho, Ho), dtype=dtype, device="meta").to(memory_format=fmt)
+                    wshape = (B, G, K, K, Ho, Ho) if per_pixel else (B, G, K, K)
+                    w = torch.empty(wshape, dtype=dtype, device="meta")
+                    bias = None if per_pixel else torch.empty((B, C), dtype=dtype, device="meta")
+                    geometry = ((s, s), (p, p), (1, 1))
+                    tag = f"{label} {dtype} {'NHWC' if channels_last else 'NCHW'} {'pixel' if per_pixel else 'sample'}"
+                    cfg = weight_grad_config(x, G, K, (s, s), Ho, Ho, per_pixel=False)
+                    if per_pixel:
+                        dw = w
+                    else:
+                        dw = torch.empty((B, G, K, K, weight_grad_tiles(Ho, Ho, cfg)), dtype=torch.float32, device="meta")
+                    for launch in (forward_launch(x, w, bias, y, *geometry),
+                                   backward_input_launch(y, w, x, *geometry),
+                                   backward_weight_launch(y, x, dw, *geometry, per_pixel)):
+                        launch.label = tag
+                        launches.append(launch)
+    return launches

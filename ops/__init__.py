@@ -1,0 +1,1 @@
+"""Torch ops (torch.ops.dynconv.*): input checks, autograd, fake kernels, reference paths."""

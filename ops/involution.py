@@ -1,0 +1,236 @@
+"""torch ops for SPEC.md §1: ``dynconv.involution`` and ``dynconv.dynamic_dwconv2d``.
+
+Registered with torch.library as ``torch.ops.dynconv.involution`` / ``dynamic_dwconv2d`` (forward)
+and ``involution_backward_input`` / ``involution_backward_weight`` (shared by both: a per-sample
+weight is the per-pixel one with no pixel axes). Each op has a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through it, and an autograd formula built from the
+backward ops. CUDA tensors run the Triton kernels; CPU tensors run shift-and-add, or the Triton
+kernels through the interpreter when TRITON_INTERPRET=1 was set before import.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dynconv.kernels import involution as kernels
+from dynconv.kernels._launch import kernels_are_interpreted
+
+from . import reference_involution as reference
+from ._checks import (
+    as_pair,
+    autocast_inputs,
+    check_dtypes_and_devices,
+    check_tensor,
+    memory_format_of,
+    output_hw,
+)
+
+_INTERPRETED = kernels_are_interpreted()
+
+
+def _use_triton(t: Tensor) -> bool:
+    return t.is_cuda or _INTERPRETED
+
+
+def _empty(like: Tensor, shape, fmt: torch.memory_format) -> Tensor:
+    return torch.empty(tuple(shape), dtype=like.dtype, device=like.device, memory_format=fmt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks: every bad input is named before a kernel runs.
+# ---------------------------------------------------------------------------------------------
+
+def _check(x, weight, bias, stride, padding, dilation, per_pixel: bool):
+    check_tensor(x, "x", 4, "(B, C, H, W)")
+    if per_pixel:
+        check_tensor(weight, "weight", 6, "(B, G, K, K, Ho, Wo)")
+    else:
+        check_tensor(weight, "weight", 4, "(B, G, K, K)")
+    if bias is not None:
+        check_tensor(bias, "bias", 2, "(B, C)")
+    check_dtypes_and_devices(x=x, weight=weight, bias=bias)
+    B, C, H, W = x.shape
+    G, K = weight.shape[1], weight.shape[2]
+    if weight.shape[3] != K:
+        raise ValueError(f"weight must hold square K x K kernels, got {weight.shape[2]} x {weight.shape[3]}")
+    if K < 1:
+        raise ValueError("kernel size must be >= 1")
+    if weight.shape[0] != B:
+        raise ValueError(f"batch mismatch: x has {B} samples, weight has {weight.shape[0]}")
+    if G < 1 or C % G != 0:
+        raise ValueError(f"channels C={C} must be divisible by the weight's groups G={G}")
+    stride, padding, dilation = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0), as_pair(dilation, "dilation", 1)
+    out = output_hw((H, W), (K, K), stride, padding, dilation)
+    if per_pixel and tuple(weight.shape[4:]) != out:
+        raise ValueError(
+            f"weight's spatial size {tuple(weight.shape[4:])} must equal the output size {out} "
+            f"(input {H}x{W}, K={K}, stride {stride}, padding {padding}, dilation {dilation})")
+    if bias is not None and tuple(bias.shape) != (B, C):
+        raise ValueError(f"bias must have shape (B, C) = {(B, C)}, got {tuple(bias.shape)}")
+    return stride, padding, dilation, out
+
+
+def _default_padding(padding, dilation, K):
+    if padding is None:
+        d = as_pair(dilation, "dilation", 1)
+        return (d[0] * (K - 1) // 2, d[1] * (K - 1) // 2)
+    return padding
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward ops
+# ---------------------------------------------------------------------------------------------
+
+def _forward(x, weight, bias, stride, padding, dilation, per_pixel):
+    stride, padding, dilation, out = _check(x, weight, bias, stride, padding, dilation, per_pixel)
+    y = _empty(x, (x.shape[0], x.shape[1], *out), memory_format_of(x))
+    if _use_triton(x):
+        kernels.involution_forward(x, weight, bias, y, stride, padding, dilation)
+    else:
+        y.copy_(reference.involution_shift_add(x, weight, bias, stride, padding, dilation))
+    return y
+
+
+def _forward_fake(x, weight, bias, stride, padding, dilation, per_pixel):
+    stride, padding, dilation, out = _check(x, weight, bias, stride, padding, dilation, per_pixel)
+    return _empty(x, (x.shape[0], x.shape[1], *out), memory_format_of(x))
+
+
+@torch.library.custom_op("dynconv::involution", mutates_args=())
+def involution_op(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int]) -> Tensor:
+    return _forward(x, weight, None, stride, padding, dilation, per_pixel=True)
+
+
+@involution_op.register_fake
+def _(x, weight, stride, padding, dilation):
+    return _forward_fake(x, weight, None, stride, padding, dilation, per_pixel=True)
+
+
+@torch.library.custom_op("dynconv::dynamic_dwconv2d", mutates_args=())
+def dynamic_dwconv2d_op(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    return _forward(x, weight, bias, stride, padding, dilation, per_pixel=False)
+
+
+@dynamic_dwconv2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation):
+    return _forward_fake(x, weight, bias, stride, padding, dilation, per_pixel=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward ops (shared by both forwards)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dynconv::involution_backward_input", mutates_args=())
+def backward_input_op(grad: Tensor, weight: Tensor, x_size: Sequence[int], channels_last: bool,
+                      stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dx = _empty(grad, x_size, fmt)
+    if _use_triton(grad):
+        kernels.involution_backward_input(grad, weight, dx, stride, padding, dilation)
+    else:
+        dx.copy_(reference.shift_add_backward_input(grad, weight, tuple(x_size[2:]), stride, padding, dilation))
+    return dx
+
+
+@backward_input_op.register_fake
+def _(grad, weight, x_size, channels_last, stride, padding, dilation):
+    return _empty(grad, x_size, torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@torch.library.custom_op("dynconv::involution_backward_weight", mutates_args=())
+def backward_weight_op(grad: Tensor, x: Tensor, weight_size: Sequence[int], stride: Sequence[int],
+                       padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    dw = torch.empty(tuple(weight_size), dtype=x.dtype, device=x.device)
+    if _use_triton(x):
+        kernels.involution_backward_weight(grad, x, dw, stride, padding, dilation)
+    else:
+        dw.copy_(reference.shift_add_backward_weight(grad, x, tuple(weight_size), stride, padding, dilation))
+    return dw
+
+
+@backward_weight_op.register_fake
+def _(grad, x, weight_size, stride, padding, dilation):
+    return x.new_empty(tuple(weight_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    x, weight = inputs[0], inputs[1]
+    ctx.geometry = tuple(inputs[-3:])
+    ctx.has_bias = len(inputs) == 6 and inputs[2] is not None
+    ctx.x_size = tuple(x.shape)
+    ctx.weight_size = tuple(weight.shape)
+    ctx.channels_last = memory_format_of(x) == torch.channels_last
+    ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = backward_input_op(grad, weight, ctx.x_size, ctx.channels_last, *ctx.geometry)
+    if ctx.needs_input_grad[1]:
+        dw = backward_weight_op(grad, x, ctx.weight_size, *ctx.geometry)
+    return dx, dw
+
+
+def _involution_backward(ctx, grad):
+    return (*_backward(ctx, grad), None, None, None)
+
+
+def _dwconv_backward(ctx, grad):
+    dx, dw = _backward(ctx, grad)
+    dbias = grad.sum(dim=(2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, dbias, None, None, None
+
+
+torch.library.register_autograd("dynconv::involution", _involution_backward, setup_context=_setup_context)
+torch.library.register_autograd("dynconv::dynamic_dwconv2d", _dwconv_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+def involution(x: Tensor, weight: Tensor, stride=1, padding=None, dilation=1) -> Tensor:
+    """Involution / per-pixel dynamic depth-wise conv (SPEC.md §1a).
+
+    ``y[b,c,i,j] = Σ_{u,v} weight[b, c // (C/G), u, v, i, j] · x[b, c, i·s-p+u·d, j·s-p+v·d]``
+
+    Args:
+        x: ``(B, C, H, W)``, NCHW or channels_last; the output keeps its memory format.
+        weight: ``(B, G, K, K, Ho, Wo)`` with ``C % G == 0``; G = C is the inhomogeneous
+            dynamic depth-wise conv, G = heads with softmaxed scores is local-attention aggregation.
+        stride, padding, dilation: ints or (h, w) pairs; ``padding=None`` is ``d·(K-1)//2``.
+    """
+    if isinstance(weight, Tensor) and weight.dim() >= 3:
+        padding = _default_padding(padding, dilation, weight.shape[2])
+    x, weight = autocast_inputs(x, weight)
+    return involution_op(x, weight, *_normalise(stride, padding, dilation))
+
+
+def dynamic_dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=None,
+                     dilation=1) -> Tensor:
+    """Per-sample dynamic depth-wise conv (SPEC.md §1b), without materialising per-pixel weights.
+
+    ``y[b,c,i,j] = bias[b,c] + Σ_{u,v} weight[b, c // (C/G), u, v] · x[b, c, i·s-p+u·d, j·s-p+v·d]``
+
+    Args:
+        x: ``(B, C, H, W)``; weight: ``(B, G, K, K)`` with ``C % G == 0``; bias: ``(B, C)`` or None.
+    """
+    if isinstance(weight, Tensor) and weight.dim() >= 3:
+        padding = _default_padding(padding, dilation, weight.shape[2])
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    return dynamic_dwconv2d_op(x, weight, bias, *_normalise(stride, padding, dilation))
+
+
+def _normalise(stride, padding, dilation):
+    return (list(as_pair(stride, "stride", 1)), list(as_pair(padding, "padding", 0)),
+            list(as_pair(dilation, "dilation", 1)))

@@ -1,0 +1,130 @@
+"""Plain-PyTorch paths for SPEC.md §1: the unfold baseline and shift-and-add.
+
+* ``involution_unfold`` is the seeds' formulation (``F.unfold`` → multiply → sum). It materialises
+  ``K²·C·Ho·Wo`` elements per sample and is the baseline every benchmark compares against.
+* ``involution_shift_add`` loops over the K² taps on strided views of the padded input: no unfold
+  tensor, one multiply-add per tap. It is the CPU path of the ops and its backward is written out
+  (``shift_add_backward_input`` / ``shift_add_backward_weight``) so the ops need no autograd inside.
+
+``weight`` is per pixel ``(B, G, K, K, Ho, Wo)`` or per sample ``(B, G, K, K)`` everywhere.
+Geometry arguments are (h, w) pairs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _geometry(x, weight, stride, padding, dilation):
+    K = weight.shape[2]
+    stride, dilation = _pair(stride), _pair(dilation)
+    padding = tuple(d * (K - 1) // 2 for d in dilation) if padding is None else _pair(padding)
+    out = tuple((x.shape[2 + a] + 2 * padding[a] - dilation[a] * (K - 1) - 1) // stride[a] + 1 for a in range(2))
+    return K, stride, padding, dilation, out
+
+
+def _group_view(t, G):
+    B, C = t.shape[:2]
+    return t.reshape(B, G, C // G, *t.shape[2:])
+
+
+def _tap_weight(weight, u, v):
+    """The (u, v) tap of the weight, shaped to broadcast against (B, G, CG, Ho, Wo)."""
+    w = weight[:, :, u, v]
+    return w.unsqueeze(2) if weight.dim() == 6 else w[:, :, None, None, None]
+
+
+def _tap_window(padded, u, v, stride, dilation, out):
+    """The strided view of the padded input that tap (u, v) reads for every output pixel."""
+    h0, w0 = u * dilation[0], v * dilation[1]
+    return padded[:, :, h0: h0 + stride[0] * (out[0] - 1) + 1: stride[0],
+                  w0: w0 + stride[1] * (out[1] - 1) + 1: stride[1]]
+
+
+def involution_unfold(x, weight, bias=None, stride=1, padding=None, dilation=1):
+    """The unfold baseline: materialises the (B, C·K², Ho·Wo) patch tensor."""
+    K, stride, padding, dilation, out = _geometry(x, weight, stride, padding, dilation)
+    B, C = x.shape[:2]
+    G = weight.shape[1]
+    patches = F.unfold(x, K, dilation=dilation, padding=padding, stride=stride)
+    patches = patches.view(B, G, C // G, K * K, *out)
+    w = weight.reshape(B, G, 1, K * K, *(out if weight.dim() == 6 else (1, 1)))
+    y = (w * patches).sum(dim=3).reshape(B, C, *out)
+    if bias is not None:
+        y = y + bias[:, :, None, None]
+    return y
+
+
+def involution_shift_add(x, weight, bias=None, stride=1, padding=None, dilation=1):
+    """Shift-and-add: K² strided multiply-adds, memory O(output). Differentiable by autograd."""
+    K, stride, padding, dilation, out = _geometry(x, weight, stride, padding, dilation)
+    B, C = x.shape[:2]
+    G = weight.shape[1]
+    padded = _group_view(F.pad(x, (padding[1], padding[1], padding[0], padding[0])), G)
+    y = torch.zeros((B, G, C // G, *out), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    for u in range(K):
+        for v in range(K):
+            y = y + _tap_weight(weight, u, v) * _tap_window(padded, u, v, stride, dilation, out)
+    y = y.reshape(B, C, *out)
+    if bias is not None:
+        y = y + bias[:, :, None, None]
+    return y.to(x.dtype)
+
+
+def shift_add_backward_input(grad, weight, x_hw, stride, padding, dilation):
+    """dx of shift-and-add: each tap's weighted gradient added back onto its input window."""
+    K = weight.shape[2]
+    B, C, Ho, Wo = grad.shape
+    G = weight.shape[1]
+    out = (Ho, Wo)
+    padded = torch.zeros((B, G, C // G, x_hw[0] + 2 * padding[0], x_hw[1] + 2 * padding[1]),
+                         dtype=torch.promote_types(grad.dtype, torch.float32), device=grad.device)
+    g = _group_view(grad, G)
+    for u in range(K):
+        for v in range(K):
+            _tap_window(padded, u, v, stride, dilation, out).add_(_tap_weight(weight, u, v) * g)
+    dx = padded[..., padding[0]: padding[0] + x_hw[0], padding[1]: padding[1] + x_hw[1]]
+    return dx.reshape(B, C, *x_hw).to(grad.dtype)
+
+
+def shift_add_backward_weight(grad, x, weight_shape, stride, padding, dilation):
+    """dw of shift-and-add: per tap, the group-summed product of gradient and input window."""
+    K = weight_shape[2]
+    G = weight_shape[1]
+    out = tuple(grad.shape[2:])
+    acc = torch.promote_types(x.dtype, torch.float32)
+    padded = _group_view(F.pad(x, (padding[1], padding[1], padding[0], padding[0])), G).to(acc)
+    g = _group_view(grad, G).to(acc)
+    per_pixel = len(weight_shape) == 6
+    dw = torch.empty(tuple(weight_shape), dtype=acc, device=x.device)
+    for u in range(K):
+        for v in range(K):
+            prod = g * _tap_window(padded, u, v, stride, dilation, out)
+            dw[:, :, u, v] = prod.sum(dim=2) if per_pixel else prod.sum(dim=(2, 3, 4))
+    return dw.to(x.dtype)
+
+
+def involution_naive(x, weight, bias=None, stride=1, padding=None, dilation=1):
+    """SPEC.md §1 written as loops over every index: slow, for tiny shapes in tests only."""
+    K, stride, padding, dilation, out = _geometry(x, weight, stride, padding, dilation)
+    B, C, H, W = x.shape
+    CG = C // weight.shape[1]
+    y = torch.zeros((B, C, *out), dtype=torch.float64)
+    for b in range(B):
+        for c in range(C):
+            for i in range(out[0]):
+                for j in range(out[1]):
+                    total = 0.0 if bias is None else float(bias[b, c])
+                    for u in range(K):
+                        for v in range(K):
+                            h = i * stride[0] - padding[0] + u * dilation[0]
+                            w = j * stride[1] - padding[1] + v * dilation[1]
+                            if 0 <= h < H and 0 <= w < W:
+                                wt = weight[b, c // CG, u, v, i, j] if weight.dim() == 6 else weight[b, c // CG, u, v]
+                                total += float(wt) * float(x[b, c, h, w])
+                    y[b, c, i, j] = total
+    return y
