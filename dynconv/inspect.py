@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from dynconv.kernels._launch import resource_usage
 
     seen = set()
-    header = f"{'kernel':<32} {'launch':<44} {'warps':>5} {'regs':>5} {'spill':>6} {'smem':>7} {'vec/ld':>7}  meta"
+    header = f"{'kernel':<32} {'launch':<44} {'warps':>5} {'regs':>5} {'stack':>5} {'ldl/stl':>7} {'smem':>7} {'vec/ld':>7}  meta"
     if not args.json:
         print(header)
     failures = 0
@@ -46,5 +46,5 @@ def main(argv: list[str] | None = None) -> int:
         else:
             blocks = " ".join(f"{k}={v}" for k, v in usage["meta"].items() if k.startswith("BLOCK"))
             print(f"{usage['kernel']:<32} {usage['label'][:44]:<44} {usage['num_warps']:>5} {usage['registers']:>5} "
-                  f"{usage['spill_bytes']:>6} {usage['shared_bytes']:>7} {usage['vector_loads']:>3}/{usage['global_loads']:<3}  {blocks}")
+                  f"{usage['stack_bytes']:>5} {usage['local_memory_ops']:>7} {usage['shared_bytes']:>7} {usage['vector_loads']:>3}/{usage['global_loads']:<3}  {blocks}")
     return 1 if failures else 0

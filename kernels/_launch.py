@@ -129,7 +129,11 @@ def resource_usage(launch: Launch, arch: int = 90) -> dict[str, Any]:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", dump))
+    # A spill is local-memory traffic. STACK alone can be non-zero for a dead local depot that
+    # LLVM leaves in the PTX (8 bytes, never loaded or stored), so count LDL/STL in the SASS.
+    local_memory_ops = len(re.findall(r"\b(?:LDL|STL)(?:\.[A-Z0-9]+)*\b", sass))
     ptx = compiled.asm["ptx"]
     loads = re.findall(r"\bld\.global(?:\.[a-z0-9]+)*", ptx)
     vector_loads = sum(1 for op in loads if ".v2" in op or ".v4" in op)
@@ -140,7 +144,9 @@ def resource_usage(launch: Launch, arch: int = 90) -> dict[str, Any]:
         "num_warps": launch.num_warps,
         "num_stages": launch.num_stages,
         "registers": int(usage.get("REG", 0)),
-        "spill_bytes": int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0)),
+        "stack_bytes": int(usage.get("STACK", 0)),
+        "local_memory_ops": local_memory_ops,
+        "spilled": local_memory_ops > 0 or int(usage.get("LOCAL", 0)) > 0,
         "shared_bytes": int(compiled.metadata.shared),
         "shared_limit": ARCHS.get(arch),
         "global_loads": len(loads),

@@ -210,8 +210,9 @@ def involution(x: Tensor, weight: Tensor, stride=1, padding=None, dilation=1) ->
             dynamic depth-wise conv, G = heads with softmaxed scores is local-attention aggregation.
         stride, padding, dilation: ints or (h, w) pairs; ``padding=None`` is ``d·(K-1)//2``.
     """
-    if isinstance(weight, Tensor) and weight.dim() >= 3:
-        padding = _default_padding(padding, dilation, weight.shape[2])
+    check_tensor(x, "x", 4, "(B, C, H, W)")
+    check_tensor(weight, "weight", 6, "(B, G, K, K, Ho, Wo)")
+    padding = _default_padding(padding, dilation, weight.shape[2])
     x, weight = autocast_inputs(x, weight)
     return involution_op(x, weight, *_normalise(stride, padding, dilation))
 
@@ -225,8 +226,11 @@ def dynamic_dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     Args:
         x: ``(B, C, H, W)``; weight: ``(B, G, K, K)`` with ``C % G == 0``; bias: ``(B, C)`` or None.
     """
-    if isinstance(weight, Tensor) and weight.dim() >= 3:
-        padding = _default_padding(padding, dilation, weight.shape[2])
+    check_tensor(x, "x", 4, "(B, C, H, W)")
+    check_tensor(weight, "weight", 4, "(B, G, K, K)")
+    if bias is not None:
+        check_tensor(bias, "bias", 2, "(B, C)")
+    padding = _default_padding(padding, dilation, weight.shape[2])
     x, weight, bias = autocast_inputs(x, weight, bias)
     return dynamic_dwconv2d_op(x, weight, bias, *_normalise(stride, padding, dilation))
 

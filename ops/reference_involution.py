@@ -41,7 +41,7 @@ def _tap_weight(weight, u, v):
 def _tap_window(padded, u, v, stride, dilation, out):
     """The strided view of the padded input that tap (u, v) reads for every output pixel."""
     h0, w0 = u * dilation[0], v * dilation[1]
-    return padded[:, :, h0: h0 + stride[0] * (out[0] - 1) + 1: stride[0],
+    return padded[..., h0: h0 + stride[0] * (out[0] - 1) + 1: stride[0],
                   w0: w0 + stride[1] * (out[1] - 1) + 1: stride[1]]
 
 

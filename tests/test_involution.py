@@ -1,0 +1,195 @@
+"""dynconv.involution and dynconv.dynamic_dwconv2d (SPEC.md §1) against float64 references.
+
+Kernels run through the Triton interpreter on CPU (see conftest.py); every allocation is
+NaN-poisoned so an output element that no program writes fails the comparison.
+"""
+import pytest
+import torch
+
+import dynconv
+import dynconv.ops.involution as involution_ops
+from dynconv.kernels import involution as kernels
+from dynconv.reference import involution_naive, involution_shift_add, involution_unfold
+from helpers import assert_close, check_against_reference
+
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
+# (B, C, H, W, K, G, stride, dilation, padding): odd sizes, stride 2 with odd H, dilation 2,
+# K = 1, 3, 4, 7, G = 1 and G = C, K larger than the image, explicit padding.
+CASES = [
+    (2, 8, 7, 9, 3, 2, 1, 1, None),
+    (1, 6, 9, 7, 3, 6, 2, 1, None),     # G = C, stride 2, odd H
+    (2, 4, 6, 5, 1, 1, 1, 1, None),     # K = 1, G = 1
+    (1, 4, 8, 8, 4, 2, 1, 2, None),     # even K, dilation 2
+    (1, 4, 3, 4, 7, 4, 1, 1, None),     # K larger than the image
+    (2, 4, 10, 9, 3, 1, 2, 2, 1),       # stride 2 and dilation 2, explicit padding
+    (1, 32, 5, 5, 3, 2, 1, 1, 0),       # groups wider than one channel tile; no padding
+]
+CASE_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}p{c[8]}" for c in CASES]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _out_size(H, W, K, s, d, p):
+    p = d * (K - 1) // 2 if p is None else p
+    return (H + 2 * p - d * (K - 1) - 1) // s + 1, (W + 2 * p - d * (K - 1) - 1) // s + 1
+
+
+def _inputs(case, per_pixel):
+    B, C, H, W, K, G, s, d, p = case
+    Ho, Wo = _out_size(H, W, K, s, d, p)
+    x = torch.randn(B, C, H, W, dtype=torch.float64)
+    w = torch.randn((B, G, K, K, Ho, Wo) if per_pixel else (B, G, K, K), dtype=torch.float64)
+    return x, w, dict(stride=s, padding=p, dilation=d)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_references_agree_with_the_spec_loops(case):
+    """The unfold and shift-and-add baselines are themselves checked against SPEC.md written as loops."""
+    for per_pixel in (True, False):
+        x, w, geometry = _inputs(case, per_pixel)
+        bias = None if per_pixel else torch.randn(x.shape[0], x.shape[1], dtype=torch.float64)
+        expected = involution_naive(x, w, bias, **geometry)
+        assert_close(involution_unfold(x, w, bias, **geometry), expected, torch.float64, "unfold")
+        assert_close(involution_shift_add(x, w, bias, **geometry), expected, torch.float64, "shift-add")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_involution_forward_and_gradients(case, dtype, memory_format, device):
+    x, w, geometry = _inputs(case, per_pixel=True)
+    y = check_against_reference(dynconv.involution, involution_unfold, {"x": x, "weight": w}, dtype, device,
+                                memory_format, **geometry)
+    assert y.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_dynamic_dwconv2d_forward_and_gradients(case, dtype, memory_format, device):
+    x, w, geometry = _inputs(case, per_pixel=False)
+    bias = torch.randn(x.shape[0], x.shape[1], dtype=torch.float64)
+    y = check_against_reference(dynconv.dynamic_dwconv2d, involution_unfold, {"x": x, "weight": w, "bias": bias},
+                                dtype, device, memory_format, **geometry)
+    assert y.is_contiguous(memory_format=memory_format)
+
+
+def test_dynamic_dwconv2d_without_bias(device):
+    x, w, geometry = _inputs(CASES[0], per_pixel=False)
+    check_against_reference(lambda x, weight, **g: dynconv.dynamic_dwconv2d(x, weight, None, **g),
+                            lambda x, weight, **g: involution_unfold(x, weight, None, **g),
+                            {"x": x, "weight": w}, torch.float32, device, **geometry)
+
+
+def test_float64_is_exact_enough_for_gradcheck(device):
+    x = torch.randn(1, 4, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(1, 2, 3, 3, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: dynconv.involution(a, b, stride=2), (x, w))
+
+
+def test_non_contiguous_views(device):
+    """Sliced inputs and permuted weights go to the kernels by their strides, not via copies."""
+    base = torch.randn(2, 12, 9, 11, dtype=torch.float64)
+    x = base[:, 2:10, 1:8, ::2]  # strided in every dim
+    Ho, Wo = x.shape[2], x.shape[3]
+    w = torch.randn(2, 2, Ho, Wo, 3, 3, dtype=torch.float64).permute(0, 1, 4, 5, 2, 3)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    expected = involution_unfold(x, w)
+    actual = dynconv.involution(x.to(device).float(), w.to(device).float())
+    assert_close(actual, expected, torch.float32, "strided views")
+
+
+def test_autograd_with_expanded_gradient(device):
+    """y.sum().backward() hands the backward a zero-stride gradient."""
+    x = torch.randn(2, 4, 6, 6, device=device, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, 6, 6, device=device, requires_grad=True)
+    dynconv.involution(x, w).sum().backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    involution_unfold(xr, wr).sum().backward()
+    assert_close(x.grad, xr.grad, torch.float32, "dx")
+    assert_close(w.grad, wr.grad, torch.float32, "dw")
+
+
+def test_only_the_requested_gradient_is_computed(device, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "backward_input_launch",
+                        lambda *a, **k: calls.append("input") or pytest.fail("input gradient not requested"))
+    x = torch.randn(1, 4, 5, 5, device=device)
+    w = torch.randn(1, 1, 3, 3, 5, 5, device=device, requires_grad=True)
+    dynconv.involution(x, w).sum().backward()
+    assert w.grad is not None and not calls
+
+
+@pytest.mark.parametrize("per_pixel", [True, False])
+def test_int64_indexing_variant_matches(per_pixel, device):
+    """The INDEX_64 code path (chosen past 2^31 elements) computes the same values."""
+    x, w, geometry = _inputs(CASES[1], per_pixel)
+    x, w = x.float().to(device), w.float().to(device)
+    stride, padding, dilation = (2, 2), (1, 1), (1, 1)
+    Ho, Wo = _out_size(x.shape[2], x.shape[3], 3, 2, 1, None)
+    y32 = torch.empty(x.shape[0], x.shape[1], Ho, Wo, device=device)
+    y64 = torch.empty_like(y32)
+    launch = kernels.forward_launch(x, w, None, y32, stride, padding, dilation)
+    assert not launch.meta["INDEX_64"]
+    launch()
+    launch = kernels.forward_launch(x, w, None, y64, stride, padding, dilation)
+    launch.meta["INDEX_64"] = True
+    launch()
+    assert torch.equal(y32, y64)
+
+
+def test_int64_indexing_is_chosen_past_int32():
+    small = torch.empty((2, 4, 8, 8), device="meta")
+    big = torch.empty((2304, 256, 64, 64), device="meta")  # 2^31 + 2^28 elements
+    edge = torch.empty((2048, 256, 64, 64), device="meta")  # exactly 2^31 elements: last offset 2^31 - 1
+    assert not kernels.needs_int64(small)
+    assert kernels.needs_int64(big)
+    assert not kernels.needs_int64(edge)
+    w = torch.empty((2304, 16, 3, 3, 64, 64), device="meta")
+    assert kernels.forward_launch(big, w, None, big, (1, 1), (1, 1), (1, 1)).meta["INDEX_64"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with > 10 GB free")
+def test_over_int32_elements_on_gpu():
+    """A real tensor past 2^31 elements: the last sample must still be right."""
+    B, C, H, W = 2304, 256, 64, 64
+    x = torch.randn(B, C, H, W, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(B, 1, 3, 3, dtype=torch.bfloat16, device="cuda")
+    y = dynconv.dynamic_dwconv2d(x, w)
+    tail = slice(B - 2, B)
+    expected = involution_unfold(x[tail].double(), w[tail].double())
+    assert_close(y[tail], expected, torch.bfloat16, "last samples")
+
+
+def test_cpu_path_without_interpreter_matches(monkeypatch):
+    """Without TRITON_INTERPRET, CPU tensors take shift-and-add: same values and gradients."""
+    monkeypatch.setattr(involution_ops, "_INTERPRETED", False)
+    monkeypatch.setattr(kernels, "forward_launch", lambda *a, **k: pytest.fail("Triton kernel ran on the CPU path"))
+    for case in (CASES[1], CASES[5]):
+        x, w, geometry = _inputs(case, per_pixel=True)
+        check_against_reference(dynconv.involution, involution_unfold, {"x": x, "weight": w}, torch.float32,
+                                **geometry)
+        x, w, geometry = _inputs(case, per_pixel=False)
+        bias = torch.randn(x.shape[0], x.shape[1], dtype=torch.float64)
+        check_against_reference(dynconv.dynamic_dwconv2d, involution_unfold, {"x": x, "weight": w, "bias": bias},
+                                torch.float32, memory_format=torch.channels_last, **geometry)
+
+
+def test_autocast_runs_in_the_autocast_dtype(device):
+    x = torch.randn(1, 4, 6, 6, device=device)
+    w = torch.randn(1, 2, 3, 3, 6, 6, device=device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = dynconv.involution(x, w)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, involution_unfold(x.bfloat16().double(), w.bfloat16().double()), torch.bfloat16, "autocast")
+
+
+def test_per_sample_weight_gradient_is_deterministic(device):
+    x = torch.randn(2, 8, 9, 9, device=device)
+    w = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        w.grad = None
+        dynconv.dynamic_dwconv2d(x, w).square().sum().backward()
+        grads.append(w.grad.clone())
+    assert torch.equal(grads[0], grads[1])
