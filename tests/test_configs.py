@@ -1,0 +1,439 @@
+"""Run-time config lookup (kernels/configs.py) and `dynconv autotune`, on CPU.
+
+A GPU is simulated by patching the lookup's notion of the active device; run-time tuning is
+replaced by a stub so that "no file" is observable without timing anything.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+from dynconv import autotune
+from dynconv.kernels import configs
+from dynconv.kernels import involution as inv
+
+H100 = "NVIDIA H100 80GB HBM3"
+KERNEL = "involution_fwd"
+EXACT = ["K", "stride", "channels_last", "dtype_bytes"]
+DEFAULT = {"BLOCK_G": 1, "BLOCK_CG": 16, "BLOCK_H": 4, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1}
+KEY = {"B": 32, "C": 64, "G": 4, "H": 56, "W": 56, "K": 7, "stride": 1, "channels_last": 0, "dtype_bytes": 2}
+
+
+def cfg(**changes):
+    return {**DEFAULT, **changes}
+
+
+def table_file(rows: dict, triton_version=None, schema=configs.SCHEMA, kernel=KERNEL) -> dict:
+    data = configs.new_file(H100, {kernel: {"exact": EXACT, "table": {
+        configs.key_string(configs.bucket_key(key, EXACT)): {"config": config} for key, config in rows}}})
+    data["schema"] = schema
+    if triton_version is not None:
+        data["triton"] = triton_version
+    return data
+
+
+def write(folder, data, name="NVIDIA_H100.json"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """A simulated H100 with an empty user folder and package folder, and run-time tuning stubbed."""
+    user, package = tmp_path / "user", tmp_path / "package"
+    monkeypatch.setattr(configs, "_active_device", lambda: H100)
+    monkeypatch.setattr(configs, "config_dirs", lambda: [user, package])
+    tuned = []
+
+    def no_tuning(device, kernel, key, default):
+        tuned.append((kernel, dict(key)))
+        return None
+
+    monkeypatch.setattr(configs, "_tune_at_run_time", no_tuning)
+    configs.clear_cache()
+    yield user, package, tuned
+    configs.clear_cache()
+
+
+def lookup(key=KEY, default=DEFAULT, kernel=KERNEL):
+    return configs.get_config(kernel, dict(key), dict(default))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device names, buckets, nearest rows
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, canonical", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA_H100"), ("NVIDIA H100 PCIe", "NVIDIA_H100"),
+    ("NVIDIA H100 NVL", "NVIDIA_H100"), ("NVIDIA H200", "NVIDIA_H200"), ("NVIDIA H200 NVL", "NVIDIA_H200"),
+    ("NVIDIA GH200 480GB", "NVIDIA_GH200_480GB"), ("NVIDIA A100-SXM4-80GB", "NVIDIA_A100_SXM4_80GB"),
+])
+def test_device_names(name, canonical):
+    assert configs.canonical_device_name(name) == canonical
+    assert configs.file_names(name)[-1] == canonical + ".json"
+    assert configs.file_names("NVIDIA H100 PCIe")[0] == "NVIDIA_H100_PCIe.json"  # exact name first
+
+
+@pytest.mark.parametrize("n, bucket", [(0, 1), (1, 1), (3, 4), (5, 4), (7, 8), (28, 32), (40, 32), (48, 64), (56, 64), (64, 64), (96, 128)])
+def test_bucket_value_is_nearest_power_of_two_in_log2(n, bucket):
+    assert configs.bucket_value(n) == bucket
+
+
+def test_bucket_key_keeps_exact_fields():
+    bucketed = configs.bucket_key(KEY, EXACT)
+    assert bucketed == {**KEY, "B": 32, "C": 64, "G": 4, "H": 64, "W": 64}
+    assert configs.bucket_key({**KEY, "K": 5}, EXACT)["K"] == 5  # K 5 and K 3 must not share a row
+    assert configs.parse_key_string(configs.key_string(bucketed)) == bucketed
+
+
+def test_nearest_row_prefers_own_bucket_then_log2_distance_within_exact_fields():
+    rows = {configs.key_string({**KEY, "H": 64, "W": 64}): "own",
+            configs.key_string({**KEY, "H": 16, "W": 16}): "far",
+            configs.key_string({**KEY, "H": 128, "W": 64}): "near",
+            configs.key_string({**KEY, "H": 64, "W": 64, "dtype_bytes": 4}): "other dtype"}
+    assert configs.nearest_row(rows, KEY, EXACT)[1] == "own"
+    del rows[configs.key_string({**KEY, "H": 64, "W": 64})]
+    assert configs.nearest_row(rows, KEY, EXACT)[1] == "near"
+    # Only rows with equal exact fields qualify, however close the rest.
+    assert configs.nearest_row(rows, {**KEY, "dtype_bytes": 8}, EXACT) is None
+    assert configs.nearest_row(rows, {**KEY, "dtype_bytes": 4, "H": 7}, EXACT)[1] == "other dtype"
+
+
+def test_nearest_row_ignores_rows_of_another_key_layout():
+    rows = {configs.key_string({"C": 64, "H": 64}): "foreign"}
+    assert configs.nearest_row(rows, KEY, EXACT) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup order
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cuda, interpreted", [(False, False), (True, True)])
+def test_cpu_and_interpreter_return_the_default_silently(monkeypatch, tmp_path, cuda, interpreted):
+    monkeypatch.setattr(configs, "config_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr("dynconv.kernels._launch.kernels_are_interpreted", lambda: interpreted)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: H100)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    write(tmp_path, table_file([(KEY, cfg(BLOCK_W=64))]))
+    configs.clear_cache()
+    configs._gpu_usable.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert lookup() == DEFAULT
+    finally:
+        configs._gpu_usable.cache_clear()
+
+
+def test_user_folder_beats_package_beats_tuning_beats_default(gpu, recwarn):
+    user, package, tuned = gpu
+    assert lookup() == DEFAULT and len(tuned) == 1
+    write(package, table_file([(KEY, cfg(BLOCK_W=16))]))
+    configs.clear_cache()
+    assert lookup() == cfg(BLOCK_W=16)
+    write(user, table_file([(KEY, cfg(BLOCK_W=64))]))
+    configs.clear_cache()
+    assert lookup() == cfg(BLOCK_W=64)
+    assert len(tuned) == 1  # run-time tuning is not consulted while a file answers
+
+
+def test_run_time_tuning_answer_is_used_and_warned_about(gpu, monkeypatch):
+    monkeypatch.setattr(configs, "_tune_at_run_time", lambda *a: cfg(num_warps=8))
+    with pytest.warns(configs.ConfigWarning, match="dynconv autotune"):
+        assert lookup() == cfg(num_warps=8)
+
+
+def test_exact_device_file_beats_canonical_file(gpu, monkeypatch):
+    user, _, _ = gpu
+    monkeypatch.setattr(configs, "_active_device", lambda: "NVIDIA H100 PCIe")
+    write(user, table_file([(KEY, cfg(BLOCK_W=16))]), "NVIDIA_H100.json")
+    write(user, table_file([(KEY, cfg(BLOCK_W=64))]), "NVIDIA_H100_PCIe.json")
+    assert lookup() == cfg(BLOCK_W=64)
+
+
+def test_other_gpus_file_is_not_used(gpu, recwarn):
+    user, _, _ = gpu
+    write(user, table_file([(KEY, cfg(BLOCK_W=64))]), "NVIDIA_H200.json")
+    assert lookup() == DEFAULT
+
+
+def test_nearest_bucket_is_used_for_a_key_not_in_the_table(gpu):
+    user, _, tuned = gpu
+    write(user, table_file([({**KEY, "H": 16, "W": 16}, cfg(BLOCK_W=16)), ({**KEY, "H": 128, "W": 128}, cfg(BLOCK_W=64))]))
+    assert lookup({**KEY, "H": 64, "W": 64}) == cfg(BLOCK_W=64)  # 1 step from 128, 2 from 16
+    assert lookup({**KEY, "H": 32, "W": 32}) == cfg(BLOCK_W=16)
+    assert tuned == []
+
+
+def test_a_file_without_rows_for_this_dtype_falls_through_to_the_next_source(gpu, recwarn):
+    user, package, _ = gpu
+    write(user, table_file([({**KEY, "dtype_bytes": 4}, cfg(BLOCK_W=64))]))
+    write(package, table_file([(KEY, cfg(BLOCK_W=16))]))
+    assert lookup() == cfg(BLOCK_W=16)
+
+
+def test_answers_are_cached_and_copies(gpu, monkeypatch):
+    user, _, _ = gpu
+    write(user, table_file([(KEY, cfg(BLOCK_W=64))]))
+    first = lookup()
+    first["BLOCK_W"] = 1  # a caller mutating its answer must not change the next one
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    assert lookup() == cfg(BLOCK_W=64)
+    assert opened == []
+
+
+def test_lookup_overhead_is_about_a_microsecond(gpu):
+    user, _, _ = gpu
+    write(user, table_file([(KEY, cfg(BLOCK_W=64))]))
+    lookup()
+    n = 20000
+    start = time.perf_counter()
+    for _ in range(n):
+        configs.get_config(KERNEL, KEY, DEFAULT)
+    per_call = (time.perf_counter() - start) / n
+    assert per_call < 20e-6, f"{per_call * 1e6:.1f} us per lookup"
+
+
+def test_launcher_uses_the_tuned_config(gpu):
+    user, _, _ = gpu
+    x = torch.empty((32, 64, 56, 56), device="meta", dtype=torch.float16)
+    key = inv.problem_key(x, 4, 7, (1, 1))
+    tuned = cfg(BLOCK_G=1, BLOCK_CG=4, BLOCK_H=2, BLOCK_W=64, num_warps=2)
+    write(user, table_file([(key, tuned)]))
+    w = torch.empty((32, 4, 7, 7, 56, 56), device="meta", dtype=torch.float16)
+    launch = inv.forward_launch(x, w, None, torch.empty_like(x), (1, 1), (3, 3), (1, 1))
+    assert {k: launch.meta[k] for k in ("BLOCK_G", "BLOCK_CG", "BLOCK_H", "BLOCK_W")} == {
+        k: tuned[k] for k in ("BLOCK_G", "BLOCK_CG", "BLOCK_H", "BLOCK_W")}
+    assert launch.num_warps == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad files: one warning, then the next source
+# ---------------------------------------------------------------------------------------------
+
+BAD_FILES = {
+    "truncated": lambda: json.dumps(table_file([(KEY, cfg(BLOCK_W=64))]))[:-40],
+    "not json": lambda: "\x00\x01garbage",
+    "empty": lambda: "",
+    "a list": lambda: "[]",
+    "no kernels": lambda: json.dumps({k: v for k, v in table_file([]).items() if k != "kernels"}),
+    "row without config": lambda: json.dumps({**table_file([]), "kernels": {KERNEL: {"exact": EXACT, "table": {configs.key_string(KEY): {}}}}}),
+    "bad key": lambda: json.dumps({**table_file([]), "kernels": {KERNEL: {"exact": EXACT, "table": {"H:64": {"config": DEFAULT}}}}}),
+    "other triton": lambda: json.dumps(table_file([(KEY, cfg(BLOCK_W=64))], triton_version="2.1.0")),
+    "other schema": lambda: json.dumps(table_file([(KEY, cfg(BLOCK_W=64))], schema=configs.SCHEMA + 1)),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_file_warns_once_and_falls_back(gpu, kind):
+    user, package, _ = gpu
+    path = write(user, BAD_FILES[kind]())
+    write(package, table_file([(KEY, cfg(BLOCK_W=16))]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lookup() == cfg(BLOCK_W=16)
+        assert lookup({**KEY, "C": 512}) == cfg(BLOCK_W=16)
+        assert lookup(kernel="involution_bwd_input") == DEFAULT
+    file_warnings = [w for w in caught if str(path) in str(w.message)]
+    assert len(file_warnings) == 1, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (cfg(BLOCK_W=48), "power of two"),
+    (cfg(BLOCK_W=0), "power of two"),
+    (cfg(num_warps=3), "num_warps"),
+    (cfg(num_warps=64), "num_warps"),
+    (cfg(num_stages=0), "num_stages"),
+    (cfg(BLOCK_W=True), "not an integer"),
+    (cfg(BLOCK_W="32"), "not an integer"),
+    ({k: v for k, v in DEFAULT.items() if k != "BLOCK_G"}, "differ"),
+    (cfg(BLOCK_M=16), "differ"),
+    (cfg(BLOCK_G=64, BLOCK_CG=64, BLOCK_H=64, BLOCK_W=64), "exceeds"),
+])
+def test_invalid_config_in_file_is_not_used(gpu, bad, reason):
+    user, _, _ = gpu
+    path = write(user, table_file([(KEY, bad)]))
+    assert reason in "; ".join(configs.config_problems(bad, DEFAULT))
+    with pytest.warns(configs.ConfigWarning) as caught:
+        assert lookup() == DEFAULT
+    assert any(str(path) in str(w.message) and reason in str(w.message) for w in caught)
+
+
+def test_fallback_warns_once_per_gpu_and_names_the_command(gpu):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for kernel in ("involution_fwd", "involution_bwd_input", "dwconv_bwd_weight"):
+            for c in (64, 128, 256):
+                assert lookup({**KEY, "C": c}, kernel=kernel) == DEFAULT
+    messages = [str(w.message) for w in caught if issubclass(w.category, configs.ConfigWarning)]
+    assert len(messages) == 1 and "dynconv autotune" in messages[0] and H100 in messages[0]
+
+
+def test_a_cuda_graph_capture_gets_the_default_without_poisoning_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(configs, "_active_device", lambda: H100)
+    monkeypatch.setattr(configs, "config_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    configs.clear_cache()
+    assert lookup() == DEFAULT
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(configs, "_time_candidates", lambda space, key, default: cfg(num_warps=8))
+    with pytest.warns(configs.ConfigWarning):
+        assert lookup() == cfg(num_warps=8)
+    configs.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing files
+# ---------------------------------------------------------------------------------------------
+
+def test_atomic_write_leaves_no_temporary_and_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "sub" / "gpu.json"
+    configs.atomic_write_json(path, {"a": 1})
+    assert json.loads(path.read_text()) == {"a": 1}
+    with pytest.raises(TypeError):
+        configs.atomic_write_json(path, {"a": object()})  # fails while serialising
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["gpu.json"]
+
+
+def _writer(path, tag, rounds):
+    # ~1 MB per write, so a non-atomic write would be seen half done by the reader.
+    payload = {"writer": tag, "rows": [tag * 7] * 120_000}
+    for _ in range(rounds):
+        configs.atomic_write_json(path, payload)
+
+
+def test_concurrent_writers_never_leave_a_torn_file(tmp_path):
+    path = tmp_path / "gpu.json"
+    configs.atomic_write_json(path, {"writer": "start", "rows": []})
+    ctx = multiprocessing.get_context("fork")
+    writers = [ctx.Process(target=_writer, args=(path, tag, 15)) for tag in ("a", "b")]
+    for w in writers:
+        w.start()
+    reads = set()
+    while any(w.is_alive() for w in writers):
+        data = json.loads(path.read_text())  # raises on a torn file
+        assert data["writer"] == "start" or data["rows"] == [data["writer"] * 7] * 120_000
+        reads.add(data["writer"])
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert json.loads(path.read_text())["writer"] in ("a", "b")
+    assert len(reads) >= 2, "the reader never overlapped a writer; the test proved nothing"
+    assert [p.name for p in tmp_path.iterdir()] == ["gpu.json"]
+
+
+def test_merge_keeps_rows_a_partial_sweep_did_not_measure(tmp_path):
+    path = write(tmp_path, table_file([(KEY, cfg(BLOCK_W=16)), ({**KEY, "C": 512}, cfg(BLOCK_W=8))]))
+    fresh = table_file([(KEY, cfg(BLOCK_W=64))])
+    fresh["kernels"]["dwconv_bwd_weight"] = {"exact": EXACT, "table": {}}
+    merged = configs.merge_into(path, fresh)["kernels"]
+    row = lambda key: merged[KERNEL]["table"][configs.key_string(configs.bucket_key(key, EXACT))]["config"]  # noqa: E731
+    assert row(KEY) == cfg(BLOCK_W=64)
+    assert row({**KEY, "C": 512}) == cfg(BLOCK_W=8)
+    assert "dwconv_bwd_weight" in merged
+    write(tmp_path, table_file([(KEY, cfg(BLOCK_W=16))], triton_version="2.0.0"))
+    assert configs.merge_into(path, fresh) == fresh  # rows from another triton are not carried over
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep's pieces that need no GPU
+# ---------------------------------------------------------------------------------------------
+
+def test_every_kernel_has_a_space_and_its_grid_keys_match_the_launchers(monkeypatch):
+    spaces = configs.spaces()
+    assert set(spaces) >= {"involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight"}
+    cases = autotune.build_grid(spaces, None, ["float16"], quick=True)
+    assert {c.kernel for c in cases} == set(spaces)
+    for case in cases:
+        assert case.candidates[0] == case.default
+        assert all(not configs.config_problems(c, case.default) for c in case.candidates)
+        # the launcher, asked with no config, computes this very key
+        seen = []
+        space = spaces[case.kernel]
+        tensors = space.inputs(case.spec, torch.float16, "meta")
+        monkeypatch.setattr(inv, "get_config", lambda kernel, key, default: seen.append((kernel, key)) or default)
+        space.launch(case.spec, tensors, None)
+        assert seen == [(case.kernel, case.key)]
+
+
+def test_choose_takes_the_best_geometric_mean_within_a_bucket():
+    a, b = tuple(cfg(BLOCK_W=16).items()), tuple(cfg(BLOCK_W=64).items())
+    d = tuple(DEFAULT.items())
+    small = autotune.Case(KERNEL, "s", {}, "float16", {**KEY, "H": 56, "W": 56}, DEFAULT, [], {a: 1.0, b: 1.5, d: 2.0})
+    large = autotune.Case(KERNEL, "l", {}, "float16", {**KEY, "H": 64, "W": 64}, DEFAULT, [], {a: 4.0, b: 2.0, d: 4.0})
+    only_a = autotune.Case(KERNEL, "o", {}, "float16", {**KEY, "C": 512}, DEFAULT, [], {a: 3.0, d: 6.0})
+    spaces = {KERNEL: configs.KernelSpace(*[None] * 7, exact=tuple(EXACT))}
+    table = autotune.choose([small, large, only_a], spaces)[KERNEL]["table"]
+    both = table[configs.key_string(configs.bucket_key(KEY, EXACT))]
+    # a: geomean(1, 2) = 1.41; b: geomean(1.5, 1) = 1.22 -> b, though a wins the sum of times
+    assert both["config"] == dict(b) and both["ms"] == 3.5 and both["default_ms"] == 6.0
+    assert table[configs.key_string(configs.bucket_key({**KEY, "C": 512}, EXACT))]["config"] == dict(a)
+
+
+def test_autotune_without_a_gpu_exits_non_zero_with_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("dynconv.kernels._launch.kernels_are_interpreted", lambda: False)
+    assert autotune.main(["--quick"]) != 0
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "dynconv autotune" in err
+
+
+def test_autotune_under_the_interpreter_refuses(monkeypatch, capsys):
+    monkeypatch.setattr("dynconv.kernels._launch.kernels_are_interpreted", lambda: True)
+    assert autotune.main([]) != 0
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+def test_autotune_rejects_unknown_dtypes():
+    with pytest.raises(SystemExit) as exc:
+        autotune.main(["--dtypes", "float8"])
+    assert exc.value.code != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Shipped configs
+# ---------------------------------------------------------------------------------------------
+
+SHIPPED = sorted(configs.package_config_dir().glob("*.json"))
+
+
+def check_files(*paths):
+    """`dynconv autotune --check` in a fresh interpreter: this suite runs the Triton interpreter,
+    which cannot compile for sm_90, and the switch is read at import."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "dynconv.autotune", "--check", *map(str, paths)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not SHIPPED, reason="no config files are shipped yet")
+def test_shipped_configs_validate_and_compile_for_sm90_without_spills():
+    status, output = check_files(*SHIPPED)
+    assert status == 0, output
+
+
+def test_the_file_check_catches_a_spilling_and_an_invalid_config(tmp_path):
+    key = {**KEY, "C": 256, "G": 16, "H": 14, "W": 14}
+    ok = inv.default_config(256, 16, 14, 14, False)
+    spills = {**ok, "BLOCK_G": 1, "BLOCK_CG": 16, "BLOCK_H": 16, "BLOCK_W": 32, "num_warps": 1}
+    good = write(tmp_path / "good", table_file([(key, ok)]))
+    bad = write(tmp_path / "bad", table_file([(key, ok), ({**key, "C": 512}, spills), ({**key, "C": 1024}, cfg(BLOCK_W=24))]))
+    status, output = check_files(good)
+    assert status == 0, output
+    status, output = check_files(bad)
+    assert status == 1 and "2 problem(s)" in output, output
+    assert "C=512" in output and "spills" in output and "C=1024" in output and "power of two" in output
