@@ -4,5 +4,10 @@ from dynconv.ops.reference_involution import (
     involution_shift_add,
     involution_unfold,
 )
+from dynconv.ops.reference_expert import (
+    drconv_all_regions,
+    expert_conv2d_grouped,
+    expert_conv2d_loop,
+)
 
-__all__ = ["involution_unfold", "involution_shift_add", "involution_naive"]
+__all__ = ["expert_conv2d_grouped", "drconv_all_regions", "expert_conv2d_loop", "involution_unfold", "involution_shift_add", "involution_naive"]

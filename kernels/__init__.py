@@ -1,9 +1,9 @@
 """Triton kernels and the functions that launch them. No autograd, no modules (see ops/)."""
-from . import involution
+from . import expert_conv, involution, involution_fused
 
 # Every kernel module lists its default launches at representative shapes in `catalogue()`;
 # the AOT compile test and `dynconv inspect` walk this tuple.
-KERNEL_MODULES = (involution,)
+KERNEL_MODULES = (involution, expert_conv, involution_fused)
 
 
 def catalogue():

@@ -1,0 +1,833 @@
+"""K-expert kernel mixing (SPEC.md §2): CondConv, DynamicConv, ODConv and DRConv as implicit GEMMs.
+
+Every pass is an implicit GEMM fed to ``tl.dot`` (tensor cores for fp16/bf16, tf32 for fp32 when
+``torch.backends.cudnn.allow_tf32`` allows it, DMMA for fp64). The reduction axis of a convolution
+is flattened tap-major, ``k = (u·kw + v)·C + c``, so one code path serves 1x1, non-square,
+grouped and depth-wise kernels; an input tile is gathered with its zero padding as a mask.
+
+Where the mixed kernel ``W[b,r] = spatial[b] ⊙ Σ_e routing[b,r,e]·experts[e]`` comes from:
+
+* **on the fly** (``MIX``): each weight tile is mixed in registers from the E expert tiles right
+  before the ``tl.dot``. No memory at all; costs E·BLOCK_K·BLOCK_N FMAs and E tile loads (the
+  experts are shared by the whole batch, so they stay in L2) per K-step of every pixel tile.
+* **materialised**: one GEMM ``routing (B·m, E) @ experts (E, Cout·Cin/g·kh·kw)`` writes the
+  mixed kernels, which every pixel tile then reads. Chosen only while it pays and is bounded:
+  when a region has at least ``MATERIALISE_MIN_PIXELS`` output pixels to amortise it and the
+  mixed kernels are no larger than the output ``y`` (``m·Cin/g·kh·kw <= Ho·Wo``). So the extra
+  memory is at most the size of the output, never more.
+
+The spatial attention ``spatial[b, u, v]`` is applied to the weight tile in both cases (a per-row
+scale), so it is never materialised into the kernels.
+
+DRConv (``guide``): the pixels of every sample are sorted by region (``region_tables``, a stable
+argsort on the device, no host synchronisation), and a pixel tile holds pixels of one region only,
+so the forward is a grouped GEMM: one conv per output pixel, whatever m is. The grid has the
+upper bound ``ceil(Ho·Wo / BLOCK_P) + m`` tiles per sample; tiles past a sample's last one run
+an empty loop.
+
+Backward:
+
+* input gradient, gather form (each ``dx`` element written once, no atomics). With regions the
+  weight depends on the *output* pixel a tap reads, so a K-step multiplies once per region
+  present in it and skips absent ones: coherent regions cost about one conv, scattered ones up
+  to m. Strided convs spend stride² MMA work on masked taps (their loads are skipped).
+* kernel gradient ``dW[b,r] = Σ_{p in region r} dy[b,:,p] ⊗ patch[b,p,:]`` per (sample, region),
+  summed over pixels inside a program, optionally split over ``SPLITS`` pixel chunks whose fp32
+  partials the caller adds in a fixed order: deterministic, no float atomics. The bias gradient
+  per (sample, region) comes from the same programs. ``dW`` is fp32 ``(SPLITS, B, m, Cout,
+  Cin/g, kh, kw)``; the contraction down to experts, routing and spatial is a few small GEMMs
+  left to the caller (ops/).
+* guide scores ``∂S[b,r,p] = Σ_o dy[b,o,p]·y_r[b,o,p]`` for the straight-through estimator:
+  y_r is recomputed for every region (the estimator needs all m outputs) and reduced against dy
+  in the epilogue, per output-channel tile; the caller adds the tiles.
+
+Kernels here know nothing of autograd: ``ops/expert_conv.py`` wires them into torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, is_channels_last
+from .configs import get_config
+
+INT32_MAX = 2**31 - 1
+# A region needs this many output pixels before materialising its mixed kernel beats mixing on the fly.
+MATERIALISE_MIN_PIXELS = 256
+# Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).
+WEIGHT_GRAD_MIN_PROGRAMS = 264
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mask, NUM_MIX,
+                 sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb,
+                 MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The tile ``W[b, r]`` at element offsets ``w_off`` (o, c, u, v part), in ACC_DTYPE.
+
+    ``sp_off`` / ``sp_mask`` (the u, v part of the spatial offsets, one per row) broadcast against ``w_off``.
+    """
+    base = w_ptr + b * sw_b + r * sw_r + w_off
+    if MIX:
+        tile = tl.zeros(w_off.shape, dtype=ACC_DTYPE)
+        coef_row = coef_ptr + b * sc_b + r * sc_r
+        for e in range(NUM_MIX):
+            coef = tl.load(coef_row + e * sc_e).to(ACC_DTYPE)
+            tile += coef * tl.load(base + e * sw_e, mask=mask, other=0.0).to(ACC_DTYPE)
+    else:
+        tile = tl.load(base, mask=mask, other=0.0).to(ACC_DTYPE)
+    if HAS_SPATIAL:
+        tile = tile * tl.load(spatial_ptr + b * ssb + sp_off, mask=sp_mask, other=0.0).to(ACC_DTYPE)
+    return tile
+
+
+@triton.jit
+def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, k_end,
+               H, W, CIN_G, KW, NUM_MIX,
+               sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
+               SH, SW, PH, PW, DH, DW,
+               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, INDEX_64: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc[p, n] = Σ_k patch[b, (i_p, j_p), k] · W[b, r, o_n, k] over k < k_end (0 skips the loop)."""
+    h_first = i * SH - PH
+    w_first = j * SW - PW
+    x_group = x_ptr + b * sxb + (g * CIN_G) * sxc
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if INDEX_64:
+            k = k.to(tl.int64)
+        k_ok = k < k_end
+        tap = k // CIN_G
+        c = k % CIN_G
+        u = tap // KW
+        v = tap % KW
+        h = h_first[:, None] + (u * DH)[None, :]
+        w = w_first[:, None] + (v * DW)[None, :]
+        ok = pix_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        patch = tl.load(x_group + (c * sxc)[None, :] + h * sxh + w * sxw, mask=ok, other=0.0)
+        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r,
+                              (c * sw_i + u * sw_u + v * sw_v)[:, None] + (o * sw_o)[None, :],
+                              (u * ssu + v * ssv)[:, None], k_ok[:, None], k_ok[:, None] & o_ok[None, :], NUM_MIX,
+                              sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE)
+        acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, NUM_REGIONS, P,
+                 BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(region, pixel ids, pixel mask, valid) of the t-th tile of sample b in region-sorted order.
+
+    ``tile_offsets[b]`` holds the m + 1 running totals of tiles per region; tiles past the last
+    one are invalid (no pixels).
+    """
+    rr = tl.arange(0, BLOCK_R)
+    offsets = tl.load(tile_offsets_ptr + b * (NUM_REGIONS + 1) + rr, mask=rr <= NUM_REGIONS, other=INT32_MAX)
+    r = tl.sum(((rr >= 1) & (offsets <= t)).to(tl.int32), axis=0)
+    valid = r < NUM_REGIONS
+    r = tl.minimum(r, NUM_REGIONS - 1)
+    first_tile = tl.sum(tl.where(rr == r, offsets, 0), axis=0)
+    count = tl.load(count_ptr + b * NUM_REGIONS + r)
+    start = tl.load(pixel_start_ptr + b * NUM_REGIONS + r)
+    q = (t - first_tile) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_ok = q < tl.where(valid, count, 0)
+    p = tl.load(perm_ptr + b * P + start + q, mask=pix_ok, other=0)
+    return r, p, pix_ok, valid
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def expert_conv_fwd_kernel(
+    x_ptr, w_ptr, coef_ptr, spatial_ptr, bias_ptr, y_ptr,
+    tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr,
+    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
+    sxb, sxc, sxh, sxw,
+    sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
+    sc_b, sc_r, sc_e,
+    ssb, ssu, ssv,
+    sbias_b, sbias_r, sbias_o,
+    syb, syc, syh, syw,
+    SH, SW, PH, PW, DH, DW,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GUIDE: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """y[b, o, p] = bias[b, r(p), o] + Σ_k W[b, r(p), o, k] · patch[b, p, k]; a tile is one region."""
+    pid = tl.program_id(0)
+    b = pid // TILES
+    t = pid % TILES
+    pid_n = tl.program_id(1)
+    g = pid_n // N_TILES
+    on = (pid_n % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ok = on < COUT_G
+    P = Ho * Wo
+    k_end = CIN_G * KH * KW
+    if INDEX_64:
+        b = b.to(tl.int64)
+    if HAS_GUIDE:
+        r, p, pix_ok, valid = _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t,
+                                           NUM_REGIONS, P, BLOCK_P, BLOCK_R)
+        k_end = tl.where(valid, k_end, 0)
+    else:
+        r = 0
+        p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        pix_ok = p < P
+    if INDEX_64:
+        b = b.to(tl.int64)
+        p = p.to(tl.int64)
+        on = on.to(tl.int64)
+        g = g.to(tl.int64)
+    o = g * COUT_G + on
+    i = p // Wo
+    j = p % Wo
+    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, k_end,
+                     H, W, CIN_G, KW, NUM_MIX,
+                     sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
+                     SH, SW, PH, PW, DH, DW, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
+                     ACC_DTYPE, INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]
+    y_off = b * syb + (o * syc)[None, :] + (i * syh + j * syw)[:, None]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=pix_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def expert_conv_guide_score_kernel(
+    x_ptr, w_ptr, coef_ptr, spatial_ptr, bias_ptr, dy_ptr, score_ptr,
+    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_MIX, TILES, N_TILES,
+    sxb, sxc, sxh, sxw,
+    sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
+    sc_b, sc_r, sc_e,
+    ssb, ssu, ssv,
+    sbias_b, sbias_r, sbias_o,
+    sdyb, sdyc, sdyh, sdyw,
+    s_score_b, s_score_r, s_score_n,
+    SH, SW, PH, PW, DH, DW,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """score[b, r, n, p] = Σ_{o in channel tile n} dy[b, o, p] · y_r[b, o, p] (region r on axis 2).
+
+    The caller sums the N_TILES·groups channel tiles: ∂S[b, r, p] of the straight-through estimator.
+    """
+    pid = tl.program_id(0)
+    b = pid // TILES
+    t = pid % TILES
+    pid_n = tl.program_id(1)
+    r = tl.program_id(2)
+    g = pid_n // N_TILES
+    on = (pid_n % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ok = on < COUT_G
+    P = Ho * Wo
+    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_ok = p < P
+    if INDEX_64:
+        b = b.to(tl.int64)
+        p = p.to(tl.int64)
+        on = on.to(tl.int64)
+        g = g.to(tl.int64)
+    o = g * COUT_G + on
+    i = p // Wo
+    j = p % Wo
+    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, CIN_G * KH * KW,
+                     H, W, CIN_G, KW, NUM_MIX,
+                     sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
+                     SH, SW, PH, PW, DH, DW, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
+                     ACC_DTYPE, INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]
+    mask = pix_ok[:, None] & o_ok[None, :]
+    grad = tl.load(dy_ptr + b * sdyb + (o * sdyc)[None, :] + (i * sdyh + j * sdyw)[:, None], mask=mask, other=0.0)
+    score = tl.sum(acc * grad.to(ACC_DTYPE), axis=1)
+    tl.store(score_ptr + b * s_score_b + r * s_score_r + pid_n * s_score_n + p, score, mask=pix_ok)
+
+
+@triton.jit
+def expert_conv_bwd_input_kernel(
+    dy_ptr, w_ptr, coef_ptr, spatial_ptr, region_ptr, dx_ptr,
+    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
+    sdyb, sdyc, sdyh, sdyw,
+    sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
+    sc_b, sc_r, sc_e,
+    ssb, ssu, ssv,
+    sdxb, sdxc, sdxh, sdxw,
+    SH, SW, PH, PW, DH, DW,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_GUIDE: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dx[b, c, h, w] = Σ_{o, u, v} W[b, r(i,j), o, c, u, v] · dy[b, o, i, j], (i, j) the output pixel
+    that reads (h, w) through tap (u, v). Reduction k = (u·kw + v)·COUT_G + o, gathered from dy."""
+    pid = tl.program_id(0)
+    b = pid // TILES
+    t = pid % TILES
+    pid_n = tl.program_id(1)
+    g = pid_n // N_TILES
+    cn = (pid_n % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = cn < CIN_G
+    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_ok = p < H * W
+    if INDEX_64:
+        b = b.to(tl.int64)
+        p = p.to(tl.int64)
+        cn = cn.to(tl.int64)
+        g = g.to(tl.int64)
+    h = p // W
+    w = p % W
+    K_TOTAL = COUT_G * KH * KW
+    dy_group = dy_ptr + b * sdyb + (g * COUT_G) * sdyc
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        if INDEX_64:
+            k = k.to(tl.int64)
+        k_ok = k < K_TOTAL
+        tap = k // COUT_G
+        oo = k % COUT_G
+        u = tap // KW
+        v = tap % KW
+        i_scaled = h[:, None] + PH - (u * DH)[None, :]
+        j_scaled = w[:, None] + PW - (v * DW)[None, :]
+        # Clamp before dividing: masked lanes must still form in-range arithmetic.
+        i = tl.maximum(i_scaled, 0) // SH
+        j = tl.maximum(j_scaled, 0) // SW
+        ok = (pix_ok[:, None] & k_ok[None, :] & (i_scaled >= 0) & (j_scaled >= 0)
+              & (i_scaled % SH == 0) & (j_scaled % SW == 0) & (i < Ho) & (j < Wo))
+        grad = tl.load(dy_group + (oo * sdyc)[None, :] + i * sdyh + j * sdyw, mask=ok, other=0.0)
+        w_off = ((g * COUT_G + oo) * sw_o + u * sw_u + v * sw_v)[:, None] + (cn * sw_i)[None, :]
+        sp_off = (u * ssu + v * ssv)[:, None]
+        w_mask = k_ok[:, None] & c_ok[None, :]
+        if HAS_GUIDE:
+            region = tl.load(region_ptr + b * Ho * Wo + i * Wo + j, mask=ok, other=-1)
+            for rgn in range(NUM_REGIONS):
+                selected = ok & (region == rgn)
+                # Coherent regions: most K-steps see one or two of them; skip the others' MMA.
+                if tl.max(tl.max(selected.to(tl.int32), axis=1), axis=0) > 0:
+                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, rgn, w_off, sp_off, k_ok[:, None], w_mask, NUM_MIX,
+                                          sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE)
+                    acc = tl.dot(tl.where(selected, grad, 0.0).to(grad.dtype), weight.to(grad.dtype), acc,
+                                 input_precision=INPUT_PRECISION)
+        else:
+            weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0, w_off, sp_off, k_ok[:, None], w_mask, NUM_MIX,
+                                  sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE)
+            acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION)
+    dx_off = b * sdxb + ((g * CIN_G + cn) * sdxc)[None, :] + (h * sdxh + w * sdxw)[:, None]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def expert_conv_bwd_weight_kernel(
+    dy_ptr, x_ptr, pixel_start_ptr, count_ptr, perm_ptr, dw_ptr, dbias_ptr,
+    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    sdw_s, sdw_b, sdw_r, sdw_o, sdw_i, sdw_u, sdw_v,
+    sdb_s, sdb_b, sdb_r, sdb_o,
+    SH, SW, PH, PW, DH, DW,
+    BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GUIDE: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dw[s, b, r, o, k] = Σ_{p in chunk s of region r} dy[b, o, p] · patch[b, p, k], and from the
+    programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s)."""
+    pid = tl.program_id(0)
+    s = pid % SPLITS
+    br = pid // SPLITS
+    b = br // NUM_REGIONS
+    r = br % NUM_REGIONS
+    pid_o = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    g = pid_o // O_TILES
+    on = (pid_o % O_TILES) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = on < COUT_G
+    k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+    K_TOTAL = CIN_G * KH * KW
+    k_ok = k < K_TOTAL
+    P = Ho * Wo
+    if HAS_GUIDE:
+        start = tl.load(pixel_start_ptr + b * NUM_REGIONS + r)
+        count = tl.load(count_ptr + b * NUM_REGIONS + r)
+    else:
+        start = 0
+        count = P
+    chunk = tl.cdiv(tl.cdiv(count, SPLITS), BLOCK_K) * BLOCK_K
+    lo = s * chunk
+    hi = tl.minimum(lo + chunk, count)
+    if INDEX_64:
+        b = b.to(tl.int64)
+        on = on.to(tl.int64)
+        g = g.to(tl.int64)
+        k = k.to(tl.int64)
+    o = g * COUT_G + on
+    tap = k // CIN_G
+    c = k % CIN_G
+    u = tap // KW
+    v = tap % KW
+    dy_rows = dy_ptr + b * sdyb + (o * sdyc)[:, None]
+    x_cols = x_ptr + b * sxb + ((g * CIN_G + c) * sxc)[None, :]
+    acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=ACC_DTYPE)
+    bias_acc = tl.zeros((BLOCK_O,), dtype=ACC_DTYPE)
+    for q0 in range(lo, hi, BLOCK_K):
+        q = q0 + tl.arange(0, BLOCK_K)
+        q_ok = q < hi
+        if HAS_GUIDE:
+            p = tl.load(perm_ptr + b * P + start + q, mask=q_ok, other=0)
+        else:
+            p = q
+        if INDEX_64:
+            p = p.to(tl.int64)
+        i = p // Wo
+        j = p % Wo
+        grad = tl.load(dy_rows + (i * sdyh + j * sdyw)[None, :], mask=o_ok[:, None] & q_ok[None, :], other=0.0)
+        h = (i * SH - PH)[:, None] + (u * DH)[None, :]
+        w = (j * SW - PW)[:, None] + (v * DW)[None, :]
+        ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        patch = tl.load(x_cols + h * sxh + w * sxw, mask=ok, other=0.0)
+        acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION)
+        bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
+    dw_off = (s * sdw_s + b * sdw_b + r * sdw_r + (o * sdw_o)[:, None]
+              + (c * sdw_i + u * sdw_u + v * sdw_v)[None, :])
+    tl.store(dw_ptr + dw_off, acc, mask=o_ok[:, None] & k_ok[None, :])
+    if pid_k == 0:
+        tl.store(dbias_ptr + s * sdb_s + b * sdb_b + r * sdb_r + o * sdb_o, bias_acc, mask=o_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side: region tables, weight sources, configurations, launches
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RegionTables:
+    """Pixels of every sample sorted by DRConv region, built on the device without a host sync.
+
+    region: (B, Ho·Wo) int32 region of each output pixel (argmax of the guide);
+    perm: (B, Ho·Wo) int32 pixel ids in region order (stable); count, pixel_start: (B, m) int32;
+    tile_offsets: (B, m + 1) int32 running totals of BLOCK_P-pixel tiles per region.
+    """
+
+    region: torch.Tensor
+    perm: torch.Tensor
+    count: torch.Tensor
+    pixel_start: torch.Tensor
+    tile_offsets: torch.Tensor
+    block_p: int
+
+    @property
+    def num_regions(self) -> int:
+        return self.count.shape[1]
+
+
+def region_tables(guide: torch.Tensor, block_p: int) -> RegionTables:
+    B, m, Ho, Wo = guide.shape
+    region = guide.argmax(dim=1).reshape(B, Ho * Wo)
+    perm = torch.argsort(region, dim=1, stable=True).to(torch.int32)
+    count = torch.zeros((B, m), dtype=torch.int32, device=guide.device)
+    count.scatter_add_(1, region, torch.ones_like(region, dtype=torch.int32))
+    pixel_start = (torch.cumsum(count, dim=1, dtype=torch.int32) - count).contiguous()
+    tiles = (count + block_p - 1) // block_p
+    tile_offsets = torch.zeros((B, m + 1), dtype=torch.int32, device=guide.device)
+    tile_offsets[:, 1:] = torch.cumsum(tiles, dim=1, dtype=torch.int32)
+    return RegionTables(region.to(torch.int32).contiguous(), perm.contiguous(), count.contiguous(),
+                        pixel_start, tile_offsets, block_p)
+
+
+def region_tile_bound(pixels: int, m: int, block_p: int) -> int:
+    """Upper bound on Σ_r ceil(count_r / block_p) over any split of ``pixels`` into m regions."""
+    return triton.cdiv(pixels, block_p) + m - 1 if m > 1 else triton.cdiv(pixels, block_p)
+
+
+@dataclass
+class WeightSource:
+    """Where the kernels read W[b, r]: the experts mixed on the fly, or materialised mixed kernels.
+
+    ``weight`` strides are (b, r, e, o, c, u, v): experts have zero (b, r) strides, materialised
+    kernels a zero e stride. ``coef`` is the routing (B, m, E) when mixing on the fly, else None.
+    """
+
+    weight: torch.Tensor
+    strides: tuple[int, ...]
+    coef: torch.Tensor | None
+    num_mix: int
+
+    @property
+    def mix(self) -> bool:
+        return self.coef is not None
+
+
+def should_materialise(experts: torch.Tensor, routing: torch.Tensor, out_pixels: int) -> bool:
+    """Materialise while it pays (enough pixels per region) and stays bounded (no bigger than y)."""
+    m = routing.shape[1]
+    per_sample_kernel = experts[0].numel() // experts.shape[1]  # Cin/g · kh · kw
+    return out_pixels >= MATERIALISE_MIN_PIXELS * m and m * per_sample_kernel <= out_pixels
+
+
+def weight_source(experts: torch.Tensor, routing: torch.Tensor, materialise: bool) -> WeightSource:
+    """``routing`` is (B, m, E). Materialising costs B·m·Cout·Cin/g·kh·kw elements of x's dtype."""
+    E = experts.shape[0]
+    if materialise:
+        B, m = routing.shape[:2]
+        flat = torch.matmul(routing.reshape(B * m, E), experts.reshape(E, -1))
+        mixed = flat.reshape(B, m, *experts.shape[1:])
+        s = mixed.stride()
+        return WeightSource(mixed, (s[0], s[1], 0, *s[2:]), None, 1)
+    s = experts.stride()
+    return WeightSource(experts, (0, 0, *s), routing, E)
+
+
+def _pow2_between(n: int, low: int, high: int) -> int:
+    return max(low, min(triton.next_power_of_2(max(int(n), 1)), high))
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's conv switch (on by default), so the kernels round like cuDNN would.
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+def needs_int64(*tensors) -> bool:
+    return any(t is not None and _max_offset(t) > INT32_MAX for t in tensors)
+
+
+def problem_key(x: torch.Tensor, experts: torch.Tensor, m: int, groups: int, stride) -> dict:
+    B, Cin, H, W = x.shape
+    E, Cout, _, kh, kw = experts.shape
+    return {"B": B, "Cin": Cin, "Cout": Cout, "H": H, "W": W, "kh": kh, "kw": kw, "E": E, "m": m,
+            "groups": groups, "stride": stride[0], "channels_last": int(is_channels_last(x)),
+            "dtype_bytes": x.element_size()}
+
+
+def _block_k(dtype: torch.dtype) -> int:
+    return 16 if dtype == torch.float64 else 32
+
+
+def default_forward_config(cout_g: int, dtype: torch.dtype) -> dict:
+    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
+            "num_warps": 4, "num_stages": 2}
+
+
+def default_input_grad_config(cin_g: int, dtype: torch.dtype) -> dict:
+    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _block_k(dtype),
+            "num_warps": 4, "num_stages": 2}
+
+
+def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype) -> dict:
+    return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": _pow2_between(k_total, 16, 64),
+            "BLOCK_K": _block_k(dtype), "num_warps": 4, "num_stages": 2}
+
+
+def _geometry_args(stride, padding, dilation) -> dict:
+    return dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1])
+
+
+def _mixing_args(source: WeightSource, spatial) -> dict:
+    coef_strides = source.coef.stride() if source.mix else (0, 0, 0)
+    spatial_strides = spatial.stride() if spatial is not None else (0, 0, 0)
+    return dict(
+        w_ptr=source.weight, coef_ptr=source.coef, spatial_ptr=spatial, NUM_MIX=source.num_mix,
+        **dict(zip(("sw_b", "sw_r", "sw_e", "sw_o", "sw_i", "sw_u", "sw_v"), source.strides)),
+        **dict(zip(("sc_b", "sc_r", "sc_e"), coef_strides)),
+        **dict(zip(("ssb", "ssu", "ssv"), spatial_strides)),
+    )
+
+
+def _bias_args(bias_mixed) -> dict:
+    strides = bias_mixed.stride() if bias_mixed is not None else (0, 0, 0)
+    return dict(bias_ptr=bias_mixed, **dict(zip(("sbias_b", "sbias_r", "sbias_o"), strides)))
+
+
+def _check_grid(axis1: int) -> None:
+    if axis1 > 65535:
+        raise ValueError(f"too many channel tiles for the grid ({axis1}); use a larger BLOCK_N")
+
+
+def forward_config(x, experts, m, groups, stride) -> dict:
+    cout_g = experts.shape[1] // groups
+    return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
+                      default_forward_config(cout_g, x.dtype))
+
+
+def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
+                   kernel_hw, groups, stride, padding, dilation, config: dict) -> Launch:
+    """``config`` must be the one ``regions`` was built with (its BLOCK_P sizes the region tiles)."""
+    B, Cin, H, W = x.shape
+    Cout, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    kh, kw = kernel_hw
+    m = regions.num_regions if regions is not None else 1
+    meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
+    n_tiles = triton.cdiv(Cout // groups, meta["BLOCK_N"])
+    tiles = region_tile_bound(Ho * Wo, m, meta["BLOCK_P"]) if regions is not None else triton.cdiv(Ho * Wo, meta["BLOCK_P"])
+    args = dict(
+        x_ptr=x, y_ptr=y, **_mixing_args(source, spatial), **_bias_args(bias_mixed),
+        tile_offsets_ptr=regions.tile_offsets if regions is not None else None,
+        pixel_start_ptr=regions.pixel_start if regions is not None else None,
+        count_ptr=regions.count if regions is not None else None,
+        perm_ptr=regions.perm if regions is not None else None,
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        NUM_REGIONS=m, TILES=tiles, N_TILES=n_tiles,
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
+        **_geometry_args(stride, padding, dilation),
+    )
+    meta.update(BLOCK_R=triton.next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
+                HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
+                INDEX_64=needs_int64(x, y, source.weight), ACC_DTYPE=_acc_dtype(x.dtype),
+                INPUT_PRECISION=_input_precision(x.dtype))
+    _check_grid(groups * n_tiles)
+    return Launch(expert_conv_fwd_kernel, (B * tiles, groups * n_tiles, 1), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 2))
+
+
+def guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, kernel_hw, groups,
+                       stride, padding, dilation, config: dict) -> Launch:
+    """``score`` is (B, m, groups·N_TILES, Ho·Wo) in the accumulation dtype."""
+    B, Cin, H, W = x.shape
+    Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
+    m = score.shape[1]
+    kh, kw = kernel_hw
+    meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
+    n_tiles = triton.cdiv(Cout // groups, meta["BLOCK_N"])
+    tiles = triton.cdiv(Ho * Wo, meta["BLOCK_P"])
+    args = dict(
+        x_ptr=x, dy_ptr=dy, score_ptr=score, **_mixing_args(source, spatial), **_bias_args(bias_mixed),
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        TILES=tiles, N_TILES=n_tiles,
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        s_score_b=score.stride(0), s_score_r=score.stride(1), s_score_n=score.stride(2),
+        **_geometry_args(stride, padding, dilation),
+    )
+    meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None,
+                INDEX_64=needs_int64(x, dy, score, source.weight), ACC_DTYPE=_acc_dtype(x.dtype),
+                INPUT_PRECISION=_input_precision(x.dtype))
+    _check_grid(groups * n_tiles)
+    return Launch(expert_conv_guide_score_kernel, (B * tiles, groups * n_tiles, m), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 2))
+
+
+def score_tiles(cout: int, groups: int, config: dict) -> int:
+    return groups * triton.cdiv(cout // groups, config["BLOCK_N"])
+
+
+def input_grad_config(dx, experts, m, groups, stride) -> dict:
+    cin_g = dx.shape[1] // groups
+    return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
+                      default_input_grad_config(cin_g, dx.dtype))
+
+
+def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
+                          dilation, num_regions: int, config: dict) -> Launch:
+    """``region`` is the (B, Ho·Wo) int32 region map, or None without a guide."""
+    B, Cin, H, W = dx.shape
+    Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
+    kh, kw = kernel_hw
+    meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
+    n_tiles = triton.cdiv(Cin // groups, meta["BLOCK_N"])
+    tiles = triton.cdiv(H * W, meta["BLOCK_P"])
+    args = dict(
+        dy_ptr=dy, dx_ptr=dx, region_ptr=region, **_mixing_args(source, spatial),
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        NUM_REGIONS=num_regions, TILES=tiles, N_TILES=n_tiles,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
+        **_geometry_args(stride, padding, dilation),
+    )
+    meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None,
+                INDEX_64=needs_int64(dy, dx, source.weight, region), ACC_DTYPE=_acc_dtype(dy.dtype),
+                INPUT_PRECISION=_input_precision(dy.dtype))
+    _check_grid(groups * n_tiles)
+    return Launch(expert_conv_bwd_input_kernel, (B * tiles, groups * n_tiles, 1), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 2))
+
+
+def weight_grad_config(x, experts, m, groups, stride) -> dict:
+    _, Cout, cin_g, kh, kw = experts.shape
+    return get_config("expert_conv_bwd_weight", problem_key(x, experts, m, groups, stride),
+                      default_weight_grad_config(Cout // groups, cin_g * kh * kw, x.dtype))
+
+
+def weight_grad_splits(B: int, m: int, cout: int, groups: int, k_total: int, pixels: int, config: dict) -> int:
+    """Pixel chunks per (sample, region): enough programs to fill a GPU, each chunk >= 4 K-steps."""
+    programs = B * m * groups * triton.cdiv(cout // groups, config["BLOCK_O"]) * triton.cdiv(k_total, config["BLOCK_N"])
+    wanted = triton.cdiv(WEIGHT_GRAD_MIN_PROGRAMS, programs)
+    return max(1, min(wanted, pixels // (m * 4 * config["BLOCK_K"])))
+
+
+def backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kernel_hw, groups, stride,
+                           padding, dilation, config: dict) -> Launch:
+    """``dw``: (SPLITS, B, m, Cout, Cin/g, kh, kw), ``dbias``: (SPLITS, B, m, Cout), both fp32/fp64."""
+    B, Cin, H, W = x.shape
+    Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
+    splits, m = dw.shape[0], dw.shape[2]
+    kh, kw = kernel_hw
+    meta = {k: config[k] for k in ("BLOCK_O", "BLOCK_N", "BLOCK_K")}
+    o_tiles = triton.cdiv(Cout // groups, meta["BLOCK_O"])
+    k_tiles = triton.cdiv((Cin // groups) * kh * kw, meta["BLOCK_N"])
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, dbias_ptr=dbias,
+        pixel_start_ptr=regions.pixel_start if regions is not None else None,
+        count_ptr=regions.count if regions is not None else None,
+        perm_ptr=regions.perm if regions is not None else None,
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        NUM_REGIONS=m, SPLITS=splits, O_TILES=o_tiles,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("sdw_s", "sdw_b", "sdw_r", "sdw_o", "sdw_i", "sdw_u", "sdw_v"), dw.stride())),
+        **dict(zip(("sdb_s", "sdb_b", "sdb_r", "sdb_o"), dbias.stride())),
+        **_geometry_args(stride, padding, dilation),
+    )
+    meta.update(HAS_GUIDE=regions is not None, INDEX_64=needs_int64(dy, x, dw),
+                ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
+    if groups * o_tiles > 65535 or k_tiles > 65535:
+        raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")
+    return Launch(expert_conv_bwd_weight_kernel, (splits * B * m, groups * o_tiles, k_tiles), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 2))
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points used by ops/: they write into outputs the caller allocated.
+# --------------------------------------------------------------------------------------------
+
+def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, groups, stride, padding, dilation,
+                        materialise: bool | None = None, config: dict | None = None) -> None:
+    """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``guide`` (B, m, Ho, Wo) or None."""
+    m = routing.shape[1]
+    config = config or forward_config(x, experts, m, groups, stride)
+    if materialise is None:
+        materialise = should_materialise(experts, routing, y.shape[2] * y.shape[3])
+    source = weight_source(experts, routing, materialise)
+    regions = region_tables(guide, config["BLOCK_P"]) if guide is not None and m > 1 else None
+    forward_launch(x, source, spatial, bias_mixed, regions, y, experts.shape[3:], groups, stride, padding,
+                   dilation, config)()
+
+
+def expert_conv_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation,
+                               materialise: bool | None = None, config: dict | None = None) -> None:
+    m = routing.shape[1]
+    config = config or input_grad_config(dx, experts, m, groups, stride)
+    if materialise is None:
+        materialise = should_materialise(experts, routing, dy.shape[2] * dy.shape[3])
+    source = weight_source(experts, routing, materialise)
+    region = None
+    if guide is not None and m > 1:
+        region = guide.argmax(dim=1).reshape(guide.shape[0], -1).to(torch.int32).contiguous()
+    backward_input_launch(dy, source, spatial, region, dx, experts.shape[3:], groups, stride, padding, dilation,
+                          m, config)()
+
+
+def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_hw, stride, padding, dilation,
+                                config: dict | None = None):
+    """Gradient of the per-(sample, region) kernels and biases: fp32 (fp64) ``dW (B, m, Cout, Cin/g, kh, kw)``
+    and ``dbias (B, m, Cout)``, each the fixed-order sum of the pixel-chunk partials."""
+    B, Cin = x.shape[:2]
+    Cout, Ho, Wo = dy.shape[1:]
+    kh, kw = kernel_hw
+    m = num_regions
+    k_total = (Cin // groups) * kh * kw
+    if config is None:
+        experts_like = torch.empty((1, Cout, Cin // groups, kh, kw), device="meta")
+        config = weight_grad_config(x, experts_like, m, groups, stride)
+    regions = region_tables(guide, 1) if guide is not None and m > 1 else None
+    splits = weight_grad_splits(B, m, Cout, groups, k_total, Ho * Wo, config)
+    acc = _acc_torch_dtype(x.dtype)
+    dw = torch.empty((splits, B, m, Cout, Cin // groups, kh, kw), dtype=acc, device=x.device)
+    dbias = torch.empty((splits, B, m, Cout), dtype=acc, device=x.device)
+    backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding, dilation, config)()
+    if splits == 1:
+        return dw[0], dbias[0]
+    return dw.sum(0), dbias.sum(0)
+
+
+def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, groups, stride, padding, dilation,
+                             materialise: bool | None = None, config: dict | None = None) -> torch.Tensor:
+    """∂S[b, r, i, j] = Σ_o dy[b, o, i, j] · y_r[b, o, i, j], (B, m, Ho, Wo) in the accumulation dtype."""
+    B, m = routing.shape[:2]
+    Cout, Ho, Wo = dy.shape[1:]
+    config = config or forward_config(x, experts, m, groups, stride)
+    if materialise is None:
+        materialise = should_materialise(experts, routing, Ho * Wo)
+    source = weight_source(experts, routing, materialise)
+    score = torch.empty((B, m, score_tiles(Cout, groups, config), Ho * Wo), dtype=_acc_torch_dtype(x.dtype),
+                        device=x.device)
+    guide_score_launch(x, source, spatial, bias_mixed, dy, score, experts.shape[3:], groups, stride, padding,
+                       dilation, config)()
+    return score.sum(2).reshape(B, m, Ho, Wo)
+
+
+def catalogue() -> list[Launch]:
+    """The launches ops make by default at representative shapes, on meta tensors (for AOT checks)."""
+    launches = []
+    shapes = [  # (B, Cin, Cout, H, W, kh, kw, groups, E, m, stride, spatial, label)
+        (32, 64, 64, 56, 56, 3, 3, 1, 4, 1, 1, False, "CondConv 3x3"),
+        (32, 256, 256, 14, 14, 3, 3, 1, 4, 1, 1, True, "ODConv 3x3 small map"),
+        (32, 128, 128, 15, 15, 1, 1, 1, 8, 1, 2, False, "1x1 stride 2"),
+        (32, 96, 96, 28, 28, 5, 5, 96, 4, 1, 1, False, "depth-wise 5x5"),
+        (8, 64, 64, 64, 64, 3, 3, 1, 8, 8, 1, False, "DRConv m=8"),
+    ]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    for B, Cin, Cout, H, W, kh, kw, groups, E, m, s, with_spatial, label in shapes:
+        for dtype in dtypes:
+            for channels_last in (False, True):
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                pad = ((kh - 1) // 2, (kw - 1) // 2)
+                Ho = (H + 2 * pad[0] - kh) // s + 1
+                Wo = (W + 2 * pad[1] - kw) // s + 1
+                meta = dict(dtype=dtype, device="meta")
+                x = torch.empty((B, Cin, H, W), **meta).to(memory_format=fmt)
+                y = torch.empty((B, Cout, Ho, Wo), **meta).to(memory_format=fmt)
+                experts = torch.empty((E, Cout, Cin // groups, kh, kw), **meta)
+                routing = torch.empty((B, m, E), **meta)
+                spatial = torch.empty((B, kh, kw), **meta) if with_spatial else None
+                bias = torch.empty((B, m, Cout), **meta)
+                geometry = ((s, s), pad, (1, 1))
+                tag = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
+                fwd_cfg = forward_config(x, experts, m, groups, (s, s))
+                materialised = should_materialise(experts, routing, Ho * Wo)
+                source = weight_source(experts, routing, materialised)
+                regions = None
+                region_map = None
+                if m > 1:
+                    i32 = dict(dtype=torch.int32, device="meta")
+                    regions = RegionTables(torch.empty((B, Ho * Wo), **i32), torch.empty((B, Ho * Wo), **i32),
+                                           torch.empty((B, m), **i32), torch.empty((B, m), **i32),
+                                           torch.empty((B, m + 1), **i32), fwd_cfg["BLOCK_P"])
+                    region_map = regions.region
+                    score = torch.empty((B, m, score_tiles(Cout, groups, fwd_cfg), Ho * Wo), dtype=torch.float32,
+                                        device="meta")
+                    launches.append(guide_score_launch(x, source, spatial, bias, y, score, (kh, kw), groups,
+                                                       *geometry, fwd_cfg))
+                launches.append(forward_launch(x, source, spatial, bias, regions, y, (kh, kw), groups, *geometry,
+                                               fwd_cfg))
+                launches.append(backward_input_launch(y, source, spatial, region_map, x, (kh, kw), groups, *geometry,
+                                                      m, input_grad_config(x, experts, m, groups, (s, s))))
+                wcfg = weight_grad_config(x, experts, m, groups, (s, s))
+                splits = weight_grad_splits(B, m, Cout, groups, (Cin // groups) * kh * kw, Ho * Wo, wcfg)
+                dw = torch.empty((splits, B, m, Cout, Cin // groups, kh, kw), dtype=torch.float32, device="meta")
+                dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta")
+                launches.append(backward_weight_launch(y, x, regions, dw, dbias, (kh, kw), groups, *geometry, wcfg))
+                for launch in launches[-(4 if m > 1 else 3):]:
+                    launch.label = tag + (" materialised" if materialised and "weight" not in launch.name else "")
+    return launches

@@ -1,0 +1,375 @@
+"""dynconv.expert_conv2d (SPEC.md §2) against float64 references.
+
+Kernels run through the Triton interpreter on CPU (see conftest.py); every allocation is
+NaN-poisoned so an output element that no program writes fails the comparison. bf16 is left to
+the GPU run (the interpreter's bf16 tl.dot is wrong, triton-lang/triton#11584).
+"""
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynconv
+import dynconv.ops.expert_conv as expert_ops
+from dynconv.kernels import expert_conv as kernels
+from dynconv.reference import drconv_all_regions, expert_conv2d_grouped, expert_conv2d_loop
+from helpers import assert_close, check_against_reference
+
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 2
+    Cin: int = 4
+    Cout: int = 6
+    H: int = 7
+    W: int = 6
+    kh: int = 3
+    kw: int = 3
+    E: int = 3
+    m: int = 1
+    groups: int = 1
+    stride: int = 1
+    padding: int = 1
+    dilation: int = 1
+    bias: bool = True
+    spatial: bool = False
+    guide: bool = False
+
+    @property
+    def out_hw(self):
+        return tuple((n + 2 * self.padding - self.dilation * (k - 1) - 1) // self.stride + 1
+                     for n, k in ((self.H, self.kh), (self.W, self.kw)))
+
+    def inputs(self):
+        """Float64 inputs; routing is (B, E) for m = 1 without a guide, else (B, m, E)."""
+        Ho, Wo = self.out_hw
+        routing_shape = (self.B, self.m, self.E) if (self.m > 1 or self.guide) else (self.B, self.E)
+        f64 = dict(dtype=torch.float64)
+        return {
+            "x": torch.randn(self.B, self.Cin, self.H, self.W, **f64),
+            "experts": torch.randn(self.E, self.Cout, self.Cin // self.groups, self.kh, self.kw, **f64) * 0.5,
+            "routing": torch.rand(routing_shape, **f64),
+            "bias": torch.randn(self.E, self.Cout, **f64) if self.bias else None,
+            "spatial": torch.rand(self.B, self.kh, self.kw, **f64) + 0.5 if self.spatial else None,
+            # Well-separated logits: fp16 rounding must not change a pixel's region.
+            "guide": torch.randn(self.B, self.m, Ho, Wo, **f64) * 4 if self.guide else None,
+        }
+
+    def geometry(self):
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation, groups=self.groups)
+
+
+CASES = {
+    "basic": Case(),
+    "groups2-stride2-odd-spatial-nobias": Case(Cin=4, Cout=6, H=9, W=7, kh=3, kw=2, groups=2, stride=2, bias=False,
+                                             spatial=True),
+    "dilation2": Case(B=1, H=8, W=9, dilation=2, padding=2, E=2),
+    "1x1-stride2": Case(H=7, W=5, kh=1, kw=1, padding=0, stride=2, spatial=True),
+    "depthwise-5x3": Case(B=1, Cin=5, Cout=5, groups=5, kh=5, kw=3, padding=2, E=2),
+    "wide-channels": Case(B=1, Cin=20, Cout=40, H=5, W=5, E=2, spatial=True),  # several channel and K tiles
+    "drconv-m3": Case(m=3, guide=True, spatial=True),
+    "drconv-m4-groups2-stride2": Case(B=2, Cin=4, Cout=4, H=9, W=8, m=4, guide=True, groups=2, stride=2, E=2),
+    "drconv-m1": Case(B=1, m=1, guide=True),
+}
+
+
+def _reference(x, experts, routing, bias=None, spatial=None, guide=None, **geometry):
+    return expert_conv2d_loop(x, experts, routing, bias, spatial=spatial, guide=guide, **geometry)
+
+
+def _dynconv(x, experts, routing, bias=None, spatial=None, guide=None, **geometry):
+    return dynconv.expert_conv2d(x, experts, routing, bias, spatial=spatial, guide=guide, **geometry)
+
+
+def _check(case: Case, dtype, device, memory_format=None):
+    return check_against_reference(_dynconv, _reference, case.inputs(), dtype, device, memory_format,
+                                   **case.geometry())
+
+
+@pytest.fixture(params=["on-the-fly", "materialised"])
+def mixing(request, monkeypatch):
+    """Both sources of the mixed kernels: mixed in registers, or written once by a GEMM."""
+    materialise = request.param == "materialised"
+    monkeypatch.setattr(kernels, "should_materialise", lambda *args: materialise)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 is checked at fp32 tolerance: keep tf32 off for runs on a GPU."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_gradients(name, dtype, mixing, device):
+    case = CASES[name]
+    y = _check(case, dtype, device)
+    assert y.shape == (case.B, case.Cout, *case.out_hw)
+
+
+@pytest.mark.parametrize("name", ["basic", "drconv-m3"])
+def test_channels_last(name, device):
+    y = _check(CASES[name], torch.float16, device, torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_float64(device):
+    _check(CASES["drconv-m3"], torch.float64, device)
+
+
+def test_strided_view_input(device):
+    """Kernels take every stride: a non-contiguous slice of a wider tensor needs no copy."""
+    case = CASES["basic"]
+    inputs = case.inputs()
+    wide = torch.randn(case.B, case.Cin * 2, case.H, case.W + 3, dtype=torch.float32, device=device)
+    x = wide[:, ::2, :, 1:1 + case.W]
+    assert not x.is_contiguous()
+    args = {k: (v.float().to(device) if v is not None else None) for k, v in inputs.items() if k != "x"}
+    y = _dynconv(x, **args, **case.geometry())
+    expected = _reference(x.double().cpu(), **{k: (v.double().cpu() if v is not None else None)
+                                              for k, v in args.items()}, **case.geometry())
+    assert_close(y, expected, torch.float32, "strided view")
+
+
+def test_regions_spanning_many_tiles(monkeypatch, device):
+    """Small pixel tiles: regions span several tiles and the grid's spare tiles stay idle."""
+    default = kernels.default_forward_config
+    monkeypatch.setattr(kernels, "default_forward_config", lambda *a: {**default(*a), "BLOCK_P": 16})
+    _check(replace(CASES["drconv-m3"], H=9, W=10), torch.float32, device)
+
+
+def test_region_tables_sort_pixels_by_region():
+    guide = torch.randn(2, 3, 5, 7)
+    tables = kernels.region_tables(guide, block_p=4)
+    region = guide.argmax(1).reshape(2, -1)
+    assert torch.equal(tables.region, region.int())
+    for b in range(2):
+        sorted_regions = region[b, tables.perm[b].long()]
+        assert torch.equal(sorted_regions, torch.sort(region[b]).values)
+        counts = torch.bincount(region[b], minlength=3)
+        assert tables.count[b].tolist() == counts.tolist()
+        assert tables.tile_offsets[b].tolist() == [0, *torch.cumsum((counts + 3) // 4, 0).tolist()]
+        assert tables.tile_offsets[b, -1] <= kernels.region_tile_bound(35, 3, 4)
+
+
+def test_region_tile_bound_is_tight():
+    # 3 regions of 5, 5 and 25 pixels in tiles of 4: 2 + 2 + 7 = 11 = ceil(35/4) + 3 - 1.
+    assert kernels.region_tile_bound(35, 3, 4) == 11
+
+
+def test_weight_gradient_pixel_splits(monkeypatch, device):
+    """Split pixel chunks (two-stage, fixed-order sum) give the same gradients, deterministically."""
+    monkeypatch.setattr(kernels, "weight_grad_splits", lambda *args: 3)
+    case = replace(CASES["drconv-m3"], H=12, W=11, padding=1)
+    _check(case, torch.float32, device)
+    inputs = {k: (v.float().to(device).requires_grad_() if v is not None else None)
+              for k, v in case.inputs().items()}
+    grads = []
+    for _ in range(2):
+        y = _dynconv(**inputs, **case.geometry())
+        grads.append(torch.autograd.grad(y, [inputs["experts"], inputs["routing"]], torch.ones_like(y)))
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_int64_indexing_variant_matches(monkeypatch, device):
+    """The INDEX_64 code path (chosen past 2^31 elements) computes the same values."""
+    monkeypatch.setattr(kernels, "needs_int64", lambda *tensors: True)
+    _check(CASES["drconv-m4-groups2-stride2"], torch.float32, device)
+
+
+def test_int64_indexing_is_chosen_past_int32():
+    big = torch.empty((1, 1, 2**16, 2**15 + 1), device="meta")
+    assert kernels.needs_int64(big)
+    assert not kernels.needs_int64(torch.empty((1, 1, 2**16, 2**15 - 1), device="meta"))
+    experts = torch.empty((2, 1, 1, 1, 1), device="meta")
+    routing = torch.empty((1, 1, 2), device="meta")
+    source = kernels.weight_source(experts, routing, materialise=False)
+    config = kernels.default_forward_config(1, torch.float32)
+    launch = kernels.forward_launch(big, source, None, None, None, big, (1, 1), 1, (1, 1), (0, 0), (1, 1), config)
+    assert launch.meta["INDEX_64"]
+
+
+def test_materialising_is_bounded_by_the_output_size():
+    experts = torch.empty((4, 64, 64, 3, 3), device="meta")
+    routing = torch.empty((8, 1, 4), device="meta")
+    assert kernels.should_materialise(experts, routing, 56 * 56)       # 576 weights per filter <= 3136 pixels
+    assert not kernels.should_materialise(experts, routing, 14 * 14)   # too few pixels to pay for it
+    regions = torch.empty((8, 8, 4), device="meta")
+    assert not kernels.should_materialise(experts, regions, 56 * 56)  # 8 regions: 4608 > 3136
+
+
+def test_reference_guide_gradient_is_the_spec_estimator():
+    """The references' ∂guide is S ⊙ (∂S - Σ_r S ⊙ ∂S) with ∂S_r = Σ_o ∂y · y_r, written out here."""
+    case = CASES["drconv-m3"]
+    inputs = case.inputs()
+    guide = inputs["guide"].requires_grad_()
+    args = {k: v for k, v in inputs.items() if k != "guide"}
+    weight = torch.einsum("bre,eoikl->broikl", args["routing"], args["experts"]) * args["spatial"][:, None, None, None]
+    mixed_bias = args["routing"] @ args["bias"]
+    y_all = torch.stack([torch.cat([F.conv2d(args["x"][b: b + 1], weight[b, r], mixed_bias[b, r], padding=1)
+                                    for b in range(case.B)]) for r in range(case.m)], dim=1)
+    region = guide.argmax(1)
+    expected_y = torch.gather(y_all, 1, region[:, None, None].expand(-1, 1, case.Cout, -1, -1)).squeeze(1)
+    grad = torch.randn_like(expected_y)
+    dS = (grad[:, None] * y_all).sum(2)
+    S = torch.softmax(guide.detach(), 1)
+    expected_dguide = S * (dS - (S * dS).sum(1, keepdim=True))
+    for reference in (expert_conv2d_loop, expert_conv2d_grouped, drconv_all_regions):
+        guide.grad = None
+        y = reference(**args, guide=guide, **case.geometry())
+        assert_close(y, expected_y, torch.float64, reference.__name__ + " output")
+        y.backward(grad)
+        assert_close(guide.grad, expected_dguide, torch.float64, reference.__name__)
+
+
+def test_references_agree_with_per_sample_conv():
+    """The batch-as-groups trick and the loop against F.conv2d with explicitly mixed kernels."""
+    case = CASES["groups2-stride2-odd-spatial-nobias"]
+    inputs = case.inputs()
+    x, experts, routing, spatial = inputs["x"], inputs["experts"], inputs["routing"], inputs["spatial"]
+    expected = torch.cat([
+        F.conv2d(x[b: b + 1], sum(routing[b, e] * experts[e] for e in range(case.E)) * spatial[b], None,
+                 case.stride, case.padding, case.dilation, case.groups)
+        for b in range(case.B)])
+    for reference in (expert_conv2d_loop, expert_conv2d_grouped):
+        assert_close(reference(x, experts, routing, spatial=spatial, **case.geometry()), expected, torch.float64,
+                     reference.__name__)
+
+
+def test_guide_with_one_region_gives_zero_guide_gradient(device):
+    case = CASES["drconv-m1"]
+    inputs = {k: (v.float().to(device).requires_grad_() if v is not None else None)
+              for k, v in case.inputs().items()}
+    y = _dynconv(**inputs, **case.geometry())
+    y.sum().backward()
+    assert torch.equal(inputs["guide"].grad, torch.zeros_like(inputs["guide"]))
+
+
+def test_only_requested_gradients_are_computed(device):
+    case = CASES["drconv-m3"]
+    inputs = {k: (v.float().to(device) if v is not None else None) for k, v in case.inputs().items()}
+    inputs["routing"].requires_grad_()
+    y = _dynconv(**inputs, **case.geometry())
+    (grad,) = torch.autograd.grad(y.sum(), [inputs["routing"]])
+    assert grad.shape == inputs["routing"].shape and not torch.isnan(grad).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error before any kernel runs
+# ---------------------------------------------------------------------------------------------
+
+def _good():
+    return dict(x=torch.randn(2, 4, 6, 6), experts=torch.randn(3, 6, 2, 3, 3), routing=torch.rand(2, 3),
+                bias=torch.randn(3, 6), groups=2, padding=1)
+
+
+BAD_INPUTS = [
+    ({"x": torch.randn(4, 6, 6)}, ValueError, r"x must be 4-D"),
+    ({"experts": torch.randn(6, 2, 3, 3)}, ValueError, r"experts must be 5-D"),
+    ({"routing": torch.rand(2, 1, 1, 3)}, ValueError, r"routing must be 2-D \(B, E\) or 3-D"),
+    ({"routing": torch.rand(3, 3)}, ValueError, r"batch mismatch: x has 2 samples, routing has 3"),
+    ({"routing": torch.rand(2, 4)}, ValueError, r"routing weighs 4 experts, but there are E=3"),
+    ({"routing": torch.rand(2, 2, 3)}, ValueError, r"routing has m=2 regions but no guide"),
+    ({"bias": torch.randn(3, 5)}, ValueError, r"bias must have shape \(E, Cout\) = \(3, 6\)"),
+    ({"groups": 3}, ValueError, r"must be divisible by groups=3"),
+    ({"experts": torch.randn(3, 6, 4, 3, 3)}, ValueError, r"experts hold 4 input channels per group"),
+    ({"spatial": torch.rand(2, 3, 2)}, ValueError, r"spatial must have shape \(B, kh, kw\) = \(2, 3, 3\)"),
+    ({"routing": torch.rand(2, 2, 3), "guide": torch.randn(2, 3, 6, 6)}, ValueError,
+     r"region count mismatch: guide has m=3 regions, routing has m=2"),
+    ({"routing": torch.rand(2, 2, 3), "guide": torch.randn(2, 2, 5, 6)}, ValueError,
+     r"guide's spatial size \(5, 6\) must equal the output size \(6, 6\)"),
+    ({"routing": torch.rand(2, 2, 3), "guide": torch.randn(1, 2, 6, 6)}, ValueError,
+     r"batch mismatch: x has 2 samples, guide has 1"),
+    ({"x": torch.randint(0, 3, (2, 4, 6, 6))}, TypeError, r"x must be float16, bfloat16, float32 or float64"),
+    ({"routing": torch.rand(2, 3, dtype=torch.float64)}, TypeError, r"all tensors must have the same dtype"),
+    ({"padding": -1}, ValueError, r"padding must be >= 0"),
+    ({"stride": (1, 2, 3)}, TypeError, r"stride must be an int or a pair of ints"),
+    ({"x": torch.randn(2, 4, 1, 1), "padding": 0}, ValueError, r"output size .* is not positive"),
+    ({"experts": torch.randn(3, 6, 2, 0, 3)}, ValueError, r"at least one expert, output channel and tap"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_input_is_named(change, error, match):
+    args = {**_good(), **change}
+    x, experts, routing = args.pop("x"), args.pop("experts"), args.pop("routing")
+    with pytest.raises(error, match=match):
+        dynconv.expert_conv2d(x, experts, routing, **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_mixed_devices_are_named():
+    args = _good()
+    with pytest.raises(ValueError, match="same device"):
+        dynconv.expert_conv2d(args["x"].cuda(), args["experts"], args["routing"], groups=2, padding=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# As torch sees the op
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["groups2-stride2-odd-spatial-nobias", "drconv-m3"])
+def test_opcheck(name, device):
+    case = CASES[name]
+    inputs = {k: (v.float().to(device) if v is not None else None) for k, v in case.inputs().items()}
+    for k in ("x", "experts", "routing", "spatial", "guide", "bias"):
+        if inputs[k] is not None:
+            inputs[k].requires_grad_()
+    routing = inputs["routing"] if inputs["routing"].dim() == 3 else inputs["routing"][:, None]
+    args = (inputs["x"], inputs["experts"], routing.detach().requires_grad_(), inputs["bias"], inputs["spatial"],
+            inputs["guide"], [case.stride] * 2, [case.padding] * 2, [case.dilation] * 2, case.groups)
+    torch.library.opcheck(torch.ops.dynconv.expert_conv2d, args)
+
+
+def test_torch_compile_fullgraph(device):
+    case = CASES["drconv-m3"]
+    inputs = {k: v.float().to(device).requires_grad_() for k, v in case.inputs().items()}
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def layer(x, experts, routing, bias, spatial, guide):
+        y = dynconv.expert_conv2d(x, experts, torch.softmax(routing, -1), bias, padding=1, spatial=spatial,
+                                  guide=guide)
+        return torch.relu(y).sum()
+
+    out = layer(**inputs)
+    out.backward()
+    expected = torch.relu(_reference(**{k: v.detach().double().cpu() for k, v in inputs.items()
+                                        if k != "routing"},
+                                     routing=torch.softmax(inputs["routing"].detach().double().cpu(), -1),
+                                     **case.geometry())).sum()
+    assert_close(out.detach(), expected, torch.float32, "compiled")
+    assert all(v.grad is not None and not torch.isnan(v.grad).any() for v in inputs.values())
+
+
+@pytest.mark.parametrize("name", ["groups2-stride2-odd-spatial-nobias", "drconv-m3"])
+def test_cpu_pytorch_path(name, monkeypatch):
+    """Without the interpreter, CPU tensors take the batch-as-groups path (and autograd through it)."""
+    monkeypatch.setattr(expert_ops, "_INTERPRETED", False)
+
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("a Triton kernel ran on the plain-PyTorch path")
+
+    for entry in ("expert_conv_forward", "expert_conv_backward_input", "expert_conv_backward_kernel",
+                  "expert_conv_guide_scores"):
+        monkeypatch.setattr(kernels, entry, no_kernels)
+    case = CASES[name]
+    check_against_reference(_dynconv, _reference, case.inputs(), torch.float32, "cpu", **case.geometry())
+    y = check_against_reference(_dynconv, _reference, case.inputs(), torch.float64, "cpu",
+                                torch.channels_last, **case.geometry())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_autocast_casts_like_a_conv(monkeypatch):
+    monkeypatch.setattr(expert_ops, "_INTERPRETED", False)
+    args = _good()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dynconv.expert_conv2d(args["x"], args["experts"], args["routing"], args["bias"], padding=1, groups=2)
+    assert y.dtype == torch.bfloat16
