@@ -1,0 +1,603 @@
+"""``dynconv bench``: time every op, pass, dtype and provider on this GPU; write ``perf_reports/``.
+
+    dynconv bench [--ops OP ...] [--dtypes fp32 fp16 bf16] [--passes forward backward forward+backward]
+                  [--shapes R1 E1@H14 ...] [--providers NAME ...] [--quick] [--fresh] [--out DIR]
+
+Method (``.library/device/METHOD.md``): CUDA events around each call, warm-up first (compilation
+and autotuning stay out), then at least 10 timed calls (3 for calls over 100 ms) filling
+a 100 ms window (40 ms with ``--quick``); median with 20th/80th percentiles. Before each timed call a buffer larger than L2
+is overwritten and the inputs rotate among several sets when one set fits in L2, so no call
+reads warm cache. Peak memory is measured in a separate call of the same pass once it
+is warm (see :func:`measure_peak_mb`). Every provider's forward output is first checked against the op's
+reference provider; a provider that disagrees is recorded as ``mismatch``, one that runs out of
+memory as ``OOM``, one that raises as ``error`` (in ``ms_median``): recorded, never dropped.
+
+The csv is rewritten after every shape (rows of an earlier run with the same op, pass, dtype,
+shape and provider are replaced, the rest kept; ``--fresh`` starts over), so a run cut short by a
+time limit keeps what it measured and ``--shapes`` can split a full run over several calls.
+Without a GPU nothing is measured: the command says so and re-draws the plots from the
+measurements already in the reports folder.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from dynconv.providers import CHECK_REFERENCE, PROVIDERS, ProviderUnavailable, make_inputs, output_shape, providers_for
+from dynconv.roofline import (
+    DTYPE_BYTES,
+    OPS,
+    PASSES,
+    REFERENCE_SHAPES,
+    Problem,
+    minimum_bytes,
+    minimum_flops,
+    resolve_shape,
+    split_shape_name,
+    sweep_shape_names,
+)
+
+COLUMNS = ("op,pass,dtype,shape,provider,ms_median,ms_p20,ms_p80,gbps,tflops,peak_mem_mb,"
+           "gpu,torch,triton,commit,date").split(",")
+DTYPES = tuple(DTYPE_BYTES)
+# Values of ms_median for a measurement that produced no time.
+STATUSES = ("OOM", "error", "mismatch")
+# ‖y − y_ref‖ / ‖y_ref‖ allowed in the pre-timing check. fp32 leaves room for TF32 dots
+# (METHOD.md: near 3e-4); the half types for rounding the output to 8 or 11 bits.
+CHECK_TOLERANCE = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 3e-2}
+
+
+def default_reports_dir() -> Path:
+    """``perf_reports/`` of the checkout dynconv runs from, else of the working directory."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").exists():
+        return root / "perf_reports"
+    return Path.cwd() / "perf_reports"
+
+
+def normalised_gpu_name(name: str) -> str:
+    """The reports folder of a GPU: every run of non-alphanumerics becomes one ``_``
+    (``"NVIDIA H100 80GB HBM3"`` → ``NVIDIA_H100_80GB_HBM3``). The autotuning configs name their
+    files with ``kernels.configs.normalise_device_name``; the two must agree, so that one is used
+    where it can be imported."""
+    try:
+        from dynconv.kernels.configs import normalise_device_name
+    except ImportError:
+        return fallback_normalised_name(name)
+    return normalise_device_name(name) or fallback_normalised_name(name)
+
+
+def fallback_normalised_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "unknown_gpu"
+
+
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the checkout, ``$DYNCONV_COMMIT`` where there is no git
+    (a copied working tree), else ``unknown``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("DYNCONV_COMMIT", "unknown")
+
+
+def environment(device: str) -> dict:
+    import torch
+    import triton
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else device
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def quantiles(times_ms: Iterable[float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile), linearly interpolated."""
+    import numpy as np
+    t = np.asarray(list(times_ms), dtype=float)
+    if t.size == 0:
+        raise ValueError("no timings")
+    return tuple(float(v) for v in np.percentile(t, [50, 20, 80]))
+
+
+class Timer:
+    """Times ``fn(i)`` (i: the call's index, for rotating inputs) with ``reset(i)`` run before
+    each call outside the timed region. CUDA events on a GPU; the host clock on CPU (the CPU
+    path exists to test the benchmark's plumbing, not to measure anything)."""
+
+    def __init__(self, device: str, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 10,
+                 max_reps: int = 1000):
+        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
+        self.min_reps, self.max_reps = min_reps, max_reps
+        self._flush = None
+        if device == "cuda":
+            import torch
+            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or (64 << 20)
+            # Overwritten before every timed call so the call starts with nothing of its own in L2.
+            self._flush = torch.empty(max(2 * l2, 256 << 20), dtype=torch.int8, device="cuda")
+
+    def _sync(self):
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+
+    def __call__(self, fn: Callable[[int], object], reset: Callable[[int], None] = lambda i: None):
+        # Warm-up: at least two calls (the first compiles and autotunes), then until warmup_ms.
+        calls, start = 0, time.perf_counter()
+        while True:
+            reset(calls)
+            fn(calls)
+            calls += 1
+            self._sync()
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            if calls >= 2 and elapsed_ms >= self.warmup_ms:
+                break
+        estimate = elapsed_ms / calls
+        min_reps = self.min_reps if estimate < 100 else min(3, self.min_reps)
+        reps = int(min(self.max_reps, max(min_reps, self.rep_ms / max(estimate, 1e-3))))
+        if self.device != "cuda":
+            times = []
+            for i in range(reps):
+                reset(i)
+                t0 = time.perf_counter()
+                fn(i)
+                times.append((time.perf_counter() - t0) * 1e3)
+            return quantiles(times)
+        import torch
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            reset(i)
+            self._flush.zero_()
+            starts[i].record()
+            fn(i)
+            ends[i].record()
+        torch.cuda.synchronize()
+        return quantiles(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement
+# ---------------------------------------------------------------------------------------------
+
+def _torch_dtype(name: str):
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    return isinstance(exc, oom_types) or "out of memory" in str(exc).lower()
+
+
+def _free(device: str):
+    """Return a measurement's memory before the next one, so peaks do not include leftovers."""
+    if device == "cuda":
+        import torch
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _leaves(t: dict) -> list:
+    return [v for v in t.values() if v.requires_grad]
+
+
+def _clear_grads(tensors):
+    for v in tensors:
+        v.grad = None
+
+
+def _input_bytes(t: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in t.values())
+
+
+def rotation_sets(set_bytes: int, l2_bytes: int, limit: int = 4) -> int:
+    """How many input sets to rotate among so that consecutive calls never share cached inputs:
+    enough to cover twice the L2, at most ``limit`` (big sets exceed L2 on their own)."""
+    return max(1, min(limit, math.ceil(2 * l2_bytes / max(set_bytes, 1))))
+
+
+def measure_peak_mb(fn, p: Problem, pass_: str, dtype, device: str) -> float | None:
+    """Peak device memory of one call of the pass, in MiB: the most allocated at once, minus what
+    was allocated before its inputs were made. So it counts the inputs, the output, every
+    temporary, and for ``backward`` the tensors the forward saved (made before the reset,
+    alive during it). Run it after the pass is warm. None on CPU."""
+    if device != "cuda":
+        return None
+    import torch
+    _free(device)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    t = make_inputs(p, dtype, device, requires_grad=pass_ != "forward")
+    if pass_ == "forward":
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            y = fn(t, p)
+    elif pass_ == "backward":
+        y = fn(t, p)
+        dy = torch.randn_like(y)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        y.backward(dy)
+    else:
+        dy = torch.randn(output_shape(p), device=device, dtype=dtype)
+        torch.cuda.reset_peak_memory_stats()
+        y = fn(t, p)
+        y.backward(dy)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del t, y
+    return peak / 2**20
+
+
+def time_pass(fn, p: Problem, pass_: str, dtype, device: str, timer: Timer, l2_bytes: int):
+    """(median, p20, p80) ms of one pass, inputs rotating among fresh sets."""
+    import torch
+    first = make_inputs(p, dtype, device, requires_grad=pass_ != "forward")
+    sets = [first] + [make_inputs(p, dtype, device, requires_grad=pass_ != "forward")
+                      for _ in range(rotation_sets(_input_bytes(first), l2_bytes) - 1)]
+    n = len(sets)
+    if pass_ == "forward":
+        def run(i):
+            with torch.no_grad():
+                fn(sets[i % n], p)
+        return timer(run)
+    leaves = [_leaves(t) for t in sets]
+
+    def reset(i):
+        _clear_grads(leaves[i % n])
+
+    if pass_ == "backward":
+        # One forward graph per set, replayed: only the backward sits between the events.
+        ys = [fn(t, p) for t in sets]
+        dys = [torch.randn_like(y) for y in ys]
+        return timer(lambda i: ys[i % n].backward(dys[i % n], retain_graph=True), reset)
+    dys = [torch.randn(output_shape(p), device=device, dtype=dtype) for _ in sets]
+    return timer(lambda i: fn(sets[i % n], p).backward(dys[i % n]), reset)
+
+
+def relative_error(y, ref) -> float:
+    y, ref = y.detach().float(), ref.detach().float()
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check_forward(fns: dict, p: Problem, dtype_name: str, device: str, log) -> dict[str, str]:
+    """Forward of every non-static provider against the op's reference provider on one random
+    input set. Returns {provider: status} for those that could not be checked or disagree."""
+    import torch
+    reference = CHECK_REFERENCE.get(p.op)
+    candidates = [n for n in fns if not PROVIDERS[n].static]
+    if reference not in fns or len(candidates) < 2:
+        return {}
+    bad = {}
+    generator = torch.Generator(device=device).manual_seed(1234)
+    try:
+        t = make_inputs(p, _torch_dtype(dtype_name), device, generator=generator)
+        with torch.no_grad():
+            ref = fns[reference](t, p)
+    except Exception as exc:  # the reference itself fails: nothing can be checked
+        log(f"  check skipped: reference {reference} failed ({'OOM' if _is_oom(exc) else exc})")
+        _free(device)
+        return {}
+    for name in candidates:
+        if name == reference:
+            continue
+        try:
+            with torch.no_grad():
+                err = relative_error(fns[name](t, p), ref)
+        except Exception:  # the timing run records the failure with its real status
+            _free(device)
+            continue
+        if not err <= CHECK_TOLERANCE[dtype_name]:  # NaN fails too
+            log(f"  MISMATCH: {name} differs from {reference} by {err:.2e} (tolerance "
+                f"{CHECK_TOLERANCE[dtype_name]:.0e}); recorded as 'mismatch', not timed")
+            bad[name] = "mismatch"
+    del t, ref
+    _free(device)
+    return bad
+
+
+def measure(fn, p: Problem, pass_: str, dtype_name: str, device: str, timer: Timer, l2_bytes: int, log) -> dict:
+    """The measured fields of one csv row: times and peak memory, or the status it failed with."""
+    import torch
+    dtype = _torch_dtype(dtype_name)
+    try:
+        median, p20, p80 = time_pass(fn, p, pass_, dtype, device, timer, l2_bytes)
+        _free(device)
+        # After the timing's warm-up: compilation, autotuning (its own flush buffer) and cuDNN's
+        # algorithm search have allocated and freed their memory by now, so none of it counts.
+        peak = measure_peak_mb(fn, p, pass_, dtype, device)
+    except Exception as exc:
+        status = "OOM" if _is_oom(exc) else "error"
+        if status == "error":
+            log(f"  error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        _free(device)
+        if device == "cuda":
+            torch.cuda.synchronize()  # a broken context raises here and ends the run: nothing after it is real
+        return {"ms_median": status}
+    finally:
+        _free(device)
+    fields = {"ms_median": median, "ms_p20": p20, "ms_p80": p80,
+              "gbps": minimum_bytes(p, pass_, dtype_name) / median / 1e6,
+              "tflops": minimum_flops(p, pass_) / median / 1e9}
+    if peak is not None:
+        fields["peak_mem_mb"] = peak
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Ceilings
+# ---------------------------------------------------------------------------------------------
+
+def measure_ceilings(timer: Timer, copy_bytes: int = 2 << 30, matmul_n: int = 8192) -> dict:
+    """HBM bandwidth from a device-to-device copy (bytes read + bytes written) and matmul
+    throughput per dtype, on random data (zeros can run faster than real data)."""
+    import torch
+    n = copy_bytes // 4
+    src = torch.rand(n, device="cuda")
+    dst = torch.empty_like(src)
+    median, _, _ = timer(lambda i: dst.copy_(src))
+    ceilings = {"hbm_gbps": 2 * n * 4 / median / 1e6}
+    del src, dst
+    flops = 2 * matmul_n ** 3
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for key, dtype, allow_tf32 in (("fp32_tflops", torch.float32, False), ("tf32_tflops", torch.float32, True),
+                                       ("bf16_tflops", torch.bfloat16, None), ("fp16_tflops", torch.float16, None)):
+            if allow_tf32 is not None:
+                torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            a = torch.randn(matmul_n, matmul_n, device="cuda", dtype=dtype)
+            b = torch.randn(matmul_n, matmul_n, device="cuda", dtype=dtype)
+            median, _, _ = timer(lambda i: torch.mm(a, b))
+            ceilings[key] = flops / median / 1e9
+            del a, b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    _free("cuda")
+    ceilings["method"] = (f"hbm: median of {copy_bytes >> 20} MiB device-to-device copies, read + written bytes; "
+                          f"matmul: median of {matmul_n}^3 torch.mm on random data "
+                          "(fp32 with TF32 off, tf32 with it on)")
+    return ceilings
+
+
+# ---------------------------------------------------------------------------------------------
+# csv
+# ---------------------------------------------------------------------------------------------
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def row_key(row: dict) -> tuple:
+    return (row["op"], row["pass"], row["dtype"], row["shape"], row["provider"])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != COLUMNS:
+            raise ValueError(f"{path}: columns {reader.fieldnames} are not {COLUMNS}")
+        return list(reader)
+
+
+def _sort_key(row: dict):
+    try:
+        base, hw = split_shape_name(row["shape"])
+        shape = (list(REFERENCE_SHAPES).index(base), hw, "")
+    except ValueError:  # a shape the table does not know (a test's): after the known ones
+        shape = (len(REFERENCE_SHAPES), 0, row["shape"])
+    return (OPS.index(row["op"]) if row["op"] in OPS else len(OPS), shape,
+            PASSES.index(row["pass"]) if row["pass"] in PASSES else 9,
+            DTYPES.index(row["dtype"]) if row["dtype"] in DTYPES else 9, row["provider"])
+
+
+def write_csv(path: Path, rows: list[dict], merge: bool = True) -> None:
+    """Write ``rows``; with ``merge``, keep the rows already there that these do not replace."""
+    new = {row_key(r): {c: _fmt(r.get(c)) for c in COLUMNS} for r in rows}
+    old = read_csv(path) if merge and path.exists() else []
+    merged = [r for r in old if row_key(r) not in new] + list(new.values())
+    merged.sort(key=_sort_key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(merged)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def default_shapes(quick: bool) -> list[str]:
+    return list(REFERENCE_SHAPES) + ([] if quick else sweep_shape_names())
+
+
+def _resolve_providers(op: str, wanted, log, notes: set) -> dict:
+    fns = {}
+    for provider in providers_for(op):
+        if wanted and provider.name not in wanted:
+            continue
+        try:
+            fns[provider.name] = provider.resolve(op)
+        except ProviderUnavailable as exc:
+            note = f"{op}: provider {provider.name} skipped: {exc}"
+            if note not in notes:
+                notes.add(note)
+                log("note: " + note)
+    if fns and all(PROVIDERS[n].static for n in fns):
+        note = f"{op}: skipped: no dynamic provider is available (only the static floor)"
+        if note not in notes:
+            notes.add(note)
+            log("note: " + note)
+        return {}
+    return fns
+
+
+def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=None, quick=False,
+                   out=None, fresh=False, device="cuda", problems=None, timer=None, log=print) -> Path:
+    """Measure and write ``<out>/<gpu>/results.csv`` and ``ceilings.json``; returns the csv path.
+
+    ``problems`` maps extra shape names to :class:`Problem` and ``timer`` replaces the default
+    :class:`Timer` (tests run tiny shapes on CPU with ``device="cpu"``; such a run measures
+    nothing about a GPU and must never be written into ``perf_reports/``)."""
+    import torch
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA GPU: nothing can be measured")
+    out = Path(out) if out is not None else default_reports_dir()
+    env = environment(device)
+    folder = out / normalised_gpu_name(env["gpu"])
+    csv_path = folder / "results.csv"
+    timer = timer or Timer(device, *((10.0, 40.0) if quick else (25.0, 100.0)))
+    l2_bytes = 0
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # the static floor gets cuDNN's fastest algorithm
+        l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or (64 << 20)
+        log(f"measuring ceilings on {env['gpu']} ...")
+        ceilings = measure_ceilings(timer)
+        ceilings.update(env)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "ceilings.json").write_text(json.dumps(ceilings, indent=2) + "\n")
+        log(f"  HBM {ceilings['hbm_gbps']:.0f} GB/s, fp32 {ceilings['fp32_tflops']:.1f} TFLOP/s, "
+            f"tf32 {ceilings['tf32_tflops']:.0f}, bf16 {ceilings['bf16_tflops']:.0f}, fp16 {ceilings['fp16_tflops']:.0f}")
+
+    problems = dict(problems or {})
+    names = list(shapes) if shapes else default_shapes(quick)
+    dtypes, passes = list(dtypes or DTYPES), list(passes or PASSES)
+    notes: set[str] = set()
+    first_write = fresh
+    try:
+        for name in names:
+            p = problems[name] if name in problems else resolve_shape(name)
+            if ops and p.op not in ops:
+                continue
+            fns = _resolve_providers(p.op, providers, log, notes)
+            if not fns:
+                continue
+            rows = []
+            try:
+                for dtype in dtypes:
+                    log(f"{name} ({p.op}) {dtype}")
+                    bad = check_forward(fns, p, dtype, device, log)
+                    for pass_ in passes:
+                        for provider, fn in fns.items():
+                            fields = {"ms_median": bad[provider]} if provider in bad else \
+                                measure(fn, p, pass_, dtype, device, timer, l2_bytes, log)
+                            rows.append({"op": p.op, "pass": pass_, "dtype": dtype, "shape": name,
+                                         "provider": provider, **fields, **env})
+                            log("  " + _describe(rows[-1]))
+            finally:
+                # Even when the device breaks mid-shape, what was measured before it is kept.
+                if rows:
+                    write_csv(csv_path, rows, merge=not first_write)
+                    first_write = False
+    finally:
+        if device == "cuda":
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+    if not csv_path.exists():
+        log("nothing was measured: every requested op was skipped (see the notes above)")
+    return csv_path
+
+
+def _describe(row: dict) -> str:
+    head = f"{row['pass']:<16} {row['provider']:<13}"
+    if row["ms_median"] in STATUSES:
+        return f"{head} {row['ms_median']}"
+    mem = f", peak {row['peak_mem_mb']:.0f} MiB" if row.get("peak_mem_mb") is not None else ""
+    return (f"{head} {row['ms_median']:.3f} ms [p20 {row['ms_p20']:.3f}, p80 {row['ms_p80']:.3f}]  "
+            f"{row['gbps']:.0f} GB/s  {row['tflops']:.2f} TFLOP/s{mem}")
+
+
+def _gpu_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _split(values):
+    """``--ops a,b c`` → ``[a, b, c]``."""
+    if not values:
+        return None
+    return [v for value in values for v in value.split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parts = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(prog="dynconv bench", description=parts[0],
+                                     epilog="\n\n".join(parts[2:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", metavar="OP", help=f"subset of {', '.join(OPS)}")
+    parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", help=f"subset of {', '.join(DTYPES)}")
+    parser.add_argument("--passes", nargs="+", metavar="PASS", help=f"subset of {', '.join(PASSES)}")
+    parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                        help=f"reference shapes ({', '.join(REFERENCE_SHAPES)}) or sweep points such as R1@H112; "
+                             "default: all reference shapes and the size sweep")
+    parser.add_argument("--providers", nargs="+", metavar="NAME", help=f"subset of {', '.join(PROVIDERS)}")
+    parser.add_argument("--quick", action="store_true", help="reference shapes only, shorter timing windows")
+    parser.add_argument("--fresh", action="store_true", help="replace results.csv instead of merging into it")
+    parser.add_argument("--out", type=Path, default=None, help="reports folder (default: the checkout's perf_reports/)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    ops, dtypes, passes = _split(args.ops), _split(args.dtypes), _split(args.passes)
+    shapes, providers = _split(args.shapes), _split(args.providers)
+    for given, allowed, what in ((ops, OPS, "op"), (dtypes, DTYPES, "dtype"), (passes, PASSES, "pass"),
+                                 (providers, tuple(PROVIDERS), "provider")):
+        unknown = sorted(set(given or ()) - set(allowed))
+        if unknown:
+            print(f"dynconv bench: unknown {what} {', '.join(unknown)}; expected {', '.join(allowed)}", file=sys.stderr)
+            return 2
+    try:
+        for name in shapes or ():
+            resolve_shape(name)
+    except ValueError as exc:
+        print(f"dynconv bench: {exc}", file=sys.stderr)
+        return 2
+    out = args.out if args.out is not None else default_reports_dir()
+
+    from dynconv import plot
+    if not _gpu_available():
+        print("dynconv bench: no CUDA GPU on this machine, so NOTHING WAS MEASURED.\n"
+              f"Re-drawing the plots from the measurements already in {out} instead.")
+        drawn = plot.draw_all(out)
+        if drawn:
+            print(f"Re-drew {len(drawn)} plot files from earlier measurements (see each csv's gpu, date and commit).")
+            return 0
+        print(f"There are no earlier measurements in {out} either: no plots drawn. "
+              "Run `dynconv bench` on a machine with a CUDA GPU to produce them.")
+        return 1
+    csv_path = run_benchmarks(ops=ops, dtypes=dtypes, passes=passes, shapes=shapes, providers=providers,
+                              quick=args.quick, out=out, fresh=args.fresh)
+    print(f"wrote {csv_path}")
+    drawn = plot.draw_all(out)
+    print(f"drew {len(drawn)} plot files and {out / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

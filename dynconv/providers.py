@@ -1,0 +1,200 @@
+"""Who computes an op in ``dynconv bench``: a small registry of providers.
+
+A provider is a name, a label for the plots, the ops it serves, and ``resolve(op)`` which returns
+``fn(t, p) -> y`` (``t``: the dict of input tensors from :func:`make_inputs`, ``p``: the
+:class:`~dynconv.roofline.Problem`). ``resolve`` imports what it needs only when called and
+raises :class:`ProviderUnavailable` when that is not there (a family-2 op not merged yet, say),
+so the benchmark skips the provider with a note instead of failing. Adding a provider (a fused
+kernel, another baseline) is one :func:`register_provider` call::
+
+    register_provider(Provider("dynconv_fused", "dynconv (fused)", ("involution",),
+                               lambda op: my_fused_fn))
+
+torch is imported inside functions only: :mod:`dynconv.plot` reads the labels without it.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dynconv.roofline import FAMILY, Problem
+
+
+class ProviderUnavailable(Exception):
+    """The provider's implementation cannot be imported here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str                      # the csv's ``provider`` value; never rename one that has data
+    label: str                     # legend text
+    ops: tuple[str, ...]
+    resolve: Callable[[str], Callable]
+    # Computes a different function (the static conv): not checked against the reference output.
+    static: bool = False
+
+
+PROVIDERS: dict[str, Provider] = {}
+
+
+def register_provider(provider: Provider) -> None:
+    PROVIDERS[provider.name] = provider
+
+
+def providers_for(op: str) -> list[Provider]:
+    return [p for p in PROVIDERS.values() if op in p.ops]
+
+
+def label(name: str) -> str:
+    return PROVIDERS[name].label if name in PROVIDERS else name
+
+
+# The baseline each op's speedup bars divide by: SPEC.md §3's unfold where it exists; family 2
+# has no unfold formulation, so its bars use the per-sample batch-as-groups conv.
+SPEEDUP_BASELINE = {"involution": "unfold", "dynamic_dwconv2d": "unfold",
+                    "expert_conv2d": "batch_groups", "drconv": "batch_groups"}
+# Whose forward output every other provider is checked against before it is timed: the
+# lowest-memory exact formulation, so the check itself does not run out of memory.
+CHECK_REFERENCE = {"involution": "shift_add", "dynamic_dwconv2d": "shift_add",
+                   "expert_conv2d": "batch_groups", "drconv": "batch_groups"}
+
+
+def _attr(module: str, name: str):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ProviderUnavailable(f"{module}.{name} is not available yet ({exc})") from None
+
+
+def _geometry(p: Problem) -> tuple[int, int, int]:
+    return p.stride, p.padding, p.dilation
+
+
+# ---------------------------------------------------------------------------------------------
+# Family 1: involution (per-pixel weights), dynamic_dwconv2d (per-sample weights)
+# ---------------------------------------------------------------------------------------------
+
+def _dynconv(op: str):
+    if op == "involution":
+        f = _attr("dynconv", "involution")
+        return lambda t, p: f(t["x"], t["weight"], *_geometry(p))
+    if op == "dynamic_dwconv2d":
+        f = _attr("dynconv", "dynamic_dwconv2d")
+        return lambda t, p: f(t["x"], t["weight"], t.get("bias"), *_geometry(p))
+    if op == "expert_conv2d":
+        f = _attr("dynconv", "expert_conv2d")
+        return lambda t, p: f(t["x"], t["experts"], t["routing"], t.get("bias"), *_geometry(p), p.groups)
+    if op == "drconv":
+        f = _attr("dynconv", "expert_conv2d")
+        return lambda t, p: f(t["x"], t["experts"], t["routing"], t.get("bias"), *_geometry(p), p.groups,
+                              guide=t["guide"])
+    raise ProviderUnavailable(f"dynconv has no {op}")
+
+
+def _family1_reference(name: str):
+    def resolve(op: str):
+        f = _attr("dynconv.reference", name)
+        return lambda t, p: f(t["x"], t["weight"], t.get("bias"), *_geometry(p))
+    return resolve
+
+
+def _dwconv_batch_groups(op: str):
+    """The timm / DWNet trick: the batch folded into channels, one grouped conv."""
+    import torch.nn.functional as F
+
+    def run(t, p):
+        x, w = t["x"], t["weight"]
+        B, C, H, W = x.shape
+        # (B, G, K, K) → one filter per (sample, channel); a view when G == C.
+        w = w.repeat_interleave(C // w.shape[1], dim=1) if w.shape[1] != C else w
+        b = t["bias"].reshape(B * C) if "bias" in t else None
+        y = F.conv2d(x.reshape(1, B * C, H, W), w.reshape(B * C, 1, *w.shape[2:]), b,
+                     p.stride, p.padding, p.dilation, groups=B * C)
+        return y.reshape(B, C, *y.shape[2:])
+    return run
+
+
+def _static_conv(op: str):
+    """nn.Conv2d's function with fixed weights: depth-wise for family 1, dense for family 2."""
+    import torch.nn.functional as F
+    groups = (lambda p: p.C) if FAMILY[op] == 1 else (lambda p: p.groups)
+    return lambda t, p: F.conv2d(t["x"], t["static_weight"], t.get("static_bias"),
+                                 p.stride, p.padding, p.dilation, groups=groups(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Family 2: expert_conv2d (routing (B, E)), drconv (routing (B, m, E) + guide)
+# ---------------------------------------------------------------------------------------------
+
+def _family2_reference(name: str):
+    def resolve(op: str):
+        f = _attr("dynconv.reference", name)
+        if op == "drconv":
+            return lambda t, p: f(t["x"], t["experts"], t["routing"], t.get("bias"), *_geometry(p), p.groups,
+                                  guide=t["guide"])
+        return lambda t, p: f(t["x"], t["experts"], t["routing"], t.get("bias"), *_geometry(p), p.groups)
+    return resolve
+
+
+_FAMILY1 = ("involution", "dynamic_dwconv2d")
+_FAMILY2 = ("expert_conv2d", "drconv")
+
+register_provider(Provider("dynconv", "dynconv (Triton)", _FAMILY1 + _FAMILY2, _dynconv))
+register_provider(Provider("unfold", "unfold baseline", _FAMILY1, _family1_reference("involution_unfold")))
+register_provider(Provider("shift_add", "shift-and-add", _FAMILY1, _family1_reference("involution_shift_add")))
+register_provider(Provider("batch_groups", "batch-as-groups conv", ("dynamic_dwconv2d",) + _FAMILY2,
+                           lambda op: (_dwconv_batch_groups(op) if op == "dynamic_dwconv2d"
+                                       else _family2_reference("expert_conv2d_grouped")(op))))
+register_provider(Provider("all_regions", "all regions, then select", ("drconv",),
+                           _family2_reference("drconv_all_regions")))
+register_provider(Provider("loop", "expert_conv2d_loop", _FAMILY2, _family2_reference("expert_conv2d_loop")))
+register_provider(Provider("static_conv", "static cuDNN conv (floor)", _FAMILY1 + _FAMILY2, _static_conv,
+                           static=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+def output_shape(p: Problem) -> tuple[int, int, int, int]:
+    Ho, Wo = p.out_hw
+    return (p.B, p.C if FAMILY[p.op] == 1 else p.Cout, Ho, Wo)
+
+
+def make_inputs(p: Problem, dtype, device, requires_grad: bool = False, generator=None) -> dict:
+    """Random inputs for every provider of ``p.op`` (the static conv's own weights included),
+    scaled so outputs are O(1) in every dtype. Never zeros: they hide unwritten outputs and can
+    run faster than real data."""
+    import torch
+
+    def randn(*shape, scale=1.0):
+        t = torch.randn(shape, device=device, dtype=torch.float32, generator=generator) * scale
+        return t.to(dtype)
+
+    Ho, Wo = p.out_hw
+    if FAMILY[p.op] == 1:
+        weight_shape = (p.B, p.G, p.K, p.K) + ((Ho, Wo) if p.op == "involution" else ())
+        t = {"x": randn(p.B, p.C, p.H, p.W), "weight": randn(*weight_shape, scale=1.0 / p.K),
+             "static_weight": randn(p.C, 1, p.K, p.K, scale=1.0 / p.K)}
+        if p.bias:
+            t["bias"] = randn(p.B, p.C, scale=0.1)
+            t["static_bias"] = randn(p.C, scale=0.1)
+    else:
+        fan_in = (p.C // p.groups) * p.K * p.K
+        logits = torch.randn((p.B, p.m, p.E) if p.op == "drconv" else (p.B, p.E),
+                             device=device, generator=generator)
+        routing = torch.sigmoid(logits) if p.routing == "sigmoid" else torch.softmax(logits, dim=-1)
+        t = {"x": randn(p.B, p.C, p.H, p.W),
+             "experts": randn(p.E, p.Cout, p.C // p.groups, p.K, p.K, scale=fan_in ** -0.5),
+             "routing": routing.to(dtype),
+             "static_weight": randn(p.Cout, p.C // p.groups, p.K, p.K, scale=fan_in ** -0.5)}
+        if p.op == "drconv":
+            t["guide"] = randn(p.B, p.m, Ho, Wo)
+        if p.bias:
+            t["bias"] = randn(p.E, p.Cout, scale=0.1)
+            t["static_bias"] = randn(p.Cout, scale=0.1)
+    if requires_grad:
+        for v in t.values():
+            v.requires_grad_(True)
+    return t
