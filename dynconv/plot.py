@@ -1,0 +1,597 @@
+"""``dynconv plot``: draw the performance plots and ``perf_reports/README.md`` from the csv files.
+
+    dynconv plot [--reports DIR] [--gpu FOLDER]
+
+For every GPU folder (``<reports>/<gpu>/results.csv``, or only ``--gpu``) it draws, as PNG and SVG:
+
+* ``throughput_<op>_<shape>``: throughput against input size for each size sweep, one panel per
+  dtype and pass, one line per provider, the measured ceiling dashed. GB/s for memory-bound ops,
+  TFLOP/s for compute-bound ones (both from the minimum model of :mod:`dynconv.roofline`).
+* ``speedup_<dtype>``: speedup over the unfold baseline (family 1) or the batch-as-groups conv
+  (family 2, which has no unfold form) at the reference shapes, one panel per pass.
+* ``roofline``: dynconv's achieved TFLOP/s against arithmetic intensity at the reference shapes,
+  one panel per dtype, under the measured bandwidth and compute roofs; each point labelled with
+  its fraction of the roof.
+
+Then it rewrites ``<reports>/README.md`` from every GPU folder's data: the plots and a summary
+table (time and memory ratio against each baseline, % of roofline). Nothing is drawn or written
+for a GPU without measurements; with none at all, the README says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from dynconv.providers import PROVIDERS, SPEEDUP_BASELINE, label
+from dynconv.roofline import (
+    DTYPE_BYTES,
+    FAMILY,
+    PASSES,
+    REFERENCE_SHAPES,
+    SWEEPS,
+    arithmetic_intensity,
+    roof_tflops,
+    split_shape_name,
+)
+
+DTYPES = tuple(DTYPE_BYTES)
+STATUSES = ("OOM", "error", "mismatch")
+PASS_SHORT = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd"}
+PASS_MARKER = {"forward": "o", "backward": "s", "forward+backward": "^"}
+COMPUTE_CEILING = {"fp32": "fp32_tflops", "fp16": "fp16_tflops", "bf16": "bf16_tflops"}
+NUMERIC = ("ms_median", "ms_p20", "ms_p80", "gbps", "tflops", "peak_mem_mb")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+class GpuData:
+    """One GPU folder: its rows (numbers parsed; ``status`` set for OOM/error/mismatch rows)
+    and its ceilings (None if ``ceilings.json`` is missing)."""
+
+    def __init__(self, folder: Path, rows: list[dict], ceilings: dict | None):
+        self.folder, self.rows, self.ceilings = folder, rows, ceilings
+        self.name = rows[0]["gpu"] if rows else folder.name
+        self._index = {(r["op"], r["pass"], r["dtype"], r["shape"], r["provider"]): r for r in rows}
+
+    def get(self, op, pass_, dtype, shape, provider):
+        return self._index.get((op, pass_, dtype, shape, provider))
+
+    def values(self, key):
+        seen = []
+        for r in self.rows:
+            if r[key] not in seen:
+                seen.append(r[key])
+        return seen
+
+    def compute_peak(self, dtype: str) -> float | None:
+        if not self.ceilings:
+            return None
+        return self.ceilings.get(COMPUTE_CEILING[dtype]) or (self.ceilings.get("bf16_tflops") if dtype == "fp16" else None)
+
+
+def _parse(row: dict) -> dict:
+    row = dict(row)
+    row["status"] = row["ms_median"] if row["ms_median"] in STATUSES else None
+    for key in NUMERIC:
+        try:
+            row[key] = float(row[key]) if row[key] not in ("", None) and not row["status"] else None
+        except ValueError:
+            row[key] = None
+    if row["status"] is None and row["ms_median"] is None:
+        row["status"] = "error"
+    return row
+
+
+def load(reports: Path, gpu: str | None = None) -> list[GpuData]:
+    """Every GPU folder under ``reports`` that holds a results.csv (or only ``gpu``)."""
+    from dynconv.bench import read_csv
+    folders = [reports / gpu] if gpu else sorted(p for p in reports.iterdir() if p.is_dir()) if reports.is_dir() else []
+    data = []
+    for folder in folders:
+        csv_path = folder / "results.csv"
+        if not csv_path.exists():
+            continue
+        rows = [_parse(r) for r in read_csv(csv_path)]
+        if not rows:
+            continue
+        ceilings_path = folder / "ceilings.json"
+        ceilings = json.loads(ceilings_path.read_text()) if ceilings_path.exists() else None
+        data.append(GpuData(folder, rows, ceilings))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+# ---------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.grid": True, "grid.alpha": 0.3,
+                         "svg.fonttype": "none", "figure.dpi": 110})
+    return plt
+
+
+def provider_style(name: str) -> dict:
+    """One colour per provider everywhere; the static floor dashed grey."""
+    if name == "static_conv":
+        return {"color": "0.35", "linestyle": "--"}
+    names = [n for n in PROVIDERS if n != "static_conv"]
+    index = names.index(name) if name in names else len(names) + hash(name) % 4
+    return {"color": f"C{index % 10}", "linestyle": "-"}
+
+
+def _readable_log_axis(axis, suffix: str = ""):
+    """Log ticks at 1, 2, 5 × 10^k written as plain numbers (``2,000``, ``0.5×``), so a narrow
+    range still shows several labelled ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_minor_locator(NullLocator())
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}{suffix}" if v >= 10 else f"{v:.3g}{suffix}"))
+
+
+def _save(fig, path: Path) -> list[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=130)
+    fig.savefig(paths[1])
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return paths
+
+
+def _shape_caption(base: str) -> str:
+    p = REFERENCE_SHAPES[base]
+    if FAMILY[p.op] == 1:
+        return f"B={p.B} C={p.C} K={p.K} G={p.G}"
+    extra = f" m={p.m}" if p.op == "drconv" else ""
+    return f"B={p.B} Cin={p.C} Cout={p.Cout} k={p.K} E={p.E}{extra}"
+
+
+def _memory_bound(data: GpuData, base: str, dtype: str) -> bool:
+    """Whether the reference shape's minimum model sits left of the ridge (bandwidth-bound)."""
+    intensity = arithmetic_intensity(REFERENCE_SHAPES[base], "forward", dtype)
+    peak = data.compute_peak(dtype)
+    hbm = data.ceilings.get("hbm_gbps") if data.ceilings else None
+    ridge = peak * 1e3 / hbm if peak and hbm else 100.0  # FLOP/byte; ~H100 bf16 ÷ 10 without ceilings
+    return intensity < ridge
+
+
+def _status_marks(ax, xs_status, style):
+    for x, status in xs_status:
+        ax.plot([x], [0.04], marker="x", markersize=7, color=style["color"], transform=ax.get_xaxis_transform(),
+                clip_on=False, linestyle="none")
+        ax.annotate(status, (x, 0.04), xycoords=ax.get_xaxis_transform(), xytext=(4, 2), textcoords="offset points",
+                    fontsize=7, color=style["color"])
+
+
+def draw_throughput(data: GpuData) -> list[Path]:
+    plt = _pyplot()
+    written = []
+    sweeps = defaultdict(set)  # (op, base) -> sizes measured
+    for r in data.rows:
+        try:
+            base, hw = split_shape_name(r["shape"])
+        except ValueError:
+            continue
+        sweeps[(r["op"], base)].add(hw)
+    for (op, base), sizes in sweeps.items():
+        if len(sizes) < 2:
+            continue
+        sizes = sorted(sizes)
+        dtypes = [d for d in DTYPES if d in data.values("dtype")]
+        passes = [p for p in PASSES if p in data.values("pass")]
+        fig, axes = plt.subplots(len(dtypes), len(passes), figsize=(4.6 * len(passes), 3.3 * len(dtypes) + 0.9),
+                                 squeeze=False, sharex=True)
+        providers = []
+        for i, dtype in enumerate(dtypes):
+            memory_bound = _memory_bound(data, base, dtype)
+            metric, unit = ("gbps", "GB/s") if memory_bound else ("tflops", "TFLOP/s")
+            for j, pass_ in enumerate(passes):
+                ax = axes[i][j]
+                for provider in data.values("provider"):
+                    points, failed = [], []
+                    for hw in sizes:
+                        shape = base if REFERENCE_SHAPES[base].H == hw else f"{base}@H{hw}"
+                        r = data.get(op, pass_, dtype, shape, provider)
+                        if r is None:
+                            continue
+                        if r["status"]:
+                            failed.append((hw, r["status"]))
+                        else:
+                            points.append((hw, r[metric]))
+                    if not points and not failed:
+                        continue
+                    style = provider_style(provider)
+                    if provider not in providers:
+                        providers.append(provider)
+                    if points:
+                        ax.plot(*zip(*points), marker=PASS_MARKER[pass_], markersize=4, label=label(provider), **style)
+                    _status_marks(ax, failed, style)
+                ceiling = (data.ceilings or {}).get("hbm_gbps") if memory_bound else data.compute_peak(dtype)
+                if ceiling:
+                    ax.axhline(ceiling, color="k", linewidth=1, linestyle=":")
+                    ax.annotate(f"measured {'HBM' if memory_bound else dtype + ' matmul'} {ceiling:,.0f} {unit}",
+                                (0.01, ceiling), xycoords=("axes fraction", "data"), xytext=(0, 2),
+                                textcoords="offset points", fontsize=7)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xticks(sizes)
+                ax.set_xticklabels([str(s) for s in sizes])
+                ax.xaxis.set_minor_locator(plt.NullLocator())
+                _readable_log_axis(ax.yaxis)
+                ax.set_title(f"{dtype} · {pass_}")
+                if j == 0:
+                    ax.set_ylabel(f"{unit} (minimum model / time)")
+                if i == len(dtypes) - 1:
+                    ax.set_xlabel("input H = W")
+        handles = [plt.Line2D([], [], marker="o", markersize=4, label=label(p), **provider_style(p)) for p in providers]
+        fig.suptitle(f"{op}: throughput against size ({base} with H = W varied: {_shape_caption(base)})\n"
+                     f"{data.name} — higher is better; × marks a point that did not run (OOM / error / mismatch)",
+                     fontsize=10)
+        fig.tight_layout(rect=(0, 0.07, 1, 0.93))
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+        written += _save(fig, data.folder / f"throughput_{op}_{base}")
+    return written
+
+
+def _reference_shapes(data: GpuData) -> list[str]:
+    present = set(data.values("shape"))
+    return [s for s in REFERENCE_SHAPES if s in present]
+
+
+def draw_speedup(data: GpuData) -> list[Path]:
+    plt = _pyplot()
+    written = []
+    shapes = _reference_shapes(data)
+    if not shapes:
+        return written
+    passes = [p for p in PASSES if p in data.values("pass")]
+    for dtype in [d for d in DTYPES if d in data.values("dtype")]:
+        # The static floor last in every group: it is a reference line, not a competitor.
+        providers = sorted(data.values("provider"), key=lambda p: p == "static_conv")
+        fig, axes = plt.subplots(len(passes), 1, figsize=(max(7.0, 1.5 * len(shapes) + 2.5), 2.9 * len(passes) + 1.2),
+                                 squeeze=False)
+        shown = []
+        for ax, pass_ in zip(axes[:, 0], passes):
+            width = 0.8 / max(1, len(providers) - 1)
+            ymax = 1.0
+            ymin = 1.0
+            for gi, shape in enumerate(shapes):
+                op = REFERENCE_SHAPES[shape].op
+                baseline = data.get(op, pass_, dtype, shape, SPEEDUP_BASELINE[op])
+                others = [p for p in providers if p != SPEEDUP_BASELINE[op] and data.get(op, pass_, dtype, shape, p)]
+                if baseline is None:
+                    continue
+                if baseline["status"]:
+                    ax.annotate(f"{label(SPEEDUP_BASELINE[op])}\n{baseline['status']}: no ratio", (gi, 1.0),
+                                ha="center", va="bottom", fontsize=7, color="C3")
+                    continue
+                for k, provider in enumerate(others):
+                    r = data.get(op, pass_, dtype, shape, provider)
+                    x = gi - 0.4 + width * (k + 0.5)
+                    style = provider_style(provider)
+                    if provider not in shown:
+                        shown.append(provider)
+                    if r["status"]:
+                        ax.annotate(r["status"], (x, 1.0), ha="center", va="bottom", fontsize=6, rotation=90,
+                                    color=style["color"])
+                        continue
+                    speedup = baseline["ms_median"] / r["ms_median"]
+                    ymax, ymin = max(ymax, speedup), min(ymin, speedup)
+                    # Bars grow from the 1× line: up is faster than the baseline, down slower.
+                    ax.bar(x, speedup - 1.0, width=width * 0.92, bottom=1.0,
+                           color=style["color"], alpha=0.55 if provider == "static_conv" else 0.9,
+                           hatch="//" if provider == "static_conv" else None, edgecolor="white")
+                    ax.annotate(f"{speedup:.3g}×", (x, speedup), ha="center", va="bottom" if speedup >= 1 else "top",
+                                fontsize=6, xytext=(0, 1 if speedup >= 1 else -1), textcoords="offset points")
+            ax.axhline(1.0, color="k", linewidth=1)
+            ax.set_yscale("log")
+            ax.set_ylim(min(0.5, ymin / 2), max(2.0, ymax * 2.5))
+            _readable_log_axis(ax.yaxis, "×")
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels([f"{s}\n{REFERENCE_SHAPES[s].op}\nvs {label(SPEEDUP_BASELINE[REFERENCE_SHAPES[s].op])}"
+                                for s in shapes], fontsize=7)
+            ax.set_xlim(-0.6, len(shapes) - 0.4)
+            ax.set_ylabel("speedup (×, log)")
+            ax.set_title(f"{dtype} · {pass_}")
+            ax.grid(axis="x", visible=False)
+        handles = [plt.Rectangle((0, 0), 1, 1, facecolor=provider_style(p)["color"], edgecolor="white",
+                                 alpha=0.55 if p == "static_conv" else 0.9,
+                                 hatch="//" if p == "static_conv" else None, label=label(p)) for p in shown]
+        fig.suptitle(f"Speedup over the unfold baseline (family 1) / batch-as-groups conv (family 2), {dtype}\n"
+                     f"{data.name} — time of the baseline ÷ time of the provider; above 1 is faster", fontsize=10)
+        fig.tight_layout(rect=(0, 0.05, 1, 0.94))
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+        written += _save(fig, data.folder / f"speedup_{dtype}")
+    return written
+
+
+def roof_fraction(data: GpuData, row: dict) -> float | None:
+    """Achieved TFLOP/s over the roofline at the row's arithmetic intensity, or None without
+    ceilings or a time."""
+    peak = data.compute_peak(row["dtype"])
+    hbm = (data.ceilings or {}).get("hbm_gbps")
+    if row["status"] or not peak or not hbm or not row["gbps"]:
+        return None
+    intensity = row["tflops"] * 1e3 / row["gbps"]  # FLOP/byte: both numbers come from the model
+    return row["tflops"] / roof_tflops(intensity, hbm, peak)
+
+
+def draw_roofline(data: GpuData, provider: str = "dynconv") -> list[Path]:
+    plt = _pyplot()
+    hbm = (data.ceilings or {}).get("hbm_gbps")
+    shapes = _reference_shapes(data)
+    rows = [r for r in data.rows if r["provider"] == provider and r["shape"] in shapes and not r["status"]]
+    if not hbm or not rows:
+        return []
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(5.6 * len(dtypes), 5.0), squeeze=False)
+    intensities = [r["tflops"] * 1e3 / r["gbps"] for r in rows]
+    lo, hi = min(intensities) / 4, max(intensities) * 30  # room on the right for labels
+    pending, roof_samples, roof_labels = [], {}, {}
+    for ax, dtype in zip(axes[0], dtypes):
+        peak = data.compute_peak(dtype)
+        ridge = peak * 1e3 / hbm
+        xs = sorted({lo, hi, ridge} | {lo * (hi / lo) ** (k / 50) for k in range(51)})
+        xs = [x for x in xs if lo <= x <= hi] or [lo, hi]
+        ax.plot(xs, [roof_tflops(x, hbm, peak) for x in xs], color="k", linewidth=1.5)
+        roof_samples[ax] = [(x, roof_tflops(x, hbm, peak)) for x in xs]
+        roof_labels[ax] = []
+        hbm_label = ax.annotate(f"HBM {hbm:,.0f} GB/s", (xs[0], roof_tflops(xs[0], hbm, peak)), xytext=(10, -6),
+                                textcoords="offset points", va="top", fontsize=7)
+        # Left of the ridge and above the roof no point can be: room for the roof's label.
+        roof_labels[ax] += [hbm_label, ax.annotate(f"{dtype} matmul {peak:,.0f} TFLOP/s", (ridge, peak), xytext=(-6, 4),
+                                       textcoords="offset points", ha="right", va="bottom", fontsize=7)]
+        labelled = []
+        for r in (x for x in rows if x["dtype"] == dtype):
+            intensity = r["tflops"] * 1e3 / r["gbps"]
+            colour = f"C{list(REFERENCE_SHAPES).index(r['shape']) % 10}"
+            ax.plot([intensity], [r["tflops"]], marker=PASS_MARKER[r["pass"]], color=colour, markersize=6,
+                    linestyle="none")
+            labelled.append(((intensity, r["tflops"]), f"{r['shape']} {PASS_SHORT[r['pass']]} "
+                             f"{100 * roof_fraction(data, r):.0f}%", colour))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ys = [roof_tflops(lo, hbm, peak)] + [y for (_, y), _, _ in labelled]
+        ax.set_ylim(min(ys) / 3, peak * 4)
+        pending.append((ax, labelled))
+        ax.set_xlabel("arithmetic intensity (FLOP/byte, minimum model)")
+        ax.set_ylabel("achieved TFLOP/s (minimum FLOPs / time)")
+        ax.set_title(f"{dtype}: {label(provider)}")
+    fig.suptitle(f"Roofline on {data.name}: ceilings measured on the device; label = shape, pass, % of the roof",
+                 fontsize=10)
+    markers = [plt.Line2D([], [], marker=m, color="0.3", linestyle="none", label=p) for p, m in PASS_MARKER.items()]
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.legend(handles=markers, loc="lower center", ncol=3, frameon=False)
+    # Labels placed after the layout is final, so their screen positions are the saved ones.
+    for ax, labelled in pending:
+        place_labels(ax, labelled, fontsize=6.5, obstacles=roof_samples[ax], avoid=roof_labels[ax])
+    return _save(fig, data.folder / "roofline")
+
+
+def place_labels(ax, points, fontsize: float = 7.0, obstacles=(), avoid=()):
+    """Annotate points without overlaps: each label takes the first of a ring of candidate
+    offsets (growing outwards) whose box stays in the axes and hits no label, point or obstacle
+    (data coordinates, e.g. samples of a drawn line), with a leader line when it lands away from
+    its point; ``avoid``: artists (texts) already drawn. Greedy, top to bottom; good for tens
+    of points."""
+    import math
+    fig = ax.figure
+    scale = fig.dpi / 72.0
+    char_w, line_h = 0.62 * fontsize * scale, 1.3 * fontsize * scale
+    to_screen = ax.transData.transform
+    frame = ax.get_window_extent()
+    marks = [to_screen(p) for p, _, _ in points] + [to_screen(o) for o in obstacles]
+    taken = [(x - 4 * scale, y - 4 * scale, x + 4 * scale, y + 4 * scale) for x, y in marks]
+    renderer = fig.canvas.get_renderer()
+    taken += [tuple(artist.get_window_extent(renderer).extents) for artist in avoid]
+    angles = [a * math.pi / 8 for a in (0, -1, 1, -2, 2, 7, 9, 6, 10, -3, 3, 5, 11, 4, 12, 8)]
+    offsets = [(r * math.cos(a), r * math.sin(a)) for r in (7, 14, 22, 32, 44, 58, 74, 92) for a in angles]
+    for point, text, colour in sorted(points, key=lambda item: -item[0][1]):
+        px, py = to_screen(point)
+        w, h = char_w * len(text), line_h
+        chosen = offsets[0]
+        for dx, dy in offsets:
+            x0 = px + dx * scale if dx >= 0 else px + dx * scale - w
+            y0 = py + dy * scale - h / 2
+            box = (x0, y0, x0 + w, y0 + h)
+            inside = frame.x0 <= box[0] and box[2] <= frame.x1 and frame.y0 <= box[1] and box[3] <= frame.y1
+            if inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                chosen = (dx, dy)
+                taken.append(box)
+                break
+        dx, dy = chosen
+        far = abs(dx) > 8 or abs(dy) > 8
+        ax.annotate(text, point, xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, color=colour,
+                    ha="left" if dx >= 0 else "right", va="center",
+                    arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.5, "alpha": 0.7} if far else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# README
+# ---------------------------------------------------------------------------------------------
+
+INTRO = """# Performance reports
+
+Produced by `dynconv bench` on a machine with a CUDA GPU (it measures, writes
+`<gpu>/results.csv` and `<gpu>/ceilings.json`, then draws the plots) and re-drawn from the
+committed csv files by `dynconv plot`, which also rewrites this page. `make run` does both on a
+GPU machine. Every figure below comes from a measurement in one of those csv files.
+
+How it measures (`dynconv/bench.py`): CUDA events around each call after a warm-up; the median
+with 20th/80th percentiles over at least 10 calls (3 for calls over 100 ms); a buffer larger than
+L2 overwritten before every call and inputs rotated, so no call reads warm cache; peak memory from
+`torch.cuda.max_memory_allocated` over one call (inputs, temporaries and, for backward, the saved
+forward tensors included). Each provider's forward output is checked against a reference first.
+`OOM`, `error` or `mismatch` in `ms_median` marks a measurement that did not produce a time.
+
+`gbps` and `tflops` are the op's *minimum* bytes and FLOPs (SPEC.md §3, `dynconv/roofline.py`:
+each input read once, each output written once; 2 FLOPs per multiply-add) divided by the time,
+for every provider alike, so they compare providers at one shape and show the distance to the
+device's measured ceilings (HBM: device-to-device copy; compute: torch.mm at 8192³).
+
+Providers: `dynconv` (the Triton kernels), `unfold` (SPEC.md §3 unfold baseline), `shift_add`
+(plain-PyTorch shift-and-add), `batch_groups` (per-sample weights as one grouped conv),
+`all_regions` / `loop` (family-2 references), `static_conv` (cuDNN `nn.Conv2d` of the same shape
+with fixed weights: depth-wise for family 1, dense for family 2 — the floor, not a competitor).
+Reference shapes (the csv's `shape` column; `R1@H112` is R1 at H = W = 112):"""
+
+
+def _intro() -> str:
+    shapes = "\n".join(f"- `{name}` {p.op}: {_shape_caption(name)}, {p.H}×{p.W}" for name, p in REFERENCE_SHAPES.items())
+    sweeps = ", ".join(f"{b} at H = W ∈ {{{', '.join(map(str, s))}}}" for b, s in SWEEPS.items())
+    return INTRO + "\n\n" + shapes + f"\n\nSize sweep (other dimensions as the reference): {sweeps}.\n"
+
+
+def _ratio_cell(dyn: dict, base: dict | None) -> str:
+    if base is None:
+        return "—"
+    if base["status"]:
+        return f"baseline {base['status']}"
+    time_ratio = base["ms_median"] / dyn["ms_median"]
+    cell = f"{time_ratio:.2f}×"
+    if base.get("peak_mem_mb") and dyn.get("peak_mem_mb"):
+        cell += f" · mem {base['peak_mem_mb'] / dyn['peak_mem_mb']:.2f}×"
+    return cell
+
+
+def summary_table(data: GpuData, dtype: str, family: int) -> str | None:
+    """Markdown table for one dtype and kernel family at the reference shapes: dynconv's time,
+    peak memory and % of roofline, and for each baseline measured there
+    (time of baseline ÷ time of dynconv) · (its peak memory ÷ dynconv's)."""
+    shapes = [s for s in _reference_shapes(data) if FAMILY[REFERENCE_SHAPES[s].op] == family]
+    ops = {REFERENCE_SHAPES[s].op for s in shapes}
+    present = {r["provider"] for r in data.rows if r["op"] in ops and r["shape"] in shapes}
+    # Registry order, the static floor last, providers the registry does not know at the end.
+    baselines = [p for p in PROVIDERS if p not in ("dynconv", "static_conv") and p in present]
+    baselines += sorted(present - set(PROVIDERS)) + (["static_conv"] if "static_conv" in present else [])
+    lines = []
+    for shape in shapes:
+        op = REFERENCE_SHAPES[shape].op
+        for pass_ in PASSES:
+            dyn = data.get(op, pass_, dtype, shape, "dynconv")
+            if dyn is None:
+                continue
+            if dyn["status"]:
+                cells = [dyn["status"], "", ""] + ["" for _ in baselines]
+            else:
+                fraction = roof_fraction(data, dyn)
+                peak = f"{dyn['peak_mem_mb']:,.0f}" if dyn.get("peak_mem_mb") else "—"
+                cells = [f"{dyn['ms_median']:.3g}", peak, f"{100 * fraction:.0f}%" if fraction is not None else "—"]
+                cells += [_ratio_cell(dyn, data.get(op, pass_, dtype, shape, b)) for b in baselines]
+            lines.append(f"| {shape} | {op} | {pass_} | " + " | ".join(cells) + " |")
+    if not lines:
+        return None
+    header = ("| shape | op | pass | dynconv ms | peak MiB | % of roof | "
+              + " | ".join(f"vs {label(b)}" for b in baselines) + " |")
+    rule = "|" + "---|" * 3 + "---:|" * (3 + len(baselines))
+    return "\n".join([header, rule] + lines)
+
+
+def _gpu_section(data: GpuData, reports: Path) -> str:
+    rel = data.folder.relative_to(reports).as_posix() if data.folder.is_relative_to(reports) else data.folder.as_posix()
+    dates = sorted({r["date"][:10] for r in data.rows if r["date"]})
+    commits = sorted({r["commit"][:10] for r in data.rows if r["commit"]})
+    versions = sorted({f"torch {r['torch']}, triton {r['triton']}" for r in data.rows})
+    out = [f"## {data.name}", "",
+           f"Folder `{rel}/`: {len(data.rows)} measurements, taken {' to '.join(dict.fromkeys([dates[0], dates[-1]]))} "
+           f"at commit {', '.join(commits)} with {'; '.join(versions)}."]
+    c = data.ceilings
+    if c:
+        out.append(f"Measured ceilings: HBM {c['hbm_gbps']:,.0f} GB/s; matmul fp32 {c['fp32_tflops']:,.1f}, "
+                   + (f"tf32 {c['tf32_tflops']:,.0f}, " if c.get("tf32_tflops") else "")
+                   + f"bf16 {c['bf16_tflops']:,.0f}"
+                   + (f", fp16 {c['fp16_tflops']:,.0f}" if c.get("fp16_tflops") else "") + " TFLOP/s.")
+    else:
+        out.append("No `ceilings.json`: the roofline plot and the % of roofline are left out.")
+    out.append("")
+    if (data.folder / "roofline.png").exists():
+        out += [f"![roofline on {data.name}]({rel}/roofline.png)", ""]
+    out += ["### Summary at the reference shapes", "",
+            "Each `vs` cell: baseline time ÷ dynconv time (above 1: dynconv is faster) · baseline peak "
+            "memory ÷ dynconv peak memory (above 1: dynconv needs less). Against the static conv, the time "
+            "ratio is the fraction of a fixed-weight conv's speed that the dynamic op reaches.", ""]
+    tables = [(d, f, summary_table(data, d, f)) for d in ("bf16", "fp16", "fp32") for f in (1, 2)]
+    tables = [(d, f, t) for d, f, t in tables if t]
+    if not tables:
+        out += ["No dynconv measurements in this folder yet (baselines only).", ""]
+    headline = tables[0][0] if tables else None
+    for dtype, family, table in tables:
+        title = f"{dtype}, family {family} ({'per-pixel / per-sample depth-wise' if family == 1 else 'expert mixing'})"
+        if dtype == headline:
+            out += [f"**{title}**", "", table, ""]
+        else:
+            out += [f"<details><summary>{title}</summary>", "", table, "", "</details>", ""]
+    speedups = sorted(data.folder.glob("speedup_*.png"), key=lambda p: DTYPES.index(p.stem.split("_")[1])
+                      if p.stem.split("_")[1] in DTYPES else 9)
+    if speedups:
+        out += ["### Speedup over the baseline", ""] + [f"![{p.stem}]({rel}/{p.name})" for p in speedups] + [""]
+    throughputs = sorted(data.folder.glob("throughput_*.png"))
+    if throughputs:
+        out += ["### Throughput against size", ""] + [f"![{p.stem}]({rel}/{p.name})" for p in throughputs] + [""]
+    return "\n".join(out)
+
+
+def render_readme(reports: Path, datasets: list[GpuData]) -> str:
+    parts = [_intro()]
+    if not datasets:
+        parts.append("## Measurements\n\n**No measurements yet.** No GPU session has run `dynconv bench` "
+                     "for this repository, so there are no numbers, tables or plots here. They will appear "
+                     "after a GPU session runs `dynconv bench` and commits `perf_reports/<gpu>/`.\n")
+    for data in datasets:
+        parts.append(_gpu_section(data, reports))
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_readme(reports: Path, datasets: list[GpuData] | None = None) -> Path:
+    datasets = load(reports) if datasets is None else datasets
+    reports.mkdir(parents=True, exist_ok=True)
+    path = reports / "README.md"
+    path.write_text(render_readme(reports, datasets))
+    return path
+
+
+def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=print) -> list[Path]:
+    """Draw every plot of every GPU folder (or of ``gpu``) and rewrite the README from all of
+    them. Returns the plot files drawn (empty when there is nothing measured)."""
+    if reports is None:
+        from dynconv.bench import default_reports_dir
+        reports = default_reports_dir()
+    reports = Path(reports)
+    written = []
+    for data in load(reports, gpu):
+        for draw in (draw_throughput, draw_speedup, draw_roofline):
+            written += draw(data)
+        log(f"{data.folder}: drew {sum(1 for p in written if p.parent == data.folder)} files")
+    write_readme(reports)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dynconv plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reports", type=Path, default=None, help="reports folder (default: the checkout's perf_reports/)")
+    parser.add_argument("--gpu", default=None, help="only this GPU folder (the README still covers all of them)")
+    args = parser.parse_args(argv)
+    from dynconv.bench import default_reports_dir
+    reports = args.reports if args.reports is not None else default_reports_dir()
+    if args.gpu and not (reports / args.gpu / "results.csv").exists():
+        print(f"dynconv plot: no {reports / args.gpu / 'results.csv'}", file=sys.stderr)
+        return 2
+    drawn = draw_all(reports, args.gpu)
+    if not drawn:
+        print(f"dynconv plot: no measurements in {reports}: nothing drawn; README says so.")
+    else:
+        print(f"drew {len(drawn)} files; rewrote {reports / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
