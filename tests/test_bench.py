@@ -1,0 +1,302 @@
+"""`dynconv bench` / `dynconv plot` on CPU: the byte and FLOP model, the csv, the plots, the README.
+
+Every csv written here is SYNTHETIC (made-up times, gpu named "SYNTHETIC ...") and lives under
+tmp_path only: nothing here may ever reach perf_reports/.
+"""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from dynconv import bench, plot, providers
+from dynconv.roofline import (
+    REFERENCE_SHAPES,
+    Problem,
+    minimum_bytes,
+    minimum_flops,
+    resolve_shape,
+    roof_tflops,
+    split_shape_name,
+    sweep_shape_names,
+)
+
+SYNTHETIC_GPU = "SYNTHETIC GPU (test data, not a measurement)"
+
+# ---------------------------------------------------------------------------------------------
+# The model, against numbers worked out by hand
+# ---------------------------------------------------------------------------------------------
+# R1: x = y = 32·256·56·56 = 25,690,112 elements; weight = 32·16·7·7·56·56 = 78,675,968.
+R1_X, R1_W = 25_690_112, 78_675_968
+R1_FWD_FLOPS = 2 * 32 * 256 * 3136 * 49  # = 2,517,630,976
+
+
+def test_involution_model_r1():
+    p = REFERENCE_SHAPES["R1"]
+    assert minimum_bytes(p, "forward", "bf16") == 2 * (R1_X + R1_W + R1_X) == 260_112_384
+    assert minimum_flops(p, "forward") == R1_FWD_FLOPS == 2_517_630_976
+    # backward reads dy, x, weight and writes dx, dweight
+    assert minimum_bytes(p, "backward", "bf16") == 2 * (3 * R1_X + 2 * R1_W)
+    assert minimum_flops(p, "backward") == 2 * R1_FWD_FLOPS
+    # one unit: dy, x, weight read once; y, dx, dweight written once
+    assert minimum_bytes(p, "forward+backward", "fp32") == 4 * (4 * R1_X + 2 * R1_W)
+    assert minimum_flops(p, "forward+backward") == 3 * R1_FWD_FLOPS
+
+
+def test_dwconv_model_r4_counts_bias():
+    p = REFERENCE_SHAPES["R4"]
+    x, w, bias = 64 * 256 * 56 * 56, 64 * 256 * 49, 64 * 256  # 51,380,224; 802,816; 16,384
+    assert minimum_bytes(p, "forward", "fp32") == 4 * (x + w + bias + x)
+    # backward needs no bias: ∂bias is a sum of dy
+    assert minimum_bytes(p, "backward", "fp32") == 4 * ((x + x + w) + (x + w + bias))
+    contraction = 2 * 64 * 256 * 3136 * 49
+    assert minimum_flops(p, "forward") == contraction + x == 5_086_642_176
+    assert minimum_flops(p, "backward") == 2 * contraction + x
+
+
+def test_expert_conv2d_model_e1():
+    p = REFERENCE_SHAPES["E1"]
+    x = 64 * 256 * 28 * 28                       # 12,845,056 (= y)
+    experts, routing, bias = 4 * 256 * 256 * 9, 64 * 4, 4 * 256
+    assert minimum_bytes(p, "forward", "fp16") == 2 * (x + experts + routing + bias + x)
+    assert minimum_bytes(p, "backward", "fp16") == 2 * ((x + x + experts + routing + bias)
+                                                        + (x + experts + routing + bias))
+    conv = 2 * 64 * (256 * 256 * 9) * 784       # one kernel per output pixel
+    mix = 2 * 64 * 4 * (256 * 256 * 9) + 2 * 64 * 4 * 256
+    assert minimum_flops(p, "forward") == conv + mix + x == 59_504_984_064
+    assert minimum_flops(p, "backward") == 2 * conv + 2 * mix + x
+
+
+def test_drconv_model_small_shape():
+    p = Problem("drconv", B=2, C=4, H=5, W=5, K=3, Cout=6, E=3, m=2, bias=True)
+    # x 200, experts 3·6·4·9 = 648, routing 2·2·3 = 12, guide 2·2·25 = 100, bias 18, y 2·6·25 = 300
+    assert minimum_bytes(p, "forward", "fp32") == 4 * 1278 == 5112
+    assert minimum_bytes(p, "backward", "fp32") == 4 * (1278 + 978) == 9024
+    # conv 2·2·216·25 = 21,600; mixes 2·2·2·3·216 + 2·2·2·3·6 = 5,328; bias adds 2·6·25 = 300
+    assert minimum_flops(p, "forward") == 21_600 + 5_328 + 300 == 27_228
+    # ∂x, ∂W: one conv each; ∂S: m convs (43,200) + Σ_o (1,200) + bias in y_r (600); mixes twice
+    assert minimum_flops(p, "backward") == 43_200 + 10_656 + 300 + 43_200 + 1_200 + 600 == 99_156
+
+
+def test_geometry_and_shape_names():
+    assert Problem("involution", B=1, C=4, H=7, W=7, K=3, G=1, stride=2).out_hw == (4, 4)
+    assert Problem("involution", B=1, C=4, H=7, W=9, K=5, G=1, dilation=2).out_hw == (7, 9)
+    assert split_shape_name("R1@H112") == ("R1", 112) and split_shape_name("E2") == ("E2", 56)
+    assert resolve_shape("R4@H14").H == 14 and resolve_shape("R4@H14").C == 256
+    assert "R1" not in sweep_shape_names() and "R1@H112" in sweep_shape_names()
+    for bad in ("R9", "r1", "R1@112", "R1@Hx"):
+        with pytest.raises(ValueError):
+            resolve_shape(bad)
+
+
+def test_roof():
+    assert roof_tflops(1.0, hbm_gbps=3000, peak_tflops=700) == pytest.approx(3.0)
+    assert roof_tflops(1e4, hbm_gbps=3000, peak_tflops=700) == 700
+
+
+# ---------------------------------------------------------------------------------------------
+# csv
+# ---------------------------------------------------------------------------------------------
+
+def test_columns_are_the_issues():
+    assert ",".join(bench.COLUMNS) == ("op,pass,dtype,shape,provider,ms_median,ms_p20,ms_p80,gbps,tflops,"
+                                       "peak_mem_mb,gpu,torch,triton,commit,date")
+
+
+def _row(**fields):
+    row = {"op": "involution", "pass": "forward", "dtype": "bf16", "shape": "R1", "provider": "dynconv",
+           "gpu": SYNTHETIC_GPU, "torch": "synthetic", "triton": "synthetic", "commit": "0" * 40,
+           "date": "2000-01-01T00:00:00Z"}
+    row.update(fields)
+    return row
+
+
+def test_csv_merge_replaces_same_key_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "results.csv"
+    bench.write_csv(path, [_row(ms_median=1.0), _row(provider="unfold", ms_median="OOM")])
+    bench.write_csv(path, [_row(ms_median=2.0)])
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == bench.COLUMNS
+    rows = {r["provider"]: r for r in bench.read_csv(path)}
+    assert rows["dynconv"]["ms_median"] == "2" and rows["unfold"]["ms_median"] == "OOM"
+    bench.write_csv(path, [_row(ms_median=3.0)], merge=False)
+    assert [r["provider"] for r in bench.read_csv(path)] == ["dynconv"]
+    path.write_text("op,pass\ninvolution,forward\n")
+    with pytest.raises(ValueError, match="columns"):
+        bench.read_csv(path)
+
+
+def test_quantiles_and_rotation():
+    assert bench.quantiles([5, 1, 2, 3, 4]) == pytest.approx((3.0, 1.8, 4.2))
+    assert bench.rotation_sets(set_bytes=1 << 20, l2_bytes=50 << 20) == 4
+    assert bench.rotation_sets(set_bytes=40 << 20, l2_bytes=50 << 20) == 3
+    assert bench.rotation_sets(set_bytes=1 << 30, l2_bytes=50 << 20) == 1
+
+
+def test_fallback_gpu_name():
+    assert bench.fallback_normalised_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+    assert bench.fallback_normalised_name("NVIDIA H200 (MIG 1g.18gb)") == "NVIDIA_H200_MIG_1g_18gb"
+    # the same folder name as the autotuning configs' files
+    assert bench.normalised_gpu_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+
+
+# ---------------------------------------------------------------------------------------------
+# The measuring loop on CPU (tiny shapes; the CPU timer measures nothing of interest, the test
+# is of the plumbing: providers, passes, statuses, the model columns)
+# ---------------------------------------------------------------------------------------------
+
+def _wrong(op):
+    return lambda t, p: torch.zeros_like(providers.PROVIDERS["shift_add"].resolve(op)(t, p)) + 1
+
+
+def _out_of_memory(op):
+    def run(t, p):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 40.00 GiB (synthetic, raised by the test)")
+    return run
+
+
+def test_run_on_cpu_records_every_provider_and_failure(tmp_path, monkeypatch):
+    registry = dict(providers.PROVIDERS)
+    registry["wrong"] = providers.Provider("wrong", "wrong on purpose", ("involution",), _wrong)
+    registry["oom"] = providers.Provider("oom", "always OOM", ("involution",), _out_of_memory)
+    monkeypatch.setattr(providers, "PROVIDERS", registry)
+    monkeypatch.setattr(bench, "PROVIDERS", registry)
+    tiny = {"T1": Problem("involution", B=1, C=2, H=4, W=4, K=3, G=1),
+            "T2": Problem("expert_conv2d", B=2, C=4, H=5, W=5, K=3, Cout=4, E=2, bias=True),
+            "T3": Problem("drconv", B=1, C=2, H=4, W=4, K=3, Cout=2, E=2, m=2, bias=True)}
+    log = []
+    timer = bench.Timer("cpu", warmup_ms=0, rep_ms=0, min_reps=3)  # the interpreter is slow; no timing is judged
+    path = bench.run_benchmarks(shapes=["T1"], dtypes=["fp32"], out=tmp_path, device="cpu",
+                                problems=tiny, timer=timer, log=log.append)
+    # Family 2 through one pass only (the interpreter is slow); merged into the same csv.
+    bench.run_benchmarks(shapes=["T2", "T3"], dtypes=["fp32"], passes=["forward+backward"], out=tmp_path,
+                         device="cpu", problems=tiny, timer=timer, log=log.append)
+    rows = bench.read_csv(path)
+    t1 = {(r["pass"], r["provider"]): r for r in rows if r["shape"] == "T1"}
+    expected = {"dynconv", "unfold", "shift_add", "static_conv", "wrong", "oom"}
+    assert {prov for _, prov in t1} == expected and len(t1) == 3 * len(expected)
+    for (pass_, prov), r in t1.items():
+        if prov == "wrong":
+            assert r["ms_median"] == "mismatch"
+        elif prov == "oom":
+            assert r["ms_median"] == "OOM"
+        else:
+            ms = float(r["ms_median"])
+            assert float(r["ms_p20"]) <= ms <= float(r["ms_p80"])
+            assert float(r["gbps"]) == pytest.approx(minimum_bytes(tiny["T1"], pass_, "fp32") / ms / 1e6, rel=1e-4)
+            assert float(r["tflops"]) == pytest.approx(minimum_flops(tiny["T1"], pass_) / ms / 1e9, rel=1e-4)
+    assert any("MISMATCH: wrong" in line for line in log)
+    import dynconv
+    family2 = [r for r in rows if r["shape"] in ("T2", "T3")]
+    if hasattr(dynconv, "expert_conv2d"):
+        assert {r["provider"] for r in family2 if r["shape"] == "T2"} == {"dynconv", "batch_groups", "loop", "static_conv"}
+        assert {r["provider"] for r in family2 if r["shape"] == "T3"} == {"dynconv", "batch_groups", "all_regions",
+                                                                           "loop", "static_conv"}
+        assert not [r for r in family2 if r["ms_median"] in bench.STATUSES]
+    else:
+        assert any("expert_conv2d: provider dynconv skipped" in line for line in log)
+    assert all(r["gpu"] == "cpu" for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots and README from a SYNTHETIC csv
+# ---------------------------------------------------------------------------------------------
+
+SPEED = {"dynconv": 1.0, "unfold": 0.25, "shift_add": 0.5, "batch_groups": 0.5, "static_conv": 1.25}
+
+
+def write_synthetic_reports(root, shapes=("R1@H14", "R1@H28", "R1", "R4", "E1"), dtypes=("fp32", "bf16")):
+    """A small SYNTHETIC results.csv + ceilings.json under ``root``: made-up times from the model
+    at 1 TB/s and 100 TFLOP/s, divided by a per-provider factor. Not a measurement."""
+    folder = root / "SYNTHETIC_GPU"
+    rows = []
+    for shape in shapes:
+        p = resolve_shape(shape)
+        for dtype in dtypes:
+            for pass_ in ("forward", "backward", "forward+backward"):
+                nbytes, flops = minimum_bytes(p, pass_, dtype), minimum_flops(p, pass_)
+                for prov in [n for n in SPEED if p.op in providers.PROVIDERS[n].ops]:
+                    if prov == "unfold" and shape == "R1@H28":
+                        rows.append(_row(op=p.op, **{"pass": pass_}, dtype=dtype, shape=shape, provider=prov,
+                                         ms_median="OOM"))
+                        continue
+                    ms = max(nbytes / 1e9, flops / 1e11) / SPEED[prov]
+                    rows.append(_row(op=p.op, **{"pass": pass_}, dtype=dtype, shape=shape, provider=prov,
+                                     ms_median=ms, ms_p20=0.95 * ms, ms_p80=1.05 * ms, gbps=nbytes / ms / 1e6,
+                                     tflops=flops / ms / 1e9, peak_mem_mb=100.0 / SPEED[prov] ** 2))
+    bench.write_csv(folder / "results.csv", rows, merge=False)
+    (folder / "ceilings.json").write_text('{"hbm_gbps": 2000.0, "fp32_tflops": 50.0, "bf16_tflops": 500.0}')
+    return folder
+
+
+def _assert_real_png(path):
+    import matplotlib.image
+    assert path.exists() and path.stat().st_size > 5_000, path
+    pixels = (matplotlib.image.imread(path)[..., :3] * 255).astype(np.uint32)
+    colours = np.unique(pixels[..., 0] << 16 | pixels[..., 1] << 8 | pixels[..., 2])
+    assert len(colours) > 20, f"{path} is (nearly) one colour"
+    assert path.with_suffix(".svg").exists()
+
+
+@pytest.fixture(scope="module")
+def synthetic_reports(tmp_path_factory):
+    """Drawn once for the tests below: matplotlib takes seconds per figure."""
+    root = tmp_path_factory.mktemp("reports")
+    write_synthetic_reports(root)
+    return root, plot.draw_all(root, log=lambda *_: None)
+
+
+def test_plots_from_synthetic_csv(synthetic_reports):
+    root, drawn = synthetic_reports
+    folder = root / "SYNTHETIC_GPU"
+    names = {p.name for p in drawn}
+    for stem in ("throughput_involution_R1", "speedup_fp32", "speedup_bf16", "roofline"):
+        assert f"{stem}.png" in names
+        _assert_real_png(folder / f"{stem}.png")
+    # R4 and E1 have a single size each: no sweep, so no throughput-against-size plot for them
+    assert not any(n.startswith(("throughput_dynamic_dwconv2d", "throughput_expert")) for n in names)
+
+
+def test_readme_summary_from_synthetic_data(synthetic_reports):
+    tmp_path, _ = synthetic_reports
+    readme = (tmp_path / "README.md").read_text()
+    assert SYNTHETIC_GPU in readme and "No measurements yet" not in readme
+    assert "![roofline" in readme and "SYNTHETIC_GPU/speedup_bf16.png" in readme
+    r1 = [line for line in readme.splitlines() if line.startswith("| R1 | involution | forward |")][0]
+    cells = [c.strip() for c in r1.strip("|").split("|")]
+    # unfold is 4× slower with 16× the memory; shift-and-add 2× and 4×; batch-as-groups serves R4
+    # only; the static floor 0.8× and 0.64×
+    assert cells[6:] == ["4.00× · mem 16.00×", "2.00× · mem 4.00×", "—", "0.80× · mem 0.64×"]
+    # R1 bf16 forward at 1 TB/s against a 2 TB/s roof (intensity 9.7 FLOP/B is left of the ridge)
+    assert cells[5] == "50%"
+    r1_h28 = plot.load(tmp_path)[0].get("involution", "forward", "bf16", "R1@H28", "unfold")
+    assert r1_h28["status"] == "OOM"
+
+
+def test_readme_without_measurements_says_so(tmp_path):
+    assert plot.draw_all(tmp_path, log=lambda *_: None) == []
+    readme = (tmp_path / "README.md").read_text()
+    assert "No measurements yet" in readme
+    assert "×" not in readme.split("## Measurements")[1] and "![" not in readme
+
+
+def test_bench_without_gpu_says_nothing_was_measured(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_gpu_available", lambda: False)
+    assert bench.main(["--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "NOTHING WAS MEASURED" in out and "no plots drawn" in out
+    assert not list(tmp_path.glob("*/results.csv"))
+
+    write_synthetic_reports(tmp_path, shapes=("R1",), dtypes=("bf16",))
+    assert bench.main(["--out", str(tmp_path), "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "NOTHING WAS MEASURED" in out and "Re-drew" in out
+    assert (tmp_path / "SYNTHETIC_GPU" / "roofline.png").exists()
+
+
+def test_bench_rejects_unknown_names(capsys):
+    assert bench.main(["--ops", "convolution"]) == 2
+    assert bench.main(["--shapes", "R1@H"]) == 2
+    assert "unknown" in capsys.readouterr().err
