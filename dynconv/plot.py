@@ -502,8 +502,9 @@ def _gpu_section(data: GpuData, reports: Path) -> str:
     commits = sorted({r["commit"][:10] for r in data.rows if r["commit"]})
     versions = sorted({f"torch {r['torch']}, triton {r['triton']}" for r in data.rows})
     out = [f"## {data.name}", "",
-           f"Folder `{rel}/`: {len(data.rows)} measurements, taken {' to '.join(dict.fromkeys([dates[0], dates[-1]]))} "
-           f"at commit {', '.join(commits)} with {'; '.join(versions)}."]
+           f"Folder `{rel}/`: {len(data.rows)} measurements, taken "
+           f"{' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else 'on an unrecorded date'} "
+           f"at commit {', '.join(commits) or 'unknown'} with {'; '.join(versions)}."]
     c = data.ceilings
     if c:
         out.append(f"Measured ceilings: HBM {c['hbm_gbps']:,.0f} GB/s; matmul fp32 {c['fp32_tflops']:,.1f}, "
