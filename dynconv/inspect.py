@@ -13,20 +13,30 @@ import json
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dynconv inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper) or 80 (Ampere)")
+    parser.add_argument("--module", default="", help="only this kernel module, e.g. involution")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
     parser.add_argument("--label", default="", help="only launches whose label contains this")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     args = parser.parse_args(argv)
 
     from dynconv.kernels import catalogue
-    from dynconv.kernels._launch import resource_usage
+    from dynconv.kernels._launch import kernels_are_interpreted, resource_usage
+
+    if kernels_are_interpreted():
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this command compiles")
+    if args.module:
+        import importlib
+
+        launches = importlib.import_module(f"dynconv.kernels.{args.module}").catalogue()
+    else:
+        launches = catalogue()
 
     seen = set()
     header = f"{'kernel':<32} {'launch':<44} {'warps':>5} {'regs':>5} {'stack':>5} {'ldl/stl':>7} {'smem':>7} {'vec/ld':>7}  meta"
     if not args.json:
         print(header)
     failures = 0
-    for launch in catalogue():
+    for launch in launches:
         if args.kernel not in launch.name or args.label not in launch.label:
             continue
         try:
@@ -38,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             usage = resource_usage(launch, args.arch)
         except Exception as exc:  # noqa: BLE001 - a kernel that does not compile is a finding, not a crash
             failures += 1
-            print(f"{launch.name:<32} {launch.label:<44} FAILED: {str(exc).splitlines()[0][:200]}")
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+            if args.json:
+                print(json.dumps({"kernel": launch.name, "label": launch.label, "error": message}))
+            else:
+                print(f"{launch.name:<32} {launch.label:<44} FAILED: {message}")
             continue
         if args.json:
             usage["meta"] = {k: str(v) for k, v in usage["meta"].items()}

@@ -100,8 +100,9 @@ class Launch:
                 attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
             elif isinstance(value, int):
                 signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-                if value % 16 == 0:
-                    attrs[(index,)] = [["tt.divisibility", 16]]
+                # The JIT records an (empty) attribute list for every specialisable argument; doing
+                # the same keeps AOT compiles and JIT launches on the same cache entry.
+                attrs[(index,)] = [["tt.divisibility", 16]] if value % 16 == 0 else []
             elif isinstance(value, float):
                 signature[name] = "fp32"
             else:

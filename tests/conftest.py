@@ -15,6 +15,7 @@ from helpers import nan_poisoned_empty  # noqa: E402
 DEVICE = os.environ.get("DYNCONV_TEST_DEVICE", "cpu")
 if DEVICE == "cuda":
     os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("DYNCONV_AUTOTUNE", "0")  # no run-time tuning sweeps inside the tests
 
 
 @pytest.fixture
