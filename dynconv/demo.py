@@ -62,10 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if torch.cuda.is_available() and not args.demo_only:
-        from dynconv import bench, plot
+        from dynconv import bench
 
-        status = bench.main([])
-        return status or plot.main([])
+        return bench.main([])  # measures, writes perf_reports/<gpu>/ and draws the plots
 
     print("No GPU here: nothing is measured. Running the interpreter demonstration instead.\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
