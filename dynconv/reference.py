@@ -1,4 +1,5 @@
 """Plain-PyTorch baselines and references (SPEC.md §3), for tests and benchmarks."""
+from dynconv.ops.reference_involution_fused import involution_fused_reference
 from dynconv.ops.reference_involution import (
     involution_naive,
     involution_shift_add,
@@ -10,4 +11,4 @@ from dynconv.ops.reference_expert import (
     expert_conv2d_loop,
 )
 
-__all__ = ["expert_conv2d_grouped", "drconv_all_regions", "expert_conv2d_loop", "involution_unfold", "involution_shift_add", "involution_naive"]
+__all__ = ["involution_fused_reference", "expert_conv2d_grouped", "drconv_all_regions", "expert_conv2d_loop", "involution_unfold", "involution_shift_add", "involution_naive"]

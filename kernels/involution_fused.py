@@ -1,0 +1,636 @@
+"""Fused involution (issue 6): the span conv that generates the per-pixel kernels runs inside the
+aggregation, so the weight tensor ``(B, G, K, K, Ho, Wo)`` never reaches global memory.
+
+The layer is ``y[b,c,p] = Σ_k w[b,g(c),k,p] · x[b,c,shift_k(p)]`` with generated weights
+``w[b,g,k,p] = Σ_r S[g·K²+k, r] · z[b,r,p] + β[g·K²+k]`` (S, β: the span conv's 1x1 weight and bias;
+z: the reduced feature ``(B, R, Ho, Wo)``). Output channel ``g·K² + u·K + v`` of the span conv is
+tap (u, v) of group g, exactly the ``view(B, G, K, K, Ho, Wo)`` of the unfused module.
+
+Kernels (all deterministic: every output element and every partial has exactly one writer):
+
+* ``fused_fwd_kernel`` — the family-1 3-D tile ``[BLOCK_G, BLOCK_CG, pixels]``. Per tap the
+  program generates ``w_k = S_k · z_tile`` ([BLOCK_G, BLOCK_R] @ [BLOCK_R, pixels], a ``tl.dot``
+  with fp32 accumulation; the z tile is loaded once when R fits one block) and broadcasts it over
+  the group's channels. Weights stay in fp32 (the unfused path rounds them to the input dtype).
+* ``fused_bwd_input_kernel`` — dx in gather form, as ``involution_bwd_input_kernel``: the input
+  pixel (h, w) receives tap k from the output pixel ``o_k(h, w)``, a different output pixel for each
+  tap. Instead of staging a halo of generated weights, the program regenerates ``w_k`` at exactly
+  those output pixels from a gathered z tile (``S_k · z[:, o_k(tile)]``): the dot work equals the
+  forward's, the extra bytes are R·pixels per tap from L1/L2, and no program writes another's
+  pixels, so there are no atomics and no halo bookkeeping for stride, dilation or odd K.
+* ``fused_bwd_z_kernel`` — per output tile, for each group block and tap, ``dW_k = Σ_{c∈g} dy ·
+  x_shift`` ([BLOCK_G, pixels], on-chip) and ``dz += S_kᵀ · dW_k`` (``tl.dot``). A program owns its
+  tile's dz for every group, so dz needs no reduction across programs.
+* ``fused_bwd_span_kernel`` — ``dS[g·K²+k, r] = Σ_{b,p} dW_k · z`` and ``dβ = Σ_{b,p} dW_k``. A
+  program owns one tap, one group block and one contiguous slab of (sample, pixel tile) pairs; it
+  accumulates ``dW_k · zᵀ`` ([BLOCK_G, pixels] @ [pixels, BLOCK_R]) in registers over the slab and
+  writes one fp32 partial per slab; the caller sums the partials in a fixed order (stage two).
+  Float atomics would make dS depend on scheduling; the partials are ``slabs × K²G × R`` fp32
+  (about 8 MB at RedNet's R1 shape), far smaller than the per-pixel weights they replace.
+
+dW is recomputed in both gradient kernels (2·K²·C multiply-adds per pixel instead of one) because
+the alternative — one kernel producing dz and dS together — must either hold ``G·K²·R`` partials
+per program or read-modify-write them in global memory once per tile and tap. The products are
+read from L1/L2 (the 49 taps of a tile hit the same lines), so DRAM traffic stays one pass of x and
+dy per kernel. The programs of one slab in the span kernel differ only in their tap and run
+adjacently, so they walk the same dy and x lines together.
+
+Dot operands are in the input dtype (dW is rounded to it before the two span products, as the
+unfused path's materialised dW is); fp32 inputs use ``input_precision="ieee"`` so fp32 stays fp32.
+A contraction shorter than 16 (a dz dot over fewer than 16 groups) and fp64 use a broadcast
+multiply-reduce instead, with blocks the launcher keeps small.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, is_channels_last
+from .configs import get_config
+from .involution import _acc_dtype, _pow2_at_most, _tile_indices, needs_int64
+
+# Programs the span-gradient kernel aims for: enough to fill any current GPU several times, few
+# enough that the fp32 partials stay a few MB. A constant, so the reduction order (and the result)
+# does not depend on the device.
+SPAN_GRAD_PROGRAMS = 2048
+# Elements of the [M, K, N] product a broadcast multiply-reduce may materialise.
+FMA_PRODUCT_ELEMENTS = 8192
+# Pixels per tile: a multiple of 16, the shortest tl.dot contraction (the span-gradient dot
+# contracts over pixels).
+TILE_PIXELS = 16
+
+
+@triton.jit
+def _matmul(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``a @ b`` accumulated in ACC_DTYPE: tensor cores, or a broadcast multiply-reduce when the
+    contraction is shorter than tl.dot allows or the dtype is fp64."""
+    if USE_DOT:
+        out = tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    else:
+        out = tl.sum(a[:, :, None].to(ACC_DTYPE) * b[None, :, :].to(ACC_DTYPE), axis=1)
+    return out
+
+
+@triton.jit
+def _tap_weights(span_rows, g_ok, ssr, z_pix, pix_ok, szr, R,
+                 BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, PIXELS: tl.constexpr,
+                 USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``Σ_r S[row_g, r] · z[r, p]`` ([BLOCK_G, PIXELS]) for the span rows ``span_rows`` (pointers,
+    one per group) and the z pixels ``z_pix`` (pointers at channel 0), over R in BLOCK_R chunks."""
+    r = tl.arange(0, BLOCK_R)
+    weight = tl.zeros((BLOCK_G, PIXELS), dtype=ACC_DTYPE)
+    for r_start in range(0, R, BLOCK_R):
+        rr = r_start + r
+        r_ok = rr < R
+        span = tl.load(span_rows[:, None] + rr[None, :] * ssr, mask=g_ok[:, None] & r_ok[None, :], other=0.0)
+        z = tl.load(z_pix[None, :] + rr[:, None] * szr, mask=r_ok[:, None] & pix_ok[None, :], other=0.0)
+        weight += _matmul(span, z, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+    return weight
+
+
+@triton.jit
+def _pixel_tile(tile, TILES_W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, INDEX_64: tl.constexpr):
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    row = (tile // TILES_W) * BLOCK_H + p // BLOCK_W
+    col = (tile % TILES_W) * BLOCK_W + p % BLOCK_W
+    if INDEX_64:
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+    return row, col
+
+
+@triton.jit
+def _tap_grad_weights(dy_pix, x_pix, g3, g_ok3, cg3, CG, sdyc, sxc, pix_ok3, tap_ok3, grad,
+                      BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, PIXELS: tl.constexpr,
+                      ONE_CG_CHUNK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``dW_k[g, p] = Σ_{c∈g} dy[c, p] · x[c, shift_k(p)]`` ([BLOCK_G, PIXELS]). ``x_pix`` points at
+    the tap's input pixels; with one channel chunk, ``grad`` is the dy tile the caller holds."""
+    if ONE_CG_CHUNK:
+        xv = tl.load(x_pix + (g3 * CG + cg3) * sxc, mask=g_ok3 & (cg3 < CG) & tap_ok3, other=0.0)
+        dw = tl.sum(grad * xv.to(ACC_DTYPE), axis=1)
+    else:
+        dw = tl.zeros((BLOCK_G, PIXELS), dtype=ACC_DTYPE)
+        for cg_start in range(0, CG, BLOCK_CG):
+            c3 = g3 * CG + cg_start + cg3
+            m = g_ok3 & (cg_start + cg3 < CG)
+            dyv = tl.load(dy_pix + c3 * sdyc, mask=m & pix_ok3, other=0.0)
+            xv = tl.load(x_pix + c3 * sxc, mask=m & tap_ok3, other=0.0)
+            dw += tl.sum(dyv.to(ACC_DTYPE) * xv.to(ACC_DTYPE), axis=1)
+    return dw
+
+
+@triton.jit
+def fused_fwd_kernel(
+    x_ptr, z_ptr, span_w_ptr, span_b_ptr, y_ptr,
+    C, H, W, Ho, Wo, CG, K, R,
+    sxb, sxc, sxh, sxw,
+    szb, szr, szh, szw,
+    sso, ssr,
+    syb, syc, syh, syw,
+    SH, SW, PH, PW, DH, DW,
+    TILES_PIX, TILES_W, CG_TILES,
+    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, ONE_R_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y[b,c,i,j] = Σ_{u,v} (S_{g,u,v} · z[b,:,i,j] + β_{g,u,v}) · x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW]."""
+    PIXELS: tl.constexpr = BLOCK_H * BLOCK_W
+    pid0 = tl.program_id(0)
+    pid_ch = tl.program_id(1)
+    b = pid0 // TILES_PIX
+    if INDEX_64:
+        b = b.to(tl.int64)
+    G = C // CG
+    KK = K * K
+    g3, cg3, c3, channel_mask, i, j = _tile_indices(
+        pid0 % TILES_PIX, pid_ch, TILES_W, CG_TILES, G, CG,
+        BLOCK_G, BLOCK_CG, BLOCK_H, BLOCK_W, INDEX_64)
+    out_mask = (i < Ho) & (j < Wo)
+    g = (pid_ch // CG_TILES) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = g < G
+
+    z_pix = z_ptr + b * szb + i * szh + j * szw
+    if ONE_R_CHUNK:
+        # The z tile is the same for all K² taps: load it once.
+        r = tl.arange(0, BLOCK_R)
+        z_tile = tl.load(z_pix[None, :] + r[:, None] * szr, mask=(r < R)[:, None] & out_mask[None, :], other=0.0)
+
+    x_rows = x_ptr + b * sxb + c3 * sxc
+    acc = tl.zeros((BLOCK_G, BLOCK_CG, PIXELS), dtype=ACC_DTYPE)
+    h_first = i * SH - PH
+    w_first = j * SW - PW
+    for u in range(K):
+        h_in = h_first + u * DH
+        row_ok = out_mask & (h_in >= 0) & (h_in < H)
+        for v in range(K):
+            w_in = w_first + v * DW
+            ok = row_ok & (w_in >= 0) & (w_in < W)
+            span_row = g * KK + (u * K + v)
+            if ONE_R_CHUNK:
+                span = tl.load(span_w_ptr + span_row[:, None] * sso + r[None, :] * ssr,
+                               mask=g_ok[:, None] & (r < R)[None, :], other=0.0)
+                weight = _matmul(span, z_tile, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+            else:
+                weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_pix, out_mask, szr, R,
+                                      BLOCK_G, BLOCK_R, PIXELS, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+            if HAS_BIAS:
+                weight += tl.load(span_b_ptr + span_row, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
+            xv = tl.load(x_rows + (h_in * sxh + w_in * sxw)[None, None, :],
+                         mask=channel_mask & ok[None, None, :], other=0.0)
+            acc += weight[:, None, :] * xv.to(ACC_DTYPE)
+    y_off = b * syb + c3 * syc + (i * syh + j * syw)[None, None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=channel_mask & out_mask[None, None, :])
+
+
+@triton.jit
+def fused_bwd_input_kernel(
+    dy_ptr, z_ptr, span_w_ptr, span_b_ptr, dx_ptr,
+    C, H, W, Ho, Wo, CG, K, R,
+    sdyb, sdyc, sdyh, sdyw,
+    szb, szr, szh, szw,
+    sso, ssr,
+    sdxb, sdxc, sdxh, sdxw,
+    SH, SW, PH, PW, DH, DW,
+    TILES_PIX, TILES_W, CG_TILES,
+    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dx[b,c,h,w] = Σ_{u,v} w[b,g,u,v,i,j] · dy[b,c,i,j], (i, j) the output pixel tap (u, v) of
+    (h, w) belongs to; w regenerated from z at exactly those pixels (see the module docstring)."""
+    PIXELS: tl.constexpr = BLOCK_H * BLOCK_W
+    pid0 = tl.program_id(0)
+    pid_ch = tl.program_id(1)
+    b = pid0 // TILES_PIX
+    if INDEX_64:
+        b = b.to(tl.int64)
+    G = C // CG
+    KK = K * K
+    g3, cg3, c3, channel_mask, h, w = _tile_indices(
+        pid0 % TILES_PIX, pid_ch, TILES_W, CG_TILES, G, CG,
+        BLOCK_G, BLOCK_CG, BLOCK_H, BLOCK_W, INDEX_64)
+    in_mask = (h < H) & (w < W)
+    g = (pid_ch // CG_TILES) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = g < G
+
+    z_sample = z_ptr + b * szb
+    dy_rows = dy_ptr + b * sdyb + c3 * sdyc
+    acc = tl.zeros((BLOCK_G, BLOCK_CG, PIXELS), dtype=ACC_DTYPE)
+    for u in range(K):
+        i_scaled = h + PH - u * DH
+        # Clamp before dividing: masked lanes must still form in-range arithmetic.
+        i = tl.maximum(i_scaled, 0) // SH
+        row_ok = in_mask & (i_scaled >= 0) & (i_scaled % SH == 0) & (i < Ho)
+        for v in range(K):
+            j_scaled = w + PW - v * DW
+            j = tl.maximum(j_scaled, 0) // SW
+            ok = row_ok & (j_scaled >= 0) & (j_scaled % SW == 0) & (j < Wo)
+            span_row = g * KK + (u * K + v)
+            weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_sample + i * szh + j * szw, ok, szr, R,
+                                  BLOCK_G, BLOCK_R, PIXELS, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+            if HAS_BIAS:
+                weight += tl.load(span_b_ptr + span_row, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
+            grad = tl.load(dy_rows + (i * sdyh + j * sdyw)[None, None, :],
+                           mask=channel_mask & ok[None, None, :], other=0.0)
+            acc += weight[:, None, :] * grad.to(ACC_DTYPE)
+    dx_off = b * sdxb + c3 * sdxc + (h * sdxh + w * sdxw)[None, None, :]
+    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=channel_mask & in_mask[None, None, :])
+
+
+@triton.jit
+def fused_bwd_z_kernel(
+    dy_ptr, x_ptr, span_w_ptr, dz_ptr,
+    C, H, W, Ho, Wo, CG, K, R,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    sso, ssr,
+    sdzb, sdzr, sdzh, sdzw,
+    SH, SW, PH, PW, DH, DW,
+    TILES_PIX, TILES_W,
+    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, ONE_CG_CHUNK: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dz[b,r,p] = Σ_{g,k} S[g·K²+k, r] · dW_k[g,p] with dW_k = Σ_{c∈g} dy[b,c,p] · x[b,c,shift_k(p)].
+
+    One program per (sample, pixel tile, R block) loops over every group, so it alone writes its dz.
+    """
+    PIXELS: tl.constexpr = BLOCK_H * BLOCK_W
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PIX
+    if INDEX_64:
+        b = b.to(tl.int64)
+    G = C // CG
+    KK = K * K
+    i, j = _pixel_tile(pid0 % TILES_PIX, TILES_W, BLOCK_H, BLOCK_W, INDEX_64)
+    out_mask = (i < Ho) & (j < Wo)
+    out_mask3 = out_mask[None, None, :]
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    cg3 = tl.arange(0, BLOCK_CG)[None, :, None]
+
+    dy_pix = dy_ptr + b * sdyb + (i * sdyh + j * sdyw)[None, None, :]
+    x_sample = x_ptr + b * sxb
+    h_first = i * SH - PH
+    w_first = j * SW - PW
+    dz = tl.zeros((BLOCK_R, PIXELS), dtype=ACC_DTYPE)
+    for g_start in range(0, G, BLOCK_G):
+        g = g_start + tl.arange(0, BLOCK_G)
+        g_ok = g < G
+        g3 = g[:, None, None]
+        if INDEX_64:
+            g3 = g3.to(tl.int64)
+        g_ok3 = g_ok[:, None, None]
+        grad = tl.zeros((BLOCK_G, BLOCK_CG, PIXELS), dtype=ACC_DTYPE)
+        if ONE_CG_CHUNK:
+            # The group's whole dy tile is reused by all K² taps: keep it in registers.
+            grad = tl.load(dy_pix + (g3 * CG + cg3) * sdyc, mask=g_ok3 & (cg3 < CG) & out_mask3,
+                           other=0.0).to(ACC_DTYPE)
+        for u in range(K):
+            h_in = h_first + u * DH
+            row_ok = out_mask & (h_in >= 0) & (h_in < H)
+            for v in range(K):
+                w_in = w_first + v * DW
+                tap_ok3 = (row_ok & (w_in >= 0) & (w_in < W))[None, None, :]
+                x_pix = x_sample + (h_in * sxh + w_in * sxw)[None, None, :]
+                dw = _tap_grad_weights(dy_pix, x_pix, g3, g_ok3, cg3, CG, sdyc, sxc, out_mask3, tap_ok3, grad,
+                                       BLOCK_G, BLOCK_CG, PIXELS, ONE_CG_CHUNK, ACC_DTYPE)
+                span_t = tl.load(span_w_ptr + (g * KK + (u * K + v))[None, :] * sso + rr[:, None] * ssr,
+                                 mask=r_ok[:, None] & g_ok[None, :], other=0.0)
+                dz += _matmul(span_t, dw.to(span_t.dtype), USE_DOT, DOT_PRECISION, ACC_DTYPE)
+    dz_off = b * sdzb + rr[:, None] * sdzr + (i * sdzh + j * sdzw)[None, :]
+    tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=r_ok[:, None] & out_mask[None, :])
+
+
+@triton.jit
+def fused_bwd_span_kernel(
+    dy_ptr, x_ptr, z_ptr, dspan_ptr, dbias_ptr,
+    C, H, W, Ho, Wo, CG, K, R,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    szb, szr, szh, szw,
+    sps, spo, spr,
+    sbs, sbo,
+    SH, SW, PH, PW, DH, DW,
+    TILES_PIX, TILES_W, TOTAL_TILES, TILES_PER_SLAB, G_TILES,
+    BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, ONE_CG_CHUNK: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Per-slab partials of dS[g·K²+k, r] = Σ_{b,p} dW_k[b,g,p] · z[b,r,p] and dβ[g·K²+k] = Σ_{b,p} dW_k.
+
+    Program (tap·G_TILES + group block, R block, slab) walks the slab's (sample, tile) pairs in
+    order and writes its partial once: no atomics, a fixed summation order.
+    """
+    PIXELS: tl.constexpr = BLOCK_H * BLOCK_W
+    pid0 = tl.program_id(0)
+    tap = pid0 // G_TILES
+    u = tap // K
+    v = tap % K
+    pid_r = tl.program_id(1)
+    slab = tl.program_id(2)
+    G = C // CG
+    KK = K * K
+    g = (pid0 % G_TILES) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    g3 = g[:, None, None]
+    if INDEX_64:
+        g3 = g3.to(tl.int64)
+    g_ok3 = g_ok[:, None, None]
+    cg3 = tl.arange(0, BLOCK_CG)[None, :, None]
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+
+    dspan = tl.zeros((BLOCK_G, BLOCK_R), dtype=ACC_DTYPE)
+    dbias = tl.zeros((BLOCK_G,), dtype=ACC_DTYPE)
+    first = slab * TILES_PER_SLAB
+    for t in range(first, tl.minimum(first + TILES_PER_SLAB, TOTAL_TILES)):
+        b = t // TILES_PIX
+        if INDEX_64:
+            b = b.to(tl.int64)
+        i, j = _pixel_tile(t % TILES_PIX, TILES_W, BLOCK_H, BLOCK_W, INDEX_64)
+        out_mask = (i < Ho) & (j < Wo)
+        out_mask3 = out_mask[None, None, :]
+        h_in = i * SH - PH + u * DH
+        w_in = j * SW - PW + v * DW
+        tap_ok3 = (out_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W))[None, None, :]
+        dy_pix = dy_ptr + b * sdyb + (i * sdyh + j * sdyw)[None, None, :]
+        x_pix = x_ptr + b * sxb + (h_in * sxh + w_in * sxw)[None, None, :]
+        grad = tl.zeros((BLOCK_G, BLOCK_CG, PIXELS), dtype=ACC_DTYPE)
+        if ONE_CG_CHUNK:
+            grad = tl.load(dy_pix + (g3 * CG + cg3) * sdyc, mask=g_ok3 & (cg3 < CG) & out_mask3,
+                           other=0.0).to(ACC_DTYPE)
+        dw = _tap_grad_weights(dy_pix, x_pix, g3, g_ok3, cg3, CG, sdyc, sxc, out_mask3, tap_ok3, grad,
+                               BLOCK_G, BLOCK_CG, PIXELS, ONE_CG_CHUNK, ACC_DTYPE)
+        z_t = tl.load(z_ptr + b * szb + (i * szh + j * szw)[:, None] + rr[None, :] * szr,
+                      mask=out_mask[:, None] & r_ok[None, :], other=0.0)
+        dspan += _matmul(dw.to(z_t.dtype), z_t, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+        dbias += tl.sum(dw, axis=1)
+    row = g * KK + tap
+    tl.store(dspan_ptr + slab * sps + row[:, None] * spo + rr[None, :] * spr, dspan,
+             mask=g_ok[:, None] & r_ok[None, :])
+    if pid_r == 0:
+        tl.store(dbias_ptr + slab * sbs + row * sbo, dbias, mask=g_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+def _dot_allowed(dtype: torch.dtype) -> bool:
+    # fp64 tl.dot is not a tensor-core path worth having; it takes the multiply-reduce.
+    return dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # tf32 would round fp32 operands to 10 mantissa bits: fp32 in, fp32 products out.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def default_config(kernel: str, C: int, G: int, R: int, height: int, width: int, channels_last: bool,
+                   dtype: torch.dtype) -> dict:
+    """Tile for ``kernel`` ('fwd', 'bwd_input', 'bwd_z', 'bwd_span') over a ``height x width`` grid.
+
+    The channel block covers a whole group where it can (up to 64 channels): a second channel
+    tile would regenerate the same weights. Groups fill the rest of 256 channels, so RedNet's
+    16-channel groups give a 16 x 16 tile whose weight dot is [16, R] @ [R, 32]. Tiles have 32
+    pixels even past a small image's edge (masked), because the span-gradient dot contracts over them.
+    """
+    cg = C // G
+    block_cg = _pow2_at_most(cg, 64)
+    block_g = _pow2_at_most(G, min(64, max(1, 256 // block_cg)))
+    block_w = _pow2_at_most(width, 8 if channels_last else TILE_PIXELS)
+    block_h = TILE_PIXELS // block_w
+    pixels = block_h * block_w
+    # The contraction each kernel's dot runs over: R (weights), groups (dz), pixels (dS).
+    contraction = {"fwd": 16, "bwd_input": 16, "bwd_z": block_g, "bwd_span": pixels}[kernel]
+    if _dot_allowed(dtype) and contraction >= 16:
+        # Zero-padded up to 16 so the weight dot always has a legal contraction.
+        block_r = min(max(16, triton.next_power_of_2(R)), 128)
+    else:
+        block_r = _pow2_at_most(R, max(1, FMA_PRODUCT_ELEMENTS // (block_g * pixels)))
+    elements = block_g * block_cg * pixels
+    num_warps = max(1, min(8, elements // 256))
+    return {"BLOCK_G": block_g, "BLOCK_CG": block_cg, "BLOCK_H": block_h, "BLOCK_W": block_w,
+            "BLOCK_R": block_r, "num_warps": num_warps, "num_stages": 1}
+
+
+def problem_key(x: torch.Tensor, G: int, K: int, R: int, stride) -> dict:
+    B, C, H, W = x.shape
+    return {"B": B, "C": C, "G": G, "R": R, "H": H, "W": W, "K": K, "stride": stride[0],
+            "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
+
+
+def _config(kernel, x, G, K, R, stride, height, width, config):
+    if config is not None:
+        return dict(config)
+    default = default_config(kernel, x.shape[1], G, R, height, width, is_channels_last(x), x.dtype)
+    return get_config(f"involution_fused_{kernel}", problem_key(x, G, K, R, stride), default)
+
+
+def _common_meta(config: dict, x: torch.Tensor, use_dot: bool, *tensors) -> tuple[dict, int, int]:
+    meta = {k: config[k] for k in ("BLOCK_G", "BLOCK_CG", "BLOCK_H", "BLOCK_W", "BLOCK_R")}
+    meta.update(USE_DOT=use_dot, DOT_PRECISION=_dot_precision(x.dtype), INDEX_64=needs_int64(*tensors),
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    return meta, config.get("num_warps", 4), config.get("num_stages", 1)
+
+
+def _geometry_args(stride, padding, dilation) -> dict:
+    return dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1])
+
+
+def _strides(names: str, t: torch.Tensor) -> dict:
+    return dict(zip(names.split(), t.stride()))
+
+
+def _channel_grid(B, G, tiles_pix, block_g, cg_tiles):
+    ch_tiles = triton.cdiv(G, block_g) * cg_tiles
+    if ch_tiles > 65535:
+        raise ValueError(f"too many channel tiles for the grid ({ch_tiles}); use a larger BLOCK_G/BLOCK_CG")
+    return (B * tiles_pix, ch_tiles, 1)
+
+
+def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> Launch:
+    """``span_weight`` is (K²G, R); ``span_bias`` (K²G,) or None."""
+    B, C, H, W = x.shape
+    R = z.shape[1]
+    G = span_weight.shape[0] // (K * K)
+    Ho, Wo = y.shape[2], y.shape[3]
+    config = _config("fwd", x, G, K, R, stride, Ho, Wo, config)
+    meta, num_warps, num_stages = _common_meta(config, x, _dot_allowed(x.dtype), x, z, y)
+    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    cg_tiles = triton.cdiv(C // G, meta["BLOCK_CG"])
+    args = dict(
+        x_ptr=x, z_ptr=z, span_w_ptr=span_weight, span_b_ptr=span_bias, y_ptr=y,
+        C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K, R=R,
+        **_strides("sxb sxc sxh sxw", x), **_strides("szb szr szh szw", z), **_strides("sso ssr", span_weight),
+        **_strides("syb syc syh syw", y), **_geometry_args(stride, padding, dilation),
+        TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
+    )
+    meta.update(ONE_R_CHUNK=R <= meta["BLOCK_R"], HAS_BIAS=span_bias is not None)
+    return Launch(fused_fwd_kernel, _channel_grid(B, G, tiles_pix, meta["BLOCK_G"], cg_tiles), args, meta,
+                  num_warps, num_stages)
+
+
+def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
+    B, C, H, W = dx.shape
+    R = z.shape[1]
+    G = span_weight.shape[0] // (K * K)
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    config = _config("bwd_input", dy, G, K, R, stride, H, W, config)
+    meta, num_warps, num_stages = _common_meta(config, dy, _dot_allowed(dy.dtype), dy, z, dx)
+    tiles_w = triton.cdiv(W, meta["BLOCK_W"])
+    tiles_pix = triton.cdiv(H, meta["BLOCK_H"]) * tiles_w
+    cg_tiles = triton.cdiv(C // G, meta["BLOCK_CG"])
+    args = dict(
+        dy_ptr=dy, z_ptr=z, span_w_ptr=span_weight, span_b_ptr=span_bias, dx_ptr=dx,
+        C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K, R=R,
+        **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("szb szr szh szw", z),
+        **_strides("sso ssr", span_weight), **_strides("sdxb sdxc sdxh sdxw", dx),
+        **_geometry_args(stride, padding, dilation),
+        TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
+    )
+    meta.update(HAS_BIAS=span_bias is not None)
+    return Launch(fused_bwd_input_kernel, _channel_grid(B, G, tiles_pix, meta["BLOCK_G"], cg_tiles), args, meta,
+                  num_warps, num_stages)
+
+
+def backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, config=None) -> Launch:
+    B, C, H, W = x.shape
+    R = dz.shape[1]
+    G = span_weight.shape[0] // (K * K)
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
+    use_dot = _dot_allowed(x.dtype) and config["BLOCK_G"] >= 16
+    meta, num_warps, num_stages = _common_meta(config, x, use_dot, dy, x, dz)
+    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    r_tiles = triton.cdiv(R, meta["BLOCK_R"])
+    if r_tiles > 65535:
+        raise ValueError(f"too many R blocks for the grid ({r_tiles}); use a larger BLOCK_R")
+    args = dict(
+        dy_ptr=dy, x_ptr=x, span_w_ptr=span_weight, dz_ptr=dz,
+        C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K, R=R,
+        **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
+        **_strides("sso ssr", span_weight), **_strides("sdzb sdzr sdzh sdzw", dz),
+        **_geometry_args(stride, padding, dilation),
+        TILES_PIX=tiles_pix, TILES_W=tiles_w,
+    )
+    meta.update(ONE_CG_CHUNK=C // G <= meta["BLOCK_CG"])
+    return Launch(fused_bwd_z_kernel, (B * tiles_pix, r_tiles, 1), args, meta, num_warps, num_stages)
+
+
+def span_grad_slabs(B: int, Ho: int, Wo: int, K: int, G: int, R: int, config: dict) -> tuple[int, int]:
+    """(slabs, tiles per slab) of the span-gradient reduction: its partials have ``slabs`` rows."""
+    total = B * triton.cdiv(Ho, config["BLOCK_H"]) * triton.cdiv(Wo, config["BLOCK_W"])
+    per_slab_programs = K * K * triton.cdiv(G, config["BLOCK_G"]) * triton.cdiv(R, config["BLOCK_R"])
+    slabs = max(1, min(total, 65535, triton.cdiv(SPAN_GRAD_PROGRAMS, per_slab_programs)))
+    per_slab = triton.cdiv(total, slabs)
+    return triton.cdiv(total, per_slab), per_slab
+
+
+def span_grad_config(x, G, K, R, stride, Ho, Wo, config=None) -> dict:
+    return _config("bwd_span", x, G, K, R, stride, Ho, Wo, config)
+
+
+def backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation,
+                         config=None) -> Launch:
+    """``dspan_partials`` (slabs, K²G, R) and ``dbias_partials`` (slabs, K²G), accumulator dtype."""
+    B, C, H, W = x.shape
+    R = z.shape[1]
+    G = dspan_partials.shape[1] // (K * K)
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    config = span_grad_config(x, G, K, R, stride, Ho, Wo, config)
+    meta, num_warps, num_stages = _common_meta(config, x, _dot_allowed(x.dtype), dy, x, z)
+    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    slabs, per_slab = span_grad_slabs(B, Ho, Wo, K, G, R, config)
+    if dspan_partials.shape[0] != slabs:
+        raise ValueError(f"span-gradient partials need {slabs} slabs, got {dspan_partials.shape[0]}")
+    g_tiles = triton.cdiv(G, meta["BLOCK_G"])
+    r_tiles = triton.cdiv(R, meta["BLOCK_R"])
+    args = dict(
+        dy_ptr=dy, x_ptr=x, z_ptr=z, dspan_ptr=dspan_partials, dbias_ptr=dbias_partials,
+        C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K, R=R,
+        **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
+        **_strides("szb szr szh szw", z), **_strides("sps spo spr", dspan_partials),
+        **_strides("sbs sbo", dbias_partials), **_geometry_args(stride, padding, dilation),
+        TILES_PIX=tiles_pix, TILES_W=tiles_w, TOTAL_TILES=B * tiles_pix, TILES_PER_SLAB=per_slab,
+        G_TILES=g_tiles,
+    )
+    meta.update(ONE_CG_CHUNK=C // G <= meta["BLOCK_CG"])
+    if r_tiles > 65535:
+        raise ValueError(f"too many R blocks for the grid ({r_tiles}); use a larger BLOCK_R")
+    return Launch(fused_bwd_span_kernel, (K * K * g_tiles, r_tiles, slabs), args, meta, num_warps, num_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points used by ops/: they write into outputs the caller allocated.
+# --------------------------------------------------------------------------------------------
+
+def involution_fused_forward(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> None:
+    forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config)()
+
+
+def involution_fused_backward_input(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation,
+                                    config=None) -> None:
+    backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config)()
+
+
+def involution_fused_backward_z(dy, x, span_weight, dz, K, stride, padding, dilation, config=None) -> None:
+    backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, config)()
+
+
+def involution_fused_backward_span(dy, x, z, dspan, dbias, K, stride, padding, dilation, config=None) -> None:
+    """``dspan`` (K²G, R) and ``dbias`` (K²G,) or None, from per-slab partials summed in slab order."""
+    B, R = x.shape[0], z.shape[1]
+    O = dspan.shape[0]
+    G = O // (K * K)
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    config = span_grad_config(x, G, K, R, stride, Ho, Wo, config)
+    slabs, _ = span_grad_slabs(B, Ho, Wo, K, G, R, config)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dspan_partials = torch.empty((slabs, O, R), dtype=acc, device=x.device)
+    dbias_partials = torch.empty((slabs, O), dtype=acc, device=x.device)
+    backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation, config)()
+    dspan.copy_(dspan_partials.sum(0))
+    if dbias is not None:
+        dbias.copy_(dbias_partials.sum(0))
+
+
+def catalogue() -> list[Launch]:
+    """The launches the fused op makes by default at representative shapes, on meta tensors."""
+    launches = []
+    shapes = [  # (B, C, H, W, K, G, R, stride, label)
+        (32, 256, 56, 56, 7, 16, 64, 1, "R1 fused involution"),
+        (32, 128, 56, 56, 7, 128, 32, 1, "R3 fused depth-wise per-pixel"),
+        (8, 64, 31, 31, 3, 4, 16, 2, "fused stride 2, odd H"),
+    ]
+    for B, C, H, W, K, G, R, s, label in shapes:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for channels_last in (False, True):
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                p = (K - 1) // 2
+                Ho = (H + 2 * p - (K - 1) - 1) // s + 1
+                Wo = (W + 2 * p - (K - 1) - 1) // s + 1
+                meta = dict(dtype=dtype, device="meta")
+                x = torch.empty((B, C, H, W), **meta).to(memory_format=fmt)
+                y = torch.empty((B, C, Ho, Wo), **meta).to(memory_format=fmt)
+                z = torch.empty((B, R, Ho, Wo), **meta).to(memory_format=fmt)
+                span_w = torch.empty((K * K * G, R), **meta)
+                span_b = torch.empty((K * K * G,), **meta)
+                geometry = ((s, s), (p, p), (1, 1))
+                cfg = span_grad_config(x, G, K, R, (s, s), Ho, Wo)
+                slabs, _ = span_grad_slabs(B, Ho, Wo, K, G, R, cfg)
+                partials = torch.empty((slabs, K * K * G, R), dtype=torch.float32, device="meta")
+                bias_partials = torch.empty((slabs, K * K * G), dtype=torch.float32, device="meta")
+                tag = f"{label} {dtype} {'NHWC' if channels_last else 'NCHW'}"
+                for launch in (forward_launch(x, z, span_w, span_b, y, K, *geometry),
+                               backward_input_launch(y, z, span_w, span_b, x, K, *geometry),
+                               backward_z_launch(y, x, span_w, z, K, *geometry),
+                               backward_span_launch(y, x, z, partials, bias_partials, K, *geometry)):
+                    launch.label = tag
+                    launches.append(launch)
+    return launches
