@@ -1,0 +1,317 @@
+"""dynconv.involution_fused (issue 6) and the modules' fused path against float64 references.
+
+Kernels run through the Triton interpreter on CPU (see conftest.py), fp32 and fp16 only: the
+interpreter's bf16 tl.dot is wrong (SPEC.md §4), so bf16 is checked on a GPU. Every allocation is
+NaN-poisoned, so an element no program writes fails the comparison.
+"""
+import pytest
+import torch
+
+import dynconv
+import dynconv.ops.involution_fused as fused_ops
+from dynconv.kernels import involution_fused as kernels
+from dynconv.nn import DynamicDWConv2d, Involution2d
+from dynconv.reference import involution_fused_reference, involution_unfold
+from dynconv.ops import reference_involution_fused as reference
+from helpers import assert_close, check_against_reference
+
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
+# (B, C, H, W, K, G, R, stride, dilation): G = 16 takes the tensor-core dot for the weights and dz;
+# G = 2 and G = C = 4 take the multiply-reduce dz; stride 2 with odd H; even K; dilation 2; R not
+# a power of two.
+CASES = [
+    (2, 32, 6, 7, 3, 16, 8, 1, 1),
+    (1, 32, 9, 8, 3, 2, 12, 2, 1),      # stride 2, odd H
+    (1, 4, 7, 6, 4, 4, 3, 1, 2),        # G = C (inhomogeneous dynamic depth-wise), even K, dilation 2
+]
+CASE_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}R{c[6]}s{c[7]}d{c[8]}" for c in CASES]
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def _out(n, K, s, d):
+    return (n + 2 * (d * (K - 1) // 2) - d * (K - 1) - 1) // s + 1
+
+
+def _inputs(case, conv_weight=False, bias=True):
+    B, C, H, W, K, G, R, s, d = case
+    Ho, Wo = _out(H, K, s, d), _out(W, K, s, d)
+    span_shape = (K * K * G, R, 1, 1) if conv_weight else (K * K * G, R)
+    inputs = {
+        "x": torch.randn(B, C, H, W, dtype=torch.float64),
+        "z": torch.randn(B, R, Ho, Wo, dtype=torch.float64),
+        "span_weight": torch.randn(span_shape, dtype=torch.float64) / R ** 0.5,
+        "span_bias": torch.randn(K * K * G, dtype=torch.float64) if bias else None,
+    }
+    return inputs, dict(kernel_size=K, groups=G, stride=s, dilation=d)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_and_every_gradient(case, dtype, fmt, device):
+    inputs, geometry = _inputs(case)
+    y = check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, dtype, device,
+                                memory_format=FORMATS[fmt], **geometry)
+    assert y.is_contiguous(memory_format=FORMATS[fmt])
+
+
+def test_conv_shaped_span_weight_without_bias(device):
+    """The span conv's own (K²G, R, 1, 1) weight is accepted and gets its gradient in that shape."""
+    inputs, geometry = _inputs(CASES[0], conv_weight=True, bias=False)
+    check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, torch.float32, device,
+                            **geometry)
+
+
+def test_reference_is_involution_of_the_span_conv():
+    """The float64 reference itself: span conv by conv2d, aggregation by the unfold baseline."""
+    inputs, geometry = _inputs(CASES[1], conv_weight=True)
+    K, G, s, d = geometry["kernel_size"], geometry["groups"], geometry["stride"], geometry["dilation"]
+    x, z = inputs["x"], inputs["z"]
+    w = torch.nn.functional.conv2d(z, inputs["span_weight"], inputs["span_bias"])
+    w = w.view(z.shape[0], G, K, K, *z.shape[2:])
+    expected = involution_unfold(x, w, None, s, d * (K - 1) // 2, d)
+    actual = involution_fused_reference(x, z, inputs["span_weight"], inputs["span_bias"], K, G, s, None, d)
+    assert_close(actual, expected, torch.float64, "reference")
+
+
+# Configurations that force every loop the default tiles skip at these sizes: R in several blocks
+# (with a partial last block), a group's channels in several chunks, several group blocks, and
+# the multiply-reduce for every product.
+LOOP_CONFIGS = {
+    "r_blocks": dict(BLOCK_G=16, BLOCK_CG=2, BLOCK_H=2, BLOCK_W=8, BLOCK_R=16),
+    "cg_chunks": dict(BLOCK_G=4, BLOCK_CG=1, BLOCK_H=4, BLOCK_W=4, BLOCK_R=16),
+    "multiply_reduce": dict(BLOCK_G=2, BLOCK_CG=2, BLOCK_H=1, BLOCK_W=4, BLOCK_R=4),
+}
+
+
+@pytest.mark.parametrize("config", LOOP_CONFIGS, ids=list(LOOP_CONFIGS))
+def test_kernel_loops_with_forced_tiles(config, device):
+    B, C, H, W, K, G, R, s, d = 2, 32, 7, 6, 3, 16, 20, 2, 1
+    config = dict(LOOP_CONFIGS[config], num_warps=4, num_stages=1)
+    geometry = ((s, s), (1, 1), (d, d))
+    Ho, Wo = _out(H, K, s, d), _out(W, K, s, d)
+    x = torch.randn(B, C, H, W, device=device)
+    z = torch.randn(B, R, Ho, Wo, device=device)
+    span_w = torch.randn(K * K * G, R, device=device) / R ** 0.5
+    span_b = torch.randn(K * K * G, device=device)
+    dy = torch.randn(B, C, Ho, Wo, device=device)
+    # Launchers take the config as given: the dot needs a contraction of 16, the rest multiply-reduce.
+    y = torch.empty(B, C, Ho, Wo, device=device)
+    kernels.involution_fused_forward(x, z, span_w, span_b, y, K, *geometry, config=config)
+    assert_close(y, reference.involution_fused_reference(x.double(), z.double(), span_w.double(), span_b.double(),
+                                                         K, G, s, 1, d), torch.float32, "y")
+    dx = torch.empty_like(x)
+    kernels.involution_fused_backward_input(dy, z, span_w, span_b, dx, K, *geometry, config=config)
+    assert_close(dx, reference.fused_backward_input(dy.double(), z.double(), span_w.double(), span_b.double(), K,
+                                                    (H, W), *geometry), torch.float32, "dx")
+    dz = torch.empty_like(z)
+    kernels.involution_fused_backward_z(dy, x, span_w, dz, K, *geometry, config=config)
+    assert_close(dz, reference.fused_backward_z(dy.double(), x.double(), span_w.double(), K, *geometry),
+                 torch.float32, "dz")
+    dspan, dbias = torch.empty_like(span_w), torch.empty_like(span_b)
+    kernels.involution_fused_backward_span(dy, x, z, dspan, dbias, K, *geometry, config=config)
+    ref_span, ref_bias = reference.fused_backward_span(dy.double(), x.double(), z.double(), K, G, *geometry)
+    assert_close(dspan, ref_span, torch.float32, "dspan")
+    assert_close(dbias, ref_bias, torch.float32, "dbias")
+
+
+def test_span_gradient_is_deterministic_and_split_into_slabs(device):
+    inputs, geometry = _inputs(CASES[0])
+    K, G, R = geometry["kernel_size"], geometry["groups"], inputs["z"].shape[1]
+    x, z = inputs["x"].float().to(device), inputs["z"].float().to(device)
+    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device)
+    config = kernels.span_grad_config(x, G, K, R, (1, 1), *z.shape[2:])
+    slabs, _ = kernels.span_grad_slabs(x.shape[0], *z.shape[2:], K, G, R, config)
+    assert slabs > 1, "the two-stage reduction is not exercised at this shape"
+    results = []
+    for _ in range(2):
+        dspan = torch.empty(K * K * G, R, device=device)
+        dbias = torch.empty(K * K * G, device=device)
+        kernels.involution_fused_backward_span(dy, x, z, dspan, dbias, K, (1, 1), (1, 1), (1, 1))
+        results.append((dspan, dbias))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_int64_indexing_variant_matches(device):
+    """The INDEX_64 code path (chosen past 2^31 elements) computes the same values in every kernel."""
+    inputs, geometry = _inputs(CASES[1])
+    K, s = geometry["kernel_size"], geometry["stride"]
+    x, z = inputs["x"].float().to(device), inputs["z"].float().to(device)
+    span_w, span_b = inputs["span_weight"].float().to(device), inputs["span_bias"].float().to(device)
+    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device)
+    G = span_w.shape[0] // (K * K)
+    geometry = ((s, s), (1, 1), (1, 1))
+    partials = lambda: (torch.zeros(kernels.span_grad_slabs(x.shape[0], *z.shape[2:], K, G, z.shape[1],  # noqa: E731
+                                                            kernels.span_grad_config(x, G, K, z.shape[1], (s, s),
+                                                                                     *z.shape[2:]))[0],
+                                    K * K * G, z.shape[1], device=device),
+                        torch.zeros(1, device=device))
+    builders = {
+        "fwd": lambda out: kernels.forward_launch(x, z, span_w, span_b, out, K, *geometry),
+        "bwd_input": lambda out: kernels.backward_input_launch(dy, z, span_w, span_b, out, K, *geometry),
+        "bwd_z": lambda out: kernels.backward_z_launch(dy, x, span_w, out, K, *geometry),
+    }
+    shapes = {"fwd": dy.shape, "bwd_input": x.shape, "bwd_z": z.shape}
+    for name, build in builders.items():
+        outs = []
+        for index_64 in (False, True):
+            out = torch.empty(shapes[name], device=device)
+            launch = build(out)
+            assert not launch.meta["INDEX_64"]
+            launch.meta["INDEX_64"] = index_64
+            launch()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), name
+    outs = []
+    for index_64 in (False, True):
+        dspan, _ = partials()
+        dbias = torch.zeros(dspan.shape[:2], device=device)
+        launch = kernels.backward_span_launch(dy, x, z, dspan, dbias, K, *geometry)
+        launch.meta["INDEX_64"] = index_64
+        launch()
+        outs.append((dspan, dbias))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), "bwd_span"
+
+
+def test_int64_indexing_is_chosen_past_int32():
+    big = torch.empty((2304, 256, 64, 64), device="meta")  # 2^31 + 2^28 elements
+    z = torch.empty((2304, 64, 64, 64), device="meta")
+    span_w = torch.empty((9 * 16, 64), device="meta")
+    assert kernels.forward_launch(big, z, span_w, None, big, 3, (1, 1), (1, 1), (1, 1)).meta["INDEX_64"]
+    small = torch.empty((2, 256, 64, 64), device="meta")
+    assert not kernels.forward_launch(small, z[:2], span_w, None, small, 3, (1, 1), (1, 1), (1, 1)).meta["INDEX_64"]
+
+
+def test_cpu_path_without_interpreter_matches(monkeypatch):
+    """Without TRITON_INTERPRET, CPU tensors take span conv + shift-and-add: same values and gradients."""
+    monkeypatch.setattr(fused_ops, "_INTERPRETED", False)
+    for name in ("forward_launch", "backward_input_launch", "backward_z_launch", "backward_span_launch"):
+        monkeypatch.setattr(kernels, name, lambda *a, **k: pytest.fail("Triton kernel ran on the CPU path"))
+    inputs, geometry = _inputs(CASES[1])
+    check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, torch.float32,
+                            memory_format=torch.channels_last, **geometry)
+
+
+def test_only_the_requested_gradients_are_computed(device, monkeypatch):
+    inputs, geometry = _inputs(CASES[0])
+    for name in ("backward_input_launch", "backward_span_launch"):
+        monkeypatch.setattr(kernels, name, lambda *a, **k: pytest.fail("a gradient that was not requested ran"))
+    x = inputs["x"].float().to(device)
+    z = inputs["z"].float().to(device).requires_grad_()
+    span_w, span_b = inputs["span_weight"].float().to(device), inputs["span_bias"].float().to(device)
+    dynconv.involution_fused(x, z, span_w, span_b, **geometry).sum().backward()
+    assert z.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules: fused and unfused paths are one function of the same parameters.
+# ---------------------------------------------------------------------------------------------
+
+def _compare_fused_and_unfused(make, x, dtype=torch.float32):
+    torch.manual_seed(1)
+    unfused = make(False).to(dtype)
+    fused = make(True).to(dtype)
+    fused.load_state_dict(unfused.state_dict())
+    outputs = []
+    for module in (unfused, fused):
+        xi = x.to(dtype).detach().requires_grad_()
+        y = module(xi)
+        y.backward(torch.ones_like(y))
+        outputs.append((y, xi.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (y0, dx0, g0), (y1, dx1, g1) = outputs
+    assert_close(y1, y0.double(), dtype, "y")
+    assert_close(dx1, dx0.double(), dtype, "dx")
+    for name in g0:
+        assert_close(g1[name], g0[name].double(), dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("stride, H, fmt", [(1, 6, "nchw"), (2, 7, "nhwc")], ids=["s1", "s2-oddH-nhwc"])
+def test_involution2d_fused_matches_unfused(stride, H, fmt, device):
+    x = torch.randn(2, 32, H, 6, device=device).contiguous(memory_format=FORMATS[fmt])
+    _compare_fused_and_unfused(
+        lambda fused: Involution2d(32, kernel_size=3, stride=stride, group_channels=2, reduction_ratio=2,
+                                   fused=fused).to(device), x)
+
+
+def test_inhomogeneous_dynamic_dwconv2d_fused_matches_unfused(device):
+    x = torch.randn(2, 8, 7, 5, device=device)
+    _compare_fused_and_unfused(
+        lambda fused: DynamicDWConv2d(8, kernel_size=3, stride=2, reduction_ratio=2, homogeneous=False,
+                                      fused=fused).to(device), x)
+
+
+def test_fused_default_is_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused_ops, "involution_fused_op", lambda *a: calls.append(a) or pytest.fail("fused on CPU"))
+    layer = Involution2d(8, kernel_size=3, group_channels=4)
+    assert layer.fused is None
+    layer(torch.randn(1, 8, 5, 5))
+    assert Involution2d(8, 3, 1, 4).fused is None  # the old positional signature still constructs
+    assert not calls
+    with pytest.raises(ValueError, match="homogeneous"):
+        DynamicDWConv2d(8, homogeneous=True, fused=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs are named before any kernel runs; torch.library and torch.compile integration.
+# ---------------------------------------------------------------------------------------------
+
+def _bad(**changes):
+    inputs, geometry = _inputs(CASES[0])
+    args = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in {**inputs, **geometry}.items()}
+    args.update(changes)
+    return args
+
+
+BAD_INPUTS = [
+    (ValueError, "rows", dict(groups=8)),
+    (ValueError, "z has 4 channels", dict(z=torch.randn(2, 4, 6, 7))),
+    (ValueError, "output size", dict(z=torch.randn(2, 8, 5, 7))),
+    (ValueError, "batch mismatch", dict(z=torch.randn(1, 8, 6, 7))),
+    (ValueError, "divisible", dict(x=torch.randn(2, 24, 6, 7))),
+    (ValueError, "span_bias", dict(span_bias=torch.randn(5))),
+    (ValueError, "1x1", dict(span_weight=torch.randn(144, 8, 3, 3))),
+    (ValueError, "x must be 4-D", dict(x=torch.randn(32, 6, 7))),
+    (ValueError, "kernel_size must be >= 1", dict(kernel_size=0)),
+    (ValueError, "stride", dict(stride=0)),
+    (TypeError, "kernel_size must be an int", dict(kernel_size=3.0)),
+    (TypeError, "groups must be an int", dict(groups=None)),
+    (TypeError, "same dtype", dict(z=torch.randn(2, 8, 6, 7, dtype=torch.float64))),
+    (TypeError, "float16, bfloat16", dict(x=torch.ones(2, 32, 6, 7, dtype=torch.int32))),
+    (TypeError, "span_weight must be a torch.Tensor", dict(span_weight=[1.0])),
+]
+
+
+@pytest.mark.parametrize("error, match, changes", BAD_INPUTS, ids=[b[1] for b in BAD_INPUTS])
+def test_bad_inputs_are_named(error, match, changes, monkeypatch):
+    for name in ("forward_launch", "involution_fused_forward"):
+        monkeypatch.setattr(kernels, name, lambda *a, **k: pytest.fail("a kernel ran on bad input"))
+    with pytest.raises(error, match=match):
+        dynconv.involution_fused(**_bad(**changes))
+
+
+def test_opcheck(device):
+    inputs, geometry = _inputs(CASES[1])
+    K, s = geometry["kernel_size"], geometry["stride"]
+    args = (inputs["x"].float().to(device).requires_grad_(), inputs["z"].float().to(device).requires_grad_(),
+            inputs["span_weight"].float().to(device).requires_grad_(),
+            inputs["span_bias"].float().to(device).requires_grad_(), K, [s, s], [1, 1], [1, 1])
+    torch.library.opcheck(torch.ops.dynconv.involution_fused.default, args)
+
+
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    layer = Involution2d(32, kernel_size=3, group_channels=2, reduction_ratio=2, fused=True).to(device)
+    x = torch.randn(1, 32, 5, 6, device=device, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    dx, dspan = x.grad.clone(), layer.span.weight.grad.clone()
+    x.grad = None
+    layer.zero_grad()
+    y_eager = layer(x)
+    y_eager.square().sum().backward()
+    assert_close(y, y_eager.double(), torch.float32, "y")
+    assert_close(dx, x.grad.double(), torch.float32, "dx")
+    assert_close(dspan, layer.span.weight.grad.double(), torch.float32, "dspan")
