@@ -55,6 +55,8 @@ from ._launch import Launch, is_channels_last
 from .configs import get_config
 
 INT32_MAX = 2**31 - 1
+# Running tile totals past the last region read as "never reached" (a constexpr: kernels may use it).
+_PAST_LAST_TILE = tl.constexpr(INT32_MAX)
 # A region needs this many output pixels before materialising its mixed kernel beats mixing on the fly.
 MATERIALISE_MIN_PIXELS = 256
 # Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).
@@ -130,7 +132,7 @@ def _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, N
     one are invalid (no pixels).
     """
     rr = tl.arange(0, BLOCK_R)
-    offsets = tl.load(tile_offsets_ptr + b * (NUM_REGIONS + 1) + rr, mask=rr <= NUM_REGIONS, other=INT32_MAX)
+    offsets = tl.load(tile_offsets_ptr + b * (NUM_REGIONS + 1) + rr, mask=rr <= NUM_REGIONS, other=_PAST_LAST_TILE)
     r = tl.sum(((rr >= 1) & (offsets <= t)).to(tl.int32), axis=0)
     valid = r < NUM_REGIONS
     r = tl.minimum(r, NUM_REGIONS - 1)
@@ -517,22 +519,32 @@ def problem_key(x: torch.Tensor, experts: torch.Tensor, m: int, groups: int, str
 
 
 def _block_k(dtype: torch.dtype) -> int:
-    return 16 if dtype == torch.float64 else 32
+    # 4-byte operands: K = 32 gathered tiles spill on sm_80; 16 keeps every default spill-free.
+    return 32 if dtype.itemsize == 2 else 16
 
 
-def default_forward_config(cout_g: int, dtype: torch.dtype) -> dict:
-    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
-            "num_warps": 4, "num_stages": 2}
+def _num_warps(dtype: torch.dtype, tile_rows: int) -> int:
+    # Measured with `dynconv inspect`: 4-byte 64-row tiles at 8 warps make ptxas spill a few
+    # scalars on sm_80 (at under 64 registers); at 4 warps they fit without spilling.
+    return 8 if dtype.itemsize == 2 or tile_rows >= 128 else 4
+
+
+def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0) -> dict:
+    # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
+    # more rows; small regions keep 64 so their last, partial tile wastes less.
+    block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 else 64
+    return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
+            "num_warps": _num_warps(dtype, block_p), "num_stages": 2}
 
 
 def default_input_grad_config(cin_g: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _block_k(dtype),
-            "num_warps": 4, "num_stages": 2}
+            "num_warps": _num_warps(dtype, 64), "num_stages": 2}
 
 
 def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": _pow2_between(k_total, 16, 64),
-            "BLOCK_K": _block_k(dtype), "num_warps": 4, "num_stages": 2}
+            "BLOCK_K": _block_k(dtype), "num_warps": _num_warps(dtype, 64), "num_stages": 2}
 
 
 def _geometry_args(stride, padding, dilation) -> dict:
@@ -560,10 +572,16 @@ def _check_grid(axis1: int) -> None:
         raise ValueError(f"too many channel tiles for the grid ({axis1}); use a larger BLOCK_N")
 
 
-def forward_config(x, experts, m, groups, stride) -> dict:
+def output_pixels(hw, kernel_hw, stride, padding, dilation) -> int:
+    size = [(hw[a] + 2 * padding[a] - dilation[a] * (kernel_hw[a] - 1) - 1) // stride[a] + 1 for a in range(2)]
+    return size[0] * size[1]
+
+
+def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
+    pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
-                      default_forward_config(cout_g, x.dtype))
+                      default_forward_config(cout_g, x.dtype, pixels // m))
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -715,7 +733,7 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, grou
                         materialise: bool | None = None, config: dict | None = None) -> None:
     """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``guide`` (B, m, Ho, Wo) or None."""
     m = routing.shape[1]
-    config = config or forward_config(x, experts, m, groups, stride)
+    config = config or forward_config(x, experts, m, groups, stride, padding, dilation)
     if materialise is None:
         materialise = should_materialise(experts, routing, y.shape[2] * y.shape[3])
     source = weight_source(experts, routing, materialise)
@@ -766,7 +784,7 @@ def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, group
     """∂S[b, r, i, j] = Σ_o dy[b, o, i, j] · y_r[b, o, i, j], (B, m, Ho, Wo) in the accumulation dtype."""
     B, m = routing.shape[:2]
     Cout, Ho, Wo = dy.shape[1:]
-    config = config or forward_config(x, experts, m, groups, stride)
+    config = config or forward_config(x, experts, m, groups, stride, padding, dilation)
     if materialise is None:
         materialise = should_materialise(experts, routing, Ho * Wo)
     source = weight_source(experts, routing, materialise)
@@ -804,7 +822,7 @@ def catalogue() -> list[Launch]:
                 bias = torch.empty((B, m, Cout), **meta)
                 geometry = ((s, s), pad, (1, 1))
                 tag = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
-                fwd_cfg = forward_config(x, experts, m, groups, (s, s))
+                fwd_cfg = forward_config(x, experts, m, groups, *geometry)
                 materialised = should_materialise(experts, routing, Ho * Wo)
                 source = weight_source(experts, routing, materialised)
                 regions = None
