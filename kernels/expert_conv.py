@@ -538,8 +538,9 @@ def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: i
 
 
 def default_input_grad_config(cin_g: int, dtype: torch.dtype) -> dict:
+    # One stage for 4-byte operands: two spill on sm_80 (NCHW, materialised kernels).
     return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _block_k(dtype),
-            "num_warps": _num_warps(dtype, 64), "num_stages": 2}
+            "num_warps": _num_warps(dtype, 64), "num_stages": 2 if dtype.itemsize == 2 else 1}
 
 
 def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype) -> dict:
