@@ -36,7 +36,8 @@ dy per kernel. The programs of one slab in the span kernel differ only in their 
 adjacently, so they walk the same dy and x lines together.
 
 Dot operands are in the input dtype (dW is rounded to it before the two span products, as the
-unfused path's materialised dW is); fp32 inputs use ``input_precision="ieee"`` so fp32 stays fp32.
+unfused path's materialised dW is); fp32 inputs use ``input_precision="tf32x3"`` (three tf32 products:
+fp32-level error on tensor cores; plain tf32 would round the operands to 10 mantissa bits).
 A contraction shorter than 16 (a dz dot over fewer than 16 groups) and fp64 use a broadcast
 multiply-reduce instead, with blocks the launcher keeps small.
 """
@@ -56,8 +57,8 @@ from .involution import _acc_dtype, _pow2_at_most, _tile_indices, needs_int64
 SPAN_GRAD_PROGRAMS = 2048
 # Elements of the [M, K, N] product a broadcast multiply-reduce may materialise.
 FMA_PRODUCT_ELEMENTS = 8192
-# Pixels per tile: a multiple of 16, the shortest tl.dot contraction (the span-gradient dot
-# contracts over pixels).
+# Pixels per tile: at least 16, the shortest tl.dot contraction (the span-gradient dot contracts
+# over pixels).
 TILE_PIXELS = 16
 
 
@@ -74,18 +75,25 @@ def _matmul(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE:
 
 @triton.jit
 def _tap_weights(span_rows, g_ok, ssr, z_pix, pix_ok, szr, R,
-                 BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, PIXELS: tl.constexpr,
+                 BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, PIXELS: tl.constexpr, ONE_R_CHUNK: tl.constexpr,
                  USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """``Σ_r S[row_g, r] · z[r, p]`` ([BLOCK_G, PIXELS]) for the span rows ``span_rows`` (pointers,
     one per group) and the z pixels ``z_pix`` (pointers at channel 0), over R in BLOCK_R chunks."""
     r = tl.arange(0, BLOCK_R)
-    weight = tl.zeros((BLOCK_G, PIXELS), dtype=ACC_DTYPE)
-    for r_start in range(0, R, BLOCK_R):
-        rr = r_start + r
-        r_ok = rr < R
-        span = tl.load(span_rows[:, None] + rr[None, :] * ssr, mask=g_ok[:, None] & r_ok[None, :], other=0.0)
-        z = tl.load(z_pix[None, :] + rr[:, None] * szr, mask=r_ok[:, None] & pix_ok[None, :], other=0.0)
-        weight += _matmul(span, z, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+    if ONE_R_CHUNK:
+        # No loop when R fits one block: a third nested runtime loop costs registers across all three.
+        r_ok = r < R
+        span = tl.load(span_rows[:, None] + r[None, :] * ssr, mask=g_ok[:, None] & r_ok[None, :], other=0.0)
+        z = tl.load(z_pix[None, :] + r[:, None] * szr, mask=r_ok[:, None] & pix_ok[None, :], other=0.0)
+        weight = _matmul(span, z, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+    else:
+        weight = tl.zeros((BLOCK_G, PIXELS), dtype=ACC_DTYPE)
+        for r_start in range(0, R, BLOCK_R):
+            rr = r_start + r
+            r_ok = rr < R
+            span = tl.load(span_rows[:, None] + rr[None, :] * ssr, mask=g_ok[:, None] & r_ok[None, :], other=0.0)
+            z = tl.load(z_pix[None, :] + rr[:, None] * szr, mask=r_ok[:, None] & pix_ok[None, :], other=0.0)
+            weight += _matmul(span, z, USE_DOT, DOT_PRECISION, ACC_DTYPE)
     return weight
 
 
@@ -173,7 +181,7 @@ def fused_fwd_kernel(
                 weight = _matmul(span, z_tile, USE_DOT, DOT_PRECISION, ACC_DTYPE)
             else:
                 weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_pix, out_mask, szr, R,
-                                      BLOCK_G, BLOCK_R, PIXELS, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+                                      BLOCK_G, BLOCK_R, PIXELS, False, USE_DOT, DOT_PRECISION, ACC_DTYPE)
             if HAS_BIAS:
                 weight += tl.load(span_b_ptr + span_row, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
             xv = tl.load(x_rows + (h_in * sxh + w_in * sxw)[None, None, :],
@@ -194,7 +202,7 @@ def fused_bwd_input_kernel(
     SH, SW, PH, PW, DH, DW,
     TILES_PIX, TILES_W, CG_TILES,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, ONE_R_CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dx[b,c,h,w] = Σ_{u,v} w[b,g,u,v,i,j] · dy[b,c,i,j], (i, j) the output pixel tap (u, v) of
@@ -228,7 +236,7 @@ def fused_bwd_input_kernel(
             ok = row_ok & (j_scaled >= 0) & (j_scaled % SW == 0) & (j < Wo)
             span_row = g * KK + (u * K + v)
             weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_sample + i * szh + j * szw, ok, szr, R,
-                                  BLOCK_G, BLOCK_R, PIXELS, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+                                  BLOCK_G, BLOCK_R, PIXELS, ONE_R_CHUNK, USE_DOT, DOT_PRECISION, ACC_DTYPE)
             if HAS_BIAS:
                 weight += tl.load(span_b_ptr + span_row, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
             grad = tl.load(dy_rows + (i * sdyh + j * sdyw)[None, None, :],
@@ -249,7 +257,7 @@ def fused_bwd_z_kernel(
     SH, SW, PH, PW, DH, DW,
     TILES_PIX, TILES_W,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    BLOCK_R: tl.constexpr, ONE_CG_CHUNK: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, ONE_G_BLOCK: tl.constexpr, ONE_CG_CHUNK: tl.constexpr, USE_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dz[b,r,p] = Σ_{g,k} S[g·K²+k, r] · dW_k[g,p] with dW_k = Σ_{c∈g} dy[b,c,p] · x[b,c,shift_k(p)].
@@ -275,8 +283,12 @@ def fused_bwd_z_kernel(
     h_first = i * SH - PH
     w_first = j * SW - PW
     dz = tl.zeros((BLOCK_R, PIXELS), dtype=ACC_DTYPE)
-    for g_start in range(0, G, BLOCK_G):
-        g = g_start + tl.arange(0, BLOCK_G)
+    g_blocks = tl.cdiv(G, BLOCK_G)
+    if ONE_G_BLOCK:
+        # A constant trip count of one folds the loop away: one nesting level less to hold registers across.
+        g_blocks = 1
+    for g_block in range(0, g_blocks):
+        g = g_block * BLOCK_G + tl.arange(0, BLOCK_G)
         g_ok = g < G
         g3 = g[:, None, None]
         if INDEX_64:
@@ -378,13 +390,17 @@ def fused_bwd_span_kernel(
 # Launch helpers
 # --------------------------------------------------------------------------------------------
 
-def _dot_allowed(dtype: torch.dtype) -> bool:
-    # fp64 tl.dot is not a tensor-core path worth having; it takes the multiply-reduce.
-    return dtype in (torch.float16, torch.bfloat16, torch.float32)
+def uses_dot(kernel: str, config: dict, dtype: torch.dtype) -> bool:
+    """Whether ``kernel``'s products run on tl.dot: its contraction — R (weights: fwd, bwd_input),
+    groups (bwd_z) or pixels (bwd_span) — is at least 16, and the dtype is not fp64 (fp64 tl.dot
+    is no tensor-core path worth having). Otherwise they take the multiply-reduce."""
+    contraction = {"fwd": config["BLOCK_R"], "bwd_input": config["BLOCK_R"], "bwd_z": config["BLOCK_G"],
+                   "bwd_span": config["BLOCK_H"] * config["BLOCK_W"]}[kernel]
+    return contraction >= 16 and dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # tf32 would round fp32 operands to 10 mantissa bits: fp32 in, fp32 products out.
+    # tf32 would round fp32 operands to 10 mantissa bits; tf32x3 splits each into two tf32 parts.
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
@@ -394,8 +410,9 @@ def default_config(kernel: str, C: int, G: int, R: int, height: int, width: int,
 
     The channel block covers a whole group where it can (up to 64 channels): a second channel
     tile would regenerate the same weights. Groups fill the rest of 256 channels, so RedNet's
-    16-channel groups give a 16 x 16 tile whose weight dot is [16, R] @ [R, 32]. Tiles have 32
-    pixels even past a small image's edge (masked), because the span-gradient dot contracts over them.
+    16-channel groups give a 16 x 16 x 16-pixel tile whose weight dot is [16, R] @ [R, 16]. Tiles
+    have 16 pixels even past a small image's edge (masked), because the span-gradient dot
+    contracts over them; 32 pixels cost 200+ registers per thread in NCHW for no fewer bytes.
     """
     cg = C // G
     block_cg = _pow2_at_most(cg, 64)
@@ -403,15 +420,19 @@ def default_config(kernel: str, C: int, G: int, R: int, height: int, width: int,
     block_w = _pow2_at_most(width, 8 if channels_last else TILE_PIXELS)
     block_h = TILE_PIXELS // block_w
     pixels = block_h * block_w
-    # The contraction each kernel's dot runs over: R (weights), groups (dz), pixels (dS).
-    contraction = {"fwd": 16, "bwd_input": 16, "bwd_z": block_g, "bwd_span": pixels}[kernel]
-    if _dot_allowed(dtype) and contraction >= 16:
-        # Zero-padded up to 16 so the weight dot always has a legal contraction.
-        block_r = min(max(16, triton.next_power_of_2(R)), 128)
-    else:
+    # R is zero-padded up to 16 so the weight dot always has a legal contraction.
+    block_r = min(max(16, triton.next_power_of_2(R)), 128)
+    if not uses_dot(kernel, dict(BLOCK_G=block_g, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=block_r), dtype):
         block_r = _pow2_at_most(R, max(1, FMA_PRODUCT_ELEMENTS // (block_g * pixels)))
     elements = block_g * block_cg * pixels
-    num_warps = max(1, min(8, elements // 256))
+    # About eight tile elements per thread, except where the AOT sweep (dynconv inspect, sm_80 and
+    # sm_90) found ptxas spilling at that count: dx wants more threads, and dz fewer unless fp32 NCHW.
+    if kernel == "bwd_input" or (kernel == "bwd_z" and dtype == torch.float32 and not channels_last):
+        num_warps = max(1, min(8, elements // 128))
+    elif kernel == "bwd_z":
+        num_warps = max(1, min(4, elements // 256))
+    else:
+        num_warps = max(1, min(8, elements // 256))
     return {"BLOCK_G": block_g, "BLOCK_CG": block_cg, "BLOCK_H": block_h, "BLOCK_W": block_w,
             "BLOCK_R": block_r, "num_warps": num_warps, "num_stages": 1}
 
@@ -458,7 +479,7 @@ def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = y.shape[2], y.shape[3]
     config = _config("fwd", x, G, K, R, stride, Ho, Wo, config)
-    meta, num_warps, num_stages = _common_meta(config, x, _dot_allowed(x.dtype), x, z, y)
+    meta, num_warps, num_stages = _common_meta(config, x, uses_dot("fwd", config, x.dtype), x, z, y)
     tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     cg_tiles = triton.cdiv(C // G, meta["BLOCK_CG"])
@@ -480,7 +501,7 @@ def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding,
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = _config("bwd_input", dy, G, K, R, stride, H, W, config)
-    meta, num_warps, num_stages = _common_meta(config, dy, _dot_allowed(dy.dtype), dy, z, dx)
+    meta, num_warps, num_stages = _common_meta(config, dy, uses_dot("bwd_input", config, dy.dtype), dy, z, dx)
     tiles_w = triton.cdiv(W, meta["BLOCK_W"])
     tiles_pix = triton.cdiv(H, meta["BLOCK_H"]) * tiles_w
     cg_tiles = triton.cdiv(C // G, meta["BLOCK_CG"])
@@ -492,7 +513,7 @@ def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding,
         **_geometry_args(stride, padding, dilation),
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )
-    meta.update(HAS_BIAS=span_bias is not None)
+    meta.update(ONE_R_CHUNK=R <= meta["BLOCK_R"], HAS_BIAS=span_bias is not None)
     return Launch(fused_bwd_input_kernel, _channel_grid(B, G, tiles_pix, meta["BLOCK_G"], cg_tiles), args, meta,
                   num_warps, num_stages)
 
@@ -503,8 +524,7 @@ def backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, conf
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
-    use_dot = _dot_allowed(x.dtype) and config["BLOCK_G"] >= 16
-    meta, num_warps, num_stages = _common_meta(config, x, use_dot, dy, x, dz)
+    meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, dz)
     tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     r_tiles = triton.cdiv(R, meta["BLOCK_R"])
@@ -518,7 +538,7 @@ def backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, conf
         **_geometry_args(stride, padding, dilation),
         TILES_PIX=tiles_pix, TILES_W=tiles_w,
     )
-    meta.update(ONE_CG_CHUNK=C // G <= meta["BLOCK_CG"])
+    meta.update(ONE_G_BLOCK=G <= meta["BLOCK_G"], ONE_CG_CHUNK=C // G <= meta["BLOCK_CG"])
     return Launch(fused_bwd_z_kernel, (B * tiles_pix, r_tiles, 1), args, meta, num_warps, num_stages)
 
 
@@ -543,7 +563,7 @@ def backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, pa
     G = dspan_partials.shape[1] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = span_grad_config(x, G, K, R, stride, Ho, Wo, config)
-    meta, num_warps, num_stages = _common_meta(config, x, _dot_allowed(x.dtype), dy, x, z)
+    meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_span", config, x.dtype), dy, x, z)
     tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     slabs, per_slab = span_grad_slabs(B, Ho, Wo, K, G, R, config)

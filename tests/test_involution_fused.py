@@ -81,14 +81,14 @@ def test_reference_is_involution_of_the_span_conv():
 LOOP_CONFIGS = {
     "r_blocks": dict(BLOCK_G=16, BLOCK_CG=2, BLOCK_H=2, BLOCK_W=8, BLOCK_R=16),
     "cg_chunks": dict(BLOCK_G=4, BLOCK_CG=1, BLOCK_H=4, BLOCK_W=4, BLOCK_R=16),
-    "multiply_reduce": dict(BLOCK_G=2, BLOCK_CG=2, BLOCK_H=1, BLOCK_W=4, BLOCK_R=4),
+    "multiply_reduce": dict(BLOCK_G=8, BLOCK_CG=2, BLOCK_H=2, BLOCK_W=4, BLOCK_R=8),
 }
 
 
-@pytest.mark.parametrize("config", LOOP_CONFIGS, ids=list(LOOP_CONFIGS))
-def test_kernel_loops_with_forced_tiles(config, device):
+@pytest.mark.parametrize("name", LOOP_CONFIGS, ids=list(LOOP_CONFIGS))
+def test_kernel_loops_with_forced_tiles(name, device):
     B, C, H, W, K, G, R, s, d = 2, 32, 7, 6, 3, 16, 20, 2, 1
-    config = dict(LOOP_CONFIGS[config], num_warps=4, num_stages=1)
+    config = dict(LOOP_CONFIGS[name], num_warps=4, num_stages=1)
     geometry = ((s, s), (1, 1), (d, d))
     Ho, Wo = _out(H, K, s, d), _out(W, K, s, d)
     x = torch.randn(B, C, H, W, device=device)
@@ -96,7 +96,11 @@ def test_kernel_loops_with_forced_tiles(config, device):
     span_w = torch.randn(K * K * G, R, device=device) / R ** 0.5
     span_b = torch.randn(K * K * G, device=device)
     dy = torch.randn(B, C, Ho, Wo, device=device)
-    # Launchers take the config as given: the dot needs a contraction of 16, the rest multiply-reduce.
+    dot = [kernels.uses_dot(k, config, torch.float32) for k in ("fwd", "bwd_input", "bwd_z", "bwd_span")]
+    if name == "r_blocks":
+        assert all(dot)
+    if name == "multiply_reduce":
+        assert not any(dot)
     y = torch.empty(B, C, Ho, Wo, device=device)
     kernels.involution_fused_forward(x, z, span_w, span_b, y, K, *geometry, config=config)
     assert_close(y, reference.involution_fused_reference(x.double(), z.double(), span_w.double(), span_b.double(),
