@@ -9,12 +9,14 @@ For every GPU folder (``<reports>/<gpu>/results.csv``, or only ``--gpu``) it dra
   TFLOP/s for compute-bound ones (both from the minimum model of :mod:`dynconv.roofline`).
 * ``speedup_<dtype>``: speedup over the unfold baseline (family 1) or the batch-as-groups conv
   (family 2, which has no unfold form) at the reference shapes, one panel per pass.
-* ``roofline``: dynconv's achieved TFLOP/s against arithmetic intensity at the reference shapes,
-  one panel per dtype, under the measured bandwidth and compute roofs; each point labelled with
-  its fraction of the roof.
+* ``roofline``: dynconv's achieved TFLOP/s (each op's headline provider) against arithmetic
+  intensity at the reference shapes, one panel per dtype, under the measured bandwidth and
+  compute roofs; each point labelled with its fraction of the roof.
 
 Then it rewrites ``<reports>/README.md`` from every GPU folder's data: the plots and a summary
-table (time and memory ratio against each baseline, % of roofline). Nothing is drawn or written
+table (time and memory ratio against each baseline, % of roofline). Both report each op's
+headline provider (``providers.HEADLINE``: ``dynconv``, or ``dynconv_fused`` for
+``involution_layer``); every other provider of the op is a baseline. Nothing is drawn or written
 for a GPU without measurements; with none at all, the README says so.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from dynconv.providers import PROVIDERS, SPEEDUP_BASELINE, label
+from dynconv.providers import PROVIDERS, SPEEDUP_BASELINE, headline, label
 from dynconv.roofline import (
     DTYPE_BYTES,
     FAMILY,
@@ -149,7 +151,7 @@ def _save(fig, path: Path) -> list[Path]:
 def _shape_caption(base: str) -> str:
     p = REFERENCE_SHAPES[base]
     if FAMILY[p.op] == 1:
-        return f"B={p.B} C={p.C} K={p.K} G={p.G}"
+        return f"B={p.B} C={p.C} K={p.K} G={p.G}" + (f" R={p.R}" if p.R else "")
     extra = f" m={p.m}" if p.op == "drconv" else ""
     return f"B={p.B} Cin={p.C} Cout={p.Cout} k={p.K} E={p.E}{extra}"
 
@@ -324,11 +326,13 @@ def roof_fraction(data: GpuData, row: dict) -> float | None:
     return row["tflops"] / roof_tflops(intensity, hbm, peak)
 
 
-def draw_roofline(data: GpuData, provider: str = "dynconv") -> list[Path]:
+def draw_roofline(data: GpuData, provider: str | None = None) -> list[Path]:
+    """``provider``: whose points to draw; None: each op's headline provider."""
     plt = _pyplot()
     hbm = (data.ceilings or {}).get("hbm_gbps")
     shapes = _reference_shapes(data)
-    rows = [r for r in data.rows if r["provider"] == provider and r["shape"] in shapes and not r["status"]]
+    rows = [r for r in data.rows if r["provider"] == (provider or headline(r["op"])) and r["shape"] in shapes
+            and not r["status"]]
     if not hbm or not rows:
         return []
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
@@ -365,7 +369,7 @@ def draw_roofline(data: GpuData, provider: str = "dynconv") -> list[Path]:
         pending.append((ax, labelled))
         ax.set_xlabel("arithmetic intensity (FLOP/byte, minimum model)")
         ax.set_ylabel("achieved TFLOP/s (minimum FLOPs / time)")
-        ax.set_title(f"{dtype}: {label(provider)}")
+        ax.set_title(f"{dtype}: " + ", ".join(dict.fromkeys(label(r["provider"]) for r in rows if r["dtype"] == dtype)))
     fig.suptitle(f"Roofline on {data.name}: ceilings measured on the device; label = shape, pass, % of the roof",
                  fontsize=10)
     markers = [plt.Line2D([], [], marker=m, color="0.3", linestyle="none", label=p) for p, m in PASS_MARKER.items()]
@@ -442,6 +446,11 @@ Providers: `dynconv` (the Triton kernels), `unfold` (SPEC.md §3 unfold baseline
 (plain-PyTorch shift-and-add), `batch_groups` (per-sample weights as one grouped conv),
 `all_regions` / `loop` (family-2 references), `static_conv` (cuDNN `nn.Conv2d` of the same shape
 with fixed weights: depth-wise for family 1, dense for family 2 — the floor, not a competitor).
+`involution_layer` is Involution2d from the reduced feature z on (span conv R → K²G, then the
+aggregation): `dynconv_fused` runs it as one kernel (`dynconv.involution_fused`, no per-pixel
+weights in memory) and is what its summary rows report; the other providers run the span conv
+with `F.conv2d` and then their own aggregation, so its `vs dynconv` cell is the fused kernel's
+gain over the unfused layer. Its minimum bytes are the fused layer's (x, z, span weights → y).
 Reference shapes (the csv's `shape` column; `R1@H112` is R1 at H = W = 112):"""
 
 
@@ -464,20 +473,22 @@ def _ratio_cell(dyn: dict, base: dict | None) -> str:
 
 
 def summary_table(data: GpuData, dtype: str, family: int) -> str | None:
-    """Markdown table for one dtype and kernel family at the reference shapes: dynconv's time,
-    peak memory and % of roofline, and for each baseline measured there
-    (time of baseline ÷ time of dynconv) · (its peak memory ÷ dynconv's)."""
+    """Markdown table for one dtype and kernel family at the reference shapes: the headline
+    provider's time, peak memory and % of roofline (dynconv; the op cell names another headline),
+    and for each baseline measured there (time of baseline ÷ time of headline) · (its peak memory ÷
+    the headline's). A provider is a column if it is a baseline of some row ("—" in its own rows)."""
     shapes = [s for s in _reference_shapes(data) if FAMILY[REFERENCE_SHAPES[s].op] == family]
-    ops = {REFERENCE_SHAPES[s].op for s in shapes}
-    present = {r["provider"] for r in data.rows if r["op"] in ops and r["shape"] in shapes}
+    present = {r["provider"] for r in data.rows if r["shape"] in shapes and r["op"] == REFERENCE_SHAPES[r["shape"]].op
+               and r["provider"] != headline(r["op"])}
     # Registry order, the static floor last, providers the registry does not know at the end.
-    baselines = [p for p in PROVIDERS if p not in ("dynconv", "static_conv") and p in present]
+    baselines = [p for p in PROVIDERS if p != "static_conv" and p in present]
     baselines += sorted(present - set(PROVIDERS)) + (["static_conv"] if "static_conv" in present else [])
     lines = []
     for shape in shapes:
         op = REFERENCE_SHAPES[shape].op
+        main = headline(op)
         for pass_ in PASSES:
-            dyn = data.get(op, pass_, dtype, shape, "dynconv")
+            dyn = data.get(op, pass_, dtype, shape, main)
             if dyn is None:
                 continue
             if dyn["status"]:
@@ -486,8 +497,10 @@ def summary_table(data: GpuData, dtype: str, family: int) -> str | None:
                 fraction = roof_fraction(data, dyn)
                 peak = f"{dyn['peak_mem_mb']:,.0f}" if dyn.get("peak_mem_mb") else "—"
                 cells = [f"{dyn['ms_median']:.3g}", peak, f"{100 * fraction:.0f}%" if fraction is not None else "—"]
-                cells += [_ratio_cell(dyn, data.get(op, pass_, dtype, shape, b)) for b in baselines]
-            lines.append(f"| {shape} | {op} | {pass_} | " + " | ".join(cells) + " |")
+                cells += [_ratio_cell(dyn, data.get(op, pass_, dtype, shape, b) if b != main else None)
+                          for b in baselines]
+            op_cell = op if main == "dynconv" else f"{op} ({main})"
+            lines.append(f"| {shape} | {op_cell} | {pass_} | " + " | ".join(cells) + " |")
     if not lines:
         return None
     header = ("| shape | op | pass | dynconv ms | peak MiB | % of roof | "
@@ -518,7 +531,8 @@ def _gpu_section(data: GpuData, reports: Path) -> str:
         out += [f"![roofline on {data.name}]({rel}/roofline.png)", ""]
     out += ["### Summary at the reference shapes", "",
             "Each `vs` cell: baseline time ÷ dynconv time (above 1: dynconv is faster) · baseline peak "
-            "memory ÷ dynconv peak memory (above 1: dynconv needs less). Against the static conv, the time "
+            "memory ÷ dynconv peak memory (above 1: dynconv needs less); where the op cell names a provider, "
+            "its row reports that provider instead of `dynconv`. Against the static conv, the time "
             "ratio is the fraction of a fixed-weight conv's speed that the dynamic op reaches.", ""]
     tables = [(d, f, summary_table(data, d, f)) for d in ("bf16", "fp16", "fp32") for f in (1, 2)]
     tables = [(d, f, t) for d, f, t in tables if t]

@@ -7,8 +7,12 @@ raises :class:`ProviderUnavailable` when that is not there (a family-2 op not me
 so the benchmark skips the provider with a note instead of failing. Adding a provider (a fused
 kernel, another baseline) is one :func:`register_provider` call::
 
-    register_provider(Provider("dynconv_fused", "dynconv (fused)", ("involution",),
-                               lambda op: my_fused_fn))
+    register_provider(Provider("my_kernel", "my kernel", ("involution",), lambda op: my_fn))
+
+``involution_layer`` (Involution2d from the reduced feature z on) is served by every family-1
+provider as span conv (``F.conv2d``, 1x1) + that provider's aggregation, by ``dynconv_fused``
+(``dynconv.involution_fused``: one kernel, no per-pixel weights in memory) and by the depth-wise
+static conv of x.
 
 torch is imported inside functions only: :mod:`dynconv.plot` reads the labels without it.
 """
@@ -53,11 +57,18 @@ def label(name: str) -> str:
 # The baseline each op's speedup bars divide by: SPEC.md §3's unfold where it exists; family 2
 # has no unfold formulation, so its bars use the per-sample batch-as-groups conv.
 SPEEDUP_BASELINE = {"involution": "unfold", "dynamic_dwconv2d": "unfold",
-                    "expert_conv2d": "batch_groups", "drconv": "batch_groups"}
+                    "expert_conv2d": "batch_groups", "drconv": "batch_groups", "involution_layer": "unfold"}
 # Whose forward output every other provider is checked against before it is timed: the
 # lowest-memory exact formulation, so the check itself does not run out of memory.
 CHECK_REFERENCE = {"involution": "shift_add", "dynamic_dwconv2d": "shift_add",
-                   "expert_conv2d": "batch_groups", "drconv": "batch_groups"}
+                   "expert_conv2d": "batch_groups", "drconv": "batch_groups", "involution_layer": "shift_add"}
+# The provider the summary table and the roofline plot report for an op (the others are its
+# baselines): dynconv's best implementation of it.
+HEADLINE = {"involution_layer": "dynconv_fused"}
+
+
+def headline(op: str) -> str:
+    return HEADLINE.get(op, "dynconv")
 
 
 def _attr(module: str, name: str):
@@ -75,7 +86,19 @@ def _geometry(p: Problem) -> tuple[int, int, int]:
 # Family 1: involution (per-pixel weights), dynamic_dwconv2d (per-sample weights)
 # ---------------------------------------------------------------------------------------------
 
+def _span_conv(t: dict, p: Problem):
+    """The unfused layer's kernel generation: the 1x1 span conv (R → K²·G) of z, viewed as the
+    per-pixel weights ``(B, G, K, K, Ho, Wo)``."""
+    import torch.nn.functional as F
+    span = t["span_weight"]
+    w = F.conv2d(t["z"], span.reshape(*span.shape, 1, 1), t.get("span_bias"))
+    return w.reshape(p.B, p.G, p.K, p.K, *w.shape[2:])
+
+
 def _dynconv(op: str):
+    if op == "involution_layer":
+        f = _attr("dynconv", "involution")
+        return lambda t, p: f(t["x"], _span_conv(t, p), *_geometry(p))
     if op == "involution":
         f = _attr("dynconv", "involution")
         return lambda t, p: f(t["x"], t["weight"], *_geometry(p))
@@ -92,9 +115,16 @@ def _dynconv(op: str):
     raise ProviderUnavailable(f"dynconv has no {op}")
 
 
+def _dynconv_fused(op: str):
+    f = _attr("dynconv", "involution_fused")
+    return lambda t, p: f(t["x"], t["z"], t["span_weight"], t.get("span_bias"), p.K, p.G, *_geometry(p))
+
+
 def _family1_reference(name: str):
     def resolve(op: str):
         f = _attr("dynconv.reference", name)
+        if op == "involution_layer":
+            return lambda t, p: f(t["x"], _span_conv(t, p), None, *_geometry(p))
         return lambda t, p: f(t["x"], t["weight"], t.get("bias"), *_geometry(p))
     return resolve
 
@@ -137,7 +167,7 @@ def _family2_reference(name: str):
     return resolve
 
 
-_FAMILY1 = ("involution", "dynamic_dwconv2d")
+_FAMILY1 = ("involution", "dynamic_dwconv2d", "involution_layer")
 _FAMILY2 = ("expert_conv2d", "drconv")
 
 register_provider(Provider("dynconv", "dynconv (Triton)", _FAMILY1 + _FAMILY2, _dynconv))
@@ -149,6 +179,7 @@ register_provider(Provider("batch_groups", "batch-as-groups conv", ("dynamic_dwc
 register_provider(Provider("all_regions", "all regions, then select", ("drconv",),
                            _family2_reference("drconv_all_regions")))
 register_provider(Provider("loop", "expert_conv2d_loop", _FAMILY2, _family2_reference("expert_conv2d_loop")))
+register_provider(Provider("dynconv_fused", "dynconv fused", ("involution_layer",), _dynconv_fused))
 register_provider(Provider("static_conv", "static cuDNN conv (floor)", _FAMILY1 + _FAMILY2, _static_conv,
                            static=True))
 
@@ -173,7 +204,15 @@ def make_inputs(p: Problem, dtype, device, requires_grad: bool = False, generato
         return t.to(dtype)
 
     Ho, Wo = p.out_hw
-    if FAMILY[p.op] == 1:
+    if p.op == "involution_layer":
+        taps = p.K * p.K * p.G
+        # z ~ N(0, 1) and span ~ N(0, 1/(K²R)): generated weights ~ 1/K, as the involution's.
+        t = {"x": randn(p.B, p.C, p.H, p.W), "z": randn(p.B, p.R, Ho, Wo),
+             "span_weight": randn(taps, p.R, scale=1.0 / (p.K * p.R ** 0.5)),
+             "static_weight": randn(p.C, 1, p.K, p.K, scale=1.0 / p.K)}
+        if p.bias:
+            t["span_bias"] = randn(taps, scale=0.1 / p.K)
+    elif FAMILY[p.op] == 1:
         weight_shape = (p.B, p.G, p.K, p.K) + ((Ho, Wo) if p.op == "involution" else ())
         t = {"x": randn(p.B, p.C, p.H, p.W), "weight": randn(*weight_shape, scale=1.0 / p.K),
              "static_weight": randn(p.C, 1, p.K, p.K, scale=1.0 / p.K)}

@@ -17,12 +17,21 @@ expert_conv2d      x, experts, routing, bias → y       dy, x, experts, routing
                                                          → dx, dexperts, drouting, dbias
 drconv             x, experts, routing, guide, bias    dy, x, experts, routing, guide, bias
                      → y                                 → dx, dexperts, drouting, dguide, dbias
+involution_layer   x, z, span_weight, span_bias → y    dy, x, z, span_weight, span_bias
+                                                         → dx, dz, dspan_weight, dspan_bias
 =================  ==================================  ==============================================
 
 ``forward+backward`` is one unit of work: the union of both passes' inputs (read once) and
 outputs (written once), so x and the weights are not counted twice and ``y`` is written but
 ``dy`` is still read (it comes from outside). Backward of ``expert_conv2d``/``drconv`` reads
 ``bias`` because ``drouting`` has a term ``Σ_o ∂bias_mixed[b,o] · bias[e,o]``.
+
+``involution_layer`` is Involution2d from the reduced feature ``z`` ``(B, R, Ho, Wo)`` (R = C/r)
+onwards: the span conv (1×1, R → K²·G, ``span_weight`` ``(K²G, R)`` and ``span_bias``) generates the
+per-pixel weights, then the involution aggregates. The weights are an intermediate, so its minimum
+is what the fused kernel (``dynconv.involution_fused``) moves; every provider of the layer (the
+unfused ones write and read the weights) is measured against it. Its backward reads ``span_bias``
+because ∂x needs the generated weights, bias included.
 
 **FLOPs**: 2 per multiply-add of every contraction, 1 per plain addition (a bias add, the spatial
 sum that gives ∂bias). Nonlinear elementwise maps (the softmax and argmax over DRConv's guide,
@@ -31,6 +40,12 @@ the softmax Jacobian in ∂guide) are not counted. With ``P = Cout·(Cin/groups)
 
 * involution / dynamic_dwconv2d: forward ``2·B·C·N·K²`` (+ ``B·C·N`` bias adds); backward
   ``∂x`` and ``∂weight`` are one such contraction each: ``4·B·C·N·K²`` (+ ``B·C·N`` for ∂bias).
+* involution_layer (``T = K²·G`` span rows): forward ``2·B·N·R·T`` (span GEMM) + ``B·N·T`` (its
+  bias adds) + ``2·B·C·N·K²`` (aggregation). Backward: ∂x and ∂w (the weights' gradient, on-chip)
+  are one aggregation each, ∂z = Sᵀ·∂w and ∂S = Σ ∂w·zᵀ one span GEMM each, ∂β = Σ ∂w the
+  ``B·N·T`` additions: ``2×`` the forward. This is the minimum: the span GEMM a backward re-runs
+  to regenerate w for ∂x (the fused kernel does, the unfused path keeps w) and the fused kernel's
+  second ∂w (one in the ∂z kernel, one in the ∂S kernel) are recompute, not counted.
 * expert_conv2d (CondConv, DynamicConv; routing ``(B, E)``): forward ``conv + mix`` with
   ``mix = 2·B·E·P`` (one mixed kernel per sample) + ``2·B·E·Cout`` (mixed bias) + ``B·Cout·N``
   (bias add). Backward: ``∂x`` and ``∂W`` are one conv each; ``∂experts = Σ_b routing·∂W`` and
@@ -52,16 +67,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-OPS = ("involution", "dynamic_dwconv2d", "expert_conv2d", "drconv")
-FAMILY = {"involution": 1, "dynamic_dwconv2d": 1, "expert_conv2d": 2, "drconv": 2}
+OPS = ("involution", "dynamic_dwconv2d", "expert_conv2d", "drconv", "involution_layer")
+FAMILY = {"involution": 1, "dynamic_dwconv2d": 1, "expert_conv2d": 2, "drconv": 2, "involution_layer": 1}
 PASSES = ("forward", "backward", "forward+backward")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One op at one shape. Family 1 uses C (channels) and G (weight groups); family 2 uses
-    C as Cin, Cout, E experts, m regions (1 without guide) and ``groups`` of the conv."""
+    """One op at one shape. Family 1 uses C (channels) and G (weight groups), and
+    ``involution_layer`` R (the reduced channels, the span conv's input) with ``bias`` for the span
+    conv's bias; family 2 uses C as Cin, Cout, E experts, m regions (1 without guide) and
+    ``groups`` of the conv."""
 
     op: str
     B: int
@@ -80,10 +97,13 @@ class Problem:
     # How the module normalises routing logits (CondConv: sigmoid). The op takes routing as given,
     # so this only shapes the benchmark's inputs, not the model.
     routing: str = "softmax"
+    R: int = 0
 
     def __post_init__(self):
         if self.op not in OPS:
             raise ValueError(f"unknown op {self.op!r}; expected one of {OPS}")
+        if self.op == "involution_layer" and self.R < 1:
+            raise ValueError(f"involution_layer needs the reduced channels R >= 1, got {self.R}")
 
     @property
     def padding(self) -> int:
@@ -110,6 +130,8 @@ REFERENCE_SHAPES: dict[str, Problem] = {
                   routing="sigmoid"),  # CondConv
     "E2": Problem("expert_conv2d", B=128, C=128, H=56, W=56, K=3, Cout=128, E=4, bias=True),  # DynamicConv
     "D1": Problem("drconv", B=32, C=128, H=28, W=28, K=3, Cout=128, E=8, m=8, bias=True),  # DRConv
+    # R1 as a whole Involution2d from the reduced feature on: span conv (R = C/4) + aggregation.
+    "R1-layer": Problem("involution_layer", B=32, C=256, H=56, W=56, K=7, G=16, R=64, bias=True),
 }
 
 # The size sweep: one reference shape per op, its spatial size varied (H = W), the rest fixed.
@@ -118,9 +140,10 @@ SWEEPS: dict[str, tuple[int, ...]] = {
     "R4": (14, 28, 56, 112),
     "E1": (7, 14, 28, 56),
     "D1": (14, 28, 56),
+    "R1-layer": (14, 28, 56, 112),
 }
 
-_SHAPE_NAME = re.compile(r"^(?P<base>[A-Z][0-9]+)(?:@H(?P<hw>[0-9]+))?$")
+_SHAPE_NAME = re.compile(r"^(?P<base>[A-Z][0-9]+(?:-[a-z]+)?)(?:@H(?P<hw>[0-9]+))?$")
 
 
 def sweep_shape_names() -> list[str]:
@@ -159,6 +182,13 @@ def tensor_elements(p: Problem) -> dict[str, int]:
     """Element count of every tensor an op's forward or backward touches (gradients have the
     size of their tensor)."""
     Ho, Wo = p.out_hw
+    if p.op == "involution_layer":
+        taps = p.K * p.K * p.G
+        sizes = {"x": p.B * p.C * p.H * p.W, "z": p.B * p.R * Ho * Wo, "span_weight": taps * p.R,
+                 "y": p.B * p.C * Ho * Wo}
+        if p.bias:
+            sizes["span_bias"] = taps
+        return sizes
     if FAMILY[p.op] == 1:
         weight = p.B * p.G * p.K * p.K * (Ho * Wo if p.op == "involution" else 1)
         sizes = {"x": p.B * p.C * p.H * p.W, "weight": weight, "y": p.B * p.C * Ho * Wo}
@@ -211,7 +241,14 @@ def minimum_flops(p: Problem, pass_: str) -> int:
         raise ValueError(f"unknown pass {pass_!r}; expected one of {PASSES}")
     Ho, Wo = p.out_hw
     N = Ho * Wo
-    if FAMILY[p.op] == 1:
+    if p.op == "involution_layer":
+        taps = p.K * p.K * p.G
+        aggregation = 2 * p.B * p.C * N * p.K * p.K
+        span = 2 * p.B * N * p.R * taps
+        bias_adds = p.B * N * taps if p.bias else 0
+        forward = span + bias_adds + aggregation
+        backward = 2 * aggregation + 2 * span + bias_adds  # ∂x, ∂w; ∂z, ∂S; ∂β sums ∂w (no recompute)
+    elif FAMILY[p.op] == 1:
         contraction = 2 * p.B * p.C * N * p.K * p.K
         bias_adds = p.B * p.C * N if p.bias else 0
         forward = contraction + bias_adds

@@ -80,13 +80,48 @@ def test_drconv_model_small_shape():
     assert minimum_flops(p, "backward") == 43_200 + 10_656 + 300 + 43_200 + 1_200 + 600 == 99_156
 
 
+# R1-layer: R1's Involution2d from the reduced feature on, R = 256/4 = 64, K²G = 49·16 = 784 span rows.
+# z = 32·64·56·56 = 6,422,528; span weight 784·64 = 50,176; span bias 784.
+L1_Z, L1_S, L1_B = 6_422_528, 50_176, 784
+L1_SPAN_FLOPS = 2 * 32 * 3136 * 64 * 784      # = 10,070,523,904 (the 1x1 span conv as a GEMM)
+L1_BIAS_ADDS = 32 * 3136 * 784                 # = 78,675,968
+
+
+def test_involution_layer_model_r1():
+    p = REFERENCE_SHAPES["R1-layer"]
+    # forward: x, z, span weight and bias read, y written; the per-pixel weights (R1_W) never appear
+    assert minimum_bytes(p, "forward", "bf16") == 2 * (R1_X + L1_Z + L1_S + L1_B + R1_X) == 115_707_424
+    # backward: dy, x, z, span weight and bias (∂x needs the generated weights) → dx, dz, dspan, dbias
+    assert minimum_bytes(p, "backward", "bf16") == 2 * ((2 * R1_X + L1_Z + L1_S + L1_B)
+                                                        + (R1_X + L1_Z + L1_S + L1_B)) == 180_034_624
+    assert minimum_bytes(p, "forward+backward", "fp32") == 4 * (3 * R1_X + 2 * (L1_Z + L1_S + L1_B) + R1_X)
+    # span GEMM + its bias adds + aggregation; backward twice each contraction, ∂bias one sum
+    assert minimum_flops(p, "forward") == L1_SPAN_FLOPS + L1_BIAS_ADDS + R1_FWD_FLOPS == 12_666_830_848
+    assert minimum_flops(p, "backward") == 2 * L1_SPAN_FLOPS + L1_BIAS_ADDS + 2 * R1_FWD_FLOPS == 25_254_985_728
+    assert minimum_flops(p, "forward+backward") == 37_921_816_576
+
+
+def test_involution_layer_model_small_shape_without_bias():
+    p = Problem("involution_layer", B=2, C=4, H=5, W=5, K=3, G=2, R=3, stride=2)
+    # Ho = Wo = 3: x 200, z 2·3·9 = 54, span 18·3 = 54, y 2·4·9 = 72
+    assert minimum_bytes(p, "forward", "fp32") == 4 * (200 + 54 + 54 + 72)
+    assert minimum_bytes(p, "backward", "fp32") == 4 * ((72 + 200 + 54 + 54) + (200 + 54 + 54))
+    # span 2·2·9·3·18 = 1,944; aggregation 2·2·4·9·9 = 1,296
+    assert minimum_flops(p, "forward") == 1_944 + 1_296
+    assert minimum_flops(p, "backward") == 2 * (1_944 + 1_296)
+    with pytest.raises(ValueError, match="R >= 1"):
+        Problem("involution_layer", B=1, C=4, H=5, W=5, K=3, G=2)
+
+
 def test_geometry_and_shape_names():
     assert Problem("involution", B=1, C=4, H=7, W=7, K=3, G=1, stride=2).out_hw == (4, 4)
     assert Problem("involution", B=1, C=4, H=7, W=9, K=5, G=1, dilation=2).out_hw == (7, 9)
     assert split_shape_name("R1@H112") == ("R1", 112) and split_shape_name("E2") == ("E2", 56)
     assert resolve_shape("R4@H14").H == 14 and resolve_shape("R4@H14").C == 256
     assert "R1" not in sweep_shape_names() and "R1@H112" in sweep_shape_names()
-    for bad in ("R9", "r1", "R1@112", "R1@Hx"):
+    assert split_shape_name("R1-layer@H28") == ("R1-layer", 28) and "R1-layer@H14" in sweep_shape_names()
+    assert resolve_shape("R1-layer").R == 64
+    for bad in ("R9", "r1", "R1@112", "R1@Hx", "R1-Layer", "R1-other"):
         with pytest.raises(ValueError):
             resolve_shape(bad)
 
@@ -200,14 +235,38 @@ def test_run_on_cpu_records_every_provider_and_failure(tmp_path, monkeypatch):
     assert all(r["gpu"] == "cpu" for r in rows)
 
 
+def test_run_on_cpu_involution_layer_with_the_fused_provider(tmp_path):
+    """``dynconv bench --ops involution_layer`` on a tiny shape: every provider of the layer, the
+    fused one through the interpreter, checked against shift-and-add and timed. Two passes only:
+    the fused backward takes over a second per call in the interpreter (its span-gradient grid
+    is fixed), and forward+backward runs every backward kernel."""
+    tiny = {"T4": Problem("involution_layer", B=1, C=4, H=5, W=5, K=3, G=2, R=3, bias=True)}
+    log = []
+    timer = bench.Timer("cpu", warmup_ms=0, rep_ms=0, min_reps=1)
+    path = bench.run_benchmarks(ops=["involution_layer"], shapes=["T4", "R1"], dtypes=["fp32"],
+                                passes=["forward", "forward+backward"], out=tmp_path, device="cpu", problems=tiny,
+                                timer=timer, log=log.append)
+    rows = {(r["pass"], r["provider"]): r for r in bench.read_csv(path)}
+    expected = {"dynconv_fused", "dynconv", "unfold", "shift_add", "static_conv"}
+    assert {prov for _, prov in rows} == expected and len(rows) == 2 * len(expected)  # R1 left out by --ops
+    assert not any("MISMATCH" in line for line in log)
+    for (pass_, prov), r in rows.items():
+        assert r["op"] == "involution_layer" and r["shape"] == "T4"
+        ms = float(r["ms_median"])  # a status here would raise
+        assert float(r["gbps"]) == pytest.approx(minimum_bytes(tiny["T4"], pass_, "fp32") / ms / 1e6, rel=1e-4)
+        assert float(r["tflops"]) == pytest.approx(minimum_flops(tiny["T4"], pass_) / ms / 1e9, rel=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Plots and README from a SYNTHETIC csv
 # ---------------------------------------------------------------------------------------------
 
-SPEED = {"dynconv": 1.0, "unfold": 0.25, "shift_add": 0.5, "batch_groups": 0.5, "static_conv": 1.25}
+SPEED = {"dynconv": 1.0, "unfold": 0.25, "shift_add": 0.5, "batch_groups": 0.5, "static_conv": 1.25,
+         "dynconv_fused": 2.0}
 
 
-def write_synthetic_reports(root, shapes=("R1@H14", "R1@H28", "R1", "R4", "E1"), dtypes=("fp32", "bf16")):
+def write_synthetic_reports(root, shapes=("R1@H14", "R1@H28", "R1", "R4", "E1", "R1-layer@H28", "R1-layer"),
+                            dtypes=("fp32", "bf16")):
     """A small SYNTHETIC results.csv + ceilings.json under ``root``: made-up times from the model
     at 1 TB/s and 100 TFLOP/s, divided by a per-provider factor. Not a measurement."""
     folder = root / "SYNTHETIC_GPU"
@@ -252,7 +311,8 @@ def test_plots_from_synthetic_csv(synthetic_reports):
     root, drawn = synthetic_reports
     folder = root / "SYNTHETIC_GPU"
     names = {p.name for p in drawn}
-    for stem in ("throughput_involution_R1", "speedup_fp32", "speedup_bf16", "roofline"):
+    for stem in ("throughput_involution_R1", "throughput_involution_layer_R1-layer", "speedup_fp32",
+                 "speedup_bf16", "roofline"):
         assert f"{stem}.png" in names
         _assert_real_png(folder / f"{stem}.png")
     # R4 and E1 have a single size each: no sweep, so no throughput-against-size plot for them
@@ -266,11 +326,17 @@ def test_readme_summary_from_synthetic_data(synthetic_reports):
     assert "![roofline" in readme and "SYNTHETIC_GPU/speedup_bf16.png" in readme
     r1 = [line for line in readme.splitlines() if line.startswith("| R1 | involution | forward |")][0]
     cells = [c.strip() for c in r1.strip("|").split("|")]
-    # unfold is 4× slower with 16× the memory; shift-and-add 2× and 4×; batch-as-groups serves R4
-    # only; the static floor 0.8× and 0.64×
-    assert cells[6:] == ["4.00× · mem 16.00×", "2.00× · mem 4.00×", "—", "0.80× · mem 0.64×"]
+    # dynconv is a column for the layer's rows only; unfold is 4× slower with 16× the memory;
+    # shift-and-add 2× and 4×; batch-as-groups serves R4 only; the static floor 0.8× and 0.64×
+    assert cells[6:] == ["—", "4.00× · mem 16.00×", "2.00× · mem 4.00×", "—", "0.80× · mem 0.64×"]
     # R1 bf16 forward at 1 TB/s against a 2 TB/s roof (intensity 9.7 FLOP/B is left of the ridge)
     assert cells[5] == "50%"
+    # The layer's rows report the fused provider; unfused dynconv is 2× slower with 4× the memory.
+    layer = [line for line in readme.splitlines() if line.startswith("| R1-layer | involution_layer (dynconv_fused) |")]
+    assert [line.split("|")[3].strip() for line in layer] == 2 * ["forward", "backward", "forward+backward"]
+    cells = [c.strip() for c in layer[0].strip("|").split("|")]
+    assert cells[6:] == ["2.00× · mem 4.00×", "8.00× · mem 64.00×", "4.00× · mem 16.00×", "—",
+                         "1.60× · mem 2.56×"]
     r1_h28 = plot.load(tmp_path)[0].get("involution", "forward", "bf16", "R1@H28", "unfold")
     assert r1_h28["status"] == "OOM"
 
