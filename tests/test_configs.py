@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dynconv import autotune
-from dynconv.kernels import configs
+from dynconv.kernels import KERNEL_MODULES, configs
 from dynconv.kernels import involution as inv
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -355,7 +355,8 @@ def test_merge_keeps_rows_a_partial_sweep_did_not_measure(tmp_path):
 
 def test_every_kernel_has_a_space_and_its_grid_keys_match_the_launchers(monkeypatch):
     spaces = configs.spaces()
-    assert set(spaces) >= {"involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight"}
+    assert set(spaces) >= {"involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight",
+                           "expert_conv_fwd", "expert_conv_bwd_input", "expert_conv_bwd_weight"}
     cases = autotune.build_grid(spaces, None, ["float16"], quick=True)
     assert {c.kernel for c in cases} == set(spaces)
     for case in cases:
@@ -365,7 +366,9 @@ def test_every_kernel_has_a_space_and_its_grid_keys_match_the_launchers(monkeypa
         seen = []
         space = spaces[case.kernel]
         tensors = space.inputs(case.spec, torch.float16, "meta")
-        monkeypatch.setattr(inv, "get_config", lambda kernel, key, default: seen.append((kernel, key)) or default)
+        for module in KERNEL_MODULES:
+            if hasattr(module, "get_config"):
+                monkeypatch.setattr(module, "get_config", lambda kernel, key, default: seen.append((kernel, key)) or default)
         space.launch(case.spec, tensors, None)
         assert seen == [(case.kernel, case.key)]
 

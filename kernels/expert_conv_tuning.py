@@ -1,0 +1,223 @@
+"""Autotuning space of the expert-conv kernels (``kernels/expert_conv.py``; contract in ``kernels/configs.py``).
+
+Three configs are tuned, one per ``get_config`` name of the launchers:
+
+* ``expert_conv_fwd`` (also used by the DRConv guide-score kernel, which recomputes the forward);
+* ``expert_conv_bwd_input``;
+* ``expert_conv_bwd_weight`` (its launcher keys the problem with E = 1: the kernel gradient does
+  not depend on the experts).
+
+Every pass is a ``tl.dot`` implicit GEMM with a (rows, cols, reduction) tile: (BLOCK_P, BLOCK_N,
+BLOCK_K) for the forward and input gradient, (BLOCK_O, BLOCK_N, BLOCK_K) for the kernel gradient.
+Candidates are the neighbourhood of the launcher's default, pruned to what ``tl.dot`` takes (every
+block a power of two >= 16), tiles no larger than the problem, and what plausibly fits registers
+and shared memory (:func:`_plausible`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import expert_conv as ec
+from ._launch import Launch
+
+# Block shapes of a group-wise conv depend on the channels per group, so `groups` is exact: a
+# depth-wise layer must never borrow a dense layer's tiles (it is tuned at run time instead).
+_EXACT = ("kh", "kw", "stride", "groups", "channels_last", "dtype_bytes")
+_DTYPES = {2: torch.float16, 4: torch.float32, 8: torch.float64}
+
+# (label, op, B, Cin, Cout, H = W, k, stride, E, m): CondConv / DynamicConv on ResNet layers and
+# DRConv, the reference shapes of dynconv.roofline (E1, E2, D1) plus a 1x1 and a strided layer.
+_LAYERS = [
+    ("E1 CondConv ResNet stage 3 3x3", "expert_conv2d", 64, 256, 256, 28, 3, 1, 4, 1),
+    ("E2 DynamicConv ResNet stage 2 3x3", "expert_conv2d", 128, 128, 128, 56, 3, 1, 4, 1),
+    ("CondConv ResNet stage 3 1x1 expand", "expert_conv2d", 64, 256, 1024, 14, 1, 1, 4, 1),
+    ("CondConv ResNet stage 2 3x3 stride 2", "expert_conv2d", 64, 128, 128, 56, 3, 2, 4, 1),
+    ("D1 DRConv m=8", "drconv", 32, 128, 128, 28, 3, 1, 8, 8),
+]
+_QUICK = ("E1 CondConv ResNet stage 3 3x3", "D1 DRConv m=8")
+
+# Static plausibility (per thread of the CTA): fp32 accumulator elements, operand elements held
+# in registers before the MMA, and the shared memory the pipelined operands take.
+_MAX_ACC_PER_THREAD = 128
+_MAX_OPERANDS_PER_THREAD = 64
+_MAX_SHARED_BYTES = 160 * 1024  # under sm_80's 163 KiB; the sweep checks the real limit per GPU
+_CAPS = {2: (256, 128, 64), 4: (256, 128, 32), 8: (128, 64, 16)}  # (rows, cols, reduction) by element size
+
+
+def _problems(quick: bool) -> list:
+    from .configs import Problem
+
+    layers = [layer for layer in _LAYERS if layer[0] in _QUICK] if quick else _LAYERS
+    return [Problem(f"{label} {'NHWC' if cl else 'NCHW'}", op,
+                    dict(B=B, Cin=Cin, Cout=Cout, H=H, W=H, kh=k, kw=k, stride=s, E=E, m=m, groups=1,
+                         bias=True, channels_last=cl))
+            for label, op, B, Cin, Cout, H, k, s, E, m in layers for cl in (False, True)]
+
+
+def _out_hw(spec: dict) -> tuple[int, int]:
+    # "same" padding (k - 1) // 2, as the ops' layers use it
+    s = spec["stride"]
+    return tuple((n + 2 * ((k - 1) // 2) - k) // s + 1 for n, k in ((spec["H"], spec["kh"]), (spec["W"], spec["kw"])))
+
+
+def _geometry(spec: dict):
+    s = spec["stride"]
+    return (s, s), ((spec["kh"] - 1) // 2, (spec["kw"] - 1) // 2), (1, 1)
+
+
+def _inputs(spec: dict, dtype, device) -> dict:
+    B, Cin, Cout, H, W, kh, kw, E, m, g = (spec[n] for n in ("B", "Cin", "Cout", "H", "W", "kh", "kw", "E", "m",
+                                                             "groups"))
+    Ho, Wo = _out_hw(spec)
+    fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+
+    def t(*shape, fmt=torch.contiguous_format, scale=1.0):
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt).normal_(0.0, scale)
+
+    ts = dict(x=t(B, Cin, H, W, fmt=fmt), dx=t(B, Cin, H, W, fmt=fmt), y=t(B, Cout, Ho, Wo, fmt=fmt),
+              dy=t(B, Cout, Ho, Wo, fmt=fmt), experts=t(E, Cout, Cin // g, kh, kw, scale=(Cin // g * kh * kw) ** -0.5),
+              routing=t(B, m, E).softmax(-1), bias=t(B, m, Cout, scale=0.1) if spec["bias"] else None, guide=None)
+    if m > 1:
+        # A trained guide's regions are spatially coherent blobs (random logits per pixel would
+        # scatter them and misrepresent the input gradient, which multiplies once per region in a tile).
+        coarse = torch.empty((B, m, 4, 4), dtype=torch.float32, device=device).normal_()
+        ts["guide"] = F.interpolate(coarse, size=(Ho, Wo), mode="bilinear", align_corners=False).to(dtype)
+    return ts
+
+
+def _cached(ts: dict, name, build):
+    if name not in ts:
+        ts[name] = build()
+    return ts[name]
+
+
+def _source(ts: dict) -> ec.WeightSource:
+    # What the op would read: materialised mixed kernels or the experts mixed on the fly.
+    def build():
+        experts, routing = ts["experts"], ts["routing"]
+        pixels = ts["y"].shape[2] * ts["y"].shape[3]
+        return ec.weight_source(experts, routing, ec.should_materialise(experts, routing, pixels))
+    return _cached(ts, "source", build)
+
+
+def _regions(ts: dict, block_p: int) -> ec.RegionTables | None:
+    if ts["guide"] is None:
+        return None
+    return _cached(ts, ("regions", block_p), lambda: ec.region_tables(ts["guide"], block_p))
+
+
+def _key_experts(kernel: str, ts: dict) -> torch.Tensor:
+    # The kernel-gradient launcher keys the problem with a one-expert stand-in (see module doc).
+    return ts["experts"][:1] if kernel == "expert_conv_bwd_weight" else ts["experts"]
+
+
+def _forward(spec: dict, ts: dict, config: dict | None) -> Launch:
+    geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
+    config = config or ec.forward_config(ts["x"], ts["experts"], m, g, *geometry)
+    return ec.forward_launch(ts["x"], _source(ts), None, ts["bias"], _regions(ts, config["BLOCK_P"]), ts["y"],
+                             (spec["kh"], spec["kw"]), g, *geometry, config)
+
+
+def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
+    geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
+    config = config or ec.input_grad_config(ts["dx"], ts["experts"], m, g, geometry[0])
+    regions = _regions(ts, 1)
+    return ec.backward_input_launch(ts["dy"], _source(ts), None, regions.region if regions else None, ts["dx"],
+                                    (spec["kh"], spec["kw"]), g, *geometry, m, config)
+
+
+def _weight_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
+    geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
+    x, dy = ts["x"], ts["dy"]
+    config = config or ec.weight_grad_config(x, _key_experts("expert_conv_bwd_weight", ts), m, g, geometry[0])
+    (B, Cin), Cout, kernel_hw = x.shape[:2], dy.shape[1], (spec["kh"], spec["kw"])
+    k_total = Cin // g * kernel_hw[0] * kernel_hw[1]
+    splits = ec.weight_grad_splits(B, m, Cout, g, k_total, dy.shape[2] * dy.shape[3], config)
+    acc = dict(dtype=ec._acc_torch_dtype(x.dtype), device=x.device)
+    dw = _cached(ts, ("dw", splits), lambda: torch.empty((splits, B, m, Cout, Cin // g, *kernel_hw), **acc))
+    dbias = _cached(ts, ("dbias", splits), lambda: torch.empty((splits, B, m, Cout), **acc))
+    return ec.backward_weight_launch(dy, x, _regions(ts, 1), dw, dbias, kernel_hw, g, *geometry, config)
+
+
+_LAUNCH = {"expert_conv_fwd": _forward, "expert_conv_bwd_input": _input_grad, "expert_conv_bwd_weight": _weight_grad}
+
+
+def _key(kernel: str):
+    def key(spec: dict, ts: dict) -> dict:
+        x = ts["dx"] if kernel == "expert_conv_bwd_input" else ts["x"]
+        return ec.problem_key(x, _key_experts(kernel, ts), spec["m"], spec["groups"], (spec["stride"],) * 2)
+    return key
+
+
+def _default_for(kernel: str, key: dict) -> dict:
+    """The launcher's default config, from the problem key alone."""
+    dtype = _DTYPES[key["dtype_bytes"]]
+    g = key["groups"]
+    if kernel == "expert_conv_fwd":
+        Ho, Wo = _out_hw(key)
+        return ec.default_forward_config(key["Cout"] // g, dtype, Ho * Wo // key["m"])
+    if kernel == "expert_conv_bwd_input":
+        return ec.default_input_grad_config(key["Cin"] // g, dtype)
+    return ec.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype)
+
+
+def _default(kernel: str):
+    def default(spec: dict, ts: dict) -> dict:
+        return _default_for(kernel, _key(kernel)(spec, ts))
+    return default
+
+
+def _gemm_dims(kernel: str, key: dict) -> dict:
+    """The problem's own size along each block (a tile larger than that only wastes lanes)."""
+    g, taps = key["groups"], key["kh"] * key["kw"]
+    Ho, Wo = _out_hw(key)
+    if kernel == "expert_conv_fwd":
+        return {"BLOCK_P": Ho * Wo // key["m"], "BLOCK_N": key["Cout"] // g, "BLOCK_K": key["Cin"] // g * taps}
+    if kernel == "expert_conv_bwd_input":
+        return {"BLOCK_P": key["H"] * key["W"], "BLOCK_N": key["Cin"] // g, "BLOCK_K": key["Cout"] // g * taps}
+    return {"BLOCK_O": key["Cout"] // g, "BLOCK_N": key["Cin"] // g * taps, "BLOCK_K": Ho * Wo // key["m"]}
+
+
+def _plausible(config: dict, rows: str, dtype_bytes: int) -> bool:
+    M, N, K = config[rows], config["BLOCK_N"], config["BLOCK_K"]
+    threads = 32 * config["num_warps"]
+    acc_scale = 2 if dtype_bytes == 8 else 1  # fp64 accumulators take two registers
+    return (min(M, N, K) >= 16  # tl.dot's smallest tile
+            and 8 <= M * N * acc_scale / threads <= _MAX_ACC_PER_THREAD
+            and (M * K + K * N) * max(1, dtype_bytes // 2) / threads <= _MAX_OPERANDS_PER_THREAD
+            and config["num_stages"] * (M * K + K * N) * dtype_bytes <= _MAX_SHARED_BYTES)
+
+
+def _candidates(kernel: str):
+    def candidates(key: dict, quick: bool) -> list[dict]:
+        from .configs import neighbourhood
+
+        default = _default_for(kernel, key)
+        rows = "BLOCK_O" if kernel == "expert_conv_bwd_weight" else "BLOCK_P"
+        caps = dict(zip((rows, "BLOCK_N", "BLOCK_K"), _CAPS[key["dtype_bytes"]]))
+        limits = {name: max(16, min(caps[name], size)) for name, size in _gemm_dims(kernel, key).items()}
+        around = neighbourhood(default, limits, elements_per_thread=(0, float("inf")), size=10**6,
+                               warps=(4, 8), stages=(1, 2, 3))
+        keep = [c for c in around[1:] if _plausible(c, rows, key["dtype_bytes"])]
+        return [default] + keep[: (6 if quick else 12) - 1]
+    return candidates
+
+
+def _spec_for_key(kernel: str):
+    def spec_for_key(key: dict):
+        spec = {name: key[name] for name in ("B", "H", "W", "kh", "kw", "stride", "E", "m", "groups")}
+        g = key["groups"]  # exact, while a table key's channel counts are bucketed: keep them multiples of g
+        spec.update(Cin=-(-key["Cin"] // g) * g, Cout=-(-key["Cout"] // g) * g)
+        spec.update(bias=True, channels_last=bool(key["channels_last"]))
+        return spec, _DTYPES[key["dtype_bytes"]]
+    return spec_for_key
+
+
+def autotune_space() -> dict:
+    from .configs import KernelSpace
+
+    return {name: KernelSpace(problems=_problems, inputs=_inputs, launch=_LAUNCH[name], key=_key(name),
+                              default=_default(name), candidates=_candidates(name),
+                              spec_for_key=_spec_for_key(name), exact=_EXACT)
+            for name in _LAUNCH}
