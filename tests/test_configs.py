@@ -356,7 +356,9 @@ def test_merge_keeps_rows_a_partial_sweep_did_not_measure(tmp_path):
 def test_every_kernel_has_a_space_and_its_grid_keys_match_the_launchers(monkeypatch):
     spaces = configs.spaces()
     assert set(spaces) >= {"involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight",
-                           "expert_conv_fwd", "expert_conv_bwd_input", "expert_conv_bwd_weight"}
+                           "expert_conv_fwd", "expert_conv_bwd_input", "expert_conv_bwd_weight",
+                           "involution_fused_fwd", "involution_fused_bwd_input", "involution_fused_bwd_z",
+                           "involution_fused_bwd_span"}
     cases = autotune.build_grid(spaces, None, ["float16"], quick=True)
     assert {c.kernel for c in cases} == set(spaces)
     for case in cases:
