@@ -51,6 +51,19 @@ def _tile_indices(pid_pix, pid_ch, TILES_W, CG_TILES, G, CG,
 
 
 @triton.jit
+def gather_source(pos, pad, tap, dilation, stride, out_size, mask):
+    """The output index that reads input index ``pos`` through ``tap``, and ``mask`` & whether one exists.
+
+    Solves ``out * stride - pad + tap * dilation == pos`` for a whole ``out`` in ``[0, out_size)``:
+    the gather form of an input gradient, where each input element has exactly one writer.
+    """
+    scaled = pos + pad - tap * dilation
+    # Clamp before dividing: masked lanes must still form in-range arithmetic.
+    out = tl.maximum(scaled, 0) // stride
+    return out, mask & (scaled >= 0) & (scaled % stride == 0) & (out < out_size)
+
+
+@triton.jit
 def involution_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     B, C, H, W, Ho, Wo, CG, K,
@@ -132,14 +145,9 @@ def involution_bwd_input_kernel(
     w_group = w_ptr + b * swb + g3 * swg
     acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
     for u in range(K):
-        i_scaled = h + PH - u * DH
-        # Clamp before dividing: masked lanes must still form in-range arithmetic.
-        i = tl.maximum(i_scaled, 0) // SH
-        row_ok = in_mask & (i_scaled >= 0) & (i_scaled % SH == 0) & (i < Ho)
+        i, row_ok = gather_source(h, PH, u, DH, SH, Ho, in_mask)
         for v in range(K):
-            j_scaled = w + PW - v * DW
-            j = tl.maximum(j_scaled, 0) // SW
-            ok = row_ok & (j_scaled >= 0) & (j_scaled % SW == 0) & (j < Wo)
+            j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
             ok3 = ok[None, None, :]
             if PER_PIXEL:
                 weight = tl.load(w_group + u * swu + v * swv + (i * swh + j * sww)[None, None, :],

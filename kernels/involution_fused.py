@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ._launch import Launch, is_channels_last
 from .configs import get_config
-from .involution import _acc_dtype, _pow2_at_most, _tile_indices, needs_int64
+from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64
 
 # Programs the span-gradient kernel aims for: enough to fill any current GPU several times, few
 # enough that the fp32 partials stay a few MB. A constant, so the reduction order (and the result)
@@ -226,14 +226,9 @@ def fused_bwd_input_kernel(
     dy_rows = dy_ptr + b * sdyb + c3 * sdyc
     acc = tl.zeros((BLOCK_G, BLOCK_CG, PIXELS), dtype=ACC_DTYPE)
     for u in range(K):
-        i_scaled = h + PH - u * DH
-        # Clamp before dividing: masked lanes must still form in-range arithmetic.
-        i = tl.maximum(i_scaled, 0) // SH
-        row_ok = in_mask & (i_scaled >= 0) & (i_scaled % SH == 0) & (i < Ho)
+        i, row_ok = gather_source(h, PH, u, DH, SH, Ho, in_mask)
         for v in range(K):
-            j_scaled = w + PW - v * DW
-            j = tl.maximum(j_scaled, 0) // SW
-            ok = row_ok & (j_scaled >= 0) & (j_scaled % SW == 0) & (j < Wo)
+            j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
             span_row = g * KK + (u * K + v)
             weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_sample + i * szh + j * szw, ok, szr, R,
                                   BLOCK_G, BLOCK_R, PIXELS, ONE_R_CHUNK, USE_DOT, DOT_PRECISION, ACC_DTYPE)
