@@ -53,6 +53,7 @@ import triton.language as tl
 
 from ._launch import Launch, is_channels_last
 from .configs import get_config
+from .involution import gather_source
 
 INT32_MAX = 2**31 - 1
 # Running tile totals past the last region read as "never reached" (a constexpr: kernels may use it).
@@ -300,13 +301,8 @@ def expert_conv_bwd_input_kernel(
         oo = k % COUT_G
         u = tap // KW
         v = tap % KW
-        i_scaled = h[:, None] + PH - (u * DH)[None, :]
-        j_scaled = w[:, None] + PW - (v * DW)[None, :]
-        # Clamp before dividing: masked lanes must still form in-range arithmetic.
-        i = tl.maximum(i_scaled, 0) // SH
-        j = tl.maximum(j_scaled, 0) // SW
-        ok = (pix_ok[:, None] & k_ok[None, :] & (i_scaled >= 0) & (j_scaled >= 0)
-              & (i_scaled % SH == 0) & (j_scaled % SW == 0) & (i < Ho) & (j < Wo))
+        i, ok = gather_source(h[:, None], PH, u[None, :], DH, SH, Ho, pix_ok[:, None] & k_ok[None, :])
+        j, ok = gather_source(w[:, None], PW, v[None, :], DW, SW, Wo, ok)
         grad = tl.load(dy_group + (oo * sdyc)[None, :] + i * sdyh + j * sdyw, mask=ok, other=0.0)
         w_off = ((g * COUT_G + oo) * sw_o + u * sw_u + v * sw_v)[:, None] + (cn * sw_i)[None, :]
         sp_off = (u * ssu + v * ssv)[:, None]
