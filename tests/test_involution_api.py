@@ -55,10 +55,12 @@ def test_dynamic_dwconv2d_rejects_bad_input(name, make, error, match):
         dynconv.dynamic_dwconv2d(x, w, b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU to have two devices")
 def test_devices_must_agree():
+    # A meta tensor stands in for a second device on a CPU-only machine.
+    with pytest.raises(ValueError, match="same device, got x on cpu, weight on meta"):
+        dynconv.involution(_x(1, 4, 8, 8), torch.empty(1, 1, 3, 3, 8, 8, device="meta"))
     with pytest.raises(ValueError, match="same device"):
-        dynconv.involution(_x(1, 4, 8, 8).cuda(), _x(1, 1, 3, 3, 8, 8))
+        dynconv.dynamic_dwconv2d(_x(1, 4, 8, 8), _x(1, 4, 3, 3), torch.empty(1, 4, device="meta"))
 
 
 def test_ops_are_registered():
