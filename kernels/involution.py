@@ -14,7 +14,6 @@ Kernels here know nothing of autograd: ``ops/involution.py`` wires them into tor
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -446,107 +445,8 @@ def catalogue() -> list[Launch]:
     return launches
 
 
-# --------------------------------------------------------------------------------------------
-# Autotuning: the candidate space and sweep shapes of each kernel (contract in kernels/configs.py)
-# --------------------------------------------------------------------------------------------
-
-# (label, C, H = W, stride): RedNet-50's involutions (K = 7, 16 channels per group) and DWNet-T's
-# dynamic depth-wise convs (K = 7, G = C), at training batch size.
-_REDNET = [("RedNet-50 stage 1", 64, 56, 1), ("RedNet-50 stage 2", 128, 28, 1), ("RedNet-50 stage 3", 256, 14, 1),
-           ("RedNet-50 stage 4", 512, 7, 1), ("RedNet-50 stage 2 stride 2", 128, 56, 2)]
-_DWNET = [("DWNet-T stage 1", 96, 56, 1), ("DWNet-T stage 2", 192, 28, 1), ("DWNet-T stage 3", 384, 14, 1),
-          ("DWNet-T stage 4", 768, 7, 1)]
-_TUNED_KERNELS = ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight")
-
-
-def _tuning_problems(kernel: str, quick: bool) -> list:
-    from .configs import Problem
-
-    rednet, dwnet = (_REDNET[1:2], _DWNET[1:2]) if quick else (_REDNET, _DWNET)
-    shapes = []
-    if kernel != "dwconv_bwd_weight":  # per-pixel weights
-        shapes += [(f"{label} involution", "involution", C, C // 16, H, s, True) for label, C, H, s in rednet]
-        shapes += [(f"{label} inhomogeneous", "dwconv", C, C, H, s, True) for label, C, H, s in dwnet]
-    if kernel != "involution_bwd_weight":  # per-sample weights
-        shapes += [(f"{label} homogeneous", "dwconv", C, C, H, s, False) for label, C, H, s in dwnet]
-    return [Problem(f"{label} {'NHWC' if cl else 'NCHW'}", op,
-                    dict(B=32, C=C, G=G, H=H, W=H, K=7, stride=s, per_pixel=pp, bias=not pp, channels_last=cl))
-            for label, op, C, G, H, s, pp in shapes for cl in (False, True)]
-
-
-def _tuning_inputs(spec: dict, dtype, device) -> dict:
-    B, C, G, H, W, K, s = (spec[n] for n in ("B", "C", "G", "H", "W", "K", "stride"))
-    Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1  # "same" padding (K - 1) // 2
-    fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
-
-    def t(*shape, fmt=torch.contiguous_format):
-        return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt).normal_()
-
-    w = t(B, G, K, K, Ho, Wo) if spec["per_pixel"] else t(B, G, K, K)
-    return dict(x=t(B, C, H, W, fmt=fmt), w=w, bias=t(B, C) if spec["bias"] else None,
-                y=t(B, C, Ho, Wo, fmt=fmt), dy=t(B, C, Ho, Wo, fmt=fmt), dx=t(B, C, H, W, fmt=fmt))
-
-
-def _tuning_launch(kernel: str):
-    def launch(spec: dict, ts: dict, config: dict) -> Launch:
-        s, p = spec["stride"], (spec["K"] - 1) // 2
-        geometry = ((s, s), (p, p), (1, 1))
-        if kernel == "involution_fwd":
-            return forward_launch(ts["x"], ts["w"], ts["bias"], ts["y"], *geometry, config)
-        if kernel == "involution_bwd_input":
-            return backward_input_launch(ts["dy"], ts["w"], ts["dx"], *geometry, config)
-        if kernel == "involution_bwd_weight":
-            dw = ts.setdefault("dw", torch.empty_like(ts["w"]))
-            return backward_weight_launch(ts["dy"], ts["x"], dw, *geometry, True, config)
-        B, G, K = ts["w"].shape[:3]
-        Ho, Wo = ts["dy"].shape[2], ts["dy"].shape[3]
-        config = config or weight_grad_config(ts["x"], G, K, (s, s), Ho, Wo, per_pixel=False)
-        tiles = weight_grad_tiles(Ho, Wo, config)
-        partials = ts.setdefault(("partials", tiles), torch.empty((B, G, K, K, tiles), dtype=torch.float32,
-                                                                  device=ts["x"].device))
-        return backward_weight_launch(ts["dy"], ts["x"], partials, *geometry, False, config)
-    return launch
-
-
-def _tuning_key(spec: dict, ts: dict) -> dict:
-    return problem_key(ts["x"], spec["G"], spec["K"], (spec["stride"],) * 2)
-
-
-def _tuning_default(kernel: str):
-    def default(spec: dict, ts: dict) -> dict:
-        tile = ts["dx"] if kernel == "involution_bwd_input" else ts["y"]
-        return default_config(spec["C"], spec["G"], tile.shape[2], tile.shape[3], bool(spec["channels_last"]))
-    return default
-
-
-def _tuning_candidates(kernel: str):
-    def candidates(key: dict, quick: bool) -> list[dict]:
-        from .configs import neighbourhood
-
-        s = key["stride"]
-        h, w = (key["H"], key["W"]) if kernel == "involution_bwd_input" else ((key["H"] - 1) // s + 1, (key["W"] - 1) // s + 1)
-        default = default_config(key["C"], key["G"], h, w, bool(key["channels_last"]))
-        limits = {"BLOCK_G": key["G"], "BLOCK_CG": key["C"] // key["G"], "BLOCK_H": h, "BLOCK_W": w}
-        # No tl.dot here, so software pipelining only overlaps the tap loop's loads: worth a look, not a grid.
-        return neighbourhood(default, limits, size=6 if quick else 10, warps=(2, 4, 8), stages=(1,) if quick else (1, 2))
-    return candidates
-
-
-def _tuning_spec_for_key(kernel: str):
-    def spec_for_key(key: dict):
-        per_pixel = kernel != "dwconv_bwd_weight"
-        spec = dict(B=key["B"], C=key["C"], G=key["G"], H=key["H"], W=key["W"], K=key["K"], stride=key["stride"],
-                    per_pixel=per_pixel, bias=False, channels_last=bool(key["channels_last"]))
-        return spec, {2: torch.float16, 4: torch.float32, 8: torch.float64}[key["dtype_bytes"]]
-    return spec_for_key
-
-
 def autotune_space() -> dict:
-    """What ``dynconv autotune`` sweeps for this module's kernels (see kernels/configs.py)."""
-    from .configs import KernelSpace
+    """What ``dynconv autotune`` sweeps for this module's kernels (see kernels/involution_tuning.py)."""
+    from .involution_tuning import autotune_space as space
 
-    return {name: KernelSpace(
-        problems=lambda quick, name=name: _tuning_problems(name, quick), inputs=_tuning_inputs, launch=_tuning_launch(name),
-        key=_tuning_key, default=_tuning_default(name), candidates=_tuning_candidates(name),
-        spec_for_key=_tuning_spec_for_key(name), exact=("K", "stride", "channels_last", "dtype_bytes"))
-        for name in _TUNED_KERNELS}
+    return space()

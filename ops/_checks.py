@@ -6,7 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from dynconv.kernels._launch import is_channels_last, memory_format_of  # noqa: F401  (re-exported)
+from dynconv.kernels._launch import is_channels_last, memory_format_of
+
+__all__ = ["FLOAT_DTYPES", "as_pair", "check_tensor", "check_dtypes_and_devices", "conv_output_size", "output_hw",
+           "is_channels_last", "memory_format_of", "autocast_inputs"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
