@@ -25,3 +25,20 @@ run: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# --- On a lent GPU machine (no network; python, torch and triton are installed there) --------
+# Each target fits one 10-minute device call. Results land in the tree (perf_reports/<gpu>/,
+# autotune_configs/) for committing.
+.PHONY: gpu-install gpu-test gpu-tune gpu-bench
+
+gpu-install:
+	$(PYTHON) -m pip install --no-deps --no-build-isolation -e .
+
+gpu-test: gpu-install
+	DYNCONV_TEST_DEVICE=cuda $(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+gpu-tune: gpu-install
+	$(PYTHON) -m dynconv.cli autotune --quick --output autotune_configs
+
+gpu-bench: gpu-install
+	$(PYTHON) -m dynconv.cli bench
