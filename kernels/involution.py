@@ -169,7 +169,7 @@ def involution_bwd_weight_kernel(
     SH, SW, PH, PW, DH, DW,
     TILES_PIX, TILES_W, CG_TILES,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    PER_PIXEL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PER_PIXEL: tl.constexpr, ONE_CG_CHUNK: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dw[b,g,u,v,i,j] = sum_{c in g} dy[b,c,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
 
@@ -197,6 +197,10 @@ def involution_bwd_weight_kernel(
     dw_group = dw_ptr + b * sdwb + g1 * sdwg
     h_first = i * SH - PH
     w_first = j * SW - PW
+    if ONE_CG_CHUNK:
+        # The groups' channels fit one chunk: read the gradient tile once, not once per tap.
+        grad_tile = tl.load(dy_rows + c3 * sdyc, mask=channel_mask & out_mask[None, None, :], other=0.0)
+        grad_tile = grad_tile.to(ACC_DTYPE)
     for u in range(K):
         h_in = h_first + u * DH
         row_ok = out_mask & (h_in >= 0) & (h_in < H)
@@ -204,13 +208,16 @@ def involution_bwd_weight_kernel(
             w_in = w_first + v * DW
             ok3 = (row_ok & (w_in >= 0) & (w_in < W))[None, None, :]
             x_tap = x_rows + (h_in * sxh + w_in * sxw)[None, None, :]
-            acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
-            for cg_start in range(0, CG, BLOCK_CG):
-                c = c3 + cg_start
-                m = (g3 < G) & (cg3 + cg_start < CG)
-                grad = tl.load(dy_rows + c * sdyc, mask=m & out_mask[None, None, :], other=0.0)
-                xv = tl.load(x_tap + c * sxc, mask=m & ok3, other=0.0)
-                acc += grad.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
+            if ONE_CG_CHUNK:
+                acc = grad_tile * tl.load(x_tap + c3 * sxc, mask=channel_mask & ok3, other=0.0).to(ACC_DTYPE)
+            else:
+                acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+                for cg_start in range(0, CG, BLOCK_CG):
+                    c = c3 + cg_start
+                    m = (g3 < G) & (cg3 + cg_start < CG)
+                    grad = tl.load(dy_rows + c * sdyc, mask=m & out_mask[None, None, :], other=0.0)
+                    xv = tl.load(x_tap + c * sxc, mask=m & ok3, other=0.0)
+                    acc += grad.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
             per_pixel = tl.sum(acc, axis=1)  # [BLOCK_G, pixels]
             if PER_PIXEL:
                 tl.store(dw_group[:, None] + u * sdwu + v * sdwv + (i * sdwh + j * sdww)[None, :],
@@ -358,7 +365,8 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=1,
     )
-    meta.update(PER_PIXEL=per_pixel, INDEX_64=needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
+    meta.update(PER_PIXEL=per_pixel, ONE_CG_CHUNK=C // G <= meta["BLOCK_CG"], INDEX_64=needs_int64(dy, x, dw),
+                ACC_DTYPE=_acc_dtype(x.dtype))
     return Launch(involution_bwd_weight_kernel, _grid(B, G, tiles_pix, 1, meta["BLOCK_G"]), args, meta,
                   num_warps, num_stages)
 

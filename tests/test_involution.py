@@ -193,3 +193,27 @@ def test_per_sample_weight_gradient_is_deterministic(device):
         dynconv.dynamic_dwconv2d(x, w).square().sum().backward()
         grads.append(w.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("per_pixel", [True, False])
+def test_weight_gradient_with_groups_wider_than_one_channel_chunk(per_pixel, device):
+    """A tile narrower than the group loops over channel chunks (the defaults read a group at once)."""
+    B, C, G, H, W, K = 2, 24, 2, 7, 6, 3
+    x = torch.randn(B, C, H, W, device=device)
+    dy = torch.randn(B, C, H, W, device=device)
+    config = {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 2, "BLOCK_W": 4, "num_warps": 1, "num_stages": 1}
+    geometry = ((1, 1), (1, 1), (1, 1))
+    wshape = (B, G, K, K, H, W) if per_pixel else (B, G, K, K)
+    if per_pixel:
+        dw = torch.empty(wshape, device=device)
+        launch = kernels.backward_weight_launch(dy, x, dw, *geometry, True, config)
+    else:
+        dw = torch.empty((*wshape, kernels.weight_grad_tiles(H, W, config)), device=device)
+        launch = kernels.backward_weight_launch(dy, x, dw, *geometry, False, config)
+    assert not launch.meta["ONE_CG_CHUNK"]
+    launch()
+    if not per_pixel:
+        dw = dw.sum(-1)
+    w64 = torch.zeros(wshape, dtype=torch.float64, requires_grad=True)
+    involution_unfold(x.double().cpu(), w64).backward(dy.double().cpu())
+    assert_close(dw, w64.grad, torch.float32, "dw")
