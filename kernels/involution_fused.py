@@ -134,7 +134,7 @@ def fused_fwd_kernel(
     C, H, W, Ho, Wo, CG, K, R,
     sxb, sxc, sxh, sxw,
     szb, szr, szh, szw,
-    sso, ssr,
+    sso, ssr, ssb,
     syb, syc, syh, syw,
     SH, SW, PH, PW, DH, DW,
     TILES_PIX, TILES_W, CG_TILES,
@@ -183,7 +183,7 @@ def fused_fwd_kernel(
                 weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_pix, out_mask, szr, R,
                                       BLOCK_G, BLOCK_R, PIXELS, False, USE_DOT, DOT_PRECISION, ACC_DTYPE)
             if HAS_BIAS:
-                weight += tl.load(span_b_ptr + span_row, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
+                weight += tl.load(span_b_ptr + span_row * ssb, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
             xv = tl.load(x_rows + (h_in * sxh + w_in * sxw)[None, None, :],
                          mask=channel_mask & ok[None, None, :], other=0.0)
             acc += weight[:, None, :] * xv.to(ACC_DTYPE)
@@ -197,7 +197,7 @@ def fused_bwd_input_kernel(
     C, H, W, Ho, Wo, CG, K, R,
     sdyb, sdyc, sdyh, sdyw,
     szb, szr, szh, szw,
-    sso, ssr,
+    sso, ssr, ssb,
     sdxb, sdxc, sdxh, sdxw,
     SH, SW, PH, PW, DH, DW,
     TILES_PIX, TILES_W, CG_TILES,
@@ -233,7 +233,7 @@ def fused_bwd_input_kernel(
             weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_sample + i * szh + j * szw, ok, szr, R,
                                   BLOCK_G, BLOCK_R, PIXELS, ONE_R_CHUNK, USE_DOT, DOT_PRECISION, ACC_DTYPE)
             if HAS_BIAS:
-                weight += tl.load(span_b_ptr + span_row, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
+                weight += tl.load(span_b_ptr + span_row * ssb, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
             grad = tl.load(dy_rows + (i * sdyh + j * sdyw)[None, None, :],
                            mask=channel_mask & ok[None, None, :], other=0.0)
             acc += weight[:, None, :] * grad.to(ACC_DTYPE)
@@ -482,7 +482,8 @@ def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation
         x_ptr=x, z_ptr=z, span_w_ptr=span_weight, span_b_ptr=span_bias, y_ptr=y,
         C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K, R=R,
         **_strides("sxb sxc sxh sxw", x), **_strides("szb szr szh szw", z), **_strides("sso ssr", span_weight),
-        **_strides("syb syc syh syw", y), **_geometry_args(stride, padding, dilation),
+        ssb=span_bias.stride(0) if span_bias is not None else 0, **_strides("syb syc syh syw", y),
+        **_geometry_args(stride, padding, dilation),
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )
     meta.update(ONE_R_CHUNK=R <= meta["BLOCK_R"], HAS_BIAS=span_bias is not None)
@@ -504,7 +505,8 @@ def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding,
         dy_ptr=dy, z_ptr=z, span_w_ptr=span_weight, span_b_ptr=span_bias, dx_ptr=dx,
         C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K, R=R,
         **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("szb szr szh szw", z),
-        **_strides("sso ssr", span_weight), **_strides("sdxb sdxc sdxh sdxw", dx),
+        **_strides("sso ssr", span_weight), ssb=span_bias.stride(0) if span_bias is not None else 0,
+        **_strides("sdxb sdxc sdxh sdxw", dx),
         **_geometry_args(stride, padding, dilation),
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )

@@ -67,6 +67,26 @@ def test_conv_shaped_span_weight_without_bias(device):
                             **geometry)
 
 
+def test_strided_span_bias_and_weight(device):
+    """Non-contiguous span_weight and span_bias (slices of wider tensors) are read through their strides."""
+    inputs, geometry = _inputs(CASES[2])
+    x, z, span_w, span_b = (inputs[k].float().to(device) for k in ("x", "z", "span_weight", "span_bias"))
+    span_w_view = torch.randn(span_w.shape[0], 2 * span_w.shape[1], device=device)[:, ::2]
+    span_b_view = torch.randn(2 * span_b.shape[0], device=device)[1::2]
+    span_w_view.copy_(span_w)
+    span_b_view.copy_(span_b)
+    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device)
+    x.requires_grad_()
+    y = dynconv.involution_fused(x, z, span_w_view, span_b_view, **geometry)
+    y.backward(dy)
+    x64 = x.detach().double().cpu().requires_grad_()
+    expected = involution_fused_reference(x64, z.double().cpu(), span_w.double().cpu(), span_b.double().cpu(),
+                                          **geometry)
+    expected.backward(dy.double().cpu())
+    assert_close(y, expected, torch.float32, "y")
+    assert_close(x.grad, x64.grad, torch.float32, "dx")
+
+
 def test_reference_is_involution_of_the_span_conv():
     """The float64 reference itself: span conv by conv2d, aggregation by the unfold baseline."""
     inputs, geometry = _inputs(CASES[1], conv_weight=True)
