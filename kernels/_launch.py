@@ -32,6 +32,16 @@ _TRITON_DTYPE = {
 ARCHS = {90: 232448, 80: 166912}
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for host code: triton.cdiv is a JIT-aware wrapper that costs microseconds a call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), without triton's per-call wrapper overhead."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 def is_channels_last(t: torch.Tensor) -> bool:
     """NHWC strides that are not also NCHW-contiguous (as for C == 1 or 1x1 images)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, is_channels_last
+from ._launch import Launch, cdiv, is_channels_last, next_power_of_2
 from .configs import get_config
 from .involution import gather_source
 
@@ -442,7 +442,7 @@ def region_tables(guide: torch.Tensor, block_p: int) -> RegionTables:
 
 def region_tile_bound(pixels: int, m: int, block_p: int) -> int:
     """Upper bound on Σ_r ceil(count_r / block_p) over any split of ``pixels`` into m regions."""
-    return triton.cdiv(pixels, block_p) + m - 1 if m > 1 else triton.cdiv(pixels, block_p)
+    return cdiv(pixels, block_p) + m - 1 if m > 1 else cdiv(pixels, block_p)
 
 
 @dataclass
@@ -484,7 +484,7 @@ def weight_source(experts: torch.Tensor, routing: torch.Tensor, materialise: boo
 
 
 def _pow2_between(n: int, low: int, high: int) -> int:
-    return max(low, min(triton.next_power_of_2(max(int(n), 1)), high))
+    return max(low, min(next_power_of_2(max(int(n), 1)), high))
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -589,8 +589,8 @@ def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Region
     kh, kw = kernel_hw
     m = regions.num_regions if regions is not None else 1
     meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
-    n_tiles = triton.cdiv(Cout // groups, meta["BLOCK_N"])
-    tiles = region_tile_bound(Ho * Wo, m, meta["BLOCK_P"]) if regions is not None else triton.cdiv(Ho * Wo, meta["BLOCK_P"])
+    n_tiles = cdiv(Cout // groups, meta["BLOCK_N"])
+    tiles = region_tile_bound(Ho * Wo, m, meta["BLOCK_P"]) if regions is not None else cdiv(Ho * Wo, meta["BLOCK_P"])
     args = dict(
         x_ptr=x, y_ptr=y, **_mixing_args(source, spatial), **_bias_args(bias_mixed),
         tile_offsets_ptr=regions.tile_offsets if regions is not None else None,
@@ -603,7 +603,7 @@ def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Region
         **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(BLOCK_R=triton.next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
+    meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
                 HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
                 INDEX_64=needs_int64(x, y, source.weight), ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
@@ -620,8 +620,8 @@ def guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, 
     m = score.shape[1]
     kh, kw = kernel_hw
     meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
-    n_tiles = triton.cdiv(Cout // groups, meta["BLOCK_N"])
-    tiles = triton.cdiv(Ho * Wo, meta["BLOCK_P"])
+    n_tiles = cdiv(Cout // groups, meta["BLOCK_N"])
+    tiles = cdiv(Ho * Wo, meta["BLOCK_P"])
     args = dict(
         x_ptr=x, dy_ptr=dy, score_ptr=score, **_mixing_args(source, spatial), **_bias_args(bias_mixed),
         H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
@@ -640,7 +640,7 @@ def guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, 
 
 
 def score_tiles(cout: int, groups: int, config: dict) -> int:
-    return groups * triton.cdiv(cout // groups, config["BLOCK_N"])
+    return groups * cdiv(cout // groups, config["BLOCK_N"])
 
 
 def input_grad_config(dx, experts, m, groups, stride) -> dict:
@@ -656,8 +656,8 @@ def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_
     Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     kh, kw = kernel_hw
     meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
-    n_tiles = triton.cdiv(Cin // groups, meta["BLOCK_N"])
-    tiles = triton.cdiv(H * W, meta["BLOCK_P"])
+    n_tiles = cdiv(Cin // groups, meta["BLOCK_N"])
+    tiles = cdiv(H * W, meta["BLOCK_P"])
     args = dict(
         dy_ptr=dy, dx_ptr=dx, region_ptr=region, **_mixing_args(source, spatial),
         H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
@@ -682,8 +682,8 @@ def weight_grad_config(x, experts, m, groups, stride) -> dict:
 
 def weight_grad_splits(B: int, m: int, cout: int, groups: int, k_total: int, pixels: int, config: dict) -> int:
     """Pixel chunks per (sample, region): enough programs to fill a GPU, each chunk >= 4 K-steps."""
-    programs = B * m * groups * triton.cdiv(cout // groups, config["BLOCK_O"]) * triton.cdiv(k_total, config["BLOCK_N"])
-    wanted = triton.cdiv(WEIGHT_GRAD_MIN_PROGRAMS, programs)
+    programs = B * m * groups * cdiv(cout // groups, config["BLOCK_O"]) * cdiv(k_total, config["BLOCK_N"])
+    wanted = cdiv(WEIGHT_GRAD_MIN_PROGRAMS, programs)
     return max(1, min(wanted, pixels // (m * 4 * config["BLOCK_K"])))
 
 
@@ -695,8 +695,8 @@ def backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kerne
     splits, m = dw.shape[0], dw.shape[2]
     kh, kw = kernel_hw
     meta = {k: config[k] for k in ("BLOCK_O", "BLOCK_N", "BLOCK_K")}
-    o_tiles = triton.cdiv(Cout // groups, meta["BLOCK_O"])
-    k_tiles = triton.cdiv((Cin // groups) * kh * kw, meta["BLOCK_N"])
+    o_tiles = cdiv(Cout // groups, meta["BLOCK_O"])
+    k_tiles = cdiv((Cin // groups) * kh * kw, meta["BLOCK_N"])
     args = dict(
         dy_ptr=dy, x_ptr=x, dw_ptr=dw, dbias_ptr=dbias,
         pixel_start_ptr=regions.pixel_start if regions is not None else None,

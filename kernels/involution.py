@@ -15,11 +15,13 @@ Kernels here know nothing of autograd: ``ops/involution.py`` wires them into tor
 from __future__ import annotations
 
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, is_channels_last
+from ._launch import Launch, cdiv, is_channels_last, next_power_of_2
 from .configs import get_config
 
 INT32_MAX = 2**31 - 1
@@ -232,10 +234,11 @@ def involution_bwd_weight_kernel(
 # --------------------------------------------------------------------------------------------
 
 def _pow2_at_most(n: int, cap: int) -> int:
-    return max(1, min(triton.next_power_of_2(max(int(n), 1)), cap))
+    return max(1, min(next_power_of_2(max(int(n), 1)), cap))
 
 
-def default_config(C: int, G: int, height: int, width: int, channels_last: bool, max_warps: int = 8) -> dict:
+@functools.lru_cache(maxsize=4096)
+def _default_config(C: int, G: int, height: int, width: int, channels_last: bool, max_warps: int) -> dict:
     """A safe, reasonable tile for a pass whose tile spans ``height x width`` pixels.
 
     NCHW favours wide pixel rows (the contiguous axis), channels_last wide channel blocks.
@@ -256,6 +259,11 @@ def default_config(C: int, G: int, height: int, width: int, channels_last: bool,
     num_warps = max(1, min(max_warps, elements // 256))
     return {"BLOCK_G": block_g, "BLOCK_CG": block_cg, "BLOCK_H": block_h, "BLOCK_W": block_w,
             "num_warps": num_warps, "num_stages": 1}
+
+
+def default_config(C: int, G: int, height: int, width: int, channels_last: bool, max_warps: int = 8) -> dict:
+    """The launcher's own tile (cached: it is asked on every call; callers get a copy to change)."""
+    return dict(_default_config(C, G, height, width, channels_last, max_warps))
 
 
 def problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
@@ -286,12 +294,12 @@ def _weight_strides(weight: torch.Tensor) -> tuple[int, ...]:
 
 def _split_config(config: dict, grid_cg: bool, C: int, G: int):
     meta = {k: config[k] for k in ("BLOCK_G", "BLOCK_CG", "BLOCK_H", "BLOCK_W")}
-    cg_tiles = triton.cdiv(C // G, meta["BLOCK_CG"]) if grid_cg else 1
+    cg_tiles = cdiv(C // G, meta["BLOCK_CG"]) if grid_cg else 1
     return meta, cg_tiles, config.get("num_warps", 4), config.get("num_stages", 1)
 
 
 def _grid(B, G, tiles_pix, cg_tiles, block_g):
-    ch_tiles = triton.cdiv(G, block_g) * cg_tiles
+    ch_tiles = cdiv(G, block_g) * cg_tiles
     if ch_tiles > 65535:
         raise ValueError(f"too many channel tiles for the grid ({ch_tiles}); use a larger BLOCK_G/BLOCK_CG")
     return (B * tiles_pix, ch_tiles, 1)
@@ -304,8 +312,8 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     config = config or get_config("involution_fwd", problem_key(x, G, K, stride),
                                   default_config(C, G, Ho, Wo, is_channels_last(x)))
     meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
-    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
-    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    tiles_w = cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     bias_strides = bias.stride() if bias is not None else (0, 0)
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y,
@@ -330,8 +338,8 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     config = config or get_config("involution_bwd_input", problem_key(dx, G, K, stride),
                                   default_config(C, G, H, W, is_channels_last(dy)))
     meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
-    tiles_w = triton.cdiv(W, meta["BLOCK_W"])
-    tiles_pix = triton.cdiv(H, meta["BLOCK_H"]) * tiles_w
+    tiles_w = cdiv(W, meta["BLOCK_W"])
+    tiles_pix = cdiv(H, meta["BLOCK_H"]) * tiles_w
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx,
         B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K,
@@ -353,8 +361,8 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel)
     meta, _, num_warps, num_stages = _split_config(config, False, C, G)
-    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
-    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    tiles_w = cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     dw_strides = dw.stride() if per_pixel else (*dw.stride(), 0)
     args = dict(
         dy_ptr=dy, x_ptr=x, dw_ptr=dw,
@@ -380,7 +388,7 @@ def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool) -> dict:
 
 def weight_grad_tiles(Ho: int, Wo: int, config: dict) -> int:
     """How many per-tile partials the per-sample weight gradient writes."""
-    return triton.cdiv(Ho, config["BLOCK_H"]) * triton.cdiv(Wo, config["BLOCK_W"])
+    return cdiv(Ho, config["BLOCK_H"]) * cdiv(Wo, config["BLOCK_W"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, is_channels_last
+from ._launch import Launch, cdiv, is_channels_last, next_power_of_2
 from .configs import get_config
 from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64
 
@@ -416,7 +416,7 @@ def default_config(kernel: str, C: int, G: int, R: int, height: int, width: int,
     block_h = TILE_PIXELS // block_w
     pixels = block_h * block_w
     # R is zero-padded up to 16 so the weight dot always has a legal contraction.
-    block_r = min(max(16, triton.next_power_of_2(R)), 128)
+    block_r = min(max(16, next_power_of_2(R)), 128)
     if not uses_dot(kernel, dict(BLOCK_G=block_g, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_R=block_r), dtype):
         block_r = _pow2_at_most(R, max(1, FMA_PRODUCT_ELEMENTS // (block_g * pixels)))
     elements = block_g * block_cg * pixels
@@ -461,7 +461,7 @@ def _strides(names: str, t: torch.Tensor) -> dict:
 
 
 def _channel_grid(B, G, tiles_pix, block_g, cg_tiles):
-    ch_tiles = triton.cdiv(G, block_g) * cg_tiles
+    ch_tiles = cdiv(G, block_g) * cg_tiles
     if ch_tiles > 65535:
         raise ValueError(f"too many channel tiles for the grid ({ch_tiles}); use a larger BLOCK_G/BLOCK_CG")
     return (B * tiles_pix, ch_tiles, 1)
@@ -475,9 +475,9 @@ def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation
     Ho, Wo = y.shape[2], y.shape[3]
     config = _config("fwd", x, G, K, R, stride, Ho, Wo, config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("fwd", config, x.dtype), x, z, y)
-    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
-    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
-    cg_tiles = triton.cdiv(C // G, meta["BLOCK_CG"])
+    tiles_w = cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    cg_tiles = cdiv(C // G, meta["BLOCK_CG"])
     args = dict(
         x_ptr=x, z_ptr=z, span_w_ptr=span_weight, span_b_ptr=span_bias, y_ptr=y,
         C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K, R=R,
@@ -498,9 +498,9 @@ def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding,
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = _config("bwd_input", dy, G, K, R, stride, H, W, config)
     meta, num_warps, num_stages = _common_meta(config, dy, uses_dot("bwd_input", config, dy.dtype), dy, z, dx)
-    tiles_w = triton.cdiv(W, meta["BLOCK_W"])
-    tiles_pix = triton.cdiv(H, meta["BLOCK_H"]) * tiles_w
-    cg_tiles = triton.cdiv(C // G, meta["BLOCK_CG"])
+    tiles_w = cdiv(W, meta["BLOCK_W"])
+    tiles_pix = cdiv(H, meta["BLOCK_H"]) * tiles_w
+    cg_tiles = cdiv(C // G, meta["BLOCK_CG"])
     args = dict(
         dy_ptr=dy, z_ptr=z, span_w_ptr=span_weight, span_b_ptr=span_bias, dx_ptr=dx,
         C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K, R=R,
@@ -522,9 +522,9 @@ def backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, conf
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, dz)
-    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
-    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
-    r_tiles = triton.cdiv(R, meta["BLOCK_R"])
+    tiles_w = cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    r_tiles = cdiv(R, meta["BLOCK_R"])
     if r_tiles > 65535:
         raise ValueError(f"too many R blocks for the grid ({r_tiles}); use a larger BLOCK_R")
     args = dict(
@@ -541,11 +541,11 @@ def backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, conf
 
 def span_grad_slabs(B: int, Ho: int, Wo: int, K: int, G: int, R: int, config: dict) -> tuple[int, int]:
     """(slabs, tiles per slab) of the span-gradient reduction: its partials have ``slabs`` rows."""
-    total = B * triton.cdiv(Ho, config["BLOCK_H"]) * triton.cdiv(Wo, config["BLOCK_W"])
-    per_slab_programs = K * K * triton.cdiv(G, config["BLOCK_G"]) * triton.cdiv(R, config["BLOCK_R"])
-    slabs = max(1, min(total, 65535, triton.cdiv(SPAN_GRAD_PROGRAMS, per_slab_programs)))
-    per_slab = triton.cdiv(total, slabs)
-    return triton.cdiv(total, per_slab), per_slab
+    total = B * cdiv(Ho, config["BLOCK_H"]) * cdiv(Wo, config["BLOCK_W"])
+    per_slab_programs = K * K * cdiv(G, config["BLOCK_G"]) * cdiv(R, config["BLOCK_R"])
+    slabs = max(1, min(total, 65535, cdiv(SPAN_GRAD_PROGRAMS, per_slab_programs)))
+    per_slab = cdiv(total, slabs)
+    return cdiv(total, per_slab), per_slab
 
 
 def span_grad_config(x, G, K, R, stride, Ho, Wo, config=None) -> dict:
@@ -561,13 +561,13 @@ def backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, pa
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = span_grad_config(x, G, K, R, stride, Ho, Wo, config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_span", config, x.dtype), dy, x, z)
-    tiles_w = triton.cdiv(Wo, meta["BLOCK_W"])
-    tiles_pix = triton.cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    tiles_w = cdiv(Wo, meta["BLOCK_W"])
+    tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     slabs, per_slab = span_grad_slabs(B, Ho, Wo, K, G, R, config)
     if dspan_partials.shape[0] != slabs:
         raise ValueError(f"span-gradient partials need {slabs} slabs, got {dspan_partials.shape[0]}")
-    g_tiles = triton.cdiv(G, meta["BLOCK_G"])
-    r_tiles = triton.cdiv(R, meta["BLOCK_R"])
+    g_tiles = cdiv(G, meta["BLOCK_G"])
+    r_tiles = cdiv(R, meta["BLOCK_R"])
     args = dict(
         dy_ptr=dy, x_ptr=x, z_ptr=z, dspan_ptr=dspan_partials, dbias_ptr=dbias_partials,
         C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K, R=R,

@@ -16,6 +16,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def as_pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each at least ``minimum``, as a pair."""
+    if type(value) is int and value >= minimum:  # the common case, on every call: keep it cheap
+        return (value, value)
+    if type(value) in (list, tuple) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int \
+            and value[0] >= minimum and value[1] >= minimum:
+        return (value[0], value[1])
     if isinstance(value, torch.SymInt) or (isinstance(value, int) and not isinstance(value, bool)):
         pair = (value, value)
     elif isinstance(value, Sequence) and len(value) == 2 and all(
