@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One step of a GPU session, sized for one device call (10 minutes), results packed for the trip home.
+#
+#   bash perf_reports/gpu_session.sh check   # environment, install, GPU test suite       (~4 min)
+#   bash perf_reports/gpu_session.sh tune    # `dynconv autotune --quick` -> autotune_configs/
+#   bash perf_reports/gpu_session.sh bench   # `dynconv bench --quick` -> perf_reports/<gpu>/
+#   bash perf_reports/gpu_session.sh all     # tune then bench, each with half the budget
+#
+# The device machine sends back only what lands under $OUT (at most 8 files), so each step writes
+# its log and one tarball of what it changed in the tree there; unpack the tarball in the checkout
+# and commit. Every step stops itself before the call's limit (STEP_BUDGET_S, default 540 s) and
+# keeps what it measured: bench rewrites its csv after every shape, autotune writes after each kernel.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+step=${1:?usage: gpu_session.sh check|tune|bench|all}
+OUT=${OUT:-/tmp/dynconv-out}
+BUDGET=${STEP_BUDGET_S:-540}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+environment() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
+    $PY - <<'EOF'
+import subprocess, torch, triton
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} commit={commit or 'unknown'}")
+EOF
+}
+
+install() {
+    $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+        || { tail -20 "$OUT/install.log"; exit 1; }
+}
+
+pack() {  # pack <name> <paths...>: a tarball of whatever of <paths> exists
+    local name=$1; shift
+    local present=()
+    for p in "$@"; do [ -e "$p" ] && present+=("$p"); done
+    [ ${#present[@]} -gt 0 ] && tar czf "$OUT/$name.tar.gz" "${present[@]}" && echo "packed $OUT/$name.tar.gz: ${present[*]}"
+}
+
+case $step in
+  check)
+    environment | tee "$OUT/environment.txt"
+    install
+    DYNCONV_TEST_DEVICE=cuda timeout $((BUDGET - 30)) $PY -m pytest -q -n 8 --ignore=tests/test_aot.py \
+        -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -40
+    ;;
+  tune)
+    environment | tee "$OUT/environment.txt"
+    install
+    timeout "$BUDGET" $PY -m dynconv.cli autotune --quick --output autotune_configs 2>&1 | tee "$OUT/tune.log" | tail -40
+    pack tune autotune_configs
+    ;;
+  bench)
+    environment | tee "$OUT/environment.txt"
+    install
+    timeout "$BUDGET" $PY -m dynconv.cli bench --quick 2>&1 | tee "$OUT/bench.log" | tail -60
+    pack bench perf_reports
+    ;;
+  all)
+    STEP_BUDGET_S=$((BUDGET / 2)) bash "$0" tune
+    STEP_BUDGET_S=$((BUDGET / 2)) bash "$0" bench
+    ;;
+  *)
+    echo "unknown step: $step (check|tune|bench|all)" >&2; exit 2 ;;
+esac
