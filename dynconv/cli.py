@@ -1,4 +1,4 @@
-"""The ``dynconv`` command: ``run``, ``inspect``, ``autotune``, ``bench``, ``plot``.
+"""The ``dynconv`` command: ``run``, ``inspect``, ``autotune``, ``bench``, ``plot``, ``overhead``.
 
 Each subcommand lives in its own module with a ``main(argv)``; this file only dispatches, so a
 subcommand's imports (matplotlib, the kernels) load only when it runs.
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "autotune": ("dynconv.autotune", "sweep kernel configurations on this GPU and write the JSON"),
     "bench": ("dynconv.bench", "measure every op and provider on this GPU, write perf_reports/"),
     "plot": ("dynconv.plot", "draw throughput and roofline plots from perf_reports/ csv files"),
+    "overhead": ("dynconv.overhead", "host (CPU) time per op call at a small shape, launches stubbed or real"),
 }
 
 

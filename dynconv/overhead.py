@@ -1,0 +1,149 @@
+"""``dynconv overhead``: host (CPU) time per call of every public op at a small shape.
+
+    dynconv overhead [--device cpu|cuda] [--launch noop|real] [--calls N] [--repeats R]
+
+With ``--launch noop`` (the only choice on CPU) every Triton launch is replaced by a no-op and the
+ops take their GPU code path on whatever tensors they get, so the time is the Python, dispatcher
+and autograd work a call pays on top of the launch itself. ``--launch real`` on CUDA times the
+whole call as the host sees it: the loop is timed without synchronising, so it is CPU time as long
+as the GPU keeps up (at these shapes it does). Each figure is the best of ``R`` loops of ``N``
+calls. ``fwd`` runs on inputs that need no gradient; ``fwd+bwd`` records the graph and runs
+``torch.autograd.grad`` (no ``.grad`` accumulation in the loop). The floors are an empty
+``torch.library.custom_op`` with registered autograd and an empty ``torch.autograd.Function``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+
+import dynconv
+from dynconv.kernels._launch import Launch
+
+# The interpreter flags of the op modules: set, CPU tensors take the Triton launch path.
+_OP_MODULES = ("dynconv.ops.involution", "dynconv.ops.expert_conv", "dynconv.ops.involution_fused")
+
+
+def _inputs(device: str) -> dict[str, tuple[Callable, dict]]:
+    """op name -> (function, tensor arguments): small shapes, where only host time matters."""
+    B, C, H, K = 2, 16, 8, 3
+
+    def t(*shape):
+        return torch.randn(*shape, device=device)
+
+    return {
+        "involution": (dynconv.involution, dict(x=t(B, C, H, H), weight=t(B, 4, K, K, H, H))),
+        "dynamic_dwconv2d": (dynconv.dynamic_dwconv2d, dict(x=t(B, C, H, H), weight=t(B, C, K, K), bias=t(B, C))),
+        "expert_conv2d": (functools.partial(dynconv.expert_conv2d, padding=1),
+                          dict(x=t(B, C, H, H), experts=t(4, C, C, K, K), routing=t(B, 4), bias=t(4, C))),
+        "involution_fused": (functools.partial(dynconv.involution_fused, kernel_size=K, groups=4),
+                             dict(x=t(B, C, H, H), z=t(B, 4, H, H), span_weight=t(K * K * 4, 4),
+                                  span_bias=t(K * K * 4))),
+        "floor: custom_op": (_empty_custom_op(), dict(x=t(B, C, H, H), weight=t(B, C, H, H))),
+        "floor: autograd.Function": (_EmptyFunction.apply, dict(x=t(B, C, H, H), weight=t(B, C, H, H))),
+    }
+
+
+@functools.cache
+def _empty_custom_op():
+    @torch.library.custom_op("dynconv_overhead::empty", mutates_args=())
+    def empty(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    empty.register_fake(lambda x, weight: torch.empty_like(x))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    empty.register_autograd(lambda ctx, grad: (grad, grad), setup_context=setup_context)
+    return empty
+
+
+class _EmptyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad
+
+
+@contextlib.contextmanager
+def noop_launches():
+    """Every kernel launch does nothing, and CPU tensors take the launch path (not plain PyTorch)."""
+    import importlib
+
+    modules = [importlib.import_module(name) for name in _OP_MODULES]
+    saved = [m._INTERPRETED for m in modules], Launch.__call__, torch.get_num_threads()
+    Launch.__call__ = lambda self: None
+    for m in modules:
+        m._INTERPRETED = True
+    # The small torch ops around the launches (sums, matmuls) stand in for GPU launches: one
+    # thread keeps them from waiting on busy cores, and flushing denormals keeps the garbage in
+    # unwritten outputs from running at a hundredth of the speed.
+    torch.set_num_threads(1)
+    denormals = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if denormals:
+            torch.set_flush_denormal(False)
+        torch.set_num_threads(saved[2])
+        for m, flag in zip(modules, saved[0]):
+            m._INTERPRETED = flag
+        Launch.__call__ = saved[1]
+
+
+def _best_us(step: Callable[[], object], calls: int, repeats: int, sync: Callable[[], None]) -> float:
+    for _ in range(3):  # warm-up: compilation, config lookup, caches
+        step()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        best = min(best, time.perf_counter() - start)
+        sync()
+    return best / calls * 1e6
+
+
+def measure(device: str = "cpu", calls: int = 500, repeats: int = 10) -> dict[str, tuple[float, float]]:
+    """op name -> (fwd µs/call, fwd+bwd µs/call) on ``device``, with whatever launch is installed."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    results = {}
+    for name, (fn, tensors) in _inputs(device).items():
+        fwd = _best_us(lambda: fn(**tensors), calls, repeats, sync)
+        leaves = {k: v.requires_grad_() for k, v in tensors.items()}
+        grad = torch.ones_like(fn(**leaves))
+        inputs = tuple(leaves.values())
+        both = _best_us(lambda: torch.autograd.grad(fn(**leaves), inputs, grad), calls, repeats, sync)
+        results[name] = (fwd, both)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dynconv overhead", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--launch", choices=("noop", "real"), default=None,
+                        help="real kernel launches (CUDA only; the default there) or none (the default on CPU)")
+    parser.add_argument("--calls", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+    launch = args.launch or ("real" if args.device == "cuda" else "noop")
+    if launch == "real" and args.device != "cuda":
+        parser.error("--launch real needs --device cuda")
+    with noop_launches() if launch == "noop" else contextlib.nullcontext():
+        results = measure(args.device, args.calls, args.repeats)
+    print(f"host µs per call, device {args.device}, launch {launch}, torch {torch.__version__}, "
+          f"best of {args.repeats} x {args.calls} calls")
+    print(f"{'op':<26} {'fwd':>8} {'fwd+bwd':>8}")
+    for name, (fwd, both) in results.items():
+        print(f"{name:<26} {fwd:>8.1f} {both:>8.1f}")
+    return 0
