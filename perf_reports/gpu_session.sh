@@ -4,6 +4,8 @@
 #   bash perf_reports/gpu_session.sh check   # environment, install, GPU test suite       (~4 min)
 #   bash perf_reports/gpu_session.sh tune    # `dynconv autotune --quick` -> autotune_configs/
 #   bash perf_reports/gpu_session.sh bench   # `dynconv bench --quick` -> perf_reports/<gpu>/
+#   bash perf_reports/gpu_session.sh profile # Nsight Compute over perf_reports/ncu_cases.py -> ncu.csv
+#   bash perf_reports/gpu_session.sh overhead # host µs per op call, real launches (dynconv overhead)
 #   bash perf_reports/gpu_session.sh all     # tune then bench, each with half the budget
 #
 # The device machine sends back only what lands under $OUT (at most 8 files), so each step writes
@@ -13,7 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-step=${1:?usage: gpu_session.sh check|tune|bench|all}
+step=${1:?usage: gpu_session.sh check|tune|bench|profile|overhead|all}
 OUT=${OUT:-/tmp/dynconv-out}
 BUDGET=${STEP_BUDGET_S:-540}
 PY=${PYTHON:-python3}
@@ -60,10 +62,28 @@ case $step in
     timeout "$BUDGET" $PY -m dynconv.cli bench --quick 2>&1 | tee "$OUT/bench.log" | tail -60
     pack bench perf_reports
     ;;
+  profile)
+    environment | tee "$OUT/environment.txt"
+    install
+    command -v ncu >/dev/null || { echo "ncu is not on PATH here"; exit 1; }
+    # Every launch between cudaProfilerStart/Stop (warm, one fwd+bwd per case), torch's own
+    # kernels included: what the op costs is all of them. --clock-control none: leave clocks alone.
+    metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+    metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
+    metrics+=,launch__registers_per_thread,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active
+    metrics+=,lts__t_bytes.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum
+    timeout "$BUDGET" ncu --clock-control none --profile-from-start off --nvtx --csv --page raw \
+        --metrics "$metrics" --log-file "$OUT/ncu.csv" $PY perf_reports/ncu_cases.py 2>&1 | tee "$OUT/profile.log" | tail -30
+    ;;
+  overhead)
+    environment | tee "$OUT/environment.txt"
+    install
+    timeout "$BUDGET" $PY -m dynconv.cli overhead 2>&1 | tee "$OUT/overhead.log" | tail -40
+    ;;
   all)
     STEP_BUDGET_S=$((BUDGET / 2)) bash "$0" tune
     STEP_BUDGET_S=$((BUDGET / 2)) bash "$0" bench
     ;;
   *)
-    echo "unknown step: $step (check|tune|bench|all)" >&2; exit 2 ;;
+    echo "unknown step: $step (check|tune|bench|profile|overhead|all)" >&2; exit 2 ;;
 esac
