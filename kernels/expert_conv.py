@@ -120,7 +120,9 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
                               (c * sw_i + u * sw_u + v * sw_v)[:, None] + (o * sw_o)[None, :],
                               (u * ssu + v * ssv)[:, None], k_ok[:, None], k_ok[:, None] & o_ok[None, :], NUM_MIX,
                               sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE)
-        acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION)
+        # out_dtype on every accumulating dot: triton 3.6 asserts it equals acc's dtype and defaults
+        # it to fp32, so fp64 accumulators must name it.
+        acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
@@ -316,11 +318,11 @@ def expert_conv_bwd_input_kernel(
                     weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, rgn, w_off, sp_off, k_ok[:, None], w_mask, NUM_MIX,
                                           sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE)
                     acc = tl.dot(tl.where(selected, grad, 0.0).to(grad.dtype), weight.to(grad.dtype), acc,
-                                 input_precision=INPUT_PRECISION)
+                                 input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         else:
             weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0, w_off, sp_off, k_ok[:, None], w_mask, NUM_MIX,
                                   sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE)
-            acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     dx_off = b * sdxb + ((g * CIN_G + cn) * sdxc)[None, :] + (h * sdxh + w * sdxw)[:, None]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
 
@@ -392,7 +394,7 @@ def expert_conv_bwd_weight_kernel(
         w = (j * SW - PW)[:, None] + (v * DW)[None, :]
         ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         patch = tl.load(x_cols + h * sxh + w * sxw, mask=ok, other=0.0)
-        acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
     dw_off = (s * sdw_s + b * sdw_b + r * sdw_r + (o * sdw_o)[:, None]
               + (c * sdw_i + u * sdw_u + v * sdw_v)[None, :])
