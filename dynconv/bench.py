@@ -1,7 +1,8 @@
 """``dynconv bench``: time every op, pass, dtype and provider on this GPU; write ``perf_reports/``.
 
-    dynconv bench [--ops OP ...] [--dtypes fp32 fp16 bf16] [--passes forward backward forward+backward]
-                  [--shapes R1 E1@H14 ...] [--providers NAME ...] [--quick] [--fresh] [--out DIR]
+    dynconv bench [--ops OP ...] [--dtypes fp32 fp16 bf16] [--layouts nchw nhwc]
+                  [--passes forward backward forward+backward] [--shapes R1 E1@H14 ...]
+                  [--providers NAME ...] [--quick] [--fresh] [--out DIR]
 
 Method (``.library/device/METHOD.md``): CUDA events around each call, warm-up first (compilation
 and autotuning stay out), then at least 10 timed calls (3 for calls over 100 ms) filling
@@ -12,9 +13,20 @@ is warm (see :func:`measure_peak_mb`). Every provider's forward output is first 
 reference provider; a provider that disagrees is recorded as ``mismatch``, one that runs out of
 memory as ``OOM``, one that raises as ``error`` (in ``ms_median``): recorded, never dropped.
 
-The csv is rewritten after every shape (rows of an earlier run with the same op, pass, dtype,
-shape and provider are replaced, the rest kept; ``--fresh`` starts over), so a run cut short by a
-time limit keeps what it measured and ``--shapes`` can split a full run over several calls.
+Layouts (the csv's ``layout``): ``nchw`` (contiguous) or ``nhwc`` (``torch.channels_last``), the
+memory format of the activations every provider of a measurement receives alike, and of the dy
+its backward gets (the format of the provider's own output). The static cuDNN conv is much faster
+in channels_last for the half types, so a dynamic op is only ever compared with it in the same
+layout. Default: both layouts in every dtype; with ``--quick``, nchw in every dtype and nhwc in
+bf16 only. Issue 7's targets are bf16 channels_last, and a quick run must fit one 10-minute
+device call: nhwc in every dtype would double the work of an nchw-only run (its tuning too, as
+the layout is part of every kernel's tuning key), nhwc in bf16 alone adds a third.
+``--layouts`` measures exactly the layouts named, each in every dtype.
+
+The csv is rewritten after every shape, layout and dtype (rows of an earlier run with the same
+op, pass, dtype, layout, shape and provider are replaced, the rest kept; ``--fresh`` starts
+over), so a run cut short by a time limit keeps what it measured and ``--shapes`` can split a
+full run over several calls. Rows from before the layout column read as ``nchw``.
 Without a GPU nothing is measured: the command says so and re-draws the plots from the
 measurements already in the reports folder.
 """
@@ -34,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from dynconv.providers import CHECK_REFERENCE, PROVIDERS, ProviderUnavailable, make_inputs, output_shape, providers_for
+from dynconv.providers import CHECK_REFERENCE, LAYOUTS, PROVIDERS, ProviderUnavailable, make_inputs, providers_for
 from dynconv.roofline import (
     DTYPE_BYTES,
     OPS,
@@ -48,9 +60,13 @@ from dynconv.roofline import (
     sweep_shape_names,
 )
 
-COLUMNS = ("op,pass,dtype,shape,provider,ms_median,ms_p20,ms_p80,gbps,tflops,peak_mem_mb,"
+COLUMNS = ("op,pass,dtype,layout,shape,provider,ms_median,ms_p20,ms_p80,gbps,tflops,peak_mem_mb,"
            "gpu,torch,triton,commit,date").split(",")
+# The header before layouts were measured: every such row was taken in NCHW.
+LEGACY_COLUMNS = [c for c in COLUMNS if c != "layout"]
 DTYPES = tuple(DTYPE_BYTES)
+# --quick without --layouts measures nhwc in these dtypes only (module docstring).
+QUICK_NHWC_DTYPES = ("bf16",)
 # Values of ms_median for a measurement that produced no time.
 STATUSES = ("OOM", "error", "mismatch")
 # ‖y − y_ref‖ / ‖y_ref‖ allowed in the pre-timing check. fp32 leaves room for TF32 dots
@@ -215,7 +231,19 @@ def rotation_sets(set_bytes: int, l2_bytes: int, limit: int = 4) -> int:
     return max(1, min(limit, math.ceil(2 * l2_bytes / max(set_bytes, 1))))
 
 
-def measure_peak_mb(fn, p: Problem, pass_: str, dtype, device: str) -> float | None:
+def _grads_like_output(fn, sets: list, p: Problem) -> list:
+    """One dy per input set in the memory format of the provider's own output, as the layer after
+    it would hand back; learnt from one untimed forward (a provider may return another format
+    than its input's, and then its backward is measured with the dy it would really get)."""
+    import torch
+    with torch.no_grad():
+        y = fn(sets[0], p)
+    dys = [torch.randn_like(y) for _ in sets]  # randn_like keeps y's strides
+    del y
+    return dys
+
+
+def measure_peak_mb(fn, p: Problem, pass_: str, dtype, device: str, layout: str = "nchw") -> float | None:
     """Peak device memory of one call of the pass, in MiB: the most allocated at once, minus what
     was allocated before its inputs were made. So it counts the inputs, the output, every
     temporary, and for ``backward`` the tensors the forward saved (made before the reset,
@@ -226,7 +254,7 @@ def measure_peak_mb(fn, p: Problem, pass_: str, dtype, device: str) -> float | N
     _free(device)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    t = make_inputs(p, dtype, device, requires_grad=pass_ != "forward")
+    t = make_inputs(p, dtype, device, requires_grad=pass_ != "forward", layout=layout)
     if pass_ == "forward":
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
@@ -238,7 +266,8 @@ def measure_peak_mb(fn, p: Problem, pass_: str, dtype, device: str) -> float | N
         torch.cuda.reset_peak_memory_stats()
         y.backward(dy)
     else:
-        dy = torch.randn(output_shape(p), device=device, dtype=dtype)
+        dy = _grads_like_output(fn, [t], p)[0]
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         y = fn(t, p)
         y.backward(dy)
@@ -248,11 +277,12 @@ def measure_peak_mb(fn, p: Problem, pass_: str, dtype, device: str) -> float | N
     return peak / 2**20
 
 
-def time_pass(fn, p: Problem, pass_: str, dtype, device: str, timer: Timer, l2_bytes: int):
+def time_pass(fn, p: Problem, pass_: str, dtype, device: str, timer: Timer, l2_bytes: int,
+              layout: str = "nchw"):
     """(median, p20, p80) ms of one pass, inputs rotating among fresh sets."""
     import torch
-    first = make_inputs(p, dtype, device, requires_grad=pass_ != "forward")
-    sets = [first] + [make_inputs(p, dtype, device, requires_grad=pass_ != "forward")
+    first = make_inputs(p, dtype, device, requires_grad=pass_ != "forward", layout=layout)
+    sets = [first] + [make_inputs(p, dtype, device, requires_grad=pass_ != "forward", layout=layout)
                       for _ in range(rotation_sets(_input_bytes(first), l2_bytes) - 1)]
     n = len(sets)
     if pass_ == "forward":
@@ -270,7 +300,7 @@ def time_pass(fn, p: Problem, pass_: str, dtype, device: str, timer: Timer, l2_b
         ys = [fn(t, p) for t in sets]
         dys = [torch.randn_like(y) for y in ys]
         return timer(lambda i: ys[i % n].backward(dys[i % n], retain_graph=True), reset)
-    dys = [torch.randn(output_shape(p), device=device, dtype=dtype) for _ in sets]
+    dys = _grads_like_output(fn, sets, p)
     return timer(lambda i: fn(sets[i % n], p).backward(dys[i % n]), reset)
 
 
@@ -279,7 +309,7 @@ def relative_error(y, ref) -> float:
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def check_forward(fns: dict, p: Problem, dtype_name: str, device: str, log) -> dict[str, str]:
+def check_forward(fns: dict, p: Problem, dtype_name: str, device: str, log, layout: str = "nchw") -> dict[str, str]:
     """Forward of every non-static provider against the op's reference provider on one random
     input set. Returns {provider: status} for those that could not be checked or disagree."""
     import torch
@@ -290,7 +320,7 @@ def check_forward(fns: dict, p: Problem, dtype_name: str, device: str, log) -> d
     bad = {}
     generator = torch.Generator(device=device).manual_seed(1234)
     try:
-        t = make_inputs(p, _torch_dtype(dtype_name), device, generator=generator)
+        t = make_inputs(p, _torch_dtype(dtype_name), device, generator=generator, layout=layout)
         with torch.no_grad():
             ref = fns[reference](t, p)
     except Exception as exc:  # the reference itself fails: nothing can be checked
@@ -315,16 +345,17 @@ def check_forward(fns: dict, p: Problem, dtype_name: str, device: str, log) -> d
     return bad
 
 
-def measure(fn, p: Problem, pass_: str, dtype_name: str, device: str, timer: Timer, l2_bytes: int, log) -> dict:
+def measure(fn, p: Problem, pass_: str, dtype_name: str, device: str, timer: Timer, l2_bytes: int, log,
+            layout: str = "nchw") -> dict:
     """The measured fields of one csv row: times and peak memory, or the status it failed with."""
     import torch
     dtype = _torch_dtype(dtype_name)
     try:
-        median, p20, p80 = time_pass(fn, p, pass_, dtype, device, timer, l2_bytes)
+        median, p20, p80 = time_pass(fn, p, pass_, dtype, device, timer, l2_bytes, layout)
         _free(device)
         # After the timing's warm-up: compilation, autotuning (its own flush buffer) and cuDNN's
         # algorithm search have allocated and freed their memory by now, so none of it counts.
-        peak = measure_peak_mb(fn, p, pass_, dtype, device)
+        peak = measure_peak_mb(fn, p, pass_, dtype, device, layout)
     except Exception as exc:
         status = "OOM" if _is_oom(exc) else "error"
         if status == "error":
@@ -390,16 +421,23 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def row_layout(row: dict) -> str:
+    """A row's layout; one written before the column existed was measured in NCHW."""
+    return row.get("layout") or "nchw"
+
+
 def row_key(row: dict) -> tuple:
-    return (row["op"], row["pass"], row["dtype"], row["shape"], row["provider"])
+    return (row["op"], row["pass"], row["dtype"], row_layout(row), row["shape"], row["provider"])
 
 
 def read_csv(path: Path) -> list[dict]:
+    """Rows as strings; a file with the header from before the layout column reads with
+    ``layout`` = ``nchw``, so committed measurements keep working."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != COLUMNS:
+        if reader.fieldnames not in (COLUMNS, LEGACY_COLUMNS):
             raise ValueError(f"{path}: columns {reader.fieldnames} are not {COLUMNS}")
-        return list(reader)
+        return [{c: row_layout(r) if c == "layout" else r[c] for c in COLUMNS} for r in reader]
 
 
 def _sort_key(row: dict):
@@ -408,14 +446,16 @@ def _sort_key(row: dict):
         shape = (list(REFERENCE_SHAPES).index(base), hw, "")
     except ValueError:  # a shape the table does not know (a test's): after the known ones
         shape = (len(REFERENCE_SHAPES), 0, row["shape"])
+    layout = row_layout(row)
     return (OPS.index(row["op"]) if row["op"] in OPS else len(OPS), shape,
+            LAYOUTS.index(layout) if layout in LAYOUTS else 9,
             PASSES.index(row["pass"]) if row["pass"] in PASSES else 9,
             DTYPES.index(row["dtype"]) if row["dtype"] in DTYPES else 9, row["provider"])
 
 
 def write_csv(path: Path, rows: list[dict], merge: bool = True) -> None:
     """Write ``rows``; with ``merge``, keep the rows already there that these do not replace."""
-    new = {row_key(r): {c: _fmt(r.get(c)) for c in COLUMNS} for r in rows}
+    new = {row_key(r): {c: _fmt(row_layout(r) if c == "layout" else r.get(c)) for c in COLUMNS} for r in rows}
     old = read_csv(path) if merge and path.exists() else []
     merged = [r for r in old if row_key(r) not in new] + list(new.values())
     merged.sort(key=_sort_key)
@@ -434,6 +474,16 @@ def write_csv(path: Path, rows: list[dict], merge: bool = True) -> None:
 
 def default_shapes(quick: bool) -> list[str]:
     return list(REFERENCE_SHAPES) + ([] if quick else sweep_shape_names())
+
+
+def layout_plan(dtypes: list[str], layouts: list[str] | None, quick: bool) -> list[tuple[str, str]]:
+    """The (layout, dtype) pairs measured at each shape, in order: every pair of the named
+    layouts and dtypes; without ``layouts`` both, except that ``quick`` keeps nhwc to
+    :data:`QUICK_NHWC_DTYPES` (module docstring)."""
+    if layouts:
+        return [(layout, dtype) for layout in layouts for dtype in dtypes]
+    return [(layout, dtype) for layout in LAYOUTS for dtype in dtypes
+            if not (quick and layout == "nhwc" and dtype not in QUICK_NHWC_DTYPES)]
 
 
 def _resolve_providers(op: str, wanted, log, notes: set) -> dict:
@@ -458,7 +508,8 @@ def _resolve_providers(op: str, wanted, log, notes: set) -> dict:
 
 
 def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=None, quick=False,
-                   out=None, fresh=False, device="cuda", problems=None, timer=None, log=print) -> Path:
+                   out=None, fresh=False, device="cuda", problems=None, timer=None, log=print,
+                   layouts=None) -> Path:
     """Measure and write ``<out>/<gpu>/results.csv`` and ``ceilings.json``; returns the csv path.
 
     ``problems`` maps extra shape names to :class:`Problem` and ``timer`` replaces the default
@@ -488,6 +539,7 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
     problems = dict(problems or {})
     names = list(shapes) if shapes else default_shapes(quick)
     dtypes, passes = list(dtypes or DTYPES), list(passes or PASSES)
+    plan = layout_plan(dtypes, list(layouts) if layouts else None, quick)
     notes: set[str] = set()
     first_write = fresh
     try:
@@ -498,23 +550,25 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
             fns = _resolve_providers(p.op, providers, log, notes)
             if not fns:
                 continue
-            rows = []
-            try:
-                for dtype in dtypes:
-                    log(f"{name} ({p.op}) {dtype}")
-                    bad = check_forward(fns, p, dtype, device, log)
+            for layout, dtype in plan:
+                rows = []
+                try:
+                    log(f"{name} ({p.op}) {dtype} {layout}")
+                    bad = check_forward(fns, p, dtype, device, log, layout)
                     for pass_ in passes:
                         for provider, fn in fns.items():
                             fields = {"ms_median": bad[provider]} if provider in bad else \
-                                measure(fn, p, pass_, dtype, device, timer, l2_bytes, log)
-                            rows.append({"op": p.op, "pass": pass_, "dtype": dtype, "shape": name,
-                                         "provider": provider, **fields, **env})
+                                measure(fn, p, pass_, dtype, device, timer, l2_bytes, log, layout)
+                            rows.append({"op": p.op, "pass": pass_, "dtype": dtype, "layout": layout,
+                                         "shape": name, "provider": provider, **fields, **env})
                             log("  " + _describe(rows[-1]))
-            finally:
-                # Even when the device breaks mid-shape, what was measured before it is kept.
-                if rows:
-                    write_csv(csv_path, rows, merge=not first_write)
-                    first_write = False
+                finally:
+                    # Even when the device breaks mid-shape, what was measured before it is kept;
+                    # written per layout and dtype, so a run killed by its time limit loses at
+                    # most one of them.
+                    if rows:
+                        write_csv(csv_path, rows, merge=not first_write)
+                        first_write = False
     finally:
         if device == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -551,12 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", metavar="OP", help=f"subset of {', '.join(OPS)}")
     parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", help=f"subset of {', '.join(DTYPES)}")
+    parser.add_argument("--layouts", nargs="+", metavar="LAYOUT",
+                        help=f"subset of {', '.join(LAYOUTS)}, each in every dtype; default: both "
+                             f"(with --quick, nhwc in {', '.join(QUICK_NHWC_DTYPES)} only)")
     parser.add_argument("--passes", nargs="+", metavar="PASS", help=f"subset of {', '.join(PASSES)}")
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
                         help=f"reference shapes ({', '.join(REFERENCE_SHAPES)}) or sweep points such as R1@H112; "
                              "default: all reference shapes and the size sweep")
     parser.add_argument("--providers", nargs="+", metavar="NAME", help=f"subset of {', '.join(PROVIDERS)}")
-    parser.add_argument("--quick", action="store_true", help="reference shapes only, shorter timing windows")
+    parser.add_argument("--quick", action="store_true",
+                        help="reference shapes only, shorter timing windows, nhwc in bf16 only")
     parser.add_argument("--fresh", action="store_true", help="replace results.csv instead of merging into it")
     parser.add_argument("--out", type=Path, default=None, help="reports folder (default: the checkout's perf_reports/)")
     return parser
@@ -565,9 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     ops, dtypes, passes = _split(args.ops), _split(args.dtypes), _split(args.passes)
-    shapes, providers = _split(args.shapes), _split(args.providers)
+    shapes, providers, layouts = _split(args.shapes), _split(args.providers), _split(args.layouts)
     for given, allowed, what in ((ops, OPS, "op"), (dtypes, DTYPES, "dtype"), (passes, PASSES, "pass"),
-                                 (providers, tuple(PROVIDERS), "provider")):
+                                 (layouts, LAYOUTS, "layout"), (providers, tuple(PROVIDERS), "provider")):
         unknown = sorted(set(given or ()) - set(allowed))
         if unknown:
             print(f"dynconv bench: unknown {what} {', '.join(unknown)}; expected {', '.join(allowed)}", file=sys.stderr)
@@ -592,7 +650,7 @@ def main(argv=None) -> int:
               "Run `dynconv bench` on a machine with a CUDA GPU to produce them.")
         return 1
     csv_path = run_benchmarks(ops=ops, dtypes=dtypes, passes=passes, shapes=shapes, providers=providers,
-                              quick=args.quick, out=out, fresh=args.fresh)
+                              quick=args.quick, out=out, fresh=args.fresh, layouts=layouts)
     print(f"wrote {csv_path}")
     drawn = plot.draw_all(out)
     print(f"drew {len(drawn)} plot files and {out / 'README.md'}")

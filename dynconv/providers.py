@@ -9,6 +9,10 @@ kernel, another baseline) is one :func:`register_provider` call::
 
     register_provider(Provider("my_kernel", "my kernel", ("involution",), lambda op: my_fn))
 
+Every provider of a measurement gets the same input dict, in the layout the measurement asks for
+(:data:`LAYOUTS`; :func:`make_inputs`): a provider that wants another memory format converts inside
+its own call and pays for it there, as it would in a network of that layout.
+
 ``involution_layer`` (Involution2d from the reduced feature z on) is served by every family-1
 provider as span conv (``F.conv2d``, 1x1) + that provider's aggregation, by ``dynconv_fused``
 (``dynconv.involution_fused``: one kernel, no per-pixel weights in memory) and by the depth-wise
@@ -188,16 +192,30 @@ register_provider(Provider("static_conv", "static cuDNN conv (floor)", _FAMILY1 
 # Inputs
 # ---------------------------------------------------------------------------------------------
 
+# The csv's ``layout`` values: the memory format of the 4-D activations (make_inputs).
+LAYOUTS = ("nchw", "nhwc")
+# Activations a network of that layout hands the op in it: the input, DRConv's guide (a conv's
+# output) and the layer's reduced feature z. Per-pixel and per-sample weights are not listed:
+# they keep the op's own (B, G, K, K[, Ho, Wo]) order; a channels_last network's generated
+# weights are what involution_layer's unfused providers measure (the span conv writes them
+# from z in z's layout).
+_ACTIVATIONS = ("x", "z", "guide")
+
+
 def output_shape(p: Problem) -> tuple[int, int, int, int]:
     Ho, Wo = p.out_hw
     return (p.B, p.C if FAMILY[p.op] == 1 else p.Cout, Ho, Wo)
 
 
-def make_inputs(p: Problem, dtype, device, requires_grad: bool = False, generator=None) -> dict:
+def make_inputs(p: Problem, dtype, device, requires_grad: bool = False, generator=None,
+                layout: str = "nchw") -> dict:
     """Random inputs for every provider of ``p.op`` (the static conv's own weights included),
     scaled so outputs are O(1) in every dtype. Never zeros: they hide unwritten outputs and can
-    run faster than real data."""
+    run faster than real data. ``layout="nhwc"`` puts the activations (x, z, guide) and the
+    static conv's weight in ``torch.channels_last``; the values do not depend on the layout."""
     import torch
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
     def randn(*shape, scale=1.0):
         t = torch.randn(shape, device=device, dtype=torch.float32, generator=generator) * scale
@@ -233,6 +251,12 @@ def make_inputs(p: Problem, dtype, device, requires_grad: bool = False, generato
         if p.bias:
             t["bias"] = randn(p.E, p.Cout, scale=0.1)
             t["static_bias"] = randn(p.Cout, scale=0.1)
+    if layout == "nhwc":
+        # The static weight too: a channels_last model holds its conv weights so, and one in
+        # NCHW would be re-laid out on every call, which the floor should not pay.
+        for name in _ACTIVATIONS + ("static_weight",):
+            if name in t:
+                t[name] = t[name].contiguous(memory_format=torch.channels_last)
     if requires_grad:
         for v in t.values():
             v.requires_grad_(True)

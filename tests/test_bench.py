@@ -136,8 +136,9 @@ def test_roof():
 # ---------------------------------------------------------------------------------------------
 
 def test_columns_are_the_issues():
-    assert ",".join(bench.COLUMNS) == ("op,pass,dtype,shape,provider,ms_median,ms_p20,ms_p80,gbps,tflops,"
+    assert ",".join(bench.COLUMNS) == ("op,pass,dtype,layout,shape,provider,ms_median,ms_p20,ms_p80,gbps,tflops,"
                                        "peak_mem_mb,gpu,torch,triton,commit,date")
+    assert bench.LEGACY_COLUMNS == [c for c in bench.COLUMNS if c != "layout"]
 
 
 def _row(**fields):
@@ -161,6 +162,51 @@ def test_csv_merge_replaces_same_key_and_keeps_the_rest(tmp_path):
     path.write_text("op,pass\ninvolution,forward\n")
     with pytest.raises(ValueError, match="columns"):
         bench.read_csv(path)
+
+
+def test_csv_layout_is_part_of_the_key(tmp_path):
+    path = tmp_path / "results.csv"
+    bench.write_csv(path, [_row(layout="nchw", ms_median=1.0), _row(layout="nhwc", ms_median=2.0),
+                           _row(ms_median=9.0, provider="unfold")])  # no layout given: nchw
+    bench.write_csv(path, [_row(layout="nhwc", ms_median=3.0)])
+    rows = {(r["layout"], r["provider"]): r["ms_median"] for r in bench.read_csv(path)}
+    assert rows == {("nchw", "dynconv"): "1", ("nhwc", "dynconv"): "3", ("nchw", "unfold"): "9"}
+    # nchw before nhwc within a shape, whatever order they were written in
+    assert [r["layout"] for r in bench.read_csv(path) if r["provider"] == "dynconv"] == ["nchw", "nhwc"]
+
+
+def _write_legacy_csv(path, rows):
+    """A results.csv as written before the layout column existed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=bench.LEGACY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({c: bench._fmt(r.get(c)) for c in bench.LEGACY_COLUMNS} for r in rows)
+
+
+def test_csv_without_layout_column_reads_as_nchw(tmp_path):
+    path = tmp_path / "results.csv"
+    _write_legacy_csv(path, [_row(ms_median=1.0), _row(provider="unfold", ms_median="OOM")])
+    rows = bench.read_csv(path)
+    assert [(r["layout"], r["provider"], r["ms_median"]) for r in rows] == [("nchw", "dynconv", "1"),
+                                                                            ("nchw", "unfold", "OOM")]
+    # Merging new measurements upgrades the header; an nchw row replaces its legacy twin, nhwc adds.
+    bench.write_csv(path, [_row(layout="nchw", ms_median=2.0), _row(layout="nhwc", ms_median=3.0)])
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == bench.COLUMNS
+    rows = {(r["layout"], r["provider"]): r["ms_median"] for r in bench.read_csv(path)}
+    assert rows == {("nchw", "dynconv"): "2", ("nhwc", "dynconv"): "3", ("nchw", "unfold"): "OOM"}
+
+
+def test_layout_plan_defaults():
+    every = [("nchw", d) for d in bench.DTYPES] + [("nhwc", d) for d in bench.DTYPES]
+    assert bench.layout_plan(list(bench.DTYPES), None, quick=False) == every
+    # --quick: nhwc in bf16 only; none where bf16 is not asked for
+    assert bench.layout_plan(list(bench.DTYPES), None, quick=True) == \
+        [("nchw", d) for d in bench.DTYPES] + [("nhwc", "bf16")]
+    assert bench.layout_plan(["fp32"], None, quick=True) == [("nchw", "fp32")]
+    # named layouts: exactly those, in every dtype, quick or not
+    assert bench.layout_plan(["fp32", "bf16"], ["nhwc"], quick=True) == [("nhwc", "fp32"), ("nhwc", "bf16")]
 
 
 def test_quantiles_and_rotation():
@@ -203,11 +249,11 @@ def test_run_on_cpu_records_every_provider_and_failure(tmp_path, monkeypatch):
             "T3": Problem("drconv", B=1, C=2, H=4, W=4, K=3, Cout=2, E=2, m=2, bias=True)}
     log = []
     timer = bench.Timer("cpu", warmup_ms=0, rep_ms=0, min_reps=3)  # the interpreter is slow; no timing is judged
-    path = bench.run_benchmarks(shapes=["T1"], dtypes=["fp32"], out=tmp_path, device="cpu",
+    path = bench.run_benchmarks(shapes=["T1"], dtypes=["fp32"], layouts=["nchw"], out=tmp_path, device="cpu",
                                 problems=tiny, timer=timer, log=log.append)
     # Family 2 through one pass only (the interpreter is slow); merged into the same csv.
-    bench.run_benchmarks(shapes=["T2", "T3"], dtypes=["fp32"], passes=["forward+backward"], out=tmp_path,
-                         device="cpu", problems=tiny, timer=timer, log=log.append)
+    bench.run_benchmarks(shapes=["T2", "T3"], dtypes=["fp32"], layouts=["nchw"], passes=["forward+backward"],
+                         out=tmp_path, device="cpu", problems=tiny, timer=timer, log=log.append)
     rows = bench.read_csv(path)
     t1 = {(r["pass"], r["provider"]): r for r in rows if r["shape"] == "T1"}
     expected = {"dynconv", "unfold", "shift_add", "static_conv", "wrong", "oom"}
@@ -232,7 +278,7 @@ def test_run_on_cpu_records_every_provider_and_failure(tmp_path, monkeypatch):
         assert not [r for r in family2 if r["ms_median"] in bench.STATUSES]
     else:
         assert any("expert_conv2d: provider dynconv skipped" in line for line in log)
-    assert all(r["gpu"] == "cpu" for r in rows)
+    assert all(r["gpu"] == "cpu" and r["layout"] == "nchw" for r in rows)
 
 
 def test_run_on_cpu_involution_layer_with_the_fused_provider(tmp_path):
@@ -243,7 +289,7 @@ def test_run_on_cpu_involution_layer_with_the_fused_provider(tmp_path):
     tiny = {"T4": Problem("involution_layer", B=1, C=4, H=5, W=5, K=3, G=2, R=3, bias=True)}
     log = []
     timer = bench.Timer("cpu", warmup_ms=0, rep_ms=0, min_reps=1)
-    path = bench.run_benchmarks(ops=["involution_layer"], shapes=["T4", "R1"], dtypes=["fp32"],
+    path = bench.run_benchmarks(ops=["involution_layer"], shapes=["T4", "R1"], dtypes=["fp32"], layouts=["nchw"],
                                 passes=["forward", "forward+backward"], out=tmp_path, device="cpu", problems=tiny,
                                 timer=timer, log=log.append)
     rows = {(r["pass"], r["provider"]): r for r in bench.read_csv(path)}
@@ -255,6 +301,102 @@ def test_run_on_cpu_involution_layer_with_the_fused_provider(tmp_path):
         ms = float(r["ms_median"])  # a status here would raise
         assert float(r["gbps"]) == pytest.approx(minimum_bytes(tiny["T4"], pass_, "fp32") / ms / 1e6, rel=1e-4)
         assert float(r["tflops"]) == pytest.approx(minimum_flops(tiny["T4"], pass_) / ms / 1e9, rel=1e-4)
+
+
+# One tiny problem per op, every activation with C > 1 and H, W > 1 (so NCHW and NHWC differ).
+TINY = {"involution": Problem("involution", B=2, C=4, H=5, W=6, K=3, G=2),
+        "dynamic_dwconv2d": Problem("dynamic_dwconv2d", B=2, C=4, H=5, W=6, K=3, G=4, bias=True),
+        "expert_conv2d": Problem("expert_conv2d", B=2, C=4, H=5, W=6, K=3, Cout=6, E=2, bias=True),
+        "drconv": Problem("drconv", B=2, C=4, H=5, W=6, K=3, Cout=6, E=2, m=3, bias=True),
+        "involution_layer": Problem("involution_layer", B=2, C=4, H=5, W=6, K=3, G=2, R=3, bias=True)}
+
+
+def _channels_last(t):
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("op", sorted(TINY))
+def test_make_inputs_in_channels_last(op):
+    p = TINY[op]
+    nchw = providers.make_inputs(p, torch.float32, "cpu", generator=torch.Generator().manual_seed(0))
+    nhwc = providers.make_inputs(p, torch.float32, "cpu", requires_grad=True,
+                                 generator=torch.Generator().manual_seed(0), layout="nhwc")
+    assert nchw.keys() == nhwc.keys()
+    activations = {"x", "z", "guide"} & nhwc.keys()
+    assert "x" in activations and ("guide" in activations) == (op == "drconv")
+    assert ("z" in activations) == (op == "involution_layer")
+    for name, t in nhwc.items():
+        assert torch.equal(t, nchw[name]), name  # the layout changes strides, never values
+        assert t.requires_grad and t.is_leaf, name
+        assert nchw[name].is_contiguous(), name
+        if name in activations:
+            assert _channels_last(t), name
+        elif name == "static_weight":
+            assert t.is_contiguous(memory_format=torch.channels_last)
+        else:  # the op's own weights keep their (B, G, K, K[, Ho, Wo]) / (E, Cout, ...) order
+            assert t.is_contiguous(), name
+    with pytest.raises(ValueError, match="layout"):
+        providers.make_inputs(p, torch.float32, "cpu", layout="chwn")
+
+
+def _spy(record):
+    """A provider that is shift-and-add (or batch-as-groups) but notes the layout of the x it
+    receives and, through a hook, the strides of the dy its backward receives against its y's."""
+    def resolve(op):
+        inner = providers.PROVIDERS["shift_add" if providers.FAMILY[op] == 1 else "batch_groups"].resolve(op)
+
+        def run(t, p):
+            y = inner(t, p)
+            record.append(("x", _channels_last(t["x"])))
+            if y.requires_grad:
+                y.register_hook(lambda dy, strides=y.stride(): record.append(("dy", dy.stride() == strides)))
+            return y
+        return run
+    return resolve
+
+
+def test_run_on_cpu_in_nhwc(tmp_path, monkeypatch):
+    """``dynconv bench --layouts nhwc`` on tiny shapes: every provider runs on channels_last
+    inputs (none fails or disagrees), backward gets a dy in its output's format, and every row
+    says nhwc."""
+    registry = dict(providers.PROVIDERS)
+    record = []
+    registry["spy"] = providers.Provider("spy", "spy", ("involution", "expert_conv2d"), _spy(record))
+    monkeypatch.setattr(providers, "PROVIDERS", registry)
+    monkeypatch.setattr(bench, "PROVIDERS", registry)
+    log = []
+    timer = bench.Timer("cpu", warmup_ms=0, rep_ms=0, min_reps=1)
+    path = bench.run_benchmarks(shapes=["involution"], dtypes=["fp32"], layouts=["nhwc"], out=tmp_path,
+                                device="cpu", problems=TINY, timer=timer, log=log.append)
+    bench.run_benchmarks(shapes=["expert_conv2d"], dtypes=["fp32"], layouts=["nhwc"], passes=["forward+backward"],
+                         out=tmp_path, device="cpu", problems=TINY, timer=timer, log=log.append)
+    # z and the guide in channels_last; forward only, as the interpreter is slow on their backward.
+    bench.run_benchmarks(shapes=["involution_layer", "drconv"], dtypes=["fp32"], layouts=["nhwc"], passes=["forward"],
+                         out=tmp_path, device="cpu", problems=TINY, timer=timer, log=log.append)
+    rows = bench.read_csv(path)
+    assert {r["layout"] for r in rows} == {"nhwc"}
+    assert {(r["shape"], r["provider"]) for r in rows if r["shape"] in ("involution", "expert_conv2d")} == {
+        ("involution", prov) for prov in ("dynconv", "unfold", "shift_add", "static_conv", "spy")} | {
+        ("expert_conv2d", prov) for prov in ("dynconv", "batch_groups", "loop", "static_conv", "spy")}
+    assert {r["provider"] for r in rows if r["shape"] == "involution_layer"} == {
+        "dynconv_fused", "dynconv", "unfold", "shift_add", "static_conv"}
+    assert {r["provider"] for r in rows if r["shape"] == "drconv"} == {
+        "dynconv", "batch_groups", "all_regions", "loop", "static_conv"}
+    assert len(rows) == 5 * 3 + 5 + 5 + 5
+    assert not [r for r in rows if r["ms_median"] in bench.STATUSES], log
+    assert not any("MISMATCH" in line for line in log)
+    assert any(line.startswith("involution (involution) fp32 nhwc") for line in log)
+    assert record and all(ok for _, ok in record)
+    assert {what for what, _ in record} == {"x", "dy"}
+
+
+def test_dynconv_output_keeps_channels_last():
+    """What the nhwc rows time: dynconv's own output stays channels_last, so its dy does too."""
+    for op in ("involution", "expert_conv2d"):
+        p = TINY[op]
+        t = providers.make_inputs(p, torch.float32, "cpu", layout="nhwc")
+        with torch.no_grad():
+            assert _channels_last(providers.PROVIDERS["dynconv"].resolve(op)(t, p)), op
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,5 +506,6 @@ def test_bench_without_gpu_says_nothing_was_measured(tmp_path, monkeypatch, caps
 
 def test_bench_rejects_unknown_names(capsys):
     assert bench.main(["--ops", "convolution"]) == 2
+    assert bench.main(["--layouts", "nhwc,chwn"]) == 2
     assert bench.main(["--shapes", "R1@H"]) == 2
     assert "unknown" in capsys.readouterr().err
