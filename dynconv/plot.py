@@ -4,17 +4,21 @@
 
 For every GPU folder (``<reports>/<gpu>/results.csv``, or only ``--gpu``) it draws, as PNG and SVG:
 
-* ``throughput_<op>_<shape>``: throughput against input size for each size sweep, one panel per
-  dtype and pass, one line per provider, the measured ceiling dashed. GB/s for memory-bound ops,
-  TFLOP/s for compute-bound ones (both from the minimum model of :mod:`dynconv.roofline`).
-* ``speedup_<dtype>``: speedup over the unfold baseline (family 1) or the batch-as-groups conv
-  (family 2, which has no unfold form) at the reference shapes, one panel per pass.
+* ``throughput_<op>_<shape>_<layout>``: throughput against input size for each size sweep and
+  layout, one panel per dtype and pass, one line per provider, the measured ceiling dashed. GB/s
+  for memory-bound ops, TFLOP/s for compute-bound ones (both from the minimum model of
+  :mod:`dynconv.roofline`).
+* ``speedup_<dtype>_<layout>``: speedup over the unfold baseline (family 1) or the
+  batch-as-groups conv (family 2, which has no unfold form) at the reference shapes, one panel
+  per pass.
 * ``roofline``: dynconv's achieved TFLOP/s (each op's headline provider) against arithmetic
-  intensity at the reference shapes, one panel per dtype, under the measured bandwidth and
-  compute roofs; each point labelled with its fraction of the roof.
+  intensity at the reference shapes, one panel per layout and dtype, under the measured
+  bandwidth and compute roofs; each point labelled with its fraction of the roof.
 
-Then it rewrites ``<reports>/README.md`` from every GPU folder's data: the plots and a summary
-table (time and memory ratio against each baseline, % of roofline). Both report each op's
+Every ratio and every plot compares providers within one layout (the csv's ``layout``: nchw or
+nhwc, i.e. channels_last); rows from before that column are nchw. Then it rewrites
+``<reports>/README.md`` from every GPU folder's data: the plots and a summary table (time and
+memory ratio against each baseline, % of roofline; a layout column). Both report each op's
 headline provider (``providers.HEADLINE``: ``dynconv``, or ``dynconv_fused`` for
 ``involution_layer``); every other provider of the op is a baseline. Nothing is drawn or written
 for a GPU without measurements; with none at all, the README says so.
@@ -27,7 +31,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from dynconv.providers import PROVIDERS, SPEEDUP_BASELINE, headline, label
+from dynconv.providers import LAYOUTS, PROVIDERS, SPEEDUP_BASELINE, headline, label
 from dynconv.roofline import (
     DTYPE_BYTES,
     FAMILY,
@@ -45,6 +49,7 @@ PASS_SHORT = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd"
 PASS_MARKER = {"forward": "o", "backward": "s", "forward+backward": "^"}
 COMPUTE_CEILING = {"fp32": "fp32_tflops", "fp16": "fp16_tflops", "bf16": "bf16_tflops"}
 NUMERIC = ("ms_median", "ms_p20", "ms_p80", "gbps", "tflops", "peak_mem_mb")
+LAYOUT_TITLE = {"nchw": "NCHW (contiguous)", "nhwc": "NHWC (channels_last)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,10 +63,15 @@ class GpuData:
     def __init__(self, folder: Path, rows: list[dict], ceilings: dict | None):
         self.folder, self.rows, self.ceilings = folder, rows, ceilings
         self.name = rows[0]["gpu"] if rows else folder.name
-        self._index = {(r["op"], r["pass"], r["dtype"], r["shape"], r["provider"]): r for r in rows}
+        self._index = {(r["op"], r["pass"], r["dtype"], r["shape"], r["provider"], _layout(r)): r for r in rows}
 
-    def get(self, op, pass_, dtype, shape, provider):
-        return self._index.get((op, pass_, dtype, shape, provider))
+    def get(self, op, pass_, dtype, shape, provider, layout="nchw"):
+        return self._index.get((op, pass_, dtype, shape, provider, layout))
+
+    def layouts(self, rows=None) -> list[str]:
+        """The layouts measured (in ``rows``, default all), known ones in :data:`LAYOUTS` order."""
+        present = {_layout(r) for r in (self.rows if rows is None else rows)}
+        return [x for x in LAYOUTS if x in present] + sorted(present - set(LAYOUTS))
 
     def values(self, key):
         seen = []
@@ -76,8 +86,17 @@ class GpuData:
         return self.ceilings.get(COMPUTE_CEILING[dtype]) or (self.ceilings.get("bf16_tflops") if dtype == "fp16" else None)
 
 
+def _layout(row: dict) -> str:
+    return row.get("layout") or "nchw"  # rows written before the column were measured in NCHW
+
+
+def _layout_title(layout: str) -> str:
+    return LAYOUT_TITLE.get(layout, layout)
+
+
 def _parse(row: dict) -> dict:
     row = dict(row)
+    row["layout"] = _layout(row)
     row["status"] = row["ms_median"] if row["ms_median"] in STATUSES else None
     for key in NUMERIC:
         try:
@@ -176,19 +195,20 @@ def _status_marks(ax, xs_status, style):
 def draw_throughput(data: GpuData) -> list[Path]:
     plt = _pyplot()
     written = []
-    sweeps = defaultdict(set)  # (op, base) -> sizes measured
+    sweeps = defaultdict(set)  # (op, base, layout) -> sizes measured
     for r in data.rows:
         try:
             base, hw = split_shape_name(r["shape"])
         except ValueError:
             continue
-        sweeps[(r["op"], base)].add(hw)
-    for (op, base), sizes in sweeps.items():
+        sweeps[(r["op"], base, r["layout"])].add(hw)
+    for (op, base, layout), sizes in sorted(sweeps.items(), key=lambda item: data.layouts().index(item[0][2])):
         if len(sizes) < 2:
             continue
         sizes = sorted(sizes)
-        dtypes = [d for d in DTYPES if d in data.values("dtype")]
-        passes = [p for p in PASSES if p in data.values("pass")]
+        in_layout = [r for r in data.rows if r["op"] == op and r["layout"] == layout]
+        dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in in_layout)]
+        passes = [p for p in PASSES if any(r["pass"] == p for r in in_layout)]
         fig, axes = plt.subplots(len(dtypes), len(passes), figsize=(4.6 * len(passes), 3.3 * len(dtypes) + 0.9),
                                  squeeze=False, sharex=True)
         providers = []
@@ -201,7 +221,7 @@ def draw_throughput(data: GpuData) -> list[Path]:
                     points, failed = [], []
                     for hw in sizes:
                         shape = base if REFERENCE_SHAPES[base].H == hw else f"{base}@H{hw}"
-                        r = data.get(op, pass_, dtype, shape, provider)
+                        r = data.get(op, pass_, dtype, shape, provider, layout)
                         if r is None:
                             continue
                         if r["status"]:
@@ -234,28 +254,34 @@ def draw_throughput(data: GpuData) -> list[Path]:
                 if i == len(dtypes) - 1:
                     ax.set_xlabel("input H = W")
         handles = [plt.Line2D([], [], marker="o", markersize=4, label=label(p), **provider_style(p)) for p in providers]
-        fig.suptitle(f"{op}: throughput against size ({base} with H = W varied: {_shape_caption(base)})\n"
+        fig.suptitle(f"{op}, {_layout_title(layout)}: throughput against size ({base} with H = W varied: "
+                     f"{_shape_caption(base)})\n"
                      f"{data.name} — higher is better; × marks a point that did not run (OOM / error / mismatch)",
                      fontsize=10)
         fig.tight_layout(rect=(0, 0.07, 1, 0.93))
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-        written += _save(fig, data.folder / f"throughput_{op}_{base}")
+        written += _save(fig, data.folder / f"throughput_{op}_{base}_{layout}")
     return written
 
 
-def _reference_shapes(data: GpuData) -> list[str]:
-    present = set(data.values("shape"))
+def _reference_shapes(data: GpuData, rows=None) -> list[str]:
+    present = {r["shape"] for r in (data.rows if rows is None else rows)}
     return [s for s in REFERENCE_SHAPES if s in present]
 
 
 def draw_speedup(data: GpuData) -> list[Path]:
     plt = _pyplot()
     written = []
-    shapes = _reference_shapes(data)
-    if not shapes:
+    if not _reference_shapes(data):
         return written
     passes = [p for p in PASSES if p in data.values("pass")]
-    for dtype in [d for d in DTYPES if d in data.values("dtype")]:
+    # One figure per dtype and layout measured (a quick run has nhwc in bf16 only).
+    combos = [(d, x) for x in data.layouts() for d in DTYPES
+              if any(r["dtype"] == d and r["layout"] == x for r in data.rows)]
+    for dtype, layout in combos:
+        shapes = _reference_shapes(data, [r for r in data.rows if r["dtype"] == dtype and r["layout"] == layout])
+        if not shapes:
+            continue
         # The static floor last in every group: it is a reference line, not a competitor.
         providers = sorted(data.values("provider"), key=lambda p: p == "static_conv")
         fig, axes = plt.subplots(len(passes), 1, figsize=(max(7.0, 1.5 * len(shapes) + 2.5), 2.9 * len(passes) + 1.2),
@@ -267,8 +293,9 @@ def draw_speedup(data: GpuData) -> list[Path]:
             ymin = 1.0
             for gi, shape in enumerate(shapes):
                 op = REFERENCE_SHAPES[shape].op
-                baseline = data.get(op, pass_, dtype, shape, SPEEDUP_BASELINE[op])
-                others = [p for p in providers if p != SPEEDUP_BASELINE[op] and data.get(op, pass_, dtype, shape, p)]
+                baseline = data.get(op, pass_, dtype, shape, SPEEDUP_BASELINE[op], layout)
+                others = [p for p in providers
+                          if p != SPEEDUP_BASELINE[op] and data.get(op, pass_, dtype, shape, p, layout)]
                 if baseline is None:
                     continue
                 if baseline["status"]:
@@ -276,7 +303,7 @@ def draw_speedup(data: GpuData) -> list[Path]:
                                 ha="center", va="bottom", fontsize=7, color="C3")
                     continue
                 for k, provider in enumerate(others):
-                    r = data.get(op, pass_, dtype, shape, provider)
+                    r = data.get(op, pass_, dtype, shape, provider, layout)
                     x = gi - 0.4 + width * (k + 0.5)
                     style = provider_style(provider)
                     if provider not in shown:
@@ -307,11 +334,12 @@ def draw_speedup(data: GpuData) -> list[Path]:
         handles = [plt.Rectangle((0, 0), 1, 1, facecolor=provider_style(p)["color"], edgecolor="white",
                                  alpha=0.55 if p == "static_conv" else 0.9,
                                  hatch="//" if p == "static_conv" else None, label=label(p)) for p in shown]
-        fig.suptitle(f"Speedup over the unfold baseline (family 1) / batch-as-groups conv (family 2), {dtype}\n"
+        fig.suptitle(f"Speedup over the unfold baseline (family 1) / batch-as-groups conv (family 2), {dtype}, "
+                     f"{_layout_title(layout)}\n"
                      f"{data.name} — time of the baseline ÷ time of the provider; above 1 is faster", fontsize=10)
         fig.tight_layout(rect=(0, 0.05, 1, 0.94))
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
-        written += _save(fig, data.folder / f"speedup_{dtype}")
+        written += _save(fig, data.folder / f"speedup_{dtype}_{layout}")
     return written
 
 
@@ -336,11 +364,19 @@ def draw_roofline(data: GpuData, provider: str | None = None) -> list[Path]:
     if not hbm or not rows:
         return []
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(5.6 * len(dtypes), 5.0), squeeze=False)
+    layouts = data.layouts(rows)
+    # A row of panels per layout, so each panel keeps one label per shape and pass.
+    fig, axes = plt.subplots(len(layouts), len(dtypes), figsize=(5.6 * len(dtypes), 5.0 * len(layouts)),
+                             squeeze=False)
     intensities = [r["tflops"] * 1e3 / r["gbps"] for r in rows]
     lo, hi = min(intensities) / 4, max(intensities) * 30  # room on the right for labels
     pending, roof_samples, roof_labels = [], {}, {}
-    for ax, dtype in zip(axes[0], dtypes):
+    panels = [(axes[i][j], layout, dtype) for i, layout in enumerate(layouts) for j, dtype in enumerate(dtypes)]
+    for ax, layout, dtype in panels:
+        cell = [r for r in rows if r["dtype"] == dtype and r["layout"] == layout]
+        if not cell:  # e.g. a quick run's nhwc has bf16 only
+            ax.remove()
+            continue
         peak = data.compute_peak(dtype)
         ridge = peak * 1e3 / hbm
         xs = sorted({lo, hi, ridge} | {lo * (hi / lo) ** (k / 50) for k in range(51)})
@@ -354,7 +390,7 @@ def draw_roofline(data: GpuData, provider: str | None = None) -> list[Path]:
         roof_labels[ax] += [hbm_label, ax.annotate(f"{dtype} matmul {peak:,.0f} TFLOP/s", (ridge, peak), xytext=(-6, 4),
                                        textcoords="offset points", ha="right", va="bottom", fontsize=7)]
         labelled = []
-        for r in (x for x in rows if x["dtype"] == dtype):
+        for r in cell:
             intensity = r["tflops"] * 1e3 / r["gbps"]
             colour = f"C{list(REFERENCE_SHAPES).index(r['shape']) % 10}"
             ax.plot([intensity], [r["tflops"]], marker=PASS_MARKER[r["pass"]], color=colour, markersize=6,
@@ -369,11 +405,12 @@ def draw_roofline(data: GpuData, provider: str | None = None) -> list[Path]:
         pending.append((ax, labelled))
         ax.set_xlabel("arithmetic intensity (FLOP/byte, minimum model)")
         ax.set_ylabel("achieved TFLOP/s (minimum FLOPs / time)")
-        ax.set_title(f"{dtype}: " + ", ".join(dict.fromkeys(label(r["provider"]) for r in rows if r["dtype"] == dtype)))
+        providers = ", ".join(dict.fromkeys(label(r["provider"]) for r in cell))
+        ax.set_title(f"{dtype} · {_layout_title(layout)}: {providers}", fontsize=9)
     fig.suptitle(f"Roofline on {data.name}: ceilings measured on the device; label = shape, pass, % of the roof",
                  fontsize=10)
     markers = [plt.Line2D([], [], marker=m, color="0.3", linestyle="none", label=p) for p, m in PASS_MARKER.items()]
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.06 / len(layouts), 1, 1 - 0.05 / len(layouts)))
     fig.legend(handles=markers, loc="lower center", ncol=3, frameon=False)
     # Labels placed after the layout is final, so their screen positions are the saved ones.
     for ax, labelled in pending:
@@ -451,6 +488,17 @@ aggregation): `dynconv_fused` runs it as one kernel (`dynconv.involution_fused`,
 weights in memory) and is what its summary rows report; the other providers run the span conv
 with `F.conv2d` and then their own aggregation, so its `vs dynconv` cell is the fused kernel's
 gain over the unfused layer. Its minimum bytes are the fused layer's (x, z, span weights → y).
+
+Layouts (the csv's `layout` column): `nchw` (contiguous) or `nhwc` (`torch.channels_last`), the
+memory format of the activations x, z and DRConv's guide (and of the static conv's weight) that
+every provider of a measurement receives alike; each backward receives its gradient in the format
+of its provider's output. A provider that computes in another format converts inside its call
+and is timed doing so. Every ratio, table row and plot compares providers within one layout:
+cuDNN's static conv is much faster in channels_last for the half types, so a cross-layout ratio
+would flatter one side. `dynconv bench` measures both layouts in every dtype; `--quick` measures
+nhwc in bf16 only (the dtype of issue 7's channels_last targets) to fit one 10-minute device
+call. Rows from before the column are nchw.
+
 Reference shapes (the csv's `shape` column; `R1@H112` is R1 at H = W = 112):"""
 
 
@@ -473,10 +521,11 @@ def _ratio_cell(dyn: dict, base: dict | None) -> str:
 
 
 def summary_table(data: GpuData, dtype: str, family: int) -> str | None:
-    """Markdown table for one dtype and kernel family at the reference shapes: the headline
-    provider's time, peak memory and % of roofline (dynconv; the op cell names another headline),
-    and for each baseline measured there (time of baseline ÷ time of headline) · (its peak memory ÷
-    the headline's). A provider is a column if it is a baseline of some row ("—" in its own rows)."""
+    """Markdown table for one dtype and kernel family at the reference shapes, a row per shape,
+    layout and pass: the headline provider's time, peak memory and % of roofline (dynconv; the op
+    cell names another headline), and for each baseline measured there in the same layout (time of
+    baseline ÷ time of headline) · (its peak memory ÷ the headline's). A provider is a column if it
+    is a baseline of some row ("—" in its own rows)."""
     shapes = [s for s in _reference_shapes(data) if FAMILY[REFERENCE_SHAPES[s].op] == family]
     present = {r["provider"] for r in data.rows if r["shape"] in shapes and r["op"] == REFERENCE_SHAPES[r["shape"]].op
                and r["provider"] != headline(r["op"])}
@@ -487,8 +536,8 @@ def summary_table(data: GpuData, dtype: str, family: int) -> str | None:
     for shape in shapes:
         op = REFERENCE_SHAPES[shape].op
         main = headline(op)
-        for pass_ in PASSES:
-            dyn = data.get(op, pass_, dtype, shape, main)
+        for layout, pass_ in ((x, p) for x in data.layouts() for p in PASSES):
+            dyn = data.get(op, pass_, dtype, shape, main, layout)
             if dyn is None:
                 continue
             if dyn["status"]:
@@ -497,16 +546,24 @@ def summary_table(data: GpuData, dtype: str, family: int) -> str | None:
                 fraction = roof_fraction(data, dyn)
                 peak = f"{dyn['peak_mem_mb']:,.0f}" if dyn.get("peak_mem_mb") else "—"
                 cells = [f"{dyn['ms_median']:.3g}", peak, f"{100 * fraction:.0f}%" if fraction is not None else "—"]
-                cells += [_ratio_cell(dyn, data.get(op, pass_, dtype, shape, b) if b != main else None)
+                cells += [_ratio_cell(dyn, data.get(op, pass_, dtype, shape, b, layout) if b != main else None)
                           for b in baselines]
             op_cell = op if main == "dynconv" else f"{op} ({main})"
-            lines.append(f"| {shape} | {op_cell} | {pass_} | " + " | ".join(cells) + " |")
+            lines.append(f"| {shape} | {op_cell} | {layout} | {pass_} | " + " | ".join(cells) + " |")
     if not lines:
         return None
-    header = ("| shape | op | pass | dynconv ms | peak MiB | % of roof | "
+    header = ("| shape | op | layout | pass | dynconv ms | peak MiB | % of roof | "
               + " | ".join(f"vs {label(b)}" for b in baselines) + " |")
-    rule = "|" + "---|" * 3 + "---:|" * (3 + len(baselines))
+    rule = "|" + "---|" * 4 + "---:|" * (3 + len(baselines))
     return "\n".join([header, rule] + lines)
+
+
+def _speedup_order(path: Path):
+    """``speedup_<dtype>_<layout>``: by dtype, then layout."""
+    parts = path.stem.split("_")
+    dtype, layout = parts[1], parts[2] if len(parts) > 2 else ""
+    return (DTYPES.index(dtype) if dtype in DTYPES else 9, LAYOUTS.index(layout) if layout in LAYOUTS else 9,
+            path.stem)
 
 
 def _gpu_section(data: GpuData, reports: Path) -> str:
@@ -533,7 +590,8 @@ def _gpu_section(data: GpuData, reports: Path) -> str:
             "Each `vs` cell: baseline time ÷ dynconv time (above 1: dynconv is faster) · baseline peak "
             "memory ÷ dynconv peak memory (above 1: dynconv needs less); where the op cell names a provider, "
             "its row reports that provider instead of `dynconv`. Against the static conv, the time "
-            "ratio is the fraction of a fixed-weight conv's speed that the dynamic op reaches.", ""]
+            "ratio is the fraction of a fixed-weight conv's speed that the dynamic op reaches. Every ratio "
+            "is within the row's layout: `nchw` (contiguous) or `nhwc` (channels_last).", ""]
     tables = [(d, f, summary_table(data, d, f)) for d in ("bf16", "fp16", "fp32") for f in (1, 2)]
     tables = [(d, f, t) for d, f, t in tables if t]
     if not tables:
@@ -545,8 +603,7 @@ def _gpu_section(data: GpuData, reports: Path) -> str:
             out += [f"**{title}**", "", table, ""]
         else:
             out += [f"<details><summary>{title}</summary>", "", table, "", "</details>", ""]
-    speedups = sorted(data.folder.glob("speedup_*.png"), key=lambda p: DTYPES.index(p.stem.split("_")[1])
-                      if p.stem.split("_")[1] in DTYPES else 9)
+    speedups = sorted(data.folder.glob("speedup_*.png"), key=_speedup_order)
     if speedups:
         out += ["### Speedup over the baseline", ""] + [f"![{p.stem}]({rel}/{p.name})" for p in speedups] + [""]
     throughputs = sorted(data.folder.glob("throughput_*.png"))

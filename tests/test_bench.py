@@ -407,27 +407,44 @@ SPEED = {"dynconv": 1.0, "unfold": 0.25, "shift_add": 0.5, "batch_groups": 0.5, 
          "dynconv_fused": 2.0}
 
 
-def write_synthetic_reports(root, shapes=("R1@H14", "R1@H28", "R1", "R4", "E1", "R1-layer@H28", "R1-layer"),
-                            dtypes=("fp32", "bf16")):
-    """A small SYNTHETIC results.csv + ceilings.json under ``root``: made-up times from the model
-    at 1 TB/s and 100 TFLOP/s, divided by a per-provider factor. Not a measurement."""
-    folder = root / "SYNTHETIC_GPU"
+# In nhwc (where written) the static conv is 2.5× dynconv's speed: cuDNN's channels_last path.
+SPEED_NHWC = dict(SPEED, static_conv=2.5)
+
+
+def synthetic_rows(shapes, dtypes, layout="nchw"):
+    """Made-up times from the model at 1 TB/s and 100 TFLOP/s, divided by a per-provider factor."""
+    speed = SPEED_NHWC if layout == "nhwc" else SPEED
     rows = []
     for shape in shapes:
         p = resolve_shape(shape)
         for dtype in dtypes:
             for pass_ in ("forward", "backward", "forward+backward"):
                 nbytes, flops = minimum_bytes(p, pass_, dtype), minimum_flops(p, pass_)
-                for prov in [n for n in SPEED if p.op in providers.PROVIDERS[n].ops]:
+                for prov in [n for n in speed if p.op in providers.PROVIDERS[n].ops]:
+                    key = {"op": p.op, "pass": pass_, "dtype": dtype, "layout": layout, "shape": shape,
+                           "provider": prov}
                     if prov == "unfold" and shape == "R1@H28":
-                        rows.append(_row(op=p.op, **{"pass": pass_}, dtype=dtype, shape=shape, provider=prov,
-                                         ms_median="OOM"))
+                        rows.append(_row(**key, ms_median="OOM"))
                         continue
-                    ms = max(nbytes / 1e9, flops / 1e11) / SPEED[prov]
-                    rows.append(_row(op=p.op, **{"pass": pass_}, dtype=dtype, shape=shape, provider=prov,
-                                     ms_median=ms, ms_p20=0.95 * ms, ms_p80=1.05 * ms, gbps=nbytes / ms / 1e6,
-                                     tflops=flops / ms / 1e9, peak_mem_mb=100.0 / SPEED[prov] ** 2))
-    bench.write_csv(folder / "results.csv", rows, merge=False)
+                    ms = max(nbytes / 1e9, flops / 1e11) / speed[prov]
+                    rows.append(_row(**key, ms_median=ms, ms_p20=0.95 * ms, ms_p80=1.05 * ms, gbps=nbytes / ms / 1e6,
+                                     tflops=flops / ms / 1e9, peak_mem_mb=100.0 / speed[prov] ** 2))
+    return rows
+
+
+def write_synthetic_reports(root, shapes=("R1@H14", "R1@H28", "R1", "R4", "E1", "R1-layer@H28", "R1-layer"),
+                            dtypes=("fp32", "bf16"), nhwc_shapes=("R1@H14", "R1", "E1"), nhwc_dtypes=("bf16",),
+                            legacy=False):
+    """A small SYNTHETIC results.csv + ceilings.json under ``root`` (as a quick run lays it out:
+    nhwc in bf16 only). Not a measurement. ``legacy``: the csv as written before the layout
+    column (nchw rows only)."""
+    folder = root / "SYNTHETIC_GPU"
+    rows = synthetic_rows(shapes, dtypes)
+    if legacy:
+        _write_legacy_csv(folder / "results.csv", rows)
+    else:
+        rows += synthetic_rows(nhwc_shapes, nhwc_dtypes, "nhwc")
+        bench.write_csv(folder / "results.csv", rows, merge=False)
     (folder / "ceilings.json").write_text('{"hbm_gbps": 2000.0, "fp32_tflops": 50.0, "bf16_tflops": 500.0}')
     return folder
 
@@ -453,34 +470,64 @@ def test_plots_from_synthetic_csv(synthetic_reports):
     root, drawn = synthetic_reports
     folder = root / "SYNTHETIC_GPU"
     names = {p.name for p in drawn}
-    for stem in ("throughput_involution_R1", "throughput_involution_layer_R1-layer", "speedup_fp32",
-                 "speedup_bf16", "roofline"):
+    for stem in ("throughput_involution_R1_nchw", "throughput_involution_R1_nhwc",
+                 "throughput_involution_layer_R1-layer_nchw", "speedup_fp32_nchw", "speedup_bf16_nchw",
+                 "speedup_bf16_nhwc", "roofline"):
         assert f"{stem}.png" in names
         _assert_real_png(folder / f"{stem}.png")
-    # R4 and E1 have a single size each: no sweep, so no throughput-against-size plot for them
-    assert not any(n.startswith(("throughput_dynamic_dwconv2d", "throughput_expert")) for n in names)
+    # R4 and E1 have a single size each: no sweep, so no throughput-against-size plot for them;
+    # nhwc has bf16 only and no layer rows
+    assert not any(n.startswith(("throughput_dynamic_dwconv2d", "throughput_expert", "speedup_fp32_nhwc",
+                                 "throughput_involution_layer_R1-layer_nhwc")) for n in names)
 
 
 def test_readme_summary_from_synthetic_data(synthetic_reports):
     tmp_path, _ = synthetic_reports
     readme = (tmp_path / "README.md").read_text()
     assert SYNTHETIC_GPU in readme and "No measurements yet" not in readme
-    assert "![roofline" in readme and "SYNTHETIC_GPU/speedup_bf16.png" in readme
-    r1 = [line for line in readme.splitlines() if line.startswith("| R1 | involution | forward |")][0]
+    links = [line for line in readme.splitlines() if line.startswith("![speedup_")]
+    assert [line.split("(")[1] for line in links] == [f"SYNTHETIC_GPU/speedup_{s}.png)" for s in
+                                                      ("fp32_nchw", "bf16_nchw", "bf16_nhwc")]
+    assert "![roofline" in readme
+    bf16 = readme.split("**bf16, family 1")[1].split("family 2")[0]
+    assert "| shape | op | layout | pass |" in bf16
+    r1 = [line for line in bf16.splitlines() if line.startswith("| R1 | involution | nchw | forward |")][0]
     cells = [c.strip() for c in r1.strip("|").split("|")]
     # dynconv is a column for the layer's rows only; unfold is 4× slower with 16× the memory;
     # shift-and-add 2× and 4×; batch-as-groups serves R4 only; the static floor 0.8× and 0.64×
-    assert cells[6:] == ["—", "4.00× · mem 16.00×", "2.00× · mem 4.00×", "—", "0.80× · mem 0.64×"]
+    assert cells[7:] == ["—", "4.00× · mem 16.00×", "2.00× · mem 4.00×", "—", "0.80× · mem 0.64×"]
     # R1 bf16 forward at 1 TB/s against a 2 TB/s roof (intensity 9.7 FLOP/B is left of the ridge)
-    assert cells[5] == "50%"
+    assert cells[6] == "50%"
+    # The nhwc row compares with the nhwc static conv (2.5×), never with the nchw one.
+    r1 = [line for line in bf16.splitlines() if line.startswith("| R1 | involution | nhwc | forward |")][0]
+    assert [c.strip() for c in r1.strip("|").split("|")][7:] == ["—", "4.00× · mem 16.00×", "2.00× · mem 4.00×", "—",
+                                                                "0.40× · mem 0.16×"]
+    # Rows of a shape: nchw's three passes, then nhwc's.
+    r1_layouts = [line.split("|")[3].strip() for line in bf16.splitlines() if line.startswith("| R1 |")]
+    assert r1_layouts == 3 * ["nchw"] + 3 * ["nhwc"]
+    # fp32 was measured in nchw only: its table has no nhwc row
+    fp32 = readme.split("<summary>fp32, family 1")[1].split("</details>")[0]
+    assert "| nchw |" in fp32 and "| nhwc |" not in fp32
     # The layer's rows report the fused provider; unfused dynconv is 2× slower with 4× the memory.
     layer = [line for line in readme.splitlines() if line.startswith("| R1-layer | involution_layer (dynconv_fused) |")]
-    assert [line.split("|")[3].strip() for line in layer] == 2 * ["forward", "backward", "forward+backward"]
+    assert [line.split("|")[4].strip() for line in layer] == 2 * ["forward", "backward", "forward+backward"]
     cells = [c.strip() for c in layer[0].strip("|").split("|")]
-    assert cells[6:] == ["2.00× · mem 4.00×", "8.00× · mem 64.00×", "4.00× · mem 16.00×", "—",
+    assert cells[7:] == ["2.00× · mem 4.00×", "8.00× · mem 64.00×", "4.00× · mem 16.00×", "—",
                          "1.60× · mem 2.56×"]
-    r1_h28 = plot.load(tmp_path)[0].get("involution", "forward", "bf16", "R1@H28", "unfold")
-    assert r1_h28["status"] == "OOM"
+    data = plot.load(tmp_path)[0]
+    assert data.get("involution", "forward", "bf16", "R1@H28", "unfold")["status"] == "OOM"
+    assert data.get("involution", "forward", "bf16", "R1", "static_conv", "nhwc")["layout"] == "nhwc"
+    assert data.get("involution", "forward", "fp32", "R1", "static_conv", "nhwc") is None
+
+
+def test_plot_reads_a_csv_from_before_the_layout_column(tmp_path):
+    """Committed measurements without the layout column still draw: every row counts as nchw."""
+    write_synthetic_reports(tmp_path, shapes=("R1@H14", "R1", "E1"), dtypes=("bf16",), legacy=True)
+    drawn = {p.name for p in plot.draw_all(tmp_path, log=lambda *_: None)}
+    assert {"throughput_involution_R1_nchw.png", "speedup_bf16_nchw.png", "roofline.png"} <= drawn
+    assert not any("nhwc" in name for name in drawn)
+    readme = (tmp_path / "README.md").read_text()
+    assert "| R1 | involution | nchw | forward |" in readme and "| nhwc |" not in readme
 
 
 def test_readme_without_measurements_says_so(tmp_path):
