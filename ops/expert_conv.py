@@ -12,20 +12,24 @@ Inside the ops ``routing`` is always ``(B, m, E)``; the public function views ``
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from dynconv.kernels import expert_conv as kernels
 from dynconv.kernels._launch import kernels_are_interpreted
 
+from . import _eager
 from . import reference_expert as reference
 from ._checks import (
     as_pair,
     autocast_inputs,
     check_dtypes_and_devices,
     check_tensor,
+    is_channels_last,
     memory_format_of,
     output_hw,
 )
@@ -54,6 +58,16 @@ def _check_routing_rank(routing) -> None:
 
 def _check(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups):
     """Validates the op's arguments (routing already (B, m, E)); returns the geometry and (Ho, Wo)."""
+    _check_tensors(x, experts, routing, bias, spatial, guide, groups)
+    return _geometry(x.shape, experts.shape, routing.shape, _shape(bias), _shape(spatial), _shape(guide),
+                     stride, padding, dilation, groups)
+
+
+def _shape(t):
+    return None if t is None else t.shape
+
+
+def _check_tensors(x, experts, routing, bias, spatial, guide, groups):
     check_tensor(x, "x", 4, "(B, Cin, H, W)")
     check_tensor(experts, "experts", 5, "(E, Cout, Cin/groups, kh, kw)")
     _check_routing_rank(routing)
@@ -66,38 +80,48 @@ def _check(x, experts, routing, bias, spatial, guide, stride, padding, dilation,
     check_dtypes_and_devices(x=x, experts=experts, routing=routing, bias=bias, spatial=spatial, guide=guide)
     if not isinstance(groups, (int, torch.SymInt)) or isinstance(groups, bool):
         raise TypeError(f"groups must be an int, got {groups!r}")
-    B, Cin, H, W = x.shape
-    E, Cout, cin_g, kh, kw = experts.shape
+
+
+def _geometry(x_shape, experts_shape, routing_shape, bias_shape, spatial_shape, guide_shape, stride, padding,
+              dilation, groups):
+    """The checks that need only shapes (ranks already checked); (stride, padding, dilation, out)."""
+    B, Cin, H, W = x_shape
+    E, Cout, cin_g, kh, kw = experts_shape
     if E < 1 or Cout < 1 or kh < 1 or kw < 1:
-        raise ValueError(f"experts must have at least one expert, output channel and tap, got shape {tuple(experts.shape)}")
+        raise ValueError(f"experts must have at least one expert, output channel and tap, got shape {tuple(experts_shape)}")
     if groups < 1 or Cin % groups != 0 or Cout % groups != 0:
         raise ValueError(f"input channels Cin={Cin} and output channels Cout={Cout} must be divisible by groups={groups}")
     if cin_g * groups != Cin:
         raise ValueError(f"experts hold {cin_g} input channels per group, but x has Cin={Cin} channels "
                          f"in {groups} groups (expected {Cin // groups})")
-    m = routing.shape[1]
-    if routing.shape[0] != B:
-        raise ValueError(f"batch mismatch: x has {B} samples, routing has {routing.shape[0]}")
-    if routing.shape[2] != E:
-        raise ValueError(f"routing weighs {routing.shape[2]} experts, but there are E={E} experts")
-    if bias is not None and tuple(bias.shape) != (E, Cout):
-        raise ValueError(f"bias must have shape (E, Cout) = {(E, Cout)}, got {tuple(bias.shape)}")
-    if spatial is not None and tuple(spatial.shape) != (B, kh, kw):
-        raise ValueError(f"spatial must have shape (B, kh, kw) = {(B, kh, kw)}, got {tuple(spatial.shape)}")
+    m = routing_shape[1]
+    if routing_shape[0] != B:
+        raise ValueError(f"batch mismatch: x has {B} samples, routing has {routing_shape[0]}")
+    if routing_shape[2] != E:
+        raise ValueError(f"routing weighs {routing_shape[2]} experts, but there are E={E} experts")
+    if bias_shape is not None and tuple(bias_shape) != (E, Cout):
+        raise ValueError(f"bias must have shape (E, Cout) = {(E, Cout)}, got {tuple(bias_shape)}")
+    if spatial_shape is not None and tuple(spatial_shape) != (B, kh, kw):
+        raise ValueError(f"spatial must have shape (B, kh, kw) = {(B, kh, kw)}, got {tuple(spatial_shape)}")
     stride, padding, dilation = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0), as_pair(dilation, "dilation", 1)
     out = output_hw((H, W), (kh, kw), stride, padding, dilation)
-    if guide is None:
+    if guide_shape is None:
         if m != 1:
             raise ValueError(f"routing has m={m} regions but no guide was given; "
                              "regions need guide logits (B, m, Ho, Wo)")
     else:
-        if guide.shape[0] != B:
-            raise ValueError(f"batch mismatch: x has {B} samples, guide has {guide.shape[0]}")
-        if guide.shape[1] != m:
-            raise ValueError(f"region count mismatch: guide has m={guide.shape[1]} regions, routing has m={m}")
-        if tuple(guide.shape[2:]) != out:
-            raise ValueError(f"guide's spatial size {tuple(guide.shape[2:])} must equal the output size {out}")
+        if guide_shape[0] != B:
+            raise ValueError(f"batch mismatch: x has {B} samples, guide has {guide_shape[0]}")
+        if guide_shape[1] != m:
+            raise ValueError(f"region count mismatch: guide has m={guide_shape[1]} regions, routing has m={m}")
+        if tuple(guide_shape[2:]) != out:
+            raise ValueError(f"guide's spatial size {tuple(guide_shape[2:])} must equal the output size {out}")
     return stride, padding, dilation, out
+
+
+# Eager calls repeat a few problems over and over. Fake tensors' symbolic sizes are unhashable,
+# so the ops' own checks (torch.compile's path) stay uncached.
+_cached_geometry = functools.lru_cache(maxsize=1024)(_geometry)
 
 
 def _empty(like: Tensor, shape, fmt: torch.memory_format) -> Tensor:
@@ -109,14 +133,10 @@ def _mixed_bias(routing, bias):
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward op
+# Forward and backward bodies: the custom ops and the eager autograd.Function both run these.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("dynconv::expert_conv2d", mutates_args=())
-def expert_conv2d_op(x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | None, spatial: Tensor | None,
-                     guide: Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                     groups: int) -> Tensor:
-    stride, padding, dilation, out = _check(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups)
+def _forward(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
     y = _empty(x, (x.shape[0], experts.shape[1], *out), memory_format_of(x))
     if _use_triton(x):
         kernels.expert_conv_forward(x, experts, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
@@ -126,16 +146,6 @@ def expert_conv2d_op(x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor |
                                                 spatial=spatial, guide=guide))
     return y
 
-
-@expert_conv2d_op.register_fake
-def _(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups):
-    _, _, _, out = _check(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups)
-    return _empty(x, (x.shape[0], experts.shape[1], *out), memory_format_of(x))
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward ops
-# ---------------------------------------------------------------------------------------------
 
 # The CPU path of the backward ops: the same quantities as the kernels, from the batch-as-groups
 # conv's own backward (torch.nn.grad), computed in the accumulation dtype.
@@ -185,10 +195,7 @@ def _guide_scores(x, experts, routing, bias, spatial, grad, groups, stride, padd
     return (grad.to(acc)[:, None] * y_all).sum(dim=2)
 
 
-@torch.library.custom_op("dynconv::expert_conv2d_backward_input", mutates_args=())
-def backward_input_op(grad: Tensor, experts: Tensor, routing: Tensor, spatial: Tensor | None, guide: Tensor | None,
-                      x_size: Sequence[int], channels_last: bool, stride: Sequence[int], padding: Sequence[int],
-                      dilation: Sequence[int], groups: int) -> Tensor:
+def _backward_input(grad, experts, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dx = _empty(grad, x_size, fmt)
     if _use_triton(grad):
@@ -200,16 +207,7 @@ def backward_input_op(grad: Tensor, experts: Tensor, routing: Tensor, spatial: T
     return dx
 
 
-@backward_input_op.register_fake
-def _(grad, experts, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
-    return _empty(grad, x_size, torch.channels_last if channels_last else torch.contiguous_format)
-
-
-@torch.library.custom_op("dynconv::expert_conv2d_backward_weight", mutates_args=())
-def backward_weight_op(grad: Tensor, x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | None,
-                       spatial: Tensor | None, guide: Tensor | None, stride: Sequence[int], padding: Sequence[int],
-                       dilation: Sequence[int], groups: int, need_guide: bool
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward_weight(grad, x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide):
     """(∂experts, ∂routing, ∂bias, ∂spatial, ∂guide); an absent or unwanted one is an empty tensor.
 
     The per-(sample, region) kernel gradient ``dW (B, m, Cout, Cin/g, kh, kw)`` (fp32; with a
@@ -250,6 +248,68 @@ def backward_weight_op(grad: Tensor, x: Tensor, experts: Tensor, routing: Tensor
     return dexperts.to(x.dtype), drouting.reshape(B, m, E).to(x.dtype), dbias, dspatial, dguide
 
 
+def _save(ctx, x, experts, routing, bias, spatial, guide, geometry):
+    ctx.geometry = geometry
+    ctx.x_size = tuple(x.shape)
+    ctx.channels_last = is_channels_last(x)
+    ctx.save_for_backward(x, experts, routing, bias, spatial, guide)
+
+
+def _grads(ctx, grad, backward_input, backward_weight):
+    """(dx, dexperts, drouting, dbias, dspatial, dguide), each None where not needed."""
+    x, experts, routing, bias, spatial, guide = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx = dexperts = drouting = dbias = dspatial = dguide = None
+    if needs[0]:
+        dx = backward_input(grad, experts, routing, spatial, guide, ctx.x_size, ctx.channels_last, *ctx.geometry)
+    if any(needs[1:6]):
+        grads = backward_weight(grad, x, experts, routing, bias, spatial, guide, *ctx.geometry, bool(needs[5]))
+        dexperts, drouting, dbias, dspatial, dguide = (g if (need and present is not None) else None
+                                                       for g, need, present in zip(
+                                                           grads, needs[1:6], (experts, routing, bias, spatial, guide)))
+    return dx, dexperts, drouting, dbias, dspatial, dguide
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (torch.compile, opcheck, fake tensors; see ops/_eager.py)
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("dynconv::expert_conv2d", mutates_args=())
+def expert_conv2d_op(x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | None, spatial: Tensor | None,
+                     guide: Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                     groups: int) -> Tensor:
+    geometry = _check(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups)
+    return _forward(x, experts, routing, bias, spatial, guide, *geometry[:3], groups, geometry[3])
+
+
+@expert_conv2d_op.register_fake
+def _(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups):
+    _, _, _, out = _check(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups)
+    return _empty(x, (x.shape[0], experts.shape[1], *out), memory_format_of(x))
+
+
+@torch.library.custom_op("dynconv::expert_conv2d_backward_input", mutates_args=())
+def backward_input_op(grad: Tensor, experts: Tensor, routing: Tensor, spatial: Tensor | None, guide: Tensor | None,
+                      x_size: Sequence[int], channels_last: bool, stride: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int], groups: int) -> Tensor:
+    return _backward_input(grad, experts, routing, spatial, guide, x_size, channels_last, stride, padding, dilation,
+                           groups)
+
+
+@backward_input_op.register_fake
+def _(grad, experts, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
+    return _empty(grad, x_size, torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@torch.library.custom_op("dynconv::expert_conv2d_backward_weight", mutates_args=())
+def backward_weight_op(grad: Tensor, x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | None,
+                       spatial: Tensor | None, guide: Tensor | None, stride: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int], groups: int, need_guide: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backward_weight(grad, x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups,
+                            need_guide)
+
+
 @backward_weight_op.register_fake
 def _(grad, x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide):
     need_guide = need_guide and guide is not None
@@ -260,34 +320,36 @@ def _(grad, x, experts, routing, bias, spatial, guide, stride, padding, dilation
             torch.empty_like(guide, memory_format=torch.contiguous_format) if need_guide else x.new_empty(0))
 
 
-# ---------------------------------------------------------------------------------------------
-# Autograd
-# ---------------------------------------------------------------------------------------------
-
 def _setup_context(ctx, inputs, output):
-    x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups = inputs
-    ctx.geometry = (stride, padding, dilation, groups)
-    ctx.x_size = tuple(x.shape)
-    ctx.channels_last = memory_format_of(x) == torch.channels_last
-    ctx.save_for_backward(x, experts, routing, bias, spatial, guide)
+    _save(ctx, *inputs[:6], tuple(inputs[6:]))
 
 
 def _backward(ctx, grad):
-    x, experts, routing, bias, spatial, guide = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    dx = dexperts = drouting = dbias = dspatial = dguide = None
-    if needs[0]:
-        dx = backward_input_op(grad, experts, routing, spatial, guide, ctx.x_size, ctx.channels_last, *ctx.geometry)
-    if any(needs[1:6]):
-        grads = backward_weight_op(grad, x, experts, routing, bias, spatial, guide, *ctx.geometry,
-                                   need_guide=bool(needs[5]))
-        dexperts, drouting, dbias, dspatial, dguide = (g if (need and present is not None) else None
-                                                       for g, need, present in zip(
-                                                           grads, needs[1:6], (experts, routing, bias, spatial, guide)))
-    return dx, dexperts, drouting, dbias, dspatial, dguide, None, None, None, None
+    return (*_grads(ctx, grad, backward_input_op, backward_weight_op), None, None, None, None)
 
 
 torch.library.register_autograd("dynconv::expert_conv2d", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The eager path: the same bodies, no dispatcher
+# ---------------------------------------------------------------------------------------------
+
+class _ExpertConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
+        _save(ctx, x, experts, routing, bias, spatial, guide, (stride, padding, dilation, groups))
+        return _forward(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels have no derivative of their own
+            return _backward_once(ctx, grad)
+        return (*_grads(ctx, grad, _backward_input, _backward_weight), None, None, None, None, None)
+
+
+_backward_once = once_differentiable(_ExpertConv.backward)
+_apply = _eager.applier(_ExpertConv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,9 +383,13 @@ def expert_conv2d(x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | No
     _check_routing_rank(routing)
     if routing.dim() == 2:
         routing = routing.unsqueeze(1)
-    return expert_conv2d_op(x, experts, routing, bias, spatial, guide, *_normalise(stride, padding, dilation), groups)
-
-
-def _normalise(stride, padding, dilation):
-    return (list(as_pair(stride, "stride", 1)), list(as_pair(padding, "padding", 0)),
-            list(as_pair(dilation, "dilation", 1)))
+    pairs = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0), as_pair(dilation, "dilation", 1)
+    tensors = x, experts, routing, bias, spatial, guide
+    if not _eager.eager(*tensors):
+        return expert_conv2d_op(*tensors, *map(list, pairs), groups)
+    _check_tensors(*tensors, groups)
+    stride, padding, dilation, out = _cached_geometry(x.shape, experts.shape, routing.shape, _shape(bias),
+                                                      _shape(spatial), _shape(guide), *pairs, groups)
+    if _eager.records_grad(*tensors):
+        return _apply(*tensors, stride, padding, dilation, groups, out)
+    return _forward(*tensors, stride, padding, dilation, groups, out)

@@ -1,0 +1,46 @@
+"""When a public function may skip the torch.library dispatcher.
+
+A custom op costs about as much host time per call as the whole launch budget (schema binding,
+the autograd and backend redispatch, the dynamo guard around its body), so in plain eager mode
+the public functions call an ``autograd.Function`` that runs the same forward and backward bodies.
+The registered ops serve everything that must see an op: torch.compile and export, fake tensors
+and dispatch modes (make_fx, FlopCounterMode), functorch transforms, tensor subclasses and
+torch-function modes.
+"""
+from __future__ import annotations
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_function_apply = torch._C._FunctionBase.__dict__["apply"]
+
+
+def eager(*tensors) -> bool:
+    """Whether a call on ``tensors`` (None allowed) can take the autograd.Function path."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or torch._C._has_torch_function(tensors)):
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:  # e.g. FakeTensor outside its mode
+            return False
+    return True
+
+
+def applier(function: type[torch.autograd.Function]):
+    """``function.apply`` without its Python wrapper, which binds default arguments and unwraps
+    dead functorch wrappers: neither can arise on the eager path, and the wrapper costs microseconds."""
+    return _function_apply.__get__(None, function)
+
+
+def records_grad(*tensors) -> bool:
+    """Whether autograd records a call on ``tensors``; if not, the forward body runs without the
+    autograd.Function around it. Inside a forward-AD level inputs may carry tangents, which only
+    the Function can refuse (it has no jvp)."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
