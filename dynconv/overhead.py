@@ -6,8 +6,9 @@ With ``--launch noop`` (the only choice on CPU) every Triton launch is replaced 
 ops take their GPU code path on whatever tensors they get, so the time is the Python, dispatcher
 and autograd work a call pays on top of the launch itself. ``--launch real`` on CUDA times the
 whole call as the host sees it: the loop is timed without synchronising, so it is CPU time as long
-as the GPU keeps up (at these shapes it does). Each figure is the best of ``R`` loops of ``N``
-calls. ``fwd`` runs on inputs that need no gradient; ``fwd+bwd`` records the graph and runs
+as the GPU keeps up (at these shapes it does). On CPU the clock is this thread's CPU time, so
+other processes on a shared machine do not inflate it. Each figure is the best of ``R`` loops of
+``N`` calls. ``fwd`` runs on inputs that need no gradient; ``fwd+bwd`` records the graph and runs
 ``torch.autograd.grad`` (no ``.grad`` accumulation in the loop). The floors are an empty
 ``torch.library.custom_op`` with registered autograd and an empty ``torch.autograd.Function``.
 """
@@ -100,30 +101,32 @@ def noop_launches():
         Launch.__call__ = saved[1]
 
 
-def _best_us(step: Callable[[], object], calls: int, repeats: int, sync: Callable[[], None]) -> float:
+def _best_us(step: Callable[[], object], calls: int, repeats: int, sync: Callable[[], None],
+             clock: Callable[[], float]) -> float:
     for _ in range(3):  # warm-up: compilation, config lookup, caches
         step()
     sync()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             step()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
         sync()
     return best / calls * 1e6
 
 
 def measure(device: str = "cpu", calls: int = 500, repeats: int = 10) -> dict[str, tuple[float, float]]:
     """op name -> (fwd µs/call, fwd+bwd µs/call) on ``device``, with whatever launch is installed."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    cuda = device == "cuda"
+    sync, clock = (torch.cuda.synchronize, time.perf_counter) if cuda else ((lambda: None), time.thread_time)
     results = {}
     for name, (fn, tensors) in _inputs(device).items():
-        fwd = _best_us(lambda: fn(**tensors), calls, repeats, sync)
+        fwd = _best_us(lambda: fn(**tensors), calls, repeats, sync, clock)
         leaves = {k: v.requires_grad_() for k, v in tensors.items()}
         grad = torch.ones_like(fn(**leaves))
         inputs = tuple(leaves.values())
-        both = _best_us(lambda: torch.autograd.grad(fn(**leaves), inputs, grad), calls, repeats, sync)
+        both = _best_us(lambda: torch.autograd.grad(fn(**leaves), inputs, grad), calls, repeats, sync, clock)
         results[name] = (fwd, both)
     return results
 
