@@ -33,10 +33,7 @@ def run_case(case: str, profiled: bool) -> float:
     fn = PROVIDERS[provider].resolve(p.op)
     dtype = DTYPES[dtype_name]
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-    t = make_inputs(p, dtype, "cuda", requires_grad=True)
-    for name in ("x", "z", "guide"):
-        if name in t:
-            t[name] = t[name].detach().to(memory_format=fmt).requires_grad_(True)
+    t = make_inputs(p, dtype, "cuda", requires_grad=True, layout=layout)
     dy = torch.randn(output_shape(p), device="cuda", dtype=dtype).to(memory_format=fmt)
     torch.cuda.synchronize()
     start = time.perf_counter()
