@@ -8,9 +8,10 @@ and autograd work a call pays on top of the launch itself. ``--launch real`` on 
 whole call as the host sees it: the loop is timed without synchronising, so it is CPU time as long
 as the GPU keeps up (at these shapes it does). On CPU the clock is this thread's CPU time, so
 other processes on a shared machine do not inflate it. Each figure is the best of ``R`` loops of
-``N`` calls. ``fwd`` runs on inputs that need no gradient; ``fwd+bwd`` records the graph and runs
-``torch.autograd.grad`` (no ``.grad`` accumulation in the loop). The floors are an empty
-``torch.library.custom_op`` with registered autograd and an empty ``torch.autograd.Function``.
+``N`` calls. ``fwd`` runs on inputs that need no gradient, ``fwd(grad)`` on inputs that do (autograd
+records the call), ``fwd+bwd`` adds ``torch.autograd.grad`` (no ``.grad`` accumulation in the loop).
+The floors are an empty ``torch.library.custom_op`` with registered autograd and an empty
+``torch.autograd.Function``.
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ import argparse
 import contextlib
 import functools
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
 
 import dynconv
 from dynconv.kernels._launch import Launch
+from dynconv.kernels.configs import ConfigWarning
 
 # The interpreter flags of the op modules: set, CPU tensors take the Triton launch path.
 _OP_MODULES = ("dynconv.ops.involution", "dynconv.ops.expert_conv", "dynconv.ops.involution_fused")
@@ -45,7 +48,8 @@ def _inputs(device: str) -> dict[str, tuple[Callable, dict]]:
                              dict(x=t(B, C, H, H), z=t(B, 4, H, H), span_weight=t(K * K * 4, 4),
                                   span_bias=t(K * K * 4))),
         "floor: custom_op": (_empty_custom_op(), dict(x=t(B, C, H, H), weight=t(B, C, H, H))),
-        "floor: autograd.Function": (_EmptyFunction.apply, dict(x=t(B, C, H, H), weight=t(B, C, H, H))),
+        "floor: autograd.Function": (lambda x, weight: _EmptyFunction.apply(x, weight),
+                                     dict(x=t(B, C, H, H), weight=t(B, C, H, H))),
     }
 
 
@@ -77,11 +81,18 @@ class _EmptyFunction(torch.autograd.Function):
 
 @contextlib.contextmanager
 def noop_launches():
-    """Every kernel launch does nothing, and CPU tensors take the launch path (not plain PyTorch)."""
+    """Every kernel launch does nothing, and CPU tensors take the launch path (not plain PyTorch).
+    Without a GPU the config lookup takes its GPU path too, as on an untuned H100."""
     import importlib
+
+    from dynconv.kernels import configs
 
     modules = [importlib.import_module(name) for name in _OP_MODULES]
     saved = [m._INTERPRETED for m in modules], Launch.__call__, torch.get_num_threads()
+    saved_configs = configs._active_device, configs._run_time_tuning_enabled
+    if not torch.cuda.is_available():
+        configs._active_device = lambda: "NVIDIA H100 80GB HBM3"
+        configs._run_time_tuning_enabled = lambda: False
     Launch.__call__ = lambda self: None
     for m in modules:
         m._INTERPRETED = True
@@ -99,6 +110,8 @@ def noop_launches():
         for m, flag in zip(modules, saved[0]):
             m._INTERPRETED = flag
         Launch.__call__ = saved[1]
+        configs._active_device, configs._run_time_tuning_enabled = saved_configs
+        configs.clear_cache()
 
 
 def _best_us(step: Callable[[], object], calls: int, repeats: int, sync: Callable[[], None],
@@ -116,18 +129,19 @@ def _best_us(step: Callable[[], object], calls: int, repeats: int, sync: Callabl
     return best / calls * 1e6
 
 
-def measure(device: str = "cpu", calls: int = 500, repeats: int = 10) -> dict[str, tuple[float, float]]:
-    """op name -> (fwd µs/call, fwd+bwd µs/call) on ``device``, with whatever launch is installed."""
+def measure(device: str = "cpu", calls: int = 500, repeats: int = 10) -> dict[str, tuple[float, float, float]]:
+    """op name -> µs per call (fwd, fwd(grad), fwd+bwd) on ``device``, with whatever launch is installed."""
     cuda = device == "cuda"
     sync, clock = (torch.cuda.synchronize, time.perf_counter) if cuda else ((lambda: None), time.thread_time)
     results = {}
     for name, (fn, tensors) in _inputs(device).items():
         fwd = _best_us(lambda: fn(**tensors), calls, repeats, sync, clock)
         leaves = {k: v.requires_grad_() for k, v in tensors.items()}
+        recorded = _best_us(lambda: fn(**leaves), calls, repeats, sync, clock)
         grad = torch.ones_like(fn(**leaves))
         inputs = tuple(leaves.values())
         both = _best_us(lambda: torch.autograd.grad(fn(**leaves), inputs, grad), calls, repeats, sync, clock)
-        results[name] = (fwd, both)
+        results[name] = (fwd, recorded, both)
     return results
 
 
@@ -142,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     launch = args.launch or ("real" if args.device == "cuda" else "noop")
     if launch == "real" and args.device != "cuda":
         parser.error("--launch real needs --device cuda")
-    with noop_launches() if launch == "noop" else contextlib.nullcontext():
+    with noop_launches() if launch == "noop" else contextlib.nullcontext(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)  # "no tuned configs" says nothing about host time
         results = measure(args.device, args.calls, args.repeats)
     print(f"host µs per call, device {args.device}, launch {launch}, torch {torch.__version__}, "
           f"best of {args.repeats} x {args.calls} calls")
-    print(f"{'op':<26} {'fwd':>8} {'fwd+bwd':>8}")
-    for name, (fwd, both) in results.items():
-        print(f"{name:<26} {fwd:>8.1f} {both:>8.1f}")
+    print(f"{'op':<26} {'fwd':>9} {'fwd(grad)':>9} {'fwd+bwd':>9}")
+    for name, times in results.items():
+        print(f"{name:<26} " + " ".join(f"{t:>9.1f}" for t in times))
     return 0
