@@ -3,9 +3,9 @@
 A custom op costs about as much host time per call as the whole launch budget (schema binding,
 the autograd and backend redispatch, the dynamo guard around its body), so in plain eager mode
 the public functions call an ``autograd.Function`` that runs the same forward and backward bodies.
-The registered ops serve everything that must see an op: torch.compile and export, fake tensors
-and dispatch modes (make_fx, FlopCounterMode), functorch transforms, tensor subclasses and
-torch-function modes.
+The registered ops serve everything that must see an op: torch.compile and export, torch.jit.trace,
+fake tensors and dispatch modes (make_fx, FlopCounterMode), functorch transforms, tensor
+subclasses and torch-function modes.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ _function_apply = torch._C._FunctionBase.__dict__["apply"]
 
 def eager(*tensors) -> bool:
     """Whether a call on ``tensors`` (None allowed) can take the autograd.Function path."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._get_tracing_state()
             or torch._C._are_functorch_transforms_active() or torch._C._has_torch_function(tensors)):
         return False
     for t in tensors:

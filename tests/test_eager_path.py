@@ -120,6 +120,19 @@ def test_torch_compile_traces_the_custom_ops_and_matches_eager(name, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_jit_trace_records_the_custom_op(device):
+    _, inputs = _cases(device)["involution-stride2"]
+
+    def fn(x, weight):  # an explicit padding: the default one would be traced sizes
+        return dynconv.involution(x, weight, stride=2, padding=1)
+
+    traced = torch.jit.trace(fn, (inputs["x"], inputs["weight"]))
+    assert "dynconv::involution" in str(traced.graph)
+    x = torch.randn_like(inputs["x"])
+    assert torch.equal(traced(x, inputs["weight"]), fn(x, inputs["weight"]))
+
+
 def test_second_derivatives_are_refused_on_both_paths(device, monkeypatch):
     fn, inputs = _cases(device)["involution-stride2"]
     for path in ("eager", "custom ops"):
