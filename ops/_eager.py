@@ -4,8 +4,8 @@ A custom op costs about as much host time per call as the whole launch budget (s
 the autograd and backend redispatch, the dynamo guard around its body), so in plain eager mode
 the public functions call an ``autograd.Function`` that runs the same forward and backward bodies.
 The registered ops serve everything that must see an op: torch.compile and export, torch.jit.trace,
-fake tensors and dispatch modes (make_fx, FlopCounterMode), functorch transforms, tensor
-subclasses and torch-function modes.
+the profiler (its traces keep the op names), fake tensors and dispatch modes (make_fx,
+FlopCounterMode), functorch transforms, tensor subclasses and torch-function modes.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ _function_apply = torch._C._FunctionBase.__dict__["apply"]
 def eager(*tensors) -> bool:
     """Whether a call on ``tensors`` (None allowed) can take the autograd.Function path."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._get_tracing_state()
-            or torch._C._are_functorch_transforms_active() or torch._C._has_torch_function(tensors)):
+            or torch._C._autograd._profiler_enabled() or torch._C._are_functorch_transforms_active()
+            or torch._C._has_torch_function(tensors)):
         return False
     for t in tensors:
         if t is not None and type(t) not in _PLAIN:  # e.g. FakeTensor outside its mode

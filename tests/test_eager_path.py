@@ -120,6 +120,14 @@ def test_torch_compile_traces_the_custom_ops_and_matches_eager(name, device):
         assert torch.equal(a, b)
 
 
+def test_profiler_traces_name_the_ops(device):
+    fn, inputs = _cases(device)["involution_fused"]
+    with torch.profiler.profile() as profile:
+        _forward_backward(fn, inputs)
+    names = {event.name for event in profile.events()}
+    assert {"dynconv::involution_fused", "dynconv::involution_fused_backward_span"} <= names
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_jit_trace_records_the_custom_op(device):
     _, inputs = _cases(device)["involution-stride2"]
