@@ -9,6 +9,8 @@ CUDA tensors run the Triton kernels; CPU tensors run the batch-as-groups conv of
 when TRITON_INTERPRET=1 was set before import.
 
 Inside the ops ``routing`` is always ``(B, m, E)``; the public function views ``(B, E)`` as m = 1.
+Plain eager calls of the public function run the same bodies through an autograd.Function,
+without the dispatcher (``ops/_eager.py``).
 """
 from __future__ import annotations
 

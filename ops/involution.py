@@ -5,7 +5,9 @@ and ``involution_backward_input`` / ``involution_backward_weight`` (shared by bo
 weight is the per-pixel one with no pixel axes). Each op has a fake implementation, so
 ``torch.compile(fullgraph=True)`` traces through it, and an autograd formula built from the
 backward ops. CUDA tensors run the Triton kernels; CPU tensors run shift-and-add, or the Triton
-kernels through the interpreter when TRITON_INTERPRET=1 was set before import.
+kernels through the interpreter when TRITON_INTERPRET=1 was set before import. Plain eager calls
+of the public functions run the same bodies through an autograd.Function, without the dispatcher
+(``ops/_eager.py``).
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ Registered as ``torch.ops.dynconv.involution_fused`` with backward ops
 ``involution_fused_backward_span`` (span weight and bias), each with a fake implementation for
 ``torch.compile``. CUDA tensors run the Triton kernels; CPU tensors run the plain-PyTorch span conv
 plus shift-and-add (``ops/reference_involution_fused.py``, which does materialise the weights), or
-the Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import.
+the Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import. Plain
+eager calls of the public function run the same bodies through an autograd.Function, without the
+dispatcher (``ops/_eager.py``).
 """
 from __future__ import annotations
 
