@@ -88,7 +88,10 @@ def involution_fwd_kernel(
         BLOCK_G, BLOCK_CG, BLOCK_H, BLOCK_W, INDEX_64)
     out_mask = (i < Ho) & (j < Wo)
 
-    x_rows = x_ptr + b * sxb + c3 * sxc
+    # Channel offsets stay int32 and meet the pixel offset inside the loop: a hoisted pointer per
+    # element would hold two registers each through the whole tap loop.
+    x_sample = x_ptr + b * sxb
+    x_channel = c3 * sxc
     if PER_PIXEL:
         w_taps = w_ptr + b * swb + g3 * swg + (i * swh + j * sww)[None, None, :]
         w_mask = (g3 < G) & out_mask[None, None, :]
@@ -97,20 +100,22 @@ def involution_fwd_kernel(
         w_mask = g3 < G
 
     acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        # Added before the taps, so its offsets and mask are not held through the tap loop.
+        acc += tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
     h_first = i * SH - PH
     w_first = j * SW - PW
-    for u in range(K):
+    for tap in range(K * K):
+        # One loop over the taps (see involution_bwd_weight_kernel).
+        u = tap // K
+        v = tap % K
         h_in = h_first + u * DH
-        row_ok = out_mask & (h_in >= 0) & (h_in < H)
-        for v in range(K):
-            w_in = w_first + v * DW
-            ok = row_ok & (w_in >= 0) & (w_in < W)
-            weight = tl.load(w_taps + u * swu + v * swv, mask=w_mask, other=0.0)
-            xv = tl.load(x_rows + (h_in * sxh + w_in * sxw)[None, None, :],
-                         mask=channel_mask & ok[None, None, :], other=0.0)
-            acc += weight.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+        w_in = w_first + v * DW
+        ok = out_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+        weight = tl.load(w_taps + u * swu + v * swv, mask=w_mask, other=0.0)
+        xv = tl.load(x_sample + (x_channel + (h_in * sxh + w_in * sxw)[None, None, :]),
+                     mask=channel_mask & ok[None, None, :], other=0.0)
+        acc += weight.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
     y_off = b * syb + c3 * syc + (i * syh + j * syw)[None, None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=channel_mask & out_mask[None, None, :])
 
@@ -142,21 +147,26 @@ def involution_bwd_input_kernel(
         BLOCK_G, BLOCK_CG, BLOCK_H, BLOCK_W, INDEX_64)
     in_mask = (h < H) & (w < W)
 
-    dy_rows = dy_ptr + b * sdyb + c3 * sdyc
+    # Channel offsets stay int32 until they meet the pixel offset (see involution_fwd_kernel).
+    dy_sample = dy_ptr + b * sdyb
+    dy_channel = c3 * sdyc
     w_group = w_ptr + b * swb + g3 * swg
     acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
-    for u in range(K):
+    for tap in range(K * K):
+        # One loop over the taps (see involution_bwd_weight_kernel).
+        u = tap // K
+        v = tap % K
         i, row_ok = gather_source(h, PH, u, DH, SH, Ho, in_mask)
-        for v in range(K):
-            j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
-            ok3 = ok[None, None, :]
-            if PER_PIXEL:
-                weight = tl.load(w_group + u * swu + v * swv + (i * swh + j * sww)[None, None, :],
-                                 mask=(g3 < G) & ok3, other=0.0)
-            else:
-                weight = tl.load(w_group + u * swu + v * swv, mask=g3 < G, other=0.0)
-            grad = tl.load(dy_rows + (i * sdyh + j * sdyw)[None, None, :], mask=channel_mask & ok3, other=0.0)
-            acc += weight.to(ACC_DTYPE) * grad.to(ACC_DTYPE)
+        j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
+        ok3 = ok[None, None, :]
+        if PER_PIXEL:
+            weight = tl.load(w_group + u * swu + v * swv + (i * swh + j * sww)[None, None, :],
+                             mask=(g3 < G) & ok3, other=0.0)
+        else:
+            weight = tl.load(w_group + u * swu + v * swv, mask=g3 < G, other=0.0)
+        grad = tl.load(dy_sample + (dy_channel + (i * sdyh + j * sdyw)[None, None, :]), mask=channel_mask & ok3,
+                       other=0.0)
+        acc += weight.to(ACC_DTYPE) * grad.to(ACC_DTYPE)
     dx_off = b * sdxb + c3 * sdxc + (h * sdxh + w * sdxw)[None, None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=channel_mask & in_mask[None, None, :])
 
@@ -203,30 +213,32 @@ def involution_bwd_weight_kernel(
         # The groups' channels fit one chunk: read the gradient tile once, not once per tap.
         grad_tile = tl.load(dy_rows + c3 * sdyc, mask=channel_mask & out_mask[None, None, :], other=0.0)
         grad_tile = grad_tile.to(ACC_DTYPE)
-    for u in range(K):
+    # One loop over the K² taps, not a u/v nest: a nest holds its outer loop's row terms through the
+    # whole inner loop, and ptxas 12.8 (triton 3.6) spills such values to reach an occupancy step.
+    for tap in range(K * K):
+        u = tap // K
+        v = tap % K
         h_in = h_first + u * DH
-        row_ok = out_mask & (h_in >= 0) & (h_in < H)
-        for v in range(K):
-            w_in = w_first + v * DW
-            ok3 = (row_ok & (w_in >= 0) & (w_in < W))[None, None, :]
-            x_tap = x_rows + (h_in * sxh + w_in * sxw)[None, None, :]
-            if ONE_CG_CHUNK:
-                acc = grad_tile * tl.load(x_tap + c3 * sxc, mask=channel_mask & ok3, other=0.0).to(ACC_DTYPE)
-            else:
-                acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
-                for cg_start in range(0, CG, BLOCK_CG):
-                    c = c3 + cg_start
-                    m = (g3 < G) & (cg3 + cg_start < CG)
-                    grad = tl.load(dy_rows + c * sdyc, mask=m & out_mask[None, None, :], other=0.0)
-                    xv = tl.load(x_tap + c * sxc, mask=m & ok3, other=0.0)
-                    acc += grad.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
-            per_pixel = tl.sum(acc, axis=1)  # [BLOCK_G, pixels]
-            if PER_PIXEL:
-                tl.store(dw_group[:, None] + u * sdwu + v * sdwv + (i * sdwh + j * sdww)[None, :],
-                         per_pixel.to(dw_ptr.dtype.element_ty), mask=(g1 < G)[:, None] & out_mask[None, :])
-            else:
-                tl.store(dw_group + u * sdwu + v * sdwv + tile * sdwh,
-                         tl.sum(per_pixel, axis=1).to(dw_ptr.dtype.element_ty), mask=g1 < G)
+        w_in = w_first + v * DW
+        ok3 = (out_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W))[None, None, :]
+        x_tap = x_rows + (h_in * sxh + w_in * sxw)[None, None, :]
+        if ONE_CG_CHUNK:
+            acc = grad_tile * tl.load(x_tap + c3 * sxc, mask=channel_mask & ok3, other=0.0).to(ACC_DTYPE)
+        else:
+            acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+            for cg_start in range(0, CG, BLOCK_CG):
+                c = c3 + cg_start
+                m = (g3 < G) & (cg3 + cg_start < CG)
+                grad = tl.load(dy_rows + c * sdyc, mask=m & out_mask[None, None, :], other=0.0)
+                xv = tl.load(x_tap + c * sxc, mask=m & ok3, other=0.0)
+                acc += grad.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
+        per_pixel = tl.sum(acc, axis=1)  # [BLOCK_G, pixels]
+        if PER_PIXEL:
+            tl.store(dw_group[:, None] + u * sdwu + v * sdwv + (i * sdwh + j * sdww)[None, :],
+                     per_pixel.to(dw_ptr.dtype.element_ty), mask=(g1 < G)[:, None] & out_mask[None, :])
+        else:
+            tl.store(dw_group + u * sdwu + v * sdwv + tile * sdwh,
+                     tl.sum(per_pixel, axis=1).to(dw_ptr.dtype.element_ty), mask=g1 < G)
 
 
 # --------------------------------------------------------------------------------------------
