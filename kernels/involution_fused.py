@@ -168,25 +168,27 @@ def fused_fwd_kernel(
     acc = tl.zeros((BLOCK_G, BLOCK_CG, PIXELS), dtype=ACC_DTYPE)
     h_first = i * SH - PH
     w_first = j * SW - PW
-    for u in range(K):
+    for tap in range(K * K):
+        # One loop over the taps: a u/v nest holds the outer loop's row terms through the whole
+        # inner loop, where ptxas 12.8 spills them to reach an occupancy step.
+        u = tap // K
+        v = tap % K
         h_in = h_first + u * DH
-        row_ok = out_mask & (h_in >= 0) & (h_in < H)
-        for v in range(K):
-            w_in = w_first + v * DW
-            ok = row_ok & (w_in >= 0) & (w_in < W)
-            span_row = g * KK + (u * K + v)
-            if ONE_R_CHUNK:
-                span = tl.load(span_w_ptr + span_row[:, None] * sso + r[None, :] * ssr,
-                               mask=g_ok[:, None] & (r < R)[None, :], other=0.0)
-                weight = _matmul(span, z_tile, USE_DOT, DOT_PRECISION, ACC_DTYPE)
-            else:
-                weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_pix, out_mask, szr, R,
-                                      BLOCK_G, BLOCK_R, PIXELS, False, USE_DOT, DOT_PRECISION, ACC_DTYPE)
-            if HAS_BIAS:
-                weight += tl.load(span_b_ptr + span_row * ssb, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
-            xv = tl.load(x_rows + (h_in * sxh + w_in * sxw)[None, None, :],
-                         mask=channel_mask & ok[None, None, :], other=0.0)
-            acc += weight[:, None, :] * xv.to(ACC_DTYPE)
+        w_in = w_first + v * DW
+        ok = out_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+        span_row = g * KK + tap
+        if ONE_R_CHUNK:
+            span = tl.load(span_w_ptr + span_row[:, None] * sso + r[None, :] * ssr,
+                           mask=g_ok[:, None] & (r < R)[None, :], other=0.0)
+            weight = _matmul(span, z_tile, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+        else:
+            weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_pix, out_mask, szr, R,
+                                  BLOCK_G, BLOCK_R, PIXELS, False, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+        if HAS_BIAS:
+            weight += tl.load(span_b_ptr + span_row * ssb, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
+        xv = tl.load(x_rows + (h_in * sxh + w_in * sxw)[None, None, :],
+                     mask=channel_mask & ok[None, None, :], other=0.0)
+        acc += weight[:, None, :] * xv.to(ACC_DTYPE)
     y_off = b * syb + c3 * syc + (i * syh + j * syw)[None, None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=channel_mask & out_mask[None, None, :])
 
@@ -225,18 +227,20 @@ def fused_bwd_input_kernel(
     z_sample = z_ptr + b * szb
     dy_rows = dy_ptr + b * sdyb + c3 * sdyc
     acc = tl.zeros((BLOCK_G, BLOCK_CG, PIXELS), dtype=ACC_DTYPE)
-    for u in range(K):
+    for tap in range(K * K):
+        # One loop over the taps (see fused_fwd_kernel).
+        u = tap // K
+        v = tap % K
         i, row_ok = gather_source(h, PH, u, DH, SH, Ho, in_mask)
-        for v in range(K):
-            j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
-            span_row = g * KK + (u * K + v)
-            weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_sample + i * szh + j * szw, ok, szr, R,
-                                  BLOCK_G, BLOCK_R, PIXELS, ONE_R_CHUNK, USE_DOT, DOT_PRECISION, ACC_DTYPE)
-            if HAS_BIAS:
-                weight += tl.load(span_b_ptr + span_row * ssb, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
-            grad = tl.load(dy_rows + (i * sdyh + j * sdyw)[None, None, :],
-                           mask=channel_mask & ok[None, None, :], other=0.0)
-            acc += weight[:, None, :] * grad.to(ACC_DTYPE)
+        j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
+        span_row = g * KK + tap
+        weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_sample + i * szh + j * szw, ok, szr, R,
+                              BLOCK_G, BLOCK_R, PIXELS, ONE_R_CHUNK, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+        if HAS_BIAS:
+            weight += tl.load(span_b_ptr + span_row * ssb, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
+        grad = tl.load(dy_rows + (i * sdyh + j * sdyw)[None, None, :],
+                       mask=channel_mask & ok[None, None, :], other=0.0)
+        acc += weight[:, None, :] * grad.to(ACC_DTYPE)
     dx_off = b * sdxb + c3 * sdxc + (h * sdxh + w * sdxw)[None, None, :]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=channel_mask & in_mask[None, None, :])
 
@@ -294,18 +298,19 @@ def fused_bwd_z_kernel(
             # The group's whole dy tile is reused by all K² taps: keep it in registers.
             grad = tl.load(dy_pix + (g3 * CG + cg3) * sdyc, mask=g_ok3 & (cg3 < CG) & out_mask3,
                            other=0.0).to(ACC_DTYPE)
-        for u in range(K):
+        for tap in range(K * K):
+            # One loop over the taps (see fused_fwd_kernel).
+            u = tap // K
+            v = tap % K
             h_in = h_first + u * DH
-            row_ok = out_mask & (h_in >= 0) & (h_in < H)
-            for v in range(K):
-                w_in = w_first + v * DW
-                tap_ok3 = (row_ok & (w_in >= 0) & (w_in < W))[None, None, :]
-                x_pix = x_sample + (h_in * sxh + w_in * sxw)[None, None, :]
-                dw = _tap_grad_weights(dy_pix, x_pix, g3, g_ok3, cg3, CG, sdyc, sxc, out_mask3, tap_ok3, grad,
-                                       BLOCK_G, BLOCK_CG, PIXELS, ONE_CG_CHUNK, ACC_DTYPE)
-                span_t = tl.load(span_w_ptr + (g * KK + (u * K + v))[None, :] * sso + rr[:, None] * ssr,
-                                 mask=r_ok[:, None] & g_ok[None, :], other=0.0)
-                dz += _matmul(span_t, dw.to(span_t.dtype), USE_DOT, DOT_PRECISION, ACC_DTYPE)
+            w_in = w_first + v * DW
+            tap_ok3 = (out_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W))[None, None, :]
+            x_pix = x_sample + (h_in * sxh + w_in * sxw)[None, None, :]
+            dw = _tap_grad_weights(dy_pix, x_pix, g3, g_ok3, cg3, CG, sdyc, sxc, out_mask3, tap_ok3, grad,
+                                   BLOCK_G, BLOCK_CG, PIXELS, ONE_CG_CHUNK, ACC_DTYPE)
+            span_t = tl.load(span_w_ptr + (g * KK + tap)[None, :] * sso + rr[:, None] * ssr,
+                             mask=r_ok[:, None] & g_ok[None, :], other=0.0)
+            dz += _matmul(span_t, dw.to(span_t.dtype), USE_DOT, DOT_PRECISION, ACC_DTYPE)
     dz_off = b * sdzb + rr[:, None] * sdzr + (i * sdzh + j * sdzw)[None, :]
     tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=r_ok[:, None] & out_mask[None, :])
 
