@@ -43,10 +43,18 @@ def check_tensor(t, name: str, ndim: int, layout: str) -> None:
 
 def check_dtypes_and_devices(**tensors: torch.Tensor | None) -> None:
     """All given tensors share one floating dtype and one device."""
-    first, *rest = (t for t in tensors.values() if t is not None)
-    dtype, device = first.dtype, first.device
-    if dtype in FLOAT_DTYPES and all(t.dtype == dtype and t.device == device for t in rest):
-        return  # every call passes here: keep it cheap, name the culprits only on failure
+    dtype = device = None
+    for t in tensors.values():  # every call passes this loop: keep it cheap, name culprits below
+        if t is None:
+            continue
+        if dtype is None:
+            dtype, device = t.dtype, t.device
+            if dtype not in FLOAT_DTYPES:
+                break
+        elif t.dtype != dtype or t.device != device:
+            break
+    else:
+        return
     present = {name: t for name, t in tensors.items() if t is not None}
     for name, t in present.items():
         if t.dtype not in FLOAT_DTYPES:
