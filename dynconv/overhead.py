@@ -111,7 +111,6 @@ def noop_launches():
             m._INTERPRETED = flag
         Launch.__call__ = saved[1]
         configs._active_device, configs._run_time_tuning_enabled = saved_configs
-        configs.clear_cache()
 
 
 def _best_us(step: Callable[[], object], calls: int, repeats: int, sync: Callable[[], None],
