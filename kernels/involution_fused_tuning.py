@@ -2,7 +2,7 @@
 ``kernels/configs.py``).
 
 Four configs are tuned, one per ``get_config`` name of the launchers, all keyed by
-``involution_fused.problem_key`` (B, C, G, R, H, W, K, stride, layout, element size):
+``involution_fused.problem_key`` (B, C, G, R, H, W, K, stride_h, stride_w, layout, element size):
 
 * ``involution_fused_fwd`` — keyed on x; its tile spans the output pixels;
 * ``involution_fused_bwd_input`` — keyed on dy (so H, W are the *output* size), tile over dx's pixels;
@@ -41,7 +41,7 @@ _KERNELS = {"involution_fused_fwd": "fwd", "involution_fused_bwd_input": "bwd_in
             "involution_fused_bwd_z": "bwd_z", "involution_fused_bwd_span": "bwd_span"}
 # As the family-1 kernels: G and C are bucketed, so RedNet stages with 16-channel groups share
 # rows, while a depth-wise key (G = C) lies far (in log2) from a grouped one and finds its own.
-_EXACT = ("K", "stride", "channels_last", "dtype_bytes")
+_EXACT = ("K", "stride_h", "stride_w", "channels_last", "dtype_bytes")
 _DTYPES = {2: torch.float16, 4: torch.float32, 8: torch.float64}
 
 # (label, B, C, H = W, K, G, R, stride): RedNet's involution layers (16 channels per group, R = C/4)
@@ -78,14 +78,21 @@ def _out(n: int, stride: int) -> int:
     return (n - 1) // stride + 1  # "same" padding (K - 1) // 2, odd K
 
 
+def _strides(spec: dict) -> tuple[int, int]:
+    # The sweep's layers give one stride; a spec rebuilt from a key keeps both components.
+    s = spec["stride"]
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
 def _geometry(spec: dict):
-    s, p = spec["stride"], (spec["K"] - 1) // 2
-    return (s, s), (p, p), (1, 1)
+    p = (spec["K"] - 1) // 2
+    return _strides(spec), (p, p), (1, 1)
 
 
 def _inputs(spec: dict, dtype, device) -> dict:
     B, C, G, R, H, W, K = (spec[n] for n in ("B", "C", "G", "R", "H", "W", "K"))
-    Ho, Wo = _out(H, spec["stride"]), _out(W, spec["stride"])
+    sh, sw = _strides(spec)
+    Ho, Wo = _out(H, sh), _out(W, sw)
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
 
     def t(*shape, fmt=torch.contiguous_format, scale=1.0):
@@ -125,16 +132,16 @@ def _launch(kernel: str):
 def _key(kernel: str):
     def key(spec: dict, ts: dict) -> dict:
         x = ts["dy"] if kernel == "bwd_input" else ts["x"]
-        return fused.problem_key(x, spec["G"], spec["K"], spec["R"], (spec["stride"],) * 2)
+        return fused.problem_key(x, spec["G"], spec["K"], spec["R"], _strides(spec))
     return key
 
 
 def _tile_extent(kernel: str, key: dict) -> tuple[int, int]:
     """The pixel grid the kernel's tiles cover, from the key (bwd_input's key holds dy's size)."""
-    s = key["stride"]
+    sh, sw = key["stride_h"], key["stride_w"]
     if kernel == "bwd_input":
-        return key["H"] * s, key["W"] * s
-    return _out(key["H"], s), _out(key["W"], s)
+        return key["H"] * sh, key["W"] * sw
+    return _out(key["H"], sh), _out(key["W"], sw)
 
 
 def _default_for(kernel: str, key: dict) -> dict:
@@ -247,8 +254,8 @@ def _candidates(kernel: str):
 def _spec_for_key(kernel: str):
     def spec_for_key(key: dict):
         H, W = _tile_extent(kernel, key) if kernel == "bwd_input" else (key["H"], key["W"])
-        spec = dict(B=key["B"], C=key["C"], G=key["G"], R=key["R"], H=H, W=W, K=key["K"], stride=key["stride"],
-                    bias=True, channels_last=bool(key["channels_last"]))
+        spec = dict(B=key["B"], C=key["C"], G=key["G"], R=key["R"], H=H, W=W, K=key["K"],
+                    stride=(key["stride_h"], key["stride_w"]), bias=True, channels_last=bool(key["channels_last"]))
         return spec, _DTYPES[key["dtype_bytes"]]
     return spec_for_key
 

@@ -375,6 +375,29 @@ def test_every_kernel_has_a_space_and_its_grid_keys_match_the_launchers(monkeypa
         assert seen == [(case.kernel, case.key)]
 
 
+
+def test_fused_involution_keys_on_both_stride_components():
+    from dynconv.kernels import involution_fused as fused
+
+    space = configs.spaces()["involution_fused_fwd"]
+    x = torch.empty((8, 64, 32, 32), device="meta")
+    square, wide = fused.problem_key(x, 4, 3, 16, (1, 1)), fused.problem_key(x, 4, 3, 16, (1, 2))
+    assert (wide["stride_h"], wide["stride_w"]) == (1, 2)
+    table = {configs.key_string(configs.bucket_key(square, space.exact)): {"config": {}}}
+    # A (1, 2) layer must not borrow the (1, 1) layer's row, nor the (2, 1) layer's.
+    assert configs.nearest_row(table, wide, space.exact) is None
+    assert configs.nearest_row({configs.key_string(configs.bucket_key(fused.problem_key(x, 4, 3, 16, (2, 1)),
+                                                                      space.exact)): {"config": {}}},
+                               wide, space.exact) is None
+    # The representative problem of a non-square key has that very key (run-time tuning and
+    # the file check build their problems from it).
+    for name in ("involution_fused_fwd", "involution_fused_bwd_input", "involution_fused_bwd_z",
+                 "involution_fused_bwd_span"):
+        space = configs.spaces()[name]
+        key = dict(B=8, C=64, G=4, R=16, H=32, W=16, K=3, stride_h=1, stride_w=2, channels_last=0, dtype_bytes=2)
+        spec, dtype = space.spec_for_key(key)
+        assert space.key(spec, space.inputs(spec, dtype, "meta")) == key, name
+
 def test_choose_takes_the_best_geometric_mean_within_a_bucket():
     a, b = tuple(cfg(BLOCK_W=16).items()), tuple(cfg(BLOCK_W=64).items())
     d = tuple(DEFAULT.items())
