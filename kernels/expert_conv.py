@@ -516,9 +516,11 @@ def needs_int64(*tensors) -> bool:
 def problem_key(x: torch.Tensor, experts: torch.Tensor, m: int, groups: int, stride) -> dict:
     B, Cin, H, W = x.shape
     E, Cout, _, kh, kw = experts.shape
+    # depthwise (one input channel per group) sets apart the layers whose tiles are shaped unlike
+    # any other's; groups itself is bucketed by the tuning tables like the channel counts.
     return {"B": B, "Cin": Cin, "Cout": Cout, "H": H, "W": W, "kh": kh, "kw": kw, "E": E, "m": m,
-            "groups": groups, "stride": stride[0], "channels_last": int(is_channels_last(x)),
-            "dtype_bytes": x.element_size()}
+            "groups": groups, "depthwise": int(Cin == groups), "stride": stride[0],
+            "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
 
 
 def _block_k(dtype: torch.dtype) -> int:

@@ -21,19 +21,24 @@ import torch.nn.functional as F
 from . import expert_conv as ec
 from ._launch import Launch
 
-# Block shapes of a group-wise conv depend on the channels per group, so `groups` is exact: a
-# depth-wise layer must never borrow a dense layer's tiles (it is tuned at run time instead).
-_EXACT = ("kh", "kw", "stride", "groups", "channels_last", "dtype_bytes")
+# Block shapes of a group-wise conv depend on the channels per group. `groups` is bucketed like
+# the channel counts, so a grouped layer takes the nearest tuned grouped row (16 and 32 groups lie
+# one log2 step apart, a dense row five) instead of always missing; `depthwise` is exact, so a
+# depth-wise layer never borrows a dense or grouped layer's tiles (without a row of its own it
+# is tuned at run time).
+_EXACT = ("kh", "kw", "stride", "depthwise", "channels_last", "dtype_bytes")
 _DTYPES = {2: torch.float16, 4: torch.float32, 8: torch.float64}
 
-# (label, op, B, Cin, Cout, H = W, k, stride, E, m): CondConv / DynamicConv on ResNet layers and
-# DRConv, the reference shapes of dynconv.roofline (E1, E2, D1) plus a 1x1 and a strided layer.
+# (label, op, B, Cin, Cout, H = W, k, stride, E, m, groups): CondConv / DynamicConv on ResNet layers
+# and DRConv, the reference shapes of dynconv.roofline (E1, E2, D1) plus a 1x1, a strided and a
+# grouped (ResNeXt) layer, so grouped layers have a row to find.
 _LAYERS = [
-    ("E1 CondConv ResNet stage 3 3x3", "expert_conv2d", 64, 256, 256, 28, 3, 1, 4, 1),
-    ("E2 DynamicConv ResNet stage 2 3x3", "expert_conv2d", 128, 128, 128, 56, 3, 1, 4, 1),
-    ("CondConv ResNet stage 3 1x1 expand", "expert_conv2d", 64, 256, 1024, 14, 1, 1, 4, 1),
-    ("CondConv ResNet stage 2 3x3 stride 2", "expert_conv2d", 64, 128, 128, 56, 3, 2, 4, 1),
-    ("D1 DRConv m=8", "drconv", 32, 128, 128, 28, 3, 1, 8, 8),
+    ("E1 CondConv ResNet stage 3 3x3", "expert_conv2d", 64, 256, 256, 28, 3, 1, 4, 1, 1),
+    ("E2 DynamicConv ResNet stage 2 3x3", "expert_conv2d", 128, 128, 128, 56, 3, 1, 4, 1, 1),
+    ("CondConv ResNet stage 3 1x1 expand", "expert_conv2d", 64, 256, 1024, 14, 1, 1, 4, 1, 1),
+    ("CondConv ResNet stage 2 3x3 stride 2", "expert_conv2d", 64, 128, 128, 56, 3, 2, 4, 1, 1),
+    ("CondConv ResNeXt-50 stage 2 3x3, 32 groups", "expert_conv2d", 64, 256, 256, 28, 3, 1, 4, 1, 32),
+    ("D1 DRConv m=8", "drconv", 32, 128, 128, 28, 3, 1, 8, 8, 1),
 ]
 _QUICK = ("E1 CondConv ResNet stage 3 3x3", "D1 DRConv m=8")
 
@@ -50,9 +55,9 @@ def _problems(quick: bool) -> list:
 
     layers = [layer for layer in _LAYERS if layer[0] in _QUICK] if quick else _LAYERS
     return [Problem(f"{label} {'NHWC' if cl else 'NCHW'}", op,
-                    dict(B=B, Cin=Cin, Cout=Cout, H=H, W=H, kh=k, kw=k, stride=s, E=E, m=m, groups=1,
+                    dict(B=B, Cin=Cin, Cout=Cout, H=H, W=H, kh=k, kw=k, stride=s, E=E, m=m, groups=g,
                          bias=True, channels_last=cl))
-            for label, op, B, Cin, Cout, H, k, s, E, m in layers for cl in (False, True)]
+            for label, op, B, Cin, Cout, H, k, s, E, m, g in layers for cl in (False, True)]
 
 
 def _out_hw(spec: dict) -> tuple[int, int]:
@@ -207,7 +212,9 @@ def _candidates(kernel: str):
 def _spec_for_key(kernel: str):
     def spec_for_key(key: dict):
         spec = {name: key[name] for name in ("B", "H", "W", "kh", "kw", "stride", "E", "m", "groups")}
-        g = key["groups"]  # exact, while a table key's channel counts are bucketed: keep them multiples of g
+        # A table key's channel counts and groups are bucketed apart: keep the counts multiples of g
+        # (a depth-wise key's Cin and groups share one bucket, so Cin stays g).
+        g = key["groups"]
         spec.update(Cin=-(-key["Cin"] // g) * g, Cout=-(-key["Cout"] // g) * g)
         spec.update(bias=True, channels_last=bool(key["channels_last"]))
         return spec, _DTYPES[key["dtype_bytes"]]

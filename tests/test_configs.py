@@ -398,6 +398,37 @@ def test_fused_involution_keys_on_both_stride_components():
         spec, dtype = space.spec_for_key(key)
         assert space.key(spec, space.inputs(spec, dtype, "meta")) == key, name
 
+
+def test_expert_conv_grouped_layers_find_the_nearest_grouped_row_and_depthwise_only_its_own():
+    from dynconv.kernels import expert_conv as ec
+
+    space = configs.spaces()["expert_conv_fwd"]
+
+    def key(cin, groups, hw=28):
+        x = torch.empty((64, cin, hw, hw), device="meta")
+        return ec.problem_key(x, torch.empty((4, cin, cin // groups, 3, 3), device="meta"), 1, groups, (1, 1))
+
+    dense, grouped = key(256, 1), key(256, 32)
+    table = {configs.key_string(configs.bucket_key(k, space.exact)): {"config": {"from": name}}
+             for name, k in (("dense", dense), ("grouped", grouped))}
+
+    def row(k):
+        found = configs.nearest_row(table, k, space.exact)
+        return found and found[1]["config"]["from"]
+
+    # Group counts the sweep never saw take the tuned grouped row (they used to miss every row).
+    assert row(key(256, 16)) == row(key(512, 64)) == row(key(128, 32, hw=56)) == "grouped"
+    assert row(key(256, 2)) == row(key(512, 1, hw=14)) == "dense"
+    # A depth-wise layer takes neither: its tiles are shaped like no other's.
+    assert key(256, 256)["depthwise"] == 1 and row(key(256, 256)) is None
+    # The sweep has a grouped problem, and a bucketed key's representative problem keeps its groups.
+    assert any(p.spec["groups"] > 1 for p in space.problems(False))
+    for k in (grouped, key(96, 96), key(192, 24)):
+        bucketed = configs.bucket_key(k, space.exact)
+        spec, dtype = space.spec_for_key(bucketed)
+        rebuilt = space.key(spec, space.inputs(spec, dtype, "meta"))
+        assert (rebuilt["groups"], rebuilt["depthwise"]) == (bucketed["groups"], k["depthwise"])
+
 def test_choose_takes_the_best_geometric_mean_within_a_bucket():
     a, b = tuple(cfg(BLOCK_W=16).items()), tuple(cfg(BLOCK_W=64).items())
     d = tuple(DEFAULT.items())
