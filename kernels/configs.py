@@ -33,9 +33,9 @@ apart. In a folder::
       "measured": "2025-11-21T06:00:00+00:00",
       "kernels": {
         "involution_fwd": {
-          "exact": ["K", "stride", "channels_last", "dtype_bytes"],
+          "exact": ["K", "stride_h", "stride_w", "channels_last", "dtype_bytes"],
           "table": {
-            "B=32,C=64,G=4,H=64,W=64,K=7,stride=1,channels_last=0,dtype_bytes=2": {
+            "B=32,C=64,G=4,H=64,W=64,K=7,stride_h=1,stride_w=1,channels_last=0,dtype_bytes=2": {
               "config": {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 4, "BLOCK_W": 32,
                          "num_warps": 4, "num_stages": 1},
               "ms": 0.412, "default_ms": 0.530, "shapes": ["RedNet-50 stage 1 ..."]

@@ -517,9 +517,10 @@ def problem_key(x: torch.Tensor, experts: torch.Tensor, m: int, groups: int, str
     B, Cin, H, W = x.shape
     E, Cout, _, kh, kw = experts.shape
     # depthwise (one input channel per group) sets apart the layers whose tiles are shaped unlike
-    # any other's; groups itself is bucketed by the tuning tables like the channel counts.
+    # any other's; groups itself is bucketed by the tuning tables like the channel counts. Both
+    # stride components: a (1, 2) layer must not take a (1, 1) layer's tiles.
     return {"B": B, "Cin": Cin, "Cout": Cout, "H": H, "W": W, "kh": kh, "kw": kw, "E": E, "m": m,
-            "groups": groups, "depthwise": int(Cin == groups), "stride": stride[0],
+            "groups": groups, "depthwise": int(Cin == groups), "stride_h": stride[0], "stride_w": stride[1],
             "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
 
 

@@ -26,7 +26,8 @@ from ._launch import Launch
 # one log2 step apart, a dense row five) instead of always missing; `depthwise` is exact, so a
 # depth-wise layer never borrows a dense or grouped layer's tiles (without a row of its own it
 # is tuned at run time).
-_EXACT = ("kh", "kw", "stride", "depthwise", "channels_last", "dtype_bytes")
+# Both stride components are exact: a (1, 2) layer must not take a (1, 1) layer's tiles.
+_EXACT = ("kh", "kw", "stride_h", "stride_w", "depthwise", "channels_last", "dtype_bytes")
 _DTYPES = {2: torch.float16, 4: torch.float32, 8: torch.float64}
 
 # (label, op, B, Cin, Cout, H = W, k, stride, E, m, groups): CondConv / DynamicConv on ResNet layers
@@ -60,15 +61,23 @@ def _problems(quick: bool) -> list:
             for label, op, B, Cin, Cout, H, k, s, E, m, g in layers for cl in (False, True)]
 
 
-def _out_hw(spec: dict) -> tuple[int, int]:
-    # "same" padding (k - 1) // 2, as the ops' layers use it
+def _strides(spec: dict) -> tuple[int, int]:
+    # A problem key holds both components; the sweep's layers give one stride, a spec rebuilt
+    # from a key gives the pair.
+    if "stride_h" in spec:
+        return spec["stride_h"], spec["stride_w"]
     s = spec["stride"]
-    return tuple((n + 2 * ((k - 1) // 2) - k) // s + 1 for n, k in ((spec["H"], spec["kh"]), (spec["W"], spec["kw"])))
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
+def _out_hw(spec: dict) -> tuple[int, int]:
+    # "same" padding (k - 1) // 2, as the ops' layers use it; spec may also be a problem key
+    return tuple((n + 2 * ((k - 1) // 2) - k) // s + 1
+                 for n, k, s in zip((spec["H"], spec["W"]), (spec["kh"], spec["kw"]), _strides(spec)))
 
 
 def _geometry(spec: dict):
-    s = spec["stride"]
-    return (s, s), ((spec["kh"] - 1) // 2, (spec["kw"] - 1) // 2), (1, 1)
+    return _strides(spec), ((spec["kh"] - 1) // 2, (spec["kw"] - 1) // 2), (1, 1)
 
 
 def _inputs(spec: dict, dtype, device) -> dict:
@@ -151,7 +160,7 @@ _LAUNCH = {"expert_conv_fwd": _forward, "expert_conv_bwd_input": _input_grad, "e
 def _key(kernel: str):
     def key(spec: dict, ts: dict) -> dict:
         x = ts["dx"] if kernel == "expert_conv_bwd_input" else ts["x"]
-        return ec.problem_key(x, _key_experts(kernel, ts), spec["m"], spec["groups"], (spec["stride"],) * 2)
+        return ec.problem_key(x, _key_experts(kernel, ts), spec["m"], spec["groups"], _strides(spec))
     return key
 
 
@@ -211,7 +220,8 @@ def _candidates(kernel: str):
 
 def _spec_for_key(kernel: str):
     def spec_for_key(key: dict):
-        spec = {name: key[name] for name in ("B", "H", "W", "kh", "kw", "stride", "E", "m", "groups")}
+        spec = {name: key[name] for name in ("B", "H", "W", "kh", "kw", "E", "m", "groups")}
+        spec["stride"] = (key["stride_h"], key["stride_w"])
         # A table key's channel counts and groups are bucketed apart: keep the counts multiples of g
         # (a depth-wise key's Cin and groups share one bucket, so Cin stays g).
         g = key["groups"]

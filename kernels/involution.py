@@ -281,7 +281,8 @@ def default_config(C: int, G: int, height: int, width: int, channels_last: bool,
 def problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
     """What the tuned configuration depends on (the autotuner buckets these)."""
     B, C, H, W = x.shape
-    return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride": stride[0],
+    # Both stride components: a (1, 2) layer must not take a (1, 1) layer's tiles.
+    return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
             "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
 
 

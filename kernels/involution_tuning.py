@@ -43,9 +43,24 @@ def _tuning_problems(kernel: str, quick: bool) -> list:
             for label, op, C, G, H, s, pp in shapes for cl in (False, True)]
 
 
+# Table keys hold both stride components (a (1, 2) layer must not take a (1, 1) layer's tiles).
+_EXACT = ("K", "stride_h", "stride_w", "channels_last", "dtype_bytes")
+
+
+def _strides(spec: dict) -> tuple[int, int]:
+    # The sweep's layers give one stride; a spec rebuilt from a key keeps both components.
+    s = spec["stride"]
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
+def _out(n: int, stride: int) -> int:
+    return (n - 1) // stride + 1  # "same" padding (K - 1) // 2, odd K
+
+
 def _tuning_inputs(spec: dict, dtype, device) -> dict:
-    B, C, G, H, W, K, s = (spec[n] for n in ("B", "C", "G", "H", "W", "K", "stride"))
-    Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1  # "same" padding (K - 1) // 2
+    B, C, G, H, W, K = (spec[n] for n in ("B", "C", "G", "H", "W", "K"))
+    sh, sw = _strides(spec)
+    Ho, Wo = _out(H, sh), _out(W, sw)
     fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
 
     def t(*shape, fmt=torch.contiguous_format):
@@ -58,8 +73,8 @@ def _tuning_inputs(spec: dict, dtype, device) -> dict:
 
 def _tuning_launch(kernel: str):
     def launch(spec: dict, ts: dict, config: dict) -> Launch:
-        s, p = spec["stride"], (spec["K"] - 1) // 2
-        geometry = ((s, s), (p, p), (1, 1))
+        stride, p = _strides(spec), (spec["K"] - 1) // 2
+        geometry = (stride, (p, p), (1, 1))
         if kernel == "involution_fwd":
             return forward_launch(ts["x"], ts["w"], ts["bias"], ts["y"], *geometry, config)
         if kernel == "involution_bwd_input":
@@ -69,7 +84,7 @@ def _tuning_launch(kernel: str):
             return backward_weight_launch(ts["dy"], ts["x"], dw, *geometry, True, config)
         B, G, K = ts["w"].shape[:3]
         Ho, Wo = ts["dy"].shape[2], ts["dy"].shape[3]
-        config = config or weight_grad_config(ts["x"], G, K, (s, s), Ho, Wo, per_pixel=False)
+        config = config or weight_grad_config(ts["x"], G, K, stride, Ho, Wo, per_pixel=False)
         tiles = weight_grad_tiles(Ho, Wo, config)
         partials = ts.setdefault(("partials", tiles), torch.empty((B, G, K, K, tiles), dtype=torch.float32,
                                                                   device=ts["x"].device))
@@ -78,7 +93,7 @@ def _tuning_launch(kernel: str):
 
 
 def _tuning_key(spec: dict, ts: dict) -> dict:
-    return problem_key(ts["x"], spec["G"], spec["K"], (spec["stride"],) * 2)
+    return problem_key(ts["x"], spec["G"], spec["K"], _strides(spec))
 
 
 def _tuning_default(kernel: str):
@@ -92,8 +107,8 @@ def _tuning_candidates(kernel: str):
     def candidates(key: dict, quick: bool) -> list[dict]:
         from .configs import neighbourhood
 
-        s = key["stride"]
-        h, w = (key["H"], key["W"]) if kernel == "involution_bwd_input" else ((key["H"] - 1) // s + 1, (key["W"] - 1) // s + 1)
+        sh, sw = key["stride_h"], key["stride_w"]
+        h, w = (key["H"], key["W"]) if kernel == "involution_bwd_input" else (_out(key["H"], sh), _out(key["W"], sw))
         default = default_config(key["C"], key["G"], h, w, bool(key["channels_last"]))
         limits = {"BLOCK_G": key["G"], "BLOCK_CG": key["C"] // key["G"], "BLOCK_H": h, "BLOCK_W": w}
         # No tl.dot here, so software pipelining only overlaps the tap loop's loads: worth a look, not a grid.
@@ -104,8 +119,9 @@ def _tuning_candidates(kernel: str):
 def _tuning_spec_for_key(kernel: str):
     def spec_for_key(key: dict):
         per_pixel = kernel != "dwconv_bwd_weight"
-        spec = dict(B=key["B"], C=key["C"], G=key["G"], H=key["H"], W=key["W"], K=key["K"], stride=key["stride"],
-                    per_pixel=per_pixel, bias=False, channels_last=bool(key["channels_last"]))
+        spec = dict(B=key["B"], C=key["C"], G=key["G"], H=key["H"], W=key["W"], K=key["K"],
+                    stride=(key["stride_h"], key["stride_w"]), per_pixel=per_pixel, bias=False,
+                    channels_last=bool(key["channels_last"]))
         return spec, {2: torch.float16, 4: torch.float32, 8: torch.float64}[key["dtype_bytes"]]
     return spec_for_key
 
@@ -117,5 +133,5 @@ def autotune_space() -> dict:
     return {name: KernelSpace(
         problems=lambda quick, name=name: _tuning_problems(name, quick), inputs=_tuning_inputs, launch=_tuning_launch(name),
         key=_tuning_key, default=_tuning_default(name), candidates=_tuning_candidates(name),
-        spec_for_key=_tuning_spec_for_key(name), exact=("K", "stride", "channels_last", "dtype_bytes"))
+        spec_for_key=_tuning_spec_for_key(name), exact=_EXACT)
         for name in _TUNED_KERNELS}

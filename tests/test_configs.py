@@ -22,9 +22,9 @@ from dynconv.kernels import involution as inv
 
 H100 = "NVIDIA H100 80GB HBM3"
 KERNEL = "involution_fwd"
-EXACT = ["K", "stride", "channels_last", "dtype_bytes"]
+EXACT = ["K", "stride_h", "stride_w", "channels_last", "dtype_bytes"]
 DEFAULT = {"BLOCK_G": 1, "BLOCK_CG": 16, "BLOCK_H": 4, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1}
-KEY = {"B": 32, "C": 64, "G": 4, "H": 56, "W": 56, "K": 7, "stride": 1, "channels_last": 0, "dtype_bytes": 2}
+KEY = {"B": 32, "C": 64, "G": 4, "H": 56, "W": 56, "K": 7, "stride_h": 1, "stride_w": 1, "channels_last": 0, "dtype_bytes": 2}
 
 
 def cfg(**changes):
@@ -397,6 +397,45 @@ def test_fused_involution_keys_on_both_stride_components():
         key = dict(B=8, C=64, G=4, R=16, H=32, W=16, K=3, stride_h=1, stride_w=2, channels_last=0, dtype_bytes=2)
         spec, dtype = space.spec_for_key(key)
         assert space.key(spec, space.inputs(spec, dtype, "meta")) == key, name
+
+
+def _borrows_across_strides(space, key_for) -> bool:
+    """Whether a (1, 2) layer finds the row of a (1, 1) or a (2, 1) layer of equal shape."""
+    wide = key_for((1, 2))
+    assert (wide["stride_h"], wide["stride_w"]) == (1, 2)
+    return any(configs.nearest_row({configs.key_string(configs.bucket_key(key_for(other), space.exact)): {"config": {}}},
+                                   wide, space.exact) is not None
+               for other in ((1, 1), (2, 1)))
+
+
+def _round_trips(space, key) -> bool:
+    # Run-time tuning and the file check build their problems from the key: it must be that very key.
+    spec, dtype = space.spec_for_key(key)
+    return space.key(spec, space.inputs(spec, dtype, "meta")) == key
+
+
+def test_involution_keys_on_both_stride_components():
+    x = torch.empty((8, 64, 32, 32), device="meta")
+    assert not _borrows_across_strides(configs.spaces()["involution_fwd"], lambda s: inv.problem_key(x, 4, 7, s))
+    for name in ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight"):
+        for sh, sw in ((1, 2), (2, 1)):
+            key = dict(B=8, C=64, G=4, H=32, W=16, K=7, stride_h=sh, stride_w=sw, channels_last=0, dtype_bytes=2)
+            assert _round_trips(configs.spaces()[name], key), (name, sh, sw)
+
+
+def test_expert_conv_keys_on_both_stride_components():
+    from dynconv.kernels import expert_conv as ec
+
+    x, experts = torch.empty((8, 64, 32, 32), device="meta"), torch.empty((4, 64, 64, 3, 3), device="meta")
+    space = configs.spaces()["expert_conv_fwd"]
+    assert not _borrows_across_strides(space, lambda s: ec.problem_key(x, experts, 1, 1, s))
+    for name in ("expert_conv_fwd", "expert_conv_bwd_input", "expert_conv_bwd_weight"):
+        for sh, sw in ((1, 2), (2, 1)):
+            # bwd_weight's launcher keys the problem with one expert (see expert_conv_tuning).
+            E = 1 if name == "expert_conv_bwd_weight" else 4
+            key = dict(B=8, Cin=64, Cout=128, H=32, W=16, kh=3, kw=3, E=E, m=1, groups=1, depthwise=0,
+                       stride_h=sh, stride_w=sw, channels_last=0, dtype_bytes=2)
+            assert _round_trips(configs.spaces()[name], key), (name, sh, sw)
 
 
 def test_expert_conv_grouped_layers_find_the_nearest_grouped_row_and_depthwise_only_its_own():
