@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import triton
 
+from . import configs
+
 _TRITON_DTYPE = {
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
@@ -127,6 +129,67 @@ class Launch:
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": self.num_warps, "num_stages": self.num_stages},
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans: eager loops repeat a few problems, and building a Launch (config lookup, int64
+# check, grid, ~40 arguments) costs more host time than the rest of an op call.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Plan:
+    kernel: Any
+    grid: tuple[int, ...]
+    scalars: dict[str, Any]
+    meta: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+
+_plans: dict[tuple, _Plan] = {}
+MAX_PLANS = 1024
+
+
+def clear_plans() -> None:
+    """Forget every launch plan (``configs.clear_cache`` calls this: a plan holds its config)."""
+    _plans.clear()
+
+
+def planned(key: tuple, names: tuple[str, ...], tensors: tuple, build) -> Launch:
+    """``build()``'s Launch, from a plan cached under ``key`` with only the tensor arguments filled in.
+
+    ``key`` must determine everything in the launch but the tensors' data: every shape, stride and
+    dtype, the geometry, and the explicit config or None; the GPU the config lookup answers for is
+    added here. ``names`` are the argument names that take ``tensors`` (None allowed); the rest of
+    the arguments must follow from ``key``. Meta tensors never come here (``cacheable``).
+    """
+    key = (key, configs._active_device())
+    plan = _plans.get(key)
+    if plan is not None:
+        args = dict(zip(names, tensors))
+        args.update(plan.scalars)
+        return Launch(plan.kernel, plan.grid, args, plan.meta, plan.num_warps, plan.num_stages)
+    provisional = configs.provisional_answers
+    launch = build()
+    if configs.provisional_answers == provisional:
+        scalars = {k: v for k, v in launch.args.items() if k not in names}
+        assert not any(isinstance(v, torch.Tensor) for v in scalars.values()), "a tensor argument not in names"
+        if len(_plans) >= MAX_PLANS:
+            del _plans[next(iter(_plans))]  # the oldest: a bound, not a policy (models repeat few shapes)
+        _plans[key] = _Plan(launch.kernel, launch.grid, scalars, dict(launch.meta), launch.num_warps,
+                            launch.num_stages)
+    return launch
+
+
+def cacheable(t: torch.Tensor) -> bool:
+    """Whether launches on ``t`` may use a plan: meta tensors (AOT checks, ``dynconv inspect``, tests
+    that watch the config lookup) always build theirs afresh."""
+    return t.device.type != "meta"
+
+
+def layout(t: torch.Tensor | None) -> tuple | None:
+    """A tensor's part of a plan key."""
+    return None if t is None else (t.dtype, t.device, t.shape, t.stride())
 
 
 def _cuobjdump() -> str:

@@ -503,6 +503,10 @@ def _run_time_tuning_enabled() -> bool:
     return os.environ.get("DYNCONV_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+# Counts answers that must not be remembered (a CUDA-graph capture's stand-in default): the launch
+# plan cache (_launch.planned) stores a plan only if this did not move while it was built.
+provisional_answers = 0
+
 _tuned: dict = {}  # (device, kernel, bucket) -> winner of run-time tuning, or None when it failed
 
 
@@ -581,6 +585,8 @@ def get_config(kernel: str, key: dict, default: dict) -> dict:
     try:
         found = _resolve(device, kernel, tuple(key.items()), tuple(default.items()))
     except _NotNow:
+        global provisional_answers
+        provisional_answers += 1
         return default
     return default if found is None else dict(found)
 
@@ -592,3 +598,7 @@ def clear_cache() -> None:
         _resolve.cache_clear()
         _tuned.clear()
         _warned.clear()
+    from ._launch import clear_plans
+
+    # A plan holds the config it was built with.
+    clear_plans()

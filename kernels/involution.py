@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cdiv, is_channels_last, next_power_of_2
+from ._launch import Launch, cacheable, cdiv, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
 
 INT32_MAX = 2**31 - 1
@@ -318,7 +318,20 @@ def _grid(B, G, tiles_pix, cg_tiles, block_g):
     return (B * tiles_pix, ch_tiles, 1)
 
 
+def _config_key(config):
+    return None if config is None else tuple(config.items())
+
+
 def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
+    if not cacheable(x):
+        return _forward_launch(x, weight, bias, y, stride, padding, dilation, config)
+    key = ("involution_fwd", layout(x), layout(weight), layout(bias), layout(y), *stride, *padding, *dilation,
+           _config_key(config))
+    return planned(key, ("x_ptr", "w_ptr", "bias_ptr", "y_ptr"), (x, weight, bias, y),
+                   lambda: _forward_launch(x, weight, bias, y, stride, padding, dilation, config))
+
+
+def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
@@ -345,6 +358,15 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
 
 
 def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
+    if not cacheable(dy):
+        return _backward_input_launch(dy, weight, dx, stride, padding, dilation, config)
+    key = ("involution_bwd_input", layout(dy), layout(weight), layout(dx), *stride, *padding, *dilation,
+           _config_key(config))
+    return planned(key, ("dy_ptr", "w_ptr", "dx_ptr"), (dy, weight, dx),
+                   lambda: _backward_input_launch(dy, weight, dx, stride, padding, dilation, config))
+
+
+def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = dx.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
@@ -369,6 +391,15 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
 
 def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool, config=None) -> Launch:
     """``dw`` is (B, G, K, K, Ho, Wo) per pixel, or (B, G, K, K, tiles) fp32 partials per sample."""
+    if not cacheable(x):
+        return _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel, config)
+    key = ("involution_bwd_weight", layout(dy), layout(x), layout(dw), *stride, *padding, *dilation, per_pixel,
+           _config_key(config))
+    return planned(key, ("dy_ptr", "x_ptr", "dw_ptr"), (dy, x, dw),
+                   lambda: _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel, config))
+
+
+def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool, config=None) -> Launch:
     B, C, H, W = x.shape
     G, K = dw.shape[1], dw.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
