@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cdiv, is_channels_last, next_power_of_2
+from ._launch import Launch, cacheable, cdiv, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
 from .involution import gather_source
 
@@ -586,6 +586,28 @@ def output_pixels(hw, kernel_hw, stride, padding, dilation) -> int:
     return size[0] * size[1]
 
 
+def _source_key(source: WeightSource) -> tuple:
+    """A weight source's part of a plan key: the mode (mixing or materialised) and its tensors."""
+    return (layout(source.weight), tuple(source.strides), layout(source.coef), source.num_mix)
+
+
+def _regions_key(regions: RegionTables | None) -> tuple | None:
+    """Region tables' part of a plan key: their tensors' layouts (the number of regions is count's
+    width); never their values, which change with the guide every call."""
+    if regions is None:
+        return None
+    return tuple(layout(t) for t in (regions.region, regions.perm, regions.count, regions.pixel_start,
+                                     regions.tile_offsets))
+
+
+def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tuple:
+    return tuple(None if regions is None else getattr(regions, n) for n in names)
+
+
+def _config_key(config: dict) -> tuple:
+    return tuple(config.items())
+
+
 def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
@@ -596,6 +618,22 @@ def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
                    kernel_hw, groups, stride, padding, dilation, config: dict) -> Launch:
     """``config`` must be the one ``regions`` was built with (its BLOCK_P sizes the region tiles)."""
+    if not cacheable(x):
+        return _forward_launch(x, source, spatial, bias_mixed, regions, y, kernel_hw, groups, stride, padding,
+                               dilation, config)
+    key = ("expert_conv_fwd", layout(x), _source_key(source), layout(spatial), layout(bias_mixed),
+           _regions_key(regions), layout(y), tuple(kernel_hw), groups, *stride, *padding, *dilation,
+           _config_key(config))
+    return planned(key, ("x_ptr", "y_ptr", "w_ptr", "coef_ptr", "spatial_ptr", "bias_ptr", "tile_offsets_ptr",
+                         "pixel_start_ptr", "count_ptr", "perm_ptr"),
+                   (x, y, source.weight, source.coef, spatial, bias_mixed,
+                    *_region_tensors(regions, ("tile_offsets", "pixel_start", "count", "perm"))),
+                   lambda: _forward_launch(x, source, spatial, bias_mixed, regions, y, kernel_hw, groups, stride,
+                                           padding, dilation, config))
+
+
+def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
+                    kernel_hw, groups, stride, padding, dilation, config: dict) -> Launch:
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     kh, kw = kernel_hw
@@ -627,6 +665,19 @@ def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Region
 def guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, kernel_hw, groups,
                        stride, padding, dilation, config: dict) -> Launch:
     """``score`` is (B, m, groups·N_TILES, Ho·Wo) in the accumulation dtype."""
+    if not cacheable(x):
+        return _guide_score_launch(x, source, spatial, bias_mixed, dy, score, kernel_hw, groups, stride, padding,
+                                   dilation, config)
+    key = ("expert_conv_guide_score", layout(x), _source_key(source), layout(spatial), layout(bias_mixed),
+           layout(dy), layout(score), tuple(kernel_hw), groups, *stride, *padding, *dilation, _config_key(config))
+    return planned(key, ("x_ptr", "dy_ptr", "score_ptr", "w_ptr", "coef_ptr", "spatial_ptr", "bias_ptr"),
+                   (x, dy, score, source.weight, source.coef, spatial, bias_mixed),
+                   lambda: _guide_score_launch(x, source, spatial, bias_mixed, dy, score, kernel_hw, groups, stride,
+                                               padding, dilation, config))
+
+
+def _guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, kernel_hw, groups,
+                        stride, padding, dilation, config: dict) -> Launch:
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     m = score.shape[1]
@@ -664,6 +715,19 @@ def input_grad_config(dx, experts, m, groups, stride) -> dict:
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
                           dilation, num_regions: int, config: dict) -> Launch:
     """``region`` is the (B, Ho·Wo) int32 region map, or None without a guide."""
+    if not cacheable(dy):
+        return _backward_input_launch(dy, source, spatial, region, dx, kernel_hw, groups, stride, padding,
+                                      dilation, num_regions, config)
+    key = ("expert_conv_bwd_input", layout(dy), _source_key(source), layout(spatial), layout(region), layout(dx),
+           tuple(kernel_hw), groups, *stride, *padding, *dilation, num_regions, _config_key(config))
+    return planned(key, ("dy_ptr", "dx_ptr", "region_ptr", "w_ptr", "coef_ptr", "spatial_ptr"),
+                   (dy, dx, region, source.weight, source.coef, spatial),
+                   lambda: _backward_input_launch(dy, source, spatial, region, dx, kernel_hw, groups, stride,
+                                                  padding, dilation, num_regions, config))
+
+
+def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
+                           dilation, num_regions: int, config: dict) -> Launch:
     B, Cin, H, W = dx.shape
     Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     kh, kw = kernel_hw
@@ -702,6 +766,19 @@ def weight_grad_splits(B: int, m: int, cout: int, groups: int, k_total: int, pix
 def backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kernel_hw, groups, stride,
                            padding, dilation, config: dict) -> Launch:
     """``dw``: (SPLITS, B, m, Cout, Cin/g, kh, kw), ``dbias``: (SPLITS, B, m, Cout), both fp32/fp64."""
+    if not cacheable(x):
+        return _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding, dilation,
+                                       config)
+    key = ("expert_conv_bwd_weight", layout(dy), layout(x), _regions_key(regions), layout(dw), layout(dbias),
+           tuple(kernel_hw), groups, *stride, *padding, *dilation, _config_key(config))
+    return planned(key, ("dy_ptr", "x_ptr", "dw_ptr", "dbias_ptr", "pixel_start_ptr", "count_ptr", "perm_ptr"),
+                   (dy, x, dw, dbias, *_region_tensors(regions, ("pixel_start", "count", "perm"))),
+                   lambda: _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding,
+                                                   dilation, config))
+
+
+def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kernel_hw, groups, stride,
+                            padding, dilation, config: dict) -> Launch:
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     splits, m = dw.shape[0], dw.shape[2]

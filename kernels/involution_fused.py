@@ -47,9 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cdiv, is_channels_last, next_power_of_2
+from ._launch import Launch, cacheable, cdiv, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
-from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64
+from .involution import _acc_dtype, _config_key, _pow2_at_most, _tile_indices, gather_source, needs_int64
 
 # Programs the span-gradient kernel aims for: enough to fill any current GPU several times, few
 # enough that the fp32 partials stay a few MB. A constant, so the reduction order (and the result)
@@ -475,6 +475,15 @@ def _channel_grid(B, G, tiles_pix, block_g, cg_tiles):
 
 def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> Launch:
     """``span_weight`` is (K²G, R); ``span_bias`` (K²G,) or None."""
+    if not cacheable(x):
+        return _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config)
+    key = ("involution_fused_fwd", layout(x), layout(z), layout(span_weight), layout(span_bias), layout(y), K,
+           *stride, *padding, *dilation, _config_key(config))
+    return planned(key, ("x_ptr", "z_ptr", "span_w_ptr", "span_b_ptr", "y_ptr"), (x, z, span_weight, span_bias, y),
+                   lambda: _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config))
+
+
+def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
@@ -498,6 +507,16 @@ def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation
 
 
 def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
+    if not cacheable(dy):
+        return _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config)
+    key = ("involution_fused_bwd_input", layout(dy), layout(z), layout(span_weight), layout(span_bias), layout(dx),
+           K, *stride, *padding, *dilation, _config_key(config))
+    return planned(key, ("dy_ptr", "z_ptr", "span_w_ptr", "span_b_ptr", "dx_ptr"), (dy, z, span_weight, span_bias, dx),
+                   lambda: _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation,
+                                                  config))
+
+
+def _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = dx.shape
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
@@ -522,6 +541,15 @@ def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding,
 
 
 def backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, config=None) -> Launch:
+    if not cacheable(x):
+        return _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, config)
+    key = ("involution_fused_bwd_z", layout(dy), layout(x), layout(span_weight), layout(dz), K, *stride, *padding,
+           *dilation, _config_key(config))
+    return planned(key, ("dy_ptr", "x_ptr", "span_w_ptr", "dz_ptr"), (dy, x, span_weight, dz),
+                   lambda: _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, config))
+
+
+def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
     R = dz.shape[1]
     G = span_weight.shape[0] // (K * K)
@@ -561,6 +589,18 @@ def span_grad_config(x, G, K, R, stride, Ho, Wo, config=None) -> dict:
 def backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation,
                          config=None) -> Launch:
     """``dspan_partials`` (slabs, K²G, R) and ``dbias_partials`` (slabs, K²G), accumulator dtype."""
+    if not cacheable(x):
+        return _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation, config)
+    key = ("involution_fused_bwd_span", layout(dy), layout(x), layout(z), layout(dspan_partials),
+           layout(dbias_partials), K, *stride, *padding, *dilation, _config_key(config))
+    return planned(key, ("dy_ptr", "x_ptr", "z_ptr", "dspan_ptr", "dbias_ptr"),
+                   (dy, x, z, dspan_partials, dbias_partials),
+                   lambda: _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding,
+                                                 dilation, config))
+
+
+def _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation,
+                          config=None) -> Launch:
     B, C, H, W = x.shape
     R = z.shape[1]
     G = dspan_partials.shape[1] // (K * K)

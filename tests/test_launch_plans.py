@@ -7,8 +7,10 @@ import torch
 import dynconv
 from dynconv.kernels import _launch, configs
 from dynconv.kernels import involution as kernels
-from dynconv.reference import involution_unfold
-from helpers import check_against_reference
+from dynconv.kernels import expert_conv as expert
+from dynconv.kernels import involution_fused as fused
+from dynconv.reference import expert_conv2d_loop, involution_fused_reference, involution_unfold
+from helpers import assert_close, check_against_reference
 
 pytestmark = pytest.mark.usefixtures("nan_poison", "fresh_plans")
 
@@ -112,3 +114,235 @@ def test_meta_tensors_build_afresh():
     w = torch.empty(2, 2, 3, 3, 6, 7, device="meta")
     kernels.forward_launch(x, w, None, x, (1, 1), (1, 1), (1, 1))
     assert not _launch._plans
+
+
+# ---------------------------------------------------------------------------------------------
+# involution_fused: fwd, bwd_input, bwd_z and bwd_span launchers
+# ---------------------------------------------------------------------------------------------
+
+def _fused_inputs(B=2, C=8, H=6, W=7, K=3, G=2, R=5, bias=True):
+    return {
+        "x": torch.randn(B, C, H, W, dtype=torch.float64),
+        "z": torch.randn(B, R, H, W, dtype=torch.float64),
+        "span_weight": torch.randn(K * K * G, R, dtype=torch.float64) / R ** 0.5,
+        "span_bias": torch.randn(K * K * G, dtype=torch.float64) if bias else None,
+    }, dict(kernel_size=K, groups=G, stride=1, dilation=1)
+
+
+def _fused_plans(kind):
+    return [key for key in _launch._plans if key[0][0] == f"involution_fused_{kind}"]
+
+
+def test_fused_plans_follow_layout_stride_dtype_and_bias(device):
+    inputs, geometry = _fused_inputs()
+    seen = set()
+
+    def involution_fused(x, z, span_weight, span_bias, **geometry):
+        seen.add((x.dtype, x.stride(), z.stride(), span_bias is None))
+        return dynconv.involution_fused(x, z, span_weight, span_bias, **geometry)
+
+    for dtype in (torch.float32, torch.float16):
+        for (_, xx), (_, zz) in zip(_layouts(inputs["x"]), _layouts(inputs["z"])):
+            check_against_reference(involution_fused, involution_fused_reference,
+                                    {**inputs, "x": xx, "z": zz}, dtype, device, **geometry)
+    # The same problem without a bias is another plan (HAS_BIAS), with the bias argument None.
+    check_against_reference(involution_fused, involution_fused_reference, {**inputs, "span_bias": None},
+                            torch.float32, device, **geometry)
+    assert len(seen) == 7
+    if _launch.kernels_are_interpreted() or device != "cpu":
+        # One plan per layout, dtype and bias for each launcher that takes the bias: none was shared.
+        for kind in ("fwd", "bwd_input"):
+            assert len(_fused_plans(kind)) == 7, kind
+        assert len(_fused_plans("bwd_z")) == len(_fused_plans("bwd_span")) == 6
+
+
+def test_fused_plans_follow_strided_span_weights(device):
+    """A span weight and bias read through strides (slices of wider tensors) are other plans."""
+    inputs, geometry = _fused_inputs()
+    x, z, span_w, span_b = (inputs[k].float().to(device) for k in ("x", "z", "span_weight", "span_bias"))
+    span_w_view = torch.randn(span_w.shape[0], 2 * span_w.shape[1], device=device)[:, ::2]
+    span_b_view = torch.randn(2 * span_b.shape[0], device=device)[1::2]
+    span_w_view.copy_(span_w)
+    span_b_view.copy_(span_b)
+    expected = involution_fused_reference(x.double().cpu(), z.double().cpu(), span_w.double().cpu(),
+                                          span_b.double().cpu(), **geometry)
+    for w, b in ((span_w, span_b), (span_w_view, span_b_view), (span_w, span_b)):
+        assert_close(dynconv.involution_fused(x, z, w, b, **geometry), expected, torch.float32, "y")
+    if _launch.kernels_are_interpreted() or device != "cpu":
+        assert len(_fused_plans("fwd")) == 2
+
+
+def _fused_launch_args(fmt, dtype=torch.float32):
+    B, C, H, W, K, G, R = 2, 8, 6, 7, 3, 2, 5
+    x = torch.randn(B, C, H, W, dtype=dtype).contiguous(memory_format=fmt)
+    z = torch.randn(B, R, H, W, dtype=dtype).contiguous(memory_format=fmt)
+    span_w = torch.randn(K * K * G, R, dtype=dtype)
+    span_b = torch.randn(K * K * G, dtype=dtype)
+    geometry = ((1, 1), (1, 1), (1, 1))
+    config = fused.span_grad_config(x, G, K, R, (1, 1), H, W)
+    slabs, _ = fused.span_grad_slabs(B, H, W, K, G, R, config)
+    partials = torch.empty(slabs, K * K * G, R)
+    bias_partials = torch.empty(slabs, K * K * G)
+    return {
+        "forward_launch": (lambda t: (t["x"], t["z"], t["w"], t["b"], t["y"], K, *geometry), ("x_ptr", "y_ptr")),
+        "backward_input_launch": (lambda t: (t["y"], t["z"], t["w"], t["b"], t["x"], K, *geometry),
+                                  ("dy_ptr", "dx_ptr")),
+        "backward_z_launch": (lambda t: (t["y"], t["x"], t["w"], t["z"], K, *geometry), ("dy_ptr", "dz_ptr")),
+        "backward_span_launch": (lambda t: (t["y"], t["x"], t["z"], t["p"], t["pb"], K, *geometry, config),
+                                 ("dy_ptr", "dspan_ptr")),
+    }, dict(x=x, z=z, w=span_w, b=span_b, y=torch.empty_like(x), p=partials, pb=bias_partials)
+
+
+@pytest.mark.parametrize("launcher", ["forward_launch", "backward_input_launch", "backward_z_launch",
+                                      "backward_span_launch"])
+def test_fused_plan_launch_matches_a_fresh_build(launcher):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        launchers, tensors = _fused_launch_args(fmt)
+        make_args, watched = launchers[launcher]
+        first = getattr(fused, launcher)(*make_args(tensors))
+        others = {k: torch.empty_like(v) for k, v in tensors.items()}
+        again = getattr(fused, launcher)(*make_args(others))
+        fresh = getattr(fused, "_" + launcher)(*make_args(others))
+        for name in watched:
+            assert again.args[name] is fresh.args[name]
+        assert again.args[watched[0]] is not first.args[watched[0]]
+        assert (again.kernel, again.grid, again.meta, again.num_warps, again.num_stages) == \
+            (fresh.kernel, fresh.grid, fresh.meta, fresh.num_warps, fresh.num_stages)
+        assert again.args == fresh.args and first.args.keys() == fresh.args.keys()
+
+
+def test_fused_provisional_config_is_not_remembered(monkeypatch, tmp_path):
+    def capturing():
+        raise configs._NotNow
+
+    _simulated_gpu(monkeypatch, tmp_path, capturing)
+    launchers, tensors = _fused_launch_args(torch.contiguous_format)
+    for name in ("forward_launch", "backward_input_launch", "backward_z_launch"):
+        make_args, _ = launchers[name]
+        getattr(fused, name)(*make_args(tensors))
+    assert not _launch._plans
+
+
+def test_fused_meta_tensors_build_afresh():
+    launches = fused.catalogue()
+    assert launches and not _launch._plans
+
+
+# ---------------------------------------------------------------------------------------------
+# expert_conv: forward, guide score, bwd input and bwd weight launchers
+# ---------------------------------------------------------------------------------------------
+
+def _expert_inputs(guide=True):
+    B, Cin, Cout, H, W, K, E, m = 2, 4, 6, 5, 6, 3, 3, 3
+    f64 = dict(dtype=torch.float64)
+    return {
+        "x": torch.randn(B, Cin, H, W, **f64),
+        "experts": torch.randn(E, Cout, Cin, K, K, **f64) * 0.5,
+        "routing": torch.rand(B, m, E, **f64) if guide else torch.rand(B, E, **f64),
+        "bias": torch.randn(E, Cout, **f64),
+        "spatial": torch.rand(B, K, K, **f64) + 0.5,
+        # Well-separated logits: fp16 rounding must not change a pixel's region.
+        "guide": torch.randn(B, m, H, W, **f64) * 4 if guide else None,
+    }
+
+
+def _expert_conv(x, experts, routing, bias=None, spatial=None, guide=None, **geometry):
+    return dynconv.expert_conv2d(x, experts, routing, bias, spatial=spatial, guide=guide, **geometry)
+
+
+def _expert_reference(x, experts, routing, bias=None, spatial=None, guide=None, **geometry):
+    return expert_conv2d_loop(x, experts, routing, bias, spatial=spatial, guide=guide, **geometry)
+
+
+def _expert_plans(kind):
+    return [key for key in _launch._plans if key[0][0] == f"expert_conv_{kind}"]
+
+
+@pytest.mark.parametrize("materialise", [False, True], ids=["on-the-fly", "materialised"])
+def test_expert_conv_plans_follow_layout_dtype_and_weight_source(materialise, monkeypatch, device):
+    monkeypatch.setattr(expert, "should_materialise", lambda *args: materialise)
+    inputs = _expert_inputs()
+    seen = set()
+
+    def expert_conv(x, **rest):
+        seen.add((x.dtype, x.stride()))
+        return _expert_conv(x, **rest)
+
+    for dtype in (torch.float32, torch.float16):
+        for _, xx in _layouts(inputs["x"]):
+            check_against_reference(expert_conv, _expert_reference, {**inputs, "x": xx}, dtype, device,
+                                    **GEOMETRY)
+    assert len(seen) == 6
+    if _launch.kernels_are_interpreted() or device != "cpu":
+        for kind in ("fwd", "guide_score", "bwd_weight"):  # the launches that read x
+            assert len(_expert_plans(kind)) == 6, kind
+        # dx takes x's memory format, and the (N, H, C, W) view's is NCHW: two layouts per dtype.
+        assert len(_expert_plans("bwd_input")) == 4
+        # The weight source's mode is part of every key that reads the weights.
+        mode = 1 if materialise else 3  # num_mix: materialised kernels, or the E experts mixed on the fly
+        assert all(key[0][2][3] == mode for key in _expert_plans("fwd"))
+
+
+def test_expert_conv_plans_take_no_values_from_the_guide(device):
+    """Region tables change with the guide every call; the plan holds only their layouts."""
+    for _ in range(3):
+        check_against_reference(_expert_conv, _expert_reference, _expert_inputs(), torch.float32, device,
+                                **GEOMETRY)
+    # And without a guide (one region, no region tables) another plan.
+    check_against_reference(_expert_conv, _expert_reference, _expert_inputs(guide=False), torch.float32, device,
+                            **GEOMETRY)
+    if _launch.kernels_are_interpreted() or device != "cpu":
+        for kind in ("fwd", "bwd_input", "bwd_weight"):
+            assert len(_expert_plans(kind)) == 2, kind
+
+
+def _expert_launch_args(fmt, materialise):
+    inputs = {k: v.float() for k, v in _expert_inputs().items()}
+    x = inputs["x"].contiguous(memory_format=fmt)
+    experts, routing, spatial, guide = inputs["experts"], inputs["routing"], inputs["spatial"], inputs["guide"]
+    B, m = routing.shape[:2]
+    Cout, kernel_hw = experts.shape[1], tuple(experts.shape[3:])
+    geometry = ((1, 1), (1, 1), (1, 1))
+    y = torch.empty(B, Cout, *x.shape[2:]).contiguous(memory_format=fmt)
+    bias = torch.randn(B, m, Cout)
+    source = expert.weight_source(experts, routing, materialise)
+    fwd_cfg = expert.forward_config(x, experts, m, 1, *geometry)
+    regions = expert.region_tables(guide, fwd_cfg["BLOCK_P"])
+    score = torch.empty(B, m, expert.score_tiles(Cout, 1, fwd_cfg), y.shape[2] * y.shape[3])
+    in_cfg = expert.input_grad_config(x, experts, m, 1, (1, 1))
+    w_cfg = expert.weight_grad_config(x, experts, m, 1, (1, 1))
+    splits = expert.weight_grad_splits(B, m, Cout, 1, experts[0, 0].numel(), y.shape[2] * y.shape[3], w_cfg)
+    dw = torch.empty(splits, B, m, *experts.shape[1:])
+    dbias = torch.empty(splits, B, m, Cout)
+    return {
+        "forward_launch": lambda t: (t["x"], source, spatial, bias, regions, t["y"], kernel_hw, 1, *geometry,
+                                     fwd_cfg),
+        "guide_score_launch": lambda t: (t["x"], source, spatial, bias, t["y"], t["score"], kernel_hw, 1,
+                                         *geometry, fwd_cfg),
+        "backward_input_launch": lambda t: (t["y"], source, spatial, regions.region, t["x"], kernel_hw, 1,
+                                            *geometry, m, in_cfg),
+        "backward_weight_launch": lambda t: (t["y"], t["x"], regions, t["dw"], t["dbias"], kernel_hw, 1,
+                                             *geometry, w_cfg),
+    }, dict(x=x, y=y, score=score, dw=dw, dbias=dbias)
+
+
+@pytest.mark.parametrize("materialise", [False, True], ids=["on-the-fly", "materialised"])
+@pytest.mark.parametrize("launcher", ["forward_launch", "guide_score_launch", "backward_input_launch",
+                                      "backward_weight_launch"])
+def test_expert_conv_plan_launch_matches_a_fresh_build(launcher, materialise):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        launchers, tensors = _expert_launch_args(fmt, materialise)
+        make_args = launchers[launcher]
+        first = getattr(expert, launcher)(*make_args(tensors))
+        others = {k: torch.empty_like(v) for k, v in tensors.items()}
+        again = getattr(expert, launcher)(*make_args(others))
+        fresh = getattr(expert, "_" + launcher)(*make_args(others))
+        assert again.args["x_ptr" if "x_ptr" in again.args else "dx_ptr"] is others["x"]
+        assert first.args.keys() == fresh.args.keys() and again.args == fresh.args
+        assert (again.kernel, again.grid, again.meta, again.num_warps, again.num_stages) == \
+            (fresh.kernel, fresh.grid, fresh.meta, fresh.num_warps, fresh.num_stages)
+
+
+def test_expert_conv_meta_tensors_build_afresh():
+    launches = expert.catalogue()
+    assert launches and not _launch._plans
