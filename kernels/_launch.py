@@ -192,6 +192,11 @@ def layout(t: torch.Tensor | None) -> tuple | None:
     return None if t is None else (t.dtype, t.device, t.shape, t.stride())
 
 
+def config_key(config: dict | None) -> tuple | None:
+    """An explicit config's part of a plan key (None: the launcher looks one up)."""
+    return None if config is None else tuple(config.items())
+
+
 def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cacheable, cdiv, is_channels_last, layout, next_power_of_2, planned
+from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
 from .involution import gather_source
 
@@ -604,10 +604,6 @@ def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tup
     return tuple(None if regions is None else getattr(regions, n) for n in names)
 
 
-def _config_key(config: dict) -> tuple:
-    return tuple(config.items())
-
-
 def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
@@ -623,7 +619,7 @@ def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Region
                                dilation, config)
     key = ("expert_conv_fwd", layout(x), _source_key(source), layout(spatial), layout(bias_mixed),
            _regions_key(regions), layout(y), tuple(kernel_hw), groups, *stride, *padding, *dilation,
-           _config_key(config))
+           config_key(config))
     return planned(key, ("x_ptr", "y_ptr", "w_ptr", "coef_ptr", "spatial_ptr", "bias_ptr", "tile_offsets_ptr",
                          "pixel_start_ptr", "count_ptr", "perm_ptr"),
                    (x, y, source.weight, source.coef, spatial, bias_mixed,
@@ -669,7 +665,7 @@ def guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, 
         return _guide_score_launch(x, source, spatial, bias_mixed, dy, score, kernel_hw, groups, stride, padding,
                                    dilation, config)
     key = ("expert_conv_guide_score", layout(x), _source_key(source), layout(spatial), layout(bias_mixed),
-           layout(dy), layout(score), tuple(kernel_hw), groups, *stride, *padding, *dilation, _config_key(config))
+           layout(dy), layout(score), tuple(kernel_hw), groups, *stride, *padding, *dilation, config_key(config))
     return planned(key, ("x_ptr", "dy_ptr", "score_ptr", "w_ptr", "coef_ptr", "spatial_ptr", "bias_ptr"),
                    (x, dy, score, source.weight, source.coef, spatial, bias_mixed),
                    lambda: _guide_score_launch(x, source, spatial, bias_mixed, dy, score, kernel_hw, groups, stride,
@@ -719,7 +715,7 @@ def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_
         return _backward_input_launch(dy, source, spatial, region, dx, kernel_hw, groups, stride, padding,
                                       dilation, num_regions, config)
     key = ("expert_conv_bwd_input", layout(dy), _source_key(source), layout(spatial), layout(region), layout(dx),
-           tuple(kernel_hw), groups, *stride, *padding, *dilation, num_regions, _config_key(config))
+           tuple(kernel_hw), groups, *stride, *padding, *dilation, num_regions, config_key(config))
     return planned(key, ("dy_ptr", "dx_ptr", "region_ptr", "w_ptr", "coef_ptr", "spatial_ptr"),
                    (dy, dx, region, source.weight, source.coef, spatial),
                    lambda: _backward_input_launch(dy, source, spatial, region, dx, kernel_hw, groups, stride,
@@ -770,7 +766,7 @@ def backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kerne
         return _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding, dilation,
                                        config)
     key = ("expert_conv_bwd_weight", layout(dy), layout(x), _regions_key(regions), layout(dw), layout(dbias),
-           tuple(kernel_hw), groups, *stride, *padding, *dilation, _config_key(config))
+           tuple(kernel_hw), groups, *stride, *padding, *dilation, config_key(config))
     return planned(key, ("dy_ptr", "x_ptr", "dw_ptr", "dbias_ptr", "pixel_start_ptr", "count_ptr", "perm_ptr"),
                    (dy, x, dw, dbias, *_region_tensors(regions, ("pixel_start", "count", "perm"))),
                    lambda: _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cacheable, cdiv, is_channels_last, layout, next_power_of_2, planned
+from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
 
 INT32_MAX = 2**31 - 1
@@ -318,15 +318,11 @@ def _grid(B, G, tiles_pix, cg_tiles, block_g):
     return (B * tiles_pix, ch_tiles, 1)
 
 
-def _config_key(config):
-    return None if config is None else tuple(config.items())
-
-
 def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
     if not cacheable(x):
         return _forward_launch(x, weight, bias, y, stride, padding, dilation, config)
     key = ("involution_fwd", layout(x), layout(weight), layout(bias), layout(y), *stride, *padding, *dilation,
-           _config_key(config))
+           config_key(config))
     return planned(key, ("x_ptr", "w_ptr", "bias_ptr", "y_ptr"), (x, weight, bias, y),
                    lambda: _forward_launch(x, weight, bias, y, stride, padding, dilation, config))
 
@@ -361,7 +357,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     if not cacheable(dy):
         return _backward_input_launch(dy, weight, dx, stride, padding, dilation, config)
     key = ("involution_bwd_input", layout(dy), layout(weight), layout(dx), *stride, *padding, *dilation,
-           _config_key(config))
+           config_key(config))
     return planned(key, ("dy_ptr", "w_ptr", "dx_ptr"), (dy, weight, dx),
                    lambda: _backward_input_launch(dy, weight, dx, stride, padding, dilation, config))
 
@@ -394,7 +390,7 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool
     if not cacheable(x):
         return _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel, config)
     key = ("involution_bwd_weight", layout(dy), layout(x), layout(dw), *stride, *padding, *dilation, per_pixel,
-           _config_key(config))
+           config_key(config))
     return planned(key, ("dy_ptr", "x_ptr", "dw_ptr"), (dy, x, dw),
                    lambda: _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel, config))
 

@@ -47,9 +47,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cacheable, cdiv, is_channels_last, layout, next_power_of_2, planned
+from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
-from .involution import _acc_dtype, _config_key, _pow2_at_most, _tile_indices, gather_source, needs_int64
+from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64
 
 # Programs the span-gradient kernel aims for: enough to fill any current GPU several times, few
 # enough that the fp32 partials stay a few MB. A constant, so the reduction order (and the result)
@@ -478,7 +478,7 @@ def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation
     if not cacheable(x):
         return _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config)
     key = ("involution_fused_fwd", layout(x), layout(z), layout(span_weight), layout(span_bias), layout(y), K,
-           *stride, *padding, *dilation, _config_key(config))
+           *stride, *padding, *dilation, config_key(config))
     return planned(key, ("x_ptr", "z_ptr", "span_w_ptr", "span_b_ptr", "y_ptr"), (x, z, span_weight, span_bias, y),
                    lambda: _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config))
 
@@ -510,7 +510,7 @@ def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding,
     if not cacheable(dy):
         return _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config)
     key = ("involution_fused_bwd_input", layout(dy), layout(z), layout(span_weight), layout(span_bias), layout(dx),
-           K, *stride, *padding, *dilation, _config_key(config))
+           K, *stride, *padding, *dilation, config_key(config))
     return planned(key, ("dy_ptr", "z_ptr", "span_w_ptr", "span_b_ptr", "dx_ptr"), (dy, z, span_weight, span_bias, dx),
                    lambda: _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation,
                                                   config))
@@ -544,7 +544,7 @@ def backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, conf
     if not cacheable(x):
         return _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, config)
     key = ("involution_fused_bwd_z", layout(dy), layout(x), layout(span_weight), layout(dz), K, *stride, *padding,
-           *dilation, _config_key(config))
+           *dilation, config_key(config))
     return planned(key, ("dy_ptr", "x_ptr", "span_w_ptr", "dz_ptr"), (dy, x, span_weight, dz),
                    lambda: _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, config))
 
@@ -592,7 +592,7 @@ def backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, pa
     if not cacheable(x):
         return _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation, config)
     key = ("involution_fused_bwd_span", layout(dy), layout(x), layout(z), layout(dspan_partials),
-           layout(dbias_partials), K, *stride, *padding, *dilation, _config_key(config))
+           layout(dbias_partials), K, *stride, *padding, *dilation, config_key(config))
     return planned(key, ("dy_ptr", "x_ptr", "z_ptr", "dspan_ptr", "dbias_ptr"),
                    (dy, x, z, dspan_partials, dbias_partials),
                    lambda: _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding,
