@@ -18,7 +18,7 @@ OLDEST_SPEC ?= triton==3.6.0 numpy<2.4
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_CPU_SPEC)"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,bench]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 $(OLDEST_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv --system-site-packages $(OLDEST_VENV)
 	$(OLDEST_PY) -c "import torch" 2>/dev/null || $(OLDEST_PY) -m pip install "$(TORCH_CPU_SPEC)"
-	$(OLDEST_PY) -m pip install -e ".[test]" $(foreach spec,$(OLDEST_SPEC),"$(spec)")
+	$(OLDEST_PY) -m pip install -e ".[test,bench]" $(foreach spec,$(OLDEST_SPEC),"$(spec)")
 	touch $@
 
 test: test-newest test-oldest

@@ -19,7 +19,7 @@ SUBCOMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: dynconv <command> [options]", "", "commands:"]
+    lines = ["usage: dynconv [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from dynconv import __version__  # the one place the version is written
+        print(f"dynconv {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
