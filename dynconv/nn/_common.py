@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynconv.ops._checks import as_pair
+
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -29,7 +31,7 @@ def check_padding_mode(padding_mode) -> str:
 
 
 def resolve_padding(padding, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
-                    padding_mode: str, as_pair):
+                    padding_mode: str):
     """nn.Conv2d's padding argument as (the op's symmetric padding pair, an explicit ``F.pad`` tuple or None).
 
     ``'valid'`` is no padding; ``'same'`` pads ``d·(k-1)`` per axis, the smaller half before, as

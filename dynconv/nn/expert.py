@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv.ops._checks import as_pair
+from dynconv.ops._checks import as_pair, conv_output_size
 from dynconv.ops.expert_conv import expert_conv2d
 
 from ._common import AnnealedTemperature, batch_norm, check_input, check_padding_mode, pad, resolve_padding
@@ -56,7 +56,7 @@ class _ExpertConv2d(nn.Module):
         self.dilation = as_pair(dilation, "dilation", 1)
         self.padding_mode = check_padding_mode(padding_mode)
         self._op_padding, self._explicit_padding = resolve_padding(self.padding, self.kernel_size, self.stride,
-                                                                   self.dilation, padding_mode, as_pair)
+                                                                   self.dilation, padding_mode)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_experts * out_channels, in_channels // groups, *self.kernel_size,
                                                **factory))
@@ -84,6 +84,13 @@ class _ExpertConv2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """nn.Conv2d's output size for an ``h × w`` input."""
+        extra = self._explicit_padding or (0, 0, 0, 0)
+        padded = (h + extra[2] + extra[3], w + extra[0] + extra[1])
+        return tuple(conv_output_size(n, k, s, p, d) for n, k, s, p, d in
+                     zip(padded, self.kernel_size, self.stride, self._op_padding, self.dilation))
+
     def _conv(self, x, routing, bias, **attention):
         x = pad(x, self._explicit_padding, self.padding_mode)
         return expert_conv2d(x, self.experts, routing, bias, self.stride, self._op_padding, self.dilation, self.groups,
@@ -108,21 +115,27 @@ class CondConv2d(_ExpertConv2d):
     instead of the module's own (EfficientNet-CondConv shares one routing across a block's convs).
     """ + _CONV_ARGS + """
         num_experts: the number E of expert kernels.
+        shared_routing: the module has no routing layer of its own and ``forward`` needs the routing
+            (timm's design: the block computes it once for all its convs).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 num_experts: int = 4):
+                 num_experts: int = 4, shared_routing: bool = False):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device, dtype, num_experts=num_experts)
-        self.routing_fn = nn.Linear(in_channels, num_experts, device=device, dtype=dtype)
+        self.shared_routing = shared_routing
+        self.routing_fn = None if shared_routing else nn.Linear(in_channels, num_experts, device=device, dtype=dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        self.routing_fn.reset_parameters()
+        if self.routing_fn is not None:
+            self.routing_fn.reset_parameters()
 
     def routing(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing_fn is None:
+            raise ValueError("this CondConv2d was built with shared_routing=True: pass forward(x, routing)")
         return torch.sigmoid(self.routing_fn(_pooled(x)))
 
     def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,6 +146,9 @@ class CondConv2d(_ExpertConv2d):
             raise ValueError(f"routing must have shape (B, num_experts) = {(x.shape[0], self.num_experts)}, "
                              f"got {tuple(routing.shape)}")
         return self._conv(x, routing, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shared_routing={self.shared_routing}"
 
 
 class DynamicConv2d(AnnealedTemperature, _ExpertConv2d):
@@ -261,48 +277,79 @@ class ODConv2d(AnnealedTemperature, _ExpertConv2d):
 class DRConv2d(_ExpertConv2d):
     __doc__ = """Dynamic region-aware convolution (Chen et al., CVPR 2021) with shared expert kernels.
 
-    ``guide = conv(x)`` to ``region_num`` channels with this conv's kernel size, stride, padding,
-    padding_mode and dilation, so it has exactly the output's ``Ho × Wo`` positions; each output
-    pixel uses the kernel of its argmax region (straight-through softmax gradient to the guide).
-    Per-sample, per-region kernels come from GAP(x) as in the reference code's kernel generator
-    (1x1 conv to ``region_num²`` channels, sigmoid, grouped 1x1 conv, one group per region), here
-    producing each region's routing over ``num_experts`` shared kernels (softmax) instead of the
-    full kernel.
+    Each output pixel uses the kernel of its argmax region of the guide logits ``(B, region_num,
+    Ho, Wo)`` (straight-through softmax gradient to the guide); each region's kernel mixes the
+    ``num_experts`` shared experts with a per-sample routing ``(B, region_num, num_experts)``.
+
+    ``design='dynconv'`` (default): ``guide = conv(x)`` to ``region_num`` channels with this conv's
+    kernel size, stride, padding, padding_mode and dilation, so it has exactly the output's
+    ``Ho × Wo`` positions; the routing comes from GAP(x) as in the kernel generator of the public
+    PyTorch re-implementation (1x1 conv to ``region_num²`` channels, sigmoid, grouped 1x1 conv,
+    one group per region), here producing each region's softmax routing over the shared experts
+    instead of the full kernel; ``bias=True`` gives expert biases mixed like the kernels.
+
+    ``design='megvii'`` (the authors' code, so its checkpoints load): ``routing = 2·sigmoid(
+    routing_fc(GAP(x))) / num_experts`` with one ``Linear(in_channels, region_num·num_experts)``,
+    no guide conv of its own (``forward(x, guide)`` takes the logits of the block's separate mask
+    net, resized to the output by nearest neighbour as the authors do), a static ``(Cout,)`` bias.
     """ + _CONV_ARGS + """
         region_num: the number m of regions.
         num_experts: the number E of shared expert kernels.
+        design: ``'dynconv'`` or ``'megvii'``, see above.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 region_num: int = 8, num_experts: int = 8):
+                 region_num: int = 8, num_experts: int = 8, design: str = "dynconv"):
+        if design not in ("dynconv", "megvii"):
+            raise ValueError(f"design must be 'dynconv' or 'megvii', got {design!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-                         device, dtype, num_experts=num_experts)
+                         device, dtype, num_experts=num_experts, expert_bias=design == "dynconv")
         if region_num < 1:
             raise ValueError(f"region_num must be >= 1, got {region_num}")
         factory = {"device": device, "dtype": dtype}
-        self.region_num = region_num
-        self.guide = nn.Conv2d(in_channels, region_num, self.kernel_size, self.stride, self.padding, self.dilation,
-                               padding_mode=padding_mode, **factory)
-        self.routing_hidden = nn.Conv2d(in_channels, region_num * region_num, 1, **factory)
-        self.routing_out = nn.Conv2d(region_num * region_num, region_num * num_experts, 1, groups=region_num,
-                                     **factory)
+        self.region_num, self.design = region_num, design
+        if design == "megvii":
+            self.routing_fc = nn.Linear(in_channels, region_num * num_experts, **factory)
+        else:
+            self.guide = nn.Conv2d(in_channels, region_num, self.kernel_size, self.stride, self.padding,
+                                   self.dilation, padding_mode=padding_mode, **factory)
+            self.routing_hidden = nn.Conv2d(in_channels, region_num * region_num, 1, **factory)
+            self.routing_out = nn.Conv2d(region_num * region_num, region_num * num_experts, 1, groups=region_num,
+                                         **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
+        if self.design == "megvii":  # the authors' initialisation of the routing
+            nn.init.normal_(self.routing_fc.weight, 0.0, 0.01)
+            nn.init.zeros_(self.routing_fc.bias)
+            return
         for conv in (self.guide, self.routing_hidden, self.routing_out):
             conv.reset_parameters()
 
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """(B, region_num, num_experts)."""
+        shape = (x.shape[0], self.region_num, self.num_experts)
+        if self.design == "megvii":
+            return (2.0 / self.num_experts) * torch.sigmoid(self.routing_fc(_pooled(x))).reshape(shape)
         hidden = torch.sigmoid(self.routing_hidden(F.adaptive_avg_pool2d(x, 1)))
-        logits = self.routing_out(hidden).reshape(x.shape[0], self.region_num, self.num_experts)
-        return torch.softmax(logits, dim=2)
+        return torch.softmax(self.routing_out(hidden).reshape(shape), dim=2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+        """``guide``: region logits ``(B, region_num, h, w)`` (needed by, and only by, ``design='megvii'``)."""
         check_input(x, self.in_channels)
-        return self._conv(x, self.routing(x), self.bias, guide=self.guide(x))
+        if self.design == "dynconv":
+            if guide is not None:
+                raise ValueError("design='dynconv' computes its own guide; pass guide only with design='megvii'")
+            return self._conv(x, self.routing(x), self.bias, guide=self.guide(x))
+        if guide is None:
+            raise ValueError("design='megvii' needs the guide logits of the block's mask net: forward(x, guide)")
+        out = self.output_size(x.shape[2], x.shape[3])
+        if tuple(guide.shape[2:]) != out:
+            guide = F.interpolate(guide, out, mode="nearest")
+        y = self._conv(x, self.routing(x), None, guide=guide)
+        return y if self.bias is None else y + self.bias[:, None, None]
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, region_num={self.region_num}"
+        return f"{super().extra_repr()}, region_num={self.region_num}, design={self.design!r}"
