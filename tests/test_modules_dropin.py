@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dynconv.nn.expert as expert_module
 from dynconv.nn import CondConv2d, DRConv2d, DynamicConv2d, DynamicDWConv2d, Involution2d, ODConv2d
 from helpers import assert_close
 
@@ -54,6 +55,28 @@ def test_batch_zero_gives_empty_output_and_zero_gradients(name, device, request)
     assert y.shape == expected
     y.sum().backward()
     assert x.grad.shape == x.shape
+    for pname, p in module.named_parameters():
+        assert p.grad is None or (p.grad == 0).all(), pname
+
+
+@pytest.mark.parametrize("name", list(EXPERT))
+def test_batch_zero_reaches_the_op_with_consistent_shapes(name, monkeypatch):
+    """The module's own code (routing, attentions, BatchNorm, reshapes) with B = 0, up to the op:
+    a stand-in op checks the shapes it gets and returns an empty output tied to every input."""
+    module = EXPERT[name](4, 6, 3, padding=1).train()
+    seen = {}
+
+    def stand_in(x, experts, routing, bias=None, stride=1, padding=0, dilation=1, groups=1, spatial=None, guide=None):
+        seen.update(x=x.shape, routing=routing.shape, spatial=None if spatial is None else spatial.shape,
+                    guide=None if guide is None else guide.shape)
+        tied = sum(t.sum() for t in (x, experts, routing, bias, spatial, guide) if t is not None)
+        return tied * 0 + x.new_zeros(x.shape[0], experts.shape[1], *module.output_size(*x.shape[2:]))
+
+    monkeypatch.setattr(expert_module, "expert_conv2d", stand_in)
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    y = module(x)
+    assert y.shape == (0, 6, 5, 5) and seen["x"][0] == 0 and seen["routing"][0] == 0
+    y.sum().backward()
     for pname, p in module.named_parameters():
         assert p.grad is None or (p.grad == 0).all(), pname
 
@@ -265,3 +288,17 @@ def test_repr_shows_every_constructor_argument_and_docstring_has_args(cls):
 
 def test_package_is_typed():
     assert importlib.resources.files("dynconv").joinpath("py.typed").is_file()
+
+
+def test_external_routing_and_guide_are_checked():
+    x = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"routing must have shape \(B, num_experts\) = \(2, 2\)"):
+        CondConv2d(4, 6, 3, num_experts=2)(x, torch.rand(2, 3))
+    with pytest.raises(ValueError, match="shared_routing=True: pass forward"):
+        CondConv2d(4, 6, 3, shared_routing=True)(x)
+    with pytest.raises(ValueError, match="needs the guide logits"):
+        DRConv2d(4, 6, 3, design="megvii")(x)
+    with pytest.raises(ValueError, match="computes its own guide"):
+        DRConv2d(4, 6, 3)(x, torch.randn(2, 8, 3, 3))
+    with pytest.raises(ValueError, match="design must be"):
+        DRConv2d(4, 6, 3, design="paper")

@@ -251,15 +251,15 @@ class OfficialInvolution(nn.Module):
 
 @pytest.mark.parametrize("stride,training", [(1, False), (2, True)])
 def test_official_involution(stride, training, device):
-    official = _randomised(OfficialInvolution(32, 3, stride)).to(device).train(training)
-    ours = peers.involution2d_from_official(official, 32, 3, stride).train(training)
-    _compare(official, ours, torch.randn(2, 32, 4, 4, dtype=f64, device=device), f"involution s={stride}")
+    official = _randomised(OfficialInvolution(16, 3, stride)).to(device).train(training)
+    ours = peers.involution2d_from_official(official, 16, 3, stride).train(training)
+    _compare(official, ours, torch.randn(2, 16, 4, 4, dtype=f64, device=device), f"involution s={stride}")
 
 
 def test_rednet_checkpoint_converts(device):
     def rednet(involution):
-        stem = nn.Sequential(ConvModule(3, 32, norm=True), involution(32, 3, 1))
-        return nn.Sequential(stem, nn.Sequential(ConvModule(32, 32, norm=True), involution(32, 3, 2)))
+        stem = nn.Sequential(ConvModule(3, 16, norm=True), involution(16, 3, 1))
+        return nn.Sequential(stem, nn.Sequential(ConvModule(16, 16, norm=True), involution(16, 3, 2)))
 
     official = _randomised(rednet(OfficialInvolution)).to(device).eval()
     ours = rednet(lambda c, k, s: Involution2d(c, k, s)).double().to(device).eval()
