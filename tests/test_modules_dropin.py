@@ -302,3 +302,15 @@ def test_external_routing_and_guide_are_checked():
         DRConv2d(4, 6, 3)(x, torch.randn(2, 8, 3, 3))
     with pytest.raises(ValueError, match="design must be"):
         DRConv2d(4, 6, 3, design="paper")
+
+
+def test_numpy_integers_are_accepted_as_ints():
+    import numpy as np
+    i = np.int64
+    for module in (CondConv2d(i(4), i(6), i(3), i(1), (i(1), i(1)), num_experts=i(2)),
+                   DRConv2d(i(4), i(6), (i(3), i(3)), padding=i(1), groups=i(2), region_num=i(2), num_experts=i(2)),
+                   Involution2d(i(4), i(3), i(1), group_channels=i(2), reduction_ratio=i(2), dilation=i(1)),
+                   DynamicDWConv2d(i(4), (i(3), i(3)), reduction_ratio=i(2), padding=i(1))):
+        assert module(torch.randn(1, 4, 5, 5)).shape[2:] == (5, 5)
+    with pytest.raises(TypeError, match="in_channels must be an int"):
+        CondConv2d(4.0, 6, 3)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv.nn import DynamicDWConv2d, Involution2d
+from dynconv.nn import Involution2d
 from dynconv.nn import peers
 from helpers import assert_close
 

@@ -3,6 +3,7 @@ an annealed temperature kept in the state_dict."""
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,26 @@ def batch_norm(bn: nn.BatchNorm2d, z: torch.Tensor) -> torch.Tensor:
     if bn.training and z.shape[0] * z.shape[2] * z.shape[3] <= 1:
         return F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     return bn(z)
+
+
+def as_int(value, name: str, minimum: int) -> int:
+    """A Python int from an int or a numpy integer (as ``F.conv2d`` accepts), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    value = operator.index(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def int_pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """``as_pair`` that also takes numpy integers."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = operator.index(value)
+    elif isinstance(value, (tuple, list)) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                  for v in value):
+        value = tuple(operator.index(v) for v in value)
+    return as_pair(value, name, minimum)
 
 
 def check_padding_mode(padding_mode) -> str:
@@ -48,7 +69,7 @@ def resolve_padding(padding, kernel_size: tuple[int, int], stride: tuple[int, in
         else:
             raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
     else:
-        ph, pw = as_pair(padding, "padding", 0)
+        ph, pw = int_pair(padding, "padding", 0)
         sides = ((ph, ph), (pw, pw))
     symmetric = all(before == after for before, after in sides)
     if symmetric and (padding_mode == "zeros" or not any(before for before, _ in sides)):

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv.ops._checks import as_pair, conv_output_size
+from dynconv.ops._checks import conv_output_size
 from dynconv.ops.expert_conv import expert_conv2d
 
-from ._common import AnnealedTemperature, batch_norm, check_input, check_padding_mode, pad, resolve_padding
+from ._common import (AnnealedTemperature, as_int, batch_norm, check_input, check_padding_mode, int_pair, pad,
+                      resolve_padding)
 
 _CONV_ARGS = """
     Args:
@@ -40,20 +41,16 @@ class _ExpertConv2d(nn.Module):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  num_experts: int = 4, expert_bias: bool = True):
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups),
-                            ("num_experts", num_experts)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {value!r}")
-        if groups < 1 or in_channels % groups != 0 or out_channels % groups != 0:
+        in_channels, out_channels = as_int(in_channels, "in_channels", 1), as_int(out_channels, "out_channels", 1)
+        groups, num_experts = as_int(groups, "groups", 1), as_int(num_experts, "num_experts", 1)
+        if in_channels % groups != 0 or out_channels % groups != 0:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible by "
                              f"groups={groups}")
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         self.in_channels, self.out_channels, self.groups, self.num_experts = in_channels, out_channels, groups, num_experts
-        self.kernel_size = as_pair(kernel_size, "kernel_size", 1)
-        self.stride = as_pair(stride, "stride", 1)
-        self.padding = padding if isinstance(padding, str) else as_pair(padding, "padding", 0)
-        self.dilation = as_pair(dilation, "dilation", 1)
+        self.kernel_size = int_pair(kernel_size, "kernel_size", 1)
+        self.stride = int_pair(stride, "stride", 1)
+        self.padding = padding if isinstance(padding, str) else int_pair(padding, "padding", 0)
+        self.dilation = int_pair(dilation, "dilation", 1)
         self.padding_mode = check_padding_mode(padding_mode)
         self._op_padding, self._explicit_padding = resolve_padding(self.padding, self.kernel_size, self.stride,
                                                                    self.dilation, padding_mode)
@@ -169,10 +166,10 @@ class DynamicConv2d(AnnealedTemperature, _ExpertConv2d):
                  hidden_channels: int | None = None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device, dtype, num_experts=num_experts)
+        reduction_ratio = as_int(reduction_ratio, "reduction_ratio", 1)
         if hidden_channels is None:
             hidden_channels = in_channels // reduction_ratio + 1
-        if hidden_channels < 1:
-            raise ValueError(f"hidden_channels must be >= 1, got {hidden_channels}")
+        hidden_channels = as_int(hidden_channels, "hidden_channels", 1)
         self.reduction_ratio, self.hidden_channels = reduction_ratio, hidden_channels
         self._register_temperature(temperature, {"device": device, "dtype": dtype})
         self.fc1 = nn.Linear(in_channels, hidden_channels, bias=False, device=device, dtype=dtype)
@@ -305,8 +302,7 @@ class DRConv2d(_ExpertConv2d):
             raise ValueError(f"design must be 'dynconv' or 'megvii', got {design!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device, dtype, num_experts=num_experts, expert_bias=design == "dynconv")
-        if region_num < 1:
-            raise ValueError(f"region_num must be >= 1, got {region_num}")
+        region_num = as_int(region_num, "region_num", 1)
         factory = {"device": device, "dtype": dtype}
         self.region_num, self.design = region_num, design
         if design == "megvii":

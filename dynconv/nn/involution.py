@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv.ops._checks import as_pair, conv_output_size
+from dynconv.ops._checks import conv_output_size
 from dynconv.ops.involution import dynamic_dwconv2d, involution
 from dynconv.ops.involution_fused import involution_fused
 
-from ._common import batch_norm, check_input
+from ._common import as_int, batch_norm, check_input, int_pair
 
 
 def _runs_fused(fused: bool | None, x: torch.Tensor) -> bool:
@@ -19,7 +19,7 @@ def _runs_fused(fused: bool | None, x: torch.Tensor) -> bool:
 
 def _square_kernel(kernel_size) -> int:
     """The ops generate square K × K kernels: an int or an (h, w) pair with h == w, as K."""
-    kh, kw = as_pair(kernel_size, "kernel_size", 1)
+    kh, kw = int_pair(kernel_size, "kernel_size", 1)
     if kh != kw:
         raise ValueError(f"kernel_size must be square (the involution ops generate K x K kernels), got {kernel_size!r}")
     return kh
@@ -30,17 +30,16 @@ class _DepthwiseGeometry(nn.Module):
 
     def __init__(self, channels: int, kernel_size, stride, padding, dilation, reduction_ratio: int):
         super().__init__()
-        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        channels, reduction_ratio = as_int(channels, "channels", 1), as_int(reduction_ratio, "reduction_ratio", 1)
         if channels // reduction_ratio < 1:
             raise ValueError(f"channels // reduction_ratio must be >= 1, got {channels} // {reduction_ratio}")
         self.channels, self.reduction_ratio = channels, reduction_ratio
         self.kernel_size = _square_kernel(kernel_size)
-        self.stride = as_pair(stride, "stride", 1)
-        self.dilation = as_pair(dilation, "dilation", 1)
+        self.stride = int_pair(stride, "stride", 1)
+        self.dilation = int_pair(dilation, "dilation", 1)
         if padding is None:
             padding = tuple(d * (self.kernel_size - 1) // 2 for d in self.dilation)
-        self.padding = as_pair(padding, "padding", 0)
+        self.padding = int_pair(padding, "padding", 0)
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         K = self.kernel_size
@@ -83,6 +82,7 @@ class Involution2d(_DepthwiseGeometry):
     def __init__(self, channels: int, kernel_size=7, stride=1, group_channels: int = 16, reduction_ratio: int = 4,
                  fused: bool | None = None, *, padding=None, dilation=1, device=None, dtype=None):
         super().__init__(channels, kernel_size, stride, padding, dilation, reduction_ratio)
+        channels, group_channels = as_int(channels, "channels", 1), as_int(group_channels, "group_channels", 1)
         if channels % group_channels != 0:
             raise ValueError(f"channels={channels} must be divisible by group_channels={group_channels}")
         factory = {"device": device, "dtype": dtype}

@@ -26,11 +26,9 @@ BatchNorm's running mean: the BatchNorm removes it from the batch statistics any
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from dynconv.ops._checks import as_pair
-
+from ._common import int_pair
 from .expert import CondConv2d, DRConv2d, DynamicConv2d, ODConv2d
 from .involution import DynamicDWConv2d, Involution2d
 
@@ -85,7 +83,7 @@ def _timm_padding(padding, kernel_size, stride, dilation):
     mode = padding.lower()
     if mode == "valid":
         return 0
-    k, s, d = as_pair(kernel_size, "kernel_size", 1), as_pair(stride, "stride", 1), as_pair(dilation, "dilation", 1)
+    k, s, d = int_pair(kernel_size, "kernel_size", 1), int_pair(stride, "stride", 1), int_pair(dilation, "dilation", 1)
     if mode == "same" and any(si != 1 or di * (ki - 1) % 2 for ki, si, di in zip(k, s, d)):
         if s != (1, 1):
             raise ValueError("timm's dynamic 'same' padding at stride > 1 depends on the input size; "
