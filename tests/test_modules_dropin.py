@@ -12,6 +12,7 @@ from torch import nn
 
 import dynconv.nn.expert as expert_module
 from dynconv.nn import CondConv2d, DRConv2d, DynamicConv2d, DynamicDWConv2d, Involution2d, ODConv2d
+from dynconv.reference import expert_conv2d_loop
 from helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("nan_poison")
@@ -170,13 +171,18 @@ def test_single_expert_dynamicconv_with_same_padding_is_conv2d(device):
     assert_close(module(x).detach(), static(x.cpu().double()), torch.float32, "DynamicConv2d same")
 
 
-def test_drconv_groups_single_region_is_a_grouped_conv2d(device):
-    module = DRConv2d(4, 6, 3, 1, 1, 1, 2, region_num=1, num_experts=1).to(device)
-    assert module.weight.shape == (6, 2, 3, 3)
+def test_drconv_groups(device):
+    single = DRConv2d(4, 6, 3, 1, 1, 1, 2, region_num=1, num_experts=1).to(device)
+    assert single.weight.shape == (6, 2, 3, 3)
     x = torch.randn(2, 4, 5, 5, device=device)
-    expected = F.conv2d(x.cpu().double(), module.experts[0].detach().cpu().double(),
-                        module.bias[0].detach().cpu().double(), 1, 1, 1, 2)
-    assert_close(module(x).detach(), expected, torch.float32, "grouped DRConv2d")
+    expected = F.conv2d(x.cpu().double(), single.experts[0].detach().cpu().double(),
+                        single.bias[0].detach().cpu().double(), 1, 1, 1, 2)
+    assert_close(single(x).detach(), expected, torch.float32, "grouped DRConv2d, one region")
+    module = DRConv2d(4, 6, 3, 1, 1, 1, 2, region_num=2, num_experts=2).to(device)
+    expected = expert_conv2d_loop(x.cpu().double(), module.experts.detach().cpu().double(),
+                                  module.routing(x).detach().cpu().double(), module.bias.detach().cpu().double(),
+                                  padding=1, groups=2, guide=module.guide(x).detach().cpu().double())
+    assert_close(module(x).detach(), expected, torch.float32, "grouped DRConv2d, two regions")
 
 
 def test_padding_argument_errors():

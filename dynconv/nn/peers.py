@@ -5,21 +5,20 @@ and the peer's own constructor arguments, under the peer's own names, and return
 dynconv module with the weights loaded: it computes the same outputs (to float rounding) in
 evaluation and in training mode. The dtype and device follow the peer's weights.
 
-=====================================  ==========================================================
-peer                                   dynconv
-=====================================  ==========================================================
-timm ``CondConv2d``                    ``condconv2d_from_timm``: ``CondConv2d(shared_routing=True)``;
-                                       call it as timm's, ``module(x, routing_weights)``
-OSVAI ``ODConv2d``                     ``odconv2d_from_osvai``: ``ODConv2d``
-DynamicConv reference ``Dynamic_conv2d``  ``dynamicconv2d_from_reference``: ``DynamicConv2d``
-official ``involution`` (mmcv)         ``involution2d_from_official``: ``Involution2d``;
-                                       ``convert_involution_checkpoint`` renames every
-                                       involution of a whole checkpoint (RedNet)
-DWNet ``DynamicDWConv``                ``dynamic_dwconv2d_from_dwnet``: ``DynamicDWConv2d``
-DWNet ``IDynamicDWConv``               ``involution2d_from_dwnet``: ``Involution2d``
-megvii ``DRConv``                      ``drconv2d_from_megvii``: ``DRConv2d(design='megvii')``;
-                                       call it as megvii's, ``module(x, mask_logits)``
-=====================================  ==========================================================
+- timm ``CondConv2d`` → ``condconv2d_from_timm``: a ``CondConv2d(shared_routing=True)``, called as
+  timm's, ``module(x, routing_weights)`` (EfficientNet-CondConv shares one routing per block).
+- OSVAI ``ODConv2d`` → ``odconv2d_from_osvai``: an ``ODConv2d``.
+- the DynamicConv reference's ``Dynamic_conv2d`` → ``dynamicconv2d_from_reference``: a ``DynamicConv2d``.
+- the official ``involution`` (mmcv ``ConvModule`` names) → ``involution2d_from_official``: an
+  ``Involution2d``; ``convert_involution_checkpoint`` renames every involution of a whole
+  checkpoint (RedNet).
+- DWNet's ``DynamicDWConv`` → ``dynamic_dwconv2d_from_dwnet``: a ``DynamicDWConv2d``.
+- DWNet's ``IDynamicDWConv`` → ``involution2d_from_dwnet``: an ``Involution2d``.
+- megvii's ``DRConv`` → ``drconv2d_from_megvii``: a ``DRConv2d(design='megvii')``, called with the
+  block's mask-net logits, ``module(x, mask_logits)``.
+
+The public PyTorch DRConv re-implementation that generates full per-region kernels from an input
+average-pooled to k × k has no form as a mix of shared experts, so it has no converter here.
 
 A peer's 1x1 conv bias in front of a BatchNorm (DWNet's ``IDynamicDWConv``) is folded into the
 BatchNorm's running mean: the BatchNorm removes it from the batch statistics anyway.
