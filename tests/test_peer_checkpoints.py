@@ -2,8 +2,10 @@
 
 The peers are not installed: each is re-typed here from its published definition (constructor,
 parameter names and shapes, forward), in plain PyTorch (the CUDA-only kernels of DWNet and megvii as
-unfold sums). Every check runs in float64: the peer's output and input gradient against ours.
+unfold sums). Every check runs in float64: the peer's output, input gradient and parameter
+gradients against ours.
 """
+import copy
 import math
 
 import pytest
@@ -32,8 +34,10 @@ def _randomised(module: nn.Module) -> nn.Module:
     return module.double()
 
 
-def _compare(peer_call, ours_call, x, name):
-    """Output and input gradient of ours against the peer's."""
+def _compare(peer_call, ours_call, x, name, peer=None, ours=None, convert=None):
+    """Output and input gradient of ours against the peer's; with ``peer``, ``ours`` and ``convert``
+    (the conversion, a linear map of the parameters) also every parameter gradient: the peer's
+    gradients, converted as its weights are, must be ours."""
     xp = x.detach().clone().requires_grad_()
     xo = x.detach().clone().requires_grad_()
     expected, actual = peer_call(xp), ours_call(xo)
@@ -42,6 +46,15 @@ def _compare(peer_call, ours_call, x, name):
     expected.backward(g)
     actual.backward(g)
     assert_close(xo.grad, xp.grad, f64, f"{name} input gradient")
+    if convert is None:
+        return
+    grads = copy.deepcopy(peer)
+    with torch.no_grad():
+        for p, source in zip(grads.parameters(), peer.parameters()):
+            p.copy_(source.grad if source.grad is not None else torch.zeros_like(p))
+    expected_grads = convert(grads).state_dict()
+    for pname, p in ours.named_parameters():
+        assert_close(p.grad, expected_grads[pname], f64, f"{name} gradient of {pname}")
 
 
 # --- timm CondConv2d (EfficientNet-CondConv) -------------------------------------------------
@@ -80,10 +93,13 @@ class TimmCondConv2d(nn.Module):
 def test_timm_condconv2d(geometry, device):
     k, s, p, d = geometry
     timm = _randomised(TimmCondConv2d(4, 6, k, s, p, d, groups=2, bias=True, num_experts=3)).to(device)
-    ours = peers.condconv2d_from_timm(timm, 4, 6, k, s, p, d, groups=2, bias=True, num_experts=3)
+    def convert(m):
+        return peers.condconv2d_from_timm(m, 4, 6, k, s, p, d, groups=2, bias=True, num_experts=3)
+
+    ours = convert(timm)
     routing = torch.rand(2, 3, dtype=f64, device=device)
     x = torch.randn(2, 4, 5, 6, dtype=f64, device=device)
-    _compare(lambda x: timm(x, routing), lambda x: ours(x, routing), x, f"timm {geometry}")
+    _compare(lambda x: timm(x, routing), lambda x: ours(x, routing), x, f"timm {geometry}", timm, ours, convert)
 
 
 def test_timm_dynamic_same_padding_at_stride_two_is_refused():
@@ -168,9 +184,12 @@ def test_osvai_odconv2d(case, device):
     training = case.pop("training")
     osvai = _randomised(OsvaiODConv2d(4, 6, **{k: v for k, v in case.items()})).to(device).train(training)
     osvai.attention.temperature = 2.0
-    ours = peers.odconv2d_from_osvai(osvai, 4, 6, case["k"], case["stride"], case["padding"], 1, case["groups"],
-                                     kernel_num=case["kernel_num"], temperature=2.0).train(training)
-    _compare(osvai, ours, torch.randn(2, 4, 5, 6, dtype=f64, device=device), f"ODConv {case}")
+    def convert(m):
+        return peers.odconv2d_from_osvai(m, 4, 6, case["k"], case["stride"], case["padding"], 1, case["groups"],
+                                         kernel_num=case["kernel_num"], temperature=2.0).train(training)
+
+    ours = convert(osvai)
+    _compare(osvai, ours, torch.randn(2, 4, 5, 6, dtype=f64, device=device), f"ODConv {case}", osvai, ours, convert)
 
 
 # --- the DynamicConv reference ---------------------------------------------------------------
@@ -210,9 +229,13 @@ class ReferenceDynamicConv2d(nn.Module):
 @pytest.mark.parametrize("cin", [3, 4], ids=["first-layer", "inner"])
 def test_dynamicconv_reference(cin, device):
     reference = _randomised(ReferenceDynamicConv2d(cin, 6, 3, padding=1, K=3, temperature=4.0)).to(device)
-    ours = peers.dynamicconv2d_from_reference(reference, cin, 6, 3, padding=1, K=3, temperature=4.0)
+    def convert(m):
+        return peers.dynamicconv2d_from_reference(m, cin, 6, 3, padding=1, K=3, temperature=4.0)
+
+    ours = convert(reference)
     assert ours.hidden_channels == (3 if cin == 3 else 2)
-    _compare(reference, ours, torch.randn(2, cin, 5, 5, dtype=f64, device=device), f"DynamicConv Cin={cin}")
+    _compare(reference, ours, torch.randn(2, cin, 5, 5, dtype=f64, device=device), f"DynamicConv Cin={cin}",
+             reference, ours, convert)
 
 
 # --- the official involution and RedNet ------------------------------------------------------
@@ -252,8 +275,12 @@ class OfficialInvolution(nn.Module):
 @pytest.mark.parametrize("stride,training", [(1, False), (2, True)])
 def test_official_involution(stride, training, device):
     official = _randomised(OfficialInvolution(16, 3, stride)).to(device).train(training)
-    ours = peers.involution2d_from_official(official, 16, 3, stride).train(training)
-    _compare(official, ours, torch.randn(2, 16, 4, 4, dtype=f64, device=device), f"involution s={stride}")
+    def convert(m):
+        return peers.involution2d_from_official(m, 16, 3, stride).train(training)
+
+    ours = convert(official)
+    _compare(official, ours, torch.randn(2, 16, 4, 4, dtype=f64, device=device), f"involution s={stride}",
+             official, ours, convert)
 
 
 def test_rednet_checkpoint_converts(device):
@@ -292,8 +319,12 @@ class DwnetDynamicDWConv(nn.Module):
 @pytest.mark.parametrize("k,stride,training", [(3, 1, False), (4, 1, True), (3, 2, False)])
 def test_dwnet_dynamic_dwconv(k, stride, training, device):
     dwnet = _randomised(DwnetDynamicDWConv(8, k, stride=stride, padding=k // 2, groups=8)).to(device).train(training)
-    ours = peers.dynamic_dwconv2d_from_dwnet(dwnet, 8, k, stride=stride, padding=k // 2, groups=8).train(training)
-    _compare(dwnet, ours, torch.randn(2, 8, 5, 6, dtype=f64, device=device), f"DWNet K={k} s={stride}")
+    def convert(m):
+        return peers.dynamic_dwconv2d_from_dwnet(m, 8, k, stride=stride, padding=k // 2, groups=8).train(training)
+
+    ours = convert(dwnet)
+    _compare(dwnet, ours, torch.randn(2, 8, 5, 6, dtype=f64, device=device), f"DWNet K={k} s={stride}", dwnet, ours,
+             convert)
 
 
 class DwnetIDynamicDWConv(nn.Module):
@@ -316,9 +347,12 @@ class DwnetIDynamicDWConv(nn.Module):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_dwnet_idynamic_dwconv_folds_the_conv1_bias(training, device):
     dwnet = _randomised(DwnetIDynamicDWConv(8, 3, group_channels=2)).to(device).train(training)
-    ours = peers.involution2d_from_dwnet(dwnet, 8, 3, group_channels=2).train(training)
+    def convert(m):
+        return peers.involution2d_from_dwnet(m, 8, 3, group_channels=2).train(training)
+
+    ours = convert(dwnet)
     assert ours.groups == 4
-    _compare(dwnet, ours, torch.randn(2, 8, 5, 5, dtype=f64, device=device), "IDynamicDWConv")
+    _compare(dwnet, ours, torch.randn(2, 8, 5, 5, dtype=f64, device=device), "IDynamicDWConv", dwnet, ours, convert)
     if training:  # the running statistics stay consistent: ours track the mean without the folded bias
         bias = dwnet.conv1[0].bias.detach()
         assert_close(ours.bn.running_mean, dwnet.conv1[1].running_mean - bias, f64, "running_mean")
@@ -359,10 +393,13 @@ def test_megvii_drconv_in_a_shufflenet_block(k, stride, padding, device):
     to the guide, so the guide is detached here to compare the gradient through the conv and routing."""
     masknet = _randomised(nn.Conv2d(4, 3, 1, bias=False)).to(device)
     megvii = _randomised(MegviiDRConv(4, 6, k, stride, padding, groups_num=3, num_W=2)).to(device)
-    ours = peers.drconv2d_from_megvii(megvii, 4, 6, k, stride, padding, groups_num=3, num_W=2)
+    def convert(m):
+        return peers.drconv2d_from_megvii(m, 4, 6, k, stride, padding, groups_num=3, num_W=2)
+
+    ours = convert(megvii)
 
     def theirs(x):
         return megvii(x, torch.argmax(F.softmax(masknet(x), dim=1), dim=1))
 
     _compare(theirs, lambda x: ours(x, masknet(x).detach()), torch.randn(2, 4, 6, 6, dtype=f64, device=device),
-             f"megvii DRConv k={k}")
+             f"megvii DRConv k={k}", megvii, ours, convert)
