@@ -223,8 +223,9 @@ def test_depthwise_modules_take_tuple_kernel_dilation_and_padding(device):
     assert Involution2d(4, 3, group_channels=2, reduction_ratio=2, dilation=2).padding == (2, 2)
 
 
-def test_involution2d_dilation_matches_the_unfused_formulation(device):
-    module = Involution2d(4, 3, group_channels=2, reduction_ratio=2, dilation=2, fused=False).to(device).eval()
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_involution2d_dilation_matches_the_unfold_formulation(fused, device):
+    module = Involution2d(4, 3, group_channels=2, reduction_ratio=2, dilation=2, fused=fused).to(device).eval()
     x = torch.randn(1, 4, 6, 6, device=device)
     w = module.kernel(x).detach().cpu().double()
     cols = F.unfold(x.cpu().double(), 3, dilation=2, padding=2).view(1, 2, 2, 9, 6, 6)
