@@ -1,0 +1,540 @@
+"""``dynconv inspect --bounds``: a static performance model, for sessions with no GPU.
+
+Every figure here is PREDICTED, never measured. For each kernel launch at the reference shapes it
+compiles the launch ahead of time (triton's own ptxas, sm_90 by default), reads the SASS, weights
+every instruction by the trip counts of the loops around it (the launcher declares them with the
+launch: ``Launch.loops``) and turns the executed instructions into a time bound per pipe on an
+H200 model (``MODEL``):
+
+* issue: every warp-instruction takes one of 4 issue slots per clock per SM;
+* int: the integer/logic ALU (adds, compares, selects, shifts, moves) at half the warp rate;
+* fma: fp32 arithmetic at the full rate (the CUDA-core FMA ceiling, ~67 TFLOP/s fp32), IMAD on
+  its heavy half at half rate (two slots each);
+* xu: conversions and special functions, 16 lanes per clock per SM;
+* l1: bytes through L1 (global and shared accesses, whole 32-byte sectors) at 128 B per clock per SM;
+* hbm: the kernel's own minimum bytes (each input read once, each output written once) at 4.3 TB/s;
+* mma: tensor-core instructions at their type's rate.
+
+The kernel's predicted time is at least the largest of these (latency, occupancy, tails and
+cache misses beyond the minimum are ignored, so a real kernel can only be slower), and the
+PREDICTED fraction of the roofline is ``roofline time / that bound``, where the roofline time is
+the larger of the HBM floor and the compute floor of the right ceiling (CUDA-core FMA for the
+family-1 kernels, tensor cores for ``tl.dot`` kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from . import sass
+from .roofline import DTYPE_BYTES, REFERENCE_SHAPES, Problem, minimum_bytes, minimum_flops, tensor_elements
+
+# The H200 model of issues 12 and 13 (clock and SM count of the H200 SXM at boost).
+MODEL = {
+    "gpu": "H200 model",
+    "sms": 132,
+    "clock_hz": 1.98e9,
+    "issue_per_clock": 4.0,  # warp-instructions per clock per SM (4 schedulers)
+    "int_per_clock": 2.0,  # half rate
+    "fma_per_clock": 4.0,  # 128 fp32 lanes
+    "xu_per_clock": 0.5,  # 16 lanes
+    "l1_bytes_per_clock": 128.0,
+    "hbm_bytes_per_s": 4.3e12,
+    # Dense tensor-core FLOP per clock per SM: wgmma (HGMMA) 16-bit, tf32; mma.sync (HMMA) taken at
+    # half the wgmma rate on Hopper (an assumption); fp64 DMMA.
+    "mma_flop_per_clock": {"gmma16": 4096.0, "gmmatf32": 2048.0, "hmma16": 2048.0, "hmmatf32": 1024.0,
+                           "dmma": 256.0, "imma": 8192.0},
+}
+ASSUMPTIONS = ("PREDICTED by a static model, not measured: H200 model (132 SMs at 1.98 GHz, 4 warp-instructions "
+               "issued per clock per SM, integer pipe at half rate, fp32 FMA 128 lanes, L1 128 B/clock/SM, "
+               "HBM 4.3 TB/s, HGMMA 4096 (tf32: 2048) FLOP/clock/SM, HMMA at half that); every instruction of a loop "
+               "body counted on every trip (trip counts declared by the launcher), masked lanes and branches "
+               "not taken included; latency, occupancy, tail waves and cache misses beyond the minimum bytes ignored, "
+               "so a real kernel can only be slower")
+FIELDS = ("case", "kernel", "dtype", "layout", "arch", "triton", "limiter", "bound_us", "predicted_fraction")
+PIPES = ("issue", "int", "fma", "xu", "l1", "hbm", "mma")
+
+
+def fma_tflops() -> float:
+    """The CUDA-core fp32 FMA ceiling of the model (2 FLOP per lane per clock)."""
+    return MODEL["sms"] * MODEL["fma_per_clock"] * 32 * 2 * MODEL["clock_hz"] / 1e12
+
+
+def mma_tflops(kind: str = "gmma16") -> float:
+    return MODEL["sms"] * MODEL["mma_flop_per_clock"][kind] * MODEL["clock_hz"] / 1e12
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases: one kernel launch at one reference shape, with its own minimum bytes and FLOPs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    case: str  # reference shape name (X1 and C256 are issue 13's extra shapes)
+    kernel: str  # fwd, dx, dw, guide, dz, dspan
+    dtype: str
+    layout: str
+    build: Callable  # () -> kernels._launch.Launch on meta tensors
+    min_bytes: int  # the kernel's own minimum: its inputs read once, its outputs written once
+    flops: int  # useful FLOPs (2 per multiply-add)
+    ceiling: str  # "fma" (CUDA cores) or "mma" (tensor cores)
+    compute_s: float  # the compute floor in seconds on that ceiling
+
+    @property
+    def name(self) -> str:
+        return f"{self.case} {self.kernel} {self.dtype} {self.layout}"
+
+
+# Issue 13's extra shapes: the 3x3 256-channel layer, and E1 at stride 2 for the strided dx.
+EXTRA_SHAPES = {
+    "C256": Problem("expert_conv2d", B=32, C=256, H=56, W=56, K=3, Cout=256, E=4, bias=True),
+    "X1": replace(REFERENCE_SHAPES["E1"], stride=2),
+    "R1s2": replace(REFERENCE_SHAPES["R1"], stride=2),
+}
+
+
+def _problem(name: str) -> Problem:
+    return EXTRA_SHAPES.get(name) or REFERENCE_SHAPES[name]
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def _empty(shape, dtype, channels_last=False):
+    import torch
+
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    return t.to(memory_format=torch.channels_last) if channels_last and len(shape) == 4 else t
+
+
+def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw")) -> list[Case]:
+    from .kernels import involution as inv
+
+    p = _problem(name)
+    Ho, Wo = p.out_hw
+    dt, cl, nb = _torch_dtype(dtype), layout == "NHWC", DTYPE_BYTES[dtype]
+    per_pixel = p.op == "involution"
+    geometry = ((p.stride, p.stride), (p.padding, p.padding), (p.dilation, p.dilation))
+    sizes = tensor_elements(p)
+    contraction = 2 * p.B * p.C * Ho * Wo * p.K * p.K
+    wshape = (p.B, p.G, p.K, p.K, Ho, Wo) if per_pixel else (p.B, p.G, p.K, p.K)
+
+    def tensors():
+        x = _empty((p.B, p.C, p.H, p.W), dt, cl)
+        y = _empty((p.B, p.C, Ho, Wo), dt, cl)
+        return x, y, _empty(wshape, dt)
+
+    def fwd():
+        x, y, w = tensors()
+        bias = _empty((p.B, p.C), dt) if p.bias else None
+        return inv.forward_launch(x, w, bias, y, *geometry)
+
+    def dx():
+        x, y, w = tensors()
+        return inv.backward_input_launch(y, w, x, *geometry)
+
+    def dw():
+        import torch
+
+        x, y, w = tensors()
+        if not per_pixel:
+            cfg = inv.weight_grad_config(x, p.G, p.K, (p.stride, p.stride), Ho, Wo, per_pixel=False)
+            w = _empty((p.B, p.G, p.K, p.K, inv.weight_grad_tiles(Ho, Wo, cfg)), torch.float32)
+        return inv.backward_weight_launch(y, x, w, *geometry, per_pixel)
+
+    bias = sizes.get("bias", 0)
+    table = {
+        "fwd": (fwd, (sizes["x"] + sizes["weight"] + bias + sizes["y"]) * nb, contraction + (bias and p.B * p.C * Ho * Wo)),
+        "dx": (dx, (sizes["y"] + sizes["weight"] + sizes["x"]) * nb, contraction),
+        "dw": (dw, (sizes["y"] + sizes["x"] + sizes["weight"]) * nb, contraction),
+    }
+    return [Case(name, k, dtype, layout, table[k][0], table[k][1], table[k][2], "fma", table[k][2] / (fma_tflops() * 1e12))
+            for k in kernels]
+
+
+def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw")) -> list[Case]:
+    import torch
+
+    from .kernels import expert_conv as ec
+
+    p = _problem(name)
+    Ho, Wo = p.out_hw
+    dt, cl, nb = _torch_dtype(dtype), layout == "NHWC", DTYPE_BYTES[dtype]
+    geometry = ((p.stride, p.stride), (p.padding, p.padding), (p.dilation, p.dilation))
+    sizes = tensor_elements(p)
+    N = Ho * Wo
+    conv = 2 * p.B * p.Cout * (p.C // p.groups) * p.K * p.K * N
+    guided = p.op == "drconv"
+    # tf32 follows torch's switch in the launcher (on by default for convs), bf16/fp16 run as themselves.
+    rate = mma_tflops("gmmatf32" if dtype == "fp32" else "gmma16") * 1e12
+
+    def tensors():
+        x = _empty((p.B, p.C, p.H, p.W), dt, cl)
+        y = _empty((p.B, p.Cout, Ho, Wo), dt, cl)
+        experts = _empty((p.E, p.Cout, p.C // p.groups, p.K, p.K), dt)
+        routing = _empty((p.B, p.m, p.E), dt)
+        return x, y, experts, routing
+
+    def regions(block_p):
+        i32 = torch.int32
+        return ec.RegionTables(_empty((p.B, N), i32), _empty((p.B, N), i32), _empty((p.B, p.m), i32),
+                               _empty((p.B, p.m), i32), _empty((p.B, p.m + 1), i32), block_p)
+
+    def source(experts, routing):
+        return ec.weight_source(experts, routing, ec.should_materialise(experts, routing, N))
+
+    def fwd():
+        x, y, experts, routing = tensors()
+        cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
+        bias = _empty((p.B, p.m, p.Cout), dt) if p.bias else None
+        tables = regions(cfg["BLOCK_P"]) if guided else None
+        return ec.forward_launch(x, source(experts, routing), None, bias, tables, y, (p.K, p.K), p.groups,
+                                 *geometry, cfg)
+
+    def dx():
+        x, y, experts, routing = tensors()
+        cfg = ec.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
+        region = _empty((p.B, N), torch.int32) if guided else None
+        return ec.backward_input_launch(y, source(experts, routing), None, region, x, (p.K, p.K), p.groups,
+                                        *geometry, p.m, cfg)
+
+    def dw():
+        x, y, experts, _ = tensors()
+        cfg = ec.weight_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
+        k_total = (p.C // p.groups) * p.K * p.K
+        splits = ec.weight_grad_splits(p.B, p.m, p.Cout, p.groups, k_total, N, cfg)
+        acc = torch.float32
+        dwt = _empty((splits, p.B, p.m, p.Cout, p.C // p.groups, p.K, p.K), acc)
+        dbias = _empty((splits, p.B, p.m, p.Cout), acc)
+        return ec.backward_weight_launch(y, x, regions(1) if guided else None, dwt, dbias, (p.K, p.K), p.groups,
+                                         *geometry, cfg)
+
+    def guide():
+        x, y, experts, routing = tensors()
+        cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
+        bias = _empty((p.B, p.m, p.Cout), dt) if p.bias else None
+        score = _empty((p.B, p.m, ec.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)
+        return ec.guide_score_launch(x, source(experts, routing), None, bias, y, score, (p.K, p.K), p.groups,
+                                     *geometry, cfg)
+
+    weights = sizes["experts"] + sizes["routing"]
+    extra = sizes.get("guide", 0)
+    bias = sizes.get("bias", 0)
+    table = {
+        "fwd": (fwd, minimum_bytes(p, "forward", dtype), minimum_flops(p, "forward")),
+        "dx": (dx, (sizes["y"] + weights + extra + sizes["x"]) * nb, conv),
+        # dy and x in, the gradients the op returns out (experts, routing, bias: its reductions).
+        "dw": (dw, (sizes["y"] + sizes["x"] + extra + weights + bias) * nb, conv),
+        # ∂S needs every region's output at every pixel (roofline.py's drconv backward term).
+        "guide": (guide, (sizes["x"] + weights + bias + sizes["y"] + 2 * extra) * nb,
+                  p.m * conv + 2 * p.B * p.m * p.Cout * N),
+    }
+    return [Case(name, k, dtype, layout, table[k][0], table[k][1], table[k][2], "mma", table[k][2] / rate)
+            for k in kernels]
+
+
+def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz", "dspan")) -> list[Case]:
+    import torch
+
+    from .kernels import involution_fused as fu
+
+    p = _problem(name)
+    Ho, Wo = p.out_hw
+    dt, cl, nb = _torch_dtype(dtype), layout == "NHWC", DTYPE_BYTES[dtype]
+    geometry = ((p.stride, p.stride), (p.padding, p.padding), (p.dilation, p.dilation))
+    sizes = tensor_elements(p)
+    N = Ho * Wo
+    T = p.K * p.K * p.G
+    aggregation = 2 * p.B * p.C * N * p.K * p.K
+    span = 2 * p.B * N * p.R * T
+    rate = mma_tflops("gmmatf32" if dtype == "fp32" else "gmma16") * 1e12
+
+    def tensors():
+        x = _empty((p.B, p.C, p.H, p.W), dt, cl)
+        y = _empty((p.B, p.C, Ho, Wo), dt, cl)
+        z = _empty((p.B, p.R, Ho, Wo), dt, cl)
+        return x, y, z, _empty((T, p.R), dt), _empty((T,), dt)
+
+    def fwd():
+        x, y, z, sw, sb = tensors()
+        return fu.forward_launch(x, z, sw, sb, y, p.K, *geometry)
+
+    def dx():
+        x, y, z, sw, sb = tensors()
+        return fu.backward_input_launch(y, z, sw, sb, x, p.K, *geometry)
+
+    def dz():
+        x, y, z, sw, _ = tensors()
+        return fu.backward_z_launch(y, x, sw, z, p.K, *geometry)
+
+    def dspan():
+        x, y, z, _, _ = tensors()
+        cfg = fu.span_grad_config(x, p.G, p.K, p.R, (p.stride, p.stride), Ho, Wo)
+        slabs, _ = fu.span_grad_slabs(p.B, Ho, Wo, p.K, p.G, p.R, cfg)
+        return fu.backward_span_launch(y, x, z, _empty((slabs, T, p.R), torch.float32),
+                                       _empty((slabs, T), torch.float32), p.K, *geometry)
+
+    weights = sizes["span_weight"] + sizes.get("span_bias", 0)
+    table = {
+        "fwd": (fwd, minimum_bytes(p, "forward", dtype)),
+        "dx": (dx, (sizes["y"] + sizes["z"] + weights + sizes["x"]) * nb),
+        "dz": (dz, (sizes["y"] + sizes["x"] + sizes["span_weight"] + sizes["z"]) * nb),
+        "dspan": (dspan, (sizes["y"] + sizes["x"] + sizes["z"] + weights) * nb),
+    }
+    # The aggregation runs on CUDA cores, the span product on tensor cores: separate pipes, so the
+    # compute floor is the slower of the two.
+    compute_s = max(aggregation / (fma_tflops() * 1e12), span / rate)
+    return [Case(name, k, dtype, layout, table[k][0], table[k][1], aggregation + span, "fma+mma", compute_s)
+            for k in kernels]
+
+
+def all_cases() -> list[Case]:
+    """Issue 12's family-1 rows and issue 13's expert-conv and fused rows, fp32 and bf16, both layouts."""
+    cases = []
+    for dtype in ("fp32", "bf16"):
+        for layout in ("NCHW", "NHWC"):
+            for name in ("R1", "R2", "R3", "R4"):
+                cases += _family1_cases(name, dtype, layout)
+            cases += _family1_cases("R1s2", dtype, layout, ("dx",))
+            for name in ("C256", "E1", "E2"):
+                cases += _expert_cases(name, dtype, layout)
+            cases += _expert_cases("X1", dtype, layout, ("dx",))
+            cases += _expert_cases("D1", dtype, layout, ("fwd", "dx", "dw", "guide"))
+            cases += _fused_cases("R1-layer", dtype, layout)
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: SASS counts -> per-pipe time bounds
+# ---------------------------------------------------------------------------------------------
+
+def _mma_kind(ins: sass.Instruction) -> str:
+    op = ins.opcode
+    if ins.base == "DMMA":
+        return "dmma"
+    if ins.base in ("IMMA", "IGMMA"):
+        return "imma"
+    precision = "tf32" if "TF32" in op else "16"
+    return ("gmma" if "GMMA" in ins.base else "hmma") + precision
+
+
+def _shared_bytes(ins: sass.Instruction) -> int:
+    """Bytes a warp moves in a shared-memory access (LDSM: four 8x8 16-bit matrices per .4)."""
+    if ins.base == "LDSM" or ins.base == "STSM":
+        last = ins.opcode.rsplit(".", 1)[-1]
+        return 128 * (int(last) if last in ("1", "2", "4") else 1)
+    return 32 * sass.access_bytes(ins)
+
+
+def count(dump: str, trips: tuple, programs: int, num_warps: int) -> dict:
+    """Executed warp-instructions per pipe, L1 bytes, bytes requested from global memory and
+    tensor-core time for a whole launch (``programs`` programs of ``num_warps`` warps)."""
+    instructions = sass.parse(dump)
+    if not instructions:
+        raise ValueError("no SASS instructions in the dump")
+    executed = sass.execution_counts(instructions, sass.loops(instructions), trips)
+    warps = programs * num_warps
+    pipes = dict.fromkeys(("issue", "int", "imad", "fma", "xu", "mem", "mma", "other"), 0.0)
+    l1_bytes = requested = 0.0
+    mma_seconds = 0.0
+    loads = []
+    for ins, n in zip(instructions, executed):
+        if not n:
+            continue
+        total = n * warps
+        pipes["issue"] += total
+        pipes[sass.pipe(ins)] += total
+        if sass.is_global_load(ins) or sass.is_global_store(ins):
+            width = sass.access_bytes(ins)
+            # Lanes contiguous along the vector: whole 32-byte sectors, at least one per instruction.
+            l1_bytes += total * max(32, 32 * width)
+            requested += total * 32 * width
+            if sass.is_global_load(ins):
+                loads.append(width)
+        elif ins.base in ("LDS", "STS", "LDSM", "STSM"):
+            l1_bytes += total * _shared_bytes(ins)
+        flops = sass.mma_flops(ins)
+        if flops:
+            kind = _mma_kind(ins)
+            mma_seconds += total * flops / (MODEL["sms"] * MODEL["mma_flop_per_clock"][kind] * MODEL["clock_hz"])
+    return {"warp_instructions": pipes, "l1_bytes": l1_bytes, "requested_bytes": requested,
+            "mma_seconds": mma_seconds, "load_widths": sorted(set(loads)), "instructions": len(instructions)}
+
+
+def time_bounds(counts: dict, min_bytes: int) -> dict[str, float]:
+    """Seconds each pipe needs at its model rate (module docstring)."""
+    sms_hz = MODEL["sms"] * MODEL["clock_hz"]
+    w = counts["warp_instructions"]
+    return {
+        "issue": w["issue"] / (sms_hz * MODEL["issue_per_clock"]),
+        "int": w["int"] / (sms_hz * MODEL["int_per_clock"]),
+        "fma": (w["fma"] + 2 * w["imad"]) / (sms_hz * MODEL["fma_per_clock"]),
+        "xu": w["xu"] / (sms_hz * MODEL["xu_per_clock"]),
+        "l1": counts["l1_bytes"] / (sms_hz * MODEL["l1_bytes_per_clock"]),
+        "hbm": min_bytes / MODEL["hbm_bytes_per_s"],
+        "mma": counts["mma_seconds"],
+    }
+
+
+def _triton_version() -> str:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def _sass(compiled) -> str:
+    from .kernels._launch import _cuobjdump
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([_cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def evaluate(case: Case, arch: int = 90) -> dict:
+    """One row of the model for one case (compiles its launch)."""
+    launch = case.build()
+    compiled = launch.compile(arch)
+    programs = 1
+    for extent in launch.grid:
+        programs *= extent
+    counts = count(_sass(compiled), launch.loops, programs, launch.num_warps)
+    bounds = time_bounds(counts, case.min_bytes)
+    limiter = max(bounds, key=bounds.get)
+    bound = bounds[limiter]
+    roofline = max(bounds["hbm"], case.compute_s)
+    w = counts["warp_instructions"]
+    return {
+        "case": case.case, "kernel": case.kernel, "dtype": case.dtype, "layout": case.layout, "arch": f"sm_{arch}",
+        "triton": _triton_version(), "limiter": limiter, "bound_us": round(bound * 1e6, 2),
+        "predicted_fraction": round(roofline / bound, 4),
+        "predicted_fraction_of_hbm": round(bounds["hbm"] / bound, 4),
+        "roofline_us": round(roofline * 1e6, 2),
+        "roofline_limiter": "hbm" if bounds["hbm"] >= case.compute_s else case.ceiling,
+        "pipe_us": {k: round(v * 1e6, 2) for k, v in bounds.items()},
+        "kernel_name": launch.name, "grid": list(launch.grid), "num_warps": launch.num_warps,
+        "num_stages": launch.num_stages, "loops": launch.loops,
+        "meta": {k: str(v) for k, v in launch.meta.items()},
+        "warp_instructions": {k: round(v) for k, v in w.items()},
+        "instructions_per_fma": round(w["issue"] * 32 / (case.flops / 2), 2),
+        "min_bytes": case.min_bytes, "requested_bytes": round(counts["requested_bytes"]),
+        "requested_over_min": round(counts["requested_bytes"] / case.min_bytes, 2),
+        "l1_bytes": round(counts["l1_bytes"]), "load_widths": counts["load_widths"],
+        "flops": case.flops, "ceiling": case.ceiling,
+        "status": "PREDICTED",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+def table_name(triton_version: str) -> str:
+    return f"bounds-triton{triton_version}"
+
+
+def markdown(rows: list[dict]) -> str:
+    head = rows[0] if rows else {}
+    lines = [f"# PREDICTED roofline fractions (static model), triton {head.get('triton', '?')}, {head.get('arch', '?')}",
+             "", f"Computed by `dynconv inspect --bounds`. {ASSUMPTIONS}.", "",
+             "Columns: `bound` is the largest per-pipe time (µs, PREDICTED lower bound on the kernel's time); "
+             "`fraction` the roofline time over it; `roof` what the roofline is (hbm or the compute ceiling); "
+             "`instr/FMA` executed thread-instructions per useful multiply-add; `req/min` bytes the loads and "
+             "stores request over the kernel's minimum bytes.", "",
+             "| case | kernel | dtype | layout | limiter | bound µs | roofline µs | roof | fraction | issue | int | fma | l1 | hbm | mma | instr/FMA | req/min | load bytes |",
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | ERROR: {r['error'][:80]} |" + " |" * 14)
+            continue
+        p = r["pipe_us"]
+        lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | {r['limiter']} | {r['bound_us']:.1f} | "
+                     f"{r['roofline_us']:.1f} | {r['roofline_limiter']} | {100 * r['predicted_fraction']:.1f}% | "
+                     + " | ".join(f"{p[k]:.1f}" for k in ("issue", "int", "fma", "l1", "hbm", "mma"))
+                     + f" | {r['instructions_per_fma']:.1f} | {r['requested_over_min']:.2f} | "
+                     f"{','.join(str(b) for b in r['load_widths'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: list[dict], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = table_name(rows[0]["triton"] if rows else _triton_version())
+    doc = {"status": "PREDICTED", "assumptions": ASSUMPTIONS, "model": MODEL, "rows": rows}
+    paths = [folder / f"{name}.json", folder / f"{name}.md"]
+    paths[0].write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    paths[1].write_text(markdown(rows))
+    return paths
+
+
+def load_tables(folder: Path) -> dict[str, list[dict]]:
+    """The committed tables under ``folder``, by triton version (no compiling)."""
+    tables = {}
+    for path in sorted(Path(folder).glob("bounds-triton*.json")):
+        doc = json.loads(path.read_text())
+        version = path.stem.removeprefix("bounds-triton")
+        tables[version] = [r for r in doc["rows"] if "error" not in r]
+    return tables
+
+
+def _progress(done: int, total: int, case: Case, seconds: float, stream=sys.stderr) -> None:
+    if stream.isatty():
+        stream.write(f"\r[{done}/{total}] {case.name:<32} {seconds:5.1f} s")
+        if done == total:
+            stream.write("\n")
+    else:
+        stream.write(f"[{done}/{total}] {case.name} {seconds:.1f} s\n")
+    stream.flush()
+
+
+def run(arch: int = 90, case_filter: str = "", kernel_filter: str = "", progress=True) -> list[dict]:
+    cases = [c for c in all_cases() if case_filter in c.name and kernel_filter in c.kernel]
+    rows = []
+    for index, case in enumerate(cases, 1):
+        start = time.perf_counter()
+        try:
+            rows.append(evaluate(case, arch))
+        except Exception as exc:  # noqa: BLE001 - a case the model cannot read is a finding, not a crash
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+            rows.append({"case": case.case, "kernel": case.kernel, "dtype": case.dtype, "layout": case.layout,
+                         "arch": f"sm_{arch}", "triton": _triton_version(), "error": message})
+        if progress:
+            _progress(index, len(cases), case, time.perf_counter() - start)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dynconv inspect --bounds", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    parser.add_argument("--case", default="", help="only cases whose 'shape kernel dtype layout' contains this")
+    parser.add_argument("--kernel", default="", help="only these kernels (fwd, dx, dw, guide, dz, dspan)")
+    parser.add_argument("--write", type=Path, default=None, help="also write bounds-triton<version>.json/.md here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+
+    from .kernels._launch import kernels_are_interpreted
+
+    if kernels_are_interpreted():
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this command compiles")
+    rows = run(args.arch, args.case, args.kernel, progress=not args.quiet)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+    else:
+        print(markdown(rows))
+    if args.write:
+        for path in write_tables(rows, args.write):
+            print(f"wrote {path}", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0
