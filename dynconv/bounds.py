@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from . import sass
+from . import ptx_sim, sass
 from .roofline import DTYPE_BYTES, REFERENCE_SHAPES, Problem, minimum_bytes, minimum_flops, tensor_elements
 
 # The H200 model of issues 12 and 13 (clock and SM count of the H200 SXM at boost).
@@ -338,16 +338,22 @@ def _shared_bytes(ins: sass.Instruction) -> int:
     return 32 * sass.access_bytes(ins)
 
 
-def count(dump: str, trips: tuple, programs: int, num_warps: int) -> dict:
+def count(dump: str, trips: tuple, programs: int, num_warps: int, warp_accesses: ptx_sim.Result | None = None) -> dict:
     """Executed warp-instructions per pipe, L1 bytes, bytes requested from global memory and
-    tensor-core time for a whole launch (``programs`` programs of ``num_warps`` warps)."""
+    tensor-core time for a whole launch (``programs`` programs of ``num_warps`` warps).
+
+    Global accesses are counted from the SASS as if every lane were active and the lanes of an
+    instruction contiguous (whole sectors, at least one); ``warp_accesses``, the simulated
+    addresses of one warp (``ptx_sim``), then scales that to the sectors really touched and the
+    bytes the active lanes really ask for.
+    """
     instructions = sass.parse(dump)
     if not instructions:
         raise ValueError("no SASS instructions in the dump")
     executed = sass.execution_counts(instructions, sass.loops(instructions), trips)
     warps = programs * num_warps
     pipes = dict.fromkeys(("issue", "int", "imad", "fma", "xu", "mem", "mma", "other"), 0.0)
-    l1_bytes = requested = 0.0
+    global_ideal = shared = 0.0
     mma_seconds = 0.0
     loads = []
     for ins, n in zip(instructions, executed):
@@ -358,19 +364,55 @@ def count(dump: str, trips: tuple, programs: int, num_warps: int) -> dict:
         pipes[sass.pipe(ins)] += total
         if sass.is_global_load(ins) or sass.is_global_store(ins):
             width = sass.access_bytes(ins)
-            # Lanes contiguous along the vector: whole 32-byte sectors, at least one per instruction.
-            l1_bytes += total * max(32, 32 * width)
-            requested += total * 32 * width
+            global_ideal += total * max(32, 32 * width)
             if sass.is_global_load(ins):
                 loads.append(width)
         elif ins.base in ("LDS", "STS", "LDSM", "STSM"):
-            l1_bytes += total * _shared_bytes(ins)
+            shared += total * _shared_bytes(ins)
         flops = sass.mma_flops(ins)
         if flops:
             kind = _mma_kind(ins)
             mma_seconds += total * flops / (MODEL["sms"] * MODEL["mma_flop_per_clock"][kind] * MODEL["clock_hz"])
-    return {"warp_instructions": pipes, "l1_bytes": l1_bytes, "requested_bytes": requested,
+    sector_ratio = useful_ratio = 1.0
+    if warp_accesses is not None:
+        useful, sectors, ideal = warp_accesses.totals()
+        if ideal:
+            sector_ratio, useful_ratio = sectors / ideal, useful / ideal
+    return {"warp_instructions": pipes, "l1_bytes": shared + global_ideal * sector_ratio,
+            "requested_bytes": global_ideal * useful_ratio, "sector_efficiency": useful_ratio / sector_ratio,
             "mma_seconds": mma_seconds, "load_widths": sorted(set(loads)), "instructions": len(instructions)}
+
+
+def main_accesses(result: ptx_sim.Result, top: int = 4) -> list[dict]:
+    """The simulated warp's global accesses that move the most sector bytes."""
+    ranked = sorted(result.accesses.values(), key=lambda a: -a.sector_bytes)[:top]
+    return [{"ptx": re.sub(r"\s+", " ", a.text)[:80], "bytes_per_lane": a.width, "store": a.store,
+             "sector_efficiency": round(a.efficiency, 3), "instances": a.instances} for a in ranked]
+
+
+def _ptx_arguments(launch) -> list[int]:
+    """The PTX parameters' values in order: pointers as distinct base addresses, scalars as given."""
+    source = launch.source()
+    values = {**launch.args, **launch.meta}
+    out, pointers = [], 0
+    for name, kind in source.signature.items():
+        if kind == "constexpr":
+            continue
+        if kind.startswith("*"):
+            pointers += 1
+            out.append(pointers * ptx_sim.POINTER_SPACING)
+        elif kind.startswith("fp"):
+            out.append(0)
+        else:
+            out.append(int(values[name]))
+    return out
+
+
+def simulate_warp(launch, compiled) -> ptx_sim.Result:
+    """Warp 0 of the program in the middle of the grid (interior tiles: no image border)."""
+    grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+    program = tuple(g // 2 for g in grid)
+    return ptx_sim.simulate(compiled.asm["ptx"], _ptx_arguments(launch), program, grid, launch.num_warps)
 
 
 def time_bounds(counts: dict, min_bytes: int) -> dict[str, float]:
@@ -410,7 +452,8 @@ def evaluate(case: Case, arch: int = 90) -> dict:
     programs = 1
     for extent in launch.grid:
         programs *= extent
-    counts = count(_sass(compiled), launch.loops, programs, launch.num_warps)
+    warp = simulate_warp(launch, compiled)
+    counts = count(_sass(compiled), launch.loops, programs, launch.num_warps, warp)
     bounds = time_bounds(counts, case.min_bytes)
     limiter = max(bounds, key=bounds.get)
     bound = bounds[limiter]
@@ -432,6 +475,8 @@ def evaluate(case: Case, arch: int = 90) -> dict:
         "min_bytes": case.min_bytes, "requested_bytes": round(counts["requested_bytes"]),
         "requested_over_min": round(counts["requested_bytes"] / case.min_bytes, 2),
         "l1_bytes": round(counts["l1_bytes"]), "load_widths": counts["load_widths"],
+        "sector_efficiency": round(counts["sector_efficiency"], 3), "main_accesses": main_accesses(warp),
+        "simulated_steps": warp.steps, "simulation_complete": warp.complete,
         "flops": case.flops, "ceiling": case.ceiling,
         "status": "PREDICTED",
     }

@@ -747,7 +747,7 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
                 INPUT_PRECISION=_input_precision(dy.dtype))
     _check_grid(groups * n_tiles)
     k_steps = cdiv((Cout // groups) * kh * kw, meta["BLOCK_K"])
-    per_weight = ((source.num_mix,),) if source.mix else ()
+    per_weight = (source.num_mix,) if source.mix else ()
     # With regions, every region's body is counted on every K-step (present or not): an upper bound.
     per_step = ((num_regions, per_weight) if per_weight else num_regions,) if region is not None else per_weight
     loops = ((k_steps, per_step) if per_step else k_steps,)
