@@ -49,14 +49,16 @@ MODEL = {
     "xu_per_clock": 0.5,  # 16 lanes
     "l1_bytes_per_clock": 128.0,
     "hbm_bytes_per_s": 4.3e12,
-    # Dense tensor-core FLOP per clock per SM: wgmma (HGMMA) 16-bit, tf32; mma.sync (HMMA) taken at
-    # half the wgmma rate on Hopper (an assumption); fp64 DMMA.
-    "mma_flop_per_clock": {"gmma16": 4096.0, "gmmatf32": 2048.0, "hmma16": 2048.0, "hmmatf32": 1024.0,
-                           "dmma": 256.0, "imma": 8192.0},
+    # Tensor-core FLOP per clock per SM. 16-bit wgmma (HGMMA): 3023, i.e. the ~790 TFLOP/s bf16 matrix
+    # product other sessions of this workplace measured on H200 (device tool's KINDS.md; the dense
+    # datasheet figure, 4096, is not reached in practice); tf32 at half of it; mma.sync (HMMA) taken
+    # at half the wgmma rate on Hopper (an assumption); fp64 DMMA.
+    "mma_flop_per_clock": {"gmma16": 3023.0, "gmmatf32": 1511.5, "hmma16": 1511.5, "hmmatf32": 755.75,
+                           "dmma": 256.0, "imma": 6046.0},
 }
 ASSUMPTIONS = ("PREDICTED by a static model, not measured: H200 model (132 SMs at 1.98 GHz, 4 warp-instructions "
                "issued per clock per SM, integer pipe at half rate, fp32 FMA 128 lanes, L1 128 B/clock/SM, "
-               "HBM 4.3 TB/s, HGMMA 4096 (tf32: 2048) FLOP/clock/SM, HMMA at half that); every instruction of a loop "
+               "HBM 4.3 TB/s, HGMMA 3023 FLOP/clock/SM = 790 TFLOP/s bf16 (tf32: half), HMMA at half the HGMMA rate); every instruction of a loop "
                "body counted on every trip (trip counts declared by the launcher), masked lanes and branches "
                "not taken included; latency, occupancy, tail waves and cache misses beyond the minimum bytes ignored, "
                "so a real kernel can only be slower")
