@@ -179,24 +179,53 @@ def declared_shape(trips: tuple) -> tuple:
     return tuple(declared_shape(item[1]) if isinstance(item, tuple) else () for item in trips)
 
 
+def _work(instructions: list[Instruction], loop: Loop) -> int:
+    """Memory and arithmetic instructions in a loop: what unrolling copies."""
+    return sum(1 for ins in instructions if loop.contains(ins.addr) and pipe(ins) in ("mem", "fma", "mma"))
+
+
+def _match(instructions: list[Instruction], level: list[Loop], declared: tuple, outer: float,
+           spans: list[tuple[int, int, float]]) -> bool:
+    """Pair SASS loops with declared trip counts, outermost first, recording each loop's count.
+
+    A declared loop without inner loops may appear as two: ptxas unrolled it U times and left a
+    remainder loop. U is the ratio of their bodies' work; the main loop then runs trips // U
+    times and the remainder trips % U (its peeled copies outside any loop count once).
+    """
+    sass_index = 0
+    for position, item in enumerate(declared):
+        count, children = (item, ()) if not isinstance(item, tuple) else item
+        if sass_index >= len(level):
+            return False
+        loop = level[sass_index]
+        spare = (len(level) - sass_index) - (len(declared) - position)
+        following = level[sass_index + 1] if sass_index + 1 < len(level) else None
+        if (not children and spare > 0 and not loop.children and following is not None and not following.children
+                and _work(instructions, following)):
+            unroll = max(1, round(_work(instructions, loop) / _work(instructions, following)))
+            spans.append((loop.start, loop.end, outer * (count // unroll)))
+            spans.append((following.start, following.end, outer * (count % unroll)))
+            sass_index += 2
+            continue
+        if len(loop.children) and not children or children and not _match(instructions, loop.children, children,
+                                                                          outer * count, spans):
+            return False
+        spans.append((loop.start, loop.end, outer * count))
+        sass_index += 1
+    return sass_index == len(level)
+
+
 def execution_counts(instructions: list[Instruction], forest: list[Loop], trips: tuple) -> list[float]:
     """How many times each instruction runs per warp: the product of its enclosing loops' trips.
 
-    ``trips`` mirrors ``forest``: an int per loop without children, ``(trips, children)`` otherwise.
+    ``trips`` mirrors ``forest``: an int per loop without children, ``(trips, children)`` otherwise
+    (a loop ptxas unrolled into a main and a remainder loop is recognised, see ``_match``).
     Everything outside loops runs once; the trailing padding after the last EXIT never runs.
     """
-    if loop_shape(forest) != declared_shape(trips):
+    spans: list[tuple[int, int, float]] = []
+    if not _match(instructions, forest, trips, 1.0, spans):
         raise ValueError(f"the SASS has loops shaped {loop_shape(forest)}, the launch declares {declared_shape(trips)}"
                          f" ({trips}): update the launch's loops")
-    spans: list[tuple[int, int, float]] = []
-
-    def walk(level: list[Loop], declared: tuple, outer: float):
-        for loop, item in zip(level, declared):
-            count, children = (item, ()) if not isinstance(item, tuple) else item
-            spans.append((loop.start, loop.end, outer * count))
-            walk(loop.children, children, outer * count)
-
-    walk(forest, trips, 1.0)
     last_exit = max((ins.addr for ins in instructions if ins.base == "EXIT"), default=None)
     counts = []
     for ins in instructions:
