@@ -525,7 +525,8 @@ def draw_predicted(reports: Path) -> list[Path]:
     written = []
     for version, rows in predicted_tables(reports).items():
         if rows:
-            written += _draw_predicted_roofline(rows, reports / "static" / f"roofline_predicted_triton{version}")
+            # The suffix is spelled out: the version's dot would read as one.
+            written += _draw_predicted_roofline(rows, reports / "static" / f"roofline_predicted_triton{version}.png")
     return written
 
 

@@ -225,3 +225,20 @@ def test_calibration_reproduces_the_audit():
         if not 0.8 * audited <= predicted <= 1.2 * audited:
             misses.append(f"{case} {kernel} {dtype} {layout}: model {predicted:.3f}, audit {audited}")
     assert not misses, "\n".join(misses)
+
+
+def test_plot_draws_the_predicted_roofline_apart_from_measurements(tmp_path):
+    from dynconv import plot
+
+    rows = [dict(case="R1", kernel=k, dtype="bf16", layout="NHWC", arch="sm_90", triton="3.6", limiter="issue",
+                 bound_us=300.0, predicted_fraction=0.2, flops=2.5e9, min_bytes=2.6e8) for k in ("fwd", "dx")]
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "bounds-triton3.6.json").write_text(json.dumps({"status": "PREDICTED", "rows": rows}))
+    drawn = plot.draw_predicted(tmp_path)
+    assert {p.name for p in drawn} == {"roofline_predicted_triton3.6.png", "roofline_predicted_triton3.6.svg"}
+    assert plot.draw_all(tmp_path, log=lambda *_: None) == []  # nothing measured: nothing drawn as measured
+    readme = (tmp_path / "README.md").read_text()
+    measured, predicted = readme.split("## PREDICTED (static model, not measured)")
+    assert "No measurements yet" in measured and "![" not in measured.split("## Measurements")[1]
+    assert "static/roofline_predicted_triton3.6.png" in predicted
+    assert "R1        fwd" in plot.predicted_summary(tmp_path)
