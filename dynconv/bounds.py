@@ -287,18 +287,22 @@ def markdown(rows: list[dict]) -> str:
              "Columns: `bound` is the largest per-pipe time (µs, PREDICTED lower bound on the kernel's time); "
              "`fraction` the roofline time over it; `roof` what the roofline is (hbm or the compute ceiling); "
              "`instr/FMA` executed thread-instructions per useful multiply-add; `req/min` bytes the loads and "
-             "stores request over the kernel's minimum bytes.", "",
-             "| case | kernel | dtype | layout | limiter | bound µs | roofline µs | roof | fraction | issue | int | fma | l1 | hbm | mma | instr/FMA | req/min | load bytes |",
-             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "stores request over the kernel's minimum bytes; `sectors` the share of each 32-byte sector the "
+             "global accesses use (simulated warp; `*`: assumed, the simulation could not follow the loop).", "",
+             "Shapes: `REFERENCE_SHAPES` of dynconv/roofline.py, and C256 (3x3, 256->256, 56x56, B32, E4), "
+             "X1 (E1 at stride 2), R1s2 (R1 at stride 2) from dynconv/bounds_cases.py.", "",
+             "| case | kernel | dtype | layout | limiter | bound µs | roofline µs | roof | fraction | issue | int | fma | l1 | hbm | mma | instr/FMA | req/min | sectors | load bytes |",
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | ERROR: {r['error'][:80]} |" + " |" * 14)
+            lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | ERROR: {r['error'][:80]} |" + " |" * 15)
             continue
         p = r["pipe_us"]
         lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | {r['limiter']} | {r['bound_us']:.1f} | "
                      f"{r['roofline_us']:.1f} | {r['roofline_limiter']} | {100 * r['predicted_fraction']:.1f}% | "
                      + " | ".join(f"{p[k]:.1f}" for k in ("issue", "int", "fma", "l1", "hbm", "mma"))
                      + f" | {r['instructions_per_fma']:.1f} | {r['requested_over_min']:.2f} | "
+                     f"{100 * r['sector_efficiency']:.0f}%{'*' if r['sector_source'].startswith('assumed') else ''} | "
                      f"{','.join(str(b) for b in r['load_widths'])} |")
     return "\n".join(lines) + "\n"
 
@@ -351,7 +355,7 @@ def run(arch: int = 90, case_filter: str = "", kernel_filter: str = "", progress
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dynconv inspect --bounds", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90, Hopper)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     parser.add_argument("--case", default="", help="only cases whose 'shape kernel dtype layout' contains this")
     parser.add_argument("--kernel", default="", help="only these kernels (fwd, dx, dw, guide, dz, dspan)")
