@@ -338,7 +338,8 @@ def _progress(done: int, total: int, case: Case, seconds: float, stream=sys.stde
 
 
 def run(arch: int = 90, case_filter: str = "", kernel_filter: str = "", progress=True) -> list[dict]:
-    cases = [c for c in all_cases() if case_filter in c.name and kernel_filter in c.kernel]
+    kernels = set(kernel_filter.split(",")) if kernel_filter else None
+    cases = [c for c in all_cases() if case_filter in c.name and (kernels is None or c.kernel in kernels)]
     rows = []
     for index, case in enumerate(cases, 1):
         start = time.perf_counter()
@@ -358,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90, Hopper)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     parser.add_argument("--case", default="", help="only cases whose 'shape kernel dtype layout' contains this")
-    parser.add_argument("--kernel", default="", help="only these kernels (fwd, dx, dw, guide, dz, dspan)")
+    parser.add_argument("--kernel", default="", help="only these kernels, comma-separated (fwd, dx, dw, guide, dz, dspan)")
     parser.add_argument("--write", type=Path, default=None, help="also write bounds-triton<version>.json/.md here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
