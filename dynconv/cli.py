@@ -10,7 +10,7 @@ import sys
 
 SUBCOMMANDS = {
     "run": ("dynconv.demo", "the main job: benchmark + plots on a GPU, interpreter demo + plots without"),
-    "inspect": ("dynconv.inspect", "registers, spills, shared memory and load widths per kernel (AOT compile)"),
+    "inspect": ("dynconv.inspect", "registers, spills, load widths per kernel (AOT); --bounds: predicted roofline fractions"),
     "autotune": ("dynconv.autotune", "sweep kernel configurations on this GPU and write the JSON"),
     "bench": ("dynconv.bench", "measure every op and provider on this GPU, write perf_reports/"),
     "plot": ("dynconv.plot", "draw throughput and roofline plots from perf_reports/ csv files"),

@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--bounds" in argv:
+        from . import bounds
+
+        return bounds.main([a for a in argv if a != "--bounds"])
     parser = argparse.ArgumentParser(prog="dynconv inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper) or 80 (Ampere)")
     parser.add_argument("--module", default="", help="only this kernel module, e.g. involution")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
     parser.add_argument("--label", default="", help="only launches whose label contains this")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    parser.add_argument("--bounds", action="store_true",
+                        help="the static performance model instead (PREDICTED roofline fractions; --bounds --help)")
     args = parser.parse_args(argv)
 
     from dynconv.kernels import catalogue

@@ -11,6 +11,9 @@ For every GPU folder (``<reports>/<gpu>/results.csv``, or only ``--gpu``) it dra
 * ``speedup_<dtype>_<layout>``: speedup over the unfold baseline (family 1) or the
   batch-as-groups conv (family 2, which has no unfold form) at the reference shapes, one panel
   per pass.
+* ``static/roofline_predicted_triton<version>``: the static model's PREDICTED roofline from the
+  tables ``dynconv inspect --bounds`` committed under ``<reports>/static`` (no GPU, no compiling
+  here); never mixed with a measured point.
 * ``roofline``: dynconv's achieved TFLOP/s (each op's headline provider) against arithmetic
   intensity at the reference shapes, one panel per layout and dtype, under the measured
   bandwidth and compute roofs; each point labelled with its fraction of the roof.
@@ -502,6 +505,115 @@ call. Rows from before the column are nchw.
 Reference shapes (the csv's `shape` column; `R1@H112` is R1 at H = W = 112):"""
 
 
+# ---------------------------------------------------------------------------------------------
+# PREDICTED roofline: the static model's committed tables (perf_reports/static/), never measured
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_MARKER = {"fwd": "o", "dx": "s", "dw": "D", "guide": "P", "dz": "v", "dspan": "^"}
+
+
+def predicted_tables(reports: Path) -> dict[str, list[dict]]:
+    """``dynconv inspect --bounds`` tables committed under ``<reports>/static``, by triton version."""
+    from dynconv.bounds import load_tables
+
+    return load_tables(reports / "static")
+
+
+def draw_predicted(reports: Path) -> list[Path]:
+    """One figure per committed table: ``static/roofline_predicted_triton<version>``, every point
+    the model's PREDICTED upper bound (minimum FLOPs over the predicted time), on the model's roofs."""
+    written = []
+    for version, rows in predicted_tables(reports).items():
+        if rows:
+            # The suffix is spelled out: the version's dot would read as one.
+            written += _draw_predicted_roofline(rows, reports / "static" / f"roofline_predicted_triton{version}.png")
+    return written
+
+
+def _draw_predicted_roofline(rows: list[dict], path: Path) -> list[Path]:
+    from dynconv.bounds import MODEL, fma_tflops, mma_tflops
+
+    plt = _pyplot()
+    hbm = MODEL["hbm_bytes_per_s"] / 1e9  # GB/s
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
+    layouts = [lay for lay in ("NCHW", "NHWC") if any(r["layout"] == lay for r in rows)]
+    fig, axes = plt.subplots(len(layouts), len(dtypes), figsize=(6.4 * len(dtypes), 5.6 * len(layouts)), squeeze=False)
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    intensities = [r["flops"] / r["min_bytes"] for r in rows]
+    lo, hi = min(intensities) / 4, max(intensities) * 30
+    pending = []
+    for i, layout in enumerate(layouts):
+        for j, dtype in enumerate(dtypes):
+            ax = axes[i][j]
+            cell = [r for r in rows if r["dtype"] == dtype and r["layout"] == layout]
+            roofs = {"CUDA-core FMA": fma_tflops(), f"tensor core ({'tf32' if dtype == 'fp32' else dtype})":
+                     mma_tflops("gmmatf32" if dtype == "fp32" else "gmma16")}
+            xs = [lo * (hi / lo) ** (k / 60) for k in range(61)]
+            samples = []
+            for (name, peak), style in zip(roofs.items(), ("-", "--")):
+                ys = [roof_tflops(x, hbm, peak) for x in xs]
+                ax.plot(xs, ys, color="k", linestyle=style, linewidth=1.2, label=f"{name} {peak:,.0f} TFLOP/s")
+                samples += list(zip(xs, ys))
+            labelled = []
+            for r in cell:
+                x = r["flops"] / r["min_bytes"]
+                y = r["flops"] / (r["bound_us"] * 1e-6) / 1e12
+                colour = f"C{cases.index(r['case']) % 10}"
+                ax.plot([x], [y], marker=KERNEL_MARKER.get(r["kernel"], "x"), color=colour, linestyle="none")
+                labelled.append(((x, y), f"{r['case']} {r['kernel']} {100 * r['predicted_fraction']:.0f}%", colour))
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(lo, hi)
+            ys = [y for (_, y), _, _ in labelled] or [1.0]
+            ax.set_ylim(min(ys) / 3, max(roofs.values()) * 4)
+            ax.set_xlabel("arithmetic intensity (FLOP/byte, each kernel's own minimum)")
+            ax.set_ylabel("PREDICTED TFLOP/s (minimum FLOPs / predicted time)")
+            ax.set_title(f"PREDICTED · {dtype} · {LAYOUT_TITLE[layout.lower()]}", fontsize=9)
+            ax.legend(loc="upper left", fontsize=7, frameon=False)
+            pending.append((ax, labelled, samples))
+    version, arch = rows[0]["triton"], rows[0]["arch"]
+    fig.suptitle(f"PREDICTED by the static model (dynconv inspect --bounds; triton {version}, {arch}; H200 model, "
+                 f"HBM {hbm:,.0f} GB/s): upper bounds, not measurements. Label: shape, kernel, % of the roofline",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    for ax, labelled, samples in pending:
+        place_labels(ax, labelled, fontsize=6, obstacles=samples)
+    return _save(fig, path)
+
+
+def predicted_summary(reports: Path) -> str:
+    """A terminal table of the committed predictions (the lowest fraction over layouts per row)."""
+    lines = []
+    for version, rows in predicted_tables(reports).items():
+        lines.append(f"PREDICTED fraction of the roofline (static model, not measured), triton {version}:")
+        lines.append(f"  {'case':<9} {'kernel':<6} {'fp32 NCHW':>10} {'fp32 NHWC':>10} {'bf16 NCHW':>10} {'bf16 NHWC':>10}")
+        keys = list(dict.fromkeys((r["case"], r["kernel"]) for r in rows))
+        for case, kernel in keys:
+            cells = []
+            for dtype in ("fp32", "bf16"):
+                for layout in ("NCHW", "NHWC"):
+                    hit = [r for r in rows if (r["case"], r["kernel"], r["dtype"], r["layout"]) == (case, kernel, dtype, layout)]
+                    cells.append(f"{100 * hit[0]['predicted_fraction']:.0f}%" if hit else "-")
+            lines.append(f"  {case:<9} {kernel:<6} " + " ".join(f"{c:>10}" for c in cells))
+    return "\n".join(lines)
+
+
+def _predicted_section(reports: Path) -> str:
+    tables = predicted_tables(reports)
+    if not tables:
+        return ""
+    out = ["## PREDICTED (static model, not measured)", "",
+           "Upper bounds from the compiled code (`dynconv inspect --bounds`, see `static/`); they are no "
+           "measurement and are never mixed with one.", ""]
+    for version in tables:
+        stem = f"roofline_predicted_triton{version}"
+        if (reports / "static" / f"{stem}.png").exists():
+            out.append(f"![{stem}](static/{stem}.png)")
+        out.append(f"Table: [static/bounds-triton{version}.md](static/bounds-triton{version}.md)")
+        out.append("")
+    return "\n".join(out)
+
+
 def _intro() -> str:
     shapes = "\n".join(f"- `{name}` {p.op}: {_shape_caption(name)}, {p.H}×{p.W}" for name, p in REFERENCE_SHAPES.items())
     sweeps = ", ".join(f"{b} at H = W ∈ {{{', '.join(map(str, s))}}}" for b, s in SWEEPS.items())
@@ -620,6 +732,9 @@ def render_readme(reports: Path, datasets: list[GpuData]) -> str:
                      "after a GPU session runs `dynconv bench` and commits `perf_reports/<gpu>/`.\n")
     for data in datasets:
         parts.append(_gpu_section(data, reports))
+    predicted = _predicted_section(reports)
+    if predicted:
+        parts.append(predicted)
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -657,7 +772,11 @@ def main(argv=None) -> int:
     if args.gpu and not (reports / args.gpu / "results.csv").exists():
         print(f"dynconv plot: no {reports / args.gpu / 'results.csv'}", file=sys.stderr)
         return 2
+    predicted = draw_predicted(reports)  # before the README, which links these plots
     drawn = draw_all(reports, args.gpu)
+    if predicted:
+        print(predicted_summary(reports))
+        print(f"drew {len(predicted)} PREDICTED roofline files (static model, not measured) under {reports / 'static'}")
     if not drawn:
         print(f"dynconv plot: no measurements in {reports}: nothing drawn; README says so.")
     else:

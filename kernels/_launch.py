@@ -73,6 +73,10 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 2
     label: str = field(default="")
+    # Trip counts of the kernel's runtime ``for`` loops per program, in source order: an int per loop
+    # without inner loops, ``(trips, (inner loops...))`` otherwise. Read only by the static
+    # performance model (dynconv/bounds.py), which matches them to the loops of the compiled code.
+    loops: tuple = field(default=())
 
     def __call__(self) -> None:
         if min(self.grid) == 0:
@@ -144,6 +148,7 @@ class _Plan:
     meta: dict[str, Any]
     num_warps: int
     num_stages: int
+    loops: tuple = ()
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -168,7 +173,7 @@ def planned(key: tuple, names: tuple[str, ...], tensors: tuple, build) -> Launch
     if plan is not None:
         args = dict(zip(names, tensors))
         args.update(plan.scalars)
-        return Launch(plan.kernel, plan.grid, args, plan.meta, plan.num_warps, plan.num_stages)
+        return Launch(plan.kernel, plan.grid, args, plan.meta, plan.num_warps, plan.num_stages, loops=plan.loops)
     provisional = configs.provisional_answers
     launch = build()
     if configs.provisional_answers == provisional:
@@ -177,7 +182,7 @@ def planned(key: tuple, names: tuple[str, ...], tensors: tuple, build) -> Launch
         if len(_plans) >= MAX_PLANS:
             del _plans[next(iter(_plans))]  # the oldest: a bound, not a policy (models repeat few shapes)
         _plans[key] = _Plan(launch.kernel, launch.grid, scalars, dict(launch.meta), launch.num_warps,
-                            launch.num_stages)
+                            launch.num_stages, launch.loops)
     return launch
 
 

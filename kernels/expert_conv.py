@@ -654,8 +654,10 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
                 INDEX_64=needs_int64(x, y, source.weight), ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
+    k_steps = cdiv((Cin // groups) * kh * kw, meta["BLOCK_K"])
     return Launch(expert_conv_fwd_kernel, (B * tiles, groups * n_tiles, 1), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 2))
+                  config.get("num_warps", 4), config.get("num_stages", 2),
+                  loops=((k_steps, (source.num_mix,)),) if source.mix else (k_steps,))
 
 
 def guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, kernel_hw, groups,
@@ -694,8 +696,10 @@ def _guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score,
                 INDEX_64=needs_int64(x, dy, score, source.weight), ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
+    k_steps = cdiv((Cin // groups) * kh * kw, meta["BLOCK_K"])
     return Launch(expert_conv_guide_score_kernel, (B * tiles, groups * n_tiles, m), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 2))
+                  config.get("num_warps", 4), config.get("num_stages", 2),
+                  loops=((k_steps, (source.num_mix,)),) if source.mix else (k_steps,))
 
 
 def score_tiles(cout: int, groups: int, config: dict) -> int:
@@ -742,8 +746,13 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
                 INDEX_64=needs_int64(dy, dx, source.weight, region), ACC_DTYPE=_acc_dtype(dy.dtype),
                 INPUT_PRECISION=_input_precision(dy.dtype))
     _check_grid(groups * n_tiles)
+    k_steps = cdiv((Cout // groups) * kh * kw, meta["BLOCK_K"])
+    per_weight = (source.num_mix,) if source.mix else ()
+    # With regions, every region's body is counted on every K-step (present or not): an upper bound.
+    per_step = ((num_regions, per_weight) if per_weight else num_regions,) if region is not None else per_weight
+    loops = ((k_steps, per_step) if per_step else k_steps,)
     return Launch(expert_conv_bwd_input_kernel, (B * tiles, groups * n_tiles, 1), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 2))
+                  config.get("num_warps", 4), config.get("num_stages", 2), loops=loops)
 
 
 def weight_grad_config(x, experts, m, groups, stride) -> dict:
@@ -799,8 +808,10 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
                 ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
     if groups * o_tiles > 65535 or k_tiles > 65535:
         raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")
+    # Pixels per (sample, region, split): the mean region size when a guide splits the pixels.
+    chunk = cdiv(cdiv(cdiv(Ho * Wo, m), splits), meta["BLOCK_K"])
     return Launch(expert_conv_bwd_weight_kernel, (splits * B * m, groups * o_tiles, k_tiles), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 2))
+                  config.get("num_warps", 4), config.get("num_stages", 2), loops=(chunk,))
 
 
 # --------------------------------------------------------------------------------------------

@@ -350,7 +350,7 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
                 INDEX_64=needs_int64(x, weight, y), ACC_DTYPE=_acc_dtype(x.dtype))
     return Launch(involution_fwd_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
-                  num_warps, num_stages)
+                  num_warps, num_stages, loops=(K * K,))
 
 
 def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
@@ -382,7 +382,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     )
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
     return Launch(involution_bwd_input_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
-                  num_warps, num_stages)
+                  num_warps, num_stages, loops=(K * K,))
 
 
 def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool, config=None) -> Launch:
@@ -415,8 +415,9 @@ def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: boo
     )
     meta.update(PER_PIXEL=per_pixel, ONE_CG_CHUNK=C // G <= meta["BLOCK_CG"], INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
+    loops = (K * K,) if meta["ONE_CG_CHUNK"] else ((K * K, (cdiv(C // G, meta["BLOCK_CG"]),)),)
     return Launch(involution_bwd_weight_kernel, _grid(B, G, tiles_pix, 1, meta["BLOCK_G"]), args, meta,
-                  num_warps, num_stages)
+                  num_warps, num_stages, loops=loops)
 
 
 def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool) -> dict:

@@ -502,8 +502,10 @@ def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilatio
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )
     meta.update(ONE_R_CHUNK=R <= meta["BLOCK_R"], HAS_BIAS=span_bias is not None)
+    r_steps = () if meta["ONE_R_CHUNK"] else (cdiv(R, meta["BLOCK_R"]),)
     return Launch(fused_fwd_kernel, _channel_grid(B, G, tiles_pix, meta["BLOCK_G"], cg_tiles), args, meta,
-                  num_warps, num_stages)
+                  num_warps, num_stages,
+                  loops=((K * K, r_steps) if r_steps else K * K,))
 
 
 def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
@@ -536,8 +538,10 @@ def _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )
     meta.update(ONE_R_CHUNK=R <= meta["BLOCK_R"], HAS_BIAS=span_bias is not None)
+    r_steps = () if meta["ONE_R_CHUNK"] else (cdiv(R, meta["BLOCK_R"]),)
     return Launch(fused_bwd_input_kernel, _channel_grid(B, G, tiles_pix, meta["BLOCK_G"], cg_tiles), args, meta,
-                  num_warps, num_stages)
+                  num_warps, num_stages,
+                  loops=((K * K, r_steps) if r_steps else K * K,))
 
 
 def backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, config=None) -> Launch:
@@ -570,7 +574,9 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
         TILES_PIX=tiles_pix, TILES_W=tiles_w,
     )
     meta.update(ONE_G_BLOCK=G <= meta["BLOCK_G"], ONE_CG_CHUNK=C // G <= meta["BLOCK_CG"])
-    return Launch(fused_bwd_z_kernel, (B * tiles_pix, r_tiles, 1), args, meta, num_warps, num_stages)
+    taps = (K * K, (cdiv(C // G, meta["BLOCK_CG"]),)) if not meta["ONE_CG_CHUNK"] else K * K
+    loops = (taps,) if meta["ONE_G_BLOCK"] else ((cdiv(G, meta["BLOCK_G"]), (taps,)),)
+    return Launch(fused_bwd_z_kernel, (B * tiles_pix, r_tiles, 1), args, meta, num_warps, num_stages, loops=loops)
 
 
 def span_grad_slabs(B: int, Ho: int, Wo: int, K: int, G: int, R: int, config: dict) -> tuple[int, int]:
@@ -626,7 +632,9 @@ def _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, p
     meta.update(ONE_CG_CHUNK=C // G <= meta["BLOCK_CG"])
     if r_tiles > 65535:
         raise ValueError(f"too many R blocks for the grid ({r_tiles}); use a larger BLOCK_R")
-    return Launch(fused_bwd_span_kernel, (K * K * g_tiles, r_tiles, slabs), args, meta, num_warps, num_stages)
+    tiles = cdiv(B * tiles_pix, slabs)  # per program: the slabs' mean
+    loops = ((tiles, (cdiv(C // G, meta["BLOCK_CG"]),)) if not meta["ONE_CG_CHUNK"] else tiles,)
+    return Launch(fused_bwd_span_kernel, (K * K * g_tiles, r_tiles, slabs), args, meta, num_warps, num_stages, loops=loops)
 
 
 # --------------------------------------------------------------------------------------------

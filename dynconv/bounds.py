@@ -1,0 +1,380 @@
+"""``dynconv inspect --bounds``: a static performance model, for sessions with no GPU.
+
+Every figure here is PREDICTED, never measured. For each kernel launch at the reference shapes it
+compiles the launch ahead of time (triton's own ptxas, sm_90 by default), reads the SASS, weights
+every instruction by the trip counts of the loops around it (the launcher declares them with the
+launch: ``Launch.loops``) and turns the executed instructions into a time bound per pipe on an
+H200 model (``MODEL``):
+
+* issue: every warp-instruction takes one of 4 issue slots per clock per SM;
+* int: the integer/logic ALU (adds, compares, selects, shifts, moves) at half the warp rate;
+* fma: fp32 arithmetic at the full rate (the CUDA-core FMA ceiling, ~67 TFLOP/s fp32), IMAD on
+  its heavy half at half rate (two slots each);
+* xu: conversions and special functions, 16 lanes per clock per SM;
+* l1: bytes through L1 (global and shared accesses, whole 32-byte sectors) at 128 B per clock per SM;
+* hbm: the kernel's own minimum bytes (each input read once, each output written once) at 4.3 TB/s;
+* mma: tensor-core instructions at their type's rate.
+
+The kernel's predicted time is at least the largest of these (latency, occupancy, tails and
+cache misses beyond the minimum are ignored, so a real kernel can only be slower), and the
+PREDICTED fraction of the roofline is ``roofline time / that bound``, where the roofline time is
+the larger of the HBM floor and the compute floor of the right ceiling (CUDA-core FMA for the
+family-1 kernels, tensor cores for ``tl.dot`` kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import ptx_sim, sass
+from .bounds_cases import Case, all_cases
+
+# The H200 model of issues 12 and 13 (clock and SM count of the H200 SXM at boost).
+MODEL = {
+    "gpu": "H200 model",
+    "sms": 132,
+    "clock_hz": 1.98e9,
+    "issue_per_clock": 4.0,  # warp-instructions per clock per SM (4 schedulers)
+    "int_per_clock": 2.0,  # half rate
+    "fma_per_clock": 4.0,  # 128 fp32 lanes
+    "xu_per_clock": 0.5,  # 16 lanes
+    "l1_bytes_per_clock": 128.0,
+    "hbm_bytes_per_s": 4.3e12,
+    # Tensor-core FLOP per clock per SM. 16-bit wgmma (HGMMA): 3023, i.e. the ~790 TFLOP/s bf16 matrix
+    # product other sessions of this workplace measured on H200 (device tool's KINDS.md; the dense
+    # datasheet figure, 4096, is not reached in practice); tf32 at half of it; mma.sync (HMMA) taken
+    # at half the wgmma rate on Hopper (an assumption); fp64 DMMA.
+    "mma_flop_per_clock": {"gmma16": 3023.0, "gmmatf32": 1511.5, "hmma16": 1511.5, "hmmatf32": 755.75,
+                           "dmma": 256.0, "imma": 6046.0},
+}
+ASSUMPTIONS = ("PREDICTED by a static model, not measured: H200 model (132 SMs at 1.98 GHz, 4 warp-instructions "
+               "issued per clock per SM, integer pipe at half rate, fp32 FMA 128 lanes, L1 128 B/clock/SM, "
+               "HBM 4.3 TB/s, HGMMA 3023 FLOP/clock/SM = 790 TFLOP/s bf16 (tf32: half), HMMA at half the HGMMA rate); every instruction of a loop "
+               "body counted on every trip (trip counts declared by the launcher), masked lanes and branches "
+               "not taken included; latency, occupancy, tail waves and cache misses beyond the minimum bytes ignored, "
+               "so a real kernel can only be slower")
+# What each figure of a row is: computed from the compiled code, or PREDICTED by the model.
+FIGURES = {
+    "warp_instructions": "computed: SASS instructions x the launcher's declared loop trips x warps x programs",
+    "instructions_per_fma": "computed: executed thread-instructions per useful multiply-add",
+    "load_widths": "computed: bytes per lane of the global loads in the SASS",
+    "sector_efficiency": "computed (sector_source says how): distinct bytes asked for / 32-byte sectors touched",
+    "main_accesses": "computed: the simulated warp's global accesses moving the most sectors",
+    "requested_bytes": "computed: bytes the global loads and stores ask for, all warps",
+    "requested_over_min": "computed: requested_bytes / min_bytes",
+    "min_bytes": "computed: the kernel's inputs read once and outputs written once (roofline.py's model)",
+    "flops": "computed: useful FLOPs, 2 per multiply-add",
+    "pipe_us": "PREDICTED: each pipe's busy time on the H200 model (issue, int, fma, xu, l1, hbm minimum, mma)",
+    "bound_us": "PREDICTED: the largest pipe time, a lower bound on the kernel's time",
+    "limiter": "PREDICTED: the pipe that sets bound_us",
+    "roofline_us": "PREDICTED: max(min_bytes at HBM, flops at the compute ceiling)",
+    "predicted_fraction": "PREDICTED: roofline_us / bound_us, an upper bound on the fraction a GPU would measure",
+    "predicted_fraction_of_hbm": "PREDICTED: HBM floor / bound_us (the audit quotes this for the fused layer)",
+}
+FIELDS = ("case", "kernel", "dtype", "layout", "arch", "triton", "limiter", "bound_us", "predicted_fraction")
+PIPES = ("issue", "int", "fma", "xu", "l1", "hbm", "mma")
+
+
+def fma_tflops() -> float:
+    """The CUDA-core fp32 FMA ceiling of the model (2 FLOP per lane per clock)."""
+    return MODEL["sms"] * MODEL["fma_per_clock"] * 32 * 2 * MODEL["clock_hz"] / 1e12
+
+
+def mma_tflops(kind: str = "gmma16") -> float:
+    return MODEL["sms"] * MODEL["mma_flop_per_clock"][kind] * MODEL["clock_hz"] / 1e12
+
+
+def compute_seconds(case: Case) -> float:
+    """The compute floor: each ceiling's FLOPs at its rate; separate pipes, so the slowest binds."""
+    return max(flops / ((fma_tflops() if kind == "fma" else mma_tflops(kind)) * 1e12)
+               for kind, flops in case.compute.items())
+
+
+def ceiling_name(case: Case) -> str:
+    return "+".join("fma" if kind == "fma" else "mma" for kind in case.compute)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: SASS counts -> per-pipe time bounds
+# ---------------------------------------------------------------------------------------------
+
+def _mma_kind(ins: sass.Instruction) -> str:
+    op = ins.opcode
+    if ins.base == "DMMA":
+        return "dmma"
+    if ins.base in ("IMMA", "IGMMA"):
+        return "imma"
+    precision = "tf32" if "TF32" in op else "16"
+    return ("gmma" if "GMMA" in ins.base else "hmma") + precision
+
+
+def _shared_bytes(ins: sass.Instruction) -> int:
+    """Bytes a warp moves in a shared-memory access (LDSM: four 8x8 16-bit matrices per .4)."""
+    if ins.base == "LDSM" or ins.base == "STSM":
+        last = ins.opcode.rsplit(".", 1)[-1]
+        return 128 * (int(last) if last in ("1", "2", "4") else 1)
+    return 32 * sass.access_bytes(ins)
+
+
+def count(dump: str, trips: tuple, programs: int, num_warps: int, warp_accesses: ptx_sim.Result | None = None) -> dict:
+    """Executed warp-instructions per pipe, L1 bytes, bytes requested from global memory and
+    tensor-core time for a whole launch (``programs`` programs of ``num_warps`` warps).
+
+    Global accesses are counted from the SASS as if every lane were active and the lanes of an
+    instruction contiguous (whole sectors, at least one); ``warp_accesses``, the simulated
+    addresses of one warp (``ptx_sim``), then scales that to the sectors really touched and the
+    bytes the active lanes really ask for.
+    """
+    instructions = sass.parse(dump)
+    if not instructions:
+        raise ValueError("no SASS instructions in the dump")
+    executed = sass.execution_counts(instructions, sass.loops(instructions), trips)
+    warps = programs * num_warps
+    pipes = dict.fromkeys(("issue", "int", "imad", "fma", "xu", "mem", "mma", "other"), 0.0)
+    global_ideal = shared = 0.0
+    mma_seconds = 0.0
+    loads = []
+    for ins, n in zip(instructions, executed):
+        if not n:
+            continue
+        total = n * warps
+        pipes["issue"] += total
+        pipes[sass.pipe(ins)] += total
+        if sass.is_global_load(ins) or sass.is_global_store(ins):
+            width = sass.access_bytes(ins)
+            global_ideal += total * max(32, 32 * width)
+            if sass.is_global_load(ins):
+                loads.append(width)
+        elif ins.base in ("LDS", "STS", "LDSM", "STSM"):
+            shared += total * _shared_bytes(ins)
+        flops = sass.mma_flops(ins)
+        if flops:
+            kind = _mma_kind(ins)
+            mma_seconds += total * flops / (MODEL["sms"] * MODEL["mma_flop_per_clock"][kind] * MODEL["clock_hz"])
+    sector_ratio = useful_ratio = 1.0
+    source = "assumed: lanes contiguous, all active"
+    if warp_accesses is not None:
+        useful, sectors, ideal = warp_accesses.totals()
+        # A simulated warp that never reached the main loop (its trip count comes from loaded data,
+        # as DRConv's region tables) says nothing about the loop's loads: keep the assumption.
+        if ideal >= 0.25 * global_ideal / warps:
+            sector_ratio, useful_ratio = sectors / ideal, useful / ideal
+            source = "computed: warp 0 of the middle program, simulated"
+    return {"warp_instructions": pipes, "l1_bytes": shared + global_ideal * sector_ratio, "sector_source": source,
+            "requested_bytes": global_ideal * useful_ratio, "sector_efficiency": useful_ratio / sector_ratio,
+            "mma_seconds": mma_seconds, "load_widths": sorted(set(loads)), "instructions": len(instructions)}
+
+
+def main_accesses(result: ptx_sim.Result, top: int = 4) -> list[dict]:
+    """The simulated warp's global accesses that move the most sector bytes."""
+    ranked = sorted(result.accesses.values(), key=lambda a: -a.sector_bytes)[:top]
+    return [{"ptx": re.sub(r"\s+", " ", a.text)[:80], "bytes_per_lane": a.width, "store": a.store,
+             "sector_efficiency": round(a.efficiency, 3), "instances": a.instances} for a in ranked]
+
+
+def _ptx_arguments(launch) -> list[int]:
+    """The PTX parameters' values in order: pointers as distinct base addresses, scalars as given."""
+    source = launch.source()
+    values = {**launch.args, **launch.meta}
+    out, pointers = [], 0
+    for name, kind in source.signature.items():
+        if kind == "constexpr":
+            continue
+        if kind.startswith("*"):
+            pointers += 1
+            out.append(pointers * ptx_sim.POINTER_SPACING)
+        elif kind.startswith("fp"):
+            out.append(0)
+        else:
+            out.append(int(values[name]))
+    return out
+
+
+def simulate_warp(launch, compiled) -> ptx_sim.Result:
+    """Warp 0 of the program in the middle of the grid (interior tiles: no image border)."""
+    grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+    program = tuple(g // 2 for g in grid)
+    return ptx_sim.simulate(compiled.asm["ptx"], _ptx_arguments(launch), program, grid, launch.num_warps)
+
+
+def time_bounds(counts: dict, min_bytes: int) -> dict[str, float]:
+    """Seconds each pipe needs at its model rate (module docstring)."""
+    sms_hz = MODEL["sms"] * MODEL["clock_hz"]
+    w = counts["warp_instructions"]
+    return {
+        "issue": w["issue"] / (sms_hz * MODEL["issue_per_clock"]),
+        "int": w["int"] / (sms_hz * MODEL["int_per_clock"]),
+        "fma": (w["fma"] + 2 * w["imad"]) / (sms_hz * MODEL["fma_per_clock"]),
+        "xu": w["xu"] / (sms_hz * MODEL["xu_per_clock"]),
+        "l1": counts["l1_bytes"] / (sms_hz * MODEL["l1_bytes_per_clock"]),
+        "hbm": min_bytes / MODEL["hbm_bytes_per_s"],
+        "mma": counts["mma_seconds"],
+    }
+
+
+def _triton_version() -> str:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+def _sass(compiled) -> str:
+    from .kernels._launch import _cuobjdump
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        return subprocess.run([_cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def evaluate(case: Case, arch: int = 90) -> dict:
+    """One row of the model for one case (compiles its launch)."""
+    launch = case.build()
+    compiled = launch.compile(arch)
+    programs = 1
+    for extent in launch.grid:
+        programs *= extent
+    warp = simulate_warp(launch, compiled)
+    counts = count(_sass(compiled), launch.loops, programs, launch.num_warps, warp)
+    bounds = time_bounds(counts, case.min_bytes)
+    limiter = max(bounds, key=bounds.get)
+    bound = bounds[limiter]
+    compute_s = compute_seconds(case)
+    roofline = max(bounds["hbm"], compute_s)
+    w = counts["warp_instructions"]
+    return {
+        "case": case.case, "kernel": case.kernel, "dtype": case.dtype, "layout": case.layout, "arch": f"sm_{arch}",
+        "triton": _triton_version(), "limiter": limiter, "bound_us": round(bound * 1e6, 2),
+        "predicted_fraction": round(roofline / bound, 4),
+        "predicted_fraction_of_hbm": round(bounds["hbm"] / bound, 4),
+        "roofline_us": round(roofline * 1e6, 2),
+        "roofline_limiter": "hbm" if bounds["hbm"] >= compute_s else ceiling_name(case),
+        "pipe_us": {k: round(v * 1e6, 2) for k, v in bounds.items()},
+        "kernel_name": launch.name, "grid": list(launch.grid), "num_warps": launch.num_warps,
+        "num_stages": launch.num_stages, "loops": launch.loops,
+        "meta": {k: str(v) for k, v in launch.meta.items()},
+        "warp_instructions": {k: round(v) for k, v in w.items()},
+        "instructions_per_fma": round(w["issue"] * 32 / (case.flops / 2), 2),
+        "min_bytes": case.min_bytes, "requested_bytes": round(counts["requested_bytes"]),
+        "requested_over_min": round(counts["requested_bytes"] / case.min_bytes, 2),
+        "l1_bytes": round(counts["l1_bytes"]), "load_widths": counts["load_widths"],
+        "sector_efficiency": round(counts["sector_efficiency"], 3), "sector_source": counts["sector_source"],
+        "main_accesses": main_accesses(warp),
+        "simulated_steps": warp.steps, "simulation_complete": warp.complete,
+        "flops": case.flops, "ceiling": ceiling_name(case),
+        "status": "PREDICTED",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+def table_name(triton_version: str) -> str:
+    return f"bounds-triton{triton_version}"
+
+
+def markdown(rows: list[dict]) -> str:
+    head = rows[0] if rows else {}
+    lines = [f"# PREDICTED roofline fractions (static model), triton {head.get('triton', '?')}, {head.get('arch', '?')}",
+             "", f"Computed by `dynconv inspect --bounds`. {ASSUMPTIONS}.", "",
+             "Columns: `bound` is the largest per-pipe time (µs, PREDICTED lower bound on the kernel's time); "
+             "`fraction` the roofline time over it; `roof` what the roofline is (hbm or the compute ceiling); "
+             "`instr/FMA` executed thread-instructions per useful multiply-add; `req/min` bytes the loads and "
+             "stores request over the kernel's minimum bytes; `sectors` the share of each 32-byte sector the "
+             "global accesses use (simulated warp; `*`: assumed, the simulation could not follow the loop).", "",
+             "Shapes: `REFERENCE_SHAPES` of dynconv/roofline.py, and C256 (3x3, 256->256, 56x56, B32, E4), "
+             "X1 (E1 at stride 2), R1s2 (R1 at stride 2) from dynconv/bounds_cases.py.", "",
+             "| case | kernel | dtype | layout | limiter | bound µs | roofline µs | roof | fraction | issue | int | fma | l1 | hbm | mma | instr/FMA | req/min | sectors | load bytes |",
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | ERROR: {r['error'][:80]} |" + " |" * 15)
+            continue
+        p = r["pipe_us"]
+        lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | {r['limiter']} | {r['bound_us']:.1f} | "
+                     f"{r['roofline_us']:.1f} | {r['roofline_limiter']} | {100 * r['predicted_fraction']:.1f}% | "
+                     + " | ".join(f"{p[k]:.1f}" for k in ("issue", "int", "fma", "l1", "hbm", "mma"))
+                     + f" | {r['instructions_per_fma']:.1f} | {r['requested_over_min']:.2f} | "
+                     f"{100 * r['sector_efficiency']:.0f}%{'*' if r['sector_source'].startswith('assumed') else ''} | "
+                     f"{','.join(str(b) for b in r['load_widths'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: list[dict], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    name = table_name(rows[0]["triton"] if rows else _triton_version())
+    doc = {"status": "PREDICTED", "assumptions": ASSUMPTIONS, "figures": FIGURES, "model": MODEL, "rows": rows}
+    paths = [folder / f"{name}.json", folder / f"{name}.md"]
+    paths[0].write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    paths[1].write_text(markdown(rows))
+    return paths
+
+
+def load_tables(folder: Path) -> dict[str, list[dict]]:
+    """The committed tables under ``folder``, by triton version (no compiling)."""
+    tables = {}
+    for path in sorted(Path(folder).glob("bounds-triton*.json")):
+        doc = json.loads(path.read_text())
+        version = path.stem.removeprefix("bounds-triton")
+        tables[version] = [r for r in doc["rows"] if "error" not in r]
+    return tables
+
+
+def _progress(done: int, total: int, case: Case, seconds: float, stream=sys.stderr) -> None:
+    if stream.isatty():
+        stream.write(f"\r[{done}/{total}] {case.name:<32} {seconds:5.1f} s")
+        if done == total:
+            stream.write("\n")
+    else:
+        stream.write(f"[{done}/{total}] {case.name} {seconds:.1f} s\n")
+    stream.flush()
+
+
+def run(arch: int = 90, case_filter: str = "", kernel_filter: str = "", progress=True) -> list[dict]:
+    kernels = set(kernel_filter.split(",")) if kernel_filter else None
+    cases = [c for c in all_cases() if case_filter in c.name and (kernels is None or c.kernel in kernels)]
+    rows = []
+    for index, case in enumerate(cases, 1):
+        start = time.perf_counter()
+        try:
+            rows.append(evaluate(case, arch))
+        except Exception as exc:  # noqa: BLE001 - a case the model cannot read is a finding, not a crash
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+            rows.append({"case": case.case, "kernel": case.kernel, "dtype": case.dtype, "layout": case.layout,
+                         "arch": f"sm_{arch}", "triton": _triton_version(), "error": message})
+        if progress:
+            _progress(index, len(cases), case, time.perf_counter() - start)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dynconv inspect --bounds", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90, Hopper)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    parser.add_argument("--case", default="", help="only cases whose 'shape kernel dtype layout' contains this")
+    parser.add_argument("--kernel", default="", help="only these kernels, comma-separated (fwd, dx, dw, guide, dz, dspan)")
+    parser.add_argument("--write", type=Path, default=None, help="also write bounds-triton<version>.json/.md here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    args = parser.parse_args(argv)
+
+    from .kernels._launch import kernels_are_interpreted
+
+    if kernels_are_interpreted():
+        parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this command compiles")
+    rows = run(args.arch, args.case, args.kernel, progress=not args.quiet)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+    else:
+        print(markdown(rows))
+    if args.write:
+        for path in write_tables(rows, args.write):
+            print(f"wrote {path}", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0

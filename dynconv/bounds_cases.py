@@ -1,0 +1,251 @@
+"""The launches ``dynconv inspect --bounds`` models: every kernel at the reference shapes, with
+each kernel's own minimum bytes and useful FLOPs.
+
+Issue 12's family-1 rows (R1–R4 fwd/dx/dw, the stride-2 R1 dx) and issue 13's expert-conv, DRConv
+and fused-layer rows, fp32 and bf16, NCHW and channels_last. Launches are built on meta tensors by
+the kernel modules' own launch builders, so they are exactly what the ops launch by default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from .roofline import DTYPE_BYTES, REFERENCE_SHAPES, Problem, minimum_bytes, minimum_flops, tensor_elements
+
+
+@dataclass(frozen=True)
+class Case:
+    case: str  # reference shape name (X1 and C256 are issue 13's extra shapes)
+    kernel: str  # fwd, dx, dw, guide, dz, dspan
+    dtype: str
+    layout: str
+    build: Callable  # () -> kernels._launch.Launch on meta tensors
+    min_bytes: int  # the kernel's own minimum: its inputs read once, its outputs written once
+    flops: int  # useful FLOPs (2 per multiply-add)
+    # Useful FLOPs per compute ceiling: "fma" (CUDA cores) or a tensor-core rate of the model
+    # ("gmma16", "gmmatf32"); kernels using both get both, and the slower pipe is the floor.
+    compute: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.case} {self.kernel} {self.dtype} {self.layout}"
+
+
+# Issue 13's extra shapes: the 3x3 256-channel layer, and E1 at stride 2 for the strided dx.
+EXTRA_SHAPES = {
+    "C256": Problem("expert_conv2d", B=32, C=256, H=56, W=56, K=3, Cout=256, E=4, bias=True),
+    "X1": replace(REFERENCE_SHAPES["E1"], stride=2),
+    "R1s2": replace(REFERENCE_SHAPES["R1"], stride=2),
+}
+
+
+def _problem(name: str) -> Problem:
+    return EXTRA_SHAPES.get(name) or REFERENCE_SHAPES[name]
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def _empty(shape, dtype, channels_last=False):
+    import torch
+
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    return t.to(memory_format=torch.channels_last) if channels_last and len(shape) == 4 else t
+
+
+def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw")) -> list[Case]:
+    from .kernels import involution as inv
+
+    p = _problem(name)
+    Ho, Wo = p.out_hw
+    dt, cl, nb = _torch_dtype(dtype), layout == "NHWC", DTYPE_BYTES[dtype]
+    per_pixel = p.op == "involution"
+    geometry = ((p.stride, p.stride), (p.padding, p.padding), (p.dilation, p.dilation))
+    sizes = tensor_elements(p)
+    contraction = 2 * p.B * p.C * Ho * Wo * p.K * p.K
+    wshape = (p.B, p.G, p.K, p.K, Ho, Wo) if per_pixel else (p.B, p.G, p.K, p.K)
+
+    def tensors():
+        x = _empty((p.B, p.C, p.H, p.W), dt, cl)
+        y = _empty((p.B, p.C, Ho, Wo), dt, cl)
+        return x, y, _empty(wshape, dt)
+
+    def fwd():
+        x, y, w = tensors()
+        bias = _empty((p.B, p.C), dt) if p.bias else None
+        return inv.forward_launch(x, w, bias, y, *geometry)
+
+    def dx():
+        x, y, w = tensors()
+        return inv.backward_input_launch(y, w, x, *geometry)
+
+    def dw():
+        import torch
+
+        x, y, w = tensors()
+        if not per_pixel:
+            cfg = inv.weight_grad_config(x, p.G, p.K, (p.stride, p.stride), Ho, Wo, per_pixel=False)
+            w = _empty((p.B, p.G, p.K, p.K, inv.weight_grad_tiles(Ho, Wo, cfg)), torch.float32)
+        return inv.backward_weight_launch(y, x, w, *geometry, per_pixel)
+
+    bias = sizes.get("bias", 0)
+    table = {
+        "fwd": (fwd, (sizes["x"] + sizes["weight"] + bias + sizes["y"]) * nb, contraction + (bias and p.B * p.C * Ho * Wo)),
+        "dx": (dx, (sizes["y"] + sizes["weight"] + sizes["x"]) * nb, contraction),
+        "dw": (dw, (sizes["y"] + sizes["x"] + sizes["weight"]) * nb, contraction),
+    }
+    return [Case(name, k, dtype, layout, table[k][0], table[k][1], table[k][2], {"fma": table[k][2]})
+            for k in kernels]
+
+
+def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw")) -> list[Case]:
+    import torch
+
+    from .kernels import expert_conv as ec
+
+    p = _problem(name)
+    Ho, Wo = p.out_hw
+    dt, cl, nb = _torch_dtype(dtype), layout == "NHWC", DTYPE_BYTES[dtype]
+    geometry = ((p.stride, p.stride), (p.padding, p.padding), (p.dilation, p.dilation))
+    sizes = tensor_elements(p)
+    N = Ho * Wo
+    conv = 2 * p.B * p.Cout * (p.C // p.groups) * p.K * p.K * N
+    guided = p.op == "drconv"
+    # tf32 follows torch's switch in the launcher (on by default for convs), bf16/fp16 run as themselves.
+    tensor_cores = "gmmatf32" if dtype == "fp32" else "gmma16"
+
+    def tensors():
+        x = _empty((p.B, p.C, p.H, p.W), dt, cl)
+        y = _empty((p.B, p.Cout, Ho, Wo), dt, cl)
+        experts = _empty((p.E, p.Cout, p.C // p.groups, p.K, p.K), dt)
+        routing = _empty((p.B, p.m, p.E), dt)
+        return x, y, experts, routing
+
+    def regions(block_p):
+        i32 = torch.int32
+        return ec.RegionTables(_empty((p.B, N), i32), _empty((p.B, N), i32), _empty((p.B, p.m), i32),
+                               _empty((p.B, p.m), i32), _empty((p.B, p.m + 1), i32), block_p)
+
+    def source(experts, routing):
+        return ec.weight_source(experts, routing, ec.should_materialise(experts, routing, N))
+
+    def fwd():
+        x, y, experts, routing = tensors()
+        cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
+        bias = _empty((p.B, p.m, p.Cout), dt) if p.bias else None
+        tables = regions(cfg["BLOCK_P"]) if guided else None
+        return ec.forward_launch(x, source(experts, routing), None, bias, tables, y, (p.K, p.K), p.groups,
+                                 *geometry, cfg)
+
+    def dx():
+        x, y, experts, routing = tensors()
+        cfg = ec.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
+        region = _empty((p.B, N), torch.int32) if guided else None
+        return ec.backward_input_launch(y, source(experts, routing), None, region, x, (p.K, p.K), p.groups,
+                                        *geometry, p.m, cfg)
+
+    def dw():
+        x, y, experts, _ = tensors()
+        cfg = ec.weight_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
+        k_total = (p.C // p.groups) * p.K * p.K
+        splits = ec.weight_grad_splits(p.B, p.m, p.Cout, p.groups, k_total, N, cfg)
+        acc = torch.float32
+        dwt = _empty((splits, p.B, p.m, p.Cout, p.C // p.groups, p.K, p.K), acc)
+        dbias = _empty((splits, p.B, p.m, p.Cout), acc)
+        return ec.backward_weight_launch(y, x, regions(1) if guided else None, dwt, dbias, (p.K, p.K), p.groups,
+                                         *geometry, cfg)
+
+    def guide():
+        x, y, experts, routing = tensors()
+        cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
+        bias = _empty((p.B, p.m, p.Cout), dt) if p.bias else None
+        score = _empty((p.B, p.m, ec.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)
+        return ec.guide_score_launch(x, source(experts, routing), None, bias, y, score, (p.K, p.K), p.groups,
+                                     *geometry, cfg)
+
+    weights = sizes["experts"] + sizes["routing"]
+    extra = sizes.get("guide", 0)
+    bias = sizes.get("bias", 0)
+    table = {
+        "fwd": (fwd, minimum_bytes(p, "forward", dtype), minimum_flops(p, "forward")),
+        "dx": (dx, (sizes["y"] + weights + extra + sizes["x"]) * nb, conv),
+        # dy and x in, the gradients the op returns out (experts, routing, bias: its reductions).
+        "dw": (dw, (sizes["y"] + sizes["x"] + extra + weights + bias) * nb, conv),
+        # ∂S needs every region's output at every pixel (roofline.py's drconv backward term).
+        "guide": (guide, (sizes["x"] + weights + bias + sizes["y"] + 2 * extra) * nb,
+                  p.m * conv + 2 * p.B * p.m * p.Cout * N),
+    }
+    return [Case(name, k, dtype, layout, table[k][0], table[k][1], table[k][2], {tensor_cores: table[k][2]})
+            for k in kernels]
+
+
+def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz", "dspan")) -> list[Case]:
+    import torch
+
+    from .kernels import involution_fused as fu
+
+    p = _problem(name)
+    Ho, Wo = p.out_hw
+    dt, cl, nb = _torch_dtype(dtype), layout == "NHWC", DTYPE_BYTES[dtype]
+    geometry = ((p.stride, p.stride), (p.padding, p.padding), (p.dilation, p.dilation))
+    sizes = tensor_elements(p)
+    N = Ho * Wo
+    T = p.K * p.K * p.G
+    aggregation = 2 * p.B * p.C * N * p.K * p.K
+    span = 2 * p.B * N * p.R * T
+    tensor_cores = "gmmatf32" if dtype == "fp32" else "gmma16"
+
+    def tensors():
+        x = _empty((p.B, p.C, p.H, p.W), dt, cl)
+        y = _empty((p.B, p.C, Ho, Wo), dt, cl)
+        z = _empty((p.B, p.R, Ho, Wo), dt, cl)
+        return x, y, z, _empty((T, p.R), dt), _empty((T,), dt)
+
+    def fwd():
+        x, y, z, sw, sb = tensors()
+        return fu.forward_launch(x, z, sw, sb, y, p.K, *geometry)
+
+    def dx():
+        x, y, z, sw, sb = tensors()
+        return fu.backward_input_launch(y, z, sw, sb, x, p.K, *geometry)
+
+    def dz():
+        x, y, z, sw, _ = tensors()
+        return fu.backward_z_launch(y, x, sw, z, p.K, *geometry)
+
+    def dspan():
+        x, y, z, _, _ = tensors()
+        cfg = fu.span_grad_config(x, p.G, p.K, p.R, (p.stride, p.stride), Ho, Wo)
+        slabs, _ = fu.span_grad_slabs(p.B, Ho, Wo, p.K, p.G, p.R, cfg)
+        return fu.backward_span_launch(y, x, z, _empty((slabs, T, p.R), torch.float32),
+                                       _empty((slabs, T), torch.float32), p.K, *geometry)
+
+    weights = sizes["span_weight"] + sizes.get("span_bias", 0)
+    table = {
+        "fwd": (fwd, minimum_bytes(p, "forward", dtype)),
+        "dx": (dx, (sizes["y"] + sizes["z"] + weights + sizes["x"]) * nb),
+        "dz": (dz, (sizes["y"] + sizes["x"] + sizes["span_weight"] + sizes["z"]) * nb),
+        "dspan": (dspan, (sizes["y"] + sizes["x"] + sizes["z"] + weights) * nb),
+    }
+    # The aggregation runs on CUDA cores, the span product on tensor cores.
+    return [Case(name, k, dtype, layout, table[k][0], table[k][1], aggregation + span,
+                 {"fma": aggregation, tensor_cores: span}) for k in kernels]
+
+
+def all_cases() -> list[Case]:
+    """Issue 12's family-1 rows and issue 13's expert-conv and fused rows, fp32 and bf16, both layouts."""
+    cases = []
+    for dtype in ("fp32", "bf16"):
+        for layout in ("NCHW", "NHWC"):
+            for name in ("R1", "R2", "R3", "R4"):
+                cases += _family1_cases(name, dtype, layout)
+            cases += _family1_cases("R1s2", dtype, layout, ("dx",))
+            for name in ("C256", "E1", "E2"):
+                cases += _expert_cases(name, dtype, layout)
+            cases += _expert_cases("X1", dtype, layout, ("dx",))
+            cases += _expert_cases("D1", dtype, layout, ("fwd", "dx", "dw", "guide"))
+            cases += _fused_cases("R1-layer", dtype, layout)
+    return cases
