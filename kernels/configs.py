@@ -527,10 +527,12 @@ def _tune_at_run_time(device: str, kernel: str, key: dict, default: dict) -> dic
     if space is None:
         return None
     bucket = (device, kernel, key_string(bucket_key(key, space.exact)))
+    # Under the lock: two threads never time the same bucket (nor disturb each other's timings),
+    # and a concurrent clear_cache cannot empty the table between the store and the read.
     with _lock:
         if bucket not in _tuned:
             _tuned[bucket] = _time_candidates(space, key, default)
-    return _tuned[bucket]
+        return _tuned[bucket]
 
 
 def _time_candidates(space: KernelSpace, key: dict, default: dict) -> dict | None:
@@ -586,7 +588,8 @@ def get_config(kernel: str, key: dict, default: dict) -> dict:
         found = _resolve(device, kernel, tuple(key.items()), tuple(default.items()))
     except _NotNow:
         global provisional_answers
-        provisional_answers += 1
+        with _lock:  # a read-modify-write: concurrent captures must each move the counter
+            provisional_answers += 1
         return default
     return default if found is None else dict(found)
 
