@@ -297,7 +297,7 @@ def check_file(path: str | os.PathLike, arch: int = 90) -> list[str]:
     from dynconv.kernels._launch import ARCHS, resource_usage
 
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = configs.read_json(path)
     except (OSError, ValueError) as exc:
         return [f"cannot read: {exc}"]
     problems = configs.file_problems(data)
@@ -310,9 +310,10 @@ def check_file(path: str | os.PathLike, arch: int = 90) -> list[str]:
             continue
         space = spaces[kernel]
         for text, row in entry["table"].items():
-            spec, dtype = space.spec_for_key(configs.parse_key_string(text))
+            key = configs.parse_key_string(text)
+            spec, dtype = space.spec_for_key(key)
             tensors = space.inputs(spec, dtype, "meta")
-            bad = configs.config_problems(row["config"], space.default(spec, tensors))
+            bad = configs.row_problems(kernel, row["config"], key, space.default(spec, tensors))
             if bad:
                 problems.append(f"{kernel}[{text}]: {'; '.join(bad)}")
                 continue
