@@ -414,19 +414,18 @@ def lookup_file(path: str | os.PathLike, kernel: str, key: dict, default: dict) 
     return dict(row["config"])
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` so that a reader sees the old file or the new one, never a mix.
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the new one, never a mix.
 
-    The temporary file lives in the destination folder: os.replace is atomic only within one
-    file system.
+    The temporary file has a unique name (concurrent writers never share one) and lives in the
+    destination folder: os.replace is atomic only within one file system.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -434,6 +433,38 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+LOCK_TIMEOUT_S = 120
+
+
+def file_lock(path: str | os.PathLike):
+    """An inter-process lock for a read-merge-write of ``path`` (a hidden ``.<name>.lock`` beside
+    it): two tools finishing together would otherwise each merge into the file the other is
+    about to replace, and one's rows would be lost."""
+    import filelock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(path.parent / f".{path.name}.lock"), timeout=LOCK_TIMEOUT_S)
+
+
+def is_config_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds something ``dynconv autotune`` wrote (of any schema or triton
+    version), so that replacing it loses nothing the user made: a JSON object with a schema and
+    a kernels table, or an empty file."""
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+            return True
+        data = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "schema" in data and isinstance(data.get("kernels"), dict)
 
 
 def new_file(device: str, kernels: dict, measured: datetime.datetime | None = None) -> dict:
