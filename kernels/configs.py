@@ -16,7 +16,8 @@ in order:
 The first time step 3 or 4 is used for a GPU, one warning says so and names ``dynconv autotune``.
 On CPU tensors and under the Triton interpreter (``TRITON_INTERPRET=1``) the default is returned
 at once: the interpreter's speed says nothing about a GPU's. Answers are cached per exact key, so
-after the first call a lookup costs about a microsecond.
+after the first call a lookup costs about a microsecond. Lookups may run on several threads at
+once (a hit takes no lock; tuning, warnings and clearing take ``_lock``).
 
 Files
 -----

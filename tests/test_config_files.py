@@ -96,7 +96,7 @@ HOSTILE = {
     "symlink to /dev/zero": lambda path: os.symlink("/dev/zero", path),
     "directory": lambda path: path.mkdir(),
     "100,000-deep array": lambda path: path.write_text(deep_array(100_000)),
-    "over the size cap": lambda path: os.truncate(path.open("wb").name, configs.MAX_FILE_BYTES + 1),
+    "over the size cap": lambda path: (path.touch(), os.truncate(path, configs.MAX_FILE_BYTES + 1)),  # sparse
     "bad utf-8": lambda path: path.write_bytes(b'{"schema": "\xff"}'),
 }
 REASON = {"fifo": "not a regular file", "symlink to /dev/zero": "not a regular file",
