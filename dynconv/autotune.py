@@ -18,7 +18,11 @@ winner has the best geometric mean of its time relative to each shape's fastest.
 
 The JSON goes to the user folder (``$DYNCONV_CONFIG_DIR``, default ``~/.cache/dynconv``) under
 this GPU's canonical name, merged with rows of an earlier run that this one did not measure,
-and written atomically, so a concurrent run or a reading process never sees a torn file.
+and written atomically, so a concurrent run or a reading process never sees a torn file; the
+merge and write hold a file lock, so two runs finishing together keep each other's rows. The
+destination is checked before the sweep (its folder writable, the file creatable): a path that
+cannot be written fails at once, not after minutes of timing. A file there that ``dynconv
+autotune`` did not write is replaced only with ``--force``.
 Without a GPU (or under ``TRITON_INTERPRET=1``) it says so and exits with status 2.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -297,7 +302,7 @@ def check_file(path: str | os.PathLike, arch: int = 90) -> list[str]:
     from dynconv.kernels._launch import ARCHS, resource_usage
 
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = configs.read_json(path)
     except (OSError, ValueError) as exc:
         return [f"cannot read: {exc}"]
     problems = configs.file_problems(data)
@@ -310,9 +315,10 @@ def check_file(path: str | os.PathLike, arch: int = 90) -> list[str]:
             continue
         space = spaces[kernel]
         for text, row in entry["table"].items():
-            spec, dtype = space.spec_for_key(configs.parse_key_string(text))
+            key = configs.parse_key_string(text)
+            spec, dtype = space.spec_for_key(key)
             tensors = space.inputs(spec, dtype, "meta")
-            bad = configs.config_problems(row["config"], space.default(spec, tensors))
+            bad = configs.row_problems(kernel, row["config"], key, space.default(spec, tensors))
             if bad:
                 problems.append(f"{kernel}[{text}]: {'; '.join(bad)}")
                 continue
@@ -342,6 +348,71 @@ def destination(output: str | None, device: str) -> Path:
     return path / name if path.is_dir() or output.endswith(os.sep) else path
 
 
+def destination_problem(path: Path, force: bool = False) -> str | None:
+    """Why the sweep's results could not be written to ``path`` (None: they can). Checked before
+    the sweep, by creating the folder and a file in it, so no measurement is lost at the end."""
+    from dynconv.kernels.configs import is_config_file
+
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot write into {folder} ({exc.strerror or exc}); choose another --output"
+    if os.path.lexists(path):
+        if not path.is_file():
+            return f"{path} exists and is not a regular file; choose another --output"
+        if not force and not is_config_file(path):
+            return (f"{path} exists and is not a config file dynconv autotune wrote; it would be replaced. "
+                    "Pass --force to replace it, or choose another --output")
+    return None
+
+
+def save(path: Path, device_name: str, kernels: dict) -> None:
+    """Merge ``kernels`` into the file at ``path`` and write it, under the file's lock."""
+    from dynconv.kernels import configs
+
+    with configs.file_lock(path):
+        configs.atomic_write_json(path, configs.merge_into(path, configs.new_file(device_name, kernels)))
+    configs.clear_cache()
+
+
+def _gpu() -> tuple:
+    """(CUDA index, device name, sm arch, shared memory per block, L2 bytes) of the current GPU."""
+    import torch
+
+    from dynconv.kernels._launch import ARCHS
+
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    arch = props.major * 10 + props.minor
+    shared_limit = getattr(props, "shared_memory_per_block_optin", None) or ARCHS.get(arch)
+    l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
+    return index, torch.cuda.get_device_name(index), arch, shared_limit, l2_bytes
+
+
+def sweep(spaces: dict, ops: list[str] | None, dtypes: list[str], quick: bool, jobs: int, gpu: tuple) -> dict:
+    """Prune, time and choose on the GPU: the ``kernels`` section of a config file."""
+    import torch
+
+    index, _, arch, shared_limit, l2_bytes = gpu
+    cases = build_grid(spaces, ops, dtypes, quick)
+    total = sum(len(c.candidates) for c in cases)
+    print(f"{len(cases)} shapes x passes, {total} candidate runs before pruning")
+    dropped = prune(cases, arch, shared_limit, jobs, warm=jobs > 1)
+    print(f"dropped {dropped} candidates that spill, overflow shared memory or do not compile on sm_{arch}")
+
+    progress = Progress(len(cases), "time")
+    device = torch.device("cuda", index)
+    for case in cases:
+        time_case(case, spaces[case.kernel], device, l2_bytes, quick)
+        progress.update(f"{case.kernel} {case.label} {case.dtype}")
+        torch.cuda.empty_cache()
+    return choose(cases, spaces)
+
+
 def _check_command(paths: list[str]) -> int:
     from dynconv.kernels._launch import kernels_are_interpreted
 
@@ -368,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and candidates, shorter timings")
     parser.add_argument("--output", metavar="PATH", help="write here (a file, or a folder for <GPU>.json) "
                                                          "instead of the user folder")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --output file even if dynconv autotune did not write it")
     parser.add_argument("--jobs", type=int, default=max(1, min(16, (os.cpu_count() or 2) - 1)),
                         help="processes compiling candidates in parallel")
     parser.add_argument("--check", nargs="+", metavar="FILE",
@@ -387,10 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dynconv autotune: {reason}", file=sys.stderr)
         return NO_GPU_STATUS
 
-    import torch
-
     from dynconv.kernels import configs
-    from dynconv.kernels._launch import ARCHS
 
     spaces = configs.spaces()
     if args.ops:
@@ -398,36 +468,28 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown op {', '.join(unknown)}; choose from {', '.join(sorted(known_ops(spaces)))}")
 
-    index = torch.cuda.current_device()
-    device_name = torch.cuda.get_device_name(index)
-    props = torch.cuda.get_device_properties(index)
-    arch = props.major * 10 + props.minor
-    shared_limit = getattr(props, "shared_memory_per_block_optin", None) or ARCHS.get(arch)
-    l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
+    gpu = _gpu()
+    device_name, arch = gpu[1], gpu[2]
     path = destination(args.output, device_name)
+    problem = destination_problem(path, args.force)
+    if problem:
+        print(f"dynconv autotune: {problem}", file=sys.stderr)
+        return 1
     started = time.monotonic()
     print(f"dynconv autotune: {device_name} (sm_{arch}), dtypes {', '.join(dtypes)}, writing {path}")
 
-    cases = build_grid(spaces, args.ops, dtypes, args.quick)
-    total = sum(len(c.candidates) for c in cases)
-    print(f"{len(cases)} shapes x passes, {total} candidate runs before pruning")
-    dropped = prune(cases, arch, shared_limit, args.jobs, warm=args.jobs > 1)
-    print(f"dropped {dropped} candidates that spill, overflow shared memory or do not compile on sm_{arch}")
-
-    progress = Progress(len(cases), "time")
-    device = torch.device("cuda", index)
-    for case in cases:
-        time_case(case, spaces[case.kernel], device, l2_bytes, args.quick)
-        progress.update(f"{case.kernel} {case.label} {case.dtype}")
-        torch.cuda.empty_cache()
-
-    kernels = choose(cases, spaces)
+    kernels = sweep(spaces, args.ops, dtypes, args.quick, args.jobs, gpu)
     if not kernels:
         print("dynconv autotune: no candidate could be timed; nothing written", file=sys.stderr)
         return 1
-    data = configs.merge_into(path, configs.new_file(device_name, kernels))
-    configs.atomic_write_json(path, data)
-    configs.clear_cache()
+    try:
+        save(path, device_name, kernels)
+    except OSError as exc:  # the destination broke during the sweep: keep the measurements anyway
+        fd, rescue = tempfile.mkstemp(prefix=f"dynconv-autotune-{path.stem}-", suffix=".json")
+        os.close(fd)
+        configs.atomic_write_json(rescue, configs.new_file(device_name, kernels))
+        print(f"dynconv autotune: could not write {path} ({exc}); the results are in {rescue}", file=sys.stderr)
+        return 1
     print(f"wrote {path} in {_clock(time.monotonic() - started)}")
     print("\n".join(speedup_summary(kernels)))
     return 0

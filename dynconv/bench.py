@@ -28,7 +28,12 @@ op, pass, dtype, layout, shape and provider are replaced, the rest kept; ``--fre
 over), so a run cut short by a time limit keeps what it measured and ``--shapes`` can split a
 full run over several calls. Rows from before the layout column read as ``nchw``.
 Without a GPU nothing is measured: the command says so and re-draws the plots from the
-measurements already in the reports folder.
+measurements already in the reports folder (with none there, it writes nothing).
+
+The csv and ``ceilings.json`` are replaced atomically through uniquely named temporary files, and
+the csv's read-merge-write holds a file lock, so concurrent runs neither crash nor lose rows.
+A ``README.md`` in the reports folder that dynconv did not write is never replaced without
+``--force``; the command stops before measuring instead.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import argparse
 import csv
 import datetime as _dt
 import gc
+import io
 import json
 import math
 import os
@@ -454,18 +460,21 @@ def _sort_key(row: dict):
 
 
 def write_csv(path: Path, rows: list[dict], merge: bool = True) -> None:
-    """Write ``rows``; with ``merge``, keep the rows already there that these do not replace."""
+    """Write ``rows``; with ``merge``, keep the rows already there that these do not replace.
+    Under the csv's file lock and atomically (see the module docstring)."""
+    from dynconv.kernels.configs import atomic_write_text, file_lock
+
+    path = Path(path)
     new = {row_key(r): {c: _fmt(row_layout(r) if c == "layout" else r.get(c)) for c in COLUMNS} for r in rows}
-    old = read_csv(path) if merge and path.exists() else []
-    merged = [r for r in old if row_key(r) not in new] + list(new.values())
-    merged.sort(key=_sort_key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+    with file_lock(path):
+        old = read_csv(path) if merge and path.exists() else []
+        merged = [r for r in old if row_key(r) not in new] + list(new.values())
+        merged.sort(key=_sort_key)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(merged)
-    tmp.replace(path)
+        atomic_write_text(path, text.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,8 +540,8 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
         log(f"measuring ceilings on {env['gpu']} ...")
         ceilings = measure_ceilings(timer)
         ceilings.update(env)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "ceilings.json").write_text(json.dumps(ceilings, indent=2) + "\n")
+        from dynconv.kernels.configs import atomic_write_text
+        atomic_write_text(folder / "ceilings.json", json.dumps(ceilings, indent=2) + "\n")
         log(f"  HBM {ceilings['hbm_gbps']:.0f} GB/s, fp32 {ceilings['fp32_tflops']:.1f} TFLOP/s, "
             f"tf32 {ceilings['tf32_tflops']:.0f}, bf16 {ceilings['bf16_tflops']:.0f}, fp16 {ceilings['fp16_tflops']:.0f}")
 
@@ -617,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reference shapes only, shorter timing windows, nhwc in bf16 only")
     parser.add_argument("--fresh", action="store_true", help="replace results.csv instead of merging into it")
     parser.add_argument("--out", type=Path, default=None, help="reports folder (default: the checkout's perf_reports/)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a README.md in the reports folder that dynconv did not write")
     return parser
 
 
@@ -639,20 +650,28 @@ def main(argv=None) -> int:
     out = args.out if args.out is not None else default_reports_dir()
 
     from dynconv import plot
-    if not _gpu_available():
-        print("dynconv bench: no CUDA GPU on this machine, so NOTHING WAS MEASURED.\n"
-              f"Re-drawing the plots from the measurements already in {out} instead.")
-        drawn = plot.draw_all(out)
-        if drawn:
-            print(f"Re-drew {len(drawn)} plot files from earlier measurements (see each csv's gpu, date and commit).")
-            return 0
-        print(f"There are no earlier measurements in {out} either: no plots drawn. "
-              "Run `dynconv bench` on a machine with a CUDA GPU to produce them.")
-        return 1
+    measured = _gpu_available()
+    if not measured:
+        print("dynconv bench: no CUDA GPU on this machine, so NOTHING WAS MEASURED.")
+        if not plot.load(out):
+            # Nothing to re-draw: write nothing (not even a README saying so) into a folder that
+            # may not be a reports folder at all.
+            print(f"There are no earlier measurements in {out} either: no plots drawn, nothing written. "
+                  "Run `dynconv bench` on a machine with a CUDA GPU to produce them.")
+            return 1
+        print(f"Re-drawing the plots from the measurements already in {out} instead.")
+    problem = plot.readme_problem(out, args.force)
+    if problem:  # before minutes of measuring, not after
+        print(f"dynconv bench: {problem}", file=sys.stderr)
+        return 2
+    if not measured:
+        drawn = plot.draw_all(out, force=args.force)
+        print(f"Re-drew {len(drawn)} plot files from earlier measurements (see each csv's gpu, date and commit).")
+        return 0
     csv_path = run_benchmarks(ops=ops, dtypes=dtypes, passes=passes, shapes=shapes, providers=providers,
                               quick=args.quick, out=out, fresh=args.fresh, layouts=layouts)
     print(f"wrote {csv_path}")
-    drawn = plot.draw_all(out)
+    drawn = plot.draw_all(out, force=args.force)
     print(f"drew {len(drawn)} plot files and {out / 'README.md'}")
     return 0
 

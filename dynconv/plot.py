@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -724,8 +725,33 @@ def _gpu_section(data: GpuData, reports: Path) -> str:
     return "\n".join(out)
 
 
+# The README's first line: a README without it (and without the heading this page had before the
+# marker) is someone else's, and is replaced only when the user says so (--force).
+README_MARKER = "<!-- Written by `dynconv plot` / `dynconv bench`, which rewrite this file: edit the code, not it. -->"
+_LEGACY_README_START = "# Performance reports\n\nProduced by `dynconv bench`"
+
+
+def readme_problem(reports: Path, force: bool = False) -> str | None:
+    """Why ``reports/README.md`` may not be rewritten (None: it may): it exists and the tool did
+    not write it, and ``force`` is not given."""
+    path = Path(reports) / "README.md"
+    if force or not os.path.lexists(path):
+        return None
+    start = ""
+    if path.is_file():  # a FIFO or a device is nobody's page: not opened (a FIFO would block)
+        try:
+            with open(path, encoding="utf-8") as f:
+                start = f.read(len(README_MARKER))
+        except (OSError, ValueError):
+            pass
+    if start.startswith(README_MARKER) or start.startswith(_LEGACY_README_START):
+        return None
+    return (f"{path} was not written by dynconv and would be replaced by the reports page; "
+            "pass --force to replace it, or choose another folder")
+
+
 def render_readme(reports: Path, datasets: list[GpuData]) -> str:
-    parts = [_intro()]
+    parts = [README_MARKER + "\n" + _intro()]
     if not datasets:
         parts.append("## Measurements\n\n**No measurements yet.** No GPU session has run `dynconv bench` "
                      "for this repository, so there are no numbers, tables or plots here. They will appear "
@@ -738,7 +764,12 @@ def render_readme(reports: Path, datasets: list[GpuData]) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def write_readme(reports: Path, datasets: list[GpuData] | None = None) -> Path:
+def write_readme(reports: Path, datasets: list[GpuData] | None = None, force: bool = False) -> Path:
+    """Rewrite ``reports/README.md``; FileExistsError (see :func:`readme_problem`) for a README the
+    tool did not write, unless ``force``."""
+    problem = readme_problem(reports, force)
+    if problem:
+        raise FileExistsError(problem)
     datasets = load(reports) if datasets is None else datasets
     reports.mkdir(parents=True, exist_ok=True)
     path = reports / "README.md"
@@ -746,19 +777,23 @@ def write_readme(reports: Path, datasets: list[GpuData] | None = None) -> Path:
     return path
 
 
-def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=print) -> list[Path]:
+def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=print, force: bool = False) -> list[Path]:
     """Draw every plot of every GPU folder (or of ``gpu``) and rewrite the README from all of
-    them. Returns the plot files drawn (empty when there is nothing measured)."""
+    them. Returns the plot files drawn (empty when there is nothing measured). A README the tool
+    did not write raises FileExistsError before anything is drawn, unless ``force``."""
     if reports is None:
         from dynconv.bench import default_reports_dir
         reports = default_reports_dir()
     reports = Path(reports)
+    problem = readme_problem(reports, force)
+    if problem:
+        raise FileExistsError(problem)
     written = []
     for data in load(reports, gpu):
         for draw in (draw_throughput, draw_speedup, draw_roofline):
             written += draw(data)
         log(f"{data.folder}: drew {sum(1 for p in written if p.parent == data.folder)} files")
-    write_readme(reports)
+    write_readme(reports, force=force)
     return written
 
 
@@ -766,6 +801,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dynconv plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--reports", type=Path, default=None, help="reports folder (default: the checkout's perf_reports/)")
     parser.add_argument("--gpu", default=None, help="only this GPU folder (the README still covers all of them)")
+    parser.add_argument("--force", action="store_true", help="replace a README.md that dynconv did not write")
     args = parser.parse_args(argv)
     from dynconv.bench import default_reports_dir
     reports = args.reports if args.reports is not None else default_reports_dir()
@@ -773,7 +809,11 @@ def main(argv=None) -> int:
         print(f"dynconv plot: no {reports / args.gpu / 'results.csv'}", file=sys.stderr)
         return 2
     predicted = draw_predicted(reports)  # before the README, which links these plots
-    drawn = draw_all(reports, args.gpu)
+    try:
+        drawn = draw_all(reports, args.gpu, force=args.force)
+    except FileExistsError as exc:
+        print(f"dynconv plot: {exc}", file=sys.stderr)
+        return 2
     if predicted:
         print(predicted_summary(reports))
         print(f"drew {len(predicted)} PREDICTED roofline files (static model, not measured) under {reports / 'static'}")

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,11 +154,23 @@ class _Plan:
 
 _plans: dict[tuple, _Plan] = {}
 MAX_PLANS = 1024
+# Serving threads share the plans. A hit is one dict.get, atomic on its own, so only the writers
+# (store with eviction, clear) take the lock: evicting while another thread inserts would
+# otherwise delete a key twice or iterate a dict that changes size.
+_plans_lock = threading.Lock()
 
 
 def clear_plans() -> None:
     """Forget every launch plan (``configs.clear_cache`` calls this: a plan holds its config)."""
-    _plans.clear()
+    with _plans_lock:
+        _plans.clear()
+
+
+def _store_plan(key: tuple, plan: _Plan) -> None:
+    with _plans_lock:
+        while len(_plans) >= MAX_PLANS:
+            del _plans[next(iter(_plans))]  # the oldest: a bound, not a policy (models repeat few shapes)
+        _plans[key] = plan
 
 
 def planned(key: tuple, names: tuple[str, ...], tensors: tuple, build) -> Launch:
@@ -179,10 +192,8 @@ def planned(key: tuple, names: tuple[str, ...], tensors: tuple, build) -> Launch
     if configs.provisional_answers == provisional:
         scalars = {k: v for k, v in launch.args.items() if k not in names}
         assert not any(isinstance(v, torch.Tensor) for v in scalars.values()), "a tensor argument not in names"
-        if len(_plans) >= MAX_PLANS:
-            del _plans[next(iter(_plans))]  # the oldest: a bound, not a policy (models repeat few shapes)
-        _plans[key] = _Plan(launch.kernel, launch.grid, scalars, dict(launch.meta), launch.num_warps,
-                            launch.num_stages, launch.loops)
+        _store_plan(key, _Plan(launch.kernel, launch.grid, scalars, dict(launch.meta), launch.num_warps,
+                               launch.num_stages, launch.loops))
     return launch
 
 

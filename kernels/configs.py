@@ -16,7 +16,8 @@ in order:
 The first time step 3 or 4 is used for a GPU, one warning says so and names ``dynconv autotune``.
 On CPU tensors and under the Triton interpreter (``TRITON_INTERPRET=1``) the default is returned
 at once: the interpreter's speed says nothing about a GPU's. Answers are cached per exact key, so
-after the first call a lookup costs about a microsecond.
+after the first call a lookup costs about a microsecond. Lookups may run on several threads at
+once (a hit takes no lock; tuning, warnings and clearing take ``_lock``).
 
 Files
 -----
@@ -50,9 +51,12 @@ nearest power of two (so 56x56 and 64x64 images share a row). A key missing from
 the row with equal ``exact`` fields nearest in log2 distance; with no such row the file has no
 answer for it and the lookup moves on. Only ``config`` is required of a row, and a config is
 used only if it has exactly the keys of the launcher's default, with powers of two for blocks and
-warps and everything within Triton's limits. A file that fails to parse, is partial, or comes
-from another schema or triton major.minor gives one warning and is skipped — a tuned config is
-only a speed hint, so a bad file must never cost more than speed.
+warps and everything within Triton's limits, and if it keeps its kernel's tuning-space ``rules``
+(what the kernel needs to compile and run, e.g. tl.dot's smallest tile). Only a regular file of
+at most :data:`MAX_FILE_BYTES` is read (a FIFO, a device or a directory under the name is not
+opened for reading). A file that cannot be read, fails to parse, is partial, or comes from
+another schema or triton major.minor gives one warning and is skipped — a tuned config is only a
+speed hint, so a bad file must never cost more than speed.
 
 Contract for kernel modules (what ``dynconv autotune`` and step 3 sweep)
 -----------------------------------------------------------------------
@@ -77,6 +81,10 @@ module defines (sizes, layout, flags — everything but the dtype):
 - ``spec_for_key(key) -> (spec, dtype)``: a representative problem for a key, for run-time tuning
   and for compiling shipped tables in tests.
 - ``exact``: key fields never bucketed (dtype width, layout, kernel size...).
+- ``rules(config, key) -> [str]``: why ``config`` cannot run the kernel at problem ``key`` (empty
+  when it can), for a config with the default's keys and Triton's limits. The module's candidates
+  keep these rules, and a config read from a file is checked by the same function, so a row
+  that passes validation compiles and runs. Optional: none by default.
 """
 from __future__ import annotations
 
@@ -89,6 +97,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import threading
 import warnings
@@ -103,6 +112,8 @@ MAX_TILE_ELEMENTS = 1 << 20
 MAX_BLOCK = 1 << 16
 WARPS = (1, 2, 4, 8, 16, 32)  # 32 warps = 1024 threads, the CUDA block limit
 MAX_STAGES = 8
+# A tuned file holds tens of rows per kernel (kilobytes); anything near this is not one.
+MAX_FILE_BYTES = 16 << 20
 
 
 class ConfigWarning(UserWarning):
@@ -116,6 +127,10 @@ class Problem:
     spec: dict
 
 
+def no_rules(config: dict, key: dict) -> list[str]:
+    return []
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpace:
     problems: Callable[[bool], list[Problem]]
@@ -126,6 +141,7 @@ class KernelSpace:
     candidates: Callable[[dict, bool], list[dict]]
     spec_for_key: Callable[[dict], tuple]
     exact: tuple[str, ...] = ()
+    rules: Callable[[dict, dict], list[str]] = no_rules
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +280,16 @@ def config_problems(config: Any, default: dict) -> list[str]:
     return problems
 
 
+def row_problems(kernel: str, config: Any, key: dict, default: dict) -> list[str]:
+    """Why a file's ``config`` may not run ``kernel`` at problem ``key`` (empty when it may): the
+    generic checks, then the kernel's own tuning-space rules."""
+    problems = config_problems(config, default)
+    if problems:
+        return problems
+    space = spaces().get(kernel)
+    return list(space.rules(config, key)) if space is not None else []
+
+
 def _version_mm(version: str) -> tuple[str, ...]:
     return tuple(str(version).split("+")[0].split(".")[:2])
 
@@ -322,12 +348,41 @@ def _warn_once(tag: Any, message: str) -> None:
     warnings.warn(message, ConfigWarning, stacklevel=4)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON of the regular file at ``path``.
+
+    Raises FileNotFoundError when there is none, and OSError or ValueError (with the reason) for
+    anything else that is not a readable JSON file of at most :data:`MAX_FILE_BYTES`: a FIFO
+    (opened non-blocking, so no writer is waited for), a device such as /dev/zero, a directory,
+    an oversized file, bad UTF-8, bad JSON, or JSON nested deeper than the parser's recursion limit.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        # fstat after open: what was opened is what is checked (no race with a swapped name).
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ValueError(f"{info.st_size} bytes, more than a config file's {MAX_FILE_BYTES}")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        raw = f.read(MAX_FILE_BYTES + 1)  # the size may change after the stat
+    if len(raw) > MAX_FILE_BYTES:
+        raise ValueError(f"more than a config file's {MAX_FILE_BYTES} bytes")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 @functools.lru_cache(maxsize=None)
 def _load(path: str) -> dict | None:
     """The file's kernels table, or None (absent, or unusable: warned once)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -352,7 +407,7 @@ def lookup_file(path: str | os.PathLike, kernel: str, key: dict, default: dict) 
     if found is None:
         return None
     text, row = found
-    problems = config_problems(row["config"], default)
+    problems = row_problems(kernel, row["config"], key, default)
     if problems:
         _warn_once(("row", str(path), kernel, text),
                    f"dynconv: ignoring {kernel}[{text}] in {path}: {'; '.join(problems)}")
@@ -360,19 +415,18 @@ def lookup_file(path: str | os.PathLike, kernel: str, key: dict, default: dict) 
     return dict(row["config"])
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` so that a reader sees the old file or the new one, never a mix.
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` so that a reader sees the old file or the new one, never a mix.
 
-    The temporary file lives in the destination folder: os.replace is atomic only within one
-    file system.
+    The temporary file has a unique name (concurrent writers never share one) and lives in the
+    destination folder: os.replace is atomic only within one file system.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -380,6 +434,38 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+LOCK_TIMEOUT_S = 120
+
+
+def file_lock(path: str | os.PathLike):
+    """An inter-process lock for a read-merge-write of ``path`` (a hidden ``.<name>.lock`` beside
+    it): two tools finishing together would otherwise each merge into the file the other is
+    about to replace, and one's rows would be lost."""
+    import filelock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(path.parent / f".{path.name}.lock"), timeout=LOCK_TIMEOUT_S)
+
+
+def is_config_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds something ``dynconv autotune`` wrote (of any schema or triton
+    version), so that replacing it loses nothing the user made: a JSON object with a schema and
+    a kernels table, or an empty file."""
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+            return True
+        data = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "schema" in data and isinstance(data.get("kernels"), dict)
 
 
 def new_file(device: str, kernels: dict, measured: datetime.datetime | None = None) -> dict:
@@ -395,8 +481,7 @@ def merge_into(path: str | os.PathLike, data: dict) -> dict:
     """``data`` with the rows of the usable file at ``path`` that ``data`` does not replace, so a
     partial sweep (``--ops``) keeps what an earlier one measured."""
     try:
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = read_json(path)
     except (OSError, ValueError):
         return data
     if file_problems(old):
@@ -527,10 +612,12 @@ def _tune_at_run_time(device: str, kernel: str, key: dict, default: dict) -> dic
     if space is None:
         return None
     bucket = (device, kernel, key_string(bucket_key(key, space.exact)))
+    # Under the lock: two threads never time the same bucket (nor disturb each other's timings),
+    # and a concurrent clear_cache cannot empty the table between the store and the read.
     with _lock:
         if bucket not in _tuned:
             _tuned[bucket] = _time_candidates(space, key, default)
-    return _tuned[bucket]
+        return _tuned[bucket]
 
 
 def _time_candidates(space: KernelSpace, key: dict, default: dict) -> dict | None:
@@ -586,7 +673,8 @@ def get_config(kernel: str, key: dict, default: dict) -> dict:
         found = _resolve(device, kernel, tuple(key.items()), tuple(default.items()))
     except _NotNow:
         global provisional_answers
-        provisional_answers += 1
+        with _lock:  # a read-modify-write: concurrent captures must each move the counter
+            provisional_answers += 1
         return default
     return default if found is None else dict(found)
 

@@ -49,6 +49,7 @@ _MAX_ACC_PER_THREAD = 128
 _MAX_OPERANDS_PER_THREAD = 64
 _MAX_SHARED_BYTES = 160 * 1024  # under sm_80's 163 KiB; the sweep checks the real limit per GPU
 _CAPS = {2: (256, 128, 64), 4: (256, 128, 32), 8: (128, 64, 16)}  # (rows, cols, reduction) by element size
+_MIN_DOT = 16  # tl.dot's smallest tile (16-bit operands need a contraction of 16 to compile at all)
 
 
 def _problems(quick: bool) -> list:
@@ -193,11 +194,24 @@ def _gemm_dims(kernel: str, key: dict) -> dict:
     return {"BLOCK_O": key["Cout"] // g, "BLOCK_N": key["Cin"] // g * taps, "BLOCK_K": Ho * Wo // key["m"]}
 
 
-def _plausible(config: dict, rows: str, dtype_bytes: int) -> bool:
-    M, N, K = config[rows], config["BLOCK_N"], config["BLOCK_K"]
+def _rows(kernel: str) -> str:
+    return "BLOCK_O" if kernel == "expert_conv_bwd_weight" else "BLOCK_P"
+
+
+def _rules(kernel: str):
+    def rules(config: dict, key: dict) -> list[str]:
+        """What the kernel needs to compile: every tl.dot dimension at least _MIN_DOT."""
+        small = [f"{name}={config[name]}" for name in (_rows(kernel), "BLOCK_N", "BLOCK_K") if config[name] < _MIN_DOT]
+        return [f"{', '.join(small)} below tl.dot's smallest tile ({_MIN_DOT})"] if small else []
+    return rules
+
+
+def _plausible(kernel: str, config: dict, key: dict) -> bool:
+    M, N, K = config[_rows(kernel)], config["BLOCK_N"], config["BLOCK_K"]
     threads = 32 * config["num_warps"]
+    dtype_bytes = key["dtype_bytes"]
     acc_scale = 2 if dtype_bytes == 8 else 1  # fp64 accumulators take two registers
-    return (min(M, N, K) >= 16  # tl.dot's smallest tile
+    return (not _rules(kernel)(config, key)
             and 8 <= M * N * acc_scale / threads <= _MAX_ACC_PER_THREAD
             and (M * K + K * N) * max(1, dtype_bytes // 2) / threads <= _MAX_OPERANDS_PER_THREAD
             and config["num_stages"] * (M * K + K * N) * dtype_bytes <= _MAX_SHARED_BYTES)
@@ -208,12 +222,11 @@ def _candidates(kernel: str):
         from .configs import neighbourhood
 
         default = _default_for(kernel, key)
-        rows = "BLOCK_O" if kernel == "expert_conv_bwd_weight" else "BLOCK_P"
-        caps = dict(zip((rows, "BLOCK_N", "BLOCK_K"), _CAPS[key["dtype_bytes"]]))
-        limits = {name: max(16, min(caps[name], size)) for name, size in _gemm_dims(kernel, key).items()}
+        caps = dict(zip((_rows(kernel), "BLOCK_N", "BLOCK_K"), _CAPS[key["dtype_bytes"]]))
+        limits = {name: max(_MIN_DOT, min(caps[name], size)) for name, size in _gemm_dims(kernel, key).items()}
         around = neighbourhood(default, limits, elements_per_thread=(0, float("inf")), size=10**6,
                                warps=(4, 8), stages=(1, 2, 3))
-        keep = [c for c in around[1:] if _plausible(c, rows, key["dtype_bytes"])]
+        keep = [c for c in around[1:] if _plausible(kernel, c, key)]
         return [default] + keep[: (6 if quick else 12) - 1]
     return candidates
 
@@ -236,5 +249,5 @@ def autotune_space() -> dict:
 
     return {name: KernelSpace(problems=_problems, inputs=_inputs, launch=_LAUNCH[name], key=_key(name),
                               default=_default(name), candidates=_candidates(name),
-                              spec_for_key=_spec_for_key(name), exact=_EXACT)
+                              spec_for_key=_spec_for_key(name), exact=_EXACT, rules=_rules(name))
             for name in _LAUNCH}

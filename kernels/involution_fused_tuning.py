@@ -190,17 +190,33 @@ def _registers(kernel: str, c: dict, dtype_bytes: int) -> float:
     return live / (32 * c["num_warps"])
 
 
-def _plausible(kernel: str, c: dict, default: dict, key: dict) -> bool:
+def _rule_problems(kernel: str, c: dict, key: dict) -> list[str]:
+    """What a config must keep to run ``kernel`` at ``key`` as tuned: the default's code path
+    (tl.dot or multiply-reduce), dot dimensions of 16 or more (below only where the default's are,
+    for a problem smaller than one tile), and a multiply-reduce product of bounded size."""
+    default = _default_for(kernel, key)
     dtype = _DTYPES[key["dtype_bytes"]]
     dot = fused.uses_dot(kernel, c, dtype)
     if dot != fused.uses_dot(kernel, default, dtype):
-        return False  # another code path: the default's path is the one being tuned
+        paths = ("tl.dot", "multiply-reduce") if dot else ("multiply-reduce", "tl.dot")
+        return ["takes the {} path where the default takes {}".format(*paths)]
     if dot:
-        # Below 16 only where the default is too (a problem smaller than one tile).
-        if any(v < min(_MIN_DOT, d) for v, d in zip(_dot_dims(kernel, c), _dot_dims(kernel, default))):
-            return False
-    elif c["BLOCK_G"] * c["BLOCK_R"] * c["BLOCK_H"] * c["BLOCK_W"] > fused.FMA_PRODUCT_ELEMENTS:
-        return False  # the multiply-reduce materialises [M, K, N]
+        dims = zip(("M", "K", "N"), _dot_dims(kernel, c), _dot_dims(kernel, default))
+        small = [f"{name}={v}" for name, v, d in dims if v < min(_MIN_DOT, d)]
+        return [f"tl.dot dimension {', '.join(small)} below {_MIN_DOT}"] if small else []
+    product = c["BLOCK_G"] * c["BLOCK_R"] * c["BLOCK_H"] * c["BLOCK_W"]
+    if product > fused.FMA_PRODUCT_ELEMENTS:  # the multiply-reduce materialises [M, K, N]
+        return [f"multiply-reduce product of {product} elements exceeds {fused.FMA_PRODUCT_ELEMENTS}"]
+    return []
+
+
+def _rules(kernel: str):
+    return lambda config, key: _rule_problems(kernel, config, key)
+
+
+def _plausible(kernel: str, c: dict, key: dict) -> bool:
+    if _rule_problems(kernel, c, key):
+        return False
     threads = 32 * c["num_warps"]
     if c["BLOCK_G"] * c["BLOCK_CG"] * c["BLOCK_H"] * c["BLOCK_W"] < _MIN_TILE_PER_THREAD * threads:
         return False
@@ -239,7 +255,7 @@ def _candidates(kernel: str):
             if c["BLOCK_H"] > max(triton_next_pow2(h), fused.TILE_PIXELS // c["BLOCK_W"]):
                 continue
             c = {name: c[name] for name in default}
-            if c != default and _plausible(kernel, c, default, key):
+            if c != default and _plausible(kernel, c, key):
                 found.append(c)
 
         def distance(c):
@@ -265,5 +281,5 @@ def autotune_space() -> dict:
 
     return {name: KernelSpace(problems=_problems, inputs=_inputs, launch=_launch(kernel), key=_key(kernel),
                               default=_default(kernel), candidates=_candidates(kernel),
-                              spec_for_key=_spec_for_key(kernel), exact=_EXACT)
+                              spec_for_key=_spec_for_key(kernel), exact=_EXACT, rules=_rules(kernel))
             for name, kernel in _KERNELS.items()}
