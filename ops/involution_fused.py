@@ -11,7 +11,9 @@ Registered as ``torch.ops.dynconv.involution_fused`` with backward ops
 plus shift-and-add (``ops/reference_involution_fused.py``, which does materialise the weights), or
 the Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import. Plain
 eager calls of the public function run the same bodies through an autograd.Function, without the
-dispatcher (``ops/_eager.py``).
+dispatcher (``ops/_eager.py``); so do torch.func transforms, which need the Functions' jvp and vmap
+rules. Every derivative of the four maps (forward and three backward) is again one of the four, so
+gradients are differentiable to any order, on both paths, without materialising the weights.
 """
 from __future__ import annotations
 
@@ -112,9 +114,9 @@ _cached_geometry = functools.lru_cache(maxsize=1024)(_geometry)
 
 # ---------------------------------------------------------------------------------------------
 # The family's four maps. Every path runs these bodies: the custom ops, the eager
-# autograd.Functions, and the derivatives of both. Each map is linear in every tensor argument
-# (the span bias rides with the span weight), so an empty factor gives a zero result, written
-# without a launch; meta tensors need only their shapes.
+# autograd.Functions, and the derivatives of both. Each output is a sum of products with one
+# factor from each of some inputs, so an empty factor gives a zero result, written without a
+# launch; meta tensors need only their shapes.
 # ---------------------------------------------------------------------------------------------
 
 def _done_without_kernel(out: Tensor, *factors: Tensor) -> bool:
@@ -310,7 +312,8 @@ def _total(terms):
 
 # ---------------------------------------------------------------------------------------------
 # vmap rules: a vmapped dimension folds into the batch dimension of the per-sample tensors.
-# Maps that sum over the batch (backward_span), or whose span weight is vmapped, run per slice.
+# Maps that sum over the batch (backward_span), or whose span weight is vmapped, run per slice,
+# as does a vmap over nothing.
 # ---------------------------------------------------------------------------------------------
 
 def _fold(t: Tensor | None, dim: int | None, n: int) -> Tensor | None:
@@ -326,13 +329,18 @@ def _unfold(t: Tensor, n: int) -> Tensor:
 
 def _per_slice(apply, n: int, in_dims, args):
     """``apply`` on each of the ``n`` slices, stacked. ``in_dims`` holds None for every unbatched
-    argument (a tuple of Nones for a tuple argument)."""
+    argument (a tuple of Nones for a tuple argument). With no slice (a Jacobian of an empty output),
+    one slice of zeros gives the shapes."""
     def slice_(i):
-        return (a.select(d, i) if isinstance(a, Tensor) and d is not None else a for a, d in zip(args, in_dims))
-    results = [apply(*slice_(i)) for i in range(n)]
+        for a, d in zip(args, in_dims):
+            if not isinstance(a, Tensor) or d is None:
+                yield a
+            else:
+                yield a.select(d, i) if n else a.new_zeros(a.shape[:d] + a.shape[d + 1:])
+    results = [apply(*slice_(i)) for i in range(max(n, 1))]
     if isinstance(results[0], tuple):
-        return tuple(torch.stack(r) for r in zip(*results))
-    return torch.stack(results)
+        return tuple(torch.stack(r)[:n] for r in zip(*results))
+    return torch.stack(results)[:n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +384,7 @@ class _Forward(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, z, span_weight, span_bias, *static):
         n = info.batch_size
-        if in_dims[2] is not None or in_dims[3] is not None:
+        if n == 0 or in_dims[2] is not None or in_dims[3] is not None:
             return _per_slice(_Forward.apply, n, in_dims, (x, z, span_weight, span_bias, *static)), 0
         return _unfold(_Forward.apply(_fold(x, in_dims[0], n), _fold(z, in_dims[1], n), span_weight, span_bias,
                                       *static), n), 0
@@ -401,7 +409,7 @@ class _BackwardInput(torch.autograd.Function):
     def vmap(info, in_dims, grad, z, span_weight, span_bias, K, x_size, channels_last, *rest):
         n = info.batch_size
         args = (grad, z, span_weight, span_bias, K, x_size, channels_last, *rest)
-        if in_dims[2] is not None or in_dims[3] is not None:
+        if n == 0 or in_dims[2] is not None or in_dims[3] is not None:
             return _per_slice(_BackwardInput.apply, n, in_dims, args), 0
         x_size = (n * x_size[0], *x_size[1:])
         return _unfold(_BackwardInput.apply(_fold(grad, in_dims[0], n), _fold(z, in_dims[1], n), span_weight,
@@ -425,7 +433,7 @@ class _BackwardZ(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, grad, x, span_weight, *static):
         n = info.batch_size
-        if in_dims[2] is not None:
+        if n == 0 or in_dims[2] is not None:
             return _per_slice(_BackwardZ.apply, n, in_dims, (grad, x, span_weight, *static)), 0
         return _unfold(_BackwardZ.apply(_fold(grad, in_dims[0], n), _fold(x, in_dims[1], n), span_weight,
                                         *static), n), 0

@@ -216,10 +216,16 @@ def test_empty_tensors(path, case, device, monkeypatch):
                                                materialize_grads=True), (x, z, span_w, span_b)):
             assert grad.shape == t.shape and torch.equal(grad, torch.zeros_like(t))
     if path != "custom_op":
-        tangents = tuple(torch.ones_like(t) for t in (x, z, span_w, span_b))
-        _, tangent = func.jvp(lambda *a: dynconv.involution_fused(*a, K, G, padding=padding),
-                              (x.detach(), z.detach(), span_w.detach(), span_b.detach()), tangents)
+        primals = tuple(t.detach() for t in (x, z, span_w, span_b))
+
+        def op(*a):
+            return dynconv.involution_fused(*a, K, G, padding=padding)
+
+        _, tangent = func.jvp(op, primals, tuple(torch.ones_like(t) for t in primals))
         assert tangent.shape == y.shape and torch.equal(tangent, torch.zeros_like(tangent))
+        # An empty y makes jacrev vmap over nothing.
+        for jacobian, t in zip(func.jacrev(op, argnums=(0, 1, 2, 3))(*primals), primals):
+            assert jacobian.shape == (*y.shape, *t.shape) and not jacobian.ne(0).any()
 
 
 @pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
