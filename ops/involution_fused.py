@@ -11,16 +11,18 @@ Registered as ``torch.ops.dynconv.involution_fused`` with backward ops
 plus shift-and-add (``ops/reference_involution_fused.py``, which does materialise the weights), or
 the Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import. Plain
 eager calls of the public function run the same bodies through an autograd.Function, without the
-dispatcher (``ops/_eager.py``).
+dispatcher (``ops/_eager.py``); so do torch.func transforms, which need the Functions' jvp and vmap
+rules. Every derivative of the four maps (forward and three backward) is again one of the four, so
+gradients are differentiable to any order, on both paths, without materialising the weights.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from dynconv.kernels import involution_fused as kernels
 from dynconv.kernels._launch import kernels_are_interpreted
@@ -111,21 +113,48 @@ _cached_geometry = functools.lru_cache(maxsize=1024)(_geometry)
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward and backward bodies: the custom ops and the eager autograd.Function both run these.
+# The family's four maps. Every path runs these bodies: the custom ops, the eager
+# autograd.Functions, and the derivatives of both. Each output is a sum of products with one
+# factor from each of some inputs, so an empty factor gives a zero result, written without a
+# launch; meta tensors need only their shapes.
 # ---------------------------------------------------------------------------------------------
 
-def _forward(x, z, span_weight, span_bias, kernel_size, groups, stride, padding, dilation, out):
-    y = _empty(x, (x.shape[0], x.shape[1], *out), memory_format_of(x))
+def _done_without_kernel(out: Tensor, *factors: Tensor) -> bool:
+    """Whether ``out`` is complete without a kernel: a meta tensor needs only its shape, an empty one
+    nothing, and an empty factor makes it zero."""
+    if out.is_meta or out.numel() == 0:
+        return True
+    for t in factors:
+        if t.numel() == 0:
+            out.zero_()
+            return True
+    return False
+
+
+def _groups(span_weight: Tensor, kernel_size: int) -> int:
+    return span_weight.shape[0] // (kernel_size * kernel_size)
+
+
+def _forward(x, z, span_weight, span_bias, kernel_size, stride, padding, dilation):
+    """y = F(x, W) with W = span_weight·z + span_bias: the involution of x by the generated weights."""
+    B, C, _, _ = x.shape
+    _, _, Ho, Wo = z.shape
+    y = _empty(x, (B, C, Ho, Wo), memory_format_of(x))
+    if _done_without_kernel(y, x):
+        return y
     if _use_triton(x):
         kernels.involution_fused_forward(x, z, span_weight, span_bias, y, kernel_size, stride, padding, dilation)
     else:
-        y.copy_(reference.involution_fused_reference(x, z, span_weight, span_bias, kernel_size, groups,
-                                                     stride, padding, dilation))
+        y.copy_(reference.involution_fused_reference(x, z, span_weight, span_bias, kernel_size,
+                                                     _groups(span_weight, kernel_size), stride, padding, dilation))
     return y
 
 
 def _backward_input(grad, z, span_weight, span_bias, kernel_size, x_size, channels_last, stride, padding, dilation):
+    """dx = F_xᵀ(grad, W): the adjoint of F in x."""
     dx = _empty(grad, x_size, _format(channels_last))
+    if _done_without_kernel(dx, grad):
+        return dx
     if _use_triton(grad):
         kernels.involution_fused_backward_input(grad, z, span_weight, span_bias, dx, kernel_size,
                                                 stride, padding, dilation)
@@ -136,7 +165,10 @@ def _backward_input(grad, z, span_weight, span_bias, kernel_size, x_size, channe
 
 
 def _backward_z(grad, x, span_weight, kernel_size, z_channels_last, stride, padding, dilation):
+    """dz = span_weightᵀ·dW(grad, x), dW being the per-pixel weights' gradient (never stored)."""
     dz = _empty(x, (x.shape[0], span_weight.shape[1], *grad.shape[2:]), _format(z_channels_last))
+    if _done_without_kernel(dz, grad, x):
+        return dz
     if _use_triton(x):
         kernels.involution_fused_backward_z(grad, x, span_weight, dz, kernel_size, stride, padding, dilation)
     else:
@@ -145,10 +177,13 @@ def _backward_z(grad, x, span_weight, kernel_size, z_channels_last, stride, padd
 
 
 def _backward_span(grad, x, z, kernel_size, groups, stride, padding, dilation):
-    """(d span_weight (K²G, R), d span_bias (K²G,)): sums over every sample and pixel, deterministic."""
+    """(d span_weight (K²G, R), d span_bias (K²G,)) = Σ dW(grad, x)·(z, 1) over every sample and pixel,
+    deterministic."""
     rows = kernel_size * kernel_size * groups
     dspan = torch.empty((rows, z.shape[1]), dtype=x.dtype, device=x.device)
     dbias = torch.empty((rows,), dtype=x.dtype, device=x.device)
+    if _done_without_kernel(dspan, grad, x):  # dspan has K²G·R > 0 elements, as dbias has K²G
+        return dspan, dbias.zero_()
     if _use_triton(x):
         kernels.involution_fused_backward_span(grad, x, z, dspan, dbias, kernel_size, stride, padding, dilation)
     else:
@@ -158,41 +193,284 @@ def _backward_span(grad, x, z, kernel_size, groups, stride, padding, dilation):
     return dspan, dbias
 
 
-def _save(ctx, x, z, span_weight, span_bias, kernel_size, geometry):
-    ctx.kernel_size = kernel_size
-    ctx.geometry = geometry
-    ctx.x_size = tuple(x.shape)
-    ctx.x_channels_last = is_channels_last(x)
-    ctx.z_channels_last = is_channels_last(z)
-    ctx.save_for_backward(x, z, span_weight, span_bias)
+class _Maps(NamedTuple):
+    """One implementation of the four maps (bodies, autograd.Functions or custom ops), each called
+    with its custom op's signature."""
+    forward: Callable
+    backward_input: Callable
+    backward_z: Callable
+    backward_span: Callable
 
 
-def _grads(ctx, grad, backward_input, backward_z, backward_span):
-    """(dx, dz, dspan_weight, dspan_bias), each None where not needed."""
-    x, z, span_weight, span_bias = ctx.saved_tensors
-    K = ctx.kernel_size
-    needs = ctx.needs_input_grad
-    dx = dz = dspan = dbias = None
-    if needs[0]:
-        dx = backward_input(grad, z, span_weight, span_bias, K, ctx.x_size, ctx.x_channels_last, *ctx.geometry)
-    if needs[1]:
-        dz = backward_z(grad, x, span_weight, K, ctx.z_channels_last, *ctx.geometry)
-    if needs[2] or needs[3]:
-        dspan, dbias = backward_span(grad, x, z, K, span_weight.shape[0] // (K * K), *ctx.geometry)
-        if span_bias is None or not needs[3]:
-            dbias = None
-    return dx, dz, dspan, dbias
+_BODIES = _Maps(_forward, _backward_input, _backward_z, _backward_span)
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops (torch.compile, opcheck, fake tensors; see ops/_eager.py)
+# Derivatives of the four maps, in terms of the four maps. With L(g, x, W) = ⟨g, F(x, W)⟩ and
+# W = span_weight·z + span_bias, every map is a partial derivative of L: linear in g and in x, and
+# in z and (span_weight, span_bias) through W. A map's vector-Jacobian product puts the incoming
+# gradient in the place of the argument the map eliminated; its Jacobian-vector product is one call
+# per tangent. ``needs`` says which input gradients are wanted; ``rest`` is (stride, padding, dilation).
+# ---------------------------------------------------------------------------------------------
+
+def _forward_vjp(maps, needs, grad, x, z, span_weight, span_bias, kernel_size, *rest):
+    dx = dz = dspan = dbias = None
+    if grad is None:
+        return dx, dz, dspan, dbias
+    if needs[0]:
+        dx = maps.backward_input(grad, z, span_weight, span_bias, kernel_size, x.shape, is_channels_last(x), *rest)
+    if needs[1]:
+        dz = maps.backward_z(grad, x, span_weight, kernel_size, is_channels_last(z), *rest)
+    if needs[2] or needs[3]:
+        dspan, dbias = maps.backward_span(grad, x, z, kernel_size, _groups(span_weight, kernel_size), *rest)
+    return dx, dz, (dspan if needs[2] else None), (dbias if needs[3] and span_bias is not None else None)
+
+
+def _backward_input_vjp(maps, needs, h, grad, z, span_weight, span_bias, kernel_size, *rest):
+    """⟨h, F_xᵀ(grad, W)⟩ = L(grad, h, W): h takes x's place."""
+    dgrad = dz = dspan = dbias = None
+    if h is None:
+        return dgrad, dz, dspan, dbias
+    if needs[0]:
+        dgrad = maps.forward(h, z, span_weight, span_bias, kernel_size, *rest)
+    if needs[1]:
+        dz = maps.backward_z(grad, h, span_weight, kernel_size, is_channels_last(z), *rest)
+    if needs[2] or needs[3]:
+        dspan, dbias = maps.backward_span(grad, h, z, kernel_size, _groups(span_weight, kernel_size), *rest)
+    return dgrad, dz, (dspan if needs[2] else None), (dbias if needs[3] and span_bias is not None else None)
+
+
+def _backward_z_vjp(maps, needs, k, grad, x, span_weight, kernel_size, *rest):
+    """⟨k, span_weightᵀ·dW(grad, x)⟩ = L(grad, x, span_weight·k): k takes z's place, without the bias."""
+    dgrad = dx = dspan = None
+    if k is None:
+        return dgrad, dx, dspan
+    if needs[0]:
+        dgrad = maps.forward(x, k, span_weight, None, kernel_size, *rest)
+    if needs[1]:
+        dx = maps.backward_input(grad, k, span_weight, None, kernel_size, x.shape, is_channels_last(x), *rest)
+    if needs[2]:
+        dspan = maps.backward_span(grad, x, k, kernel_size, _groups(span_weight, kernel_size), *rest)[0]
+    return dgrad, dx, dspan
+
+
+def _backward_span_vjp(maps, needs, p, q, grad, x, z, kernel_size, groups, *rest):
+    """⟨p, Σ dW·zᵀ⟩ + ⟨q, Σ dW⟩ = L(grad, x, p·z + q): (p, q) take the span conv's place."""
+    if p is None and q is None:
+        return None, None, None
+    if p is None:
+        p = torch.zeros((kernel_size * kernel_size * groups, z.shape[1]), dtype=x.dtype, device=x.device)
+    dgrad = dx = dz = None
+    if needs[0]:
+        dgrad = maps.forward(x, z, p, q, kernel_size, *rest)
+    if needs[1]:
+        dx = maps.backward_input(grad, z, p, q, kernel_size, x.shape, is_channels_last(x), *rest)
+    if needs[2]:
+        dz = maps.backward_z(grad, x, p, kernel_size, is_channels_last(z), *rest)
+    return dgrad, dx, dz
+
+
+def _span_map_jvp(f, lead, z, span_weight, span_bias, t_lead, t_z, t_span_weight, t_span_bias, static):
+    """Tangent of ``f(lead, z, span_weight, span_bias, *static)`` (the forward or backward_input):
+    linear in lead, in z (whose term has no bias) and in (span_weight, span_bias) together."""
+    terms = []
+    if t_lead is not None:
+        terms.append(f(t_lead, z, span_weight, span_bias, *static))
+    if t_z is not None:
+        terms.append(f(lead, t_z, span_weight, None, *static))
+    if t_span_weight is not None or t_span_bias is not None:
+        t_span_weight = torch.zeros_like(span_weight) if t_span_weight is None else t_span_weight
+        terms.append(f(lead, z, t_span_weight, t_span_bias, *static))
+    return _total(terms) if terms else f(torch.zeros_like(lead), z, span_weight, span_bias, *static)
+
+
+def _backward_z_jvp(f, primals, tangents, static):
+    """Tangent of ``f(grad, x, span_weight, *static)``, linear in each: one call per tangent."""
+    terms = [f(*primals[:i], t, *primals[i + 1:], *static) for i, t in enumerate(tangents) if t is not None]
+    return _total(terms) if terms else f(torch.zeros_like(primals[0]), *primals[1:], *static)
+
+
+def _backward_span_jvp(f, grad, x, z, t_grad, t_x, t_z, static):
+    """Tangent of ``(Σ dW(grad, x)·zᵀ, Σ dW(grad, x))``: linear in grad and in x; z moves only the first."""
+    terms = []
+    if t_grad is not None:
+        terms.append(f(t_grad, x, z, *static))
+    if t_x is not None:
+        terms.append(f(grad, t_x, z, *static))
+    if t_z is not None:
+        t_span_weight, t_span_bias = f(grad, x, t_z, *static)
+        terms.append((t_span_weight, torch.zeros_like(t_span_bias)))
+    return _total(terms) if terms else f(torch.zeros_like(grad), x, z, *static)
+
+
+def _total(terms):
+    total = terms[0]
+    for term in terms[1:]:
+        total = tuple(a + b for a, b in zip(total, term)) if isinstance(total, tuple) else total + term
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# vmap rules: a vmapped dimension folds into the batch dimension of the per-sample tensors.
+# Maps that sum over the batch (backward_span), or whose span weight is vmapped, run per slice,
+# as does a vmap over nothing.
+# ---------------------------------------------------------------------------------------------
+
+def _fold(t: Tensor | None, dim: int | None, n: int) -> Tensor | None:
+    if t is None:
+        return None
+    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+def _unfold(t: Tensor, n: int) -> Tensor:
+    return t.reshape(n, t.shape[0] // n, *t.shape[1:])
+
+
+def _per_slice(apply, n: int, in_dims, args):
+    """``apply`` on each of the ``n`` slices, stacked. ``in_dims`` holds None for every unbatched
+    argument (a tuple of Nones for a tuple argument). With no slice (a Jacobian of an empty output),
+    one slice of zeros gives the shapes."""
+    def slice_(i):
+        for a, d in zip(args, in_dims):
+            if not isinstance(a, Tensor) or d is None:
+                yield a
+            else:
+                yield a.select(d, i) if n else a.new_zeros(a.shape[:d] + a.shape[d + 1:])
+    results = [apply(*slice_(i)) for i in range(max(n, 1))]
+    if isinstance(results[0], tuple):
+        return tuple(torch.stack(r)[:n] for r in zip(*results))
+    return torch.stack(results)[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Functions: the eager path (no dispatcher) and torch.func. Their derivatives call these
+# Functions again, so every order is differentiable; a backward that records nothing calls the
+# bodies directly.
+# ---------------------------------------------------------------------------------------------
+
+def _saving(n_tensors: int, function: bool):
+    """A setup_context that saves the first ``n_tensors`` inputs and keeps the rest as ``ctx.static``.
+    A Function's missing gradients and tangents stay None: a zero one would cost a launch."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors])
+        if function:
+            ctx.save_for_forward(*inputs[:n_tensors])
+            ctx.set_materialize_grads(False)
+        ctx.static = inputs[n_tensors:]
+    return setup_context
+
+
+def _maps_for_backward() -> _Maps:
+    if (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
+            or torch._C._are_functorch_transforms_active()):
+        return _FUNCTIONS
+    return _BODIES
+
+
+class _Forward(torch.autograd.Function):
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_saving(4, True))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*_forward_vjp(_maps_for_backward(), ctx.needs_input_grad, grad, *ctx.saved_tensors, *ctx.static),
+                None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_x, t_z, t_span_weight, t_span_bias, *_):
+        return _span_map_jvp(_Forward.apply, *ctx.saved_tensors, t_x, t_z, t_span_weight, t_span_bias, ctx.static)
+
+    @staticmethod
+    def vmap(info, in_dims, x, z, span_weight, span_bias, *static):
+        n = info.batch_size
+        if n == 0 or in_dims[2] is not None or in_dims[3] is not None:
+            return _per_slice(_Forward.apply, n, in_dims, (x, z, span_weight, span_bias, *static)), 0
+        return _unfold(_Forward.apply(_fold(x, in_dims[0], n), _fold(z, in_dims[1], n), span_weight, span_bias,
+                                      *static), n), 0
+
+
+class _BackwardInput(torch.autograd.Function):
+    forward = staticmethod(_backward_input)
+    setup_context = staticmethod(_saving(4, True))
+
+    @staticmethod
+    def backward(ctx, h):
+        K, _, _, *rest = ctx.static
+        return (*_backward_input_vjp(_maps_for_backward(), ctx.needs_input_grad, h, *ctx.saved_tensors, K, *rest),
+                *(None,) * 6)
+
+    @staticmethod
+    def jvp(ctx, t_grad, t_z, t_span_weight, t_span_bias, *_):
+        return _span_map_jvp(_BackwardInput.apply, *ctx.saved_tensors, t_grad, t_z, t_span_weight, t_span_bias,
+                             ctx.static)
+
+    @staticmethod
+    def vmap(info, in_dims, grad, z, span_weight, span_bias, K, x_size, channels_last, *rest):
+        n = info.batch_size
+        args = (grad, z, span_weight, span_bias, K, x_size, channels_last, *rest)
+        if n == 0 or in_dims[2] is not None or in_dims[3] is not None:
+            return _per_slice(_BackwardInput.apply, n, in_dims, args), 0
+        x_size = (n * x_size[0], *x_size[1:])
+        return _unfold(_BackwardInput.apply(_fold(grad, in_dims[0], n), _fold(z, in_dims[1], n), span_weight,
+                                            span_bias, K, x_size, channels_last, *rest), n), 0
+
+
+class _BackwardZ(torch.autograd.Function):
+    forward = staticmethod(_backward_z)
+    setup_context = staticmethod(_saving(3, True))
+
+    @staticmethod
+    def backward(ctx, k):
+        K, _, *rest = ctx.static
+        return (*_backward_z_vjp(_maps_for_backward(), ctx.needs_input_grad, k, *ctx.saved_tensors, K, *rest),
+                *(None,) * 5)
+
+    @staticmethod
+    def jvp(ctx, t_grad, t_x, t_span_weight, *_):
+        return _backward_z_jvp(_BackwardZ.apply, ctx.saved_tensors, (t_grad, t_x, t_span_weight), ctx.static)
+
+    @staticmethod
+    def vmap(info, in_dims, grad, x, span_weight, *static):
+        n = info.batch_size
+        if n == 0 or in_dims[2] is not None:
+            return _per_slice(_BackwardZ.apply, n, in_dims, (grad, x, span_weight, *static)), 0
+        return _unfold(_BackwardZ.apply(_fold(grad, in_dims[0], n), _fold(x, in_dims[1], n), span_weight,
+                                        *static), n), 0
+
+
+class _BackwardSpan(torch.autograd.Function):
+    forward = staticmethod(_backward_span)
+    setup_context = staticmethod(_saving(3, True))
+
+    @staticmethod
+    def backward(ctx, p, q):
+        return (*_backward_span_vjp(_maps_for_backward(), ctx.needs_input_grad, p, q, *ctx.saved_tensors,
+                                    *ctx.static), *(None,) * 5)
+
+    @staticmethod
+    def jvp(ctx, t_grad, t_x, t_z, *_):
+        return _backward_span_jvp(_BackwardSpan.apply, *ctx.saved_tensors, t_grad, t_x, t_z, ctx.static)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _per_slice(_BackwardSpan.apply, info.batch_size, in_dims, args), (0, 0)
+
+
+_FUNCTIONS = _Maps(_Forward.apply, _BackwardInput.apply, _BackwardZ.apply, _BackwardSpan.apply)
+_apply = _eager.applier(_Forward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (torch.compile, opcheck, fake tensors; see ops/_eager.py). Their derivatives are the
+# custom ops again, so a compiled graph is differentiable to every order too.
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("dynconv::involution_fused", mutates_args=())
 def involution_fused_op(x: Tensor, z: Tensor, span_weight: Tensor, span_bias: Tensor | None, kernel_size: int,
                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
-    geometry = _check(x, z, span_weight, span_bias, kernel_size, stride, padding, dilation)
-    return _forward(x, z, span_weight, span_bias, kernel_size, *geometry)
+    _, stride, padding, dilation, _ = _check(x, z, span_weight, span_bias, kernel_size, stride, padding, dilation)
+    return _forward(x, z, span_weight, span_bias, kernel_size, stride, padding, dilation)
 
 
 @involution_fused_op.register_fake
@@ -237,36 +515,33 @@ def _(grad, x, z, kernel_size, groups, stride, padding, dilation):
     return x.new_empty((rows, z.shape[1])), x.new_empty((rows,))
 
 
-def _setup_context(ctx, inputs, output):
-    _save(ctx, *inputs[:5], tuple(inputs[5:]))
+_CUSTOM_OPS = _Maps(involution_fused_op, backward_input_op, backward_z_op, backward_span_op)
 
 
-def _backward(ctx, grad):
-    return (*_grads(ctx, grad, backward_input_op, backward_z_op, backward_span_op), None, None, None, None)
+def _op_forward_backward(ctx, grad):
+    return (*_forward_vjp(_CUSTOM_OPS, ctx.needs_input_grad, grad, *ctx.saved_tensors, *ctx.static),
+            None, None, None, None)
 
 
-torch.library.register_autograd("dynconv::involution_fused", _backward, setup_context=_setup_context)
+def _op_backward_input_backward(ctx, h):
+    K, _, _, *rest = ctx.static
+    return (*_backward_input_vjp(_CUSTOM_OPS, ctx.needs_input_grad, h, *ctx.saved_tensors, K, *rest), *(None,) * 6)
 
 
-# ---------------------------------------------------------------------------------------------
-# The eager path: the same bodies, no dispatcher
-# ---------------------------------------------------------------------------------------------
-
-class _InvolutionFused(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, z, span_weight, span_bias, kernel_size, groups, stride, padding, dilation, out):
-        _save(ctx, x, z, span_weight, span_bias, kernel_size, (stride, padding, dilation))
-        return _forward(x, z, span_weight, span_bias, kernel_size, groups, stride, padding, dilation, out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: the kernels have no derivative of their own
-            return _backward_once(ctx, grad)
-        return (*_grads(ctx, grad, _backward_input, _backward_z, _backward_span), None, None, None, None, None, None)
+def _op_backward_z_backward(ctx, k):
+    K, _, *rest = ctx.static
+    return (*_backward_z_vjp(_CUSTOM_OPS, ctx.needs_input_grad, k, *ctx.saved_tensors, K, *rest), *(None,) * 5)
 
 
-_backward_once = once_differentiable(_InvolutionFused.backward)
-_apply = _eager.applier(_InvolutionFused)
+def _op_backward_span_backward(ctx, p, q):
+    return (*_backward_span_vjp(_CUSTOM_OPS, ctx.needs_input_grad, p, q, *ctx.saved_tensors, *ctx.static),
+            *(None,) * 5)
+
+
+involution_fused_op.register_autograd(_op_forward_backward, setup_context=_saving(4, False))
+backward_input_op.register_autograd(_op_backward_input_backward, setup_context=_saving(4, False))
+backward_z_op.register_autograd(_op_backward_z_backward, setup_context=_saving(3, False))
+backward_span_op.register_autograd(_op_backward_span_backward, setup_context=_saving(3, False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,10 +586,20 @@ def involution_fused(x: Tensor, z: Tensor, span_weight: Tensor, span_bias: Tenso
     pairs = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0), as_pair(dilation, "dilation", 1)
     tensors = x, z, span_weight, span_bias
     if not _eager.eager(*tensors):
+        if _under_torch_func():
+            _, *pairs, _ = _check(*tensors, K, *pairs)
+            return _Forward.apply(*tensors, K, *pairs)
         return involution_fused_op(*tensors, K, *map(list, pairs))
     _check_tensors(*tensors)
-    geometry = _cached_geometry(x.shape, z.shape, span_weight.shape, None if span_bias is None else span_bias.shape,
-                                K, *pairs)
+    _, stride, padding, dilation, _ = _cached_geometry(x.shape, z.shape, span_weight.shape,
+                                                       None if span_bias is None else span_bias.shape, K, *pairs)
     if _eager.records_grad(*tensors):
-        return _apply(*tensors, K, *geometry)
-    return _forward(*tensors, K, *geometry)
+        return _apply(*tensors, K, stride, padding, dilation)
+    return _forward(*tensors, K, stride, padding, dilation)
+
+
+def _under_torch_func() -> bool:
+    """torch.func transforms need the autograd.Functions' setup_context, jvp and vmap rules, which
+    custom ops lack; tracing, compiling and dispatch modes still see the ops."""
+    return (torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+            and not torch._C._len_torch_dispatch_stack())
