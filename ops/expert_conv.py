@@ -15,6 +15,7 @@ without the dispatcher (``ops/_eager.py``).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -286,7 +287,7 @@ def _mix_grads(dW: Tensor, weights, routing, spatial):
     B, m = dW.shape[:2]
     dspatial = None
     if routing is not None:
-        route = routing.to(acc).reshape(B * m, -1)
+        route = routing.to(acc).reshape(B * m, routing.shape[2])  # explicit sizes: B may be 0
         flat_experts = weights.to(acc).reshape(weights.shape[0], -1)
     if spatial is not None:
         unscaled = (route @ flat_experts).reshape(dW.shape) if routing is not None else weights.to(acc)
@@ -294,7 +295,7 @@ def _mix_grads(dW: Tensor, weights, routing, spatial):
         dW = dW * spatial.to(acc)[:, None, None, None]
     if routing is None:
         return dW, None, dspatial
-    flat = dW.reshape(B * m, -1)
+    flat = dW.reshape(B * m, math.prod(dW.shape[2:]))
     return (route.t() @ flat).reshape(weights.shape), (flat @ flat_experts.t()).reshape(routing.shape), dspatial
 
 
@@ -303,7 +304,7 @@ def _bias_grads(dbias_mixed: Tensor, routing, bias):
     if routing is None:
         return dbias_mixed, None
     B, m, E = routing.shape
-    flat = dbias_mixed.reshape(B * m, -1)
+    flat = dbias_mixed.reshape(B * m, dbias_mixed.shape[2])
     return (routing.to(flat.dtype).reshape(B * m, E).t() @ flat), (flat @ bias.to(flat.dtype).t()).reshape(B, m, E)
 
 
@@ -648,6 +649,7 @@ def _vmap_folded(info, in_dims, args, per_sample, call):
     tensors (x, routing, spatial, guide, gradients); a vmapped shared tensor (the experts, their
     bias) cannot be folded, so that rare case runs ``call`` once per vmapped index."""
     n = info.batch_size
+    in_dims = [d if isinstance(d, int) else None for d in in_dims]  # a non-tensor's entry may be a tuple
     if any(d is not None and not folds for d, folds in zip(in_dims, per_sample)):
         results = [call(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))) for i in range(n)]
         if isinstance(results[0], tuple):
