@@ -3,14 +3,19 @@
 Registered with torch.library as ``torch.ops.dynconv.expert_conv2d`` (forward),
 ``expert_conv2d_backward_input`` (∂x) and ``expert_conv2d_backward_weight`` (∂experts, ∂routing,
 ∂bias, ∂spatial, ∂guide). Each has a fake implementation, so ``torch.compile(fullgraph=True)``
-traces through it, and the forward has an autograd formula built from the backward ops.
+traces through it, and the forward has an autograd formula built from the backward ops. Higher
+derivatives (a create_graph backward) are built from differentiable steps instead:
+``expert_conv2d_backward_input``, ``expert_conv2d_backward_kernel`` (per-sample kernel gradient)
+and ``expert_conv2d_per_sample`` (the forward with already-mixed kernels), each with an autograd
+formula made of the others (see "Differentiable backward passes" below).
 CUDA tensors run the Triton kernels; CPU tensors run the batch-as-groups conv of
 ``reference_expert`` (its backward from ``torch.nn.grad``), or the Triton kernels through the interpreter
 when TRITON_INTERPRET=1 was set before import.
 
 Inside the ops ``routing`` is always ``(B, m, E)``; the public function views ``(B, E)`` as m = 1.
 Plain eager calls of the public function run the same bodies through an autograd.Function,
-without the dispatcher (``ops/_eager.py``).
+without the dispatcher (``ops/_eager.py``); so do calls under functorch transforms and forward-mode
+AD, for which the Functions carry jvp and vmap rules that custom ops cannot have.
 """
 from __future__ import annotations
 
