@@ -47,7 +47,7 @@ _INTERPRETED = kernels_are_interpreted()
 
 def _use_triton(t: Tensor) -> bool:
     # Meta tensors take the plain path: shapes only, nothing to interpret.
-    return t.is_cuda or (_INTERPRETED and t.device.type == "cpu")
+    return t.is_cuda or (_INTERPRETED and not t.is_meta)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -274,7 +274,6 @@ def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_las
 def _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation):
     """∂W of the per-(sample, region) mixed kernels (B, m, Cout, Cin/g, kh, kw) and ∂ of their mixed
     biases (B, m, Cout), both in the accumulation dtype."""
-    stride, padding, dilation, kernel_hw = tuple(stride), tuple(padding), tuple(dilation), tuple(kernel_hw)
     acc = _acc_dtype(x.dtype)
     if grad.numel() == 0 or x.numel() == 0:
         B, Cin = x.shape[:2]
@@ -285,12 +284,13 @@ def _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dila
     return _cpu_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
 
 
-def _mix_grads(dW: Tensor, weights, routing, spatial):
-    """(∂weights, ∂routing, ∂spatial) from ∂W, the mixed kernels' gradient, by a few small GEMMs
-    in dW's dtype; torch ops, so autograd differentiates them. ∂routing is None without routing."""
+def _mix_grads(dW: Tensor, dbias_mixed, weights, routing, bias, spatial):
+    """(∂weights, ∂routing, ∂bias, ∂spatial) from the mixed kernels' and biases' gradients by a
+    few small GEMMs in dW's dtype; torch ops, so autograd differentiates them. Each is None where
+    its tensor is absent (∂routing without routing: per-sample kernels)."""
     acc = dW.dtype
     B, m = dW.shape[:2]
-    dspatial = None
+    dspatial = dbias = None
     if routing is not None:
         route = routing.to(acc).reshape(B * m, routing.shape[2])  # explicit sizes: B may be 0
         flat_experts = weights.to(acc).reshape(weights.shape[0], -1)
@@ -299,18 +299,14 @@ def _mix_grads(dW: Tensor, weights, routing, spatial):
         dspatial = (dW * unscaled).sum(dim=(1, 2, 3))
         dW = dW * spatial.to(acc)[:, None, None, None]
     if routing is None:
-        return dW, None, dspatial
+        return dW, None, dbias_mixed if bias is not None else None, dspatial
     flat = dW.reshape(B * m, math.prod(dW.shape[2:]))
-    return (route.t() @ flat).reshape(weights.shape), (flat @ flat_experts.t()).reshape(routing.shape), dspatial
-
-
-def _bias_grads(dbias_mixed: Tensor, routing, bias):
-    """(∂bias, the bias' part of ∂routing or None) from the mixed biases' gradient (B, m, Cout)."""
-    if routing is None:
-        return dbias_mixed, None
-    B, m, E = routing.shape
-    flat = dbias_mixed.reshape(B * m, dbias_mixed.shape[2])
-    return (routing.to(flat.dtype).reshape(B * m, E).t() @ flat), (flat @ bias.to(flat.dtype).t()).reshape(B, m, E)
+    drouting = flat @ flat_experts.t()
+    if bias is not None:
+        flat_bias = dbias_mixed.reshape(B * m, dbias_mixed.shape[2])
+        drouting = torch.addmm(drouting, flat_bias, bias.to(acc).t())
+        dbias = route.t() @ flat_bias
+    return (route.t() @ flat).reshape(weights.shape), drouting.reshape(routing.shape), dbias, dspatial
 
 
 def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide):
@@ -324,12 +320,8 @@ def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, pa
     need_guide = need_guide and guide is not None
     dW, dbias_mixed = _backward_kernel(grad, x, guide, _regions(weights, routing), groups, weights.shape[-2:],
                                        stride, padding, dilation)
-    dweights, drouting, dspatial = _mix_grads(dW, weights, routing, spatial)
-    dbias = dguide = None
-    if bias is not None:
-        dbias, drouting_bias = _bias_grads(dbias_mixed, routing, bias)
-        if drouting_bias is not None:
-            drouting = drouting + drouting_bias
+    dweights, drouting, dbias, dspatial = _mix_grads(dW, dbias_mixed, weights, routing, bias, spatial)
+    dguide = None
     if need_guide:
         if guide.shape[1] == 1:
             dguide = torch.zeros_like(guide)  # a softmax over one region is constant
@@ -337,9 +329,8 @@ def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, pa
             scores = _guide_scores(x, weights, routing, bias, spatial, grad, groups, stride, padding, dilation)
             dguide = _guide_grad(scores, guide)
     # Distinct empty tensors for the absent ones: a custom op's outputs may not alias.
-    return tuple(g.to(x.dtype).reshape(like.shape) if g is not None else x.new_empty(0)
-                 for g, like in ((dweights, weights), (drouting, routing), (dbias, bias), (dspatial, spatial),
-                                 (dguide, guide)))
+    return tuple(g.to(x.dtype) if g is not None else x.new_empty(0)
+                 for g in (dweights, drouting, dbias, dspatial, dguide))
 
 
 def _save(ctx, tensors, geometry):
@@ -400,11 +391,7 @@ def _conv_grads(steps: _Steps, grad, saved, needs, x_size, channels_last, geomet
     if any(needs[1:5]):
         dW, dbias_mixed = steps.backward_kernel(grad, x, fixed, _regions(weights, routing), groups,
                                                 tuple(weights.shape[-2:]), stride, padding, dilation)
-        dweights, drouting, dspatial = _mix_grads(dW, weights, routing, spatial)
-        if bias is not None:
-            dbias, drouting_bias = _bias_grads(dbias_mixed, routing, bias)
-            if drouting_bias is not None:
-                drouting = drouting + drouting_bias
+        dweights, drouting, dbias, dspatial = _mix_grads(dW, dbias_mixed, weights, routing, bias, spatial)
     if needs[5] and straight_through and guide is not None:
         dguide = _straight_through(steps.conv, grad, x, weights, routing, bias, spatial, guide, geometry)
     grads = _like((dx, dweights, drouting, dbias, dspatial, dguide), saved)
@@ -445,7 +432,7 @@ def _backward_input_grads(steps: _Steps, h, saved, needs, geometry):
     if any(needs[1:4]):
         dW, _ = steps.backward_kernel(grad, h, _fixed(guide), _regions(weights, routing), groups,
                                       tuple(weights.shape[-2:]), stride, padding, dilation)
-        dweights, drouting, dspatial = _mix_grads(dW, weights, routing, spatial)
+        dweights, drouting, _, dspatial = _mix_grads(dW, None, weights, routing, None, spatial)
     grads = _like((dgrad, dweights, drouting, dspatial), saved[:4])
     return tuple(g if need else None for g, need in zip(grads, needs[:4])) + (None,)
 
@@ -533,7 +520,8 @@ def backward_kernel_op(grad: Tensor, x: Tensor, guide: Tensor | None, regions: i
                        kernel_hw: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                        dilation: Sequence[int]) -> tuple[Tensor, Tensor]:
     """(∂W, ∂bias) of the per-(sample, region) mixed kernels and biases, accumulation dtype."""
-    return _backward_kernel(grad, x, guide, regions, groups, kernel_hw, stride, padding, dilation)
+    return _backward_kernel(grad, x, guide, regions, groups, tuple(kernel_hw), tuple(stride), tuple(padding),
+                            tuple(dilation))
 
 
 @backward_kernel_op.register_fake
@@ -831,7 +819,24 @@ _EAGER_STEPS = _Steps(
     backward_input=_BackwardInput.apply,
     backward_kernel=_BackwardKernel.apply,
 )
-_apply = _eager.applier(_Conv)
+class _EagerConv(torch.autograd.Function):
+    """``_Conv`` for plain eager calls: a forward taking ctx is one Python call less than a
+    setup_context pair, which the host overhead of every call notices. Forward-mode AD reaches it
+    too (``_eager.records_grad``), so it saves what jvp reads then."""
+
+    @staticmethod
+    def forward(ctx, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
+        _save(ctx, (x, weights, routing, bias, spatial, guide), (stride, padding, dilation, groups))
+        if torch.autograd.forward_ad._current_level >= 0:
+            ctx.save_for_forward(x, weights, routing, bias, spatial, guide)
+            ctx.out = out
+        return _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out)
+
+    backward = _Conv.backward
+    jvp = _Conv.jvp
+
+
+_apply = _eager.applier(_EagerConv)
 
 
 # ---------------------------------------------------------------------------------------------
