@@ -477,8 +477,15 @@ def should_materialise(experts: torch.Tensor, routing: torch.Tensor, out_pixels:
     return out_pixels >= MATERIALISE_MIN_PIXELS * m and m * per_sample_kernel <= out_pixels
 
 
-def weight_source(experts: torch.Tensor, routing: torch.Tensor, materialise: bool) -> WeightSource:
-    """``routing`` is (B, m, E). Materialising costs B·m·Cout·Cin/g·kh·kw elements of x's dtype."""
+def weight_source(experts: torch.Tensor, routing: torch.Tensor | None, materialise: bool) -> WeightSource:
+    """``routing`` is (B, m, E). Materialising costs B·m·Cout·Cin/g·kh·kw elements of x's dtype.
+
+    Without routing, ``experts`` are already mixed per-sample kernels (B, m, Cout, Cin/g, kh, kw)
+    (the ops' higher-order derivatives convolve with a kernel gradient): read as materialised.
+    """
+    if routing is None:
+        s = experts.stride()
+        return WeightSource(experts, (s[0], s[1], 0, *s[2:]), None, 1)
     E = experts.shape[0]
     if materialise:
         B, m = routing.shape[:2]
@@ -822,30 +829,38 @@ def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _per_kernel(experts, routing):
+    """(an experts-shaped tensor for configurations and the kernel size, m): without routing,
+    ``experts`` are per-sample kernels (B, m, Cout, Cin/g, kh, kw), see ``weight_source``."""
+    if routing is None:
+        return experts[0], experts.shape[1]
+    return experts, routing.shape[1]
+
+
 def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, groups, stride, padding, dilation,
                         materialise: bool | None = None, config: dict | None = None) -> None:
     """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``guide`` (B, m, Ho, Wo) or None."""
-    m = routing.shape[1]
-    config = config or forward_config(x, experts, m, groups, stride, padding, dilation)
-    if materialise is None:
+    shaped, m = _per_kernel(experts, routing)
+    config = config or forward_config(x, shaped, m, groups, stride, padding, dilation)
+    if materialise is None and routing is not None:
         materialise = should_materialise(experts, routing, y.shape[2] * y.shape[3])
     source = weight_source(experts, routing, materialise)
     regions = region_tables(guide, config["BLOCK_P"]) if guide is not None and m > 1 else None
-    forward_launch(x, source, spatial, bias_mixed, regions, y, experts.shape[3:], groups, stride, padding,
+    forward_launch(x, source, spatial, bias_mixed, regions, y, shaped.shape[3:], groups, stride, padding,
                    dilation, config)()
 
 
 def expert_conv_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation,
                                materialise: bool | None = None, config: dict | None = None) -> None:
-    m = routing.shape[1]
-    config = config or input_grad_config(dx, experts, m, groups, stride)
-    if materialise is None:
+    shaped, m = _per_kernel(experts, routing)
+    config = config or input_grad_config(dx, shaped, m, groups, stride)
+    if materialise is None and routing is not None:
         materialise = should_materialise(experts, routing, dy.shape[2] * dy.shape[3])
     source = weight_source(experts, routing, materialise)
     region = None
     if guide is not None and m > 1:
         region = guide.argmax(dim=1).reshape(guide.shape[0], -1).to(torch.int32).contiguous()
-    backward_input_launch(dy, source, spatial, region, dx, experts.shape[3:], groups, stride, padding, dilation,
+    backward_input_launch(dy, source, spatial, region, dx, shaped.shape[3:], groups, stride, padding, dilation,
                           m, config)()
 
 

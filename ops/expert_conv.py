@@ -3,23 +3,29 @@
 Registered with torch.library as ``torch.ops.dynconv.expert_conv2d`` (forward),
 ``expert_conv2d_backward_input`` (∂x) and ``expert_conv2d_backward_weight`` (∂experts, ∂routing,
 ∂bias, ∂spatial, ∂guide). Each has a fake implementation, so ``torch.compile(fullgraph=True)``
-traces through it, and the forward has an autograd formula built from the backward ops.
+traces through it, and the forward has an autograd formula built from the backward ops. Higher
+derivatives (a create_graph backward) are built from differentiable steps instead:
+``expert_conv2d_backward_input``, ``expert_conv2d_backward_kernel`` (per-sample kernel gradient)
+and ``expert_conv2d_per_sample`` (the forward with already-mixed kernels), each with an autograd
+formula made of the others (see "Differentiable backward passes" below).
 CUDA tensors run the Triton kernels; CPU tensors run the batch-as-groups conv of
 ``reference_expert`` (its backward from ``torch.nn.grad``), or the Triton kernels through the interpreter
 when TRITON_INTERPRET=1 was set before import.
 
 Inside the ops ``routing`` is always ``(B, m, E)``; the public function views ``(B, E)`` as m = 1.
 Plain eager calls of the public function run the same bodies through an autograd.Function,
-without the dispatcher (``ops/_eager.py``).
+without the dispatcher (``ops/_eager.py``); so do calls under functorch transforms and forward-mode
+AD, for which the Functions carry jvp and vmap rules that custom ops cannot have.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from dynconv.kernels import expert_conv as kernels
 from dynconv.kernels._launch import kernels_are_interpreted
@@ -40,7 +46,8 @@ _INTERPRETED = kernels_are_interpreted()
 
 
 def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda or _INTERPRETED
+    # Meta tensors take the plain path: shapes only, nothing to interpret.
+    return t.is_cuda or (_INTERPRETED and not t.is_meta)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -130,21 +137,63 @@ def _empty(like: Tensor, shape, fmt: torch.memory_format) -> Tensor:
     return torch.empty(tuple(shape), dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
+# Inside the bodies ``weights`` are either the shared experts (E, Cout, Cin/g, kh, kw), mixed by
+# ``routing`` (B, m, E), or, with ``routing`` None, already-mixed per-sample kernels
+# (B, m, Cout, Cin/g, kh, kw) whose ``bias`` is per sample too (B, m, Cout): the derivatives of the
+# backward passes convolve with a kernel gradient. Either way Cout, Cin/g, kh, kw are the last four.
+
+def _regions(weights: Tensor, routing: Tensor | None) -> int:
+    return weights.shape[1] if routing is None else routing.shape[1]
+
+
 def _mixed_bias(routing, bias):
-    return torch.matmul(routing, bias) if bias is not None else None
+    if bias is None or routing is None:
+        return bias
+    return torch.matmul(routing, bias)
+
+
+def _fixed(guide):
+    """The guide as the convolution sees it: only its argmax, which has no derivative."""
+    return guide.detach() if guide is not None else None
+
+
+def _one_hot_regions(guide: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, m, Ho, Wo) indicator of each pixel's region, argmax as torch.argmax (a NaN logit wins)."""
+    return torch.nn.functional.one_hot(guide.argmax(dim=1), guide.shape[1]).permute(0, 3, 1, 2).to(dtype)
+
+
+def _selected_bias(mixed_bias: Tensor, guide, y_shape) -> Tensor:
+    """The (B, m, Cout) bias of every pixel's region, as (B, Cout, Ho, Wo)."""
+    B, Cout, Ho, Wo = y_shape
+    if guide is None or mixed_bias.shape[1] == 1:
+        return mixed_bias[:, 0, :, None, None].expand(B, Cout, Ho, Wo)
+    return torch.einsum("brhw,bro->bohw", _one_hot_regions(guide, mixed_bias.dtype), mixed_bias)
+
+
+def _region_grad_sums(grad: Tensor, guide, m: int, acc: torch.dtype) -> Tensor:
+    """Σ over each region's pixels of ∂y: the (B, m, Cout) gradient of the mixed bias."""
+    if m == 1:
+        return grad.to(acc).sum(dim=(2, 3))[:, None]
+    return torch.einsum("bohw,brhw->bro", grad.to(acc), _one_hot_regions(guide, acc))
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward and backward bodies: the custom ops and the eager autograd.Function both run these.
+# Forward and backward bodies: the custom ops and the eager autograd.Functions all run these.
+# Empty problems are answered here, without a launch.
 # ---------------------------------------------------------------------------------------------
 
-def _forward(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
-    y = _empty(x, (x.shape[0], experts.shape[1], *out), memory_format_of(x))
+def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
+    y = _empty(x, (x.shape[0], weights.shape[-4], *out), memory_format_of(x))
+    if y.numel() == 0:
+        return y
+    if x.numel() == 0 or weights.shape[-3] == 0:  # no input channel or pixel: the bias alone
+        mixed = _mixed_bias(routing, bias)
+        return y.copy_(_selected_bias(mixed, guide, y.shape)) if mixed is not None else y.zero_()
     if _use_triton(x):
-        kernels.expert_conv_forward(x, experts, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
+        kernels.expert_conv_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
                                     stride, padding, dilation)
     else:
-        y.copy_(reference.expert_conv2d_grouped(x, experts, routing, bias, stride, padding, dilation, groups,
+        y.copy_(reference.expert_conv2d_grouped(x, weights, routing, bias, stride, padding, dilation, groups,
                                                 spatial=spatial, guide=guide))
     return y
 
@@ -154,19 +203,18 @@ def _forward(x, experts, routing, bias, spatial, guide, stride, padding, dilatio
 
 def _region_masked_grad(grad, guide, m, groups):
     """∂y split by region, (B, m, Cout, Ho, Wo) → the grouped conv's (1, B·groups·m·Cout/g, Ho, Wo)."""
-    if m == 1:
-        masked = grad[:, None]
-    else:
-        one_hot = torch.nn.functional.one_hot(guide.argmax(dim=1), m).permute(0, 3, 1, 2).to(grad.dtype)
-        masked = grad[:, None] * one_hot[:, :, None]
+    masked = grad[:, None] if m == 1 else grad[:, None] * _one_hot_regions(guide, grad.dtype)[:, :, None]
     return reference.as_grouped_output(masked, grad.shape[0], m, groups), masked
 
 
-def _cpu_backward_input(grad, experts, routing, spatial, guide, x_size, stride, padding, dilation, groups):
+def _cast(t, dtype):
+    return t.to(dtype) if t is not None else None
+
+
+def _cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, padding, dilation, groups):
     acc = _acc_dtype(grad.dtype)
-    B, m = routing.shape[:2]
-    weight, _ = reference.mix_kernels(experts.to(acc), routing.to(acc), None,
-                                      spatial.to(acc) if spatial is not None else None)
+    B, m = grad.shape[0], _regions(weights, routing)
+    weight, _ = reference.mix_kernels(weights.to(acc), _cast(routing, acc), None, _cast(spatial, acc))
     grouped_grad, _ = _region_masked_grad(grad.to(acc), guide, m, groups)
     dx = torch.nn.grad.conv2d_input((1, B * x_size[1], *x_size[2:]), reference.as_grouped_weight(weight, groups),
                                     grouped_grad, stride, padding, dilation, B * groups)
@@ -185,32 +233,84 @@ def _cpu_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, 
     return dW, masked.sum(dim=(3, 4))
 
 
-def _guide_scores(x, experts, routing, bias, spatial, grad, groups, stride, padding, dilation):
+def _guide_scores(x, weights, routing, bias, spatial, grad, groups, stride, padding, dilation):
     """∂S[b, r, i, j] = Σ_o ∂y[b, o, i, j] · y_r[b, o, i, j] in the accumulation dtype."""
-    if _use_triton(x):
-        return kernels.expert_conv_guide_scores(x, experts, routing, spatial, _mixed_bias(routing, bias), grad,
-                                                groups, stride, padding, dilation)
     acc = _acc_dtype(x.dtype)
-    cast = (lambda t: t.to(acc) if t is not None else None)
-    y_all = reference.all_region_outputs(cast(x), cast(experts), cast(routing), cast(bias), stride, padding,
-                                         dilation, groups, spatial=cast(spatial))
+    if x.numel() == 0 or grad.numel() == 0 or weights.shape[-3] == 0:  # y_r is the bias alone
+        mixed = _mixed_bias(routing, bias)
+        if mixed is None:
+            return grad.new_zeros((grad.shape[0], _regions(weights, routing), *grad.shape[2:]), dtype=acc)
+        return torch.einsum("bohw,bro->brhw", grad.to(acc), mixed.to(acc))
+    if _use_triton(x):
+        return kernels.expert_conv_guide_scores(x, weights, routing, spatial, _mixed_bias(routing, bias), grad,
+                                                groups, stride, padding, dilation)
+    y_all = reference.all_region_outputs(x.to(acc), weights.to(acc), _cast(routing, acc), _cast(bias, acc), stride,
+                                         padding, dilation, groups, spatial=_cast(spatial, acc))
     return (grad.to(acc)[:, None] * y_all).sum(dim=2)
 
 
-def _backward_input(grad, experts, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
+def _guide_grad(scores: Tensor, guide: Tensor) -> Tensor:
+    """The straight-through estimator S ⊙ (∂S - Σ_r S ⊙ ∂S), S = softmax(guide), in scores' dtype."""
+    soft = torch.softmax(guide.to(scores.dtype), dim=1)
+    return soft * (scores - (soft * scores).sum(dim=1, keepdim=True))
+
+
+def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dx = _empty(grad, x_size, fmt)
+    if dx.numel() == 0:
+        return dx
+    if grad.numel() == 0 or weights.numel() == 0:
+        return dx.zero_()
     if _use_triton(grad):
-        kernels.expert_conv_backward_input(grad, experts, routing, spatial, guide, dx, groups, stride, padding,
+        kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
                                            dilation)
     else:
-        dx.copy_(_cpu_backward_input(grad, experts, routing, spatial, guide, x_size, stride, padding, dilation,
+        dx.copy_(_cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, padding, dilation,
                                      groups))
     return dx
 
 
-def _backward_weight(grad, x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide):
-    """(∂experts, ∂routing, ∂bias, ∂spatial, ∂guide); an absent or unwanted one is an empty tensor.
+def _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation):
+    """∂W of the per-(sample, region) mixed kernels (B, m, Cout, Cin/g, kh, kw) and ∂ of their mixed
+    biases (B, m, Cout), both in the accumulation dtype."""
+    acc = _acc_dtype(x.dtype)
+    if grad.numel() == 0 or x.numel() == 0:
+        B, Cin = x.shape[:2]
+        dW = x.new_zeros((B, m, grad.shape[1], Cin // groups, *kernel_hw), dtype=acc)
+        return dW, _region_grad_sums(grad, guide, m, acc)
+    if _use_triton(x):
+        return kernels.expert_conv_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
+    return _cpu_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
+
+
+def _mix_grads(dW: Tensor, dbias_mixed, weights, routing, bias, spatial):
+    """(∂weights, ∂routing, ∂bias, ∂spatial) from the mixed kernels' and biases' gradients by a
+    few small GEMMs in dW's dtype; torch ops, so autograd differentiates them. Each is None where
+    its tensor is absent (∂routing without routing: per-sample kernels)."""
+    acc = dW.dtype
+    B, m = dW.shape[:2]
+    dspatial = dbias = None
+    if routing is not None:
+        route = routing.to(acc).reshape(B * m, routing.shape[2])  # explicit sizes: B may be 0
+        flat_experts = weights.to(acc).reshape(weights.shape[0], -1)
+    if spatial is not None:
+        unscaled = (route @ flat_experts).reshape(dW.shape) if routing is not None else weights.to(acc)
+        dspatial = (dW * unscaled).sum(dim=(1, 2, 3))
+        dW = dW * spatial.to(acc)[:, None, None, None]
+    if routing is None:
+        return dW, None, dbias_mixed if bias is not None else None, dspatial
+    flat = dW.reshape(B * m, math.prod(dW.shape[2:]))
+    drouting = flat @ flat_experts.t()
+    if bias is not None:
+        flat_bias = dbias_mixed.reshape(B * m, dbias_mixed.shape[2])
+        drouting = torch.addmm(drouting, flat_bias, bias.to(acc).t())
+        dbias = route.t() @ flat_bias
+    return (route.t() @ flat).reshape(weights.shape), drouting.reshape(routing.shape), dbias, dspatial
+
+
+def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide):
+    """(∂weights, ∂routing, ∂bias, ∂spatial, ∂guide); an absent or unwanted one is an empty tensor.
 
     The per-(sample, region) kernel gradient ``dW (B, m, Cout, Cin/g, kh, kw)`` (fp32; with a
     spatial attention also the pre-spatial mixed kernels, same size) is the memory this costs;
@@ -218,58 +318,136 @@ def _backward_weight(grad, x, experts, routing, bias, spatial, guide, stride, pa
     """
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     need_guide = need_guide and guide is not None
-    B, m, E = routing.shape
-    _, Cout, cin_g, kh, kw = experts.shape
-    acc = _acc_dtype(x.dtype)
-    if _use_triton(x):
-        dW, dbias_mixed = kernels.expert_conv_backward_kernel(grad, x, guide, m, groups, (kh, kw), stride, padding,
-                                                              dilation)
-    else:
-        dW, dbias_mixed = _cpu_backward_kernel(grad, x, guide, m, groups, (kh, kw), stride, padding, dilation)
-    route = routing.to(acc).reshape(B * m, E)
-    flat_experts = experts.to(acc).reshape(E, -1)
-    dspatial, dbias, dguide = x.new_empty(0), x.new_empty(0), x.new_empty(0)  # distinct: outputs may not alias
-    if spatial is not None:
-        mixed = (route @ flat_experts).reshape(dW.shape)  # W[b, r] before the spatial attention
-        dspatial = (dW * mixed).sum(dim=(1, 2, 3)).to(x.dtype)
-        dW = dW * spatial.to(acc)[:, None, None, None]
-    dW = dW.reshape(B * m, -1)
-    dexperts = (route.t() @ dW).reshape(experts.shape)
-    drouting = dW @ flat_experts.t()
-    if bias is not None:
-        dbias_mixed = dbias_mixed.reshape(B * m, Cout)
-        drouting = drouting + dbias_mixed @ bias.to(acc).t()
-        dbias = (route.t() @ dbias_mixed).to(x.dtype)
+    dW, dbias_mixed = _backward_kernel(grad, x, guide, _regions(weights, routing), groups, weights.shape[-2:],
+                                       stride, padding, dilation)
+    dweights, drouting, dbias, dspatial = _mix_grads(dW, dbias_mixed, weights, routing, bias, spatial)
+    dguide = None
     if need_guide:
-        if m == 1:
+        if guide.shape[1] == 1:
             dguide = torch.zeros_like(guide)  # a softmax over one region is constant
         else:
-            dS = _guide_scores(x, experts, routing, bias, spatial, grad, groups, stride, padding, dilation)
-            soft = torch.softmax(guide.to(acc), dim=1)
-            dguide = (soft * (dS - (soft * dS).sum(dim=1, keepdim=True))).to(x.dtype)
-    return dexperts.to(x.dtype), drouting.reshape(B, m, E).to(x.dtype), dbias, dspatial, dguide
+            scores = _guide_scores(x, weights, routing, bias, spatial, grad, groups, stride, padding, dilation)
+            dguide = _guide_grad(scores, guide)
+    # Distinct empty tensors for the absent ones: a custom op's outputs may not alias.
+    return tuple(g.to(x.dtype) if g is not None else x.new_empty(0)
+                 for g in (dweights, drouting, dbias, dspatial, dguide))
 
 
-def _save(ctx, x, experts, routing, bias, spatial, guide, geometry):
-    ctx.geometry = geometry
-    ctx.x_size = tuple(x.shape)
-    ctx.channels_last = is_channels_last(x)
-    ctx.save_for_backward(x, experts, routing, bias, spatial, guide)
+def _save(ctx, tensors, geometry):
+    ctx.geometry = tuple(geometry)
+    ctx.x_size = tuple(tensors[0].shape)
+    ctx.channels_last = is_channels_last(tensors[0])
+    ctx.save_for_backward(*tensors)
 
 
 def _grads(ctx, grad, backward_input, backward_weight):
-    """(dx, dexperts, drouting, dbias, dspatial, dguide), each None where not needed."""
-    x, experts, routing, bias, spatial, guide = ctx.saved_tensors
+    """First-order (dx, dweights, drouting, dbias, dspatial, dguide) from the fused backward bodies,
+    each None where not needed."""
+    x, weights, routing, bias, spatial, guide = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dx = dexperts = drouting = dbias = dspatial = dguide = None
+    dx = dweights = drouting = dbias = dspatial = dguide = None
     if needs[0]:
-        dx = backward_input(grad, experts, routing, spatial, guide, ctx.x_size, ctx.channels_last, *ctx.geometry)
+        dx = backward_input(grad, weights, routing, spatial, guide, ctx.x_size, ctx.channels_last, *ctx.geometry)
     if any(needs[1:6]):
-        grads = backward_weight(grad, x, experts, routing, bias, spatial, guide, *ctx.geometry, bool(needs[5]))
-        dexperts, drouting, dbias, dspatial, dguide = (g if (need and present is not None) else None
+        grads = backward_weight(grad, x, weights, routing, bias, spatial, guide, *ctx.geometry, bool(needs[5]))
+        dweights, drouting, dbias, dspatial, dguide = (g if (need and present is not None) else None
                                                        for g, need, present in zip(
-                                                           grads, needs[1:6], (experts, routing, bias, spatial, guide)))
-    return dx, dexperts, drouting, dbias, dspatial, dguide
+                                                           grads, needs[1:6], (weights, routing, bias, spatial, guide)))
+    return dx, dweights, drouting, dbias, dspatial, dguide
+
+
+# ---------------------------------------------------------------------------------------------
+# Differentiable backward passes. The op is multilinear: y = conv(x, W) + bias, W = spatial ⊙
+# (routing · experts). So the derivatives of its backward passes are the forward and the other
+# backward pass of the same kernels, plus the mixing GEMMs in torch:
+#   <h, Bx(g, W)> = <g, conv(h, W)> = <BW(g, h), W>,   <k, BW(g, x)> = <g, conv(x, k)> = <Bx(g, k), x>,
+# with Bx the input gradient, BW the per-sample kernel gradient and k a per-sample kernel. A create_graph
+# backward (and every functorch transform) runs these ``steps``: the autograd.Functions on the eager
+# path, the custom ops on the dispatcher's, each differentiable again by the same rules.
+# DRConv's region choice (argmax) has no derivative: it is held fixed. The guide's straight-through
+# gradient is a formula of S = softmax(guide) and ∂S_r = Σ_o ∂y · y_r, built here from the forward
+# per region, so autograd differentiates it in S and in every y_r.
+# ---------------------------------------------------------------------------------------------
+
+class _Steps(NamedTuple):
+    conv: Callable  # (x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups) -> y
+    backward_input: Callable  # (grad, weights, routing, spatial, guide, x_size, channels_last, stride,
+    #                            padding, dilation, groups) -> dx
+    backward_kernel: Callable  # (grad, x, guide, m, groups, kernel_hw, stride, padding, dilation) -> (dW, dbias)
+
+
+def _like(grads, tensors):
+    return tuple(g.to(t.dtype) if (g is not None and t is not None) else None for g, t in zip(grads, tensors))
+
+
+def _conv_grads(steps: _Steps, grad, saved, needs, x_size, channels_last, geometry, straight_through: bool):
+    """Differentiable (dx, dweights, drouting, dbias, dspatial, dguide) of conv (see above)."""
+    x, weights, routing, bias, spatial, guide = saved
+    stride, padding, dilation, groups = geometry
+    fixed = _fixed(guide)
+    dx = dweights = drouting = dbias = dspatial = dguide = None
+    if needs[0]:
+        dx = steps.backward_input(grad, weights, routing, spatial, fixed, x_size, channels_last, *geometry)
+    if any(needs[1:5]):
+        dW, dbias_mixed = steps.backward_kernel(grad, x, fixed, _regions(weights, routing), groups,
+                                                tuple(weights.shape[-2:]), stride, padding, dilation)
+        dweights, drouting, dbias, dspatial = _mix_grads(dW, dbias_mixed, weights, routing, bias, spatial)
+    if needs[5] and straight_through and guide is not None:
+        dguide = _straight_through(steps.conv, grad, x, weights, routing, bias, spatial, guide, geometry)
+    grads = _like((dx, dweights, drouting, dbias, dspatial, dguide), saved)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _per_region(weights, routing, bias, r):
+    """(weights, routing, bias) of region r alone, as a one-region problem."""
+    if routing is None:
+        return weights[:, r:r + 1], None, bias[:, r:r + 1] if bias is not None else None
+    return weights, routing[:, r:r + 1], bias
+
+
+def _all_regions(conv, x, weights, routing, bias, spatial, geometry):
+    """y_r for every region at every pixel, (B, m, Cout, Ho, Wo): one forward per region."""
+    outputs = []
+    for r in range(_regions(weights, routing)):
+        weights_r, routing_r, bias_r = _per_region(weights, routing, bias, r)
+        outputs.append(conv(x, weights_r, routing_r, bias_r, spatial, None, *geometry))
+    return torch.stack(outputs, dim=1)
+
+
+def _straight_through(conv, grad, x, weights, routing, bias, spatial, guide, geometry):
+    if guide.shape[1] == 1:
+        return torch.zeros_like(guide)  # a softmax over one region is constant
+    acc = _acc_dtype(guide.dtype)
+    y_all = _all_regions(conv, x, weights, routing, bias, spatial, geometry)
+    return _guide_grad((grad.to(acc)[:, None] * y_all.to(acc)).sum(dim=2), guide)
+
+
+def _backward_input_grads(steps: _Steps, h, saved, needs, geometry):
+    """Differentiable (dgrad, dweights, drouting, dspatial, dguide) of Bx(grad, W) against h = ∂dx."""
+    grad, weights, routing, spatial, guide = saved
+    stride, padding, dilation, groups = geometry
+    dgrad = dweights = drouting = dspatial = None
+    if needs[0]:
+        dgrad = steps.conv(h, weights, routing, None, spatial, _fixed(guide), *geometry)
+    if any(needs[1:4]):
+        dW, _ = steps.backward_kernel(grad, h, _fixed(guide), _regions(weights, routing), groups,
+                                      tuple(weights.shape[-2:]), stride, padding, dilation)
+        dweights, drouting, _, dspatial = _mix_grads(dW, None, weights, routing, None, spatial)
+    grads = _like((dgrad, dweights, drouting, dspatial), saved[:4])
+    return tuple(g if need else None for g, need in zip(grads, needs[:4])) + (None,)
+
+
+def _backward_kernel_grads(steps: _Steps, dW, dbias, saved, needs, geometry, kernel_size):
+    """Differentiable (dgrad, dx, dguide) of BW(grad, x) against (dW, dbias) = (∂dW, ∂dbias)."""
+    grad, x, guide = saved
+    dW = dW.to(x.dtype) if dW is not None else x.new_zeros(kernel_size)
+    dbias = dbias.to(x.dtype) if dbias is not None else None
+    dgrad = dx = None
+    if needs[0]:
+        dgrad = steps.conv(x, dW, None, dbias, None, _fixed(guide), *geometry)
+    if needs[1]:
+        dx = steps.backward_input(grad, dW, None, None, _fixed(guide), tuple(x.shape), is_channels_last(x), *geometry)
+    return dgrad, dx, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,10 +468,25 @@ def _(x, experts, routing, bias, spatial, guide, stride, padding, dilation, grou
     return _empty(x, (x.shape[0], experts.shape[1], *out), memory_format_of(x))
 
 
+@torch.library.custom_op("dynconv::expert_conv2d_per_sample", mutates_args=())
+def per_sample_op(x: Tensor, kernels: Tensor, bias: Tensor | None, guide: Tensor | None, stride: Sequence[int],
+                  padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """The convolution with already-mixed per-sample kernels (B, m, Cout, Cin/g, kh, kw) and biases
+    (B, m, Cout); regions by argmax(guide), which gets no gradient. Higher derivatives only."""
+    return _forward(x, kernels, None, bias, None, guide, stride, padding, dilation, groups,
+                    _out_hw(x, kernels, stride, padding, dilation))
+
+
+@per_sample_op.register_fake
+def _(x, kernels, bias, guide, stride, padding, dilation, groups):
+    return _empty(x, (x.shape[0], kernels.shape[2], *_out_hw(x, kernels, stride, padding, dilation)),
+                  memory_format_of(x))
+
+
 @torch.library.custom_op("dynconv::expert_conv2d_backward_input", mutates_args=())
-def backward_input_op(grad: Tensor, experts: Tensor, routing: Tensor, spatial: Tensor | None, guide: Tensor | None,
-                      x_size: Sequence[int], channels_last: bool, stride: Sequence[int], padding: Sequence[int],
-                      dilation: Sequence[int], groups: int) -> Tensor:
+def backward_input_op(grad: Tensor, experts: Tensor, routing: Tensor | None, spatial: Tensor | None,
+                      guide: Tensor | None, x_size: Sequence[int], channels_last: bool, stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
     return _backward_input(grad, experts, routing, spatial, guide, x_size, channels_last, stride, padding, dilation,
                            groups)
 
@@ -322,36 +515,328 @@ def _(grad, x, experts, routing, bias, spatial, guide, stride, padding, dilation
             torch.empty_like(guide, memory_format=torch.contiguous_format) if need_guide else x.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    _save(ctx, *inputs[:6], tuple(inputs[6:]))
+@torch.library.custom_op("dynconv::expert_conv2d_backward_kernel", mutates_args=())
+def backward_kernel_op(grad: Tensor, x: Tensor, guide: Tensor | None, regions: int, groups: int,
+                       kernel_hw: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                       dilation: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(∂W, ∂bias) of the per-(sample, region) mixed kernels and biases, accumulation dtype."""
+    return _backward_kernel(grad, x, guide, regions, groups, tuple(kernel_hw), tuple(stride), tuple(padding),
+                            tuple(dilation))
 
 
-def _backward(ctx, grad):
-    return (*_grads(ctx, grad, backward_input_op, backward_weight_op), None, None, None, None)
+@backward_kernel_op.register_fake
+def _(grad, x, guide, regions, groups, kernel_hw, stride, padding, dilation):
+    acc = _acc_dtype(x.dtype)
+    B, Cin = x.shape[:2]
+    Cout = grad.shape[1]
+    return (x.new_empty((B, regions, Cout, Cin // groups, *kernel_hw), dtype=acc),
+            x.new_empty((B, regions, Cout), dtype=acc))
 
 
-torch.library.register_autograd("dynconv::expert_conv2d", _backward, setup_context=_setup_context)
+def _out_hw(x, weights, stride, padding, dilation):
+    return output_hw(x.shape[-2:], tuple(weights.shape[-2:]), tuple(stride), tuple(padding), tuple(dilation))
+
+
+def _op_conv(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups):
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    if routing is None:
+        if spatial is not None:
+            raise AssertionError("per-sample kernels carry their spatial attention")
+        return per_sample_op(x, weights, bias, guide, stride, padding, dilation, groups)
+    return expert_conv2d_op(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups)
+
+
+_OP_STEPS = _Steps(
+    conv=_op_conv,
+    backward_input=lambda grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding, dilation,
+    groups: backward_input_op(grad, weights, routing, spatial, guide, list(x_size), channels_last, list(stride),
+                              list(padding), list(dilation), groups),
+    backward_kernel=lambda grad, x, guide, m, groups, kernel_hw, stride, padding, dilation: backward_kernel_op(
+        grad, x, guide, m, groups, list(kernel_hw), list(stride), list(padding), list(dilation)),
+)
+
+
+def _op_setup_context(ctx, inputs, output):
+    _save(ctx, inputs[:6], inputs[6:])
+
+
+def _op_backward(ctx, grad):
+    if torch.is_grad_enabled():  # create_graph: differentiable steps
+        grads = _conv_grads(_OP_STEPS, grad, ctx.saved_tensors, ctx.needs_input_grad, ctx.x_size,
+                            ctx.channels_last, ctx.geometry, True)
+    else:
+        grads = _grads(ctx, grad, backward_input_op, backward_weight_op)
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("dynconv::expert_conv2d", _op_backward, setup_context=_op_setup_context)
+
+
+def _per_sample_setup_context(ctx, inputs, output):
+    x, kernels, bias, guide = inputs[:4]
+    _save(ctx, (x, kernels, None, bias, None, guide), inputs[4:])
+
+
+def _per_sample_backward(ctx, grad):
+    needs = ctx.needs_input_grad
+    dx, dkernels, _, dbias, _, _ = _conv_grads(_OP_STEPS, grad, ctx.saved_tensors,
+                                               (needs[0], needs[1], False, needs[2], False, False), ctx.x_size,
+                                               ctx.channels_last, ctx.geometry, False)
+    return dx, dkernels, dbias, None, None, None, None, None
+
+
+torch.library.register_autograd("dynconv::expert_conv2d_per_sample", _per_sample_backward,
+                                setup_context=_per_sample_setup_context)
+
+
+def _backward_input_setup_context(ctx, inputs, output):
+    ctx.geometry = tuple(inputs[7:])
+    ctx.save_for_backward(*inputs[:5])
+
+
+def _backward_input_backward(ctx, h):
+    grads = _backward_input_grads(_OP_STEPS, h, ctx.saved_tensors, ctx.needs_input_grad, ctx.geometry)
+    return (*grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("dynconv::expert_conv2d_backward_input", _backward_input_backward,
+                                setup_context=_backward_input_setup_context)
+
+
+def _backward_kernel_setup_context(ctx, inputs, output):
+    grad, x, guide, regions, groups, kernel_hw, stride, padding, dilation = inputs
+    ctx.geometry = (stride, padding, dilation, groups)
+    ctx.kernel_size = tuple(output[0].shape)
+    ctx.save_for_backward(grad, x, guide)
+
+
+def _backward_kernel_backward(ctx, dW, dbias):
+    grads = _backward_kernel_grads(_OP_STEPS, dW, dbias, ctx.saved_tensors, ctx.needs_input_grad, ctx.geometry,
+                                   ctx.kernel_size)
+    return (*grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("dynconv::expert_conv2d_backward_kernel", _backward_kernel_backward,
+                                setup_context=_backward_kernel_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# The eager path: the same bodies, no dispatcher
+# The eager path: the same bodies, no dispatcher. The Functions also serve functorch transforms and
+# forward-mode AD, which custom ops cannot: each has a jvp (a sum of the function with one tangent
+# at a time, as it is multilinear) and a vmap rule (the vmapped dimension folded into the batch).
 # ---------------------------------------------------------------------------------------------
 
-class _ExpertConv(torch.autograd.Function):
+def _transformed() -> bool:
+    """Under functorch transforms or forward-mode AD: only the autograd.Functions have the rules."""
+    return ((torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0)
+            and not torch.compiler.is_compiling())
+
+
+def _differentiable_backward() -> bool:
+    """A create_graph backward, or one under a transform (its tensors are wrapped: no kernel may see them)."""
+    return torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+
+
+def _vmap_folded(info, in_dims, args, per_sample, call):
+    """Runs ``call`` with the vmapped dimension folded into the batch dimension of the per-sample
+    tensors (x, routing, spatial, guide, gradients); a vmapped shared tensor (the experts, their
+    bias) cannot be folded, so that rare case runs ``call`` once per vmapped index."""
+    n = info.batch_size
+    in_dims = [d if isinstance(d, int) else None for d in in_dims]  # a non-tensor's entry may be a tuple
+    if any(d is not None and not folds for d, folds in zip(in_dims, per_sample)):
+        results = [call(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims))) for i in range(n)]
+        if isinstance(results[0], tuple):
+            return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+        return torch.stack(results), 0
+    folded = []
+    for a, d, folds in zip(args, in_dims, per_sample):
+        if folds and a is not None:
+            a = a.movedim(d, 0) if d is not None else a.expand(n, *a.shape)
+            a = a.reshape(n * a.shape[1], *a.shape[2:])
+        folded.append(a)
+    result = call(*folded)
+
+    def unfold(t):
+        return t.reshape(n, t.shape[0] // n, *t.shape[1:])
+
+    if isinstance(result, tuple):
+        return tuple(unfold(t) for t in result), (0,) * len(result)
+    return unfold(result), 0
+
+
+def _rank(t, d):
+    return t.dim() - (d is not None)
+
+
+def _sum_terms(terms, like_shape, like):
+    terms = [t for t in terms if t is not None]
+    if not terms:
+        return like.new_zeros(like_shape)
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+class _Conv(torch.autograd.Function):
+    """conv(x, W) + bias with W = spatial ⊙ (routing · experts) (or per-sample kernels, routing None),
+    regions by argmax(guide) with the straight-through guide gradient."""
+
     @staticmethod
-    def forward(ctx, x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
-        _save(ctx, x, experts, routing, bias, spatial, guide, (stride, padding, dilation, groups))
-        return _forward(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, out)
+    def forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
+        return _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs[:6], inputs[6:10])
+        ctx.save_for_forward(*inputs[:6])
+        ctx.out = inputs[10]
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: the kernels have no derivative of their own
-            return _backward_once(ctx, grad)
-        return (*_grads(ctx, grad, _backward_input, _backward_weight), None, None, None, None, None)
+        if _differentiable_backward():
+            grads = _conv_grads(_EAGER_STEPS, grad, ctx.saved_tensors, ctx.needs_input_grad, ctx.x_size,
+                                ctx.channels_last, ctx.geometry, True)
+        else:
+            grads = _grads(ctx, grad, _backward_input, _backward_weight)
+        return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, tx, tweights, trouting, tbias, tspatial, tguide, *_):
+        x, weights, routing, bias, spatial, guide = ctx.saved_tensors
+        geometry, fixed = ctx.geometry, _fixed(guide)
+        conv = _EAGER_STEPS.conv
+        y_shape = (x.shape[0], weights.shape[-4], *ctx.out)
+        terms = [
+            conv(tx, weights, routing, None, spatial, fixed, *geometry) if tx is not None else None,
+            conv(x, tweights, routing, None, spatial, fixed, *geometry) if tweights is not None else None,
+            conv(x, weights, trouting, bias, spatial, fixed, *geometry) if trouting is not None else None,
+            conv(x, weights, routing, None, tspatial, fixed, *geometry) if tspatial is not None else None,
+            _selected_bias(_mixed_bias(routing, tbias), fixed, y_shape) if tbias is not None else None,
+        ]
+        if tguide is not None and guide.shape[1] > 1:  # Σ_r y_r · (the softmax's tangent)_r
+            soft = torch.softmax(guide, dim=1)
+            soft_tangent = soft * (tguide - (soft * tguide).sum(dim=1, keepdim=True))
+            y_all = _all_regions(conv, x, weights, routing, bias, spatial, geometry)
+            terms.append((y_all * soft_tangent[:, :, None]).sum(dim=1))
+        return _sum_terms(terms, y_shape, x)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
+        per_sample_kernels = routing is None and _rank(weights, in_dims[1]) == 6
+        per_sample = (True, per_sample_kernels, True, per_sample_kernels, True, True) + (False,) * 5
+        return _vmap_folded(info, in_dims, (x, weights, routing, bias, spatial, guide, stride, padding, dilation,
+                                            groups, out), per_sample, _Conv.apply)
 
 
-_backward_once = once_differentiable(_ExpertConv.backward)
-_apply = _eager.applier(_ExpertConv)
+class _BackwardInput(torch.autograd.Function):
+    """dx = Bx(grad, W): linear in grad and in the mixed kernels."""
+
+    @staticmethod
+    def forward(grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
+        return _backward_input(grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding,
+                               dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.geometry = tuple(inputs[7:])
+        ctx.sizes = tuple(inputs[5:7])
+        ctx.save_for_backward(*inputs[:5])
+        ctx.save_for_forward(*inputs[:5])
+
+    @staticmethod
+    def backward(ctx, h):
+        grads = _backward_input_grads(_EAGER_STEPS, h, ctx.saved_tensors, ctx.needs_input_grad, ctx.geometry)
+        return (*grads, None, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, tgrad, tweights, trouting, tspatial, *_):
+        grad, weights, routing, spatial, guide = ctx.saved_tensors
+        step = functools.partial(_EAGER_STEPS.backward_input, guide=_fixed(guide), x_size=ctx.sizes[0],
+                                 channels_last=ctx.sizes[1], stride=ctx.geometry[0], padding=ctx.geometry[1],
+                                 dilation=ctx.geometry[2], groups=ctx.geometry[3])
+        terms = [step(tgrad, weights, routing, spatial) if tgrad is not None else None,
+                 step(grad, tweights, routing, spatial) if tweights is not None else None,
+                 step(grad, weights, trouting, spatial) if trouting is not None else None,
+                 step(grad, weights, routing, tspatial) if tspatial is not None else None]
+        return _sum_terms(terms, ctx.sizes[0], grad)
+
+    @staticmethod
+    def vmap(info, in_dims, grad, weights, routing, spatial, guide, x_size, channels_last, *geometry):
+        per_sample_kernels = routing is None and _rank(weights, in_dims[1]) == 6
+        per_sample = (True, per_sample_kernels, True, True, True) + (False,) * 6
+
+        def call(grad, weights, routing, spatial, guide, x_size, *rest):
+            return _BackwardInput.apply(grad, weights, routing, spatial, guide, (grad.shape[0], *x_size[1:]), *rest)
+
+        return _vmap_folded(info, in_dims, (grad, weights, routing, spatial, guide, x_size, channels_last,
+                                            *geometry), per_sample, call)
+
+
+class _BackwardKernel(torch.autograd.Function):
+    """(dW, dbias) = BW(grad, x): the per-(sample, region) kernel and bias gradients, bilinear."""
+
+    @staticmethod
+    def forward(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation):
+        return _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, x, guide, m, groups, kernel_hw, stride, padding, dilation = inputs
+        ctx.geometry = (stride, padding, dilation, groups)
+        ctx.rest = inputs[3:]
+        ctx.kernel_size = tuple(output[0].shape)
+        ctx.save_for_backward(grad, x, guide)
+        ctx.save_for_forward(grad, x, guide)
+
+    @staticmethod
+    def backward(ctx, dW, dbias):
+        grads = _backward_kernel_grads(_EAGER_STEPS, dW, dbias, ctx.saved_tensors, ctx.needs_input_grad,
+                                       ctx.geometry, ctx.kernel_size)
+        return (*grads, None, None, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, tgrad, tx, *_):
+        grad, x, guide = ctx.saved_tensors
+        terms = []
+        if tgrad is not None:
+            terms.append(_BackwardKernel.apply(tgrad, x, _fixed(guide), *ctx.rest))
+        if tx is not None:
+            terms.append(_BackwardKernel.apply(grad, tx, _fixed(guide), *ctx.rest))
+        if not terms:
+            return tuple(t.new_zeros(t.shape) for t in _BackwardKernel.apply(grad, x, _fixed(guide), *ctx.rest))
+        return tuple(sum(parts[1:], parts[0]) for parts in zip(*terms))
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_folded(info, in_dims, args, (True, True, True) + (False,) * 6, _BackwardKernel.apply)
+
+
+_EAGER_STEPS = _Steps(
+    conv=lambda x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups: _Conv.apply(
+        x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups,
+        _out_hw(x, weights, stride, padding, dilation)),
+    backward_input=_BackwardInput.apply,
+    backward_kernel=_BackwardKernel.apply,
+)
+class _EagerConv(torch.autograd.Function):
+    """``_Conv`` for plain eager calls: a forward taking ctx is one Python call less than a
+    setup_context pair, which the host overhead of every call notices. Forward-mode AD reaches it
+    too (``_eager.records_grad``), so it saves what jvp reads then."""
+
+    @staticmethod
+    def forward(ctx, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
+        _save(ctx, (x, weights, routing, bias, spatial, guide), (stride, padding, dilation, groups))
+        if torch.autograd.forward_ad._current_level >= 0:
+            ctx.save_for_forward(x, weights, routing, bias, spatial, guide)
+            ctx.out = out
+        return _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out)
+
+    backward = _Conv.backward
+    jvp = _Conv.jvp
+
+
+_apply = _eager.applier(_EagerConv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +873,12 @@ def expert_conv2d(x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | No
     pairs = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0), as_pair(dilation, "dilation", 1)
     tensors = x, experts, routing, bias, spatial, guide
     if not _eager.eager(*tensors):
-        return expert_conv2d_op(*tensors, *map(list, pairs), groups)
+        if not _transformed():
+            return expert_conv2d_op(*tensors, *map(list, pairs), groups)
+        _check_tensors(*tensors, groups)
+        geometry = _geometry(x.shape, experts.shape, routing.shape, _shape(bias), _shape(spatial), _shape(guide),
+                             *pairs, groups)
+        return _Conv.apply(*tensors, *geometry[:3], groups, geometry[3])
     _check_tensors(*tensors, groups)
     stride, padding, dilation, out = _cached_geometry(x.shape, experts.shape, routing.shape, _shape(bias),
                                                       _shape(spatial), _shape(guide), *pairs, groups)

@@ -29,12 +29,16 @@ def _routing3(routing):
 
 def mix_kernels(experts, routing, bias=None, spatial=None):
     """W[b, r] = spatial[b] ⊙ Σ_e routing[b, r, e] · experts[e]: (B, m, Cout, Cin/g, kh, kw);
-    the mixed bias (B, m, Cout) or None."""
-    routing = _routing3(routing)
-    weight = torch.einsum("bre,eoikl->broikl", routing, experts)
+    the mixed bias (B, m, Cout) or None. Without routing, ``experts`` (B, m, Cout, Cin/g, kh, kw)
+    and ``bias`` (B, m, Cout) are already mixed per sample (the ops' higher derivatives use them)."""
+    if routing is None:
+        weight, mixed_bias = experts, bias
+    else:
+        routing = _routing3(routing)
+        weight = torch.einsum("bre,eoikl->broikl", routing, experts)
+        mixed_bias = torch.einsum("bre,eo->bro", routing, bias) if bias is not None else None
     if spatial is not None:
         weight = weight * spatial[:, None, None, None]
-    mixed_bias = torch.einsum("bre,eo->bro", routing, bias) if bias is not None else None
     return weight, mixed_bias
 
 
@@ -48,9 +52,11 @@ def select_regions(y_all, guide):
     selected = (one_hot[:, :, None] * y_all).sum(dim=1)
     soft = torch.softmax(guide, dim=1)[:, :, None]
     # d/dS of the surrogate is Σ_o dy·y_r; y_all is detached so the kernels only see their own
-    # region's pixels (through `selected`). `surrogate - surrogate.detach()` is exactly zero.
+    # region's pixels (through `selected`). `surrogate - surrogate.detach()` is zero, except at a
+    # NaN logit (NaN - NaN): there the value is the argmax selection, as torch.argmax picks the NaN.
     surrogate = (soft * y_all.detach()).sum(dim=1)
-    return selected + (surrogate - surrogate.detach())
+    zero = surrogate - surrogate.detach()
+    return selected + torch.where(zero.isnan(), torch.zeros_like(zero), zero)
 
 
 def as_grouped_weight(weight, groups):
