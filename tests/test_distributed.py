@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import distributed_worker as worker
 
@@ -28,11 +27,15 @@ COMPILE_BACKEND = os.environ.get("DYNCONV_TEST_COMPILE_BACKEND", "aot_eager")
 COMPILED = {"ddp": "ODConv2d", "fsdp2": "Involution2d-fused"}
 
 
-def _launch(tmp_path_factory, runs: list[str], timeout: int) -> dict:
-    out = tmp_path_factory.mktemp("distributed")
+def _launch(tmp_path, runs: list[str], timeout: int) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(WORKER), "--out", str(out)] + [f"--run={r}" for r in runs]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    for attempt in range(2):  # the free port may be taken between probing it and binding it: once more
+        out = tmp_path / f"attempt{attempt}"
+        out.mkdir()
+        cmd = [sys.executable, str(WORKER), "--out", str(out)] + [f"--run={r}" for r in runs]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+            break
     reports = [out / f"rank{r}.json" for r in range(worker.WORLD)]
     missing = [str(p) for p in reports if not p.exists()]
     assert proc.returncode == 0 and not missing, (
@@ -40,34 +43,32 @@ def _launch(tmp_path_factory, runs: list[str], timeout: int) -> dict:
     return {r: json.loads(p.read_text()) for r, p in enumerate(reports)}
 
 
-@pytest.fixture(scope="module")
-def eager_reports(tmp_path_factory):
-    return _launch(tmp_path_factory, ["ddp", "fsdp2"], timeout=300)
-
-
-@pytest.fixture(scope="module")
-def compiled_reports(tmp_path_factory):
-    runs = [f"{wrap}/{COMPILE_BACKEND}={case}" for wrap, case in COMPILED.items()]
-    return _launch(tmp_path_factory, runs, timeout=600)
-
-
-def _check(reports: dict, run: str, case: str) -> None:
+def _failures(reports: dict, run: str, case: str) -> list[str]:
+    failures = []
     for rank, report in reports.items():
-        assert report["interpreted"] is False, f"rank {rank} ran the Triton interpreter, not the plain CPU path"
+        if report["interpreted"] is not False:
+            failures.append(f"rank {rank} ran the Triton interpreter, not the plain CPU path")
         result = report["runs"][run][case]
-        assert "exception" not in result, f"{run} {case} rank {rank}:\n{result.get('exception')}"
+        if "exception" in result:
+            failures.append(f"{run} {case} rank {rank}:\n{result['exception']}")
+            continue
         errors = result["errors"]
-        assert any(k.startswith("grad ") for k in errors), f"{case}: no parameters compared"
+        if not any(k.startswith("grad ") for k in errors):
+            failures.append(f"{run} {case}: no parameters compared")
         bad = {k: v for k, v in errors.items() if not v <= worker.TOLERANCE}
-        assert not bad, f"{run} {case} rank {rank}: differs from the single-process step: {bad}"
+        if bad:
+            failures.append(f"{run} {case} rank {rank}: differs from the single-process step: {bad}")
+    return failures
 
 
-@pytest.mark.parametrize("case", list(worker.CASES))
-@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
-def test_one_step_equals_single_process(eager_reports, wrap, case):
-    _check(eager_reports, f"{wrap}/eager", case)
+# One test per launch: under pytest-xdist a fixture shared by several tests would launch once per worker.
+def test_one_step_equals_single_process(tmp_path):
+    reports = _launch(tmp_path, ["ddp", "fsdp2"], timeout=300)
+    failures = [f for wrap in ("ddp", "fsdp2") for case in worker.CASES for f in _failures(reports, f"{wrap}/eager", case)]
+    assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("wrap", list(COMPILED))
-def test_one_step_equals_single_process_compiled(compiled_reports, wrap):
-    _check(compiled_reports, f"{wrap}/{COMPILE_BACKEND}", COMPILED[wrap])
+def test_one_step_equals_single_process_compiled(tmp_path):
+    reports = _launch(tmp_path, [f"{wrap}/{COMPILE_BACKEND}={case}" for wrap, case in COMPILED.items()], timeout=600)
+    failures = [f for wrap, case in COMPILED.items() for f in _failures(reports, f"{wrap}/{COMPILE_BACKEND}", case)]
+    assert not failures, "\n".join(failures)

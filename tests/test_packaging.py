@@ -15,8 +15,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 RUNTIME_REQUIREMENTS = {"torch", "triton", "numpy"}
@@ -43,22 +41,20 @@ def _run(cmd, **kwargs):
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def build_wheel(tmp_path: Path) -> Path:
     # Built from a copy, so the build leaves no build/ or egg-info in the tree other tests import from.
-    src = tmp_path_factory.mktemp("src") / "dynconv"
+    src = tmp_path / "src" / "dynconv"
     shutil.copytree(REPO, src, ignore=COPY_IGNORE)
-    out = tmp_path_factory.mktemp("wheel")
+    out = tmp_path / "wheel"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", src, "-w", out])
     wheels = list(out.glob("dynconv-*.whl"))
     assert len(wheels) == 1, f"expected one dynconv wheel, got {wheels}"
     return wheels[0]
 
 
-@pytest.fixture(scope="module")
-def fresh_venv(tmp_path_factory, wheel) -> Path:
+def fresh_venv(tmp_path: Path, wheel: Path) -> Path:
     """A venv without pip whose only view of this environment is a .pth to its site-packages."""
-    venv = tmp_path_factory.mktemp("venv") / "fresh"
+    venv = tmp_path / "fresh"
     _run([sys.executable, "-m", "venv", "--without-pip", venv])
     python = venv / "bin" / "python"
     purelib = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).strip())
@@ -76,7 +72,7 @@ def _fresh(venv: Path, *args, **env):
     return _run([venv / "bin" / "python", "-I", *args], cwd=venv, env=dict(os.environ, **env))
 
 
-def test_wheel_metadata_keeps_plotting_in_an_extra(wheel):
+def check_metadata(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         meta_name = next(n for n in names if n.endswith(".dist-info/METADATA"))
@@ -99,13 +95,13 @@ def test_wheel_metadata_keeps_plotting_in_an_extra(wheel):
     assert not any(n.startswith(("tests/", "perf_reports/")) for n in names), "tests or reports shipped in the wheel"
 
 
-def test_fresh_venv_cannot_import_matplotlib(fresh_venv):
+def check_blocker(fresh_venv: Path) -> None:
     probe = "import importlib.util as u\ntry:\n    u.find_spec('matplotlib'); print('importable')\nexcept ImportError:\n    print('blocked')"
     assert _fresh(fresh_venv, "-c", probe).strip() == "blocked"
     assert _fresh(fresh_venv, "-c", "import torch, triton, numpy; print('ok')").strip() == "ok"
 
 
-def test_installed_wheel_runs_every_op_and_module_without_matplotlib(fresh_venv, wheel):
+def check_ops_and_modules(fresh_venv: Path, wheel: Path) -> None:
     # The plain CPU path (TRITON_INTERPRET=0), the one a CPU user of the installed package runs.
     report = json.loads(_fresh(fresh_venv, TESTS / "packaging_smoke.py", TRITON_INTERPRET="0").splitlines()[-1])
     assert Path(report["dynconv"]).is_relative_to(fresh_venv), f"imported dynconv from {report['dynconv']}"
@@ -115,9 +111,19 @@ def test_installed_wheel_runs_every_op_and_module_without_matplotlib(fresh_venv,
     assert {"CondConv2d", "DynamicConv2d", "ODConv2d", "DRConv2d", "Involution2d", "DynamicDWConv2d"} <= set(report["modules"])
 
 
-def test_installed_version_commands(fresh_venv, wheel):
+def check_version_commands(fresh_venv: Path, wheel: Path) -> None:
     version = wheel.name.split("-")[1]
     assert _fresh(fresh_venv, "-m", "dynconv", "--version").strip() == f"dynconv {version}"
     script = fresh_venv / "bin" / "dynconv"
     assert script.exists(), "the wheel installed no dynconv command"
     assert _run([script, "--version"], cwd=fresh_venv).strip() == f"dynconv {version}"
+
+
+# One test, not four sharing fixtures: under pytest-xdist each worker would build its own wheel.
+def test_wheel_in_fresh_venv_without_matplotlib(tmp_path):
+    wheel = build_wheel(tmp_path)
+    check_metadata(wheel)
+    venv = fresh_venv(tmp_path, wheel)
+    check_blocker(venv)
+    check_ops_and_modules(venv, wheel)
+    check_version_commands(venv, wheel)
