@@ -20,8 +20,11 @@ import socket
 import sys
 import traceback
 
-# A decoration-time switch: it must be set before the kernels are imported, in every rank.
-os.environ["TRITON_INTERPRET"] = "0"
+# A decoration-time switch: it must be set before the kernels are imported, in every rank (spawn
+# runs this file again as __mp_main__). Imported by the test for its constants, it leaves the
+# test process's environment alone.
+if __name__ in ("__main__", "__mp_main__"):
+    os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

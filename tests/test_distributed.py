@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 import distributed_worker as worker
 
 WORKER = Path(worker.__file__)
