@@ -1,0 +1,425 @@
+"""Fused 2-D neighbourhood attention (SPEC.md §1c, issue 15): forward and backward.
+
+Layout ``(B, H, W, heads, D)`` for q, k, v and the output, any strides. A program owns one sample,
+one head and a ``BLOCK_H x BLOCK_W`` tile of pixels (flattened to ``BLOCK_Q`` lanes), with the head
+dimension ``BLOCK_D`` as the second tile axis. Along each image axis, position ``i`` belongs to the
+subsequence ``g = i mod d`` at index ``t = i // d`` (length ``L_g``); tap ``u`` of its window is
+subsequence index ``start(t) + u``, with ``start = t - K//2`` ("sliding", masked outside the image)
+or that clamped to ``[0, L_g - K]`` ("neighborhood", NATTEN's shifted window). The relative-position
+bias index of a (query, key) pair is ``t_key - t_query + K - 1`` per axis.
+
+Kernels (deterministic: every element and every partial has exactly one writer, no atomics):
+
+* ``na2d_fwd_kernel`` — per query lane, a loop over the K² taps with an online softmax (running
+  max and sum, fp32 accumulation), gathering each tap's key and value row; writes the output and
+  the log-sum-exp. The K² scores never reach memory.
+* ``na2d_bwd_query_kernel`` — dq, recomputing ``p = exp(s - lse)`` per tap, and the rpb gradient:
+  per tap, ``P += onehot(rel_i)ᵀ · diag(ds) · onehot(rel_j)`` (a ``[R, Q] x [Q, R]`` product) into
+  one ``(2K-1)²`` partial per program, which the launcher sums over programs in a fixed order.
+* ``na2d_bwd_key_kernel`` — dk and dv from the queries whose windows hold each key (the inverse
+  neighbourhood): along each axis those form the contiguous range ``[lo, hi]`` of subsequence
+  indices, at most ``2K-1`` long near a border and ``K`` inside; the loop runs to the tile's
+  longest range, masked per lane.
+
+``delta = Σ_d dy·y`` per query comes from the caller (one fused torch reduction).
+
+What is missing for the performance targets: the score and aggregation products are per-lane
+multiply-reduces over D (CUDA cores), not ``tl.dot`` on tensor cores. Tensor cores need the
+query tile's keys as one shared ``[tile + halo]`` block (NATTEN's and FlashAttention's tiling),
+with the off-window pairs masked; not done yet.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, cacheable, cdiv, config_key, layout, next_power_of_2, planned
+from .configs import get_config
+from .involution import needs_int64
+
+# Lanes x head-dim elements per program: 16 fp32 elements of each [Q, D] tile per thread at 4 warps.
+TILE_ELEMENTS = 2048
+# The rpb-gradient product contracts over the query lanes: tl.dot needs at least 16 of them.
+MIN_QUERIES = 16
+
+
+@triton.jit
+def _axis(pos, L, K, d, NEIGHBORHOOD: tl.constexpr):
+    """Subsequence (group), index in it, its length, and the window's first index, per position."""
+    g = pos % d
+    t = pos // d
+    length = (L - g + d - 1) // d
+    start = t - K // 2
+    if NEIGHBORHOOD:
+        start = tl.minimum(tl.maximum(start, 0), length - K)
+    return g, t, length, start
+
+
+@triton.jit
+def _tile(TILES, TILES_W, HEADS, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, INDEX_64: tl.constexpr):
+    """(sample, head, rows, columns) of this program: one flat grid, tiles of one (sample, head) adjacent."""
+    pid = tl.program_id(0) % TILES
+    bh = tl.program_id(0) // TILES
+    b = bh // HEADS
+    h = bh % HEADS
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    i = (pid // TILES_W) * BLOCK_H + p // BLOCK_W
+    j = (pid % TILES_W) * BLOCK_W + p % BLOCK_W
+    if INDEX_64:
+        b = b.to(tl.int64)
+        h = h.to(tl.int64)
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
+    return b, h, i, j
+
+
+@triton.jit
+def na2d_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, y_ptr, lse_ptr,
+    H, W, HEADS, D, K, DH, DW, scale,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    syb, syh, syw, syn, syd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y = softmax(scale·q·k + rpb) · v over each query's window; lse = log Σ exp(scores)."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
+
+    q = tl.load(q_ptr + b * sqb + h * sqn + (i * sqh + j * sqw)[:, None] + dd[None, :] * sqd,
+                mask=inside[:, None] & dmask, other=0.0).to(ACC_DTYPE) * scale
+    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
+    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
+    m = tl.full((BLOCK_H * BLOCK_W,), float("-inf"), ACC_DTYPE)
+    total = tl.zeros((BLOCK_H * BLOCK_W,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for tap in range(K * K):
+        ki = si + tap // K
+        kj = sj + tap % K
+        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
+        row = gi + ki * DH
+        col = gj + kj * DW
+        key = tl.load(k_head + (row * skh + col * skw)[:, None], mask=ok[:, None] & dmask, other=0.0)
+        s = tl.sum(q * key.to(ACC_DTYPE), axis=1)
+        if HAS_RPB:
+            s += tl.load(rpb_ptr + h * srn + (ki - ti + K - 1) * sri + (kj - tj + K - 1) * srj,
+                         mask=ok, other=0.0).to(ACC_DTYPE)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, s)
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep exp() finite
+        alpha = tl.exp(m - base)
+        p = tl.exp(s - base)
+        value = tl.load(v_head + (row * svh + col * svw)[:, None], mask=ok[:, None] & dmask, other=0.0)
+        total = total * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * value.to(ACC_DTYPE)
+        m = m_new
+    safe = tl.where(total > 0, total, 1.0)  # lanes outside the image
+    y = acc / safe[:, None]
+    tl.store(y_ptr + b * syb + h * syn + (i * syh + j * syw)[:, None] + dd[None, :] * syd,
+             y.to(y_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
+    tl.store(lse_ptr + b * slb + h * sln + i * slh + j * slw, m + tl.log(safe), mask=inside)
+
+
+@triton.jit
+def na2d_bwd_query_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr, drpb_ptr,
+    H, W, HEADS, D, K, DH, DW, scale,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sgb, sgh, sgw, sgn, sgd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    sdqb, sdqh, sdqw, sdqn, sdqd,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, RPB_DOT: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """dq = scale · Σ_taps ds·k, ds = p·(dy·v - delta); per program an rpb-gradient partial
+    ``drpb[b, h, tile, BLOCK_R, BLOCK_R]`` (lse and delta share one layout)."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    mask2 = inside[:, None] & dmask
+    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
+
+    pix = (i * sqh + j * sqw)[:, None]
+    q = tl.load(q_ptr + b * sqb + h * sqn + pix + dd[None, :] * sqd, mask=mask2, other=0.0).to(ACC_DTYPE)
+    dy = tl.load(dy_ptr + b * sgb + h * sgn + (i * sgh + j * sgw)[:, None] + dd[None, :] * sgd,
+                 mask=mask2, other=0.0).to(ACC_DTYPE)
+    stat = b * slb + h * sln + i * slh + j * slw
+    lse = tl.load(lse_ptr + stat, mask=inside, other=0.0).to(ACC_DTYPE)
+    delta = tl.load(delta_ptr + stat, mask=inside, other=0.0).to(ACC_DTYPE)
+    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
+    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
+    dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    r = tl.arange(0, BLOCK_R)
+    partial = tl.zeros((BLOCK_R, BLOCK_R), ACC_DTYPE)
+    for tap in range(K * K):
+        ki = si + tap // K
+        kj = sj + tap % K
+        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
+        row = gi + ki * DH
+        col = gj + kj * DW
+        key = tl.load(k_head + (row * skh + col * skw)[:, None], mask=ok[:, None] & dmask, other=0.0).to(ACC_DTYPE)
+        value = tl.load(v_head + (row * svh + col * svw)[:, None], mask=ok[:, None] & dmask, other=0.0)
+        s = tl.sum(q * key, axis=1) * scale
+        rel_i = ki - ti + K - 1
+        rel_j = kj - tj + K - 1
+        if HAS_RPB:
+            s += tl.load(rpb_ptr + h * srn + rel_i * sri + rel_j * srj, mask=ok, other=0.0).to(ACC_DTYPE)
+        p = tl.where(ok, tl.exp(s - lse), 0.0)
+        ds = p * (tl.sum(dy * value.to(ACC_DTYPE), axis=1) - delta)
+        dq += ds[:, None] * key
+        if HAS_RPB:
+            rows = tl.where(rel_i[:, None] == r[None, :], ds[:, None], 0.0)
+            cols = tl.where(rel_j[:, None] == r[None, :], 1.0, 0.0).to(ACC_DTYPE)
+            if RPB_DOT:
+                partial += tl.dot(tl.trans(rows), cols, input_precision="ieee")
+            else:
+                partial += tl.sum(rows[:, :, None] * cols[:, None, :], axis=0)
+    tl.store(dq_ptr + b * sdqb + h * sdqn + (i * sdqh + j * sdqw)[:, None] + dd[None, :] * sdqd,
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask2)
+    if HAS_RPB:
+        out = drpb_ptr + tl.program_id(0) * (BLOCK_R * BLOCK_R)
+        tl.store(out + r[:, None] * BLOCK_R + r[None, :], partial)
+
+
+@triton.jit
+def _holders(t, length, K, NEIGHBORHOOD: tl.constexpr):
+    """The range [lo, hi] of query indices whose windows hold key index ``t`` (one subsequence)."""
+    if NEIGHBORHOOD:
+        lo = tl.where(t < K, 0, t - K // 2)
+        hi = tl.where(t >= length - K, length - 1, t + K // 2)
+    else:
+        lo = tl.maximum(t - K // 2, 0)
+        hi = tl.minimum(t + K // 2, length - 1)
+    return lo, hi
+
+
+@triton.jit
+def na2d_bwd_key_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    H, W, HEADS, D, K, DH, DW, scale,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sgb, sgh, sgw, sgn, sgd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    sdkb, sdkh, sdkw, sdkn, sdkd,
+    sdvb, sdvh, sdvw, sdvn, sdvd,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dv = Σ_holders p·dy, dk = scale · Σ_holders ds·q over the queries whose windows hold the key."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    mask2 = inside[:, None] & dmask
+    gi, ti, li, _ = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, _ = _axis(j, W, K, DW, NEIGHBORHOOD)
+    lo_i, hi_i = _holders(ti, li, K, NEIGHBORHOOD)
+    lo_j, hi_j = _holders(tj, lj, K, NEIGHBORHOOD)
+    span_i = tl.max(tl.where(inside, hi_i - lo_i + 1, 0), axis=0)
+    span_j = tl.max(tl.where(inside, hi_j - lo_j + 1, 0), axis=0)
+
+    key = tl.load(k_ptr + b * skb + h * skn + (i * skh + j * skw)[:, None] + dd[None, :] * skd,
+                  mask=mask2, other=0.0).to(ACC_DTYPE)
+    value = tl.load(v_ptr + b * svb + h * svn + (i * svh + j * svw)[:, None] + dd[None, :] * svd,
+                    mask=mask2, other=0.0).to(ACC_DTYPE)
+    q_head = q_ptr + b * sqb + h * sqn + dd[None, :] * sqd
+    dy_head = dy_ptr + b * sgb + h * sgn + dd[None, :] * sgd
+    stat_head = b * slb + h * sln
+    dk = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    dv = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for ei in range(0, span_i):
+        qi = lo_i + ei
+        ok_i = inside & (qi <= hi_i)
+        row = gi + qi * DH
+        for ej in range(0, span_j):
+            qj = lo_j + ej
+            ok = ok_i & (qj <= hi_j)
+            col = gj + qj * DW
+            okd = ok[:, None] & dmask
+            query = tl.load(q_head + (row * sqh + col * sqw)[:, None], mask=okd, other=0.0).to(ACC_DTYPE)
+            dy = tl.load(dy_head + (row * sgh + col * sgw)[:, None], mask=okd, other=0.0).to(ACC_DTYPE)
+            stat = stat_head + row * slh + col * slw
+            lse = tl.load(lse_ptr + stat, mask=ok, other=0.0).to(ACC_DTYPE)
+            delta = tl.load(delta_ptr + stat, mask=ok, other=0.0).to(ACC_DTYPE)
+            s = tl.sum(query * key, axis=1) * scale
+            if HAS_RPB:
+                s += tl.load(rpb_ptr + h * srn + (ti - qi + K - 1) * sri + (tj - qj + K - 1) * srj,
+                             mask=ok, other=0.0).to(ACC_DTYPE)
+            p = tl.where(ok, tl.exp(s - lse), 0.0)
+            dv += p[:, None] * dy
+            ds = p * (tl.sum(dy * value, axis=1) - delta)
+            dk += ds[:, None] * query
+    tl.store(dk_ptr + b * sdkb + h * sdkn + (i * sdkh + j * sdkw)[:, None] + dd[None, :] * sdkd,
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask2)
+    tl.store(dv_ptr + b * sdvb + h * sdvn + (i * sdvh + j * sdvw)[:, None] + dd[None, :] * sdvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=mask2)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+def default_config(H: int, W: int, D: int) -> dict:
+    block_d = next_power_of_2(D)
+    queries = max(MIN_QUERIES, min(64, TILE_ELEMENTS // block_d))
+    block_w = max(1, min(8, next_power_of_2(W)))
+    return {"BLOCK_H": queries // block_w, "BLOCK_W": block_w, "num_warps": 4, "num_stages": 1}
+
+
+def problem_key(q: torch.Tensor, K: int, dilation) -> dict:
+    B, H, W, heads, D = q.shape
+    return {"B": B, "H": H, "W": W, "heads": heads, "D": D, "K": K, "dilation_h": dilation[0],
+            "dilation_w": dilation[1], "dtype_bytes": q.element_size()}
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _rpb_block(K: int) -> int:
+    return max(16, next_power_of_2(2 * K - 1))
+
+
+def _strides(prefix: str, t: torch.Tensor | None, n: int) -> dict:
+    names = {5: "bhwnd", 4: "bhwn", 3: "nij"}[n]
+    values = t.stride() if t is not None else (0,) * n
+    return {f"s{prefix}{axis}": s for axis, s in zip(names, values)}
+
+
+def _common(kernel_name, q, K, dilation, config):
+    B, H, W, heads, D = q.shape
+    config = config or get_config(kernel_name, problem_key(q, K, dilation), default_config(H, W, D))
+    meta = {"BLOCK_H": config["BLOCK_H"], "BLOCK_W": config["BLOCK_W"], "BLOCK_D": next_power_of_2(D)}
+    tiles_w = cdiv(W, meta["BLOCK_W"])
+    tiles = cdiv(H, meta["BLOCK_H"]) * tiles_w
+    scalars = dict(H=H, W=W, HEADS=heads, D=D, K=K, DH=dilation[0], DW=dilation[1], TILES=tiles, TILES_W=tiles_w)
+    return meta, scalars, (tiles * B * heads, 1, 1), config.get("num_warps", 4), config.get("num_stages", 1)
+
+
+def forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
+    if not cacheable(q):
+        return _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)
+    key = ("na2d_fwd", layout(q), layout(k), layout(v), layout(rpb), layout(y), layout(lse), K, *dilation, scale,
+           neighborhood, config_key(config))
+    return planned(key, ("q_ptr", "k_ptr", "v_ptr", "rpb_ptr", "y_ptr", "lse_ptr"), (q, k, v, rpb, y, lse),
+                   lambda: _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config))
+
+
+def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_fwd", q, K, dilation, config)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars, scale=float(scale),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
+                ACC_DTYPE=_acc_dtype(q.dtype))
+    return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages)
+
+
+def rpb_partial_shape(q, K, dilation, config=None) -> tuple[int, ...]:
+    """The fp32 partials of the rpb gradient: one (R, R) block per (sample, head, tile)."""
+    B, _, _, heads, _ = q.shape
+    _, scalars, _, _, _ = _common("na2d_bwd_query", q, K, dilation, config)
+    R = _rpb_block(K)
+    return (B, heads, scalars["TILES"], R, R)
+
+
+def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood,
+                          config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_query", q, K, dilation, config)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
+                drpb_ptr=partials, **scalars, scale=float(scale),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
+    meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None,
+                RPB_DOT=q.dtype != torch.float64, INDEX_64=needs_int64(q, k, v, dy, dq),
+                ACC_DTYPE=_acc_dtype(q.dtype))
+    return Launch(na2d_bwd_query_kernel, grid, args, meta, num_warps, num_stages)
+
+
+def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
+                        config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_key", q, K, dilation, config)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
+                dv_ptr=dv, **scalars, scale=float(scale),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dk", dk, 5),
+                **_strides("dv", dv, 5))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
+                ACC_DTYPE=_acc_dtype(q.dtype))
+    return Launch(na2d_bwd_key_kernel, grid, args, meta, num_warps, num_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points used by ops/: they write into outputs the caller allocated.
+# --------------------------------------------------------------------------------------------
+
+def na2d_forward(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> None:
+    forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)()
+
+
+def na2d_backward(dy, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, dilation, scale, neighborhood, config=None):
+    """dq, dk, dv and (when ``rpb`` is given) drpb, from the forward's output and log-sum-exp."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    delta = (dy.to(acc) * y.to(acc)).sum(-1)
+    if delta.stride() != lse.stride():
+        delta = delta.as_strided(lse.shape, lse.stride()).copy_(delta)
+    partials = None
+    if rpb is not None:
+        partials = torch.empty(rpb_partial_shape(q, K, dilation, config), dtype=acc, device=q.device)
+    backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood, config)()
+    backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood, config)()
+    R = 2 * K - 1
+    if rpb is None:
+        drpb.zero_()
+        return
+    per_head = partials.sum(dim=(0, 2))
+    drpb.copy_(per_head[:, :R, :R])
+
+
+def catalogue() -> list[Launch]:
+    """The launches the op makes by default at representative shapes, on meta tensors (AOT checks)."""
+    launches = []
+    shapes = [  # (B, H, W, heads, D, K, dilation, label)
+        (8, 56, 56, 4, 32, 7, 1, "NAT-tiny stage 1"),
+        (2, 128, 128, 8, 64, 13, 1, "B2 H128 heads 8 D64 K13"),
+        (2, 31, 29, 2, 128, 5, 2, "D128 dilation 2, odd sizes"),
+        (4, 14, 14, 4, 16, 3, 1, "D16 K3"),
+    ]
+    for B, H, W, heads, D, K, d, label in shapes:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for neighborhood in (True, False):
+                meta = dict(dtype=dtype, device="meta")
+                q = torch.empty((B, H, W, heads, D), **meta)
+                rpb = torch.empty((heads, 2 * K - 1, 2 * K - 1), **meta)
+                acc = dict(dtype=torch.float32, device="meta")
+                lse = torch.empty((B, H, W, heads), **acc)
+                partials = torch.empty(rpb_partial_shape(q, K, (d, d)), **acc)
+                geometry = (K, (d, d), D ** -0.5, neighborhood)
+                tag = f"{label} {dtype} {'neighborhood' if neighborhood else 'sliding'}"
+                for launch in (forward_launch(q, q, q, rpb, q, lse, *geometry),
+                               backward_query_launch(q, q, q, rpb, q, lse, lse, q, partials, *geometry),
+                               backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, *geometry)):
+                    launch.label = tag
+                    launches.append(launch)
+    return launches
