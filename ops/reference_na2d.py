@@ -56,7 +56,12 @@ def window_indices(length: int, K: int, dilation: int, window: str, device=None)
     return keys, valid, key_t - t[:, None] + K - 1
 
 
+def _pair(dilation):
+    return (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+
+
 def _tables(H, W, K, dilation, window, device):
+    dilation = _pair(dilation)
     return window_indices(H, K, dilation[0], window, device), window_indices(W, K, dilation[1], window, device)
 
 
@@ -76,7 +81,7 @@ def _naive_keys(index, length, K, d, window):
 def na2d_naive(q, k, v, kernel_size, dilation=(1, 1), rpb=None, scale=None, window="neighborhood"):
     """``y[b,i,j,h] = Σ_n softmax_n(scale·q·k[n] + rpb[h, Δi+K-1, Δj+K-1]) · v[n]``, loop by loop."""
     B, H, W, heads, D = q.shape
-    K = kernel_size
+    K, dilation = kernel_size, _pair(dilation)
     scale = D ** -0.5 if scale is None else scale
     q, k, v = q.double(), k.double(), v.double()
     y = torch.zeros(q.shape, dtype=torch.float64)

@@ -1,5 +1,6 @@
 """Drop-in nn modules built on the dynconv ops."""
+from .attention import NeighborhoodAttention2d
 from .expert import CondConv2d, DRConv2d, DynamicConv2d, ODConv2d
 from .involution import DynamicDWConv2d, Involution2d
 
-__all__ = ["Involution2d", "DynamicDWConv2d", "CondConv2d", "DynamicConv2d", "ODConv2d", "DRConv2d"]
+__all__ = ["NeighborhoodAttention2d", "Involution2d", "DynamicDWConv2d", "CondConv2d", "DynamicConv2d", "ODConv2d", "DRConv2d"]
