@@ -284,7 +284,10 @@ def default_config(H: int, W: int, D: int) -> dict:
     block_d = next_power_of_2(D)
     queries = max(MIN_QUERIES, min(64, TILE_ELEMENTS // block_d))
     block_w = max(1, min(8, next_power_of_2(W)))
-    return {"BLOCK_H": queries // block_w, "BLOCK_W": block_w, "num_warps": 4, "num_stages": 1}
+    # D = 128 holds 16 lanes of the widest rows: ptxas caps 4 and 8 warps at 128 and 64 registers
+    # and spills the fp32 forward (sm_90); 2 warps take ~175 registers and do not.
+    num_warps = 2 if block_d >= 128 else 4
+    return {"BLOCK_H": queries // block_w, "BLOCK_W": block_w, "num_warps": num_warps, "num_stages": 1}
 
 
 def problem_key(q: torch.Tensor, K: int, dilation) -> dict:

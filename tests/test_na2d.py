@@ -135,18 +135,18 @@ def test_unfused_pair_composes_to_the_fused_op(device):
 
 def test_float64_gradcheck(device):
     """Fast-mode gradcheck on the interpreted kernels (and the tap loop on the CPU lane)."""
-    q, k, v = (torch.randn(1, 4, 5, 1, 3, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 3, 4, 1, 2, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))
     rpb = torch.randn(1, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
     fn = lambda q, k, v, rpb: dynconv.na2d(q, k, v, 3, rpb=rpb, scale=0.7)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v, rpb), fast_mode=True)
     fn = lambda q, k, rpb: dynconv.na2d_qk(q, k, 3, rpb=rpb)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, rpb))
-    attn = torch.randn(1, 4, 5, 1, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    attn = torch.randn(1, 3, 4, 1, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, v: dynconv.na2d_av(a, v, 3, window="sliding"), (attn, v))
 
 
 def test_gradients_are_deterministic(device):
-    tensors, geometry = _inputs(CASES[1], B=2)
+    tensors, geometry = _inputs((5, 4, 1, 4, 3, (1, 1), "neighborhood", True), B=2)
     leaves = [tensors[n].float().to(device).requires_grad_() for n in ("q", "k", "v", "rpb")]
     runs = []
     for _ in range(2):
@@ -230,11 +230,11 @@ def test_unfused_ops_reject_bad_input():
 
 
 def test_opcheck(device):
-    q, k, v = (torch.randn(1, 4, 3, 2, 4, device=device, requires_grad=True) for _ in range(3))
-    rpb = torch.randn(2, 5, 5, device=device, requires_grad=True)
+    q, k, v = (torch.randn(1, 3, 3, 1, 2, device=device, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(1, 5, 5, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.dynconv.na2d, (q, k, v, rpb, 3, [1, 1], 0.5, "neighborhood"))
     torch.library.opcheck(torch.ops.dynconv.na2d_qk, (q, k, rpb, 3, [1, 1], "neighborhood"))
-    attn = torch.randn(1, 4, 3, 2, 3, 3, device=device, requires_grad=True)
+    attn = torch.randn(1, 3, 3, 1, 3, 3, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.dynconv.na2d_av, (attn, v, 3, [1, 1], "sliding"))
 
 
