@@ -23,6 +23,11 @@ Kernels (deterministic: every element and every partial has exactly one writer, 
 
 ``delta = Σ_d dy·y`` per query comes from the caller (one fused torch reduction).
 
+The unfused pair (``na2d_qk``, ``na2d_av``) uses three gathers of the same window geometry:
+``na2d_tap_dots_kernel`` (scores q·k + rpb, and av's weight gradient dy·v), ``na2d_tap_sum_kernel``
+(av's Σ attn·v, and qk's dq with the rpb-gradient partials) and ``na2d_key_sum_kernel`` (qk's dk and
+av's dv over the inverse neighbourhood).
+
 What is missing for the performance targets: the score and aggregation products are per-lane
 multiply-reduces over D (CUDA cores), not ``tl.dot`` on tensor cores. Tensor cores need the
 query tile's keys as one shared ``[tile + halo]`` block (NATTEN's and FlashAttention's tiling),
@@ -45,15 +50,21 @@ MIN_QUERIES = 16
 
 
 @triton.jit
+def _window_start(t, length, K, NEIGHBORHOOD: tl.constexpr):
+    """The first key index of the window of query index ``t`` in a subsequence of ``length``."""
+    start = t - K // 2
+    if NEIGHBORHOOD:
+        start = tl.minimum(tl.maximum(start, 0), length - K)
+    return start
+
+
+@triton.jit
 def _axis(pos, L, K, d, NEIGHBORHOOD: tl.constexpr):
     """Subsequence (group), index in it, its length, and the window's first index, per position."""
     g = pos % d
     t = pos // d
     length = (L - g + d - 1) // d
-    start = t - K // 2
-    if NEIGHBORHOOD:
-        start = tl.minimum(tl.maximum(start, 0), length - K)
-    return g, t, length, start
+    return g, t, length, _window_start(t, length, K, NEIGHBORHOOD)
 
 
 @triton.jit
@@ -277,6 +288,142 @@ def na2d_bwd_key_kernel(
 
 
 # --------------------------------------------------------------------------------------------
+# The unfused pair (na2d_qk, na2d_av): three gathers in window order, each with one writer per element
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def na2d_tap_dots_kernel(
+    x_ptr, y_ptr, rpb_ptr, out_ptr,
+    H, W, HEADS, D, K, DH, DW,
+    sxb, sxh, sxw, sxn, sxd,
+    syb, syh, syw, syn, syd,
+    srn, sri, srj,
+    sob, soh, sow, son, sou, sov,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """out[q, u, v] = x[q]·y[key(q, u, v)] (+ rpb), MASKED where a sliding window leaves the image:
+    the scores of na2d_qk (x = q, y = k) and the weight gradient of na2d_av (x = dy, y = v)."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
+    x = tl.load(x_ptr + b * sxb + h * sxn + (i * sxh + j * sxw)[:, None] + dd[None, :] * sxd,
+                mask=inside[:, None] & dmask, other=0.0).to(ACC_DTYPE)
+    y_head = y_ptr + b * syb + h * syn + dd[None, :] * syd
+    out_pix = out_ptr + b * sob + h * son + i * soh + j * sow
+    for tap in range(K * K):
+        u = tap // K
+        v = tap % K
+        ki = si + u
+        kj = sj + v
+        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
+        y = tl.load(y_head + ((gi + ki * DH) * syh + (gj + kj * DW) * syw)[:, None], mask=ok[:, None] & dmask,
+                    other=0.0)
+        s = tl.sum(x * y.to(ACC_DTYPE), axis=1)
+        if HAS_RPB:
+            s += tl.load(rpb_ptr + h * srn + (ki - ti + K - 1) * sri + (kj - tj + K - 1) * srj,
+                         mask=ok, other=0.0).to(ACC_DTYPE)
+        s = tl.where(ok, s, MASKED)
+        tl.store(out_pix + u * sou + v * sov, s.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def na2d_tap_sum_kernel(
+    w_ptr, y_ptr, out_ptr, rpb_grad_ptr,
+    H, W, HEADS, D, K, DH, DW,
+    swb, swh, sww, swn, swu, swv,
+    syb, syh, syw, syn, syd,
+    sob, soh, sow, son, sod,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, RPB_GRAD: tl.constexpr, RPB_DOT: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """out[q] = Σ_taps w[q, u, v]·y[key(q, u, v)] over the taps inside the image: na2d_av (w = attn,
+    y = v) and dq of na2d_qk (w = dscores, y = k, with the per-program rpb-gradient partial of w)."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
+    y_head = y_ptr + b * syb + h * syn + dd[None, :] * syd
+    w_pix = w_ptr + b * swb + h * swn + i * swh + j * sww
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    r = tl.arange(0, BLOCK_R)
+    partial = tl.zeros((BLOCK_R, BLOCK_R), ACC_DTYPE)
+    for tap in range(K * K):
+        u = tap // K
+        v = tap % K
+        ki = si + u
+        kj = sj + v
+        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
+        weight = tl.load(w_pix + u * swu + v * swv, mask=ok, other=0.0).to(ACC_DTYPE)
+        y = tl.load(y_head + ((gi + ki * DH) * syh + (gj + kj * DW) * syw)[:, None], mask=ok[:, None] & dmask,
+                    other=0.0)
+        acc += weight[:, None] * y.to(ACC_DTYPE)
+        if RPB_GRAD:
+            rows = tl.where((ki - ti + K - 1)[:, None] == r[None, :], weight[:, None], 0.0)
+            cols = tl.where((kj - tj + K - 1)[:, None] == r[None, :], 1.0, 0.0).to(ACC_DTYPE)
+            if RPB_DOT:
+                partial += tl.dot(tl.trans(rows), cols, input_precision="ieee")
+            else:
+                partial += tl.sum(rows[:, :, None] * cols[:, None, :], axis=0)
+    tl.store(out_ptr + b * sob + h * son + (i * soh + j * sow)[:, None] + dd[None, :] * sod,
+             acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
+    if RPB_GRAD:
+        out = rpb_grad_ptr + tl.program_id(0) * (BLOCK_R * BLOCK_R)
+        tl.store(out + r[:, None] * BLOCK_R + r[None, :], partial)
+
+
+@triton.jit
+def na2d_key_sum_kernel(
+    w_ptr, x_ptr, out_ptr,
+    H, W, HEADS, D, K, DH, DW,
+    swb, swh, sww, swn, swu, swv,
+    sxb, sxh, sxw, sxn, sxd,
+    sob, soh, sow, son, sod,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """out[key] = Σ_{q holding key} w[q, tap(q, key)]·x[q]: dk of na2d_qk (w = dscores, x = q) and dv
+    of na2d_av (w = attn, x = dy), gathered from the inverse neighbourhood."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    gi, ti, li, _ = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, _ = _axis(j, W, K, DW, NEIGHBORHOOD)
+    lo_i, hi_i = _holders(ti, li, K, NEIGHBORHOOD)
+    lo_j, hi_j = _holders(tj, lj, K, NEIGHBORHOOD)
+    span_i = tl.max(tl.where(inside, hi_i - lo_i + 1, 0), axis=0)
+    span_j = tl.max(tl.where(inside, hi_j - lo_j + 1, 0), axis=0)
+    x_head = x_ptr + b * sxb + h * sxn + dd[None, :] * sxd
+    w_head = w_ptr + b * swb + h * swn
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for ei in range(0, span_i):
+        qi = lo_i + ei
+        ok_i = inside & (qi <= hi_i)
+        row = gi + qi * DH
+        u = ti - _window_start(qi, li, K, NEIGHBORHOOD)
+        for ej in range(0, span_j):
+            qj = lo_j + ej
+            ok = ok_i & (qj <= hi_j)
+            col = gj + qj * DW
+            v = tj - _window_start(qj, lj, K, NEIGHBORHOOD)
+            weight = tl.load(w_head + row * swh + col * sww + u * swu + v * swv, mask=ok, other=0.0)
+            x = tl.load(x_head + (row * sxh + col * sxw)[:, None], mask=ok[:, None] & dmask, other=0.0)
+            acc += weight.to(ACC_DTYPE)[:, None] * x.to(ACC_DTYPE)
+    tl.store(out_ptr + b * sob + h * son + (i * soh + j * sow)[:, None] + dd[None, :] * sod,
+             acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
+
+
+# --------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------
 
@@ -305,7 +452,7 @@ def _rpb_block(K: int) -> int:
 
 
 def _strides(prefix: str, t: torch.Tensor | None, n: int) -> dict:
-    names = {5: "bhwnd", 4: "bhwn", 3: "nij"}[n]
+    names = {6: "bhwnuv", 5: "bhwnd", 4: "bhwn", 3: "nij"}[n]
     values = t.stride() if t is not None else (0,) * n
     return {f"s{prefix}{axis}": s for axis, s in zip(names, values)}
 
@@ -339,10 +486,10 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
     return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages)
 
 
-def rpb_partial_shape(q, K, dilation, config=None) -> tuple[int, ...]:
-    """The fp32 partials of the rpb gradient: one (R, R) block per (sample, head, tile)."""
+def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> tuple[int, ...]:
+    """The fp32 partials of the rpb gradient: one (R, R) block per (sample, head, tile) of ``kernel``."""
     B, _, _, heads, _ = q.shape
-    _, scalars, _, _, _ = _common("na2d_bwd_query", q, K, dilation, config)
+    _, scalars, _, _, _ = _common(kernel, q, K, dilation, config)
     R = _rpb_block(K)
     return (B, heads, scalars["TILES"], R, R)
 
@@ -373,6 +520,32 @@ def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale
     return Launch(na2d_bwd_key_kernel, grid, args, meta, num_warps, num_stages)
 
 
+def tap_dots_launch(x, y, rpb, out, K, dilation, neighborhood, masked: float, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_tap_dots", x, K, dilation, config)
+    args = dict(x_ptr=x, y_ptr=y, rpb_ptr=rpb, out_ptr=out, **scalars, **_strides("x", x, 5), **_strides("y", y, 5),
+                **_strides("r", rpb, 3), **_strides("o", out, 6))
+    meta.update(MASKED=masked, NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(x, y, out),
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    return Launch(na2d_tap_dots_kernel, grid, args, meta, num_warps, num_stages)
+
+
+def tap_sum_launch(w, y, out, partials, K, dilation, neighborhood, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_tap_sum", y, K, dilation, config)
+    args = dict(w_ptr=w, y_ptr=y, out_ptr=out, rpb_grad_ptr=partials, **scalars, **_strides("w", w, 6),
+                **_strides("y", y, 5), **_strides("o", out, 5))
+    meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, RPB_GRAD=partials is not None,
+                RPB_DOT=y.dtype != torch.float64, INDEX_64=needs_int64(w, y, out), ACC_DTYPE=_acc_dtype(y.dtype))
+    return Launch(na2d_tap_sum_kernel, grid, args, meta, num_warps, num_stages)
+
+
+def key_sum_launch(w, x, out, K, dilation, neighborhood, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_key_sum", x, K, dilation, config)
+    args = dict(w_ptr=w, x_ptr=x, out_ptr=out, **scalars, **_strides("w", w, 6), **_strides("x", x, 5),
+                **_strides("o", out, 5))
+    meta.update(NEIGHBORHOOD=neighborhood, INDEX_64=needs_int64(w, x, out), ACC_DTYPE=_acc_dtype(x.dtype))
+    return Launch(na2d_key_sum_kernel, grid, args, meta, num_warps, num_stages)
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points used by ops/: they write into outputs the caller allocated.
 # --------------------------------------------------------------------------------------------
@@ -392,12 +565,42 @@ def na2d_backward(dy, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, dilation, scale
         partials = torch.empty(rpb_partial_shape(q, K, dilation, config), dtype=acc, device=q.device)
     backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood, config)()
     backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood, config)()
-    R = 2 * K - 1
     if rpb is None:
         drpb.zero_()
         return
-    per_head = partials.sum(dim=(0, 2))
-    drpb.copy_(per_head[:, :R, :R])
+    _reduce_rpb_partials(partials, drpb, K)
+
+
+def _reduce_rpb_partials(partials, drpb, K) -> None:
+    """Sum the per-program partials over samples and tiles (a fixed order) into ``drpb``."""
+    R = 2 * K - 1
+    drpb.copy_(partials.sum(dim=(0, 2))[:, :R, :R])
+
+
+def na2d_qk_forward(q, k, rpb, scores, K, dilation, neighborhood, config=None) -> None:
+    tap_dots_launch(q, k, rpb, scores, K, dilation, neighborhood, float("-inf"), config)()
+
+
+def na2d_qk_backward(grad, q, k, dq, dk, drpb, K, dilation, neighborhood, config=None) -> None:
+    """dq and dk of the scores; drpb too unless it is None."""
+    partials = None
+    if drpb is not None:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        partials = torch.empty(rpb_partial_shape(k, K, dilation, config, "na2d_tap_sum"), dtype=acc, device=q.device)
+    tap_sum_launch(grad, k, dq, partials, K, dilation, neighborhood, config)()
+    key_sum_launch(grad, q, dk, K, dilation, neighborhood, config)()
+    if drpb is not None:
+        _reduce_rpb_partials(partials, drpb, K)
+
+
+def na2d_av_forward(attn, v, y, K, dilation, neighborhood, config=None) -> None:
+    tap_sum_launch(attn, v, y, None, K, dilation, neighborhood, config)()
+
+
+def na2d_av_backward(grad, attn, v, dattn, dv, K, dilation, neighborhood, config=None) -> None:
+    """dattn (zero on taps outside the image) and dv."""
+    tap_dots_launch(grad, v, None, dattn, K, dilation, neighborhood, 0.0, config)()
+    key_sum_launch(attn, grad, dv, K, dilation, neighborhood, config)()
 
 
 def catalogue() -> list[Launch]:
@@ -420,9 +623,15 @@ def catalogue() -> list[Launch]:
                 partials = torch.empty(rpb_partial_shape(q, K, (d, d)), **acc)
                 geometry = (K, (d, d), D ** -0.5, neighborhood)
                 tag = f"{label} {dtype} {'neighborhood' if neighborhood else 'sliding'}"
+                scores = torch.empty((B, H, W, heads, K, K), **meta)
+                window = (K, (d, d), neighborhood)
+                sum_partials = torch.empty(rpb_partial_shape(q, K, (d, d), kernel="na2d_tap_sum"), **acc)
                 for launch in (forward_launch(q, q, q, rpb, q, lse, *geometry),
                                backward_query_launch(q, q, q, rpb, q, lse, lse, q, partials, *geometry),
-                               backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, *geometry)):
+                               backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, *geometry),
+                               tap_dots_launch(q, q, rpb, scores, *window, float("-inf")),
+                               tap_sum_launch(scores, q, q, sum_partials, *window),
+                               key_sum_launch(scores, q, q, *window)):
                     launch.label = tag
                     launches.append(launch)
     return launches

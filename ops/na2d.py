@@ -6,8 +6,7 @@ log-sum-exp the backward keeps), ``na2d_backward``, ``na2d_qk``, ``na2d_qk_backw
 and ``na2d_av_backward``, each with a fake implementation and an autograd formula. CUDA tensors run
 the fused Triton kernels of ``kernels/na2d.py``; CPU tensors run the tap loop of
 ``ops/reference_na2d.py``, or the Triton kernels through the interpreter when TRITON_INTERPRET=1 was
-set before import. The unfused pair runs the tap loop on every device for now (no kernels of its
-own yet). Plain eager calls go through autograd.Functions around the same bodies (``ops/_eager.py``).
+set before import; the unfused pair has kernels of its own in the same module. Plain eager calls go through autograd.Functions around the same bodies (``ops/_eager.py``).
 """
 from __future__ import annotations
 
@@ -128,18 +127,38 @@ def _backward(grad, q, k, v, rpb, y, lse, K, dilation, scale, window):
 
 
 def _qk(q, k, rpb, K, dilation, window):
+    if _use_triton(q):
+        scores = torch.empty((*q.shape[:4], K, K), dtype=q.dtype, device=q.device)
+        kernels.na2d_qk_forward(q, k, rpb, scores, K, dilation, window == "neighborhood")
+        return scores
     return reference.na2d_qk_taps(q, k, K, dilation, rpb, window).contiguous()
 
 
-def _qk_backward(grad, q, k, K, dilation, window):
+def _qk_backward(grad, q, k, K, dilation, window, rpb_grad):
+    """(dq, dk, drpb); drpb is (heads, 2K-1, 2K-1) zeros unless ``rpb_grad``."""
+    if _use_triton(q):
+        dq, dk = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k))
+        drpb = torch.empty((q.shape[3], 2 * K - 1, 2 * K - 1), dtype=q.dtype, device=q.device)
+        kernels.na2d_qk_backward(grad, q, k, dq, dk, drpb if rpb_grad else None, K, dilation,
+                                 window == "neighborhood")
+        return dq, dk, drpb if rpb_grad else drpb.zero_()
     return tuple(g.contiguous() for g in reference.na2d_qk_taps_backward(grad, q, k, K, dilation, window))
 
 
 def _av(attn, v, K, dilation, window):
+    if _use_triton(v):
+        y = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        kernels.na2d_av_forward(attn, v, y, K, dilation, window == "neighborhood")
+        return y
     return reference.na2d_av_taps(attn, v, K, dilation, window).contiguous()
 
 
 def _av_backward(grad, attn, v, K, dilation, window):
+    if _use_triton(v):
+        dattn = torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        kernels.na2d_av_backward(grad, attn, v, dattn, dv, K, dilation, window == "neighborhood")
+        return dattn, dv
     return tuple(g.contiguous() for g in reference.na2d_av_taps_backward(grad, attn, v, K, dilation, window))
 
 
@@ -195,12 +214,12 @@ def _(q, k, rpb, kernel_size, dilation, window):
 
 @torch.library.custom_op("dynconv::na2d_qk_backward", mutates_args=())
 def na2d_qk_backward_op(grad: Tensor, q: Tensor, k: Tensor, kernel_size: int, dilation: Sequence[int],
-                        window: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _qk_backward(grad, q, k, kernel_size, tuple(dilation), window)
+                        window: str, rpb_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _qk_backward(grad, q, k, kernel_size, tuple(dilation), window, rpb_grad)
 
 
 @na2d_qk_backward_op.register_fake
-def _(grad, q, k, kernel_size, dilation, window):
+def _(grad, q, k, kernel_size, dilation, window, rpb_grad):
     R = 2 * kernel_size - 1
     return q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty((q.shape[3], R, R))
 
@@ -260,8 +279,9 @@ def _qk_setup(ctx, inputs, output):
 
 def _qk_grads(ctx, grad, backward):
     q, k = ctx.saved_tensors
-    dq, dk, drpb = backward(grad, q, k, *ctx.geometry)
-    return dq, dk, (drpb if ctx.has_rpb else None)
+    rpb_grad = ctx.has_rpb and ctx.needs_input_grad[2]
+    dq, dk, drpb = backward(grad, q, k, *ctx.geometry, rpb_grad)
+    return dq, dk, (drpb if rpb_grad else None)
 
 
 def _qk_autograd(ctx, grad):

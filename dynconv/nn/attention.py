@@ -20,8 +20,8 @@ class NeighborhoodAttention2d(nn.Module):
     The attention runs fused (``dynconv.na2d``: the K² scores never reach memory on the GPU) unless
     attention dropout is active (``attn_drop > 0`` in training): dropout needs the probabilities,
     so that case runs the unfused ``na2d_qk`` → softmax → dropout → ``na2d_av``, which writes and
-    reads the ``(B, H, W, heads, K, K)`` scores (K²/D times the memory traffic of q) and runs the
-    plain tap-loop implementation (no Triton kernels for the unfused pair yet).
+    reads the ``(B, H, W, heads, K, K)`` scores (K²/D times the memory traffic of q, in each
+    direction) and launches four kernels plus the softmax and dropout instead of one.
     """
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int, dilation: int = 1, qkv_bias: bool = True,
