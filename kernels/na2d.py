@@ -427,13 +427,21 @@ def na2d_key_sum_kernel(
 # Launch helpers
 # --------------------------------------------------------------------------------------------
 
-def default_config(H: int, W: int, D: int) -> dict:
+# [Q, D] tiles each kernel keeps live through its loop (accumulators, resident rows, one step's loads).
+LIVE_TILES = {"na2d_fwd": 4, "na2d_bwd_query": 5, "na2d_bwd_key": 6, "na2d_tap_dots": 2, "na2d_tap_sum": 2,
+              "na2d_key_sum": 2}
+
+
+def default_config(H: int, W: int, D: int, kernel: str = "na2d_fwd") -> dict:
     block_d = next_power_of_2(D)
     queries = max(MIN_QUERIES, min(64, TILE_ELEMENTS // block_d))
     block_w = max(1, min(8, next_power_of_2(W)))
-    # D = 128 holds 16 lanes of the widest rows: ptxas caps 4 and 8 warps at 128 and 64 registers
-    # and spills the fp32 forward (sm_90); 2 warps take ~175 registers and do not.
-    num_warps = 2 if block_d >= 128 else 4
+    num_warps = 4
+    if block_d >= 128:
+        # 16 lanes of the widest rows. ptxas caps 4 and 8 warps at 128 and 64 registers a thread: the
+        # fp32 forward spills at both on sm_90 but fits 2 warps (~175 registers); the backward kernels,
+        # with more tiles live, spill at 2 warps (255) and fit 8 (~100).
+        num_warps = 8 if LIVE_TILES[kernel] > 4 else 2
     return {"BLOCK_H": queries // block_w, "BLOCK_W": block_w, "num_warps": num_warps, "num_stages": 1}
 
 
@@ -459,7 +467,7 @@ def _strides(prefix: str, t: torch.Tensor | None, n: int) -> dict:
 
 def _common(kernel_name, q, K, dilation, config):
     B, H, W, heads, D = q.shape
-    config = config or get_config(kernel_name, problem_key(q, K, dilation), default_config(H, W, D))
+    config = config or get_config(kernel_name, problem_key(q, K, dilation), default_config(H, W, D, kernel_name))
     meta = {"BLOCK_H": config["BLOCK_H"], "BLOCK_W": config["BLOCK_W"], "BLOCK_D": next_power_of_2(D)}
     tiles_w = cdiv(W, meta["BLOCK_W"])
     tiles = cdiv(H, meta["BLOCK_H"]) * tiles_w
