@@ -427,21 +427,17 @@ def na2d_key_sum_kernel(
 # Launch helpers
 # --------------------------------------------------------------------------------------------
 
-# [Q, D] tiles each kernel keeps live through its loop (accumulators, resident rows, one step's loads).
-LIVE_TILES = {"na2d_fwd": 4, "na2d_bwd_query": 5, "na2d_bwd_key": 6, "na2d_tap_dots": 2, "na2d_tap_sum": 2,
-              "na2d_key_sum": 2}
-
-
 def default_config(H: int, W: int, D: int, kernel: str = "na2d_fwd") -> dict:
     block_d = next_power_of_2(D)
     queries = max(MIN_QUERIES, min(64, TILE_ELEMENTS // block_d))
     block_w = max(1, min(8, next_power_of_2(W)))
-    num_warps = 4
-    if block_d >= 128:
-        # 16 lanes of the widest rows. ptxas caps 4 and 8 warps at 128 and 64 registers a thread: the
-        # fp32 forward spills at both on sm_90 but fits 2 warps (~175 registers); the backward kernels,
-        # with more tiles live, spill at 2 warps (255) and fit 8 (~100).
-        num_warps = 8 if LIVE_TILES[kernel] > 4 else 2
+    # Warps from `dynconv inspect` on both triton lanes: at 4 warps ptxas (3.6 most of all) caps some of
+    # these kernels far below 255 registers and spills a few values; 8 warps do not. The forward at
+    # D = 128 is the exception: 8 warps cap it at 64 registers, 2 warps give it ~175 and no spill.
+    if kernel == "na2d_fwd":
+        num_warps = 2 if block_d >= 128 else 4
+    else:
+        num_warps = 8
     return {"BLOCK_H": queries // block_w, "BLOCK_W": block_w, "num_warps": num_warps, "num_stages": 1}
 
 
@@ -566,8 +562,9 @@ def na2d_backward(dy, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, dilation, scale
     """dq, dk, dv and (when ``rpb`` is given) drpb, from the forward's output and log-sum-exp."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     delta = (dy.to(acc) * y.to(acc)).sum(-1)
-    if delta.stride() != lse.stride():
-        delta = delta.as_strided(lse.shape, lse.stride()).copy_(delta)
+    if delta.stride() != lse.stride():  # the kernels read both through lse's strides
+        lse = lse.contiguous()
+        delta = delta.contiguous()
     partials = None
     if rpb is not None:
         partials = torch.empty(rpb_partial_shape(q, K, dilation, config), dtype=acc, device=q.device)

@@ -27,6 +27,7 @@ CASES = [
     (5, 6, 1, 8, 5, (1, 1), "neighborhood", False),   # K = H: every query sees the whole column
     (6, 5, 2, 8, 3, (1, 2), "sliding", True),
     (5, 7, 1, 4, 5, (1, 1), "sliding", False),
+    (3, 5, 1, 4, 5, (1, 1), "sliding", True),        # K larger than the image
 ]
 CASE_IDS = [f"H{c[0]}W{c[1]}n{c[2]}D{c[3]}K{c[4]}d{c[5][0]}{c[5][1]}-{c[6]}{'-rpb' if c[7] else ''}" for c in CASES]
 
@@ -249,6 +250,18 @@ def test_eager_path_and_custom_ops_agree_bit_for_bit(device, monkeypatch):
     via_ops += torch.autograd.grad(via_ops[0], leaves, dy)
     for a, b in zip(eager, via_ops):
         assert torch.equal(a, b)
+
+
+def test_the_eager_path_calls_no_custom_op(device, monkeypatch):
+    for name in ("na2d_op", "na2d_backward_op", "na2d_qk_op", "na2d_qk_backward_op", "na2d_av_op",
+                 "na2d_av_backward_op"):
+        monkeypatch.setattr(na2d_ops, name, lambda *a, **k: pytest.fail("the eager path went through the dispatcher"))
+    q, k, v = (torch.randn(1, 4, 4, 1, 4, device=device, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(1, 5, 5, device=device, requires_grad=True)
+    s = dynconv.na2d_qk(q, k, 3, rpb=rpb)
+    y = dynconv.na2d(q, k, v, 3, rpb=rpb) + dynconv.na2d_av(s.softmax(-1), v, 3)
+    y.sum().backward()
+    assert all(t.grad is not None for t in (q, k, v, rpb))
 
 
 # --- the module -----------------------------------------------------------------------------
