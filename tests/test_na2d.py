@@ -112,6 +112,53 @@ def test_unfused_pair_forward_and_gradients(case, device):
                             dict(attn=attn, v=tensors["v"]), torch.float32, device)
 
 
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("window", ["neighborhood", "sliding"])
+def test_kernels_across_tile_borders(window, device):
+    """Small tiles (the tests' images otherwise fit one tile): windows and inverse neighbourhoods that
+    cross tile edges, lanes of one tile with different holder ranges, rpb partials of several tiles."""
+    config = {"BLOCK_H": 4, "BLOCK_W": 4, "num_warps": 4, "num_stages": 1}
+    B, H, W, heads, D, K, d = 1, 7, 6, 1, 4, 3, (2, 1)
+    neighborhood = window == "neighborhood"
+    q, k, v, dy = (torch.randn(B, H, W, heads, D, device=device) for _ in range(4))
+    rpb = torch.randn(heads, 2 * K - 1, 2 * K - 1, device=device)
+    y, dq, dk, dv = (torch.empty_like(q) for _ in range(4))
+    lse = torch.empty(B, H, W, heads, device=device)
+    drpb = torch.empty_like(rpb)
+    kernels.na2d_forward(q, k, v, rpb, y, lse, K, d, 0.5, neighborhood, config)
+    kernels.na2d_backward(dy, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, d, 0.5, neighborhood, config)
+    leaves = [t.double().cpu().requires_grad_() for t in (q, k, v, rpb)]
+    expected = na2d_gather(*leaves[:3], K, d, leaves[3], 0.5, window)
+    expected.backward(dy.double().cpu())
+    assert_close(y, expected, torch.float32, "y")
+    for name, actual, leaf in zip(("dq", "dk", "dv", "drpb"), (dq, dk, dv, drpb), leaves):
+        assert_close(actual, leaf.grad, torch.float32, name)
+    # the unfused kernels on the same tiles
+    scores = torch.empty(B, H, W, heads, K, K, device=device)
+    kernels.na2d_qk_forward(q, k, rpb, scores, K, d, neighborhood, config)
+    s_expected = na2d_qk_gather(q.double().cpu(), k.double().cpu(), K, d, rpb.double().cpu(), window)
+    assert torch.equal(torch.isinf(scores.cpu()), torch.isinf(s_expected))
+    finite = torch.isfinite(s_expected)
+    assert_close(scores.cpu()[finite], s_expected[finite], torch.float32, "scores")
+    ds = torch.randn_like(scores)
+    kernels.na2d_qk_backward(ds, q, k, dq, dk, drpb, K, d, neighborhood, config)
+    leaves = [t.double().cpu().requires_grad_() for t in (q, k, rpb)]
+    s64 = na2d_qk_gather(leaves[0], leaves[1], K, d, leaves[2], window)
+    s64.backward(torch.where(torch.isfinite(s64), ds.double().cpu(), 0))
+    for name, actual, leaf in zip(("qk dq", "qk dk", "qk drpb"), (dq, dk, drpb), leaves):
+        assert_close(actual, leaf.grad, torch.float32, name)
+    attn = torch.randn_like(scores)
+    kernels.na2d_av_forward(attn, v, y, K, d, neighborhood, config)
+    dattn = torch.empty_like(attn)
+    kernels.na2d_av_backward(dy, attn, v, dattn, dv, K, d, neighborhood, config)
+    leaves = [t.double().cpu().requires_grad_() for t in (attn, v)]
+    y64 = na2d_av_gather(*leaves, K, d, window)
+    y64.backward(dy.double().cpu())
+    assert_close(y, y64, torch.float32, "av y")
+    assert_close(dattn, leaves[0].grad, torch.float32, "av dattn")
+    assert_close(dv, leaves[1].grad, torch.float32, "av dv")
+
+
 def test_sliding_scores_mask_keys_outside_the_image(device):
     """na2d_qk's sliding window gives -inf outside the image (and no gradient through those)."""
     tensors, geometry = _inputs(CASES[4])
