@@ -3,10 +3,12 @@ unfused pair ``dynconv.na2d_qk`` / ``dynconv.na2d_av``.
 
 Registered with torch.library as ``torch.ops.dynconv.na2d`` (returns the output and the
 log-sum-exp the backward keeps), ``na2d_backward``, ``na2d_qk``, ``na2d_qk_backward``, ``na2d_av``
-and ``na2d_av_backward``, each with a fake implementation and an autograd formula. CUDA tensors run
-the fused Triton kernels of ``kernels/na2d.py``; CPU tensors run the tap loop of
-``ops/reference_na2d.py``, or the Triton kernels through the interpreter when TRITON_INTERPRET=1 was
-set before import; the unfused pair has kernels of its own in the same module. Plain eager calls go through autograd.Functions around the same bodies (``ops/_eager.py``).
+and ``na2d_av_backward``, each with a fake implementation and an autograd formula (the backward
+ops have none: double backward is refused). CUDA tensors run the Triton kernels of
+``kernels/na2d.py`` (fused for ``na2d``, window gathers for the unfused pair); CPU tensors run the
+tap loop of ``ops/reference_na2d.py``, or the Triton kernels through the interpreter when
+TRITON_INTERPRET=1 was set before import. Plain eager calls go through autograd.Functions around
+the same bodies (``ops/_eager.py``).
 """
 from __future__ import annotations
 
