@@ -5,14 +5,16 @@
 >>> y = dynconv.dynamic_dwconv2d(x, weight)      # SPEC.md §1b
 >>> y = dynconv.expert_conv2d(x, experts, routing)  # SPEC.md §2
 >>> y = dynconv.involution_fused(x, z, span_weight, span_bias, 7, 16)  # issue 6
+>>> y = dynconv.na2d(q, k, v, 7, rpb=rpb)          # SPEC.md §1c, issue 15
 >>> layer = dynconv.nn.Involution2d(64)
 """
 from dynconv.ops.expert_conv import expert_conv2d
 from dynconv.ops.involution import dynamic_dwconv2d, involution
 from dynconv.ops.involution_fused import involution_fused
+from dynconv.ops.na2d import na2d, na2d_av, na2d_qk
 
 from . import nn, reference
 
 __version__ = "0.1.0"
 
-__all__ = ["involution_fused", "expert_conv2d", "involution", "dynamic_dwconv2d", "nn", "reference", "__version__"]
+__all__ = ["na2d", "na2d_qk", "na2d_av", "involution_fused", "expert_conv2d", "involution", "dynamic_dwconv2d", "nn", "reference", "__version__"]

@@ -1,0 +1,648 @@
+"""Fused 2-D neighbourhood attention (SPEC.md §1c, issue 15): forward and backward.
+
+Layout ``(B, H, W, heads, D)`` for q, k, v and the output, any strides. A program owns one sample,
+one head and a ``BLOCK_H x BLOCK_W`` tile of pixels (flattened to ``BLOCK_Q`` lanes), with the head
+dimension ``BLOCK_D`` as the second tile axis. Along each image axis, position ``i`` belongs to the
+subsequence ``g = i mod d`` at index ``t = i // d`` (length ``L_g``); tap ``u`` of its window is
+subsequence index ``start(t) + u``, with ``start = t - K//2`` ("sliding", masked outside the image)
+or that clamped to ``[0, L_g - K]`` ("neighborhood", NATTEN's shifted window). The relative-position
+bias index of a (query, key) pair is ``t_key - t_query + K - 1`` per axis.
+
+Kernels (deterministic: every element and every partial has exactly one writer, no atomics):
+
+* ``na2d_fwd_kernel`` — per query lane, a loop over the K² taps with an online softmax (running
+  max and sum, fp32 accumulation), gathering each tap's key and value row; writes the output and
+  the log-sum-exp. The K² scores never reach memory.
+* ``na2d_bwd_query_kernel`` — dq, recomputing ``p = exp(s - lse)`` per tap, and the rpb gradient:
+  per tap, ``P += onehot(rel_i)ᵀ · diag(ds) · onehot(rel_j)`` (a ``[R, Q] x [Q, R]`` product) into
+  one ``(2K-1)²`` partial per program, which the launcher sums over programs in a fixed order.
+* ``na2d_bwd_key_kernel`` — dk and dv from the queries whose windows hold each key (the inverse
+  neighbourhood): along each axis those form the contiguous range ``[lo, hi]`` of subsequence
+  indices, at most ``2K-1`` long near a border and ``K`` inside; the loop runs to the tile's
+  longest range, masked per lane.
+
+``delta = Σ_d dy·y`` per query comes from the caller (one fused torch reduction).
+
+The unfused pair (``na2d_qk``, ``na2d_av``) uses three gathers of the same window geometry:
+``na2d_tap_dots_kernel`` (scores q·k + rpb, and av's weight gradient dy·v), ``na2d_tap_sum_kernel``
+(av's Σ attn·v, and qk's dq with the rpb-gradient partials) and ``na2d_key_sum_kernel`` (qk's dk and
+av's dv over the inverse neighbourhood).
+
+What is missing for the performance targets: the score and aggregation products are per-lane
+multiply-reduces over D (CUDA cores), not ``tl.dot`` on tensor cores. Tensor cores need the
+query tile's keys as one shared ``[tile + halo]`` block (NATTEN's and FlashAttention's tiling),
+with the off-window pairs masked; not done yet.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, cacheable, cdiv, config_key, layout, next_power_of_2, planned
+from .configs import get_config
+from .involution import needs_int64
+
+# Lanes x head-dim elements per program: 16 fp32 elements of each [Q, D] tile per thread at 4 warps.
+TILE_ELEMENTS = 2048
+# The rpb-gradient product contracts over the query lanes: tl.dot needs at least 16 of them.
+MIN_QUERIES = 16
+
+
+@triton.jit
+def _window_start(t, length, K, NEIGHBORHOOD: tl.constexpr):
+    """The first key index of the window of query index ``t`` in a subsequence of ``length``."""
+    start = t - K // 2
+    if NEIGHBORHOOD:
+        start = tl.minimum(tl.maximum(start, 0), length - K)
+    return start
+
+
+@triton.jit
+def _axis(pos, L, K, d, NEIGHBORHOOD: tl.constexpr):
+    """Subsequence (group), index in it, its length, and the window's first index, per position."""
+    g = pos % d
+    t = pos // d
+    length = (L - g + d - 1) // d
+    return g, t, length, _window_start(t, length, K, NEIGHBORHOOD)
+
+
+@triton.jit
+def _tile(TILES, TILES_W, HEADS, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, INDEX_64: tl.constexpr):
+    """(sample, head, rows, columns) of this program: one flat grid, tiles of one (sample, head) adjacent."""
+    pid = tl.program_id(0) % TILES
+    bh = tl.program_id(0) // TILES
+    b = bh // HEADS
+    h = bh % HEADS
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    i = (pid // TILES_W) * BLOCK_H + p // BLOCK_W
+    j = (pid % TILES_W) * BLOCK_W + p % BLOCK_W
+    if INDEX_64:
+        b = b.to(tl.int64)
+        h = h.to(tl.int64)
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
+    return b, h, i, j
+
+
+@triton.jit
+def na2d_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, y_ptr, lse_ptr,
+    H, W, HEADS, D, K, DH, DW, scale,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    syb, syh, syw, syn, syd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y = softmax(scale·q·k + rpb) · v over each query's window; lse = log Σ exp(scores)."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
+
+    q = tl.load(q_ptr + b * sqb + h * sqn + (i * sqh + j * sqw)[:, None] + dd[None, :] * sqd,
+                mask=inside[:, None] & dmask, other=0.0).to(ACC_DTYPE) * scale
+    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
+    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
+    m = tl.full((BLOCK_H * BLOCK_W,), float("-inf"), ACC_DTYPE)
+    total = tl.zeros((BLOCK_H * BLOCK_W,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for tap in range(K * K):
+        ki = si + tap // K
+        kj = sj + tap % K
+        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
+        row = gi + ki * DH
+        col = gj + kj * DW
+        key = tl.load(k_head + (row * skh + col * skw)[:, None], mask=ok[:, None] & dmask, other=0.0)
+        s = tl.sum(q * key.to(ACC_DTYPE), axis=1)
+        if HAS_RPB:
+            s += tl.load(rpb_ptr + h * srn + (ki - ti + K - 1) * sri + (kj - tj + K - 1) * srj,
+                         mask=ok, other=0.0).to(ACC_DTYPE)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, s)
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: keep exp() finite
+        alpha = tl.exp(m - base)
+        p = tl.exp(s - base)
+        value = tl.load(v_head + (row * svh + col * svw)[:, None], mask=ok[:, None] & dmask, other=0.0)
+        total = total * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * value.to(ACC_DTYPE)
+        m = m_new
+    safe = tl.where(total > 0, total, 1.0)  # lanes outside the image
+    y = acc / safe[:, None]
+    tl.store(y_ptr + b * syb + h * syn + (i * syh + j * syw)[:, None] + dd[None, :] * syd,
+             y.to(y_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
+    tl.store(lse_ptr + b * slb + h * sln + i * slh + j * slw, m + tl.log(safe), mask=inside)
+
+
+@triton.jit
+def na2d_bwd_query_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr, drpb_ptr,
+    H, W, HEADS, D, K, DH, DW, scale,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sgb, sgh, sgw, sgn, sgd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    sdqb, sdqh, sdqw, sdqn, sdqd,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, RPB_DOT: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """dq = scale · Σ_taps ds·k, ds = p·(dy·v - delta); per program an rpb-gradient partial
+    ``drpb[b, h, tile, BLOCK_R, BLOCK_R]`` (lse and delta share one layout)."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    mask2 = inside[:, None] & dmask
+    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
+
+    pix = (i * sqh + j * sqw)[:, None]
+    q = tl.load(q_ptr + b * sqb + h * sqn + pix + dd[None, :] * sqd, mask=mask2, other=0.0).to(ACC_DTYPE)
+    dy = tl.load(dy_ptr + b * sgb + h * sgn + (i * sgh + j * sgw)[:, None] + dd[None, :] * sgd,
+                 mask=mask2, other=0.0).to(ACC_DTYPE)
+    stat = b * slb + h * sln + i * slh + j * slw
+    lse = tl.load(lse_ptr + stat, mask=inside, other=0.0).to(ACC_DTYPE)
+    delta = tl.load(delta_ptr + stat, mask=inside, other=0.0).to(ACC_DTYPE)
+    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
+    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
+    dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    r = tl.arange(0, BLOCK_R)
+    partial = tl.zeros((BLOCK_R, BLOCK_R), ACC_DTYPE)
+    for tap in range(K * K):
+        ki = si + tap // K
+        kj = sj + tap % K
+        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
+        row = gi + ki * DH
+        col = gj + kj * DW
+        key = tl.load(k_head + (row * skh + col * skw)[:, None], mask=ok[:, None] & dmask, other=0.0).to(ACC_DTYPE)
+        value = tl.load(v_head + (row * svh + col * svw)[:, None], mask=ok[:, None] & dmask, other=0.0)
+        s = tl.sum(q * key, axis=1) * scale
+        rel_i = ki - ti + K - 1
+        rel_j = kj - tj + K - 1
+        if HAS_RPB:
+            s += tl.load(rpb_ptr + h * srn + rel_i * sri + rel_j * srj, mask=ok, other=0.0).to(ACC_DTYPE)
+        p = tl.where(ok, tl.exp(s - lse), 0.0)
+        ds = p * (tl.sum(dy * value.to(ACC_DTYPE), axis=1) - delta)
+        dq += ds[:, None] * key
+        if HAS_RPB:
+            rows = tl.where(rel_i[:, None] == r[None, :], ds[:, None], 0.0)
+            cols = tl.where(rel_j[:, None] == r[None, :], 1.0, 0.0).to(ACC_DTYPE)
+            if RPB_DOT:
+                partial += tl.dot(tl.trans(rows), cols, input_precision="ieee")
+            else:
+                partial += tl.sum(rows[:, :, None] * cols[:, None, :], axis=0)
+    tl.store(dq_ptr + b * sdqb + h * sdqn + (i * sdqh + j * sdqw)[:, None] + dd[None, :] * sdqd,
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask2)
+    if HAS_RPB:
+        out = drpb_ptr + tl.program_id(0) * (BLOCK_R * BLOCK_R)
+        tl.store(out + r[:, None] * BLOCK_R + r[None, :], partial)
+
+
+@triton.jit
+def _holders(t, length, K, NEIGHBORHOOD: tl.constexpr):
+    """The range [lo, hi] of query indices whose windows hold key index ``t`` (one subsequence)."""
+    if NEIGHBORHOOD:
+        lo = tl.where(t < K, 0, t - K // 2)
+        hi = tl.where(t >= length - K, length - 1, t + K // 2)
+    else:
+        lo = tl.maximum(t - K // 2, 0)
+        hi = tl.minimum(t + K // 2, length - 1)
+    return lo, hi
+
+
+@triton.jit
+def na2d_bwd_key_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    H, W, HEADS, D, K, DH, DW, scale,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sgb, sgh, sgw, sgn, sgd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    sdkb, sdkh, sdkw, sdkn, sdkd,
+    sdvb, sdvh, sdvw, sdvn, sdvd,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dv = Σ_holders p·dy, dk = scale · Σ_holders ds·q over the queries whose windows hold the key."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    mask2 = inside[:, None] & dmask
+    gi, ti, li, _ = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, _ = _axis(j, W, K, DW, NEIGHBORHOOD)
+    lo_i, hi_i = _holders(ti, li, K, NEIGHBORHOOD)
+    lo_j, hi_j = _holders(tj, lj, K, NEIGHBORHOOD)
+    span_i = tl.max(tl.where(inside, hi_i - lo_i + 1, 0), axis=0)
+    span_j = tl.max(tl.where(inside, hi_j - lo_j + 1, 0), axis=0)
+
+    key = tl.load(k_ptr + b * skb + h * skn + (i * skh + j * skw)[:, None] + dd[None, :] * skd,
+                  mask=mask2, other=0.0).to(ACC_DTYPE)
+    value = tl.load(v_ptr + b * svb + h * svn + (i * svh + j * svw)[:, None] + dd[None, :] * svd,
+                    mask=mask2, other=0.0).to(ACC_DTYPE)
+    q_head = q_ptr + b * sqb + h * sqn + dd[None, :] * sqd
+    dy_head = dy_ptr + b * sgb + h * sgn + dd[None, :] * sgd
+    stat_head = b * slb + h * sln
+    dk = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    dv = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for ei in range(0, span_i):
+        qi = lo_i + ei
+        ok_i = inside & (qi <= hi_i)
+        row = gi + qi * DH
+        for ej in range(0, span_j):
+            qj = lo_j + ej
+            ok = ok_i & (qj <= hi_j)
+            col = gj + qj * DW
+            okd = ok[:, None] & dmask
+            query = tl.load(q_head + (row * sqh + col * sqw)[:, None], mask=okd, other=0.0).to(ACC_DTYPE)
+            dy = tl.load(dy_head + (row * sgh + col * sgw)[:, None], mask=okd, other=0.0).to(ACC_DTYPE)
+            stat = stat_head + row * slh + col * slw
+            lse = tl.load(lse_ptr + stat, mask=ok, other=0.0).to(ACC_DTYPE)
+            delta = tl.load(delta_ptr + stat, mask=ok, other=0.0).to(ACC_DTYPE)
+            s = tl.sum(query * key, axis=1) * scale
+            if HAS_RPB:
+                s += tl.load(rpb_ptr + h * srn + (ti - qi + K - 1) * sri + (tj - qj + K - 1) * srj,
+                             mask=ok, other=0.0).to(ACC_DTYPE)
+            p = tl.where(ok, tl.exp(s - lse), 0.0)
+            dv += p[:, None] * dy
+            ds = p * (tl.sum(dy * value, axis=1) - delta)
+            dk += ds[:, None] * query
+    tl.store(dk_ptr + b * sdkb + h * sdkn + (i * sdkh + j * sdkw)[:, None] + dd[None, :] * sdkd,
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask2)
+    tl.store(dv_ptr + b * sdvb + h * sdvn + (i * sdvh + j * sdvw)[:, None] + dd[None, :] * sdvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=mask2)
+
+
+# --------------------------------------------------------------------------------------------
+# The unfused pair (na2d_qk, na2d_av): three gathers in window order, each with one writer per element
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def na2d_tap_dots_kernel(
+    x_ptr, y_ptr, rpb_ptr, out_ptr,
+    H, W, HEADS, D, K, DH, DW,
+    sxb, sxh, sxw, sxn, sxd,
+    syb, syh, syw, syn, syd,
+    srn, sri, srj,
+    sob, soh, sow, son, sou, sov,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """out[q, u, v] = x[q]·y[key(q, u, v)] (+ rpb), MASKED where a sliding window leaves the image:
+    the scores of na2d_qk (x = q, y = k) and the weight gradient of na2d_av (x = dy, y = v)."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
+    x = tl.load(x_ptr + b * sxb + h * sxn + (i * sxh + j * sxw)[:, None] + dd[None, :] * sxd,
+                mask=inside[:, None] & dmask, other=0.0).to(ACC_DTYPE)
+    y_head = y_ptr + b * syb + h * syn + dd[None, :] * syd
+    out_pix = out_ptr + b * sob + h * son + i * soh + j * sow
+    for tap in range(K * K):
+        u = tap // K
+        v = tap % K
+        ki = si + u
+        kj = sj + v
+        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
+        y = tl.load(y_head + ((gi + ki * DH) * syh + (gj + kj * DW) * syw)[:, None], mask=ok[:, None] & dmask,
+                    other=0.0)
+        s = tl.sum(x * y.to(ACC_DTYPE), axis=1)
+        if HAS_RPB:
+            s += tl.load(rpb_ptr + h * srn + (ki - ti + K - 1) * sri + (kj - tj + K - 1) * srj,
+                         mask=ok, other=0.0).to(ACC_DTYPE)
+        s = tl.where(ok, s, MASKED)
+        tl.store(out_pix + u * sou + v * sov, s.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def na2d_tap_sum_kernel(
+    w_ptr, y_ptr, out_ptr, rpb_grad_ptr,
+    H, W, HEADS, D, K, DH, DW,
+    swb, swh, sww, swn, swu, swv,
+    syb, syh, syw, syn, syd,
+    sob, soh, sow, son, sod,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, RPB_GRAD: tl.constexpr, RPB_DOT: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """out[q] = Σ_taps w[q, u, v]·y[key(q, u, v)] over the taps inside the image: na2d_av (w = attn,
+    y = v) and dq of na2d_qk (w = dscores, y = k, with the per-program rpb-gradient partial of w)."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
+    y_head = y_ptr + b * syb + h * syn + dd[None, :] * syd
+    w_pix = w_ptr + b * swb + h * swn + i * swh + j * sww
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    r = tl.arange(0, BLOCK_R)
+    partial = tl.zeros((BLOCK_R, BLOCK_R), ACC_DTYPE)
+    for tap in range(K * K):
+        u = tap // K
+        v = tap % K
+        ki = si + u
+        kj = sj + v
+        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
+        weight = tl.load(w_pix + u * swu + v * swv, mask=ok, other=0.0).to(ACC_DTYPE)
+        y = tl.load(y_head + ((gi + ki * DH) * syh + (gj + kj * DW) * syw)[:, None], mask=ok[:, None] & dmask,
+                    other=0.0)
+        acc += weight[:, None] * y.to(ACC_DTYPE)
+        if RPB_GRAD:
+            rows = tl.where((ki - ti + K - 1)[:, None] == r[None, :], weight[:, None], 0.0)
+            cols = tl.where((kj - tj + K - 1)[:, None] == r[None, :], 1.0, 0.0).to(ACC_DTYPE)
+            if RPB_DOT:
+                partial += tl.dot(tl.trans(rows), cols, input_precision="ieee")
+            else:
+                partial += tl.sum(rows[:, :, None] * cols[:, None, :], axis=0)
+    tl.store(out_ptr + b * sob + h * son + (i * soh + j * sow)[:, None] + dd[None, :] * sod,
+             acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
+    if RPB_GRAD:
+        out = rpb_grad_ptr + tl.program_id(0) * (BLOCK_R * BLOCK_R)
+        tl.store(out + r[:, None] * BLOCK_R + r[None, :], partial)
+
+
+@triton.jit
+def na2d_key_sum_kernel(
+    w_ptr, x_ptr, out_ptr,
+    H, W, HEADS, D, K, DH, DW,
+    swb, swh, sww, swn, swu, swv,
+    sxb, sxh, sxw, sxn, sxd,
+    sob, soh, sow, son, sod,
+    TILES, TILES_W,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """out[key] = Σ_{q holding key} w[q, tap(q, key)]·x[q]: dk of na2d_qk (w = dscores, x = q) and dv
+    of na2d_av (w = attn, x = dy), gathered from the inverse neighbourhood."""
+    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    inside = (i < H) & (j < W)
+    dmask = (dd < D)[None, :]
+    gi, ti, li, _ = _axis(i, H, K, DH, NEIGHBORHOOD)
+    gj, tj, lj, _ = _axis(j, W, K, DW, NEIGHBORHOOD)
+    lo_i, hi_i = _holders(ti, li, K, NEIGHBORHOOD)
+    lo_j, hi_j = _holders(tj, lj, K, NEIGHBORHOOD)
+    span_i = tl.max(tl.where(inside, hi_i - lo_i + 1, 0), axis=0)
+    span_j = tl.max(tl.where(inside, hi_j - lo_j + 1, 0), axis=0)
+    x_head = x_ptr + b * sxb + h * sxn + dd[None, :] * sxd
+    w_head = w_ptr + b * swb + h * swn
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for ei in range(0, span_i):
+        qi = lo_i + ei
+        ok_i = inside & (qi <= hi_i)
+        row = gi + qi * DH
+        u = ti - _window_start(qi, li, K, NEIGHBORHOOD)
+        for ej in range(0, span_j):
+            qj = lo_j + ej
+            ok = ok_i & (qj <= hi_j)
+            col = gj + qj * DW
+            v = tj - _window_start(qj, lj, K, NEIGHBORHOOD)
+            weight = tl.load(w_head + row * swh + col * sww + u * swu + v * swv, mask=ok, other=0.0)
+            x = tl.load(x_head + (row * sxh + col * sxw)[:, None], mask=ok[:, None] & dmask, other=0.0)
+            acc += weight.to(ACC_DTYPE)[:, None] * x.to(ACC_DTYPE)
+    tl.store(out_ptr + b * sob + h * son + (i * soh + j * sow)[:, None] + dd[None, :] * sod,
+             acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+def default_config(H: int, W: int, D: int, kernel: str = "na2d_fwd") -> dict:
+    block_d = next_power_of_2(D)
+    queries = max(MIN_QUERIES, min(64, TILE_ELEMENTS // block_d))
+    block_w = max(1, min(8, next_power_of_2(W)))
+    # Warps from `dynconv inspect` on both triton lanes, sm_80 and sm_90: at 4 warps ptxas (3.6 most of
+    # all) caps some of these kernels far below 255 registers and spills a few values; 8 warps do not.
+    # At D = 128 the forward spills at 4 and 8 warps but not at 2 (~175 registers), and the key-side
+    # backward (six [Q, D] tiles live) spills at 4 and 8 somewhere but nowhere at 16.
+    if kernel == "na2d_fwd":
+        num_warps = 2 if block_d >= 128 else 4
+    elif kernel == "na2d_bwd_key" and block_d >= 128:
+        num_warps = 16
+    else:
+        num_warps = 8
+    return {"BLOCK_H": queries // block_w, "BLOCK_W": block_w, "num_warps": num_warps, "num_stages": 1}
+
+
+def problem_key(q: torch.Tensor, K: int, dilation) -> dict:
+    B, H, W, heads, D = q.shape
+    return {"B": B, "H": H, "W": W, "heads": heads, "D": D, "K": K, "dilation_h": dilation[0],
+            "dilation_w": dilation[1], "dtype_bytes": q.element_size()}
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _rpb_block(K: int) -> int:
+    return max(16, next_power_of_2(2 * K - 1))
+
+
+def _strides(prefix: str, t: torch.Tensor | None, n: int) -> dict:
+    names = {6: "bhwnuv", 5: "bhwnd", 4: "bhwn", 3: "nij"}[n]
+    values = t.stride() if t is not None else (0,) * n
+    return {f"s{prefix}{axis}": s for axis, s in zip(names, values)}
+
+
+def _common(kernel_name, q, K, dilation, config):
+    B, H, W, heads, D = q.shape
+    config = config or get_config(kernel_name, problem_key(q, K, dilation), default_config(H, W, D, kernel_name))
+    meta = {"BLOCK_H": config["BLOCK_H"], "BLOCK_W": config["BLOCK_W"], "BLOCK_D": next_power_of_2(D)}
+    tiles_w = cdiv(W, meta["BLOCK_W"])
+    tiles = cdiv(H, meta["BLOCK_H"]) * tiles_w
+    scalars = dict(H=H, W=W, HEADS=heads, D=D, K=K, DH=dilation[0], DW=dilation[1], TILES=tiles, TILES_W=tiles_w)
+    return meta, scalars, (tiles * B * heads, 1, 1), config.get("num_warps", 4), config.get("num_stages", 1)
+
+
+def forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
+    if not cacheable(q):
+        return _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)
+    key = ("na2d_fwd", layout(q), layout(k), layout(v), layout(rpb), layout(y), layout(lse), K, *dilation, scale,
+           neighborhood, config_key(config))
+    return planned(key, ("q_ptr", "k_ptr", "v_ptr", "rpb_ptr", "y_ptr", "lse_ptr"), (q, k, v, rpb, y, lse),
+                   lambda: _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config))
+
+
+def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_fwd", q, K, dilation, config)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars, scale=float(scale),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
+                ACC_DTYPE=_acc_dtype(q.dtype))
+    return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages)
+
+
+def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> tuple[int, ...]:
+    """The fp32 partials of the rpb gradient: one (R, R) block per (sample, head, tile) of ``kernel``."""
+    B, _, _, heads, _ = q.shape
+    _, scalars, _, _, _ = _common(kernel, q, K, dilation, config)
+    R = _rpb_block(K)
+    return (B, heads, scalars["TILES"], R, R)
+
+
+def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood,
+                          config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_query", q, K, dilation, config)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
+                drpb_ptr=partials, **scalars, scale=float(scale),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
+    meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None,
+                RPB_DOT=q.dtype != torch.float64, INDEX_64=needs_int64(q, k, v, dy, dq),
+                ACC_DTYPE=_acc_dtype(q.dtype))
+    return Launch(na2d_bwd_query_kernel, grid, args, meta, num_warps, num_stages)
+
+
+def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
+                        config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_key", q, K, dilation, config)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
+                dv_ptr=dv, **scalars, scale=float(scale),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dk", dk, 5),
+                **_strides("dv", dv, 5))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
+                ACC_DTYPE=_acc_dtype(q.dtype))
+    return Launch(na2d_bwd_key_kernel, grid, args, meta, num_warps, num_stages)
+
+
+def tap_dots_launch(x, y, rpb, out, K, dilation, neighborhood, masked: float, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_tap_dots", x, K, dilation, config)
+    args = dict(x_ptr=x, y_ptr=y, rpb_ptr=rpb, out_ptr=out, **scalars, **_strides("x", x, 5), **_strides("y", y, 5),
+                **_strides("r", rpb, 3), **_strides("o", out, 6))
+    meta.update(MASKED=masked, NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(x, y, out),
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    return Launch(na2d_tap_dots_kernel, grid, args, meta, num_warps, num_stages)
+
+
+def tap_sum_launch(w, y, out, partials, K, dilation, neighborhood, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_tap_sum", y, K, dilation, config)
+    args = dict(w_ptr=w, y_ptr=y, out_ptr=out, rpb_grad_ptr=partials, **scalars, **_strides("w", w, 6),
+                **_strides("y", y, 5), **_strides("o", out, 5))
+    meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, RPB_GRAD=partials is not None,
+                RPB_DOT=y.dtype != torch.float64, INDEX_64=needs_int64(w, y, out), ACC_DTYPE=_acc_dtype(y.dtype))
+    return Launch(na2d_tap_sum_kernel, grid, args, meta, num_warps, num_stages)
+
+
+def key_sum_launch(w, x, out, K, dilation, neighborhood, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _common("na2d_key_sum", x, K, dilation, config)
+    args = dict(w_ptr=w, x_ptr=x, out_ptr=out, **scalars, **_strides("w", w, 6), **_strides("x", x, 5),
+                **_strides("o", out, 5))
+    meta.update(NEIGHBORHOOD=neighborhood, INDEX_64=needs_int64(w, x, out), ACC_DTYPE=_acc_dtype(x.dtype))
+    return Launch(na2d_key_sum_kernel, grid, args, meta, num_warps, num_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points used by ops/: they write into outputs the caller allocated.
+# --------------------------------------------------------------------------------------------
+
+def na2d_forward(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> None:
+    forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)()
+
+
+def na2d_backward(dy, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, dilation, scale, neighborhood, config=None):
+    """dq, dk, dv and (when ``rpb`` is given) drpb, from the forward's output and log-sum-exp."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    delta = (dy.to(acc) * y.to(acc)).sum(-1)
+    if delta.stride() != lse.stride():  # the kernels read both through lse's strides
+        lse = lse.contiguous()
+        delta = delta.contiguous()
+    partials = None
+    if rpb is not None:
+        partials = torch.empty(rpb_partial_shape(q, K, dilation, config), dtype=acc, device=q.device)
+    backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood, config)()
+    backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood, config)()
+    if rpb is None:
+        drpb.zero_()
+        return
+    _reduce_rpb_partials(partials, drpb, K)
+
+
+def _reduce_rpb_partials(partials, drpb, K) -> None:
+    """Sum the per-program partials over samples and tiles (a fixed order) into ``drpb``."""
+    R = 2 * K - 1
+    drpb.copy_(partials.sum(dim=(0, 2))[:, :R, :R])
+
+
+def na2d_qk_forward(q, k, rpb, scores, K, dilation, neighborhood, config=None) -> None:
+    tap_dots_launch(q, k, rpb, scores, K, dilation, neighborhood, float("-inf"), config)()
+
+
+def na2d_qk_backward(grad, q, k, dq, dk, drpb, K, dilation, neighborhood, config=None) -> None:
+    """dq and dk of the scores; drpb too unless it is None."""
+    partials = None
+    if drpb is not None:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        partials = torch.empty(rpb_partial_shape(k, K, dilation, config, "na2d_tap_sum"), dtype=acc, device=q.device)
+    tap_sum_launch(grad, k, dq, partials, K, dilation, neighborhood, config)()
+    key_sum_launch(grad, q, dk, K, dilation, neighborhood, config)()
+    if drpb is not None:
+        _reduce_rpb_partials(partials, drpb, K)
+
+
+def na2d_av_forward(attn, v, y, K, dilation, neighborhood, config=None) -> None:
+    tap_sum_launch(attn, v, y, None, K, dilation, neighborhood, config)()
+
+
+def na2d_av_backward(grad, attn, v, dattn, dv, K, dilation, neighborhood, config=None) -> None:
+    """dattn (zero on taps outside the image) and dv."""
+    tap_dots_launch(grad, v, None, dattn, K, dilation, neighborhood, 0.0, config)()
+    key_sum_launch(attn, grad, dv, K, dilation, neighborhood, config)()
+
+
+def catalogue() -> list[Launch]:
+    """The launches the op makes by default at representative shapes, on meta tensors (AOT checks)."""
+    launches = []
+    shapes = [  # (B, H, W, heads, D, K, dilation, label)
+        (8, 56, 56, 4, 32, 7, 1, "NAT-tiny stage 1"),
+        (2, 128, 128, 8, 64, 13, 1, "B2 H128 heads 8 D64 K13"),
+        (2, 31, 29, 2, 128, 5, 2, "D128 dilation 2, odd sizes"),
+        (4, 14, 14, 4, 16, 3, 1, "D16 K3"),
+    ]
+    # fp16 compiles as bf16 does (same layouts, same registers): two dtypes keep the AOT test short.
+    for B, H, W, heads, D, K, d, label in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            for neighborhood in (True, False):
+                meta = dict(dtype=dtype, device="meta")
+                q = torch.empty((B, H, W, heads, D), **meta)
+                rpb = torch.empty((heads, 2 * K - 1, 2 * K - 1), **meta)
+                acc = dict(dtype=torch.float32, device="meta")
+                lse = torch.empty((B, H, W, heads), **acc)
+                partials = torch.empty(rpb_partial_shape(q, K, (d, d)), **acc)
+                geometry = (K, (d, d), D ** -0.5, neighborhood)
+                tag = f"{label} {dtype} {'neighborhood' if neighborhood else 'sliding'}"
+                batch = [forward_launch(q, q, q, rpb, q, lse, *geometry),
+                         backward_query_launch(q, q, q, rpb, q, lse, lse, q, partials, *geometry),
+                         backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, *geometry)]
+                if neighborhood:  # the unfused kernels: the window kind changes two index lines
+                    scores = torch.empty((B, H, W, heads, K, K), **meta)
+                    window = (K, (d, d), neighborhood)
+                    sum_partials = torch.empty(rpb_partial_shape(q, K, (d, d), kernel="na2d_tap_sum"), **acc)
+                    batch += [tap_dots_launch(q, q, rpb, scores, *window, float("-inf")),
+                              tap_sum_launch(scores, q, q, sum_partials, *window),
+                              key_sum_launch(scores, q, q, *window)]
+                for launch in batch:
+                    launch.label = tag
+                launches += batch
+    return launches

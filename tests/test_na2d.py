@@ -1,0 +1,412 @@
+"""Neighbourhood attention (SPEC.md §1c, issue 15): dynconv.na2d, na2d_qk, na2d_av and
+dynconv.nn.NeighborhoodAttention2d against float64 references.
+
+The fused kernels run through the Triton interpreter on CPU (see conftest.py); every allocation is
+NaN-poisoned so an output element that no program writes fails the comparison. The references
+themselves are checked against the definition written as loops (NATTEN's window rule).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dynconv
+import dynconv.ops.na2d as na2d_ops
+from dynconv.kernels import na2d as kernels
+from dynconv.reference import na2d_av_gather, na2d_gather, na2d_naive, na2d_qk_gather, na2d_taps
+from helpers import assert_close, check_against_reference
+
+# (H, W, heads, D, K, dilation, window, rpb): borders on every side, K = 3 and 5, dilation on one
+# or both axes, the window as large as the image, both window kinds, with and without rpb.
+CASES = [
+    (7, 6, 2, 8, 3, (1, 1), "neighborhood", True),
+    (6, 7, 1, 16, 5, (1, 1), "neighborhood", True),
+    (7, 7, 2, 4, 3, (2, 1), "neighborhood", True),
+    (5, 6, 1, 8, 5, (1, 1), "neighborhood", False),   # K = H: every query sees the whole column
+    (6, 5, 2, 8, 3, (1, 2), "sliding", True),
+    (5, 7, 1, 4, 5, (1, 1), "sliding", False),
+    (3, 5, 1, 4, 5, (1, 1), "sliding", True),        # K larger than the image
+]
+CASE_IDS = [f"H{c[0]}W{c[1]}n{c[2]}D{c[3]}K{c[4]}d{c[5][0]}{c[5][1]}-{c[6]}{'-rpb' if c[7] else ''}" for c in CASES]
+
+
+def _inputs(case, B=1):
+    H, W, heads, D, K, dilation, window, with_rpb = case
+    q, k, v = (torch.randn(B, H, W, heads, D, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(heads, 2 * K - 1, 2 * K - 1, dtype=torch.float64) if with_rpb else None
+    return dict(q=q, k=k, v=v, rpb=rpb), dict(kernel_size=K, dilation=dilation, window=window)
+
+
+def _na2d(q, k, v, rpb, kernel_size, dilation, window):
+    return dynconv.na2d(q, k, v, kernel_size, dilation, rpb=rpb, window=window)
+
+
+def _reference(q, k, v, rpb, kernel_size, dilation, window):
+    return na2d_gather(q, k, v, kernel_size, dilation, rpb, None, window)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_references_agree_with_the_definition(case):
+    """Gather and tap-loop paths against the loops with NATTEN's own window-start rule."""
+    tensors, geometry = _inputs(case)
+    K, d, window = geometry["kernel_size"], geometry["dilation"], geometry["window"]
+    q, k, v, rpb = tensors.values()
+    expected = na2d_naive(q, k, v, K, d, rpb, None, window)
+    assert_close(na2d_gather(q, k, v, K, d, rpb, None, window), expected, torch.float64, "gather")
+    assert_close(na2d_taps(q, k, v, K, d, rpb, None, window)[0], expected, torch.float64, "taps")
+
+
+def test_neighborhood_window_is_natten_s():
+    """Spot values of the shifted window and its rpb index, worked out by hand (K=3, L=5, d=1 and 2)."""
+    from dynconv.ops.reference_na2d import window_indices
+
+    keys, valid, rel = window_indices(5, 3, 1, "neighborhood")
+    assert keys.tolist() == [[0, 1, 2], [0, 1, 2], [1, 2, 3], [2, 3, 4], [2, 3, 4]] and valid.all()
+    assert rel[0].tolist() == [2, 3, 4] and rel[4].tolist() == [0, 1, 2]
+    keys, _, rel = window_indices(7, 3, 2, "neighborhood")  # subsequences 0,2,4,6 and 1,3,5
+    assert keys[0].tolist() == [0, 2, 4] and keys[6].tolist() == [2, 4, 6] and keys[5].tolist() == [1, 3, 5]
+    assert rel[5].tolist() == [0, 1, 2]
+    keys, valid, rel = window_indices(5, 3, 1, "sliding")
+    assert valid[0].tolist() == [False, True, True] and rel[0].tolist() == [1, 2, 3]
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_na2d_forward_and_gradients(case, device):
+    tensors, geometry = _inputs(case)
+    check_against_reference(_na2d, _reference, tensors, torch.float32, device, **geometry)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_na2d_half_precision(dtype, device):
+    tensors, geometry = _inputs(CASES[2])
+    y = check_against_reference(_na2d, _reference, tensors, dtype, device, **geometry)
+    assert y.dtype == dtype
+
+
+@pytest.mark.usefixtures("nan_poison")
+def test_cpu_path_without_interpreter_matches(monkeypatch):
+    """Without TRITON_INTERPRET, CPU tensors take the tap loop: same values and gradients."""
+    monkeypatch.setattr(na2d_ops, "_INTERPRETED", False)
+    monkeypatch.setattr(kernels, "forward_launch", lambda *a, **k: pytest.fail("Triton kernel ran on the CPU path"))
+    for case in CASES:
+        tensors, geometry = _inputs(case, B=2)
+        check_against_reference(_na2d, _reference, tensors, torch.float32, **geometry)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("case", [CASES[2], CASES[4]], ids=[CASE_IDS[2], CASE_IDS[4]])
+def test_unfused_pair_forward_and_gradients(case, device):
+    tensors, geometry = _inputs(case, B=2)
+    K, d, window = geometry["kernel_size"], geometry["dilation"], geometry["window"]
+    if window == "neighborhood":  # sliding scores hold -inf: test_sliding_scores_mask_keys_outside_the_image
+        check_against_reference(lambda q, k, rpb: dynconv.na2d_qk(q, k, K, d, rpb=rpb, window=window),
+                                lambda q, k, rpb: na2d_qk_gather(q, k, K, d, rpb, window),
+                                dict(q=tensors["q"], k=tensors["k"], rpb=tensors["rpb"]), torch.float32, device)
+    attn = torch.randn(*tensors["q"].shape[:4], K, K, dtype=torch.float64)  # any weights, not softmaxed
+    check_against_reference(lambda attn, v: dynconv.na2d_av(attn, v, K, d, window=window),
+                            lambda attn, v: na2d_av_gather(attn, v, K, d, window),
+                            dict(attn=attn, v=tensors["v"]), torch.float32, device)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("window", ["neighborhood", "sliding"])
+def test_kernels_across_tile_borders(window, device):
+    """Small tiles (the tests' images otherwise fit one tile): windows and inverse neighbourhoods that
+    cross tile edges, lanes of one tile with different holder ranges, rpb partials of several tiles."""
+    config = {"BLOCK_H": 4, "BLOCK_W": 4, "num_warps": 4, "num_stages": 1}
+    B, H, W, heads, D, K, d = 1, 7, 6, 1, 4, 3, (2, 1)
+    neighborhood = window == "neighborhood"
+    q, k, v, dy = (torch.randn(B, H, W, heads, D, device=device) for _ in range(4))
+    rpb = torch.randn(heads, 2 * K - 1, 2 * K - 1, device=device)
+    y, dq, dk, dv = (torch.empty_like(q) for _ in range(4))
+    lse = torch.empty(B, H, W, heads, device=device)
+    drpb = torch.empty_like(rpb)
+    kernels.na2d_forward(q, k, v, rpb, y, lse, K, d, 0.5, neighborhood, config)
+    kernels.na2d_backward(dy, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, d, 0.5, neighborhood, config)
+    leaves = [t.double().cpu().requires_grad_() for t in (q, k, v, rpb)]
+    expected = na2d_gather(*leaves[:3], K, d, leaves[3], 0.5, window)
+    expected.backward(dy.double().cpu())
+    assert_close(y, expected, torch.float32, "y")
+    for name, actual, leaf in zip(("dq", "dk", "dv", "drpb"), (dq, dk, dv, drpb), leaves):
+        assert_close(actual, leaf.grad, torch.float32, name)
+    # the unfused kernels on the same tiles
+    scores = torch.empty(B, H, W, heads, K, K, device=device)
+    kernels.na2d_qk_forward(q, k, rpb, scores, K, d, neighborhood, config)
+    s_expected = na2d_qk_gather(q.double().cpu(), k.double().cpu(), K, d, rpb.double().cpu(), window)
+    assert torch.equal(torch.isinf(scores.cpu()), torch.isinf(s_expected))
+    finite = torch.isfinite(s_expected)
+    assert_close(scores.cpu()[finite], s_expected[finite], torch.float32, "scores")
+    ds = torch.randn_like(scores)
+    kernels.na2d_qk_backward(ds, q, k, dq, dk, drpb, K, d, neighborhood, config)
+    leaves = [t.double().cpu().requires_grad_() for t in (q, k, rpb)]
+    s64 = na2d_qk_gather(leaves[0], leaves[1], K, d, leaves[2], window)
+    s64.backward(torch.where(torch.isfinite(s64), ds.double().cpu(), 0))
+    for name, actual, leaf in zip(("qk dq", "qk dk", "qk drpb"), (dq, dk, drpb), leaves):
+        assert_close(actual, leaf.grad, torch.float32, name)
+    attn = torch.randn_like(scores)
+    kernels.na2d_av_forward(attn, v, y, K, d, neighborhood, config)
+    dattn = torch.empty_like(attn)
+    kernels.na2d_av_backward(dy, attn, v, dattn, dv, K, d, neighborhood, config)
+    leaves = [t.double().cpu().requires_grad_() for t in (attn, v)]
+    y64 = na2d_av_gather(*leaves, K, d, window)
+    y64.backward(dy.double().cpu())
+    assert_close(y, y64, torch.float32, "av y")
+    assert_close(dattn, leaves[0].grad, torch.float32, "av dattn")
+    assert_close(dv, leaves[1].grad, torch.float32, "av dv")
+
+
+def test_sliding_scores_mask_keys_outside_the_image(device):
+    """na2d_qk's sliding window gives -inf outside the image (and no gradient through those)."""
+    tensors, geometry = _inputs(CASES[4])
+    q, k, rpb = (tensors[n].float().to(device).requires_grad_() for n in ("q", "k", "rpb"))
+    s = dynconv.na2d_qk(q, k, 3, (1, 2), rpb=rpb, window="sliding")
+    expected = na2d_qk_gather(q.detach().double(), k.detach().double(), 3, (1, 2), rpb.detach().double(), "sliding")
+    assert torch.equal(torch.isinf(s), torch.isinf(expected)) and torch.isinf(s[0, 0, 0, :, 0]).all()
+    finite = torch.isfinite(expected)
+    assert_close(s[finite], expected[finite], torch.float32, "finite scores")
+    torch.where(torch.isfinite(s), s, 0).sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(rpb.grad).all()
+
+
+def test_unfused_pair_composes_to_the_fused_op(device):
+    tensors, geometry = _inputs(CASES[0])
+    q, k, v, rpb = (tensors[n].float().to(device) for n in ("q", "k", "v", "rpb"))
+    K, d = geometry["kernel_size"], geometry["dilation"]
+    s = dynconv.na2d_qk(q * q.shape[-1] ** -0.5, k, K, d, rpb=rpb)
+    y = dynconv.na2d_av(s.flatten(-2).softmax(-1).view(s.shape), v, K, d)
+    assert_close(y, dynconv.na2d(q, k, v, K, d, rpb=rpb).double(), torch.float32, "qk + softmax + av")
+
+
+def test_float64_gradcheck(device):
+    """Fast-mode gradcheck (a random projection of the Jacobian: few kernel runs in the interpreter)."""
+    q, k, v = (torch.randn(1, 3, 4, 1, 2, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(1, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    fn = lambda q, k, v, rpb: dynconv.na2d(q, k, v, 3, rpb=rpb, scale=0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v, rpb), fast_mode=True)
+    fn = lambda q, k, rpb: dynconv.na2d_qk(q, k, 3, rpb=rpb)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, rpb), fast_mode=True)
+    attn = torch.randn(1, 3, 4, 1, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, v: dynconv.na2d_av(a, v, 3, window="sliding"), (attn, v), fast_mode=True)
+
+
+def test_gradients_are_deterministic(device):
+    tensors, geometry = _inputs((5, 4, 1, 4, 3, (1, 1), "neighborhood", True), B=2)
+    leaves = [tensors[n].float().to(device).requires_grad_() for n in ("q", "k", "v", "rpb")]
+    runs = []
+    for _ in range(2):
+        grads = torch.autograd.grad(_na2d(*leaves, **geometry).square().sum(), leaves)
+        runs.append(grads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_packed_qkv_views_need_no_copy(device):
+    """q, k, v as strided views of one packed projection, as the module makes them."""
+    B, H, W, heads, D, K = 1, 6, 5, 2, 4, 3
+    packed = torch.randn(B, H, W, 3, heads, D, device=device)
+    q, k, v = packed.unbind(3)
+    assert not q.is_contiguous()
+    expected = na2d_gather(*(t.double().cpu() for t in (q, k, v)), K)
+    assert_close(dynconv.na2d(q, k, v, K), expected, torch.float32, "views")
+
+
+def test_autocast_runs_in_the_autocast_dtype(device):
+    q, k, v = (torch.randn(1, 5, 5, 1, 8, device=device) for _ in range(3))
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = dynconv.na2d(q, k, v, 3)
+    assert y.dtype == torch.bfloat16
+    expected = na2d_gather(*(t.bfloat16().double().cpu() for t in (q, k, v)), 3)
+    assert_close(y, expected, torch.bfloat16, "autocast")
+
+
+def test_empty_batch(device):
+    q = torch.randn(0, 5, 5, 2, 4, device=device, requires_grad=True)
+    y = dynconv.na2d(q, q, q, 3)
+    assert y.shape == q.shape
+    y.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+BAD = [
+    ("q rank", lambda: (_t(5, 5, 2, 4), _t(1, 5, 5, 2, 4), _t(1, 5, 5, 2, 4)), {}, ValueError, r"q must be 5-D"),
+    ("k shape", lambda: (_t(1, 5, 5, 2, 4), _t(1, 5, 6, 2, 4), _t(1, 5, 5, 2, 4)), {}, ValueError, r"k must have the shape of q"),
+    ("v shape", lambda: (_t(1, 5, 5, 2, 4), _t(1, 5, 5, 2, 4), _t(1, 5, 5, 2, 8)), {}, ValueError, r"v must have the shape of q"),
+    ("even K", lambda: (_t(1, 5, 5, 2, 4),) * 3, {"kernel_size": 4}, ValueError, r"kernel_size must be odd"),
+    ("K·d > image", lambda: (_t(1, 5, 9, 2, 4),) * 3, {"kernel_size": 3, "dilation": 2}, ValueError,
+     r"kernel_size·dilation = 3·2 = 6 is larger than the image side H=5"),
+    ("K > image", lambda: (_t(1, 9, 4, 2, 4),) * 3, {"kernel_size": 5}, ValueError, r"image side W=4"),
+    ("rpb shape", lambda: (_t(1, 5, 5, 2, 4),) * 3, {"rpb": _t(2, 3, 3)}, ValueError, r"rpb must have shape \(heads, 2K-1, 2K-1\) = \(2, 5, 5\)"),
+    ("rpb rank", lambda: (_t(1, 5, 5, 2, 4),) * 3, {"rpb": _t(5, 5)}, ValueError, r"rpb must be 3-D"),
+    ("mixed dtypes", lambda: (_t(1, 5, 5, 2, 4), _t(1, 5, 5, 2, 4, dtype=torch.float16), _t(1, 5, 5, 2, 4)), {},
+     TypeError, r"same dtype"),
+    ("rpb dtype", lambda: (_t(1, 5, 5, 2, 4),) * 3, {"rpb": _t(2, 5, 5, dtype=torch.float64)}, TypeError, r"same dtype"),
+    ("integer q", lambda: (torch.ones(1, 5, 5, 2, 4, dtype=torch.int32),) * 3, {}, TypeError, r"q must be float16"),
+    ("window", lambda: (_t(1, 5, 5, 2, 4),) * 3, {"window": "global"}, ValueError, r"window must be one of"),
+    ("dilation 0", lambda: (_t(1, 5, 5, 2, 4),) * 3, {"dilation": 0}, ValueError, r"dilation must be >= 1"),
+    ("float K", lambda: (_t(1, 5, 5, 2, 4),) * 3, {"kernel_size": 3.0}, TypeError, r"kernel_size must be an int"),
+    ("scale", lambda: (_t(1, 5, 5, 2, 4),) * 3, {"scale": "1"}, TypeError, r"scale must be a float"),
+]
+
+
+@pytest.mark.parametrize("name,make,kwargs,error,match", BAD, ids=[b[0] for b in BAD])
+def test_na2d_rejects_bad_input_before_any_kernel(name, make, kwargs, error, match, monkeypatch):
+    monkeypatch.setattr(kernels, "forward_launch", lambda *a, **k: pytest.fail("a kernel ran on bad input"))
+    q, k, v = make()
+    kwargs = {"kernel_size": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        dynconv.na2d(q, k, v, kwargs.pop("kernel_size"), **kwargs)
+
+
+def test_unfused_ops_reject_bad_input():
+    q = _t(1, 5, 5, 2, 4)
+    with pytest.raises(ValueError, match=r"attn must have shape \(B, H, W, heads, K, K\) = \(1, 5, 5, 2, 3, 3\)"):
+        dynconv.na2d_av(_t(1, 5, 5, 2, 5, 5), q, 3)
+    with pytest.raises(ValueError, match=r"attn must be 6-D"):
+        dynconv.na2d_av(_t(1, 5, 5, 2, 9), q, 3)
+    with pytest.raises(ValueError, match=r"k must have the shape of q"):
+        dynconv.na2d_qk(q, _t(1, 5, 5, 1, 4), 3)
+    with pytest.raises(ValueError, match="same device, got q on cpu, k on meta"):
+        dynconv.na2d_qk(q, torch.empty(1, 5, 5, 2, 4, device="meta"), 3)
+
+
+def test_opcheck(device):
+    q, k, v = (torch.randn(1, 3, 3, 1, 2, device=device, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(1, 5, 5, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.dynconv.na2d, (q, k, v, rpb, 3, [1, 1], 0.5, "neighborhood"))
+    torch.library.opcheck(torch.ops.dynconv.na2d_qk, (q, k, rpb, 3, [1, 1], "neighborhood"))
+    attn = torch.randn(1, 3, 3, 1, 3, 3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.dynconv.na2d_av, (attn, v, 3, [1, 1], "sliding"))
+
+
+def test_eager_path_and_custom_ops_agree_bit_for_bit(device, monkeypatch):
+    tensors, geometry = _inputs(CASES[4])
+    leaves = [tensors[n].float().to(device).requires_grad_() for n in ("q", "k", "v", "rpb")]
+    eager = (_na2d(*leaves, **geometry), )
+    dy = torch.randn_like(eager[0])
+    eager += torch.autograd.grad(eager[0], leaves, dy)
+    monkeypatch.setattr(na2d_ops._eager, "eager", lambda *tensors: False)
+    via_ops = (_na2d(*leaves, **geometry), )
+    via_ops += torch.autograd.grad(via_ops[0], leaves, dy)
+    for a, b in zip(eager, via_ops):
+        assert torch.equal(a, b)
+
+
+def test_the_eager_path_calls_no_custom_op(device, monkeypatch):
+    for name in ("na2d_op", "na2d_backward_op", "na2d_qk_op", "na2d_qk_backward_op", "na2d_av_op",
+                 "na2d_av_backward_op"):
+        monkeypatch.setattr(na2d_ops, name, lambda *a, **k: pytest.fail("the eager path went through the dispatcher"))
+    q, k, v = (torch.randn(1, 4, 4, 1, 4, device=device, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(1, 5, 5, device=device, requires_grad=True)
+    s = dynconv.na2d_qk(q, k, 3, rpb=rpb)
+    y = dynconv.na2d(q, k, v, 3, rpb=rpb) + dynconv.na2d_av(s.softmax(-1), v, 3)
+    y.sum().backward()
+    assert all(t.grad is not None for t in (q, k, v, rpb))
+
+
+# --- the module -----------------------------------------------------------------------------
+
+class NATAttention(nn.Module):
+    """NAT/DiNAT's ``NeighborhoodAttention`` (SHI-Labs/Neighborhood-Attention-Transformer, natten
+    0.14), re-typed with its NATTEN calls replaced by a plain-torch window gather."""
+
+    def __init__(self, dim, kernel_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
+                 dilation=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // self.num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.kernel_size = kernel_size
+        self.dilation = dilation or 1
+        self.window_size = self.kernel_size * self.dilation
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, (2 * kernel_size - 1), (2 * kernel_size - 1)))
+        nn.init.trunc_normal_(self.rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, Hp, Wp, C = x.shape
+        H, W = int(Hp), int(Wp)
+        pad_l = pad_t = pad_r = pad_b = 0
+        if H < self.window_size or W < self.window_size:
+            pad_l = pad_t = 0
+            pad_r = max(0, self.window_size - W)
+            pad_b = max(0, self.window_size - H)
+            x = F.pad(x, (0, 0, pad_l, pad_r, pad_t, pad_b))
+            _, H, W, _ = x.shape
+        qkv = self.qkv(x).reshape(B, H, W, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = self._natten2dqkrpb(q, k, self.rpb, self.kernel_size, self.dilation)
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = self._natten2dav(attn, v, self.kernel_size, self.dilation)
+        x = x.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
+        if pad_r or pad_b:
+            x = x[:, :Hp, :Wp, :]
+        return self.proj_drop(self.proj(x))
+
+    @staticmethod
+    def _natten2dqkrpb(q, k, rpb, K, d):  # (B, heads, H, W, D) -> (B, heads, H, W, K*K)
+        s = na2d_qk_gather(q.permute(0, 2, 3, 1, 4), k.permute(0, 2, 3, 1, 4), K, (d, d), rpb)
+        return s.flatten(-2).permute(0, 3, 1, 2, 4)
+
+    @staticmethod
+    def _natten2dav(attn, v, K, d):
+        a = attn.permute(0, 2, 3, 1, 4).unflatten(-1, (K, K))
+        return na2d_av_gather(a, v.permute(0, 2, 3, 1, 4), K, (d, d)).permute(0, 3, 1, 2, 4)
+
+
+@pytest.mark.parametrize("hw,dilation", [((6, 7), 1), ((4, 3), 1), ((7, 6), 2)], ids=["6x7", "padded-4x3", "dilated"])
+def test_module_loads_nat_checkpoints_and_matches(hw, dilation, device):
+    torch.manual_seed(0)
+    nat = NATAttention(16, 3, 2, dilation=dilation).double()
+    ours = dynconv.nn.NeighborhoodAttention2d(16, 2, 3, dilation=dilation)
+    ours.load_state_dict(nat.state_dict())
+    assert set(ours.state_dict()) == {"qkv.weight", "qkv.bias", "rpb", "proj.weight", "proj.bias"}
+    ours = ours.to(device)
+    x = torch.randn(2, *hw, 16, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    expected = nat(xr)
+    xo = x.float().to(device).requires_grad_()
+    y = ours(xo)
+    assert_close(y, expected, torch.float32, "module output")
+    dy = torch.randn_like(expected)
+    expected.backward(dy)
+    y.backward(dy.float().to(device))
+    assert_close(xo.grad, xr.grad, torch.float32, "dx")
+    for (name, p), (_, pr) in zip(ours.named_parameters(), nat.named_parameters()):
+        assert_close(p.grad, pr.grad, torch.float32, f"d{name}")
+
+
+def test_module_options(device):
+    layer = dynconv.nn.NeighborhoodAttention2d(8, 2, 3, rel_pos_bias=False, attn_drop=0.5, window="sliding").to(device)
+    assert layer.rpb is None and "rpb" not in layer.state_dict()
+    x = torch.randn(1, 4, 5, 8, device=device, requires_grad=True)
+    layer.train()(x).sum().backward()  # attention dropout: the unfused path
+    assert x.grad is not None
+    layer.eval()
+    expected = layer.proj(na2d_gather(*layer.qkv(x).view(1, 4, 5, 3, 2, 4).unbind(3), 3, window="sliding")
+                          .reshape(1, 4, 5, 8))
+    assert_close(layer(x), expected.detach().double(), torch.float32, "eval, sliding, no rpb")
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        dynconv.nn.NeighborhoodAttention2d(10, 3, 3)
+
+
+def test_module_compiles_fullgraph(device):
+    layer = dynconv.nn.NeighborhoodAttention2d(8, 2, 3).to(device)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 5, 4, 8, device=device, requires_grad=True)
+    y = compiled(x)
+    assert_close(y, layer(x).double(), torch.float32, "compiled module")
+    y.sum().backward()
+    assert x.grad is not None and layer.rpb.grad is not None and math.isfinite(layer.rpb.grad.sum().item())
