@@ -45,3 +45,23 @@ def records_grad(*tensors) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
+
+
+def needs_function(*tensors) -> bool:
+    """Whether a call that may not take the eager path must still run an autograd.Function rather
+    than a custom op: the custom ops carry no forward-mode or functorch rules (a dual tensor would
+    lose its tangent silently), so under functorch transforms or forward AD the Functions run,
+    unless something must see an op (torch.compile, tracing, dispatch modes, tensor subclasses)."""
+    if not (torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0):
+        return False
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._get_tracing_state()
+            or torch._C._has_torch_function(tensors)):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def graph_free() -> bool:
+    """Whether a backward or jvp rule may run the bare kernels: nothing records the derivative of
+    the derivative (no create_graph, no forward AD, no functorch transform)."""
+    return not (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
+                or torch._C._are_functorch_transforms_active())
