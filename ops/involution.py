@@ -156,7 +156,16 @@ def _backward_weight(grad, x, weight_size, stride, padding, dilation):
 
 def _differentiably(function, body, *args):
     """``body(*args)``, through ``function`` when the result's own derivative may be wanted."""
+    if any(map(_is_legacy_batched, args)):
+        return _AS_OP[function](*args)
     return body(*args) if _eager.graph_free() else function.apply(*args)
+
+
+def _is_legacy_batched(t) -> bool:
+    """The batched gradients and tangents of torch.autograd (``is_grads_batched``,
+    ``jacobian(vectorize=True)``) arrive as legacy batched tensors, outside any functorch
+    transform: the kernels cannot take them, the custom ops (batched by a loop) can."""
+    return isinstance(t, Tensor) and torch._C._functorch.is_legacy_batchedtensor(t)
 
 
 def _sum(*terms):
@@ -396,6 +405,15 @@ for _name, _backward in (("involution", _forward_op_backward), ("dynamic_dwconv2
                          ("involution_backward_input", _backward_input_op_backward),
                          ("involution_backward_weight", _backward_weight_op_backward)):
     torch.library.register_autograd(f"dynconv::{_name}", _backward, setup_context=_save_operands)
+
+
+_AS_OP = {
+    _Forward: lambda x, weight, bias, stride, padding, dilation, out: (
+        involution_op(x, weight, stride, padding, dilation) if weight.dim() == 6
+        else dynamic_dwconv2d_op(x, weight, bias, stride, padding, dilation)),
+    _BackwardInput: backward_input_op,
+    _BackwardWeight: backward_weight_op,
+}
 
 
 # ---------------------------------------------------------------------------------------------

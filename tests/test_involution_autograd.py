@@ -101,7 +101,23 @@ def test_third_derivatives(path, device, monkeypatch):
 def test_forward_mode_and_batched_gradients_agree_with_finite_differences(op, device, monkeypatch):
     fn, _, inputs, _ = _problem(op, device)
     _take("plain", monkeypatch)
-    assert torch.autograd.gradcheck(fn, tuple(_leaves(inputs)), check_forward_ad=True, check_batched_grad=True)
+    assert torch.autograd.gradcheck(fn, tuple(_leaves(inputs)), check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+
+
+@pytest.mark.parametrize("strategy", ["reverse-mode", "forward-mode"])
+def test_vectorized_jacobians_and_hessians(strategy, device, monkeypatch, nan_poison):
+    fn, reference, inputs, _ = _problem("dynamic_dwconv2d", device)
+    primals = tuple(inputs.values())
+    _take("plain", monkeypatch)
+    jacobian = torch.autograd.functional.jacobian(fn, primals, vectorize=True, strategy=strategy)
+    for a, e in zip(jacobian, torch.autograd.functional.jacobian(reference, primals)):
+        assert_close(a, e, F64, "jacobian")
+    hessian = torch.autograd.functional.hessian(lambda *a: fn(*a).square().sum(), primals, vectorize=True,
+                                                outer_jacobian_strategy=strategy)
+    expected = torch.autograd.functional.hessian(lambda *a: reference(*a).square().sum(), primals)
+    for a, e in zip(torch.utils._pytree.tree_leaves(hessian), torch.utils._pytree.tree_leaves(expected)):
+        assert_close(a, e, F64, "hessian")
 
 
 @pytest.mark.parametrize("path", ["plain", "interpreter"])
@@ -152,12 +168,23 @@ def test_torch_func_transforms_agree_with_the_reference(op, device, monkeypatch,
 
 
 def test_torch_func_on_the_kernels(device, monkeypatch, nan_poison):
+    """Each Function's vmap rule through the kernels: a vmapped vjp (backward ops) and a vmapped
+    jvp (forward op), two cotangents / tangents each."""
     fn, reference, inputs, _ = _problem("dynamic_dwconv2d", device)
     primals = tuple(inputs.values())
+    y = reference(*primals)
+    cotangents = torch.randn(2, *y.shape, dtype=F64)
+    tangents = [torch.randn(2, *v.shape, dtype=F64) for v in primals]
+
+    def vmapped(f):
+        return (torch.func.vmap(torch.func.vjp(f, *primals)[1])(cotangents),
+                torch.func.vmap(lambda *t: torch.func.jvp(f, primals, t)[1])(*tangents))
+
+    expected = vmapped(reference)
     _take("interpreter", monkeypatch)
-    for transform in (torch.func.jacrev, torch.func.jacfwd):
-        for a, e in zip(transform(fn, (0, 1, 2))(*primals), transform(reference, (0, 1, 2))(*primals)):
-            assert_close(a, e, F64, transform.__name__)
+    actual = vmapped(fn)
+    for a, e in zip(torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected)):
+        assert_close(a, e, F64, "vmapped")
 
 
 # 3. Empty tensors ------------------------------------------------------------------------------
