@@ -5,7 +5,8 @@ the autograd and backend redispatch, the dynamo guard around its body), so in pl
 the public functions call an ``autograd.Function`` that runs the same forward and backward bodies.
 The registered ops serve everything that must see an op: torch.compile and export, torch.jit.trace,
 the profiler (its traces keep the op names), fake tensors and dispatch modes (make_fx,
-FlopCounterMode), functorch transforms, tensor subclasses and torch-function modes.
+FlopCounterMode), tensor subclasses and torch-function modes. Functorch transforms and forward-mode
+AD, which the custom ops do not carry, take the autograd.Functions (``needs_function``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def applier(function: type[torch.autograd.Function]):
 def records_grad(*tensors) -> bool:
     """Whether autograd records a call on ``tensors``; if not, the forward body runs without the
     autograd.Function around it. Inside a forward-AD level inputs may carry tangents, which only
-    the Function can refuse (it has no jvp)."""
+    the Function can see (its jvp rule, or its refusal where it has none)."""
     if torch.autograd.forward_ad._current_level >= 0:
         return True
     if not torch.is_grad_enabled():

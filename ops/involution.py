@@ -3,11 +3,11 @@
 Registered with torch.library as ``torch.ops.dynconv.involution`` / ``dynamic_dwconv2d`` (forward)
 and ``involution_backward_input`` / ``involution_backward_weight`` (shared by both: a per-sample
 weight is the per-pixel one with no pixel axes). Each op has a fake implementation, so
-``torch.compile(fullgraph=True)`` traces through it, and an autograd formula built from the
-backward ops. CUDA tensors run the Triton kernels; CPU tensors run shift-and-add, or the Triton
-kernels through the interpreter when TRITON_INTERPRET=1 was set before import. Plain eager calls
-of the public functions run the same bodies through an autograd.Function, without the dispatcher
-(``ops/_eager.py``).
+``torch.compile(fullgraph=True)`` traces through it, and an autograd formula built from the other
+ops, to any order. CUDA tensors run the Triton kernels; CPU tensors run shift-and-add, or the
+Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import. Plain eager
+calls of the public functions, forward-mode AD and torch.func's transforms run the same bodies
+through autograd.Functions (with jvp and vmap rules), without the dispatcher (``ops/_eager.py``).
 """
 from __future__ import annotations
 
@@ -156,16 +156,15 @@ def _backward_weight(grad, x, weight_size, stride, padding, dilation):
 
 def _differentiably(function, body, *args):
     """``body(*args)``, through ``function`` when the result's own derivative may be wanted."""
-    if any(map(_is_legacy_batched, args)):
+    # The batched gradients and tangents of torch.autograd (``is_grads_batched``, ``jacobian(vectorize=
+    # True)``) arrive as legacy batched tensors outside any functorch transform, always among the
+    # first two operands: the kernels cannot take them, the custom ops (batched by a loop) can.
+    if _is_legacy_batched(args[0]) or _is_legacy_batched(args[1]):
         return _AS_OP[function](*args)
     return body(*args) if _eager.graph_free() else function.apply(*args)
 
 
-def _is_legacy_batched(t) -> bool:
-    """The batched gradients and tangents of torch.autograd (``is_grads_batched``,
-    ``jacobian(vectorize=True)``) arrive as legacy batched tensors, outside any functorch
-    transform: the kernels cannot take them, the custom ops (batched by a loop) can."""
-    return isinstance(t, Tensor) and torch._C._functorch.is_legacy_batchedtensor(t)
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def _sum(*terms):
