@@ -66,3 +66,16 @@ def graph_free() -> bool:
     the derivative (no create_graph, no forward AD, no functorch transform)."""
     return not (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
                 or torch._C._are_functorch_transforms_active())
+
+
+def refuse_tangents(op: str, *tensors) -> None:
+    """Before a custom op runs: a tangent on an input would be dropped without a word (the ops
+    carry no forward-mode rule), so it is refused. Forward AD reaches the ops only where
+    ``needs_function`` cannot route it to the Functions (dispatch modes, tracing)."""
+    if torch.autograd.forward_ad._current_level < 0 or torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{op}: forward-mode AD under a dispatch mode or tracer is not supported (the tangent "
+                "would be lost); call it outside the mode, or use torch.func.jvp")

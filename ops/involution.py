@@ -454,6 +454,7 @@ def involution(x: Tensor, weight: Tensor, stride=1, padding=None, dilation=1) ->
         return _call(x, weight, None, pairs, per_pixel=True)
     if _eager.needs_function(x, weight):
         return _Forward.apply(x, weight, None, *_check(x, weight, None, *pairs, per_pixel=True))
+    _eager.refuse_tangents("involution", x, weight)
     return involution_op(x, weight, *map(list, pairs))
 
 
@@ -477,6 +478,7 @@ def dynamic_dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
         return _call(x, weight, bias, pairs, per_pixel=False)
     if _eager.needs_function(x, weight, bias):
         return _Forward.apply(x, weight, bias, *_check(x, weight, bias, *pairs, per_pixel=False))
+    _eager.refuse_tangents("dynamic_dwconv2d", x, weight, bias)
     return dynamic_dwconv2d_op(x, weight, bias, *map(list, pairs))
 
 

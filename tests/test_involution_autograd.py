@@ -137,6 +137,25 @@ def test_jvp_gives_the_tangent(op, path, device, monkeypatch, nan_poison):
     assert_close(dual.tangent, expected_x_alone, F64, "tangent of x alone")
 
 
+@pytest.mark.parametrize("op", ["involution", "dynamic_dwconv2d"])
+def test_a_tangent_the_custom_ops_would_drop_is_refused(op, device, monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    fn, _, inputs, _ = _problem(op, device)
+    _take("plain", monkeypatch)
+    primals = list(inputs.values())
+    with fwad.dual_level():
+        dual = fwad.make_dual(primals[0], torch.ones_like(primals[0]))
+        with PassThrough(), pytest.raises(NotImplementedError, match="forward-mode AD under a dispatch mode"):
+            fn(dual, *primals[1:])
+        with PassThrough():
+            fn(*primals)  # no tangent: nothing to refuse
+
+
 def _func_transforms(fn, inputs):
     """Every torch.func transform of ``fn`` on ``inputs`` (float64), as a flat dict of tensors."""
     primals = tuple(inputs.values())
