@@ -192,8 +192,8 @@ def test_torch_func_on_the_kernels(device, monkeypatch, nan_poison):
     fn, reference, inputs, _ = _problem("dynamic_dwconv2d", device)
     primals = tuple(inputs.values())
     y = reference(*primals)
-    cotangents = torch.randn(2, *y.shape, dtype=F64)
-    tangents = [torch.randn(2, *v.shape, dtype=F64) for v in primals]
+    cotangents = torch.randn(2, *y.shape, dtype=F64, device=device)
+    tangents = [torch.randn(2, *v.shape, dtype=F64, device=device) for v in primals]
 
     def vmapped(f):
         return (torch.func.vmap(torch.func.vjp(f, *primals)[1])(cotangents),
