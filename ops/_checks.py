@@ -2,6 +2,8 @@
 before any kernel runs."""
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -21,17 +23,25 @@ def as_pair(value, name: str, minimum: int) -> tuple[int, int]:
     if type(value) in (list, tuple) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int \
             and value[0] >= minimum and value[1] >= minimum:
         return (value[0], value[1])
-    if isinstance(value, torch.SymInt) or (isinstance(value, int) and not isinstance(value, bool)):
-        pair = (value, value)
-    elif isinstance(value, Sequence) and len(value) == 2 and all(
-        isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in value
-    ):
-        pair = (value[0], value[1])
+    if _is_int(value):
+        pair = (_as_int(value), _as_int(value))
+    elif isinstance(value, Sequence) and len(value) == 2 and all(_is_int(v) for v in value):
+        pair = (_as_int(value[0]), _as_int(value[1]))
     else:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if pair[0] < minimum or pair[1] < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return pair
+
+
+def _is_int(value) -> bool:
+    """Python, numpy and symbolic integers (as F.conv2d takes them); never a bool."""
+    return isinstance(value, torch.SymInt) or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
+
+
+def _as_int(value):
+    """A plain int (hashable, printable like one) for every integer but a symbolic one."""
+    return value if isinstance(value, torch.SymInt) else operator.index(value)
 
 
 def check_tensor(t, name: str, ndim: int, layout: str) -> None:
@@ -74,9 +84,11 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def output_hw(x_hw, kernel: tuple[int, int], stride, padding, dilation) -> tuple[int, int]:
+def output_hw(x_hw, kernel: tuple[int, int], stride, padding, dilation, empty_ok: bool = False) -> tuple[int, int]:
+    """The output size, which must be positive; with ``empty_ok`` an empty input axis may give an
+    empty output axis (nothing is computed on it)."""
     out = tuple(conv_output_size(x_hw[d], kernel[d], stride[d], padding[d], dilation[d]) for d in range(2))
-    if out[0] < 1 or out[1] < 1:
+    if any(out[d] < 1 and not (empty_ok and out[d] == 0 and x_hw[d] == 0) for d in range(2)):
         raise ValueError(
             f"output size {out} is not positive: input {tuple(x_hw)}, kernel {kernel}, stride {stride}, "
             f"padding {padding}, dilation {dilation}"

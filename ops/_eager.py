@@ -5,7 +5,8 @@ the autograd and backend redispatch, the dynamo guard around its body), so in pl
 the public functions call an ``autograd.Function`` that runs the same forward and backward bodies.
 The registered ops serve everything that must see an op: torch.compile and export, torch.jit.trace,
 the profiler (its traces keep the op names), fake tensors and dispatch modes (make_fx,
-FlopCounterMode), functorch transforms, tensor subclasses and torch-function modes.
+FlopCounterMode), tensor subclasses and torch-function modes. Functorch transforms and forward-mode
+AD, which the custom ops do not carry, take the autograd.Functions (``needs_function``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def applier(function: type[torch.autograd.Function]):
 def records_grad(*tensors) -> bool:
     """Whether autograd records a call on ``tensors``; if not, the forward body runs without the
     autograd.Function around it. Inside a forward-AD level inputs may carry tangents, which only
-    the Function can refuse (it has no jvp)."""
+    the Function can see (its jvp rule, or its refusal where it has none)."""
     if torch.autograd.forward_ad._current_level >= 0:
         return True
     if not torch.is_grad_enabled():
@@ -45,3 +46,36 @@ def records_grad(*tensors) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
+
+
+def needs_function(*tensors) -> bool:
+    """Whether a call that may not take the eager path must still run an autograd.Function rather
+    than a custom op: the custom ops carry no forward-mode or functorch rules (a dual tensor would
+    lose its tangent silently), so under functorch transforms or forward AD the Functions run,
+    unless something must see an op (torch.compile, tracing, dispatch modes, tensor subclasses)."""
+    if not (torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0):
+        return False
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or torch._C._get_tracing_state()
+            or torch._C._has_torch_function(tensors)):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def graph_free() -> bool:
+    """Whether a backward or jvp rule may run the bare kernels: nothing records the derivative of
+    the derivative (no create_graph, no forward AD, no functorch transform)."""
+    return not (torch.is_grad_enabled() or torch.autograd.forward_ad._current_level >= 0
+                or torch._C._are_functorch_transforms_active())
+
+
+def refuse_tangents(op: str, *tensors) -> None:
+    """Before a custom op runs: a tangent on an input would be dropped without a word (the ops
+    carry no forward-mode rule), so it is refused. Forward AD reaches the ops only where
+    ``needs_function`` cannot route it to the Functions (dispatch modes, tracing)."""
+    if torch.autograd.forward_ad._current_level < 0 or torch.compiler.is_compiling():
+        return
+    for t in tensors:
+        if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{op}: forward-mode AD under a dispatch mode or tracer is not supported (the tangent "
+                "would be lost); call it outside the mode, or use torch.func.jvp")

@@ -3,11 +3,11 @@
 Registered with torch.library as ``torch.ops.dynconv.involution`` / ``dynamic_dwconv2d`` (forward)
 and ``involution_backward_input`` / ``involution_backward_weight`` (shared by both: a per-sample
 weight is the per-pixel one with no pixel axes). Each op has a fake implementation, so
-``torch.compile(fullgraph=True)`` traces through it, and an autograd formula built from the
-backward ops. CUDA tensors run the Triton kernels; CPU tensors run shift-and-add, or the Triton
-kernels through the interpreter when TRITON_INTERPRET=1 was set before import. Plain eager calls
-of the public functions run the same bodies through an autograd.Function, without the dispatcher
-(``ops/_eager.py``).
+``torch.compile(fullgraph=True)`` traces through it, and an autograd formula built from the other
+ops, to any order. CUDA tensors run the Triton kernels; CPU tensors run shift-and-add, or the
+Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import. Plain eager
+calls of the public functions, forward-mode AD and torch.func's transforms run the same bodies
+through autograd.Functions (with jvp and vmap rules), without the dispatcher (``ops/_eager.py``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from dynconv.kernels import involution as kernels
 from dynconv.kernels._launch import kernels_are_interpreted
@@ -68,13 +67,13 @@ def _geometry(x_shape, weight_shape, bias_shape, stride, padding, dilation, per_
     if weight_shape[3] != K:
         raise ValueError(f"weight must hold square K x K kernels, got {weight_shape[2]} x {weight_shape[3]}")
     if K < 1:
-        raise ValueError("kernel size must be >= 1")
+        raise ValueError(f"kernel size K must be >= 1, got a weight of shape {tuple(weight_shape)}")
     if weight_shape[0] != B:
         raise ValueError(f"batch mismatch: x has {B} samples, weight has {weight_shape[0]}")
     if G < 1 or C % G != 0:
         raise ValueError(f"channels C={C} must be divisible by the weight's groups G={G}")
     stride, padding, dilation = as_pair(stride, "stride", 1), as_pair(padding, "padding", 0), as_pair(dilation, "dilation", 1)
-    out = output_hw((H, W), (K, K), stride, padding, dilation)
+    out = output_hw((H, W), (K, K), stride, padding, dilation, empty_ok=True)
     if per_pixel and tuple(weight_shape[4:]) != out:
         raise ValueError(
             f"weight's spatial size {tuple(weight_shape[4:])} must equal the output size {out} "
@@ -89,19 +88,28 @@ def _geometry(x_shape, weight_shape, bias_shape, stride, padding, dilation, per_
 _cached_geometry = functools.lru_cache(maxsize=1024)(_geometry)
 
 
-def _default_padding(padding, dilation, K):
+def _default_padding(padding, dilation, weight_shape):
+    K = weight_shape[2]
     if padding is None:
+        if K < 1:  # named here: the default padding of K = 0 would be reported as a negative padding
+            raise ValueError(f"kernel size K must be >= 1, got a weight of shape {tuple(weight_shape)}")
         d = as_pair(dilation, "dilation", 1)
         return (d[0] * (K - 1) // 2, d[1] * (K - 1) // 2)
     return padding
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward and backward bodies: the custom ops and the eager autograd.Function both run these.
+# Forward and backward bodies: the custom ops and the autograd.Functions all run these. Meta
+# tensors and empty problems launch no kernel: an empty result needs no values, and an empty
+# operand makes every value zero (an empty channel axis still leaves a weight gradient to fill).
 # ---------------------------------------------------------------------------------------------
 
 def _forward(x, weight, bias, stride, padding, dilation, out):
     y = _empty(x, (x.shape[0], x.shape[1], *out), memory_format_of(x))
+    if y.numel() == 0 or y.is_meta:
+        return y
+    if x.numel() == 0:  # an empty image under padding: only the bias reaches the output
+        return y.copy_(bias[:, :, None, None].expand_as(y)) if bias is not None else y.zero_()
     if _use_triton(x):
         kernels.involution_forward(x, weight, bias, y, stride, padding, dilation)
     else:
@@ -111,6 +119,10 @@ def _forward(x, weight, bias, stride, padding, dilation, out):
 
 def _backward_input(grad, weight, x_size, channels_last, stride, padding, dilation):
     dx = _empty(grad, x_size, torch.channels_last if channels_last else torch.contiguous_format)
+    if dx.numel() == 0 or dx.is_meta:
+        return dx
+    if grad.numel() == 0 or weight.numel() == 0:
+        return dx.zero_()
     if _use_triton(grad):
         kernels.involution_backward_input(grad, weight, dx, stride, padding, dilation)
     else:
@@ -120,6 +132,10 @@ def _backward_input(grad, weight, x_size, channels_last, stride, padding, dilati
 
 def _backward_weight(grad, x, weight_size, stride, padding, dilation):
     dw = torch.empty(tuple(weight_size), dtype=x.dtype, device=x.device)
+    if dw.numel() == 0 or dw.is_meta:
+        return dw
+    if grad.numel() == 0 or x.numel() == 0:
+        return dw.zero_()
     if _use_triton(x):
         kernels.involution_backward_weight(grad, x, dw, stride, padding, dilation)
     else:
@@ -127,27 +143,173 @@ def _backward_weight(grad, x, weight_size, stride, padding, dilation):
     return dw
 
 
-def _save(ctx, x, weight, bias, geometry):
-    ctx.geometry = geometry
-    ctx.has_bias = bias is not None
-    ctx.x_size = tuple(x.shape)
-    ctx.weight_size = tuple(weight.shape)
-    ctx.channels_last = is_channels_last(x)
-    ctx.save_for_backward(x, weight)
+# ---------------------------------------------------------------------------------------------
+# Derivatives. The op is bilinear, so with F = forward (x, w) -> y, Bx = backward_input (g, w) -> dx
+# and Bw = backward_weight (g, x) -> dw, {F, Bx, Bw} is closed under differentiation:
+#   F(x, w):  dx = Bx(g, w),  dw = Bw(g, x),  dbias = g.sum(2, 3);  tangent F(tx, w) + F(x, tw) + tbias
+#   Bx(g, w): dg = F(h, w),   dw = Bw(g, h);                        tangent Bx(tg, w) + Bx(g, tw)
+#   Bw(g, x): dg = F(x, k),   dx = Bx(g, k);                        tangent Bw(tg, x) + Bw(g, tx)
+# (h, k: the incoming x- and w-shaped gradients). Each of F, Bx, Bw is an autograd.Function whose
+# backward and jvp call the Functions again, so derivatives of every order run the same kernels;
+# their vmap rules fold the vmapped dim into the batch, so torch.func's transforms compose.
+# ---------------------------------------------------------------------------------------------
+
+def _differentiably(function, body, *args):
+    """``body(*args)``, through ``function`` when the result's own derivative may be wanted."""
+    # The batched gradients and tangents of torch.autograd (``is_grads_batched``, ``jacobian(vectorize=
+    # True)``) arrive as legacy batched tensors outside any functorch transform, always among the
+    # first two operands: the kernels cannot take them, the custom ops (batched by a loop) can.
+    if _is_legacy_batched(args[0]) or _is_legacy_batched(args[1]):
+        return _AS_OP[function](*args)
+    return body(*args) if _eager.graph_free() else function.apply(*args)
 
 
-def _grads(ctx, grad, backward_input, backward_weight):
-    """(dx, dweight, dbias), each None where not needed."""
-    x, weight = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    dx = backward_input(grad, weight, ctx.x_size, ctx.channels_last, *ctx.geometry) if needs[0] else None
-    dw = backward_weight(grad, x, ctx.weight_size, *ctx.geometry) if needs[1] else None
-    dbias = grad.sum(dim=(2, 3)) if ctx.has_bias and needs[2] else None
-    return dx, dw, dbias
+_is_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
+
+
+def _sum(*terms):
+    present = [t for t in terms if t is not None]
+    return functools.reduce(torch.add, present) if present else None
+
+
+def _fold(t, in_dim, n):
+    """A vmapped operand with the vmapped dim folded into its batch dim (expanded if unbatched)."""
+    if t is None:
+        return None
+    t = t.expand(n, *t.shape) if in_dim is None else t.movedim(in_dim, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+class _Forward(torch.autograd.Function):
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, out):
+        return _forward(x, weight, bias, stride, padding, dilation, out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation, out = inputs
+        ctx.geometry = (stride, padding, dilation)
+        ctx.out = out
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx = _differentiably(_BackwardInput, _backward_input, grad, weight, tuple(x.shape), is_channels_last(x),
+                             *ctx.geometry) if needs[0] else None
+        dw = _differentiably(_BackwardWeight, _backward_weight, grad, x, tuple(weight.shape),
+                             *ctx.geometry) if needs[1] else None
+        dbias = grad.sum(dim=(2, 3)) if ctx.has_bias and needs[2] else None
+        return dx, dw, dbias, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tx, tweight, tbias, *_):
+        x, weight = ctx.saved_tensors
+        geometry = (*ctx.geometry, ctx.out)
+        ty = _sum(None if tx is None else _differentiably(_Forward, _forward, tx, weight, None, *geometry),
+                  None if tweight is None else _differentiably(_Forward, _forward, x, tweight, None, *geometry))
+        if tbias is None:
+            return ty
+        tbias = tbias[:, :, None, None]
+        return tbias.expand(x.shape[0], x.shape[1], *ctx.out).contiguous() if ty is None else ty + tbias
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, out):
+        n = info.batch_size
+        B, C = x.shape[:2] if in_dims[0] is None else x.movedim(in_dims[0], 0).shape[1:3]
+        y = _Forward.apply(_fold(x, in_dims[0], n), _fold(weight, in_dims[1], n), _fold(bias, in_dims[2], n),
+                           stride, padding, dilation, out)
+        return y.reshape(n, B, C, *out), 0
+
+
+class _BackwardInput(torch.autograd.Function):
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(grad, weight, x_size, channels_last, stride, padding, dilation):
+        return _backward_input(grad, weight, x_size, channels_last, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, weight, x_size, channels_last, stride, padding, dilation = inputs
+        ctx.x_layout = (x_size, channels_last)
+        ctx.geometry = (stride, padding, dilation)
+        ctx.save_for_backward(grad, weight)
+        ctx.save_for_forward(grad, weight)
+
+    @staticmethod
+    def backward(ctx, h):
+        grad, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dgrad = _differentiably(_Forward, _forward, h, weight, None, *ctx.geometry,
+                                tuple(grad.shape[2:])) if needs[0] else None
+        dweight = _differentiably(_BackwardWeight, _backward_weight, grad, h, tuple(weight.shape),
+                                  *ctx.geometry) if needs[1] else None
+        return dgrad, dweight, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tgrad, tweight, *_):
+        grad, weight = ctx.saved_tensors
+        args = (*ctx.x_layout, *ctx.geometry)
+        return _sum(None if tgrad is None else _differentiably(_BackwardInput, _backward_input, tgrad, weight, *args),
+                    None if tweight is None else _differentiably(_BackwardInput, _backward_input, grad, tweight, *args))
+
+    @staticmethod
+    def vmap(info, in_dims, grad, weight, x_size, channels_last, stride, padding, dilation):
+        n = info.batch_size
+        dx = _BackwardInput.apply(_fold(grad, in_dims[0], n), _fold(weight, in_dims[1], n),
+                                  (n * x_size[0], *x_size[1:]), channels_last, stride, padding, dilation)
+        return dx.reshape(n, *x_size), 0
+
+
+class _BackwardWeight(torch.autograd.Function):
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(grad, x, weight_size, stride, padding, dilation):
+        return _backward_weight(grad, x, weight_size, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, x, weight_size, stride, padding, dilation = inputs
+        ctx.weight_size = weight_size
+        ctx.geometry = (stride, padding, dilation)
+        ctx.save_for_backward(grad, x)
+        ctx.save_for_forward(grad, x)
+
+    @staticmethod
+    def backward(ctx, k):
+        grad, x = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dgrad = _differentiably(_Forward, _forward, x, k, None, *ctx.geometry,
+                                tuple(grad.shape[2:])) if needs[0] else None
+        dx = _differentiably(_BackwardInput, _backward_input, grad, k, tuple(x.shape), is_channels_last(x),
+                             *ctx.geometry) if needs[1] else None
+        return dgrad, dx, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tgrad, tx, *_):
+        grad, x = ctx.saved_tensors
+        args = (ctx.weight_size, *ctx.geometry)
+        return _sum(None if tgrad is None else _differentiably(_BackwardWeight, _backward_weight, tgrad, x, *args),
+                    None if tx is None else _differentiably(_BackwardWeight, _backward_weight, grad, tx, *args))
+
+    @staticmethod
+    def vmap(info, in_dims, grad, x, weight_size, stride, padding, dilation):
+        n = info.batch_size
+        dw = _BackwardWeight.apply(_fold(grad, in_dims[0], n), _fold(x, in_dims[1], n),
+                                   (n * weight_size[0], *weight_size[1:]), stride, padding, dilation)
+        return dw.reshape(n, *weight_size), 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops (torch.compile, opcheck, fake tensors; see ops/_eager.py)
+# Custom ops (torch.compile, opcheck, fake tensors; see ops/_eager.py). Their autograd formulas
+# are the table above, written with the ops themselves.
 # ---------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("dynconv::involution", mutates_args=())
@@ -198,43 +360,66 @@ def _(grad, x, weight_size, stride, padding, dilation):
     return x.new_empty(tuple(weight_size))
 
 
-def _setup_context(ctx, inputs, output):
-    bias = inputs[2] if len(inputs) == 6 else None
-    _save(ctx, inputs[0], inputs[1], bias, tuple(inputs[-3:]))
+def _forward_op(x, weight, stride, padding, dilation):
+    """F without bias, by the weight's kind."""
+    if weight.dim() == 6:
+        return involution_op(x, weight, stride, padding, dilation)
+    return dynamic_dwconv2d_op(x, weight, None, stride, padding, dilation)
 
 
-def _involution_backward(ctx, grad):
-    dx, dw, _ = _grads(ctx, grad, backward_input_op, backward_weight_op)
-    return dx, dw, None, None, None
+def _save_operands(ctx, inputs, output):
+    """Every op's two tensor operands and its geometry (the last three arguments)."""
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.has_bias = len(inputs) == 6 and inputs[2] is not None
+    ctx.geometry = tuple(inputs[-3:])
 
 
-def _dwconv_backward(ctx, grad):
-    return (*_grads(ctx, grad, backward_input_op, backward_weight_op), None, None, None)
+def _forward_op_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx = backward_input_op(grad, weight, list(x.shape), is_channels_last(x), *ctx.geometry) if needs[0] else None
+    dw = backward_weight_op(grad, x, list(weight.shape), *ctx.geometry) if needs[1] else None
+    if ctx.has_bias:
+        return dx, dw, grad.sum(dim=(2, 3)) if needs[2] else None, None, None, None
+    return dx, dw, *[None] * (len(needs) - 2)
 
 
-torch.library.register_autograd("dynconv::involution", _involution_backward, setup_context=_setup_context)
-torch.library.register_autograd("dynconv::dynamic_dwconv2d", _dwconv_backward, setup_context=_setup_context)
+def _backward_input_op_backward(ctx, h):
+    grad, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dgrad = _forward_op(h, weight, *ctx.geometry) if needs[0] else None
+    dweight = backward_weight_op(grad, h, list(weight.shape), *ctx.geometry) if needs[1] else None
+    return dgrad, dweight, None, None, None, None, None
+
+
+def _backward_weight_op_backward(ctx, k):
+    grad, x = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dgrad = _forward_op(x, k, *ctx.geometry) if needs[0] else None
+    dx = backward_input_op(grad, k, list(x.shape), is_channels_last(x), *ctx.geometry) if needs[1] else None
+    return dgrad, dx, None, None, None, None
+
+
+for _name, _backward in (("involution", _forward_op_backward), ("dynamic_dwconv2d", _forward_op_backward),
+                         ("involution_backward_input", _backward_input_op_backward),
+                         ("involution_backward_weight", _backward_weight_op_backward)):
+    torch.library.register_autograd(f"dynconv::{_name}", _backward, setup_context=_save_operands)
+
+
+_AS_OP = {
+    _Forward: lambda x, weight, bias, stride, padding, dilation, out: (
+        involution_op(x, weight, stride, padding, dilation) if weight.dim() == 6
+        else dynamic_dwconv2d_op(x, weight, bias, stride, padding, dilation)),
+    _BackwardInput: backward_input_op,
+    _BackwardWeight: backward_weight_op,
+}
 
 
 # ---------------------------------------------------------------------------------------------
 # The eager path: the same bodies, no dispatcher
 # ---------------------------------------------------------------------------------------------
 
-class _Involution(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, out):
-        _save(ctx, x, weight, bias, (stride, padding, dilation))
-        return _forward(x, weight, bias, stride, padding, dilation, out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph=True: the kernels have no derivative of their own
-            return _backward_once(ctx, grad)
-        return (*_grads(ctx, grad, _backward_input, _backward_weight), None, None, None, None)
-
-
-_backward_once = once_differentiable(_Involution.backward)
-_apply = _eager.applier(_Involution)
+_apply = _eager.applier(_Forward)
 
 
 def _call(x, weight, bias, pairs, per_pixel):
@@ -262,11 +447,14 @@ def involution(x: Tensor, weight: Tensor, stride=1, padding=None, dilation=1) ->
     """
     check_tensor(x, "x", 4, "(B, C, H, W)")
     check_tensor(weight, "weight", 6, "(B, G, K, K, Ho, Wo)")
-    padding = _default_padding(padding, dilation, weight.shape[2])
+    padding = _default_padding(padding, dilation, weight.shape)
     x, weight = autocast_inputs(x, weight)
     pairs = _pairs(stride, padding, dilation)
     if _eager.eager(x, weight):
         return _call(x, weight, None, pairs, per_pixel=True)
+    if _eager.needs_function(x, weight):
+        return _Forward.apply(x, weight, None, *_check(x, weight, None, *pairs, per_pixel=True))
+    _eager.refuse_tangents("involution", x, weight)
     return involution_op(x, weight, *map(list, pairs))
 
 
@@ -283,11 +471,14 @@ def dynamic_dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stri
     check_tensor(weight, "weight", 4, "(B, G, K, K)")
     if bias is not None:
         check_tensor(bias, "bias", 2, "(B, C)")
-    padding = _default_padding(padding, dilation, weight.shape[2])
+    padding = _default_padding(padding, dilation, weight.shape)
     x, weight, bias = autocast_inputs(x, weight, bias)
     pairs = _pairs(stride, padding, dilation)
     if _eager.eager(x, weight, bias):
         return _call(x, weight, bias, pairs, per_pixel=False)
+    if _eager.needs_function(x, weight, bias):
+        return _Forward.apply(x, weight, bias, *_check(x, weight, bias, *pairs, per_pixel=False))
+    _eager.refuse_tangents("dynamic_dwconv2d", x, weight, bias)
     return dynamic_dwconv2d_op(x, weight, bias, *map(list, pairs))
 
 

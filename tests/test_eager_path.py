@@ -141,28 +141,6 @@ def test_jit_trace_records_the_custom_op(device):
     assert torch.equal(traced(x, inputs["weight"]), fn(x, inputs["weight"]))
 
 
-def test_second_derivatives_are_refused_on_both_paths(device, monkeypatch):
-    fn, inputs = _cases(device)["involution-stride2"]
-    for path in ("eager", "custom ops"):
-        if path == "custom ops":
-            _custom_ops_only(monkeypatch)
-        x = inputs["x"].clone().requires_grad_()
-        (dx,) = torch.autograd.grad(fn(dict(inputs, x=x)).square().sum(), x, create_graph=True)
-        assert dx.requires_grad
-        with pytest.raises(RuntimeError):
-            dx.sum().backward()
-
-
-def test_a_dual_tensor_is_refused_not_silently_dropped(device):
-    import torch.autograd.forward_ad as fwad
-
-    fn, inputs = _cases(device)["involution-stride2"]
-    with fwad.dual_level():
-        x = fwad.make_dual(inputs["x"], torch.ones_like(inputs["x"]))
-        with pytest.raises(NotImplementedError, match="jvp"):
-            fn(dict(inputs, x=x))
-
-
 # Bad input is named the same way when the custom ops run (torch.compile's path).
 
 def _bad_cases():
