@@ -542,10 +542,12 @@ def _num_warps(dtype: torch.dtype, tile_rows: int) -> int:
     return 8 if dtype.itemsize == 2 or tile_rows >= 128 else 4
 
 
-def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0) -> dict:
+def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0,
+                           index_64: bool = False) -> dict:
     # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
-    # more rows; small regions keep 64 so their last, partial tile wastes less.
-    block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 else 64
+    # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
+    # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
+    block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 and not index_64 else 64
     return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
             "num_warps": _num_warps(dtype, block_p), "num_stages": 2}
 
@@ -614,8 +616,9 @@ def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tup
 def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
+    index_64 = needs_int64(x) or x.shape[0] * experts.shape[1] * pixels > INT32_MAX  # x or y past 2^31
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
-                      default_forward_config(cout_g, x.dtype, pixels // m))
+                      default_forward_config(cout_g, x.dtype, pixels // m, index_64))
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
