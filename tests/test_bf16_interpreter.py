@@ -79,11 +79,18 @@ def test_shim_casts_round_to_nearest_even_like_torch():
         expected = xs.to(torch.bfloat16) if source == torch.float16 else xs.float().to(torch.bfloat16)
         nan = expected.isnan()
         assert torch.equal(out.isnan(), nan) and torch.equal(_bits(out[~nan]), _bits(expected[~nan])), source
+    # Every kind of fp32 bit pattern (NaNs, subnormals, infinities included), at random.
+    x = torch.randint(-2**31, 2**31, (4096,), dtype=torch.int64).to(torch.int32).view(torch.float32)
+    out = torch.empty(4096, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, out, N=4096)
+    expected = x.to(torch.bfloat16)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan) and torch.equal(_bits(out[~nan]), _bits(expected[~nan])), "random bits"
     # And back: bf16 widens exactly.
-    b = x.to(torch.bfloat16)
+    b = torch.cat([_special_float32(64), x[64:]]).to(torch.bfloat16)
     for target in (torch.float32, torch.float16, torch.float64):
-        wide = torch.empty(64, dtype=target)
-        _cast_kernel[(1,)](b, wide, N=64)
+        wide = torch.empty(b.numel(), dtype=target)
+        _cast_kernel[(1,)](b, wide, N=b.numel())
         torch.testing.assert_close(wide, b.to(target), equal_nan=True, rtol=0, atol=0, msg=str(target))
 
 
