@@ -87,7 +87,8 @@ def narrow_stride_arithmetic(ptx: str, params: list[str]) -> list[str]:
     while changed:
         changed = False
         for opcode, registers, _, _ in instructions:
-            if _MOVE_32.match(opcode) and len(registers) == 2 and registers[1] in tainted and registers[0] not in tainted:
+            moved = _MOVE_32.match(opcode) and len(registers) == 2 and registers[1] in tainted
+            if moved and registers[0] not in tainted:
                 tainted[registers[0]] = tainted[registers[1]]
                 changed = True
     problems = []
@@ -136,7 +137,8 @@ def test_int64_variants_multiply_no_stride_in_32_bits(int64_ptx):
     problems = []
     for row in int64_ptx:
         assert ".param" in row["ptx"] and any(_STRIDE_ARG.match(p) for p in row["params"])
-        problems += [f"{row['kernel']} [{row['label']}] {p}" for p in narrow_stride_arithmetic(row["ptx"], row["params"])]
+        where = f"{row['kernel']} [{row['label']}]"
+        problems += [f"{where} {p}" for p in narrow_stride_arithmetic(row["ptx"], row["params"])]
     assert not problems, "32-bit stride arithmetic in INDEX_64 variants:\n" + "\n".join(problems)
 
 
