@@ -81,10 +81,19 @@ def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mas
     if MIX:
         tile = tl.zeros(w_off.shape, dtype=ACC_DTYPE)
         coef_row = coef_ptr + b * sc_b + r * sc_r
-        for e in range(NUM_MIX):
-            e_off = widen(e, INDEX_64)
-            coef = tl.load(coef_row + e_off * sc_e).to(ACC_DTYPE)
-            tile += coef * tl.load(base + e_off * sw_e, mask=mask, other=0.0).to(ACC_DTYPE)
+        if INDEX_64:
+            # Step scalar pointers by one expert instead of forming e * sw_e: 64-bit offsets with no
+            # 64-bit product in the loop (the product made ptxas 12.8 spill the DRConv forward on sm_80).
+            expert = w_ptr + b * sw_b + r * sw_r
+            for e in range(NUM_MIX):
+                coef = tl.load(coef_row).to(ACC_DTYPE)
+                tile += coef * tl.load(expert + w_off, mask=mask, other=0.0).to(ACC_DTYPE)
+                coef_row += sc_e
+                expert += sw_e
+        else:
+            for e in range(NUM_MIX):
+                coef = tl.load(coef_row + e * sc_e).to(ACC_DTYPE)
+                tile += coef * tl.load(base + e * sw_e, mask=mask, other=0.0).to(ACC_DTYPE)
     else:
         tile = tl.load(base, mask=mask, other=0.0).to(ACC_DTYPE)
     if HAS_SPATIAL:
