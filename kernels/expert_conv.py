@@ -53,7 +53,7 @@ import triton.language as tl
 
 from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
-from .involution import gather_source
+from .involution import gather_source, widen
 
 INT32_MAX = 2**31 - 1
 # Running tile totals past the last region read as "never reached" (a constexpr: kernels may use it).
@@ -71,18 +71,29 @@ WEIGHT_GRAD_MIN_PROGRAMS = 264
 @triton.jit
 def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mask, NUM_MIX,
                  sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb,
-                 MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                 MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr):
     """The tile ``W[b, r]`` at element offsets ``w_off`` (o, c, u, v part), in ACC_DTYPE.
 
     ``sp_off`` / ``sp_mask`` (the u, v part of the spatial offsets, one per row) broadcast against ``w_off``.
+    ``r`` must already be int64 in the INDEX_64 variants (or the constant 0).
     """
     base = w_ptr + b * sw_b + r * sw_r + w_off
     if MIX:
         tile = tl.zeros(w_off.shape, dtype=ACC_DTYPE)
         coef_row = coef_ptr + b * sc_b + r * sc_r
-        for e in range(NUM_MIX):
-            coef = tl.load(coef_row + e * sc_e).to(ACC_DTYPE)
-            tile += coef * tl.load(base + e * sw_e, mask=mask, other=0.0).to(ACC_DTYPE)
+        if INDEX_64:
+            # Step scalar pointers by one expert instead of forming e * sw_e: 64-bit offsets with no
+            # 64-bit product in the loop (the product made ptxas 12.8 spill the DRConv forward on sm_80).
+            expert = w_ptr + b * sw_b + r * sw_r
+            for e in range(NUM_MIX):
+                coef = tl.load(coef_row).to(ACC_DTYPE)
+                tile += coef * tl.load(expert + w_off, mask=mask, other=0.0).to(ACC_DTYPE)
+                coef_row += sc_e
+                expert += sw_e
+        else:
+            for e in range(NUM_MIX):
+                coef = tl.load(coef_row + e * sc_e).to(ACC_DTYPE)
+                tile += coef * tl.load(base + e * sw_e, mask=mask, other=0.0).to(ACC_DTYPE)
     else:
         tile = tl.load(base, mask=mask, other=0.0).to(ACC_DTYPE)
     if HAS_SPATIAL:
@@ -119,7 +130,7 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
         weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r,
                               (c * sw_i + u * sw_u + v * sw_v)[:, None] + (o * sw_o)[None, :],
                               (u * ssu + v * ssv)[:, None], k_ok[:, None], k_ok[:, None] & o_ok[None, :], NUM_MIX,
-                              sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE)
+                              sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
         # out_dtype on every accumulating dot: triton 3.6 asserts it equals acc's dtype and defaults
         # it to fp32, so fp64 accumulators must name it.
         acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
@@ -184,6 +195,7 @@ def expert_conv_fwd_kernel(
         r, p, pix_ok, valid = _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t,
                                            NUM_REGIONS, P, BLOCK_P, BLOCK_R)
         k_end = tl.where(valid, k_end, 0)
+        r = widen(r, INDEX_64)
     else:
         r = 0
         p = t * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -243,6 +255,7 @@ def expert_conv_guide_score_kernel(
         p = p.to(tl.int64)
         on = on.to(tl.int64)
         g = g.to(tl.int64)
+        r = r.to(tl.int64)
     o = g * COUT_G + on
     i = p // Wo
     j = p % Wo
@@ -256,7 +269,7 @@ def expert_conv_guide_score_kernel(
     mask = pix_ok[:, None] & o_ok[None, :]
     grad = tl.load(dy_ptr + b * sdyb + (o * sdyc)[None, :] + (i * sdyh + j * sdyw)[:, None], mask=mask, other=0.0)
     score = tl.sum(acc * grad.to(ACC_DTYPE), axis=1)
-    tl.store(score_ptr + b * s_score_b + r * s_score_r + pid_n * s_score_n + p, score, mask=pix_ok)
+    tl.store(score_ptr + b * s_score_b + r * s_score_r + widen(pid_n, INDEX_64) * s_score_n + p, score, mask=pix_ok)
 
 
 @triton.jit
@@ -315,13 +328,14 @@ def expert_conv_bwd_input_kernel(
                 selected = ok & (region == rgn)
                 # Coherent regions: most K-steps see one or two of them; skip the others' MMA.
                 if tl.max(tl.max(selected.to(tl.int32), axis=1), axis=0) > 0:
-                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, rgn, w_off, sp_off, k_ok[:, None], w_mask, NUM_MIX,
-                                          sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE)
+                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64), w_off, sp_off,
+                                          k_ok[:, None], w_mask, NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb,
+                                          MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
                     acc = tl.dot(tl.where(selected, grad, 0.0).to(grad.dtype), weight.to(grad.dtype), acc,
                                  input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         else:
             weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0, w_off, sp_off, k_ok[:, None], w_mask, NUM_MIX,
-                                  sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE)
+                                  sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
             acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     dx_off = b * sdxb + ((g * CIN_G + cn) * sdxc)[None, :] + (h * sdxh + w * sdxw)[:, None]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
@@ -369,6 +383,8 @@ def expert_conv_bwd_weight_kernel(
         on = on.to(tl.int64)
         g = g.to(tl.int64)
         k = k.to(tl.int64)
+        s = s.to(tl.int64)
+        r = r.to(tl.int64)
     o = g * COUT_G + on
     tap = k // CIN_G
     c = k % CIN_G
@@ -542,10 +558,12 @@ def _num_warps(dtype: torch.dtype, tile_rows: int) -> int:
     return 8 if dtype.itemsize == 2 or tile_rows >= 128 else 4
 
 
-def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0) -> dict:
+def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0,
+                           index_64: bool = False) -> dict:
     # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
-    # more rows; small regions keep 64 so their last, partial tile wastes less.
-    block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 else 64
+    # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
+    # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
+    block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 and not index_64 else 64
     return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
             "num_warps": _num_warps(dtype, block_p), "num_stages": 2}
 
@@ -614,8 +632,9 @@ def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tup
 def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
+    index_64 = needs_int64(x) or x.shape[0] * experts.shape[1] * pixels > INT32_MAX  # x or y past 2^31
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
-                      default_forward_config(cout_g, x.dtype, pixels // m))
+                      default_forward_config(cout_g, x.dtype, pixels // m, index_64))
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -658,7 +677,8 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
     )
     meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
                 HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
-                INDEX_64=needs_int64(x, y, source.weight), ACC_DTYPE=_acc_dtype(x.dtype),
+                INDEX_64=needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed),
+                ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
     k_steps = cdiv((Cin // groups) * kh * kw, meta["BLOCK_K"])
@@ -700,7 +720,8 @@ def _guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score,
         **_geometry_args(stride, padding, dilation),
     )
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None,
-                INDEX_64=needs_int64(x, dy, score, source.weight), ACC_DTYPE=_acc_dtype(x.dtype),
+                INDEX_64=needs_int64(x, dy, score, source.weight, source.coef, spatial, bias_mixed),
+                ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
     k_steps = cdiv((Cin // groups) * kh * kw, meta["BLOCK_K"])
@@ -750,7 +771,8 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
         **_geometry_args(stride, padding, dilation),
     )
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None,
-                INDEX_64=needs_int64(dy, dx, source.weight, region), ACC_DTYPE=_acc_dtype(dy.dtype),
+                INDEX_64=needs_int64(dy, dx, source.weight, source.coef, spatial, region),
+                ACC_DTYPE=_acc_dtype(dy.dtype),
                 INPUT_PRECISION=_input_precision(dy.dtype))
     _check_grid(groups * n_tiles)
     k_steps = cdiv((Cout // groups) * kh * kw, meta["BLOCK_K"])
@@ -811,7 +833,7 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
         **dict(zip(("sdb_s", "sdb_b", "sdb_r", "sdb_o"), dbias.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(HAS_GUIDE=regions is not None, INDEX_64=needs_int64(dy, x, dw),
+    meta.update(HAS_GUIDE=regions is not None, INDEX_64=needs_int64(dy, x, dw, dbias),
                 ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
     if groups * o_tiles > 65535 or k_tiles > 65535:
         raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")
@@ -956,6 +978,46 @@ def catalogue() -> list[Launch]:
                 launches.append(backward_weight_launch(y, x, regions, dw, dbias, (kh, kw), groups, *geometry, wcfg))
                 for launch in launches[-(4 if m > 1 else 3):]:
                     launch.label = tag + (" materialised" if materialised and "weight" not in launch.name else "")
+    launches += _int64_catalogue()
+    return launches
+
+
+def _int64_catalogue() -> list[Launch]:
+    """The int64-offset variants (over 2^31 elements): DRConv mixing on the fly with spatial attention
+    and bias, and materialised kernels without a guide."""
+    launches = []
+    B, C, H, W, k, E = 2304, 64, 128, 128, 3, 4
+    geometry = ((1, 1), (1, 1), (1, 1))
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    x = torch.empty((B, C, H, W), **meta)
+    experts = torch.empty((E, C, C, k, k), **meta)
+    for m, materialised in ((4, False), (1, True)):
+        routing = torch.empty((B, m, E), **meta)
+        source = weight_source(experts, routing, materialised)
+        spatial = None if materialised else torch.empty((B, k, k), **meta)
+        bias = None if materialised else torch.empty((B, m, C), **meta)
+        fwd_cfg = forward_config(x, experts, m, 1, *geometry)
+        regions = region_map = None
+        if m > 1:
+            i32 = dict(dtype=torch.int32, device="meta")
+            regions = RegionTables(torch.empty((B, H * W), **i32), torch.empty((B, H * W), **i32),
+                                   torch.empty((B, m), **i32), torch.empty((B, m), **i32),
+                                   torch.empty((B, m + 1), **i32), fwd_cfg["BLOCK_P"])
+            region_map = regions.region
+            score = torch.empty((B, m, score_tiles(C, 1, fwd_cfg), H * W), dtype=torch.float32, device="meta")
+            launches.append(guide_score_launch(x, source, spatial, bias, x, score, (k, k), 1, *geometry, fwd_cfg))
+        launches.append(forward_launch(x, source, spatial, bias, regions, x, (k, k), 1, *geometry, fwd_cfg))
+        launches.append(backward_input_launch(x, source, spatial, region_map, x, (k, k), 1, *geometry, m,
+                                              input_grad_config(x, experts, m, 1, (1, 1))))
+        wcfg = weight_grad_config(x, experts, m, 1, (1, 1))
+        splits = weight_grad_splits(B, m, C, 1, C * k * k, H * W, wcfg)
+        dw = torch.empty((splits, B, m, C, C, k, k), dtype=torch.float32, device="meta")
+        dbias = torch.empty((splits, B, m, C), dtype=torch.float32, device="meta")
+        launches.append(backward_weight_launch(x, x, regions, dw, dbias, (k, k), 1, *geometry, wcfg))
+        for launch in launches[-(4 if m > 1 else 3):]:
+            assert launch.meta["INDEX_64"]
+            launch.label = (f"over 2^31 elements {'DRConv m=4 spatial' if m > 1 else 'CondConv'} bfloat16 NCHW"
+                            + (" materialised" if materialised and "weight" not in launch.name else ""))
     return launches
 
 

@@ -28,6 +28,19 @@ INT32_MAX = 2**31 - 1
 
 
 @triton.jit
+def widen(index, INDEX_64: tl.constexpr):
+    """``index`` as int64 in the INDEX_64 variants, so a product with a stride is formed in 64 bits.
+
+    Every index that multiplies a stride passes through here (or is int64 already): a tap,
+    region or partial index times the stride of an outer axis passes 2^31 on its own when that
+    axis is outermost in memory. The 32-bit variants keep 32-bit products (cheaper, fewer registers).
+    """
+    if INDEX_64:
+        index = tl.cast(index, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
+    return index
+
+
+@triton.jit
 def _tile_indices(pid_pix, pid_ch, TILES_W, CG_TILES, G, CG,
                   BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                   INDEX_64: tl.constexpr):
@@ -112,7 +125,7 @@ def involution_fwd_kernel(
         h_in = h_first + u * DH
         w_in = w_first + v * DW
         ok = out_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
-        weight = tl.load(w_taps + u * swu + v * swv, mask=w_mask, other=0.0)
+        weight = tl.load(w_taps + widen(u, INDEX_64) * swu + widen(v, INDEX_64) * swv, mask=w_mask, other=0.0)
         xv = tl.load(x_sample + (x_channel + (h_in * sxh + w_in * sxw)[None, None, :]),
                      mask=channel_mask & ok[None, None, :], other=0.0)
         acc += weight.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
@@ -159,11 +172,11 @@ def involution_bwd_input_kernel(
         i, row_ok = gather_source(h, PH, u, DH, SH, Ho, in_mask)
         j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
         ok3 = ok[None, None, :]
+        w_tap = w_group + widen(u, INDEX_64) * swu + widen(v, INDEX_64) * swv
         if PER_PIXEL:
-            weight = tl.load(w_group + u * swu + v * swv + (i * swh + j * sww)[None, None, :],
-                             mask=(g3 < G) & ok3, other=0.0)
+            weight = tl.load(w_tap + (i * swh + j * sww)[None, None, :], mask=(g3 < G) & ok3, other=0.0)
         else:
-            weight = tl.load(w_group + u * swu + v * swv, mask=g3 < G, other=0.0)
+            weight = tl.load(w_tap, mask=g3 < G, other=0.0)
         grad = tl.load(dy_sample + (dy_channel + (i * sdyh + j * sdyw)[None, None, :]), mask=channel_mask & ok3,
                        other=0.0)
         acc += weight.to(ACC_DTYPE) * grad.to(ACC_DTYPE)
@@ -233,11 +246,12 @@ def involution_bwd_weight_kernel(
                 xv = tl.load(x_tap + c * sxc, mask=m & ok3, other=0.0)
                 acc += grad.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
         per_pixel = tl.sum(acc, axis=1)  # [BLOCK_G, pixels]
+        dw_tap = dw_group + widen(u, INDEX_64) * sdwu + widen(v, INDEX_64) * sdwv
         if PER_PIXEL:
-            tl.store(dw_group[:, None] + u * sdwu + v * sdwv + (i * sdwh + j * sdww)[None, :],
+            tl.store(dw_tap[:, None] + (i * sdwh + j * sdww)[None, :],
                      per_pixel.to(dw_ptr.dtype.element_ty), mask=(g1 < G)[:, None] & out_mask[None, :])
         else:
-            tl.store(dw_group + u * sdwu + v * sdwv + tile * sdwh,
+            tl.store(dw_tap + widen(tile, INDEX_64) * sdwh,
                      tl.sum(per_pixel, axis=1).to(dw_ptr.dtype.element_ty), mask=g1 < G)
 
 
@@ -290,9 +304,9 @@ def _max_offset(t: torch.Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
 
 
-def needs_int64(*tensors: torch.Tensor) -> bool:
-    """Whether any element offset of these tensors exceeds int32 (then the kernels index in int64)."""
-    return any(_max_offset(t) > INT32_MAX for t in tensors)
+def needs_int64(*tensors: torch.Tensor | None) -> bool:
+    """Whether any element offset of these tensors (None: absent) exceeds int32 (then the kernels index in int64)."""
+    return any(t is not None and _max_offset(t) > INT32_MAX for t in tensors)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -348,7 +362,7 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
-                INDEX_64=needs_int64(x, weight, y), ACC_DTYPE=_acc_dtype(x.dtype))
+                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
     return Launch(involution_fwd_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
                   num_warps, num_stages, loops=(K * K,))
 
@@ -490,14 +504,22 @@ def catalogue() -> list[Launch]:
                                    backward_weight_launch(y, x, dw, *geometry, per_pixel)):
                         launch.label = tag
                         launches.append(launch)
-    # Over 2^31 elements: the int64-offset variants.
+    # Over 2^31 elements: the int64-offset variants, per pixel and per sample.
     x = torch.empty((2304, 256, 64, 64), dtype=torch.bfloat16, device="meta")
     w = torch.empty((2304, 16, 3, 3, 64, 64), dtype=torch.bfloat16, device="meta")
+    w_sample = torch.empty((2304, 16, 3, 3), dtype=torch.bfloat16, device="meta")
+    bias = torch.empty((2304, 256), dtype=torch.bfloat16, device="meta")
     geometry = ((1, 1), (1, 1), (1, 1))
-    for launch in (forward_launch(x, w, None, x, *geometry), backward_input_launch(x, w, x, *geometry),
-                   backward_weight_launch(x, x, w, *geometry, True)):
+    cfg = weight_grad_config(x, 16, 3, (1, 1), 64, 64, per_pixel=False)
+    partials = torch.empty((2304, 16, 3, 3, weight_grad_tiles(64, 64, cfg)), dtype=torch.float32, device="meta")
+    for launch, kind in ((forward_launch(x, w, None, x, *geometry), "pixel"),
+                         (backward_input_launch(x, w, x, *geometry), "pixel"),
+                         (backward_weight_launch(x, x, w, *geometry, True), "pixel"),
+                         (forward_launch(x, w_sample, bias, x, *geometry), "sample"),
+                         (backward_input_launch(x, w_sample, x, *geometry), "sample"),
+                         (backward_weight_launch(x, x, partials, *geometry, False), "sample")):
         assert launch.meta["INDEX_64"]
-        launch.label = "over 2^31 elements torch.bfloat16 NCHW pixel"
+        launch.label = f"over 2^31 elements torch.bfloat16 NCHW {kind}"
         launches.append(launch)
     return launches
 

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
-from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64
+from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64, widen
 
 # Programs the span-gradient kernel aims for: enough to fill any current GPU several times, few
 # enough that the fp32 partials stay a few MB. A constant, so the reduction order (and the result)
@@ -76,13 +76,15 @@ def _matmul(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE:
 @triton.jit
 def _tap_weights(span_rows, g_ok, ssr, z_pix, pix_ok, szr, R,
                  BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, PIXELS: tl.constexpr, ONE_R_CHUNK: tl.constexpr,
-                 USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                 USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 INDEX_64: tl.constexpr):
     """``Σ_r S[row_g, r] · z[r, p]`` ([BLOCK_G, PIXELS]) for the span rows ``span_rows`` (pointers,
     one per group) and the z pixels ``z_pix`` (pointers at channel 0), over R in BLOCK_R chunks."""
     r = tl.arange(0, BLOCK_R)
     if ONE_R_CHUNK:
         # No loop when R fits one block: a third nested runtime loop costs registers across all three.
         r_ok = r < R
+        r = widen(r, INDEX_64)
         span = tl.load(span_rows[:, None] + r[None, :] * ssr, mask=g_ok[:, None] & r_ok[None, :], other=0.0)
         z = tl.load(z_pix[None, :] + r[:, None] * szr, mask=r_ok[:, None] & pix_ok[None, :], other=0.0)
         weight = _matmul(span, z, USE_DOT, DOT_PRECISION, ACC_DTYPE)
@@ -91,6 +93,7 @@ def _tap_weights(span_rows, g_ok, ssr, z_pix, pix_ok, szr, R,
         for r_start in range(0, R, BLOCK_R):
             rr = r_start + r
             r_ok = rr < R
+            rr = widen(rr, INDEX_64)
             span = tl.load(span_rows[:, None] + rr[None, :] * ssr, mask=g_ok[:, None] & r_ok[None, :], other=0.0)
             z = tl.load(z_pix[None, :] + rr[:, None] * szr, mask=r_ok[:, None] & pix_ok[None, :], other=0.0)
             weight += _matmul(span, z, USE_DOT, DOT_PRECISION, ACC_DTYPE)
@@ -161,7 +164,7 @@ def fused_fwd_kernel(
     z_pix = z_ptr + b * szb + i * szh + j * szw
     if ONE_R_CHUNK:
         # The z tile is the same for all K² taps: load it once.
-        r = tl.arange(0, BLOCK_R)
+        r = widen(tl.arange(0, BLOCK_R), INDEX_64)
         z_tile = tl.load(z_pix[None, :] + r[:, None] * szr, mask=(r < R)[:, None] & out_mask[None, :], other=0.0)
 
     x_rows = x_ptr + b * sxb + c3 * sxc
@@ -176,14 +179,14 @@ def fused_fwd_kernel(
         h_in = h_first + u * DH
         w_in = w_first + v * DW
         ok = out_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
-        span_row = g * KK + tap
+        span_row = widen(g * KK + tap, INDEX_64)
         if ONE_R_CHUNK:
             span = tl.load(span_w_ptr + span_row[:, None] * sso + r[None, :] * ssr,
                            mask=g_ok[:, None] & (r < R)[None, :], other=0.0)
             weight = _matmul(span, z_tile, USE_DOT, DOT_PRECISION, ACC_DTYPE)
         else:
             weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_pix, out_mask, szr, R,
-                                  BLOCK_G, BLOCK_R, PIXELS, False, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+                                  BLOCK_G, BLOCK_R, PIXELS, False, USE_DOT, DOT_PRECISION, ACC_DTYPE, INDEX_64)
         if HAS_BIAS:
             weight += tl.load(span_b_ptr + span_row * ssb, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
         xv = tl.load(x_rows + (h_in * sxh + w_in * sxw)[None, None, :],
@@ -233,9 +236,9 @@ def fused_bwd_input_kernel(
         v = tap % K
         i, row_ok = gather_source(h, PH, u, DH, SH, Ho, in_mask)
         j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
-        span_row = g * KK + tap
+        span_row = widen(g * KK + tap, INDEX_64)
         weight = _tap_weights(span_w_ptr + span_row * sso, g_ok, ssr, z_sample + i * szh + j * szw, ok, szr, R,
-                              BLOCK_G, BLOCK_R, PIXELS, ONE_R_CHUNK, USE_DOT, DOT_PRECISION, ACC_DTYPE)
+                              BLOCK_G, BLOCK_R, PIXELS, ONE_R_CHUNK, USE_DOT, DOT_PRECISION, ACC_DTYPE, INDEX_64)
         if HAS_BIAS:
             weight += tl.load(span_b_ptr + span_row * ssb, mask=g_ok, other=0.0).to(ACC_DTYPE)[:, None]
         grad = tl.load(dy_rows + (i * sdyh + j * sdyw)[None, None, :],
@@ -275,6 +278,7 @@ def fused_bwd_z_kernel(
     out_mask3 = out_mask[None, None, :]
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < R
+    rr = widen(rr, INDEX_64)
     cg3 = tl.arange(0, BLOCK_CG)[None, :, None]
 
     dy_pix = dy_ptr + b * sdyb + (i * sdyh + j * sdyw)[None, None, :]
@@ -308,7 +312,7 @@ def fused_bwd_z_kernel(
             x_pix = x_sample + (h_in * sxh + w_in * sxw)[None, None, :]
             dw = _tap_grad_weights(dy_pix, x_pix, g3, g_ok3, cg3, CG, sdyc, sxc, out_mask3, tap_ok3, grad,
                                    BLOCK_G, BLOCK_CG, PIXELS, ONE_CG_CHUNK, ACC_DTYPE)
-            span_t = tl.load(span_w_ptr + (g * KK + tap)[None, :] * sso + rr[:, None] * ssr,
+            span_t = tl.load(span_w_ptr + widen(g * KK + tap, INDEX_64)[None, :] * sso + rr[:, None] * ssr,
                              mask=r_ok[:, None] & g_ok[None, :], other=0.0)
             dz += _matmul(span_t, dw.to(span_t.dtype), USE_DOT, DOT_PRECISION, ACC_DTYPE)
     dz_off = b * sdzb + rr[:, None] * sdzr + (i * sdzh + j * sdzw)[None, :]
@@ -353,6 +357,7 @@ def fused_bwd_span_kernel(
     cg3 = tl.arange(0, BLOCK_CG)[None, :, None]
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < R
+    rr = widen(rr, INDEX_64)
 
     dspan = tl.zeros((BLOCK_G, BLOCK_R), dtype=ACC_DTYPE)
     dbias = tl.zeros((BLOCK_G,), dtype=ACC_DTYPE)
@@ -379,7 +384,8 @@ def fused_bwd_span_kernel(
                       mask=out_mask[:, None] & r_ok[None, :], other=0.0)
         dspan += _matmul(dw.to(z_t.dtype), z_t, USE_DOT, DOT_PRECISION, ACC_DTYPE)
         dbias += tl.sum(dw, axis=1)
-    row = g * KK + tap
+    row = widen(g * KK + tap, INDEX_64)
+    slab = widen(slab, INDEX_64)
     tl.store(dspan_ptr + slab * sps + row[:, None] * spo + rr[None, :] * spr, dspan,
              mask=g_ok[:, None] & r_ok[None, :])
     if pid_r == 0:
@@ -489,7 +495,8 @@ def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilatio
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = y.shape[2], y.shape[3]
     config = _config("fwd", x, G, K, R, stride, Ho, Wo, config)
-    meta, num_warps, num_stages = _common_meta(config, x, uses_dot("fwd", config, x.dtype), x, z, y)
+    meta, num_warps, num_stages = _common_meta(config, x, uses_dot("fwd", config, x.dtype),
+                                               x, z, span_weight, span_bias, y)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     cg_tiles = cdiv(C // G, meta["BLOCK_CG"])
@@ -524,7 +531,8 @@ def _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = _config("bwd_input", dy, G, K, R, stride, H, W, config)
-    meta, num_warps, num_stages = _common_meta(config, dy, uses_dot("bwd_input", config, dy.dtype), dy, z, dx)
+    meta, num_warps, num_stages = _common_meta(config, dy, uses_dot("bwd_input", config, dy.dtype),
+                                               dy, z, span_weight, span_bias, dx)
     tiles_w = cdiv(W, meta["BLOCK_W"])
     tiles_pix = cdiv(H, meta["BLOCK_H"]) * tiles_w
     cg_tiles = cdiv(C // G, meta["BLOCK_CG"])
@@ -559,7 +567,7 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
-    meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, dz)
+    meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, span_weight, dz)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     r_tiles = cdiv(R, meta["BLOCK_R"])
@@ -612,7 +620,8 @@ def _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, p
     G = dspan_partials.shape[1] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = span_grad_config(x, G, K, R, stride, Ho, Wo, config)
-    meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_span", config, x.dtype), dy, x, z)
+    meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_span", config, x.dtype),
+                                               dy, x, z, dspan_partials, dbias_partials)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     slabs, per_slab = span_grad_slabs(B, Ho, Wo, K, G, R, config)
@@ -704,6 +713,26 @@ def catalogue() -> list[Launch]:
                                backward_span_launch(y, x, z, partials, bias_partials, K, *geometry)):
                     launch.label = tag
                     launches.append(launch)
+    # Over 2^31 elements: the int64-offset variants. Depth-wise groups loop over group blocks in
+    # the dz kernel; two 128-channel groups loop over channel chunks, and R = 256 over R blocks.
+    for C, G, R in ((256, 256, 64), (256, 2, 256)):
+        B, H, W, K = 2304, 64, 64, 3
+        meta = dict(dtype=torch.bfloat16, device="meta")
+        x = torch.empty((B, C, H, W), **meta)
+        z = torch.empty((B, R, H, W), **meta)
+        span_w = torch.empty((K * K * G, R), **meta)
+        span_b = torch.empty((K * K * G,), **meta)
+        geometry = ((1, 1), (1, 1), (1, 1))
+        slabs, _ = span_grad_slabs(B, H, W, K, G, R, span_grad_config(x, G, K, R, (1, 1), H, W))
+        partials = torch.empty((slabs, K * K * G, R), dtype=torch.float32, device="meta")
+        bias_partials = torch.empty((slabs, K * K * G), dtype=torch.float32, device="meta")
+        for launch in (forward_launch(x, z, span_w, span_b, x, K, *geometry),
+                       backward_input_launch(x, z, span_w, span_b, x, K, *geometry),
+                       backward_z_launch(x, x, span_w, z, K, *geometry),
+                       backward_span_launch(x, x, z, partials, bias_partials, K, *geometry)):
+            assert launch.meta["INDEX_64"]
+            launch.label = f"over 2^31 elements G={G} R={R} torch.bfloat16 NCHW"
+            launches.append(launch)
     return launches
 
 

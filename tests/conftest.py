@@ -17,6 +17,13 @@ if DEVICE == "cuda":
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("DYNCONV_AUTOTUNE", "0")  # no run-time tuning sweeps inside the tests
 
+if os.environ["TRITON_INTERPRET"] == "1":
+    # The interpreter's bf16 dot, casts and arithmetic are wrong (interpreter_bf16.py): give them the
+    # GPU's semantics, so bf16 paths are tested on CPU too. Harness only; the library never sees it.
+    import interpreter_bf16  # noqa: E402
+
+    interpreter_bf16.install()
+
 
 @pytest.fixture
 def device():
