@@ -136,6 +136,8 @@ def expert_conv2d_loop(x, experts, routing, bias=None, stride=1, padding=0, dila
             w, bias_b = w.reshape(m * Cout, *weight.shape[3:]), None
         y = F.conv2d(x[b: b + 1], w, bias_b, *geometry)
         outputs.append(y)
+    if not outputs:  # B = 0: only the output's shape to give
+        return F.conv2d(x, experts.new_zeros(experts.shape[1:]), None, *geometry)
     y = torch.cat(outputs)
     if guide is None:
         return y
