@@ -1,11 +1,11 @@
 """dynconv: Triton GPU kernels for dynamic convolutions, as torch ops and nn modules.
 
 >>> import dynconv
->>> y = dynconv.involution(x, weight)            # SPEC.md §1a
->>> y = dynconv.dynamic_dwconv2d(x, weight)      # SPEC.md §1b
->>> y = dynconv.expert_conv2d(x, experts, routing)  # SPEC.md §2
->>> y = dynconv.involution_fused(x, z, span_weight, span_bias, 7, 16)  # issue 6
->>> y = dynconv.na2d(q, k, v, 7, rpb=rpb)          # SPEC.md §1c, issue 15
+>>> y = dynconv.involution(x, weight)            # docs/operators.md §1a
+>>> y = dynconv.dynamic_dwconv2d(x, weight)      # docs/operators.md §1b
+>>> y = dynconv.expert_conv2d(x, experts, routing)  # docs/operators.md §2
+>>> y = dynconv.involution_fused(x, z, span_weight, span_bias, 7, 16)  # fused kernel generation
+>>> y = dynconv.na2d(q, k, v, 7, rpb=rpb)          # docs/operators.md §1c
 >>> layer = dynconv.nn.Involution2d(64)
 """
 from dynconv.ops.expert_conv import expert_conv2d

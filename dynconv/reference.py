@@ -1,4 +1,4 @@
-"""Plain-PyTorch baselines and references (SPEC.md §3), for tests and benchmarks."""
+"""Plain-PyTorch baselines and references (docs/operators.md §3), for tests and benchmarks."""
 from dynconv.ops.reference_involution_fused import involution_fused_reference
 from dynconv.ops.reference_involution import (
     involution_naive,

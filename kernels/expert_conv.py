@@ -1,4 +1,4 @@
-"""K-expert kernel mixing (SPEC.md §2): CondConv, DynamicConv, ODConv and DRConv as implicit GEMMs.
+"""K-expert kernel mixing (docs/operators.md §2): CondConv, DynamicConv, ODConv and DRConv as implicit GEMMs.
 
 Every pass is an implicit GEMM fed to ``tl.dot`` (tensor cores for fp16/bf16, tf32 for fp32 when
 ``torch.backends.cudnn.allow_tf32`` allows it, DMMA for fp64). The reduction axis of a convolution

@@ -1,4 +1,4 @@
-"""Spatial-specific, channel-shared weighting (SPEC.md §1): involution and dynamic depth-wise conv.
+"""Spatial-specific, channel-shared weighting (docs/operators.md §1): involution and dynamic depth-wise conv.
 
 One family of kernels serves both ops. A weight is either per pixel, ``(B, G, K, K, Ho, Wo)``
 (involution, inhomogeneous dynamic depth-wise conv), or per sample, ``(B, G, K, K)`` (homogeneous

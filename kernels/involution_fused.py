@@ -1,4 +1,4 @@
-"""Fused involution (issue 6): the span conv that generates the per-pixel kernels runs inside the
+"""Fused involution: the span conv that generates the per-pixel kernels runs inside the
 aggregation, so the weight tensor ``(B, G, K, K, Ho, Wo)`` never reaches global memory.
 
 The layer is ``y[b,c,p] = Σ_k w[b,g(c),k,p] · x[b,c,shift_k(p)]`` with generated weights

@@ -1,4 +1,4 @@
-"""Fused 2-D neighbourhood attention (SPEC.md §1c, issue 15): forward and backward.
+"""Fused 2-D neighbourhood attention (docs/operators.md §1c): forward and backward.
 
 Layout ``(B, H, W, heads, D)`` for q, k, v and the output, any strides. A program owns one sample,
 one head and a ``BLOCK_H x BLOCK_W`` tile of pixels (flattened to ``BLOCK_Q`` lanes), with the head

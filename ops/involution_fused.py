@@ -1,4 +1,4 @@
-"""torch ops for the fused involution (issue 6): ``dynconv.involution_fused``.
+"""torch ops for the fused involution: ``dynconv.involution_fused``.
 
 ``y = involution(x, span(z))`` where ``span`` is the last 1x1 conv of the kernel generation
 (``R → K²·G``), computed inside the aggregation kernel so the per-pixel weights

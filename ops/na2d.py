@@ -1,4 +1,4 @@
-"""torch ops for neighbourhood attention (SPEC.md §1c, issue 15): ``dynconv.na2d`` (fused) and the
+"""torch ops for neighbourhood attention (docs/operators.md §1c): ``dynconv.na2d`` (fused) and the
 unfused pair ``dynconv.na2d_qk`` / ``dynconv.na2d_av``.
 
 Registered with torch.library as ``torch.ops.dynconv.na2d`` (returns the output and the
@@ -375,7 +375,7 @@ def _scale(scale, D) -> float:
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation=1, *, rpb: Tensor | None = None,
          scale: float | None = None, window: str = "neighborhood") -> Tensor:
-    """Fused 2-D neighbourhood attention (SPEC.md §1c): the K² scores never reach memory on the GPU.
+    """Fused 2-D neighbourhood attention (docs/operators.md §1c): the K² scores never reach memory on the GPU.
 
     ``y[b,i,j,h] = Σ_{n∈N(i,j)} softmax_n(scale·q[b,i,j,h]·k[b,n,h] + rpb[h, Δi+K-1, Δj+K-1]) · v[b,n,h]``
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch fused involution (issue 6): span conv, then shift-and-add.
+"""Plain-PyTorch fused involution: span conv, then shift-and-add.
 
 These functions materialise the per-pixel weights: they are the CPU path of
 ``dynconv.involution_fused`` and the float64 reference of its tests, not a fused implementation.

@@ -1,4 +1,4 @@
-"""Plain-PyTorch neighbourhood attention (SPEC.md §1c, issue 15).
+"""Plain-PyTorch neighbourhood attention (docs/operators.md §1c).
 
 Layout everywhere: ``q, k, v, y: (B, H, W, heads, D)``, scores ``(B, H, W, heads, K, K)``,
 ``rpb: (heads, 2K-1, 2K-1)``. Dilation is an (h, w) pair; ``window`` is ``"neighborhood"`` or

@@ -1,4 +1,4 @@
-"""dynconv.expert_conv2d (SPEC.md §2) against float64 references.
+"""dynconv.expert_conv2d (docs/operators.md §2) against float64 references.
 
 Kernels run through the Triton interpreter on CPU (see conftest.py); every allocation is
 NaN-poisoned so an output element that no program writes fails the comparison. bf16 is left to

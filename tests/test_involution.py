@@ -1,4 +1,4 @@
-"""dynconv.involution and dynconv.dynamic_dwconv2d (SPEC.md §1) against float64 references.
+"""dynconv.involution and dynconv.dynamic_dwconv2d (docs/operators.md §1) against float64 references.
 
 Kernels run through the Triton interpreter on CPU (see conftest.py); every allocation is
 NaN-poisoned so an output element that no program writes fails the comparison.
@@ -44,7 +44,7 @@ def _inputs(case, per_pixel):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_references_agree_with_the_spec_loops(case):
-    """The unfold and shift-and-add baselines are themselves checked against SPEC.md written as loops."""
+    """The unfold and shift-and-add baselines are themselves checked against docs/operators.md written as loops."""
     for per_pixel in (True, False):
         x, w, geometry = _inputs(case, per_pixel)
         bias = None if per_pixel else torch.randn(x.shape[0], x.shape[1], dtype=torch.float64)

@@ -1,7 +1,7 @@
 """dynconv.involution_fused (issue 6) and the modules' fused path against float64 references.
 
 Kernels run through the Triton interpreter on CPU (see conftest.py), fp32 and fp16 only: the
-interpreter's bf16 tl.dot is wrong (SPEC.md §4), so bf16 is checked on a GPU. Every allocation is
+interpreter's bf16 tl.dot is wrong (docs/operators.md §4), so bf16 is checked on a GPU. Every allocation is
 NaN-poisoned, so an element no program writes fails the comparison.
 """
 import os

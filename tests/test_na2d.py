@@ -1,4 +1,4 @@
-"""Neighbourhood attention (SPEC.md §1c, issue 15): dynconv.na2d, na2d_qk, na2d_av and
+"""Neighbourhood attention (docs/operators.md §1c): dynconv.na2d, na2d_qk, na2d_av and
 dynconv.nn.NeighborhoodAttention2d against float64 references.
 
 The fused kernels run through the Triton interpreter on CPU (see conftest.py); every allocation is

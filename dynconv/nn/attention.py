@@ -1,4 +1,4 @@
-"""nn modules for local attention (SPEC.md §1c, issue 15): ``NeighborhoodAttention2d``."""
+"""nn modules for local attention (docs/operators.md §1c): ``NeighborhoodAttention2d``."""
 from __future__ import annotations
 
 import torch

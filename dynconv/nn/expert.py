@@ -1,4 +1,4 @@
-"""nn modules for SPEC.md §2: ``CondConv2d``, ``DynamicConv2d``, ``ODConv2d``, ``DRConv2d``.
+"""nn modules for docs/operators.md §2: ``CondConv2d``, ``DynamicConv2d``, ``ODConv2d``, ``DRConv2d``.
 
 Each is a drop-in replacement for ``nn.Conv2d``: the same leading constructor arguments
 (``in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,

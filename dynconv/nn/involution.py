@@ -1,4 +1,4 @@
-"""nn modules for SPEC.md §1: ``Involution2d`` and ``DynamicDWConv2d``."""
+"""nn modules for docs/operators.md §1: ``Involution2d`` and ``DynamicDWConv2d``."""
 from __future__ import annotations
 
 import torch
