@@ -23,11 +23,11 @@ merge and write hold a file lock, so two runs finishing together keep each other
 destination is checked before the sweep (its folder writable, the file creatable): a path that
 cannot be written fails at once, not after minutes of timing. A file there that ``dynconv
 autotune`` did not write is replaced only with ``--force``.
-Without a GPU (or under ``TRITON_INTERPRET=1``) it says so and exits with status 2.
+Without a GPU (or under ``TRITON_INTERPRET=1``) it says so and exits with status 3, as every
+dynconv command that needs a GPU does.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -38,13 +38,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, clock, command_parser
+
 DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float32": "float32", "fp32": "float32", "float": "float32",
           "float64": "float64", "fp64": "float64"}
 # bfloat16 shares float16's rows (the key holds the element width), so the default skips it.
 DEFAULT_DTYPES = ("float16", "float32")
-NO_GPU_STATUS = 2
+NO_GPU_STATUS = EXIT_NO_GPU  # the convention of every dynconv command (console.EXIT_STATUSES)
 
 
 def no_gpu_reason() -> str | None:
@@ -61,42 +63,6 @@ def no_gpu_reason() -> str | None:
                 "kernels on the GPU they will run on: run `dynconv autotune` on that machine. Until "
                 "then the shipped configs, run-time tuning or the defaults are used.")
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress
-# ---------------------------------------------------------------------------------------------
-
-class Progress:
-    """A one-line text progress bar on stderr (a line per 10% when stderr is not a terminal)."""
-
-    def __init__(self, total: int, title: str, stream=None):
-        self.total, self.title, self.done = max(total, 1), title, 0
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.start = time.monotonic()
-        self._last_decile = -1
-
-    def update(self, note: str = "", n: int = 1) -> None:
-        self.done += n
-        elapsed = time.monotonic() - self.start
-        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        filled = int(30 * self.done / self.total)
-        line = (f"{self.title} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-                f"{_clock(elapsed)} elapsed, ~{_clock(left)} left  {note[:50]}")
-        if self.tty:
-            self.stream.write("\r" + line.ljust(140)[:140])
-            if self.done >= self.total:
-                self.stream.write("\n")
-        elif (decile := 10 * self.done // self.total) != self._last_decile:
-            self._last_decile = decile
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,14 +140,14 @@ def check_candidate(task: tuple) -> str | None:
     return None
 
 
-def prune(cases: list[Case], arch: int, shared_limit: int | None, jobs: int, warm: bool) -> int:
+def prune(cases: list[Case], arch: int, shared_limit: int | None, jobs: int, warm: bool, quiet: bool = False) -> int:
     """Drop the candidates that do not fit ``arch``; returns how many were dropped."""
     tasks = {}
     for case in cases:
         for config in case.candidates:
             task = (case.kernel, case.spec, case.dtype, config, arch, shared_limit, warm)
             tasks.setdefault(json.dumps(task, sort_keys=True, default=str), task)
-    progress = Progress(len(tasks), "compile")
+    progress = Progress(len(tasks), "compile", quiet)
     verdicts = {}
     if jobs > 1:
         import concurrent.futures
@@ -393,7 +359,8 @@ def _gpu() -> tuple:
     return index, torch.cuda.get_device_name(index), arch, shared_limit, l2_bytes
 
 
-def sweep(spaces: dict, ops: list[str] | None, dtypes: list[str], quick: bool, jobs: int, gpu: tuple) -> dict:
+def sweep(spaces: dict, ops: list[str] | None, dtypes: list[str], quick: bool, jobs: int, gpu: tuple,
+          quiet: bool = False) -> dict:
     """Prune, time and choose on the GPU: the ``kernels`` section of a config file."""
     import torch
 
@@ -401,10 +368,10 @@ def sweep(spaces: dict, ops: list[str] | None, dtypes: list[str], quick: bool, j
     cases = build_grid(spaces, ops, dtypes, quick)
     total = sum(len(c.candidates) for c in cases)
     print(f"{len(cases)} shapes x passes, {total} candidate runs before pruning")
-    dropped = prune(cases, arch, shared_limit, jobs, warm=jobs > 1)
+    dropped = prune(cases, arch, shared_limit, jobs, warm=jobs > 1, quiet=quiet)
     print(f"dropped {dropped} candidates that spill, overflow shared memory or do not compile on sm_{arch}")
 
-    progress = Progress(len(cases), "time")
+    progress = Progress(len(cases), "time", quiet)
     device = torch.device("cuda", index)
     for case in cases:
         time_case(case, spaces[case.kernel], device, l2_bytes, quick)
@@ -430,8 +397,8 @@ def _check_command(paths: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dynconv autotune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("dynconv autotune", __doc__)
+    add_quiet(parser)
     parser.add_argument("--ops", nargs="+", metavar="OP",
                         help="only these ops or kernels (e.g. involution dwconv involution_fwd); default all")
     parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", default=list(DEFAULT_DTYPES),
@@ -478,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"dynconv autotune: {device_name} (sm_{arch}), dtypes {', '.join(dtypes)}, writing {path}")
 
-    kernels = sweep(spaces, args.ops, dtypes, args.quick, args.jobs, gpu)
+    kernels = sweep(spaces, args.ops, dtypes, args.quick, args.jobs, gpu, args.quiet)
     if not kernels:
         print("dynconv autotune: no candidate could be timed; nothing written", file=sys.stderr)
         return 1
@@ -490,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         configs.atomic_write_json(rescue, configs.new_file(device_name, kernels))
         print(f"dynconv autotune: could not write {path} ({exc}); the results are in {rescue}", file=sys.stderr)
         return 1
-    print(f"wrote {path} in {_clock(time.monotonic() - started)}")
+    print(f"wrote {path} in {clock(time.monotonic() - started)}")
     print("\n".join(speedup_summary(kernels)))
     return 0
 

@@ -4,7 +4,7 @@
                   [--passes forward backward forward+backward] [--shapes R1 E1@H14 ...]
                   [--providers NAME ...] [--quick] [--fresh] [--out DIR]
 
-Method (``.library/device/METHOD.md``): CUDA events around each call, warm-up first (compilation
+Method: CUDA events around each call, warm-up first (compilation
 and autotuning stay out), then at least 10 timed calls (3 for calls over 100 ms) filling
 a 100 ms window (40 ms with ``--quick``); median with 20th/80th percentiles. Before each timed call a buffer larger than L2
 is overwritten and the inputs rotate among several sets when one set fits in L2, so no call
@@ -27,8 +27,9 @@ The csv is rewritten after every shape, layout and dtype (rows of an earlier run
 op, pass, dtype, layout, shape and provider are replaced, the rest kept; ``--fresh`` starts
 over), so a run cut short by a time limit keeps what it measured and ``--shapes`` can split a
 full run over several calls. Rows from before the layout column read as ``nchw``.
-Without a GPU nothing is measured: the command says so and re-draws the plots from the
-measurements already in the reports folder (with none there, it writes nothing).
+Without a GPU nothing is measured: the command says so, re-draws the plots from the
+measurements already in the reports folder (with none there, it writes nothing) and exits with
+status 3, as every dynconv command that needs a GPU does.
 
 The csv and ``ceilings.json`` are replaced atomically through uniquely named temporary files, and
 the csv's read-merge-write holds a file lock, so concurrent runs neither crash nor lose rows.
@@ -52,7 +53,9 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, command_parser, fail
 from dynconv.providers import CHECK_REFERENCE, LAYOUTS, PROVIDERS, ProviderUnavailable, make_inputs, providers_for
+from dynconv.reports import COLUMNS, LEGACY_COLUMNS, default_reports_dir, read_csv, row_layout
 from dynconv.roofline import (
     DTYPE_BYTES,
     OPS,
@@ -66,10 +69,6 @@ from dynconv.roofline import (
     sweep_shape_names,
 )
 
-COLUMNS = ("op,pass,dtype,layout,shape,provider,ms_median,ms_p20,ms_p80,gbps,tflops,peak_mem_mb,"
-           "gpu,torch,triton,commit,date").split(",")
-# The header before layouts were measured: every such row was taken in NCHW.
-LEGACY_COLUMNS = [c for c in COLUMNS if c != "layout"]
 DTYPES = tuple(DTYPE_BYTES)
 # --quick without --layouts measures nhwc in these dtypes only (module docstring).
 QUICK_NHWC_DTYPES = ("bf16",)
@@ -78,14 +77,6 @@ STATUSES = ("OOM", "error", "mismatch")
 # ‖y − y_ref‖ / ‖y_ref‖ allowed in the pre-timing check. fp32 leaves room for TF32 dots
 # (METHOD.md: near 3e-4); the half types for rounding the output to 8 or 11 bits.
 CHECK_TOLERANCE = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 3e-2}
-
-
-def default_reports_dir() -> Path:
-    """``perf_reports/`` of the checkout dynconv runs from, else of the working directory."""
-    root = Path(__file__).resolve().parent.parent
-    if (root / "pyproject.toml").exists():
-        return root / "perf_reports"
-    return Path.cwd() / "perf_reports"
 
 
 def normalised_gpu_name(name: str) -> str:
@@ -427,23 +418,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def row_layout(row: dict) -> str:
-    """A row's layout; one written before the column existed was measured in NCHW."""
-    return row.get("layout") or "nchw"
-
-
 def row_key(row: dict) -> tuple:
     return (row["op"], row["pass"], row["dtype"], row_layout(row), row["shape"], row["provider"])
-
-
-def read_csv(path: Path) -> list[dict]:
-    """Rows as strings; a file with the header from before the layout column reads with
-    ``layout`` = ``nchw``, so committed measurements keep working."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames not in (COLUMNS, LEGACY_COLUMNS):
-            raise ValueError(f"{path}: columns {reader.fieldnames} are not {COLUMNS}")
-        return [{c: row_layout(r) if c == "layout" else r[c] for c in COLUMNS} for r in reader]
 
 
 def _sort_key(row: dict):
@@ -518,7 +494,7 @@ def _resolve_providers(op: str, wanted, log, notes: set) -> dict:
 
 def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=None, quick=False,
                    out=None, fresh=False, device="cuda", problems=None, timer=None, log=print,
-                   layouts=None) -> Path:
+                   layouts=None, quiet=False) -> Path:
     """Measure and write ``<out>/<gpu>/results.csv`` and ``ceilings.json``; returns the csv path.
 
     ``problems`` maps extra shape names to :class:`Problem` and ``timer`` replaces the default
@@ -528,6 +504,8 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU: nothing can be measured")
     out = Path(out) if out is not None else default_reports_dir()
+    if out is None:
+        raise ValueError("outside a dynconv repository checkout there is no default reports folder: pass out")
     env = environment(device)
     folder = out / normalised_gpu_name(env["gpu"])
     csv_path = folder / "results.csv"
@@ -551,15 +529,19 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
     plan = layout_plan(dtypes, list(layouts) if layouts else None, quick)
     notes: set[str] = set()
     first_write = fresh
+    progress = Progress(len(names) * len(plan), "bench", quiet)
     try:
         for name in names:
             p = problems[name] if name in problems else resolve_shape(name)
             if ops and p.op not in ops:
+                progress.update(n=len(plan))
                 continue
             fns = _resolve_providers(p.op, providers, log, notes)
             if not fns:
+                progress.update(n=len(plan))
                 continue
             for layout, dtype in plan:
+                progress.update(f"{name} {dtype} {layout}", n=0)
                 rows = []
                 try:
                     log(f"{name} ({p.op}) {dtype} {layout}")
@@ -578,7 +560,9 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
                     if rows:
                         write_csv(csv_path, rows, merge=not first_write)
                         first_write = False
+                    progress.update(f"{name} {dtype} {layout}")
     finally:
+        progress.close()
         if device == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark
     if not csv_path.exists():
@@ -608,10 +592,8 @@ def _split(values):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parts = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(prog="dynconv bench", description=parts[0],
-                                     epilog="\n\n".join(parts[2:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("dynconv bench", __doc__)
+    add_quiet(parser)
     parser.add_argument("--ops", nargs="+", metavar="OP", help=f"subset of {', '.join(OPS)}")
     parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", help=f"subset of {', '.join(DTYPES)}")
     parser.add_argument("--layouts", nargs="+", metavar="LAYOUT",
@@ -625,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="reference shapes only, shorter timing windows, nhwc in bf16 only")
     parser.add_argument("--fresh", action="store_true", help="replace results.csv instead of merging into it")
-    parser.add_argument("--out", type=Path, default=None, help="reports folder (default: the checkout's perf_reports/)")
+    parser.add_argument("--out", type=Path, default=None, help="reports folder (default: perf_reports/ of the repository checkout dynconv runs "
+                             "from; required elsewhere)")
     parser.add_argument("--force", action="store_true",
                         help="replace a README.md in the reports folder that dynconv did not write")
     return parser
@@ -648,6 +631,9 @@ def main(argv=None) -> int:
         print(f"dynconv bench: {exc}", file=sys.stderr)
         return 2
     out = args.out if args.out is not None else default_reports_dir()
+    if out is None:
+        return fail("dynconv bench", "not inside a dynconv repository checkout, so there is no default "
+                                     "reports folder: pass --out DIR")
 
     from dynconv import plot
     measured = _gpu_available()
@@ -658,7 +644,7 @@ def main(argv=None) -> int:
             # may not be a reports folder at all.
             print(f"There are no earlier measurements in {out} either: no plots drawn, nothing written. "
                   "Run `dynconv bench` on a machine with a CUDA GPU to produce them.")
-            return 1
+            return EXIT_NO_GPU
         print(f"Re-drawing the plots from the measurements already in {out} instead.")
     problem = plot.readme_problem(out, args.force)
     if problem:  # before minutes of measuring, not after
@@ -667,9 +653,9 @@ def main(argv=None) -> int:
     if not measured:
         drawn = plot.draw_all(out, force=args.force)
         print(f"Re-drew {len(drawn)} plot files from earlier measurements (see each csv's gpu, date and commit).")
-        return 0
+        return EXIT_NO_GPU
     csv_path = run_benchmarks(ops=ops, dtypes=dtypes, passes=passes, shapes=shapes, providers=providers,
-                              quick=args.quick, out=out, fresh=args.fresh, layouts=layouts)
+                              quick=args.quick, out=out, fresh=args.fresh, layouts=layouts, quiet=args.quiet)
     print(f"wrote {csv_path}")
     drawn = plot.draw_all(out, force=args.force)
     print(f"drew {len(drawn)} plot files and {out / 'README.md'}")

@@ -15,7 +15,6 @@ The floors are an empty ``torch.library.custom_op`` with registered autograd and
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import time
@@ -25,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 import dynconv
+from dynconv.console import EXIT_NO_GPU, command_parser, fail
 from dynconv.kernels._launch import Launch
 from dynconv.kernels.configs import ConfigWarning
 
@@ -145,13 +145,16 @@ def measure(device: str = "cpu", calls: int = 500, repeats: int = 10) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dynconv overhead", description=__doc__.split("\n\n")[0])
+    parser = command_parser("dynconv overhead", __doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--launch", choices=("noop", "real"), default=None,
                         help="real kernel launches (CUDA only; the default there) or none (the default on CPU)")
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return fail("dynconv overhead", "--device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                                        "False); use --device cpu", EXIT_NO_GPU)
     launch = args.launch or ("real" if args.device == "cuda" else "noop")
     if launch == "real" and args.device != "cuda":
         parser.error("--launch real needs --device cuda")

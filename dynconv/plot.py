@@ -28,14 +28,15 @@ for a GPU without measurements; with none at all, the README says so.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from dynconv.console import command_parser, fail
 from dynconv.providers import LAYOUTS, PROVIDERS, SPEEDUP_BASELINE, headline, label
+from dynconv.reports import default_reports_dir, read_csv
 from dynconv.roofline import (
     DTYPE_BYTES,
     FAMILY,
@@ -114,7 +115,6 @@ def _parse(row: dict) -> dict:
 
 def load(reports: Path, gpu: str | None = None) -> list[GpuData]:
     """Every GPU folder under ``reports`` that holds a results.csv (or only ``gpu``)."""
-    from dynconv.bench import read_csv
     folders = [reports / gpu] if gpu else sorted(p for p in reports.iterdir() if p.is_dir()) if reports.is_dir() else []
     data = []
     for folder in folders:
@@ -782,8 +782,9 @@ def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=prin
     them. Returns the plot files drawn (empty when there is nothing measured). A README the tool
     did not write raises FileExistsError before anything is drawn, unless ``force``."""
     if reports is None:
-        from dynconv.bench import default_reports_dir
         reports = default_reports_dir()
+    if reports is None:
+        raise ValueError("outside a dynconv repository checkout there is no default reports folder: pass reports")
     reports = Path(reports)
     problem = readme_problem(reports, force)
     if problem:
@@ -798,13 +799,17 @@ def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=prin
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="dynconv plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reports", type=Path, default=None, help="reports folder (default: the checkout's perf_reports/)")
+    parser = command_parser("dynconv plot", __doc__)
+    parser.add_argument("--reports", type=Path, default=None,
+                        help="reports folder (default: perf_reports/ of the repository checkout dynconv runs "
+                             "from; required elsewhere)")
     parser.add_argument("--gpu", default=None, help="only this GPU folder (the README still covers all of them)")
     parser.add_argument("--force", action="store_true", help="replace a README.md that dynconv did not write")
     args = parser.parse_args(argv)
-    from dynconv.bench import default_reports_dir
     reports = args.reports if args.reports is not None else default_reports_dir()
+    if reports is None:
+        return fail("dynconv plot", "not inside a dynconv repository checkout, so there is no default "
+                                    "reports folder: pass --reports DIR")
     if args.gpu and not (reports / args.gpu / "results.csv").exists():
         print(f"dynconv plot: no {reports / args.gpu / 'results.csv'}", file=sys.stderr)
         return 2

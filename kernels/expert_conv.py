@@ -942,10 +942,3 @@ def catalogue() -> list[Launch]:
                 for launch in launches[-(4 if m > 1 else 3):]:
                     launch.label = tag + (" materialised" if materialised and "weight" not in launch.name else "")
     return launches
-
-
-def autotune_space() -> dict:
-    """What ``dynconv autotune`` sweeps for these kernels (shapes and candidates in expert_conv_tuning.py)."""
-    from .expert_conv_tuning import autotune_space as space
-
-    return space()

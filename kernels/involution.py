@@ -500,10 +500,3 @@ def catalogue() -> list[Launch]:
         launch.label = "over 2^31 elements torch.bfloat16 NCHW pixel"
         launches.append(launch)
     return launches
-
-
-def autotune_space() -> dict:
-    """What ``dynconv autotune`` sweeps for this module's kernels (see kernels/involution_tuning.py)."""
-    from .involution_tuning import autotune_space as space
-
-    return space()

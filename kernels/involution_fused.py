@@ -705,10 +705,3 @@ def catalogue() -> list[Launch]:
                     launch.label = tag
                     launches.append(launch)
     return launches
-
-
-def autotune_space() -> dict:
-    """What ``dynconv autotune`` sweeps for these kernels (shapes and candidates in involution_fused_tuning.py)."""
-    from .involution_fused_tuning import autotune_space as space
-
-    return space()

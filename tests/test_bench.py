@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dynconv import bench, plot, providers
+from dynconv.console import EXIT_NO_GPU
 from dynconv.roofline import (
     REFERENCE_SHAPES,
     Problem,
@@ -539,13 +540,13 @@ def test_readme_without_measurements_says_so(tmp_path):
 
 def test_bench_without_gpu_says_nothing_was_measured(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "_gpu_available", lambda: False)
-    assert bench.main(["--out", str(tmp_path)]) == 1
+    assert bench.main(["--out", str(tmp_path)]) == EXIT_NO_GPU
     out = capsys.readouterr().out
     assert "NOTHING WAS MEASURED" in out and "no plots drawn" in out
     assert not list(tmp_path.glob("*/results.csv"))
 
     write_synthetic_reports(tmp_path, shapes=("R1",), dtypes=("bf16",))
-    assert bench.main(["--out", str(tmp_path), "--quick"]) == 0
+    assert bench.main(["--out", str(tmp_path), "--quick"]) == EXIT_NO_GPU  # re-drawn, yet nothing measured
     out = capsys.readouterr().out
     assert "NOTHING WAS MEASURED" in out and "Re-drew" in out
     assert (tmp_path / "SYNTHETIC_GPU" / "roofline.png").exists()
