@@ -7,11 +7,12 @@
     dynconv autotune --check autotune_configs/*.json   # validate files (no GPU needed)
 
 For every kernel and pass, each representative layer shape (RedNet and DWNet layers for the
-involution family; whatever the other kernel modules declare in ``autotune_space()``) is run
+involution family; whatever the kernels' tuning modules declare in ``autotune_space()``) is run
 with each candidate config. Candidates that spill registers or overflow shared memory on this
 GPU's architecture are dropped first, by compiling them ahead of time in parallel (the facts
 ``dynconv inspect`` reports; this also fills Triton's cache, so the timing loop rarely compiles).
-Each survivor is timed with ``triton.testing.do_bench`` (median after warm-up), cycling through
+Each survivor is timed with the timer ``dynconv bench`` uses (``dynconv.timing.Timer``: CUDA
+events, L2 overwritten before each call, median after warm-up), cycling through
 enough copies of the inputs to exceed the L2 cache; one that fails to compile or launch is
 skipped. Shapes sharing a table row (see ``dynconv.kernels.configs``) are decided together: the
 winner has the best geometric mean of its time relative to each shape's fastest.
@@ -38,6 +39,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynconv import timing
 from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, clock, command_parser
 
 DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
@@ -183,6 +185,11 @@ def prune(cases: list[Case], arch: int, shared_limit: int | None, jobs: int, war
 # Timing
 # ---------------------------------------------------------------------------------------------
 
+def new_timer(quick: bool):
+    """The sweep's timer: bench's, with shorter windows (a candidate's time only ranks it)."""
+    return timing.Timer("cuda", *((5.0, 20.0) if quick else (10.0, 40.0)))
+
+
 def _rotation(tensors: dict, l2_bytes: int) -> int:
     """Copies of the inputs to cycle through so that one pass over them overflows L2 twice."""
     import torch
@@ -191,24 +198,22 @@ def _rotation(tensors: dict, l2_bytes: int) -> int:
     return max(1, min(16, math.ceil(2 * l2_bytes / max(size, 1))))
 
 
-def time_case(case: Case, space, device, l2_bytes: int, quick: bool) -> None:
-    """Fill ``case.times`` with the median ms of every candidate that launches."""
-    import itertools
-
+def time_case(case: Case, space, device, l2_bytes: int, quick: bool, timer=None) -> None:
+    """Fill ``case.times`` with the median ms of every candidate that launches, timed by the
+    timer ``dynconv bench`` uses (dynconv/timing.py), so the two tools' figures compare."""
     import torch
-    from triton.testing import do_bench
 
+    timer = timer or new_timer(quick)
     dtype = getattr(torch, case.dtype)
     first = space.inputs(case.spec, dtype, device)
     copies = [first] + [space.inputs(case.spec, dtype, device) for _ in range(_rotation(first, l2_bytes) - 1)]
-    warmup, rep = (5, 20) if quick else (10, 40)
     for config in case.candidates:
         try:
-            launches = itertools.cycle([space.launch(case.spec, tensors, config) for tensors in copies])
-            case.times[tuple(config.items())] = do_bench(lambda: next(launches)(), warmup=warmup, rep=rep,
-                                                         return_mode="median")
+            launches = [space.launch(case.spec, tensors, config) for tensors in copies]
+            case.times[tuple(config.items())] = timer(lambda i: launches[i % len(launches)]())[0]
         except Exception:  # noqa: BLE001 - out of resources at launch, or a failed compile: skip it
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
     del copies, first
 
 
@@ -373,8 +378,10 @@ def sweep(spaces: dict, ops: list[str] | None, dtypes: list[str], quick: bool, j
 
     progress = Progress(len(cases), "time", quiet)
     device = torch.device("cuda", index)
+    torch.cuda.set_device(device)  # the timer's events and L2 flush are on the current device
+    timer = new_timer(quick)
     for case in cases:
-        time_case(case, spaces[case.kernel], device, l2_bytes, quick)
+        time_case(case, spaces[case.kernel], device, l2_bytes, quick, timer)
         progress.update(f"{case.kernel} {case.label} {case.dtype}")
         torch.cuda.empty_cache()
     return choose(cases, spaces)

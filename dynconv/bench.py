@@ -46,13 +46,11 @@ import io
 import json
 import math
 import os
-import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from dynconv import timing
 from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, command_parser, fail
 from dynconv.providers import CHECK_REFERENCE, LAYOUTS, PROVIDERS, ProviderUnavailable, make_inputs, providers_for
 from dynconv.reports import COLUMNS, LEGACY_COLUMNS, default_reports_dir, read_csv, row_layout
@@ -80,19 +78,11 @@ CHECK_TOLERANCE = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 3e-2}
 
 
 def normalised_gpu_name(name: str) -> str:
-    """The reports folder of a GPU: every run of non-alphanumerics becomes one ``_``
-    (``"NVIDIA H100 80GB HBM3"`` → ``NVIDIA_H100_80GB_HBM3``). The autotuning configs name their
-    files with ``kernels.configs.normalise_device_name``; the two must agree, so that one is used
-    where it can be imported."""
-    try:
-        from dynconv.kernels.configs import normalise_device_name
-    except ImportError:
-        return fallback_normalised_name(name)
-    return normalise_device_name(name) or fallback_normalised_name(name)
+    """The reports folder of a GPU, named by the one normaliser the autotuning config files use
+    (``kernels.configs.normalise_device_name``: ``"NVIDIA H100 80GB HBM3"`` → ``NVIDIA_H100_80GB_HBM3``)."""
+    from dynconv.kernels import configs
 
-
-def fallback_normalised_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "unknown_gpu"
+    return configs.normalise_device_name(name) or "unknown_gpu"
 
 
 def git_commit() -> str:
@@ -120,69 +110,8 @@ def environment(device: str) -> dict:
 # Timing
 # ---------------------------------------------------------------------------------------------
 
-def quantiles(times_ms: Iterable[float]) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile), linearly interpolated."""
-    import numpy as np
-    t = np.asarray(list(times_ms), dtype=float)
-    if t.size == 0:
-        raise ValueError("no timings")
-    return tuple(float(v) for v in np.percentile(t, [50, 20, 80]))
-
-
-class Timer:
-    """Times ``fn(i)`` (i: the call's index, for rotating inputs) with ``reset(i)`` run before
-    each call outside the timed region. CUDA events on a GPU; the host clock on CPU (the CPU
-    path exists to test the benchmark's plumbing, not to measure anything)."""
-
-    def __init__(self, device: str, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 10,
-                 max_reps: int = 1000):
-        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
-        self.min_reps, self.max_reps = min_reps, max_reps
-        self._flush = None
-        if device == "cuda":
-            import torch
-            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or (64 << 20)
-            # Overwritten before every timed call so the call starts with nothing of its own in L2.
-            self._flush = torch.empty(max(2 * l2, 256 << 20), dtype=torch.int8, device="cuda")
-
-    def _sync(self):
-        if self.device == "cuda":
-            import torch
-            torch.cuda.synchronize()
-
-    def __call__(self, fn: Callable[[int], object], reset: Callable[[int], None] = lambda i: None):
-        # Warm-up: at least two calls (the first compiles and autotunes), then until warmup_ms.
-        calls, start = 0, time.perf_counter()
-        while True:
-            reset(calls)
-            fn(calls)
-            calls += 1
-            self._sync()
-            elapsed_ms = (time.perf_counter() - start) * 1e3
-            if calls >= 2 and elapsed_ms >= self.warmup_ms:
-                break
-        estimate = elapsed_ms / calls
-        min_reps = self.min_reps if estimate < 100 else min(3, self.min_reps)
-        reps = int(min(self.max_reps, max(min_reps, self.rep_ms / max(estimate, 1e-3))))
-        if self.device != "cuda":
-            times = []
-            for i in range(reps):
-                reset(i)
-                t0 = time.perf_counter()
-                fn(i)
-                times.append((time.perf_counter() - t0) * 1e3)
-            return quantiles(times)
-        import torch
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            reset(i)
-            self._flush.zero_()
-            starts[i].record()
-            fn(i)
-            ends[i].record()
-        torch.cuda.synchronize()
-        return quantiles(s.elapsed_time(e) for s, e in zip(starts, ends))
+# One timer for bench and autotune (dynconv/timing.py), so their figures compare.
+Timer, quantiles = timing.Timer, timing.quantiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,7 +438,7 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
     env = environment(device)
     folder = out / normalised_gpu_name(env["gpu"])
     csv_path = folder / "results.csv"
-    timer = timer or Timer(device, *((10.0, 40.0) if quick else (25.0, 100.0)))
+    timer = timer or timing.Timer(device, *((10.0, 40.0) if quick else (25.0, 100.0)))
     l2_bytes = 0
     cudnn_benchmark = torch.backends.cudnn.benchmark
     if device == "cuda":

@@ -217,9 +217,9 @@ def test_quantiles_and_rotation():
     assert bench.rotation_sets(set_bytes=1 << 30, l2_bytes=50 << 20) == 1
 
 
-def test_fallback_gpu_name():
-    assert bench.fallback_normalised_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
-    assert bench.fallback_normalised_name("NVIDIA H200 (MIG 1g.18gb)") == "NVIDIA_H200_MIG_1g_18gb"
+def test_gpu_folder_name_is_the_config_files_normaliser():
+    assert bench.normalised_gpu_name("NVIDIA H200 (MIG 1g.18gb)") == "NVIDIA_H200_MIG_1g_18gb"
+    assert bench.normalised_gpu_name("???") == "unknown_gpu"
     # the same folder name as the autotuning configs' files
     assert bench.normalised_gpu_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
 

@@ -269,3 +269,66 @@ def test_default_reports_folder_only_inside_the_checkout(tmp_path, monkeypatch):
     assert reports.default_reports_dir() == ROOT / "perf_reports"
     monkeypatch.chdir(tmp_path)
     assert reports.default_reports_dir() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# One timer and one GPU-name normaliser for bench and autotune
+# ---------------------------------------------------------------------------------------------
+
+class _RecordingTimer:
+    made: list = []
+
+    def __init__(self, device, *windows, **kw):
+        self.calls = 0
+        _RecordingTimer.made.append(self)
+
+    def __call__(self, fn, reset=lambda i: None):
+        for i in range(2):
+            reset(i)
+            fn(i)
+        self.calls += 1
+        return (1.0, 0.5, 1.5)
+
+
+def test_bench_and_autotune_time_with_the_same_timer(tmp_path, monkeypatch):
+    import torch
+
+    from dynconv import autotune, bench, timing
+    from dynconv.roofline import Problem
+
+    monkeypatch.setattr(timing, "Timer", _RecordingTimer)
+    _RecordingTimer.made = []
+    tiny = {"T": Problem(op="dynamic_dwconv2d", B=1, C=2, H=4, W=4, K=3)}
+    monkeypatch.setattr(bench, "_resolve_providers", lambda *a: {"unfold": lambda **kw: None})
+    monkeypatch.setattr(bench, "measure", lambda fn, p, pass_, dtype, device, timer, *a: dict(
+        zip(("ms_median", "ms_p20", "ms_p80"), timer(lambda i: None)), gbps=0.0, tflops=0.0))
+    monkeypatch.setattr(bench, "check_forward", lambda *a: {})
+    bench.run_benchmarks(shapes=["T"], dtypes=["fp32"], passes=["forward"], layouts=["nchw"], out=tmp_path,
+                         device="cpu", problems=tiny, log=lambda *a: None, quiet=True)
+    assert len(_RecordingTimer.made) == 1 and _RecordingTimer.made[0].calls == 1
+
+    launched = []
+
+    class Space:
+        def inputs(self, spec, dtype, device):
+            return {"x": torch.zeros(4, dtype=dtype)}
+
+        def launch(self, spec, tensors, config):
+            return lambda: launched.append(config["BLOCK"])
+
+    case = autotune.Case(kernel="k", label="l", spec={}, key={}, dtype="float32",
+                         candidates=[{"BLOCK": 16}, {"BLOCK": 32}], default={"BLOCK": 16})
+    autotune.time_case(case, Space(), "cpu", l2_bytes=0, quick=True)
+    assert len(_RecordingTimer.made) == 2 and _RecordingTimer.made[1].calls == 2
+    assert case.times == {(("BLOCK", 16),): 1.0, (("BLOCK", 32),): 1.0} and sorted(set(launched)) == [16, 32]
+
+
+def test_bench_and_autotune_name_a_gpu_with_one_normaliser(monkeypatch):
+    from dynconv import autotune, bench
+    from dynconv.kernels import configs
+
+    seen = []
+    monkeypatch.setattr(configs, "normalise_device_name", lambda name: seen.append(name) or "NORMALISED")
+    assert bench.normalised_gpu_name("Some GPU") == "NORMALISED"
+    assert autotune.destination(None, "Other GPU").name.startswith(configs.canonical_device_name("Other GPU"))
+    assert seen[0] == "Some GPU" and "Other GPU" in seen
