@@ -332,3 +332,116 @@ def test_bench_and_autotune_name_a_gpu_with_one_normaliser(monkeypatch):
     assert bench.normalised_gpu_name("Some GPU") == "NORMALISED"
     assert autotune.destination(None, "Other GPU").name.startswith(configs.canonical_device_name("Other GPU"))
     assert seen[0] == "Some GPU" and "Other GPU" in seen
+
+
+# ---------------------------------------------------------------------------------------------
+# The plots, on a tiny SYNTHETIC csv (made-up numbers, not a measurement)
+# ---------------------------------------------------------------------------------------------
+
+HBM_GBPS = 2000.0
+# provider -> fraction of the HBM ceiling it reaches; dynconv ABOVE the roof on purpose
+SYNTHETIC_SPEED = {"dynconv": 1.3, "shift_add": 0.4, "unfold": 0.004}
+
+
+def _synthetic_csv(root, with_backward_nhwc=False):
+    from dynconv import bench
+    from dynconv.roofline import minimum_bytes, minimum_flops, resolve_shape
+
+    rows = []
+    for layout, dtypes in (("nchw", ("fp32", "bf16")), ("nhwc", ("bf16",))):
+        passes = ("forward", "backward") if layout == "nchw" or with_backward_nhwc else ("forward",)
+        for shape in ("R1@H14", "R1@H28", "R1"):
+            p = resolve_shape(shape)
+            for dtype in dtypes:
+                for pass_ in passes:
+                    nbytes, flops = minimum_bytes(p, pass_, dtype), minimum_flops(p, pass_)
+                    for provider, speed in SYNTHETIC_SPEED.items():
+                        ms = nbytes / (HBM_GBPS * speed * 1e6)
+                        rows.append({"op": "involution", "pass": pass_, "dtype": dtype, "layout": layout,
+                                     "shape": shape, "provider": provider, "ms_median": ms, "ms_p20": ms,
+                                     "ms_p80": ms, "gbps": nbytes / ms / 1e6, "tflops": flops / ms / 1e9,
+                                     "peak_mem_mb": 1.0, "gpu": "SYNTHETIC", "torch": "t", "triton": "t",
+                                     "commit": "0", "date": "2000-01-01T00:00:00Z"})
+    folder = root / "SYNTHETIC_GPU"
+    bench.write_csv(folder / "results.csv", rows, merge=False)
+    (folder / "ceilings.json").write_text(f'{{"hbm_gbps": {HBM_GBPS}, "fp32_tflops": 50.0, "bf16_tflops": 500.0}}')
+    return folder
+
+
+@pytest.fixture(scope="module")
+def synthetic_figures(tmp_path_factory):
+    """name -> the matplotlib figure each drawing function built (captured before saving)."""
+    from dynconv import plot
+
+    folder = _synthetic_csv(tmp_path_factory.mktemp("reports"))
+    data = plot.load(folder.parent)[0]
+    figures = {}
+    saved = plot._save
+    try:
+        plot._save = lambda fig, path: figures.setdefault(path.name, fig) and [path]
+        for draw in (plot.draw_throughput, plot.draw_speedup, plot.draw_roofline):
+            draw(data)
+    finally:
+        plot._save = saved
+    assert {"throughput_involution_R1_nchw", "throughput_involution_R1_nhwc", "speedup_fp32_nchw",
+            "speedup_bf16_nhwc", "roofline"} <= set(figures)
+    return figures
+
+
+def _data_lines(ax):
+    return [line for line in ax.lines if not line.get_label().startswith("_") and line.get_gid() is None]
+
+
+def test_every_line_is_labelled_and_above_a_labelled_tick(synthetic_figures):
+    from dynconv.providers import label
+
+    for name, fig in synthetic_figures.items():
+        if not name.startswith("throughput"):
+            continue
+        for ax in fig.axes:
+            lines = _data_lines(ax)
+            assert lines, f"{name}: empty panel {ax.get_title()}"
+            texts = {t.get_text() for t in ax.texts}
+            for line in lines:
+                assert line.get_label() in texts, f"{name} {ax.get_title()}: line {line.get_label()} has no label"
+            assert label("unfold") in texts
+            lowest = min(min(line.get_ydata()) for line in lines)
+            bottom, top = ax.get_ylim()
+            formatter = ax.yaxis.get_major_formatter()
+            labelled = [t for t in ax.yaxis.get_major_locator().tick_values(bottom, top)
+                        if bottom * (1 - 1e-9) <= t <= top and formatter(t, 0)]
+            assert labelled and min(labelled) <= lowest, f"{name} {ax.get_title()}: lowest line below every tick"
+
+
+def test_points_above_a_roof_are_flagged(synthetic_figures):
+    flagged = {name: sum(line.get_gid() == "above-roof" for ax in fig.axes for line in ax.lines)
+               for name, fig in synthetic_figures.items()}
+    # dynconv runs at 1.3 × the HBM ceiling in every panel of the throughput figures and the roofline
+    assert flagged["throughput_involution_R1_nchw"] >= 4 and flagged["roofline"] >= 1
+    roofline_texts = [t.get_text() for ax in synthetic_figures["roofline"].axes for t in ax.texts]
+    assert any("above roof" in t for t in roofline_texts)
+    assert flagged["speedup_fp32_nchw"] == 0
+
+
+def test_no_empty_panels_and_one_unit_per_figure(synthetic_figures):
+    for name, fig in synthetic_figures.items():
+        for ax in fig.axes:
+            assert ax.lines or ax.patches or ax.collections, f"{name}: empty panel {ax.get_title()}"
+        units = {unit for ax in fig.axes for unit in ("TFLOP/s", "GB/s") if unit in ax.get_ylabel()}
+        assert len(units) <= 1, f"{name} mixes {units}"
+    # the nhwc figure: one pass measured -> one panel per dtype, not an empty backward panel
+    assert len(synthetic_figures["throughput_involution_R1_nhwc"].axes) == 1
+    assert len(synthetic_figures["speedup_bf16_nhwc"].axes) == 1
+
+
+def test_a_figure_keeps_one_unit_when_dtypes_sit_on_either_side_of_the_ridge(tmp_path, monkeypatch):
+    from dynconv import plot
+
+    data = plot.load(_synthetic_csv(tmp_path).parent)[0]
+    monkeypatch.setattr(plot, "_memory_bound", lambda data, base, dtype: dtype == "bf16")  # fp32 compute-bound
+    figures = {}
+    monkeypatch.setattr(plot, "_save", lambda fig, path: figures.setdefault(path.name, fig) and [path])
+    plot.draw_throughput(data)
+    fig = figures["throughput_involution_R1_nchw"]
+    assert {ax.get_title().split(" ")[0] for ax in fig.axes} == {"fp32", "bf16"}
+    assert {ax.get_ylabel() for ax in fig.axes} == {"GB/s (minimum model / time)"}
