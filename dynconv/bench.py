@@ -1,4 +1,4 @@
-"""``dynconv bench``: time every op, pass, dtype and provider on this GPU; write ``perf_reports/``.
+"""``dynconv bench``: time every op, pass, dtype and provider on this GPU; write the reports folder.
 
     dynconv bench [--ops OP ...] [--dtypes fp32 fp16 bf16] [--layouts nchw nhwc]
                   [--passes forward backward forward+backward] [--shapes R1 E1@H14 ...]
@@ -18,8 +18,8 @@ memory format of the activations every provider of a measurement receives alike,
 its backward gets (the format of the provider's own output). The static cuDNN conv is much faster
 in channels_last for the half types, so a dynamic op is only ever compared with it in the same
 layout. Default: both layouts in every dtype; with ``--quick``, nchw in every dtype and nhwc in
-bf16 only. Issue 7's targets are bf16 channels_last, and a quick run must fit one 10-minute
-device call: nhwc in every dtype would double the work of an nchw-only run (its tuning too, as
+bf16 only. The performance targets are bf16 channels_last, and a quick run must stay within
+about ten minutes: nhwc in every dtype would double the work of an nchw-only run (its tuning too, as
 the layout is part of every kernel's tuning key), nhwc in bf16 alone adds a third.
 ``--layouts`` measures exactly the layouts named, each in every dtype.
 

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The package's import names and the folders they live in (pyproject's package-dir).
 PACKAGE_DIRS = {"dynconv": ROOT / "dynconv", "dynconv.kernels": ROOT / "kernels", "dynconv.ops": ROOT / "ops",
                 "dynconv.autotune_configs": ROOT / "autotune_configs"}
-TOOLS = ("bench", "plot", "autotune", "inspect", "overhead", "bounds", "bounds_cases", "demo", "providers")
+TOOLS = ("bench", "plot", "autotune", "inspect", "overhead", "bounds", "bounds_cases", "demo", "providers",
+         "console", "reports", "timing", "cli")
 # Late (function-level) imports between the kernels' config lookup, the launch plans and the kernel
 # modules: get_config (called by the kernels) tunes at run time over the spaces (defined over the
 # kernels). Listed so the allowance stays exact: each must still exist (test below) and nothing
