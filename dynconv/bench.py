@@ -580,13 +580,13 @@ def main(argv=None) -> int:
         print(f"dynconv bench: {problem}", file=sys.stderr)
         return 2
     if not measured:
-        drawn = plot.draw_all(out, force=args.force)
+        drawn = plot.draw_all(out, force=args.force, quiet=args.quiet)
         print(f"Re-drew {len(drawn)} plot files from earlier measurements (see each csv's gpu, date and commit).")
         return EXIT_NO_GPU
     csv_path = run_benchmarks(ops=ops, dtypes=dtypes, passes=passes, shapes=shapes, providers=providers,
                               quick=args.quick, out=out, fresh=args.fresh, layouts=layouts, quiet=args.quiet)
     print(f"wrote {csv_path}")
-    drawn = plot.draw_all(out, force=args.force)
+    drawn = plot.draw_all(out, force=args.force, quiet=args.quiet)
     print(f"drew {len(drawn)} plot files and {out / 'README.md'}")
     return 0
 

@@ -35,7 +35,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from dynconv.console import command_parser, fail
+from dynconv.console import Progress, add_quiet, command_parser, fail
 from dynconv.providers import LAYOUTS, PROVIDERS, SPEEDUP_BASELINE, headline, label
 from dynconv.reports import default_reports_dir, read_csv
 from dynconv.roofline import (
@@ -835,7 +835,8 @@ def write_readme(reports: Path, datasets: list[GpuData] | None = None, force: bo
     return path
 
 
-def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=print, force: bool = False) -> list[Path]:
+def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=print, force: bool = False,
+             quiet: bool = False) -> list[Path]:
     """Draw every plot of every GPU folder (or of ``gpu``) and rewrite the README from all of
     them. Returns the plot files drawn (empty when there is nothing measured). A README the tool
     did not write raises FileExistsError before anything is drawn, unless ``force``."""
@@ -848,9 +849,13 @@ def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=prin
     if problem:
         raise FileExistsError(problem)
     written = []
-    for data in load(reports, gpu):
-        for draw in (draw_throughput, draw_speedup, draw_roofline):
+    datasets = load(reports, gpu)
+    draws = (draw_throughput, draw_speedup, draw_roofline)
+    progress = Progress(len(datasets) * len(draws), "plot", quiet)  # seconds per figure
+    for data in datasets:
+        for draw in draws:
             written += draw(data)
+            progress.update(f"{data.name} {draw.__name__}")
         log(f"{data.folder}: drew {sum(1 for p in written if p.parent == data.folder)} files")
     write_readme(reports, force=force)
     return written
@@ -863,6 +868,7 @@ def main(argv=None) -> int:
                              "from; required elsewhere)")
     parser.add_argument("--gpu", default=None, help="only this GPU folder (the README still covers all of them)")
     parser.add_argument("--force", action="store_true", help="replace a README.md that dynconv did not write")
+    add_quiet(parser)
     args = parser.parse_args(argv)
     reports = args.reports if args.reports is not None else default_reports_dir()
     if reports is None:
@@ -873,7 +879,7 @@ def main(argv=None) -> int:
         return 2
     predicted = draw_predicted(reports)  # before the README, which links these plots
     try:
-        drawn = draw_all(reports, args.gpu, force=args.force)
+        drawn = draw_all(reports, args.gpu, force=args.force, quiet=args.quiet)
     except FileExistsError as exc:
         print(f"dynconv plot: {exc}", file=sys.stderr)
         return 2

@@ -180,6 +180,8 @@ def test_every_help_is_plain_text_and_states_the_exit_statuses(capsys):
         assert exit_.value.code == 0
         text = capsys.readouterr().out
         assert console.EXIT_STATUSES in text, name
+        if name in ("inspect", "autotune", "bench", "plot", "overhead"):  # the ones that take a while
+            assert "--quiet" in text, f"dynconv {name} has no progress switch"
         for rst in ("``", ":func:`", ":mod:`", ":class:`", ":data:`", "METHOD.md"):
             assert rst not in text, f"dynconv {name} --help shows {rst!r}"
 
