@@ -7,11 +7,12 @@
     dynconv autotune --check autotune_configs/*.json   # validate files (no GPU needed)
 
 For every kernel and pass, each representative layer shape (RedNet and DWNet layers for the
-involution family; whatever the other kernel modules declare in ``autotune_space()``) is run
+involution family; whatever the kernels' tuning modules declare in ``autotune_space()``) is run
 with each candidate config. Candidates that spill registers or overflow shared memory on this
 GPU's architecture are dropped first, by compiling them ahead of time in parallel (the facts
 ``dynconv inspect`` reports; this also fills Triton's cache, so the timing loop rarely compiles).
-Each survivor is timed with ``triton.testing.do_bench`` (median after warm-up), cycling through
+Each survivor is timed with the timer ``dynconv bench`` uses (``dynconv.timing.Timer``: CUDA
+events, L2 overwritten before each call, median after warm-up), cycling through
 enough copies of the inputs to exceed the L2 cache; one that fails to compile or launch is
 skipped. Shapes sharing a table row (see ``dynconv.kernels.configs``) are decided together: the
 winner has the best geometric mean of its time relative to each shape's fastest.
@@ -23,11 +24,11 @@ merge and write hold a file lock, so two runs finishing together keep each other
 destination is checked before the sweep (its folder writable, the file creatable): a path that
 cannot be written fails at once, not after minutes of timing. A file there that ``dynconv
 autotune`` did not write is replaced only with ``--force``.
-Without a GPU (or under ``TRITON_INTERPRET=1``) it says so and exits with status 2.
+Without a GPU (or under ``TRITON_INTERPRET=1``) it says so and exits with status 3, as every
+dynconv command that needs a GPU does.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -38,13 +39,16 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynconv import timing
+from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, clock, command_parser
+
 DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float32": "float32", "fp32": "float32", "float": "float32",
           "float64": "float64", "fp64": "float64"}
 # bfloat16 shares float16's rows (the key holds the element width), so the default skips it.
 DEFAULT_DTYPES = ("float16", "float32")
-NO_GPU_STATUS = 2
+NO_GPU_STATUS = EXIT_NO_GPU  # the convention of every dynconv command (console.EXIT_STATUSES)
 
 
 def no_gpu_reason() -> str | None:
@@ -61,42 +65,6 @@ def no_gpu_reason() -> str | None:
                 "kernels on the GPU they will run on: run `dynconv autotune` on that machine. Until "
                 "then the shipped configs, run-time tuning or the defaults are used.")
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress
-# ---------------------------------------------------------------------------------------------
-
-class Progress:
-    """A one-line text progress bar on stderr (a line per 10% when stderr is not a terminal)."""
-
-    def __init__(self, total: int, title: str, stream=None):
-        self.total, self.title, self.done = max(total, 1), title, 0
-        self.stream = stream or sys.stderr
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.start = time.monotonic()
-        self._last_decile = -1
-
-    def update(self, note: str = "", n: int = 1) -> None:
-        self.done += n
-        elapsed = time.monotonic() - self.start
-        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-        filled = int(30 * self.done / self.total)
-        line = (f"{self.title} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
-                f"{_clock(elapsed)} elapsed, ~{_clock(left)} left  {note[:50]}")
-        if self.tty:
-            self.stream.write("\r" + line.ljust(140)[:140])
-            if self.done >= self.total:
-                self.stream.write("\n")
-        elif (decile := 10 * self.done // self.total) != self._last_decile:
-            self._last_decile = decile
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,14 +142,14 @@ def check_candidate(task: tuple) -> str | None:
     return None
 
 
-def prune(cases: list[Case], arch: int, shared_limit: int | None, jobs: int, warm: bool) -> int:
+def prune(cases: list[Case], arch: int, shared_limit: int | None, jobs: int, warm: bool, quiet: bool = False) -> int:
     """Drop the candidates that do not fit ``arch``; returns how many were dropped."""
     tasks = {}
     for case in cases:
         for config in case.candidates:
             task = (case.kernel, case.spec, case.dtype, config, arch, shared_limit, warm)
             tasks.setdefault(json.dumps(task, sort_keys=True, default=str), task)
-    progress = Progress(len(tasks), "compile")
+    progress = Progress(len(tasks), "compile", quiet)
     verdicts = {}
     if jobs > 1:
         import concurrent.futures
@@ -217,6 +185,11 @@ def prune(cases: list[Case], arch: int, shared_limit: int | None, jobs: int, war
 # Timing
 # ---------------------------------------------------------------------------------------------
 
+def new_timer(quick: bool):
+    """The sweep's timer: bench's, with shorter windows (a candidate's time only ranks it)."""
+    return timing.Timer("cuda", *((5.0, 20.0) if quick else (10.0, 40.0)))
+
+
 def _rotation(tensors: dict, l2_bytes: int) -> int:
     """Copies of the inputs to cycle through so that one pass over them overflows L2 twice."""
     import torch
@@ -225,24 +198,22 @@ def _rotation(tensors: dict, l2_bytes: int) -> int:
     return max(1, min(16, math.ceil(2 * l2_bytes / max(size, 1))))
 
 
-def time_case(case: Case, space, device, l2_bytes: int, quick: bool) -> None:
-    """Fill ``case.times`` with the median ms of every candidate that launches."""
-    import itertools
-
+def time_case(case: Case, space, device, l2_bytes: int, quick: bool, timer=None) -> None:
+    """Fill ``case.times`` with the median ms of every candidate that launches, timed by the
+    timer ``dynconv bench`` uses (dynconv/timing.py), so the two tools' figures compare."""
     import torch
-    from triton.testing import do_bench
 
+    timer = timer or new_timer(quick)
     dtype = getattr(torch, case.dtype)
     first = space.inputs(case.spec, dtype, device)
     copies = [first] + [space.inputs(case.spec, dtype, device) for _ in range(_rotation(first, l2_bytes) - 1)]
-    warmup, rep = (5, 20) if quick else (10, 40)
     for config in case.candidates:
         try:
-            launches = itertools.cycle([space.launch(case.spec, tensors, config) for tensors in copies])
-            case.times[tuple(config.items())] = do_bench(lambda: next(launches)(), warmup=warmup, rep=rep,
-                                                         return_mode="median")
+            launches = [space.launch(case.spec, tensors, config) for tensors in copies]
+            case.times[tuple(config.items())] = timer(lambda i: launches[i % len(launches)]())[0]
         except Exception:  # noqa: BLE001 - out of resources at launch, or a failed compile: skip it
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
     del copies, first
 
 
@@ -393,7 +364,8 @@ def _gpu() -> tuple:
     return index, torch.cuda.get_device_name(index), arch, shared_limit, l2_bytes
 
 
-def sweep(spaces: dict, ops: list[str] | None, dtypes: list[str], quick: bool, jobs: int, gpu: tuple) -> dict:
+def sweep(spaces: dict, ops: list[str] | None, dtypes: list[str], quick: bool, jobs: int, gpu: tuple,
+          quiet: bool = False) -> dict:
     """Prune, time and choose on the GPU: the ``kernels`` section of a config file."""
     import torch
 
@@ -401,13 +373,15 @@ def sweep(spaces: dict, ops: list[str] | None, dtypes: list[str], quick: bool, j
     cases = build_grid(spaces, ops, dtypes, quick)
     total = sum(len(c.candidates) for c in cases)
     print(f"{len(cases)} shapes x passes, {total} candidate runs before pruning")
-    dropped = prune(cases, arch, shared_limit, jobs, warm=jobs > 1)
+    dropped = prune(cases, arch, shared_limit, jobs, warm=jobs > 1, quiet=quiet)
     print(f"dropped {dropped} candidates that spill, overflow shared memory or do not compile on sm_{arch}")
 
-    progress = Progress(len(cases), "time")
+    progress = Progress(len(cases), "time", quiet)
     device = torch.device("cuda", index)
+    torch.cuda.set_device(device)  # the timer's events and L2 flush are on the current device
+    timer = new_timer(quick)
     for case in cases:
-        time_case(case, spaces[case.kernel], device, l2_bytes, quick)
+        time_case(case, spaces[case.kernel], device, l2_bytes, quick, timer)
         progress.update(f"{case.kernel} {case.label} {case.dtype}")
         torch.cuda.empty_cache()
     return choose(cases, spaces)
@@ -430,8 +404,8 @@ def _check_command(paths: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dynconv autotune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("dynconv autotune", __doc__)
+    add_quiet(parser)
     parser.add_argument("--ops", nargs="+", metavar="OP",
                         help="only these ops or kernels (e.g. involution dwconv involution_fwd); default all")
     parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", default=list(DEFAULT_DTYPES),
@@ -478,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"dynconv autotune: {device_name} (sm_{arch}), dtypes {', '.join(dtypes)}, writing {path}")
 
-    kernels = sweep(spaces, args.ops, dtypes, args.quick, args.jobs, gpu)
+    kernels = sweep(spaces, args.ops, dtypes, args.quick, args.jobs, gpu, args.quiet)
     if not kernels:
         print("dynconv autotune: no candidate could be timed; nothing written", file=sys.stderr)
         return 1
@@ -490,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         configs.atomic_write_json(rescue, configs.new_file(device_name, kernels))
         print(f"dynconv autotune: could not write {path} ({exc}); the results are in {rescue}", file=sys.stderr)
         return 1
-    print(f"wrote {path} in {_clock(time.monotonic() - started)}")
+    print(f"wrote {path} in {clock(time.monotonic() - started)}")
     print("\n".join(speedup_summary(kernels)))
     return 0
 

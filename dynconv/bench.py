@@ -1,10 +1,10 @@
-"""``dynconv bench``: time every op, pass, dtype and provider on this GPU; write ``perf_reports/``.
+"""``dynconv bench``: time every op, pass, dtype and provider on this GPU; write the reports folder.
 
     dynconv bench [--ops OP ...] [--dtypes fp32 fp16 bf16] [--layouts nchw nhwc]
                   [--passes forward backward forward+backward] [--shapes R1 E1@H14 ...]
                   [--providers NAME ...] [--quick] [--fresh] [--out DIR]
 
-Method (``.library/device/METHOD.md``): CUDA events around each call, warm-up first (compilation
+Method: CUDA events around each call, warm-up first (compilation
 and autotuning stay out), then at least 10 timed calls (3 for calls over 100 ms) filling
 a 100 ms window (40 ms with ``--quick``); median with 20th/80th percentiles. Before each timed call a buffer larger than L2
 is overwritten and the inputs rotate among several sets when one set fits in L2, so no call
@@ -18,8 +18,8 @@ memory format of the activations every provider of a measurement receives alike,
 its backward gets (the format of the provider's own output). The static cuDNN conv is much faster
 in channels_last for the half types, so a dynamic op is only ever compared with it in the same
 layout. Default: both layouts in every dtype; with ``--quick``, nchw in every dtype and nhwc in
-bf16 only. Issue 7's targets are bf16 channels_last, and a quick run must fit one 10-minute
-device call: nhwc in every dtype would double the work of an nchw-only run (its tuning too, as
+bf16 only. The performance targets are bf16 channels_last, and a quick run must stay within
+about ten minutes: nhwc in every dtype would double the work of an nchw-only run (its tuning too, as
 the layout is part of every kernel's tuning key), nhwc in bf16 alone adds a third.
 ``--layouts`` measures exactly the layouts named, each in every dtype.
 
@@ -27,8 +27,9 @@ The csv is rewritten after every shape, layout and dtype (rows of an earlier run
 op, pass, dtype, layout, shape and provider are replaced, the rest kept; ``--fresh`` starts
 over), so a run cut short by a time limit keeps what it measured and ``--shapes`` can split a
 full run over several calls. Rows from before the layout column read as ``nchw``.
-Without a GPU nothing is measured: the command says so and re-draws the plots from the
-measurements already in the reports folder (with none there, it writes nothing).
+Without a GPU nothing is measured: the command says so, re-draws the plots from the
+measurements already in the reports folder (with none there, it writes nothing) and exits with
+status 3, as every dynconv command that needs a GPU does.
 
 The csv and ``ceilings.json`` are replaced atomically through uniquely named temporary files, and
 the csv's read-merge-write holds a file lock, so concurrent runs neither crash nor lose rows.
@@ -45,14 +46,14 @@ import io
 import json
 import math
 import os
-import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from dynconv import timing
+from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, command_parser, fail
 from dynconv.providers import CHECK_REFERENCE, LAYOUTS, PROVIDERS, ProviderUnavailable, make_inputs, providers_for
+from dynconv.reports import COLUMNS, LEGACY_COLUMNS, default_reports_dir, read_csv, row_layout
 from dynconv.roofline import (
     DTYPE_BYTES,
     OPS,
@@ -66,10 +67,6 @@ from dynconv.roofline import (
     sweep_shape_names,
 )
 
-COLUMNS = ("op,pass,dtype,layout,shape,provider,ms_median,ms_p20,ms_p80,gbps,tflops,peak_mem_mb,"
-           "gpu,torch,triton,commit,date").split(",")
-# The header before layouts were measured: every such row was taken in NCHW.
-LEGACY_COLUMNS = [c for c in COLUMNS if c != "layout"]
 DTYPES = tuple(DTYPE_BYTES)
 # --quick without --layouts measures nhwc in these dtypes only (module docstring).
 QUICK_NHWC_DTYPES = ("bf16",)
@@ -80,28 +77,12 @@ STATUSES = ("OOM", "error", "mismatch")
 CHECK_TOLERANCE = {"fp32": 2e-3, "fp16": 1e-2, "bf16": 3e-2}
 
 
-def default_reports_dir() -> Path:
-    """``perf_reports/`` of the checkout dynconv runs from, else of the working directory."""
-    root = Path(__file__).resolve().parent.parent
-    if (root / "pyproject.toml").exists():
-        return root / "perf_reports"
-    return Path.cwd() / "perf_reports"
-
-
 def normalised_gpu_name(name: str) -> str:
-    """The reports folder of a GPU: every run of non-alphanumerics becomes one ``_``
-    (``"NVIDIA H100 80GB HBM3"`` → ``NVIDIA_H100_80GB_HBM3``). The autotuning configs name their
-    files with ``kernels.configs.normalise_device_name``; the two must agree, so that one is used
-    where it can be imported."""
-    try:
-        from dynconv.kernels.configs import normalise_device_name
-    except ImportError:
-        return fallback_normalised_name(name)
-    return normalise_device_name(name) or fallback_normalised_name(name)
+    """The reports folder of a GPU, named by the one normaliser the autotuning config files use
+    (``kernels.configs.normalise_device_name``: ``"NVIDIA H100 80GB HBM3"`` → ``NVIDIA_H100_80GB_HBM3``)."""
+    from dynconv.kernels import configs
 
-
-def fallback_normalised_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "unknown_gpu"
+    return configs.normalise_device_name(name) or "unknown_gpu"
 
 
 def git_commit() -> str:
@@ -129,69 +110,8 @@ def environment(device: str) -> dict:
 # Timing
 # ---------------------------------------------------------------------------------------------
 
-def quantiles(times_ms: Iterable[float]) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile), linearly interpolated."""
-    import numpy as np
-    t = np.asarray(list(times_ms), dtype=float)
-    if t.size == 0:
-        raise ValueError("no timings")
-    return tuple(float(v) for v in np.percentile(t, [50, 20, 80]))
-
-
-class Timer:
-    """Times ``fn(i)`` (i: the call's index, for rotating inputs) with ``reset(i)`` run before
-    each call outside the timed region. CUDA events on a GPU; the host clock on CPU (the CPU
-    path exists to test the benchmark's plumbing, not to measure anything)."""
-
-    def __init__(self, device: str, warmup_ms: float = 25.0, rep_ms: float = 100.0, min_reps: int = 10,
-                 max_reps: int = 1000):
-        self.device, self.warmup_ms, self.rep_ms = device, warmup_ms, rep_ms
-        self.min_reps, self.max_reps = min_reps, max_reps
-        self._flush = None
-        if device == "cuda":
-            import torch
-            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or (64 << 20)
-            # Overwritten before every timed call so the call starts with nothing of its own in L2.
-            self._flush = torch.empty(max(2 * l2, 256 << 20), dtype=torch.int8, device="cuda")
-
-    def _sync(self):
-        if self.device == "cuda":
-            import torch
-            torch.cuda.synchronize()
-
-    def __call__(self, fn: Callable[[int], object], reset: Callable[[int], None] = lambda i: None):
-        # Warm-up: at least two calls (the first compiles and autotunes), then until warmup_ms.
-        calls, start = 0, time.perf_counter()
-        while True:
-            reset(calls)
-            fn(calls)
-            calls += 1
-            self._sync()
-            elapsed_ms = (time.perf_counter() - start) * 1e3
-            if calls >= 2 and elapsed_ms >= self.warmup_ms:
-                break
-        estimate = elapsed_ms / calls
-        min_reps = self.min_reps if estimate < 100 else min(3, self.min_reps)
-        reps = int(min(self.max_reps, max(min_reps, self.rep_ms / max(estimate, 1e-3))))
-        if self.device != "cuda":
-            times = []
-            for i in range(reps):
-                reset(i)
-                t0 = time.perf_counter()
-                fn(i)
-                times.append((time.perf_counter() - t0) * 1e3)
-            return quantiles(times)
-        import torch
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            reset(i)
-            self._flush.zero_()
-            starts[i].record()
-            fn(i)
-            ends[i].record()
-        torch.cuda.synchronize()
-        return quantiles(s.elapsed_time(e) for s, e in zip(starts, ends))
+# One timer for bench and autotune (dynconv/timing.py), so their figures compare.
+Timer, quantiles = timing.Timer, timing.quantiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,23 +347,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def row_layout(row: dict) -> str:
-    """A row's layout; one written before the column existed was measured in NCHW."""
-    return row.get("layout") or "nchw"
-
-
 def row_key(row: dict) -> tuple:
     return (row["op"], row["pass"], row["dtype"], row_layout(row), row["shape"], row["provider"])
-
-
-def read_csv(path: Path) -> list[dict]:
-    """Rows as strings; a file with the header from before the layout column reads with
-    ``layout`` = ``nchw``, so committed measurements keep working."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames not in (COLUMNS, LEGACY_COLUMNS):
-            raise ValueError(f"{path}: columns {reader.fieldnames} are not {COLUMNS}")
-        return [{c: row_layout(r) if c == "layout" else r[c] for c in COLUMNS} for r in reader]
 
 
 def _sort_key(row: dict):
@@ -518,7 +423,7 @@ def _resolve_providers(op: str, wanted, log, notes: set) -> dict:
 
 def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=None, quick=False,
                    out=None, fresh=False, device="cuda", problems=None, timer=None, log=print,
-                   layouts=None) -> Path:
+                   layouts=None, quiet=False) -> Path:
     """Measure and write ``<out>/<gpu>/results.csv`` and ``ceilings.json``; returns the csv path.
 
     ``problems`` maps extra shape names to :class:`Problem` and ``timer`` replaces the default
@@ -528,10 +433,12 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU: nothing can be measured")
     out = Path(out) if out is not None else default_reports_dir()
+    if out is None:
+        raise ValueError("outside a dynconv repository checkout there is no default reports folder: pass out")
     env = environment(device)
     folder = out / normalised_gpu_name(env["gpu"])
     csv_path = folder / "results.csv"
-    timer = timer or Timer(device, *((10.0, 40.0) if quick else (25.0, 100.0)))
+    timer = timer or timing.Timer(device, *((10.0, 40.0) if quick else (25.0, 100.0)))
     l2_bytes = 0
     cudnn_benchmark = torch.backends.cudnn.benchmark
     if device == "cuda":
@@ -551,15 +458,19 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
     plan = layout_plan(dtypes, list(layouts) if layouts else None, quick)
     notes: set[str] = set()
     first_write = fresh
+    progress = Progress(len(names) * len(plan), "bench", quiet)
     try:
         for name in names:
             p = problems[name] if name in problems else resolve_shape(name)
             if ops and p.op not in ops:
+                progress.update(n=len(plan))
                 continue
             fns = _resolve_providers(p.op, providers, log, notes)
             if not fns:
+                progress.update(n=len(plan))
                 continue
             for layout, dtype in plan:
+                progress.update(f"{name} {dtype} {layout}", n=0)
                 rows = []
                 try:
                     log(f"{name} ({p.op}) {dtype} {layout}")
@@ -578,7 +489,9 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
                     if rows:
                         write_csv(csv_path, rows, merge=not first_write)
                         first_write = False
+                    progress.update(f"{name} {dtype} {layout}")
     finally:
+        progress.close()
         if device == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark
     if not csv_path.exists():
@@ -608,10 +521,8 @@ def _split(values):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parts = __doc__.split("\n\n")
-    parser = argparse.ArgumentParser(prog="dynconv bench", description=parts[0],
-                                     epilog="\n\n".join(parts[2:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("dynconv bench", __doc__)
+    add_quiet(parser)
     parser.add_argument("--ops", nargs="+", metavar="OP", help=f"subset of {', '.join(OPS)}")
     parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", help=f"subset of {', '.join(DTYPES)}")
     parser.add_argument("--layouts", nargs="+", metavar="LAYOUT",
@@ -625,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="reference shapes only, shorter timing windows, nhwc in bf16 only")
     parser.add_argument("--fresh", action="store_true", help="replace results.csv instead of merging into it")
-    parser.add_argument("--out", type=Path, default=None, help="reports folder (default: the checkout's perf_reports/)")
+    parser.add_argument("--out", type=Path, default=None, help="reports folder (default: perf_reports/ of the repository checkout dynconv runs "
+                             "from; required elsewhere)")
     parser.add_argument("--force", action="store_true",
                         help="replace a README.md in the reports folder that dynconv did not write")
     return parser
@@ -648,6 +560,9 @@ def main(argv=None) -> int:
         print(f"dynconv bench: {exc}", file=sys.stderr)
         return 2
     out = args.out if args.out is not None else default_reports_dir()
+    if out is None:
+        return fail("dynconv bench", "not inside a dynconv repository checkout, so there is no default "
+                                     "reports folder: pass --out DIR")
 
     from dynconv import plot
     measured = _gpu_available()
@@ -658,20 +573,20 @@ def main(argv=None) -> int:
             # may not be a reports folder at all.
             print(f"There are no earlier measurements in {out} either: no plots drawn, nothing written. "
                   "Run `dynconv bench` on a machine with a CUDA GPU to produce them.")
-            return 1
+            return EXIT_NO_GPU
         print(f"Re-drawing the plots from the measurements already in {out} instead.")
     problem = plot.readme_problem(out, args.force)
     if problem:  # before minutes of measuring, not after
         print(f"dynconv bench: {problem}", file=sys.stderr)
         return 2
     if not measured:
-        drawn = plot.draw_all(out, force=args.force)
+        drawn = plot.draw_all(out, force=args.force, quiet=args.quiet)
         print(f"Re-drew {len(drawn)} plot files from earlier measurements (see each csv's gpu, date and commit).")
-        return 0
+        return EXIT_NO_GPU
     csv_path = run_benchmarks(ops=ops, dtypes=dtypes, passes=passes, shapes=shapes, providers=providers,
-                              quick=args.quick, out=out, fresh=args.fresh, layouts=layouts)
+                              quick=args.quick, out=out, fresh=args.fresh, layouts=layouts, quiet=args.quiet)
     print(f"wrote {csv_path}")
-    drawn = plot.draw_all(out, force=args.force)
+    drawn = plot.draw_all(out, force=args.force, quiet=args.quiet)
     print(f"drew {len(drawn)} plot files and {out / 'README.md'}")
     return 0
 

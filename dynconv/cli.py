@@ -8,12 +8,14 @@ from __future__ import annotations
 import importlib
 import sys
 
+from dynconv.console import EXIT_STATUSES
+
 SUBCOMMANDS = {
     "run": ("dynconv.demo", "the main job: benchmark + plots on a GPU, interpreter demo + plots without"),
     "inspect": ("dynconv.inspect", "registers, spills, load widths per kernel (AOT); --bounds: predicted roofline fractions"),
     "autotune": ("dynconv.autotune", "sweep kernel configurations on this GPU and write the JSON"),
-    "bench": ("dynconv.bench", "measure every op and provider on this GPU, write perf_reports/"),
-    "plot": ("dynconv.plot", "draw throughput and roofline plots from perf_reports/ csv files"),
+    "bench": ("dynconv.bench", "measure every op and provider on this GPU, write the reports folder"),
+    "plot": ("dynconv.plot", "draw throughput and roofline plots from the reports folder's csv files"),
     "overhead": ("dynconv.overhead", "host (CPU) time per op call at a small shape, launches stubbed or real"),
 }
 
@@ -21,6 +23,7 @@ SUBCOMMANDS = {
 def _usage() -> str:
     lines = ["usage: dynconv [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "dynconv <command> --help for a command's options.", "", EXIT_STATUSES]
     return "\n".join(lines)
 
 

@@ -3,15 +3,22 @@
 With a GPU: run the benchmarks and draw the plots (``dynconv bench`` then ``dynconv plot``).
 Without one: run an Involution2d block forward and backward through the Triton interpreter,
 check it against the float64 unfold reference, print a short summary, and re-draw the plots
-from the measurements committed under perf_reports/.
+from the measurements committed in the reports folder.
+
+The reports folder is --out DIR; without it, perf_reports/ of the repository checkout dynconv
+runs from. Outside a checkout (an installed package) --out is required: the command writes
+nowhere it was not told to (--demo-only writes nothing at all).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from dynconv.console import EXIT_USAGE, command_parser, fail
+from dynconv.reports import default_reports_dir
 
 
 def interpreter_demo(batch: int = 2, channels: int = 32, size: int = 14, stride: int = 2) -> bool:
@@ -55,16 +62,22 @@ def interpreter_demo(batch: int = 2, channels: int = 32, size: int = 14, stride:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dynconv run", description=__doc__.split("\n\n")[0])
+    parser = command_parser("dynconv run", __doc__)
     parser.add_argument("--demo-only", action="store_true", help="run only the interpreter demonstration")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="reports folder (default: perf_reports/ of the repository checkout; required elsewhere)")
     args = parser.parse_args(argv)
+    out = args.out if args.out is not None else default_reports_dir()
+    if out is None and not args.demo_only:
+        return fail("dynconv run", "not inside a dynconv repository checkout, so there is no default reports "
+                                   "folder: pass --out DIR (or --demo-only, which writes nothing)", EXIT_USAGE)
 
     import torch
 
     if torch.cuda.is_available() and not args.demo_only:
         from dynconv import bench
 
-        return bench.main([])  # measures, writes perf_reports/<gpu>/ and draws the plots
+        return bench.main(["--out", str(out)])  # measures, writes <out>/<gpu>/ and draws the plots
 
     print("No GPU here: nothing is measured. Running the interpreter demonstration instead.\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -75,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         return demo.returncode
     if args.demo_only:
         return 0
-    print("\nRe-drawing the plots from the committed measurements in perf_reports/ ...")
+    print(f"\nRe-drawing the plots from the committed measurements in {out} ...")
     try:
         from dynconv import plot
     except ImportError as exc:  # the plotting module is optional until the benchmark issue lands
         print(f"plotting unavailable: {exc}")
         return 0
-    return plot.main([])
+    return plot.main(["--reports", str(out)])
 
 
 if __name__ == "__main__":

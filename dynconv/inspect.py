@@ -6,9 +6,10 @@ own ptxas and cuobjdump, for exactly the launches the ops make by default.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from dynconv.console import EXIT_FAILED, Progress, add_quiet, command_parser, fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import bounds
 
         return bounds.main([a for a in argv if a != "--bounds"])
-    parser = argparse.ArgumentParser(prog="dynconv inspect", description=__doc__.split("\n\n")[0])
+    parser = command_parser("dynconv inspect", __doc__)
+    add_quiet(parser)
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper) or 80 (Ampere)")
     parser.add_argument("--module", default="", help="only this kernel module, e.g. involution")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
@@ -27,17 +29,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="the static performance model instead (PREDICTED roofline fractions; --bounds --help)")
     args = parser.parse_args(argv)
 
-    from dynconv.kernels import catalogue
+    from dynconv.kernels import KERNEL_MODULES, catalogue
     from dynconv.kernels._launch import kernels_are_interpreted, resource_usage
 
     if kernels_are_interpreted():
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this command compiles")
     if args.module:
-        import importlib
-
-        launches = importlib.import_module(f"dynconv.kernels.{args.module}").catalogue()
+        modules = {module.__name__.rsplit(".", 1)[-1]: module for module in KERNEL_MODULES}
+        if args.module not in modules:
+            return fail("dynconv inspect", f"no kernel module {args.module!r}; choose from {', '.join(modules)}")
+        launches = modules[args.module].catalogue()
     else:
         launches = catalogue()
+    launches = [launch for launch in launches if args.kernel in launch.name and args.label in launch.label]
+    # Compiling takes seconds a launch: show where it is (stderr, terminals only).
+    progress = Progress(len(launches), f"compile sm_{args.arch}", args.quiet)
 
     seen = set()
     header = f"{'kernel':<32} {'launch':<44} {'warps':>5} {'regs':>5} {'stack':>5} {'ldl/stl':>7} {'smem':>7} {'vec/ld':>7}  meta"
@@ -45,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(header)
     failures = 0
     for launch in launches:
-        if args.kernel not in launch.name or args.label not in launch.label:
-            continue
+        progress.update(launch.name)
         try:
             # Launches differing only in sizes compile to the same binary: report each binary once.
             source_key = (launch.name, str(launch.source().signature), str(launch.meta), launch.num_warps)
@@ -69,4 +74,5 @@ def main(argv: list[str] | None = None) -> int:
             blocks = " ".join(f"{k}={v}" for k, v in usage["meta"].items() if k.startswith("BLOCK"))
             print(f"{usage['kernel']:<32} {usage['label'][:44]:<44} {usage['num_warps']:>5} {usage['registers']:>5} "
                   f"{usage['stack_bytes']:>5} {usage['local_memory_ops']:>7} {usage['shared_bytes']:>7} {usage['vector_loads']:>3}/{usage['global_loads']:<3}  {blocks}")
-    return 1 if failures else 0
+    progress.close()
+    return EXIT_FAILED if failures else 0

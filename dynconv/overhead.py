@@ -15,7 +15,6 @@ The floors are an empty ``torch.library.custom_op`` with registered autograd and
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import time
@@ -25,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 import dynconv
+from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, command_parser, fail
 from dynconv.kernels._launch import Launch
 from dynconv.kernels.configs import ConfigWarning
 
@@ -128,12 +128,16 @@ def _best_us(step: Callable[[], object], calls: int, repeats: int, sync: Callabl
     return best / calls * 1e6
 
 
-def measure(device: str = "cpu", calls: int = 500, repeats: int = 10) -> dict[str, tuple[float, float, float]]:
+def measure(device: str = "cpu", calls: int = 500, repeats: int = 10,
+            quiet: bool = True) -> dict[str, tuple[float, float, float]]:
     """op name -> µs per call (fwd, fwd(grad), fwd+bwd) on ``device``, with whatever launch is installed."""
     cuda = device == "cuda"
     sync, clock = (torch.cuda.synchronize, time.perf_counter) if cuda else ((lambda: None), time.thread_time)
     results = {}
-    for name, (fn, tensors) in _inputs(device).items():
+    cases = _inputs(device)
+    progress = Progress(len(cases), "overhead", quiet)
+    for name, (fn, tensors) in cases.items():
+        progress.update(name, n=0)
         fwd = _best_us(lambda: fn(**tensors), calls, repeats, sync, clock)
         leaves = {k: v.requires_grad_() for k, v in tensors.items()}
         recorded = _best_us(lambda: fn(**leaves), calls, repeats, sync, clock)
@@ -141,23 +145,28 @@ def measure(device: str = "cpu", calls: int = 500, repeats: int = 10) -> dict[st
         inputs = tuple(leaves.values())
         both = _best_us(lambda: torch.autograd.grad(fn(**leaves), inputs, grad), calls, repeats, sync, clock)
         results[name] = (fwd, recorded, both)
+        progress.update(name)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dynconv overhead", description=__doc__.split("\n\n")[0])
+    parser = command_parser("dynconv overhead", __doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--launch", choices=("noop", "real"), default=None,
                         help="real kernel launches (CUDA only; the default there) or none (the default on CPU)")
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=10)
+    add_quiet(parser)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return fail("dynconv overhead", "--device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                                        "False); use --device cpu", EXIT_NO_GPU)
     launch = args.launch or ("real" if args.device == "cuda" else "noop")
     if launch == "real" and args.device != "cuda":
         parser.error("--launch real needs --device cuda")
     with noop_launches() if launch == "noop" else contextlib.nullcontext(), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)  # "no tuned configs" says nothing about host time
-        results = measure(args.device, args.calls, args.repeats)
+        results = measure(args.device, args.calls, args.repeats, args.quiet)
     print(f"host µs per call, device {args.device}, launch {launch}, torch {torch.__version__}, "
           f"best of {args.repeats} x {args.calls} calls")
     print(f"{'op':<26} {'fwd':>9} {'fwd(grad)':>9} {'fwd+bwd':>9}")

@@ -28,14 +28,16 @@ for a GPU without measurements; with none at all, the README says so.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from dynconv.console import Progress, add_quiet, command_parser, fail
 from dynconv.providers import LAYOUTS, PROVIDERS, SPEEDUP_BASELINE, headline, label
+from dynconv.reports import default_reports_dir, read_csv
 from dynconv.roofline import (
     DTYPE_BYTES,
     FAMILY,
@@ -114,7 +116,6 @@ def _parse(row: dict) -> dict:
 
 def load(reports: Path, gpu: str | None = None) -> list[GpuData]:
     """Every GPU folder under ``reports`` that holds a results.csv (or only ``gpu``)."""
-    from dynconv.bench import read_csv
     folders = [reports / gpu] if gpu else sorted(p for p in reports.iterdir() if p.is_dir()) if reports.is_dir() else []
     data = []
     for folder in folders:
@@ -196,6 +197,35 @@ def _status_marks(ax, xs_status, style):
                     fontsize=7, color=style["color"])
 
 
+ABOVE_ROOF = "above-roof"  # the gid of a marker flagging a point above its roof (a model or timing fault)
+
+
+def _nice_below(v: float) -> float:
+    """The largest 1, 2 or 5 × 10^k at most ``v``: a labelled tick of :func:`_readable_log_axis`."""
+    k = math.floor(math.log10(v))
+    return max(m * 10.0 ** k for m in (1, 2, 5) if m * 10.0 ** k <= v * (1 + 1e-9))
+
+
+def _nice_above(v: float) -> float:
+    k = math.floor(math.log10(v))
+    return min(m * 10.0 ** e for e in (k, k + 1) for m in (1, 2, 5) if m * 10.0 ** e >= v * (1 - 1e-9))
+
+
+def _flag_above_roof(ax, point, text: str = ""):
+    """A red ring (and a note) on a point above its roof: drawn, never passed over silently."""
+    ax.plot([point[0]], [point[1]], marker="o", markersize=11, markerfacecolor="none", markeredgecolor="red",
+            markeredgewidth=1.5, linestyle="none", gid=ABOVE_ROOF)
+    if text:
+        ax.annotate(text, point, xytext=(0, 9), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=6.5, color="red")
+
+
+def figure_unit(data: GpuData, base: str, dtypes) -> tuple[str, str]:
+    """One unit per figure, never TFLOP/s rows next to GB/s rows: GB/s when the shape's minimum
+    model is bandwidth-bound in any dtype drawn, else TFLOP/s."""
+    return ("gbps", "GB/s") if any(_memory_bound(data, base, d) for d in dtypes) else ("tflops", "TFLOP/s")
+
+
 def draw_throughput(data: GpuData) -> list[Path]:
     plt = _pyplot()
     written = []
@@ -210,27 +240,28 @@ def draw_throughput(data: GpuData) -> list[Path]:
         if len(sizes) < 2:
             continue
         sizes = sorted(sizes)
-        in_layout = [r for r in data.rows if r["op"] == op and r["layout"] == layout]
-        dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in in_layout)]
-        passes = [p for p in PASSES if any(r["pass"] == p for r in in_layout)]
+        shapes = {hw: base if REFERENCE_SHAPES[base].H == hw else f"{base}@H{hw}" for hw in sizes}
+        in_sweep = [r for r in data.rows if r["op"] == op and r["layout"] == layout and r["shape"] in shapes.values()]
+        dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in in_sweep)]
+        passes = [p for p in PASSES if any(r["pass"] == p for r in in_sweep)]
+        metric, unit = figure_unit(data, base, dtypes)
         fig, axes = plt.subplots(len(dtypes), len(passes), figsize=(4.6 * len(passes), 3.3 * len(dtypes) + 0.9),
                                  squeeze=False, sharex=True)
-        providers = []
+        providers, pending = [], []
         for i, dtype in enumerate(dtypes):
-            memory_bound = _memory_bound(data, base, dtype)
-            metric, unit = ("gbps", "GB/s") if memory_bound else ("tflops", "TFLOP/s")
+            ceiling = (data.ceilings or {}).get("hbm_gbps") if metric == "gbps" else data.compute_peak(dtype)
             for j, pass_ in enumerate(passes):
                 ax = axes[i][j]
+                ends, values = [], []
                 for provider in data.values("provider"):
                     points, failed = [], []
                     for hw in sizes:
-                        shape = base if REFERENCE_SHAPES[base].H == hw else f"{base}@H{hw}"
-                        r = data.get(op, pass_, dtype, shape, provider, layout)
+                        r = data.get(op, pass_, dtype, shapes[hw], provider, layout)
                         if r is None:
                             continue
                         if r["status"]:
                             failed.append((hw, r["status"]))
-                        else:
+                        elif r[metric]:
                             points.append((hw, r[metric]))
                     if not points and not failed:
                         continue
@@ -239,11 +270,19 @@ def draw_throughput(data: GpuData) -> list[Path]:
                         providers.append(provider)
                     if points:
                         ax.plot(*zip(*points), marker=PASS_MARKER[pass_], markersize=4, label=label(provider), **style)
+                        # Every line named where it ends, the lowest (the unfold baseline) too.
+                        ends.append((points[-1], label(provider), style["color"]))
+                        values += [y for _, y in points]
+                        for point in points:
+                            if ceiling and point[1] > ceiling:
+                                _flag_above_roof(ax, point, f"above: {point[1] / ceiling:.0%}")
                     _status_marks(ax, failed, style)
-                ceiling = (data.ceilings or {}).get("hbm_gbps") if memory_bound else data.compute_peak(dtype)
+                if not ends and not ax.lines:
+                    ax.remove()  # nothing measured in this dtype and pass: no empty panel
+                    continue
                 if ceiling:
                     ax.axhline(ceiling, color="k", linewidth=1, linestyle=":")
-                    ax.annotate(f"measured {'HBM' if memory_bound else dtype + ' matmul'} {ceiling:,.0f} {unit}",
+                    ax.annotate(f"measured {'HBM' if metric == 'gbps' else dtype + ' matmul'} {ceiling:,.0f} {unit}",
                                 (0.01, ceiling), xycoords=("axes fraction", "data"), xytext=(0, 2),
                                 textcoords="offset points", fontsize=7)
                 ax.set_xscale("log", base=2)
@@ -251,19 +290,27 @@ def draw_throughput(data: GpuData) -> list[Path]:
                 ax.set_xticks(sizes)
                 ax.set_xticklabels([str(s) for s in sizes])
                 ax.xaxis.set_minor_locator(plt.NullLocator())
+                # Room right of the last size for the line names.
+                ax.set_xlim(sizes[0] / 1.15, sizes[-1] * 2.2)
                 _readable_log_axis(ax.yaxis)
+                if values:
+                    # Both limits on labelled ticks, so the lowest line sits above a labelled tick.
+                    top = max(values + ([ceiling] if ceiling else []))
+                    ax.set_ylim(_nice_below(min(values) / 1.05), _nice_above(top * 1.6))
                 ax.set_title(f"{dtype} · {pass_}")
-                if j == 0:
-                    ax.set_ylabel(f"{unit} (minimum model / time)")
-                if i == len(dtypes) - 1:
-                    ax.set_xlabel("input H = W")
+                ax.set_ylabel(f"{unit} (minimum model / time)")
+                ax.set_xlabel("input H = W")
+                pending.append((ax, ends))
         handles = [plt.Line2D([], [], marker="o", markersize=4, label=label(p), **provider_style(p)) for p in providers]
-        fig.suptitle(f"{op}, {_layout_title(layout)}: throughput against size ({base} with H = W varied: "
+        fig.suptitle(f"{op}, {_layout_title(layout)}: throughput in {unit} against size ({base} with H = W varied: "
                      f"{_shape_caption(base)})\n"
-                     f"{data.name} — higher is better; × marks a point that did not run (OOM / error / mismatch)",
+                     f"{data.name} — higher is better; × marks a point that did not run (OOM / error / mismatch); "
+                     f"a red ring, a point above the measured ceiling (a fault to look into)",
                      fontsize=10)
         fig.tight_layout(rect=(0, 0.07, 1, 0.93))
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+        for ax, ends in pending:
+            place_labels(ax, ends, fontsize=6.5)
         written += _save(fig, data.folder / f"throughput_{op}_{base}_{layout}")
     return written
 
@@ -278,14 +325,16 @@ def draw_speedup(data: GpuData) -> list[Path]:
     written = []
     if not _reference_shapes(data):
         return written
-    passes = [p for p in PASSES if p in data.values("pass")]
     # One figure per dtype and layout measured (a quick run has nhwc in bf16 only).
     combos = [(d, x) for x in data.layouts() for d in DTYPES
               if any(r["dtype"] == d and r["layout"] == x for r in data.rows)]
     for dtype, layout in combos:
-        shapes = _reference_shapes(data, [r for r in data.rows if r["dtype"] == dtype and r["layout"] == layout])
+        in_combo = [r for r in data.rows if r["dtype"] == dtype and r["layout"] == layout]
+        shapes = _reference_shapes(data, in_combo)
         if not shapes:
             continue
+        # A panel per pass measured here, and only those (no empty panels).
+        passes = [p for p in PASSES if any(r["pass"] == p and r["shape"] in shapes for r in in_combo)]
         # The static floor last in every group: it is a reference line, not a competitor.
         providers = sorted(data.values("provider"), key=lambda p: p == "static_conv")
         fig, axes = plt.subplots(len(passes), 1, figsize=(max(7.0, 1.5 * len(shapes) + 2.5), 2.9 * len(passes) + 1.2),
@@ -324,6 +373,9 @@ def draw_speedup(data: GpuData) -> list[Path]:
                            hatch="//" if provider == "static_conv" else None, edgecolor="white")
                     ax.annotate(f"{speedup:.3g}×", (x, speedup), ha="center", va="bottom" if speedup >= 1 else "top",
                                 fontsize=6, xytext=(0, 1 if speedup >= 1 else -1), textcoords="offset points")
+            if not ax.patches and not ax.texts:
+                ax.remove()  # no baseline for any shape in this pass: no empty panel
+                continue
             ax.axhline(1.0, color="k", linewidth=1)
             ax.set_yscale("log")
             ax.set_ylim(min(0.5, ymin / 2), max(2.0, ymax * 2.5))
@@ -399,19 +451,25 @@ def draw_roofline(data: GpuData, provider: str | None = None) -> list[Path]:
             colour = f"C{list(REFERENCE_SHAPES).index(r['shape']) % 10}"
             ax.plot([intensity], [r["tflops"]], marker=PASS_MARKER[r["pass"]], color=colour, markersize=6,
                     linestyle="none")
+            fraction = roof_fraction(data, r)
+            above = fraction > 1.0 + 1e-9  # faster than the ceilings allow: a timing or model fault
+            if above:
+                _flag_above_roof(ax, (intensity, r["tflops"]))  # its label says so
             labelled.append(((intensity, r["tflops"]), f"{r['shape']} {PASS_SHORT[r['pass']]} "
-                             f"{100 * roof_fraction(data, r):.0f}%", colour))
+                             f"{100 * fraction:.0f}%{' (above roof!)' if above else ''}",
+                             "red" if above else colour))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(lo, hi)
         ys = [roof_tflops(lo, hbm, peak)] + [y for (_, y), _, _ in labelled]
-        ax.set_ylim(min(ys) / 3, peak * 4)
+        ax.set_ylim(min(ys) / 3, max([peak] + ys) * 4)
         pending.append((ax, labelled))
         ax.set_xlabel("arithmetic intensity (FLOP/byte, minimum model)")
         ax.set_ylabel("achieved TFLOP/s (minimum FLOPs / time)")
         providers = ", ".join(dict.fromkeys(label(r["provider"]) for r in cell))
         ax.set_title(f"{dtype} · {_layout_title(layout)}: {providers}", fontsize=9)
-    fig.suptitle(f"Roofline on {data.name}: ceilings measured on the device; label = shape, pass, % of the roof",
+    fig.suptitle(f"Roofline on {data.name}: ceilings measured on the device; label = shape, pass, % of the roof; "
+                 "a red ring, a point above the roof (a fault to look into)",
                  fontsize=10)
     markers = [plt.Line2D([], [], marker=m, color="0.3", linestyle="none", label=p) for p, m in PASS_MARKER.items()]
     fig.tight_layout(rect=(0, 0.06 / len(layouts), 1, 1 - 0.05 / len(layouts)))
@@ -777,40 +835,51 @@ def write_readme(reports: Path, datasets: list[GpuData] | None = None, force: bo
     return path
 
 
-def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=print, force: bool = False) -> list[Path]:
+def draw_all(reports: Path | str | None = None, gpu: str | None = None, log=print, force: bool = False,
+             quiet: bool = False) -> list[Path]:
     """Draw every plot of every GPU folder (or of ``gpu``) and rewrite the README from all of
     them. Returns the plot files drawn (empty when there is nothing measured). A README the tool
     did not write raises FileExistsError before anything is drawn, unless ``force``."""
     if reports is None:
-        from dynconv.bench import default_reports_dir
         reports = default_reports_dir()
+    if reports is None:
+        raise ValueError("outside a dynconv repository checkout there is no default reports folder: pass reports")
     reports = Path(reports)
     problem = readme_problem(reports, force)
     if problem:
         raise FileExistsError(problem)
     written = []
-    for data in load(reports, gpu):
-        for draw in (draw_throughput, draw_speedup, draw_roofline):
+    datasets = load(reports, gpu)
+    draws = (draw_throughput, draw_speedup, draw_roofline)
+    progress = Progress(len(datasets) * len(draws), "plot", quiet)  # seconds per figure
+    for data in datasets:
+        for draw in draws:
             written += draw(data)
+            progress.update(f"{data.name} {draw.__name__}")
         log(f"{data.folder}: drew {sum(1 for p in written if p.parent == data.folder)} files")
     write_readme(reports, force=force)
     return written
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="dynconv plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reports", type=Path, default=None, help="reports folder (default: the checkout's perf_reports/)")
+    parser = command_parser("dynconv plot", __doc__)
+    parser.add_argument("--reports", type=Path, default=None,
+                        help="reports folder (default: perf_reports/ of the repository checkout dynconv runs "
+                             "from; required elsewhere)")
     parser.add_argument("--gpu", default=None, help="only this GPU folder (the README still covers all of them)")
     parser.add_argument("--force", action="store_true", help="replace a README.md that dynconv did not write")
+    add_quiet(parser)
     args = parser.parse_args(argv)
-    from dynconv.bench import default_reports_dir
     reports = args.reports if args.reports is not None else default_reports_dir()
+    if reports is None:
+        return fail("dynconv plot", "not inside a dynconv repository checkout, so there is no default "
+                                    "reports folder: pass --reports DIR")
     if args.gpu and not (reports / args.gpu / "results.csv").exists():
         print(f"dynconv plot: no {reports / args.gpu / 'results.csv'}", file=sys.stderr)
         return 2
     predicted = draw_predicted(reports)  # before the README, which links these plots
     try:
-        drawn = draw_all(reports, args.gpu, force=args.force)
+        drawn = draw_all(reports, args.gpu, force=args.force, quiet=args.quiet)
     except FileExistsError as exc:
         print(f"dynconv plot: {exc}", file=sys.stderr)
         return 2

@@ -60,7 +60,8 @@ speed hint, so a bad file must never cost more than speed.
 
 Contract for kernel modules (what ``dynconv autotune`` and step 3 sweep)
 -----------------------------------------------------------------------
-A module in ``kernels.KERNEL_MODULES`` takes part by defining ``autotune_space()`` returning
+A tuning module (``kernels/<kernel module>_tuning.py``, listed in :func:`spaces`; it imports its
+kernel module, never the reverse) takes part by defining ``autotune_space()`` returning
 ``{kernel_name: KernelSpace}`` for the names its launchers pass to ``get_config``. A
 :class:`KernelSpace` is plain functions over a *spec*, a picklable dict of plain data that the
 module defines (sizes, layout, flags — everything but the dtype):
@@ -574,13 +575,12 @@ def _active_device() -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def spaces() -> dict[str, KernelSpace]:
-    """Every kernel's :class:`KernelSpace`, from the modules in ``kernels.KERNEL_MODULES``."""
-    from . import KERNEL_MODULES
+    """Every kernel's :class:`KernelSpace`, from the kernel modules' tuning modules."""
+    from . import expert_conv_tuning, involution_fused_tuning, involution_tuning
 
     found = {}
-    for module in KERNEL_MODULES:
-        if hasattr(module, "autotune_space"):
-            found.update(module.autotune_space())
+    for module in (involution_tuning, expert_conv_tuning, involution_fused_tuning):
+        found.update(module.autotune_space())
     return found
 
 

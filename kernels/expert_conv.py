@@ -1019,10 +1019,3 @@ def _int64_catalogue() -> list[Launch]:
             launch.label = (f"over 2^31 elements {'DRConv m=4 spatial' if m > 1 else 'CondConv'} bfloat16 NCHW"
                             + (" materialised" if materialised and "weight" not in launch.name else ""))
     return launches
-
-
-def autotune_space() -> dict:
-    """What ``dynconv autotune`` sweeps for these kernels (shapes and candidates in expert_conv_tuning.py)."""
-    from .expert_conv_tuning import autotune_space as space
-
-    return space()

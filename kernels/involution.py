@@ -522,10 +522,3 @@ def catalogue() -> list[Launch]:
         launch.label = f"over 2^31 elements torch.bfloat16 NCHW {kind}"
         launches.append(launch)
     return launches
-
-
-def autotune_space() -> dict:
-    """What ``dynconv autotune`` sweeps for this module's kernels (see kernels/involution_tuning.py)."""
-    from .involution_tuning import autotune_space as space
-
-    return space()

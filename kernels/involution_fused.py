@@ -734,10 +734,3 @@ def catalogue() -> list[Launch]:
             launch.label = f"over 2^31 elements G={G} R={R} torch.bfloat16 NCHW"
             launches.append(launch)
     return launches
-
-
-def autotune_space() -> dict:
-    """What ``dynconv autotune`` sweeps for these kernels (shapes and candidates in involution_fused_tuning.py)."""
-    from .involution_fused_tuning import autotune_space as space
-
-    return space()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dynconv import bench, plot, providers
+from dynconv.console import EXIT_NO_GPU
 from dynconv.roofline import (
     REFERENCE_SHAPES,
     Problem,
@@ -216,9 +217,9 @@ def test_quantiles_and_rotation():
     assert bench.rotation_sets(set_bytes=1 << 30, l2_bytes=50 << 20) == 1
 
 
-def test_fallback_gpu_name():
-    assert bench.fallback_normalised_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
-    assert bench.fallback_normalised_name("NVIDIA H200 (MIG 1g.18gb)") == "NVIDIA_H200_MIG_1g_18gb"
+def test_gpu_folder_name_is_the_config_files_normaliser():
+    assert bench.normalised_gpu_name("NVIDIA H200 (MIG 1g.18gb)") == "NVIDIA_H200_MIG_1g_18gb"
+    assert bench.normalised_gpu_name("???") == "unknown_gpu"
     # the same folder name as the autotuning configs' files
     assert bench.normalised_gpu_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
 
@@ -539,13 +540,13 @@ def test_readme_without_measurements_says_so(tmp_path):
 
 def test_bench_without_gpu_says_nothing_was_measured(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "_gpu_available", lambda: False)
-    assert bench.main(["--out", str(tmp_path)]) == 1
+    assert bench.main(["--out", str(tmp_path)]) == EXIT_NO_GPU
     out = capsys.readouterr().out
     assert "NOTHING WAS MEASURED" in out and "no plots drawn" in out
     assert not list(tmp_path.glob("*/results.csv"))
 
     write_synthetic_reports(tmp_path, shapes=("R1",), dtypes=("bf16",))
-    assert bench.main(["--out", str(tmp_path), "--quick"]) == 0
+    assert bench.main(["--out", str(tmp_path), "--quick"]) == EXIT_NO_GPU  # re-drawn, yet nothing measured
     out = capsys.readouterr().out
     assert "NOTHING WAS MEASURED" in out and "Re-drew" in out
     assert (tmp_path / "SYNTHETIC_GPU" / "roofline.png").exists()

@@ -12,6 +12,7 @@ import os
 import pytest
 
 from dynconv import autotune, bench, plot
+from dynconv.console import EXIT_NO_GPU
 from dynconv.kernels import configs
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -34,7 +35,7 @@ def csv_row(provider="dynconv", shape="R1", ms=1.0):
 def test_bench_without_gpu_or_measurements_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "_gpu_available", lambda: False)
     (tmp_path / "README.md").write_text(USER_README)
-    assert bench.main(["--out", str(tmp_path)]) == 1
+    assert bench.main(["--out", str(tmp_path)]) == EXIT_NO_GPU
     assert "NOTHING WAS MEASURED" in capsys.readouterr().out
     assert (tmp_path / "README.md").read_text() == USER_README
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
