@@ -536,12 +536,12 @@ L2 overwritten before every call and inputs rotated, so no call reads warm cache
 forward tensors included). Each provider's forward output is checked against a reference first.
 `OOM`, `error` or `mismatch` in `ms_median` marks a measurement that did not produce a time.
 
-`gbps` and `tflops` are the op's *minimum* bytes and FLOPs (SPEC.md §3, `dynconv/roofline.py`:
+`gbps` and `tflops` are the op's *minimum* bytes and FLOPs (docs/operators.md §3, `dynconv/roofline.py`:
 each input read once, each output written once; 2 FLOPs per multiply-add) divided by the time,
 for every provider alike, so they compare providers at one shape and show the distance to the
 device's measured ceilings (HBM: device-to-device copy; compute: torch.mm at 8192³).
 
-Providers: `dynconv` (the Triton kernels), `unfold` (SPEC.md §3 unfold baseline), `shift_add`
+Providers: `dynconv` (the Triton kernels), `unfold` (docs/operators.md §3 unfold baseline), `shift_add`
 (plain-PyTorch shift-and-add), `batch_groups` (per-sample weights as one grouped conv),
 `all_regions` / `loop` (family-2 references), `static_conv` (cuDNN `nn.Conv2d` of the same shape
 with fixed weights: depth-wise for family 1, dense for family 2 — the floor, not a competitor).

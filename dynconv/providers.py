@@ -58,7 +58,7 @@ def label(name: str) -> str:
     return PROVIDERS[name].label if name in PROVIDERS else name
 
 
-# The baseline each op's speedup bars divide by: SPEC.md §3's unfold where it exists; family 2
+# The baseline each op's speedup bars divide by: docs/operators.md §3's unfold where it exists; family 2
 # has no unfold formulation, so its bars use the per-sample batch-as-groups conv.
 SPEEDUP_BASELINE = {"involution": "unfold", "dynamic_dwconv2d": "unfold",
                     "expert_conv2d": "batch_groups", "drconv": "batch_groups", "involution_layer": "unfold"}

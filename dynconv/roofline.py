@@ -1,4 +1,4 @@
-"""The minimum-work model behind every throughput number in ``perf_reports/`` (SPEC.md §3).
+"""The minimum-work model behind every throughput number in ``perf_reports/`` (docs/operators.md §3).
 
 Pure arithmetic on shapes: no torch, no GPU, so the model is testable anywhere and the plotter
 can use it on any machine.
@@ -107,7 +107,7 @@ class Problem:
 
     @property
     def padding(self) -> int:
-        """'same' padding for stride 1 and odd K, as SPEC.md's default."""
+        """'same' padding for stride 1 and odd K, as docs/operators.md's default."""
         return self.dilation * (self.K - 1) // 2
 
     @property
