@@ -38,17 +38,8 @@ def _all_modules():
 
 
 ALL = _all_modules()
-_EMPTY_BATCH_OPS = {  # the ops that do not yet accept B = 0 on this branch (being fixed in the ops)
-    **{name: "expert_conv2d rejects B = 0 ('non-positive groups' / ZeroDivisionError): op fix pending"
-       for name in EXPERT},
-    "involution_fused": "involution_fused's interpreter path divides by B = 0: op fix pending",
-}
-
-
 @pytest.mark.parametrize("name", list(ALL))
-def test_batch_zero_gives_empty_output_and_zero_gradients(name, device, request):
-    if name in _EMPTY_BATCH_OPS:
-        request.applymarker(pytest.mark.xfail(reason=_EMPTY_BATCH_OPS[name], strict=False))
+def test_batch_zero_gives_empty_output_and_zero_gradients(name, device):
     module = ALL[name]().to(device).train()
     x = torch.randn(0, 4, 5, 5, device=device, requires_grad=True)
     y = module(x)

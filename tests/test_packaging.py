@@ -17,7 +17,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
-RUNTIME_REQUIREMENTS = {"torch", "triton", "numpy"}
+RUNTIME_REQUIREMENTS = {"torch", "triton", "numpy", "filelock"}  # filelock: torch installs it anyway
 BENCH_ONLY = {"matplotlib"}
 # A meta-path finder installed at start-up by a .pth in the fresh venv: it refuses the bench-only
 # packages (the runtime must not need them) and remembers that someone asked.
