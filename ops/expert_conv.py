@@ -183,18 +183,22 @@ def _region_grad_sums(grad: Tensor, guide, m: int, acc: torch.dtype) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
-    y = _empty(x, (x.shape[0], weights.shape[-4], *out), memory_format_of(x))
+    fmt = memory_format_of(x)
+    nonempty = x.numel() and weights.shape[-4] and weights.shape[-3] and out[0] * out[1]
+    if nonempty and not x.is_meta and not _use_triton(x):
+        # The plain result itself, no copy into an empty (measured: perf_reports/cpu/).
+        return reference.expert_conv2d_selected(x, weights, routing, bias, stride, padding, dilation, groups,
+                                                spatial=spatial, guide=guide).contiguous(memory_format=fmt)
+    y = _empty(x, (x.shape[0], weights.shape[-4], *out), fmt)
     if y.numel() == 0:
         return y
     if x.numel() == 0 or weights.shape[-3] == 0:  # no input channel or pixel: the bias alone
         mixed = _mixed_bias(routing, bias)
         return y.copy_(_selected_bias(mixed, guide, y.shape)) if mixed is not None else y.zero_()
-    if _use_triton(x):
-        kernels.expert_conv_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
-                                    stride, padding, dilation)
-    else:
-        y.copy_(reference.expert_conv2d_grouped(x, weights, routing, bias, stride, padding, dilation, groups,
-                                                spatial=spatial, guide=guide))
+    if y.is_meta:
+        return y
+    kernels.expert_conv_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
+                                stride, padding, dilation)
     return y
 
 

@@ -5,6 +5,9 @@
 * ``involution_shift_add`` loops over the K² taps on strided views of the padded input: no unfold
   tensor, one multiply-add per tap. It is the CPU path of the ops and its backward is written out
   (``shift_add_backward_input`` / ``shift_add_backward_weight``) so the ops need no autograd inside.
+* ``dwconv_batch_as_groups`` (with ``..._backward_input`` / ``..._backward_weight``) runs a per-sample
+  weight as one depthwise conv over ``(1, B·C, H, W)`` with ``groups = B·C``: torch's own conv
+  kernels, memory O(input + output). It is the CPU path of ``dynamic_dwconv2d`` (per-sample weights).
 
 ``weight`` is per pixel ``(B, G, K, K, Ho, Wo)`` or per sample ``(B, G, K, K)`` everywhere.
 Geometry arguments are (h, w) pairs.
@@ -106,6 +109,47 @@ def shift_add_backward_weight(grad, x, weight_shape, stride, padding, dilation):
             prod = g * _tap_window(padded, u, v, stride, dilation, out)
             dw[:, :, u, v] = prod.sum(dim=2) if per_pixel else prod.sum(dim=(2, 3, 4))
     return dw.to(x.dtype)
+
+
+def _acc(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _batch_as_groups_kernel(weight, C):
+    """(B, G, K, K) per-sample kernels as the (B·C, 1, K, K) weight of one depthwise conv."""
+    B, G, K = weight.shape[:3]
+    return weight[:, :, None].expand(B, G, C // G, K, K).reshape(B * C, 1, K, K)
+
+
+def dwconv_batch_as_groups(x, weight, bias, stride, padding, dilation):
+    """Per-sample weight (B, G, K, K): one conv on (1, B·C, H, W) with groups = B·C."""
+    B, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    flat_bias = bias.to(acc).reshape(B * C) if bias is not None else None
+    y = F.conv2d(x.to(acc).reshape(1, B * C, H, W), _batch_as_groups_kernel(weight.to(acc), C), flat_bias,
+                 _pair(stride), _pair(padding), _pair(dilation), B * C)
+    return y.reshape(B, C, *y.shape[2:]).to(x.dtype)
+
+
+def dwconv_batch_as_groups_backward_input(grad, weight, x_hw, stride, padding, dilation):
+    """dx of ``dwconv_batch_as_groups``: the transposed depthwise conv, by torch's conv backward."""
+    B, C, Ho, Wo = grad.shape
+    acc = _acc(grad.dtype)
+    dx = torch.nn.grad.conv2d_input((1, B * C, *x_hw), _batch_as_groups_kernel(weight.to(acc), C),
+                                    grad.to(acc).reshape(1, B * C, Ho, Wo), _pair(stride), _pair(padding),
+                                    _pair(dilation), B * C)
+    return dx.reshape(B, C, *x_hw).to(grad.dtype)
+
+
+def dwconv_batch_as_groups_backward_weight(grad, x, weight_shape, stride, padding, dilation):
+    """dw of ``dwconv_batch_as_groups``: torch's depthwise weight gradient, summed over each group."""
+    B, C, H, W = x.shape
+    G, K = weight_shape[1], weight_shape[2]
+    acc = _acc(x.dtype)
+    dw = torch.nn.grad.conv2d_weight(x.to(acc).reshape(1, B * C, H, W), (B * C, 1, K, K),
+                                     grad.to(acc).reshape(1, B * C, *grad.shape[2:]), _pair(stride),
+                                     _pair(padding), _pair(dilation), B * C)
+    return dw.reshape(B, G, C // G, K, K).sum(dim=2).to(x.dtype)
 
 
 def involution_naive(x, weight, bias=None, stride=1, padding=None, dilation=1):
