@@ -129,32 +129,31 @@ def _forward(x, weight, bias, stride, padding, dilation, out):
 
 
 def _backward_input(grad, weight, x_size, channels_last, stride, padding, dilation):
-    dx = _empty(grad, x_size, torch.channels_last if channels_last else torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if _plain(grad) and grad.numel() and weight.numel() and all(x_size):
+        body = (reference.dwconv_batch_as_groups_backward_input if weight.dim() == 4
+                else reference.shift_add_backward_input)
+        return body(grad, weight, tuple(x_size[2:]), stride, padding, dilation).contiguous(memory_format=fmt)
+    dx = _empty(grad, x_size, fmt)
     if dx.numel() == 0 or dx.is_meta:
         return dx
     if grad.numel() == 0 or weight.numel() == 0:
         return dx.zero_()
-    if _use_triton(grad):
-        kernels.involution_backward_input(grad, weight, dx, stride, padding, dilation)
-    else:
-        body = (reference.dwconv_batch_as_groups_backward_input if weight.dim() == 4
-                else reference.shift_add_backward_input)
-        dx.copy_(body(grad, weight, tuple(x_size[2:]), stride, padding, dilation))
+    kernels.involution_backward_input(grad, weight, dx, stride, padding, dilation)
     return dx
 
 
 def _backward_weight(grad, x, weight_size, stride, padding, dilation):
+    if _plain(x) and grad.numel() and x.numel() and all(weight_size):
+        body = (reference.dwconv_batch_as_groups_backward_weight if len(weight_size) == 4
+                else reference.shift_add_backward_weight)
+        return body(grad, x, tuple(weight_size), stride, padding, dilation).contiguous()
     dw = torch.empty(tuple(weight_size), dtype=x.dtype, device=x.device)
     if dw.numel() == 0 or dw.is_meta:
         return dw
     if grad.numel() == 0 or x.numel() == 0:
         return dw.zero_()
-    if _use_triton(x):
-        kernels.involution_backward_weight(grad, x, dw, stride, padding, dilation)
-    else:
-        body = (reference.dwconv_batch_as_groups_backward_weight if len(weight_size) == 4
-                else reference.shift_add_backward_weight)
-        dw.copy_(body(grad, x, tuple(weight_size), stride, padding, dilation))
+    kernels.involution_backward_weight(grad, x, dw, stride, padding, dilation)
     return dw
 
 

@@ -142,14 +142,17 @@ def dwconv_batch_as_groups_backward_input(grad, weight, x_hw, stride, padding, d
 
 
 def dwconv_batch_as_groups_backward_weight(grad, x, weight_shape, stride, padding, dilation):
-    """dw of ``dwconv_batch_as_groups``: torch's depthwise weight gradient, summed over each group."""
+    """dw of ``dwconv_batch_as_groups``, summed over each group. ``dw[b, c, u, v] = Σ_ij grad[b, c, i, j] ·
+    x_pad[b, c, i·s + u·d, j·s + v·d]`` is itself a depthwise conv of the input with the gradient as
+    kernel (stride and dilation swapped): torch's depthwise conv is several times faster on CPU than
+    its depthwise weight gradient (perf_reports/cpu/). Rows past K (stride leftovers) are cut."""
     B, C, H, W = x.shape
     G, K = weight_shape[1], weight_shape[2]
+    Ho, Wo = grad.shape[2:]
     acc = _acc(x.dtype)
-    dw = torch.nn.grad.conv2d_weight(x.to(acc).reshape(1, B * C, H, W), (B * C, 1, K, K),
-                                     grad.to(acc).reshape(1, B * C, *grad.shape[2:]), _pair(stride),
-                                     _pair(padding), _pair(dilation), B * C)
-    return dw.reshape(B, G, C // G, K, K).sum(dim=2).to(x.dtype)
+    dw = F.conv2d(x.to(acc).reshape(1, B * C, H, W), grad.to(acc).reshape(B * C, 1, Ho, Wo), None,
+                  _pair(dilation), _pair(padding), _pair(stride), B * C)
+    return dw[0, :, :K, :K].reshape(B, G, C // G, K, K).sum(dim=2).to(x.dtype)
 
 
 def involution_naive(x, weight, bias=None, stride=1, padding=None, dilation=1):
