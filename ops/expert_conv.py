@@ -261,17 +261,16 @@ def _guide_grad(scores: Tensor, guide: Tensor) -> Tensor:
 
 def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if not grad.is_meta and not _use_triton(grad) and grad.numel() and weights.numel() and all(x_size):
+        dx = _cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, padding, dilation, groups)
+        return dx.to(grad.dtype).contiguous(memory_format=fmt)  # the result itself, no copy into an empty
     dx = _empty(grad, x_size, fmt)
-    if dx.numel() == 0:
+    if dx.numel() == 0 or dx.is_meta:
         return dx
     if grad.numel() == 0 or weights.numel() == 0:
         return dx.zero_()
-    if _use_triton(grad):
-        kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
-                                           dilation)
-    else:
-        dx.copy_(_cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, padding, dilation,
-                                     groups))
+    kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
+                                       dilation)
     return dx
 
 
