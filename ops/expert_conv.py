@@ -9,8 +9,8 @@ derivatives (a create_graph backward) are built from differentiable steps instea
 and ``expert_conv2d_per_sample`` (the forward with already-mixed kernels), each with an autograd
 formula made of the others (see "Differentiable backward passes" below).
 CUDA tensors run the Triton kernels; CPU tensors run the batch-as-groups conv of
-``reference_expert`` (its backward from ``torch.nn.grad``), or the Triton kernels through the interpreter
-when TRITON_INTERPRET=1 was set before import.
+``reference_expert`` (its backward by the transposed conv and ``torch.nn.grad.conv2d_weight``), or the
+Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import.
 
 Inside the ops ``routing`` is always ``(B, m, E)``; the public function views ``(B, E)`` as m = 1.
 Plain eager calls of the public function run the same bodies through an autograd.Function,
@@ -32,6 +32,7 @@ from dynconv.kernels._launch import kernels_are_interpreted
 
 from . import _eager
 from . import reference_expert as reference
+from .reference_involution import conv2d_input
 from ._checks import (
     as_pair,
     autocast_inputs,
@@ -203,7 +204,7 @@ def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilatio
 
 
 # The CPU path of the backward ops: the same quantities as the kernels, from the batch-as-groups
-# conv's own backward (torch.nn.grad), computed in the accumulation dtype.
+# conv's own backward (transposed conv, torch.nn.grad.conv2d_weight), in the accumulation dtype.
 
 def _region_masked_grad(grad, guide, m, groups):
     """∂y split by region, (B, m, Cout, Ho, Wo) → the grouped conv's (1, B·groups·m·Cout/g, Ho, Wo)."""
@@ -220,8 +221,8 @@ def _cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, 
     B, m = grad.shape[0], _regions(weights, routing)
     weight, _ = reference.mix_kernels(weights.to(acc), _cast(routing, acc), None, _cast(spatial, acc))
     grouped_grad, _ = _region_masked_grad(grad.to(acc), guide, m, groups)
-    dx = torch.nn.grad.conv2d_input((1, B * x_size[1], *x_size[2:]), reference.as_grouped_weight(weight, groups),
-                                    grouped_grad, stride, padding, dilation, B * groups)
+    dx = conv2d_input(tuple(x_size[2:]), reference.as_grouped_weight(weight, groups), grouped_grad, stride, padding,
+                      dilation, B * groups)
     return dx.reshape(tuple(x_size))
 
 

@@ -131,13 +131,23 @@ def dwconv_batch_as_groups(x, weight, bias, stride, padding, dilation):
     return y.reshape(B, C, *y.shape[2:]).to(x.dtype)
 
 
+def conv2d_input(x_hw, weight, grad, stride, padding, dilation, groups):
+    """The input gradient of ``F.conv2d`` (``torch.nn.grad.conv2d_input``, which copies an input-sized
+    tensor first) as the transposed conv; ``output_padding`` restores the rows the forward's stride
+    dropped, and is below the stride, as torch requires."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    reached = [(n - 1) * s - 2 * p + d * (k - 1) + 1
+               for n, k, s, p, d in zip(grad.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    return F.conv_transpose2d(grad, weight, None, stride, padding, tuple(h - r for h, r in zip(x_hw, reached)),
+                              groups, dilation)
+
+
 def dwconv_batch_as_groups_backward_input(grad, weight, x_hw, stride, padding, dilation):
-    """dx of ``dwconv_batch_as_groups``: the transposed depthwise conv, by torch's conv backward."""
+    """dx of ``dwconv_batch_as_groups``: the transposed depthwise conv."""
     B, C, Ho, Wo = grad.shape
     acc = _acc(grad.dtype)
-    dx = torch.nn.grad.conv2d_input((1, B * C, *x_hw), _batch_as_groups_kernel(weight.to(acc), C),
-                                    grad.to(acc).reshape(1, B * C, Ho, Wo), _pair(stride), _pair(padding),
-                                    _pair(dilation), B * C)
+    dx = conv2d_input(x_hw, _batch_as_groups_kernel(weight.to(acc), C), grad.to(acc).reshape(1, B * C, Ho, Wo),
+                      stride, padding, dilation, B * C)
     return dx.reshape(B, C, *x_hw).to(grad.dtype)
 
 
