@@ -9,8 +9,8 @@ derivatives (a create_graph backward) are built from differentiable steps instea
 and ``expert_conv2d_per_sample`` (the forward with already-mixed kernels), each with an autograd
 formula made of the others (see "Differentiable backward passes" below).
 CUDA tensors run the Triton kernels; CPU tensors run the batch-as-groups conv of
-``reference_expert`` (its backward from ``torch.nn.grad``), or the Triton kernels through the interpreter
-when TRITON_INTERPRET=1 was set before import.
+``reference_expert`` (its backward by the transposed conv and ``torch.nn.grad.conv2d_weight``), or the
+Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import.
 
 Inside the ops ``routing`` is always ``(B, m, E)``; the public function views ``(B, E)`` as m = 1.
 Plain eager calls of the public function run the same bodies through an autograd.Function,
@@ -32,6 +32,7 @@ from dynconv.kernels._launch import kernels_are_interpreted
 
 from . import _eager
 from . import reference_expert as reference
+from .reference_involution import conv2d_input
 from ._checks import (
     as_pair,
     autocast_inputs,
@@ -183,23 +184,27 @@ def _region_grad_sums(grad: Tensor, guide, m: int, acc: torch.dtype) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
-    y = _empty(x, (x.shape[0], weights.shape[-4], *out), memory_format_of(x))
+    fmt = memory_format_of(x)
+    nonempty = x.numel() and weights.shape[-4] and weights.shape[-3] and out[0] * out[1]
+    if nonempty and not x.is_meta and not _use_triton(x):
+        # The plain result itself, no copy into an empty (measured: perf_reports/cpu/).
+        return reference.expert_conv2d_selected(x, weights, routing, bias, stride, padding, dilation, groups,
+                                                spatial=spatial, guide=guide).contiguous(memory_format=fmt)
+    y = _empty(x, (x.shape[0], weights.shape[-4], *out), fmt)
     if y.numel() == 0:
         return y
     if x.numel() == 0 or weights.shape[-3] == 0:  # no input channel or pixel: the bias alone
         mixed = _mixed_bias(routing, bias)
         return y.copy_(_selected_bias(mixed, guide, y.shape)) if mixed is not None else y.zero_()
-    if _use_triton(x):
-        kernels.expert_conv_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
-                                    stride, padding, dilation)
-    else:
-        y.copy_(reference.expert_conv2d_grouped(x, weights, routing, bias, stride, padding, dilation, groups,
-                                                spatial=spatial, guide=guide))
+    if y.is_meta:
+        return y
+    kernels.expert_conv_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
+                                stride, padding, dilation)
     return y
 
 
 # The CPU path of the backward ops: the same quantities as the kernels, from the batch-as-groups
-# conv's own backward (torch.nn.grad), computed in the accumulation dtype.
+# conv's own backward (transposed conv, torch.nn.grad.conv2d_weight), in the accumulation dtype.
 
 def _region_masked_grad(grad, guide, m, groups):
     """∂y split by region, (B, m, Cout, Ho, Wo) → the grouped conv's (1, B·groups·m·Cout/g, Ho, Wo)."""
@@ -216,8 +221,8 @@ def _cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, 
     B, m = grad.shape[0], _regions(weights, routing)
     weight, _ = reference.mix_kernels(weights.to(acc), _cast(routing, acc), None, _cast(spatial, acc))
     grouped_grad, _ = _region_masked_grad(grad.to(acc), guide, m, groups)
-    dx = torch.nn.grad.conv2d_input((1, B * x_size[1], *x_size[2:]), reference.as_grouped_weight(weight, groups),
-                                    grouped_grad, stride, padding, dilation, B * groups)
+    dx = conv2d_input(tuple(x_size[2:]), reference.as_grouped_weight(weight, groups), grouped_grad, stride, padding,
+                      dilation, B * groups)
     return dx.reshape(tuple(x_size))
 
 
@@ -257,17 +262,16 @@ def _guide_grad(scores: Tensor, guide: Tensor) -> Tensor:
 
 def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if not grad.is_meta and not _use_triton(grad) and grad.numel() and weights.numel() and all(x_size):
+        dx = _cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, padding, dilation, groups)
+        return dx.to(grad.dtype).contiguous(memory_format=fmt)  # the result itself, no copy into an empty
     dx = _empty(grad, x_size, fmt)
-    if dx.numel() == 0:
+    if dx.numel() == 0 or dx.is_meta:
         return dx
     if grad.numel() == 0 or weights.numel() == 0:
         return dx.zero_()
-    if _use_triton(grad):
-        kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
-                                           dilation)
-    else:
-        dx.copy_(_cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, padding, dilation,
-                                     groups))
+    kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
+                                       dilation)
     return dx
 
 

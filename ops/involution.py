@@ -4,8 +4,9 @@ Registered with torch.library as ``torch.ops.dynconv.involution`` / ``dynamic_dw
 and ``involution_backward_input`` / ``involution_backward_weight`` (shared by both: a per-sample
 weight is the per-pixel one with no pixel axes). Each op has a fake implementation, so
 ``torch.compile(fullgraph=True)`` traces through it, and an autograd formula built from the other
-ops, to any order. CUDA tensors run the Triton kernels; CPU tensors run shift-and-add, or the
-Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import. Plain eager
+ops, to any order. CUDA tensors run the Triton kernels; CPU tensors run torch's depthwise conv over
+the batch (per-sample weights) or shift-and-add (per-pixel weights), or the Triton kernels through
+the interpreter when TRITON_INTERPRET=1 was set before import. Plain eager
 calls of the public functions, forward-mode AD and torch.func's transforms run the same bodies
 through autograd.Functions (with jvp and vmap rules), without the dispatcher (``ops/_eager.py``).
 """
@@ -37,6 +38,12 @@ _INTERPRETED = kernels_are_interpreted()
 
 def _use_triton(t: Tensor) -> bool:
     return t.is_cuda or _INTERPRETED
+
+
+def _plain(t: Tensor) -> bool:
+    """The plain-PyTorch CPU path: per-sample weights by the batch-as-groups depthwise conv (torch's
+    own conv kernels, measured fastest on CPU: perf_reports/cpu/), per-pixel ones by shift-and-add."""
+    return not t.is_meta and not _use_triton(t)
 
 
 def _empty(like: Tensor, shape, fmt: torch.memory_format) -> Tensor:
@@ -105,41 +112,48 @@ def _default_padding(padding, dilation, weight_shape):
 # ---------------------------------------------------------------------------------------------
 
 def _forward(x, weight, bias, stride, padding, dilation, out):
-    y = _empty(x, (x.shape[0], x.shape[1], *out), memory_format_of(x))
+    fmt = memory_format_of(x)
+    if _plain(x) and x.numel() and out[0] * out[1]:  # the plain result itself, no copy into an empty
+        if weight.dim() == 4:
+            y = reference.dwconv_batch_as_groups(x, weight, bias, stride, padding, dilation)
+        else:
+            y = reference.involution_shift_add(x, weight, bias, stride, padding, dilation)
+        return y.contiguous(memory_format=fmt)
+    y = _empty(x, (x.shape[0], x.shape[1], *out), fmt)
     if y.numel() == 0 or y.is_meta:
         return y
     if x.numel() == 0:  # an empty image under padding: only the bias reaches the output
         return y.copy_(bias[:, :, None, None].expand_as(y)) if bias is not None else y.zero_()
-    if _use_triton(x):
-        kernels.involution_forward(x, weight, bias, y, stride, padding, dilation)
-    else:
-        y.copy_(reference.involution_shift_add(x, weight, bias, stride, padding, dilation))
+    kernels.involution_forward(x, weight, bias, y, stride, padding, dilation)
     return y
 
 
 def _backward_input(grad, weight, x_size, channels_last, stride, padding, dilation):
-    dx = _empty(grad, x_size, torch.channels_last if channels_last else torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if _plain(grad) and grad.numel() and weight.numel() and all(x_size):
+        body = (reference.dwconv_batch_as_groups_backward_input if weight.dim() == 4
+                else reference.shift_add_backward_input)
+        return body(grad, weight, tuple(x_size[2:]), stride, padding, dilation).contiguous(memory_format=fmt)
+    dx = _empty(grad, x_size, fmt)
     if dx.numel() == 0 or dx.is_meta:
         return dx
     if grad.numel() == 0 or weight.numel() == 0:
         return dx.zero_()
-    if _use_triton(grad):
-        kernels.involution_backward_input(grad, weight, dx, stride, padding, dilation)
-    else:
-        dx.copy_(reference.shift_add_backward_input(grad, weight, tuple(x_size[2:]), stride, padding, dilation))
+    kernels.involution_backward_input(grad, weight, dx, stride, padding, dilation)
     return dx
 
 
 def _backward_weight(grad, x, weight_size, stride, padding, dilation):
+    if _plain(x) and grad.numel() and x.numel() and all(weight_size):
+        body = (reference.dwconv_batch_as_groups_backward_weight if len(weight_size) == 4
+                else reference.shift_add_backward_weight)
+        return body(grad, x, tuple(weight_size), stride, padding, dilation).contiguous()
     dw = torch.empty(tuple(weight_size), dtype=x.dtype, device=x.device)
     if dw.numel() == 0 or dw.is_meta:
         return dw
     if grad.numel() == 0 or x.numel() == 0:
         return dw.zero_()
-    if _use_triton(x):
-        kernels.involution_backward_weight(grad, x, dw, stride, padding, dilation)
-    else:
-        dw.copy_(reference.shift_add_backward_weight(grad, x, tuple(weight_size), stride, padding, dilation))
+    kernels.involution_backward_weight(grad, x, dw, stride, padding, dilation)
     return dw
 
 

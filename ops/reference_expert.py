@@ -5,6 +5,9 @@
   is ``drconv_all_regions``. It is the CPU path of the ops.
 * ``drconv_all_regions`` — the DRConv baseline: every region's kernel convolves every pixel (m
   convs), then each pixel keeps the output of its argmax region.
+* ``expert_conv2d_selected`` — the ops' CPU forward: the batch-as-groups conv in the accumulation
+  dtype, the kernels mixed by one GEMM, and with a guide each pixel's region picked by a gather
+  (no one-hot product, no straight-through surrogate: the ops write their derivatives out).
 * ``expert_conv2d_loop`` — a Python loop over the batch, one ``F.conv2d`` per sample (a baseline).
 
 All share the signature of ``dynconv.expert_conv2d``. For a guide they implement the SPEC's
@@ -118,6 +121,42 @@ def expert_conv2d_grouped(x, experts, routing, bias=None, stride=1, padding=0, d
                  _pair(stride), _pair(padding), _pair(dilation), B * groups)
     y = y.reshape(B, Cout, *y.shape[2:])
     return y.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else y
+
+
+def _mixed_flat(experts, routing, bias):
+    """Per-(sample, region) kernels (B, m, Cout, Cin/g, kh, kw) and biases (B, m, Cout) by one GEMM
+    each; without routing ``experts`` and ``bias`` are already per sample."""
+    if routing is None:
+        return experts, bias
+    routing = _routing3(routing)
+    B, m, E = routing.shape
+    route = routing.reshape(B * m, E)
+    weight = (route @ experts.reshape(E, -1)).reshape(B, m, *experts.shape[1:])
+    return weight, (route @ bias).reshape(B, m, -1) if bias is not None else None
+
+
+def expert_conv2d_selected(x, experts, routing, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                           spatial=None, guide=None):
+    """The forward value only (not for autograd): one batch-as-groups conv in float32 (float64 for
+    float64) over every region's kernel, then each pixel's argmax region by a gather."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weight, mixed_bias = _mixed_flat(experts.to(acc), routing.to(acc) if routing is not None else None,
+                                     bias.to(acc) if bias is not None else None)
+    if spatial is not None:
+        weight = weight * spatial.to(acc)[:, None, None, None]
+    B, m, Cout = weight.shape[:3]
+    Cin, H, W = x.shape[1:]
+    conv_bias = None
+    if mixed_bias is not None:  # the grouped conv's output channels are (b, g, r, o)
+        conv_bias = mixed_bias.reshape(B, m, groups, Cout // groups).transpose(1, 2).reshape(-1)
+    y = F.conv2d(x.to(acc).reshape(1, B * Cin, H, W), as_grouped_weight(weight, groups), conv_bias,
+                 _pair(stride), _pair(padding), _pair(dilation), B * groups)
+    if m == 1:
+        return y.reshape(B, Cout, *y.shape[2:]).to(x.dtype)
+    y_all = from_grouped_output(y, B, m, groups)
+    region = guide.argmax(dim=1)[:, None, None]  # torch.argmax: a NaN logit wins, as in the kernels
+    y = y_all.gather(1, region.expand(B, 1, Cout, *region.shape[3:])).squeeze(1)
+    return y.to(x.dtype)
 
 
 def expert_conv2d_loop(x, experts, routing, bias=None, stride=1, padding=0, dilation=1, groups=1, *,

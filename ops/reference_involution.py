@@ -5,6 +5,9 @@
 * ``involution_shift_add`` loops over the K² taps on strided views of the padded input: no unfold
   tensor, one multiply-add per tap. It is the CPU path of the ops and its backward is written out
   (``shift_add_backward_input`` / ``shift_add_backward_weight``) so the ops need no autograd inside.
+* ``dwconv_batch_as_groups`` (with ``..._backward_input`` / ``..._backward_weight``) runs a per-sample
+  weight as one depthwise conv over ``(1, B·C, H, W)`` with ``groups = B·C``: torch's own conv
+  kernels, memory O(input + output). It is the CPU path of ``dynamic_dwconv2d`` (per-sample weights).
 
 ``weight`` is per pixel ``(B, G, K, K, Ho, Wo)`` or per sample ``(B, G, K, K)`` everywhere.
 Geometry arguments are (h, w) pairs.
@@ -106,6 +109,60 @@ def shift_add_backward_weight(grad, x, weight_shape, stride, padding, dilation):
             prod = g * _tap_window(padded, u, v, stride, dilation, out)
             dw[:, :, u, v] = prod.sum(dim=2) if per_pixel else prod.sum(dim=(2, 3, 4))
     return dw.to(x.dtype)
+
+
+def _acc(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _batch_as_groups_kernel(weight, C):
+    """(B, G, K, K) per-sample kernels as the (B·C, 1, K, K) weight of one depthwise conv."""
+    B, G, K = weight.shape[:3]
+    return weight[:, :, None].expand(B, G, C // G, K, K).reshape(B * C, 1, K, K)
+
+
+def dwconv_batch_as_groups(x, weight, bias, stride, padding, dilation):
+    """Per-sample weight (B, G, K, K): one conv on (1, B·C, H, W) with groups = B·C."""
+    B, C, H, W = x.shape
+    acc = _acc(x.dtype)
+    flat_bias = bias.to(acc).reshape(B * C) if bias is not None else None
+    y = F.conv2d(x.to(acc).reshape(1, B * C, H, W), _batch_as_groups_kernel(weight.to(acc), C), flat_bias,
+                 _pair(stride), _pair(padding), _pair(dilation), B * C)
+    return y.reshape(B, C, *y.shape[2:]).to(x.dtype)
+
+
+def conv2d_input(x_hw, weight, grad, stride, padding, dilation, groups):
+    """The input gradient of ``F.conv2d`` (``torch.nn.grad.conv2d_input``, which copies an input-sized
+    tensor first) as the transposed conv; ``output_padding`` restores the rows the forward's stride
+    dropped, and is below the stride, as torch requires."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    reached = [(n - 1) * s - 2 * p + d * (k - 1) + 1
+               for n, k, s, p, d in zip(grad.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    return F.conv_transpose2d(grad, weight, None, stride, padding, tuple(h - r for h, r in zip(x_hw, reached)),
+                              groups, dilation)
+
+
+def dwconv_batch_as_groups_backward_input(grad, weight, x_hw, stride, padding, dilation):
+    """dx of ``dwconv_batch_as_groups``: the transposed depthwise conv."""
+    B, C, Ho, Wo = grad.shape
+    acc = _acc(grad.dtype)
+    dx = conv2d_input(x_hw, _batch_as_groups_kernel(weight.to(acc), C), grad.to(acc).reshape(1, B * C, Ho, Wo),
+                      stride, padding, dilation, B * C)
+    return dx.reshape(B, C, *x_hw).to(grad.dtype)
+
+
+def dwconv_batch_as_groups_backward_weight(grad, x, weight_shape, stride, padding, dilation):
+    """dw of ``dwconv_batch_as_groups``, summed over each group. ``dw[b, c, u, v] = Σ_ij grad[b, c, i, j] ·
+    x_pad[b, c, i·s + u·d, j·s + v·d]`` is itself a depthwise conv of the input with the gradient as
+    kernel (stride and dilation swapped): torch's depthwise conv is several times faster on CPU than
+    its depthwise weight gradient (perf_reports/cpu/). Rows past K (stride leftovers) are cut."""
+    B, C, H, W = x.shape
+    G, K = weight_shape[1], weight_shape[2]
+    Ho, Wo = grad.shape[2:]
+    acc = _acc(x.dtype)
+    dw = F.conv2d(x.to(acc).reshape(1, B * C, H, W), grad.to(acc).reshape(B * C, 1, Ho, Wo), None,
+                  _pair(dilation), _pair(padding), _pair(stride), B * C)
+    return dw[0, :, :K, :K].reshape(B, G, C // G, K, K).sum(dim=2).to(x.dtype)
 
 
 def involution_naive(x, weight, bias=None, stride=1, padding=None, dilation=1):
