@@ -1,4 +1,4 @@
-"""torch ops for SPEC.md §2: ``dynconv.expert_conv2d`` (CondConv, DynamicConv, ODConv, DRConv).
+"""torch ops for docs/operators.md §2: ``dynconv.expert_conv2d`` (CondConv, DynamicConv, ODConv, DRConv).
 
 Registered with torch.library as ``torch.ops.dynconv.expert_conv2d`` (forward),
 ``expert_conv2d_backward_input`` (∂x) and ``expert_conv2d_backward_weight`` (∂experts, ∂routing,
@@ -849,7 +849,7 @@ _apply = _eager.applier(_EagerConv)
 
 def expert_conv2d(x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | None = None, stride=1, padding=0,
                   dilation=1, groups: int = 1, *, spatial: Tensor | None = None, guide: Tensor | None = None) -> Tensor:
-    """Convolution with per-sample (and per-region) mixtures of K expert kernels (SPEC.md §2).
+    """Convolution with per-sample (and per-region) mixtures of K expert kernels (docs/operators.md §2).
 
     ``W[b, r] = spatial[b] ⊙ Σ_e routing[b, r, e] · experts[e]`` and the mixed bias likewise;
     without a guide ``y[b] = conv2d(x[b], W[b, 0], bias[b, 0], stride, padding, dilation, groups)``

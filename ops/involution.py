@@ -1,4 +1,4 @@
-"""torch ops for SPEC.md §1: ``dynconv.involution`` and ``dynconv.dynamic_dwconv2d``.
+"""torch ops for docs/operators.md §1: ``dynconv.involution`` and ``dynconv.dynamic_dwconv2d``.
 
 Registered with torch.library as ``torch.ops.dynconv.involution`` / ``dynamic_dwconv2d`` (forward)
 and ``involution_backward_input`` / ``involution_backward_weight`` (shared by both: a per-sample
@@ -449,7 +449,7 @@ def _call(x, weight, bias, pairs, per_pixel):
 # ---------------------------------------------------------------------------------------------
 
 def involution(x: Tensor, weight: Tensor, stride=1, padding=None, dilation=1) -> Tensor:
-    """Involution / per-pixel dynamic depth-wise conv (SPEC.md §1a).
+    """Involution / per-pixel dynamic depth-wise conv (docs/operators.md §1a).
 
     ``y[b,c,i,j] = Σ_{u,v} weight[b, c // (C/G), u, v, i, j] · x[b, c, i·s-p+u·d, j·s-p+v·d]``
 
@@ -474,7 +474,7 @@ def involution(x: Tensor, weight: Tensor, stride=1, padding=None, dilation=1) ->
 
 def dynamic_dwconv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=None,
                      dilation=1) -> Tensor:
-    """Per-sample dynamic depth-wise conv (SPEC.md §1b), without materialising per-pixel weights.
+    """Per-sample dynamic depth-wise conv (docs/operators.md §1b), without materialising per-pixel weights.
 
     ``y[b,c,i,j] = bias[b,c] + Σ_{u,v} weight[b, c // (C/G), u, v] · x[b, c, i·s-p+u·d, j·s-p+v·d]``
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch paths for SPEC.md §2 (K-expert kernel mixing), differentiable by autograd.
+"""Plain-PyTorch paths for docs/operators.md §2 (K-expert kernel mixing), differentiable by autograd.
 
 * ``expert_conv2d_grouped`` — the timm / DWNet batch-as-groups trick: mix the kernels per sample,
   reshape x to ``(1, B·Cin, H, W)`` and run one conv with ``groups = B·groups``. With a guide it
@@ -10,7 +10,7 @@
   (no one-hot product, no straight-through surrogate: the ops write their derivatives out).
 * ``expert_conv2d_loop`` — a Python loop over the batch, one ``F.conv2d`` per sample (a baseline).
 
-All share the signature of ``dynconv.expert_conv2d``. For a guide they implement the SPEC's
+All share the signature of ``dynconv.expert_conv2d``. For a guide they implement the operator contract's
 straight-through estimator: the output is the argmax selection, while the guide receives
 ``∂guide = S ⊙ (∂S - Σ_r S ⊙ ∂S)`` with ``S = softmax(guide)`` and ``∂S[b,r] = Σ_o ∂y[b,o] · y_r[b,o]``,
 and each region's kernel only the gradient of its own pixels.

@@ -1,4 +1,4 @@
-"""Plain-PyTorch paths for SPEC.md §1: the unfold baseline and shift-and-add.
+"""Plain-PyTorch paths for docs/operators.md §1: the unfold baseline and shift-and-add.
 
 * ``involution_unfold`` is the seeds' formulation (``F.unfold`` → multiply → sum). It materialises
   ``K²·C·Ho·Wo`` elements per sample and is the baseline every benchmark compares against.
@@ -166,7 +166,7 @@ def dwconv_batch_as_groups_backward_weight(grad, x, weight_shape, stride, paddin
 
 
 def involution_naive(x, weight, bias=None, stride=1, padding=None, dilation=1):
-    """SPEC.md §1 written as loops over every index: slow, for tiny shapes in tests only."""
+    """docs/operators.md §1 written as loops over every index: slow, for tiny shapes in tests only."""
     K, stride, padding, dilation, out = _geometry(x, weight, stride, padding, dilation)
     B, C, H, W = x.shape
     CG = C // weight.shape[1]
