@@ -79,3 +79,14 @@ def refuse_tangents(op: str, *tensors) -> None:
             raise NotImplementedError(
                 f"{op}: forward-mode AD under a dispatch mode or tracer is not supported (the tangent "
                 "would be lost); call it outside the mode, or use torch.func.jvp")
+
+
+def forward_mode_active() -> bool:
+    """Whether a tangent may be riding on the inputs: forward AD, or a torch.func jvp / jacfwd."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())

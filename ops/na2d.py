@@ -17,7 +17,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from dynconv.kernels import na2d as kernels
 from dynconv.kernels._launch import kernels_are_interpreted
@@ -268,7 +267,24 @@ def _na2d_grads(ctx, grad, backward):
     return dq, dk, dv, (drpb if ctx.has_rpb else None)
 
 
+def _refuse_second_order(op: str) -> None:
+    """The backward kernels carry no derivative of their own yet: a create_graph backward is
+    refused rather than silently detached (a gradient penalty would never reach q, k, v)."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"{op}: second-order derivatives (create_graph=True) are not implemented yet; "
+            "use the float64 reference dynconv.reference.na2d_gather for gradient penalties")
+
+
+def _refuse_forward_mode(op: str) -> None:
+    """No forward-mode rule yet: a tangent would come back as zeros through the custom op."""
+    if _eager.forward_mode_active() and not torch.compiler.is_compiling():
+        raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) "
+                                  "is not implemented yet")
+
+
 def _na2d_autograd(ctx, grad, grad_lse):
+    _refuse_second_order("na2d")
     return (*_na2d_grads(ctx, grad, na2d_backward_op), None, None, None, None)
 
 
@@ -287,6 +303,7 @@ def _qk_grads(ctx, grad, backward):
 
 
 def _qk_autograd(ctx, grad):
+    _refuse_second_order("na2d_qk")
     return (*_qk_grads(ctx, grad, na2d_qk_backward_op), None, None, None)
 
 
@@ -302,6 +319,7 @@ def _av_grads(ctx, grad, backward):
 
 
 def _av_autograd(ctx, grad):
+    _refuse_second_order("na2d_av")
     return (*_av_grads(ctx, grad, na2d_av_backward_op), None, None, None)
 
 
@@ -324,8 +342,7 @@ class _NA2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, grad_lse):
-        if torch.is_grad_enabled():  # create_graph=True: the kernels have no derivative of their own
-            return _na2d_backward_once(ctx, grad, grad_lse)
+        _refuse_second_order("na2d")
         return (*_na2d_grads(ctx, grad, _backward), None, None, None, None)
 
 
@@ -337,8 +354,7 @@ class _QK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            return _qk_backward_once(ctx, grad)
+        _refuse_second_order("na2d_qk")
         return (*_qk_grads(ctx, grad, _qk_backward), None, None, None)
 
 
@@ -350,14 +366,10 @@ class _AV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if torch.is_grad_enabled():
-            return _av_backward_once(ctx, grad)
+        _refuse_second_order("na2d_av")
         return (*_av_grads(ctx, grad, _av_backward), None, None, None)
 
 
-_na2d_backward_once = once_differentiable(_NA2d.backward)
-_qk_backward_once = once_differentiable(_QK.backward)
-_av_backward_once = once_differentiable(_AV.backward)
 _apply_na2d, _apply_qk, _apply_av = (_eager.applier(f) for f in (_NA2d, _QK, _AV))
 
 
@@ -395,6 +407,7 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation=1, *, rpb: 
     scale = _scale(scale, q.shape[-1])
     q, k, v, rpb = autocast_inputs(q, k, v, rpb)
     dilation = as_pair(dilation, "dilation", 1)
+    _refuse_forward_mode("na2d")
     if not _eager.eager(q, k, v, rpb):
         return na2d_op(q, k, v, rpb, K, list(dilation), scale, window)[0]
     _check_tensors(q=q, k=k, v=v, rpb=rpb)
@@ -415,6 +428,7 @@ def na2d_qk(q: Tensor, k: Tensor, kernel_size: int, dilation=1, *, rpb: Tensor |
     window = _check_window(window)
     q, k, rpb = autocast_inputs(q, k, rpb)
     dilation = as_pair(dilation, "dilation", 1)
+    _refuse_forward_mode("na2d_qk")
     if not _eager.eager(q, k, rpb):
         return na2d_qk_op(q, k, rpb, K, list(dilation), window)
     _check_tensors(q=q, k=k, rpb=rpb)
@@ -432,6 +446,7 @@ def na2d_av(attn: Tensor, v: Tensor, kernel_size: int, dilation=1, *, window: st
     window = _check_window(window)
     attn, v = autocast_inputs(attn, v)
     dilation = as_pair(dilation, "dilation", 1)
+    _refuse_forward_mode("na2d_av")
     if not _eager.eager(attn, v):
         return na2d_av_op(attn, v, K, list(dilation), window)
     _check_tensors(attn=attn, v=v)

@@ -410,3 +410,32 @@ def test_module_compiles_fullgraph(device):
     assert_close(y, layer(x).double(), torch.float32, "compiled module")
     y.sum().backward()
     assert x.grad is not None and layer.rpb.grad is not None and math.isfinite(layer.rpb.grad.sum().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Derivatives the ops do not have yet are refused, never silently dropped
+# ---------------------------------------------------------------------------------------------
+
+def _derivative_cases():
+    q, k, v = (torch.randn(1, 5, 5, 1, 4, dtype=torch.float64) for _ in range(3))
+    attn = torch.randn(1, 5, 5, 1, 3, 3, dtype=torch.float64)
+    return {"na2d": (lambda a: dynconv.na2d(a, k, v, 3), q),
+            "na2d_qk": (lambda a: dynconv.na2d_qk(a, k, 3), q),
+            "na2d_av": (lambda a: dynconv.na2d_av(a, v, 3), attn)}
+
+
+@pytest.mark.parametrize("name", ["na2d", "na2d_qk", "na2d_av"])
+@pytest.mark.parametrize("custom_ops", [False, True])
+def test_second_order_and_forward_mode_are_refused_not_dropped(name, custom_ops, monkeypatch):
+    from dynconv.ops import _eager
+    if custom_ops:
+        monkeypatch.setattr(_eager, "eager", lambda *tensors: False)
+    fn, arg = _derivative_cases()[name]
+    a = arg.clone().requires_grad_()
+    with pytest.raises(NotImplementedError, match="second-order"):
+        torch.autograd.grad(fn(a).sum(), a, create_graph=True)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(fn, (arg,), (torch.ones_like(arg),))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        fn(torch.autograd.forward_ad.make_dual(arg, torch.ones_like(arg)))
+    torch.autograd.grad(fn(a).sum(), a)  # first order still works
