@@ -73,6 +73,15 @@ def test_gradcheck_and_gradgradcheck(path, stride, monkeypatch):
     assert gradgradcheck(op, leaves, check_fwd_over_rev=forward_ad, fast_mode=True)
 
 
+def test_gradgradcheck_through_the_interpreter():
+    """The Triton kernels' derivatives of every order, by finite differences (fast mode; the
+    smallest problem that still has border taps: one channel group, R = 1, a 3x3 image)."""
+    if not fused_ops._INTERPRETED:
+        pytest.skip("needs the Triton kernels (TRITON_INTERPRET=1 or a GPU)")
+    args, op, _ = _problem(C=2, H=3, W=3, G=1, R=1)
+    assert gradgradcheck(op, _leaves(args), fast_mode=True)
+
+
 def _second_order(fn, args, directions):
     """Gradients of a gradient penalty ⟨∂⟨v, fn⟩/∂args, u⟩ with respect to args and v: each
     first-order map's derivative in every one of its inputs, weighted by random directions."""
