@@ -122,7 +122,11 @@ def load(reports: Path, gpu: str | None = None) -> list[GpuData]:
         csv_path = folder / "results.csv"
         if not csv_path.exists():
             continue
-        rows = [_parse(r) for r in read_csv(csv_path)]
+        try:
+            rows = [_parse(r) for r in read_csv(csv_path)]
+        except ValueError as exc:  # not a `dynconv bench` csv: leave the folder out, say so, draw the rest
+            print(f"dynconv plot: skipped {folder}: {exc}", file=sys.stderr)
+            continue
         if not rows:
             continue
         ceilings_path = folder / "ceilings.json"
@@ -165,8 +169,9 @@ def _readable_log_axis(axis, suffix: str = ""):
 def _save(fig, path: Path) -> list[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     paths = [path.with_suffix(".png"), path.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=130)
-    fig.savefig(paths[1])
+    # No creation date in the files: redrawing unchanged data leaves the committed plots unchanged.
+    fig.savefig(paths[0], dpi=130, metadata={"Software": None})
+    fig.savefig(paths[1], metadata={"Date": None})
     import matplotlib.pyplot as plt
     plt.close(fig)
     return paths

@@ -448,3 +448,11 @@ def test_a_figure_keeps_one_unit_when_dtypes_sit_on_either_side_of_the_ridge(tmp
     fig = figures["throughput_involution_R1_nchw"]
     assert {ax.get_title().split(" ")[0] for ax in fig.axes} == {"fp32", "bf16"}
     assert {ax.get_ylabel() for ax in fig.axes} == {"GB/s (minimum model / time)"}
+
+
+def test_plot_leaves_out_a_folder_whose_results_csv_is_not_a_benchmarks(tmp_path, capsys):
+    from dynconv import plot
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "results.csv").write_text("op,ratio\ninvolution,1.0\n")
+    assert plot.load(tmp_path) == []
+    assert "skipped" in capsys.readouterr().err

@@ -6,7 +6,7 @@ Each op and pass is timed as the best of ``--repeats`` loops (a loop: about 0.1 
 clock, dynconv's loops and the alternative's interleaved, with ``torch.set_num_threads`` fixed. ``fwd`` runs on inputs that need no gradient;
 ``dx`` / ``dw`` time one ``torch.autograd.grad`` through a recorded forward (retained graph) where
 only the input / only the weight-side operands need a gradient. ``ratio`` is dynconv's time over the
-alternative's (below 1: dynconv faster). Writes ``results.csv`` and ``README.md`` in ``--out``.
+alternative's (below 1: dynconv faster). Writes ``ratios.csv`` (not ``results.csv``: that name is the GPU benchmark's, which `dynconv plot` reads from every folder) and ``README.md`` in ``--out``.
 Must run without TRITON_INTERPRET (the plain path is what is measured).
 """
 from __future__ import annotations
@@ -156,7 +156,7 @@ def main(argv=None):
             print(f"{name:26s} {p:3s} dynconv {t_ours * 1e3:8.3f} ms  {alternative:26s} {t_theirs * 1e3:8.3f} ms"
                   f"  ratio {t_ours / t_theirs:.2f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "results.csv", "w", newline="") as f:
+    with open(args.out / "ratios.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
