@@ -52,6 +52,17 @@ def _out(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _small_geometry(rng, kh, kw):
+    """An image up to 6x6 with stride, padding and dilation drawn per axis (dilation along H
+    only); the output size and whether the geometry is valid at all."""
+    H, W = rng.randint(1, 6), rng.randint(1, 6)
+    s = (rng.choice([1, 2]), rng.choice([1, 2]))
+    d = (rng.choice([1, 2]), 1)
+    p = (rng.randint(0, 2), rng.randint(0, 1))
+    Ho, Wo = _out(H, kh, s[0], p[0], d[0]), _out(W, kw, s[1], p[1], d[1])
+    return H, W, s, p, d, Ho, Wo, Ho > 0 and Wo > 0
+
+
 def involution_case(rng):
     B, G, cg = rng.choice([0, 1, 2]), rng.choice([1, 2]), rng.choice([0, 1, 3]) if rng.random() < 0.15 else rng.choice([1, 3])
     K = rng.choice([1, 2, 3, 5])
@@ -90,12 +101,7 @@ def expert_case(rng):
     cin, cout = groups * rng.choice([1, 2]), groups * rng.choice([1, 2])
     E = rng.choice([1, 2, 3])
     kh, kw = rng.choice([1, 2, 3]), rng.choice([1, 3])
-    H, W = rng.randint(1, 6), rng.randint(1, 6)
-    s = (rng.choice([1, 2]), rng.choice([1, 2]))
-    d = (rng.choice([1, 2]), 1)
-    p = (rng.randint(0, 2), rng.randint(0, 1))
-    Ho, Wo = _out(H, kh, s[0], p[0], d[0]), _out(W, kw, s[1], p[1], d[1])
-    valid = Ho > 0 and Wo > 0
+    H, W, s, p, d, Ho, Wo, valid = _small_geometry(rng, kh, kw)
     m = rng.choice([1, 1, 2, 3])
     inputs = dict(x=torch.randn(B, cin, H, W, dtype=torch.float64),
                   experts=torch.randn(E, cout, cin // groups, kh, kw, dtype=torch.float64),
@@ -121,12 +127,7 @@ def expert_case(rng):
 def fused_case(rng):
     B, G, cg, R = rng.choice([0, 1, 2]), rng.choice([1, 2]), rng.choice([1, 2]), rng.choice([1, 3])
     K = rng.choice([1, 3])
-    H, W = rng.randint(1, 6), rng.randint(1, 6)
-    s = (rng.choice([1, 2]), rng.choice([1, 2]))
-    d = (rng.choice([1, 2]), 1)
-    p = (rng.randint(0, 2), rng.randint(0, 1))
-    Ho, Wo = _out(H, K, s[0], p[0], d[0]), _out(W, K, s[1], p[1], d[1])
-    valid = Ho > 0 and Wo > 0
+    H, W, s, p, d, Ho, Wo, valid = _small_geometry(rng, K, K)
     C = G * cg
     inputs = dict(x=torch.randn(B, C, H, W, dtype=torch.float64), z=torch.randn(B, R, max(Ho, 0), max(Wo, 0), dtype=torch.float64),
                   span_weight=torch.randn(K * K * G, R, dtype=torch.float64))
