@@ -90,3 +90,17 @@ def forward_mode_active() -> bool:
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
+def fold_vmapped(t, in_dim, n: int):
+    """A vmap rule's operand with the vmapped dim (size ``n``) folded into its batch dim, expanded
+    first if it is not vmapped; None stays None. The ops' kernels then see one larger batch."""
+    if t is None:
+        return None
+    t = t.expand(n, *t.shape) if in_dim is None else t.movedim(in_dim, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+def unfold_vmapped(t, n: int):
+    """The inverse of ``fold_vmapped`` on a result: the vmapped dim split back out in front."""
+    return t.reshape(n, t.shape[0] // n, *t.shape[1:])

@@ -31,6 +31,7 @@ from dynconv.kernels import expert_conv as kernels
 from dynconv.kernels._launch import kernels_are_interpreted
 
 from . import _eager
+from ._eager import fold_vmapped, unfold_vmapped
 from . import reference_expert as reference
 from .reference_involution import conv2d_input
 from ._checks import (
@@ -654,18 +655,11 @@ def _vmap_folded(info, in_dims, args, per_sample, call):
         return torch.stack(results), 0
     folded = []
     for a, d, folds in zip(args, in_dims, per_sample):
-        if folds and a is not None:
-            a = a.movedim(d, 0) if d is not None else a.expand(n, *a.shape)
-            a = a.reshape(n * a.shape[1], *a.shape[2:])
-        folded.append(a)
+        folded.append(fold_vmapped(a, d, n) if folds else a)
     result = call(*folded)
-
-    def unfold(t):
-        return t.reshape(n, t.shape[0] // n, *t.shape[1:])
-
     if isinstance(result, tuple):
-        return tuple(unfold(t) for t in result), (0,) * len(result)
-    return unfold(result), 0
+        return tuple(unfold_vmapped(t, n) for t in result), (0,) * len(result)
+    return unfold_vmapped(result, n), 0
 
 
 def _rank(t, d):

@@ -22,6 +22,7 @@ from dynconv.kernels import involution as kernels
 from dynconv.kernels._launch import kernels_are_interpreted
 
 from . import _eager
+from ._eager import fold_vmapped
 from . import reference_involution as reference
 from ._checks import (
     as_pair,
@@ -186,14 +187,6 @@ def _sum(*terms):
     return functools.reduce(torch.add, present) if present else None
 
 
-def _fold(t, in_dim, n):
-    """A vmapped operand with the vmapped dim folded into its batch dim (expanded if unbatched)."""
-    if t is None:
-        return None
-    t = t.expand(n, *t.shape) if in_dim is None else t.movedim(in_dim, 0)
-    return t.reshape(n * t.shape[1], *t.shape[2:])
-
-
 class _Forward(torch.autograd.Function):
     generate_vmap_rule = False
 
@@ -236,8 +229,8 @@ class _Forward(torch.autograd.Function):
     def vmap(info, in_dims, x, weight, bias, stride, padding, dilation, out):
         n = info.batch_size
         B, C = x.shape[:2] if in_dims[0] is None else x.movedim(in_dims[0], 0).shape[1:3]
-        y = _Forward.apply(_fold(x, in_dims[0], n), _fold(weight, in_dims[1], n), _fold(bias, in_dims[2], n),
-                           stride, padding, dilation, out)
+        y = _Forward.apply(fold_vmapped(x, in_dims[0], n), fold_vmapped(weight, in_dims[1], n),
+                           fold_vmapped(bias, in_dims[2], n), stride, padding, dilation, out)
         return y.reshape(n, B, C, *out), 0
 
 
@@ -276,7 +269,7 @@ class _BackwardInput(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, grad, weight, x_size, channels_last, stride, padding, dilation):
         n = info.batch_size
-        dx = _BackwardInput.apply(_fold(grad, in_dims[0], n), _fold(weight, in_dims[1], n),
+        dx = _BackwardInput.apply(fold_vmapped(grad, in_dims[0], n), fold_vmapped(weight, in_dims[1], n),
                                   (n * x_size[0], *x_size[1:]), channels_last, stride, padding, dilation)
         return dx.reshape(n, *x_size), 0
 
@@ -316,7 +309,7 @@ class _BackwardWeight(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, grad, x, weight_size, stride, padding, dilation):
         n = info.batch_size
-        dw = _BackwardWeight.apply(_fold(grad, in_dims[0], n), _fold(x, in_dims[1], n),
+        dw = _BackwardWeight.apply(fold_vmapped(grad, in_dims[0], n), fold_vmapped(x, in_dims[1], n),
                                    (n * weight_size[0], *weight_size[1:]), stride, padding, dilation)
         return dw.reshape(n, *weight_size), 0
 

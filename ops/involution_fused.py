@@ -28,6 +28,7 @@ from dynconv.kernels import involution_fused as kernels
 from dynconv.kernels._launch import kernels_are_interpreted
 
 from . import _eager
+from ._eager import fold_vmapped, unfold_vmapped
 from . import reference_involution_fused as reference
 from ._checks import (
     as_pair,
@@ -316,17 +317,6 @@ def _total(terms):
 # as does a vmap over nothing.
 # ---------------------------------------------------------------------------------------------
 
-def _fold(t: Tensor | None, dim: int | None, n: int) -> Tensor | None:
-    if t is None:
-        return None
-    t = t.expand(n, *t.shape) if dim is None else t.movedim(dim, 0)
-    return t.reshape(n * t.shape[1], *t.shape[2:])
-
-
-def _unfold(t: Tensor, n: int) -> Tensor:
-    return t.reshape(n, t.shape[0] // n, *t.shape[1:])
-
-
 def _per_slice(apply, n: int, in_dims, args):
     """``apply`` on each of the ``n`` slices, stacked. ``in_dims`` holds None for every unbatched
     argument (a tuple of Nones for a tuple argument). With no slice (a Jacobian of an empty output),
@@ -386,8 +376,8 @@ class _Forward(torch.autograd.Function):
         n = info.batch_size
         if n == 0 or in_dims[2] is not None or in_dims[3] is not None:
             return _per_slice(_Forward.apply, n, in_dims, (x, z, span_weight, span_bias, *static)), 0
-        return _unfold(_Forward.apply(_fold(x, in_dims[0], n), _fold(z, in_dims[1], n), span_weight, span_bias,
-                                      *static), n), 0
+        return unfold_vmapped(_Forward.apply(fold_vmapped(x, in_dims[0], n), fold_vmapped(z, in_dims[1], n),
+                                             span_weight, span_bias, *static), n), 0
 
 
 class _BackwardInput(torch.autograd.Function):
@@ -412,8 +402,8 @@ class _BackwardInput(torch.autograd.Function):
         if n == 0 or in_dims[2] is not None or in_dims[3] is not None:
             return _per_slice(_BackwardInput.apply, n, in_dims, args), 0
         x_size = (n * x_size[0], *x_size[1:])
-        return _unfold(_BackwardInput.apply(_fold(grad, in_dims[0], n), _fold(z, in_dims[1], n), span_weight,
-                                            span_bias, K, x_size, channels_last, *rest), n), 0
+        return unfold_vmapped(_BackwardInput.apply(fold_vmapped(grad, in_dims[0], n), fold_vmapped(z, in_dims[1], n),
+                                                   span_weight, span_bias, K, x_size, channels_last, *rest), n), 0
 
 
 class _BackwardZ(torch.autograd.Function):
@@ -435,8 +425,8 @@ class _BackwardZ(torch.autograd.Function):
         n = info.batch_size
         if n == 0 or in_dims[2] is not None:
             return _per_slice(_BackwardZ.apply, n, in_dims, (grad, x, span_weight, *static)), 0
-        return _unfold(_BackwardZ.apply(_fold(grad, in_dims[0], n), _fold(x, in_dims[1], n), span_weight,
-                                        *static), n), 0
+        return unfold_vmapped(_BackwardZ.apply(fold_vmapped(grad, in_dims[0], n), fold_vmapped(x, in_dims[1], n),
+                                               span_weight, *static), n), 0
 
 
 class _BackwardSpan(torch.autograd.Function):
