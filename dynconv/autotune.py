@@ -11,7 +11,7 @@ involution family; whatever the kernels' tuning modules declare in ``autotune_sp
 with each candidate config. Candidates that spill registers or overflow shared memory on this
 GPU's architecture are dropped first, by compiling them ahead of time in parallel (the facts
 ``dynconv inspect`` reports; this also fills Triton's cache, so the timing loop rarely compiles).
-Each survivor is timed with the timer ``dynconv bench`` uses (``dynconv.timing.Timer``: CUDA
+Each survivor is timed with the timer ``dynconv bench`` uses (``dynconv.kernels.timing.Timer``: CUDA
 events, L2 overwritten before each call, median after warm-up), cycling through
 enough copies of the inputs to exceed the L2 cache; one that fails to compile or launch is
 skipped. Shapes sharing a table row (see ``dynconv.kernels.configs``) are decided together: the
@@ -39,7 +39,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynconv import timing
+from dynconv.kernels import timing
 from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, clock, command_parser
 
 DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16",
@@ -200,7 +200,7 @@ def _rotation(tensors: dict, l2_bytes: int) -> int:
 
 def time_case(case: Case, space, device, l2_bytes: int, quick: bool, timer=None) -> None:
     """Fill ``case.times`` with the median ms of every candidate that launches, timed by the
-    timer ``dynconv bench`` uses (dynconv/timing.py), so the two tools' figures compare."""
+    timer ``dynconv bench`` uses (kernels/timing.py), so the two tools' figures compare."""
     import torch
 
     timer = timer or new_timer(quick)

@@ -50,7 +50,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dynconv import timing
+from dynconv.kernels import timing
 from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, command_parser, fail
 from dynconv.providers import CHECK_REFERENCE, LAYOUTS, PROVIDERS, ProviderUnavailable, make_inputs, providers_for
 from dynconv.reports import COLUMNS, LEGACY_COLUMNS, default_reports_dir, read_csv, row_layout
@@ -110,7 +110,7 @@ def environment(device: str) -> dict:
 # Timing
 # ---------------------------------------------------------------------------------------------
 
-# One timer for bench and autotune (dynconv/timing.py), so their figures compare.
+# One timer for bench and autotune (kernels/timing.py), so their figures compare.
 Timer, quantiles = timing.Timer, timing.quantiles
 
 

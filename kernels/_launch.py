@@ -18,6 +18,7 @@ import torch
 import triton
 
 from . import configs
+from .configs import kernels_are_interpreted  # noqa: F401 - the ops and tools ask here
 
 _TRITON_DTYPE = {
     torch.float16: "fp16",
@@ -52,15 +53,6 @@ def is_channels_last(t: torch.Tensor) -> bool:
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if is_channels_last(t) else torch.contiguous_format
-
-
-def kernels_are_interpreted() -> bool:
-    """True when TRITON_INTERPRET=1 was set before the kernels were imported (a decoration-time switch)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from .involution import involution_fwd_kernel
-
-    return isinstance(involution_fwd_kernel, InterpretedFunction)
 
 
 @dataclass
@@ -164,6 +156,9 @@ def clear_plans() -> None:
     """Forget every launch plan (``configs.clear_cache`` calls this: a plan holds its config)."""
     with _plans_lock:
         _plans.clear()
+
+
+configs.on_clear(clear_plans)  # a plan holds the config it was built with
 
 
 def _store_plan(key: tuple, plan: _Plan) -> None:

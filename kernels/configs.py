@@ -8,8 +8,8 @@ in order:
 1. the user folder: ``$DYNCONV_CONFIG_DIR``, else ``$XDG_CACHE_HOME/dynconv``, else
    ``~/.cache/dynconv`` — where ``dynconv autotune`` writes;
 2. the files shipped in the package (``dynconv.autotune_configs``);
-3. on a GPU with neither: the pruned candidates timed once per problem bucket with
-   ``triton.testing.do_bench`` and the winner kept in memory (a few seconds per new bucket;
+3. on a GPU with neither: the pruned candidates timed once per problem bucket with the timer of
+   ``dynconv bench`` and ``dynconv autotune`` (:mod:`timing`) and the winner kept in memory (a few seconds per new bucket;
    ``DYNCONV_AUTOTUNE=0`` turns this off);
 4. the launcher's default.
 
@@ -105,6 +105,8 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from . import timing
 
 SCHEMA = 1
 AUTOTUNE_COMMAND = "dynconv autotune"
@@ -547,11 +549,31 @@ def triton_next_pow2(n: int) -> int:
 # The run-time lookup
 # ---------------------------------------------------------------------------------------------
 
+def _interpreter_probe():
+    """An empty kernel decorated when this module loads, as the kernel modules (which import it)
+    load right after: Triton picks interpreter or compiler at decoration time."""
+    import triton
+
+    @triton.jit
+    def probe():
+        pass
+
+    return probe
+
+
+_PROBE = _interpreter_probe()
+
+
+def kernels_are_interpreted() -> bool:
+    """True when TRITON_INTERPRET=1 was set before the kernels were imported (a decoration-time switch)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_PROBE, InterpretedFunction)
+
+
 @functools.lru_cache(maxsize=None)
 def _gpu_usable() -> bool:
     import torch
-
-    from ._launch import kernels_are_interpreted
 
     return not kernels_are_interpreted() and torch.cuda.is_available()
 
@@ -573,14 +595,25 @@ def _active_device() -> str | None:
     return _device_name(torch.cuda.current_device())
 
 
+# The tuning modules register their ``autotune_space`` here when they load (the kernels package
+# imports them): they import the kernels, which import this module, so it cannot import them.
+_space_sources: list[Callable[[], dict[str, KernelSpace]]] = []
+
+
+def register_spaces(autotune_space: Callable[[], dict[str, KernelSpace]]) -> None:
+    """Add a tuning module's ``autotune_space`` to what :func:`spaces` returns."""
+    with _lock:
+        if autotune_space not in _space_sources:
+            _space_sources.append(autotune_space)
+            spaces.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def spaces() -> dict[str, KernelSpace]:
-    """Every kernel's :class:`KernelSpace`, from the kernel modules' tuning modules."""
-    from . import expert_conv_tuning, involution_fused_tuning, involution_tuning
-
+    """Every kernel's :class:`KernelSpace`, from the registered tuning modules."""
     found = {}
-    for module in (involution_tuning, expert_conv_tuning, involution_fused_tuning):
-        found.update(module.autotune_space())
+    for autotune_space in list(_space_sources):
+        found.update(autotune_space())
     return found
 
 
@@ -622,11 +655,12 @@ def _tune_at_run_time(device: str, kernel: str, key: dict, default: dict) -> dic
 
 def _time_candidates(space: KernelSpace, key: dict, default: dict) -> dict | None:
     import torch
-    from triton.testing import do_bench
 
     try:
         spec, dtype = space.spec_for_key(key)
         tensors = space.inputs(spec, dtype, torch.device("cuda", torch.cuda.current_device()))
+        # The timer of `dynconv bench` and `dynconv autotune`, with their --quick windows.
+        timer = timing.Timer("cuda", 5.0, 20.0)
     except (RuntimeError, ValueError):  # out of memory, or a key the space cannot rebuild
         return None
     best = None
@@ -634,7 +668,8 @@ def _time_candidates(space: KernelSpace, key: dict, default: dict) -> dict | Non
         if config_problems(config, default):
             continue
         try:
-            ms = do_bench(space.launch(spec, tensors, config), warmup=5, rep=20, return_mode="median")
+            launch = space.launch(spec, tensors, config)
+            ms = timer(lambda i: launch())[0]
         except Exception:  # noqa: BLE001 - a candidate that cannot compile or launch is skipped
             continue
         if best is None or ms < best[0]:
@@ -686,7 +721,17 @@ def clear_cache() -> None:
         _resolve.cache_clear()
         _tuned.clear()
         _warned.clear()
-    from ._launch import clear_plans
+        hooks = list(_on_clear)
+    for hook in hooks:
+        hook()
 
-    # A plan holds the config it was built with.
-    clear_plans()
+
+# Called by clear_cache: caches built from configs register here (the launch plans of _launch,
+# which imports this module, so it cannot be imported from here).
+_on_clear: list[Callable[[], None]] = []
+
+
+def on_clear(hook: Callable[[], None]) -> None:
+    with _lock:
+        if hook not in _on_clear:
+            _on_clear.append(hook)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import expert_conv as ec
 from ._launch import Launch
+from .configs import KernelSpace, Problem, neighbourhood, register_spaces
 
 # Block shapes of a group-wise conv depend on the channels per group. `groups` is bucketed like
 # the channel counts, so a grouped layer takes the nearest tuned grouped row (16 and 32 groups lie
@@ -53,8 +54,6 @@ _MIN_DOT = 16  # tl.dot's smallest tile (16-bit operands need a contraction of 1
 
 
 def _problems(quick: bool) -> list:
-    from .configs import Problem
-
     layers = [layer for layer in _LAYERS if layer[0] in _QUICK] if quick else _LAYERS
     return [Problem(f"{label} {'NHWC' if cl else 'NCHW'}", op,
                     dict(B=B, Cin=Cin, Cout=Cout, H=H, W=H, kh=k, kw=k, stride=s, E=E, m=m, groups=g,
@@ -219,8 +218,6 @@ def _plausible(kernel: str, config: dict, key: dict) -> bool:
 
 def _candidates(kernel: str):
     def candidates(key: dict, quick: bool) -> list[dict]:
-        from .configs import neighbourhood
-
         default = _default_for(kernel, key)
         caps = dict(zip((_rows(kernel), "BLOCK_N", "BLOCK_K"), _CAPS[key["dtype_bytes"]]))
         limits = {name: max(_MIN_DOT, min(caps[name], size)) for name, size in _gemm_dims(kernel, key).items()}
@@ -245,9 +242,10 @@ def _spec_for_key(kernel: str):
 
 
 def autotune_space() -> dict:
-    from .configs import KernelSpace
-
     return {name: KernelSpace(problems=_problems, inputs=_inputs, launch=_LAUNCH[name], key=_key(name),
                               default=_default(name), candidates=_candidates(name),
                               spec_for_key=_spec_for_key(name), exact=_EXACT, rules=_rules(name))
             for name in _LAUNCH}
+
+
+register_spaces(autotune_space)

@@ -36,6 +36,7 @@ import torch
 
 from ._launch import Launch
 from . import involution_fused as fused
+from .configs import KernelSpace, Problem, register_spaces, triton_next_pow2
 
 _KERNELS = {"involution_fused_fwd": "fwd", "involution_fused_bwd_input": "bwd_input",
             "involution_fused_bwd_z": "bwd_z", "involution_fused_bwd_span": "bwd_span"}
@@ -66,8 +67,6 @@ _SIZE = {True: 6, False: 10}  # candidates per problem, default included: --quic
 
 
 def _problems(quick: bool) -> list:
-    from .configs import Problem
-
     layers = [layer for layer in _LAYERS if layer[0] in _QUICK] if quick else _LAYERS
     return [Problem(f"{label} {'NHWC' if cl else 'NCHW'}", "involution_fused",
                     dict(B=B, C=C, G=G, R=R, H=H, W=H, K=K, stride=s, bias=True, channels_last=cl))
@@ -229,8 +228,6 @@ def _pow2_options(value: int, lo: int, hi: int, steps=(-2, -1, 0, 1, 2)) -> list
 
 def _candidates(kernel: str):
     def candidates(key: dict, quick: bool) -> list[dict]:
-        from .configs import triton_next_pow2
-
         default = _default_for(kernel, key)
         h, w = _tile_extent(kernel, key)
         dot = fused.uses_dot(kernel, default, _DTYPES[key["dtype_bytes"]])
@@ -277,9 +274,10 @@ def _spec_for_key(kernel: str):
 
 
 def autotune_space() -> dict:
-    from .configs import KernelSpace
-
     return {name: KernelSpace(problems=_problems, inputs=_inputs, launch=_launch(kernel), key=_key(kernel),
                               default=_default(kernel), candidates=_candidates(kernel),
                               spec_for_key=_spec_for_key(kernel), exact=_EXACT, rules=_rules(kernel))
             for name, kernel in _KERNELS.items()}
+
+
+register_spaces(autotune_space)

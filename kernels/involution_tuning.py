@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._launch import Launch
+from .configs import KernelSpace, Problem, neighbourhood, register_spaces
 from .involution import (
     backward_input_launch,
     backward_weight_launch,
@@ -29,8 +30,6 @@ _TUNED_KERNELS = ("involution_fwd", "involution_bwd_input", "involution_bwd_weig
 
 
 def _tuning_problems(kernel: str, quick: bool) -> list:
-    from .configs import Problem
-
     rednet, dwnet = (_REDNET[1:2], _DWNET[1:2]) if quick else (_REDNET, _DWNET)
     shapes = []
     if kernel != "dwconv_bwd_weight":  # per-pixel weights
@@ -105,8 +104,6 @@ def _tuning_default(kernel: str):
 
 def _tuning_candidates(kernel: str):
     def candidates(key: dict, quick: bool) -> list[dict]:
-        from .configs import neighbourhood
-
         sh, sw = key["stride_h"], key["stride_w"]
         h, w = (key["H"], key["W"]) if kernel == "involution_bwd_input" else (_out(key["H"], sh), _out(key["W"], sw))
         default = default_config(key["C"], key["G"], h, w, bool(key["channels_last"]))
@@ -128,10 +125,11 @@ def _tuning_spec_for_key(kernel: str):
 
 def autotune_space() -> dict:
     """What ``dynconv autotune`` sweeps for this module's kernels (see kernels/configs.py)."""
-    from .configs import KernelSpace
-
     return {name: KernelSpace(
         problems=lambda quick, name=name: _tuning_problems(name, quick), inputs=_tuning_inputs, launch=_tuning_launch(name),
         key=_tuning_key, default=_tuning_default(name), candidates=_tuning_candidates(name),
         spec_for_key=_tuning_spec_for_key(name), exact=_EXACT)
         for name in _TUNED_KERNELS}
+
+
+register_spaces(autotune_space)

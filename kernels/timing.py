@@ -1,6 +1,9 @@
-"""The one timer of ``dynconv bench`` and ``dynconv autotune`` (and only of the tools), so their
-figures are comparable: CUDA events around each call, L2 overwritten before each, warm-up first,
-median with the 20th and 80th percentiles.
+"""The one timer of ``dynconv bench``, ``dynconv autotune`` and the run-time tuning of the config
+lookup (kernels/configs.py), so their figures are comparable: CUDA events around each call, L2
+overwritten before each, warm-up first, median with the 20th and 80th percentiles.
+
+It lives beside the kernels because the runtime tunes with it and the runtime imports no tool;
+the tools import it from here. Imports nothing of dynconv.
 """
 from __future__ import annotations
 
@@ -9,12 +12,19 @@ from collections.abc import Callable, Iterable
 
 
 def quantiles(times_ms: Iterable[float]) -> tuple[float, float, float]:
-    """(median, 20th, 80th percentile), linearly interpolated."""
-    import numpy as np
-    t = np.asarray(list(times_ms), dtype=float)
-    if t.size == 0:
+    """(median, 20th, 80th percentile), linearly interpolated between the order statistics
+    (numpy.percentile's default; numpy is no runtime dependency)."""
+    t = sorted(float(v) for v in times_ms)
+    if not t:
         raise ValueError("no timings")
-    return tuple(float(v) for v in np.percentile(t, [50, 20, 80]))
+
+    def at(q: float) -> float:
+        pos = q * (len(t) - 1)
+        low = int(pos)
+        high = min(low + 1, len(t) - 1)
+        return t[low] + (t[high] - t[low]) * (pos - low)
+
+    return at(0.5), at(0.2), at(0.8)
 
 
 class Timer:
@@ -29,7 +39,7 @@ class Timer:
         self._flush = None
         if device == "cuda":
             import torch
-            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or (64 << 20)
+            l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or (64 << 20)
             # Overwritten before every timed call so the call starts with nothing of its own in L2.
             self._flush = torch.empty(max(2 * l2, 256 << 20), dtype=torch.int8, device="cuda")
 
