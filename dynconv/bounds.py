@@ -23,16 +23,15 @@ family-1 kernels, tensor cores for ``tl.dot`` kernels).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from . import ptx_sim, sass
+from .console import Progress, add_quiet, command_parser
 from .bounds_cases import Case, all_cases
 
 # The H200 model of issues 12 and 13 (clock and SM count of the H200 SXM at boost).
@@ -327,41 +326,31 @@ def load_tables(folder: Path) -> dict[str, list[dict]]:
     return tables
 
 
-def _progress(done: int, total: int, case: Case, seconds: float, stream=sys.stderr) -> None:
-    if stream.isatty():
-        stream.write(f"\r[{done}/{total}] {case.name:<32} {seconds:5.1f} s")
-        if done == total:
-            stream.write("\n")
-    else:
-        stream.write(f"[{done}/{total}] {case.name} {seconds:.1f} s\n")
-    stream.flush()
-
-
 def run(arch: int = 90, case_filter: str = "", kernel_filter: str = "", progress=True) -> list[dict]:
     kernels = set(kernel_filter.split(",")) if kernel_filter else None
     cases = [c for c in all_cases() if case_filter in c.name and (kernels is None or c.kernel in kernels)]
     rows = []
-    for index, case in enumerate(cases, 1):
-        start = time.perf_counter()
+    shown = Progress(len(cases), f"bounds sm_{arch}", quiet=not progress)
+    for case in cases:
         try:
             rows.append(evaluate(case, arch))
         except Exception as exc:  # noqa: BLE001 - a case the model cannot read is a finding, not a crash
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
             rows.append({"case": case.case, "kernel": case.kernel, "dtype": case.dtype, "layout": case.layout,
                          "arch": f"sm_{arch}", "triton": _triton_version(), "error": message})
-        if progress:
-            _progress(index, len(cases), case, time.perf_counter() - start)
+        shown.update(case.name)
+    shown.close()
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dynconv inspect --bounds", description=__doc__.split("\n\n")[0])
+    parser = command_parser("dynconv inspect --bounds", __doc__)
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90, Hopper)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     parser.add_argument("--case", default="", help="only cases whose 'shape kernel dtype layout' contains this")
     parser.add_argument("--kernel", default="", help="only these kernels, comma-separated (fwd, dx, dw, guide, dz, dspan)")
     parser.add_argument("--write", type=Path, default=None, help="also write bounds-triton<version>.json/.md here")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_quiet(parser)
     args = parser.parse_args(argv)
 
     from .kernels._launch import kernels_are_interpreted

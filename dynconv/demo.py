@@ -17,14 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from dynconv.console import EXIT_USAGE, command_parser, fail
+from dynconv.console import EXIT_USAGE, Progress, add_quiet, command_parser, fail
 from dynconv.reports import default_reports_dir
 
 
-def interpreter_demo(batch: int = 2, channels: int = 32, size: int = 14, stride: int = 2) -> bool:
+def interpreter_demo(batch: int = 2, channels: int = 32, size: int = 14, stride: int = 2, quiet: bool = False) -> bool:
     """Involution2d forward + backward through the interpreter against the unfold reference.
 
-    Must run in a process that set TRITON_INTERPRET=1 before importing dynconv.
+    Must run in a process that set TRITON_INTERPRET=1 before importing dynconv. The interpreter
+    takes a while: a progress display on stderr (a terminal only, and not when ``quiet``).
     """
     import torch
 
@@ -39,15 +40,20 @@ def interpreter_demo(batch: int = 2, channels: int = 32, size: int = 14, stride:
     x = torch.randn(batch, channels, size, size + 1, requires_grad=True)
     weight = layer.kernel(x).detach().requires_grad_()
 
+    progress = Progress(3, "interpreter demo", quiet)
+    progress.update("forward", n=0)
     start = time.perf_counter()
     y = dynconv.involution(x, weight, stride=stride, padding=3)
+    progress.update("backward")
     grad = torch.randn_like(y)
     dx, dw = torch.autograd.grad(y, (x, weight), grad)
     seconds = time.perf_counter() - start
+    progress.update("float64 reference")
 
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     y64 = involution_unfold(x64, w64, stride=stride, padding=3)
     dx64, dw64 = torch.autograd.grad(y64, (x64, w64), grad.double())
+    progress.update("done")
 
     print(f"Involution2d(C={channels}, K=7, stride={stride}, G={layer.groups}) on x {tuple(x.shape)} "
           f"-> y {tuple(y.shape)}, Triton interpreter, {seconds:.1f} s for forward + backward")
@@ -63,6 +69,7 @@ def interpreter_demo(batch: int = 2, channels: int = 32, size: int = 14, stride:
 
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("dynconv run", __doc__)
+    add_quiet(parser)
     parser.add_argument("--demo-only", action="store_true", help="run only the interpreter demonstration")
     parser.add_argument("--out", type=Path, default=None,
                         help="reports folder (default: perf_reports/ of the repository checkout; required elsewhere)")
@@ -74,15 +81,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    quiet = ["--quiet"] if args.quiet else []
     if torch.cuda.is_available() and not args.demo_only:
         from dynconv import bench
 
-        return bench.main(["--out", str(out)])  # measures, writes <out>/<gpu>/ and draws the plots
+        return bench.main(["--out", str(out)] + quiet)  # measures, writes <out>/<gpu>/ and draws the plots
 
     print("No GPU here: nothing is measured. Running the interpreter demonstration instead.\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    demo = subprocess.run([sys.executable, "-c", "import sys, dynconv.demo as d; sys.exit(0 if d.interpreter_demo() else 1)"],
-                          env=env)
+    demo = subprocess.run([sys.executable, "-c", "import sys, dynconv.demo as d; "
+                           f"sys.exit(0 if d.interpreter_demo(quiet={args.quiet}) else 1)"], env=env)
     if demo.returncode != 0:
         print("interpreter demonstration FAILED", file=sys.stderr)
         return demo.returncode
@@ -94,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:  # the plotting module is optional until the benchmark issue lands
         print(f"plotting unavailable: {exc}")
         return 0
-    return plot.main(["--reports", str(out)])
+    return plot.main(["--reports", str(out)] + quiet)
 
 
 if __name__ == "__main__":

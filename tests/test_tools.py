@@ -153,24 +153,32 @@ def _dynconv(*args, cwd=None, env=None):
                           text=True, timeout=300)
 
 
-def test_every_help_is_plain_text_and_states_the_exit_statuses(capsys):
+# Every command line a user can add --help to; the ones that take a while must offer --quiet.
+HELP_COMMANDS = [(name,) for name in COMMANDS] + [("inspect", "--bounds")]
+SLOW_COMMANDS = {"inspect", "autotune", "bench", "plot", "overhead", "run"}
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=" ".join)
+def test_every_help_is_plain_text_and_states_the_exit_statuses(command, capsys):
+    from dynconv import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert console.EXIT_STATUSES in text, command
+    if command[0] in SLOW_COMMANDS:
+        assert "--quiet" in text, f"dynconv {' '.join(command)} has no progress switch"
+    for rst in ("``", ":func:`", ":mod:`", ":class:`", ":data:`", "METHOD.md", ".. "):
+        assert rst not in text, f"dynconv {' '.join(command)} --help shows {rst!r}"
+
+
+def test_the_command_list_is_plain_text(capsys):
     from dynconv import cli
 
     assert cli.main(["--help"]) == 0
-    assert console.EXIT_STATUSES in capsys.readouterr().out
-    import importlib
-
-    for name in COMMANDS:
-        module = importlib.import_module(cli.SUBCOMMANDS[name][0])
-        with pytest.raises(SystemExit) as exit_:
-            module.main(["--help"])
-        assert exit_.value.code == 0
-        text = capsys.readouterr().out
-        assert console.EXIT_STATUSES in text, name
-        if name in ("inspect", "autotune", "bench", "plot", "overhead"):  # the ones that take a while
-            assert "--quiet" in text, f"dynconv {name} has no progress switch"
-        for rst in ("``", ":func:`", ":mod:`", ":class:`", ":data:`", "METHOD.md"):
-            assert rst not in text, f"dynconv {name} --help shows {rst!r}"
+    text = capsys.readouterr().out
+    assert console.EXIT_STATUSES in text and "``" not in text and set(COMMANDS) <= set(cli.SUBCOMMANDS)
 
 
 def test_plain_unwraps_rest():
@@ -234,6 +242,39 @@ def test_bench_shows_progress_per_shape_layout_and_dtype(tmp_path, monkeypatch):
     bench.run_benchmarks(shapes=["R1", "R2"], dtypes=["fp32"], layouts=["nchw", "nhwc"], out=tmp_path,
                          device="cpu", log=lambda *a: None, quiet=True)
     assert sum(seen) == 2 * 2
+
+
+class _Recorder(console.Progress):
+    made: list = []
+
+    def __init__(self, total, title, quiet=False, stream=None):
+        super().__init__(total, title, quiet, stream)
+        self.notes = []
+        _Recorder.made.append(self)
+
+    def update(self, note="", n=1):
+        self.notes.append((note, n))
+        super().update(note, n)
+
+
+def test_run_shows_progress_through_the_demo_and_passes_quiet_on(tmp_path, monkeypatch):
+    from dynconv import demo, plot
+
+    _Recorder.made = []
+    monkeypatch.setattr(demo, "Progress", _Recorder)
+    assert demo.interpreter_demo(batch=1, channels=16, size=5, stride=1, quiet=True)
+    (shown,) = _Recorder.made
+    assert shown.total == 3 and shown.done == 3 and shown.notes[0] == ("forward", 0)
+
+    children, plots = [], []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, **kw: children.append(cmd[-1]) or
+                        subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(plot, "main", lambda argv: plots.append(argv) or 0)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert demo.main(["--out", str(tmp_path), "--quiet"]) == 0
+    assert "quiet=True" in children[0] and plots == [["--reports", str(tmp_path), "--quiet"]]
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    assert "quiet=False" in children[1] and plots[1] == ["--reports", str(tmp_path)]
 
 
 def test_run_outside_the_checkout_writes_nothing(tmp_path):
