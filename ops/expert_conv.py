@@ -9,7 +9,7 @@ derivatives (a create_graph backward) are built from differentiable steps instea
 and ``expert_conv2d_per_sample`` (the forward with already-mixed kernels), each with an autograd
 formula made of the others (see "Differentiable backward passes" below).
 CUDA tensors run the Triton kernels; CPU tensors run the batch-as-groups conv of
-``reference_expert`` (its backward by the transposed conv and ``torch.nn.grad.conv2d_weight``), or the
+``reference_expert`` (its backward by the transposed conv and ``aten.convolution_backward``), or the
 Triton kernels through the interpreter when TRITON_INTERPRET=1 was set before import.
 
 Inside the ops ``routing`` is always ``(B, m, E)``; the public function views ``(B, E)`` as m = 1.
@@ -160,8 +160,11 @@ def _fixed(guide):
 
 
 def _one_hot_regions(guide: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B, m, Ho, Wo) indicator of each pixel's region, argmax as torch.argmax (a NaN logit wins)."""
-    return torch.nn.functional.one_hot(guide.argmax(dim=1), guide.shape[1]).permute(0, 3, 1, 2).to(dtype)
+    """(B, m, Ho, Wo) indicator of each pixel's region, argmax as torch.argmax (a NaN logit wins).
+    Built contiguous by one comparison: F.one_hot's permuted (B, Ho, Wo, m) made every product with
+    it a strided pass (measured: perf_reports/cpu/)."""
+    regions = torch.arange(guide.shape[1], device=guide.device).view(-1, 1, 1)
+    return (guide.argmax(dim=1, keepdim=True) == regions).to(dtype)
 
 
 def _selected_bias(mixed_bias: Tensor, guide, y_shape) -> Tensor:
@@ -205,12 +208,41 @@ def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilatio
 
 
 # The CPU path of the backward ops: the same quantities as the kernels, from the batch-as-groups
-# conv's own backward (transposed conv, torch.nn.grad.conv2d_weight), in the accumulation dtype.
+# conv's own backward (transposed conv, aten.convolution_backward), in the accumulation dtype. The
+# grouped conv's channels are (sample b, group g, region r, channel o of the group): every tensor
+# below is built in that order at once, so no (B, m, Cout, Ho, Wo) stack is transposed or copied.
 
 def _region_masked_grad(grad, guide, m, groups):
-    """∂y split by region, (B, m, Cout, Ho, Wo) → the grouped conv's (1, B·groups·m·Cout/g, Ho, Wo)."""
-    masked = grad[:, None] if m == 1 else grad[:, None] * _one_hot_regions(guide, grad.dtype)[:, :, None]
-    return reference.as_grouped_output(masked, grad.shape[0], m, groups), masked
+    """∂y split by region as the grouped conv's output gradient, (B, groups, m, Cout/g, Ho, Wo): one
+    product with the regions' indicator (a view of ∂y for one region)."""
+    B, Cout, Ho, Wo = grad.shape
+    per_group = grad.reshape(B, groups, 1, Cout // groups, Ho, Wo)
+    if m == 1:
+        return per_group
+    return per_group * _one_hot_regions(guide, grad.dtype).view(B, 1, m, 1, Ho, Wo)
+
+
+def _ungrouped(t, groups):
+    """(B, groups, m, Cout/g, ...) in the grouped conv's channel order → (B, m, Cout, ...)."""
+    B, _, m, per_group = t.shape[:4]
+    return t.transpose(1, 2).reshape(B, m, groups * per_group, *t.shape[4:])
+
+
+def _cpu_region_outputs(x, weights, routing, bias, spatial, stride, padding, dilation, groups):
+    """y_r for every region at every pixel, bias included, as (B, groups, m, Cout/g, Ho, Wo) in the
+    accumulation dtype: one batch-as-groups conv over every region's kernel, the mixed biases as
+    the conv's own bias (no second pass over the m outputs)."""
+    acc = _acc_dtype(x.dtype)
+    weight, mixed_bias = reference.mix_kernels(weights.to(acc), _cast(routing, acc), _cast(bias, acc),
+                                               _cast(spatial, acc))
+    B, m, Cout = weight.shape[:3]
+    Cin, H, W = x.shape[1:]
+    conv_bias = None
+    if mixed_bias is not None:
+        conv_bias = mixed_bias.reshape(B, m, groups, Cout // groups).transpose(1, 2).reshape(-1)
+    y = torch.nn.functional.conv2d(x.to(acc).reshape(1, B * Cin, H, W), reference.as_grouped_weight(weight, groups),
+                                   conv_bias, stride, padding, dilation, B * groups)
+    return y.view(B, groups, m, Cout // groups, *y.shape[2:])
 
 
 def _cast(t, dtype):
@@ -221,7 +253,7 @@ def _cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, 
     acc = _acc_dtype(grad.dtype)
     B, m = grad.shape[0], _regions(weights, routing)
     weight, _ = reference.mix_kernels(weights.to(acc), _cast(routing, acc), None, _cast(spatial, acc))
-    grouped_grad, _ = _region_masked_grad(grad.to(acc), guide, m, groups)
+    grouped_grad = _region_masked_grad(grad.to(acc), guide, m, groups).reshape(1, -1, *grad.shape[2:])
     dx = conv2d_input(tuple(x_size[2:]), reference.as_grouped_weight(weight, groups), grouped_grad, stride, padding,
                       dilation, B * groups)
     return dx.reshape(tuple(x_size))
@@ -231,12 +263,15 @@ def _cpu_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, 
     acc = _acc_dtype(x.dtype)
     B, Cin, H, W = x.shape
     Cout = grad.shape[1]
-    grouped_grad, masked = _region_masked_grad(grad.to(acc), guide, m, groups)
+    grouped_grad = _region_masked_grad(grad.to(acc), guide, m, groups).reshape(1, -1, *grad.shape[2:])
     weight_size = (B * groups * m * (Cout // groups), Cin // groups, *kernel_hw)
-    dW = torch.nn.grad.conv2d_weight(x.to(acc).reshape(1, B * Cin, H, W), weight_size, grouped_grad,
-                                     stride, padding, dilation, B * groups)
-    dW = dW.reshape(B, groups, m, Cout // groups, *weight_size[1:]).transpose(1, 2).reshape(B, m, Cout, *weight_size[1:])
-    return dW, masked.sum(dim=(3, 4))
+    # The kernel and bias gradients in one pass of the conv's own backward (the bias gradient is
+    # the per-channel sum of the masked ∂y: the regions' sums).
+    _, dW, dbias = torch.ops.aten.convolution_backward(
+        grouped_grad, x.to(acc).reshape(1, B * Cin, H, W), grouped_grad.new_empty(weight_size), [weight_size[0]],
+        stride, padding, dilation, False, (0, 0), B * groups, (False, True, True))
+    per_group = (B, groups, m, Cout // groups)
+    return _ungrouped(dW.view(*per_group, *weight_size[1:]), groups), _ungrouped(dbias.view(per_group), groups)
 
 
 def _guide_scores(x, weights, routing, bias, spatial, grad, groups, stride, padding, dilation):
@@ -250,9 +285,11 @@ def _guide_scores(x, weights, routing, bias, spatial, grad, groups, stride, padd
     if _use_triton(x):
         return kernels.expert_conv_guide_scores(x, weights, routing, spatial, _mixed_bias(routing, bias), grad,
                                                 groups, stride, padding, dilation)
-    y_all = reference.all_region_outputs(x.to(acc), weights.to(acc), _cast(routing, acc), _cast(bias, acc), stride,
-                                         padding, dilation, groups, spatial=_cast(spatial, acc))
-    return (grad.to(acc)[:, None] * y_all).sum(dim=2)
+    y_all = _cpu_region_outputs(x, weights, routing, bias, spatial, stride, padding, dilation, groups)
+    B, Cout = grad.shape[:2]
+    # In place: y_all is this function's own temporary (m outputs; a product would be a second).
+    y_all.mul_(grad.to(acc).reshape(B, groups, 1, Cout // groups, *grad.shape[2:]))
+    return y_all.sum(dim=3).sum(dim=1)
 
 
 def _guide_grad(scores: Tensor, guide: Tensor) -> Tensor:
