@@ -6,7 +6,8 @@ gradients of gradients.
   ``groups = B·C``; its input gradient by the transposed conv; its weight gradient as a
   depthwise conv of the input by the output gradient. No shift-and-add.
 * ``expert_conv2d``: one batch-as-groups conv whose output is returned as is (no copy), for DRConv
-  over every region with each pixel's region gathered.
+  over every region with each pixel's region gathered; its backward by one transposed conv, one
+  ``convolution_backward`` (kernels and biases) and, for DRConv's guide, one conv over every region.
 The choice is checked by spying on the calls, never by timing."""
 import pytest
 import torch
@@ -83,6 +84,28 @@ def test_expert_forward_returns_the_batch_as_groups_conv_itself(plain, conv_call
     assert [(w, g) for w, g, _ in conv_calls] == [((B * regions * Cout, Cin // groups, 3, 3), B * groups)]
     if not guide:  # the conv's own output, not a copy of it
         assert y.untyped_storage().data_ptr() == conv_calls[0][2].untyped_storage().data_ptr()
+
+
+def test_drconv_backward_is_one_transposed_conv_one_conv_backward_and_one_conv(plain, conv_calls, monkeypatch):
+    """dx by one transposed conv, the kernels' and biases' gradients by one convolution_backward,
+    the guide's scores by one conv over every region (the forward recomputed, not kept), and no
+    strided one-hot (perf_reports/cpu/)."""
+    _forbid(monkeypatch, torch.nn.grad, "conv2d_weight", "conv2d_input")
+    _forbid(monkeypatch, F, "one_hot")
+    _forbid(monkeypatch, reference_expert, "all_region_outputs", "select_regions")
+    transposed, backward = [], []
+    real_transposed, real_backward = F.conv_transpose2d, torch.ops.aten.convolution_backward
+    monkeypatch.setattr(F, "conv_transpose2d", lambda *a: transposed.append(a[6]) or real_transposed(*a))
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", lambda *a: backward.append(a[-1]) or real_backward(*a))
+    B, Cin, Cout, E, m, groups = 2, 4, 6, 3, 2, 2
+    leaves = [torch.randn(B, Cin, 5, 5), torch.randn(E, Cout, Cin // groups, 3, 3), torch.rand(B, m, E),
+              torch.randn(E, Cout), torch.randn(B, m, 5, 5)]
+    x, experts, routing, bias, guide = (t.requires_grad_() for t in leaves)
+    y = dynconv.expert_conv2d(x, experts, routing, bias, padding=1, groups=groups, guide=guide)
+    conv_calls.clear()
+    torch.autograd.grad(y, leaves, torch.randn_like(y))
+    assert transposed == [B * groups] and backward == [(False, True, True)]
+    assert [(w, g) for w, g, _ in conv_calls] == [((B * m * Cout, Cin // groups, 3, 3), B * groups)]
 
 
 # Odd sizes, stride 2 with odd H, dilation, K larger than the image, asymmetric geometry.
