@@ -60,9 +60,11 @@ speed hint, so a bad file must never cost more than speed.
 
 Contract for kernel modules (what ``dynconv autotune`` and step 3 sweep)
 -----------------------------------------------------------------------
-A tuning module (``kernels/<kernel module>_tuning.py``, listed in :func:`spaces`; it imports its
-kernel module, never the reverse) takes part by defining ``autotune_space()`` returning
-``{kernel_name: KernelSpace}`` for the names its launchers pass to ``get_config``. A
+A tuning module (``kernels/<kernel module>_tuning.py``; it imports its kernel module, never the
+reverse, and the kernels package imports it) takes part by defining ``autotune_space()`` returning
+``{kernel_name: KernelSpace}`` for the names its launchers pass to ``get_config`` and passing that
+function to :func:`register_spaces` when it loads: this module imports no kernel or tuning
+module (they import it), so the import graph has no circle. A
 :class:`KernelSpace` is plain functions over a *spec*, a picklable dict of plain data that the
 module defines (sizes, layout, flags — everything but the dtype):
 
