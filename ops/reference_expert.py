@@ -34,12 +34,7 @@ def mix_kernels(experts, routing, bias=None, spatial=None):
     """W[b, r] = spatial[b] ⊙ Σ_e routing[b, r, e] · experts[e]: (B, m, Cout, Cin/g, kh, kw);
     the mixed bias (B, m, Cout) or None. Without routing, ``experts`` (B, m, Cout, Cin/g, kh, kw)
     and ``bias`` (B, m, Cout) are already mixed per sample (the ops' higher derivatives use them)."""
-    if routing is None:
-        weight, mixed_bias = experts, bias
-    else:
-        routing = _routing3(routing)
-        weight = torch.einsum("bre,eoikl->broikl", routing, experts)
-        mixed_bias = torch.einsum("bre,eo->bro", routing, bias) if bias is not None else None
+    weight, mixed_bias = _mixed_flat(experts, routing, bias)
     if spatial is not None:
         weight = weight * spatial[:, None, None, None]
     return weight, mixed_bias
