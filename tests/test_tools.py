@@ -98,6 +98,19 @@ def test_no_import_circles():
     assert _cycle(graph) is None, f"import circle: {' -> '.join(_cycle(graph))}"
 
 
+def test_every_tuning_module_registers_its_spaces_with_configs():
+    """configs imports no tuning module (that was a circle): each registers itself when the kernels
+    package loads, so run-time tuning and `dynconv autotune` still see every tuned kernel."""
+    from dynconv.kernels import configs, expert_conv_tuning, involution_fused_tuning, involution_tuning
+
+    modules = (involution_tuning, expert_conv_tuning, involution_fused_tuning)
+    expected = {name for module in modules for name in module.autotune_space()}
+    assert set(configs.spaces()) == expected
+    assert {"involution_fwd", "expert_conv_fwd", "involution_fused_fwd"} <= expected
+    configs.register_spaces(involution_tuning.autotune_space)  # a second registration changes nothing
+    assert set(configs.spaces()) == expected
+
+
 def test_kernel_modules_do_not_import_their_tuning_modules():
     graph = import_graph()
     for kernel in ("involution", "expert_conv", "involution_fused"):

@@ -221,7 +221,10 @@ def _write_readme(path, rows, label):
         "activations); (3) the same `aten.convolution_backward` call measured 5-13% slower when it "
         "runs inside a Python autograd.Function's backward than when called directly or from "
         "autograd's own C++ node (timed side by side here; the cause lies in torch, not in the "
-        "call). The wider row (four times the conv's work) shows the gap shrinking with the work.",
+        "call). At the small shape (1) explains about a third of the forward's gap; the rest we could "
+        "not attribute (the forward's body alone, `expert_conv2d_selected`, timed 1.02-1.03x timm's "
+        "code by the same loops). The wider row (four times the conv's work) brings the forward "
+        "to a tie while the backward stays near 1.1, in line with (3).",
         "- `expert_conv2d` with a guide (DRConv): the forward convolves every region in one grouped "
         "conv and gathers each pixel's region (no indicator product: faster than the alternative's "
         "select). The backward was slower than it needed to be: the region indicator came from "
@@ -239,6 +242,11 @@ def _write_readme(path, rows, label):
         "output, where unfold materialises `K²·C·Ho·Wo` per sample. Its dw is slower than unfold's "
         "(autograd's one product and sum over the K²-times-larger patch tensor): the price of that "
         "memory bound.",
+        "",
+        "Earlier figures (commit 52cb609, same machine, wall clock, dynconv's loops always first): "
+        "CondConv 1.11 / 1.16 / 1.17 (fwd / dx / dw), DRConv 0.76 / 1.33 / 1.75. Between the two, the "
+        "DRConv backward was rebuilt as above, the kernels are mixed by a GEMM instead of einsum, and "
+        "the timing moved to thread CPU time with alternating order (the A/A row).",
         "",
     ]
     path.write_text("\n".join(lines))
