@@ -427,6 +427,18 @@ def na2d_key_sum_kernel(
 # Launch helpers
 # --------------------------------------------------------------------------------------------
 
+def _HOLDER_LOOPS(K: int) -> tuple:
+    """Trip counts of the inverse-neighbourhood double loop: K x K holders away from the borders
+    (up to 2K-1 per axis next to one; the static model takes the interior)."""
+    return ((K, (K,)),)
+
+
+def uses_tensor_cores(kernel: str, dtype: torch.dtype, D: int) -> bool:
+    """Whether ``kernel`` ("fwd", "dq", "dkv") runs its score and aggregation products as ``tl.dot``
+    (the static model's MMA ceiling) or as per-lane multiply-reduces (CUDA cores)."""
+    return False
+
+
 def default_config(H: int, W: int, D: int, kernel: str = "na2d_fwd") -> dict:
     block_d = next_power_of_2(D)
     queries = max(MIN_QUERIES, min(64, TILE_ELEMENTS // block_d))
@@ -490,7 +502,7 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
                 **_strides("l", lse, 4), **_strides("r", rpb, 3))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
                 ACC_DTYPE=_acc_dtype(q.dtype))
-    return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
 
 
 def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> tuple[int, ...]:
@@ -511,7 +523,7 @@ def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilatio
     meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None,
                 RPB_DOT=q.dtype != torch.float64, INDEX_64=needs_int64(q, k, v, dy, dq),
                 ACC_DTYPE=_acc_dtype(q.dtype))
-    return Launch(na2d_bwd_query_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_bwd_query_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
 
 
 def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
@@ -524,7 +536,7 @@ def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale
                 **_strides("dv", dv, 5))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
                 ACC_DTYPE=_acc_dtype(q.dtype))
-    return Launch(na2d_bwd_key_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_bwd_key_kernel, grid, args, meta, num_warps, num_stages, loops=_HOLDER_LOOPS(K))
 
 
 def tap_dots_launch(x, y, rpb, out, K, dilation, neighborhood, masked: float, config=None) -> Launch:
@@ -533,7 +545,7 @@ def tap_dots_launch(x, y, rpb, out, K, dilation, neighborhood, masked: float, co
                 **_strides("r", rpb, 3), **_strides("o", out, 6))
     meta.update(MASKED=masked, NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(x, y, out),
                 ACC_DTYPE=_acc_dtype(x.dtype))
-    return Launch(na2d_tap_dots_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_tap_dots_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
 
 
 def tap_sum_launch(w, y, out, partials, K, dilation, neighborhood, config=None) -> Launch:
@@ -542,7 +554,7 @@ def tap_sum_launch(w, y, out, partials, K, dilation, neighborhood, config=None) 
                 **_strides("y", y, 5), **_strides("o", out, 5))
     meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, RPB_GRAD=partials is not None,
                 RPB_DOT=y.dtype != torch.float64, INDEX_64=needs_int64(w, y, out), ACC_DTYPE=_acc_dtype(y.dtype))
-    return Launch(na2d_tap_sum_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_tap_sum_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
 
 
 def key_sum_launch(w, x, out, K, dilation, neighborhood, config=None) -> Launch:
@@ -550,7 +562,7 @@ def key_sum_launch(w, x, out, K, dilation, neighborhood, config=None) -> Launch:
     args = dict(w_ptr=w, x_ptr=x, out_ptr=out, **scalars, **_strides("w", w, 6), **_strides("x", x, 5),
                 **_strides("o", out, 5))
     meta.update(NEIGHBORHOOD=neighborhood, INDEX_64=needs_int64(w, x, out), ACC_DTYPE=_acc_dtype(x.dtype))
-    return Launch(na2d_key_sum_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_key_sum_kernel, grid, args, meta, num_warps, num_stages, loops=_HOLDER_LOOPS(K))
 
 
 # --------------------------------------------------------------------------------------------
