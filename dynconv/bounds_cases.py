@@ -277,7 +277,7 @@ def _na2d_cases(name: str, dtype: str, layout: str = "BHWND", kernels=("fwd", "d
     }
     ceiling = "gmma16" if dtype != "fp32" else "gmmatf32"
     return [Case(name, k, dtype, layout, table[k][0], table[k][1], half,
-                 {ceiling if na.uses_tensor_cores(k, dt, p.D) else "fma": half}) for k in kernels]
+                 {ceiling if na.uses_tensor_cores(k, dt, p.D, p.bias) else "fma": half}) for k in kernels]
 
 
 def all_cases() -> list[Case]:

@@ -35,6 +35,8 @@ with the off-window pairs masked; not done yet.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -139,6 +141,224 @@ def na2d_fwd_kernel(
     tl.store(y_ptr + b * syb + h * syn + (i * syh + j * syw)[:, None] + dd[None, :] * syd,
              y.to(y_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
     tl.store(lse_ptr + b * slb + h * sln + i * slh + j * slw, m + tl.log(safe), mask=inside)
+
+
+@triton.jit
+def _query_tile(H, W, HEADS, DH, DW, TILES, TILES_W, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_W: tl.constexpr, NEIGHBORHOOD: tl.constexpr, INDEX_64: tl.constexpr):
+    """The tiled kernels' program: one (sample, head), one dilation group (gi, gj) and a
+    ``BLOCK_H x BLOCK_W`` tile of that group's subsequence, so all its queries' windows lie in the
+    group. Returns the sample, head, group, subsequence lengths, the queries' subsequence indices,
+    whether they are in the image, their window starts, the union window's first row and column, and
+    their image positions. Window starts are 1-Lipschitz in the query index, hence the union window
+    along an axis starts at the first query's start and spans at most ``BLOCK + K - 1`` indices."""
+    pid = tl.program_id(0)
+    tile = pid % TILES
+    rest = pid // TILES
+    group = rest % (DH * DW)
+    bh = rest // (DH * DW)
+    b = bh // HEADS
+    h = bh % HEADS
+    gi = group // DW
+    gj = group % DW
+    li = (H - gi + DH - 1) // DH
+    lj = (W - gj + DW - 1) // DW
+    t0i = (tile // TILES_W) * BLOCK_H
+    t0j = (tile % TILES_W) * BLOCK_W
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    ti = t0i + p // BLOCK_W
+    tj = t0j + p % BLOCK_W
+    inside = (ti < li) & (tj < lj)
+    si = _window_start(ti, li, K, NEIGHBORHOOD)
+    sj = _window_start(tj, lj, K, NEIGHBORHOOD)
+    lo_i = _window_start(t0i, li, K, NEIGHBORHOOD)
+    lo_j = _window_start(t0j, lj, K, NEIGHBORHOOD)
+    i = gi + ti * DH
+    j = gj + tj * DW
+    if INDEX_64:
+        b = b.to(tl.int64)
+        h = h.to(tl.int64)
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
+    return b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j
+
+
+@triton.jit
+def _window_features(si, sj, lo_i, lo_j, li, lj, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                     BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The window mask as a product accumulated under the scores: a key's features are its union row
+    and column (one-hot, ``_union_keys``; a key past the union gets 2 on a slot no query holds), a
+    query's are PENALTY on every slot its window does not hold (rows and columns outside the image
+    included). So q_f·k_f is exactly 0 on the query's own keys and <= PENALTY elsewhere, and
+    PENALTY·scale2 <= -2^11 (the launcher's choice) makes exp2 exactly 0 there next to any key of the
+    window (every query in the image has one: its centre). Built once per program: per chunk only the
+    keys' one-hot features, no per-pair integer work."""
+    union_h: tl.constexpr = BLOCK_H + K - 1
+    f = tl.arange(0, BLOCK_F)
+    row_f = f[None, :] - (si - lo_i)[:, None]
+    col_f = f[None, :] - union_h - (sj - lo_j)[:, None]
+    holds_row = (f < union_h)[None, :] & (row_f.to(tl.uint32) < K) & ((lo_i + f >= 0) & (lo_i + f < li))[None, :]
+    holds_col = ((f >= union_h)[None, :] & (col_f.to(tl.uint32) < K)
+                 & ((lo_j + f - union_h >= 0) & (lo_j + f - union_h < lj))[None, :])
+    return tl.where(holds_row | holds_col, 0.0, PENALTY).to(DOT_DTYPE)
+
+
+@triton.jit
+def _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, INDEX_64: tl.constexpr,
+                DOT_DTYPE: tl.constexpr):
+    """Chunk ``c`` of the flattened union window: its keys' subsequence rows and columns, the image
+    row and column to load them from (clamped into the image: a key outside it, or past the union,
+    loads a real row unmasked and its features drop it), and the keys' one-hot features ``[F, N]``."""
+    union_h: tl.constexpr = BLOCK_H + K - 1
+    union_w: tl.constexpr = BLOCK_W + K - 1
+    n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    nr = n // union_w
+    nc = n % union_w
+    kr = lo_i + nr
+    kc = lo_j + nc
+    row = gi + tl.minimum(tl.maximum(kr, 0), li - 1) * DH
+    col = gj + tl.minimum(tl.maximum(kc, 0), lj - 1) * DW
+    if INDEX_64:
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+    f = tl.arange(0, BLOCK_F)
+    in_union = (n < union_h * union_w)[None, :]
+    one_hot = ((f[:, None] == nr[None, :]) | (f[:, None] == union_h + nc[None, :])).to(tl.float32)
+    features = tl.where(in_union, one_hot, tl.where(f[:, None] == union_h + union_w, 2.0, 0.0)).to(DOT_DTYPE)
+    return kr, kc, row, col, features
+
+
+@triton.jit
+def _load_rows(head, row, col, srow, scol, dmask, EVEN_D: tl.constexpr):
+    """``[N, D]`` rows at (row, col), unmasked where D fills the block (rows are always in the image)."""
+    if EVEN_D:
+        return tl.load(head + (row * srow + col * scol)[:, None])
+    return tl.load(head + (row * srow + col * scol)[:, None], mask=dmask, other=0.0)
+
+
+@triton.jit
+def _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inv_scale,
+                K: tl.constexpr, PENALTY: tl.constexpr, HAS_RPB: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``q·k + rpb/scale`` on the query's own keys, ``<= PENALTY`` elsewhere ([Q, N], fp32)."""
+    s = tl.dot(q_features, k_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    s = tl.dot(q, tl.trans(key.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_RPB:
+        s += tl.load(rpb_ptr + h * srn + (kr[None, :] - ti[:, None] + K - 1) * sri
+                     + (kc[None, :] - tj[:, None] + K - 1) * srj, mask=s > 0.5 * PENALTY,
+                     other=0.0).to(ACC_DTYPE) * inv_scale
+    return s
+
+
+@triton.jit
+def na2d_fwd_tiled_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, y_ptr, lse_ptr,
+    H, W, HEADS, D, DH, DW, scale2, inv_scale, ln2,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    syb, syh, syw, syn, syd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    TILES, TILES_W, CHUNKS,
+    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """The forward of ``na2d_fwd_kernel`` on tensor cores: the tile's union window (``_query_tile``),
+    flattened and cut into ``BLOCK_N``-key chunks, each a ``[Q, D] x [D, N]`` score product and a
+    ``[Q, N] x [N, D]`` aggregation, the pairs outside a query's window masked by ``_window_features``.
+    K is a compile-time constant here: the flattened union index splits into (row, column) by a
+    constant divisor, a multiply and shift.
+
+    Raw scores t = q·k (+ rpb / scale) and their running max m; the softmax in base 2, one fused
+    multiply-add per score: exp2(t·scale2 - m·scale2), scale2 = scale·log2(e) > 0. The constants are
+    arguments: full precision in float64 through the interpreter."""
+    b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j = _query_tile(
+        H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = (dd < D)[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqn + (i * sqh + j * sqw)[:, None] + dd[None, :] * sqd,
+                mask=inside[:, None] & dmask, other=0.0).to(DOT_DTYPE)
+    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
+    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
+    q_features = _window_features(si, sj, lo_i, lo_j, li, lj, K, BLOCK_H, BLOCK_W, BLOCK_F, PENALTY, DOT_DTYPE)
+    m = tl.full((BLOCK_H * BLOCK_W,), float("-inf"), ACC_DTYPE)
+    total = tl.zeros((BLOCK_H * BLOCK_W,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for c in range(0, CHUNKS):
+        kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
+                                                   BLOCK_N, BLOCK_F, INDEX_64, DOT_DTYPE)
+        key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
+        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inv_scale,
+                        K, PENALTY, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2((m - m_new) * scale2)
+        weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
+        value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
+        total = total * alpha + tl.sum(weights, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(weights.to(DOT_DTYPE), value.to(DOT_DTYPE), input_precision=DOT_PRECISION,
+                                            out_dtype=ACC_DTYPE)
+        m = m_new
+    safe = tl.where(total > 0, total, 1.0)  # lanes outside the image
+    y = acc / safe[:, None]
+    tl.store(y_ptr + b * syb + h * syn + (i * syh + j * syw)[:, None] + dd[None, :] * syd,
+             y.to(y_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
+    tl.store(lse_ptr + b * slb + h * sln + i * slh + j * slw, (m * scale2 + tl.log2(safe)) * ln2, mask=inside)
+
+
+@triton.jit
+def na2d_bwd_query_tiled_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr,
+    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sgb, sgh, sgw, sgn, sgd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    sdqb, sdqh, sdqw, sdqn, sdqd,
+    TILES, TILES_W, CHUNKS,
+    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """dq of ``na2d_bwd_query_kernel`` on tensor cores, over the forward's tiles and chunks: per chunk
+    p = exp2(t·scale2 - lse·log2e), dp = dy·vᵀ and dq += (p·(dp - delta))·k, three products. No rpb
+    gradient here: with a learnt rpb the CUDA-core kernel runs (its partials need per-pair bins)."""
+    b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j = _query_tile(
+        H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = (dd < D)[None, :]
+    mask2 = inside[:, None] & dmask
+    q = tl.load(q_ptr + b * sqb + h * sqn + (i * sqh + j * sqw)[:, None] + dd[None, :] * sqd,
+                mask=mask2, other=0.0).to(DOT_DTYPE)
+    dy = tl.load(dy_ptr + b * sgb + h * sgn + (i * sgh + j * sgw)[:, None] + dd[None, :] * sgd,
+                 mask=mask2, other=0.0).to(DOT_DTYPE)
+    stat = b * slb + h * sln + i * slh + j * slw
+    # A lane outside the image gets lse = +inf: p = 0, no overflow in rows nobody stores.
+    lse2 = tl.load(lse_ptr + stat, mask=inside, other=float("inf")).to(ACC_DTYPE) * log2e
+    delta = tl.load(delta_ptr + stat, mask=inside, other=0.0).to(ACC_DTYPE)
+    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
+    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
+    q_features = _window_features(si, sj, lo_i, lo_j, li, lj, K, BLOCK_H, BLOCK_W, BLOCK_F, PENALTY, DOT_DTYPE)
+    dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for c in range(0, CHUNKS):
+        kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
+                                                   BLOCK_N, BLOCK_F, INDEX_64, DOT_DTYPE)
+        key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D).to(DOT_DTYPE)
+        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inv_scale,
+                        K, PENALTY, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        p = tl.exp2(s * scale2 - lse2[:, None])
+        value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D).to(DOT_DTYPE)
+        dp = tl.dot(dy, tl.trans(value), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(DOT_DTYPE), key, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(dq_ptr + b * sdqb + h * sdqn + (i * sdqh + j * sdqw)[:, None] + dd[None, :] * sdqd,
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
@@ -433,10 +653,13 @@ def _HOLDER_LOOPS(K: int) -> tuple:
     return ((K, (K,)),)
 
 
-def uses_tensor_cores(kernel: str, dtype: torch.dtype, D: int) -> bool:
+def uses_tensor_cores(kernel: str, dtype: torch.dtype, D: int, rpb: bool = False) -> bool:
     """Whether ``kernel`` ("fwd", "dq", "dkv") runs its score and aggregation products as ``tl.dot``
-    (the static model's MMA ceiling) or as per-lane multiply-reduces (CUDA cores)."""
-    return False
+    (the static model's MMA ceiling) or as per-lane multiply-reduces (CUDA cores). fp32 stays on CUDA
+    cores: exact fp32 products, never a silent TF32. The rpb gradient's per-pair bins exist only in
+    the CUDA-core dq kernel; dk and dv have no tiled kernel yet."""
+    half = dtype in (torch.float16, torch.bfloat16) and D >= 16
+    return half and (kernel == "fwd" or (kernel == "dq" and not rpb))
 
 
 def default_config(H: int, W: int, D: int, kernel: str = "na2d_fwd") -> dict:
@@ -496,6 +719,9 @@ def forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, confi
 
 
 def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
+    tiled = (config or {}).get("tiled", uses_tensor_cores("fwd", q.dtype, q.shape[-1]))
+    if tiled and window_penalty(q.dtype, scale) is not None:
+        return _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_fwd", q, K, dilation, config)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars, scale=float(scale),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
@@ -503,6 +729,80 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
                 ACC_DTYPE=_acc_dtype(q.dtype))
     return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
+
+
+def tiled_config(q, K: int, dilation, config=None) -> dict:
+    """The tile of the tensor-core forward: 8 x 8 queries (the 64 rows one warpgroup's wgmma needs)
+    and 32-key chunks of their union window. From `dynconv inspect --bounds` (triton 3.6, sm_90) at
+    N1 and N2: 4 x 8 or 4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per
+    score; 16 x 8 or 8 warps and 128-key chunks are slower; a second pipeline stage adds issue.
+    64-key chunks are 5% faster at N1 and 7% at N2 but spill on sm_80."""
+    default = {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return config or get_config("na2d_fwd_tiled", problem_key(q, K, dilation), default)
+
+
+def _tiled_common(q, K, dilation, config):
+    B, H, W, heads, D = q.shape
+    cfg = tiled_config(q, K, dilation, config)
+    bh, bw, bn = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["BLOCK_N"]
+    # Tiles cover the longest subsequence of each axis (group 0's); shorter groups mask their tail.
+    tiles_w = cdiv(cdiv(W, dilation[1]), bw)
+    tiles = cdiv(cdiv(H, dilation[0]), bh) * tiles_w
+    chunks = cdiv((bh + K - 1) * (bw + K - 1), bn)
+    meta = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_D": max(16, next_power_of_2(D)), "BLOCK_N": bn}
+    scalars = dict(H=H, W=W, HEADS=heads, D=D, DH=dilation[0], DW=dilation[1], TILES=tiles, TILES_W=tiles_w,
+                   CHUNKS=chunks)
+    # Union rows, union columns, and the slot of the keys past the union.
+    meta.update(K=K, BLOCK_F=max(16, next_power_of_2(bh + bw + 2 * K - 1)))
+    grid = (tiles * dilation[0] * dilation[1] * B * heads, 1, 1)
+    return meta, scalars, grid, cfg.get("num_warps", 4), cfg.get("num_stages", 1)
+
+
+def _dot_types(dtype: torch.dtype) -> dict:
+    """The tiled kernels' tl.dot operand type and precision. fp32 and fp64 reach them only when a
+    test asks: exact products, not TF32. The interpreter multiplies bf16 tiles wrongly (triton 3.6
+    and 3.9), so there bf16 operands are widened to fp32: exact, as the tensor cores' products are."""
+    from ._launch import kernels_are_interpreted
+
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and not kernels_are_interpreted()):
+        return {"DOT_DTYPE": {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], "DOT_PRECISION": "tf32"}
+    return {"DOT_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32, "DOT_PRECISION": "ieee"}
+
+
+def window_penalty(dtype: torch.dtype, scale: float) -> float | None:
+    """The tiled forward's out-of-window score offset: a power of two with ``PENALTY·scale·log2(e) <=
+    -2^11`` (exp2 of it is 0 in fp32 next to any in-window score), representable as a ``dtype`` operand;
+    None where no such value exists (scale <= 0, or too small for fp16): then the CUDA-core kernel runs."""
+    if not scale > 0:
+        return None
+    penalty = -(2.0 ** max(11, math.ceil(math.log2(2.0 ** 11 / (scale * math.log2(math.e))))))
+    limit = 2.0 ** 15 if dtype == torch.float16 else 2.0 ** 60
+    return penalty if -penalty <= limit else None
+
+
+def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars,
+                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), ln2=math.log(2.0),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
+                PENALTY=window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype), EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
+    return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
+
+
+def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, scale, neighborhood,
+                                 config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
+                **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale),
+                log2e=math.log2(math.e),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dq),
+                PENALTY=window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
+                EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
+    return Launch(na2d_bwd_query_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
 
 
 def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> tuple[int, ...]:
@@ -515,6 +815,10 @@ def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> t
 
 def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood,
                           config=None) -> Launch:
+    tiled = (config or {}).get("tiled", uses_tensor_cores("dq", q.dtype, q.shape[-1], rpb is not None))
+    if tiled and partials is None and window_penalty(q.dtype, scale) is not None:
+        return _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, scale, neighborhood,
+                                            config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_query", q, K, dilation, config)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
                 drpb_ptr=partials, **scalars, scale=float(scale),
@@ -647,6 +951,8 @@ def catalogue() -> list[Launch]:
                 batch = [forward_launch(q, q, q, rpb, q, lse, *geometry),
                          backward_query_launch(q, q, q, rpb, q, lse, lse, q, partials, *geometry),
                          backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, *geometry)]
+                if uses_tensor_cores("dq", dtype, D):  # without rpb: the tiled dq kernel
+                    batch.append(backward_query_launch(q, q, q, None, q, lse, lse, q, None, *geometry))
                 if neighborhood:  # the unfused kernels: the window kind changes two index lines
                     scores = torch.empty((B, H, W, heads, K, K), **meta)
                     window = (K, (d, d), neighborhood)
