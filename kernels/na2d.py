@@ -28,10 +28,12 @@ The unfused pair (``na2d_qk``, ``na2d_av``) uses three gathers of the same windo
 (av's Σ attn·v, and qk's dq with the rpb-gradient partials) and ``na2d_key_sum_kernel`` (qk's dk and
 av's dv over the inverse neighbourhood).
 
-What is missing for the performance targets: the score and aggregation products are per-lane
-multiply-reduces over D (CUDA cores), not ``tl.dot`` on tensor cores. Tensor cores need the
-query tile's keys as one shared ``[tile + halo]`` block (NATTEN's and FlashAttention's tiling),
-with the off-window pairs masked; not done yet.
+Tensor cores (fp16/bf16, D >= 16): ``na2d_fwd_tiled_kernel``, ``na2d_bwd_query_tiled_kernel`` (dq,
+without the rpb gradient) and ``na2d_bwd_key_tiled_kernel`` (dk, dv) take a tile of 8 x 8 queries (or
+keys), its union window (or its holders' union) flattened into chunks, and mask the pairs outside each
+query's window through a one-hot feature product accumulated under the scores (``_window_features``):
+no per-pair integer work. fp32 stays on the CUDA-core kernels (exact products, no silent TF32), as do
+D < 16 and the dq kernel of a learnt rpb, whose gradient needs per-pair relative-position bins.
 """
 from __future__ import annotations
 
@@ -362,6 +364,102 @@ def na2d_bwd_query_tiled_kernel(
 
 
 @triton.jit
+def na2d_bwd_key_tiled_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sgb, sgh, sgw, sgn, sgd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    sdkb, sdkh, sdkw, sdkn, sdkd,
+    sdvb, sdvh, sdvw, sdvn, sdvd,
+    TILES, TILES_W,
+    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """dk and dv of ``na2d_bwd_key_kernel`` on tensor cores. A program owns a tile of keys (the
+    forward's query tiling, ``_query_tile``); the queries whose windows hold them form, per axis, the
+    range from the first key's first holder to the last key's last holder (holder ranges are monotone),
+    at most ``BLOCK + 2K - 2`` long. That union is flattened and cut into ``BLOCK_N``-query chunks; per
+    chunk, keys as rows: sᵀ = k·qᵀ, pᵀ = exp2(sᵀ·scale2 - lse·log2e), dv += pᵀ·dy, dpᵀ = v·dyᵀ,
+    dk += (pᵀ·(dpᵀ - delta))·q. The mask is ``_window_features``' product with the roles swapped: a
+    query's features are the one-hot of its window start (row and column), a key's are PENALTY on
+    every start whose window misses it. Queries outside the image or past the union read lse = +inf
+    (p = 0). Each key has one writer: deterministic, no atomics."""
+    b, h, gi, gj, li, lj, ti, tj, inside, _, _, _, _, i, j = _query_tile(
+        H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
+    union_h: tl.constexpr = BLOCK_H + 2 * K - 2
+    union_w: tl.constexpr = BLOCK_W + 2 * K - 2
+    t0i = tl.min(ti, axis=0)
+    t0j = tl.min(tj, axis=0)
+    lo_i, _ = _holders(t0i, li, K, NEIGHBORHOOD)
+    lo_j, _ = _holders(t0j, lj, K, NEIGHBORHOOD)
+    # This tile's own union (K - 1 + BLOCK away from the borders): its width splits the flat index at
+    # run time, one division per chunk and query, against twice the products of the widest union.
+    _, hi_i = _holders(tl.minimum(t0i + BLOCK_H - 1, li - 1), li, K, NEIGHBORHOOD)
+    _, hi_j = _holders(tl.minimum(t0j + BLOCK_W - 1, lj - 1), lj, K, NEIGHBORHOOD)
+    width = hi_j - lo_j + 1
+    extent = (hi_i - lo_i + 1) * width
+    s0_i = _window_start(lo_i, li, K, NEIGHBORHOOD)
+    s0_j = _window_start(lo_j, lj, K, NEIGHBORHOOD)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = (dd < D)[None, :]
+    mask2 = inside[:, None] & dmask
+    key = tl.load(k_ptr + b * skb + h * skn + (i * skh + j * skw)[:, None] + dd[None, :] * skd,
+                  mask=mask2, other=0.0).to(DOT_DTYPE)
+    value = tl.load(v_ptr + b * svb + h * svn + (i * svh + j * svw)[:, None] + dd[None, :] * svd,
+                    mask=mask2, other=0.0).to(DOT_DTYPE)
+    # Key features [Q_keys, F]: 0 on the window starts (rows, then columns) whose window holds the key.
+    f = tl.arange(0, BLOCK_F)
+    row_in = (ti[:, None] - (s0_i + f)[None, :]).to(tl.uint32) < K
+    col_in = (tj[:, None] - (s0_j + f - union_h)[None, :]).to(tl.uint32) < K
+    held = ((f < union_h)[None, :] & row_in) | ((f >= union_h)[None, :] & col_in)
+    k_features = tl.where(held, 0.0, PENALTY).to(DOT_DTYPE)
+    q_head = q_ptr + b * sqb + h * sqn + dd[None, :] * sqd
+    dy_head = dy_ptr + b * sgb + h * sgn + dd[None, :] * sgd
+    stat_head = lse_ptr + b * slb + h * sln
+    delta_head = delta_ptr + b * slb + h * sln
+    dk = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    dv = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for c in range(0, tl.cdiv(extent, BLOCK_N)):
+        n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+        qr = lo_i + n // width
+        qc = lo_j + n % width
+        valid = (n < extent) & (qr < li) & (qc < lj)
+        row = gi + tl.minimum(qr, li - 1) * DH
+        col = gj + tl.minimum(qc, lj - 1) * DW
+        if INDEX_64:
+            row = row.to(tl.int64)
+            col = col.to(tl.int64)
+        query = _load_rows(q_head, row, col, sqh, sqw, dmask, EVEN_D).to(DOT_DTYPE)
+        grad = _load_rows(dy_head, row, col, sgh, sgw, dmask, EVEN_D).to(DOT_DTYPE)
+        lse2 = tl.load(stat_head + row * slh + col * slw, mask=valid, other=float("inf")).to(ACC_DTYPE) * log2e
+        delta = tl.load(delta_head + row * slh + col * slw, mask=valid, other=0.0).to(ACC_DTYPE)
+        start_i = _window_start(qr, li, K, NEIGHBORHOOD) - s0_i
+        start_j = _window_start(qc, lj, K, NEIGHBORHOOD) - s0_j
+        q_features = ((f[:, None] == start_i[None, :]) | (f[:, None] == union_h + start_j[None, :])).to(DOT_DTYPE)
+        s = tl.dot(k_features, q_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        s = tl.dot(key, tl.trans(query), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_RPB:
+            s += tl.load(rpb_ptr + h * srn + (ti[:, None] - qr[None, :] + K - 1) * sri
+                         + (tj[:, None] - qc[None, :] + K - 1) * srj, mask=s > 0.5 * PENALTY,
+                         other=0.0).to(ACC_DTYPE) * inv_scale
+        p = tl.exp2(s * scale2 - lse2[None, :])
+        dv = tl.dot(p.to(DOT_DTYPE), grad, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dp = tl.dot(value, tl.trans(grad), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        ds = p * (dp - delta[None, :])
+        dk = tl.dot(ds.to(DOT_DTYPE), query, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(dk_ptr + b * sdkb + h * sdkn + (i * sdkh + j * sdkw)[:, None] + dd[None, :] * sdkd,
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask2)
+    tl.store(dv_ptr + b * sdvb + h * sdvn + (i * sdvh + j * sdvw)[:, None] + dd[None, :] * sdvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
 def na2d_bwd_query_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr, drpb_ptr,
     H, W, HEADS, D, K, DH, DW, scale,
@@ -657,9 +755,9 @@ def uses_tensor_cores(kernel: str, dtype: torch.dtype, D: int, rpb: bool = False
     """Whether ``kernel`` ("fwd", "dq", "dkv") runs its score and aggregation products as ``tl.dot``
     (the static model's MMA ceiling) or as per-lane multiply-reduces (CUDA cores). fp32 stays on CUDA
     cores: exact fp32 products, never a silent TF32. The rpb gradient's per-pair bins exist only in
-    the CUDA-core dq kernel; dk and dv have no tiled kernel yet."""
+    the CUDA-core dq kernel."""
     half = dtype in (torch.float16, torch.bfloat16) and D >= 16
-    return half and (kernel == "fwd" or (kernel == "dq" and not rpb))
+    return half and (kernel != "dq" or not rpb)
 
 
 def default_config(H: int, W: int, D: int, kernel: str = "na2d_fwd") -> dict:
@@ -731,19 +829,22 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
     return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
 
 
-def tiled_config(q, K: int, dilation, config=None) -> dict:
-    """The tile of the tensor-core forward: 8 x 8 queries (the 64 rows one warpgroup's wgmma needs)
+def tiled_config(q, K: int, dilation, config=None, kernel: str = "na2d_fwd_tiled") -> dict:
+    """The tile of the tensor-core kernels: 8 x 8 queries (the 64 rows one warpgroup's wgmma needs)
     and 32-key chunks of their union window. From `dynconv inspect --bounds` (triton 3.6, sm_90) at
     N1 and N2: 4 x 8 or 4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per
     score; 16 x 8 or 8 warps and 128-key chunks are slower; a second pipeline stage adds issue.
-    64-key chunks are 5% faster at N1 and 7% at N2 but spill on sm_80."""
+    64-key chunks are 5% faster at N1 and 7% at N2 but spill on sm_80. The key-side kernel keeps six
+    [Q, D] tiles live: 16-query chunks from D = 64 and 8 warps at D = 128 keep it from spilling."""
     default = {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return config or get_config("na2d_fwd_tiled", problem_key(q, K, dilation), default)
+    if kernel == "na2d_bwd_key_tiled" and q.shape[-1] > 32:
+        default.update(BLOCK_N=16, num_warps=8 if q.shape[-1] > 64 else 4)
+    return config or get_config(kernel, problem_key(q, K, dilation), default)
 
 
-def _tiled_common(q, K, dilation, config):
+def _tiled_common(q, K, dilation, config, kernel="na2d_fwd_tiled"):
     B, H, W, heads, D = q.shape
-    cfg = tiled_config(q, K, dilation, config)
+    cfg = tiled_config(q, K, dilation, config, kernel)
     bh, bw, bn = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["BLOCK_N"]
     # Tiles cover the longest subsequence of each axis (group 0's); shorter groups mask their tail.
     tiles_w = cdiv(cdiv(W, dilation[1]), bw)
@@ -793,7 +894,7 @@ def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood
 
 def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, scale, neighborhood,
                                  config=None) -> Launch:
-    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config)
+    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_query_tiled")
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
                 **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale),
                 log2e=math.log2(math.e),
@@ -803,6 +904,28 @@ def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, 
                 PENALTY=window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
                 EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
     return Launch(na2d_bwd_query_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
+
+
+def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
+                               config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_key_tiled")
+    # The holders' union: BLOCK + 2K - 2 per axis at most (``na2d_bwd_key_tiled_kernel``), the feature
+    # slots of its window starts (rows, then columns); BLOCK + K - 1 away from the borders, the chunk
+    # count the static model weights the loop by.
+    bh, bw, bn = meta["BLOCK_H"], meta["BLOCK_W"], meta["BLOCK_N"]
+    del scalars["CHUNKS"]
+    interior_chunks = cdiv((bh + K - 1) * (bw + K - 1), bn)
+    meta["BLOCK_F"] = max(16, next_power_of_2(bh + bw + 4 * K - 4))
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
+                dv_ptr=dv, **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e),
+                inv_scale=1.0 / float(scale), log2e=math.log2(math.e),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dk", dk, 5),
+                **_strides("dv", dv, 5))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
+                PENALTY=window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
+                EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
+    return Launch(na2d_bwd_key_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(interior_chunks,))
 
 
 def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> tuple[int, ...]:
@@ -832,6 +955,10 @@ def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilatio
 
 def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
                         config=None) -> Launch:
+    tiled = (config or {}).get("tiled", uses_tensor_cores("dkv", q.dtype, q.shape[-1], rpb is not None))
+    if tiled and window_penalty(q.dtype, scale) is not None:
+        return _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
+                                          config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_key", q, K, dilation, config)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
                 dv_ptr=dv, **scalars, scale=float(scale),

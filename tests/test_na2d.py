@@ -101,8 +101,9 @@ TILED_CASES = [
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("case", TILED_CASES, ids=[f"H{c[0]}W{c[1]}D{c[3]}K{c[4]}d{c[5][0]}{c[5][1]}-{c[6]}"
                                                    for c in TILED_CASES])
-def test_tiled_forward_and_dq_in_float64(case, device):
-    """The tiled kernels' masking, online softmax and dq, exactly (float64 tl.dot): y, lse, dq."""
+def test_tiled_kernels_in_float64(case, device):
+    """The tiled kernels' masking, online softmax, dq and the inverse-neighbourhood dk, dv, exactly
+    (float64 tl.dot): y, lse, dq, dk, dv."""
     tensors, geometry = _inputs(case)
     q, k, v, rpb = (None if t is None else t.to(device) for t in tensors.values())
     K, d, window = geometry["kernel_size"], geometry["dilation"], geometry["window"]
@@ -120,15 +121,21 @@ def test_tiled_forward_and_dq_in_float64(case, device):
                                            window == "neighborhood", config)
     assert launch.kernel is kernels.na2d_bwd_query_tiled_kernel
     launch()
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    launch = kernels.backward_key_launch(q, k, v, rpb, dy, lse, (dy * y).sum(-1), dk, dv, K, d, 0.3,
+                                         window == "neighborhood", config)
+    assert launch.kernel is kernels.na2d_bwd_key_tiled_kernel
+    launch()
     expected.backward(dy.cpu())
-    assert_close(dq, leaves[0].grad, torch.float64, "dq")
+    for name, actual, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
+        assert_close(actual, leaf.grad, torch.float64, name)
 
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("with_rpb", [True, False], ids=["rpb", "no-rpb"])
 def test_half_precision_takes_the_tiled_kernels(with_rpb, device):
-    """bf16 with D >= 16 runs the tensor-core forward by default (and the tensor-core dq without rpb);
-    the backward uses the forward's lse."""
+    """bf16 with D >= 16 runs the tensor-core forward, dk/dv and (without rpb) dq by default; the
+    backward uses the forward's lse."""
     tensors, geometry = _inputs((6, 7, 2, 16, 3, (1, 1), "neighborhood", with_rpb))
     y = check_against_reference(_na2d, _reference, tensors, torch.bfloat16, device, **geometry)
     assert y.dtype == torch.bfloat16
@@ -140,6 +147,8 @@ def test_half_precision_takes_the_tiled_kernels(with_rpb, device):
     rpb = None if not with_rpb else torch.empty(2, 5, 5, dtype=torch.bfloat16, device="meta")
     dq_launch = kernels.backward_query_launch(q, q, q, rpb, q, lse, lse, q, partials, 3, (1, 1), 0.25, True)
     assert (dq_launch.kernel is kernels.na2d_bwd_query_tiled_kernel) == (not with_rpb)
+    dkv_launch = kernels.backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, 3, (1, 1), 0.25, True)
+    assert dkv_launch.kernel is kernels.na2d_bwd_key_tiled_kernel
     assert kernels.uses_tensor_cores("fwd", torch.bfloat16, 16)
     assert not kernels.uses_tensor_cores("fwd", torch.bfloat16, 8)
     assert not kernels.uses_tensor_cores("fwd", torch.float32, 64)
