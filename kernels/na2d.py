@@ -188,13 +188,13 @@ def _query_tile(H, W, HEADS, DH, DW, TILES, TILES_W, K: tl.constexpr, BLOCK_H: t
 @triton.jit
 def _window_features(si, sj, lo_i, lo_j, li, lj, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                      BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """The window mask as a product accumulated under the scores: a key's features are its union row
-    and column (one-hot, ``_union_keys``; a key past the union gets 2 on a slot no query holds), a
-    query's are PENALTY on every slot its window does not hold (rows and columns outside the image
-    included). So q_f·k_f is exactly 0 on the query's own keys and <= PENALTY elsewhere, and
-    PENALTY·scale2 <= -2^11 (the launcher's choice) makes exp2 exactly 0 there next to any key of the
-    window (every query in the image has one: its centre). Built once per program: per chunk only the
-    keys' one-hot features, no per-pair integer work."""
+    """The window mask as a product accumulated under the scores: a key's features are ONE on its union
+    row and column (``_union_keys``; a key past the union on a slot no query holds), a query's are
+    PENALTY on every slot its window does not hold (rows and columns outside the image included). So
+    q_f·k_f is exactly 0 on the query's own keys and <= PENALTY·ONE elsewhere: -2^100 (-2^30 in fp16,
+    whose operands stop at 2^15), which no score of finite inputs offsets and exp2 turns into exactly
+    0 next to any key of the window (every query in the image has one: its centre). Built once per
+    program: per chunk only the keys' one-hot features, no per-pair integer work."""
     union_h: tl.constexpr = BLOCK_H + K - 1
     f = tl.arange(0, BLOCK_F)
     row_f = f[None, :] - (si - lo_i)[:, None]
@@ -207,8 +207,8 @@ def _window_features(si, sj, lo_i, lo_j, li, lj, K: tl.constexpr, BLOCK_H: tl.co
 
 @triton.jit
 def _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, INDEX_64: tl.constexpr,
-                DOT_DTYPE: tl.constexpr):
+                BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, ONE: tl.constexpr,
+                INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Chunk ``c`` of the flattened union window: its keys' subsequence rows and columns, the image
     row and column to load them from (clamped into the image: a key outside it, or past the union,
     loads a real row unmasked and its features drop it), and the keys' one-hot features ``[F, N]``."""
@@ -226,8 +226,8 @@ def _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H:
         col = col.to(tl.int64)
     f = tl.arange(0, BLOCK_F)
     in_union = (n < union_h * union_w)[None, :]
-    one_hot = ((f[:, None] == nr[None, :]) | (f[:, None] == union_h + nc[None, :])).to(tl.float32)
-    features = tl.where(in_union, one_hot, tl.where(f[:, None] == union_h + union_w, 2.0, 0.0)).to(DOT_DTYPE)
+    one_hot = (f[:, None] == nr[None, :]) | (f[:, None] == union_h + nc[None, :])
+    features = tl.where(tl.where(in_union, one_hot, f[:, None] == union_h + union_w), ONE, 0.0).to(DOT_DTYPE)
     return kr, kc, row, col, features
 
 
@@ -240,15 +240,16 @@ def _load_rows(head, row, col, srow, scol, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inv_scale,
-                K: tl.constexpr, PENALTY: tl.constexpr, HAS_RPB: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``q·k + rpb/scale`` on the query's own keys, ``<= PENALTY`` elsewhere ([Q, N], fp32)."""
+def _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
+                K: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr, HAS_RPB: tl.constexpr,
+                ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``q·k + rpb/scale`` on the query's own keys, ``<= PENALTY·ONE`` elsewhere ([Q, N], fp32). Lanes
+    outside the image read no rpb: their clamped window is no window of theirs, its offsets not bins."""
     s = tl.dot(q_features, k_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     s = tl.dot(q, tl.trans(key.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     if HAS_RPB:
         s += tl.load(rpb_ptr + h * srn + (kr[None, :] - ti[:, None] + K - 1) * sri
-                     + (kc[None, :] - tj[:, None] + K - 1) * srj, mask=s > 0.5 * PENALTY,
+                     + (kc[None, :] - tj[:, None] + K - 1) * srj, mask=inside[:, None] & (s > 0.5 * PENALTY * ONE),
                      other=0.0).to(ACC_DTYPE) * inv_scale
     return s
 
@@ -265,7 +266,7 @@ def na2d_fwd_tiled_kernel(
     srn, sri, srj,
     TILES, TILES_W, CHUNKS,
     K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr,
+    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
     NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -292,10 +293,10 @@ def na2d_fwd_tiled_kernel(
     acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     for c in range(0, CHUNKS):
         kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
-                                                   BLOCK_N, BLOCK_F, INDEX_64, DOT_DTYPE)
+                                                   BLOCK_N, BLOCK_F, ONE, INDEX_64, DOT_DTYPE)
         key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
-        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inv_scale,
-                        K, PENALTY, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
+                        K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2((m - m_new) * scale2)
         weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
@@ -324,7 +325,7 @@ def na2d_bwd_query_tiled_kernel(
     sdqb, sdqh, sdqw, sdqn, sdqd,
     TILES, TILES_W, CHUNKS,
     K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr,
+    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
     NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -350,10 +351,10 @@ def na2d_bwd_query_tiled_kernel(
     dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     for c in range(0, CHUNKS):
         kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
-                                                   BLOCK_N, BLOCK_F, INDEX_64, DOT_DTYPE)
+                                                   BLOCK_N, BLOCK_F, ONE, INDEX_64, DOT_DTYPE)
         key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D).to(DOT_DTYPE)
-        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inv_scale,
-                        K, PENALTY, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
+                        K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
         p = tl.exp2(s * scale2 - lse2[:, None])
         value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D).to(DOT_DTYPE)
         dp = tl.dot(dy, tl.trans(value), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -377,7 +378,7 @@ def na2d_bwd_key_tiled_kernel(
     sdvb, sdvh, sdvw, sdvn, sdvd,
     TILES, TILES_W,
     K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr,
+    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
     NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -441,12 +442,13 @@ def na2d_bwd_key_tiled_kernel(
         delta = tl.load(delta_head + row * slh + col * slw, mask=valid, other=0.0).to(ACC_DTYPE)
         start_i = _window_start(qr, li, K, NEIGHBORHOOD) - s0_i
         start_j = _window_start(qc, lj, K, NEIGHBORHOOD) - s0_j
-        q_features = ((f[:, None] == start_i[None, :]) | (f[:, None] == union_h + start_j[None, :])).to(DOT_DTYPE)
+        q_features = tl.where((f[:, None] == start_i[None, :]) | (f[:, None] == union_h + start_j[None, :]),
+                              ONE, 0.0).to(DOT_DTYPE)
         s = tl.dot(k_features, q_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         s = tl.dot(key, tl.trans(query), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_RPB:
             s += tl.load(rpb_ptr + h * srn + (ti[:, None] - qr[None, :] + K - 1) * sri
-                         + (tj[:, None] - qc[None, :] + K - 1) * srj, mask=s > 0.5 * PENALTY,
+                         + (tj[:, None] - qc[None, :] + K - 1) * srj, mask=inside[:, None] & valid[None, :] & (s > 0.5 * PENALTY * ONE),
                          other=0.0).to(ACC_DTYPE) * inv_scale
         p = tl.exp2(s * scale2 - lse2[None, :])
         dv = tl.dot(p.to(DOT_DTYPE), grad, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -870,15 +872,15 @@ def _dot_types(dtype: torch.dtype) -> dict:
     return {"DOT_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32, "DOT_PRECISION": "ieee"}
 
 
-def window_penalty(dtype: torch.dtype, scale: float) -> float | None:
-    """The tiled forward's out-of-window score offset: a power of two with ``PENALTY·scale·log2(e) <=
-    -2^11`` (exp2 of it is 0 in fp32 next to any in-window score), representable as a ``dtype`` operand;
-    None where no such value exists (scale <= 0, or too small for fp16): then the CUDA-core kernel runs."""
-    if not scale > 0:
+def window_penalty(dtype: torch.dtype, scale: float) -> dict | None:
+    """The tiled kernels' mask features (``_window_features``): PENALTY on the query side, ONE on the
+    key side, their product -2^100 (-2^30 in fp16, whose operands stop at 2^15). None where the
+    softmax cannot be taken in base 2 by a positive factor (scale <= 0) or the product times
+    scale·log2(e) would not reach -2^11 (exp2 of it exactly 0 in fp32): then the CUDA-core kernels run."""
+    penalty, one = (-(2.0 ** 15), 2.0 ** 15) if dtype == torch.float16 else (-(2.0 ** 100), 1.0)
+    if not scale > 0 or penalty * one * scale * math.log2(math.e) > -(2.0 ** 11):
         return None
-    penalty = -(2.0 ** max(11, math.ceil(math.log2(2.0 ** 11 / (scale * math.log2(math.e))))))
-    limit = 2.0 ** 15 if dtype == torch.float16 else 2.0 ** 60
-    return penalty if -penalty <= limit else None
+    return {"PENALTY": penalty, "ONE": one}
 
 
 def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
@@ -888,7 +890,7 @@ def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
-                PENALTY=window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype), EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
+                **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype), EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
     return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
 
 
@@ -901,7 +903,7 @@ def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, 
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dq),
-                PENALTY=window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
+                **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
                 EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
     return Launch(na2d_bwd_query_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
 
@@ -923,7 +925,7 @@ def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation
                 **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dk", dk, 5),
                 **_strides("dv", dv, 5))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
-                PENALTY=window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
+                **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
                 EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
     return Launch(na2d_bwd_key_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(interior_chunks,))
 

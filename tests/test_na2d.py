@@ -132,13 +132,13 @@ def test_tiled_kernels_in_float64(case, device):
 
 
 @pytest.mark.usefixtures("nan_poison")
-@pytest.mark.parametrize("with_rpb", [True, False], ids=["rpb", "no-rpb"])
-def test_half_precision_takes_the_tiled_kernels(with_rpb, device):
+@pytest.mark.parametrize("dtype, with_rpb", [(torch.bfloat16, True), (torch.float16, False)], ids=["bf16-rpb", "fp16"])
+def test_half_precision_takes_the_tiled_kernels(dtype, with_rpb, device):
     """bf16 with D >= 16 runs the tensor-core forward, dk/dv and (without rpb) dq by default; the
     backward uses the forward's lse."""
     tensors, geometry = _inputs((6, 7, 2, 16, 3, (1, 1), "neighborhood", with_rpb))
-    y = check_against_reference(_na2d, _reference, tensors, torch.bfloat16, device, **geometry)
-    assert y.dtype == torch.bfloat16
+    y = check_against_reference(_na2d, _reference, tensors, dtype, device, **geometry)
+    assert y.dtype == dtype
     q = torch.empty(1, 6, 7, 2, 16, dtype=torch.bfloat16, device="meta")  # meta: a fresh launch, no plan
     lse = torch.empty(1, 6, 7, 2, device="meta")
     launch = kernels.forward_launch(q, q, q, None, q, lse, 3, (1, 1), 0.25, True)
