@@ -1,8 +1,8 @@
 """The launches ``dynconv inspect --bounds`` models: every kernel at the reference shapes, with
 each kernel's own minimum bytes and useful FLOPs.
 
-Issue 12's family-1 rows (R1–R4 fwd/dx/dw, the stride-2 R1 dx) and issue 13's expert-conv, DRConv
-and fused-layer rows, fp32 and bf16, NCHW and channels_last. Launches are built on meta tensors by
+Issue 12's family-1 rows (R1–R4 fwd/dx/dw, the stride-2 R1 dx), issue 13's expert-conv, DRConv
+and fused-layer rows and issue 15's neighbourhood-attention rows (N1, N2, with and without rpb), fp32 and bf16, NCHW and channels_last. Launches are built on meta tensors by
 the kernel modules' own launch builders, so they are exactly what the ops launch by default.
 """
 from __future__ import annotations
@@ -235,6 +235,51 @@ def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz",
                  {"fma": aggregation, tensor_cores: span}) for k in kernels]
 
 
+def _na2d_cases(name: str, dtype: str, layout: str = "BHWND", kernels=("fwd", "dq", "dkv")) -> list[Case]:
+    """Issue 15's fused neighbourhood attention: the forward and the two backward kernels (dq with the
+    rpb-gradient partials; dk and dv from the inverse neighbourhood). FLOPs are roofline.py's minimum
+    (4·K²·D per query and head forward, 8·K²·D backward) split as dq + dp in the dq kernel and dv + dk
+    in the key kernel: the recomputed scores (both) and dp (key kernel) are not counted."""
+    import torch
+
+    from .kernels import na2d as na
+
+    p = _problem(name)
+    dt, nb = _torch_dtype(dtype), DTYPE_BYTES[dtype]
+    sizes = tensor_elements(p)
+    qkv, rpb = sizes["q"], sizes.get("rpb", 0)
+    stats = p.B * p.H * p.W * p.G * 4  # the fp32 log-sum-exp (and delta) per query and head
+    geometry = (p.K, (p.dilation, p.dilation), p.D ** -0.5, True)
+    half = minimum_flops(p, "forward")  # 4·K²·D per query and head: the forward, and each backward half
+
+    def tensors():
+        q = _empty((p.B, p.H, p.W, p.G, p.D), dt)
+        bias = _empty((p.G, 2 * p.K - 1, 2 * p.K - 1), dt) if p.bias else None
+        return q, bias, _empty((p.B, p.H, p.W, p.G), torch.float32)
+
+    def fwd():
+        q, bias, lse = tensors()
+        return na.forward_launch(q, q, q, bias, q, lse, *geometry)
+
+    def dq():
+        q, bias, lse = tensors()
+        partials = _empty(na.rpb_partial_shape(q, p.K, geometry[1]), torch.float32) if p.bias else None
+        return na.backward_query_launch(q, q, q, bias, q, lse, lse, q, partials, *geometry)
+
+    def dkv():
+        q, bias, lse = tensors()
+        return na.backward_key_launch(q, q, q, bias, q, lse, lse, q, q, *geometry)
+
+    table = {
+        "fwd": (fwd, 4 * qkv * nb + rpb * nb + stats),
+        "dq": (dq, 5 * qkv * nb + rpb * nb + 2 * stats + rpb * 4),
+        "dkv": (dkv, 6 * qkv * nb + rpb * nb + 2 * stats),
+    }
+    ceiling = "gmma16" if dtype != "fp32" else "gmmatf32"
+    return [Case(name, k, dtype, layout, table[k][0], table[k][1], half,
+                 {ceiling if na.uses_tensor_cores(k, dt, p.D, p.bias) else "fma": half}) for k in kernels]
+
+
 def all_cases() -> list[Case]:
     """Issue 12's family-1 rows and issue 13's expert-conv and fused rows, fp32 and bf16, both layouts."""
     cases = []
@@ -248,4 +293,6 @@ def all_cases() -> list[Case]:
             cases += _expert_cases("X1", dtype, layout, ("dx",))
             cases += _expert_cases("D1", dtype, layout, ("fwd", "dx", "dw", "guide"))
             cases += _fused_cases("R1-layer", dtype, layout)
+        for name in ("N1", "N2", "N1-rpb", "N2-rpb"):
+            cases += _na2d_cases(name, dtype)
     return cases

@@ -222,7 +222,9 @@ def make_inputs(p: Problem, dtype, device, requires_grad: bool = False, generato
         return t.to(dtype)
 
     Ho, Wo = p.out_hw
-    if p.op == "involution_layer":
+    if p.op == "na2d":
+        t = na2d_inputs(p, randn)
+    elif p.op == "involution_layer":
         taps = p.K * p.K * p.G
         # z ~ N(0, 1) and span ~ N(0, 1/(K²R)): generated weights ~ 1/K, as the involution's.
         t = {"x": randn(p.B, p.C, p.H, p.W), "z": randn(p.B, p.R, Ho, Wo),
@@ -261,3 +263,68 @@ def make_inputs(p: Problem, dtype, device, requires_grad: bool = False, generato
         for v in t.values():
             v.requires_grad_(True)
     return t
+
+
+# ---------------------------------------------------------------------------------------------
+# na2d (issue 15): neighbourhood attention, q/k/v (B, H, W, heads, D), layout-independent
+# ---------------------------------------------------------------------------------------------
+
+def na2d_inputs(p: Problem, randn) -> dict:
+    """q, k, v ~ N(0, 1) (the scores then have unit variance after the D^-1/2 scale), rpb small."""
+    shape = (p.B, p.H, p.W, p.G, p.D)
+    t = {"q": randn(*shape), "k": randn(*shape), "v": randn(*shape)}
+    if p.bias:
+        t["rpb"] = randn(p.G, 2 * p.K - 1, 2 * p.K - 1, scale=0.1)
+    return t
+
+
+def _na2d_fused(op: str):
+    f = _attr("dynconv", "na2d")
+    return lambda t, p: f(t["q"], t["k"], t["v"], p.K, p.dilation, rpb=t.get("rpb"))
+
+
+def _na2d_unfused(op: str):
+    """na2d_qk, a softmax over the K² scores in memory, na2d_av (NATTEN 0.17's unfused pipeline)."""
+    qk, av = _attr("dynconv", "na2d_qk"), _attr("dynconv", "na2d_av")
+
+    def run(t, p):
+        s = qk(t["q"] * p.D ** -0.5, t["k"], p.K, p.dilation, rpb=t.get("rpb"))
+        return av(s.flatten(-2).softmax(-1).view(s.shape), t["v"], p.K, p.dilation)
+    return run
+
+
+def _na2d_gather(op: str):
+    """Plain PyTorch: every window gathered as a (B, H, W, K, K, heads, D) tensor, einsum, softmax."""
+    f = _attr("dynconv.reference", "na2d_gather")
+    return lambda t, p: f(t["q"], t["k"], t["v"], p.K, (p.dilation, p.dilation), rpb=t.get("rpb"))
+
+
+def _natten(op: str):
+    """NATTEN's fused na2d where installed: ``natten.functional.na2d`` (0.17–0.19, takes rpb) or
+    ``natten.na2d`` (0.20 on, no rpb: an rpb shape is then an error row, not a silent mismatch)."""
+    try:
+        natten = importlib.import_module("natten")
+    except ImportError as exc:
+        raise ProviderUnavailable(f"natten is not installed ({exc})") from None
+    functional = getattr(natten, "functional", None)
+    legacy = getattr(functional, "na2d", None) if functional is not None else None
+    if legacy is not None:
+        return lambda t, p: legacy(t["q"], t["k"], t["v"], p.K, dilation=p.dilation, rpb=t.get("rpb"))
+    modern = getattr(natten, "na2d", None)
+    if modern is None:
+        raise ProviderUnavailable("natten has neither natten.functional.na2d nor natten.na2d")
+
+    def run(t, p):
+        if "rpb" in t:
+            raise ValueError(f"natten {getattr(natten, '__version__', '?')} has no relative positional bias")
+        return modern(t["q"], t["k"], t["v"], p.K, dilation=p.dilation)
+    return run
+
+
+register_provider(Provider("na2d_fused", "dynconv na2d (fused)", ("na2d",), _na2d_fused))
+register_provider(Provider("na2d_unfused", "dynconv na2d_qk + softmax + na2d_av", ("na2d",), _na2d_unfused))
+register_provider(Provider("na2d_gather", "PyTorch window gather", ("na2d",), _na2d_gather))
+register_provider(Provider("natten", "NATTEN (fused)", ("na2d",), _natten))
+SPEEDUP_BASELINE["na2d"] = "na2d_gather"
+CHECK_REFERENCE["na2d"] = "na2d_unfused"  # the K² scores, not the K²·D gather: the smallest exact one
+HEADLINE["na2d"] = "na2d_fused"

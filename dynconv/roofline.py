@@ -57,6 +57,13 @@ the softmax Jacobian in ∂guide) are not counted. With ``P = Cout·(Cin/groups)
   (``m·conv``) plus the reduction over o (``2·B·m·Cout·N``) and the bias inside ``y_r``
   (``B·m·Cout·N``); ``∂x`` and ``∂W`` stay one conv each (each pixel feeds one region's ∂W).
 
+``na2d`` (neighbourhood attention, issue 15) reuses the fields: ``G`` heads, ``C = heads·D``,
+``bias`` for the relative positional bias ``rpb`` ``(heads, 2K-1, 2K-1)``. Forward reads q, k, v
+(and rpb), writes y; backward reads dy, q, k, v (and rpb), writes dq, dk, dv (and drpb). The
+scores, the softmax and the log-sum-exp are intermediates. FLOPs: ``4·K²·D`` per query per head
+forward (q·k and p·v), twice that backward (dp = dy·v, dv, dq, dk); the softmax, the rpb adds
+and the recomputed scores of a flash-style backward are not counted.
+
 The same model serves every provider of an op (the static cuDNN conv included): ``gbps`` and
 ``tflops`` in ``results.csv`` are the op's minimum divided by the provider's time, so within one
 shape they rank exactly as the times do, and against the ceilings they say how far a provider is
@@ -67,8 +74,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-OPS = ("involution", "dynamic_dwconv2d", "expert_conv2d", "drconv", "involution_layer")
-FAMILY = {"involution": 1, "dynamic_dwconv2d": 1, "expert_conv2d": 2, "drconv": 2, "involution_layer": 1}
+OPS = ("involution", "dynamic_dwconv2d", "expert_conv2d", "drconv", "involution_layer", "na2d")
+FAMILY = {"involution": 1, "dynamic_dwconv2d": 1, "expert_conv2d": 2, "drconv": 2, "involution_layer": 1, "na2d": 1}
 PASSES = ("forward", "backward", "forward+backward")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -104,6 +111,13 @@ class Problem:
             raise ValueError(f"unknown op {self.op!r}; expected one of {OPS}")
         if self.op == "involution_layer" and self.R < 1:
             raise ValueError(f"involution_layer needs the reduced channels R >= 1, got {self.R}")
+        if self.op == "na2d" and self.C % self.G:
+            raise ValueError(f"na2d needs C = heads·D: C={self.C} is not a multiple of G={self.G} heads")
+
+    @property
+    def D(self) -> int:
+        """na2d's head dimension."""
+        return self.C // self.G
 
     @property
     def padding(self) -> int:
@@ -132,6 +146,12 @@ REFERENCE_SHAPES: dict[str, Problem] = {
     "D1": Problem("drconv", B=32, C=128, H=28, W=28, K=3, Cout=128, E=8, m=8, bias=True),  # DRConv
     # R1 as a whole Involution2d from the reduced feature on: span conv (R = C/4) + aggregation.
     "R1-layer": Problem("involution_layer", B=32, C=256, H=56, W=56, K=7, G=16, R=64, bias=True),
+    # Issue 15's neighbourhood attention: a NAT-tiny stage (4 heads of 32) and a large K13 one
+    # (8 heads of 64), without and with relative positional bias.
+    "N1": Problem("na2d", B=8, C=128, H=56, W=56, K=7, G=4),
+    "N2": Problem("na2d", B=2, C=512, H=128, W=128, K=13, G=8),
+    "N1-rpb": Problem("na2d", B=8, C=128, H=56, W=56, K=7, G=4, bias=True),
+    "N2-rpb": Problem("na2d", B=2, C=512, H=128, W=128, K=13, G=8, bias=True),
 }
 
 # The size sweep: one reference shape per op, its spatial size varied (H = W), the rest fixed.
@@ -182,6 +202,12 @@ def tensor_elements(p: Problem) -> dict[str, int]:
     """Element count of every tensor an op's forward or backward touches (gradients have the
     size of their tensor)."""
     Ho, Wo = p.out_hw
+    if p.op == "na2d":
+        qkv = p.B * p.H * p.W * p.C
+        sizes = {"q": qkv, "k": qkv, "v": qkv, "y": qkv}
+        if p.bias:
+            sizes["rpb"] = p.G * (2 * p.K - 1) ** 2
+        return sizes
     if p.op == "involution_layer":
         taps = p.K * p.K * p.G
         sizes = {"x": p.B * p.C * p.H * p.W, "z": p.B * p.R * Ho * Wo, "span_weight": taps * p.R,
@@ -241,7 +267,10 @@ def minimum_flops(p: Problem, pass_: str) -> int:
         raise ValueError(f"unknown pass {pass_!r}; expected one of {PASSES}")
     Ho, Wo = p.out_hw
     N = Ho * Wo
-    if p.op == "involution_layer":
+    if p.op == "na2d":
+        forward = 4 * p.B * N * p.C * p.K * p.K  # 4·K²·D per query and head
+        backward = 2 * forward
+    elif p.op == "involution_layer":
         taps = p.K * p.K * p.G
         aggregation = 2 * p.B * p.C * N * p.K * p.K
         span = 2 * p.B * N * p.R * taps

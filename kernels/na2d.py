@@ -28,12 +28,16 @@ The unfused pair (``na2d_qk``, ``na2d_av``) uses three gathers of the same windo
 (av's Σ attn·v, and qk's dq with the rpb-gradient partials) and ``na2d_key_sum_kernel`` (qk's dk and
 av's dv over the inverse neighbourhood).
 
-What is missing for the performance targets: the score and aggregation products are per-lane
-multiply-reduces over D (CUDA cores), not ``tl.dot`` on tensor cores. Tensor cores need the
-query tile's keys as one shared ``[tile + halo]`` block (NATTEN's and FlashAttention's tiling),
-with the off-window pairs masked; not done yet.
+Tensor cores (fp16/bf16, D >= 16): ``na2d_fwd_tiled_kernel``, ``na2d_bwd_query_tiled_kernel`` (dq,
+without the rpb gradient) and ``na2d_bwd_key_tiled_kernel`` (dk, dv) take a tile of 8 x 8 queries (or
+keys), its union window (or its holders' union) flattened into chunks, and mask the pairs outside each
+query's window through a one-hot feature product accumulated under the scores (``_window_features``):
+no per-pair integer work. fp32 stays on the CUDA-core kernels (exact products, no silent TF32), as do
+D < 16 and the dq kernel of a learnt rpb, whose gradient needs per-pair relative-position bins.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -139,6 +143,322 @@ def na2d_fwd_kernel(
     tl.store(y_ptr + b * syb + h * syn + (i * syh + j * syw)[:, None] + dd[None, :] * syd,
              y.to(y_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
     tl.store(lse_ptr + b * slb + h * sln + i * slh + j * slw, m + tl.log(safe), mask=inside)
+
+
+@triton.jit
+def _query_tile(H, W, HEADS, DH, DW, TILES, TILES_W, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_W: tl.constexpr, NEIGHBORHOOD: tl.constexpr, INDEX_64: tl.constexpr):
+    """The tiled kernels' program: one (sample, head), one dilation group (gi, gj) and a
+    ``BLOCK_H x BLOCK_W`` tile of that group's subsequence, so all its queries' windows lie in the
+    group. Returns the sample, head, group, subsequence lengths, the queries' subsequence indices,
+    whether they are in the image, their window starts, the union window's first row and column, and
+    their image positions. Window starts are 1-Lipschitz in the query index, hence the union window
+    along an axis starts at the first query's start and spans at most ``BLOCK + K - 1`` indices."""
+    pid = tl.program_id(0)
+    tile = pid % TILES
+    rest = pid // TILES
+    group = rest % (DH * DW)
+    bh = rest // (DH * DW)
+    b = bh // HEADS
+    h = bh % HEADS
+    gi = group // DW
+    gj = group % DW
+    li = (H - gi + DH - 1) // DH
+    lj = (W - gj + DW - 1) // DW
+    t0i = (tile // TILES_W) * BLOCK_H
+    t0j = (tile % TILES_W) * BLOCK_W
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    ti = t0i + p // BLOCK_W
+    tj = t0j + p % BLOCK_W
+    inside = (ti < li) & (tj < lj)
+    si = _window_start(ti, li, K, NEIGHBORHOOD)
+    sj = _window_start(tj, lj, K, NEIGHBORHOOD)
+    lo_i = _window_start(t0i, li, K, NEIGHBORHOOD)
+    lo_j = _window_start(t0j, lj, K, NEIGHBORHOOD)
+    i = gi + ti * DH
+    j = gj + tj * DW
+    if INDEX_64:
+        b = b.to(tl.int64)
+        h = h.to(tl.int64)
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
+    return b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j
+
+
+@triton.jit
+def _window_features(si, sj, lo_i, lo_j, li, lj, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                     BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The window mask as a product accumulated under the scores: a key's features are ONE on its union
+    row and column (``_union_keys``; a key past the union on a slot no query holds), a query's are
+    PENALTY on every slot its window does not hold (rows and columns outside the image included). So
+    q_f·k_f is exactly 0 on the query's own keys and <= PENALTY·ONE elsewhere: -2^100 (-2^30 in fp16,
+    whose operands stop at 2^15), which no score of finite inputs offsets and exp2 turns into exactly
+    0 next to any key of the window (every query in the image has one: its centre). Built once per
+    program: per chunk only the keys' one-hot features, no per-pair integer work."""
+    union_h: tl.constexpr = BLOCK_H + K - 1
+    f = tl.arange(0, BLOCK_F)
+    row_f = f[None, :] - (si - lo_i)[:, None]
+    col_f = f[None, :] - union_h - (sj - lo_j)[:, None]
+    holds_row = (f < union_h)[None, :] & (row_f.to(tl.uint32) < K) & ((lo_i + f >= 0) & (lo_i + f < li))[None, :]
+    holds_col = ((f >= union_h)[None, :] & (col_f.to(tl.uint32) < K)
+                 & ((lo_j + f - union_h >= 0) & (lo_j + f - union_h < lj))[None, :])
+    return tl.where(holds_row | holds_col, 0.0, PENALTY).to(DOT_DTYPE)
+
+
+@triton.jit
+def _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, ONE: tl.constexpr,
+                INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Chunk ``c`` of the flattened union window: its keys' subsequence rows and columns, the image
+    row and column to load them from (clamped into the image: a key outside it, or past the union,
+    loads a real row unmasked and its features drop it), and the keys' one-hot features ``[F, N]``."""
+    union_h: tl.constexpr = BLOCK_H + K - 1
+    union_w: tl.constexpr = BLOCK_W + K - 1
+    n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    nr = n // union_w
+    nc = n % union_w
+    kr = lo_i + nr
+    kc = lo_j + nc
+    row = gi + tl.minimum(tl.maximum(kr, 0), li - 1) * DH
+    col = gj + tl.minimum(tl.maximum(kc, 0), lj - 1) * DW
+    if INDEX_64:
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+    f = tl.arange(0, BLOCK_F)
+    in_union = (n < union_h * union_w)[None, :]
+    one_hot = (f[:, None] == nr[None, :]) | (f[:, None] == union_h + nc[None, :])
+    features = tl.where(tl.where(in_union, one_hot, f[:, None] == union_h + union_w), ONE, 0.0).to(DOT_DTYPE)
+    return kr, kc, row, col, features
+
+
+@triton.jit
+def _load_rows(head, row, col, srow, scol, dmask, EVEN_D: tl.constexpr):
+    """``[N, D]`` rows at (row, col), unmasked where D fills the block (rows are always in the image)."""
+    if EVEN_D:
+        return tl.load(head + (row * srow + col * scol)[:, None])
+    return tl.load(head + (row * srow + col * scol)[:, None], mask=dmask, other=0.0)
+
+
+@triton.jit
+def _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
+                K: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr, HAS_RPB: tl.constexpr,
+                ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``q·k + rpb/scale`` on the query's own keys, ``<= PENALTY·ONE`` elsewhere ([Q, N], fp32). Lanes
+    outside the image read no rpb: their clamped window is no window of theirs, its offsets not bins."""
+    s = tl.dot(q_features, k_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    s = tl.dot(q, tl.trans(key.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_RPB:
+        s += tl.load(rpb_ptr + h * srn + (kr[None, :] - ti[:, None] + K - 1) * sri
+                     + (kc[None, :] - tj[:, None] + K - 1) * srj, mask=inside[:, None] & (s > 0.5 * PENALTY * ONE),
+                     other=0.0).to(ACC_DTYPE) * inv_scale
+    return s
+
+
+@triton.jit
+def na2d_fwd_tiled_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, y_ptr, lse_ptr,
+    H, W, HEADS, D, DH, DW, scale2, inv_scale, ln2,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    syb, syh, syw, syn, syd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    TILES, TILES_W, CHUNKS,
+    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """The forward of ``na2d_fwd_kernel`` on tensor cores: the tile's union window (``_query_tile``),
+    flattened and cut into ``BLOCK_N``-key chunks, each a ``[Q, D] x [D, N]`` score product and a
+    ``[Q, N] x [N, D]`` aggregation, the pairs outside a query's window masked by ``_window_features``.
+    K is a compile-time constant here: the flattened union index splits into (row, column) by a
+    constant divisor, a multiply and shift.
+
+    Raw scores t = q·k (+ rpb / scale) and their running max m; the softmax in base 2, one fused
+    multiply-add per score: exp2(t·scale2 - m·scale2), scale2 = scale·log2(e) > 0. The constants are
+    arguments: full precision in float64 through the interpreter."""
+    b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j = _query_tile(
+        H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = (dd < D)[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqn + (i * sqh + j * sqw)[:, None] + dd[None, :] * sqd,
+                mask=inside[:, None] & dmask, other=0.0).to(DOT_DTYPE)
+    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
+    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
+    q_features = _window_features(si, sj, lo_i, lo_j, li, lj, K, BLOCK_H, BLOCK_W, BLOCK_F, PENALTY, DOT_DTYPE)
+    m = tl.full((BLOCK_H * BLOCK_W,), float("-inf"), ACC_DTYPE)
+    total = tl.zeros((BLOCK_H * BLOCK_W,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for c in range(0, CHUNKS):
+        kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
+                                                   BLOCK_N, BLOCK_F, ONE, INDEX_64, DOT_DTYPE)
+        key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
+        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
+                        K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2((m - m_new) * scale2)
+        weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
+        value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
+        total = total * alpha + tl.sum(weights, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(weights.to(DOT_DTYPE), value.to(DOT_DTYPE), input_precision=DOT_PRECISION,
+                                            out_dtype=ACC_DTYPE)
+        m = m_new
+    safe = tl.where(total > 0, total, 1.0)  # lanes outside the image
+    y = acc / safe[:, None]
+    tl.store(y_ptr + b * syb + h * syn + (i * syh + j * syw)[:, None] + dd[None, :] * syd,
+             y.to(y_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
+    tl.store(lse_ptr + b * slb + h * sln + i * slh + j * slw, (m * scale2 + tl.log2(safe)) * ln2, mask=inside)
+
+
+@triton.jit
+def na2d_bwd_query_tiled_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr,
+    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sgb, sgh, sgw, sgn, sgd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    sdqb, sdqh, sdqw, sdqn, sdqd,
+    TILES, TILES_W, CHUNKS,
+    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """dq of ``na2d_bwd_query_kernel`` on tensor cores, over the forward's tiles and chunks: per chunk
+    p = exp2(t·scale2 - lse·log2e), dp = dy·vᵀ and dq += (p·(dp - delta))·k, three products. No rpb
+    gradient here: with a learnt rpb the CUDA-core kernel runs (its partials need per-pair bins)."""
+    b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j = _query_tile(
+        H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = (dd < D)[None, :]
+    mask2 = inside[:, None] & dmask
+    q = tl.load(q_ptr + b * sqb + h * sqn + (i * sqh + j * sqw)[:, None] + dd[None, :] * sqd,
+                mask=mask2, other=0.0).to(DOT_DTYPE)
+    dy = tl.load(dy_ptr + b * sgb + h * sgn + (i * sgh + j * sgw)[:, None] + dd[None, :] * sgd,
+                 mask=mask2, other=0.0).to(DOT_DTYPE)
+    stat = b * slb + h * sln + i * slh + j * slw
+    # A lane outside the image gets lse = +inf: p = 0, no overflow in rows nobody stores.
+    lse2 = tl.load(lse_ptr + stat, mask=inside, other=float("inf")).to(ACC_DTYPE) * log2e
+    delta = tl.load(delta_ptr + stat, mask=inside, other=0.0).to(ACC_DTYPE)
+    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
+    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
+    q_features = _window_features(si, sj, lo_i, lo_j, li, lj, K, BLOCK_H, BLOCK_W, BLOCK_F, PENALTY, DOT_DTYPE)
+    dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for c in range(0, CHUNKS):
+        kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
+                                                   BLOCK_N, BLOCK_F, ONE, INDEX_64, DOT_DTYPE)
+        key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D).to(DOT_DTYPE)
+        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
+                        K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        p = tl.exp2(s * scale2 - lse2[:, None])
+        value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D).to(DOT_DTYPE)
+        dp = tl.dot(dy, tl.trans(value), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(DOT_DTYPE), key, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(dq_ptr + b * sdqb + h * sdqn + (i * sdqh + j * sdqw)[:, None] + dd[None, :] * sdqd,
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
+def na2d_bwd_key_tiled_kernel(
+    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e,
+    sqb, sqh, sqw, sqn, sqd,
+    skb, skh, skw, skn, skd,
+    svb, svh, svw, svn, svd,
+    sgb, sgh, sgw, sgn, sgd,
+    slb, slh, slw, sln,
+    srn, sri, srj,
+    sdkb, sdkh, sdkw, sdkn, sdkd,
+    sdvb, sdvh, sdvw, sdvn, sdvd,
+    TILES, TILES_W,
+    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """dk and dv of ``na2d_bwd_key_kernel`` on tensor cores. A program owns a tile of keys (the
+    forward's query tiling, ``_query_tile``); the queries whose windows hold them form, per axis, the
+    range from the first key's first holder to the last key's last holder (holder ranges are monotone),
+    at most ``BLOCK + 2K - 2`` long. That union is flattened and cut into ``BLOCK_N``-query chunks; per
+    chunk, keys as rows: sᵀ = k·qᵀ, pᵀ = exp2(sᵀ·scale2 - lse·log2e), dv += pᵀ·dy, dpᵀ = v·dyᵀ,
+    dk += (pᵀ·(dpᵀ - delta))·q. The mask is ``_window_features``' product with the roles swapped: a
+    query's features are the one-hot of its window start (row and column), a key's are PENALTY on
+    every start whose window misses it. Queries outside the image or past the union read lse = +inf
+    (p = 0). Each key has one writer: deterministic, no atomics."""
+    b, h, gi, gj, li, lj, ti, tj, inside, _, _, _, _, i, j = _query_tile(
+        H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
+    union_h: tl.constexpr = BLOCK_H + 2 * K - 2
+    union_w: tl.constexpr = BLOCK_W + 2 * K - 2
+    t0i = tl.min(ti, axis=0)
+    t0j = tl.min(tj, axis=0)
+    lo_i, _ = _holders(t0i, li, K, NEIGHBORHOOD)
+    lo_j, _ = _holders(t0j, lj, K, NEIGHBORHOOD)
+    # This tile's own union (K - 1 + BLOCK away from the borders): its width splits the flat index at
+    # run time, one division per chunk and query, against twice the products of the widest union.
+    _, hi_i = _holders(tl.minimum(t0i + BLOCK_H - 1, li - 1), li, K, NEIGHBORHOOD)
+    _, hi_j = _holders(tl.minimum(t0j + BLOCK_W - 1, lj - 1), lj, K, NEIGHBORHOOD)
+    width = hi_j - lo_j + 1
+    extent = (hi_i - lo_i + 1) * width
+    s0_i = _window_start(lo_i, li, K, NEIGHBORHOOD)
+    s0_j = _window_start(lo_j, lj, K, NEIGHBORHOOD)
+    dd = tl.arange(0, BLOCK_D)
+    dmask = (dd < D)[None, :]
+    mask2 = inside[:, None] & dmask
+    key = tl.load(k_ptr + b * skb + h * skn + (i * skh + j * skw)[:, None] + dd[None, :] * skd,
+                  mask=mask2, other=0.0).to(DOT_DTYPE)
+    value = tl.load(v_ptr + b * svb + h * svn + (i * svh + j * svw)[:, None] + dd[None, :] * svd,
+                    mask=mask2, other=0.0).to(DOT_DTYPE)
+    # Key features [Q_keys, F]: 0 on the window starts (rows, then columns) whose window holds the key.
+    f = tl.arange(0, BLOCK_F)
+    row_in = (ti[:, None] - (s0_i + f)[None, :]).to(tl.uint32) < K
+    col_in = (tj[:, None] - (s0_j + f - union_h)[None, :]).to(tl.uint32) < K
+    held = ((f < union_h)[None, :] & row_in) | ((f >= union_h)[None, :] & col_in)
+    k_features = tl.where(held, 0.0, PENALTY).to(DOT_DTYPE)
+    q_head = q_ptr + b * sqb + h * sqn + dd[None, :] * sqd
+    dy_head = dy_ptr + b * sgb + h * sgn + dd[None, :] * sgd
+    stat_head = lse_ptr + b * slb + h * sln
+    delta_head = delta_ptr + b * slb + h * sln
+    dk = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    dv = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
+    for c in range(0, tl.cdiv(extent, BLOCK_N)):
+        n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+        qr = lo_i + n // width
+        qc = lo_j + n % width
+        valid = (n < extent) & (qr < li) & (qc < lj)
+        row = gi + tl.minimum(qr, li - 1) * DH
+        col = gj + tl.minimum(qc, lj - 1) * DW
+        if INDEX_64:
+            row = row.to(tl.int64)
+            col = col.to(tl.int64)
+        query = _load_rows(q_head, row, col, sqh, sqw, dmask, EVEN_D).to(DOT_DTYPE)
+        grad = _load_rows(dy_head, row, col, sgh, sgw, dmask, EVEN_D).to(DOT_DTYPE)
+        lse2 = tl.load(stat_head + row * slh + col * slw, mask=valid, other=float("inf")).to(ACC_DTYPE) * log2e
+        delta = tl.load(delta_head + row * slh + col * slw, mask=valid, other=0.0).to(ACC_DTYPE)
+        start_i = _window_start(qr, li, K, NEIGHBORHOOD) - s0_i
+        start_j = _window_start(qc, lj, K, NEIGHBORHOOD) - s0_j
+        q_features = tl.where((f[:, None] == start_i[None, :]) | (f[:, None] == union_h + start_j[None, :]),
+                              ONE, 0.0).to(DOT_DTYPE)
+        s = tl.dot(k_features, q_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        s = tl.dot(key, tl.trans(query), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_RPB:
+            s += tl.load(rpb_ptr + h * srn + (ti[:, None] - qr[None, :] + K - 1) * sri
+                         + (tj[:, None] - qc[None, :] + K - 1) * srj, mask=inside[:, None] & valid[None, :] & (s > 0.5 * PENALTY * ONE),
+                         other=0.0).to(ACC_DTYPE) * inv_scale
+        p = tl.exp2(s * scale2 - lse2[None, :])
+        dv = tl.dot(p.to(DOT_DTYPE), grad, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dp = tl.dot(value, tl.trans(grad), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        ds = p * (dp - delta[None, :])
+        dk = tl.dot(ds.to(DOT_DTYPE), query, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    tl.store(dk_ptr + b * sdkb + h * sdkn + (i * sdkh + j * sdkw)[:, None] + dd[None, :] * sdkd,
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask2)
+    tl.store(dv_ptr + b * sdvb + h * sdvn + (i * sdvh + j * sdvw)[:, None] + dd[None, :] * sdvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
@@ -427,6 +747,21 @@ def na2d_key_sum_kernel(
 # Launch helpers
 # --------------------------------------------------------------------------------------------
 
+def _HOLDER_LOOPS(K: int) -> tuple:
+    """Trip counts of the inverse-neighbourhood double loop: K x K holders away from the borders
+    (up to 2K-1 per axis next to one; the static model takes the interior)."""
+    return ((K, (K,)),)
+
+
+def uses_tensor_cores(kernel: str, dtype: torch.dtype, D: int, rpb: bool = False) -> bool:
+    """Whether ``kernel`` ("fwd", "dq", "dkv") runs its score and aggregation products as ``tl.dot``
+    (the static model's MMA ceiling) or as per-lane multiply-reduces (CUDA cores). fp32 stays on CUDA
+    cores: exact fp32 products, never a silent TF32. The rpb gradient's per-pair bins exist only in
+    the CUDA-core dq kernel."""
+    half = dtype in (torch.float16, torch.bfloat16) and D >= 16
+    return half and (kernel != "dq" or not rpb)
+
+
 def default_config(H: int, W: int, D: int, kernel: str = "na2d_fwd") -> dict:
     block_d = next_power_of_2(D)
     queries = max(MIN_QUERIES, min(64, TILE_ELEMENTS // block_d))
@@ -484,13 +819,115 @@ def forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, confi
 
 
 def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
+    tiled = (config or {}).get("tiled", uses_tensor_cores("fwd", q.dtype, q.shape[-1]))
+    if tiled and window_penalty(q.dtype, scale) is not None:
+        return _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_fwd", q, K, dilation, config)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars, scale=float(scale),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
                 ACC_DTYPE=_acc_dtype(q.dtype))
-    return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
+
+
+def tiled_config(q, K: int, dilation, config=None, kernel: str = "na2d_fwd_tiled") -> dict:
+    """The tile of the tensor-core kernels: 8 x 8 queries (the 64 rows one warpgroup's wgmma needs)
+    and 32-key chunks of their union window. From `dynconv inspect --bounds` (triton 3.6, sm_90) at
+    N1 and N2: 4 x 8 or 4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per
+    score; 16 x 8 or 8 warps and 128-key chunks are slower; a second pipeline stage adds issue.
+    64-key chunks are 5% faster at N1 and 7% at N2 but spill on sm_80. The key-side kernel keeps six
+    [Q, D] tiles live: 16-query chunks from D = 64 and 8 warps at D = 128 keep it from spilling."""
+    default = {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if kernel == "na2d_bwd_key_tiled" and q.shape[-1] > 32:
+        default.update(BLOCK_N=16, num_warps=8 if q.shape[-1] > 64 else 4)
+    return config or get_config(kernel, problem_key(q, K, dilation), default)
+
+
+def _tiled_common(q, K, dilation, config, kernel="na2d_fwd_tiled"):
+    B, H, W, heads, D = q.shape
+    cfg = tiled_config(q, K, dilation, config, kernel)
+    bh, bw, bn = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["BLOCK_N"]
+    # Tiles cover the longest subsequence of each axis (group 0's); shorter groups mask their tail.
+    tiles_w = cdiv(cdiv(W, dilation[1]), bw)
+    tiles = cdiv(cdiv(H, dilation[0]), bh) * tiles_w
+    chunks = cdiv((bh + K - 1) * (bw + K - 1), bn)
+    meta = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_D": max(16, next_power_of_2(D)), "BLOCK_N": bn}
+    scalars = dict(H=H, W=W, HEADS=heads, D=D, DH=dilation[0], DW=dilation[1], TILES=tiles, TILES_W=tiles_w,
+                   CHUNKS=chunks)
+    # Union rows, union columns, and the slot of the keys past the union.
+    meta.update(K=K, BLOCK_F=max(16, next_power_of_2(bh + bw + 2 * K - 1)))
+    grid = (tiles * dilation[0] * dilation[1] * B * heads, 1, 1)
+    return meta, scalars, grid, cfg.get("num_warps", 4), cfg.get("num_stages", 1)
+
+
+def _dot_types(dtype: torch.dtype) -> dict:
+    """The tiled kernels' tl.dot operand type and precision. fp32 and fp64 reach them only when a
+    test asks: exact products, not TF32. The interpreter multiplies bf16 tiles wrongly (triton 3.6
+    and 3.9), so there bf16 operands are widened to fp32: exact, as the tensor cores' products are."""
+    from ._launch import kernels_are_interpreted
+
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and not kernels_are_interpreted()):
+        return {"DOT_DTYPE": {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], "DOT_PRECISION": "tf32"}
+    return {"DOT_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32, "DOT_PRECISION": "ieee"}
+
+
+def window_penalty(dtype: torch.dtype, scale: float) -> dict | None:
+    """The tiled kernels' mask features (``_window_features``): PENALTY on the query side, ONE on the
+    key side, their product -2^100 (-2^30 in fp16, whose operands stop at 2^15). None where the
+    softmax cannot be taken in base 2 by a positive factor (scale <= 0) or the product times
+    scale·log2(e) would not reach -2^11 (exp2 of it exactly 0 in fp32): then the CUDA-core kernels run."""
+    penalty, one = (-(2.0 ** 15), 2.0 ** 15) if dtype == torch.float16 else (-(2.0 ** 100), 1.0)
+    if not scale > 0 or penalty * one * scale * math.log2(math.e) > -(2.0 ** 11):
+        return None
+    return {"PENALTY": penalty, "ONE": one}
+
+
+def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars,
+                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), ln2=math.log(2.0),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
+                **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype), EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
+    return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
+
+
+def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, scale, neighborhood,
+                                 config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_query_tiled")
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
+                **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale),
+                log2e=math.log2(math.e),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dq),
+                **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
+                EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
+    return Launch(na2d_bwd_query_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
+
+
+def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
+                               config=None) -> Launch:
+    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_key_tiled")
+    # The holders' union: BLOCK + 2K - 2 per axis at most (``na2d_bwd_key_tiled_kernel``), the feature
+    # slots of its window starts (rows, then columns); BLOCK + K - 1 away from the borders, the chunk
+    # count the static model weights the loop by.
+    bh, bw, bn = meta["BLOCK_H"], meta["BLOCK_W"], meta["BLOCK_N"]
+    del scalars["CHUNKS"]
+    interior_chunks = cdiv((bh + K - 1) * (bw + K - 1), bn)
+    meta["BLOCK_F"] = max(16, next_power_of_2(bh + bw + 4 * K - 4))
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
+                dv_ptr=dv, **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e),
+                inv_scale=1.0 / float(scale), log2e=math.log2(math.e),
+                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
+                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dk", dk, 5),
+                **_strides("dv", dv, 5))
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
+                **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
+                EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
+    return Launch(na2d_bwd_key_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(interior_chunks,))
 
 
 def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> tuple[int, ...]:
@@ -503,6 +940,10 @@ def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> t
 
 def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood,
                           config=None) -> Launch:
+    tiled = (config or {}).get("tiled", uses_tensor_cores("dq", q.dtype, q.shape[-1], rpb is not None))
+    if tiled and partials is None and window_penalty(q.dtype, scale) is not None:
+        return _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, scale, neighborhood,
+                                            config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_query", q, K, dilation, config)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
                 drpb_ptr=partials, **scalars, scale=float(scale),
@@ -511,11 +952,15 @@ def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilatio
     meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None,
                 RPB_DOT=q.dtype != torch.float64, INDEX_64=needs_int64(q, k, v, dy, dq),
                 ACC_DTYPE=_acc_dtype(q.dtype))
-    return Launch(na2d_bwd_query_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_bwd_query_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
 
 
 def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
                         config=None) -> Launch:
+    tiled = (config or {}).get("tiled", uses_tensor_cores("dkv", q.dtype, q.shape[-1], rpb is not None))
+    if tiled and window_penalty(q.dtype, scale) is not None:
+        return _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
+                                          config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_key", q, K, dilation, config)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
                 dv_ptr=dv, **scalars, scale=float(scale),
@@ -524,7 +969,7 @@ def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale
                 **_strides("dv", dv, 5))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
                 ACC_DTYPE=_acc_dtype(q.dtype))
-    return Launch(na2d_bwd_key_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_bwd_key_kernel, grid, args, meta, num_warps, num_stages, loops=_HOLDER_LOOPS(K))
 
 
 def tap_dots_launch(x, y, rpb, out, K, dilation, neighborhood, masked: float, config=None) -> Launch:
@@ -533,7 +978,7 @@ def tap_dots_launch(x, y, rpb, out, K, dilation, neighborhood, masked: float, co
                 **_strides("r", rpb, 3), **_strides("o", out, 6))
     meta.update(MASKED=masked, NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(x, y, out),
                 ACC_DTYPE=_acc_dtype(x.dtype))
-    return Launch(na2d_tap_dots_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_tap_dots_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
 
 
 def tap_sum_launch(w, y, out, partials, K, dilation, neighborhood, config=None) -> Launch:
@@ -542,7 +987,7 @@ def tap_sum_launch(w, y, out, partials, K, dilation, neighborhood, config=None) 
                 **_strides("y", y, 5), **_strides("o", out, 5))
     meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, RPB_GRAD=partials is not None,
                 RPB_DOT=y.dtype != torch.float64, INDEX_64=needs_int64(w, y, out), ACC_DTYPE=_acc_dtype(y.dtype))
-    return Launch(na2d_tap_sum_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_tap_sum_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
 
 
 def key_sum_launch(w, x, out, K, dilation, neighborhood, config=None) -> Launch:
@@ -550,7 +995,7 @@ def key_sum_launch(w, x, out, K, dilation, neighborhood, config=None) -> Launch:
     args = dict(w_ptr=w, x_ptr=x, out_ptr=out, **scalars, **_strides("w", w, 6), **_strides("x", x, 5),
                 **_strides("o", out, 5))
     meta.update(NEIGHBORHOOD=neighborhood, INDEX_64=needs_int64(w, x, out), ACC_DTYPE=_acc_dtype(x.dtype))
-    return Launch(na2d_key_sum_kernel, grid, args, meta, num_warps, num_stages)
+    return Launch(na2d_key_sum_kernel, grid, args, meta, num_warps, num_stages, loops=_HOLDER_LOOPS(K))
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,6 +1080,8 @@ def catalogue() -> list[Launch]:
                 batch = [forward_launch(q, q, q, rpb, q, lse, *geometry),
                          backward_query_launch(q, q, q, rpb, q, lse, lse, q, partials, *geometry),
                          backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, *geometry)]
+                if uses_tensor_cores("dq", dtype, D):  # without rpb: the tiled dq kernel
+                    batch.append(backward_query_launch(q, q, q, None, q, lse, lse, q, None, *geometry))
                 if neighborhood:  # the unfused kernels: the window kind changes two index lines
                     scores = torch.empty((B, H, W, heads, K, K), **meta)
                     window = (K, (d, d), neighborhood)

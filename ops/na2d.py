@@ -377,6 +377,30 @@ _apply_na2d, _apply_qk, _apply_av = (_eager.applier(f) for f in (_NA2d, _QK, _AV
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
+_HEADS_FIRST = "(B, heads, H, W, D)"
+
+
+def _heads_last(heads_first, **tensors):
+    """With ``heads_first``, views of ``(B, heads, H, W, ...)`` tensors as ``(B, H, W, heads, ...)``: the
+    kernels read any strides, so neither layout is copied. Ranks are checked first, against the
+    layout the caller used."""
+    if not isinstance(heads_first, bool):
+        raise TypeError(f"heads_first must be a bool, got {heads_first!r}")
+    if not heads_first:
+        return tuple(tensors.values())
+    for name, t in tensors.items():
+        if name == "attn":
+            check_tensor(t, "attn", 6, "(B, heads, H, W, K, K) (heads_first=True)")
+        elif name != "rpb" or t is not None:
+            check_tensor(t, name, 3 if name == "rpb" else 5,
+                         "(heads, 2K-1, 2K-1)" if name == "rpb" else f"{_HEADS_FIRST} (heads_first=True)")
+    return tuple(t if t is None or name == "rpb" else t.movedim(1, 3) for name, t in tensors.items())
+
+
+def _heads_back(y: Tensor, heads_first: bool) -> Tensor:
+    return y.movedim(3, 1) if heads_first else y
+
+
 def _scale(scale, D) -> float:
     if scale is None:
         return float(D) ** -0.5
@@ -386,7 +410,7 @@ def _scale(scale, D) -> float:
 
 
 def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation=1, *, rpb: Tensor | None = None,
-         scale: float | None = None, window: str = "neighborhood") -> Tensor:
+         scale: float | None = None, window: str = "neighborhood", heads_first: bool = False) -> Tensor:
     """Fused 2-D neighbourhood attention (docs/operators.md §1c): the K² scores never reach memory on the GPU.
 
     ``y[b,i,j,h] = Σ_{n∈N(i,j)} softmax_n(scale·q[b,i,j,h]·k[b,n,h] + rpb[h, Δi+K-1, Δj+K-1]) · v[b,n,h]``
@@ -399,58 +423,67 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation=1, *, rpb: 
         window: ``"neighborhood"`` (NATTEN: exactly K×K keys, the window shifted at the borders;
             needs ``K·dilation <=`` each image side) or ``"sliding"`` (zero-padded: keys outside the
             image are left out of the softmax).
-    Returns ``(B, H, W, heads, D)`` in the input dtype. Gradients reach q, k, v and rpb.
+        heads_first: q, k, v are ``(B, heads, H, W, D)`` (the layout of ``scaled_dot_product_attention``)
+            and so is the result; read through their strides, no copy either way.
+    Returns ``(B, H, W, heads, D)`` in the input dtype (with ``heads_first``, a ``(B, heads, H, W, D)``
+    view of such a buffer). Gradients reach q, k, v and rpb.
     """
     K = _check_kernel_size(kernel_size)
     window = _check_window(window)
+    q, k, v = _heads_last(heads_first, q=q, k=k, v=v)
     check_tensor(q, "q", 5, _LAYOUT)
     scale = _scale(scale, q.shape[-1])
     q, k, v, rpb = autocast_inputs(q, k, v, rpb)
     dilation = as_pair(dilation, "dilation", 1)
     _refuse_forward_mode("na2d")
     if not _eager.eager(q, k, v, rpb):
-        return na2d_op(q, k, v, rpb, K, list(dilation), scale, window)[0]
+        return _heads_back(na2d_op(q, k, v, rpb, K, list(dilation), scale, window)[0], heads_first)
     _check_tensors(q=q, k=k, v=v, rpb=rpb)
     dilation = _cached_geometry(q.shape, (("k", k.shape), ("v", v.shape)), _shape(rpb), None, K, dilation, window)
     if _eager.records_grad(q, k, v, rpb):
-        return _apply_na2d(q, k, v, rpb, K, dilation, scale, window)[0]
-    return _forward(q, k, v, rpb, K, dilation, scale, window)[0]
+        return _heads_back(_apply_na2d(q, k, v, rpb, K, dilation, scale, window)[0], heads_first)
+    return _heads_back(_forward(q, k, v, rpb, K, dilation, scale, window)[0], heads_first)
 
 
 def na2d_qk(q: Tensor, k: Tensor, kernel_size: int, dilation=1, *, rpb: Tensor | None = None,
-            window: str = "neighborhood") -> Tensor:
+            window: str = "neighborhood", heads_first: bool = False) -> Tensor:
     """Unfused scores (NATTEN 0.17 semantics): ``s[b,i,j,h,u,v] = q[b,i,j,h]·k[b,key(u,v),h] + rpb[h, Δ]``.
 
     Returns ``(B, H, W, heads, K, K)`` in window order, unscaled (scale q first); ``-inf`` where a
     sliding window leaves the image, so a softmax over the last two axes leaves those keys out.
+    ``heads_first``: q, k are ``(B, heads, H, W, D)`` and the scores a ``(B, heads, H, W, K, K)`` view.
     """
     K = _check_kernel_size(kernel_size)
     window = _check_window(window)
+    q, k = _heads_last(heads_first, q=q, k=k)
     q, k, rpb = autocast_inputs(q, k, rpb)
     dilation = as_pair(dilation, "dilation", 1)
     _refuse_forward_mode("na2d_qk")
     if not _eager.eager(q, k, rpb):
-        return na2d_qk_op(q, k, rpb, K, list(dilation), window)
+        return _heads_back(na2d_qk_op(q, k, rpb, K, list(dilation), window), heads_first)
     _check_tensors(q=q, k=k, rpb=rpb)
     dilation = _cached_geometry(q.shape, (("k", k.shape),), _shape(rpb), None, K, dilation, window)
     if _eager.records_grad(q, k, rpb):
-        return _apply_qk(q, k, rpb, K, dilation, window)
-    return _qk(q, k, rpb, K, dilation, window)
+        return _heads_back(_apply_qk(q, k, rpb, K, dilation, window), heads_first)
+    return _heads_back(_qk(q, k, rpb, K, dilation, window), heads_first)
 
 
-def na2d_av(attn: Tensor, v: Tensor, kernel_size: int, dilation=1, *, window: str = "neighborhood") -> Tensor:
+def na2d_av(attn: Tensor, v: Tensor, kernel_size: int, dilation=1, *, window: str = "neighborhood",
+            heads_first: bool = False) -> Tensor:
     """Unfused aggregation: ``y[b,i,j,h] = Σ_{u,v} attn[b,i,j,h,u,v] · v[b,key(u,v),h]`` for any
     attention-like weights ``(B, H, W, heads, K, K)`` (softmaxed or not); keys outside the image
-    (sliding windows) contribute nothing."""
+    (sliding windows) contribute nothing. ``heads_first``: attn ``(B, heads, H, W, K, K)``, v and the
+    result ``(B, heads, H, W, D)``."""
     K = _check_kernel_size(kernel_size)
     window = _check_window(window)
+    attn, v = _heads_last(heads_first, attn=attn, v=v)
     attn, v = autocast_inputs(attn, v)
     dilation = as_pair(dilation, "dilation", 1)
     _refuse_forward_mode("na2d_av")
     if not _eager.eager(attn, v):
-        return na2d_av_op(attn, v, K, list(dilation), window)
+        return _heads_back(na2d_av_op(attn, v, K, list(dilation), window), heads_first)
     _check_tensors(attn=attn, v=v)
     dilation = _cached_geometry(v.shape, (), None, tuple(attn.shape), K, dilation, window)
     if _eager.records_grad(attn, v):
-        return _apply_av(attn, v, K, dilation, window)
-    return _av(attn, v, K, dilation, window)
+        return _heads_back(_apply_av(attn, v, K, dilation, window), heads_first)
+    return _heads_back(_av(attn, v, K, dilation, window), heads_first)

@@ -557,3 +557,46 @@ def test_bench_rejects_unknown_names(capsys):
     assert bench.main(["--layouts", "nhwc,chwn"]) == 2
     assert bench.main(["--shapes", "R1@H"]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+# Issue 15: N1 is q, k, v and y of 8·56·56·128 = 3,211,264 elements each; 4 heads of D = 32, K = 7.
+N1_QKV = 3_211_264
+N1_FWD_FLOPS = 4 * 8 * 3136 * 4 * 49 * 32  # 4·K²·D per query and head = 629,407,744
+
+
+def test_na2d_model_n1_and_rpb():
+    p = REFERENCE_SHAPES["N1"]
+    assert p.D == 32 and p.out_hw == (56, 56)
+    assert minimum_bytes(p, "forward", "bf16") == 2 * 4 * N1_QKV
+    assert minimum_bytes(p, "backward", "bf16") == 2 * 7 * N1_QKV  # dy, q, k, v → dq, dk, dv
+    assert minimum_flops(p, "forward") == N1_FWD_FLOPS == 629_407_744
+    assert minimum_flops(p, "backward") == 2 * N1_FWD_FLOPS
+    with_rpb = REFERENCE_SHAPES["N1-rpb"]
+    rpb = 4 * 13 * 13
+    assert minimum_bytes(with_rpb, "forward", "fp32") == 4 * (4 * N1_QKV + rpb)
+    assert minimum_bytes(with_rpb, "backward", "fp32") == 4 * (7 * N1_QKV + 2 * rpb)
+    assert minimum_flops(with_rpb, "forward+backward") == 3 * N1_FWD_FLOPS
+    n2 = resolve_shape("N2-rpb")
+    assert (n2.B, n2.H, n2.G, n2.D, n2.K) == (2, 128, 8, 64, 13)
+    with pytest.raises(ValueError, match="heads"):
+        Problem("na2d", B=1, C=6, H=5, W=5, K=3, G=4)
+
+
+def test_run_on_cpu_na2d_providers(tmp_path):
+    """``dynconv bench --ops na2d`` on a tiny shape: fused, unfused and gather, the kernels through
+    the interpreter, checked against the unfused pair and timed; NATTEN is skipped with a note here."""
+    tiny = {"T5": Problem("na2d", B=1, C=8, H=5, W=6, K=3, G=2, bias=True)}
+    log = []
+    timer = bench.Timer("cpu", warmup_ms=0, rep_ms=0, min_reps=1)
+    path = bench.run_benchmarks(ops=["na2d"], shapes=["T5"], dtypes=["fp32"], layouts=["nchw"],
+                                passes=["forward+backward"], out=tmp_path, device="cpu", problems=tiny,
+                                timer=timer, log=log.append)
+    rows = {r["provider"]: r for r in bench.read_csv(path)}
+    expected = {"na2d_fused", "na2d_unfused", "na2d_gather"}
+    assert expected <= set(rows) and not any("MISMATCH" in line for line in log)
+    if "natten" not in rows:
+        assert any("provider natten skipped" in line for line in log)
+    for prov in expected:
+        ms = float(rows[prov]["ms_median"])  # a status here would raise
+        assert float(rows[prov]["tflops"]) == pytest.approx(minimum_flops(tiny["T5"], "forward+backward") / ms / 1e9,
+                                                            rel=1e-4)

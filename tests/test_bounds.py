@@ -248,3 +248,20 @@ def test_plot_draws_the_predicted_roofline_apart_from_measurements(tmp_path):
     assert "No measurements yet" in measured and "![" not in measured.split("## Measurements")[1]
     assert "static/roofline_predicted_triton3.6.png" in predicted
     assert "R1        fwd" in plot.predicted_summary(tmp_path)
+
+
+def test_na2d_cases_split_the_minimum_model():
+    """Issue 15's rows: forward and the two backward kernels of both shapes, with and without rpb; the
+    backward kernels' FLOPs add up to roofline.py's backward, each row's bytes cover the model's."""
+    from dynconv.bounds_cases import all_cases
+    from dynconv.roofline import REFERENCE_SHAPES, minimum_bytes, minimum_flops
+
+    rows = {c.name: c for c in all_cases() if c.case.startswith("N")}
+    for shape in ("N1", "N2", "N1-rpb", "N2-rpb"):
+        p = REFERENCE_SHAPES[shape]
+        for dtype in ("fp32", "bf16"):
+            fwd, dq, dkv = (rows[f"{shape} {k} {dtype} BHWND"] for k in ("fwd", "dq", "dkv"))
+            assert fwd.flops == minimum_flops(p, "forward")
+            assert dq.flops + dkv.flops == minimum_flops(p, "backward")
+            assert fwd.min_bytes > minimum_bytes(p, "forward", dtype)  # + the log-sum-exp it writes
+            assert set(fwd.compute) <= {"fma", "gmma16", "gmmatf32"} and sum(fwd.compute.values()) == fwd.flops

@@ -87,6 +87,74 @@ def test_na2d_half_precision(dtype, device):
     assert y.dtype == dtype
 
 
+# The tensor-core forward (na2d_fwd_tiled_kernel) on 4 x 4 tiles and 16-key chunks, so every case has
+# several tiles and chunks: windows crossing tile edges, dilation groups, sliding borders, K > image.
+TILED_CASES = [
+    (7, 6, 2, 16, 3, (1, 1), "neighborhood", True),
+    (9, 7, 1, 16, 3, (2, 1), "neighborhood", True),
+    (6, 9, 1, 24, 5, (1, 1), "neighborhood", False),  # D padded to 32
+    (6, 5, 2, 16, 3, (1, 2), "sliding", True),
+    (3, 5, 1, 16, 5, (1, 1), "sliding", True),  # K larger than the image
+]
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("case", TILED_CASES, ids=[f"H{c[0]}W{c[1]}D{c[3]}K{c[4]}d{c[5][0]}{c[5][1]}-{c[6]}"
+                                                   for c in TILED_CASES])
+def test_tiled_kernels_in_float64(case, device):
+    """The tiled kernels' masking, online softmax, dq and the inverse-neighbourhood dk, dv, exactly
+    (float64 tl.dot): y, lse, dq, dk, dv."""
+    tensors, geometry = _inputs(case)
+    q, k, v, rpb = (None if t is None else t.to(device) for t in tensors.values())
+    K, d, window = geometry["kernel_size"], geometry["dilation"], geometry["window"]
+    y, lse = torch.empty_like(q), torch.empty(q.shape[:4], dtype=torch.float64, device=device)
+    config = {"tiled": True, "BLOCK_H": 4, "BLOCK_W": 4, "BLOCK_N": 16, "num_warps": 4}
+    kernels.na2d_forward(q, k, v, rpb, y, lse, K, d, 0.3, window == "neighborhood", config)
+    leaves = [t.cpu().requires_grad_() for t in (q, k, v)]
+    expected = na2d_gather(*leaves, K, d, None if rpb is None else rpb.cpu(), 0.3, window)
+    assert_close(y, expected, torch.float64, "y")
+    _, expected_lse = na2d_taps(*(t.cpu() for t in (q, k, v)), K, d, None if rpb is None else rpb.cpu(), 0.3, window)
+    assert_close(lse, expected_lse, torch.float64, "lse")
+    dy = torch.randn_like(q)
+    dq = torch.empty_like(q)
+    launch = kernels.backward_query_launch(q, k, v, rpb, dy, lse, (dy * y).sum(-1), dq, None, K, d, 0.3,
+                                           window == "neighborhood", config)
+    assert launch.kernel is kernels.na2d_bwd_query_tiled_kernel
+    launch()
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    launch = kernels.backward_key_launch(q, k, v, rpb, dy, lse, (dy * y).sum(-1), dk, dv, K, d, 0.3,
+                                         window == "neighborhood", config)
+    assert launch.kernel is kernels.na2d_bwd_key_tiled_kernel
+    launch()
+    expected.backward(dy.cpu())
+    for name, actual, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
+        assert_close(actual, leaf.grad, torch.float64, name)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype, with_rpb", [(torch.bfloat16, True), (torch.float16, False)], ids=["bf16-rpb", "fp16"])
+def test_half_precision_takes_the_tiled_kernels(dtype, with_rpb, device):
+    """bf16 with D >= 16 runs the tensor-core forward, dk/dv and (without rpb) dq by default; the
+    backward uses the forward's lse."""
+    tensors, geometry = _inputs((6, 7, 2, 16, 3, (1, 1), "neighborhood", with_rpb))
+    y = check_against_reference(_na2d, _reference, tensors, dtype, device, **geometry)
+    assert y.dtype == dtype
+    q = torch.empty(1, 6, 7, 2, 16, dtype=torch.bfloat16, device="meta")  # meta: a fresh launch, no plan
+    lse = torch.empty(1, 6, 7, 2, device="meta")
+    launch = kernels.forward_launch(q, q, q, None, q, lse, 3, (1, 1), 0.25, True)
+    assert launch.kernel is kernels.na2d_fwd_tiled_kernel
+    partials = None if not with_rpb else torch.empty(kernels.rpb_partial_shape(q, 3, (1, 1)), device="meta")
+    rpb = None if not with_rpb else torch.empty(2, 5, 5, dtype=torch.bfloat16, device="meta")
+    dq_launch = kernels.backward_query_launch(q, q, q, rpb, q, lse, lse, q, partials, 3, (1, 1), 0.25, True)
+    assert (dq_launch.kernel is kernels.na2d_bwd_query_tiled_kernel) == (not with_rpb)
+    dkv_launch = kernels.backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, 3, (1, 1), 0.25, True)
+    assert dkv_launch.kernel is kernels.na2d_bwd_key_tiled_kernel
+    assert kernels.uses_tensor_cores("fwd", torch.bfloat16, 16)
+    assert not kernels.uses_tensor_cores("fwd", torch.bfloat16, 8)
+    assert not kernels.uses_tensor_cores("fwd", torch.float32, 64)
+    assert kernels.uses_tensor_cores("dq", torch.float16, 32) and not kernels.uses_tensor_cores("dq", torch.float16, 32, True)
+
+
 @pytest.mark.usefixtures("nan_poison")
 def test_cpu_path_without_interpreter_matches(monkeypatch):
     """Without TRITON_INTERPRET, CPU tensors take the tap loop: same values and gradients."""
@@ -212,6 +280,43 @@ def test_packed_qkv_views_need_no_copy(device):
     assert not q.is_contiguous()
     expected = na2d_gather(*(t.double().cpu() for t in (q, k, v)), K)
     assert_close(dynconv.na2d(q, k, v, K), expected, torch.float32, "views")
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("D", [4, 16], ids=["cuda-core", "tiled-forward"])
+def test_heads_first_layout_reads_the_same_storage(D, device, monkeypatch):
+    """``heads_first=True``: (B, heads, H, W, D) in and out, the kernels reading the caller's storage
+    through its strides (no copy), values and gradients as the heads-last call's; na2d_qk / na2d_av too."""
+    B, H, W, heads, K = 1, 6, 5, 2, 3
+    dtype = torch.bfloat16 if D == 16 else torch.float32
+    q, k, v = (torch.randn(B, heads, H, W, D, device=device).to(dtype).requires_grad_() for _ in range(3))
+    rpb = torch.randn(heads, 2 * K - 1, 2 * K - 1, device=device).to(dtype).requires_grad_()
+    seen = []
+    real = na2d_ops._forward
+    monkeypatch.setattr(na2d_ops, "_forward", lambda q_, *a: seen.append(q_.data_ptr()) or real(q_, *a))
+    y = dynconv.na2d(q, k, v, K, rpb=rpb, heads_first=True)
+    assert seen == [q.data_ptr()] and y.shape == (B, heads, H, W, D)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaves = [t.detach().double().cpu().movedim(1, 3).requires_grad_() for t in (q, k, v)]
+    leaves.append(rpb.detach().double().cpu().requires_grad_())
+    expected = na2d_gather(*leaves[:3], K, (1, 1), leaves[3])
+    expected.backward(dy.double().cpu().movedim(1, 3))
+    assert_close(y.movedim(1, 3), expected, dtype, "y")
+    for name, t, leaf in zip(("dq", "dk", "dv", "drpb"), (q, k, v, rpb), leaves):
+        grad = leaf.grad if name == "drpb" else leaf.grad.movedim(3, 1)
+        assert_close(t.grad, grad, dtype, name)
+    scores = dynconv.na2d_qk(q.detach(), k.detach(), K, rpb=rpb.detach(), heads_first=True)
+    assert scores.shape == (B, heads, H, W, K, K)
+    assert torch.equal(scores.movedim(1, 3), dynconv.na2d_qk(q.detach().movedim(1, 3), k.detach().movedim(1, 3), K,
+                                                             rpb=rpb.detach()))
+    out = dynconv.na2d_av(scores.softmax(-1), v.detach(), K, heads_first=True)
+    assert out.shape == (B, heads, H, W, D)
+    assert torch.equal(out.movedim(1, 3), dynconv.na2d_av(scores.movedim(1, 3).softmax(-1), v.detach().movedim(1, 3), K))
+    with pytest.raises(ValueError, match=r"q must be 5-D \(B, heads, H, W, D\)"):
+        dynconv.na2d(q[0], k, v, K, heads_first=True)
+    with pytest.raises(TypeError, match="heads_first must be a bool"):
+        dynconv.na2d(q, k, v, K, heads_first=1)
 
 
 def test_autocast_runs_in_the_autocast_dtype(device):
