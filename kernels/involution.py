@@ -108,32 +108,29 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
     accs = ()
     for s in tl.static_range(STRIP):
         accs = accs + (zero,)
+    # Unrolled-loop indices stay inline: a name assigned on every unrolled trip turns into a tensor.
     for b in tl.static_range(TAPS_V):
-        v = V_FIRST + b * V_STEP
         col = col_first + b * CSTEP
         col_ok = (col >= 0) & (col < SRC_W)
-        w_col = w_group + widen(v, INDEX_64) * swv
+        w_col = w_group + widen(V_FIRST + b * V_STEP, INDEX_64) * swv
         if not PER_PIXEL:
             held = ()
-            for a in tl.static_range(TAPS_U):
-                u = U_FIRST + a * U_STEP
-                held = held + (tl.load(w_col + widen(u, INDEX_64) * swu, mask=g_ok, other=0.0).to(ACC_DTYPE),)
+            for t in tl.static_range(TAPS_U):
+                held = held + (tl.load(w_col + widen(U_FIRST + t * U_STEP, INDEX_64) * swu, mask=g_ok,
+                                       other=0.0).to(ACC_DTYPE),)
         for r in tl.static_range(STRIP + TAPS_U - 1):
             row = row_first + r * RSTEP
             ok = (row >= 0) & (row < SRC_H) & col_ok
-            pix = row * ssh + col * ssw
-            xv = tl.load(src + (src_channel + pix[None, None, :]), mask=channel_mask & ok[None, None, :],
-                         other=0.0).to(ACC_DTYPE)
+            xv = tl.load(src + (src_channel + (row * ssh + col * ssw)[None, None, :]),
+                         mask=channel_mask & ok[None, None, :], other=0.0).to(ACC_DTYPE)
             if PER_PIXEL and WEIGHT_AT_SOURCE:
                 w_pix = (row * swh + col * sww)[None, None, :]
             new = ()
             for s in tl.static_range(STRIP):
                 acc = accs[s]
-                a = r - s
-                if a >= 0 and a < TAPS_U:
-                    u = U_FIRST + a * U_STEP
+                if r - s >= 0 and r - s < TAPS_U:  # tap slot r - s of strip row s
                     if PER_PIXEL:
-                        w_tap = w_col + widen(u, INDEX_64) * swu
+                        w_tap = w_col + widen(U_FIRST + (r - s) * U_STEP, INDEX_64) * swu
                         if WEIGHT_AT_SOURCE:
                             weight = tl.load(w_tap + w_pix, mask=g_ok & ok[None, None, :], other=0.0)
                         else:
@@ -141,9 +138,9 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
                             weight = tl.load(w_tap + (w_out_pix + s * swh)[None, None, :], mask=w_ok, other=0.0)
                         weight = weight.to(ACC_DTYPE)
                     else:
-                        weight = held[a]
-                    if FIRST_TAP_MAY_MISS and (a == 0 or b == 0):
-                        if (u < K) & (v < K):
+                        weight = held[r - s]
+                    if FIRST_TAP_MAY_MISS and (r == s or b == 0):
+                        if (U_FIRST + (r - s) * U_STEP < K) & (V_FIRST + b * V_STEP < K):
                             acc += weight * xv
                     else:
                         acc += weight * xv
@@ -426,6 +423,38 @@ def default_config(C: int, G: int, height: int, width: int, channels_last: bool,
     return dict(_default_config(C, G, height, width, channels_last, max_warps))
 
 
+@functools.lru_cache(maxsize=4096)
+def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool) -> dict:
+    """The default tile of the forward and input-gradient kernels: BLOCK_H counts output rows, in strips
+    of up to MAX_STRIP rows per thread.
+
+    channels_last: lanes along channels (16-byte loads), 8 channels of a group x 8 pixels per warp-row.
+    NCHW: lanes along a row of pixels, and up to 16 channels of a group in each thread's registers, so
+    a per-pixel weight is loaded once for all of them.
+    """
+    cg = C // G
+    strip = _pow2_at_most(height, MAX_STRIP)
+    if channels_last:
+        block_cg = _pow2_at_most(cg, 16)
+        block_g = _pow2_at_most(G, max(1, 32 // block_cg))
+        block_w = _pow2_at_most(width, 8)
+        rows = _pow2_at_most(cdiv(height, strip), max(1, 1024 // (block_g * block_cg * block_w)))
+        num_warps = block_g * block_cg * block_w * rows // 256
+    else:
+        block_cg = _pow2_at_most(cg, 16)
+        block_g = _pow2_at_most(G, max(1, 8 // block_cg))
+        block_w = _pow2_at_most(width, 32)
+        rows = _pow2_at_most(cdiv(height, strip), max(1, 128 // block_w))
+        num_warps = block_w * rows // 32
+    return {"BLOCK_G": block_g, "BLOCK_CG": block_cg, "BLOCK_H": rows * strip, "BLOCK_W": block_w,
+            "num_warps": max(1, min(4, num_warps)), "num_stages": 1}
+
+
+def tap_config(C: int, G: int, height: int, width: int, channels_last: bool) -> dict:
+    """The forward's and input gradient's own tile over ``height x width`` output (input) pixels (a copy)."""
+    return dict(_tap_config(C, G, height, width, channels_last))
+
+
 def problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
     """What the tuned configuration depends on (the autotuner buckets these)."""
     B, C, H, W = x.shape
@@ -480,7 +509,7 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     config = config or get_config("involution_fwd", problem_key(x, G, K, stride),
-                                  default_config(C, G, Ho, Wo, is_channels_last(x)))
+                                  tap_config(C, G, Ho, Wo, is_channels_last(x)))
     meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
@@ -518,7 +547,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or get_config("involution_bwd_input", problem_key(dx, G, K, stride),
-                                  default_config(C, G, H, W, is_channels_last(dy)))
+                                  tap_config(C, G, cdiv(H, stride[0]), cdiv(W, stride[1]), is_channels_last(dy)))
     meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
     unrolled = K <= MAX_UNROLLED_K
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))

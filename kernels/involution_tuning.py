@@ -15,6 +15,7 @@ from .involution import (
     default_config,
     forward_launch,
     problem_key,
+    tap_config,
     weight_grad_config,
     weight_grad_tiles,
 )
@@ -96,10 +97,20 @@ def _tuning_key(spec: dict, ts: dict) -> dict:
     return problem_key(ts["x"], spec["G"], spec["K"], _strides(spec))
 
 
+def _default_for(kernel: str, C: int, G: int, H: int, W: int, stride, channels_last: bool) -> dict:
+    """The launcher's default tile for ``kernel`` (the weight gradients tile output pixels, the input
+    gradient the pixels of one stride phase, the forward output pixels)."""
+    if kernel == "involution_bwd_input":
+        return tap_config(C, G, -(-H // stride[0]), -(-W // stride[1]), channels_last)
+    h, w = _out(H, stride[0]), _out(W, stride[1])
+    if kernel == "involution_fwd":
+        return tap_config(C, G, h, w, channels_last)
+    return default_config(C, G, h, w, channels_last)
+
+
 def _tuning_default(kernel: str):
     def default(spec: dict, ts: dict) -> dict:
-        tile = ts["dx"] if kernel == "involution_bwd_input" else ts["y"]
-        return default_config(spec["C"], spec["G"], tile.shape[2], tile.shape[3], bool(spec["channels_last"]))
+        return _default_for(kernel, spec["C"], spec["G"], spec["H"], spec["W"], _strides(spec), bool(spec["channels_last"]))
     return default
 
 
@@ -109,7 +120,7 @@ def _tuning_candidates(kernel: str):
 
         sh, sw = key["stride_h"], key["stride_w"]
         h, w = (key["H"], key["W"]) if kernel == "involution_bwd_input" else (_out(key["H"], sh), _out(key["W"], sw))
-        default = default_config(key["C"], key["G"], h, w, bool(key["channels_last"]))
+        default = _default_for(kernel, key["C"], key["G"], key["H"], key["W"], (sh, sw), bool(key["channels_last"]))
         limits = {"BLOCK_G": key["G"], "BLOCK_CG": key["C"] // key["G"], "BLOCK_H": h, "BLOCK_W": w}
         # No tl.dot here, so software pipelining only overlaps the tap loop's loads: worth a look, not a grid.
         return neighbourhood(default, limits, size=6 if quick else 10, warps=(2, 4, 8), stages=(1,) if quick else (1, 2))
