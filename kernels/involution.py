@@ -84,14 +84,14 @@ MAX_UNROLLED_K = 13
 # Output rows per thread in the unrolled kernels ("strip"): a strip of S rows reads S + K - 1 input
 # rows per column tap instead of S * K, so each loaded (and, in bf16, converted) input element
 # feeds min(S, K) multiply-adds. Capped so the accumulators stay in registers.
-MAX_STRIP = 4
+MAX_STRIP = 8
 
 
 @triton.jit
 def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, col_first, CSTEP, SRC_W, ssw,
                 w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H, out_col_ok,
                 U_FIRST, U_STEP, V_FIRST, V_STEP, K, zero,
-                STRIP: tl.constexpr, TAPS_U: tl.constexpr, TAPS_V: tl.constexpr, PER_PIXEL: tl.constexpr,
+                TAPS_V, STRIP: tl.constexpr, TAPS_U: tl.constexpr, PER_PIXEL: tl.constexpr,
                 WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr, INDEX_64: tl.constexpr):
     """The tap sums (in ``zero``'s shape and dtype) of a strip of STRIP output rows per pixel of the tile.
 
@@ -108,8 +108,13 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
     accs = ()
     for s in tl.static_range(STRIP):
         accs = accs + (zero,)
-    # Unrolled-loop indices stay inline: a name assigned on every unrolled trip turns into a tensor.
-    for b in tl.static_range(TAPS_V):
+    # The column taps are a run-time loop (the code of one column is large enough), the row taps and
+    # the strip unrolled. Unrolled-loop indices stay inline: a name assigned on every unrolled trip
+    # turns into a tensor.
+    b_first = 0
+    if FIRST_TAP_MAY_MISS:
+        b_first = (V_FIRST >= K).to(tl.int32)  # column slot 0 names tap K: this phase has one tap fewer
+    for b in range(b_first, TAPS_V):
         col = col_first + b * CSTEP
         col_ok = (col >= 0) & (col < SRC_W)
         w_col = w_group + widen(V_FIRST + b * V_STEP, INDEX_64) * swv
@@ -139,8 +144,8 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
                         weight = weight.to(ACC_DTYPE)
                     else:
                         weight = held[r - s]
-                    if FIRST_TAP_MAY_MISS and (r == s or b == 0):
-                        if (U_FIRST + (r - s) * U_STEP < K) & (V_FIRST + b * V_STEP < K):
+                    if FIRST_TAP_MAY_MISS and r == s:
+                        if U_FIRST < K:
                             acc += weight * xv
                     else:
                         acc += weight * xv
@@ -189,7 +194,7 @@ def involution_fwd_kernel(
         zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
         accs = _strip_taps(x_sample, x_channel, channel_mask, i * SH - PH, DH, H, sxh, j * SW - PW, DW, W, sxw,
                            w_group, g3 < G, swu, swv, swh, sww, i * swh + j * sww, i, Ho, j < Wo,
-                           0, 1, 0, 1, K, zero, STRIP, TAPS, TAPS, PER_PIXEL, False, False, INDEX_64)
+                           0, 1, 0, 1, K, zero, K, STRIP, TAPS, PER_PIXEL, False, False, INDEX_64)
     else:
         out_mask = (i < Ho) & (j < Wo)
         if PER_PIXEL:
@@ -230,10 +235,10 @@ def involution_bwd_input_kernel(
     swb, swg, swu, swv, swh, sww,
     sdxb, sdxc, sdxh, sdxw,
     SH, SW, PH, PW, DH, DW,
-    TILES_PIX, TILES_W, CG_TILES, TILES_PHASE, GH, GW, INV_H, INV_W,
+    TILES_PIX, TILES_W, CG_TILES, TILES_PHASE, GH, GW, INV_H, INV_W, TAPS_V,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    TAPS_U: tl.constexpr = 0, TAPS_V: tl.constexpr = 0, STRIP: tl.constexpr = 1,
+    TAPS_U: tl.constexpr = 0, STRIP: tl.constexpr = 1,
     FIRST_TAP_MAY_MISS: tl.constexpr = False, PHASE_MAY_BE_EMPTY: tl.constexpr = False,
 ):
     """Gather form of dx: each input pixel sums the taps that read it, so no atomics are needed.
@@ -278,7 +283,7 @@ def involution_bwd_input_kernel(
         accs = _strip_taps(dy_sample, dy_channel, channel_mask, row_first, DH // GH, Ho, sdyh,
                            col_first, DW // GW, Wo, sdyw, w_group, g3 < G, swu, swv, swh, sww, 0, 0, 0, 0,
                            u0 + (TAPS_U - 1) * step_h, -step_h, v0 + (TAPS_V - 1) * step_w, -step_w, K, zero,
-                           STRIP, TAPS_U, TAPS_V, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64)
+                           TAPS_V, STRIP, TAPS_U, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64)
         # Input rows and columns of this phase.
         h = ph + SH * hh
         w = pw + SW * w
@@ -530,7 +535,7 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
                 INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip)
     return Launch(involution_fwd_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
-                  num_warps, num_stages, loops=() if taps else (K * K,))
+                  num_warps, num_stages, loops=_tap_loops(taps > 0, K, K))
 
 
 def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
@@ -567,16 +572,16 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         TILES_PIX=phases * tiles_phase, TILES_W=tiles_w, CG_TILES=cg_tiles, TILES_PHASE=tiles_phase,
-        GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
+        GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w, TAPS_V=taps_v,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),
-                TAPS_U=taps_u, TAPS_V=taps_v,
+                TAPS_U=taps_u,
                 # Strip rows of a phase share dy rows only when a phase's taps step one dy row.
                 STRIP=_strip(meta["BLOCK_H"], unrolled and dilation[0] // gh == 1),
                 FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),
                 PHASE_MAY_BE_EMPTY=unrolled and (gh > 1 or gw > 1))
     return Launch(involution_bwd_input_kernel, _grid(B, G, phases * tiles_phase, cg_tiles, meta["BLOCK_G"]), args,
-                  meta, num_warps, num_stages, loops=() if unrolled else (K * K,))
+                  meta, num_warps, num_stages, loops=_tap_loops(unrolled, taps_v, K))
 
 
 def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
@@ -585,6 +590,14 @@ def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
     g = math.gcd(stride, dilation)
     step = stride // g
     return g, step, pow(dilation // g, -1, step) if step > 1 else 0
+
+
+def _tap_loops(unrolled: bool, column_taps: int, K: int) -> tuple:
+    """Trip counts of the fwd/dx tap loops: the column-tap loop (a one-trip loop compiles to none), or
+    the run-time K² loop."""
+    if not unrolled:
+        return (K * K,)
+    return (column_taps,) if column_taps > 1 else ()
 
 
 def _strip(rows: int, reuse: bool) -> int:
