@@ -429,35 +429,46 @@ def default_config(C: int, G: int, height: int, width: int, channels_last: bool,
 
 
 @functools.lru_cache(maxsize=4096)
-def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool) -> dict:
+def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool, element_size: int,
+                per_pixel: bool) -> dict:
     """The default tile of the forward and input-gradient kernels: BLOCK_H counts output rows, in strips
     of up to MAX_STRIP rows per thread.
 
     channels_last: lanes along channels (16-byte loads), 8 channels of a group x 8 pixels per warp-row.
     NCHW: lanes along a row of pixels, and up to 16 channels of a group in each thread's registers, so
-    a per-pixel weight is loaded once for all of them.
+    a per-pixel weight is loaded once for all of them. The strip takes what the register budget leaves:
+    at most 64 accumulators per thread for 16-bit per-pixel weights, 32 otherwise (fp32 operands and
+    held per-sample weights take the rest; more spills with triton 3.6's ptxas).
     """
     cg = C // G
-    strip = _pow2_at_most(height, MAX_STRIP)
     if channels_last:
         block_cg = _pow2_at_most(cg, 16)
         block_g = _pow2_at_most(G, max(1, 32 // block_cg))
         block_w = _pow2_at_most(width, 8)
-        rows = _pow2_at_most(cdiv(height, strip), max(1, 1024 // (block_g * block_cg * block_w)))
-        num_warps = block_g * block_cg * block_w * rows // 256
+        threads_per_row = max(1, block_g * block_cg * block_w // 8)
     else:
         block_cg = _pow2_at_most(cg, 16)
         block_g = _pow2_at_most(G, max(1, 8 // block_cg))
         block_w = _pow2_at_most(width, 32)
-        rows = _pow2_at_most(cdiv(height, strip), max(1, 128 // block_w))
-        num_warps = block_w * rows // 32
+        threads_per_row = block_w
+    strip = _pow2_at_most(height, _strip_cap(block_g * block_cg, channels_last, element_size, per_pixel))
+    rows = _pow2_at_most(cdiv(height, strip), max(1, 128 // threads_per_row))
+    num_warps = max(1, min(4, threads_per_row * rows // 32))
     return {"BLOCK_G": block_g, "BLOCK_CG": block_cg, "BLOCK_H": rows * strip, "BLOCK_W": block_w,
-            "num_warps": max(1, min(4, num_warps)), "num_stages": 1}
+            "num_warps": num_warps, "num_stages": 1}
 
 
-def tap_config(C: int, G: int, height: int, width: int, channels_last: bool) -> dict:
+def _strip_cap(channels: int, channels_last: bool, element_size: int, per_pixel: bool) -> int:
+    """The longest strip whose accumulators fit the budget of _tap_config, for a tile of ``channels``
+    channels (channels_last: a thread holds 8 of them per pixel; NCHW: all of them)."""
+    budget = 64 if element_size <= 2 and per_pixel else 32
+    return max(1, min(MAX_STRIP, budget // (min(channels, 8) if channels_last else channels)))
+
+
+def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, element_size: int = 2,
+               per_pixel: bool = True) -> dict:
     """The forward's and input gradient's own tile over ``height x width`` output (input) pixels (a copy)."""
-    return dict(_tap_config(C, G, height, width, channels_last))
+    return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel))
 
 
 def problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
@@ -509,12 +520,26 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
                    lambda: _forward_launch(x, weight, bias, y, stride, padding, dilation, config))
 
 
+def _weight_bound(weight, C: int) -> bool:
+    """Per-pixel weights with one channel per group: one weight element per multiply-add, so the weight
+    sets the time and nothing is reused; the run-time tap loop over the old tile reads it best."""
+    return weight.dim() == 6 and weight.shape[1] == C
+
+
+def forward_default(x, weight, Ho: int, Wo: int) -> dict:
+    """The forward's default tile (a copy)."""
+    C, G = x.shape[1], weight.shape[1]
+    if _weight_bound(weight, C) or weight.shape[2] > MAX_UNROLLED_K:
+        return default_config(C, G, Ho, Wo, is_channels_last(x))
+    return tap_config(C, G, Ho, Wo, is_channels_last(x), x.element_size(), weight.dim() == 6)
+
+
 def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     config = config or get_config("involution_fwd", problem_key(x, G, K, stride),
-                                  tap_config(C, G, Ho, Wo, is_channels_last(x)))
+                                  forward_default(x, weight, Ho, Wo))
     meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
@@ -529,9 +554,9 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )
-    taps = K if K <= MAX_UNROLLED_K else 0
+    taps = K if K <= MAX_UNROLLED_K and not _weight_bound(weight, C) else 0
     # Strip rows share input rows only when consecutive output rows read consecutive input rows.
-    strip = _strip(meta["BLOCK_H"], taps > 0 and stride[0] == 1 and dilation[0] == 1)
+    strip = _strip(meta, taps > 0 and stride[0] == 1 and dilation[0] == 1, x, weight)
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
                 INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip)
     return Launch(involution_fwd_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
@@ -552,7 +577,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or get_config("involution_bwd_input", problem_key(dx, G, K, stride),
-                                  tap_config(C, G, cdiv(H, stride[0]), cdiv(W, stride[1]), is_channels_last(dy)))
+                                  input_grad_default(dx, weight, stride))
     meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
     unrolled = K <= MAX_UNROLLED_K
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
@@ -577,11 +602,20 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),
                 TAPS_U=taps_u,
                 # Strip rows of a phase share dy rows only when a phase's taps step one dy row.
-                STRIP=_strip(meta["BLOCK_H"], unrolled and dilation[0] // gh == 1),
+                STRIP=_strip(meta, unrolled and dilation[0] // gh == 1, dx, weight),
                 FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),
                 PHASE_MAY_BE_EMPTY=unrolled and (gh > 1 or gw > 1))
     return Launch(involution_bwd_input_kernel, _grid(B, G, phases * tiles_phase, cg_tiles, meta["BLOCK_G"]), args,
                   meta, num_warps, num_stages, loops=_tap_loops(unrolled, taps_v, K))
+
+
+def input_grad_default(dx, weight, stride) -> dict:
+    """The input gradient's default tile, over the pixels of one stride phase (a copy)."""
+    B, C, H, W = dx.shape
+    if weight.shape[2] > MAX_UNROLLED_K:
+        return default_config(C, weight.shape[1], H, W, is_channels_last(dx))
+    return tap_config(C, weight.shape[1], cdiv(H, stride[0]), cdiv(W, stride[1]), is_channels_last(dx),
+                      dx.element_size(), weight.dim() == 6)
 
 
 def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
@@ -600,10 +634,13 @@ def _tap_loops(unrolled: bool, column_taps: int, K: int) -> tuple:
     return (column_taps,) if column_taps > 1 else ()
 
 
-def _strip(rows: int, reuse: bool) -> int:
-    """Output rows per thread: up to MAX_STRIP when consecutive rows share source rows (a power of two
-    dividing the tile's rows)."""
-    return min(rows, MAX_STRIP) if reuse else 1
+def _strip(meta: dict, reuse: bool, x, weight) -> int:
+    """Output rows per thread: when consecutive rows share source rows, as many as the register budget
+    allows (a power of two dividing the tile's rows), else 1."""
+    if not reuse:
+        return 1
+    cap = _strip_cap(meta["BLOCK_G"] * meta["BLOCK_CG"], is_channels_last(x), x.element_size(), weight.dim() == 6)
+    return min(meta["BLOCK_H"], cap)
 
 
 def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool, config=None) -> Launch:

@@ -13,9 +13,10 @@ from .involution import (
     backward_input_launch,
     backward_weight_launch,
     default_config,
+    forward_default,
     forward_launch,
+    input_grad_default,
     problem_key,
-    tap_config,
     weight_grad_config,
     weight_grad_tiles,
 )
@@ -97,20 +98,18 @@ def _tuning_key(spec: dict, ts: dict) -> dict:
     return problem_key(ts["x"], spec["G"], spec["K"], _strides(spec))
 
 
-def _default_for(kernel: str, C: int, G: int, H: int, W: int, stride, channels_last: bool) -> dict:
-    """The launcher's default tile for ``kernel`` (the weight gradients tile output pixels, the input
-    gradient the pixels of one stride phase, the forward output pixels)."""
-    if kernel == "involution_bwd_input":
-        return tap_config(C, G, -(-H // stride[0]), -(-W // stride[1]), channels_last)
-    h, w = _out(H, stride[0]), _out(W, stride[1])
+def _default_for(kernel: str, spec: dict, ts: dict) -> dict:
+    """The launcher's default tile for ``kernel`` on tensors ``ts``."""
     if kernel == "involution_fwd":
-        return tap_config(C, G, h, w, channels_last)
-    return default_config(C, G, h, w, channels_last)
+        return forward_default(ts["x"], ts["w"], ts["y"].shape[2], ts["y"].shape[3])
+    if kernel == "involution_bwd_input":
+        return input_grad_default(ts["dx"], ts["w"], _strides(spec))
+    return default_config(spec["C"], spec["G"], ts["y"].shape[2], ts["y"].shape[3], bool(spec["channels_last"]))
 
 
 def _tuning_default(kernel: str):
     def default(spec: dict, ts: dict) -> dict:
-        return _default_for(kernel, spec["C"], spec["G"], spec["H"], spec["W"], _strides(spec), bool(spec["channels_last"]))
+        return _default_for(kernel, spec, ts)
     return default
 
 
@@ -120,7 +119,8 @@ def _tuning_candidates(kernel: str):
 
         sh, sw = key["stride_h"], key["stride_w"]
         h, w = (key["H"], key["W"]) if kernel == "involution_bwd_input" else (_out(key["H"], sh), _out(key["W"], sw))
-        default = _default_for(kernel, key["C"], key["G"], key["H"], key["W"], (sh, sw), bool(key["channels_last"]))
+        spec, dtype = _tuning_spec_for_key(kernel)(key)
+        default = _default_for(kernel, spec, _tuning_inputs(spec, dtype, "meta"))
         limits = {"BLOCK_G": key["G"], "BLOCK_CG": key["C"] // key["G"], "BLOCK_H": h, "BLOCK_W": w}
         # No tl.dot here, so software pipelining only overlaps the tap loop's loads: worth a look, not a grid.
         return neighbourhood(default, limits, size=6 if quick else 10, warps=(2, 4, 8), stages=(1,) if quick else (1, 2))
