@@ -113,6 +113,8 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
     # turns into a tensor.
     b_first = 0
     if FIRST_TAP_MAY_MISS:
+        # A tensor, not a Python bool: the interpreter passes scalars as Python ints.
+        first_tap_ok = (tl.zeros((1, 1, 1), dtype=tl.int32) + U_FIRST) < K
         b_first = (V_FIRST >= K).to(tl.int32)  # column slot 0 names tap K: this phase has one tap fewer
     for b in range(b_first, TAPS_V):
         col = col_first + b * CSTEP
@@ -121,7 +123,10 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
         if not PER_PIXEL:
             held = ()
             for t in tl.static_range(TAPS_U):
-                held = held + (tl.load(w_col + widen(U_FIRST + t * U_STEP, INDEX_64) * swu, mask=g_ok,
+                w_ok = g_ok
+                if FIRST_TAP_MAY_MISS and t == 0:
+                    w_ok = w_ok & first_tap_ok
+                held = held + (tl.load(w_col + widen(U_FIRST + t * U_STEP, INDEX_64) * swu, mask=w_ok,
                                        other=0.0).to(ACC_DTYPE),)
         for r in tl.static_range(STRIP + TAPS_U - 1):
             row = row_first + r * RSTEP
@@ -137,7 +142,10 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
                     if PER_PIXEL:
                         w_tap = w_col + widen(U_FIRST + (r - s) * U_STEP, INDEX_64) * swu
                         if WEIGHT_AT_SOURCE:
-                            weight = tl.load(w_tap + w_pix, mask=g_ok & ok[None, None, :], other=0.0)
+                            w_ok = g_ok & ok[None, None, :]
+                            if FIRST_TAP_MAY_MISS and r == s:
+                                w_ok = w_ok & first_tap_ok  # no read past the weight either
+                            weight = tl.load(w_tap + w_pix, mask=w_ok, other=0.0)
                         else:
                             w_ok = g_ok & (out_col_ok & (out_row + s < OUT_H))[None, None, :]
                             weight = tl.load(w_tap + (w_out_pix + s * swh)[None, None, :], mask=w_ok, other=0.0)
