@@ -444,9 +444,8 @@ def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool, el
 
     channels_last: lanes along channels (16-byte loads), 8 channels of a group x 8 pixels per warp-row.
     NCHW: lanes along a row of pixels, and up to 16 channels of a group in each thread's registers, so
-    a per-pixel weight is loaded once for all of them. The strip takes what the register budget leaves:
-    at most 64 accumulators per thread for 16-bit per-pixel weights, 32 otherwise (fp32 operands and
-    held per-sample weights take the rest; more spills with triton 3.6's ptxas).
+    a per-pixel weight is loaded once for all of them. The strip takes what the register budget of
+    _strip_cap leaves.
     """
     cg = C // G
     if channels_last:
@@ -469,7 +468,12 @@ def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool, el
 def _strip_cap(channels: int, channels_last: bool, element_size: int, per_pixel: bool) -> int:
     """The longest strip whose accumulators fit the budget of _tap_config, for a tile of ``channels``
     channels (channels_last: a thread holds 8 of them per pixel; NCHW: all of them)."""
-    budget = 64 if element_size <= 2 and per_pixel else 32
+    # Accumulators per thread (AOT-checked with triton 3.6's ptxas: beyond these it spills; NCHW
+    # threads also hold every pixel's row offsets, held per-sample weights take K per channel).
+    if channels_last:
+        budget = (64 if element_size <= 2 else 32) if per_pixel else 16
+    else:
+        budget = 32 if element_size <= 2 and per_pixel else 16
     return max(1, min(MAX_STRIP, budget // (min(channels, 8) if channels_last else channels)))
 
 
