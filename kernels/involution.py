@@ -148,7 +148,8 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
                             weight = tl.load(w_tap + w_pix, mask=w_ok, other=0.0)
                         else:
                             w_ok = g_ok & (out_col_ok & (out_row + s < OUT_H))[None, None, :]
-                            weight = tl.load(w_tap + (w_out_pix + s * swh)[None, None, :], mask=w_ok, other=0.0)
+                            weight = tl.load(w_tap + (w_out_pix + widen(s, INDEX_64) * swh)[None, None, :], mask=w_ok,
+                                             other=0.0)
                         weight = weight.to(ACC_DTYPE)
                     else:
                         weight = held[r - s]

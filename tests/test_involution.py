@@ -241,10 +241,11 @@ def test_tap_paths_forward_and_gradients(case, per_pixel, dtype, memory_format, 
 
 
 def test_launchers_unroll_taps_in_strips_and_split_the_input_gradient_by_stride_phase():
-    def tensors(K, H, stride):
-        x = torch.empty((2, 32, H, H), device="meta")
+    def tensors(K, H, stride):  # bf16 channels_last: the layout with the longest strips
         Ho = (H - 1) // stride + 1
-        return x, torch.empty((2, 2, K, K, Ho, Ho), device="meta"), torch.empty((2, 32, Ho, Ho), device="meta")
+        x = torch.empty((2, 32, H, H), device="meta", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        y = torch.empty((2, 32, Ho, Ho), device="meta", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        return x, torch.empty((2, 2, K, K, Ho, Ho), device="meta", dtype=torch.bfloat16), y
 
     x, w, y = tensors(7, 32, 1)
     fwd = kernels.forward_launch(x, w, None, y, (1, 1), (3, 3), (1, 1))
