@@ -197,13 +197,17 @@ def involution_fwd_kernel(
     # element would hold two registers each through all taps.
     x_channel = c3 * sxc
     w_group = w_ptr + b * swb + g3 * swg
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
     if TAPS > 0:
         zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
         accs = _strip_taps(x_sample, x_channel, channel_mask, i * SH - PH, DH, H, sxh, j * SW - PW, DW, W, sxw,
                            w_group, g3 < G, swu, swv, swh, sww, i * swh + j * sww, i, Ho, j < Wo,
                            0, 1, 0, 1, K, zero, K, STRIP, TAPS, PER_PIXEL, False, False, INDEX_64)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+            new = ()
+            for s in tl.static_range(STRIP):
+                new = new + (accs[s] + bias,)
+            accs = new
     else:
         out_mask = (i < Ho) & (j < Wo)
         if PER_PIXEL:
@@ -213,6 +217,9 @@ def involution_fwd_kernel(
             w_taps = w_group
             w_mask = g3 < G
         acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+        if HAS_BIAS:
+            # Added before the taps, so its offsets and mask are not held through the tap loop.
+            acc += tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
         h_first = i * SH - PH
         w_first = j * SW - PW
         for tap in range(K * K):
@@ -229,8 +236,6 @@ def involution_fwd_kernel(
         accs = (acc,)
     for s in tl.static_range(STRIP):
         acc = accs[s]
-        if HAS_BIAS:
-            acc += bias
         y_off = b * syb + c3 * syc + ((i + s) * syh + j * syw)[None, None, :]
         tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty),
                  mask=channel_mask & ((i + s < Ho) & (j < Wo))[None, None, :])
@@ -533,16 +538,23 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
                    lambda: _forward_launch(x, weight, bias, y, stride, padding, dilation, config))
 
 
-def _weight_bound(weight, C: int) -> bool:
-    """Per-pixel weights with one channel per group: one weight element per multiply-add, so the weight
-    sets the time and nothing is reused; the run-time tap loop over the old tile reads it best."""
-    return weight.dim() == 6 and weight.shape[1] == C
+def unrolled_taps(x, weight) -> bool:
+    """Whether the forward and input gradient unroll their taps (else the run-time tap loop over
+    default_config's tile).
+
+    Channels_last only, and only with channels to share a tap's weight: with one channel per group
+    a per-pixel weight is one element per multiply-add (the weight sets the time, the loop reads it
+    best), and a per-sample weight's K held values per channel left no registers. NCHW threads hold
+    a row offset per pixel and tap row on top: every unrolled NCHW tile tried spilled with triton
+    3.6's ptxas (dynconv inspect), so NCHW keeps the loop until a tile that fits is found.
+    """
+    return weight.shape[2] <= MAX_UNROLLED_K and is_channels_last(x) and weight.shape[1] < x.shape[1]
 
 
 def forward_default(x, weight, Ho: int, Wo: int) -> dict:
     """The forward's default tile (a copy)."""
     C, G = x.shape[1], weight.shape[1]
-    if _weight_bound(weight, C) or weight.shape[2] > MAX_UNROLLED_K:
+    if not unrolled_taps(x, weight):
         return default_config(C, G, Ho, Wo, is_channels_last(x))
     return tap_config(C, G, Ho, Wo, is_channels_last(x), x.element_size(), weight.dim() == 6)
 
@@ -567,7 +579,7 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )
-    taps = K if K <= MAX_UNROLLED_K and not _weight_bound(weight, C) else 0
+    taps = K if unrolled_taps(x, weight) else 0
     # Strip rows share input rows only when consecutive output rows read consecutive input rows.
     strip = _strip(meta, taps > 0 and stride[0] == 1 and dilation[0] == 1, x, weight)
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
@@ -592,7 +604,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     config = config or get_config("involution_bwd_input", problem_key(dx, G, K, stride),
                                   input_grad_default(dx, weight, stride))
     meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
-    unrolled = K <= MAX_UNROLLED_K
+    unrolled = unrolled_taps(dx, weight)
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     if unrolled:
         # One set of programs per stride phase, each over the input pixels of its phase.
@@ -625,7 +637,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
 def input_grad_default(dx, weight, stride) -> dict:
     """The input gradient's default tile, over the pixels of one stride phase (a copy)."""
     B, C, H, W = dx.shape
-    if weight.shape[2] > MAX_UNROLLED_K:
+    if not unrolled_taps(dx, weight):
         return default_config(C, weight.shape[1], H, W, is_channels_last(dx))
     return tap_config(C, weight.shape[1], cdiv(H, stride[0]), cdiv(W, stride[1]), is_channels_last(dx),
                       dx.element_size(), weight.dim() == 6)
