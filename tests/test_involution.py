@@ -220,7 +220,8 @@ def test_weight_gradient_with_groups_wider_than_one_channel_chunk(per_pixel, dev
 
 
 # The forward's and input gradient's paths (kernels/involution.py): taps unrolled with strips of
-# output rows (K <= MAX_UNROLLED_K) or the run-time tap loop; the input gradient split by stride phase.
+# output rows (channels_last, groups of several channels, K <= MAX_UNROLLED_K: the bf16 NHWC cases
+# with G < C) or the run-time tap loop (the others); the unrolled input gradient split by stride phase.
 PATH_CASES = [  # (B, C, H, W, K, G, stride, dilation, padding)
     (1, 4, 7, 5, 5, 2, 3, 1, None),   # stride 3, odd H: phases with a tap fewer (K % 3 != 0)
     (1, 2, 9, 6, 3, 2, 3, 2, 1),      # stride 3, dilation 2: a phase's taps step two dy rows (no strip)
@@ -269,15 +270,18 @@ def test_launchers_unroll_taps_in_strips_and_split_the_input_gradient_by_stride_
 def test_input_gradient_skips_the_missing_tap_of_a_stride_phase(per_pixel, device):
     """An inf in dy reaches only the dx pixels that read it: a phase's missing tap is skipped, never
     multiplied by a zero weight."""
-    x = torch.randn(1, 2, 7, 7, dtype=torch.float64)
+    x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
     w = torch.randn((1, 2, 3, 3, 4, 4) if per_pixel else (1, 2, 3, 3), dtype=torch.float64, requires_grad=True)
     xr = x.clone().requires_grad_()
     y = involution_unfold(xr, w, stride=2)
     dy = torch.randn_like(y)
     dy[0, 1, 1, 2] = float("inf")
     expected, = torch.autograd.grad(y, xr, dy)
-    dx = torch.full_like(x, float("nan"), dtype=torch.float32, device=device)
-    kernels.involution_backward_input(dy.float().to(device), w.detach().float().to(device), dx, (2, 2), (1, 1), (1, 1))
+    nhwc = torch.channels_last
+    dx = torch.full_like(x, float("nan"), dtype=torch.float32, device=device).contiguous(memory_format=nhwc)
+    args = (dy.float().to(device).contiguous(memory_format=nhwc), w.detach().float().to(device), dx, (2, 2), (1, 1), (1, 1))
+    assert kernels.backward_input_launch(*args).meta["FIRST_TAP_MAY_MISS"]
+    kernels.involution_backward_input(*args)
     finite = torch.isfinite(expected)
     assert 0 < finite.sum() < finite.numel()
     assert torch.equal(torch.isfinite(dx).cpu(), finite)
