@@ -78,8 +78,9 @@ def gather_source(pos, pad, tap, dilation, stride, out_size, mask):
     return out, mask & (scaled >= 0) & (scaled % stride == 0) & (out < out_size)
 
 
-# Kernel sizes whose taps are unrolled at compile time (the tap offsets become constants of the
-# code and the input is reused across taps in registers); larger K takes the run-time tap loop.
+# Kernel sizes whose row taps are unrolled at compile time (no tap // K, tap % K, and each loaded
+# input row is reused across taps in registers); larger K takes the run-time K² loop. Only
+# channels_last tiles whose groups have several channels take this path (see unrolled_taps).
 MAX_UNROLLED_K = 13
 # Output rows per thread in the unrolled kernels ("strip"): a strip of S rows reads S + K - 1 input
 # rows per column tap instead of S * K, so each loaded (and, in bf16, converted) input element
@@ -179,8 +180,9 @@ def involution_fwd_kernel(
 ):
     """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v,(i,j)] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
 
-    TAPS = K unrolls the taps (K <= MAX_UNROLLED_K), each thread summing a strip of STRIP output rows
-    (STRIP > 1 needs SH = DH = 1); TAPS = 0 is the run-time tap loop for any K (STRIP = 1).
+    TAPS = K unrolls the row taps (a run-time loop over the K column taps), each thread summing a
+    strip of STRIP output rows (STRIP > 1 needs SH = DH = 1); TAPS = 0 is the run-time K² loop for any
+    K (STRIP = 1).
     BLOCK_H counts output rows, BLOCK_H // STRIP rows of strips.
     """
     pid0 = tl.program_id(0)
