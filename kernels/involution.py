@@ -16,6 +16,7 @@ from __future__ import annotations
 
 
 import functools
+import math
 
 import torch
 import triton
@@ -77,6 +78,92 @@ def gather_source(pos, pad, tap, dilation, stride, out_size, mask):
     return out, mask & (scaled >= 0) & (scaled % stride == 0) & (out < out_size)
 
 
+# Kernel sizes whose row taps are unrolled at compile time (no tap // K, tap % K, and each loaded
+# input row is reused across taps in registers); larger K takes the run-time K² loop. Only
+# channels_last tiles whose groups have several channels take this path (see unrolled_taps).
+MAX_UNROLLED_K = 13
+# Output rows per thread in the unrolled kernels ("strip"): a strip of S rows reads S + K - 1 input
+# rows per column tap instead of S * K, so each loaded (and, in bf16, converted) input element
+# feeds min(S, K) multiply-adds. Capped so the accumulators stay in registers.
+MAX_STRIP = 8
+
+
+@triton.jit
+def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, col_first, CSTEP, SRC_W, ssw,
+                w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H, out_col_ok,
+                U_FIRST, U_STEP, V_FIRST, V_STEP, K, zero,
+                TAPS_V, STRIP: tl.constexpr, TAPS_U: tl.constexpr, PER_PIXEL: tl.constexpr,
+                WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr, INDEX_64: tl.constexpr):
+    """The tap sums (in ``zero``'s shape and dtype) of a strip of STRIP output rows per pixel of the tile.
+
+    Taps are indexed by slots: tap slot (a, b) is kernel tap (U_FIRST + a*U_STEP, V_FIRST + b*V_STEP),
+    and strip row s reads it from source row ``row_first + (s + a)*RSTEP`` (RSTEP is 1 when STRIP > 1),
+    column ``col_first + b*CSTEP``. So one source row serves every (s, a) with s + a fixed, and is
+    loaded once per column tap. Per-pixel weights are read at the output pixel (forward) or at the
+    source pixel (input gradient, WEIGHT_AT_SOURCE); per-sample weights of a column tap are loaded
+    once and held for all its rows. With FIRST_TAP_MAY_MISS, slot 0 of each axis may name tap K
+    (a stride phase with fewer taps): such a tap is skipped by a uniform branch, never multiplied by
+    a zero weight (0 * inf would poison the sum).
+    """
+    ACC_DTYPE: tl.constexpr = zero.dtype
+    accs = ()
+    for s in tl.static_range(STRIP):
+        accs = accs + (zero,)
+    # The column taps are a run-time loop (the code of one column is large enough), the row taps and
+    # the strip unrolled. Unrolled-loop indices stay inline: a name assigned on every unrolled trip
+    # turns into a tensor.
+    b_first = 0
+    if FIRST_TAP_MAY_MISS:
+        # A tensor, not a Python bool: the interpreter passes scalars as Python ints.
+        first_tap_ok = (tl.zeros((1, 1, 1), dtype=tl.int32) + U_FIRST) < K
+        b_first = (V_FIRST >= K).to(tl.int32)  # column slot 0 names tap K: this phase has one tap fewer
+    for b in range(b_first, TAPS_V):
+        col = col_first + b * CSTEP
+        col_ok = (col >= 0) & (col < SRC_W)
+        w_col = w_group + widen(V_FIRST + b * V_STEP, INDEX_64) * swv
+        if not PER_PIXEL:
+            held = ()
+            for t in tl.static_range(TAPS_U):
+                w_ok = g_ok
+                if FIRST_TAP_MAY_MISS and t == 0:
+                    w_ok = w_ok & first_tap_ok
+                held = held + (tl.load(w_col + widen(U_FIRST + t * U_STEP, INDEX_64) * swu, mask=w_ok,
+                                       other=0.0).to(ACC_DTYPE),)
+        for r in tl.static_range(STRIP + TAPS_U - 1):
+            row = row_first + r * RSTEP
+            ok = (row >= 0) & (row < SRC_H) & col_ok
+            xv = tl.load(src + (src_channel + (row * ssh + col * ssw)[None, None, :]),
+                         mask=channel_mask & ok[None, None, :], other=0.0).to(ACC_DTYPE)
+            if PER_PIXEL and WEIGHT_AT_SOURCE:
+                w_pix = (row * swh + col * sww)[None, None, :]
+            new = ()
+            for s in tl.static_range(STRIP):
+                acc = accs[s]
+                if r - s >= 0 and r - s < TAPS_U:  # tap slot r - s of strip row s
+                    if PER_PIXEL:
+                        w_tap = w_col + widen(U_FIRST + (r - s) * U_STEP, INDEX_64) * swu
+                        if WEIGHT_AT_SOURCE:
+                            w_ok = g_ok & ok[None, None, :]
+                            if FIRST_TAP_MAY_MISS and r == s:
+                                w_ok = w_ok & first_tap_ok  # no read past the weight either
+                            weight = tl.load(w_tap + w_pix, mask=w_ok, other=0.0)
+                        else:
+                            w_ok = g_ok & (out_col_ok & (out_row + s < OUT_H))[None, None, :]
+                            weight = tl.load(w_tap + (w_out_pix + widen(s, INDEX_64) * swh)[None, None, :], mask=w_ok,
+                                             other=0.0)
+                        weight = weight.to(ACC_DTYPE)
+                    else:
+                        weight = held[r - s]
+                    if FIRST_TAP_MAY_MISS and r == s:
+                        if U_FIRST < K:
+                            acc += weight * xv
+                    else:
+                        acc += weight * xv
+                new = new + (acc,)
+            accs = new
+    return accs
+
+
 @triton.jit
 def involution_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
@@ -89,8 +176,15 @@ def involution_fwd_kernel(
     TILES_PIX, TILES_W, CG_TILES,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    TAPS: tl.constexpr = 0, STRIP: tl.constexpr = 1,
 ):
-    """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v,(i,j)] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW]."""
+    """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v,(i,j)] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    TAPS = K unrolls the row taps (a run-time loop over the K column taps), each thread summing a
+    strip of STRIP output rows (STRIP > 1 needs SH = DH = 1); TAPS = 0 is the run-time K² loop for any
+    K (STRIP = 1).
+    BLOCK_H counts output rows, BLOCK_H // STRIP rows of strips.
+    """
     pid0 = tl.program_id(0)
     b = pid0 // TILES_PIX
     if INDEX_64:
@@ -98,39 +192,55 @@ def involution_fwd_kernel(
     G = C // CG
     g3, cg3, c3, channel_mask, i, j = _tile_indices(
         pid0 % TILES_PIX, tl.program_id(1), TILES_W, CG_TILES, G, CG,
-        BLOCK_G, BLOCK_CG, BLOCK_H, BLOCK_W, INDEX_64)
-    out_mask = (i < Ho) & (j < Wo)
-
-    # Channel offsets stay int32 and meet the pixel offset inside the loop: a hoisted pointer per
-    # element would hold two registers each through the whole tap loop.
+        BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
+    i = i * STRIP  # the strip's first output row
     x_sample = x_ptr + b * sxb
+    # Channel offsets stay int32 and meet the pixel offset at each load: a hoisted pointer per
+    # element would hold two registers each through all taps.
     x_channel = c3 * sxc
-    if PER_PIXEL:
-        w_taps = w_ptr + b * swb + g3 * swg + (i * swh + j * sww)[None, None, :]
-        w_mask = (g3 < G) & out_mask[None, None, :]
+    w_group = w_ptr + b * swb + g3 * swg
+    if TAPS > 0:
+        zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
+        accs = _strip_taps(x_sample, x_channel, channel_mask, i * SH - PH, DH, H, sxh, j * SW - PW, DW, W, sxw,
+                           w_group, g3 < G, swu, swv, swh, sww, i * swh + j * sww, i, Ho, j < Wo,
+                           0, 1, 0, 1, K, zero, K, STRIP, TAPS, PER_PIXEL, False, False, INDEX_64)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+            new = ()
+            for s in tl.static_range(STRIP):
+                new = new + (accs[s] + bias,)
+            accs = new
     else:
-        w_taps = w_ptr + b * swb + g3 * swg
-        w_mask = g3 < G
-
-    acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
-    if HAS_BIAS:
-        # Added before the taps, so its offsets and mask are not held through the tap loop.
-        acc += tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
-    h_first = i * SH - PH
-    w_first = j * SW - PW
-    for tap in range(K * K):
-        # One loop over the taps (see involution_bwd_weight_kernel).
-        u = tap // K
-        v = tap % K
-        h_in = h_first + u * DH
-        w_in = w_first + v * DW
-        ok = out_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
-        weight = tl.load(w_taps + widen(u, INDEX_64) * swu + widen(v, INDEX_64) * swv, mask=w_mask, other=0.0)
-        xv = tl.load(x_sample + (x_channel + (h_in * sxh + w_in * sxw)[None, None, :]),
-                     mask=channel_mask & ok[None, None, :], other=0.0)
-        acc += weight.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
-    y_off = b * syb + c3 * syc + (i * syh + j * syw)[None, None, :]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=channel_mask & out_mask[None, None, :])
+        out_mask = (i < Ho) & (j < Wo)
+        if PER_PIXEL:
+            w_taps = w_group + (i * swh + j * sww)[None, None, :]
+            w_mask = (g3 < G) & out_mask[None, None, :]
+        else:
+            w_taps = w_group
+            w_mask = g3 < G
+        acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+        if HAS_BIAS:
+            # Added before the taps, so its offsets and mask are not held through the tap loop.
+            acc += tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
+        h_first = i * SH - PH
+        w_first = j * SW - PW
+        for tap in range(K * K):
+            # One loop over the taps (see involution_bwd_weight_kernel).
+            u = tap // K
+            v = tap % K
+            h_in = h_first + u * DH
+            w_in = w_first + v * DW
+            ok = out_mask & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W)
+            weight = tl.load(w_taps + widen(u, INDEX_64) * swu + widen(v, INDEX_64) * swv, mask=w_mask, other=0.0)
+            xv = tl.load(x_sample + (x_channel + (h_in * sxh + w_in * sxw)[None, None, :]),
+                         mask=channel_mask & ok[None, None, :], other=0.0)
+            acc += weight.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
+        accs = (acc,)
+    for s in tl.static_range(STRIP):
+        acc = accs[s]
+        y_off = b * syb + c3 * syc + ((i + s) * syh + j * syw)[None, None, :]
+        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty),
+                 mask=channel_mask & ((i + s < Ho) & (j < Wo))[None, None, :])
 
 
 @triton.jit
@@ -141,47 +251,89 @@ def involution_bwd_input_kernel(
     swb, swg, swu, swv, swh, sww,
     sdxb, sdxc, sdxh, sdxw,
     SH, SW, PH, PW, DH, DW,
-    TILES_PIX, TILES_W, CG_TILES,
+    TILES_PIX, TILES_W, CG_TILES, TILES_PHASE, GH, GW, INV_H, INV_W, TAPS_V,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    TAPS_U: tl.constexpr = 0, STRIP: tl.constexpr = 1,
+    FIRST_TAP_MAY_MISS: tl.constexpr = False, PHASE_MAY_BE_EMPTY: tl.constexpr = False,
 ):
     """Gather form of dx: each input pixel sums the taps that read it, so no atomics are needed.
 
     dx[b,c,h,w] = sum_{u,v} w[b,g,u,v,i,j] * dy[b,c,i,j] with i = (h+PH-u*DH)/SH when that is a whole
     number inside [0, Ho), likewise j.
+
+    Unrolled (TAPS_U > 0): programs are split by stride phase (h % SH, w % SW), and a phase's taps are
+    the u with u*DH = h + PH (mod SH): u0, u0 + SH/GH, ... (GH = gcd(SH, DH), INV_H the inverse of
+    DH/GH modulo SH/GH), at most TAPS_U of them, so no tap is masked off for the stride. Each thread
+    sums a strip of STRIP rows of its phase (STRIP > 1 needs DH/GH = 1). TAPS_U = 0: the run-time
+    tap loop over all K² taps for any K and stride (STRIP = 1, one phase).
     """
     pid0 = tl.program_id(0)
     b = pid0 // TILES_PIX
     if INDEX_64:
         b = b.to(tl.int64)
+    tile = pid0 % TILES_PIX
+    phase = tile // TILES_PHASE
     G = C // CG
     g3, cg3, c3, channel_mask, h, w = _tile_indices(
-        pid0 % TILES_PIX, tl.program_id(1), TILES_W, CG_TILES, G, CG,
-        BLOCK_G, BLOCK_CG, BLOCK_H, BLOCK_W, INDEX_64)
-    in_mask = (h < H) & (w < W)
-
+        tile % TILES_PHASE, tl.program_id(1), TILES_W, CG_TILES, G, CG,
+        BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
     # Channel offsets stay int32 until they meet the pixel offset (see involution_fwd_kernel).
     dy_sample = dy_ptr + b * sdyb
     dy_channel = c3 * sdyc
     w_group = w_ptr + b * swb + g3 * swg
-    acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
-    for tap in range(K * K):
-        # One loop over the taps (see involution_bwd_weight_kernel).
-        u = tap // K
-        v = tap % K
-        i, row_ok = gather_source(h, PH, u, DH, SH, Ho, in_mask)
-        j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
-        ok3 = ok[None, None, :]
-        w_tap = w_group + widen(u, INDEX_64) * swu + widen(v, INDEX_64) * swv
-        if PER_PIXEL:
-            weight = tl.load(w_tap + (i * swh + j * sww)[None, None, :], mask=(g3 < G) & ok3, other=0.0)
-        else:
-            weight = tl.load(w_tap, mask=g3 < G, other=0.0)
-        grad = tl.load(dy_sample + (dy_channel + (i * sdyh + j * sdyw)[None, None, :]), mask=channel_mask & ok3,
-                       other=0.0)
-        acc += weight.to(ACC_DTYPE) * grad.to(ACC_DTYPE)
-    dx_off = b * sdxb + c3 * sdxc + (h * sdxh + w * sdxw)[None, None, :]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=channel_mask & in_mask[None, None, :])
+    if TAPS_U > 0:
+        hh = h * STRIP  # the strip's first row among the rows of this phase
+        ph = phase // SW
+        pw = phase % SW
+        rh = ph + PH
+        rw = pw + PW
+        step_h = SH // GH
+        step_w = SW // GW
+        u0 = ((rh // GH) * INV_H) % step_h
+        v0 = ((rw // GW) * INV_W) % step_w
+        # Slots run from the last tap down, so that the source row grows with the slot.
+        row_first = hh + (rh - u0 * DH) // SH - (TAPS_U - 1) * (DH // GH)
+        col_first = w + (rw - v0 * DW) // SW - (TAPS_V - 1) * (DW // GW)
+        zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
+        accs = _strip_taps(dy_sample, dy_channel, channel_mask, row_first, DH // GH, Ho, sdyh,
+                           col_first, DW // GW, Wo, sdyw, w_group, g3 < G, swu, swv, swh, sww, 0, 0, 0, 0,
+                           u0 + (TAPS_U - 1) * step_h, -step_h, v0 + (TAPS_V - 1) * step_w, -step_w, K, zero,
+                           TAPS_V, STRIP, TAPS_U, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64)
+        # Input rows and columns of this phase.
+        h = ph + SH * hh
+        w = pw + SW * w
+        h_step = SH
+        phase_ok = (rh % GH == 0) & (rw % GW == 0)
+    else:
+        in_mask = (h < H) & (w < W)
+        acc = tl.zeros((BLOCK_G, BLOCK_CG, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+        for tap in range(K * K):
+            # One loop over the taps (see involution_bwd_weight_kernel).
+            u = tap // K
+            v = tap % K
+            i, row_ok = gather_source(h, PH, u, DH, SH, Ho, in_mask)
+            j, ok = gather_source(w, PW, v, DW, SW, Wo, row_ok)
+            ok3 = ok[None, None, :]
+            w_tap = w_group + widen(u, INDEX_64) * swu + widen(v, INDEX_64) * swv
+            if PER_PIXEL:
+                weight = tl.load(w_tap + (i * swh + j * sww)[None, None, :], mask=(g3 < G) & ok3, other=0.0)
+            else:
+                weight = tl.load(w_tap, mask=g3 < G, other=0.0)
+            grad = tl.load(dy_sample + (dy_channel + (i * sdyh + j * sdyw)[None, None, :]), mask=channel_mask & ok3,
+                           other=0.0)
+            acc += weight.to(ACC_DTYPE) * grad.to(ACC_DTYPE)
+        accs = (acc,)
+        h_step = 1
+    for s in tl.static_range(STRIP):
+        acc = accs[s]
+        if PHASE_MAY_BE_EMPTY:
+            # No tap reaches this phase (DH and SH share a factor the offset lacks): dx is zero.
+            acc = tl.where(phase_ok, acc, 0.0)
+        row = h + s * h_step
+        dx_off = b * sdxb + c3 * sdxc + (row * sdxh + w * sdxw)[None, None, :]
+        tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),
+                 mask=channel_mask & ((row < H) & (w < W))[None, None, :])
 
 
 @triton.jit
@@ -292,6 +444,53 @@ def default_config(C: int, G: int, height: int, width: int, channels_last: bool,
     return dict(_default_config(C, G, height, width, channels_last, max_warps))
 
 
+@functools.lru_cache(maxsize=4096)
+def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool, element_size: int,
+                per_pixel: bool) -> dict:
+    """The default tile of the forward and input-gradient kernels: BLOCK_H counts output rows, in strips
+    of up to MAX_STRIP rows per thread.
+
+    channels_last: lanes along channels (16-byte loads), 8 channels of a group x 8 pixels per warp-row.
+    NCHW: lanes along a row of pixels, and up to 16 channels of a group in each thread's registers, so
+    a per-pixel weight is loaded once for all of them. The strip takes what the register budget of
+    _strip_cap leaves.
+    """
+    cg = C // G
+    if channels_last:
+        block_cg = _pow2_at_most(cg, 16)
+        block_g = _pow2_at_most(G, max(1, 32 // block_cg))
+        block_w = _pow2_at_most(width, 8)
+        threads_per_row = max(1, block_g * block_cg * block_w // 8)
+    else:
+        block_cg = _pow2_at_most(cg, 16)
+        block_g = _pow2_at_most(G, max(1, 8 // block_cg))
+        block_w = _pow2_at_most(width, 32)
+        threads_per_row = block_w
+    strip = _pow2_at_most(height, _strip_cap(block_g * block_cg, channels_last, element_size, per_pixel))
+    rows = _pow2_at_most(cdiv(height, strip), max(1, 128 // threads_per_row))
+    num_warps = max(1, min(4, threads_per_row * rows // 32))
+    return {"BLOCK_G": block_g, "BLOCK_CG": block_cg, "BLOCK_H": rows * strip, "BLOCK_W": block_w,
+            "num_warps": num_warps, "num_stages": 1}
+
+
+def _strip_cap(channels: int, channels_last: bool, element_size: int, per_pixel: bool) -> int:
+    """The longest strip whose accumulators fit the budget of _tap_config, for a tile of ``channels``
+    channels (channels_last: a thread holds 8 of them per pixel; NCHW: all of them)."""
+    # Accumulators per thread (AOT-checked with triton 3.6's ptxas: beyond these it spills; NCHW
+    # threads also hold every pixel's row offsets, held per-sample weights take K per channel).
+    if channels_last:
+        budget = (64 if element_size <= 2 else 32) if per_pixel else 16
+    else:
+        budget = 32 if element_size <= 2 and per_pixel else 16
+    return max(1, min(MAX_STRIP, budget // (min(channels, 8) if channels_last else channels)))
+
+
+def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, element_size: int = 2,
+               per_pixel: bool = True) -> dict:
+    """The forward's and input gradient's own tile over ``height x width`` output (input) pixels (a copy)."""
+    return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel))
+
+
 def problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
     """What the tuned configuration depends on (the autotuner buckets these)."""
     B, C, H, W = x.shape
@@ -341,12 +540,33 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
                    lambda: _forward_launch(x, weight, bias, y, stride, padding, dilation, config))
 
 
+def unrolled_taps(x, weight) -> bool:
+    """Whether the forward and input gradient unroll their taps (else the run-time tap loop over
+    default_config's tile).
+
+    Channels_last only, and only with channels to share a tap's weight: with one channel per group
+    a per-pixel weight is one element per multiply-add (the weight sets the time, the loop reads it
+    best), and a per-sample weight's K held values per channel left no registers. NCHW threads hold
+    a row offset per pixel and tap row on top: every unrolled NCHW tile tried spilled with triton
+    3.6's ptxas (dynconv inspect), so NCHW keeps the loop until a tile that fits is found.
+    """
+    return weight.shape[2] <= MAX_UNROLLED_K and is_channels_last(x) and weight.shape[1] < x.shape[1]
+
+
+def forward_default(x, weight, Ho: int, Wo: int) -> dict:
+    """The forward's default tile (a copy)."""
+    C, G = x.shape[1], weight.shape[1]
+    if not unrolled_taps(x, weight):
+        return default_config(C, G, Ho, Wo, is_channels_last(x))
+    return tap_config(C, G, Ho, Wo, is_channels_last(x), x.element_size(), weight.dim() == 6)
+
+
 def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     config = config or get_config("involution_fwd", problem_key(x, G, K, stride),
-                                  default_config(C, G, Ho, Wo, is_channels_last(x)))
+                                  forward_default(x, weight, Ho, Wo))
     meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
@@ -361,10 +581,13 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )
+    taps = K if unrolled_taps(x, weight) else 0
+    # Strip rows share input rows only when consecutive output rows read consecutive input rows.
+    strip = _strip(meta, taps > 0 and stride[0] == 1 and dilation[0] == 1, x, weight)
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
-                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
+                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip)
     return Launch(involution_fwd_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
-                  num_warps, num_stages, loops=(K * K,))
+                  num_warps, num_stages, loops=_tap_loops(taps > 0, K, K))
 
 
 def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
@@ -381,10 +604,18 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or get_config("involution_bwd_input", problem_key(dx, G, K, stride),
-                                  default_config(C, G, H, W, is_channels_last(dy)))
+                                  input_grad_default(dx, weight, stride))
     meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
-    tiles_w = cdiv(W, meta["BLOCK_W"])
-    tiles_pix = cdiv(H, meta["BLOCK_H"]) * tiles_w
+    unrolled = unrolled_taps(dx, weight)
+    (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
+    if unrolled:
+        # One set of programs per stride phase, each over the input pixels of its phase.
+        phases, rows, cols = stride[0] * stride[1], cdiv(H, stride[0]), cdiv(W, stride[1])
+        taps_u, taps_v = cdiv(K, step_h), cdiv(K, step_w)
+    else:
+        phases, rows, cols, taps_u, taps_v = 1, H, W, 0, 0
+    tiles_w = cdiv(cols, meta["BLOCK_W"])
+    tiles_phase = cdiv(rows, meta["BLOCK_H"]) * tiles_w
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx,
         B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K,
@@ -392,11 +623,51 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
         **dict(zip(("swb", "swg", "swu", "swv", "swh", "sww"), _weight_strides(weight))),
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-        TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
+        TILES_PIX=phases * tiles_phase, TILES_W=tiles_w, CG_TILES=cg_tiles, TILES_PHASE=tiles_phase,
+        GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w, TAPS_V=taps_v,
     )
-    meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
-    return Launch(involution_bwd_input_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
-                  num_warps, num_stages, loops=(K * K,))
+    meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),
+                TAPS_U=taps_u,
+                # Strip rows of a phase share dy rows only when a phase's taps step one dy row.
+                STRIP=_strip(meta, unrolled and dilation[0] // gh == 1, dx, weight),
+                FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),
+                PHASE_MAY_BE_EMPTY=unrolled and (gh > 1 or gw > 1))
+    return Launch(involution_bwd_input_kernel, _grid(B, G, phases * tiles_phase, cg_tiles, meta["BLOCK_G"]), args,
+                  meta, num_warps, num_stages, loops=_tap_loops(unrolled, taps_v, K))
+
+
+def input_grad_default(dx, weight, stride) -> dict:
+    """The input gradient's default tile, over the pixels of one stride phase (a copy)."""
+    B, C, H, W = dx.shape
+    if not unrolled_taps(dx, weight):
+        return default_config(C, weight.shape[1], H, W, is_channels_last(dx))
+    return tap_config(C, weight.shape[1], cdiv(H, stride[0]), cdiv(W, stride[1]), is_channels_last(dx),
+                      dx.element_size(), weight.dim() == 6)
+
+
+def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
+    """(gcd, step, inverse) of one axis: the taps u of a stride phase satisfy u*dilation = r (mod stride),
+    which has solutions only when gcd | r, then u = (r/gcd) * inverse (mod step), step = stride/gcd."""
+    g = math.gcd(stride, dilation)
+    step = stride // g
+    return g, step, pow(dilation // g, -1, step) if step > 1 else 0
+
+
+def _tap_loops(unrolled: bool, column_taps: int, K: int) -> tuple:
+    """Trip counts of the fwd/dx tap loops: the column-tap loop (a one-trip loop compiles to none), or
+    the run-time K² loop."""
+    if not unrolled:
+        return (K * K,)
+    return (column_taps,) if column_taps > 1 else ()
+
+
+def _strip(meta: dict, reuse: bool, x, weight) -> int:
+    """Output rows per thread: when consecutive rows share source rows, as many as the register budget
+    allows (a power of two dividing the tile's rows), else 1."""
+    if not reuse:
+        return 1
+    cap = _strip_cap(meta["BLOCK_G"] * meta["BLOCK_CG"], is_channels_last(x), x.element_size(), weight.dim() == 6)
+    return min(meta["BLOCK_H"], cap)
 
 
 def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool, config=None) -> Launch:

@@ -14,7 +14,9 @@ from .involution import (
     backward_input_launch,
     backward_weight_launch,
     default_config,
+    forward_default,
     forward_launch,
+    input_grad_default,
     problem_key,
     weight_grad_config,
     weight_grad_tiles,
@@ -95,10 +97,18 @@ def _tuning_key(spec: dict, ts: dict) -> dict:
     return problem_key(ts["x"], spec["G"], spec["K"], _strides(spec))
 
 
+def _default_for(kernel: str, spec: dict, ts: dict) -> dict:
+    """The launcher's default tile for ``kernel`` on tensors ``ts``."""
+    if kernel == "involution_fwd":
+        return forward_default(ts["x"], ts["w"], ts["y"].shape[2], ts["y"].shape[3])
+    if kernel == "involution_bwd_input":
+        return input_grad_default(ts["dx"], ts["w"], _strides(spec))
+    return default_config(spec["C"], spec["G"], ts["y"].shape[2], ts["y"].shape[3], bool(spec["channels_last"]))
+
+
 def _tuning_default(kernel: str):
     def default(spec: dict, ts: dict) -> dict:
-        tile = ts["dx"] if kernel == "involution_bwd_input" else ts["y"]
-        return default_config(spec["C"], spec["G"], tile.shape[2], tile.shape[3], bool(spec["channels_last"]))
+        return _default_for(kernel, spec, ts)
     return default
 
 
@@ -106,7 +116,8 @@ def _tuning_candidates(kernel: str):
     def candidates(key: dict, quick: bool) -> list[dict]:
         sh, sw = key["stride_h"], key["stride_w"]
         h, w = (key["H"], key["W"]) if kernel == "involution_bwd_input" else (_out(key["H"], sh), _out(key["W"], sw))
-        default = default_config(key["C"], key["G"], h, w, bool(key["channels_last"]))
+        spec, dtype = _tuning_spec_for_key(kernel)(key)
+        default = _default_for(kernel, spec, _tuning_inputs(spec, dtype, "meta"))
         limits = {"BLOCK_G": key["G"], "BLOCK_CG": key["C"] // key["G"], "BLOCK_H": h, "BLOCK_W": w}
         # No tl.dot here, so software pipelining only overlaps the tap loop's loads: worth a look, not a grid.
         return neighbourhood(default, limits, size=6 if quick else 10, warps=(2, 4, 8), stages=(1,) if quick else (1, 2))

@@ -217,3 +217,72 @@ def test_weight_gradient_with_groups_wider_than_one_channel_chunk(per_pixel, dev
     w64 = torch.zeros(wshape, dtype=torch.float64, requires_grad=True)
     involution_unfold(x.double().cpu(), w64).backward(dy.double().cpu())
     assert_close(dw, w64.grad, torch.float32, "dw")
+
+
+# The forward's and input gradient's paths (kernels/involution.py): taps unrolled with strips of
+# output rows (channels_last, groups of several channels, K <= MAX_UNROLLED_K: the bf16 NHWC cases
+# with G < C) or the run-time tap loop (the others); the unrolled input gradient split by stride phase.
+PATH_CASES = [  # (B, C, H, W, K, G, stride, dilation, padding)
+    (1, 4, 7, 5, 5, 2, 3, 1, None),   # stride 3, odd H: phases with a tap fewer (K % 3 != 0)
+    (1, 2, 9, 6, 3, 2, 3, 2, 1),      # stride 3, dilation 2: a phase's taps step two dy rows (no strip)
+    (1, 4, 8, 5, 2, 2, 2, 2, 0),      # stride 2, dilation 2: phases no tap reaches (dx is zero there)
+    (1, 2, 5, 4, 15, 2, 1, 1, None),  # K = 15 > MAX_UNROLLED_K: the run-time tap loop
+]
+PATH_IDS = [f"H{c[2]}W{c[3]}K{c[4]}s{c[6]}d{c[7]}" for c in PATH_CASES]
+
+
+@pytest.mark.parametrize("dtype, memory_format", [(torch.float32, torch.contiguous_format),
+                                                  (torch.bfloat16, torch.channels_last)], ids=["fp32-nchw", "bf16-nhwc"])
+@pytest.mark.parametrize("per_pixel", [True, False], ids=["pixel", "sample"])
+@pytest.mark.parametrize("case", PATH_CASES, ids=PATH_IDS)
+def test_tap_paths_forward_and_gradients(case, per_pixel, dtype, memory_format, device):
+    x, w, geometry = _inputs(case, per_pixel)
+    op = dynconv.involution if per_pixel else dynconv.dynamic_dwconv2d
+    check_against_reference(op, involution_unfold, {"x": x, "weight": w}, dtype, device, memory_format, **geometry)
+
+
+def test_launchers_unroll_taps_in_strips_and_split_the_input_gradient_by_stride_phase():
+    def tensors(K, H, stride):  # bf16 channels_last: the layout with the longest strips
+        Ho = (H - 1) // stride + 1
+        x = torch.empty((2, 32, H, H), device="meta", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        y = torch.empty((2, 32, Ho, Ho), device="meta", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        return x, torch.empty((2, 2, K, K, Ho, Ho), device="meta", dtype=torch.bfloat16), y
+
+    x, w, y = tensors(7, 32, 1)
+    fwd = kernels.forward_launch(x, w, None, y, (1, 1), (3, 3), (1, 1))
+    assert fwd.meta["TAPS"] == 7 and fwd.meta["STRIP"] > 1 and fwd.loops == (7,)
+    dx = kernels.backward_input_launch(y, w, x, (1, 1), (3, 3), (1, 1))
+    assert dx.meta["TAPS_U"] == 7 and dx.args["TAPS_V"] == 7 and dx.meta["STRIP"] > 1
+    x, w, y = tensors(7, 31, 2)
+    assert kernels.forward_launch(x, w, None, y, (2, 2), (3, 3), (1, 1)).meta["STRIP"] == 1
+    dx = kernels.backward_input_launch(y, w, x, (2, 2), (3, 3), (1, 1))
+    # Four phases, each over 16 x 16 input pixels and only its own 4 x 4 taps.
+    assert dx.meta["TAPS_U"] == 4 and dx.args["TAPS_V"] == 4 and dx.meta["FIRST_TAP_MAY_MISS"]
+    assert dx.args["TILES_PIX"] == 4 * dx.args["TILES_PHASE"]
+    x, w, y = tensors(15, 16, 1)
+    fwd = kernels.forward_launch(x, w, None, y, (1, 1), (7, 7), (1, 1))
+    assert fwd.meta["TAPS"] == 0 and fwd.meta["STRIP"] == 1 and fwd.loops == (225,)
+    dx = kernels.backward_input_launch(y, w, x, (1, 1), (7, 7), (1, 1))
+    assert dx.meta["TAPS_U"] == 0 and dx.loops == (225,)
+
+
+@pytest.mark.parametrize("per_pixel", [True, False], ids=["pixel", "sample"])
+def test_input_gradient_skips_the_missing_tap_of_a_stride_phase(per_pixel, device):
+    """An inf in dy reaches only the dx pixels that read it: a phase's missing tap is skipped, never
+    multiplied by a zero weight."""
+    x = torch.randn(1, 4, 7, 7, dtype=torch.float64)
+    w = torch.randn((1, 2, 3, 3, 4, 4) if per_pixel else (1, 2, 3, 3), dtype=torch.float64, requires_grad=True)
+    xr = x.clone().requires_grad_()
+    y = involution_unfold(xr, w, stride=2)
+    dy = torch.randn_like(y)
+    dy[0, 1, 1, 2] = float("inf")
+    expected, = torch.autograd.grad(y, xr, dy)
+    nhwc = torch.channels_last
+    dx = torch.full_like(x, float("nan"), dtype=torch.float32, device=device).contiguous(memory_format=nhwc)
+    args = (dy.float().to(device).contiguous(memory_format=nhwc), w.detach().float().to(device), dx, (2, 2), (1, 1), (1, 1))
+    assert kernels.backward_input_launch(*args).meta["FIRST_TAP_MAY_MISS"]
+    kernels.involution_backward_input(*args)
+    finite = torch.isfinite(expected)
+    assert 0 < finite.sum() < finite.numel()
+    assert torch.equal(torch.isfinite(dx).cpu(), finite)
+    assert_close(dx.cpu()[finite], expected[finite], torch.float32, "finite dx")
