@@ -255,6 +255,95 @@ def involution_bwd_weight_kernel(
                      tl.sum(per_pixel, axis=1).to(dw_ptr.dtype.element_ty), mask=g1 < G)
 
 
+@triton.jit
+def involution_bwd_weight_runs_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    C, H, W, Ho, Wo, CG,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    sdwb, sdwg, sdwu, sdwv, sdwh, sdww,
+    PH, PW, TILES_PIX, TILES_W,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    RUN: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Per-pixel dw with the kernel size, strides and dilations compile-time constants, taps unrolled.
+
+    Lanes lie along W (coalesced in both layouts); each lane owns a run of RUN output rows of one
+    column and its groups' channels in CHUNKS register chunks of CHUNK (a 16-byte vector in
+    channels_last, one strided channel in NCHW), so the sum over a group's channels is a chain of
+    FMAs in one thread. For one tap column v, the input rows the run reads for all K taps u form a
+    halo of (RUN-1)*SH + (K-1)*DH + 1 rows: each is loaded and converted once and serves every
+    (row, u) pair that reads it, instead of once per tap.
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PIX
+    tile = pid0 % TILES_PIX
+    row = ((tile // TILES_W) * BLOCK_H + tl.arange(0, BLOCK_H * BLOCK_W) // BLOCK_W) * RUN
+    col = (tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_H * BLOCK_W) % BLOCK_W
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    k = tl.arange(0, CHUNK)
+    if INDEX_64:
+        b = b.to(tl.int64)
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+        g = g.to(tl.int64)
+        k = k.to(tl.int64)
+    G = C // CG
+    g3 = g[:, None, None]
+    group_ok = g < G
+    channels = ()
+    for q in tl.static_range(CHUNKS):
+        channels = channels + (g3 * CG + q * CHUNK + k[None, :, None],)
+        
+    # The run's output pixels and their gradient, converted once for all K*K taps.
+    grads = ()
+    out_ok = ()
+    dy_lane = dy_ptr + b * sdyb + (row * sdyh + col * sdyw)[None, None, :]
+    for r in tl.static_range(RUN):
+        ok = (row + r < Ho) & (col < Wo)
+        out_ok = out_ok + (ok,)
+        for q in tl.static_range(CHUNKS):
+            m = (g3 < G) & (q * CHUNK + k[None, :, None] < CG) & ok[None, None, :]
+            grad = tl.load(dy_lane + (channels[q] * sdyc + r * widen(sdyh, INDEX_64)), mask=m, other=0.0)
+            grads = grads + (grad.to(ACC_DTYPE),)
+
+    HALO: tl.constexpr = (RUN - 1) * SH + (KS - 1) * DH + 1
+    h_first = row * SH - PH
+    w_first = col * SW - PW
+    rows_ok = ()
+    for h in tl.static_range(HALO):
+        rows_ok = rows_ok + ((h_first + h >= 0) & (h_first + h < H),)
+    # Per-element pointers are formed once; each (tap column, halo row) adds one scalar offset.
+    x_lane = x_ptr + b * sxb + (h_first * sxh + w_first * sxw)[None, None, :]
+    x_chunks = ()
+    for q in tl.static_range(CHUNKS):
+        x_chunks = x_chunks + (x_lane + channels[q] * sxc,)
+    dw_lane = dw_ptr + b * sdwb + (g * sdwg)[:, None] + (row * sdwh + col * sdww)[None, :]
+    for v in tl.static_range(KS):
+        cols_ok = (w_first + v * DW >= 0) & (w_first + v * DW < W)
+        for h in tl.static_range(HALO):
+            ok3 = (cols_ok & rows_ok[h])[None, None, :]
+            halo = ()
+            for q in tl.static_range(CHUNKS):
+                m = (g3 < G) & (q * CHUNK + k[None, :, None] < CG) & ok3
+                xv = tl.load(x_chunks[q] + (h * widen(sxh, INDEX_64) + v * DW * widen(sxw, INDEX_64)), mask=m,
+                             other=0.0)
+                halo = halo + (xv.to(ACC_DTYPE),)
+            for r in tl.static_range(RUN):
+                # Output row r reads halo row r*SH + u*DH through tap u.
+                if h >= r * SH:
+                    if (h - r * SH) % DH == 0:
+                        if (h - r * SH) // DH < KS:
+                            acc = tl.sum(grads[r * CHUNKS] * halo[0], axis=1)
+                            for q in tl.static_range(1, CHUNKS):
+                                acc += tl.sum(grads[r * CHUNKS + q] * halo[q], axis=1)
+                            u = (h - r * SH) // DH
+                            offset = u * widen(sdwu, INDEX_64) + v * widen(sdwv, INDEX_64) + r * widen(sdwh, INDEX_64)
+                            tl.store(dw_lane + offset, acc.to(dw_ptr.dtype.element_ty),
+                                     mask=group_ok[:, None] & out_ok[r][None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------
@@ -414,6 +503,8 @@ def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: boo
     G, K = dw.shape[1], dw.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel)
+    if per_pixel and "RUN" in config:
+        return _runs_launch(dy, x, dw, stride, padding, dilation, config)
     meta, _, num_warps, num_stages = _split_config(config, False, C, G)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
@@ -434,10 +525,75 @@ def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: boo
                   num_warps, num_stages, loops=loops)
 
 
+def _runs_geometry(config: dict, Ho: int, Wo: int) -> tuple[int, int]:
+    """(pixel tiles, tiles along W) of the runs kernel: lanes along W, each a run of RUN rows."""
+    tiles_w = cdiv(Wo, config["BLOCK_W"])
+    return cdiv(Ho, config["BLOCK_H"] * config["RUN"]) * tiles_w, tiles_w
+
+
+def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
+    B, C, H, W = x.shape
+    G, K = dw.shape[1], dw.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    CG = C // G
+    tiles_pix, tiles_w = _runs_geometry(config, Ho, Wo)
+    chunk = _runs_chunk(CG, x.element_size(), is_channels_last(x))
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=CG,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("sdwb", "sdwg", "sdwu", "sdwv", "sdwh", "sdww"), dw.stride())),
+        PH=padding[0], PW=padding[1], TILES_PIX=tiles_pix, TILES_W=tiles_w,
+    )
+    meta = dict(KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
+                CHUNK=chunk, CHUNKS=cdiv(CG, chunk), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
+                RUN=config["RUN"], INDEX_64=needs_int64(dy, x, dw),
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    # Every tap is unrolled: no loop.
+    return Launch(involution_bwd_weight_runs_kernel, _grid(B, G, tiles_pix, 1, config["BLOCK_G"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=())
+
+
+# The runs kernel unrolls K*K taps and holds RUN x (channels of a group) gradients in registers.
+RUNS_MAX_K = 9
+RUNS_MAX_CG = 32
+
+
+def _runs_chunk(CG: int, element_size: int, channels_last: bool) -> int:
+    """Channels per register chunk: one 16-byte vector when channels are contiguous (channels_last);
+    one channel otherwise, so the group's strided channels stay in the thread and their sum is a
+    chain of FMAs rather than a shuffle tree."""
+    return _pow2_at_most(CG, max(1, 16 // element_size)) if channels_last else 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _runs_config(G: int, Ho: int, Wo: int) -> dict:
+    """Run length and lane tile (BLOCK_G x BLOCK_H runs x BLOCK_W columns) covering G x Ho x Wo with
+    the fewest idle lanes; then the widest rows of lanes (coalescing), then the longest runs."""
+    best = None
+    for run in (8, 7, 6, 5, 4):
+        for lanes in (64, 128, 32):
+            for block_g in (1, 2, 4):
+                for block_h in (1, 2, 4, 8, 16, 32, 64):
+                    block_w = lanes // (block_g * block_h)
+                    if block_w < 1 or block_g > next_power_of_2(G):
+                        continue
+                    padded = (cdiv(G, block_g) * block_g * cdiv(Ho, block_h * run) * block_h * run
+                              * cdiv(Wo, block_w) * block_w)
+                    score = (padded / (G * Ho * Wo), -block_w, -run, lanes != 64)
+                    if best is None or score < best[0]:
+                        best = (score, {"BLOCK_G": block_g, "BLOCK_H": block_h, "BLOCK_W": block_w, "RUN": run,
+                                        "num_warps": lanes // 32, "num_stages": 1})
+    return best[1]
+
+
 def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool) -> dict:
     name = "involution_bwd_weight" if per_pixel else "dwconv_bwd_weight"
-    # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
-    default = default_config(x.shape[1], G, Ho, Wo, is_channels_last(x), max_warps=4)
+    if per_pixel and K <= RUNS_MAX_K and 2 <= x.shape[1] // G <= RUNS_MAX_CG:
+        default = dict(_runs_config(G, Ho, Wo))
+    else:
+        # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
+        default = default_config(x.shape[1], G, Ho, Wo, is_channels_last(x), max_warps=4)
     return get_config(name, problem_key(x, G, K, stride), default)
 
 
