@@ -344,6 +344,79 @@ def involution_bwd_weight_runs_kernel(
                                      mask=group_ok[:, None] & out_ok[r][None, :])
 
 
+@triton.jit
+def involution_bwd_weight_sample_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    C, H, W, Ho, Wo,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    spb, spg, spu, spv, sps,
+    PH, PW, TILES_PIX, TILES_W, SPLITS,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr, RUN: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Per-sample dw of one-channel groups (G = C) as partials: dw[b, g, u, v, split] = this program's share of
+    sum_{i,j} dy[b,g,i,j] * x[b,g,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    A persistent program: (sample, group block, split) walks the pixel tiles split, split+SPLITS, ...
+    keeping the K*K tap sums of each lane in registers, and reduces them over its lanes once at the
+    end, so the caller adds SPLITS partials per weight, not one per tile. A tile is BLOCK_W columns
+    of runs of RUN rows; the halo rows of a run are loaded and converted once per tap column (as in
+    involution_bwd_weight_runs_kernel).
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // SPLITS
+    split = pid0 % SPLITS
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    w_lane = tl.arange(0, BLOCK_W)
+    if INDEX_64:
+        b = b.to(tl.int64)
+        g = g.to(tl.int64)
+    g_ok = (g < C)[:, None]
+    dy_sample = dy_ptr + b * sdyb + (g * sdyc)[:, None]
+    x_sample = x_ptr + b * sxb + (g * sxc)[:, None]
+    HALO: tl.constexpr = (RUN - 1) * SH + (KS - 1) * DH + 1
+    accs = ()
+    for t in tl.static_range(KS * KS):
+        accs = accs + (tl.zeros((BLOCK_G, BLOCK_W), dtype=ACC_DTYPE),)
+    for tile in range(split, TILES_PIX, SPLITS):
+        # Per lane (not a scalar): the interpreter's loop index is a Python int, and masks must be arrays.
+        row = (tile // TILES_W) * RUN + w_lane * 0
+        col = (tile % TILES_W) * BLOCK_W + w_lane
+        if INDEX_64:
+            row = row.to(tl.int64)
+            col = col.to(tl.int64)
+        col_ok = col < Wo
+        grads = ()
+        for r in tl.static_range(RUN):
+            m = g_ok & (col_ok & (row + r < Ho))[None, :]
+            grad = tl.load(dy_sample + ((row + r) * sdyh + col * sdyw)[None, :], mask=m, other=0.0)
+            grads = grads + (grad.to(ACC_DTYPE),)
+        h_first = row * SH - PH
+        w_first = col * SW - PW
+        x_tile = x_sample + (h_first * sxh + w_first * sxw)[None, :]
+        updated = ()
+        for v in tl.static_range(KS):
+            w_ok = g_ok & ((w_first + v * DW >= 0) & (w_first + v * DW < W))[None, :]
+            halo = ()
+            for h in tl.static_range(HALO):
+                ok = w_ok & (h_first + h >= 0) & (h_first + h < H)
+                xv = tl.load(x_tile + (h * widen(sxh, INDEX_64) + v * DW * widen(sxw, INDEX_64)), mask=ok, other=0.0)
+                halo = halo + (xv.to(ACC_DTYPE),)
+            for u in tl.static_range(KS):
+                acc = accs[v * KS + u]
+                for r in tl.static_range(RUN):
+                    acc += grads[r] * halo[r * SH + u * DH]
+                updated = updated + (acc,)
+        accs = updated
+    part = dw_ptr + b * spb + split * sps + g * spg
+    for t in tl.static_range(KS * KS):
+        # accs[v*K + u] holds tap (u, v).
+        tap = (t % KS) * widen(spu, INDEX_64) + (t // KS) * widen(spv, INDEX_64)
+        tl.store(part + tap, tl.sum(accs[t], axis=1), mask=g < C)
+
+
 # --------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------
@@ -505,6 +578,8 @@ def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: boo
     config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel)
     if per_pixel and "RUN" in config:
         return _runs_launch(dy, x, dw, stride, padding, dilation, config)
+    if "RUN" in config:
+        return _sample_launch(dy, x, dw, stride, padding, dilation, config)
     meta, _, num_warps, num_stages = _split_config(config, False, C, G)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
@@ -587,19 +662,83 @@ def _runs_config(G: int, Ho: int, Wo: int) -> dict:
     return best[1]
 
 
+def _sample_launch(dy, x, part, stride, padding, dilation, config) -> Launch:
+    B, C, H, W = x.shape
+    K = part.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    splits = part.shape[4]
+    tiles_w = cdiv(Wo, config["BLOCK_W"])
+    tiles_pix = cdiv(Ho, config["RUN"]) * tiles_w
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=part, C=C, H=H, W=W, Ho=Ho, Wo=Wo,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("spb", "spg", "spu", "spv", "sps"), part.stride())),
+        PH=padding[0], PW=padding[1], TILES_PIX=tiles_pix, TILES_W=tiles_w, SPLITS=splits,
+    )
+    meta = dict(KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
+                BLOCK_W=config["BLOCK_W"], RUN=config["RUN"], INDEX_64=needs_int64(dy, x, part),
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    grid = (B * splits, cdiv(C, config["BLOCK_G"]), 1)
+    # One loop: the persistent walk over pixel tiles (taps unrolled); programs make cdiv(tiles, splits) trips at most.
+    return Launch(involution_bwd_weight_sample_kernel, grid, args, meta, config.get("num_warps", 4),
+                  config.get("num_stages", 1), loops=(cdiv(tiles_pix, splits),))
+
+
+# Programs the per-sample weight gradient aims for (a fixed count, about four per SM of an H100/H200,
+# so the partials and their summation order never depend on the GPU).
+PERSISTENT_PROGRAMS = 512
+
+
+def _least_padding(n: int, options) -> int:
+    return min(options, key=lambda o: (cdiv(n, o) * o, -o))
+
+
+@functools.lru_cache(maxsize=1024)
+def _sample_config(C: int, Ho: int, Wo: int, channels_last: bool) -> dict:
+    """Lanes along the contiguous axis (channels in channels_last, W in NCHW), two elements each."""
+    run = _least_padding(Ho, (8, 7, 6, 5, 4))
+    if channels_last:
+        block_g, block_w = _pow2_at_most(C, 32), _least_padding(Wo, (8, 4, 16))
+    else:
+        block_w = _least_padding(Wo, (32, 16, 8))
+        block_g = _pow2_at_most(C, max(1, 128 // block_w))
+    num_warps = max(1, min(4, block_g * block_w // 64))
+    return {"BLOCK_G": block_g, "BLOCK_W": block_w, "RUN": run, "num_warps": num_warps, "num_stages": 1}
+
+
+def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last: bool, per_pixel: bool) -> dict:
+    """The launcher's own weight-gradient config: the runs kernel (per pixel, 2..RUNS_MAX_CG channels
+    per group), the persistent kernel (per sample, G = C), else the generic kernel's tile; K up to
+    RUNS_MAX_K for the first two."""
+    if per_pixel and K <= RUNS_MAX_K and 2 <= C // G <= RUNS_MAX_CG:
+        return dict(_runs_config(G, Ho, Wo))
+    if not per_pixel and K <= RUNS_MAX_K and C == G:
+        return dict(_sample_config(C, Ho, Wo, channels_last))
+    # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
+    return default_config(C, G, Ho, Wo, channels_last, max_warps=4)
+
+
 def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool) -> dict:
     name = "involution_bwd_weight" if per_pixel else "dwconv_bwd_weight"
-    if per_pixel and K <= RUNS_MAX_K and 2 <= x.shape[1] // G <= RUNS_MAX_CG:
-        default = dict(_runs_config(G, Ho, Wo))
-    else:
-        # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
-        default = default_config(x.shape[1], G, Ho, Wo, is_channels_last(x), max_warps=4)
+    default = weight_grad_default(x.shape[1], G, K, Ho, Wo, is_channels_last(x), per_pixel)
     return get_config(name, problem_key(x, G, K, stride), default)
 
 
 def weight_grad_tiles(Ho: int, Wo: int, config: dict) -> int:
-    """How many per-tile partials the per-sample weight gradient writes."""
+    """How many per-tile partials the generic kernel's per-sample weight gradient writes."""
     return cdiv(Ho, config["BLOCK_H"]) * cdiv(Wo, config["BLOCK_W"])
+
+
+def weight_grad_partials(B: int, G: int, K: int, Ho: int, Wo: int, config: dict) -> tuple[int, ...]:
+    """Shape (B, G, K, K, partials) of the fp32 partials of a per-sample weight gradient, summed over
+    the last dim: one per persistent program of a (sample, group block), or one per tile from the
+    generic kernel."""
+    if "RUN" in config:
+        tiles = cdiv(Ho, config["RUN"]) * cdiv(Wo, config["BLOCK_W"])
+        blocks = B * cdiv(G, config["BLOCK_G"])
+        return (B, G, K, K, max(1, min(tiles, cdiv(PERSISTENT_PROGRAMS, blocks))))
+    return (B, G, K, K, weight_grad_tiles(Ho, Wo, config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,7 +762,8 @@ def involution_backward_weight(dy, x, dw, stride, padding, dilation, config=None
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=False)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partials = torch.empty((B, G, K, K, weight_grad_tiles(Ho, Wo, config)), dtype=acc, device=x.device)
+    shape = weight_grad_partials(B, G, K, Ho, Wo, config)
+    partials = torch.empty(shape, dtype=acc, device=x.device)
     backward_weight_launch(dy, x, partials, stride, padding, dilation, False, config)()
     dw.copy_(partials.sum(-1))
 
@@ -654,7 +794,7 @@ def catalogue() -> list[Launch]:
                     if per_pixel:
                         dw = w
                     else:
-                        dw = torch.empty((B, G, K, K, weight_grad_tiles(Ho, Ho, cfg)), dtype=torch.float32, device="meta")
+                        dw = torch.empty(weight_grad_partials(B, G, K, Ho, Ho, cfg), dtype=torch.float32, device="meta")
                     for launch in (forward_launch(x, w, bias, y, *geometry),
                                    backward_input_launch(y, w, x, *geometry),
                                    backward_weight_launch(y, x, dw, *geometry, per_pixel)):
@@ -667,13 +807,17 @@ def catalogue() -> list[Launch]:
     bias = torch.empty((2304, 256), dtype=torch.bfloat16, device="meta")
     geometry = ((1, 1), (1, 1), (1, 1))
     cfg = weight_grad_config(x, 16, 3, (1, 1), 64, 64, per_pixel=False)
-    partials = torch.empty((2304, 16, 3, 3, weight_grad_tiles(64, 64, cfg)), dtype=torch.float32, device="meta")
+    partials = torch.empty(weight_grad_partials(2304, 16, 3, 64, 64, cfg), dtype=torch.float32, device="meta")
+    depthwise = weight_grad_config(x, 256, 3, (1, 1), 64, 64, per_pixel=False)
+    depthwise_partials = torch.empty(weight_grad_partials(2304, 256, 3, 64, 64, depthwise), dtype=torch.float32,
+                                     device="meta")
     for launch, kind in ((forward_launch(x, w, None, x, *geometry), "pixel"),
                          (backward_input_launch(x, w, x, *geometry), "pixel"),
                          (backward_weight_launch(x, x, w, *geometry, True), "pixel"),
                          (forward_launch(x, w_sample, bias, x, *geometry), "sample"),
                          (backward_input_launch(x, w_sample, x, *geometry), "sample"),
-                         (backward_weight_launch(x, x, partials, *geometry, False), "sample")):
+                         (backward_weight_launch(x, x, partials, *geometry, False), "sample"),
+                         (backward_weight_launch(x, x, depthwise_partials, *geometry, False), "sample depth-wise")):
         assert launch.meta["INDEX_64"]
         launch.label = f"over 2^31 elements torch.bfloat16 NCHW {kind}"
         launches.append(launch)

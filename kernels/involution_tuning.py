@@ -16,7 +16,8 @@ from .involution import (
     forward_launch,
     problem_key,
     weight_grad_config,
-    weight_grad_tiles,
+    weight_grad_default,
+    weight_grad_partials,
 )
 
 # (label, C, H = W, stride): RedNet-50's involutions (K = 7, 16 channels per group) and DWNet-T's
@@ -85,9 +86,8 @@ def _tuning_launch(kernel: str):
         B, G, K = ts["w"].shape[:3]
         Ho, Wo = ts["dy"].shape[2], ts["dy"].shape[3]
         config = config or weight_grad_config(ts["x"], G, K, stride, Ho, Wo, per_pixel=False)
-        tiles = weight_grad_tiles(Ho, Wo, config)
-        partials = ts.setdefault(("partials", tiles), torch.empty((B, G, K, K, tiles), dtype=torch.float32,
-                                                                  device=ts["x"].device))
+        shape = weight_grad_partials(B, G, K, Ho, Wo, config)
+        partials = ts.setdefault(("partials", shape), torch.empty(shape, dtype=torch.float32, device=ts["x"].device))
         return backward_weight_launch(ts["dy"], ts["x"], partials, *geometry, False, config)
     return launch
 
@@ -99,8 +99,15 @@ def _tuning_key(spec: dict, ts: dict) -> dict:
 def _tuning_default(kernel: str):
     def default(spec: dict, ts: dict) -> dict:
         tile = ts["dx"] if kernel == "involution_bwd_input" else ts["y"]
-        return default_config(spec["C"], spec["G"], tile.shape[2], tile.shape[3], bool(spec["channels_last"]))
+        return _kernel_default(kernel, spec["C"], spec["G"], spec["K"], tile.shape[2], tile.shape[3],
+                               bool(spec["channels_last"]))
     return default
+
+
+def _kernel_default(kernel: str, C: int, G: int, K: int, h: int, w: int, channels_last: bool) -> dict:
+    if kernel in ("involution_bwd_weight", "dwconv_bwd_weight"):
+        return weight_grad_default(C, G, K, h, w, channels_last, kernel == "involution_bwd_weight")
+    return default_config(C, G, h, w, channels_last)
 
 
 def _tuning_candidates(kernel: str):
@@ -109,10 +116,16 @@ def _tuning_candidates(kernel: str):
 
         sh, sw = key["stride_h"], key["stride_w"]
         h, w = (key["H"], key["W"]) if kernel == "involution_bwd_input" else (_out(key["H"], sh), _out(key["W"], sw))
-        default = default_config(key["C"], key["G"], h, w, bool(key["channels_last"]))
+        default = _kernel_default(kernel, key["C"], key["G"], key["K"], h, w, bool(key["channels_last"]))
         limits = {"BLOCK_G": key["G"], "BLOCK_CG": key["C"] // key["G"], "BLOCK_H": h, "BLOCK_W": w}
+        # The weight-gradient kernels with RUN size their registers for the default's elements per thread.
+        per_thread = (2, 64)
+        if "RUN" in default:
+            tile = default["BLOCK_G"] * default.get("BLOCK_H", 1) * default["BLOCK_W"]
+            per_thread = (tile / (32 * default["num_warps"]),) * 2
         # No tl.dot here, so software pipelining only overlaps the tap loop's loads: worth a look, not a grid.
-        return neighbourhood(default, limits, size=6 if quick else 10, warps=(2, 4, 8), stages=(1,) if quick else (1, 2))
+        return neighbourhood(default, limits, elements_per_thread=per_thread, size=6 if quick else 10,
+                             warps=(1, 2, 4, 8), stages=(1,) if quick else (1, 2))
     return candidates
 
 

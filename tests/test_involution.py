@@ -208,7 +208,7 @@ def test_weight_gradient_with_groups_wider_than_one_channel_chunk(per_pixel, dev
         dw = torch.empty(wshape, device=device)
         launch = kernels.backward_weight_launch(dy, x, dw, *geometry, True, config)
     else:
-        dw = torch.empty((*wshape, kernels.weight_grad_tiles(H, W, config)), device=device)
+        dw = torch.empty(kernels.weight_grad_partials(B, G, K, H, W, config), device=device)
         launch = kernels.backward_weight_launch(dy, x, dw, *geometry, False, config)
     assert not launch.meta["ONE_CG_CHUNK"]
     launch()
@@ -216,4 +216,45 @@ def test_weight_gradient_with_groups_wider_than_one_channel_chunk(per_pixel, dev
         dw = dw.sum(-1)
     w64 = torch.zeros(wshape, dtype=torch.float64, requires_grad=True)
     involution_unfold(x.double().cpu(), w64).backward(dy.double().cpu())
+    assert_close(dw, w64.grad, torch.float32, "dw")
+
+
+S1, S2D2 = ((1, 1), (1, 1), (1, 1)), ((2, 1), (2, 1), (2, 1))
+
+
+@pytest.mark.parametrize("geometry, memory_format, dtype", [
+    (S1, torch.contiguous_format, torch.float32), (S1, torch.channels_last, torch.bfloat16),
+    (S2D2, torch.channels_last, torch.float32), (S2D2, torch.contiguous_format, torch.bfloat16)],
+    ids=["s1-nchw-fp32", "s1-nhwc-bf16", "s2d2-nhwc-fp32", "s2d2-nchw-bf16"])
+def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory_format, dtype, device):
+    """The runs kernel (K, strides, dilations compile-time; taps unrolled) and the generic kernel the
+    launcher falls back to for K past RUNS_MAX_K: both against float64, at odd sizes with runs cut
+    by the image edge."""
+    stride, padding, dilation = geometry
+    B, C, G, H, W, K = 1, 6, 2, 7, 5, 3
+    Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
+    x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
+    w64 = torch.zeros((B, G, K, K, Ho, Wo), dtype=torch.float64, requires_grad=True)
+    involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
+    for config in (None, {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 2, "BLOCK_W": 4, "num_warps": 1}):
+        dw = torch.empty((B, G, K, K, Ho, Wo), device=device, dtype=dtype)
+        launch = kernels.backward_weight_launch(dy, x, dw, stride, padding, dilation, True, config)
+        assert launch.name == ("involution_bwd_weight_runs_kernel" if config is None else "involution_bwd_weight_kernel")
+        launch()
+        assert_close(dw, w64.grad, dtype, launch.name)
+
+
+def test_per_pixel_weight_gradient_past_the_unrolled_kernel_sizes(device):
+    """K > RUNS_MAX_K takes the generic kernel, whose tap loop has a run-time trip count."""
+    K = kernels.RUNS_MAX_K + 2
+    x = torch.randn(1, 4, 3, 4, device=device)
+    w = torch.randn(1, 2, K, K, 3, 4, dtype=torch.float64)
+    dy = torch.randn(1, 4, 3, 4, device=device)
+    dw = torch.empty(w.shape, device=device)
+    launch = kernels.backward_weight_launch(dy, x, dw, (1, 1), (K // 2, K // 2), (1, 1), True)
+    assert launch.name == "involution_bwd_weight_kernel"
+    launch()
+    w64 = torch.zeros(w.shape, dtype=torch.float64, requires_grad=True)
+    involution_unfold(x.double().cpu(), w64, None, 1, K // 2, 1).backward(dy.double().cpu())
     assert_close(dw, w64.grad, torch.float32, "dw")
