@@ -399,16 +399,26 @@ def involution_bwd_weight_sample_kernel(
         updated = ()
         for v in tl.static_range(KS):
             w_ok = g_ok & ((w_first + v * DW >= 0) & (w_first + v * DW < W))[None, :]
-            halo = ()
-            for h in tl.static_range(HALO):
-                ok = w_ok & (h_first + h >= 0) & (h_first + h < H)
-                xv = tl.load(x_tile + (h * widen(sxh, INDEX_64) + v * DW * widen(sxw, INDEX_64)), mask=ok, other=0.0)
-                halo = halo + (xv.to(ACC_DTYPE),)
+            column = ()
             for u in tl.static_range(KS):
-                acc = accs[v * KS + u]
+                column = column + (accs[v * KS + u],)
+            # Halo rows stream through: each is used by every (row r, tap u) reading it, then dropped.
+            for h in tl.static_range(HALO):
+                ok = w_ok & ((h_first + h >= 0) & (h_first + h < H))[None, :]
+                xv = tl.load(x_tile + (h * widen(sxh, INDEX_64) + v * DW * widen(sxw, INDEX_64)), mask=ok, other=0.0)
+                xv = xv.to(ACC_DTYPE)
                 for r in tl.static_range(RUN):
-                    acc += grads[r] * halo[r * SH + u * DH]
-                updated = updated + (acc,)
+                    if h >= r * SH:
+                        if (h - r * SH) % DH == 0:
+                            if (h - r * SH) // DH < KS:
+                                step = ()
+                                for u in tl.static_range(KS):
+                                    if u == (h - r * SH) // DH:
+                                        step = step + (column[u] + grads[r] * xv,)
+                                    else:
+                                        step = step + (column[u],)
+                                column = step
+            updated = updated + column
         accs = updated
     part = dw_ptr + b * spb + split * sps + g * spg
     for t in tl.static_range(KS * KS):
@@ -696,14 +706,16 @@ def _least_padding(n: int, options) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _sample_config(C: int, Ho: int, Wo: int, channels_last: bool) -> dict:
-    """Lanes along the contiguous axis (channels in channels_last, W in NCHW), two elements each."""
-    run = _least_padding(Ho, (8, 7, 6, 5, 4))
+    """Lanes along the contiguous axis (channels in channels_last, W in NCHW), one element each.
+    Runs of four rows: with K*K = 49 sums and the run's gradients per thread, longer runs or two
+    elements per thread spill at K = 7 on sm_80 or with triton 3.9."""
+    run = 4
     if channels_last:
         block_g, block_w = _pow2_at_most(C, 32), _least_padding(Wo, (8, 4, 16))
     else:
         block_w = _least_padding(Wo, (32, 16, 8))
         block_g = _pow2_at_most(C, max(1, 128 // block_w))
-    num_warps = max(1, min(4, block_g * block_w // 64))
+    num_warps = max(1, min(8, block_g * block_w // 32))
     return {"BLOCK_G": block_g, "BLOCK_W": block_w, "RUN": run, "num_warps": num_warps, "num_stages": 1}
 
 
