@@ -258,3 +258,26 @@ def test_per_pixel_weight_gradient_past_the_unrolled_kernel_sizes(device):
     w64 = torch.zeros(w.shape, dtype=torch.float64, requires_grad=True)
     involution_unfold(x.double().cpu(), w64, None, 1, K // 2, 1).backward(dy.double().cpu())
     assert_close(dw, w64.grad, torch.float32, "dw")
+
+
+@pytest.mark.parametrize("memory_format, dtype, geometry, H", [
+    (torch.contiguous_format, torch.float32, S1, 9), (torch.channels_last, torch.bfloat16, S2D2, 17)],
+    ids=["nchw-fp32", "nhwc-bf16-s2d2"])
+def test_per_sample_weight_gradient_persistent_partials(memory_format, dtype, geometry, H, device, monkeypatch):
+    """The persistent per-sample kernel (G = C): programs walk tiles split, split + SPLITS, ... with a
+    tile count not divisible by the program count, B = 1, odd sizes; the partials sum to dw."""
+    monkeypatch.setattr(kernels, "PERSISTENT_PROGRAMS", 2)  # 4 channels in one block: 2 splits
+    stride, padding, dilation = geometry
+    B, C, W, K = 1, 4, 5, 3
+    Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
+    x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
+    config = kernels.weight_grad_config(x, C, K, stride, Ho, Wo, per_pixel=False)
+    shape = kernels.weight_grad_partials(B, C, K, Ho, Wo, config)
+    tiles = -(-Ho // config["RUN"]) * -(-Wo // config["BLOCK_W"])
+    assert shape[-1] == 2 and tiles % 2, (shape, tiles)
+    dw = torch.empty((B, C, K, K), device=device, dtype=dtype)
+    kernels.involution_backward_weight(dy, x, dw, stride, padding, dilation)
+    w64 = torch.zeros((B, C, K, K), dtype=torch.float64, requires_grad=True)
+    involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
+    assert_close(dw, w64.grad, dtype, "dw")
