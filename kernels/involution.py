@@ -720,10 +720,12 @@ def _sample_config(C: int, Ho: int, Wo: int, channels_last: bool) -> dict:
 
 
 def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last: bool, per_pixel: bool) -> dict:
-    """The launcher's own weight-gradient config: the runs kernel (per pixel, 2..RUNS_MAX_CG channels
-    per group), the persistent kernel (per sample, G = C), else the generic kernel's tile; K up to
-    RUNS_MAX_K for the first two."""
-    if per_pixel and K <= RUNS_MAX_K and 2 <= C // G <= RUNS_MAX_CG:
+    """The launcher's own weight-gradient config: the runs kernel (per pixel, channels_last, 2..RUNS_MAX_CG
+    channels per group), the persistent kernel (per sample, G = C), else the generic kernel's tile;
+    K up to RUNS_MAX_K for the first two. NCHW per pixel stays on the generic kernel for now: the
+    runs kernel holds its strided channels one per chunk, and at CG = 16, K = 7 that unrolls into
+    code ptxas takes minutes to compile (not yet measured by the static model either)."""
+    if per_pixel and channels_last and K <= RUNS_MAX_K and 2 <= C // G <= RUNS_MAX_CG:
         return dict(_runs_config(G, Ho, Wo))
     if not per_pixel and K <= RUNS_MAX_K and C == G:
         return dict(_sample_config(C, Ho, Wo, channels_last))

@@ -227,9 +227,9 @@ S1, S2D2 = ((1, 1), (1, 1), (1, 1)), ((2, 1), (2, 1), (2, 1))
     (S2D2, torch.channels_last, torch.float32), (S2D2, torch.contiguous_format, torch.bfloat16)],
     ids=["s1-nchw-fp32", "s1-nhwc-bf16", "s2d2-nhwc-fp32", "s2d2-nchw-bf16"])
 def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory_format, dtype, device):
-    """The runs kernel (K, strides, dilations compile-time; taps unrolled) and the generic kernel the
-    launcher falls back to for K past RUNS_MAX_K: both against float64, at odd sizes with runs cut
-    by the image edge."""
+    """The runs kernel (K, strides, dilations compile-time; taps unrolled; the channels_last default)
+    and the generic kernel (the NCHW default, and the fallback past RUNS_MAX_K): both against
+    float64, at odd sizes with runs cut by the image edge."""
     stride, padding, dilation = geometry
     B, C, G, H, W, K = 1, 6, 2, 7, 5, 3
     Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
@@ -237,10 +237,14 @@ def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory
     dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
     w64 = torch.zeros((B, G, K, K, Ho, Wo), dtype=torch.float64, requires_grad=True)
     involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
-    for config in (None, {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 2, "BLOCK_W": 4, "num_warps": 1}):
+    runs = {"BLOCK_G": 2, "BLOCK_H": 1, "BLOCK_W": 4, "RUN": 3, "num_warps": 1}
+    generic = {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 2, "BLOCK_W": 4, "num_warps": 1}
+    default = kernels.weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=True)
+    assert ("RUN" in default) == (memory_format == torch.channels_last)
+    for config in (runs, generic):
         dw = torch.empty((B, G, K, K, Ho, Wo), device=device, dtype=dtype)
         launch = kernels.backward_weight_launch(dy, x, dw, stride, padding, dilation, True, config)
-        assert launch.name == ("involution_bwd_weight_runs_kernel" if config is None else "involution_bwd_weight_kernel")
+        assert launch.name == ("involution_bwd_weight_runs_kernel" if config is runs else "involution_bwd_weight_kernel")
         launch()
         assert_close(dw, w64.grad, dtype, launch.name)
 
