@@ -822,6 +822,7 @@ def catalogue() -> list[Launch]:
     geometry = ((1, 1), (1, 1), (1, 1))
     cfg = weight_grad_config(x, 16, 3, (1, 1), 64, 64, per_pixel=False)
     partials = torch.empty(weight_grad_partials(2304, 16, 3, 64, 64, cfg), dtype=torch.float32, device="meta")
+    x_cl = x.to(memory_format=torch.channels_last)
     depthwise = weight_grad_config(x, 256, 3, (1, 1), 64, 64, per_pixel=False)
     depthwise_partials = torch.empty(weight_grad_partials(2304, 256, 3, 64, 64, depthwise), dtype=torch.float32,
                                      device="meta")
@@ -831,8 +832,10 @@ def catalogue() -> list[Launch]:
                          (forward_launch(x, w_sample, bias, x, *geometry), "sample"),
                          (backward_input_launch(x, w_sample, x, *geometry), "sample"),
                          (backward_weight_launch(x, x, partials, *geometry, False), "sample"),
-                         (backward_weight_launch(x, x, depthwise_partials, *geometry, False), "sample depth-wise")):
+                         (backward_weight_launch(x, x, depthwise_partials, *geometry, False), "sample depth-wise"),
+                         (backward_weight_launch(x_cl, x_cl, w, *geometry, True), "pixel channels_last")):
         assert launch.meta["INDEX_64"]
-        launch.label = f"over 2^31 elements torch.bfloat16 NCHW {kind}"
+        layout_name = "NHWC" if kind.endswith("channels_last") else "NCHW"
+        launch.label = f"over 2^31 elements torch.bfloat16 {layout_name} {kind.removesuffix(' channels_last')}"
         launches.append(launch)
     return launches
