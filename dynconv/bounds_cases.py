@@ -88,7 +88,7 @@ def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw
         x, y, w = tensors()
         if not per_pixel:
             cfg = inv.weight_grad_config(x, p.G, p.K, (p.stride, p.stride), Ho, Wo, per_pixel=False)
-            w = _empty((p.B, p.G, p.K, p.K, inv.weight_grad_tiles(Ho, Wo, cfg)), torch.float32)
+            w = _empty(inv.weight_grad_partials(p.B, p.G, p.K, Ho, Wo, cfg), torch.float32)
         return inv.backward_weight_launch(y, x, w, *geometry, per_pixel)
 
     bias = sizes.get("bias", 0)

@@ -407,6 +407,178 @@ def involution_bwd_weight_kernel(
                      tl.sum(per_pixel, axis=1).to(dw_ptr.dtype.element_ty), mask=g1 < G)
 
 
+@triton.jit
+def involution_bwd_weight_runs_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    C, H, W, Ho, Wo, CG,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    sdwb, sdwg, sdwu, sdwv, sdwh, sdww,
+    PH, PW, TILES_PIX, TILES_W,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    RUN: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Per-pixel dw with the kernel size, strides and dilations compile-time constants, taps unrolled.
+
+    Lanes lie along W (coalesced in both layouts); each lane owns a run of RUN output rows of one
+    column and its groups' channels in CHUNKS register chunks of CHUNK (a 16-byte vector in
+    channels_last, one strided channel in NCHW), so the sum over a group's channels is a chain of
+    FMAs in one thread. For one tap column v, the input rows the run reads for all K taps u form a
+    halo of (RUN-1)*SH + (K-1)*DH + 1 rows: each is loaded and converted once and serves every
+    (row, u) pair that reads it, instead of once per tap.
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PIX
+    tile = pid0 % TILES_PIX
+    row = ((tile // TILES_W) * BLOCK_H + tl.arange(0, BLOCK_H * BLOCK_W) // BLOCK_W) * RUN
+    col = (tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_H * BLOCK_W) % BLOCK_W
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    k = tl.arange(0, CHUNK)
+    if INDEX_64:
+        b = b.to(tl.int64)
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+        g = g.to(tl.int64)
+        k = k.to(tl.int64)
+    G = C // CG
+    g3 = g[:, None, None]
+    group_ok = g < G
+    channels = ()
+    for q in tl.static_range(CHUNKS):
+        channels = channels + (g3 * CG + q * CHUNK + k[None, :, None],)
+        
+    # The run's output pixels and their gradient, converted once for all K*K taps.
+    grads = ()
+    out_ok = ()
+    dy_lane = dy_ptr + b * sdyb + (row * sdyh + col * sdyw)[None, None, :]
+    for r in tl.static_range(RUN):
+        ok = (row + r < Ho) & (col < Wo)
+        out_ok = out_ok + (ok,)
+        for q in tl.static_range(CHUNKS):
+            m = (g3 < G) & (q * CHUNK + k[None, :, None] < CG) & ok[None, None, :]
+            grad = tl.load(dy_lane + (channels[q] * sdyc + r * widen(sdyh, INDEX_64)), mask=m, other=0.0)
+            grads = grads + (grad.to(ACC_DTYPE),)
+
+    HALO: tl.constexpr = (RUN - 1) * SH + (KS - 1) * DH + 1
+    h_first = row * SH - PH
+    w_first = col * SW - PW
+    rows_ok = ()
+    for h in tl.static_range(HALO):
+        rows_ok = rows_ok + ((h_first + h >= 0) & (h_first + h < H),)
+    # Per-element pointers are formed once; each (tap column, halo row) adds one scalar offset.
+    x_lane = x_ptr + b * sxb + (h_first * sxh + w_first * sxw)[None, None, :]
+    x_chunks = ()
+    for q in tl.static_range(CHUNKS):
+        x_chunks = x_chunks + (x_lane + channels[q] * sxc,)
+    dw_lane = dw_ptr + b * sdwb + (g * sdwg)[:, None] + (row * sdwh + col * sdww)[None, :]
+    for v in tl.static_range(KS):
+        cols_ok = (w_first + v * DW >= 0) & (w_first + v * DW < W)
+        for h in tl.static_range(HALO):
+            ok3 = (cols_ok & rows_ok[h])[None, None, :]
+            halo = ()
+            for q in tl.static_range(CHUNKS):
+                m = (g3 < G) & (q * CHUNK + k[None, :, None] < CG) & ok3
+                xv = tl.load(x_chunks[q] + (h * widen(sxh, INDEX_64) + v * DW * widen(sxw, INDEX_64)), mask=m,
+                             other=0.0)
+                halo = halo + (xv.to(ACC_DTYPE),)
+            for r in tl.static_range(RUN):
+                # Output row r reads halo row r*SH + u*DH through tap u.
+                if h >= r * SH:
+                    if (h - r * SH) % DH == 0:
+                        if (h - r * SH) // DH < KS:
+                            acc = tl.sum(grads[r * CHUNKS] * halo[0], axis=1)
+                            for q in tl.static_range(1, CHUNKS):
+                                acc += tl.sum(grads[r * CHUNKS + q] * halo[q], axis=1)
+                            u = (h - r * SH) // DH
+                            offset = u * widen(sdwu, INDEX_64) + v * widen(sdwv, INDEX_64) + r * widen(sdwh, INDEX_64)
+                            tl.store(dw_lane + offset, acc.to(dw_ptr.dtype.element_ty),
+                                     mask=group_ok[:, None] & out_ok[r][None, :])
+
+
+@triton.jit
+def involution_bwd_weight_sample_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    C, H, W, Ho, Wo,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    spb, spg, spu, spv, sps,
+    PH, PW, TILES_PIX, TILES_W, SPLITS,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_W: tl.constexpr, RUN: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Per-sample dw of one-channel groups (G = C) as partials: dw[b, g, u, v, split] = this program's share of
+    sum_{i,j} dy[b,g,i,j] * x[b,g,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    A persistent program: (sample, group block, split) walks the pixel tiles split, split+SPLITS, ...
+    keeping the K*K tap sums of each lane in registers, and reduces them over its lanes once at the
+    end, so the caller adds SPLITS partials per weight, not one per tile. A tile is BLOCK_W columns
+    of runs of RUN rows; the halo rows of a run are loaded and converted once per tap column (as in
+    involution_bwd_weight_runs_kernel).
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // SPLITS
+    split = pid0 % SPLITS
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    w_lane = tl.arange(0, BLOCK_W)
+    if INDEX_64:
+        b = b.to(tl.int64)
+        g = g.to(tl.int64)
+    g_ok = (g < C)[:, None]
+    dy_sample = dy_ptr + b * sdyb + (g * sdyc)[:, None]
+    x_sample = x_ptr + b * sxb + (g * sxc)[:, None]
+    HALO: tl.constexpr = (RUN - 1) * SH + (KS - 1) * DH + 1
+    accs = ()
+    for t in tl.static_range(KS * KS):
+        accs = accs + (tl.zeros((BLOCK_G, BLOCK_W), dtype=ACC_DTYPE),)
+    for tile in range(split, TILES_PIX, SPLITS):
+        # Per lane (not a scalar): the interpreter's loop index is a Python int, and masks must be arrays.
+        row = (tile // TILES_W) * RUN + w_lane * 0
+        col = (tile % TILES_W) * BLOCK_W + w_lane
+        if INDEX_64:
+            row = row.to(tl.int64)
+            col = col.to(tl.int64)
+        col_ok = col < Wo
+        grads = ()
+        for r in tl.static_range(RUN):
+            m = g_ok & (col_ok & (row + r < Ho))[None, :]
+            grad = tl.load(dy_sample + ((row + r) * sdyh + col * sdyw)[None, :], mask=m, other=0.0)
+            grads = grads + (grad.to(ACC_DTYPE),)
+        h_first = row * SH - PH
+        w_first = col * SW - PW
+        x_tile = x_sample + (h_first * sxh + w_first * sxw)[None, :]
+        updated = ()
+        for v in tl.static_range(KS):
+            w_ok = g_ok & ((w_first + v * DW >= 0) & (w_first + v * DW < W))[None, :]
+            column = ()
+            for u in tl.static_range(KS):
+                column = column + (accs[v * KS + u],)
+            # Halo rows stream through: each is used by every (row r, tap u) reading it, then dropped.
+            for h in tl.static_range(HALO):
+                ok = w_ok & ((h_first + h >= 0) & (h_first + h < H))[None, :]
+                xv = tl.load(x_tile + (h * widen(sxh, INDEX_64) + v * DW * widen(sxw, INDEX_64)), mask=ok, other=0.0)
+                xv = xv.to(ACC_DTYPE)
+                for r in tl.static_range(RUN):
+                    if h >= r * SH:
+                        if (h - r * SH) % DH == 0:
+                            if (h - r * SH) // DH < KS:
+                                step = ()
+                                for u in tl.static_range(KS):
+                                    if u == (h - r * SH) // DH:
+                                        step = step + (column[u] + grads[r] * xv,)
+                                    else:
+                                        step = step + (column[u],)
+                                column = step
+            updated = updated + column
+        accs = updated
+    part = dw_ptr + b * spb + split * sps + g * spg
+    for t in tl.static_range(KS * KS):
+        # accs[v*K + u] holds tap (u, v).
+        tap = (t % KS) * widen(spu, INDEX_64) + (t // KS) * widen(spv, INDEX_64)
+        tl.store(part + tap, tl.sum(accs[t], axis=1), mask=g < C)
+
+
 # --------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------
@@ -685,6 +857,10 @@ def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: boo
     G, K = dw.shape[1], dw.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel)
+    if per_pixel and "RUN" in config:
+        return _runs_launch(dy, x, dw, stride, padding, dilation, config)
+    if "RUN" in config:
+        return _sample_launch(dy, x, dw, stride, padding, dilation, config)
     meta, _, num_warps, num_stages = _split_config(config, False, C, G)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
@@ -705,16 +881,149 @@ def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: boo
                   num_warps, num_stages, loops=loops)
 
 
+def _runs_geometry(config: dict, Ho: int, Wo: int) -> tuple[int, int]:
+    """(pixel tiles, tiles along W) of the runs kernel: lanes along W, each a run of RUN rows."""
+    tiles_w = cdiv(Wo, config["BLOCK_W"])
+    return cdiv(Ho, config["BLOCK_H"] * config["RUN"]) * tiles_w, tiles_w
+
+
+def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
+    B, C, H, W = x.shape
+    G, K = dw.shape[1], dw.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    CG = C // G
+    tiles_pix, tiles_w = _runs_geometry(config, Ho, Wo)
+    chunk = _runs_chunk(CG, x.element_size(), is_channels_last(x))
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=CG,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("sdwb", "sdwg", "sdwu", "sdwv", "sdwh", "sdww"), dw.stride())),
+        PH=padding[0], PW=padding[1], TILES_PIX=tiles_pix, TILES_W=tiles_w,
+    )
+    meta = dict(KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
+                CHUNK=chunk, CHUNKS=cdiv(CG, chunk), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
+                RUN=config["RUN"], INDEX_64=needs_int64(dy, x, dw),
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    # Every tap is unrolled: no loop.
+    return Launch(involution_bwd_weight_runs_kernel, _grid(B, G, tiles_pix, 1, config["BLOCK_G"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=())
+
+
+# The runs kernel unrolls K*K taps and holds RUN x (channels of a group) gradients in registers.
+RUNS_MAX_K = 9
+RUNS_MAX_CG = 32
+
+
+def _runs_chunk(CG: int, element_size: int, channels_last: bool) -> int:
+    """Channels per register chunk: one 16-byte vector when channels are contiguous (channels_last);
+    one channel otherwise, so the group's strided channels stay in the thread and their sum is a
+    chain of FMAs rather than a shuffle tree."""
+    return _pow2_at_most(CG, max(1, 16 // element_size)) if channels_last else 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _runs_config(G: int, Ho: int, Wo: int) -> dict:
+    """Run length and lane tile (BLOCK_G x BLOCK_H runs x BLOCK_W columns) covering G x Ho x Wo with
+    the fewest idle lanes; then the widest rows of lanes (coalescing), then the longest runs."""
+    best = None
+    for run in (8, 7, 6, 5, 4):
+        for lanes in (64, 128, 32):
+            for block_g in (1, 2, 4):
+                for block_h in (1, 2, 4, 8, 16, 32, 64):
+                    block_w = lanes // (block_g * block_h)
+                    if block_w < 1 or block_g > next_power_of_2(G):
+                        continue
+                    padded = (cdiv(G, block_g) * block_g * cdiv(Ho, block_h * run) * block_h * run
+                              * cdiv(Wo, block_w) * block_w)
+                    score = (padded / (G * Ho * Wo), -block_w, -run, lanes != 64)
+                    if best is None or score < best[0]:
+                        best = (score, {"BLOCK_G": block_g, "BLOCK_H": block_h, "BLOCK_W": block_w, "RUN": run,
+                                        "num_warps": lanes // 32, "num_stages": 1})
+    return best[1]
+
+
+def _sample_launch(dy, x, part, stride, padding, dilation, config) -> Launch:
+    B, C, H, W = x.shape
+    K = part.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    splits = part.shape[4]
+    tiles_w = cdiv(Wo, config["BLOCK_W"])
+    tiles_pix = cdiv(Ho, config["RUN"]) * tiles_w
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=part, C=C, H=H, W=W, Ho=Ho, Wo=Wo,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("spb", "spg", "spu", "spv", "sps"), part.stride())),
+        PH=padding[0], PW=padding[1], TILES_PIX=tiles_pix, TILES_W=tiles_w, SPLITS=splits,
+    )
+    meta = dict(KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
+                BLOCK_W=config["BLOCK_W"], RUN=config["RUN"], INDEX_64=needs_int64(dy, x, part),
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    grid = (B * splits, cdiv(C, config["BLOCK_G"]), 1)
+    # One loop: the persistent walk over pixel tiles (taps unrolled); programs make cdiv(tiles, splits) trips at most.
+    return Launch(involution_bwd_weight_sample_kernel, grid, args, meta, config.get("num_warps", 4),
+                  config.get("num_stages", 1), loops=(cdiv(tiles_pix, splits),))
+
+
+# Programs the per-sample weight gradient aims for (a fixed count, about four per SM of an H100/H200,
+# so the partials and their summation order never depend on the GPU).
+PERSISTENT_PROGRAMS = 512
+
+
+def _least_padding(n: int, options) -> int:
+    return min(options, key=lambda o: (cdiv(n, o) * o, -o))
+
+
+@functools.lru_cache(maxsize=1024)
+def _sample_config(C: int, Ho: int, Wo: int, channels_last: bool) -> dict:
+    """Lanes along the contiguous axis (channels in channels_last, W in NCHW), one element each.
+    Runs of four rows: with K*K = 49 sums and the run's gradients per thread, longer runs or two
+    elements per thread spill at K = 7 on sm_80 or with triton 3.9."""
+    run = 4
+    if channels_last:
+        block_g, block_w = _pow2_at_most(C, 32), _least_padding(Wo, (8, 4, 16))
+    else:
+        block_w = _least_padding(Wo, (32, 16, 8))
+        block_g = _pow2_at_most(C, max(1, 128 // block_w))
+    num_warps = max(1, min(8, block_g * block_w // 32))
+    return {"BLOCK_G": block_g, "BLOCK_W": block_w, "RUN": run, "num_warps": num_warps, "num_stages": 1}
+
+
+def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last: bool, per_pixel: bool) -> dict:
+    """The launcher's own weight-gradient config: the runs kernel (per pixel, channels_last, 2..RUNS_MAX_CG
+    channels per group), the persistent kernel (per sample, G = C), else the generic kernel's tile;
+    K up to RUNS_MAX_K for the first two. NCHW per pixel stays on the generic kernel for now: the
+    runs kernel holds its strided channels one per chunk, and at CG = 16, K = 7 that unrolls into
+    code ptxas takes minutes to compile (not yet measured by the static model either)."""
+    if per_pixel and channels_last and K <= RUNS_MAX_K and 2 <= C // G <= RUNS_MAX_CG:
+        return dict(_runs_config(G, Ho, Wo))
+    if not per_pixel and K <= RUNS_MAX_K and C == G:
+        return dict(_sample_config(C, Ho, Wo, channels_last))
+    # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
+    return default_config(C, G, Ho, Wo, channels_last, max_warps=4)
+
+
 def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool) -> dict:
     name = "involution_bwd_weight" if per_pixel else "dwconv_bwd_weight"
-    # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
-    default = default_config(x.shape[1], G, Ho, Wo, is_channels_last(x), max_warps=4)
+    default = weight_grad_default(x.shape[1], G, K, Ho, Wo, is_channels_last(x), per_pixel)
     return get_config(name, problem_key(x, G, K, stride), default)
 
 
 def weight_grad_tiles(Ho: int, Wo: int, config: dict) -> int:
-    """How many per-tile partials the per-sample weight gradient writes."""
+    """How many per-tile partials the generic kernel's per-sample weight gradient writes."""
     return cdiv(Ho, config["BLOCK_H"]) * cdiv(Wo, config["BLOCK_W"])
+
+
+def weight_grad_partials(B: int, G: int, K: int, Ho: int, Wo: int, config: dict) -> tuple[int, ...]:
+    """Shape (B, G, K, K, partials) of the fp32 partials of a per-sample weight gradient, summed over
+    the last dim: one per persistent program of a (sample, group block), or one per tile from the
+    generic kernel."""
+    if "RUN" in config:
+        tiles = cdiv(Ho, config["RUN"]) * cdiv(Wo, config["BLOCK_W"])
+        blocks = B * cdiv(G, config["BLOCK_G"])
+        return (B, G, K, K, max(1, min(tiles, cdiv(PERSISTENT_PROGRAMS, blocks))))
+    return (B, G, K, K, weight_grad_tiles(Ho, Wo, config))
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,7 +1047,8 @@ def involution_backward_weight(dy, x, dw, stride, padding, dilation, config=None
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=False)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partials = torch.empty((B, G, K, K, weight_grad_tiles(Ho, Wo, config)), dtype=acc, device=x.device)
+    shape = weight_grad_partials(B, G, K, Ho, Wo, config)
+    partials = torch.empty(shape, dtype=acc, device=x.device)
     backward_weight_launch(dy, x, partials, stride, padding, dilation, False, config)()
     dw.copy_(partials.sum(-1))
 
@@ -769,7 +1079,7 @@ def catalogue() -> list[Launch]:
                     if per_pixel:
                         dw = w
                     else:
-                        dw = torch.empty((B, G, K, K, weight_grad_tiles(Ho, Ho, cfg)), dtype=torch.float32, device="meta")
+                        dw = torch.empty(weight_grad_partials(B, G, K, Ho, Ho, cfg), dtype=torch.float32, device="meta")
                     for launch in (forward_launch(x, w, bias, y, *geometry),
                                    backward_input_launch(y, w, x, *geometry),
                                    backward_weight_launch(y, x, dw, *geometry, per_pixel)):
@@ -782,14 +1092,21 @@ def catalogue() -> list[Launch]:
     bias = torch.empty((2304, 256), dtype=torch.bfloat16, device="meta")
     geometry = ((1, 1), (1, 1), (1, 1))
     cfg = weight_grad_config(x, 16, 3, (1, 1), 64, 64, per_pixel=False)
-    partials = torch.empty((2304, 16, 3, 3, weight_grad_tiles(64, 64, cfg)), dtype=torch.float32, device="meta")
+    partials = torch.empty(weight_grad_partials(2304, 16, 3, 64, 64, cfg), dtype=torch.float32, device="meta")
+    x_cl = x.to(memory_format=torch.channels_last)
+    depthwise = weight_grad_config(x, 256, 3, (1, 1), 64, 64, per_pixel=False)
+    depthwise_partials = torch.empty(weight_grad_partials(2304, 256, 3, 64, 64, depthwise), dtype=torch.float32,
+                                     device="meta")
     for launch, kind in ((forward_launch(x, w, None, x, *geometry), "pixel"),
                          (backward_input_launch(x, w, x, *geometry), "pixel"),
                          (backward_weight_launch(x, x, w, *geometry, True), "pixel"),
                          (forward_launch(x, w_sample, bias, x, *geometry), "sample"),
                          (backward_input_launch(x, w_sample, x, *geometry), "sample"),
-                         (backward_weight_launch(x, x, partials, *geometry, False), "sample")):
+                         (backward_weight_launch(x, x, partials, *geometry, False), "sample"),
+                         (backward_weight_launch(x, x, depthwise_partials, *geometry, False), "sample depth-wise"),
+                         (backward_weight_launch(x_cl, x_cl, w, *geometry, True), "pixel channels_last")):
         assert launch.meta["INDEX_64"]
-        launch.label = f"over 2^31 elements torch.bfloat16 NCHW {kind}"
+        layout_name = "NHWC" if kind.endswith("channels_last") else "NCHW"
+        launch.label = f"over 2^31 elements torch.bfloat16 {layout_name} {kind.removesuffix(' channels_last')}"
         launches.append(launch)
     return launches

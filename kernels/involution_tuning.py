@@ -13,13 +13,13 @@ from .configs import KernelSpace, Problem, neighbourhood, register_spaces
 from .involution import (
     backward_input_launch,
     backward_weight_launch,
-    default_config,
     forward_default,
     forward_launch,
     input_grad_default,
     problem_key,
     weight_grad_config,
-    weight_grad_tiles,
+    weight_grad_default,
+    weight_grad_partials,
 )
 
 # (label, C, H = W, stride): RedNet-50's involutions (K = 7, 16 channels per group) and DWNet-T's
@@ -86,9 +86,8 @@ def _tuning_launch(kernel: str):
         B, G, K = ts["w"].shape[:3]
         Ho, Wo = ts["dy"].shape[2], ts["dy"].shape[3]
         config = config or weight_grad_config(ts["x"], G, K, stride, Ho, Wo, per_pixel=False)
-        tiles = weight_grad_tiles(Ho, Wo, config)
-        partials = ts.setdefault(("partials", tiles), torch.empty((B, G, K, K, tiles), dtype=torch.float32,
-                                                                  device=ts["x"].device))
+        shape = weight_grad_partials(B, G, K, Ho, Wo, config)
+        partials = ts.setdefault(("partials", shape), torch.empty(shape, dtype=torch.float32, device=ts["x"].device))
         return backward_weight_launch(ts["dy"], ts["x"], partials, *geometry, False, config)
     return launch
 
@@ -103,7 +102,8 @@ def _default_for(kernel: str, spec: dict, ts: dict) -> dict:
         return forward_default(ts["x"], ts["w"], ts["y"].shape[2], ts["y"].shape[3])
     if kernel == "involution_bwd_input":
         return input_grad_default(ts["dx"], ts["w"], _strides(spec))
-    return default_config(spec["C"], spec["G"], ts["y"].shape[2], ts["y"].shape[3], bool(spec["channels_last"]))
+    return weight_grad_default(spec["C"], spec["G"], spec["K"], ts["y"].shape[2], ts["y"].shape[3],
+                               bool(spec["channels_last"]), kernel == "involution_bwd_weight")
 
 
 def _tuning_default(kernel: str):
@@ -119,8 +119,14 @@ def _tuning_candidates(kernel: str):
         spec, dtype = _tuning_spec_for_key(kernel)(key)
         default = _default_for(kernel, spec, _tuning_inputs(spec, dtype, "meta"))
         limits = {"BLOCK_G": key["G"], "BLOCK_CG": key["C"] // key["G"], "BLOCK_H": h, "BLOCK_W": w}
+        # The weight-gradient kernels with RUN size their registers for the default's elements per thread.
+        per_thread = (2, 64)
+        if "RUN" in default:
+            tile = default["BLOCK_G"] * default.get("BLOCK_H", 1) * default["BLOCK_W"]
+            per_thread = (tile / (32 * default["num_warps"]),) * 2
         # No tl.dot here, so software pipelining only overlaps the tap loop's loads: worth a look, not a grid.
-        return neighbourhood(default, limits, size=6 if quick else 10, warps=(2, 4, 8), stages=(1,) if quick else (1, 2))
+        return neighbourhood(default, limits, elements_per_thread=per_thread, size=6 if quick else 10,
+                             warps=(1, 2, 4, 8), stages=(1,) if quick else (1, 2))
     return candidates
 
 

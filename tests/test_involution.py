@@ -208,7 +208,7 @@ def test_weight_gradient_with_groups_wider_than_one_channel_chunk(per_pixel, dev
         dw = torch.empty(wshape, device=device)
         launch = kernels.backward_weight_launch(dy, x, dw, *geometry, True, config)
     else:
-        dw = torch.empty((*wshape, kernels.weight_grad_tiles(H, W, config)), device=device)
+        dw = torch.empty(kernels.weight_grad_partials(B, G, K, H, W, config), device=device)
         launch = kernels.backward_weight_launch(dy, x, dw, *geometry, False, config)
     assert not launch.meta["ONE_CG_CHUNK"]
     launch()
@@ -286,3 +286,71 @@ def test_input_gradient_skips_the_missing_tap_of_a_stride_phase(per_pixel, devic
     assert 0 < finite.sum() < finite.numel()
     assert torch.equal(torch.isfinite(dx).cpu(), finite)
     assert_close(dx.cpu()[finite], expected[finite], torch.float32, "finite dx")
+
+
+S1, S2D2 = ((1, 1), (1, 1), (1, 1)), ((2, 1), (2, 1), (2, 1))
+
+
+@pytest.mark.parametrize("geometry, memory_format, dtype", [
+    (S1, torch.contiguous_format, torch.float32), (S1, torch.channels_last, torch.bfloat16),
+    (S2D2, torch.channels_last, torch.float32), (S2D2, torch.contiguous_format, torch.bfloat16)],
+    ids=["s1-nchw-fp32", "s1-nhwc-bf16", "s2d2-nhwc-fp32", "s2d2-nchw-bf16"])
+def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory_format, dtype, device):
+    """The runs kernel (K, strides, dilations compile-time; taps unrolled; the channels_last default)
+    and the generic kernel (the NCHW default, and the fallback past RUNS_MAX_K): both against
+    float64, at odd sizes with runs cut by the image edge."""
+    stride, padding, dilation = geometry
+    B, C, G, H, W, K = 1, 6, 2, 7, 5, 3
+    Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
+    x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
+    w64 = torch.zeros((B, G, K, K, Ho, Wo), dtype=torch.float64, requires_grad=True)
+    involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
+    runs = {"BLOCK_G": 2, "BLOCK_H": 1, "BLOCK_W": 4, "RUN": 3, "num_warps": 1}
+    generic = {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 2, "BLOCK_W": 4, "num_warps": 1}
+    default = kernels.weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=True)
+    assert ("RUN" in default) == (memory_format == torch.channels_last)
+    for config in (runs, generic):
+        dw = torch.empty((B, G, K, K, Ho, Wo), device=device, dtype=dtype)
+        launch = kernels.backward_weight_launch(dy, x, dw, stride, padding, dilation, True, config)
+        assert launch.name == ("involution_bwd_weight_runs_kernel" if config is runs else "involution_bwd_weight_kernel")
+        launch()
+        assert_close(dw, w64.grad, dtype, launch.name)
+
+
+def test_per_pixel_weight_gradient_past_the_unrolled_kernel_sizes(device):
+    """K > RUNS_MAX_K takes the generic kernel, whose tap loop has a run-time trip count."""
+    K = kernels.RUNS_MAX_K + 2
+    x = torch.randn(1, 4, 3, 4, device=device)
+    w = torch.randn(1, 2, K, K, 3, 4, dtype=torch.float64)
+    dy = torch.randn(1, 4, 3, 4, device=device)
+    dw = torch.empty(w.shape, device=device)
+    launch = kernels.backward_weight_launch(dy, x, dw, (1, 1), (K // 2, K // 2), (1, 1), True)
+    assert launch.name == "involution_bwd_weight_kernel"
+    launch()
+    w64 = torch.zeros(w.shape, dtype=torch.float64, requires_grad=True)
+    involution_unfold(x.double().cpu(), w64, None, 1, K // 2, 1).backward(dy.double().cpu())
+    assert_close(dw, w64.grad, torch.float32, "dw")
+
+
+@pytest.mark.parametrize("memory_format, dtype, geometry, H", [
+    (torch.contiguous_format, torch.float32, S1, 9), (torch.channels_last, torch.bfloat16, S2D2, 17)],
+    ids=["nchw-fp32", "nhwc-bf16-s2d2"])
+def test_per_sample_weight_gradient_persistent_partials(memory_format, dtype, geometry, H, device, monkeypatch):
+    """The persistent per-sample kernel (G = C): programs walk tiles split, split + SPLITS, ... with a
+    tile count not divisible by the program count, B = 1, odd sizes; the partials sum to dw."""
+    monkeypatch.setattr(kernels, "PERSISTENT_PROGRAMS", 2)  # 4 channels in one block: 2 splits
+    stride, padding, dilation = geometry
+    B, C, W, K = 1, 4, 5, 3
+    Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
+    x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
+    config = kernels.weight_grad_config(x, C, K, stride, Ho, Wo, per_pixel=False)
+    shape = kernels.weight_grad_partials(B, C, K, Ho, Wo, config)
+    tiles = -(-Ho // config["RUN"]) * -(-Wo // config["BLOCK_W"])
+    assert shape[-1] == 2 and tiles % 2, (shape, tiles)
+    dw = torch.empty((B, C, K, K), device=device, dtype=dtype)
+    kernels.involution_backward_weight(dy, x, dw, stride, padding, dilation)
+    w64 = torch.zeros((B, C, K, K), dtype=torch.float64, requires_grad=True)
+    involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
+    assert_close(dw, w64.grad, dtype, "dw")
