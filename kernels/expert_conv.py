@@ -74,7 +74,8 @@ def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mas
                  MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr):
     """The tile ``W[b, r]`` at element offsets ``w_off`` (o, c, u, v part), in ACC_DTYPE.
 
-    ``sp_off`` / ``sp_mask`` (the u, v part of the spatial offsets, one per row) broadcast against ``w_off``.
+    ``sp_off`` / ``sp_mask`` (the u, v part of the spatial offsets, one per row) broadcast against ``w_off``;
+    ``sp_mask`` None: ``sp_off`` is one in-range tap's scalar offset.
     ``r`` must already be int64 in the INDEX_64 variants (or the constant 0).
     """
     base = w_ptr + b * sw_b + r * sw_r + w_off
@@ -97,43 +98,79 @@ def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mas
     else:
         tile = tl.load(base, mask=mask, other=0.0).to(ACC_DTYPE)
     if HAS_SPATIAL:
-        tile = tile * tl.load(spatial_ptr + b * ssb + sp_off, mask=sp_mask, other=0.0).to(ACC_DTYPE)
+        if sp_mask is None:  # one in-range tap: a scalar
+            scale = tl.load(spatial_ptr + b * ssb + sp_off)
+        else:
+            scale = tl.load(spatial_ptr + b * ssb + sp_off, mask=sp_mask, other=0.0)
+        tile = tile * scale.to(ACC_DTYPE)
     return tile
 
 
 @triton.jit
-def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, k_end,
-               H, W, CIN_G, KW, NUM_MIX,
+def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, c_end,
+               H, W, CIN_G, NUM_MIX,
                sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
                SH, SW, PH, PW, DH, DW,
+               KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, INDEX_64: tl.constexpr,
                ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc[p, n] = Σ_k patch[b, (i_p, j_p), k] · W[b, r, o_n, k] over k < k_end (0 skips the loop)."""
+    """acc[p, n] = Σ_k patch[b, (i_p, j_p), k] · W[b, r, o_n, k] over channels c < c_end (0 skips it all).
+
+    TAP_LOOP: the taps unrolled at compile time, a channel loop inside each, so a K-step adds one
+    channel offset per operand and the tap's rows (positions, padding mask) are formed once per tap.
+    Otherwise (fewer channels per group than BLOCK_K: depth-wise, narrow groups) one loop over the
+    flattened reduction k = (u·kw + v)·CIN_G + c, which wastes no lanes on a short channel axis.
+    """
     h_first = i * SH - PH
     w_first = j * SW - PW
     x_group = x_ptr + b * sxb + (g * CIN_G) * sxc
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, k_end, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    if TAP_LOOP:
+        cc = tl.arange(0, BLOCK_K)
         if INDEX_64:
-            k = k.to(tl.int64)
-        k_ok = k < k_end
-        tap = k // CIN_G
-        c = k % CIN_G
-        u = tap // KW
-        v = tap % KW
-        h = h_first[:, None] + (u * DH)[None, :]
-        w = w_first[:, None] + (v * DW)[None, :]
-        ok = pix_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        patch = tl.load(x_group + (c * sxc)[None, :] + h * sxh + w * sxw, mask=ok, other=0.0)
-        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r,
-                              (c * sw_i + u * sw_u + v * sw_v)[:, None] + (o * sw_o)[None, :],
-                              (u * ssu + v * ssv)[:, None], k_ok[:, None], k_ok[:, None] & o_ok[None, :], NUM_MIX,
-                              sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
-        # out_dtype on every accumulating dot: triton 3.6 asserts it equals acc's dtype and defaults
-        # it to fp32, so fp64 accumulators must name it.
-        acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            cc = cc.to(tl.int64)
+        for u in tl.static_range(KH):
+            for v in tl.static_range(KW):
+                h = h_first + u * DH
+                w = w_first + v * DW
+                row_ok = pix_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                x_rows = x_group + h * sxh + w * sxw
+                w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v + (o * sw_o)[None, :]
+                for c0 in range(0, c_end, BLOCK_K):
+                    c = c0 + cc
+                    c_ok = c < c_end
+                    patch = tl.load(x_rows[:, None] + (c * sxc)[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                                    other=0.0)
+                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, (c * sw_i)[:, None] + w_tap,
+                                          u * ssu + v * ssv, None, c_ok[:, None] & o_ok[None, :], NUM_MIX,
+                                          sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE,
+                                          INDEX_64)
+                    # out_dtype on every accumulating dot: triton 3.6 asserts it equals acc's dtype and
+                    # defaults it to fp32, so fp64 accumulators must name it.
+                    acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION,
+                                 out_dtype=ACC_DTYPE)
+    else:
+        k_end = c_end * (KH * KW)
+        for k0 in range(0, k_end, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if INDEX_64:
+                k = k.to(tl.int64)
+            k_ok = k < k_end
+            tap = k // CIN_G
+            c = k % CIN_G
+            u = tap // KW
+            v = tap % KW
+            h = h_first[:, None] + (u * DH)[None, :]
+            w = w_first[:, None] + (v * DW)[None, :]
+            ok = pix_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            patch = tl.load(x_group + (c * sxc)[None, :] + h * sxh + w * sxw, mask=ok, other=0.0)
+            weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r,
+                                  (c * sw_i + u * sw_u + v * sw_v)[:, None] + (o * sw_o)[None, :],
+                                  (u * ssu + v * ssv)[:, None], k_ok[:, None], k_ok[:, None] & o_ok[None, :],
+                                  NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE,
+                                  INDEX_64)
+            acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
@@ -167,7 +204,7 @@ def _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, N
 def expert_conv_fwd_kernel(
     x_ptr, w_ptr, coef_ptr, spatial_ptr, bias_ptr, y_ptr,
     tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
     sxb, sxc, sxh, sxw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
     sc_b, sc_r, sc_e,
@@ -175,7 +212,7 @@ def expert_conv_fwd_kernel(
     sbias_b, sbias_r, sbias_o,
     syb, syc, syh, syw,
     SH, SW, PH, PW, DH, DW,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GUIDE: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -188,13 +225,13 @@ def expert_conv_fwd_kernel(
     on = (pid_n % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = on < COUT_G
     P = Ho * Wo
-    k_end = CIN_G * KH * KW
+    c_end = CIN_G
     if INDEX_64:
         b = b.to(tl.int64)
     if HAS_GUIDE:
         r, p, pix_ok, valid = _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t,
                                            NUM_REGIONS, P, BLOCK_P, BLOCK_R)
-        k_end = tl.where(valid, k_end, 0)
+        c_end = tl.where(valid, c_end, 0)
         r = widen(r, INDEX_64)
     else:
         r = 0
@@ -208,10 +245,10 @@ def expert_conv_fwd_kernel(
     o = g * COUT_G + on
     i = p // Wo
     j = p % Wo
-    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, k_end,
-                     H, W, CIN_G, KW, NUM_MIX,
+    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, c_end,
+                     H, W, CIN_G, NUM_MIX,
                      sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
-                     SH, SW, PH, PW, DH, DW, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
+                     SH, SW, PH, PW, DH, DW, KH, KW, TAP_LOOP, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
                      ACC_DTYPE, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -222,7 +259,7 @@ def expert_conv_fwd_kernel(
 @triton.jit
 def expert_conv_guide_score_kernel(
     x_ptr, w_ptr, coef_ptr, spatial_ptr, bias_ptr, dy_ptr, score_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_MIX, TILES, N_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, TILES, N_TILES,
     sxb, sxc, sxh, sxw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
     sc_b, sc_r, sc_e,
@@ -231,7 +268,7 @@ def expert_conv_guide_score_kernel(
     sdyb, sdyc, sdyh, sdyw,
     s_score_b, s_score_r, s_score_n,
     SH, SW, PH, PW, DH, DW,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -259,10 +296,10 @@ def expert_conv_guide_score_kernel(
     o = g * COUT_G + on
     i = p // Wo
     j = p % Wo
-    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, CIN_G * KH * KW,
-                     H, W, CIN_G, KW, NUM_MIX,
+    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, CIN_G,
+                     H, W, CIN_G, NUM_MIX,
                      sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
-                     SH, SW, PH, PW, DH, DW, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
+                     SH, SW, PH, PW, DH, DW, KH, KW, TAP_LOOP, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
                      ACC_DTYPE, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -505,12 +542,28 @@ def weight_source(experts: torch.Tensor, routing: torch.Tensor | None, materiali
     E = experts.shape[0]
     if materialise:
         B, m = routing.shape[:2]
-        flat = torch.matmul(routing.reshape(B * m, E), experts.reshape(E, -1))
-        mixed = flat.reshape(B, m, *experts.shape[1:])
+        # Mixed straight into the (Cout, kh, kw, Cin/g) order: only the E experts are permuted (no
+        # copy at all when they are channels_last), never the B·m mixed kernels.
+        flat = torch.matmul(routing.reshape(B * m, E), _channels_innermost(experts).movedim(2, -1).reshape(E, -1))
+        mixed = flat.reshape(B, m, *_tap_major_shape(experts)).movedim(-1, 3)
         s = mixed.stride()
         return WeightSource(mixed, (s[0], s[1], 0, *s[2:]), None, 1)
+    experts = _channels_innermost(experts)
     s = experts.stride()
     return WeightSource(experts, (0, 0, *s), routing, E)
+
+
+def _tap_major_shape(experts: torch.Tensor) -> tuple:
+    E, Cout, cin_g, kh, kw = experts.shape
+    return Cout, kh, kw, cin_g
+
+
+def _channels_innermost(experts: torch.Tensor) -> torch.Tensor:
+    """``experts`` (E, Cout, Cin/g, kh, kw) with Cin/g innermost in memory, (E, Cout, kh, kw, Cin/g)
+    order: the forward's reduction axis and the input gradient's column axis become contiguous rows
+    for ``tl.dot``. A view when they are laid out so already (channels_last), else one copy of the
+    E experts, made outside every kernel loop."""
+    return experts.movedim(2, -1).contiguous().movedim(-1, 2)
 
 
 def _pow2_between(n: int, low: int, high: int) -> int:
@@ -558,14 +611,28 @@ def _num_warps(dtype: torch.dtype, tile_rows: int) -> int:
     return 8 if dtype.itemsize == 2 or tile_rows >= 128 else 4
 
 
+def _channel_block(cin_g: int, dtype: torch.dtype) -> int:
+    """The reduction block of a per-tap channel loop: the largest power of two within a group's
+    channels (so no lane is masked when they are a multiple of it), up to what the operand width
+    allows; below 16 channels the flattened reduction's block (``_conv_tile``)."""
+    if cin_g < 16:
+        return _block_k(dtype)
+    cap = {2: 64, 4: 32}.get(dtype.itemsize, 16)
+    return min(cap, 1 << (cin_g.bit_length() - 1))
+
+
 def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0,
-                           index_64: bool = False) -> dict:
+                           index_64: bool = False, cin_g: int = 0) -> dict:
     # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
     # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
     # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
     block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 and not index_64 else 64
-    return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
-            "num_warps": _num_warps(dtype, block_p), "num_stages": 2}
+    # Wide channel tiles and three stages for 2-byte operands on the per-tap path: 128 x 128 x 64
+    # tiles are two 64 x 128 wgmma groups per K-step, their operands streamed by cp.async.
+    wide = dtype.itemsize == 2 and cin_g >= 64 and block_p == 128
+    return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 128 if wide else 64),
+            "BLOCK_K": _channel_block(cin_g, dtype), "num_warps": _num_warps(dtype, block_p),
+            "num_stages": 3 if wide else 2}
 
 
 def default_input_grad_config(cin_g: int, dtype: torch.dtype) -> dict:
@@ -629,12 +696,29 @@ def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tup
     return tuple(None if regions is None else getattr(regions, n) for n in names)
 
 
+def _tap_meta(cin_g: int, kernel_hw, block_k: int) -> dict:
+    """The compile-time kernel size and ``_conv_tile``'s loop form: per tap while a group's
+    channels fill a reduction block, the flattened reduction below that (no lanes wasted)."""
+    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=cin_g >= block_k)
+
+
+def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
+    """``_conv_tile``'s loops: one channel loop per (unrolled) tap, or one flattened loop; the
+    expert loop of on-the-fly mixing inside each."""
+    taps = meta["KH"] * meta["KW"]
+    if meta["TAP_LOOP"]:
+        steps, copies = cdiv(cin_g, meta["BLOCK_K"]), taps
+    else:
+        steps, copies = cdiv(cin_g * taps, meta["BLOCK_K"]), 1
+    return ((steps, (source.num_mix,)) if source.mix else steps,) * copies
+
+
 def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
     index_64 = needs_int64(x) or x.shape[0] * experts.shape[1] * pixels > INT32_MAX  # x or y past 2^31
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
-                      default_forward_config(cout_g, x.dtype, pixels // m, index_64))
+                      default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2]))
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -658,7 +742,6 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
                     kernel_hw, groups, stride, padding, dilation, config: dict) -> Launch:
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
-    kh, kw = kernel_hw
     m = regions.num_regions if regions is not None else 1
     meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
     n_tiles = cdiv(Cout // groups, meta["BLOCK_N"])
@@ -669,22 +752,22 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
         pixel_start_ptr=regions.pixel_start if regions is not None else None,
         count_ptr=regions.count if regions is not None else None,
         perm_ptr=regions.perm if regions is not None else None,
-        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups,
         NUM_REGIONS=m, TILES=tiles, N_TILES=n_tiles,
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
         **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
         **_geometry_args(stride, padding, dilation),
     )
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"]))
     meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
                 HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
                 INDEX_64=needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed),
                 ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
-    k_steps = cdiv((Cin // groups) * kh * kw, meta["BLOCK_K"])
     return Launch(expert_conv_fwd_kernel, (B * tiles, groups * n_tiles, 1), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 2),
-                  loops=((k_steps, (source.num_mix,)),) if source.mix else (k_steps,))
+                  loops=_conv_tile_loops(Cin // groups, meta, source))
 
 
 def guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, kernel_hw, groups,
@@ -706,28 +789,27 @@ def _guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score,
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     m = score.shape[1]
-    kh, kw = kernel_hw
     meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
     n_tiles = cdiv(Cout // groups, meta["BLOCK_N"])
     tiles = cdiv(Ho * Wo, meta["BLOCK_P"])
     args = dict(
         x_ptr=x, dy_ptr=dy, score_ptr=score, **_mixing_args(source, spatial), **_bias_args(bias_mixed),
-        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups,
         TILES=tiles, N_TILES=n_tiles,
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         s_score_b=score.stride(0), s_score_r=score.stride(1), s_score_n=score.stride(2),
         **_geometry_args(stride, padding, dilation),
     )
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"]))
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None,
                 INDEX_64=needs_int64(x, dy, score, source.weight, source.coef, spatial, bias_mixed),
                 ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
-    k_steps = cdiv((Cin // groups) * kh * kw, meta["BLOCK_K"])
     return Launch(expert_conv_guide_score_kernel, (B * tiles, groups * n_tiles, m), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 2),
-                  loops=((k_steps, (source.num_mix,)),) if source.mix else (k_steps,))
+                  loops=_conv_tile_loops(Cin // groups, meta, source))
 
 
 def score_tiles(cout: int, groups: int, config: dict) -> int:
