@@ -312,68 +312,128 @@ def expert_conv_guide_score_kernel(
 @triton.jit
 def expert_conv_bwd_input_kernel(
     dy_ptr, w_ptr, coef_ptr, spatial_ptr, region_ptr, dx_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
     sdyb, sdyc, sdyh, sdyw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
     sc_b, sc_r, sc_e,
     ssb, ssu, ssv,
     sdxb, sdxc, sdxh, sdxw,
     SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_GUIDE: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dx[b, c, h, w] = Σ_{o, u, v} W[b, r(i,j), o, c, u, v] · dy[b, o, i, j], (i, j) the output pixel
-    that reads (h, w) through tap (u, v). Reduction k = (u·kw + v)·COUT_G + o, gathered from dy."""
+    that reads (h, w) through tap (u, v).
+
+    A program's pixels share one stride phase (h mod SH, w mod SW): a tap then reaches either all of
+    them or none, so the taps no output pixel reads cost no MMA (no stride² waste). Axis 0 is
+    (b, phase, tile of the phase's pixels). TAP_LOOP: taps unrolled, an output-channel loop inside
+    each (see ``_conv_tile``); otherwise one loop over k = (u·kw + v)·COUT_G + o, gathered per element.
+    """
     pid = tl.program_id(0)
-    b = pid // TILES
+    b = pid // (TILES * SH * SW)
     t = pid % TILES
+    phase = (pid // TILES) % (SH * SW)
+    ph = phase // SW
+    pw = phase % SW
     pid_n = tl.program_id(1)
     g = pid_n // N_TILES
     cn = (pid_n % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = cn < CIN_G
-    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = p < H * W
+    # The phase's pixels: an (Hp, Wp) grid with steps (SH, SW) from (ph, pw).
+    Hp = (H - ph + SH - 1) // SH
+    Wp = (W - pw + SW - 1) // SW
+    q = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_ok = q < Hp * Wp
     if INDEX_64:
         b = b.to(tl.int64)
-        p = p.to(tl.int64)
+        q = q.to(tl.int64)
         cn = cn.to(tl.int64)
         g = g.to(tl.int64)
-    h = p // W
-    w = p % W
-    K_TOTAL = COUT_G * KH * KW
+    h = ph + (q // Wp) * SH
+    w = pw + (q % Wp) * SW
     dy_group = dy_ptr + b * sdyb + (g * COUT_G) * sdyc
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    if TAP_LOOP:
+        oc = tl.arange(0, BLOCK_K)
         if INDEX_64:
-            k = k.to(tl.int64)
-        k_ok = k < K_TOTAL
-        tap = k // COUT_G
-        oo = k % COUT_G
-        u = tap // KW
-        v = tap % KW
-        i, ok = gather_source(h[:, None], PH, u[None, :], DH, SH, Ho, pix_ok[:, None] & k_ok[None, :])
-        j, ok = gather_source(w[:, None], PW, v[None, :], DW, SW, Wo, ok)
-        grad = tl.load(dy_group + (oo * sdyc)[None, :] + i * sdyh + j * sdyw, mask=ok, other=0.0)
-        w_off = ((g * COUT_G + oo) * sw_o + u * sw_u + v * sw_v)[:, None] + (cn * sw_i)[None, :]
-        sp_off = (u * ssu + v * ssv)[:, None]
-        w_mask = k_ok[:, None] & c_ok[None, :]
-        if HAS_GUIDE:
-            region = tl.load(region_ptr + b * Ho * Wo + i * Wo + j, mask=ok, other=-1)
-            for rgn in range(NUM_REGIONS):
-                selected = ok & (region == rgn)
-                # Coherent regions: most K-steps see one or two of them; skip the others' MMA.
-                if tl.max(tl.max(selected.to(tl.int32), axis=1), axis=0) > 0:
-                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64), w_off, sp_off,
-                                          k_ok[:, None], w_mask, NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb,
-                                          MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
-                    acc = tl.dot(tl.where(selected, grad, 0.0).to(grad.dtype), weight.to(grad.dtype), acc,
-                                 input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0, w_off, sp_off, k_ok[:, None], w_mask, NUM_MIX,
-                                  sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
-            acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            oc = oc.to(tl.int64)
+        for u in tl.static_range(KH):
+            for v in tl.static_range(KW):
+                # Whether this phase's pixels are read through (u, v) at all: one test per tap.
+                rise = ph + PH - u * DH
+                run = pw + PW - v * DW
+                o_end = tl.where((rise % SH == 0) & (run % SW == 0), COUT_G, 0)
+                i = (h + PH - u * DH) // SH
+                j = (w + PW - v * DW) // SW
+                row_ok = pix_ok & (h + PH - u * DH >= 0) & (i < Ho) & (w + PW - v * DW >= 0) & (j < Wo)
+                dy_rows = dy_group + i * sdyh + j * sdyw
+                w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v + (cn * sw_i)[None, :]
+                sp_off = u * ssu + v * ssv
+                if HAS_GUIDE:
+                    region = tl.load(region_ptr + b * Ho * Wo + i * Wo + j, mask=row_ok, other=-1)
+                    for rgn in range(NUM_REGIONS):
+                        selected = row_ok & (region == rgn)
+                        # Coherent regions: a tap's pixels hold one or two of them; skip the others.
+                        rgn_end = tl.where(tl.max(selected.to(tl.int32), axis=0) > 0, o_end, 0)
+                        for o0 in range(0, rgn_end, BLOCK_K):
+                            oo = o0 + oc
+                            o_ok = oo < o_end
+                            grad = tl.load(dy_rows[:, None] + (oo * sdyc)[None, :],
+                                           mask=selected[:, None] & o_ok[None, :], other=0.0)
+                            weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64),
+                                                  ((g * COUT_G + oo) * sw_o)[:, None] + w_tap, sp_off, None,
+                                                  o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b,
+                                                  sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+                            acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION,
+                                         out_dtype=ACC_DTYPE)
+                else:
+                    for o0 in range(0, o_end, BLOCK_K):
+                        oo = o0 + oc
+                        o_ok = oo < o_end
+                        grad = tl.load(dy_rows[:, None] + (oo * sdyc)[None, :], mask=row_ok[:, None] & o_ok[None, :],
+                                       other=0.0)
+                        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0,
+                                              ((g * COUT_G + oo) * sw_o)[:, None] + w_tap, sp_off, None,
+                                              o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
+                                              sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+                        acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION,
+                                     out_dtype=ACC_DTYPE)
+    else:
+        K_TOTAL = COUT_G * KH * KW
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if INDEX_64:
+                k = k.to(tl.int64)
+            k_ok = k < K_TOTAL
+            tap = k // COUT_G
+            oo = k % COUT_G
+            u = tap // KW
+            v = tap % KW
+            i, ok = gather_source(h[:, None], PH, u[None, :], DH, SH, Ho, pix_ok[:, None] & k_ok[None, :])
+            j, ok = gather_source(w[:, None], PW, v[None, :], DW, SW, Wo, ok)
+            grad = tl.load(dy_group + (oo * sdyc)[None, :] + i * sdyh + j * sdyw, mask=ok, other=0.0)
+            w_off = ((g * COUT_G + oo) * sw_o + u * sw_u + v * sw_v)[:, None] + (cn * sw_i)[None, :]
+            sp_off = (u * ssu + v * ssv)[:, None]
+            w_mask = k_ok[:, None] & c_ok[None, :]
+            if HAS_GUIDE:
+                region = tl.load(region_ptr + b * Ho * Wo + i * Wo + j, mask=ok, other=-1)
+                for rgn in range(NUM_REGIONS):
+                    selected = ok & (region == rgn)
+                    # Coherent regions: most K-steps see one or two of them; skip the others' MMA.
+                    if tl.max(tl.max(selected.to(tl.int32), axis=1), axis=0) > 0:
+                        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64), w_off, sp_off,
+                                              k_ok[:, None], w_mask, NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb,
+                                              MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+                        acc = tl.dot(tl.where(selected, grad, 0.0).to(grad.dtype), weight.to(grad.dtype), acc,
+                                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0, w_off, sp_off, k_ok[:, None], w_mask,
+                                      NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE,
+                                      INDEX_64)
+                acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     dx_off = b * sdxb + ((g * CIN_G + cn) * sdxc)[None, :] + (h * sdxh + w * sdxw)[:, None]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
 
@@ -635,9 +695,13 @@ def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: i
             "num_stages": 3 if wide else 2}
 
 
-def default_input_grad_config(cin_g: int, dtype: torch.dtype) -> dict:
-    # One stage for 4-byte operands: two spill on sm_80 (NCHW, materialised kernels).
-    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _block_k(dtype),
+def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0) -> dict:
+    # As the forward's (the reduction runs over output channels here); one stage for 4-byte
+    # operands: two spill on sm_80 (NCHW, materialised kernels).
+    if dtype.itemsize == 2 and cout_g >= 64:
+        return {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128), "BLOCK_K": _channel_block(cout_g, dtype),
+                "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _channel_block(cout_g, dtype),
             "num_warps": _num_warps(dtype, 64), "num_stages": 2 if dtype.itemsize == 2 else 1}
 
 
@@ -819,7 +883,7 @@ def score_tiles(cout: int, groups: int, config: dict) -> int:
 def input_grad_config(dx, experts, m, groups, stride) -> dict:
     cin_g = dx.shape[1] // groups
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
-                      default_input_grad_config(cin_g, dx.dtype))
+                      default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups))
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
@@ -840,30 +904,45 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
                            dilation, num_regions: int, config: dict) -> Launch:
     B, Cin, H, W = dx.shape
     Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
-    kh, kw = kernel_hw
     meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
     n_tiles = cdiv(Cin // groups, meta["BLOCK_N"])
-    tiles = cdiv(H * W, meta["BLOCK_P"])
+    phases = stride[0] * stride[1]
+    # Tiles per stride phase: enough for the largest phase (the first), the others mask the rest.
+    tiles = cdiv(cdiv(H, stride[0]) * cdiv(W, stride[1]), meta["BLOCK_P"])
     args = dict(
         dy_ptr=dy, dx_ptr=dx, region_ptr=region, **_mixing_args(source, spatial),
-        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups,
         NUM_REGIONS=num_regions, TILES=tiles, N_TILES=n_tiles,
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
         **_geometry_args(stride, padding, dilation),
     )
+    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"]))
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None,
                 INDEX_64=needs_int64(dy, dx, source.weight, source.coef, spatial, region),
                 ACC_DTYPE=_acc_dtype(dy.dtype),
                 INPUT_PRECISION=_input_precision(dy.dtype))
     _check_grid(groups * n_tiles)
-    k_steps = cdiv((Cout // groups) * kh * kw, meta["BLOCK_K"])
+    return Launch(expert_conv_bwd_input_kernel, (B * phases * tiles, groups * n_tiles, 1), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 2),
+                  loops=_input_grad_loops(Cout // groups, meta, source, num_regions if region is not None else 0,
+                                          phases))
+
+
+def _input_grad_loops(cout_g: int, meta: dict, source: WeightSource, num_regions: int, phases: int) -> tuple:
+    """The input-gradient kernel's loops. Per tap: a tap reaches the pixels of one stride phase in
+    ``phases``, so averaged over the programs its channel loop runs 1/phases of its steps. With
+    regions, every region's loop is counted on every tap (present or not): an upper bound."""
     per_weight = (source.num_mix,) if source.mix else ()
-    # With regions, every region's body is counted on every K-step (present or not): an upper bound.
-    per_step = ((num_regions, per_weight) if per_weight else num_regions,) if region is not None else per_weight
-    loops = ((k_steps, per_step) if per_step else k_steps,)
-    return Launch(expert_conv_bwd_input_kernel, (B * tiles, groups * n_tiles, 1), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 2), loops=loops)
+    taps = meta["KH"] * meta["KW"]
+    if meta["TAP_LOOP"]:
+        steps = cdiv(cout_g, meta["BLOCK_K"]) / phases
+        step = (steps, per_weight) if per_weight else steps
+        return ((num_regions, (step,)) if num_regions else step,) * taps
+    # Flattened: every K-step runs (the phase's dead taps are masked lanes).
+    k_steps = cdiv(cout_g * taps, meta["BLOCK_K"])
+    per_step = ((num_regions, per_weight) if per_weight else num_regions,) if num_regions else per_weight
+    return ((k_steps, per_step) if per_step else k_steps,)
 
 
 def weight_grad_config(x, experts, m, groups, stride) -> dict:

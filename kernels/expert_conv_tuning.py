@@ -173,7 +173,7 @@ def _default_for(kernel: str, key: dict) -> dict:
         Ho, Wo = _out_hw(key)
         return ec.default_forward_config(key["Cout"] // g, dtype, Ho * Wo // key["m"], cin_g=key["Cin"] // g)
     if kernel == "expert_conv_bwd_input":
-        return ec.default_input_grad_config(key["Cin"] // g, dtype)
+        return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g)
     return ec.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype)
 
 

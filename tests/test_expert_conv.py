@@ -70,6 +70,10 @@ CASES = {
     "1x1-stride2": Case(H=7, W=5, kh=1, kw=1, padding=0, stride=2, spatial=True),
     "depthwise-5x3": Case(B=1, Cin=5, Cout=5, groups=5, kh=5, kw=3, padding=2, E=2),
     "wide-channels": Case(B=1, Cin=20, Cout=40, H=5, W=5, E=2, spatial=True),  # several channel and K tiles
+    # 16 channels a group: the per-tap channel loops, with stride phases (odd H) and regions in the input gradient.
+    "taps-stride2-odd": Case(B=1, Cin=16, Cout=16, H=7, W=6, kh=3, kw=2, E=2, stride=2, spatial=True),
+    "taps-drconv-stride2": Case(B=1, Cin=16, Cout=16, H=5, W=7, E=2, m=2, guide=True, stride=2, dilation=2,
+                                padding=2),
     "drconv-m3": Case(m=3, guide=True, spatial=True),
     "drconv-m4-groups2-stride2": Case(B=2, Cin=4, Cout=4, H=9, W=8, m=4, guide=True, groups=2, stride=2, E=2),
     "drconv-m1": Case(B=1, m=1, guide=True),
