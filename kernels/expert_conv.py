@@ -60,6 +60,8 @@ INT32_MAX = 2**31 - 1
 _PAST_LAST_TILE = tl.constexpr(INT32_MAX)
 # A region needs this many output pixels before materialising its mixed kernel beats mixing on the fly.
 MATERIALISE_MIN_PIXELS = 256
+# At most this many launches per pass when the batch's mixed kernels are materialised a part at a time.
+MATERIALISE_MAX_PARTS = 8
 # Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).
 WEIGHT_GRAD_MIN_PROGRAMS = 264
 
@@ -441,17 +443,22 @@ def expert_conv_bwd_input_kernel(
 @triton.jit
 def expert_conv_bwd_weight_kernel(
     dy_ptr, x_ptr, pixel_start_ptr, count_ptr, perm_ptr, dw_ptr, dbias_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES, C_TILES,
     sdyb, sdyc, sdyh, sdyw,
     sxb, sxc, sxh, sxw,
     sdw_s, sdw_b, sdw_r, sdw_o, sdw_i, sdw_u, sdw_v,
     sdb_s, sdb_b, sdb_r, sdb_o,
     SH, SW, PH, PW, DH, DW,
-    BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TAP_LOOP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_GUIDE: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dw[s, b, r, o, k] = Σ_{p in chunk s of region r} dy[b, o, p] · patch[b, p, k], and from the
-    programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s)."""
+    programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s).
+
+    TAP_LOOP: a program's k tile is BLOCK_N channels of one tap (axis 2 is (tap, channel tile)), so
+    a pixel step forms the patch rows' positions and padding mask once per pixel, not per element.
+    Otherwise the tile spans the flattened k = (u·kw + v)·CIN_G + c (fewer channels than BLOCK_N).
+    """
     pid = tl.program_id(0)
     s = pid % SPLITS
     br = pid // SPLITS
@@ -462,9 +469,15 @@ def expert_conv_bwd_weight_kernel(
     g = pid_o // O_TILES
     on = (pid_o % O_TILES) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = on < COUT_G
-    k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    K_TOTAL = CIN_G * KH * KW
-    k_ok = k < K_TOTAL
+    if TAP_LOOP:
+        tap = pid_k // C_TILES
+        c = (pid_k % C_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = c < CIN_G
+    else:
+        k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = k < CIN_G * KH * KW
+        tap = k // CIN_G
+        c = k % CIN_G
     P = Ho * Wo
     if HAS_GUIDE:
         start = tl.load(pixel_start_ptr + b * NUM_REGIONS + r)
@@ -479,12 +492,11 @@ def expert_conv_bwd_weight_kernel(
         b = b.to(tl.int64)
         on = on.to(tl.int64)
         g = g.to(tl.int64)
-        k = k.to(tl.int64)
+        c = c.to(tl.int64)
+        tap = tap.to(tl.int64)
         s = s.to(tl.int64)
         r = r.to(tl.int64)
     o = g * COUT_G + on
-    tap = k // CIN_G
-    c = k % CIN_G
     u = tap // KW
     v = tap % KW
     # What the pixel loop reads is kept as offsets from per-sample base pointers, and the k part of the
@@ -509,10 +521,17 @@ def expert_conv_bwd_weight_kernel(
         j = p % Wo
         grad = tl.load(dy_sample + (dy_row[:, None] + (i * sdyh + j * sdyw)[None, :]),
                        mask=o_ok[:, None] & q_ok[None, :], other=0.0)
-        h = (i * SH - PH)[:, None] + (u * DH)[None, :]
-        w = (j * SW - PW)[:, None] + (v * DW)[None, :]
-        ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        patch = tl.load(x_sample + (x_col[None, :] + h * sxh + w * sxw), mask=ok, other=0.0)
+        if TAP_LOOP:
+            h = i * SH - PH + u * DH
+            w = j * SW - PW + v * DW
+            ok = q_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            patch = tl.load(x_sample + (x_col[None, :] + (h * sxh + w * sxw)[:, None]),
+                            mask=ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            h = (i * SH - PH)[:, None] + (u * DH)[None, :]
+            w = (j * SW - PW)[:, None] + (v * DW)[None, :]
+            ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            patch = tl.load(x_sample + (x_col[None, :] + h * sxh + w * sxw), mask=ok, other=0.0)
         acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
     dw_off = s * sdw_s + b * sdw_b + r * sdw_r + (o * sdw_o)[:, None] + dw_col[None, :]
@@ -585,9 +604,46 @@ class WeightSource:
 
 def should_materialise(experts: torch.Tensor, routing: torch.Tensor, out_pixels: int) -> bool:
     """Materialise while it pays (enough pixels per region) and stays bounded (no bigger than y)."""
-    m = routing.shape[1]
-    per_sample_kernel = experts[0].numel() // experts.shape[1]  # Cin/g · kh · kw
-    return out_pixels >= MATERIALISE_MIN_PIXELS * m and m * per_sample_kernel <= out_pixels
+    return materialises(experts[0].numel() // experts.shape[1], routing.shape[1], out_pixels)
+
+
+def materialises(filter_size: int, m: int, out_pixels: int) -> bool:
+    """``should_materialise`` from sizes alone: ``filter_size`` = Cin/g · kh · kw."""
+    return out_pixels >= MATERIALISE_MIN_PIXELS * m and m * filter_size <= out_pixels
+
+
+def materialise_part(filter_size: int, B: int, m: int, out_pixels: int) -> int:
+    """Samples whose mixed kernels one launch materialises: B when ``materialises``; else, where
+    the mixing pays (enough pixels per region) but all B samples' kernels would outgrow y, the most
+    samples whose kernels stay within y's size, evened out over at most MATERIALISE_MAX_PARTS
+    launches (so the bound on extra memory holds); 0 mixes on the fly."""
+    if materialises(filter_size, m, out_pixels):
+        return B
+    if B == 0 or out_pixels < MATERIALISE_MIN_PIXELS * m:
+        return 0
+    most = B * out_pixels // (m * filter_size)
+    if most == 0 or cdiv(B, most) > MATERIALISE_MAX_PARTS:
+        return 0
+    return cdiv(B, cdiv(B, most))
+
+
+def batch_parts(experts: torch.Tensor, routing: torch.Tensor | None, out_pixels: int,
+                materialise: bool | None) -> list[tuple[slice, bool]]:
+    """(samples, materialise) of each launch of a pass: the whole batch at once, or, when only a
+    part of it may be materialised at a time (``materialise_part``), equal parts of it."""
+    if routing is None or materialise is not None:
+        return [(slice(None), bool(materialise))]
+    B, m = routing.shape[:2]
+    if should_materialise(experts, routing, out_pixels):
+        return [(slice(None), True)]
+    part = materialise_part(experts[0].numel() // experts.shape[1], B, m, out_pixels)
+    if part == 0:
+        return [(slice(None), False)]
+    return [(slice(b, b + part), True) for b in range(0, B, part)]
+
+
+def _part(t: torch.Tensor | None, samples: slice) -> torch.Tensor | None:
+    return None if t is None else t[samples]
 
 
 def weight_source(experts: torch.Tensor, routing: torch.Tensor | None, materialise: bool) -> WeightSource:
@@ -665,50 +721,61 @@ def _block_k(dtype: torch.dtype) -> int:
     return 32 if dtype.itemsize == 2 else 16
 
 
-def _num_warps(dtype: torch.dtype, tile_rows: int) -> int:
+def _num_warps(dtype: torch.dtype, tile_rows: int, mixing: bool = False) -> int:
     # Measured with `dynconv inspect`: 4-byte 64-row tiles at 8 warps make ptxas spill a few
-    # scalars on sm_80 (at under 64 registers); at 4 warps they fit without spilling.
-    return 8 if dtype.itemsize == 2 or tile_rows >= 128 else 4
+    # scalars on sm_80 (at under 64 registers); at 4 warps they fit without spilling. So do 64-row
+    # tiles mixing on the fly (their per-tap loops hold about 200 registers a thread on sm_80).
+    return 8 if (dtype.itemsize == 2 and not mixing) or tile_rows >= 128 else 4
 
 
-def _channel_block(cin_g: int, dtype: torch.dtype) -> int:
+def _channel_block(cin_g: int, dtype: torch.dtype, mixing: bool = False) -> int:
     """The reduction block of a per-tap channel loop: the largest power of two within a group's
     channels (so no lane is masked when they are a multiple of it), up to what the operand width
-    allows; below 16 channels the flattened reduction's block (``_conv_tile``)."""
-    if cin_g < 16:
-        return _block_k(dtype)
+    allows; below 16 channels the flattened reduction's block (``_conv_tile``). Mixing on the fly
+    holds an fp32 weight tile in registers: there the flattened block's size, which sm_80 fits
+    without spilling (`dynconv inspect`; 64 and 32 spill the DRConv and ODConv rows)."""
+    if cin_g < 16 or mixing:
+        return min(_block_k(dtype), 1 << (max(cin_g, 16).bit_length() - 1))
     cap = {2: 64, 4: 32}.get(dtype.itemsize, 16)
     return min(cap, 1 << (cin_g.bit_length() - 1))
 
 
 def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0,
-                           index_64: bool = False, cin_g: int = 0) -> dict:
+                           index_64: bool = False, cin_g: int = 0, mixing: bool = False) -> dict:
     # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
     # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
     # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
     block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 and not index_64 else 64
     # Wide channel tiles and three stages for 2-byte operands on the per-tap path: 128 x 128 x 64
     # tiles are two 64 x 128 wgmma groups per K-step, their operands streamed by cp.async.
-    wide = dtype.itemsize == 2 and cin_g >= 64 and block_p == 128
+    wide = dtype.itemsize == 2 and cin_g >= 64 and block_p == 128 and not mixing
     return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 128 if wide else 64),
-            "BLOCK_K": _channel_block(cin_g, dtype), "num_warps": _num_warps(dtype, block_p),
+            "BLOCK_K": _channel_block(cin_g, dtype, mixing), "num_warps": _num_warps(dtype, block_p, mixing),
             "num_stages": 3 if wide else 2}
 
 
-def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0) -> dict:
+def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, mixing: bool = False) -> dict:
     # As the forward's (the reduction runs over output channels here); one stage for 4-byte
     # operands: two spill on sm_80 (NCHW, materialised kernels).
-    if dtype.itemsize == 2 and cout_g >= 64:
+    if dtype.itemsize == 2 and cout_g >= 64 and not mixing:
         return {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128), "BLOCK_K": _channel_block(cout_g, dtype),
                 "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _channel_block(cout_g, dtype),
-            "num_warps": _num_warps(dtype, 64), "num_stages": 2 if dtype.itemsize == 2 else 1}
+    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _channel_block(cout_g, dtype, mixing),
+            "num_warps": _num_warps(dtype, 64, mixing), "num_stages": 2 if dtype.itemsize == 2 else 1}
 
 
-def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype) -> dict:
+def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, cin_g: int = 0,
+                               channels_last: bool = False) -> dict:
     # Eight warps whatever the dtype: at four, a 4-byte 64 x 64 tile needs about 170 registers a
     # thread, and ptxas 12.8 (triton 3.6) spills a few to fit three blocks per SM on sm_80.
-    return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": _pow2_between(k_total, 16, 64),
+    # Columns: one tap's channels (a power of two within them, so the kernel loops per tap).
+    block_n = _channel_block(cin_g, dtype) if cin_g >= 16 else _pow2_between(k_total, 16, 64)
+    if dtype.itemsize == 2 and cin_g >= 64 and cout_g >= 64 and channels_last:
+        # 128 x 128 x 64 tiles, three stages: two 64 x 128 wgmma groups per pixel step. Not for
+        # NCHW, whose 2-byte scalar patch loads then take over 255 registers on sm_80.
+        return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
+                "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": block_n,
             "BLOCK_K": _block_k(dtype), "num_warps": 8, "num_stages": 2}
 
 
@@ -781,8 +848,9 @@ def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
     index_64 = needs_int64(x) or x.shape[0] * experts.shape[1] * pixels > INT32_MAX  # x or y past 2^31
+    mixing = materialise_part(experts[0].numel() // experts.shape[1], x.shape[0], m, pixels) == 0
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
-                      default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2]))
+                      default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2], mixing))
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -882,8 +950,11 @@ def score_tiles(cout: int, groups: int, config: dict) -> int:
 
 def input_grad_config(dx, experts, m, groups, stride) -> dict:
     cin_g = dx.shape[1] // groups
+    # The output size up to padding: enough to tell whether the op materialises.
+    pixels = cdiv(dx.shape[2], stride[0]) * cdiv(dx.shape[3], stride[1])
+    mixing = materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
-                      default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups))
+                      default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing))
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
@@ -948,7 +1019,8 @@ def _input_grad_loops(cout_g: int, meta: dict, source: WeightSource, num_regions
 def weight_grad_config(x, experts, m, groups, stride) -> dict:
     _, Cout, cin_g, kh, kw = experts.shape
     return get_config("expert_conv_bwd_weight", problem_key(x, experts, m, groups, stride),
-                      default_weight_grad_config(Cout // groups, cin_g * kh * kw, x.dtype))
+                      default_weight_grad_config(Cout // groups, cin_g * kh * kw, x.dtype, cin_g,
+                                                 is_channels_last(x)))
 
 
 def weight_grad_splits(B: int, m: int, cout: int, groups: int, k_total: int, pixels: int, config: dict) -> int:
@@ -980,21 +1052,24 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
     kh, kw = kernel_hw
     meta = {k: config[k] for k in ("BLOCK_O", "BLOCK_N", "BLOCK_K")}
     o_tiles = cdiv(Cout // groups, meta["BLOCK_O"])
-    k_tiles = cdiv((Cin // groups) * kh * kw, meta["BLOCK_N"])
+    # Per tap while a group's channels fill the column block (see the kernel), else flattened.
+    tap_loop = Cin // groups >= meta["BLOCK_N"]
+    c_tiles = cdiv(Cin // groups, meta["BLOCK_N"])
+    k_tiles = kh * kw * c_tiles if tap_loop else cdiv((Cin // groups) * kh * kw, meta["BLOCK_N"])
     args = dict(
         dy_ptr=dy, x_ptr=x, dw_ptr=dw, dbias_ptr=dbias,
         pixel_start_ptr=regions.pixel_start if regions is not None else None,
         count_ptr=regions.count if regions is not None else None,
         perm_ptr=regions.perm if regions is not None else None,
         H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
-        NUM_REGIONS=m, SPLITS=splits, O_TILES=o_tiles,
+        NUM_REGIONS=m, SPLITS=splits, O_TILES=o_tiles, C_TILES=c_tiles,
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
         **dict(zip(("sdw_s", "sdw_b", "sdw_r", "sdw_o", "sdw_i", "sdw_u", "sdw_v"), dw.stride())),
         **dict(zip(("sdb_s", "sdb_b", "sdb_r", "sdb_o"), dbias.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(HAS_GUIDE=regions is not None, INDEX_64=needs_int64(dy, x, dw, dbias),
+    meta.update(TAP_LOOP=tap_loop, HAS_GUIDE=regions is not None, INDEX_64=needs_int64(dy, x, dw, dbias),
                 ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
     if groups * o_tiles > 65535 or k_tiles > 65535:
         raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")
@@ -1025,26 +1100,26 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, grou
     """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``guide`` (B, m, Ho, Wo) or None."""
     shaped, m = _per_kernel(experts, routing)
     config = config or forward_config(x, shaped, m, groups, stride, padding, dilation)
-    if materialise is None and routing is not None:
-        materialise = should_materialise(experts, routing, y.shape[2] * y.shape[3])
-    source = weight_source(experts, routing, materialise)
-    regions = region_tables(guide, config["BLOCK_P"]) if guide is not None and m > 1 else None
-    forward_launch(x, source, spatial, bias_mixed, regions, y, shaped.shape[3:], groups, stride, padding,
-                   dilation, config)()
+    for samples, materialised in batch_parts(experts, routing, y.shape[2] * y.shape[3], materialise):
+        source = weight_source(experts, _part(routing, samples), materialised)
+        part_guide = _part(guide, samples)
+        regions = region_tables(part_guide, config["BLOCK_P"]) if guide is not None and m > 1 else None
+        forward_launch(x[samples], source, _part(spatial, samples), _part(bias_mixed, samples), regions, y[samples],
+                       shaped.shape[3:], groups, stride, padding, dilation, config)()
 
 
 def expert_conv_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation,
                                materialise: bool | None = None, config: dict | None = None) -> None:
     shaped, m = _per_kernel(experts, routing)
     config = config or input_grad_config(dx, shaped, m, groups, stride)
-    if materialise is None and routing is not None:
-        materialise = should_materialise(experts, routing, dy.shape[2] * dy.shape[3])
-    source = weight_source(experts, routing, materialise)
-    region = None
-    if guide is not None and m > 1:
-        region = guide.argmax(dim=1).reshape(guide.shape[0], -1).to(torch.int32).contiguous()
-    backward_input_launch(dy, source, spatial, region, dx, shaped.shape[3:], groups, stride, padding, dilation,
-                          m, config)()
+    for samples, materialised in batch_parts(experts, routing, dy.shape[2] * dy.shape[3], materialise):
+        source = weight_source(experts, _part(routing, samples), materialised)
+        region = None
+        if guide is not None and m > 1:
+            part_guide = guide[samples]
+            region = part_guide.argmax(dim=1).reshape(part_guide.shape[0], -1).to(torch.int32).contiguous()
+        backward_input_launch(dy[samples], source, _part(spatial, samples), region, dx[samples], shaped.shape[3:],
+                              groups, stride, padding, dilation, m, config)()
 
 
 def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_hw, stride, padding, dilation,
@@ -1076,13 +1151,12 @@ def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, group
     B, m = routing.shape[:2]
     Cout, Ho, Wo = dy.shape[1:]
     config = config or forward_config(x, experts, m, groups, stride, padding, dilation)
-    if materialise is None:
-        materialise = should_materialise(experts, routing, Ho * Wo)
-    source = weight_source(experts, routing, materialise)
     score = torch.empty((B, m, score_tiles(Cout, groups, config), Ho * Wo), dtype=_acc_torch_dtype(x.dtype),
                         device=x.device)
-    guide_score_launch(x, source, spatial, bias_mixed, dy, score, experts.shape[3:], groups, stride, padding,
-                       dilation, config)()
+    for samples, materialised in batch_parts(experts, routing, Ho * Wo, materialise):
+        source = weight_source(experts, routing[samples], materialised)
+        guide_score_launch(x[samples], source, _part(spatial, samples), _part(bias_mixed, samples), dy[samples],
+                           score[samples], experts.shape[3:], groups, stride, padding, dilation, config)()
     return score.sum(2).reshape(B, m, Ho, Wo)
 
 
@@ -1114,29 +1188,33 @@ def catalogue() -> list[Launch]:
                 geometry = ((s, s), pad, (1, 1))
                 tag = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
                 fwd_cfg = forward_config(x, experts, m, groups, *geometry)
-                materialised = should_materialise(experts, routing, Ho * Wo)
-                source = weight_source(experts, routing, materialised)
-                regions = None
-                region_map = None
-                if m > 1:
-                    i32 = dict(dtype=torch.int32, device="meta")
-                    regions = RegionTables(torch.empty((B, Ho * Wo), **i32), torch.empty((B, Ho * Wo), **i32),
-                                           torch.empty((B, m), **i32), torch.empty((B, m), **i32),
-                                           torch.empty((B, m + 1), **i32), fwd_cfg["BLOCK_P"])
-                    region_map = regions.region
-                    score = torch.empty((B, m, score_tiles(Cout, groups, fwd_cfg), Ho * Wo), dtype=torch.float32,
-                                        device="meta")
-                    launches.append(guide_score_launch(x, source, spatial, bias, y, score, (kh, kw), groups,
-                                                       *geometry, fwd_cfg))
-                launches.append(forward_launch(x, source, spatial, bias, regions, y, (kh, kw), groups, *geometry,
-                                               fwd_cfg))
-                launches.append(backward_input_launch(y, source, spatial, region_map, x, (kh, kw), groups, *geometry,
-                                                      m, input_grad_config(x, experts, m, groups, (s, s))))
+                dx_cfg = input_grad_config(x, experts, m, groups, (s, s))
                 wcfg = weight_grad_config(x, experts, m, groups, (s, s))
+
+                def region_tables_like(n, block_p):
+                    i32 = dict(dtype=torch.int32, device="meta")
+                    return RegionTables(torch.empty((n, Ho * Wo), **i32), torch.empty((n, Ho * Wo), **i32),
+                                        torch.empty((n, m), **i32), torch.empty((n, m), **i32),
+                                        torch.empty((n, m + 1), **i32), block_p)
+
+                # The first launch of the pass (all of them when the batch is materialised in parts).
+                samples, materialised = batch_parts(experts, routing, Ho * Wo, None)[0]
+                xp, yp, rp, sp, bp = (_part(t, samples) for t in (x, y, routing, spatial, bias))
+                source = weight_source(experts, rp, materialised)
+                regions = region_tables_like(xp.shape[0], fwd_cfg["BLOCK_P"]) if m > 1 else None
+                if m > 1:
+                    score = torch.empty((xp.shape[0], m, score_tiles(Cout, groups, fwd_cfg), Ho * Wo),
+                                        dtype=torch.float32, device="meta")
+                    launches.append(guide_score_launch(xp, source, sp, bp, yp, score, (kh, kw), groups, *geometry,
+                                                       fwd_cfg))
+                launches.append(forward_launch(xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, fwd_cfg))
+                launches.append(backward_input_launch(yp, source, sp, regions.region if m > 1 else None, xp, (kh, kw),
+                                                      groups, *geometry, m, dx_cfg))
                 splits = weight_grad_splits(B, m, Cout, groups, (Cin // groups) * kh * kw, Ho * Wo, wcfg)
                 dw = torch.empty((splits, B, m, Cout, Cin // groups, kh, kw), dtype=torch.float32, device="meta")
                 dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta")
-                launches.append(backward_weight_launch(y, x, regions, dw, dbias, (kh, kw), groups, *geometry, wcfg))
+                launches.append(backward_weight_launch(y, x, region_tables_like(B, 1) if m > 1 else None, dw, dbias,
+                                                       (kh, kw), groups, *geometry, wcfg))
                 for launch in launches[-(4 if m > 1 else 3):]:
                     launch.label = tag + (" materialised" if materialised and "weight" not in launch.name else "")
     launches += _int64_catalogue()

@@ -183,6 +183,18 @@ def test_weight_gradient_pixel_splits(monkeypatch, device):
         assert torch.equal(first, second)
 
 
+def test_batch_materialised_in_parts(monkeypatch, device):
+    """Mixed kernels larger than y but worth materialising: one launch per part of the batch, each
+    part's kernels within y's size."""
+    monkeypatch.setattr(kernels, "MATERIALISE_MIN_PIXELS", 1)
+    case = Case(B=3, Cin=4, Cout=4, H=4, W=5, E=2, spatial=True)
+    experts, routing = torch.empty((case.E, case.Cout, case.Cin, 3, 3)), torch.empty((case.B, 1, case.E))
+    parts = kernels.batch_parts(experts, routing, 20, None)  # 36 weights per filter > 20 output pixels
+    assert len(parts) == 3 and all(materialised for _, materialised in parts)
+    assert all(len(range(case.B)[samples]) * 36 <= case.B * 20 for samples, _ in parts)
+    _check(case, torch.float32, device)
+
+
 def test_int64_indexing_variant_matches(monkeypatch, device):
     """The INDEX_64 code path (chosen past 2^31 elements) computes the same values."""
     monkeypatch.setattr(kernels, "needs_int64", lambda *tensors: True)
