@@ -139,15 +139,15 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
                 row_ok = pix_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
                 x_rows = x_group + h * sxh + w * sxw
                 w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v + (o * sw_o)[None, :]
+                sp_tap = widen(u, INDEX_64) * ssu + widen(v, INDEX_64) * ssv
                 for c0 in range(0, c_end, BLOCK_K):
                     c = c0 + cc
                     c_ok = c < c_end
                     patch = tl.load(x_rows[:, None] + (c * sxc)[None, :], mask=row_ok[:, None] & c_ok[None, :],
                                     other=0.0)
-                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, (c * sw_i)[:, None] + w_tap,
-                                          u * ssu + v * ssv, None, c_ok[:, None] & o_ok[None, :], NUM_MIX,
-                                          sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE,
-                                          INDEX_64)
+                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, (c * sw_i)[:, None] + w_tap, sp_tap,
+                                          None, c_ok[:, None] & o_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
+                                          sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
                     # out_dtype on every accumulating dot: triton 3.6 asserts it equals acc's dtype and
                     # defaults it to fp32, so fp64 accumulators must name it.
                     acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION,
@@ -373,7 +373,7 @@ def expert_conv_bwd_input_kernel(
                 row_ok = pix_ok & (h + PH - u * DH >= 0) & (i < Ho) & (w + PW - v * DW >= 0) & (j < Wo)
                 dy_rows = dy_group + i * sdyh + j * sdyw
                 w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v + (cn * sw_i)[None, :]
-                sp_off = u * ssu + v * ssv
+                sp_off = widen(u, INDEX_64) * ssu + widen(v, INDEX_64) * ssv
                 if HAS_GUIDE:
                     region = tl.load(region_ptr + b * Ho * Wo + i * Wo + j, mask=row_ok, other=-1)
                     for rgn in range(NUM_REGIONS):
@@ -754,9 +754,13 @@ def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: i
             "num_stages": 3 if wide else 2}
 
 
-def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, mixing: bool = False) -> dict:
+def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, mixing: bool = False,
+                              regions: bool = False) -> dict:
     # As the forward's (the reduction runs over output channels here); one stage for 4-byte
-    # operands: two spill on sm_80 (NCHW, materialised kernels).
+    # operands: two spill on sm_80 (NCHW, materialised kernels). Regions hold their loop's tiles in
+    # registers as mixing does: the same small tiles, and one stage (two spill 2-byte NHWC on sm_80).
+    if regions:
+        return {**default_input_grad_config(cin_g, dtype, cout_g, True), "num_stages": 1}
     if dtype.itemsize == 2 and cout_g >= 64 and not mixing:
         return {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128), "BLOCK_K": _channel_block(cout_g, dtype),
                 "num_warps": 8, "num_stages": 3}
@@ -769,7 +773,7 @@ def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, ci
     # Eight warps whatever the dtype: at four, a 4-byte 64 x 64 tile needs about 170 registers a
     # thread, and ptxas 12.8 (triton 3.6) spills a few to fit three blocks per SM on sm_80.
     # Columns: one tap's channels (a power of two within them, so the kernel loops per tap).
-    block_n = _channel_block(cin_g, dtype) if cin_g >= 16 else _pow2_between(k_total, 16, 64)
+    block_n = min(64, 1 << (cin_g.bit_length() - 1)) if cin_g >= 16 else _pow2_between(k_total, 16, 64)
     if dtype.itemsize == 2 and cin_g >= 64 and cout_g >= 64 and channels_last:
         # 128 x 128 x 64 tiles, three stages: two 64 x 128 wgmma groups per pixel step. Not for
         # NCHW, whose 2-byte scalar patch loads then take over 255 registers on sm_80.
@@ -954,7 +958,7 @@ def input_grad_config(dx, experts, m, groups, stride) -> dict:
     pixels = cdiv(dx.shape[2], stride[0]) * cdiv(dx.shape[3], stride[1])
     mixing = materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
-                      default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing))
+                      default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing, m > 1))
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,

@@ -179,7 +179,7 @@ def _default_for(kernel: str, key: dict) -> dict:
     if kernel == "expert_conv_bwd_input":
         pixels = -(-key["H"] // key["stride_h"]) * -(-key["W"] // key["stride_w"])
         mixing = ec.materialise_part(filter_size, key["B"], key["m"], pixels) == 0
-        return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing)
+        return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1)
     return ec.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype,
                                          key["Cin"] // g, bool(key["channels_last"]))
 
