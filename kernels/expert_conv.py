@@ -1,9 +1,12 @@
 """K-expert kernel mixing (docs/operators.md §2): CondConv, DynamicConv, ODConv and DRConv as implicit GEMMs.
 
 Every pass is an implicit GEMM fed to ``tl.dot`` (tensor cores for fp16/bf16, tf32 for fp32 when
-``torch.backends.cudnn.allow_tf32`` allows it, DMMA for fp64). The reduction axis of a convolution
-is flattened tap-major, ``k = (u·kw + v)·C + c``, so one code path serves 1x1, non-square,
-grouped and depth-wise kernels; an input tile is gathered with its zero padding as a mask.
+``torch.backends.cudnn.allow_tf32`` allows it, DMMA for fp64). The taps are unrolled at compile time (``KH``, ``KW`` constexpr) with a
+channel loop inside each, so a K-step adds one channel offset per operand and a tap's rows (their
+positions and zero-padding mask) are formed once per tap; the weights are laid out once, outside
+every kernel, with Cin/g innermost, so both dot operands are plain 2-D tiles. Below 16 channels
+per group (depth-wise, narrow groups) one loop over the flattened reduction ``k = (u·kw + v)·C + c``
+wastes no lanes instead.
 
 Where the mixed kernel ``W[b,r] = spatial[b] ⊙ Σ_e routing[b,r,e]·experts[e]`` comes from:
 
@@ -13,8 +16,9 @@ Where the mixed kernel ``W[b,r] = spatial[b] ⊙ Σ_e routing[b,r,e]·experts[e]
 * **materialised**: one GEMM ``routing (B·m, E) @ experts (E, Cout·Cin/g·kh·kw)`` writes the
   mixed kernels, which every pixel tile then reads. Chosen only while it pays and is bounded:
   when a region has at least ``MATERIALISE_MIN_PIXELS`` output pixels to amortise it and the
-  mixed kernels are no larger than the output ``y`` (``m·Cin/g·kh·kw <= Ho·Wo``). So the extra
-  memory is at most the size of the output, never more.
+  mixed kernels are no larger than the output ``y`` (``m·Cin/g·kh·kw <= Ho·Wo``); where only the
+  second fails, a part of the batch at a time (``batch_parts``: at most ``MATERIALISE_MAX_PARTS``
+  launches). So the extra memory is at most the size of the output, never more.
 
 The spatial attention ``spatial[b, u, v]`` is applied to the weight tile in both cases (a per-row
 scale), so it is never materialised into the kernels.
@@ -29,8 +33,9 @@ Backward:
 
 * input gradient, gather form (each ``dx`` element written once, no atomics). With regions the
   weight depends on the *output* pixel a tap reads, so a K-step multiplies once per region
-  present in it and skips absent ones: coherent regions cost about one conv, scattered ones up
-  to m. Strided convs spend stride² MMA work on masked taps (their loads are skipped).
+  present in a tap's pixels and skips absent ones: coherent regions cost about one conv, scattered
+  ones up to m. A program's pixels share one stride phase, so a strided conv's taps that none of
+  them reads cost no MMA work.
 * kernel gradient ``dW[b,r] = Σ_{p in region r} dy[b,:,p] ⊗ patch[b,p,:]`` per (sample, region),
   summed over pixels inside a program, optionally split over ``SPLITS`` pixel chunks whose fp32
   partials the caller adds in a fixed order: deterministic, no float atomics. The bias gradient
