@@ -746,11 +746,15 @@ def _channel_block(cin_g: int, dtype: torch.dtype, mixing: bool = False) -> int:
 
 
 def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0,
-                           index_64: bool = False, cin_g: int = 0, mixing: bool = False) -> dict:
+                           index_64: bool = False, cin_g: int = 0, mixing: bool = False,
+                           channels_last: bool = True) -> dict:
     # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
     # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
     # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
     block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 and not index_64 else 64
+    if not channels_last:  # the flattened loop (see _tap_meta) and its tiles
+        return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
+                "num_warps": _num_warps(dtype, block_p), "num_stages": 2}
     # Wide channel tiles and three stages for 2-byte operands on the per-tap path: 128 x 128 x 64
     # tiles are two 64 x 128 wgmma groups per K-step, their operands streamed by cp.async.
     wide = dtype.itemsize == 2 and cin_g >= 64 and block_p == 128 and not mixing
@@ -760,10 +764,13 @@ def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: i
 
 
 def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, mixing: bool = False,
-                              regions: bool = False) -> dict:
+                              regions: bool = False, channels_last: bool = True) -> dict:
     # As the forward's (the reduction runs over output channels here); one stage for 4-byte
     # operands: two spill on sm_80 (NCHW, materialised kernels). Regions hold their loop's tiles in
     # registers as mixing does: the same small tiles, and one stage (two spill 2-byte NHWC on sm_80).
+    if not channels_last:  # the flattened loop (see _tap_meta) and its tiles
+        return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _block_k(dtype),
+                "num_warps": _num_warps(dtype, 64), "num_stages": 2 if dtype.itemsize == 2 else 1}
     if regions:
         return {**default_input_grad_config(cin_g, dtype, cout_g, True), "num_stages": 1}
     if dtype.itemsize == 2 and cout_g >= 64 and not mixing:
@@ -836,10 +843,11 @@ def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tup
     return tuple(None if regions is None else getattr(regions, n) for n in names)
 
 
-def _tap_meta(cin_g: int, kernel_hw, block_k: int) -> dict:
+def _tap_meta(cin_g: int, kernel_hw, block_k: int, channels_last: bool) -> dict:
     """The compile-time kernel size and ``_conv_tile``'s loop form: per tap while a group's
-    channels fill a reduction block, the flattened reduction below that (no lanes wasted)."""
-    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=cin_g >= block_k)
+    channels fill a reduction block, the flattened reduction below that (no lanes wasted). NCHW
+    keeps the flattened loop: triton 3.9's per-tap NCHW code spills hundreds of bytes on sm_80."""
+    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=cin_g >= block_k and channels_last)
 
 
 def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
@@ -859,7 +867,8 @@ def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     index_64 = needs_int64(x) or x.shape[0] * experts.shape[1] * pixels > INT32_MAX  # x or y past 2^31
     mixing = materialise_part(experts[0].numel() // experts.shape[1], x.shape[0], m, pixels) == 0
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
-                      default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2], mixing))
+                      default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2], mixing,
+                                             is_channels_last(x)))
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -899,7 +908,7 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
         **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"]))
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], is_channels_last(x)))
     meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
                 HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
                 INDEX_64=needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed),
@@ -942,7 +951,7 @@ def _guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score,
         s_score_b=score.stride(0), s_score_r=score.stride(1), s_score_n=score.stride(2),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"]))
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], is_channels_last(x)))
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None,
                 INDEX_64=needs_int64(x, dy, score, source.weight, source.coef, spatial, bias_mixed),
                 ACC_DTYPE=_acc_dtype(x.dtype),
@@ -963,7 +972,8 @@ def input_grad_config(dx, experts, m, groups, stride) -> dict:
     pixels = cdiv(dx.shape[2], stride[0]) * cdiv(dx.shape[3], stride[1])
     mixing = materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
-                      default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing, m > 1))
+                      default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing, m > 1,
+                                                is_channels_last(dx)))
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
@@ -997,7 +1007,7 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"]))
+    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"], is_channels_last(dy)))
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None,
                 INDEX_64=needs_int64(dy, dx, source.weight, source.coef, spatial, region),
                 ACC_DTYPE=_acc_dtype(dy.dtype),

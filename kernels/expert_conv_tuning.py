@@ -175,11 +175,12 @@ def _default_for(kernel: str, key: dict) -> dict:
         Ho, Wo = _out_hw(key)
         mixing = ec.materialise_part(filter_size, key["B"], key["m"], Ho * Wo) == 0
         return ec.default_forward_config(key["Cout"] // g, dtype, Ho * Wo // key["m"], cin_g=key["Cin"] // g,
-                                         mixing=mixing)
+                                         mixing=mixing, channels_last=bool(key["channels_last"]))
     if kernel == "expert_conv_bwd_input":
         pixels = -(-key["H"] // key["stride_h"]) * -(-key["W"] // key["stride_w"])
         mixing = ec.materialise_part(filter_size, key["B"], key["m"], pixels) == 0
-        return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1)
+        return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1,
+                                            bool(key["channels_last"]))
     return ec.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype,
                                          key["Cin"] // g, bool(key["channels_last"]))
 
