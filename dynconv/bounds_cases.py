@@ -124,28 +124,36 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         routing = _empty((p.B, p.m, p.E), dt)
         return x, y, experts, routing
 
-    def regions(block_p):
+    def regions(block_p, n=p.B):
         i32 = torch.int32
-        return ec.RegionTables(_empty((p.B, N), i32), _empty((p.B, N), i32), _empty((p.B, p.m), i32),
-                               _empty((p.B, p.m), i32), _empty((p.B, p.m + 1), i32), block_p)
+        return ec.RegionTables(_empty((n, N), i32), _empty((n, N), i32), _empty((n, p.m), i32),
+                               _empty((n, p.m), i32), _empty((n, p.m + 1), i32), block_p)
+
+    # A batch the op materialises in parts runs as equal launches: the cases model the first, with
+    # their bytes and FLOPs scaled to its share of the batch (``part``).
+    parts = ec.batch_parts(_empty((p.E, p.Cout, p.C // p.groups, p.K, p.K), dt), _empty((p.B, p.m, p.E), dt), N,
+                           None)
+    samples, materialised = parts[0]
+    part_size = len(range(p.B)[samples])
+    part = part_size / p.B
 
     def source(experts, routing):
-        return ec.weight_source(experts, routing, ec.should_materialise(experts, routing, N))
+        return ec.weight_source(experts, routing[samples], materialised)
 
     def fwd():
         x, y, experts, routing = tensors()
         cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
-        bias = _empty((p.B, p.m, p.Cout), dt) if p.bias else None
-        tables = regions(cfg["BLOCK_P"]) if guided else None
-        return ec.forward_launch(x, source(experts, routing), None, bias, tables, y, (p.K, p.K), p.groups,
-                                 *geometry, cfg)
+        bias = _empty((p.B, p.m, p.Cout), dt)[samples] if p.bias else None
+        tables = regions(cfg["BLOCK_P"], part_size) if guided else None
+        return ec.forward_launch(x[samples], source(experts, routing), None, bias, tables, y[samples], (p.K, p.K),
+                                 p.groups, *geometry, cfg)
 
     def dx():
         x, y, experts, routing = tensors()
         cfg = ec.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
-        region = _empty((p.B, N), torch.int32) if guided else None
-        return ec.backward_input_launch(y, source(experts, routing), None, region, x, (p.K, p.K), p.groups,
-                                        *geometry, p.m, cfg)
+        region = _empty((p.B, N), torch.int32)[samples] if guided else None
+        return ec.backward_input_launch(y[samples], source(experts, routing), None, region, x[samples], (p.K, p.K),
+                                        p.groups, *geometry, p.m, cfg)
 
     def dw():
         x, y, experts, _ = tensors()
@@ -161,10 +169,10 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     def guide():
         x, y, experts, routing = tensors()
         cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
-        bias = _empty((p.B, p.m, p.Cout), dt) if p.bias else None
-        score = _empty((p.B, p.m, ec.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)
-        return ec.guide_score_launch(x, source(experts, routing), None, bias, y, score, (p.K, p.K), p.groups,
-                                     *geometry, cfg)
+        bias = _empty((p.B, p.m, p.Cout), dt)[samples] if p.bias else None
+        score = _empty((p.B, p.m, ec.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)[samples]
+        return ec.guide_score_launch(x[samples], source(experts, routing), None, bias, y[samples], score, (p.K, p.K),
+                                     p.groups, *geometry, cfg)
 
     weights = sizes["experts"] + sizes["routing"]
     extra = sizes.get("guide", 0)
@@ -178,7 +186,9 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         "guide": (guide, (sizes["x"] + weights + bias + sizes["y"] + 2 * extra) * nb,
                   p.m * conv + 2 * p.B * p.m * p.Cout * N),
     }
-    return [Case(name, k, dtype, layout, table[k][0], table[k][1], table[k][2], {tensor_cores: table[k][2]})
+    share = {"fwd": part, "dx": part, "guide": part, "dw": 1.0}
+    return [Case(name, k, dtype, layout, table[k][0], round(table[k][1] * share[k]), round(table[k][2] * share[k]),
+                 {tensor_cores: round(table[k][2] * share[k])})
             for k in kernels]
 
 

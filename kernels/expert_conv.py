@@ -1,9 +1,12 @@
 """K-expert kernel mixing (docs/operators.md §2): CondConv, DynamicConv, ODConv and DRConv as implicit GEMMs.
 
 Every pass is an implicit GEMM fed to ``tl.dot`` (tensor cores for fp16/bf16, tf32 for fp32 when
-``torch.backends.cudnn.allow_tf32`` allows it, DMMA for fp64). The reduction axis of a convolution
-is flattened tap-major, ``k = (u·kw + v)·C + c``, so one code path serves 1x1, non-square,
-grouped and depth-wise kernels; an input tile is gathered with its zero padding as a mask.
+``torch.backends.cudnn.allow_tf32`` allows it, DMMA for fp64). The taps are unrolled at compile time (``KH``, ``KW`` constexpr) with a
+channel loop inside each, so a K-step adds one channel offset per operand and a tap's rows (their
+positions and zero-padding mask) are formed once per tap; the weights are laid out once, outside
+every kernel, with Cin/g innermost, so both dot operands are plain 2-D tiles. Below 16 channels
+per group (depth-wise, narrow groups) one loop over the flattened reduction ``k = (u·kw + v)·C + c``
+wastes no lanes instead.
 
 Where the mixed kernel ``W[b,r] = spatial[b] ⊙ Σ_e routing[b,r,e]·experts[e]`` comes from:
 
@@ -13,8 +16,9 @@ Where the mixed kernel ``W[b,r] = spatial[b] ⊙ Σ_e routing[b,r,e]·experts[e]
 * **materialised**: one GEMM ``routing (B·m, E) @ experts (E, Cout·Cin/g·kh·kw)`` writes the
   mixed kernels, which every pixel tile then reads. Chosen only while it pays and is bounded:
   when a region has at least ``MATERIALISE_MIN_PIXELS`` output pixels to amortise it and the
-  mixed kernels are no larger than the output ``y`` (``m·Cin/g·kh·kw <= Ho·Wo``). So the extra
-  memory is at most the size of the output, never more.
+  mixed kernels are no larger than the output ``y`` (``m·Cin/g·kh·kw <= Ho·Wo``); where only the
+  second fails, a part of the batch at a time (``batch_parts``: at most ``MATERIALISE_MAX_PARTS``
+  launches). So the extra memory is at most the size of the output, never more.
 
 The spatial attention ``spatial[b, u, v]`` is applied to the weight tile in both cases (a per-row
 scale), so it is never materialised into the kernels.
@@ -29,8 +33,9 @@ Backward:
 
 * input gradient, gather form (each ``dx`` element written once, no atomics). With regions the
   weight depends on the *output* pixel a tap reads, so a K-step multiplies once per region
-  present in it and skips absent ones: coherent regions cost about one conv, scattered ones up
-  to m. Strided convs spend stride² MMA work on masked taps (their loads are skipped).
+  present in a tap's pixels and skips absent ones: coherent regions cost about one conv, scattered
+  ones up to m. A program's pixels share one stride phase, so a strided conv's taps that none of
+  them reads cost no MMA work.
 * kernel gradient ``dW[b,r] = Σ_{p in region r} dy[b,:,p] ⊗ patch[b,p,:]`` per (sample, region),
   summed over pixels inside a program, optionally split over ``SPLITS`` pixel chunks whose fp32
   partials the caller adds in a fixed order: deterministic, no float atomics. The bias gradient
@@ -60,6 +65,8 @@ INT32_MAX = 2**31 - 1
 _PAST_LAST_TILE = tl.constexpr(INT32_MAX)
 # A region needs this many output pixels before materialising its mixed kernel beats mixing on the fly.
 MATERIALISE_MIN_PIXELS = 256
+# At most this many launches per pass when the batch's mixed kernels are materialised a part at a time.
+MATERIALISE_MAX_PARTS = 8
 # Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).
 WEIGHT_GRAD_MIN_PROGRAMS = 264
 
@@ -74,7 +81,8 @@ def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mas
                  MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr):
     """The tile ``W[b, r]`` at element offsets ``w_off`` (o, c, u, v part), in ACC_DTYPE.
 
-    ``sp_off`` / ``sp_mask`` (the u, v part of the spatial offsets, one per row) broadcast against ``w_off``.
+    ``sp_off`` / ``sp_mask`` (the u, v part of the spatial offsets, one per row) broadcast against ``w_off``;
+    ``sp_mask`` None: ``sp_off`` is one in-range tap's scalar offset.
     ``r`` must already be int64 in the INDEX_64 variants (or the constant 0).
     """
     base = w_ptr + b * sw_b + r * sw_r + w_off
@@ -97,43 +105,79 @@ def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mas
     else:
         tile = tl.load(base, mask=mask, other=0.0).to(ACC_DTYPE)
     if HAS_SPATIAL:
-        tile = tile * tl.load(spatial_ptr + b * ssb + sp_off, mask=sp_mask, other=0.0).to(ACC_DTYPE)
+        if sp_mask is None:  # one in-range tap: a scalar
+            scale = tl.load(spatial_ptr + b * ssb + sp_off)
+        else:
+            scale = tl.load(spatial_ptr + b * ssb + sp_off, mask=sp_mask, other=0.0)
+        tile = tile * scale.to(ACC_DTYPE)
     return tile
 
 
 @triton.jit
-def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, k_end,
-               H, W, CIN_G, KW, NUM_MIX,
+def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, c_end,
+               H, W, CIN_G, NUM_MIX,
                sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
                SH, SW, PH, PW, DH, DW,
+               KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, INDEX_64: tl.constexpr,
                ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc[p, n] = Σ_k patch[b, (i_p, j_p), k] · W[b, r, o_n, k] over k < k_end (0 skips the loop)."""
+    """acc[p, n] = Σ_k patch[b, (i_p, j_p), k] · W[b, r, o_n, k] over channels c < c_end (0 skips it all).
+
+    TAP_LOOP: the taps unrolled at compile time, a channel loop inside each, so a K-step adds one
+    channel offset per operand and the tap's rows (positions, padding mask) are formed once per tap.
+    Otherwise (fewer channels per group than BLOCK_K: depth-wise, narrow groups) one loop over the
+    flattened reduction k = (u·kw + v)·CIN_G + c, which wastes no lanes on a short channel axis.
+    """
     h_first = i * SH - PH
     w_first = j * SW - PW
     x_group = x_ptr + b * sxb + (g * CIN_G) * sxc
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, k_end, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    if TAP_LOOP:
+        cc = tl.arange(0, BLOCK_K)
         if INDEX_64:
-            k = k.to(tl.int64)
-        k_ok = k < k_end
-        tap = k // CIN_G
-        c = k % CIN_G
-        u = tap // KW
-        v = tap % KW
-        h = h_first[:, None] + (u * DH)[None, :]
-        w = w_first[:, None] + (v * DW)[None, :]
-        ok = pix_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        patch = tl.load(x_group + (c * sxc)[None, :] + h * sxh + w * sxw, mask=ok, other=0.0)
-        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r,
-                              (c * sw_i + u * sw_u + v * sw_v)[:, None] + (o * sw_o)[None, :],
-                              (u * ssu + v * ssv)[:, None], k_ok[:, None], k_ok[:, None] & o_ok[None, :], NUM_MIX,
-                              sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
-        # out_dtype on every accumulating dot: triton 3.6 asserts it equals acc's dtype and defaults
-        # it to fp32, so fp64 accumulators must name it.
-        acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            cc = cc.to(tl.int64)
+        for u in tl.static_range(KH):
+            for v in tl.static_range(KW):
+                h = h_first + u * DH
+                w = w_first + v * DW
+                row_ok = pix_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                x_rows = x_group + h * sxh + w * sxw
+                w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v + (o * sw_o)[None, :]
+                sp_tap = widen(u, INDEX_64) * ssu + widen(v, INDEX_64) * ssv
+                for c0 in range(0, c_end, BLOCK_K):
+                    c = c0 + cc
+                    c_ok = c < c_end
+                    patch = tl.load(x_rows[:, None] + (c * sxc)[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                                    other=0.0)
+                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, (c * sw_i)[:, None] + w_tap, sp_tap,
+                                          None, c_ok[:, None] & o_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
+                                          sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+                    # out_dtype on every accumulating dot: triton 3.6 asserts it equals acc's dtype and
+                    # defaults it to fp32, so fp64 accumulators must name it.
+                    acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION,
+                                 out_dtype=ACC_DTYPE)
+    else:
+        k_end = c_end * (KH * KW)
+        for k0 in range(0, k_end, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if INDEX_64:
+                k = k.to(tl.int64)
+            k_ok = k < k_end
+            tap = k // CIN_G
+            c = k % CIN_G
+            u = tap // KW
+            v = tap % KW
+            h = h_first[:, None] + (u * DH)[None, :]
+            w = w_first[:, None] + (v * DW)[None, :]
+            ok = pix_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            patch = tl.load(x_group + (c * sxc)[None, :] + h * sxh + w * sxw, mask=ok, other=0.0)
+            weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r,
+                                  (c * sw_i + u * sw_u + v * sw_v)[:, None] + (o * sw_o)[None, :],
+                                  (u * ssu + v * ssv)[:, None], k_ok[:, None], k_ok[:, None] & o_ok[None, :],
+                                  NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE,
+                                  INDEX_64)
+            acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
@@ -167,7 +211,7 @@ def _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, N
 def expert_conv_fwd_kernel(
     x_ptr, w_ptr, coef_ptr, spatial_ptr, bias_ptr, y_ptr,
     tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
     sxb, sxc, sxh, sxw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
     sc_b, sc_r, sc_e,
@@ -175,7 +219,7 @@ def expert_conv_fwd_kernel(
     sbias_b, sbias_r, sbias_o,
     syb, syc, syh, syw,
     SH, SW, PH, PW, DH, DW,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GUIDE: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -188,13 +232,13 @@ def expert_conv_fwd_kernel(
     on = (pid_n % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
     o_ok = on < COUT_G
     P = Ho * Wo
-    k_end = CIN_G * KH * KW
+    c_end = CIN_G
     if INDEX_64:
         b = b.to(tl.int64)
     if HAS_GUIDE:
         r, p, pix_ok, valid = _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t,
                                            NUM_REGIONS, P, BLOCK_P, BLOCK_R)
-        k_end = tl.where(valid, k_end, 0)
+        c_end = tl.where(valid, c_end, 0)
         r = widen(r, INDEX_64)
     else:
         r = 0
@@ -208,10 +252,10 @@ def expert_conv_fwd_kernel(
     o = g * COUT_G + on
     i = p // Wo
     j = p % Wo
-    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, k_end,
-                     H, W, CIN_G, KW, NUM_MIX,
+    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, c_end,
+                     H, W, CIN_G, NUM_MIX,
                      sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
-                     SH, SW, PH, PW, DH, DW, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
+                     SH, SW, PH, PW, DH, DW, KH, KW, TAP_LOOP, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
                      ACC_DTYPE, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -222,7 +266,7 @@ def expert_conv_fwd_kernel(
 @triton.jit
 def expert_conv_guide_score_kernel(
     x_ptr, w_ptr, coef_ptr, spatial_ptr, bias_ptr, dy_ptr, score_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_MIX, TILES, N_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, TILES, N_TILES,
     sxb, sxc, sxh, sxw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
     sc_b, sc_r, sc_e,
@@ -231,7 +275,7 @@ def expert_conv_guide_score_kernel(
     sdyb, sdyc, sdyh, sdyw,
     s_score_b, s_score_r, s_score_n,
     SH, SW, PH, PW, DH, DW,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -259,10 +303,10 @@ def expert_conv_guide_score_kernel(
     o = g * COUT_G + on
     i = p // Wo
     j = p % Wo
-    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, CIN_G * KH * KW,
-                     H, W, CIN_G, KW, NUM_MIX,
+    acc = _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, CIN_G,
+                     H, W, CIN_G, NUM_MIX,
                      sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
-                     SH, SW, PH, PW, DH, DW, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
+                     SH, SW, PH, PW, DH, DW, KH, KW, TAP_LOOP, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
                      ACC_DTYPE, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -275,68 +319,128 @@ def expert_conv_guide_score_kernel(
 @triton.jit
 def expert_conv_bwd_input_kernel(
     dy_ptr, w_ptr, coef_ptr, spatial_ptr, region_ptr, dx_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
     sdyb, sdyc, sdyh, sdyw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
     sc_b, sc_r, sc_e,
     ssb, ssu, ssv,
     sdxb, sdxc, sdxh, sdxw,
     SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_GUIDE: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dx[b, c, h, w] = Σ_{o, u, v} W[b, r(i,j), o, c, u, v] · dy[b, o, i, j], (i, j) the output pixel
-    that reads (h, w) through tap (u, v). Reduction k = (u·kw + v)·COUT_G + o, gathered from dy."""
+    that reads (h, w) through tap (u, v).
+
+    A program's pixels share one stride phase (h mod SH, w mod SW): a tap then reaches either all of
+    them or none, so the taps no output pixel reads cost no MMA (no stride² waste). Axis 0 is
+    (b, phase, tile of the phase's pixels). TAP_LOOP: taps unrolled, an output-channel loop inside
+    each (see ``_conv_tile``); otherwise one loop over k = (u·kw + v)·COUT_G + o, gathered per element.
+    """
     pid = tl.program_id(0)
-    b = pid // TILES
+    b = pid // (TILES * SH * SW)
     t = pid % TILES
+    phase = (pid // TILES) % (SH * SW)
+    ph = phase // SW
+    pw = phase % SW
     pid_n = tl.program_id(1)
     g = pid_n // N_TILES
     cn = (pid_n % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = cn < CIN_G
-    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = p < H * W
+    # The phase's pixels: an (Hp, Wp) grid with steps (SH, SW) from (ph, pw).
+    Hp = (H - ph + SH - 1) // SH
+    Wp = (W - pw + SW - 1) // SW
+    q = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_ok = q < Hp * Wp
     if INDEX_64:
         b = b.to(tl.int64)
-        p = p.to(tl.int64)
+        q = q.to(tl.int64)
         cn = cn.to(tl.int64)
         g = g.to(tl.int64)
-    h = p // W
-    w = p % W
-    K_TOTAL = COUT_G * KH * KW
+    h = ph + (q // Wp) * SH
+    w = pw + (q % Wp) * SW
     dy_group = dy_ptr + b * sdyb + (g * COUT_G) * sdyc
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
+    if TAP_LOOP:
+        oc = tl.arange(0, BLOCK_K)
         if INDEX_64:
-            k = k.to(tl.int64)
-        k_ok = k < K_TOTAL
-        tap = k // COUT_G
-        oo = k % COUT_G
-        u = tap // KW
-        v = tap % KW
-        i, ok = gather_source(h[:, None], PH, u[None, :], DH, SH, Ho, pix_ok[:, None] & k_ok[None, :])
-        j, ok = gather_source(w[:, None], PW, v[None, :], DW, SW, Wo, ok)
-        grad = tl.load(dy_group + (oo * sdyc)[None, :] + i * sdyh + j * sdyw, mask=ok, other=0.0)
-        w_off = ((g * COUT_G + oo) * sw_o + u * sw_u + v * sw_v)[:, None] + (cn * sw_i)[None, :]
-        sp_off = (u * ssu + v * ssv)[:, None]
-        w_mask = k_ok[:, None] & c_ok[None, :]
-        if HAS_GUIDE:
-            region = tl.load(region_ptr + b * Ho * Wo + i * Wo + j, mask=ok, other=-1)
-            for rgn in range(NUM_REGIONS):
-                selected = ok & (region == rgn)
-                # Coherent regions: most K-steps see one or two of them; skip the others' MMA.
-                if tl.max(tl.max(selected.to(tl.int32), axis=1), axis=0) > 0:
-                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64), w_off, sp_off,
-                                          k_ok[:, None], w_mask, NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb,
-                                          MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
-                    acc = tl.dot(tl.where(selected, grad, 0.0).to(grad.dtype), weight.to(grad.dtype), acc,
-                                 input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0, w_off, sp_off, k_ok[:, None], w_mask, NUM_MIX,
-                                  sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
-            acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            oc = oc.to(tl.int64)
+        for u in tl.static_range(KH):
+            for v in tl.static_range(KW):
+                # Whether this phase's pixels are read through (u, v) at all: one test per tap.
+                rise = ph + PH - u * DH
+                run = pw + PW - v * DW
+                o_end = tl.where((rise % SH == 0) & (run % SW == 0), COUT_G, 0)
+                i = (h + PH - u * DH) // SH
+                j = (w + PW - v * DW) // SW
+                row_ok = pix_ok & (h + PH - u * DH >= 0) & (i < Ho) & (w + PW - v * DW >= 0) & (j < Wo)
+                dy_rows = dy_group + i * sdyh + j * sdyw
+                w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v + (cn * sw_i)[None, :]
+                sp_off = widen(u, INDEX_64) * ssu + widen(v, INDEX_64) * ssv
+                if HAS_GUIDE:
+                    region = tl.load(region_ptr + b * Ho * Wo + i * Wo + j, mask=row_ok, other=-1)
+                    for rgn in range(NUM_REGIONS):
+                        selected = row_ok & (region == rgn)
+                        # Coherent regions: a tap's pixels hold one or two of them; skip the others.
+                        rgn_end = tl.where(tl.max(selected.to(tl.int32), axis=0) > 0, o_end, 0)
+                        for o0 in range(0, rgn_end, BLOCK_K):
+                            oo = o0 + oc
+                            o_ok = oo < o_end
+                            grad = tl.load(dy_rows[:, None] + (oo * sdyc)[None, :],
+                                           mask=selected[:, None] & o_ok[None, :], other=0.0)
+                            weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64),
+                                                  ((g * COUT_G + oo) * sw_o)[:, None] + w_tap, sp_off, None,
+                                                  o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b,
+                                                  sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+                            acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION,
+                                         out_dtype=ACC_DTYPE)
+                else:
+                    for o0 in range(0, o_end, BLOCK_K):
+                        oo = o0 + oc
+                        o_ok = oo < o_end
+                        grad = tl.load(dy_rows[:, None] + (oo * sdyc)[None, :], mask=row_ok[:, None] & o_ok[None, :],
+                                       other=0.0)
+                        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0,
+                                              ((g * COUT_G + oo) * sw_o)[:, None] + w_tap, sp_off, None,
+                                              o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
+                                              sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+                        acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION,
+                                     out_dtype=ACC_DTYPE)
+    else:
+        K_TOTAL = COUT_G * KH * KW
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            if INDEX_64:
+                k = k.to(tl.int64)
+            k_ok = k < K_TOTAL
+            tap = k // COUT_G
+            oo = k % COUT_G
+            u = tap // KW
+            v = tap % KW
+            i, ok = gather_source(h[:, None], PH, u[None, :], DH, SH, Ho, pix_ok[:, None] & k_ok[None, :])
+            j, ok = gather_source(w[:, None], PW, v[None, :], DW, SW, Wo, ok)
+            grad = tl.load(dy_group + (oo * sdyc)[None, :] + i * sdyh + j * sdyw, mask=ok, other=0.0)
+            w_off = ((g * COUT_G + oo) * sw_o + u * sw_u + v * sw_v)[:, None] + (cn * sw_i)[None, :]
+            sp_off = (u * ssu + v * ssv)[:, None]
+            w_mask = k_ok[:, None] & c_ok[None, :]
+            if HAS_GUIDE:
+                region = tl.load(region_ptr + b * Ho * Wo + i * Wo + j, mask=ok, other=-1)
+                for rgn in range(NUM_REGIONS):
+                    selected = ok & (region == rgn)
+                    # Coherent regions: most K-steps see one or two of them; skip the others' MMA.
+                    if tl.max(tl.max(selected.to(tl.int32), axis=1), axis=0) > 0:
+                        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64), w_off, sp_off,
+                                              k_ok[:, None], w_mask, NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb,
+                                              MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+                        acc = tl.dot(tl.where(selected, grad, 0.0).to(grad.dtype), weight.to(grad.dtype), acc,
+                                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0, w_off, sp_off, k_ok[:, None], w_mask,
+                                      NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE,
+                                      INDEX_64)
+                acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     dx_off = b * sdxb + ((g * CIN_G + cn) * sdxc)[None, :] + (h * sdxh + w * sdxw)[:, None]
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
 
@@ -344,17 +448,22 @@ def expert_conv_bwd_input_kernel(
 @triton.jit
 def expert_conv_bwd_weight_kernel(
     dy_ptr, x_ptr, pixel_start_ptr, count_ptr, perm_ptr, dw_ptr, dbias_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES, C_TILES,
     sdyb, sdyc, sdyh, sdyw,
     sxb, sxc, sxh, sxw,
     sdw_s, sdw_b, sdw_r, sdw_o, sdw_i, sdw_u, sdw_v,
     sdb_s, sdb_b, sdb_r, sdb_o,
     SH, SW, PH, PW, DH, DW,
-    BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TAP_LOOP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_GUIDE: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dw[s, b, r, o, k] = Σ_{p in chunk s of region r} dy[b, o, p] · patch[b, p, k], and from the
-    programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s)."""
+    programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s).
+
+    TAP_LOOP: a program's k tile is BLOCK_N channels of one tap (axis 2 is (tap, channel tile)), so
+    a pixel step forms the patch rows' positions and padding mask once per pixel, not per element.
+    Otherwise the tile spans the flattened k = (u·kw + v)·CIN_G + c (fewer channels than BLOCK_N).
+    """
     pid = tl.program_id(0)
     s = pid % SPLITS
     br = pid // SPLITS
@@ -365,9 +474,15 @@ def expert_conv_bwd_weight_kernel(
     g = pid_o // O_TILES
     on = (pid_o % O_TILES) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = on < COUT_G
-    k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-    K_TOTAL = CIN_G * KH * KW
-    k_ok = k < K_TOTAL
+    if TAP_LOOP:
+        tap = pid_k // C_TILES
+        c = (pid_k % C_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = c < CIN_G
+    else:
+        k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = k < CIN_G * KH * KW
+        tap = k // CIN_G
+        c = k % CIN_G
     P = Ho * Wo
     if HAS_GUIDE:
         start = tl.load(pixel_start_ptr + b * NUM_REGIONS + r)
@@ -382,12 +497,11 @@ def expert_conv_bwd_weight_kernel(
         b = b.to(tl.int64)
         on = on.to(tl.int64)
         g = g.to(tl.int64)
-        k = k.to(tl.int64)
+        c = c.to(tl.int64)
+        tap = tap.to(tl.int64)
         s = s.to(tl.int64)
         r = r.to(tl.int64)
     o = g * COUT_G + on
-    tap = k // CIN_G
-    c = k % CIN_G
     u = tap // KW
     v = tap % KW
     # What the pixel loop reads is kept as offsets from per-sample base pointers, and the k part of the
@@ -412,10 +526,17 @@ def expert_conv_bwd_weight_kernel(
         j = p % Wo
         grad = tl.load(dy_sample + (dy_row[:, None] + (i * sdyh + j * sdyw)[None, :]),
                        mask=o_ok[:, None] & q_ok[None, :], other=0.0)
-        h = (i * SH - PH)[:, None] + (u * DH)[None, :]
-        w = (j * SW - PW)[:, None] + (v * DW)[None, :]
-        ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        patch = tl.load(x_sample + (x_col[None, :] + h * sxh + w * sxw), mask=ok, other=0.0)
+        if TAP_LOOP:
+            h = i * SH - PH + u * DH
+            w = j * SW - PW + v * DW
+            ok = q_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            patch = tl.load(x_sample + (x_col[None, :] + (h * sxh + w * sxw)[:, None]),
+                            mask=ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            h = (i * SH - PH)[:, None] + (u * DH)[None, :]
+            w = (j * SW - PW)[:, None] + (v * DW)[None, :]
+            ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            patch = tl.load(x_sample + (x_col[None, :] + h * sxh + w * sxw), mask=ok, other=0.0)
         acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
     dw_off = s * sdw_s + b * sdw_b + r * sdw_r + (o * sdw_o)[:, None] + dw_col[None, :]
@@ -488,9 +609,46 @@ class WeightSource:
 
 def should_materialise(experts: torch.Tensor, routing: torch.Tensor, out_pixels: int) -> bool:
     """Materialise while it pays (enough pixels per region) and stays bounded (no bigger than y)."""
-    m = routing.shape[1]
-    per_sample_kernel = experts[0].numel() // experts.shape[1]  # Cin/g · kh · kw
-    return out_pixels >= MATERIALISE_MIN_PIXELS * m and m * per_sample_kernel <= out_pixels
+    return materialises(experts[0].numel() // experts.shape[1], routing.shape[1], out_pixels)
+
+
+def materialises(filter_size: int, m: int, out_pixels: int) -> bool:
+    """``should_materialise`` from sizes alone: ``filter_size`` = Cin/g · kh · kw."""
+    return out_pixels >= MATERIALISE_MIN_PIXELS * m and m * filter_size <= out_pixels
+
+
+def materialise_part(filter_size: int, B: int, m: int, out_pixels: int) -> int:
+    """Samples whose mixed kernels one launch materialises: B when ``materialises``; else, where
+    the mixing pays (enough pixels per region) but all B samples' kernels would outgrow y, the most
+    samples whose kernels stay within y's size, evened out over at most MATERIALISE_MAX_PARTS
+    launches (so the bound on extra memory holds); 0 mixes on the fly."""
+    if materialises(filter_size, m, out_pixels):
+        return B
+    if B == 0 or out_pixels < MATERIALISE_MIN_PIXELS * m:
+        return 0
+    most = B * out_pixels // (m * filter_size)
+    if most == 0 or cdiv(B, most) > MATERIALISE_MAX_PARTS:
+        return 0
+    return cdiv(B, cdiv(B, most))
+
+
+def batch_parts(experts: torch.Tensor, routing: torch.Tensor | None, out_pixels: int,
+                materialise: bool | None) -> list[tuple[slice, bool]]:
+    """(samples, materialise) of each launch of a pass: the whole batch at once, or, when only a
+    part of it may be materialised at a time (``materialise_part``), equal parts of it."""
+    if routing is None or materialise is not None:
+        return [(slice(None), bool(materialise))]
+    B, m = routing.shape[:2]
+    if should_materialise(experts, routing, out_pixels):
+        return [(slice(None), True)]
+    part = materialise_part(experts[0].numel() // experts.shape[1], B, m, out_pixels)
+    if part == 0:
+        return [(slice(None), False)]
+    return [(slice(b, b + part), True) for b in range(0, B, part)]
+
+
+def _part(t: torch.Tensor | None, samples: slice) -> torch.Tensor | None:
+    return None if t is None else t[samples]
 
 
 def weight_source(experts: torch.Tensor, routing: torch.Tensor | None, materialise: bool) -> WeightSource:
@@ -505,12 +663,28 @@ def weight_source(experts: torch.Tensor, routing: torch.Tensor | None, materiali
     E = experts.shape[0]
     if materialise:
         B, m = routing.shape[:2]
-        flat = torch.matmul(routing.reshape(B * m, E), experts.reshape(E, -1))
-        mixed = flat.reshape(B, m, *experts.shape[1:])
+        # Mixed straight into the (Cout, kh, kw, Cin/g) order: only the E experts are permuted (no
+        # copy at all when they are channels_last), never the B·m mixed kernels.
+        flat = torch.matmul(routing.reshape(B * m, E), _channels_innermost(experts).movedim(2, -1).reshape(E, -1))
+        mixed = flat.reshape(B, m, *_tap_major_shape(experts)).movedim(-1, 3)
         s = mixed.stride()
         return WeightSource(mixed, (s[0], s[1], 0, *s[2:]), None, 1)
+    experts = _channels_innermost(experts)
     s = experts.stride()
     return WeightSource(experts, (0, 0, *s), routing, E)
+
+
+def _tap_major_shape(experts: torch.Tensor) -> tuple:
+    E, Cout, cin_g, kh, kw = experts.shape
+    return Cout, kh, kw, cin_g
+
+
+def _channels_innermost(experts: torch.Tensor) -> torch.Tensor:
+    """``experts`` (E, Cout, Cin/g, kh, kw) with Cin/g innermost in memory, (E, Cout, kh, kw, Cin/g)
+    order: the forward's reduction axis and the input gradient's column axis become contiguous rows
+    for ``tl.dot``. A view when they are laid out so already (channels_last), else one copy of the
+    E experts, made outside every kernel loop."""
+    return experts.movedim(2, -1).contiguous().movedim(-1, 2)
 
 
 def _pow2_between(n: int, low: int, high: int) -> int:
@@ -552,32 +726,72 @@ def _block_k(dtype: torch.dtype) -> int:
     return 32 if dtype.itemsize == 2 else 16
 
 
-def _num_warps(dtype: torch.dtype, tile_rows: int) -> int:
+def _num_warps(dtype: torch.dtype, tile_rows: int, mixing: bool = False) -> int:
     # Measured with `dynconv inspect`: 4-byte 64-row tiles at 8 warps make ptxas spill a few
-    # scalars on sm_80 (at under 64 registers); at 4 warps they fit without spilling.
-    return 8 if dtype.itemsize == 2 or tile_rows >= 128 else 4
+    # scalars on sm_80 (at under 64 registers); at 4 warps they fit without spilling. So do 64-row
+    # tiles mixing on the fly (their per-tap loops hold about 200 registers a thread on sm_80).
+    return 8 if (dtype.itemsize == 2 and not mixing) or tile_rows >= 128 else 4
+
+
+def _channel_block(cin_g: int, dtype: torch.dtype, mixing: bool = False) -> int:
+    """The reduction block of a per-tap channel loop: the largest power of two within a group's
+    channels (so no lane is masked when they are a multiple of it), up to what the operand width
+    allows; below 16 channels the flattened reduction's block (``_conv_tile``). Mixing on the fly
+    holds an fp32 weight tile in registers: there the flattened block's size, which sm_80 fits
+    without spilling (`dynconv inspect`; 64 and 32 spill the DRConv and ODConv rows)."""
+    if cin_g < 16 or mixing:
+        return min(_block_k(dtype), 1 << (max(cin_g, 16).bit_length() - 1))
+    cap = {2: 64, 4: 32}.get(dtype.itemsize, 16)
+    return min(cap, 1 << (cin_g.bit_length() - 1))
 
 
 def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0,
-                           index_64: bool = False) -> dict:
+                           index_64: bool = False, cin_g: int = 0, mixing: bool = False,
+                           channels_last: bool = True) -> dict:
     # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
     # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
     # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
     block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 and not index_64 else 64
-    return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
-            "num_warps": _num_warps(dtype, block_p), "num_stages": 2}
+    if not channels_last:  # the flattened loop (see _tap_meta) and its tiles
+        return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
+                "num_warps": _num_warps(dtype, block_p), "num_stages": 2}
+    # Wide channel tiles and three stages for 2-byte operands on the per-tap path: 128 x 128 x 64
+    # tiles are two 64 x 128 wgmma groups per K-step, their operands streamed by cp.async.
+    wide = dtype.itemsize == 2 and cin_g >= 64 and block_p == 128 and not mixing
+    return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 128 if wide else 64),
+            "BLOCK_K": _channel_block(cin_g, dtype, mixing), "num_warps": _num_warps(dtype, block_p, mixing),
+            "num_stages": 3 if wide else 2}
 
 
-def default_input_grad_config(cin_g: int, dtype: torch.dtype) -> dict:
-    # One stage for 4-byte operands: two spill on sm_80 (NCHW, materialised kernels).
-    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _block_k(dtype),
-            "num_warps": _num_warps(dtype, 64), "num_stages": 2 if dtype.itemsize == 2 else 1}
+def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, mixing: bool = False,
+                              regions: bool = False, channels_last: bool = True) -> dict:
+    # As the forward's (the reduction runs over output channels here); one stage for 4-byte
+    # operands: two spill on sm_80 (NCHW, materialised kernels). Regions hold their loop's tiles in
+    # registers as mixing does: the same small tiles, and one stage (two spill 2-byte NHWC on sm_80).
+    if not channels_last:  # the flattened loop (see _tap_meta) and its tiles; 4 warps with regions (sm_80 spills)
+        return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _block_k(dtype),
+                "num_warps": 4 if regions else _num_warps(dtype, 64), "num_stages": 2 if dtype.itemsize == 2 else 1}
+    if regions:
+        return {**default_input_grad_config(cin_g, dtype, cout_g, True), "num_stages": 1}
+    if dtype.itemsize == 2 and cout_g >= 64 and not mixing:
+        return {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128), "BLOCK_K": _channel_block(cout_g, dtype),
+                "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _channel_block(cout_g, dtype, mixing),
+            "num_warps": _num_warps(dtype, 64, mixing), "num_stages": 2 if dtype.itemsize == 2 else 1}
 
 
-def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype) -> dict:
+def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, cin_g: int = 0,
+                               channels_last: bool = False) -> dict:
     # Eight warps whatever the dtype: at four, a 4-byte 64 x 64 tile needs about 170 registers a
     # thread, and ptxas 12.8 (triton 3.6) spills a few to fit three blocks per SM on sm_80.
-    return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": _pow2_between(k_total, 16, 64),
+    # Columns: one tap's channels (a power of two within them, so the kernel loops per tap).
+    block_n = min(64, 1 << (cin_g.bit_length() - 1)) if cin_g >= 16 else _pow2_between(k_total, 16, 64)
+    if dtype.itemsize == 2 and cin_g >= 64 and cout_g >= 64 and channels_last:
+        # 128 x 128 x 64 tiles, three stages: two 64 x 128 wgmma groups per pixel step. Not for
+        # NCHW, whose 2-byte scalar patch loads then take over 255 registers on sm_80.
+        return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
+                "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": block_n,
             "BLOCK_K": _block_k(dtype), "num_warps": 8, "num_stages": 2}
 
 
@@ -629,12 +843,32 @@ def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tup
     return tuple(None if regions is None else getattr(regions, n) for n in names)
 
 
+def _tap_meta(cin_g: int, kernel_hw, block_k: int, channels_last: bool) -> dict:
+    """The compile-time kernel size and ``_conv_tile``'s loop form: per tap while a group's
+    channels fill a reduction block, the flattened reduction below that (no lanes wasted). NCHW
+    keeps the flattened loop: triton 3.9's per-tap NCHW code spills hundreds of bytes on sm_80."""
+    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=cin_g >= block_k and channels_last)
+
+
+def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
+    """``_conv_tile``'s loops: one channel loop per (unrolled) tap, or one flattened loop; the
+    expert loop of on-the-fly mixing inside each."""
+    taps = meta["KH"] * meta["KW"]
+    if meta["TAP_LOOP"]:
+        steps, copies = cdiv(cin_g, meta["BLOCK_K"]), taps
+    else:
+        steps, copies = cdiv(cin_g * taps, meta["BLOCK_K"]), 1
+    return ((steps, (source.num_mix,)) if source.mix else steps,) * copies
+
+
 def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
     index_64 = needs_int64(x) or x.shape[0] * experts.shape[1] * pixels > INT32_MAX  # x or y past 2^31
+    mixing = materialise_part(experts[0].numel() // experts.shape[1], x.shape[0], m, pixels) == 0
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
-                      default_forward_config(cout_g, x.dtype, pixels // m, index_64))
+                      default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2], mixing,
+                                             is_channels_last(x)))
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -658,7 +892,6 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
                     kernel_hw, groups, stride, padding, dilation, config: dict) -> Launch:
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
-    kh, kw = kernel_hw
     m = regions.num_regions if regions is not None else 1
     meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
     n_tiles = cdiv(Cout // groups, meta["BLOCK_N"])
@@ -669,22 +902,22 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
         pixel_start_ptr=regions.pixel_start if regions is not None else None,
         count_ptr=regions.count if regions is not None else None,
         perm_ptr=regions.perm if regions is not None else None,
-        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups,
         NUM_REGIONS=m, TILES=tiles, N_TILES=n_tiles,
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
         **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
         **_geometry_args(stride, padding, dilation),
     )
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], is_channels_last(x)))
     meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
                 HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
                 INDEX_64=needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed),
                 ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
-    k_steps = cdiv((Cin // groups) * kh * kw, meta["BLOCK_K"])
     return Launch(expert_conv_fwd_kernel, (B * tiles, groups * n_tiles, 1), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 2),
-                  loops=((k_steps, (source.num_mix,)),) if source.mix else (k_steps,))
+                  loops=_conv_tile_loops(Cin // groups, meta, source))
 
 
 def guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, kernel_hw, groups,
@@ -706,28 +939,27 @@ def _guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score,
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     m = score.shape[1]
-    kh, kw = kernel_hw
     meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
     n_tiles = cdiv(Cout // groups, meta["BLOCK_N"])
     tiles = cdiv(Ho * Wo, meta["BLOCK_P"])
     args = dict(
         x_ptr=x, dy_ptr=dy, score_ptr=score, **_mixing_args(source, spatial), **_bias_args(bias_mixed),
-        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups,
         TILES=tiles, N_TILES=n_tiles,
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         s_score_b=score.stride(0), s_score_r=score.stride(1), s_score_n=score.stride(2),
         **_geometry_args(stride, padding, dilation),
     )
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], is_channels_last(x)))
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None,
                 INDEX_64=needs_int64(x, dy, score, source.weight, source.coef, spatial, bias_mixed),
                 ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
-    k_steps = cdiv((Cin // groups) * kh * kw, meta["BLOCK_K"])
     return Launch(expert_conv_guide_score_kernel, (B * tiles, groups * n_tiles, m), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 2),
-                  loops=((k_steps, (source.num_mix,)),) if source.mix else (k_steps,))
+                  loops=_conv_tile_loops(Cin // groups, meta, source))
 
 
 def score_tiles(cout: int, groups: int, config: dict) -> int:
@@ -736,8 +968,12 @@ def score_tiles(cout: int, groups: int, config: dict) -> int:
 
 def input_grad_config(dx, experts, m, groups, stride) -> dict:
     cin_g = dx.shape[1] // groups
+    # The output size up to padding: enough to tell whether the op materialises.
+    pixels = cdiv(dx.shape[2], stride[0]) * cdiv(dx.shape[3], stride[1])
+    mixing = materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
-                      default_input_grad_config(cin_g, dx.dtype))
+                      default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing, m > 1,
+                                                is_channels_last(dx)))
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
@@ -758,36 +994,52 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
                            dilation, num_regions: int, config: dict) -> Launch:
     B, Cin, H, W = dx.shape
     Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
-    kh, kw = kernel_hw
     meta = {k: config[k] for k in ("BLOCK_P", "BLOCK_N", "BLOCK_K")}
     n_tiles = cdiv(Cin // groups, meta["BLOCK_N"])
-    tiles = cdiv(H * W, meta["BLOCK_P"])
+    phases = stride[0] * stride[1]
+    # Tiles per stride phase: enough for the largest phase (the first), the others mask the rest.
+    tiles = cdiv(cdiv(H, stride[0]) * cdiv(W, stride[1]), meta["BLOCK_P"])
     args = dict(
         dy_ptr=dy, dx_ptr=dx, region_ptr=region, **_mixing_args(source, spatial),
-        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups,
         NUM_REGIONS=num_regions, TILES=tiles, N_TILES=n_tiles,
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
         **_geometry_args(stride, padding, dilation),
     )
+    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"], is_channels_last(dy)))
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None,
                 INDEX_64=needs_int64(dy, dx, source.weight, source.coef, spatial, region),
                 ACC_DTYPE=_acc_dtype(dy.dtype),
                 INPUT_PRECISION=_input_precision(dy.dtype))
     _check_grid(groups * n_tiles)
-    k_steps = cdiv((Cout // groups) * kh * kw, meta["BLOCK_K"])
+    return Launch(expert_conv_bwd_input_kernel, (B * phases * tiles, groups * n_tiles, 1), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 2),
+                  loops=_input_grad_loops(Cout // groups, meta, source, num_regions if region is not None else 0,
+                                          phases))
+
+
+def _input_grad_loops(cout_g: int, meta: dict, source: WeightSource, num_regions: int, phases: int) -> tuple:
+    """The input-gradient kernel's loops. Per tap: a tap reaches the pixels of one stride phase in
+    ``phases``, so averaged over the programs its channel loop runs 1/phases of its steps. With
+    regions, every region's loop is counted on every tap (present or not): an upper bound."""
     per_weight = (source.num_mix,) if source.mix else ()
-    # With regions, every region's body is counted on every K-step (present or not): an upper bound.
-    per_step = ((num_regions, per_weight) if per_weight else num_regions,) if region is not None else per_weight
-    loops = ((k_steps, per_step) if per_step else k_steps,)
-    return Launch(expert_conv_bwd_input_kernel, (B * tiles, groups * n_tiles, 1), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 2), loops=loops)
+    taps = meta["KH"] * meta["KW"]
+    if meta["TAP_LOOP"]:
+        steps = cdiv(cout_g, meta["BLOCK_K"]) / phases
+        step = (steps, per_weight) if per_weight else steps
+        return ((num_regions, (step,)) if num_regions else step,) * taps
+    # Flattened: every K-step runs (the phase's dead taps are masked lanes).
+    k_steps = cdiv(cout_g * taps, meta["BLOCK_K"])
+    per_step = ((num_regions, per_weight) if per_weight else num_regions,) if num_regions else per_weight
+    return ((k_steps, per_step) if per_step else k_steps,)
 
 
 def weight_grad_config(x, experts, m, groups, stride) -> dict:
     _, Cout, cin_g, kh, kw = experts.shape
     return get_config("expert_conv_bwd_weight", problem_key(x, experts, m, groups, stride),
-                      default_weight_grad_config(Cout // groups, cin_g * kh * kw, x.dtype))
+                      default_weight_grad_config(Cout // groups, cin_g * kh * kw, x.dtype, cin_g,
+                                                 is_channels_last(x)))
 
 
 def weight_grad_splits(B: int, m: int, cout: int, groups: int, k_total: int, pixels: int, config: dict) -> int:
@@ -819,21 +1071,24 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
     kh, kw = kernel_hw
     meta = {k: config[k] for k in ("BLOCK_O", "BLOCK_N", "BLOCK_K")}
     o_tiles = cdiv(Cout // groups, meta["BLOCK_O"])
-    k_tiles = cdiv((Cin // groups) * kh * kw, meta["BLOCK_N"])
+    # Per tap while a group's channels fill the column block (see the kernel), else flattened.
+    tap_loop = Cin // groups >= meta["BLOCK_N"]
+    c_tiles = cdiv(Cin // groups, meta["BLOCK_N"])
+    k_tiles = kh * kw * c_tiles if tap_loop else cdiv((Cin // groups) * kh * kw, meta["BLOCK_N"])
     args = dict(
         dy_ptr=dy, x_ptr=x, dw_ptr=dw, dbias_ptr=dbias,
         pixel_start_ptr=regions.pixel_start if regions is not None else None,
         count_ptr=regions.count if regions is not None else None,
         perm_ptr=regions.perm if regions is not None else None,
         H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
-        NUM_REGIONS=m, SPLITS=splits, O_TILES=o_tiles,
+        NUM_REGIONS=m, SPLITS=splits, O_TILES=o_tiles, C_TILES=c_tiles,
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
         **dict(zip(("sdw_s", "sdw_b", "sdw_r", "sdw_o", "sdw_i", "sdw_u", "sdw_v"), dw.stride())),
         **dict(zip(("sdb_s", "sdb_b", "sdb_r", "sdb_o"), dbias.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(HAS_GUIDE=regions is not None, INDEX_64=needs_int64(dy, x, dw, dbias),
+    meta.update(TAP_LOOP=tap_loop, HAS_GUIDE=regions is not None, INDEX_64=needs_int64(dy, x, dw, dbias),
                 ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
     if groups * o_tiles > 65535 or k_tiles > 65535:
         raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")
@@ -864,26 +1119,26 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, grou
     """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``guide`` (B, m, Ho, Wo) or None."""
     shaped, m = _per_kernel(experts, routing)
     config = config or forward_config(x, shaped, m, groups, stride, padding, dilation)
-    if materialise is None and routing is not None:
-        materialise = should_materialise(experts, routing, y.shape[2] * y.shape[3])
-    source = weight_source(experts, routing, materialise)
-    regions = region_tables(guide, config["BLOCK_P"]) if guide is not None and m > 1 else None
-    forward_launch(x, source, spatial, bias_mixed, regions, y, shaped.shape[3:], groups, stride, padding,
-                   dilation, config)()
+    for samples, materialised in batch_parts(experts, routing, y.shape[2] * y.shape[3], materialise):
+        source = weight_source(experts, _part(routing, samples), materialised)
+        part_guide = _part(guide, samples)
+        regions = region_tables(part_guide, config["BLOCK_P"]) if guide is not None and m > 1 else None
+        forward_launch(x[samples], source, _part(spatial, samples), _part(bias_mixed, samples), regions, y[samples],
+                       shaped.shape[3:], groups, stride, padding, dilation, config)()
 
 
 def expert_conv_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation,
                                materialise: bool | None = None, config: dict | None = None) -> None:
     shaped, m = _per_kernel(experts, routing)
     config = config or input_grad_config(dx, shaped, m, groups, stride)
-    if materialise is None and routing is not None:
-        materialise = should_materialise(experts, routing, dy.shape[2] * dy.shape[3])
-    source = weight_source(experts, routing, materialise)
-    region = None
-    if guide is not None and m > 1:
-        region = guide.argmax(dim=1).reshape(guide.shape[0], -1).to(torch.int32).contiguous()
-    backward_input_launch(dy, source, spatial, region, dx, shaped.shape[3:], groups, stride, padding, dilation,
-                          m, config)()
+    for samples, materialised in batch_parts(experts, routing, dy.shape[2] * dy.shape[3], materialise):
+        source = weight_source(experts, _part(routing, samples), materialised)
+        region = None
+        if guide is not None and m > 1:
+            part_guide = guide[samples]
+            region = part_guide.argmax(dim=1).reshape(part_guide.shape[0], -1).to(torch.int32).contiguous()
+        backward_input_launch(dy[samples], source, _part(spatial, samples), region, dx[samples], shaped.shape[3:],
+                              groups, stride, padding, dilation, m, config)()
 
 
 def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_hw, stride, padding, dilation,
@@ -915,13 +1170,12 @@ def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, group
     B, m = routing.shape[:2]
     Cout, Ho, Wo = dy.shape[1:]
     config = config or forward_config(x, experts, m, groups, stride, padding, dilation)
-    if materialise is None:
-        materialise = should_materialise(experts, routing, Ho * Wo)
-    source = weight_source(experts, routing, materialise)
     score = torch.empty((B, m, score_tiles(Cout, groups, config), Ho * Wo), dtype=_acc_torch_dtype(x.dtype),
                         device=x.device)
-    guide_score_launch(x, source, spatial, bias_mixed, dy, score, experts.shape[3:], groups, stride, padding,
-                       dilation, config)()
+    for samples, materialised in batch_parts(experts, routing, Ho * Wo, materialise):
+        source = weight_source(experts, routing[samples], materialised)
+        guide_score_launch(x[samples], source, _part(spatial, samples), _part(bias_mixed, samples), dy[samples],
+                           score[samples], experts.shape[3:], groups, stride, padding, dilation, config)()
     return score.sum(2).reshape(B, m, Ho, Wo)
 
 
@@ -953,29 +1207,33 @@ def catalogue() -> list[Launch]:
                 geometry = ((s, s), pad, (1, 1))
                 tag = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
                 fwd_cfg = forward_config(x, experts, m, groups, *geometry)
-                materialised = should_materialise(experts, routing, Ho * Wo)
-                source = weight_source(experts, routing, materialised)
-                regions = None
-                region_map = None
-                if m > 1:
-                    i32 = dict(dtype=torch.int32, device="meta")
-                    regions = RegionTables(torch.empty((B, Ho * Wo), **i32), torch.empty((B, Ho * Wo), **i32),
-                                           torch.empty((B, m), **i32), torch.empty((B, m), **i32),
-                                           torch.empty((B, m + 1), **i32), fwd_cfg["BLOCK_P"])
-                    region_map = regions.region
-                    score = torch.empty((B, m, score_tiles(Cout, groups, fwd_cfg), Ho * Wo), dtype=torch.float32,
-                                        device="meta")
-                    launches.append(guide_score_launch(x, source, spatial, bias, y, score, (kh, kw), groups,
-                                                       *geometry, fwd_cfg))
-                launches.append(forward_launch(x, source, spatial, bias, regions, y, (kh, kw), groups, *geometry,
-                                               fwd_cfg))
-                launches.append(backward_input_launch(y, source, spatial, region_map, x, (kh, kw), groups, *geometry,
-                                                      m, input_grad_config(x, experts, m, groups, (s, s))))
+                dx_cfg = input_grad_config(x, experts, m, groups, (s, s))
                 wcfg = weight_grad_config(x, experts, m, groups, (s, s))
+
+                def region_tables_like(n, block_p):
+                    i32 = dict(dtype=torch.int32, device="meta")
+                    return RegionTables(torch.empty((n, Ho * Wo), **i32), torch.empty((n, Ho * Wo), **i32),
+                                        torch.empty((n, m), **i32), torch.empty((n, m), **i32),
+                                        torch.empty((n, m + 1), **i32), block_p)
+
+                # The first launch of the pass (all of them when the batch is materialised in parts).
+                samples, materialised = batch_parts(experts, routing, Ho * Wo, None)[0]
+                xp, yp, rp, sp, bp = (_part(t, samples) for t in (x, y, routing, spatial, bias))
+                source = weight_source(experts, rp, materialised)
+                regions = region_tables_like(xp.shape[0], fwd_cfg["BLOCK_P"]) if m > 1 else None
+                if m > 1:
+                    score = torch.empty((xp.shape[0], m, score_tiles(Cout, groups, fwd_cfg), Ho * Wo),
+                                        dtype=torch.float32, device="meta")
+                    launches.append(guide_score_launch(xp, source, sp, bp, yp, score, (kh, kw), groups, *geometry,
+                                                       fwd_cfg))
+                launches.append(forward_launch(xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, fwd_cfg))
+                launches.append(backward_input_launch(yp, source, sp, regions.region if m > 1 else None, xp, (kh, kw),
+                                                      groups, *geometry, m, dx_cfg))
                 splits = weight_grad_splits(B, m, Cout, groups, (Cin // groups) * kh * kw, Ho * Wo, wcfg)
                 dw = torch.empty((splits, B, m, Cout, Cin // groups, kh, kw), dtype=torch.float32, device="meta")
                 dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta")
-                launches.append(backward_weight_launch(y, x, regions, dw, dbias, (kh, kw), groups, *geometry, wcfg))
+                launches.append(backward_weight_launch(y, x, region_tables_like(B, 1) if m > 1 else None, dw, dbias,
+                                                       (kh, kw), groups, *geometry, wcfg))
                 for launch in launches[-(4 if m > 1 else 3):]:
                     launch.label = tag + (" materialised" if materialised and "weight" not in launch.name else "")
     launches += _int64_catalogue()

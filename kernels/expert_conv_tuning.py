@@ -111,7 +111,8 @@ def _source(ts: dict) -> ec.WeightSource:
     def build():
         experts, routing = ts["experts"], ts["routing"]
         pixels = ts["y"].shape[2] * ts["y"].shape[3]
-        return ec.weight_source(experts, routing, ec.should_materialise(experts, routing, pixels))
+        # A batch the op materialises in parts is timed materialised whole: the same programs.
+        return ec.weight_source(experts, routing, ec.batch_parts(experts, routing, pixels, None)[0][1])
     return _cached(ts, "source", build)
 
 
@@ -168,12 +169,19 @@ def _default_for(kernel: str, key: dict) -> dict:
     """The launcher's default config, from the problem key alone."""
     dtype = _DTYPES[key["dtype_bytes"]]
     g = key["groups"]
+    filter_size = key["Cin"] // g * key["kh"] * key["kw"]
     if kernel == "expert_conv_fwd":
         Ho, Wo = _out_hw(key)
-        return ec.default_forward_config(key["Cout"] // g, dtype, Ho * Wo // key["m"])
+        mixing = ec.materialise_part(filter_size, key["B"], key["m"], Ho * Wo) == 0
+        return ec.default_forward_config(key["Cout"] // g, dtype, Ho * Wo // key["m"], cin_g=key["Cin"] // g,
+                                         mixing=mixing, channels_last=bool(key["channels_last"]))
     if kernel == "expert_conv_bwd_input":
-        return ec.default_input_grad_config(key["Cin"] // g, dtype)
-    return ec.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype)
+        pixels = -(-key["H"] // key["stride_h"]) * -(-key["W"] // key["stride_w"])
+        mixing = ec.materialise_part(filter_size, key["B"], key["m"], pixels) == 0
+        return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1,
+                                            bool(key["channels_last"]))
+    return ec.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype,
+                                         key["Cin"] // g, bool(key["channels_last"]))
 
 
 def _default(kernel: str):

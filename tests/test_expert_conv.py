@@ -70,6 +70,10 @@ CASES = {
     "1x1-stride2": Case(H=7, W=5, kh=1, kw=1, padding=0, stride=2, spatial=True),
     "depthwise-5x3": Case(B=1, Cin=5, Cout=5, groups=5, kh=5, kw=3, padding=2, E=2),
     "wide-channels": Case(B=1, Cin=20, Cout=40, H=5, W=5, E=2, spatial=True),  # several channel and K tiles
+    # 16 channels a group: the per-tap channel loops, with stride phases (odd H) and regions in the input gradient.
+    "taps-stride2-odd": Case(B=1, Cin=16, Cout=16, H=7, W=6, kh=3, kw=2, E=2, stride=2, spatial=True),
+    "taps-drconv-stride2": Case(B=1, Cin=16, Cout=16, H=5, W=7, E=2, m=2, guide=True, stride=2, dilation=2,
+                                padding=2),
     "drconv-m3": Case(m=3, guide=True, spatial=True),
     "drconv-m4-groups2-stride2": Case(B=2, Cin=4, Cout=4, H=9, W=8, m=4, guide=True, groups=2, stride=2, E=2),
     "drconv-m1": Case(B=1, m=1, guide=True),
@@ -114,7 +118,8 @@ def test_forward_and_gradients(name, dtype, mixing, device):
     assert y.shape == (case.B, case.Cout, *case.out_hw)
 
 
-@pytest.mark.parametrize("name", ["basic", "drconv-m3"])
+# The taps cases: channels_last takes the per-tap loops of the forward and input gradient (NCHW the flattened one).
+@pytest.mark.parametrize("name", ["basic", "drconv-m3", "taps-stride2-odd", "taps-drconv-stride2"])
 def test_channels_last(name, device):
     y = _check(CASES[name], torch.float16, device, torch.channels_last)
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -177,6 +182,18 @@ def test_weight_gradient_pixel_splits(monkeypatch, device):
         grads.append(torch.autograd.grad(y, [inputs["experts"], inputs["routing"]], torch.ones_like(y)))
     for first, second in zip(*grads):
         assert torch.equal(first, second)
+
+
+def test_batch_materialised_in_parts(monkeypatch, device):
+    """Mixed kernels larger than y but worth materialising: one launch per part of the batch, each
+    part's kernels within y's size."""
+    monkeypatch.setattr(kernels, "MATERIALISE_MIN_PIXELS", 1)
+    case = Case(B=3, Cin=4, Cout=4, H=4, W=5, E=2, spatial=True)
+    experts, routing = torch.empty((case.E, case.Cout, case.Cin, 3, 3)), torch.empty((case.B, 1, case.E))
+    parts = kernels.batch_parts(experts, routing, 20, None)  # 36 weights per filter > 20 output pixels
+    assert len(parts) == 3 and all(materialised for _, materialised in parts)
+    assert all(len(range(case.B)[samples]) * 36 <= case.B * 20 for samples, _ in parts)
+    _check(case, torch.float32, device)
 
 
 def test_int64_indexing_variant_matches(monkeypatch, device):
