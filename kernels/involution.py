@@ -472,7 +472,8 @@ def involution_bwd_weight_runs_kernel(
     for q in tl.static_range(CHUNKS):
         x_chunks = x_chunks + (x_lane + channels[q] * sxc,)
     dw_lane = dw_ptr + b * sdwb + (g * sdwg)[:, None] + (row * sdwh + col * sdww)[None, :]
-    for v in tl.static_range(KS):
+    # Tap columns a run-time loop: unrolled too, ptxas takes minutes on the K*HALO*RUN body (R1 fp32).
+    for v in range(KS):
         cols_ok = (w_first + v * DW >= 0) & (w_first + v * DW < W)
         for h in tl.static_range(HALO):
             ok3 = (cols_ok & rows_ok[h])[None, None, :]
@@ -905,9 +906,9 @@ def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
                 CHUNK=chunk, CHUNKS=cdiv(CG, chunk), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
                 RUN=config["RUN"], INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
-    # Every tap is unrolled: no loop.
+    # The tap-column loop; the rows and the halo are unrolled inside it.
     return Launch(involution_bwd_weight_runs_kernel, _grid(B, G, tiles_pix, 1, config["BLOCK_G"]), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=())
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(K,))
 
 
 # The runs kernel unrolls K*K taps and holds RUN x (channels of a group) gradients in registers.
