@@ -768,9 +768,12 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
     # As the forward's (the reduction runs over output channels here); one stage for 4-byte
     # operands: two spill on sm_80 (NCHW, materialised kernels). Regions hold their loop's tiles in
     # registers as mixing does: the same small tiles, and one stage (two spill 2-byte NHWC on sm_80).
-    if not channels_last:  # the flattened loop (see _tap_meta) and its tiles; 4 warps with regions (sm_80 spills)
+    if not channels_last:  # the flattened loop (see _tap_meta) and its tiles
+        if regions:  # narrower columns, one stage: wider tiles spill on sm_80 (triton 3.6) or sm_90 (3.9)
+            return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 32), "BLOCK_K": _block_k(dtype),
+                    "num_warps": 4, "num_stages": 1}
         return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _block_k(dtype),
-                "num_warps": 4 if regions else _num_warps(dtype, 64), "num_stages": 2 if dtype.itemsize == 2 else 1}
+                "num_warps": _num_warps(dtype, 64), "num_stages": 2 if dtype.itemsize == 2 else 1}
     if regions:
         return {**default_input_grad_config(cin_g, dtype, cout_g, True), "num_stages": 1}
     if dtype.itemsize == 2 and cout_g >= 64 and not mixing:
