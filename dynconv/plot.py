@@ -144,7 +144,9 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.grid": True, "grid.alpha": 0.3,
-                         "svg.fonttype": "none", "figure.dpi": 110})
+                         "svg.fonttype": "none", "figure.dpi": 110,
+                         # Fixed SVG element ids: redrawing unchanged data must change no file.
+                         "svg.hashsalt": "dynconv"})
     return plt
 
 
