@@ -1056,6 +1056,16 @@ def na2d_av_backward(grad, attn, v, dattn, dv, K, dilation, neighborhood, config
     key_sum_launch(attn, grad, dv, K, dilation, neighborhood, config)()
 
 
+def na2d_dots(x, y, out, K, dilation, neighborhood, config=None) -> None:
+    """``out[i, t] = x_i · y_n(i,t)``, zero on taps outside the image (ops/na2d_linear.py)."""
+    tap_dots_launch(x, y, None, out, K, dilation, neighborhood, 0.0, config)()
+
+
+def na2d_key_sum(w, x, out, K, dilation, neighborhood, config=None) -> None:
+    """``out[j] = Σ_{(i,t): n(i,t) = j} w[i, t] · x_i`` (ops/na2d_linear.py)."""
+    key_sum_launch(w, x, out, K, dilation, neighborhood, config)()
+
+
 def catalogue() -> list[Launch]:
     """The launches the op makes by default at representative shapes, on meta tensors (AOT checks)."""
     launches = []

@@ -3,8 +3,10 @@ unfused pair ``dynconv.na2d_qk`` / ``dynconv.na2d_av``.
 
 Registered with torch.library as ``torch.ops.dynconv.na2d`` (returns the output and the
 log-sum-exp the backward keeps), ``na2d_backward``, ``na2d_qk``, ``na2d_qk_backward``, ``na2d_av``
-and ``na2d_av_backward``, each with a fake implementation and an autograd formula (the backward
-ops have none: double backward is refused). CUDA tensors run the Triton kernels of
+and ``na2d_av_backward``, each with a fake implementation and an autograd formula. First derivatives
+run the fused backward kernels; derivatives of higher order, tangents (forward AD, torch.func) and
+vmap go through the three window products of ``ops/na2d_linear.py``, which are closed under
+differentiation. CUDA tensors run the Triton kernels of
 ``kernels/na2d.py`` (fused for ``na2d``, window gathers for the unfused pair); CPU tensors run the
 tap loop of ``ops/reference_na2d.py``, or the Triton kernels through the interpreter when
 TRITON_INTERPRET=1 was set before import. Plain eager calls go through autograd.Functions around
@@ -19,19 +21,17 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import na2d as kernels
-from dynconv.kernels._launch import kernels_are_interpreted
 
 from . import _eager
+from . import na2d_linear as linear
 from . import reference_na2d as reference
 from ._checks import as_pair, autocast_inputs, check_dtypes_and_devices, check_tensor
 
-_INTERPRETED = kernels_are_interpreted()
 WINDOWS = reference.WINDOWS
 _LAYOUT = "(B, H, W, heads, D)"
 
 
-def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda or _INTERPRETED
+_use_triton = linear.use_triton
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -267,24 +267,18 @@ def _na2d_grads(ctx, grad, backward):
     return dq, dk, dv, (drpb if ctx.has_rpb else None)
 
 
-def _refuse_second_order(op: str) -> None:
-    """The backward kernels carry no derivative of their own yet: a create_graph backward is
-    refused rather than silently detached (a gradient penalty would never reach q, k, v)."""
-    if torch.is_grad_enabled():
-        raise NotImplementedError(
-            f"{op}: second-order derivatives (create_graph=True) are not implemented yet; "
-            "use the float64 reference dynconv.reference.na2d_gather for gradient penalties")
+# A backward that must itself be differentiable (create_graph, or inside torch.func) is written
+# with the window products of ops/na2d_linear.py, as Functions (eager) or custom ops (compile).
 
-
-def _refuse_forward_mode(op: str) -> None:
-    """No forward-mode rule yet: a tangent would come back as zeros through the custom op."""
-    if _eager.forward_mode_active() and not torch.compiler.is_compiling():
-        raise NotImplementedError(f"{op}: forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) "
-                                  "is not implemented yet")
+def _na2d_grads_differentiable(ctx, grad, products):
+    q, k, v, rpb, _, _ = ctx.saved_tensors
+    K, dilation, scale, window = ctx.geometry
+    return linear.na2d_backward(products, grad, q, k, v, rpb, K, dilation, scale, window)
 
 
 def _na2d_autograd(ctx, grad, grad_lse):
-    _refuse_second_order("na2d")
+    if torch.is_grad_enabled():
+        return (*_na2d_grads_differentiable(ctx, grad, linear.OPS), None, None, None, None)
     return (*_na2d_grads(ctx, grad, na2d_backward_op), None, None, None, None)
 
 
@@ -302,8 +296,14 @@ def _qk_grads(ctx, grad, backward):
     return dq, dk, (drpb if rpb_grad else None)
 
 
+def _qk_grads_differentiable(ctx, grad, products):
+    q, k = ctx.saved_tensors
+    return linear.qk_backward(products, grad, q, k, *ctx.geometry, ctx.has_rpb and ctx.needs_input_grad[2])
+
+
 def _qk_autograd(ctx, grad):
-    _refuse_second_order("na2d_qk")
+    if torch.is_grad_enabled():
+        return (*_qk_grads_differentiable(ctx, grad, linear.OPS), None, None, None)
     return (*_qk_grads(ctx, grad, na2d_qk_backward_op), None, None, None)
 
 
@@ -318,8 +318,15 @@ def _av_grads(ctx, grad, backward):
     return backward(grad, attn, v, *ctx.geometry)
 
 
+def _av_grads_differentiable(ctx, grad, products):
+    attn, v = ctx.saved_tensors
+    return tuple(products[name](a, b, *ctx.geometry) if needed else None
+                 for (name, a, b), needed in zip(linear.ADJOINTS["tap_sum"](attn, v, grad), ctx.needs_input_grad))
+
+
 def _av_autograd(ctx, grad):
-    _refuse_second_order("na2d_av")
+    if torch.is_grad_enabled():
+        return (*_av_grads_differentiable(ctx, grad, linear.OPS), None, None, None)
     return (*_av_grads(ctx, grad, na2d_av_backward_op), None, None, None)
 
 
@@ -342,7 +349,8 @@ class _NA2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, grad_lse):
-        _refuse_second_order("na2d")
+        if not _eager.graph_free():
+            return (*_na2d_grads_differentiable(ctx, grad, linear.FUNCTIONS), None, None, None, None)
         return (*_na2d_grads(ctx, grad, _backward), None, None, None, None)
 
 
@@ -354,7 +362,8 @@ class _QK(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _refuse_second_order("na2d_qk")
+        if not _eager.graph_free():
+            return (*_qk_grads_differentiable(ctx, grad, linear.FUNCTIONS), None, None, None)
         return (*_qk_grads(ctx, grad, _qk_backward), None, None, None)
 
 
@@ -366,7 +375,8 @@ class _AV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        _refuse_second_order("na2d_av")
+        if not _eager.graph_free():
+            return (*_av_grads_differentiable(ctx, grad, linear.FUNCTIONS), None, None, None)
         return (*_av_grads(ctx, grad, _av_backward), None, None, None)
 
 
@@ -403,7 +413,7 @@ def _heads_back(y: Tensor, heads_first: bool) -> Tensor:
 
 def _scale(scale, D) -> float:
     if scale is None:
-        return float(D) ** -0.5
+        return float(D) ** -0.5 if D else 1.0  # D = 0: no score to scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {scale!r}")
     return float(scale)
@@ -435,8 +445,12 @@ def na2d(q: Tensor, k: Tensor, v: Tensor, kernel_size: int, dilation=1, *, rpb: 
     scale = _scale(scale, q.shape[-1])
     q, k, v, rpb = autocast_inputs(q, k, v, rpb)
     dilation = as_pair(dilation, "dilation", 1)
-    _refuse_forward_mode("na2d")
+    if _eager.needs_function(q, k, v, rpb):  # tangents or torch.func: the window products carry them
+        _check_tensors(q=q, k=k, v=v, rpb=rpb)
+        dilation = _geometry(q.shape, (("k", k.shape), ("v", v.shape)), _shape(rpb), None, K, dilation, window)
+        return _heads_back(linear.na2d(linear.FUNCTIONS, q, k, v, rpb, K, dilation, scale, window), heads_first)
     if not _eager.eager(q, k, v, rpb):
+        _eager.refuse_tangents("na2d", q, k, v, rpb)
         return _heads_back(na2d_op(q, k, v, rpb, K, list(dilation), scale, window)[0], heads_first)
     _check_tensors(q=q, k=k, v=v, rpb=rpb)
     dilation = _cached_geometry(q.shape, (("k", k.shape), ("v", v.shape)), _shape(rpb), None, K, dilation, window)
@@ -458,8 +472,12 @@ def na2d_qk(q: Tensor, k: Tensor, kernel_size: int, dilation=1, *, rpb: Tensor |
     q, k = _heads_last(heads_first, q=q, k=k)
     q, k, rpb = autocast_inputs(q, k, rpb)
     dilation = as_pair(dilation, "dilation", 1)
-    _refuse_forward_mode("na2d_qk")
+    if _eager.needs_function(q, k, rpb):
+        _check_tensors(q=q, k=k, rpb=rpb)
+        dilation = _geometry(q.shape, (("k", k.shape),), _shape(rpb), None, K, dilation, window)
+        return _heads_back(linear.scores(linear.FUNCTIONS, q, k, rpb, K, dilation, 1.0, window), heads_first)
     if not _eager.eager(q, k, rpb):
+        _eager.refuse_tangents("na2d_qk", q, k, rpb)
         return _heads_back(na2d_qk_op(q, k, rpb, K, list(dilation), window), heads_first)
     _check_tensors(q=q, k=k, rpb=rpb)
     dilation = _cached_geometry(q.shape, (("k", k.shape),), _shape(rpb), None, K, dilation, window)
@@ -479,8 +497,12 @@ def na2d_av(attn: Tensor, v: Tensor, kernel_size: int, dilation=1, *, window: st
     attn, v = _heads_last(heads_first, attn=attn, v=v)
     attn, v = autocast_inputs(attn, v)
     dilation = as_pair(dilation, "dilation", 1)
-    _refuse_forward_mode("na2d_av")
+    if _eager.needs_function(attn, v):
+        _check_tensors(attn=attn, v=v)
+        dilation = _geometry(v.shape, (), None, tuple(attn.shape), K, dilation, window)
+        return _heads_back(linear.TapSum.apply(attn, v, K, dilation, window), heads_first)
     if not _eager.eager(attn, v):
+        _eager.refuse_tangents("na2d_av", attn, v)
         return _heads_back(na2d_av_op(attn, v, K, list(dilation), window), heads_first)
     _check_tensors(attn=attn, v=v)
     dilation = _cached_geometry(v.shape, (), None, tuple(attn.shape), K, dilation, window)

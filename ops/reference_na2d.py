@@ -210,19 +210,35 @@ def na2d_av_taps(attn, v, kernel_size, dilation, window="neighborhood"):
     return y.to(v.dtype)
 
 
+def na2d_dots_taps(x, y, kernel_size, dilation, window="neighborhood"):
+    """``out[b,i,j,h,u,v] = x[b,i,j,h] · y[b,key(u,v),h]``, zero on taps outside the image."""
+    B, H, W, heads, _ = x.shape
+    K = kernel_size
+    acc = _acc(x)
+    xa, ya = x.to(acc), y.to(acc)
+    out = torch.empty((B, H, W, heads, K, K), dtype=acc, device=x.device)
+    for u, w, rows, cols, valid, _, _ in _taps(H, W, K, dilation, window, x.device):
+        out[..., u, w] = (xa * _at(ya, rows, cols)).sum(-1).masked_fill(~valid, 0)
+    return out.to(x.dtype)
+
+
+def na2d_key_sum_taps(attn, x, kernel_size, dilation, window="neighborhood"):
+    """``out[b,key] = Σ over the (query, tap) pairs that reach key of attn · x[query]``: the adjoint
+    of ``na2d_av_taps`` in its values."""
+    B, H, W, heads, D = x.shape
+    acc = _acc(x)
+    xa = x.to(acc)
+    out = torch.zeros_like(xa)
+    for u, w, rows, cols, valid, _, _ in _taps(H, W, kernel_size, dilation, window, x.device):
+        a = attn[..., u, w].to(acc).masked_fill(~valid, 0)
+        _scatter(out, rows, cols, a[..., None] * xa)
+    return out.to(x.dtype)
+
+
 def na2d_av_taps_backward(grad, attn, v, kernel_size, dilation, window="neighborhood"):
     """(dattn, dv) of ``na2d_av``; weights on keys outside the image get a zero gradient."""
-    B, H, W, heads, D = v.shape
-    K = kernel_size
-    acc = _acc(v)
-    grad, va = grad.to(acc), v.to(acc)
-    dattn = torch.empty((B, H, W, heads, K, K), dtype=acc, device=v.device)
-    dv = torch.zeros_like(va)
-    for u, w, rows, cols, valid, _, _ in _taps(H, W, K, dilation, window, v.device):
-        dattn[..., u, w] = (grad * _at(va, rows, cols)).sum(-1).masked_fill(~valid, 0)
-        a = attn[..., u, w].to(acc).masked_fill(~valid, 0)
-        _scatter(dv, rows, cols, a[..., None] * grad)
-    return dattn.to(attn.dtype), dv.to(v.dtype)
+    return (na2d_dots_taps(grad.to(v.dtype), v, kernel_size, dilation, window).to(attn.dtype),
+            na2d_key_sum_taps(attn, grad, kernel_size, dilation, window).to(v.dtype))
 
 
 def na2d_taps(q, k, v, kernel_size, dilation, rpb=None, scale=None, window="neighborhood"):

@@ -14,6 +14,7 @@ from torch import nn
 
 import dynconv
 import dynconv.ops.na2d as na2d_ops
+import dynconv.ops.na2d_linear as na2d_linear
 from dynconv.kernels import na2d as kernels
 from dynconv.reference import na2d_av_gather, na2d_gather, na2d_naive, na2d_qk_gather, na2d_taps
 from helpers import assert_close, check_against_reference
@@ -158,7 +159,7 @@ def test_half_precision_takes_the_tiled_kernels(dtype, with_rpb, device):
 @pytest.mark.usefixtures("nan_poison")
 def test_cpu_path_without_interpreter_matches(monkeypatch):
     """Without TRITON_INTERPRET, CPU tensors take the tap loop: same values and gradients."""
-    monkeypatch.setattr(na2d_ops, "_INTERPRETED", False)
+    monkeypatch.setattr(na2d_linear, "_INTERPRETED", False)
     monkeypatch.setattr(kernels, "forward_launch", lambda *a, **k: pytest.fail("Triton kernel ran on the CPU path"))
     for case in CASES:
         tensors, geometry = _inputs(case, B=2)
@@ -389,6 +390,8 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.dynconv.na2d_qk, (q, k, rpb, 3, [1, 1], "neighborhood"))
     attn = torch.randn(1, 3, 3, 1, 3, 3, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.dynconv.na2d_av, (attn, v, 3, [1, 1], "sliding"))
+    torch.library.opcheck(torch.ops.dynconv.na2d_dots, (q, k, 3, [1, 1], "sliding"))
+    torch.library.opcheck(torch.ops.dynconv.na2d_key_sum, (attn, q, 3, [1, 1], "neighborhood"))
 
 
 def test_eager_path_and_custom_ops_agree_bit_for_bit(device, monkeypatch):
@@ -518,29 +521,136 @@ def test_module_compiles_fullgraph(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Derivatives the ops do not have yet are refused, never silently dropped
+# Derivatives of every order and tangents (ops/na2d_linear.py), against autograd on the gather
+# reference in float64. The plain tap loop covers the transforms; the interpreter runs the kernels
+# of the three window products once each way.
 # ---------------------------------------------------------------------------------------------
 
-def _derivative_cases():
-    q, k, v = (torch.randn(1, 5, 5, 1, 4, dtype=torch.float64) for _ in range(3))
-    attn = torch.randn(1, 5, 5, 1, 3, 3, dtype=torch.float64)
-    return {"na2d": (lambda a: dynconv.na2d(a, k, v, 3), q),
-            "na2d_qk": (lambda a: dynconv.na2d_qk(a, k, 3), q),
-            "na2d_av": (lambda a: dynconv.na2d_av(a, v, 3), attn)}
+# path -> (kernels through the interpreter, eager path allowed)
+DERIVATIVE_PATHS = {"plain": (False, True), "plain-custom-op": (False, False),
+                    "interpreter": (True, True), "interpreter-custom-op": (True, False)}
+
+
+def _take(path, monkeypatch):
+    interpreted, eager = DERIVATIVE_PATHS[path]
+    monkeypatch.setattr(na2d_linear, "_INTERPRETED", interpreted)
+    if not eager:
+        monkeypatch.setattr(na2d_ops._eager, "eager", lambda *tensors: False)
+
+
+def _derivative_problem(name, window="sliding", B=1):
+    """(function, gather reference, float64 primals): borders, dilation on one axis, rpb."""
+    K, d = 3, (1, 2)
+    q, k, v = (torch.randn(B, 4, 6, 2, 1, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(2, 2 * K - 1, 2 * K - 1, dtype=torch.float64)
+    attn = torch.randn(B, 4, 6, 2, K, K, dtype=torch.float64)
+    finite = dict(neginf=0.0)  # -inf scores (sliding taps off the image) are constants: compare as 0
+    return {"na2d": (lambda q, k, v, r: dynconv.na2d(q, k, v, K, d, rpb=r, window=window),
+                     lambda q, k, v, r: na2d_gather(q, k, v, K, d, r, None, window), (q, k, v, rpb)),
+            "na2d_qk": (lambda q, k, r: dynconv.na2d_qk(q, k, K, d, rpb=r, window=window).nan_to_num(**finite),
+                        lambda q, k, r: na2d_qk_gather(q, k, K, d, r, window).nan_to_num(**finite), (q, k, rpb)),
+            "na2d_av": (lambda a, v: dynconv.na2d_av(a, v, K, d, window=window),
+                        lambda a, v: na2d_av_gather(a, v, K, d, window), (attn, v))}[name]
+
+
+def _penalty_grads(fn, primals):
+    """Gradients of a gradient penalty: first derivatives kept in the graph, differentiated again."""
+    leaves = [p.clone().requires_grad_() for p in primals]
+    y = fn(*leaves)
+    dy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    firsts = torch.autograd.grad(y, leaves, dy, create_graph=True)
+    penalty = sum(g.square().sum() for g in firsts) + y.square().sum()
+    return torch.autograd.grad(penalty, leaves)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("path", DERIVATIVE_PATHS)
+@pytest.mark.parametrize("name", ["na2d", "na2d_qk", "na2d_av"])
+def test_a_gradient_penalty_reaches_every_input(name, path, monkeypatch):
+    # the custom-op paths take the other window kind, so each kind meets both ways of dispatch
+    fn, reference, primals = _derivative_problem(name, "neighborhood" if path.endswith("op") else "sliding")
+    expected = _penalty_grads(reference, primals)
+    _take(path, monkeypatch)
+    for i, (a, e) in enumerate(zip(_penalty_grads(fn, primals), expected)):
+        assert_close(a, e, torch.float64, f"penalty gradient of input {i}")
 
 
 @pytest.mark.parametrize("name", ["na2d", "na2d_qk", "na2d_av"])
-@pytest.mark.parametrize("custom_ops", [False, True])
-def test_second_order_and_forward_mode_are_refused_not_dropped(name, custom_ops, monkeypatch):
-    from dynconv.ops import _eager
-    if custom_ops:
-        monkeypatch.setattr(_eager, "eager", lambda *tensors: False)
-    fn, arg = _derivative_cases()[name]
-    a = arg.clone().requires_grad_()
-    with pytest.raises(NotImplementedError, match="second-order"):
-        torch.autograd.grad(fn(a).sum(), a, create_graph=True)
-    with pytest.raises(NotImplementedError, match="forward-mode"):
-        torch.func.jvp(fn, (arg,), (torch.ones_like(arg),))
-    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
-        fn(torch.autograd.forward_ad.make_dual(arg, torch.ones_like(arg)))
-    torch.autograd.grad(fn(a).sum(), a)  # first order still works
+def test_gradgradcheck_and_third_derivatives(name, monkeypatch):
+    fn, _, primals = _derivative_problem(name)
+    _take("plain", monkeypatch)
+    leaves = tuple(p.clone().requires_grad_() for p in primals)
+    assert torch.autograd.gradgradcheck(fn, leaves, fast_mode=True)
+
+    def first_derivatives(*leaves):
+        y = fn(*leaves)
+        return torch.autograd.grad(y, leaves, torch.ones_like(y).cumsum(-1), create_graph=True)
+
+    assert torch.autograd.gradgradcheck(first_derivatives, leaves, fast_mode=True)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("path", ["plain", "interpreter"])
+@pytest.mark.parametrize("name", ["na2d", "na2d_qk", "na2d_av"])
+def test_jvp_gives_the_tangent(name, path, monkeypatch):
+    fn, reference, primals = _derivative_problem(name)
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    expected = torch.func.jvp(reference, primals, tangents)
+    first_alone = torch.func.jvp(lambda a: reference(a, *primals[1:]), primals[:1], tangents[:1])[1]
+    _take(path, monkeypatch)
+    y, tangent = torch.func.jvp(fn, primals, tangents)
+    assert_close(y, expected[0], torch.float64, "y")
+    assert_close(tangent, expected[1], torch.float64, "tangent")
+    with torch.autograd.forward_ad.dual_level():  # forward AD outside torch.func
+        dual = torch.autograd.forward_ad.make_dual(primals[0], tangents[0])
+        tangent = torch.autograd.forward_ad.unpack_dual(fn(dual, *primals[1:])).tangent
+    assert_close(tangent, first_alone, torch.float64, "tangent of the first input alone")
+
+
+def _func_transforms(fn, primals):
+    argnums = tuple(range(len(primals)))
+    loss = lambda *a: fn(*a).square().sum()  # noqa: E731
+    results = {"grad": torch.func.grad(loss, argnums)(*primals),
+               "jacrev": torch.func.jacrev(fn, argnums)(*primals),
+               "jacfwd": torch.func.jacfwd(fn, argnums)(*primals),
+               "hessian": torch.func.hessian(loss, argnums[:2])(*primals)}
+    stacked = [torch.stack([p, p.flip(0).cos()], 1) for p in primals]  # vmapped along dim 1
+    results["vmap"] = torch.func.vmap(fn, in_dims=1)(*stacked)
+    results["vmap-of-grad"] = torch.func.vmap(torch.func.grad(loss), in_dims=(1, *[None] * (len(primals) - 1)))(
+        stacked[0], *primals[1:])
+    return dict(torch.utils._pytree.tree_flatten_with_path(results)[0])
+
+
+@pytest.mark.parametrize("name", ["na2d", "na2d_qk", "na2d_av"])
+def test_torch_func_transforms_agree_with_the_reference(name, monkeypatch):
+    fn, reference, primals = _derivative_problem(name, B=2)
+    expected = _func_transforms(reference, primals)
+    _take("plain", monkeypatch)
+    actual = _func_transforms(fn, primals)
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert_close(actual[key], expected[key], torch.float64, torch.utils._pytree.keystr(key))
+
+
+def test_a_tangent_the_custom_ops_would_drop_is_refused(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    fn, _, primals = _derivative_problem("na2d")
+    _take("plain", monkeypatch)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(primals[0], torch.ones_like(primals[0]))
+        with PassThrough(), pytest.raises(NotImplementedError, match="forward-mode AD under a dispatch mode"):
+            fn(dual, *primals[1:])
+        with PassThrough():
+            fn(*primals)  # no tangent: nothing to refuse
+
+
+def test_zero_head_dim_is_an_empty_result(device):
+    q = torch.randn(1, 5, 5, 2, 0, device=device, requires_grad=True)
+    y = dynconv.na2d(q, q, q, 3)
+    y.sum().backward()
+    assert y.shape == q.shape and q.grad.shape == q.shape
