@@ -55,7 +55,8 @@ PASS_SHORT = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd"
 PASS_MARKER = {"forward": "o", "backward": "s", "forward+backward": "^"}
 COMPUTE_CEILING = {"fp32": "fp32_tflops", "fp16": "fp16_tflops", "bf16": "bf16_tflops"}
 NUMERIC = ("ms_median", "ms_p20", "ms_p80", "gbps", "tflops", "peak_mem_mb")
-LAYOUT_TITLE = {"nchw": "NCHW (contiguous)", "nhwc": "NHWC (channels_last)"}
+LAYOUT_TITLE = {"nchw": "NCHW (contiguous)", "nhwc": "NHWC (channels_last)",
+                "bhwnd": "(B, H, W, heads, D)", "bnhwd": "(B, heads, H, W, D)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,13 +597,20 @@ def draw_predicted(reports: Path) -> list[Path]:
     return written
 
 
+def predicted_layouts(rows: list[dict]) -> list[str]:
+    """The layouts of a table's rows, one figure row each: NCHW and NHWC first, then any other (the
+    attention layouts, BHWND and BNHWD) in the table's order."""
+    present = list(dict.fromkeys(r["layout"] for r in rows))
+    return [lay for lay in ("NCHW", "NHWC") if lay in present] + [lay for lay in present if lay not in ("NCHW", "NHWC")]
+
+
 def _draw_predicted_roofline(rows: list[dict], path: Path) -> list[Path]:
     from dynconv.bounds import MODEL, fma_tflops, mma_tflops
 
     plt = _pyplot()
     hbm = MODEL["hbm_bytes_per_s"] / 1e9  # GB/s
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
-    layouts = [lay for lay in ("NCHW", "NHWC") if any(r["layout"] == lay for r in rows)]
+    layouts = predicted_layouts(rows)
     fig, axes = plt.subplots(len(layouts), len(dtypes), figsize=(6.4 * len(dtypes), 5.6 * len(layouts)), squeeze=False)
     cases = list(dict.fromkeys(r["case"] for r in rows))
     intensities = [r["flops"] / r["min_bytes"] for r in rows]
@@ -634,7 +642,7 @@ def _draw_predicted_roofline(rows: list[dict], path: Path) -> list[Path]:
             ax.set_ylim(min(ys) / 3, max(roofs.values()) * 4)
             ax.set_xlabel("arithmetic intensity (FLOP/byte, each kernel's own minimum)")
             ax.set_ylabel("PREDICTED TFLOP/s (minimum FLOPs / predicted time)")
-            ax.set_title(f"PREDICTED · {dtype} · {LAYOUT_TITLE[layout.lower()]}", fontsize=9)
+            ax.set_title(f"PREDICTED · {dtype} · {_layout_title(layout.lower())}", fontsize=9)
             ax.legend(loc="upper left", fontsize=7, frameon=False)
             pending.append((ax, labelled, samples))
     version, arch = rows[0]["triton"], rows[0]["arch"]

@@ -248,6 +248,8 @@ def test_plot_draws_the_predicted_roofline_apart_from_measurements(tmp_path):
     assert "No measurements yet" in measured and "![" not in measured.split("## Measurements")[1]
     assert "static/roofline_predicted_triton3.6.png" in predicted
     assert "R1        fwd" in plot.predicted_summary(tmp_path)
+    attention = dict(rows[0], case="N1", layout="BHWND")
+    assert plot.predicted_layouts([attention, *rows]) == ["NHWC", "BHWND"]  # attention rows get a figure row
 
 
 def test_na2d_cases_split_the_minimum_model():
