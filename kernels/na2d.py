@@ -202,10 +202,10 @@ def _window_features(si, sj, lo_i, lo_j, BLOCK_H: tl.constexpr, BLOCK_F: tl.cons
 
 
 @triton.jit
-def _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H: tl.constexpr,
+def _union_keys(n0, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PENALTY: tl.constexpr,
                 NEIGHBORHOOD: tl.constexpr, INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Chunk ``c`` of the flattened union window: its keys' subsequence rows and columns, the image
+    """The ``BLOCK_N`` keys from ``n0`` on of the flattened union window: their subsequence rows and columns, the image
     row and column to load them from (clamped into the image: a key outside it, or past the union,
     loads a real row unmasked and its features drop it), and the keys' features ``[F, N]``: PENALTY on
     the start slots (``_window_features``) whose window misses the key; on every slot for a key past
@@ -213,7 +213,7 @@ def _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H:
     image, so there the features depend on the chunk only."""
     union_h: tl.constexpr = BLOCK_H + K - 1
     union_w: tl.constexpr = BLOCK_W + K - 1
-    n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = n0 + tl.arange(0, BLOCK_N)
     nr = n // union_w
     nc = n % union_w
     kr = lo_i + nr
@@ -258,6 +258,29 @@ def _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, k
 
 
 @triton.jit
+def _forward_chunk(n0, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_ptr, h, srn, sri,
+                   srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                   PENALTY: tl.constexpr, ONE: tl.constexpr, NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr,
+                   INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+    """One online-softmax step of the tiled forward over the union keys ``n0 .. n0 + BLOCK_N``."""
+    kr, kc, row, col, k_features = _union_keys(n0, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
+                                               BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64, DOT_DTYPE)
+    key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
+    s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
+                    K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2((m - m_new) * scale2)
+    weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
+    value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
+    total = total * alpha + tl.sum(weights, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(weights.to(DOT_DTYPE), value.to(DOT_DTYPE), input_precision=DOT_PRECISION,
+                                        out_dtype=ACC_DTYPE)
+    return m_new, total, acc
+
+
+@triton.jit
 def na2d_fwd_tiled_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, y_ptr, lse_ptr,
     H, W, HEADS, D, DH, DW, scale2, inv_scale, ln2,
@@ -269,13 +292,15 @@ def na2d_fwd_tiled_kernel(
     srn, sri, srj,
     TILES, TILES_W, CHUNKS,
     K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
+    TAIL_N: tl.constexpr, BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
     NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """The forward of ``na2d_fwd_kernel`` on tensor cores: the tile's union window (``_query_tile``),
-    flattened and cut into ``BLOCK_N``-key chunks, each a ``[Q, D] x [D, N]`` score product and a
-    ``[Q, N] x [N, D]`` aggregation, the pairs outside a query's window masked by ``_window_features``.
+    flattened and cut into ``CHUNKS`` chunks of ``BLOCK_N`` keys and a tail of ``TAIL_N`` (the rest,
+    a power of two >= 16, or none: less padding than a last full chunk), each a ``[Q, D] x [D, N]``
+    score product and a ``[Q, N] x [N, D]`` aggregation, the pairs outside a query's window masked by
+    ``_window_features``.
     K is a compile-time constant here: the flattened union index splits into (row, column) by a
     constant divisor, a multiply and shift.
 
@@ -295,20 +320,17 @@ def na2d_fwd_tiled_kernel(
     total = tl.zeros((BLOCK_H * BLOCK_W,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     for c in range(0, CHUNKS):
-        kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
-                                                   BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64,
-                                                   DOT_DTYPE)
-        key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
-        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
-                        K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2((m - m_new) * scale2)
-        weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
-        value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
-        total = total * alpha + tl.sum(weights, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(weights.to(DOT_DTYPE), value.to(DOT_DTYPE), input_precision=DOT_PRECISION,
-                                            out_dtype=ACC_DTYPE)
-        m = m_new
+        m, total, acc = _forward_chunk(
+            c * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_ptr, h, srn,
+            sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H, BLOCK_W,
+            BLOCK_N, BLOCK_F, PENALTY, ONE, NEIGHBORHOOD, HAS_RPB, INDEX_64, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION,
+            EVEN_D)
+    if TAIL_N > 0:
+        m, total, acc = _forward_chunk(
+            CHUNKS * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_ptr, h,
+            srn, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H,
+            BLOCK_W, TAIL_N, BLOCK_F, PENALTY, ONE, NEIGHBORHOOD, HAS_RPB, INDEX_64, ACC_DTYPE, DOT_DTYPE,
+            DOT_PRECISION, EVEN_D)
     safe = tl.where(total > 0, total, 1.0)  # lanes outside the image
     # One reciprocal per query, not an IEEE division per element (~10 instructions each).
     y = acc * (1.0 / safe)[:, None]
@@ -355,7 +377,7 @@ def na2d_bwd_query_tiled_kernel(
     q_features = _window_features(si, sj, lo_i, lo_j, BLOCK_H, BLOCK_F, ONE, DOT_DTYPE)
     dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     for c in range(0, CHUNKS):
-        kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
+        kr, kc, row, col, k_features = _union_keys(c * BLOCK_N, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
                                                    BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64,
                                                    DOT_DTYPE)
         key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D).to(DOT_DTYPE)
@@ -835,12 +857,15 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
 
 def tiled_config(q, K: int, dilation, config=None, kernel: str = "na2d_fwd_tiled") -> dict:
     """The tile of the tensor-core kernels: 8 x 8 queries (the 64 rows one warpgroup's wgmma needs)
-    and 32-key chunks of their union window. From `dynconv inspect --bounds` (triton 3.6, sm_90) at
-    N1 and N2: 4 x 8 or 4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per
-    score; 16 x 8 or 8 warps and 128-key chunks are slower; a second pipeline stage adds issue.
-    64-key chunks are 5% faster at N1 and 7% at N2 but spill on sm_80. The key-side kernel keeps six
-    [Q, D] tiles live: 16-query chunks from D = 64 and 8 warps at D = 128 keep it from spilling."""
+    and 32-key chunks of their union window, 64 in the forward (with its tail, the union's padding
+    stays under 16 keys). From `dynconv inspect --bounds` (triton 3.6, sm_90) at N1 and N2: 4 x 8 or
+    4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per score; 16 x 8 or 8
+    warps and 128-key chunks are slower; a second pipeline stage adds issue. The key-side kernel
+    keeps six [Q, D] tiles live: 16-query chunks from D = 64 and 8 warps at D = 128 keep it from
+    spilling."""
     default = {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if kernel == "na2d_fwd_tiled":
+        default.update(BLOCK_N=64)
     if kernel == "na2d_bwd_key_tiled" and q.shape[-1] > 32:
         default.update(BLOCK_N=16, num_warps=8 if q.shape[-1] > 64 else 4)
     return config or get_config(kernel, problem_key(q, K, dilation), default)
@@ -893,7 +918,16 @@ def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood
                 **_strides("l", lse, 4), **_strides("r", rpb, 3))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
                 **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype), EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
-    return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
+    # Full chunks, then the rest of the union in the smallest power-of-two tail tl.dot takes (16 keys).
+    bn = meta["BLOCK_N"]
+    union = (meta["BLOCK_H"] + K - 1) * (meta["BLOCK_W"] + K - 1)
+    chunks, tail = divmod(union, bn)
+    tail = 0 if tail == 0 else max(16, next_power_of_2(tail))
+    if tail >= bn:
+        chunks, tail = chunks + 1, 0
+    args["CHUNKS"] = chunks
+    meta["TAIL_N"] = tail
+    return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(chunks,))
 
 
 def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, scale, neighborhood,
