@@ -243,23 +243,34 @@ def _load_rows(head, row, col, srow, scol, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
-                K: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr, HAS_RPB: tl.constexpr,
+def _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, key_bins, inside, inv_scale,
+                PENALTY: tl.constexpr, ONE: tl.constexpr, HAS_RPB: tl.constexpr,
                 ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``q·k + rpb/scale`` on the query's own keys, ``<= PENALTY·ONE`` elsewhere ([Q, N], fp32). Lanes
-    outside the image read no rpb: their clamped window is no window of theirs, its offsets not bins."""
+    """``q·k + rpb/scale`` on the query's own keys, ``<= PENALTY·ONE`` elsewhere ([Q, N], fp32). The
+    bias of a pair sits at ``rpb_head + key_bins - query_bins`` (``_bias_offsets``): one subtraction per
+    pair. Lanes outside the image read no rpb: their clamped window is no window of theirs, its offsets
+    not bins."""
     s = tl.dot(q_features, k_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     s = tl.dot(q, tl.trans(key.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     if HAS_RPB:
-        s += tl.load(rpb_ptr + h * srn + (kr[None, :] - ti[:, None] + K - 1) * sri
-                     + (kc[None, :] - tj[:, None] + K - 1) * srj, mask=inside[:, None] & (s > 0.5 * PENALTY * ONE),
-                     other=0.0).to(ACC_DTYPE) * inv_scale
+        s += tl.load(rpb_head + (key_bins[None, :] - query_bins[:, None]),
+                     mask=inside[:, None] & (s > 0.5 * PENALTY * ONE), other=0.0).to(ACC_DTYPE) * inv_scale
     return s
 
 
 @triton.jit
-def _forward_chunk(n0, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_ptr, h, srn, sri,
-                   srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K: tl.constexpr,
+def _bias_head(rpb_ptr, h, srn, sri, srj, K: tl.constexpr, HAS_RPB: tl.constexpr):
+    """The rpb entry of relative position (0, 0) of head ``h``: a pair (query t, key u) per axis reads
+    bin ``u - t + K - 1``, at ``_bias_head(...) + (u·sri + u'·srj) - (t·sri + t'·srj)``."""
+    head = rpb_ptr
+    if HAS_RPB:
+        head = rpb_ptr + h * srn + (K - 1) * (sri + srj)
+    return head
+
+
+@triton.jit
+def _forward_chunk(n0, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_head,
+                   query_bins, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
                    PENALTY: tl.constexpr, ONE: tl.constexpr, NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr,
                    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -268,8 +279,8 @@ def _forward_chunk(n0, q, q_features, m, total, acc, k_head, v_head, skh, skw, s
     kr, kc, row, col, k_features = _union_keys(n0, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
                                                BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64, DOT_DTYPE)
     key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
-    s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
-                    K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, kr * sri + kc * srj, inside, inv_scale,
+                    PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2((m - m_new) * scale2)
     weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
@@ -316,19 +327,21 @@ def na2d_fwd_tiled_kernel(
     k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
     v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
     q_features = _window_features(si, sj, lo_i, lo_j, BLOCK_H, BLOCK_F, ONE, DOT_DTYPE)
+    rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
+    query_bins = ti * sri + tj * srj
     m = tl.full((BLOCK_H * BLOCK_W,), float("-inf"), ACC_DTYPE)
     total = tl.zeros((BLOCK_H * BLOCK_W,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     for c in range(0, CHUNKS):
         m, total, acc = _forward_chunk(
-            c * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_ptr, h, srn,
-            sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H, BLOCK_W,
+            c * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_head,
+            query_bins, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H, BLOCK_W,
             BLOCK_N, BLOCK_F, PENALTY, ONE, NEIGHBORHOOD, HAS_RPB, INDEX_64, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION,
             EVEN_D)
     if TAIL_N > 0:
         m, total, acc = _forward_chunk(
-            CHUNKS * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_ptr, h,
-            srn, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H,
+            CHUNKS * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_head,
+            query_bins, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H,
             BLOCK_W, TAIL_N, BLOCK_F, PENALTY, ONE, NEIGHBORHOOD, HAS_RPB, INDEX_64, ACC_DTYPE, DOT_DTYPE,
             DOT_PRECISION, EVEN_D)
     safe = tl.where(total > 0, total, 1.0)  # lanes outside the image
@@ -375,14 +388,16 @@ def na2d_bwd_query_tiled_kernel(
     k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
     v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
     q_features = _window_features(si, sj, lo_i, lo_j, BLOCK_H, BLOCK_F, ONE, DOT_DTYPE)
+    rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
+    query_bins = ti * sri + tj * srj
     dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     for c in range(0, CHUNKS):
         kr, kc, row, col, k_features = _union_keys(c * BLOCK_N, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
                                                    BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64,
                                                    DOT_DTYPE)
         key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D).to(DOT_DTYPE)
-        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
-                        K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, kr * sri + kc * srj, inside,
+                        inv_scale, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
         p = tl.exp2(s * scale2 - lse2[:, None])
         value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D).to(DOT_DTYPE)
         dp = tl.dot(dy, tl.trans(value), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -442,6 +457,9 @@ def na2d_bwd_key_tiled_kernel(
     # Slot f < BLOCK_H: key row t0i + f; then the key columns likewise.
     slot_key = tl.where(f < BLOCK_H, t0i + f, t0j + f - BLOCK_H)[:, None]
     n = tl.arange(0, BLOCK_N)
+    # Relative to the key, a holder sits at minus its offset: the bin of (query, key) is key - query.
+    rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
+    key_bins = ti * sri + tj * srj
     q_head = q_ptr + b * sqb + h * sqn + dd[None, :] * sqd
     dy_head = dy_ptr + b * sgb + h * sgn + dd[None, :] * sgd
     stat_head = lse_ptr + b * slb + h * sln
@@ -471,8 +489,8 @@ def na2d_bwd_key_tiled_kernel(
             s = tl.dot(k_features, q_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             s = tl.dot(key, tl.trans(query), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
             if HAS_RPB:
-                s += tl.load(rpb_ptr + h * srn + (ti[:, None] - qr[None, :] + K - 1) * sri
-                             + (tj[:, None] - qc[None, :] + K - 1) * srj, mask=inside[:, None] & valid[None, :] & (s > 0.5 * PENALTY * ONE),
+                s += tl.load(rpb_head + (key_bins[:, None] - (qr * sri + qc * srj)[None, :]),
+                             mask=inside[:, None] & valid[None, :] & (s > 0.5 * PENALTY * ONE),
                              other=0.0).to(ACC_DTYPE) * inv_scale
             p = tl.exp2(s * scale2 - lse2[None, :])
             dv = tl.dot(p.to(DOT_DTYPE), grad, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -858,13 +876,13 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
 def tiled_config(q, K: int, dilation, config=None, kernel: str = "na2d_fwd_tiled") -> dict:
     """The tile of the tensor-core kernels: 8 x 8 queries (the 64 rows one warpgroup's wgmma needs)
     and 32-key chunks of their union window, 64 in the forward (with its tail, the union's padding
-    stays under 16 keys). From `dynconv inspect --bounds` (triton 3.6, sm_90) at N1 and N2: 4 x 8 or
+    stays under 16 keys) but for a gathered rpb at D <= 32 (255 registers and spills at N1). From `dynconv inspect --bounds` (triton 3.6, sm_90) at N1 and N2: 4 x 8 or
     4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per score; 16 x 8 or 8
     warps and 128-key chunks are slower; a second pipeline stage adds issue. The key-side kernel
     keeps six [Q, D] tiles live: 16-query chunks from D = 64 and 8 warps at D = 128 keep it from
     spilling."""
     default = {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if kernel == "na2d_fwd_tiled":
+    if kernel == "na2d_fwd_tiled" or (kernel == "na2d_fwd_tiled_rpb" and q.shape[-1] > 32):
         default.update(BLOCK_N=64)
     if kernel == "na2d_bwd_key_tiled" and q.shape[-1] > 32:
         default.update(BLOCK_N=16, num_warps=8 if q.shape[-1] > 64 else 4)
@@ -911,7 +929,8 @@ def window_penalty(dtype: torch.dtype, scale: float) -> dict | None:
 
 
 def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
-    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config)
+    kernel = "na2d_fwd_tiled" if rpb is None else "na2d_fwd_tiled_rpb"
+    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, kernel)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars,
                 scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), ln2=math.log(2.0),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
