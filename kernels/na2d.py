@@ -876,14 +876,17 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
 def tiled_config(q, K: int, dilation, config=None, kernel: str = "na2d_fwd_tiled") -> dict:
     """The tile of the tensor-core kernels: 8 x 8 queries (the 64 rows one warpgroup's wgmma needs)
     and 32-key chunks of their union window, 64 in the forward (with its tail, the union's padding
-    stays under 16 keys) but for a gathered rpb at D <= 32 (255 registers and spills at N1). From `dynconv inspect --bounds` (triton 3.6, sm_90) at N1 and N2: 4 x 8 or
+    stays under 16 keys) up to D = 64, but for a gathered rpb at D <= 32; 16 at D = 128 (all spill on
+    sm_80 otherwise). From `dynconv inspect --bounds` (triton 3.6, sm_90) at N1 and N2: 4 x 8 or
     4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per score; 16 x 8 or 8
     warps and 128-key chunks are slower; a second pipeline stage adds issue. The key-side kernel
     keeps six [Q, D] tiles live: 16-query chunks from D = 64 and 8 warps at D = 128 keep it from
     spilling."""
     default = {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if kernel == "na2d_fwd_tiled" or (kernel == "na2d_fwd_tiled_rpb" and q.shape[-1] > 32):
+    if q.shape[-1] <= 64 and (kernel == "na2d_fwd_tiled" or (kernel == "na2d_fwd_tiled_rpb" and q.shape[-1] > 32)):
         default.update(BLOCK_N=64)
+    if kernel.startswith("na2d_fwd_tiled") and q.shape[-1] > 64:
+        default.update(BLOCK_N=16)
     if kernel == "na2d_bwd_key_tiled" and q.shape[-1] > 32:
         default.update(BLOCK_N=16, num_warps=8 if q.shape[-1] > 64 else 4)
     return config or get_config(kernel, problem_key(q, K, dilation), default)
