@@ -247,7 +247,8 @@ def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz",
 
 def _na2d_cases(name: str, dtype: str, layout: str = "BHWND", kernels=("fwd", "dq", "dkv")) -> list[Case]:
     """Issue 15's fused neighbourhood attention: the forward and the two backward kernels (dq with the
-    rpb-gradient partials; dk and dv from the inverse neighbourhood). FLOPs are roofline.py's minimum
+    rpb-gradient partials; dk and dv from the inverse neighbourhood), inputs heads last ("BHWND") or
+    heads first ("BNHWD"). FLOPs are roofline.py's minimum
     (4·K²·D per query and head forward, 8·K²·D backward) split as dq + dp in the dq kernel and dv + dk
     in the key kernel: the recomputed scores (both) and dp (key kernel) are not counted."""
     import torch
@@ -263,22 +264,25 @@ def _na2d_cases(name: str, dtype: str, layout: str = "BHWND", kernels=("fwd", "d
     half = minimum_flops(p, "forward")  # 4·K²·D per query and head: the forward, and each backward half
 
     def tensors():
-        q = _empty((p.B, p.H, p.W, p.G, p.D), dt)
+        """Inputs (q, k, v, dy) in ``layout`` (heads first: views of (B, heads, H, W, D) storage, as
+        ``heads_first=True`` passes them), outputs and the statistics heads last as the op makes them."""
+        out = _empty((p.B, p.H, p.W, p.G, p.D), dt)
+        q = _empty((p.B, p.G, p.H, p.W, p.D), dt).permute(0, 2, 3, 1, 4) if layout == "BNHWD" else out
         bias = _empty((p.G, 2 * p.K - 1, 2 * p.K - 1), dt) if p.bias else None
-        return q, bias, _empty((p.B, p.H, p.W, p.G), torch.float32)
+        return q, out, bias, _empty((p.B, p.H, p.W, p.G), torch.float32)
 
     def fwd():
-        q, bias, lse = tensors()
-        return na.forward_launch(q, q, q, bias, q, lse, *geometry)
+        q, out, bias, lse = tensors()
+        return na.forward_launch(q, q, q, bias, out, lse, *geometry)
 
     def dq():
-        q, bias, lse = tensors()
+        q, out, bias, lse = tensors()
         partials = _empty(na.rpb_partial_shape(q, p.K, geometry[1]), torch.float32) if p.bias else None
-        return na.backward_query_launch(q, q, q, bias, q, lse, lse, q, partials, *geometry)
+        return na.backward_query_launch(q, q, q, bias, q, lse, lse, out, partials, *geometry)
 
     def dkv():
-        q, bias, lse = tensors()
-        return na.backward_key_launch(q, q, q, bias, q, lse, lse, q, q, *geometry)
+        q, out, bias, lse = tensors()
+        return na.backward_key_launch(q, q, q, bias, q, lse, lse, out, out, *geometry)
 
     table = {
         "fwd": (fwd, 4 * qkv * nb + rpb * nb + stats),
@@ -305,4 +309,6 @@ def all_cases() -> list[Case]:
             cases += _fused_cases("R1-layer", dtype, layout)
         for name in ("N1", "N2", "N1-rpb", "N2-rpb"):
             cases += _na2d_cases(name, dtype)
+        for name in ("N1", "N2"):
+            cases += _na2d_cases(name, dtype, "BNHWD")
     return cases

@@ -186,35 +186,34 @@ def _query_tile(H, W, HEADS, DH, DW, TILES, TILES_W, K: tl.constexpr, BLOCK_H: t
 
 
 @triton.jit
-def _window_features(si, sj, lo_i, lo_j, li, lj, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                     BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """The window mask as a product accumulated under the scores: a key's features are ONE on its union
-    row and column (``_union_keys``; a key past the union on a slot no query holds), a query's are
-    PENALTY on every slot its window does not hold (rows and columns outside the image included). So
-    q_f·k_f is exactly 0 on the query's own keys and <= PENALTY·ONE elsewhere: -2^100 (-2^30 in fp16,
-    whose operands stop at 2^15), which no score of finite inputs offsets and exp2 turns into exactly
-    0 next to any key of the window (every query in the image has one: its centre). Built once per
-    program: per chunk only the keys' one-hot features, no per-pair integer work."""
-    union_h: tl.constexpr = BLOCK_H + K - 1
+def _window_features(si, sj, lo_i, lo_j, BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, ONE: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr):
+    """The window mask as a product accumulated under the scores, its query side ``[Q, F]``: ONE on the
+    slot of the query's window start row (``si - lo_i``, in ``[0, BLOCK_H)``: starts are monotone and
+    1-Lipschitz in the query index) and on that of its start column (``BLOCK_H + sj - lo_j``). A key's
+    features (``_union_keys``) are PENALTY on every start slot whose window misses it, so q_f·k_f is
+    exactly 0 on the query's own keys and <= PENALTY·ONE elsewhere: -2^100 (-2^30 in fp16, whose
+    operands stop at 2^15), which no score of finite inputs offsets and exp2 turns into exactly 0 next
+    to any key of the window (every query in the image has one: its centre). Indexing the starts, not
+    the union's rows and columns, keeps the product's depth at BLOCK_H + BLOCK_W, whatever K."""
     f = tl.arange(0, BLOCK_F)
-    row_f = f[None, :] - (si - lo_i)[:, None]
-    col_f = f[None, :] - union_h - (sj - lo_j)[:, None]
-    holds_row = (f < union_h)[None, :] & (row_f.to(tl.uint32) < K) & ((lo_i + f >= 0) & (lo_i + f < li))[None, :]
-    holds_col = ((f >= union_h)[None, :] & (col_f.to(tl.uint32) < K)
-                 & ((lo_j + f - union_h >= 0) & (lo_j + f - union_h < lj))[None, :])
-    return tl.where(holds_row | holds_col, 0.0, PENALTY).to(DOT_DTYPE)
+    slot = (f[None, :] == (si - lo_i)[:, None]) | (f[None, :] == (BLOCK_H + sj - lo_j)[:, None])
+    return tl.where(slot, ONE, 0.0).to(DOT_DTYPE)
 
 
 @triton.jit
-def _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, ONE: tl.constexpr,
-                INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Chunk ``c`` of the flattened union window: its keys' subsequence rows and columns, the image
+def _union_keys(n0, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PENALTY: tl.constexpr,
+                NEIGHBORHOOD: tl.constexpr, INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The ``BLOCK_N`` keys from ``n0`` on of the flattened union window: their subsequence rows and columns, the image
     row and column to load them from (clamped into the image: a key outside it, or past the union,
-    loads a real row unmasked and its features drop it), and the keys' one-hot features ``[F, N]``."""
+    loads a real row unmasked and its features drop it), and the keys' features ``[F, N]``: PENALTY on
+    the start slots (``_window_features``) whose window misses the key; on every slot for a key past
+    the union or, in a sliding window, outside the image. A neighbourhood window never leaves the
+    image, so there the features depend on the chunk only."""
     union_h: tl.constexpr = BLOCK_H + K - 1
     union_w: tl.constexpr = BLOCK_W + K - 1
-    n = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = n0 + tl.arange(0, BLOCK_N)
     nr = n // union_w
     nc = n % union_w
     kr = lo_i + nr
@@ -225,9 +224,13 @@ def _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H:
         row = row.to(tl.int64)
         col = col.to(tl.int64)
     f = tl.arange(0, BLOCK_F)
-    in_union = (n < union_h * union_w)[None, :]
-    one_hot = (f[:, None] == nr[None, :]) | (f[:, None] == union_h + nc[None, :])
-    features = tl.where(tl.where(in_union, one_hot, f[:, None] == union_h + union_w), ONE, 0.0).to(DOT_DTYPE)
+    # Slot f < BLOCK_H: window rows [lo_i + f, lo_i + f + K); then the columns likewise.
+    offset = tl.where(f < BLOCK_H, f, f - BLOCK_H)[:, None]
+    along = tl.where((f < BLOCK_H)[:, None], nr[None, :], nc[None, :])
+    missed = ((along - offset).to(tl.uint32) >= K) | (n >= union_h * union_w)[None, :]
+    if not NEIGHBORHOOD:
+        missed |= ~((kr >= 0) & (kr < li) & (kc >= 0) & (kc < lj))[None, :]
+    features = tl.where(missed & (f < BLOCK_H + BLOCK_W)[:, None], PENALTY, 0.0).to(DOT_DTYPE)
     return kr, kc, row, col, features
 
 
@@ -240,18 +243,52 @@ def _load_rows(head, row, col, srow, scol, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
-                K: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr, HAS_RPB: tl.constexpr,
+def _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, key_bins, inside, inv_scale,
+                PENALTY: tl.constexpr, ONE: tl.constexpr, HAS_RPB: tl.constexpr,
                 ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``q·k + rpb/scale`` on the query's own keys, ``<= PENALTY·ONE`` elsewhere ([Q, N], fp32). Lanes
-    outside the image read no rpb: their clamped window is no window of theirs, its offsets not bins."""
+    """``q·k + rpb/scale`` on the query's own keys, ``<= PENALTY·ONE`` elsewhere ([Q, N], fp32). The
+    bias of a pair sits at ``rpb_head + key_bins - query_bins`` (``_bias_offsets``): one subtraction per
+    pair. Lanes outside the image read no rpb: their clamped window is no window of theirs, its offsets
+    not bins."""
     s = tl.dot(q_features, k_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     s = tl.dot(q, tl.trans(key.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     if HAS_RPB:
-        s += tl.load(rpb_ptr + h * srn + (kr[None, :] - ti[:, None] + K - 1) * sri
-                     + (kc[None, :] - tj[:, None] + K - 1) * srj, mask=inside[:, None] & (s > 0.5 * PENALTY * ONE),
-                     other=0.0).to(ACC_DTYPE) * inv_scale
+        s += tl.load(rpb_head + (key_bins[None, :] - query_bins[:, None]),
+                     mask=inside[:, None] & (s > 0.5 * PENALTY * ONE), other=0.0).to(ACC_DTYPE) * inv_scale
     return s
+
+
+@triton.jit
+def _bias_head(rpb_ptr, h, srn, sri, srj, K: tl.constexpr, HAS_RPB: tl.constexpr):
+    """The rpb entry of relative position (0, 0) of head ``h``: a pair (query t, key u) per axis reads
+    bin ``u - t + K - 1``, at ``_bias_head(...) + (u·sri + u'·srj) - (t·sri + t'·srj)``."""
+    head = rpb_ptr
+    if HAS_RPB:
+        head = rpb_ptr + h * srn + (K - 1) * (sri + srj)
+    return head
+
+
+@triton.jit
+def _forward_chunk(n0, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_head,
+                   query_bins, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+                   PENALTY: tl.constexpr, ONE: tl.constexpr, NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr,
+                   INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
+    """One online-softmax step of the tiled forward over the union keys ``n0 .. n0 + BLOCK_N``."""
+    kr, kc, row, col, k_features = _union_keys(n0, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
+                                               BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64, DOT_DTYPE)
+    key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
+    s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, kr * sri + kc * srj, inside, inv_scale,
+                    PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2((m - m_new) * scale2)
+    weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
+    value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
+    total = total * alpha + tl.sum(weights, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(weights.to(DOT_DTYPE), value.to(DOT_DTYPE), input_precision=DOT_PRECISION,
+                                        out_dtype=ACC_DTYPE)
+    return m_new, total, acc
 
 
 @triton.jit
@@ -266,13 +303,15 @@ def na2d_fwd_tiled_kernel(
     srn, sri, srj,
     TILES, TILES_W, CHUNKS,
     K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
+    TAIL_N: tl.constexpr, BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
     NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """The forward of ``na2d_fwd_kernel`` on tensor cores: the tile's union window (``_query_tile``),
-    flattened and cut into ``BLOCK_N``-key chunks, each a ``[Q, D] x [D, N]`` score product and a
-    ``[Q, N] x [N, D]`` aggregation, the pairs outside a query's window masked by ``_window_features``.
+    flattened and cut into ``CHUNKS`` chunks of ``BLOCK_N`` keys and a tail of ``TAIL_N`` (the rest,
+    a power of two >= 16, or none: less padding than a last full chunk), each a ``[Q, D] x [D, N]``
+    score product and a ``[Q, N] x [N, D]`` aggregation, the pairs outside a query's window masked by
+    ``_window_features``.
     K is a compile-time constant here: the flattened union index splits into (row, column) by a
     constant divisor, a multiply and shift.
 
@@ -287,26 +326,27 @@ def na2d_fwd_tiled_kernel(
                 mask=inside[:, None] & dmask, other=0.0).to(DOT_DTYPE)
     k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
     v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
-    q_features = _window_features(si, sj, lo_i, lo_j, li, lj, K, BLOCK_H, BLOCK_W, BLOCK_F, PENALTY, DOT_DTYPE)
+    q_features = _window_features(si, sj, lo_i, lo_j, BLOCK_H, BLOCK_F, ONE, DOT_DTYPE)
+    rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
+    query_bins = ti * sri + tj * srj
     m = tl.full((BLOCK_H * BLOCK_W,), float("-inf"), ACC_DTYPE)
     total = tl.zeros((BLOCK_H * BLOCK_W,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     for c in range(0, CHUNKS):
-        kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
-                                                   BLOCK_N, BLOCK_F, ONE, INDEX_64, DOT_DTYPE)
-        key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
-        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
-                        K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2((m - m_new) * scale2)
-        weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
-        value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
-        total = total * alpha + tl.sum(weights, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(weights.to(DOT_DTYPE), value.to(DOT_DTYPE), input_precision=DOT_PRECISION,
-                                            out_dtype=ACC_DTYPE)
-        m = m_new
+        m, total, acc = _forward_chunk(
+            c * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_head,
+            query_bins, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H, BLOCK_W,
+            BLOCK_N, BLOCK_F, PENALTY, ONE, NEIGHBORHOOD, HAS_RPB, INDEX_64, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION,
+            EVEN_D)
+    if TAIL_N > 0:
+        m, total, acc = _forward_chunk(
+            CHUNKS * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_head,
+            query_bins, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H,
+            BLOCK_W, TAIL_N, BLOCK_F, PENALTY, ONE, NEIGHBORHOOD, HAS_RPB, INDEX_64, ACC_DTYPE, DOT_DTYPE,
+            DOT_PRECISION, EVEN_D)
     safe = tl.where(total > 0, total, 1.0)  # lanes outside the image
-    y = acc / safe[:, None]
+    # One reciprocal per query, not an IEEE division per element (~10 instructions each).
+    y = acc * (1.0 / safe)[:, None]
     tl.store(y_ptr + b * syb + h * syn + (i * syh + j * syw)[:, None] + dd[None, :] * syd,
              y.to(y_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
     tl.store(lse_ptr + b * slb + h * sln + i * slh + j * slw, (m * scale2 + tl.log2(safe)) * ln2, mask=inside)
@@ -347,14 +387,17 @@ def na2d_bwd_query_tiled_kernel(
     delta = tl.load(delta_ptr + stat, mask=inside, other=0.0).to(ACC_DTYPE)
     k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
     v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
-    q_features = _window_features(si, sj, lo_i, lo_j, li, lj, K, BLOCK_H, BLOCK_W, BLOCK_F, PENALTY, DOT_DTYPE)
+    q_features = _window_features(si, sj, lo_i, lo_j, BLOCK_H, BLOCK_F, ONE, DOT_DTYPE)
+    rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
+    query_bins = ti * sri + tj * srj
     dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     for c in range(0, CHUNKS):
-        kr, kc, row, col, k_features = _union_keys(c, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
-                                                   BLOCK_N, BLOCK_F, ONE, INDEX_64, DOT_DTYPE)
+        kr, kc, row, col, k_features = _union_keys(c * BLOCK_N, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
+                                                   BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64,
+                                                   DOT_DTYPE)
         key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D).to(DOT_DTYPE)
-        s = _raw_scores(q, q_features, key, k_features, rpb_ptr, h, srn, sri, srj, kr, kc, ti, tj, inside, inv_scale,
-                        K, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+        s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, kr * sri + kc * srj, inside,
+                        inv_scale, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
         p = tl.exp2(s * scale2 - lse2[:, None])
         value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D).to(DOT_DTYPE)
         dp = tl.dot(dy, tl.trans(value), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -378,35 +421,29 @@ def na2d_bwd_key_tiled_kernel(
     sdvb, sdvh, sdvw, sdvn, sdvd,
     TILES, TILES_W,
     K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
+    CHUNK_H: tl.constexpr, BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
     NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """dk and dv of ``na2d_bwd_key_kernel`` on tensor cores. A program owns a tile of keys (the
     forward's query tiling, ``_query_tile``); the queries whose windows hold them form, per axis, the
     range from the first key's first holder to the last key's last holder (holder ranges are monotone),
-    at most ``BLOCK + 2K - 2`` long. That union is flattened and cut into ``BLOCK_N``-query chunks; per
+    at most ``BLOCK + 2K - 2`` long. That union is cut into ``CHUNK_H x CHUNK_W`` blocks of
+    ``BLOCK_N`` queries (a run-time row loop around a column loop: no division per query); per
     chunk, keys as rows: sᵀ = k·qᵀ, pᵀ = exp2(sᵀ·scale2 - lse·log2e), dv += pᵀ·dy, dpᵀ = v·dyᵀ,
     dk += (pᵀ·(dpᵀ - delta))·q. The mask is ``_window_features``' product with the roles swapped: a
-    query's features are the one-hot of its window start (row and column), a key's are PENALTY on
-    every start whose window misses it. Queries outside the image or past the union read lse = +inf
-    (p = 0). Each key has one writer: deterministic, no atomics."""
+    key's features are ONE on its row's and its column's slot in the tile, a query's are PENALTY on
+    every key row and column its window misses. Queries outside the image or past the union read
+    lse = +inf (p = 0). Each key has one writer: deterministic, no atomics."""
+    CHUNK_W: tl.constexpr = BLOCK_N // CHUNK_H
     b, h, gi, gj, li, lj, ti, tj, inside, _, _, _, _, i, j = _query_tile(
         H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
-    union_h: tl.constexpr = BLOCK_H + 2 * K - 2
-    union_w: tl.constexpr = BLOCK_W + 2 * K - 2
     t0i = tl.min(ti, axis=0)
     t0j = tl.min(tj, axis=0)
     lo_i, _ = _holders(t0i, li, K, NEIGHBORHOOD)
     lo_j, _ = _holders(t0j, lj, K, NEIGHBORHOOD)
-    # This tile's own union (K - 1 + BLOCK away from the borders): its width splits the flat index at
-    # run time, one division per chunk and query, against twice the products of the widest union.
     _, hi_i = _holders(tl.minimum(t0i + BLOCK_H - 1, li - 1), li, K, NEIGHBORHOOD)
     _, hi_j = _holders(tl.minimum(t0j + BLOCK_W - 1, lj - 1), lj, K, NEIGHBORHOOD)
-    width = hi_j - lo_j + 1
-    extent = (hi_i - lo_i + 1) * width
-    s0_i = _window_start(lo_i, li, K, NEIGHBORHOOD)
-    s0_j = _window_start(lo_j, lj, K, NEIGHBORHOOD)
     dd = tl.arange(0, BLOCK_D)
     dmask = (dd < D)[None, :]
     mask2 = inside[:, None] & dmask
@@ -414,47 +451,52 @@ def na2d_bwd_key_tiled_kernel(
                   mask=mask2, other=0.0).to(DOT_DTYPE)
     value = tl.load(v_ptr + b * svb + h * svn + (i * svh + j * svw)[:, None] + dd[None, :] * svd,
                     mask=mask2, other=0.0).to(DOT_DTYPE)
-    # Key features [Q_keys, F]: 0 on the window starts (rows, then columns) whose window holds the key.
     f = tl.arange(0, BLOCK_F)
-    row_in = (ti[:, None] - (s0_i + f)[None, :]).to(tl.uint32) < K
-    col_in = (tj[:, None] - (s0_j + f - union_h)[None, :]).to(tl.uint32) < K
-    held = ((f < union_h)[None, :] & row_in) | ((f >= union_h)[None, :] & col_in)
-    k_features = tl.where(held, 0.0, PENALTY).to(DOT_DTYPE)
+    k_features = tl.where((f[None, :] == (ti - t0i)[:, None]) | (f[None, :] == (BLOCK_H + tj - t0j)[:, None]),
+                          ONE, 0.0).to(DOT_DTYPE)
+    # Slot f < BLOCK_H: key row t0i + f; then the key columns likewise.
+    slot_key = tl.where(f < BLOCK_H, t0i + f, t0j + f - BLOCK_H)[:, None]
+    n = tl.arange(0, BLOCK_N)
+    # Relative to the key, a holder sits at minus its offset: the bin of (query, key) is key - query.
+    rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
+    key_bins = ti * sri + tj * srj
     q_head = q_ptr + b * sqb + h * sqn + dd[None, :] * sqd
     dy_head = dy_ptr + b * sgb + h * sgn + dd[None, :] * sgd
     stat_head = lse_ptr + b * slb + h * sln
     delta_head = delta_ptr + b * slb + h * sln
     dk = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     dv = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
-    for c in range(0, tl.cdiv(extent, BLOCK_N)):
-        n = c * BLOCK_N + tl.arange(0, BLOCK_N)
-        qr = lo_i + n // width
-        qc = lo_j + n % width
-        valid = (n < extent) & (qr < li) & (qc < lj)
+    for r0 in range(lo_i, hi_i + 1, CHUNK_H):
+        qr = r0 + n // CHUNK_W
         row = gi + tl.minimum(qr, li - 1) * DH
-        col = gj + tl.minimum(qc, lj - 1) * DW
         if INDEX_64:
             row = row.to(tl.int64)
-            col = col.to(tl.int64)
-        query = _load_rows(q_head, row, col, sqh, sqw, dmask, EVEN_D).to(DOT_DTYPE)
-        grad = _load_rows(dy_head, row, col, sgh, sgw, dmask, EVEN_D).to(DOT_DTYPE)
-        lse2 = tl.load(stat_head + row * slh + col * slw, mask=valid, other=float("inf")).to(ACC_DTYPE) * log2e
-        delta = tl.load(delta_head + row * slh + col * slw, mask=valid, other=0.0).to(ACC_DTYPE)
-        start_i = _window_start(qr, li, K, NEIGHBORHOOD) - s0_i
-        start_j = _window_start(qc, lj, K, NEIGHBORHOOD) - s0_j
-        q_features = tl.where((f[:, None] == start_i[None, :]) | (f[:, None] == union_h + start_j[None, :]),
-                              ONE, 0.0).to(DOT_DTYPE)
-        s = tl.dot(k_features, q_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        s = tl.dot(key, tl.trans(query), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        if HAS_RPB:
-            s += tl.load(rpb_ptr + h * srn + (ti[:, None] - qr[None, :] + K - 1) * sri
-                         + (tj[:, None] - qc[None, :] + K - 1) * srj, mask=inside[:, None] & valid[None, :] & (s > 0.5 * PENALTY * ONE),
-                         other=0.0).to(ACC_DTYPE) * inv_scale
-        p = tl.exp2(s * scale2 - lse2[None, :])
-        dv = tl.dot(p.to(DOT_DTYPE), grad, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        dp = tl.dot(value, tl.trans(grad), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        ds = p * (dp - delta[None, :])
-        dk = tl.dot(ds.to(DOT_DTYPE), query, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        start_i = _window_start(qr, li, K, NEIGHBORHOOD)
+        for c0 in range(lo_j, hi_j + 1, CHUNK_W):
+            qc = c0 + n % CHUNK_W
+            valid = (qr <= hi_i) & (qc <= hi_j)
+            col = gj + tl.minimum(qc, lj - 1) * DW
+            if INDEX_64:
+                col = col.to(tl.int64)
+            query = _load_rows(q_head, row, col, sqh, sqw, dmask, EVEN_D).to(DOT_DTYPE)
+            grad = _load_rows(dy_head, row, col, sgh, sgw, dmask, EVEN_D).to(DOT_DTYPE)
+            lse2 = tl.load(stat_head + row * slh + col * slw, mask=valid, other=float("inf")).to(ACC_DTYPE) * log2e
+            delta = tl.load(delta_head + row * slh + col * slw, mask=valid, other=0.0).to(ACC_DTYPE)
+            start = tl.where((f < BLOCK_H)[:, None], start_i[None, :],
+                             _window_start(qc, lj, K, NEIGHBORHOOD)[None, :])
+            missed = ((slot_key - start).to(tl.uint32) >= K) & (f < BLOCK_H + BLOCK_W)[:, None]
+            q_features = tl.where(missed, PENALTY, 0.0).to(DOT_DTYPE)
+            s = tl.dot(k_features, q_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            s = tl.dot(key, tl.trans(query), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            if HAS_RPB:
+                s += tl.load(rpb_head + (key_bins[:, None] - (qr * sri + qc * srj)[None, :]),
+                             mask=inside[:, None] & valid[None, :] & (s > 0.5 * PENALTY * ONE),
+                             other=0.0).to(ACC_DTYPE) * inv_scale
+            p = tl.exp2(s * scale2 - lse2[None, :])
+            dv = tl.dot(p.to(DOT_DTYPE), grad, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            dp = tl.dot(value, tl.trans(grad), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            ds = p * (dp - delta[None, :])
+            dk = tl.dot(ds.to(DOT_DTYPE), query, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     tl.store(dk_ptr + b * sdkb + h * sdkn + (i * sdkh + j * sdkw)[:, None] + dd[None, :] * sdkd,
              (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask2)
     tl.store(dv_ptr + b * sdvb + h * sdvn + (i * sdvh + j * sdvw)[:, None] + dd[None, :] * sdvd,
@@ -833,12 +875,18 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
 
 def tiled_config(q, K: int, dilation, config=None, kernel: str = "na2d_fwd_tiled") -> dict:
     """The tile of the tensor-core kernels: 8 x 8 queries (the 64 rows one warpgroup's wgmma needs)
-    and 32-key chunks of their union window. From `dynconv inspect --bounds` (triton 3.6, sm_90) at
-    N1 and N2: 4 x 8 or 4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per
-    score; 16 x 8 or 8 warps and 128-key chunks are slower; a second pipeline stage adds issue.
-    64-key chunks are 5% faster at N1 and 7% at N2 but spill on sm_80. The key-side kernel keeps six
-    [Q, D] tiles live: 16-query chunks from D = 64 and 8 warps at D = 128 keep it from spilling."""
+    and 32-key chunks of their union window, 64 in the forward (with its tail, the union's padding
+    stays under 16 keys) up to D = 64, but for a gathered rpb at D <= 32; 16 at D = 128 (all spill on
+    sm_80 otherwise). From `dynconv inspect --bounds` (triton 3.6, sm_90) at N1 and N2: 4 x 8 or
+    4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per score; 16 x 8 or 8
+    warps and 128-key chunks are slower; a second pipeline stage adds issue. The key-side kernel
+    keeps six [Q, D] tiles live: 16-query chunks from D = 64 and 8 warps at D = 128 keep it from
+    spilling."""
     default = {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if q.shape[-1] <= 64 and (kernel == "na2d_fwd_tiled" or (kernel == "na2d_fwd_tiled_rpb" and q.shape[-1] > 32)):
+        default.update(BLOCK_N=64)
+    if kernel.startswith("na2d_fwd_tiled") and q.shape[-1] > 64:
+        default.update(BLOCK_N=16)
     if kernel == "na2d_bwd_key_tiled" and q.shape[-1] > 32:
         default.update(BLOCK_N=16, num_warps=8 if q.shape[-1] > 64 else 4)
     return config or get_config(kernel, problem_key(q, K, dilation), default)
@@ -855,8 +903,8 @@ def _tiled_common(q, K, dilation, config, kernel="na2d_fwd_tiled"):
     meta = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_D": max(16, next_power_of_2(D)), "BLOCK_N": bn}
     scalars = dict(H=H, W=W, HEADS=heads, D=D, DH=dilation[0], DW=dilation[1], TILES=tiles, TILES_W=tiles_w,
                    CHUNKS=chunks)
-    # Union rows, union columns, and the slot of the keys past the union.
-    meta.update(K=K, BLOCK_F=max(16, next_power_of_2(bh + bw + 2 * K - 1)))
+    # The query tile's window start rows, then its start columns (``_window_features``).
+    meta.update(K=K, BLOCK_F=max(16, next_power_of_2(bh + bw)))
     grid = (tiles * dilation[0] * dilation[1] * B * heads, 1, 1)
     return meta, scalars, grid, cfg.get("num_warps", 4), cfg.get("num_stages", 1)
 
@@ -884,14 +932,24 @@ def window_penalty(dtype: torch.dtype, scale: float) -> dict | None:
 
 
 def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
-    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config)
+    kernel = "na2d_fwd_tiled" if rpb is None else "na2d_fwd_tiled_rpb"
+    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, kernel)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars,
                 scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), ln2=math.log(2.0),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
                 **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype), EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
-    return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
+    # Full chunks, then the rest of the union in the smallest power-of-two tail tl.dot takes (16 keys).
+    bn = meta["BLOCK_N"]
+    union = (meta["BLOCK_H"] + K - 1) * (meta["BLOCK_W"] + K - 1)
+    chunks, tail = divmod(union, bn)
+    tail = 0 if tail == 0 else max(16, next_power_of_2(tail))
+    if tail >= bn:
+        chunks, tail = chunks + 1, 0
+    args["CHUNKS"] = chunks
+    meta["TAIL_N"] = tail
+    return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(chunks,))
 
 
 def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, scale, neighborhood,
@@ -911,13 +969,14 @@ def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, 
 def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
                                config=None) -> Launch:
     meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_key_tiled")
-    # The holders' union: BLOCK + 2K - 2 per axis at most (``na2d_bwd_key_tiled_kernel``), the feature
-    # slots of its window starts (rows, then columns); BLOCK + K - 1 away from the borders, the chunk
-    # count the static model weights the loop by.
+    # The holders' union spans BLOCK + K - 1 queries per axis away from the borders (up to BLOCK + 2K - 2
+    # next to one): the chunk shape that wastes the fewest of them there, and its trip counts, which
+    # the static model weights the loops by. The key features need one slot per key row and column.
     bh, bw, bn = meta["BLOCK_H"], meta["BLOCK_W"], meta["BLOCK_N"]
     del scalars["CHUNKS"]
-    interior_chunks = cdiv((bh + K - 1) * (bw + K - 1), bn)
-    meta["BLOCK_F"] = max(16, next_power_of_2(bh + bw + 4 * K - 4))
+    chunk_h = holder_chunk_rows(bh + K - 1, bw + K - 1, bn)
+    meta["CHUNK_H"] = chunk_h
+    loops = ((cdiv(bh + K - 1, chunk_h), (cdiv(bw + K - 1, bn // chunk_h),)),)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
                 dv_ptr=dv, **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e),
                 inv_scale=1.0 / float(scale), log2e=math.log2(math.e),
@@ -927,7 +986,15 @@ def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
                 **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
                 EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
-    return Launch(na2d_bwd_key_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(interior_chunks,))
+    return Launch(na2d_bwd_key_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=loops)
+
+
+def holder_chunk_rows(extent_h: int, extent_w: int, block_n: int) -> int:
+    """Rows of the key-side kernel's ``CHUNK_H x (BLOCK_N / CHUNK_H)`` query chunks: the power of two
+    whose chunks cover an ``extent_h x extent_w`` union with the fewest queries (the squarer on a tie)."""
+    shapes = [(1 << e, block_n >> e) for e in range(block_n.bit_length()) if 1 << e <= block_n]
+    return min(shapes, key=lambda hw: (cdiv(extent_h, hw[0]) * hw[0] * cdiv(extent_w, hw[1]) * hw[1],
+                                       abs(hw[0] - hw[1])))[0]
 
 
 def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> tuple[int, ...]:

@@ -88,10 +88,11 @@ def test_na2d_half_precision(dtype, device):
     assert y.dtype == dtype
 
 
-# The tensor-core forward (na2d_fwd_tiled_kernel) on 4 x 4 tiles and 16-key chunks, so every case has
-# several tiles and chunks: windows crossing tile edges, dilation groups, sliding borders, K > image.
+# The tensor-core kernels on 4 x 4 tiles and 32-key chunks, so every case has several tiles and chunks:
+# windows crossing tile edges, dilation groups, sliding borders, K > image; at K = 3 the forward's union
+# (36 keys) ends in a 16-key tail chunk, at K = 5 (64 keys) in none.
 TILED_CASES = [
-    (7, 6, 2, 16, 3, (1, 1), "neighborhood", True),
+    (10, 9, 1, 16, 3, (1, 1), "neighborhood", True),  # interior tiles: every union key is someone's
     (9, 7, 1, 16, 3, (2, 1), "neighborhood", True),
     (6, 9, 1, 24, 5, (1, 1), "neighborhood", False),  # D padded to 32
     (6, 5, 2, 16, 3, (1, 2), "sliding", True),
@@ -109,7 +110,7 @@ def test_tiled_kernels_in_float64(case, device):
     q, k, v, rpb = (None if t is None else t.to(device) for t in tensors.values())
     K, d, window = geometry["kernel_size"], geometry["dilation"], geometry["window"]
     y, lse = torch.empty_like(q), torch.empty(q.shape[:4], dtype=torch.float64, device=device)
-    config = {"tiled": True, "BLOCK_H": 4, "BLOCK_W": 4, "BLOCK_N": 16, "num_warps": 4}
+    config = {"tiled": True, "BLOCK_H": 4, "BLOCK_W": 4, "BLOCK_N": 32, "num_warps": 4}
     kernels.na2d_forward(q, k, v, rpb, y, lse, K, d, 0.3, window == "neighborhood", config)
     leaves = [t.cpu().requires_grad_() for t in (q, k, v)]
     expected = na2d_gather(*leaves, K, d, None if rpb is None else rpb.cpu(), 0.3, window)
