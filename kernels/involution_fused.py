@@ -50,6 +50,7 @@ import triton.language as tl
 from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
 from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64, widen
+from . import involution_fused_halo as halo
 
 # Programs the span-gradient kernel aims for: enough to fill any current GPU several times, few
 # enough that the fp32 partials stay a few MB. A constant, so the reduction order (and the result)
@@ -491,6 +492,9 @@ def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation
 
 def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
+    if config is None and takes_halo_path(x, span_weight.shape[0] // (K * K), K, stride, dilation, False):
+        return _halo_launch(halo.fused_fwd_halo_kernel, x, z, span_weight, span_bias, y, y, K, stride, padding,
+                            dilation, dict(x_ptr=x, y_ptr=y), ("sxb sxc sxh sxw", x), ("syb syc syh syw", y))
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = y.shape[2], y.shape[3]
@@ -513,6 +517,44 @@ def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilatio
     return Launch(fused_fwd_kernel, _channel_grid(B, G, tiles_pix, meta["BLOCK_G"], cg_tiles), args, meta,
                   num_warps, num_stages,
                   loops=((K * K, r_steps) if r_steps else K * K,))
+
+
+# Channels per group from which the halo kernels pay: their window product's N dimension is the
+# group's channels, padded to 16 (a depth-wise layer would waste 15/16 of it).
+MIN_HALO_CHANNELS = 8
+
+
+def takes_halo_path(x, G, K, stride, dilation, transposed) -> bool:
+    """Whether the tensor-core halo kernels (kernels/involution_fused_halo.py) run this pass."""
+    meta = halo.halo_meta(K, stride, dilation, transposed)
+    return (x.dtype in (torch.float16, torch.bfloat16, torch.float32) and x.shape[1] // G >= MIN_HALO_CHANNELS
+            and meta["BLOCK_Q"] <= halo.MAX_BLOCK_Q)
+
+
+def _halo_launch(kernel, x, z, span_weight, span_bias, out, tile, K, stride, padding, dilation, tensors,
+                 big_strides, tile_strides) -> Launch:
+    """A halo kernel over ``tile``'s pixels (y for the forward, dx for the input gradient)."""
+    B, C = x.shape[:2]
+    R = z.shape[1]
+    G = span_weight.shape[0] // (K * K)
+    meta = halo.halo_meta(K, stride, dilation, kernel is not halo.fused_fwd_halo_kernel)
+    tiles_w = cdiv(tile.shape[3], meta["BLOCK_W"])
+    tiles = cdiv(tile.shape[2], meta["BLOCK_H"]) * tiles_w
+    meta.update(K=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+                BLOCK_R=max(16, next_power_of_2(R)), BLOCK_CG=max(16, next_power_of_2(C // G)),
+                HAS_BIAS=span_bias is not None, DOT_PRECISION=_dot_precision(x.dtype),
+                INDEX_64=needs_int64(x, z, out), ACC_DTYPE=_acc_dtype(x.dtype))
+    H, W = x.shape[2:] if kernel is halo.fused_fwd_halo_kernel else out.shape[2:]
+    Ho, Wo = z.shape[2:]
+    args = dict(tensors, z_ptr=z, span_w_ptr=span_weight, span_b_ptr=span_bias,
+                H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=C // G, R=R,
+                **_strides(*big_strides), **_strides("szb szr szh szw", z), **_strides("sso ssr", span_weight),
+                ssb=span_bias.stride(0) if span_bias is not None else 0, **_strides(*tile_strides),
+                PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w)
+    return Launch(kernel, (B * tiles, 1, 1), args, meta, HALO_WARPS, 1, loops=(G,))
+
+
+HALO_WARPS = 8
 
 
 def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:

@@ -1,0 +1,136 @@
+"""Fused involution on tensor cores: 2-D pixel tiles with a halo, as fused neighbourhood attention.
+
+One program owns an ``BLOCK_H x BLOCK_W`` tile of pixels (64) of one sample and walks every group.
+Per group both products are ``tl.dot``s with M = the tile's pixels:
+
+* the span product ``w[p, k] = Σ_r z[p, r] · S[g·K²+k, r]`` ([P, R] @ [R, KK]): the tile's
+  generated weights for all K² taps at once (KK = K² padded to a power of two; the padding columns
+  are zero, since S and β are loaded masked);
+* the window product. The tile's neighbourhood is the halo of ``HALO_H x HALO_W`` pixels (padded
+  to BLOCK_Q). ``A[p, q]`` is pixel p's weight for halo pixel q, the tap linking them, or zero
+  when q lies outside p's window: ``A = gather(w, tap[p, q])`` with ``tap`` pointing at a zero
+  padding column for those. The tap table depends on the geometry only, so the program builds
+  it once for all groups. Then ``y[p, c] = A[p, :] @ x_halo[:, c]``.
+
+The window product does ``BLOCK_Q / K²`` times the useful multiply-adds (256 / 49 at K = 7 on an
+8 x 8 tile), on tensor cores at 12 (bf16) or 6 (tf32) times the CUDA cores' rate, and every x
+element of the halo is loaded once per program, not once per tap.
+
+The input gradient is the same window product transposed: a tile of dx's pixels, the halo of
+output pixels that read them, the weights generated at the halo (``[KK, R] @ [R, Q]``) and
+``A'[p, q] = w[tap'[p, q], q]``. The weight gradients start from
+``D[p, q] = Σ_{c∈g} dy[p, c] · x_halo[q, c]`` (the dot of attention logits) and pick each
+pixel's K² taps out of it: ``dW[p, k] = D[p, q(p, k)]``. From dW, ``dz += dW @ S_g`` (a program
+per tile walks the groups) and ``dS_g += dWᵀ @ z`` (a program per group walks a fixed slab of
+tiles and writes one partial: no atomics, deterministic).
+
+Generated weights and dW enter the dots in the input dtype (as the unfused path rounds its
+materialised weights); fp32 inputs use ``tf32x3``. K, stride and dilation are compile-time
+constants here: they size the halo.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .involution import widen
+
+TILE_H = 8
+TILE_W = 8
+# The largest padded halo the kernels take (the tap table is [pixels, BLOCK_Q] int32, live across
+# the group loop); larger kernels or strides take the per-tap kernels.
+MAX_BLOCK_Q = 256
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def halo_extent(K: int, stride: int, dilation: int, tile: int, transposed: bool) -> int:
+    """Halo rows (or columns) of a ``tile``-pixel tile: the input window of an output tile, or
+    (``transposed``, for dx) the output pixels whose windows reach an input tile."""
+    if transposed:
+        return (tile - 1 + (K - 1) * dilation) // stride + 2
+    return (tile - 1) * stride + (K - 1) * dilation + 1
+
+
+def halo_meta(K: int, stride, dilation, transposed: bool) -> dict:
+    hh = halo_extent(K, stride[0], dilation[0], TILE_H, transposed)
+    hw = halo_extent(K, stride[1], dilation[1], TILE_W, transposed)
+    return dict(BLOCK_H=TILE_H, BLOCK_W=TILE_W, HALO_H=hh, HALO_W=hw, BLOCK_Q=_pow2(hh * hw),
+                BLOCK_KK=_pow2(K * K + 1))
+
+
+@triton.jit
+def _tap_of(out_h, out_w, in_h, in_w, K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+            DH: tl.constexpr, DW: tl.constexpr, PH, PW, ok):
+    """The tap through which output pixel (out_h, out_w) reads input pixel (in_h, in_w), or K²
+    (the weights' zero padding column) where none does or ``ok`` is false."""
+    dh = in_h - out_h * SH + PH
+    dw = in_w - out_w * SW + PW
+    u = tl.maximum(dh, 0) // DH
+    v = tl.maximum(dw, 0) // DW
+    hit = ok & (dh >= 0) & (dw >= 0) & (dh % DH == 0) & (dw % DW == 0) & (u < K) & (v < K)
+    return tl.where(hit, u * K + v, K * K)
+
+
+@triton.jit
+def _tile_pixels(tile, TILES_W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    h0 = (tile // TILES_W) * BLOCK_H
+    w0 = (tile % TILES_W) * BLOCK_W
+    return h0, w0, h0 + p // BLOCK_W, w0 + p % BLOCK_W
+
+
+@triton.jit
+def _halo_pixels(h_first, w_first, HALO_H: tl.constexpr, HALO_W: tl.constexpr, BLOCK_Q: tl.constexpr):
+    q = tl.arange(0, BLOCK_Q)
+    return h_first + q // HALO_W, w_first + q % HALO_W, q < HALO_H * HALO_W
+
+
+@triton.jit
+def fused_fwd_halo_kernel(
+    x_ptr, z_ptr, span_w_ptr, span_b_ptr, y_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sxb, sxc, sxh, sxw,
+    szb, szr, szh, szw,
+    sso, ssr, ssb,
+    syb, syc, syh, syw,
+    PH, PW, TILES, TILES_W,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y[b, g·CG+c, p] = Σ_q A_g[p, q] · x[b, g·CG+c, q] over the tile's input halo."""
+    pid = tl.program_id(0)
+    b = widen(pid // TILES, INDEX_64)
+    h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
+    out_ok = (oh < Ho) & (ow < Wo)
+    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, BLOCK_Q)
+    in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    tap = _tap_of(oh[:, None], ow[:, None], ih[None, :], iw[None, :], K, SH, SW, DH, DW, PH, PW,
+                  q_ok[None, :])
+
+    r = tl.arange(0, BLOCK_R)
+    z = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
+                mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
+    kk = tl.arange(0, BLOCK_KK)
+    kk_ok = kk < K * K
+    c = tl.arange(0, BLOCK_CG)
+    c_ok = c < CG
+    x_halo = x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None]
+    y_tile = y_ptr + b * syb + widen(oh * syh + ow * syw, INDEX_64)[:, None]
+    for g in range(G):
+        rows = widen(g * (K * K) + kk, INDEX_64)
+        span_t = tl.load(span_w_ptr + rows[None, :] * sso + r[:, None] * ssr,
+                         mask=(r < R)[:, None] & kk_ok[None, :], other=0.0)
+        weight = tl.dot(z, span_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if HAS_BIAS:
+            weight += tl.load(span_b_ptr + rows * ssb, mask=kk_ok, other=0.0).to(ACC_DTYPE)[None, :]
+        channel = widen(g * CG + c, INDEX_64)
+        xv = tl.load(x_halo + channel[None, :] * sxc, mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+        window = tl.gather(weight.to(xv.dtype), tap, 1)
+        out = tl.dot(window, xv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        tl.store(y_tile + channel[None, :] * syc, out.to(y_ptr.dtype.element_ty),
+                 mask=out_ok[:, None] & c_ok[None, :])
