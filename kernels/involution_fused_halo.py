@@ -134,3 +134,172 @@ def fused_fwd_halo_kernel(
         out = tl.dot(window, xv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         tl.store(y_tile + channel[None, :] * syc, out.to(y_ptr.dtype.element_ty),
                  mask=out_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def fused_bwd_input_halo_kernel(
+    dy_ptr, z_ptr, span_w_ptr, span_b_ptr, dx_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sdyb, sdyc, sdyh, sdyw,
+    szb, szr, szh, szw,
+    sso, ssr, ssb,
+    sdxb, sdxc, sdxh, sdxw,
+    PH, PW, TILES, TILES_W,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dx[b, g·CG+c, p] = Σ_q w_g[tap(q, p), q] · dy[b, g·CG+c, q] over the output pixels q whose
+    windows reach the tile (weights generated at those pixels)."""
+    pid = tl.program_id(0)
+    b = widen(pid // TILES, INDEX_64)
+    h0, w0, ih, iw = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
+    in_ok = (ih < H) & (iw < W)
+    # The first output row (column) whose window reaches the tile: floor((h0 + PH - (K-1)·DH) / SH),
+    # shifted to a non-negative numerator so integer division floors on every backend.
+    reach_h: tl.constexpr = (K - 1) * DH
+    reach_w: tl.constexpr = (K - 1) * DW
+    oh, ow, q_ok = _halo_pixels((h0 + PH - reach_h + reach_h * SH) // SH - reach_h,
+                                (w0 + PW - reach_w + reach_w * SW) // SW - reach_w, HALO_H, HALO_W, BLOCK_Q)
+    out_ok = q_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
+    tap = _tap_of(oh[None, :], ow[None, :], ih[:, None], iw[:, None], K, SH, SW, DH, DW, PH, PW,
+                  out_ok[None, :])
+
+    r = tl.arange(0, BLOCK_R)
+    halo_off = widen(oh * szh + ow * szw, INDEX_64)
+    z_t = tl.load(z_ptr + b * szb + halo_off[None, :] + r[:, None] * szr,
+                  mask=out_ok[None, :] & (r < R)[:, None], other=0.0)
+    kk = tl.arange(0, BLOCK_KK)
+    kk_ok = kk < K * K
+    c = tl.arange(0, BLOCK_CG)
+    c_ok = c < CG
+    dy_halo = dy_ptr + b * sdyb + widen(oh * sdyh + ow * sdyw, INDEX_64)[:, None]
+    dx_tile = dx_ptr + b * sdxb + widen(ih * sdxh + iw * sdxw, INDEX_64)[:, None]
+    for g in range(G):
+        rows = widen(g * (K * K) + kk, INDEX_64)
+        span = tl.load(span_w_ptr + rows[:, None] * sso + r[None, :] * ssr,
+                       mask=kk_ok[:, None] & (r < R)[None, :], other=0.0)
+        weight_t = tl.dot(span, z_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [KK, Q]
+        if HAS_BIAS:
+            weight_t += tl.load(span_b_ptr + rows * ssb, mask=kk_ok, other=0.0).to(ACC_DTYPE)[:, None]
+        channel = widen(g * CG + c, INDEX_64)
+        grad = tl.load(dy_halo + channel[None, :] * sdyc, mask=out_ok[:, None] & c_ok[None, :], other=0.0)
+        window = tl.gather(weight_t.to(grad.dtype), tap, 0)
+        out = tl.dot(window, grad, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        tl.store(dx_tile + channel[None, :] * sdxc, out.to(dx_ptr.dtype.element_ty),
+                 mask=in_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _tap_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok, ih, iw,
+                      in_ok, pick, BLOCK_CG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``dW[p, k] = Σ_{c∈g} dy[p, c] · x[q(p, k), c]`` ([P, KK]): the logits ``dy @ x_haloᵀ`` of
+    the tile against its halo, each pixel's K² taps picked out of them."""
+    c = tl.arange(0, BLOCK_CG)
+    channel = widen(g * CG + c, INDEX_64)
+    c_ok = c < CG
+    grad = tl.load(dy_ptr + b * sdyb + widen(oh * sdyh + ow * sdyw, INDEX_64)[:, None] + channel[None, :] * sdyc,
+                   mask=out_ok[:, None] & c_ok[None, :], other=0.0)
+    xv = tl.load(x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[None, :] + channel[:, None] * sxc,
+                 mask=in_ok[None, :] & c_ok[:, None], other=0.0)
+    logits = tl.dot(grad, xv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [P, Q]
+    return tl.gather(logits, pick, 1)
+
+
+@triton.jit
+def _halo_pick(oh, ow, K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr, BLOCK_KK: tl.constexpr):
+    """q(p, k): the halo index of pixel p's tap k (0 for the padding taps k >= K²)."""
+    kk = tl.arange(0, BLOCK_KK)
+    ph = tl.arange(0, BLOCK_H * BLOCK_W) // BLOCK_W
+    pw = tl.arange(0, BLOCK_H * BLOCK_W) % BLOCK_W
+    qh = ph[:, None] * SH + (kk // K)[None, :] * DH
+    qw = pw[:, None] * SW + (kk % K)[None, :] * DW
+    return tl.where((kk < K * K)[None, :], qh * HALO_W + qw, 0)
+
+
+@triton.jit
+def fused_bwd_z_halo_kernel(
+    dy_ptr, x_ptr, span_w_ptr, dz_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    sso, ssr,
+    sdzb, sdzr, sdzh, sdzw,
+    PH, PW, TILES, TILES_W,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dz[b, r, p] = Σ_g dW_g[p, :] @ S_g[:, r]: a program per tile walks every group and alone
+    writes its dz."""
+    pid = tl.program_id(0)
+    b = widen(pid // TILES, INDEX_64)
+    h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
+    out_ok = (oh < Ho) & (ow < Wo)
+    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, BLOCK_Q)
+    in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    pick = _halo_pick(oh, ow, K, SH, SW, DH, DW, BLOCK_H, BLOCK_W, HALO_W, BLOCK_KK)
+    kk = tl.arange(0, BLOCK_KK)
+    r = tl.arange(0, BLOCK_R)
+    dz = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_R), dtype=ACC_DTYPE)
+    for g in range(G):
+        dw = _tap_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok,
+                               ih, iw, in_ok, pick, BLOCK_CG, DOT_PRECISION, INDEX_64, ACC_DTYPE)
+        rows = widen(g * (K * K) + kk, INDEX_64)
+        span = tl.load(span_w_ptr + rows[:, None] * sso + r[None, :] * ssr,
+                       mask=(kk < K * K)[:, None] & (r < R)[None, :], other=0.0)
+        dz += tl.dot(dw.to(span.dtype), span, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    dz_off = b * sdzb + widen(oh * sdzh + ow * sdzw, INDEX_64)[:, None] + widen(r, INDEX_64)[None, :] * sdzr
+    tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=out_ok[:, None] & (r < R)[None, :])
+
+
+@triton.jit
+def fused_bwd_span_halo_kernel(
+    dy_ptr, x_ptr, z_ptr, dspan_ptr, dbias_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    szb, szr, szh, szw,
+    sps, spo, spr,
+    sbs, sbo,
+    PH, PW, TILES, TILES_W, TOTAL_TILES, TILES_PER_SLAB,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Per-slab partials of dS[g·K²+k, r] = Σ_{b,p} dW_g[p, k] · z[b, r, p] and dβ = Σ_{b,p} dW_g.
+
+    Program (group, slab) walks the slab's (sample, tile) pairs in order, every tap at once, and
+    writes its partial once: no atomics, a fixed summation order.
+    """
+    g = tl.program_id(0)
+    slab = tl.program_id(1)
+    kk = tl.arange(0, BLOCK_KK)
+    r = tl.arange(0, BLOCK_R)
+    dspan = tl.zeros((BLOCK_KK, BLOCK_R), dtype=ACC_DTYPE)
+    dbias = tl.zeros((BLOCK_KK,), dtype=ACC_DTYPE)
+    first = slab * TILES_PER_SLAB
+    for t in range(first, tl.minimum(first + TILES_PER_SLAB, TOTAL_TILES)):
+        b = widen(t // TILES, INDEX_64)
+        h0, w0, oh, ow = _tile_pixels(t % TILES, TILES_W, BLOCK_H, BLOCK_W)
+        out_ok = (oh < Ho) & (ow < Wo)
+        ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, BLOCK_Q)
+        in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        pick = _halo_pick(oh, ow, K, SH, SW, DH, DW, BLOCK_H, BLOCK_W, HALO_W, BLOCK_KK)
+        dw = _tap_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok,
+                               ih, iw, in_ok, pick, BLOCK_CG, DOT_PRECISION, INDEX_64, ACC_DTYPE)
+        zv = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
+                     mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
+        dspan += tl.dot(tl.trans(dw.to(zv.dtype)), zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dbias += tl.sum(dw, axis=0)
+    rows = widen(g * (K * K) + kk, INDEX_64)
+    kk_ok = kk < K * K
+    slab = widen(slab, INDEX_64)
+    tl.store(dspan_ptr + slab * sps + rows[:, None] * spo + r[None, :] * spr, dspan,
+             mask=kk_ok[:, None] & (r < R)[None, :])
+    tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=kk_ok)
