@@ -543,6 +543,13 @@ def _halo_meta(x, C, G, K, R, stride, dilation, transposed, tile_h, tile_w, *ten
     return meta, cdiv(tile_h, meta["BLOCK_H"]), cdiv(tile_w, meta["BLOCK_W"])
 
 
+def _halo_grad_meta(x, C, G, K, R, stride, dilation, *tensors) -> tuple[dict, int, int]:
+    """The weight-gradient halo kernels' meta: their taps are padded per row (KP = K padded)."""
+    meta, tiles_h, tiles_w = _halo_meta(x, C, G, K, R, stride, dilation, False, *tensors[:2], *tensors[2:])
+    meta["KP"] = next_power_of_2(K)
+    return meta, tiles_h, tiles_w
+
+
 def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding, dilation, names) -> Launch:
     """The forward (``big`` = x, ``out`` = y) or the input gradient (``big`` = dy, ``out`` = dx)."""
     B, C = big.shape[:2]
@@ -620,7 +627,7 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
     if config is None and takes_halo_path(x, G, K, stride, dilation, False):
-        meta, tiles_h, tiles_w = _halo_meta(x, C, G, K, R, stride, dilation, False, Ho, Wo, dy, x, dz)
+        meta, tiles_h, tiles_w = _halo_grad_meta(x, C, G, K, R, stride, dilation, Ho, Wo, dy, x, dz)
         args = dict(dy_ptr=dy, x_ptr=x, span_w_ptr=span_weight, dz_ptr=dz, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=C // G,
                     R=R, **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
                     **_strides("sso ssr", span_weight), **_strides("sdzb sdzr sdzh sdzw", dz),
@@ -727,8 +734,8 @@ def _backward_span_halo_launch(dy, x, z, dspan_partials, dbias_partials, K, stri
     slabs, per_slab = span_grad_slabs(B, Ho, Wo, K, G, R, config)
     if dspan_partials.shape[0] != slabs:
         raise ValueError(f"span-gradient partials need {slabs} slabs, got {dspan_partials.shape[0]}")
-    meta, tiles_h, tiles_w = _halo_meta(x, C, G, K, R, stride, dilation, False, Ho, Wo,
-                                        dy, x, z, dspan_partials, dbias_partials)
+    meta, tiles_h, tiles_w = _halo_grad_meta(x, C, G, K, R, stride, dilation, Ho, Wo,
+                                             dy, x, z, dspan_partials, dbias_partials)
     tiles = tiles_h * tiles_w
     args = dict(dy_ptr=dy, x_ptr=x, z_ptr=z, dspan_ptr=dspan_partials, dbias_ptr=dbias_partials,
                 H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=C // G, R=R,

@@ -57,8 +57,9 @@ def halo_extent(K: int, stride: int, dilation: int, tile: int, transposed: bool)
 def halo_meta(K: int, stride, dilation, transposed: bool) -> dict:
     hh = halo_extent(K, stride[0], dilation[0], TILE_H, transposed)
     hw = halo_extent(K, stride[1], dilation[1], TILE_W, transposed)
-    return dict(BLOCK_H=TILE_H, BLOCK_W=TILE_W, HALO_H=hh, HALO_W=hw, BLOCK_Q=_pow2(hh * hw),
-                BLOCK_KK=_pow2(K * K + 1))
+    # Halo rows are PITCH_W apart, a power of two, so the halo axis reshapes to [rows, PITCH_W].
+    return dict(BLOCK_H=TILE_H, BLOCK_W=TILE_W, HALO_H=hh, HALO_W=hw, PITCH_W=_pow2(hw),
+                BLOCK_Q=_pow2(hh) * _pow2(hw), BLOCK_KK=_pow2(K * K + 1))
 
 
 @triton.jit
@@ -83,9 +84,10 @@ def _tile_pixels(tile, TILES_W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
 
 
 @triton.jit
-def _halo_pixels(h_first, w_first, HALO_H: tl.constexpr, HALO_W: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _halo_pixels(h_first, w_first, HALO_H: tl.constexpr, HALO_W: tl.constexpr, PITCH_W: tl.constexpr,
+                 BLOCK_Q: tl.constexpr):
     q = tl.arange(0, BLOCK_Q)
-    return h_first + q // HALO_W, w_first + q % HALO_W, q < HALO_H * HALO_W
+    return h_first + q // PITCH_W, w_first + q % PITCH_W, (q // PITCH_W < HALO_H) & (q % PITCH_W < HALO_W)
 
 
 @triton.jit
@@ -99,7 +101,7 @@ def fused_fwd_halo_kernel(
     PH, PW, TILES, TILES_W,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """y[b, g·CG+c, p] = Σ_q A_g[p, q] · x[b, g·CG+c, q] over the tile's input halo."""
@@ -107,7 +109,7 @@ def fused_fwd_halo_kernel(
     b = widen(pid // TILES, INDEX_64)
     h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
     out_ok = (oh < Ho) & (ow < Wo)
-    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, BLOCK_Q)
+    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
     in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     tap = _tap_of(oh[:, None], ow[:, None], ih[None, :], iw[None, :], K, SH, SW, DH, DW, PH, PW,
                   q_ok[None, :])
@@ -147,7 +149,7 @@ def fused_bwd_input_halo_kernel(
     PH, PW, TILES, TILES_W,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dx[b, g·CG+c, p] = Σ_q w_g[tap(q, p), q] · dy[b, g·CG+c, q] over the output pixels q whose
@@ -161,7 +163,7 @@ def fused_bwd_input_halo_kernel(
     reach_h: tl.constexpr = (K - 1) * DH
     reach_w: tl.constexpr = (K - 1) * DW
     oh, ow, q_ok = _halo_pixels((h0 + PH - reach_h + reach_h * SH) // SH - reach_h,
-                                (w0 + PW - reach_w + reach_w * SW) // SW - reach_w, HALO_H, HALO_W, BLOCK_Q)
+                                (w0 + PW - reach_w + reach_w * SW) // SW - reach_w, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
     out_ok = q_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
     tap = _tap_of(oh[None, :], ow[None, :], ih[:, None], iw[:, None], K, SH, SW, DH, DW, PH, PW,
                   out_ok[None, :])
@@ -192,32 +194,50 @@ def fused_bwd_input_halo_kernel(
 
 
 @triton.jit
-def _tap_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok, ih, iw,
-                      in_ok, pick, BLOCK_CG: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """``dW[p, k] = Σ_{c∈g} dy[p, c] · x[q(p, k), c]`` ([P, KK]): the logits ``dy @ x_haloᵀ`` of
-    the tile against its halo, each pixel's K² taps picked out of them."""
+def _tap_grad_weights_t(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok, ih, iw,
+                        in_ok, pick_rows, pick_cols, PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr,
+                        KP: tl.constexpr, BLOCK_CG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``dWᵀ[u·KP+v, p] = Σ_{c∈g} x[(ph+u, pw+v), c] · dy[p, c]`` ([KP², P], KP = K padded to a
+    power of two): the logits ``x_halo @ dyᵀ`` of the halo against the tile, each pixel's taps
+    picked out of them in two gathers of a short axis (halo row, then column) rather than one
+    along the whole halo."""
     c = tl.arange(0, BLOCK_CG)
     channel = widen(g * CG + c, INDEX_64)
     c_ok = c < CG
-    grad = tl.load(dy_ptr + b * sdyb + widen(oh * sdyh + ow * sdyw, INDEX_64)[:, None] + channel[None, :] * sdyc,
-                   mask=out_ok[:, None] & c_ok[None, :], other=0.0)
-    xv = tl.load(x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[None, :] + channel[:, None] * sxc,
-                 mask=in_ok[None, :] & c_ok[:, None], other=0.0)
-    logits = tl.dot(grad, xv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [P, Q]
-    return tl.gather(logits, pick, 1)
+    grad_t = tl.load(dy_ptr + b * sdyb + widen(oh * sdyh + ow * sdyw, INDEX_64)[None, :] + channel[:, None] * sdyc,
+                     mask=out_ok[None, :] & c_ok[:, None], other=0.0)
+    xv = tl.load(x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None] + channel[None, :] * sxc,
+                 mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+    logits_t = tl.dot(xv, grad_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [Q, P]
+    P: tl.constexpr = logits_t.shape[1]
+    rows = tl.gather(tl.reshape(logits_t, (BLOCK_Q // PITCH_W, PITCH_W, P)), pick_rows, 0)  # [KP, PITCH_W, P]
+    return tl.reshape(tl.gather(rows, pick_cols, 1), (KP * KP, P))
 
 
 @triton.jit
-def _halo_pick(oh, ow, K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-               BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_W: tl.constexpr, BLOCK_KK: tl.constexpr):
-    """q(p, k): the halo index of pixel p's tap k (0 for the padding taps k >= K²)."""
-    kk = tl.arange(0, BLOCK_KK)
-    ph = tl.arange(0, BLOCK_H * BLOCK_W) // BLOCK_W
-    pw = tl.arange(0, BLOCK_H * BLOCK_W) % BLOCK_W
-    qh = ph[:, None] * SH + (kk // K)[None, :] * DH
-    qw = pw[:, None] * SW + (kk % K)[None, :] * DW
-    return tl.where((kk < K * K)[None, :], qh * HALO_W + qw, 0)
+def _halo_picks(K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+                PITCH_W: tl.constexpr, KP: tl.constexpr):
+    """Index tensors of the two picks: the halo row of (tap row u, pixel p) as [KP, PITCH_W, P],
+    the halo column of (u, tap column v, p) as [KP, KP, P]; padding taps clamp into the halo."""
+    P: tl.constexpr = BLOCK_H * BLOCK_W
+    t = tl.arange(0, KP)
+    ph = tl.arange(0, P) // BLOCK_W
+    pw = tl.arange(0, P) % BLOCK_W
+    row = tl.minimum(ph[None, None, :] * SH + t[:, None, None] * DH, HALO_H - 1)
+    col = tl.minimum(pw[None, None, :] * SW + t[None, :, None] * DW, HALO_W - 1)
+    zero = tl.zeros((KP, PITCH_W, P), dtype=tl.int32)
+    return row + zero, col + tl.zeros((KP, KP, P), dtype=tl.int32)
+
+
+@triton.jit
+def _padded_taps(K: tl.constexpr, KP: tl.constexpr):
+    """Tap u·K+v of padded tap u·KP+v, and whether it is one (u, v < K)."""
+    t = tl.arange(0, KP * KP)
+    u = t // KP
+    v = t % KP
+    return u * K + v, (u < K) & (v < K)
 
 
 @triton.jit
@@ -231,8 +251,8 @@ def fused_bwd_z_halo_kernel(
     PH, PW, TILES, TILES_W,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    KP: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dz[b, r, p] = Σ_g dW_g[p, :] @ S_g[:, r]: a program per tile walks every group and alone
     writes its dz."""
@@ -240,21 +260,22 @@ def fused_bwd_z_halo_kernel(
     b = widen(pid // TILES, INDEX_64)
     h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
     out_ok = (oh < Ho) & (ow < Wo)
-    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, BLOCK_Q)
+    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
     in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    pick = _halo_pick(oh, ow, K, SH, SW, DH, DW, BLOCK_H, BLOCK_W, HALO_W, BLOCK_KK)
-    kk = tl.arange(0, BLOCK_KK)
+    pick_rows, pick_cols = _halo_picks(K, SH, SW, DH, DW, BLOCK_H, BLOCK_W, HALO_H, HALO_W, PITCH_W, KP)
+    tap, tap_ok = _padded_taps(K, KP)
     r = tl.arange(0, BLOCK_R)
-    dz = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_R), dtype=ACC_DTYPE)
+    dz_t = tl.zeros((BLOCK_R, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
     for g in range(G):
-        dw = _tap_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok,
-                               ih, iw, in_ok, pick, BLOCK_CG, DOT_PRECISION, INDEX_64, ACC_DTYPE)
-        rows = widen(g * (K * K) + kk, INDEX_64)
-        span = tl.load(span_w_ptr + rows[:, None] * sso + r[None, :] * ssr,
-                       mask=(kk < K * K)[:, None] & (r < R)[None, :], other=0.0)
-        dz += tl.dot(dw.to(span.dtype), span, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    dz_off = b * sdzb + widen(oh * sdzh + ow * sdzw, INDEX_64)[:, None] + widen(r, INDEX_64)[None, :] * sdzr
-    tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=out_ok[:, None] & (r < R)[None, :])
+        dw_t = _tap_grad_weights_t(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow,
+                                   out_ok, ih, iw, in_ok, pick_rows, pick_cols, PITCH_W, BLOCK_Q, KP, BLOCK_CG,
+                                   DOT_PRECISION, INDEX_64, ACC_DTYPE)
+        rows = widen(g * (K * K) + tap, INDEX_64)
+        span_t = tl.load(span_w_ptr + rows[None, :] * sso + r[:, None] * ssr,
+                         mask=tap_ok[None, :] & (r < R)[:, None], other=0.0)
+        dz_t += tl.dot(span_t, dw_t.to(span_t.dtype), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    dz_off = b * sdzb + widen(oh * sdzh + ow * sdzw, INDEX_64)[None, :] + widen(r, INDEX_64)[:, None] * sdzr
+    tl.store(dz_ptr + dz_off, dz_t.to(dz_ptr.dtype.element_ty), mask=out_ok[None, :] & (r < R)[:, None])
 
 
 @triton.jit
@@ -269,8 +290,8 @@ def fused_bwd_span_halo_kernel(
     PH, PW, TILES, TILES_W, TOTAL_TILES, TILES_PER_SLAB,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    KP: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Per-slab partials of dS[g·K²+k, r] = Σ_{b,p} dW_g[p, k] · z[b, r, p] and dβ = Σ_{b,p} dW_g.
 
@@ -279,27 +300,27 @@ def fused_bwd_span_halo_kernel(
     """
     g = tl.program_id(0)
     slab = tl.program_id(1)
-    kk = tl.arange(0, BLOCK_KK)
     r = tl.arange(0, BLOCK_R)
-    dspan = tl.zeros((BLOCK_KK, BLOCK_R), dtype=ACC_DTYPE)
-    dbias = tl.zeros((BLOCK_KK,), dtype=ACC_DTYPE)
+    dspan = tl.zeros((KP * KP, BLOCK_R), dtype=ACC_DTYPE)
+    dbias = tl.zeros((KP * KP,), dtype=ACC_DTYPE)
+    pick_rows, pick_cols = _halo_picks(K, SH, SW, DH, DW, BLOCK_H, BLOCK_W, HALO_H, HALO_W, PITCH_W, KP)
     first = slab * TILES_PER_SLAB
     for t in range(first, tl.minimum(first + TILES_PER_SLAB, TOTAL_TILES)):
         b = widen(t // TILES, INDEX_64)
         h0, w0, oh, ow = _tile_pixels(t % TILES, TILES_W, BLOCK_H, BLOCK_W)
         out_ok = (oh < Ho) & (ow < Wo)
-        ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, BLOCK_Q)
+        ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
         in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        pick = _halo_pick(oh, ow, K, SH, SW, DH, DW, BLOCK_H, BLOCK_W, HALO_W, BLOCK_KK)
-        dw = _tap_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok,
-                               ih, iw, in_ok, pick, BLOCK_CG, DOT_PRECISION, INDEX_64, ACC_DTYPE)
+        dw_t = _tap_grad_weights_t(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow,
+                                   out_ok, ih, iw, in_ok, pick_rows, pick_cols, PITCH_W, BLOCK_Q, KP, BLOCK_CG,
+                                   DOT_PRECISION, INDEX_64, ACC_DTYPE)
         zv = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
                      mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
-        dspan += tl.dot(tl.trans(dw.to(zv.dtype)), zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        dbias += tl.sum(dw, axis=0)
-    rows = widen(g * (K * K) + kk, INDEX_64)
-    kk_ok = kk < K * K
+        dspan += tl.dot(dw_t.to(zv.dtype), zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dbias += tl.sum(dw_t, axis=1)
+    tap, tap_ok = _padded_taps(K, KP)
+    rows = widen(g * (K * K) + tap, INDEX_64)
     slab = widen(slab, INDEX_64)
     tl.store(dspan_ptr + slab * sps + rows[:, None] * spo + r[None, :] * spr, dspan,
-             mask=kk_ok[:, None] & (r < R)[None, :])
-    tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=kk_ok)
+             mask=tap_ok[:, None] & (r < R)[None, :])
+    tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=tap_ok)
