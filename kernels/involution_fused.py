@@ -492,7 +492,7 @@ def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation
 
 def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
-    if config is None and takes_halo_path(x, span_weight.shape[0] // (K * K), K, stride, dilation, False):
+    if config is None and takes_halo_path(x, span_weight.shape[0] // (K * K), z.shape[1], K, stride, dilation, False):
         return _halo_launch(halo.fused_fwd_halo_kernel, x, z, span_weight, span_bias, y, K, stride, padding,
                             dilation, ("x_ptr", "y_ptr", "sxb sxc sxh sxw", "syb syc syh syw"))
     R = z.shape[1]
@@ -522,16 +522,19 @@ def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilatio
 # Channels per group from which the halo kernels pay: their window product's N dimension is the
 # group's channels, padded to 16 (a depth-wise layer would waste 15/16 of it).
 MIN_HALO_CHANNELS = 8
+# Past these the [halo, channels] and [R, halo] operand tiles no longer fit 8 warps' registers.
+MAX_HALO_CHANNELS = 32
+MAX_HALO_R = 64
 # fp32 takes the per-tap kernels: its tf32x3 window product (three tf32 products of a [pixels, halo]
 # window mostly zero) is PREDICTED slower than the CUDA-core aggregation, and spills at 8 warps.
 HALO_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def takes_halo_path(x, G, K, stride, dilation, transposed) -> bool:
+def takes_halo_path(x, G, R, K, stride, dilation, transposed) -> bool:
     """Whether the tensor-core halo kernels (kernels/involution_fused_halo.py) run this pass."""
     meta = halo.halo_meta(K, stride, dilation, transposed)
-    return (x.dtype in HALO_DTYPES and x.shape[1] // G >= MIN_HALO_CHANNELS
-            and meta["BLOCK_Q"] <= halo.MAX_BLOCK_Q)
+    return (x.dtype in HALO_DTYPES and MIN_HALO_CHANNELS <= x.shape[1] // G <= MAX_HALO_CHANNELS
+            and R <= MAX_HALO_R and meta["BLOCK_Q"] <= halo.MAX_BLOCK_Q)
 
 
 def _halo_meta(x, C, G, K, R, stride, dilation, transposed, tile_h, tile_w, *tensors) -> tuple[dict, int]:
@@ -584,7 +587,7 @@ def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding,
 
 def _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = dx.shape
-    if config is None and takes_halo_path(dy, span_weight.shape[0] // (K * K), K, stride, dilation, True):
+    if config is None and takes_halo_path(dy, span_weight.shape[0] // (K * K), z.shape[1], K, stride, dilation, True):
         return _halo_launch(halo.fused_bwd_input_halo_kernel, dy, z, span_weight, span_bias, dx, K, stride, padding,
                             dilation, ("dy_ptr", "dx_ptr", "sdyb sdyc sdyh sdyw", "sdxb sdxc sdxh sdxw"))
     R = z.shape[1]
@@ -626,7 +629,7 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
     R = dz.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
-    if config is None and takes_halo_path(x, G, K, stride, dilation, False):
+    if config is None and takes_halo_path(x, G, R, K, stride, dilation, False):
         meta, tiles_h, tiles_w = _halo_grad_meta(x, C, G, K, R, stride, dilation, Ho, Wo, dy, x, dz)
         args = dict(dy_ptr=dy, x_ptr=x, span_w_ptr=span_weight, dz_ptr=dz, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=C // G,
                     R=R, **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
@@ -671,7 +674,7 @@ def span_grad_slabs(B: int, Ho: int, Wo: int, K: int, G: int, R: int, config: di
 
 def span_grad_config(x, G, K, R, stride, Ho, Wo, config=None, dilation=(1, 1)) -> dict:
     """The span-gradient kernel's config; ``{"HALO": True, ...}`` for the halo kernel."""
-    if config is None and takes_halo_path(x, G, K, stride, dilation, False):
+    if config is None and takes_halo_path(x, G, R, K, stride, dilation, False):
         return dict(HALO=True, BLOCK_H=halo.TILE_H, BLOCK_W=halo.TILE_W)
     return _config("bwd_span", x, G, K, R, stride, Ho, Wo, config)
 

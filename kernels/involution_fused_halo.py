@@ -209,7 +209,9 @@ def _tap_grad_weights_t(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sx
                      mask=out_ok[None, :] & c_ok[:, None], other=0.0)
     xv = tl.load(x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None] + channel[None, :] * sxc,
                  mask=in_ok[:, None] & c_ok[None, :], other=0.0)
-    logits_t = tl.dot(xv, grad_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [Q, P]
+    # Rounded to the input dtype before the picks (half the shared-memory traffic): the dots take dW
+    # in that dtype anyway, as the unfused path materialises it.
+    logits_t = tl.dot(xv, grad_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE).to(xv.dtype)  # [Q, P]
     P: tl.constexpr = logits_t.shape[1]
     rows = tl.gather(tl.reshape(logits_t, (BLOCK_Q // PITCH_W, PITCH_W, P)), pick_rows, 0)  # [KP, PITCH_W, P]
     return tl.reshape(tl.gather(rows, pick_cols, 1), (KP * KP, P))
@@ -273,7 +275,7 @@ def fused_bwd_z_halo_kernel(
         rows = widen(g * (K * K) + tap, INDEX_64)
         span_t = tl.load(span_w_ptr + rows[None, :] * sso + r[:, None] * ssr,
                          mask=tap_ok[None, :] & (r < R)[:, None], other=0.0)
-        dz_t += tl.dot(span_t, dw_t.to(span_t.dtype), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dz_t += tl.dot(span_t, dw_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     dz_off = b * sdzb + widen(oh * sdzh + ow * sdzw, INDEX_64)[None, :] + widen(r, INDEX_64)[:, None] * sdzr
     tl.store(dz_ptr + dz_off, dz_t.to(dz_ptr.dtype.element_ty), mask=out_ok[None, :] & (r < R)[:, None])
 
@@ -316,8 +318,8 @@ def fused_bwd_span_halo_kernel(
                                    DOT_PRECISION, INDEX_64, ACC_DTYPE)
         zv = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
                      mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
-        dspan += tl.dot(dw_t.to(zv.dtype), zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        dbias += tl.sum(dw_t, axis=1)
+        dspan += tl.dot(dw_t, zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dbias += tl.sum(dw_t.to(ACC_DTYPE), axis=1)
     tap, tap_ok = _padded_taps(K, KP)
     rows = widen(g * (K * K) + tap, INDEX_64)
     slab = widen(slab, INDEX_64)

@@ -26,6 +26,10 @@ CASES = [
     (2, 32, 6, 7, 3, 16, 8, 1, 1),
     (1, 32, 9, 8, 3, 2, 12, 2, 1),      # stride 2, odd H
     (1, 4, 7, 6, 4, 4, 3, 1, 2),        # G = C (inhomogeneous dynamic depth-wise), even K, dilation 2
+    # 8 and 16 channels per group: fp16 takes the tensor-core halo kernels (fp32 the per-tap ones).
+    (2, 32, 6, 7, 3, 2, 20, 1, 1),
+    (1, 16, 17, 18, 3, 2, 12, 2, 1),    # stride 2, odd H, 2 x 2 output tiles
+    (1, 16, 7, 6, 4, 2, 3, 1, 2),       # even K, dilation 2
 ]
 CASE_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}R{c[6]}s{c[7]}d{c[8]}" for c in CASES]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
