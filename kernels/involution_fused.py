@@ -525,6 +525,10 @@ MIN_HALO_CHANNELS = 8
 # Past these the [halo, channels] and [R, halo] operand tiles no longer fit 8 warps' registers.
 MAX_HALO_CHANNELS = 32
 MAX_HALO_R = 64
+# The input-gradient halo kernel generates weights over its whole halo and holds a [pixels, halo]
+# tap table across the group loop: at a 256-pixel halo (stride 1, K = 7) ptxas spills it on sm_90
+# and sm_80 (also in two or four halo parts), so it takes strided layers only.
+MAX_INPUT_GRAD_Q = 128
 # fp32 takes the per-tap kernels: its tf32x3 window product (three tf32 products of a [pixels, halo]
 # window mostly zero) is PREDICTED slower than the CUDA-core aggregation, and spills at 8 warps.
 HALO_DTYPES = (torch.float16, torch.bfloat16)
@@ -534,7 +538,7 @@ def takes_halo_path(x, G, R, K, stride, dilation, transposed) -> bool:
     """Whether the tensor-core halo kernels (kernels/involution_fused_halo.py) run this pass."""
     meta = halo.halo_meta(K, stride, dilation, transposed)
     return (x.dtype in HALO_DTYPES and MIN_HALO_CHANNELS <= x.shape[1] // G <= MAX_HALO_CHANNELS
-            and R <= MAX_HALO_R and meta["BLOCK_Q"] <= halo.MAX_BLOCK_Q)
+            and R <= MAX_HALO_R and meta["BLOCK_Q"] <= (MAX_INPUT_GRAD_Q if transposed else halo.MAX_BLOCK_Q))
 
 
 def _halo_meta(x, C, G, K, R, stride, dilation, transposed, tile_h, tile_w, *tensors) -> tuple[dict, int]:

@@ -165,6 +165,59 @@ def test_span_gradient_is_deterministic_and_split_into_slabs(device):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_halo_span_gradient_is_deterministic_over_slabs(device):
+    """The tensor-core halo kernels: dS and dβ from per-(group, slab) partials, bitwise repeatable,
+    and equal to the float64 reference; the launches are the halo kernels."""
+    inputs, geometry = _inputs(CASES[3])
+    K, G, R = geometry["kernel_size"], geometry["groups"], inputs["z"].shape[1]
+    x, z = inputs["x"].half().to(device), inputs["z"].half().to(device)
+    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half()
+    g = ((1, 1), (1, 1), (1, 1))
+    config = kernels.span_grad_config(x, G, K, R, (1, 1), *z.shape[2:])
+    assert config.get("HALO") and kernels.span_grad_slabs(x.shape[0], *z.shape[2:], K, G, R, config)[0] > 1
+    assert kernels.backward_z_launch(dy, x, inputs["span_weight"].half(), z, K, *g).name == "fused_bwd_z_halo_kernel"
+    results = []
+    for _ in range(2):
+        dspan = torch.empty(K * K * G, R, device=device, dtype=torch.float16)
+        dbias = torch.empty(K * K * G, device=device, dtype=torch.float16)
+        kernels.involution_fused_backward_span(dy, x, z, dspan, dbias, K, *g)
+        results.append((dspan, dbias))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    ref_span, ref_bias = reference.fused_backward_span(dy.double(), x.double(), z.double(), K, G, *g)
+    assert_close(results[0][0], ref_span, torch.float16, "dspan")
+    assert_close(results[0][1], ref_bias, torch.float16, "dbias")
+
+
+@pytest.mark.parametrize("case", [3, 4], ids=["s1", "s2"])
+def test_halo_int64_indexing_variant_matches(case, device):
+    """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd and dz; stride 2: dx)."""
+    inputs, geometry = _inputs(CASES[case])
+    K, s = geometry["kernel_size"], geometry["stride"]
+    x, z = inputs["x"].half().to(device), inputs["z"].half().to(device)
+    span_w, span_b = inputs["span_weight"].half().to(device), inputs["span_bias"].half().to(device)
+    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half()
+    g = ((s, s), (1, 1), (1, 1))
+    builders = {
+        "fwd": (dy.shape, lambda out: kernels.forward_launch(x, z, span_w, span_b, out, K, *g)),
+        "bwd_input": (x.shape, lambda out: kernels.backward_input_launch(dy, z, span_w, span_b, out, K, *g)),
+        "bwd_z": (z.shape, lambda out: kernels.backward_z_launch(dy, x, span_w, out, K, *g)),
+    }
+    ran = 0
+    for name, (shape, build) in builders.items():
+        if "halo" not in build(torch.empty(shape, device=device, dtype=torch.float16)).name:
+            continue
+        outs = []
+        for index_64 in (False, True):
+            out = torch.empty(shape, device=device, dtype=torch.float16)
+            launch = build(out)
+            launch.meta["INDEX_64"] = index_64
+            launch()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), name
+        ran += 1
+    assert ran == (2 if s == 1 else 1)
+
+
 def test_int64_indexing_variant_matches(device):
     """The INDEX_64 code path (chosen past 2^31 elements) computes the same values in every kernel."""
     inputs, geometry = _inputs(CASES[1])
