@@ -6,7 +6,13 @@ The layer is ``y[b,c,p] = Σ_k w[b,g(c),k,p] · x[b,c,shift_k(p)]`` with generat
 z: the reduced feature ``(B, R, Ho, Wo)``). Output channel ``g·K² + u·K + v`` of the span conv is
 tap (u, v) of group g, exactly the ``view(B, G, K, K, Ho, Wo)`` of the unfused module.
 
-Kernels (all deterministic: every output element and every partial has exactly one writer):
+fp16/bf16 layers with 8..32 channels per group, R <= 64 and a small enough halo run the tensor-core
+halo kernels of ``involution_fused_halo.py`` instead (the launchers below choose; see
+``takes_halo_path``): forward, dz and dspan at stride 1, the input gradient at stride 2. The
+per-tap kernels here take everything else (fp32, fp64, depth-wise and wide groups, large R or
+halos, and the stride-1 input gradient).
+
+Per-tap kernels (all deterministic: every output element and every partial has exactly one writer):
 
 * ``fused_fwd_kernel`` — the family-1 3-D tile ``[BLOCK_G, BLOCK_CG, pixels]``. Per tap the
   program generates ``w_k = S_k · z_tile`` ([BLOCK_G, BLOCK_R] @ [BLOCK_R, pixels], a ``tl.dot``
@@ -566,6 +572,10 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
     meta, tiles_h, tiles_w = _halo_meta(big, C, G, K, R, stride, dilation, transposed, out.shape[2], out.shape[3],
                                         big, z, out)
     meta["HAS_BIAS"] = span_bias is not None
+    if not transposed:
+        # The forward spreads [pixels, KP, KP] weights, KP > K so that tap row and column K are zero.
+        del meta["BLOCK_KK"]
+        meta["KP"] = next_power_of_2(K + 1)
     x, y = (out, big) if transposed else (big, out)
     args = {names[0]: big, "z_ptr": z, "span_w_ptr": span_weight, "span_b_ptr": span_bias, names[1]: out,
             "H": x.shape[2], "W": x.shape[3], "Ho": y.shape[2], "Wo": y.shape[3], "G": G, "CG": C // G, "R": R,

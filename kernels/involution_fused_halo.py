@@ -7,10 +7,13 @@ Per group both products are ``tl.dot``s with M = the tile's pixels:
   generated weights for all K² taps at once (KK = K² padded to a power of two; the padding columns
   are zero, since S and β are loaded masked);
 * the window product. The tile's neighbourhood is the halo of ``HALO_H x HALO_W`` pixels (padded
-  to BLOCK_Q). ``A[p, q]`` is pixel p's weight for halo pixel q, the tap linking them, or zero
-  when q lies outside p's window: ``A = gather(w, tap[p, q])`` with ``tap`` pointing at a zero
-  padding column for those. The tap table depends on the geometry only, so the program builds
-  it once for all groups. Then ``y[p, c] = A[p, :] @ x_halo[:, c]``.
+  to BLOCK_Q, rows PITCH_W apart). ``A[p, q]`` is pixel p's weight for halo pixel q, the tap
+  linking them, or zero when q lies outside p's window. The forward spreads its [P, KP, KP]
+  weights (taps padded per row, KP > K) into A in two gathers of short axes (tap column to halo
+  column, tap row to halo row, a zero padding tap where none links them): cheaper than one
+  gather along the whole halo, which triton lowers to a shuffle per candidate. The index tables
+  depend on the geometry only and are built once for all groups. Then ``y[p, c] = A[p, :] @
+  x_halo[:, c]``.
 
 The window product does ``BLOCK_Q / K²`` times the useful multiply-adds (256 / 49 at K = 7 on an
 8 x 8 tile), on tensor cores at 12 (bf16) or 6 (tf32) times the CUDA cores' rate, and every x
@@ -101,38 +104,54 @@ def fused_fwd_halo_kernel(
     PH, PW, TILES, TILES_W,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """y[b, g·CG+c, p] = Σ_q A_g[p, q] · x[b, g·CG+c, q] over the tile's input halo."""
+    """y[b, g·CG+c, p] = Σ_q A_g[p, q] · x[b, g·CG+c, q] over the tile's input halo. The weights
+    are generated as [pixels, KP, KP] (taps padded per row to KP > K, so row and column K are
+    zero) and spread into the window in two gathers of a short axis: tap column to halo column,
+    then tap row to halo row."""
+    P: tl.constexpr = BLOCK_H * BLOCK_W
+    ROWS: tl.constexpr = BLOCK_Q // PITCH_W
     pid = tl.program_id(0)
     b = widen(pid // TILES, INDEX_64)
     h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
     out_ok = (oh < Ho) & (ow < Wo)
     ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
     in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    tap = _tap_of(oh[:, None], ow[:, None], ih[None, :], iw[None, :], K, SH, SW, DH, DW, PH, PW,
-                  q_ok[None, :])
+    # Tap column of (pixel, halo column), tap row of (pixel, halo row); K (a zero column/row) for none.
+    p = tl.arange(0, P)
+    t = tl.arange(0, PITCH_W)
+    dcol = t[None, :] - (p % BLOCK_W)[:, None] * SW
+    col_tap = tl.where((dcol >= 0) & (dcol % DW == 0) & (dcol < K * DW) & (t < HALO_W)[None, :],
+                       tl.maximum(dcol, 0) // DW, K)
+    rr = tl.arange(0, ROWS)
+    drow = rr[None, :] - (p // BLOCK_W)[:, None] * SH
+    row_tap = tl.where((drow >= 0) & (drow % DH == 0) & (drow < K * DH) & (rr < HALO_H)[None, :],
+                       tl.maximum(drow, 0) // DH, K)
+    col_pick = col_tap[:, None, :] + tl.zeros((P, KP, PITCH_W), dtype=tl.int32)
+    row_pick = row_tap[:, :, None] + tl.zeros((P, ROWS, PITCH_W), dtype=tl.int32)
 
     r = tl.arange(0, BLOCK_R)
     z = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
                 mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
-    kk = tl.arange(0, BLOCK_KK)
-    kk_ok = kk < K * K
+    tp = tl.arange(0, KP * KP)
+    tap_ok = (tp // KP < K) & (tp % KP < K)
     c = tl.arange(0, BLOCK_CG)
     c_ok = c < CG
     x_halo = x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None]
     y_tile = y_ptr + b * syb + widen(oh * syh + ow * syw, INDEX_64)[:, None]
     for g in range(G):
-        rows = widen(g * (K * K) + kk, INDEX_64)
+        rows = widen(g * (K * K) + (tp // KP) * K + tp % KP, INDEX_64)
         span_t = tl.load(span_w_ptr + rows[None, :] * sso + r[:, None] * ssr,
-                         mask=(r < R)[:, None] & kk_ok[None, :], other=0.0)
-        weight = tl.dot(z, span_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+                         mask=(r < R)[:, None] & tap_ok[None, :], other=0.0)
+        weight = tl.dot(z, span_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [P, KP²]
         if HAS_BIAS:
-            weight += tl.load(span_b_ptr + rows * ssb, mask=kk_ok, other=0.0).to(ACC_DTYPE)[None, :]
+            weight += tl.load(span_b_ptr + rows * ssb, mask=tap_ok, other=0.0).to(ACC_DTYPE)[None, :]
         channel = widen(g * CG + c, INDEX_64)
         xv = tl.load(x_halo + channel[None, :] * sxc, mask=in_ok[:, None] & c_ok[None, :], other=0.0)
-        window = tl.gather(weight.to(xv.dtype), tap, 1)
+        by_col = tl.gather(tl.reshape(weight.to(xv.dtype), (P, KP, KP)), col_pick, 2)  # [P, KP, PITCH_W]
+        window = tl.reshape(tl.gather(by_col, row_pick, 1), (P, BLOCK_Q))
         out = tl.dot(window, xv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         tl.store(y_tile + channel[None, :] * syc, out.to(y_ptr.dtype.element_ty),
                  mask=out_ok[:, None] & c_ok[None, :])
