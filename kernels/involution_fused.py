@@ -6,7 +6,13 @@ The layer is ``y[b,c,p] = Σ_k w[b,g(c),k,p] · x[b,c,shift_k(p)]`` with generat
 z: the reduced feature ``(B, R, Ho, Wo)``). Output channel ``g·K² + u·K + v`` of the span conv is
 tap (u, v) of group g, exactly the ``view(B, G, K, K, Ho, Wo)`` of the unfused module.
 
-Kernels (all deterministic: every output element and every partial has exactly one writer):
+fp16/bf16 layers with 8..32 channels per group, R <= 64 and a small enough halo run the tensor-core
+halo kernels of ``involution_fused_halo.py`` instead (the launchers below choose; see
+``takes_halo_path``): forward, dz and dspan at stride 1, the input gradient at stride 2. The
+per-tap kernels here take everything else (fp32, fp64, depth-wise and wide groups, large R or
+halos, and the stride-1 input gradient).
+
+Per-tap kernels (all deterministic: every output element and every partial has exactly one writer):
 
 * ``fused_fwd_kernel`` — the family-1 3-D tile ``[BLOCK_G, BLOCK_CG, pixels]``. Per tap the
   program generates ``w_k = S_k · z_tile`` ([BLOCK_G, BLOCK_R] @ [BLOCK_R, pixels], a ``tl.dot``
@@ -50,6 +56,7 @@ import triton.language as tl
 from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
 from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64, widen
+from . import involution_fused_halo as halo
 
 # Programs the span-gradient kernel aims for: enough to fill any current GPU several times, few
 # enough that the fp32 partials stay a few MB. A constant, so the reduction order (and the result)
@@ -491,6 +498,9 @@ def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation
 
 def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
+    if config is None and takes_halo_path(x, span_weight.shape[0] // (K * K), z.shape[1], K, stride, dilation, False):
+        return _halo_launch(halo.fused_fwd_halo_kernel, x, z, span_weight, span_bias, y, K, stride, padding,
+                            dilation, ("x_ptr", "y_ptr", "sxb sxc sxh sxw", "syb syc syh syw"))
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = y.shape[2], y.shape[3]
@@ -515,6 +525,70 @@ def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilatio
                   loops=((K * K, r_steps) if r_steps else K * K,))
 
 
+# Channels per group from which the halo kernels pay: their window product's N dimension is the
+# group's channels, padded to 16 (a depth-wise layer would waste 15/16 of it).
+MIN_HALO_CHANNELS = 8
+# Past these the [halo, channels] and [R, halo] operand tiles no longer fit 8 warps' registers.
+MAX_HALO_CHANNELS = 32
+MAX_HALO_R = 64
+# The input-gradient halo kernel generates weights over its whole halo and holds a [pixels, halo]
+# tap table across the group loop: at a 256-pixel halo (stride 1, K = 7) ptxas spills it on sm_90
+# and sm_80 (also in two or four halo parts), so it takes strided layers only.
+MAX_INPUT_GRAD_Q = 128
+# fp32 takes the per-tap kernels: its tf32x3 window product (three tf32 products of a [pixels, halo]
+# window mostly zero) is PREDICTED slower than the CUDA-core aggregation, and spills at 8 warps.
+HALO_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def takes_halo_path(x, G, R, K, stride, dilation, transposed) -> bool:
+    """Whether the tensor-core halo kernels (kernels/involution_fused_halo.py) run this pass."""
+    meta = halo.halo_meta(K, stride, dilation, transposed)
+    return (x.dtype in HALO_DTYPES and MIN_HALO_CHANNELS <= x.shape[1] // G <= MAX_HALO_CHANNELS
+            and R <= MAX_HALO_R and meta["BLOCK_Q"] <= (MAX_INPUT_GRAD_Q if transposed else halo.MAX_BLOCK_Q))
+
+
+def _halo_meta(x, C, G, K, R, stride, dilation, transposed, tile_h, tile_w, *tensors) -> tuple[dict, int]:
+    """Meta-parameters of a halo kernel whose tiles cover a ``tile_h x tile_w`` grid, and its tile count."""
+    meta = halo.halo_meta(K, stride, dilation, transposed)
+    meta.update(K=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+                BLOCK_R=max(16, next_power_of_2(R)), BLOCK_CG=max(16, next_power_of_2(C // G)),
+                DOT_PRECISION=_dot_precision(x.dtype), INDEX_64=needs_int64(*tensors), ACC_DTYPE=_acc_dtype(x.dtype))
+    return meta, cdiv(tile_h, meta["BLOCK_H"]), cdiv(tile_w, meta["BLOCK_W"])
+
+
+def _halo_grad_meta(x, C, G, K, R, stride, dilation, *tensors) -> tuple[dict, int, int]:
+    """The weight-gradient halo kernels' meta: their taps are padded per row (KP = K padded)."""
+    meta, tiles_h, tiles_w = _halo_meta(x, C, G, K, R, stride, dilation, False, *tensors[:2], *tensors[2:])
+    meta["KP"] = next_power_of_2(K)
+    return meta, tiles_h, tiles_w
+
+
+def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding, dilation, names) -> Launch:
+    """The forward (``big`` = x, ``out`` = y) or the input gradient (``big`` = dy, ``out`` = dx)."""
+    B, C = big.shape[:2]
+    R = z.shape[1]
+    G = span_weight.shape[0] // (K * K)
+    transposed = kernel is halo.fused_bwd_input_halo_kernel
+    meta, tiles_h, tiles_w = _halo_meta(big, C, G, K, R, stride, dilation, transposed, out.shape[2], out.shape[3],
+                                        big, z, out)
+    meta["HAS_BIAS"] = span_bias is not None
+    if not transposed:
+        # The forward spreads [pixels, KP, KP] weights, KP > K so that tap row and column K are zero.
+        del meta["BLOCK_KK"]
+        meta["KP"] = next_power_of_2(K + 1)
+    x, y = (out, big) if transposed else (big, out)
+    args = {names[0]: big, "z_ptr": z, "span_w_ptr": span_weight, "span_b_ptr": span_bias, names[1]: out,
+            "H": x.shape[2], "W": x.shape[3], "Ho": y.shape[2], "Wo": y.shape[3], "G": G, "CG": C // G, "R": R,
+            **_strides(names[2], big), **_strides("szb szr szh szw", z), **_strides("sso ssr", span_weight),
+            "ssb": span_bias.stride(0) if span_bias is not None else 0, **_strides(names[3], out),
+            "PH": padding[0], "PW": padding[1], "TILES": tiles_h * tiles_w, "TILES_W": tiles_w}
+    return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, HALO_WARPS, 1, loops=(G,))
+
+
+# Two warpgroups: the [pixels, halo] tap table and window stay in registers.
+HALO_WARPS = 8
+
+
 def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
     if not cacheable(dy):
         return _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config)
@@ -527,6 +601,9 @@ def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding,
 
 def _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = dx.shape
+    if config is None and takes_halo_path(dy, span_weight.shape[0] // (K * K), z.shape[1], K, stride, dilation, True):
+        return _halo_launch(halo.fused_bwd_input_halo_kernel, dy, z, span_weight, span_bias, dx, K, stride, padding,
+                            dilation, ("dy_ptr", "dx_ptr", "sdyb sdyc sdyh sdyw", "sdxb sdxc sdxh sdxw"))
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
@@ -566,6 +643,14 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
     R = dz.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
+    if config is None and takes_halo_path(x, G, R, K, stride, dilation, False):
+        meta, tiles_h, tiles_w = _halo_grad_meta(x, C, G, K, R, stride, dilation, Ho, Wo, dy, x, dz)
+        args = dict(dy_ptr=dy, x_ptr=x, span_w_ptr=span_weight, dz_ptr=dz, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=C // G,
+                    R=R, **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
+                    **_strides("sso ssr", span_weight), **_strides("sdzb sdzr sdzh sdzw", dz),
+                    PH=padding[0], PW=padding[1], TILES=tiles_h * tiles_w, TILES_W=tiles_w)
+        return Launch(halo.fused_bwd_z_halo_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, HALO_WARPS, 1,
+                      loops=(G,))
     config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, span_weight, dz)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
@@ -590,13 +675,21 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
 def span_grad_slabs(B: int, Ho: int, Wo: int, K: int, G: int, R: int, config: dict) -> tuple[int, int]:
     """(slabs, tiles per slab) of the span-gradient reduction: its partials have ``slabs`` rows."""
     total = B * cdiv(Ho, config["BLOCK_H"]) * cdiv(Wo, config["BLOCK_W"])
+    if config.get("HALO"):
+        # A halo program covers every tap and R: one per (group, slab).
+        slabs = max(1, min(total, 65535, cdiv(SPAN_GRAD_PROGRAMS // 2, G)))
+        per_slab = cdiv(total, slabs)
+        return cdiv(total, per_slab), per_slab
     per_slab_programs = K * K * cdiv(G, config["BLOCK_G"]) * cdiv(R, config["BLOCK_R"])
     slabs = max(1, min(total, 65535, cdiv(SPAN_GRAD_PROGRAMS, per_slab_programs)))
     per_slab = cdiv(total, slabs)
     return cdiv(total, per_slab), per_slab
 
 
-def span_grad_config(x, G, K, R, stride, Ho, Wo, config=None) -> dict:
+def span_grad_config(x, G, K, R, stride, Ho, Wo, config=None, dilation=(1, 1)) -> dict:
+    """The span-gradient kernel's config; ``{"HALO": True, ...}`` for the halo kernel."""
+    if config is None and takes_halo_path(x, G, R, K, stride, dilation, False):
+        return dict(HALO=True, BLOCK_H=halo.TILE_H, BLOCK_W=halo.TILE_W)
     return _config("bwd_span", x, G, K, R, stride, Ho, Wo, config)
 
 
@@ -619,7 +712,10 @@ def _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, p
     R = z.shape[1]
     G = dspan_partials.shape[1] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
-    config = span_grad_config(x, G, K, R, stride, Ho, Wo, config)
+    config = span_grad_config(x, G, K, R, stride, Ho, Wo, config, dilation)
+    if config.get("HALO"):
+        return _backward_span_halo_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation,
+                                          config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_span", config, x.dtype),
                                                dy, x, z, dspan_partials, dbias_partials)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
@@ -646,6 +742,30 @@ def _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, p
     return Launch(fused_bwd_span_kernel, (K * K * g_tiles, r_tiles, slabs), args, meta, num_warps, num_stages, loops=loops)
 
 
+def _backward_span_halo_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation,
+                               config) -> Launch:
+    B, C, H, W = x.shape
+    R = z.shape[1]
+    G = dspan_partials.shape[1] // (K * K)
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    slabs, per_slab = span_grad_slabs(B, Ho, Wo, K, G, R, config)
+    if dspan_partials.shape[0] != slabs:
+        raise ValueError(f"span-gradient partials need {slabs} slabs, got {dspan_partials.shape[0]}")
+    meta, tiles_h, tiles_w = _halo_grad_meta(x, C, G, K, R, stride, dilation, Ho, Wo,
+                                             dy, x, z, dspan_partials, dbias_partials)
+    tiles = tiles_h * tiles_w
+    args = dict(dy_ptr=dy, x_ptr=x, z_ptr=z, dspan_ptr=dspan_partials, dbias_ptr=dbias_partials,
+                H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=C // G, R=R,
+                **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
+                **_strides("szb szr szh szw", z), **_strides("sps spo spr", dspan_partials),
+                **_strides("sbs sbo", dbias_partials), PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w,
+                TOTAL_TILES=B * tiles, TILES_PER_SLAB=per_slab)
+    if G > 65535:
+        raise ValueError(f"too many groups for the grid ({G})")
+    return Launch(halo.fused_bwd_span_halo_kernel, (G, slabs, 1), args, meta, HALO_WARPS, 1,
+                  loops=(cdiv(B * tiles, slabs),))
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points used by ops/: they write into outputs the caller allocated.
 # --------------------------------------------------------------------------------------------
@@ -669,7 +789,7 @@ def involution_fused_backward_span(dy, x, z, dspan, dbias, K, stride, padding, d
     O = dspan.shape[0]
     G = O // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
-    config = span_grad_config(x, G, K, R, stride, Ho, Wo, config)
+    config = span_grad_config(x, G, K, R, stride, Ho, Wo, config, dilation)
     slabs, _ = span_grad_slabs(B, Ho, Wo, K, G, R, config)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dspan_partials = torch.empty((slabs, O, R), dtype=acc, device=x.device)

@@ -170,9 +170,11 @@ def test_expert_conv2d(case, fmt, device, monkeypatch):
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_involution_fused(fmt, device):
-    # G = 16 and R padded to 16: the weight, dz and span-gradient products all run on tl.dot.
-    B, C, H, W, K, G, R = 1, 16, 4, 5, 3, 16, 8
+@pytest.mark.parametrize("shape", [(1, 16, 4, 5, 3, 16, 8), (1, 32, 6, 7, 3, 2, 8)], ids=["per-tap", "halo"])
+def test_involution_fused(shape, fmt, device):
+    # G = 16 and R padded to 16: the weight, dz and span-gradient products of the per-tap kernels
+    # all run on tl.dot; 16 channels per group take the halo kernels (forward, dz, dspan).
+    B, C, H, W, K, G, R = shape
     inputs = {"x": _randn(B, C, H, W), "z": _randn(B, R, H, W), "span_weight": _randn(K * K * G, R) / R ** 0.5,
               "span_bias": _randn(K * K * G)}
     check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, torch.bfloat16, device,

@@ -27,7 +27,14 @@ CASES = [
     (1, 32, 9, 8, 3, 2, 12, 2, 1),      # stride 2, odd H
     (1, 4, 7, 6, 4, 4, 3, 1, 2),        # G = C (inhomogeneous dynamic depth-wise), even K, dilation 2
 ]
-CASE_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}R{c[6]}s{c[7]}d{c[8]}" for c in CASES]
+# 8 and 16 channels per group: fp16 and bf16 take the tensor-core halo kernels (fp32 the per-tap
+# ones, covered above), so these run in fp16 only.
+HALO_CASES = [
+    (2, 32, 6, 7, 3, 2, 20, 1, 1),      # forward, dz, dspan on halo kernels (2 slabs)
+    (1, 16, 9, 10, 3, 2, 12, 2, 1),     # stride 2, odd H: dx on the halo kernel over 2 x 2 input tiles
+    (1, 16, 7, 6, 4, 2, 3, 1, 2),       # even K, dilation 2
+]
+CASE_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}R{c[6]}s{c[7]}d{c[8]}" for c in CASES + HALO_CASES]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # bf16 tl.dot multiplies raw bit patterns in the interpreter (triton-lang/triton#11584): GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if os.environ.get("DYNCONV_TEST_DEVICE") == "cuda" else [])
@@ -52,8 +59,18 @@ def _inputs(case, conv_weight=False, bias=True):
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS[:len(CASES)])
 def test_forward_and_every_gradient(case, dtype, fmt, device):
+    inputs, geometry = _inputs(case)
+    y = check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, dtype, device,
+                                memory_format=FORMATS[fmt], **geometry)
+    assert y.is_contiguous(memory_format=FORMATS[fmt])
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("case", HALO_CASES, ids=CASE_IDS[len(CASES):])
+def test_halo_forward_and_every_gradient(case, dtype, fmt, device):
     inputs, geometry = _inputs(case)
     y = check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, dtype, device,
                                 memory_format=FORMATS[fmt], **geometry)
@@ -159,6 +176,59 @@ def test_span_gradient_is_deterministic_and_split_into_slabs(device):
         kernels.involution_fused_backward_span(dy, x, z, dspan, dbias, K, (1, 1), (1, 1), (1, 1))
         results.append((dspan, dbias))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_halo_span_gradient_is_deterministic_over_slabs(device):
+    """The tensor-core halo kernels: dS and dβ from per-(group, slab) partials, bitwise repeatable,
+    and equal to the float64 reference; the launches are the halo kernels."""
+    inputs, geometry = _inputs(HALO_CASES[0])
+    K, G, R = geometry["kernel_size"], geometry["groups"], inputs["z"].shape[1]
+    x, z = inputs["x"].half().to(device), inputs["z"].half().to(device)
+    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half()
+    g = ((1, 1), (1, 1), (1, 1))
+    config = kernels.span_grad_config(x, G, K, R, (1, 1), *z.shape[2:])
+    assert config.get("HALO") and kernels.span_grad_slabs(x.shape[0], *z.shape[2:], K, G, R, config)[0] > 1
+    assert kernels.backward_z_launch(dy, x, inputs["span_weight"].half(), z, K, *g).name == "fused_bwd_z_halo_kernel"
+    results = []
+    for _ in range(2):
+        dspan = torch.empty(K * K * G, R, device=device, dtype=torch.float16)
+        dbias = torch.empty(K * K * G, device=device, dtype=torch.float16)
+        kernels.involution_fused_backward_span(dy, x, z, dspan, dbias, K, *g)
+        results.append((dspan, dbias))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    ref_span, ref_bias = reference.fused_backward_span(dy.double(), x.double(), z.double(), K, G, *g)
+    assert_close(results[0][0], ref_span, torch.float16, "dspan")
+    assert_close(results[0][1], ref_bias, torch.float16, "dbias")
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["s1", "s2"])
+def test_halo_int64_indexing_variant_matches(case, device):
+    """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd and dz; stride 2: dx)."""
+    inputs, geometry = _inputs(HALO_CASES[case])
+    K, s = geometry["kernel_size"], geometry["stride"]
+    x, z = inputs["x"].half().to(device), inputs["z"].half().to(device)
+    span_w, span_b = inputs["span_weight"].half().to(device), inputs["span_bias"].half().to(device)
+    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half()
+    g = ((s, s), (1, 1), (1, 1))
+    builders = {
+        "fwd": (dy.shape, lambda out: kernels.forward_launch(x, z, span_w, span_b, out, K, *g)),
+        "bwd_input": (x.shape, lambda out: kernels.backward_input_launch(dy, z, span_w, span_b, out, K, *g)),
+        "bwd_z": (z.shape, lambda out: kernels.backward_z_launch(dy, x, span_w, out, K, *g)),
+    }
+    ran = 0
+    for name, (shape, build) in builders.items():
+        if "halo" not in build(torch.empty(shape, device=device, dtype=torch.float16)).name:
+            continue
+        outs = []
+        for index_64 in (False, True):
+            out = torch.empty(shape, device=device, dtype=torch.float16)
+            launch = build(out)
+            launch.meta["INDEX_64"] = index_64
+            launch()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), name
+        ran += 1
+    assert ran == (2 if s == 1 else 1)
 
 
 def test_int64_indexing_variant_matches(device):

@@ -1,0 +1,347 @@
+"""Fused involution on tensor cores: 2-D pixel tiles with a halo, as fused neighbourhood attention.
+
+One program owns an ``BLOCK_H x BLOCK_W`` tile of pixels (64) of one sample and walks every group.
+Per group both products are ``tl.dot``s with M = the tile's pixels:
+
+* the span product ``w[p, k] = Σ_r z[p, r] · S[g·K²+k, r]`` ([P, R] @ [R, KK]): the tile's
+  generated weights for all K² taps at once (KK = K² padded to a power of two; the padding columns
+  are zero, since S and β are loaded masked);
+* the window product. The tile's neighbourhood is the halo of ``HALO_H x HALO_W`` pixels (padded
+  to BLOCK_Q, rows PITCH_W apart). ``A[p, q]`` is pixel p's weight for halo pixel q, the tap
+  linking them, or zero when q lies outside p's window. The forward spreads its [P, KP, KP]
+  weights (taps padded per row, KP > K) into A in two gathers of short axes (tap column to halo
+  column, tap row to halo row, a zero padding tap where none links them): cheaper than one
+  gather along the whole halo, which triton lowers to a shuffle per candidate. The index tables
+  depend on the geometry only and are built once for all groups. Then ``y[p, c] = A[p, :] @
+  x_halo[:, c]``.
+
+The window product does ``BLOCK_Q / K²`` times the useful multiply-adds (256 / 49 at K = 7 on an
+8 x 8 tile), on tensor cores at 12 (bf16) or 6 (tf32) times the CUDA cores' rate, and every x
+element of the halo is loaded once per program, not once per tap.
+
+The input gradient is the same window product transposed: a tile of dx's pixels, the halo of
+output pixels that read them, the weights generated at the halo (``[KK, R] @ [R, Q]``) and
+``A'[p, q] = w[tap'[p, q], q]``. The weight gradients start from
+``D[p, q] = Σ_{c∈g} dy[p, c] · x_halo[q, c]`` (the dot of attention logits) and pick each
+pixel's K² taps out of it: ``dW[p, k] = D[p, q(p, k)]``. From dW, ``dz += dW @ S_g`` (a program
+per tile walks the groups) and ``dS_g += dWᵀ @ z`` (a program per group walks a fixed slab of
+tiles and writes one partial: no atomics, deterministic).
+
+Generated weights and dW enter the dots in the input dtype (as the unfused path rounds its
+materialised weights); fp32 inputs use ``tf32x3``. K, stride and dilation are compile-time
+constants here: they size the halo.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .involution import widen
+
+TILE_H = 8
+TILE_W = 8
+# The largest padded halo the kernels take (the tap table is [pixels, BLOCK_Q] int32, live across
+# the group loop); larger kernels or strides take the per-tap kernels.
+MAX_BLOCK_Q = 256
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def halo_extent(K: int, stride: int, dilation: int, tile: int, transposed: bool) -> int:
+    """Halo rows (or columns) of a ``tile``-pixel tile: the input window of an output tile, or
+    (``transposed``, for dx) the output pixels whose windows reach an input tile."""
+    if transposed:
+        return (tile - 1 + (K - 1) * dilation) // stride + 2
+    return (tile - 1) * stride + (K - 1) * dilation + 1
+
+
+def halo_meta(K: int, stride, dilation, transposed: bool) -> dict:
+    hh = halo_extent(K, stride[0], dilation[0], TILE_H, transposed)
+    hw = halo_extent(K, stride[1], dilation[1], TILE_W, transposed)
+    # Halo rows are PITCH_W apart, a power of two, so the halo axis reshapes to [rows, PITCH_W].
+    return dict(BLOCK_H=TILE_H, BLOCK_W=TILE_W, HALO_H=hh, HALO_W=hw, PITCH_W=_pow2(hw),
+                BLOCK_Q=_pow2(hh) * _pow2(hw), BLOCK_KK=_pow2(K * K + 1))
+
+
+@triton.jit
+def _tap_of(out_h, out_w, in_h, in_w, K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+            DH: tl.constexpr, DW: tl.constexpr, PH, PW, ok):
+    """The tap through which output pixel (out_h, out_w) reads input pixel (in_h, in_w), or K²
+    (the weights' zero padding column) where none does or ``ok`` is false."""
+    dh = in_h - out_h * SH + PH
+    dw = in_w - out_w * SW + PW
+    u = tl.maximum(dh, 0) // DH
+    v = tl.maximum(dw, 0) // DW
+    hit = ok & (dh >= 0) & (dw >= 0) & (dh % DH == 0) & (dw % DW == 0) & (u < K) & (v < K)
+    return tl.where(hit, u * K + v, K * K)
+
+
+@triton.jit
+def _tile_pixels(tile, TILES_W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    h0 = (tile // TILES_W) * BLOCK_H
+    w0 = (tile % TILES_W) * BLOCK_W
+    return h0, w0, h0 + p // BLOCK_W, w0 + p % BLOCK_W
+
+
+@triton.jit
+def _halo_pixels(h_first, w_first, HALO_H: tl.constexpr, HALO_W: tl.constexpr, PITCH_W: tl.constexpr,
+                 BLOCK_Q: tl.constexpr):
+    q = tl.arange(0, BLOCK_Q)
+    return h_first + q // PITCH_W, w_first + q % PITCH_W, (q // PITCH_W < HALO_H) & (q % PITCH_W < HALO_W)
+
+
+@triton.jit
+def fused_fwd_halo_kernel(
+    x_ptr, z_ptr, span_w_ptr, span_b_ptr, y_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sxb, sxc, sxh, sxw,
+    szb, szr, szh, szw,
+    sso, ssr, ssb,
+    syb, syc, syh, syw,
+    PH, PW, TILES, TILES_W,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y[b, g·CG+c, p] = Σ_q A_g[p, q] · x[b, g·CG+c, q] over the tile's input halo. The weights
+    are generated as [pixels, KP, KP] (taps padded per row to KP > K, so row and column K are
+    zero) and spread into the window in two gathers of a short axis: tap column to halo column,
+    then tap row to halo row."""
+    P: tl.constexpr = BLOCK_H * BLOCK_W
+    ROWS: tl.constexpr = BLOCK_Q // PITCH_W
+    pid = tl.program_id(0)
+    b = widen(pid // TILES, INDEX_64)
+    h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
+    out_ok = (oh < Ho) & (ow < Wo)
+    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
+    in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    # Tap column of (pixel, halo column), tap row of (pixel, halo row); K (a zero column/row) for none.
+    p = tl.arange(0, P)
+    t = tl.arange(0, PITCH_W)
+    dcol = t[None, :] - (p % BLOCK_W)[:, None] * SW
+    col_tap = tl.where((dcol >= 0) & (dcol % DW == 0) & (dcol < K * DW) & (t < HALO_W)[None, :],
+                       tl.maximum(dcol, 0) // DW, K)
+    rr = tl.arange(0, ROWS)
+    drow = rr[None, :] - (p // BLOCK_W)[:, None] * SH
+    row_tap = tl.where((drow >= 0) & (drow % DH == 0) & (drow < K * DH) & (rr < HALO_H)[None, :],
+                       tl.maximum(drow, 0) // DH, K)
+    col_pick = col_tap[:, None, :] + tl.zeros((P, KP, PITCH_W), dtype=tl.int32)
+    row_pick = row_tap[:, :, None] + tl.zeros((P, ROWS, PITCH_W), dtype=tl.int32)
+
+    r = tl.arange(0, BLOCK_R)
+    z = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
+                mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
+    tp = tl.arange(0, KP * KP)
+    tap_ok = (tp // KP < K) & (tp % KP < K)
+    c = tl.arange(0, BLOCK_CG)
+    c_ok = c < CG
+    x_halo = x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None]
+    y_tile = y_ptr + b * syb + widen(oh * syh + ow * syw, INDEX_64)[:, None]
+    for g in range(G):
+        rows = widen(g * (K * K) + (tp // KP) * K + tp % KP, INDEX_64)
+        span_t = tl.load(span_w_ptr + rows[None, :] * sso + r[:, None] * ssr,
+                         mask=(r < R)[:, None] & tap_ok[None, :], other=0.0)
+        weight = tl.dot(z, span_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [P, KP²]
+        if HAS_BIAS:
+            weight += tl.load(span_b_ptr + rows * ssb, mask=tap_ok, other=0.0).to(ACC_DTYPE)[None, :]
+        channel = widen(g * CG + c, INDEX_64)
+        xv = tl.load(x_halo + channel[None, :] * sxc, mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+        by_col = tl.gather(tl.reshape(weight.to(xv.dtype), (P, KP, KP)), col_pick, 2)  # [P, KP, PITCH_W]
+        window = tl.reshape(tl.gather(by_col, row_pick, 1), (P, BLOCK_Q))
+        out = tl.dot(window, xv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        tl.store(y_tile + channel[None, :] * syc, out.to(y_ptr.dtype.element_ty),
+                 mask=out_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def fused_bwd_input_halo_kernel(
+    dy_ptr, z_ptr, span_w_ptr, span_b_ptr, dx_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sdyb, sdyc, sdyh, sdyw,
+    szb, szr, szh, szw,
+    sso, ssr, ssb,
+    sdxb, sdxc, sdxh, sdxw,
+    PH, PW, TILES, TILES_W,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dx[b, g·CG+c, p] = Σ_q w_g[tap(q, p), q] · dy[b, g·CG+c, q] over the output pixels q whose
+    windows reach the tile (weights generated at those pixels)."""
+    pid = tl.program_id(0)
+    b = widen(pid // TILES, INDEX_64)
+    h0, w0, ih, iw = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
+    in_ok = (ih < H) & (iw < W)
+    # The first output row (column) whose window reaches the tile: floor((h0 + PH - (K-1)·DH) / SH),
+    # shifted to a non-negative numerator so integer division floors on every backend.
+    reach_h: tl.constexpr = (K - 1) * DH
+    reach_w: tl.constexpr = (K - 1) * DW
+    oh, ow, q_ok = _halo_pixels((h0 + PH - reach_h + reach_h * SH) // SH - reach_h,
+                                (w0 + PW - reach_w + reach_w * SW) // SW - reach_w, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
+    out_ok = q_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
+    tap = _tap_of(oh[None, :], ow[None, :], ih[:, None], iw[:, None], K, SH, SW, DH, DW, PH, PW,
+                  out_ok[None, :])
+
+    r = tl.arange(0, BLOCK_R)
+    halo_off = widen(oh * szh + ow * szw, INDEX_64)
+    z_t = tl.load(z_ptr + b * szb + halo_off[None, :] + r[:, None] * szr,
+                  mask=out_ok[None, :] & (r < R)[:, None], other=0.0)
+    kk = tl.arange(0, BLOCK_KK)
+    kk_ok = kk < K * K
+    c = tl.arange(0, BLOCK_CG)
+    c_ok = c < CG
+    dy_halo = dy_ptr + b * sdyb + widen(oh * sdyh + ow * sdyw, INDEX_64)[:, None]
+    dx_tile = dx_ptr + b * sdxb + widen(ih * sdxh + iw * sdxw, INDEX_64)[:, None]
+    for g in range(G):
+        rows = widen(g * (K * K) + kk, INDEX_64)
+        span = tl.load(span_w_ptr + rows[:, None] * sso + r[None, :] * ssr,
+                       mask=kk_ok[:, None] & (r < R)[None, :], other=0.0)
+        weight_t = tl.dot(span, z_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [KK, Q]
+        if HAS_BIAS:
+            weight_t += tl.load(span_b_ptr + rows * ssb, mask=kk_ok, other=0.0).to(ACC_DTYPE)[:, None]
+        channel = widen(g * CG + c, INDEX_64)
+        grad = tl.load(dy_halo + channel[None, :] * sdyc, mask=out_ok[:, None] & c_ok[None, :], other=0.0)
+        window = tl.gather(weight_t.to(grad.dtype), tap, 0)
+        out = tl.dot(window, grad, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        tl.store(dx_tile + channel[None, :] * sdxc, out.to(dx_ptr.dtype.element_ty),
+                 mask=in_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _tap_grad_weights_t(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok, ih, iw,
+                        in_ok, pick_rows, pick_cols, PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr,
+                        KP: tl.constexpr, BLOCK_CG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``dWᵀ[u·KP+v, p] = Σ_{c∈g} x[(ph+u, pw+v), c] · dy[p, c]`` ([KP², P], KP = K padded to a
+    power of two): the logits ``x_halo @ dyᵀ`` of the halo against the tile, each pixel's taps
+    picked out of them in two gathers of a short axis (halo row, then column) rather than one
+    along the whole halo."""
+    c = tl.arange(0, BLOCK_CG)
+    channel = widen(g * CG + c, INDEX_64)
+    c_ok = c < CG
+    grad_t = tl.load(dy_ptr + b * sdyb + widen(oh * sdyh + ow * sdyw, INDEX_64)[None, :] + channel[:, None] * sdyc,
+                     mask=out_ok[None, :] & c_ok[:, None], other=0.0)
+    xv = tl.load(x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None] + channel[None, :] * sxc,
+                 mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+    # Rounded to the input dtype before the picks (half the shared-memory traffic): the dots take dW
+    # in that dtype anyway, as the unfused path materialises it.
+    logits_t = tl.dot(xv, grad_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE).to(xv.dtype)  # [Q, P]
+    P: tl.constexpr = logits_t.shape[1]
+    rows = tl.gather(tl.reshape(logits_t, (BLOCK_Q // PITCH_W, PITCH_W, P)), pick_rows, 0)  # [KP, PITCH_W, P]
+    return tl.reshape(tl.gather(rows, pick_cols, 1), (KP * KP, P))
+
+
+@triton.jit
+def _halo_picks(K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+                PITCH_W: tl.constexpr, KP: tl.constexpr):
+    """Index tensors of the two picks: the halo row of (tap row u, pixel p) as [KP, PITCH_W, P],
+    the halo column of (u, tap column v, p) as [KP, KP, P]; padding taps clamp into the halo."""
+    P: tl.constexpr = BLOCK_H * BLOCK_W
+    t = tl.arange(0, KP)
+    ph = tl.arange(0, P) // BLOCK_W
+    pw = tl.arange(0, P) % BLOCK_W
+    row = tl.minimum(ph[None, None, :] * SH + t[:, None, None] * DH, HALO_H - 1)
+    col = tl.minimum(pw[None, None, :] * SW + t[None, :, None] * DW, HALO_W - 1)
+    zero = tl.zeros((KP, PITCH_W, P), dtype=tl.int32)
+    return row + zero, col + tl.zeros((KP, KP, P), dtype=tl.int32)
+
+
+@triton.jit
+def _padded_taps(K: tl.constexpr, KP: tl.constexpr):
+    """Tap u·K+v of padded tap u·KP+v, and whether it is one (u, v < K)."""
+    t = tl.arange(0, KP * KP)
+    u = t // KP
+    v = t % KP
+    return u * K + v, (u < K) & (v < K)
+
+
+@triton.jit
+def fused_bwd_z_halo_kernel(
+    dy_ptr, x_ptr, span_w_ptr, dz_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    sso, ssr,
+    sdzb, sdzr, sdzh, sdzw,
+    PH, PW, TILES, TILES_W,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    KP: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dz[b, r, p] = Σ_g dW_g[p, :] @ S_g[:, r]: a program per tile walks every group and alone
+    writes its dz."""
+    pid = tl.program_id(0)
+    b = widen(pid // TILES, INDEX_64)
+    h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
+    out_ok = (oh < Ho) & (ow < Wo)
+    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
+    in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    pick_rows, pick_cols = _halo_picks(K, SH, SW, DH, DW, BLOCK_H, BLOCK_W, HALO_H, HALO_W, PITCH_W, KP)
+    tap, tap_ok = _padded_taps(K, KP)
+    r = tl.arange(0, BLOCK_R)
+    dz_t = tl.zeros((BLOCK_R, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+    for g in range(G):
+        dw_t = _tap_grad_weights_t(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow,
+                                   out_ok, ih, iw, in_ok, pick_rows, pick_cols, PITCH_W, BLOCK_Q, KP, BLOCK_CG,
+                                   DOT_PRECISION, INDEX_64, ACC_DTYPE)
+        rows = widen(g * (K * K) + tap, INDEX_64)
+        span_t = tl.load(span_w_ptr + rows[None, :] * sso + r[:, None] * ssr,
+                         mask=tap_ok[None, :] & (r < R)[:, None], other=0.0)
+        dz_t += tl.dot(span_t, dw_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    dz_off = b * sdzb + widen(oh * sdzh + ow * sdzw, INDEX_64)[None, :] + widen(r, INDEX_64)[:, None] * sdzr
+    tl.store(dz_ptr + dz_off, dz_t.to(dz_ptr.dtype.element_ty), mask=out_ok[None, :] & (r < R)[:, None])
+
+
+@triton.jit
+def fused_bwd_span_halo_kernel(
+    dy_ptr, x_ptr, z_ptr, dspan_ptr, dbias_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    szb, szr, szh, szw,
+    sps, spo, spr,
+    sbs, sbo,
+    PH, PW, TILES, TILES_W, TOTAL_TILES, TILES_PER_SLAB,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    KP: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Per-slab partials of dS[g·K²+k, r] = Σ_{b,p} dW_g[p, k] · z[b, r, p] and dβ = Σ_{b,p} dW_g.
+
+    Program (group, slab) walks the slab's (sample, tile) pairs in order, every tap at once, and
+    writes its partial once: no atomics, a fixed summation order.
+    """
+    g = tl.program_id(0)
+    slab = tl.program_id(1)
+    r = tl.arange(0, BLOCK_R)
+    dspan = tl.zeros((KP * KP, BLOCK_R), dtype=ACC_DTYPE)
+    dbias = tl.zeros((KP * KP,), dtype=ACC_DTYPE)
+    pick_rows, pick_cols = _halo_picks(K, SH, SW, DH, DW, BLOCK_H, BLOCK_W, HALO_H, HALO_W, PITCH_W, KP)
+    first = slab * TILES_PER_SLAB
+    for t in range(first, tl.minimum(first + TILES_PER_SLAB, TOTAL_TILES)):
+        b = widen(t // TILES, INDEX_64)
+        h0, w0, oh, ow = _tile_pixels(t % TILES, TILES_W, BLOCK_H, BLOCK_W)
+        out_ok = (oh < Ho) & (ow < Wo)
+        ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
+        in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        dw_t = _tap_grad_weights_t(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow,
+                                   out_ok, ih, iw, in_ok, pick_rows, pick_cols, PITCH_W, BLOCK_Q, KP, BLOCK_CG,
+                                   DOT_PRECISION, INDEX_64, ACC_DTYPE)
+        zv = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
+                     mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
+        dspan += tl.dot(dw_t, zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dbias += tl.sum(dw_t.to(ACC_DTYPE), axis=1)
+    tap, tap_ok = _padded_taps(K, KP)
+    rows = widen(g * (K * K) + tap, INDEX_64)
+    slab = widen(slab, INDEX_64)
+    tl.store(dspan_ptr + slab * sps + rows[:, None] * spo + r[None, :] * spr, dspan,
+             mask=tap_ok[:, None] & (r < R)[None, :])
+    tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=tap_ok)
