@@ -272,9 +272,11 @@ def test_float64_gradcheck(device):
     assert torch.autograd.gradcheck(lambda a, v: dynconv.na2d_av(a, v, 3, window="sliding"), (attn, v), fast_mode=True)
 
 
-def test_gradients_are_deterministic(device):
-    tensors, geometry = _inputs((5, 4, 1, 4, 3, (1, 1), "neighborhood", True), B=2)
-    leaves = [tensors[n].float().to(device).requires_grad_() for n in ("q", "k", "v", "rpb")]
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 4), (torch.bfloat16, 16)], ids=["fp32-cuda-cores", "bf16-tiled"])
+def test_gradients_are_deterministic(dtype, D, device):
+    """Both dq paths: the CUDA-core kernel's partials and the tiled kernel's ds per tap."""
+    tensors, geometry = _inputs((5, 4, 1, D, 3, (1, 1), "neighborhood", True), B=2)
+    leaves = [tensors[n].to(dtype).to(device).requires_grad_() for n in ("q", "k", "v", "rpb")]
     runs = []
     for _ in range(2):
         grads = torch.autograd.grad(_na2d(*leaves, **geometry).square().sum(), leaves)
