@@ -247,7 +247,8 @@ def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz",
 
 def _na2d_cases(name: str, dtype: str, layout: str = "BHWND", kernels=("fwd", "dq", "dkv")) -> list[Case]:
     """Issue 15's fused neighbourhood attention: the forward and the two backward kernels (dq with the
-    rpb-gradient partials; dk and dv from the inverse neighbourhood), inputs heads last ("BHWND") or
+    rpb gradient's terms: ds per (query, tap) from the tiled kernel, written once, or the CUDA-core
+    kernel's partials; dk and dv from the inverse neighbourhood), inputs heads last ("BHWND") or
     heads first ("BNHWD"). FLOPs are roofline.py's minimum
     (4·K²·D per query and head forward, 8·K²·D backward) split as dq + dp in the dq kernel and dv + dk
     in the key kernel: the recomputed scores (both) and dp (key kernel) are not counted."""
@@ -275,10 +276,19 @@ def _na2d_cases(name: str, dtype: str, layout: str = "BHWND", kernels=("fwd", "d
         q, out, bias, lse = tensors()
         return na.forward_launch(q, q, q, bias, out, lse, *geometry)
 
+    # With rpb, the tiled dq kernel (16-bit) stores ds per (query, tap) in q's dtype; the CUDA-core one
+    # (fp32) one fp32 (R, R) partial per program.
+    dq_tiled = na.query_kernel_is_tiled(_empty((1, 1, 1, 1, p.D), dt), geometry[2])
+    rpb_terms = p.B * p.H * p.W * p.G * p.K * p.K * nb if dq_tiled else rpb * 4
+
     def dq():
         q, out, bias, lse = tensors()
-        partials = _empty(na.rpb_partial_shape(q, p.K, geometry[1]), torch.float32) if p.bias else None
-        return na.backward_query_launch(q, q, q, bias, q, lse, lse, out, partials, *geometry)
+        terms = None
+        if p.bias and dq_tiled:
+            terms = _empty((*na.window_ds_shape(q), p.K, p.K), dt)
+        elif p.bias:
+            terms = _empty(na.rpb_partial_shape(q, p.K, geometry[1]), torch.float32)
+        return na.backward_query_launch(q, q, q, bias, q, lse, lse, out, terms, *geometry)
 
     def dkv():
         q, out, bias, lse = tensors()
@@ -286,7 +296,7 @@ def _na2d_cases(name: str, dtype: str, layout: str = "BHWND", kernels=("fwd", "d
 
     table = {
         "fwd": (fwd, 4 * qkv * nb + rpb * nb + stats),
-        "dq": (dq, 5 * qkv * nb + rpb * nb + 2 * stats + rpb * 4),
+        "dq": (dq, 5 * qkv * nb + rpb * nb + 2 * stats + (rpb_terms if p.bias else 0)),
         "dkv": (dkv, 6 * qkv * nb + rpb * nb + 2 * stats),
     }
     ceiling = "gmma16" if dtype != "fp32" else "gmmatf32"

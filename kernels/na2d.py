@@ -29,11 +29,11 @@ The unfused pair (``na2d_qk``, ``na2d_av``) uses three gathers of the same windo
 av's dv over the inverse neighbourhood).
 
 Tensor cores (fp16/bf16, D >= 16): ``na2d_fwd_tiled_kernel``, ``na2d_bwd_query_tiled_kernel`` (dq,
-without the rpb gradient) and ``na2d_bwd_key_tiled_kernel`` (dk, dv) take a tile of 8 x 8 queries (or
+and with a learnt rpb ds per (query, tap), which ``_reduce_window_ds`` sums by bin) and ``na2d_bwd_key_tiled_kernel`` (dk, dv) take a tile of 8 x 8 queries (or
 keys), its union window (or its holders' union) flattened into chunks, and mask the pairs outside each
 query's window through a one-hot feature product accumulated under the scores (``_window_features``):
-no per-pair integer work. fp32 stays on the CUDA-core kernels (exact products, no silent TF32), as do
-D < 16 and the dq kernel of a learnt rpb, whose gradient needs per-pair relative-position bins.
+no per-pair integer work. fp32 stays on the CUDA-core kernels (exact products, no silent TF32), as does
+D < 16.
 """
 from __future__ import annotations
 
@@ -354,7 +354,7 @@ def na2d_fwd_tiled_kernel(
 
 @triton.jit
 def na2d_bwd_query_tiled_kernel(
-    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr, ds_ptr,
     H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
@@ -363,15 +363,20 @@ def na2d_bwd_query_tiled_kernel(
     slb, slh, slw, sln,
     srn, sri, srj,
     sdqb, sdqh, sdqw, sdqn, sdqd,
+    sdsb, sdsh, sdsw, sdsn, sdsu, sdsv,
     TILES, TILES_W, CHUNKS,
     K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
-    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
+    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """dq of ``na2d_bwd_query_kernel`` on tensor cores, over the forward's tiles and chunks: per chunk
-    p = exp2(t·scale2 - lse·log2e), dp = dy·vᵀ and dq += (p·(dp - delta))·k, three products. No rpb
-    gradient here: with a learnt rpb the CUDA-core kernel runs (its partials need per-pair bins)."""
+    p = exp2(t·scale2 - lse·log2e), dp = dy·vᵀ and dq += (p·(dp - delta))·k, three products.
+    With RPB_GRAD, ds of every pair in a query's window (and in the image) is also stored, in window
+    order ``ds[b, i, j, h, u, v]`` (tap (u, v) = key - window start): the bin of a pair depends on both
+    query and key, so the tile cannot sum ds by bin; ``_reduce_window_ds`` does, by the queries' window
+    shifts. Each (query, tap) is one pair of the union: one writer. The store address is a per-query
+    base plus a per-key offset, one addition per pair; the in-window test is the score's own."""
     b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j = _query_tile(
         H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
     dd = tl.arange(0, BLOCK_D)
@@ -390,6 +395,9 @@ def na2d_bwd_query_tiled_kernel(
     q_features = _window_features(si, sj, lo_i, lo_j, BLOCK_H, BLOCK_F, ONE, DOT_DTYPE)
     rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
     query_bins = ti * sri + tj * srj
+    ds_window = ds_ptr
+    if RPB_GRAD:
+        ds_window = ds_ptr + b * sdsb + h * sdsn + i * sdsh + j * sdsw - (si * sdsu + sj * sdsv)
     dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
     for c in range(0, CHUNKS):
         kr, kc, row, col, k_features = _union_keys(c * BLOCK_N, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
@@ -403,6 +411,9 @@ def na2d_bwd_query_tiled_kernel(
         dp = tl.dot(dy, tl.trans(value), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(DOT_DTYPE), key, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        if RPB_GRAD:
+            tl.store(ds_window[:, None] + (kr * sdsu + kc * sdsv)[None, :], ds.to(ds_ptr.dtype.element_ty),
+                     mask=inside[:, None] & (s > 0.5 * PENALTY * ONE))
     tl.store(dq_ptr + b * sdqb + h * sdqn + (i * sdqh + j * sdqw)[:, None] + dd[None, :] * sdqd,
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask2)
 
@@ -798,10 +809,33 @@ def _HOLDER_LOOPS(K: int) -> tuple:
 def uses_tensor_cores(kernel: str, dtype: torch.dtype, D: int, rpb: bool = False) -> bool:
     """Whether ``kernel`` ("fwd", "dq", "dkv") runs its score and aggregation products as ``tl.dot``
     (the static model's MMA ceiling) or as per-lane multiply-reduces (CUDA cores). fp32 stays on CUDA
-    cores: exact fp32 products, never a silent TF32. The rpb gradient's per-pair bins exist only in
-    the CUDA-core dq kernel."""
-    half = dtype in (torch.float16, torch.bfloat16) and D >= 16
-    return half and (kernel != "dq" or not rpb)
+    cores: exact fp32 products, never a silent TF32. With a learnt rpb the tiled dq kernel also
+    stores ds in window order for the rpb gradient (``rpb`` is kept for the callers' symmetry)."""
+    return dtype in (torch.float16, torch.bfloat16) and D >= 16
+
+
+def query_kernel_is_tiled(q: torch.Tensor, scale: float, config=None) -> bool:
+    """Whether the dq launch takes the tensor-core kernel: then the rpb gradient goes through ds in
+    window order (``window_ds_shape``), else through per-program partials (``rpb_partial_shape``)."""
+    tiled = (config or {}).get("tiled", uses_tensor_cores("dq", q.dtype, q.shape[-1]))
+    return bool(tiled) and window_penalty(q.dtype, scale) is not None
+
+
+def window_ds_shape(q) -> tuple[int, ...]:
+    """ds of the tiled dq kernel per query and tap: (B, H, W, heads, K, K) (K from the caller)."""
+    return tuple(q.shape[:4])
+
+
+def rpb_grad_buffer(q, K, dilation, scale, neighborhood, config=None) -> torch.Tensor:
+    """What the dq launch writes the rpb gradient's terms into: ds per (query, tap) for the tiled
+    kernel (in q's dtype for 16-bit inputs: half the bytes, summed in fp32 afterwards; zeroed for a
+    sliding window, whose taps outside the image are never stored), else fp32 per-program partials."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if query_kernel_is_tiled(q, scale, config):
+        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else acc
+        allocate = torch.empty if neighborhood else torch.zeros
+        return allocate((*window_ds_shape(q), K, K), dtype=dtype, device=q.device)
+    return torch.empty(rpb_partial_shape(q, K, dilation, config), dtype=acc, device=q.device)
 
 
 def default_config(H: int, W: int, D: int, kernel: str = "na2d_fwd") -> dict:
@@ -952,15 +986,16 @@ def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood
     return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(chunks,))
 
 
-def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, scale, neighborhood,
+def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, ds, K, dilation, scale, neighborhood,
                                  config=None) -> Launch:
     meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_query_tiled")
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
-                **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale),
+                ds_ptr=ds, **_strides("ds", ds, 6), **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale),
                 log2e=math.log2(math.e),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
-    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dq),
+    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, RPB_GRAD=ds is not None,
+                INDEX_64=needs_int64(q, k, v, dy, dq, ds),
                 **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
                 EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
     return Launch(na2d_bwd_query_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
@@ -1007,10 +1042,10 @@ def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> t
 
 def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood,
                           config=None) -> Launch:
-    tiled = (config or {}).get("tiled", uses_tensor_cores("dq", q.dtype, q.shape[-1], rpb is not None))
-    if tiled and partials is None and window_penalty(q.dtype, scale) is not None:
-        return _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, K, dilation, scale, neighborhood,
-                                            config)
+    """``partials``: ``rpb_grad_buffer``'s tensor (None: no rpb gradient)."""
+    if query_kernel_is_tiled(q, scale, config):
+        return _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale,
+                                            neighborhood, config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_query", q, K, dilation, config)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
                 drpb_ptr=partials, **scalars, scale=float(scale),
@@ -1080,21 +1115,47 @@ def na2d_backward(dy, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, dilation, scale
     if delta.stride() != lse.stride():  # the kernels read both through lse's strides
         lse = lse.contiguous()
         delta = delta.contiguous()
-    partials = None
-    if rpb is not None:
-        partials = torch.empty(rpb_partial_shape(q, K, dilation, config), dtype=acc, device=q.device)
+    partials = None if rpb is None else rpb_grad_buffer(q, K, dilation, scale, neighborhood, config)
     backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood, config)()
     backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood, config)()
     if rpb is None:
         drpb.zero_()
-        return
-    _reduce_rpb_partials(partials, drpb, K)
+    elif partials.dim() == 6:
+        _reduce_window_ds(partials, drpb, K, dilation, neighborhood)
+    else:
+        _reduce_rpb_partials(partials, drpb, K)
 
 
 def _reduce_rpb_partials(partials, drpb, K) -> None:
     """Sum the per-program partials over samples and tiles (a fixed order) into ``drpb``."""
     R = 2 * K - 1
     drpb.copy_(partials.sum(dim=(0, 2))[:, :R, :R])
+
+
+def _window_shifts(L: int, K: int, d: int, neighborhood: bool, device) -> torch.Tensor:
+    """Per position along an axis: its window start minus its subsequence index, plus K - 1 (in
+    [0, K); the rpb bin of its tap u is this plus u)."""
+    pos = torch.arange(L)
+    t, g = pos // d, pos % d
+    start = t - K // 2
+    if neighborhood:
+        start = torch.minimum(start.clamp(min=0), (L - g + d - 1) // d - K)
+    return (start - t + K - 1).to(device)
+
+
+def _reduce_window_ds(ds, drpb, K, dilation, neighborhood) -> None:
+    """drpb[h, a + u, c + v] = Σ ds[b, i, j, h, u, v] over the queries of window shifts (a, c): a sum
+    over samples, then one-hot products (the shifts of rows, of columns, then the placement of each
+    (shift, tap) on its bin). Fixed-order reductions and matmuls: deterministic, no atomics."""
+    _, H, W, _, _, _ = ds.shape
+    acc = torch.float64 if ds.dtype == torch.float64 else torch.float32
+    total = ds.sum(0, dtype=acc)  # (H, W, heads, K, K)
+    rows = torch.nn.functional.one_hot(_window_shifts(H, K, dilation[0], neighborhood, ds.device), K).to(acc)
+    cols = torch.nn.functional.one_hot(_window_shifts(W, K, dilation[1], neighborhood, ds.device), K).to(acc)
+    by_shift = torch.einsum("ia,jc,ijhuv->hacuv", rows, cols, total)
+    tap = torch.arange(K, device=ds.device)
+    place = torch.nn.functional.one_hot(tap[:, None] + tap[None, :], 2 * K - 1).to(acc)  # (shift, tap, bin)
+    drpb.copy_(torch.einsum("hacuv,aur,cvs->hrs", by_shift, place, place))
 
 
 def na2d_qk_forward(q, k, rpb, scores, K, dilation, neighborhood, config=None) -> None:
@@ -1152,12 +1213,14 @@ def catalogue() -> list[Launch]:
                 acc = dict(dtype=torch.float32, device="meta")
                 lse = torch.empty((B, H, W, heads), **acc)
                 partials = torch.empty(rpb_partial_shape(q, K, (d, d)), **acc)
+                if query_kernel_is_tiled(q, D ** -0.5):
+                    partials = torch.empty((*window_ds_shape(q), K, K), dtype=dtype, device="meta")
                 geometry = (K, (d, d), D ** -0.5, neighborhood)
                 tag = f"{label} {dtype} {'neighborhood' if neighborhood else 'sliding'}"
                 batch = [forward_launch(q, q, q, rpb, q, lse, *geometry),
                          backward_query_launch(q, q, q, rpb, q, lse, lse, q, partials, *geometry),
                          backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, *geometry)]
-                if uses_tensor_cores("dq", dtype, D):  # without rpb: the tiled dq kernel
+                if uses_tensor_cores("dq", dtype, D):  # the tiled dq kernel without rpb too
                     batch.append(backward_query_launch(q, q, q, None, q, lse, lse, q, None, *geometry))
                 if neighborhood:  # the unfused kernels: the window kind changes two index lines
                     scores = torch.empty((B, H, W, heads, K, K), **meta)

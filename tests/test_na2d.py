@@ -105,7 +105,7 @@ TILED_CASES = [
                                                    for c in TILED_CASES])
 def test_tiled_kernels_in_float64(case, device):
     """The tiled kernels' masking, online softmax, dq and the inverse-neighbourhood dk, dv, exactly
-    (float64 tl.dot): y, lse, dq, dk, dv."""
+    (float64 tl.dot): y, lse, dq, dk, dv, and drpb from the dq kernel's ds per (query, tap)."""
     tensors, geometry = _inputs(case)
     q, k, v, rpb = (None if t is None else t.to(device) for t in tensors.values())
     K, d, window = geometry["kernel_size"], geometry["dilation"], geometry["window"]
@@ -119,8 +119,10 @@ def test_tiled_kernels_in_float64(case, device):
     assert_close(lse, expected_lse, torch.float64, "lse")
     dy = torch.randn_like(q)
     dq = torch.empty_like(q)
-    launch = kernels.backward_query_launch(q, k, v, rpb, dy, lse, (dy * y).sum(-1), dq, None, K, d, 0.3,
-                                           window == "neighborhood", config)
+    neighborhood = window == "neighborhood"
+    ds = None if rpb is None else kernels.rpb_grad_buffer(q, K, d, 0.3, neighborhood, config)
+    launch = kernels.backward_query_launch(q, k, v, rpb, dy, lse, (dy * y).sum(-1), dq, ds, K, d, 0.3,
+                                           neighborhood, config)
     assert launch.kernel is kernels.na2d_bwd_query_tiled_kernel
     launch()
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -128,16 +130,22 @@ def test_tiled_kernels_in_float64(case, device):
                                          window == "neighborhood", config)
     assert launch.kernel is kernels.na2d_bwd_key_tiled_kernel
     launch()
+    if rpb is not None:
+        assert ds.shape == (*q.shape[:4], K, K)
+        leaves.append(rpb.cpu().requires_grad_())
+        expected = na2d_gather(*leaves[:3], K, d, leaves[3], 0.3, window)
+        drpb = torch.empty_like(rpb)
+        kernels._reduce_window_ds(ds, drpb, K, d, neighborhood)
     expected.backward(dy.cpu())
-    for name, actual, leaf in zip(("dq", "dk", "dv"), (dq, dk, dv), leaves):
+    for name, actual, leaf in zip(("dq", "dk", "dv", "drpb"), (dq, dk, dv, rpb is not None and drpb), leaves):
         assert_close(actual, leaf.grad, torch.float64, name)
 
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype, with_rpb", [(torch.bfloat16, True), (torch.float16, False)], ids=["bf16-rpb", "fp16"])
 def test_half_precision_takes_the_tiled_kernels(dtype, with_rpb, device):
-    """bf16 with D >= 16 runs the tensor-core forward, dk/dv and (without rpb) dq by default; the
-    backward uses the forward's lse."""
+    """bf16 with D >= 16 runs the tensor-core forward, dk/dv and dq (with rpb, storing ds per tap)
+    by default; the backward uses the forward's lse."""
     tensors, geometry = _inputs((6, 7, 2, 16, 3, (1, 1), "neighborhood", with_rpb))
     y = check_against_reference(_na2d, _reference, tensors, dtype, device, **geometry)
     assert y.dtype == dtype
@@ -145,16 +153,18 @@ def test_half_precision_takes_the_tiled_kernels(dtype, with_rpb, device):
     lse = torch.empty(1, 6, 7, 2, device="meta")
     launch = kernels.forward_launch(q, q, q, None, q, lse, 3, (1, 1), 0.25, True)
     assert launch.kernel is kernels.na2d_fwd_tiled_kernel
-    partials = None if not with_rpb else torch.empty(kernels.rpb_partial_shape(q, 3, (1, 1)), device="meta")
+    ds = None if not with_rpb else kernels.rpb_grad_buffer(q, 3, (1, 1), 0.25, True)
+    assert ds is None or (ds.shape == (1, 6, 7, 2, 3, 3) and ds.dtype == torch.bfloat16)
     rpb = None if not with_rpb else torch.empty(2, 5, 5, dtype=torch.bfloat16, device="meta")
-    dq_launch = kernels.backward_query_launch(q, q, q, rpb, q, lse, lse, q, partials, 3, (1, 1), 0.25, True)
-    assert (dq_launch.kernel is kernels.na2d_bwd_query_tiled_kernel) == (not with_rpb)
+    dq_launch = kernels.backward_query_launch(q, q, q, rpb, q, lse, lse, q, ds, 3, (1, 1), 0.25, True)
+    assert dq_launch.kernel is kernels.na2d_bwd_query_tiled_kernel
+    assert dq_launch.meta["RPB_GRAD"] == with_rpb
     dkv_launch = kernels.backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, 3, (1, 1), 0.25, True)
     assert dkv_launch.kernel is kernels.na2d_bwd_key_tiled_kernel
     assert kernels.uses_tensor_cores("fwd", torch.bfloat16, 16)
     assert not kernels.uses_tensor_cores("fwd", torch.bfloat16, 8)
     assert not kernels.uses_tensor_cores("fwd", torch.float32, 64)
-    assert kernels.uses_tensor_cores("dq", torch.float16, 32) and not kernels.uses_tensor_cores("dq", torch.float16, 32, True)
+    assert kernels.uses_tensor_cores("dq", torch.float16, 32) and kernels.uses_tensor_cores("dq", torch.float16, 32, True)
 
 
 @pytest.mark.usefixtures("nan_poison")
@@ -263,9 +273,11 @@ def test_float64_gradcheck(device):
     assert torch.autograd.gradcheck(lambda a, v: dynconv.na2d_av(a, v, 3, window="sliding"), (attn, v), fast_mode=True)
 
 
-def test_gradients_are_deterministic(device):
-    tensors, geometry = _inputs((5, 4, 1, 4, 3, (1, 1), "neighborhood", True), B=2)
-    leaves = [tensors[n].float().to(device).requires_grad_() for n in ("q", "k", "v", "rpb")]
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 4), (torch.bfloat16, 16)], ids=["fp32-cuda-cores", "bf16-tiled"])
+def test_gradients_are_deterministic(dtype, D, device):
+    """Both dq paths: the CUDA-core kernel's partials and the tiled kernel's ds per tap."""
+    tensors, geometry = _inputs((5, 4, 1, D, 3, (1, 1), "neighborhood", True), B=2)
+    leaves = [tensors[n].to(dtype).to(device).requires_grad_() for n in ("q", "k", "v", "rpb")]
     runs = []
     for _ in range(2):
         grads = torch.autograd.grad(_na2d(*leaves, **geometry).square().sum(), leaves)
