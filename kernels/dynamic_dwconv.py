@@ -1,0 +1,488 @@
+"""Homogeneous dynamic depth-wise conv (docs/operators.md §1): a per-sample weight ``(B, G, K, K)``.
+
+A per-sample filter is an ordinary depth-wise conv of each sample, and its weight does not depend on
+the pixel, so these kernels hold a thread's K*K weights in registers for the whole program. Each
+thread owns one channel and a block of S output rows x P output columns; the rows and columns of its
+input halo are loaded (and converted) once and feed every tap that reads them, so an input element
+serves up to min(S, K) * min(P, K) multiply-adds. Kernel size, strides, dilations, S and P are
+compile-time constants: every tap is unrolled and no tap index is computed at run time.
+
+- ``dwconv_fwd_kernel`` and ``dwconv_bwd_input_kernel``: one tap sum (``_tap_sums``), the input
+  gradient by stride phase (the same sum over dy with the taps flipped, one set of programs per
+  phase, so no tap is masked for the stride).
+- ``dwconv_bwd_weight_kernel``: the per-sample weight gradient of one-channel groups (G = C),
+  persistent programs whose fixed-order partials the caller sums (deterministic, no atomics).
+
+``kernels/involution.py`` dispatches here for 4-D weights; per-pixel weights stay there.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, cdiv, is_channels_last, next_power_of_2
+from .configs import get_config
+
+INT32_MAX = 2**31 - 1
+# Largest kernel size the unrolled kernels take (K*K weights held per thread); larger K keeps the
+# run-time tap loops of involution.py.
+MAX_K = 9
+# Programs the weight gradient aims for (a fixed count, about four per SM of an H100/H200, so the
+# partials and their summation order never depend on the GPU).
+PERSISTENT_PROGRAMS = 512
+
+
+@triton.jit
+def _source_row(src_lane, row_ok, cols_ok, o, ssh, ssw, mask, HALO_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Halo row ``o`` of each thread: its HALO_W source columns, loaded and converted once."""
+    xs = ()
+    for q in tl.static_range(HALO_W):
+        xv = tl.load(src_lane + (o * ssh + q * ssw), mask=mask & row_ok & cols_ok[q], other=0.0)
+        xs = xs + (xv.to(ACC_DTYPE),)
+    return xs
+
+
+@triton.jit
+def _lanes(tile, TILES_W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+           S: tl.constexpr, P: tl.constexpr, INDEX_64: tl.constexpr):
+    """Channels [BLOCK_C, 1] and first output row and column [1, pixels] of each thread's S x P block."""
+    q = tl.arange(0, BLOCK_H * BLOCK_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row = ((tile // TILES_W) * BLOCK_H + q // BLOCK_W) * S
+    col = ((tile % TILES_W) * BLOCK_W + q % BLOCK_W) * P
+    if INDEX_64:
+        c = c.to(tl.int64)
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+    return c[:, None], row[None, :], col[None, :]
+
+
+@triton.jit
+def _tap_sums(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    C, H, W, HO, WO, CG,
+    sxb, sxc, sxh, sxw,
+    swb, swg, swu, swv,
+    sbb, sbc,
+    syb, syc, syh, syw,
+    PH, PW, TILES_PHASE, TILES_W,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    IS_DX: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
+    GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
+    FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Forward: y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    Input gradient (IS_DX): x is dy (H x W), y is dx (HO x WO), SH, SW, DH, DW, PH, PW the forward's,
+    and KS the forward's K. Program set (ph, pw) owns the dx pixels
+    (ph + SH*i, pw + SW*j). Along one axis (stride s, dilation d, padding p, g = gcd(s, d),
+    step = s/g) its taps are u = u0 + t*step with u0*d = ph + p (mod s), t < TAPS, and tap u reads dy
+    row i + (ph + p - u*d)/s. Slot a = TAPS-1-t reads dy row i - pad + a*(d/g): a forward tap sum of
+    dilation d/g with the taps flipped. Slot 0 may name tap >= K (the phase has one tap fewer): its
+    products are dropped by a select, never multiplied by a zero weight (0 * inf would poison the
+    sum); a phase no tap reaches (g does not divide ph + p) is zero.
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PHASE
+    tile = pid0 % TILES_PHASE
+    if INDEX_64:
+        b = b.to(tl.int64)
+    if IS_DX:
+        phase = b % (SH * SW)
+        b = b // (SH * SW)
+        ph = phase // SW
+        pw = phase % SW
+        rh = ph + PH
+        rw = pw + PW
+        u0 = ((rh // GH) * INV_H) % (SH // GH)
+        v0 = ((rw // GW) * INV_W) % (SW // GW)
+        u_first = u0 + (TAPS_H - 1) * (SH // GH)
+        v_first = v0 + (TAPS_W - 1) * (SW // GW)
+        pad_h = (TAPS_H - 1) * (DH // GH) - (rh - u0 * DH) // SH
+        pad_w = (TAPS_W - 1) * (DW // GW) - (rw - v0 * DW) // SW
+        U_STEP: tl.constexpr = -(SH // GH)
+        V_STEP: tl.constexpr = -(SW // GW)
+        SRC_SH: tl.constexpr = 1
+        SRC_SW: tl.constexpr = 1
+        SRC_DH: tl.constexpr = DH // GH
+        SRC_DW: tl.constexpr = DW // GW
+        OUT_SH: tl.constexpr = SH
+        OUT_SW: tl.constexpr = SW
+    else:
+        ph = 0
+        pw = 0
+        u_first = 0
+        v_first = 0
+        pad_h = PH
+        pad_w = PW
+        U_STEP: tl.constexpr = 1
+        V_STEP: tl.constexpr = 1
+        SRC_SH: tl.constexpr = SH
+        SRC_SW: tl.constexpr = SW
+        SRC_DH: tl.constexpr = DH
+        SRC_DW: tl.constexpr = DW
+        OUT_SH: tl.constexpr = 1
+        OUT_SW: tl.constexpr = 1
+    c2, row0, col0 = _lanes(tile, TILES_W, BLOCK_C, BLOCK_H, BLOCK_W, S, P, INDEX_64)
+    c_ok = c2 < C
+    # The weights of the thread's channel, held for all its taps.
+    w_lane = w_ptr + b * swb + (c2 // CG) * swg
+    # Tensors, not scalars: the interpreter's scalars make masks it cannot read.
+    u_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + u_first) < KS
+    v_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + v_first) < KS
+    wts = ()
+    for a in tl.static_range(TAPS_H):
+        for e in tl.static_range(TAPS_W):
+            w_ok = c_ok
+            if FIRST_TAP_MAY_MISS:
+                if a == 0:
+                    w_ok = w_ok & u_ok
+                if e == 0:
+                    w_ok = w_ok & v_ok
+            wv = tl.load(w_lane + ((u_first + a * U_STEP) * swu + (v_first + e * V_STEP) * swv), mask=w_ok, other=0.0)
+            wts = wts + (wv.to(ACC_DTYPE),)
+    HALO_H: tl.constexpr = (S - 1) * SRC_SH + (TAPS_H - 1) * SRC_DH + 1
+    HALO_W: tl.constexpr = (P - 1) * SRC_SW + (TAPS_W - 1) * SRC_DW + 1
+    h_first = row0 * SRC_SH - pad_h
+    w_first = col0 * SRC_SW - pad_w
+    cols_ok = ()
+    for qc in tl.static_range(HALO_W):
+        cols_ok = cols_ok + ((w_first + qc >= 0) & (w_first + qc < W),)
+    src_lane = x_ptr + b * sxb + c2 * sxc + (h_first * sxh + w_first * sxw)
+    accs = ()
+    for k in tl.static_range(S * P):
+        accs = accs + (tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE),)
+    for o in tl.static_range(HALO_H):
+        # Halo row o is tap slot a of strip row s when s*SRC_SH + a*SRC_DH == o (with both steps
+        # above one some rows serve no tap: loaded all the same, a rare geometry).
+        row_ok = (h_first + o >= 0) & (h_first + o < H)
+        xs = _source_row(src_lane, row_ok, cols_ok, o, sxh, sxw, c_ok, HALO_W, ACC_DTYPE)
+        new = ()
+        for s in tl.static_range(S):
+            for p in tl.static_range(P):
+                acc = accs[s * P + p]
+                for a in tl.static_range(TAPS_H):
+                    if s * SRC_SH + a * SRC_DH == o:
+                        for e in tl.static_range(TAPS_W):
+                            term = wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW]
+                            if FIRST_TAP_MAY_MISS and a == 0 and e == 0:
+                                acc = tl.where(u_ok & v_ok, acc + term, acc)
+                            elif FIRST_TAP_MAY_MISS and a == 0:
+                                acc = tl.where(u_ok, acc + term, acc)
+                            elif FIRST_TAP_MAY_MISS and e == 0:
+                                acc = tl.where(v_ok, acc + term, acc)
+                            else:
+                                acc += term
+                new = new + (acc,)
+        accs = new
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b * sbb + c2 * sbc, mask=c_ok, other=0.0).to(ACC_DTYPE)
+    if PHASE_MAY_BE_EMPTY:
+        phase_ok = ((ph + PH) % GH == 0) & ((pw + PW) % GW == 0)
+    y_lane = y_ptr + b * syb + c2 * syc
+    for s in tl.static_range(S):
+        out_row = (row0 + s) * OUT_SH + ph
+        for p in tl.static_range(P):
+            out_col = (col0 + p) * OUT_SW + pw
+            acc = accs[s * P + p]
+            if HAS_BIAS:
+                acc += bias
+            if PHASE_MAY_BE_EMPTY:
+                acc = tl.where(phase_ok, acc, 0.0)
+            tl.store(y_lane + (out_row * syh + out_col * syw), acc.to(y_ptr.dtype.element_ty),
+                     mask=c_ok & (out_row < HO) & (out_col < WO))
+
+
+@triton.jit
+def dwconv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    C, H, W, HO, WO, CG,
+    sxb, sxc, sxh, sxw,
+    swb, swg, swu, swv,
+    sbb, sbc,
+    syb, syc, syh, syw,
+    PH, PW, TILES, TILES_W,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The forward (see _tap_sums): x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS)."""
+    _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
+              syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
+              BLOCK_C, BLOCK_H, BLOCK_W, S, P, HAS_BIAS, INDEX_64, ACC_DTYPE)
+
+
+@triton.jit
+def dwconv_bwd_input_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    C, H, W, HO, WO, CG,
+    sdyb, sdyc, sdyh, sdyw,
+    swb, swg, swu, swv,
+    sdxb, sdxc, sdxh, sdxw,
+    PH, PW, TILES_PHASE, TILES_W,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
+    GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
+    FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The input gradient by stride phase (see _tap_sums): dy (B, C, H, W), dx (B, C, HO, WO); SH, SW,
+    DH, DW, PH, PW and KS the forward's; the grid's first axis runs over (sample, phase, tile)."""
+    _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
+              sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
+              GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_H, BLOCK_W, S, P, False,
+              INDEX_64, ACC_DTYPE)
+
+
+@triton.jit
+def dwconv_bwd_weight_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    C, H, W, HO, WO,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    spb, spc, spu, spv, sps,
+    PH, PW, TILES, TILES_W, SPLITS,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW] (G = C).
+
+    A persistent program (sample, split, channel block) walks the pixel tiles split, split + SPLITS,
+    ... Each thread holds the K*K tap sums of its channel; per tile it loads its S x P block of dy
+    once, then streams its input halo row by row, each row feeding every (output row, tap row) pair
+    that reads it. The sums are reduced over the program's threads once, at the end, into
+    part[b, c, u, v, split]; the caller adds the SPLITS partials in a fixed order.
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // SPLITS
+    split = pid0 % SPLITS
+    if INDEX_64:
+        b = b.to(tl.int64)
+    HALO_H: tl.constexpr = (S - 1) * SH + (KS - 1) * DH + 1
+    HALO_W: tl.constexpr = (P - 1) * SW + (KS - 1) * DW + 1
+    accs = ()
+    for t in tl.static_range(KS * KS):
+        accs = accs + (tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE),)
+    for tile in range(split, TILES, SPLITS):
+        c2, row0, col0 = _lanes(tile, TILES_W, BLOCK_C, BLOCK_H, BLOCK_W, S, P, INDEX_64)
+        c_ok = c2 < C
+        dy_lane = dy_ptr + b * sdyb + c2 * sdyc + (row0 * sdyh + col0 * sdyw)
+        grads = ()
+        for s in tl.static_range(S):
+            for p in tl.static_range(P):
+                ok = c_ok & (row0 + s < HO) & (col0 + p < WO)
+                grads = grads + (tl.load(dy_lane + (s * sdyh + p * sdyw), mask=ok, other=0.0).to(ACC_DTYPE),)
+        h_first = row0 * SH - PH
+        w_first = col0 * SW - PW
+        cols_ok = ()
+        for qc in tl.static_range(HALO_W):
+            cols_ok = cols_ok + ((w_first + qc >= 0) & (w_first + qc < W),)
+        x_lane = x_ptr + b * sxb + c2 * sxc + (h_first * sxh + w_first * sxw)
+        for o in tl.static_range(HALO_H):
+            row_ok = (h_first + o >= 0) & (h_first + o < H)
+            xs = _source_row(x_lane, row_ok, cols_ok, o, sxh, sxw, c_ok, HALO_W, ACC_DTYPE)
+            new = ()
+            for u in tl.static_range(KS):
+                for v in tl.static_range(KS):
+                    acc = accs[u * KS + v]
+                    for s in tl.static_range(S):
+                        if s * SH + u * DH == o:
+                            for p in tl.static_range(P):
+                                acc += grads[s * P + p] * xs[p * SW + v * DW]
+                    new = new + (acc,)
+            accs = new
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INDEX_64:
+        c = c.to(tl.int64)
+    part = dw_ptr + b * spb + split * sps + c * spc
+    for t in tl.static_range(KS * KS):
+        tl.store(part + ((t // KS) * spu + (t % KS) * spv), tl.sum(accs[t], axis=1), mask=c < C)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+def _needs_int64(*tensors) -> bool:
+    # involution.needs_int64's rule; not imported from there, which imports this module.
+    return any(t is not None and _max_offset(t) > INT32_MAX for t in tensors)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def handles(weight: torch.Tensor, config: dict | None) -> bool:
+    """Whether the forward and input gradient of ``weight`` run here: a per-sample weight of K <= MAX_K,
+    with no explicit config or one of these kernels' (P in it)."""
+    return weight.dim() == 4 and weight.shape[2] <= MAX_K and (config is None or "P" in config)
+
+
+def _block(n: int, cap: int) -> int:
+    """Outputs per thread along an axis of ``n``: the fewest padded positions, then the longest."""
+    return min(range(1, max(1, min(cap, n)) + 1), key=lambda m: (cdiv(n, m) * m, -m))
+
+
+@functools.lru_cache(maxsize=1024)
+def _taps_config(C: int, height: int, width: int, K: int, channels_last: bool) -> dict:
+    """Tile over ``height x width`` output pixels of one program set: S x P outputs per thread (the
+    accumulators S*P and the K*K held weights share a register budget), lanes along channels in
+    channels_last (BLOCK_C of them, coalesced), along W otherwise (one channel per program, so every
+    lane holds the same weights)."""
+    budget = 64 if K <= 5 else 49 if K <= 7 else 25
+    s = _block(height, 8)
+    p = _block(width, max(1, budget // s))
+    if channels_last:
+        block_c = min(next_power_of_2(C), 32)
+        block_w = min(next_power_of_2(cdiv(width, p)), max(1, 128 // block_c))
+    else:
+        block_c = 1
+        block_w = min(next_power_of_2(cdiv(width, p)), 32)
+    block_h = min(next_power_of_2(cdiv(height, s)), max(1, 128 // (block_c * block_w)))
+    num_warps = max(1, min(4, block_c * block_h * block_w // 32))
+    return {"BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w, "S": s, "P": p,
+            "num_warps": num_warps, "num_stages": 1}
+
+
+def taps_config(C: int, height: int, width: int, K: int, channels_last: bool) -> dict:
+    """The forward's (input gradient's) own tile over ``height x width`` output (input) pixels (a copy)."""
+    return dict(_taps_config(C, height, width, K, channels_last))
+
+
+def _problem_key(x: torch.Tensor, K: int, stride) -> dict:
+    B, C, H, W = x.shape
+    return {"B": B, "C": C, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
+            "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
+
+
+def forward_config(x, K: int, stride, Ho: int, Wo: int) -> dict:
+    default = taps_config(x.shape[1], Ho, Wo, K, is_channels_last(x))
+    return get_config("dwconv_fwd", _problem_key(x, K, stride), default)
+
+
+def input_grad_config(dx, K: int, stride) -> dict:
+    H, W = dx.shape[2], dx.shape[3]
+    default = taps_config(dx.shape[1], cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx))
+    return get_config("dwconv_bwd_input", _problem_key(dx, K, stride), default)
+
+
+def _grid(rows: int, C: int, block_c: int) -> tuple[int, int, int]:
+    return (rows, cdiv(C, block_c), 1)
+
+
+def _meta(config: dict) -> dict:
+    return {k: config[k] for k in ("BLOCK_C", "BLOCK_H", "BLOCK_W", "S", "P")}
+
+
+def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
+    """(gcd, step, inverse) of one axis: the taps u of a stride phase satisfy u*dilation = r (mod stride),
+    solvable only when gcd | r, then u = (r/gcd) * inverse (mod step), step = stride/gcd."""
+    g = math.gcd(stride, dilation)
+    step = stride // g
+    return g, step, pow(dilation // g, -1, step) if step > 1 else 0
+
+
+def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
+    B, C, H, W = x.shape
+    CG, K = C // weight.shape[1], weight.shape[2]
+    Ho, Wo = y.shape[2], y.shape[3]
+    config = config or forward_config(x, K, stride, Ho, Wo)
+    meta = _meta(config)
+    tiles_w = cdiv(Wo, meta["BLOCK_W"] * meta["P"])
+    tiles = cdiv(Ho, meta["BLOCK_H"] * meta["S"]) * tiles_w
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    args = dict(
+        x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, C=C, H=H, W=W, HO=Ho, WO=Wo, CG=CG,
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("swb", "swg", "swu", "swv"), weight.stride())),
+        sbb=bias_strides[0], sbc=bias_strides[1],
+        **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
+        PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w,
+    )
+    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
+                HAS_BIAS=bias is not None, INDEX_64=_needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
+    # Every tap is unrolled: no run-time loop.
+    return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=())
+
+
+def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
+    B, C, H, W = dx.shape
+    CG, K = C // weight.shape[1], weight.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    config = config or input_grad_config(dx, K, stride)
+    meta = _meta(config)
+    (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
+    phases = stride[0] * stride[1]
+    tiles_w = cdiv(cdiv(W, stride[1]), meta["BLOCK_W"] * meta["P"])
+    tiles = cdiv(cdiv(H, stride[0]), meta["BLOCK_H"] * meta["S"]) * tiles_w
+    args = dict(
+        dy_ptr=dy, w_ptr=weight, dx_ptr=dx, C=C, H=Ho, W=Wo, HO=H, WO=W, CG=CG,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("swb", "swg", "swu", "swv"), weight.stride())),
+        **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
+        PH=padding[0], PW=padding[1], TILES_PHASE=tiles, TILES_W=tiles_w,
+    )
+    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
+                TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
+                FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
+                INDEX_64=_needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
+    return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=())
+
+
+def handles_weight_grad(C: int, G: int, K: int, config: dict | None) -> bool:
+    """Whether the per-sample weight gradient runs here: one-channel groups, K <= MAX_K."""
+    return C == G and K <= MAX_K and (config is None or "P" in config)
+
+
+@functools.lru_cache(maxsize=1024)
+def _weight_grad_config(C: int, Ho: int, Wo: int, K: int, channels_last: bool) -> dict:
+    """The forward's tile shape (S x P output pixels of one channel per thread, the K*K tap sums held)."""
+    return dict(_taps_config(C, Ho, Wo, K, channels_last))
+
+
+def weight_grad_default(C: int, Ho: int, Wo: int, K: int, channels_last: bool) -> dict:
+    return dict(_weight_grad_config(C, Ho, Wo, K, channels_last))
+
+
+def weight_grad_partials(B: int, C: int, K: int, Ho: int, Wo: int, config: dict) -> tuple[int, ...]:
+    """Shape (B, C, K, K, splits) of the fp32 partials, summed over the last dim by the caller: one per
+    persistent program of a (sample, channel block)."""
+    tiles = cdiv(Ho, config["BLOCK_H"] * config["S"]) * cdiv(Wo, config["BLOCK_W"] * config["P"])
+    blocks = B * cdiv(C, config["BLOCK_C"])
+    return (B, C, K, K, max(1, min(tiles, cdiv(PERSISTENT_PROGRAMS, blocks))))
+
+
+def backward_weight_launch(dy, x, part, stride, padding, dilation, config) -> Launch:
+    """``part`` is (B, C, K, K, splits) of weight_grad_partials(config)."""
+    B, C, H, W = x.shape
+    K, splits = part.shape[2], part.shape[4]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    meta = _meta(config)
+    tiles_w = cdiv(Wo, meta["BLOCK_W"] * meta["P"])
+    tiles = cdiv(Ho, meta["BLOCK_H"] * meta["S"]) * tiles_w
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=part, C=C, H=H, W=W, HO=Ho, WO=Wo,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("spb", "spc", "spu", "spv", "sps"), part.stride())),
+        PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, SPLITS=splits,
+    )
+    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
+                INDEX_64=_needs_int64(dy, x, part), ACC_DTYPE=_acc_dtype(x.dtype))
+    # One loop: the persistent walk over pixel tiles; programs make cdiv(tiles, splits) trips at most.
+    return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, meta["BLOCK_C"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(cdiv(tiles, splits),))
