@@ -37,11 +37,12 @@ PERSISTENT_PROGRAMS = 512
 
 
 @triton.jit
-def _source_row(src_lane, row_ok, cols_ok, o, ssh, ssw, mask, HALO_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Halo row ``o`` of each thread: its HALO_W source columns, loaded and converted once."""
+def _source_row(src_lane, row_ok, cols_ok, o, ssh, ssw, HALO_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Halo row ``o`` of each thread: its HALO_W source columns (``cols_ok``: in the image, and of a
+    channel that exists), loaded and converted once."""
     xs = ()
     for q in tl.static_range(HALO_W):
-        xv = tl.load(src_lane + (o * ssh + q * ssw), mask=mask & row_ok & cols_ok[q], other=0.0)
+        xv = tl.load(src_lane + (o * ssh + q * ssw), mask=row_ok & cols_ok[q], other=0.0)
         xs = xs + (xv.to(ACC_DTYPE),)
     return xs
 
@@ -136,6 +137,8 @@ def _tap_sums(
     # Tensors, not scalars: the interpreter's scalars make masks it cannot read.
     u_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + u_first) < KS
     v_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + v_first) < KS
+    # Weights broadcast to the tile once: a broadcast per multiply-add makes triton's layout passes crawl.
+    zero = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
     wts = ()
     for a in tl.static_range(TAPS_H):
         for e in tl.static_range(TAPS_W):
@@ -146,14 +149,14 @@ def _tap_sums(
                 if e == 0:
                     w_ok = w_ok & v_ok
             wv = tl.load(w_lane + ((u_first + a * U_STEP) * swu + (v_first + e * V_STEP) * swv), mask=w_ok, other=0.0)
-            wts = wts + (wv.to(ACC_DTYPE),)
+            wts = wts + (wv.to(ACC_DTYPE) + zero,)
     HALO_H: tl.constexpr = (S - 1) * SRC_SH + (TAPS_H - 1) * SRC_DH + 1
     HALO_W: tl.constexpr = (P - 1) * SRC_SW + (TAPS_W - 1) * SRC_DW + 1
     h_first = row0 * SRC_SH - pad_h
     w_first = col0 * SRC_SW - pad_w
     cols_ok = ()
     for qc in tl.static_range(HALO_W):
-        cols_ok = cols_ok + ((w_first + qc >= 0) & (w_first + qc < W),)
+        cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
     src_lane = x_ptr + b * sxb + c2 * sxc + (h_first * sxh + w_first * sxw)
     accs = ()
     for k in tl.static_range(S * P):
@@ -162,7 +165,7 @@ def _tap_sums(
         # Halo row o is tap slot a of strip row s when s*SRC_SH + a*SRC_DH == o (with both steps
         # above one some rows serve no tap: loaded all the same, a rare geometry).
         row_ok = (h_first + o >= 0) & (h_first + o < H)
-        xs = _source_row(src_lane, row_ok, cols_ok, o, sxh, sxw, c_ok, HALO_W, ACC_DTYPE)
+        xs = _source_row(src_lane, row_ok, cols_ok, o, sxh, sxw, HALO_W, ACC_DTYPE)
         new = ()
         for s in tl.static_range(S):
             for p in tl.static_range(P):
@@ -284,11 +287,11 @@ def dwconv_bwd_weight_kernel(
         w_first = col0 * SW - PW
         cols_ok = ()
         for qc in tl.static_range(HALO_W):
-            cols_ok = cols_ok + ((w_first + qc >= 0) & (w_first + qc < W),)
+            cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
         x_lane = x_ptr + b * sxb + c2 * sxc + (h_first * sxh + w_first * sxw)
         for o in tl.static_range(HALO_H):
             row_ok = (h_first + o >= 0) & (h_first + o < H)
-            xs = _source_row(x_lane, row_ok, cols_ok, o, sxh, sxw, c_ok, HALO_W, ACC_DTYPE)
+            xs = _source_row(x_lane, row_ok, cols_ok, o, sxh, sxw, HALO_W, ACC_DTYPE)
             new = ()
             for u in tl.static_range(KS):
                 for v in tl.static_range(KS):
@@ -330,30 +333,32 @@ def handles(weight: torch.Tensor, config: dict | None) -> bool:
     return weight.dim() == 4 and weight.shape[2] <= MAX_K and (config is None or "P" in config)
 
 
-def _block(n: int, cap: int) -> int:
-    """Outputs per thread along an axis of ``n``: the fewest padded positions, then the longest."""
-    return min(range(1, max(1, min(cap, n)) + 1), key=lambda m: (cdiv(n, m) * m, -m))
-
-
 @functools.lru_cache(maxsize=1024)
 def _taps_config(C: int, height: int, width: int, K: int, channels_last: bool) -> dict:
     """Tile over ``height x width`` output pixels of one program set: S x P outputs per thread (the
-    accumulators S*P and the K*K held weights share a register budget), lanes along channels in
-    channels_last (BLOCK_C of them, coalesced), along W otherwise (one channel per program, so every
-    lane holds the same weights)."""
+    accumulators S*P and the K*K held weights share a register budget) on BLOCK_H x BLOCK_W lanes, and
+    BLOCK_C channel lanes (channels_last: 32, coalesced; NCHW: one channel per program, so all its
+    lanes hold the same weights and lie along W). The least estimated issue, then the most lanes."""
     budget = 64 if K <= 5 else 49 if K <= 7 else 25
-    s = _block(height, 8)
-    p = _block(width, max(1, budget // s))
-    if channels_last:
-        block_c = min(next_power_of_2(C), 32)
-        block_w = min(next_power_of_2(cdiv(width, p)), max(1, 128 // block_c))
-    else:
-        block_c = 1
-        block_w = min(next_power_of_2(cdiv(width, p)), 32)
-    block_h = min(next_power_of_2(cdiv(height, s)), max(1, 128 // (block_c * block_w)))
-    num_warps = max(1, min(4, block_c * block_h * block_w // 32))
-    return {"BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w, "S": s, "P": p,
-            "num_warps": num_warps, "num_stages": 1}
+    block_c = min(next_power_of_2(C), 32) if channels_last else 1
+    best = None
+    for s in range(1, min(8, height) + 1):
+        for p in range(1, min(8, width, budget // s) + 1):
+            for warps in (1, 2, 4):
+                lanes = 32 * warps // block_c
+                if lanes < 1:
+                    continue
+                for block_h in (1 << i for i in range(lanes.bit_length())):
+                    block_w = lanes // block_h
+                    padded = cdiv(height, block_h * s) * block_h * s * cdiv(width, block_w * p) * block_w * p
+                    # Issue per output: one multiply-add per tap plus about three instructions
+                    # (load, mask, convert) per halo element, shared by the block's taps.
+                    cost = padded * (1 + 3 * (s + K - 1) * (p + K - 1) / (s * p * K * K))
+                    score = (round(cost), -warps, -block_w)
+                    if best is None or score < best[0]:
+                        best = (score, {"BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w, "S": s, "P": p,
+                                        "num_warps": warps, "num_stages": 1})
+    return best[1]
 
 
 def taps_config(C: int, height: int, width: int, K: int, channels_last: bool) -> dict:
