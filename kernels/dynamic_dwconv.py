@@ -203,6 +203,184 @@ def _tap_sums(
 
 
 @triton.jit
+def _row_walk(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    C, H, W, HO, WO, CG,
+    sxb, sxc, sxh, sxw,
+    swb, swg, swu, swv,
+    sbb, sbc,
+    syb, syc, syh, syw,
+    PH, PW, TILES_PHASE, TILES_W, RUN,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    IS_DX: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
+    GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
+    FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """_tap_sums's sum when source rows step one per output row and per tap row (forward SH = DH = 1;
+    input gradient DH/gcd(SH, DH) = 1), walking down the rows instead of unrolling them.
+
+    Each thread owns P output columns of a run of RUN output rows of one channel. A run-time loop
+    takes the run's source rows one by one: a row's P + TAPS_W - 1 columns are loaded once and feed
+    all TAPS_H x TAPS_W taps of the TAPS_H output rows in flight (a window of accumulators: slot a
+    holds the output row that reads this source row through tap row a). The oldest row is then
+    complete: stored, and the window shifts. Source rows outside the image are skipped, not loaded
+    as zeros. The loop body stays small (fast to compile) while every loaded element serves up to
+    TAPS_H * min(P, TAPS_W) multiply-adds.
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PHASE
+    tile = pid0 % TILES_PHASE
+    if INDEX_64:
+        b = b.to(tl.int64)
+    if IS_DX:
+        phase = b % (SH * SW)
+        b = b // (SH * SW)
+        ph = phase // SW
+        pw = phase % SW
+        rh = ph + PH
+        rw = pw + PW
+        u0 = ((rh // GH) * INV_H) % (SH // GH)
+        v0 = ((rw // GW) * INV_W) % (SW // GW)
+        u_first = u0 + (TAPS_H - 1) * (SH // GH)
+        v_first = v0 + (TAPS_W - 1) * (SW // GW)
+        pad_h = (TAPS_H - 1) - (rh - u0 * DH) // SH
+        pad_w = (TAPS_W - 1) * (DW // GW) - (rw - v0 * DW) // SW
+        U_STEP: tl.constexpr = -(SH // GH)
+        V_STEP: tl.constexpr = -(SW // GW)
+        SRC_SW: tl.constexpr = 1
+        SRC_DW: tl.constexpr = DW // GW
+        OUT_SH: tl.constexpr = SH
+        OUT_SW: tl.constexpr = SW
+    else:
+        ph = 0
+        pw = 0
+        u_first = 0
+        v_first = 0
+        pad_h = PH
+        pad_w = PW
+        U_STEP: tl.constexpr = 1
+        V_STEP: tl.constexpr = 1
+        SRC_SW: tl.constexpr = SW
+        SRC_DW: tl.constexpr = DW
+        OUT_SH: tl.constexpr = 1
+        OUT_SW: tl.constexpr = 1
+    # Lanes: BLOCK_C channels x BLOCK_W column blocks; tiles: column blocks x row runs.
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col0 = ((tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_W)) * P
+    row0 = (tile // TILES_W) * RUN
+    if INDEX_64:
+        c = c.to(tl.int64)
+        col0 = col0.to(tl.int64)
+    c2 = c[:, None]
+    col0 = col0[None, :]
+    c_ok = c2 < C
+    w_lane = w_ptr + b * swb + (c2 // CG) * swg
+    zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=ACC_DTYPE)
+    # Tensors, not scalars: the interpreter's scalars make masks it cannot read.
+    u_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + u_first) < KS
+    v_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + v_first) < KS
+    wts = ()
+    for a in tl.static_range(TAPS_H):
+        for e in tl.static_range(TAPS_W):
+            w_ok = c_ok
+            if FIRST_TAP_MAY_MISS:
+                if a == 0:
+                    w_ok = w_ok & u_ok
+                if e == 0:
+                    w_ok = w_ok & v_ok
+            wv = tl.load(w_lane + ((u_first + a * U_STEP) * swu + (v_first + e * V_STEP) * swv), mask=w_ok, other=0.0)
+            # Broadcast once: a broadcast per multiply-add makes triton's layout passes crawl.
+            wts = wts + (wv.to(ACC_DTYPE) + zero,)
+    HALO_W: tl.constexpr = (P - 1) * SRC_SW + (TAPS_W - 1) * SRC_DW + 1
+    w_first = col0 * SRC_SW - pad_w
+    cols_ok = ()
+    for qc in tl.static_range(HALO_W):
+        cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
+    outs_ok = ()
+    for p in tl.static_range(P):
+        outs_ok = outs_ok + (c_ok & ((col0 + p) * OUT_SW + pw < WO),)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b * sbb + c2 * sbc, mask=c_ok, other=0.0).to(ACC_DTYPE) + zero
+    else:
+        bias = zero
+    # False where no tap reaches this phase (the dilation and stride share a factor its offset
+    # lacks): dx is zero there.
+    live = (tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + ((ph + PH) % GH + (pw + PW) % GW)) == 0
+    # Output rows [row0, row_end) of the run; source row t serves output row t + pad_h - a via tap slot a.
+    row_end = tl.minimum(row0 + RUN, (HO - ph + OUT_SH - 1) // OUT_SH)
+    t_first = tl.maximum(row0 - pad_h, 0)
+    t_last = tl.minimum(row_end - 1 - pad_h + TAPS_H - 1, H - 1)
+    src_lane = x_ptr + b * sxb + c2 * sxc + w_first * sxw
+    y_lane = y_ptr + b * syb + c2 * syc + (col0 * OUT_SW + pw) * syw
+    window = ()
+    for k in tl.static_range(TAPS_H * P):
+        window = window + (zero,)
+    for t in range(t_first, t_last + 1):
+        if INDEX_64:
+            t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
+        src_row = src_lane + t * sxh
+        xs = ()
+        for qc in tl.static_range(HALO_W):
+            xv = tl.load(src_row + qc * sxw, mask=cols_ok[qc], other=0.0)
+            xs = xs + (xv.to(ACC_DTYPE),)
+        new = ()
+        for a in tl.static_range(TAPS_H):
+            for p in tl.static_range(P):
+                acc = window[a * P + p]
+                for e in tl.static_range(TAPS_W):
+                    term = wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW]
+                    if FIRST_TAP_MAY_MISS and a == 0 and e == 0:
+                        acc = tl.where(u_ok & v_ok, acc + term, acc)
+                    elif FIRST_TAP_MAY_MISS and a == 0:
+                        acc = tl.where(u_ok, acc + term, acc)
+                    elif FIRST_TAP_MAY_MISS and e == 0:
+                        acc = tl.where(v_ok, acc + term, acc)
+                    else:
+                        acc += term
+                new = new + (acc,)
+        # Slot TAPS_H - 1 (output row t + pad_h - TAPS_H + 1) has all its taps: store it, shift the window.
+        i = t + pad_h - (TAPS_H - 1)
+        _store_row(y_lane, new, (TAPS_H - 1) * P, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+                   PHASE_MAY_BE_EMPTY)
+        window = ()
+        for p in tl.static_range(P):
+            window = window + (zero,)
+        for k in tl.static_range((TAPS_H - 1) * P):
+            window = window + (new[k],)
+    # Rows whose last taps read past the image: slot a holds output row t_last + 1 + pad_h - a.
+    for a in tl.static_range(1, TAPS_H):
+        i = t_last + 1 + pad_h - a
+        _store_row(y_lane, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+                   PHASE_MAY_BE_EMPTY)
+    # Rows of the run no source row reaches (padding wider than the taps): the bias alone.
+    for i in range(row0, tl.minimum(row_end, t_first + pad_h - (TAPS_H - 1))):
+        _store_row(y_lane, window, 0, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+                   PHASE_MAY_BE_EMPTY, True)
+    for i in range(tl.maximum(row0, t_last + pad_h + 1), row_end):
+        _store_row(y_lane, window, 0, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+                   PHASE_MAY_BE_EMPTY, True)
+
+
+@triton.jit
+def _store_row(y_lane, window, first, i, row0, row_end, OUT_SH: tl.constexpr, ph, syh, syw, bias, outs_ok, live,
+               P: tl.constexpr, OUT_SW: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr, BIAS_ONLY: tl.constexpr = False):
+    """Store output row ``i`` (window[first:first + P] + bias, or the bias alone) when it lies in this run."""
+    i = tl.zeros(live.shape, dtype=tl.int32) + i  # a tensor: the interpreter's scalars make unreadable masks
+    row_ok = (i >= row0) & (i < row_end)
+    y_row = y_lane + (i * OUT_SH + ph) * syh
+    for p in tl.static_range(P):
+        if BIAS_ONLY:
+            acc = bias
+        else:
+            acc = window[first + p] + bias
+        if PHASE_MAY_BE_EMPTY:
+            acc = tl.where(live, acc, 0.0)
+        tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=outs_ok[p] & row_ok)
+
+
+@triton.jit
 def dwconv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     C, H, W, HO, WO, CG,
@@ -210,15 +388,21 @@ def dwconv_fwd_kernel(
     swb, swg, swu, swv,
     sbb, sbc,
     syb, syc, syh, syw,
-    PH, PW, TILES, TILES_W,
+    PH, PW, TILES, TILES_W, RUN,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
+    P: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """The forward (see _tap_sums): x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS)."""
-    _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
-              syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
-              BLOCK_C, BLOCK_H, BLOCK_W, S, P, HAS_BIAS, INDEX_64, ACC_DTYPE)
+    """The forward: x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS); WALK: _row_walk (SH = DH = 1),
+    else _tap_sums."""
+    if WALK:
+        _row_walk(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
+                  syb, syc, syh, syw, PH, PW, TILES, TILES_W, RUN, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0,
+                  False, False, BLOCK_C, BLOCK_W, P, HAS_BIAS, INDEX_64, ACC_DTYPE)
+    else:
+        _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
+                  syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
+                  BLOCK_C, BLOCK_H, BLOCK_W, S, P, HAS_BIAS, INDEX_64, ACC_DTYPE)
 
 
 @triton.jit
@@ -228,20 +412,27 @@ def dwconv_bwd_input_kernel(
     sdyb, sdyc, sdyh, sdyw,
     swb, swg, swu, swv,
     sdxb, sdxc, sdxh, sdxw,
-    PH, PW, TILES_PHASE, TILES_W,
+    PH, PW, TILES_PHASE, TILES_W, RUN,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
     GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
+    P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """The input gradient by stride phase (see _tap_sums): dy (B, C, H, W), dx (B, C, HO, WO); SH, SW,
-    DH, DW, PH, PW and KS the forward's; the grid's first axis runs over (sample, phase, tile)."""
-    _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
-              sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
-              GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_H, BLOCK_W, S, P, False,
-              INDEX_64, ACC_DTYPE)
+    """The input gradient by stride phase: dy (B, C, H, W), dx (B, C, HO, WO); SH, SW, DH, DW, PH, PW and KS
+    the forward's; the grid's first axis runs over (sample, phase, tile). WALK: _row_walk (DH/gcd(SH, DH) = 1),
+    else _tap_sums."""
+    if WALK:
+        _row_walk(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
+                  sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, RUN, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
+                  GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, False,
+                  INDEX_64, ACC_DTYPE)
+    else:
+        _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
+                  sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
+                  GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_H, BLOCK_W, S, P, False,
+                  INDEX_64, ACC_DTYPE)
 
 
 @triton.jit
@@ -334,36 +525,60 @@ def handles(weight: torch.Tensor, config: dict | None) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _taps_config(C: int, height: int, width: int, K: int, channels_last: bool) -> dict:
-    """Tile over ``height x width`` output pixels of one program set: S x P outputs per thread (the
-    accumulators S*P and the K*K held weights share a register budget) on BLOCK_H x BLOCK_W lanes, and
-    BLOCK_C channel lanes (channels_last: 32, coalesced; NCHW: one channel per program, so all its
-    lanes hold the same weights and lie along W). The least estimated issue, then the most lanes."""
-    budget = 64 if K <= 5 else 49 if K <= 7 else 25
-    block_c = min(next_power_of_2(C), 32) if channels_last else 1
+def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool) -> dict:
+    """Tile over ``height x width`` output pixels of one program set.
+
+    walk (_row_walk): P output columns per thread, the window of K*P accumulators and the K*K held
+    weights sharing the register budget; runs of RUN rows (whole columns, split only when there are
+    too few threads: a run's first and last K-1 source rows feed fewer taps). Otherwise (_tap_sums, a
+    strided or dilated forward): S x P outputs per thread, kept small, since all its taps are
+    unrolled in one block. Lanes: BLOCK_C channels (channels_last: up to 32, coalesced), and BLOCK_W
+    (x BLOCK_H) pixel blocks; the least estimated issue, then the most lanes.
+    """
     best = None
-    for s in range(1, min(8, height) + 1):
-        for p in range(1, min(8, width, budget // s) + 1):
+    rows = (1,) if walk else range(1, min(4, height) + 1)
+    for s in rows:
+        cap = max(1, 49 // K) if walk else max(1, 64 // (s * K * K))
+        for p in range(1, min(8, width, cap) + 1):
             for warps in (1, 2, 4):
+                block_c = min(next_power_of_2(C), 32 if channels_last else max(1, 32 // next_power_of_2(cdiv(width, p))))
                 lanes = 32 * warps // block_c
                 if lanes < 1:
                     continue
-                for block_h in (1 << i for i in range(lanes.bit_length())):
+                for block_h in ((1,) if walk else (1 << i for i in range(lanes.bit_length()))):
                     block_w = lanes // block_h
-                    padded = cdiv(height, block_h * s) * block_h * s * cdiv(width, block_w * p) * block_w * p
-                    # Issue per output: one multiply-add per tap plus about three instructions
-                    # (load, mask, convert) per halo element, shared by the block's taps.
-                    cost = padded * (1 + 3 * (s + K - 1) * (p + K - 1) / (s * p * K * K))
+                    if walk:
+                        padded = height * cdiv(width, block_w * p) * block_w * p * cdiv(C, block_c) * block_c
+                        halo = (p + K - 1) / (p * K)
+                    else:
+                        padded = (cdiv(height, block_h * s) * block_h * s * cdiv(width, block_w * p) * block_w * p
+                                  * cdiv(C, block_c) * block_c)
+                        halo = (s + K - 1) * (p + K - 1) / (s * p * K * K)
+                    # Issue per output: a multiply-add per tap plus about four instructions (load,
+                    # mask, convert, address) per loaded element, shared by the taps that read it.
+                    cost = padded * (1 + 4 * halo)
                     score = (round(cost), -warps, -block_w)
                     if best is None or score < best[0]:
                         best = (score, {"BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w, "S": s, "P": p,
                                         "num_warps": warps, "num_stages": 1})
-    return best[1]
+    config = best[1]
+    if walk:
+        threads = B * cdiv(C, config["BLOCK_C"]) * config["BLOCK_C"] * cdiv(width, config["P"])
+        runs = max(1, min(cdiv(2**16, threads), height // (4 * K)))
+        config["RUN"] = cdiv(height, runs)
+    else:
+        config["RUN"] = 0
+    return config
 
 
-def taps_config(C: int, height: int, width: int, K: int, channels_last: bool) -> dict:
+def taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool) -> dict:
     """The forward's (input gradient's) own tile over ``height x width`` output (input) pixels (a copy)."""
-    return dict(_taps_config(C, height, width, K, channels_last))
+    return dict(_taps_config(B, C, height, width, K, channels_last, walk))
+
+
+def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
+    """Whether consecutive output rows read consecutive source rows, tap row after tap row (_row_walk)."""
+    return dilation // math.gcd(stride, dilation) == 1 if input_grad else stride == 1 and dilation == 1
 
 
 def _problem_key(x: torch.Tensor, K: int, stride) -> dict:
@@ -372,14 +587,15 @@ def _problem_key(x: torch.Tensor, K: int, stride) -> dict:
             "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
 
 
-def forward_config(x, K: int, stride, Ho: int, Wo: int) -> dict:
-    default = taps_config(x.shape[1], Ho, Wo, K, is_channels_last(x))
+def forward_config(x, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
+    default = taps_config(x.shape[0], x.shape[1], Ho, Wo, K, is_channels_last(x), _walks(stride[0], dilation[0], False))
     return get_config("dwconv_fwd", _problem_key(x, K, stride), default)
 
 
-def input_grad_config(dx, K: int, stride) -> dict:
-    H, W = dx.shape[2], dx.shape[3]
-    default = taps_config(dx.shape[1], cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx))
+def input_grad_config(dx, K: int, stride, dilation) -> dict:
+    B, C, H, W = dx.shape
+    default = taps_config(B, C, cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx),
+                          _walks(stride[0], dilation[0], True))
     return get_config("dwconv_bwd_input", _problem_key(dx, K, stride), default)
 
 
@@ -391,6 +607,13 @@ def _meta(config: dict) -> dict:
     return {k: config[k] for k in ("BLOCK_C", "BLOCK_H", "BLOCK_W", "S", "P")}
 
 
+def _tiles(config: dict, height: int, width: int) -> tuple[int, int]:
+    """(tiles, tiles along W) of one program set: runs of RUN rows (walk) or BLOCK_H x S rows."""
+    tiles_w = cdiv(width, config["BLOCK_W"] * config["P"])
+    rows = config["RUN"] if config["RUN"] else config["BLOCK_H"] * config["S"]
+    return cdiv(height, rows) * tiles_w, tiles_w
+
+
 def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
     """(gcd, step, inverse) of one axis: the taps u of a stride phase satisfy u*dilation = r (mod stride),
     solvable only when gcd | r, then u = (r/gcd) * inverse (mod step), step = stride/gcd."""
@@ -399,14 +622,19 @@ def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
     return g, step, pow(dilation // g, -1, step) if step > 1 else 0
 
 
+def _walk_loops(config: dict, source_rows: int, K: int) -> tuple:
+    """Trip counts of _row_walk's loops (source rows of a run; the bias-only rows, none at usual paddings)."""
+    if not config["RUN"]:
+        return ()
+    return (min(config["RUN"] + K - 1, source_rows), 0, 0)
+
+
 def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
     CG, K = C // weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
-    config = config or forward_config(x, K, stride, Ho, Wo)
-    meta = _meta(config)
-    tiles_w = cdiv(Wo, meta["BLOCK_W"] * meta["P"])
-    tiles = cdiv(Ho, meta["BLOCK_H"] * meta["S"]) * tiles_w
+    config = config or forward_config(x, K, stride, dilation, Ho, Wo)
+    tiles, tiles_w = _tiles(config, Ho, Wo)
     bias_strides = bias.stride() if bias is not None else (0, 0)
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, C=C, H=H, W=W, HO=Ho, WO=Wo, CG=CG,
@@ -414,38 +642,38 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
         **dict(zip(("swb", "swg", "swu", "swv"), weight.stride())),
         sbb=bias_strides[0], sbc=bias_strides[1],
         **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
-        PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w,
+        PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
-    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
+    meta = _meta(config)
+    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=config["RUN"] > 0,
                 HAS_BIAS=bias is not None, INDEX_64=_needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
-    # Every tap is unrolled: no run-time loop.
     return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=())
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=_walk_loops(config, H, K))
 
 
 def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = dx.shape
     CG, K = C // weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
-    config = config or input_grad_config(dx, K, stride)
-    meta = _meta(config)
+    config = config or input_grad_config(dx, K, stride, dilation)
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     phases = stride[0] * stride[1]
-    tiles_w = cdiv(cdiv(W, stride[1]), meta["BLOCK_W"] * meta["P"])
-    tiles = cdiv(cdiv(H, stride[0]), meta["BLOCK_H"] * meta["S"]) * tiles_w
+    tiles, tiles_w = _tiles(config, cdiv(H, stride[0]), cdiv(W, stride[1]))
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx, C=C, H=Ho, W=Wo, HO=H, WO=W, CG=CG,
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         **dict(zip(("swb", "swg", "swu", "swv"), weight.stride())),
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
-        PH=padding[0], PW=padding[1], TILES_PHASE=tiles, TILES_W=tiles_w,
+        PH=padding[0], PW=padding[1], TILES_PHASE=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
+    meta = _meta(config)
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
                 TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
                 FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
-                INDEX_64=_needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
+                WALK=config["RUN"] > 0, INDEX_64=_needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
     return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=())
+                  config.get("num_warps", 4), config.get("num_stages", 1),
+                  loops=_walk_loops(config, Ho, cdiv(K, step_h)))
 
 
 def handles_weight_grad(C: int, G: int, K: int, config: dict | None) -> bool:
@@ -456,7 +684,7 @@ def handles_weight_grad(C: int, G: int, K: int, config: dict | None) -> bool:
 @functools.lru_cache(maxsize=1024)
 def _weight_grad_config(C: int, Ho: int, Wo: int, K: int, channels_last: bool) -> dict:
     """The forward's tile shape (S x P output pixels of one channel per thread, the K*K tap sums held)."""
-    return dict(_taps_config(C, Ho, Wo, K, channels_last))
+    return dict(_taps_config(1, C, Ho, Wo, K, channels_last, False))
 
 
 def weight_grad_default(C: int, Ho: int, Wo: int, K: int, channels_last: bool) -> dict:
