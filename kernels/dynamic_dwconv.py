@@ -442,63 +442,99 @@ def dwconv_bwd_weight_kernel(
     sdyb, sdyc, sdyh, sdyw,
     sxb, sxc, sxh, sxw,
     spb, spc, spu, spv, sps,
-    PH, PW, TILES, TILES_W, SPLITS,
-    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+    PH, PW, TILES, TILES_W, SPLITS, RUN,
+    SW: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW] (G = C).
+    """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i-PH+u, j*SW-PW+v*DW] (G = C; row stride and
+    dilation 1: the launcher sends other geometries to involution.py's kernels).
 
-    A persistent program (sample, split, channel block) walks the pixel tiles split, split + SPLITS,
-    ... Each thread holds the K*K tap sums of its channel; per tile it loads its S x P block of dy
-    once, then streams its input halo row by row, each row feeding every (output row, tap row) pair
-    that reads it. The sums are reduced over the program's threads once, at the end, into
-    part[b, c, u, v, split]; the caller adds the SPLITS partials in a fixed order.
+    A persistent program (sample, split, channel block) walks the tiles split, split + SPLITS, ...
+    (P columns per thread x a run of RUN rows). Within a tile it walks down the x rows: each row's
+    P + K - 1 columns are loaded once and meet the K rows of dy that read it through tap rows
+    0..K-1 (a window of K dy rows, one new row loaded per step), so every loaded x element serves
+    K * min(P, K) multiply-adds. Each thread holds the K*K tap sums of its channel; they are reduced
+    over the program's threads once, at the end, into part[b, c, u, v, split]; the caller adds the
+    SPLITS partials in a fixed order (deterministic, no atomics).
     """
     pid0 = tl.program_id(0)
     b = pid0 // SPLITS
     split = pid0 % SPLITS
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if INDEX_64:
         b = b.to(tl.int64)
-    HALO_H: tl.constexpr = (S - 1) * SH + (KS - 1) * DH + 1
+        c = c.to(tl.int64)
+    c2 = c[:, None]
+    c_ok = c2 < C
+    zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=ACC_DTYPE)
     HALO_W: tl.constexpr = (P - 1) * SW + (KS - 1) * DW + 1
     accs = ()
-    for t in tl.static_range(KS * KS):
-        accs = accs + (tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE),)
+    for k in tl.static_range(KS * KS):
+        accs = accs + (zero,)
+    dy_channel = dy_ptr + b * sdyb + c2 * sdyc
+    x_channel = x_ptr + b * sxb + c2 * sxc
     for tile in range(split, TILES, SPLITS):
-        c2, row0, col0 = _lanes(tile, TILES_W, BLOCK_C, BLOCK_H, BLOCK_W, S, P, INDEX_64)
-        c_ok = c2 < C
-        dy_lane = dy_ptr + b * sdyb + c2 * sdyc + (row0 * sdyh + col0 * sdyw)
-        grads = ()
-        for s in tl.static_range(S):
-            for p in tl.static_range(P):
-                ok = c_ok & (row0 + s < HO) & (col0 + p < WO)
-                grads = grads + (tl.load(dy_lane + (s * sdyh + p * sdyw), mask=ok, other=0.0).to(ACC_DTYPE),)
-        h_first = row0 * SH - PH
+        col0 = ((tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_W)) * P
+        row0 = (tile // TILES_W) * RUN
+        if INDEX_64:
+            col0 = col0.to(tl.int64)
+        col0 = col0[None, :]
+        row_end = tl.minimum(row0 + RUN, HO)
         w_first = col0 * SW - PW
         cols_ok = ()
         for qc in tl.static_range(HALO_W):
             cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
-        x_lane = x_ptr + b * sxb + c2 * sxc + (h_first * sxh + w_first * sxw)
-        for o in tl.static_range(HALO_H):
-            row_ok = (h_first + o >= 0) & (h_first + o < H)
-            xs = _source_row(x_lane, row_ok, cols_ok, o, sxh, sxw, HALO_W, ACC_DTYPE)
+        outs_ok = ()
+        for p in tl.static_range(P):
+            outs_ok = outs_ok + (c_ok & (col0 + p < WO),)
+        dy_lane = dy_channel + col0 * sdyw
+        x_lane = x_channel + w_first * sxw
+        # x row t meets dy row t + PH - a through tap row a; the window holds those K dy rows.
+        t_first = tl.maximum(row0 - PH, 0)
+        t_last = tl.minimum(row_end - 1 - PH + KS - 1, H - 1)
+        grads = ()
+        for a in tl.static_range(KS):
+            for p in tl.static_range(P):
+                if a == 0:
+                    grads = grads + (zero,)  # loaded at the top of the first step
+                else:
+                    i = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + (t_first + PH - a)
+                    ok = outs_ok[p] & (i >= row0) & (i < row_end)
+                    grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=ok, other=0.0)
+                    grads = grads + (grad.to(ACC_DTYPE),)
+        for t in range(t_first, t_last + 1):
+            if INDEX_64:
+                t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
+            i = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + (t + PH)
+            row_ok = (i >= row0) & (i < row_end)
+            window = ()
+            for p in tl.static_range(P):
+                grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=outs_ok[p] & row_ok, other=0.0)
+                window = window + (grad.to(ACC_DTYPE),)
+            for k in tl.static_range(P, KS * P):
+                window = window + (grads[k],)
+            x_row = x_lane + t * sxh
+            xs = ()
+            for qc in tl.static_range(HALO_W):
+                xs = xs + (tl.load(x_row + qc * sxw, mask=cols_ok[qc], other=0.0).to(ACC_DTYPE),)
             new = ()
-            for u in tl.static_range(KS):
-                for v in tl.static_range(KS):
-                    acc = accs[u * KS + v]
-                    for s in tl.static_range(S):
-                        if s * SH + u * DH == o:
-                            for p in tl.static_range(P):
-                                acc += grads[s * P + p] * xs[p * SW + v * DW]
+            for a in tl.static_range(KS):
+                for e in tl.static_range(KS):
+                    acc = accs[a * KS + e]
+                    for p in tl.static_range(P):
+                        acc += window[a * P + p] * xs[p * SW + e * DW]
                     new = new + (acc,)
             accs = new
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    if INDEX_64:
-        c = c.to(tl.int64)
+            # Shift: the next step's window row a is this step's row a - 1.
+            grads = ()
+            for p in tl.static_range(P):
+                grads = grads + (zero,)
+            for k in tl.static_range((KS - 1) * P):
+                grads = grads + (window[k],)
     part = dw_ptr + b * spb + split * sps + c * spc
-    for t in tl.static_range(KS * KS):
-        tl.store(part + ((t // KS) * spu + (t % KS) * spv), tl.sum(accs[t], axis=1), mask=c < C)
+    for k in tl.static_range(KS * KS):
+        tl.store(part + ((k // KS) * spu + (k % KS) * spv), tl.sum(accs[k], axis=1), mask=c < C)
 
 
 # --------------------------------------------------------------------------------------------
@@ -676,46 +712,46 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
                   loops=_walk_loops(config, Ho, cdiv(K, step_h)))
 
 
-def handles_weight_grad(C: int, G: int, K: int, config: dict | None) -> bool:
-    """Whether the per-sample weight gradient runs here: one-channel groups, K <= MAX_K."""
-    return C == G and K <= MAX_K and (config is None or "P" in config)
+def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict | None) -> bool:
+    """Whether the per-sample weight gradient runs here: one-channel groups, K <= MAX_K, rows read at
+    stride and dilation 1 (the row walk)."""
+    return (C == G and K <= MAX_K and stride[0] == 1 and dilation[0] == 1
+            and (config is None or "P" in config))
 
 
-@functools.lru_cache(maxsize=1024)
-def _weight_grad_config(C: int, Ho: int, Wo: int, K: int, channels_last: bool) -> dict:
-    """The forward's tile shape (S x P output pixels of one channel per thread, the K*K tap sums held)."""
-    return dict(_taps_config(1, C, Ho, Wo, K, channels_last, False))
-
-
-def weight_grad_default(C: int, Ho: int, Wo: int, K: int, channels_last: bool) -> dict:
-    return dict(_weight_grad_config(C, Ho, Wo, K, channels_last))
+def weight_grad_default(B: int, C: int, Ho: int, Wo: int, K: int, channels_last: bool) -> dict:
+    """The forward's walking tile (P columns of one channel per thread, runs of RUN rows)."""
+    return taps_config(B, C, Ho, Wo, K, channels_last, True)
 
 
 def weight_grad_partials(B: int, C: int, K: int, Ho: int, Wo: int, config: dict) -> tuple[int, ...]:
     """Shape (B, C, K, K, splits) of the fp32 partials, summed over the last dim by the caller: one per
     persistent program of a (sample, channel block)."""
-    tiles = cdiv(Ho, config["BLOCK_H"] * config["S"]) * cdiv(Wo, config["BLOCK_W"] * config["P"])
+    tiles, _ = _tiles(config, Ho, Wo)
     blocks = B * cdiv(C, config["BLOCK_C"])
     return (B, C, K, K, max(1, min(tiles, cdiv(PERSISTENT_PROGRAMS, blocks))))
 
 
-def backward_weight_launch(dy, x, part, stride, padding, dilation, config) -> Launch:
-    """``part`` is (B, C, K, K, splits) of weight_grad_partials(config)."""
+def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
+    """``dw`` is the (B, C, K, K, splits) partials of weight_grad_partials(config)."""
+    if not handles_weight_grad(x.shape[1], x.shape[1], dw.shape[2], stride, dilation, config):
+        raise ValueError(f"the per-sample depth-wise weight-gradient kernel needs one-channel groups, K <= {MAX_K}, row "
+                         f"stride and dilation 1 (got C={x.shape[1]}, K={dw.shape[2]}, stride={tuple(stride)}, "
+                         f"dilation={tuple(dilation)})")
     B, C, H, W = x.shape
-    K, splits = part.shape[2], part.shape[4]
+    K, splits = dw.shape[2], dw.shape[4]
     Ho, Wo = dy.shape[2], dy.shape[3]
-    meta = _meta(config)
-    tiles_w = cdiv(Wo, meta["BLOCK_W"] * meta["P"])
-    tiles = cdiv(Ho, meta["BLOCK_H"] * meta["S"]) * tiles_w
+    tiles, tiles_w = _tiles(config, Ho, Wo)
     args = dict(
-        dy_ptr=dy, x_ptr=x, dw_ptr=part, C=C, H=H, W=W, HO=Ho, WO=Wo,
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, C=C, H=H, W=W, HO=Ho, WO=Wo,
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
-        **dict(zip(("spb", "spc", "spu", "spv", "sps"), part.stride())),
-        PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, SPLITS=splits,
+        **dict(zip(("spb", "spc", "spu", "spv", "sps"), dw.stride())),
+        PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, SPLITS=splits, RUN=config["RUN"],
     )
-    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
-                INDEX_64=_needs_int64(dy, x, part), ACC_DTYPE=_acc_dtype(x.dtype))
-    # One loop: the persistent walk over pixel tiles; programs make cdiv(tiles, splits) trips at most.
-    return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, meta["BLOCK_C"]), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(cdiv(tiles, splits),))
+    meta = dict(SW=stride[1], DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"],
+                P=config["P"], INDEX_64=_needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
+    # The persistent walk over tiles (cdiv(tiles, splits) trips at most), and down each tile's x rows.
+    rows = min(config["RUN"] + K - 1, H)
+    return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=((cdiv(tiles, splits), (rows,)),))
