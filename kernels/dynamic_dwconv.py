@@ -751,7 +751,9 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
     )
     meta = dict(SW=stride[1], DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"],
                 P=config["P"], INDEX_64=_needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
-    # The persistent walk over tiles (cdiv(tiles, splits) trips at most), and down each tile's x rows.
+    # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
+    # compile-time constant and the loop disappears), and down each tile's x rows.
     rows = min(config["RUN"] + K - 1, H)
+    loops = (rows,) if tiles == 1 else ((cdiv(tiles, splits), (rows,)),)
     return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=((cdiv(tiles, splits), (rows,)),))
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=loops)
