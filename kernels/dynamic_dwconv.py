@@ -617,22 +617,32 @@ def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
     return dilation // math.gcd(stride, dilation) == 1 if input_grad else stride == 1 and dilation == 1
 
 
-def _problem_key(x: torch.Tensor, K: int, stride) -> dict:
+def _problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
+    # The fields of involution.problem_key (the tuning spaces key both kernels' tables with it).
     B, C, H, W = x.shape
-    return {"B": B, "C": C, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
+    return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
             "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
 
 
-def forward_config(x, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
-    default = taps_config(x.shape[0], x.shape[1], Ho, Wo, K, is_channels_last(x), _walks(stride[0], dilation[0], False))
-    return get_config("dwconv_fwd", _problem_key(x, K, stride), default)
+def forward_default(x, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
+    """The forward's own tile (a copy)."""
+    return taps_config(x.shape[0], x.shape[1], Ho, Wo, K, is_channels_last(x), _walks(stride[0], dilation[0], False))
 
 
-def input_grad_config(dx, K: int, stride, dilation) -> dict:
+def input_grad_default(dx, K: int, stride, dilation) -> dict:
+    """The input gradient's own tile over the pixels of one stride phase (a copy)."""
     B, C, H, W = dx.shape
-    default = taps_config(B, C, cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx),
-                          _walks(stride[0], dilation[0], True))
-    return get_config("dwconv_bwd_input", _problem_key(dx, K, stride), default)
+    return taps_config(B, C, cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx),
+                       _walks(stride[0], dilation[0], True))
+
+
+def forward_config(x, G: int, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
+    default = forward_default(x, K, stride, dilation, Ho, Wo)
+    return get_config("dwconv_fwd", _problem_key(x, G, K, stride), default)
+
+
+def input_grad_config(dx, G: int, K: int, stride, dilation) -> dict:
+    return get_config("dwconv_bwd_input", _problem_key(dx, G, K, stride), input_grad_default(dx, K, stride, dilation))
 
 
 def _grid(rows: int, C: int, block_c: int) -> tuple[int, int, int]:
@@ -669,7 +679,7 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     B, C, H, W = x.shape
     CG, K = C // weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
-    config = config or forward_config(x, K, stride, dilation, Ho, Wo)
+    config = config or forward_config(x, weight.shape[1], K, stride, dilation, Ho, Wo)
     tiles, tiles_w = _tiles(config, Ho, Wo)
     bias_strides = bias.stride() if bias is not None else (0, 0)
     args = dict(
@@ -691,7 +701,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     B, C, H, W = dx.shape
     CG, K = C // weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
-    config = config or input_grad_config(dx, K, stride, dilation)
+    config = config or input_grad_config(dx, weight.shape[1], K, stride, dilation)
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     phases = stride[0] * stride[1]
     tiles, tiles_w = _tiles(config, cdiv(H, stride[0]), cdiv(W, stride[1]))
