@@ -93,7 +93,14 @@ def _tap_sums(
     b = pid0 // TILES_PHASE
     tile = pid0 % TILES_PHASE
     if INDEX_64:
+        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
         b = b.to(tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
+        swu = tl.cast(swu, tl.int64)
+        swv = tl.cast(swv, tl.int64)
+        syh = tl.cast(syh, tl.int64)
+        syw = tl.cast(syw, tl.int64)
     if IS_DX:
         phase = b % (SH * SW)
         b = b // (SH * SW)
@@ -233,7 +240,14 @@ def _row_walk(
     b = pid0 // TILES_PHASE
     tile = pid0 % TILES_PHASE
     if INDEX_64:
+        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
         b = b.to(tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
+        swu = tl.cast(swu, tl.int64)
+        swv = tl.cast(swv, tl.int64)
+        syh = tl.cast(syh, tl.int64)
+        syw = tl.cast(syw, tl.int64)
     if IS_DX:
         phase = b % (SH * SW)
         b = b // (SH * SW)
@@ -356,9 +370,13 @@ def _row_walk(
                    PHASE_MAY_BE_EMPTY)
     # Rows of the run no source row reaches (padding wider than the taps): the bias alone.
     for i in range(row0, tl.minimum(row_end, t_first + pad_h - (TAPS_H - 1))):
+        if INDEX_64:
+            i = tl.cast(i, tl.int64)
         _store_row(y_lane, window, 0, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
                    PHASE_MAY_BE_EMPTY, True)
     for i in range(tl.maximum(row0, t_last + pad_h + 1), row_end):
+        if INDEX_64:
+            i = tl.cast(i, tl.int64)
         _store_row(y_lane, window, 0, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
                    PHASE_MAY_BE_EMPTY, True)
 
@@ -463,8 +481,15 @@ def dwconv_bwd_weight_kernel(
     split = pid0 % SPLITS
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if INDEX_64:
+        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
         b = b.to(tl.int64)
         c = c.to(tl.int64)
+        sdyh = tl.cast(sdyh, tl.int64)
+        sdyw = tl.cast(sdyw, tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
+        spu = tl.cast(spu, tl.int64)
+        spv = tl.cast(spv, tl.int64)
     c2 = c[:, None]
     c_ok = c2 < C
     zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=ACC_DTYPE)
@@ -500,6 +525,8 @@ def dwconv_bwd_weight_kernel(
                     grads = grads + (zero,)  # loaded at the top of the first step
                 else:
                     i = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + (t_first + PH - a)
+                    if INDEX_64:
+                        i = i.to(tl.int64)
                     ok = outs_ok[p] & (i >= row0) & (i < row_end)
                     grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=ok, other=0.0)
                     grads = grads + (grad.to(ACC_DTYPE),)
