@@ -680,10 +680,10 @@ def _meta(config: dict) -> dict:
     return {k: config[k] for k in ("BLOCK_C", "BLOCK_H", "BLOCK_W", "S", "P")}
 
 
-def _tiles(config: dict, height: int, width: int) -> tuple[int, int]:
+def _tiles(config: dict, height: int, width: int, walk: bool = True) -> tuple[int, int]:
     """(tiles, tiles along W) of one program set: runs of RUN rows (walk) or BLOCK_H x S rows."""
     tiles_w = cdiv(width, config["BLOCK_W"] * config["P"])
-    rows = config["RUN"] if config["RUN"] else config["BLOCK_H"] * config["S"]
+    rows = config["RUN"] if walk and config["RUN"] else config["BLOCK_H"] * config["S"]
     return cdiv(height, rows) * tiles_w, tiles_w
 
 
@@ -695,9 +695,15 @@ def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
     return g, step, pow(dilation // g, -1, step) if step > 1 else 0
 
 
-def _walk_loops(config: dict, source_rows: int, K: int) -> tuple:
+def _walking(config: dict, stride, dilation, input_grad: bool) -> bool:
+    """Whether a launch walks: the config asks for it (RUN) and the geometry allows it. Tuned tables
+    key no dilation, so a walking config can meet a dilated layer: it then takes _tap_sums."""
+    return bool(config["RUN"]) and _walks(stride[0], dilation[0], input_grad)
+
+
+def _walk_loops(walk: bool, config: dict, source_rows: int, K: int) -> tuple:
     """Trip counts of _row_walk's loops (source rows of a run; the bias-only rows, none at usual paddings)."""
-    if not config["RUN"]:
+    if not walk:
         return ()
     return (min(config["RUN"] + K - 1, source_rows), 0, 0)
 
@@ -707,7 +713,8 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     CG, K = C // weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     config = config or forward_config(x, weight.shape[1], K, stride, dilation, Ho, Wo)
-    tiles, tiles_w = _tiles(config, Ho, Wo)
+    walk = _walking(config, stride, dilation, False)
+    tiles, tiles_w = _tiles(config, Ho, Wo, walk)
     bias_strides = bias.stride() if bias is not None else (0, 0)
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, C=C, H=H, W=W, HO=Ho, WO=Wo, CG=CG,
@@ -718,10 +725,10 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
         PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
     meta = _meta(config)
-    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=config["RUN"] > 0,
+    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
                 HAS_BIAS=bias is not None, INDEX_64=_needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
     return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=_walk_loops(config, H, K))
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=_walk_loops(walk, config, H, K))
 
 
 def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
@@ -731,7 +738,8 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     config = config or input_grad_config(dx, weight.shape[1], K, stride, dilation)
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     phases = stride[0] * stride[1]
-    tiles, tiles_w = _tiles(config, cdiv(H, stride[0]), cdiv(W, stride[1]))
+    walk = _walking(config, stride, dilation, True)
+    tiles, tiles_w = _tiles(config, cdiv(H, stride[0]), cdiv(W, stride[1]), walk)
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx, C=C, H=Ho, W=Wo, HO=H, WO=W, CG=CG,
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
@@ -743,10 +751,10 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
                 TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
                 FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
-                WALK=config["RUN"] > 0, INDEX_64=_needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
+                WALK=walk, INDEX_64=_needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
     return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
-                  loops=_walk_loops(config, Ho, cdiv(K, step_h)))
+                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h)))
 
 
 def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict | None) -> bool:

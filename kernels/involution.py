@@ -1019,7 +1019,11 @@ def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool, dilation=(1, 1)
     name = "involution_bwd_weight" if per_pixel else "dwconv_bwd_weight"
     default = weight_grad_default(x.shape[1], G, K, Ho, Wo, is_channels_last(x), per_pixel, x.shape[0], stride,
                                   dilation)
-    return get_config(name, problem_key(x, G, K, stride), default)
+    config = get_config(name, problem_key(x, G, K, stride), default)
+    # Tables key no dilation: a dynamic_dwconv tile tuned at dilation 1 must not reach a dilated layer.
+    if "P" in config and not dwconv.handles_weight_grad(x.shape[1], G, K, stride, dilation, config):
+        return default
+    return config
 
 
 def weight_grad_tiles(Ho: int, Wo: int, config: dict) -> int:

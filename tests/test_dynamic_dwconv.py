@@ -100,3 +100,16 @@ def test_weight_gradient_rejects_geometries_it_does_not_walk():
     part = torch.empty(dwconv.weight_grad_partials(1, 2, 3, 3, 3, config))
     with pytest.raises(ValueError, match="stride and dilation 1"):
         dwconv.backward_weight_launch(torch.randn(1, 2, 3, 3), x, part, (2, 2), (1, 1), (1, 1), config)
+
+
+@pytest.mark.usefixtures("nan_poison")
+def test_a_walking_config_meets_a_dilated_layer():
+    """Tuned tables key no dilation: a walking (RUN) config given a dilated layer takes the unrolled sum."""
+    x, w, bias, stride, padding, dilation = _problem((1, 2, 2, 7, 6, 3, 1, 2, 2), torch.float32, torch.contiguous_format)
+    config = dwconv.taps_config(1, 2, 7, 6, 3, False, True)
+    expected = _conv(x, w, bias, stride, padding, dilation)
+    y = torch.empty(expected.shape)
+    launch = dwconv.forward_launch(x, w, bias, y, stride, padding, dilation, config)
+    assert not launch.meta["WALK"]
+    launch()
+    assert_close(y, expected, torch.float32, "y")
