@@ -588,7 +588,8 @@ def handles(weight: torch.Tensor, config: dict | None) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool) -> dict:
+def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
+                 input_grad: bool) -> dict:
     """Tile over ``height x width`` output pixels of one program set.
 
     walk (_row_walk): P output columns per thread, the window of K*P accumulators and the K*K held
@@ -601,7 +602,10 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
     best = None
     rows = (1,) if walk else range(1, min(4, height) + 1)
     for s in rows:
-        cap = max(1, 49 // K) if walk else max(1, 64 // (s * K * K))
+        # The channels_last input gradient's phase arithmetic costs a few registers more: P = 7 at
+        # K = 7 spilled 8 bytes in 16-bit with triton 3.9's ptxas for sm_80 (dynconv inspect).
+        budget = 42 if input_grad and channels_last else 49
+        cap = max(1, budget // K) if walk else max(1, 64 // (s * K * K))
         for p in range(1, min(8, width, cap) + 1):
             for warps in (1, 2, 4):
                 block_c = min(next_power_of_2(C), 32 if channels_last else max(1, 32 // next_power_of_2(cdiv(width, p))))
@@ -634,9 +638,10 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
     return config
 
 
-def taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool) -> dict:
+def taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
+                input_grad: bool = False) -> dict:
     """The forward's (input gradient's) own tile over ``height x width`` output (input) pixels (a copy)."""
-    return dict(_taps_config(B, C, height, width, K, channels_last, walk))
+    return dict(_taps_config(B, C, height, width, K, channels_last, walk, input_grad))
 
 
 def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
@@ -660,7 +665,7 @@ def input_grad_default(dx, K: int, stride, dilation) -> dict:
     """The input gradient's own tile over the pixels of one stride phase (a copy)."""
     B, C, H, W = dx.shape
     return taps_config(B, C, cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx),
-                       _walks(stride[0], dilation[0], True))
+                       _walks(stride[0], dilation[0], True), True)
 
 
 def forward_config(x, G: int, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
