@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dynamic_dwconv as dwconv
 from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
 
@@ -735,6 +736,8 @@ def forward_default(x, weight, Ho: int, Wo: int) -> dict:
 
 
 def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
+    if dwconv.handles(weight, config):
+        return dwconv.forward_launch(x, weight, bias, y, stride, padding, dilation, config)
     B, C, H, W = x.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
@@ -773,6 +776,8 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
 
 
 def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
+    if dwconv.handles(weight, config):
+        return dwconv.backward_input_launch(dy, weight, dx, stride, padding, dilation, config)
     B, C, H, W = dx.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
@@ -857,7 +862,9 @@ def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: boo
     B, C, H, W = x.shape
     G, K = dw.shape[1], dw.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
-    config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel)
+    config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel, dilation)
+    if not per_pixel and "P" in config:
+        return dwconv.backward_weight_launch(dy, x, dw, stride, padding, dilation, config)
     if per_pixel and "RUN" in config:
         return _runs_launch(dy, x, dw, stride, padding, dilation, config)
     if "RUN" in config:
@@ -991,7 +998,8 @@ def _sample_config(C: int, Ho: int, Wo: int, channels_last: bool) -> dict:
     return {"BLOCK_G": block_g, "BLOCK_W": block_w, "RUN": run, "num_warps": num_warps, "num_stages": 1}
 
 
-def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last: bool, per_pixel: bool) -> dict:
+def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last: bool, per_pixel: bool,
+                        B: int = 1, stride=(1, 1), dilation=(1, 1)) -> dict:
     """The launcher's own weight-gradient config: the runs kernel (per pixel, channels_last, 2..RUNS_MAX_CG
     channels per group), the persistent kernel (per sample, G = C), else the generic kernel's tile;
     K up to RUNS_MAX_K for the first two. NCHW per pixel stays on the generic kernel for now: the
@@ -999,16 +1007,23 @@ def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last:
     code ptxas takes minutes to compile (not yet measured by the static model either)."""
     if per_pixel and channels_last and K <= RUNS_MAX_K and 2 <= C // G <= RUNS_MAX_CG:
         return dict(_runs_config(G, Ho, Wo))
+    if not per_pixel and dwconv.handles_weight_grad(C, G, K, stride, dilation, None):
+        return dwconv.weight_grad_default(B, C, Ho, Wo, K, channels_last)
     if not per_pixel and K <= RUNS_MAX_K and C == G:
         return dict(_sample_config(C, Ho, Wo, channels_last))
     # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
     return default_config(C, G, Ho, Wo, channels_last, max_warps=4)
 
 
-def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool) -> dict:
+def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool, dilation=(1, 1)) -> dict:
     name = "involution_bwd_weight" if per_pixel else "dwconv_bwd_weight"
-    default = weight_grad_default(x.shape[1], G, K, Ho, Wo, is_channels_last(x), per_pixel)
-    return get_config(name, problem_key(x, G, K, stride), default)
+    default = weight_grad_default(x.shape[1], G, K, Ho, Wo, is_channels_last(x), per_pixel, x.shape[0], stride,
+                                  dilation)
+    config = get_config(name, problem_key(x, G, K, stride), default)
+    # Tables key no dilation: a dynamic_dwconv tile tuned at dilation 1 must not reach a dilated layer.
+    if "P" in config and not dwconv.handles_weight_grad(x.shape[1], G, K, stride, dilation, config):
+        return default
+    return config
 
 
 def weight_grad_tiles(Ho: int, Wo: int, config: dict) -> int:
@@ -1020,6 +1035,8 @@ def weight_grad_partials(B: int, G: int, K: int, Ho: int, Wo: int, config: dict)
     """Shape (B, G, K, K, partials) of the fp32 partials of a per-sample weight gradient, summed over
     the last dim: one per persistent program of a (sample, group block), or one per tile from the
     generic kernel."""
+    if "P" in config:
+        return dwconv.weight_grad_partials(B, G, K, Ho, Wo, config)
     if "RUN" in config:
         tiles = cdiv(Ho, config["RUN"]) * cdiv(Wo, config["BLOCK_W"])
         blocks = B * cdiv(G, config["BLOCK_G"])
@@ -1046,7 +1063,7 @@ def involution_backward_weight(dy, x, dw, stride, padding, dilation, config=None
         return
     B, G, K = dw.shape[:3]
     Ho, Wo = dy.shape[2], dy.shape[3]
-    config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=False)
+    config = config or weight_grad_config(x, G, K, stride, Ho, Wo, False, dilation)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     shape = weight_grad_partials(B, G, K, Ho, Wo, config)
     partials = torch.empty(shape, dtype=acc, device=x.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import dynamic_dwconv as dwconv
 from ._launch import Launch
 from .configs import KernelSpace, Problem, neighbourhood, register_spaces
 from .involution import (
@@ -28,16 +29,18 @@ _REDNET = [("RedNet-50 stage 1", 64, 56, 1), ("RedNet-50 stage 2", 128, 28, 1), 
            ("RedNet-50 stage 4", 512, 7, 1), ("RedNet-50 stage 2 stride 2", 128, 56, 2)]
 _DWNET = [("DWNet-T stage 1", 96, 56, 1), ("DWNet-T stage 2", 192, 28, 1), ("DWNet-T stage 3", 384, 14, 1),
           ("DWNet-T stage 4", 768, 7, 1)]
-_TUNED_KERNELS = ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight")
+# involution_* tune the per-pixel weights' kernels, dwconv_* the per-sample ones (kernels/dynamic_dwconv.py).
+_TUNED_KERNELS = ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_fwd", "dwconv_bwd_input",
+                  "dwconv_bwd_weight")
 
 
 def _tuning_problems(kernel: str, quick: bool) -> list:
     rednet, dwnet = (_REDNET[1:2], _DWNET[1:2]) if quick else (_REDNET, _DWNET)
     shapes = []
-    if kernel != "dwconv_bwd_weight":  # per-pixel weights
+    if kernel.startswith("involution"):  # per-pixel weights
         shapes += [(f"{label} involution", "involution", C, C // 16, H, s, True) for label, C, H, s in rednet]
         shapes += [(f"{label} inhomogeneous", "dwconv", C, C, H, s, True) for label, C, H, s in dwnet]
-    if kernel != "involution_bwd_weight":  # per-sample weights
+    else:  # per-sample weights
         shapes += [(f"{label} homogeneous", "dwconv", C, C, H, s, False) for label, C, H, s in dwnet]
     return [Problem(f"{label} {'NHWC' if cl else 'NCHW'}", op,
                     dict(B=32, C=C, G=G, H=H, W=H, K=7, stride=s, per_pixel=pp, bias=not pp, channels_last=cl))
@@ -76,9 +79,9 @@ def _tuning_launch(kernel: str):
     def launch(spec: dict, ts: dict, config: dict) -> Launch:
         stride, p = _strides(spec), (spec["K"] - 1) // 2
         geometry = (stride, (p, p), (1, 1))
-        if kernel == "involution_fwd":
+        if kernel in ("involution_fwd", "dwconv_fwd"):
             return forward_launch(ts["x"], ts["w"], ts["bias"], ts["y"], *geometry, config)
-        if kernel == "involution_bwd_input":
+        if kernel in ("involution_bwd_input", "dwconv_bwd_input"):
             return backward_input_launch(ts["dy"], ts["w"], ts["dx"], *geometry, config)
         if kernel == "involution_bwd_weight":
             dw = ts.setdefault("dw", torch.empty_like(ts["w"]))
@@ -98,12 +101,17 @@ def _tuning_key(spec: dict, ts: dict) -> dict:
 
 def _default_for(kernel: str, spec: dict, ts: dict) -> dict:
     """The launcher's default tile for ``kernel`` on tensors ``ts``."""
+    if kernel in ("dwconv_fwd", "dwconv_bwd_input"):
+        stride, K = _strides(spec), spec["K"]
+        if kernel == "dwconv_fwd":
+            return dwconv.forward_default(ts["x"], K, stride, (1, 1), ts["y"].shape[2], ts["y"].shape[3])
+        return dwconv.input_grad_default(ts["dx"], K, stride, (1, 1))
     if kernel == "involution_fwd":
         return forward_default(ts["x"], ts["w"], ts["y"].shape[2], ts["y"].shape[3])
     if kernel == "involution_bwd_input":
         return input_grad_default(ts["dx"], ts["w"], _strides(spec))
     return weight_grad_default(spec["C"], spec["G"], spec["K"], ts["y"].shape[2], ts["y"].shape[3],
-                               bool(spec["channels_last"]), kernel == "involution_bwd_weight")
+                               bool(spec["channels_last"]), kernel == "involution_bwd_weight", spec["B"], _strides(spec))
 
 
 def _tuning_default(kernel: str):
@@ -119,6 +127,13 @@ def _tuning_candidates(kernel: str):
         spec, dtype = _tuning_spec_for_key(kernel)(key)
         default = _default_for(kernel, spec, _tuning_inputs(spec, dtype, "meta"))
         limits = {"BLOCK_G": key["G"], "BLOCK_CG": key["C"] // key["G"], "BLOCK_H": h, "BLOCK_W": w}
+        if "P" in default:
+            # dynamic_dwconv's tiles: one output block per lane, so the lanes are the threads.
+            limits.update(BLOCK_C=key["C"])
+            # The row walk has no row lanes (BLOCK_H unused).
+            vary = ["BLOCK_C", "BLOCK_W"] if default["RUN"] else None
+            return neighbourhood(default, limits, elements_per_thread=(1, 1), size=6 if quick else 10,
+                                 vary=vary, warps=(1, 2, 4, 8), stages=(1,))
         # The weight-gradient kernels with RUN size their registers for the default's elements per thread.
         per_thread = (2, 64)
         if "RUN" in default:
@@ -132,7 +147,7 @@ def _tuning_candidates(kernel: str):
 
 def _tuning_spec_for_key(kernel: str):
     def spec_for_key(key: dict):
-        per_pixel = kernel != "dwconv_bwd_weight"
+        per_pixel = not kernel.startswith("dwconv")
         spec = dict(B=key["B"], C=key["C"], G=key["G"], H=key["H"], W=key["W"], K=key["K"],
                     stride=(key["stride_h"], key["stride_w"]), per_pixel=per_pixel, bias=False,
                     channels_last=bool(key["channels_last"]))

@@ -417,7 +417,8 @@ def _round_trips(space, key) -> bool:
 def test_involution_keys_on_both_stride_components():
     x = torch.empty((8, 64, 32, 32), device="meta")
     assert not _borrows_across_strides(configs.spaces()["involution_fwd"], lambda s: inv.problem_key(x, 4, 7, s))
-    for name in ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight"):
+    for name in ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_fwd", "dwconv_bwd_input",
+                 "dwconv_bwd_weight"):
         for sh, sw in ((1, 2), (2, 1)):
             key = dict(B=8, C=64, G=4, H=32, W=16, K=7, stride_h=sh, stride_w=sw, channels_last=0, dtype_bytes=2)
             assert _round_trips(configs.spaces()[name], key), (name, sh, sw)

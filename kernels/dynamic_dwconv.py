@@ -1,0 +1,809 @@
+"""Homogeneous dynamic depth-wise conv (docs/operators.md §1): a per-sample weight ``(B, G, K, K)``.
+
+A per-sample filter is an ordinary depth-wise conv of each sample, and its weight does not depend on
+the pixel, so these kernels hold a thread's K*K weights in registers for the whole program. Each
+thread owns one channel and a block of S output rows x P output columns; the rows and columns of its
+input halo are loaded (and converted) once and feed every tap that reads them, so an input element
+serves up to min(S, K) * min(P, K) multiply-adds. Kernel size, strides, dilations, S and P are
+compile-time constants: every tap is unrolled and no tap index is computed at run time.
+
+- ``dwconv_fwd_kernel`` and ``dwconv_bwd_input_kernel``: one tap sum (``_tap_sums``), the input
+  gradient by stride phase (the same sum over dy with the taps flipped, one set of programs per
+  phase, so no tap is masked for the stride).
+- ``dwconv_bwd_weight_kernel``: the per-sample weight gradient of one-channel groups (G = C),
+  persistent programs whose fixed-order partials the caller sums (deterministic, no atomics).
+
+``kernels/involution.py`` dispatches here for 4-D weights; per-pixel weights stay there.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, cdiv, is_channels_last, next_power_of_2
+from .configs import get_config
+
+INT32_MAX = 2**31 - 1
+# Largest kernel size the unrolled kernels take (K*K weights held per thread); larger K keeps the
+# run-time tap loops of involution.py.
+MAX_K = 9
+# Programs the weight gradient aims for (a fixed count, about four per SM of an H100/H200, so the
+# partials and their summation order never depend on the GPU).
+PERSISTENT_PROGRAMS = 512
+
+
+@triton.jit
+def _source_row(src_lane, row_ok, cols_ok, o, ssh, ssw, HALO_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Halo row ``o`` of each thread: its HALO_W source columns (``cols_ok``: in the image, and of a
+    channel that exists), loaded and converted once."""
+    xs = ()
+    for q in tl.static_range(HALO_W):
+        xv = tl.load(src_lane + (o * ssh + q * ssw), mask=row_ok & cols_ok[q], other=0.0)
+        xs = xs + (xv.to(ACC_DTYPE),)
+    return xs
+
+
+@triton.jit
+def _lanes(tile, TILES_W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+           S: tl.constexpr, P: tl.constexpr, INDEX_64: tl.constexpr):
+    """Channels [BLOCK_C, 1] and first output row and column [1, pixels] of each thread's S x P block."""
+    q = tl.arange(0, BLOCK_H * BLOCK_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row = ((tile // TILES_W) * BLOCK_H + q // BLOCK_W) * S
+    col = ((tile % TILES_W) * BLOCK_W + q % BLOCK_W) * P
+    if INDEX_64:
+        c = c.to(tl.int64)
+        row = row.to(tl.int64)
+        col = col.to(tl.int64)
+    return c[:, None], row[None, :], col[None, :]
+
+
+@triton.jit
+def _tap_sums(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    C, H, W, HO, WO, CG,
+    sxb, sxc, sxh, sxw,
+    swb, swg, swu, swv,
+    sbb, sbc,
+    syb, syc, syh, syw,
+    PH, PW, TILES_PHASE, TILES_W,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    IS_DX: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
+    GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
+    FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Forward: y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    Input gradient (IS_DX): x is dy (H x W), y is dx (HO x WO), SH, SW, DH, DW, PH, PW the forward's,
+    and KS the forward's K. Program set (ph, pw) owns the dx pixels
+    (ph + SH*i, pw + SW*j). Along one axis (stride s, dilation d, padding p, g = gcd(s, d),
+    step = s/g) its taps are u = u0 + t*step with u0*d = ph + p (mod s), t < TAPS, and tap u reads dy
+    row i + (ph + p - u*d)/s. Slot a = TAPS-1-t reads dy row i - pad + a*(d/g): a forward tap sum of
+    dilation d/g with the taps flipped. Slot 0 may name tap >= K (the phase has one tap fewer): its
+    products are dropped by a select, never multiplied by a zero weight (0 * inf would poison the
+    sum); a phase no tap reaches (g does not divide ph + p) is zero.
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PHASE
+    tile = pid0 % TILES_PHASE
+    if INDEX_64:
+        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
+        b = b.to(tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
+        swu = tl.cast(swu, tl.int64)
+        swv = tl.cast(swv, tl.int64)
+        syh = tl.cast(syh, tl.int64)
+        syw = tl.cast(syw, tl.int64)
+    if IS_DX:
+        phase = b % (SH * SW)
+        b = b // (SH * SW)
+        ph = phase // SW
+        pw = phase % SW
+        rh = ph + PH
+        rw = pw + PW
+        u0 = ((rh // GH) * INV_H) % (SH // GH)
+        v0 = ((rw // GW) * INV_W) % (SW // GW)
+        u_first = u0 + (TAPS_H - 1) * (SH // GH)
+        v_first = v0 + (TAPS_W - 1) * (SW // GW)
+        pad_h = (TAPS_H - 1) * (DH // GH) - (rh - u0 * DH) // SH
+        pad_w = (TAPS_W - 1) * (DW // GW) - (rw - v0 * DW) // SW
+        U_STEP: tl.constexpr = -(SH // GH)
+        V_STEP: tl.constexpr = -(SW // GW)
+        SRC_SH: tl.constexpr = 1
+        SRC_SW: tl.constexpr = 1
+        SRC_DH: tl.constexpr = DH // GH
+        SRC_DW: tl.constexpr = DW // GW
+        OUT_SH: tl.constexpr = SH
+        OUT_SW: tl.constexpr = SW
+    else:
+        ph = 0
+        pw = 0
+        u_first = 0
+        v_first = 0
+        pad_h = PH
+        pad_w = PW
+        U_STEP: tl.constexpr = 1
+        V_STEP: tl.constexpr = 1
+        SRC_SH: tl.constexpr = SH
+        SRC_SW: tl.constexpr = SW
+        SRC_DH: tl.constexpr = DH
+        SRC_DW: tl.constexpr = DW
+        OUT_SH: tl.constexpr = 1
+        OUT_SW: tl.constexpr = 1
+    c2, row0, col0 = _lanes(tile, TILES_W, BLOCK_C, BLOCK_H, BLOCK_W, S, P, INDEX_64)
+    c_ok = c2 < C
+    # The weights of the thread's channel, held for all its taps.
+    w_lane = w_ptr + b * swb + (c2 // CG) * swg
+    # Tensors, not scalars: the interpreter's scalars make masks it cannot read.
+    u_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + u_first) < KS
+    v_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + v_first) < KS
+    # Weights broadcast to the tile once: a broadcast per multiply-add makes triton's layout passes crawl.
+    zero = tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE)
+    wts = ()
+    for a in tl.static_range(TAPS_H):
+        for e in tl.static_range(TAPS_W):
+            w_ok = c_ok
+            if FIRST_TAP_MAY_MISS:
+                if a == 0:
+                    w_ok = w_ok & u_ok
+                if e == 0:
+                    w_ok = w_ok & v_ok
+            wv = tl.load(w_lane + ((u_first + a * U_STEP) * swu + (v_first + e * V_STEP) * swv), mask=w_ok, other=0.0)
+            wts = wts + (wv.to(ACC_DTYPE) + zero,)
+    HALO_H: tl.constexpr = (S - 1) * SRC_SH + (TAPS_H - 1) * SRC_DH + 1
+    HALO_W: tl.constexpr = (P - 1) * SRC_SW + (TAPS_W - 1) * SRC_DW + 1
+    h_first = row0 * SRC_SH - pad_h
+    w_first = col0 * SRC_SW - pad_w
+    cols_ok = ()
+    for qc in tl.static_range(HALO_W):
+        cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
+    src_lane = x_ptr + b * sxb + c2 * sxc + (h_first * sxh + w_first * sxw)
+    accs = ()
+    for k in tl.static_range(S * P):
+        accs = accs + (tl.zeros((BLOCK_C, BLOCK_H * BLOCK_W), dtype=ACC_DTYPE),)
+    for o in tl.static_range(HALO_H):
+        # Halo row o is tap slot a of strip row s when s*SRC_SH + a*SRC_DH == o (with both steps
+        # above one some rows serve no tap: loaded all the same, a rare geometry).
+        row_ok = (h_first + o >= 0) & (h_first + o < H)
+        xs = _source_row(src_lane, row_ok, cols_ok, o, sxh, sxw, HALO_W, ACC_DTYPE)
+        new = ()
+        for s in tl.static_range(S):
+            for p in tl.static_range(P):
+                acc = accs[s * P + p]
+                for a in tl.static_range(TAPS_H):
+                    if s * SRC_SH + a * SRC_DH == o:
+                        for e in tl.static_range(TAPS_W):
+                            term = wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW]
+                            if FIRST_TAP_MAY_MISS and a == 0 and e == 0:
+                                acc = tl.where(u_ok & v_ok, acc + term, acc)
+                            elif FIRST_TAP_MAY_MISS and a == 0:
+                                acc = tl.where(u_ok, acc + term, acc)
+                            elif FIRST_TAP_MAY_MISS and e == 0:
+                                acc = tl.where(v_ok, acc + term, acc)
+                            else:
+                                acc += term
+                new = new + (acc,)
+        accs = new
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b * sbb + c2 * sbc, mask=c_ok, other=0.0).to(ACC_DTYPE)
+    if PHASE_MAY_BE_EMPTY:
+        phase_ok = ((ph + PH) % GH == 0) & ((pw + PW) % GW == 0)
+    y_lane = y_ptr + b * syb + c2 * syc
+    for s in tl.static_range(S):
+        out_row = (row0 + s) * OUT_SH + ph
+        for p in tl.static_range(P):
+            out_col = (col0 + p) * OUT_SW + pw
+            acc = accs[s * P + p]
+            if HAS_BIAS:
+                acc += bias
+            if PHASE_MAY_BE_EMPTY:
+                acc = tl.where(phase_ok, acc, 0.0)
+            tl.store(y_lane + (out_row * syh + out_col * syw), acc.to(y_ptr.dtype.element_ty),
+                     mask=c_ok & (out_row < HO) & (out_col < WO))
+
+
+@triton.jit
+def _row_walk(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    C, H, W, HO, WO, CG,
+    sxb, sxc, sxh, sxw,
+    swb, swg, swu, swv,
+    sbb, sbc,
+    syb, syc, syh, syw,
+    PH, PW, TILES_PHASE, TILES_W, RUN,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    IS_DX: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
+    GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
+    FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """_tap_sums's sum when source rows step one per output row and per tap row (forward SH = DH = 1;
+    input gradient DH/gcd(SH, DH) = 1), walking down the rows instead of unrolling them.
+
+    Each thread owns P output columns of a run of RUN output rows of one channel. A run-time loop
+    takes the run's source rows one by one: a row's P + TAPS_W - 1 columns are loaded once and feed
+    all TAPS_H x TAPS_W taps of the TAPS_H output rows in flight (a window of accumulators: slot a
+    holds the output row that reads this source row through tap row a). The oldest row is then
+    complete: stored, and the window shifts. Source rows outside the image are skipped, not loaded
+    as zeros. The loop body stays small (fast to compile) while every loaded element serves up to
+    TAPS_H * min(P, TAPS_W) multiply-adds.
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PHASE
+    tile = pid0 % TILES_PHASE
+    if INDEX_64:
+        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
+        b = b.to(tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
+        swu = tl.cast(swu, tl.int64)
+        swv = tl.cast(swv, tl.int64)
+        syh = tl.cast(syh, tl.int64)
+        syw = tl.cast(syw, tl.int64)
+    if IS_DX:
+        phase = b % (SH * SW)
+        b = b // (SH * SW)
+        ph = phase // SW
+        pw = phase % SW
+        rh = ph + PH
+        rw = pw + PW
+        u0 = ((rh // GH) * INV_H) % (SH // GH)
+        v0 = ((rw // GW) * INV_W) % (SW // GW)
+        u_first = u0 + (TAPS_H - 1) * (SH // GH)
+        v_first = v0 + (TAPS_W - 1) * (SW // GW)
+        pad_h = (TAPS_H - 1) - (rh - u0 * DH) // SH
+        pad_w = (TAPS_W - 1) * (DW // GW) - (rw - v0 * DW) // SW
+        U_STEP: tl.constexpr = -(SH // GH)
+        V_STEP: tl.constexpr = -(SW // GW)
+        SRC_SW: tl.constexpr = 1
+        SRC_DW: tl.constexpr = DW // GW
+        OUT_SH: tl.constexpr = SH
+        OUT_SW: tl.constexpr = SW
+    else:
+        ph = 0
+        pw = 0
+        u_first = 0
+        v_first = 0
+        pad_h = PH
+        pad_w = PW
+        U_STEP: tl.constexpr = 1
+        V_STEP: tl.constexpr = 1
+        SRC_SW: tl.constexpr = SW
+        SRC_DW: tl.constexpr = DW
+        OUT_SH: tl.constexpr = 1
+        OUT_SW: tl.constexpr = 1
+    # Lanes: BLOCK_C channels x BLOCK_W column blocks; tiles: column blocks x row runs.
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col0 = ((tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_W)) * P
+    row0 = (tile // TILES_W) * RUN
+    if INDEX_64:
+        c = c.to(tl.int64)
+        col0 = col0.to(tl.int64)
+    c2 = c[:, None]
+    col0 = col0[None, :]
+    c_ok = c2 < C
+    w_lane = w_ptr + b * swb + (c2 // CG) * swg
+    zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=ACC_DTYPE)
+    # Tensors, not scalars: the interpreter's scalars make masks it cannot read.
+    u_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + u_first) < KS
+    v_ok = (tl.zeros((BLOCK_C, 1), dtype=tl.int32) + v_first) < KS
+    wts = ()
+    for a in tl.static_range(TAPS_H):
+        for e in tl.static_range(TAPS_W):
+            w_ok = c_ok
+            if FIRST_TAP_MAY_MISS:
+                if a == 0:
+                    w_ok = w_ok & u_ok
+                if e == 0:
+                    w_ok = w_ok & v_ok
+            wv = tl.load(w_lane + ((u_first + a * U_STEP) * swu + (v_first + e * V_STEP) * swv), mask=w_ok, other=0.0)
+            # Broadcast once: a broadcast per multiply-add makes triton's layout passes crawl.
+            wts = wts + (wv.to(ACC_DTYPE) + zero,)
+    HALO_W: tl.constexpr = (P - 1) * SRC_SW + (TAPS_W - 1) * SRC_DW + 1
+    w_first = col0 * SRC_SW - pad_w
+    cols_ok = ()
+    for qc in tl.static_range(HALO_W):
+        cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
+    outs_ok = ()
+    for p in tl.static_range(P):
+        outs_ok = outs_ok + (c_ok & ((col0 + p) * OUT_SW + pw < WO),)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + b * sbb + c2 * sbc, mask=c_ok, other=0.0).to(ACC_DTYPE) + zero
+    else:
+        bias = zero
+    # False where no tap reaches this phase (the dilation and stride share a factor its offset
+    # lacks): dx is zero there.
+    live = (tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + ((ph + PH) % GH + (pw + PW) % GW)) == 0
+    # Output rows [row0, row_end) of the run; source row t serves output row t + pad_h - a via tap slot a.
+    row_end = tl.minimum(row0 + RUN, (HO - ph + OUT_SH - 1) // OUT_SH)
+    t_first = tl.maximum(row0 - pad_h, 0)
+    t_last = tl.minimum(row_end - 1 - pad_h + TAPS_H - 1, H - 1)
+    src_lane = x_ptr + b * sxb + c2 * sxc + w_first * sxw
+    y_lane = y_ptr + b * syb + c2 * syc + (col0 * OUT_SW + pw) * syw
+    window = ()
+    for k in tl.static_range(TAPS_H * P):
+        window = window + (zero,)
+    for t in range(t_first, t_last + 1):
+        if INDEX_64:
+            t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
+        src_row = src_lane + t * sxh
+        xs = ()
+        for qc in tl.static_range(HALO_W):
+            xv = tl.load(src_row + qc * sxw, mask=cols_ok[qc], other=0.0)
+            xs = xs + (xv.to(ACC_DTYPE),)
+        new = ()
+        for a in tl.static_range(TAPS_H):
+            for p in tl.static_range(P):
+                acc = window[a * P + p]
+                for e in tl.static_range(TAPS_W):
+                    term = wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW]
+                    if FIRST_TAP_MAY_MISS and a == 0 and e == 0:
+                        acc = tl.where(u_ok & v_ok, acc + term, acc)
+                    elif FIRST_TAP_MAY_MISS and a == 0:
+                        acc = tl.where(u_ok, acc + term, acc)
+                    elif FIRST_TAP_MAY_MISS and e == 0:
+                        acc = tl.where(v_ok, acc + term, acc)
+                    else:
+                        acc += term
+                new = new + (acc,)
+        # Slot TAPS_H - 1 (output row t + pad_h - TAPS_H + 1) has all its taps: store it, shift the window.
+        i = t + pad_h - (TAPS_H - 1)
+        _store_row(y_lane, new, (TAPS_H - 1) * P, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+                   PHASE_MAY_BE_EMPTY)
+        window = ()
+        for p in tl.static_range(P):
+            window = window + (zero,)
+        for k in tl.static_range((TAPS_H - 1) * P):
+            window = window + (new[k],)
+    # Rows whose last taps read past the image: slot a holds output row t_last + 1 + pad_h - a.
+    for a in tl.static_range(1, TAPS_H):
+        i = t_last + 1 + pad_h - a
+        _store_row(y_lane, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+                   PHASE_MAY_BE_EMPTY)
+    # Rows of the run no source row reaches (padding wider than the taps): the bias alone.
+    for i in range(row0, tl.minimum(row_end, t_first + pad_h - (TAPS_H - 1))):
+        if INDEX_64:
+            i = tl.cast(i, tl.int64)
+        _store_row(y_lane, window, 0, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+                   PHASE_MAY_BE_EMPTY, True)
+    for i in range(tl.maximum(row0, t_last + pad_h + 1), row_end):
+        if INDEX_64:
+            i = tl.cast(i, tl.int64)
+        _store_row(y_lane, window, 0, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+                   PHASE_MAY_BE_EMPTY, True)
+
+
+@triton.jit
+def _store_row(y_lane, window, first, i, row0, row_end, OUT_SH: tl.constexpr, ph, syh, syw, bias, outs_ok, live,
+               P: tl.constexpr, OUT_SW: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr, BIAS_ONLY: tl.constexpr = False):
+    """Store output row ``i`` (window[first:first + P] + bias, or the bias alone) when it lies in this run."""
+    i = tl.zeros(live.shape, dtype=tl.int32) + i  # a tensor: the interpreter's scalars make unreadable masks
+    row_ok = (i >= row0) & (i < row_end)
+    y_row = y_lane + (i * OUT_SH + ph) * syh
+    for p in tl.static_range(P):
+        if BIAS_ONLY:
+            acc = bias
+        else:
+            acc = window[first + p] + bias
+        if PHASE_MAY_BE_EMPTY:
+            acc = tl.where(live, acc, 0.0)
+        tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=outs_ok[p] & row_ok)
+
+
+@triton.jit
+def dwconv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    C, H, W, HO, WO, CG,
+    sxb, sxc, sxh, sxw,
+    swb, swg, swu, swv,
+    sbb, sbc,
+    syb, syc, syh, syw,
+    PH, PW, TILES, TILES_W, RUN,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
+    P: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The forward: x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS); WALK: _row_walk (SH = DH = 1),
+    else _tap_sums."""
+    if WALK:
+        _row_walk(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
+                  syb, syc, syh, syw, PH, PW, TILES, TILES_W, RUN, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0,
+                  False, False, BLOCK_C, BLOCK_W, P, HAS_BIAS, INDEX_64, ACC_DTYPE)
+    else:
+        _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
+                  syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
+                  BLOCK_C, BLOCK_H, BLOCK_W, S, P, HAS_BIAS, INDEX_64, ACC_DTYPE)
+
+
+@triton.jit
+def dwconv_bwd_input_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    C, H, W, HO, WO, CG,
+    sdyb, sdyc, sdyh, sdyw,
+    swb, swg, swu, swv,
+    sdxb, sdxc, sdxh, sdxw,
+    PH, PW, TILES_PHASE, TILES_W, RUN,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
+    GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
+    FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
+    WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
+    P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The input gradient by stride phase: dy (B, C, H, W), dx (B, C, HO, WO); SH, SW, DH, DW, PH, PW and KS
+    the forward's; the grid's first axis runs over (sample, phase, tile). WALK: _row_walk (DH/gcd(SH, DH) = 1),
+    else _tap_sums."""
+    if WALK:
+        _row_walk(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
+                  sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, RUN, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
+                  GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, False,
+                  INDEX_64, ACC_DTYPE)
+    else:
+        _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
+                  sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
+                  GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_H, BLOCK_W, S, P, False,
+                  INDEX_64, ACC_DTYPE)
+
+
+@triton.jit
+def dwconv_bwd_weight_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    C, H, W, HO, WO,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    spb, spc, spu, spv, sps,
+    PH, PW, TILES, TILES_W, SPLITS, RUN,
+    SW: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i-PH+u, j*SW-PW+v*DW] (G = C; row stride and
+    dilation 1: the launcher sends other geometries to involution.py's kernels).
+
+    A persistent program (sample, split, channel block) walks the tiles split, split + SPLITS, ...
+    (P columns per thread x a run of RUN rows). Within a tile it walks down the x rows: each row's
+    P + K - 1 columns are loaded once and meet the K rows of dy that read it through tap rows
+    0..K-1 (a window of K dy rows, one new row loaded per step), so every loaded x element serves
+    K * min(P, K) multiply-adds. Each thread holds the K*K tap sums of its channel; they are reduced
+    over the program's threads once, at the end, into part[b, c, u, v, split]; the caller adds the
+    SPLITS partials in a fixed order (deterministic, no atomics).
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // SPLITS
+    split = pid0 % SPLITS
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INDEX_64:
+        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
+        b = b.to(tl.int64)
+        c = c.to(tl.int64)
+        sdyh = tl.cast(sdyh, tl.int64)
+        sdyw = tl.cast(sdyw, tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
+        spu = tl.cast(spu, tl.int64)
+        spv = tl.cast(spv, tl.int64)
+    c2 = c[:, None]
+    c_ok = c2 < C
+    zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=ACC_DTYPE)
+    HALO_W: tl.constexpr = (P - 1) * SW + (KS - 1) * DW + 1
+    accs = ()
+    for k in tl.static_range(KS * KS):
+        accs = accs + (zero,)
+    dy_channel = dy_ptr + b * sdyb + c2 * sdyc
+    x_channel = x_ptr + b * sxb + c2 * sxc
+    for tile in range(split, TILES, SPLITS):
+        col0 = ((tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_W)) * P
+        row0 = (tile // TILES_W) * RUN
+        if INDEX_64:
+            col0 = col0.to(tl.int64)
+        col0 = col0[None, :]
+        row_end = tl.minimum(row0 + RUN, HO)
+        w_first = col0 * SW - PW
+        cols_ok = ()
+        for qc in tl.static_range(HALO_W):
+            cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
+        outs_ok = ()
+        for p in tl.static_range(P):
+            outs_ok = outs_ok + (c_ok & (col0 + p < WO),)
+        dy_lane = dy_channel + col0 * sdyw
+        x_lane = x_channel + w_first * sxw
+        # x row t meets dy row t + PH - a through tap row a; the window holds those K dy rows.
+        t_first = tl.maximum(row0 - PH, 0)
+        t_last = tl.minimum(row_end - 1 - PH + KS - 1, H - 1)
+        grads = ()
+        for a in tl.static_range(KS):
+            for p in tl.static_range(P):
+                if a == 0:
+                    grads = grads + (zero,)  # loaded at the top of the first step
+                else:
+                    i = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + (t_first + PH - a)
+                    if INDEX_64:
+                        i = i.to(tl.int64)
+                    ok = outs_ok[p] & (i >= row0) & (i < row_end)
+                    grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=ok, other=0.0)
+                    grads = grads + (grad.to(ACC_DTYPE),)
+        for t in range(t_first, t_last + 1):
+            if INDEX_64:
+                t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
+            i = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + (t + PH)
+            row_ok = (i >= row0) & (i < row_end)
+            window = ()
+            for p in tl.static_range(P):
+                grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=outs_ok[p] & row_ok, other=0.0)
+                window = window + (grad.to(ACC_DTYPE),)
+            for k in tl.static_range(P, KS * P):
+                window = window + (grads[k],)
+            x_row = x_lane + t * sxh
+            xs = ()
+            for qc in tl.static_range(HALO_W):
+                xs = xs + (tl.load(x_row + qc * sxw, mask=cols_ok[qc], other=0.0).to(ACC_DTYPE),)
+            new = ()
+            for a in tl.static_range(KS):
+                for e in tl.static_range(KS):
+                    acc = accs[a * KS + e]
+                    for p in tl.static_range(P):
+                        acc += window[a * P + p] * xs[p * SW + e * DW]
+                    new = new + (acc,)
+            accs = new
+            # Shift: the next step's window row a is this step's row a - 1.
+            grads = ()
+            for p in tl.static_range(P):
+                grads = grads + (zero,)
+            for k in tl.static_range((KS - 1) * P):
+                grads = grads + (window[k],)
+    part = dw_ptr + b * spb + split * sps + c * spc
+    for k in tl.static_range(KS * KS):
+        tl.store(part + ((k // KS) * spu + (k % KS) * spv), tl.sum(accs[k], axis=1), mask=c < C)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+def _needs_int64(*tensors) -> bool:
+    # involution.needs_int64's rule; not imported from there, which imports this module.
+    return any(t is not None and _max_offset(t) > INT32_MAX for t in tensors)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def handles(weight: torch.Tensor, config: dict | None) -> bool:
+    """Whether the forward and input gradient of ``weight`` run here: a per-sample weight of K <= MAX_K,
+    with no explicit config or one of these kernels' (P in it)."""
+    return weight.dim() == 4 and weight.shape[2] <= MAX_K and (config is None or "P" in config)
+
+
+@functools.lru_cache(maxsize=1024)
+def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
+                 input_grad: bool) -> dict:
+    """Tile over ``height x width`` output pixels of one program set.
+
+    walk (_row_walk): P output columns per thread, the window of K*P accumulators and the K*K held
+    weights sharing the register budget; runs of RUN rows (whole columns, split only when there are
+    too few threads: a run's first and last K-1 source rows feed fewer taps). Otherwise (_tap_sums, a
+    strided or dilated forward): S x P outputs per thread, kept small, since all its taps are
+    unrolled in one block. Lanes: BLOCK_C channels (channels_last: up to 32, coalesced), and BLOCK_W
+    (x BLOCK_H) pixel blocks; the least estimated issue, then the most lanes.
+    """
+    best = None
+    rows = (1,) if walk else range(1, min(4, height) + 1)
+    for s in rows:
+        # The channels_last input gradient's phase arithmetic costs a few registers more: P = 7 at
+        # K = 7 spilled 8 bytes in 16-bit with triton 3.9's ptxas for sm_80 (dynconv inspect).
+        budget = 42 if input_grad and channels_last else 49
+        cap = max(1, budget // K) if walk else max(1, 64 // (s * K * K))
+        for p in range(1, min(8, width, cap) + 1):
+            for warps in (1, 2, 4):
+                block_c = min(next_power_of_2(C), 32 if channels_last else max(1, 32 // next_power_of_2(cdiv(width, p))))
+                lanes = 32 * warps // block_c
+                if lanes < 1:
+                    continue
+                for block_h in ((1,) if walk else (1 << i for i in range(lanes.bit_length()))):
+                    block_w = lanes // block_h
+                    if walk:
+                        padded = height * cdiv(width, block_w * p) * block_w * p * cdiv(C, block_c) * block_c
+                        halo = (p + K - 1) / (p * K)
+                    else:
+                        padded = (cdiv(height, block_h * s) * block_h * s * cdiv(width, block_w * p) * block_w * p
+                                  * cdiv(C, block_c) * block_c)
+                        halo = (s + K - 1) * (p + K - 1) / (s * p * K * K)
+                    # Issue per output: a multiply-add per tap plus about four instructions (load,
+                    # mask, convert, address) per loaded element, shared by the taps that read it.
+                    cost = padded * (1 + 4 * halo)
+                    score = (round(cost), -warps, -block_w)
+                    if best is None or score < best[0]:
+                        best = (score, {"BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w, "S": s, "P": p,
+                                        "num_warps": warps, "num_stages": 1})
+    config = best[1]
+    if walk:
+        threads = B * cdiv(C, config["BLOCK_C"]) * config["BLOCK_C"] * cdiv(width, config["P"])
+        runs = max(1, min(cdiv(2**16, threads), height // (4 * K)))
+        config["RUN"] = cdiv(height, runs)
+    else:
+        config["RUN"] = 0
+    return config
+
+
+def taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
+                input_grad: bool = False) -> dict:
+    """The forward's (input gradient's) own tile over ``height x width`` output (input) pixels (a copy)."""
+    return dict(_taps_config(B, C, height, width, K, channels_last, walk, input_grad))
+
+
+def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
+    """Whether consecutive output rows read consecutive source rows, tap row after tap row (_row_walk)."""
+    return dilation // math.gcd(stride, dilation) == 1 if input_grad else stride == 1 and dilation == 1
+
+
+def _problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
+    # The fields of involution.problem_key (the tuning spaces key both kernels' tables with it).
+    B, C, H, W = x.shape
+    return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
+            "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
+
+
+def forward_default(x, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
+    """The forward's own tile (a copy)."""
+    return taps_config(x.shape[0], x.shape[1], Ho, Wo, K, is_channels_last(x), _walks(stride[0], dilation[0], False))
+
+
+def input_grad_default(dx, K: int, stride, dilation) -> dict:
+    """The input gradient's own tile over the pixels of one stride phase (a copy)."""
+    B, C, H, W = dx.shape
+    return taps_config(B, C, cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx),
+                       _walks(stride[0], dilation[0], True), True)
+
+
+def forward_config(x, G: int, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
+    default = forward_default(x, K, stride, dilation, Ho, Wo)
+    return get_config("dwconv_fwd", _problem_key(x, G, K, stride), default)
+
+
+def input_grad_config(dx, G: int, K: int, stride, dilation) -> dict:
+    return get_config("dwconv_bwd_input", _problem_key(dx, G, K, stride), input_grad_default(dx, K, stride, dilation))
+
+
+def _grid(rows: int, C: int, block_c: int) -> tuple[int, int, int]:
+    return (rows, cdiv(C, block_c), 1)
+
+
+def _meta(config: dict) -> dict:
+    return {k: config[k] for k in ("BLOCK_C", "BLOCK_H", "BLOCK_W", "S", "P")}
+
+
+def _tiles(config: dict, height: int, width: int, walk: bool = True) -> tuple[int, int]:
+    """(tiles, tiles along W) of one program set: runs of RUN rows (walk) or BLOCK_H x S rows."""
+    tiles_w = cdiv(width, config["BLOCK_W"] * config["P"])
+    rows = config["RUN"] if walk and config["RUN"] else config["BLOCK_H"] * config["S"]
+    return cdiv(height, rows) * tiles_w, tiles_w
+
+
+def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
+    """(gcd, step, inverse) of one axis: the taps u of a stride phase satisfy u*dilation = r (mod stride),
+    solvable only when gcd | r, then u = (r/gcd) * inverse (mod step), step = stride/gcd."""
+    g = math.gcd(stride, dilation)
+    step = stride // g
+    return g, step, pow(dilation // g, -1, step) if step > 1 else 0
+
+
+def _walking(config: dict, stride, dilation, input_grad: bool) -> bool:
+    """Whether a launch walks: the config asks for it (RUN) and the geometry allows it. Tuned tables
+    key no dilation, so a walking config can meet a dilated layer: it then takes _tap_sums."""
+    return bool(config["RUN"]) and _walks(stride[0], dilation[0], input_grad)
+
+
+def _walk_loops(walk: bool, config: dict, source_rows: int, K: int) -> tuple:
+    """Trip counts of _row_walk's loops (source rows of a run; the bias-only rows, none at usual paddings)."""
+    if not walk:
+        return ()
+    return (min(config["RUN"] + K - 1, source_rows), 0, 0)
+
+
+def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
+    B, C, H, W = x.shape
+    CG, K = C // weight.shape[1], weight.shape[2]
+    Ho, Wo = y.shape[2], y.shape[3]
+    config = config or forward_config(x, weight.shape[1], K, stride, dilation, Ho, Wo)
+    walk = _walking(config, stride, dilation, False)
+    tiles, tiles_w = _tiles(config, Ho, Wo, walk)
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    args = dict(
+        x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, C=C, H=H, W=W, HO=Ho, WO=Wo, CG=CG,
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("swb", "swg", "swu", "swv"), weight.stride())),
+        sbb=bias_strides[0], sbc=bias_strides[1],
+        **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
+        PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, RUN=config["RUN"],
+    )
+    meta = _meta(config)
+    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
+                HAS_BIAS=bias is not None, INDEX_64=_needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
+    return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=_walk_loops(walk, config, H, K))
+
+
+def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
+    B, C, H, W = dx.shape
+    CG, K = C // weight.shape[1], weight.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    config = config or input_grad_config(dx, weight.shape[1], K, stride, dilation)
+    (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
+    phases = stride[0] * stride[1]
+    walk = _walking(config, stride, dilation, True)
+    tiles, tiles_w = _tiles(config, cdiv(H, stride[0]), cdiv(W, stride[1]), walk)
+    args = dict(
+        dy_ptr=dy, w_ptr=weight, dx_ptr=dx, C=C, H=Ho, W=Wo, HO=H, WO=W, CG=CG,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("swb", "swg", "swu", "swv"), weight.stride())),
+        **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
+        PH=padding[0], PW=padding[1], TILES_PHASE=tiles, TILES_W=tiles_w, RUN=config["RUN"],
+    )
+    meta = _meta(config)
+    meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
+                TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
+                FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
+                WALK=walk, INDEX_64=_needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
+    return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1),
+                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h)))
+
+
+def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict | None) -> bool:
+    """Whether the per-sample weight gradient runs here: one-channel groups, K <= MAX_K, rows read at
+    stride and dilation 1 (the row walk)."""
+    return (C == G and K <= MAX_K and stride[0] == 1 and dilation[0] == 1
+            and (config is None or "P" in config))
+
+
+def weight_grad_default(B: int, C: int, Ho: int, Wo: int, K: int, channels_last: bool) -> dict:
+    """The forward's walking tile (P columns of one channel per thread, runs of RUN rows)."""
+    return taps_config(B, C, Ho, Wo, K, channels_last, True)
+
+
+def weight_grad_partials(B: int, C: int, K: int, Ho: int, Wo: int, config: dict) -> tuple[int, ...]:
+    """Shape (B, C, K, K, splits) of the fp32 partials, summed over the last dim by the caller: one per
+    persistent program of a (sample, channel block)."""
+    tiles, _ = _tiles(config, Ho, Wo)
+    blocks = B * cdiv(C, config["BLOCK_C"])
+    return (B, C, K, K, max(1, min(tiles, cdiv(PERSISTENT_PROGRAMS, blocks))))
+
+
+def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
+    """``dw`` is the (B, C, K, K, splits) partials of weight_grad_partials(config)."""
+    if not handles_weight_grad(x.shape[1], x.shape[1], dw.shape[2], stride, dilation, config):
+        raise ValueError(f"the per-sample depth-wise weight-gradient kernel needs one-channel groups, K <= {MAX_K}, row "
+                         f"stride and dilation 1 (got C={x.shape[1]}, K={dw.shape[2]}, stride={tuple(stride)}, "
+                         f"dilation={tuple(dilation)})")
+    B, C, H, W = x.shape
+    K, splits = dw.shape[2], dw.shape[4]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    tiles, tiles_w = _tiles(config, Ho, Wo)
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, C=C, H=H, W=W, HO=Ho, WO=Wo,
+        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("spb", "spc", "spu", "spv", "sps"), dw.stride())),
+        PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, SPLITS=splits, RUN=config["RUN"],
+    )
+    meta = dict(SW=stride[1], DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"],
+                P=config["P"], INDEX_64=_needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
+    # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
+    # compile-time constant and the loop disappears), and down each tile's x rows.
+    rows = min(config["RUN"] + K - 1, H)
+    loops = (rows,) if tiles == 1 else ((cdiv(tiles, splits), (rows,)),)
+    return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=loops)

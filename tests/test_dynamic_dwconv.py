@@ -1,0 +1,115 @@
+"""The per-sample depth-wise kernels (kernels/dynamic_dwconv.py) called directly, against float64 convs.
+
+Outputs are NaN-poisoned first, so an element a kernel forgets to write fails. Shapes are tiny
+(the interpreter); the cases reach both kernel forms (the row walk: row stride and dilation 1 in the
+forward and weight gradient, a phase's rows one dy row apart in the input gradient; the unrolled tap
+sum otherwise), stride phases with a tap fewer or none, K larger than the image, padding wider than
+the taps, runs split across programs, and several persistent partials.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynconv.kernels import dynamic_dwconv as dwconv
+from helpers import assert_close
+
+# (B, C, G, H, W, K, stride, padding, dilation)
+CASES = [
+    (2, 4, 4, 5, 6, 3, 1, 1, 1),   # the walk, odd sizes
+    (1, 3, 3, 7, 5, 3, 3, 2, 1),   # stride 3, odd H: phases with a tap fewer; forward unrolled
+    (1, 2, 2, 6, 7, 3, 2, 2, 2),   # stride 2, dilation 2: phases no tap reaches; unrolled dx
+    (1, 2, 2, 3, 4, 7, 1, 3, 1),   # K > image
+    (1, 4, 2, 4, 5, 3, 1, 4, 1),   # padding wider than the taps (bias-only rows), groups of two
+]
+IDS = ["walk", "s3", "s2d2", "K7-3x4", "pad4-G2"]
+
+
+def _conv(x, w, bias, stride, padding, dilation):
+    """The float64 reference: each sample's own depth-wise conv."""
+    B, C = x.shape[:2]
+    K = w.shape[-1]
+    filters = w.double().repeat_interleave(C // w.shape[1], 1).reshape(B * C, 1, K, K)
+    y = F.conv2d(x.double().reshape(1, B * C, *x.shape[2:]), filters, None, stride, padding, dilation, groups=B * C)
+    y = y.reshape(B, C, *y.shape[2:])
+    return y if bias is None else y + bias.double()[:, :, None, None]
+
+
+def _problem(case, dtype, memory_format):
+    B, C, G, H, W, K, s, p, d = case
+    x = torch.randn(B, C, H, W).to(dtype).contiguous(memory_format=memory_format)
+    w = torch.randn(B, G, K, K).to(dtype)
+    bias = torch.randn(B, C).to(dtype)
+    return x, w, bias, (s, s), (p, p), (d, d)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype, memory_format", [(torch.float32, torch.contiguous_format),
+                                                  (torch.bfloat16, torch.channels_last)], ids=["fp32-nchw", "bf16-nhwc"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_input_and_weight_gradients(case, dtype, memory_format):
+    x, w, bias, stride, padding, dilation = _problem(case, dtype, memory_format)
+    expected = _conv(x, w, bias, stride, padding, dilation)
+    y = torch.empty(expected.shape, dtype=dtype).contiguous(memory_format=memory_format)
+    dwconv.forward_launch(x, w, bias, y, stride, padding, dilation)()
+    assert_close(y, expected, dtype, "y")
+
+    dy = torch.randn(expected.shape).to(dtype).contiguous(memory_format=memory_format)
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    _conv(x64, w64, None, stride, padding, dilation).backward(dy.double())
+    dx = torch.empty_like(x)
+    dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation)()
+    assert_close(dx, x64.grad, dtype, "dx")
+
+    B, C, K = x.shape[0], x.shape[1], w.shape[-1]
+    if dwconv.handles_weight_grad(C, w.shape[1], K, stride, dilation, None):
+        config = dwconv.weight_grad_default(B, C, *y.shape[2:], K, memory_format == torch.channels_last)
+        part = torch.empty(dwconv.weight_grad_partials(B, C, K, *y.shape[2:], config))
+        dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)()
+        assert_close(part.sum(-1), w64.grad, dtype, "dw")
+
+
+@pytest.mark.usefixtures("nan_poison")
+def test_runs_split_across_programs_and_several_partials(monkeypatch):
+    """Runs of two rows (each run's first and last rows read fewer taps) and three persistent partials."""
+    monkeypatch.setattr(dwconv, "PERSISTENT_PROGRAMS", 3)
+    x, w, bias, stride, padding, dilation = _problem((1, 3, 3, 9, 6, 3, 1, 1, 1), torch.float32, torch.contiguous_format)
+    config = dwconv.taps_config(1, 3, 9, 6, 3, False, True)
+    config.update(RUN=2)
+    expected = _conv(x, w, bias, stride, padding, dilation)
+    y = torch.empty(expected.shape)
+    dwconv.forward_launch(x, w, bias, y, stride, padding, dilation, config)()
+    assert_close(y, expected, torch.float32, "y")
+    dy = torch.randn(expected.shape)
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    _conv(x64, w64, None, stride, padding, dilation).backward(dy.double())
+    dx = torch.empty_like(x)
+    dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation, config)()
+    assert_close(dx, x64.grad, torch.float32, "dx")
+    shape = dwconv.weight_grad_partials(1, 3, 3, 9, 6, config)
+    assert shape[-1] == 3, shape
+    part = torch.empty(shape)
+    dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)()
+    assert_close(part.sum(-1), w64.grad, torch.float32, "dw")
+
+
+def test_weight_gradient_rejects_geometries_it_does_not_walk():
+    x = torch.randn(1, 2, 5, 5)
+    config = dwconv.weight_grad_default(1, 2, 3, 3, 3, False)
+    part = torch.empty(dwconv.weight_grad_partials(1, 2, 3, 3, 3, config))
+    with pytest.raises(ValueError, match="stride and dilation 1"):
+        dwconv.backward_weight_launch(torch.randn(1, 2, 3, 3), x, part, (2, 2), (1, 1), (1, 1), config)
+
+
+@pytest.mark.usefixtures("nan_poison")
+def test_a_walking_config_meets_a_dilated_layer():
+    """Tuned tables key no dilation: a walking (RUN) config given a dilated layer takes the unrolled sum."""
+    x, w, bias, stride, padding, dilation = _problem((1, 2, 2, 7, 6, 3, 1, 2, 2), torch.float32, torch.contiguous_format)
+    config = dwconv.taps_config(1, 2, 7, 6, 3, False, True)
+    expected = _conv(x, w, bias, stride, padding, dilation)
+    y = torch.empty(expected.shape)
+    launch = dwconv.forward_launch(x, w, bias, y, stride, padding, dilation, config)
+    assert not launch.meta["WALK"]
+    launch()
+    assert_close(y, expected, torch.float32, "y")
