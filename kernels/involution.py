@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import involution_nchw
 from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
 
@@ -735,6 +736,9 @@ def forward_default(x, weight, Ho: int, Wo: int) -> dict:
 
 
 def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
+    if involution_nchw.covers(x, weight, config):
+        return involution_nchw.forward_launch(x, weight, bias, y, stride, padding, dilation,
+                                              needs_int64(x, weight, bias, y), config)
     B, C, H, W = x.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]

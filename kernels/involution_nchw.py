@@ -1,0 +1,194 @@
+"""NCHW per-pixel involution kernels (weights ``(B, G, K, K, Ho, Wo)``): forward, input gradient by
+stride phase, weight gradient.
+
+Every program owns one (sample, group, chunk of CH channels of the group) and a strip of STRIP rows
+of BLOCK_W pixels. Its tensors are 1-D over the BLOCK_W pixels, one pixel per lane, so the lanes
+lie along W (the contiguous axis) whatever the compiler infers; the CH channels and the STRIP rows
+are tuples of such tensors, held in each thread's registers. Rows, channels and the tap rows are
+unrolled (the kernel size, strides and dilations are compile-time constants), the tap columns a
+run-time loop (unrolled too, ptxas takes minutes). So:
+
+* a per-pixel weight is loaded once and serves the CH channels of its group;
+* an input row is loaded once per tap column and serves every (strip row, tap row) pair reading it;
+* row offsets and masks are scalars shared by the program, only the column offset is per lane.
+
+The generic kernels of ``kernels/involution.py`` remain the fallback for what these do not cover
+(K > MAX_K, channels_last, per-sample weights). Kernels here know nothing of autograd.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import triton
+import triton.language as tl
+
+import torch
+
+from ._launch import Launch, cdiv, is_channels_last
+from .configs import get_config
+
+# Kernel sizes these kernels unroll; larger K takes the generic run-time tap loop.
+MAX_K = 13
+
+
+@triton.jit
+def _wide(value, INDEX_64: tl.constexpr):
+    """``value`` as int64 in the INDEX_64 variants, so every product with it is formed in 64 bits."""
+    if INDEX_64:
+        value = tl.cast(value, tl.int64)  # tl.cast: the interpreter passes scalars as Python ints
+    return value
+
+
+@triton.jit
+def _lanes(BLOCKS, Wo, G, CHUNKS, CG, CH: tl.constexpr, STRIP: tl.constexpr, LANES: tl.constexpr,
+           INDEX_64: tl.constexpr):
+    """Each lane's (sample, group, first channel, first output row, column, in range): lanes are laid
+    over the flattened (sample, group, chunk, strip, column) space, column fastest, so no lane idles
+    for a row narrower than the tile and a warp's accesses stay contiguous along W."""
+    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
+    lane = _wide(lane, INDEX_64)
+    j = lane % Wo
+    rest = lane // Wo
+    i0 = (rest % BLOCKS) * STRIP
+    rest = rest // BLOCKS
+    chunk = rest % CHUNKS
+    rest = rest // CHUNKS
+    g = rest % G
+    b = rest // G
+    return b, g, g * CG + chunk * CH, i0, j
+
+
+@triton.jit
+def involution_nchw_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    B, H, W, Ho, Wo, G, CG,
+    sxb, swb, swg, sbb, sbc, syb,
+    PH, PW, ROW_TILES, CHUNKS,
+    sxc: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
+    swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr, sww: tl.constexpr,
+    syc: tl.constexpr, syh: tl.constexpr, syw: tl.constexpr,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g,u,v,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    Strip row s reads input row (first row) + s*SH + u*DH through tap u: the HALO rows of a tap
+    column are loaded once each and serve every (s, u) that reads them.
+    """
+    b, g, c0, i0, j = _lanes(ROW_TILES, Wo, G, CHUNKS, CG, CH, STRIP, BLOCK_W, INDEX_64)
+    j_ok = b < B
+    x_chunk = x_ptr + (b * sxb + c0 * sxc)
+    w_pixels = w_ptr + b * swb + g * swg + i0 * swh + j * sww
+    row_first = i0 * SH - PH
+    col_first = j * SW - PW
+    HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    accs = ()
+    for _ in tl.static_range(STRIP * CH):
+        accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
+    for v in range(KS):
+        col = col_first + v * DW
+        col_ok = (col >= 0) & (col < W)
+        x_col = x_chunk + col * sxw
+        w_col = w_pixels + _wide(v, INDEX_64) * swv
+        x_halo = x_col + row_first * sxh
+        for h in tl.static_range(HALO):
+            row = row_first + h
+            ok = col_ok & (row >= 0) & (row < H)
+            xs = ()
+            for q in tl.static_range(CH):
+                # Within-sample strides are compile-time constants: each tap's address is an immediate offset.
+                xs = xs + (tl.load(x_halo + (h * sxh + q * sxc), mask=ok, other=0.0).to(ACC_DTYPE),)
+            new = ()
+            for s in tl.static_range(STRIP):
+                # Strip row s reads halo row h through tap row u = (h - s*SH) / DH when that is a tap.
+                weight = None
+                if h >= s * SH:
+                    if (h - s * SH) % DH == 0:
+                        if (h - s * SH) // DH < KS:
+                            weight = tl.load(w_col + ((h - s * SH) // DH * swu + s * swh),
+                                             mask=j_ok & (i0 + s < Ho), other=0.0).to(ACC_DTYPE)
+                for q in tl.static_range(CH):
+                    if weight is not None:
+                        new = new + (accs[s * CH + q] + weight * xs[q],)
+                    else:
+                        new = new + (accs[s * CH + q],)
+            accs = new
+    y_chunk = y_ptr + b * syb + c0 * syc + i0 * syh + j * syw
+    for s in tl.static_range(STRIP):
+        for q in tl.static_range(CH):
+            acc = accs[s * CH + q]
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + b * sbb + (c0 + q) * sbc).to(ACC_DTYPE)
+            tl.store(y_chunk + (q * syc + s * syh), acc.to(y_ptr.dtype.element_ty), mask=j_ok & (i0 + s < Ho))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch builders (called by kernels/involution.py's launchers for the cases covers() accepts)
+# --------------------------------------------------------------------------------------------
+
+def covers(x, weight, config=None) -> bool:
+    """Whether these kernels serve a call: per-pixel weights, NCHW (not channels_last), K <= MAX_K,
+    and no explicit config of the generic kernels."""
+    return (weight.dim() == 6 and weight.shape[2] <= MAX_K and not is_channels_last(x)
+            and (config is None or "CH" in config))
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _key(x, G: int, K: int, stride) -> dict:
+    B, C, H, W = x.shape
+    return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
+            "dtype_bytes": x.element_size()}
+
+
+def _chunk(CG: int, cap: int) -> int:
+    """Channels per program: the largest divisor of the group's CG channels up to ``cap`` (no channel masks)."""
+    return max(d for d in range(1, min(CG, cap) + 1) if CG % d == 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def nchw_config(CG: int, rows: int, cols: int, element_size: int, kind: str) -> dict:
+    """Default tile: BLOCK_W lanes along a row (one warp per 32 columns), a strip of STRIP rows,
+    CH channels of a group per thread. STRIP x CH accumulators per thread stay within what triton
+    3.6's ptxas keeps in registers (AOT-checked)."""
+    ch = _chunk(CG, 8)
+    strip = max(1, min(8, rows))
+    return {"CH": ch, "STRIP": strip, "BLOCK_W": 128, "num_warps": 4, "num_stages": 1}
+
+
+def _inner_strides(prefix: str, t, axes: str = "chw") -> dict:
+    """The strides within one sample (and group), as compile-time constants: a kernel variant per
+    feature-map size, and every tap's offset from a program's base pointer an immediate."""
+    return {prefix + a: s for a, s in zip(axes, t.stride()[t.dim() - len(axes):])}
+
+
+def _grid_size(lanes: int, block: int) -> tuple[int, int, int]:
+    return (cdiv(lanes, block), 1, 1)
+
+
+def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool, config=None) -> Launch:
+    B, C, H, W = x.shape
+    G, K = weight.shape[1], weight.shape[2]
+    Ho, Wo = y.shape[2], y.shape[3]
+    CG = C // G
+    config = config or get_config("involution_nchw_fwd", _key(x, G, K, stride),
+                                  nchw_config(CG, Ho, Wo, x.element_size(), "fwd"))
+    ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
+    chunks, row_tiles = CG // ch, cdiv(Ho, strip)
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    args = dict(
+        x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
+        sxb=x.stride(0), swb=weight.stride(0), swg=weight.stride(1),
+        sbb=bias_strides[0], sbc=bias_strides[1], syb=y.stride(0),
+        PH=padding[0], PW=padding[1], ROW_TILES=row_tiles, CHUNKS=chunks,
+    )
+    meta = dict(**_inner_strides("sx", x), **_inner_strides("sw", weight, "uvhw"), **_inner_strides("sy", y), KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
+                BLOCK_W=block_w, HAS_BIAS=bias is not None, INDEX_64=index_64,
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    # One run-time loop: the tap columns.
+    return Launch(involution_nchw_fwd_kernel, _grid_size(B * G * chunks * row_tiles * Wo, block_w), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(K,) if K > 1 else ())
