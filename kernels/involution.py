@@ -777,6 +777,9 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
 
 
 def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
+    if involution_nchw.covers(dx, weight, config):
+        return involution_nchw.backward_input_launch(dy, weight, dx, stride, padding, dilation,
+                                                     needs_int64(dy, weight, dx), config)
     B, C, H, W = dx.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]

@@ -89,7 +89,7 @@ def involution_nchw_fwd_kernel(
         accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
     for v in range(KS):
         col = col_first + v * DW
-        col_ok = (col >= 0) & (col < W)
+        col_ok = (col >= 0) & (col < W) & j_ok  # j_ok: lanes past the last sample read nothing
         x_col = x_chunk + col * sxw
         w_col = w_pixels + _wide(v, INDEX_64) * swv
         x_halo = x_col + row_first * sxh
@@ -122,6 +122,108 @@ def involution_nchw_fwd_kernel(
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + b * sbb + (c0 + q) * sbc).to(ACC_DTYPE)
             tl.store(y_chunk + (q * syc + s * syh), acc.to(y_ptr.dtype.element_ty), mask=j_ok & (i0 + s < Ho))
+
+
+@triton.jit
+def involution_nchw_bwd_input_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    B, H, W, Ho, Wo, G, CG,
+    sdyb, swb, swg, sdxb,
+    PH, PW, ROWS, COLS, ROW_TILES, CHUNKS,
+    sdyc: tl.constexpr, sdyh: tl.constexpr, sdyw: tl.constexpr,
+    swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr, sww: tl.constexpr,
+    sdxc: tl.constexpr, sdxh: tl.constexpr, sdxw: tl.constexpr,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Gather form of dx by stride phase: dx[b,c,h,w] = sum of w[b,g,u,v,i,j] * dy[b,c,i,j] over the taps
+    with h = i*SH - PH + u*DH and w = j*SW - PW + v*DW.
+
+    The input pixels of a phase (h % SH, w % SW) = (ph, pw) are read only by the taps u = u0 (mod
+    STEP_H), STEP_H = SH/GH, GH = gcd(SH, DH), u0 = ((ph+PH)/GH * INV_H) mod STEP_H (INV_H the
+    inverse of DH/GH modulo STEP_H), and only when GH divides ph + PH; likewise columns. Lanes run
+    over the flattened (sample, group, chunk, phase, strip, phase column) space, so a phase's lanes
+    visit exactly its taps: tap slot t is u = u0 + t*STEP_H (the last slot may pass K), and reads dy
+    row i(s) - t*DH/GH for strip row s. The dy rows of a tap column are loaded once and serve
+    every (s, t) reading them.
+    """
+    STEP_H: tl.constexpr = SH // GH
+    STEP_W: tl.constexpr = SW // GW
+    TAPS_U: tl.constexpr = (KS + STEP_H - 1) // STEP_H
+    TAPS_V: tl.constexpr = (KS + STEP_W - 1) // STEP_W
+    ROW_STEP: tl.constexpr = DH // GH
+    COL_STEP: tl.constexpr = DW // GW
+    lane = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    lane = _wide(lane, INDEX_64)
+    ww = lane % COLS
+    rest = lane // COLS
+    hh0 = (rest % ROW_TILES) * STRIP
+    rest = rest // ROW_TILES
+    phase = rest % (SH * SW)
+    rest = rest // (SH * SW)
+    chunk = rest % CHUNKS
+    rest = rest // CHUNKS
+    g = rest % G
+    b = rest // G
+    c0 = g * CG + chunk * CH
+    rh = phase // SW + PH
+    rw = phase % SW + PW
+    lane_ok = (b < B) & (rh % GH == 0) & (rw % GW == 0)  # a phase no tap reaches: dx is zero there
+    u0 = ((rh // GH) * INV_H) % STEP_H
+    v0 = ((rw // GW) * INV_W) % STEP_W
+    # dy row of strip row 0 through slot 0, and the column of slot 0.
+    i_first = hh0 + (rh - u0 * DH) // SH
+    j_first = ww + (rw - v0 * DW) // SW
+    HALO: tl.constexpr = STRIP + (TAPS_U - 1) * ROW_STEP
+    halo_first = i_first - (TAPS_U - 1) * ROW_STEP  # halo row k is dy row halo_first + k
+    # Per-lane pointers formed once; a tap column moves them by a scalar, a halo row and a channel by
+    # immediate offsets (within-sample strides are compile-time constants).
+    dy_chunk = dy_ptr + (b * sdyb + c0 * sdyc) + halo_first * sdyh + j_first * sdyw
+    w_taps = w_ptr + b * swb + g * swg + u0 * swu + v0 * swv + halo_first * swh + j_first * sww
+    last_row_ok = u0 + (TAPS_U - 1) * STEP_H < KS
+    accs = ()
+    for _ in tl.static_range(STRIP * CH):
+        accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
+    for t_v in range(TAPS_V):
+        col = j_first - t_v * COL_STEP
+        col_ok = (col >= 0) & (col < Wo) & lane_ok & (v0 + t_v * STEP_W < KS)
+        dy_col = dy_chunk - _wide(t_v, INDEX_64) * (COL_STEP * sdyw)
+        w_col = w_taps + _wide(t_v, INDEX_64) * (STEP_W * swv - COL_STEP * sww)
+        for k in tl.static_range(HALO):
+            row = halo_first + k
+            ok = col_ok & (row >= 0) & (row < Ho)
+            grads = ()
+            for q in tl.static_range(CH):
+                grads = grads + (tl.load(dy_col + (k * sdyh + q * sdyc), mask=ok, other=0.0).to(ACC_DTYPE),)
+            new = ()
+            for s in tl.static_range(STRIP):
+                # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
+                weight = None
+                if (s + (TAPS_U - 1) * ROW_STEP - k) >= 0:
+                    if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
+                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
+                            weight = tl.load(w_col + ((s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP * STEP_H * swu + k * swh), mask=ok,
+                                             other=0.0).to(ACC_DTYPE)
+                for q in tl.static_range(CH):
+                    acc = accs[s * CH + q]
+                    if weight is not None:
+                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP == TAPS_U - 1 and KS % STEP_H != 0:
+                            # The last slot passes K in some phases: skipped, not multiplied by a zero
+                            # weight (0 * inf would poison the sum).
+                            acc = tl.where(last_row_ok, acc + weight * grads[q], acc)
+                        else:
+                            acc = acc + weight * grads[q]
+                    new = new + (acc,)
+            accs = new
+    h = rh - PH + SH * hh0
+    w = rw - PW + SW * ww
+    dx_chunk = dx_ptr + (b * sdxb + c0 * sdxc) + h * sdxh + w * sdxw
+    for s in tl.static_range(STRIP):
+        ok = (b < B) & (h + SH * s < H) & (w < W)
+        for q in tl.static_range(CH):
+            tl.store(dx_chunk + (q * sdxc + s * SH * sdxh), accs[s * CH + q].to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,3 +294,38 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
     # One run-time loop: the tap columns.
     return Launch(involution_nchw_fwd_kernel, _grid_size(B * G * chunks * row_tiles * Wo, block_w), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=(K,) if K > 1 else ())
+
+
+def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
+    """(gcd, step, inverse) of one axis: the taps u of a stride phase satisfy u*dilation = r (mod stride),
+    which has solutions only when gcd | r, then u = (r/gcd) * inverse (mod step), step = stride/gcd."""
+    g = math.gcd(stride, dilation)
+    step = stride // g
+    return g, step, pow(dilation // g, -1, step) if step > 1 else 0
+
+
+def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: bool, config=None) -> Launch:
+    B, C, H, W = dx.shape
+    G, K = weight.shape[1], weight.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    CG = C // G
+    (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
+    rows, cols = cdiv(H, stride[0]), cdiv(W, stride[1])
+    config = config or get_config("involution_nchw_bwd_input", _key(dx, G, K, stride),
+                                  nchw_config(CG, rows, cols, dx.element_size(), "dx"))
+    ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
+    chunks, row_tiles = CG // ch, cdiv(rows, strip)
+    args = dict(
+        dy_ptr=dy, w_ptr=weight, dx_ptr=dx, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
+        sdyb=dy.stride(0), swb=weight.stride(0), swg=weight.stride(1), sdxb=dx.stride(0),
+        PH=padding[0], PW=padding[1], ROWS=rows, COLS=cols, ROW_TILES=row_tiles, CHUNKS=chunks,
+    )
+    meta = dict(**_inner_strides("sdy", dy), **_inner_strides("sw", weight, "uvhw"), **_inner_strides("sdx", dx),
+                KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], GH=gh, GW=gw, INV_H=inv_h,
+                INV_W=inv_w, CH=ch, STRIP=strip, BLOCK_W=block_w, INDEX_64=index_64,
+                ACC_DTYPE=_acc_dtype(dx.dtype))
+    lanes = B * G * chunks * stride[0] * stride[1] * row_tiles * cols
+    taps_v = cdiv(K, step_w)
+    # One run-time loop: the tap columns of a phase.
+    return Launch(involution_nchw_bwd_input_kernel, _grid_size(lanes, block_w), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(taps_v,) if taps_v > 1 else ())
