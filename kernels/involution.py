@@ -861,6 +861,9 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool
 
 
 def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool, config=None) -> Launch:
+    if per_pixel and involution_nchw.covers(x, dw, config):
+        return involution_nchw.backward_weight_launch(dy, x, dw, stride, padding, dilation, needs_int64(dy, x, dw),
+                                                      config)
     B, C, H, W = x.shape
     G, K = dw.shape[1], dw.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]

@@ -226,6 +226,78 @@ def involution_nchw_bwd_input_kernel(
             tl.store(dx_chunk + (q * sdxc + s * SH * sdxh), accs[s * CH + q].to(dx_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def involution_nchw_bwd_weight_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    B, H, W, Ho, Wo, G, CG,
+    sdyb, sxb, sdwb, sdwg,
+    PH, PW, ROW_TILES,
+    sdyc: tl.constexpr, sdyh: tl.constexpr, sdyw: tl.constexpr,
+    sxc: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
+    sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dw[b,g,u,v,i,j] = sum_{c in g} dy[b,c,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    Lanes over the flattened (sample, group, strip, column) space; each thread sums its group's
+    channels itself (CH at a time, a run-time loop), so the sum is a chain of FMAs, and holds the
+    K tap rows x STRIP rows of one tap column: the x rows of a tap column are loaded once per chunk
+    and serve every (strip row, tap row) reading them.
+    """
+    lane = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    lane = _wide(lane, INDEX_64)
+    j = lane % Wo
+    rest = lane // Wo
+    i0 = (rest % ROW_TILES) * STRIP
+    rest = rest // ROW_TILES
+    g = rest % G
+    b = rest // G
+    lane_ok = b < B
+    row_first = i0 * SH - PH
+    col_first = j * SW - PW
+    c_first = g * CG
+    dy_group = dy_ptr + (b * sdyb + c_first * sdyc) + i0 * sdyh + j * sdyw
+    x_group = x_ptr + (b * sxb + c_first * sxc) + row_first * sxh + col_first * sxw
+    dw_pixels = dw_ptr + b * sdwb + g * sdwg + i0 * sdwh + j * sdww
+    HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    for v in range(KS):
+        col_ok = (col_first + v * DW >= 0) & (col_first + v * DW < W) & lane_ok
+        x_col = x_group + _wide(v, INDEX_64) * (DW * sxw)
+        accs = ()
+        for _ in tl.static_range(STRIP * KS):
+            accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
+        for c in range(0, CG, CH):
+            c = _wide(c, INDEX_64)
+            grads = ()
+            for s in tl.static_range(STRIP):
+                for q in tl.static_range(CH):
+                    grad = tl.load(dy_group + c * sdyc + (q * sdyc + s * sdyh), mask=lane_ok & (i0 + s < Ho),
+                                   other=0.0)
+                    grads = grads + (grad.to(ACC_DTYPE),)
+            x_chunk = x_col + c * sxc
+            for h in tl.static_range(HALO):
+                ok = col_ok & (row_first + h >= 0) & (row_first + h < H)
+                xs = ()
+                for q in tl.static_range(CH):
+                    xs = xs + (tl.load(x_chunk + (h * sxh + q * sxc), mask=ok, other=0.0).to(ACC_DTYPE),)
+                new = ()
+                for s in tl.static_range(STRIP):
+                    for u in tl.static_range(KS):
+                        acc = accs[s * KS + u]
+                        if h == s * SH + u * DH:  # strip row s reads halo row h through tap row u
+                            for q in tl.static_range(CH):
+                                acc = acc + grads[s * CH + q] * xs[q]
+                        new = new + (acc,)
+                accs = new
+        dw_col = dw_pixels + _wide(v, INDEX_64) * sdwv
+        for s in tl.static_range(STRIP):
+            for u in tl.static_range(KS):
+                tl.store(dw_col + (u * sdwu + s * sdwh), accs[s * KS + u].to(dw_ptr.dtype.element_ty),
+                         mask=lane_ok & (i0 + s < Ho))
+
+
 # --------------------------------------------------------------------------------------------
 # Launch builders (called by kernels/involution.py's launchers for the cases covers() accepts)
 # --------------------------------------------------------------------------------------------
@@ -257,7 +329,7 @@ def nchw_config(CG: int, rows: int, cols: int, element_size: int, kind: str) -> 
     """Default tile: BLOCK_W lanes along a row (one warp per 32 columns), a strip of STRIP rows,
     CH channels of a group per thread. STRIP x CH accumulators per thread stay within what triton
     3.6's ptxas keeps in registers (AOT-checked)."""
-    ch = _chunk(CG, 8)
+    ch = _chunk(CG, 4 if kind == "dw" else 8)
     strip = max(1, min(8, rows))
     return {"CH": ch, "STRIP": strip, "BLOCK_W": 128, "num_warps": 4, "num_stages": 1}
 
@@ -329,3 +401,27 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: b
     # One run-time loop: the tap columns of a phase.
     return Launch(involution_nchw_bwd_input_kernel, _grid_size(lanes, block_w), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=(taps_v,) if taps_v > 1 else ())
+
+
+def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool, config=None) -> Launch:
+    B, C, H, W = x.shape
+    G, K = dw.shape[1], dw.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    CG = C // G
+    config = config or get_config("involution_nchw_bwd_weight", _key(x, G, K, stride),
+                                  nchw_config(CG, Ho, Wo, x.element_size(), "dw"))
+    ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
+    row_tiles = cdiv(Ho, strip)
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
+        sdyb=dy.stride(0), sxb=x.stride(0), sdwb=dw.stride(0), sdwg=dw.stride(1),
+        PH=padding[0], PW=padding[1], ROW_TILES=row_tiles,
+    )
+    meta = dict(**_inner_strides("sdy", dy), **_inner_strides("sx", x), **_inner_strides("sdw", dw, "uvhw"),
+                KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
+                BLOCK_W=block_w, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype))
+    # The tap columns, and inside each the group's channels CH at a time (a one-trip loop compiles to none).
+    chunks = CG // ch
+    loops = (K, (chunks,)) if chunks > 1 else K
+    return Launch(involution_nchw_bwd_weight_kernel, _grid_size(B * G * row_tiles * Wo, block_w), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(loops,) if K > 1 else ())
