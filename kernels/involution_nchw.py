@@ -315,8 +315,9 @@ def _acc_dtype(dtype):
 
 def _key(x, G: int, K: int, stride) -> dict:
     B, C, H, W = x.shape
+    # The fields and order of involution.problem_key (the tuner's key), channels_last always 0 here.
     return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
-            "dtype_bytes": x.element_size()}
+            "channels_last": 0, "dtype_bytes": x.element_size()}
 
 
 def _chunk(CG: int, cap: int) -> int:
@@ -325,13 +326,21 @@ def _chunk(CG: int, cap: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def nchw_config(CG: int, rows: int, cols: int, element_size: int, kind: str) -> dict:
-    """Default tile: BLOCK_W lanes along a row (one warp per 32 columns), a strip of STRIP rows,
-    CH channels of a group per thread. STRIP x CH accumulators per thread stay within what triton
-    3.6's ptxas keeps in registers (AOT-checked)."""
-    ch = _chunk(CG, 4 if kind == "dw" else 8)
-    strip = max(1, min(8, rows))
-    return {"CH": ch, "STRIP": strip, "BLOCK_W": 128, "num_warps": 4, "num_stages": 1}
+def nchw_config(CG: int, rows: int, element_size: int, kind: str) -> dict:
+    """Default tile: 128 lanes along the flattened rows, each a strip of STRIP rows and CH channels of
+    its group. Sizes as triton 3.6's ptxas keeps them in registers on sm_90 and sm_80 (AOT-checked):
+    fp32 has headroom at 4 x 8 (HBM-bound); 16-bit data needs longer strips and wider chunks to
+    amortise each loaded element, and dx and dw hold more per thread (dw: a tap column's K x STRIP
+    sums, so narrow chunks)."""
+    if kind == "dw":
+        ch, strip = _chunk(CG, 4), 8
+    elif element_size > 2:
+        ch, strip = _chunk(CG, 8), 4
+    elif kind == "fwd":
+        ch, strip = _chunk(CG, 16), 6
+    else:
+        ch, strip = _chunk(CG, 8), 8
+    return {"CH": ch, "STRIP": max(1, min(strip, rows)), "BLOCK_W": 128, "num_warps": 4, "num_stages": 1}
 
 
 def _inner_strides(prefix: str, t, axes: str = "chw") -> dict:
@@ -350,7 +359,7 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
     Ho, Wo = y.shape[2], y.shape[3]
     CG = C // G
     config = config or get_config("involution_nchw_fwd", _key(x, G, K, stride),
-                                  nchw_config(CG, Ho, Wo, x.element_size(), "fwd"))
+                                  nchw_config(CG, Ho, x.element_size(), "fwd"))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     chunks, row_tiles = CG // ch, cdiv(Ho, strip)
     bias_strides = bias.stride() if bias is not None else (0, 0)
@@ -384,7 +393,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: b
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     rows, cols = cdiv(H, stride[0]), cdiv(W, stride[1])
     config = config or get_config("involution_nchw_bwd_input", _key(dx, G, K, stride),
-                                  nchw_config(CG, rows, cols, dx.element_size(), "dx"))
+                                  nchw_config(CG, rows, dx.element_size(), "dx"))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     chunks, row_tiles = CG // ch, cdiv(rows, strip)
     args = dict(
@@ -409,7 +418,7 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool,
     Ho, Wo = dy.shape[2], dy.shape[3]
     CG = C // G
     config = config or get_config("involution_nchw_bwd_weight", _key(x, G, K, stride),
-                                  nchw_config(CG, Ho, Wo, x.element_size(), "dw"))
+                                  nchw_config(CG, Ho, x.element_size(), "dw"))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     row_tiles = cdiv(Ho, strip)
     args = dict(

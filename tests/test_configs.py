@@ -417,10 +417,27 @@ def _round_trips(space, key) -> bool:
 def test_involution_keys_on_both_stride_components():
     x = torch.empty((8, 64, 32, 32), device="meta")
     assert not _borrows_across_strides(configs.spaces()["involution_fwd"], lambda s: inv.problem_key(x, 4, 7, s))
-    for name in ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight"):
+    for name in ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight",
+                 "involution_nchw_fwd", "involution_nchw_bwd_input", "involution_nchw_bwd_weight"):
         for sh, sw in ((1, 2), (2, 1)):
             key = dict(B=8, C=64, G=4, H=32, W=16, K=7, stride_h=sh, stride_w=sw, channels_last=0, dtype_bytes=2)
             assert _round_trips(configs.spaces()[name], key), (name, sh, sw)
+
+
+def test_nchw_involution_kernels_look_up_the_key_they_are_tuned_under():
+    """The NCHW per-pixel kernels ask get_config with the tuner's key, and their candidates start
+    with the default and split the group's channels exactly."""
+    from dynconv.kernels import involution_nchw
+
+    x = torch.empty((8, 48, 32, 32), device="meta", dtype=torch.bfloat16)
+    assert involution_nchw._key(x, 4, 7, (1, 2)) == inv.problem_key(x, 4, 7, (1, 2))
+    for name in ("involution_nchw_fwd", "involution_nchw_bwd_input", "involution_nchw_bwd_weight"):
+        space = configs.spaces()[name]
+        key = inv.problem_key(x, 4, 7, (1, 1))
+        candidates = space.candidates(key, False)
+        spec, dtype = space.spec_for_key(key)
+        assert candidates[0] == space.default(spec, space.inputs(spec, dtype, "meta"))
+        assert all(12 % c["CH"] == 0 and c["BLOCK_W"] == 32 * c["num_warps"] for c in candidates)
 
 
 def test_expert_conv_keys_on_both_stride_components():
