@@ -340,7 +340,14 @@ def nchw_config(CG: int, rows: int, element_size: int, kind: str) -> dict:
         ch, strip = _chunk(CG, 16), 4  # 6 rows: 5% faster (PREDICTED), but fp16 spills on sm_80
     else:
         ch, strip = _chunk(CG, 8), 8
-    return {"CH": ch, "STRIP": max(1, min(strip, rows)), "BLOCK_W": 128, "num_warps": 4, "num_stages": 1}
+    return {"CH": ch, "STRIP": _strip(rows, strip), "BLOCK_W": 128, "num_warps": 4, "num_stages": 1}
+
+
+def _strip(rows: int, cap: int) -> int:
+    """The strip length in [cap/2, cap] that pads ``rows`` least (28 rows: 7, not 8), the longest on a tie."""
+    if rows <= cap:
+        return max(1, rows)
+    return min(range(max(1, cap // 2), cap + 1), key=lambda s: (cdiv(rows, s) * s, -s))
 
 
 def _inner_strides(prefix: str, t, axes: str = "chw") -> dict:
