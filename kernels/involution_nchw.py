@@ -46,8 +46,8 @@ def _lanes(BLOCKS, Wo, G, CHUNKS, CG, CH: tl.constexpr, STRIP: tl.constexpr, LAN
     """Each lane's (sample, group, first channel, first output row, column, in range): lanes are laid
     over the flattened (sample, group, chunk, strip, column) space, column fastest, so no lane idles
     for a row narrower than the tile and a warp's accesses stay contiguous along W."""
-    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)
-    lane = _wide(lane, INDEX_64)
+    # Widened before the multiply: lanes past 2^31 when a thread holds one channel of one row.
+    lane = _wide(tl.program_id(0), INDEX_64) * LANES + tl.arange(0, LANES)
     j = lane % Wo
     rest = lane // Wo
     i0 = (rest % BLOCKS) * STRIP
@@ -155,8 +155,7 @@ def involution_nchw_bwd_input_kernel(
     TAPS_V: tl.constexpr = (KS + STEP_W - 1) // STEP_W
     ROW_STEP: tl.constexpr = DH // GH
     COL_STEP: tl.constexpr = DW // GW
-    lane = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    lane = _wide(lane, INDEX_64)
+    lane = _wide(tl.program_id(0), INDEX_64) * BLOCK_W + tl.arange(0, BLOCK_W)
     ww = lane % COLS
     rest = lane // COLS
     hh0 = (rest % ROW_TILES) * STRIP
@@ -246,8 +245,7 @@ def involution_nchw_bwd_weight_kernel(
     K tap rows x STRIP rows of one tap column: the x rows of a tap column are loaded once per chunk
     and serve every (strip row, tap row) reading them.
     """
-    lane = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    lane = _wide(lane, INDEX_64)
+    lane = _wide(tl.program_id(0), INDEX_64) * BLOCK_W + tl.arange(0, BLOCK_W)
     j = lane % Wo
     rest = lane // Wo
     i0 = (rest % ROW_TILES) * STRIP
