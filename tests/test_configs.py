@@ -213,10 +213,25 @@ def test_launcher_uses_the_tuned_config(gpu):
     key = inv.problem_key(x, 4, 7, (1, 1))
     tuned = cfg(BLOCK_G=1, BLOCK_CG=4, BLOCK_H=2, BLOCK_W=64, num_warps=2)
     write(user, table_file([(key, tuned)]))
-    w = torch.empty((32, 4, 7, 7, 56, 56), device="meta", dtype=torch.float16)
+    # Per-sample weights: NCHW per-pixel calls take involution_nchw.py's kernels (the test below).
+    w = torch.empty((32, 4, 7, 7), device="meta", dtype=torch.float16)
     launch = inv.forward_launch(x, w, None, torch.empty_like(x), (1, 1), (3, 3), (1, 1))
     assert {k: launch.meta[k] for k in ("BLOCK_G", "BLOCK_CG", "BLOCK_H", "BLOCK_W")} == {
         k: tuned[k] for k in ("BLOCK_G", "BLOCK_CG", "BLOCK_H", "BLOCK_W")}
+    assert launch.num_warps == 2
+
+
+def test_nchw_per_pixel_launcher_uses_its_own_tuned_config(gpu):
+    """NCHW per-pixel calls take kernels/involution_nchw.py's kernels, tuned under their own name."""
+    user, _, _ = gpu
+    x = torch.empty((32, 64, 56, 56), device="meta", dtype=torch.float16)
+    key = inv.problem_key(x, 4, 7, (1, 1))
+    tuned = {"CH": 4, "STRIP": 2, "BLOCK_W": 64, "num_warps": 2, "num_stages": 1}
+    write(user, table_file([(key, tuned)], kernel="involution_nchw_fwd"))
+    w = torch.empty((32, 4, 7, 7, 56, 56), device="meta", dtype=torch.float16)
+    launch = inv.forward_launch(x, w, None, torch.empty_like(x), (1, 1), (3, 3), (1, 1))
+    assert launch.name == "involution_nchw_fwd_kernel"
+    assert {k: launch.meta[k] for k in ("CH", "STRIP", "BLOCK_W")} == {"CH": 4, "STRIP": 2, "BLOCK_W": 64}
     assert launch.num_warps == 2
 
 
