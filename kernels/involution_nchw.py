@@ -327,15 +327,17 @@ def _chunk(CG: int, cap: int) -> int:
 def nchw_config(CG: int, rows: int, element_size: int, kind: str) -> dict:
     """Default tile: 128 lanes along the flattened rows, each a strip of STRIP rows and CH channels of
     its group. Sizes as triton 3.6's ptxas keeps them in registers on sm_90 and sm_80 (AOT-checked):
-    fp32 has headroom at 4 x 8 (HBM-bound); 16-bit data needs longer strips or wider chunks to
+    fp32 has headroom (HBM-bound); 16-bit data needs longer strips or wider chunks to
     amortise each loaded element, and dx and dw hold more per thread (dw: a tap column's K x STRIP
     sums, so narrow chunks)."""
     if kind == "dw":
         ch, strip = _chunk(CG, 4), 8
+    elif kind == "fwd":
+        # 6 rows: 5% faster in bf16 (PREDICTED) but fp16 spills on sm_80; fp32 at 4 x 8 went
+        # through the stack on sm_80 with triton 3.9.
+        ch, strip = _chunk(CG, 16), 4
     elif element_size > 2:
         ch, strip = _chunk(CG, 8), 4
-    elif kind == "fwd":
-        ch, strip = _chunk(CG, 16), 4  # 6 rows: 5% faster (PREDICTED), but fp16 spills on sm_80
     else:
         ch, strip = _chunk(CG, 8), 8
     return {"CH": ch, "STRIP": _strip(rows, strip), "BLOCK_W": 128, "num_warps": 4, "num_stages": 1}
