@@ -320,7 +320,7 @@ def _key(x, G: int, K: int, stride) -> dict:
 
 def _chunk(CG: int, cap: int) -> int:
     """Channels per program: the largest divisor of the group's CG channels up to ``cap`` (no channel masks)."""
-    return max(d for d in range(1, min(CG, cap) + 1) if CG % d == 0)
+    return max((d for d in range(1, min(CG, cap) + 1) if CG % d == 0), default=1)  # CG = 0: an empty launch
 
 
 @functools.lru_cache(maxsize=1024)

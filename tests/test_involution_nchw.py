@@ -119,3 +119,21 @@ def test_dispatch_and_declared_loops():
     generic = {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 2, "BLOCK_W": 4, "num_warps": 1}
     assert kernels.forward_launch(x, w, None, y, (1, 1), (1, 1), (1, 1), generic).name == "involution_fwd_kernel"
     assert kernels.forward_launch(x, w[..., 0, 0], None, y, (1, 1), (1, 1), (1, 1)).name == "involution_fwd_kernel"
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5, 5), (1, 4, 0, 5), (1, 0, 5, 5)], ids=["B0", "H0", "C0"])
+def test_empty_tensors(shape):
+    """Empty inputs launch nothing, except the weight gradient of groups with no channels: zero."""
+    B, C, H, W = shape
+    G = 2 if C else 1
+    x = torch.randn(shape)
+    w = torch.randn(B, G, 3, 3, H, W)
+    y, dw = torch.empty(shape), torch.empty(w.shape)
+    geometry = ((1, 1), (1, 1), (1, 1))
+    for launch in (kernels.forward_launch(x, w, None, y, *geometry), kernels.backward_input_launch(y, w, x, *geometry)):
+        assert launch.name.startswith("involution_nchw_") and launch.grid[0] == 0
+        launch()
+    launch = kernels.backward_weight_launch(y, x, dw, *geometry, True)
+    assert launch.name == "involution_nchw_bwd_weight_kernel"
+    launch()
+    assert torch.equal(dw, torch.zeros_like(dw))
