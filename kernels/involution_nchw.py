@@ -335,7 +335,9 @@ def nchw_config(CG: int, rows: int, element_size: int, kind: str) -> dict:
     elif kind == "fwd":
         # 6 rows: 5% faster in bf16 (PREDICTED) but fp16 spills on sm_80; fp32 at 4 x 8 went
         # through the stack on sm_80 with triton 3.9.
-        ch, strip = _chunk(CG, 16), 4
+        # Few channels (G = C): longer strips; at 4 rows triton 3.9's ptxas put a register on the stack.
+        ch = _chunk(CG, 16)
+        strip = 4 if ch > 4 else 8
     elif element_size > 2:
         ch, strip = _chunk(CG, 8), 4
     else:
