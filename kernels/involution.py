@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import dynamic_dwconv as dwconv
+from . import involution_nchw
 from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
 from .configs import get_config
 
@@ -738,6 +739,9 @@ def forward_default(x, weight, Ho: int, Wo: int) -> dict:
 def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
     if dwconv.handles(weight, config):
         return dwconv.forward_launch(x, weight, bias, y, stride, padding, dilation, config)
+    if involution_nchw.covers(x, weight, config):
+        return involution_nchw.forward_launch(x, weight, bias, y, stride, padding, dilation,
+                                              needs_int64(x, weight, bias, y), config)
     B, C, H, W = x.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
@@ -778,6 +782,9 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
 def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
     if dwconv.handles(weight, config):
         return dwconv.backward_input_launch(dy, weight, dx, stride, padding, dilation, config)
+    if involution_nchw.covers(dx, weight, config):
+        return involution_nchw.backward_input_launch(dy, weight, dx, stride, padding, dilation,
+                                                     needs_int64(dy, weight, dx), config)
     B, C, H, W = dx.shape
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
@@ -859,6 +866,9 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool
 
 
 def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool, config=None) -> Launch:
+    if per_pixel and involution_nchw.covers(x, dw, config):
+        return involution_nchw.backward_weight_launch(dy, x, dw, stride, padding, dilation, needs_int64(dy, x, dw),
+                                                      config)
     B, C, H, W = x.shape
     G, K = dw.shape[1], dw.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]

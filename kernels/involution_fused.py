@@ -458,10 +458,14 @@ def problem_key(x: torch.Tensor, G: int, K: int, R: int, stride) -> dict:
 
 
 def _config(kernel, x, G, K, R, stride, height, width, config):
+    """(config, picked): the caller's config, else the tuned one, else the per-tap default; ``picked``
+    says whether a caller or a tuned table chose it. An unpicked problem may take the halo kernels,
+    which `dynconv autotune` does not sweep yet: a tuned per-tap entry overrides them."""
     if config is not None:
-        return dict(config)
+        return dict(config), True
     default = default_config(kernel, x.shape[1], G, R, height, width, is_channels_last(x), x.dtype)
-    return get_config(f"involution_fused_{kernel}", problem_key(x, G, K, R, stride), default)
+    found = get_config(f"involution_fused_{kernel}", problem_key(x, G, K, R, stride), default)
+    return found, found is not default
 
 
 def _common_meta(config: dict, x: torch.Tensor, use_dot: bool, *tensors) -> tuple[dict, int, int]:
@@ -498,13 +502,13 @@ def forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation
 
 def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
-    if config is None and takes_halo_path(x, span_weight.shape[0] // (K * K), z.shape[1], K, stride, dilation, False):
-        return _halo_launch(halo.fused_fwd_halo_kernel, x, z, span_weight, span_bias, y, K, stride, padding,
-                            dilation, ("x_ptr", "y_ptr", "sxb sxc sxh sxw", "syb syc syh syw"))
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = y.shape[2], y.shape[3]
-    config = _config("fwd", x, G, K, R, stride, Ho, Wo, config)
+    config, picked = _config("fwd", x, G, K, R, stride, Ho, Wo, config)
+    if not picked and takes_halo_path(x, G, R, K, stride, dilation, False):
+        return _halo_launch(halo.fused_fwd_halo_kernel, x, z, span_weight, span_bias, y, K, stride, padding,
+                            dilation, ("x_ptr", "y_ptr", "sxb sxc sxh sxw", "syb syc syh syw"))
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("fwd", config, x.dtype),
                                                x, z, span_weight, span_bias, y)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
@@ -601,13 +605,13 @@ def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding,
 
 def _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = dx.shape
-    if config is None and takes_halo_path(dy, span_weight.shape[0] // (K * K), z.shape[1], K, stride, dilation, True):
-        return _halo_launch(halo.fused_bwd_input_halo_kernel, dy, z, span_weight, span_bias, dx, K, stride, padding,
-                            dilation, ("dy_ptr", "dx_ptr", "sdyb sdyc sdyh sdyw", "sdxb sdxc sdxh sdxw"))
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
-    config = _config("bwd_input", dy, G, K, R, stride, H, W, config)
+    config, picked = _config("bwd_input", dy, G, K, R, stride, H, W, config)
+    if not picked and takes_halo_path(dy, G, R, K, stride, dilation, True):
+        return _halo_launch(halo.fused_bwd_input_halo_kernel, dy, z, span_weight, span_bias, dx, K, stride, padding,
+                            dilation, ("dy_ptr", "dx_ptr", "sdyb sdyc sdyh sdyw", "sdxb sdxc sdxh sdxw"))
     meta, num_warps, num_stages = _common_meta(config, dy, uses_dot("bwd_input", config, dy.dtype),
                                                dy, z, span_weight, span_bias, dx)
     tiles_w = cdiv(W, meta["BLOCK_W"])
@@ -643,7 +647,8 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
     R = dz.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
-    if config is None and takes_halo_path(x, G, R, K, stride, dilation, False):
+    config, picked = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
+    if not picked and takes_halo_path(x, G, R, K, stride, dilation, False):
         meta, tiles_h, tiles_w = _halo_grad_meta(x, C, G, K, R, stride, dilation, Ho, Wo, dy, x, dz)
         args = dict(dy_ptr=dy, x_ptr=x, span_w_ptr=span_weight, dz_ptr=dz, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=C // G,
                     R=R, **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
@@ -651,7 +656,6 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
                     PH=padding[0], PW=padding[1], TILES=tiles_h * tiles_w, TILES_W=tiles_w)
         return Launch(halo.fused_bwd_z_halo_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, HALO_WARPS, 1,
                       loops=(G,))
-    config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, span_weight, dz)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
@@ -688,9 +692,10 @@ def span_grad_slabs(B: int, Ho: int, Wo: int, K: int, G: int, R: int, config: di
 
 def span_grad_config(x, G, K, R, stride, Ho, Wo, config=None, dilation=(1, 1)) -> dict:
     """The span-gradient kernel's config; ``{"HALO": True, ...}`` for the halo kernel."""
-    if config is None and takes_halo_path(x, G, R, K, stride, dilation, False):
+    config, picked = _config("bwd_span", x, G, K, R, stride, Ho, Wo, config)
+    if not picked and takes_halo_path(x, G, R, K, stride, dilation, False):
         return dict(HALO=True, BLOCK_H=halo.TILE_H, BLOCK_W=halo.TILE_W)
-    return _config("bwd_span", x, G, K, R, stride, Ho, Wo, config)
+    return config
 
 
 def backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation,

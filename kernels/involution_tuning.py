@@ -11,6 +11,7 @@ import torch
 from . import dynamic_dwconv as dwconv
 from ._launch import Launch
 from .configs import KernelSpace, Problem, neighbourhood, register_spaces
+from . import involution_nchw as nchw
 from .involution import (
     backward_input_launch,
     backward_weight_launch,
@@ -42,9 +43,10 @@ def _tuning_problems(kernel: str, quick: bool) -> list:
         shapes += [(f"{label} inhomogeneous", "dwconv", C, C, H, s, True) for label, C, H, s in dwnet]
     else:  # per-sample weights
         shapes += [(f"{label} homogeneous", "dwconv", C, C, H, s, False) for label, C, H, s in dwnet]
+    # NCHW per-pixel calls take the kernels of involution_nchw.py (tuned below), not these.
     return [Problem(f"{label} {'NHWC' if cl else 'NCHW'}", op,
                     dict(B=32, C=C, G=G, H=H, W=H, K=7, stride=s, per_pixel=pp, bias=not pp, channels_last=cl))
-            for label, op, C, G, H, s, pp in shapes for cl in (False, True)]
+            for label, op, C, G, H, s, pp in shapes for cl in (False, True) if cl or not pp]
 
 
 # Table keys hold both stride components (a (1, 2) layer must not take a (1, 1) layer's tiles).
@@ -155,13 +157,61 @@ def _tuning_spec_for_key(kernel: str):
     return spec_for_key
 
 
+# The NCHW per-pixel kernels (kernels/involution_nchw.py): tuned under their own names, on NCHW only.
+_NCHW_KERNELS = {"involution_nchw_fwd": "involution_fwd", "involution_nchw_bwd_input": "involution_bwd_input",
+                 "involution_nchw_bwd_weight": "involution_bwd_weight"}
+
+
+def _nchw_problems(quick: bool) -> list:
+    rednet, dwnet = (_REDNET[1:2], _DWNET[1:2]) if quick else (_REDNET, _DWNET)
+    shapes = [(f"{label} involution", "involution", C, C // 16, H, s) for label, C, H, s in rednet]
+    shapes += [(f"{label} inhomogeneous", "dwconv", C, C, H, s) for label, C, H, s in dwnet]
+    return [Problem(f"{label} NCHW", op, dict(B=32, C=C, G=G, H=H, W=H, K=7, stride=s, per_pixel=True, bias=False,
+                                              channels_last=False))
+            for label, op, C, G, H, s in shapes]
+
+
+def _nchw_default(kernel: str):
+    def default(spec: dict, ts: dict) -> dict:
+        kind = {"involution_nchw_fwd": "fwd", "involution_nchw_bwd_input": "dx", "involution_nchw_bwd_weight": "dw"}[kernel]
+        rows = -(-ts["dx"].shape[2] // _strides(spec)[0]) if kind == "dx" else ts["y"].shape[2]
+        return nchw.nchw_config(spec["C"] // spec["G"], rows, ts["x"].element_size(), kind)
+    return default
+
+
+def _nchw_candidates(kernel: str):
+    def candidates(key: dict, quick: bool) -> list[dict]:
+        spec, dtype = _tuning_spec_for_key(kernel)(key)
+        default = _nchw_default(kernel)(spec, _tuning_inputs(spec, dtype, "meta"))
+        CG = key["C"] // key["G"]
+        chunks = [d for d in (1, 2, 3, 4, 6, 8, 12, 16) if CG % d == 0]
+        out = [default]
+        # Per-thread sums (CH x STRIP, or K x STRIP in dw) kept near the default's: past it they spill.
+        budget = default["CH"] * default["STRIP"] if "weight" not in kernel else default["STRIP"]
+        for ch in chunks:
+            for strip in (2, 4, 6, 8):
+                for warps in ((4,) if quick else (2, 4, 8)):
+                    load = strip if "weight" in kernel else ch * strip
+                    config = {"CH": ch, "STRIP": strip, "BLOCK_W": 32 * warps, "num_warps": warps, "num_stages": 1}
+                    if load <= budget and config not in out:
+                        out.append(config)
+        return out[:6 if quick else 16]
+    return candidates
+
+
 def autotune_space() -> dict:
     """What ``dynconv autotune`` sweeps for this module's kernels (see kernels/configs.py)."""
-    return {name: KernelSpace(
+    spaces = {name: KernelSpace(
         problems=lambda quick, name=name: _tuning_problems(name, quick), inputs=_tuning_inputs, launch=_tuning_launch(name),
         key=_tuning_key, default=_tuning_default(name), candidates=_tuning_candidates(name),
         spec_for_key=_tuning_spec_for_key(name), exact=_EXACT)
         for name in _TUNED_KERNELS}
+    for name, generic in _NCHW_KERNELS.items():
+        spaces[name] = KernelSpace(
+            problems=_nchw_problems, inputs=_tuning_inputs, launch=_tuning_launch(generic), key=_tuning_key,
+            default=_nchw_default(name), candidates=_nchw_candidates(name),
+            spec_for_key=_tuning_spec_for_key(generic), exact=_EXACT)
+    return spaces
 
 
 register_spaces(autotune_space)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dynconv import autotune
-from dynconv.kernels import KERNEL_MODULES, configs
+from dynconv.kernels import configs
 from dynconv.kernels import involution as inv
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -210,13 +210,30 @@ def test_lookup_overhead_is_about_a_microsecond(gpu):
 def test_launcher_uses_the_tuned_config(gpu):
     user, _, _ = gpu
     x = torch.empty((32, 64, 56, 56), device="meta", dtype=torch.float16)
-    key = inv.problem_key(x, 4, 7, (1, 1))
+    key = inv.problem_key(x, 4, 15, (1, 1))
     tuned = cfg(BLOCK_G=1, BLOCK_CG=4, BLOCK_H=2, BLOCK_W=64, num_warps=2)
     write(user, table_file([(key, tuned)]))
-    w = torch.empty((32, 4, 7, 7, 56, 56), device="meta", dtype=torch.float16)
-    launch = inv.forward_launch(x, w, None, torch.empty_like(x), (1, 1), (3, 3), (1, 1))
+    # K = 15 per-pixel: past what the NCHW (involution_nchw.py) and per-sample (dynamic_dwconv.py)
+    # kernels take, so the generic kernel runs (their own tuned entries: the tests below).
+    w = torch.empty((32, 4, 15, 15, 56, 56), device="meta", dtype=torch.float16)
+    launch = inv.forward_launch(x, w, None, torch.empty_like(x), (1, 1), (7, 7), (1, 1))
+    assert launch.name == "involution_fwd_kernel"
     assert {k: launch.meta[k] for k in ("BLOCK_G", "BLOCK_CG", "BLOCK_H", "BLOCK_W")} == {
         k: tuned[k] for k in ("BLOCK_G", "BLOCK_CG", "BLOCK_H", "BLOCK_W")}
+    assert launch.num_warps == 2
+
+
+def test_nchw_per_pixel_launcher_uses_its_own_tuned_config(gpu):
+    """NCHW per-pixel calls take kernels/involution_nchw.py's kernels, tuned under their own name."""
+    user, _, _ = gpu
+    x = torch.empty((32, 64, 56, 56), device="meta", dtype=torch.float16)
+    key = inv.problem_key(x, 4, 7, (1, 1))
+    tuned = {"CH": 4, "STRIP": 2, "BLOCK_W": 64, "num_warps": 2, "num_stages": 1}
+    write(user, table_file([(key, tuned)], kernel="involution_nchw_fwd"))
+    w = torch.empty((32, 4, 7, 7, 56, 56), device="meta", dtype=torch.float16)
+    launch = inv.forward_launch(x, w, None, torch.empty_like(x), (1, 1), (3, 3), (1, 1))
+    assert launch.name == "involution_nchw_fwd_kernel"
+    assert {k: launch.meta[k] for k in ("CH", "STRIP", "BLOCK_W")} == {"CH": 4, "STRIP": 2, "BLOCK_W": 64}
     assert launch.num_warps == 2
 
 
@@ -353,6 +370,12 @@ def test_merge_keeps_rows_a_partial_sweep_did_not_measure(tmp_path):
 # The sweep's pieces that need no GPU
 # ---------------------------------------------------------------------------------------------
 
+def _kernel_modules():
+    """Every loaded module of dynconv.kernels (the launchers dispatch to modules of their own, e.g.
+    dynamic_dwconv and involution_nchw, which each read their tuned configs)."""
+    return [m for name, m in sorted(sys.modules.items()) if name.startswith("dynconv.kernels.")]
+
+
 def test_every_kernel_has_a_space_and_its_grid_keys_match_the_launchers(monkeypatch):
     spaces = configs.spaces()
     assert set(spaces) >= {"involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_bwd_weight",
@@ -368,7 +391,7 @@ def test_every_kernel_has_a_space_and_its_grid_keys_match_the_launchers(monkeypa
         seen = []
         space = spaces[case.kernel]
         tensors = space.inputs(case.spec, torch.float16, "meta")
-        for module in KERNEL_MODULES:
+        for module in _kernel_modules():
             if hasattr(module, "get_config"):
                 monkeypatch.setattr(module, "get_config", lambda kernel, key, default: seen.append((kernel, key)) or default)
         space.launch(case.spec, tensors, None)
@@ -418,10 +441,26 @@ def test_involution_keys_on_both_stride_components():
     x = torch.empty((8, 64, 32, 32), device="meta")
     assert not _borrows_across_strides(configs.spaces()["involution_fwd"], lambda s: inv.problem_key(x, 4, 7, s))
     for name in ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_fwd", "dwconv_bwd_input",
-                 "dwconv_bwd_weight"):
+                 "dwconv_bwd_weight", "involution_nchw_fwd", "involution_nchw_bwd_input", "involution_nchw_bwd_weight"):
         for sh, sw in ((1, 2), (2, 1)):
             key = dict(B=8, C=64, G=4, H=32, W=16, K=7, stride_h=sh, stride_w=sw, channels_last=0, dtype_bytes=2)
             assert _round_trips(configs.spaces()[name], key), (name, sh, sw)
+
+
+def test_nchw_involution_kernels_look_up_the_key_they_are_tuned_under():
+    """The NCHW per-pixel kernels ask get_config with the tuner's key, and their candidates start
+    with the default and split the group's channels exactly."""
+    from dynconv.kernels import involution_nchw
+
+    x = torch.empty((8, 48, 32, 32), device="meta", dtype=torch.bfloat16)
+    assert involution_nchw._key(x, 4, 7, (1, 2)) == inv.problem_key(x, 4, 7, (1, 2))
+    for name in ("involution_nchw_fwd", "involution_nchw_bwd_input", "involution_nchw_bwd_weight"):
+        space = configs.spaces()[name]
+        key = inv.problem_key(x, 4, 7, (1, 1))
+        candidates = space.candidates(key, False)
+        spec, dtype = space.spec_for_key(key)
+        assert candidates[0] == space.default(spec, space.inputs(spec, dtype, "meta"))
+        assert all(12 % c["CH"] == 0 and c["BLOCK_W"] == 32 * c["num_warps"] for c in candidates)
 
 
 def test_expert_conv_keys_on_both_stride_components():

@@ -9,6 +9,7 @@ import torch
 import dynconv
 import dynconv.ops.involution as involution_ops
 from dynconv.kernels import involution as kernels
+from dynconv.kernels import involution_nchw
 from dynconv.reference import involution_naive, involution_shift_add, involution_unfold
 from helpers import assert_close, check_against_reference
 
@@ -320,8 +321,9 @@ def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory
 
 
 def test_per_pixel_weight_gradient_past_the_unrolled_kernel_sizes(device):
-    """K > RUNS_MAX_K takes the generic kernel, whose tap loop has a run-time trip count."""
-    K = kernels.RUNS_MAX_K + 2
+    """K past both unrolled kernels (RUNS_MAX_K, and the NCHW kernels' MAX_K) takes the generic
+    kernel, whose tap loop has a run-time trip count."""
+    K = max(kernels.RUNS_MAX_K, involution_nchw.MAX_K) + 2
     x = torch.randn(1, 4, 3, 4, device=device)
     w = torch.randn(1, 2, K, K, 3, 4, dtype=torch.float64)
     dy = torch.randn(1, 4, 3, 4, device=device)

@@ -1,0 +1,445 @@
+"""NCHW per-pixel involution kernels (weights ``(B, G, K, K, Ho, Wo)``): forward, input gradient by
+stride phase, weight gradient.
+
+Every program owns one (sample, group, chunk of CH channels of the group) and a strip of STRIP rows
+of BLOCK_W pixels. Its tensors are 1-D over the BLOCK_W pixels, one pixel per lane, so the lanes
+lie along W (the contiguous axis) whatever the compiler infers; the CH channels and the STRIP rows
+are tuples of such tensors, held in each thread's registers. Rows, channels and the tap rows are
+unrolled (the kernel size, strides and dilations are compile-time constants), the tap columns a
+run-time loop (unrolled too, ptxas takes minutes). So:
+
+* a per-pixel weight is loaded once and serves the CH channels of its group;
+* an input row is loaded once per tap column and serves every (strip row, tap row) pair reading it;
+* row offsets and masks are scalars shared by the program, only the column offset is per lane.
+
+The generic kernels of ``kernels/involution.py`` remain the fallback for what these do not cover
+(K > MAX_K, channels_last, per-sample weights). Kernels here know nothing of autograd.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import triton
+import triton.language as tl
+
+import torch
+
+from ._launch import Launch, cdiv, is_channels_last
+from .configs import get_config
+
+# Kernel sizes these kernels unroll; larger K takes the generic run-time tap loop.
+MAX_K = 13
+
+
+@triton.jit
+def _wide(value, INDEX_64: tl.constexpr):
+    """``value`` as int64 in the INDEX_64 variants, so every product with it is formed in 64 bits."""
+    if INDEX_64:
+        value = tl.cast(value, tl.int64)  # tl.cast: the interpreter passes scalars as Python ints
+    return value
+
+
+@triton.jit
+def _lanes(BLOCKS, Wo, G, CHUNKS, CG, CH: tl.constexpr, STRIP: tl.constexpr, LANES: tl.constexpr,
+           INDEX_64: tl.constexpr):
+    """Each lane's (sample, group, first channel, first output row, column, in range): lanes are laid
+    over the flattened (sample, group, chunk, strip, column) space, column fastest, so no lane idles
+    for a row narrower than the tile and a warp's accesses stay contiguous along W."""
+    # Widened before the multiply: lanes past 2^31 when a thread holds one channel of one row.
+    lane = _wide(tl.program_id(0), INDEX_64) * LANES + tl.arange(0, LANES)
+    j = lane % Wo
+    rest = lane // Wo
+    i0 = (rest % BLOCKS) * STRIP
+    rest = rest // BLOCKS
+    chunk = rest % CHUNKS
+    rest = rest // CHUNKS
+    g = rest % G
+    b = rest // G
+    return b, g, g * CG + chunk * CH, i0, j
+
+
+@triton.jit
+def involution_nchw_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    B, H, W, Ho, Wo, G, CG,
+    sxb, swb, swg, sbb, sbc, syb,
+    PH, PW, ROW_TILES, CHUNKS,
+    sxc: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
+    swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr, sww: tl.constexpr,
+    syc: tl.constexpr, syh: tl.constexpr, syw: tl.constexpr,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g,u,v,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    Strip row s reads input row (first row) + s*SH + u*DH through tap u: the HALO rows of a tap
+    column are loaded once each and serve every (s, u) that reads them.
+    """
+    b, g, c0, i0, j = _lanes(ROW_TILES, Wo, G, CHUNKS, CG, CH, STRIP, BLOCK_W, INDEX_64)
+    j_ok = b < B
+    x_chunk = x_ptr + (b * sxb + c0 * sxc)
+    w_pixels = w_ptr + b * swb + g * swg + i0 * swh + j * sww
+    row_first = i0 * SH - PH
+    col_first = j * SW - PW
+    HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    accs = ()
+    for _ in tl.static_range(STRIP * CH):
+        accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
+    for v in range(KS):
+        col = col_first + v * DW
+        col_ok = (col >= 0) & (col < W) & j_ok  # j_ok: lanes past the last sample read nothing
+        x_col = x_chunk + col * sxw
+        w_col = w_pixels + _wide(v, INDEX_64) * swv
+        x_halo = x_col + row_first * sxh
+        for h in tl.static_range(HALO):
+            row = row_first + h
+            ok = col_ok & (row >= 0) & (row < H)
+            xs = ()
+            for q in tl.static_range(CH):
+                # Within-sample strides are compile-time constants: each tap's address is an immediate offset.
+                xs = xs + (tl.load(x_halo + (h * sxh + q * sxc), mask=ok, other=0.0).to(ACC_DTYPE),)
+            new = ()
+            for s in tl.static_range(STRIP):
+                # Strip row s reads halo row h through tap row u = (h - s*SH) / DH when that is a tap.
+                weight = None
+                if h >= s * SH:
+                    if (h - s * SH) % DH == 0:
+                        if (h - s * SH) // DH < KS:
+                            weight = tl.load(w_col + ((h - s * SH) // DH * swu + s * swh),
+                                             mask=j_ok & (i0 + s < Ho), other=0.0).to(ACC_DTYPE)
+                for q in tl.static_range(CH):
+                    if weight is not None:
+                        new = new + (accs[s * CH + q] + weight * xs[q],)
+                    else:
+                        new = new + (accs[s * CH + q],)
+            accs = new
+    y_chunk = y_ptr + b * syb + c0 * syc + i0 * syh + j * syw
+    for s in tl.static_range(STRIP):
+        for q in tl.static_range(CH):
+            acc = accs[s * CH + q]
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + b * sbb + (c0 + q) * sbc).to(ACC_DTYPE)
+            tl.store(y_chunk + (q * syc + s * syh), acc.to(y_ptr.dtype.element_ty), mask=j_ok & (i0 + s < Ho))
+
+
+@triton.jit
+def involution_nchw_bwd_input_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    B, H, W, Ho, Wo, G, CG,
+    sdyb, swb, swg, sdxb,
+    PH, PW, ROWS, COLS, ROW_TILES, CHUNKS,
+    sdyc: tl.constexpr, sdyh: tl.constexpr, sdyw: tl.constexpr,
+    swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr, sww: tl.constexpr,
+    sdxc: tl.constexpr, sdxh: tl.constexpr, sdxw: tl.constexpr,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Gather form of dx by stride phase: dx[b,c,h,w] = sum of w[b,g,u,v,i,j] * dy[b,c,i,j] over the taps
+    with h = i*SH - PH + u*DH and w = j*SW - PW + v*DW.
+
+    The input pixels of a phase (h % SH, w % SW) = (ph, pw) are read only by the taps u = u0 (mod
+    STEP_H), STEP_H = SH/GH, GH = gcd(SH, DH), u0 = ((ph+PH)/GH * INV_H) mod STEP_H (INV_H the
+    inverse of DH/GH modulo STEP_H), and only when GH divides ph + PH; likewise columns. Lanes run
+    over the flattened (sample, group, chunk, phase, strip, phase column) space, so a phase's lanes
+    visit exactly its taps: tap slot t is u = u0 + t*STEP_H (the last slot may pass K), and reads dy
+    row i(s) - t*DH/GH for strip row s. The dy rows of a tap column are loaded once and serve
+    every (s, t) reading them.
+    """
+    STEP_H: tl.constexpr = SH // GH
+    STEP_W: tl.constexpr = SW // GW
+    TAPS_U: tl.constexpr = (KS + STEP_H - 1) // STEP_H
+    TAPS_V: tl.constexpr = (KS + STEP_W - 1) // STEP_W
+    ROW_STEP: tl.constexpr = DH // GH
+    COL_STEP: tl.constexpr = DW // GW
+    lane = _wide(tl.program_id(0), INDEX_64) * BLOCK_W + tl.arange(0, BLOCK_W)
+    ww = lane % COLS
+    rest = lane // COLS
+    hh0 = (rest % ROW_TILES) * STRIP
+    rest = rest // ROW_TILES
+    phase = rest % (SH * SW)
+    rest = rest // (SH * SW)
+    chunk = rest % CHUNKS
+    rest = rest // CHUNKS
+    g = rest % G
+    b = rest // G
+    c0 = g * CG + chunk * CH
+    rh = phase // SW + PH
+    rw = phase % SW + PW
+    lane_ok = (b < B) & (rh % GH == 0) & (rw % GW == 0)  # a phase no tap reaches: dx is zero there
+    u0 = ((rh // GH) * INV_H) % STEP_H
+    v0 = ((rw // GW) * INV_W) % STEP_W
+    # dy row of strip row 0 through slot 0, and the column of slot 0.
+    i_first = hh0 + (rh - u0 * DH) // SH
+    j_first = ww + (rw - v0 * DW) // SW
+    HALO: tl.constexpr = STRIP + (TAPS_U - 1) * ROW_STEP
+    halo_first = i_first - (TAPS_U - 1) * ROW_STEP  # halo row k is dy row halo_first + k
+    # Per-lane pointers formed once; a tap column moves them by a scalar, a halo row and a channel by
+    # immediate offsets (within-sample strides are compile-time constants).
+    dy_chunk = dy_ptr + (b * sdyb + c0 * sdyc) + halo_first * sdyh + j_first * sdyw
+    w_taps = w_ptr + b * swb + g * swg + u0 * swu + v0 * swv + halo_first * swh + j_first * sww
+    last_row_ok = u0 + (TAPS_U - 1) * STEP_H < KS
+    accs = ()
+    for _ in tl.static_range(STRIP * CH):
+        accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
+    for t_v in range(TAPS_V):
+        col = j_first - t_v * COL_STEP
+        col_ok = (col >= 0) & (col < Wo) & lane_ok & (v0 + t_v * STEP_W < KS)
+        dy_col = dy_chunk - _wide(t_v, INDEX_64) * (COL_STEP * sdyw)
+        w_col = w_taps + _wide(t_v, INDEX_64) * (STEP_W * swv - COL_STEP * sww)
+        for k in tl.static_range(HALO):
+            row = halo_first + k
+            ok = col_ok & (row >= 0) & (row < Ho)
+            grads = ()
+            for q in tl.static_range(CH):
+                grads = grads + (tl.load(dy_col + (k * sdyh + q * sdyc), mask=ok, other=0.0).to(ACC_DTYPE),)
+            new = ()
+            for s in tl.static_range(STRIP):
+                # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
+                weight = None
+                if (s + (TAPS_U - 1) * ROW_STEP - k) >= 0:
+                    if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
+                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
+                            weight = tl.load(w_col + ((s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP * STEP_H * swu + k * swh), mask=ok,
+                                             other=0.0).to(ACC_DTYPE)
+                for q in tl.static_range(CH):
+                    acc = accs[s * CH + q]
+                    if weight is not None:
+                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP == TAPS_U - 1 and KS % STEP_H != 0:
+                            # The last slot passes K in some phases: skipped, not multiplied by a zero
+                            # weight (0 * inf would poison the sum).
+                            acc = tl.where(last_row_ok, acc + weight * grads[q], acc)
+                        else:
+                            acc = acc + weight * grads[q]
+                    new = new + (acc,)
+            accs = new
+    h = rh - PH + SH * hh0
+    w = rw - PW + SW * ww
+    dx_chunk = dx_ptr + (b * sdxb + c0 * sdxc) + h * sdxh + w * sdxw
+    for s in tl.static_range(STRIP):
+        ok = (b < B) & (h + SH * s < H) & (w < W)
+        for q in tl.static_range(CH):
+            tl.store(dx_chunk + (q * sdxc + s * SH * sdxh), accs[s * CH + q].to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def involution_nchw_bwd_weight_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    B, H, W, Ho, Wo, G, CG,
+    sdyb, sxb, sdwb, sdwg,
+    PH, PW, ROW_TILES,
+    sdyc: tl.constexpr, sdyh: tl.constexpr, sdyw: tl.constexpr,
+    sxc: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
+    sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dw[b,g,u,v,i,j] = sum_{c in g} dy[b,c,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
+
+    Lanes over the flattened (sample, group, strip, column) space; each thread sums its group's
+    channels itself (CH at a time, a run-time loop), so the sum is a chain of FMAs, and holds the
+    K tap rows x STRIP rows of one tap column: the x rows of a tap column are loaded once per chunk
+    and serve every (strip row, tap row) reading them.
+    """
+    lane = _wide(tl.program_id(0), INDEX_64) * BLOCK_W + tl.arange(0, BLOCK_W)
+    j = lane % Wo
+    rest = lane // Wo
+    i0 = (rest % ROW_TILES) * STRIP
+    rest = rest // ROW_TILES
+    g = rest % G
+    b = rest // G
+    lane_ok = b < B
+    row_first = i0 * SH - PH
+    col_first = j * SW - PW
+    c_first = g * CG
+    dy_group = dy_ptr + (b * sdyb + c_first * sdyc) + i0 * sdyh + j * sdyw
+    x_group = x_ptr + (b * sxb + c_first * sxc) + row_first * sxh + col_first * sxw
+    dw_pixels = dw_ptr + b * sdwb + g * sdwg + i0 * sdwh + j * sdww
+    HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    for v in range(KS):
+        col_ok = (col_first + v * DW >= 0) & (col_first + v * DW < W) & lane_ok
+        x_col = x_group + _wide(v, INDEX_64) * (DW * sxw)
+        accs = ()
+        for _ in tl.static_range(STRIP * KS):
+            accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
+        for c in range(0, CG, CH):
+            c = _wide(c, INDEX_64)
+            grads = ()
+            for s in tl.static_range(STRIP):
+                for q in tl.static_range(CH):
+                    grad = tl.load(dy_group + c * sdyc + (q * sdyc + s * sdyh), mask=lane_ok & (i0 + s < Ho),
+                                   other=0.0)
+                    grads = grads + (grad.to(ACC_DTYPE),)
+            x_chunk = x_col + c * sxc
+            for h in tl.static_range(HALO):
+                ok = col_ok & (row_first + h >= 0) & (row_first + h < H)
+                xs = ()
+                for q in tl.static_range(CH):
+                    xs = xs + (tl.load(x_chunk + (h * sxh + q * sxc), mask=ok, other=0.0).to(ACC_DTYPE),)
+                new = ()
+                for s in tl.static_range(STRIP):
+                    for u in tl.static_range(KS):
+                        acc = accs[s * KS + u]
+                        if h == s * SH + u * DH:  # strip row s reads halo row h through tap row u
+                            for q in tl.static_range(CH):
+                                acc = acc + grads[s * CH + q] * xs[q]
+                        new = new + (acc,)
+                accs = new
+        dw_col = dw_pixels + _wide(v, INDEX_64) * sdwv
+        for s in tl.static_range(STRIP):
+            for u in tl.static_range(KS):
+                tl.store(dw_col + (u * sdwu + s * sdwh), accs[s * KS + u].to(dw_ptr.dtype.element_ty),
+                         mask=lane_ok & (i0 + s < Ho))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch builders (called by kernels/involution.py's launchers for the cases covers() accepts)
+# --------------------------------------------------------------------------------------------
+
+def covers(x, weight, config=None) -> bool:
+    """Whether these kernels serve a call: per-pixel weights, NCHW (not channels_last), K <= MAX_K,
+    and no explicit config of the generic kernels."""
+    return (weight.dim() == 6 and weight.shape[2] <= MAX_K and not is_channels_last(x)
+            and (config is None or "CH" in config))
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _key(x, G: int, K: int, stride) -> dict:
+    B, C, H, W = x.shape
+    # The fields and order of involution.problem_key (the tuner's key), channels_last always 0 here.
+    return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
+            "channels_last": 0, "dtype_bytes": x.element_size()}
+
+
+def _chunk(CG: int, cap: int) -> int:
+    """Channels per program: the largest divisor of the group's CG channels up to ``cap`` (no channel masks)."""
+    return max((d for d in range(1, min(CG, cap) + 1) if CG % d == 0), default=1)  # CG = 0: an empty launch
+
+
+@functools.lru_cache(maxsize=1024)
+def nchw_config(CG: int, rows: int, element_size: int, kind: str) -> dict:
+    """Default tile: 128 lanes along the flattened rows, each a strip of STRIP rows and CH channels of
+    its group. Sizes as triton 3.6's ptxas keeps them in registers on sm_90 and sm_80 (AOT-checked):
+    fp32 has headroom (HBM-bound); 16-bit data needs longer strips or wider chunks to
+    amortise each loaded element, and dx and dw hold more per thread (dw: a tap column's K x STRIP
+    sums, so narrow chunks)."""
+    if kind == "dw":
+        ch, strip = _chunk(CG, 4), 8
+    elif kind == "fwd":
+        # 6 rows: 5% faster in bf16 (PREDICTED) but fp16 spills on sm_80; fp32 at 4 x 8 went
+        # through the stack on sm_80 with triton 3.9.
+        # Few channels (G = C): longer strips; at 4 rows triton 3.9's ptxas put a register on the stack.
+        ch = _chunk(CG, 16)
+        strip = 4 if ch > 4 else 8
+    elif element_size > 2:
+        ch, strip = _chunk(CG, 8), 4
+    else:
+        ch, strip = _chunk(CG, 8), 8
+    return {"CH": ch, "STRIP": _strip(rows, strip), "BLOCK_W": 128, "num_warps": 4, "num_stages": 1}
+
+
+def _strip(rows: int, cap: int) -> int:
+    """The strip length in [cap/2, cap] that pads ``rows`` least (28 rows: 7, not 8), the longest on a tie."""
+    if rows <= cap:
+        return max(1, rows)
+    return min(range(max(1, cap // 2), cap + 1), key=lambda s: (cdiv(rows, s) * s, -s))
+
+
+def _inner_strides(prefix: str, t, axes: str = "chw") -> dict:
+    """The strides within one sample (and group), as compile-time constants: a kernel variant per
+    feature-map size, and every tap's offset from a program's base pointer an immediate."""
+    return {prefix + a: s for a, s in zip(axes, t.stride()[t.dim() - len(axes):])}
+
+
+def _grid_size(lanes: int, block: int) -> tuple[int, int, int]:
+    return (cdiv(lanes, block), 1, 1)
+
+
+def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool, config=None) -> Launch:
+    B, C, H, W = x.shape
+    G, K = weight.shape[1], weight.shape[2]
+    Ho, Wo = y.shape[2], y.shape[3]
+    CG = C // G
+    config = config or get_config("involution_nchw_fwd", _key(x, G, K, stride),
+                                  nchw_config(CG, Ho, x.element_size(), "fwd"))
+    ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
+    chunks, row_tiles = CG // ch, cdiv(Ho, strip)
+    bias_strides = bias.stride() if bias is not None else (0, 0)
+    args = dict(
+        x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
+        sxb=x.stride(0), swb=weight.stride(0), swg=weight.stride(1),
+        sbb=bias_strides[0], sbc=bias_strides[1], syb=y.stride(0),
+        PH=padding[0], PW=padding[1], ROW_TILES=row_tiles, CHUNKS=chunks,
+    )
+    meta = dict(**_inner_strides("sx", x), **_inner_strides("sw", weight, "uvhw"), **_inner_strides("sy", y), KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
+                BLOCK_W=block_w, HAS_BIAS=bias is not None, INDEX_64=index_64,
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    # One run-time loop: the tap columns.
+    return Launch(involution_nchw_fwd_kernel, _grid_size(B * G * chunks * row_tiles * Wo, block_w), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(K,) if K > 1 else ())
+
+
+def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
+    """(gcd, step, inverse) of one axis: the taps u of a stride phase satisfy u*dilation = r (mod stride),
+    which has solutions only when gcd | r, then u = (r/gcd) * inverse (mod step), step = stride/gcd."""
+    g = math.gcd(stride, dilation)
+    step = stride // g
+    return g, step, pow(dilation // g, -1, step) if step > 1 else 0
+
+
+def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: bool, config=None) -> Launch:
+    B, C, H, W = dx.shape
+    G, K = weight.shape[1], weight.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    CG = C // G
+    (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
+    rows, cols = cdiv(H, stride[0]), cdiv(W, stride[1])
+    config = config or get_config("involution_nchw_bwd_input", _key(dx, G, K, stride),
+                                  nchw_config(CG, rows, dx.element_size(), "dx"))
+    ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
+    chunks, row_tiles = CG // ch, cdiv(rows, strip)
+    args = dict(
+        dy_ptr=dy, w_ptr=weight, dx_ptr=dx, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
+        sdyb=dy.stride(0), swb=weight.stride(0), swg=weight.stride(1), sdxb=dx.stride(0),
+        PH=padding[0], PW=padding[1], ROWS=rows, COLS=cols, ROW_TILES=row_tiles, CHUNKS=chunks,
+    )
+    meta = dict(**_inner_strides("sdy", dy), **_inner_strides("sw", weight, "uvhw"), **_inner_strides("sdx", dx),
+                KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], GH=gh, GW=gw, INV_H=inv_h,
+                INV_W=inv_w, CH=ch, STRIP=strip, BLOCK_W=block_w, INDEX_64=index_64,
+                ACC_DTYPE=_acc_dtype(dx.dtype))
+    lanes = B * G * chunks * stride[0] * stride[1] * row_tiles * cols
+    taps_v = cdiv(K, step_w)
+    # One run-time loop: the tap columns of a phase.
+    return Launch(involution_nchw_bwd_input_kernel, _grid_size(lanes, block_w), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(taps_v,) if taps_v > 1 else ())
+
+
+def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool, config=None) -> Launch:
+    B, C, H, W = x.shape
+    G, K = dw.shape[1], dw.shape[2]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    CG = C // G
+    config = config or get_config("involution_nchw_bwd_weight", _key(x, G, K, stride),
+                                  nchw_config(CG, Ho, x.element_size(), "dw"))
+    ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
+    row_tiles = cdiv(Ho, strip)
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
+        sdyb=dy.stride(0), sxb=x.stride(0), sdwb=dw.stride(0), sdwg=dw.stride(1),
+        PH=padding[0], PW=padding[1], ROW_TILES=row_tiles,
+    )
+    meta = dict(**_inner_strides("sdy", dy), **_inner_strides("sx", x), **_inner_strides("sdw", dw, "uvhw"),
+                KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
+                BLOCK_W=block_w, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype))
+    # The tap columns, and inside each the group's channels CH at a time (a one-trip loop compiles to none).
+    chunks = CG // ch
+    loops = (K, (chunks,)) if chunks > 1 else K
+    return Launch(involution_nchw_bwd_weight_kernel, _grid_size(B * G * row_tiles * Wo, block_w), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(loops,) if K > 1 else ())

@@ -1,0 +1,139 @@
+"""The NCHW per-pixel involution kernels (kernels/involution_nchw.py) against float64 references.
+
+Launched directly with small tiles (32 lanes, strips of 3 rows, channel chunks of 1-2), so tiles are
+cut by the image edge, lanes run past the last sample, and groups span several chunks; every output
+is NaN-poisoned first (an element no lane writes fails).
+"""
+import pytest
+import torch
+
+from dynconv.kernels import involution as kernels
+from dynconv.kernels import involution_nchw as nchw
+from dynconv.reference import involution_unfold
+from helpers import assert_close
+
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
+# (B, C, H, W, K, G, stride, dilation, padding)
+CASES = [
+    (2, 8, 7, 9, 3, 2, 1, 1, None),    # G < C, odd sizes, two samples
+    (1, 3, 9, 7, 3, 3, 2, 1, None),    # G = C, stride 2, odd H
+    (1, 4, 7, 5, 5, 2, 3, 1, None),    # stride 3, odd H: phases whose last tap slot passes K
+    (1, 4, 8, 5, 2, 2, 2, 2, 0),       # stride 2, dilation 2: phases no tap reaches
+    (1, 6, 3, 4, 7, 2, 1, 1, None),    # K larger than the image, three channels per group
+    (1, 4, 6, 7, 3, 1, (1, 2), (2, 1), 1),  # different strides and dilations per axis
+]
+IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}" for c in CASES]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+def _problem(case, dtype):
+    B, C, H, W, K, G, s, d, p = case
+    s, d = _pair(s), _pair(d)
+    p = tuple(dd * (K - 1) // 2 for dd in d) if p is None else _pair(p)
+    Ho, Wo = ((n + 2 * pp - dd * (K - 1) - 1) // ss + 1 for n, ss, pp, dd in zip((H, W), s, p, d))
+    x64 = torch.randn(B, C, H, W, dtype=torch.float64)
+    w64 = torch.randn(B, G, K, K, Ho, Wo, dtype=torch.float64)
+    dy64 = torch.randn(B, C, Ho, Wo, dtype=torch.float64)
+    x64.requires_grad_(True)
+    w64.requires_grad_(True)
+    y64 = involution_unfold(x64, w64, None, s, p, d)
+    y64.backward(dy64)
+    return (x64, w64, dy64, y64.detach()), (s, p, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_nchw_kernels_forward_input_and_weight_gradients(case, dtype):
+    if dtype == torch.bfloat16 and case[6] == 1:
+        pytest.skip("bf16 at the strided cases only (interpreter time)")
+    (x64, w64, dy64, y64), geometry = _problem(case, dtype)
+    x, w, dy = (t.detach().to(dtype) for t in (x64, w64, dy64))
+    CG = x.shape[1] // w.shape[1]
+    config = {"CH": nchw._chunk(CG, 2), "STRIP": 3, "BLOCK_W": 32, "num_warps": 1}
+    y = torch.empty(y64.shape, dtype=dtype)
+    dx = torch.empty(x.shape, dtype=dtype)
+    dw = torch.empty(w.shape, dtype=dtype)
+    launches = (kernels.forward_launch(x, w, None, y, *geometry, config),
+                kernels.backward_input_launch(dy, w, dx, *geometry, config),
+                kernels.backward_weight_launch(dy, x, dw, *geometry, True, config))
+    for launch in launches:
+        assert launch.name.startswith("involution_nchw_")
+        launch()
+    # The references see the rounded operands.
+    x64r, w64r, dy64r = (t.detach().to(dtype).double().requires_grad_(True) for t in (x64, w64, dy64))
+    y_ref = involution_unfold(x64r, w64r, None, *geometry)
+    y_ref.backward(dy64r)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, x64r.grad, dtype, "dx")
+    assert_close(dw, w64r.grad, dtype, "dw")
+
+
+def test_input_gradient_skips_a_missing_tap_without_multiplying_it():
+    """Stride 3, K = 5: a phase's last tap slot passes K; an inf in dy that only such a slot would
+    meet must not turn into 0 * inf = NaN."""
+    (x64, w64, dy64, _), geometry = _problem((1, 2, 7, 5, 5, 1, 3, 1, None), torch.float32)
+    dy = dy64.float()
+    dy[0, 0, 0, 0] = float("inf")
+    w = w64.detach().float()
+    dx = torch.empty(x64.shape)
+    kernels.backward_input_launch(dy, w, dx, *geometry, {"CH": 1, "STRIP": 2, "BLOCK_W": 32, "num_warps": 1})()
+    dy64r = dy.double().requires_grad_(False)
+    x64r = torch.zeros(x64.shape, dtype=torch.float64, requires_grad=True)
+    involution_unfold(x64r, w.double(), None, *geometry).backward(dy64r)
+    finite = torch.isfinite(x64r.grad)
+    assert 0 < finite.sum() < finite.numel()
+    assert torch.equal(torch.isfinite(dx), finite)
+    assert_close(dx[finite], x64r.grad[finite], torch.float32, "dx where finite")
+
+
+def test_dispatch_and_declared_loops():
+    """NCHW per-pixel calls take these kernels with K, strides and within-sample strides
+    compile-time; channels_last, per-sample weights, K > MAX_K or a generic config do not."""
+    def tensors(K, H, stride, G=2, fmt=torch.contiguous_format):
+        Ho = (H - 1) // stride + 1
+        x = torch.empty((2, 32, H, H), device="meta").to(memory_format=fmt)
+        y = torch.empty((2, 32, Ho, Ho), device="meta").to(memory_format=fmt)
+        return x, torch.empty((2, G, K, K, Ho, Ho), device="meta"), y
+
+    x, w, y = tensors(7, 32, 1)
+    geometry = ((1, 1), (3, 3), (1, 1))
+    fwd = kernels.forward_launch(x, w, None, y, *geometry)
+    dx = kernels.backward_input_launch(y, w, x, *geometry)
+    dw = kernels.backward_weight_launch(y, x, w, *geometry, True)
+    assert [launch.name for launch in (fwd, dx, dw)] == [
+        "involution_nchw_fwd_kernel", "involution_nchw_bwd_input_kernel", "involution_nchw_bwd_weight_kernel"]
+    assert fwd.meta["KS"] == 7 and fwd.meta["sxh"] == 32 and fwd.loops == (7,) and dx.loops == (7,)
+    assert dw.loops == ((7, (16 // dw.meta["CH"],)),)
+    x, w, y = tensors(7, 31, 2)
+    dx = kernels.backward_input_launch(y, w, x, (2, 2), (3, 3), (1, 1))
+    assert dx.meta["GH"] == 1 and dx.loops == (4,)  # four tap columns per phase, not seven
+    x, w, y = tensors(nchw.MAX_K + 2, 8, 1)
+    assert kernels.forward_launch(x, w, None, y, (1, 1), (7, 7), (1, 1)).name == "involution_fwd_kernel"
+    x, w, y = tensors(3, 8, 1, fmt=torch.channels_last)
+    assert kernels.forward_launch(x, w, None, y, (1, 1), (1, 1), (1, 1)).name == "involution_fwd_kernel"
+    x, w, y = tensors(3, 8, 1)
+    generic = {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 2, "BLOCK_W": 4, "num_warps": 1}
+    assert kernels.forward_launch(x, w, None, y, (1, 1), (1, 1), (1, 1), generic).name == "involution_fwd_kernel"
+    assert kernels.forward_launch(x, w[..., 0, 0], None, y, (1, 1), (1, 1), (1, 1)).name == "involution_fwd_kernel"
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 5, 5), (1, 4, 0, 5), (1, 0, 5, 5)], ids=["B0", "H0", "C0"])
+def test_empty_tensors(shape):
+    """Empty inputs launch nothing, except the weight gradient of groups with no channels: zero."""
+    B, C, H, W = shape
+    G = 2 if C else 1
+    x = torch.randn(shape)
+    w = torch.randn(B, G, 3, 3, H, W)
+    y, dw = torch.empty(shape), torch.empty(w.shape)
+    geometry = ((1, 1), (1, 1), (1, 1))
+    for launch in (kernels.forward_launch(x, w, None, y, *geometry), kernels.backward_input_launch(y, w, x, *geometry)):
+        assert launch.name.startswith("involution_nchw_") and launch.grid[0] == 0
+        launch()
+    launch = kernels.backward_weight_launch(y, x, dw, *geometry, True)
+    assert launch.name == "involution_nchw_bwd_weight_kernel"
+    launch()
+    assert torch.equal(dw, torch.zeros_like(dw))
