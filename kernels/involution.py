@@ -129,7 +129,7 @@ MAX_STRIP = 8
 
 @triton.jit
 def _strip_taps(src, src_channels, channel_masks, row_first, RSTEP, SRC_H, ssh, col_first, CSTEP, SRC_W, ssw,
-                w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H, out_col_ok,
+                w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H,
                 U_FIRST, U_STEP, V_FIRST, V_STEP, K, zero,
                 TAPS_V, STRIP: tl.constexpr, TAPS_U: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr,
                 PER_PIXEL: tl.constexpr, WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
@@ -163,6 +163,12 @@ def _strip_taps(src, src_channels, channel_masks, row_first, RSTEP, SRC_H, ssh, 
         # A tensor, not a Python bool: the interpreter passes scalars as Python ints.
         first_tap_ok = (tl.zeros((1, 1, 1), dtype=tl.int32) + U_FIRST) < K
         b_first = (V_FIRST >= K).to(tl.int32)  # column slot 0 names tap K: this phase has one tap fewer
+    if PER_PIXEL and not WEIGHT_AT_SOURCE:
+        # Output rows clamped into the image: a tile's rows (and, in w_out_pix, columns) past it are never
+        # stored, so their weights need no mask, and the loads no zeroed registers or predicates.
+        w_rows = ()
+        for s in tl.static_range(STRIP):
+            w_rows = w_rows + ((tl.minimum(out_row + s, OUT_H - 1) * swh + w_out_pix)[None, None, :],)
     for b in range(b_first, TAPS_V):
         col = col_first + b * CSTEP
         col_ok = (col >= 0) & (col < SRC_W)
@@ -201,9 +207,7 @@ def _strip_taps(src, src_channels, channel_masks, row_first, RSTEP, SRC_H, ssh, 
                                 w_ok = w_ok & first_tap_ok  # no read past the weight either
                             weight = tl.load(w_tap + w_pix, mask=w_ok, other=0.0)
                         else:
-                            w_ok = g_ok & (out_col_ok & (out_row + s < OUT_H))[None, None, :]
-                            weight = tl.load(w_tap + (w_out_pix + widen(s, INDEX_64) * swh)[None, None, :], mask=w_ok,
-                                             other=0.0)
+                            weight = tl.load(w_tap + w_rows[s])
                         weight = weight.to(ACC_DTYPE)
                     else:
                         weight = held[r - s]
@@ -279,7 +283,8 @@ def involution_fwd_kernel(
             ssw = sxw
             zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
         accs = _strip_taps(x_src, x_channels, channel_masks, i * SH - PH, DH, H, ssh, j * SW - PW, DW, W, ssw,
-                           w_group, g3 < G, swu, swv, swh, sww, i * swh + j * sww, i, Ho, j < Wo,
+                           w_ptr + b * swb + tl.minimum(g3, G - 1) * swg, g3 < G, swu, swv, swh, sww,
+                           tl.minimum(j, Wo - 1) * sww, i, Ho,
                            0, 1, 0, 1, K, zero, K, STRIP, TAPS, CHUNKS, PAIRS, PER_PIXEL, False, False, INDEX_64)
         if HAS_BIAS:
             new = ()
@@ -404,7 +409,7 @@ def involution_bwd_input_kernel(
         row_first = hh + (rh - u0 * DH) // SH - (TAPS_U - 1) * (DH // GH)
         col_first = w + (rw - v0 * DW) // SW - (TAPS_V - 1) * (DW // GW)
         accs = _strip_taps(dy_src, dy_channels, channel_masks, row_first, DH // GH, Ho, ssh,
-                           col_first, DW // GW, Wo, ssw, w_group, g3 < G, swu, swv, swh, sww, 0, 0, 0, 0,
+                           col_first, DW // GW, Wo, ssw, w_group, g3 < G, swu, swv, swh, sww, 0, 0, 0,
                            u0 + (TAPS_U - 1) * step_h, -step_h, v0 + (TAPS_V - 1) * step_w, -step_w, K, zero,
                            TAPS_V, STRIP, TAPS_U, CHUNKS, PAIRS, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64)
         # Input rows and columns of this phase.
