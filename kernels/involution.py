@@ -270,8 +270,9 @@ def involution_fwd_kernel(
             channels, channel_masks = _pair_chunks(tl.program_id(1), CG_TILES, g3, G, CG, BLOCK_CG, CHUNKS)
             x_src = x_sample.to(tl.pointer_type(tl.int32), bitcast=True)
             x_channels = channels
-            ssh = sxh // 2
-            ssw = sxw // 2
+            # Strides in int32 pairs: even (_pairs), so a shift halves them exactly.
+            ssh = widen(sxh, INDEX_64) >> 1
+            ssw = widen(sxw, INDEX_64) >> 1
             zero = tl.zeros((BLOCK_G, BLOCK_CG // 2, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
         else:
             channels, channel_masks = _channel_chunks(tl.program_id(1), CG_TILES, g3, cg3, G, CG, BLOCK_CG, CHUNKS)
@@ -325,7 +326,8 @@ def involution_fwd_kernel(
         y_pairs = (y_ptr + b * syb).to(tl.pointer_type(tl.int32), bitcast=True)
         for t in tl.static_range(STRIP * CHUNKS):
             s = t // CHUNKS
-            y_off = channels[t % CHUNKS] + ((i + s) * (syh // 2) + j * (syw // 2))[None, None, :]
+            y_off = channels[t % CHUNKS] + ((i + s) * (widen(syh, INDEX_64) >> 1) + j * (widen(syw, INDEX_64) >> 1))[
+                None, None, :]
             tl.store(y_pairs + y_off, _bf16_pairs(accs[2 * t], accs[2 * t + 1]),
                      mask=channel_masks[t % CHUNKS] & ((i + s < Ho) & (j < Wo))[None, None, :])
     else:
@@ -384,8 +386,8 @@ def involution_bwd_input_kernel(
             channels, channel_masks = _pair_chunks(tl.program_id(1), CG_TILES, g3, G, CG, BLOCK_CG, CHUNKS)
             dy_src = dy_sample.to(tl.pointer_type(tl.int32), bitcast=True)
             dy_channels = channels
-            ssh = sdyh // 2
-            ssw = sdyw // 2
+            ssh = widen(sdyh, INDEX_64) >> 1
+            ssw = widen(sdyw, INDEX_64) >> 1
             zero = tl.zeros((BLOCK_G, BLOCK_CG // 2, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
         else:
             channels, channel_masks = _channel_chunks(tl.program_id(1), CG_TILES, g3, cg3, G, CG, BLOCK_CG, CHUNKS)
@@ -447,7 +449,8 @@ def involution_bwd_input_kernel(
         dx_pairs = (dx_ptr + b * sdxb).to(tl.pointer_type(tl.int32), bitcast=True)
         for t in tl.static_range(STRIP * CHUNKS):
             row = h + (t // CHUNKS) * h_step
-            dx_off = channels[t % CHUNKS] + (row * (sdxh // 2) + w * (sdxw // 2))[None, None, :]
+            dx_off = channels[t % CHUNKS] + (row * (widen(sdxh, INDEX_64) >> 1) + w * (widen(sdxw, INDEX_64) >> 1))[
+                None, None, :]
             tl.store(dx_pairs + dx_off, _bf16_pairs(accs[2 * t], accs[2 * t + 1]),
                      mask=channel_masks[t % CHUNKS] & ((row < H) & (w < W))[None, None, :])
     else:
@@ -1302,7 +1305,9 @@ def catalogue() -> list[Launch]:
                          (backward_input_launch(x, w_sample, x, *geometry), "sample"),
                          (backward_weight_launch(x, x, partials, *geometry, False), "sample"),
                          (backward_weight_launch(x, x, depthwise_partials, *geometry, False), "sample depth-wise"),
-                         (backward_weight_launch(x_cl, x_cl, w, *geometry, True), "pixel channels_last")):
+                         (backward_weight_launch(x_cl, x_cl, w, *geometry, True), "pixel channels_last"),
+                         (forward_launch(x_cl, w, None, x_cl, *geometry), "pixel channels_last"),
+                         (backward_input_launch(x_cl, w, x_cl, *geometry), "pixel channels_last")):
         assert launch.meta["INDEX_64"]
         layout_name = "NHWC" if kind.endswith("channels_last") else "NCHW"
         launch.label = f"over 2^31 elements torch.bfloat16 {layout_name} {kind.removesuffix(' channels_last')}"
