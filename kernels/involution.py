@@ -80,6 +80,45 @@ def gather_source(pos, pad, tap, dilation, stride, out_size, mask):
     return out, mask & (scaled >= 0) & (scaled % stride == 0) & (out < out_size)
 
 
+@triton.jit
+def _channel_chunks(pid_ch, CG_TILES, g3, cg3, G, CG, BLOCK_CG: tl.constexpr, CHUNKS: tl.constexpr):
+    """Channel indices and masks of this program's CHUNKS chunks of BLOCK_CG channels per group.
+
+    A program owns CHUNKS * BLOCK_CG consecutive channels of each of its groups; ``cg3`` is its first
+    chunk as _tile_indices placed it (BLOCK_CG channels per program), moved here to the program's span.
+    """
+    first = cg3 + (pid_ch % CG_TILES) * (BLOCK_CG * (CHUNKS - 1))
+    channels = ()
+    masks = ()
+    for q in tl.static_range(CHUNKS):
+        channels = channels + (g3 * CG + first + q * BLOCK_CG,)
+        masks = masks + ((g3 < G) & (first + q * BLOCK_CG < CG),)
+    return channels, masks
+
+
+@triton.jit
+def _pair_chunks(pid_ch, CG_TILES, g3, G, CG, BLOCK_CG: tl.constexpr, CHUNKS: tl.constexpr):
+    """_channel_chunks for 16-bit data read as int32 pairs of channels (CG even): each chunk's BLOCK_CG // 2
+    pair indices (channel // 2) and masks."""
+    # Pair indices only (no 2 * k): the load vectorises when its mask is provably constant over a chunk.
+    first = (pid_ch % CG_TILES) * (BLOCK_CG // 2 * CHUNKS) + tl.arange(0, BLOCK_CG // 2)[None, :, None]
+    pairs = ()
+    masks = ()
+    for q in tl.static_range(CHUNKS):
+        pair = first + q * (BLOCK_CG // 2)
+        pairs = pairs + (g3 * (CG // 2) + pair,)
+        masks = masks + ((g3 < G) & (pair < CG // 2),)
+    return pairs, masks
+
+
+@triton.jit
+def _bf16_pairs(lo, hi):
+    """fp32 ``lo`` (even channels) and ``hi`` (odd channels) rounded to bf16 and packed as int32 pairs."""
+    lo_bits = lo.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    hi_bits = hi.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    return (lo_bits | (hi_bits << 16)).to(tl.int32, bitcast=True)
+
+
 # Kernel sizes whose row taps are unrolled at compile time (no tap // K, tap % K, and each loaded
 # input row is reused across taps in registers); larger K takes the run-time K² loop. Only
 # channels_last tiles whose groups have several channels take this path (see unrolled_taps).
@@ -91,11 +130,12 @@ MAX_STRIP = 8
 
 
 @triton.jit
-def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, col_first, CSTEP, SRC_W, ssw,
-                w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H, out_col_ok,
+def _strip_taps(src, src_channels, channel_masks, row_first, RSTEP, SRC_H, ssh, col_first, CSTEP, SRC_W, ssw,
+                w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H,
                 U_FIRST, U_STEP, V_FIRST, V_STEP, K, zero,
-                TAPS_V, STRIP: tl.constexpr, TAPS_U: tl.constexpr, PER_PIXEL: tl.constexpr,
-                WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr, INDEX_64: tl.constexpr):
+                TAPS_V, STRIP: tl.constexpr, TAPS_U: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr,
+                PER_PIXEL: tl.constexpr, WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
+                INDEX_64: tl.constexpr):
     """The tap sums (in ``zero``'s shape and dtype) of a strip of STRIP output rows per pixel of the tile.
 
     Taps are indexed by slots: tap slot (a, b) is kernel tap (U_FIRST + a*U_STEP, V_FIRST + b*V_STEP),
@@ -106,10 +146,16 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
     once and held for all its rows. With FIRST_TAP_MAY_MISS, slot 0 of each axis may name tap K
     (a stride phase with fewer taps): such a tap is skipped by a uniform branch, never multiplied by
     a zero weight (0 * inf would poison the sum).
+    A thread holds CHUNKS channel chunks of the same groups (``src_channels``, ``channel_masks``: one
+    each), so every weight it loads serves all of them; the sums come back as ``accs[s * CHUNKS + q]``.
+    PAIRS: ``src`` holds bf16 read as int32 pairs of channels (``src_channels`` index pairs), and each
+    chunk is summed as two parts, even and odd channels, ``accs[s * 2 * CHUNKS + 2 * q + odd]``: one
+    shift or mask widens each element, where a bf16 load's conversion takes two instructions.
     """
     ACC_DTYPE: tl.constexpr = zero.dtype
+    PARTS: tl.constexpr = 2 * CHUNKS if PAIRS else CHUNKS
     accs = ()
-    for s in tl.static_range(STRIP):
+    for s in tl.static_range(STRIP * PARTS):
         accs = accs + (zero,)
     # The column taps are a run-time loop (the code of one column is large enough), the row taps and
     # the strip unrolled. Unrolled-loop indices stay inline: a name assigned on every unrolled trip
@@ -119,6 +165,12 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
         # A tensor, not a Python bool: the interpreter passes scalars as Python ints.
         first_tap_ok = (tl.zeros((1, 1, 1), dtype=tl.int32) + U_FIRST) < K
         b_first = (V_FIRST >= K).to(tl.int32)  # column slot 0 names tap K: this phase has one tap fewer
+    if PER_PIXEL and not WEIGHT_AT_SOURCE:
+        # Output rows clamped into the image: a tile's rows (and, in w_out_pix, columns) past it are never
+        # stored, so their weights need no mask, and the loads no zeroed registers or predicates.
+        w_rows = ()
+        for s in tl.static_range(STRIP):
+            w_rows = w_rows + ((tl.minimum(out_row + s, OUT_H - 1) * swh + w_out_pix)[None, None, :],)
     for b in range(b_first, TAPS_V):
         col = col_first + b * CSTEP
         col_ok = (col >= 0) & (col < SRC_W)
@@ -134,13 +186,20 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
         for r in tl.static_range(STRIP + TAPS_U - 1):
             row = row_first + r * RSTEP
             ok = (row >= 0) & (row < SRC_H) & col_ok
-            xv = tl.load(src + (src_channel + (row * ssh + col * ssw)[None, None, :]),
-                         mask=channel_mask & ok[None, None, :], other=0.0).to(ACC_DTYPE)
+            pix = (row * ssh + col * ssw)[None, None, :]
+            xvs = ()
+            for q in tl.static_range(CHUNKS):
+                raw = tl.load(src + (src_channels[q] + pix), mask=channel_masks[q] & ok[None, None, :], other=0)
+                if PAIRS:
+                    # A bf16 is the top half of an fp32: shift the even channel up, mask the odd one.
+                    xvs = xvs + ((raw << 16).to(tl.float32, bitcast=True),
+                                 (raw & -65536).to(tl.float32, bitcast=True))
+                else:
+                    xvs = xvs + (raw.to(ACC_DTYPE),)
             if PER_PIXEL and WEIGHT_AT_SOURCE:
                 w_pix = (row * swh + col * sww)[None, None, :]
             new = ()
             for s in tl.static_range(STRIP):
-                acc = accs[s]
                 if r - s >= 0 and r - s < TAPS_U:  # tap slot r - s of strip row s
                     if PER_PIXEL:
                         w_tap = w_col + widen(U_FIRST + (r - s) * U_STEP, INDEX_64) * swu
@@ -150,18 +209,21 @@ def _strip_taps(src, src_channel, channel_mask, row_first, RSTEP, SRC_H, ssh, co
                                 w_ok = w_ok & first_tap_ok  # no read past the weight either
                             weight = tl.load(w_tap + w_pix, mask=w_ok, other=0.0)
                         else:
-                            w_ok = g_ok & (out_col_ok & (out_row + s < OUT_H))[None, None, :]
-                            weight = tl.load(w_tap + (w_out_pix + widen(s, INDEX_64) * swh)[None, None, :], mask=w_ok,
-                                             other=0.0)
+                            weight = tl.load(w_tap + w_rows[s])
                         weight = weight.to(ACC_DTYPE)
                     else:
                         weight = held[r - s]
-                    if FIRST_TAP_MAY_MISS and r == s:
-                        if U_FIRST < K:
-                            acc += weight * xv
-                    else:
-                        acc += weight * xv
-                new = new + (acc,)
+                    for q in tl.static_range(PARTS):
+                        acc = accs[s * PARTS + q]
+                        if FIRST_TAP_MAY_MISS and r == s:
+                            if U_FIRST < K:
+                                acc += weight * xvs[q]
+                        else:
+                            acc += weight * xvs[q]
+                        new = new + (acc,)
+                else:
+                    for q in tl.static_range(PARTS):
+                        new = new + (accs[s * PARTS + q],)
             accs = new
     return accs
 
@@ -178,13 +240,15 @@ def involution_fwd_kernel(
     TILES_PIX, TILES_W, CG_TILES,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    TAPS: tl.constexpr = 0, STRIP: tl.constexpr = 1,
+    TAPS: tl.constexpr = 0, STRIP: tl.constexpr = 1, CHUNKS: tl.constexpr = 1, PAIRS: tl.constexpr = False,
 ):
     """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v,(i,j)] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
 
     TAPS = K unrolls the row taps (a run-time loop over the K column taps), each thread summing a
-    strip of STRIP output rows (STRIP > 1 needs SH = DH = 1); TAPS = 0 is the run-time K² loop for any
-    K (STRIP = 1).
+    strip of STRIP output rows (STRIP > 1 needs SH = DH = 1) over CHUNKS chunks of BLOCK_CG channels
+    of its groups; TAPS = 0 is the run-time K² loop for any K (STRIP = CHUNKS = 1). PAIRS (bf16, per
+    pixel, no bias; channels contiguous, CG and the other strides even, x and y 4-byte aligned): x and y
+    are read and written as int32 pairs of channels (see _strip_taps).
     BLOCK_H counts output rows, BLOCK_H // STRIP rows of strips.
     """
     pid0 = tl.program_id(0)
@@ -201,17 +265,39 @@ def involution_fwd_kernel(
     # element would hold two registers each through all taps.
     x_channel = c3 * sxc
     w_group = w_ptr + b * swb + g3 * swg
+    channels = (c3,)
+    channel_masks = (channel_mask,)
     if TAPS > 0:
-        zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
-        accs = _strip_taps(x_sample, x_channel, channel_mask, i * SH - PH, DH, H, sxh, j * SW - PW, DW, W, sxw,
-                           w_group, g3 < G, swu, swv, swh, sww, i * swh + j * sww, i, Ho, j < Wo,
-                           0, 1, 0, 1, K, zero, K, STRIP, TAPS, PER_PIXEL, False, False, INDEX_64)
+        if PAIRS:
+            channels, channel_masks = _pair_chunks(tl.program_id(1), CG_TILES, g3, G, CG, BLOCK_CG, CHUNKS)
+            x_src = x_sample.to(tl.pointer_type(tl.int32), bitcast=True)
+            x_channels = channels
+            # Strides in int32 pairs: even (_pairs), so a shift halves them exactly.
+            ssh = widen(sxh, INDEX_64) >> 1
+            ssw = widen(sxw, INDEX_64) >> 1
+            zero = tl.zeros((BLOCK_G, BLOCK_CG // 2, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
+        else:
+            channels, channel_masks = _channel_chunks(tl.program_id(1), CG_TILES, g3, cg3, G, CG, BLOCK_CG, CHUNKS)
+            x_src = x_sample
+            x_channels = ()
+            for q in tl.static_range(CHUNKS):
+                x_channels = x_channels + (channels[q] * sxc,)
+            ssh = sxh
+            ssw = sxw
+            zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
+        accs = _strip_taps(x_src, x_channels, channel_masks, i * SH - PH, DH, H, ssh, j * SW - PW, DW, W, ssw,
+                           w_ptr + b * swb + tl.minimum(g3, G - 1) * swg, g3 < G, swu, swv, swh, sww,
+                           tl.minimum(j, Wo - 1) * sww, i, Ho,
+                           0, 1, 0, 1, K, zero, K, STRIP, TAPS, CHUNKS, PAIRS, PER_PIXEL, False, False, INDEX_64)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + b * sbb + c3 * sbc, mask=channel_mask, other=0.0).to(ACC_DTYPE)
             new = ()
-            for s in tl.static_range(STRIP):
-                new = new + (accs[s] + bias,)
-            accs = new
+            for q in tl.static_range(CHUNKS):
+                bias = tl.load(bias_ptr + b * sbb + channels[q] * sbc, mask=channel_masks[q], other=0.0)
+                new = new + (bias.to(ACC_DTYPE),)
+            biased = ()
+            for t in tl.static_range(STRIP * CHUNKS):
+                biased = biased + (accs[t] + new[t % CHUNKS],)
+            accs = biased
     else:
         out_mask = (i < Ho) & (j < Wo)
         if PER_PIXEL:
@@ -238,11 +324,20 @@ def involution_fwd_kernel(
                          mask=channel_mask & ok[None, None, :], other=0.0)
             acc += weight.to(ACC_DTYPE) * xv.to(ACC_DTYPE)
         accs = (acc,)
-    for s in tl.static_range(STRIP):
-        acc = accs[s]
-        y_off = b * syb + c3 * syc + ((i + s) * syh + j * syw)[None, None, :]
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty),
-                 mask=channel_mask & ((i + s < Ho) & (j < Wo))[None, None, :])
+    if PAIRS:
+        y_pairs = (y_ptr + b * syb).to(tl.pointer_type(tl.int32), bitcast=True)
+        for t in tl.static_range(STRIP * CHUNKS):
+            s = t // CHUNKS
+            y_off = channels[t % CHUNKS] + ((i + s) * (widen(syh, INDEX_64) >> 1) + j * (widen(syw, INDEX_64) >> 1))[
+                None, None, :]
+            tl.store(y_pairs + y_off, _bf16_pairs(accs[2 * t], accs[2 * t + 1]),
+                     mask=channel_masks[t % CHUNKS] & ((i + s < Ho) & (j < Wo))[None, None, :])
+    else:
+        for t in tl.static_range(STRIP * CHUNKS):
+            s = t // CHUNKS
+            y_off = b * syb + channels[t % CHUNKS] * syc + ((i + s) * syh + j * syw)[None, None, :]
+            tl.store(y_ptr + y_off, accs[t].to(y_ptr.dtype.element_ty),
+                     mask=channel_masks[t % CHUNKS] & ((i + s < Ho) & (j < Wo))[None, None, :])
 
 
 @triton.jit
@@ -257,7 +352,8 @@ def involution_bwd_input_kernel(
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TAPS_U: tl.constexpr = 0, STRIP: tl.constexpr = 1,
-    FIRST_TAP_MAY_MISS: tl.constexpr = False, PHASE_MAY_BE_EMPTY: tl.constexpr = False,
+    FIRST_TAP_MAY_MISS: tl.constexpr = False, PHASE_MAY_BE_EMPTY: tl.constexpr = False, CHUNKS: tl.constexpr = 1,
+    PAIRS: tl.constexpr = False,
 ):
     """Gather form of dx: each input pixel sums the taps that read it, so no atomics are needed.
 
@@ -267,8 +363,9 @@ def involution_bwd_input_kernel(
     Unrolled (TAPS_U > 0): programs are split by stride phase (h % SH, w % SW), and a phase's taps are
     the u with u*DH = h + PH (mod SH): u0, u0 + SH/GH, ... (GH = gcd(SH, DH), INV_H the inverse of
     DH/GH modulo SH/GH), at most TAPS_U of them, so no tap is masked off for the stride. Each thread
-    sums a strip of STRIP rows of its phase (STRIP > 1 needs DH/GH = 1). TAPS_U = 0: the run-time
-    tap loop over all K² taps for any K and stride (STRIP = 1, one phase).
+    sums a strip of STRIP rows of its phase (STRIP > 1 needs DH/GH = 1) over CHUNKS chunks of BLOCK_CG
+    channels of its groups (PAIRS: dy and dx as int32 pairs of bf16 channels, see involution_fwd_kernel).
+    TAPS_U = 0: the run-time tap loop over all K² taps for any K and stride (STRIP = CHUNKS = 1, one phase).
     """
     pid0 = tl.program_id(0)
     b = pid0 // TILES_PIX
@@ -284,7 +381,25 @@ def involution_bwd_input_kernel(
     dy_sample = dy_ptr + b * sdyb
     dy_channel = c3 * sdyc
     w_group = w_ptr + b * swb + g3 * swg
+    channels = (c3,)
+    channel_masks = (channel_mask,)
     if TAPS_U > 0:
+        if PAIRS:
+            channels, channel_masks = _pair_chunks(tl.program_id(1), CG_TILES, g3, G, CG, BLOCK_CG, CHUNKS)
+            dy_src = dy_sample.to(tl.pointer_type(tl.int32), bitcast=True)
+            dy_channels = channels
+            ssh = widen(sdyh, INDEX_64) >> 1
+            ssw = widen(sdyw, INDEX_64) >> 1
+            zero = tl.zeros((BLOCK_G, BLOCK_CG // 2, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
+        else:
+            channels, channel_masks = _channel_chunks(tl.program_id(1), CG_TILES, g3, cg3, G, CG, BLOCK_CG, CHUNKS)
+            dy_src = dy_sample
+            dy_channels = ()
+            for q in tl.static_range(CHUNKS):
+                dy_channels = dy_channels + (channels[q] * sdyc,)
+            ssh = sdyh
+            ssw = sdyw
+            zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
         hh = h * STRIP  # the strip's first row among the rows of this phase
         ph = phase // SW
         pw = phase % SW
@@ -297,11 +412,10 @@ def involution_bwd_input_kernel(
         # Slots run from the last tap down, so that the source row grows with the slot.
         row_first = hh + (rh - u0 * DH) // SH - (TAPS_U - 1) * (DH // GH)
         col_first = w + (rw - v0 * DW) // SW - (TAPS_V - 1) * (DW // GW)
-        zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
-        accs = _strip_taps(dy_sample, dy_channel, channel_mask, row_first, DH // GH, Ho, sdyh,
-                           col_first, DW // GW, Wo, sdyw, w_group, g3 < G, swu, swv, swh, sww, 0, 0, 0, 0,
+        accs = _strip_taps(dy_src, dy_channels, channel_masks, row_first, DH // GH, Ho, ssh,
+                           col_first, DW // GW, Wo, ssw, w_group, g3 < G, swu, swv, swh, sww, 0, 0, 0,
                            u0 + (TAPS_U - 1) * step_h, -step_h, v0 + (TAPS_V - 1) * step_w, -step_w, K, zero,
-                           TAPS_V, STRIP, TAPS_U, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64)
+                           TAPS_V, STRIP, TAPS_U, CHUNKS, PAIRS, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64)
         # Input rows and columns of this phase.
         h = ph + SH * hh
         w = pw + SW * w
@@ -327,15 +441,30 @@ def involution_bwd_input_kernel(
             acc += weight.to(ACC_DTYPE) * grad.to(ACC_DTYPE)
         accs = (acc,)
         h_step = 1
-    for s in tl.static_range(STRIP):
-        acc = accs[s]
+    if PAIRS:
         if PHASE_MAY_BE_EMPTY:
             # No tap reaches this phase (DH and SH share a factor the offset lacks): dx is zero.
-            acc = tl.where(phase_ok, acc, 0.0)
-        row = h + s * h_step
-        dx_off = b * sdxb + c3 * sdxc + (row * sdxh + w * sdxw)[None, None, :]
-        tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),
-                 mask=channel_mask & ((row < H) & (w < W))[None, None, :])
+            new = ()
+            for t in tl.static_range(2 * STRIP * CHUNKS):
+                new = new + (tl.where(phase_ok, accs[t], 0.0),)
+            accs = new
+        dx_pairs = (dx_ptr + b * sdxb).to(tl.pointer_type(tl.int32), bitcast=True)
+        for t in tl.static_range(STRIP * CHUNKS):
+            row = h + (t // CHUNKS) * h_step
+            dx_off = channels[t % CHUNKS] + (row * (widen(sdxh, INDEX_64) >> 1) + w * (widen(sdxw, INDEX_64) >> 1))[
+                None, None, :]
+            tl.store(dx_pairs + dx_off, _bf16_pairs(accs[2 * t], accs[2 * t + 1]),
+                     mask=channel_masks[t % CHUNKS] & ((row < H) & (w < W))[None, None, :])
+    else:
+        for t in tl.static_range(STRIP * CHUNKS):
+            acc = accs[t]
+            if PHASE_MAY_BE_EMPTY:
+                # No tap reaches this phase (DH and SH share a factor the offset lacks): dx is zero.
+                acc = tl.where(phase_ok, acc, 0.0)
+            row = h + (t // CHUNKS) * h_step
+            dx_off = b * sdxb + channels[t % CHUNKS] * sdxc + (row * sdxh + w * sdxw)[None, None, :]
+            tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty),
+                     mask=channel_masks[t % CHUNKS] & ((row < H) & (w < W))[None, None, :])
 
 
 @triton.jit
@@ -621,49 +750,86 @@ def default_config(C: int, G: int, height: int, width: int, channels_last: bool,
 
 @functools.lru_cache(maxsize=4096)
 def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool, element_size: int,
-                per_pixel: bool) -> dict:
+                per_pixel: bool, strips: bool) -> dict:
     """The default tile of the forward and input-gradient kernels: BLOCK_H counts output rows, in strips
-    of up to MAX_STRIP rows per thread.
+    of STRIP rows per thread (_strip_shape; one row without ``strips``: strided or dilated rows share no
+    source rows).
 
-    channels_last: lanes along channels (16-byte loads), 8 channels of a group x 8 pixels per warp-row.
+    channels_last, per pixel, a group of at least one 16-byte vector: a thread owns CHUNKS such chunks
+    (BLOCK_CG channels each) of one group, up to CHANNELS_PER_THREAD channels, so each weight it loads
+    serves all of them; lanes along pixels, the axis the weight is contiguous in, so the weight and the
+    input share one layout (with lanes along groups too, triton moves the input through shared memory
+    to meet the weight). Smaller groups: lanes along groups and pixels, one chunk.
     NCHW: lanes along a row of pixels, and up to 16 channels of a group in each thread's registers, so
-    a per-pixel weight is loaded once for all of them. The strip takes what the register budget of
-    _strip_cap leaves.
+    a per-pixel weight is loaded once for all of them.
     """
     cg = C // G
+    chunks = 1
     if channels_last:
-        block_cg = _pow2_at_most(cg, 16)
-        block_g = _pow2_at_most(G, max(1, 32 // block_cg))
+        vector = 16 // element_size
+        block_cg = _pow2_at_most(cg, vector)
+        if per_pixel and cg >= vector:
+            chunks = min(cdiv(cg, block_cg), max(1, CHANNELS_PER_THREAD // block_cg))
+            block_g = 1
+        else:
+            block_g = _pow2_at_most(G, max(1, 32 // block_cg))
         block_w = _pow2_at_most(width, 8)
-        threads_per_row = max(1, block_g * block_cg * block_w // 8)
+        threads_per_row = block_g * block_w
     else:
         block_cg = _pow2_at_most(cg, 16)
         block_g = _pow2_at_most(G, max(1, 8 // block_cg))
         block_w = _pow2_at_most(width, 32)
         threads_per_row = block_w
-    strip = _pow2_at_most(height, _strip_cap(block_g * block_cg, channels_last, element_size, per_pixel))
-    rows = _pow2_at_most(cdiv(height, strip), max(1, 128 // threads_per_row))
+    cap = _strip_cap(block_g * block_cg, chunks, channels_last, element_size, per_pixel) if strips else 1
+    strip, rows = _strip_shape(height, cap, max(1, 32 // threads_per_row), max(1, 128 // threads_per_row))
     num_warps = max(1, min(4, threads_per_row * rows // 32))
     return {"BLOCK_G": block_g, "BLOCK_CG": block_cg, "BLOCK_H": rows * strip, "BLOCK_W": block_w,
-            "num_warps": num_warps, "num_stages": 1}
+            "CHUNKS": chunks, "num_warps": num_warps, "num_stages": 1}
 
 
-def _strip_cap(channels: int, channels_last: bool, element_size: int, per_pixel: bool) -> int:
+def _strip_shape(height: int, cap: int, min_rows: int, max_rows: int) -> tuple[int, int]:
+    """(strip, rows of strips) of a tile over ``height`` rows, at least ``min_rows`` rows (a warp's worth of
+    pixels): the fewest padded rows, then the longest strip, then the most rows. Strips need not be
+    powers of two (7 covers 28 and 56 exactly); rows are."""
+    best = None
+    for strip in range(1, max(1, min(cap, height)) + 1):
+        rows = min_rows
+        while rows <= max_rows:
+            tile = strip * rows
+            score = (cdiv(height, tile) * tile, -strip, -rows)
+            if best is None or score < best[0]:
+                best = (score, (strip, rows))
+            if tile >= height:
+                break
+            rows *= 2
+    return best[1]
+
+
+# Channels of one group a channels_last thread sums per pixel (in 16-byte chunks): each per-pixel
+# weight it loads and converts serves that many multiply-adds. More leaves too few registers for a
+# strip that reuses its input rows (sm_80 and sm_90 with triton 3.6, dynconv inspect).
+CHANNELS_PER_THREAD = 8
+
+
+def _strip_cap(channels: int, chunks: int, channels_last: bool, element_size: int, per_pixel: bool) -> int:
     """The longest strip whose accumulators fit the budget of _tap_config, for a tile of ``channels``
-    channels (channels_last: a thread holds 8 of them per pixel; NCHW: all of them)."""
+    channels per chunk (channels_last: a thread holds one 16-byte vector of them per chunk; NCHW: all
+    of them)."""
     # Accumulators per thread (AOT-checked with triton 3.6's ptxas: beyond these it spills; NCHW
     # threads also hold every pixel's row offsets, held per-sample weights take K per channel).
     if channels_last:
-        budget = (64 if element_size <= 2 else 32) if per_pixel else 16
+        budget = 64 if per_pixel else 16
+        held = min(channels, 16 // element_size) * chunks
     else:
         budget = 32 if element_size <= 2 and per_pixel else 16
-    return max(1, min(MAX_STRIP, budget // (min(channels, 8) if channels_last else channels)))
+        held = channels
+    return max(1, min(MAX_STRIP, budget // held))
 
 
 def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, element_size: int = 2,
-               per_pixel: bool = True) -> dict:
+               per_pixel: bool = True, strips: bool = True) -> dict:
     """The forward's and input gradient's own tile over ``height x width`` output (input) pixels (a copy)."""
-    return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel))
+    return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel, strips))
 
 
 def problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
@@ -710,7 +876,7 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     if not cacheable(x):
         return _forward_launch(x, weight, bias, y, stride, padding, dilation, config)
     key = ("involution_fwd", layout(x), layout(weight), layout(bias), layout(y), *stride, *padding, *dilation,
-           config_key(config))
+           config_key(config), _pairs_aligned(x, y))
     return planned(key, ("x_ptr", "w_ptr", "bias_ptr", "y_ptr"), (x, weight, bias, y),
                    lambda: _forward_launch(x, weight, bias, y, stride, padding, dilation, config))
 
@@ -728,12 +894,13 @@ def unrolled_taps(x, weight) -> bool:
     return weight.shape[2] <= MAX_UNROLLED_K and is_channels_last(x) and weight.shape[1] < x.shape[1]
 
 
-def forward_default(x, weight, Ho: int, Wo: int) -> dict:
-    """The forward's default tile (a copy)."""
+def forward_default(x, weight, Ho: int, Wo: int, strips: bool = True) -> dict:
+    """The forward's default tile (a copy); ``strips``: whether consecutive output rows read consecutive
+    input rows (stride and dilation 1 along H)."""
     C, G = x.shape[1], weight.shape[1]
     if not unrolled_taps(x, weight):
         return default_config(C, G, Ho, Wo, is_channels_last(x))
-    return tap_config(C, G, Ho, Wo, is_channels_last(x), x.element_size(), weight.dim() == 6)
+    return tap_config(C, G, Ho, Wo, is_channels_last(x), x.element_size(), weight.dim() == 6, strips)
 
 
 def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
@@ -746,8 +913,13 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     config = config or get_config("involution_fwd", problem_key(x, G, K, stride),
-                                  forward_default(x, weight, Ho, Wo))
-    meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
+                                  forward_default(x, weight, Ho, Wo, stride[0] == 1 and dilation[0] == 1))
+    meta, _, num_warps, num_stages = _split_config(config, True, C, G)
+    taps = K if unrolled_taps(x, weight) else 0
+    chunks = config.get("CHUNKS", 1) if taps else 1
+    cg_tiles = cdiv(C // G, meta["BLOCK_CG"] * chunks)
+    # Strip rows share input rows only when consecutive output rows read consecutive input rows.
+    strip = _strip(meta, chunks, taps > 0 and stride[0] == 1 and dilation[0] == 1, x, weight)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
     bias_strides = bias.stride() if bias is not None else (0, 0)
@@ -761,11 +933,9 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
     )
-    taps = K if unrolled_taps(x, weight) else 0
-    # Strip rows share input rows only when consecutive output rows read consecutive input rows.
-    strip = _strip(meta, taps > 0 and stride[0] == 1 and dilation[0] == 1, x, weight)
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
-                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip)
+                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip,
+                CHUNKS=chunks, PAIRS=taps > 0 and bias is None and _pairs(x, y, weight, meta))
     return Launch(involution_fwd_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
                   num_warps, num_stages, loops=_tap_loops(taps > 0, K, K))
 
@@ -774,7 +944,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     if not cacheable(dy):
         return _backward_input_launch(dy, weight, dx, stride, padding, dilation, config)
     key = ("involution_bwd_input", layout(dy), layout(weight), layout(dx), *stride, *padding, *dilation,
-           config_key(config))
+           config_key(config), _pairs_aligned(dy, dx))
     return planned(key, ("dy_ptr", "w_ptr", "dx_ptr"), (dy, weight, dx),
                    lambda: _backward_input_launch(dy, weight, dx, stride, padding, dilation, config))
 
@@ -789,9 +959,11 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or get_config("involution_bwd_input", problem_key(dx, G, K, stride),
-                                  input_grad_default(dx, weight, stride))
-    meta, cg_tiles, num_warps, num_stages = _split_config(config, True, C, G)
+                                  input_grad_default(dx, weight, stride, dilation))
+    meta, _, num_warps, num_stages = _split_config(config, True, C, G)
     unrolled = unrolled_taps(dx, weight)
+    chunks = config.get("CHUNKS", 1) if unrolled else 1
+    cg_tiles = cdiv(C // G, meta["BLOCK_CG"] * chunks)
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     if unrolled:
         # One set of programs per stride phase, each over the input pixels of its phase.
@@ -799,6 +971,8 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
         taps_u, taps_v = cdiv(K, step_h), cdiv(K, step_w)
     else:
         phases, rows, cols, taps_u, taps_v = 1, H, W, 0, 0
+    # Strip rows of a phase share dy rows only when a phase's taps step one dy row.
+    strip = _strip(meta, chunks, unrolled and dilation[0] // gh == 1, dx, weight)
     tiles_w = cdiv(cols, meta["BLOCK_W"])
     tiles_phase = cdiv(rows, meta["BLOCK_H"]) * tiles_w
     args = dict(
@@ -813,21 +987,39 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     )
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),
                 TAPS_U=taps_u,
-                # Strip rows of a phase share dy rows only when a phase's taps step one dy row.
-                STRIP=_strip(meta, unrolled and dilation[0] // gh == 1, dx, weight),
+                STRIP=strip, CHUNKS=chunks,
+                PAIRS=unrolled and _pairs(dy, dx, weight, meta),
                 FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),
                 PHASE_MAY_BE_EMPTY=unrolled and (gh > 1 or gw > 1))
     return Launch(involution_bwd_input_kernel, _grid(B, G, phases * tiles_phase, cg_tiles, meta["BLOCK_G"]), args,
                   meta, num_warps, num_stages, loops=_tap_loops(unrolled, taps_v, K))
 
 
-def input_grad_default(dx, weight, stride) -> dict:
+def input_grad_default(dx, weight, stride, dilation=(1, 1)) -> dict:
     """The input gradient's default tile, over the pixels of one stride phase (a copy)."""
     B, C, H, W = dx.shape
     if not unrolled_taps(dx, weight):
         return default_config(C, weight.shape[1], H, W, is_channels_last(dx))
+    strips = dilation[0] // math.gcd(stride[0], dilation[0]) == 1
     return tap_config(C, weight.shape[1], cdiv(H, stride[0]), cdiv(W, stride[1]), is_channels_last(dx),
-                      dx.element_size(), weight.dim() == 6)
+                      dx.element_size(), weight.dim() == 6, strips)
+
+
+def _pairs_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor starts on a 4-byte boundary (the int32 pairs of _pairs; part of a plan's key)."""
+    return all(t.data_ptr() % 4 == 0 for t in tensors)
+
+
+def _pairs(src, dst, weight, meta: dict) -> bool:
+    """Whether the unrolled kernels read ``src`` and write ``dst`` as int32 pairs of bf16 channels: per-pixel
+    weights, channels contiguous, pairs inside one group and one chunk (CG and BLOCK_CG even), every
+    other stride even and both tensors 4-byte aligned."""
+    if src.dtype != torch.bfloat16 or dst.dtype != torch.bfloat16 or weight.dim() != 6:
+        return False
+    if (src.shape[1] // weight.shape[1]) % 2 or meta["BLOCK_CG"] % 2:
+        return False
+    return _pairs_aligned(src, dst) and all(
+        t.stride(1) == 1 and all(t.stride(d) % 2 == 0 for d in (0, 2, 3)) for t in (src, dst))
 
 
 def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
@@ -846,13 +1038,21 @@ def _tap_loops(unrolled: bool, column_taps: int, K: int) -> tuple:
     return (column_taps,) if column_taps > 1 else ()
 
 
-def _strip(meta: dict, reuse: bool, x, weight) -> int:
-    """Output rows per thread: when consecutive rows share source rows, as many as the register budget
-    allows (a power of two dividing the tile's rows), else 1."""
+def _strip(meta: dict, chunks: int, reuse: bool, x, weight) -> int:
+    """Output rows per thread: when consecutive rows share source rows, the longest strip the register
+    budget allows that splits the tile's BLOCK_H rows into a power of two of strips, else 1 (then a
+    BLOCK_H that is no power of two is rounded down to one in ``meta``)."""
+    rows = meta["BLOCK_H"]
     if not reuse:
+        meta["BLOCK_H"] = 1 << (rows.bit_length() - 1)
         return 1
-    cap = _strip_cap(meta["BLOCK_G"] * meta["BLOCK_CG"], is_channels_last(x), x.element_size(), weight.dim() == 6)
-    return min(meta["BLOCK_H"], cap)
+    cap = _strip_cap(meta["BLOCK_G"] * meta["BLOCK_CG"], chunks, is_channels_last(x), x.element_size(),
+                     weight.dim() == 6)
+    return max(s for s in range(1, min(cap, rows) + 1) if rows % s == 0 and _is_pow2(rows // s))
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 def backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: bool, config=None) -> Launch:
@@ -1132,7 +1332,9 @@ def catalogue() -> list[Launch]:
                          (backward_input_launch(x, w_sample, x, *geometry), "sample"),
                          (backward_weight_launch(x, x, partials, *geometry, False), "sample"),
                          (backward_weight_launch(x, x, depthwise_partials, *geometry, False), "sample depth-wise"),
-                         (backward_weight_launch(x_cl, x_cl, w, *geometry, True), "pixel channels_last")):
+                         (backward_weight_launch(x_cl, x_cl, w, *geometry, True), "pixel channels_last"),
+                         (forward_launch(x_cl, w, None, x_cl, *geometry), "pixel channels_last"),
+                         (backward_input_launch(x_cl, w, x_cl, *geometry), "pixel channels_last")):
         assert launch.meta["INDEX_64"]
         layout_name = "NHWC" if kind.endswith("channels_last") else "NCHW"
         launch.label = f"over 2^31 elements torch.bfloat16 {layout_name} {kind.removesuffix(' channels_last')}"

@@ -357,3 +357,58 @@ def test_per_sample_weight_gradient_persistent_partials(memory_format, dtype, ge
     w64 = torch.zeros((B, C, K, K), dtype=torch.float64, requires_grad=True)
     involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
     assert_close(dw, w64.grad, dtype, "dw")
+
+
+# Channels_last per-pixel tiles whose threads hold several chunks of one group (CHUNKS), strips that need
+# not be powers of two, and bf16 read and written as int32 pairs of channels (kernels/involution.py:
+# _tap_config, _channel_chunks, _pair_chunks).
+CHUNK_CASES = [  # (B, C, H, W, K, G, stride, dilation, padding), BLOCK_H, dtype, int32 pairs
+    # 12 channels a group: a second channel tile, half masked; strips of 6 rows
+    ((1, 24, 7, 5, 3, 2, 1, 1, None), 6, torch.bfloat16, True),
+    # 6 channels a group (a chunk partly masked), stride 2: phases; BLOCK_H 3 rounded to 2 without strips
+    ((2, 12, 7, 6, 5, 2, 2, 1, None), 3, torch.float32, False),
+    # dilation 2, K larger than the image; x two bytes past a 4-byte boundary: no int32 pairs in the forward
+    ((1, 16, 4, 5, 7, 1, 1, 2, None), 4, torch.bfloat16, False),
+]
+CHUNK_IDS = [f"C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}-{str(dt)[6:]}" for c, _, dt, _ in CHUNK_CASES]
+
+
+@pytest.mark.parametrize("case, block_h, dtype, pairs", CHUNK_CASES, ids=CHUNK_IDS)
+def test_tap_kernels_with_channel_chunks_and_uneven_strips(case, block_h, dtype, pairs, device):
+    B, C, H, W, K, G, s, d, p = case
+    x, w, _ = _inputs(case, per_pixel=True)
+    pad = d * (K - 1) // 2 if p is None else p
+    stride, padding, dilation = (s, s), (pad, pad), (d, d)
+    nhwc = torch.channels_last
+    if dtype == torch.bfloat16 and not pairs:  # channels_last, one element past a 4-byte boundary
+        xd = torch.empty(x.numel() + 1, device=device, dtype=dtype)[1:].view(B, H, W, C).permute(0, 3, 1, 2)
+        xd.copy_(x)
+    else:
+        xd = x.to(device, dtype).contiguous(memory_format=nhwc)
+    wd = w.to(device, dtype)
+    x64 = xd.double().cpu().requires_grad_()
+    y64 = involution_unfold(x64, wd.double().cpu(), None, stride, padding, dilation)
+    dy = torch.randn(y64.shape, dtype=torch.float64).to(device, dtype).contiguous(memory_format=nhwc)
+    dx64, = torch.autograd.grad(y64, x64, dy.double().cpu())
+    vector = 16 // xd.element_size()
+    config = {"BLOCK_G": 1, "BLOCK_CG": vector // 2, "BLOCK_H": block_h, "BLOCK_W": 4, "CHUNKS": 2, "num_warps": 1}
+    y = torch.full(y64.shape, float("nan"), device=device, dtype=dtype).contiguous(memory_format=nhwc)
+    fwd = kernels.forward_launch(xd, wd, None, y, stride, padding, dilation, config)
+    assert fwd.meta["CHUNKS"] == 2 and fwd.meta["TAPS"] == K and fwd.meta["PAIRS"] == pairs
+    assert fwd.meta["STRIP"] == (block_h if s == 1 and d == 1 else 1)
+    fwd()
+    assert_close(y, y64.detach(), dtype, "y")
+    dx = torch.full(x.shape, float("nan"), device=device, dtype=dtype).contiguous(memory_format=nhwc)
+    bwd = kernels.backward_input_launch(dy, wd, dx, stride, padding, dilation, config)
+    assert bwd.meta["CHUNKS"] == 2 and bwd.meta["TAPS_U"] > 0 and bwd.meta["PAIRS"] == (dtype == torch.bfloat16)
+    bwd()
+    assert_close(dx, dx64, dtype, "dx")
+
+
+def test_tap_config_strips_cover_the_reference_rows_exactly():
+    """R1 (56 rows) and R2 (28 rows): strips of 7, no padded rows; threads hold 8 channels of a group."""
+    for height in (56, 28):
+        for element_size, chunks in ((4, 2), (2, 1)):
+            config = kernels.tap_config(256, 16, height, height, True, element_size, True)
+            assert config["BLOCK_H"] % 7 == 0 and height % config["BLOCK_H"] == 0
+            assert config["CHUNKS"] == chunks and config["BLOCK_CG"] * chunks == 8
