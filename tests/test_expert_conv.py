@@ -118,7 +118,7 @@ def test_forward_and_gradients(name, dtype, mixing, device):
     assert y.shape == (case.B, case.Cout, *case.out_hw)
 
 
-# The taps cases: channels_last takes the per-tap loops of the forward and input gradient (NCHW the flattened one).
+# The taps cases in channels_last (test_forward_and_gradients runs them in NCHW): the per-tap loops in both layouts.
 @pytest.mark.parametrize("name", ["basic", "drconv-m3", "taps-stride2-odd", "taps-drconv-stride2"])
 def test_channels_last(name, device):
     y = _check(CASES[name], torch.float16, device, torch.channels_last)
