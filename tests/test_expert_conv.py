@@ -143,6 +143,22 @@ def test_strided_view_input(device):
     assert_close(y, expected, torch.float32, "strided view")
 
 
+def test_kernel_gradient_a_part_of_the_batch_at_a_time(monkeypatch, device):
+    """The per-sample kernel gradient bounded to one sample's: three parts, reduced in order, give
+    the expert, routing, bias, spatial and guide gradients of the whole batch."""
+    monkeypatch.setattr(expert_ops, "DW_BUFFER_BYTES", 1)
+    batch_sizes = []
+    whole = kernels.expert_conv_backward_kernel
+
+    def recording(grad, x, *args):
+        batch_sizes.append(x.shape[0])
+        return whole(grad, x, *args)
+
+    monkeypatch.setattr(kernels, "expert_conv_backward_kernel", recording)
+    _check(replace(CASES["drconv-m3"], B=3), torch.float32, device)
+    assert batch_sizes and set(batch_sizes) == {1}
+
+
 def test_regions_spanning_many_tiles(monkeypatch, device):
     """Small pixel tiles: regions span several tiles and the grid's spare tiles stay idle."""
     default = kernels.default_forward_config
