@@ -788,9 +788,9 @@ def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixi
 
 def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, mixing: bool = False,
                               regions: bool = False, channels_last: bool = True) -> dict:
-    # As the forward's (the reduction runs over output channels here); one stage for 4-byte
-    # operands: two spill on sm_80 (NCHW, materialised kernels). Regions hold their loop's tiles in
-    # registers as mixing does: the same small tiles, and one stage (two spill 2-byte NHWC on sm_80).
+    # As the forward's (the reduction runs over output channels here); one stage for 4-byte 64-row
+    # operands. Regions hold their loop's tiles in registers as mixing does: the same small tiles,
+    # and one stage (two spill 2-byte NHWC on sm_80).
     if regions:  # NCHW: columns up to 32 (64 spill an INDEX_64 variant on sm_80 with triton 3.9)
         config = {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64 if channels_last else 32),
                   "BLOCK_K": _channel_block(cout_g, dtype, True), "num_warps": _num_warps(dtype, 64, True),
