@@ -761,8 +761,10 @@ def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: i
     if channels_last:
         return config
     config = _nchw_tiles(config, cout_g, cin_g, dtype, mixing)
-    # 64-bit offsets mixing on the fly: 32 columns (64 spill on sm_80 with triton 3.9).
-    return {**config, "BLOCK_N": min(config["BLOCK_N"], 32)} if index_64 and mixing else config
+    # 64-bit offsets at eight warps: at four a DRConv mixing on the fly spills on sm_80 and sm_90
+    # (64 columns, triton 3.9; 32 columns, triton 3.6 on sm_80). Whether a launch mixes is the
+    # caller's to choose, so every 64-bit launch.
+    return {**config, "num_warps": 8} if index_64 else config
 
 
 def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixing: bool) -> dict:
