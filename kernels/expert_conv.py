@@ -752,35 +752,69 @@ def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: i
     # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
     # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
     block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 and not index_64 else 64
-    if not channels_last:  # the flattened loop (see _tap_meta) and its tiles
-        return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": _block_k(dtype),
-                "num_warps": _num_warps(dtype, block_p), "num_stages": 2}
     # Wide channel tiles and three stages for 2-byte operands on the per-tap path: 128 x 128 x 64
     # tiles are two 64 x 128 wgmma groups per K-step, their operands streamed by cp.async.
     wide = dtype.itemsize == 2 and cin_g >= 64 and block_p == 128 and not mixing
-    return {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 128 if wide else 64),
-            "BLOCK_K": _channel_block(cin_g, dtype, mixing), "num_warps": _num_warps(dtype, block_p, mixing),
-            "num_stages": 3 if wide else 2}
+    config = {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 128 if wide else 64),
+              "BLOCK_K": _channel_block(cin_g, dtype, mixing), "num_warps": _num_warps(dtype, block_p, mixing),
+              "num_stages": 3 if wide else 2}
+    if channels_last:
+        return config
+    config = _nchw_tiles(config, cout_g, cin_g, dtype, mixing)
+    # 64-bit offsets at eight warps: at four a DRConv mixing on the fly spills on sm_80 and sm_90
+    # (64 columns, triton 3.9; 32 columns, triton 3.6 on sm_80). Whether a launch mixes is the
+    # caller's to choose, so every 64-bit launch.
+    return {**config, "num_warps": 8} if index_64 else config
+
+
+def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixing: bool) -> dict:
+    """NCHW per-tap tiles (``cols`` the output columns, ``reduce_g`` the channels a tap reduces).
+
+    An NCHW patch tile is pixel-contiguous: gathered with scalar loads (about six instructions an
+    element: address, load, store to shared memory), whose values sit in registers until stored.
+    So K-steps of 16 channels (32 or 64 spill on sm_80 with triton 3.9, and cost sm_90 L1 traffic
+    with 3.9), and columns up to 128 to spread each gathered element over more MMA work: PREDICTED
+    on triton 3.6, E1 fwd bf16 NCHW 64 x 64 x 16 27%, 64 x 128 x 16 78%; E2 fp32 128 x 64 x 16 77%,
+    128 x 128 x 16 98%. Tiles of 64 pixels at four warps (one 64 x 128 wgmma group a K-step).
+    """
+    if reduce_g < 16:  # the flattened loop: its own tiles
+        return config
+    config = {**config, "BLOCK_K": 16}
+    if mixing or reduce_g < 64:
+        return config
+    tall = config["BLOCK_P"] == 128
+    # 4-byte 64-pixel tiles at eight warps: at four a DRConv fwd spills on sm_80 with triton 3.9.
+    return {**config, "BLOCK_N": _pow2_between(cols, 16, 128), "num_warps": 8 if tall or dtype.itemsize == 4 else 4,
+            "num_stages": 3 if tall and dtype.itemsize == 2 else 2}
 
 
 def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, mixing: bool = False,
                               regions: bool = False, channels_last: bool = True) -> dict:
-    # As the forward's (the reduction runs over output channels here); one stage for 4-byte
-    # operands: two spill on sm_80 (NCHW, materialised kernels). Regions hold their loop's tiles in
-    # registers as mixing does: the same small tiles, and one stage (two spill 2-byte NHWC on sm_80).
-    if not channels_last:  # the flattened loop (see _tap_meta) and its tiles
-        if regions:  # narrower columns, one stage: wider tiles spill on sm_80 (triton 3.6) or sm_90 (3.9)
-            return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 32), "BLOCK_K": _block_k(dtype),
-                    "num_warps": 4, "num_stages": 1}
-        return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _block_k(dtype),
-                "num_warps": _num_warps(dtype, 64), "num_stages": 2 if dtype.itemsize == 2 else 1}
-    if regions:
-        return {**default_input_grad_config(cin_g, dtype, cout_g, True), "num_stages": 1}
-    if dtype.itemsize == 2 and cout_g >= 64 and not mixing:
-        return {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128), "BLOCK_K": _channel_block(cout_g, dtype),
-                "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64), "BLOCK_K": _channel_block(cout_g, dtype, mixing),
-            "num_warps": _num_warps(dtype, 64, mixing), "num_stages": 2 if dtype.itemsize == 2 else 1}
+    # As the forward's (the reduction runs over output channels here); one stage for 4-byte 64-row
+    # operands. Regions hold their loop's tiles in registers as mixing does: the same small tiles,
+    # and one stage (two spill 2-byte NHWC on sm_80).
+    if regions:  # NCHW: columns up to 32 (64 spill an INDEX_64 variant on sm_80 with triton 3.9)
+        config = {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64 if channels_last else 32),
+                  "BLOCK_K": _channel_block(cout_g, dtype, True), "num_warps": _num_warps(dtype, 64, True),
+                  "num_stages": 1}
+        return config if channels_last else _nchw_tiles(config, cin_g, cout_g, dtype, True)
+    if dtype.itemsize <= 4 and cout_g >= 64 and not mixing:
+        # 128 x 128 tiles for fp32 too: at 64 x 64 its tf32 operands' L1 traffic bounds it (E2 dx fp32
+        # NHWC PREDICTED 65% -> 81% on triton 3.6); two stages (three would not fit sm_80's registers).
+        config = {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128), "BLOCK_K": _channel_block(cout_g, dtype),
+                  "num_warps": 8, "num_stages": 3 if dtype.itemsize == 2 else 2}
+    elif dtype.itemsize == 2 and cout_g >= 64 and cin_g >= 64 and channels_last:
+        # Mixing on the fly (E FMAs per weight element a K-step): 128 pixels share each mixed weight
+        # tile, twice as many as at 64, halving the mixing per MMA (X1 dx bf16 NHWC PREDICTED 17.5% ->
+        # 34% on triton 3.6). Two stages: the mixed tile is held in fp32 registers. channels_last only:
+        # NCHW's scalar gathers on top spill on sm_80 with triton 3.6.
+        config = {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128),
+                  "BLOCK_K": _channel_block(cout_g, dtype, mixing), "num_warps": 8, "num_stages": 2}
+    else:
+        config = {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64),
+                  "BLOCK_K": _channel_block(cout_g, dtype, mixing), "num_warps": _num_warps(dtype, 64, mixing),
+                  "num_stages": 2 if dtype.itemsize == 2 else 1}
+    return config if channels_last else _nchw_tiles(config, cin_g, cout_g, dtype, mixing)
 
 
 def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, cin_g: int = 0,
@@ -794,6 +828,14 @@ def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, ci
         # NCHW, whose 2-byte scalar patch loads then take over 255 registers on sm_80.
         return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
                 "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    if dtype.itemsize == 4 and cin_g >= 64 and cout_g >= 64:
+        # fp32, both layouts: 128 x 128 x 32, two stages. tf32 wgmma reads both operands K-major,
+        # and neither dy nor the patch is pixel-contiguous in channels_last, so each is copied to
+        # shared memory four bytes at a time: bigger tiles halve that traffic per MMA (E2 dw fp32
+        # PREDICTED on triton 3.6: NHWC 22% -> 57%, NCHW 17% -> 42%). NCHW steps 16 pixels: its scalar
+        # patch loads at 32 spill on sm_80 with triton 3.9.
+        return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
+                "BLOCK_K": 32 if channels_last else 16, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": block_n,
             "BLOCK_K": _block_k(dtype), "num_warps": 8, "num_stages": 2}
 
@@ -846,11 +888,11 @@ def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tup
     return tuple(None if regions is None else getattr(regions, n) for n in names)
 
 
-def _tap_meta(cin_g: int, kernel_hw, block_k: int, channels_last: bool) -> dict:
+def _tap_meta(cin_g: int, kernel_hw, block_k: int) -> dict:
     """The compile-time kernel size and ``_conv_tile``'s loop form: per tap while a group's
-    channels fill a reduction block, the flattened reduction below that (no lanes wasted). NCHW
-    keeps the flattened loop: triton 3.9's per-tap NCHW code spills hundreds of bytes on sm_80."""
-    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=cin_g >= block_k and channels_last)
+    channels fill a reduction block, the flattened reduction below that (no lanes wasted). Both
+    layouts: NCHW takes its own tiles (``_nchw_tiles``)."""
+    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=cin_g >= block_k)
 
 
 def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
@@ -911,7 +953,7 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
         **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], is_channels_last(x)))
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"]))
     meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
                 HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
                 INDEX_64=needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed),
@@ -954,7 +996,7 @@ def _guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score,
         s_score_b=score.stride(0), s_score_r=score.stride(1), s_score_n=score.stride(2),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], is_channels_last(x)))
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"]))
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None,
                 INDEX_64=needs_int64(x, dy, score, source.weight, source.coef, spatial, bias_mixed),
                 ACC_DTYPE=_acc_dtype(x.dtype),
@@ -1010,7 +1052,7 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"], is_channels_last(dy)))
+    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"]))
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None,
                 INDEX_64=needs_int64(dy, dx, source.weight, source.coef, spatial, region),
                 ACC_DTYPE=_acc_dtype(dy.dtype),

@@ -351,6 +351,42 @@ def _mix_grads(dW: Tensor, dbias_mixed, weights, routing, bias, spatial):
     return (route.t() @ flat).reshape(weights.shape), drouting.reshape(routing.shape), dbias, dspatial
 
 
+# The per-sample kernel gradient (fp32) the weight side holds at once: a part of the batch at a time
+# past this (E1: 151 MB in three parts), so its memory is bounded whatever the batch.
+DW_BUFFER_BYTES = 64 * 2**20
+
+
+def _batch_chunks(B: int, per_sample_bytes: int) -> list[slice]:
+    per_chunk = max(1, DW_BUFFER_BYTES // max(per_sample_bytes, 1))
+    return [slice(b, min(b + per_chunk, B)) for b in range(0, B, per_chunk)] or [slice(0, 0)]
+
+
+def _weight_side_grads(backward_kernel, grad, x, guide, weights, routing, bias, spatial, geometry, with_bias=True):
+    """(∂weights, ∂routing, ∂bias, ∂spatial) through the per-(sample, region) kernel gradient, formed a
+    part of the batch at a time (``DW_BUFFER_BYTES``) and reduced part by part in a fixed order
+    (deterministic). Without routing the kernel gradient is itself the result: one part."""
+    stride, padding, dilation, groups = geometry
+    m = _regions(weights, routing)
+    kernel_hw = tuple(weights.shape[-2:])
+    B, Cin = x.shape[:2]
+    per_sample = m * grad.shape[1] * (Cin // groups) * math.prod(kernel_hw) * _acc_dtype(x.dtype).itemsize
+    chunks = _batch_chunks(B, per_sample) if routing is not None else [slice(None)]
+    parts = []
+    for samples in chunks:
+        part_guide = guide[samples] if guide is not None else None
+        dW, dbias_mixed = backward_kernel(grad[samples], x[samples], part_guide, m, groups, kernel_hw, stride,
+                                          padding, dilation)
+        parts.append(_mix_grads(dW, dbias_mixed if with_bias else None, weights,
+                                routing[samples] if routing is not None else None, bias if with_bias else None,
+                                spatial[samples] if spatial is not None else None))
+    if len(parts) == 1:
+        return parts[0]
+    summed = [functools.reduce(torch.add, g) if g[0] is not None else None for g in zip(*parts)]
+    per_sample_grads = [torch.cat(g) if g[0] is not None else None for g in zip(*parts)]
+    # ∂weights and ∂bias sum over the samples; ∂routing and ∂spatial are per sample.
+    return summed[0], per_sample_grads[1], summed[2], per_sample_grads[3]
+
+
 def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide):
     """(∂weights, ∂routing, ∂bias, ∂spatial, ∂guide); an absent or unwanted one is an empty tensor.
 
@@ -360,9 +396,8 @@ def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, pa
     """
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     need_guide = need_guide and guide is not None
-    dW, dbias_mixed = _backward_kernel(grad, x, guide, _regions(weights, routing), groups, weights.shape[-2:],
-                                       stride, padding, dilation)
-    dweights, drouting, dbias, dspatial = _mix_grads(dW, dbias_mixed, weights, routing, bias, spatial)
+    dweights, drouting, dbias, dspatial = _weight_side_grads(_backward_kernel, grad, x, guide, weights, routing, bias,
+                                                             spatial, (stride, padding, dilation, groups))
     dguide = None
     if need_guide:
         if guide.shape[1] == 1:
@@ -431,9 +466,8 @@ def _conv_grads(steps: _Steps, grad, saved, needs, x_size, channels_last, geomet
     if needs[0]:
         dx = steps.backward_input(grad, weights, routing, spatial, fixed, x_size, channels_last, *geometry)
     if any(needs[1:5]):
-        dW, dbias_mixed = steps.backward_kernel(grad, x, fixed, _regions(weights, routing), groups,
-                                                tuple(weights.shape[-2:]), stride, padding, dilation)
-        dweights, drouting, dbias, dspatial = _mix_grads(dW, dbias_mixed, weights, routing, bias, spatial)
+        dweights, drouting, dbias, dspatial = _weight_side_grads(steps.backward_kernel, grad, x, fixed, weights,
+                                                                 routing, bias, spatial, geometry)
     if needs[5] and straight_through and guide is not None:
         dguide = _straight_through(steps.conv, grad, x, weights, routing, bias, spatial, guide, geometry)
     grads = _like((dx, dweights, drouting, dbias, dspatial, dguide), saved)
@@ -472,9 +506,8 @@ def _backward_input_grads(steps: _Steps, h, saved, needs, geometry):
     if needs[0]:
         dgrad = steps.conv(h, weights, routing, None, spatial, _fixed(guide), *geometry)
     if any(needs[1:4]):
-        dW, _ = steps.backward_kernel(grad, h, _fixed(guide), _regions(weights, routing), groups,
-                                      tuple(weights.shape[-2:]), stride, padding, dilation)
-        dweights, drouting, _, dspatial = _mix_grads(dW, None, weights, routing, None, spatial)
+        dweights, drouting, _, dspatial = _weight_side_grads(steps.backward_kernel, grad, h, _fixed(guide), weights,
+                                                             routing, None, spatial, geometry, with_bias=False)
     grads = _like((dgrad, dweights, drouting, dspatial), saved[:4])
     return tuple(g if need else None for g, need in zip(grads, needs[:4])) + (None,)
 

@@ -118,7 +118,7 @@ def test_forward_and_gradients(name, dtype, mixing, device):
     assert y.shape == (case.B, case.Cout, *case.out_hw)
 
 
-# The taps cases: channels_last takes the per-tap loops of the forward and input gradient (NCHW the flattened one).
+# The taps cases in channels_last (test_forward_and_gradients runs them in NCHW): the per-tap loops in both layouts.
 @pytest.mark.parametrize("name", ["basic", "drconv-m3", "taps-stride2-odd", "taps-drconv-stride2"])
 def test_channels_last(name, device):
     y = _check(CASES[name], torch.float16, device, torch.channels_last)
@@ -141,6 +141,22 @@ def test_strided_view_input(device):
     expected = _reference(x.double().cpu(), **{k: (v.double().cpu() if v is not None else None)
                                               for k, v in args.items()}, **case.geometry())
     assert_close(y, expected, torch.float32, "strided view")
+
+
+def test_kernel_gradient_a_part_of_the_batch_at_a_time(monkeypatch, device):
+    """The per-sample kernel gradient bounded to one sample's: two parts, reduced in order, give
+    the expert, routing, bias, spatial and guide gradients of the whole batch."""
+    monkeypatch.setattr(expert_ops, "DW_BUFFER_BYTES", 1)
+    batch_sizes = []
+    whole = kernels.expert_conv_backward_kernel
+
+    def recording(grad, x, *args):
+        batch_sizes.append(x.shape[0])
+        return whole(grad, x, *args)
+
+    monkeypatch.setattr(kernels, "expert_conv_backward_kernel", recording)
+    _check(CASES["drconv-m3"], torch.float32, device)  # B = 2
+    assert batch_sizes and set(batch_sizes) == {1}
 
 
 def test_regions_spanning_many_tiles(monkeypatch, device):
