@@ -118,7 +118,8 @@ def test_dispatch_and_declared_loops():
     x, w, y = tensors(3, 8, 1)
     generic = {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 2, "BLOCK_W": 4, "num_warps": 1}
     assert kernels.forward_launch(x, w, None, y, (1, 1), (1, 1), (1, 1), generic).name == "involution_fwd_kernel"
-    assert kernels.forward_launch(x, w[..., 0, 0], None, y, (1, 1), (1, 1), (1, 1)).name == "involution_fwd_kernel"
+    # per-sample weights: the depth-wise kernels of dynamic_dwconv.py
+    assert kernels.forward_launch(x, w[..., 0, 0], None, y, (1, 1), (1, 1), (1, 1)).name == "dwconv_fwd_kernel"
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 5, 5), (1, 4, 0, 5), (1, 0, 5, 5)], ids=["B0", "H0", "C0"])
