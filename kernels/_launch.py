@@ -46,6 +46,19 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+INT32_MAX = 2**31 - 1
+
+
+def needs_int64(*tensors: torch.Tensor | None) -> bool:
+    """Whether any element offset of these tensors (None: absent) exceeds int32 (then the kernels
+    take their INDEX_64 variant, which forms every offset in 64 bits)."""
+    return any(t is not None and _max_offset(t) > INT32_MAX for t in tensors)
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
 def is_channels_last(t: torch.Tensor) -> bool:
     """NHWC strides that are not also NCHW-contiguous (as for C == 1 or 1x1 images)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)

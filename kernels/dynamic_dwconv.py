@@ -24,10 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cdiv, is_channels_last, next_power_of_2
+from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
 
-INT32_MAX = 2**31 - 1
 # Largest kernel size the unrolled kernels take (K*K weights held per thread); larger K keeps the
 # run-time tap loops of involution.py.
 MAX_K = 9
@@ -568,15 +567,6 @@ def dwconv_bwd_weight_kernel(
 # Launch helpers
 # --------------------------------------------------------------------------------------------
 
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
-
-
-def _needs_int64(*tensors) -> bool:
-    # involution.needs_int64's rule; not imported from there, which imports this module.
-    return any(t is not None and _max_offset(t) > INT32_MAX for t in tensors)
-
-
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -731,7 +721,7 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     )
     meta = _meta(config)
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
-                HAS_BIAS=bias is not None, INDEX_64=_needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
+                HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
     return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=_walk_loops(walk, config, H, K))
 
@@ -756,7 +746,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
                 TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
                 FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
-                WALK=walk, INDEX_64=_needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
+                WALK=walk, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
     return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
                   loops=_walk_loops(walk, config, Ho, cdiv(K, step_h)))
@@ -800,7 +790,7 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
         PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, SPLITS=splits, RUN=config["RUN"],
     )
     meta = dict(SW=stride[1], DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"],
-                P=config["P"], INDEX_64=_needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
+                P=config["P"], INDEX_64=needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows.
     rows = min(config["RUN"] + K - 1, H)

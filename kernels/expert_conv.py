@@ -56,11 +56,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
+from ._launch import (INT32_MAX, Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64,
+                      next_power_of_2, planned)
 from .configs import get_config
 from .involution import gather_source, widen
-
-INT32_MAX = 2**31 - 1
 # Running tile totals past the last region read as "never reached" (a constexpr: kernels may use it).
 _PAST_LAST_TILE = tl.constexpr(INT32_MAX)
 # A region needs this many output pixels before materialising its mixed kernel beats mixing on the fly.
@@ -700,14 +699,6 @@ def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
-
-
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
-
-
-def needs_int64(*tensors) -> bool:
-    return any(t is not None and _max_offset(t) > INT32_MAX for t in tensors)
 
 
 def problem_key(x: torch.Tensor, experts: torch.Tensor, m: int, groups: int, stride) -> dict:

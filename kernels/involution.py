@@ -24,10 +24,9 @@ import triton.language as tl
 
 from . import dynamic_dwconv as dwconv
 from . import involution_nchw
-from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
+from ._launch import (INT32_MAX, Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64,
+                      next_power_of_2, planned)
 from .configs import get_config
-
-INT32_MAX = 2**31 - 1
 
 
 @triton.jit
@@ -840,15 +839,6 @@ def problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
             "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
-
-
-def needs_int64(*tensors: torch.Tensor | None) -> bool:
-    """Whether any element offset of these tensors (None: absent) exceeds int32 (then the kernels index in int64)."""
-    return any(t is not None and _max_offset(t) > INT32_MAX for t in tensors)
-
-
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -887,9 +877,9 @@ def unrolled_taps(x, weight) -> bool:
 
     Channels_last only, and only with channels to share a tap's weight: with one channel per group
     a per-pixel weight is one element per multiply-add (the weight sets the time, the loop reads it
-    best), and a per-sample weight's K held values per channel left no registers. NCHW threads hold
-    a row offset per pixel and tap row on top: every unrolled NCHW tile tried spilled with triton
-    3.6's ptxas (dynconv inspect), so NCHW keeps the loop until a tile that fits is found.
+    best), and a per-sample weight's K held values per channel left no registers. NCHW per-pixel
+    calls and per-sample weights never reach this choice: the launchers hand them to
+    involution_nchw.py and dynamic_dwconv.py first.
     """
     return weight.shape[2] <= MAX_UNROLLED_K and is_channels_last(x) and weight.shape[1] < x.shape[1]
 
@@ -1211,10 +1201,9 @@ def _sample_config(C: int, Ho: int, Wo: int, channels_last: bool) -> dict:
 def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last: bool, per_pixel: bool,
                         B: int = 1, stride=(1, 1), dilation=(1, 1)) -> dict:
     """The launcher's own weight-gradient config: the runs kernel (per pixel, channels_last, 2..RUNS_MAX_CG
-    channels per group), the persistent kernel (per sample, G = C), else the generic kernel's tile;
-    K up to RUNS_MAX_K for the first two. NCHW per pixel stays on the generic kernel for now: the
-    runs kernel holds its strided channels one per chunk, and at CG = 16, K = 7 that unrolls into
-    code ptxas takes minutes to compile (not yet measured by the static model either)."""
+    channels per group), dynamic_dwconv.py's walk (per sample, where it applies), the persistent kernel
+    (per sample, G = C), else the generic kernel's tile; K up to RUNS_MAX_K for the runs and persistent
+    kernels. NCHW per pixel takes involution_nchw.py's kernel before this is asked (K <= its MAX_K)."""
     if per_pixel and channels_last and K <= RUNS_MAX_K and 2 <= C // G <= RUNS_MAX_CG:
         return dict(_runs_config(G, Ho, Wo))
     if not per_pixel and dwconv.handles_weight_grad(C, G, K, stride, dilation, None):
