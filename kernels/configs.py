@@ -147,6 +147,9 @@ class KernelSpace:
     spec_for_key: Callable[[dict], tuple]
     exact: tuple[str, ...] = ()
     rules: Callable[[dict, dict], list[str]] = no_rules
+    # BLOCK names the launcher splits itself (strips of any length times a power of two of them):
+    # these need only be positive integers <= MAX_BLOCK.
+    free_blocks: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +264,9 @@ def _is_pow2(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1 and v & (v - 1) == 0
 
 
-def config_problems(config: Any, default: dict) -> list[str]:
-    """Why ``config`` may not stand in for ``default`` (empty when it may)."""
+def config_problems(config: Any, default: dict, free_blocks: tuple[str, ...] = ()) -> list[str]:
+    """Why ``config`` may not stand in for ``default`` (empty when it may); ``free_blocks``: the
+    kernel space's BLOCK names that need not be powers of two."""
     if not isinstance(config, dict):
         return [f"config is {type(config).__name__}, not an object"]
     problems = []
@@ -272,7 +276,9 @@ def config_problems(config: Any, default: dict) -> list[str]:
     for name, value in config.items():
         if not isinstance(value, int) or isinstance(value, bool):
             problems.append(f"{name}={value!r} is not an integer")
-        elif name.startswith("BLOCK") and not (_is_pow2(value) and value <= MAX_BLOCK):
+        elif name in free_blocks and not 1 <= value <= MAX_BLOCK:
+            problems.append(f"{name}={value} is not in 1..{MAX_BLOCK}")
+        elif name.startswith("BLOCK") and name not in free_blocks and not (_is_pow2(value) and value <= MAX_BLOCK):
             problems.append(f"{name}={value} is not a power of two <= {MAX_BLOCK}")
         elif name == "num_warps" and value not in WARPS:
             problems.append(f"num_warps={value} not in {WARPS}")
@@ -288,10 +294,10 @@ def config_problems(config: Any, default: dict) -> list[str]:
 def row_problems(kernel: str, config: Any, key: dict, default: dict) -> list[str]:
     """Why a file's ``config`` may not run ``kernel`` at problem ``key`` (empty when it may): the
     generic checks, then the kernel's own tuning-space rules."""
-    problems = config_problems(config, default)
+    space = spaces().get(kernel)
+    problems = config_problems(config, default, space.free_blocks if space is not None else ())
     if problems:
         return problems
-    space = spaces().get(kernel)
     return list(space.rules(config, key)) if space is not None else []
 
 
@@ -667,7 +673,7 @@ def _time_candidates(space: KernelSpace, key: dict, default: dict) -> dict | Non
         return None
     best = None
     for config in space.candidates(key, True):
-        if config_problems(config, default):
+        if config_problems(config, default, space.free_blocks):
             continue
         try:
             launch = space.launch(spec, tensors, config)

@@ -1038,7 +1038,11 @@ def _strip(meta: dict, chunks: int, reuse: bool, x, weight) -> int:
         return 1
     cap = _strip_cap(meta["BLOCK_G"] * meta["BLOCK_CG"], chunks, is_channels_last(x), x.element_size(),
                      weight.dim() == 6)
-    return max(s for s in range(1, min(cap, rows) + 1) if rows % s == 0 and _is_pow2(rows // s))
+    strips = [s for s in range(1, min(cap, rows) + 1) if rows % s == 0 and _is_pow2(rows // s)]
+    if not strips:  # e.g. a tuned BLOCK_H of 28 where the budget allows strips of 4 at most
+        meta["BLOCK_H"] = rows = 1 << (rows.bit_length() - 1)
+        strips = [s for s in range(1, min(cap, rows) + 1) if rows % s == 0]
+    return max(strips)
 
 
 def _is_pow2(n: int) -> bool:

@@ -204,7 +204,9 @@ def autotune_space() -> dict:
     spaces = {name: KernelSpace(
         problems=lambda quick, name=name: _tuning_problems(name, quick), inputs=_tuning_inputs, launch=_tuning_launch(name),
         key=_tuning_key, default=_tuning_default(name), candidates=_tuning_candidates(name),
-        spec_for_key=_tuning_spec_for_key(name), exact=_EXACT)
+        spec_for_key=_tuning_spec_for_key(name), exact=_EXACT,
+        # the channels_last tap kernels take strips of any length (involution._strip splits BLOCK_H)
+        free_blocks=("BLOCK_H",) if name in ("involution_fwd", "involution_bwd_input") else ())
         for name in _TUNED_KERNELS}
     for name, generic in _NCHW_KERNELS.items():
         spaces[name] = KernelSpace(
