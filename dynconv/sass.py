@@ -143,9 +143,17 @@ def loops(instructions: list[Instruction]) -> list[Loop]:
     Top-level loops and each loop's children come in address order, which is the source order of
     the ``for`` statements for the straight-line code triton emits.
     """
+    last_exit = max((ins.addr for ins in instructions if ins.base == "EXIT"), default=None)
+
+    def returns_from_cold_code(ins: Instruction) -> bool:
+        # ptxas places the divergent slow path of a warp reduction (reached by ``BRA.DIV``) after
+        # the function's last EXIT; it jumps back into the loop body it left. That jump closes no loop.
+        return last_exit is not None and ins.addr > last_exit and ins.branch_target < last_exit
+
     found = sorted({(ins.branch_target, ins.addr) for ins in instructions
                     # A branch to itself is the end-of-function padding (``BRA`` after the last EXIT).
-                    if ins.branch_target is not None and ins.branch_target < ins.addr and not ins.never_runs},
+                    if ins.branch_target is not None and ins.branch_target < ins.addr and not ins.never_runs
+                    and not returns_from_cold_code(ins)},
                    key=lambda se: (se[0], -se[1]))
     # Two branches back to one header (a `continue`-like edge) are one loop: keep the widest.
     merged: list[tuple[int, int]] = []

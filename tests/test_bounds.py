@@ -66,6 +66,31 @@ def test_loops_nest_and_weight_by_declared_trips():
         sass.execution_counts(instructions, forest, (5,))
 
 
+# A loop whose warp reduction has a divergent slow path: ptxas moves it after the last EXIT
+# (``BRA.DIV``) and jumps back into the loop body from there. Seen in triton 3.9's na2d dkv fp32.
+COLD_PATH = """
+        /*0000*/                   S2R R0, SR_TID.X ;                      /* 0x0 */
+        /*0010*/                   FFMA R8, R4, R5, R8 ;                   /* 0x0 */
+        /*0020*/                   BRA.DIV UR4, 0x70 ;                     /* 0x0 */
+        /*0030*/                   SHFL.BFLY PT, R9, R8, 0x1, 0x1f ;       /* 0x0 */
+        /*0040*/                   FADD R8, R8, R9 ;                       /* 0x0 */
+        /*0050*/               @P0 BRA 0x10 ;                              /* 0x0 */
+        /*0060*/                   EXIT ;                                  /* 0x0 */
+        /*0070*/                   WARPSYNC.COLLECTIVE R95, 0x80 ;         /* 0x0 */
+        /*0080*/                   BRA 0x40 ;                              /* 0x0 */
+        /*0090*/                   BRA 0x90;                               /* 0x0 */
+"""
+
+
+def test_a_jump_back_from_cold_code_after_exit_closes_no_loop():
+    instructions = sass.parse(COLD_PATH)
+    forest = sass.loops(instructions)
+    assert [(loop.start, loop.end, loop.children) for loop in forest] == [(0x10, 0x50, [])]
+    counts = dict(zip((i.addr for i in instructions), sass.execution_counts(instructions, forest, (6,))))
+    assert counts[0x10] == 6 and counts[0x40] == 6 and counts[0x60] == 1
+    assert counts[0x70] == 0 and counts[0x80] == 0
+
+
 def test_count_turns_instructions_into_pipe_times():
     result = bounds.count(SNIPPET, ((5, (7,)),), programs=1000, num_warps=4)
     w = result["warp_instructions"]
