@@ -129,12 +129,12 @@ MAX_STRIP = 8
 
 
 @triton.jit
-def _strip_taps(src, src_channels, channel_masks, row_first, RSTEP, SRC_H, ssh, col_first, CSTEP, SRC_W, ssw,
-                w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H,
+def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, SRC_H, ssh, col_first, CSTEP, SRC_W,
+                ssw, w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H,
                 U_FIRST, U_STEP, V_FIRST, V_STEP, K, zero,
                 TAPS_V, STRIP: tl.constexpr, TAPS_U: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr,
                 PER_PIXEL: tl.constexpr, WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
-                INDEX_64: tl.constexpr):
+                INDEX_64: tl.constexpr, CHANNELS_FULL: tl.constexpr):
     """The tap sums (in ``zero``'s shape and dtype) of a strip of STRIP output rows per pixel of the tile.
 
     Taps are indexed by slots: tap slot (a, b) is kernel tap (U_FIRST + a*U_STEP, V_FIRST + b*V_STEP),
@@ -145,14 +145,21 @@ def _strip_taps(src, src_channels, channel_masks, row_first, RSTEP, SRC_H, ssh, 
     once and held for all its rows. With FIRST_TAP_MAY_MISS, slot 0 of each axis may name tap K
     (a stride phase with fewer taps): such a tap is skipped by a uniform branch, never multiplied by
     a zero weight (0 * inf would poison the sum).
-    A thread holds CHUNKS channel chunks of the same groups (``src_channels``, ``channel_masks``: one
-    each), so every weight it loads serves all of them; the sums come back as ``accs[s * CHUNKS + q]``.
-    PAIRS: ``src`` holds bf16 read as int32 pairs of channels (``src_channels`` index pairs), and each
-    chunk is summed as two parts, even and odd channels, ``accs[s * 2 * CHUNKS + 2 * q + odd]``: one
-    shift or mask widens each element, where a bf16 load's conversion takes two instructions.
+    A thread holds CHUNKS channel chunks of the same groups (chunk q at ``src_channels + q * chunk_step``,
+    masked by ``channel_masks[q]``), so every weight it loads serves all of them; the sums come back as
+    ``accs[s * CHUNKS + q]``. PAIRS: ``src`` holds bf16 read as int32 pairs of channels (``src_channels``
+    index pairs), and each chunk is summed as two parts, even and odd channels,
+    ``accs[s * 2 * CHUNKS + 2 * q + odd]``: one shift or mask widens each element, where a bf16 load's
+    conversion takes two instructions.
+    Every load is a per-thread pointer, formed once, plus a scalar offset (one wide multiply-add;
+    a uniform base plus a per-thread offset takes two adds), and a source row's mask is one bit of a
+    per-thread word (one test; comparing the row each time took a predicate register per row).
     """
+    if STRIP > 1:
+        RSTEP = 1  # known here, so that with compile-time strides each row's offset is an immediate
     ACC_DTYPE: tl.constexpr = zero.dtype
     PARTS: tl.constexpr = 2 * CHUNKS if PAIRS else CHUNKS
+    ROWS: tl.constexpr = STRIP + TAPS_U - 1  # at most MAX_STRIP + MAX_UNROLLED_K - 1 < 32 bits
     accs = ()
     for s in tl.static_range(STRIP * PARTS):
         accs = accs + (zero,)
@@ -164,17 +171,43 @@ def _strip_taps(src, src_channels, channel_masks, row_first, RSTEP, SRC_H, ssh, 
         # A tensor, not a Python bool: the interpreter passes scalars as Python ints.
         first_tap_ok = (tl.zeros((1, 1, 1), dtype=tl.int32) + U_FIRST) < K
         b_first = (V_FIRST >= K).to(tl.int32)  # column slot 0 names tap K: this phase has one tap fewer
-    if PER_PIXEL and not WEIGHT_AT_SOURCE:
-        # Output rows clamped into the image: a tile's rows (and, in w_out_pix, columns) past it are never
-        # stored, so their weights need no mask, and the loads no zeroed registers or predicates.
+    row_bits = tl.zeros(row_first.shape, dtype=tl.int32)
+    for r in tl.static_range(ROWS):
+        row_bits = row_bits | (((row_first + r * RSTEP >= 0) & (row_first + r * RSTEP < SRC_H)).to(tl.int32) << r)
+    src_rows = src + (src_channels + (row_first * ssh + col_first * ssw)[None, None, :])
+    if PER_PIXEL:
+        # A pointer per strip row; tap slot a of strip row s is that pointer plus a scalar of the slot and
+        # column tap (one wide multiply-add per weight).
         w_rows = ()
         for s in tl.static_range(STRIP):
-            w_rows = w_rows + ((tl.minimum(out_row + s, OUT_H - 1) * swh + w_out_pix)[None, None, :],)
+            if WEIGHT_AT_SOURCE:  # at source row s + a: the slot's scalar adds a rows
+                w_rows = w_rows + (w_group + ((row_first + s * RSTEP) * swh + col_first * sww)[None, None, :],)
+            else:
+                # Output rows clamped into the image: a tile's rows (and, in w_out_pix, columns) past it are
+                # never stored, so their weights need no mask, and the loads no zeroed registers or predicates.
+                w_rows = w_rows + (w_group + (tl.minimum(out_row + s, OUT_H - 1) * swh + w_out_pix)[None, None, :],)
     for b in range(b_first, TAPS_V):
         col = col_first + b * CSTEP
-        col_ok = (col >= 0) & (col < SRC_W)
-        w_col = w_group + widen(V_FIRST + b * V_STEP, INDEX_64) * swv
+        col_bits = tl.where((col >= 0) & (col < SRC_W), row_bits, 0)
+        src_col = src_rows + widen(b * CSTEP, INDEX_64) * ssw
+        w_v = widen(V_FIRST + b * V_STEP, INDEX_64) * swv
+        if PER_PIXEL:
+            # This column tap's pointer per strip row, and each slot's offset from it: with compile-time
+            # strides an immediate, and the slot's weight a load with no address arithmetic.
+            w_v_col = w_v
+            if WEIGHT_AT_SOURCE:
+                w_v_col = w_v_col + widen(b * CSTEP, INDEX_64) * sww
+            w_cols = ()
+            for s in tl.static_range(STRIP):
+                w_cols = w_cols + (w_rows[s] + w_v_col,)
+            w_slots = ()
+            for a in tl.static_range(TAPS_U):
+                w_slot = widen(U_FIRST + a * U_STEP, INDEX_64) * swu
+                if WEIGHT_AT_SOURCE:
+                    w_slot = w_slot + widen(a * RSTEP, INDEX_64) * swh
+                w_slots = w_slots + (w_slot,)
         if not PER_PIXEL:
+            w_col = w_group + w_v
             held = ()
             for t in tl.static_range(TAPS_U):
                 w_ok = g_ok
@@ -182,33 +215,34 @@ def _strip_taps(src, src_channels, channel_masks, row_first, RSTEP, SRC_H, ssh, 
                     w_ok = w_ok & first_tap_ok
                 held = held + (tl.load(w_col + widen(U_FIRST + t * U_STEP, INDEX_64) * swu, mask=w_ok,
                                        other=0.0).to(ACC_DTYPE),)
-        for r in tl.static_range(STRIP + TAPS_U - 1):
-            row = row_first + r * RSTEP
-            ok = (row >= 0) & (row < SRC_H) & col_ok
-            pix = (row * ssh + col * ssw)[None, None, :]
+        for r in tl.static_range(ROWS):
+            ok = (col_bits & (1 << r)) != 0
             xvs = ()
             for q in tl.static_range(CHUNKS):
-                raw = tl.load(src + (src_channels[q] + pix), mask=channel_masks[q] & ok[None, None, :], other=0)
+                # A 64-bit scalar offset (loop-invariant, formed once): two adds per load, where a 32-bit one
+                # is moved, shifted and widened each time.
+                row_offset = tl.cast(widen(r * RSTEP, INDEX_64) * ssh + q * chunk_step, tl.int64)
+                if CHANNELS_FULL:
+                    raw = tl.load(src_col + row_offset, mask=ok[None, None, :], other=0)
+                else:
+                    raw = tl.load(src_col + row_offset, mask=channel_masks[q] & ok[None, None, :], other=0)
                 if PAIRS:
                     # A bf16 is the top half of an fp32: shift the even channel up, mask the odd one.
                     xvs = xvs + ((raw << 16).to(tl.float32, bitcast=True),
                                  (raw & -65536).to(tl.float32, bitcast=True))
                 else:
                     xvs = xvs + (raw.to(ACC_DTYPE),)
-            if PER_PIXEL and WEIGHT_AT_SOURCE:
-                w_pix = (row * swh + col * sww)[None, None, :]
             new = ()
             for s in tl.static_range(STRIP):
                 if r - s >= 0 and r - s < TAPS_U:  # tap slot r - s of strip row s
                     if PER_PIXEL:
-                        w_tap = w_col + widen(U_FIRST + (r - s) * U_STEP, INDEX_64) * swu
                         if WEIGHT_AT_SOURCE:
-                            w_ok = g_ok & ok[None, None, :]
+                            w_ok = ok[None, None, :] if CHANNELS_FULL else g_ok & ok[None, None, :]
                             if FIRST_TAP_MAY_MISS and r == s:
                                 w_ok = w_ok & first_tap_ok  # no read past the weight either
-                            weight = tl.load(w_tap + w_pix, mask=w_ok, other=0.0)
+                            weight = tl.load(w_cols[s] + w_slots[r - s], mask=w_ok, other=0.0)
                         else:
-                            weight = tl.load(w_tap + w_rows[s])
+                            weight = tl.load(w_cols[s] + w_slots[r - s])
                         weight = weight.to(ACC_DTYPE)
                     else:
                         weight = held[r - s]
@@ -228,6 +262,35 @@ def _strip_taps(src, src_channels, channel_masks, row_first, RSTEP, SRC_H, ssh, 
 
 
 @triton.jit
+def _chunk_setup(sample, pid_ch, CG_TILES, g3, cg3, G, CG, sc, sh, sw, ACC_DTYPE: tl.constexpr,
+                 BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, PIXELS: tl.constexpr, CHUNKS: tl.constexpr,
+                 PAIRS: tl.constexpr, INDEX_64: tl.constexpr):
+    """What _strip_taps reads a program's channel chunks through, for the forward's x and the input
+    gradient's dy (``sample``: the tensor at this program's sample; ``sc, sh, sw``: its strides):
+    (channel indices per chunk (pairs with PAIRS), their masks, the source pointer, chunk 0's offsets,
+    the offset from one chunk to the next, the row and column strides in source elements, and a zero
+    accumulator of one part)."""
+    if PAIRS:
+        channels, masks = _pair_chunks(pid_ch, CG_TILES, g3, G, CG, BLOCK_CG, CHUNKS)
+        src = sample.to(tl.pointer_type(tl.int32), bitcast=True)
+        offsets = channels[0]
+        chunk_step = BLOCK_CG // 2
+        # Strides in int32 pairs: even (_pairs), so a shift halves them exactly.
+        ssh = widen(sh, INDEX_64) >> 1
+        ssw = widen(sw, INDEX_64) >> 1
+        zero = tl.zeros((BLOCK_G, BLOCK_CG // 2, PIXELS), dtype=ACC_DTYPE)
+    else:
+        channels, masks = _channel_chunks(pid_ch, CG_TILES, g3, cg3, G, CG, BLOCK_CG, CHUNKS)
+        src = sample
+        offsets = channels[0] * sc
+        chunk_step = BLOCK_CG * widen(sc, INDEX_64)
+        ssh = sh
+        ssw = sw
+        zero = tl.zeros((BLOCK_G, BLOCK_CG, PIXELS), dtype=ACC_DTYPE)
+    return channels, masks, src, offsets, chunk_step, ssh, ssw, zero
+
+
+@triton.jit
 def involution_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     B, C, H, W, Ho, Wo, CG, K,
@@ -240,9 +303,12 @@ def involution_fwd_kernel(
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TAPS: tl.constexpr = 0, STRIP: tl.constexpr = 1, CHUNKS: tl.constexpr = 1, PAIRS: tl.constexpr = False,
+    CHANNELS_FULL: tl.constexpr = False, INNER: tl.constexpr = None,
 ):
     """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v,(i,j)] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
 
+    INNER (unrolled taps): the within-sample strides (sxh, sxw, swu, swv, swh, sww) as compile-time
+    constants, so every row's and tap's offset from a thread's pointer is an immediate.
     TAPS = K unrolls the row taps (a run-time loop over the K column taps), each thread summing a
     strip of STRIP output rows (STRIP > 1 needs SH = DH = 1) over CHUNKS chunks of BLOCK_CG channels
     of its groups; TAPS = 0 is the run-time K² loop for any K (STRIP = CHUNKS = 1). PAIRS (bf16, per
@@ -267,27 +333,16 @@ def involution_fwd_kernel(
     channels = (c3,)
     channel_masks = (channel_mask,)
     if TAPS > 0:
-        if PAIRS:
-            channels, channel_masks = _pair_chunks(tl.program_id(1), CG_TILES, g3, G, CG, BLOCK_CG, CHUNKS)
-            x_src = x_sample.to(tl.pointer_type(tl.int32), bitcast=True)
-            x_channels = channels
-            # Strides in int32 pairs: even (_pairs), so a shift halves them exactly.
-            ssh = widen(sxh, INDEX_64) >> 1
-            ssw = widen(sxw, INDEX_64) >> 1
-            zero = tl.zeros((BLOCK_G, BLOCK_CG // 2, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
-        else:
-            channels, channel_masks = _channel_chunks(tl.program_id(1), CG_TILES, g3, cg3, G, CG, BLOCK_CG, CHUNKS)
-            x_src = x_sample
-            x_channels = ()
-            for q in tl.static_range(CHUNKS):
-                x_channels = x_channels + (channels[q] * sxc,)
-            ssh = sxh
-            ssw = sxw
-            zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
-        accs = _strip_taps(x_src, x_channels, channel_masks, i * SH - PH, DH, H, ssh, j * SW - PW, DW, W, ssw,
+        if INNER is not None:
+            sxh, sxw, swu, swv, swh, sww = INNER[0], INNER[1], INNER[2], INNER[3], INNER[4], INNER[5]
+        channels, channel_masks, x_src, x_channels, chunk_step, ssh, ssw, zero = _chunk_setup(
+            x_sample, tl.program_id(1), CG_TILES, g3, cg3, G, CG, sxc, sxh, sxw, ACC_DTYPE,
+            BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W, CHUNKS, PAIRS, INDEX_64)
+        accs = _strip_taps(x_src, x_channels, chunk_step, channel_masks, i * SH - PH, DH, H, ssh, j * SW - PW, DW, W, ssw,
                            w_ptr + b * swb + tl.minimum(g3, G - 1) * swg, g3 < G, swu, swv, swh, sww,
                            tl.minimum(j, Wo - 1) * sww, i, Ho,
-                           0, 1, 0, 1, K, zero, K, STRIP, TAPS, CHUNKS, PAIRS, PER_PIXEL, False, False, INDEX_64)
+                           0, 1, 0, 1, K, zero, K, STRIP, TAPS, CHUNKS, PAIRS, PER_PIXEL, False, False, INDEX_64,
+                           CHANNELS_FULL)
         if HAS_BIAS:
             new = ()
             for q in tl.static_range(CHUNKS):
@@ -352,7 +407,7 @@ def involution_bwd_input_kernel(
     PER_PIXEL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TAPS_U: tl.constexpr = 0, STRIP: tl.constexpr = 1,
     FIRST_TAP_MAY_MISS: tl.constexpr = False, PHASE_MAY_BE_EMPTY: tl.constexpr = False, CHUNKS: tl.constexpr = 1,
-    PAIRS: tl.constexpr = False,
+    PAIRS: tl.constexpr = False, CHANNELS_FULL: tl.constexpr = False, INNER: tl.constexpr = None,
 ):
     """Gather form of dx: each input pixel sums the taps that read it, so no atomics are needed.
 
@@ -364,6 +419,7 @@ def involution_bwd_input_kernel(
     DH/GH modulo SH/GH), at most TAPS_U of them, so no tap is masked off for the stride. Each thread
     sums a strip of STRIP rows of its phase (STRIP > 1 needs DH/GH = 1) over CHUNKS chunks of BLOCK_CG
     channels of its groups (PAIRS: dy and dx as int32 pairs of bf16 channels, see involution_fwd_kernel).
+    INNER (unrolled): sdyh, sdyw, swu, swv, swh, sww compile-time (see involution_fwd_kernel).
     TAPS_U = 0: the run-time tap loop over all K² taps for any K and stride (STRIP = CHUNKS = 1, one phase).
     """
     pid0 = tl.program_id(0)
@@ -383,22 +439,11 @@ def involution_bwd_input_kernel(
     channels = (c3,)
     channel_masks = (channel_mask,)
     if TAPS_U > 0:
-        if PAIRS:
-            channels, channel_masks = _pair_chunks(tl.program_id(1), CG_TILES, g3, G, CG, BLOCK_CG, CHUNKS)
-            dy_src = dy_sample.to(tl.pointer_type(tl.int32), bitcast=True)
-            dy_channels = channels
-            ssh = widen(sdyh, INDEX_64) >> 1
-            ssw = widen(sdyw, INDEX_64) >> 1
-            zero = tl.zeros((BLOCK_G, BLOCK_CG // 2, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
-        else:
-            channels, channel_masks = _channel_chunks(tl.program_id(1), CG_TILES, g3, cg3, G, CG, BLOCK_CG, CHUNKS)
-            dy_src = dy_sample
-            dy_channels = ()
-            for q in tl.static_range(CHUNKS):
-                dy_channels = dy_channels + (channels[q] * sdyc,)
-            ssh = sdyh
-            ssw = sdyw
-            zero = tl.zeros((BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W), dtype=ACC_DTYPE)
+        if INNER is not None:
+            sdyh, sdyw, swu, swv, swh, sww = INNER[0], INNER[1], INNER[2], INNER[3], INNER[4], INNER[5]
+        channels, channel_masks, dy_src, dy_channels, chunk_step, ssh, ssw, zero = _chunk_setup(
+            dy_sample, tl.program_id(1), CG_TILES, g3, cg3, G, CG, sdyc, sdyh, sdyw, ACC_DTYPE,
+            BLOCK_G, BLOCK_CG, (BLOCK_H // STRIP) * BLOCK_W, CHUNKS, PAIRS, INDEX_64)
         hh = h * STRIP  # the strip's first row among the rows of this phase
         ph = phase // SW
         pw = phase % SW
@@ -411,10 +456,11 @@ def involution_bwd_input_kernel(
         # Slots run from the last tap down, so that the source row grows with the slot.
         row_first = hh + (rh - u0 * DH) // SH - (TAPS_U - 1) * (DH // GH)
         col_first = w + (rw - v0 * DW) // SW - (TAPS_V - 1) * (DW // GW)
-        accs = _strip_taps(dy_src, dy_channels, channel_masks, row_first, DH // GH, Ho, ssh,
+        accs = _strip_taps(dy_src, dy_channels, chunk_step, channel_masks, row_first, DH // GH, Ho, ssh,
                            col_first, DW // GW, Wo, ssw, w_group, g3 < G, swu, swv, swh, sww, 0, 0, 0,
                            u0 + (TAPS_U - 1) * step_h, -step_h, v0 + (TAPS_V - 1) * step_w, -step_w, K, zero,
-                           TAPS_V, STRIP, TAPS_U, CHUNKS, PAIRS, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64)
+                           TAPS_V, STRIP, TAPS_U, CHUNKS, PAIRS, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64,
+                           CHANNELS_FULL)
         # Input rows and columns of this phase.
         h = ph + SH * hh
         w = pw + SW * w
@@ -768,7 +814,8 @@ def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool, el
         vector = 16 // element_size
         block_cg = _pow2_at_most(cg, vector)
         if per_pixel and cg >= vector:
-            chunks = min(cdiv(cg, block_cg), max(1, CHANNELS_PER_THREAD // block_cg))
+            per_thread = CHANNELS_PER_THREAD.get(element_size, DEFAULT_CHANNELS_PER_THREAD)
+            chunks = min(cdiv(cg, block_cg), max(1, per_thread // block_cg))
             block_g = 1
         else:
             block_g = _pow2_at_most(G, max(1, 32 // block_cg))
@@ -804,10 +851,12 @@ def _strip_shape(height: int, cap: int, min_rows: int, max_rows: int) -> tuple[i
     return best[1]
 
 
-# Channels of one group a channels_last thread sums per pixel (in 16-byte chunks): each per-pixel
-# weight it loads and converts serves that many multiply-adds. More leaves too few registers for a
-# strip that reuses its input rows (sm_80 and sm_90 with triton 3.6, dynconv inspect).
-CHANNELS_PER_THREAD = 8
+# Channels of one group a channels_last thread sums per pixel (in 16-byte chunks), by element size:
+# each per-pixel weight it loads and converts serves that many multiply-adds. 16-bit data: 16 channels
+# and strips of 7 rows (112 accumulators) is what the loop's issue budget needs, at 250-254 registers on
+# sm_80 and sm_90 with both tritons; more, or 16 fp32 channels, spills (dynconv inspect).
+CHANNELS_PER_THREAD = {2: 16}
+DEFAULT_CHANNELS_PER_THREAD = 8
 
 
 def _strip_cap(channels: int, chunks: int, channels_last: bool, element_size: int, per_pixel: bool) -> int:
@@ -817,7 +866,7 @@ def _strip_cap(channels: int, chunks: int, channels_last: bool, element_size: in
     # Accumulators per thread (AOT-checked with triton 3.6's ptxas: beyond these it spills; NCHW
     # threads also hold every pixel's row offsets, held per-sample weights take K per channel).
     if channels_last:
-        budget = 64 if per_pixel else 16
+        budget = (112 if element_size == 2 else 64) if per_pixel else 16  # 112: 16-bit strips of 7 x 16 channels
         held = min(channels, 16 // element_size) * chunks
     else:
         budget = 32 if element_size <= 2 and per_pixel else 16
@@ -925,7 +974,9 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
     )
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
                 INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip,
-                CHUNKS=chunks, PAIRS=taps > 0 and bias is None and _pairs(x, y, weight, meta))
+                CHUNKS=chunks, PAIRS=taps > 0 and bias is None and _pairs(x, y, weight, meta),
+                CHANNELS_FULL=taps > 0 and _channels_full(C, G, meta, chunks))
+    meta["INNER"] = _inner_strides(x, weight, meta) if taps else None
     return Launch(involution_fwd_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
                   num_warps, num_stages, loops=_tap_loops(taps > 0, K, K))
 
@@ -977,10 +1028,11 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     )
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),
                 TAPS_U=taps_u,
-                STRIP=strip, CHUNKS=chunks,
+                STRIP=strip, CHUNKS=chunks, CHANNELS_FULL=unrolled and _channels_full(C, G, meta, chunks),
                 PAIRS=unrolled and _pairs(dy, dx, weight, meta),
                 FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),
                 PHASE_MAY_BE_EMPTY=unrolled and (gh > 1 or gw > 1))
+    meta["INNER"] = _inner_strides(dy, weight, meta) if unrolled else None
     return Launch(involution_bwd_input_kernel, _grid(B, G, phases * tiles_phase, cg_tiles, meta["BLOCK_G"]), args,
                   meta, num_warps, num_stages, loops=_tap_loops(unrolled, taps_v, K))
 
@@ -993,6 +1045,21 @@ def input_grad_default(dx, weight, stride, dilation=(1, 1)) -> dict:
     strips = dilation[0] // math.gcd(stride[0], dilation[0]) == 1
     return tap_config(C, weight.shape[1], cdiv(H, stride[0]), cdiv(W, stride[1]), is_channels_last(dx),
                       dx.element_size(), weight.dim() == 6, strips)
+
+
+def _inner_strides(src, weight, meta: dict):
+    """The unrolled kernels' within-sample strides as compile-time constants (a variant per feature-map
+    size and layout, as involution_nchw.py): the source's row and column strides and the weight's tap and
+    pixel strides. None in the INDEX_64 variants (offsets too large for immediates anyway)."""
+    if meta["INDEX_64"]:
+        return None
+    return (*src.stride()[2:], *_weight_strides(weight)[2:])
+
+
+def _channels_full(C: int, G: int, meta: dict, chunks: int) -> bool:
+    """Whether every channel chunk of every program lies inside its group (the unrolled loads then need
+    no channel mask, only the pixel's)."""
+    return G % meta["BLOCK_G"] == 0 and (C // G) % (meta["BLOCK_CG"] * chunks) == 0
 
 
 def _pairs_aligned(*tensors: torch.Tensor) -> bool:

@@ -406,9 +406,10 @@ def test_tap_kernels_with_channel_chunks_and_uneven_strips(case, block_h, dtype,
 
 
 def test_tap_config_strips_cover_the_reference_rows_exactly():
-    """R1 (56 rows) and R2 (28 rows): strips of 7, no padded rows; threads hold 8 channels of a group."""
+    """R1 (56 rows) and R2 (28 rows): strips of 7, no padded rows; threads hold 8 fp32 or 16 bf16 channels of
+    a group (the 16 channels of R1's and R2's groups: each weight serves 16 multiply-adds)."""
     for height in (56, 28):
-        for element_size, chunks in ((4, 2), (2, 1)):
+        for element_size, chunks, channels in ((4, 2, 8), (2, 2, 16)):
             config = kernels.tap_config(256, 16, height, height, True, element_size, True)
             assert config["BLOCK_H"] % 7 == 0 and height % config["BLOCK_H"] == 0
-            assert config["CHUNKS"] == chunks and config["BLOCK_CG"] * chunks == 8
+            assert config["CHUNKS"] == chunks and config["BLOCK_CG"] * chunks == channels
