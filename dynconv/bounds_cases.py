@@ -105,6 +105,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     import torch
 
     from .kernels import expert_conv as ec
+    from .kernels import region_conv as rc
 
     p = _problem(name)
     Ho, Wo = p.out_hw
@@ -140,17 +141,34 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     def source(experts, routing):
         return ec.weight_source(experts, routing[samples], materialised)
 
+    x0, y0, experts0, _ = tensors()
+    region_fwd = guided and rc.supported(x0, experts0, y0, p.m)
+    rc_part = rc.batch_part(p.B, p.m, experts0[0].numel(), nb) if guided else p.B
+
     def fwd():
         x, y, experts, routing = tensors()
+        if region_fwd:  # DRConv: the first part of the batch, its mixed kernels materialised
+            cfg = rc.forward_config(x, experts, p.m, p.groups, *geometry)
+            weight = _empty((rc_part, p.m, p.Cout, p.K, p.K, p.C // p.groups), dt).movedim(-1, 3)
+            bias = _empty((rc_part, p.m, p.Cout), dt) if p.bias else None
+            return rc.forward_launch(x[:rc_part], weight, bias, regions(cfg["BLOCK_P"], rc_part), y[:rc_part],
+                                     p.groups, *geometry, cfg)
         cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
         bias = _empty((p.B, p.m, p.Cout), dt)[samples] if p.bias else None
         tables = regions(cfg["BLOCK_P"], part_size) if guided else None
         return ec.forward_launch(x[samples], source(experts, routing), None, bias, tables, y[samples], (p.K, p.K),
                                  p.groups, *geometry, cfg)
 
+    region_dx = guided and rc.backward_input_supported(y0, x0, p.m)
+
     def dx():
         x, y, experts, routing = tensors()
         cfg = ec.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
+        if region_dx:  # DRConv: the first part of the batch, reading its materialised region kernels
+            weight = _empty((rc_part, p.m, p.Cout, p.K, p.K, p.C // p.groups), dt).movedim(-1, 3)
+            return ec.backward_input_launch(y[:rc_part], rc.materialised_source(weight), None,
+                                            _empty((rc_part, N), torch.int32), x[:rc_part], (p.K, p.K), p.groups,
+                                            *geometry, p.m, cfg)
         region = _empty((p.B, N), torch.int32)[samples] if guided else None
         return ec.backward_input_launch(y[samples], source(experts, routing), None, region, x[samples], (p.K, p.K),
                                         p.groups, *geometry, p.m, cfg)
@@ -168,6 +186,12 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
 
     def guide():
         x, y, experts, routing = tensors()
+        if ec.uses_expert_bank(experts, routing):  # one launch for the batch: E plain convs' scores
+            cfg = ec.bank_config(x, experts, p.groups, *geometry)
+            bias = _empty((p.E, p.Cout), dt).expand(p.B, p.E, p.Cout) if p.bias else None
+            score = _empty((p.B, p.E, ec.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)
+            return ec.guide_score_launch(x, ec.expert_bank_source(experts), None, bias, y, score, (p.K, p.K),
+                                         p.groups, *geometry, cfg)
         cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
         bias = _empty((p.B, p.m, p.Cout), dt)[samples] if p.bias else None
         score = _empty((p.B, p.m, ec.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)[samples]
@@ -186,7 +210,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         "guide": (guide, (sizes["x"] + weights + bias + sizes["y"] + 2 * extra) * nb,
                   p.m * conv + 2 * p.B * p.m * p.Cout * N),
     }
-    share = {"fwd": part, "dx": part, "guide": part, "dw": 1.0}
+    bank = guided and ec.uses_expert_bank(_empty((p.E, 1, 1, 1, 1), dt), _empty((p.B, p.m, p.E), dt))
+    share = {"fwd": rc_part / p.B if region_fwd else part, "dx": rc_part / p.B if region_dx else part, "guide": 1.0 if bank else part, "dw": 1.0}
     return [Case(name, k, dtype, layout, table[k][0], round(table[k][1] * share[k]), round(table[k][2] * share[k]),
                  {tensor_cores: round(table[k][2] * share[k])})
             for k in kernels]

@@ -1200,11 +1200,52 @@ def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_h
     return dw.sum(0), dbias.sum(0)
 
 
+def expert_bank_source(experts: torch.Tensor) -> WeightSource:
+    """The E experts read as E kernels every sample shares: ``W[b, e] = experts[e]`` (zero b stride)."""
+    experts = _channels_innermost(experts)
+    s = experts.stride()
+    return WeightSource(experts, (0, s[0], 0, *s[1:]), None, 1)
+
+
+def uses_expert_bank(experts: torch.Tensor, routing: torch.Tensor | None) -> bool:
+    """Whether the guide scores come from the experts' outputs: y_r = Σ_e routing[b, r, e]·z_e, so
+    ∂S[b, r] = Σ_e routing[b, r, e]·(dy · z_e) needs E plain convs with no mixing at all, against m
+    convs of mixed kernels (each weight tile mixed from E expert tiles per K-step)."""
+    return routing is not None and experts.shape[0] <= routing.shape[1]
+
+
+def bank_config(x, experts, groups, stride, padding, dilation) -> dict:
+    """Tiles of the expert-bank guide scores: one plain conv over every pixel of a sample, so
+    128-pixel tiles from 512 pixels on (D1 guide bf16 NHWC PREDICTED 62% at 64 -> 88% on triton 3.6)."""
+    cout_g = experts.shape[1] // groups
+    pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
+    index_64 = needs_int64(x) or x.shape[0] * experts.shape[0] * experts.shape[1] * pixels > INT32_MAX
+    return get_config("expert_conv_fwd", problem_key(x, experts, 1, groups, stride),
+                      default_forward_config(cout_g, x.dtype, 1024 if pixels >= 512 else pixels, index_64,
+                                             experts.shape[2], False, is_channels_last(x)))
+
+
 def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, groups, stride, padding, dilation,
-                             materialise: bool | None = None, config: dict | None = None) -> torch.Tensor:
-    """∂S[b, r, i, j] = Σ_o dy[b, o, i, j] · y_r[b, o, i, j], (B, m, Ho, Wo) in the accumulation dtype."""
+                             materialise: bool | None = None, config: dict | None = None,
+                             expert_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """∂S[b, r, i, j] = Σ_o dy[b, o, i, j] · y_r[b, o, i, j], (B, m, Ho, Wo) in the accumulation dtype.
+
+    ``expert_bias`` (E, Cout), the experts' own bias that ``bias_mixed`` mixes: with it (or without
+    a bias) and ``uses_expert_bank``, the scores are formed per expert and mixed by ``routing``
+    afterwards (a (m x E) @ (E x Ho·Wo) product per sample), unless ``materialise`` forces a mode.
+    """
     B, m = routing.shape[:2]
     Cout, Ho, Wo = dy.shape[1:]
+    if (materialise is None and uses_expert_bank(experts, routing)
+            and (bias_mixed is None or expert_bias is not None)):
+        E = experts.shape[0]
+        config = config or bank_config(x, experts, groups, stride, padding, dilation)
+        score = torch.empty((B, E, score_tiles(Cout, groups, config), Ho * Wo), dtype=_acc_torch_dtype(x.dtype),
+                            device=x.device)
+        bias = expert_bias.expand(B, E, Cout) if bias_mixed is not None else None
+        guide_score_launch(x, expert_bank_source(experts), spatial, bias, dy, score, experts.shape[3:], groups,
+                           stride, padding, dilation, config)()
+        return torch.matmul(routing.to(score.dtype), score.sum(2)).reshape(B, m, Ho, Wo)
     config = config or forward_config(x, experts, m, groups, stride, padding, dilation)
     score = torch.empty((B, m, score_tiles(Cout, groups, config), Ho * Wo), dtype=_acc_torch_dtype(x.dtype),
                         device=x.device)
@@ -1229,6 +1270,7 @@ def catalogue() -> list[Launch]:
     for B, Cin, Cout, H, W, kh, kw, groups, E, m, s, with_spatial, label in shapes:
         for dtype in dtypes:
             for channels_last in (False, True):
+                first = len(launches)
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
                 pad = ((kh - 1) // 2, (kw - 1) // 2)
                 Ho = (H + 2 * pad[0] - kh) // s + 1
@@ -1262,6 +1304,14 @@ def catalogue() -> list[Launch]:
                                         dtype=torch.float32, device="meta")
                     launches.append(guide_score_launch(xp, source, sp, bp, yp, score, (kh, kw), groups, *geometry,
                                                        fwd_cfg))
+                    if uses_expert_bank(experts, routing):  # what the op runs; the above when E > m
+                        bank_cfg = bank_config(x, experts, groups, *geometry)
+                        bank_score = torch.empty((B, E, score_tiles(Cout, groups, bank_cfg), Ho * Wo),
+                                                 dtype=torch.float32, device="meta")
+                        launches.append(guide_score_launch(x, expert_bank_source(experts), spatial,
+                                                           torch.empty((E, Cout), **meta).expand(B, E, Cout), y,
+                                                           bank_score, (kh, kw), groups, *geometry, bank_cfg))
+                        launches[-1].label = tag + " expert bank"
                 launches.append(forward_launch(xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, fwd_cfg))
                 launches.append(backward_input_launch(yp, source, sp, regions.region if m > 1 else None, xp, (kh, kw),
                                                       groups, *geometry, m, dx_cfg))
@@ -1270,8 +1320,9 @@ def catalogue() -> list[Launch]:
                 dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta")
                 launches.append(backward_weight_launch(y, x, region_tables_like(B, 1) if m > 1 else None, dw, dbias,
                                                        (kh, kw), groups, *geometry, wcfg))
-                for launch in launches[-(4 if m > 1 else 3):]:
-                    launch.label = tag + (" materialised" if materialised and "weight" not in launch.name else "")
+                for launch in launches[first:]:
+                    if not launch.label:
+                        launch.label = tag + (" materialised" if materialised and "weight" not in launch.name else "")
     launches += _int64_catalogue()
     return launches
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import expert_conv as kernels
+from dynconv.kernels import region_conv
 from dynconv.kernels._launch import kernels_are_interpreted
 
 from . import _eager
@@ -202,6 +203,10 @@ def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilatio
         return y.copy_(_selected_bias(mixed, guide, y.shape)) if mixed is not None else y.zero_()
     if y.is_meta:
         return y
+    if guide is not None and routing is not None and region_conv.supported(x, weights, y, routing.shape[1]):
+        region_conv.region_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
+                                   stride, padding, dilation)
+        return y
     kernels.expert_conv_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
                                 stride, padding, dilation)
     return y
@@ -284,7 +289,8 @@ def _guide_scores(x, weights, routing, bias, spatial, grad, groups, stride, padd
         return torch.einsum("bohw,bro->brhw", grad.to(acc), mixed.to(acc))
     if _use_triton(x):
         return kernels.expert_conv_guide_scores(x, weights, routing, spatial, _mixed_bias(routing, bias), grad,
-                                                groups, stride, padding, dilation)
+                                                groups, stride, padding, dilation,
+                                                expert_bias=bias if routing is not None else None)
     y_all = _cpu_region_outputs(x, weights, routing, bias, spatial, stride, padding, dilation, groups)
     B, Cout = grad.shape[:2]
     # In place: y_all is this function's own temporary (m outputs; a product would be a second).
@@ -308,6 +314,10 @@ def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_las
         return dx
     if grad.numel() == 0 or weights.numel() == 0:
         return dx.zero_()
+    if guide is not None and routing is not None and region_conv.backward_input_supported(grad, dx, routing.shape[1]):
+        region_conv.region_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
+                                          dilation)
+        return dx
     kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
                                        dilation)
     return dx

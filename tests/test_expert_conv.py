@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import dynconv
 import dynconv.ops.expert_conv as expert_ops
 from dynconv.kernels import expert_conv as kernels
+from dynconv.ops.reference_expert import all_region_outputs
 from dynconv.reference import drconv_all_regions, expert_conv2d_grouped, expert_conv2d_loop
 from helpers import assert_close, check_against_reference
 
@@ -164,6 +165,51 @@ def test_regions_spanning_many_tiles(monkeypatch, device):
     default = kernels.default_forward_config
     monkeypatch.setattr(kernels, "default_forward_config", lambda *a: {**default(*a), "BLOCK_P": 16})
     _check(replace(CASES["drconv-m3"], H=9, W=10), torch.float32, device)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("E,m,groups,bias", [(2, 3, 1, True), (3, 3, 2, False), (4, 2, 1, True)],
+                         ids=["bank", "bank-groups2-nobias", "mixing-E-over-m"])
+def test_guide_scores_expert_bank(E, m, groups, bias, layout, monkeypatch, device):
+    """∂S from the experts' own outputs mixed afterwards (E <= m), or from the mixed kernels (E > m),
+    against float64 y_r; stride 2, odd sizes, spatial attention, NaN-poisoned scores."""
+    case = Case(B=2, Cin=16 * groups, Cout=16, H=7, W=5, E=E, m=m, guide=True, stride=2, spatial=True,
+                groups=groups, bias=bias)
+    inputs = case.inputs()
+    Ho, Wo = case.out_hw
+    dy = torch.randn(case.B, case.Cout, Ho, Wo, dtype=torch.float64)
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    t = {k: (v.float().to(device) if v is not None else None) for k, v in inputs.items()}
+    launched = []
+    real = kernels.guide_score_launch
+
+    def spy(x, source, *args):
+        launched.append(source)
+        return real(x, source, *args)
+
+    monkeypatch.setattr(kernels, "guide_score_launch", spy)
+    mixed_bias = t["routing"] @ t["bias"] if bias else None
+    scores = kernels.expert_conv_guide_scores(
+        t["x"].contiguous(memory_format=fmt), t["experts"], t["routing"], t["spatial"], mixed_bias,
+        dy.float().to(device).contiguous(memory_format=fmt), groups, (2, 2), (1, 1), (1, 1),
+        expert_bias=t["bias"])
+    assert len(launched) == 1 and launched[0].mix == (E > m)
+    ref = {k: (v.float().double() if v is not None else None) for k, v in inputs.items()}
+    y_all = all_region_outputs(ref["x"], ref["experts"], ref["routing"], ref["bias"], 2, 1, 1, groups,
+                               spatial=ref["spatial"])
+    assert_close(scores, (y_all * dy.float().double()[:, None]).sum(2), torch.float32, "guide scores")
+
+
+def test_drconv_ties_and_an_empty_region(device):
+    """A guide whose logits tie (argmax takes the first) and leave region 1 without a pixel; the
+    expert bank (E <= m) forms its gradient."""
+    case = Case(B=2, Cin=16, Cout=16, H=5, W=7, E=2, m=3, guide=True, stride=2)
+    inputs = case.inputs()
+    guide = torch.zeros_like(inputs["guide"])
+    guide[:, 2, :, 1::2] = 1.0  # region 2 on odd columns, ties between 0, 1 (and 2) elsewhere: region 0
+    inputs["guide"] = guide
+    check_against_reference(_dynconv, _reference, inputs, torch.float32, device, torch.channels_last,
+                            **case.geometry())
 
 
 def test_region_tables_sort_pixels_by_region():

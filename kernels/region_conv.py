@@ -1,0 +1,255 @@
+"""DRConv (docs/operators.md §2, ``guide``): the region forward as a grouped implicit GEMM on
+materialised region kernels.
+
+Each output pixel uses the kernel of its region, ``W[b, r] = spatial[b] ⊙ Σ_e routing[b, r, e]·experts[e]``.
+The pixels of a sample are sorted by region (``expert_conv.region_tables``), so a tile of pixels
+shares one kernel and the forward is one plain conv per pixel. Why not mix the kernels on the fly
+as the expert kernels do: a region of a DRConv layer holds about Ho·Wo/m pixels (98 at D1), so
+each mixed weight element (E FMAs on the CUDA cores) would feed fewer than a hundred MMAs, and
+the mixing alone would take about as long as the product. So the m mixed kernels of a part of
+the batch are written once by a GEMM (``routing (b·m, E) @ experts``), into a workspace of at
+most ``WORKSPACE_BYTES`` (a few samples at a time: it stays in L2), and the kernel here reads them.
+
+Tiles are transposed against the expert kernels': output channels are the MMA's M side and a
+tile's pixels its N side, so a pixel tile may be narrower than wgmma's 64 rows (``BLOCK_P`` 64 by
+default, 32 where tuned). A sample's tiles are ``Σ_r ceil(count_r / BLOCK_P)``, at most
+``ceil(Ho·Wo / BLOCK_P) + m - 1``: the grid takes that bound (the model counts every program's
+full loop), and a region's last, partial tile wastes under BLOCK_P columns.
+
+The input gradient (``region_backward_input``) reads the same materialised kernels through the
+expert kernels' input-gradient kernel, which still multiplies once per region a tap's pixels hold.
+
+Kernels here know nothing of autograd: ``ops/expert_conv.py`` calls ``region_forward`` and
+``region_backward_input``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
+from .configs import get_config
+from .expert_conv import (WeightSource, _acc_dtype, _channels_innermost, _input_precision, _region_tile,
+                          _tap_major_shape, backward_input_launch, input_grad_config, output_pixels, problem_key,
+                          region_tables, region_tile_bound)
+
+# The mixed kernels of at most this many bytes exist at once (a part of the batch at a time).
+WORKSPACE_BYTES = 16 << 20
+
+
+@triton.jit
+def region_conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_REGIONS, TILES, O_TILES,
+    sxb, sxc, sxh, sxw,
+    sw_b, sw_r, sw_o, sw_i, sw_u, sw_v,
+    sbias_b, sbias_r, sbias_o,
+    syb, syc, syh, syw,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """y[b, o, p] = bias[b, r, o] + Σ_{u, v, c} W[b, r, o, c, u, v] · x[b, c, h(p, u), w(p, v)] for the
+    pixels p of one region r: acc (BLOCK_O x BLOCK_P) = W tile (BLOCK_O x BLOCK_K) @ patch (BLOCK_K x BLOCK_P)."""
+    pid = tl.program_id(0)
+    b = pid // TILES
+    t = pid % TILES
+    pid_o = tl.program_id(1)
+    g = pid_o // O_TILES
+    on = (pid_o % O_TILES) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = on < COUT_G
+    o = g * COUT_G + on
+    r, p, pix_ok, valid = _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, NUM_REGIONS,
+                                       Ho * Wo, BLOCK_P, BLOCK_R)
+    # Tiles past the sample's last one (the grid's bound) run no K-step.
+    c_end = tl.where(valid, CIN_G, 0)
+    i = p // Wo
+    j = p % Wo
+    x_group = x_ptr + b * sxb + (g * CIN_G) * sxc
+    w_rows = w_ptr + b * sw_b + r * sw_r + o * sw_o
+    cc = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=ACC_DTYPE)
+    for u in tl.static_range(KH):
+        for v in tl.static_range(KW):
+            h = i * SH - PH + u * DH
+            w = j * SW - PW + v * DW
+            col_ok = pix_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            x_cols = x_group + h * sxh + w * sxw
+            w_tap = w_rows + u * sw_u + v * sw_v
+            for c0 in range(0, c_end, BLOCK_K):
+                c = c0 + cc
+                c_ok = c < c_end
+                weight = tl.load(w_tap[:, None] + (c * sw_i)[None, :], mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+                patch = tl.load(x_cols[None, :] + (c * sxc)[:, None], mask=c_ok[:, None] & col_ok[None, :],
+                                other=0.0)
+                # out_dtype named: triton 3.6 asserts it equals acc's (fp64 accumulators).
+                acc = tl.dot(weight, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[:, None]
+    y_off = b * syb + (o * syc)[:, None] + (i * syh + j * syw)[None, :]
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & pix_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+def default_forward_config(cout_g: int, cin_g: int, dtype: torch.dtype, channels_last: bool = True) -> dict:
+    """Output-channel tiles of up to 128 and 64-pixel tiles: at 32 the region kernels' tiles, read
+    once per pixel tile, bound 2-byte NHWC on L1 traffic (PREDICTED on triton 3.6, D1 fwd bf16 NHWC:
+    32 pixels 51%, 64 pixels 66% at four warps). Eight warps: at four, the 128 x 64 fp32
+    accumulator spills on sm_80 (both layouts) and NCHW on sm_90 with triton 3.6 (bf16 NHWC then
+    64%). NCHW K-steps of 16 channels: its patch is gathered by scalar loads (bf16 16: 39%, 32: 36%)."""
+    block_k = min({2: 64, 4: 32}.get(dtype.itemsize, 16), 1 << (cin_g.bit_length() - 1))
+    if not channels_last:
+        block_k = min(block_k, 16)
+    return {"BLOCK_O": max(16, min(128, next_power_of_2(cout_g))), "BLOCK_P": 64, "BLOCK_K": block_k,
+            "num_warps": 8, "num_stages": 3 if dtype.itemsize == 2 else 2}
+
+
+def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
+    cout_g = experts.shape[1] // groups
+    return get_config("region_conv_fwd", problem_key(x, experts, m, groups, stride),
+                      default_forward_config(cout_g, experts.shape[2], x.dtype, is_channels_last(x)))
+
+
+def supported(x: torch.Tensor, experts_like: torch.Tensor, y: torch.Tensor, m: int) -> bool:
+    """Whether ``region_forward`` takes the layer: regions, a reduction block of channels per tap
+    (16 or more per group) and 32-bit offsets; the expert kernels' region path takes the rest."""
+    return m > 1 and experts_like.shape[2] >= 16 and not needs_int64(x, y)
+
+
+def batch_part(B: int, m: int, filter_elements: int, element_size: int) -> int:
+    """Samples whose m mixed kernels (``filter_elements`` = Cout·Cin/g·kh·kw each) fit the workspace."""
+    return max(1, min(B, WORKSPACE_BYTES // max(1, m * filter_elements * element_size)))
+
+
+def mixed_kernels(experts: torch.Tensor, routing: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
+    """``spatial ⊙ routing @ experts`` as (b, m, Cout, Cin/g, kh, kw) with Cin/g innermost in memory."""
+    B, m, E = routing.shape
+    flat = torch.matmul(routing.reshape(B * m, E), _channels_innermost(experts).movedim(2, -1).reshape(E, -1))
+    mixed = flat.reshape(B, m, *_tap_major_shape(experts))  # (b, m, Cout, kh, kw, Cin/g)
+    if spatial is not None:
+        mixed.mul_(spatial.to(mixed.dtype)[:, None, None, :, :, None])
+    return mixed.movedim(-1, 3)
+
+
+def forward_launch(x, weight, bias_mixed, regions, y, groups, stride, padding, dilation, config: dict) -> Launch:
+    """``weight`` (B, m, Cout, Cin/g, kh, kw) any strides; ``regions`` built with ``config['BLOCK_P']``."""
+    B, Cin, H, W = x.shape
+    Cout, Ho, Wo = y.shape[1:]
+    m, kh, kw = weight.shape[1], weight.shape[4], weight.shape[5]
+    meta = {k: config[k] for k in ("BLOCK_O", "BLOCK_P", "BLOCK_K")}
+    o_tiles = cdiv(Cout // groups, meta["BLOCK_O"])
+    tiles = region_tile_bound(Ho * Wo, m, meta["BLOCK_P"])
+    bias_strides = bias_mixed.stride() if bias_mixed is not None else (0, 0, 0)
+    sw = weight.stride()
+    args = dict(
+        x_ptr=x, w_ptr=weight, bias_ptr=bias_mixed, y_ptr=y,
+        tile_offsets_ptr=regions.tile_offsets, pixel_start_ptr=regions.pixel_start, count_ptr=regions.count,
+        perm_ptr=regions.perm,
+        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, NUM_REGIONS=m, TILES=tiles,
+        O_TILES=o_tiles,
+        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        **dict(zip(("sw_b", "sw_r", "sw_o", "sw_i", "sw_u", "sw_v"), sw)),
+        **dict(zip(("sbias_b", "sbias_r", "sbias_o"), bias_strides)),
+        **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
+        SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
+    )
+    meta.update(KH=kh, KW=kw, BLOCK_R=next_power_of_2(m + 1), HAS_BIAS=bias_mixed is not None,
+                ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
+    if groups * o_tiles > 65535:
+        raise ValueError(f"too many channel tiles for the grid ({groups * o_tiles}); use a larger BLOCK_O")
+    # Every program counted with the full K loop: tiles past a sample's last one are the bound's slack.
+    return Launch(region_conv_fwd_kernel, (B * tiles, groups * o_tiles, 1), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 2),
+                  loops=(cdiv(Cin // groups, meta["BLOCK_K"]),) * (kh * kw))
+
+
+def region_forward(x, experts, routing, spatial, bias_mixed, guide, y, groups, stride, padding, dilation,
+                   config: dict | None = None) -> None:
+    """y of a DRConv layer: ``routing`` (B, m, E), ``bias_mixed`` (B, m, Cout) or None, ``guide`` (B, m, Ho, Wo).
+
+    Per part of the batch: its mixed kernels (``mixed_kernels``), then one launch over its region tiles.
+    """
+    B, m = routing.shape[:2]
+    config = config or forward_config(x, experts, m, groups, stride, padding, dilation)
+    tables = region_tables(guide, config["BLOCK_P"])
+    part = batch_part(B, m, experts[0].numel(), x.element_size())
+    for b0 in range(0, B, part):
+        s = slice(b0, b0 + part)
+        weight = mixed_kernels(experts, routing[s], spatial[s] if spatial is not None else None)
+        forward_launch(x[s], weight, bias_mixed[s] if bias_mixed is not None else None, _tables_part(tables, s),
+                       y[s], groups, stride, padding, dilation, config)()
+
+
+def backward_input_supported(dy: torch.Tensor, dx: torch.Tensor, m: int) -> bool:
+    return m > 1 and not needs_int64(dy, dx)
+
+
+def region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation,
+                          config: dict | None = None) -> None:
+    """dx of a DRConv layer by the expert kernels' input-gradient kernel (its loop over the regions a
+    tap's pixels hold), reading the materialised region kernels of a part of the batch at a time
+    instead of mixing E expert tiles per K-step (D1 dx bf16 NHWC PREDICTED 1.8% -> 7.7% on triton 3.6:
+    the m-region loop, not the mixing, is what is left)."""
+    B, m = routing.shape[:2]
+    config = config or input_grad_config(dx, experts, m, groups, stride)
+    region = guide.argmax(dim=1).reshape(B, -1).to(torch.int32).contiguous()
+    part = batch_part(B, m, experts[0].numel(), dx.element_size())
+    for b0 in range(0, B, part):
+        s = slice(b0, b0 + part)
+        source = materialised_source(mixed_kernels(experts, routing[s], spatial[s] if spatial is not None else None))
+        backward_input_launch(dy[s], source, None, region[s], dx[s], experts.shape[3:], groups, stride, padding,
+                              dilation, m, config)()
+
+
+def materialised_source(weight: torch.Tensor) -> WeightSource:
+    """``weight`` (b, m, Cout, Cin/g, kh, kw) as the expert kernels read materialised kernels."""
+    s = weight.stride()
+    return WeightSource(weight, (s[0], s[1], 0, *s[2:]), None, 1)
+
+
+def _tables_part(tables, samples: slice):
+    return type(tables)(*(getattr(tables, f)[samples] for f in ("region", "perm", "count", "pixel_start",
+                                                                 "tile_offsets")), tables.block_p)
+
+
+def catalogue() -> list[Launch]:
+    """The region forward's default launches at representative shapes, on meta tensors (AOT checks)."""
+    from .expert_conv import RegionTables
+
+    launches = []
+    shapes = [  # (B, Cin, Cout, H, W, k, groups, E, m, stride, label)
+        (32, 128, 128, 28, 28, 3, 1, 8, 8, 1, "DRConv D1"),
+        (8, 64, 64, 64, 64, 3, 1, 8, 8, 1, "DRConv m=8"),
+        (4, 32, 48, 15, 17, 3, 2, 4, 4, 2, "DRConv groups 2 stride 2"),
+    ]
+    for B, Cin, Cout, H, W, k, groups, E, m, s, label in shapes:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for channels_last in (False, True):
+                meta = dict(dtype=dtype, device="meta")
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                geometry = ((s, s), (k // 2, k // 2), (1, 1))
+                Ho, Wo = ((n + 2 * (k // 2) - k) // s + 1 for n in (H, W))
+                x = torch.empty((B, Cin, H, W), **meta).to(memory_format=fmt)
+                y = torch.empty((B, Cout, Ho, Wo), **meta).to(memory_format=fmt)
+                experts = torch.empty((E, Cout, Cin // groups, k, k), **meta)
+                part = batch_part(B, m, experts[0].numel(), dtype.itemsize)
+                weight = torch.empty((part, m, Cout, k, k, Cin // groups), **meta).movedim(-1, 3)
+                cfg = forward_config(x, experts, m, groups, *geometry)
+                i32 = dict(dtype=torch.int32, device="meta")
+                tables = RegionTables(*(torch.empty(shape, **i32) for shape in
+                                        ((part, Ho * Wo), (part, Ho * Wo), (part, m), (part, m), (part, m + 1))),
+                                      cfg["BLOCK_P"])
+                launch = forward_launch(x[:part], weight, torch.empty((part, m, Cout), **meta), tables, y[:part],
+                                        groups, *geometry, cfg)
+                launch.label = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
+                launches.append(launch)
+    return launches
+
+
+__all__ = ["region_forward", "forward_launch", "forward_config", "supported", "catalogue", "mixed_kernels",
+           "batch_part", "WORKSPACE_BYTES", "output_pixels"]

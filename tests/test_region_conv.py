@@ -1,0 +1,107 @@
+"""kernels/region_conv.py: DRConv's region forward on materialised region kernels, against float64
+references (interpreter on CPU, NaN-poisoned allocations)."""
+import pytest
+import torch
+
+import dynconv
+from dynconv.kernels import expert_conv, region_conv
+from dynconv.reference import expert_conv2d_loop
+from helpers import assert_close, check_against_reference
+
+pytestmark = pytest.mark.usefixtures("nan_poison")
+
+
+def _inputs(B=2, Cin=16, Cout=16, H=7, W=5, k=3, E=3, m=3, groups=1, stride=1, padding=1, bias=True,
+            spatial=True):
+    Ho = (H + 2 * padding - k) // stride + 1
+    Wo = (W + 2 * padding - k) // stride + 1
+    f64 = dict(dtype=torch.float64)
+    return {
+        "x": torch.randn(B, Cin, H, W, **f64),
+        "experts": torch.randn(E, Cout, Cin // groups, k, k, **f64) * 0.5,
+        "routing": torch.rand(B, m, E, **f64),
+        "bias": torch.randn(E, Cout, **f64) if bias else None,
+        "spatial": torch.rand(B, k, k, **f64) + 0.5 if spatial else None,
+        "guide": torch.randn(B, m, Ho, Wo, **f64) * 4,
+    }, dict(stride=stride, padding=padding, groups=groups)
+
+
+def _op(x, experts, routing, bias=None, spatial=None, guide=None, **geometry):
+    return dynconv.expert_conv2d(x, experts, routing, bias, spatial=spatial, guide=guide, **geometry)
+
+
+def _reference(x, experts, routing, bias=None, spatial=None, guide=None, **geometry):
+    return expert_conv2d_loop(x, experts, routing, bias, spatial=spatial, guide=guide, **geometry)
+
+
+@pytest.fixture
+def region_launches(monkeypatch):
+    """Counts the region kernel's launches; the expert kernels' region forward must not run."""
+    launched = []
+    real = region_conv.forward_launch
+
+    def spy(*args, **kwargs):
+        launched.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(region_conv, "forward_launch", spy)
+    monkeypatch.setattr(expert_conv, "expert_conv_forward",
+                        lambda *a, **k: pytest.fail("the expert kernels' forward ran for a DRConv layer"))
+    return launched
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", [dict(), dict(H=9, W=6, stride=2, groups=2, Cin=32, Cout=32, E=2, m=4),
+                                   dict(H=3, W=4, k=5, padding=2, bias=False, spatial=False)],
+                         ids=["odd", "stride2-groups2", "kernel-over-image"])
+def test_region_forward_and_gradients(shape, layout, region_launches, device):
+    inputs, geometry = _inputs(**shape)
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    y = check_against_reference(_op, _reference, inputs, torch.float32, device, fmt, **geometry)
+    assert region_launches and y.is_contiguous(memory_format=fmt)
+
+
+def test_region_forward_fp16(region_launches, device):
+    inputs, geometry = _inputs(B=1, H=6, W=6)
+    check_against_reference(_op, _reference, inputs, torch.float16, device, torch.channels_last, **geometry)
+
+
+def test_region_forward_float64(region_launches, device):
+    inputs, geometry = _inputs(B=1, H=5, W=6, E=2, m=2)
+    check_against_reference(_op, _reference, inputs, torch.float64, device, torch.channels_last, **geometry)
+
+
+def test_ties_empty_regions_and_batch_parts(monkeypatch, region_launches, device):
+    """Tied logits (argmax takes the first region), regions without a pixel, and a workspace that
+    holds one sample's region kernels: one launch per sample."""
+    inputs, geometry = _inputs(B=3, m=4, E=2, spatial=True)
+    guide = torch.zeros_like(inputs["guide"])
+    guide[:, 3, ::2] = 1.0  # region 3 on even rows; ties elsewhere go to region 0; regions 1, 2 empty
+    guide[1] = 0.0  # sample 1: all tied, region 0 only
+    inputs["guide"] = guide
+    one = inputs["experts"][0].numel() * inputs["routing"].shape[1] * 4
+    monkeypatch.setattr(region_conv, "WORKSPACE_BYTES", one)
+    y = check_against_reference(_op, _reference, inputs, torch.float32, device, **geometry)
+    assert len(region_launches) == 3
+    assert not y.isnan().any()
+
+
+def test_narrow_groups_fall_back_to_the_expert_kernels(monkeypatch, device):
+    """Fewer than 16 channels a group: the expert kernels' region path (flattened reduction) runs."""
+    monkeypatch.setattr(region_conv, "forward_launch", lambda *a, **k: pytest.fail("region kernel for 4 channels"))
+    inputs, geometry = _inputs(Cin=4, Cout=6)
+    check_against_reference(_op, _reference, inputs, torch.float32, device, **geometry)
+
+
+def test_mixed_kernels_fold_spatial_attention():
+    inputs, _ = _inputs(B=2, m=3, E=2)
+    mixed = region_conv.mixed_kernels(inputs["experts"], inputs["routing"], inputs["spatial"])
+    expected = torch.einsum("bre,eouvc->brouvc", inputs["routing"], inputs["experts"].movedim(2, -1))
+    expected = (expected * inputs["spatial"][:, None, None, :, :, None]).movedim(-1, 3)
+    assert mixed.shape == (2, 3, 16, 16, 3, 3) and mixed.stride(3) == 1
+    assert_close(mixed, expected, torch.float64, "mixed kernels")
+
+
+def test_catalogue_launches_are_region_launches():
+    launches = region_conv.catalogue()
+    assert launches and all(launch.name == "region_conv_fwd_kernel" for launch in launches)
