@@ -8,9 +8,9 @@ tap (u, v) of group g, exactly the ``view(B, G, K, K, Ho, Wo)`` of the unfused m
 
 fp16/bf16 layers with 8..32 channels per group, R <= 64 and a small enough halo run the tensor-core
 halo kernels of ``involution_fused_halo.py`` instead (the launchers below choose; see
-``takes_halo_path``): forward, dz and dspan at stride 1, the input gradient at stride 2. The
-per-tap kernels here take everything else (fp32, fp64, depth-wise and wide groups, large R or
-halos, and the stride-1 input gradient).
+``takes_halo_path``): forward, dz and dspan at stride 1, the input gradient at strides 1 and 2.
+The per-tap kernels here take everything else (fp32, fp64, depth-wise and wide groups, large R or
+halos).
 
 Per-tap kernels (all deterministic: every output element and every partial has exactly one writer):
 
@@ -535,10 +535,6 @@ MIN_HALO_CHANNELS = 8
 # Past these the [halo, channels] and [R, halo] operand tiles no longer fit 8 warps' registers.
 MAX_HALO_CHANNELS = 32
 MAX_HALO_R = 64
-# The input-gradient halo kernel generates weights over its whole halo and holds a [pixels, halo]
-# tap table across the group loop: at a 256-pixel halo (stride 1, K = 7) ptxas spills it on sm_90
-# and sm_80 (also in two or four halo parts), so it takes strided layers only.
-MAX_INPUT_GRAD_Q = 128
 # fp32 takes the per-tap kernels: its tf32x3 window product (three tf32 products of a [pixels, halo]
 # window mostly zero) is PREDICTED slower than the CUDA-core aggregation, and spills at 8 warps.
 HALO_DTYPES = (torch.float16, torch.bfloat16)
@@ -548,7 +544,7 @@ def takes_halo_path(x, G, R, K, stride, dilation, transposed) -> bool:
     """Whether the tensor-core halo kernels (kernels/involution_fused_halo.py) run this pass."""
     meta = halo.halo_meta(K, stride, dilation, transposed)
     return (x.dtype in HALO_DTYPES and MIN_HALO_CHANNELS <= x.shape[1] // G <= MAX_HALO_CHANNELS
-            and R <= MAX_HALO_R and meta["BLOCK_Q"] <= (MAX_INPUT_GRAD_Q if transposed else halo.MAX_BLOCK_Q))
+            and R <= MAX_HALO_R and meta["BLOCK_Q"] <= halo.MAX_BLOCK_Q)
 
 
 def _halo_meta(x, C, G, K, R, stride, dilation, transposed, tile_h, tile_w, *tensors) -> tuple[dict, int]:
@@ -576,21 +572,24 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
     meta, tiles_h, tiles_w = _halo_meta(big, C, G, K, R, stride, dilation, transposed, out.shape[2], out.shape[3],
                                         big, z, out)
     meta["HAS_BIAS"] = span_bias is not None
-    if not transposed:
-        # The forward spreads [pixels, KP, KP] weights, KP > K so that tap row and column K are zero.
-        del meta["BLOCK_KK"]
-        meta["KP"] = next_power_of_2(K + 1)
+    # Both spread [pixels, KP, KP] weights over a window, KP > K so that tap row and column K are zero.
+    del meta["BLOCK_KK"]
+    meta["KP"] = next_power_of_2(K + 1)
     x, y = (out, big) if transposed else (big, out)
     args = {names[0]: big, "z_ptr": z, "span_w_ptr": span_weight, "span_b_ptr": span_bias, names[1]: out,
             "H": x.shape[2], "W": x.shape[3], "Ho": y.shape[2], "Wo": y.shape[3], "G": G, "CG": C // G, "R": R,
             **_strides(names[2], big), **_strides("szb szr szh szw", z), **_strides("sso ssr", span_weight),
             "ssb": span_bias.stride(0) if span_bias is not None else 0, **_strides(names[3], out),
             "PH": padding[0], "PW": padding[1], "TILES": tiles_h * tiles_w, "TILES_W": tiles_w}
-    return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, HALO_WARPS, 1, loops=(G,))
+    warps = HALO_WARPS["bwd_input" if transposed else "fwd"]
+    return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, warps, 1, loops=(G,))
 
 
-# Two warpgroups: the [pixels, halo] tap table and window stay in registers.
-HALO_WARPS = 8
+# The forward fits one warpgroup (its [pixels, halo] window is then staged for the dot once, not
+# once per warpgroup: a third fewer L1 bytes and tensor-core instructions, PREDICTED). At 4 warps
+# ptxas spills the input gradient (weights over a 256-pixel halo) and dspan on sm_80 in NCHW, and
+# dz gains nothing: they keep two warpgroups.
+HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_span": 8}
 
 
 def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
@@ -654,8 +653,8 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
                     R=R, **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
                     **_strides("sso ssr", span_weight), **_strides("sdzb sdzr sdzh sdzw", dz),
                     PH=padding[0], PW=padding[1], TILES=tiles_h * tiles_w, TILES_W=tiles_w)
-        return Launch(halo.fused_bwd_z_halo_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, HALO_WARPS, 1,
-                      loops=(G,))
+        return Launch(halo.fused_bwd_z_halo_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
+                      HALO_WARPS["bwd_z"], 1, loops=(G,))
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, span_weight, dz)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
@@ -767,7 +766,7 @@ def _backward_span_halo_launch(dy, x, z, dspan_partials, dbias_partials, K, stri
                 TOTAL_TILES=B * tiles, TILES_PER_SLAB=per_slab)
     if G > 65535:
         raise ValueError(f"too many groups for the grid ({G})")
-    return Launch(halo.fused_bwd_span_halo_kernel, (G, slabs, 1), args, meta, HALO_WARPS, 1,
+    return Launch(halo.fused_bwd_span_halo_kernel, (G, slabs, 1), args, meta, HALO_WARPS["bwd_span"], 1,
                   loops=(cdiv(B * tiles, slabs),))
 
 

@@ -19,9 +19,10 @@ The window product does ``BLOCK_Q / K²`` times the useful multiply-adds (256 / 
 8 x 8 tile), on tensor cores at 12 (bf16) or 6 (tf32) times the CUDA cores' rate, and every x
 element of the halo is loaded once per program, not once per tap.
 
-The input gradient is the same window product transposed: a tile of dx's pixels, the halo of
-output pixels that read them, the weights generated at the halo (``[KK, R] @ [R, Q]``) and
-``A'[p, q] = w[tap'[p, q], q]``. The weight gradients start from
+The input gradient is the same window product turned around: a tile of dx's pixels, the halo of
+output pixels that read them, the weights generated at the halo (``[Q, R] @ [R, KP²]``) and spread
+over the tile's pixels in the same two short gathers, ``Aᵀ[q, p] = w[q, tap(q, p)]``, then
+``dx = (Aᵀ)ᵀ @ dy_halo``. The weight gradients start from
 ``D[p, q] = Σ_{c∈g} dy[p, c] · x_halo[q, c]`` (the dot of attention logits) and pick each
 pixel's K² taps out of it: ``dW[p, k] = D[p, q(p, k)]``. From dW, ``dz += dW @ S_g`` (a program
 per tile walks the groups) and ``dS_g += dWᵀ @ z`` (a program per group walks a fixed slab of
@@ -63,19 +64,6 @@ def halo_meta(K: int, stride, dilation, transposed: bool) -> dict:
     # Halo rows are PITCH_W apart, a power of two, so the halo axis reshapes to [rows, PITCH_W].
     return dict(BLOCK_H=TILE_H, BLOCK_W=TILE_W, HALO_H=hh, HALO_W=hw, PITCH_W=_pow2(hw),
                 BLOCK_Q=_pow2(hh) * _pow2(hw), BLOCK_KK=_pow2(K * K + 1))
-
-
-@triton.jit
-def _tap_of(out_h, out_w, in_h, in_w, K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-            DH: tl.constexpr, DW: tl.constexpr, PH, PW, ok):
-    """The tap through which output pixel (out_h, out_w) reads input pixel (in_h, in_w), or K²
-    (the weights' zero padding column) where none does or ``ok`` is false."""
-    dh = in_h - out_h * SH + PH
-    dw = in_w - out_w * SW + PW
-    u = tl.maximum(dh, 0) // DH
-    v = tl.maximum(dw, 0) // DW
-    hit = ok & (dh >= 0) & (dw >= 0) & (dh % DH == 0) & (dw % DW == 0) & (u < K) & (v < K)
-    return tl.where(hit, u * K + v, K * K)
 
 
 @triton.jit
@@ -168,11 +156,16 @@ def fused_bwd_input_halo_kernel(
     PH, PW, TILES, TILES_W,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """dx[b, g·CG+c, p] = Σ_q w_g[tap(q, p), q] · dy[b, g·CG+c, q] over the output pixels q whose
-    windows reach the tile (weights generated at those pixels)."""
+    """dx[b, g·CG+c, p] = Σ_q w_g[q, tap(q, p)] · dy[b, g·CG+c, q] over the output pixels q whose
+    windows reach the tile. The forward's window turned around: the weights are generated at the
+    halo as [halo, KP, KP] and spread over the tile's pixels in the same two short gathers (tap
+    column to tile column, tap row to tile row), giving Aᵀ[q, p]; then ``dx = Aᵀᵀ @ dy_halo``.
+    Tap row and column depend on one axis each, so the index tables are [halo, BLOCK_W] and
+    [halo, BLOCK_H], broadcast in the loop."""
+    P: tl.constexpr = BLOCK_H * BLOCK_W
     pid = tl.program_id(0)
     b = widen(pid // TILES, INDEX_64)
     h0, w0, ih, iw = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
@@ -181,33 +174,41 @@ def fused_bwd_input_halo_kernel(
     # shifted to a non-negative numerator so integer division floors on every backend.
     reach_h: tl.constexpr = (K - 1) * DH
     reach_w: tl.constexpr = (K - 1) * DW
-    oh, ow, q_ok = _halo_pixels((h0 + PH - reach_h + reach_h * SH) // SH - reach_h,
-                                (w0 + PW - reach_w + reach_w * SW) // SW - reach_w, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
+    oh_first = (h0 + PH - reach_h + reach_h * SH) // SH - reach_h
+    ow_first = (w0 + PW - reach_w + reach_w * SW) // SW - reach_w
+    oh, ow, q_ok = _halo_pixels(oh_first, ow_first, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
+    # Halo pixels off the image or past the halo read dy as zero: their weights need no mask.
     out_ok = q_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
-    tap = _tap_of(oh[None, :], ow[None, :], ih[:, None], iw[:, None], K, SH, SW, DH, DW, PH, PW,
-                  out_ok[None, :])
+    q = tl.arange(0, BLOCK_Q)
+    # Tap column of (halo pixel, tile column), tap row of (halo pixel, tile row); K (zero) for none.
+    dcol = (w0 + PW - ow_first * SW) + tl.arange(0, BLOCK_W)[None, :] - (q % PITCH_W)[:, None] * SW
+    col_tap = tl.where((dcol >= 0) & (dcol % DW == 0) & (dcol < K * DW), tl.maximum(dcol, 0) // DW, K)
+    drow = (h0 + PH - oh_first * SH) + tl.arange(0, BLOCK_H)[None, :] - (q // PITCH_W)[:, None] * SH
+    row_tap = tl.where((drow >= 0) & (drow % DH == 0) & (drow < K * DH), tl.maximum(drow, 0) // DH, K)
 
     r = tl.arange(0, BLOCK_R)
-    halo_off = widen(oh * szh + ow * szw, INDEX_64)
-    z_t = tl.load(z_ptr + b * szb + halo_off[None, :] + r[:, None] * szr,
-                  mask=out_ok[None, :] & (r < R)[:, None], other=0.0)
-    kk = tl.arange(0, BLOCK_KK)
-    kk_ok = kk < K * K
+    z = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
+                mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
+    tp = tl.arange(0, KP * KP)
+    tap_ok = (tp // KP < K) & (tp % KP < K)
     c = tl.arange(0, BLOCK_CG)
     c_ok = c < CG
     dy_halo = dy_ptr + b * sdyb + widen(oh * sdyh + ow * sdyw, INDEX_64)[:, None]
     dx_tile = dx_ptr + b * sdxb + widen(ih * sdxh + iw * sdxw, INDEX_64)[:, None]
     for g in range(G):
-        rows = widen(g * (K * K) + kk, INDEX_64)
-        span = tl.load(span_w_ptr + rows[:, None] * sso + r[None, :] * ssr,
-                       mask=kk_ok[:, None] & (r < R)[None, :], other=0.0)
-        weight_t = tl.dot(span, z_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [KK, Q]
+        rows = widen(g * (K * K) + (tp // KP) * K + tp % KP, INDEX_64)
+        span_t = tl.load(span_w_ptr + rows[None, :] * sso + r[:, None] * ssr,
+                         mask=(r < R)[:, None] & tap_ok[None, :], other=0.0)
+        weight = tl.dot(z, span_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [Q, KP²]
         if HAS_BIAS:
-            weight_t += tl.load(span_b_ptr + rows * ssb, mask=kk_ok, other=0.0).to(ACC_DTYPE)[:, None]
+            weight += tl.load(span_b_ptr + rows * ssb, mask=tap_ok, other=0.0).to(ACC_DTYPE)[None, :]
         channel = widen(g * CG + c, INDEX_64)
         grad = tl.load(dy_halo + channel[None, :] * sdyc, mask=out_ok[:, None] & c_ok[None, :], other=0.0)
-        window = tl.gather(weight_t.to(grad.dtype), tap, 0)
-        out = tl.dot(window, grad, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        col_pick = col_tap[:, None, :] + tl.zeros((BLOCK_Q, KP, BLOCK_W), dtype=tl.int32)
+        row_pick = row_tap[:, :, None] + tl.zeros((BLOCK_Q, BLOCK_H, BLOCK_W), dtype=tl.int32)
+        by_col = tl.gather(tl.reshape(weight.to(grad.dtype), (BLOCK_Q, KP, KP)), col_pick, 2)  # [Q, KP, BLOCK_W]
+        window_t = tl.reshape(tl.gather(by_col, row_pick, 1), (BLOCK_Q, P))
+        out = tl.dot(tl.trans(window_t), grad, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         tl.store(dx_tile + channel[None, :] * sdxc, out.to(dx_ptr.dtype.element_ty),
                  mask=in_ok[:, None] & c_ok[None, :])
 

@@ -33,6 +33,7 @@ HALO_CASES = [
     (2, 32, 6, 7, 3, 2, 20, 1, 1),      # forward, dz, dspan on halo kernels (2 slabs)
     (1, 16, 9, 10, 3, 2, 12, 2, 1),     # stride 2, odd H: dx on the halo kernel over 2 x 2 input tiles
     (1, 16, 7, 6, 4, 2, 3, 1, 2),       # even K, dilation 2
+    (1, 16, 3, 2, 5, 2, 16, 1, 1),      # K larger than the image: every halo reaches past its edges
 ]
 CASE_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}R{c[6]}s{c[7]}d{c[8]}" for c in CASES + HALO_CASES]
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -201,9 +202,26 @@ def test_halo_span_gradient_is_deterministic_over_slabs(device):
     assert_close(results[0][1], ref_bias, torch.float16, "dbias")
 
 
+@pytest.mark.parametrize("dtype, K, stride, expected", [
+    (torch.float16, 7, 1, "fused_bwd_input_halo_kernel"),    # RedNet's stride-1 layer: the halo kernel
+    (torch.bfloat16, 3, 2, "fused_bwd_input_halo_kernel"),
+    (torch.float16, 9, 1, "fused_bwd_input_kernel"),         # a 32 x 32 halo: per tap
+    (torch.float32, 7, 1, "fused_bwd_input_kernel"),
+])
+def test_input_gradient_takes_the_halo_kernel_where_it_fits(dtype, K, stride, expected):
+    B, C, H, G, R = 2, 64, 16, 4, 16
+    Ho = (H + 2 * ((K - 1) // 2) - K) // stride + 1
+    meta = dict(device="meta", dtype=dtype)
+    dy, z = torch.empty(B, C, Ho, Ho, **meta), torch.empty(B, R, Ho, Ho, **meta)
+    span_w, span_b = torch.empty(K * K * G, R, **meta), torch.empty(K * K * G, **meta)
+    dx = torch.empty(B, C, H, H, **meta)
+    g = ((stride, stride), ((K - 1) // 2,) * 2, (1, 1))
+    assert kernels.backward_input_launch(dy, z, span_w, span_b, dx, K, *g).name == expected
+
+
 @pytest.mark.parametrize("case", [0, 1], ids=["s1", "s2"])
 def test_halo_int64_indexing_variant_matches(case, device):
-    """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd and dz; stride 2: dx)."""
+    """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd, dx and dz; stride 2: dx)."""
     inputs, geometry = _inputs(HALO_CASES[case])
     K, s = geometry["kernel_size"], geometry["stride"]
     x, z = inputs["x"].half().to(device), inputs["z"].half().to(device)
@@ -228,7 +246,7 @@ def test_halo_int64_indexing_variant_matches(case, device):
             outs.append(out)
         assert torch.equal(outs[0], outs[1]), name
         ran += 1
-    assert ran == (2 if s == 1 else 1)
+    assert ran == (3 if s == 1 else 1)
 
 
 def test_int64_indexing_variant_matches(device):
