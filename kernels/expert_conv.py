@@ -113,6 +113,13 @@ def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mas
 
 
 @triton.jit
+def _split_k(k, CH, KW):
+    """(c, u, v) of the flattened reduction index k = (u·KW + v)·CH + c (the fallback loops' K-steps)."""
+    tap = k // CH
+    return k % CH, tap // KW, tap % KW
+
+
+@triton.jit
 def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, c_end,
                H, W, CIN_G, NUM_MIX,
                sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
@@ -163,10 +170,7 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
             if INDEX_64:
                 k = k.to(tl.int64)
             k_ok = k < k_end
-            tap = k // CIN_G
-            c = k % CIN_G
-            u = tap // KW
-            v = tap % KW
+            c, u, v = _split_k(k, CIN_G, KW)
             h = h_first[:, None] + (u * DH)[None, :]
             w = w_first[:, None] + (v * DW)[None, :]
             ok = pix_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
@@ -414,10 +418,7 @@ def expert_conv_bwd_input_kernel(
             if INDEX_64:
                 k = k.to(tl.int64)
             k_ok = k < K_TOTAL
-            tap = k // COUT_G
-            oo = k % COUT_G
-            u = tap // KW
-            v = tap % KW
+            oo, u, v = _split_k(k, COUT_G, KW)
             i, ok = gather_source(h[:, None], PH, u[None, :], DH, SH, Ho, pix_ok[:, None] & k_ok[None, :])
             j, ok = gather_source(w[:, None], PW, v[None, :], DW, SW, Wo, ok)
             grad = tl.load(dy_group + (oo * sdyc)[None, :] + i * sdyh + j * sdyw, mask=ok, other=0.0)
@@ -447,21 +448,29 @@ def expert_conv_bwd_input_kernel(
 @triton.jit
 def expert_conv_bwd_weight_kernel(
     dy_ptr, x_ptr, pixel_start_ptr, count_ptr, perm_ptr, dw_ptr, dbias_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES, C_TILES,
+    H, W, Ho, Wo, P, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES, C_TILES,
     sdyb, sdyc, sdyh, sdyw,
     sxb, sxc, sxh, sxw,
     sdw_s, sdw_b, sdw_r, sdw_o, sdw_i, sdw_u, sdw_v,
     sdb_s, sdb_b, sdb_r, sdb_o,
     SH, SW, PH, PW, DH, DW,
-    TAP_LOOP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_GUIDE: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TAP_LOOP: tl.constexpr, FLAT: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_GUIDE: tl.constexpr, HAS_DBIAS: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dw[s, b, r, o, k] = Σ_{p in chunk s of region r} dy[b, o, p] · patch[b, p, k], and from the
-    programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s).
+    """dw[s, b, r, o, k] = Σ_{p in chunk s of region r} dy[b, o, p] · patch[b, p, k], and (HAS_DBIAS)
+    from the programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s).
+    Without regions the caller sums dy itself: a row sum per K-step (conversions, adds and shuffles
+    on every program, though only the first k tile's is stored) costs more issue slots than the MMA.
 
     TAP_LOOP: a program's k tile is BLOCK_N channels of one tap (axis 2 is (tap, channel tile)), so
     a pixel step forms the patch rows' positions and padding mask once per pixel, not per element.
     Otherwise the tile spans the flattened k = (u·kw + v)·CIN_G + c (fewer channels than BLOCK_N).
+
+    FLAT (per tap, no guide, NCHW-like: both images pixel-contiguous, stride 1, Ho·Wo = H·W): a pixel
+    step is BLOCK_K consecutive flat pixels, so dy is read with aligned vector loads and the patch as
+    one shifted run per channel, both with lanes along the pixels (the reduction axis, K-major for
+    wgmma); the per-element (i, j) split then only forms the padding mask.
     """
     pid = tl.program_id(0)
     s = pid % SPLITS
@@ -482,7 +491,6 @@ def expert_conv_bwd_weight_kernel(
         k_ok = k < CIN_G * KH * KW
         tap = k // CIN_G
         c = k % CIN_G
-    P = Ho * Wo
     if HAS_GUIDE:
         start = tl.load(pixel_start_ptr + b * NUM_REGIONS + r)
         count = tl.load(count_ptr + b * NUM_REGIONS + r)
@@ -512,35 +520,52 @@ def expert_conv_bwd_weight_kernel(
     dw_col = c * sdw_i + u * sdw_u + v * sdw_v
     acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=ACC_DTYPE)
     bias_acc = tl.zeros((BLOCK_O,), dtype=ACC_DTYPE)
+    if FLAT:
+        # The tap's shift in flat pixels (x's rows are W = Wo apart): x[c, p + shift] is patch[p, c].
+        rise = u * DH - PH
+        run = v * DW - PW
+        # Offsets, not pointers: one wide address product an element rather than a 64-bit add.
+        x_tap = x_col + rise * sxh + run
     for q0 in range(lo, hi, BLOCK_K):
         q = q0 + tl.arange(0, BLOCK_K)
         q_ok = q < hi
-        if HAS_GUIDE:
-            p = tl.load(perm_ptr + b * P + start + q, mask=q_ok, other=0)
+        if FLAT:
+            if INDEX_64:
+                q = q.to(tl.int64)
+            grad = tl.load(dy_sample + (dy_row[:, None] + q[None, :]), mask=o_ok[:, None] & q_ok[None, :],
+                           other=0.0)
+            i = q // Wo + rise
+            j = q % Wo + run
+            ok = q_ok & (i >= 0) & (i < H) & (j >= 0) & (j < W)
+            patch = tl.load(x_sample + (x_tap[None, :] + q[:, None]), mask=ok[:, None] & k_ok[None, :], other=0.0)
         else:
-            p = q
-        if INDEX_64:
-            p = p.to(tl.int64)
-        i = p // Wo
-        j = p % Wo
-        grad = tl.load(dy_sample + (dy_row[:, None] + (i * sdyh + j * sdyw)[None, :]),
-                       mask=o_ok[:, None] & q_ok[None, :], other=0.0)
-        if TAP_LOOP:
-            h = i * SH - PH + u * DH
-            w = j * SW - PW + v * DW
-            ok = q_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            patch = tl.load(x_sample + (x_col[None, :] + (h * sxh + w * sxw)[:, None]),
-                            mask=ok[:, None] & k_ok[None, :], other=0.0)
-        else:
-            h = (i * SH - PH)[:, None] + (u * DH)[None, :]
-            w = (j * SW - PW)[:, None] + (v * DW)[None, :]
-            ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            patch = tl.load(x_sample + (x_col[None, :] + h * sxh + w * sxw), mask=ok, other=0.0)
+            if HAS_GUIDE:
+                p = tl.load(perm_ptr + b * P + start + q, mask=q_ok, other=0)
+            else:
+                p = q
+            if INDEX_64:
+                p = p.to(tl.int64)
+            i = p // Wo
+            j = p % Wo
+            grad = tl.load(dy_sample + (dy_row[:, None] + (i * sdyh + j * sdyw)[None, :]),
+                           mask=o_ok[:, None] & q_ok[None, :], other=0.0)
+            if TAP_LOOP:
+                h = i * SH - PH + u * DH
+                w = j * SW - PW + v * DW
+                ok = q_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                patch = tl.load(x_sample + (x_col[None, :] + (h * sxh + w * sxw)[:, None]),
+                                mask=ok[:, None] & k_ok[None, :], other=0.0)
+            else:
+                h = (i * SH - PH)[:, None] + (u * DH)[None, :]
+                w = (j * SW - PW)[:, None] + (v * DW)[None, :]
+                ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                patch = tl.load(x_sample + (x_col[None, :] + h * sxh + w * sxw), mask=ok, other=0.0)
         acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
+        if HAS_DBIAS:
+            bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
     dw_off = s * sdw_s + b * sdw_b + r * sdw_r + (o * sdw_o)[:, None] + dw_col[None, :]
     tl.store(dw_ptr + dw_off, acc, mask=o_ok[:, None] & k_ok[None, :])
-    if pid_k == 0:
+    if HAS_DBIAS and pid_k == 0:
         tl.store(dbias_ptr + s * sdb_s + b * sdb_b + r * sdb_r + o * sdb_o, bias_acc, mask=o_ok)
 
 
@@ -774,6 +799,15 @@ def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixi
     if mixing or reduce_g < 64:
         return config
     tall = config["BLOCK_P"] == 128
+    if dtype.itemsize == 2:
+        # Each gathered element feeds BLOCK_N columns of MMA, so the widest tile the registers hold at
+        # eight warps: 64 x 256 where a group has 256 output columns, else 256 pixels x 128 (PREDICTED
+        # on triton 3.6 against 64 x 128 / 128 x 128: E1 fwd bf16 NCHW 78% -> 95%, E1 dx 74% -> 94%,
+        # E2 fwd 78% -> 94%).
+        if cols >= 256:
+            return {**config, "BLOCK_P": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2}
+        if tall and cols >= 128:
+            return {**config, "BLOCK_P": 256, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
     # 4-byte 64-pixel tiles at eight warps: at four a DRConv fwd spills on sm_80 with triton 3.9.
     return {**config, "BLOCK_N": _pow2_between(cols, 16, 128), "num_warps": 8 if tall or dtype.itemsize == 4 else 4,
             "num_stages": 3 if tall and dtype.itemsize == 2 else 2}
@@ -809,14 +843,19 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
 
 
 def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, cin_g: int = 0,
-                               channels_last: bool = False) -> dict:
+                               channels_last: bool = False, flat: bool = False) -> dict:
+    """``flat``: NCHW at stride 1 with one region, where the kernel's FLAT pixel steps apply when the
+    output is as large as the input (the usual padding; the key does not tell, else the gathered
+    steps run these tiles)."""
     # Eight warps whatever the dtype: at four, a 4-byte 64 x 64 tile needs about 170 registers a
     # thread, and ptxas 12.8 (triton 3.6) spills a few to fit three blocks per SM on sm_80.
     # Columns: one tap's channels (a power of two within them, so the kernel loops per tap).
     block_n = min(64, 1 << (cin_g.bit_length() - 1)) if cin_g >= 16 else _pow2_between(k_total, 16, 64)
-    if dtype.itemsize == 2 and cin_g >= 64 and cout_g >= 64 and channels_last:
-        # 128 x 128 x 64 tiles, three stages: two 64 x 128 wgmma groups per pixel step. Not for
-        # NCHW, whose 2-byte scalar patch loads then take over 255 registers on sm_80.
+    if dtype.itemsize == 2 and cin_g >= 64 and cout_g >= 64 and (channels_last or flat):
+        # 128 x 128 x 64 tiles, three stages: two 64 x 128 wgmma groups per pixel step. Not for the
+        # gathered NCHW steps, whose 2-byte scalar loads of both operands then take over 255
+        # registers on sm_80; FLAT steps load dy by cp.async (C256 dw bf16 NCHW PREDICTED on
+        # triton 3.6: 64 x 64 x 32 25% -> 87%).
         return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
                 "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
     if dtype.itemsize == 4 and cin_g >= 64 and cout_g >= 64:
@@ -824,9 +863,10 @@ def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, ci
         # and neither dy nor the patch is pixel-contiguous in channels_last, so each is copied to
         # shared memory four bytes at a time: bigger tiles halve that traffic per MMA (E2 dw fp32
         # PREDICTED on triton 3.6: NHWC 22% -> 57%, NCHW 17% -> 42%). NCHW steps 16 pixels: its scalar
-        # patch loads at 32 spill on sm_80 with triton 3.9.
+        # patch loads at 32 spill on sm_80 with triton 3.9; FLAT steps, whose dy comes by cp.async,
+        # take 32 (C256 dw fp32 NCHW PREDICTED on triton 3.6: 87% at 16, 100% at 32).
         return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
-                "BLOCK_K": 32 if channels_last else 16, "num_warps": 8, "num_stages": 2}
+                "BLOCK_K": 32 if channels_last or flat else 16, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": block_n,
             "BLOCK_K": _block_k(dtype), "num_warps": 8, "num_stages": 2}
 
@@ -1075,7 +1115,12 @@ def weight_grad_config(x, experts, m, groups, stride) -> dict:
     _, Cout, cin_g, kh, kw = experts.shape
     return get_config("expert_conv_bwd_weight", problem_key(x, experts, m, groups, stride),
                       default_weight_grad_config(Cout // groups, cin_g * kh * kw, x.dtype, cin_g,
-                                                 is_channels_last(x)))
+                                                 is_channels_last(x), flat_capable(m, stride, is_channels_last(x))))
+
+
+def flat_capable(m: int, stride, channels_last: bool) -> bool:
+    """What the problem key tells of ``flat_pixels``: NCHW, stride 1, no regions (padding not known)."""
+    return m == 1 and tuple(stride) == (1, 1) and not channels_last
 
 
 def weight_grad_splits(B: int, m: int, cout: int, groups: int, k_total: int, pixels: int, config: dict) -> int:
@@ -1087,7 +1132,8 @@ def weight_grad_splits(B: int, m: int, cout: int, groups: int, k_total: int, pix
 
 def backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kernel_hw, groups, stride,
                            padding, dilation, config: dict) -> Launch:
-    """``dw``: (SPLITS, B, m, Cout, Cin/g, kh, kw), ``dbias``: (SPLITS, B, m, Cout), both fp32/fp64."""
+    """``dw``: (SPLITS, B, m, Cout, Cin/g, kh, kw), ``dbias``: (SPLITS, B, m, Cout), both fp32/fp64;
+    ``dbias`` None leaves the bias gradient to the caller (without regions it is dy's pixel sum)."""
     if not cacheable(x):
         return _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding, dilation,
                                        config)
@@ -1097,6 +1143,15 @@ def backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kerne
                    (dy, x, dw, dbias, *_region_tensors(regions, ("pixel_start", "count", "perm"))),
                    lambda: _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding,
                                                    dilation, config))
+
+
+def flat_pixels(dy, x, stride) -> bool:
+    """Whether dy's and x's pixels are one flat, unit-stride axis of the same size, tap by tap a
+    shifted run of the other's (NCHW, stride 1, output as large as the input): the weight
+    gradient's FLAT pixel steps."""
+    (_, _, H, W), (Ho, Wo) = x.shape, dy.shape[2:]
+    return (tuple(stride) == (1, 1) and (H, W) == (Ho, Wo) and x.stride()[2:] == (W, 1)
+            and dy.stride()[2:] == (Wo, 1))
 
 
 def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kernel_hw, groups, stride,
@@ -1116,15 +1171,16 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
         pixel_start_ptr=regions.pixel_start if regions is not None else None,
         count_ptr=regions.count if regions is not None else None,
         perm_ptr=regions.perm if regions is not None else None,
-        H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
+        H=H, W=W, Ho=Ho, Wo=Wo, P=Ho * Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
         NUM_REGIONS=m, SPLITS=splits, O_TILES=o_tiles, C_TILES=c_tiles,
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
         **dict(zip(("sdw_s", "sdw_b", "sdw_r", "sdw_o", "sdw_i", "sdw_u", "sdw_v"), dw.stride())),
-        **dict(zip(("sdb_s", "sdb_b", "sdb_r", "sdb_o"), dbias.stride())),
+        **dict(zip(("sdb_s", "sdb_b", "sdb_r", "sdb_o"), dbias.stride() if dbias is not None else (0,) * 4)),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(TAP_LOOP=tap_loop, HAS_GUIDE=regions is not None, INDEX_64=needs_int64(dy, x, dw, dbias),
+    meta.update(TAP_LOOP=tap_loop, FLAT=tap_loop and regions is None and flat_pixels(dy, x, stride),
+                HAS_GUIDE=regions is not None, HAS_DBIAS=dbias is not None, INDEX_64=needs_int64(dy, x, dw, dbias),
                 ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
     if groups * o_tiles > 65535 or k_tiles > 65535:
         raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")
@@ -1193,8 +1249,12 @@ def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_h
     splits = weight_grad_splits(B, m, Cout, groups, k_total, Ho * Wo, config)
     acc = _acc_torch_dtype(x.dtype)
     dw = torch.empty((splits, B, m, Cout, Cin // groups, kh, kw), dtype=acc, device=x.device)
-    dbias = torch.empty((splits, B, m, Cout), dtype=acc, device=x.device)
+    # One region: the bias gradient is dy's pixel sum, a plain reduction (deterministic) rather than a
+    # row sum in every program of the kernel (see expert_conv_bwd_weight_kernel).
+    dbias = torch.empty((splits, B, m, Cout), dtype=acc, device=x.device) if regions is not None else None
     backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding, dilation, config)()
+    if dbias is None:
+        dbias = dy.sum((2, 3), dtype=acc).reshape(1, B, 1, Cout)
     if splits == 1:
         return dw[0], dbias[0]
     return dw.sum(0), dbias.sum(0)
@@ -1317,7 +1377,7 @@ def catalogue() -> list[Launch]:
                                                       groups, *geometry, m, dx_cfg))
                 splits = weight_grad_splits(B, m, Cout, groups, (Cin // groups) * kh * kw, Ho * Wo, wcfg)
                 dw = torch.empty((splits, B, m, Cout, Cin // groups, kh, kw), dtype=torch.float32, device="meta")
-                dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta")
+                dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta") if m > 1 else None
                 launches.append(backward_weight_launch(y, x, region_tables_like(B, 1) if m > 1 else None, dw, dbias,
                                                        (kh, kw), groups, *geometry, wcfg))
                 for launch in launches[first:]:
@@ -1357,7 +1417,7 @@ def _int64_catalogue() -> list[Launch]:
         wcfg = weight_grad_config(x, experts, m, 1, (1, 1))
         splits = weight_grad_splits(B, m, C, 1, C * k * k, H * W, wcfg)
         dw = torch.empty((splits, B, m, C, C, k, k), dtype=torch.float32, device="meta")
-        dbias = torch.empty((splits, B, m, C), dtype=torch.float32, device="meta")
+        dbias = torch.empty((splits, B, m, C), dtype=torch.float32, device="meta") if m > 1 else None
         launches.append(backward_weight_launch(x, x, regions, dw, dbias, (k, k), 1, *geometry, wcfg))
         for launch in launches[-(4 if m > 1 else 3):]:
             assert launch.meta["INDEX_64"]

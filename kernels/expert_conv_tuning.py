@@ -151,8 +151,10 @@ def _weight_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     splits = ec.weight_grad_splits(B, m, Cout, g, k_total, dy.shape[2] * dy.shape[3], config)
     acc = dict(dtype=ec._acc_torch_dtype(x.dtype), device=x.device)
     dw = _cached(ts, ("dw", splits), lambda: torch.empty((splits, B, m, Cout, Cin // g, *kernel_hw), **acc))
-    dbias = _cached(ts, ("dbias", splits), lambda: torch.empty((splits, B, m, Cout), **acc))
-    return ec.backward_weight_launch(dy, x, _regions(ts, 1), dw, dbias, kernel_hw, g, *geometry, config)
+    regions = _regions(ts, 1)
+    # As the op: one region leaves the bias gradient to a plain sum of dy.
+    dbias = _cached(ts, ("dbias", splits), lambda: torch.empty((splits, B, m, Cout), **acc)) if regions else None
+    return ec.backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, g, *geometry, config)
 
 
 _LAUNCH = {"expert_conv_fwd": _forward, "expert_conv_bwd_input": _input_grad, "expert_conv_bwd_weight": _weight_grad}
@@ -180,8 +182,9 @@ def _default_for(kernel: str, key: dict) -> dict:
         mixing = ec.materialise_part(filter_size, key["B"], key["m"], pixels) == 0
         return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1,
                                             bool(key["channels_last"]))
+    flat = ec.flat_capable(key["m"], (key["stride_h"], key["stride_w"]), bool(key["channels_last"]))
     return ec.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype,
-                                         key["Cin"] // g, bool(key["channels_last"]))
+                                         key["Cin"] // g, bool(key["channels_last"]), flat)
 
 
 def _default(kernel: str):

@@ -75,6 +75,9 @@ CASES = {
     "taps-stride2-odd": Case(B=1, Cin=16, Cout=16, H=7, W=6, kh=3, kw=2, E=2, stride=2, spatial=True),
     "taps-drconv-stride2": Case(B=1, Cin=16, Cout=16, H=5, W=7, E=2, m=2, guide=True, stride=2, dilation=2,
                                 padding=2),
+    # NCHW stride 1, output as large as the input: the kernel gradient's FLAT pixel steps (a 9 x 9 reach
+    # over a 3 x 4 image: every tap shifts past the image edges).
+    "taps-flat-k5-dilation2": Case(B=1, Cin=16, Cout=16, H=3, W=4, kh=5, kw=5, padding=4, dilation=2, E=2),
     "drconv-m3": Case(m=3, guide=True, spatial=True),
     "drconv-m4-groups2-stride2": Case(B=2, Cin=4, Cout=4, H=9, W=8, m=4, guide=True, groups=2, stride=2, E=2),
     "drconv-m1": Case(B=1, m=1, guide=True),
@@ -231,10 +234,54 @@ def test_region_tile_bound_is_tight():
     assert kernels.region_tile_bound(35, 3, 4) == 11
 
 
-def test_weight_gradient_pixel_splits(monkeypatch, device):
-    """Split pixel chunks (two-stage, fixed-order sum) give the same gradients, deterministically."""
+def test_weight_gradient_takes_flat_pixel_steps_where_they_apply():
+    """FLAT pixel steps for NCHW at stride 1 with an output as large as the input and no regions;
+    the gathered steps everywhere else (the cases above run both)."""
+    def meta(case, channels_last=False):
+        Ho, Wo = case.out_hw
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.empty((case.B, case.Cin, case.H, case.W), device="meta").to(memory_format=fmt)
+        dy = torch.empty((case.B, case.Cout, Ho, Wo), device="meta").to(memory_format=fmt)
+        experts = torch.empty((1, case.Cout, case.Cin // case.groups, case.kh, case.kw), device="meta")
+        stride = (case.stride, case.stride)
+        config = kernels.weight_grad_config(x, experts, case.m, case.groups, stride)
+        dw = torch.empty((1, case.B, case.m, case.Cout, case.Cin // case.groups, case.kh, case.kw), device="meta")
+        regions = kernels.RegionTables(*(torch.empty((case.B, n), dtype=torch.int32, device="meta")
+                                         for n in (Ho * Wo, Ho * Wo, case.m, case.m, case.m + 1)), 1) \
+            if case.guide else None
+        dbias = torch.empty((1, case.B, case.m, case.Cout), device="meta") if case.guide else None
+        launch = kernels.backward_weight_launch(dy, x, regions, dw, dbias, (case.kh, case.kw), case.groups, stride,
+                                                (case.padding,) * 2, (case.dilation,) * 2, config)
+        return launch.meta["FLAT"], launch.meta["HAS_DBIAS"]
+
+    assert meta(CASES["taps-flat-k5-dilation2"]) == (True, False)
+    assert meta(CASES["wide-channels"]) == (True, False)
+    assert meta(CASES["taps-flat-k5-dilation2"], channels_last=True) == (False, False)
+    assert meta(CASES["taps-stride2-odd"]) == (False, False)
+    assert meta(replace(CASES["taps-flat-k5-dilation2"], padding=3)) == (False, False)  # a smaller output
+    assert meta(CASES["taps-drconv-stride2"]) == (False, True)
+
+
+def test_nchw_wide_tiles(device):
+    """The widest 2-byte NCHW defaults (64 x 256 forward, 256 x 128 input gradient, 128 x 128 x 64
+    FLAT kernel gradient; materialised kernels, as large as the output) give the reference's values."""
+    case = Case(B=1, Cin=128, Cout=256, H=16, W=16, kh=1, kw=1, padding=0, E=2)
+    x = torch.empty((1, 128, 16, 16), dtype=torch.float16, device="meta")
+    experts = torch.empty((2, 256, 128, 1, 1), dtype=torch.float16, device="meta")
+    fwd = kernels.forward_config(x, experts, 1, 1, (1, 1), (0, 0), (1, 1))
+    dx = kernels.input_grad_config(x, experts, 1, 1, (1, 1))
+    dw = kernels.weight_grad_config(x, experts[:1], 1, 1, (1, 1))
+    assert (fwd["BLOCK_P"], fwd["BLOCK_N"], dx["BLOCK_P"], dx["BLOCK_N"]) == (64, 256, 256, 128)
+    assert (dw["BLOCK_O"], dw["BLOCK_N"], dw["BLOCK_K"]) == (128, 128, 64)
+    _check(case, torch.float16, device)
+
+
+@pytest.mark.parametrize("name, padding", [("drconv-m3", 1), ("taps-flat-k5-dilation2", 4)])
+def test_weight_gradient_pixel_splits(name, padding, monkeypatch, device):
+    """Split pixel chunks (two-stage, fixed-order sum) give the same gradients, deterministically;
+    regions' chunks of sorted pixels, and FLAT chunks of consecutive ones."""
     monkeypatch.setattr(kernels, "weight_grad_splits", lambda *args: 3)
-    case = replace(CASES["drconv-m3"], H=12, W=11, padding=1)
+    case = replace(CASES[name], H=12, W=11, padding=padding)
     _check(case, torch.float32, device)
     inputs = {k: (v.float().to(device).requires_grad_() if v is not None else None)
               for k, v in case.inputs().items()}
