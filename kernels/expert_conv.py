@@ -524,8 +524,8 @@ def expert_conv_bwd_weight_kernel(
         # The tap's shift in flat pixels (x's rows are W = Wo apart): x[c, p + shift] is patch[p, c].
         rise = u * DH - PH
         run = v * DW - PW
-        # Offsets, not pointers: one wide address product an element rather than a 64-bit add.
-        x_tap = x_col + rise * sxh + run
+        # Pointers stepped by BLOCK_K pixels: one 64-bit add an element a step, no address product.
+        x_step = x_sample + ((x_col + rise * sxh + run)[None, :] + (lo + tl.arange(0, BLOCK_K))[:, None])
     for q0 in range(lo, hi, BLOCK_K):
         q = q0 + tl.arange(0, BLOCK_K)
         q_ok = q < hi
@@ -537,7 +537,8 @@ def expert_conv_bwd_weight_kernel(
             i = q // Wo + rise
             j = q % Wo + run
             ok = q_ok & (i >= 0) & (i < H) & (j >= 0) & (j < W)
-            patch = tl.load(x_sample + (x_tap[None, :] + q[:, None]), mask=ok[:, None] & k_ok[None, :], other=0.0)
+            patch = tl.load(x_step, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            x_step += BLOCK_K
         else:
             if HAS_GUIDE:
                 p = tl.load(perm_ptr + b * P + start + q, mask=q_ok, other=0)
