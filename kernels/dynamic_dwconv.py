@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._keys import problem_key
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
 
@@ -62,6 +63,50 @@ def _lanes(tile, TILES_W, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W:
 
 
 @triton.jit
+def _program(TILES_PHASE, PH, PW, sxh, sxw, swu, swv, syh, syw,
+             SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, IS_DX: tl.constexpr,
+             TAPS_H: tl.constexpr, TAPS_W: tl.constexpr, GH: tl.constexpr, GW: tl.constexpr,
+             INV_H: tl.constexpr, INV_W: tl.constexpr, INDEX_64: tl.constexpr):
+    """What program_id(0) names, for _tap_sums and _row_walk: (sample, tile, stride phase ph, pw,
+    first tap u_first, v_first, source padding pad_h, pad_w) and the six strides, in 64 bits under
+    INDEX_64. The forward is phase (0, 0) with tap 0 first and its own padding; the input gradient's
+    phases are derived in _tap_sums's docstring (pad_h: slot a reads source row i - pad_h + a*DH/GH)."""
+    pid0 = tl.program_id(0)
+    b = pid0 // TILES_PHASE
+    tile = pid0 % TILES_PHASE
+    if INDEX_64:
+        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
+        b = b.to(tl.int64)
+        sxh = tl.cast(sxh, tl.int64)
+        sxw = tl.cast(sxw, tl.int64)
+        swu = tl.cast(swu, tl.int64)
+        swv = tl.cast(swv, tl.int64)
+        syh = tl.cast(syh, tl.int64)
+        syw = tl.cast(syw, tl.int64)
+    if IS_DX:
+        phase = b % (SH * SW)
+        b = b // (SH * SW)
+        ph = phase // SW
+        pw = phase % SW
+        rh = ph + PH
+        rw = pw + PW
+        u0 = ((rh // GH) * INV_H) % (SH // GH)
+        v0 = ((rw // GW) * INV_W) % (SW // GW)
+        u_first = u0 + (TAPS_H - 1) * (SH // GH)
+        v_first = v0 + (TAPS_W - 1) * (SW // GW)
+        pad_h = (TAPS_H - 1) * (DH // GH) - (rh - u0 * DH) // SH
+        pad_w = (TAPS_W - 1) * (DW // GW) - (rw - v0 * DW) // SW
+    else:
+        ph = 0
+        pw = 0
+        u_first = 0
+        v_first = 0
+        pad_h = PH
+        pad_w = PW
+    return b, tile, ph, pw, u_first, v_first, pad_h, pad_w, sxh, sxw, swu, swv, syh, syw
+
+
+@triton.jit
 def _tap_sums(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     C, H, W, HO, WO, CG,
@@ -88,31 +133,10 @@ def _tap_sums(
     products are dropped by a select, never multiplied by a zero weight (0 * inf would poison the
     sum); a phase no tap reaches (g does not divide ph + p) is zero.
     """
-    pid0 = tl.program_id(0)
-    b = pid0 // TILES_PHASE
-    tile = pid0 % TILES_PHASE
-    if INDEX_64:
-        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
-        b = b.to(tl.int64)
-        sxh = tl.cast(sxh, tl.int64)
-        sxw = tl.cast(sxw, tl.int64)
-        swu = tl.cast(swu, tl.int64)
-        swv = tl.cast(swv, tl.int64)
-        syh = tl.cast(syh, tl.int64)
-        syw = tl.cast(syw, tl.int64)
+    b, tile, ph, pw, u_first, v_first, pad_h, pad_w, sxh, sxw, swu, swv, syh, syw = _program(
+        TILES_PHASE, PH, PW, sxh, sxw, swu, swv, syh, syw, SH, SW, DH, DW, IS_DX, TAPS_H, TAPS_W, GH, GW, INV_H, INV_W,
+        INDEX_64)
     if IS_DX:
-        phase = b % (SH * SW)
-        b = b // (SH * SW)
-        ph = phase // SW
-        pw = phase % SW
-        rh = ph + PH
-        rw = pw + PW
-        u0 = ((rh // GH) * INV_H) % (SH // GH)
-        v0 = ((rw // GW) * INV_W) % (SW // GW)
-        u_first = u0 + (TAPS_H - 1) * (SH // GH)
-        v_first = v0 + (TAPS_W - 1) * (SW // GW)
-        pad_h = (TAPS_H - 1) * (DH // GH) - (rh - u0 * DH) // SH
-        pad_w = (TAPS_W - 1) * (DW // GW) - (rw - v0 * DW) // SW
         U_STEP: tl.constexpr = -(SH // GH)
         V_STEP: tl.constexpr = -(SW // GW)
         SRC_SH: tl.constexpr = 1
@@ -122,12 +146,6 @@ def _tap_sums(
         OUT_SH: tl.constexpr = SH
         OUT_SW: tl.constexpr = SW
     else:
-        ph = 0
-        pw = 0
-        u_first = 0
-        v_first = 0
-        pad_h = PH
-        pad_w = PW
         U_STEP: tl.constexpr = 1
         V_STEP: tl.constexpr = 1
         SRC_SH: tl.constexpr = SH
@@ -234,32 +252,16 @@ def _row_walk(
     complete: stored, and the window shifts. Source rows outside the image are skipped, not loaded
     as zeros. The loop body stays small (fast to compile) while every loaded element serves up to
     TAPS_H * min(P, TAPS_W) multiply-adds.
+
+    Every output row must read at least one source row (the launcher checks: _rows_reached), so the
+    walk is the kernel's one loop: rows of bias alone would need loops of their own, which ptxas
+    unrolls or not depending on the tile, and the static model could no longer tell which SASS loop
+    the declared trip counts belong to.
     """
-    pid0 = tl.program_id(0)
-    b = pid0 // TILES_PHASE
-    tile = pid0 % TILES_PHASE
-    if INDEX_64:
-        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
-        b = b.to(tl.int64)
-        sxh = tl.cast(sxh, tl.int64)
-        sxw = tl.cast(sxw, tl.int64)
-        swu = tl.cast(swu, tl.int64)
-        swv = tl.cast(swv, tl.int64)
-        syh = tl.cast(syh, tl.int64)
-        syw = tl.cast(syw, tl.int64)
+    b, tile, ph, pw, u_first, v_first, pad_h, pad_w, sxh, sxw, swu, swv, syh, syw = _program(
+        TILES_PHASE, PH, PW, sxh, sxw, swu, swv, syh, syw, SH, SW, DH, DW, IS_DX, TAPS_H, TAPS_W, GH, GW, INV_H, INV_W,
+        INDEX_64)
     if IS_DX:
-        phase = b % (SH * SW)
-        b = b // (SH * SW)
-        ph = phase // SW
-        pw = phase % SW
-        rh = ph + PH
-        rw = pw + PW
-        u0 = ((rh // GH) * INV_H) % (SH // GH)
-        v0 = ((rw // GW) * INV_W) % (SW // GW)
-        u_first = u0 + (TAPS_H - 1) * (SH // GH)
-        v_first = v0 + (TAPS_W - 1) * (SW // GW)
-        pad_h = (TAPS_H - 1) - (rh - u0 * DH) // SH
-        pad_w = (TAPS_W - 1) * (DW // GW) - (rw - v0 * DW) // SW
         U_STEP: tl.constexpr = -(SH // GH)
         V_STEP: tl.constexpr = -(SW // GW)
         SRC_SW: tl.constexpr = 1
@@ -267,12 +269,6 @@ def _row_walk(
         OUT_SH: tl.constexpr = SH
         OUT_SW: tl.constexpr = SW
     else:
-        ph = 0
-        pw = 0
-        u_first = 0
-        v_first = 0
-        pad_h = PH
-        pad_w = PW
         U_STEP: tl.constexpr = 1
         V_STEP: tl.constexpr = 1
         SRC_SW: tl.constexpr = SW
@@ -327,9 +323,10 @@ def _row_walk(
     t_last = tl.minimum(row_end - 1 - pad_h + TAPS_H - 1, H - 1)
     src_lane = x_ptr + b * sxb + c2 * sxc + w_first * sxw
     y_lane = y_ptr + b * syb + c2 * syc + (col0 * OUT_SW + pw) * syw
+    # Each output row's sum starts from the bias (no add per stored element).
     window = ()
     for k in tl.static_range(TAPS_H * P):
-        window = window + (zero,)
+        window = window + (bias,)
     for t in range(t_first, t_last + 1):
         if INDEX_64:
             t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
@@ -355,43 +352,29 @@ def _row_walk(
                 new = new + (acc,)
         # Slot TAPS_H - 1 (output row t + pad_h - TAPS_H + 1) has all its taps: store it, shift the window.
         i = t + pad_h - (TAPS_H - 1)
-        _store_row(y_lane, new, (TAPS_H - 1) * P, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+        _store_row(y_lane, new, (TAPS_H - 1) * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P, OUT_SW,
                    PHASE_MAY_BE_EMPTY)
         window = ()
         for p in tl.static_range(P):
-            window = window + (zero,)
+            window = window + (bias,)
         for k in tl.static_range((TAPS_H - 1) * P):
             window = window + (new[k],)
     # Rows whose last taps read past the image: slot a holds output row t_last + 1 + pad_h - a.
     for a in tl.static_range(1, TAPS_H):
         i = t_last + 1 + pad_h - a
-        _store_row(y_lane, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
+        _store_row(y_lane, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P, OUT_SW,
                    PHASE_MAY_BE_EMPTY)
-    # Rows of the run no source row reaches (padding wider than the taps): the bias alone.
-    for i in range(row0, tl.minimum(row_end, t_first + pad_h - (TAPS_H - 1))):
-        if INDEX_64:
-            i = tl.cast(i, tl.int64)
-        _store_row(y_lane, window, 0, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
-                   PHASE_MAY_BE_EMPTY, True)
-    for i in range(tl.maximum(row0, t_last + pad_h + 1), row_end):
-        if INDEX_64:
-            i = tl.cast(i, tl.int64)
-        _store_row(y_lane, window, 0, i, row0, row_end, OUT_SH, ph, syh, syw, bias, outs_ok, live, P, OUT_SW,
-                   PHASE_MAY_BE_EMPTY, True)
 
 
 @triton.jit
-def _store_row(y_lane, window, first, i, row0, row_end, OUT_SH: tl.constexpr, ph, syh, syw, bias, outs_ok, live,
-               P: tl.constexpr, OUT_SW: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr, BIAS_ONLY: tl.constexpr = False):
-    """Store output row ``i`` (window[first:first + P] + bias, or the bias alone) when it lies in this run."""
+def _store_row(y_lane, window, first, i, row0, row_end, OUT_SH: tl.constexpr, ph, syh, syw, outs_ok, live,
+               P: tl.constexpr, OUT_SW: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr):
+    """Store output row ``i`` (window[first:first + P], bias included) when it lies in this run."""
     i = tl.zeros(live.shape, dtype=tl.int32) + i  # a tensor: the interpreter's scalars make unreadable masks
     row_ok = (i >= row0) & (i < row_end)
     y_row = y_lane + (i * OUT_SH + ph) * syh
     for p in tl.static_range(P):
-        if BIAS_ONLY:
-            acc = bias
-        else:
-            acc = window[first + p] + bias
+        acc = window[first + p]
         if PHASE_MAY_BE_EMPTY:
             acc = tl.where(live, acc, 0.0)
         tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=outs_ok[p] & row_ok)
@@ -579,7 +562,7 @@ def handles(weight: torch.Tensor, config: dict | None) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
-                 input_grad: bool) -> dict:
+                 input_grad: bool, dtype_bytes: int) -> dict:
     """Tile over ``height x width`` output pixels of one program set.
 
     walk (_row_walk): P output columns per thread, the window of K*P accumulators and the K*K held
@@ -593,8 +576,9 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
     rows = (1,) if walk else range(1, min(4, height) + 1)
     for s in rows:
         # The channels_last input gradient's phase arithmetic costs a few registers more: P = 7 at
-        # K = 7 spilled 8 bytes in 16-bit with triton 3.9's ptxas for sm_80 (dynconv inspect).
-        budget = 42 if input_grad and channels_last else 49
+        # K = 7 spilled 8 bytes in 16-bit with triton 3.9's ptxas for sm_80 (dynconv inspect); fp32
+        # needs no unpacking registers and keeps P = 7 (P = 6 pads 56 columns to 60).
+        budget = 42 if input_grad and channels_last and dtype_bytes != 4 else 49
         cap = max(1, budget // K) if walk else max(1, 64 // (s * K * K))
         for p in range(1, min(8, width, cap) + 1):
             for warps in (1, 2, 4):
@@ -629,9 +613,9 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
 
 
 def taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
-                input_grad: bool = False) -> dict:
+                input_grad: bool = False, dtype_bytes: int = 0) -> dict:
     """The forward's (input gradient's) own tile over ``height x width`` output (input) pixels (a copy)."""
-    return dict(_taps_config(B, C, height, width, K, channels_last, walk, input_grad))
+    return dict(_taps_config(B, C, height, width, K, channels_last, walk, input_grad, dtype_bytes))
 
 
 def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
@@ -639,32 +623,26 @@ def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
     return dilation // math.gcd(stride, dilation) == 1 if input_grad else stride == 1 and dilation == 1
 
 
-def _problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
-    # The fields of involution.problem_key (the tuning spaces key both kernels' tables with it).
-    B, C, H, W = x.shape
-    return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
-            "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
-
-
 def forward_default(x, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
     """The forward's own tile (a copy)."""
-    return taps_config(x.shape[0], x.shape[1], Ho, Wo, K, is_channels_last(x), _walks(stride[0], dilation[0], False))
+    return taps_config(x.shape[0], x.shape[1], Ho, Wo, K, is_channels_last(x), _walks(stride[0], dilation[0], False),
+                       False, x.element_size())
 
 
 def input_grad_default(dx, K: int, stride, dilation) -> dict:
     """The input gradient's own tile over the pixels of one stride phase (a copy)."""
     B, C, H, W = dx.shape
     return taps_config(B, C, cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx),
-                       _walks(stride[0], dilation[0], True), True)
+                       _walks(stride[0], dilation[0], True), True, dx.element_size())
 
 
 def forward_config(x, G: int, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
     default = forward_default(x, K, stride, dilation, Ho, Wo)
-    return get_config("dwconv_fwd", _problem_key(x, G, K, stride), default)
+    return get_config("dwconv_fwd", problem_key(x, G, K, stride), default)
 
 
 def input_grad_config(dx, G: int, K: int, stride, dilation) -> dict:
-    return get_config("dwconv_bwd_input", _problem_key(dx, G, K, stride), input_grad_default(dx, K, stride, dilation))
+    return get_config("dwconv_bwd_input", problem_key(dx, G, K, stride), input_grad_default(dx, K, stride, dilation))
 
 
 def _grid(rows: int, C: int, block_c: int) -> tuple[int, int, int]:
@@ -690,17 +668,39 @@ def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
     return g, step, pow(dilation // g, -1, step) if step > 1 else 0
 
 
-def _walking(config: dict, stride, dilation, input_grad: bool) -> bool:
+def _rows_reached(source_rows: int, out_rows: int, stride: int, padding: int, dilation: int, K: int,
+                  input_grad: bool) -> bool:
+    """Whether every output row of every program set reads at least one source row through the walk's
+    taps (_row_walk stores a row only from the step of a source row it reads). Not so when the padding
+    is wider than the taps: those rows are the bias alone, and _tap_sums writes them."""
+    if not input_grad:
+        return padding <= K - 1 and out_rows <= source_rows + padding
+    g, step, inverse = _phase_taps(stride, dilation)
+    taps = cdiv(K, step)
+    for ph in range(stride):
+        r = ph + padding
+        u0 = ((r // g) * inverse) % step
+        pad = (taps - 1) * (dilation // g) - (r - u0 * dilation) // stride
+        rows = cdiv(out_rows - ph, stride)
+        # Output row i reads source rows i - pad .. i - pad + taps - 1.
+        if rows > 0 and (pad > taps - 1 or rows > source_rows + pad):
+            return False
+    return True
+
+
+def _walking(config: dict, stride, padding, dilation, source_rows: int, out_rows: int, K: int, input_grad: bool) -> bool:
     """Whether a launch walks: the config asks for it (RUN) and the geometry allows it. Tuned tables
-    key no dilation, so a walking config can meet a dilated layer: it then takes _tap_sums."""
-    return bool(config["RUN"]) and _walks(stride[0], dilation[0], input_grad)
+    key no dilation, so a walking config can meet a dilated layer: it then takes _tap_sums, as a
+    layer whose padding leaves output rows that read no source row."""
+    return (bool(config["RUN"]) and _walks(stride[0], dilation[0], input_grad)
+            and _rows_reached(source_rows, out_rows, stride[0], padding[0], dilation[0], K, input_grad))
 
 
 def _walk_loops(walk: bool, config: dict, source_rows: int, K: int) -> tuple:
-    """Trip counts of _row_walk's loops (source rows of a run; the bias-only rows, none at usual paddings)."""
+    """Trip counts of _row_walk's one loop (the source rows of a run)."""
     if not walk:
         return ()
-    return (min(config["RUN"] + K - 1, source_rows), 0, 0)
+    return (min(config["RUN"] + K - 1, source_rows),)
 
 
 def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
@@ -708,7 +708,7 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     CG, K = C // weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     config = config or forward_config(x, weight.shape[1], K, stride, dilation, Ho, Wo)
-    walk = _walking(config, stride, dilation, False)
+    walk = _walking(config, stride, padding, dilation, H, Ho, K, False)
     tiles, tiles_w = _tiles(config, Ho, Wo, walk)
     bias_strides = bias.stride() if bias is not None else (0, 0)
     args = dict(
@@ -733,7 +733,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     config = config or input_grad_config(dx, weight.shape[1], K, stride, dilation)
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     phases = stride[0] * stride[1]
-    walk = _walking(config, stride, dilation, True)
+    walk = _walking(config, stride, padding, dilation, Ho, H, K, True)
     tiles, tiles_w = _tiles(config, cdiv(H, stride[0]), cdiv(W, stride[1]), walk)
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx, C=C, H=Ho, W=Wo, HO=H, WO=W, CG=CG,

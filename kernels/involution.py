@@ -24,6 +24,7 @@ import triton.language as tl
 
 from . import dynamic_dwconv as dwconv
 from . import involution_nchw
+from ._keys import problem_key
 from ._launch import (INT32_MAX, Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64,
                       next_power_of_2, planned)
 from .configs import get_config
@@ -878,14 +879,6 @@ def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, ele
                per_pixel: bool = True, strips: bool = True) -> dict:
     """The forward's and input gradient's own tile over ``height x width`` output (input) pixels (a copy)."""
     return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel, strips))
-
-
-def problem_key(x: torch.Tensor, G: int, K: int, stride) -> dict:
-    """What the tuned configuration depends on (the autotuner buckets these)."""
-    B, C, H, W = x.shape
-    # Both stride components: a (1, 2) layer must not take a (1, 1) layer's tiles.
-    return {"B": B, "C": C, "G": G, "H": H, "W": W, "K": K, "stride_h": stride[0], "stride_w": stride[1],
-            "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
 
 
 def _acc_dtype(dtype: torch.dtype):

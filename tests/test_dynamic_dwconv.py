@@ -3,8 +3,9 @@
 Outputs are NaN-poisoned first, so an element a kernel forgets to write fails. Shapes are tiny
 (the interpreter); the cases reach both kernel forms (the row walk: row stride and dilation 1 in the
 forward and weight gradient, a phase's rows one dy row apart in the input gradient; the unrolled tap
-sum otherwise), stride phases with a tap fewer or none, K larger than the image, padding wider than
-the taps, runs split across programs, and several persistent partials.
+sum otherwise, as where some output row reads no source row), stride phases with a tap fewer or none,
+K larger than the image, padding wider than the taps, runs split across programs, and several
+persistent partials.
 """
 import pytest
 import torch
@@ -20,8 +21,9 @@ CASES = [
     (1, 2, 2, 6, 7, 3, 2, 2, 2),   # stride 2, dilation 2: phases no tap reaches; unrolled dx
     (1, 2, 2, 3, 4, 7, 1, 3, 1),   # K > image
     (1, 4, 2, 4, 5, 3, 1, 4, 1),   # padding wider than the taps (bias-only rows), groups of two
+    (1, 2, 2, 9, 9, 3, 4, 0, 1),   # stride 4: dx rows that read no dy row (unrolled dx)
 ]
-IDS = ["walk", "s3", "s2d2", "K7-3x4", "pad4-G2"]
+IDS = ["walk", "s3", "s2d2", "K7-3x4", "pad4-G2", "s4-unread"]
 
 
 def _conv(x, w, bias, stride, padding, dilation):
@@ -113,3 +115,58 @@ def test_a_walking_config_meets_a_dilated_layer():
     assert not launch.meta["WALK"]
     launch()
     assert_close(y, expected, torch.float32, "y")
+
+
+def test_padding_wider_than_the_taps_takes_the_unrolled_sum():
+    """The walk stores only rows that read a source row: a layer whose padding leaves bias-only rows
+    (forward or input gradient) takes _tap_sums, so the walk keeps its one loop."""
+    x = torch.empty(1, 4, 4, 5, device="meta")
+    w = torch.empty(1, 2, 3, 3, device="meta")
+    y = torch.empty(1, 4, 10, 11, device="meta")
+    assert not dwconv.forward_launch(x, w, None, y, (1, 1), (4, 4), (1, 1)).meta["WALK"]
+    # Stride 4, K = 3, H = 9: dy has two rows, and dx row 8 (phase 0, third row) reads none of them.
+    x9, dy = torch.empty(1, 4, 9, 9, device="meta"), torch.empty(1, 4, 2, 2, device="meta")
+    assert not dwconv.backward_input_launch(dy, w, x9, (4, 4), (0, 0), (1, 1)).meta["WALK"]
+    assert dwconv.backward_input_launch(dy, w, torch.empty(1, 4, 8, 8, device="meta"), (4, 4), (0, 0), (1, 1)).meta["WALK"]
+    same = torch.empty(1, 4, 4, 5, device="meta")
+    for launch in (dwconv.forward_launch(x, w, None, same, (1, 1), (1, 1), (1, 1)),
+                   dwconv.backward_input_launch(same, w, x, (1, 1), (1, 1), (1, 1))):
+        assert launch.meta["WALK"] and len(launch.loops) == 1
+
+
+# Compiled in a subprocess (this process runs the interpreter): R4's input gradient, NCHW, with the
+# default tile and with P = 4, BLOCK_W = 16, the tile whose two bias-only loops ptxas once unrolled
+# into four, which the static model then read as an unrolled walk (a predicted 156%).
+_LOOP_PROBE = """
+import json, torch
+from dynconv import bounds
+from dynconv.kernels import dynamic_dwconv as dwconv
+B, C, H, K = 64, 256, 56, 7
+dy = torch.empty(B, C, H, H, device="meta")
+w = torch.empty(B, C, K, K, device="meta")
+out = []
+for tile in ({}, {"P": 4, "BLOCK_W": 16, "BLOCK_C": 2, "num_warps": 1}):
+    config = dwconv.input_grad_default(dy, K, (1, 1), (1, 1))
+    config.update(tile)
+    launch = dwconv.backward_input_launch(dy, w, dy, (1, 1), (3, 3), (1, 1), config)
+    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    counts = bounds.count(bounds._sass(launch.compile(90)), launch.loops, programs, launch.num_warps)
+    out.append(counts["warp_instructions"]["fma"] * 32 / (B * C * H * H * K * K))
+print(json.dumps(out))
+"""
+
+
+def test_the_static_model_reads_every_walk_tile(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "loop_probe.py"
+    script.write_text(_LOOP_PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # fp32 multiply-adds the model counts per useful one: at least all of them, padding lanes at most.
+    for ratio in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert 1.0 <= ratio < 1.3, ratio
