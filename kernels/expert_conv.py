@@ -801,14 +801,11 @@ def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixi
         return config
     tall = config["BLOCK_P"] == 128
     if dtype.itemsize == 2:
-        # Each gathered element feeds BLOCK_N columns of MMA, so the widest tile the registers hold at
-        # eight warps: 64 x 256 where a group has 256 output columns, else 256 pixels x 128 (PREDICTED
-        # on triton 3.6 against 64 x 128 / 128 x 128: E1 fwd bf16 NCHW 78% -> 95%, E1 dx 74% -> 94%,
-        # E2 fwd 78% -> 94%).
+        # Each gathered element feeds BLOCK_N columns of MMA: 64 x 256 where a group has 256 output
+        # columns (PREDICTED on triton 3.6 against 64 x 128: E1 fwd bf16 NCHW 78% -> 95%, E1 dx 74%
+        # -> 94%). 256 x 128 (E2 fwd 78% -> 94% on 3.6) and 128 x 128 x 32 spill on sm_80 with 3.9.
         if cols >= 256:
             return {**config, "BLOCK_P": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2}
-        if tall and cols >= 128:
-            return {**config, "BLOCK_P": 256, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
     # 4-byte 64-pixel tiles at eight warps: at four a DRConv fwd spills on sm_80 with triton 3.9.
     return {**config, "BLOCK_N": _pow2_between(cols, 16, 128), "num_warps": 8 if tall or dtype.itemsize == 4 else 4,
             "num_stages": 3 if tall and dtype.itemsize == 2 else 2}
