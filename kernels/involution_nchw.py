@@ -60,6 +60,17 @@ def _lanes(BLOCKS, Wo, G, CHUNKS, CG, CH: tl.constexpr, STRIP: tl.constexpr, LAN
 
 
 @triton.jit
+def _channel_row(ptr, mask, sc: tl.constexpr, CH: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One row of CH channels (``ptr`` at the first, channel stride ``sc``) as a tuple in ACC_DTYPE,
+    zero where ``mask`` is off: the within-sample stride is a compile-time constant, so each channel's
+    address is an immediate offset."""
+    values = ()
+    for q in tl.static_range(CH):
+        values = values + (tl.load(ptr + q * sc, mask=mask, other=0.0).to(ACC_DTYPE),)
+    return values
+
+
+@triton.jit
 def involution_nchw_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     B, H, W, Ho, Wo, G, CG,
@@ -96,10 +107,7 @@ def involution_nchw_fwd_kernel(
         for h in tl.static_range(HALO):
             row = row_first + h
             ok = col_ok & (row >= 0) & (row < H)
-            xs = ()
-            for q in tl.static_range(CH):
-                # Within-sample strides are compile-time constants: each tap's address is an immediate offset.
-                xs = xs + (tl.load(x_halo + (h * sxh + q * sxc), mask=ok, other=0.0).to(ACC_DTYPE),)
+            xs = _channel_row(x_halo + h * sxh, ok, sxc, CH, ACC_DTYPE)
             new = ()
             for s in tl.static_range(STRIP):
                 # Strip row s reads halo row h through tap row u = (h - s*SH) / DH when that is a tap.
@@ -193,9 +201,7 @@ def involution_nchw_bwd_input_kernel(
         for k in tl.static_range(HALO):
             row = halo_first + k
             ok = col_ok & (row >= 0) & (row < Ho)
-            grads = ()
-            for q in tl.static_range(CH):
-                grads = grads + (tl.load(dy_col + (k * sdyh + q * sdyc), mask=ok, other=0.0).to(ACC_DTYPE),)
+            grads = _channel_row(dy_col + k * sdyh, ok, sdyc, CH, ACC_DTYPE)
             new = ()
             for s in tl.static_range(STRIP):
                 # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
@@ -277,9 +283,7 @@ def involution_nchw_bwd_weight_kernel(
             x_chunk = x_col + c * sxc
             for h in tl.static_range(HALO):
                 ok = col_ok & (row_first + h >= 0) & (row_first + h < H)
-                xs = ()
-                for q in tl.static_range(CH):
-                    xs = xs + (tl.load(x_chunk + (h * sxh + q * sxc), mask=ok, other=0.0).to(ACC_DTYPE),)
+                xs = _channel_row(x_chunk + h * sxh, ok, sxc, CH, ACC_DTYPE)
                 new = ()
                 for s in tl.static_range(STRIP):
                     for u in tl.static_range(KS):
