@@ -12,6 +12,10 @@ run-time loop (unrolled too, ptxas takes minutes). So:
 * an input row is loaded once per tap column and serves every (strip row, tap row) pair reading it;
 * row offsets and masks are scalars shared by the program, only the column offset is per lane.
 
+bf16 with even widths and strides takes the forward's pair variant (involution_nchw_fwd_pairs_kernel):
+two adjacent pixels per lane, x and the weights read as int32 pairs, each halo row converted once per
+pair of tap columns.
+
 The generic kernels of ``kernels/involution.py`` remain the fallback for what these do not cover
 (K > MAX_K, channels_last, per-sample weights). Kernels here know nothing of autograd.
 """
@@ -60,6 +64,17 @@ def _lanes(BLOCKS, Wo, G, CHUNKS, CG, CH: tl.constexpr, STRIP: tl.constexpr, LAN
 
 
 @triton.jit
+def _channel_row(ptr, mask, sc: tl.constexpr, CH: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One row of CH channels (``ptr`` at the first, channel stride ``sc``) as a tuple in ACC_DTYPE,
+    zero where ``mask`` is off: the within-sample stride is a compile-time constant, so each channel's
+    address is an immediate offset."""
+    values = ()
+    for q in tl.static_range(CH):
+        values = values + (tl.load(ptr + q * sc, mask=mask, other=0.0).to(ACC_DTYPE),)
+    return values
+
+
+@triton.jit
 def involution_nchw_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     B, H, W, Ho, Wo, G, CG,
@@ -96,10 +111,7 @@ def involution_nchw_fwd_kernel(
         for h in tl.static_range(HALO):
             row = row_first + h
             ok = col_ok & (row >= 0) & (row < H)
-            xs = ()
-            for q in tl.static_range(CH):
-                # Within-sample strides are compile-time constants: each tap's address is an immediate offset.
-                xs = xs + (tl.load(x_halo + (h * sxh + q * sxc), mask=ok, other=0.0).to(ACC_DTYPE),)
+            xs = _channel_row(x_halo + h * sxh, ok, sxc, CH, ACC_DTYPE)
             new = ()
             for s in tl.static_range(STRIP):
                 # Strip row s reads halo row h through tap row u = (h - s*SH) / DH when that is a tap.
@@ -122,6 +134,123 @@ def involution_nchw_fwd_kernel(
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + b * sbb + (c0 + q) * sbc).to(ACC_DTYPE)
             tl.store(y_chunk + (q * syc + s * syh), acc.to(y_ptr.dtype.element_ty), mask=j_ok & (i0 + s < Ho))
+
+
+@triton.jit
+def _halves(raw):
+    """The two bf16 of an int32 pair as fp32, the lower address first (a bf16 is an fp32's top half)."""
+    return (raw << 16).to(tl.float32, bitcast=True), (raw & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
+                   sxc: tl.constexpr, sxh: tl.constexpr, swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr,
+                   PW: tl.constexpr, KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
+                   DW: tl.constexpr, VG: tl.constexpr, CH: tl.constexpr, STRIP: tl.constexpr,
+                   BLOCK_W: tl.constexpr):
+    """accs plus the VG column taps v0 .. v0 + VG - 1 of every tap row (see involution_nchw_fwd_pairs_kernel)."""
+    PWE: tl.constexpr = PW + PW % 2
+    NW: tl.constexpr = (PWE - PW + SW + (VG - 1) * DW) // 2 + 1
+    HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    # Word t of this tap group covers columns col_first + v0*DW + 2t (+1); v0*DW is even (VG*DW even or v0 = 0).
+    cols = col_first + v0 * DW
+    words = x_words + v0 * DW // 2
+    word_ok = ()
+    for t in tl.static_range(NW):
+        word_ok = word_ok + (lane_ok & (cols + 2 * t >= 0) & (cols + 2 * t < W),)
+    w_taps = w_words + v0 * (swv // 2)
+    for h in tl.static_range(HALO):
+        row_ok = (row_first + h >= 0) & (row_first + h < H)
+        # The weights of every (strip row, tap, pixel) reading halo row h, held over the channels.
+        ws = ()
+        for s in tl.static_range(STRIP):
+            for v in tl.static_range(VG):
+                raw = tl.zeros((BLOCK_W,), dtype=tl.int32)  # strip rows not reading h: never used
+                if h >= s * SH:
+                    if (h - s * SH) % DH == 0:
+                        if (h - s * SH) // DH < KS:
+                            raw = tl.load(w_taps + ((h - s * SH) // DH * (swu // 2) + v * (swv // 2) + s * (swh // 2)),
+                                          mask=lane_ok & (i0 + s < Ho), other=0)
+                lo, hi = _halves(raw)
+                ws = ws + (lo, hi)
+        new = ()
+        for q in tl.static_range(CH):
+            xs = ()
+            for t in tl.static_range(NW):
+                raw = tl.load(words + (h * (sxh // 2) + q * (sxc // 2) + t), mask=word_ok[t] & row_ok, other=0)
+                lo, hi = _halves(raw)
+                xs = xs + (lo, hi)
+            for s in tl.static_range(STRIP):
+                for p in tl.static_range(2):
+                    acc = accs[(s * CH + q) * 2 + p]
+                    if h >= s * SH:
+                        if (h - s * SH) % DH == 0:
+                            if (h - s * SH) // DH < KS:
+                                for v in tl.static_range(VG):
+                                    acc = acc + ws[(s * VG + v) * 2 + p] * xs[PWE - PW + p * SW + v * DW]
+                    new = new + (acc,)
+        # Back to (s, q, p) order: the loop above appends in (q, s, p) order.
+        accs = ()
+        for s in tl.static_range(STRIP):
+            for q in tl.static_range(CH):
+                for p in tl.static_range(2):
+                    accs = accs + (new[(q * STRIP + s) * 2 + p],)
+    return accs
+
+
+@triton.jit
+def involution_nchw_fwd_pairs_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr,
+    B, H, W, Ho, Wo, G, CG,
+    sxb, swb, swg, sbb, sbc, syb,
+    ROW_TILES, CHUNKS,
+    sxc: tl.constexpr, sxh: tl.constexpr,
+    swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr,
+    syc: tl.constexpr, syh: tl.constexpr, syw: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr,
+    KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
+):
+    """involution_nchw_fwd_kernel for bf16, each lane owning two adjacent output pixels (columns
+    2*jj and 2*jj + 1) and x and the weights read as int32 pairs of bf16 along W (W, Wo and every
+    stride but the contiguous one even, so a pair never straddles a row or the image border).
+
+    The tap columns go by pairs (a run-time loop; an odd K's last column after it): a halo row of
+    one channel is loaded once per pair as the words covering the 2 + 1 columns both pixels read
+    through both taps (word t: columns col_first + 2t and + 1, col_first even), each converted once,
+    so the taps index a compile-time row. Fully unrolled taps would load each row once, but Triton's
+    coalescing pass then takes minutes on the kernel.
+    """
+    PWE: tl.constexpr = PW + PW % 2
+    b, g, c0, i0, jj = _lanes(ROW_TILES, Wo // 2, G, CHUNKS, CG, CH, STRIP, BLOCK_W, INDEX_64)
+    lane_ok = b < B
+    row_first = i0 * SH - PH
+    col_first = jj * (2 * SW) - PWE
+    # Offsets in int32 pairs: every stride is even (the launcher checks), so halving is exact.
+    x_words = (x_ptr + (b * sxb + c0 * sxc)).to(tl.pointer_type(tl.int32), bitcast=True) \
+        + (row_first * (sxh // 2) + col_first // 2)
+    w_words = (w_ptr + (b * swb + g * swg)).to(tl.pointer_type(tl.int32), bitcast=True) + (i0 * (swh // 2) + jj)
+    accs = ()
+    for _ in tl.static_range(STRIP * CH * 2):
+        accs = accs + (tl.zeros((BLOCK_W,), dtype=tl.float32),)
+    for v0 in range(0, KS - KS % 2, 2):
+        accs = _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
+                              sxc, sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, 2, CH, STRIP, BLOCK_W)
+    if KS % 2 == 1:
+        accs = _fwd_pair_taps(accs, x_words, w_words, KS - 1, lane_ok, i0, row_first, col_first, H, W, Ho,
+                              sxc, sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, 1, CH, STRIP, BLOCK_W)
+    y_pixels = y_ptr + b * syb + c0 * syc + i0 * syh + jj * (2 * syw)
+    for s in tl.static_range(STRIP):
+        ok = lane_ok & (i0 + s < Ho)
+        for q in tl.static_range(CH):
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + b * sbb + (c0 + q) * sbc).to(tl.float32)
+            for p in tl.static_range(2):
+                acc = accs[(s * CH + q) * 2 + p]
+                if HAS_BIAS:
+                    acc += bias
+                tl.store(y_pixels + (q * syc + s * syh + p * syw), acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -193,9 +322,7 @@ def involution_nchw_bwd_input_kernel(
         for k in tl.static_range(HALO):
             row = halo_first + k
             ok = col_ok & (row >= 0) & (row < Ho)
-            grads = ()
-            for q in tl.static_range(CH):
-                grads = grads + (tl.load(dy_col + (k * sdyh + q * sdyc), mask=ok, other=0.0).to(ACC_DTYPE),)
+            grads = _channel_row(dy_col + k * sdyh, ok, sdyc, CH, ACC_DTYPE)
             new = ()
             for s in tl.static_range(STRIP):
                 # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
@@ -277,9 +404,7 @@ def involution_nchw_bwd_weight_kernel(
             x_chunk = x_col + c * sxc
             for h in tl.static_range(HALO):
                 ok = col_ok & (row_first + h >= 0) & (row_first + h < H)
-                xs = ()
-                for q in tl.static_range(CH):
-                    xs = xs + (tl.load(x_chunk + (h * sxh + q * sxc), mask=ok, other=0.0).to(ACC_DTYPE),)
+                xs = _channel_row(x_chunk + h * sxh, ok, sxc, CH, ACC_DTYPE)
                 new = ()
                 for s in tl.static_range(STRIP):
                     for u in tl.static_range(KS):
@@ -307,6 +432,16 @@ def covers(x, weight, config=None) -> bool:
             and (config is None or "CH" in config))
 
 
+def _pairs(src, W: int, weight, Wo: int) -> bool:
+    """Whether the pair kernels read ``src`` (x or dy, ``W`` columns) and the weights (``Wo`` columns) as
+    int32 pairs of bf16 along W: both contiguous along W, every other stride and both widths even
+    (a pair never straddles a row), 4-byte aligned."""
+    if src.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or W % 2 or Wo % 2:
+        return False
+    return all(t.stride(-1) == 1 and t.data_ptr() % 4 == 0 and all(d % 2 == 0 for d in t.stride()[:-1])
+               for t in (src, weight))
+
+
 def _acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -324,13 +459,18 @@ def _chunk(CG: int, cap: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def nchw_config(CG: int, rows: int, element_size: int, kind: str) -> dict:
+def nchw_config(CG: int, rows: int, element_size: int, kind: str, pairs: bool = False) -> dict:
     """Default tile: 128 lanes along the flattened rows, each a strip of STRIP rows and CH channels of
     its group. Sizes as triton 3.6's ptxas keeps them in registers on sm_90 and sm_80 (AOT-checked):
     fp32 has headroom (HBM-bound); 16-bit data needs longer strips or wider chunks to
     amortise each loaded element, and dx and dw hold more per thread (dw: a tap column's K x STRIP
     sums, so narrow chunks)."""
-    if kind == "dw":
+    if pairs and kind == "fwd":
+        # Two pixels per lane: 8 channels x 4 rows x 2 sums fill sm_90's 255 registers (triton 3.6);
+        # 8 x 7 spills there.
+        ch = _chunk(CG, 8)
+        strip = 4 if ch > 4 else 8
+    elif kind == "dw":
         ch, strip = _chunk(CG, 4), 8
     elif kind == "fwd":
         # 6 rows: 5% faster in bf16 (PREDICTED) but fp16 spills on sm_80; fp32 at 4 x 8 went
@@ -367,11 +507,26 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     CG = C // G
+    pairs = _pairs(x, W, weight, Wo)
     config = config or get_config("involution_nchw_fwd", _key(x, G, K, stride),
-                                  nchw_config(CG, Ho, x.element_size(), "fwd"))
+                                  nchw_config(CG, Ho, x.element_size(), "fwd", pairs))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     chunks, row_tiles = CG // ch, cdiv(Ho, strip)
     bias_strides = bias.stride() if bias is not None else (0, 0)
+    if pairs:
+        args = dict(
+            x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
+            sxb=x.stride(0), swb=weight.stride(0), swg=weight.stride(1),
+            sbb=bias_strides[0], sbc=bias_strides[1], syb=y.stride(0), ROW_TILES=row_tiles, CHUNKS=chunks,
+        )
+        meta = dict(**_inner_strides("sx", x.select(3, 0), "ch"), **_inner_strides("sw", weight.select(5, 0), "uvh"),
+                    **_inner_strides("sy", y), PH=padding[0], PW=padding[1], KS=K, SH=stride[0], SW=stride[1],
+                    DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip, BLOCK_W=block_w, HAS_BIAS=bias is not None,
+                    INDEX_64=index_64)
+        # One run-time loop: the pairs of tap columns.
+        return Launch(involution_nchw_fwd_pairs_kernel, _grid_size(B * G * chunks * row_tiles * (Wo // 2), block_w),
+                      args, meta, config.get("num_warps", 4), config.get("num_stages", 1),
+                      loops=(K // 2,) if K // 2 > 1 else ())
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
         sxb=x.stride(0), swb=weight.stride(0), swg=weight.stride(1),

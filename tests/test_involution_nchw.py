@@ -138,3 +138,40 @@ def test_empty_tensors(shape):
     assert launch.name == "involution_nchw_bwd_weight_kernel"
     launch()
     assert torch.equal(dw, torch.zeros_like(dw))
+
+
+# bf16 with even widths: x (or dy) and the weights read as int32 pairs of pixels (the *_pairs kernels).
+PAIR_CASES = [
+    (2, 8, 6, 8, 3, 2, 1, 1, None),    # two samples, G < C, two chunks per group
+    (1, 4, 4, 6, 7, 2, 1, 1, None),    # K larger than the image, odd padding
+    (1, 2, 7, 8, 3, 1, 2, 1, None),    # stride 2, odd H
+    (1, 2, 6, 8, 3, 2, 1, 2, None),    # dilation 2, even padding
+    (1, 2, 5, 8, 4, 1, 2, 1, 1),       # even K, stride 2, padding 1
+    (1, 2, 5, 6, 5, 1, 1, 1, None),    # even padding at stride 1
+    (1, 4, 3, 4, 1, 2, 1, 1, None),    # K = 1: no tap pair, only the last column
+]
+PAIR_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}" for c in PAIR_CASES]
+
+
+@pytest.mark.parametrize("case", PAIR_CASES, ids=PAIR_IDS)
+def test_pair_kernels_forward_input_and_weight_gradients(case):
+    (x64, w64, dy64, y64), geometry = _problem(case, torch.bfloat16)
+    dtype = torch.bfloat16
+    x, w, dy = (t.detach().to(dtype) for t in (x64, w64, dy64))
+    CG = x.shape[1] // w.shape[1]
+    config = {"CH": nchw._chunk(CG, 2), "STRIP": 3, "BLOCK_W": 32, "num_warps": 1}
+    y = torch.empty(y64.shape, dtype=dtype)
+    dx = torch.empty(x.shape, dtype=dtype)
+    dw = torch.empty(w.shape, dtype=dtype)
+    launches = (kernels.forward_launch(x, w, None, y, *geometry, config),
+                kernels.backward_input_launch(dy, w, dx, *geometry, config),
+                kernels.backward_weight_launch(dy, x, dw, *geometry, True, config))
+    assert launches[0].name == "involution_nchw_fwd_pairs_kernel"
+    for launch in launches:
+        launch()
+    x64r, w64r, dy64r = (t.detach().to(dtype).double().requires_grad_(True) for t in (x64, w64, dy64))
+    y_ref = involution_unfold(x64r, w64r, None, *geometry)
+    y_ref.backward(dy64r)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(dx, x64r.grad, dtype, "dx")
+    assert_close(dw, w64r.grad, dtype, "dw")
