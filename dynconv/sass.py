@@ -143,7 +143,9 @@ def loops(instructions: list[Instruction]) -> list[Loop]:
     Top-level loops and each loop's children come in address order, which is the source order of
     the ``for`` statements for the straight-line code triton emits.
     """
-    last_exit = max((ins.addr for ins in instructions if ins.base == "EXIT"), default=None)
+    # Only an unconditional EXIT ends the straight-line code: a loop's tail may hold ``@!P EXIT``.
+    last_exit = max((ins.addr for ins in instructions if ins.base == "EXIT" and ins.predicate in ("", "@PT")),
+                    default=None)
 
     def returns_from_cold_code(ins: Instruction) -> bool:
         # ptxas places the divergent slow path of a warp reduction (reached by ``BRA.DIV``) after

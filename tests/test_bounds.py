@@ -75,6 +75,7 @@ COLD_PATH = """
         /*0030*/                   SHFL.BFLY PT, R9, R8, 0x1, 0x1f ;       /* 0x0 */
         /*0040*/                   FADD R8, R8, R9 ;                       /* 0x0 */
         /*0050*/               @P0 BRA 0x10 ;                              /* 0x0 */
+        /*0058*/              @!P1 EXIT ;                                  /* 0x0 */
         /*0060*/                   EXIT ;                                  /* 0x0 */
         /*0070*/                   WARPSYNC.COLLECTIVE R95, 0x80 ;         /* 0x0 */
         /*0080*/                   BRA 0x40 ;                              /* 0x0 */
@@ -89,6 +90,15 @@ def test_a_jump_back_from_cold_code_after_exit_closes_no_loop():
     counts = dict(zip((i.addr for i in instructions), sass.execution_counts(instructions, forest, (6,))))
     assert counts[0x10] == 6 and counts[0x40] == 6 and counts[0x60] == 1
     assert counts[0x70] == 0 and counts[0x80] == 0
+    # A conditional EXIT inside a loop's tail does not end the loop: its back edge still closes it.
+    tail = sass.parse("""
+        /*0000*/                   S2R R0, SR_TID.X ;                      /* 0x0 */
+        /*0010*/                   FFMA R8, R4, R5, R8 ;                   /* 0x0 */
+        /*0020*/              @!P6 EXIT ;                                  /* 0x0 */
+        /*0030*/                   BRA 0x10 ;                              /* 0x0 */
+        /*0040*/                   BRA 0x40;                               /* 0x0 */
+""")
+    assert [(loop.start, loop.end) for loop in sass.loops(tail)] == [(0x10, 0x30)]
 
 
 def test_count_turns_instructions_into_pipe_times():
