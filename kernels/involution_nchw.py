@@ -508,7 +508,7 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
     Ho, Wo = y.shape[2], y.shape[3]
     CG = C // G
     pairs = _pairs(x, W, weight, Wo)
-    config = config or get_config("involution_nchw_fwd", _key(x, G, K, stride),
+    config = config or get_config("involution_nchw_fwd_pairs" if pairs else "involution_nchw_fwd", _key(x, G, K, stride),
                                   nchw_config(CG, Ho, x.element_size(), "fwd", pairs))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     chunks, row_tiles = CG // ch, cdiv(Ho, strip)

@@ -158,30 +158,64 @@ def _tuning_spec_for_key(kernel: str):
 
 
 # The NCHW per-pixel kernels (kernels/involution_nchw.py): tuned under their own names, on NCHW only.
-_NCHW_KERNELS = {"involution_nchw_fwd": "involution_fwd", "involution_nchw_bwd_input": "involution_bwd_input",
-                 "involution_nchw_bwd_weight": "involution_bwd_weight"}
+# The key holds the element width, not the 16-bit format, and bf16 at even widths runs the forward's
+# pair kernel (half the channels' sums fill the registers): that kernel has its own table, timed in
+# bfloat16, and the single-pixel forward is timed in float16 whatever the sweep's 16-bit dtype.
+_NCHW_KERNELS = {"involution_nchw_fwd": "involution_fwd", "involution_nchw_fwd_pairs": "involution_fwd",
+                 "involution_nchw_bwd_input": "involution_bwd_input", "involution_nchw_bwd_weight": "involution_bwd_weight"}
+_NCHW_KIND = {"involution_nchw_fwd": "fwd", "involution_nchw_fwd_pairs": "fwd", "involution_nchw_bwd_input": "dx",
+              "involution_nchw_bwd_weight": "dw"}
 
 
-def _nchw_problems(quick: bool) -> list:
-    rednet, dwnet = (_REDNET[1:2], _DWNET[1:2]) if quick else (_REDNET, _DWNET)
-    shapes = [(f"{label} involution", "involution", C, C // 16, H, s) for label, C, H, s in rednet]
-    shapes += [(f"{label} inhomogeneous", "dwconv", C, C, H, s) for label, C, H, s in dwnet]
-    return [Problem(f"{label} NCHW", op, dict(B=32, C=C, G=G, H=H, W=H, K=7, stride=s, per_pixel=True, bias=False,
-                                              channels_last=False))
-            for label, op, C, G, H, s in shapes]
+def _nchw_problems(kernel: str):
+    def problems(quick: bool) -> list:
+        rednet, dwnet = (_REDNET[1:2], _DWNET[1:2]) if quick else (_REDNET, _DWNET)
+        shapes = [(f"{label} involution", "involution", C, C // 16, H, s) for label, C, H, s in rednet]
+        shapes += [(f"{label} inhomogeneous", "dwconv", C, C, H, s) for label, C, H, s in dwnet]
+        if kernel == "involution_nchw_fwd_pairs":  # pairs need even widths in and out
+            shapes = [shape for shape in shapes if shape[4] % 2 == 0 and _out(shape[4], shape[5]) % 2 == 0]
+        return [Problem(f"{label} NCHW", op, dict(B=32, C=C, G=G, H=H, W=H, K=7, stride=s, per_pixel=True,
+                                                  bias=False, channels_last=False))
+                for label, op, C, G, H, s in shapes]
+    return problems
+
+
+def _nchw_dtype(kernel: str, dtype):
+    """The dtype a kernel is timed in: float16 for any 16-bit request (bf16 would run the pair
+    kernel); the pair kernel runs on bf16 only, so it is timed in bf16 whatever was asked (the sweep
+    drops the repeated keys)."""
+    if kernel == "involution_nchw_fwd_pairs":
+        return torch.bfloat16
+    return torch.float16 if dtype.itemsize == 2 else dtype
+
+
+def _nchw_inputs(kernel: str):
+    def inputs(spec: dict, dtype, device) -> dict:
+        return _tuning_inputs(spec, _nchw_dtype(kernel, dtype), device)
+    return inputs
+
+
+def _nchw_spec_for_key(kernel: str):
+    def spec_for_key(key: dict):
+        spec, dtype = _tuning_spec_for_key(_NCHW_KERNELS[kernel])(key)
+        return spec, _nchw_dtype(kernel, dtype)
+    return spec_for_key
 
 
 def _nchw_default(kernel: str):
     def default(spec: dict, ts: dict) -> dict:
-        kind = {"involution_nchw_fwd": "fwd", "involution_nchw_bwd_input": "dx", "involution_nchw_bwd_weight": "dw"}[kernel]
+        kind = _NCHW_KIND[kernel]
         rows = -(-ts["dx"].shape[2] // _strides(spec)[0]) if kind == "dx" else ts["y"].shape[2]
-        return nchw.nchw_config(spec["C"] // spec["G"], rows, ts["x"].element_size(), kind)
+        # The launcher's own default: bf16 at even widths runs the pair kernel, whose sums fill the
+        # registers at half the channels (and so bound the candidates at half the sums).
+        pairs = kind == "fwd" and spec["per_pixel"] and nchw._pairs(ts["x"], ts["x"].shape[3], ts["w"], ts["y"].shape[3])
+        return nchw.nchw_config(spec["C"] // spec["G"], rows, ts["x"].element_size(), kind, pairs)
     return default
 
 
 def _nchw_candidates(kernel: str):
     def candidates(key: dict, quick: bool) -> list[dict]:
-        spec, dtype = _tuning_spec_for_key(kernel)(key)
+        spec, dtype = _nchw_spec_for_key(kernel)(key)
         default = _nchw_default(kernel)(spec, _tuning_inputs(spec, dtype, "meta"))
         CG = key["C"] // key["G"]
         chunks = [d for d in (1, 2, 3, 4, 6, 8, 12, 16) if CG % d == 0]
@@ -210,9 +244,9 @@ def autotune_space() -> dict:
         for name in _TUNED_KERNELS}
     for name, generic in _NCHW_KERNELS.items():
         spaces[name] = KernelSpace(
-            problems=_nchw_problems, inputs=_tuning_inputs, launch=_tuning_launch(generic), key=_tuning_key,
+            problems=_nchw_problems(name), inputs=_nchw_inputs(name), launch=_tuning_launch(generic), key=_tuning_key,
             default=_nchw_default(name), candidates=_nchw_candidates(name),
-            spec_for_key=_tuning_spec_for_key(generic), exact=_EXACT)
+            spec_for_key=_nchw_spec_for_key(name), exact=_EXACT)
     return spaces
 
 

@@ -235,6 +235,16 @@ def test_nchw_per_pixel_launcher_uses_its_own_tuned_config(gpu):
     assert launch.name == "involution_nchw_fwd_kernel"
     assert {k: launch.meta[k] for k in ("CH", "STRIP", "BLOCK_W")} == {"CH": 4, "STRIP": 2, "BLOCK_W": 64}
     assert launch.num_warps == 2
+    # bf16 at even widths runs the pair kernel: not the single-pixel kernel's row (same key), its own.
+    xb, wb = x.to(torch.bfloat16), w.to(torch.bfloat16)
+    with pytest.warns(configs.ConfigWarning, match="dynconv autotune"):  # a file without the pair table
+        launch = inv.forward_launch(xb, wb, None, torch.empty_like(xb), (1, 1), (3, 3), (1, 1))
+    assert launch.name == "involution_nchw_fwd_pairs_kernel" and launch.meta["CH"] != 4
+    pairs_tuned = {"CH": 2, "STRIP": 4, "BLOCK_W": 64, "num_warps": 2, "num_stages": 1}
+    write(user, table_file([(key, pairs_tuned)], kernel="involution_nchw_fwd_pairs"))
+    configs.clear_cache()
+    launch = inv.forward_launch(xb, wb, None, torch.empty_like(xb), (1, 1), (3, 3), (1, 1))
+    assert {k: launch.meta[k] for k in ("CH", "STRIP", "BLOCK_W")} == {"CH": 2, "STRIP": 4, "BLOCK_W": 64}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,13 +465,44 @@ def test_nchw_involution_kernels_look_up_the_key_they_are_tuned_under():
 
     x = torch.empty((8, 48, 32, 32), device="meta", dtype=torch.bfloat16)
     assert involution_nchw._key(x, 4, 7, (1, 2)) == inv.problem_key(x, 4, 7, (1, 2))
-    for name in ("involution_nchw_fwd", "involution_nchw_bwd_input", "involution_nchw_bwd_weight"):
+    for name in ("involution_nchw_fwd", "involution_nchw_fwd_pairs", "involution_nchw_bwd_input",
+                 "involution_nchw_bwd_weight"):
         space = configs.spaces()[name]
         key = inv.problem_key(x, 4, 7, (1, 1))
         candidates = space.candidates(key, False)
         spec, dtype = space.spec_for_key(key)
         assert candidates[0] == space.default(spec, space.inputs(spec, dtype, "meta"))
         assert all(12 % c["CH"] == 0 and c["BLOCK_W"] == 32 * c["num_warps"] for c in candidates)
+
+
+def test_nchw_involution_tuning_default_is_the_launchers_default():
+    """bf16 at even widths runs the forward's pair kernel, whose default halves the channels: it is
+    tuned under its own name, in bf16, and each table's baseline (and bound on the candidates' sums)
+    is the default of the kernel that runs."""
+    from dynconv.kernels import involution_nchw
+
+    for dtype, width, name in ((torch.bfloat16, 32, "involution_nchw_fwd_pairs"), (torch.bfloat16, 31, "involution_nchw_fwd"),
+                               (torch.float16, 32, "involution_nchw_fwd"), (torch.float32, 32, "involution_nchw_fwd")):
+        x = torch.empty((8, 64, 32, width), device="meta", dtype=dtype)
+        w = torch.empty((8, 4, 7, 7, 32, width), device="meta", dtype=dtype)
+        launch = involution_nchw.forward_launch(x, w, None, torch.empty_like(x), (1, 1), (3, 3), (1, 1), False)
+        assert launch.name == ("involution_nchw_fwd_pairs_kernel" if name.endswith("pairs") else "involution_nchw_fwd_kernel")
+        space = configs.spaces()[name]
+        key = inv.problem_key(x, 4, 7, (1, 1))
+        spec, timed = space.spec_for_key(key)
+        ts = space.inputs(spec, timed, "meta")
+        assert space.launch(spec, ts, space.default(spec, ts)).name == launch.name, (dtype, width)
+        default = space.default(spec, ts)
+        assert (launch.meta["CH"], launch.meta["STRIP"]) == (default["CH"], default["STRIP"]), (dtype, width)
+        assert all(c["CH"] * c["STRIP"] <= default["CH"] * default["STRIP"] for c in space.candidates(key, False))
+    # The pair table's problems all run the pair kernel; a float32 request times it once, in bf16.
+    from dynconv.autotune import build_grid
+
+    cases = build_grid({"involution_nchw_fwd_pairs": configs.spaces()["involution_nchw_fwd_pairs"]}, None,
+                       ["float16", "bfloat16", "float32"], quick=False)
+    assert cases and {case.dtype for case in cases} == {"bfloat16"}
+    assert len({(case.label, tuple(case.key.items())) for case in cases}) == len(cases)
+    assert all(case.spec["W"] % 2 == 0 for case in cases)
 
 
 def test_expert_conv_keys_on_both_stride_components():
