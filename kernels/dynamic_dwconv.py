@@ -18,6 +18,7 @@ compile-time constants: every tap is unrolled and no tap index is computed at ru
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -581,8 +582,11 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
         budget = 42 if input_grad and channels_last and dtype_bytes != 4 else 49
         cap = max(1, budget // K) if walk else max(1, 64 // (s * K * K))
         for p in range(1, min(8, width, cap) + 1):
-            for warps in (1, 2, 4):
-                block_c = min(next_power_of_2(C), 32 if channels_last else max(1, 32 // next_power_of_2(cdiv(width, p))))
+            # NCHW: at least the channels that fill a warp's lanes along one row; the walk also tries
+            # more channels and fewer lanes along W (lanes P columns apart share fewer sectors).
+            fill = min(next_power_of_2(C), 32 if channels_last else max(1, 32 // next_power_of_2(cdiv(width, p))))
+            widths = (fill,) if channels_last or not walk else tuple(c for c in (1, 2, 4, 8, 16, 32) if fill <= c <= max(fill, min(32, next_power_of_2(C))))
+            for block_c, warps in itertools.product(widths, (1, 2, 4)):
                 lanes = 32 * warps // block_c
                 if lanes < 1:
                     continue
@@ -598,7 +602,14 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
                     # Issue per output: a multiply-add per tap plus about four instructions (load,
                     # mask, convert, address) per loaded element, shared by the taps that read it.
                     cost = padded * (1 + 4 * halo)
-                    score = (round(cost), -warps, -block_w)
+                    if walk and not channels_last:
+                        # NCHW walk: lanes P columns apart load scalars, and L1 can bind before issue.
+                        # Both fitted to the static model's bounds of triton 3.6's sm_90 SASS at R4
+                        # NCHW fp32 over eight tiles (within 5% issue, 10% L1): issue ~ 1 + 1.14 halo,
+                        # L1 ~ the 32-byte sectors one warp-wide load touches.
+                        cost = padded * max(1 + 1.14 * halo, 0.059 * _nchw_sectors(block_c, block_w, p, dtype_bytes or 4))
+                    # On a tie, the fewest channels a program (the narrowest tile), then the most warps.
+                    score = (round(cost), block_c, -warps, -block_w)
                     if best is None or score < best[0]:
                         best = (score, {"BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w, "S": s, "P": p,
                                         "num_warps": warps, "num_stages": 1})
@@ -610,6 +621,15 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
     else:
         config["RUN"] = 0
     return config
+
+
+def _nchw_sectors(block_c: int, block_w: int, p: int, nbytes: int) -> float:
+    """32-byte sectors one warp's load of a row element touches in NCHW: lanes along W (W-fastest),
+    P columns apart, the rest of the warp on other channels' rows; averaged over the row's alignment."""
+    along_w = min(block_w, 32)
+    offsets = range(0, 32, nbytes)
+    distinct = sum(len({(o + lane * p * nbytes) // 32 for lane in range(along_w)}) for o in offsets) / len(offsets)
+    return 32 // along_w * distinct
 
 
 def taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
@@ -759,9 +779,9 @@ def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict |
             and (config is None or "P" in config))
 
 
-def weight_grad_default(B: int, C: int, Ho: int, Wo: int, K: int, channels_last: bool) -> dict:
+def weight_grad_default(B: int, C: int, Ho: int, Wo: int, K: int, channels_last: bool, dtype_bytes: int = 0) -> dict:
     """The forward's walking tile (P columns of one channel per thread, runs of RUN rows)."""
-    return taps_config(B, C, Ho, Wo, K, channels_last, True)
+    return taps_config(B, C, Ho, Wo, K, channels_last, True, False, dtype_bytes)
 
 
 def weight_grad_partials(B: int, C: int, K: int, Ho: int, Wo: int, config: dict) -> tuple[int, ...]:

@@ -1263,7 +1263,7 @@ def _sample_config(C: int, Ho: int, Wo: int, channels_last: bool) -> dict:
 
 
 def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last: bool, per_pixel: bool,
-                        B: int = 1, stride=(1, 1), dilation=(1, 1)) -> dict:
+                        B: int = 1, stride=(1, 1), dilation=(1, 1), dtype_bytes: int = 0) -> dict:
     """The launcher's own weight-gradient config: the runs kernel (per pixel, channels_last, 2..RUNS_MAX_CG
     channels per group), dynamic_dwconv.py's walk (per sample, where it applies), the persistent kernel
     (per sample, G = C), else the generic kernel's tile; K up to RUNS_MAX_K for the runs and persistent
@@ -1271,7 +1271,7 @@ def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last:
     if per_pixel and channels_last and K <= RUNS_MAX_K and 2 <= C // G <= RUNS_MAX_CG:
         return dict(_runs_config(G, Ho, Wo))
     if not per_pixel and dwconv.handles_weight_grad(C, G, K, stride, dilation, None):
-        return dwconv.weight_grad_default(B, C, Ho, Wo, K, channels_last)
+        return dwconv.weight_grad_default(B, C, Ho, Wo, K, channels_last, dtype_bytes)
     if not per_pixel and K <= RUNS_MAX_K and C == G:
         return dict(_sample_config(C, Ho, Wo, channels_last))
     # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
@@ -1281,7 +1281,7 @@ def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last:
 def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool, dilation=(1, 1)) -> dict:
     name = "involution_bwd_weight" if per_pixel else "dwconv_bwd_weight"
     default = weight_grad_default(x.shape[1], G, K, Ho, Wo, is_channels_last(x), per_pixel, x.shape[0], stride,
-                                  dilation)
+                                  dilation, x.element_size())
     config = get_config(name, problem_key(x, G, K, stride), default)
     # Tables key no dilation: a dynamic_dwconv tile tuned at dilation 1 must not reach a dilated layer.
     if "P" in config and not dwconv.handles_weight_grad(x.shape[1], G, K, stride, dilation, config):

@@ -113,7 +113,8 @@ def _default_for(kernel: str, spec: dict, ts: dict) -> dict:
     if kernel == "involution_bwd_input":
         return input_grad_default(ts["dx"], ts["w"], _strides(spec))
     return weight_grad_default(spec["C"], spec["G"], spec["K"], ts["y"].shape[2], ts["y"].shape[3],
-                               bool(spec["channels_last"]), kernel == "involution_bwd_weight", spec["B"], _strides(spec))
+                               bool(spec["channels_last"]), kernel == "involution_bwd_weight", spec["B"], _strides(spec),
+                               dtype_bytes=ts["x"].element_size())
 
 
 def _tuning_default(kernel: str):

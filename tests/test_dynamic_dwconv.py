@@ -22,8 +22,19 @@ CASES = [
     (1, 2, 2, 3, 4, 7, 1, 3, 1),   # K > image
     (1, 4, 2, 4, 5, 3, 1, 4, 1),   # padding wider than the taps (bias-only rows), groups of two
     (1, 2, 2, 9, 9, 3, 4, 0, 1),   # stride 4: dx rows that read no dy row (unrolled dx)
+    (1, 16, 16, 3, 24, 5, 1, 2, 1),  # NCHW fp32: a warp over 16 channel rows, two lanes along W
 ]
-IDS = ["walk", "s3", "s2d2", "K7-3x4", "pad4-G2", "s4-unread"]
+IDS = ["walk", "s3", "s2d2", "K7-3x4", "pad4-G2", "s4-unread", "warp-16-rows"]
+
+
+def test_the_nchw_walk_spreads_a_warp_over_channel_rows_where_sectors_bind():
+    """Lanes P columns apart waste most of each sector, so the fp32 NCHW walk may take more channels
+    than fill a warp along one row (the last case above runs such a tile)."""
+    config = dwconv.taps_config(1, 16, 3, 24, 5, False, True, False, 4)
+    assert (config["BLOCK_C"], config["BLOCK_W"], config["num_warps"]) == (16, 2, 1)
+    # R4 itself (B = 64, C = 256, 56 x 56, K = 7): fp32 takes such a tile, bf16 (issue-bound) does not.
+    assert dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, 4)["BLOCK_C"] == 16
+    assert dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, 2)["BLOCK_C"] == 4
 
 
 def _conv(x, w, bias, stride, padding, dilation):
