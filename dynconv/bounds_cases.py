@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from .roofline import DTYPE_BYTES, REFERENCE_SHAPES, Problem, minimum_bytes, minimum_flops, tensor_elements
+from .roofline import DTYPE_BYTES, REFERENCE_SHAPES, Problem, minimum_bytes, minimum_flops, mixing_flops, tensor_elements
 
 
 @dataclass(frozen=True)
@@ -201,8 +201,11 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     weights = sizes["experts"] + sizes["routing"]
     extra = sizes.get("guide", 0)
     bias = sizes.get("bias", 0)
+    # A forward on materialised kernels leaves the mixing (routing @ experts) to a matmul before it:
+    # its useful FLOPs are the conv's; mixed on the fly, the kernel does the mixing too.
+    own_mixing = not (region_fwd or materialised)
     table = {
-        "fwd": (fwd, minimum_bytes(p, "forward", dtype), minimum_flops(p, "forward")),
+        "fwd": (fwd, minimum_bytes(p, "forward", dtype), minimum_flops(p, "forward") - (0 if own_mixing else mixing_flops(p))),
         "dx": (dx, (sizes["y"] + weights + extra + sizes["x"]) * nb, conv),
         # dy and x in, the gradients the op returns out (experts, routing, bias: its reductions).
         "dw": (dw, (sizes["y"] + sizes["x"] + extra + weights + bias) * nb, conv),
@@ -212,8 +215,15 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     }
     bank = guided and ec.uses_expert_bank(_empty((p.E, 1, 1, 1, 1), dt), _empty((p.B, p.m, p.E), dt))
     share = {"fwd": rc_part / p.B if region_fwd else part, "dx": rc_part / p.B if region_dx else part, "guide": 1.0 if bank else part, "dw": 1.0}
+    # The forward's bias adds run on the CUDA cores, the rest on the tensor cores.
+    cuda_cores = {"fwd": p.B * p.Cout * N if p.bias else 0}
+
+    def compute(k: str) -> dict:
+        fma = round(cuda_cores.get(k, 0) * share[k])
+        return {tensor_cores: round(table[k][2] * share[k]) - fma, **({"fma": fma} if fma else {})}
+
     return [Case(name, k, dtype, layout, table[k][0], round(table[k][1] * share[k]), round(table[k][2] * share[k]),
-                 {tensor_cores: round(table[k][2] * share[k])})
+                 compute(k))
             for k in kernels]
 
 

@@ -261,6 +261,12 @@ def minimum_bytes(p: Problem, pass_: str, dtype: str) -> int:
     return DTYPE_BYTES[dtype] * sum(elements(n) for n in reads + writes)
 
 
+def mixing_flops(p: Problem) -> int:
+    """The expert layers' routing @ experts: each sample's m kernels (and biases) mixed from E."""
+    P = p.Cout * (p.C // p.groups) * p.K * p.K
+    return 2 * p.B * p.m * p.E * P + (2 * p.B * p.m * p.E * p.Cout if p.bias else 0)
+
+
 def minimum_flops(p: Problem, pass_: str) -> int:
     """2 per multiply-add, 1 per plain addition (module docstring)."""
     if pass_ not in PASSES:
@@ -285,7 +291,7 @@ def minimum_flops(p: Problem, pass_: str) -> int:
     else:
         P = p.Cout * (p.C // p.groups) * p.K * p.K
         conv = 2 * p.B * P * N
-        mix = 2 * p.B * p.m * p.E * P + (2 * p.B * p.m * p.E * p.Cout if p.bias else 0)
+        mix = mixing_flops(p)
         bias_adds = p.B * p.Cout * N if p.bias else 0
         forward = conv + mix + bias_adds
         backward = 2 * conv + 2 * mix + bias_adds
