@@ -1,14 +1,16 @@
 """Autotuning space of the expert-conv kernels (``kernels/expert_conv.py``; contract in ``kernels/configs.py``).
 
-Three configs are tuned, one per ``get_config`` name of the launchers:
+Four configs are tuned, one per ``get_config`` name of the launchers:
 
 * ``expert_conv_fwd`` (also used by the DRConv guide-score kernel, which recomputes the forward);
 * ``expert_conv_bwd_input``;
 * ``expert_conv_bwd_weight`` (its launcher keys the problem with E = 1: the kernel gradient does
-  not depend on the experts).
+  not depend on the experts);
+* ``region_conv_fwd``: DRConv's region forward (``kernels/region_conv.py``), on the DRConv layers.
 
 Every pass is a ``tl.dot`` implicit GEMM with a (rows, cols, reduction) tile: (BLOCK_P, BLOCK_N,
-BLOCK_K) for the forward and input gradient, (BLOCK_O, BLOCK_N, BLOCK_K) for the kernel gradient.
+BLOCK_K) for the forward and input gradient, (BLOCK_O, BLOCK_N, BLOCK_K) for the kernel gradient,
+(BLOCK_P, BLOCK_O, BLOCK_K) for the region forward (BLOCK_K channels of one tap).
 Candidates are the neighbourhood of the launcher's default, pruned to what ``tl.dot`` takes (every
 block a power of two >= 16), tiles no larger than the problem, and what plausibly fits registers
 and shared memory (:func:`_plausible`).
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import expert_conv as ec
+from . import region_conv as rc
 from ._launch import Launch
 from .configs import KernelSpace, Problem, neighbourhood, register_spaces
 
@@ -157,7 +160,20 @@ def _weight_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     return ec.backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, g, *geometry, config)
 
 
-_LAUNCH = {"expert_conv_fwd": _forward, "expert_conv_bwd_input": _input_grad, "expert_conv_bwd_weight": _weight_grad}
+def _region_forward(spec: dict, ts: dict, config: dict | None) -> Launch:
+    geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
+    x, y, experts = ts["x"], ts["y"], ts["experts"]
+    config = config or rc.forward_config(x, experts, m, g, *geometry)
+    # As the op: the first part of the batch whose region kernels fit the workspace, materialised.
+    part = slice(0, rc.batch_part(x.shape[0], m, experts[0].numel(), x.element_size()))
+    weight = _cached(ts, "region_kernels", lambda: rc.mixed_kernels(experts, ts["routing"][part], None))
+    tables = rc._tables_part(_regions(ts, config["BLOCK_P"]), part)
+    bias = ts["bias"][part] if ts["bias"] is not None else None
+    return rc.forward_launch(x[part], weight, bias, tables, y[part], g, *geometry, config)
+
+
+_LAUNCH = {"expert_conv_fwd": _forward, "expert_conv_bwd_input": _input_grad, "expert_conv_bwd_weight": _weight_grad,
+           "region_conv_fwd": _region_forward}
 
 
 def _key(kernel: str):
@@ -172,6 +188,8 @@ def _default_for(kernel: str, key: dict) -> dict:
     dtype = _DTYPES[key["dtype_bytes"]]
     g = key["groups"]
     filter_size = key["Cin"] // g * key["kh"] * key["kw"]
+    if kernel == "region_conv_fwd":
+        return rc.default_forward_config(key["Cout"] // g, key["Cin"] // g, dtype, bool(key["channels_last"]))
     if kernel == "expert_conv_fwd":
         Ho, Wo = _out_hw(key)
         mixing = ec.materialise_part(filter_size, key["B"], key["m"], Ho * Wo) == 0
@@ -199,25 +217,32 @@ def _gemm_dims(kernel: str, key: dict) -> dict:
     Ho, Wo = _out_hw(key)
     if kernel == "expert_conv_fwd":
         return {"BLOCK_P": Ho * Wo // key["m"], "BLOCK_N": key["Cout"] // g, "BLOCK_K": key["Cin"] // g * taps}
+    if kernel == "region_conv_fwd":
+        return {"BLOCK_P": Ho * Wo // key["m"], "BLOCK_O": key["Cout"] // g, "BLOCK_K": key["Cin"] // g}
     if kernel == "expert_conv_bwd_input":
         return {"BLOCK_P": key["H"] * key["W"], "BLOCK_N": key["Cin"] // g, "BLOCK_K": key["Cout"] // g * taps}
     return {"BLOCK_O": key["Cout"] // g, "BLOCK_N": key["Cin"] // g * taps, "BLOCK_K": Ho * Wo // key["m"]}
 
 
-def _rows(kernel: str) -> str:
-    return "BLOCK_O" if kernel == "expert_conv_bwd_weight" else "BLOCK_P"
+def _dot_blocks(kernel: str) -> tuple[str, str, str]:
+    """The config's (rows, cols, reduction) block names."""
+    if kernel == "expert_conv_bwd_weight":
+        return "BLOCK_O", "BLOCK_N", "BLOCK_K"
+    if kernel == "region_conv_fwd":
+        return "BLOCK_P", "BLOCK_O", "BLOCK_K"
+    return "BLOCK_P", "BLOCK_N", "BLOCK_K"
 
 
 def _rules(kernel: str):
     def rules(config: dict, key: dict) -> list[str]:
         """What the kernel needs to compile: every tl.dot dimension at least _MIN_DOT."""
-        small = [f"{name}={config[name]}" for name in (_rows(kernel), "BLOCK_N", "BLOCK_K") if config[name] < _MIN_DOT]
+        small = [f"{name}={config[name]}" for name in _dot_blocks(kernel) if config[name] < _MIN_DOT]
         return [f"{', '.join(small)} below tl.dot's smallest tile ({_MIN_DOT})"] if small else []
     return rules
 
 
 def _plausible(kernel: str, config: dict, key: dict) -> bool:
-    M, N, K = config[_rows(kernel)], config["BLOCK_N"], config["BLOCK_K"]
+    M, N, K = (config[name] for name in _dot_blocks(kernel))
     threads = 32 * config["num_warps"]
     dtype_bytes = key["dtype_bytes"]
     acc_scale = 2 if dtype_bytes == 8 else 1  # fp64 accumulators take two registers
@@ -230,7 +255,7 @@ def _plausible(kernel: str, config: dict, key: dict) -> bool:
 def _candidates(kernel: str):
     def candidates(key: dict, quick: bool) -> list[dict]:
         default = _default_for(kernel, key)
-        caps = dict(zip((_rows(kernel), "BLOCK_N", "BLOCK_K"), _CAPS[key["dtype_bytes"]]))
+        caps = dict(zip(_dot_blocks(kernel), _CAPS[key["dtype_bytes"]]))
         limits = {name: max(_MIN_DOT, min(caps[name], size)) for name, size in _gemm_dims(kernel, key).items()}
         around = neighbourhood(default, limits, elements_per_thread=(0, float("inf")), size=10**6,
                                warps=(4, 8), stages=(1, 2, 3))
@@ -252,8 +277,13 @@ def _spec_for_key(kernel: str):
     return spec_for_key
 
 
+def _region_problems(quick: bool) -> list:
+    return [problem for problem in _problems(quick) if problem.op == "drconv"]
+
+
 def autotune_space() -> dict:
-    return {name: KernelSpace(problems=_problems, inputs=_inputs, launch=_LAUNCH[name], key=_key(name),
+    return {name: KernelSpace(problems=_region_problems if name == "region_conv_fwd" else _problems, inputs=_inputs,
+                              launch=_LAUNCH[name], key=_key(name),
                               default=_default(name), candidates=_candidates(name),
                               spec_for_key=_spec_for_key(name), exact=_EXACT, rules=_rules(name))
             for name in _LAUNCH}

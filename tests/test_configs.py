@@ -505,6 +505,34 @@ def test_nchw_involution_tuning_default_is_the_launchers_default():
     assert all(case.spec["W"] % 2 == 0 for case in cases)
 
 
+def test_region_conv_forward_has_a_tuning_space_and_uses_its_rows(gpu):
+    """DRConv's region forward is swept on the DRConv layers, from the launcher's own default, and a
+    tuned row reaches the launcher."""
+    from dynconv.autotune import build_grid
+    from dynconv.kernels import region_conv
+
+    space = configs.spaces()["region_conv_fwd"]
+    cases = build_grid({"region_conv_fwd": space}, None, ["float16", "float32"], quick=False)
+    assert cases and all(case.spec["m"] > 1 for case in cases)
+    for case in cases:
+        ts = space.inputs(case.spec, getattr(torch, case.dtype), "meta")
+        key = space.key(case.spec, ts)
+        own = region_conv.default_forward_config(case.spec["Cout"] // case.spec["groups"],
+                                                 case.spec["Cin"] // case.spec["groups"], ts["x"].dtype,
+                                                 case.spec["channels_last"])
+        assert case.candidates[0] == case.default == own
+        assert len(case.candidates) > 1 and not any(space.rules(c, key) for c in case.candidates)
+        assert space.launch(case.spec, ts, case.candidates[1]).name == "region_conv_fwd_kernel"
+    user, _, _ = gpu
+    case = cases[0]
+    ts = space.inputs(case.spec, getattr(torch, case.dtype), "meta")
+    key = space.key(case.spec, ts)
+    tuned = dict(case.candidates[1])
+    write(user, table_file([(key, tuned)], kernel="region_conv_fwd"))
+    geometry = ((1, 1), (1, 1), (1, 1))
+    assert region_conv.forward_config(ts["x"], ts["experts"], case.spec["m"], case.spec["groups"], *geometry) == tuned
+
+
 def test_expert_conv_keys_on_both_stride_components():
     from dynconv.kernels import expert_conv as ec
 

@@ -105,3 +105,13 @@ def test_mixed_kernels_fold_spatial_attention():
 def test_catalogue_launches_are_region_launches():
     launches = region_conv.catalogue()
     assert launches and all(launch.name == "region_conv_fwd_kernel" for launch in launches)
+
+
+def test_region_forward_with_a_tuned_tile(monkeypatch, region_launches, device):
+    """A tile the tuner may pick (region_conv_fwd's space): fewer pixels and channels than the default,
+    several K-steps per tap and several output-channel tiles."""
+    tile = {"BLOCK_O": 16, "BLOCK_P": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(region_conv, "forward_config", lambda *args: dict(tile))
+    inputs, geometry = _inputs(B=2, Cin=32, Cout=32, H=7, W=6, m=4)
+    check_against_reference(_op, _reference, inputs, torch.float32, device, torch.contiguous_format, **geometry)
+    assert region_launches and all(args[-1] == tile for args in region_launches)
