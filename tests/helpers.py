@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -87,3 +90,10 @@ def check_against_reference(fn, reference, inputs: dict, dtype: torch.dtype, dev
             assert test_in[k].grad is not None, f"no gradient reached {k}"
             assert_close(test_in[k].grad, v.grad, dtype, f"grad {k}")
     return actual
+
+
+def run_without_interpreter(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``python *args`` in a fresh process without TRITON_INTERPRET, captured as text: this suite runs
+    the interpreter (read at import), which replaces the kernels that are to be compiled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)

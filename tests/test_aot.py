@@ -5,22 +5,19 @@ The compiles run in a subprocess through ``dynconv inspect`` because this test p
 interpreter switched on, and the interpreter replaces the kernels that are to be compiled.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from dynconv.kernels import KERNEL_MODULES
 from dynconv.kernels._launch import ARCHS
+from helpers import run_without_interpreter
 
 MODULES = [module.__name__.rsplit(".", 1)[-1] for module in KERNEL_MODULES]
 
 
 def _inspect(module: str, arch: int) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "dynconv.cli", "inspect", "--json", "--module", module, "--arch", str(arch)],
-                          capture_output=True, text=True, env=env, timeout=1200)
+    proc = run_without_interpreter(["-m", "dynconv.cli", "inspect", "--json", "--module", module, "--arch", str(arch)],
+                                   timeout=1200)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows, f"dynconv inspect reported nothing:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return rows

@@ -4,15 +4,13 @@ warp address simulation, one real compile, the committed tables and their calibr
 Everything here is PREDICTED-model machinery; nothing is a measurement.
 """
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from dynconv import bounds, ptx_sim, sass
+from helpers import run_without_interpreter
 
 STATIC = Path(__file__).resolve().parents[1] / "perf_reports" / "static"
 
@@ -195,8 +193,7 @@ def test_one_real_compiled_kernel(tmp_path):
     """A tiny kernel compiled for sm_90 (in a subprocess: this one runs the interpreter)."""
     script = tmp_path / "probe_kernel.py"
     script.write_text(REAL_KERNEL)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    proc = run_without_interpreter([str(script)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["complete"]

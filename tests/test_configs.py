@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
-import subprocess
 import sys
 import time
 import warnings
@@ -19,6 +17,7 @@ import torch
 from dynconv import autotune
 from dynconv.kernels import configs
 from dynconv.kernels import involution as inv
+from helpers import run_without_interpreter
 
 H100 = "NVIDIA H100 80GB HBM3"
 KERNEL = "involution_fwd"
@@ -622,9 +621,7 @@ SHIPPED = sorted(configs.package_config_dir().glob("*.json"))
 def check_files(*paths):
     """`dynconv autotune --check` in a fresh interpreter: this suite runs the Triton interpreter,
     which cannot compile for sm_90, and the switch is read at import."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "dynconv.autotune", "--check", *map(str, paths)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = run_without_interpreter(["-m", "dynconv.autotune", "--check", *map(str, paths)], timeout=600)
     return done.returncode, done.stdout + done.stderr
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.kernels import dynamic_dwconv as dwconv
-from helpers import assert_close
+from helpers import assert_close, run_without_interpreter
 
 # (B, C, G, H, W, K, stride, padding, dilation)
 CASES = [
@@ -169,14 +169,10 @@ print(json.dumps(out))
 
 def test_the_static_model_reads_every_walk_tile(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
     script = tmp_path / "loop_probe.py"
     script.write_text(_LOOP_PROBE)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    proc = run_without_interpreter([str(script)], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # fp32 multiply-adds the model counts per useful one: at least all of them, padding lanes at most.
     for ratio in json.loads(proc.stdout.strip().splitlines()[-1]):

@@ -22,14 +22,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dynconv.reference import expert_conv2d_loop, involution_fused_reference, involution_naive
-from helpers import assert_close
+from helpers import assert_close, run_without_interpreter
 
 # --------------------------------------------------------------------------------------------
 # PTX: no stride argument multiplied in 32 bits
@@ -119,9 +117,7 @@ def test_the_ptx_check_finds_a_32_bit_stride_product():
 
 @pytest.fixture(scope="module")
 def int64_ptx() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_INT64_VARIANTS], capture_output=True, text=True, env=env,
-                          timeout=900)
+    proc = run_without_interpreter(["-c", _COMPILE_INT64_VARIANTS], timeout=900)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and rows, f"compiling the INDEX_64 variants failed:\n{proc.stderr[-4000:]}"
     return rows

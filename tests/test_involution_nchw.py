@@ -50,6 +50,13 @@ def _problem(case, dtype):
 def test_nchw_kernels_forward_input_and_weight_gradients(case, dtype):
     if dtype == torch.bfloat16 and case[6] == 1:
         pytest.skip("bf16 at the strided cases only (interpreter time)")
+    launches = _run_three_kernels(case, dtype)
+    assert all(launch.name.startswith("involution_nchw_") for launch in launches)
+
+
+def _run_three_kernels(case, dtype) -> tuple:
+    """Forward, input and weight gradients of ``case`` at a small tile, each checked against float64
+    autograd on the rounded operands; the launches, for the caller to see which kernels ran."""
     (x64, w64, dy64, y64), geometry = _problem(case, dtype)
     x, w, dy = (t.detach().to(dtype) for t in (x64, w64, dy64))
     CG = x.shape[1] // w.shape[1]
@@ -61,7 +68,6 @@ def test_nchw_kernels_forward_input_and_weight_gradients(case, dtype):
                 kernels.backward_input_launch(dy, w, dx, *geometry, config),
                 kernels.backward_weight_launch(dy, x, dw, *geometry, True, config))
     for launch in launches:
-        assert launch.name.startswith("involution_nchw_")
         launch()
     # The references see the rounded operands.
     x64r, w64r, dy64r = (t.detach().to(dtype).double().requires_grad_(True) for t in (x64, w64, dy64))
@@ -70,6 +76,7 @@ def test_nchw_kernels_forward_input_and_weight_gradients(case, dtype):
     assert_close(y, y_ref, dtype, "y")
     assert_close(dx, x64r.grad, dtype, "dx")
     assert_close(dw, w64r.grad, dtype, "dw")
+    return launches
 
 
 def test_input_gradient_skips_a_missing_tap_without_multiplying_it():
@@ -155,23 +162,5 @@ PAIR_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}" for c in
 
 @pytest.mark.parametrize("case", PAIR_CASES, ids=PAIR_IDS)
 def test_pair_kernels_forward_input_and_weight_gradients(case):
-    (x64, w64, dy64, y64), geometry = _problem(case, torch.bfloat16)
-    dtype = torch.bfloat16
-    x, w, dy = (t.detach().to(dtype) for t in (x64, w64, dy64))
-    CG = x.shape[1] // w.shape[1]
-    config = {"CH": nchw._chunk(CG, 2), "STRIP": 3, "BLOCK_W": 32, "num_warps": 1}
-    y = torch.empty(y64.shape, dtype=dtype)
-    dx = torch.empty(x.shape, dtype=dtype)
-    dw = torch.empty(w.shape, dtype=dtype)
-    launches = (kernels.forward_launch(x, w, None, y, *geometry, config),
-                kernels.backward_input_launch(dy, w, dx, *geometry, config),
-                kernels.backward_weight_launch(dy, x, dw, *geometry, True, config))
+    launches = _run_three_kernels(case, torch.bfloat16)
     assert launches[0].name == "involution_nchw_fwd_pairs_kernel"
-    for launch in launches:
-        launch()
-    x64r, w64r, dy64r = (t.detach().to(dtype).double().requires_grad_(True) for t in (x64, w64, dy64))
-    y_ref = involution_unfold(x64r, w64r, None, *geometry)
-    y_ref.backward(dy64r)
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(dx, x64r.grad, dtype, "dx")
-    assert_close(dw, w64r.grad, dtype, "dw")
