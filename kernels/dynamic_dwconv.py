@@ -585,7 +585,8 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
             # NCHW: at least the channels that fill a warp's lanes along one row; the walk also tries
             # more channels and fewer lanes along W (lanes P columns apart share fewer sectors).
             fill = min(next_power_of_2(C), 32 if channels_last else max(1, 32 // next_power_of_2(cdiv(width, p))))
-            widths = (fill,) if channels_last or not walk else tuple(c for c in (1, 2, 4, 8, 16, 32) if fill <= c <= max(fill, min(32, next_power_of_2(C))))
+            widths = (fill,) if channels_last or not walk else tuple(
+                c for c in (1, 2, 4, 8, 16, 32) if fill <= c <= min(32, next_power_of_2(C)))
             for block_c, warps in itertools.product(widths, (1, 2, 4)):
                 lanes = 32 * warps // block_c
                 if lanes < 1:

@@ -209,7 +209,7 @@ def _nchw_default(kernel: str):
         rows = -(-ts["dx"].shape[2] // _strides(spec)[0]) if kind == "dx" else ts["y"].shape[2]
         # The launcher's own default: bf16 at even widths runs the pair kernel, whose sums fill the
         # registers at half the channels (and so bound the candidates at half the sums).
-        pairs = kind == "fwd" and spec["per_pixel"] and nchw._pairs(ts["x"], ts["x"].shape[3], ts["w"], ts["y"].shape[3])
+        pairs = kind == "fwd" and nchw._pairs(ts["x"], ts["x"].shape[3], ts["w"], ts["y"].shape[3])
         return nchw.nchw_config(spec["C"] // spec["G"], rows, ts["x"].element_size(), kind, pairs)
     return default
 
