@@ -44,27 +44,49 @@ def widen(index, INDEX_64: tl.constexpr):
 
 
 @triton.jit
+def _tile_channels(pid_ch, CG_TILES, G, CG, BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, INDEX_64: tl.constexpr):
+    """Group, channel-in-group and channel indices ([BLOCK_G, BLOCK_CG, 1]) of this program's tile, and their mask."""
+    g = (pid_ch // CG_TILES) * BLOCK_G + tl.arange(0, BLOCK_G)
+    cg = (pid_ch % CG_TILES) * BLOCK_CG + tl.arange(0, BLOCK_CG)
+    if INDEX_64:
+        g = g.to(tl.int64)
+        cg = cg.to(tl.int64)
+    g3 = g[:, None, None]
+    cg3 = cg[None, :, None]
+    channel_mask = (g3 < G) & (cg3 < CG)
+    return g3, cg3, g3 * CG + cg3, channel_mask
+
+
+@triton.jit
 def _tile_indices(pid_pix, pid_ch, TILES_W, CG_TILES, G, CG,
                   BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                   INDEX_64: tl.constexpr):
     """Group, channel-in-group and pixel coordinates of this program's tile."""
     tile_h = pid_pix // TILES_W
     tile_w = pid_pix % TILES_W
-    g = (pid_ch // CG_TILES) * BLOCK_G + tl.arange(0, BLOCK_G)
-    cg = (pid_ch % CG_TILES) * BLOCK_CG + tl.arange(0, BLOCK_CG)
     p = tl.arange(0, BLOCK_H * BLOCK_W)
     # BLOCK_W is a power of two: the row split is a shift, and columns stay provably contiguous.
     row = tile_h * BLOCK_H + p // BLOCK_W
     col = tile_w * BLOCK_W + p % BLOCK_W
     if INDEX_64:
-        g = g.to(tl.int64)
-        cg = cg.to(tl.int64)
         row = row.to(tl.int64)
         col = col.to(tl.int64)
-    g3 = g[:, None, None]
-    cg3 = cg[None, :, None]
-    channel_mask = (g3 < G) & (cg3 < CG)
-    return g3, cg3, g3 * CG + cg3, channel_mask, row, col
+    g3, cg3, c3, channel_mask = _tile_channels(pid_ch, CG_TILES, G, CG, BLOCK_G, BLOCK_CG, INDEX_64)
+    return g3, cg3, c3, channel_mask, row, col
+
+
+@triton.jit
+def _flat_pixels(tile, B, ROWS, COLS, PIXELS: tl.constexpr, INDEX_64: tl.constexpr):
+    """Each lane's (sample, row, column) when lanes run over the flattened (sample, row, column) space,
+    column fastest: no lane idles where the width is no multiple of a power-of-two tile (28, 14, 7).
+    Lanes past the last sample read sample B - 1 (in bounds, never stored) and get row ROWS, which
+    the callers' stores mask off."""
+    p = widen(tile, INDEX_64) * PIXELS + tl.arange(0, PIXELS)
+    col = p % COLS
+    rest = p // COLS
+    b = rest // ROWS
+    row = tl.where(b < B, rest % ROWS, ROWS)
+    return tl.minimum(b, B - 1), row, col
 
 
 @triton.jit
@@ -300,7 +322,7 @@ def involution_fwd_kernel(
     sbb, sbc,
     syb, syc, syh, syw,
     SH, SW, PH, PW, DH, DW,
-    TILES_PIX, TILES_W, CG_TILES,
+    TILES_PIX, TILES_W, CG_TILES, STRIP_ROWS,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TAPS: tl.constexpr = 0, STRIP: tl.constexpr = 1, CHUNKS: tl.constexpr = 1, PAIRS: tl.constexpr = False,
@@ -315,16 +337,22 @@ def involution_fwd_kernel(
     of its groups; TAPS = 0 is the run-time K² loop for any K (STRIP = CHUNKS = 1). PAIRS (bf16, per
     pixel, no bias; channels contiguous, CG and the other strides even, x and y 4-byte aligned): x and y
     are read and written as int32 pairs of channels (see _strip_taps).
-    BLOCK_H counts output rows, BLOCK_H // STRIP rows of strips.
+    BLOCK_H counts output rows, BLOCK_H // STRIP rows of strips. With TAPS, a tile is not a rectangle:
+    its (BLOCK_H // STRIP) * BLOCK_W lanes run over the flattened (sample, strip row, column) space
+    (STRIP_ROWS strip rows per sample, see _flat_pixels), so the sample is a lane's own.
     """
     pid0 = tl.program_id(0)
-    b = pid0 // TILES_PIX
-    if INDEX_64:
-        b = b.to(tl.int64)
     G = C // CG
-    g3, cg3, c3, channel_mask, i, j = _tile_indices(
-        pid0 % TILES_PIX, tl.program_id(1), TILES_W, CG_TILES, G, CG,
-        BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
+    if TAPS > 0:
+        b, i, j = _flat_pixels(pid0, B, STRIP_ROWS, Wo, (BLOCK_H // STRIP) * BLOCK_W, INDEX_64)
+        g3, cg3, c3, channel_mask = _tile_channels(tl.program_id(1), CG_TILES, G, CG, BLOCK_G, BLOCK_CG, INDEX_64)
+    else:
+        b = pid0 // TILES_PIX
+        if INDEX_64:
+            b = b.to(tl.int64)
+        g3, cg3, c3, channel_mask, i, j = _tile_indices(
+            pid0 % TILES_PIX, tl.program_id(1), TILES_W, CG_TILES, G, CG,
+            BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
     i = i * STRIP  # the strip's first output row
     x_sample = x_ptr + b * sxb
     # Channel offsets stay int32 and meet the pixel offset at each load: a hoisted pointer per
@@ -403,7 +431,7 @@ def involution_bwd_input_kernel(
     swb, swg, swu, swv, swh, sww,
     sdxb, sdxc, sdxh, sdxw,
     SH, SW, PH, PW, DH, DW,
-    TILES_PIX, TILES_W, CG_TILES, TILES_PHASE, GH, GW, INV_H, INV_W, TAPS_V,
+    TILES_PIX, TILES_W, CG_TILES, TILES_PHASE, GH, GW, INV_H, INV_W, TAPS_V, STRIP_ROWS, COLS,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TAPS_U: tl.constexpr = 0, STRIP: tl.constexpr = 1,
@@ -421,18 +449,23 @@ def involution_bwd_input_kernel(
     sums a strip of STRIP rows of its phase (STRIP > 1 needs DH/GH = 1) over CHUNKS chunks of BLOCK_CG
     channels of its groups (PAIRS: dy and dx as int32 pairs of bf16 channels, see involution_fwd_kernel).
     INNER (unrolled): sdyh, sdyw, swu, swv, swh, sww compile-time (see involution_fwd_kernel).
+    A phase's lanes run over its flattened (sample, strip row, column) space (STRIP_ROWS strip rows of
+    COLS columns per sample, see _flat_pixels), TILES_PHASE programs of them.
     TAPS_U = 0: the run-time tap loop over all K² taps for any K and stride (STRIP = CHUNKS = 1, one phase).
     """
     pid0 = tl.program_id(0)
-    b = pid0 // TILES_PIX
-    if INDEX_64:
-        b = b.to(tl.int64)
-    tile = pid0 % TILES_PIX
-    phase = tile // TILES_PHASE
     G = C // CG
-    g3, cg3, c3, channel_mask, h, w = _tile_indices(
-        tile % TILES_PHASE, tl.program_id(1), TILES_W, CG_TILES, G, CG,
-        BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
+    if TAPS_U > 0:
+        phase = pid0 // TILES_PHASE
+        b, h, w = _flat_pixels(pid0 % TILES_PHASE, B, STRIP_ROWS, COLS, (BLOCK_H // STRIP) * BLOCK_W, INDEX_64)
+        g3, cg3, c3, channel_mask = _tile_channels(tl.program_id(1), CG_TILES, G, CG, BLOCK_G, BLOCK_CG, INDEX_64)
+    else:
+        b = pid0 // TILES_PIX
+        if INDEX_64:
+            b = b.to(tl.int64)
+        g3, cg3, c3, channel_mask, h, w = _tile_indices(
+            pid0 % TILES_PIX, tl.program_id(1), TILES_W, CG_TILES, G, CG,
+            BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
     # Channel offsets stay int32 until they meet the pixel offset (see involution_fwd_kernel).
     dy_sample = dy_ptr + b * sdyb
     dy_channel = c3 * sdyc
@@ -897,11 +930,16 @@ def _split_config(config: dict, grid_cg: bool, C: int, G: int):
     return meta, cg_tiles, config.get("num_warps", 4), config.get("num_stages", 1)
 
 
-def _grid(B, G, tiles_pix, cg_tiles, block_g):
+def _grid(pixel_programs, G, cg_tiles, block_g):
     ch_tiles = cdiv(G, block_g) * cg_tiles
     if ch_tiles > 65535:
         raise ValueError(f"too many channel tiles for the grid ({ch_tiles}); use a larger BLOCK_G/BLOCK_CG")
-    return (B * tiles_pix, ch_tiles, 1)
+    return (pixel_programs, ch_tiles, 1)
+
+
+def _flat_tiles(B: int, strip_rows: int, cols: int, meta: dict, strip: int) -> int:
+    """Programs over the flattened (sample, strip row, column) space of one phase (see _flat_pixels)."""
+    return cdiv(B * strip_rows * cols, meta["BLOCK_H"] // strip * meta["BLOCK_W"])
 
 
 def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
@@ -952,8 +990,10 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
     cg_tiles = cdiv(C // G, meta["BLOCK_CG"] * chunks)
     # Strip rows share input rows only when consecutive output rows read consecutive input rows.
     strip = _strip(meta, chunks, taps > 0 and stride[0] == 1 and dilation[0] == 1, x, weight)
+    strip_rows = cdiv(Ho, strip)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+    programs = _flat_tiles(B, strip_rows, Wo, meta, strip) if taps else B * tiles_pix
     bias_strides = bias.stride() if bias is not None else (0, 0)
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y,
@@ -963,14 +1003,14 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
         sbb=bias_strides[0], sbc=bias_strides[1],
         **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-        TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles,
+        TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles, STRIP_ROWS=strip_rows,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
                 INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip,
                 CHUNKS=chunks, PAIRS=taps > 0 and bias is None and _pairs(x, y, weight, meta),
                 CHANNELS_FULL=taps > 0 and _channels_full(C, G, meta, chunks))
     meta["INNER"] = _inner_strides(x, weight, meta) if taps else None
-    return Launch(involution_fwd_kernel, _grid(B, G, tiles_pix, cg_tiles, meta["BLOCK_G"]), args, meta,
+    return Launch(involution_fwd_kernel, _grid(programs, G, cg_tiles, meta["BLOCK_G"]), args, meta,
                   num_warps, num_stages, loops=_tap_loops(taps > 0, K, K))
 
 
@@ -1007,8 +1047,10 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
         phases, rows, cols, taps_u, taps_v = 1, H, W, 0, 0
     # Strip rows of a phase share dy rows only when a phase's taps step one dy row.
     strip = _strip(meta, chunks, unrolled and dilation[0] // gh == 1, dx, weight)
+    strip_rows = cdiv(rows, strip)
     tiles_w = cdiv(cols, meta["BLOCK_W"])
-    tiles_phase = cdiv(rows, meta["BLOCK_H"]) * tiles_w
+    # Unrolled: a phase's programs run over its flattened (sample, strip row, column) space.
+    tiles_phase = _flat_tiles(B, strip_rows, cols, meta, strip) if unrolled else cdiv(rows, meta["BLOCK_H"]) * tiles_w
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx,
         B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K,
@@ -1017,7 +1059,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
         TILES_PIX=phases * tiles_phase, TILES_W=tiles_w, CG_TILES=cg_tiles, TILES_PHASE=tiles_phase,
-        GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w, TAPS_V=taps_v,
+        GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w, TAPS_V=taps_v, STRIP_ROWS=strip_rows, COLS=cols,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),
                 TAPS_U=taps_u,
@@ -1026,7 +1068,8 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
                 FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),
                 PHASE_MAY_BE_EMPTY=unrolled and (gh > 1 or gw > 1))
     meta["INNER"] = _inner_strides(dy, weight, meta) if unrolled else None
-    return Launch(involution_bwd_input_kernel, _grid(B, G, phases * tiles_phase, cg_tiles, meta["BLOCK_G"]), args,
+    programs = phases * tiles_phase if unrolled else B * tiles_phase
+    return Launch(involution_bwd_input_kernel, _grid(programs, G, cg_tiles, meta["BLOCK_G"]), args,
                   meta, num_warps, num_stages, loops=_tap_loops(unrolled, taps_v, K))
 
 
@@ -1149,7 +1192,7 @@ def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: boo
     meta.update(PER_PIXEL=per_pixel, ONE_CG_CHUNK=C // G <= meta["BLOCK_CG"], INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
     loops = (K * K,) if meta["ONE_CG_CHUNK"] else ((K * K, (cdiv(C // G, meta["BLOCK_CG"]),)),)
-    return Launch(involution_bwd_weight_kernel, _grid(B, G, tiles_pix, 1, meta["BLOCK_G"]), args, meta,
+    return Launch(involution_bwd_weight_kernel, _grid(B * tiles_pix, G, 1, meta["BLOCK_G"]), args, meta,
                   num_warps, num_stages, loops=loops)
 
 
@@ -1178,7 +1221,7 @@ def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
                 RUN=config["RUN"], INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
     # The tap-column loop; the rows and the halo are unrolled inside it.
-    return Launch(involution_bwd_weight_runs_kernel, _grid(B, G, tiles_pix, 1, config["BLOCK_G"]), args, meta,
+    return Launch(involution_bwd_weight_runs_kernel, _grid(B * tiles_pix, G, 1, config["BLOCK_G"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=(K,))
 
 

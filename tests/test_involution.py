@@ -405,6 +405,47 @@ def test_tap_kernels_with_channel_chunks_and_uneven_strips(case, block_h, dtype,
     assert_close(dx, dx64, dtype, "dx")
 
 
+# The unrolled forward and input gradient lay a tile's lanes over the flattened (sample, strip row,
+# column) space (kernels/involution.py: _flat_pixels): programs that straddle two samples, and a last
+# program whose lanes run past the last sample. (B, C, H, W, K, G, stride, dilation, padding), BLOCK_H,
+# BLOCK_W, dtype.
+FLAT_CASES = [
+    # bf16 pairs, strips of 4 rows: 2 strip rows x 7 columns a sample, programs of 4 lanes
+    ((3, 16, 5, 7, 3, 2, 1, 1, None), 4, 4, torch.bfloat16),
+    # fp32, stride 2: each phase 4 rows x 5 columns a sample, programs of 8 lanes
+    ((3, 8, 7, 9, 3, 1, 2, 1, None), 2, 4, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case, block_h, block_w, dtype", FLAT_CASES, ids=["bf16-s1", "fp32-s2"])
+def test_tap_kernels_lanes_cross_samples(case, block_h, block_w, dtype, device):
+    B, C, H, W, K, G, s, d, p = case
+    x, w, _ = _inputs(case, per_pixel=True)
+    pad = (K - 1) // 2
+    stride, padding, dilation = (s, s), (pad, pad), (1, 1)
+    nhwc = torch.channels_last
+    xd, wd = x.to(device, dtype).contiguous(memory_format=nhwc), w.to(device, dtype)
+    x64 = xd.double().cpu().requires_grad_()
+    y64 = involution_unfold(x64, wd.double().cpu(), None, stride, padding, dilation)
+    dy = torch.randn(y64.shape, dtype=torch.float64).to(device, dtype).contiguous(memory_format=nhwc)
+    dx64, = torch.autograd.grad(y64, x64, dy.double().cpu())
+    config = {"BLOCK_G": 1, "BLOCK_CG": 16 // xd.element_size(), "BLOCK_H": block_h, "BLOCK_W": block_w,
+              "num_warps": 1}
+    y = torch.full(y64.shape, float("nan"), device=device, dtype=dtype).contiguous(memory_format=nhwc)
+    fwd = kernels.forward_launch(xd, wd, None, y, stride, padding, dilation, config)
+    dx = torch.full(x.shape, float("nan"), device=device, dtype=dtype).contiguous(memory_format=nhwc)
+    bwd = kernels.backward_input_launch(dy, wd, dx, stride, padding, dilation, config)
+    for launch, cols in ((fwd, y.shape[3]), (bwd, bwd.args["COLS"])):
+        lanes = launch.meta["BLOCK_H"] // launch.meta["STRIP"] * launch.meta["BLOCK_W"]
+        per_sample = launch.args["STRIP_ROWS"] * cols
+        assert per_sample % lanes and (B * per_sample) % lanes  # straddling and past-the-end programs exist
+        assert launch.args.get("TILES_PHASE", launch.grid[0]) == -(-B * per_sample // lanes)
+    fwd()
+    assert_close(y, y64.detach(), dtype, "y")
+    bwd()
+    assert_close(dx, dx64, dtype, "dx")
+
+
 def test_tap_config_strips_cover_the_reference_rows_exactly():
     """R1 (56 rows) and R2 (28 rows): strips of 7, no padded rows; threads hold 8 fp32 or 16 bf16 channels of
     a group (the 16 channels of R1's and R2's groups: each weight serves 16 multiply-adds)."""
