@@ -440,10 +440,10 @@ def dwconv_bwd_input_kernel(
 def dwconv_bwd_weight_kernel(
     dy_ptr, x_ptr, dw_ptr,
     C, H, W, HO, WO,
-    sdyb, sdyc, sdyh, sdyw,
-    sxb, sxc, sxh, sxw,
+    sdyb, sdyc, sxb, sxc,
     spb, spc, spu, spv, sps,
     PH, PW, TILES, TILES_W, SPLITS, RUN,
+    sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
     SW: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -458,6 +458,8 @@ def dwconv_bwd_weight_kernel(
     K * min(P, K) multiply-adds. Each thread holds the K*K tap sums of its channel; they are reduced
     over the program's threads once, at the end, into part[b, c, u, v, split]; the caller adds the
     SPLITS partials in a fixed order (deterministic, no atomics).
+    The row and column strides are compile-time constants (a variant per feature-map size): a row's
+    loads are its row pointer plus immediates, where run-time strides took a 64-bit address each.
     """
     pid0 = tl.program_id(0)
     b = pid0 // SPLITS
@@ -467,10 +469,6 @@ def dwconv_bwd_weight_kernel(
         # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
         b = b.to(tl.int64)
         c = c.to(tl.int64)
-        sdyh = tl.cast(sdyh, tl.int64)
-        sdyw = tl.cast(sdyw, tl.int64)
-        sxh = tl.cast(sxh, tl.int64)
-        sxw = tl.cast(sxw, tl.int64)
         spu = tl.cast(spu, tl.int64)
         spv = tl.cast(spv, tl.int64)
     c2 = c[:, None]
@@ -516,11 +514,12 @@ def dwconv_bwd_weight_kernel(
         for t in range(t_first, t_last + 1):
             if INDEX_64:
                 t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
-            i = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + (t + PH)
+            i = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + (t + PH)  # a tensor: see _store_row
             row_ok = (i >= row0) & (i < row_end)
+            dy_row = dy_lane + (t + PH) * sdyh
             window = ()
             for p in tl.static_range(P):
-                grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=outs_ok[p] & row_ok, other=0.0)
+                grad = tl.load(dy_row + p * sdyw, mask=outs_ok[p] & row_ok, other=0.0)
                 window = window + (grad.to(ACC_DTYPE),)
             for k in tl.static_range(P, KS * P):
                 window = window + (grads[k],)
@@ -805,12 +804,12 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
     tiles, tiles_w = _tiles(config, Ho, Wo)
     args = dict(
         dy_ptr=dy, x_ptr=x, dw_ptr=dw, C=C, H=H, W=W, HO=Ho, WO=Wo,
-        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
-        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        sdyb=dy.stride(0), sdyc=dy.stride(1), sxb=x.stride(0), sxc=x.stride(1),
         **dict(zip(("spb", "spc", "spu", "spv", "sps"), dw.stride())),
         PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, SPLITS=splits, RUN=config["RUN"],
     )
-    meta = dict(SW=stride[1], DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"],
+    meta = dict(sdyh=dy.stride(2), sdyw=dy.stride(3), sxh=x.stride(2), sxw=x.stride(3), SW=stride[1],
+                DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"],
                 P=config["P"], INDEX_64=needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows.
