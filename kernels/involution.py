@@ -621,10 +621,10 @@ def involution_bwd_weight_kernel(
 def involution_bwd_weight_runs_kernel(
     dy_ptr, x_ptr, dw_ptr,
     C, H, W, Ho, Wo, CG,
-    sdyb, sdyc, sdyh, sdyw,
-    sxb, sxc, sxh, sxw,
-    sdwb, sdwg, sdwu, sdwv, sdwh, sdww,
+    sdyb, sdyc, sxb, sxc, sdwb, sdwg,
     PH, PW, TILES_PIX, TILES_W,
+    sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
+    sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     RUN: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -636,7 +636,8 @@ def involution_bwd_weight_runs_kernel(
     channels_last, one strided channel in NCHW), so the sum over a group's channels is a chain of
     FMAs in one thread. For one tap column v, the input rows the run reads for all K taps u form a
     halo of (RUN-1)*SH + (K-1)*DH + 1 rows: each is loaded and converted once and serves every
-    (row, u) pair that reads it, instead of once per tap.
+    (row, u) pair that reads it, instead of once per tap. The within-sample strides are compile-time
+    constants (a variant per feature-map size), so each row's and tap's offset is an immediate.
     """
     pid0 = tl.program_id(0)
     b = pid0 // TILES_PIX
@@ -667,7 +668,7 @@ def involution_bwd_weight_runs_kernel(
         out_ok = out_ok + (ok,)
         for q in tl.static_range(CHUNKS):
             m = (g3 < G) & (q * CHUNK + k[None, :, None] < CG) & ok[None, None, :]
-            grad = tl.load(dy_lane + (channels[q] * sdyc + r * widen(sdyh, INDEX_64)), mask=m, other=0.0)
+            grad = tl.load(dy_lane + (channels[q] * sdyc + r * sdyh), mask=m, other=0.0)
             grads = grads + (grad.to(ACC_DTYPE),)
 
     HALO: tl.constexpr = (RUN - 1) * SH + (KS - 1) * DH + 1
@@ -690,7 +691,7 @@ def involution_bwd_weight_runs_kernel(
             halo = ()
             for q in tl.static_range(CHUNKS):
                 m = (g3 < G) & (q * CHUNK + k[None, :, None] < CG) & ok3
-                xv = tl.load(x_chunks[q] + (h * widen(sxh, INDEX_64) + v * DW * widen(sxw, INDEX_64)), mask=m,
+                xv = tl.load(x_chunks[q] + (h * sxh + widen(v, INDEX_64) * (DW * sxw)), mask=m,
                              other=0.0)
                 halo = halo + (xv.to(ACC_DTYPE),)
             for r in tl.static_range(RUN):
@@ -702,7 +703,7 @@ def involution_bwd_weight_runs_kernel(
                             for q in tl.static_range(1, CHUNKS):
                                 acc += tl.sum(grads[r * CHUNKS + q] * halo[q], axis=1)
                             u = (h - r * SH) // DH
-                            offset = u * widen(sdwu, INDEX_64) + v * widen(sdwv, INDEX_64) + r * widen(sdwh, INDEX_64)
+                            offset = widen(v, INDEX_64) * sdwv + (u * sdwu + r * sdwh)
                             tl.store(dw_lane + offset, acc.to(dw_ptr.dtype.element_ty),
                                      mask=group_ok[:, None] & out_ok[r][None, :])
 
@@ -1211,12 +1212,11 @@ def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
     chunk = _runs_chunk(CG, x.element_size(), is_channels_last(x))
     args = dict(
         dy_ptr=dy, x_ptr=x, dw_ptr=dw, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=CG,
-        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
-        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
-        **dict(zip(("sdwb", "sdwg", "sdwu", "sdwv", "sdwh", "sdww"), dw.stride())),
+        sdyb=dy.stride(0), sdyc=dy.stride(1), sxb=x.stride(0), sxc=x.stride(1), sdwb=dw.stride(0), sdwg=dw.stride(1),
         PH=padding[0], PW=padding[1], TILES_PIX=tiles_pix, TILES_W=tiles_w,
     )
-    meta = dict(KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
+    meta = dict(**dict(zip(("sdyh", "sdyw"), dy.stride()[2:])), **dict(zip(("sxh", "sxw"), x.stride()[2:])),
+                **dict(zip(("sdwu", "sdwv", "sdwh", "sdww"), dw.stride()[2:])), KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
                 CHUNK=chunk, CHUNKS=cdiv(CG, chunk), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
                 RUN=config["RUN"], INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
