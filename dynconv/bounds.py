@@ -55,7 +55,8 @@ MODEL = {
 ASSUMPTIONS = ("PREDICTED by a static model, not measured: H200 model (132 SMs at 1.98 GHz, 4 warp-instructions "
                "issued per clock per SM, integer pipe at half rate, fp32 FMA 128 lanes, L1 128 B/clock/SM, "
                "HBM 4.3 TB/s, HGMMA 3023 FLOP/clock/SM = 790 TFLOP/s bf16 (tf32: half), HMMA at half the HGMMA rate); every instruction of a loop "
-               "body counted on every trip (trip counts declared by the launcher), masked lanes and branches "
+               "body counted on every trip (trip counts declared by the launcher; where they differ by stride "
+               "phase, their mean over the programs), masked lanes and branches "
                "not taken included; latency, occupancy, tail waves and cache misses beyond the minimum bytes ignored, "
                "so a real kernel can only be slower")
 # What each figure of a row is: computed from the compiled code, or PREDICTED by the model.

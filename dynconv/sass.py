@@ -201,10 +201,14 @@ def _match(instructions: list[Instruction], level: list[Loop], declared: tuple, 
     A declared loop without inner loops may appear as two: ptxas unrolled it U times and left a
     remainder loop. U is the ratio of their bodies' work; the main loop then runs trips // U
     times and the remainder trips % U (its peeled copies outside any loop count once).
+    A list of trip counts declares equally many programs running each (a loop whose bounds differ
+    by stride phase): the loop counts their mean.
     """
     sass_index = 0
     for position, item in enumerate(declared):
         count, children = (item, ()) if not isinstance(item, tuple) else item
+        classes = count if isinstance(count, list) else [count]
+        count = sum(classes) / len(classes)
         if sass_index >= len(level):
             return False
         loop = level[sass_index]
@@ -213,8 +217,8 @@ def _match(instructions: list[Instruction], level: list[Loop], declared: tuple, 
         if (not children and spare > 0 and not loop.children and following is not None and not following.children
                 and _work(instructions, following)):
             unroll = max(1, round(_work(instructions, loop) / _work(instructions, following)))
-            spans.append((loop.start, loop.end, outer * (count // unroll)))
-            spans.append((following.start, following.end, outer * (count % unroll)))
+            spans.append((loop.start, loop.end, outer * sum(c // unroll for c in classes) / len(classes)))
+            spans.append((following.start, following.end, outer * sum(c % unroll for c in classes) / len(classes)))
             sass_index += 2
             continue
         if len(loop.children) and not children or children and not _match(instructions, loop.children, children,
@@ -228,8 +232,9 @@ def _match(instructions: list[Instruction], level: list[Loop], declared: tuple, 
 def execution_counts(instructions: list[Instruction], forest: list[Loop], trips: tuple) -> list[float]:
     """How many times each instruction runs per warp: the product of its enclosing loops' trips.
 
-    ``trips`` mirrors ``forest``: an int per loop without children, ``(trips, children)`` otherwise
-    (a loop ptxas unrolled into a main and a remainder loop is recognised, see ``_match``).
+    ``trips`` mirrors ``forest``: an int (or a list of ints, one per class of programs, see ``_match``)
+    per loop without children, ``(trips, children)`` otherwise (a loop ptxas unrolled into a main and a
+    remainder loop is recognised, see ``_match``).
     Everything outside loops runs once; the trailing padding after the last EXIT never runs.
     """
     spans: list[tuple[int, int, float]] = []

@@ -80,7 +80,8 @@ class Launch:
     num_stages: int = 2
     label: str = field(default="")
     # Trip counts of the kernel's runtime ``for`` loops per program, in source order: an int per loop
-    # without inner loops, ``(trips, (inner loops...))`` otherwise. Read only by the static
+    # without inner loops (a list of ints where equally many programs run each, e.g. one per stride
+    # phase), ``(trips, (inner loops...))`` otherwise. Read only by the static
     # performance model (dynconv/bounds.py), which matches them to the loops of the compiled code.
     loops: tuple = field(default=())
 

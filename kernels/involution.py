@@ -1070,8 +1070,9 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
                 PHASE_MAY_BE_EMPTY=unrolled and (gh > 1 or gw > 1))
     meta["INNER"] = _inner_strides(dy, weight, meta) if unrolled else None
     programs = phases * tiles_phase if unrolled else B * tiles_phase
+    trips = _phase_column_taps(K, stride[1], padding[1], gw, step_w, inv_w, taps_v) if unrolled else None
     return Launch(involution_bwd_input_kernel, _grid(programs, G, cg_tiles, meta["BLOCK_G"]), args,
-                  meta, num_warps, num_stages, loops=_tap_loops(unrolled, taps_v, K))
+                  meta, num_warps, num_stages, loops=_tap_loops(unrolled, taps_v, K, trips))
 
 
 def input_grad_default(dx, weight, stride, dilation=(1, 1)) -> dict:
@@ -1124,12 +1125,28 @@ def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
     return g, step, pow(dilation // g, -1, step) if step > 1 else 0
 
 
-def _tap_loops(unrolled: bool, column_taps: int, K: int) -> tuple:
-    """Trip counts of the fwd/dx tap loops: the column-tap loop (a one-trip loop compiles to none), or
-    the run-time K² loop."""
+def _phase_column_taps(K: int, stride: int, pad: int, gcd: int, step: int, inverse: int, taps: int) -> list[int]:
+    """The column-tap loop's trips in each column phase of the input gradient (equally many programs
+    each): ``taps`` slots, less the first where it names tap K (the phase has a tap fewer; the loop
+    starts past it, as _strip_taps does)."""
+    trips = []
+    for pw in range(stride):
+        v0 = ((pw + pad) // gcd * inverse) % step
+        trips.append(taps - (v0 + (taps - 1) * step >= K))
+    return trips
+
+
+def _tap_loops(unrolled: bool, column_taps: int, K: int, phase_trips: list[int] | None = None) -> tuple:
+    """Trip counts of the fwd/dx tap loops: the column-tap loop over ``column_taps`` slots (a one-slot
+    loop compiles to none), its trips per stride phase where they differ (_phase_column_taps), or the
+    run-time K² loop."""
     if not unrolled:
         return (K * K,)
-    return (column_taps,) if column_taps > 1 else ()
+    if column_taps <= 1:
+        return ()
+    if phase_trips:
+        return (phase_trips if len(set(phase_trips)) > 1 else phase_trips[0],)
+    return (column_taps,)
 
 
 def _strip(meta: dict, chunks: int, reuse: bool, x, weight) -> int:

@@ -64,6 +64,33 @@ def test_loops_nest_and_weight_by_declared_trips():
         sass.execution_counts(instructions, forest, (5,))
 
 
+# A loop ptxas unrolled twice (two FFMA a trip) and its remainder loop (one).
+UNROLLED = """
+        /*0000*/                   S2R R0, SR_TID.X ;                      /* 0x0 */
+        /*0010*/                   FFMA R8, R4, R5, R8 ;                   /* 0x0 */
+        /*0020*/                   FFMA R8, R4, R5, R8 ;                   /* 0x0 */
+        /*0030*/               @P0 BRA 0x10 ;                              /* 0x0 */
+        /*0040*/                   FFMA R8, R4, R5, R8 ;                   /* 0x0 */
+        /*0050*/               @P1 BRA 0x40 ;                              /* 0x0 */
+        /*0060*/                   EXIT ;                                  /* 0x0 */
+"""
+
+
+def test_trips_that_differ_by_program_class_count_their_mean():
+    instructions = sass.parse(SNIPPET)
+    forest = sass.loops(instructions)
+    # Half the programs run the outer loop 4 times, half 6; the inner loop 6 or 8 times a trip.
+    counts = dict(zip((i.addr for i in instructions),
+                      sass.execution_counts(instructions, forest, (([4, 6], ([6, 8],)),))))
+    assert counts[0x20] == 5 and counts[0x40] == 35 and counts[0x00] == 1
+    # Split into a main loop unrolled twice and a remainder: 3 trips are 1 + 1, 4 trips 2 + 0.
+    instructions = sass.parse(UNROLLED)
+    forest = sass.loops(instructions)
+    assert [(loop.start, loop.end) for loop in forest] == [(0x10, 0x30), (0x40, 0x50)]
+    counts = dict(zip((i.addr for i in instructions), sass.execution_counts(instructions, forest, ([3, 4],))))
+    assert counts[0x10] == 1.5 and counts[0x40] == 0.5
+
+
 # A loop whose warp reduction has a divergent slow path: ptxas moves it after the last EXIT
 # (``BRA.DIV``) and jumps back into the loop body from there. Seen in triton 3.9's na2d dkv fp32.
 COLD_PATH = """

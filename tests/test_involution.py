@@ -260,11 +260,25 @@ def test_launchers_unroll_taps_in_strips_and_split_the_input_gradient_by_stride_
     # Four phases, each over 16 x 16 input pixels and only its own 4 x 4 taps.
     assert dx.meta["TAPS_U"] == 4 and dx.args["TAPS_V"] == 4 and dx.meta["FIRST_TAP_MAY_MISS"]
     assert dx.args["TILES_PIX"] == 4 * dx.args["TILES_PHASE"]
+    # The column-tap loop's trips per column phase, as the static model reads them: tap columns 1, 3, 5
+    # (padding 3: phase 0) and 0, 2, 4, 6.
+    assert dx.loops == ([3, 4],)
     x, w, y = tensors(15, 16, 1)
     fwd = kernels.forward_launch(x, w, None, y, (1, 1), (7, 7), (1, 1))
     assert fwd.meta["TAPS"] == 0 and fwd.meta["STRIP"] == 1 and fwd.loops == (225,)
     dx = kernels.backward_input_launch(y, w, x, (1, 1), (7, 7), (1, 1))
     assert dx.meta["TAPS_U"] == 0 and dx.loops == (225,)
+
+
+@pytest.mark.parametrize("K,stride,pad,dilation", [(7, 2, 3, 1), (5, 3, 2, 1), (3, 2, 1, 2), (7, 4, 1, 3), (4, 2, 0, 1)])
+def test_phase_column_trips_are_each_phase_taps(K, stride, pad, dilation):
+    g, step, inverse = kernels._phase_taps(stride, dilation)
+    slots = -(-K // step)
+    trips = kernels._phase_column_taps(K, stride, pad, g, step, inverse, slots)
+    for pw, trip in enumerate(trips):
+        taps = [v for v in range(K) if (v * dilation - pw - pad) % stride == 0]
+        if (pw + pad) % g == 0:  # a phase no tap reaches runs its slots masked
+            assert trip == len(taps), (pw, taps)
 
 
 @pytest.mark.parametrize("per_pixel", [True, False], ids=["pixel", "sample"])
