@@ -1435,12 +1435,14 @@ def catalogue() -> list[Launch]:
     cfg = weight_grad_config(x, 16, 3, (1, 1), 64, 64, per_pixel=False)
     partials = torch.empty(weight_grad_partials(2304, 16, 3, 64, 64, cfg), dtype=torch.float32, device="meta")
     x_cl = x.to(memory_format=torch.channels_last)
+    w5 = torch.empty((2304, 16, 5, 5, 64, 64), dtype=torch.bfloat16, device="meta")  # the NCHW dw pairs need K >= 5
     depthwise = weight_grad_config(x, 256, 3, (1, 1), 64, 64, per_pixel=False)
     depthwise_partials = torch.empty(weight_grad_partials(2304, 256, 3, 64, 64, depthwise), dtype=torch.float32,
                                      device="meta")
     for launch, kind in ((forward_launch(x, w, None, x, *geometry), "pixel"),
                          (backward_input_launch(x, w, x, *geometry), "pixel"),
                          (backward_weight_launch(x, x, w, *geometry, True), "pixel"),
+                         (backward_weight_launch(x, x, w5, (1, 1), (2, 2), (1, 1), True), "pixel K=5"),
                          (forward_launch(x, w_sample, bias, x, *geometry), "sample"),
                          (backward_input_launch(x, w_sample, x, *geometry), "sample"),
                          (backward_weight_launch(x, x, partials, *geometry, False), "sample"),

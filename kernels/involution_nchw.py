@@ -12,9 +12,12 @@ run-time loop (unrolled too, ptxas takes minutes). So:
 * an input row is loaded once per tap column and serves every (strip row, tap row) pair reading it;
 * row offsets and masks are scalars shared by the program, only the column offset is per lane.
 
-bf16 with even widths and strides takes the forward's pair variant (involution_nchw_fwd_pairs_kernel):
-two adjacent pixels per lane, x and the weights read as int32 pairs, each halo row converted once per
-pair of tap columns.
+bf16 with even widths and strides takes the pair variants: two adjacent pixels per lane, read as
+int32 pairs of bf16. The forward (involution_nchw_fwd_pairs_kernel) reads x and the weights so and
+converts each halo row once per pair of tap columns; the weight gradient
+(involution_nchw_bwd_weight_pairs_kernel; column stride 1, even groups, K >= 5: see dw_pairs)
+reads dy and x so, its tap columns split by parity so that where a pair's columns fall in the words
+is known when compiled.
 
 The generic kernels of ``kernels/involution.py`` remain the fallback for what these do not cover
 (K > MAX_K, channels_last, per-sample weights). Kernels here know nothing of autograd.
@@ -421,6 +424,100 @@ def involution_nchw_bwd_weight_kernel(
                          mask=lane_ok & (i0 + s < Ho))
 
 
+@triton.jit
+def _dw_pair_columns(dy_words, x_words, dw_pixels, PARITY: tl.constexpr, lane_ok, i0, row_first, col_first,
+                     H, W, Ho, CG, sdyc: tl.constexpr, sdyh: tl.constexpr, sxc: tl.constexpr, sxh: tl.constexpr,
+                     sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
+                     PW: tl.constexpr, KS: tl.constexpr, SH: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, INDEX_64: tl.constexpr):
+    """The tap columns v = PARITY, PARITY + 2, ... of involution_nchw_bwd_weight_pairs_kernel: their
+    columns sit alike in the int32 words (word FIRST + m*DW for v = PARITY + 2m), so whether a pixel
+    pair straddles two words is a compile-time fact of the loop."""
+    # Column of pixel p through tap v, in words from col_first: (v*DW + PW % 2 + p) / 2.
+    FIRST: tl.constexpr = (PARITY * DW + PW % 2) // 2
+    STRADDLES: tl.constexpr = (PARITY * DW + PW % 2) % 2
+    HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    for v in range(PARITY, KS, 2):
+        word = FIRST + (v - PARITY) // 2 * DW
+        word_ok = ()
+        for t in tl.static_range(1 + STRADDLES):
+            word_ok = word_ok + (lane_ok & (col_first + 2 * (word + t) >= 0) & (col_first + 2 * (word + t) < W),)
+        x_col = x_words + word
+        accs = ()
+        for _ in tl.static_range(STRIP * KS * 2):
+            accs = accs + (tl.zeros((BLOCK_W,), dtype=tl.float32),)
+        for c in range(0, CG, CH):
+            c = _wide(c, INDEX_64)
+            grads = ()
+            for s in tl.static_range(STRIP):
+                for q in tl.static_range(CH):
+                    raw = tl.load(dy_words + c * (sdyc // 2) + (q * (sdyc // 2) + s * (sdyh // 2)),
+                                  mask=lane_ok & (i0 + s < Ho), other=0)
+                    lo, hi = _halves(raw)
+                    grads = grads + (lo, hi)
+            x_chunk = x_col + c * (sxc // 2)
+            for h in tl.static_range(HALO):
+                row_ok = (row_first + h >= 0) & (row_first + h < H)
+                xs = ()
+                for q in tl.static_range(CH):
+                    raw = tl.load(x_chunk + (h * (sxh // 2) + q * (sxc // 2)), mask=word_ok[0] & row_ok, other=0)
+                    lo, hi = _halves(raw)
+                    if STRADDLES:
+                        nxt = tl.load(x_chunk + (h * (sxh // 2) + q * (sxc // 2) + 1), mask=word_ok[1] & row_ok, other=0)
+                        lo, hi = hi, (nxt << 16).to(tl.float32, bitcast=True)
+                    xs = xs + (lo, hi)
+                new = ()
+                for s in tl.static_range(STRIP):
+                    for u in tl.static_range(KS):
+                        for p in tl.static_range(2):
+                            acc = accs[(s * KS + u) * 2 + p]
+                            if h == s * SH + u * DH:  # strip row s reads halo row h through tap row u
+                                for q in tl.static_range(CH):
+                                    acc = acc + grads[(s * CH + q) * 2 + p] * xs[q * 2 + p]
+                            new = new + (acc,)
+                accs = new
+        dw_col = dw_pixels + _wide(v, INDEX_64) * sdwv
+        for s in tl.static_range(STRIP):
+            for u in tl.static_range(KS):
+                for p in tl.static_range(2):
+                    tl.store(dw_col + (u * sdwu + s * sdwh + p * sdww),
+                             accs[(s * KS + u) * 2 + p].to(dw_pixels.dtype.element_ty), mask=lane_ok & (i0 + s < Ho))
+
+
+@triton.jit
+def involution_nchw_bwd_weight_pairs_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    B, H, W, Ho, Wo, G, CG,
+    sdyb, sxb, sdwb, sdwg,
+    ROW_TILES,
+    sdyc: tl.constexpr, sdyh: tl.constexpr,
+    sxc: tl.constexpr, sxh: tl.constexpr,
+    sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr,
+    KS: tl.constexpr, SH: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, INDEX_64: tl.constexpr,
+):
+    """involution_nchw_bwd_weight_kernel for bf16 at column stride 1, each lane owning two adjacent
+    output pixels (columns 2*jj and 2*jj + 1), dy and x read as int32 pairs of bf16 along W (W, Wo and
+    every stride but the contiguous one even): a word load and one shift or mask per element, where a
+    bf16 load takes a load, a zeroing and a shift. The tap columns go in two run-time loops by parity,
+    so that in each the pair's two x columns either share a word or straddle two, known when compiled.
+    """
+    b, g, c_first, i0, jj = _lanes(ROW_TILES, Wo // 2, G, 1, CG, CG, STRIP, BLOCK_W, INDEX_64)
+    lane_ok = b < B
+    row_first = i0 * SH - PH
+    col_first = jj * 2 - (PW + PW % 2)  # even: a word boundary
+    dy_words = (dy_ptr + (b * sdyb + c_first * sdyc)).to(tl.pointer_type(tl.int32), bitcast=True) \
+        + (i0 * (sdyh // 2) + jj)
+    x_words = (x_ptr + (b * sxb + c_first * sxc)).to(tl.pointer_type(tl.int32), bitcast=True) \
+        + (row_first * (sxh // 2) + col_first // 2)
+    dw_pixels = dw_ptr + b * sdwb + g * sdwg + i0 * sdwh + jj * (2 * sdww)
+    for parity in tl.static_range(2):
+        _dw_pair_columns(dy_words, x_words, dw_pixels, parity, lane_ok, i0, row_first, col_first, H, W, Ho, CG,
+                         sdyc, sdyh, sxc, sxh, sdwu, sdwv, sdwh, sdww, PW, KS, SH, DH, DW, CH, STRIP, BLOCK_W,
+                         INDEX_64)
+
+
 # --------------------------------------------------------------------------------------------
 # Launch builders (called by kernels/involution.py's launchers for the cases covers() accepts)
 # --------------------------------------------------------------------------------------------
@@ -442,6 +539,14 @@ def _pairs(src, W: int, weight, Wo: int) -> bool:
                for t in (src, weight))
 
 
+def dw_pairs(x, dy, CG: int, K: int, stride) -> bool:
+    """Whether the weight gradient runs its pair kernel: x and dy as pairs (_pairs), column stride 1,
+    an even number of channels per group and K >= 5. With one channel a chunk (R3: HBM-bound anyway)
+    or K = 3 ptxas keeps 96 registers and spills one to the stack (triton 3.6 at sm_80/sm_90, 3.9 at
+    sm_80)."""
+    return stride[1] == 1 and CG % 2 == 0 and K >= 5 and _pairs(x, x.shape[3], dy, dy.shape[3])
+
+
 def _acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -459,13 +564,16 @@ def _chunk(CG: int, cap: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def nchw_config(CG: int, rows: int, element_size: int, kind: str, pairs: bool = False) -> dict:
+def nchw_config(CG: int, rows: int, element_size: int, kind: str, pairs: bool = False, K: int = 7) -> dict:
     """Default tile: 128 lanes along the flattened rows, each a strip of STRIP rows and CH channels of
     its group. Sizes as triton 3.6's ptxas keeps them in registers on sm_90 and sm_80 (AOT-checked):
     fp32 has headroom (HBM-bound); 16-bit data needs longer strips or wider chunks to
     amortise each loaded element, and dx and dw hold more per thread (dw: a tap column's K x STRIP
     sums, so narrow chunks)."""
-    if pairs and kind == "fwd":
+    if pairs and kind == "dw":
+        # Two pixels per lane: a tap column's K x STRIP x 2 sums (at most 112, K = 7's), two channels at a time.
+        ch, strip = _chunk(CG, 2), max(1, min(8, 56 // K))
+    elif pairs and kind == "fwd":
         # Two pixels per lane: 8 channels x 4 rows x 2 sums fill sm_90's 255 registers (triton 3.6);
         # 8 x 7 spills there.
         ch = _chunk(CG, 8)
@@ -500,6 +608,15 @@ def _inner_strides(prefix: str, t, axes: str = "chw") -> dict:
 
 def _grid_size(lanes: int, block: int) -> tuple[int, int, int]:
     return (cdiv(lanes, block), 1, 1)
+
+
+def _column_loops(trips: int, chunks: int) -> tuple:
+    """The declared loops of a tap-column loop around a loop over ``chunks`` channel chunks: a one-trip
+    loop compiles to none (its inner loop then stands alone), a zero-trip one to nothing."""
+    inner = (chunks,) if chunks > 1 else ()
+    if trips > 1:
+        return ((trips, inner),) if inner else (trips,)
+    return inner if trips == 1 else ()
 
 
 def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool, config=None) -> Launch:
@@ -581,10 +698,24 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool,
     G, K = dw.shape[1], dw.shape[2]
     Ho, Wo = dy.shape[2], dy.shape[3]
     CG = C // G
-    config = config or get_config("involution_nchw_bwd_weight", _key(x, G, K, stride),
-                                  nchw_config(CG, Ho, x.element_size(), "dw"))
+    pairs = dw_pairs(x, dy, CG, K, stride)
+    config = config or get_config("involution_nchw_bwd_weight_pairs" if pairs else "involution_nchw_bwd_weight",
+                                  _key(x, G, K, stride), nchw_config(CG, Ho, x.element_size(), "dw", pairs, K))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     row_tiles = cdiv(Ho, strip)
+    chunks = CG // ch
+    if pairs:
+        args = dict(
+            dy_ptr=dy, x_ptr=x, dw_ptr=dw, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
+            sdyb=dy.stride(0), sxb=x.stride(0), sdwb=dw.stride(0), sdwg=dw.stride(1), ROW_TILES=row_tiles,
+        )
+        meta = dict(**_inner_strides("sdy", dy.select(3, 0), "ch"), **_inner_strides("sx", x.select(3, 0), "ch"),
+                    **_inner_strides("sdw", dw, "uvhw"), PH=padding[0], PW=padding[1], KS=K, SH=stride[0],
+                    DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip, BLOCK_W=block_w, INDEX_64=index_64)
+        # Two loops over the tap columns (even, then odd), each around the group's channels CH at a time.
+        column_loops = _column_loops((K + 1) // 2, chunks) + _column_loops(K // 2, chunks)
+        return Launch(involution_nchw_bwd_weight_pairs_kernel, _grid_size(B * G * row_tiles * (Wo // 2), block_w),
+                      args, meta, config.get("num_warps", 4), config.get("num_stages", 1), loops=column_loops)
     args = dict(
         dy_ptr=dy, x_ptr=x, dw_ptr=dw, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
         sdyb=dy.stride(0), sxb=x.stride(0), sdwb=dw.stride(0), sdwg=dw.stride(1),
@@ -594,7 +725,6 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool,
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
                 BLOCK_W=block_w, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype))
     # The tap columns, and inside each the group's channels CH at a time (a one-trip loop compiles to none).
-    chunks = CG // ch
     loops = (K, (chunks,)) if chunks > 1 else K
     return Launch(involution_nchw_bwd_weight_kernel, _grid_size(B * G * row_tiles * Wo, block_w), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=(loops,) if K > 1 else ())

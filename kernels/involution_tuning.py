@@ -160,12 +160,15 @@ def _tuning_spec_for_key(kernel: str):
 
 # The NCHW per-pixel kernels (kernels/involution_nchw.py): tuned under their own names, on NCHW only.
 # The key holds the element width, not the 16-bit format, and bf16 at even widths runs the forward's
-# pair kernel (half the channels' sums fill the registers): that kernel has its own table, timed in
-# bfloat16, and the single-pixel forward is timed in float16 whatever the sweep's 16-bit dtype.
+# pair kernels (two pixels a lane: the sums fill the registers at fewer channels or rows): those have
+# their own tables, timed in bfloat16, and the single-pixel kernels are timed in float16 whatever the
+# sweep's 16-bit dtype.
 _NCHW_KERNELS = {"involution_nchw_fwd": "involution_fwd", "involution_nchw_fwd_pairs": "involution_fwd",
-                 "involution_nchw_bwd_input": "involution_bwd_input", "involution_nchw_bwd_weight": "involution_bwd_weight"}
+                 "involution_nchw_bwd_input": "involution_bwd_input", "involution_nchw_bwd_weight": "involution_bwd_weight",
+                 "involution_nchw_bwd_weight_pairs": "involution_bwd_weight"}
 _NCHW_KIND = {"involution_nchw_fwd": "fwd", "involution_nchw_fwd_pairs": "fwd", "involution_nchw_bwd_input": "dx",
-              "involution_nchw_bwd_weight": "dw"}
+              "involution_nchw_bwd_weight": "dw", "involution_nchw_bwd_weight_pairs": "dw"}
+_NCHW_PAIRS = ("involution_nchw_fwd_pairs", "involution_nchw_bwd_weight_pairs")
 
 
 def _nchw_problems(kernel: str):
@@ -173,8 +176,9 @@ def _nchw_problems(kernel: str):
         rednet, dwnet = (_REDNET[1:2], _DWNET[1:2]) if quick else (_REDNET, _DWNET)
         shapes = [(f"{label} involution", "involution", C, C // 16, H, s) for label, C, H, s in rednet]
         shapes += [(f"{label} inhomogeneous", "dwconv", C, C, H, s) for label, C, H, s in dwnet]
-        if kernel == "involution_nchw_fwd_pairs":  # pairs need even widths in and out
-            shapes = [shape for shape in shapes if shape[4] % 2 == 0 and _out(shape[4], shape[5]) % 2 == 0]
+        if kernel in _NCHW_PAIRS:  # pairs need even widths in and out (dw: column stride 1, even groups)
+            shapes = [shape for shape in shapes if shape[4] % 2 == 0 and _out(shape[4], shape[5]) % 2 == 0
+                      and (kernel == "involution_nchw_fwd_pairs" or shape[5] == 1 and (shape[2] // shape[3]) % 2 == 0)]
         return [Problem(f"{label} NCHW", op, dict(B=32, C=C, G=G, H=H, W=H, K=7, stride=s, per_pixel=True,
                                                   bias=False, channels_last=False))
                 for label, op, C, G, H, s in shapes]
@@ -182,10 +186,10 @@ def _nchw_problems(kernel: str):
 
 
 def _nchw_dtype(kernel: str, dtype):
-    """The dtype a kernel is timed in: float16 for any 16-bit request (bf16 would run the pair
-    kernel); the pair kernel runs on bf16 only, so it is timed in bf16 whatever was asked (the sweep
+    """The dtype a kernel is timed in: float16 for any 16-bit request (bf16 would run a pair
+    kernel); the pair kernels run on bf16 only, so they are timed in bf16 whatever was asked (the sweep
     drops the repeated keys)."""
-    if kernel == "involution_nchw_fwd_pairs":
+    if kernel in _NCHW_PAIRS:
         return torch.bfloat16
     return torch.float16 if dtype.itemsize == 2 else dtype
 
@@ -207,10 +211,13 @@ def _nchw_default(kernel: str):
     def default(spec: dict, ts: dict) -> dict:
         kind = _NCHW_KIND[kernel]
         rows = -(-ts["dx"].shape[2] // _strides(spec)[0]) if kind == "dx" else ts["y"].shape[2]
-        # The launcher's own default: bf16 at even widths runs the pair kernel, whose sums fill the
-        # registers at half the channels (and so bound the candidates at half the sums).
-        pairs = kind == "fwd" and nchw._pairs(ts["x"], ts["x"].shape[3], ts["w"], ts["y"].shape[3])
-        return nchw.nchw_config(spec["C"] // spec["G"], rows, ts["x"].element_size(), kind, pairs)
+        # The launcher's own default: bf16 at even widths runs a pair kernel, whose sums fill the
+        # registers sooner (and so bound the candidates).
+        if kind == "fwd":
+            pairs = nchw._pairs(ts["x"], ts["x"].shape[3], ts["w"], ts["y"].shape[3])
+        else:
+            pairs = kind == "dw" and nchw.dw_pairs(ts["x"], ts["y"], spec["C"] // spec["G"], spec["K"], _strides(spec))
+        return nchw.nchw_config(spec["C"] // spec["G"], rows, ts["x"].element_size(), kind, pairs, spec["K"])
     return default
 
 
@@ -221,14 +228,18 @@ def _nchw_candidates(kernel: str):
         CG = key["C"] // key["G"]
         chunks = [d for d in (1, 2, 3, 4, 6, 8, 12, 16) if CG % d == 0]
         out = [default]
-        # Per-thread sums (CH x STRIP, or K x STRIP in dw) kept near the default's: past it they spill.
-        budget = default["CH"] * default["STRIP"] if "weight" not in kernel else default["STRIP"]
+        # Per-thread sums (CH x STRIP, or K x STRIP in dw; the dw pairs also hold 2 x CH x STRIP
+        # gradients) kept near the default's: past it they spill.
+        def load(ch: int, strip: int) -> int:
+            if kernel == "involution_nchw_bwd_weight_pairs":
+                return strip * (key["K"] + ch)
+            return strip if "weight" in kernel else ch * strip
+        budget = load(default["CH"], default["STRIP"])
         for ch in chunks:
             for strip in (2, 4, 6, 8):
                 for warps in ((4,) if quick else (2, 4, 8)):
-                    load = strip if "weight" in kernel else ch * strip
                     config = {"CH": ch, "STRIP": strip, "BLOCK_W": 32 * warps, "num_warps": warps, "num_stages": 1}
-                    if load <= budget and config not in out:
+                    if load(ch, strip) <= budget and config not in out:
                         out.append(config)
         return out[:6 if quick else 16]
     return candidates

@@ -451,7 +451,8 @@ def test_involution_keys_on_both_stride_components():
     x = torch.empty((8, 64, 32, 32), device="meta")
     assert not _borrows_across_strides(configs.spaces()["involution_fwd"], lambda s: inv.problem_key(x, 4, 7, s))
     for name in ("involution_fwd", "involution_bwd_input", "involution_bwd_weight", "dwconv_fwd", "dwconv_bwd_input",
-                 "dwconv_bwd_weight", "involution_nchw_fwd", "involution_nchw_bwd_input", "involution_nchw_bwd_weight"):
+                 "dwconv_bwd_weight", "involution_nchw_fwd", "involution_nchw_bwd_input", "involution_nchw_bwd_weight",
+                 "involution_nchw_bwd_weight_pairs"):
         for sh, sw in ((1, 2), (2, 1)):
             key = dict(B=8, C=64, G=4, H=32, W=16, K=7, stride_h=sh, stride_w=sw, channels_last=0, dtype_bytes=2)
             assert _round_trips(configs.spaces()[name], key), (name, sh, sw)
@@ -465,7 +466,7 @@ def test_nchw_involution_kernels_look_up_the_key_they_are_tuned_under():
     x = torch.empty((8, 48, 32, 32), device="meta", dtype=torch.bfloat16)
     assert involution_nchw._key(x, 4, 7, (1, 2)) == inv.problem_key(x, 4, 7, (1, 2))
     for name in ("involution_nchw_fwd", "involution_nchw_fwd_pairs", "involution_nchw_bwd_input",
-                 "involution_nchw_bwd_weight"):
+                 "involution_nchw_bwd_weight", "involution_nchw_bwd_weight_pairs"):
         space = configs.spaces()[name]
         key = inv.problem_key(x, 4, 7, (1, 1))
         candidates = space.candidates(key, False)
@@ -494,14 +495,35 @@ def test_nchw_involution_tuning_default_is_the_launchers_default():
         default = space.default(spec, ts)
         assert (launch.meta["CH"], launch.meta["STRIP"]) == (default["CH"], default["STRIP"]), (dtype, width)
         assert all(c["CH"] * c["STRIP"] <= default["CH"] * default["STRIP"] for c in space.candidates(key, False))
-    # The pair table's problems all run the pair kernel; a float32 request times it once, in bf16.
+    # The weight gradient's pair kernel: bf16, even widths, column stride 1.
+    for dtype, width, stride, name in ((torch.bfloat16, 32, 1, "involution_nchw_bwd_weight_pairs"),
+                                       (torch.bfloat16, 32, 2, "involution_nchw_bwd_weight"),
+                                       (torch.float16, 32, 1, "involution_nchw_bwd_weight")):
+        x = torch.empty((8, 64, 32, width), device="meta", dtype=dtype)
+        out = (width - 1) // stride + 1
+        dy = torch.empty((8, 64, out, out), device="meta", dtype=dtype)
+        dw = torch.empty((8, 4, 7, 7, out, out), device="meta", dtype=dtype)
+        launch = involution_nchw.backward_weight_launch(dy, x, dw, (stride, stride), (3, 3), (1, 1), False)
+        assert launch.name == name + "_kernel", (dtype, stride)
+        space = configs.spaces()[name]
+        key = inv.problem_key(x, 4, 7, (stride, stride))
+        spec, timed = space.spec_for_key(key)
+        ts = space.inputs(spec, timed, "meta")
+        default = space.default(spec, ts)
+        assert space.launch(spec, ts, default).name == launch.name, (dtype, stride)
+        assert (launch.meta["CH"], launch.meta["STRIP"]) == (default["CH"], default["STRIP"]), (dtype, stride)
+    # The pair tables' problems all run their pair kernel; a float32 request times it once, in bf16.
     from dynconv.autotune import build_grid
 
-    cases = build_grid({"involution_nchw_fwd_pairs": configs.spaces()["involution_nchw_fwd_pairs"]}, None,
-                       ["float16", "bfloat16", "float32"], quick=False)
-    assert cases and {case.dtype for case in cases} == {"bfloat16"}
-    assert len({(case.label, tuple(case.key.items())) for case in cases}) == len(cases)
-    assert all(case.spec["W"] % 2 == 0 for case in cases)
+    for name in ("involution_nchw_fwd_pairs", "involution_nchw_bwd_weight_pairs"):
+        cases = build_grid({name: configs.spaces()[name]}, None, ["float16", "bfloat16", "float32"], quick=False)
+        assert cases and {case.dtype for case in cases} == {"bfloat16"}
+        assert len({(case.label, tuple(case.key.items())) for case in cases}) == len(cases)
+        assert all(case.spec["W"] % 2 == 0 for case in cases)
+        for case in cases:
+            ts = configs.spaces()[name].inputs(case.spec, torch.bfloat16, "meta")
+            launch = configs.spaces()[name].launch(case.spec, ts, configs.spaces()[name].default(case.spec, ts))
+            assert launch.name == name + "_kernel", case.label
 
 
 def test_region_conv_forward_has_a_tuning_space_and_uses_its_rows(gpu):

@@ -193,32 +193,39 @@ def _nan(*shape):
     return torch.full(shape, float("nan"), dtype=torch.float16)
 
 
-@pytest.mark.parametrize("per_pixel", [True, False], ids=["per-pixel", "per-sample"])
-def test_involution_taps_past_int32(storage, per_pixel):
-    """u * swu passes 2^31 (the weight's tap axis outermost in memory, as in a permuted weight)."""
+@pytest.mark.parametrize("per_pixel,dtype", [(True, torch.float16), (False, torch.float16), (True, torch.bfloat16)],
+                         ids=["per-pixel", "per-sample", "per-pixel-bf16-pairs"])
+def test_involution_taps_past_int32(storage, per_pixel, dtype):
+    """u * swu passes 2^31 (the weight's tap axis outermost in memory, as in a permuted weight).
+    bf16 at even widths takes the NCHW pair kernels (forward, weight gradient)."""
     from dynconv.kernels import involution as k
 
-    B, C, H, W, G, K = 1, 4, 4, 4, 2, 3
-    x, dy = _randn(B, C, H, W), _randn(B, C, H, W)
+    storage = storage.view(dtype)
+    B, C, H, W, G, K = 1, 4, 4, 4, 2, 3 if dtype == torch.float16 else 5  # bf16 pairs: dw at K >= 5
+    geometry = ((1, 1), ((K - 1) // 2,) * 2, (1, 1))
+    x, dy = _randn(B, C, H, W).to(dtype), _randn(B, C, H, W).to(dtype)
     shape = (B, G, K, K, H, W) if per_pixel else (B, G, K, K)
-    strides = (64, 16, BIG, BIG // 4, 4, 1) if per_pixel else (64, 16, BIG, BIG // 4)
-    w = _randn(*shape)
+    swu = 2**31 // (K - 1)  # the last tap row lands on 2^31 (BIG at K = 3); tap columns never reach the next row
+    strides = (64, 16, swu, swu // 8, 4, 1) if per_pixel else (64, 16, swu, swu // 8)
+    w = _randn(*shape).to(dtype)
     w_big = _view(storage, w, strides, 0)
-    bias = None if per_pixel else _randn(B, C)
-    assert k.forward_launch(x, w_big, bias, _nan(B, C, H, W), *GEOMETRY).meta["INDEX_64"]
+    bias = None if per_pixel else _randn(B, C).to(dtype)
+    assert k.forward_launch(x, w_big, bias, _nan(B, C, H, W).to(dtype), *geometry).meta["INDEX_64"]
+    if dtype == torch.bfloat16:
+        assert k.backward_weight_launch(dy, x, w_big, *geometry, True).name == "involution_nchw_bwd_weight_pairs_kernel"
     outputs = []
     for weight in (w, w_big):  # contiguous (32-bit offsets), then the wide view (INDEX_64)
-        y, dx = _nan(B, C, H, W), _nan(B, C, H, W)
-        k.involution_forward(x, weight, bias, y, *GEOMETRY)
-        k.involution_backward_input(dy, weight, dx, *GEOMETRY)
-        dw = _nan(*shape) if weight is w else _nan_view(storage, shape, strides, 128)
-        k.involution_backward_weight(dy, x, dw, *GEOMETRY)
+        y, dx = _nan(B, C, H, W).to(dtype), _nan(B, C, H, W).to(dtype)
+        k.involution_forward(x, weight, bias, y, *geometry)
+        k.involution_backward_input(dy, weight, dx, *geometry)
+        dw = _nan(*shape).to(dtype) if weight is w else _nan_view(storage, shape, strides, 128)
+        k.involution_backward_weight(dy, x, dw, *geometry)
         outputs.append((y, dx, dw.clone()))
     for name, small, wide in zip(("y", "dx", "dw"), *outputs):
         assert not small.isnan().any(), name
         assert torch.equal(small, wide), f"{name}: the INDEX_64 run with wide strides differs"
-    expected = involution_naive(x.double(), w.double(), None if bias is None else bias.double(), 1, 1, 1)
-    assert_close(outputs[1][0], expected, torch.float16, "y")
+    expected = involution_naive(x.double(), w.double(), None if bias is None else bias.double(), 1, (K - 1) // 2, 1)
+    assert_close(outputs[1][0], expected, dtype, "y")
 
 
 def test_involution_fused_r_and_span_rows_past_int32(storage):

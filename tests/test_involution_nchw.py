@@ -150,9 +150,9 @@ def test_empty_tensors(shape):
 # bf16 with even widths: x (or dy) and the weights read as int32 pairs of pixels (the *_pairs kernels).
 PAIR_CASES = [
     (2, 8, 6, 8, 3, 2, 1, 1, None),    # two samples, G < C, two chunks per group
-    (1, 4, 4, 6, 7, 2, 1, 1, None),    # K larger than the image, odd padding
+    (1, 8, 4, 6, 7, 2, 1, 1, None),    # K larger than the image, odd padding, two chunks per group
     (1, 2, 7, 8, 3, 1, 2, 1, None),    # stride 2, odd H
-    (1, 2, 6, 8, 3, 2, 1, 2, None),    # dilation 2, even padding
+    (1, 4, 6, 8, 5, 2, 1, 2, None),    # dilation 2, even padding
     (1, 2, 5, 8, 4, 1, 2, 1, 1),       # even K, stride 2, padding 1
     (1, 2, 5, 6, 5, 1, 1, 1, None),    # even padding at stride 1
     (1, 4, 3, 4, 1, 2, 1, 1, None),    # K = 1: no tap pair, only the last column
@@ -164,3 +164,7 @@ PAIR_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}" for c in
 def test_pair_kernels_forward_input_and_weight_gradients(case):
     launches = _run_three_kernels(case, torch.bfloat16)
     assert launches[0].name == "involution_nchw_fwd_pairs_kernel"
+    # The weight gradient's pairs need column stride 1, groups of an even number of channels and K >= 5.
+    stride_w = case[6] if isinstance(case[6], int) else case[6][1]
+    pairs = stride_w == 1 and case[1] // case[5] % 2 == 0 and case[4] >= 5
+    assert launches[2].name == ("involution_nchw_bwd_weight_pairs_kernel" if pairs else "involution_nchw_bwd_weight_kernel")
