@@ -90,6 +90,27 @@ def _flat_pixels(tile, B, ROWS, COLS, PIXELS: tl.constexpr, INDEX_64: tl.constex
 
 
 @triton.jit
+def _program_lanes(pid0, pid_ch, TILES, B, ROWS, COLS, TILES_W, CG_TILES, G, CG, FLAT: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, LANE_ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+                   INDEX_64: tl.constexpr):
+    """(set, sample, row, column, group, channel-in-group, channel, channel mask) of this program's
+    lanes, for the forward and the input gradient. Programs come in sets of TILES. FLAT: a set's
+    LANE_ROWS x BLOCK_W lanes run over the flattened (sample, row, column) space of ROWS x COLS
+    pixels a sample (_flat_pixels), and the set is a stride phase; otherwise a set is one sample,
+    tiled by LANE_ROWS x BLOCK_W rectangles, TILES_W to a row of tiles."""
+    outer = pid0 // TILES
+    tile = pid0 % TILES
+    if FLAT:
+        b, row, col = _flat_pixels(tile, B, ROWS, COLS, LANE_ROWS * BLOCK_W, INDEX_64)
+        g3, cg3, c3, channel_mask = _tile_channels(pid_ch, CG_TILES, G, CG, BLOCK_G, BLOCK_CG, INDEX_64)
+    else:
+        b = widen(outer, INDEX_64)
+        g3, cg3, c3, channel_mask, row, col = _tile_indices(tile, pid_ch, TILES_W, CG_TILES, G, CG,
+                                                            BLOCK_G, BLOCK_CG, LANE_ROWS, BLOCK_W, INDEX_64)
+    return outer, b, row, col, g3, cg3, c3, channel_mask
+
+
+@triton.jit
 def gather_source(pos, pad, tap, dilation, stride, out_size, mask):
     """The output index that reads input index ``pos`` through ``tap``, and ``mask`` & whether one exists.
 
@@ -341,18 +362,11 @@ def involution_fwd_kernel(
     its (BLOCK_H // STRIP) * BLOCK_W lanes run over the flattened (sample, strip row, column) space
     (STRIP_ROWS strip rows per sample, see _flat_pixels), so the sample is a lane's own.
     """
-    pid0 = tl.program_id(0)
     G = C // CG
-    if TAPS > 0:
-        b, i, j = _flat_pixels(pid0, B, STRIP_ROWS, Wo, (BLOCK_H // STRIP) * BLOCK_W, INDEX_64)
-        g3, cg3, c3, channel_mask = _tile_channels(tl.program_id(1), CG_TILES, G, CG, BLOCK_G, BLOCK_CG, INDEX_64)
-    else:
-        b = pid0 // TILES_PIX
-        if INDEX_64:
-            b = b.to(tl.int64)
-        g3, cg3, c3, channel_mask, i, j = _tile_indices(
-            pid0 % TILES_PIX, tl.program_id(1), TILES_W, CG_TILES, G, CG,
-            BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
+    # With TAPS, one set of TILES_PIX programs over the flattened batch.
+    _, b, i, j, g3, cg3, c3, channel_mask = _program_lanes(
+        tl.program_id(0), tl.program_id(1), TILES_PIX, B, STRIP_ROWS, Wo, TILES_W, CG_TILES, G, CG, TAPS > 0,
+        BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
     i = i * STRIP  # the strip's first output row
     x_sample = x_ptr + b * sxb
     # Channel offsets stay int32 and meet the pixel offset at each load: a hoisted pointer per
@@ -431,7 +445,7 @@ def involution_bwd_input_kernel(
     swb, swg, swu, swv, swh, sww,
     sdxb, sdxc, sdxh, sdxw,
     SH, SW, PH, PW, DH, DW,
-    TILES_PIX, TILES_W, CG_TILES, TILES_PHASE, GH, GW, INV_H, INV_W, TAPS_V, STRIP_ROWS, COLS,
+    TILES_W, CG_TILES, TILES_PHASE, GH, GW, INV_H, INV_W, TAPS_V, STRIP_ROWS, COLS,
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TAPS_U: tl.constexpr = 0, STRIP: tl.constexpr = 1,
@@ -453,19 +467,11 @@ def involution_bwd_input_kernel(
     COLS columns per sample, see _flat_pixels), TILES_PHASE programs of them.
     TAPS_U = 0: the run-time tap loop over all K² taps for any K and stride (STRIP = CHUNKS = 1, one phase).
     """
-    pid0 = tl.program_id(0)
     G = C // CG
-    if TAPS_U > 0:
-        phase = pid0 // TILES_PHASE
-        b, h, w = _flat_pixels(pid0 % TILES_PHASE, B, STRIP_ROWS, COLS, (BLOCK_H // STRIP) * BLOCK_W, INDEX_64)
-        g3, cg3, c3, channel_mask = _tile_channels(tl.program_id(1), CG_TILES, G, CG, BLOCK_G, BLOCK_CG, INDEX_64)
-    else:
-        b = pid0 // TILES_PIX
-        if INDEX_64:
-            b = b.to(tl.int64)
-        g3, cg3, c3, channel_mask, h, w = _tile_indices(
-            pid0 % TILES_PIX, tl.program_id(1), TILES_W, CG_TILES, G, CG,
-            BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
+    # Unrolled: a set of TILES_PHASE programs per stride phase; else a set per sample (one phase).
+    phase, b, h, w, g3, cg3, c3, channel_mask = _program_lanes(
+        tl.program_id(0), tl.program_id(1), TILES_PHASE, B, STRIP_ROWS, COLS, TILES_W, CG_TILES, G, CG, TAPS_U > 0,
+        BLOCK_G, BLOCK_CG, BLOCK_H // STRIP, BLOCK_W, INDEX_64)
     # Channel offsets stay int32 until they meet the pixel offset (see involution_fwd_kernel).
     dy_sample = dy_ptr + b * sdyb
     dy_channel = c3 * sdyc
@@ -992,9 +998,13 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
     # Strip rows share input rows only when consecutive output rows read consecutive input rows.
     strip = _strip(meta, chunks, taps > 0 and stride[0] == 1 and dilation[0] == 1, x, weight)
     strip_rows = cdiv(Ho, strip)
-    tiles_w = cdiv(Wo, meta["BLOCK_W"])
-    tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
-    programs = _flat_tiles(B, strip_rows, Wo, meta, strip) if taps else B * tiles_pix
+    if taps:  # one set of programs over the flattened batch (see _program_lanes)
+        tiles_w, tiles_pix = 1, _flat_tiles(B, strip_rows, Wo, meta, strip)
+        programs = tiles_pix
+    else:
+        tiles_w = cdiv(Wo, meta["BLOCK_W"])
+        tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
+        programs = B * tiles_pix
     bias_strides = bias.stride() if bias is not None else (0, 0)
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y,
@@ -1049,9 +1059,11 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
     # Strip rows of a phase share dy rows only when a phase's taps step one dy row.
     strip = _strip(meta, chunks, unrolled and dilation[0] // gh == 1, dx, weight)
     strip_rows = cdiv(rows, strip)
-    tiles_w = cdiv(cols, meta["BLOCK_W"])
-    # Unrolled: a phase's programs run over its flattened (sample, strip row, column) space.
-    tiles_phase = _flat_tiles(B, strip_rows, cols, meta, strip) if unrolled else cdiv(rows, meta["BLOCK_H"]) * tiles_w
+    if unrolled:  # a phase's programs run over its flattened (sample, strip row, column) space
+        tiles_w, tiles_phase = 1, _flat_tiles(B, strip_rows, cols, meta, strip)
+    else:
+        tiles_w = cdiv(cols, meta["BLOCK_W"])
+        tiles_phase = cdiv(rows, meta["BLOCK_H"]) * tiles_w
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx,
         B=B, C=C, H=H, W=W, Ho=Ho, Wo=Wo, CG=C // G, K=K,
@@ -1059,7 +1071,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
         **dict(zip(("swb", "swg", "swu", "swv", "swh", "sww"), _weight_strides(weight))),
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-        TILES_PIX=phases * tiles_phase, TILES_W=tiles_w, CG_TILES=cg_tiles, TILES_PHASE=tiles_phase,
+        TILES_W=tiles_w, CG_TILES=cg_tiles, TILES_PHASE=tiles_phase,
         GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w, TAPS_V=taps_v, STRIP_ROWS=strip_rows, COLS=cols,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),

@@ -259,7 +259,7 @@ def test_launchers_unroll_taps_in_strips_and_split_the_input_gradient_by_stride_
     dx = kernels.backward_input_launch(y, w, x, (2, 2), (3, 3), (1, 1))
     # Four phases, each over 16 x 16 input pixels and only its own 4 x 4 taps.
     assert dx.meta["TAPS_U"] == 4 and dx.args["TAPS_V"] == 4 and dx.meta["FIRST_TAP_MAY_MISS"]
-    assert dx.args["TILES_PIX"] == 4 * dx.args["TILES_PHASE"]
+    assert dx.grid[0] == 4 * dx.args["TILES_PHASE"]
     # The column-tap loop's trips per column phase, as the static model reads them: tap columns 1, 3, 5
     # (padding 3: phase 0) and 0, 2, 4, 6.
     assert dx.loops == ([3, 4],)
