@@ -59,6 +59,13 @@ def _max_offset(t: torch.Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
 
 
+def inner_strides(prefix: str, t: torch.Tensor, axes: str = "chw") -> dict[str, int]:
+    """``t``'s strides along its last ``len(axes)`` dims, named ``prefix + axis`` ("sx", x, "hw" ->
+    sxh, sxw): passed as compile-time constants, they make a kernel variant per feature-map size, and
+    every tap's and halo row's offset from a program's base pointer an immediate."""
+    return {prefix + a: s for a, s in zip(axes, t.stride()[t.dim() - len(axes):])}
+
+
 def is_channels_last(t: torch.Tensor) -> bool:
     """NHWC strides that are not also NCHW-contiguous (as for C == 1 or 1x1 images)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)

@@ -25,8 +25,8 @@ import triton.language as tl
 from . import dynamic_dwconv as dwconv
 from . import involution_nchw
 from ._keys import problem_key
-from ._launch import (INT32_MAX, Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64,
-                      next_power_of_2, planned)
+from ._launch import (INT32_MAX, Launch, cacheable, cdiv, config_key, inner_strides, is_channels_last, layout,
+                      needs_int64, next_power_of_2, planned)
 from .configs import get_config
 
 
@@ -1244,8 +1244,8 @@ def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
         sdyb=dy.stride(0), sdyc=dy.stride(1), sxb=x.stride(0), sxc=x.stride(1), sdwb=dw.stride(0), sdwg=dw.stride(1),
         PH=padding[0], PW=padding[1], TILES_PIX=tiles_pix, TILES_W=tiles_w,
     )
-    meta = dict(**dict(zip(("sdyh", "sdyw"), dy.stride()[2:])), **dict(zip(("sxh", "sxw"), x.stride()[2:])),
-                **dict(zip(("sdwu", "sdwv", "sdwh", "sdww"), dw.stride()[2:])), KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
+    meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sx", x, "hw"), **inner_strides("sdw", dw, "uvhw"),
+                KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
                 CHUNK=chunk, CHUNKS=cdiv(CG, chunk), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
                 RUN=config["RUN"], INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))

@@ -32,7 +32,7 @@ import triton.language as tl
 
 import torch
 
-from ._launch import Launch, cdiv, is_channels_last
+from ._launch import Launch, cdiv, inner_strides, is_channels_last
 from .configs import get_config
 
 # Kernel sizes these kernels unroll; larger K takes the generic run-time tap loop.
@@ -539,6 +539,11 @@ def _pairs(src, W: int, weight, Wo: int) -> bool:
                for t in (src, weight))
 
 
+def fwd_pairs(x, weight, y) -> bool:
+    """Whether the forward runs its pair kernel: x and the weights as pairs (_pairs)."""
+    return _pairs(x, x.shape[3], weight, y.shape[3])
+
+
 def dw_pairs(x, dy, CG: int, K: int, stride) -> bool:
     """Whether the weight gradient runs its pair kernel: x and dy as pairs (_pairs), column stride 1,
     an even number of channels per group and K >= 5. With one channel a chunk (R3: HBM-bound anyway)
@@ -564,7 +569,7 @@ def _chunk(CG: int, cap: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def nchw_config(CG: int, rows: int, element_size: int, kind: str, pairs: bool = False, K: int = 7) -> dict:
+def nchw_config(CG: int, K: int, rows: int, element_size: int, kind: str, pairs: bool = False) -> dict:
     """Default tile: 128 lanes along the flattened rows, each a strip of STRIP rows and CH channels of
     its group. Sizes as triton 3.6's ptxas keeps them in registers on sm_90 and sm_80 (AOT-checked):
     fp32 has headroom (HBM-bound); 16-bit data needs longer strips or wider chunks to
@@ -600,12 +605,6 @@ def _strip(rows: int, cap: int) -> int:
     return min(range(max(1, cap // 2), cap + 1), key=lambda s: (cdiv(rows, s) * s, -s))
 
 
-def _inner_strides(prefix: str, t, axes: str = "chw") -> dict:
-    """The strides within one sample (and group), as compile-time constants: a kernel variant per
-    feature-map size, and every tap's offset from a program's base pointer an immediate."""
-    return {prefix + a: s for a, s in zip(axes, t.stride()[t.dim() - len(axes):])}
-
-
 def _grid_size(lanes: int, block: int) -> tuple[int, int, int]:
     return (cdiv(lanes, block), 1, 1)
 
@@ -624,9 +623,9 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
     G, K = weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     CG = C // G
-    pairs = _pairs(x, W, weight, Wo)
+    pairs = fwd_pairs(x, weight, y)
     config = config or get_config("involution_nchw_fwd_pairs" if pairs else "involution_nchw_fwd", _key(x, G, K, stride),
-                                  nchw_config(CG, Ho, x.element_size(), "fwd", pairs))
+                                  nchw_config(CG, K, Ho, x.element_size(), "fwd", pairs))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     chunks, row_tiles = CG // ch, cdiv(Ho, strip)
     bias_strides = bias.stride() if bias is not None else (0, 0)
@@ -636,8 +635,8 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
             sxb=x.stride(0), swb=weight.stride(0), swg=weight.stride(1),
             sbb=bias_strides[0], sbc=bias_strides[1], syb=y.stride(0), ROW_TILES=row_tiles, CHUNKS=chunks,
         )
-        meta = dict(**_inner_strides("sx", x.select(3, 0), "ch"), **_inner_strides("sw", weight.select(5, 0), "uvh"),
-                    **_inner_strides("sy", y), PH=padding[0], PW=padding[1], KS=K, SH=stride[0], SW=stride[1],
+        meta = dict(**inner_strides("sx", x.select(3, 0), "ch"), **inner_strides("sw", weight.select(5, 0), "uvh"),
+                    **inner_strides("sy", y), PH=padding[0], PW=padding[1], KS=K, SH=stride[0], SW=stride[1],
                     DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip, BLOCK_W=block_w, HAS_BIAS=bias is not None,
                     INDEX_64=index_64)
         # One run-time loop: the pairs of tap columns.
@@ -650,7 +649,7 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
         sbb=bias_strides[0], sbc=bias_strides[1], syb=y.stride(0),
         PH=padding[0], PW=padding[1], ROW_TILES=row_tiles, CHUNKS=chunks,
     )
-    meta = dict(**_inner_strides("sx", x), **_inner_strides("sw", weight, "uvhw"), **_inner_strides("sy", y), KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
+    meta = dict(**inner_strides("sx", x), **inner_strides("sw", weight, "uvhw"), **inner_strides("sy", y), KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
                 BLOCK_W=block_w, HAS_BIAS=bias is not None, INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(x.dtype))
     # One run-time loop: the tap columns.
@@ -674,7 +673,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: b
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     rows, cols = cdiv(H, stride[0]), cdiv(W, stride[1])
     config = config or get_config("involution_nchw_bwd_input", _key(dx, G, K, stride),
-                                  nchw_config(CG, rows, dx.element_size(), "dx"))
+                                  nchw_config(CG, K, rows, dx.element_size(), "dx"))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     chunks, row_tiles = CG // ch, cdiv(rows, strip)
     args = dict(
@@ -682,7 +681,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: b
         sdyb=dy.stride(0), swb=weight.stride(0), swg=weight.stride(1), sdxb=dx.stride(0),
         PH=padding[0], PW=padding[1], ROWS=rows, COLS=cols, ROW_TILES=row_tiles, CHUNKS=chunks,
     )
-    meta = dict(**_inner_strides("sdy", dy), **_inner_strides("sw", weight, "uvhw"), **_inner_strides("sdx", dx),
+    meta = dict(**inner_strides("sdy", dy), **inner_strides("sw", weight, "uvhw"), **inner_strides("sdx", dx),
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], GH=gh, GW=gw, INV_H=inv_h,
                 INV_W=inv_w, CH=ch, STRIP=strip, BLOCK_W=block_w, INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(dx.dtype))
@@ -700,7 +699,7 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool,
     CG = C // G
     pairs = dw_pairs(x, dy, CG, K, stride)
     config = config or get_config("involution_nchw_bwd_weight_pairs" if pairs else "involution_nchw_bwd_weight",
-                                  _key(x, G, K, stride), nchw_config(CG, Ho, x.element_size(), "dw", pairs, K))
+                                  _key(x, G, K, stride), nchw_config(CG, K, Ho, x.element_size(), "dw", pairs))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     row_tiles = cdiv(Ho, strip)
     chunks = CG // ch
@@ -709,8 +708,8 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool,
             dy_ptr=dy, x_ptr=x, dw_ptr=dw, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
             sdyb=dy.stride(0), sxb=x.stride(0), sdwb=dw.stride(0), sdwg=dw.stride(1), ROW_TILES=row_tiles,
         )
-        meta = dict(**_inner_strides("sdy", dy.select(3, 0), "ch"), **_inner_strides("sx", x.select(3, 0), "ch"),
-                    **_inner_strides("sdw", dw, "uvhw"), PH=padding[0], PW=padding[1], KS=K, SH=stride[0],
+        meta = dict(**inner_strides("sdy", dy.select(3, 0), "ch"), **inner_strides("sx", x.select(3, 0), "ch"),
+                    **inner_strides("sdw", dw, "uvhw"), PH=padding[0], PW=padding[1], KS=K, SH=stride[0],
                     DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip, BLOCK_W=block_w, INDEX_64=index_64)
         # Two loops over the tap columns (even, then odd), each around the group's channels CH at a time.
         column_loops = _column_loops((K + 1) // 2, chunks) + _column_loops(K // 2, chunks)
@@ -721,10 +720,9 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool,
         sdyb=dy.stride(0), sxb=x.stride(0), sdwb=dw.stride(0), sdwg=dw.stride(1),
         PH=padding[0], PW=padding[1], ROW_TILES=row_tiles,
     )
-    meta = dict(**_inner_strides("sdy", dy), **_inner_strides("sx", x), **_inner_strides("sdw", dw, "uvhw"),
+    meta = dict(**inner_strides("sdy", dy), **inner_strides("sx", x), **inner_strides("sdw", dw, "uvhw"),
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
                 BLOCK_W=block_w, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype))
     # The tap columns, and inside each the group's channels CH at a time (a one-trip loop compiles to none).
-    loops = (K, (chunks,)) if chunks > 1 else K
     return Launch(involution_nchw_bwd_weight_kernel, _grid_size(B * G * row_tiles * Wo, block_w), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=(loops,) if K > 1 else ())
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=_column_loops(K, chunks))

@@ -176,13 +176,21 @@ def _nchw_problems(kernel: str):
         rednet, dwnet = (_REDNET[1:2], _DWNET[1:2]) if quick else (_REDNET, _DWNET)
         shapes = [(f"{label} involution", "involution", C, C // 16, H, s) for label, C, H, s in rednet]
         shapes += [(f"{label} inhomogeneous", "dwconv", C, C, H, s) for label, C, H, s in dwnet]
-        if kernel in _NCHW_PAIRS:  # pairs need even widths in and out (dw: column stride 1, even groups)
-            shapes = [shape for shape in shapes if shape[4] % 2 == 0 and _out(shape[4], shape[5]) % 2 == 0
-                      and (kernel == "involution_nchw_fwd_pairs" or shape[5] == 1 and (shape[2] // shape[3]) % 2 == 0)]
-        return [Problem(f"{label} NCHW", op, dict(B=32, C=C, G=G, H=H, W=H, K=7, stride=s, per_pixel=True,
-                                                  bias=False, channels_last=False))
-                for label, op, C, G, H, s in shapes]
+        out = [Problem(f"{label} NCHW", op, dict(B=32, C=C, G=G, H=H, W=H, K=7, stride=s, per_pixel=True,
+                                                 bias=False, channels_last=False))
+               for label, op, C, G, H, s in shapes]
+        if kernel in _NCHW_PAIRS:  # only the shapes the launcher gives a pair kernel
+            kind = _NCHW_KIND[kernel]
+            out = [p for p in out if _nchw_pairs(kind, p.spec, _tuning_inputs(p.spec, torch.bfloat16, "meta"))]
+        return out
     return problems
+
+
+def _nchw_pairs(kind: str, spec: dict, ts: dict) -> bool:
+    """Whether the launcher runs a pair kernel on these inputs (its own rule, asked of the tensors)."""
+    if kind == "fwd":
+        return nchw.fwd_pairs(ts["x"], ts["w"], ts["y"])
+    return kind == "dw" and nchw.dw_pairs(ts["x"], ts["y"], spec["C"] // spec["G"], spec["K"], _strides(spec))
 
 
 def _nchw_dtype(kernel: str, dtype):
@@ -213,11 +221,8 @@ def _nchw_default(kernel: str):
         rows = -(-ts["dx"].shape[2] // _strides(spec)[0]) if kind == "dx" else ts["y"].shape[2]
         # The launcher's own default: bf16 at even widths runs a pair kernel, whose sums fill the
         # registers sooner (and so bound the candidates).
-        if kind == "fwd":
-            pairs = nchw._pairs(ts["x"], ts["x"].shape[3], ts["w"], ts["y"].shape[3])
-        else:
-            pairs = kind == "dw" and nchw.dw_pairs(ts["x"], ts["y"], spec["C"] // spec["G"], spec["K"], _strides(spec))
-        return nchw.nchw_config(spec["C"] // spec["G"], rows, ts["x"].element_size(), kind, pairs, spec["K"])
+        return nchw.nchw_config(spec["C"] // spec["G"], spec["K"], rows, ts["x"].element_size(), kind,
+                                _nchw_pairs(kind, spec, ts))
     return default
 
 

@@ -476,9 +476,10 @@ def test_nchw_involution_kernels_look_up_the_key_they_are_tuned_under():
 
 
 def test_nchw_involution_tuning_default_is_the_launchers_default():
-    """bf16 at even widths runs the forward's pair kernel, whose default halves the channels: it is
-    tuned under its own name, in bf16, and each table's baseline (and bound on the candidates' sums)
-    is the default of the kernel that runs."""
+    """bf16 at even widths runs the forward's pair kernel (and, at column stride 1, the weight
+    gradient's), whose defaults differ from the single-pixel kernels': each is tuned under its own
+    name, in bf16, on the problems that run it, and each table's baseline (and bound on the
+    candidates' sums) is the default of the kernel that runs."""
     from dynconv.kernels import involution_nchw
 
     for dtype, width, name in ((torch.bfloat16, 32, "involution_nchw_fwd_pairs"), (torch.bfloat16, 31, "involution_nchw_fwd"),
