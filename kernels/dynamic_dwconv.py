@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._keys import problem_key
-from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
+from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
 
 # Largest kernel size the unrolled kernels take (K*K weights held per thread); larger K keeps the
@@ -385,11 +385,12 @@ def _store_row(y_lane, window, first, i, row0, row_end, OUT_SH: tl.constexpr, ph
 def dwconv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     C, H, W, HO, WO, CG,
-    sxb, sxc, sxh, sxw,
+    sxb, sxc,
     swb, swg, swu, swv,
     sbb, sbc,
-    syb, syc, syh, syw,
+    syb, syc,
     PH, PW, TILES, TILES_W, RUN,
+    sxh: tl.constexpr, sxw: tl.constexpr, syh: tl.constexpr, syw: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
     P: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -410,10 +411,11 @@ def dwconv_fwd_kernel(
 def dwconv_bwd_input_kernel(
     dy_ptr, w_ptr, dx_ptr,
     C, H, W, HO, WO, CG,
-    sdyb, sdyc, sdyh, sdyw,
+    sdyb, sdyc,
     swb, swg, swu, swv,
-    sdxb, sdxc, sdxh, sdxw,
+    sdxb, sdxc,
     PH, PW, TILES_PHASE, TILES_W, RUN,
+    sdyh: tl.constexpr, sdyw: tl.constexpr, sdxh: tl.constexpr, sdxw: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
     GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
@@ -575,11 +577,10 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
     best = None
     rows = (1,) if walk else range(1, min(4, height) + 1)
     for s in rows:
-        # The channels_last input gradient's phase arithmetic costs a few registers more: P = 7 at
-        # K = 7 spilled 8 bytes in 16-bit with triton 3.9's ptxas for sm_80 (dynconv inspect); fp32
-        # needs no unpacking registers and keeps P = 7 (P = 6 pads 56 columns to 60).
-        budget = 42 if input_grad and channels_last and dtype_bytes != 4 else 49
-        cap = max(1, budget // K) if walk else max(1, 64 // (s * K * K))
+        # P = 7 at K = 7 (49 sums, 49 weights): the channels_last 16-bit input gradient spilled there
+        # with triton 3.9's ptxas for sm_80 until its row and column strides became compile-time
+        # constants (no 64-bit address a column); now 150 registers, no spill, on sm_80/sm_90.
+        cap = max(1, 49 // K) if walk else max(1, 64 // (s * K * K))
         for p in range(1, min(8, width, cap) + 1):
             # NCHW: at least the channels that fill a warp's lanes along one row; the walk also tries
             # more channels and fewer lanes along W (lanes P columns apart share fewer sectors).
@@ -733,13 +734,12 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     bias_strides = bias.stride() if bias is not None else (0, 0)
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, C=C, H=H, W=W, HO=Ho, WO=Wo, CG=CG,
-        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
+        sxb=x.stride(0), sxc=x.stride(1),
         **dict(zip(("swb", "swg", "swu", "swv"), weight.stride())),
-        sbb=bias_strides[0], sbc=bias_strides[1],
-        **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
+        sbb=bias_strides[0], sbc=bias_strides[1], syb=y.stride(0), syc=y.stride(1),
         PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
-    meta = _meta(config)
+    meta = dict(**inner_strides("sx", x, "hw"), **inner_strides("sy", y, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
                 HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
     return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
@@ -757,12 +757,12 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     tiles, tiles_w = _tiles(config, cdiv(H, stride[0]), cdiv(W, stride[1]), walk)
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx, C=C, H=Ho, W=Wo, HO=H, WO=W, CG=CG,
-        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
+        sdyb=dy.stride(0), sdyc=dy.stride(1),
         **dict(zip(("swb", "swg", "swu", "swv"), weight.stride())),
-        **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
+        sdxb=dx.stride(0), sdxc=dx.stride(1),
         PH=padding[0], PW=padding[1], TILES_PHASE=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
-    meta = _meta(config)
+    meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sdx", dx, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
                 TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
                 FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
@@ -808,7 +808,7 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
         **dict(zip(("spb", "spc", "spu", "spv", "sps"), dw.stride())),
         PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, SPLITS=splits, RUN=config["RUN"],
     )
-    meta = dict(sdyh=dy.stride(2), sdyw=dy.stride(3), sxh=x.stride(2), sxw=x.stride(3), SW=stride[1],
+    meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sx", x, "hw"), SW=stride[1],
                 DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"],
                 P=config["P"], INDEX_64=needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
