@@ -633,7 +633,7 @@ def involution_bwd_weight_runs_kernel(
     sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    RUN: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    RUN: tl.constexpr, CHANNELS_FULL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Per-pixel dw with the kernel size, strides and dilations compile-time constants, taps unrolled.
 
@@ -648,9 +648,16 @@ def involution_bwd_weight_runs_kernel(
     pid0 = tl.program_id(0)
     b = pid0 // TILES_PIX
     tile = pid0 % TILES_PIX
-    row = ((tile // TILES_W) * BLOCK_H + tl.arange(0, BLOCK_H * BLOCK_W) // BLOCK_W) * RUN
-    col = (tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_H * BLOCK_W) % BLOCK_W
-    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    # One flat lane axis, pixels fastest then groups: the sums reduced over the chunk axis then lie
+    # where the store wants them (a [groups, pixels, chunk] tile left the order of two axes of equal
+    # contiguity to triton, which 3.6 and 3.9 settle differently: a shuffle or a trip through shared
+    # memory per stored sum).
+    PIXELS: tl.constexpr = BLOCK_H * BLOCK_W
+    lane = tl.arange(0, BLOCK_G * PIXELS)
+    pixel = lane % PIXELS
+    row = ((tile // TILES_W) * BLOCK_H + pixel // BLOCK_W) * RUN
+    col = (tile % TILES_W) * BLOCK_W + pixel % BLOCK_W
+    g = tl.program_id(1) * BLOCK_G + lane // PIXELS
     k = tl.arange(0, CHUNK)
     if INDEX_64:
         b = b.to(tl.int64)
@@ -659,21 +666,25 @@ def involution_bwd_weight_runs_kernel(
         g = g.to(tl.int64)
         k = k.to(tl.int64)
     G = C // CG
-    g3 = g[:, None, None]
     group_ok = g < G
     channels = ()
+    channels_ok = ()
     for q in tl.static_range(CHUNKS):
-        channels = channels + (g3 * CG + q * CHUNK + k[None, :, None],)
-        
+        channels = channels + (g[:, None] * CG + q * CHUNK + k[None, :],)
+        # CHANNELS_FULL: every chunk of every lane's group exists, so the loads need only the pixel's mask.
+        channels_ok = channels_ok + (group_ok[:, None] & (q * CHUNK + k[None, :] < CG),)
+
     # The run's output pixels and their gradient, converted once for all K*K taps.
     grads = ()
     out_ok = ()
-    dy_lane = dy_ptr + b * sdyb + (row * sdyh + col * sdyw)[None, None, :]
+    dy_lane = dy_ptr + b * sdyb + (row * sdyh + col * sdyw)[:, None]
     for r in tl.static_range(RUN):
         ok = (row + r < Ho) & (col < Wo)
         out_ok = out_ok + (ok,)
         for q in tl.static_range(CHUNKS):
-            m = (g3 < G) & (q * CHUNK + k[None, :, None] < CG) & ok[None, None, :]
+            m = ok[:, None]
+            if not CHANNELS_FULL:
+                m = m & channels_ok[q]
             grad = tl.load(dy_lane + (channels[q] * sdyc + r * sdyh), mask=m, other=0.0)
             grads = grads + (grad.to(ACC_DTYPE),)
 
@@ -684,19 +695,21 @@ def involution_bwd_weight_runs_kernel(
     for h in tl.static_range(HALO):
         rows_ok = rows_ok + ((h_first + h >= 0) & (h_first + h < H),)
     # Per-element pointers are formed once; each (tap column, halo row) adds one scalar offset.
-    x_lane = x_ptr + b * sxb + (h_first * sxh + w_first * sxw)[None, None, :]
+    x_lane = x_ptr + b * sxb + (h_first * sxh + w_first * sxw)[:, None]
     x_chunks = ()
     for q in tl.static_range(CHUNKS):
         x_chunks = x_chunks + (x_lane + channels[q] * sxc,)
-    dw_lane = dw_ptr + b * sdwb + (g * sdwg)[:, None] + (row * sdwh + col * sdww)[None, :]
+    dw_lane = dw_ptr + b * sdwb + g * sdwg + row * sdwh + col * sdww
     # Tap columns a run-time loop: unrolled too, ptxas takes minutes on the K*HALO*RUN body (R1 fp32).
     for v in range(KS):
         cols_ok = (w_first + v * DW >= 0) & (w_first + v * DW < W)
         for h in tl.static_range(HALO):
-            ok3 = (cols_ok & rows_ok[h])[None, None, :]
+            ok2 = (cols_ok & rows_ok[h])[:, None]
             halo = ()
             for q in tl.static_range(CHUNKS):
-                m = (g3 < G) & (q * CHUNK + k[None, :, None] < CG) & ok3
+                m = ok2
+                if not CHANNELS_FULL:
+                    m = m & channels_ok[q]
                 xv = tl.load(x_chunks[q] + (h * sxh + widen(v, INDEX_64) * (DW * sxw)), mask=m,
                              other=0.0)
                 halo = halo + (xv.to(ACC_DTYPE),)
@@ -710,8 +723,7 @@ def involution_bwd_weight_runs_kernel(
                                 acc += tl.sum(grads[r * CHUNKS + q] * halo[q], axis=1)
                             u = (h - r * SH) // DH
                             offset = widen(v, INDEX_64) * sdwv + (u * sdwu + r * sdwh)
-                            tl.store(dw_lane + offset, acc.to(dw_ptr.dtype.element_ty),
-                                     mask=group_ok[:, None] & out_ok[r][None, :])
+                            tl.store(dw_lane + offset, acc.to(dw_ptr.dtype.element_ty), mask=group_ok & out_ok[r])
 
 
 @triton.jit
@@ -1247,7 +1259,8 @@ def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
     meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sx", x, "hw"), **inner_strides("sdw", dw, "uvhw"),
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
                 CHUNK=chunk, CHUNKS=cdiv(CG, chunk), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
-                RUN=config["RUN"], INDEX_64=needs_int64(dy, x, dw),
+                RUN=config["RUN"], CHANNELS_FULL=G % config["BLOCK_G"] == 0 and CG % chunk == 0,
+                INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
     # The tap-column loop; the rows and the halo are unrolled inside it.
     return Launch(involution_bwd_weight_runs_kernel, _grid(B * tiles_pix, G, 1, config["BLOCK_G"]), args, meta,
@@ -1269,9 +1282,11 @@ def _runs_chunk(CG: int, element_size: int, channels_last: bool) -> int:
 @functools.lru_cache(maxsize=1024)
 def _runs_config(G: int, Ho: int, Wo: int) -> dict:
     """Run length and lane tile (BLOCK_G x BLOCK_H runs x BLOCK_W columns) covering G x Ho x Wo with
-    the fewest idle lanes; then the widest rows of lanes (coalescing), then the longest runs."""
+    the fewest idle lanes; then the widest rows of lanes (coalescing), then the longest runs. Runs of
+    at most 7 rows: at 8 (R1), with the channel masks gone (CHANNELS_FULL), triton 3.9's ptxas put
+    8 bytes on the stack (16-bit on sm_80, fp32 on sm_90)."""
     best = None
-    for run in (8, 7, 6, 5, 4):
+    for run in (7, 6, 5, 4):
         for lanes in (64, 128, 32):
             for block_g in (1, 2, 4):
                 for block_h in (1, 2, 4, 8, 16, 32, 64):

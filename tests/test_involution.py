@@ -314,24 +314,29 @@ S2 = ((2, 2), (1, 1), (1, 1))  # row stride 2: involution.py's persistent kernel
 def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory_format, dtype, device):
     """The runs kernel (K, strides, dilations compile-time; taps unrolled; the channels_last default)
     and the generic kernel (the NCHW default, and the fallback past RUNS_MAX_K): both against
-    float64, at odd sizes with runs cut by the image edge."""
+    float64, at odd sizes with runs cut by the image edge. The runs kernel with groups its chunks
+    fill (C = 8: no channel masks) and, in channels_last, groups they overrun (C = 6: a chunk of 4
+    over 3 channels)."""
     stride, padding, dilation = geometry
-    B, C, G, H, W, K = 1, 6, 2, 7, 5, 3
+    B, G, H, W, K = 1, 2, 7, 5, 3
     Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
-    x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=memory_format)
-    dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
-    w64 = torch.zeros((B, G, K, K, Ho, Wo), dtype=torch.float64, requires_grad=True)
-    involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
     runs = {"BLOCK_G": 2, "BLOCK_H": 1, "BLOCK_W": 4, "RUN": 3, "num_warps": 1}
     generic = {"BLOCK_G": 1, "BLOCK_CG": 4, "BLOCK_H": 2, "BLOCK_W": 4, "num_warps": 1}
-    default = kernels.weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=True)
-    assert ("RUN" in default) == (memory_format == torch.channels_last)
-    for config in (runs, generic):
-        dw = torch.empty((B, G, K, K, Ho, Wo), device=device, dtype=dtype)
+    for C, config in ((6, runs), (8, runs), (6, generic)):
+        x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=memory_format)
+        dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
+        w64 = torch.zeros((B, G, K, K, Ho, Wo), dtype=torch.float64, requires_grad=True)
+        involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
+        default = kernels.weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=True)
+        assert ("RUN" in default) == (memory_format == torch.channels_last)
+        dw = torch.full((B, G, K, K, Ho, Wo), float("nan"), device=device, dtype=dtype)
         launch = kernels.backward_weight_launch(dy, x, dw, stride, padding, dilation, True, config)
         assert launch.name == ("involution_bwd_weight_runs_kernel" if config is runs else "involution_bwd_weight_kernel")
+        if config is runs:
+            # NCHW chunks are one channel each, so they always fit the group.
+            assert launch.meta["CHANNELS_FULL"] == (C == 8 or memory_format == torch.contiguous_format), C
         launch()
-        assert_close(dw, w64.grad, dtype, launch.name)
+        assert_close(dw, w64.grad, dtype, f"{launch.name} C={C}")
 
 
 def test_per_pixel_weight_gradient_past_the_unrolled_kernel_sizes(device):
