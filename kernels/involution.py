@@ -624,6 +624,19 @@ def involution_bwd_weight_kernel(
 
 
 @triton.jit
+def _multiply_add_rows(acc, a, b, N: tl.constexpr):
+    """acc + the sum over axis 1 of a * b ([lanes, N], N a power of two held by each thread) as one
+    chain of multiply-adds: tl.sum reduces a tree, which triton 3.9 compiles to a multiply and an
+    add per element."""
+    if N == 1:
+        return acc + tl.reshape(a, (a.shape[0],)) * tl.reshape(b, (b.shape[0],))
+    else:
+        a0, a1 = tl.split(tl.reshape(a, (a.shape[0], N // 2, 2)))
+        b0, b1 = tl.split(tl.reshape(b, (b.shape[0], N // 2, 2)))
+        return _multiply_add_rows(_multiply_add_rows(acc, a0, b0, N // 2), a1, b1, N // 2)
+
+
+@triton.jit
 def involution_bwd_weight_runs_kernel(
     dy_ptr, x_ptr, dw_ptr,
     C, H, W, Ho, Wo, CG,
@@ -718,9 +731,9 @@ def involution_bwd_weight_runs_kernel(
                 if h >= r * SH:
                     if (h - r * SH) % DH == 0:
                         if (h - r * SH) // DH < KS:
-                            acc = tl.sum(grads[r * CHUNKS] * halo[0], axis=1)
-                            for q in tl.static_range(1, CHUNKS):
-                                acc += tl.sum(grads[r * CHUNKS + q] * halo[q], axis=1)
+                            acc = tl.zeros((BLOCK_G * PIXELS,), dtype=ACC_DTYPE)
+                            for q in tl.static_range(CHUNKS):
+                                acc = _multiply_add_rows(acc, grads[r * CHUNKS + q], halo[q], CHUNK)
                             u = (h - r * SH) // DH
                             offset = widen(v, INDEX_64) * sdwv + (u * sdwu + r * sdwh)
                             tl.store(dw_lane + offset, acc.to(dw_ptr.dtype.element_ty), mask=group_ok & out_ok[r])
