@@ -14,7 +14,7 @@ run-time loop (unrolled too, ptxas takes minutes). So:
 
 bf16 with even widths and strides takes the pair variants: two adjacent pixels per lane, read as
 int32 pairs of bf16. The forward (involution_nchw_fwd_pairs_kernel) reads x and the weights so and
-converts each halo row once per pair of tap columns; the weight gradient
+converts each halo row once per group of tap columns; the weight gradient
 (involution_nchw_bwd_weight_pairs_kernel; column stride 1, even groups, K >= 5: see dw_pairs)
 reads dy and x so, its tap columns split by parity so that where a pair's columns fall in the words
 is known when compiled.
@@ -37,6 +37,11 @@ from .configs import get_config
 
 # Kernel sizes these kernels unroll; larger K takes the generic run-time tap loop.
 MAX_K = 13
+# Tap columns the pair forward reads per loaded halo row. Four load 3 words per 4 taps where pairs of
+# taps load 2 per 2; triton 3.6's ptxas (12.8, the GPU machines') keeps them in registers, but the
+# sm_90 ptxas of newer tritons (CUDA 13's, triton 3.9) hoists the group's loads past 255 registers
+# and spills at any tile, so they take pairs.
+FWD_PAIR_TAP_GROUP = 4 if tuple(int(n) for n in triton.__version__.split(".")[:2]) <= (3, 6) else 2
 
 
 @triton.jit
@@ -146,8 +151,15 @@ def _halves(raw):
 
 
 @triton.jit
+def _over_channels(v, CH: tl.constexpr):
+    """A lane's value for each of its CH channels: [BLOCK_W] -> [CH * BLOCK_W], channel-major, so each
+    thread's CH elements are its own lane's (the broadcast and reshape move nothing between threads)."""
+    return tl.reshape(tl.broadcast_to(v[None, :], (CH, v.shape[0])), (CH * v.shape[0],))
+
+
+@triton.jit
 def _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
-                   sxc: tl.constexpr, sxh: tl.constexpr, swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr,
+                   sxh: tl.constexpr, swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr,
                    PW: tl.constexpr, KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                    DW: tl.constexpr, VG: tl.constexpr, CH: tl.constexpr, STRIP: tl.constexpr,
                    BLOCK_W: tl.constexpr):
@@ -164,7 +176,7 @@ def _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first
     w_taps = w_words + v0 * (swv // 2)
     for h in tl.static_range(HALO):
         row_ok = (row_first + h >= 0) & (row_first + h < H)
-        # The weights of every (strip row, tap, pixel) reading halo row h, held over the channels.
+        # The weights of every (strip row, tap, pixel) reading halo row h, one per lane for all its channels.
         ws = ()
         for s in tl.static_range(STRIP):
             for v in tl.static_range(VG):
@@ -175,29 +187,24 @@ def _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first
                             raw = tl.load(w_taps + ((h - s * SH) // DH * (swu // 2) + v * (swv // 2) + s * (swh // 2)),
                                           mask=lane_ok & (i0 + s < Ho), other=0)
                 lo, hi = _halves(raw)
-                ws = ws + (lo, hi)
+                ws = ws + (_over_channels(lo, CH), _over_channels(hi, CH))
+        # The halo row's words of all the lane's channels: one load each.
+        xs = ()
+        for t in tl.static_range(NW):
+            raw = tl.load(words + (h * (sxh // 2) + t), mask=_over_channels(word_ok[t] & row_ok, CH), other=0)
+            lo, hi = _halves(raw)
+            xs = xs + (lo, hi)
         new = ()
-        for q in tl.static_range(CH):
-            xs = ()
-            for t in tl.static_range(NW):
-                raw = tl.load(words + (h * (sxh // 2) + q * (sxc // 2) + t), mask=word_ok[t] & row_ok, other=0)
-                lo, hi = _halves(raw)
-                xs = xs + (lo, hi)
-            for s in tl.static_range(STRIP):
-                for p in tl.static_range(2):
-                    acc = accs[(s * CH + q) * 2 + p]
-                    if h >= s * SH:
-                        if (h - s * SH) % DH == 0:
-                            if (h - s * SH) // DH < KS:
-                                for v in tl.static_range(VG):
-                                    acc = acc + ws[(s * VG + v) * 2 + p] * xs[PWE - PW + p * SW + v * DW]
-                    new = new + (acc,)
-        # Back to (s, q, p) order: the loop above appends in (q, s, p) order.
-        accs = ()
         for s in tl.static_range(STRIP):
-            for q in tl.static_range(CH):
-                for p in tl.static_range(2):
-                    accs = accs + (new[(q * STRIP + s) * 2 + p],)
+            for p in tl.static_range(2):
+                acc = accs[s * 2 + p]
+                if h >= s * SH:
+                    if (h - s * SH) % DH == 0:
+                        if (h - s * SH) // DH < KS:
+                            for v in tl.static_range(VG):
+                                acc = acc + ws[(s * VG + v) * 2 + p] * xs[PWE - PW + p * SW + v * DW]
+                new = new + (acc,)
+        accs = new
     return accs
 
 
@@ -212,48 +219,54 @@ def involution_nchw_fwd_pairs_kernel(
     syc: tl.constexpr, syh: tl.constexpr, syw: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, TAP_GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """involution_nchw_fwd_kernel for bf16, each lane owning two adjacent output pixels (columns
-    2*jj and 2*jj + 1) and x and the weights read as int32 pairs of bf16 along W (W, Wo and every
-    stride but the contiguous one even, so a pair never straddles a row or the image border).
+    2*jj and 2*jj + 1) of CH channels, and x and the weights read as int32 pairs of bf16 along W (W,
+    Wo and every stride but the contiguous one even, so a pair never straddles a row or the image
+    border).
 
-    The tap columns go by pairs (a run-time loop; an odd K's last column after it): a halo row of
-    one channel is loaded once per pair as the words covering the 2 + 1 columns both pixels read
-    through both taps (word t: columns col_first + 2t and + 1, col_first even), each converted once,
-    so the taps index a compile-time row. Fully unrolled taps would load each row once, but Triton's
-    coalescing pass then takes minutes on the kernel.
+    The tap columns go in groups of TAP_GROUP (a run-time loop; the K % TAP_GROUP left after it): a
+    halo row is loaded once per group as the words covering the TAP_GROUP + 1 columns both pixels
+    read (word t: columns col_first + 2t and + 1, col_first even), each converted once, so the taps
+    index a compile-time row. A lane's CH channels are one flat axis with it (element c * BLOCK_W +
+    lane), so a word is one load for all of them: triton's coalescing pass takes time quadratic in
+    the number of loads (minutes with a load per channel), and a [lanes, channels] tile would leave
+    two axes of equal contiguity, which triton 3.6 and 3.9 lay out differently.
     """
     PWE: tl.constexpr = PW + PW % 2
     b, g, c0, i0, jj = _lanes(ROW_TILES, Wo // 2, G, CHUNKS, CG, CH, STRIP, BLOCK_W, INDEX_64)
     lane_ok = b < B
     row_first = i0 * SH - PH
     col_first = jj * (2 * SW) - PWE
+    channel = tl.arange(0, CH * BLOCK_W) // BLOCK_W
     # Offsets in int32 pairs: every stride is even (the launcher checks), so halving is exact.
-    x_words = (x_ptr + (b * sxb + c0 * sxc)).to(tl.pointer_type(tl.int32), bitcast=True) \
+    x_lanes = (x_ptr + (b * sxb + c0 * sxc)).to(tl.pointer_type(tl.int32), bitcast=True) \
         + (row_first * (sxh // 2) + col_first // 2)
+    x_words = _over_channels(x_lanes, CH) + channel * (sxc // 2)
     w_words = (w_ptr + (b * swb + g * swg)).to(tl.pointer_type(tl.int32), bitcast=True) + (i0 * (swh // 2) + jj)
     accs = ()
-    for _ in tl.static_range(STRIP * CH * 2):
-        accs = accs + (tl.zeros((BLOCK_W,), dtype=tl.float32),)
-    for v0 in range(0, KS - KS % 2, 2):
+    for _ in tl.static_range(STRIP * 2):
+        accs = accs + (tl.zeros((CH * BLOCK_W,), dtype=tl.float32),)
+    for v0 in range(0, KS - KS % TAP_GROUP, TAP_GROUP):
         accs = _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
-                              sxc, sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, 2, CH, STRIP, BLOCK_W)
-    if KS % 2 == 1:
-        accs = _fwd_pair_taps(accs, x_words, w_words, KS - 1, lane_ok, i0, row_first, col_first, H, W, Ho,
-                              sxc, sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, 1, CH, STRIP, BLOCK_W)
-    y_pixels = y_ptr + b * syb + c0 * syc + i0 * syh + jj * (2 * syw)
+                              sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, TAP_GROUP, CH, STRIP, BLOCK_W)
+    if KS % TAP_GROUP > 0:
+        accs = _fwd_pair_taps(accs, x_words, w_words, KS - KS % TAP_GROUP, lane_ok, i0, row_first, col_first,
+                              H, W, Ho, sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, KS % TAP_GROUP, CH, STRIP,
+                              BLOCK_W)
+    y_pixels = y_ptr + _over_channels(b * syb + c0 * syc + i0 * syh + jj * (2 * syw), CH) + channel * syc
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + _over_channels(b * sbb + c0 * sbc, CH) + channel * sbc,
+                       mask=_over_channels(lane_ok, CH), other=0.0).to(tl.float32)
     for s in tl.static_range(STRIP):
-        ok = lane_ok & (i0 + s < Ho)
-        for q in tl.static_range(CH):
+        ok = _over_channels(lane_ok & (i0 + s < Ho), CH)
+        for p in tl.static_range(2):
+            acc = accs[s * 2 + p]
             if HAS_BIAS:
-                bias = tl.load(bias_ptr + b * sbb + (c0 + q) * sbc).to(tl.float32)
-            for p in tl.static_range(2):
-                acc = accs[(s * CH + q) * 2 + p]
-                if HAS_BIAS:
-                    acc += bias
-                tl.store(y_pixels + (q * syc + s * syh + p * syw), acc.to(y_ptr.dtype.element_ty), mask=ok)
+                acc += bias
+            tl.store(y_pixels + (s * syh + p * syw), acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -638,11 +651,12 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
         meta = dict(**inner_strides("sx", x.select(3, 0), "ch"), **inner_strides("sw", weight.select(5, 0), "uvh"),
                     **inner_strides("sy", y), PH=padding[0], PW=padding[1], KS=K, SH=stride[0], SW=stride[1],
                     DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip, BLOCK_W=block_w, HAS_BIAS=bias is not None,
-                    INDEX_64=index_64)
-        # One run-time loop: the pairs of tap columns.
+                    TAP_GROUP=FWD_PAIR_TAP_GROUP, INDEX_64=index_64)
+        # One run-time loop: the groups of tap columns.
+        groups = K // FWD_PAIR_TAP_GROUP
         return Launch(involution_nchw_fwd_pairs_kernel, _grid_size(B * G * chunks * row_tiles * (Wo // 2), block_w),
                       args, meta, config.get("num_warps", 4), config.get("num_stages", 1),
-                      loops=(K // 2,) if K // 2 > 1 else ())
+                      loops=(groups,) if groups > 1 else ())
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias, y_ptr=y, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
         sxb=x.stride(0), swb=weight.stride(0), swg=weight.stride(1),

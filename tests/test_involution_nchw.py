@@ -160,6 +160,31 @@ PAIR_CASES = [
 PAIR_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}" for c in PAIR_CASES]
 
 
+# K = 7: a group of four and three left (pairs: a two-trip loop and one left); dilation 2 at K = 5;
+# K = 9 with two chunks a group: a two-trip loop of fours and one left.
+GROUP_CASES = [PAIR_CASES[1], PAIR_CASES[3], (1, 4, 4, 10, 9, 1, 1, 1, None)]
+
+
+@pytest.mark.parametrize("group", [2, 4])
+@pytest.mark.parametrize("case", GROUP_CASES, ids=[f"K{c[4]}d{c[7]}" for c in GROUP_CASES])
+def test_pair_forward_in_either_tap_group(case, group, monkeypatch):
+    """The pair forward reads a halo row once per group of tap columns: four with triton 3.6, two with
+    newer tritons (FWD_PAIR_TAP_GROUP); both on either triton, with a per-sample bias."""
+    monkeypatch.setattr(nchw, "FWD_PAIR_TAP_GROUP", group)
+    (x64, w64, _, _), geometry = _problem(case, torch.bfloat16)
+    x, w = (t.detach().to(torch.bfloat16) for t in (x64, w64))
+    bias = torch.randn(x.shape[0], x.shape[1]).to(torch.bfloat16)
+    y = torch.empty((x.shape[0], x.shape[1]) + tuple(w.shape[-2:]), dtype=torch.bfloat16)
+    config = {"CH": nchw._chunk(x.shape[1] // w.shape[1], 2), "STRIP": 3, "BLOCK_W": 32, "num_warps": 1}
+    launch = nchw.forward_launch(x, w, bias, y, *geometry, False, config)  # not the cached plan of kernels.*
+    groups = case[4] // group
+    assert launch.name == "involution_nchw_fwd_pairs_kernel" and launch.meta["TAP_GROUP"] == group
+    assert launch.loops == ((groups,) if groups > 1 else ())
+    launch()
+    y_ref = involution_unfold(x.double(), w.double(), bias.double(), *geometry)
+    assert_close(y, y_ref, torch.bfloat16, f"y, tap group {group}")
+
+
 @pytest.mark.parametrize("case", PAIR_CASES, ids=PAIR_IDS)
 def test_pair_kernels_forward_input_and_weight_gradients(case):
     launches = _run_three_kernels(case, torch.bfloat16)
