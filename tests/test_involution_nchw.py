@@ -47,7 +47,7 @@ def _problem(case, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_nchw_kernels_forward_input_and_weight_gradients(case, dtype):
+def test_nchw_kernels_forward_input_and_weight_gradients(case, dtype, nan_poison):
     if dtype == torch.bfloat16 and case[6] == 1:
         pytest.skip("bf16 at the strided cases only (interpreter time)")
     launches = _run_three_kernels(case, dtype)
@@ -167,7 +167,7 @@ GROUP_CASES = [PAIR_CASES[1], PAIR_CASES[3], (1, 4, 4, 10, 9, 1, 1, 1, None)]
 
 @pytest.mark.parametrize("group", [2, 4])
 @pytest.mark.parametrize("case", GROUP_CASES, ids=[f"K{c[4]}d{c[7]}" for c in GROUP_CASES])
-def test_pair_forward_in_either_tap_group(case, group, monkeypatch):
+def test_pair_forward_in_either_tap_group(case, group, monkeypatch, nan_poison):
     """The pair forward reads a halo row once per group of tap columns: four with triton 3.6, two with
     newer tritons (FWD_PAIR_TAP_GROUP); both on either triton, with a per-sample bias."""
     monkeypatch.setattr(nchw, "FWD_PAIR_TAP_GROUP", group)
@@ -186,7 +186,7 @@ def test_pair_forward_in_either_tap_group(case, group, monkeypatch):
 
 
 @pytest.mark.parametrize("case", PAIR_CASES, ids=PAIR_IDS)
-def test_pair_kernels_forward_input_and_weight_gradients(case):
+def test_pair_kernels_forward_input_and_weight_gradients(case, nan_poison):
     launches = _run_three_kernels(case, torch.bfloat16)
     assert launches[0].name == "involution_nchw_fwd_pairs_kernel"
     # The weight gradient's pairs need column stride 1, groups of an even number of channels and K >= 5.
