@@ -32,6 +32,10 @@ _TRITON_DTYPE = {
     torch.bool: "i1",
 }
 
+# The installed triton's (major, minor). A few defaults depend on it: the ptxas each triton ships
+# allocates registers differently, and a tile one keeps in registers another spills.
+TRITON_VERSION = tuple(int(n) for n in triton.__version__.split(".")[:2])
+
 # Architectures the AOT check compiles for, with their shared-memory ceiling per block (bytes).
 ARCHS = {90: 232448, 80: 166912}
 

@@ -13,8 +13,10 @@ run-time loop (unrolled too, ptxas takes minutes). So:
 * row offsets and masks are scalars shared by the program, only the column offset is per lane.
 
 bf16 with even widths and strides takes the pair variants: two adjacent pixels per lane, read as
-int32 pairs of bf16. The forward (involution_nchw_fwd_pairs_kernel) reads x and the weights so and
-converts each halo row once per group of tap columns; the weight gradient
+int32 pairs of bf16. The forward (involution_nchw_fwd_pairs_kernel; K <= PAIRS_MAX_K) reads x and
+the weights so and converts each halo row once per group of tap columns; so does the input gradient
+at stride 1 (involution_nchw_bwd_input_pairs_kernel: a forward over dy with the taps mirrored; see
+dx_pairs); the weight gradient
 (involution_nchw_bwd_weight_pairs_kernel; column stride 1, even groups, K >= 5: see dw_pairs)
 reads dy and x so, its tap columns split by parity so that where a pair's columns fall in the words
 is known when compiled.
@@ -32,16 +34,26 @@ import triton.language as tl
 
 import torch
 
-from ._launch import Launch, cdiv, inner_strides, is_channels_last
+from ._launch import TRITON_VERSION, Launch, cdiv, inner_strides, is_channels_last
 from .configs import get_config
 
 # Kernel sizes these kernels unroll; larger K takes the generic run-time tap loop.
 MAX_K = 13
-# Tap columns the pair forward reads per loaded halo row. Four load 3 words per 4 taps where pairs of
-# taps load 2 per 2; triton 3.6's ptxas (12.8, the GPU machines') keeps them in registers, but the
-# sm_90 ptxas of newer tritons (CUDA 13's, triton 3.9) hoists the group's loads past 255 registers
-# and spills at any tile, so they take pairs.
-FWD_PAIR_TAP_GROUP = 4 if tuple(int(n) for n in triton.__version__.split(".")[:2]) <= (3, 6) else 2
+# Tap columns the pair forward and input gradient read per loaded halo row. Four load 3 words per
+# 4 taps where pairs of taps load 2 per 2; triton 3.6's ptxas (12.8, the GPU machines') keeps them
+# in registers, but the sm_90 ptxas of newer tritons (CUDA 13's, triton 3.9) hoists the group's
+# loads past 255 registers and spills at any tile, so they take pairs.
+PAIR_TAP_GROUP = 4 if TRITON_VERSION <= (3, 6) else 2
+# Whether the input gradient takes its pair kernel at all. Triton 3.6's ptxas compiles it without
+# spills at every tile its launcher picks; with the sm_90 ptxas of newer tritons it spills at some
+# (8 channels a group at K = 5, 16 at K = 11, with pairs of taps), and no smaller tile found both
+# clean and faster than the single-pixel kernel, so they keep that one.
+DX_PAIRS = TRITON_VERSION <= (3, 6)
+# Kernel sizes the forward and input-gradient pair kernels take. With triton 3.6 a run-time loop over
+# their groups of tap columns (K >= 8) makes ptxas 12.8 spill hundreds of values at every chunk of
+# channels (K = 9, 11; sm_80 and sm_90), where K <= 7 compiles clean; larger K takes the
+# single-pixel kernels.
+PAIRS_MAX_K = 7
 
 
 @triton.jit
@@ -158,6 +170,18 @@ def _over_channels(v, CH: tl.constexpr):
 
 
 @triton.jit
+def _halo_row(words, word_ok, row_ok, NW: tl.constexpr, CH: tl.constexpr):
+    """The NW words of a halo row (at ``words``) as 2*NW fp32 columns, each word one load for all the
+    lane's CH channels (a flat axis with the lanes)."""
+    columns = ()
+    for t in tl.static_range(NW):
+        raw = tl.load(words + t, mask=_over_channels(word_ok[t] & row_ok, CH), other=0)
+        lo, hi = _halves(raw)
+        columns = columns + (lo, hi)
+    return columns
+
+
+@triton.jit
 def _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
                    sxh: tl.constexpr, swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr,
                    PW: tl.constexpr, KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
@@ -188,12 +212,7 @@ def _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first
                                           mask=lane_ok & (i0 + s < Ho), other=0)
                 lo, hi = _halves(raw)
                 ws = ws + (_over_channels(lo, CH), _over_channels(hi, CH))
-        # The halo row's words of all the lane's channels: one load each.
-        xs = ()
-        for t in tl.static_range(NW):
-            raw = tl.load(words + (h * (sxh // 2) + t), mask=_over_channels(word_ok[t] & row_ok, CH), other=0)
-            lo, hi = _halves(raw)
-            xs = xs + (lo, hi)
+        xs = _halo_row(words + h * (sxh // 2), word_ok, row_ok, NW, CH)
         new = ()
         for s in tl.static_range(STRIP):
             for p in tl.static_range(2):
@@ -250,6 +269,7 @@ def involution_nchw_fwd_pairs_kernel(
     for _ in tl.static_range(STRIP * 2):
         accs = accs + (tl.zeros((CH * BLOCK_W,), dtype=tl.float32),)
     for v0 in range(0, KS - KS % TAP_GROUP, TAP_GROUP):
+        v0 = _wide(v0, INDEX_64)  # v0 * swv, a tap column's offset, may pass 2^31
         accs = _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
                               sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, TAP_GROUP, CH, STRIP, BLOCK_W)
     if KS % TAP_GROUP > 0:
@@ -366,6 +386,106 @@ def involution_nchw_bwd_input_kernel(
         ok = (b < B) & (h + SH * s < H) & (w < W)
         for q in tl.static_range(CH):
             tl.store(dx_chunk + (q * sdxc + s * SH * sdxh), accs[s * CH + q].to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dx_pair_taps(accs, dy_words, w_words, v0, lane_ok, row_first, col_first, Ho, Wo,
+                  sdyh: tl.constexpr, swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr,
+                  PW: tl.constexpr, KS: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, VG: tl.constexpr,
+                  CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr):
+    """accs plus the VG mirrored tap columns v0 .. v0 + VG - 1 of every tap row (see
+    involution_nchw_bwd_input_pairs_kernel)."""
+    E0: tl.constexpr = PW % 2  # the half of tap v0's column in the first word, from col_first + v0*DW
+    NW: tl.constexpr = (E0 + 1 + (VG - 1) * DW) // 2 + 1
+    HALO: tl.constexpr = STRIP + (KS - 1) * DH
+    # Word t of this tap group covers dy columns col_first + v0*DW + 2t (+1); v0*DW is even.
+    cols = col_first + v0 * DW
+    words = dy_words + v0 * DW // 2
+    word_ok = ()
+    for t in tl.static_range(NW):
+        word_ok = word_ok + (lane_ok & (cols + 2 * t >= 0) & (cols + 2 * t < Wo),)
+    # Mirrored tap (u, v) is the weights' tap (KS-1-u, KS-1-v), read at the dy pixel it multiplies.
+    w_group = w_words + (v0 * DW // 2 + (KS - 1) * (swu // 2) + (KS - 1 - v0) * (swv // 2))
+    for h in tl.static_range(HALO):
+        row_ok = (row_first + h >= 0) & (row_first + h < Ho)
+        gs = _halo_row(words + h * (sdyh // 2), word_ok, row_ok, NW, CH)
+        new = ()
+        for s in tl.static_range(STRIP):
+            acc0 = accs[s * 2]
+            acc1 = accs[s * 2 + 1]
+            # Strip row s reads halo row h through mirrored tap row u = (h - s) / DH when that is a tap.
+            if h >= s:
+                if (h - s) % DH == 0:
+                    if (h - s) // DH < KS:
+                        for v in tl.static_range(VG):
+                            # Pixel p reads half E0 + v*DW + p of the halo row: a word, or two when that is odd.
+                            tap = w_group + (h * (swh // 2) + (E0 + v * DW) // 2 - (h - s) // DH * (swu // 2)
+                                             - v * (swv // 2))
+                            raw = tl.load(tap, mask=word_ok[(E0 + v * DW) // 2] & row_ok, other=0)
+                            w0, w1 = _halves(raw)
+                            if (E0 + v * DW) % 2 == 1:
+                                nxt = tl.load(tap + 1, mask=word_ok[(E0 + v * DW) // 2 + 1] & row_ok, other=0)
+                                w0, w1 = w1, (nxt << 16).to(tl.float32, bitcast=True)
+                            acc0 = acc0 + _over_channels(w0, CH) * gs[E0 + v * DW]
+                            acc1 = acc1 + _over_channels(w1, CH) * gs[E0 + v * DW + 1]
+            new = new + (acc0, acc1)
+        accs = new
+    return accs
+
+
+@triton.jit
+def involution_nchw_bwd_input_pairs_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    B, H, W, Ho, Wo, G, CG,
+    sdyb, swb, swg, sdxb,
+    ROW_TILES, CHUNKS,
+    sdyc: tl.constexpr, sdyh: tl.constexpr,
+    swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr,
+    sdxc: tl.constexpr, sdxh: tl.constexpr, sdxw: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr,
+    KS: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, TAP_GROUP: tl.constexpr,
+    INDEX_64: tl.constexpr,
+):
+    """The input gradient at stride 1 for bf16, each lane owning two adjacent input pixels (columns
+    2*jj and 2*jj + 1) of CH channels, dy and the weights read as int32 pairs of bf16 along W.
+
+    At stride 1 dx is a forward with the taps mirrored: dx[b,c,h,w] = sum over (u, v) of
+    w[b,g,K-1-u,K-1-v,r,q] * dy[b,c,r,q] at r = h - PH + u*DH, q = w - PW + v*DW, where PH and PW are
+    the mirrored paddings (K-1)*DH - padding (the launcher's). So the halo rows and tap groups are the
+    pair forward's (involution_nchw_fwd_pairs_kernel): a dy halo row is read once per group of tap
+    columns, one load per word for all the lane's channels (a flat axis, element c * BLOCK_W + lane).
+    Unlike the forward's, a weight sits at the dy pixel it multiplies, so it is a halo read too, one
+    word per (strip row, tap), two where the pair straddles words (an odd column offset, known when
+    compiled), and serves the CH channels.
+    """
+    PWE: tl.constexpr = PW + PW % 2
+    b, g, c0, i0, jj = _lanes(ROW_TILES, W // 2, G, CHUNKS, CG, CH, STRIP, BLOCK_W, INDEX_64)
+    lane_ok = b < B
+    row_first = i0 - PH
+    col_first = jj * 2 - PWE
+    channel = tl.arange(0, CH * BLOCK_W) // BLOCK_W
+    # Offsets in int32 pairs: every stride but W's is even (the launcher checks), so halving is exact.
+    dy_lanes = (dy_ptr + (b * sdyb + c0 * sdyc)).to(tl.pointer_type(tl.int32), bitcast=True) \
+        + (row_first * (sdyh // 2) + col_first // 2)
+    dy_words = _over_channels(dy_lanes, CH) + channel * (sdyc // 2)
+    w_words = (w_ptr + (b * swb + g * swg)).to(tl.pointer_type(tl.int32), bitcast=True) \
+        + (row_first * (swh // 2) + col_first // 2)
+    accs = ()
+    for _ in tl.static_range(STRIP * 2):
+        accs = accs + (tl.zeros((CH * BLOCK_W,), dtype=tl.float32),)
+    for v0 in range(0, KS - KS % TAP_GROUP, TAP_GROUP):
+        v0 = _wide(v0, INDEX_64)  # v0 * swv, a tap column's offset, may pass 2^31
+        accs = _dx_pair_taps(accs, dy_words, w_words, v0, lane_ok, row_first, col_first, Ho, Wo,
+                             sdyh, swu, swv, swh, PW, KS, DH, DW, TAP_GROUP, CH, STRIP, BLOCK_W)
+    if KS % TAP_GROUP > 0:
+        accs = _dx_pair_taps(accs, dy_words, w_words, KS - KS % TAP_GROUP, lane_ok, row_first, col_first, Ho, Wo,
+                             sdyh, swu, swv, swh, PW, KS, DH, DW, KS % TAP_GROUP, CH, STRIP, BLOCK_W)
+    dx_pixels = dx_ptr + _over_channels(b * sdxb + c0 * sdxc + i0 * sdxh + jj * (2 * sdxw), CH) + channel * sdxc
+    for s in tl.static_range(STRIP):
+        ok = _over_channels(lane_ok & (i0 + s < H), CH)
+        for p in tl.static_range(2):
+            tl.store(dx_pixels + (s * sdxh + p * sdxw), accs[s * 2 + p].to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -553,8 +673,19 @@ def _pairs(src, W: int, weight, Wo: int) -> bool:
 
 
 def fwd_pairs(x, weight, y) -> bool:
-    """Whether the forward runs its pair kernel: x and the weights as pairs (_pairs)."""
-    return _pairs(x, x.shape[3], weight, y.shape[3])
+    """Whether the forward runs its pair kernel: K <= PAIRS_MAX_K, x and the weights as pairs (_pairs)."""
+    return weight.shape[2] <= PAIRS_MAX_K and _pairs(x, x.shape[3], weight, y.shape[3])
+
+
+def dx_pairs(dy, weight, dx, stride, padding, dilation) -> bool:
+    """Whether the input gradient runs its pair kernel: on triton 3.6 or older (DX_PAIRS), stride 1,
+    K <= PAIRS_MAX_K, dy and the weights as pairs (_pairs), an even input width, padding at most the
+    taps' reach (mirrored paddings not negative), and more than one channel a group: with one (R3,
+    HBM-bound anyway) triton 3.9's ptxas spilled on sm_80."""
+    K = weight.shape[2]
+    return (DX_PAIRS and tuple(stride) == (1, 1) and K <= PAIRS_MAX_K and dx.shape[3] % 2 == 0
+            and dx.shape[1] > weight.shape[1] and all(p <= (K - 1) * d for p, d in zip(padding, dilation))
+            and _pairs(dy, dy.shape[3], weight, dy.shape[3]))
 
 
 def dw_pairs(x, dy, CG: int, K: int, stride) -> bool:
@@ -591,11 +722,13 @@ def nchw_config(CG: int, K: int, rows: int, element_size: int, kind: str, pairs:
     if pairs and kind == "dw":
         # Two pixels per lane: a tap column's K x STRIP x 2 sums (at most 112, K = 7's), two channels at a time.
         ch, strip = _chunk(CG, 2), max(1, min(8, 56 // K))
-    elif pairs and kind == "fwd":
-        # Two pixels per lane: 8 channels x 4 rows x 2 sums fill sm_90's 255 registers (triton 3.6);
-        # 8 x 7 spills there.
+    elif pairs:
+        # fwd and dx, two pixels per lane: 8 channels x 4 rows x 2 sums fill sm_90's 255 registers
+        # (triton 3.6); 8 x 7 spills there. Narrower chunks keep 4 rows too: the unrolled halo rows'
+        # loads make compile time grow with the square of the strip (triton 3.6, 4 channels, K = 7:
+        # the forward 41 s at 4 rows, 136 s at 8; the input gradient 49 s and 304 s).
         ch = _chunk(CG, 8)
-        strip = 4 if ch > 4 else 8
+        strip = 4
     elif kind == "dw":
         ch, strip = _chunk(CG, 4), 8
     elif kind == "fwd":
@@ -651,9 +784,9 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
         meta = dict(**inner_strides("sx", x.select(3, 0), "ch"), **inner_strides("sw", weight.select(5, 0), "uvh"),
                     **inner_strides("sy", y), PH=padding[0], PW=padding[1], KS=K, SH=stride[0], SW=stride[1],
                     DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip, BLOCK_W=block_w, HAS_BIAS=bias is not None,
-                    TAP_GROUP=FWD_PAIR_TAP_GROUP, INDEX_64=index_64)
+                    TAP_GROUP=PAIR_TAP_GROUP, INDEX_64=index_64)
         # One run-time loop: the groups of tap columns.
-        groups = K // FWD_PAIR_TAP_GROUP
+        groups = K // PAIR_TAP_GROUP
         return Launch(involution_nchw_fwd_pairs_kernel, _grid_size(B * G * chunks * row_tiles * (Wo // 2), block_w),
                       args, meta, config.get("num_warps", 4), config.get("num_stages", 1),
                       loops=(groups,) if groups > 1 else ())
@@ -686,10 +819,26 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: b
     CG = C // G
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     rows, cols = cdiv(H, stride[0]), cdiv(W, stride[1])
-    config = config or get_config("involution_nchw_bwd_input", _key(dx, G, K, stride),
-                                  nchw_config(CG, K, rows, dx.element_size(), "dx"))
+    pairs = dx_pairs(dy, weight, dx, stride, padding, dilation)
+    config = config or get_config("involution_nchw_bwd_input_pairs" if pairs else "involution_nchw_bwd_input",
+                                  _key(dx, G, K, stride), nchw_config(CG, K, rows, dx.element_size(), "dx", pairs))
     ch, strip, block_w = config["CH"], config["STRIP"], config["BLOCK_W"]
     chunks, row_tiles = CG // ch, cdiv(rows, strip)
+    if pairs:
+        args = dict(
+            dy_ptr=dy, w_ptr=weight, dx_ptr=dx, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
+            sdyb=dy.stride(0), swb=weight.stride(0), swg=weight.stride(1), sdxb=dx.stride(0),
+            ROW_TILES=row_tiles, CHUNKS=chunks,
+        )
+        # The mirrored paddings: dx is a stride-1 forward over dy with the taps reversed.
+        meta = dict(**inner_strides("sdy", dy.select(3, 0), "ch"), **inner_strides("sw", weight.select(5, 0), "uvh"),
+                    **inner_strides("sdx", dx), PH=(K - 1) * dilation[0] - padding[0],
+                    PW=(K - 1) * dilation[1] - padding[1], KS=K, DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
+                    BLOCK_W=block_w, TAP_GROUP=PAIR_TAP_GROUP, INDEX_64=index_64)
+        groups = K // PAIR_TAP_GROUP
+        grid = _grid_size(B * G * chunks * row_tiles * (W // 2), block_w)
+        return Launch(involution_nchw_bwd_input_pairs_kernel, grid, args, meta, config.get("num_warps", 4),
+                      config.get("num_stages", 1), loops=(groups,) if groups > 1 else ())
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
         sdyb=dy.stride(0), swb=weight.stride(0), swg=weight.stride(1), sdxb=dx.stride(0),

@@ -159,16 +159,19 @@ def _tuning_spec_for_key(kernel: str):
 
 
 # The NCHW per-pixel kernels (kernels/involution_nchw.py): tuned under their own names, on NCHW only.
-# The key holds the element width, not the 16-bit format, and bf16 at even widths runs the forward's
-# pair kernels (two pixels a lane: the sums fill the registers at fewer channels or rows): those have
+# The key holds the element width, not the 16-bit format, and bf16 at even widths runs the pair
+# kernels (two pixels a lane: the sums fill the registers at fewer channels or rows): those have
 # their own tables, timed in bfloat16, and the single-pixel kernels are timed in float16 whatever the
 # sweep's 16-bit dtype.
 _NCHW_KERNELS = {"involution_nchw_fwd": "involution_fwd", "involution_nchw_fwd_pairs": "involution_fwd",
-                 "involution_nchw_bwd_input": "involution_bwd_input", "involution_nchw_bwd_weight": "involution_bwd_weight",
+                 "involution_nchw_bwd_input": "involution_bwd_input",
+                 "involution_nchw_bwd_input_pairs": "involution_bwd_input",
+                 "involution_nchw_bwd_weight": "involution_bwd_weight",
                  "involution_nchw_bwd_weight_pairs": "involution_bwd_weight"}
 _NCHW_KIND = {"involution_nchw_fwd": "fwd", "involution_nchw_fwd_pairs": "fwd", "involution_nchw_bwd_input": "dx",
-              "involution_nchw_bwd_weight": "dw", "involution_nchw_bwd_weight_pairs": "dw"}
-_NCHW_PAIRS = ("involution_nchw_fwd_pairs", "involution_nchw_bwd_weight_pairs")
+              "involution_nchw_bwd_input_pairs": "dx", "involution_nchw_bwd_weight": "dw",
+              "involution_nchw_bwd_weight_pairs": "dw"}
+_NCHW_PAIRS = ("involution_nchw_fwd_pairs", "involution_nchw_bwd_input_pairs", "involution_nchw_bwd_weight_pairs")
 
 
 def _nchw_problems(kernel: str):
@@ -190,6 +193,9 @@ def _nchw_pairs(kind: str, spec: dict, ts: dict) -> bool:
     """Whether the launcher runs a pair kernel on these inputs (its own rule, asked of the tensors)."""
     if kind == "fwd":
         return nchw.fwd_pairs(ts["x"], ts["w"], ts["y"])
+    if kind == "dx":
+        p = (spec["K"] - 1) // 2  # _tuning_launch's padding
+        return nchw.dx_pairs(ts["dy"], ts["w"], ts["dx"], _strides(spec), (p, p), (1, 1))
     return kind == "dw" and nchw.dw_pairs(ts["x"], ts["y"], spec["C"] // spec["G"], spec["K"], _strides(spec))
 
 

@@ -197,8 +197,9 @@ def _nan(*shape):
                          ids=["per-pixel", "per-sample", "per-pixel-bf16-pairs"])
 def test_involution_taps_past_int32(storage, per_pixel, dtype):
     """u * swu passes 2^31 (the weight's tap axis outermost in memory, as in a permuted weight).
-    bf16 at even widths takes the NCHW pair kernels (forward, weight gradient)."""
+    bf16 at even widths takes the NCHW pair kernels (forward, input and weight gradients)."""
     from dynconv.kernels import involution as k
+    from dynconv.kernels import involution_nchw as nchw
 
     storage = storage.view(dtype)
     B, C, H, W, G, K = 1, 4, 4, 4, 2, 3 if dtype == torch.float16 else 5  # bf16 pairs: dw at K >= 5
@@ -213,6 +214,8 @@ def test_involution_taps_past_int32(storage, per_pixel, dtype):
     assert k.forward_launch(x, w_big, bias, _nan(B, C, H, W).to(dtype), *geometry).meta["INDEX_64"]
     if dtype == torch.bfloat16:
         assert k.backward_weight_launch(dy, x, w_big, *geometry, True).name == "involution_nchw_bwd_weight_pairs_kernel"
+        dx_pairs = k.backward_input_launch(dy, w_big, x, *geometry).name == "involution_nchw_bwd_input_pairs_kernel"
+        assert dx_pairs == nchw.DX_PAIRS  # triton 3.6 or older
     outputs = []
     for weight in (w, w_big):  # contiguous (32-bit offsets), then the wide view (INDEX_64)
         y, dx = _nan(B, C, H, W).to(dtype), _nan(B, C, H, W).to(dtype)

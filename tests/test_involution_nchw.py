@@ -160,35 +160,63 @@ PAIR_CASES = [
 PAIR_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}" for c in PAIR_CASES]
 
 
-# K = 7: a group of four and three left (pairs: a two-trip loop and one left); dilation 2 at K = 5;
-# K = 9 with two chunks a group: a two-trip loop of fours and one left.
-GROUP_CASES = [PAIR_CASES[1], PAIR_CASES[3], (1, 4, 4, 10, 9, 1, 1, 1, None)]
+# K = 7: a group of four and three left (pairs: a three-trip loop and one left); dilation 2 at K = 5
+# (pairs: a two-trip loop and one left). Groups of four never loop: K <= PAIRS_MAX_K.
+GROUP_CASES = [PAIR_CASES[1], PAIR_CASES[3]]
 
 
 @pytest.mark.parametrize("group", [2, 4])
 @pytest.mark.parametrize("case", GROUP_CASES, ids=[f"K{c[4]}d{c[7]}" for c in GROUP_CASES])
-def test_pair_forward_in_either_tap_group(case, group, monkeypatch, nan_poison):
-    """The pair forward reads a halo row once per group of tap columns: four with triton 3.6, two with
-    newer tritons (FWD_PAIR_TAP_GROUP); both on either triton, with a per-sample bias."""
-    monkeypatch.setattr(nchw, "FWD_PAIR_TAP_GROUP", group)
-    (x64, w64, _, _), geometry = _problem(case, torch.bfloat16)
-    x, w = (t.detach().to(torch.bfloat16) for t in (x64, w64))
+def test_pair_forward_and_input_gradient_in_either_tap_group(case, group, monkeypatch, nan_poison):
+    """The pair forward and input gradient read a halo row once per group of tap columns: four with
+    triton 3.6, two with newer tritons (PAIR_TAP_GROUP); both on either triton, the forward with a
+    per-sample bias. The input gradient's pair kernel too where its launcher keeps it off (DX_PAIRS:
+    a ptxas spill, not its arithmetic)."""
+    monkeypatch.setattr(nchw, "PAIR_TAP_GROUP", group)
+    monkeypatch.setattr(nchw, "DX_PAIRS", True)
+    (x64, w64, dy64, _), geometry = _problem(case, torch.bfloat16)
+    x, w, dy = (t.detach().to(torch.bfloat16) for t in (x64, w64, dy64))
     bias = torch.randn(x.shape[0], x.shape[1]).to(torch.bfloat16)
-    y = torch.empty((x.shape[0], x.shape[1]) + tuple(w.shape[-2:]), dtype=torch.bfloat16)
+    y = torch.full((x.shape[0], x.shape[1]) + tuple(w.shape[-2:]), float("nan"), dtype=torch.bfloat16)
+    dx = torch.full(x.shape, float("nan"), dtype=torch.bfloat16)
     config = {"CH": nchw._chunk(x.shape[1] // w.shape[1], 2), "STRIP": 3, "BLOCK_W": 32, "num_warps": 1}
-    launch = nchw.forward_launch(x, w, bias, y, *geometry, False, config)  # not the cached plan of kernels.*
+    # nchw's launchers, not the cached plans of kernels.*
+    launches = (nchw.forward_launch(x, w, bias, y, *geometry, False, config),
+                nchw.backward_input_launch(dy, w, dx, *geometry, False, config))
     groups = case[4] // group
-    assert launch.name == "involution_nchw_fwd_pairs_kernel" and launch.meta["TAP_GROUP"] == group
-    assert launch.loops == ((groups,) if groups > 1 else ())
-    launch()
-    y_ref = involution_unfold(x.double(), w.double(), bias.double(), *geometry)
+    for launch, name in zip(launches, ("fwd", "bwd_input")):
+        assert launch.name == f"involution_nchw_{name}_pairs_kernel" and launch.meta["TAP_GROUP"] == group
+        assert launch.loops == ((groups,) if groups > 1 else ())
+        launch()
+    x64r, w64r, dy64r = (t.double().requires_grad_(True) for t in (x, w, dy))
+    y_ref = involution_unfold(x64r, w64r, bias.double(), *geometry)
+    y_ref.backward(dy64r)
     assert_close(y, y_ref, torch.bfloat16, f"y, tap group {group}")
+    assert_close(dx, x64r.grad, torch.bfloat16, f"dx, tap group {group}")
+
+
+def test_pair_kernels_stop_at_pairs_max_k():
+    """Past PAIRS_MAX_K the forward and input gradient take the single-pixel kernels (a run-time loop
+    over the pair kernels' groups of tap columns spills); up to it, their pair kernels."""
+    x = torch.empty((1, 8, 12, 12), device="meta", dtype=torch.bfloat16)
+    for K in (nchw.PAIRS_MAX_K, nchw.PAIRS_MAX_K + 2):
+        w = torch.empty((1, 2, K, K, 12, 12), device="meta", dtype=torch.bfloat16)
+        geometry = ((1, 1), ((K - 1) // 2,) * 2, (1, 1), False)
+        pairs = K <= nchw.PAIRS_MAX_K
+        assert nchw.forward_launch(x, w, None, x, *geometry).name == (
+            "involution_nchw_fwd_pairs_kernel" if pairs else "involution_nchw_fwd_kernel")
+        assert nchw.backward_input_launch(x, w, x, *geometry).name == (
+            "involution_nchw_bwd_input_pairs_kernel" if pairs and nchw.DX_PAIRS else "involution_nchw_bwd_input_kernel")
 
 
 @pytest.mark.parametrize("case", PAIR_CASES, ids=PAIR_IDS)
 def test_pair_kernels_forward_input_and_weight_gradients(case, nan_poison):
     launches = _run_three_kernels(case, torch.bfloat16)
     assert launches[0].name == "involution_nchw_fwd_pairs_kernel"
+    # The input gradient's pairs need triton 3.6 or older, stride 1 and even input widths (all cases have them).
+    stride = case[6] if isinstance(case[6], tuple) else (case[6], case[6])
+    assert launches[1].name == ("involution_nchw_bwd_input_pairs_kernel" if nchw.DX_PAIRS and stride == (1, 1)
+                                else "involution_nchw_bwd_input_kernel")
     # The weight gradient's pairs need column stride 1, groups of an even number of channels and K >= 5.
     stride_w = case[6] if isinstance(case[6], int) else case[6][1]
     pairs = stride_w == 1 and case[1] // case[5] % 2 == 0 and case[4] >= 5
