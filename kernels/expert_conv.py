@@ -56,8 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (INT32_MAX, Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64,
-                      next_power_of_2, planned)
+from ._launch import (INT32_MAX, TRITON_VERSION, Launch, cacheable, cdiv, config_key, is_channels_last, layout,
+                      needs_int64, next_power_of_2, planned)
 from .configs import get_config
 from .involution import gather_source, widen
 # Running tile totals past the last region read as "never reached" (a constexpr: kernels may use it).
@@ -764,7 +764,9 @@ def _channel_block(cin_g: int, dtype: torch.dtype, mixing: bool = False) -> int:
 
 def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0,
                            index_64: bool = False, cin_g: int = 0, mixing: bool = False,
-                           channels_last: bool = True) -> dict:
+                           channels_last: bool = True, plain: bool = False) -> dict:
+    """``plain``: one kernel a sample at stride 1, no region tables, no guide scores (whose registers
+    a 256-pixel NCHW tile leaves no room for: see _nchw_tiles)."""
     # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
     # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
     # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
@@ -777,14 +779,14 @@ def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: i
               "num_stages": 3 if wide else 2}
     if channels_last:
         return config
-    config = _nchw_tiles(config, cout_g, cin_g, dtype, mixing)
+    config = _nchw_tiles(config, cout_g, cin_g, dtype, mixing, plain)
     # 64-bit offsets at eight warps: at four a DRConv mixing on the fly spills on sm_80 and sm_90
     # (64 columns, triton 3.9; 32 columns, triton 3.6 on sm_80). Whether a launch mixes is the
     # caller's to choose, so every 64-bit launch.
     return {**config, "num_warps": 8} if index_64 else config
 
 
-def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixing: bool) -> dict:
+def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixing: bool, plain: bool = False) -> dict:
     """NCHW per-tap tiles (``cols`` the output columns, ``reduce_g`` the channels a tap reduces).
 
     An NCHW patch tile is pixel-contiguous: gathered with scalar loads (about six instructions an
@@ -792,7 +794,8 @@ def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixi
     So K-steps of 16 channels (32 or 64 spill on sm_80 with triton 3.9, and cost sm_90 L1 traffic
     with 3.9), and columns up to 128 to spread each gathered element over more MMA work: PREDICTED
     on triton 3.6, E1 fwd bf16 NCHW 64 x 64 x 16 27%, 64 x 128 x 16 78%; E2 fp32 128 x 64 x 16 77%,
-    128 x 128 x 16 98%. Tiles of 64 pixels at four warps (one 64 x 128 wgmma group a K-step).
+    128 x 128 x 16 98%. Tiles of 64 pixels at four warps (one 64 x 128 wgmma group a K-step); 2-byte
+    tiles of 256 pixels on triton 3.6 for plain convs (below; ``plain``: see default_forward_config).
     """
     if reduce_g < 16:  # the flattened loop: its own tiles
         return config
@@ -803,16 +806,22 @@ def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixi
     if dtype.itemsize == 2:
         # Each gathered element feeds BLOCK_N columns of MMA: 64 x 256 where a group has 256 output
         # columns (PREDICTED on triton 3.6 against 64 x 128: E1 fwd bf16 NCHW 78% -> 95%, E1 dx 74%
-        # -> 94%). 256 x 128 (E2 fwd 78% -> 94% on 3.6) and 128 x 128 x 32 spill on sm_80 with 3.9.
+        # -> 94%). 128 x 128 x 32 spills on sm_80 with triton 3.9.
         if cols >= 256:
             return {**config, "BLOCK_P": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2}
+        # 256 x 128 where 128 pixels were tall enough: E2 fwd/dx bf16 NCHW 78% -> 94% PREDICTED on
+        # triton 3.6, whose ptxas fits it on sm_80 and sm_90 (217 and 200 registers, two stages).
+        # Triton 3.9's spills it on both (255 registers, 270-360 local loads and stores), and so does
+        # 3.6's the guide-score kernel (84-138 local loads and stores): plain convs only.
+        if plain and tall and cols >= 128 and TRITON_VERSION <= (3, 6):
+            return {**config, "BLOCK_P": 256, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
     # 4-byte 64-pixel tiles at eight warps: at four a DRConv fwd spills on sm_80 with triton 3.9.
     return {**config, "BLOCK_N": _pow2_between(cols, 16, 128), "num_warps": 8 if tall or dtype.itemsize == 4 else 4,
             "num_stages": 3 if tall and dtype.itemsize == 2 else 2}
 
 
 def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, mixing: bool = False,
-                              regions: bool = False, channels_last: bool = True) -> dict:
+                              regions: bool = False, channels_last: bool = True, plain: bool = False) -> dict:
     # As the forward's (the reduction runs over output channels here); one stage for 4-byte 64-row
     # operands. Regions hold their loop's tiles in registers as mixing does: the same small tiles,
     # and one stage (two spill 2-byte NHWC on sm_80).
@@ -837,7 +846,7 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
         config = {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64),
                   "BLOCK_K": _channel_block(cout_g, dtype, mixing), "num_warps": _num_warps(dtype, 64, mixing),
                   "num_stages": 2 if dtype.itemsize == 2 else 1}
-    return config if channels_last else _nchw_tiles(config, cin_g, cout_g, dtype, mixing)
+    return config if channels_last else _nchw_tiles(config, cin_g, cout_g, dtype, mixing, plain)
 
 
 def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, cin_g: int = 0,
@@ -942,7 +951,7 @@ def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     mixing = materialise_part(experts[0].numel() // experts.shape[1], x.shape[0], m, pixels) == 0
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
                       default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2], mixing,
-                                             is_channels_last(x)))
+                                             is_channels_last(x), plain=m == 1 and tuple(stride) == (1, 1)))
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -1047,7 +1056,7 @@ def input_grad_config(dx, experts, m, groups, stride) -> dict:
     mixing = materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
                       default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing, m > 1,
-                                                is_channels_last(dx)))
+                                                is_channels_last(dx), plain=m == 1 and tuple(stride) == (1, 1)))
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,

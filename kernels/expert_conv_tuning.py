@@ -188,18 +188,19 @@ def _default_for(kernel: str, key: dict) -> dict:
     dtype = _DTYPES[key["dtype_bytes"]]
     g = key["groups"]
     filter_size = key["Cin"] // g * key["kh"] * key["kw"]
+    plain = key["m"] == 1 and key["stride_h"] == key["stride_w"] == 1  # as the launchers' (see default_forward_config)
     if kernel == "region_conv_fwd":
         return rc.default_forward_config(key["Cout"] // g, key["Cin"] // g, dtype, bool(key["channels_last"]))
     if kernel == "expert_conv_fwd":
         Ho, Wo = _out_hw(key)
         mixing = ec.materialise_part(filter_size, key["B"], key["m"], Ho * Wo) == 0
         return ec.default_forward_config(key["Cout"] // g, dtype, Ho * Wo // key["m"], cin_g=key["Cin"] // g,
-                                         mixing=mixing, channels_last=bool(key["channels_last"]))
+                                         mixing=mixing, channels_last=bool(key["channels_last"]), plain=plain)
     if kernel == "expert_conv_bwd_input":
         pixels = -(-key["H"] // key["stride_h"]) * -(-key["W"] // key["stride_w"])
         mixing = ec.materialise_part(filter_size, key["B"], key["m"], pixels) == 0
         return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1,
-                                            bool(key["channels_last"]))
+                                            bool(key["channels_last"]), plain)
     flat = ec.flat_capable(key["m"], (key["stride_h"], key["stride_w"]), bool(key["channels_last"]))
     return ec.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype,
                                          key["Cin"] // g, bool(key["channels_last"]), flat)
