@@ -97,3 +97,11 @@ def run_without_interpreter(args: list[str], timeout: float) -> subprocess.Compl
     the interpreter (read at import), which replaces the kernels that are to be compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def idle_tuning_spaces() -> set[str]:
+    """Tuning spaces with nothing to time on the installed triton: the NCHW input gradient's pair
+    kernel runs on triton 3.6 or older only (involution_nchw.DX_PAIRS)."""
+    from dynconv.kernels import involution_nchw
+
+    return set() if involution_nchw.DX_PAIRS else {"involution_nchw_bwd_input_pairs"}

@@ -17,6 +17,7 @@ import torch
 
 from dynconv import autotune
 from dynconv.kernels import configs
+from helpers import idle_tuning_spaces
 
 H100 = "NVIDIA H100 80GB HBM3"
 NAME = "NVIDIA_H100.json"
@@ -189,7 +190,7 @@ def test_every_candidate_a_sweep_can_write_passes_the_file_rules():
     """One source of rules: whatever the tuning spaces offer, a file may hold."""
     spaces = configs.spaces()
     cases = autotune.build_grid(spaces, None, ["float16", "float32"], quick=True)
-    assert {case.kernel for case in cases} == set(spaces)
+    assert {case.kernel for case in cases} == set(spaces) - idle_tuning_spaces()
     for case in cases:
         for config in case.candidates:
             assert configs.row_problems(case.kernel, config, case.key, case.default) == [], (case.kernel, config)

@@ -17,7 +17,7 @@ import torch
 from dynconv import autotune
 from dynconv.kernels import configs
 from dynconv.kernels import involution as inv
-from helpers import run_without_interpreter
+from helpers import idle_tuning_spaces, run_without_interpreter
 
 H100 = "NVIDIA H100 80GB HBM3"
 KERNEL = "involution_fwd"
@@ -392,12 +392,7 @@ def test_every_kernel_has_a_space_and_its_grid_keys_match_the_launchers(monkeypa
                            "involution_fused_fwd", "involution_fused_bwd_input", "involution_fused_bwd_z",
                            "involution_fused_bwd_span"}
     cases = autotune.build_grid(spaces, None, ["float16"], quick=True)
-    # The NCHW input gradient's pair kernel runs on triton 3.6 or older only (DX_PAIRS): elsewhere its
-    # table has no problems to time.
-    from dynconv.kernels import involution_nchw
-
-    idle = set() if involution_nchw.DX_PAIRS else {"involution_nchw_bwd_input_pairs"}
-    assert {c.kernel for c in cases} == set(spaces) - idle
+    assert {c.kernel for c in cases} == set(spaces) - idle_tuning_spaces()
     for case in cases:
         assert case.candidates[0] == case.default
         assert all(not configs.config_problems(c, case.default, spaces[case.kernel].free_blocks)
