@@ -944,6 +944,12 @@ def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
     return ((steps, (source.num_mix,)) if source.mix else steps,) * copies
 
 
+def is_plain_conv(m: int, stride) -> bool:
+    """One kernel a sample at stride 1: the convs the widest NCHW tiles are for (``plain`` in
+    :func:`default_forward_config`)."""
+    return m == 1 and tuple(stride) == (1, 1)
+
+
 def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
@@ -951,7 +957,7 @@ def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     mixing = materialise_part(experts[0].numel() // experts.shape[1], x.shape[0], m, pixels) == 0
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
                       default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2], mixing,
-                                             is_channels_last(x), plain=m == 1 and tuple(stride) == (1, 1)))
+                                             is_channels_last(x), plain=is_plain_conv(m, stride)))
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -1056,7 +1062,7 @@ def input_grad_config(dx, experts, m, groups, stride) -> dict:
     mixing = materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
                       default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing, m > 1,
-                                                is_channels_last(dx), plain=m == 1 and tuple(stride) == (1, 1)))
+                                                is_channels_last(dx), plain=is_plain_conv(m, stride)))
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,

@@ -188,7 +188,7 @@ def _default_for(kernel: str, key: dict) -> dict:
     dtype = _DTYPES[key["dtype_bytes"]]
     g = key["groups"]
     filter_size = key["Cin"] // g * key["kh"] * key["kw"]
-    plain = key["m"] == 1 and key["stride_h"] == key["stride_w"] == 1  # as the launchers' (see default_forward_config)
+    plain = ec.is_plain_conv(key["m"], (key["stride_h"], key["stride_w"]))
     if kernel == "region_conv_fwd":
         return rc.default_forward_config(key["Cout"] // g, key["Cin"] // g, dtype, bool(key["channels_last"]))
     if kernel == "expert_conv_fwd":

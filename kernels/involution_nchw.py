@@ -170,6 +170,16 @@ def _over_channels(v, CH: tl.constexpr):
 
 
 @triton.jit
+def _words_in_row(cols, lane_ok, width, NW: tl.constexpr):
+    """Whether each of the NW words from column ``cols`` (even) lies in a row ``width`` columns wide:
+    the masks :func:`_halo_row` takes, the same for every halo row."""
+    word_ok = ()
+    for t in tl.static_range(NW):
+        word_ok = word_ok + (lane_ok & (cols + 2 * t >= 0) & (cols + 2 * t < width),)
+    return word_ok
+
+
+@triton.jit
 def _halo_row(words, word_ok, row_ok, NW: tl.constexpr, CH: tl.constexpr):
     """The NW words of a halo row (at ``words``) as 2*NW fp32 columns, each word one load for all the
     lane's CH channels (a flat axis with the lanes)."""
@@ -194,9 +204,7 @@ def _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first
     # Word t of this tap group covers columns col_first + v0*DW + 2t (+1); v0*DW is even (VG*DW even or v0 = 0).
     cols = col_first + v0 * DW
     words = x_words + v0 * DW // 2
-    word_ok = ()
-    for t in tl.static_range(NW):
-        word_ok = word_ok + (lane_ok & (cols + 2 * t >= 0) & (cols + 2 * t < W),)
+    word_ok = _words_in_row(cols, lane_ok, W, NW)
     w_taps = w_words + v0 * (swv // 2)
     for h in tl.static_range(HALO):
         row_ok = (row_first + h >= 0) & (row_first + h < H)
@@ -401,9 +409,7 @@ def _dx_pair_taps(accs, dy_words, w_words, v0, lane_ok, row_first, col_first, Ho
     # Word t of this tap group covers dy columns col_first + v0*DW + 2t (+1); v0*DW is even.
     cols = col_first + v0 * DW
     words = dy_words + v0 * DW // 2
-    word_ok = ()
-    for t in tl.static_range(NW):
-        word_ok = word_ok + (lane_ok & (cols + 2 * t >= 0) & (cols + 2 * t < Wo),)
+    word_ok = _words_in_row(cols, lane_ok, Wo, NW)
     # Mirrored tap (u, v) is the weights' tap (KS-1-u, KS-1-v), read at the dy pixel it multiplies.
     w_group = w_words + (v0 * DW // 2 + (KS - 1) * (swu // 2) + (KS - 1 - v0) * (swv // 2))
     for h in tl.static_range(HALO):
