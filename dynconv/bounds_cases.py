@@ -179,7 +179,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         k_total = (p.C // p.groups) * p.K * p.K
         splits = ec.weight_grad_splits(p.B, p.m, p.Cout, p.groups, k_total, N, cfg)
         acc = torch.float32
-        dwt = _empty((splits, p.B, p.m, p.Cout, p.C // p.groups, p.K, p.K), acc)
+        dwt = ec.kernel_grad_buffer(splits, p.B, p.m, p.Cout, p.C // p.groups, (p.K, p.K), acc, "meta")
         dbias = _empty((splits, p.B, p.m, p.Cout), acc) if guided else None  # else the op sums dy itself
         return ec.backward_weight_launch(y, x, regions(1) if guided else None, dwt, dbias, (p.K, p.K), p.groups,
                                          *geometry, cfg)

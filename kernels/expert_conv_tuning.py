@@ -153,7 +153,7 @@ def _weight_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     k_total = Cin // g * kernel_hw[0] * kernel_hw[1]
     splits = ec.weight_grad_splits(B, m, Cout, g, k_total, dy.shape[2] * dy.shape[3], config)
     acc = dict(dtype=ec._acc_torch_dtype(x.dtype), device=x.device)
-    dw = _cached(ts, ("dw", splits), lambda: torch.empty((splits, B, m, Cout, Cin // g, *kernel_hw), **acc))
+    dw = _cached(ts, ("dw", splits), lambda: ec.kernel_grad_buffer(splits, B, m, Cout, Cin // g, kernel_hw, **acc))
     regions = _regions(ts, 1)
     # As the op: one region leaves the bias gradient to a plain sum of dy.
     dbias = _cached(ts, ("dbias", splits), lambda: torch.empty((splits, B, m, Cout), **acc)) if regions else None

@@ -342,23 +342,27 @@ def _mix_grads(dW: Tensor, dbias_mixed, weights, routing, bias, spatial):
     its tensor is absent (∂routing without routing: per-sample kernels)."""
     acc = dW.dtype
     B, m = dW.shape[:2]
+    # Kernels in the order the kernel gradient is stored, Cin/g innermost (kernel_grad_buffer):
+    # (..., Cout, kh, kw, Cin/g), so flattening dW is a view, not a copy of the largest tensor here.
+    dW = dW.movedim(-3, -1)
     dspatial = dbias = None
     if routing is not None:
         route = routing.to(acc).reshape(B * m, routing.shape[2])  # explicit sizes: B may be 0
-        flat_experts = weights.to(acc).reshape(weights.shape[0], -1)
+        flat_experts = weights.to(acc).movedim(-3, -1).reshape(weights.shape[0], -1)
     if spatial is not None:
-        unscaled = (route @ flat_experts).reshape(dW.shape) if routing is not None else weights.to(acc)
-        dspatial = (dW * unscaled).sum(dim=(1, 2, 3))
-        dW = dW * spatial.to(acc)[:, None, None, None]
+        unscaled = (route @ flat_experts).reshape(dW.shape) if routing is not None else weights.to(acc).movedim(-3, -1)
+        dspatial = (dW * unscaled).sum(dim=(1, 2, 5))
+        dW = dW * spatial.to(acc)[:, None, None, :, :, None]
     if routing is None:
-        return dW, None, dbias_mixed if bias is not None else None, dspatial
+        return dW.movedim(-1, -3), None, dbias_mixed if bias is not None else None, dspatial
     flat = dW.reshape(B * m, math.prod(dW.shape[2:]))
     drouting = flat @ flat_experts.t()
     if bias is not None:
         flat_bias = dbias_mixed.reshape(B * m, dbias_mixed.shape[2])
         drouting = torch.addmm(drouting, flat_bias, bias.to(acc).t())
         dbias = route.t() @ flat_bias
-    return (route.t() @ flat).reshape(weights.shape), drouting.reshape(routing.shape), dbias, dspatial
+    dweights = (route.t() @ flat).reshape(weights.movedim(-3, -1).shape).movedim(-1, -3)
+    return dweights, drouting.reshape(routing.shape), dbias, dspatial
 
 
 # The per-sample kernel gradient (fp32) the weight side holds at once: a part of the batch at a time
@@ -416,7 +420,7 @@ def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, pa
             scores = _guide_scores(x, weights, routing, bias, spatial, grad, groups, stride, padding, dilation)
             dguide = _guide_grad(scores, guide)
     # Distinct empty tensors for the absent ones: a custom op's outputs may not alias.
-    return tuple(g.to(x.dtype) if g is not None else x.new_empty(0)
+    return tuple(g.to(x.dtype, memory_format=torch.contiguous_format) if g is not None else x.new_empty(0)
                  for g in (dweights, drouting, dbias, dspatial, dguide))
 
 

@@ -263,6 +263,22 @@ def test_weight_gradient_takes_flat_pixel_steps_where_they_apply():
     assert meta(CASES["taps-drconv-stride2"]) == (False, True)
 
 
+def test_kernel_gradient_is_stored_channels_innermost():
+    """The per-(sample, region) kernel gradient lies Cin/g innermost, so a program stores its tile
+    as contiguous rows; the launch passes that unit stride, which triton specialises on."""
+    dw = kernels.kernel_grad_buffer(2, 3, 4, 8, 5, (3, 3), torch.float32, "meta")
+    assert dw.shape == (2, 3, 4, 8, 5, 3, 3) and dw.stride()[4] == 1 and dw.stride()[6] == 5
+    x = torch.empty((3, 5, 6, 6), device="meta").to(memory_format=torch.channels_last)
+    dy = torch.empty((3, 8, 6, 6), device="meta").to(memory_format=torch.channels_last)
+    experts = torch.empty((1, 8, 5, 3, 3), device="meta")
+    config = kernels.weight_grad_config(x, experts, 4, 1, (1, 1))
+    regions = kernels.RegionTables(*(torch.empty((3, n), dtype=torch.int32, device="meta")
+                                     for n in (36, 36, 4, 4, 5)), 1)
+    launch = kernels.backward_weight_launch(dy, x, regions, dw, torch.empty((2, 3, 4, 8), device="meta"), (3, 3), 1,
+                                            (1, 1), (1, 1), (1, 1), config)
+    assert launch.args["sdw_i"] == 1
+
+
 def test_nchw_wide_tiles(device):
     """The widest 2-byte NCHW defaults (64 x 256 forward, 256 x 128 input gradient on triton 3.6 and
     128 x 128 after, 128 x 128 x 64 FLAT kernel gradient; materialised kernels, as large as the
