@@ -1466,6 +1466,18 @@ def catalogue() -> list[Launch]:
                                    backward_weight_launch(y, x, dw, *geometry, per_pixel)):
                         launch.label = tag
                         launches.append(launch)
+    # Large kernels, NCHW per pixel at an odd width (the single-pixel kernels): the reference shapes'
+    # K = 7 left their tiles' spills from K = 8 on unseen (see involution_nchw.nchw_config).
+    for dtype in (torch.float32, torch.bfloat16):
+        for s in (1, 2):
+            K, Ho, Wo = 11, (32 - 1) // s + 1, (33 - 1) // s + 1  # 4-row strips at either stride
+            x = torch.empty((8, 64, 32, 33), dtype=dtype, device="meta")
+            y = torch.empty((8, 64, Ho, Wo), dtype=dtype, device="meta")
+            w = torch.empty((8, 4, K, K, Ho, Wo), dtype=dtype, device="meta")
+            geometry = ((s, s), (K // 2, K // 2), (1, 1))
+            for launch in (forward_launch(x, w, None, y, *geometry), backward_input_launch(y, w, x, *geometry)):
+                launch.label = f"K = 11, stride {s} {dtype} NCHW pixel"
+                launches.append(launch)
     # Over 2^31 elements: the int64-offset variants, per pixel and per sample.
     x = torch.empty((2304, 256, 64, 64), dtype=torch.bfloat16, device="meta")
     w = torch.empty((2304, 16, 3, 3, 64, 64), dtype=torch.bfloat16, device="meta")

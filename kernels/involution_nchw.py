@@ -741,9 +741,13 @@ def nchw_config(CG: int, K: int, rows: int, element_size: int, kind: str, pairs:
         # 6 rows: 5% faster in bf16 (PREDICTED) but fp16 spills on sm_80; fp32 at 4 x 8 went
         # through the stack on sm_80 with triton 3.9.
         # Few channels (G = C): longer strips; at 4 rows triton 3.9's ptxas put a register on the stack.
-        ch = _chunk(CG, 16)
+        # From K = 8, 16 channels x 4 rows spill at stride 2 (2-78 local loads and stores, both
+        # tritons, sm_80 and sm_90) and in fp32 at stride 1 too: 8 channels.
+        ch = _chunk(CG, 16 if K < 8 else 8)
         strip = 4 if ch > 4 else 8
-    elif element_size > 2:
+    elif element_size > 2 or K >= 8:
+        # 16-bit from K = 8 as fp32: 8 x 8 spills at stride 1 (2-164 local loads and stores, both
+        # tritons, sm_80 and sm_90); 8 x 4 predicts more than 4 x 8 (R1 at K = 9: 49% and 45%).
         ch, strip = _chunk(CG, 8), 4
     else:
         ch, strip = _chunk(CG, 8), 8

@@ -22,6 +22,7 @@ CASES = [
     (1, 4, 8, 5, 2, 2, 2, 2, 0),       # stride 2, dilation 2: phases no tap reaches
     (1, 6, 3, 4, 7, 2, 1, 1, None),    # K larger than the image, three channels per group
     (1, 4, 6, 7, 3, 1, (1, 2), (2, 1), 1),  # different strides and dilations per axis
+    (1, 16, 9, 11, 9, 1, 2, 1, None),  # K >= 8: the narrower tiles (8 channels of 16, 4 rows), two chunks
 ]
 IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}" for c in CASES]
 
