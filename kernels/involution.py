@@ -16,6 +16,7 @@ from __future__ import annotations
 
 
 import functools
+import itertools
 import math
 
 import torch
@@ -861,7 +862,7 @@ def default_config(C: int, G: int, height: int, width: int, channels_last: bool,
 
 @functools.lru_cache(maxsize=4096)
 def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool, element_size: int,
-                per_pixel: bool, strips: bool) -> dict:
+                per_pixel: bool, strips: bool, K: int) -> dict:
     """The default tile of the forward and input-gradient kernels: BLOCK_H counts output rows, in strips
     of STRIP rows per thread (_strip_shape; one row without ``strips``: strided or dilated rows share no
     source rows).
@@ -892,7 +893,7 @@ def _tap_config(C: int, G: int, height: int, width: int, channels_last: bool, el
         block_g = _pow2_at_most(G, max(1, 8 // block_cg))
         block_w = _pow2_at_most(width, 32)
         threads_per_row = block_w
-    cap = _strip_cap(block_g * block_cg, chunks, channels_last, element_size, per_pixel) if strips else 1
+    cap = _strip_cap(block_g * block_cg, chunks, channels_last, element_size, per_pixel, K) if strips else 1
     strip, rows = _strip_shape(height, cap, max(1, 32 // threads_per_row), max(1, 128 // threads_per_row))
     num_warps = max(1, min(4, threads_per_row * rows // 32))
     return {"BLOCK_G": block_g, "BLOCK_CG": block_cg, "BLOCK_H": rows * strip, "BLOCK_W": block_w,
@@ -925,10 +926,11 @@ CHANNELS_PER_THREAD = {2: 16}
 DEFAULT_CHANNELS_PER_THREAD = 8
 
 
-def _strip_cap(channels: int, chunks: int, channels_last: bool, element_size: int, per_pixel: bool) -> int:
+def _strip_cap(channels: int, chunks: int, channels_last: bool, element_size: int, per_pixel: bool,
+               K: int) -> int:
     """The longest strip whose accumulators fit the budget of _tap_config, for a tile of ``channels``
     channels per chunk (channels_last: a thread holds one 16-byte vector of them per chunk; NCHW: all
-    of them)."""
+    of them), with K taps a row."""
     # Accumulators per thread (AOT-checked with triton 3.6's ptxas: beyond these it spills; NCHW
     # threads also hold every pixel's row offsets, held per-sample weights take K per channel).
     if channels_last:
@@ -937,13 +939,18 @@ def _strip_cap(channels: int, chunks: int, channels_last: bool, element_size: in
     else:
         budget = 32 if element_size <= 2 and per_pixel else 16
         held = channels
-    return max(1, min(MAX_STRIP, budget // held))
+    # The STRIP + K - 1 source rows a thread holds grow with K too: from K = 8 strips of 7 spilled
+    # (channels_last per pixel, triton 3.6 and 3.9, sm_90: the 16-bit input gradient 16-215 local
+    # loads and stores, fp32 4-8 at K = 8), from K = 11 the 16-bit input gradient's strips of 4 too.
+    longest = MAX_STRIP if K <= 7 else 4 if K <= 10 else 3
+    return max(1, min(longest, budget // held))
 
 
 def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, element_size: int = 2,
-               per_pixel: bool = True, strips: bool = True) -> dict:
-    """The forward's and input gradient's own tile over ``height x width`` output (input) pixels (a copy)."""
-    return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel, strips))
+               per_pixel: bool = True, strips: bool = True, K: int = 7) -> dict:
+    """The forward's and input gradient's own tile over ``height x width`` output (input) pixels for
+    K x K kernels (a copy)."""
+    return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel, strips, K))
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -1002,7 +1009,8 @@ def forward_default(x, weight, Ho: int, Wo: int, strips: bool = True) -> dict:
     C, G = x.shape[1], weight.shape[1]
     if not unrolled_taps(x, weight):
         return default_config(C, G, Ho, Wo, is_channels_last(x))
-    return tap_config(C, G, Ho, Wo, is_channels_last(x), x.element_size(), weight.dim() == 6, strips)
+    return tap_config(C, G, Ho, Wo, is_channels_last(x), x.element_size(), weight.dim() == 6, strips,
+                      weight.shape[2])
 
 
 def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
@@ -1119,7 +1127,7 @@ def input_grad_default(dx, weight, stride, dilation=(1, 1)) -> dict:
         return default_config(C, weight.shape[1], H, W, is_channels_last(dx))
     strips = dilation[0] // math.gcd(stride[0], dilation[0]) == 1
     return tap_config(C, weight.shape[1], cdiv(H, stride[0]), cdiv(W, stride[1]), is_channels_last(dx),
-                      dx.element_size(), weight.dim() == 6, strips)
+                      dx.element_size(), weight.dim() == 6, strips, weight.shape[2])
 
 
 def _inner_strides(src, weight, meta: dict):
@@ -1195,7 +1203,7 @@ def _strip(meta: dict, chunks: int, reuse: bool, x, weight) -> int:
         meta["BLOCK_H"] = 1 << (rows.bit_length() - 1)
         return 1
     cap = _strip_cap(meta["BLOCK_G"] * meta["BLOCK_CG"], chunks, is_channels_last(x), x.element_size(),
-                     weight.dim() == 6)
+                     weight.dim() == 6, weight.shape[2])
     strips = [s for s in range(1, min(cap, rows) + 1) if rows % s == 0 and _is_pow2(rows // s)]
     if not strips:  # e.g. a tuned BLOCK_H of 28 where the budget allows strips of 4 at most
         meta["BLOCK_H"] = rows = 1 << (rows.bit_length() - 1)
@@ -1466,18 +1474,19 @@ def catalogue() -> list[Launch]:
                                    backward_weight_launch(y, x, dw, *geometry, per_pixel)):
                         launch.label = tag
                         launches.append(launch)
-    # Large kernels, NCHW per pixel at an odd width (the single-pixel kernels): the reference shapes'
-    # K = 7 left their tiles' spills from K = 8 on unseen (see involution_nchw.nchw_config).
-    for dtype in (torch.float32, torch.bfloat16):
-        for s in (1, 2):
-            K, Ho, Wo = 11, (32 - 1) // s + 1, (33 - 1) // s + 1  # 4-row strips at either stride
-            x = torch.empty((8, 64, 32, 33), dtype=dtype, device="meta")
-            y = torch.empty((8, 64, Ho, Wo), dtype=dtype, device="meta")
-            w = torch.empty((8, 4, K, K, Ho, Wo), dtype=dtype, device="meta")
-            geometry = ((s, s), (K // 2, K // 2), (1, 1))
-            for launch in (forward_launch(x, w, None, y, *geometry), backward_input_launch(y, w, x, *geometry)):
-                launch.label = f"K = 11, stride {s} {dtype} NCHW pixel"
-                launches.append(launch)
+    # Large kernels per pixel, NCHW at an odd width (the single-pixel kernels) and channels_last (taps
+    # unrolled): the reference shapes' K = 7 left their tiles' spills from K = 8 on unseen (see
+    # involution_nchw.nchw_config and _strip_cap).
+    for dtype, channels_last, s in itertools.product((torch.float32, torch.bfloat16), (False, True), (1, 2)):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        K, Ho, Wo = 11, (32 - 1) // s + 1, (33 - 1) // s + 1  # 4-row NCHW strips at either stride
+        x = torch.empty((8, 64, 32, 33), dtype=dtype, device="meta").to(memory_format=fmt)
+        y = torch.empty((8, 64, Ho, Wo), dtype=dtype, device="meta").to(memory_format=fmt)
+        w = torch.empty((8, 4, K, K, Ho, Wo), dtype=dtype, device="meta")
+        geometry = ((s, s), (K // 2, K // 2), (1, 1))
+        for launch in (forward_launch(x, w, None, y, *geometry), backward_input_launch(y, w, x, *geometry)):
+            launch.label = f"K = 11, stride {s} {dtype} {'NHWC' if channels_last else 'NCHW'} pixel"
+            launches.append(launch)
     # Over 2^31 elements: the int64-offset variants, per pixel and per sample.
     x = torch.empty((2304, 256, 64, 64), dtype=torch.bfloat16, device="meta")
     w = torch.empty((2304, 16, 3, 3, 64, 64), dtype=torch.bfloat16, device="meta")

@@ -465,6 +465,19 @@ def test_tap_kernels_lanes_cross_samples(case, block_h, block_w, dtype, device):
     assert_close(dx, dx64, dtype, "dx")
 
 
+def test_strips_shorten_for_large_kernels():
+    """A strip holds STRIP + K - 1 source rows: from K = 8 strips of at most 4 rows, from K = 11 of
+    at most 3 (longer ones spilled), at K = 7 the reference shapes' 7."""
+    for K, longest in ((7, 7), (9, 4), (11, 3), (13, 3)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.empty((2, 256, 56, 56), dtype=dtype, device="meta").to(memory_format=torch.channels_last)
+            w = torch.empty((2, 16, K, K, 56, 56), dtype=dtype, device="meta")
+            geometry = ((1, 1), (K // 2, K // 2), (1, 1))
+            strips = [kernels.forward_launch(x, w, None, x, *geometry).meta["STRIP"],
+                      kernels.backward_input_launch(x, w, x, *geometry).meta["STRIP"]]
+            assert max(strips) <= longest and (K > 7 or strips == [7, 7]), (K, dtype, strips)
+
+
 def test_tap_config_strips_cover_the_reference_rows_exactly():
     """R1 (56 rows) and R2 (28 rows): strips of 7, no padded rows; threads hold 8 fp32 or 16 bf16 channels of
     a group (the 16 channels of R1's and R2's groups: each weight serves 16 multiply-adds)."""
