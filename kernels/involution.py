@@ -1355,33 +1355,55 @@ def _least_padding(n: int, options) -> int:
     return min(options, key=lambda o: (cdiv(n, o) * o, -o))
 
 
+# The persistent kernel's limit: at K = 9 with a row stride or dilation, its 81 tap sums spill on sm_90
+# at any run length in channels_last (and leave NCHW at 253 registers), so K = 9 takes the generic kernel.
+SAMPLE_MAX_K = 8
+
+
+def _sample_run(K: int, row_stride: int, row_dilation: int, channels_last: bool) -> int:
+    """Rows per run of the persistent kernel. A run reads (RUN - 1) * stride + (K - 1) * dilation + 1
+    halo rows per tap column, and triton's ptxas keeps every halo row's offsets live beside the K*K
+    sums. Runs of four spilled from K = 7 at dilation 2 (both layouts), K = 7 at stride 2 in
+    channels_last (sm_80) and K = 8 at stride 2; runs of two at K = 7, dilation 2 (NCHW, triton 3.9)
+    and K = 8, stride 2 (channels_last, triton 3.9). Checked on triton 3.6 and 3.9, sm_80 and sm_90."""
+    if K <= 5 and row_stride <= 2:
+        return 4
+    if row_dilation > 1 or row_stride > 2:
+        return 1
+    if K <= 7:
+        return 2 if channels_last else 4
+    return 1 if channels_last else 2
+
+
 @functools.lru_cache(maxsize=1024)
-def _sample_config(C: int, Ho: int, Wo: int, channels_last: bool) -> dict:
-    """Lanes along the contiguous axis (channels in channels_last, W in NCHW), one element each.
-    Runs of four rows: with K*K = 49 sums and the run's gradients per thread, longer runs or two
-    elements per thread spill at K = 7 on sm_80 or with triton 3.9."""
-    run = 4
+def _sample_config(C: int, K: int, Ho: int, Wo: int, channels_last: bool, row_stride: int = 1,
+                   row_dilation: int = 1) -> dict:
+    """Lanes along the contiguous axis (channels in channels_last, W in NCHW), one element each (two
+    would double the K*K sums a thread holds); runs as long as the halo lets them be (_sample_run)."""
     if channels_last:
-        block_g, block_w = _pow2_at_most(C, 32), _least_padding(Wo, (8, 4, 16))
+        block_g = _pow2_at_most(C, 32)
+        block_w = _least_padding(Wo, tuple(w for w in (8, 4, 16) if block_g * w <= 256))
     else:
         block_w = _least_padding(Wo, (32, 16, 8))
         block_g = _pow2_at_most(C, max(1, 128 // block_w))
     num_warps = max(1, min(8, block_g * block_w // 32))
-    return {"BLOCK_G": block_g, "BLOCK_W": block_w, "RUN": run, "num_warps": num_warps, "num_stages": 1}
+    return {"BLOCK_G": block_g, "BLOCK_W": block_w, "RUN": _sample_run(K, row_stride, row_dilation, channels_last),
+            "num_warps": num_warps, "num_stages": 1}
 
 
 def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last: bool, per_pixel: bool,
                         B: int = 1, stride=(1, 1), dilation=(1, 1), dtype_bytes: int = 0) -> dict:
     """The launcher's own weight-gradient config: the runs kernel (per pixel, channels_last, 2..RUNS_MAX_CG
     channels per group), dynamic_dwconv.py's walk (per sample, where it applies), the persistent kernel
-    (per sample, G = C), else the generic kernel's tile; K up to RUNS_MAX_K for the runs and persistent
-    kernels. NCHW per pixel takes involution_nchw.py's kernel before this is asked (K <= its MAX_K)."""
+    (per sample, G = C), else the generic kernel's tile; K up to RUNS_MAX_K for the runs kernel,
+    SAMPLE_MAX_K for the persistent one. NCHW per pixel takes involution_nchw.py's kernel before this
+    is asked (K <= its MAX_K)."""
     if per_pixel and channels_last and K <= RUNS_MAX_K and 2 <= C // G <= RUNS_MAX_CG:
         return dict(_runs_config(G, Ho, Wo))
     if not per_pixel and dwconv.handles_weight_grad(C, G, K, stride, dilation, None):
         return dwconv.weight_grad_default(B, C, Ho, Wo, K, channels_last, dtype_bytes)
-    if not per_pixel and K <= RUNS_MAX_K and C == G:
-        return dict(_sample_config(C, Ho, Wo, channels_last))
+    if not per_pixel and K <= SAMPLE_MAX_K and C == G:
+        return dict(_sample_config(C, K, Ho, Wo, channels_last, stride[0], dilation[0]))
     # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
     return default_config(C, G, Ho, Wo, channels_last, max_warps=4)
 
@@ -1391,9 +1413,13 @@ def weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel: bool, dilation=(1, 1)
     default = weight_grad_default(x.shape[1], G, K, Ho, Wo, is_channels_last(x), per_pixel, x.shape[0], stride,
                                   dilation, x.element_size())
     config = get_config(name, problem_key(x, G, K, stride), default)
-    # Tables key no dilation: a dynamic_dwconv tile tuned at dilation 1 must not reach a dilated layer.
-    if "P" in config and not dwconv.handles_weight_grad(x.shape[1], G, K, stride, dilation, config):
+    # Tables key no dilation: a tile tuned at dilation 1 must not pick another kernel for a dilated layer
+    # (dynamic_dwconv's walk takes no row dilation), nor give the persistent kernel longer runs than its
+    # halo allows there.
+    if ("P" in config, "RUN" in config) != ("P" in default, "RUN" in default):
         return default
+    if not per_pixel and "RUN" in config and "P" not in config:
+        return {**config, "RUN": min(config["RUN"], default["RUN"])}
     return config
 
 
@@ -1487,6 +1513,21 @@ def catalogue() -> list[Launch]:
         for launch in (forward_launch(x, w, None, y, *geometry), backward_input_launch(y, w, x, *geometry)):
             launch.label = f"K = 11, stride {s} {dtype} {'NHWC' if channels_last else 'NCHW'} pixel"
             launches.append(launch)
+    # Depth-wise per sample past row stride and dilation 1 (the reference shapes' stride 1 walks in
+    # dynamic_dwconv.py): the persistent kernel's shorter runs (_sample_run) and, at K = 9, the generic kernel.
+    for dtype, channels_last, (K, s, d) in itertools.product((torch.float32, torch.bfloat16), (False, True),
+                                                             ((7, 2, 1), (7, 1, 2), (8, 2, 1), (9, 2, 1))):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        p = d * (K - 1) // 2
+        Ho = (29 + 2 * p - d * (K - 1) - 1) // s + 1
+        x = torch.empty((8, 64, 29, 29), dtype=dtype, device="meta").to(memory_format=fmt)
+        y = torch.empty((8, 64, Ho, Ho), dtype=dtype, device="meta").to(memory_format=fmt)
+        cfg = weight_grad_config(x, 64, K, (s, s), Ho, Ho, per_pixel=False, dilation=(d, d))
+        dw = torch.empty(weight_grad_partials(8, 64, K, Ho, Ho, cfg), dtype=torch.float32, device="meta")
+        launch = backward_weight_launch(y, x, dw, (s, s), (p, p), (d, d), False, cfg)
+        layout_name = "NHWC" if channels_last else "NCHW"
+        launch.label = f"depth-wise K = {K}, stride {s}, dilation {d} {dtype} {layout_name} sample"
+        launches.append(launch)
     # Over 2^31 elements: the int64-offset variants, per pixel and per sample.
     x = torch.empty((2304, 256, 64, 64), dtype=torch.bfloat16, device="meta")
     w = torch.empty((2304, 16, 3, 3, 64, 64), dtype=torch.bfloat16, device="meta")

@@ -355,19 +355,26 @@ def test_per_pixel_weight_gradient_past_the_unrolled_kernel_sizes(device):
     assert_close(dw, w64.grad, torch.float32, "dw")
 
 
-@pytest.mark.parametrize("memory_format, dtype, geometry, H", [
-    (torch.contiguous_format, torch.float32, S2, 17), (torch.channels_last, torch.bfloat16, S2D2, 17)],
-    ids=["nchw-fp32-s2", "nhwc-bf16-s2d2"])
-def test_per_sample_weight_gradient_persistent_partials(memory_format, dtype, geometry, H, device, monkeypatch):
+D2, S2P3 = ((1, 1), (6, 6), (2, 2)), ((2, 2), (3, 3), (1, 1))
+
+
+@pytest.mark.parametrize("memory_format, dtype, geometry, K, H, run", [
+    (torch.contiguous_format, torch.float32, S2, 3, 17, 4), (torch.channels_last, torch.bfloat16, S2D2, 3, 17, 4),
+    (torch.channels_last, torch.float32, D2, 7, 9, 1), (torch.contiguous_format, torch.bfloat16, S2P3, 8, 19, 2)],
+    ids=["nchw-fp32-s2", "nhwc-bf16-s2d2", "nhwc-fp32-K7d2", "nchw-bf16-K8s2"])
+def test_per_sample_weight_gradient_persistent_partials(memory_format, dtype, geometry, K, H, run, device,
+                                                        monkeypatch):
     """The persistent per-sample kernel (G = C): programs walk tiles split, split + SPLITS, ... with a
-    tile count not divisible by the program count, B = 1, odd sizes; the partials sum to dw."""
+    tile count not divisible by the program count, B = 1, odd sizes; the partials sum to dw. Runs of
+    four rows, and the shorter runs of a long halo (K = 7 at dilation 2, K = 8 at stride 2)."""
     monkeypatch.setattr(kernels, "PERSISTENT_PROGRAMS", 2)  # 4 channels in one block: 2 splits
     stride, padding, dilation = geometry
-    B, C, W, K = 1, 4, 5, 3
+    B, C, W = 1, 4, 5
     Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
     x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=memory_format)
     dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
-    config = kernels.weight_grad_config(x, C, K, stride, Ho, Wo, per_pixel=False)
+    config = kernels.weight_grad_config(x, C, K, stride, Ho, Wo, per_pixel=False, dilation=dilation)
+    assert config["RUN"] == run and "P" not in config, config
     shape = kernels.weight_grad_partials(B, C, K, Ho, Wo, config)
     tiles = -(-Ho // config["RUN"]) * -(-Wo // config["BLOCK_W"])
     assert shape[-1] == 2 and tiles % 2, (shape, tiles)
