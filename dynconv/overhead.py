@@ -28,10 +28,6 @@ from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, command_parser, fa
 from dynconv.kernels._launch import Launch
 from dynconv.kernels.configs import ConfigWarning
 
-# The interpreter flags of the op modules: set, CPU tensors take the Triton launch path.
-_OP_MODULES = ("dynconv.ops.involution", "dynconv.ops.expert_conv", "dynconv.ops.involution_fused")
-
-
 def _inputs(device: str) -> dict[str, tuple[Callable, dict]]:
     """op name -> (function, tensor arguments): small shapes, where only host time matters."""
     B, C, H, K = 2, 16, 8, 3
@@ -83,19 +79,15 @@ class _EmptyFunction(torch.autograd.Function):
 def noop_launches():
     """Every kernel launch does nothing, and CPU tensors take the launch path (not plain PyTorch).
     Without a GPU the config lookup takes its GPU path too, as on an untuned H100."""
-    import importlib
+    from dynconv.kernels import _launch, configs
 
-    from dynconv.kernels import configs
-
-    modules = [importlib.import_module(name) for name in _OP_MODULES]
-    saved = [m._INTERPRETED for m in modules], Launch.__call__, torch.get_num_threads()
+    saved = _launch._INTERPRETED, Launch.__call__, torch.get_num_threads()
     saved_configs = configs._active_device, configs._run_time_tuning_enabled
     if not torch.cuda.is_available():
         configs._active_device = lambda: "NVIDIA H100 80GB HBM3"
         configs._run_time_tuning_enabled = lambda: False
     Launch.__call__ = lambda self: None
-    for m in modules:
-        m._INTERPRETED = True
+    _launch._INTERPRETED = True
     # The small torch ops around the launches (sums, matmuls) stand in for GPU launches: one
     # thread keeps them from waiting on busy cores, and flushing denormals keeps the garbage in
     # unwritten outputs from running at a hundredth of the speed.
@@ -107,8 +99,7 @@ def noop_launches():
         if denormals:
             torch.set_flush_denormal(False)
         torch.set_num_threads(saved[2])
-        for m, flag in zip(modules, saved[0]):
-            m._INTERPRETED = flag
+        _launch._INTERPRETED = saved[0]
         Launch.__call__ = saved[1]
         configs._active_device, configs._run_time_tuning_enabled = saved_configs
 

@@ -20,6 +20,8 @@ import triton
 from . import configs
 from .configs import kernels_are_interpreted  # noqa: F401 - the ops and tools ask here
 
+_INTERPRETED = kernels_are_interpreted()  # fixed when the kernels were decorated
+
 _TRITON_DTYPE = {
     torch.float16: "fp16",
     torch.bfloat16: "bf16",
@@ -68,6 +70,12 @@ def inner_strides(prefix: str, t: torch.Tensor, axes: str = "chw") -> dict[str, 
     sxh, sxw): passed as compile-time constants, they make a kernel variant per feature-map size, and
     every tap's and halo row's offset from a program's base pointer an immediate."""
     return {prefix + a: s for a, s in zip(axes, t.stride()[t.dim() - len(axes):])}
+
+
+def runs_kernels(t: torch.Tensor) -> bool:
+    """Whether the ops hand ``t`` to the Triton kernels: a CUDA tensor, or under TRITON_INTERPRET=1
+    any tensor with data (a meta tensor takes the plain path: shapes only, nothing to interpret)."""
+    return t.is_cuda or (_INTERPRETED and not t.is_meta)
 
 
 def is_channels_last(t: torch.Tensor) -> bool:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dynconv.kernels import expert_conv as kernels
 from dynconv.kernels import region_conv
-from dynconv.kernels._launch import kernels_are_interpreted
+from dynconv.kernels._launch import runs_kernels
 
 from . import _eager
 from ._eager import fold_vmapped, unfold_vmapped
@@ -44,14 +44,6 @@ from ._checks import (
     memory_format_of,
     output_hw,
 )
-
-_INTERPRETED = kernels_are_interpreted()
-
-
-def _use_triton(t: Tensor) -> bool:
-    # Meta tensors take the plain path: shapes only, nothing to interpret.
-    return t.is_cuda or (_INTERPRETED and not t.is_meta)
-
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -191,7 +183,7 @@ def _region_grad_sums(grad: Tensor, guide, m: int, acc: torch.dtype) -> Tensor:
 def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
     fmt = memory_format_of(x)
     nonempty = x.numel() and weights.shape[-4] and weights.shape[-3] and out[0] * out[1]
-    if nonempty and not x.is_meta and not _use_triton(x):
+    if nonempty and not x.is_meta and not runs_kernels(x):
         # The plain result itself, no copy into an empty (measured: perf_reports/cpu/).
         return reference.expert_conv2d_selected(x, weights, routing, bias, stride, padding, dilation, groups,
                                                 spatial=spatial, guide=guide).contiguous(memory_format=fmt)
@@ -287,7 +279,7 @@ def _guide_scores(x, weights, routing, bias, spatial, grad, groups, stride, padd
         if mixed is None:
             return grad.new_zeros((grad.shape[0], _regions(weights, routing), *grad.shape[2:]), dtype=acc)
         return torch.einsum("bohw,bro->brhw", grad.to(acc), mixed.to(acc))
-    if _use_triton(x):
+    if runs_kernels(x):
         return kernels.expert_conv_guide_scores(x, weights, routing, spatial, _mixed_bias(routing, bias), grad,
                                                 groups, stride, padding, dilation,
                                                 expert_bias=bias if routing is not None else None)
@@ -306,7 +298,7 @@ def _guide_grad(scores: Tensor, guide: Tensor) -> Tensor:
 
 def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if not grad.is_meta and not _use_triton(grad) and grad.numel() and weights.numel() and all(x_size):
+    if not grad.is_meta and not runs_kernels(grad) and grad.numel() and weights.numel() and all(x_size):
         dx = _cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, padding, dilation, groups)
         return dx.to(grad.dtype).contiguous(memory_format=fmt)  # the result itself, no copy into an empty
     dx = _empty(grad, x_size, fmt)
@@ -331,7 +323,7 @@ def _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dila
         B, Cin = x.shape[:2]
         dW = x.new_zeros((B, m, grad.shape[1], Cin // groups, *kernel_hw), dtype=acc)
         return dW, _region_grad_sums(grad, guide, m, acc)
-    if _use_triton(x):
+    if runs_kernels(x):
         return kernels.expert_conv_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
     return _cpu_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
 

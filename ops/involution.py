@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import involution as kernels
-from dynconv.kernels._launch import kernels_are_interpreted
+from dynconv.kernels._launch import runs_kernels
 
 from . import _eager
 from ._eager import fold_vmapped
@@ -34,17 +34,10 @@ from ._checks import (
     output_hw,
 )
 
-_INTERPRETED = kernels_are_interpreted()
-
-
-def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda or _INTERPRETED
-
-
 def _plain(t: Tensor) -> bool:
     """The plain-PyTorch CPU path: per-sample weights by the batch-as-groups depthwise conv (torch's
     own conv kernels, measured fastest on CPU: perf_reports/cpu/), per-pixel ones by shift-and-add."""
-    return not t.is_meta and not _use_triton(t)
+    return not t.is_meta and not runs_kernels(t)
 
 
 def _empty(like: Tensor, shape, fmt: torch.memory_format) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import involution_fused as kernels
-from dynconv.kernels._launch import kernels_are_interpreted
+from dynconv.kernels._launch import runs_kernels
 
 from . import _eager
 from ._eager import fold_vmapped, unfold_vmapped
@@ -39,13 +39,6 @@ from ._checks import (
     memory_format_of,
     output_hw,
 )
-
-_INTERPRETED = kernels_are_interpreted()
-
-
-def _use_triton(t: Tensor) -> bool:
-    return t.is_cuda or _INTERPRETED
-
 
 def _empty(like: Tensor, shape, fmt: torch.memory_format) -> Tensor:
     return torch.empty(tuple(shape), dtype=like.dtype, device=like.device, memory_format=fmt)
@@ -143,7 +136,7 @@ def _forward(x, z, span_weight, span_bias, kernel_size, stride, padding, dilatio
     y = _empty(x, (B, C, Ho, Wo), memory_format_of(x))
     if _done_without_kernel(y, x):
         return y
-    if _use_triton(x):
+    if runs_kernels(x):
         kernels.involution_fused_forward(x, z, span_weight, span_bias, y, kernel_size, stride, padding, dilation)
     else:
         y.copy_(reference.involution_fused_reference(x, z, span_weight, span_bias, kernel_size,
@@ -156,7 +149,7 @@ def _backward_input(grad, z, span_weight, span_bias, kernel_size, x_size, channe
     dx = _empty(grad, x_size, _format(channels_last))
     if _done_without_kernel(dx, grad):
         return dx
-    if _use_triton(grad):
+    if runs_kernels(grad):
         kernels.involution_fused_backward_input(grad, z, span_weight, span_bias, dx, kernel_size,
                                                 stride, padding, dilation)
     else:
@@ -170,7 +163,7 @@ def _backward_z(grad, x, span_weight, kernel_size, z_channels_last, stride, padd
     dz = _empty(x, (x.shape[0], span_weight.shape[1], *grad.shape[2:]), _format(z_channels_last))
     if _done_without_kernel(dz, grad, x):
         return dz
-    if _use_triton(x):
+    if runs_kernels(x):
         kernels.involution_fused_backward_z(grad, x, span_weight, dz, kernel_size, stride, padding, dilation)
     else:
         dz.copy_(reference.fused_backward_z(grad, x, span_weight, kernel_size, stride, padding, dilation))
@@ -185,7 +178,7 @@ def _backward_span(grad, x, z, kernel_size, groups, stride, padding, dilation):
     dbias = torch.empty((rows,), dtype=x.dtype, device=x.device)
     if _done_without_kernel(dspan, grad, x):  # dspan has K²G·R > 0 elements, as dbias has K²G
         return dspan, dbias.zero_()
-    if _use_triton(x):
+    if runs_kernels(x):
         kernels.involution_fused_backward_span(grad, x, z, dspan, dbias, kernel_size, stride, padding, dilation)
     else:
         ref_span, ref_bias = reference.fused_backward_span(grad, x, z, kernel_size, groups, stride, padding, dilation)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import na2d as kernels
+from dynconv.kernels._launch import runs_kernels
 
 from . import _eager
 from . import na2d_linear as linear
@@ -29,9 +30,6 @@ from ._checks import as_pair, autocast_inputs, check_dtypes_and_devices, check_t
 
 WINDOWS = reference.WINDOWS
 _LAYOUT = "(B, H, W, heads, D)"
-
-
-_use_triton = linear.use_triton
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -104,7 +102,7 @@ def _shape(t):
 # ---------------------------------------------------------------------------------------------
 
 def _forward(q, k, v, rpb, K, dilation, scale, window):
-    if _use_triton(q):
+    if runs_kernels(q):
         B, H, W, heads, _ = q.shape
         y = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         lse = torch.empty((B, H, W, heads), dtype=_lse_dtype(q.dtype), device=q.device)
@@ -117,7 +115,7 @@ def _forward(q, k, v, rpb, K, dilation, scale, window):
 def _backward(grad, q, k, v, rpb, y, lse, K, dilation, scale, window):
     """(dq, dk, dv, drpb); drpb is (heads, 2K-1, 2K-1) even without rpb (then unused)."""
     heads = q.shape[3]
-    if _use_triton(q):
+    if runs_kernels(q):
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         drpb = torch.empty((heads, 2 * K - 1, 2 * K - 1), dtype=q.dtype, device=q.device)
         kernels.na2d_backward(grad, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, dilation, scale,
@@ -128,7 +126,7 @@ def _backward(grad, q, k, v, rpb, y, lse, K, dilation, scale, window):
 
 
 def _qk(q, k, rpb, K, dilation, window):
-    if _use_triton(q):
+    if runs_kernels(q):
         scores = torch.empty((*q.shape[:4], K, K), dtype=q.dtype, device=q.device)
         kernels.na2d_qk_forward(q, k, rpb, scores, K, dilation, window == "neighborhood")
         return scores
@@ -137,7 +135,7 @@ def _qk(q, k, rpb, K, dilation, window):
 
 def _qk_backward(grad, q, k, K, dilation, window, rpb_grad):
     """(dq, dk, drpb); drpb is (heads, 2K-1, 2K-1) zeros unless ``rpb_grad``."""
-    if _use_triton(q):
+    if runs_kernels(q):
         dq, dk = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k))
         drpb = torch.empty((q.shape[3], 2 * K - 1, 2 * K - 1), dtype=q.dtype, device=q.device)
         kernels.na2d_qk_backward(grad, q, k, dq, dk, drpb if rpb_grad else None, K, dilation,
@@ -147,7 +145,7 @@ def _qk_backward(grad, q, k, K, dilation, window, rpb_grad):
 
 
 def _av(attn, v, K, dilation, window):
-    if _use_triton(v):
+    if runs_kernels(v):
         y = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         kernels.na2d_av_forward(attn, v, y, K, dilation, window == "neighborhood")
         return y
@@ -155,7 +153,7 @@ def _av(attn, v, K, dilation, window):
 
 
 def _av_backward(grad, attn, v, K, dilation, window):
-    if _use_triton(v):
+    if runs_kernels(v):
         dattn = torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         kernels.na2d_av_backward(grad, attn, v, dattn, dv, K, dilation, window == "neighborhood")

@@ -29,25 +29,18 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import na2d as kernels
-from dynconv.kernels._launch import kernels_are_interpreted
+from dynconv.kernels._launch import runs_kernels
 
 from . import _eager
 from . import reference_na2d as reference
 from ._eager import fold_vmapped, unfold_vmapped
-
-_INTERPRETED = kernels_are_interpreted()
-
-
-def use_triton(t: Tensor) -> bool:
-    return t.is_cuda or _INTERPRETED
-
 
 # ---------------------------------------------------------------------------------------------
 # Bodies. Empty operands launch nothing: every value of an empty product is zero.
 # ---------------------------------------------------------------------------------------------
 
 def _dots(x, y, K, dilation, window):
-    if not use_triton(x):
+    if not runs_kernels(x):
         return reference.na2d_dots_taps(x, y, K, dilation, window).contiguous()
     out = torch.empty((*x.shape[:4], K, K), dtype=x.dtype, device=x.device)
     if out.numel() and not x.shape[-1]:  # D = 0: every dot is an empty sum
@@ -58,7 +51,7 @@ def _dots(x, y, K, dilation, window):
 
 
 def _tap_sum(w, y, K, dilation, window):
-    if not use_triton(y):
+    if not runs_kernels(y):
         return reference.na2d_av_taps(w, y, K, dilation, window).contiguous()
     out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     if out.numel():
@@ -67,7 +60,7 @@ def _tap_sum(w, y, K, dilation, window):
 
 
 def _key_sum(w, x, K, dilation, window):
-    if not use_triton(x):
+    if not runs_kernels(x):
         return reference.na2d_key_sum_taps(w, x, K, dilation, window).contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel():

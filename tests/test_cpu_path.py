@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import dynconv
-from dynconv.ops import expert_conv as expert_ops
-from dynconv.ops import involution as involution_ops
+from dynconv.kernels import _launch
 from dynconv.ops import reference_expert, reference_involution
 from dynconv.reference import drconv_all_regions, expert_conv2d_grouped, involution_unfold
 from helpers import check_against_reference
@@ -25,8 +24,7 @@ F64 = torch.float64
 
 @pytest.fixture
 def plain(monkeypatch):
-    monkeypatch.setattr(involution_ops, "_INTERPRETED", False)
-    monkeypatch.setattr(expert_ops, "_INTERPRETED", False)
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 
 import dynconv
-import dynconv.ops.expert_conv as expert_ops
+from dynconv.kernels import _launch
 from dynconv.kernels import expert_conv as kernels
 from dynconv.ops import _eager
 from dynconv.reference import expert_conv2d_grouped
@@ -67,7 +67,7 @@ def path(request, monkeypatch):
 @pytest.fixture
 def plain(monkeypatch):
     """The plain PyTorch CPU path (no Triton interpreter)."""
-    monkeypatch.setattr(expert_ops, "_INTERPRETED", False)
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def plain(monkeypatch):
 @pytest.mark.parametrize("interpreted", [False, True])
 def test_gradient_penalty_reaches_the_weights(interpreted, path, monkeypatch):
     """R1-style penalty ‖∂y/∂x‖²: its gradient in every weight, against the float64 reference."""
-    monkeypatch.setattr(expert_ops, "_INTERPRETED", interpreted and expert_ops._INTERPRETED)
+    monkeypatch.setattr(_launch, "_INTERPRETED", interpreted and _launch._INTERPRETED)
     inputs = _inputs(**CASES["drconv-spatial-groups2"][0])
     names, leaves = _leaves(inputs)
 
@@ -108,7 +108,7 @@ def test_gradgradcheck_plain_path(case, path, plain):
 @pytest.mark.parametrize(("case", "path"), [("condconv-groups1", "custom_ops"), ("drconv-spatial-groups2", "eager")],
                          indirect=["path"])
 def test_gradgradcheck_interpreter(case, path):
-    if not expert_ops._INTERPRETED:
+    if not _launch._INTERPRETED:
         pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=0)")
     kwargs, groups = CASES[case]
     names, leaves = _leaves(_inputs(B=1, **kwargs))
@@ -130,7 +130,7 @@ def test_forward_and_reverse_ad_agree_with_finite_differences(plain):
 
 @pytest.mark.parametrize("interpreted", [False, True])
 def test_torch_func_transforms_match_the_reference(interpreted, monkeypatch):
-    monkeypatch.setattr(expert_ops, "_INTERPRETED", interpreted and expert_ops._INTERPRETED)
+    monkeypatch.setattr(_launch, "_INTERPRETED", interpreted and _launch._INTERPRETED)
     kwargs, groups = CASES["drconv-spatial-groups2"]
     inputs = _inputs(B=1, **kwargs)
     names = [k for k, v in inputs.items() if v is not None]
@@ -185,7 +185,7 @@ def test_vmap_over_any_argument(vmapped, plain):
 @pytest.mark.parametrize("shape", [dict(B=0), dict(B=0, m=2, guide=True, spatial=True), dict(Cin=0, groups=1),
                                    dict(Cin=0, m=2, guide=True, spatial=True)])
 def test_empty_problems(shape, interpreted, path, monkeypatch, nan_poison):
-    monkeypatch.setattr(expert_ops, "_INTERPRETED", interpreted and expert_ops._INTERPRETED)
+    monkeypatch.setattr(_launch, "_INTERPRETED", interpreted and _launch._INTERPRETED)
     for entry in ("expert_conv_forward", "expert_conv_backward_input", "expert_conv_backward_kernel",
                   "expert_conv_guide_scores"):
         monkeypatch.setattr(kernels, entry, lambda *a, **k: pytest.fail("a kernel was launched for nothing"))
@@ -229,7 +229,7 @@ def test_meta_tensors_give_shapes_on_every_path(monkeypatch):
 @pytest.mark.parametrize("interpreted", [False, True])
 def test_nan_guide_logit_follows_torch_argmax(interpreted, monkeypatch):
     """torch.argmax counts NaN as the maximum (first index wins): that pixel takes the NaN's region."""
-    monkeypatch.setattr(expert_ops, "_INTERPRETED", interpreted and expert_ops._INTERPRETED)
+    monkeypatch.setattr(_launch, "_INTERPRETED", interpreted and _launch._INTERPRETED)
     inputs = _inputs(m=2, guide=True)
     inputs["guide"][0, 1, 1, 1] = float("nan")
     inputs["guide"][1, :, 2, 0] = float("nan")

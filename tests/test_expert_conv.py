@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import dynconv
 import dynconv.ops.expert_conv as expert_ops
+from dynconv.kernels import _launch
 from dynconv.kernels import expert_conv as kernels
 from dynconv.kernels._launch import TRITON_VERSION
 from dynconv.ops.reference_expert import all_region_outputs
@@ -513,7 +514,7 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.parametrize("name", ["groups2-stride2-odd-spatial-nobias", "drconv-m3"])
 def test_cpu_pytorch_path(name, monkeypatch):
     """Without the interpreter, CPU tensors take the batch-as-groups path (and autograd through it)."""
-    monkeypatch.setattr(expert_ops, "_INTERPRETED", False)
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
 
     def no_kernels(*args, **kwargs):
         raise AssertionError("a Triton kernel ran on the plain-PyTorch path")
@@ -529,7 +530,7 @@ def test_cpu_pytorch_path(name, monkeypatch):
 
 
 def test_autocast_casts_like_a_conv(monkeypatch):
-    monkeypatch.setattr(expert_ops, "_INTERPRETED", False)
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
     args = _good()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = dynconv.expert_conv2d(args["x"], args["experts"], args["routing"], args["bias"], padding=1, groups=2)

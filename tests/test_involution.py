@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dynconv
-import dynconv.ops.involution as involution_ops
+from dynconv.kernels import _launch
 from dynconv.kernels import involution as kernels
 from dynconv.kernels import involution_nchw
 from dynconv.reference import involution_naive, involution_shift_add, involution_unfold
@@ -164,7 +164,7 @@ def test_over_int32_elements_on_gpu():
 
 def test_cpu_path_without_interpreter_matches(monkeypatch):
     """Without TRITON_INTERPRET, CPU tensors take shift-and-add: same values and gradients."""
-    monkeypatch.setattr(involution_ops, "_INTERPRETED", False)
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
     monkeypatch.setattr(kernels, "forward_launch", lambda *a, **k: pytest.fail("Triton kernel ran on the CPU path"))
     for case in (CASES[1], CASES[5]):
         x, w, geometry = _inputs(case, per_pixel=True)

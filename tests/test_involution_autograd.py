@@ -11,8 +11,8 @@ import torch
 import torch.autograd.forward_ad as fwad
 
 import dynconv
+from dynconv.kernels import _launch
 from dynconv.ops import _eager
-from dynconv.ops import involution as involution_ops
 from dynconv.reference import involution_unfold
 from helpers import assert_close
 
@@ -25,7 +25,7 @@ PATHS = {"plain": (False, True), "plain-custom-op": (False, False),
 
 def _take(path, monkeypatch):
     interpreted, eager = PATHS[path]
-    monkeypatch.setattr(involution_ops, "_INTERPRETED", interpreted)
+    monkeypatch.setattr(_launch, "_INTERPRETED", interpreted)
     if not eager:
         monkeypatch.setattr(_eager, "eager", lambda *tensors: False)
 

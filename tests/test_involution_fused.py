@@ -11,6 +11,7 @@ import torch
 
 import dynconv
 import dynconv.ops.involution_fused as fused_ops
+from dynconv.kernels import _launch
 from dynconv.kernels import involution_fused as kernels
 from dynconv.nn import DynamicDWConv2d, Involution2d
 from dynconv.reference import involution_fused_reference, involution_unfold
@@ -301,7 +302,7 @@ def test_int64_indexing_is_chosen_past_int32():
 
 def test_cpu_path_without_interpreter_matches(monkeypatch):
     """Without TRITON_INTERPRET, CPU tensors take span conv + shift-and-add: same values and gradients."""
-    monkeypatch.setattr(fused_ops, "_INTERPRETED", False)
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
     for name in ("forward_launch", "backward_input_launch", "backward_z_launch", "backward_span_launch"):
         monkeypatch.setattr(kernels, name, lambda *a, **k: pytest.fail("Triton kernel ran on the CPU path"))
     inputs, geometry = _inputs(CASES[1])

@@ -15,7 +15,7 @@ from torch import func
 from torch.autograd import gradcheck, gradgradcheck
 
 import dynconv
-import dynconv.ops.involution_fused as fused_ops
+from dynconv.kernels import _launch
 from dynconv.kernels import involution_fused as kernels
 from dynconv.ops import _eager
 from dynconv.reference import involution_fused_reference
@@ -29,7 +29,7 @@ LAUNCHERS = ("forward_launch", "backward_input_launch", "backward_z_launch", "ba
 def _take(path, monkeypatch):
     """Route dynconv.involution_fused through ``path``."""
     if path in ("plain", "custom_op"):
-        monkeypatch.setattr(fused_ops, "_INTERPRETED", False)
+        monkeypatch.setattr(_launch, "_INTERPRETED", False)
         for name in LAUNCHERS:
             monkeypatch.setattr(kernels, name, lambda *a, **k: pytest.fail("a Triton kernel ran on the CPU path"))
     if path == "custom_op":
@@ -76,7 +76,7 @@ def test_gradcheck_and_gradgradcheck(path, stride, monkeypatch):
 def test_gradgradcheck_through_the_interpreter():
     """The Triton kernels' derivatives of every order, by finite differences (fast mode; the
     smallest problem that still has border taps: one channel group, R = 1, a 3x3 image)."""
-    if not fused_ops._INTERPRETED:
+    if not _launch._INTERPRETED:
         pytest.skip("needs the Triton kernels (TRITON_INTERPRET=1 or a GPU)")
     args, op, _ = _problem(C=2, H=3, W=3, G=1, R=1)
     assert gradgradcheck(op, _leaves(args), fast_mode=True)

@@ -14,7 +14,7 @@ from torch import nn
 
 import dynconv
 import dynconv.ops.na2d as na2d_ops
-import dynconv.ops.na2d_linear as na2d_linear
+from dynconv.kernels import _launch
 from dynconv.kernels import na2d as kernels
 from dynconv.reference import na2d_av_gather, na2d_gather, na2d_naive, na2d_qk_gather, na2d_taps
 from helpers import assert_close, check_against_reference
@@ -170,7 +170,7 @@ def test_half_precision_takes_the_tiled_kernels(dtype, with_rpb, device):
 @pytest.mark.usefixtures("nan_poison")
 def test_cpu_path_without_interpreter_matches(monkeypatch):
     """Without TRITON_INTERPRET, CPU tensors take the tap loop: same values and gradients."""
-    monkeypatch.setattr(na2d_linear, "_INTERPRETED", False)
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
     monkeypatch.setattr(kernels, "forward_launch", lambda *a, **k: pytest.fail("Triton kernel ran on the CPU path"))
     for case in CASES:
         tensors, geometry = _inputs(case, B=2)
@@ -546,7 +546,7 @@ DERIVATIVE_PATHS = {"plain": (False, True), "plain-custom-op": (False, False),
 
 def _take(path, monkeypatch):
     interpreted, eager = DERIVATIVE_PATHS[path]
-    monkeypatch.setattr(na2d_linear, "_INTERPRETED", interpreted)
+    monkeypatch.setattr(_launch, "_INTERPRETED", interpreted)
     if not eager:
         monkeypatch.setattr(na2d_ops._eager, "eager", lambda *tensors: False)
 

@@ -1,13 +1,12 @@
 """`dynconv overhead` on CPU: every op and floor is timed with the launches stubbed, and the stubs
 are undone afterwards."""
 from dynconv import overhead
-from dynconv.kernels import configs
+from dynconv.kernels import _launch, configs
 from dynconv.kernels._launch import Launch
-from dynconv.ops import involution as involution_ops
 
 
 def test_overhead_times_every_op_and_restores_what_it_stubbed(capsys):
-    launch, active_device, interpreted = Launch.__call__, configs._active_device, involution_ops._INTERPRETED
+    launch, active_device, interpreted = Launch.__call__, configs._active_device, _launch._INTERPRETED
     assert overhead.main(["--device", "cpu", "--calls", "2", "--repeats", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line[:26].strip(): line[26:].split() for line in lines[2:]}
@@ -15,4 +14,4 @@ def test_overhead_times_every_op_and_restores_what_it_stubbed(capsys):
                          "floor: custom_op", "floor: autograd.Function"}
     assert all(len(times) == 3 and all(float(t) > 0 for t in times) for times in rows.values())
     assert Launch.__call__ is launch and configs._active_device is active_device
-    assert involution_ops._INTERPRETED is interpreted
+    assert _launch._INTERPRETED is interpreted
