@@ -58,6 +58,7 @@ def _empty(shape, dtype, channels_last=False):
 
 def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw")) -> list[Case]:
     from .kernels import involution as inv
+    from .kernels import involution_weight_grad as weight_grad
 
     p = _problem(name)
     Ho, Wo = p.out_hw
@@ -87,9 +88,9 @@ def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw
 
         x, y, w = tensors()
         if not per_pixel:
-            cfg = inv.weight_grad_config(x, p.G, p.K, (p.stride, p.stride), Ho, Wo, per_pixel=False)
-            w = _empty(inv.weight_grad_partials(p.B, p.G, p.K, Ho, Wo, cfg), torch.float32)
-        return inv.backward_weight_launch(y, x, w, *geometry, per_pixel)
+            cfg = weight_grad.weight_grad_config(x, p.G, p.K, (p.stride, p.stride), Ho, Wo, per_pixel=False)
+            w = _empty(weight_grad.weight_grad_partials(p.B, p.G, p.K, Ho, Wo, cfg), torch.float32)
+        return weight_grad.backward_weight_launch(y, x, w, *geometry, per_pixel)
 
     bias = sizes.get("bias", 0)
     table = {

@@ -13,7 +13,8 @@ compile-time constants: every tap is unrolled and no tap index is computed at ru
 - ``dwconv_bwd_weight_kernel``: the per-sample weight gradient of one-channel groups (G = C),
   persistent programs whose fixed-order partials the caller sums (deterministic, no atomics).
 
-``kernels/involution.py`` dispatches here for 4-D weights; per-pixel weights stay there.
+``kernels/involution.py`` and ``involution_weight_grad.py`` dispatch here for 4-D weights; per-pixel
+weights stay there.
 """
 from __future__ import annotations
 
@@ -451,7 +452,7 @@ def dwconv_bwd_weight_kernel(
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i-PH+u, j*SW-PW+v*DW] (G = C; row stride and
-    dilation 1: the launcher sends other geometries to involution.py's kernels).
+    dilation 1: the launcher sends other geometries to involution_weight_grad.py's kernels).
 
     A persistent program (sample, split, channel block) walks the tiles split, split + SPLITS, ...
     (P columns per thread x a run of RUN rows). Within a tile it walks down the x rows: each row's

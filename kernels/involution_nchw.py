@@ -658,7 +658,8 @@ def involution_nchw_bwd_weight_pairs_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Launch builders (called by kernels/involution.py's launchers for the cases covers() accepts)
+# Launch builders (called by the launchers of kernels/involution.py and involution_weight_grad.py
+# for the cases covers() accepts)
 # --------------------------------------------------------------------------------------------
 
 def covers(x, weight, config=None) -> bool:

@@ -1,4 +1,5 @@
-"""Autotuning space of the family-1 kernels (``kernels/involution.py``; contract in ``kernels/configs.py``).
+"""Autotuning space of the family-1 kernels (``kernels/involution.py``, ``involution_weight_grad.py``;
+contract in ``kernels/configs.py``).
 
 Sweep shapes are RedNet-50's involutions (K = 7, 16 channels per group) and DWNet-T's dynamic
 depth-wise convs (K = 7, G = C) at training batch size; candidates are the neighbourhood of the
@@ -12,17 +13,9 @@ from . import dynamic_dwconv as dwconv
 from ._launch import Launch
 from .configs import KernelSpace, Problem, neighbourhood, register_spaces
 from . import involution_nchw as nchw
-from .involution import (
-    backward_input_launch,
-    backward_weight_launch,
-    forward_default,
-    forward_launch,
-    input_grad_default,
-    problem_key,
-    weight_grad_config,
-    weight_grad_default,
-    weight_grad_partials,
-)
+from .involution import backward_input_launch, forward_default, forward_launch, input_grad_default, problem_key
+from .involution_weight_grad import (backward_weight_launch, weight_grad_config, weight_grad_default,
+                                     weight_grad_partials)
 
 # (label, C, H = W, stride): RedNet-50's involutions (K = 7, 16 channels per group) and DWNet-T's
 # dynamic depth-wise convs (K = 7, G = C), at training batch size.

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import involution as kernels
+from dynconv.kernels import involution_weight_grad as weight_grad
 from dynconv.kernels._launch import runs_kernels
 
 from . import _eager
@@ -147,7 +148,7 @@ def _backward_weight(grad, x, weight_size, stride, padding, dilation):
         return dw
     if grad.numel() == 0 or x.numel() == 0:
         return dw.zero_()
-    kernels.involution_backward_weight(grad, x, dw, stride, padding, dilation)
+    weight_grad.involution_backward_weight(grad, x, dw, stride, padding, dilation)
     return dw
 
 

@@ -200,6 +200,7 @@ def test_involution_taps_past_int32(storage, per_pixel, dtype):
     bf16 at even widths takes the NCHW pair kernels (forward, input and weight gradients)."""
     from dynconv.kernels import involution as k
     from dynconv.kernels import involution_nchw as nchw
+    from dynconv.kernels import involution_weight_grad as weight_grad
 
     storage = storage.view(dtype)
     B, C, H, W, G, K = 1, 4, 4, 4, 2, 3 if dtype == torch.float16 else 5  # bf16 pairs: dw at K >= 5
@@ -213,7 +214,7 @@ def test_involution_taps_past_int32(storage, per_pixel, dtype):
     bias = None if per_pixel else _randn(B, C).to(dtype)
     assert k.forward_launch(x, w_big, bias, _nan(B, C, H, W).to(dtype), *geometry).meta["INDEX_64"]
     if dtype == torch.bfloat16:
-        assert k.backward_weight_launch(dy, x, w_big, *geometry, True).name == "involution_nchw_bwd_weight_pairs_kernel"
+        assert weight_grad.backward_weight_launch(dy, x, w_big, *geometry, True).name == "involution_nchw_bwd_weight_pairs_kernel"
         dx_pairs = k.backward_input_launch(dy, w_big, x, *geometry).name == "involution_nchw_bwd_input_pairs_kernel"
         assert dx_pairs == nchw.DX_PAIRS  # triton 3.6 or older
     outputs = []
@@ -222,7 +223,7 @@ def test_involution_taps_past_int32(storage, per_pixel, dtype):
         k.involution_forward(x, weight, bias, y, *geometry)
         k.involution_backward_input(dy, weight, dx, *geometry)
         dw = _nan(*shape).to(dtype) if weight is w else _nan_view(storage, shape, strides, 128)
-        k.involution_backward_weight(dy, x, dw, *geometry)
+        weight_grad.involution_backward_weight(dy, x, dw, *geometry)
         outputs.append((y, dx, dw.clone()))
     for name, small, wide in zip(("y", "dx", "dw"), *outputs):
         assert not small.isnan().any(), name

@@ -10,6 +10,7 @@ import dynconv
 from dynconv.kernels import _launch
 from dynconv.kernels import involution as kernels
 from dynconv.kernels import involution_nchw
+from dynconv.kernels import involution_weight_grad as weight_grad
 from dynconv.reference import involution_naive, involution_shift_add, involution_unfold
 from helpers import assert_close, check_against_reference
 
@@ -207,10 +208,10 @@ def test_weight_gradient_with_groups_wider_than_one_channel_chunk(per_pixel, dev
     wshape = (B, G, K, K, H, W) if per_pixel else (B, G, K, K)
     if per_pixel:
         dw = torch.empty(wshape, device=device)
-        launch = kernels.backward_weight_launch(dy, x, dw, *geometry, True, config)
+        launch = weight_grad.backward_weight_launch(dy, x, dw, *geometry, True, config)
     else:
-        dw = torch.empty(kernels.weight_grad_partials(B, G, K, H, W, config), device=device)
-        launch = kernels.backward_weight_launch(dy, x, dw, *geometry, False, config)
+        dw = torch.empty(weight_grad.weight_grad_partials(B, G, K, H, W, config), device=device)
+        launch = weight_grad.backward_weight_launch(dy, x, dw, *geometry, False, config)
     assert not launch.meta["ONE_CG_CHUNK"]
     launch()
     if not per_pixel:
@@ -304,7 +305,7 @@ def test_input_gradient_skips_the_missing_tap_of_a_stride_phase(per_pixel, devic
 
 
 S1, S2D2 = ((1, 1), (1, 1), (1, 1)), ((2, 1), (2, 1), (2, 1))
-S2 = ((2, 2), (1, 1), (1, 1))  # row stride 2: involution.py's persistent kernel (row stride 1 walks, dynamic_dwconv.py)
+S2 = ((2, 2), (1, 1), (1, 1))  # row stride 2: the persistent kernel (row stride 1 walks, dynamic_dwconv.py)
 
 
 @pytest.mark.parametrize("geometry, memory_format, dtype", [
@@ -327,10 +328,10 @@ def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory
         dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
         w64 = torch.zeros((B, G, K, K, Ho, Wo), dtype=torch.float64, requires_grad=True)
         involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
-        default = kernels.weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=True)
+        default = weight_grad.weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel=True)
         assert ("RUN" in default) == (memory_format == torch.channels_last)
         dw = torch.full((B, G, K, K, Ho, Wo), float("nan"), device=device, dtype=dtype)
-        launch = kernels.backward_weight_launch(dy, x, dw, stride, padding, dilation, True, config)
+        launch = weight_grad.backward_weight_launch(dy, x, dw, stride, padding, dilation, True, config)
         assert launch.name == ("involution_bwd_weight_runs_kernel" if config is runs else "involution_bwd_weight_kernel")
         if config is runs:
             # NCHW chunks are one channel each, so they always fit the group.
@@ -342,12 +343,12 @@ def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory
 def test_per_pixel_weight_gradient_past_the_unrolled_kernel_sizes(device):
     """K past both unrolled kernels (RUNS_MAX_K, and the NCHW kernels' MAX_K) takes the generic
     kernel, whose tap loop has a run-time trip count."""
-    K = max(kernels.RUNS_MAX_K, involution_nchw.MAX_K) + 2
+    K = max(weight_grad.RUNS_MAX_K, involution_nchw.MAX_K) + 2
     x = torch.randn(1, 4, 3, 4, device=device)
     w = torch.randn(1, 2, K, K, 3, 4, dtype=torch.float64)
     dy = torch.randn(1, 4, 3, 4, device=device)
     dw = torch.empty(w.shape, device=device)
-    launch = kernels.backward_weight_launch(dy, x, dw, (1, 1), (K // 2, K // 2), (1, 1), True)
+    launch = weight_grad.backward_weight_launch(dy, x, dw, (1, 1), (K // 2, K // 2), (1, 1), True)
     assert launch.name == "involution_bwd_weight_kernel"
     launch()
     w64 = torch.zeros(w.shape, dtype=torch.float64, requires_grad=True)
@@ -367,19 +368,19 @@ def test_per_sample_weight_gradient_persistent_partials(memory_format, dtype, ge
     """The persistent per-sample kernel (G = C): programs walk tiles split, split + SPLITS, ... with a
     tile count not divisible by the program count, B = 1, odd sizes; the partials sum to dw. Runs of
     four rows, and the shorter runs of a long halo (K = 7 at dilation 2, K = 8 at stride 2)."""
-    monkeypatch.setattr(kernels, "PERSISTENT_PROGRAMS", 2)  # 4 channels in one block: 2 splits
+    monkeypatch.setattr(weight_grad, "PERSISTENT_PROGRAMS", 2)  # 4 channels in one block: 2 splits
     stride, padding, dilation = geometry
     B, C, W = 1, 4, 5
     Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
     x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=memory_format)
     dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=memory_format)
-    config = kernels.weight_grad_config(x, C, K, stride, Ho, Wo, per_pixel=False, dilation=dilation)
+    config = weight_grad.weight_grad_config(x, C, K, stride, Ho, Wo, per_pixel=False, dilation=dilation)
     assert config["RUN"] == run and "P" not in config, config
-    shape = kernels.weight_grad_partials(B, C, K, Ho, Wo, config)
+    shape = weight_grad.weight_grad_partials(B, C, K, Ho, Wo, config)
     tiles = -(-Ho // config["RUN"]) * -(-Wo // config["BLOCK_W"])
     assert shape[-1] == 2 and tiles % 2, (shape, tiles)
     dw = torch.empty((B, C, K, K), device=device, dtype=dtype)
-    kernels.involution_backward_weight(dy, x, dw, stride, padding, dilation)
+    weight_grad.involution_backward_weight(dy, x, dw, stride, padding, dilation)
     w64 = torch.zeros((B, C, K, K), dtype=torch.float64, requires_grad=True)
     involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
     assert_close(dw, w64.grad, dtype, "dw")

@@ -9,6 +9,7 @@ import torch
 
 from dynconv.kernels import involution as kernels
 from dynconv.kernels import involution_nchw as nchw
+from dynconv.kernels import involution_weight_grad as weight_grad
 from dynconv.reference import involution_unfold
 from helpers import assert_close
 
@@ -67,7 +68,7 @@ def _run_three_kernels(case, dtype) -> tuple:
     dw = torch.empty(w.shape, dtype=dtype)
     launches = (kernels.forward_launch(x, w, None, y, *geometry, config),
                 kernels.backward_input_launch(dy, w, dx, *geometry, config),
-                kernels.backward_weight_launch(dy, x, dw, *geometry, True, config))
+                weight_grad.backward_weight_launch(dy, x, dw, *geometry, True, config))
     for launch in launches:
         launch()
     # The references see the rounded operands.
@@ -111,7 +112,7 @@ def test_dispatch_and_declared_loops():
     geometry = ((1, 1), (3, 3), (1, 1))
     fwd = kernels.forward_launch(x, w, None, y, *geometry)
     dx = kernels.backward_input_launch(y, w, x, *geometry)
-    dw = kernels.backward_weight_launch(y, x, w, *geometry, True)
+    dw = weight_grad.backward_weight_launch(y, x, w, *geometry, True)
     assert [launch.name for launch in (fwd, dx, dw)] == [
         "involution_nchw_fwd_kernel", "involution_nchw_bwd_input_kernel", "involution_nchw_bwd_weight_kernel"]
     assert fwd.meta["KS"] == 7 and fwd.meta["sxh"] == 32 and fwd.loops == (7,) and dx.loops == (7,)
@@ -142,7 +143,7 @@ def test_empty_tensors(shape):
     for launch in (kernels.forward_launch(x, w, None, y, *geometry), kernels.backward_input_launch(y, w, x, *geometry)):
         assert launch.name.startswith("involution_nchw_") and launch.grid[0] == 0
         launch()
-    launch = kernels.backward_weight_launch(y, x, dw, *geometry, True)
+    launch = weight_grad.backward_weight_launch(y, x, dw, *geometry, True)
     assert launch.name == "involution_nchw_bwd_weight_kernel"
     launch()
     assert torch.equal(dw, torch.zeros_like(dw))
