@@ -679,8 +679,8 @@ def _strip_cap(channels: int, chunks: int, channels_last: bool, element_size: in
     return max(1, min(longest, budget // held))
 
 
-def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, element_size: int = 2,
-               per_pixel: bool = True, strips: bool = True, K: int = 7) -> dict:
+def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, K: int, element_size: int = 2,
+               per_pixel: bool = True, strips: bool = True) -> dict:
     """The forward's and input gradient's own tile over ``height x width`` output (input) pixels for
     K x K kernels (a copy)."""
     return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel, strips, K))
@@ -742,8 +742,8 @@ def forward_default(x, weight, Ho: int, Wo: int, strips: bool = True) -> dict:
     C, G = x.shape[1], weight.shape[1]
     if not unrolled_taps(x, weight):
         return default_config(C, G, Ho, Wo, is_channels_last(x))
-    return tap_config(C, G, Ho, Wo, is_channels_last(x), x.element_size(), weight.dim() == 6, strips,
-                      weight.shape[2])
+    return tap_config(C, G, Ho, Wo, is_channels_last(x), weight.shape[2], x.element_size(), weight.dim() == 6,
+                      strips)
 
 
 def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
@@ -860,7 +860,7 @@ def input_grad_default(dx, weight, stride, dilation=(1, 1)) -> dict:
         return default_config(C, weight.shape[1], H, W, is_channels_last(dx))
     strips = dilation[0] // math.gcd(stride[0], dilation[0]) == 1
     return tap_config(C, weight.shape[1], cdiv(H, stride[0]), cdiv(W, stride[1]), is_channels_last(dx),
-                      dx.element_size(), weight.dim() == 6, strips, weight.shape[2])
+                      weight.shape[2], dx.element_size(), weight.dim() == 6, strips)
 
 
 def _inner_strides(src, weight, meta: dict):
@@ -982,6 +982,26 @@ def catalogue_problems():
         yield tag, x, y, w, bias, ((s, s), (p, p), (1, 1))
 
 
+def over_int32_problem():
+    """The catalogues' problem past 2^31 elements: x (bf16, 2304 x 256 x 64 x 64) in NCHW and in
+    channels_last, per-pixel weights of 16 groups at K = 3, and its geometry."""
+    x = torch.empty((2304, 256, 64, 64), dtype=torch.bfloat16, device="meta")
+    w = torch.empty((2304, 16, 3, 3, 64, 64), dtype=torch.bfloat16, device="meta")
+    return x, x.to(memory_format=torch.channels_last), w, ((1, 1), (1, 1), (1, 1))
+
+
+def label_over_int32(launches_and_kinds) -> list[Launch]:
+    """The over-2^31 launches of (launch, kind) pairs, each checked to take 64-bit offsets and labelled
+    by layout (a kind ending in "channels_last" is NHWC) and kind."""
+    labelled = []
+    for launch, kind in launches_and_kinds:
+        assert launch.meta["INDEX_64"]
+        layout_name = "NHWC" if kind.endswith("channels_last") else "NCHW"
+        launch.label = f"over 2^31 elements torch.bfloat16 {layout_name} {kind.removesuffix(' channels_last')}"
+        labelled.append(launch)
+    return labelled
+
+
 def catalogue() -> list[Launch]:
     """The forward and input-gradient launches ops make by default at representative shapes, on meta
     tensors (for AOT checks); involution_weight_grad.catalogue has the weight gradients'."""
@@ -1004,20 +1024,12 @@ def catalogue() -> list[Launch]:
             launch.label = f"K = 11, stride {s} {dtype} {'NHWC' if channels_last else 'NCHW'} pixel"
             launches.append(launch)
     # Over 2^31 elements: the int64-offset variants, per pixel and per sample.
-    x = torch.empty((2304, 256, 64, 64), dtype=torch.bfloat16, device="meta")
-    w = torch.empty((2304, 16, 3, 3, 64, 64), dtype=torch.bfloat16, device="meta")
+    x, x_cl, w, geometry = over_int32_problem()
     w_sample = torch.empty((2304, 16, 3, 3), dtype=torch.bfloat16, device="meta")
     bias = torch.empty((2304, 256), dtype=torch.bfloat16, device="meta")
-    geometry = ((1, 1), (1, 1), (1, 1))
-    x_cl = x.to(memory_format=torch.channels_last)
-    for launch, kind in ((forward_launch(x, w, None, x, *geometry), "pixel"),
-                         (backward_input_launch(x, w, x, *geometry), "pixel"),
-                         (forward_launch(x, w_sample, bias, x, *geometry), "sample"),
-                         (backward_input_launch(x, w_sample, x, *geometry), "sample"),
-                         (forward_launch(x_cl, w, None, x_cl, *geometry), "pixel channels_last"),
-                         (backward_input_launch(x_cl, w, x_cl, *geometry), "pixel channels_last")):
-        assert launch.meta["INDEX_64"]
-        layout_name = "NHWC" if kind.endswith("channels_last") else "NCHW"
-        launch.label = f"over 2^31 elements torch.bfloat16 {layout_name} {kind.removesuffix(' channels_last')}"
-        launches.append(launch)
-    return launches
+    return launches + label_over_int32(((forward_launch(x, w, None, x, *geometry), "pixel"),
+                                        (backward_input_launch(x, w, x, *geometry), "pixel"),
+                                        (forward_launch(x, w_sample, bias, x, *geometry), "sample"),
+                                        (backward_input_launch(x, w_sample, x, *geometry), "sample"),
+                                        (forward_launch(x_cl, w, None, x_cl, *geometry), "pixel channels_last"),
+                                        (backward_input_launch(x_cl, w, x_cl, *geometry), "pixel channels_last")))

@@ -30,7 +30,7 @@ from ._launch import (Launch, cacheable, cdiv, config_key, inner_strides, is_cha
                       next_power_of_2, planned)
 from .configs import get_config
 from .involution import (_acc_dtype, _grid, _pow2_at_most, _split_config, _tile_indices, catalogue_problems,
-                         default_config, widen)
+                         default_config, label_over_int32, over_int32_problem, widen)
 
 
 @triton.jit
@@ -468,8 +468,8 @@ def _sample_run(K: int, row_stride: int, row_dilation: int, channels_last: bool)
 
 
 @functools.lru_cache(maxsize=1024)
-def _sample_config(C: int, K: int, Ho: int, Wo: int, channels_last: bool, row_stride: int = 1,
-                   row_dilation: int = 1) -> dict:
+def _sample_config(C: int, K: int, Ho: int, Wo: int, channels_last: bool, row_stride: int,
+                   row_dilation: int) -> dict:
     """Lanes along the contiguous axis (channels in channels_last, W in NCHW), one element each (two
     would double the K*K sums a thread holds); runs as long as the halo lets them be (_sample_run)."""
     if channels_last:
@@ -582,22 +582,15 @@ def catalogue() -> list[Launch]:
         launch.label = f"depth-wise K = {K}, stride {s}, dilation {d} {dtype} {layout_name} sample"
         launches.append(launch)
     # Over 2^31 elements: the int64-offset variants, per pixel and per sample.
-    x = torch.empty((2304, 256, 64, 64), dtype=torch.bfloat16, device="meta")
-    x_cl = x.to(memory_format=torch.channels_last)
-    w = torch.empty((2304, 16, 3, 3, 64, 64), dtype=torch.bfloat16, device="meta")
+    x, x_cl, w, geometry = over_int32_problem()
     w5 = torch.empty((2304, 16, 5, 5, 64, 64), dtype=torch.bfloat16, device="meta")  # the NCHW dw pairs need K >= 5
-    geometry = ((1, 1), (1, 1), (1, 1))
     partials = {}
     for G in (16, 256):  # involution's groups, and depth-wise
         cfg = weight_grad_config(x, G, 3, (1, 1), 64, 64, per_pixel=False)
         partials[G] = torch.empty(weight_grad_partials(2304, G, 3, 64, 64, cfg), dtype=torch.float32, device="meta")
-    for launch, kind in ((backward_weight_launch(x, x, w, *geometry, True), "pixel"),
-                         (backward_weight_launch(x, x, w5, (1, 1), (2, 2), (1, 1), True), "pixel K=5"),
-                         (backward_weight_launch(x, x, partials[16], *geometry, False), "sample"),
-                         (backward_weight_launch(x, x, partials[256], *geometry, False), "sample depth-wise"),
-                         (backward_weight_launch(x_cl, x_cl, w, *geometry, True), "pixel channels_last")):
-        assert launch.meta["INDEX_64"]
-        layout_name = "NHWC" if kind.endswith("channels_last") else "NCHW"
-        launch.label = f"over 2^31 elements torch.bfloat16 {layout_name} {kind.removesuffix(' channels_last')}"
-        launches.append(launch)
-    return launches
+    return launches + label_over_int32(
+        ((backward_weight_launch(x, x, w, *geometry, True), "pixel"),
+         (backward_weight_launch(x, x, w5, (1, 1), (2, 2), (1, 1), True), "pixel K=5"),
+         (backward_weight_launch(x, x, partials[16], *geometry, False), "sample"),
+         (backward_weight_launch(x, x, partials[256], *geometry, False), "sample depth-wise"),
+         (backward_weight_launch(x_cl, x_cl, w, *geometry, True), "pixel channels_last")))

@@ -491,6 +491,6 @@ def test_tap_config_strips_cover_the_reference_rows_exactly():
     a group (the 16 channels of R1's and R2's groups: each weight serves 16 multiply-adds)."""
     for height in (56, 28):
         for element_size, chunks, channels in ((4, 2, 8), (2, 2, 16)):
-            config = kernels.tap_config(256, 16, height, height, True, element_size, True)
+            config = kernels.tap_config(256, 16, height, height, True, 7, element_size, True)
             assert config["BLOCK_H"] % 7 == 0 and height % config["BLOCK_H"] == 0
             assert config["CHUNKS"] == chunks and config["BLOCK_CG"] * chunks == channels
