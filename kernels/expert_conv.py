@@ -446,6 +446,40 @@ def expert_conv_bwd_input_kernel(
 
 
 @triton.jit
+def _weight_grad_step(dy_sample, dy_row, x_sample, x_col, perm_ptr, b, P, start, q0, hi, o_ok, k_ok, u, v,
+                      H, W, Wo, sdyh, sdyw, sxh, sxw, SH, SW, PH, PW, DH, DW,
+                      BLOCK_K: tl.constexpr, TAP_LOOP: tl.constexpr, HAS_GUIDE: tl.constexpr, INDEX_64: tl.constexpr):
+    """The kernel gradient's gathered pixel step from ``q0``: (dy tile (o x pixels), patch tile (pixels x k)).
+
+    Pixel q of the (sample, region) is its q-th in region order (HAS_GUIDE) or in raster order;
+    a pixel past ``hi`` reads zeros."""
+    q = q0 + tl.arange(0, BLOCK_K)
+    q_ok = q < hi
+    if HAS_GUIDE:
+        p = tl.load(perm_ptr + b * P + start + q, mask=q_ok, other=0)
+    else:
+        p = q
+    if INDEX_64:
+        p = p.to(tl.int64)
+    i = p // Wo
+    j = p % Wo
+    grad = tl.load(dy_sample + (dy_row[:, None] + (i * sdyh + j * sdyw)[None, :]), mask=o_ok[:, None] & q_ok[None, :],
+                   other=0.0)
+    if TAP_LOOP:
+        h = i * SH - PH + u * DH
+        w = j * SW - PW + v * DW
+        ok = q_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        patch = tl.load(x_sample + (x_col[None, :] + (h * sxh + w * sxw)[:, None]), mask=ok[:, None] & k_ok[None, :],
+                        other=0.0)
+    else:
+        h = (i * SH - PH)[:, None] + (u * DH)[None, :]
+        w = (j * SW - PW)[:, None] + (v * DW)[None, :]
+        ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        patch = tl.load(x_sample + (x_col[None, :] + h * sxh + w * sxw), mask=ok, other=0.0)
+    return grad, patch
+
+
+@triton.jit
 def expert_conv_bwd_weight_kernel(
     dy_ptr, x_ptr, pixel_start_ptr, count_ptr, perm_ptr, dw_ptr, dbias_ptr,
     H, W, Ho, Wo, P, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES, C_TILES,
@@ -455,8 +489,8 @@ def expert_conv_bwd_weight_kernel(
     sdb_s, sdb_b, sdb_r, sdb_o,
     SH, SW, PH, PW, DH, DW,
     TAP_LOOP: tl.constexpr, FLAT: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_GUIDE: tl.constexpr, HAS_DBIAS: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_GUIDE: tl.constexpr, HAS_DBIAS: tl.constexpr, PREFETCH: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dw[s, b, r, o, k] = Σ_{p in chunk s of region r} dy[b, o, p] · patch[b, p, k], and (HAS_DBIAS)
     from the programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s).
@@ -526,44 +560,46 @@ def expert_conv_bwd_weight_kernel(
         run = v * DW - PW
         # Pointers stepped by BLOCK_K pixels: one 64-bit add an element a step, no address product.
         x_step = x_sample + ((x_col + rise * sxh + run)[None, :] + (lo + tl.arange(0, BLOCK_K))[:, None])
-    for q0 in range(lo, hi, BLOCK_K):
-        q = q0 + tl.arange(0, BLOCK_K)
-        q_ok = q < hi
-        if FLAT:
+    if FLAT:
+        for q0 in range(lo, hi, BLOCK_K):
+            q = q0 + tl.arange(0, BLOCK_K)
+            q_ok = q < hi
             if INDEX_64:
                 q = q.to(tl.int64)
-            grad = tl.load(dy_sample + (dy_row[:, None] + q[None, :]), mask=o_ok[:, None] & q_ok[None, :],
-                           other=0.0)
+            grad = tl.load(dy_sample + (dy_row[:, None] + q[None, :]), mask=o_ok[:, None] & q_ok[None, :], other=0.0)
             i = q // Wo + rise
             j = q % Wo + run
             ok = q_ok & (i >= 0) & (i < H) & (j >= 0) & (j < W)
             patch = tl.load(x_step, mask=ok[:, None] & k_ok[None, :], other=0.0)
             x_step += BLOCK_K
-        else:
-            if HAS_GUIDE:
-                p = tl.load(perm_ptr + b * P + start + q, mask=q_ok, other=0)
-            else:
-                p = q
-            if INDEX_64:
-                p = p.to(tl.int64)
-            i = p // Wo
-            j = p % Wo
-            grad = tl.load(dy_sample + (dy_row[:, None] + (i * sdyh + j * sdyw)[None, :]),
-                           mask=o_ok[:, None] & q_ok[None, :], other=0.0)
-            if TAP_LOOP:
-                h = i * SH - PH + u * DH
-                w = j * SW - PW + v * DW
-                ok = q_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-                patch = tl.load(x_sample + (x_col[None, :] + (h * sxh + w * sxw)[:, None]),
-                                mask=ok[:, None] & k_ok[None, :], other=0.0)
-            else:
-                h = (i * SH - PH)[:, None] + (u * DH)[None, :]
-                w = (j * SW - PW)[:, None] + (v * DW)[None, :]
-                ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-                patch = tl.load(x_sample + (x_col[None, :] + h * sxh + w * sxw), mask=ok, other=0.0)
-        acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if HAS_DBIAS:
-            bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
+            acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if HAS_DBIAS:
+                bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
+    elif PREFETCH:
+        # Register double buffering instead of triton's cp.async pipeline: the step after next is
+        # loaded with vectors along the channels before this step's MMA, and the copy to shared
+        # memory (transposed to K-major for tf32) is the compiler's. See default_weight_grad_config.
+        grad, patch = _weight_grad_step(dy_sample, dy_row, x_sample, x_col, perm_ptr, b, P, start, lo, hi, o_ok,
+                                        k_ok, u, v, H, W, Wo, sdyh, sdyw, sxh, sxw, SH, SW, PH, PW, DH, DW,
+                                        BLOCK_K, TAP_LOOP, HAS_GUIDE, INDEX_64)
+        for q0 in range(lo, hi, BLOCK_K):
+            grad_next, patch_next = _weight_grad_step(dy_sample, dy_row, x_sample, x_col, perm_ptr, b, P, start,
+                                                      q0 + BLOCK_K, hi, o_ok, k_ok, u, v, H, W, Wo, sdyh, sdyw,
+                                                      sxh, sxw, SH, SW, PH, PW, DH, DW, BLOCK_K, TAP_LOOP,
+                                                      HAS_GUIDE, INDEX_64)
+            acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if HAS_DBIAS:
+                bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
+            grad = grad_next
+            patch = patch_next
+    else:
+        for q0 in range(lo, hi, BLOCK_K):
+            grad, patch = _weight_grad_step(dy_sample, dy_row, x_sample, x_col, perm_ptr, b, P, start, q0, hi, o_ok,
+                                            k_ok, u, v, H, W, Wo, sdyh, sdyw, sxh, sxw, SH, SW, PH, PW, DH, DW,
+                                            BLOCK_K, TAP_LOOP, HAS_GUIDE, INDEX_64)
+            acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if HAS_DBIAS:
+                bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
     dw_off = s * sdw_s + b * sdw_b + r * sdw_r + (o * sdw_o)[:, None] + dw_col[None, :]
     tl.store(dw_ptr + dw_off, acc, mask=o_ok[:, None] & k_ok[None, :])
     if HAS_DBIAS and pid_k == 0:
@@ -866,14 +902,16 @@ def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, ci
         return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
                 "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
     if dtype.itemsize == 4 and cin_g >= 64 and cout_g >= 64:
-        # fp32, both layouts: 128 x 128 x 32, two stages. tf32 wgmma reads both operands K-major,
-        # and neither dy nor the patch is pixel-contiguous in channels_last, so each is copied to
-        # shared memory four bytes at a time: bigger tiles halve that traffic per MMA (E2 dw fp32
-        # PREDICTED on triton 3.6: NHWC 22% -> 57%, NCHW 17% -> 42%). NCHW steps 16 pixels: its scalar
-        # patch loads at 32 spill on sm_80 with triton 3.9; FLAT steps, whose dy comes by cp.async,
-        # take 32 (C256 dw fp32 NCHW PREDICTED on triton 3.6: 87% at 16, 100% at 32).
+        # fp32, both layouts: 128 x 128 x 32. tf32 wgmma reads both operands K-major, and neither dy
+        # nor the patch is pixel-contiguous in channels_last: triton's cp.async pipeline copied each
+        # to shared memory four bytes at a time. One stage instead, where the kernel double-buffers
+        # in registers (PREFETCH): 16-byte loads along the channels, transposed on the way to shared
+        # memory (E1 dw fp32 NHWC PREDICTED on triton 3.6: 60% -> 98%, C256/E2 66% -> 100%). NCHW
+        # steps 16 pixels: its scalar patch loads at 32 spill on sm_80 with triton 3.9; FLAT steps,
+        # K-major already, keep the two-stage cp.async pipeline and 32 pixels (C256 dw fp32 NCHW
+        # PREDICTED on triton 3.6: 87% at 16, 100% at 32).
         return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
-                "BLOCK_K": 32 if channels_last or flat else 16, "num_warps": 8, "num_stages": 2}
+                "BLOCK_K": 32 if channels_last or flat else 16, "num_warps": 8, "num_stages": 2 if flat else 1}
     return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": block_n,
             "BLOCK_K": _block_k(dtype), "num_warps": 8, "num_stages": 2}
 
@@ -1204,8 +1242,10 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
         **dict(zip(("sdb_s", "sdb_b", "sdb_r", "sdb_o"), dbias.stride() if dbias is not None else (0,) * 4)),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(TAP_LOOP=tap_loop, FLAT=tap_loop and regions is None and flat_pixels(dy, x, stride),
-                HAS_GUIDE=regions is not None, HAS_DBIAS=dbias is not None, INDEX_64=needs_int64(dy, x, dw, dbias),
+    flat = tap_loop and regions is None and flat_pixels(dy, x, stride)
+    # One stage: the gathered steps double-buffer in registers themselves (the kernel's PREFETCH).
+    meta.update(TAP_LOOP=tap_loop, FLAT=flat, HAS_GUIDE=regions is not None, HAS_DBIAS=dbias is not None,
+                PREFETCH=not flat and config.get("num_stages", 2) == 1, INDEX_64=needs_int64(dy, x, dw, dbias),
                 ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
     if groups * o_tiles > 65535 or k_tiles > 65535:
         raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")

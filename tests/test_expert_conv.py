@@ -329,6 +329,33 @@ def test_weight_gradient_pixel_splits(name, padding, monkeypatch, device):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("name", ["taps-stride2-odd", "taps-drconv-stride2", "drconv-m3"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_weight_gradient_register_prefetch(name, channels_last, monkeypatch, device):
+    """One stage: the gathered pixel steps double-buffer in registers (PREFETCH), each chunk's
+    first step loaded before its loop and the step past a chunk's end reading nothing; per tap
+    and flattened, with and without regions, two chunks of two or more 16-pixel steps each."""
+    monkeypatch.setattr(kernels, "weight_grad_splits", lambda *args: 2)
+    default = kernels.weight_grad_config
+    prefetched = []
+
+    def one_stage(*args):
+        return dict(default(*args), num_stages=1)
+
+    launch = kernels.backward_weight_launch
+
+    def recording(*args):
+        built = launch(*args)
+        prefetched.append(built.meta["PREFETCH"])
+        return built
+
+    monkeypatch.setattr(kernels, "weight_grad_config", one_stage)
+    monkeypatch.setattr(kernels, "backward_weight_launch", recording)
+    case = replace(CASES[name], H=17, W=15)
+    _check(case, torch.float32, device, torch.channels_last if channels_last else None)
+    assert prefetched and all(prefetched)
+
+
 def test_batch_materialised_in_parts(monkeypatch, device):
     """Mixed kernels larger than y but worth materialising: one launch per part of the batch, each
     part's kernels within y's size."""
