@@ -139,8 +139,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     part_size = len(range(p.B)[samples])
     part = part_size / p.B
 
-    def source(experts, routing):
-        return ec.weight_source(experts, routing[samples], materialised)
+    def source(experts, routing, innermost=ec.CIN_INNERMOST):
+        return ec.weight_source(experts, routing[samples], materialised, innermost)
 
     x0, y0, experts0, _ = tensors()
     region_fwd = guided and rc.supported(x0, experts0, y0, p.m)
@@ -166,13 +166,13 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         x, y, experts, routing = tensors()
         cfg = ec.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
         if region_dx:  # DRConv: the first part of the batch, reading its materialised region kernels
-            weight = _empty((rc_part, p.m, p.Cout, p.K, p.K, p.C // p.groups), dt).movedim(-1, 3)
+            weight = _empty((rc_part, p.m, p.C // p.groups, p.K, p.K, p.Cout), dt).movedim(-1, 2)  # Cout innermost
             return ec.backward_input_launch(y[:rc_part], rc.materialised_source(weight), None,
                                             _empty((rc_part, N), torch.int32), x[:rc_part], (p.K, p.K), p.groups,
                                             *geometry, p.m, cfg)
         region = _empty((p.B, N), torch.int32)[samples] if guided else None
-        return ec.backward_input_launch(y[samples], source(experts, routing), None, region, x[samples], (p.K, p.K),
-                                        p.groups, *geometry, p.m, cfg)
+        return ec.backward_input_launch(y[samples], source(experts, routing, ec.COUT_INNERMOST), None, region,
+                                        x[samples], (p.K, p.K), p.groups, *geometry, p.m, cfg)
 
     def dw():
         x, y, experts, _ = tensors()

@@ -120,6 +120,16 @@ def _split_k(k, CH, KW):
 
 
 @triton.jit
+def _rows_tile(rows, cols, row_ok, col_ok, CHANNEL_ROWS: tl.constexpr):
+    """The (rows x cols) tile at ``rows[:, None] + cols[None, :]`` (a tap's pixels x channels), zero
+    where masked. CHANNEL_ROWS: loaded as (cols x rows) and transposed, which is what leads triton
+    3.9's coalescing to lay the lanes along the pixels (see ``_tap_meta``)."""
+    if CHANNEL_ROWS:
+        return tl.trans(tl.load(rows[None, :] + cols[:, None], mask=col_ok[:, None] & row_ok[None, :], other=0.0))
+    return tl.load(rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, c_end,
                H, W, CIN_G, NUM_MIX,
                sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
@@ -127,13 +137,14 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
                KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, INDEX_64: tl.constexpr,
-               ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr):
     """acc[p, n] = Σ_k patch[b, (i_p, j_p), k] · W[b, r, o_n, k] over channels c < c_end (0 skips it all).
 
     TAP_LOOP: the taps unrolled at compile time, a channel loop inside each, so a K-step adds one
     channel offset per operand and the tap's rows (positions, padding mask) are formed once per tap.
     Otherwise (fewer channels per group than BLOCK_K: depth-wise, narrow groups) one loop over the
     flattened reduction k = (u·kw + v)·CIN_G + c, which wastes no lanes on a short channel axis.
+    CHANNEL_ROWS: the per-tap patch is loaded as (channels x pixels) and transposed (see ``_tap_meta``).
     """
     h_first = i * SH - PH
     w_first = j * SW - PW
@@ -154,8 +165,7 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
                 for c0 in range(0, c_end, BLOCK_K):
                     c = c0 + cc
                     c_ok = c < c_end
-                    patch = tl.load(x_rows[:, None] + (c * sxc)[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                                    other=0.0)
+                    patch = _rows_tile(x_rows, c * sxc, row_ok, c_ok, CHANNEL_ROWS)
                     weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, (c * sw_i)[:, None] + w_tap, sp_tap,
                                           None, c_ok[:, None] & o_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
                                           sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
@@ -224,7 +234,7 @@ def expert_conv_fwd_kernel(
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GUIDE: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr,
 ):
     """y[b, o, p] = bias[b, r(p), o] + Σ_k W[b, r(p), o, k] · patch[b, p, k]; a tile is one region."""
     pid = tl.program_id(0)
@@ -259,7 +269,7 @@ def expert_conv_fwd_kernel(
                      H, W, CIN_G, NUM_MIX,
                      sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
                      SH, SW, PH, PW, DH, DW, KH, KW, TAP_LOOP, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
-                     ACC_DTYPE, INPUT_PRECISION)
+                     ACC_DTYPE, INPUT_PRECISION, CHANNEL_ROWS)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]
     y_off = b * syb + (o * syc)[None, :] + (i * syh + j * syw)[:, None]
@@ -280,7 +290,7 @@ def expert_conv_guide_score_kernel(
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr,
 ):
     """score[b, r, n, p] = Σ_{o in channel tile n} dy[b, o, p] · y_r[b, o, p] (region r on axis 2).
 
@@ -310,7 +320,7 @@ def expert_conv_guide_score_kernel(
                      H, W, CIN_G, NUM_MIX,
                      sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
                      SH, SW, PH, PW, DH, DW, KH, KW, TAP_LOOP, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64,
-                     ACC_DTYPE, INPUT_PRECISION)
+                     ACC_DTYPE, INPUT_PRECISION, CHANNEL_ROWS)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]
     mask = pix_ok[:, None] & o_ok[None, :]
@@ -332,7 +342,7 @@ def expert_conv_bwd_input_kernel(
     KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_GUIDE: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr,
 ):
     """dx[b, c, h, w] = Σ_{o, u, v} W[b, r(i,j), o, c, u, v] · dy[b, o, i, j], (i, j) the output pixel
     that reads (h, w) through tap (u, v).
@@ -391,8 +401,7 @@ def expert_conv_bwd_input_kernel(
                         for o0 in range(0, rgn_end, BLOCK_K):
                             oo = o0 + oc
                             o_ok = oo < o_end
-                            grad = tl.load(dy_rows[:, None] + (oo * sdyc)[None, :],
-                                           mask=selected[:, None] & o_ok[None, :], other=0.0)
+                            grad = _rows_tile(dy_rows, oo * sdyc, selected, o_ok, CHANNEL_ROWS)
                             weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64),
                                                   ((g * COUT_G + oo) * sw_o)[:, None] + w_tap, sp_off, None,
                                                   o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b,
@@ -403,8 +412,7 @@ def expert_conv_bwd_input_kernel(
                     for o0 in range(0, o_end, BLOCK_K):
                         oo = o0 + oc
                         o_ok = oo < o_end
-                        grad = tl.load(dy_rows[:, None] + (oo * sdyc)[None, :], mask=row_ok[:, None] & o_ok[None, :],
-                                       other=0.0)
+                        grad = _rows_tile(dy_rows, oo * sdyc, row_ok, o_ok, CHANNEL_ROWS)
                         weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0,
                                               ((g * COUT_G + oo) * sw_o)[:, None] + w_tap, sp_off, None,
                                               o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
@@ -712,8 +720,20 @@ def _part(t: torch.Tensor | None, samples: slice) -> torch.Tensor | None:
     return None if t is None else t[samples]
 
 
-def weight_source(experts: torch.Tensor, routing: torch.Tensor | None, materialise: bool) -> WeightSource:
+# The axis a pass lays its materialised kernels' innermost in memory: its reduction axis, so that
+# tl.dot reads the weight tile K-major, as cp.async copies it (the only order tf32 wgmma takes).
+CIN_INNERMOST = 2  # the forward and the guide scores
+COUT_INNERMOST = 1  # the input gradient
+
+
+def weight_source(experts: torch.Tensor, routing: torch.Tensor | None, materialise: bool,
+                  innermost: int = CIN_INNERMOST) -> WeightSource:
     """``routing`` is (B, m, E). Materialising costs B·m·Cout·Cin/g·kh·kw elements of x's dtype.
+    ``innermost``: CIN_INNERMOST or COUT_INNERMOST, the pass's reduction axis, for materialised
+    kernels (``mix_experts``). Experts mixed on the fly keep Cin/g innermost in every pass: their tile
+    is mixed in registers and the compiler stores it to shared memory in either order (Cout
+    innermost spilled a 64-bit DRConv input gradient on sm_80 with triton 3.6, and moved no row of
+    the static model: X1 dx).
 
     Without routing, ``experts`` are already mixed per-sample kernels (B, m, Cout, Cin/g, kh, kw)
     (the ops' higher-order derivatives convolve with a kernel gradient): read as materialised.
@@ -723,11 +743,7 @@ def weight_source(experts: torch.Tensor, routing: torch.Tensor | None, materiali
         return WeightSource(experts, (s[0], s[1], 0, *s[2:]), None, 1)
     E = experts.shape[0]
     if materialise:
-        B, m = routing.shape[:2]
-        # Mixed straight into the (Cout, kh, kw, Cin/g) order: only the E experts are permuted (no
-        # copy at all when they are channels_last), never the B·m mixed kernels.
-        flat = torch.matmul(routing.reshape(B * m, E), _channels_innermost(experts).movedim(2, -1).reshape(E, -1))
-        mixed = flat.reshape(B, m, *_tap_major_shape(experts)).movedim(-1, 3)
+        mixed = mix_experts(experts, routing, innermost)
         s = mixed.stride()
         return WeightSource(mixed, (s[0], s[1], 0, *s[2:]), None, 1)
     experts = _channels_innermost(experts)
@@ -735,17 +751,21 @@ def weight_source(experts: torch.Tensor, routing: torch.Tensor | None, materiali
     return WeightSource(experts, (0, 0, *s), routing, E)
 
 
-def _tap_major_shape(experts: torch.Tensor) -> tuple:
-    E, Cout, cin_g, kh, kw = experts.shape
-    return Cout, kh, kw, cin_g
+def mix_experts(experts: torch.Tensor, routing: torch.Tensor, innermost: int = CIN_INNERMOST) -> torch.Tensor:
+    """``routing (B, m, E) @ experts`` as (B, m, Cout, Cin/g, kh, kw), the experts' axis ``innermost``
+    laid innermost in memory: mixed straight into that order, so only the E experts are permuted (no
+    copy at all when they are laid so already), never the B·m mixed kernels."""
+    B, m, E = routing.shape
+    ordered = experts.movedim(innermost, -1)
+    flat = torch.matmul(routing.reshape(B * m, E), ordered.reshape(E, -1))
+    return flat.reshape(B, m, *ordered.shape[1:]).movedim(-1, innermost + 1)
 
 
-def _channels_innermost(experts: torch.Tensor) -> torch.Tensor:
-    """``experts`` (E, Cout, Cin/g, kh, kw) with Cin/g innermost in memory, (E, Cout, kh, kw, Cin/g)
-    order: the forward's reduction axis and the input gradient's column axis become contiguous rows
-    for ``tl.dot``. A view when they are laid out so already (channels_last), else one copy of the
-    E experts, made outside every kernel loop."""
-    return experts.movedim(2, -1).contiguous().movedim(-1, 2)
+def _channels_innermost(experts: torch.Tensor, axis: int = CIN_INNERMOST) -> torch.Tensor:
+    """``experts`` (E, Cout, Cin/g, kh, kw) with ``axis`` (Cin/g or Cout) innermost in memory, so that
+    a pass's reduction axis is a contiguous row for ``tl.dot``. A view when they are laid out so
+    already (Cin/g: channels_last), else one copy of the E experts, made outside every kernel loop."""
+    return experts.movedim(axis, -1).contiguous().movedim(-1, axis)
 
 
 def _pow2_between(n: int, low: int, high: int) -> int:
@@ -964,11 +984,20 @@ def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tup
     return tuple(None if regions is None else getattr(regions, n) for n in names)
 
 
-def _tap_meta(cin_g: int, kernel_hw, block_k: int) -> dict:
+def _tap_meta(cin_g: int, kernel_hw, block_k: int, pixels_first: torch.Tensor, index_64: bool) -> dict:
     """The compile-time kernel size and ``_conv_tile``'s loop form: per tap while a group's
     channels fill a reduction block, the flattened reduction below that (no lanes wasted). Both
-    layouts: NCHW takes its own tiles (``_nchw_tiles``)."""
-    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=cin_g >= block_k)
+    layouts: NCHW takes its own tiles (``_nchw_tiles``).
+
+    CHANNEL_ROWS for NCHW (``pixels_first``, the tensor whose per-tap tiles the kernel gathers) on
+    triton 3.9: its pixel offsets' contiguity is hidden (``p % Wo``), and its coalescing then lays the
+    lanes along the channels, an HW-strided sector each (E2 fwd/dx fp32 NCHW PREDICTED 64/46% ->
+    98/98%); a (channels x pixels) load, transposed, lays them along the pixels. Triton 3.6 lays
+    them along the pixels as written and loses with the transposed form (E2 fwd bf16 94% -> 49%).
+    Not in the 64-bit variants: the transposed tile's registers spill a DRConv forward mixing on
+    the fly on sm_80 (61 local loads and stores at 128 registers)."""
+    channel_rows = TRITON_VERSION > (3, 6) and not is_channels_last(pixels_first) and not index_64
+    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=cin_g >= block_k, CHANNEL_ROWS=channel_rows)
 
 
 def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
@@ -1035,10 +1064,10 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
         **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"]))
+    index_64 = needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed)
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], x, index_64))
     meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
-                HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
-                INDEX_64=needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed),
+                HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None, INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
@@ -1078,9 +1107,9 @@ def _guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score,
         s_score_b=score.stride(0), s_score_r=score.stride(1), s_score_n=score.stride(2),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"]))
-    meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None,
-                INDEX_64=needs_int64(x, dy, score, source.weight, source.coef, spatial, bias_mixed),
+    index_64 = needs_int64(x, dy, score, source.weight, source.coef, spatial, bias_mixed)
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], x, index_64))
+    meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None, INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
@@ -1134,9 +1163,9 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
         **dict(zip(("sdxb", "sdxc", "sdxh", "sdxw"), dx.stride())),
         **_geometry_args(stride, padding, dilation),
     )
-    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"]))
-    meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None,
-                INDEX_64=needs_int64(dy, dx, source.weight, source.coef, spatial, region),
+    index_64 = needs_int64(dy, dx, source.weight, source.coef, spatial, region)
+    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"], dy, index_64))
+    meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None, INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(dy.dtype),
                 INPUT_PRECISION=_input_precision(dy.dtype))
     _check_grid(groups * n_tiles)
@@ -1289,7 +1318,7 @@ def expert_conv_backward_input(dy, experts, routing, spatial, guide, dx, groups,
     shaped, m = _per_kernel(experts, routing)
     config = config or input_grad_config(dx, shaped, m, groups, stride)
     for samples, materialised in batch_parts(experts, routing, dy.shape[2] * dy.shape[3], materialise):
-        source = weight_source(experts, _part(routing, samples), materialised)
+        source = weight_source(experts, _part(routing, samples), materialised, COUT_INNERMOST)
         region = None
         if guide is not None and m > 1:
             part_guide = guide[samples]
@@ -1439,8 +1468,9 @@ def catalogue() -> list[Launch]:
                                                            bank_score, (kh, kw), groups, *geometry, bank_cfg))
                         launches[-1].label = tag + " expert bank"
                 launches.append(forward_launch(xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, fwd_cfg))
-                launches.append(backward_input_launch(yp, source, sp, regions.region if m > 1 else None, xp, (kh, kw),
-                                                      groups, *geometry, m, dx_cfg))
+                launches.append(backward_input_launch(yp, weight_source(experts, rp, materialised, COUT_INNERMOST), sp,
+                                                      regions.region if m > 1 else None, xp, (kh, kw), groups,
+                                                      *geometry, m, dx_cfg))
                 splits = weight_grad_splits(B, m, Cout, groups, (Cin // groups) * kh * kw, Ho * Wo, wcfg)
                 dw = kernel_grad_buffer(splits, B, m, Cout, Cin // groups, (kh, kw), torch.float32, "meta")
                 dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta") if m > 1 else None
@@ -1478,7 +1508,8 @@ def _int64_catalogue() -> list[Launch]:
             score = torch.empty((B, m, score_tiles(C, 1, fwd_cfg), H * W), dtype=torch.float32, device="meta")
             launches.append(guide_score_launch(x, source, spatial, bias, x, score, (k, k), 1, *geometry, fwd_cfg))
         launches.append(forward_launch(x, source, spatial, bias, regions, x, (k, k), 1, *geometry, fwd_cfg))
-        launches.append(backward_input_launch(x, source, spatial, region_map, x, (k, k), 1, *geometry, m,
+        launches.append(backward_input_launch(x, weight_source(experts, routing, materialised, COUT_INNERMOST),
+                                              spatial, region_map, x, (k, k), 1, *geometry, m,
                                               input_grad_config(x, experts, m, 1, (1, 1))))
         wcfg = weight_grad_config(x, experts, m, 1, (1, 1))
         splits = weight_grad_splits(B, m, C, 1, C * k * k, H * W, wcfg)

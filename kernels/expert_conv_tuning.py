@@ -109,14 +109,15 @@ def _cached(ts: dict, name, build):
     return ts[name]
 
 
-def _source(ts: dict) -> ec.WeightSource:
-    # What the op would read: materialised mixed kernels or the experts mixed on the fly.
+def _source(ts: dict, innermost: int = ec.CIN_INNERMOST) -> ec.WeightSource:
+    # What the op would read: materialised mixed kernels or the experts mixed on the fly, laid out
+    # for the pass (``innermost``: its reduction axis).
     def build():
         experts, routing = ts["experts"], ts["routing"]
         pixels = ts["y"].shape[2] * ts["y"].shape[3]
         # A batch the op materialises in parts is timed materialised whole: the same programs.
-        return ec.weight_source(experts, routing, ec.batch_parts(experts, routing, pixels, None)[0][1])
-    return _cached(ts, "source", build)
+        return ec.weight_source(experts, routing, ec.batch_parts(experts, routing, pixels, None)[0][1], innermost)
+    return _cached(ts, ("source", innermost), build)
 
 
 def _regions(ts: dict, block_p: int) -> ec.RegionTables | None:
@@ -141,7 +142,7 @@ def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
     config = config or ec.input_grad_config(ts["dx"], ts["experts"], m, g, geometry[0])
     regions = _regions(ts, 1)
-    return ec.backward_input_launch(ts["dy"], _source(ts), None, regions.region if regions else None, ts["dx"],
+    return ec.backward_input_launch(ts["dy"], _source(ts, ec.COUT_INNERMOST), None, regions.region if regions else None, ts["dx"],
                                     (spec["kh"], spec["kw"]), g, *geometry, m, config)
 
 

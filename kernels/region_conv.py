@@ -30,8 +30,8 @@ import triton.language as tl
 
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
-from .expert_conv import (WeightSource, _acc_dtype, _channels_innermost, _input_precision, _region_tile,
-                          _tap_major_shape, backward_input_launch, input_grad_config, output_pixels, problem_key,
+from .expert_conv import (CIN_INNERMOST, COUT_INNERMOST, WeightSource, _acc_dtype, _input_precision, _region_tile,
+                          backward_input_launch, input_grad_config, mix_experts, output_pixels, problem_key,
                           region_tables, region_tile_bound)
 
 # The mixed kernels of at most this many bytes exist at once (a part of the batch at a time).
@@ -128,14 +128,14 @@ def batch_part(B: int, m: int, filter_elements: int, element_size: int) -> int:
     return max(1, min(B, WORKSPACE_BYTES // max(1, m * filter_elements * element_size)))
 
 
-def mixed_kernels(experts: torch.Tensor, routing: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor:
-    """``spatial ⊙ routing @ experts`` as (b, m, Cout, Cin/g, kh, kw) with Cin/g innermost in memory."""
-    B, m, E = routing.shape
-    flat = torch.matmul(routing.reshape(B * m, E), _channels_innermost(experts).movedim(2, -1).reshape(E, -1))
-    mixed = flat.reshape(B, m, *_tap_major_shape(experts))  # (b, m, Cout, kh, kw, Cin/g)
+def mixed_kernels(experts: torch.Tensor, routing: torch.Tensor, spatial: torch.Tensor | None,
+                  innermost: int = CIN_INNERMOST) -> torch.Tensor:
+    """``spatial ⊙ routing @ experts`` as (b, m, Cout, Cin/g, kh, kw), the pass's reduction axis
+    (``innermost``: Cin/g for the forward, Cout for the input gradient) innermost in memory."""
+    mixed = mix_experts(experts, routing, innermost)
     if spatial is not None:
-        mixed.mul_(spatial.to(mixed.dtype)[:, None, None, :, :, None])
-    return mixed.movedim(-1, 3)
+        mixed.mul_(spatial.to(mixed.dtype)[:, None, None, None, :, :])
+    return mixed
 
 
 def forward_launch(x, weight, bias_mixed, regions, y, groups, stride, padding, dilation, config: dict) -> Launch:
@@ -203,7 +203,8 @@ def region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stri
     part = batch_part(B, m, experts[0].numel(), dx.element_size())
     for b0 in range(0, B, part):
         s = slice(b0, b0 + part)
-        source = materialised_source(mixed_kernels(experts, routing[s], spatial[s] if spatial is not None else None))
+        source = materialised_source(mixed_kernels(experts, routing[s], spatial[s] if spatial is not None else None,
+                                                   COUT_INNERMOST))
         backward_input_launch(dy[s], source, None, region[s], dx[s], experts.shape[3:], groups, stride, padding,
                               dilation, m, config)()
 

@@ -100,6 +100,11 @@ def test_mixed_kernels_fold_spatial_attention():
     expected = (expected * inputs["spatial"][:, None, None, :, :, None]).movedim(-1, 3)
     assert mixed.shape == (2, 3, 16, 16, 3, 3) and mixed.stride(3) == 1
     assert_close(mixed, expected, torch.float64, "mixed kernels")
+    # The input gradient's order: Cout innermost (its reduction axis), the same kernels.
+    for_dx = region_conv.mixed_kernels(inputs["experts"], inputs["routing"], inputs["spatial"],
+                                       region_conv.COUT_INNERMOST)
+    assert for_dx.shape == mixed.shape and for_dx.stride(2) == 1
+    assert_close(for_dx, expected, torch.float64, "mixed kernels, Cout innermost")
 
 
 def test_catalogue_launches_are_region_launches():
