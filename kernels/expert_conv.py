@@ -827,22 +827,26 @@ def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: i
     # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
     # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
     block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 and not index_64 else 64
-    # Wide channel tiles and three stages for 2-byte operands on the per-tap path: 128 x 128 x 64
-    # tiles are two 64 x 128 wgmma groups per K-step, their operands streamed by cp.async.
+    # Wide channel tiles and three stages for 2-byte operands on the per-tap path: 128 x 128 x 32
+    # tiles are two 64 x 128 wgmma groups per K-step, their operands streamed by cp.async. K-steps
+    # of 64 channels spilled them on sm_80 (channels_last: 6 local loads and stores on triton 3.6, 87
+    # on 3.9); 32 fits, and the model sees no change on sm_90 (E2/C256 fwd bf16 NHWC 98%).
     wide = dtype.itemsize == 2 and cin_g >= 64 and block_p == 128 and not mixing
+    block_k = _channel_block(cin_g, dtype, mixing)
     config = {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 128 if wide else 64),
-              "BLOCK_K": _channel_block(cin_g, dtype, mixing), "num_warps": _num_warps(dtype, block_p, mixing),
+              "BLOCK_K": min(32, block_k) if wide else block_k, "num_warps": _num_warps(dtype, block_p, mixing),
               "num_stages": 3 if wide else 2}
     if channels_last:
         return config
-    config = _nchw_tiles(config, cout_g, cin_g, dtype, mixing, plain)
+    config = _nchw_tiles(config, cout_g, cin_g, dtype, mixing, plain, index_64)
     # 64-bit offsets at eight warps: at four a DRConv mixing on the fly spills on sm_80 and sm_90
     # (64 columns, triton 3.9; 32 columns, triton 3.6 on sm_80). Whether a launch mixes is the
     # caller's to choose, so every 64-bit launch.
     return {**config, "num_warps": 8} if index_64 else config
 
 
-def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixing: bool, plain: bool = False) -> dict:
+def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixing: bool, plain: bool = False,
+                index_64: bool = False) -> dict:
     """NCHW per-tap tiles (``cols`` the output columns, ``reduce_g`` the channels a tap reduces).
 
     An NCHW patch tile is pixel-contiguous: gathered with scalar loads (about six instructions an
@@ -851,7 +855,7 @@ def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixi
     with 3.9), and columns up to 128 to spread each gathered element over more MMA work: PREDICTED
     on triton 3.6, E1 fwd bf16 NCHW 64 x 64 x 16 27%, 64 x 128 x 16 78%; E2 fp32 128 x 64 x 16 77%,
     128 x 128 x 16 98%. Tiles of 64 pixels at four warps (one 64 x 128 wgmma group a K-step); 2-byte
-    tiles of 256 pixels on triton 3.6 for plain convs (below; ``plain``: see default_forward_config).
+    tiles of 256 pixels for plain convs (below; ``plain``: see default_forward_config).
     """
     if reduce_g < 16:  # the flattened loop: its own tiles
         return config
@@ -866,10 +870,12 @@ def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixi
         if cols >= 256:
             return {**config, "BLOCK_P": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2}
         # 256 x 128 where 128 pixels were tall enough: E2 fwd/dx bf16 NCHW 78% -> 94% PREDICTED on
-        # triton 3.6, whose ptxas fits it on sm_80 and sm_90 (217 and 200 registers, two stages).
-        # Triton 3.9's spills it on both (255 registers, 270-360 local loads and stores), and so does
-        # 3.6's the guide-score kernel (84-138 local loads and stores): plain convs only.
-        if plain and tall and cols >= 128 and TRITON_VERSION <= (3, 6):
+        # triton 3.6, whose ptxas fits it on sm_80 and sm_90 (217 and 200 registers, two stages);
+        # on triton 3.9 69/70% -> 83/85%, with the tile channel-major (``_tap_meta``'s CHANNEL_ROWS:
+        # 204-255 registers; loaded pixels x channels it spilled 270-360 local loads and stores).
+        # The guide-score kernel spills it on 3.6 (84-138 local loads and stores): plain convs only;
+        # on 3.9 not the 64-bit variants, which load pixels x channels.
+        if plain and tall and cols >= 128 and (TRITON_VERSION <= (3, 6) or not index_64):
             return {**config, "BLOCK_P": 256, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
     # 4-byte 64-pixel tiles at eight warps: at four a DRConv fwd spills on sm_80 with triton 3.9.
     return {**config, "BLOCK_N": _pow2_between(cols, 16, 128), "num_warps": 8 if tall or dtype.itemsize == 4 else 4,
@@ -877,7 +883,8 @@ def _nchw_tiles(config: dict, cols: int, reduce_g: int, dtype: torch.dtype, mixi
 
 
 def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, mixing: bool = False,
-                              regions: bool = False, channels_last: bool = True, plain: bool = False) -> dict:
+                              regions: bool = False, channels_last: bool = True, plain: bool = False,
+                              index_64: bool = False) -> dict:
     # As the forward's (the reduction runs over output channels here); one stage for 4-byte 64-row
     # operands. Regions hold their loop's tiles in registers as mixing does: the same small tiles,
     # and one stage (two spill 2-byte NHWC on sm_80).
@@ -889,7 +896,10 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
     if dtype.itemsize <= 4 and cout_g >= 64 and not mixing:
         # 128 x 128 tiles for fp32 too: at 64 x 64 its tf32 operands' L1 traffic bounds it (E2 dx fp32
         # NHWC PREDICTED 65% -> 81% on triton 3.6); two stages (three would not fit sm_80's registers).
-        config = {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128), "BLOCK_K": _channel_block(cout_g, dtype),
+        # K-steps of 64 bytes a row: 128 bytes spilled channels_last on sm_80 (16-bit: 10 local loads
+        # and stores on triton 3.6, 91 on 3.9; fp32: 36 on 3.9), and sm_90's PREDICTED rows keep 98%.
+        config = {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128),
+                  "BLOCK_K": min(64 // dtype.itemsize, _channel_block(cout_g, dtype)),
                   "num_warps": 8, "num_stages": 3 if dtype.itemsize == 2 else 2}
     elif dtype.itemsize == 2 and cout_g >= 64 and cin_g >= 64 and channels_last:
         # Mixing on the fly (E FMAs per weight element a K-step): 128 pixels share each mixed weight
@@ -902,7 +912,7 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
         config = {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64),
                   "BLOCK_K": _channel_block(cout_g, dtype, mixing), "num_warps": _num_warps(dtype, 64, mixing),
                   "num_stages": 2 if dtype.itemsize == 2 else 1}
-    return config if channels_last else _nchw_tiles(config, cin_g, cout_g, dtype, mixing, plain)
+    return config if channels_last else _nchw_tiles(config, cin_g, cout_g, dtype, mixing, plain, index_64)
 
 
 def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, cin_g: int = 0,
@@ -1127,9 +1137,10 @@ def input_grad_config(dx, experts, m, groups, stride) -> dict:
     # The output size up to padding: enough to tell whether the op materialises.
     pixels = cdiv(dx.shape[2], stride[0]) * cdiv(dx.shape[3], stride[1])
     mixing = materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0
+    index_64 = needs_int64(dx) or dx.shape[0] * experts.shape[1] * pixels > INT32_MAX  # dx or dy past 2^31
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
                       default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing, m > 1,
-                                                is_channels_last(dx), plain=is_plain_conv(m, stride)))
+                                                is_channels_last(dx), is_plain_conv(m, stride), index_64))
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
@@ -1416,6 +1427,8 @@ def catalogue() -> list[Launch]:
     launches = []
     shapes = [  # (B, Cin, Cout, H, W, kh, kw, groups, E, m, stride, spatial, label)
         (32, 64, 64, 56, 56, 3, 3, 1, 4, 1, 1, False, "CondConv 3x3"),
+        # Materialised, 128 channels a group at stride 1: the 256-pixel 2-byte NCHW tiles.
+        (8, 128, 128, 56, 56, 3, 3, 1, 4, 1, 1, False, "DynamicConv 3x3 wide"),
         (32, 256, 256, 14, 14, 3, 3, 1, 4, 1, 1, True, "ODConv 3x3 small map"),
         (32, 128, 128, 15, 15, 1, 1, 1, 8, 1, 2, False, "1x1 stride 2"),
         (32, 96, 96, 28, 28, 5, 5, 96, 4, 1, 1, False, "depth-wise 5x5"),

@@ -281,31 +281,31 @@ def test_kernel_gradient_is_stored_channels_innermost():
 
 
 def test_nchw_wide_tiles(device):
-    """The widest 2-byte NCHW defaults (64 x 256 forward, 256 x 128 input gradient on triton 3.6 and
-    128 x 128 after, 128 x 128 x 64 FLAT kernel gradient; materialised kernels, as large as the
-    output) give the reference's values."""
+    """The widest 2-byte NCHW defaults (64 x 256 forward, 256 x 128 input gradient, 128 x 128 x 64
+    FLAT kernel gradient; materialised kernels, as large as the output) give the reference's values."""
     case = Case(B=1, Cin=128, Cout=256, H=16, W=16, kh=1, kw=1, padding=0, E=2)
     x = torch.empty((1, 128, 16, 16), dtype=torch.float16, device="meta")
     experts = torch.empty((2, 256, 128, 1, 1), dtype=torch.float16, device="meta")
     fwd = kernels.forward_config(x, experts, 1, 1, (1, 1), (0, 0), (1, 1))
     dx = kernels.input_grad_config(x, experts, 1, 1, (1, 1))
     dw = kernels.weight_grad_config(x, experts[:1], 1, 1, (1, 1))
-    dx_rows = 256 if TRITON_VERSION <= (3, 6) else 128
-    assert (fwd["BLOCK_P"], fwd["BLOCK_N"], dx["BLOCK_P"], dx["BLOCK_N"]) == (64, 256, dx_rows, 128)
+    assert (fwd["BLOCK_P"], fwd["BLOCK_N"], dx["BLOCK_P"], dx["BLOCK_N"]) == (64, 256, 256, 128)
     assert (dw["BLOCK_O"], dw["BLOCK_N"], dw["BLOCK_K"]) == (128, 128, 64)
     _check(case, torch.float16, device)
 
 
 def test_nchw_256_pixel_tiles_for_plain_convs_only():
-    """2-byte NCHW tiles of 256 pixels (triton 3.6, whose ptxas fits them) go to plain convs, one
-    kernel a sample at stride 1; not to a stride, DRConv's regions or the guide scores (whose kernel
-    spills them), nor to newer tritons."""
+    """2-byte NCHW tiles of 256 pixels go to plain convs, one kernel a sample at stride 1; not to a
+    stride, DRConv's regions or the guide scores (whose kernel spills them), nor on triton 3.9 to
+    the 64-bit variants (they load the patch pixels x channels, which spilled them)."""
     x = torch.empty((2, 128, 64, 64), dtype=torch.bfloat16, device="meta")
     experts = torch.empty((4, 128, 128, 3, 3), dtype=torch.bfloat16, device="meta")
     one = (1, 1)
-    plain = 256 if TRITON_VERSION <= (3, 6) else 128
-    assert kernels.forward_config(x, experts, 1, 1, one, one, one)["BLOCK_P"] == plain
-    assert kernels.input_grad_config(x, experts, 1, 1, one)["BLOCK_P"] == plain
+    assert kernels.forward_config(x, experts, 1, 1, one, one, one)["BLOCK_P"] == 256
+    assert kernels.input_grad_config(x, experts, 1, 1, one)["BLOCK_P"] == 256
+    huge = torch.empty((2**17 + 1, 128, 64, 64), dtype=torch.bfloat16, device="meta")  # past 2^31 elements
+    assert kernels.forward_config(huge, experts, 1, 1, one, one, one)["BLOCK_P"] <= 128
+    assert kernels.input_grad_config(huge, experts, 1, 1, one)["BLOCK_P"] == (256 if TRITON_VERSION <= (3, 6) else 128)
     assert kernels.forward_config(x, experts, 1, 1, (2, 2), one, one)["BLOCK_P"] <= 128
     assert kernels.input_grad_config(x, experts, 1, 1, (2, 2))["BLOCK_P"] <= 128
     assert kernels.forward_config(x, experts, 2, 1, one, one, one)["BLOCK_P"] <= 128
