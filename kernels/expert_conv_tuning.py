@@ -140,10 +140,20 @@ def _forward(spec: dict, ts: dict, config: dict | None) -> Launch:
 
 def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
-    config = config or ec.input_grad_config(ts["dx"], ts["experts"], m, g, geometry[0])
+    dy, dx, experts = ts["dy"], ts["dx"], ts["experts"]
+    config = config or ec.input_grad_config(dx, experts, m, g, geometry[0])
     regions = _regions(ts, 1)
-    return ec.backward_input_launch(ts["dy"], _source(ts, ec.COUT_INNERMOST), None, regions.region if regions else None, ts["dx"],
-                                    (spec["kh"], spec["kw"]), g, *geometry, m, config)
+    kernel_hw = (spec["kh"], spec["kw"])
+    if regions is not None and rc.backward_input_supported(dy, dx, m):
+        # As the op (region_conv.region_backward_input): the first part of the batch whose region
+        # kernels fit the workspace, materialised Cout innermost.
+        part = slice(0, rc.batch_part(dx.shape[0], m, experts[0].numel(), dx.element_size()))
+        weight = _cached(ts, "region_kernels_dx",
+                         lambda: rc.mixed_kernels(experts, ts["routing"][part], None, ec.COUT_INNERMOST))
+        return ec.backward_input_launch(dy[part], rc.materialised_source(weight), None, regions.region[part], dx[part],
+                                        kernel_hw, g, *geometry, m, config)
+    return ec.backward_input_launch(dy, _source(ts, ec.COUT_INNERMOST), None, regions.region if regions else None, dx,
+                                    kernel_hw, g, *geometry, m, config)
 
 
 def _weight_grad(spec: dict, ts: dict, config: dict | None) -> Launch:

@@ -564,6 +564,25 @@ def test_region_conv_forward_has_a_tuning_space_and_uses_its_rows(gpu):
     assert region_conv.forward_config(ts["x"], ts["experts"], case.spec["m"], case.spec["groups"], *geometry) == tuned
 
 
+def test_drconv_input_gradient_is_timed_on_the_op_s_region_kernels():
+    """The sweep times DRConv's input gradient as the op runs it (region_conv.region_backward_input):
+    materialised region kernels of the first part of the batch, Cout innermost, not the experts
+    mixed on the fly over the whole batch."""
+    from dynconv.autotune import build_grid
+    from dynconv.kernels import region_conv
+
+    space = configs.spaces()["expert_conv_bwd_input"]
+    cases = [c for c in build_grid({"expert_conv_bwd_input": space}, None, ["float16"], quick=False)
+             if c.spec["m"] > 1]
+    assert cases
+    for case in cases:
+        ts = space.inputs(case.spec, torch.float16, "meta")
+        launch = space.launch(case.spec, ts, None)
+        part = region_conv.batch_part(case.spec["B"], case.spec["m"], ts["experts"][0].numel(), 2)
+        assert not launch.meta["MIX"] and launch.meta["HAS_GUIDE"]
+        assert launch.args["dx_ptr"].shape[0] == part and launch.args["sw_o"] == 1
+
+
 def test_expert_conv_keys_on_both_stride_components():
     from dynconv.kernels import expert_conv as ec
 
