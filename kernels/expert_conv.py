@@ -1283,16 +1283,23 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
         **_geometry_args(stride, padding, dilation),
     )
     flat = tap_loop and regions is None and flat_pixels(dy, x, stride)
+    index_64 = needs_int64(dy, x, dw, dbias)
+    stages = config.get("num_stages", 2)
     # One stage: the gathered steps double-buffer in registers themselves (the kernel's PREFETCH).
+    # Not the 64-bit variants, which take triton's two-stage pipeline instead: the register buffer
+    # spilled a 64-bit fp32 DRConv on sm_80 (4 local loads and stores, triton 3.6).
+    prefetch = not flat and stages == 1 and not index_64
+    if not flat and stages == 1 and index_64:
+        stages = 2
     meta.update(TAP_LOOP=tap_loop, FLAT=flat, HAS_GUIDE=regions is not None, HAS_DBIAS=dbias is not None,
-                PREFETCH=not flat and config.get("num_stages", 2) == 1, INDEX_64=needs_int64(dy, x, dw, dbias),
-                ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
+                PREFETCH=prefetch, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype),
+                INPUT_PRECISION=_input_precision(x.dtype))
     if groups * o_tiles > 65535 or k_tiles > 65535:
         raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")
     # Pixels per (sample, region, split): the mean region size when a guide splits the pixels.
     chunk = cdiv(cdiv(cdiv(Ho * Wo, m), splits), meta["BLOCK_K"])
     return Launch(expert_conv_bwd_weight_kernel, (splits * B * m, groups * o_tiles, k_tiles), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 2), loops=(chunk,))
+                  config.get("num_warps", 4), stages, loops=(chunk,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1533,4 +1540,18 @@ def _int64_catalogue() -> list[Launch]:
             assert launch.meta["INDEX_64"]
             launch.label = (f"over 2^31 elements {'DRConv m=4 spatial' if m > 1 else 'CondConv'} bfloat16 NCHW"
                             + (" materialised" if materialised and "weight" not in launch.name else ""))
+    # fp32 channels_last kernel gradients: one-stage defaults, which the 64-bit variants run on
+    # triton's two-stage pipeline instead of the register double buffer (see _backward_weight_launch).
+    x = torch.empty((B, C, H, W), dtype=torch.float32, device="meta").to(memory_format=torch.channels_last)
+    for m in (1, 4):
+        wcfg = weight_grad_config(x, experts, m, 1, (1, 1))
+        splits = weight_grad_splits(B, m, C, 1, C * k * k, H * W, wcfg)
+        dw = kernel_grad_buffer(splits, B, m, C, C, (k, k), torch.float32, "meta")
+        i32 = dict(dtype=torch.int32, device="meta")
+        regions = RegionTables(*(torch.empty((B, n), **i32) for n in (H * W, H * W, m, m, m + 1)), 1) if m > 1 else None
+        dbias = torch.empty((splits, B, m, C), dtype=torch.float32, device="meta") if m > 1 else None
+        launch = backward_weight_launch(x, x, regions, dw, dbias, (k, k), 1, *geometry, wcfg)
+        assert launch.meta["INDEX_64"] and not launch.meta["PREFETCH"]
+        launch.label = f"over 2^31 elements {'DRConv m=4' if m > 1 else 'CondConv'} float32 NHWC"
+        launches.append(launch)
     return launches
