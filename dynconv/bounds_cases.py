@@ -127,9 +127,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         return x, y, experts, routing
 
     def regions(block_p, n=p.B):
-        i32 = torch.int32
-        return ec.RegionTables(_empty((n, N), i32), _empty((n, N), i32), _empty((n, p.m), i32),
-                               _empty((n, p.m), i32), _empty((n, p.m + 1), i32), block_p)
+        return ec.meta_region_tables(n, N, p.m, block_p)
 
     # A batch the op materialises in parts runs as equal launches: the cases model the first, with
     # their bytes and FLOPs scaled to its share of the batch (``part``).

@@ -761,11 +761,11 @@ def mix_experts(experts: torch.Tensor, routing: torch.Tensor, innermost: int = C
     return flat.reshape(B, m, *ordered.shape[1:]).movedim(-1, innermost + 1)
 
 
-def _channels_innermost(experts: torch.Tensor, axis: int = CIN_INNERMOST) -> torch.Tensor:
-    """``experts`` (E, Cout, Cin/g, kh, kw) with ``axis`` (Cin/g or Cout) innermost in memory, so that
-    a pass's reduction axis is a contiguous row for ``tl.dot``. A view when they are laid out so
-    already (Cin/g: channels_last), else one copy of the E experts, made outside every kernel loop."""
-    return experts.movedim(axis, -1).contiguous().movedim(-1, axis)
+def _channels_innermost(experts: torch.Tensor) -> torch.Tensor:
+    """``experts`` (E, Cout, Cin/g, kh, kw) with Cin/g innermost in memory, as experts mixed on the fly
+    are read in every pass. A view when they are laid out so already (channels_last), else one copy
+    of the E experts, made outside every kernel loop."""
+    return experts.movedim(CIN_INNERMOST, -1).contiguous().movedim(-1, CIN_INNERMOST)
 
 
 def _pow2_between(n: int, low: int, high: int) -> int:
@@ -1021,6 +1021,13 @@ def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
     return ((steps, (source.num_mix,)) if source.mix else steps,) * copies
 
 
+def _past_int32(image: torch.Tensor, out_channels: int, out_pixels: int) -> bool:
+    """Whether a launch on ``image`` (x, or dx) and its output-side tensor (y, or dy: ``out_channels``
+    x ``out_pixels`` a sample) takes 64-bit offsets, as its launcher will find: for the defaults,
+    which are chosen before the output-side tensor is at hand."""
+    return needs_int64(image) or image.shape[0] * out_channels * out_pixels > INT32_MAX
+
+
 def is_plain_conv(m: int, stride) -> bool:
     """One kernel a sample at stride 1: the convs the widest NCHW tiles are for (``plain`` in
     :func:`default_forward_config`)."""
@@ -1030,7 +1037,7 @@ def is_plain_conv(m: int, stride) -> bool:
 def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
-    index_64 = needs_int64(x) or x.shape[0] * experts.shape[1] * pixels > INT32_MAX  # x or y past 2^31
+    index_64 = _past_int32(x, experts.shape[1], pixels)
     mixing = materialise_part(experts[0].numel() // experts.shape[1], x.shape[0], m, pixels) == 0
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
                       default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2], mixing,
@@ -1137,7 +1144,7 @@ def input_grad_config(dx, experts, m, groups, stride) -> dict:
     # The output size up to padding: enough to tell whether the op materialises.
     pixels = cdiv(dx.shape[2], stride[0]) * cdiv(dx.shape[3], stride[1])
     mixing = materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0
-    index_64 = needs_int64(dx) or dx.shape[0] * experts.shape[1] * pixels > INT32_MAX  # dx or dy past 2^31
+    index_64 = _past_int32(dx, experts.shape[1], pixels)
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
                       default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing, m > 1,
                                                 is_channels_last(dx), is_plain_conv(m, stride), index_64))
@@ -1288,8 +1295,9 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
     # One stage: the gathered steps double-buffer in registers themselves (the kernel's PREFETCH).
     # Not the 64-bit variants, which take triton's two-stage pipeline instead: the register buffer
     # spilled a 64-bit fp32 DRConv on sm_80 (4 local loads and stores, triton 3.6).
-    prefetch = not flat and stages == 1 and not index_64
-    if not flat and stages == 1 and index_64:
+    gathered_one_stage = not flat and stages == 1
+    prefetch = gathered_one_stage and not index_64
+    if gathered_one_stage and index_64:
         stages = 2
     meta.update(TAP_LOOP=tap_loop, FLAT=flat, HAS_GUIDE=regions is not None, HAS_DBIAS=dbias is not None,
                 PREFETCH=prefetch, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype),
@@ -1429,6 +1437,27 @@ def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, group
     return score.sum(2).reshape(B, m, Ho, Wo)
 
 
+def meta_region_tables(n: int, pixels: int, m: int, block_p: int) -> RegionTables:
+    """Region tables of ``n`` samples of ``pixels`` pixels in ``m`` regions, on the meta device: what
+    the AOT catalogues' and the static model's launches read."""
+    i32 = dict(dtype=torch.int32, device="meta")
+    return RegionTables(*(torch.empty((n, size), **i32) for size in (pixels, pixels, m, m, m + 1)), block_p)
+
+
+def _catalogue_weight_grad(dy, x, experts, m: int, groups: int, geometry) -> Launch:
+    """The kernel-gradient launch an op makes by default for these meta tensors: its config, pixel
+    splits, fp32 partials and, with regions, the bias-gradient partials."""
+    B, Cin = x.shape[:2]
+    Cout, pixels = dy.shape[1], dy.shape[2] * dy.shape[3]
+    kernel_hw = tuple(experts.shape[3:])
+    config = weight_grad_config(x, experts, m, groups, geometry[0])
+    splits = weight_grad_splits(B, m, Cout, groups, Cin // groups * kernel_hw[0] * kernel_hw[1], pixels, config)
+    dw = kernel_grad_buffer(splits, B, m, Cout, Cin // groups, kernel_hw, torch.float32, "meta")
+    regions = meta_region_tables(B, pixels, m, 1) if m > 1 else None
+    dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta") if m > 1 else None
+    return backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, *geometry, config)
+
+
 def catalogue() -> list[Launch]:
     """The launches ops make by default at representative shapes, on meta tensors (for AOT checks)."""
     launches = []
@@ -1461,19 +1490,12 @@ def catalogue() -> list[Launch]:
                 tag = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
                 fwd_cfg = forward_config(x, experts, m, groups, *geometry)
                 dx_cfg = input_grad_config(x, experts, m, groups, (s, s))
-                wcfg = weight_grad_config(x, experts, m, groups, (s, s))
-
-                def region_tables_like(n, block_p):
-                    i32 = dict(dtype=torch.int32, device="meta")
-                    return RegionTables(torch.empty((n, Ho * Wo), **i32), torch.empty((n, Ho * Wo), **i32),
-                                        torch.empty((n, m), **i32), torch.empty((n, m), **i32),
-                                        torch.empty((n, m + 1), **i32), block_p)
 
                 # The first launch of the pass (all of them when the batch is materialised in parts).
                 samples, materialised = batch_parts(experts, routing, Ho * Wo, None)[0]
                 xp, yp, rp, sp, bp = (_part(t, samples) for t in (x, y, routing, spatial, bias))
                 source = weight_source(experts, rp, materialised)
-                regions = region_tables_like(xp.shape[0], fwd_cfg["BLOCK_P"]) if m > 1 else None
+                regions = meta_region_tables(xp.shape[0], Ho * Wo, m, fwd_cfg["BLOCK_P"]) if m > 1 else None
                 if m > 1:
                     score = torch.empty((xp.shape[0], m, score_tiles(Cout, groups, fwd_cfg), Ho * Wo),
                                         dtype=torch.float32, device="meta")
@@ -1491,11 +1513,7 @@ def catalogue() -> list[Launch]:
                 launches.append(backward_input_launch(yp, weight_source(experts, rp, materialised, COUT_INNERMOST), sp,
                                                       regions.region if m > 1 else None, xp, (kh, kw), groups,
                                                       *geometry, m, dx_cfg))
-                splits = weight_grad_splits(B, m, Cout, groups, (Cin // groups) * kh * kw, Ho * Wo, wcfg)
-                dw = kernel_grad_buffer(splits, B, m, Cout, Cin // groups, (kh, kw), torch.float32, "meta")
-                dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta") if m > 1 else None
-                launches.append(backward_weight_launch(y, x, region_tables_like(B, 1) if m > 1 else None, dw, dbias,
-                                                       (kh, kw), groups, *geometry, wcfg))
+                launches.append(_catalogue_weight_grad(y, x, experts, m, groups, geometry))
                 for launch in launches[first:]:
                     if not launch.label:
                         launch.label = tag + (" materialised" if materialised and "weight" not in launch.name else "")
@@ -1520,10 +1538,7 @@ def _int64_catalogue() -> list[Launch]:
         fwd_cfg = forward_config(x, experts, m, 1, *geometry)
         regions = region_map = None
         if m > 1:
-            i32 = dict(dtype=torch.int32, device="meta")
-            regions = RegionTables(torch.empty((B, H * W), **i32), torch.empty((B, H * W), **i32),
-                                   torch.empty((B, m), **i32), torch.empty((B, m), **i32),
-                                   torch.empty((B, m + 1), **i32), fwd_cfg["BLOCK_P"])
+            regions = meta_region_tables(B, H * W, m, fwd_cfg["BLOCK_P"])
             region_map = regions.region
             score = torch.empty((B, m, score_tiles(C, 1, fwd_cfg), H * W), dtype=torch.float32, device="meta")
             launches.append(guide_score_launch(x, source, spatial, bias, x, score, (k, k), 1, *geometry, fwd_cfg))
@@ -1531,11 +1546,7 @@ def _int64_catalogue() -> list[Launch]:
         launches.append(backward_input_launch(x, weight_source(experts, routing, materialised, COUT_INNERMOST),
                                               spatial, region_map, x, (k, k), 1, *geometry, m,
                                               input_grad_config(x, experts, m, 1, (1, 1))))
-        wcfg = weight_grad_config(x, experts, m, 1, (1, 1))
-        splits = weight_grad_splits(B, m, C, 1, C * k * k, H * W, wcfg)
-        dw = kernel_grad_buffer(splits, B, m, C, C, (k, k), torch.float32, "meta")
-        dbias = torch.empty((splits, B, m, C), dtype=torch.float32, device="meta") if m > 1 else None
-        launches.append(backward_weight_launch(x, x, regions, dw, dbias, (k, k), 1, *geometry, wcfg))
+        launches.append(_catalogue_weight_grad(x, x, experts, m, 1, geometry))
         for launch in launches[-(4 if m > 1 else 3):]:
             assert launch.meta["INDEX_64"]
             launch.label = (f"over 2^31 elements {'DRConv m=4 spatial' if m > 1 else 'CondConv'} bfloat16 NCHW"
@@ -1544,13 +1555,7 @@ def _int64_catalogue() -> list[Launch]:
     # triton's two-stage pipeline instead of the register double buffer (see _backward_weight_launch).
     x = torch.empty((B, C, H, W), dtype=torch.float32, device="meta").to(memory_format=torch.channels_last)
     for m in (1, 4):
-        wcfg = weight_grad_config(x, experts, m, 1, (1, 1))
-        splits = weight_grad_splits(B, m, C, 1, C * k * k, H * W, wcfg)
-        dw = kernel_grad_buffer(splits, B, m, C, C, (k, k), torch.float32, "meta")
-        i32 = dict(dtype=torch.int32, device="meta")
-        regions = RegionTables(*(torch.empty((B, n), **i32) for n in (H * W, H * W, m, m, m + 1)), 1) if m > 1 else None
-        dbias = torch.empty((splits, B, m, C), dtype=torch.float32, device="meta") if m > 1 else None
-        launch = backward_weight_launch(x, x, regions, dw, dbias, (k, k), 1, *geometry, wcfg)
+        launch = _catalogue_weight_grad(x, x, experts, m, 1, geometry)
         assert launch.meta["INDEX_64"] and not launch.meta["PREFETCH"]
         launch.label = f"over 2^31 elements {'DRConv m=4' if m > 1 else 'CondConv'} float32 NHWC"
         launches.append(launch)

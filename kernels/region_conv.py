@@ -31,8 +31,8 @@ import triton.language as tl
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
 from .expert_conv import (CIN_INNERMOST, COUT_INNERMOST, WeightSource, _acc_dtype, _input_precision, _region_tile,
-                          backward_input_launch, input_grad_config, mix_experts, output_pixels, problem_key,
-                          region_tables, region_tile_bound)
+                          backward_input_launch, input_grad_config, meta_region_tables, mix_experts, output_pixels,
+                          problem_key, region_tables, region_tile_bound)
 
 # The mixed kernels of at most this many bytes exist at once (a part of the batch at a time).
 WORKSPACE_BYTES = 16 << 20
@@ -222,8 +222,6 @@ def _tables_part(tables, samples: slice):
 
 def catalogue() -> list[Launch]:
     """The region forward's default launches at representative shapes, on meta tensors (AOT checks)."""
-    from .expert_conv import RegionTables
-
     launches = []
     shapes = [  # (B, Cin, Cout, H, W, k, groups, E, m, stride, label)
         (32, 128, 128, 28, 28, 3, 1, 8, 8, 1, "DRConv D1"),
@@ -243,10 +241,7 @@ def catalogue() -> list[Launch]:
                 part = batch_part(B, m, experts[0].numel(), dtype.itemsize)
                 weight = torch.empty((part, m, Cout, k, k, Cin // groups), **meta).movedim(-1, 3)
                 cfg = forward_config(x, experts, m, groups, *geometry)
-                i32 = dict(dtype=torch.int32, device="meta")
-                tables = RegionTables(*(torch.empty(shape, **i32) for shape in
-                                        ((part, Ho * Wo), (part, Ho * Wo), (part, m), (part, m), (part, m + 1))),
-                                      cfg["BLOCK_P"])
+                tables = meta_region_tables(part, Ho * Wo, m, cfg["BLOCK_P"])
                 launch = forward_launch(x[:part], weight, torch.empty((part, m, Cout), **meta), tables, y[:part],
                                         groups, *geometry, cfg)
                 launch.label = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
