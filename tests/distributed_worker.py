@@ -134,6 +134,14 @@ def rank_main(rank: int, args) -> None:
     finally:
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump(report, f, indent=1)
+    # Gloo's worker threads can still hold work objects when the interpreter finalises, and tearing
+    # them down then may abort the process ("terminate called without an active exception", SIGABRT;
+    # see pytorch/pytorch#179291): seen once in CI after both reports were complete. The report is
+    # written and the group destroyed, so leave without the finalisation. An exception above skips
+    # this and reaches mp.spawn as before.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:
