@@ -616,11 +616,13 @@ def _dw_pair_columns(dy_words, x_words, dw_pixels, PARITY: tl.constexpr, lane_ok
                             new = new + (acc,)
                 accs = new
         dw_col = dw_pixels + _wide(v, INDEX_64) * sdwv
+        pair = tl.arange(0, 2)[None, :] * sdww
         for s in tl.static_range(STRIP):
             for u in tl.static_range(KS):
-                for p in tl.static_range(2):
-                    tl.store(dw_col + (u * sdwu + s * sdwh + p * sdww),
-                             accs[(s * KS + u) * 2 + p].to(dw_pixels.dtype.element_ty), mask=lane_ok & (i0 + s < Ho))
+                both = tl.join(accs[(s * KS + u) * 2], accs[(s * KS + u) * 2 + 1])
+                # The tap's offset joins the pointer alone: u * sdwu may pass 2^31 (INDEX_64), pair is int32.
+                tl.store((dw_col + (u * sdwu + s * sdwh))[:, None] + pair, both.to(dw_pixels.dtype.element_ty),
+                         mask=(lane_ok & (i0 + s < Ho))[:, None])
 
 
 @triton.jit
