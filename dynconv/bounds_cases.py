@@ -106,6 +106,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     import torch
 
     from .kernels import expert_conv as ec
+    from .kernels import expert_conv_weight_grad as ecw
     from .kernels import region_conv as rc
 
     p = _problem(name)
@@ -174,14 +175,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
 
     def dw():
         x, y, experts, _ = tensors()
-        cfg = ec.weight_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
-        k_total = (p.C // p.groups) * p.K * p.K
-        splits = ec.weight_grad_splits(p.B, p.m, p.Cout, p.groups, k_total, N, cfg)
-        acc = torch.float32
-        dwt = ec.kernel_grad_buffer(splits, p.B, p.m, p.Cout, p.C // p.groups, (p.K, p.K), acc, "meta")
-        dbias = _empty((splits, p.B, p.m, p.Cout), acc) if guided else None  # else the op sums dy itself
-        return ec.backward_weight_launch(y, x, regions(1) if guided else None, dwt, dbias, (p.K, p.K), p.groups,
-                                         *geometry, cfg)
+        return ecw.default_launch(y, x, experts, p.m, p.groups, geometry)
 
     def guide():
         x, y, experts, routing = tensors()

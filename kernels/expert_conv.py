@@ -36,12 +36,8 @@ Backward:
   present in a tap's pixels and skips absent ones: coherent regions cost about one conv, scattered
   ones up to m. A program's pixels share one stride phase, so a strided conv's taps that none of
   them reads cost no MMA work.
-* kernel gradient ``dW[b,r] = Σ_{p in region r} dy[b,:,p] ⊗ patch[b,p,:]`` per (sample, region),
-  summed over pixels inside a program, optionally split over ``SPLITS`` pixel chunks whose fp32
-  partials the caller adds in a fixed order: deterministic, no float atomics. The bias gradient
-  per (sample, region) comes from the same programs. ``dW`` is fp32 ``(SPLITS, B, m, Cout,
-  Cin/g, kh, kw)``; the contraction down to experts, routing and spatial is a few small GEMMs
-  left to the caller (ops/).
+* kernel gradient ``dW[b,r] = Σ_{p in region r} dy[b,:,p] ⊗ patch[b,p,:]`` per (sample, region):
+  ``kernels/expert_conv_weight_grad.py``, which shares this module's region tables and keys.
 * guide scores ``∂S[b,r,p] = Σ_o dy[b,o,p]·y_r[b,o,p]`` for the straight-through estimator:
   y_r is recomputed for every region (the estimator needs all m outputs) and reduced against dy
   in the epilogue, per output-channel tile; the caller adds the tiles.
@@ -66,8 +62,6 @@ _PAST_LAST_TILE = tl.constexpr(INT32_MAX)
 MATERIALISE_MIN_PIXELS = 256
 # At most this many launches per pass when the batch's mixed kernels are materialised a part at a time.
 MATERIALISE_MAX_PARTS = 8
-# Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).
-WEIGHT_GRAD_MIN_PROGRAMS = 264
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,167 +447,6 @@ def expert_conv_bwd_input_kernel(
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
-def _weight_grad_step(dy_sample, dy_row, x_sample, x_col, perm_ptr, b, P, start, q0, hi, o_ok, k_ok, u, v,
-                      H, W, Wo, sdyh, sdyw, sxh, sxw, SH, SW, PH, PW, DH, DW,
-                      BLOCK_K: tl.constexpr, TAP_LOOP: tl.constexpr, HAS_GUIDE: tl.constexpr, INDEX_64: tl.constexpr):
-    """The kernel gradient's gathered pixel step from ``q0``: (dy tile (o x pixels), patch tile (pixels x k)).
-
-    Pixel q of the (sample, region) is its q-th in region order (HAS_GUIDE) or in raster order;
-    a pixel past ``hi`` reads zeros."""
-    q = q0 + tl.arange(0, BLOCK_K)
-    q_ok = q < hi
-    if HAS_GUIDE:
-        p = tl.load(perm_ptr + b * P + start + q, mask=q_ok, other=0)
-    else:
-        p = q
-    if INDEX_64:
-        p = p.to(tl.int64)
-    i = p // Wo
-    j = p % Wo
-    grad = tl.load(dy_sample + (dy_row[:, None] + (i * sdyh + j * sdyw)[None, :]), mask=o_ok[:, None] & q_ok[None, :],
-                   other=0.0)
-    if TAP_LOOP:
-        h = i * SH - PH + u * DH
-        w = j * SW - PW + v * DW
-        ok = q_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        patch = tl.load(x_sample + (x_col[None, :] + (h * sxh + w * sxw)[:, None]), mask=ok[:, None] & k_ok[None, :],
-                        other=0.0)
-    else:
-        h = (i * SH - PH)[:, None] + (u * DH)[None, :]
-        w = (j * SW - PW)[:, None] + (v * DW)[None, :]
-        ok = q_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        patch = tl.load(x_sample + (x_col[None, :] + h * sxh + w * sxw), mask=ok, other=0.0)
-    return grad, patch
-
-
-@triton.jit
-def expert_conv_bwd_weight_kernel(
-    dy_ptr, x_ptr, pixel_start_ptr, count_ptr, perm_ptr, dw_ptr, dbias_ptr,
-    H, W, Ho, Wo, P, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES, C_TILES,
-    sdyb, sdyc, sdyh, sdyw,
-    sxb, sxc, sxh, sxw,
-    sdw_s, sdw_b, sdw_r, sdw_o, sdw_i, sdw_u, sdw_v,
-    sdb_s, sdb_b, sdb_r, sdb_o,
-    SH, SW, PH, PW, DH, DW,
-    TAP_LOOP: tl.constexpr, FLAT: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_GUIDE: tl.constexpr, HAS_DBIAS: tl.constexpr, PREFETCH: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """dw[s, b, r, o, k] = Σ_{p in chunk s of region r} dy[b, o, p] · patch[b, p, k], and (HAS_DBIAS)
-    from the programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s).
-    Without regions the caller sums dy itself: a row sum per K-step (conversions, adds and shuffles
-    on every program, though only the first k tile's is stored) costs more issue slots than the MMA.
-
-    TAP_LOOP: a program's k tile is BLOCK_N channels of one tap (axis 2 is (tap, channel tile)), so
-    a pixel step forms the patch rows' positions and padding mask once per pixel, not per element.
-    Otherwise the tile spans the flattened k = (u·kw + v)·CIN_G + c (fewer channels than BLOCK_N).
-
-    FLAT (per tap, no guide, NCHW-like: both images pixel-contiguous, stride 1, Ho·Wo = H·W): a pixel
-    step is BLOCK_K consecutive flat pixels, so dy is read with aligned vector loads and the patch as
-    one shifted run per channel, both with lanes along the pixels (the reduction axis, K-major for
-    wgmma); the per-element (i, j) split then only forms the padding mask.
-    """
-    pid = tl.program_id(0)
-    s = pid % SPLITS
-    br = pid // SPLITS
-    b = br // NUM_REGIONS
-    r = br % NUM_REGIONS
-    pid_o = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    g = pid_o // O_TILES
-    on = (pid_o % O_TILES) * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = on < COUT_G
-    if TAP_LOOP:
-        tap = pid_k // C_TILES
-        c = (pid_k % C_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ok = c < CIN_G
-    else:
-        k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ok = k < CIN_G * KH * KW
-        tap = k // CIN_G
-        c = k % CIN_G
-    if HAS_GUIDE:
-        start = tl.load(pixel_start_ptr + b * NUM_REGIONS + r)
-        count = tl.load(count_ptr + b * NUM_REGIONS + r)
-    else:
-        start = 0
-        count = P
-    chunk = tl.cdiv(tl.cdiv(count, SPLITS), BLOCK_K) * BLOCK_K
-    lo = s * chunk
-    hi = tl.minimum(lo + chunk, count)
-    if INDEX_64:
-        b = b.to(tl.int64)
-        on = on.to(tl.int64)
-        g = g.to(tl.int64)
-        c = c.to(tl.int64)
-        tap = tap.to(tl.int64)
-        s = s.to(tl.int64)
-        r = r.to(tl.int64)
-    o = g * COUT_G + on
-    u = tap // KW
-    v = tap % KW
-    # What the pixel loop reads is kept as offsets from per-sample base pointers, and the k part of the
-    # dw offset is formed before the loop: c, u and v then die there instead of being held through it.
-    dy_sample = dy_ptr + b * sdyb
-    dy_row = o * sdyc
-    x_sample = x_ptr + b * sxb
-    x_col = (g * CIN_G + c) * sxc
-    dw_col = c * sdw_i + u * sdw_u + v * sdw_v
-    acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=ACC_DTYPE)
-    bias_acc = tl.zeros((BLOCK_O,), dtype=ACC_DTYPE)
-    if FLAT:
-        # The tap's shift in flat pixels (x's rows are W = Wo apart): x[c, p + shift] is patch[p, c].
-        rise = u * DH - PH
-        run = v * DW - PW
-        # Pointers stepped by BLOCK_K pixels: one 64-bit add an element a step, no address product.
-        x_step = x_sample + ((x_col + rise * sxh + run)[None, :] + (lo + tl.arange(0, BLOCK_K))[:, None])
-    if FLAT:
-        for q0 in range(lo, hi, BLOCK_K):
-            q = q0 + tl.arange(0, BLOCK_K)
-            q_ok = q < hi
-            if INDEX_64:
-                q = q.to(tl.int64)
-            grad = tl.load(dy_sample + (dy_row[:, None] + q[None, :]), mask=o_ok[:, None] & q_ok[None, :], other=0.0)
-            i = q // Wo + rise
-            j = q % Wo + run
-            ok = q_ok & (i >= 0) & (i < H) & (j >= 0) & (j < W)
-            patch = tl.load(x_step, mask=ok[:, None] & k_ok[None, :], other=0.0)
-            x_step += BLOCK_K
-            acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if HAS_DBIAS:
-                bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
-    elif PREFETCH:
-        # Register double buffering instead of triton's cp.async pipeline: the step after next is
-        # loaded with vectors along the channels before this step's MMA, and the copy to shared
-        # memory (transposed to K-major for tf32) is the compiler's. See default_weight_grad_config.
-        grad, patch = _weight_grad_step(dy_sample, dy_row, x_sample, x_col, perm_ptr, b, P, start, lo, hi, o_ok,
-                                        k_ok, u, v, H, W, Wo, sdyh, sdyw, sxh, sxw, SH, SW, PH, PW, DH, DW,
-                                        BLOCK_K, TAP_LOOP, HAS_GUIDE, INDEX_64)
-        for q0 in range(lo, hi, BLOCK_K):
-            grad_next, patch_next = _weight_grad_step(dy_sample, dy_row, x_sample, x_col, perm_ptr, b, P, start,
-                                                      q0 + BLOCK_K, hi, o_ok, k_ok, u, v, H, W, Wo, sdyh, sdyw,
-                                                      sxh, sxw, SH, SW, PH, PW, DH, DW, BLOCK_K, TAP_LOOP,
-                                                      HAS_GUIDE, INDEX_64)
-            acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if HAS_DBIAS:
-                bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
-            grad = grad_next
-            patch = patch_next
-    else:
-        for q0 in range(lo, hi, BLOCK_K):
-            grad, patch = _weight_grad_step(dy_sample, dy_row, x_sample, x_col, perm_ptr, b, P, start, q0, hi, o_ok,
-                                            k_ok, u, v, H, W, Wo, sdyh, sdyw, sxh, sxw, SH, SW, PH, PW, DH, DW,
-                                            BLOCK_K, TAP_LOOP, HAS_GUIDE, INDEX_64)
-            acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if HAS_DBIAS:
-                bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
-    dw_off = s * sdw_s + b * sdw_b + r * sdw_r + (o * sdw_o)[:, None] + dw_col[None, :]
-    tl.store(dw_ptr + dw_off, acc, mask=o_ok[:, None] & k_ok[None, :])
-    if HAS_DBIAS and pid_k == 0:
-        tl.store(dbias_ptr + s * sdb_s + b * sdb_b + r * sdb_r + o * sdb_o, bias_acc, mask=o_ok)
-
-
 # --------------------------------------------------------------------------------------------
 # Host side: region tables, weight sources, configurations, launches
 # --------------------------------------------------------------------------------------------
@@ -915,37 +748,6 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
     return config if channels_last else _nchw_tiles(config, cin_g, cout_g, dtype, mixing, plain, index_64)
 
 
-def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, cin_g: int = 0,
-                               channels_last: bool = False, flat: bool = False) -> dict:
-    """``flat``: NCHW at stride 1 with one region, where the kernel's FLAT pixel steps apply when the
-    output is as large as the input (the usual padding; the key does not tell, else the gathered
-    steps run these tiles)."""
-    # Eight warps whatever the dtype: at four, a 4-byte 64 x 64 tile needs about 170 registers a
-    # thread, and ptxas 12.8 (triton 3.6) spills a few to fit three blocks per SM on sm_80.
-    # Columns: one tap's channels (a power of two within them, so the kernel loops per tap).
-    block_n = min(64, 1 << (cin_g.bit_length() - 1)) if cin_g >= 16 else _pow2_between(k_total, 16, 64)
-    if dtype.itemsize == 2 and cin_g >= 64 and cout_g >= 64 and (channels_last or flat):
-        # 128 x 128 x 64 tiles, three stages: two 64 x 128 wgmma groups per pixel step. Not for the
-        # gathered NCHW steps, whose 2-byte scalar loads of both operands then take over 255
-        # registers on sm_80; FLAT steps load dy by cp.async (C256 dw bf16 NCHW PREDICTED on
-        # triton 3.6: 64 x 64 x 32 25% -> 87%).
-        return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
-                "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
-    if dtype.itemsize == 4 and cin_g >= 64 and cout_g >= 64:
-        # fp32, both layouts: 128 x 128 x 32. tf32 wgmma reads both operands K-major, and neither dy
-        # nor the patch is pixel-contiguous in channels_last: triton's cp.async pipeline copied each
-        # to shared memory four bytes at a time. One stage instead, where the kernel double-buffers
-        # in registers (PREFETCH): 16-byte loads along the channels, transposed on the way to shared
-        # memory (E1 dw fp32 NHWC PREDICTED on triton 3.6: 60% -> 98%, C256/E2 66% -> 100%). NCHW
-        # steps 16 pixels: its scalar patch loads at 32 spill on sm_80 with triton 3.9; FLAT steps,
-        # K-major already, keep the two-stage cp.async pipeline and 32 pixels (C256 dw fp32 NCHW
-        # PREDICTED on triton 3.6: 87% at 16, 100% at 32).
-        return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
-                "BLOCK_K": 32 if channels_last or flat else 16, "num_warps": 8, "num_stages": 2 if flat else 1}
-    return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": block_n,
-            "BLOCK_K": _block_k(dtype), "num_warps": 8, "num_stages": 2}
-
-
 def _geometry_args(stride, padding, dilation) -> dict:
     return dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1])
 
@@ -1209,107 +1011,6 @@ def _input_grad_loops(cout_g: int, meta: dict, source: WeightSource, num_regions
     return ((k_steps, per_step) if per_step else k_steps,)
 
 
-def weight_grad_config(x, experts, m, groups, stride) -> dict:
-    _, Cout, cin_g, kh, kw = experts.shape
-    return get_config("expert_conv_bwd_weight", problem_key(x, experts, m, groups, stride),
-                      default_weight_grad_config(Cout // groups, cin_g * kh * kw, x.dtype, cin_g,
-                                                 is_channels_last(x), flat_capable(m, stride, is_channels_last(x))))
-
-
-def flat_capable(m: int, stride, channels_last: bool) -> bool:
-    """What the problem key tells of ``flat_pixels``: NCHW, stride 1, no regions (padding not known)."""
-    return m == 1 and tuple(stride) == (1, 1) and not channels_last
-
-
-def weight_grad_splits(B: int, m: int, cout: int, groups: int, k_total: int, pixels: int, config: dict) -> int:
-    """Pixel chunks per (sample, region): enough programs to fill a GPU, each chunk >= 4 K-steps."""
-    programs = B * m * groups * cdiv(cout // groups, config["BLOCK_O"]) * cdiv(k_total, config["BLOCK_N"])
-    wanted = cdiv(WEIGHT_GRAD_MIN_PROGRAMS, programs)
-    return max(1, min(wanted, pixels // (m * 4 * config["BLOCK_K"])))
-
-
-def kernel_grad_buffer(splits: int, B: int, m: int, cout: int, cin_g: int, kernel_hw, dtype: torch.dtype,
-                       device) -> torch.Tensor:
-    """The weight gradient's partials ``(splits, B, m, Cout, Cin/g, kh, kw)`` laid out with Cin/g
-    innermost, as :func:`_channels_innermost` lays the experts: a program's tile (output channels x
-    channels of one tap, or the flattened taps x channels) is then stored in contiguous 16-byte
-    rows, not as fp32 scalars kh·kw apart (a sector each). D1 dw bf16 NHWC PREDICTED 11.5% -> 28.7%
-    on triton 3.6, where each (sample, region) sums about a hundred pixels before its store."""
-    kh, kw = kernel_hw
-    buffer = torch.empty((splits, B, m, cout, kh, kw, cin_g), dtype=dtype, device=device)
-    return buffer.movedim(-1, 4)
-
-
-def backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kernel_hw, groups, stride,
-                           padding, dilation, config: dict) -> Launch:
-    """``dw``: (SPLITS, B, m, Cout, Cin/g, kh, kw), ``dbias``: (SPLITS, B, m, Cout), both fp32/fp64;
-    ``dbias`` None leaves the bias gradient to the caller (without regions it is dy's pixel sum)."""
-    if not cacheable(x):
-        return _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding, dilation,
-                                       config)
-    key = ("expert_conv_bwd_weight", layout(dy), layout(x), _regions_key(regions), layout(dw), layout(dbias),
-           tuple(kernel_hw), groups, *stride, *padding, *dilation, config_key(config))
-    return planned(key, ("dy_ptr", "x_ptr", "dw_ptr", "dbias_ptr", "pixel_start_ptr", "count_ptr", "perm_ptr"),
-                   (dy, x, dw, dbias, *_region_tensors(regions, ("pixel_start", "count", "perm"))),
-                   lambda: _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding,
-                                                   dilation, config))
-
-
-def flat_pixels(dy, x, stride) -> bool:
-    """Whether dy's and x's pixels are one flat, unit-stride axis of the same size, tap by tap a
-    shifted run of the other's (NCHW, stride 1, output as large as the input): the weight
-    gradient's FLAT pixel steps."""
-    (_, _, H, W), (Ho, Wo) = x.shape, dy.shape[2:]
-    return (tuple(stride) == (1, 1) and (H, W) == (Ho, Wo) and x.stride()[2:] == (W, 1)
-            and dy.stride()[2:] == (Wo, 1))
-
-
-def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kernel_hw, groups, stride,
-                            padding, dilation, config: dict) -> Launch:
-    B, Cin, H, W = x.shape
-    Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
-    splits, m = dw.shape[0], dw.shape[2]
-    kh, kw = kernel_hw
-    meta = {k: config[k] for k in ("BLOCK_O", "BLOCK_N", "BLOCK_K")}
-    o_tiles = cdiv(Cout // groups, meta["BLOCK_O"])
-    # Per tap while a group's channels fill the column block (see the kernel), else flattened.
-    tap_loop = Cin // groups >= meta["BLOCK_N"]
-    c_tiles = cdiv(Cin // groups, meta["BLOCK_N"])
-    k_tiles = kh * kw * c_tiles if tap_loop else cdiv((Cin // groups) * kh * kw, meta["BLOCK_N"])
-    args = dict(
-        dy_ptr=dy, x_ptr=x, dw_ptr=dw, dbias_ptr=dbias,
-        pixel_start_ptr=regions.pixel_start if regions is not None else None,
-        count_ptr=regions.count if regions is not None else None,
-        perm_ptr=regions.perm if regions is not None else None,
-        H=H, W=W, Ho=Ho, Wo=Wo, P=Ho * Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, KH=kh, KW=kw,
-        NUM_REGIONS=m, SPLITS=splits, O_TILES=o_tiles, C_TILES=c_tiles,
-        **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
-        **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
-        **dict(zip(("sdw_s", "sdw_b", "sdw_r", "sdw_o", "sdw_i", "sdw_u", "sdw_v"), dw.stride())),
-        **dict(zip(("sdb_s", "sdb_b", "sdb_r", "sdb_o"), dbias.stride() if dbias is not None else (0,) * 4)),
-        **_geometry_args(stride, padding, dilation),
-    )
-    flat = tap_loop and regions is None and flat_pixels(dy, x, stride)
-    index_64 = needs_int64(dy, x, dw, dbias)
-    stages = config.get("num_stages", 2)
-    # One stage: the gathered steps double-buffer in registers themselves (the kernel's PREFETCH).
-    # Not the 64-bit variants, which take triton's two-stage pipeline instead: the register buffer
-    # spilled a 64-bit fp32 DRConv on sm_80 (4 local loads and stores, triton 3.6).
-    gathered_one_stage = not flat and stages == 1
-    prefetch = gathered_one_stage and not index_64
-    if gathered_one_stage and index_64:
-        stages = 2
-    meta.update(TAP_LOOP=tap_loop, FLAT=flat, HAS_GUIDE=regions is not None, HAS_DBIAS=dbias is not None,
-                PREFETCH=prefetch, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype),
-                INPUT_PRECISION=_input_precision(x.dtype))
-    if groups * o_tiles > 65535 or k_tiles > 65535:
-        raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")
-    # Pixels per (sample, region, split): the mean region size when a guide splits the pixels.
-    chunk = cdiv(cdiv(cdiv(Ho * Wo, m), splits), meta["BLOCK_K"])
-    return Launch(expert_conv_bwd_weight_kernel, (splits * B * m, groups * o_tiles, k_tiles), args, meta,
-                  config.get("num_warps", 4), stages, loops=(chunk,))
-
-
 # --------------------------------------------------------------------------------------------
 # Entry points used by ops/: they write into outputs the caller allocated.
 # --------------------------------------------------------------------------------------------
@@ -1351,34 +1052,6 @@ def expert_conv_backward_input(dy, experts, routing, spatial, guide, dx, groups,
             region = part_guide.argmax(dim=1).reshape(part_guide.shape[0], -1).to(torch.int32).contiguous()
         backward_input_launch(dy[samples], source, _part(spatial, samples), region, dx[samples], shaped.shape[3:],
                               groups, stride, padding, dilation, m, config)()
-
-
-def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_hw, stride, padding, dilation,
-                                config: dict | None = None):
-    """Gradient of the per-(sample, region) kernels and biases: fp32 (fp64) ``dW (B, m, Cout, Cin/g, kh, kw)``
-    and ``dbias (B, m, Cout)``, each the fixed-order sum of the pixel-chunk partials."""
-    B, Cin = x.shape[:2]
-    Cout, Ho, Wo = dy.shape[1:]
-    kh, kw = kernel_hw
-    m = num_regions
-    k_total = (Cin // groups) * kh * kw
-    if config is None:
-        experts_like = torch.empty((1, Cout, Cin // groups, kh, kw), device="meta")
-        config = weight_grad_config(x, experts_like, m, groups, stride)
-    regions = region_tables(guide, 1) if guide is not None and m > 1 else None
-    splits = weight_grad_splits(B, m, Cout, groups, k_total, Ho * Wo, config)
-    acc = _acc_torch_dtype(x.dtype)
-    dw = kernel_grad_buffer(splits, B, m, Cout, Cin // groups, kernel_hw, acc, x.device)
-    # One region: the bias gradient is dy's pixel sum, a plain reduction (deterministic) rather than a
-    # row sum in every program of the kernel (see expert_conv_bwd_weight_kernel).
-    dbias = torch.empty((splits, B, m, Cout), dtype=acc, device=x.device) if regions is not None else None
-    backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding, dilation, config)()
-    if dbias is None:
-        dbias = dy.sum((2, 3), dtype=acc).reshape(1, B, 1, Cout)
-    if splits == 1:
-        return dw[0], dbias[0]
-    # Summed in storage order: a sum over the permuted view would return the standard layout.
-    return dw.movedim(4, -1).sum(0).movedim(-1, 3), dbias.sum(0)
 
 
 def expert_bank_source(experts: torch.Tensor) -> WeightSource:
@@ -1444,93 +1117,117 @@ def meta_region_tables(n: int, pixels: int, m: int, block_p: int) -> RegionTable
     return RegionTables(*(torch.empty((n, size), **i32) for size in (pixels, pixels, m, m, m + 1)), block_p)
 
 
-def _catalogue_weight_grad(dy, x, experts, m: int, groups: int, geometry) -> Launch:
-    """The kernel-gradient launch an op makes by default for these meta tensors: its config, pixel
-    splits, fp32 partials and, with regions, the bias-gradient partials."""
-    B, Cin = x.shape[:2]
-    Cout, pixels = dy.shape[1], dy.shape[2] * dy.shape[3]
-    kernel_hw = tuple(experts.shape[3:])
-    config = weight_grad_config(x, experts, m, groups, geometry[0])
-    splits = weight_grad_splits(B, m, Cout, groups, Cin // groups * kernel_hw[0] * kernel_hw[1], pixels, config)
-    dw = kernel_grad_buffer(splits, B, m, Cout, Cin // groups, kernel_hw, torch.float32, "meta")
-    regions = meta_region_tables(B, pixels, m, 1) if m > 1 else None
-    dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta") if m > 1 else None
-    return backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, *geometry, config)
+@dataclass
+class CatalogueProblem:
+    """One representative layer of the AOT catalogues, on meta tensors (here and in
+    ``expert_conv_weight_grad``): x, its output y, the experts, routing, spatial attention and
+    mixed bias as an op receives them."""
+    x: torch.Tensor
+    y: torch.Tensor
+    experts: torch.Tensor
+    routing: torch.Tensor
+    spatial: torch.Tensor | None
+    bias: torch.Tensor
+    groups: int
+    geometry: tuple
+    tag: str
+
+    @property
+    def m(self) -> int:
+        return self.routing.shape[1]
 
 
-def catalogue() -> list[Launch]:
-    """The launches ops make by default at representative shapes, on meta tensors (for AOT checks)."""
-    launches = []
-    shapes = [  # (B, Cin, Cout, H, W, kh, kw, groups, E, m, stride, spatial, label)
-        (32, 64, 64, 56, 56, 3, 3, 1, 4, 1, 1, False, "CondConv 3x3"),
-        # Materialised, 128 channels a group at stride 1: the 256-pixel 2-byte NCHW tiles.
-        (8, 128, 128, 56, 56, 3, 3, 1, 4, 1, 1, False, "DynamicConv 3x3 wide"),
-        (32, 256, 256, 14, 14, 3, 3, 1, 4, 1, 1, True, "ODConv 3x3 small map"),
-        (32, 128, 128, 15, 15, 1, 1, 1, 8, 1, 2, False, "1x1 stride 2"),
-        (32, 96, 96, 28, 28, 5, 5, 96, 4, 1, 1, False, "depth-wise 5x5"),
-        (8, 64, 64, 64, 64, 3, 3, 1, 8, 8, 1, False, "DRConv m=8"),
-    ]
-    dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    for B, Cin, Cout, H, W, kh, kw, groups, E, m, s, with_spatial, label in shapes:
-        for dtype in dtypes:
+# (B, Cin, Cout, H, W, kh, kw, groups, E, m, stride, spatial, label)
+_CATALOGUE_SHAPES = [
+    (32, 64, 64, 56, 56, 3, 3, 1, 4, 1, 1, False, "CondConv 3x3"),
+    # Materialised, 128 channels a group at stride 1: the 256-pixel 2-byte NCHW tiles.
+    (8, 128, 128, 56, 56, 3, 3, 1, 4, 1, 1, False, "DynamicConv 3x3 wide"),
+    (32, 256, 256, 14, 14, 3, 3, 1, 4, 1, 1, True, "ODConv 3x3 small map"),
+    (32, 128, 128, 15, 15, 1, 1, 1, 8, 1, 2, False, "1x1 stride 2"),
+    (32, 96, 96, 28, 28, 5, 5, 96, 4, 1, 1, False, "depth-wise 5x5"),
+    (8, 64, 64, 64, 64, 3, 3, 1, 8, 8, 1, False, "DRConv m=8"),
+]
+# A layer over 2^31 elements (B, C, H, W, k, E): the 64-bit variants.
+INT64_CATALOGUE_SHAPE = (2304, 64, 128, 128, 3, 4)
+INT64_CATALOGUE_GEOMETRY = ((1, 1), (1, 1), (1, 1))
+
+
+def catalogue_problems() -> list[CatalogueProblem]:
+    """The catalogue's layers in fp32, fp16 and bf16, NCHW and channels_last."""
+    problems = []
+    for B, Cin, Cout, H, W, kh, kw, groups, E, m, s, with_spatial, label in _CATALOGUE_SHAPES:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for channels_last in (False, True):
-                first = len(launches)
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
                 pad = ((kh - 1) // 2, (kw - 1) // 2)
                 Ho = (H + 2 * pad[0] - kh) // s + 1
                 Wo = (W + 2 * pad[1] - kw) // s + 1
                 meta = dict(dtype=dtype, device="meta")
-                x = torch.empty((B, Cin, H, W), **meta).to(memory_format=fmt)
-                y = torch.empty((B, Cout, Ho, Wo), **meta).to(memory_format=fmt)
-                experts = torch.empty((E, Cout, Cin // groups, kh, kw), **meta)
-                routing = torch.empty((B, m, E), **meta)
-                spatial = torch.empty((B, kh, kw), **meta) if with_spatial else None
-                bias = torch.empty((B, m, Cout), **meta)
-                geometry = ((s, s), pad, (1, 1))
-                tag = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
-                fwd_cfg = forward_config(x, experts, m, groups, *geometry)
-                dx_cfg = input_grad_config(x, experts, m, groups, (s, s))
+                problems.append(CatalogueProblem(
+                    x=torch.empty((B, Cin, H, W), **meta).to(memory_format=fmt),
+                    y=torch.empty((B, Cout, Ho, Wo), **meta).to(memory_format=fmt),
+                    experts=torch.empty((E, Cout, Cin // groups, kh, kw), **meta),
+                    routing=torch.empty((B, m, E), **meta),
+                    spatial=torch.empty((B, kh, kw), **meta) if with_spatial else None,
+                    bias=torch.empty((B, m, Cout), **meta), groups=groups, geometry=((s, s), pad, (1, 1)),
+                    tag=f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"))
+    return problems
 
-                # The first launch of the pass (all of them when the batch is materialised in parts).
-                samples, materialised = batch_parts(experts, routing, Ho * Wo, None)[0]
-                xp, yp, rp, sp, bp = (_part(t, samples) for t in (x, y, routing, spatial, bias))
-                source = weight_source(experts, rp, materialised)
-                regions = meta_region_tables(xp.shape[0], Ho * Wo, m, fwd_cfg["BLOCK_P"]) if m > 1 else None
-                if m > 1:
-                    score = torch.empty((xp.shape[0], m, score_tiles(Cout, groups, fwd_cfg), Ho * Wo),
-                                        dtype=torch.float32, device="meta")
-                    launches.append(guide_score_launch(xp, source, sp, bp, yp, score, (kh, kw), groups, *geometry,
-                                                       fwd_cfg))
-                    if uses_expert_bank(experts, routing):  # what the op runs; the above when E > m
-                        bank_cfg = bank_config(x, experts, groups, *geometry)
-                        bank_score = torch.empty((B, E, score_tiles(Cout, groups, bank_cfg), Ho * Wo),
-                                                 dtype=torch.float32, device="meta")
-                        launches.append(guide_score_launch(x, expert_bank_source(experts), spatial,
-                                                           torch.empty((E, Cout), **meta).expand(B, E, Cout), y,
-                                                           bank_score, (kh, kw), groups, *geometry, bank_cfg))
-                        launches[-1].label = tag + " expert bank"
-                launches.append(forward_launch(xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, fwd_cfg))
-                launches.append(backward_input_launch(yp, weight_source(experts, rp, materialised, COUT_INNERMOST), sp,
-                                                      regions.region if m > 1 else None, xp, (kh, kw), groups,
-                                                      *geometry, m, dx_cfg))
-                launches.append(_catalogue_weight_grad(y, x, experts, m, groups, geometry))
-                for launch in launches[first:]:
-                    if not launch.label:
-                        launch.label = tag + (" materialised" if materialised and "weight" not in launch.name else "")
-    launches += _int64_catalogue()
-    return launches
+
+def catalogue() -> list[Launch]:
+    """The launches ops make by default at representative shapes, on meta tensors (for AOT checks);
+    the kernel gradient's are ``expert_conv_weight_grad``'s."""
+    launches = []
+    for problem in catalogue_problems():
+        x, y, experts, routing, spatial, bias = (problem.x, problem.y, problem.experts, problem.routing,
+                                                 problem.spatial, problem.bias)
+        m, groups, geometry = problem.m, problem.groups, problem.geometry
+        kh, kw = experts.shape[3:]
+        E, Cout = experts.shape[:2]
+        B, Ho, Wo = y.shape[0], y.shape[2], y.shape[3]
+        first = len(launches)
+        fwd_cfg = forward_config(x, experts, m, groups, *geometry)
+        dx_cfg = input_grad_config(x, experts, m, groups, geometry[0])
+
+        # The first launch of the pass (all of them when the batch is materialised in parts).
+        samples, materialised = batch_parts(experts, routing, Ho * Wo, None)[0]
+        xp, yp, rp, sp, bp = (_part(t, samples) for t in (x, y, routing, spatial, bias))
+        source = weight_source(experts, rp, materialised)
+        regions = meta_region_tables(xp.shape[0], Ho * Wo, m, fwd_cfg["BLOCK_P"]) if m > 1 else None
+        if m > 1:
+            score = torch.empty((xp.shape[0], m, score_tiles(Cout, groups, fwd_cfg), Ho * Wo),
+                                dtype=torch.float32, device="meta")
+            launches.append(guide_score_launch(xp, source, sp, bp, yp, score, (kh, kw), groups, *geometry, fwd_cfg))
+            if uses_expert_bank(experts, routing):  # what the op runs; the above when E > m
+                bank_cfg = bank_config(x, experts, groups, *geometry)
+                bank_score = torch.empty((B, E, score_tiles(Cout, groups, bank_cfg), Ho * Wo),
+                                         dtype=torch.float32, device="meta")
+                launches.append(guide_score_launch(x, expert_bank_source(experts), spatial,
+                                                   torch.empty((E, Cout), dtype=x.dtype, device="meta")
+                                                   .expand(B, E, Cout), y,
+                                                   bank_score, (kh, kw), groups, *geometry, bank_cfg))
+                launches[-1].label = problem.tag + " expert bank"
+        launches.append(forward_launch(xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, fwd_cfg))
+        launches.append(backward_input_launch(yp, weight_source(experts, rp, materialised, COUT_INNERMOST), sp,
+                                              regions.region if m > 1 else None, xp, (kh, kw), groups,
+                                              *geometry, m, dx_cfg))
+        for launch in launches[first:]:
+            if not launch.label:
+                launch.label = problem.tag + (" materialised" if materialised else "")
+    return launches + _int64_catalogue()
 
 
 def _int64_catalogue() -> list[Launch]:
     """The int64-offset variants (over 2^31 elements): DRConv mixing on the fly with spatial attention
     and bias, and materialised kernels without a guide."""
     launches = []
-    B, C, H, W, k, E = 2304, 64, 128, 128, 3, 4
-    geometry = ((1, 1), (1, 1), (1, 1))
+    B, C, H, W, k, E = INT64_CATALOGUE_SHAPE
+    geometry = INT64_CATALOGUE_GEOMETRY
     meta = dict(dtype=torch.bfloat16, device="meta")
     x = torch.empty((B, C, H, W), **meta)
     experts = torch.empty((E, C, C, k, k), **meta)
     for m, materialised in ((4, False), (1, True)):
+        first = len(launches)
         routing = torch.empty((B, m, E), **meta)
         source = weight_source(experts, routing, materialised)
         spatial = None if materialised else torch.empty((B, k, k), **meta)
@@ -1546,17 +1243,8 @@ def _int64_catalogue() -> list[Launch]:
         launches.append(backward_input_launch(x, weight_source(experts, routing, materialised, COUT_INNERMOST),
                                               spatial, region_map, x, (k, k), 1, *geometry, m,
                                               input_grad_config(x, experts, m, 1, (1, 1))))
-        launches.append(_catalogue_weight_grad(x, x, experts, m, 1, geometry))
-        for launch in launches[-(4 if m > 1 else 3):]:
+        for launch in launches[first:]:
             assert launch.meta["INDEX_64"]
             launch.label = (f"over 2^31 elements {'DRConv m=4 spatial' if m > 1 else 'CondConv'} bfloat16 NCHW"
-                            + (" materialised" if materialised and "weight" not in launch.name else ""))
-    # fp32 channels_last kernel gradients: one-stage defaults, which the 64-bit variants run on
-    # triton's two-stage pipeline instead of the register double buffer (see _backward_weight_launch).
-    x = torch.empty((B, C, H, W), dtype=torch.float32, device="meta").to(memory_format=torch.channels_last)
-    for m in (1, 4):
-        launch = _catalogue_weight_grad(x, x, experts, m, 1, geometry)
-        assert launch.meta["INDEX_64"] and not launch.meta["PREFETCH"]
-        launch.label = f"over 2^31 elements {'DRConv m=4' if m > 1 else 'CondConv'} float32 NHWC"
-        launches.append(launch)
+                            + (" materialised" if materialised else ""))
     return launches

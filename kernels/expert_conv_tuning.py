@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import expert_conv as ec
+from . import expert_conv_weight_grad as ecw
 from . import region_conv as rc
 from ._launch import Launch
 from .configs import KernelSpace, Problem, neighbourhood, register_spaces
@@ -159,16 +160,16 @@ def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
 def _weight_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
     x, dy = ts["x"], ts["dy"]
-    config = config or ec.weight_grad_config(x, _key_experts("expert_conv_bwd_weight", ts), m, g, geometry[0])
+    config = config or ecw.weight_grad_config(x, _key_experts("expert_conv_bwd_weight", ts), m, g, geometry[0])
     (B, Cin), Cout, kernel_hw = x.shape[:2], dy.shape[1], (spec["kh"], spec["kw"])
     k_total = Cin // g * kernel_hw[0] * kernel_hw[1]
-    splits = ec.weight_grad_splits(B, m, Cout, g, k_total, dy.shape[2] * dy.shape[3], config)
+    splits = ecw.weight_grad_splits(B, m, Cout, g, k_total, dy.shape[2] * dy.shape[3], config)
     acc = dict(dtype=ec._acc_torch_dtype(x.dtype), device=x.device)
-    dw = _cached(ts, ("dw", splits), lambda: ec.kernel_grad_buffer(splits, B, m, Cout, Cin // g, kernel_hw, **acc))
+    dw = _cached(ts, ("dw", splits), lambda: ecw.kernel_grad_buffer(splits, B, m, Cout, Cin // g, kernel_hw, **acc))
     regions = _regions(ts, 1)
     # As the op: one region leaves the bias gradient to a plain sum of dy.
     dbias = _cached(ts, ("dbias", splits), lambda: torch.empty((splits, B, m, Cout), **acc)) if regions else None
-    return ec.backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, g, *geometry, config)
+    return ecw.backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, g, *geometry, config)
 
 
 def _region_forward(spec: dict, ts: dict, config: dict | None) -> Launch:
@@ -212,8 +213,8 @@ def _default_for(kernel: str, key: dict) -> dict:
         mixing = ec.materialise_part(filter_size, key["B"], key["m"], pixels) == 0
         return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1,
                                             bool(key["channels_last"]), plain)
-    flat = ec.flat_capable(key["m"], (key["stride_h"], key["stride_w"]), bool(key["channels_last"]))
-    return ec.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype,
+    flat = ecw.flat_capable(key["m"], (key["stride_h"], key["stride_w"]), bool(key["channels_last"]))
+    return ecw.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype,
                                          key["Cin"] // g, bool(key["channels_last"]), flat)
 
 

@@ -12,6 +12,7 @@ from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 import dynconv
 from dynconv.kernels import _launch
 from dynconv.kernels import expert_conv as kernels
+from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.ops import _eager
 from dynconv.reference import expert_conv2d_grouped
 from helpers import assert_close
@@ -186,9 +187,9 @@ def test_vmap_over_any_argument(vmapped, plain):
                                    dict(Cin=0, m=2, guide=True, spatial=True)])
 def test_empty_problems(shape, interpreted, path, monkeypatch, nan_poison):
     monkeypatch.setattr(_launch, "_INTERPRETED", interpreted and _launch._INTERPRETED)
-    for entry in ("expert_conv_forward", "expert_conv_backward_input", "expert_conv_backward_kernel",
-                  "expert_conv_guide_scores"):
-        monkeypatch.setattr(kernels, entry, lambda *a, **k: pytest.fail("a kernel was launched for nothing"))
+    for module, entry in ((kernels, "expert_conv_forward"), (kernels, "expert_conv_backward_input"),
+                          (weight_grad_kernels, "expert_conv_backward_kernel"), (kernels, "expert_conv_guide_scores")):
+        monkeypatch.setattr(module, entry, lambda *a, **k: pytest.fail("a kernel was launched for nothing"))
     inputs = _inputs(**shape)
     names, leaves = _leaves(inputs)
     y = _op(1)(**dict(zip(names, leaves)))

@@ -14,6 +14,7 @@ import dynconv
 import dynconv.ops.expert_conv as expert_ops
 from dynconv.kernels import _launch
 from dynconv.kernels import expert_conv as kernels
+from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.kernels._launch import TRITON_VERSION
 from dynconv.ops.reference_expert import all_region_outputs
 from dynconv.reference import drconv_all_regions, expert_conv2d_grouped, expert_conv2d_loop
@@ -154,13 +155,13 @@ def test_kernel_gradient_a_part_of_the_batch_at_a_time(monkeypatch, device):
     the expert, routing, bias, spatial and guide gradients of the whole batch."""
     monkeypatch.setattr(expert_ops, "DW_BUFFER_BYTES", 1)
     batch_sizes = []
-    whole = kernels.expert_conv_backward_kernel
+    whole = weight_grad_kernels.expert_conv_backward_kernel
 
     def recording(grad, x, *args):
         batch_sizes.append(x.shape[0])
         return whole(grad, x, *args)
 
-    monkeypatch.setattr(kernels, "expert_conv_backward_kernel", recording)
+    monkeypatch.setattr(weight_grad_kernels, "expert_conv_backward_kernel", recording)
     _check(CASES["drconv-m3"], torch.float32, device)  # B = 2
     assert batch_sizes and set(batch_sizes) == {1}
 
@@ -246,13 +247,13 @@ def test_weight_gradient_takes_flat_pixel_steps_where_they_apply():
         dy = torch.empty((case.B, case.Cout, Ho, Wo), device="meta").to(memory_format=fmt)
         experts = torch.empty((1, case.Cout, case.Cin // case.groups, case.kh, case.kw), device="meta")
         stride = (case.stride, case.stride)
-        config = kernels.weight_grad_config(x, experts, case.m, case.groups, stride)
+        config = weight_grad_kernels.weight_grad_config(x, experts, case.m, case.groups, stride)
         dw = torch.empty((1, case.B, case.m, case.Cout, case.Cin // case.groups, case.kh, case.kw), device="meta")
         regions = kernels.RegionTables(*(torch.empty((case.B, n), dtype=torch.int32, device="meta")
                                          for n in (Ho * Wo, Ho * Wo, case.m, case.m, case.m + 1)), 1) \
             if case.guide else None
         dbias = torch.empty((1, case.B, case.m, case.Cout), device="meta") if case.guide else None
-        launch = kernels.backward_weight_launch(dy, x, regions, dw, dbias, (case.kh, case.kw), case.groups, stride,
+        launch = weight_grad_kernels.backward_weight_launch(dy, x, regions, dw, dbias, (case.kh, case.kw), case.groups, stride,
                                                 (case.padding,) * 2, (case.dilation,) * 2, config)
         return launch.meta["FLAT"], launch.meta["HAS_DBIAS"]
 
@@ -267,15 +268,15 @@ def test_weight_gradient_takes_flat_pixel_steps_where_they_apply():
 def test_kernel_gradient_is_stored_channels_innermost():
     """The per-(sample, region) kernel gradient lies Cin/g innermost, so a program stores its tile
     as contiguous rows; the launch passes that unit stride, which triton specialises on."""
-    dw = kernels.kernel_grad_buffer(2, 3, 4, 8, 5, (3, 3), torch.float32, "meta")
+    dw = weight_grad_kernels.kernel_grad_buffer(2, 3, 4, 8, 5, (3, 3), torch.float32, "meta")
     assert dw.shape == (2, 3, 4, 8, 5, 3, 3) and dw.stride()[4] == 1 and dw.stride()[6] == 5
     x = torch.empty((3, 5, 6, 6), device="meta").to(memory_format=torch.channels_last)
     dy = torch.empty((3, 8, 6, 6), device="meta").to(memory_format=torch.channels_last)
     experts = torch.empty((1, 8, 5, 3, 3), device="meta")
-    config = kernels.weight_grad_config(x, experts, 4, 1, (1, 1))
+    config = weight_grad_kernels.weight_grad_config(x, experts, 4, 1, (1, 1))
     regions = kernels.RegionTables(*(torch.empty((3, n), dtype=torch.int32, device="meta")
                                      for n in (36, 36, 4, 4, 5)), 1)
-    launch = kernels.backward_weight_launch(dy, x, regions, dw, torch.empty((2, 3, 4, 8), device="meta"), (3, 3), 1,
+    launch = weight_grad_kernels.backward_weight_launch(dy, x, regions, dw, torch.empty((2, 3, 4, 8), device="meta"), (3, 3), 1,
                                             (1, 1), (1, 1), (1, 1), config)
     assert launch.args["sdw_i"] == 1
 
@@ -288,7 +289,7 @@ def test_nchw_wide_tiles(device):
     experts = torch.empty((2, 256, 128, 1, 1), dtype=torch.float16, device="meta")
     fwd = kernels.forward_config(x, experts, 1, 1, (1, 1), (0, 0), (1, 1))
     dx = kernels.input_grad_config(x, experts, 1, 1, (1, 1))
-    dw = kernels.weight_grad_config(x, experts[:1], 1, 1, (1, 1))
+    dw = weight_grad_kernels.weight_grad_config(x, experts[:1], 1, 1, (1, 1))
     assert (fwd["BLOCK_P"], fwd["BLOCK_N"], dx["BLOCK_P"], dx["BLOCK_N"]) == (64, 256, 256, 128)
     assert (dw["BLOCK_O"], dw["BLOCK_N"], dw["BLOCK_K"]) == (128, 128, 64)
     _check(case, torch.float16, device)
@@ -316,7 +317,7 @@ def test_nchw_256_pixel_tiles_for_plain_convs_only():
 def test_weight_gradient_pixel_splits(name, padding, monkeypatch, device):
     """Split pixel chunks (two-stage, fixed-order sum) give the same gradients, deterministically;
     regions' chunks of sorted pixels, and FLAT chunks of consecutive ones."""
-    monkeypatch.setattr(kernels, "weight_grad_splits", lambda *args: 3)
+    monkeypatch.setattr(weight_grad_kernels, "weight_grad_splits", lambda *args: 3)
     case = replace(CASES[name], H=12, W=11, padding=padding)
     _check(case, torch.float32, device)
     inputs = {k: (v.float().to(device).requires_grad_() if v is not None else None)
@@ -335,22 +336,22 @@ def test_weight_gradient_register_prefetch(name, channels_last, monkeypatch, dev
     """One stage: the gathered pixel steps double-buffer in registers (PREFETCH), each chunk's
     first step loaded before its loop and the step past a chunk's end reading nothing; per tap
     and flattened, with and without regions, two chunks of two or more 16-pixel steps each."""
-    monkeypatch.setattr(kernels, "weight_grad_splits", lambda *args: 2)
-    default = kernels.weight_grad_config
+    monkeypatch.setattr(weight_grad_kernels, "weight_grad_splits", lambda *args: 2)
+    default = weight_grad_kernels.weight_grad_config
     prefetched = []
 
     def one_stage(*args):
         return dict(default(*args), num_stages=1)
 
-    launch = kernels.backward_weight_launch
+    launch = weight_grad_kernels.backward_weight_launch
 
     def recording(*args):
         built = launch(*args)
         prefetched.append(built.meta["PREFETCH"])
         return built
 
-    monkeypatch.setattr(kernels, "weight_grad_config", one_stage)
-    monkeypatch.setattr(kernels, "backward_weight_launch", recording)
+    monkeypatch.setattr(weight_grad_kernels, "weight_grad_config", one_stage)
+    monkeypatch.setattr(weight_grad_kernels, "backward_weight_launch", recording)
     case = replace(CASES[name], H=17, W=15)
     _check(case, torch.float32, device, torch.channels_last if channels_last else None)
     assert prefetched and all(prefetched)
@@ -546,9 +547,9 @@ def test_cpu_pytorch_path(name, monkeypatch):
     def no_kernels(*args, **kwargs):
         raise AssertionError("a Triton kernel ran on the plain-PyTorch path")
 
-    for entry in ("expert_conv_forward", "expert_conv_backward_input", "expert_conv_backward_kernel",
-                  "expert_conv_guide_scores"):
-        monkeypatch.setattr(kernels, entry, no_kernels)
+    for module, entry in ((kernels, "expert_conv_forward"), (kernels, "expert_conv_backward_input"),
+                          (weight_grad_kernels, "expert_conv_backward_kernel"), (kernels, "expert_conv_guide_scores")):
+        monkeypatch.setattr(module, entry, no_kernels)
     case = CASES[name]
     check_against_reference(_dynconv, _reference, case.inputs(), torch.float32, "cpu", **case.geometry())
     y = check_against_reference(_dynconv, _reference, case.inputs(), torch.float64, "cpu",

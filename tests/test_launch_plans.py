@@ -8,6 +8,7 @@ import dynconv
 from dynconv.kernels import _launch, configs
 from dynconv.kernels import involution as kernels
 from dynconv.kernels import expert_conv as expert
+from dynconv.kernels import expert_conv_weight_grad as expert_weight_grad
 from dynconv.kernels import involution_fused as fused
 from dynconv.reference import expert_conv2d_loop, involution_fused_reference, involution_unfold
 from helpers import assert_close, check_against_reference
@@ -312,8 +313,8 @@ def _expert_launch_args(fmt, materialise):
     regions = expert.region_tables(guide, fwd_cfg["BLOCK_P"])
     score = torch.empty(B, m, expert.score_tiles(Cout, 1, fwd_cfg), y.shape[2] * y.shape[3])
     in_cfg = expert.input_grad_config(x, experts, m, 1, (1, 1))
-    w_cfg = expert.weight_grad_config(x, experts, m, 1, (1, 1))
-    splits = expert.weight_grad_splits(B, m, Cout, 1, experts[0, 0].numel(), y.shape[2] * y.shape[3], w_cfg)
+    w_cfg = expert_weight_grad.weight_grad_config(x, experts, m, 1, (1, 1))
+    splits = expert_weight_grad.weight_grad_splits(B, m, Cout, 1, experts[0, 0].numel(), y.shape[2] * y.shape[3], w_cfg)
     dw = torch.empty(splits, B, m, *experts.shape[1:])
     dbias = torch.empty(splits, B, m, Cout)
     return {
@@ -335,10 +336,11 @@ def test_expert_conv_plan_launch_matches_a_fresh_build(launcher, materialise):
     for fmt in (torch.contiguous_format, torch.channels_last):
         launchers, tensors = _expert_launch_args(fmt, materialise)
         make_args = launchers[launcher]
-        first = getattr(expert, launcher)(*make_args(tensors))
+        module = expert_weight_grad if launcher == "backward_weight_launch" else expert
+        first = getattr(module, launcher)(*make_args(tensors))
         others = {k: torch.empty_like(v) for k, v in tensors.items()}
-        again = getattr(expert, launcher)(*make_args(others))
-        fresh = getattr(expert, "_" + launcher)(*make_args(others))
+        again = getattr(module, launcher)(*make_args(others))
+        fresh = getattr(module, "_" + launcher)(*make_args(others))
         assert again.args["x_ptr" if "x_ptr" in again.args else "dx_ptr"] is others["x"]
         assert first.args.keys() == fresh.args.keys() and again.args == fresh.args
         assert (again.kernel, again.grid, again.meta, again.num_warps, again.num_stages) == \
@@ -346,5 +348,5 @@ def test_expert_conv_plan_launch_matches_a_fresh_build(launcher, materialise):
 
 
 def test_expert_conv_meta_tensors_build_afresh():
-    launches = expert.catalogue()
+    launches = expert.catalogue() + expert_weight_grad.catalogue()
     assert launches and not _launch._plans
