@@ -31,8 +31,8 @@ import triton.language as tl
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
 from .expert_conv import (CIN_INNERMOST, COUT_INNERMOST, WeightSource, _acc_dtype, _input_precision, _region_tile,
-                          backward_input_launch, input_grad_config, meta_region_tables, mix_experts, output_pixels,
-                          problem_key, region_tables, region_tile_bound)
+                          backward_input_launch, input_grad_config, meta_region_tables, mix_experts, problem_key,
+                          region_tables, region_tile_bound)
 
 # The mixed kernels of at most this many bytes exist at once (a part of the batch at a time).
 WORKSPACE_BYTES = 16 << 20
@@ -250,4 +250,4 @@ def catalogue() -> list[Launch]:
 
 
 __all__ = ["region_forward", "forward_launch", "forward_config", "supported", "catalogue", "mixed_kernels",
-           "batch_part", "WORKSPACE_BYTES", "output_pixels"]
+           "batch_part", "WORKSPACE_BYTES"]
