@@ -2,7 +2,8 @@
 
 A per-sample filter is an ordinary depth-wise conv of each sample, and its weight does not depend on
 the pixel, so these kernels hold a thread's K*K weights in registers for the whole program. Each
-thread owns one channel and a block of S output rows x P output columns; the rows and columns of its
+thread owns one channel (16-bit channels_last: two adjacent ones, read as one 32-bit word) and a
+block of S output rows x P output columns; the rows and columns of its
 input halo are loaded (and converted) once and feed every tap that reads them, so an input element
 serves up to min(S, K) * min(P, K) multiply-adds. Kernel size, strides, dilations, S and P are
 compile-time constants: every tap is unrolled and no tap index is computed at run time.
@@ -565,7 +566,7 @@ def handles(weight: torch.Tensor, config: dict | None) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
-                 input_grad: bool, dtype_bytes: int) -> dict:
+                 input_grad: bool, dtype_bytes: int, weight_grad: bool = False) -> dict:
     """Tile over ``height x width`` output pixels of one program set.
 
     walk (_row_walk): P output columns per thread, the window of K*P accumulators and the K*K held
@@ -577,6 +578,12 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
     """
     best = None
     rows = (1,) if walk else range(1, min(4, height) + 1)
+    # channels_last 16-bit walk: two adjacent channels a thread, one 32-bit load (and store) for both,
+    # so a column's load, mask and address serve twice the multiply-adds (R4 fwd/dx bf16 NHWC
+    # PREDICTED 72/71% -> 82/81% on triton 3.6). Twice the weights and sums: at K = 7, P = 7 the
+    # forward and input gradient take 217-254 registers (no spill, sm_80/sm_90, both tritons), from
+    # K = 8 more than 255; the weight gradient's sums spill fp16 at K = 7 (triton 3.9, sm_90).
+    vec = 2 if walk and channels_last and dtype_bytes == 2 and K <= (5 if weight_grad else 7) and C >= 64 else 1
     for s in rows:
         # P = 7 at K = 7 (49 sums, 49 weights): the channels_last 16-bit input gradient spilled there
         # with triton 3.9's ptxas for sm_80 until its row and column strides became compile-time
@@ -585,11 +592,11 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
         for p in range(1, min(8, width, cap) + 1):
             # NCHW: at least the channels that fill a warp's lanes along one row; the walk also tries
             # more channels and fewer lanes along W (lanes P columns apart share fewer sectors).
-            fill = min(next_power_of_2(C), 32 if channels_last else max(1, 32 // next_power_of_2(cdiv(width, p))))
+            fill = min(next_power_of_2(C), 32 * vec if channels_last else max(1, 32 // next_power_of_2(cdiv(width, p))))
             widths = (fill,) if channels_last or not walk else tuple(
                 c for c in (1, 2, 4, 8, 16, 32) if fill <= c <= min(32, next_power_of_2(C)))
             for block_c, warps in itertools.product(widths, (1, 2, 4)):
-                lanes = 32 * warps // block_c
+                lanes = 32 * warps * vec // block_c
                 if lanes < 1:
                     continue
                 for block_h in ((1,) if walk else (1 << i for i in range(lanes.bit_length()))):
@@ -603,7 +610,7 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
                         halo = (s + K - 1) * (p + K - 1) / (s * p * K * K)
                     # Issue per output: a multiply-add per tap plus about four instructions (load,
                     # mask, convert, address) per loaded element, shared by the taps that read it.
-                    cost = padded * (1 + 4 * halo)
+                    cost = padded * (1 + 4 * halo / vec)
                     if walk and not channels_last:
                         # NCHW walk: lanes P columns apart load scalars, and L1 can bind before issue.
                         # Both fitted to the static model's bounds of triton 3.6's sm_90 SASS at R4
@@ -617,7 +624,7 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
                                         "num_warps": warps, "num_stages": 1})
     config = best[1]
     if walk:
-        threads = B * cdiv(C, config["BLOCK_C"]) * config["BLOCK_C"] * cdiv(width, config["P"])
+        threads = B * cdiv(C, config["BLOCK_C"]) * config["BLOCK_C"] // vec * cdiv(width, config["P"])
         runs = max(1, min(cdiv(2**16, threads), height // (4 * K)))
         config["RUN"] = cdiv(height, runs)
     else:
@@ -635,9 +642,10 @@ def _nchw_sectors(block_c: int, block_w: int, p: int, nbytes: int) -> float:
 
 
 def taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
-                input_grad: bool = False, dtype_bytes: int = 0) -> dict:
-    """The forward's (input gradient's) own tile over ``height x width`` output (input) pixels (a copy)."""
-    return dict(_taps_config(B, C, height, width, K, channels_last, walk, input_grad, dtype_bytes))
+                input_grad: bool = False, dtype_bytes: int = 0, weight_grad: bool = False) -> dict:
+    """The forward's (input gradient's, weight gradient's) own tile over ``height x width`` output
+    (input) pixels (a copy)."""
+    return dict(_taps_config(B, C, height, width, K, channels_last, walk, input_grad, dtype_bytes, weight_grad))
 
 
 def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
@@ -781,8 +789,9 @@ def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict |
 
 
 def weight_grad_default(B: int, C: int, Ho: int, Wo: int, K: int, channels_last: bool, dtype_bytes: int = 0) -> dict:
-    """The forward's walking tile (P columns of one channel per thread, runs of RUN rows)."""
-    return taps_config(B, C, Ho, Wo, K, channels_last, True, False, dtype_bytes)
+    """The forward's walking tile (P columns of a channel per thread, of two adjacent ones for 16-bit
+    channels_last up to K = 5; runs of RUN rows)."""
+    return taps_config(B, C, Ho, Wo, K, channels_last, True, False, dtype_bytes, weight_grad=True)
 
 
 def weight_grad_partials(B: int, C: int, K: int, Ho: int, Wo: int, config: dict) -> tuple[int, ...]:

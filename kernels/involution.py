@@ -980,6 +980,13 @@ def catalogue_problems():
         bias = None if per_pixel else torch.empty((B, C), dtype=dtype, device="meta")
         tag = f"{label} {dtype} {'NHWC' if channels_last else 'NCHW'} {'pixel' if per_pixel else 'sample'}"
         yield tag, x, y, w, bias, ((s, s), (p, p), (1, 1))
+    # Per-sample weights at K = 5, 16-bit channels_last: the only K at which the weight gradient's
+    # walk, too, takes two channels a thread (dynamic_dwconv._taps_config).
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.empty((16, 96, 28, 28), dtype=dtype, device="meta").to(memory_format=torch.channels_last)
+        w = torch.empty((16, 96, 5, 5), dtype=dtype, device="meta")
+        yield (f"depth-wise 5x5 {dtype} NHWC sample", x, torch.empty_like(x), w,
+               torch.empty((16, 96), dtype=dtype, device="meta"), ((1, 1), (2, 2), (1, 1)))
 
 
 def over_int32_problem():

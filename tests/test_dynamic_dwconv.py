@@ -23,8 +23,10 @@ CASES = [
     (1, 4, 2, 4, 5, 3, 1, 4, 1),   # padding wider than the taps (bias-only rows), groups of two
     (1, 2, 2, 9, 9, 3, 4, 0, 1),   # stride 4: dx rows that read no dy row (unrolled dx)
     (1, 16, 16, 3, 24, 5, 1, 2, 1),  # NCHW fp32: a warp over 16 channel rows, two lanes along W
+    (1, 72, 72, 5, 9, 5, 1, 2, 1),  # 16-bit channels_last: two channels a thread (all three walks), a part block
+    (1, 64, 64, 4, 8, 7, 1, 3, 1),  # the same at K = 7 (forward and input gradient)
 ]
-IDS = ["walk", "s3", "s2d2", "K7-3x4", "pad4-G2", "s4-unread", "warp-16-rows"]
+IDS = ["walk", "s3", "s2d2", "K7-3x4", "pad4-G2", "s4-unread", "warp-16-rows", "channel-pairs-K5", "channel-pairs-K7"]
 
 
 def test_the_nchw_walk_spreads_a_warp_over_channel_rows_where_sectors_bind():
@@ -35,6 +37,18 @@ def test_the_nchw_walk_spreads_a_warp_over_channel_rows_where_sectors_bind():
     # R4 itself (B = 64, C = 256, 56 x 56, K = 7): fp32 takes such a tile, bf16 (issue-bound) does not.
     assert dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, 4)["BLOCK_C"] == 16
     assert dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, 2)["BLOCK_C"] == 4
+
+
+def test_the_16_bit_channels_last_walk_takes_two_channels_a_thread():
+    """One 32-bit load for two adjacent channels where their weights and sums fit in registers: the
+    forward and input gradient to K = 7, the weight gradient to K = 5; fp32 and NCHW keep one."""
+    def block_c(K, channels_last=True, nbytes=2, C=256):
+        return dwconv.taps_config(64, C, 56, 56, K, channels_last, True, False, nbytes)["BLOCK_C"]
+
+    assert block_c(7) == block_c(3) == 64 and block_c(9) == 32 and block_c(7, C=48) == 32
+    assert block_c(7, nbytes=4) == 32 and block_c(7, channels_last=False) == 4
+    assert dwconv.weight_grad_default(64, 256, 56, 56, 5, True, 2)["BLOCK_C"] == 64
+    assert dwconv.weight_grad_default(64, 256, 56, 56, 7, True, 2)["BLOCK_C"] == 32
 
 
 def _conv(x, w, bias, stride, padding, dilation):
@@ -76,7 +90,8 @@ def test_forward_input_and_weight_gradients(case, dtype, memory_format):
 
     B, C, K = x.shape[0], x.shape[1], w.shape[-1]
     if dwconv.handles_weight_grad(C, w.shape[1], K, stride, dilation, None):
-        config = dwconv.weight_grad_default(B, C, *y.shape[2:], K, memory_format == torch.channels_last)
+        config = dwconv.weight_grad_default(B, C, *y.shape[2:], K, memory_format == torch.channels_last,
+                                            x.element_size())
         part = torch.empty(dwconv.weight_grad_partials(B, C, K, *y.shape[2:], config))
         dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)()
         assert_close(part.sum(-1), w64.grad, dtype, "dw")
