@@ -40,13 +40,21 @@ PERSISTENT_PROGRAMS = 512
 
 
 @triton.jit
+def _widen(v, ACC_DTYPE: tl.constexpr):
+    """v in ACC_DTYPE; bf16 by its bits (a bf16 is an fp32's top half)."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return v.to(ACC_DTYPE)
+
+
+@triton.jit
 def _source_row(src_lane, row_ok, cols_ok, o, ssh, ssw, HALO_W: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Halo row ``o`` of each thread: its HALO_W source columns (``cols_ok``: in the image, and of a
     channel that exists), loaded and converted once."""
     xs = ()
     for q in tl.static_range(HALO_W):
         xv = tl.load(src_lane + (o * ssh + q * ssw), mask=row_ok & cols_ok[q], other=0.0)
-        xs = xs + (xv.to(ACC_DTYPE),)
+        xs = xs + (_widen(xv, ACC_DTYPE),)
     return xs
 
 
@@ -242,7 +250,7 @@ def _row_walk(
     IS_DX: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
     GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr,
     HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """_tap_sums's sum when source rows step one per output row and per tap row (forward SH = DH = 1;
@@ -257,9 +265,10 @@ def _row_walk(
     TAPS_H * min(P, TAPS_W) multiply-adds.
 
     Every output row must read at least one source row (the launcher checks: _rows_reached), so the
-    walk is the kernel's one loop: rows of bias alone would need loops of their own, which ptxas
-    unrolls or not depending on the tile, and the static model could no longer tell which SASS loop
-    the declared trip counts belong to.
+    walk is the kernel's one loop (two with INTERIOR: the unmasked walk, then the masked one; see
+    _walk_rows): rows of bias alone would need loops of their own, which ptxas unrolls or not
+    depending on the tile, and the static model could no longer tell which SASS loop the declared
+    trip counts belong to.
     """
     b, tile, ph, pw, u_first, v_first, pad_h, pad_w, sxh, sxw, swu, swv, syh, syw = _program(
         TILES_PHASE, PH, PW, sxh, sxw, swu, swv, syh, syw, SH, SW, DH, DW, IS_DX, TAPS_H, TAPS_W, GH, GW, INV_H, INV_W,
@@ -326,6 +335,32 @@ def _row_walk(
     t_last = tl.minimum(row_end - 1 - pad_h + TAPS_H - 1, H - 1)
     src_lane = x_ptr + b * sxb + c2 * sxc + w_first * sxw
     y_lane = y_ptr + b * syb + c2 * syc + (col0 * OUT_SW + pw) * syw
+    # A program whose channels all exist and whose columns (read and written) all lie in the image
+    # walks without a mask: where most programs are such (channels_last, one column block a
+    # program), the masks' predicates and zero fills were a fifth of the loop's issue slots.
+    # INTERIOR (the launcher's choice: channels_last) compiles both walks; else only the masked one.
+    first = (tile % TILES_W) * (BLOCK_W * P)
+    interior = (INTERIOR & ((tl.program_id(1) + 1) * BLOCK_C <= C) & (first * SRC_SW - pad_w >= 0)
+                & ((first + (BLOCK_W - 1) * P) * SRC_SW - pad_w + HALO_W <= W)
+                & ((first + BLOCK_W * P - 1) * OUT_SW + pw < WO))
+    if interior:
+        _walk_rows(src_lane, y_lane, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0, row_end, t_first, t_last,
+                   pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW,
+                   FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, False, INDEX_64, ACC_DTYPE)
+    else:
+        _walk_rows(src_lane, y_lane, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0, row_end, t_first, t_last,
+                   pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW,
+                   FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, True, INDEX_64, ACC_DTYPE)
+
+
+@triton.jit
+def _walk_rows(src_lane, y_lane, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0, row_end, t_first, t_last,
+               pad_h, ph, sxh, sxw, syh, syw, HALO_W: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
+               P: tl.constexpr, SRC_SW: tl.constexpr, SRC_DW: tl.constexpr, OUT_SH: tl.constexpr,
+               OUT_SW: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
+               MASKED: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """_row_walk's loop over the source rows t_first..t_last and its last rows' stores; MASKED: the
+    loads and stores keep their column and channel masks (cols_ok, outs_ok), else none."""
     # Each output row's sum starts from the bias (no add per stored element).
     window = ()
     for k in tl.static_range(TAPS_H * P):
@@ -336,8 +371,11 @@ def _row_walk(
         src_row = src_lane + t * sxh
         xs = ()
         for qc in tl.static_range(HALO_W):
-            xv = tl.load(src_row + qc * sxw, mask=cols_ok[qc], other=0.0)
-            xs = xs + (xv.to(ACC_DTYPE),)
+            if MASKED:
+                xv = tl.load(src_row + qc * sxw, mask=cols_ok[qc], other=0.0)
+            else:
+                xv = tl.load(src_row + qc * sxw)
+            xs = xs + (_widen(xv, ACC_DTYPE),)
         new = ()
         for a in tl.static_range(TAPS_H):
             for p in tl.static_range(P):
@@ -356,7 +394,7 @@ def _row_walk(
         # Slot TAPS_H - 1 (output row t + pad_h - TAPS_H + 1) has all its taps: store it, shift the window.
         i = t + pad_h - (TAPS_H - 1)
         _store_row(y_lane, new, (TAPS_H - 1) * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P, OUT_SW,
-                   PHASE_MAY_BE_EMPTY)
+                   PHASE_MAY_BE_EMPTY, MASKED)
         window = ()
         for p in tl.static_range(P):
             window = window + (bias,)
@@ -366,13 +404,14 @@ def _row_walk(
     for a in tl.static_range(1, TAPS_H):
         i = t_last + 1 + pad_h - a
         _store_row(y_lane, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P, OUT_SW,
-                   PHASE_MAY_BE_EMPTY)
+                   PHASE_MAY_BE_EMPTY, MASKED)
 
 
 @triton.jit
 def _store_row(y_lane, window, first, i, row0, row_end, OUT_SH: tl.constexpr, ph, syh, syw, outs_ok, live,
-               P: tl.constexpr, OUT_SW: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr):
-    """Store output row ``i`` (window[first:first + P], bias included) when it lies in this run."""
+               P: tl.constexpr, OUT_SW: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr, MASKED: tl.constexpr):
+    """Store output row ``i`` (window[first:first + P], bias included) when it lies in this run (and,
+    MASKED, the columns and channels outs_ok keeps)."""
     i = tl.zeros(live.shape, dtype=tl.int32) + i  # a tensor: the interpreter's scalars make unreadable masks
     row_ok = (i >= row0) & (i < row_end)
     y_row = y_lane + (i * OUT_SH + ph) * syh
@@ -380,7 +419,10 @@ def _store_row(y_lane, window, first, i, row0, row_end, OUT_SH: tl.constexpr, ph
         acc = window[first + p]
         if PHASE_MAY_BE_EMPTY:
             acc = tl.where(live, acc, 0.0)
-        tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=outs_ok[p] & row_ok)
+        if MASKED:
+            tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=outs_ok[p] & row_ok)
+        else:
+            tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -395,14 +437,14 @@ def dwconv_fwd_kernel(
     sxh: tl.constexpr, sxw: tl.constexpr, syh: tl.constexpr, syw: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
-    P: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    P: tl.constexpr, INTERIOR: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """The forward: x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS); WALK: _row_walk (SH = DH = 1),
     else _tap_sums."""
     if WALK:
         _row_walk(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, RUN, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0,
-                  False, False, BLOCK_C, BLOCK_W, P, HAS_BIAS, INDEX_64, ACC_DTYPE)
+                  False, False, BLOCK_C, BLOCK_W, P, INTERIOR, HAS_BIAS, INDEX_64, ACC_DTYPE)
     else:
         _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
@@ -423,7 +465,7 @@ def dwconv_bwd_input_kernel(
     GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
-    P: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    P: tl.constexpr, INTERIOR: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """The input gradient by stride phase: dy (B, C, H, W), dx (B, C, HO, WO); SH, SW, DH, DW, PH, PW and KS
     the forward's; the grid's first axis runs over (sample, phase, tile). WALK: _row_walk (DH/gcd(SH, DH) = 1),
@@ -431,7 +473,7 @@ def dwconv_bwd_input_kernel(
     if WALK:
         _row_walk(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, RUN, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
-                  GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, False,
+                  GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, INTERIOR, False,
                   INDEX_64, ACC_DTYPE)
     else:
         _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
@@ -514,7 +556,7 @@ def dwconv_bwd_weight_kernel(
                         i = i.to(tl.int64)
                     ok = outs_ok[p] & (i >= row0) & (i < row_end)
                     grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=ok, other=0.0)
-                    grads = grads + (grad.to(ACC_DTYPE),)
+                    grads = grads + (_widen(grad, ACC_DTYPE),)
         for t in range(t_first, t_last + 1):
             if INDEX_64:
                 t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
@@ -524,13 +566,13 @@ def dwconv_bwd_weight_kernel(
             window = ()
             for p in tl.static_range(P):
                 grad = tl.load(dy_row + p * sdyw, mask=outs_ok[p] & row_ok, other=0.0)
-                window = window + (grad.to(ACC_DTYPE),)
+                window = window + (_widen(grad, ACC_DTYPE),)
             for k in tl.static_range(P, KS * P):
                 window = window + (grads[k],)
             x_row = x_lane + t * sxh
             xs = ()
             for qc in tl.static_range(HALO_W):
-                xs = xs + (tl.load(x_row + qc * sxw, mask=cols_ok[qc], other=0.0).to(ACC_DTYPE),)
+                xs = xs + (_widen(tl.load(x_row + qc * sxw, mask=cols_ok[qc], other=0.0), ACC_DTYPE),)
             new = ()
             for a in tl.static_range(KS):
                 for e in tl.static_range(KS):
@@ -611,6 +653,12 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
                     # Issue per output: a multiply-add per tap plus about four instructions (load,
                     # mask, convert, address) per loaded element, shared by the taps that read it.
                     cost = padded * (1 + 4 * halo / vec)
+                    if walk and channels_last and not weight_grad:
+                        # The forward's and input gradient's column tiles off the image's edges walk
+                        # unmasked (_row_walk's interior programs): about 1.5 of the four fewer. The
+                        # edge tiles estimated as the first and the last.
+                        tiles_w = cdiv(width, block_w * p)
+                        cost = padded * (1 + (4 - 1.5 * (tiles_w - min(tiles_w, 2)) / tiles_w) * halo / vec)
                     if walk and not channels_last:
                         # NCHW walk: lanes P columns apart load scalars, and L1 can bind before issue.
                         # Both fitted to the static model's bounds of triton 3.6's sm_90 SASS at R4
@@ -726,11 +774,42 @@ def _walking(config: dict, stride, padding, dilation, source_rows: int, out_rows
             and _rows_reached(source_rows, out_rows, stride[0], padding[0], dilation[0], K, input_grad))
 
 
-def _walk_loops(walk: bool, config: dict, source_rows: int, K: int) -> tuple:
-    """Trip counts of _row_walk's one loop (the source rows of a run)."""
+def _walk_loops(walk: bool, config: dict, source_rows: int, K: int, interior: float | None) -> tuple:
+    """Trip counts of _row_walk's loops (the source rows of a run): with INTERIOR (``interior``, the
+    share of such programs) the unmasked walk of the interior programs, then the masked one, each as
+    its mean over the programs; else the masked one alone."""
     if not walk:
         return ()
-    return (min(config["RUN"] + K - 1, source_rows),)
+    trips = min(config["RUN"] + K - 1, source_rows)
+    return (trips,) if interior is None else (trips * interior, trips * (1 - interior))
+
+
+def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, stride: int, padding: int,
+                    dilation: int, input_grad: bool) -> float:
+    """The share of a walk's programs that take its unmasked loop (_row_walk's ``interior``): every
+    channel of the block exists, every column read and written lies in the image. Over the column
+    tiles of each column stride phase (the input gradient's), as _program derives their padding."""
+    block_c, block_w, p = config["BLOCK_C"], config["BLOCK_W"], config["P"]
+    span = block_w * p
+    if input_grad:
+        g, step, inverse = _phase_taps(stride, dilation)
+        taps = cdiv(K, step)
+        src_sw, src_dw, out_sw = 1, dilation // g, stride
+        phases = []
+        for pw in range(stride):
+            r = pw + padding
+            v0 = ((r // g) * inverse) % step
+            phases.append((pw, (taps - 1) * (dilation // g) - (r - v0 * dilation) // stride))
+        tiles_w = cdiv(cdiv(out_w, stride), span)
+    else:
+        taps, src_sw, src_dw, out_sw = K, stride, dilation, 1
+        phases = [(0, padding)]
+        tiles_w = cdiv(out_w, span)
+    halo = (p - 1) * src_sw + (taps - 1) * src_dw + 1
+    inside = sum(first * src_sw - pad >= 0 and (first + (block_w - 1) * p) * src_sw - pad + halo <= source_w
+                 and (first + span - 1) * out_sw + pw < out_w
+                 for pw, pad in phases for first in range(0, tiles_w * span, span))
+    return inside / (len(phases) * tiles_w) * (C // block_c) / cdiv(C, block_c)
 
 
 def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
@@ -750,9 +829,12 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     )
     meta = dict(**inner_strides("sx", x, "hw"), **inner_strides("sy", y, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
-                HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
+                INTERIOR=walk and is_channels_last(x), HAS_BIAS=bias is not None,
+                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
     return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=_walk_loops(walk, config, H, K))
+                  config.get("num_warps", 4), config.get("num_stages", 1),
+                  loops=_walk_loops(walk, config, H, K, _interior_share(config, C, W, Wo, K, stride[1], padding[1],
+                                                                        dilation[1], False) if meta["INTERIOR"] else None))
 
 
 def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
@@ -775,10 +857,13 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
                 TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
                 FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
-                WALK=walk, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype))
+                WALK=walk, INTERIOR=walk and is_channels_last(dx), INDEX_64=needs_int64(dy, weight, dx),
+                ACC_DTYPE=_acc_dtype(dy.dtype))
     return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
-                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h)))
+                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h),
+                                    _interior_share(config, C, Wo, W, K, stride[1], padding[1], dilation[1], True)
+                                    if meta["INTERIOR"] else None))
 
 
 def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict | None) -> bool:

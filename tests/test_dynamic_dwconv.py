@@ -97,6 +97,31 @@ def test_forward_input_and_weight_gradients(case, dtype, memory_format):
         assert_close(part.sum(-1), w64.grad, dtype, "dw")
 
 
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("case", [(1, 72, 72, 5, 26, 3, 1, 1, 1), (1, 64, 64, 6, 29, 3, 2, 1, 1)], ids=["s1", "s2"])
+def test_channels_last_walk_runs_interior_programs_unmasked(case):
+    """channels_last: programs whose channels and columns all lie inside walk without masks, the rest
+    with them; both kinds run here (a part channel block, edge and middle column tiles, the input
+    gradient's column phases at stride 2) and each declares its share of the walk's trips."""
+    x, w, bias, stride, padding, dilation = _problem(case, torch.bfloat16, torch.channels_last)
+    expected = _conv(x, w, bias, stride, padding, dilation)
+    y = torch.empty(expected.shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    forward = dwconv.forward_launch(x, w, bias, y, stride, padding, dilation)
+    dy = torch.randn(expected.shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dx = torch.empty_like(x)
+    input_grad = dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation)
+    for launch in (forward, input_grad) if stride == (1, 1) else (input_grad,):
+        assert launch.meta["WALK"] and launch.meta["INTERIOR"], launch.meta
+        assert len(launch.loops) == 2 and min(launch.loops) > 0, launch.loops
+    if stride == (1, 1):
+        forward()
+        assert_close(y, expected, torch.bfloat16, "y")
+    x64 = x.double().requires_grad_()
+    _conv(x64, w.double(), None, stride, padding, dilation).backward(dy.double())
+    input_grad()
+    assert_close(dx, x64.grad, torch.bfloat16, "dx")
+
 @pytest.mark.usefixtures("nan_poison")
 def test_runs_split_across_programs_and_several_partials(monkeypatch):
     """Runs of two rows (each run's first and last rows read fewer taps) and three persistent partials."""
