@@ -746,6 +746,19 @@ def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
     return g, step, pow(dilation // g, -1, step) if step > 1 else 0
 
 
+def _phase_pads(stride: int, padding: int, dilation: int, K: int) -> tuple[int, list[int]]:
+    """The input gradient's taps a stride phase along one axis, and each phase's source padding (as
+    _program derives pad_h and pad_w: slot a reads source index i - pad + a*dilation/gcd)."""
+    g, step, inverse = _phase_taps(stride, dilation)
+    taps = cdiv(K, step)
+    pads = []
+    for phase in range(stride):
+        r = phase + padding
+        first = ((r // g) * inverse) % step
+        pads.append((taps - 1) * (dilation // g) - (r - first * dilation) // stride)
+    return taps, pads
+
+
 def _rows_reached(source_rows: int, out_rows: int, stride: int, padding: int, dilation: int, K: int,
                   input_grad: bool) -> bool:
     """Whether every output row of every program set reads at least one source row through the walk's
@@ -753,12 +766,8 @@ def _rows_reached(source_rows: int, out_rows: int, stride: int, padding: int, di
     is wider than the taps: those rows are the bias alone, and _tap_sums writes them."""
     if not input_grad:
         return padding <= K - 1 and out_rows <= source_rows + padding
-    g, step, inverse = _phase_taps(stride, dilation)
-    taps = cdiv(K, step)
-    for ph in range(stride):
-        r = ph + padding
-        u0 = ((r // g) * inverse) % step
-        pad = (taps - 1) * (dilation // g) - (r - u0 * dilation) // stride
+    taps, pads = _phase_pads(stride, padding, dilation, K)
+    for ph, pad in enumerate(pads):
         rows = cdiv(out_rows - ph, stride)
         # Output row i reads source rows i - pad .. i - pad + taps - 1.
         if rows > 0 and (pad > taps - 1 or rows > source_rows + pad):
@@ -792,14 +801,9 @@ def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, str
     block_c, block_w, p = config["BLOCK_C"], config["BLOCK_W"], config["P"]
     span = block_w * p
     if input_grad:
-        g, step, inverse = _phase_taps(stride, dilation)
-        taps = cdiv(K, step)
-        src_sw, src_dw, out_sw = 1, dilation // g, stride
-        phases = []
-        for pw in range(stride):
-            r = pw + padding
-            v0 = ((r // g) * inverse) % step
-            phases.append((pw, (taps - 1) * (dilation // g) - (r - v0 * dilation) // stride))
+        taps, pads = _phase_pads(stride, padding, dilation, K)
+        src_sw, src_dw, out_sw = 1, dilation // math.gcd(stride, dilation), stride
+        phases = list(enumerate(pads))
         tiles_w = cdiv(cdiv(out_w, stride), span)
     else:
         taps, src_sw, src_dw, out_sw = K, stride, dilation, 1

@@ -1073,7 +1073,7 @@ def bank_config(x, experts, groups, stride, padding, dilation) -> dict:
     128-pixel tiles from 512 pixels on (D1 guide bf16 NHWC PREDICTED 62% at 64 -> 88% on triton 3.6)."""
     cout_g = experts.shape[1] // groups
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
-    index_64 = needs_int64(x) or x.shape[0] * experts.shape[0] * experts.shape[1] * pixels > INT32_MAX
+    index_64 = _past_int32(x, experts.shape[0] * experts.shape[1], pixels)  # the E experts' outputs
     return get_config("expert_conv_fwd", problem_key(x, experts, 1, groups, stride),
                       default_forward_config(cout_g, x.dtype, 1024 if pixels >= 512 else pixels, index_64,
                                              experts.shape[2], False, is_channels_last(x)))

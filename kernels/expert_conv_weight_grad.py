@@ -329,29 +329,38 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
 # The entry point used by ops/: it allocates the partials and sums them.
 # --------------------------------------------------------------------------------------------
 
+def _launch_with_partials(dy, x, regions: RegionTables | None, m: int, groups: int, kernel_hw, geometry,
+                          config: dict) -> tuple[Launch, torch.Tensor, torch.Tensor | None]:
+    """The kernel-gradient launch and the partials it writes, on dy's device in the accumulation
+    dtype: dW's pixel splits and, with regions, the bias gradient's. One region leaves the bias
+    gradient to dy's pixel sum, a plain reduction (deterministic) rather than a row sum in every
+    program of the kernel (see expert_conv_bwd_weight_kernel)."""
+    B, Cin = x.shape[:2]
+    Cout, pixels = dy.shape[1], dy.shape[2] * dy.shape[3]
+    splits = weight_grad_splits(B, m, Cout, groups, Cin // groups * kernel_hw[0] * kernel_hw[1], pixels, config)
+    acc = _acc_torch_dtype(x.dtype)
+    dw = kernel_grad_buffer(splits, B, m, Cout, Cin // groups, kernel_hw, acc, dy.device)
+    dbias = torch.empty((splits, B, m, Cout), dtype=acc, device=dy.device) if regions is not None else None
+    return backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, *geometry, config), dw, dbias
+
+
 def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_hw, stride, padding, dilation,
                                 config: dict | None = None):
     """Gradient of the per-(sample, region) kernels and biases: fp32 (fp64) ``dW (B, m, Cout, Cin/g, kh, kw)``
     and ``dbias (B, m, Cout)``, each the fixed-order sum of the pixel-chunk partials."""
     B, Cin = x.shape[:2]
-    Cout, Ho, Wo = dy.shape[1:]
-    kh, kw = kernel_hw
+    Cout = dy.shape[1]
     m = num_regions
-    k_total = (Cin // groups) * kh * kw
     if config is None:
-        experts_like = torch.empty((1, Cout, Cin // groups, kh, kw), device="meta")
+        experts_like = torch.empty((1, Cout, Cin // groups, *kernel_hw), device="meta")
         config = weight_grad_config(x, experts_like, m, groups, stride)
     regions = region_tables(guide, 1) if guide is not None and m > 1 else None
-    splits = weight_grad_splits(B, m, Cout, groups, k_total, Ho * Wo, config)
-    acc = _acc_torch_dtype(x.dtype)
-    dw = kernel_grad_buffer(splits, B, m, Cout, Cin // groups, kernel_hw, acc, x.device)
-    # One region: the bias gradient is dy's pixel sum, a plain reduction (deterministic) rather than a
-    # row sum in every program of the kernel (see expert_conv_bwd_weight_kernel).
-    dbias = torch.empty((splits, B, m, Cout), dtype=acc, device=x.device) if regions is not None else None
-    backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding, dilation, config)()
+    launch, dw, dbias = _launch_with_partials(dy, x, regions, m, groups, kernel_hw, (stride, padding, dilation),
+                                              config)
+    launch()
     if dbias is None:
-        dbias = dy.sum((2, 3), dtype=acc).reshape(1, B, 1, Cout)
-    if splits == 1:
+        dbias = dy.sum((2, 3), dtype=dw.dtype).reshape(1, B, 1, Cout)
+    if dw.shape[0] == 1:
         return dw[0], dbias[0]
     # Summed in storage order: a sum over the permuted view would return the standard layout.
     return dw.movedim(4, -1).sum(0).movedim(-1, 3), dbias.sum(0)
@@ -363,17 +372,11 @@ def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_h
 
 def default_launch(dy, x, experts, m: int, groups: int, geometry) -> Launch:
     """The kernel-gradient launch an op makes by default for these meta tensors: its config, pixel
-    splits, fp32 partials and, with regions, the bias-gradient partials (the catalogue's launches
-    and the static model's)."""
-    B, Cin = x.shape[:2]
-    Cout, pixels = dy.shape[1], dy.shape[2] * dy.shape[3]
-    kernel_hw = tuple(experts.shape[3:])
+    splits, partials in the accumulation dtype and, with regions, the bias gradient's (the
+    catalogue's launches and the static model's)."""
+    regions = meta_region_tables(x.shape[0], dy.shape[2] * dy.shape[3], m, 1) if m > 1 else None
     config = weight_grad_config(x, experts, m, groups, geometry[0])
-    splits = weight_grad_splits(B, m, Cout, groups, Cin // groups * kernel_hw[0] * kernel_hw[1], pixels, config)
-    dw = kernel_grad_buffer(splits, B, m, Cout, Cin // groups, kernel_hw, torch.float32, "meta")
-    regions = meta_region_tables(B, pixels, m, 1) if m > 1 else None
-    dbias = torch.empty((splits, B, m, Cout), dtype=torch.float32, device="meta") if m > 1 else None
-    return backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, *geometry, config)
+    return _launch_with_partials(dy, x, regions, m, groups, tuple(experts.shape[3:]), geometry, config)[0]
 
 
 def catalogue() -> list[Launch]:

@@ -325,7 +325,8 @@ def _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dila
         dW = x.new_zeros((B, m, grad.shape[1], Cin // groups, *kernel_hw), dtype=acc)
         return dW, _region_grad_sums(grad, guide, m, acc)
     if runs_kernels(x):
-        return weight_grad_kernels.expert_conv_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
+        return weight_grad_kernels.expert_conv_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding,
+                                                               dilation)
     return _cpu_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
 
 
