@@ -491,21 +491,23 @@ def dwconv_bwd_weight_kernel(
     PH, PW, TILES, TILES_W, SPLITS, RUN,
     sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
     SW: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i-PH+u, j*SW-PW+v*DW] (G = C; row stride and
     dilation 1: the launcher sends other geometries to involution_weight_grad.py's kernels).
 
     A persistent program (sample, split, channel block) walks the tiles split, split + SPLITS, ...
-    (P columns per thread x a run of RUN rows). Within a tile it walks down the x rows: each row's
-    P + K - 1 columns are loaded once and meet the K rows of dy that read it through tap rows
-    0..K-1 (a window of K dy rows, one new row loaded per step), so every loaded x element serves
-    K * min(P, K) multiply-adds. Each thread holds the K*K tap sums of its channel; they are reduced
-    over the program's threads once, at the end, into part[b, c, u, v, split]; the caller adds the
-    SPLITS partials in a fixed order (deterministic, no atomics).
+    (P columns per thread x a run of RUN rows). Within a tile it walks down the x rows (_weight_rows).
+    Each thread holds the K*K tap sums of its channel; they are reduced over the program's threads
+    once, at the end, into part[b, c, u, v, split]; the caller adds the SPLITS partials in a fixed
+    order (deterministic, no atomics).
     The row and column strides are compile-time constants (a variant per feature-map size): a row's
     loads are its row pointer plus immediates, where run-time strides took a 64-bit address each.
+    A tile whose channels all exist and whose columns (read and written) all lie in the image walks
+    without column masks (INTERIOR, the launcher's choice: channels_last, as in _row_walk): the
+    masks' predicates, rebuilt from registers every row, and the zeros under masked loads were about
+    a tenth of the loop's issue.
     """
     pid0 = tl.program_id(0)
     b = pid0 // SPLITS
@@ -526,8 +528,10 @@ def dwconv_bwd_weight_kernel(
         accs = accs + (zero,)
     dy_channel = dy_ptr + b * sdyb + c2 * sdyc
     x_channel = x_ptr + b * sxb + c2 * sxc
+    channels_in = (tl.program_id(1) + 1) * BLOCK_C <= C
     for tile in range(split, TILES, SPLITS):
-        col0 = ((tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_W)) * P
+        first = (tile % TILES_W) * (BLOCK_W * P)
+        col0 = first + tl.arange(0, BLOCK_W) * P
         row0 = (tile // TILES_W) * RUN
         if INDEX_64:
             col0 = col0.to(tl.int64)
@@ -542,54 +546,84 @@ def dwconv_bwd_weight_kernel(
             outs_ok = outs_ok + (c_ok & (col0 + p < WO),)
         dy_lane = dy_channel + col0 * sdyw
         x_lane = x_channel + w_first * sxw
-        # x row t meets dy row t + PH - a through tap row a; the window holds those K dy rows.
+        # x row t meets dy row t + PH - a through tap row a.
         t_first = tl.maximum(row0 - PH, 0)
         t_last = tl.minimum(row_end - 1 - PH + KS - 1, H - 1)
-        grads = ()
-        for a in tl.static_range(KS):
-            for p in tl.static_range(P):
-                if a == 0:
-                    grads = grads + (zero,)  # loaded at the top of the first step
-                else:
-                    i = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + (t_first + PH - a)
-                    if INDEX_64:
-                        i = i.to(tl.int64)
-                    ok = outs_ok[p] & (i >= row0) & (i < row_end)
-                    grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=ok, other=0.0)
-                    grads = grads + (_widen(grad, ACC_DTYPE),)
-        for t in range(t_first, t_last + 1):
-            if INDEX_64:
-                t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
-            i = tl.zeros((BLOCK_C, BLOCK_W), dtype=tl.int32) + (t + PH)  # a tensor: see _store_row
-            row_ok = (i >= row0) & (i < row_end)
-            dy_row = dy_lane + (t + PH) * sdyh
-            window = ()
-            for p in tl.static_range(P):
-                grad = tl.load(dy_row + p * sdyw, mask=outs_ok[p] & row_ok, other=0.0)
-                window = window + (_widen(grad, ACC_DTYPE),)
-            for k in tl.static_range(P, KS * P):
-                window = window + (grads[k],)
-            x_row = x_lane + t * sxh
-            xs = ()
-            for qc in tl.static_range(HALO_W):
-                xs = xs + (_widen(tl.load(x_row + qc * sxw, mask=cols_ok[qc], other=0.0), ACC_DTYPE),)
-            new = ()
-            for a in tl.static_range(KS):
-                for e in tl.static_range(KS):
-                    acc = accs[a * KS + e]
-                    for p in tl.static_range(P):
-                        acc += window[a * P + p] * xs[p * SW + e * DW]
-                    new = new + (acc,)
-            accs = new
-            # Shift: the next step's window row a is this step's row a - 1.
-            grads = ()
-            for p in tl.static_range(P):
-                grads = grads + (zero,)
-            for k in tl.static_range((KS - 1) * P):
-                grads = grads + (window[k],)
+        interior = (INTERIOR & channels_in & (first * SW - PW >= 0)
+                    & ((first + (BLOCK_W - 1) * P) * SW - PW + HALO_W <= W) & (first + BLOCK_W * P - 1 < WO))
+        if interior:
+            accs = _weight_rows(dy_lane, x_lane, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH,
+                                sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, False, INDEX_64, ACC_DTYPE)
+        else:
+            accs = _weight_rows(dy_lane, x_lane, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH,
+                                sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, True, INDEX_64, ACC_DTYPE)
     part = dw_ptr + b * spb + split * sps + c * spc
     for k in tl.static_range(KS * KS):
         tl.store(part + ((k // KS) * spu + (k % KS) * spv), tl.sum(accs[k], axis=1), mask=c < C)
+
+
+@triton.jit
+def _weight_rows(dy_lane, x_lane, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH,
+                 sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr, SW: tl.constexpr,
+                 DW: tl.constexpr, KS: tl.constexpr, P: tl.constexpr, HALO_W: tl.constexpr, MASKED: tl.constexpr,
+                 INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """One tile's walk down the x rows t_first..t_last, added to ``accs``: each row's P + K - 1 columns
+    are loaded once and meet the K rows of dy that read it through tap rows 0..K-1 (a window of K dy
+    rows, one new row loaded per step), so every loaded x element serves K * min(P, K) multiply-adds.
+    MASKED: the loads keep their column and channel masks (cols_ok, outs_ok), else only dy's rows."""
+    zero = tl.zeros(cols_ok[0].shape, dtype=ACC_DTYPE)
+    grads = ()
+    for a in tl.static_range(KS):
+        for p in tl.static_range(P):
+            if a == 0:
+                grads = grads + (zero,)  # loaded at the top of the first step
+            else:
+                i = tl.zeros(cols_ok[0].shape, dtype=tl.int32) + (t_first + PH - a)
+                if INDEX_64:
+                    i = i.to(tl.int64)
+                ok = (i >= row0) & (i < row_end)
+                if MASKED:
+                    ok = ok & outs_ok[p]
+                grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=ok, other=0.0)
+                grads = grads + (_widen(grad, ACC_DTYPE),)
+    for t in range(t_first, t_last + 1):
+        if INDEX_64:
+            t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
+        i = tl.zeros(cols_ok[0].shape, dtype=tl.int32) + (t + PH)  # a tensor: see _store_row
+        row_ok = (i >= row0) & (i < row_end)
+        dy_row = dy_lane + (t + PH) * sdyh
+        window = ()
+        for p in tl.static_range(P):
+            if MASKED:
+                grad = tl.load(dy_row + p * sdyw, mask=outs_ok[p] & row_ok, other=0.0)
+            else:
+                grad = tl.load(dy_row + p * sdyw, mask=row_ok, other=0.0)
+            window = window + (_widen(grad, ACC_DTYPE),)
+        for k in tl.static_range(P, KS * P):
+            window = window + (grads[k],)
+        x_row = x_lane + t * sxh
+        xs = ()
+        for qc in tl.static_range(HALO_W):
+            if MASKED:
+                xv = tl.load(x_row + qc * sxw, mask=cols_ok[qc], other=0.0)
+            else:
+                xv = tl.load(x_row + qc * sxw)
+            xs = xs + (_widen(xv, ACC_DTYPE),)
+        new = ()
+        for a in tl.static_range(KS):
+            for e in tl.static_range(KS):
+                acc = accs[a * KS + e]
+                for p in tl.static_range(P):
+                    acc += window[a * P + p] * xs[p * SW + e * DW]
+                new = new + (acc,)
+        accs = new
+        # Shift: the next step's window row a is this step's row a - 1.
+        grads = ()
+        for p in tl.static_range(P):
+            grads = grads + (zero,)
+        for k in tl.static_range((KS - 1) * P):
+            grads = grads + (window[k],)
+    return accs
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,10 +687,10 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
                     # Issue per output: a multiply-add per tap plus about four instructions (load,
                     # mask, convert, address) per loaded element, shared by the taps that read it.
                     cost = padded * (1 + 4 * halo / vec)
-                    if walk and channels_last and not weight_grad:
-                        # The forward's and input gradient's column tiles off the image's edges walk
-                        # unmasked (_row_walk's interior programs): about 1.5 of the four fewer. The
-                        # edge tiles estimated as the first and the last.
+                    if walk and channels_last:
+                        # Column tiles off the image's edges walk unmasked (_row_walk's interior
+                        # programs, the weight gradient's interior tiles): about 1.5 of the four
+                        # fewer. The edge tiles estimated as the first and the last.
                         tiles_w = cdiv(width, block_w * p)
                         cost = padded * (1 + (4 - 1.5 * (tiles_w - min(tiles_w, 2)) / tiles_w) * halo / vec)
                     if walk and not channels_last:
@@ -909,10 +943,13 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
     )
     meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sx", x, "hw"), SW=stride[1],
                 DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"],
-                P=config["P"], INDEX_64=needs_int64(dy, x, dw), ACC_DTYPE=_acc_dtype(x.dtype))
+                P=config["P"], INTERIOR=is_channels_last(x), INDEX_64=needs_int64(dy, x, dw),
+                ACC_DTYPE=_acc_dtype(x.dtype))
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
-    # compile-time constant and the loop disappears), and down each tile's x rows.
-    rows = min(config["RUN"] + K - 1, H)
-    loops = (rows,) if tiles == 1 else ((cdiv(tiles, splits), (rows,)),)
+    # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the
+    # unmasked walk of the interior tiles, then the masked one, each as its mean over the tiles.
+    interior = _interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False)
+    rows = _walk_loops(True, config, H, K, interior if meta["INTERIOR"] else None)
+    loops = rows if tiles == 1 else ((cdiv(tiles, splits), rows),)
     return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=loops)

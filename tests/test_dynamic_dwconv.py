@@ -101,9 +101,10 @@ def test_forward_input_and_weight_gradients(case, dtype, memory_format):
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("case", [(1, 72, 72, 5, 26, 3, 1, 1, 1), (1, 64, 64, 6, 29, 3, 2, 1, 1)], ids=["s1", "s2"])
 def test_channels_last_walk_runs_interior_programs_unmasked(case):
-    """channels_last: programs whose channels and columns all lie inside walk without masks, the rest
-    with them; both kinds run here (a part channel block, edge and middle column tiles, the input
-    gradient's column phases at stride 2) and each declares its share of the walk's trips."""
+    """channels_last: programs (the weight gradient's tiles) whose channels and columns all lie inside
+    walk without masks, the rest with them; both kinds run here (a part channel block, edge and middle
+    column tiles, the input gradient's column phases at stride 2) and each declares its share of the
+    walk's trips."""
     x, w, bias, stride, padding, dilation = _problem(case, torch.bfloat16, torch.channels_last)
     expected = _conv(x, w, bias, stride, padding, dilation)
     y = torch.empty(expected.shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -121,6 +122,17 @@ def test_channels_last_walk_runs_interior_programs_unmasked(case):
     _conv(x64, w.double(), None, stride, padding, dilation).backward(dy.double())
     input_grad()
     assert_close(dx, x64.grad, torch.bfloat16, "dx")
+    if stride == (1, 1):
+        B, C, K = x.shape[0], x.shape[1], w.shape[-1]
+        config = dwconv.weight_grad_default(B, C, *y.shape[2:], K, True, x.element_size())
+        part = torch.empty(dwconv.weight_grad_partials(B, C, K, *y.shape[2:], config))
+        weight_grad = dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
+        (tiles, walks), = weight_grad.loops
+        assert weight_grad.meta["INTERIOR"] and tiles >= 1 and len(walks) == 2 and min(walks) > 0, weight_grad.loops
+        weight_grad()
+        w64 = w.double().requires_grad_()
+        _conv(x.double(), w64, None, stride, padding, dilation).backward(dy.double())
+        assert_close(part.sum(-1), w64.grad, torch.bfloat16, "dw")
 
 @pytest.mark.usefixtures("nan_poison")
 def test_runs_split_across_programs_and_several_partials(monkeypatch):
