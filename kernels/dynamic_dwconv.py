@@ -488,10 +488,10 @@ def dwconv_bwd_weight_kernel(
     C, H, W, HO, WO,
     sdyb, sdyc, sxb, sxc,
     spb, spc, spu, spv, sps,
-    PH, PW, TILES, TILES_W, SPLITS, RUN,
+    PH, TILES, TILES_W, SPLITS, RUN,
     sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
-    SW: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr,
+    PW: tl.constexpr, SW: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i-PH+u, j*SW-PW+v*DW] (G = C; row stride and
@@ -505,9 +505,11 @@ def dwconv_bwd_weight_kernel(
     The row and column strides are compile-time constants (a variant per feature-map size): a row's
     loads are its row pointer plus immediates, where run-time strides took a 64-bit address each.
     A tile whose channels all exist and whose columns (read and written) all lie in the image walks
-    without column masks (INTERIOR, the launcher's choice: channels_last, as in _row_walk): the
-    masks' predicates, rebuilt from registers every row, and the zeros under masked loads were about
-    a tenth of the loop's issue.
+    without column masks (INTERIOR, the launcher's choice): the masks' predicates, rebuilt from
+    registers every row, and the zeros under masked loads were about a tenth of the loop's issue.
+    With VEC (NCHW, P a multiple of VEC) it loads each row's columns as VEC-wide vectors from the
+    aligned column at or before the halo's first (LEAD columns before it): lanes P columns apart
+    loading scalars used a fifth of each 32-byte sector, and L1, not issue, bound the walk.
     """
     pid0 = tl.program_id(0)
     b = pid0 // SPLITS
@@ -523,6 +525,9 @@ def dwconv_bwd_weight_kernel(
     c_ok = c2 < C
     zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=ACC_DTYPE)
     HALO_W: tl.constexpr = (P - 1) * SW + (KS - 1) * DW + 1
+    # The vectors' reach: LEAD columns before the halo, up to the vector that holds its last column.
+    LEAD: tl.constexpr = (VEC - PW % VEC) % VEC if VEC > 1 else 0
+    REACH: tl.constexpr = (LEAD + HALO_W + VEC - 1) // VEC * VEC if VEC > 1 else HALO_W
     accs = ()
     for k in tl.static_range(KS * KS):
         accs = accs + (zero,)
@@ -546,31 +551,62 @@ def dwconv_bwd_weight_kernel(
             outs_ok = outs_ok + (c_ok & (col0 + p < WO),)
         dy_lane = dy_channel + col0 * sdyw
         x_lane = x_channel + w_first * sxw
+        # The vectors' first column, as one constant off col0: triton proves its alignment only so.
+        x_vectors = x_channel + (col0 * SW - (PW + LEAD)) * sxw
         # x row t meets dy row t + PH - a through tap row a.
         t_first = tl.maximum(row0 - PH, 0)
         t_last = tl.minimum(row_end - 1 - PH + KS - 1, H - 1)
-        interior = (INTERIOR & channels_in & (first * SW - PW >= 0)
-                    & ((first + (BLOCK_W - 1) * P) * SW - PW + HALO_W <= W) & (first + BLOCK_W * P - 1 < WO))
+        interior = (INTERIOR & channels_in & (first * SW - PW - LEAD >= 0)
+                    & ((first + (BLOCK_W - 1) * P) * SW - PW - LEAD + REACH <= W) & (first + BLOCK_W * P - 1 < WO))
         if interior:
-            accs = _weight_rows(dy_lane, x_lane, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH,
-                                sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, False, INDEX_64, ACC_DTYPE)
+            accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
+                                t_last, PH, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, False, VEC, LEAD, REACH,
+                                INDEX_64, ACC_DTYPE)
         else:
-            accs = _weight_rows(dy_lane, x_lane, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH,
-                                sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, True, INDEX_64, ACC_DTYPE)
+            accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
+                                t_last, PH, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, True, 1, 0, HALO_W,
+                                INDEX_64, ACC_DTYPE)
     part = dw_ptr + b * spb + split * sps + c * spc
     for k in tl.static_range(KS * KS):
         tl.store(part + ((k // KS) * spu + (k % KS) * spv), tl.sum(accs[k], axis=1), mask=c < C)
 
 
 @triton.jit
-def _weight_rows(dy_lane, x_lane, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH,
+def _row_vectors(row, ok, COLUMNS: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The COLUMNS consecutive elements from each lane's ``row`` pointer (aligned to VEC elements, a
+    multiple of VEC of them), loaded as VEC-wide vectors (masked by ``ok`` alone, one flag a lane, or
+    none) and split into a tuple of per-column tensors, widened to ACC_DTYPE."""
+    lanes = tl.arange(0, VEC)[None, None, :]
+    columns = ()
+    for j in tl.static_range(COLUMNS // VEC):
+        if ok is None:
+            v = tl.load(row[:, :, None] + (j * VEC + lanes))
+        else:
+            v = tl.load(row[:, :, None] + (j * VEC + lanes), mask=ok[:, :, None], other=0.0)
+        v = _widen(v, ACC_DTYPE)
+        if VEC == 2:
+            a, b = tl.split(v)
+            columns = columns + (a, b)
+        else:
+            # (v0, v2), (v1, v3): the split of the last of (.., 2, 2) takes every other element.
+            even, odd = tl.split(tl.reshape(v, (v.shape[0], v.shape[1], 2, 2)))
+            v0, v2 = tl.split(even)
+            v1, v3 = tl.split(odd)
+            columns = columns + (v0, v1, v2, v3)
+    return columns
+
+
+@triton.jit
+def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH,
                  sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr, SW: tl.constexpr,
                  DW: tl.constexpr, KS: tl.constexpr, P: tl.constexpr, HALO_W: tl.constexpr, MASKED: tl.constexpr,
-                 INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                 VEC: tl.constexpr, LEAD: tl.constexpr, REACH: tl.constexpr, INDEX_64: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr):
     """One tile's walk down the x rows t_first..t_last, added to ``accs``: each row's P + K - 1 columns
     are loaded once and meet the K rows of dy that read it through tap rows 0..K-1 (a window of K dy
     rows, one new row loaded per step), so every loaded x element serves K * min(P, K) multiply-adds.
-    MASKED: the loads keep their column and channel masks (cols_ok, outs_ok), else only dy's rows."""
+    MASKED: the loads keep their column and channel masks (cols_ok, outs_ok), else only dy's rows;
+    VEC > 1 (unmasked, unit column strides): rows read as vectors (_row_vectors)."""
     zero = tl.zeros(cols_ok[0].shape, dtype=ACC_DTYPE)
     grads = ()
     for a in tl.static_range(KS):
@@ -592,23 +628,31 @@ def _weight_rows(dy_lane, x_lane, accs, cols_ok, outs_ok, row0, row_end, t_first
         i = tl.zeros(cols_ok[0].shape, dtype=tl.int32) + (t + PH)  # a tensor: see _store_row
         row_ok = (i >= row0) & (i < row_end)
         dy_row = dy_lane + (t + PH) * sdyh
-        window = ()
-        for p in tl.static_range(P):
-            if MASKED:
-                grad = tl.load(dy_row + p * sdyw, mask=outs_ok[p] & row_ok, other=0.0)
-            else:
-                grad = tl.load(dy_row + p * sdyw, mask=row_ok, other=0.0)
-            window = window + (_widen(grad, ACC_DTYPE),)
+        x_row = x_lane + t * sxh
+        if VEC > 1:
+            window = _row_vectors(dy_row, row_ok, P, VEC, ACC_DTYPE)
+            xs = _row_vectors(x_vectors + t * sxh, None, REACH, VEC, ACC_DTYPE)
+            cut = ()
+            for qc in tl.static_range(HALO_W):
+                cut = cut + (xs[LEAD + qc],)
+            xs = cut
+        else:
+            window = ()
+            for p in tl.static_range(P):
+                if MASKED:
+                    grad = tl.load(dy_row + p * sdyw, mask=outs_ok[p] & row_ok, other=0.0)
+                else:
+                    grad = tl.load(dy_row + p * sdyw, mask=row_ok, other=0.0)
+                window = window + (_widen(grad, ACC_DTYPE),)
+            xs = ()
+            for qc in tl.static_range(HALO_W):
+                if MASKED:
+                    xv = tl.load(x_row + qc * sxw, mask=cols_ok[qc], other=0.0)
+                else:
+                    xv = tl.load(x_row + qc * sxw)
+                xs = xs + (_widen(xv, ACC_DTYPE),)
         for k in tl.static_range(P, KS * P):
             window = window + (grads[k],)
-        x_row = x_lane + t * sxh
-        xs = ()
-        for qc in tl.static_range(HALO_W):
-            if MASKED:
-                xv = tl.load(x_row + qc * sxw, mask=cols_ok[qc], other=0.0)
-            else:
-                xv = tl.load(x_row + qc * sxw)
-            xs = xs + (_widen(xv, ACC_DTYPE),)
         new = ()
         for a in tl.static_range(KS):
             for e in tl.static_range(KS):
@@ -666,6 +710,10 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
         # constants (no 64-bit address a column); now 150 registers, no spill, on sm_80/sm_90.
         cap = max(1, 49 // K) if walk else max(1, 64 // (s * K * K))
         for p in range(1, min(8, width, cap) + 1):
+            # The NCHW weight gradient reads a lane's columns as vectors of four (_weight_grad_vector).
+            vectors = weight_grad and not channels_last and width >= 4
+            if vectors and p % 4:
+                continue
             # NCHW: at least the channels that fill a warp's lanes along one row; the walk also tries
             # more channels and fewer lanes along W (lanes P columns apart share fewer sectors).
             fill = min(next_power_of_2(C), 32 * vec if channels_last else max(1, 32 // next_power_of_2(cdiv(width, p))))
@@ -697,8 +745,10 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
                         # NCHW walk: lanes P columns apart load scalars, and L1 can bind before issue.
                         # Both fitted to the static model's bounds of triton 3.6's sm_90 SASS at R4
                         # NCHW fp32 over eight tiles (within 5% issue, 10% L1): issue ~ 1 + 1.14 halo,
-                        # L1 ~ the 32-byte sectors one warp-wide load touches.
-                        cost = padded * max(1 + 1.14 * halo, 0.059 * _nchw_sectors(block_c, block_w, p, dtype_bytes or 4))
+                        # L1 ~ the 32-byte sectors one warp-wide load touches. Vectors: issue alone
+                        # (R4 dw fp32 1.41 instructions a multiply-add PREDICTED, L1 at 57% of issue).
+                        l1 = 0 if vectors else 0.059 * _nchw_sectors(block_c, block_w, p, dtype_bytes or 4)
+                        cost = padded * max(1 + 1.14 * halo, l1)
                     # On a tie, the fewest channels a program (the narrowest tile), then the most warps.
                     score = (round(cost), block_c, -warps, -block_w)
                     if best is None or score < best[0]:
@@ -828,10 +878,12 @@ def _walk_loops(walk: bool, config: dict, source_rows: int, K: int, interior: fl
 
 
 def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, stride: int, padding: int,
-                    dilation: int, input_grad: bool) -> float:
+                    dilation: int, input_grad: bool, vec: int = 1) -> float:
     """The share of a walk's programs that take its unmasked loop (_row_walk's ``interior``): every
-    channel of the block exists, every column read and written lies in the image. Over the column
-    tiles of each column stride phase (the input gradient's), as _program derives their padding."""
+    channel of the block exists, every column read and written lies in the image (with ``vec``-wide
+    vectors, from the aligned column at or before the halo's first: dwconv_bwd_weight_kernel's LEAD
+    and REACH). Over the column tiles of each column stride phase (the input gradient's), as
+    _program derives their padding."""
     block_c, block_w, p = config["BLOCK_C"], config["BLOCK_W"], config["P"]
     span = block_w * p
     if input_grad:
@@ -844,8 +896,10 @@ def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, str
         phases = [(0, padding)]
         tiles_w = cdiv(out_w, span)
     halo = (p - 1) * src_sw + (taps - 1) * src_dw + 1
-    inside = sum(first * src_sw - pad >= 0 and (first + (block_w - 1) * p) * src_sw - pad + halo <= source_w
-                 and (first + span - 1) * out_sw + pw < out_w
+    lead = (vec - padding % vec) % vec
+    reach = cdiv(lead + halo, vec) * vec
+    inside = sum(first * src_sw - pad - lead >= 0 and (first + (block_w - 1) * p) * src_sw - pad - lead + reach
+                 <= source_w and (first + span - 1) * out_sw + pw < out_w
                  for pw, pad in phases for first in range(0, tiles_w * span, span))
     return inside / (len(phases) * tiles_w) * (C // block_c) / cdiv(C, block_c)
 
@@ -925,6 +979,18 @@ def weight_grad_partials(B: int, C: int, K: int, Ho: int, Wo: int, config: dict)
     return (B, C, K, K, max(1, min(tiles, cdiv(PERSISTENT_PROGRAMS, blocks))))
 
 
+def _weight_grad_vector(meta: dict, dy, x) -> int:
+    """The weight gradient's vector width in elements (dwconv_bwd_weight_kernel's VEC): four (two
+    fp64), when a lane's P columns are contiguous in dy and x (unit column strides and dilation),
+    the vectors can start aligned (P and the strides multiples of the width) and the walk is not
+    channels_last (whose lanes already lie along the contiguous channels); else 1."""
+    if is_channels_last(x) or meta["SW"] != 1 or meta["DW"] != 1 or meta["sxw"] != 1 or meta["sdyw"] != 1:
+        return 1
+    vec = min(16 // x.element_size(), 4)
+    aligned = all(n % vec == 0 for n in (meta["P"], meta["sxh"], meta["sdyh"], *x.stride()[:2], *dy.stride()[:2]))
+    return vec if aligned else 1
+
+
 def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
     """``dw`` is the (B, C, K, K, splits) partials of weight_grad_partials(config)."""
     if not handles_weight_grad(x.shape[1], x.shape[1], dw.shape[2], stride, dilation, config):
@@ -939,16 +1005,17 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
         dy_ptr=dy, x_ptr=x, dw_ptr=dw, C=C, H=H, W=W, HO=Ho, WO=Wo,
         sdyb=dy.stride(0), sdyc=dy.stride(1), sxb=x.stride(0), sxc=x.stride(1),
         **dict(zip(("spb", "spc", "spu", "spv", "sps"), dw.stride())),
-        PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, SPLITS=splits, RUN=config["RUN"],
+        PH=padding[0], TILES=tiles, TILES_W=tiles_w, SPLITS=splits, RUN=config["RUN"],
     )
-    meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sx", x, "hw"), SW=stride[1],
-                DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"],
-                P=config["P"], INTERIOR=is_channels_last(x), INDEX_64=needs_int64(dy, x, dw),
+    meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sx", x, "hw"), PW=padding[1], SW=stride[1],
+                DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"], P=config["P"])
+    vec = _weight_grad_vector(meta, dy, x)
+    meta.update(INTERIOR=is_channels_last(x) or vec > 1, VEC=vec, INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the
     # unmasked walk of the interior tiles, then the masked one, each as its mean over the tiles.
-    interior = _interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False)
+    interior = _interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
     rows = _walk_loops(True, config, H, K, interior if meta["INTERIOR"] else None)
     loops = rows if tiles == 1 else ((cdiv(tiles, splits), rows),)
     return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,

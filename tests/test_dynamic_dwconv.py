@@ -159,6 +159,29 @@ def test_runs_split_across_programs_and_several_partials(monkeypatch):
     assert_close(part.sum(-1), w64.grad, torch.float32, "dw")
 
 
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("K, padding", [(3, 1), (5, 2)])
+def test_nchw_weight_gradient_reads_vectors_in_interior_tiles(dtype, K, padding):
+    """NCHW: the weight gradient's interior tiles read each lane's columns as vectors of four from
+    the aligned column before the halo; edge tiles and a part channel block walk masked scalars."""
+    B, C, H, W = 2, 24, 5, 24
+    x = torch.randn(B, C, H, W).to(dtype)
+    dy = torch.randn(B, C, H, W).to(dtype)
+    config = {**dwconv.weight_grad_default(B, C, H, W, K, False, x.element_size()), "BLOCK_C": 16, "BLOCK_W": 2,
+              "P": 4, "num_warps": 1}
+    part = torch.empty(dwconv.weight_grad_partials(B, C, K, H, W, config))
+    geometry = (1, 1), (padding, padding), (1, 1)
+    launch = dwconv.backward_weight_launch(dy, x, part, *geometry, config)
+    (tiles, walks), = launch.loops
+    assert launch.meta["VEC"] == 4 and launch.meta["INTERIOR"], launch.meta
+    assert len(walks) == 2 and min(walks) > 0, launch.loops
+    launch()
+    w64 = torch.zeros(B, C, K, K, dtype=torch.float64, requires_grad=True)
+    _conv(x.double(), w64, None, *geometry).backward(dy.double())
+    assert_close(part.sum(-1), w64.grad, dtype, "dw")
+
+
 def test_weight_gradient_rejects_geometries_it_does_not_walk():
     x = torch.randn(1, 2, 5, 5)
     config = dwconv.weight_grad_default(1, 2, 3, 3, 3, False)
