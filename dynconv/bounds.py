@@ -197,9 +197,11 @@ def _ptx_arguments(launch) -> list[int]:
 
 
 def simulate_warp(launch, compiled) -> ptx_sim.Result:
-    """Warp 0 of the program in the middle of the grid (interior tiles: no image border)."""
+    """Warp 0 of the program in the middle of the grid (interior tiles: no image border), or of the
+    one the launch names (``Launch.typical_program``)."""
     grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
-    program = tuple(g // 2 for g in grid)
+    program = tuple(launch.typical_program) + (0,) * (3 - len(launch.typical_program)) if launch.typical_program \
+        else tuple(g // 2 for g in grid)
     return ptx_sim.simulate(compiled.asm["ptx"], _ptx_arguments(launch), program, grid, launch.num_warps)
 
 

@@ -103,6 +103,10 @@ class Launch:
     # phase), ``(trips, (inner loops...))`` otherwise. Read only by the static
     # performance model (dynconv/bounds.py), which matches them to the loops of the compiled code.
     loops: tuple = field(default=())
+    # The program whose warp 0 the static model simulates for its memory accesses (its sector use);
+    # empty: the grid's middle program. A launcher whose middle program is an edge tile names one
+    # off the image's borders, the model's assumed typical program.
+    typical_program: tuple = field(default=())
 
     def __call__(self) -> None:
         if min(self.grid) == 0:

@@ -251,7 +251,8 @@ def _row_walk(
     GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """_tap_sums's sum when source rows step one per output row and per tap row (forward SH = DH = 1;
     input gradient DH/gcd(SH, DH) = 1), walking down the rows instead of unrolling them.
@@ -263,6 +264,10 @@ def _row_walk(
     complete: stored, and the window shifts. Source rows outside the image are skipped, not loaded
     as zeros. The loop body stays small (fast to compile) while every loaded element serves up to
     TAPS_H * min(P, TAPS_W) multiply-adds.
+
+    With VEC (NCHW at unit column strides, the launcher's _vector_width; VEC_PAD the source column
+    padding, known when compiled then) the unmasked walk loads a row's halo as VEC-wide vectors from
+    the aligned column at or before its first, and stores an output row's P columns as vectors.
 
     Every output row must read at least one source row (the launcher checks: _rows_reached), so the
     walk is the kernel's one loop (two with INTERIOR: the unmasked walk, then the masked one; see
@@ -315,6 +320,8 @@ def _row_walk(
             # Broadcast once: a broadcast per multiply-add makes triton's layout passes crawl.
             wts = wts + (wv.to(ACC_DTYPE) + zero,)
     HALO_W: tl.constexpr = (P - 1) * SRC_SW + (TAPS_W - 1) * SRC_DW + 1
+    LEAD: tl.constexpr = -VEC_PAD % VEC if VEC > 1 else 0
+    REACH: tl.constexpr = (LEAD + HALO_W + VEC - 1) // VEC * VEC if VEC > 1 else HALO_W
     w_first = col0 * SRC_SW - pad_w
     cols_ok = ()
     for qc in tl.static_range(HALO_W):
@@ -335,32 +342,38 @@ def _row_walk(
     t_last = tl.minimum(row_end - 1 - pad_h + TAPS_H - 1, H - 1)
     src_lane = x_ptr + b * sxb + c2 * sxc + w_first * sxw
     y_lane = y_ptr + b * syb + c2 * syc + (col0 * OUT_SW + pw) * syw
+    # The vectors' first columns, each one constant off col0: triton proves their alignment only so.
+    src_vectors = x_ptr + b * sxb + c2 * sxc + (col0 - (VEC_PAD + LEAD)) * sxw
+    y_vectors = y_ptr + b * syb + c2 * syc + col0 * syw
     # A program whose channels all exist and whose columns (read and written) all lie in the image
     # walks without a mask: where most programs are such (channels_last, one column block a
     # program), the masks' predicates and zero fills were a fifth of the loop's issue slots.
     # INTERIOR (the launcher's choice: channels_last) compiles both walks; else only the masked one.
     first = (tile % TILES_W) * (BLOCK_W * P)
-    interior = (INTERIOR & ((tl.program_id(1) + 1) * BLOCK_C <= C) & (first * SRC_SW - pad_w >= 0)
-                & ((first + (BLOCK_W - 1) * P) * SRC_SW - pad_w + HALO_W <= W)
+    interior = (INTERIOR & ((tl.program_id(1) + 1) * BLOCK_C <= C) & (first * SRC_SW - pad_w - LEAD >= 0)
+                & ((first + (BLOCK_W - 1) * P) * SRC_SW - pad_w - LEAD + REACH <= W)
                 & ((first + BLOCK_W * P - 1) * OUT_SW + pw < WO))
     if interior:
-        _walk_rows(src_lane, y_lane, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0, row_end, t_first, t_last,
-                   pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW,
-                   FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, False, INDEX_64, ACC_DTYPE)
+        _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0,
+                   row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW,
+                   OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, False, VEC, LEAD, REACH, INDEX_64,
+                   ACC_DTYPE)
     else:
-        _walk_rows(src_lane, y_lane, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0, row_end, t_first, t_last,
-                   pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW,
-                   FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, True, INDEX_64, ACC_DTYPE)
+        _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0,
+                   row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW,
+                   OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, True, 1, 0, HALO_W, INDEX_64, ACC_DTYPE)
 
 
 @triton.jit
-def _walk_rows(src_lane, y_lane, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0, row_end, t_first, t_last,
-               pad_h, ph, sxh, sxw, syh, syw, HALO_W: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
-               P: tl.constexpr, SRC_SW: tl.constexpr, SRC_DW: tl.constexpr, OUT_SH: tl.constexpr,
-               OUT_SW: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
-               MASKED: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0,
+               row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W: tl.constexpr, TAPS_H: tl.constexpr,
+               TAPS_W: tl.constexpr, P: tl.constexpr, SRC_SW: tl.constexpr, SRC_DW: tl.constexpr,
+               OUT_SH: tl.constexpr, OUT_SW: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
+               PHASE_MAY_BE_EMPTY: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr, LEAD: tl.constexpr,
+               REACH: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """_row_walk's loop over the source rows t_first..t_last and its last rows' stores; MASKED: the
-    loads and stores keep their column and channel masks (cols_ok, outs_ok), else none."""
+    loads and stores keep their column and channel masks (cols_ok, outs_ok), else none; VEC > 1
+    (unmasked): rows read from ``src_vectors`` and written to ``y_vectors`` as vectors."""
     # Each output row's sum starts from the bias (no add per stored element).
     window = ()
     for k in tl.static_range(TAPS_H * P):
@@ -368,14 +381,20 @@ def _walk_rows(src_lane, y_lane, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, 
     for t in range(t_first, t_last + 1):
         if INDEX_64:
             t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
-        src_row = src_lane + t * sxh
-        xs = ()
-        for qc in tl.static_range(HALO_W):
-            if MASKED:
-                xv = tl.load(src_row + qc * sxw, mask=cols_ok[qc], other=0.0)
-            else:
-                xv = tl.load(src_row + qc * sxw)
-            xs = xs + (_widen(xv, ACC_DTYPE),)
+        if VEC > 1:
+            vectors = _row_vectors(src_vectors + t * sxh, None, REACH, VEC, ACC_DTYPE)
+            xs = ()
+            for qc in tl.static_range(HALO_W):
+                xs = xs + (vectors[LEAD + qc],)
+        else:
+            src_row = src_lane + t * sxh
+            xs = ()
+            for qc in tl.static_range(HALO_W):
+                if MASKED:
+                    xv = tl.load(src_row + qc * sxw, mask=cols_ok[qc], other=0.0)
+                else:
+                    xv = tl.load(src_row + qc * sxw)
+                xs = xs + (_widen(xv, ACC_DTYPE),)
         new = ()
         for a in tl.static_range(TAPS_H):
             for p in tl.static_range(P):
@@ -393,8 +412,8 @@ def _walk_rows(src_lane, y_lane, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, 
                 new = new + (acc,)
         # Slot TAPS_H - 1 (output row t + pad_h - TAPS_H + 1) has all its taps: store it, shift the window.
         i = t + pad_h - (TAPS_H - 1)
-        _store_row(y_lane, new, (TAPS_H - 1) * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P, OUT_SW,
-                   PHASE_MAY_BE_EMPTY, MASKED)
+        _store_row(y_lane, y_vectors, new, (TAPS_H - 1) * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P,
+                   OUT_SW, PHASE_MAY_BE_EMPTY, MASKED, VEC)
         window = ()
         for p in tl.static_range(P):
             window = window + (bias,)
@@ -403,26 +422,36 @@ def _walk_rows(src_lane, y_lane, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, 
     # Rows whose last taps read past the image: slot a holds output row t_last + 1 + pad_h - a.
     for a in tl.static_range(1, TAPS_H):
         i = t_last + 1 + pad_h - a
-        _store_row(y_lane, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P, OUT_SW,
-                   PHASE_MAY_BE_EMPTY, MASKED)
+        _store_row(y_lane, y_vectors, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P,
+                   OUT_SW, PHASE_MAY_BE_EMPTY, MASKED, VEC)
 
 
 @triton.jit
-def _store_row(y_lane, window, first, i, row0, row_end, OUT_SH: tl.constexpr, ph, syh, syw, outs_ok, live,
-               P: tl.constexpr, OUT_SW: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr, MASKED: tl.constexpr):
+def _store_row(y_lane, y_vectors, window, first, i, row0, row_end, OUT_SH: tl.constexpr, ph, syh, syw, outs_ok,
+               live, P: tl.constexpr, OUT_SW: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr, MASKED: tl.constexpr,
+               VEC: tl.constexpr):
     """Store output row ``i`` (window[first:first + P], bias included) when it lies in this run (and,
-    MASKED, the columns and channels outs_ok keeps)."""
+    MASKED, the columns and channels outs_ok keeps); VEC > 1: as vectors from ``y_vectors``."""
     i = tl.zeros(live.shape, dtype=tl.int32) + i  # a tensor: the interpreter's scalars make unreadable masks
     row_ok = (i >= row0) & (i < row_end)
-    y_row = y_lane + (i * OUT_SH + ph) * syh
-    for p in tl.static_range(P):
-        acc = window[first + p]
-        if PHASE_MAY_BE_EMPTY:
-            acc = tl.where(live, acc, 0.0)
-        if MASKED:
-            tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=outs_ok[p] & row_ok)
-        else:
-            tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=row_ok)
+    if VEC > 1:
+        columns = ()
+        for p in tl.static_range(P):
+            acc = window[first + p]
+            if PHASE_MAY_BE_EMPTY:
+                acc = tl.where(live, acc, 0.0)
+            columns = columns + (acc.to(y_vectors.dtype.element_ty),)
+        _store_vectors(y_vectors + i * syh, row_ok, columns, P, VEC)
+    else:
+        y_row = y_lane + (i * OUT_SH + ph) * syh
+        for p in tl.static_range(P):
+            acc = window[first + p]
+            if PHASE_MAY_BE_EMPTY:
+                acc = tl.where(live, acc, 0.0)
+            if MASKED:
+                tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=outs_ok[p] & row_ok)
+            else:
+                tl.store(y_row + p * OUT_SW * syw, acc.to(y_lane.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -437,14 +466,15 @@ def dwconv_fwd_kernel(
     sxh: tl.constexpr, sxw: tl.constexpr, syh: tl.constexpr, syw: tl.constexpr,
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
-    P: tl.constexpr, INTERIOR: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """The forward: x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS); WALK: _row_walk (SH = DH = 1),
     else _tap_sums."""
     if WALK:
         _row_walk(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, RUN, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0,
-                  False, False, BLOCK_C, BLOCK_W, P, INTERIOR, HAS_BIAS, INDEX_64, ACC_DTYPE)
+                  False, False, BLOCK_C, BLOCK_W, P, INTERIOR, VEC, VEC_PAD, HAS_BIAS, INDEX_64, ACC_DTYPE)
     else:
         _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
@@ -465,7 +495,8 @@ def dwconv_bwd_input_kernel(
     GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
-    P: tl.constexpr, INTERIOR: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """The input gradient by stride phase: dy (B, C, H, W), dx (B, C, HO, WO); SH, SW, DH, DW, PH, PW and KS
     the forward's; the grid's first axis runs over (sample, phase, tile). WALK: _row_walk (DH/gcd(SH, DH) = 1),
@@ -473,8 +504,8 @@ def dwconv_bwd_input_kernel(
     if WALK:
         _row_walk(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, RUN, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
-                  GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, INTERIOR, False,
-                  INDEX_64, ACC_DTYPE)
+                  GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, INTERIOR, VEC,
+                  VEC_PAD, False, INDEX_64, ACC_DTYPE)
     else:
         _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
@@ -526,7 +557,7 @@ def dwconv_bwd_weight_kernel(
     zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=ACC_DTYPE)
     HALO_W: tl.constexpr = (P - 1) * SW + (KS - 1) * DW + 1
     # The vectors' reach: LEAD columns before the halo, up to the vector that holds its last column.
-    LEAD: tl.constexpr = (VEC - PW % VEC) % VEC if VEC > 1 else 0
+    LEAD: tl.constexpr = -PW % VEC if VEC > 1 else 0
     REACH: tl.constexpr = (LEAD + HALO_W + VEC - 1) // VEC * VEC if VEC > 1 else HALO_W
     accs = ()
     for k in tl.static_range(KS * KS):
@@ -594,6 +625,23 @@ def _row_vectors(row, ok, COLUMNS: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: t
             v1, v3 = tl.split(odd)
             columns = columns + (v0, v1, v2, v3)
     return columns
+
+
+@triton.jit
+def _store_vectors(row, ok, columns, COLUMNS: tl.constexpr, VEC: tl.constexpr):
+    """Store the tuple ``columns`` (COLUMNS per-column tensors, a multiple of VEC) as VEC-wide vectors from each
+    lane's ``row`` pointer (aligned to VEC elements), masked by ``ok`` (one flag a lane): _row_vectors
+    the other way."""
+    lanes = tl.arange(0, VEC)[None, None, :]
+    for j in tl.static_range(COLUMNS // VEC):
+        if VEC == 2:
+            v = tl.join(columns[2 * j], columns[2 * j + 1])
+        else:
+            # (v0, v2) and (v1, v3) joined on a last axis of (.., 2, 2) interleave back to v0..v3.
+            even = tl.join(columns[4 * j], columns[4 * j + 2])
+            odd = tl.join(columns[4 * j + 1], columns[4 * j + 3])
+            v = tl.reshape(tl.join(even, odd), (even.shape[0], even.shape[1], 4))
+        tl.store(row[:, :, None] + (j * VEC + lanes), v, mask=ok[:, :, None])
 
 
 @triton.jit
@@ -686,7 +734,7 @@ def handles(weight: torch.Tensor, config: dict | None) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
-                 input_grad: bool, dtype_bytes: int, weight_grad: bool = False) -> dict:
+                 input_grad: bool, dtype_bytes: int, weight_grad: bool = False, unit_columns: bool = False) -> dict:
     """Tile over ``height x width`` output pixels of one program set.
 
     walk (_row_walk): P output columns per thread, the window of K*P accumulators and the K*K held
@@ -710,8 +758,8 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
         # constants (no 64-bit address a column); now 150 registers, no spill, on sm_80/sm_90.
         cap = max(1, 49 // K) if walk else max(1, 64 // (s * K * K))
         for p in range(1, min(8, width, cap) + 1):
-            # The NCHW weight gradient reads a lane's columns as vectors of four (_weight_grad_vector).
-            vectors = weight_grad and not channels_last and width >= 4
+            # NCHW walks at unit column strides read a lane's columns as vectors of four (_vector_width).
+            vectors = walk and unit_columns and not channels_last and width >= 4
             if vectors and p % 4:
                 continue
             # NCHW: at least the channels that fill a warp's lanes along one row; the walk also tries
@@ -774,10 +822,12 @@ def _nchw_sectors(block_c: int, block_w: int, p: int, nbytes: int) -> float:
 
 
 def taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
-                input_grad: bool = False, dtype_bytes: int = 0, weight_grad: bool = False) -> dict:
+                input_grad: bool = False, dtype_bytes: int = 0, weight_grad: bool = False,
+                unit_columns: bool = False) -> dict:
     """The forward's (input gradient's, weight gradient's) own tile over ``height x width`` output
-    (input) pixels (a copy)."""
-    return dict(_taps_config(B, C, height, width, K, channels_last, walk, input_grad, dtype_bytes, weight_grad))
+    (input) pixels (a copy); ``unit_columns``: the layer's column stride and dilation are 1."""
+    return dict(_taps_config(B, C, height, width, K, channels_last, walk, input_grad, dtype_bytes, weight_grad,
+                             unit_columns))
 
 
 def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
@@ -788,14 +838,15 @@ def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
 def forward_default(x, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
     """The forward's own tile (a copy)."""
     return taps_config(x.shape[0], x.shape[1], Ho, Wo, K, is_channels_last(x), _walks(stride[0], dilation[0], False),
-                       False, x.element_size())
+                       False, x.element_size(), unit_columns=stride[1] == 1 and dilation[1] == 1)
 
 
 def input_grad_default(dx, K: int, stride, dilation) -> dict:
     """The input gradient's own tile over the pixels of one stride phase (a copy)."""
     B, C, H, W = dx.shape
     return taps_config(B, C, cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx),
-                       _walks(stride[0], dilation[0], True), True, dx.element_size())
+                       _walks(stride[0], dilation[0], True), True, dx.element_size(),
+                       unit_columns=stride[1] == 1 and dilation[1] == 1)
 
 
 def forward_config(x, G: int, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
@@ -896,12 +947,32 @@ def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, str
         phases = [(0, padding)]
         tiles_w = cdiv(out_w, span)
     halo = (p - 1) * src_sw + (taps - 1) * src_dw + 1
-    lead = (vec - padding % vec) % vec
-    reach = cdiv(lead + halo, vec) * vec
-    inside = sum(first * src_sw - pad - lead >= 0 and (first + (block_w - 1) * p) * src_sw - pad - lead + reach
+    inside = sum(first * src_sw - pad - (-pad % vec) >= 0
+                 and (first + (block_w - 1) * p) * src_sw - pad - (-pad % vec) + cdiv(-pad % vec + halo, vec) * vec
                  <= source_w and (first + span - 1) * out_sw + pw < out_w
                  for pw, pad in phases for first in range(0, tiles_w * span, span))
     return inside / (len(phases) * tiles_w) * (C // block_c) / cdiv(C, block_c)
+
+
+def _middle_tile(first_axis_block: int, tiles: int, tiles_w: int, C: int, block_c: int) -> tuple[int, int]:
+    """The program of the middle row block and middle column tile (of the first phase, for the input
+    gradient) of a sample, and of the middle channel block: the static model's typical program
+    (``Launch.typical_program``). The grid's middle program is a sample's first tile, an edge, for
+    any even batch."""
+    return (first_axis_block * tiles + (tiles // tiles_w) // 2 * tiles_w + tiles_w // 2, cdiv(C, block_c) // 2)
+
+
+def _vector_width(p: int, tensors, unit_columns: bool) -> int:
+    """The walks' VEC (_row_walk's, dwconv_bwd_weight_kernel's): four elements (two fp64) where each
+    lane's P columns are contiguous and can start aligned in every tensor walked (``unit_columns``:
+    the geometry's column stride and dilation are 1; NCHW tensors of unit column stride, P and the
+    other strides multiples of the width); else 1. channels_last lanes already lie along the
+    contiguous channels."""
+    if not unit_columns or any(is_channels_last(t) or t.stride(3) != 1 for t in tensors):
+        return 1
+    vec = min(16 // tensors[0].element_size(), 4)
+    aligned = p % vec == 0 and all(n % vec == 0 for t in tensors for n in t.stride()[:3])
+    return vec if aligned else 1
 
 
 def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
@@ -919,14 +990,16 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
         sbb=bias_strides[0], sbc=bias_strides[1], syb=y.stride(0), syc=y.stride(1),
         PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
+    vec = _vector_width(config["P"], (x, y), walk and stride[1] == 1 and dilation[1] == 1)
     meta = dict(**inner_strides("sx", x, "hw"), **inner_strides("sy", y, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
-                INTERIOR=walk and is_channels_last(x), HAS_BIAS=bias is not None,
-                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
+                INTERIOR=walk and (is_channels_last(x) or vec > 1), VEC=vec, VEC_PAD=padding[1] if vec > 1 else 0,
+                HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
+    interior = _interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
     return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
-                  loops=_walk_loops(walk, config, H, K, _interior_share(config, C, W, Wo, K, stride[1], padding[1],
-                                                                        dilation[1], False) if meta["INTERIOR"] else None))
+                  loops=_walk_loops(walk, config, H, K, interior if meta["INTERIOR"] else None),
+                  typical_program=_middle_tile(B // 2, tiles, tiles_w, C, meta["BLOCK_C"]))
 
 
 def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:
@@ -945,17 +1018,20 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
         sdxb=dx.stride(0), sdxc=dx.stride(1),
         PH=padding[0], PW=padding[1], TILES_PHASE=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
+    # At a unit column stride and dilation the one phase's source padding is K - 1 - padding.
+    vec = _vector_width(config["P"], (dy, dx), walk and stride[1] == 1 and dilation[1] == 1)
     meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sdx", dx, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
                 TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
                 FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
-                WALK=walk, INTERIOR=walk and is_channels_last(dx), INDEX_64=needs_int64(dy, weight, dx),
+                WALK=walk, INTERIOR=walk and (is_channels_last(dx) or vec > 1), VEC=vec,
+                VEC_PAD=K - 1 - padding[1] if vec > 1 else 0, INDEX_64=needs_int64(dy, weight, dx),
                 ACC_DTYPE=_acc_dtype(dy.dtype))
+    interior = _interior_share(config, C, Wo, W, K, stride[1], padding[1], dilation[1], True, vec)
     return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
-                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h),
-                                    _interior_share(config, C, Wo, W, K, stride[1], padding[1], dilation[1], True)
-                                    if meta["INTERIOR"] else None))
+                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h), interior if meta["INTERIOR"] else None),
+                  typical_program=_middle_tile(B // 2 * phases, tiles, tiles_w, C, meta["BLOCK_C"]))
 
 
 def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict | None) -> bool:
@@ -968,7 +1044,7 @@ def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict |
 def weight_grad_default(B: int, C: int, Ho: int, Wo: int, K: int, channels_last: bool, dtype_bytes: int = 0) -> dict:
     """The forward's walking tile (P columns of a channel per thread, of two adjacent ones for 16-bit
     channels_last up to K = 5; runs of RUN rows)."""
-    return taps_config(B, C, Ho, Wo, K, channels_last, True, False, dtype_bytes, weight_grad=True)
+    return taps_config(B, C, Ho, Wo, K, channels_last, True, False, dtype_bytes, weight_grad=True, unit_columns=True)
 
 
 def weight_grad_partials(B: int, C: int, K: int, Ho: int, Wo: int, config: dict) -> tuple[int, ...]:
@@ -977,18 +1053,6 @@ def weight_grad_partials(B: int, C: int, K: int, Ho: int, Wo: int, config: dict)
     tiles, _ = _tiles(config, Ho, Wo)
     blocks = B * cdiv(C, config["BLOCK_C"])
     return (B, C, K, K, max(1, min(tiles, cdiv(PERSISTENT_PROGRAMS, blocks))))
-
-
-def _weight_grad_vector(meta: dict, dy, x) -> int:
-    """The weight gradient's vector width in elements (dwconv_bwd_weight_kernel's VEC): four (two
-    fp64), when a lane's P columns are contiguous in dy and x (unit column strides and dilation),
-    the vectors can start aligned (P and the strides multiples of the width) and the walk is not
-    channels_last (whose lanes already lie along the contiguous channels); else 1."""
-    if is_channels_last(x) or meta["SW"] != 1 or meta["DW"] != 1 or meta["sxw"] != 1 or meta["sdyw"] != 1:
-        return 1
-    vec = min(16 // x.element_size(), 4)
-    aligned = all(n % vec == 0 for n in (meta["P"], meta["sxh"], meta["sdyh"], *x.stride()[:2], *dy.stride()[:2]))
-    return vec if aligned else 1
 
 
 def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
@@ -1007,10 +1071,10 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
         **dict(zip(("spb", "spc", "spu", "spv", "sps"), dw.stride())),
         PH=padding[0], TILES=tiles, TILES_W=tiles_w, SPLITS=splits, RUN=config["RUN"],
     )
+    vec = _vector_width(config["P"], (dy, x), stride[1] == 1 and dilation[1] == 1)
     meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sx", x, "hw"), PW=padding[1], SW=stride[1],
-                DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"], P=config["P"])
-    vec = _weight_grad_vector(meta, dy, x)
-    meta.update(INTERIOR=is_channels_last(x) or vec > 1, VEC=vec, INDEX_64=needs_int64(dy, x, dw),
+                DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"], P=config["P"],
+                INTERIOR=is_channels_last(x) or vec > 1, VEC=vec, INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the

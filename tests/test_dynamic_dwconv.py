@@ -37,6 +37,11 @@ def test_the_nchw_walk_spreads_a_warp_over_channel_rows_where_sectors_bind():
     # R4 itself (B = 64, C = 256, 56 x 56, K = 7): fp32 takes such a tile, bf16 (issue-bound) does not.
     assert dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, 4)["BLOCK_C"] == 16
     assert dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, 2)["BLOCK_C"] == 4
+    # At unit column strides the NCHW walks read a lane's columns as vectors of four (P a multiple
+    # of four), and L1 no longer binds: R4 takes 16 channels x 2 lanes of 4 columns in both dtypes.
+    for nbytes in (4, 2):
+        config = dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, nbytes, unit_columns=True)
+        assert (config["BLOCK_C"], config["BLOCK_W"], config["P"]) == (16, 2, 4), config
 
 
 def test_the_16_bit_channels_last_walk_takes_two_channels_a_thread():
@@ -162,24 +167,55 @@ def test_runs_split_across_programs_and_several_partials(monkeypatch):
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("K, padding", [(3, 1), (5, 2)])
-def test_nchw_weight_gradient_reads_vectors_in_interior_tiles(dtype, K, padding):
-    """NCHW: the weight gradient's interior tiles read each lane's columns as vectors of four from
-    the aligned column before the halo; edge tiles and a part channel block walk masked scalars."""
+def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding):
+    """NCHW at unit column strides: the forward's, input gradient's and weight gradient's interior
+    tiles read (and the first two write) each lane's columns as vectors of four from the aligned
+    column before the halo; edge tiles and a part channel block walk masked scalars."""
     B, C, H, W = 2, 24, 5, 24
-    x = torch.randn(B, C, H, W).to(dtype)
+    x, w, bias, stride, padding, dilation = _problem((B, C, C, H, W, K, 1, padding, 1), dtype, torch.contiguous_format)
     dy = torch.randn(B, C, H, W).to(dtype)
-    config = {**dwconv.weight_grad_default(B, C, H, W, K, False, x.element_size()), "BLOCK_C": 16, "BLOCK_W": 2,
-              "P": 4, "num_warps": 1}
+    geometry = stride, padding, dilation
+    tile = {"BLOCK_C": 16, "BLOCK_W": 2, "P": 4, "num_warps": 1}
+    y = torch.empty_like(x)
+    forward = dwconv.forward_launch(x, w, bias, y, *geometry, {**dwconv.forward_default(x, K, *geometry[::2], H, W),
+                                                               **tile})
+    dx = torch.empty_like(x)
+    input_grad = dwconv.backward_input_launch(dy, w, dx, *geometry, {**dwconv.input_grad_default(x, K, *geometry[::2]),
+                                                                     **tile})
+    config = {**dwconv.weight_grad_default(B, C, H, W, K, False, x.element_size()), **tile}
     part = torch.empty(dwconv.weight_grad_partials(B, C, K, H, W, config))
-    geometry = (1, 1), (padding, padding), (1, 1)
-    launch = dwconv.backward_weight_launch(dy, x, part, *geometry, config)
-    (tiles, walks), = launch.loops
-    assert launch.meta["VEC"] == 4 and launch.meta["INTERIOR"], launch.meta
-    assert len(walks) == 2 and min(walks) > 0, launch.loops
-    launch()
-    w64 = torch.zeros(B, C, K, K, dtype=torch.float64, requires_grad=True)
-    _conv(x.double(), w64, None, *geometry).backward(dy.double())
+    weight_grad = dwconv.backward_weight_launch(dy, x, part, *geometry, config)
+    (_, weight_walks), = weight_grad.loops
+    for launch, walks in ((forward, forward.loops), (input_grad, input_grad.loops), (weight_grad, weight_walks)):
+        assert launch.meta["VEC"] == 4 and launch.meta["INTERIOR"], launch.meta
+        assert len(walks) == 2 and min(walks) > 0, launch.loops
+    forward()
+    assert_close(y, _conv(x, w, bias, *geometry), dtype, "y")
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    _conv(x64, w64, None, *geometry).backward(dy.double())
+    input_grad()
+    assert_close(dx, x64.grad, dtype, "dx")
+    weight_grad()
     assert_close(part.sum(-1), w64.grad, dtype, "dw")
+
+
+def test_the_static_model_simulates_a_middle_tile_of_the_walks():
+    """The grid's middle program of an even batch is a sample's first column tile (an edge, masked):
+    the forward and input gradient name a middle one (Launch.typical_program), of the first phase;
+    the walks (R4's geometry) have more than two column tiles, so it lies off both edges."""
+    for stride in (1, 2):
+        x = torch.empty(64, 256, 56, 56, device="meta")
+        w = torch.empty(64, 256, 7, 7, device="meta")
+        geometry = (stride, stride), (3, 3), (1, 1)
+        y = torch.empty(64, 256, 56 // stride, 56 // stride, device="meta")
+        for launch, phases in ((dwconv.forward_launch(x, w, None, y, *geometry), 1),
+                               (dwconv.backward_input_launch(y, w, x, *geometry), stride * stride)):
+            tiles, tiles_w = launch.args.get("TILES") or launch.args["TILES_PHASE"], launch.args["TILES_W"]
+            block, tile = divmod(launch.typical_program[0], tiles)
+            assert block == 32 * phases and tile % tiles_w == tiles_w // 2
+            assert 0 < tiles_w // 2 < tiles_w - 1 or not launch.meta["WALK"], (tiles_w, launch.meta)
+            assert launch.typical_program[1] == launch.grid[1] // 2
 
 
 def test_weight_gradient_rejects_geometries_it_does_not_walk():
