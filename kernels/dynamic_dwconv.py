@@ -37,6 +37,10 @@ MAX_K = 9
 # Programs the weight gradient aims for (a fixed count, about four per SM of an H100/H200, so the
 # partials and their summation order never depend on the GPU).
 PERSISTENT_PROGRAMS = 512
+# The smallest vector the NCHW forward and input-gradient walks take (_vector_width): 16-bit rows in
+# vectors of four (8 bytes) read 71/68% against 73/71% as scalars at R4 bf16 fwd/dx on triton 3.9
+# (75/75% against 74/72% on 3.6, PREDICTED); the weight gradient takes them (65/66% against 63/62%).
+WALK_VECTOR_BYTES = 16
 
 
 @triton.jit
@@ -759,7 +763,8 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
         cap = max(1, 49 // K) if walk else max(1, 64 // (s * K * K))
         for p in range(1, min(8, width, cap) + 1):
             # NCHW walks at unit column strides read a lane's columns as vectors of four (_vector_width).
-            vectors = walk and unit_columns and not channels_last and width >= 4
+            vectors = (walk and unit_columns and not channels_last and width >= 4
+                       and (weight_grad or 4 * (dtype_bytes or 4) >= WALK_VECTOR_BYTES))
             if vectors and p % 4:
                 continue
             # NCHW: at least the channels that fill a warp's lanes along one row; the walk also tries
@@ -962,15 +967,17 @@ def _middle_tile(first_axis_block: int, tiles: int, tiles_w: int, C: int, block_
     return (first_axis_block * tiles + (tiles // tiles_w) // 2 * tiles_w + tiles_w // 2, cdiv(C, block_c) // 2)
 
 
-def _vector_width(p: int, tensors, unit_columns: bool) -> int:
+def _vector_width(p: int, tensors, unit_columns: bool, min_bytes: int = 8) -> int:
     """The walks' VEC (_row_walk's, dwconv_bwd_weight_kernel's): four elements (two fp64) where each
     lane's P columns are contiguous and can start aligned in every tensor walked (``unit_columns``:
     the geometry's column stride and dilation are 1; NCHW tensors of unit column stride, P and the
-    other strides multiples of the width); else 1. channels_last lanes already lie along the
-    contiguous channels."""
+    other strides multiples of the width) and a vector has at least ``min_bytes``; else 1.
+    channels_last lanes already lie along the contiguous channels."""
     if not unit_columns or any(is_channels_last(t) or t.stride(3) != 1 for t in tensors):
         return 1
     vec = min(16 // tensors[0].element_size(), 4)
+    if vec * tensors[0].element_size() < min_bytes:
+        return 1
     aligned = p % vec == 0 and all(n % vec == 0 for t in tensors for n in t.stride()[:3])
     return vec if aligned else 1
 
@@ -990,7 +997,7 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
         sbb=bias_strides[0], sbc=bias_strides[1], syb=y.stride(0), syc=y.stride(1),
         PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
-    vec = _vector_width(config["P"], (x, y), walk and stride[1] == 1 and dilation[1] == 1)
+    vec = _vector_width(config["P"], (x, y), walk and stride[1] == 1 and dilation[1] == 1, WALK_VECTOR_BYTES)
     meta = dict(**inner_strides("sx", x, "hw"), **inner_strides("sy", y, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
                 INTERIOR=walk and (is_channels_last(x) or vec > 1), VEC=vec, VEC_PAD=padding[1] if vec > 1 else 0,
@@ -1019,7 +1026,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
         PH=padding[0], PW=padding[1], TILES_PHASE=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
     # At a unit column stride and dilation the one phase's source padding is K - 1 - padding.
-    vec = _vector_width(config["P"], (dy, dx), walk and stride[1] == 1 and dilation[1] == 1)
+    vec = _vector_width(config["P"], (dy, dx), walk and stride[1] == 1 and dilation[1] == 1, WALK_VECTOR_BYTES)
     meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sdx", dx, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
                 TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
