@@ -385,20 +385,8 @@ def _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, out
     for t in range(t_first, t_last + 1):
         if INDEX_64:
             t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
-        if VEC > 1:
-            vectors = _row_vectors(src_vectors + t * sxh, None, REACH, VEC, ACC_DTYPE)
-            xs = ()
-            for qc in tl.static_range(HALO_W):
-                xs = xs + (vectors[LEAD + qc],)
-        else:
-            src_row = src_lane + t * sxh
-            xs = ()
-            for qc in tl.static_range(HALO_W):
-                if MASKED:
-                    xv = tl.load(src_row + qc * sxw, mask=cols_ok[qc], other=0.0)
-                else:
-                    xv = tl.load(src_row + qc * sxw)
-                xs = xs + (_widen(xv, ACC_DTYPE),)
+        xs = _halo(src_lane + t * sxh, src_vectors + t * sxh, cols_ok, sxw, HALO_W, MASKED, VEC, LEAD, REACH,
+                   ACC_DTYPE)
         new = ()
         for a in tl.static_range(TAPS_H):
             for p in tl.static_range(P):
@@ -632,6 +620,27 @@ def _row_vectors(row, ok, COLUMNS: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: t
 
 
 @triton.jit
+def _halo(row, vector_row, cols_ok, sxw, HALO_W: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr,
+          LEAD: tl.constexpr, REACH: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """A source row's HALO_W columns of each lane, widened: VEC > 1 (unmasked) the REACH columns from
+    ``vector_row`` as vectors (_row_vectors), the halo LEAD columns into them; else a load a column
+    from ``row`` (MASKED: by cols_ok)."""
+    xs = ()
+    if VEC > 1:
+        vectors = _row_vectors(vector_row, None, REACH, VEC, ACC_DTYPE)
+        for qc in tl.static_range(HALO_W):
+            xs = xs + (vectors[LEAD + qc],)
+    else:
+        for qc in tl.static_range(HALO_W):
+            if MASKED:
+                xv = tl.load(row + qc * sxw, mask=cols_ok[qc], other=0.0)
+            else:
+                xv = tl.load(row + qc * sxw)
+            xs = xs + (_widen(xv, ACC_DTYPE),)
+    return xs
+
+
+@triton.jit
 def _store_vectors(row, ok, columns, COLUMNS: tl.constexpr, VEC: tl.constexpr):
     """Store the tuple ``columns`` (COLUMNS per-column tensors, a multiple of VEC) as VEC-wide vectors from each
     lane's ``row`` pointer (aligned to VEC elements), masked by ``ok`` (one flag a lane): _row_vectors
@@ -683,11 +692,6 @@ def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_e
         x_row = x_lane + t * sxh
         if VEC > 1:
             window = _row_vectors(dy_row, row_ok, P, VEC, ACC_DTYPE)
-            xs = _row_vectors(x_vectors + t * sxh, None, REACH, VEC, ACC_DTYPE)
-            cut = ()
-            for qc in tl.static_range(HALO_W):
-                cut = cut + (xs[LEAD + qc],)
-            xs = cut
         else:
             window = ()
             for p in tl.static_range(P):
@@ -696,13 +700,7 @@ def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_e
                 else:
                     grad = tl.load(dy_row + p * sdyw, mask=row_ok, other=0.0)
                 window = window + (_widen(grad, ACC_DTYPE),)
-            xs = ()
-            for qc in tl.static_range(HALO_W):
-                if MASKED:
-                    xv = tl.load(x_row + qc * sxw, mask=cols_ok[qc], other=0.0)
-                else:
-                    xv = tl.load(x_row + qc * sxw)
-                xs = xs + (_widen(xv, ACC_DTYPE),)
+        xs = _halo(x_row, x_vectors + t * sxh, cols_ok, sxw, HALO_W, MASKED, VEC, LEAD, REACH, ACC_DTYPE)
         for k in tl.static_range(P, KS * P):
             window = window + (grads[k],)
         new = ()
