@@ -200,8 +200,8 @@ def simulate_warp(launch, compiled) -> ptx_sim.Result:
     """Warp 0 of the program in the middle of the grid (interior tiles: no image border), or of the
     one the launch names (``Launch.typical_program``)."""
     grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
-    program = tuple(launch.typical_program) + (0,) * (3 - len(launch.typical_program)) if launch.typical_program \
-        else tuple(g // 2 for g in grid)
+    program = tuple(launch.typical_program) or tuple(g // 2 for g in grid)
+    program += (0,) * (3 - len(program))
     return ptx_sim.simulate(compiled.asm["ptx"], _ptx_arguments(launch), program, grid, launch.num_warps)
 
 

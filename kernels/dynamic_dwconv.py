@@ -352,7 +352,8 @@ def _row_walk(
     # A program whose channels all exist and whose columns (read and written) all lie in the image
     # walks without a mask: where most programs are such (channels_last, one column block a
     # program), the masks' predicates and zero fills were a fifth of the loop's issue slots.
-    # INTERIOR (the launcher's choice: channels_last) compiles both walks; else only the masked one.
+    # INTERIOR (the launcher's choice: channels_last, or NCHW with VEC) compiles both walks; else
+    # only the masked one.
     first = (tile % TILES_W) * (BLOCK_W * P)
     interior = (INTERIOR & ((tl.program_id(1) + 1) * BLOCK_C <= C) & (first * SRC_SW - pad_w - LEAD >= 0)
                 & ((first + (BLOCK_W - 1) * P) * SRC_SW - pad_w - LEAD + REACH <= W)
@@ -642,9 +643,9 @@ def _halo(row, vector_row, cols_ok, sxw, HALO_W: tl.constexpr, MASKED: tl.conste
 
 @triton.jit
 def _store_vectors(row, ok, columns, COLUMNS: tl.constexpr, VEC: tl.constexpr):
-    """Store the tuple ``columns`` (COLUMNS per-column tensors, a multiple of VEC) as VEC-wide vectors from each
-    lane's ``row`` pointer (aligned to VEC elements), masked by ``ok`` (one flag a lane): _row_vectors
-    the other way."""
+    """Store the tuple ``columns`` (COLUMNS per-column tensors, a multiple of VEC) as VEC-wide vectors
+    from each lane's ``row`` pointer (aligned to VEC elements), masked by ``ok`` (one flag a lane):
+    _row_vectors the other way."""
     lanes = tl.arange(0, VEC)[None, None, :]
     for j in tl.static_range(COLUMNS // VEC):
         if VEC == 2:
@@ -935,9 +936,9 @@ def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, str
                     dilation: int, input_grad: bool, vec: int = 1) -> float:
     """The share of a walk's programs that take its unmasked loop (_row_walk's ``interior``): every
     channel of the block exists, every column read and written lies in the image (with ``vec``-wide
-    vectors, from the aligned column at or before the halo's first: dwconv_bwd_weight_kernel's LEAD
-    and REACH). Over the column tiles of each column stride phase (the input gradient's), as
-    _program derives their padding."""
+    vectors, from the aligned column at or before the halo's first: the kernels' LEAD and REACH).
+    Over the column tiles of each column stride phase (the input gradient's), as _program derives
+    their padding."""
     block_c, block_w, p = config["BLOCK_C"], config["BLOCK_W"], config["P"]
     span = block_w * p
     if input_grad:
@@ -950,10 +951,13 @@ def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, str
         phases = [(0, padding)]
         tiles_w = cdiv(out_w, span)
     halo = (p - 1) * src_sw + (taps - 1) * src_dw + 1
-    inside = sum(first * src_sw - pad - (-pad % vec) >= 0
-                 and (first + (block_w - 1) * p) * src_sw - pad - (-pad % vec) + cdiv(-pad % vec + halo, vec) * vec
-                 <= source_w and (first + span - 1) * out_sw + pw < out_w
-                 for pw, pad in phases for first in range(0, tiles_w * span, span))
+    inside = 0
+    for pw, pad in phases:
+        lead = -pad % vec
+        reach = cdiv(lead + halo, vec) * vec
+        inside += sum(first * src_sw - pad - lead >= 0
+                      and (first + (block_w - 1) * p) * src_sw - pad - lead + reach <= source_w
+                      and (first + span - 1) * out_sw + pw < out_w for first in range(0, tiles_w * span, span))
     return inside / (len(phases) * tiles_w) * (C // block_c) / cdiv(C, block_c)
 
 
@@ -1000,10 +1004,11 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
                 INTERIOR=walk and (is_channels_last(x) or vec > 1), VEC=vec, VEC_PAD=padding[1] if vec > 1 else 0,
                 HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
-    interior = _interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
+    interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
+                if meta["INTERIOR"] else None)
     return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
-                  loops=_walk_loops(walk, config, H, K, interior if meta["INTERIOR"] else None),
+                  loops=_walk_loops(walk, config, H, K, interior),
                   typical_program=_middle_tile(B // 2, tiles, tiles_w, C, meta["BLOCK_C"]))
 
 
@@ -1032,10 +1037,11 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
                 WALK=walk, INTERIOR=walk and (is_channels_last(dx) or vec > 1), VEC=vec,
                 VEC_PAD=K - 1 - padding[1] if vec > 1 else 0, INDEX_64=needs_int64(dy, weight, dx),
                 ACC_DTYPE=_acc_dtype(dy.dtype))
-    interior = _interior_share(config, C, Wo, W, K, stride[1], padding[1], dilation[1], True, vec)
+    interior = (_interior_share(config, C, Wo, W, K, stride[1], padding[1], dilation[1], True, vec)
+                if meta["INTERIOR"] else None)
     return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
-                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h), interior if meta["INTERIOR"] else None),
+                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h), interior),
                   typical_program=_middle_tile(B // 2 * phases, tiles, tiles_w, C, meta["BLOCK_C"]))
 
 
@@ -1084,8 +1090,9 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the
     # unmasked walk of the interior tiles, then the masked one, each as its mean over the tiles.
-    interior = _interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
-    rows = _walk_loops(True, config, H, K, interior if meta["INTERIOR"] else None)
+    interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
+                if meta["INTERIOR"] else None)
+    rows = _walk_loops(True, config, H, K, interior)
     loops = rows if tiles == 1 else ((cdiv(tiles, splits), rows),)
     return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=loops)
