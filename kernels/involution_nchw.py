@@ -564,65 +564,127 @@ def involution_nchw_bwd_weight_kernel(
 
 
 @triton.jit
-def _dw_pair_columns(dy_words, x_words, dw_pixels, PARITY: tl.constexpr, lane_ok, i0, row_first, col_first,
-                     H, W, Ho, CG, sdyc: tl.constexpr, sdyh: tl.constexpr, sxc: tl.constexpr, sxh: tl.constexpr,
-                     sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
+def _inside(index, size, SIGN_SHIFT):
+    """-1 (all bits) where 0 <= index < size, else 0, as int32 (indices lie within +-2^31, INDEX_64
+    too): a mask of bits for :func:`_kept`. SIGN_SHIFT is 31, a run-time argument: a shift by a
+    constant 31 tells LLVM the mask is 0 or -1, and it turns the AND into a select, which it moves past
+    the bf16 rounding and makes a permute and a select for each rounded half."""
+    return (~((index | (size - 1 - index)) >> SIGN_SHIFT)).to(tl.int32)
+
+
+@triton.jit
+def _kept(value, bits):
+    """The fp32 ``value`` where ``bits`` (from :func:`_inside`) is all ones, else 0: one AND."""
+    return (value.to(tl.int32, bitcast=True) & bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dw_pair_chunk(accs, c, dy_words, x_cols, shifts, i0, Ho,
+                   sdyc: tl.constexpr, sdyh: tl.constexpr, sxc: tl.constexpr, sxh: tl.constexpr,
+                   KS: tl.constexpr, SH: tl.constexpr, DH: tl.constexpr, CH: tl.constexpr, STRIP: tl.constexpr,
+                   STRADDLES: tl.constexpr, ROWS_FULL: tl.constexpr, ROW_GROUPS: tl.constexpr):
+    """accs plus the products of the CH channels from c, one tap column's (see _dw_pair_columns)."""
+    HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    grads = ()
+    for s in tl.static_range(STRIP):
+        for q in tl.static_range(CH):
+            if ROWS_FULL:
+                raw = tl.load(dy_words + c * (sdyc // 2) + (q * (sdyc // 2) + s * (sdyh // 2)))
+            else:
+                raw = tl.load(dy_words + c * (sdyc // 2) + (q * (sdyc // 2) + s * (sdyh // 2)),
+                              mask=i0 + s < Ho, other=0)
+            lo, hi = _halves(raw)
+            grads = grads + (lo, hi)
+    # The chunk's pointers first (and each shifted group's), so that row offsets are immediates.
+    x_chunk = ()
+    for t in tl.static_range(1 + STRADDLES):
+        x_chunk = x_chunk + (x_cols[t] + c * (sxc // 2),)
+    x_groups = ()
+    for g in tl.static_range(len(ROW_GROUPS)):
+        for t in tl.static_range(1 + STRADDLES):
+            x_groups = x_groups + (x_cols[t] + (shifts[g] + c * (sxc // 2)),)
+    for h in tl.static_range(HALO):
+        words = x_chunk
+        for g in tl.static_range(len(ROW_GROUPS)):
+            if h >= ROW_GROUPS[g][0] and h < ROW_GROUPS[g][1]:
+                words = x_groups[g * (1 + STRADDLES):(g + 1) * (1 + STRADDLES)]
+        xs = ()
+        for q in tl.static_range(CH):
+            lo, hi = _halves(tl.load(words[0] + (h * (sxh // 2) + q * (sxc // 2))))
+            if STRADDLES:
+                nxt = tl.load(words[1] + (h * (sxh // 2) + q * (sxc // 2)))
+                lo, hi = hi, (nxt << 16).to(tl.float32, bitcast=True)
+            xs = xs + (lo, hi)
+        new = ()
+        for s in tl.static_range(STRIP):
+            for u in tl.static_range(KS):
+                for p in tl.static_range(2):
+                    acc = accs[(s * KS + u) * 2 + p]
+                    if h == s * SH + u * DH:  # strip row s reads halo row h through tap row u
+                        for q in tl.static_range(CH):
+                            acc = acc + grads[(s * CH + q) * 2 + p] * xs[q * 2 + p]
+                    new = new + (acc,)
+        accs = new
+    return accs
+
+
+@triton.jit
+def _dw_pair_columns(dy_words, x_rows, dw_pixels, PARITY: tl.constexpr, lane_ok, i0, jj, row_first,
+                     H, W, Ho, CG, SIGN_SHIFT, sdyc: tl.constexpr, sdyh: tl.constexpr, sxc: tl.constexpr,
+                     sxh: tl.constexpr, sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr,
+                     sdww: tl.constexpr,
                      PW: tl.constexpr, KS: tl.constexpr, SH: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, INDEX_64: tl.constexpr):
+                     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, ROWS_FULL: tl.constexpr,
+                     ROW_GROUPS: tl.constexpr, INDEX_64: tl.constexpr):
     """The tap columns v = PARITY, PARITY + 2, ... of involution_nchw_bwd_weight_pairs_kernel: their
-    columns sit alike in the int32 words (word FIRST + m*DW for v = PARITY + 2m), so whether a pixel
-    pair straddles two words is a compile-time fact of the loop."""
-    # Column of pixel p through tap v, in words from col_first: (v*DW + PW % 2 + p) / 2.
-    FIRST: tl.constexpr = (PARITY * DW + PW % 2) // 2
+    columns sit alike in the int32 words (a pair's first column, 2*jj + v*DW - PW, has the parity of
+    PARITY*DW + PW), so whether a pixel pair straddles two words is a compile-time fact of the loop.
+
+    Every sum reads one x position, through all the channels: where that position lies outside x the
+    sum is zeroed once, at the end, instead of masking each load. So every load reads a clamped,
+    in-range address and no load is masked (the masks, one per halo row and word, outnumbered the
+    predicate registers and were rebuilt before every load)."""
     STRADDLES: tl.constexpr = (PARITY * DW + PW % 2) % 2
     HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    # Halo rows outside x in some strip read, there, rows inside instead (their sums are zeroed
+    # below): each group of ROW_GROUPS (all outside or all inside in every strip) is shifted into x
+    # by its lanes, and its rows keep constant offsets from the group's pointer.
+    shifts = ()
+    for g in tl.static_range(len(ROW_GROUPS)):
+        start = row_first + ROW_GROUPS[g][0]
+        last = tl.minimum(tl.maximum(start, 0), H - (ROW_GROUPS[g][1] - ROW_GROUPS[g][0]))
+        shifts = shifts + ((last - start) * (sxh // 2),)
     for v in range(PARITY, KS, 2):
-        word = FIRST + (v - PARITY) // 2 * DW
-        word_ok = ()
+        # Pixel p's column through tap v, 2*jj + p + v*DW - PW, lies in word (2*jj + v*DW - PW + p) // 2.
+        first = 2 * jj + v * DW - PW
+        x_cols = ()
         for t in tl.static_range(1 + STRADDLES):
-            word_ok = word_ok + (lane_ok & (col_first + 2 * (word + t) >= 0) & (col_first + 2 * (word + t) < W),)
-        x_col = x_words + word
+            word = (first + 2 * t) // 2 if STRADDLES == 0 else (first - 1 + 2 * t) // 2
+            x_cols = x_cols + (x_rows + tl.minimum(tl.maximum(word, 0), W // 2 - 1),)
         accs = ()
         for _ in tl.static_range(STRIP * KS * 2):
             accs = accs + (tl.zeros((BLOCK_W,), dtype=tl.float32),)
+        # At least one trip: else the zeroed sums are also kept for a path around the loop (twice the zeroing).
+        tl.assume(CG >= CH)
         for c in range(0, CG, CH):
-            c = _wide(c, INDEX_64)
-            grads = ()
-            for s in tl.static_range(STRIP):
-                for q in tl.static_range(CH):
-                    raw = tl.load(dy_words + c * (sdyc // 2) + (q * (sdyc // 2) + s * (sdyh // 2)),
-                                  mask=lane_ok & (i0 + s < Ho), other=0)
-                    lo, hi = _halves(raw)
-                    grads = grads + (lo, hi)
-            x_chunk = x_col + c * (sxc // 2)
-            for h in tl.static_range(HALO):
-                row_ok = (row_first + h >= 0) & (row_first + h < H)
-                xs = ()
-                for q in tl.static_range(CH):
-                    raw = tl.load(x_chunk + (h * (sxh // 2) + q * (sxc // 2)), mask=word_ok[0] & row_ok, other=0)
-                    lo, hi = _halves(raw)
-                    if STRADDLES:
-                        nxt = tl.load(x_chunk + (h * (sxh // 2) + q * (sxc // 2) + 1), mask=word_ok[1] & row_ok, other=0)
-                        lo, hi = hi, (nxt << 16).to(tl.float32, bitcast=True)
-                    xs = xs + (lo, hi)
-                new = ()
-                for s in tl.static_range(STRIP):
-                    for u in tl.static_range(KS):
-                        for p in tl.static_range(2):
-                            acc = accs[(s * KS + u) * 2 + p]
-                            if h == s * SH + u * DH:  # strip row s reads halo row h through tap row u
-                                for q in tl.static_range(CH):
-                                    acc = acc + grads[(s * CH + q) * 2 + p] * xs[q * 2 + p]
-                            new = new + (acc,)
-                accs = new
+            accs = _dw_pair_chunk(accs, _wide(c, INDEX_64), dy_words, x_cols, shifts, i0, Ho, sdyc, sdyh, sxc, sxh,
+                                  KS, SH, DH, CH, STRIP, STRADDLES, ROWS_FULL, ROW_GROUPS)
         dw_col = dw_pixels + _wide(v, INDEX_64) * sdwv
         pair = tl.arange(0, 2)[None, :] * sdww
+        col_in = (_inside(first, W, SIGN_SHIFT), _inside(first + 1, W, SIGN_SHIFT))
         for s in tl.static_range(STRIP):
+            stored = lane_ok if ROWS_FULL else lane_ok & (i0 + s < Ho)
             for u in tl.static_range(KS):
-                both = tl.join(accs[(s * KS + u) * 2], accs[(s * KS + u) * 2 + 1])
+                keep = col_in
+                # Only the rows of ROW_GROUPS may lie outside x: the others' sums need the columns' test alone.
+                for g in tl.static_range(len(ROW_GROUPS)):
+                    if s * SH + u * DH >= ROW_GROUPS[g][0] and s * SH + u * DH < ROW_GROUPS[g][1]:
+                        row_in = _inside(row_first + s * SH + u * DH, H, SIGN_SHIFT)
+                        keep = (keep[0] & row_in, keep[1] & row_in)
+                both = tl.join(_kept(accs[(s * KS + u) * 2], keep[0]), _kept(accs[(s * KS + u) * 2 + 1], keep[1]))
                 # The tap's offset joins the pointer alone: u * sdwu may pass 2^31 (INDEX_64), pair is int32.
                 tl.store((dw_col + (u * sdwu + s * sdwh))[:, None] + pair, both.to(dw_pixels.dtype.element_ty),
-                         mask=(lane_ok & (i0 + s < Ho))[:, None])
+                         mask=stored[:, None])
 
 
 @triton.jit
@@ -630,33 +692,35 @@ def involution_nchw_bwd_weight_pairs_kernel(
     dy_ptr, x_ptr, dw_ptr,
     B, H, W, Ho, Wo, G, CG,
     sdyb, sxb, sdwb, sdwg,
-    ROW_TILES,
+    ROW_TILES, SIGN_SHIFT,
     sdyc: tl.constexpr, sdyh: tl.constexpr,
     sxc: tl.constexpr, sxh: tl.constexpr,
     sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
     KS: tl.constexpr, SH: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, INDEX_64: tl.constexpr,
+    CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, ROWS_FULL: tl.constexpr,
+    ROW_GROUPS: tl.constexpr, INDEX_64: tl.constexpr,
 ):
     """involution_nchw_bwd_weight_kernel for bf16 at column stride 1, each lane owning two adjacent
     output pixels (columns 2*jj and 2*jj + 1), dy and x read as int32 pairs of bf16 along W (W, Wo and
     every stride but the contiguous one even): a word load and one shift or mask per element, where a
     bf16 load takes a load, a zeroing and a shift. The tap columns go in two run-time loops by parity,
     so that in each the pair's two x columns either share a word or straddle two, known when compiled.
+    ROWS_FULL: the strips tile the output rows exactly (no row of dy to mask).
     """
     b, g, c_first, i0, jj = _lanes(ROW_TILES, Wo // 2, G, 1, CG, CG, STRIP, BLOCK_W, INDEX_64)
     lane_ok = b < B
+    b_in = tl.minimum(b, B - 1)  # lanes past the last sample read its data (and store nothing)
     row_first = i0 * SH - PH
-    col_first = jj * 2 - (PW + PW % 2)  # even: a word boundary
-    dy_words = (dy_ptr + (b * sdyb + c_first * sdyc)).to(tl.pointer_type(tl.int32), bitcast=True) \
+    dy_words = (dy_ptr + (b_in * sdyb + c_first * sdyc)).to(tl.pointer_type(tl.int32), bitcast=True) \
         + (i0 * (sdyh // 2) + jj)
-    x_words = (x_ptr + (b * sxb + c_first * sxc)).to(tl.pointer_type(tl.int32), bitcast=True) \
-        + (row_first * (sxh // 2) + col_first // 2)
+    x_rows = (x_ptr + (b_in * sxb + c_first * sxc)).to(tl.pointer_type(tl.int32), bitcast=True) \
+        + row_first * (sxh // 2)
     dw_pixels = dw_ptr + b * sdwb + g * sdwg + i0 * sdwh + jj * (2 * sdww)
     for parity in tl.static_range(2):
-        _dw_pair_columns(dy_words, x_words, dw_pixels, parity, lane_ok, i0, row_first, col_first, H, W, Ho, CG,
+        _dw_pair_columns(dy_words, x_rows, dw_pixels, parity, lane_ok, i0, jj, row_first, H, W, Ho, CG, SIGN_SHIFT,
                          sdyc, sdyh, sxc, sxh, sdwu, sdwv, sdwh, sdww, PW, KS, SH, DH, DW, CH, STRIP, BLOCK_W,
-                         INDEX_64)
+                         ROWS_FULL, ROW_GROUPS, INDEX_64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -762,6 +826,22 @@ def _strip(rows: int, cap: int) -> int:
     if rows <= cap:
         return max(1, rows)
     return min(range(max(1, cap // 2), cap + 1), key=lambda s: (cdiv(rows, s) * s, -s))
+
+
+def _row_groups(H: int, K: int, strip: int, row_tiles: int, stride: int, padding: int, dilation: int) -> tuple:
+    """The weight gradient's groups of halo rows to shift into x (see _dw_pair_columns): runs of rows
+    outside x in the same strips (so in every strip all outside or all inside), at most H rows each."""
+    halo = (strip - 1) * stride + (K - 1) * dilation + 1
+    firsts = [tile * strip * stride - padding for tile in range(row_tiles)]
+    outside = [tuple(not 0 <= first + h < H for first in firsts) for h in range(halo)]
+    groups = []
+    for h in range(halo):
+        if any(outside[h]) and groups and groups[-1][1] == h and outside[groups[-1][0]] == outside[h] \
+                and h + 1 - groups[-1][0] <= H:
+            groups[-1] = (groups[-1][0], h + 1)
+        elif any(outside[h]):
+            groups.append((h, h + 1))
+    return tuple(groups)
 
 
 def _grid_size(lanes: int, block: int) -> tuple[int, int, int]:
@@ -883,10 +963,14 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool,
         args = dict(
             dy_ptr=dy, x_ptr=x, dw_ptr=dw, B=B, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=CG,
             sdyb=dy.stride(0), sxb=x.stride(0), sdwb=dw.stride(0), sdwg=dw.stride(1), ROW_TILES=row_tiles,
+            SIGN_SHIFT=31,  # an argument, not a constant: see _inside
         )
         meta = dict(**inner_strides("sdy", dy.select(3, 0), "ch"), **inner_strides("sx", x.select(3, 0), "ch"),
                     **inner_strides("sdw", dw, "uvhw"), PH=padding[0], PW=padding[1], KS=K, SH=stride[0],
-                    DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip, BLOCK_W=block_w, INDEX_64=index_64)
+                    DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip, BLOCK_W=block_w,
+                    ROWS_FULL=Ho % strip == 0, ROW_GROUPS=_row_groups(H, K, strip, row_tiles, stride[0], padding[0],
+                                                                       dilation[0]),
+                    INDEX_64=index_64)
         # Two loops over the tap columns (even, then odd), each around the group's channels CH at a time.
         column_loops = _column_loops((K + 1) // 2, chunks) + _column_loops(K // 2, chunks)
         return Launch(involution_nchw_bwd_weight_pairs_kernel, _grid_size(B * G * row_tiles * (Wo // 2), block_w),

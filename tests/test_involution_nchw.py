@@ -158,6 +158,8 @@ PAIR_CASES = [
     (1, 2, 5, 8, 4, 1, 2, 1, 1),       # even K, stride 2, padding 1
     (1, 2, 5, 6, 5, 1, 1, 1, None),    # even padding at stride 1
     (1, 4, 3, 4, 1, 2, 1, 1, None),    # K = 1: no tap pair, only the last column
+    (2, 4, 7, 8, 5, 2, 1, 1, None),    # dw pairs: two samples, a partial last strip, lanes past the last sample
+    (1, 4, 9, 6, 5, 2, (2, 1), 1, None),  # dw pairs at row stride 2
 ]
 PAIR_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}" for c in PAIR_CASES]
 
@@ -223,3 +225,40 @@ def test_pair_kernels_forward_input_and_weight_gradients(case, nan_poison):
     stride_w = case[6] if isinstance(case[6], int) else case[6][1]
     pairs = stride_w == 1 and case[1] // case[5] % 2 == 0 and case[4] >= 5
     assert launches[2].name == ("involution_nchw_bwd_weight_pairs_kernel" if pairs else "involution_nchw_bwd_weight_kernel")
+
+
+def test_weight_gradient_pairs_shift_every_row_they_read_into_x():
+    """The pair weight gradient reads halo rows outside x from rows inside instead (and zeroes their
+    sums): each group of ``_row_groups`` is all outside or all inside x in every strip, at most H rows,
+    and shifted as the kernel shifts it, it reads rows of x only; the rows in no group are inside x in
+    every strip. (Values cannot show a stray address: its sums are zeroed. So the host's groups are
+    checked here, over every small geometry.)"""
+    # R1: three rows above the first strip, three below the last.
+    assert nchw._row_groups(56, 7, 8, 7, 1, 3, 1) == ((0, 3), (11, 14))
+    # Four rows, K = 7, strips of 3: rows above strip 0, below strip 1, below both.
+    assert nchw._row_groups(4, 7, 3, 2, 1, 3, 1) == ((0, 3), (4, 7), (7, 9))
+    for H in range(1, 9):
+        for K in (5, 7, 9):
+            for stride in (1, 2):
+                for dilation in (1, 2):
+                    for padding in range(0, dilation * (K - 1) + 1):
+                        Ho = (H + 2 * padding - dilation * (K - 1) - 1) // stride + 1
+                        for strip in (1, 3, 8):
+                            if Ho < 1:
+                                continue
+                            tiles = -(-Ho // strip)
+                            halo = (strip - 1) * stride + (K - 1) * dilation + 1
+                            groups = nchw._row_groups(H, K, strip, tiles, stride, padding, dilation)
+                            grouped = {h for start, end in groups for h in range(start, end)}
+                            for tile in range(tiles):
+                                first = tile * strip * stride - padding
+                                for h in set(range(halo)) - grouped:
+                                    assert 0 <= first + h < H
+                                for start, end in groups:
+                                    assert end - start <= H
+                                    inside = [0 <= first + h < H for h in range(start, end)]
+                                    assert all(inside) or not any(inside)
+                                    shifted = min(max(first + start, 0), H - (end - start))  # the kernel's clamp
+                                    assert all(0 <= shifted + h - start < H for h in range(start, end))
+                                    if all(inside):
+                                        assert shifted == first + start
