@@ -161,15 +161,9 @@ def _weight_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
     x, dy = ts["x"], ts["dy"]
     config = config or ecw.weight_grad_config(x, _key_experts("expert_conv_bwd_weight", ts), m, g, geometry[0])
-    (B, Cin), Cout, kernel_hw = x.shape[:2], dy.shape[1], (spec["kh"], spec["kw"])
-    k_total = Cin // g * kernel_hw[0] * kernel_hw[1]
-    splits = ecw.weight_grad_splits(B, m, Cout, g, k_total, dy.shape[2] * dy.shape[3], config)
-    acc = dict(dtype=ec._acc_torch_dtype(x.dtype), device=x.device)
-    dw = _cached(ts, ("dw", splits), lambda: ecw.kernel_grad_buffer(splits, B, m, Cout, Cin // g, kernel_hw, **acc))
-    regions = _regions(ts, 1)
-    # As the op: one region leaves the bias gradient to a plain sum of dy.
-    dbias = _cached(ts, ("dbias", splits), lambda: torch.empty((splits, B, m, Cout), **acc)) if regions else None
-    return ecw.backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, g, *geometry, config)
+    # As the op, its partials kept across the candidates of one problem.
+    return ecw.launch_with_partials(dy, x, _regions(ts, 1), m, g, (spec["kh"], spec["kw"]), geometry, config,
+                                    buffer=lambda name, build: _cached(ts, name, build))[0]
 
 
 def _region_forward(spec: dict, ts: dict, config: dict | None) -> Launch:

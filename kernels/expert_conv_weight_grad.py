@@ -329,18 +329,20 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
 # The entry point used by ops/: it allocates the partials and sums them.
 # --------------------------------------------------------------------------------------------
 
-def _launch_with_partials(dy, x, regions: RegionTables | None, m: int, groups: int, kernel_hw, geometry,
-                          config: dict) -> tuple[Launch, torch.Tensor, torch.Tensor | None]:
+def launch_with_partials(dy, x, regions: RegionTables | None, m: int, groups: int, kernel_hw, geometry,
+                         config: dict, buffer=None) -> tuple[Launch, torch.Tensor, torch.Tensor | None]:
     """The kernel-gradient launch and the partials it writes, on dy's device in the accumulation
     dtype: dW's pixel splits and, with regions, the bias gradient's. One region leaves the bias
     gradient to dy's pixel sum, a plain reduction (deterministic) rather than a row sum in every
-    program of the kernel (see expert_conv_bwd_weight_kernel)."""
+    program of the kernel (see expert_conv_bwd_weight_kernel). ``buffer(name, build)`` gives each
+    partials tensor (the tuner's cache of them); by default ``build()``, a new one."""
     B, Cin = x.shape[:2]
     Cout, pixels = dy.shape[1], dy.shape[2] * dy.shape[3]
     splits = weight_grad_splits(B, m, Cout, groups, Cin // groups * kernel_hw[0] * kernel_hw[1], pixels, config)
-    acc = _acc_torch_dtype(x.dtype)
-    dw = kernel_grad_buffer(splits, B, m, Cout, Cin // groups, kernel_hw, acc, dy.device)
-    dbias = torch.empty((splits, B, m, Cout), dtype=acc, device=dy.device) if regions is not None else None
+    acc = dict(dtype=_acc_torch_dtype(x.dtype), device=dy.device)
+    buffer = buffer or (lambda name, build: build())
+    dw = buffer(("dw", splits), lambda: kernel_grad_buffer(splits, B, m, Cout, Cin // groups, kernel_hw, **acc))
+    dbias = buffer(("dbias", splits), lambda: torch.empty((splits, B, m, Cout), **acc)) if regions is not None else None
     return backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, *geometry, config), dw, dbias
 
 
@@ -355,8 +357,8 @@ def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_h
         experts_like = torch.empty((1, Cout, Cin // groups, *kernel_hw), device="meta")
         config = weight_grad_config(x, experts_like, m, groups, stride)
     regions = region_tables(guide, 1) if guide is not None and m > 1 else None
-    launch, dw, dbias = _launch_with_partials(dy, x, regions, m, groups, kernel_hw, (stride, padding, dilation),
-                                              config)
+    launch, dw, dbias = launch_with_partials(dy, x, regions, m, groups, kernel_hw, (stride, padding, dilation),
+                                             config)
     launch()
     if dbias is None:
         dbias = dy.sum((2, 3), dtype=dw.dtype).reshape(1, B, 1, Cout)
@@ -376,7 +378,7 @@ def default_launch(dy, x, experts, m: int, groups: int, geometry) -> Launch:
     catalogue's launches and the static model's)."""
     regions = meta_region_tables(x.shape[0], dy.shape[2] * dy.shape[3], m, 1) if m > 1 else None
     config = weight_grad_config(x, experts, m, groups, geometry[0])
-    return _launch_with_partials(dy, x, regions, m, groups, tuple(experts.shape[3:]), geometry, config)[0]
+    return launch_with_partials(dy, x, regions, m, groups, tuple(experts.shape[3:]), geometry, config)[0]
 
 
 def catalogue() -> list[Launch]:
