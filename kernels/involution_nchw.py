@@ -629,7 +629,7 @@ def _dw_pair_chunk(accs, c, dy_words, x_cols, shifts, i0, Ho,
 
 
 @triton.jit
-def _dw_pair_columns(dy_words, x_rows, dw_pixels, PARITY: tl.constexpr, lane_ok, i0, jj, row_first,
+def _dw_pair_columns(dy_words, x_rows, shifts, dw_pixels, PARITY: tl.constexpr, lane_ok, i0, jj, row_first,
                      H, W, Ho, CG, SIGN_SHIFT, sdyc: tl.constexpr, sdyh: tl.constexpr, sxc: tl.constexpr,
                      sxh: tl.constexpr, sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr,
                      sdww: tl.constexpr,
@@ -646,14 +646,6 @@ def _dw_pair_columns(dy_words, x_rows, dw_pixels, PARITY: tl.constexpr, lane_ok,
     predicate registers and were rebuilt before every load)."""
     STRADDLES: tl.constexpr = (PARITY * DW + PW % 2) % 2
     HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
-    # Halo rows outside x in some strip read, there, rows inside instead (their sums are zeroed
-    # below): each group of ROW_GROUPS (all outside or all inside in every strip) is shifted into x
-    # by its lanes, and its rows keep constant offsets from the group's pointer.
-    shifts = ()
-    for g in tl.static_range(len(ROW_GROUPS)):
-        start = row_first + ROW_GROUPS[g][0]
-        last = tl.minimum(tl.maximum(start, 0), H - (ROW_GROUPS[g][1] - ROW_GROUPS[g][0]))
-        shifts = shifts + ((last - start) * (sxh // 2),)
     for v in range(PARITY, KS, 2):
         # Pixel p's column through tap v, 2*jj + p + v*DW - PW, lies in word (2*jj + v*DW - PW + p) // 2.
         first = 2 * jj + v * DW - PW
@@ -716,9 +708,17 @@ def involution_nchw_bwd_weight_pairs_kernel(
         + (i0 * (sdyh // 2) + jj)
     x_rows = (x_ptr + (b_in * sxb + c_first * sxc)).to(tl.pointer_type(tl.int32), bitcast=True) \
         + row_first * (sxh // 2)
+    # Halo rows outside x in some strip read, there, rows inside instead (their sums are zeroed, see
+    # _dw_pair_columns): each group of ROW_GROUPS (all outside or all inside in every strip) is
+    # shifted into x by its lanes, and its rows keep constant offsets from the group's pointer.
+    shifts = ()
+    for gr in tl.static_range(len(ROW_GROUPS)):
+        start = row_first + ROW_GROUPS[gr][0]
+        last = tl.minimum(tl.maximum(start, 0), H - (ROW_GROUPS[gr][1] - ROW_GROUPS[gr][0]))
+        shifts = shifts + ((last - start) * (sxh // 2),)
     dw_pixels = dw_ptr + b * sdwb + g * sdwg + i0 * sdwh + jj * (2 * sdww)
     for parity in tl.static_range(2):
-        _dw_pair_columns(dy_words, x_rows, dw_pixels, parity, lane_ok, i0, jj, row_first, H, W, Ho, CG, SIGN_SHIFT,
+        _dw_pair_columns(dy_words, x_rows, shifts, dw_pixels, parity, lane_ok, i0, jj, row_first, H, W, Ho, CG, SIGN_SHIFT,
                          sdyc, sdyh, sxc, sxh, sdwu, sdwv, sdwh, sdww, PW, KS, SH, DH, DW, CH, STRIP, BLOCK_W,
                          ROWS_FULL, ROW_GROUPS, INDEX_64)
 
