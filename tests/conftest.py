@@ -25,9 +25,25 @@ if os.environ["TRITON_INTERPRET"] == "1":
     interpreter_bf16.install()
 
 
+if DEVICE == "cuda":
+    # Tests that build their tensors without naming a device (most kernel-level ones) run there too:
+    # on the first GPU run, 67 of them handed CPU tensors to compiled kernels.
+    torch.set_default_device("cuda")
+
+
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fp32_is_fp32():
+    """fp32 is checked at fp32 tolerance: torch's convolutions (and the expert kernels, which follow
+    ``cudnn.allow_tf32`` like cuDNN) would otherwise round fp32 operands to tf32 on a GPU."""
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 @pytest.fixture

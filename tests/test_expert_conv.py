@@ -108,15 +108,6 @@ def mixing(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    """fp32 is checked at fp32 tolerance: keep tf32 off for runs on a GPU."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = previous
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_and_gradients(name, dtype, mixing, device):
