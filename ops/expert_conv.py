@@ -828,9 +828,11 @@ class _BackwardInput(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tgrad, tweights, trouting, tspatial, *_):
         grad, weights, routing, spatial, guide = ctx.saved_tensors
-        step = functools.partial(_EAGER_STEPS.backward_input, guide=_fixed(guide), x_size=ctx.sizes[0],
-                                 channels_last=ctx.sizes[1], stride=ctx.geometry[0], padding=ctx.geometry[1],
-                                 dilation=ctx.geometry[2], groups=ctx.geometry[3])
+        fixed = (_fixed(guide), *ctx.sizes[:2], *ctx.geometry[:4])
+
+        def step(*operands):  # positional: torch 2.11's functorch takes no keywords through Function.apply
+            return _EAGER_STEPS.backward_input(*operands, *fixed)
+
         terms = [step(tgrad, weights, routing, spatial) if tgrad is not None else None,
                  step(grad, tweights, routing, spatial) if tweights is not None else None,
                  step(grad, weights, trouting, spatial) if trouting is not None else None,
