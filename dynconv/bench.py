@@ -23,7 +23,7 @@ about ten minutes: nhwc in every dtype would double the work of an nchw-only run
 the layout is part of every kernel's tuning key), nhwc in bf16 alone adds a third.
 ``--layouts`` measures exactly the layouts named, each in every dtype.
 
-The csv is rewritten after every shape, layout and dtype (rows of an earlier run with the same
+The csv is rewritten after every pass of a shape, layout and dtype (rows of an earlier run with the same
 op, pass, dtype, layout, shape and provider are replaced, the rest kept; ``--fresh`` starts
 over), so a run cut short by a time limit keeps what it measured and ``--shapes`` can split a
 full run over several calls. Rows from before the layout column read as ``nchw``.
@@ -482,10 +482,12 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
                             rows.append({"op": p.op, "pass": pass_, "dtype": dtype, "layout": layout,
                                          "shape": name, "provider": provider, **fields, **env})
                             log("  " + _describe(rows[-1]))
+                        # Written per pass: a run killed by its time limit (SIGKILL runs no finally)
+                        # loses at most the pass it was in. The first GPU lease lost R1's forward so.
+                        write_csv(csv_path, rows, merge=not first_write)
+                        first_write, rows = False, []
                 finally:
-                    # Even when the device breaks mid-shape, what was measured before it is kept;
-                    # written per layout and dtype, so a run killed by its time limit loses at
-                    # most one of them.
+                    # Even when the device breaks mid-pass, what was measured before it is kept.
                     if rows:
                         write_csv(csv_path, rows, merge=not first_write)
                         first_write = False
