@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -249,6 +250,34 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+def unwritten_dots(ttir: str) -> list[str]:
+    """``file:line`` of each ``tt.dot`` in ``ttir`` that Triton made rather than a ``tl.dot``.
+
+    Triton's combine pass rewrites ``tl.sum(a[:, :, None] * b[None, :, :], axis=1)`` into a dot
+    with tf32 inputs whatever the dtype and with no check of the contraction's length: fp32 rounded
+    to 10 mantissa bits, and on triton 3.6 wrong sums for a contraction of 2 or 4 (seen on an H200).
+    Such a dot keeps the location of the reduction, which lies in triton's own ``language``
+    package (``tl.sum``); a written dot's lies in the kernel. Each location is followed to the
+    first source position it names (the callee of a callsite). Files are not read: a cached
+    compile keeps the paths of the checkout that compiled it.
+    """
+    locations = dict(re.findall(r"^(#loc\d+) = (.*)$", ttir, re.M))
+    found = []
+    for line in ttir.splitlines():
+        if "tt.dot " not in line or (ref := re.search(r"loc\((#loc\d+)\)\s*$", line)) is None:
+            continue
+        where = locations.get(ref.group(1), "")
+        for _ in range(32):  # named and callsite locations refer on to others
+            inner = re.search(r"#loc\d+", where)
+            if inner is None:
+                break
+            where = locations.get(inner.group(0), "")
+        site = re.search(r'"([^"]+)":(\d+)', where)
+        if site is None or "/triton/language/" in site.group(1).replace("\\", "/"):
+            found.append(f"{Path(site.group(1)).name}:{site.group(2)}" if site else f"? {where[:80]}")
+    return found
+
+
 def resource_usage(launch: Launch, arch: int = 90) -> dict[str, Any]:
     """Compile ``launch`` for sm_<arch> and report registers, spills, shared memory and load widths."""
     compiled = launch.compile(arch)
@@ -278,5 +307,6 @@ def resource_usage(launch: Launch, arch: int = 90) -> dict[str, Any]:
         "shared_limit": ARCHS.get(arch),
         "global_loads": len(loads),
         "vector_loads": vector_loads,
+        "unwritten_dots": unwritten_dots(compiled.asm["ttir"]),
         "meta": dict(launch.meta),
     }

@@ -76,7 +76,9 @@ def _matmul(a, b, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE:
     if USE_DOT:
         out = tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     else:
-        out = tl.sum(a[:, :, None].to(ACC_DTYPE) * b[None, :, :].to(ACC_DTYPE), axis=1)
+        # b first: Triton's combine pass turns sum(a[:, :, None] * b[None, :, :], 1) into a tf32 dot
+        # of any contraction length, which summed wrongly on an H200 (kernels._launch.unwritten_dots).
+        out = tl.sum(b[None, :, :].to(ACC_DTYPE) * a[:, :, None].to(ACC_DTYPE), axis=1)
     return out
 
 

@@ -1,5 +1,6 @@
 """Every kernel launch the ops make by default compiles for Hopper (sm_90) and Ampere (sm_80)
-with the triton wheel's ptxas: no spills, no stack, shared memory within the architecture.
+with the triton wheel's ptxas: no spills, no stack, shared memory within the architecture, and no
+matrix product that Triton made out of a multiply-reduce (``kernels._launch.unwritten_dots``).
 
 The compiles run in a subprocess through ``dynconv inspect`` because this test process has the
 interpreter switched on, and the interpreter replaces the kernels that are to be compiled.
@@ -36,6 +37,8 @@ def test_default_launches_compile_without_spills(module, arch):
             problems.append(f"{where}: spills ({row['local_memory_ops']} local loads/stores, {row['registers']} regs)")
         if row["stack_bytes"]:
             problems.append(f"{where}: stack frame of {row['stack_bytes']} bytes")
+        if row["unwritten_dots"]:
+            problems.append(f"{where}: tensor-core products no tl.dot wrote (tf32, any length): {row['unwritten_dots']}")
         if row["shared_bytes"] > ARCHS[arch]:
             problems.append(f"{where}: {row['shared_bytes']} B shared memory > {ARCHS[arch]}")
     assert not problems, "\n".join(problems)
@@ -48,3 +51,36 @@ def test_every_kernel_module_lists_its_launches():
     assert {"involution_fwd_kernel", "involution_bwd_input_kernel", "involution_bwd_weight_kernel"} <= names
     for module in KERNEL_MODULES:
         assert module.catalogue(), f"{module.__name__}.catalogue() is empty"
+
+
+_MULTIPLY_REDUCE = '''
+import sys, torch, triton, triton.language as tl
+from dynconv.kernels._launch import Launch, unwritten_dots
+
+@triton.jit
+def product(a_ptr, b_ptr, c_ptr, B_FIRST: tl.constexpr):
+    m, k = tl.arange(0, 16), tl.arange(0, 4)
+    a = tl.load(a_ptr + m[:, None] * 4 + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * 16 + m[None, :])
+    if B_FIRST:
+        c = tl.sum(b[None, :, :] * a[:, :, None], axis=1)
+    else:
+        c = tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    written = tl.dot(tl.load(a_ptr + m[:, None] * 16 + m[None, :]), c)
+    tl.store(c_ptr + m[:, None] * 16 + m[None, :], written)
+
+for b_first in (False, True):
+    tensors = {name: torch.empty(256, device="meta") for name in ("a_ptr", "b_ptr", "c_ptr")}
+    launch = Launch(product, (1, 1, 1), tensors, {"B_FIRST": b_first}, 4, 1)
+    print(b_first, unwritten_dots(launch.compile(90).asm["ttir"]))
+'''
+
+
+def test_unwritten_dots_finds_the_product_triton_makes_of_a_multiply_reduce(tmp_path):
+    script = tmp_path / "multiply_reduce.py"
+    script.write_text(_MULTIPLY_REDUCE)
+    proc = run_without_interpreter([str(script)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert found["False"].startswith("['standard.py:"), found  # the rewritten sum, not the written tl.dot
+    assert found["True"] == "[]", found
