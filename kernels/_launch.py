@@ -151,7 +151,8 @@ class Launch:
                 # the same keeps AOT compiles and JIT launches on the same cache entry.
                 attrs[(index,)] = [["tt.divisibility", 16]] if value % 16 == 0 else []
             elif isinstance(value, float):
-                signature[name] = "fp32"
+                # As the JIT: fp32, unless the kernel declares the parameter's type (fp64 in na2d).
+                signature[name] = fn.params[index].annotation_type or "fp32"
             else:
                 raise TypeError(f"cannot derive a Triton type for argument {name}={value!r}")
         return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -89,10 +89,22 @@ def _tile(TILES, TILES_W, HEADS, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, I
     return b, h, i, j
 
 
+# The JIT passes a Python float to an undeclared parameter as fp32, which left float64 attention 1e-6
+# off on an H200 (the interpreter keeps Python floats). The kernels take the scale once more as a
+# declared fp64 and, in float64, derive their constants from it; the other dtypes keep the fp32
+# arguments, whose compiled code this leaves as it was (an fp64 scale converted on entry held one
+# more register, and na2d_bwd_key_kernel spilled on sm_80).
+@triton.jit
+def _fp64_scales(scale_f64):
+    """(scale, scale·log2 e, 1/scale, log2 e, ln 2) in float64."""
+    log2e = tl.full((), 1.4426950408889634, tl.float64)
+    return scale_f64, scale_f64 * log2e, 1.0 / scale_f64, log2e, tl.full((), 0.6931471805599453, tl.float64)
+
+
 @triton.jit
 def na2d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, y_ptr, lse_ptr,
-    H, W, HEADS, D, K, DH, DW, scale,
+    H, W, HEADS, D, K, DH, DW, scale, scale_f64: tl.float64,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
@@ -104,6 +116,8 @@ def na2d_fwd_kernel(
     NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """y = softmax(scale·q·k + rpb) · v over each query's window; lse = log Σ exp(scores)."""
+    if ACC_DTYPE == tl.float64:
+        scale, _, _, _, _ = _fp64_scales(scale_f64)
     b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
     dd = tl.arange(0, BLOCK_D)
     inside = (i < H) & (j < W)
@@ -294,7 +308,7 @@ def _forward_chunk(n0, q, q_features, m, total, acc, k_head, v_head, skh, skw, s
 @triton.jit
 def na2d_fwd_tiled_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, y_ptr, lse_ptr,
-    H, W, HEADS, D, DH, DW, scale2, inv_scale, ln2,
+    H, W, HEADS, D, DH, DW, scale2, inv_scale, ln2, scale_f64: tl.float64,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
@@ -317,7 +331,9 @@ def na2d_fwd_tiled_kernel(
 
     Raw scores t = q·k (+ rpb / scale) and their running max m; the softmax in base 2, one fused
     multiply-add per score: exp2(t·scale2 - m·scale2), scale2 = scale·log2(e) > 0. The constants are
-    arguments: full precision in float64 through the interpreter."""
+    arguments (in float64 derived from ``scale_f64``, ``_fp64_scales``)."""
+    if ACC_DTYPE == tl.float64:
+        _, scale2, inv_scale, _, ln2 = _fp64_scales(scale_f64)
     b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j = _query_tile(
         H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
     dd = tl.arange(0, BLOCK_D)
@@ -355,7 +371,7 @@ def na2d_fwd_tiled_kernel(
 @triton.jit
 def na2d_bwd_query_tiled_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr, ds_ptr,
-    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e,
+    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e, scale_f64: tl.float64,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
@@ -377,6 +393,8 @@ def na2d_bwd_query_tiled_kernel(
     query and key, so the tile cannot sum ds by bin; ``_reduce_window_ds`` does, by the queries' window
     shifts. Each (query, tap) is one pair of the union: one writer. The store address is a per-query
     base plus a per-key offset, one addition per pair; the in-window test is the score's own."""
+    if ACC_DTYPE == tl.float64:
+        scale, scale2, inv_scale, log2e, _ = _fp64_scales(scale_f64)
     b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j = _query_tile(
         H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
     dd = tl.arange(0, BLOCK_D)
@@ -421,7 +439,7 @@ def na2d_bwd_query_tiled_kernel(
 @triton.jit
 def na2d_bwd_key_tiled_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e,
+    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e, scale_f64: tl.float64,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
@@ -446,6 +464,8 @@ def na2d_bwd_key_tiled_kernel(
     key's features are ONE on its row's and its column's slot in the tile, a query's are PENALTY on
     every key row and column its window misses. Queries outside the image or past the union read
     lse = +inf (p = 0). Each key has one writer: deterministic, no atomics."""
+    if ACC_DTYPE == tl.float64:
+        scale, scale2, inv_scale, log2e, _ = _fp64_scales(scale_f64)
     CHUNK_W: tl.constexpr = BLOCK_N // CHUNK_H
     b, h, gi, gj, li, lj, ti, tj, inside, _, _, _, _, i, j = _query_tile(
         H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
@@ -517,7 +537,7 @@ def na2d_bwd_key_tiled_kernel(
 @triton.jit
 def na2d_bwd_query_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr, drpb_ptr,
-    H, W, HEADS, D, K, DH, DW, scale,
+    H, W, HEADS, D, K, DH, DW, scale, scale_f64: tl.float64,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
@@ -532,6 +552,8 @@ def na2d_bwd_query_kernel(
 ):
     """dq = scale · Σ_taps ds·k, ds = p·(dy·v - delta); per program an rpb-gradient partial
     ``drpb[b, h, tile, BLOCK_R, BLOCK_R]`` (lse and delta share one layout)."""
+    if ACC_DTYPE == tl.float64:
+        scale, _, _, _, _ = _fp64_scales(scale_f64)
     b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
     dd = tl.arange(0, BLOCK_D)
     inside = (i < H) & (j < W)
@@ -597,7 +619,7 @@ def _holders(t, length, K, NEIGHBORHOOD: tl.constexpr):
 @triton.jit
 def na2d_bwd_key_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    H, W, HEADS, D, K, DH, DW, scale,
+    H, W, HEADS, D, K, DH, DW, scale, scale_f64: tl.float64,
     sqb, sqh, sqw, sqn, sqd,
     skb, skh, skw, skn, skd,
     svb, svh, svw, svn, svd,
@@ -611,6 +633,8 @@ def na2d_bwd_key_kernel(
     NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dv = Σ_holders p·dy, dk = scale · Σ_holders ds·q over the queries whose windows hold the key."""
+    if ACC_DTYPE == tl.float64:
+        scale, _, _, _, _ = _fp64_scales(scale_f64)
     b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
     dd = tl.arange(0, BLOCK_D)
     inside = (i < H) & (j < W)
@@ -899,7 +923,7 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
     if tiled and window_penalty(q.dtype, scale) is not None:
         return _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_fwd", q, K, dilation, config)
-    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars, scale=float(scale),
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars, scale=float(scale), scale_f64=float(scale),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
@@ -969,7 +993,7 @@ def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood
     kernel = "na2d_fwd_tiled" if rpb is None else "na2d_fwd_tiled_rpb"
     meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, kernel)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars,
-                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), ln2=math.log(2.0),
+                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), ln2=math.log(2.0), scale_f64=float(scale),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
@@ -990,7 +1014,7 @@ def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, ds, K, dilati
                                  config=None) -> Launch:
     meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_query_tiled")
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
-                ds_ptr=ds, **_strides("ds", ds, 6), **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale),
+                ds_ptr=ds, **_strides("ds", ds, 6), **scalars, scale=float(scale), scale_f64=float(scale), scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale),
                 log2e=math.log2(math.e),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
@@ -1013,7 +1037,7 @@ def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation
     meta["CHUNK_H"] = chunk_h
     loops = ((cdiv(bh + K - 1, chunk_h), (cdiv(bw + K - 1, bn // chunk_h),)),)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
-                dv_ptr=dv, **scalars, scale=float(scale), scale2=float(scale) * math.log2(math.e),
+                dv_ptr=dv, **scalars, scale=float(scale), scale_f64=float(scale), scale2=float(scale) * math.log2(math.e),
                 inv_scale=1.0 / float(scale), log2e=math.log2(math.e),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dk", dk, 5),
@@ -1048,7 +1072,7 @@ def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilatio
                                             neighborhood, config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_query", q, K, dilation, config)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
-                drpb_ptr=partials, **scalars, scale=float(scale),
+                drpb_ptr=partials, **scalars, scale=float(scale), scale_f64=float(scale),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
     meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None,
@@ -1065,7 +1089,7 @@ def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale
                                           config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_bwd_key", q, K, dilation, config)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
-                dv_ptr=dv, **scalars, scale=float(scale),
+                dv_ptr=dv, **scalars, scale=float(scale), scale_f64=float(scale),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dk", dk, 5),
                 **_strides("dv", dv, 5))

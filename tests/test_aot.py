@@ -84,3 +84,29 @@ def test_unwritten_dots_finds_the_product_triton_makes_of_a_multiply_reduce(tmp_
     found = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert found["False"].startswith("['standard.py:"), found  # the rewritten sum, not the written tl.dot
     assert found["True"] == "[]", found
+
+
+def test_float_arguments_have_an_fp64_twin():
+    """The JIT passes a Python float to an undeclared parameter as fp32: float64 na2d was 1e-6 off
+    on an H200. A kernel that takes float arguments also takes the scale they derive from as a
+    parameter declared ``tl.float64`` (na2d: ``scale_f64``), which its float64 path reads."""
+    import inspect
+
+    import triton.language as tl
+
+    from dynconv.kernels import catalogue
+
+    missing, checked = set(), 0
+    for launch in catalogue():
+        if not any(isinstance(value, float) for value in launch.args.values()):
+            continue
+        fn = launch.kernel
+        while hasattr(fn, "fn"):  # the JIT or interpreter wrapper around the Python function
+            fn = fn.fn
+        # A string under `from __future__ import annotations`, which the JIT reads as well.
+        twins = [name for name, parameter in inspect.signature(fn).parameters.items()
+                 if parameter.annotation in (tl.float64, "tl.float64") and isinstance(launch.args.get(name), float)]
+        checked += 1
+        if not twins:
+            missing.add(launch.name)
+    assert checked and not missing, sorted(missing)
