@@ -923,7 +923,8 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
     if tiled and window_penalty(q.dtype, scale) is not None:
         return _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)
     meta, scalars, grid, num_warps, num_stages = _common("na2d_fwd", q, K, dilation, config)
-    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars, scale=float(scale), scale_f64=float(scale),
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars, scale=float(scale),
+                scale_f64=float(scale),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
@@ -993,7 +994,8 @@ def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood
     kernel = "na2d_fwd_tiled" if rpb is None else "na2d_fwd_tiled_rpb"
     meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, kernel)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars,
-                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), ln2=math.log(2.0), scale_f64=float(scale),
+                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), ln2=math.log(2.0),
+                scale_f64=float(scale),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
@@ -1014,8 +1016,8 @@ def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, ds, K, dilati
                                  config=None) -> Launch:
     meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_query_tiled")
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
-                ds_ptr=ds, **_strides("ds", ds, 6), **scalars, scale=float(scale), scale_f64=float(scale), scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale),
-                log2e=math.log2(math.e),
+                ds_ptr=ds, **_strides("ds", ds, 6), **scalars, scale=float(scale), scale_f64=float(scale),
+                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), log2e=math.log2(math.e),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, RPB_GRAD=ds is not None,
@@ -1037,8 +1039,8 @@ def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation
     meta["CHUNK_H"] = chunk_h
     loops = ((cdiv(bh + K - 1, chunk_h), (cdiv(bw + K - 1, bn // chunk_h),)),)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
-                dv_ptr=dv, **scalars, scale=float(scale), scale_f64=float(scale), scale2=float(scale) * math.log2(math.e),
-                inv_scale=1.0 / float(scale), log2e=math.log2(math.e),
+                dv_ptr=dv, **scalars, scale=float(scale), scale_f64=float(scale),
+                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), log2e=math.log2(math.e),
                 **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
                 **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dk", dk, 5),
                 **_strides("dv", dv, 5))
