@@ -86,8 +86,11 @@ def normalised_gpu_name(name: str) -> str:
 
 
 def git_commit() -> str:
-    """``git rev-parse HEAD`` of the checkout, ``$DYNCONV_COMMIT`` where there is no git
-    (a copied working tree), else ``unknown``."""
+    """``$DYNCONV_COMMIT`` when set, else ``git rev-parse HEAD`` of the checkout, else ``unknown``.
+    The variable wins: a copied tree can carry a stale ``.git`` (on the first GPU lease, git named
+    the commit before the one whose tree was measured)."""
+    if os.environ.get("DYNCONV_COMMIT"):
+        return os.environ["DYNCONV_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
@@ -95,7 +98,7 @@ def git_commit() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("DYNCONV_COMMIT", "unknown")
+    return "unknown"
 
 
 def environment(device: str) -> dict:

@@ -12,10 +12,13 @@
 #                                            # configs, ncu on two cases, each boxed in time (LEASE_S,
 #                                            # default 540 s)
 #
+# Set DYNCONV_COMMIT to the commit sent: the device's copy of .git can be stale (it was on the first
+# lease), and the commit goes into every measured row.
+#
 # The device machine sends back only what lands under $OUT (at most 8 files), so each step writes
 # its log and one tarball of what it changed in the tree there; unpack the tarball in the checkout
 # and commit. Every step stops itself before the call's limit (STEP_BUDGET_S, default 540 s) and
-# keeps what it measured: bench rewrites its csv after every shape, autotune writes after each kernel.
+# keeps what it measured: bench rewrites its csv after every pass, autotune writes after each kernel.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,8 +32,9 @@ export PYTHONUNBUFFERED=1
 environment() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
     $PY - <<'EOF'
-import subprocess, torch, triton
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+import os, subprocess, torch, triton
+commit = os.environ.get("DYNCONV_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                            capture_output=True, text=True).stdout.strip()
 print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} commit={commit or 'unknown'}")
 EOF
 }

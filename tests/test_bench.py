@@ -600,3 +600,12 @@ def test_run_on_cpu_na2d_providers(tmp_path):
         ms = float(rows[prov]["ms_median"])  # a status here would raise
         assert float(rows[prov]["tflops"]) == pytest.approx(minimum_flops(tiny["T5"], "forward+backward") / ms / 1e9,
                                                             rel=1e-4)
+
+
+def test_the_commit_named_by_the_environment_wins_over_git(monkeypatch):
+    """A device's copied tree can carry a stale .git (the first GPU lease's did): DYNCONV_COMMIT,
+    set by whoever sent the tree, is what the measured rows record."""
+    monkeypatch.delenv("DYNCONV_COMMIT", raising=False)
+    from_git = bench.git_commit()
+    monkeypatch.setenv("DYNCONV_COMMIT", "0123abc")
+    assert bench.git_commit() == "0123abc" != from_git
