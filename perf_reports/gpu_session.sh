@@ -5,10 +5,11 @@
 #   bash perf_reports/gpu_session.sh tune    # `dynconv autotune --quick` -> autotune_configs/
 #   bash perf_reports/gpu_session.sh bench   # `dynconv bench --quick` -> perf_reports/<gpu>/
 #   bash perf_reports/gpu_session.sh profile # Nsight Compute over perf_reports/ncu_cases.py -> ncu.csv
+#   bash perf_reports/gpu_session.sh sanitize # compute-sanitizer memcheck over the unmasked kernels' tests
 #   bash perf_reports/gpu_session.sh overhead # host µs per op call, real launches (dynconv overhead)
 #   bash perf_reports/gpu_session.sh all     # tune then bench, each with half the budget
 #   bash perf_reports/gpu_session.sh lease   # a whole 15-minute lease in one call: the kernel tests,
-#                                            # a bf16 bench of the reference shapes with default
+#                                            # memcheck (60 s), a bf16 bench of the reference shapes with default
 #                                            # configs, ncu on two cases, each boxed in time (LEASE_S,
 #                                            # default 540 s)
 #
@@ -22,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-step=${1:?usage: gpu_session.sh check|tune|bench|profile|overhead|all|lease}
+step=${1:?usage: gpu_session.sh check|tune|bench|profile|sanitize|overhead|all|lease}
 OUT=${OUT:-/tmp/dynconv-out}
 BUDGET=${STEP_BUDGET_S:-540}
 PY=${PYTHON:-python3}
@@ -39,9 +40,23 @@ print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={tri
 EOF
 }
 
-install() {
-    $PY -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-        || { tail -20 "$OUT/install.log"; exit 1; }
+install() {  # its log stays off $OUT: a call brings back 8 files at most
+    $PY -m pip install -q --no-deps --no-build-isolation -e . >/tmp/dynconv-install.log 2>&1 \
+        || { tail -20 /tmp/dynconv-install.log; exit 1; }
+}
+
+sanitize_tests() {  # memcheck over the unmasked kernels' tests, boxed by $1 seconds (default the budget)
+    command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer is not on PATH here"; return 0; }
+    # Without torch's caching allocator every tensor is its own allocation, so a read past its end
+    # is outside any allocation rather than inside a cached block, where memcheck cannot see it.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 DYNCONV_TEST_DEVICE=cuda timeout -s INT -k 10 "${1:-$BUDGET}" \
+        compute-sanitizer --tool memcheck \
+        --error-exitcode 86 --log-file "$OUT/sanitize.log" $PY -m pytest -q -x -p no:cacheprovider \
+        tests/test_involution_nchw.py::test_pair_kernels_forward_input_and_weight_gradients \
+        tests/test_involution_nchw.py::test_weight_gradient_pairs_shift_every_row_they_read_into_x \
+        tests/test_dynamic_dwconv.py::test_channels_last_walk_runs_interior_programs_unmasked \
+        tests/test_dynamic_dwconv.py::test_nchw_walks_read_vectors_in_interior_tiles 2>&1 | tail -5
+    echo "compute-sanitizer exit ${PIPESTATUS[0]} (86: memcheck found errors, see sanitize.log)"
 }
 
 pack() {  # pack <name> <paths...>: a tarball of whatever of <paths> exists
@@ -83,6 +98,14 @@ case $step in
     timeout "$BUDGET" ncu --clock-control none --profile-from-start off --nvtx --csv --page raw \
         --metrics "$metrics" --log-file "$OUT/ncu.csv" $PY perf_reports/ncu_cases.py 2>&1 | tee "$OUT/profile.log" | tail -30
     ;;
+  sanitize)
+    # compute-sanitizer's memcheck over the tests of the kernels that load without masks (clamped
+    # or shifted addresses: the pair kernels, the dwconv interior walks). The interpreter checks no
+    # address, so only a GPU can show a stray read.
+    environment | tee "$OUT/environment.txt"
+    install
+    sanitize_tests
+    ;;
   overhead)
     environment | tee "$OUT/environment.txt"
     install
@@ -110,6 +133,8 @@ case $step in
         -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" $(printf 'tests/%s.py ' "${tests[@]}") 2>&1 \
         | tee "$OUT/gpu-tests.log" | tail -30
     echo "== tests done at $((SECONDS - start)) s"
+    sanitize_tests ${LEASE_SANITIZE_S:-60}
+    echo "== sanitize done at $((SECONDS - start)) s"
     DYNCONV_AUTOTUNE=0 timeout -s INT -k 10 $(box 60) $PY -m dynconv.cli bench --quick --quiet --dtypes bf16 \
         --passes forward backward --shapes ${LEASE_SHAPES:-R1 R4 E1 D1 R1-layer R2 E2 R3 N1} 2>&1 \
         | tee "$OUT/bench.log" | tail -25
@@ -134,5 +159,5 @@ case $step in
     STEP_BUDGET_S=$((BUDGET / 2)) bash "$0" bench
     ;;
   *)
-    echo "unknown step: $step (check|tune|bench|profile|overhead|all|lease)" >&2; exit 2 ;;
+    echo "unknown step: $step (check|tune|bench|profile|sanitize|overhead|all|lease)" >&2; exit 2 ;;
 esac
