@@ -59,6 +59,21 @@ sanitize_tests() {  # memcheck over the unmasked kernels' tests, boxed by $1 sec
     echo "compute-sanitizer exit ${PIPESTATUS[0]} (86: memcheck found errors, see sanitize.log)"
 }
 
+# Nsight Compute over every launch between cudaProfilerStart/Stop of perf_reports/ncu_cases.py (warm,
+# one fwd+bwd per case), torch's own kernels included: what the op costs is all of them.
+NCU_METRICS=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
+NCU_METRICS+=,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
+NCU_METRICS+=,launch__registers_per_thread,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active
+NCU_METRICS+=,lts__t_bytes.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum
+
+ncu_cases() {  # ncu_cases SECONDS "EXTRA NCU OPTIONS" [CASE ...] -> $OUT/ncu.csv; --clock-control none: leave clocks alone
+    local seconds=$1 extra=$2
+    shift 2
+    # shellcheck disable=SC2086  # the extra options are words
+    timeout -k 5 "$seconds" ncu --clock-control none --profile-from-start off --nvtx --csv --page raw $extra \
+        --metrics "$NCU_METRICS" --log-file "$OUT/ncu.csv" $PY perf_reports/ncu_cases.py "$@"
+}
+
 pack() {  # pack <name> <paths...>: a tarball of whatever of <paths> exists
     local name=$1; shift
     local present=()
@@ -89,14 +104,7 @@ case $step in
     environment | tee "$OUT/environment.txt"
     install
     command -v ncu >/dev/null || { echo "ncu is not on PATH here"; exit 1; }
-    # Every launch between cudaProfilerStart/Stop (warm, one fwd+bwd per case), torch's own
-    # kernels included: what the op costs is all of them. --clock-control none: leave clocks alone.
-    metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum
-    metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
-    metrics+=,launch__registers_per_thread,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active
-    metrics+=,lts__t_bytes.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum
-    timeout "$BUDGET" ncu --clock-control none --profile-from-start off --nvtx --csv --page raw \
-        --metrics "$metrics" --log-file "$OUT/ncu.csv" $PY perf_reports/ncu_cases.py 2>&1 | tee "$OUT/profile.log" | tail -30
+    ncu_cases "$BUDGET" "" 2>&1 | tee "$OUT/profile.log" | tail -30
     ;;
   sanitize)
     # compute-sanitizer's memcheck over the tests of the kernels that load without masks (clamped
@@ -141,16 +149,11 @@ case $step in
     pack bench perf_reports/*_H200* perf_reports/*_H100*
     echo "== bench done at $((SECONDS - start)) s"
     if command -v ncu >/dev/null; then
-        metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread
-        metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
-        metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
-        metrics+=,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum
         # The sections bring achieved occupancy and the warps' stall reasons: the first lease's R1
         # forward ran at a fifth of the static model's bound, which counts no latency.
-        DYNCONV_AUTOTUNE=0 timeout -k 5 $(box 5) ncu --clock-control none --profile-from-start off --nvtx --csv \
-            --page raw --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-            --metrics "$metrics" --log-file "$OUT/ncu.csv" $PY perf_reports/ncu_cases.py R1:bf16 R4:bf16 \
-            2>&1 | tail -5
+        DYNCONV_AUTOTUNE=0 ncu_cases $(box 5) \
+            "--section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats" \
+            R1:bf16 R4:bf16 2>&1 | tail -5
     fi
     echo "== lease done at $((SECONDS - start)) s"
     ;;

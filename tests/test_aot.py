@@ -54,7 +54,7 @@ def test_every_kernel_module_lists_its_launches():
 
 
 _MULTIPLY_REDUCE = '''
-import sys, torch, triton, triton.language as tl
+import torch, triton, triton.language as tl
 from dynconv.kernels._launch import Launch, unwritten_dots
 
 @triton.jit
