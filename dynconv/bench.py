@@ -335,6 +335,12 @@ def measure_ceilings(timer: Timer, copy_bytes: int = 2 << 30, matmul_n: int = 81
     ceilings["method"] = (f"hbm: median of {copy_bytes >> 20} MiB device-to-device copies, read + written bytes; "
                           f"matmul: median of {matmul_n}^3 torch.mm on random data "
                           "(fp32 with TF32 off, tf32 with it on)")
+    from .probes import measure_latency
+
+    try:
+        ceilings.update(measure_latency())
+    except Exception as exc:  # noqa: BLE001 - a failed probe must not cost the bandwidth figures above
+        ceilings["latency_error"] = f"{type(exc).__name__}: {exc}"[:300]
     return ceilings
 
 
@@ -453,7 +459,10 @@ def run_benchmarks(ops=None, dtypes=None, passes=None, shapes=None, providers=No
         from dynconv.kernels.configs import atomic_write_text
         atomic_write_text(folder / "ceilings.json", json.dumps(ceilings, indent=2) + "\n")
         log(f"  HBM {ceilings['hbm_gbps']:.0f} GB/s, fp32 {ceilings['fp32_tflops']:.1f} TFLOP/s, "
-            f"tf32 {ceilings['tf32_tflops']:.0f}, bf16 {ceilings['bf16_tflops']:.0f}, fp16 {ceilings['fp16_tflops']:.0f}")
+            f"tf32 {ceilings['tf32_tflops']:.0f}, bf16 {ceilings['bf16_tflops']:.0f}, fp16 {ceilings['fp16_tflops']:.0f}; "
+            + (f"load latency HBM {ceilings['hbm_latency_ns']:.0f} ns ({ceilings['hbm_loaded_latency_ns']:.0f} under a "
+               f"copy), L2 {ceilings['l2_latency_ns']:.0f} ns" if "hbm_latency_ns" in ceilings
+               else f"load latency not measured ({ceilings.get('latency_error')})"))
 
     problems = dict(problems or {})
     names = list(shapes) if shapes else default_shapes(quick)

@@ -13,24 +13,26 @@ H200 model (``MODEL``):
 * xu: conversions and special functions, 16 lanes per clock per SM;
 * l1: bytes through L1 (global and shared accesses, whole 32-byte sectors) at 128 B per clock per SM;
 * hbm: the kernel's own minimum bytes (each input read once, each output written once) at 4.3 TB/s;
-* mma: tensor-core instructions at their type's rate.
+* mma: tensor-core instructions at their type's rate;
+* latency: waves of resident programs, each as long as one warp's critical path through the
+  scoreboards ptxas set (``latency.py``: every global load waits ``latency_cycles["global"]``).
 
-The kernel's predicted time is at least the largest of these (latency, occupancy, tails and
-cache misses beyond the minimum are ignored, so a real kernel can only be slower), and the
-PREDICTED fraction of the roofline is ``roofline time / that bound``, where the roofline time is
-the larger of the HBM floor and the compute floor of the right ceiling (CUDA-core FMA for the
-family-1 kernels, tensor cores for ``tl.dot`` kernels).
+The kernel's predicted time is the largest of these, and the PREDICTED fraction of the roofline is
+``roofline time / that time``, where the roofline time is the larger of the HBM floor and the
+compute floor of the right ceiling (CUDA-core FMA for the family-1 kernels, tensor cores for
+``tl.dot`` kernels). The throughput pipes alone (``predicted_fraction_throughput``) are an upper
+bound; the latency pipe is an estimate whose one free figure, the global-load latency, was set
+against the one kernel measured so far (perf_reports/NOTES.md), so the fraction with it is a
+prediction, not a bound.
 """
 from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from . import ptx_sim, sass
+from . import latency, ptx_sim, sass
 from .console import Progress, add_quiet, command_parser
 from .bounds_cases import Case, all_cases
 
@@ -51,14 +53,25 @@ MODEL = {
     # at half the wgmma rate on Hopper (an assumption); fp64 DMMA.
     "mma_flop_per_clock": {"gmma16": 3023.0, "gmmatf32": 1511.5, "hmma16": 1511.5, "hmmatf32": 755.75,
                            "dmma": 256.0, "imma": 6046.0},
+    # Cycles until a scoreboard clears (latency.py). Global: fitted to the one kernel measured on an
+    # H200 (R1's bf16 NCHW forward, 297 us, config picked at run time from six: the default is
+    # predicted at 300 us, the fastest of the six at 210; perf_reports/NOTES.md). Published pointer
+    # chases put an unloaded H100 HBM miss near 600 cycles; a loaded memory system is slower. The
+    # others are short-pipe figures of the order those studies give.
+    "latency_cycles": {"global": 1000.0, "shared": 30.0, "constant": 20.0, "other": 15.0, "operands": 20.0},
+    # What one SM holds at once (Hopper): registers, warps, programs, shared memory (1 KB reserved a program).
+    "sm_limits": {"registers": 65536, "warps": 64, "programs": 32, "shared_bytes": 233472, "shared_reserved": 1024},
 }
 ASSUMPTIONS = ("PREDICTED by a static model, not measured: H200 model (132 SMs at 1.98 GHz, 4 warp-instructions "
                "issued per clock per SM, integer pipe at half rate, fp32 FMA 128 lanes, L1 128 B/clock/SM, "
                "HBM 4.3 TB/s, HGMMA 3023 FLOP/clock/SM = 790 TFLOP/s bf16 (tf32: half), HMMA at half the HGMMA rate); every instruction of a loop "
                "body counted on every trip (trip counts declared by the launcher; where they differ by stride "
                "phase, their mean over the programs), masked lanes and branches "
-               "not taken included; latency, occupancy, tail waves and cache misses beyond the minimum bytes ignored, "
-               "so a real kernel can only be slower")
+               "not taken included; cache misses beyond the minimum bytes ignored. Latency: one warp's critical path through "
+               f"the scoreboards ptxas set, every global load {MODEL['latency_cycles']['global']:.0f} cycles (fitted to "
+               "the one kernel measured), "
+               "times the waves of programs the registers and shared memory let an SM hold; an estimate, "
+               "so the fraction is a prediction, and the throughput pipes alone an upper bound")
 # What each figure of a row is: computed from the compiled code, or PREDICTED by the model.
 FIGURES = {
     "warp_instructions": "computed: SASS instructions x the launcher's declared loop trips x warps x programs",
@@ -70,15 +83,22 @@ FIGURES = {
     "requested_over_min": "computed: requested_bytes / min_bytes",
     "min_bytes": "computed: the kernel's inputs read once and outputs written once (roofline.py's model)",
     "flops": "computed: useful FLOPs, 2 per multiply-add",
-    "pipe_us": "PREDICTED: each pipe's busy time on the H200 model (issue, int, fma, xu, l1, hbm minimum, mma)",
-    "bound_us": "PREDICTED: the largest pipe time, a lower bound on the kernel's time",
+    "pipe_us": "PREDICTED: each pipe's busy time on the H200 model (issue, int, fma, xu, l1, hbm minimum, mma, latency)",
+    "bound_us": "PREDICTED: the largest pipe time (with the latency pipe an estimate of the kernel's time)",
+    "registers": "computed: registers a thread, from the cubin",
+    "resident_programs": "computed: programs an SM holds at once (registers, shared memory, warp and block slots)",
+    "warps_per_scheduler": "computed: resident warps an SM scheduler interleaves (of 4), capped by the grid",
+    "waves": "computed: programs / (SMs x resident programs), rounded up",
+    "warp_cycles": "PREDICTED: one warp's critical path in clocks (latency.py, MODEL['latency_cycles'])",
     "limiter": "PREDICTED: the pipe that sets bound_us",
     "roofline_us": "PREDICTED: max(min_bytes at HBM, flops at the compute ceiling)",
-    "predicted_fraction": "PREDICTED: roofline_us / bound_us, an upper bound on the fraction a GPU would measure",
+    "predicted_fraction": "PREDICTED: roofline_us / bound_us, the fraction a GPU is expected to measure",
+    "predicted_fraction_throughput": "PREDICTED: the same without the latency pipe, an upper bound",
     "predicted_fraction_of_hbm": "PREDICTED: HBM floor / bound_us (the audit quotes this for the fused layer)",
 }
 FIELDS = ("case", "kernel", "dtype", "layout", "arch", "triton", "limiter", "bound_us", "predicted_fraction")
-PIPES = ("issue", "int", "fma", "xu", "l1", "hbm", "mma")
+PIPES = ("issue", "int", "fma", "xu", "l1", "hbm", "mma", "latency")
+THROUGHPUT_PIPES = PIPES[:-1]
 
 
 def fma_tflops() -> float:
@@ -134,7 +154,10 @@ def count(dump: str, trips: tuple, programs: int, num_warps: int, warp_accesses:
     instructions = sass.parse(dump)
     if not instructions:
         raise ValueError("no SASS instructions in the dump")
-    executed = sass.execution_counts(instructions, sass.loops(instructions), trips)
+    forest = sass.loops(instructions)
+    executed = sass.execution_counts(instructions, forest, trips)
+    warp_cycles = latency.warp_cycles(instructions, executed, forest, MODEL["latency_cycles"],
+                                      MODEL["mma_flop_per_clock"]["gmma16"] / 4)
     warps = programs * num_warps
     pipes = dict.fromkeys(("issue", "int", "imad", "fma", "xu", "mem", "mma", "other"), 0.0)
     global_ideal = shared = 0.0
@@ -168,7 +191,8 @@ def count(dump: str, trips: tuple, programs: int, num_warps: int, warp_accesses:
             source = "computed: warp 0 of the middle program, simulated"
     return {"warp_instructions": pipes, "l1_bytes": shared + global_ideal * sector_ratio, "sector_source": source,
             "requested_bytes": global_ideal * useful_ratio, "sector_efficiency": useful_ratio / sector_ratio,
-            "mma_seconds": mma_seconds, "load_widths": sorted(set(loads)), "instructions": len(instructions)}
+            "mma_seconds": mma_seconds, "load_widths": sorted(set(loads)), "instructions": len(instructions),
+            "warp_cycles": warp_cycles}
 
 
 def main_accesses(result: ptx_sim.Result, top: int = 4) -> list[dict]:
@@ -205,8 +229,9 @@ def simulate_warp(launch, compiled) -> ptx_sim.Result:
     return ptx_sim.simulate(compiled.asm["ptx"], _ptx_arguments(launch), program, grid, launch.num_warps)
 
 
-def time_bounds(counts: dict, min_bytes: int) -> dict[str, float]:
-    """Seconds each pipe needs at its model rate (module docstring)."""
+def time_bounds(counts: dict, min_bytes: int, waves: int = 0) -> dict[str, float]:
+    """Seconds each pipe needs at its model rate (module docstring); ``waves`` of programs, each
+    ``counts["warp_cycles"]`` long, make the latency pipe."""
     sms_hz = MODEL["sms"] * MODEL["clock_hz"]
     w = counts["warp_instructions"]
     return {
@@ -217,6 +242,7 @@ def time_bounds(counts: dict, min_bytes: int) -> dict[str, float]:
         "l1": counts["l1_bytes"] / (sms_hz * MODEL["l1_bytes_per_clock"]),
         "hbm": min_bytes / MODEL["hbm_bytes_per_s"],
         "mma": counts["mma_seconds"],
+        "latency": waves * counts.get("warp_cycles", 0.0) / MODEL["clock_hz"],
     }
 
 
@@ -227,26 +253,40 @@ def _triton_version() -> str:
 
 
 def _sass(compiled) -> str:
-    from .kernels._launch import _cuobjdump
+    from .kernels._launch import cubin_dumps
 
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        return subprocess.run([_cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
+    return cubin_dumps(compiled)[1]
 
 
-def evaluate(case: Case, arch: int = 90) -> dict:
-    """One row of the model for one case (compiles its launch)."""
-    launch = case.build()
+def occupancy(registers: int, shared_bytes: int, num_warps: int, programs: int) -> dict:
+    """Resident programs an SM, warps a scheduler and waves of a launch on the model's GPU."""
+    resident = latency.resident_programs(registers, shared_bytes, num_warps, MODEL["sm_limits"])
+    if resident < 1:
+        raise ValueError(f"a program of {num_warps} warps, {registers} registers and {shared_bytes} B of shared "
+                         "memory does not fit an SM")
+    on_chip = min(resident, -(-programs // MODEL["sms"]))
+    return {"resident_programs": resident, "warps_per_scheduler": round(on_chip * num_warps / 4, 2),
+            "waves": -(-programs // (MODEL["sms"] * resident))}
+
+
+def evaluate(case: Case, arch: int = 90, launch=None) -> dict:
+    """One row of the model for one case (compiles its launch, or ``launch``: the same problem with
+    another config)."""
+    from .kernels._launch import cubin_dumps
+
+    launch = launch or case.build()
     compiled = launch.compile(arch)
     programs = 1
     for extent in launch.grid:
         programs *= extent
     warp = simulate_warp(launch, compiled)
-    counts = count(_sass(compiled), launch.loops, programs, launch.num_warps, warp)
-    bounds = time_bounds(counts, case.min_bytes)
+    usage, dump = cubin_dumps(compiled)
+    counts = count(dump, launch.loops, programs, launch.num_warps, warp)
+    resident = occupancy(usage.get("REG", 0), int(compiled.metadata.shared), launch.num_warps, programs)
+    bounds = time_bounds(counts, case.min_bytes, resident["waves"])
     limiter = max(bounds, key=bounds.get)
     bound = bounds[limiter]
+    throughput = max(bounds[k] for k in THROUGHPUT_PIPES)
     compute_s = compute_seconds(case)
     roofline = max(bounds["hbm"], compute_s)
     w = counts["warp_instructions"]
@@ -254,12 +294,14 @@ def evaluate(case: Case, arch: int = 90) -> dict:
         "case": case.case, "kernel": case.kernel, "dtype": case.dtype, "layout": case.layout, "arch": f"sm_{arch}",
         "triton": _triton_version(), "limiter": limiter, "bound_us": round(bound * 1e6, 2),
         "predicted_fraction": round(roofline / bound, 4),
+        "predicted_fraction_throughput": round(roofline / throughput, 4),
         "predicted_fraction_of_hbm": round(bounds["hbm"] / bound, 4),
         "roofline_us": round(roofline * 1e6, 2),
         "roofline_limiter": "hbm" if bounds["hbm"] >= compute_s else ceiling_name(case),
         "pipe_us": {k: round(v * 1e6, 2) for k, v in bounds.items()},
         "kernel_name": launch.name, "grid": list(launch.grid), "num_warps": launch.num_warps,
         "num_stages": launch.num_stages, "loops": launch.loops,
+        "registers": usage.get("REG", 0), **resident, "warp_cycles": round(counts["warp_cycles"]),
         "meta": {k: str(v) for k, v in launch.meta.items()},
         "warp_instructions": {k: round(v) for k, v in w.items()},
         "instructions_per_fma": round(w["issue"] * 32 / (case.flops / 2), 2),
@@ -286,24 +328,27 @@ def markdown(rows: list[dict]) -> str:
     head = rows[0] if rows else {}
     lines = [f"# PREDICTED roofline fractions (static model), triton {head.get('triton', '?')}, {head.get('arch', '?')}",
              "", f"Computed by `dynconv inspect --bounds`. {ASSUMPTIONS}.", "",
-             "Columns: `bound` is the largest per-pipe time (µs, PREDICTED lower bound on the kernel's time); "
-             "`fraction` the roofline time over it; `roof` what the roofline is (hbm or the compute ceiling); "
+             "Columns: `bound` is the largest per-pipe time (µs, PREDICTED time of the kernel); "
+             "`fraction` the roofline time over it; `thru` the same without the latency pipe (an upper bound); "
+             "`roof` what the roofline is (hbm or the compute ceiling); `lat` the latency pipe (waves x one warp's "
+             "critical path); `w/s` resident warps an SM scheduler interleaves; "
              "`instr/FMA` executed thread-instructions per useful multiply-add; `req/min` bytes the loads and "
              "stores request over the kernel's minimum bytes; `sectors` the share of each 32-byte sector the "
              "global accesses use (simulated warp; `*`: assumed, the simulation could not follow the loop).", "",
              "Shapes: `REFERENCE_SHAPES` of dynconv/roofline.py, and C256 (3x3, 256->256, 56x56, B32, E4), "
              "X1 (E1 at stride 2), R1s2 (R1 at stride 2) from dynconv/bounds_cases.py.", "",
-             "| case | kernel | dtype | layout | limiter | bound µs | roofline µs | roof | fraction | issue | int | fma | l1 | hbm | mma | instr/FMA | req/min | sectors | load bytes |",
-             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| case | kernel | dtype | layout | limiter | bound µs | roofline µs | roof | fraction | thru | issue | int | fma | l1 | hbm | mma | lat | w/s | instr/FMA | req/min | sectors | load bytes |",
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | ERROR: {r['error'][:80]} |" + " |" * 15)
+            lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | ERROR: {r['error'][:80]} |" + " |" * 18)
             continue
         p = r["pipe_us"]
         lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | {r['limiter']} | {r['bound_us']:.1f} | "
                      f"{r['roofline_us']:.1f} | {r['roofline_limiter']} | {100 * r['predicted_fraction']:.1f}% | "
-                     + " | ".join(f"{p[k]:.1f}" for k in ("issue", "int", "fma", "l1", "hbm", "mma"))
-                     + f" | {r['instructions_per_fma']:.1f} | {r['requested_over_min']:.2f} | "
+                     f"{100 * r['predicted_fraction_throughput']:.1f}% | "
+                     + " | ".join(f"{p[k]:.1f}" for k in ("issue", "int", "fma", "l1", "hbm", "mma", "latency"))
+                     + f" | {r['warps_per_scheduler']:g} | {r['instructions_per_fma']:.1f} | {r['requested_over_min']:.2f} | "
                      f"{100 * r['sector_efficiency']:.0f}%{'*' if r['sector_source'].startswith('assumed') else ''} | "
                      f"{','.join(str(b) for b in r['load_widths'])} |")
     return "\n".join(lines) + "\n"

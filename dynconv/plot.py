@@ -588,7 +588,7 @@ def predicted_tables(reports: Path) -> dict[str, list[dict]]:
 
 def draw_predicted(reports: Path) -> list[Path]:
     """One figure per committed table: ``static/roofline_predicted_triton<version>``, every point
-    the model's PREDICTED upper bound (minimum FLOPs over the predicted time), on the model's roofs."""
+    the model's PREDICTED throughput (minimum FLOPs over the predicted time), on the model's roofs."""
     written = []
     for version, rows in predicted_tables(reports).items():
         if rows:
@@ -647,7 +647,8 @@ def _draw_predicted_roofline(rows: list[dict], path: Path) -> list[Path]:
             pending.append((ax, labelled, samples))
     version, arch = rows[0]["triton"], rows[0]["arch"]
     fig.suptitle(f"PREDICTED by the static model (dynconv inspect --bounds; triton {version}, {arch}; H200 model, "
-                 f"HBM {hbm:,.0f} GB/s): upper bounds, not measurements. Label: shape, kernel, % of the roofline",
+                 f"HBM {hbm:,.0f} GB/s; latency fitted to one measured kernel): predictions, not measurements. "
+                 "Label: shape, kernel, % of the roofline",
                  fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     for ax, labelled, samples in pending:
@@ -677,8 +678,9 @@ def _predicted_section(reports: Path) -> str:
     if not tables:
         return ""
     out = ["## PREDICTED (static model, not measured)", "",
-           "Upper bounds from the compiled code (`dynconv inspect --bounds`, see `static/`); they are no "
-           "measurement and are never mixed with one.", ""]
+           "Predicted from the compiled code (`dynconv inspect --bounds`, see `static/`: throughput pipes and a "
+           "latency term fitted to the kernels measured above); they are no measurement and are never mixed "
+           "with one.", ""]
     for version in tables:
         stem = f"roofline_predicted_triton{version}"
         if (reports / "static" / f"{stem}.png").exists():
@@ -823,12 +825,37 @@ def readme_problem(reports: Path, force: bool = False) -> str | None:
             "pass --force to replace it, or choose another folder")
 
 
+def _measured_kernels_section(reports: Path) -> str:
+    """Kernel times measured outside a committed csv (``<gpu>/measured.json``), beside the model."""
+    predicted = {(r["case"], r["kernel"], r["dtype"], r["layout"]): r for r in predicted_tables(reports).get("3.6", [])}
+    lines = []
+    for path in sorted(Path(reports).glob("*/measured.json")):
+        doc = json.loads(path.read_text())
+        for row in doc["rows"]:
+            model = predicted.get((row["case"], row["kernel"], row["dtype"], row["layout"]))
+            now = "superseded" if row.get("superseded") else f"{model['bound_us']:.0f}" if model else "—"
+            lines.append(f"| {doc['gpu']} | {row['case']} {row['kernel']} {row['dtype']} {row['layout']} | "
+                         f"{row['median_us']:.0f} | {doc['torch']}, triton {doc['triton']}, {doc['commit']} | {now} |")
+    if not lines:
+        return ""
+    return "\n".join(["## Kernels measured (MEASURED)", "",
+                      "Single kernels timed on a GPU (`<gpu>/measured.json`, raw logs beside it), with the static "
+                      "model's PREDICTED time of the launcher's default launch today (triton 3.6 table) for comparison; "
+                      "`measured.json` says which config was timed.", "",
+                      "| GPU | kernel | measured µs | torch, triton, commit | PREDICTED µs |", "|---|---|---:|---|---:|",
+                      *lines, ""])
+
+
 def render_readme(reports: Path, datasets: list[GpuData]) -> str:
     parts = [README_MARKER + "\n" + _intro()]
+    measured = _measured_kernels_section(reports)
     if not datasets:
-        parts.append("## Measurements\n\n**No measurements yet.** No GPU session has run `dynconv bench` "
-                     "for this repository, so there are no numbers, tables or plots here. They will appear "
+        parts.append("## Measurements\n\n**No benchmark tables yet.** No GPU session has committed the csv of a "
+                     "`dynconv bench` run, so there are no tables or plots here"
+                     f"{' (single kernels measured so far are listed below)' if measured else ''}. They will appear "
                      "after a GPU session runs `dynconv bench` and commits `perf_reports/<gpu>/`.\n")
+    if measured:
+        parts.append(measured)
     for data in datasets:
         parts.append(_gpu_section(data, reports))
     predicted = _predicted_section(reports)

@@ -10,6 +10,10 @@ import re
 from dataclasses import dataclass, field
 
 _LINE = re.compile(r"/\*(?P<addr>[0-9a-f]{4,})\*/\s+(?P<pred>@!?U?P[T0-9]+\s+)?(?P<op>[A-Z][A-Za-z0-9_.]*)(?P<args>[^;]*);")
+# The second 64-bit word of a Volta-and-later instruction, printed alone on the next line: its top
+# bits are the scheduling controls ptxas chose (stall count, scoreboards set and waited on).
+_CONTROL_WORD = re.compile(r"^\s*/\*\s*0x(?P<hex>[0-9a-f]{16})\s*\*/\s*$")
+NO_BARRIER = 7
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
 
 # Pipes of the model. "int" is the integer/logic ALU (compares, selects, shifts, adds, moves), at half
@@ -37,6 +41,12 @@ class Instruction:
     predicate: str  # "" when unpredicated
     opcode: str  # with modifiers, e.g. "LDG.E.128"
     args: str
+    # Scheduling controls (``Controls``); a dump without the control words reads as one cycle a
+    # step and no scoreboards.
+    stall: int = 1  # cycles before the warp's next instruction may issue
+    write_barrier: int | None = None  # scoreboard set when a variable-latency result lands
+    read_barrier: int | None = None  # scoreboard set when the source registers have been read
+    wait_mask: int = 0  # scoreboards (bit per index, 6 of them) that must clear before issue
 
     @property
     def base(self) -> str:
@@ -55,14 +65,26 @@ class Instruction:
         return int(match.group(1), 16) if match else None
 
 
+def controls(word: int) -> dict:
+    """The scheduling controls in an instruction's high 64-bit word (bits 105-121 of the 128):
+    4 bits of stall, a yield bit, 3 bits of write scoreboard, 3 of read scoreboard, 6 of wait mask."""
+    write, read = (word >> 46) & 7, (word >> 49) & 7
+    return {"stall": (word >> 41) & 0xF, "write_barrier": None if write == NO_BARRIER else write,
+            "read_barrier": None if read == NO_BARRIER else read, "wait_mask": (word >> 52) & 0x3F}
+
+
 def parse(text: str) -> list[Instruction]:
-    """The instructions of the (single) function in a ``cuobjdump -sass`` dump, in address order."""
+    """The instructions of the (single) function in a ``cuobjdump -sass`` dump, in address order,
+    with their scheduling controls where the dump prints the instruction's second word."""
     instructions = []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
         match = _LINE.search(line)
-        if match:
-            instructions.append(Instruction(int(match["addr"], 16), (match["pred"] or "").strip(), match["op"],
-                                            match["args"].strip()))
+        if not match:
+            continue
+        word = _CONTROL_WORD.match(lines[number + 1]) if number + 1 < len(lines) else None
+        instructions.append(Instruction(int(match["addr"], 16), (match["pred"] or "").strip(), match["op"],
+                                        match["args"].strip(), **(controls(int(word["hex"], 16)) if word else {})))
     return instructions
 
 

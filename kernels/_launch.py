@@ -279,15 +279,21 @@ def unwritten_dots(ttir: str) -> list[str]:
     return found
 
 
-def resource_usage(launch: Launch, arch: int = 90) -> dict[str, Any]:
-    """Compile ``launch`` for sm_<arch> and report registers, spills, shared memory and load widths."""
-    compiled = launch.compile(arch)
+def cubin_dumps(compiled) -> tuple[dict[str, int], str]:
+    """A compiled kernel's resource usage (``REG``, ``STACK``, ``SHARED``, ``LOCAL``) and its SASS,
+    as ``cuobjdump`` prints them."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([_cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
-    usage = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", dump))
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", dump)}, sass
+
+
+def resource_usage(launch: Launch, arch: int = 90) -> dict[str, Any]:
+    """Compile ``launch`` for sm_<arch> and report registers, spills, shared memory and load widths."""
+    compiled = launch.compile(arch)
+    usage, sass = cubin_dumps(compiled)
     # A spill is local-memory traffic. STACK alone can be non-zero for a dead local depot that
     # LLVM leaves in the PTX (8 bytes, never loaded or stored), so count LDL/STL in the SASS.
     local_memory_ops = len(re.findall(r"\b(?:LDL|STL)(?:\.[A-Z0-9]+)*\b", sass))

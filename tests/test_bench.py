@@ -485,7 +485,7 @@ def test_plots_from_synthetic_csv(synthetic_reports):
 def test_readme_summary_from_synthetic_data(synthetic_reports):
     tmp_path, _ = synthetic_reports
     readme = (tmp_path / "README.md").read_text()
-    assert SYNTHETIC_GPU in readme and "No measurements yet" not in readme
+    assert SYNTHETIC_GPU in readme and "No benchmark tables yet" not in readme
     links = [line for line in readme.splitlines() if line.startswith("![speedup_")]
     assert [line.split("(")[1] for line in links] == [f"SYNTHETIC_GPU/speedup_{s}.png)" for s in
                                                       ("fp32_nchw", "bf16_nchw", "bf16_nhwc")]
@@ -534,7 +534,7 @@ def test_plot_reads_a_csv_from_before_the_layout_column(tmp_path):
 def test_readme_without_measurements_says_so(tmp_path):
     assert plot.draw_all(tmp_path, log=lambda *_: None) == []
     readme = (tmp_path / "README.md").read_text()
-    assert "No measurements yet" in readme
+    assert "No benchmark tables yet" in readme
     assert "×" not in readme.split("## Measurements")[1] and "![" not in readme
 
 

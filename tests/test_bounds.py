@@ -304,7 +304,7 @@ def test_plot_draws_the_predicted_roofline_apart_from_measurements(tmp_path):
     assert plot.draw_all(tmp_path, log=lambda *_: None) == []  # nothing measured: nothing drawn as measured
     readme = (tmp_path / "README.md").read_text()
     measured, predicted = readme.split("## PREDICTED (static model, not measured)")
-    assert "No measurements yet" in measured and "![" not in measured.split("## Measurements")[1]
+    assert "No benchmark tables yet" in measured and "![" not in measured.split("## Measurements")[1]
     assert "static/roofline_predicted_triton3.6.png" in predicted
     assert "R1        fwd" in plot.predicted_summary(tmp_path)
     attention = dict(rows[0], case="N1", layout="BHWND")

@@ -65,7 +65,7 @@ def test_readme_is_replaced_only_when_the_tool_wrote_it_or_with_force(tmp_path, 
     assert readme.read_text() == USER_README
     plot.write_readme(tmp_path, [], force=True)
     first = readme.read_text()
-    assert first.startswith(plot.README_MARKER) and "No measurements yet" in first
+    assert first.startswith(plot.README_MARKER) and "No benchmark tables yet" in first
     plot.write_readme(tmp_path, [])  # its own page: rewritten without --force
     # A page from before the marker (the committed perf_reports/README.md) is the tool's too.
     readme.write_text(first[len(plot.README_MARKER) + 1:])
