@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", default="", help="only cases whose 'shape kernel dtype layout' contains this")
     parser.add_argument("--kernel", default="", help="only these kernels, comma-separated (fwd, dx, dw, guide, dz, dspan)")
     parser.add_argument("--write", type=Path, default=None, help="also write bounds-triton<version>.json/.md here")
+    parser.add_argument("--measure", type=Path, default=None, metavar="FILE",
+                        help="on a GPU: time the same launches instead (MEASURED), a JSON line per row appended to FILE")
+    parser.add_argument("--jobs", type=int, default=0, help="with --measure: processes compiling ahead (default: CPUs, 16 at most)")
     add_quiet(parser)
     args = parser.parse_args(argv)
 
@@ -405,6 +408,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if kernels_are_interpreted():
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels this command compiles")
+    if args.measure:
+        import torch
+
+        from . import bounds_measure
+
+        if not torch.cuda.is_available():
+            parser.error("--measure times kernels on a GPU: none is visible")
+        log = (lambda *a, **k: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        return bounds_measure.run(args.measure, args.case, args.kernel, args.jobs, log)
     rows = run(args.arch, args.case, args.kernel, progress=not args.quiet)
     if args.json:
         for row in rows:

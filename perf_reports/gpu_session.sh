@@ -7,9 +7,11 @@
 #   bash perf_reports/gpu_session.sh profile # Nsight Compute over perf_reports/ncu_cases.py -> ncu.csv
 #   bash perf_reports/gpu_session.sh sanitize # compute-sanitizer memcheck over the unmasked kernels' tests
 #   bash perf_reports/gpu_session.sh overhead # host µs per op call, real launches (dynconv overhead)
+#   bash perf_reports/gpu_session.sh measure # time every launch the static model predicts -> measured.jsonl
 #   bash perf_reports/gpu_session.sh all     # tune then bench, each with half the budget
 #   bash perf_reports/gpu_session.sh lease   # a whole 15-minute lease in one call: the kernel tests,
-#                                            # memcheck (60 s), a bf16 bench of the reference shapes with default
+#                                            # memcheck (40 s), the static model's launches timed
+#                                            # (150 s), a bf16 bench of the reference shapes with default
 #                                            # configs, ncu on two cases, each boxed in time (LEASE_S,
 #                                            # default 540 s)
 #
@@ -23,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-step=${1:?usage: gpu_session.sh check|tune|bench|profile|sanitize|overhead|all|lease}
+step=${1:?usage: gpu_session.sh check|tune|bench|profile|sanitize|overhead|measure|all|lease}
 OUT=${OUT:-/tmp/dynconv-out}
 BUDGET=${STEP_BUDGET_S:-540}
 PY=${PYTHON:-python3}
@@ -74,6 +76,18 @@ ncu_cases() {  # ncu_cases SECONDS "EXTRA NCU OPTIONS" [CASE ...] -> $OUT/ncu.cs
         --metrics "$NCU_METRICS" --log-file "$OUT/ncu.csv" $PY perf_reports/ncu_cases.py "$@"
 }
 
+measure_launches() {  # measure_launches SECONDS: each static-model row's launch timed, bf16 rows first
+    # The rows append to measured.jsonl as they finish, so a timeout keeps what was measured. The
+    # launches compile ahead in parallel processes first (16 cores; the timing itself is serial).
+    local t0=$SECONDS dtype left
+    for dtype in bf16 fp32; do
+        left=$(( $1 - (SECONDS - t0) ))
+        [ "$left" -ge 20 ] || break
+        timeout -s INT -k 10 "$left" $PY -m dynconv.cli inspect --bounds --measure "$OUT/measured.jsonl" \
+            --case "$dtype" 2>&1 | tail -3
+    done
+}
+
 pack() {  # pack <name> <paths...>: a tarball of whatever of <paths> exists
     local name=$1; shift
     local present=()
@@ -114,6 +128,11 @@ case $step in
     install
     sanitize_tests
     ;;
+  measure)
+    environment | tee "$OUT/environment.txt"
+    install
+    measure_launches "$BUDGET"
+    ;;
   overhead)
     environment | tee "$OUT/environment.txt"
     install
@@ -137,12 +156,14 @@ case $step in
            test_expert_autograd test_involution_fused test_region_conv test_na2d test_index64 test_cuda_graph
            test_involution_fused_autograd test_involution_api test_expert_modules test_modules_dropin
            test_launch_plans test_eager_path test_configs test_thread_safety test_peer_checkpoints)
-    DYNCONV_TEST_DEVICE=cuda timeout -s INT -k 20 ${LEASE_TEST_S:-250} $PY -m pytest -q -n 16 -rfE \
+    DYNCONV_TEST_DEVICE=cuda timeout -s INT -k 20 ${LEASE_TEST_S:-200} $PY -m pytest -q -n 16 -rfE \
         -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" $(printf 'tests/%s.py ' "${tests[@]}") 2>&1 \
         | tee "$OUT/gpu-tests.log" | tail -30
     echo "== tests done at $((SECONDS - start)) s"
-    sanitize_tests ${LEASE_SANITIZE_S:-60}
+    sanitize_tests ${LEASE_SANITIZE_S:-40}
     echo "== sanitize done at $((SECONDS - start)) s"
+    measure_launches ${LEASE_MEASURE_S:-150}
+    echo "== measure done at $((SECONDS - start)) s"
     DYNCONV_AUTOTUNE=0 timeout -s INT -k 10 $(box 60) $PY -m dynconv.cli bench --quick --quiet --dtypes bf16 \
         --passes forward backward --shapes ${LEASE_SHAPES:-R1 R4 E1 D1 R1-layer R2 E2 R3 N1} 2>&1 \
         | tee "$OUT/bench.log" | tail -25
@@ -162,5 +183,5 @@ case $step in
     STEP_BUDGET_S=$((BUDGET / 2)) bash "$0" bench
     ;;
   *)
-    echo "unknown step: $step (check|tune|bench|profile|sanitize|overhead|all|lease)" >&2; exit 2 ;;
+    echo "unknown step: $step (check|tune|bench|profile|sanitize|overhead|measure|all|lease)" >&2; exit 2 ;;
 esac

@@ -186,3 +186,37 @@ def test_the_reports_page_lists_measured_kernels_beside_the_model(tmp_path):
     row = doc["rows"][0]
     assert f"| {row['case']} {row['kernel']} {row['dtype']} {row['layout']} | {row['median_us']:.0f} |" in measured
     assert "No benchmark tables yet" in page.split("## Kernels measured")[0]
+
+
+def test_measured_launches_are_the_modelled_ones_on_real_memory():
+    """``inspect --bounds --measure`` (GPU only) times the model's launches: each meta tensor made
+    real with its sizes, strides and offset; index tables it cannot make up are refused."""
+    import torch
+
+    from dynconv import bounds_cases, bounds_measure
+
+    generator = torch.Generator().manual_seed(0)
+    view = torch.empty(4, 6, 5, device="meta").permute(1, 0, 2)[1:, :, 2:]
+    real = bounds_measure.materialise(view, generator, "cpu")
+    assert (real.shape, real.stride(), real.storage_offset()) == (view.shape, view.stride(), view.storage_offset())
+    assert real.isfinite().all() and real.std() > 0
+    cases = {c.name: c for c in bounds_cases.all_cases()}
+    modelled = cases["R1 fwd bf16 NHWC"].build()
+    launch, reason = bounds_measure.real_launch(modelled, generator, "cpu")
+    assert not reason and launch.grid == modelled.grid and launch.meta == modelled.meta
+    for name, value in modelled.args.items():
+        if isinstance(value, torch.Tensor):
+            got = launch.args[name]
+            assert got.device.type == "cpu" and (got.shape, got.stride(), got.dtype) == (value.shape, value.stride(), value.dtype)
+        else:
+            assert launch.args[name] == value
+    assert bounds_measure.real_launch(cases["D1 fwd bf16 NHWC"].build(), generator, "cpu")[0] is None
+    assert bounds_measure.real_launch(cases["D1 dx bf16 NHWC"].build(), generator, "cpu")[0] is not None
+
+
+def test_measuring_without_a_gpu_says_so(tmp_path):
+    from helpers import run_without_interpreter
+
+    out = tmp_path / "measured.jsonl"
+    proc = run_without_interpreter(["-m", "dynconv.cli", "inspect", "--bounds", "--measure", str(out)], timeout=300)
+    assert proc.returncode == 2 and "none is visible" in proc.stderr and not out.exists()

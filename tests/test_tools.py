@@ -514,3 +514,24 @@ def test_plot_leaves_out_a_folder_whose_results_csv_is_not_a_benchmarks(tmp_path
     (tmp_path / "cpu" / "results.csv").write_text("op,ratio\ninvolution,1.0\n")
     assert plot.load(tmp_path) == []
     assert "skipped" in capsys.readouterr().err
+
+
+def test_the_gpu_session_script_names_only_what_exists():
+    """A lease is 15 minutes, once in a while: its script must not find a typo there (the first
+    lease's pytest paths lacked `.py` and ran nothing)."""
+    import re
+
+    script = ROOT / "perf_reports" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    files = re.search(r"tests=\(([^)]*)\)", text).group(1).split()
+    assert files and all((ROOT / "tests" / f"{name}.py").is_file() for name in files), files
+    for test_id in re.findall(r"(tests/test_\w+\.py::\w+)", text):
+        path, name = test_id.split("::")
+        assert f"def {name}(" in (ROOT / path).read_text(), test_id
+    from dynconv import bounds
+
+    # the options the script passes to the model's measuring mode parse
+    parser_source = Path(bounds.__file__).read_text()
+    for option in ("--measure", "--case"):
+        assert f'"{option}"' in parser_source and option in text
