@@ -40,17 +40,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import gc
 import io
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 from dynconv.kernels import timing
+from dynconv.provenance import environment
 from dynconv.console import EXIT_NO_GPU, Progress, add_quiet, command_parser, fail
 from dynconv.providers import CHECK_REFERENCE, LAYOUTS, PROVIDERS, ProviderUnavailable, make_inputs, providers_for
 from dynconv.reports import COLUMNS, LEGACY_COLUMNS, default_reports_dir, read_csv, row_layout
@@ -83,30 +81,6 @@ def normalised_gpu_name(name: str) -> str:
     from dynconv.kernels import configs
 
     return configs.normalise_device_name(name) or "unknown_gpu"
-
-
-def git_commit() -> str:
-    """``$DYNCONV_COMMIT`` when set, else ``git rev-parse HEAD`` of the checkout, else ``unknown``.
-    The variable wins: a copied tree can carry a stale ``.git`` (on the first GPU lease, git named
-    the commit before the one whose tree was measured)."""
-    if os.environ.get("DYNCONV_COMMIT"):
-        return os.environ["DYNCONV_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
-def environment(device: str) -> dict:
-    import torch
-    import triton
-    gpu = torch.cuda.get_device_name(0) if device == "cuda" else device
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
 # ---------------------------------------------------------------------------------------------

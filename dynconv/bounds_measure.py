@@ -108,7 +108,7 @@ def measure(cases: list[Case], out: Path, environment: dict, timer=None, log=pri
 
 
 def run(out: Path, case_filter: str = "", kernel_filter: str = "", jobs: int = 0, log=print) -> int:
-    from .bench import environment
+    from .provenance import environment
 
     kernels = set(kernel_filter.split(",")) if kernel_filter else None
     cases = [c for c in all_cases() if case_filter in c.name and (kernels is None or c.kernel in kernels)]

@@ -605,7 +605,10 @@ def test_run_on_cpu_na2d_providers(tmp_path):
 def test_the_commit_named_by_the_environment_wins_over_git(monkeypatch):
     """A device's copied tree can carry a stale .git (the first GPU lease's did): DYNCONV_COMMIT,
     set by whoever sent the tree, is what the measured rows record."""
+    from dynconv import provenance
+
     monkeypatch.delenv("DYNCONV_COMMIT", raising=False)
-    from_git = bench.git_commit()
+    from_git = provenance.git_commit()
     monkeypatch.setenv("DYNCONV_COMMIT", "0123abc")
-    assert bench.git_commit() == "0123abc" != from_git
+    assert provenance.git_commit() == "0123abc" != from_git
+    assert bench.environment("cpu")["commit"] == "0123abc"
