@@ -34,9 +34,12 @@ from .configs import get_config
 # Largest kernel size the unrolled kernels take (K*K weights held per thread); larger K keeps the
 # run-time tap loops of involution.py.
 MAX_K = 9
-# Programs the weight gradient aims for (a fixed count, about four per SM of an H100/H200, so the
-# partials and their summation order never depend on the GPU).
-PERSISTENT_PROGRAMS = 512
+# Programs the weight gradient aims for: a fixed count, so the partials and their summation order
+# never depend on the GPU. About twelve one-warp programs per SM of an H100/H200, one wave at the
+# occupancy their 128-168 registers allow: at 512 (one warp a scheduler) the static model's latency
+# term put R4's dw at 20-36% of its roofline, waiting on memory with nothing to interleave; at 1536,
+# 47-69% (PREDICTED, triton 3.6), for partials three times as large (9.6 MB at R4).
+PERSISTENT_PROGRAMS = 1536
 # The smallest vector the NCHW forward and input-gradient walks take (_vector_width): 16-bit rows in
 # vectors of four (8 bytes) read 71/68% against 73/71% as scalars at R4 bf16 fwd/dx on triton 3.9
 # (75/75% against 74/72% on 3.6, PREDICTED); the weight gradient takes them (65/66% against 63/62%).

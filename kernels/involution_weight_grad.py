@@ -438,9 +438,8 @@ def _sample_launch(dy, x, part, stride, padding, dilation, config) -> Launch:
                   config.get("num_stages", 1), loops=(cdiv(tiles_pix, splits),))
 
 
-# Programs the per-sample weight gradient aims for (a fixed count, about four per SM of an H100/H200,
-# so the partials and their summation order never depend on the GPU).
-PERSISTENT_PROGRAMS = 512
+# Programs the per-sample weight gradient aims for: the depth-wise walk's count (its reasons hold here).
+PERSISTENT_PROGRAMS = dwconv.PERSISTENT_PROGRAMS
 
 
 def _least_padding(n: int, options) -> int:
