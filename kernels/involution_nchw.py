@@ -495,6 +495,23 @@ def involution_nchw_bwd_input_pairs_kernel(
 
 
 @triton.jit
+def _dw_chunk(dy_group, x_col, c, lane_ok, col_ok, i0, row_first, Ho, H, sdyc: tl.constexpr, sdyh: tl.constexpr,
+              sxc: tl.constexpr, sxh: tl.constexpr, STRIP: tl.constexpr, HALO: tl.constexpr, CH: tl.constexpr,
+              ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr):
+    """The dy (STRIP rows) and x (HALO rows of one tap column) of channels c .. c + CH - 1, flat
+    tuples row-major: what involution_nchw_bwd_weight_kernel sums for one chunk."""
+    grads = ()
+    for s in tl.static_range(STRIP):
+        grads = grads + _channel_row(dy_group + c * sdyc + s * sdyh, lane_ok & (i0 + s < Ho), sdyc, CH, ACC_DTYPE)
+    rows = ()
+    x_chunk = x_col + c * sxc
+    for h in tl.static_range(HALO):
+        ok = col_ok & (row_first + h >= 0) & (row_first + h < H)
+        rows = rows + _channel_row(x_chunk + h * sxh, ok, sxc, CH, ACC_DTYPE)
+    return grads, rows
+
+
+@triton.jit
 def involution_nchw_bwd_weight_kernel(
     dy_ptr, x_ptr, dw_ptr,
     B, H, W, Ho, Wo, G, CG,
@@ -535,27 +552,30 @@ def involution_nchw_bwd_weight_kernel(
         accs = ()
         for _ in tl.static_range(STRIP * KS):
             accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
+        # A chunk's dy and x are loaded a trip ahead of their sums: issued before the back edge,
+        # they land while the previous chunk is summed, where ptxas, short of registers, had
+        # waited for each halo row's loads in turn.
+        # Lane masks, not scalar ones (the interpreter takes no scalar mask); a group may have no channels.
+        zero = tl.zeros((BLOCK_W,), dtype=tl.int32)
+        has_channels = zero < CG
+        grads, rows = _dw_chunk(dy_group, x_col, 0, lane_ok & has_channels, col_ok & has_channels, i0, row_first, Ho,
+                                H, sdyc, sdyh, sxc, sxh, STRIP, HALO, CH, ACC_DTYPE, INDEX_64)
         for c in range(0, CG, CH):
-            c = _wide(c, INDEX_64)
-            grads = ()
-            for s in tl.static_range(STRIP):
-                for q in tl.static_range(CH):
-                    grad = tl.load(dy_group + c * sdyc + (q * sdyc + s * sdyh), mask=lane_ok & (i0 + s < Ho),
-                                   other=0.0)
-                    grads = grads + (grad.to(ACC_DTYPE),)
-            x_chunk = x_col + c * sxc
+            ahead = _wide(c + CH, INDEX_64)
+            more = ahead + zero < CG
+            grads_ahead, rows_ahead = _dw_chunk(dy_group, x_col, ahead, lane_ok & more, col_ok & more, i0, row_first,
+                                                Ho, H, sdyc, sdyh, sxc, sxh, STRIP, HALO, CH, ACC_DTYPE, INDEX_64)
             for h in tl.static_range(HALO):
-                ok = col_ok & (row_first + h >= 0) & (row_first + h < H)
-                xs = _channel_row(x_chunk + h * sxh, ok, sxc, CH, ACC_DTYPE)
                 new = ()
                 for s in tl.static_range(STRIP):
                     for u in tl.static_range(KS):
                         acc = accs[s * KS + u]
                         if h == s * SH + u * DH:  # strip row s reads halo row h through tap row u
                             for q in tl.static_range(CH):
-                                acc = acc + grads[s * CH + q] * xs[q]
+                                acc = acc + grads[s * CH + q] * rows[h * CH + q]
                         new = new + (acc,)
                 accs = new
+            grads, rows = grads_ahead, rows_ahead
         dw_col = dw_pixels + _wide(v, INDEX_64) * sdwv
         for s in tl.static_range(STRIP):
             for u in tl.static_range(KS):
@@ -803,7 +823,11 @@ def nchw_config(CG: int, K: int, rows: int, element_size: int, kind: str, pairs:
         ch = _chunk(CG, 8)
         strip = 4
     elif kind == "dw":
-        ch, strip = _chunk(CG, 4), 8
+        # Two buffers of a chunk's dy and x halo (one summed, one loaded a trip ahead) beside the K x
+        # STRIP sums: 4 channels spilled on sm_80 (fp32, R1) and at stride 2. Triton 3.6's ptxas
+        # gives 8 rows at K = 7 170 registers on sm_90, two over what three programs an SM allow
+        # (R1 fp32 PREDICTED 41% against 51% at 7 rows; triton 3.9: 166, 61% at 8 rows).
+        ch, strip = _chunk(CG, 2), max(1, min(8 if TRITON_VERSION > (3, 6) else 7, 56 // K))
     elif kind == "fwd":
         # 6 rows: 5% faster in bf16 (PREDICTED) but fp16 spills on sm_80; fp32 at 4 x 8 went
         # through the stack on sm_80 with triton 3.9.
