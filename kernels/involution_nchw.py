@@ -599,11 +599,12 @@ def _kept(value, bits):
 
 
 @triton.jit
-def _dw_pair_chunk(accs, c, dy_words, x_cols, shifts, i0, Ho,
+def _dw_pair_loads(c, dy_words, x_cols, shifts, i0, Ho,
                    sdyc: tl.constexpr, sdyh: tl.constexpr, sxc: tl.constexpr, sxh: tl.constexpr,
                    KS: tl.constexpr, SH: tl.constexpr, DH: tl.constexpr, CH: tl.constexpr, STRIP: tl.constexpr,
                    STRADDLES: tl.constexpr, ROWS_FULL: tl.constexpr, ROW_GROUPS: tl.constexpr):
-    """accs plus the products of the CH channels from c, one tap column's (see _dw_pair_columns)."""
+    """The int32 words of dy (STRIP rows) and of x (the HALO rows of one tap column, 1 + STRADDLES
+    words a row) of the CH channels from c, row-major, as loaded: _dw_pair_sums converts them."""
     HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
     grads = ()
     for s in tl.static_range(STRIP):
@@ -613,8 +614,7 @@ def _dw_pair_chunk(accs, c, dy_words, x_cols, shifts, i0, Ho,
             else:
                 raw = tl.load(dy_words + c * (sdyc // 2) + (q * (sdyc // 2) + s * (sdyh // 2)),
                               mask=i0 + s < Ho, other=0)
-            lo, hi = _halves(raw)
-            grads = grads + (lo, hi)
+            grads = grads + (raw,)
     # The chunk's pointers first (and each shifted group's), so that row offsets are immediates.
     x_chunk = ()
     for t in tl.static_range(1 + STRADDLES):
@@ -623,18 +623,35 @@ def _dw_pair_chunk(accs, c, dy_words, x_cols, shifts, i0, Ho,
     for g in tl.static_range(len(ROW_GROUPS)):
         for t in tl.static_range(1 + STRADDLES):
             x_groups = x_groups + (x_cols[t] + (shifts[g] + c * (sxc // 2)),)
+    xs = ()
     for h in tl.static_range(HALO):
         words = x_chunk
         for g in tl.static_range(len(ROW_GROUPS)):
             if h >= ROW_GROUPS[g][0] and h < ROW_GROUPS[g][1]:
                 words = x_groups[g * (1 + STRADDLES):(g + 1) * (1 + STRADDLES)]
-        xs = ()
         for q in tl.static_range(CH):
-            lo, hi = _halves(tl.load(words[0] + (h * (sxh // 2) + q * (sxc // 2))))
+            for t in tl.static_range(1 + STRADDLES):
+                xs = xs + (tl.load(words[t] + (h * (sxh // 2) + q * (sxc // 2))),)
+    return grads, xs
+
+
+@triton.jit
+def _dw_pair_sums(accs, grads, xs, KS: tl.constexpr, SH: tl.constexpr, DH: tl.constexpr, CH: tl.constexpr,
+                  STRIP: tl.constexpr, STRADDLES: tl.constexpr):
+    """accs plus the products of one chunk's words (_dw_pair_loads), one tap column's (see _dw_pair_columns)."""
+    HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    W_ROW: tl.constexpr = CH * (1 + STRADDLES)
+    dys = ()
+    for i in tl.static_range(STRIP * CH):
+        lo, hi = _halves(grads[i])
+        dys = dys + (lo, hi)
+    for h in tl.static_range(HALO):
+        halo = ()
+        for q in tl.static_range(CH):
+            lo, hi = _halves(xs[h * W_ROW + q * (1 + STRADDLES)])
             if STRADDLES:
-                nxt = tl.load(words[1] + (h * (sxh // 2) + q * (sxc // 2)))
-                lo, hi = hi, (nxt << 16).to(tl.float32, bitcast=True)
-            xs = xs + (lo, hi)
+                lo, hi = hi, (xs[h * W_ROW + q * 2 + 1] << 16).to(tl.float32, bitcast=True)
+            halo = halo + (lo, hi)
         new = ()
         for s in tl.static_range(STRIP):
             for u in tl.static_range(KS):
@@ -642,7 +659,7 @@ def _dw_pair_chunk(accs, c, dy_words, x_cols, shifts, i0, Ho,
                     acc = accs[(s * KS + u) * 2 + p]
                     if h == s * SH + u * DH:  # strip row s reads halo row h through tap row u
                         for q in tl.static_range(CH):
-                            acc = acc + grads[(s * CH + q) * 2 + p] * xs[q * 2 + p]
+                            acc = acc + dys[(s * CH + q) * 2 + p] * halo[q * 2 + p]
                     new = new + (acc,)
         accs = new
     return accs
@@ -678,9 +695,18 @@ def _dw_pair_columns(dy_words, x_rows, shifts, dw_pixels, PARITY: tl.constexpr, 
             accs = accs + (tl.zeros((BLOCK_W,), dtype=tl.float32),)
         # At least one trip: else the zeroed sums are also kept for a path around the loop (twice the zeroing).
         tl.assume(CG >= CH)
+        # Each chunk's words are loaded a trip ahead of their sums, so they land while the chunk
+        # before is summed (ptxas, short of registers, had waited for each halo row in turn). The
+        # last trip's look-ahead reads the last chunk again: unmasked loads must stay in the group.
+        words = _dw_pair_loads(0, dy_words, x_cols, shifts, i0, Ho, sdyc, sdyh, sxc, sxh, KS, SH, DH, CH, STRIP,
+                               STRADDLES, ROWS_FULL, ROW_GROUPS)
         for c in range(0, CG, CH):
-            accs = _dw_pair_chunk(accs, _wide(c, INDEX_64), dy_words, x_cols, shifts, i0, Ho, sdyc, sdyh, sxc, sxh,
-                                  KS, SH, DH, CH, STRIP, STRADDLES, ROWS_FULL, ROW_GROUPS)
+            ahead = c + CH
+            ahead = _wide(tl.where(ahead < CG, ahead, CG - CH), INDEX_64)
+            words_ahead = _dw_pair_loads(ahead, dy_words, x_cols, shifts, i0, Ho, sdyc, sdyh, sxc, sxh, KS, SH, DH,
+                                         CH, STRIP, STRADDLES, ROWS_FULL, ROW_GROUPS)
+            accs = _dw_pair_sums(accs, words[0], words[1], KS, SH, DH, CH, STRIP, STRADDLES)
+            words = words_ahead
         dw_col = dw_pixels + _wide(v, INDEX_64) * sdwv
         pair = tl.arange(0, 2)[None, :] * sdww
         col_in = (_inside(first, W, SIGN_SHIFT), _inside(first + 1, W, SIGN_SHIFT))
