@@ -90,6 +90,8 @@ FIGURES = {
     "warps_per_scheduler": "computed: resident warps an SM scheduler interleaves (of 4), capped by the grid",
     "waves": "computed: programs / (SMs x resident programs), rounded up",
     "warp_cycles": "PREDICTED: one warp's critical path in clocks (latency.py, MODEL['latency_cycles'])",
+    "waiting_share": "PREDICTED: the share of that path the warp spends waiting on scoreboards",
+    "waits": "PREDICTED: the instructions that warp waits longest before (SASS address, cycles a warp, share of its path)",
     "limiter": "PREDICTED: the pipe that sets bound_us",
     "roofline_us": "PREDICTED: max(min_bytes at HBM, flops at the compute ceiling)",
     "predicted_fraction": "PREDICTED: roofline_us / bound_us, the fraction a GPU is expected to measure",
@@ -98,6 +100,7 @@ FIGURES = {
 }
 FIELDS = ("case", "kernel", "dtype", "layout", "arch", "triton", "limiter", "bound_us", "predicted_fraction")
 PIPES = ("issue", "int", "fma", "xu", "l1", "hbm", "mma", "latency")
+WAITS_KEPT = 5  # instructions of the wait profile a row keeps
 THROUGHPUT_PIPES = PIPES[:-1]
 
 
@@ -156,8 +159,9 @@ def count(dump: str, trips: tuple, programs: int, num_warps: int, warp_accesses:
         raise ValueError("no SASS instructions in the dump")
     forest = sass.loops(instructions)
     executed = sass.execution_counts(instructions, forest, trips)
+    waits: dict = {}
     warp_cycles = latency.warp_cycles(instructions, executed, forest, MODEL["latency_cycles"],
-                                      MODEL["mma_flop_per_clock"]["gmma16"] / 4)
+                                      MODEL["mma_flop_per_clock"]["gmma16"] / 4, waits)
     warps = programs * num_warps
     pipes = dict.fromkeys(("issue", "int", "imad", "fma", "xu", "mem", "mma", "other"), 0.0)
     global_ideal = shared = 0.0
@@ -192,7 +196,8 @@ def count(dump: str, trips: tuple, programs: int, num_warps: int, warp_accesses:
     return {"warp_instructions": pipes, "l1_bytes": shared + global_ideal * sector_ratio, "sector_source": source,
             "requested_bytes": global_ideal * useful_ratio, "sector_efficiency": useful_ratio / sector_ratio,
             "mma_seconds": mma_seconds, "load_widths": sorted(set(loads)), "instructions": len(instructions),
-            "warp_cycles": warp_cycles}
+            "warp_cycles": warp_cycles, "wait_cycles": sum(waits.values()),
+            "waits": latency.wait_profile(instructions, waits, warp_cycles, WAITS_KEPT)}
 
 
 def main_accesses(result: ptx_sim.Result, top: int = 4) -> list[dict]:
@@ -302,6 +307,8 @@ def evaluate(case: Case, arch: int = 90, launch=None) -> dict:
         "kernel_name": launch.name, "grid": list(launch.grid), "num_warps": launch.num_warps,
         "num_stages": launch.num_stages, "loops": launch.loops,
         "registers": usage.get("REG", 0), **resident, "warp_cycles": round(counts["warp_cycles"]),
+        "waiting_share": round(counts["wait_cycles"] / counts["warp_cycles"], 3) if counts["warp_cycles"] else 0.0,
+        "waits": counts["waits"],
         "meta": {k: str(v) for k, v in launch.meta.items()},
         "warp_instructions": {k: round(v) for k, v in w.items()},
         "instructions_per_fma": round(w["issue"] * 32 / (case.flops / 2), 2),
@@ -354,6 +361,20 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def wait_report(rows: list[dict]) -> str:
+    """Where each row's simulated warp waits (PREDICTED): the instructions it stalls longest before."""
+    lines = ["Where one warp waits (PREDICTED by the latency walk; cycles a warp, share of its path):"]
+    for r in rows:
+        if "error" in r:
+            continue
+        rounds = r["waiting_share"] * r["warp_cycles"] / MODEL["latency_cycles"]["global"]
+        lines.append(f"{r['case']} {r['kernel']} {r['dtype']} {r['layout']} ({r['kernel_name']}): {r['warp_cycles']} cycles, "
+                     f"{100 * r['waiting_share']:.0f}% of them waiting (about {rounds:.0f} memory round trips)")
+        for w in r["waits"]:
+            lines.append(f"  {w['addr']}  {w['cycles']:>9}  {100 * w['share']:5.1f}%  waits on {w['waits_on']}  {w['instruction']}")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(rows: list[dict], folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     name = table_name(rows[0]["triton"] if rows else _triton_version())
@@ -398,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", default="", help="only cases whose 'shape kernel dtype layout' contains this")
     parser.add_argument("--kernel", default="", help="only these kernels, comma-separated (fwd, dx, dw, guide, dz, dspan)")
     parser.add_argument("--write", type=Path, default=None, help="also write bounds-triton<version>.json/.md here")
+    parser.add_argument("--waits", action="store_true",
+                        help="also print, per row, where one warp waits longest (the latency walk's profile)")
     parser.add_argument("--measure", type=Path, default=None, metavar="FILE",
                         help="on a GPU: time the same launches instead (MEASURED), a JSON line per row appended to FILE")
     parser.add_argument("--jobs", type=int, default=0, help="with --measure: processes compiling ahead (default: CPUs, 16 at most)")
@@ -423,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row, default=str))
     else:
         print(markdown(rows))
+        if args.waits:
+            print(wait_report(rows))
     if args.write:
         for path in write_tables(rows, args.write):
             print(f"wrote {path}", file=sys.stderr)

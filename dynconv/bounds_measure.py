@@ -80,6 +80,7 @@ def measure(cases: list[Case], out: Path, environment: dict, timer=None, log=pri
     import torch
 
     from .kernels import timing
+    from .provenance import kernel_digest
 
     timer = timer or timing.Timer("cuda", 5.0, 30.0)
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -93,7 +94,8 @@ def measure(cases: list[Case], out: Path, environment: dict, timer=None, log=pri
                 row.update(status="not measured", reason=reason)
             else:
                 median, p20, p80 = timer(lambda i: launch())
-                row.update(kernel_name=launch.name, grid=list(launch.grid), num_warps=launch.num_warps,
+                row.update(kernel_name=launch.name, kernel_digest=kernel_digest(launch.kernel),
+                           grid=list(launch.grid), num_warps=launch.num_warps,
                            meta={k: str(v) for k, v in launch.meta.items()},
                            median_us=round(median * 1e3, 2), p20_us=round(p20 * 1e3, 2), p80_us=round(p80 * 1e3, 2))
             del launch

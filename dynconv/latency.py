@@ -57,6 +57,8 @@ class _Warp:
         self.copy_open = 0.0
         self.mma_groups: list[float] = []  # wgmma groups, finishing times
         self.mma_busy = 0.0
+        self.waited: dict[int, float] = {}  # by address: cycles spent waiting before issue, walked trips
+        self.walked: dict[int, int] = {}  # by address: executions walked
 
     def issue(self, ins: Instruction) -> None:
         clock = self.clock
@@ -81,11 +83,13 @@ class _Warp:
             self.mma_busy = max(self.mma_busy, clock) + mma_flops(ins) / self.mma_rate
             if "gsb0" in ins.args:
                 self.mma_groups.append(self.mma_busy)
+        self.waited[ins.addr] = self.waited.get(ins.addr, 0.0) + clock - self.clock
+        self.walked[ins.addr] = self.walked.get(ins.addr, 0) + 1
         self.clock = clock + max(ins.stall, 1)
 
 
 def warp_cycles(instructions: list[Instruction], counts: list[float], loops: list, latency: dict[str, float],
-                mma_flop_per_clock: float) -> float:
+                mma_flop_per_clock: float, waits: dict | None = None) -> float:
     """One warp's critical path in cycles, alone on its scheduler.
 
     ``counts`` are the executions per warp of ``sass.execution_counts`` (a loop's trip count is its
@@ -118,7 +122,26 @@ def warp_cycles(instructions: list[Instruction], counts: list[float], loops: lis
             k = end + 1
 
     walk(0, len(instructions) - 1, loops, 1.0)
+    if waits is not None:
+        # Where the warp waits: each instruction's mean wait over the trips walked, times its
+        # executions (the trips extrapolated wait as the walked ones did).
+        for k, ins in enumerate(instructions):
+            if warp.walked.get(ins.addr) and warp.waited[ins.addr] > 0:
+                waits[ins.addr] = warp.waited[ins.addr] / warp.walked[ins.addr] * counts[k]
     return warp.clock
+
+
+def wait_profile(instructions: list[Instruction], waits: dict, total: float, top: int) -> list[dict]:
+    """The ``top`` instructions the warp waits longest before issuing: cycles a warp, share of its
+    path, and the scoreboards they wait on."""
+    by_addr = {ins.addr: ins for ins in instructions}
+    out = []
+    for addr, cycles in sorted(waits.items(), key=lambda item: -item[1])[:top]:
+        ins = by_addr[addr]
+        out.append({"addr": f"{addr:#06x}", "instruction": f"{ins.predicate} {ins.opcode} {ins.args}".strip()[:72],
+                    "waits_on": [b for b in range(6) if ins.wait_mask >> b & 1], "cycles": round(cycles),
+                    "share": round(cycles / total, 3) if total else 0.0})
+    return out
 
 
 def resident_programs(registers: int, shared_bytes: int, num_warps: int, limits: dict) -> int:

@@ -30,3 +30,37 @@ def environment(device: str) -> dict:
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else device
     return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def kernel_digest(kernel) -> str:
+    """A digest of a Triton kernel's source and of every jitted helper it calls, transitively: a
+    measured row stays comparable while it is unchanged, whatever else changes in its file."""
+    import hashlib
+    import inspect
+
+    def plain(f):
+        while hasattr(f, "fn") and not inspect.isfunction(f):
+            f = f.fn
+        return f
+
+    sources, seen, queue = [], set(), [plain(kernel)]
+    while queue:
+        fn = queue.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        sources.append(inspect.getsource(fn))
+        for name in fn.__code__.co_names:
+            called = fn.__globals__.get(name)
+            if called is not None and hasattr(called, "fn") and inspect.isfunction(plain(called)):
+                queue.append(plain(called))
+    return hashlib.sha256("\n".join(sorted(sources)).encode()).hexdigest()
+
+
+def find_kernel(source: str, name: str):
+    """The kernel ``name`` of the kernel file ``source`` (``kernels/<module>.py``, as a measured row
+    names it)."""
+    import importlib
+
+    module = importlib.import_module("dynconv.kernels." + Path(source).stem)
+    return getattr(module, name)

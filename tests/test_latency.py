@@ -125,14 +125,14 @@ def test_resident_programs(registers, shared, warps, expected):
 def test_the_model_stays_within_one_and_a_half_times_of_every_measured_kernel():
     """Issue 12's rule: a model that predicts over 1.5x faster than a GPU measured gets corrected.
 
-    Each measured row is checked against the committed triton-3.6 table while its kernel's source
-    is the one measured; a changed kernel needs its row marked superseded (and a new measurement).
+    Each measured row is checked against the committed triton-3.6 table while its kernel (its
+    source and its jitted helpers') is the one measured; a changed kernel needs its row marked
+    superseded (and a new measurement).
     """
-    import hashlib
     import json
     from pathlib import Path
 
-    from dynconv import bounds
+    from dynconv import bounds, provenance
 
     root = Path(__file__).resolve().parents[1]
     table = {(r["case"], r["kernel"], r["dtype"], r["layout"]): r
@@ -144,9 +144,9 @@ def test_the_model_stays_within_one_and_a_half_times_of_every_measured_kernel():
         for row in doc["rows"]:
             if row.get("superseded"):
                 continue
-            source = hashlib.sha256((root / row["source"]).read_bytes()).hexdigest()
-            assert source == row["source_sha256"], (
-                f"{row['source']} changed since {doc['commit']} was measured: mark the row superseded")
+            kernel = provenance.find_kernel(row["source"], row["kernel_name"])
+            assert provenance.kernel_digest(kernel) == row["kernel_digest"], (
+                f"{row['kernel_name']} changed since {doc['commit']} was measured: mark the row superseded")
             predicted = table[(row["case"], row["kernel"], row["dtype"], row["layout"])]
             assert predicted["kernel_name"] == row["kernel_name"]
             assert row["median_us"] / 1.5 <= predicted["bound_us"] <= row["median_us"] * 1.5, (row, predicted["bound_us"])
@@ -220,3 +220,54 @@ def test_measuring_without_a_gpu_says_so(tmp_path):
     out = tmp_path / "measured.jsonl"
     proc = run_without_interpreter(["-m", "dynconv.cli", "inspect", "--bounds", "--measure", str(out)], timeout=300)
     assert proc.returncode == 2 and "none is visible" in proc.stderr and not out.exists()
+
+
+def test_the_wait_profile_names_where_the_warp_waits():
+    text = dump(("LDG.E R4, desc[UR4][R2.64]", dict(write=0)),
+                ("IADD3 R1, R1, 0x1, RZ", {}),
+                ("FADD R6, R4, R4", dict(wait=0b1)),
+                ("LDS R8, [R6]", dict(write=1)),
+                ("FADD R9, R8, R8", dict(wait=0b10)),
+                ("EXIT", {}))
+    instructions = sass.parse(text)
+    forest = sass.loops(instructions)
+    counts = sass.execution_counts(instructions, forest, ())
+    waits = {}
+    total = latency.warp_cycles(instructions, counts, forest, LATENCY, 756.0, waits)
+    profile = latency.wait_profile(instructions, waits, total, 5)
+    assert [w["addr"] for w in profile] == ["0x0020", "0x0040"]
+    assert profile[0]["cycles"] == 800 - 2 and profile[0]["waits_on"] == [0]
+    assert profile[1]["cycles"] == 30 - 1 and profile[1]["instruction"] == "FADD R9, R8, R8"
+    assert sum(w["cycles"] for w in profile) + 6 == total
+
+
+def test_a_kernel_digest_follows_the_kernel_and_its_helpers_only(tmp_path, monkeypatch):
+    import importlib
+
+    from dynconv import provenance
+
+    template = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def helper(x):
+    return x * HELPER
+
+
+@triton.jit
+def unrelated(x):
+    return x * UNRELATED
+
+
+@triton.jit
+def kernel(ptr):
+    tl.store(ptr, helper(tl.load(ptr)))
+"""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    digests = {}
+    for name, helper, unrelated in (("base", 2, 3), ("helper_changed", 4, 3), ("unrelated_changed", 2, 5)):
+        (tmp_path / f"digest_{name}.py").write_text(template.replace("HELPER", str(helper)).replace("UNRELATED", str(unrelated)))
+        digests[name] = provenance.kernel_digest(importlib.import_module(f"digest_{name}").kernel)
+    assert digests["base"] == digests["unrelated_changed"] != digests["helper_changed"]
