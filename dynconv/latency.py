@@ -151,5 +151,6 @@ def resident_programs(registers: int, shared_bytes: int, num_warps: int, limits:
     per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
     by_registers = limits["registers"] // (per_warp * num_warps)
     by_warps = limits["warps"] // num_warps
-    by_shared = limits["shared_bytes"] // (shared_bytes + limits["shared_reserved"]) if shared_bytes else limits["programs"]
+    by_shared = (limits["shared_bytes"] // (shared_bytes + limits["shared_reserved"]) if shared_bytes
+                 else limits["programs"])
     return max(0, min(by_registers, by_warps, by_shared, limits["programs"]))

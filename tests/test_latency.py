@@ -149,7 +149,8 @@ def test_the_model_stays_within_one_and_a_half_times_of_every_measured_kernel():
                 f"{row['kernel_name']} changed since {doc['commit']} was measured: mark the row superseded")
             predicted = table[(row["case"], row["kernel"], row["dtype"], row["layout"])]
             assert predicted["kernel_name"] == row["kernel_name"]
-            assert row["median_us"] / 1.5 <= predicted["bound_us"] <= row["median_us"] * 1.5, (row, predicted["bound_us"])
+            assert row["median_us"] / 1.5 <= predicted["bound_us"] <= row["median_us"] * 1.5, \
+                (row, predicted["bound_us"])
             checked += 1
     assert checked
 
@@ -207,7 +208,8 @@ def test_measured_launches_are_the_modelled_ones_on_real_memory():
     for name, value in modelled.args.items():
         if isinstance(value, torch.Tensor):
             got = launch.args[name]
-            assert got.device.type == "cpu" and (got.shape, got.stride(), got.dtype) == (value.shape, value.stride(), value.dtype)
+            assert got.device.type == "cpu"
+            assert (got.shape, got.stride(), got.dtype) == (value.shape, value.stride(), value.dtype)
         else:
             assert launch.args[name] == value
     assert bounds_measure.real_launch(cases["D1 fwd bf16 NHWC"].build(), generator, "cpu")[0] is None
@@ -268,6 +270,7 @@ def kernel(ptr):
     monkeypatch.syspath_prepend(str(tmp_path))
     digests = {}
     for name, helper, unrelated in (("base", 2, 3), ("helper_changed", 4, 3), ("unrelated_changed", 2, 5)):
-        (tmp_path / f"digest_{name}.py").write_text(template.replace("HELPER", str(helper)).replace("UNRELATED", str(unrelated)))
+        source = template.replace("HELPER", str(helper)).replace("UNRELATED", str(unrelated))
+        (tmp_path / f"digest_{name}.py").write_text(source)
         digests[name] = provenance.kernel_digest(importlib.import_module(f"digest_{name}").kernel)
     assert digests["base"] == digests["unrelated_changed"] != digests["helper_changed"]
