@@ -257,12 +257,6 @@ def _triton_version() -> str:
     return ".".join(triton.__version__.split(".")[:2])
 
 
-def _sass(compiled) -> str:
-    from .kernels._launch import cubin_dumps
-
-    return cubin_dumps(compiled)[1]
-
-
 def occupancy(registers: int, shared_bytes: int, num_warps: int, programs: int) -> dict:
     """Resident programs an SM, warps a scheduler and waves of a launch on the model's GPU."""
     resident = latency.resident_programs(registers, shared_bytes, num_warps, MODEL["sm_limits"])

@@ -25,19 +25,17 @@ from .bounds_cases import Case, all_cases
 ZERO_INDEX_ARGUMENTS = {"region_ptr"}
 
 
-def _extent(t) -> int:
-    """Elements a strided view reaches in its storage, from its offset."""
-    return t.storage_offset() + 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size)
-
-
 def materialise(t, generator, device: str = "cuda"):
     """A tensor on ``device`` laid out as the meta tensor ``t`` (sizes, strides, offset), random inside."""
     import torch
 
+    from .kernels._launch import _max_offset
+
+    extent = t.storage_offset() + _max_offset(t) + 1  # elements the view reaches in its storage
     if t.dtype.is_floating_point:
-        base = torch.randn(_extent(t), generator=generator, device=device, dtype=torch.float32).to(t.dtype)
+        base = torch.randn(extent, generator=generator, device=device, dtype=torch.float32).to(t.dtype)
     else:
-        base = torch.zeros(_extent(t), device=device, dtype=t.dtype)
+        base = torch.zeros(extent, device=device, dtype=t.dtype)
     return base.as_strided(t.shape, t.stride(), t.storage_offset())
 
 

@@ -673,8 +673,7 @@ def predicted_summary(reports: Path) -> str:
     return "\n".join(lines)
 
 
-def _predicted_section(reports: Path) -> str:
-    tables = predicted_tables(reports)
+def _predicted_section(reports: Path, tables: dict[str, list[dict]]) -> str:
     if not tables:
         return ""
     out = ["## PREDICTED (static model, not measured)", "",
@@ -825,9 +824,9 @@ def readme_problem(reports: Path, force: bool = False) -> str | None:
             "pass --force to replace it, or choose another folder")
 
 
-def _measured_kernels_section(reports: Path) -> str:
+def _measured_kernels_section(reports: Path, tables: dict[str, list[dict]]) -> str:
     """Kernel times measured outside a committed csv (``<gpu>/measured.json``), beside the model."""
-    predicted = {(r["case"], r["kernel"], r["dtype"], r["layout"]): r for r in predicted_tables(reports).get("3.6", [])}
+    predicted = {(r["case"], r["kernel"], r["dtype"], r["layout"]): r for r in tables.get("3.6", [])}
     lines = []
     for path in sorted(Path(reports).glob("*/measured.json")):
         doc = json.loads(path.read_text())
@@ -848,7 +847,8 @@ def _measured_kernels_section(reports: Path) -> str:
 
 def render_readme(reports: Path, datasets: list[GpuData]) -> str:
     parts = [README_MARKER + "\n" + _intro()]
-    measured = _measured_kernels_section(reports)
+    tables = predicted_tables(reports)
+    measured = _measured_kernels_section(reports, tables)
     if not datasets:
         parts.append("## Measurements\n\n**No benchmark tables yet.** No GPU session has committed the csv of a "
                      "`dynconv bench` run, so there are no tables or plots here"
@@ -858,7 +858,7 @@ def render_readme(reports: Path, datasets: list[GpuData]) -> str:
         parts.append(measured)
     for data in datasets:
         parts.append(_gpu_section(data, reports))
-    predicted = _predicted_section(reports)
+    predicted = _predicted_section(reports, tables)
     if predicted:
         parts.append(predicted)
     return "\n".join(parts).rstrip() + "\n"

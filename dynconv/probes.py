@@ -27,10 +27,10 @@ def chain(slots: int, spacing: int, device, seed: int = 0) -> torch.Tensor:
     """int64 ``next`` pointers over ``slots`` entries ``spacing`` elements apart, visited in one
     random cycle (every slot once before the first repeats)."""
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(slots, generator=generator) * spacing
-    table = torch.zeros(slots * spacing, dtype=torch.int64)
+    order = (torch.randperm(slots, generator=generator) * spacing).to(device)
+    table = torch.zeros(slots * spacing, dtype=torch.int64, device=device)
     table[order] = order.roll(-1)
-    return table.to(device)
+    return table
 
 
 def chase(table: torch.Tensor, steps: int) -> torch.Tensor:

@@ -194,7 +194,7 @@ REAL_KERNEL = textwrap.dedent('''
     import json, sys
     import torch, triton, triton.language as tl
     from dynconv import bounds
-    from dynconv.kernels._launch import Launch
+    from dynconv.kernels._launch import Launch, cubin_dumps
 
     @triton.jit
     def probe(x_ptr, y_ptr, n, stride, BLOCK: tl.constexpr):
@@ -211,7 +211,7 @@ REAL_KERNEL = textwrap.dedent('''
                     num_warps=4, num_stages=1, loops=(40,))
     compiled = launch.compile(90)
     warp = bounds.simulate_warp(launch, compiled)
-    counts = bounds.count(bounds._sass(compiled), launch.loops, 64, 4, warp)
+    counts = bounds.count(cubin_dumps(compiled)[1], launch.loops, 64, 4, warp)
     print(json.dumps({"counts": counts, "accesses": bounds.main_accesses(warp), "complete": warp.complete}))
 ''')
 

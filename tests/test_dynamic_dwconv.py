@@ -269,6 +269,7 @@ def test_padding_wider_than_the_taps_takes_the_unrolled_sum():
 _LOOP_PROBE = """
 import json, torch
 from dynconv import bounds
+from dynconv.kernels._launch import cubin_dumps
 from dynconv.kernels import dynamic_dwconv as dwconv
 B, C, H, K = 64, 256, 56, 7
 dy = torch.empty(B, C, H, H, device="meta")
@@ -279,7 +280,7 @@ for tile in ({}, {"P": 4, "BLOCK_W": 16, "BLOCK_C": 2, "num_warps": 1}):
     config.update(tile)
     launch = dwconv.backward_input_launch(dy, w, dy, (1, 1), (3, 3), (1, 1), config)
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-    counts = bounds.count(bounds._sass(launch.compile(90)), launch.loops, programs, launch.num_warps)
+    counts = bounds.count(cubin_dumps(launch.compile(90))[1], launch.loops, programs, launch.num_warps)
     out.append(counts["warp_instructions"]["fma"] * 32 / (B * C * H * H * K * K))
 print(json.dumps(out))
 """
