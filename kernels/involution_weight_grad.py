@@ -127,7 +127,8 @@ def involution_bwd_weight_runs_kernel(
     sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    RUN: tl.constexpr, CHANNELS_FULL: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    RUN: tl.constexpr, LOOK_AHEAD: tl.constexpr, CHANNELS_FULL: tl.constexpr, INDEX_64: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """Per-pixel dw with the kernel size, strides and dilations compile-time constants, taps unrolled.
 
@@ -197,16 +198,31 @@ def involution_bwd_weight_runs_kernel(
     # Tap columns a run-time loop: unrolled too, ptxas takes minutes on the K*HALO*RUN body (R1 fp32).
     for v in range(KS):
         cols_ok = (w_first + v * DW >= 0) & (w_first + v * DW < W)
+        column = widen(v, INDEX_64) * (DW * sxw)
+        # Halo rows are loaded LOOK_AHEAD rows ahead of the row summed: the stores between rows keep
+        # the compiler from moving a row's loads above the last row's (dw might alias x), so each row
+        # would otherwise wait out a full memory round trip. (Reaching into the next tap column too,
+        # a loop-carried look-ahead, took more registers than the round trip per column it saved.)
+        pending = ()
+        for h in tl.static_range(LOOK_AHEAD):
+            pending = pending + _runs_halo_row(x_chunks, h * sxh + column, cols_ok & rows_ok[h], channels_ok, CHUNKS,
+                                               CHANNELS_FULL)
         for h in tl.static_range(HALO):
-            ok2 = (cols_ok & rows_ok[h])[:, None]
+            raw = ()
+            rest = ()
+            for q in tl.static_range(len(pending)):
+                if q < CHUNKS:
+                    raw = raw + (pending[q],)
+                else:
+                    rest = rest + (pending[q],)
+            pending = rest
+            if h + LOOK_AHEAD < HALO:
+                pending = pending + _runs_halo_row(x_chunks, (h + LOOK_AHEAD) * sxh + column,
+                                                   cols_ok & rows_ok[h + LOOK_AHEAD], channels_ok, CHUNKS,
+                                                   CHANNELS_FULL)
             halo = ()
             for q in tl.static_range(CHUNKS):
-                m = ok2
-                if not CHANNELS_FULL:
-                    m = m & channels_ok[q]
-                xv = tl.load(x_chunks[q] + (h * sxh + widen(v, INDEX_64) * (DW * sxw)), mask=m,
-                             other=0.0)
-                halo = halo + (xv.to(ACC_DTYPE),)
+                halo = halo + (raw[q].to(ACC_DTYPE),)
             for r in tl.static_range(RUN):
                 # Output row r reads halo row r*SH + u*DH through tap u.
                 if h >= r * SH:
@@ -218,6 +234,18 @@ def involution_bwd_weight_runs_kernel(
                             u = (h - r * SH) // DH
                             offset = widen(v, INDEX_64) * sdwv + (u * sdwu + r * sdwh)
                             tl.store(dw_lane + offset, acc.to(dw_ptr.dtype.element_ty), mask=group_ok & out_ok[r])
+
+
+@triton.jit
+def _runs_halo_row(x_chunks, offset, ok, channels_ok, CHUNKS: tl.constexpr, CHANNELS_FULL: tl.constexpr):
+    """One halo row of the runs kernel as loaded: a tuple of its CHUNKS channel chunks, zero outside x."""
+    row = ()
+    for q in tl.static_range(CHUNKS):
+        m = ok[:, None]
+        if not CHANNELS_FULL:
+            m = m & channels_ok[q]
+        row = row + (tl.load(x_chunks[q] + offset, mask=m, other=0.0),)
+    return row
 
 
 @triton.jit
@@ -372,7 +400,9 @@ def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
     meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sx", x, "hw"), **inner_strides("sdw", dw, "uvhw"),
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], BLOCK_G=config["BLOCK_G"],
                 CHUNK=chunk, CHUNKS=cdiv(CG, chunk), BLOCK_H=config["BLOCK_H"], BLOCK_W=config["BLOCK_W"],
-                RUN=config["RUN"], CHANNELS_FULL=G % config["BLOCK_G"] == 0 and CG % chunk == 0,
+                RUN=config["RUN"], LOOK_AHEAD=_runs_look_ahead(CG, K, stride[0], dilation[0], config["RUN"],
+                                                                x.element_size()),
+                CHANNELS_FULL=G % config["BLOCK_G"] == 0 and CG % chunk == 0,
                 INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
     # The tap-column loop; the rows and the halo are unrolled inside it.
@@ -383,6 +413,18 @@ def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
 # The runs kernel unrolls K*K taps and holds RUN x (channels of a group) gradients in registers.
 RUNS_MAX_K = 9
 RUNS_MAX_CG = 32
+# 32-bit words a runs-kernel thread holds in its fp32 gradients and its loaded halo rows: at R1
+# (16 channels, 7 rows) 6 fp32 rows or a whole tap column of 13 bf16 rows ahead, 255 and 251 registers
+# on sm_90 with triton 3.6, no spills (sm_80 and sm_90, both tritons).
+RUNS_HELD_WORDS = 216
+
+
+def _runs_look_ahead(CG: int, K: int, stride: int, dilation: int, run: int, element_size: int) -> int:
+    """Halo rows the runs kernel loads ahead of the one it sums: as many as RUNS_HELD_WORDS leave
+    beside the run's gradients, at least one, at most the tap column's halo."""
+    halo = (run - 1) * stride + (K - 1) * dilation + 1
+    row_words = max(1, CG * element_size // 4)
+    return max(1, min(halo, (RUNS_HELD_WORDS - run * CG) // row_words))
 
 
 def _runs_chunk(CG: int, element_size: int, channels_last: bool) -> int:

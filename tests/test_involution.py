@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dynconv
-from dynconv.kernels import _launch
+from dynconv.kernels import _launch, configs
 from dynconv.kernels import involution as kernels
 from dynconv.kernels import involution_nchw
 from dynconv.kernels import involution_weight_grad as weight_grad
@@ -338,6 +338,40 @@ def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory
             assert launch.meta["CHANNELS_FULL"] == (C == 8 or memory_format == torch.contiguous_format), C
         launch()
         assert_close(dw, w64.grad, dtype, f"{launch.name} C={C}")
+
+
+@pytest.mark.parametrize("geometry, dtype", [(S1, torch.bfloat16), (S2D2, torch.float32)], ids=["s1-bf16", "s2d2-fp32"])
+@pytest.mark.parametrize("look_ahead", [1, 2])
+def test_runs_kernel_with_fewer_rows_ahead_than_its_halo(geometry, dtype, look_ahead, device, monkeypatch):
+    """The runs kernel loads halo rows ahead of the row it sums (_runs_look_ahead: a whole tap column
+    at the small groups above); with fewer, each row's loads are issued rows before its sums and the
+    look-ahead stops at the column's end. Against float64, the output poisoned with NaN."""
+    stride, padding, dilation = geometry
+    B, G, C, H, W, K = 1, 2, 8, 7, 5, 3
+    Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
+    monkeypatch.setattr(weight_grad, "_runs_look_ahead", lambda *args: look_ahead)
+    configs.clear_cache()  # no launch plan made with another look-ahead
+    x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    w64 = torch.zeros((B, G, K, K, Ho, Wo), dtype=torch.float64, requires_grad=True)
+    involution_unfold(x.double().cpu(), w64, None, stride, padding, dilation).backward(dy.double().cpu())
+    dw = torch.full((B, G, K, K, Ho, Wo), float("nan"), device=device, dtype=dtype)
+    runs = {"BLOCK_G": 2, "BLOCK_H": 1, "BLOCK_W": 4, "RUN": 3, "num_warps": 1}
+    launch = weight_grad.backward_weight_launch(dy, x, dw, stride, padding, dilation, True, runs)
+    assert launch.name == "involution_bwd_weight_runs_kernel" and launch.meta["LOOK_AHEAD"] == look_ahead
+    configs.clear_cache()  # nor one made with this look-ahead left for other tests
+    launch()
+    assert_close(dw, w64.grad, dtype, f"look-ahead {look_ahead}")
+
+
+def test_runs_kernel_look_ahead_fits_its_registers():
+    """The default look-ahead: a whole tap column where the rows are small, fewer rows where the
+    run's gradients take most of RUNS_HELD_WORDS, never none, never past the halo."""
+    look_ahead = weight_grad._runs_look_ahead
+    assert look_ahead(16, 7, 1, 1, 7, 2) == 13  # R1 bf16: the column's 13 rows
+    assert look_ahead(16, 7, 1, 1, 7, 4) == 6  # R1 fp32
+    assert look_ahead(4, 3, 2, 1, 3, 4) == 7  # the halo of 3 rows at stride 2, K = 3
+    assert look_ahead(32, 7, 1, 1, 7, 4) == 1  # 224 words of gradients alone
 
 
 def test_per_pixel_weight_gradient_past_the_unrolled_kernel_sizes(device):
