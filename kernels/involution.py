@@ -177,12 +177,45 @@ MAX_STRIP = 8
 
 
 @triton.jit
+def _row_loads(src_col, col_bits, r: tl.constexpr, RSTEP, ssh, chunk_step, channel_masks, w_cols, w_slots, g_ok,
+               first_tap_ok, STRIP: tl.constexpr, TAPS_U: tl.constexpr, CHUNKS: tl.constexpr, PER_PIXEL: tl.constexpr,
+               WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr, INDEX_64: tl.constexpr,
+               CHANNELS_FULL: tl.constexpr):
+    """Source row r of a column tap as loaded (CHUNKS raw chunks) and, per pixel, the weight of every
+    strip row reading it (strip rows that do not: a zero never used)."""
+    ok = (col_bits & (1 << r)) != 0
+    raws = ()
+    for q in tl.static_range(CHUNKS):
+        # A 64-bit scalar offset (loop-invariant, formed once): two adds per load, where a 32-bit one
+        # is moved, shifted and widened each time.
+        row_offset = tl.cast(widen(r * RSTEP, INDEX_64) * ssh + q * chunk_step, tl.int64)
+        if CHANNELS_FULL:
+            raws = raws + (tl.load(src_col + row_offset, mask=ok[None, None, :], other=0),)
+        else:
+            raws = raws + (tl.load(src_col + row_offset, mask=channel_masks[q] & ok[None, None, :], other=0),)
+    weights = ()
+    for s in tl.static_range(STRIP):
+        weight = 0.0
+        if PER_PIXEL:
+            if r - s >= 0 and r - s < TAPS_U:
+                if WEIGHT_AT_SOURCE:
+                    w_ok = ok[None, None, :] if CHANNELS_FULL else g_ok & ok[None, None, :]
+                    if FIRST_TAP_MAY_MISS and r == s:
+                        w_ok = w_ok & first_tap_ok  # no read past the weight either
+                    weight = tl.load(w_cols[s] + w_slots[r - s], mask=w_ok, other=0.0)
+                else:
+                    weight = tl.load(w_cols[s] + w_slots[r - s])
+        weights = weights + (weight,)
+    return raws, weights
+
+
+@triton.jit
 def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, SRC_H, ssh, col_first, CSTEP, SRC_W,
                 ssw, w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H,
                 U_FIRST, U_STEP, V_FIRST, V_STEP, K, zero,
                 TAPS_V, STRIP: tl.constexpr, TAPS_U: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr,
                 PER_PIXEL: tl.constexpr, WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
-                INDEX_64: tl.constexpr, CHANNELS_FULL: tl.constexpr):
+                INDEX_64: tl.constexpr, CHANNELS_FULL: tl.constexpr, PRELOAD: tl.constexpr = False):
     """The tap sums (in ``zero``'s shape and dtype) of a strip of STRIP output rows per pixel of the tile.
 
     Taps are indexed by slots: tap slot (a, b) is kernel tap (U_FIRST + a*U_STEP, V_FIRST + b*V_STEP),
@@ -202,6 +235,8 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
     Every load is a per-thread pointer, formed once, plus a scalar offset (one wide multiply-add;
     a uniform base plus a per-thread offset takes two adds), and a source row's mask is one bit of a
     per-thread word (one test; comparing the row each time took a predicate register per row).
+    PRELOAD (per-pixel weights only): a column tap's every source row and weight is loaded before its
+    first sum, so the column waits one memory round trip rather than one per row.
     """
     if STRIP > 1:
         RSTEP = 1  # known here, so that with compile-time strides each row's offset is an immediate
@@ -215,6 +250,8 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
     # the strip unrolled. Unrolled-loop indices stay inline: a name assigned on every unrolled trip
     # turns into a tensor.
     b_first = 0
+    first_tap_ok = 0
+    fence_off = (tl.zeros(row_first.shape, dtype=tl.int32) + SRC_H) < 0
     if FIRST_TAP_MAY_MISS:
         # A tensor, not a Python bool: the interpreter passes scalars as Python ints.
         first_tap_ok = (tl.zeros((1, 1, 1), dtype=tl.int32) + U_FIRST) < K
@@ -255,6 +292,8 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
                     w_slot = w_slot + widen(a * RSTEP, INDEX_64) * swh
                 w_slots = w_slots + (w_slot,)
         if not PER_PIXEL:
+            w_cols = ()
+            w_slots = ()
             w_col = w_group + w_v
             held = ()
             for t in tl.static_range(TAPS_U):
@@ -263,17 +302,30 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
                     w_ok = w_ok & first_tap_ok
                 held = held + (tl.load(w_col + widen(U_FIRST + t * U_STEP, INDEX_64) * swu, mask=w_ok,
                                        other=0.0).to(ACC_DTYPE),)
+        if PRELOAD:
+            # Every row of the column loaded before any is summed, then a store no lane makes: ptxas
+            # moves no load above a store that may alias it, so the column's loads stay one batch
+            # (one round trip), where it issued each row's just before its sums.
+            loaded = ()
+            for r in tl.static_range(ROWS):
+                loaded = loaded + (_row_loads(src_col, col_bits, r, RSTEP, ssh, chunk_step, channel_masks, w_cols,
+                                              w_slots, g_ok, first_tap_ok, STRIP, TAPS_U, CHUNKS, PER_PIXEL,
+                                              WEIGHT_AT_SOURCE, FIRST_TAP_MAY_MISS, INDEX_64, CHANNELS_FULL),)
+            tl.store(src_col, loaded[ROWS - 1][0][0], mask=fence_off[None, None, :])
+            # ... and a load no lane makes after it, added to every weight: no sum can start before it.
+            after = tl.load(w_cols[0] + w_slots[0], mask=fence_off[None, None, :], other=0.0).to(ACC_DTYPE)
         for r in tl.static_range(ROWS):
-            ok = (col_bits & (1 << r)) != 0
+            if PRELOAD:
+                here = loaded[r]
+            else:
+                here = _row_loads(src_col, col_bits, r, RSTEP, ssh, chunk_step, channel_masks, w_cols, w_slots, g_ok,
+                                  first_tap_ok, STRIP, TAPS_U, CHUNKS, PER_PIXEL, WEIGHT_AT_SOURCE, FIRST_TAP_MAY_MISS,
+                                  INDEX_64, CHANNELS_FULL)
+            raws = here[0]
+            weights = here[1]
             xvs = ()
             for q in tl.static_range(CHUNKS):
-                # A 64-bit scalar offset (loop-invariant, formed once): two adds per load, where a 32-bit one
-                # is moved, shifted and widened each time.
-                row_offset = tl.cast(widen(r * RSTEP, INDEX_64) * ssh + q * chunk_step, tl.int64)
-                if CHANNELS_FULL:
-                    raw = tl.load(src_col + row_offset, mask=ok[None, None, :], other=0)
-                else:
-                    raw = tl.load(src_col + row_offset, mask=channel_masks[q] & ok[None, None, :], other=0)
+                raw = raws[q]
                 if PAIRS:
                     # A bf16 is the top half of an fp32: shift the even channel up, mask the odd one.
                     xvs = xvs + ((raw << 16).to(tl.float32, bitcast=True),
@@ -284,14 +336,9 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
             for s in tl.static_range(STRIP):
                 if r - s >= 0 and r - s < TAPS_U:  # tap slot r - s of strip row s
                     if PER_PIXEL:
-                        if WEIGHT_AT_SOURCE:
-                            w_ok = ok[None, None, :] if CHANNELS_FULL else g_ok & ok[None, None, :]
-                            if FIRST_TAP_MAY_MISS and r == s:
-                                w_ok = w_ok & first_tap_ok  # no read past the weight either
-                            weight = tl.load(w_cols[s] + w_slots[r - s], mask=w_ok, other=0.0)
-                        else:
-                            weight = tl.load(w_cols[s] + w_slots[r - s])
-                        weight = weight.to(ACC_DTYPE)
+                        weight = weights[s].to(ACC_DTYPE)
+                        if PRELOAD:
+                            weight = weight + after
                     else:
                         weight = held[r - s]
                     for q in tl.static_range(PARTS):
@@ -351,7 +398,7 @@ def involution_fwd_kernel(
     BLOCK_G: tl.constexpr, BLOCK_CG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_PIXEL: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TAPS: tl.constexpr = 0, STRIP: tl.constexpr = 1, CHUNKS: tl.constexpr = 1, PAIRS: tl.constexpr = False,
-    CHANNELS_FULL: tl.constexpr = False, INNER: tl.constexpr = None,
+    CHANNELS_FULL: tl.constexpr = False, INNER: tl.constexpr = None, PRELOAD: tl.constexpr = False,
 ):
     """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v,(i,j)] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
 
@@ -389,7 +436,7 @@ def involution_fwd_kernel(
                            w_ptr + b * swb + tl.minimum(g3, G - 1) * swg, g3 < G, swu, swv, swh, sww,
                            tl.minimum(j, Wo - 1) * sww, i, Ho,
                            0, 1, 0, 1, K, zero, K, STRIP, TAPS, CHUNKS, PAIRS, PER_PIXEL, False, False, INDEX_64,
-                           CHANNELS_FULL)
+                           CHANNELS_FULL, PRELOAD)
         if HAS_BIAS:
             new = ()
             for q in tl.static_range(CHUNKS):
@@ -455,6 +502,7 @@ def involution_bwd_input_kernel(
     TAPS_U: tl.constexpr = 0, STRIP: tl.constexpr = 1,
     FIRST_TAP_MAY_MISS: tl.constexpr = False, PHASE_MAY_BE_EMPTY: tl.constexpr = False, CHUNKS: tl.constexpr = 1,
     PAIRS: tl.constexpr = False, CHANNELS_FULL: tl.constexpr = False, INNER: tl.constexpr = None,
+    PRELOAD: tl.constexpr = False,
 ):
     """Gather form of dx: each input pixel sums the taps that read it, so no atomics are needed.
 
@@ -504,7 +552,7 @@ def involution_bwd_input_kernel(
                            col_first, DW // GW, Wo, ssw, w_group, g3 < G, swu, swv, swh, sww, 0, 0, 0,
                            u0 + (TAPS_U - 1) * step_h, -step_h, v0 + (TAPS_V - 1) * step_w, -step_w, K, zero,
                            TAPS_V, STRIP, TAPS_U, CHUNKS, PAIRS, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64,
-                           CHANNELS_FULL)
+                           CHANNELS_FULL, PRELOAD)
         # Input rows and columns of this phase.
         h = ph + SH * hh
         w = pw + SW * w
@@ -686,6 +734,15 @@ def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, K: 
     return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel, strips, K))
 
 
+def _preload(src, weight) -> bool:
+    """Whether the unrolled forward and input gradient load a column tap's every source row and weight
+    before its first sum (_strip_taps, PRELOAD): per-pixel fp32 weights. ptxas otherwise issues each
+    row's loads just before its sums and waits a memory round trip per row; a column at once holds
+    about 100 more registers, which 16-bit tiles (16 channels a thread) do not have (they spilled, and
+    narrower tiles predicted less than the row-at-a-time walk)."""
+    return weight.dim() == 6 and src.element_size() == 4
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -783,7 +840,7 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles, STRIP_ROWS=strip_rows,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
-                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip,
+                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip, PRELOAD=taps > 0 and _preload(x, weight),
                 CHUNKS=chunks, PAIRS=taps > 0 and bias is None and _pairs(x, y, weight, meta),
                 CHANNELS_FULL=taps > 0 and _channels_full(C, G, meta, chunks))
     meta["INNER"] = _inner_strides(x, weight, meta) if taps else None
@@ -841,7 +898,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
         GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w, TAPS_V=taps_v, STRIP_ROWS=strip_rows, COLS=cols,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),
-                TAPS_U=taps_u,
+                TAPS_U=taps_u, PRELOAD=unrolled and _preload(dy, weight),
                 STRIP=strip, CHUNKS=chunks, CHANNELS_FULL=unrolled and _channels_full(C, G, meta, chunks),
                 PAIRS=unrolled and _pairs(dy, dx, weight, meta),
                 FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),
