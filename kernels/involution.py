@@ -168,7 +168,7 @@ def _bf16_pairs(lo, hi):
 
 # Kernel sizes whose row taps are unrolled at compile time (no tap // K, tap % K, and each loaded
 # input row is reused across taps in registers); larger K takes the run-time K² loop. Only
-# channels_last tiles whose groups have several channels take this path (see unrolled_taps).
+# channels_last tiles take this path (see unrolled_taps).
 MAX_UNROLLED_K = 13
 # Output rows per thread in the unrolled kernels ("strip"): a strip of S rows reads S + K - 1 input
 # rows per column tap instead of S * K, so each loaded (and, in bf16, converted) input element
@@ -784,13 +784,15 @@ def unrolled_taps(x, weight) -> bool:
     """Whether the forward and input gradient unroll their taps (else the run-time tap loop over
     default_config's tile).
 
-    Channels_last only, and only with channels to share a tap's weight: with one channel per group
-    a per-pixel weight is one element per multiply-add (the weight sets the time, the loop reads it
-    best), and a per-sample weight's K held values per channel left no registers. NCHW per-pixel
-    calls and per-sample weights never reach this choice: the launchers hand them to
-    involution_nchw.py and dynamic_dwconv.py first.
+    Channels_last only. Per-pixel weights at any group size: with one channel a group (R3) the
+    run-time loop issues fewer instructions, but waits a memory round trip per tap (PREDICTED R3
+    fwd bf16 49.6% against 90.8% unrolled, with the latency term). Per-sample weights only with
+    channels to share a tap's weight: a per-sample weight's K held values per channel left no
+    registers. NCHW per-pixel calls and depth-wise per-sample weights never reach this choice: the
+    launchers hand them to involution_nchw.py and dynamic_dwconv.py first.
     """
-    return weight.shape[2] <= MAX_UNROLLED_K and is_channels_last(x) and weight.shape[1] < x.shape[1]
+    return (weight.shape[2] <= MAX_UNROLLED_K and is_channels_last(x)
+            and (weight.dim() == 6 or weight.shape[1] < x.shape[1]))
 
 
 def forward_default(x, weight, Ho: int, Wo: int, strips: bool = True) -> dict:
