@@ -177,13 +177,9 @@ MAX_STRIP = 8
 
 
 @triton.jit
-def _row_loads(src_col, col_bits, r: tl.constexpr, RSTEP, ssh, chunk_step, channel_masks, w_cols, w_slots, g_ok,
-               first_tap_ok, STRIP: tl.constexpr, TAPS_U: tl.constexpr, CHUNKS: tl.constexpr, PER_PIXEL: tl.constexpr,
-               WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr, INDEX_64: tl.constexpr,
-               CHANNELS_FULL: tl.constexpr):
-    """Source row r of a column tap as loaded (CHUNKS raw chunks) and, per pixel, the weight of every
-    strip row reading it (strip rows that do not: a zero never used)."""
-    ok = (col_bits & (1 << r)) != 0
+def _row_loads(src_col, ok, r: tl.constexpr, RSTEP, ssh, chunk_step, channel_masks, INDEX_64: tl.constexpr,
+               CHANNELS_FULL: tl.constexpr, CHUNKS: tl.constexpr):
+    """Source row r of a column tap as loaded: CHUNKS raw chunks, zero where ``ok`` (the row's bit) is off."""
     raws = ()
     for q in tl.static_range(CHUNKS):
         # A 64-bit scalar offset (loop-invariant, formed once): two adds per load, where a 32-bit one
@@ -193,20 +189,21 @@ def _row_loads(src_col, col_bits, r: tl.constexpr, RSTEP, ssh, chunk_step, chann
             raws = raws + (tl.load(src_col + row_offset, mask=ok[None, None, :], other=0),)
         else:
             raws = raws + (tl.load(src_col + row_offset, mask=channel_masks[q] & ok[None, None, :], other=0),)
-    weights = ()
-    for s in tl.static_range(STRIP):
-        weight = 0.0
-        if PER_PIXEL:
-            if r - s >= 0 and r - s < TAPS_U:
-                if WEIGHT_AT_SOURCE:
-                    w_ok = ok[None, None, :] if CHANNELS_FULL else g_ok & ok[None, None, :]
-                    if FIRST_TAP_MAY_MISS and r == s:
-                        w_ok = w_ok & first_tap_ok  # no read past the weight either
-                    weight = tl.load(w_cols[s] + w_slots[r - s], mask=w_ok, other=0.0)
-                else:
-                    weight = tl.load(w_cols[s] + w_slots[r - s])
-        weights = weights + (weight,)
-    return raws, weights
+    return raws
+
+
+@triton.jit
+def _pixel_weight(w_cols, w_slots, ok, g_ok, first_tap_ok, r: tl.constexpr, s: tl.constexpr,
+                  WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr, CHANNELS_FULL: tl.constexpr):
+    """The per-pixel weight strip row s reads source row r through (tap slot r - s), as loaded."""
+    if WEIGHT_AT_SOURCE:
+        w_ok = ok[None, None, :] if CHANNELS_FULL else g_ok & ok[None, None, :]
+        if FIRST_TAP_MAY_MISS and r == s:
+            w_ok = w_ok & first_tap_ok  # no read past the weight either
+        weight = tl.load(w_cols[s] + w_slots[r - s], mask=w_ok, other=0.0)
+    else:
+        weight = tl.load(w_cols[s] + w_slots[r - s])
+    return weight
 
 
 @triton.jit
@@ -251,7 +248,6 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
     # turns into a tensor.
     b_first = 0
     first_tap_ok = 0
-    fence_off = (tl.zeros(row_first.shape, dtype=tl.int32) + SRC_H) < 0
     if FIRST_TAP_MAY_MISS:
         # A tensor, not a Python bool: the interpreter passes scalars as Python ints.
         first_tap_ok = (tl.zeros((1, 1, 1), dtype=tl.int32) + U_FIRST) < K
@@ -308,21 +304,27 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
             # (one round trip), where it issued each row's just before its sums.
             loaded = ()
             for r in tl.static_range(ROWS):
-                loaded = loaded + (_row_loads(src_col, col_bits, r, RSTEP, ssh, chunk_step, channel_masks, w_cols,
-                                              w_slots, g_ok, first_tap_ok, STRIP, TAPS_U, CHUNKS, PER_PIXEL,
-                                              WEIGHT_AT_SOURCE, FIRST_TAP_MAY_MISS, INDEX_64, CHANNELS_FULL),)
-            tl.store(src_col, loaded[ROWS - 1][0][0], mask=fence_off[None, None, :])
+                ok = (col_bits & (1 << r)) != 0
+                weights = ()
+                for s in tl.static_range(STRIP):
+                    weight = 0.0  # strip rows not reading row r: never used
+                    if r - s >= 0 and r - s < TAPS_U:
+                        weight = _pixel_weight(w_cols, w_slots, ok, g_ok, first_tap_ok, r, s, WEIGHT_AT_SOURCE,
+                                               FIRST_TAP_MAY_MISS, CHANNELS_FULL)
+                    weights = weights + (weight,)
+                loaded = loaded + ((_row_loads(src_col, ok, r, RSTEP, ssh, chunk_step, channel_masks, INDEX_64,
+                                               CHANNELS_FULL, CHUNKS), weights),)
+            fence_off = ((tl.zeros(row_first.shape, dtype=tl.int32) + SRC_H) < 0)[None, None, :]  # H >= 0: no lane
+            tl.store(src_col, loaded[ROWS - 1][0][0], mask=fence_off)
             # ... and a load no lane makes after it, added to every weight: no sum can start before it.
-            after = tl.load(w_cols[0] + w_slots[0], mask=fence_off[None, None, :], other=0.0).to(ACC_DTYPE)
+            after = tl.load(w_cols[0] + w_slots[0], mask=fence_off, other=0.0).to(ACC_DTYPE)
         for r in tl.static_range(ROWS):
+            ok = (col_bits & (1 << r)) != 0
             if PRELOAD:
-                here = loaded[r]
+                raws = loaded[r][0]
             else:
-                here = _row_loads(src_col, col_bits, r, RSTEP, ssh, chunk_step, channel_masks, w_cols, w_slots, g_ok,
-                                  first_tap_ok, STRIP, TAPS_U, CHUNKS, PER_PIXEL, WEIGHT_AT_SOURCE, FIRST_TAP_MAY_MISS,
-                                  INDEX_64, CHANNELS_FULL)
-            raws = here[0]
-            weights = here[1]
+                raws = _row_loads(src_col, ok, r, RSTEP, ssh, chunk_step, channel_masks, INDEX_64, CHANNELS_FULL,
+                                  CHUNKS)
             xvs = ()
             for q in tl.static_range(CHUNKS):
                 raw = raws[q]
@@ -335,10 +337,11 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
             new = ()
             for s in tl.static_range(STRIP):
                 if r - s >= 0 and r - s < TAPS_U:  # tap slot r - s of strip row s
-                    if PER_PIXEL:
-                        weight = weights[s].to(ACC_DTYPE)
-                        if PRELOAD:
-                            weight = weight + after
+                    if PRELOAD:
+                        weight = loaded[r][1][s].to(ACC_DTYPE) + after
+                    elif PER_PIXEL:
+                        weight = _pixel_weight(w_cols, w_slots, ok, g_ok, first_tap_ok, r, s, WEIGHT_AT_SOURCE,
+                                               FIRST_TAP_MAY_MISS, CHANNELS_FULL).to(ACC_DTYPE)
                     else:
                         weight = held[r - s]
                     for q in tl.static_range(PARTS):
