@@ -29,8 +29,8 @@ import triton.language as tl
 from . import dynamic_dwconv as dwconv
 from . import involution_nchw
 from ._keys import problem_key
-from ._launch import (Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64, next_power_of_2,
-                      planned)
+from ._launch import (TRITON_VERSION, Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64,
+                      next_power_of_2, planned)
 from .configs import get_config
 
 
@@ -170,6 +170,11 @@ def _bf16_pairs(lo, hi):
 # input row is reused across taps in registers); larger K takes the run-time K² loop. Only
 # channels_last tiles take this path (see unrolled_taps).
 MAX_UNROLLED_K = 13
+# Whether per-pixel weights with one channel a group (R3) take the unrolled kernels. The run-time
+# loop issues fewer instructions but waits a memory round trip per tap: with triton 3.6's ptxas the
+# unrolled ones predict R3 fwd bf16 NHWC 90.8% against 49.6% (dx 97% against 85%); with triton 3.9's
+# they wait as long as the loop (46% and 23% against 49% and 77%), so it keeps the loop.
+UNROLLED_DEPTHWISE = TRITON_VERSION <= (3, 6)
 # Output rows per thread in the unrolled kernels ("strip"): a strip of S rows reads S + K - 1 input
 # rows per column tap instead of S * K, so each loaded (and, in bf16, converted) input element
 # feeds min(S, K) multiply-adds. Capped so the accumulators stay in registers.
@@ -737,13 +742,15 @@ def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, K: 
     return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel, strips, K))
 
 
-def _preload(src, weight) -> bool:
-    """Whether the unrolled forward and input gradient load a column tap's every source row and weight
-    before its first sum (_strip_taps, PRELOAD): per-pixel fp32 weights. ptxas otherwise issues each
-    row's loads just before its sums and waits a memory round trip per row; a column at once holds
-    about 100 more registers, which 16-bit tiles (16 channels a thread) do not have (they spilled, and
-    narrower tiles predicted less than the row-at-a-time walk)."""
-    return weight.dim() == 6 and src.element_size() == 4
+def _preload(src, weight, gradient: bool = False) -> bool:
+    """Whether the unrolled forward (input gradient: ``gradient``) loads a column tap's every source
+    row and weight before its first sum (_strip_taps, PRELOAD): per-pixel fp32 weights. ptxas
+    otherwise issues each row's loads just before its sums and waits a memory round trip per row; a
+    column at once holds about 100 more registers, which 16-bit tiles (16 channels a thread) do not
+    have (they spilled, and narrower tiles predicted less than the row-at-a-time walk). The input
+    gradient only on triton 3.6 or older: with triton 3.9's ptxas R1 dx fp32 NHWC predicts 73% with
+    it and 89% without."""
+    return weight.dim() == 6 and src.element_size() == 4 and (not gradient or TRITON_VERSION <= (3, 6))
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -787,15 +794,14 @@ def unrolled_taps(x, weight) -> bool:
     """Whether the forward and input gradient unroll their taps (else the run-time tap loop over
     default_config's tile).
 
-    Channels_last only. Per-pixel weights at any group size: with one channel a group (R3) the
-    run-time loop issues fewer instructions, but waits a memory round trip per tap (PREDICTED R3
-    fwd bf16 49.6% against 90.8% unrolled, with the latency term). Per-sample weights only with
-    channels to share a tap's weight: a per-sample weight's K held values per channel left no
-    registers. NCHW per-pixel calls and depth-wise per-sample weights never reach this choice: the
+    Channels_last only, and only with channels to share a tap's weight, but for per-pixel weights
+    on triton 3.6 or older (UNROLLED_DEPTHWISE). A per-sample weight's K held values per channel left
+    no registers. NCHW per-pixel calls and depth-wise per-sample weights never reach this choice: the
     launchers hand them to involution_nchw.py and dynamic_dwconv.py first.
     """
-    return (weight.shape[2] <= MAX_UNROLLED_K and is_channels_last(x)
-            and (weight.dim() == 6 or weight.shape[1] < x.shape[1]))
+    if weight.shape[2] > MAX_UNROLLED_K or not is_channels_last(x):
+        return False
+    return weight.shape[1] < x.shape[1] or (UNROLLED_DEPTHWISE and weight.dim() == 6)
 
 
 def forward_default(x, weight, Ho: int, Wo: int, strips: bool = True) -> dict:
@@ -903,7 +909,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
         GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w, TAPS_V=taps_v, STRIP_ROWS=strip_rows, COLS=cols,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),
-                TAPS_U=taps_u, PRELOAD=unrolled and _preload(dy, weight),
+                TAPS_U=taps_u, PRELOAD=unrolled and _preload(dy, weight, gradient=True),
                 STRIP=strip, CHUNKS=chunks, CHANNELS_FULL=unrolled and _channels_full(C, G, meta, chunks),
                 PAIRS=unrolled and _pairs(dy, dx, weight, meta),
                 FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),
