@@ -293,8 +293,6 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
                     w_slot = w_slot + widen(a * RSTEP, INDEX_64) * swh
                 w_slots = w_slots + (w_slot,)
         if not PER_PIXEL:
-            w_cols = ()
-            w_slots = ()
             w_col = w_group + w_v
             held = ()
             for t in tl.static_range(TAPS_U):
@@ -851,7 +849,8 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
         TILES_PIX=tiles_pix, TILES_W=tiles_w, CG_TILES=cg_tiles, STRIP_ROWS=strip_rows,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, HAS_BIAS=bias is not None,
-                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip, PRELOAD=taps > 0 and _preload(x, weight),
+                INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype), TAPS=taps, STRIP=strip,
+                PRELOAD=taps > 0 and _preload(x, weight),
                 CHUNKS=chunks, PAIRS=taps > 0 and bias is None and _pairs(x, y, weight, meta),
                 CHANNELS_FULL=taps > 0 and _channels_full(C, G, meta, chunks))
     meta["INNER"] = _inner_strides(x, weight, meta) if taps else None
