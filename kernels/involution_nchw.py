@@ -10,7 +10,9 @@ run-time loop (unrolled too, ptxas takes minutes). So:
 
 * a per-pixel weight is loaded once and serves the CH channels of its group;
 * an input row is loaded once per tap column and serves every (strip row, tap row) pair reading it;
-* row offsets and masks are scalars shared by the program, only the column offset is per lane.
+* row offsets and masks are scalars shared by the program, only the column offset is per lane;
+* loads go out in batches (halo rows, or chunks of channels) behind a fence (_fence): ptxas issues
+  each load just before its first use, which made every halo row a memory round trip of its own.
 
 bf16 with even widths and strides takes the pair variants: two adjacent pixels per lane, read as
 int32 pairs of bf16. The forward (involution_nchw_fwd_pairs_kernel; K <= PAIRS_MAX_K) reads x and
@@ -54,6 +56,17 @@ DX_PAIRS = TRITON_VERSION <= (3, 6)
 # channels (K = 9, 11; sm_80 and sm_90), where K <= 7 compiles clean; larger K takes the
 # single-pixel kernels.
 PAIRS_MAX_K = 7
+# Halo rows the pair forward and input gradient load as one batch before a fence (see _fence); 0:
+# the whole halo, no fence. Triton 3.6's ptxas issues each row's loads just before its sums (a round
+# trip a row) and keeps 4 rows (forward; the input gradient's weights: 3) in registers at the pair
+# tiles; newer tritons' hoists the loads itself, and a fence there costs more than it saves
+# (R1 forward, PREDICTED: 3.6 20% -> 72% at 4 rows; 3.9 63% unfenced, 57% at 2 rows).
+PAIR_ROWS_AHEAD = {"fwd": 4, "dx": 3} if TRITON_VERSION <= (3, 6) else {"fwd": 0, "dx": 0}
+# Channel chunks the single-pixel weight gradient loads as one batch at most, and the 32-bit words
+# its sums and a batch's dy and x may hold: four chunks of two channels at K = 7 (209 words) fill
+# sm_90's 255 registers; at 232 (8 rows, triton 3.9) sm_80 spilled.
+DW_BATCH = 4
+DW_HELD_WORDS = 210
 
 
 @triton.jit
@@ -172,7 +185,7 @@ def _over_channels(v, CH: tl.constexpr):
 @triton.jit
 def _words_in_row(cols, lane_ok, width, NW: tl.constexpr):
     """Whether each of the NW words from column ``cols`` (even) lies in a row ``width`` columns wide:
-    the masks :func:`_halo_row` takes, the same for every halo row."""
+    the masks :func:`_halo_words` takes, the same for every halo row."""
     word_ok = ()
     for t in tl.static_range(NW):
         word_ok = word_ok + (lane_ok & (cols + 2 * t >= 0) & (cols + 2 * t < width),)
@@ -180,23 +193,33 @@ def _words_in_row(cols, lane_ok, width, NW: tl.constexpr):
 
 
 @triton.jit
-def _halo_row(words, word_ok, row_ok, NW: tl.constexpr, CH: tl.constexpr):
-    """The NW words of a halo row (at ``words``) as 2*NW fp32 columns, each word one load for all the
-    lane's CH channels (a flat axis with the lanes)."""
-    columns = ()
+def _halo_words(words, word_ok, row_ok, NW: tl.constexpr, CH: tl.constexpr):
+    """The NW words of a halo row (at ``words``), each one load for all the lane's CH channels (a flat
+    axis with the lanes); :func:`_halves` makes them columns."""
+    raws = ()
     for t in tl.static_range(NW):
-        raw = tl.load(words + t, mask=_over_channels(word_ok[t] & row_ok, CH), other=0)
-        lo, hi = _halves(raw)
-        columns = columns + (lo, hi)
-    return columns
+        raws = raws + (tl.load(words + t, mask=_over_channels(word_ok[t] & row_ok, CH), other=0),)
+    return raws
 
 
 @triton.jit
-def _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
+def _fence(ptr, size):
+    """A store no lane makes to ``ptr`` ([lanes] int32), then a load no lane makes from it (a zero a
+    lane). Neither moves memory, but ptxas moves no load below a store that may alias it, where it
+    otherwise issues each load just before its first use, one round trip each: the loads before the
+    fence go out as one batch, and sums that add the zero cannot start before it. ``size`` is a
+    run-time size (>= 0), so that the compiler cannot see that no lane stores."""
+    off = (tl.zeros(ptr.shape, dtype=tl.int32) + size) < 0
+    tl.store(ptr, off.to(tl.int32), mask=off)
+    return tl.load(ptr, mask=off, other=0)
+
+
+@triton.jit
+def _fwd_pair_taps(accs, x_words, w_words, fence, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
                    sxh: tl.constexpr, swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr,
                    PW: tl.constexpr, KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr,
                    DW: tl.constexpr, VG: tl.constexpr, CH: tl.constexpr, STRIP: tl.constexpr,
-                   BLOCK_W: tl.constexpr):
+                   BLOCK_W: tl.constexpr, ROWS_AHEAD: tl.constexpr):
     """accs plus the VG column taps v0 .. v0 + VG - 1 of every tap row (see involution_nchw_fwd_pairs_kernel)."""
     PWE: tl.constexpr = PW + PW % 2
     NW: tl.constexpr = (PWE - PW + SW + (VG - 1) * DW) // 2 + 1
@@ -206,32 +229,55 @@ def _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first
     words = x_words + v0 * DW // 2
     word_ok = _words_in_row(cols, lane_ok, W, NW)
     w_taps = w_words + v0 * (swv // 2)
-    for h in tl.static_range(HALO):
-        row_ok = (row_first + h >= 0) & (row_first + h < H)
-        # The weights of every (strip row, tap, pixel) reading halo row h, one per lane for all its channels.
-        ws = ()
-        for s in tl.static_range(STRIP):
-            for v in tl.static_range(VG):
-                raw = tl.zeros((BLOCK_W,), dtype=tl.int32)  # strip rows not reading h: never used
-                if h >= s * SH:
-                    if (h - s * SH) % DH == 0:
-                        if (h - s * SH) // DH < KS:
-                            raw = tl.load(w_taps + ((h - s * SH) // DH * (swu // 2) + v * (swv // 2) + s * (swh // 2)),
-                                          mask=lane_ok & (i0 + s < Ho), other=0)
-                lo, hi = _halves(raw)
-                ws = ws + (_over_channels(lo, CH), _over_channels(hi, CH))
-        xs = _halo_row(words + h * (sxh // 2), word_ok, row_ok, NW, CH)
-        new = ()
-        for s in tl.static_range(STRIP):
-            for p in tl.static_range(2):
-                acc = accs[s * 2 + p]
-                if h >= s * SH:
-                    if (h - s * SH) % DH == 0:
-                        if (h - s * SH) // DH < KS:
-                            for v in tl.static_range(VG):
-                                acc = acc + ws[(s * VG + v) * 2 + p] * xs[PWE - PW + p * SW + v * DW]
-                new = new + (acc,)
-        accs = new
+    AHEAD: tl.constexpr = HALO if ROWS_AHEAD == 0 else ROWS_AHEAD
+    for h0 in tl.static_range(0, HALO, AHEAD):
+        # AHEAD halo rows and the weights reading them loaded as one batch, then a fence: ptxas would
+        # issue each row's loads just before its sums, a round trip a row.
+        batch = ()
+        for d in tl.static_range(AHEAD):
+            if h0 + d < HALO:
+                h = h0 + d
+                row_ok = (row_first + h >= 0) & (row_first + h < H)
+                # The weights of every (strip row, tap, pixel) reading halo row h, one per lane for all its channels.
+                ws = ()
+                for s in tl.static_range(STRIP):
+                    for v in tl.static_range(VG):
+                        raw = tl.zeros((BLOCK_W,), dtype=tl.int32)  # strip rows not reading h: never used
+                        if h >= s * SH:
+                            if (h - s * SH) % DH == 0:
+                                if (h - s * SH) // DH < KS:
+                                    raw = tl.load(w_taps + ((h - s * SH) // DH * (swu // 2) + v * (swv // 2)
+                                                            + s * (swh // 2)),
+                                                  mask=lane_ok & (i0 + s < Ho), other=0)
+                        ws = ws + (raw,)
+                batch = batch + ((_halo_words(words + h * (sxh // 2), word_ok, row_ok, NW, CH), ws),)
+        after = 0
+        if AHEAD < HALO:
+            after = _fence(fence, H)
+        for d in tl.static_range(AHEAD):
+            if h0 + d < HALO:
+                h = h0 + d
+                xs = ()
+                for t in tl.static_range(NW):
+                    lo, hi = _halves(batch[d][0][t])
+                    xs = xs + (lo, hi)
+                new = ()
+                for s in tl.static_range(STRIP):
+                    for p in tl.static_range(2):
+                        acc = accs[s * 2 + p]
+                        if h >= s * SH:
+                            if (h - s * SH) % DH == 0:
+                                if (h - s * SH) // DH < KS:
+                                    for v in tl.static_range(VG):
+                                        # after (0) folded in the unpacking: one LEA, one LOP3.
+                                        raw = batch[d][1][s * VG + v]
+                                        if p == 0:
+                                            wv = ((raw << 16) + after).to(tl.float32, bitcast=True)
+                                        else:
+                                            wv = ((raw | after) & -65536).to(tl.float32, bitcast=True)
+                                        acc = acc + _over_channels(wv, CH) * xs[PWE - PW + p * SW + v * DW]
+                        new = new + (acc,)
+                accs = new
     return accs
 
 
@@ -247,7 +293,7 @@ def involution_nchw_fwd_pairs_kernel(
     PH: tl.constexpr, PW: tl.constexpr,
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, TAP_GROUP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ROWS_AHEAD: tl.constexpr = 0,
 ):
     """involution_nchw_fwd_kernel for bf16, each lane owning two adjacent output pixels (columns
     2*jj and 2*jj + 1) of CH channels, and x and the weights read as int32 pairs of bf16 along W (W,
@@ -273,17 +319,19 @@ def involution_nchw_fwd_pairs_kernel(
         + (row_first * (sxh // 2) + col_first // 2)
     x_words = _over_channels(x_lanes, CH) + channel * (sxc // 2)
     w_words = (w_ptr + (b * swb + g * swg)).to(tl.pointer_type(tl.int32), bitcast=True) + (i0 * (swh // 2) + jj)
+    # The fences' address: y's, which ptxas cannot tell from x's or the weights'.
+    fence = y_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, BLOCK_W)
     accs = ()
     for _ in tl.static_range(STRIP * 2):
         accs = accs + (tl.zeros((CH * BLOCK_W,), dtype=tl.float32),)
     for v0 in range(0, KS - KS % TAP_GROUP, TAP_GROUP):
         v0 = _wide(v0, INDEX_64)  # v0 * swv, a tap column's offset, may pass 2^31
-        accs = _fwd_pair_taps(accs, x_words, w_words, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
-                              sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, TAP_GROUP, CH, STRIP, BLOCK_W)
+        accs = _fwd_pair_taps(accs, x_words, w_words, fence, v0, lane_ok, i0, row_first, col_first, H, W, Ho,
+                              sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, TAP_GROUP, CH, STRIP, BLOCK_W, ROWS_AHEAD)
     if KS % TAP_GROUP > 0:
-        accs = _fwd_pair_taps(accs, x_words, w_words, KS - KS % TAP_GROUP, lane_ok, i0, row_first, col_first,
+        accs = _fwd_pair_taps(accs, x_words, w_words, fence, KS - KS % TAP_GROUP, lane_ok, i0, row_first, col_first,
                               H, W, Ho, sxh, swu, swv, swh, PW, KS, SH, SW, DH, DW, KS % TAP_GROUP, CH, STRIP,
-                              BLOCK_W)
+                              BLOCK_W, ROWS_AHEAD)
     y_pixels = y_ptr + _over_channels(b * syb + c0 * syc + i0 * syh + jj * (2 * syw), CH) + channel * syc
     if HAS_BIAS:
         bias = tl.load(bias_ptr + _over_channels(b * sbb + c0 * sbc, CH) + channel * sbc,
@@ -309,7 +357,7 @@ def involution_nchw_bwd_input_kernel(
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 0,
 ):
     """Gather form of dx by stride phase: dx[b,c,h,w] = sum of w[b,g,u,v,i,j] * dy[b,c,i,j] over the taps
     with h = i*SH - PH + u*DH and w = j*SW - PW + v*DW.
@@ -355,6 +403,7 @@ def involution_nchw_bwd_input_kernel(
     dy_chunk = dy_ptr + (b * sdyb + c0 * sdyc) + halo_first * sdyh + j_first * sdyw
     w_taps = w_ptr + b * swb + g * swg + u0 * swu + v0 * swv + halo_first * swh + j_first * sww
     last_row_ok = u0 + (TAPS_U - 1) * STEP_H < KS
+    fence = dx_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, BLOCK_W)  # see _fence
     accs = ()
     for _ in tl.static_range(STRIP * CH):
         accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
@@ -363,30 +412,52 @@ def involution_nchw_bwd_input_kernel(
         col_ok = (col >= 0) & (col < Wo) & lane_ok & (v0 + t_v * STEP_W < KS)
         dy_col = dy_chunk - _wide(t_v, INDEX_64) * (COL_STEP * sdyw)
         w_col = w_taps + _wide(t_v, INDEX_64) * (STEP_W * swv - COL_STEP * sww)
-        for k in tl.static_range(HALO):
-            row = halo_first + k
-            ok = col_ok & (row >= 0) & (row < Ho)
-            grads = _channel_row(dy_col + k * sdyh, ok, sdyc, CH, ACC_DTYPE)
-            new = ()
-            for s in tl.static_range(STRIP):
-                # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
-                weight = None
-                if (s + (TAPS_U - 1) * ROW_STEP - k) >= 0:
-                    if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
-                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
-                            weight = tl.load(w_col + ((s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP * STEP_H * swu + k * swh), mask=ok,
-                                             other=0.0).to(ACC_DTYPE)
-                for q in tl.static_range(CH):
-                    acc = accs[s * CH + q]
-                    if weight is not None:
-                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP == TAPS_U - 1 and KS % STEP_H != 0:
-                            # The last slot passes K in some phases: skipped, not multiplied by a zero
-                            # weight (0 * inf would poison the sum).
-                            acc = tl.where(last_row_ok, acc + weight * grads[q], acc)
-                        else:
-                            acc = acc + weight * grads[q]
-                    new = new + (acc,)
-            accs = new
+        AHEAD: tl.constexpr = HALO if ROWS_AHEAD == 0 else ROWS_AHEAD
+        for k0 in tl.static_range(0, HALO, AHEAD):
+            # AHEAD halo rows and their weights loaded as one batch (see _fence).
+            batch = ()
+            for d in tl.static_range(AHEAD):
+                if k0 + d < HALO:
+                    k = k0 + d
+                    row = halo_first + k
+                    ok = col_ok & (row >= 0) & (row < Ho)
+                    grads = _channel_row(dy_col + k * sdyh, ok, sdyc, CH, ACC_DTYPE)
+                    weights = ()
+                    for s in tl.static_range(STRIP):
+                        # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
+                        weight = tl.zeros((BLOCK_W,), dtype=ACC_DTYPE)  # strip rows not reading k: never used
+                        if s + (TAPS_U - 1) * ROW_STEP - k >= 0:
+                            if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
+                                if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
+                                    weight = tl.load(w_col + ((s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP * STEP_H * swu
+                                                              + k * swh), mask=ok, other=0.0).to(ACC_DTYPE)
+                        weights = weights + (weight,)
+                    batch = batch + ((grads, weights),)
+            if AHEAD < HALO:
+                after = _fence(fence, Ho).to(ACC_DTYPE)
+            for d in tl.static_range(AHEAD):
+                if k0 + d < HALO:
+                    k = k0 + d
+                    grads = batch[d][0]
+                    new = ()
+                    for s in tl.static_range(STRIP):
+                        for q in tl.static_range(CH):
+                            acc = accs[s * CH + q]
+                            if s + (TAPS_U - 1) * ROW_STEP - k >= 0:
+                                if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
+                                    if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
+                                        weight = batch[d][1][s]
+                                        if AHEAD < HALO:
+                                            weight = weight + after
+                                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP == TAPS_U - 1 \
+                                                and KS % STEP_H != 0:
+                                            # The last slot passes K in some phases: skipped, not multiplied
+                                            # by a zero weight (0 * inf would poison the sum).
+                                            acc = tl.where(last_row_ok, acc + weight * grads[q], acc)
+                                        else:
+                                            acc = acc + weight * grads[q]
+                            new = new + (acc,)
+                    accs = new
     h = rh - PH + SH * hh0
     w = rw - PW + SW * ww
     dx_chunk = dx_ptr + (b * sdxb + c0 * sdxc) + h * sdxh + w * sdxw
@@ -397,10 +468,10 @@ def involution_nchw_bwd_input_kernel(
 
 
 @triton.jit
-def _dx_pair_taps(accs, dy_words, w_words, v0, lane_ok, row_first, col_first, Ho, Wo,
+def _dx_pair_taps(accs, dy_words, w_words, fence, v0, lane_ok, row_first, col_first, Ho, Wo,
                   sdyh: tl.constexpr, swu: tl.constexpr, swv: tl.constexpr, swh: tl.constexpr,
                   PW: tl.constexpr, KS: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, VG: tl.constexpr,
-                  CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr):
+                  CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, ROWS_AHEAD: tl.constexpr):
     """accs plus the VG mirrored tap columns v0 .. v0 + VG - 1 of every tap row (see
     involution_nchw_bwd_input_pairs_kernel)."""
     E0: tl.constexpr = PW % 2  # the half of tap v0's column in the first word, from col_first + v0*DW
@@ -412,30 +483,61 @@ def _dx_pair_taps(accs, dy_words, w_words, v0, lane_ok, row_first, col_first, Ho
     word_ok = _words_in_row(cols, lane_ok, Wo, NW)
     # Mirrored tap (u, v) is the weights' tap (KS-1-u, KS-1-v), read at the dy pixel it multiplies.
     w_group = w_words + (v0 * DW // 2 + (KS - 1) * (swu // 2) + (KS - 1 - v0) * (swv // 2))
-    for h in tl.static_range(HALO):
-        row_ok = (row_first + h >= 0) & (row_first + h < Ho)
-        gs = _halo_row(words + h * (sdyh // 2), word_ok, row_ok, NW, CH)
-        new = ()
-        for s in tl.static_range(STRIP):
-            acc0 = accs[s * 2]
-            acc1 = accs[s * 2 + 1]
-            # Strip row s reads halo row h through mirrored tap row u = (h - s) / DH when that is a tap.
-            if h >= s:
-                if (h - s) % DH == 0:
-                    if (h - s) // DH < KS:
-                        for v in tl.static_range(VG):
-                            # Pixel p reads half E0 + v*DW + p of the halo row: a word, or two when that is odd.
-                            tap = w_group + (h * (swh // 2) + (E0 + v * DW) // 2 - (h - s) // DH * (swu // 2)
-                                             - v * (swv // 2))
-                            raw = tl.load(tap, mask=word_ok[(E0 + v * DW) // 2] & row_ok, other=0)
-                            w0, w1 = _halves(raw)
-                            if (E0 + v * DW) % 2 == 1:
-                                nxt = tl.load(tap + 1, mask=word_ok[(E0 + v * DW) // 2 + 1] & row_ok, other=0)
-                                w0, w1 = w1, (nxt << 16).to(tl.float32, bitcast=True)
-                            acc0 = acc0 + _over_channels(w0, CH) * gs[E0 + v * DW]
-                            acc1 = acc1 + _over_channels(w1, CH) * gs[E0 + v * DW + 1]
-            new = new + (acc0, acc1)
-        accs = new
+    AHEAD: tl.constexpr = HALO if ROWS_AHEAD == 0 else ROWS_AHEAD
+    for h0 in tl.static_range(0, HALO, AHEAD):
+        # AHEAD halo rows and the weights reading them loaded as one batch (see _fwd_pair_taps).
+        batch = ()
+        for d in tl.static_range(AHEAD):
+            if h0 + d < HALO:
+                h = h0 + d
+                row_ok = (row_first + h >= 0) & (row_first + h < Ho)
+                # Strip row s reads halo row h through mirrored tap row u = (h - s) / DH when that is a tap;
+                # pixel p reads half E0 + v*DW + p of the halo row: a word, or two when that is odd.
+                ws = ()
+                for s in tl.static_range(STRIP):
+                    for v in tl.static_range(VG):
+                        raw = tl.zeros((BLOCK_W,), dtype=tl.int32)  # strip rows not reading h: never used
+                        nxt = raw
+                        if h >= s:
+                            if (h - s) % DH == 0:
+                                if (h - s) // DH < KS:
+                                    tap = w_group + (h * (swh // 2) + (E0 + v * DW) // 2 - (h - s) // DH * (swu // 2)
+                                                     - v * (swv // 2))
+                                    raw = tl.load(tap, mask=word_ok[(E0 + v * DW) // 2] & row_ok, other=0)
+                                    if (E0 + v * DW) % 2 == 1:
+                                        nxt = tl.load(tap + 1, mask=word_ok[(E0 + v * DW) // 2 + 1] & row_ok, other=0)
+                        ws = ws + ((raw, nxt),)
+                batch = batch + ((_halo_words(words + h * (sdyh // 2), word_ok, row_ok, NW, CH), ws),)
+        after = 0
+        if AHEAD < HALO:
+            after = _fence(fence, Ho)
+        for d in tl.static_range(AHEAD):
+            if h0 + d < HALO:
+                h = h0 + d
+                gs = ()
+                for t in tl.static_range(NW):
+                    lo, hi = _halves(batch[d][0][t])
+                    gs = gs + (lo, hi)
+                new = ()
+                for s in tl.static_range(STRIP):
+                    acc0 = accs[s * 2]
+                    acc1 = accs[s * 2 + 1]
+                    if h >= s:
+                        if (h - s) % DH == 0:
+                            if (h - s) // DH < KS:
+                                for v in tl.static_range(VG):
+                                    raw, nxt = batch[d][1][s * VG + v]
+                                    # after (0) folded in the unpacking: one LEA or one LOP3 a half.
+                                    if (E0 + v * DW) % 2 == 1:
+                                        w0 = ((raw | after) & -65536).to(tl.float32, bitcast=True)
+                                        w1 = ((nxt << 16) + after).to(tl.float32, bitcast=True)
+                                    else:
+                                        w0 = ((raw << 16) + after).to(tl.float32, bitcast=True)
+                                        w1 = ((raw | after) & -65536).to(tl.float32, bitcast=True)
+                                    acc0 = acc0 + _over_channels(w0, CH) * gs[E0 + v * DW]
+                                    acc1 = acc1 + _over_channels(w1, CH) * gs[E0 + v * DW + 1]
+                    new = new + (acc0, acc1)
+                accs = new
     return accs
 
 
@@ -451,7 +553,7 @@ def involution_nchw_bwd_input_pairs_kernel(
     PH: tl.constexpr, PW: tl.constexpr,
     KS: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr, TAP_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    INDEX_64: tl.constexpr, ROWS_AHEAD: tl.constexpr = 0,
 ):
     """The input gradient at stride 1 for bf16, each lane owning two adjacent input pixels (columns
     2*jj and 2*jj + 1) of CH channels, dy and the weights read as int32 pairs of bf16 along W.
@@ -477,16 +579,18 @@ def involution_nchw_bwd_input_pairs_kernel(
     dy_words = _over_channels(dy_lanes, CH) + channel * (sdyc // 2)
     w_words = (w_ptr + (b * swb + g * swg)).to(tl.pointer_type(tl.int32), bitcast=True) \
         + (row_first * (swh // 2) + col_first // 2)
+    fence = dx_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, BLOCK_W)  # see the forward's
     accs = ()
     for _ in tl.static_range(STRIP * 2):
         accs = accs + (tl.zeros((CH * BLOCK_W,), dtype=tl.float32),)
     for v0 in range(0, KS - KS % TAP_GROUP, TAP_GROUP):
         v0 = _wide(v0, INDEX_64)  # v0 * swv, a tap column's offset, may pass 2^31
-        accs = _dx_pair_taps(accs, dy_words, w_words, v0, lane_ok, row_first, col_first, Ho, Wo,
-                             sdyh, swu, swv, swh, PW, KS, DH, DW, TAP_GROUP, CH, STRIP, BLOCK_W)
+        accs = _dx_pair_taps(accs, dy_words, w_words, fence, v0, lane_ok, row_first, col_first, Ho, Wo,
+                             sdyh, swu, swv, swh, PW, KS, DH, DW, TAP_GROUP, CH, STRIP, BLOCK_W, ROWS_AHEAD)
     if KS % TAP_GROUP > 0:
-        accs = _dx_pair_taps(accs, dy_words, w_words, KS - KS % TAP_GROUP, lane_ok, row_first, col_first, Ho, Wo,
-                             sdyh, swu, swv, swh, PW, KS, DH, DW, KS % TAP_GROUP, CH, STRIP, BLOCK_W)
+        accs = _dx_pair_taps(accs, dy_words, w_words, fence, KS - KS % TAP_GROUP, lane_ok, row_first, col_first,
+                             Ho, Wo, sdyh, swu, swv, swh, PW, KS, DH, DW, KS % TAP_GROUP, CH, STRIP, BLOCK_W,
+                             ROWS_AHEAD)
     dx_pixels = dx_ptr + _over_channels(b * sdxb + c0 * sdxc + i0 * sdxh + jj * (2 * sdxw), CH) + channel * sdxc
     for s in tl.static_range(STRIP):
         ok = _over_channels(lane_ok & (i0 + s < H), CH)
@@ -522,7 +626,7 @@ def involution_nchw_bwd_weight_kernel(
     sdwu: tl.constexpr, sdwv: tl.constexpr, sdwh: tl.constexpr, sdww: tl.constexpr,
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, BATCH: tl.constexpr,
 ):
     """dw[b,g,u,v,i,j] = sum_{c in g} dy[b,c,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
 
@@ -546,36 +650,44 @@ def involution_nchw_bwd_weight_kernel(
     x_group = x_ptr + (b * sxb + c_first * sxc) + row_first * sxh + col_first * sxw
     dw_pixels = dw_ptr + b * sdwb + g * sdwg + i0 * sdwh + j * sdww
     HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
+    fence = dw_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, BLOCK_W)  # see _fence
     for v in range(KS):
         col_ok = (col_first + v * DW >= 0) & (col_first + v * DW < W) & lane_ok
         x_col = x_group + _wide(v, INDEX_64) * (DW * sxw)
         accs = ()
         for _ in tl.static_range(STRIP * KS):
             accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
-        # A chunk's dy and x are loaded a trip ahead of their sums: issued before the back edge,
-        # they land while the previous chunk is summed, where ptxas, short of registers, had
-        # waited for each halo row's loads in turn.
         # Lane masks, not scalar ones (the interpreter takes no scalar mask); a group may have no channels.
         zero = tl.zeros((BLOCK_W,), dtype=tl.int32)
-        has_channels = zero < CG
-        grads, rows = _dw_chunk(dy_group, x_col, 0, lane_ok & has_channels, col_ok & has_channels, i0, row_first, Ho,
-                                H, sdyc, sdyh, sxc, sxh, STRIP, HALO, CH, ACC_DTYPE, INDEX_64)
-        for c in range(0, CG, CH):
-            ahead = _wide(c + CH, INDEX_64)
-            more = ahead + zero < CG
-            grads_ahead, rows_ahead = _dw_chunk(dy_group, x_col, ahead, lane_ok & more, col_ok & more, i0, row_first,
-                                                Ho, H, sdyc, sdyh, sxc, sxh, STRIP, HALO, CH, ACC_DTYPE, INDEX_64)
-            for h in tl.static_range(HALO):
-                new = ()
-                for s in tl.static_range(STRIP):
-                    for u in tl.static_range(KS):
-                        acc = accs[s * KS + u]
-                        if h == s * SH + u * DH:  # strip row s reads halo row h through tap row u
-                            for q in tl.static_range(CH):
-                                acc = acc + grads[s * CH + q] * rows[h * CH + q]
-                        new = new + (acc,)
-                accs = new
-            grads, rows = grads_ahead, rows_ahead
+        # BATCH chunks' dy and x loaded before any is summed, then a fence (see _fence): ptxas, short
+        # of registers, waited for each halo row's loads in turn, and a chunk loaded a trip ahead
+        # waited at the back edge (R1 fp32, PREDICTED: 51% with one chunk ahead, 78% with four a batch).
+        for c in range(0, CG, CH * BATCH):
+            c = _wide(c, INDEX_64)
+            loaded = ()
+            for k in tl.static_range(BATCH):
+                more = c + k * CH + zero < CG
+                loaded = loaded + (_dw_chunk(dy_group, x_col, c + k * CH, lane_ok & more, col_ok & more, i0,
+                                             row_first, Ho, H, sdyc, sdyh, sxc, sxh, STRIP, HALO, CH, ACC_DTYPE,
+                                             INDEX_64),)
+            # The fence's zero starts every sum, so no sum moves above it.
+            after = _fence(fence, H).to(ACC_DTYPE)
+            new = ()
+            for t in tl.static_range(STRIP * KS):
+                new = new + (accs[t] + after,)
+            accs = new
+            for k in tl.static_range(BATCH):
+                grads, rows = loaded[k]
+                for h in tl.static_range(HALO):
+                    new = ()
+                    for s in tl.static_range(STRIP):
+                        for u in tl.static_range(KS):
+                            acc = accs[s * KS + u]
+                            if h == s * SH + u * DH:  # strip row s reads halo row h through tap row u
+                                for q in tl.static_range(CH):
+                                    acc = acc + grads[s * CH + q] * rows[h * CH + q]
+                            new = new + (acc,)
+                    accs = new
         dw_col = dw_pixels + _wide(v, INDEX_64) * sdwv
         for s in tl.static_range(STRIP):
             for u in tl.static_range(KS):
@@ -849,11 +961,10 @@ def nchw_config(CG: int, K: int, rows: int, element_size: int, kind: str, pairs:
         ch = _chunk(CG, 8)
         strip = 4
     elif kind == "dw":
-        # Two buffers of a chunk's dy and x halo (one summed, one loaded a trip ahead) beside the K x
-        # STRIP sums: 4 channels spilled on sm_80 (fp32, R1) and at stride 2. Triton 3.6's ptxas
-        # gives 8 rows at K = 7 170 registers on sm_90, two over what three programs an SM allow
-        # (R1 fp32 PREDICTED 41% against 51% at 7 rows; triton 3.9: 166, 61% at 8 rows).
-        ch, strip = _chunk(CG, 2), max(1, min(8 if TRITON_VERSION > (3, 6) else 7, 56 // K))
+        # Batches of chunks of dy and x halo (_dw_batch) beside the K x STRIP sums: two channels a
+        # chunk, at most 7 rows at K = 7, four chunks a batch (R1 fp32 PREDICTED 78% on triton 3.6,
+        # 76% on 3.9; 8 rows and three chunks 68%).
+        ch, strip = _chunk(CG, 2), max(1, min(7, 56 // K))
     elif kind == "fwd":
         # 6 rows: 5% faster in bf16 (PREDICTED) but fp16 spills on sm_80; fp32 at 4 x 8 went
         # through the stack on sm_80 with triton 3.9.
@@ -927,7 +1038,7 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
         meta = dict(**inner_strides("sx", x.select(3, 0), "ch"), **inner_strides("sw", weight.select(5, 0), "uvh"),
                     **inner_strides("sy", y), PH=padding[0], PW=padding[1], KS=K, SH=stride[0], SW=stride[1],
                     DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip, BLOCK_W=block_w, HAS_BIAS=bias is not None,
-                    TAP_GROUP=PAIR_TAP_GROUP, INDEX_64=index_64)
+                    TAP_GROUP=PAIR_TAP_GROUP, INDEX_64=index_64, ROWS_AHEAD=PAIR_ROWS_AHEAD["fwd"])
         # One run-time loop: the groups of tap columns.
         groups = K // PAIR_TAP_GROUP
         return Launch(involution_nchw_fwd_pairs_kernel, _grid_size(B * G * chunks * row_tiles * (Wo // 2), block_w),
@@ -945,6 +1056,25 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, index_64: bool
     # One run-time loop: the tap columns.
     return Launch(involution_nchw_fwd_kernel, _grid_size(B * G * chunks * row_tiles * Wo, block_w), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=(K,) if K > 1 else ())
+
+
+def _dw_batch(K: int, strip: int, ch: int, chunks: int, stride_h: int, dilation_h: int, element_size: int) -> int:
+    """Chunks a batch of the single-pixel weight gradient: as many as DW_HELD_WORDS leave beside the
+    K x STRIP sums (a chunk: CH channels of STRIP dy rows and HALO x rows); one for fp64 (its sums
+    take two words each, and fill the registers alone)."""
+    if element_size > 4:
+        return 1
+    halo = (strip - 1) * stride_h + (K - 1) * dilation_h + 1
+    fits = [b for b in range(1, DW_BATCH + 1) if strip * K + b * (strip + halo) * ch <= DW_HELD_WORDS]
+    return max(1, min(max(fits, default=1), chunks))
+
+
+def _dx_rows_ahead(stride_h: int, element_size: int) -> int:
+    """The single-pixel input gradient's rows a fenced batch (0: no fence). With fp32 at row stride 1
+    both tritons' ptxas issue each dy row's loads just before its sums; two rows a batch take R1 from
+    61% to 100% (PREDICTED). At stride 2 (four tap rows a phase) and in 16-bit, where the loads
+    already go out together, a fence only costs (R1s2 fp32: 100% -> 62%)."""
+    return 2 if stride_h == 1 and element_size == 4 else 0
 
 
 def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
@@ -977,7 +1107,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: b
         meta = dict(**inner_strides("sdy", dy.select(3, 0), "ch"), **inner_strides("sw", weight.select(5, 0), "uvh"),
                     **inner_strides("sdx", dx), PH=(K - 1) * dilation[0] - padding[0],
                     PW=(K - 1) * dilation[1] - padding[1], KS=K, DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
-                    BLOCK_W=block_w, TAP_GROUP=PAIR_TAP_GROUP, INDEX_64=index_64)
+                    BLOCK_W=block_w, TAP_GROUP=PAIR_TAP_GROUP, INDEX_64=index_64, ROWS_AHEAD=PAIR_ROWS_AHEAD["dx"])
         groups = K // PAIR_TAP_GROUP
         grid = _grid_size(B * G * chunks * row_tiles * (W // 2), block_w)
         return Launch(involution_nchw_bwd_input_pairs_kernel, grid, args, meta, config.get("num_warps", 4),
@@ -990,7 +1120,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: b
     meta = dict(**inner_strides("sdy", dy), **inner_strides("sw", weight, "uvhw"), **inner_strides("sdx", dx),
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], GH=gh, GW=gw, INV_H=inv_h,
                 INV_W=inv_w, CH=ch, STRIP=strip, BLOCK_W=block_w, INDEX_64=index_64,
-                ACC_DTYPE=_acc_dtype(dx.dtype))
+                ACC_DTYPE=_acc_dtype(dx.dtype), ROWS_AHEAD=_dx_rows_ahead(stride[0], dx.element_size()))
     lanes = B * G * chunks * stride[0] * stride[1] * row_tiles * cols
     taps_v = cdiv(K, step_w)
     # One run-time loop: the tap columns of a phase.
@@ -1030,9 +1160,13 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool,
         sdyb=dy.stride(0), sxb=x.stride(0), sdwb=dw.stride(0), sdwg=dw.stride(1),
         PH=padding[0], PW=padding[1], ROW_TILES=row_tiles,
     )
+    batch = _dw_batch(K, strip, ch, chunks, stride[0], dilation[0], x.element_size())
     meta = dict(**inner_strides("sdy", dy), **inner_strides("sx", x), **inner_strides("sdw", dw, "uvhw"),
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
-                BLOCK_W=block_w, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype))
-    # The tap columns, and inside each the group's channels CH at a time (a one-trip loop compiles to none).
+                BLOCK_W=block_w, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype), BATCH=batch)
+    # The tap columns, and inside each the group's channels BATCH chunks at a time: a loop whenever
+    # CG > 1 (triton makes CG = 1 a constant), one trip or more.
+    inner = (cdiv(chunks, batch),) if CG > 1 else ()
+    loops = ((K, inner),) if K > 1 and inner else ((K,) if K > 1 else inner)
     return Launch(involution_nchw_bwd_weight_kernel, _grid_size(B * G * row_tiles * Wo, block_w), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=_column_loops(K, chunks))
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=loops)

@@ -99,6 +99,43 @@ def test_input_gradient_skips_a_missing_tap_without_multiplying_it():
     assert_close(dx[finite], x64r.grad[finite], torch.float32, "dx where finite")
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=[IDS[0], IDS[2], IDS[3]])
+def test_input_gradient_in_fenced_batches_of_halo_rows(case, monkeypatch, nan_poison):
+    """The single-pixel input gradient loads its dy halo rows in fenced batches (_dx_rows_ahead: two
+    rows, fp32 at row stride 1); here a fence every row and every two, at strides 1, 3 (a last tap
+    slot past K) and 2 with dilation 2 (phases no tap reaches)."""
+    (x64, w64, dy64, _), geometry = _problem(case, torch.float32)
+    w, dy = w64.detach().float(), dy64.float()
+    x64r = torch.zeros(x64.shape, dtype=torch.float64, requires_grad=True)
+    involution_unfold(x64r, w.double(), None, *geometry).backward(dy.double())
+    for ahead in (1, 2):
+        monkeypatch.setattr(nchw, "_dx_rows_ahead", lambda stride_h, size, ahead=ahead: ahead)
+        dx = torch.full(x64.shape, float("nan"))
+        launch = nchw.backward_input_launch(dy, w, dx, *geometry, False, {"CH": 1, "STRIP": 3, "BLOCK_W": 32,
+                                                                          "num_warps": 1})
+        assert launch.name == "involution_nchw_bwd_input_kernel" and launch.meta["ROWS_AHEAD"] == ahead
+        launch()
+        assert_close(dx, x64r.grad, torch.float32, f"dx, fenced every {ahead} rows")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_weight_gradient_in_batches_of_chunks_with_a_partial_last(batch, monkeypatch, nan_poison):
+    """The single-pixel weight gradient loads DW_BATCH chunks of channels a trip: three chunks of one
+    channel in batches of two leave a last batch half past the group (masked, summing nothing)."""
+    monkeypatch.setattr(nchw, "DW_BATCH", batch)
+    case = CASES[4]  # three channels a group, K = 7 larger than the image
+    (x64, w64, dy64, _), geometry = _problem(case, torch.float32)
+    x, dy = x64.detach().float(), dy64.float()
+    dw = torch.full(w64.shape, float("nan"))
+    launch = nchw.backward_weight_launch(dy, x, dw, *geometry, False, {"CH": 1, "STRIP": 3, "BLOCK_W": 32,
+                                                                       "num_warps": 1})
+    assert launch.meta["BATCH"] == batch and launch.loops == ((case[4], (-(-3 // batch),)),)
+    launch()
+    w64r = w64.detach().requires_grad_(True)
+    involution_unfold(x.double(), w64r, None, *geometry).backward(dy.double())
+    assert_close(dw, w64r.grad, torch.float32, f"dw, batches of {batch}")
+
+
 def test_dispatch_and_declared_loops():
     """NCHW per-pixel calls take these kernels with K, strides and within-sample strides
     compile-time; channels_last, per-sample weights, K > MAX_K or a generic config do not."""
@@ -116,7 +153,7 @@ def test_dispatch_and_declared_loops():
     assert [launch.name for launch in (fwd, dx, dw)] == [
         "involution_nchw_fwd_kernel", "involution_nchw_bwd_input_kernel", "involution_nchw_bwd_weight_kernel"]
     assert fwd.meta["KS"] == 7 and fwd.meta["sxh"] == 32 and fwd.loops == (7,) and dx.loops == (7,)
-    assert dw.loops == ((7, (16 // dw.meta["CH"],)),)
+    assert dw.loops == ((7, (16 // dw.meta["CH"] // dw.meta["BATCH"],)),)
     x, w, y = tensors(7, 31, 2)
     dx = kernels.backward_input_launch(y, w, x, (2, 2), (3, 3), (1, 1))
     assert dx.meta["GH"] == 1 and dx.loops == (4,)  # four tap columns per phase, not seven
@@ -169,14 +206,16 @@ PAIR_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}s{c[6]}d{c[7]}" for c in
 GROUP_CASES = [PAIR_CASES[1], PAIR_CASES[3]]
 
 
-@pytest.mark.parametrize("group", [2, 4])
+@pytest.mark.parametrize("group, ahead", [(2, 0), (4, 3), (2, 1)], ids=["group2", "group4-fenced3", "group2-fenced1"])
 @pytest.mark.parametrize("case", GROUP_CASES, ids=[f"K{c[4]}d{c[7]}" for c in GROUP_CASES])
-def test_pair_forward_and_input_gradient_in_either_tap_group(case, group, monkeypatch, nan_poison):
+def test_pair_forward_and_input_gradient_in_either_tap_group(case, group, ahead, monkeypatch, nan_poison):
     """The pair forward and input gradient read a halo row once per group of tap columns: four with
     triton 3.6, two with newer tritons (PAIR_TAP_GROUP); both on either triton, the forward with a
     per-sample bias. The input gradient's pair kernel too where its launcher keeps it off (DX_PAIRS:
-    a ptxas spill, not its arithmetic)."""
+    a ptxas spill, not its arithmetic). Their halo rows unfenced (newer tritons) and in fenced batches
+    (triton 3.6: PAIR_ROWS_AHEAD), down to a fence every row."""
     monkeypatch.setattr(nchw, "PAIR_TAP_GROUP", group)
+    monkeypatch.setattr(nchw, "PAIR_ROWS_AHEAD", {"fwd": ahead, "dx": ahead})
     monkeypatch.setattr(nchw, "DX_PAIRS", True)
     (x64, w64, dy64, _), geometry = _problem(case, torch.bfloat16)
     x, w, dy = (t.detach().to(torch.bfloat16) for t in (x64, w64, dy64))
@@ -190,6 +229,7 @@ def test_pair_forward_and_input_gradient_in_either_tap_group(case, group, monkey
     groups = case[4] // group
     for launch, name in zip(launches, ("fwd", "bwd_input")):
         assert launch.name == f"involution_nchw_{name}_pairs_kernel" and launch.meta["TAP_GROUP"] == group
+        assert launch.meta["ROWS_AHEAD"] == ahead
         assert launch.loops == ((groups,) if groups > 1 else ())
         launch()
     x64r, w64r, dy64r = (t.double().requires_grad_(True) for t in (x, w, dy))
