@@ -357,7 +357,7 @@ def involution_nchw_bwd_input_kernel(
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 0,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Gather form of dx by stride phase: dx[b,c,h,w] = sum of w[b,g,u,v,i,j] * dy[b,c,i,j] over the taps
     with h = i*SH - PH + u*DH and w = j*SW - PW + v*DW.
@@ -403,7 +403,6 @@ def involution_nchw_bwd_input_kernel(
     dy_chunk = dy_ptr + (b * sdyb + c0 * sdyc) + halo_first * sdyh + j_first * sdyw
     w_taps = w_ptr + b * swb + g * swg + u0 * swu + v0 * swv + halo_first * swh + j_first * sww
     last_row_ok = u0 + (TAPS_U - 1) * STEP_H < KS
-    fence = dx_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, BLOCK_W)  # see _fence
     accs = ()
     for _ in tl.static_range(STRIP * CH):
         accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
@@ -412,52 +411,30 @@ def involution_nchw_bwd_input_kernel(
         col_ok = (col >= 0) & (col < Wo) & lane_ok & (v0 + t_v * STEP_W < KS)
         dy_col = dy_chunk - _wide(t_v, INDEX_64) * (COL_STEP * sdyw)
         w_col = w_taps + _wide(t_v, INDEX_64) * (STEP_W * swv - COL_STEP * sww)
-        AHEAD: tl.constexpr = HALO if ROWS_AHEAD == 0 else ROWS_AHEAD
-        for k0 in tl.static_range(0, HALO, AHEAD):
-            # AHEAD halo rows and their weights loaded as one batch (see _fence).
-            batch = ()
-            for d in tl.static_range(AHEAD):
-                if k0 + d < HALO:
-                    k = k0 + d
-                    row = halo_first + k
-                    ok = col_ok & (row >= 0) & (row < Ho)
-                    grads = _channel_row(dy_col + k * sdyh, ok, sdyc, CH, ACC_DTYPE)
-                    weights = ()
-                    for s in tl.static_range(STRIP):
-                        # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
-                        weight = tl.zeros((BLOCK_W,), dtype=ACC_DTYPE)  # strip rows not reading k: never used
-                        if s + (TAPS_U - 1) * ROW_STEP - k >= 0:
-                            if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
-                                if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
-                                    weight = tl.load(w_col + ((s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP * STEP_H * swu
-                                                              + k * swh), mask=ok, other=0.0).to(ACC_DTYPE)
-                        weights = weights + (weight,)
-                    batch = batch + ((grads, weights),)
-            if AHEAD < HALO:
-                after = _fence(fence, Ho).to(ACC_DTYPE)
-            for d in tl.static_range(AHEAD):
-                if k0 + d < HALO:
-                    k = k0 + d
-                    grads = batch[d][0]
-                    new = ()
-                    for s in tl.static_range(STRIP):
-                        for q in tl.static_range(CH):
-                            acc = accs[s * CH + q]
-                            if s + (TAPS_U - 1) * ROW_STEP - k >= 0:
-                                if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
-                                    if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
-                                        weight = batch[d][1][s]
-                                        if AHEAD < HALO:
-                                            weight = weight + after
-                                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP == TAPS_U - 1 \
-                                                and KS % STEP_H != 0:
-                                            # The last slot passes K in some phases: skipped, not multiplied
-                                            # by a zero weight (0 * inf would poison the sum).
-                                            acc = tl.where(last_row_ok, acc + weight * grads[q], acc)
-                                        else:
-                                            acc = acc + weight * grads[q]
-                            new = new + (acc,)
-                    accs = new
+        for k in tl.static_range(HALO):
+            row = halo_first + k
+            ok = col_ok & (row >= 0) & (row < Ho)
+            grads = _channel_row(dy_col + k * sdyh, ok, sdyc, CH, ACC_DTYPE)
+            new = ()
+            for s in tl.static_range(STRIP):
+                # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
+                weight = None
+                if (s + (TAPS_U - 1) * ROW_STEP - k) >= 0:
+                    if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
+                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
+                            weight = tl.load(w_col + ((s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP * STEP_H * swu + k * swh), mask=ok,
+                                             other=0.0).to(ACC_DTYPE)
+                for q in tl.static_range(CH):
+                    acc = accs[s * CH + q]
+                    if weight is not None:
+                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP == TAPS_U - 1 and KS % STEP_H != 0:
+                            # The last slot passes K in some phases: skipped, not multiplied by a zero
+                            # weight (0 * inf would poison the sum).
+                            acc = tl.where(last_row_ok, acc + weight * grads[q], acc)
+                        else:
+                            acc = acc + weight * grads[q]
+                    new = new + (acc,)
+            accs = new
     h = rh - PH + SH * hh0
     w = rw - PW + SW * ww
     dx_chunk = dx_ptr + (b * sdxb + c0 * sdxc) + h * sdxh + w * sdxw
@@ -1069,14 +1046,6 @@ def _dw_batch(K: int, strip: int, ch: int, chunks: int, stride_h: int, dilation_
     return max(1, min(max(fits, default=1), chunks))
 
 
-def _dx_rows_ahead(stride_h: int, element_size: int) -> int:
-    """The single-pixel input gradient's rows a fenced batch (0: no fence). With fp32 at row stride 1
-    both tritons' ptxas issue each dy row's loads just before its sums; two rows a batch take R1 from
-    61% to 100% (PREDICTED). At stride 2 (four tap rows a phase) and in 16-bit, where the loads
-    already go out together, a fence only costs (R1s2 fp32: 100% -> 62%)."""
-    return 2 if stride_h == 1 and element_size == 4 else 0
-
-
 def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
     """(gcd, step, inverse) of one axis: the taps u of a stride phase satisfy u*dilation = r (mod stride),
     which has solutions only when gcd | r, then u = (r/gcd) * inverse (mod step), step = stride/gcd."""
@@ -1120,7 +1089,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: b
     meta = dict(**inner_strides("sdy", dy), **inner_strides("sw", weight, "uvhw"), **inner_strides("sdx", dx),
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], GH=gh, GW=gw, INV_H=inv_h,
                 INV_W=inv_w, CH=ch, STRIP=strip, BLOCK_W=block_w, INDEX_64=index_64,
-                ACC_DTYPE=_acc_dtype(dx.dtype), ROWS_AHEAD=_dx_rows_ahead(stride[0], dx.element_size()))
+                ACC_DTYPE=_acc_dtype(dx.dtype))
     lanes = B * G * chunks * stride[0] * stride[1] * row_tiles * cols
     taps_v = cdiv(K, step_w)
     # One run-time loop: the tap columns of a phase.
