@@ -234,9 +234,8 @@ def _fwd_pair_taps(accs, x_words, w_words, fence, v0, lane_ok, i0, row_first, co
         # AHEAD halo rows and the weights reading them loaded as one batch, then a fence: ptxas would
         # issue each row's loads just before its sums, a round trip a row.
         batch = ()
-        for d in tl.static_range(AHEAD):
-            if h0 + d < HALO:
-                h = h0 + d
+        for h in tl.static_range(h0, HALO):
+            if h < h0 + AHEAD:
                 row_ok = (row_first + h >= 0) & (row_first + h < H)
                 # The weights of every (strip row, tap, pixel) reading halo row h, one per lane for all its channels.
                 ws = ()
@@ -254,12 +253,13 @@ def _fwd_pair_taps(accs, x_words, w_words, fence, v0, lane_ok, i0, row_first, co
         after = 0
         if AHEAD < HALO:
             after = _fence(fence, H)
-        for d in tl.static_range(AHEAD):
-            if h0 + d < HALO:
-                h = h0 + d
+        rest = batch
+        for h in tl.static_range(h0, HALO):
+            if h < h0 + AHEAD:
+                batch_row, rest = rest[0], rest[1:]
                 xs = ()
                 for t in tl.static_range(NW):
-                    lo, hi = _halves(batch[d][0][t])
+                    lo, hi = _halves(batch_row[0][t])
                     xs = xs + (lo, hi)
                 new = ()
                 for s in tl.static_range(STRIP):
@@ -270,7 +270,7 @@ def _fwd_pair_taps(accs, x_words, w_words, fence, v0, lane_ok, i0, row_first, co
                                 if (h - s * SH) // DH < KS:
                                     for v in tl.static_range(VG):
                                         # after (0) folded in the unpacking: one LEA, one LOP3.
-                                        raw = batch[d][1][s * VG + v]
+                                        raw = batch_row[1][s * VG + v]
                                         if p == 0:
                                             wv = ((raw << 16) + after).to(tl.float32, bitcast=True)
                                         else:
@@ -346,6 +346,63 @@ def involution_nchw_fwd_pairs_kernel(
 
 
 @triton.jit
+def _dx_tap_column(accs, dy_col, w_col, col_ok, halo_first, last_row_ok, fence, Ho,
+                   sdyc: tl.constexpr, sdyh: tl.constexpr, swu: tl.constexpr, swh: tl.constexpr,
+                   KS: tl.constexpr, STEP_H: tl.constexpr, TAPS_U: tl.constexpr, ROW_STEP: tl.constexpr,
+                   HALO: tl.constexpr, CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr):
+    """accs plus one tap column's sums of involution_nchw_bwd_input_kernel: its HALO dy rows, in
+    batches of ROWS_AHEAD behind a fence (0: all, unfenced)."""
+    AHEAD: tl.constexpr = HALO if ROWS_AHEAD == 0 else ROWS_AHEAD
+    for k0 in tl.static_range(0, HALO, AHEAD):
+        # AHEAD halo rows and their weights loaded as one batch (see _fence).
+        batch = ()
+        for k in tl.static_range(k0, HALO):
+            if k < k0 + AHEAD:
+                row = halo_first + k
+                ok = col_ok & (row >= 0) & (row < Ho)
+                grads = _channel_row(dy_col + k * sdyh, ok, sdyc, CH, ACC_DTYPE)
+                weights = ()
+                for s in tl.static_range(STRIP):
+                    # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
+                    weight = tl.zeros((BLOCK_W,), dtype=ACC_DTYPE)  # strip rows not reading k: never used
+                    if s + (TAPS_U - 1) * ROW_STEP - k >= 0:
+                        if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
+                            if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
+                                weight = tl.load(w_col + ((s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP * STEP_H * swu
+                                                          + k * swh), mask=ok, other=0.0).to(ACC_DTYPE)
+                    weights = weights + (weight,)
+                batch = batch + ((grads, weights),)
+        if AHEAD < HALO:
+            after = _fence(fence, Ho).to(ACC_DTYPE)
+        rest = batch
+        for k in tl.static_range(k0, HALO):
+            if k < k0 + AHEAD:
+                batch_row, rest = rest[0], rest[1:]
+                grads = batch_row[0]
+                new = ()
+                for s in tl.static_range(STRIP):
+                    for q in tl.static_range(CH):
+                        acc = accs[s * CH + q]
+                        if s + (TAPS_U - 1) * ROW_STEP - k >= 0:
+                            if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
+                                if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
+                                    weight = batch_row[1][s]
+                                    if AHEAD < HALO:
+                                        weight = weight + after
+                                    if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP == TAPS_U - 1 \
+                                            and KS % STEP_H != 0:
+                                        # The last slot passes K in some phases: skipped, not multiplied
+                                        # by a zero weight (0 * inf would poison the sum).
+                                        acc = tl.where(last_row_ok, acc + weight * grads[q], acc)
+                                    else:
+                                        acc = acc + weight * grads[q]
+                        new = new + (acc,)
+                accs = new
+    return accs
+
+
+@triton.jit
 def involution_nchw_bwd_input_kernel(
     dy_ptr, w_ptr, dx_ptr,
     B, H, W, Ho, Wo, G, CG,
@@ -357,7 +414,7 @@ def involution_nchw_bwd_input_kernel(
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     GH: tl.constexpr, GW: tl.constexpr, INV_H: tl.constexpr, INV_W: tl.constexpr,
     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 0,
 ):
     """Gather form of dx by stride phase: dx[b,c,h,w] = sum of w[b,g,u,v,i,j] * dy[b,c,i,j] over the taps
     with h = i*SH - PH + u*DH and w = j*SW - PW + v*DW.
@@ -403,6 +460,7 @@ def involution_nchw_bwd_input_kernel(
     dy_chunk = dy_ptr + (b * sdyb + c0 * sdyc) + halo_first * sdyh + j_first * sdyw
     w_taps = w_ptr + b * swb + g * swg + u0 * swu + v0 * swv + halo_first * swh + j_first * sww
     last_row_ok = u0 + (TAPS_U - 1) * STEP_H < KS
+    fence = dx_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, BLOCK_W)  # see _fence
     accs = ()
     for _ in tl.static_range(STRIP * CH):
         accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
@@ -411,30 +469,8 @@ def involution_nchw_bwd_input_kernel(
         col_ok = (col >= 0) & (col < Wo) & lane_ok & (v0 + t_v * STEP_W < KS)
         dy_col = dy_chunk - _wide(t_v, INDEX_64) * (COL_STEP * sdyw)
         w_col = w_taps + _wide(t_v, INDEX_64) * (STEP_W * swv - COL_STEP * sww)
-        for k in tl.static_range(HALO):
-            row = halo_first + k
-            ok = col_ok & (row >= 0) & (row < Ho)
-            grads = _channel_row(dy_col + k * sdyh, ok, sdyc, CH, ACC_DTYPE)
-            new = ()
-            for s in tl.static_range(STRIP):
-                # Strip row s reads halo row k through slot t = (s + (TAPS_U-1)*ROW_STEP - k) / ROW_STEP.
-                weight = None
-                if (s + (TAPS_U - 1) * ROW_STEP - k) >= 0:
-                    if (s + (TAPS_U - 1) * ROW_STEP - k) % ROW_STEP == 0:
-                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP < TAPS_U:
-                            weight = tl.load(w_col + ((s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP * STEP_H * swu + k * swh), mask=ok,
-                                             other=0.0).to(ACC_DTYPE)
-                for q in tl.static_range(CH):
-                    acc = accs[s * CH + q]
-                    if weight is not None:
-                        if (s + (TAPS_U - 1) * ROW_STEP - k) // ROW_STEP == TAPS_U - 1 and KS % STEP_H != 0:
-                            # The last slot passes K in some phases: skipped, not multiplied by a zero
-                            # weight (0 * inf would poison the sum).
-                            acc = tl.where(last_row_ok, acc + weight * grads[q], acc)
-                        else:
-                            acc = acc + weight * grads[q]
-                    new = new + (acc,)
-            accs = new
+        accs = _dx_tap_column(accs, dy_col, w_col, col_ok, halo_first, last_row_ok, fence, Ho, sdyc, sdyh, swu, swh,
+                              KS, STEP_H, TAPS_U, ROW_STEP, HALO, CH, STRIP, BLOCK_W, ACC_DTYPE, ROWS_AHEAD)
     h = rh - PH + SH * hh0
     w = rw - PW + SW * ww
     dx_chunk = dx_ptr + (b * sdxb + c0 * sdxc) + h * sdxh + w * sdxw
@@ -464,9 +500,8 @@ def _dx_pair_taps(accs, dy_words, w_words, fence, v0, lane_ok, row_first, col_fi
     for h0 in tl.static_range(0, HALO, AHEAD):
         # AHEAD halo rows and the weights reading them loaded as one batch (see _fwd_pair_taps).
         batch = ()
-        for d in tl.static_range(AHEAD):
-            if h0 + d < HALO:
-                h = h0 + d
+        for h in tl.static_range(h0, HALO):
+            if h < h0 + AHEAD:
                 row_ok = (row_first + h >= 0) & (row_first + h < Ho)
                 # Strip row s reads halo row h through mirrored tap row u = (h - s) / DH when that is a tap;
                 # pixel p reads half E0 + v*DW + p of the halo row: a word, or two when that is odd.
@@ -488,12 +523,13 @@ def _dx_pair_taps(accs, dy_words, w_words, fence, v0, lane_ok, row_first, col_fi
         after = 0
         if AHEAD < HALO:
             after = _fence(fence, Ho)
-        for d in tl.static_range(AHEAD):
-            if h0 + d < HALO:
-                h = h0 + d
+        rest = batch
+        for h in tl.static_range(h0, HALO):
+            if h < h0 + AHEAD:
+                batch_row, rest = rest[0], rest[1:]
                 gs = ()
                 for t in tl.static_range(NW):
-                    lo, hi = _halves(batch[d][0][t])
+                    lo, hi = _halves(batch_row[0][t])
                     gs = gs + (lo, hi)
                 new = ()
                 for s in tl.static_range(STRIP):
@@ -503,7 +539,7 @@ def _dx_pair_taps(accs, dy_words, w_words, fence, v0, lane_ok, row_first, col_fi
                         if (h - s) % DH == 0:
                             if (h - s) // DH < KS:
                                 for v in tl.static_range(VG):
-                                    raw, nxt = batch[d][1][s * VG + v]
+                                    raw, nxt = batch_row[1][s * VG + v]
                                     # after (0) folded in the unpacking: one LEA or one LOP3 a half.
                                     if (E0 + v * DW) % 2 == 1:
                                         w0 = ((raw | after) & -65536).to(tl.float32, bitcast=True)
@@ -1046,6 +1082,14 @@ def _dw_batch(K: int, strip: int, ch: int, chunks: int, stride_h: int, dilation_
     return max(1, min(max(fits, default=1), chunks))
 
 
+def _dx_rows_ahead(stride_h: int, element_size: int) -> int:
+    """The single-pixel input gradient's rows a fenced batch (0: no fence). With fp32 at row stride 1
+    both tritons' ptxas issue each dy row's loads just before its sums; two rows a batch take R1 from
+    61% to 100% (PREDICTED). At stride 2 (four tap rows a phase) and in 16-bit, where the loads
+    already go out together, a fence only costs (R1s2 fp32: 100% -> 62%)."""
+    return 2 if stride_h == 1 and element_size == 4 else 0
+
+
 def _phase_taps(stride: int, dilation: int) -> tuple[int, int, int]:
     """(gcd, step, inverse) of one axis: the taps u of a stride phase satisfy u*dilation = r (mod stride),
     which has solutions only when gcd | r, then u = (r/gcd) * inverse (mod step), step = stride/gcd."""
@@ -1089,7 +1133,7 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, index_64: b
     meta = dict(**inner_strides("sdy", dy), **inner_strides("sw", weight, "uvhw"), **inner_strides("sdx", dx),
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], GH=gh, GW=gw, INV_H=inv_h,
                 INV_W=inv_w, CH=ch, STRIP=strip, BLOCK_W=block_w, INDEX_64=index_64,
-                ACC_DTYPE=_acc_dtype(dx.dtype))
+                ACC_DTYPE=_acc_dtype(dx.dtype), ROWS_AHEAD=_dx_rows_ahead(stride[0], dx.element_size()))
     lanes = B * G * chunks * stride[0] * stride[1] * row_tiles * cols
     taps_v = cdiv(K, step_w)
     # One run-time loop: the tap columns of a phase.

@@ -99,6 +99,25 @@ def test_input_gradient_skips_a_missing_tap_without_multiplying_it():
     assert_close(dx[finite], x64r.grad[finite], torch.float32, "dx where finite")
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=[IDS[0], IDS[2], IDS[3]])
+def test_input_gradient_in_fenced_batches_of_halo_rows(case, monkeypatch, nan_poison):
+    """The single-pixel input gradient loads its dy halo rows in fenced batches (_dx_rows_ahead: two
+    rows, fp32 at row stride 1); here a fence every row and every two, at strides 1, 3 (a last tap
+    slot past K) and 2 with dilation 2 (phases no tap reaches)."""
+    (x64, w64, dy64, _), geometry = _problem(case, torch.float32)
+    w, dy = w64.detach().float(), dy64.float()
+    x64r = torch.zeros(x64.shape, dtype=torch.float64, requires_grad=True)
+    involution_unfold(x64r, w.double(), None, *geometry).backward(dy.double())
+    for ahead in (1, 2):
+        monkeypatch.setattr(nchw, "_dx_rows_ahead", lambda stride_h, size, ahead=ahead: ahead)
+        dx = torch.full(x64.shape, float("nan"))
+        launch = nchw.backward_input_launch(dy, w, dx, *geometry, False, {"CH": 1, "STRIP": 3, "BLOCK_W": 32,
+                                                                          "num_warps": 1})
+        assert launch.name == "involution_nchw_bwd_input_kernel" and launch.meta["ROWS_AHEAD"] == ahead
+        launch()
+        assert_close(dx, x64r.grad, torch.float32, f"dx, fenced every {ahead} rows")
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_weight_gradient_in_batches_of_chunks_with_a_partial_last(batch, monkeypatch, nan_poison):
     """The single-pixel weight gradient loads DW_BATCH chunks of channels a trip: three chunks of one
