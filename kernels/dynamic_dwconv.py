@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._keys import problem_key
-from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64, next_power_of_2
+from ._launch import TRITON_VERSION, Launch, cdiv, inner_strides, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
 
 # Largest kernel size the unrolled kernels take (K*K weights held per thread); larger K keeps the
@@ -259,7 +259,7 @@ def _row_walk(
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr,
     VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr,
 ):
     """_tap_sums's sum when source rows step one per output row and per tap row (forward SH = DH = 1;
     input gradient DH/gcd(SH, DH) = 1), walking down the rows instead of unrolling them.
@@ -365,11 +365,12 @@ def _row_walk(
         _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0,
                    row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW,
                    OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, False, VEC, LEAD, REACH, INDEX_64,
-                   ACC_DTYPE)
+                   ACC_DTYPE, ROWS_AHEAD)
     else:
         _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0,
                    row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW,
-                   OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, True, 1, 0, HALO_W, INDEX_64, ACC_DTYPE)
+                   OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, True, 1, 0, HALO_W, INDEX_64, ACC_DTYPE,
+                   ROWS_AHEAD)
 
 
 @triton.jit
@@ -378,48 +379,86 @@ def _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, out
                TAPS_W: tl.constexpr, P: tl.constexpr, SRC_SW: tl.constexpr, SRC_DW: tl.constexpr,
                OUT_SH: tl.constexpr, OUT_SW: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
                PHASE_MAY_BE_EMPTY: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr, LEAD: tl.constexpr,
-               REACH: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+               REACH: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1):
     """_row_walk's loop over the source rows t_first..t_last and its last rows' stores; MASKED: the
     loads and stores keep their column and channel masks (cols_ok, outs_ok), else none; VEC > 1
-    (unmasked): rows read from ``src_vectors`` and written to ``y_vectors`` as vectors."""
+    (unmasked): rows read from ``src_vectors`` and written to ``y_vectors`` as vectors.
+    ROWS_AHEAD > 1: the rows go in batches of ROWS_AHEAD loaded behind a fence (the stores between
+    rows kept ptxas from issuing a row's loads before the last row's sums: a round trip a row),
+    then one at a time for the rows left."""
     # Each output row's sum starts from the bias (no add per stored element).
     window = ()
     for k in tl.static_range(TAPS_H * P):
         window = window + (bias,)
-    for t in range(t_first, t_last + 1):
+    t_rest = t_first
+    if ROWS_AHEAD > 1:
+        t_rest = t_first + (t_last + 1 - t_first) // ROWS_AHEAD * ROWS_AHEAD
+        fence = y_lane.to(tl.pointer_type(tl.int32), bitcast=True)
+        for t0 in range(t_first, t_rest, ROWS_AHEAD):
+            if INDEX_64:
+                t0 = tl.cast(t0, tl.int64)
+            batch = ()
+            for d in tl.static_range(ROWS_AHEAD):
+                batch = batch + (_halo(src_lane + (t0 + d) * sxh, src_vectors + (t0 + d) * sxh, cols_ok, sxw, HALO_W,
+                                       MASKED, VEC, LEAD, REACH, ACC_DTYPE),)
+            off = (tl.zeros(live.shape, dtype=tl.int32) + row_end) < 0  # row_end >= 0: no lane
+            tl.store(fence, off.to(tl.int32), mask=off)
+            after = tl.load(fence, mask=off, other=0).to(ACC_DTYPE)
+            started = ()
+            for k in tl.static_range(TAPS_H * P):
+                started = started + (window[k] + after,)
+            window = started
+            for d in tl.static_range(ROWS_AHEAD):
+                window = _walk_step(window, batch[d], t0 + d, wts, bias, u_ok, v_ok, live, y_lane, y_vectors, outs_ok,
+                                    row0, row_end, pad_h, ph, syh, syw, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH,
+                                    OUT_SW, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, MASKED, VEC)
+    for t in range(t_rest, t_last + 1):
         if INDEX_64:
             t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
         xs = _halo(src_lane + t * sxh, src_vectors + t * sxh, cols_ok, sxw, HALO_W, MASKED, VEC, LEAD, REACH,
                    ACC_DTYPE)
-        new = ()
-        for a in tl.static_range(TAPS_H):
-            for p in tl.static_range(P):
-                acc = window[a * P + p]
-                for e in tl.static_range(TAPS_W):
-                    term = wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW]
-                    if FIRST_TAP_MAY_MISS and a == 0 and e == 0:
-                        acc = tl.where(u_ok & v_ok, acc + term, acc)
-                    elif FIRST_TAP_MAY_MISS and a == 0:
-                        acc = tl.where(u_ok, acc + term, acc)
-                    elif FIRST_TAP_MAY_MISS and e == 0:
-                        acc = tl.where(v_ok, acc + term, acc)
-                    else:
-                        acc += term
-                new = new + (acc,)
-        # Slot TAPS_H - 1 (output row t + pad_h - TAPS_H + 1) has all its taps: store it, shift the window.
-        i = t + pad_h - (TAPS_H - 1)
-        _store_row(y_lane, y_vectors, new, (TAPS_H - 1) * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P,
-                   OUT_SW, PHASE_MAY_BE_EMPTY, MASKED, VEC)
-        window = ()
-        for p in tl.static_range(P):
-            window = window + (bias,)
-        for k in tl.static_range((TAPS_H - 1) * P):
-            window = window + (new[k],)
+        window = _walk_step(window, xs, t, wts, bias, u_ok, v_ok, live, y_lane, y_vectors, outs_ok, row0, row_end,
+                            pad_h, ph, syh, syw, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS,
+                            PHASE_MAY_BE_EMPTY, MASKED, VEC)
     # Rows whose last taps read past the image: slot a holds output row t_last + 1 + pad_h - a.
     for a in tl.static_range(1, TAPS_H):
         i = t_last + 1 + pad_h - a
         _store_row(y_lane, y_vectors, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P,
                    OUT_SW, PHASE_MAY_BE_EMPTY, MASKED, VEC)
+
+
+@triton.jit
+def _walk_step(window, xs, t, wts, bias, u_ok, v_ok, live, y_lane, y_vectors, outs_ok, row0, row_end, pad_h, ph, syh,
+               syw, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr, P: tl.constexpr, SRC_SW: tl.constexpr,
+               SRC_DW: tl.constexpr, OUT_SH: tl.constexpr, OUT_SW: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
+               PHASE_MAY_BE_EMPTY: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr):
+    """One step of _walk_rows: source row t's columns ``xs`` into every tap of the window's rows; the
+    oldest row, then complete, stored; the window shifted."""
+    new = ()
+    for a in tl.static_range(TAPS_H):
+        for p in tl.static_range(P):
+            acc = window[a * P + p]
+            for e in tl.static_range(TAPS_W):
+                term = wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW]
+                if FIRST_TAP_MAY_MISS and a == 0 and e == 0:
+                    acc = tl.where(u_ok & v_ok, acc + term, acc)
+                elif FIRST_TAP_MAY_MISS and a == 0:
+                    acc = tl.where(u_ok, acc + term, acc)
+                elif FIRST_TAP_MAY_MISS and e == 0:
+                    acc = tl.where(v_ok, acc + term, acc)
+                else:
+                    acc += term
+            new = new + (acc,)
+    # Slot TAPS_H - 1 (output row t + pad_h - TAPS_H + 1) has all its taps: store it, shift the window.
+    i = t + pad_h - (TAPS_H - 1)
+    _store_row(y_lane, y_vectors, new, (TAPS_H - 1) * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P,
+               OUT_SW, PHASE_MAY_BE_EMPTY, MASKED, VEC)
+    window = ()
+    for p in tl.static_range(P):
+        window = window + (bias,)
+    for k in tl.static_range((TAPS_H - 1) * P):
+        window = window + (new[k],)
+    return window
 
 
 @triton.jit
@@ -463,14 +502,14 @@ def dwconv_fwd_kernel(
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
     P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1,
 ):
     """The forward: x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS); WALK: _row_walk (SH = DH = 1),
     else _tap_sums."""
     if WALK:
         _row_walk(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, RUN, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0,
-                  False, False, BLOCK_C, BLOCK_W, P, INTERIOR, VEC, VEC_PAD, HAS_BIAS, INDEX_64, ACC_DTYPE)
+                  False, False, BLOCK_C, BLOCK_W, P, INTERIOR, VEC, VEC_PAD, HAS_BIAS, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
     else:
         _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
@@ -492,7 +531,7 @@ def dwconv_bwd_input_kernel(
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
     P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1,
 ):
     """The input gradient by stride phase: dy (B, C, H, W), dx (B, C, HO, WO); SH, SW, DH, DW, PH, PW and KS
     the forward's; the grid's first axis runs over (sample, phase, tile). WALK: _row_walk (DH/gcd(SH, DH) = 1),
@@ -501,7 +540,7 @@ def dwconv_bwd_input_kernel(
         _row_walk(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, RUN, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
                   GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, INTERIOR, VEC,
-                  VEC_PAD, False, INDEX_64, ACC_DTYPE)
+                  VEC_PAD, False, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
     else:
         _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
@@ -925,14 +964,34 @@ def _walking(config: dict, stride, padding, dilation, source_rows: int, out_rows
             and _rows_reached(source_rows, out_rows, stride[0], padding[0], dilation[0], K, input_grad))
 
 
-def _walk_loops(walk: bool, config: dict, source_rows: int, K: int, interior: float | None) -> tuple:
+# Source rows the walk loads as one batch behind a fence (_walk_rows; not 16-bit NCHW, see
+# _walk_rows_ahead). Triton 3.6's ptxas keeps them in registers at those walking tiles (R4 fwd/dx
+# PREDICTED 43-75% -> 85-100%); newer tritons' spill the 16-bit channels_last walk even at two
+# (thousands of stack bytes at R4), so they walk a row at a time.
+WALK_ROWS_AHEAD = 4 if TRITON_VERSION <= (3, 6) else 1
+
+
+def _walk_rows_ahead(element_size: int, channels_last: bool) -> int:
+    """The walk's rows a batch: WALK_ROWS_AHEAD, but one for 16-bit NCHW (sm_80's ptxas, capped at 168
+    registers there, spilled in fp16: 40 bytes at four rows, 8 at two; R4 bf16 PREDICTED 74% at four)."""
+    return WALK_ROWS_AHEAD if element_size >= 4 or channels_last else 1
+
+
+def _walk_loops(walk: bool, config: dict, source_rows: int, K: int, interior: float | None, ahead: int = 1) -> tuple:
     """Trip counts of _row_walk's loops (the source rows of a run): with INTERIOR (``interior``, the
     share of such programs) the unmasked walk of the interior programs, then the masked one, each as
-    its mean over the programs; else the masked one alone."""
+    its mean over the programs; else the masked one alone. ``ahead`` > 1 (_walk_rows' ROWS_AHEAD):
+    each walk is two loops, its batches of rows and the rows left."""
     if not walk:
         return ()
     trips = min(config["RUN"] + K - 1, source_rows)
-    return (trips,) if interior is None else (trips * interior, trips * (1 - interior))
+    if ahead > 1:
+        loops = (trips // ahead, trips % ahead)
+    else:
+        loops = (trips,)
+    if interior is None:
+        return loops
+    return tuple(n * interior for n in loops) + tuple(n * (1 - interior) for n in loops)
 
 
 def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, stride: int, padding: int,
@@ -1006,12 +1065,13 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     meta = dict(**inner_strides("sx", x, "hw"), **inner_strides("sy", y, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
                 INTERIOR=walk and (is_channels_last(x) or vec > 1), VEC=vec, VEC_PAD=padding[1] if vec > 1 else 0,
-                HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype))
+                HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype),
+                ROWS_AHEAD=_walk_rows_ahead(x.element_size(), is_channels_last(x)))
     interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
                 if meta["INTERIOR"] else None)
     return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
-                  loops=_walk_loops(walk, config, H, K, interior),
+                  loops=_walk_loops(walk, config, H, K, interior, meta["ROWS_AHEAD"]),
                   typical_program=_middle_tile(B // 2, tiles, tiles_w, C, meta["BLOCK_C"]))
 
 
@@ -1039,12 +1099,12 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
                 FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
                 WALK=walk, INTERIOR=walk and (is_channels_last(dx) or vec > 1), VEC=vec,
                 VEC_PAD=K - 1 - padding[1] if vec > 1 else 0, INDEX_64=needs_int64(dy, weight, dx),
-                ACC_DTYPE=_acc_dtype(dy.dtype))
+                ACC_DTYPE=_acc_dtype(dy.dtype), ROWS_AHEAD=_walk_rows_ahead(dx.element_size(), is_channels_last(dx)))
     interior = (_interior_share(config, C, Wo, W, K, stride[1], padding[1], dilation[1], True, vec)
                 if meta["INTERIOR"] else None)
     return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
-                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h), interior),
+                  loops=_walk_loops(walk, config, Ho, cdiv(K, step_h), interior, meta["ROWS_AHEAD"]),
                   typical_program=_middle_tile(B // 2 * phases, tiles, tiles_w, C, meta["BLOCK_C"]))
 
 

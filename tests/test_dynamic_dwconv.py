@@ -29,6 +29,16 @@ CASES = [
 IDS = ["walk", "s3", "s2d2", "K7-3x4", "pad4-G2", "s4-unread", "warp-16-rows", "channel-pairs-K5", "channel-pairs-K7"]
 
 
+
+def _walk_rows(launch) -> tuple:
+    """The source rows of each of a forward's or input gradient's walks (its declared loops: the
+    batches of ROWS_AHEAD rows and the rows left, where it walks in batches)."""
+    ahead, loops = launch.meta["ROWS_AHEAD"], launch.loops
+    if ahead == 1:
+        return tuple(loops)
+    return tuple(batches * ahead + left for batches, left in zip(loops[::2], loops[1::2]))
+
+
 def test_the_nchw_walk_spreads_a_warp_over_channel_rows_where_sectors_bind():
     """Lanes P columns apart waste most of each sector, so the fp32 NCHW walk may take more channels
     than fill a warp along one row (the last case above runs such a tile)."""
@@ -107,6 +117,34 @@ def test_forward_input_and_weight_gradients(case, dtype, memory_format):
 
 
 @pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("ahead", [2, 3])
+@pytest.mark.parametrize("case, dtype, memory_format", [
+    (CASES[0], torch.float32, torch.contiguous_format),       # masked scalars, 5 and 7 rows a walk
+    (CASES[6], torch.float32, torch.contiguous_format),       # vectors in the interior tiles
+    (CASES[8], torch.bfloat16, torch.channels_last),          # interior and edge channel blocks, K = 7
+], ids=["walk", "nchw-vectors", "nhwc-K7"])
+def test_walks_in_batches_of_rows_and_the_rows_left(case, dtype, memory_format, ahead, monkeypatch):
+    """The forward and input gradient walks load WALK_ROWS_AHEAD source rows a batch behind a fence
+    (triton 3.6: four), then the rows left one at a time: batches of two and three leave some here."""
+    monkeypatch.setattr(dwconv, "WALK_ROWS_AHEAD", ahead)
+    x, w, bias, stride, padding, dilation = _problem(case, dtype, memory_format)
+    expected = _conv(x, w, bias, stride, padding, dilation)
+    y = torch.empty(expected.shape, dtype=dtype).contiguous(memory_format=memory_format)
+    forward = dwconv.forward_launch(x, w, bias, y, stride, padding, dilation)
+    dy = torch.randn(expected.shape).to(dtype).contiguous(memory_format=memory_format)
+    dx = torch.empty_like(x)
+    input_grad = dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation)
+    for launch in (forward, input_grad):
+        assert launch.meta["WALK"] and launch.meta["ROWS_AHEAD"] == ahead, launch.meta
+    forward()
+    assert_close(y, expected, dtype, f"y, batches of {ahead}")
+    x64 = x.double().requires_grad_()
+    _conv(x64, w.double(), None, stride, padding, dilation).backward(dy.double())
+    input_grad()
+    assert_close(dx, x64.grad, dtype, f"dx, batches of {ahead}")
+
+
+@pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("case", [(1, 72, 72, 5, 26, 3, 1, 1, 1), (1, 64, 64, 6, 29, 3, 2, 1, 1)], ids=["s1", "s2"])
 def test_channels_last_walk_runs_interior_programs_unmasked(case):
     """channels_last: programs (the weight gradient's tiles) whose channels and columns all lie inside
@@ -122,7 +160,8 @@ def test_channels_last_walk_runs_interior_programs_unmasked(case):
     input_grad = dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation)
     for launch in (forward, input_grad) if stride == (1, 1) else (input_grad,):
         assert launch.meta["WALK"] and launch.meta["INTERIOR"], launch.meta
-        assert len(launch.loops) == 2 and min(launch.loops) > 0, launch.loops
+        walks = _walk_rows(launch)
+        assert len(walks) == 2 and min(walks) > 0, launch.loops
     if stride == (1, 1):
         forward()
         assert_close(y, expected, torch.bfloat16, "y")
@@ -190,7 +229,8 @@ def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding):
     weight_grad = dwconv.backward_weight_launch(dy, x, part, *geometry, config)
     (_, weight_walks), = weight_grad.loops
     vectors = x.element_size() * 4 >= dwconv.WALK_VECTOR_BYTES
-    for launch, walks in ((forward, forward.loops), (input_grad, input_grad.loops), (weight_grad, weight_walks)):
+    for launch, walks in ((forward, _walk_rows(forward)), (input_grad, _walk_rows(input_grad)),
+                          (weight_grad, weight_walks)):
         if vectors or launch is weight_grad:
             assert launch.meta["VEC"] == 4 and launch.meta["INTERIOR"], launch.meta
             assert len(walks) == 2 and min(walks) > 0, launch.loops
@@ -260,7 +300,7 @@ def test_padding_wider_than_the_taps_takes_the_unrolled_sum():
     same = torch.empty(1, 4, 4, 5, device="meta")
     for launch in (dwconv.forward_launch(x, w, None, same, (1, 1), (1, 1), (1, 1)),
                    dwconv.backward_input_launch(same, w, x, (1, 1), (1, 1), (1, 1))):
-        assert launch.meta["WALK"] and len(launch.loops) == 1
+        assert launch.meta["WALK"] and len(_walk_rows(launch)) == 1
 
 
 # Compiled in a subprocess (this process runs the interpreter): R4's input gradient, NCHW, with the
