@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._fence import fence
 from ._keys import problem_key
 from ._launch import TRITON_VERSION, Launch, cdiv, inner_strides, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
@@ -125,6 +126,21 @@ def _program(TILES_PHASE, PH, PW, sxh, sxw, swu, swv, syh, syw,
 
 
 @triton.jit
+def _add_tap(acc, term, a: tl.constexpr, e: tl.constexpr, u_ok, v_ok, FIRST_TAP_MAY_MISS: tl.constexpr):
+    """acc + term for tap slot (a, e), left out where the phase's first tap row (a = 0: u_ok) or column
+    (e = 0: v_ok) passes K; a where, not a zero weight (0 * inf would poison the sum)."""
+    if FIRST_TAP_MAY_MISS and a == 0 and e == 0:
+        acc = tl.where(u_ok & v_ok, acc + term, acc)
+    elif FIRST_TAP_MAY_MISS and a == 0:
+        acc = tl.where(u_ok, acc + term, acc)
+    elif FIRST_TAP_MAY_MISS and e == 0:
+        acc = tl.where(v_ok, acc + term, acc)
+    else:
+        acc += term
+    return acc
+
+
+@triton.jit
 def _tap_sums(
     x_ptr, w_ptr, bias_ptr, y_ptr,
     C, H, W, HO, WO, CG,
@@ -215,15 +231,8 @@ def _tap_sums(
                 for a in tl.static_range(TAPS_H):
                     if s * SRC_SH + a * SRC_DH == o:
                         for e in tl.static_range(TAPS_W):
-                            term = wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW]
-                            if FIRST_TAP_MAY_MISS and a == 0 and e == 0:
-                                acc = tl.where(u_ok & v_ok, acc + term, acc)
-                            elif FIRST_TAP_MAY_MISS and a == 0:
-                                acc = tl.where(u_ok, acc + term, acc)
-                            elif FIRST_TAP_MAY_MISS and e == 0:
-                                acc = tl.where(v_ok, acc + term, acc)
-                            else:
-                                acc += term
+                            acc = _add_tap(acc, wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW], a, e, u_ok, v_ok,
+                                           FIRST_TAP_MAY_MISS)
                 new = new + (acc,)
         accs = new
     if HAS_BIAS:
@@ -393,7 +402,7 @@ def _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, out
     t_rest = t_first
     if ROWS_AHEAD > 1:
         t_rest = t_first + (t_last + 1 - t_first) // ROWS_AHEAD * ROWS_AHEAD
-        fence = y_lane.to(tl.pointer_type(tl.int32), bitcast=True)
+        fence_at = y_lane.to(tl.pointer_type(tl.int32), bitcast=True)
         for t0 in range(t_first, t_rest, ROWS_AHEAD):
             if INDEX_64:
                 t0 = tl.cast(t0, tl.int64)
@@ -401,9 +410,7 @@ def _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, out
             for d in tl.static_range(ROWS_AHEAD):
                 batch = batch + (_halo(src_lane + (t0 + d) * sxh, src_vectors + (t0 + d) * sxh, cols_ok, sxw, HALO_W,
                                        MASKED, VEC, LEAD, REACH, ACC_DTYPE),)
-            off = (tl.zeros(live.shape, dtype=tl.int32) + row_end) < 0  # row_end >= 0: no lane
-            tl.store(fence, off.to(tl.int32), mask=off)
-            after = tl.load(fence, mask=off, other=0).to(ACC_DTYPE)
+            after = fence(fence_at, row_end).to(ACC_DTYPE)
             started = ()
             for k in tl.static_range(TAPS_H * P):
                 started = started + (window[k] + after,)
@@ -439,15 +446,8 @@ def _walk_step(window, xs, t, wts, bias, u_ok, v_ok, live, y_lane, y_vectors, ou
         for p in tl.static_range(P):
             acc = window[a * P + p]
             for e in tl.static_range(TAPS_W):
-                term = wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW]
-                if FIRST_TAP_MAY_MISS and a == 0 and e == 0:
-                    acc = tl.where(u_ok & v_ok, acc + term, acc)
-                elif FIRST_TAP_MAY_MISS and a == 0:
-                    acc = tl.where(u_ok, acc + term, acc)
-                elif FIRST_TAP_MAY_MISS and e == 0:
-                    acc = tl.where(v_ok, acc + term, acc)
-                else:
-                    acc += term
+                acc = _add_tap(acc, wts[a * TAPS_W + e] * xs[p * SRC_SW + e * SRC_DW], a, e, u_ok, v_ok,
+                               FIRST_TAP_MAY_MISS)
             new = new + (acc,)
     # Slot TAPS_H - 1 (output row t + pad_h - TAPS_H + 1) has all its taps: store it, shift the window.
     i = t + pad_h - (TAPS_H - 1)

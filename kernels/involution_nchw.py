@@ -36,6 +36,7 @@ import triton.language as tl
 
 import torch
 
+from ._fence import fence as _fence
 from ._launch import TRITON_VERSION, Launch, cdiv, inner_strides, is_channels_last
 from .configs import get_config
 
@@ -170,9 +171,20 @@ def involution_nchw_fwd_kernel(
 
 
 @triton.jit
-def _halves(raw):
-    """The two bf16 of an int32 pair as fp32, the lower address first (a bf16 is an fp32's top half)."""
-    return (raw << 16).to(tl.float32, bitcast=True), (raw & -65536).to(tl.float32, bitcast=True)
+def _halves(raw, zero=0):
+    """The two bf16 of an int32 pair as fp32, the lower address first (a bf16 is an fp32's top half).
+    ``zero``: a fence's zero (see _fence), folded into the unpacking at no cost (one LEA, one LOP3)."""
+    return ((raw << 16) + zero).to(tl.float32, bitcast=True), ((raw | zero) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _columns(words, NW: tl.constexpr):
+    """The 2*NW fp32 columns of a halo row's NW words (_halo_words), the lower address first."""
+    columns = ()
+    for t in tl.static_range(NW):
+        lo, hi = _halves(words[t])
+        columns = columns + (lo, hi)
+    return columns
 
 
 @triton.jit
@@ -200,18 +212,6 @@ def _halo_words(words, word_ok, row_ok, NW: tl.constexpr, CH: tl.constexpr):
     for t in tl.static_range(NW):
         raws = raws + (tl.load(words + t, mask=_over_channels(word_ok[t] & row_ok, CH), other=0),)
     return raws
-
-
-@triton.jit
-def _fence(ptr, size):
-    """A store no lane makes to ``ptr`` ([lanes] int32), then a load no lane makes from it (a zero a
-    lane). Neither moves memory, but ptxas moves no load below a store that may alias it, where it
-    otherwise issues each load just before its first use, one round trip each: the loads before the
-    fence go out as one batch, and sums that add the zero cannot start before it. ``size`` is a
-    run-time size (>= 0), so that the compiler cannot see that no lane stores."""
-    off = (tl.zeros(ptr.shape, dtype=tl.int32) + size) < 0
-    tl.store(ptr, off.to(tl.int32), mask=off)
-    return tl.load(ptr, mask=off, other=0)
 
 
 @triton.jit
@@ -257,10 +257,7 @@ def _fwd_pair_taps(accs, x_words, w_words, fence, v0, lane_ok, i0, row_first, co
         for h in tl.static_range(h0, HALO):
             if h < h0 + AHEAD:
                 batch_row, rest = rest[0], rest[1:]
-                xs = ()
-                for t in tl.static_range(NW):
-                    lo, hi = _halves(batch_row[0][t])
-                    xs = xs + (lo, hi)
+                xs = _columns(batch_row[0], NW)
                 new = ()
                 for s in tl.static_range(STRIP):
                     for p in tl.static_range(2):
@@ -269,12 +266,7 @@ def _fwd_pair_taps(accs, x_words, w_words, fence, v0, lane_ok, i0, row_first, co
                             if (h - s * SH) % DH == 0:
                                 if (h - s * SH) // DH < KS:
                                     for v in tl.static_range(VG):
-                                        # after (0) folded in the unpacking: one LEA, one LOP3.
-                                        raw = batch_row[1][s * VG + v]
-                                        if p == 0:
-                                            wv = ((raw << 16) + after).to(tl.float32, bitcast=True)
-                                        else:
-                                            wv = ((raw | after) & -65536).to(tl.float32, bitcast=True)
+                                        wv = _halves(batch_row[1][s * VG + v], after)[p]
                                         acc = acc + _over_channels(wv, CH) * xs[PWE - PW + p * SW + v * DW]
                         new = new + (acc,)
                 accs = new
@@ -527,10 +519,7 @@ def _dx_pair_taps(accs, dy_words, w_words, fence, v0, lane_ok, row_first, col_fi
         for h in tl.static_range(h0, HALO):
             if h < h0 + AHEAD:
                 batch_row, rest = rest[0], rest[1:]
-                gs = ()
-                for t in tl.static_range(NW):
-                    lo, hi = _halves(batch_row[0][t])
-                    gs = gs + (lo, hi)
+                gs = _columns(batch_row[0], NW)
                 new = ()
                 for s in tl.static_range(STRIP):
                     acc0 = accs[s * 2]
@@ -540,13 +529,9 @@ def _dx_pair_taps(accs, dy_words, w_words, fence, v0, lane_ok, row_first, col_fi
                             if (h - s) // DH < KS:
                                 for v in tl.static_range(VG):
                                     raw, nxt = batch_row[1][s * VG + v]
-                                    # after (0) folded in the unpacking: one LEA or one LOP3 a half.
+                                    w0, w1 = _halves(raw, after)
                                     if (E0 + v * DW) % 2 == 1:
-                                        w0 = ((raw | after) & -65536).to(tl.float32, bitcast=True)
-                                        w1 = ((nxt << 16) + after).to(tl.float32, bitcast=True)
-                                    else:
-                                        w0 = ((raw << 16) + after).to(tl.float32, bitcast=True)
-                                        w1 = ((raw | after) & -65536).to(tl.float32, bitcast=True)
+                                        w0, w1 = w1, _halves(nxt, after)[0]
                                     acc0 = acc0 + _over_channels(w0, CH) * gs[E0 + v * DW]
                                     acc1 = acc1 + _over_channels(w1, CH) * gs[E0 + v * DW + 1]
                     new = new + (acc0, acc1)
