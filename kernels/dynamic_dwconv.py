@@ -370,36 +370,65 @@ def _row_walk(
     interior = (INTERIOR & ((tl.program_id(1) + 1) * BLOCK_C <= C) & (first * SRC_SW - pad_w - LEAD >= 0)
                 & ((first + (BLOCK_W - 1) * P) * SRC_SW - pad_w - LEAD + REACH <= W)
                 & ((first + BLOCK_W * P - 1) * OUT_SW + pw < WO))
-    if interior:
-        _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0,
-                   row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW,
-                   OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, False, VEC, LEAD, REACH, INDEX_64,
-                   ACC_DTYPE, ROWS_AHEAD)
-    else:
-        _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0,
-                   row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW,
-                   OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, True, 1, 0, HALO_W, INDEX_64, ACC_DTYPE,
-                   ROWS_AHEAD)
-
-
-@triton.jit
-def _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0,
-               row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W: tl.constexpr, TAPS_H: tl.constexpr,
-               TAPS_W: tl.constexpr, P: tl.constexpr, SRC_SW: tl.constexpr, SRC_DW: tl.constexpr,
-               OUT_SH: tl.constexpr, OUT_SW: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
-               PHASE_MAY_BE_EMPTY: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr, LEAD: tl.constexpr,
-               REACH: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1):
-    """_row_walk's loop over the source rows t_first..t_last and its last rows' stores; MASKED: the
-    loads and stores keep their column and channel masks (cols_ok, outs_ok), else none; VEC > 1
-    (unmasked): rows read from ``src_vectors`` and written to ``y_vectors`` as vectors.
-    ROWS_AHEAD > 1: the rows go in batches of ROWS_AHEAD loaded behind a fence (the stores between
-    rows kept ptxas from issuing a row's loads before the last row's sums: a round trip a row),
-    then one at a time for the rows left."""
     # Each output row's sum starts from the bias (no add per stored element).
     window = ()
     for k in tl.static_range(TAPS_H * P):
         window = window + (bias,)
+    # The batches: the interior programs' unmasked walk, or, with no such walk compiled, the masked
+    # one's. The rows they leave, and the masked programs' with an unmasked walk, go a row at a time:
+    # five copies of the loop body in all (coalescing_work in kernels/_launch.py: ten took 37 s to
+    # compile at R4).
     t_rest = t_first
+    if interior:
+        window, t_rest = _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok,
+                                    u_ok, v_ok, live, row0, row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw,
+                                    HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS,
+                                    PHASE_MAY_BE_EMPTY, False, VEC, LEAD, REACH, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
+    if (not INTERIOR) and ROWS_AHEAD > 1:
+        window, t_rest = _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok,
+                                    u_ok, v_ok, live, row0, row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw,
+                                    HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS,
+                                    PHASE_MAY_BE_EMPTY, True, 1, 0, HALO_W, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
+    window, t_rest = _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok,
+                                v_ok, live, row0, row_end, t_rest, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W,
+                                TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS,
+                                PHASE_MAY_BE_EMPTY, True, 1, 0, HALO_W, INDEX_64, ACC_DTYPE, 1)
+    # Rows whose last taps read past the image. Interior programs store them unmasked where they walk
+    # a row at a time; after batches, masked (the batches' registers, PREDICTED at R4 on triton 3.6:
+    # fp32 NHWC dx 100% so, 89% unmasked; triton 3.9, one row a time: dx fp32 NCHW 62% unmasked, 53%).
+    if (ROWS_AHEAD == 1) & interior:
+        _store_tail(y_lane, y_vectors, window, t_last, row0, row_end, pad_h, OUT_SH, ph, syh, syw, outs_ok, live,
+                    TAPS_H, P, OUT_SW, PHASE_MAY_BE_EMPTY, False, VEC)
+    else:
+        _store_tail(y_lane, y_vectors, window, t_last, row0, row_end, pad_h, OUT_SH, ph, syh, syw, outs_ok, live,
+                    TAPS_H, P, OUT_SW, PHASE_MAY_BE_EMPTY, True, 1)
+
+
+@triton.jit
+def _store_tail(y_lane, y_vectors, window, t_last, row0, row_end, pad_h, OUT_SH: tl.constexpr, ph, syh, syw, outs_ok,
+                live, TAPS_H: tl.constexpr, P: tl.constexpr, OUT_SW: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
+                MASKED: tl.constexpr, VEC: tl.constexpr):
+    """The output rows whose last taps read past source row t_last (the image's or the run's last):
+    window slot a (of a = 1..TAPS_H - 1) holds row t_last + 1 + pad_h - a."""
+    for a in tl.static_range(1, TAPS_H):
+        i = t_last + 1 + pad_h - a
+        _store_row(y_lane, y_vectors, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P,
+                   OUT_SW, PHASE_MAY_BE_EMPTY, MASKED, VEC)
+
+
+@triton.jit
+def _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok, v_ok, live, row0,
+               row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W: tl.constexpr, TAPS_H: tl.constexpr,
+               TAPS_W: tl.constexpr, P: tl.constexpr, SRC_SW: tl.constexpr, SRC_DW: tl.constexpr,
+               OUT_SH: tl.constexpr, OUT_SW: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
+               PHASE_MAY_BE_EMPTY: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr, LEAD: tl.constexpr,
+               REACH: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr):
+    """_row_walk's loop over the source rows from t_first: the window after them, and the first row
+    it left. MASKED: the loads and stores keep their column and channel masks (cols_ok, outs_ok),
+    else none; VEC > 1 (unmasked): rows read from ``src_vectors`` and written to ``y_vectors`` as
+    vectors. ROWS_AHEAD = 1: every row to t_last, one at a time; > 1: whole batches of ROWS_AHEAD
+    rows loaded behind a fence (the stores between rows kept ptxas from issuing a row's loads before
+    the last row's sums: a round trip a row), the rows left to the caller."""
     if ROWS_AHEAD > 1:
         t_rest = t_first + (t_last + 1 - t_first) // ROWS_AHEAD * ROWS_AHEAD
         fence_at = y_lane.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -419,19 +448,17 @@ def _walk_rows(src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, out
                 window = _walk_step(window, batch[d], t0 + d, wts, bias, u_ok, v_ok, live, y_lane, y_vectors, outs_ok,
                                     row0, row_end, pad_h, ph, syh, syw, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH,
                                     OUT_SW, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, MASKED, VEC)
-    for t in range(t_rest, t_last + 1):
-        if INDEX_64:
-            t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
-        xs = _halo(src_lane + t * sxh, src_vectors + t * sxh, cols_ok, sxw, HALO_W, MASKED, VEC, LEAD, REACH,
-                   ACC_DTYPE)
-        window = _walk_step(window, xs, t, wts, bias, u_ok, v_ok, live, y_lane, y_vectors, outs_ok, row0, row_end,
-                            pad_h, ph, syh, syw, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS,
-                            PHASE_MAY_BE_EMPTY, MASKED, VEC)
-    # Rows whose last taps read past the image: slot a holds output row t_last + 1 + pad_h - a.
-    for a in tl.static_range(1, TAPS_H):
-        i = t_last + 1 + pad_h - a
-        _store_row(y_lane, y_vectors, window, a * P, i, row0, row_end, OUT_SH, ph, syh, syw, outs_ok, live, P,
-                   OUT_SW, PHASE_MAY_BE_EMPTY, MASKED, VEC)
+    else:
+        t_rest = t_last + 1
+        for t in range(t_first, t_rest):
+            if INDEX_64:
+                t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
+            xs = _halo(src_lane + t * sxh, src_vectors + t * sxh, cols_ok, sxw, HALO_W, MASKED, VEC, LEAD, REACH,
+                       ACC_DTYPE)
+            window = _walk_step(window, xs, t, wts, bias, u_ok, v_ok, live, y_lane, y_vectors, outs_ok, row0,
+                                row_end, pad_h, ph, syh, syw, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW,
+                                FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, MASKED, VEC)
+    return window, t_rest
 
 
 @triton.jit
@@ -978,20 +1005,19 @@ def _walk_rows_ahead(element_size: int, channels_last: bool) -> int:
 
 
 def _walk_loops(walk: bool, config: dict, source_rows: int, K: int, interior: float | None, ahead: int = 1) -> tuple:
-    """Trip counts of _row_walk's loops (the source rows of a run): with INTERIOR (``interior``, the
-    share of such programs) the unmasked walk of the interior programs, then the masked one, each as
-    its mean over the programs; else the masked one alone. ``ahead`` > 1 (_walk_rows' ROWS_AHEAD):
-    each walk is two loops, its batches of rows and the rows left."""
+    """Trip counts of _row_walk's loops (the source rows of a run), each as its mean over the programs:
+    with INTERIOR (``interior``, the share of such programs) the unmasked walk of the interior
+    programs, then the masked one; else the masked one alone. ``ahead`` > 1 (_walk_rows'
+    ROWS_AHEAD): the first walk's trips are batches, and a row-at-a-time masked loop takes the
+    rows its batches left (with INTERIOR, the masked walk's loop)."""
     if not walk:
         return ()
     trips = min(config["RUN"] + K - 1, source_rows)
-    if ahead > 1:
-        loops = (trips // ahead, trips % ahead)
-    else:
-        loops = (trips,)
     if interior is None:
-        return loops
-    return tuple(n * interior for n in loops) + tuple(n * (1 - interior) for n in loops)
+        return (trips // ahead, trips % ahead) if ahead > 1 else (trips,)
+    if ahead > 1:
+        return (trips // ahead * interior, trips % ahead * interior + trips * (1 - interior))
+    return (trips * interior, trips * (1 - interior))
 
 
 def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, stride: int, padding: int,

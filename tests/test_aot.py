@@ -14,6 +14,10 @@ from dynconv.kernels._launch import ARCHS
 from helpers import run_without_interpreter
 
 MODULES = [module.__name__.rsplit(".", 1)[-1] for module in KERNEL_MODULES]
+# Compile time (triton 3.6), kernels._launch.coalescing_work: the largest default launch is the bf16
+# NCHW pair input gradient at 1.9 M (about 26 s on sm_80); R4's batched walk at 2.8 M (37 s a kernel)
+# once made CI's make test take 48 minutes where it had taken 13.
+COALESCING_WORK_LIMIT = 2_000_000
 
 
 def _inspect(module: str, arch: int) -> list[dict]:
@@ -39,6 +43,9 @@ def test_default_launches_compile_without_spills(module, arch):
             problems.append(f"{where}: stack frame of {row['stack_bytes']} bytes")
         if row["unwritten_dots"]:
             problems.append(f"{where}: tensor-core products no tl.dot wrote (tf32, any length): {row['unwritten_dots']}")
+        if row["coalescing_work"] > COALESCING_WORK_LIMIT:
+            problems.append(f"{where}: coalescing work {row['coalescing_work']:,} > {COALESCING_WORK_LIMIT:,} "
+                            "(slow to compile: kernels._launch.coalescing_work)")
         if row["shared_bytes"] > ARCHS[arch]:
             problems.append(f"{where}: {row['shared_bytes']} B shared memory > {ARCHS[arch]}")
     assert not problems, "\n".join(problems)
@@ -84,6 +91,31 @@ def test_unwritten_dots_finds_the_product_triton_makes_of_a_multiply_reduce(tmp_
     found = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert found["False"].startswith("['standard.py:"), found  # the rewritten sum, not the written tl.dot
     assert found["True"] == "[]", found
+
+
+_TTIR = """#loc = loc("k.py":1:0)
+module {
+  tt.func public @k(%x: !tt.ptr<f32> loc("x"(#loc))) attributes {noinline = false} {
+    %r = tt.make_range {end = 4 : i32, start = 0 : i32} : tensor<4xi32> loc(#loc)
+    %p = tt.splat %x : !tt.ptr<f32> -> tensor<4x!tt.ptr<f32>> loc(#loc)
+    %q = tt.addptr %p, %r : tensor<4x!tt.ptr<f32>>, tensor<4xi32> loc(#loc)
+    %v = tt.load %q : tensor<4x!tt.ptr<f32>> loc(#loc)
+    %s:2 = scf.for %i = %c0 to %c4 step %c1 iter_args(%a = %v, %b = %v) -> (tensor<4xf32>, tensor<4xf32>) {
+      scf.yield %a, %b : tensor<4xf32>, tensor<4xf32> loc(#loc)
+    } loc(#loc)
+    tt.store %q, %s#0 : tensor<4x!tt.ptr<f32>> loc(#loc)
+    tt.return loc(#loc)
+  } loc(#loc)
+} loc(#loc)
+"""
+
+
+def test_coalescing_work_is_operations_times_memory_accesses():
+    from dynconv.kernels._launch import coalescing_work
+
+    # func, make_range, splat, addptr, load, for, yield, store, return: 9 operations, 2 accesses.
+    assert coalescing_work(_TTIR) == 9 * 2
+    assert coalescing_work(_TTIR.replace("    %v = tt.load", "    %w = tt.load %q : tensor<4x!tt.ptr<f32>>\n    %v = tt.load")) == 10 * 3
 
 
 def test_float_arguments_have_an_fp64_twin():
