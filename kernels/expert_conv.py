@@ -72,7 +72,8 @@ MATERIALISE_MAX_PARTS = 8
 def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mask, NUM_MIX,
                  sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb,
                  MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr):
-    """The tile ``W[b, r]`` at element offsets ``w_off`` (o, c, u, v part), in ACC_DTYPE.
+    """The tile ``W[b, r]`` at element offsets ``w_off`` (o, c, u, v part), in ACC_DTYPE where it is
+    mixed or scaled, else in the weight's own dtype.
 
     ``sp_off`` / ``sp_mask`` (the u, v part of the spatial offsets, one per row) broadcast against ``w_off``;
     ``sp_mask`` None: ``sp_off`` is one in-range tap's scalar offset.
@@ -95,8 +96,12 @@ def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mas
             for e in range(NUM_MIX):
                 coef = tl.load(coef_row + e * sc_e).to(ACC_DTYPE)
                 tile += coef * tl.load(base + e * sw_e, mask=mask, other=0.0).to(ACC_DTYPE)
-    else:
+    elif HAS_SPATIAL:
         tile = tl.load(base, mask=mask, other=0.0).to(ACC_DTYPE)
+    else:
+        # As stored: the caller converts it to the operand's dtype, and a round trip through
+        # ACC_DTYPE would stage the tile through registers instead of an async copy to shared memory.
+        tile = tl.load(base, mask=mask, other=0.0)
     if HAS_SPATIAL:
         if sp_mask is None:  # one in-range tap: a scalar
             scale = tl.load(spatial_ptr + b * ssb + sp_off)
@@ -134,8 +139,7 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
                ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr):
     """acc[p, n] = Σ_k patch[b, (i_p, j_p), k] · W[b, r, o_n, k] over channels c < c_end (0 skips it all).
 
-    TAP_LOOP: the taps unrolled at compile time, a channel loop inside each, so a K-step adds one
-    channel offset per operand and the tap's rows (positions, padding mask) are formed once per tap.
+    TAP_LOOP: K-steps of BLOCK_K channels of one tap, one loop over all the taps' steps (see below).
     Otherwise (fewer channels per group than BLOCK_K: depth-wise, narrow groups) one loop over the
     flattened reduction k = (u·kw + v)·CIN_G + c, which wastes no lanes on a short channel axis.
     CHANNEL_ROWS: the per-tap patch is loaded as (channels x pixels) and transposed (see ``_tap_meta``).
@@ -148,25 +152,44 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
         cc = tl.arange(0, BLOCK_K)
         if INDEX_64:
             cc = cc.to(tl.int64)
-        for u in tl.static_range(KH):
-            for v in tl.static_range(KW):
-                h = h_first + u * DH
-                w = w_first + v * DW
-                row_ok = pix_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-                x_rows = x_group + h * sxh + w * sxw
-                w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v + (o * sw_o)[None, :]
-                sp_tap = widen(u, INDEX_64) * ssu + widen(v, INDEX_64) * ssv
-                for c0 in range(0, c_end, BLOCK_K):
-                    c = c0 + cc
-                    c_ok = c < c_end
-                    patch = _rows_tile(x_rows, c * sxc, row_ok, c_ok, CHANNEL_ROWS)
-                    weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, (c * sw_i)[:, None] + w_tap, sp_tap,
-                                          None, c_ok[:, None] & o_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
-                                          sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
-                    # out_dtype on every accumulating dot: triton 3.6 asserts it equals acc's dtype and
-                    # defaults it to fp32, so fp64 accumulators must name it.
-                    acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION,
-                                 out_dtype=ACC_DTYPE)
+        # One loop over (tap, channel block): the pipeline's loads run ahead across the taps, where a
+        # channel loop per tap fills and drains it KH·KW times a tile. What a tap changes is formed
+        # without per-row work in the loop: its offset is a scalar (u·DH·sxh + v·DW·sxw), and whether a
+        # row reads inside the image is bit u of h_inside and bit v of w_inside (KH, KW <= 32).
+        h_inside = tl.zeros_like(h_first)
+        w_inside = tl.zeros_like(w_first)
+        for row in tl.static_range(KH):
+            h = h_first + row * DH
+            h_inside |= ((h >= 0) & (h < H)).to(h_inside.dtype) << row
+        for col in tl.static_range(KW):
+            w = w_first + col * DW
+            w_inside |= ((w >= 0) & (w < W)).to(w_inside.dtype) << col
+        h_inside = tl.where(pix_ok, h_inside, 0)
+        x_rows = x_group + h_first * sxh + w_first * sxw
+        w_cols = (o * sw_o)[None, :]
+        tap = 0
+        c0 = 0
+        for _ in range(0, KH * KW * tl.cdiv(c_end, BLOCK_K)):
+            c = c0 + cc
+            u = tap // KW
+            v = tap - u * KW
+            row_ok = ((h_inside >> u) & (w_inside >> v) & 1) != 0
+            x_tap = widen(u * DH, INDEX_64) * sxh + widen(v * DW, INDEX_64) * sxw
+            w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v
+            sp_tap = widen(u, INDEX_64) * ssu + widen(v, INDEX_64) * ssv
+            c_ok = c < c_end
+            patch = _rows_tile(x_rows + x_tap, c * sxc, row_ok, c_ok, CHANNEL_ROWS)
+            weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, (c * sw_i + w_tap)[:, None] + w_cols, sp_tap,
+                                  None, c_ok[:, None] & o_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
+                                  sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+            # out_dtype on every accumulating dot: triton 3.6 asserts it equals acc's dtype and
+            # defaults it to fp32, so fp64 accumulators must name it.
+            acc = tl.dot(patch, weight.to(patch.dtype), acc, input_precision=INPUT_PRECISION,
+                         out_dtype=ACC_DTYPE)
+            c0 += BLOCK_K
+            tap_done = c0 >= c_end
+            tap += tap_done.to(tl.int32)
+            c0 = tl.where(tap_done, 0, c0)
     else:
         k_end = c_end * (KH * KW)
         for k0 in range(0, k_end, BLOCK_K):
@@ -324,6 +347,76 @@ def expert_conv_guide_score_kernel(
 
 
 @triton.jit
+def _live_taps(q, phase, PAD, DIL, STRIDE, OUT, K: tl.constexpr):
+    """Along one axis, the kernel taps that reach stride phase ``phase`` (pixels phase + q·STRIDE):
+    the first and second such tap (-1 where none), how many there are, and per pixel the bits of
+    the taps whose source, q + (phase + PAD - t·DIL) / STRIDE, lies in [0, OUT) (dead taps' bits
+    are never read)."""
+    first = -1
+    second = -1
+    count = 0
+    inside = tl.zeros_like(q)
+    for t in tl.static_range(K):
+        rise = phase + PAD - t * DIL
+        live = rise % STRIDE == 0
+        second = tl.where(live & (first >= 0) & (second < 0), t, second)
+        first = tl.where(live & (first < 0), t, first)
+        count += live.to(tl.int32)
+        source = q + rise // STRIDE
+        inside |= ((source >= 0) & (source < OUT)).to(inside.dtype) << t
+    return first, second, count, inside
+
+
+@triton.jit
+def _live_taps_tile(dy_group, w_ptr, coef_ptr, spatial_ptr, b, g, cn, c_ok, qi, qj, pix_ok, ph, pw,
+                    Ho, Wo, COUT_G, NUM_MIX, sdyc, sdyh, sdyw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
+                    sc_b, sc_r, sc_e, ssb, ssu, ssv, SH, SW, PH, PW, DH, DW,
+                    KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, INDEX_64: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr):
+    """acc[p, n] = Σ_{u, v, o} dy[b, o, i_p(u), j_p(v)] · W[b, o, c_n, u, v] over the taps that reach
+    the stride phase (ph, pw), whose pixels are (ph + qi·SH, pw + qj·SW).
+
+    One loop over (live tap, output-channel block), as the forward's: the pipeline runs ahead
+    across the taps. A live tap row u reads output row qi + (ph + PH - u·DH) / SH (exact), so its
+    offset is a scalar, and whether a pixel's row is inside is bit u of i_inside. The live rows are
+    evenly spaced (the solutions of u·DH = ph + PH mod SH): u0, u1, 2·u1 - u0, ...; the columns alike.
+    """
+    u0, u1, n_u, i_inside = _live_taps(qi, ph, PH, DH, SH, Ho, KH)
+    v0, v1, n_v, j_inside = _live_taps(qj, pw, PW, DW, SW, Wo, KW)
+    i_inside = tl.where(pix_ok, i_inside, 0)
+    dy_rows = dy_group + qi * sdyh + qj * sdyw
+    w_cols = (cn * sw_i)[None, :]
+    oc = tl.arange(0, BLOCK_K)
+    if INDEX_64:
+        oc = oc.to(tl.int64)
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
+    u = u0
+    v = v0
+    o0 = 0
+    for _ in range(0, n_u * n_v * tl.cdiv(COUT_G, BLOCK_K)):
+        oo = o0 + oc
+        o_ok = oo < COUT_G
+        row_ok = ((i_inside >> u) & (j_inside >> v) & 1) != 0
+        dy_tap = widen((ph + PH - u * DH) // SH, INDEX_64) * sdyh + widen((pw + PW - v * DW) // SW, INDEX_64) * sdyw
+        w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v
+        sp_tap = widen(u, INDEX_64) * ssu + widen(v, INDEX_64) * ssv
+        grad = _rows_tile(dy_rows + dy_tap, oo * sdyc, row_ok, o_ok, CHANNEL_ROWS)
+        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0, ((g * COUT_G + oo) * sw_o + w_tap)[:, None] + w_cols,
+                              sp_tap, None, o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
+                              sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+        acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        o0 += BLOCK_K
+        tap_done = o0 >= COUT_G
+        o0 = tl.where(tap_done, 0, o0)
+        v = tl.where(tap_done, v + (v1 - v0), v)
+        row_done = tap_done & ((v >= KW) | (v1 < 0))
+        v = tl.where(row_done, v0, v)
+        u = tl.where(row_done, u + (u1 - u0), u)
+    return acc
+
+
+@triton.jit
 def expert_conv_bwd_input_kernel(
     dy_ptr, w_ptr, coef_ptr, spatial_ptr, region_ptr, dx_ptr,
     H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
@@ -343,8 +436,9 @@ def expert_conv_bwd_input_kernel(
 
     A program's pixels share one stride phase (h mod SH, w mod SW): a tap then reaches either all of
     them or none, so the taps no output pixel reads cost no MMA (no stride² waste). Axis 0 is
-    (b, phase, tile of the phase's pixels). TAP_LOOP: taps unrolled, an output-channel loop inside
-    each (see ``_conv_tile``); otherwise one loop over k = (u·kw + v)·COUT_G + o, gathered per element.
+    (b, phase, tile of the phase's pixels). TAP_LOOP: K-steps of BLOCK_K output channels of one tap,
+    one loop over the live taps' steps (``_live_taps_tile``; with regions, a loop per tap and region);
+    otherwise one loop over k = (u·kw + v)·COUT_G + o, gathered per element.
     """
     pid = tl.program_id(0)
     b = pid // (TILES * SH * SW)
@@ -370,7 +464,13 @@ def expert_conv_bwd_input_kernel(
     w = pw + (q % Wp) * SW
     dy_group = dy_ptr + b * sdyb + (g * COUT_G) * sdyc
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
-    if TAP_LOOP:
+    if TAP_LOOP and not HAS_GUIDE:
+        acc = _live_taps_tile(dy_group, w_ptr, coef_ptr, spatial_ptr, b, g, cn, c_ok, q // Wp, q % Wp, pix_ok, ph, pw,
+                              Ho, Wo, COUT_G, NUM_MIX, sdyc, sdyh, sdyw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
+                              sc_b, sc_r, sc_e, ssb, ssu, ssv, SH, SW, PH, PW, DH, DW, KH, KW,
+                              BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64, ACC_DTYPE, INPUT_PRECISION,
+                              CHANNEL_ROWS)
+    elif TAP_LOOP:  # regions: a loop per tap and region
         oc = tl.arange(0, BLOCK_K)
         if INDEX_64:
             oc = oc.to(tl.int64)
@@ -651,24 +751,39 @@ def _channel_block(cin_g: int, dtype: torch.dtype, mixing: bool = False) -> int:
     return min(cap, 1 << (cin_g.bit_length() - 1))
 
 
+def _streams(reduce_g: int, dtype: torch.dtype, mixing: bool, index_64: bool) -> bool:
+    """Whether a channels_last launch takes :func:`_streamed_tiles`: a plain (materialised) weight of
+    2- or 4-byte operands whose groups fill the per-tap K-steps. 64-bit offsets keep the smaller
+    tiles, whose registers are checked spill-free with them."""
+    return not mixing and not index_64 and dtype.itemsize in (2, 4) and reduce_g >= 64
+
+
+def _streamed_tiles(cols: int, dtype: torch.dtype) -> dict:
+    """Tiles for channels_last convs whose operands both stream through cp.async (K-steps of 64 bytes
+    a row), four stages deep: the loads of a K-step are issued three K-steps before its wgmma, which
+    covers a memory round trip of about 1000 cycles (the latency the model fits) at 2 programs an SM.
+    64 x 256 where an output tile has 256 columns (each loaded row feeds more MMA), else 128 rows.
+    PREDICTED on triton 3.6, sm_90: C256/E2 fwd and dx, bf16 and fp32, 98-100%; E1 94% (its 784
+    pixels a sample in tiles of 64). Three stages leave the K-steps waiting (C256 fwd bf16 58%)."""
+    block_n = _pow2_between(cols, 16, 256)
+    return {"BLOCK_P": 64 if block_n == 256 else 128, "BLOCK_N": block_n, "BLOCK_K": 64 // dtype.itemsize,
+            "num_warps": 8, "num_stages": 4}
+
+
 def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: int = 0,
                            index_64: bool = False, cin_g: int = 0, mixing: bool = False,
                            channels_last: bool = True, plain: bool = False) -> dict:
     """``plain``: one kernel a sample at stride 1, no region tables, no guide scores (whose registers
     a 256-pixel NCHW tile leaves no room for: see _nchw_tiles)."""
+    if channels_last and _streams(cin_g, dtype, mixing, index_64) and (plain or pixels_per_region >= 1024):
+        return _streamed_tiles(cout_g, dtype)
     # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
     # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
     # a 128-pixel DRConv tile mixing on the fly spills on sm_80 and sm_90 (dynconv inspect); 64 does not.
     block_p = 128 if pixels_per_region >= 1024 and dtype != torch.float64 and not index_64 else 64
-    # Wide channel tiles and three stages for 2-byte operands on the per-tap path: 128 x 128 x 32
-    # tiles are two 64 x 128 wgmma groups per K-step, their operands streamed by cp.async. K-steps
-    # of 64 channels spilled them on sm_80 (channels_last: 6 local loads and stores on triton 3.6, 87
-    # on 3.9); 32 fits, and the model sees no change on sm_90 (E2/C256 fwd bf16 NHWC 98%).
-    wide = dtype.itemsize == 2 and cin_g >= 64 and block_p == 128 and not mixing
     block_k = _channel_block(cin_g, dtype, mixing)
-    config = {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 128 if wide else 64),
-              "BLOCK_K": min(32, block_k) if wide else block_k, "num_warps": _num_warps(dtype, block_p, mixing),
-              "num_stages": 3 if wide else 2}
+    config = {"BLOCK_P": block_p, "BLOCK_N": _pow2_between(cout_g, 16, 64), "BLOCK_K": block_k,
+              "num_warps": _num_warps(dtype, block_p, mixing), "num_stages": 2}
     if channels_last:
         return config
     config = _nchw_tiles(config, cout_g, cin_g, dtype, mixing, plain, index_64)
@@ -726,6 +841,8 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
                   "BLOCK_K": _channel_block(cout_g, dtype, True), "num_warps": _num_warps(dtype, 64, True),
                   "num_stages": 1}
         return config if channels_last else _nchw_tiles(config, cin_g, cout_g, dtype, True)
+    if channels_last and _streams(cout_g, dtype, mixing, index_64):
+        return _streamed_tiles(cin_g, dtype)
     if dtype.itemsize <= 4 and cout_g >= 64 and not mixing:
         # 128 x 128 tiles for fp32 too: at 64 x 64 its tf32 operands' L1 traffic bounds it (E2 dx fp32
         # NHWC PREDICTED 65% -> 81% on triton 3.6); two stages (three would not fit sm_80's registers).
@@ -797,9 +914,10 @@ def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tup
 
 
 def _tap_meta(cin_g: int, kernel_hw, block_k: int, pixels_first: torch.Tensor, index_64: bool) -> dict:
-    """The compile-time kernel size and ``_conv_tile``'s loop form: per tap while a group's
-    channels fill a reduction block, the flattened reduction below that (no lanes wasted). Both
-    layouts: NCHW takes its own tiles (``_nchw_tiles``).
+    """The compile-time kernel size and ``_conv_tile``'s loop form: K-steps within a tap while a
+    group's channels fill a reduction block (and the kernel is at most 32 wide: the loops keep a bit
+    a kernel row and column), the flattened reduction otherwise (no lanes wasted). Both layouts:
+    NCHW takes its own tiles (``_nchw_tiles``).
 
     CHANNEL_ROWS for NCHW (``pixels_first``, the tensor whose per-tap tiles the kernel gathers) on
     triton 3.9: its pixel offsets' contiguity is hidden (``p % Wo``), and its coalescing then lays the
@@ -809,7 +927,8 @@ def _tap_meta(cin_g: int, kernel_hw, block_k: int, pixels_first: torch.Tensor, i
     Not in the 64-bit variants: the transposed tile's registers spill a DRConv forward mixing on
     the fly on sm_80 (61 local loads and stores at 128 registers)."""
     channel_rows = TRITON_VERSION > (3, 6) and not is_channels_last(pixels_first) and not index_64
-    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=cin_g >= block_k, CHANNEL_ROWS=channel_rows)
+    tap_loop = cin_g >= block_k and max(kernel_hw) <= 32
+    return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=tap_loop, CHANNEL_ROWS=channel_rows)
 
 
 def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
@@ -817,10 +936,10 @@ def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
     expert loop of on-the-fly mixing inside each."""
     taps = meta["KH"] * meta["KW"]
     if meta["TAP_LOOP"]:
-        steps, copies = cdiv(cin_g, meta["BLOCK_K"]), taps
+        steps = cdiv(cin_g, meta["BLOCK_K"]) * taps
     else:
-        steps, copies = cdiv(cin_g * taps, meta["BLOCK_K"]), 1
-    return ((steps, (source.num_mix,)) if source.mix else steps,) * copies
+        steps = cdiv(cin_g * taps, meta["BLOCK_K"])
+    return ((steps, (source.num_mix,)) if source.mix else steps,)
 
 
 def _past_int32(image: torch.Tensor, out_channels: int, out_pixels: int) -> bool:
@@ -996,15 +1115,18 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
 
 
 def _input_grad_loops(cout_g: int, meta: dict, source: WeightSource, num_regions: int, phases: int) -> tuple:
-    """The input-gradient kernel's loops. Per tap: a tap reaches the pixels of one stride phase in
-    ``phases``, so averaged over the programs its channel loop runs 1/phases of its steps. With
+    """The input-gradient kernel's loops. A tap reaches the pixels of one stride phase in ``phases``,
+    so averaged over the programs its channel blocks run 1/phases of their steps. With
     regions, every region's loop is counted on every tap (present or not): an upper bound."""
     per_weight = (source.num_mix,) if source.mix else ()
     taps = meta["KH"] * meta["KW"]
+    if meta["TAP_LOOP"] and not num_regions:  # one loop over the live taps' channel blocks
+        steps = cdiv(cout_g, meta["BLOCK_K"]) * taps / phases
+        return ((steps, per_weight) if per_weight else steps,)
     if meta["TAP_LOOP"]:
         steps = cdiv(cout_g, meta["BLOCK_K"]) / phases
         step = (steps, per_weight) if per_weight else steps
-        return ((num_regions, (step,)) if num_regions else step,) * taps
+        return ((num_regions, (step,)),) * taps
     # Flattened: every K-step runs (the phase's dead taps are masked lanes).
     k_steps = cdiv(cout_g * taps, meta["BLOCK_K"])
     per_step = ((num_regions, per_weight) if per_weight else num_regions,) if num_regions else per_weight

@@ -81,6 +81,12 @@ CASES = {
     # NCHW stride 1, output as large as the input: the kernel gradient's FLAT pixel steps (a 9 x 9 reach
     # over a 3 x 4 image: every tap shifts past the image edges).
     "taps-flat-k5-dilation2": Case(B=1, Cin=16, Cout=16, H=3, W=4, kh=5, kw=5, padding=4, dilation=2, E=2),
+    # Two K-steps a tap, the last partial (48 and 40 channels in blocks of 32), over the live taps of
+    # each stride phase: with dilation 2 at stride 2 half the phases have none; at 5 x 4, stride 2,
+    # the live rows and columns of a phase are two apart.
+    "taps-blocks-stride2-dilation2": Case(B=1, Cin=48, Cout=40, H=7, W=6, E=2, stride=2, dilation=2, padding=2),
+    "taps-blocks-k5x4-stride2": Case(B=1, Cin=40, Cout=48, H=9, W=8, kh=5, kw=4, E=2, stride=2, padding=2,
+                                     spatial=True),
     "drconv-m3": Case(m=3, guide=True, spatial=True),
     "drconv-m4-groups2-stride2": Case(B=2, Cin=4, Cout=4, H=9, W=8, m=4, guide=True, groups=2, stride=2, E=2),
     "drconv-m1": Case(B=1, m=1, guide=True),
@@ -117,9 +123,22 @@ def test_forward_and_gradients(name, dtype, mixing, device):
 
 
 # The taps cases in channels_last (test_forward_and_gradients runs them in NCHW): the per-tap loops in both layouts.
-@pytest.mark.parametrize("name", ["basic", "drconv-m3", "taps-stride2-odd", "taps-drconv-stride2"])
+@pytest.mark.parametrize("name", ["basic", "drconv-m3", "taps-stride2-odd", "taps-drconv-stride2",
+                                  "taps-blocks-k5x4-stride2"])
 def test_channels_last(name, device):
     y = _check(CASES[name], torch.float16, device, torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_streamed_tiles(device, monkeypatch):
+    """channels_last 2-byte convs of 64 channels a group take the four-stage streamed tiles (128 x 64,
+    K-steps of 32 channels: two a tap) in the forward and the input gradient."""
+    monkeypatch.setattr(kernels, "should_materialise", lambda *args: True)
+    streamed = kernels._streamed_tiles(64, torch.float16)
+    assert streamed["num_stages"] == 4 and streamed["BLOCK_K"] == 32
+    assert kernels.default_forward_config(64, torch.float16, 30, cin_g=64, plain=True) == streamed
+    assert kernels.default_input_grad_config(64, torch.float16, 64) == streamed
+    y = _check(Case(B=1, Cin=64, Cout=64, H=5, W=6, E=2), torch.float16, device, torch.channels_last)
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
