@@ -84,7 +84,10 @@ FIGURES = {
     "min_bytes": "computed: the kernel's inputs read once and outputs written once (roofline.py's model)",
     "flops": "computed: useful FLOPs, 2 per multiply-add",
     "pipe_us": "PREDICTED: each pipe's busy time on the H200 model (issue, int, fma, xu, l1, hbm minimum, mma, latency)",
-    "bound_us": "PREDICTED: the largest pipe time (with the latency pipe an estimate of the kernel's time)",
+    "bound_us": "PREDICTED: the largest pipe time (with the latency pipe an estimate of the kernel's time), "
+                "plus copy_us",
+    "copy_us": "PREDICTED: the layout copies the kernel reads (NCHW inputs copied to channels_last), each "
+               "modelled as a launch of its own, run before it",
     "registers": "computed: registers a thread, from the cubin",
     "resident_programs": "computed: programs an SM holds at once (registers, shared memory, warp and block slots)",
     "warps_per_scheduler": "computed: resident warps an SM scheduler interleaves (of 4), capped by the grid",
@@ -268,12 +271,10 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, programs: int) 
             "waves": -(-programs // (MODEL["sms"] * resident))}
 
 
-def evaluate(case: Case, arch: int = 90, launch=None) -> dict:
-    """One row of the model for one case (compiles its launch, or ``launch``: the same problem with
-    another config)."""
+def _launch_bounds(launch, min_bytes: int, arch: int) -> tuple:
+    """(usage, counts, occupancy, per-pipe seconds, warp simulation) of one launch."""
     from .kernels._launch import cubin_dumps
 
-    launch = launch or case.build()
     compiled = launch.compile(arch)
     programs = 1
     for extent in launch.grid:
@@ -282,16 +283,38 @@ def evaluate(case: Case, arch: int = 90, launch=None) -> dict:
     usage, dump = cubin_dumps(compiled)
     counts = count(dump, launch.loops, programs, launch.num_warps, warp)
     resident = occupancy(usage.get("REG", 0), int(compiled.metadata.shared), launch.num_warps, programs)
-    bounds = time_bounds(counts, case.min_bytes, resident["waves"])
+    return usage, counts, resident, time_bounds(counts, min_bytes, resident["waves"]), warp
+
+
+def _copies(case: Case, arch: int) -> tuple[list[dict], float, float]:
+    """The case's layout copies, each a launch of its own run before the kernel: their rows (name,
+    bound), and their summed time bound and throughput-pipe bound (seconds)."""
+    rows, total, throughput = [], 0.0, 0.0
+    for launch, min_bytes in case.copies() if case.copies else ():
+        bounds = _launch_bounds(launch, min_bytes, arch)[3]
+        limiter = max(bounds, key=bounds.get)
+        rows.append({"kernel_name": launch.name, "limiter": limiter, "bound_us": round(bounds[limiter] * 1e6, 2)})
+        total += bounds[limiter]
+        throughput += max(bounds[k] for k in THROUGHPUT_PIPES)
+    return rows, total, throughput
+
+
+def evaluate(case: Case, arch: int = 90, launch=None) -> dict:
+    """One row of the model for one case (compiles its launch, or ``launch``: the same problem with
+    another config), the layout copies it reads first included."""
+    launch = launch or case.build()
+    usage, counts, resident, bounds, warp = _launch_bounds(launch, case.min_bytes, arch)
     limiter = max(bounds, key=bounds.get)
-    bound = bounds[limiter]
-    throughput = max(bounds[k] for k in THROUGHPUT_PIPES)
+    copies, copy_s, copy_throughput = _copies(case, arch)
+    bound = bounds[limiter] + copy_s
+    throughput = max(bounds[k] for k in THROUGHPUT_PIPES) + copy_throughput
     compute_s = compute_seconds(case)
     roofline = max(bounds["hbm"], compute_s)
     w = counts["warp_instructions"]
     return {
         "case": case.case, "kernel": case.kernel, "dtype": case.dtype, "layout": case.layout, "arch": f"sm_{arch}",
         "triton": _triton_version(), "limiter": limiter, "bound_us": round(bound * 1e6, 2),
+        "copy_us": round(copy_s * 1e6, 2), "copies": copies,
         "predicted_fraction": round(roofline / bound, 4),
         "predicted_fraction_throughput": round(roofline / throughput, 4),
         "predicted_fraction_of_hbm": round(bounds["hbm"] / bound, 4),
@@ -332,24 +355,25 @@ def markdown(rows: list[dict]) -> str:
              "Columns: `bound` is the largest per-pipe time (µs, PREDICTED time of the kernel); "
              "`fraction` the roofline time over it; `thru` the same without the latency pipe (an upper bound); "
              "`roof` what the roofline is (hbm or the compute ceiling); `lat` the latency pipe (waves x one warp's "
-             "critical path); `w/s` resident warps an SM scheduler interleaves; "
+             "critical path); `copy` the layout copies run before the kernel (in `bound`); "
+             "`w/s` resident warps an SM scheduler interleaves; "
              "`instr/FMA` executed thread-instructions per useful multiply-add; `req/min` bytes the loads and "
              "stores request over the kernel's minimum bytes; `sectors` the share of each 32-byte sector the "
              "global accesses use (simulated warp; `*`: assumed, the simulation could not follow the loop).", "",
              "Shapes: `REFERENCE_SHAPES` of dynconv/roofline.py, and C256 (3x3, 256->256, 56x56, B32, E4), "
              "X1 (E1 at stride 2), R1s2 (R1 at stride 2) from dynconv/bounds_cases.py.", "",
-             "| case | kernel | dtype | layout | limiter | bound µs | roofline µs | roof | fraction | thru | issue | int | fma | l1 | hbm | mma | lat | w/s | instr/FMA | req/min | sectors | load bytes |",
-             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| case | kernel | dtype | layout | limiter | bound µs | roofline µs | roof | fraction | thru | issue | int | fma | l1 | hbm | mma | lat | copy | w/s | instr/FMA | req/min | sectors | load bytes |",
+             "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | ERROR: {r['error'][:80]} |" + " |" * 18)
+            lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | ERROR: {r['error'][:80]} |" + " |" * 19)
             continue
         p = r["pipe_us"]
         lines.append(f"| {r['case']} | {r['kernel']} | {r['dtype']} | {r['layout']} | {r['limiter']} | {r['bound_us']:.1f} | "
                      f"{r['roofline_us']:.1f} | {r['roofline_limiter']} | {100 * r['predicted_fraction']:.1f}% | "
                      f"{100 * r['predicted_fraction_throughput']:.1f}% | "
                      + " | ".join(f"{p[k]:.1f}" for k in ("issue", "int", "fma", "l1", "hbm", "mma", "latency"))
-                     + f" | {r['warps_per_scheduler']:g} | {r['instructions_per_fma']:.1f} | {r['requested_over_min']:.2f} | "
+                     + f" | {r.get('copy_us', 0):.1f} | {r['warps_per_scheduler']:g} | {r['instructions_per_fma']:.1f} | {r['requested_over_min']:.2f} | "
                      f"{100 * r['sector_efficiency']:.0f}%{'*' if r['sector_source'].startswith('assumed') else ''} | "
                      f"{','.join(str(b) for b in r['load_widths'])} |")
     return "\n".join(lines) + "\n"

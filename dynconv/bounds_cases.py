@@ -25,6 +25,9 @@ class Case:
     # Useful FLOPs per compute ceiling: "fma" (CUDA cores) or a tensor-core rate of the model
     # ("gmma16", "gmmatf32"); kernels using both get both, and the slower pipe is the floor.
     compute: dict
+    # () -> [(Launch, its minimum bytes)]: layout copies the kernel reads, run before it (NCHW inputs
+    # copied to channels_last); the model adds their time to the kernel's.
+    copies: Callable | None = None
 
     @property
     def name(self) -> str:
@@ -108,6 +111,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     from .kernels import expert_conv as ec
     from .kernels import expert_conv_weight_grad as ecw
     from .kernels import region_conv as rc
+    from .kernels.layout import copy_launch
 
     p = _problem(name)
     Ho, Wo = p.out_hw
@@ -153,13 +157,21 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
             bias = _empty((rc_part, p.m, p.Cout), dt) if p.bias else None
             return rc.forward_launch(x[:rc_part], weight, bias, regions(cfg["BLOCK_P"], rc_part), y[:rc_part],
                                      p.groups, *geometry, cfg)
+        if fwd_copies:
+            x = ec.channels_last_stand_in(x)
         cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
         bias = _empty((p.B, p.m, p.Cout), dt)[samples] if p.bias else None
         tables = regions(cfg["BLOCK_P"], part_size) if guided else None
         return ec.forward_launch(x[samples], source(experts, routing), None, bias, tables, y[samples], (p.K, p.K),
                                  p.groups, *geometry, cfg)
 
+    def copied(t, whole=False):  # the channels_last copy a launch reads (of the first part of t), and its bytes
+        part_t = t if whole else t[samples]
+        return [(copy_launch(part_t, ec.channels_last_stand_in(part_t)), 2 * part_t.numel() * nb)]
+
     region_dx = guided and rc.backward_input_supported(y0, x0, p.m)
+    fwd_copies = not region_fwd and ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry)
+    dx_copies = not region_dx and ec.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])
 
     def dx():
         x, y, experts, routing = tensors()
@@ -170,6 +182,9 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
                                             _empty((rc_part, N), torch.int32), x[:rc_part], (p.K, p.K), p.groups,
                                             *geometry, p.m, cfg)
         region = _empty((p.B, N), torch.int32)[samples] if guided else None
+        if dx_copies:
+            cfg = ec.input_grad_config(ec.channels_last_stand_in(x), experts, p.m, p.groups, (p.stride, p.stride))
+            y = ec.channels_last_stand_in(y)
         return ec.backward_input_launch(y[samples], source(experts, routing, ec.COUT_INNERMOST), None, region,
                                         x[samples], (p.K, p.K), p.groups, *geometry, p.m, cfg)
 
@@ -215,8 +230,12 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         fma = round(cuda_cores.get(k, 0) * share[k])
         return {tensor_cores: round(table[k][2] * share[k]) - fma, **({"fma": fma} if fma else {})}
 
+    dw_copies = ecw.weight_grad_copies_inputs(y0, x0, p.m, p.groups)
+    copies = {"fwd": (lambda: copied(tensors()[0])) if fwd_copies else None,
+              "dx": (lambda: copied(tensors()[1])) if dx_copies else None,
+              "dw": (lambda: [*copied(tensors()[1], True), *copied(tensors()[0], True)]) if dw_copies else None}
     return [Case(name, k, dtype, layout, table[k][0], round(table[k][1] * share[k]), round(table[k][2] * share[k]),
-                 compute(k))
+                 compute(k), copies.get(k))
             for k in kernels]
 
 

@@ -88,15 +88,18 @@ def measure(cases: list[Case], out: Path, environment: dict, timer=None, log=pri
                "status": "MEASURED", **environment}
         try:
             launch, reason = real_launch(case.build(), generator)
+            # The layout copies the model counts in the row run before the kernel, as the op runs them.
+            copies = [real_launch(copy, generator)[0] for copy, _ in (case.copies() if case.copies else ())]
             if launch is None:
                 row.update(status="not measured", reason=reason)
             else:
-                median, p20, p80 = timer(lambda i: launch())
+                median, p20, p80 = timer(lambda i: [c() for c in copies] + [launch()])
+                row.update(copies=[c.name for c in copies])
                 row.update(kernel_name=launch.name, kernel_digest=kernel_digest(launch.kernel),
                            grid=list(launch.grid), num_warps=launch.num_warps,
                            meta={k: str(v) for k, v in launch.meta.items()},
                            median_us=round(median * 1e3, 2), p20_us=round(p20 * 1e3, 2), p80_us=round(p80 * 1e3, 2))
-            del launch
+            del launch, copies
         except Exception as exc:  # noqa: BLE001 - one kernel's failure is a row, not the end of the run
             row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
         torch.cuda.empty_cache()

@@ -1,10 +1,11 @@
 """K-expert kernel mixing (docs/operators.md §2): CondConv, DynamicConv, ODConv and DRConv as implicit GEMMs.
 
 Every pass is an implicit GEMM fed to ``tl.dot`` (tensor cores for fp16/bf16, tf32 for fp32 when
-``torch.backends.cudnn.allow_tf32`` allows it, DMMA for fp64). The taps are unrolled at compile time (``KH``, ``KW`` constexpr) with a
-channel loop inside each, so a K-step adds one channel offset per operand and a tap's rows (their
-positions and zero-padding mask) are formed once per tap; the weights are laid out once, outside
-every kernel, with Cin/g innermost, so both dot operands are plain 2-D tiles. Below 16 channels
+``torch.backends.cudnn.allow_tf32`` allows it, DMMA for fp64). The kernel size is a compile-time
+constant (``KH``, ``KW``); one loop runs over every tap's channel blocks, so the asynchronous
+copies of the operands run ahead across the taps, a K-step adds a scalar tap offset, and a tap's
+zero padding is a bit of a per-row mask formed before the loop; the weights are laid out once,
+outside every kernel, with Cin/g innermost, so both dot operands are plain 2-D tiles. Below 16 channels
 per group (depth-wise, narrow groups) one loop over the flattened reduction ``k = (u·kw + v)·C + c``
 wastes no lanes instead.
 
@@ -56,6 +57,7 @@ from ._launch import (INT32_MAX, TRITON_VERSION, Launch, cacheable, cdiv, config
                       needs_int64, next_power_of_2, planned)
 from .configs import get_config
 from .involution import gather_source, widen
+from .layout import channels_last_copy, channels_last_empty
 # Running tile totals past the last region read as "never reached" (a constexpr: kernels may use it).
 _PAST_LAST_TILE = tl.constexpr(INT32_MAX)
 # A region needs this many output pixels before materialising its mixed kernel beats mixing on the fly.
@@ -126,6 +128,16 @@ def _rows_tile(rows, cols, row_ok, col_ok, CHANNEL_ROWS: tl.constexpr):
     if CHANNEL_ROWS:
         return tl.trans(tl.load(rows[None, :] + cols[:, None], mask=col_ok[:, None] & row_ok[None, :], other=0.0))
     return tl.load(rows[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(ptrs, tile, mask, CHANNEL_ROWS_OUT: tl.constexpr):
+    """Store a (pixels x channels) tile; CHANNEL_ROWS_OUT: as (channels x pixels), transposed (see
+    ``_out_meta``)."""
+    if CHANNEL_ROWS_OUT:
+        tl.store(tl.trans(ptrs), tl.trans(tile), mask=tl.trans(mask))
+    else:
+        tl.store(ptrs, tile, mask=mask)
 
 
 @triton.jit
@@ -252,6 +264,7 @@ def expert_conv_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GUIDE: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr,
+    CHANNEL_ROWS_OUT: tl.constexpr,
 ):
     """y[b, o, p] = bias[b, r(p), o] + Σ_k W[b, r(p), o, k] · patch[b, p, k]; a tile is one region."""
     pid = tl.program_id(0)
@@ -290,7 +303,7 @@ def expert_conv_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[None, :]
     y_off = b * syb + (o * syc)[None, :] + (i * syh + j * syw)[:, None]
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=pix_ok[:, None] & o_ok[None, :])
+    _store_tile(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), pix_ok[:, None] & o_ok[None, :], CHANNEL_ROWS_OUT)
 
 
 @triton.jit
@@ -430,6 +443,7 @@ def expert_conv_bwd_input_kernel(
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_GUIDE: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr,
+    CHANNEL_ROWS_OUT: tl.constexpr,
 ):
     """dx[b, c, h, w] = Σ_{o, u, v} W[b, r(i,j), o, c, u, v] · dy[b, o, i, j], (i, j) the output pixel
     that reads (h, w) through tap (u, v).
@@ -544,7 +558,7 @@ def expert_conv_bwd_input_kernel(
                                       INDEX_64)
                 acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     dx_off = b * sdxb + ((g * CIN_G + cn) * sdxc)[None, :] + (h * sdxh + w * sdxw)[:, None]
-    tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=pix_ok[:, None] & c_ok[None, :])
+    _store_tile(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), pix_ok[:, None] & c_ok[None, :], CHANNEL_ROWS_OUT)
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,6 +772,12 @@ def _streams(reduce_g: int, dtype: torch.dtype, mixing: bool, index_64: bool) ->
     return not mixing and not index_64 and dtype.itemsize in (2, 4) and reduce_g >= 64
 
 
+def _forward_streams(cin_g: int, dtype: torch.dtype, mixing: bool, index_64: bool, plain: bool,
+                     pixels_per_region: int) -> bool:
+    """:func:`_streams` for a forward: its regions (or strided samples) tall enough for 128-pixel tiles."""
+    return _streams(cin_g, dtype, mixing, index_64) and (plain or pixels_per_region >= 1024)
+
+
 def _streamed_tiles(cols: int, dtype: torch.dtype) -> dict:
     """Tiles for channels_last convs whose operands both stream through cp.async (K-steps of 64 bytes
     a row), four stages deep: the loads of a K-step are issued three K-steps before its wgmma, which
@@ -775,7 +795,7 @@ def default_forward_config(cout_g: int, dtype: torch.dtype, pixels_per_region: i
                            channels_last: bool = True, plain: bool = False) -> dict:
     """``plain``: one kernel a sample at stride 1, no region tables, no guide scores (whose registers
     a 256-pixel NCHW tile leaves no room for: see _nchw_tiles)."""
-    if channels_last and _streams(cin_g, dtype, mixing, index_64) and (plain or pixels_per_region >= 1024):
+    if channels_last and _forward_streams(cin_g, dtype, mixing, index_64, plain, pixels_per_region):
         return _streamed_tiles(cout_g, dtype)
     # Taller pixel tiles amortise the on-the-fly mixing (E·BLOCK_K·BLOCK_N FMAs per K-step) over
     # more rows; small regions keep 64 so their last, partial tile wastes less. With int64 offsets
@@ -931,6 +951,14 @@ def _tap_meta(cin_g: int, kernel_hw, block_k: int, pixels_first: torch.Tensor, i
     return dict(KH=kernel_hw[0], KW=kernel_hw[1], TAP_LOOP=tap_loop, CHANNEL_ROWS=channel_rows)
 
 
+def _out_meta(out: torch.Tensor) -> dict:
+    """CHANNEL_ROWS_OUT, the store's counterpart of ``_tap_meta``'s CHANNEL_ROWS: on triton 3.9 an
+    output tile stored into NCHW as written (pixels x channels, the pixel offsets' contiguity hidden)
+    took 209-255 registers, one program an SM (C256 dx bf16 NCHW PREDICTED 46%); stored as
+    (channels x pixels), transposed, 111 (86%). Triton 3.6 takes 112 as written and 255 transposed."""
+    return dict(CHANNEL_ROWS_OUT=TRITON_VERSION > (3, 6) and not is_channels_last(out))
+
+
 def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
     """``_conv_tile``'s loops: one channel loop per (unrolled) tap, or one flattened loop; the
     expert loop of on-the-fly mixing inside each."""
@@ -955,14 +983,28 @@ def is_plain_conv(m: int, stride) -> bool:
     return m == 1 and tuple(stride) == (1, 1)
 
 
-def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
-    cout_g = experts.shape[1] // groups
+def _forward_problem(x, experts, m, groups, stride, padding, dilation) -> dict:
+    """:func:`default_forward_config`'s arguments for a forward on ``x``."""
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
-    index_64 = _past_int32(x, experts.shape[1], pixels)
-    mixing = materialise_part(experts[0].numel() // experts.shape[1], x.shape[0], m, pixels) == 0
+    return dict(cout_g=experts.shape[1] // groups, dtype=x.dtype, pixels_per_region=pixels // m,
+                index_64=_past_int32(x, experts.shape[1], pixels), cin_g=experts.shape[2],
+                mixing=materialise_part(experts[0].numel() // experts.shape[1], x.shape[0], m, pixels) == 0,
+                channels_last=is_channels_last(x), plain=is_plain_conv(m, stride))
+
+
+def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
     return get_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride),
-                      default_forward_config(cout_g, x.dtype, pixels // m, index_64, experts.shape[2], mixing,
-                                             is_channels_last(x), plain=is_plain_conv(m, stride)))
+                      default_forward_config(**_forward_problem(x, experts, m, groups, stride, padding, dilation)))
+
+
+def forward_copies_input(x, experts, m, groups, stride, padding, dilation) -> bool:
+    """Whether a forward on NCHW ``x`` reads a channels_last copy of it (``kernels/layout.py``): where
+    that copy's conv takes the streamed tiles. PREDICTED (sm_90, triton 3.6) with the copy counted:
+    C256 fwd bf16 NCHW 27% -> 86%."""
+    if is_channels_last(x):
+        return False
+    p = _forward_problem(x, experts, m, groups, stride, padding, dilation)
+    return _forward_streams(p["cin_g"], x.dtype, p["mixing"], p["index_64"], p["plain"], p["pixels_per_region"])
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -1003,7 +1045,7 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
         **_geometry_args(stride, padding, dilation),
     )
     index_64 = needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed)
-    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], x, index_64))
+    meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], x, index_64), **_out_meta(y))
     meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
                 HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None, INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(x.dtype),
@@ -1060,15 +1102,34 @@ def score_tiles(cout: int, groups: int, config: dict) -> int:
     return groups * cdiv(cout // groups, config["BLOCK_N"])
 
 
-def input_grad_config(dx, experts, m, groups, stride) -> dict:
-    cin_g = dx.shape[1] // groups
+def _input_grad_problem(dx, experts, m, groups, stride) -> dict:
+    """:func:`default_input_grad_config`'s arguments for an input gradient into ``dx``."""
     # The output size up to padding: enough to tell whether the op materialises.
     pixels = cdiv(dx.shape[2], stride[0]) * cdiv(dx.shape[3], stride[1])
-    mixing = materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0
-    index_64 = _past_int32(dx, experts.shape[1], pixels)
+    return dict(cin_g=dx.shape[1] // groups, dtype=dx.dtype, cout_g=experts.shape[1] // groups,
+                mixing=materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0,
+                regions=m > 1, channels_last=is_channels_last(dx), plain=is_plain_conv(m, stride),
+                index_64=_past_int32(dx, experts.shape[1], pixels))
+
+
+def input_grad_config(dx, experts, m, groups, stride) -> dict:
     return get_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride),
-                      default_input_grad_config(cin_g, dx.dtype, experts.shape[1] // groups, mixing, m > 1,
-                                                is_channels_last(dx), is_plain_conv(m, stride), index_64))
+                      default_input_grad_config(**_input_grad_problem(dx, experts, m, groups, stride)))
+
+
+def input_grad_copies_output_grad(dx, experts, m, groups, stride) -> bool:
+    """Whether an input gradient into NCHW ``dx`` reads a channels_last copy of dy (``kernels/layout.py``):
+    where that copy's input gradient takes the streamed tiles (no regions: theirs are their own)."""
+    if is_channels_last(dx) or m > 1:
+        return False
+    p = _input_grad_problem(dx, experts, m, groups, stride)
+    return _streams(p["cout_g"], dx.dtype, p["mixing"], p["index_64"])
+
+
+def channels_last_stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``t``'s shape and dtype in channels_last: what a config is looked up for
+    when a launch reads a channels_last copy."""
+    return channels_last_empty(t, "meta")
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
@@ -1103,7 +1164,7 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
         **_geometry_args(stride, padding, dilation),
     )
     index_64 = needs_int64(dy, dx, source.weight, source.coef, spatial, region)
-    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"], dy, index_64))
+    meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"], dy, index_64), **_out_meta(dx))
     meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None, INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(dy.dtype),
                 INPUT_PRECISION=_input_precision(dy.dtype))
@@ -1153,6 +1214,8 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, grou
                         materialise: bool | None = None, config: dict | None = None) -> None:
     """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``guide`` (B, m, Ho, Wo) or None."""
     shaped, m = _per_kernel(experts, routing)
+    if config is None and forward_copies_input(x, shaped, m, groups, stride, padding, dilation):
+        x = channels_last_copy(x)
     config = config or forward_config(x, shaped, m, groups, stride, padding, dilation)
     for samples, materialised in batch_parts(experts, routing, y.shape[2] * y.shape[3], materialise):
         source = weight_source(experts, _part(routing, samples), materialised)
@@ -1165,6 +1228,9 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, grou
 def expert_conv_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation,
                                materialise: bool | None = None, config: dict | None = None) -> None:
     shaped, m = _per_kernel(experts, routing)
+    if config is None and input_grad_copies_output_grad(dx, shaped, m, groups, stride):
+        dy = dy if is_channels_last(dy) else channels_last_copy(dy)
+        config = input_grad_config(channels_last_stand_in(dx), shaped, m, groups, stride)
     config = config or input_grad_config(dx, shaped, m, groups, stride)
     for samples, materialised in batch_parts(experts, routing, dy.shape[2] * dy.shape[3], materialise):
         source = weight_source(experts, _part(routing, samples), materialised, COUT_INNERMOST)
@@ -1309,13 +1375,18 @@ def catalogue() -> list[Launch]:
         B, Ho, Wo = y.shape[0], y.shape[2], y.shape[3]
         first = len(launches)
         fwd_cfg = forward_config(x, experts, m, groups, *geometry)
-        dx_cfg = input_grad_config(x, experts, m, groups, geometry[0])
+        # What the forward and the input gradient read: x and dy, or their channels_last copies.
+        conv_x = channels_last_stand_in(x) if forward_copies_input(x, experts, m, groups, *geometry) else x
+        conv_cfg = forward_config(conv_x, experts, m, groups, *geometry)
+        dx_copies = input_grad_copies_output_grad(x, experts, m, groups, geometry[0])
+        dy = channels_last_stand_in(y) if dx_copies else y
+        dx_cfg = input_grad_config(channels_last_stand_in(x) if dx_copies else x, experts, m, groups, geometry[0])
 
         # The first launch of the pass (all of them when the batch is materialised in parts).
         samples, materialised = batch_parts(experts, routing, Ho * Wo, None)[0]
-        xp, yp, rp, sp, bp = (_part(t, samples) for t in (x, y, routing, spatial, bias))
+        xp, yp, rp, sp, bp, conv_xp, dyp = (_part(t, samples) for t in (x, y, routing, spatial, bias, conv_x, dy))
         source = weight_source(experts, rp, materialised)
-        regions = meta_region_tables(xp.shape[0], Ho * Wo, m, fwd_cfg["BLOCK_P"]) if m > 1 else None
+        regions = meta_region_tables(xp.shape[0], Ho * Wo, m, conv_cfg["BLOCK_P"]) if m > 1 else None
         if m > 1:
             score = torch.empty((xp.shape[0], m, score_tiles(Cout, groups, fwd_cfg), Ho * Wo),
                                 dtype=torch.float32, device="meta")
@@ -1329,8 +1400,8 @@ def catalogue() -> list[Launch]:
                                                    .expand(B, E, Cout), y,
                                                    bank_score, (kh, kw), groups, *geometry, bank_cfg))
                 launches[-1].label = problem.tag + " expert bank"
-        launches.append(forward_launch(xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, fwd_cfg))
-        launches.append(backward_input_launch(yp, weight_source(experts, rp, materialised, COUT_INNERMOST), sp,
+        launches.append(forward_launch(conv_xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, conv_cfg))
+        launches.append(backward_input_launch(dyp, weight_source(experts, rp, materialised, COUT_INNERMOST), sp,
                                               regions.region if m > 1 else None, xp, (kh, kw), groups,
                                               *geometry, m, dx_cfg))
         for launch in launches[first:]:

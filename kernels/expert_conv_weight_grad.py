@@ -22,7 +22,9 @@ from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layo
 from .configs import get_config
 from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, RegionTables, _acc_dtype,
                           _acc_torch_dtype, _block_k, _geometry_args, _input_precision, _pow2_between, _region_tensors,
-                          _regions_key, catalogue_problems, meta_region_tables, problem_key, region_tables)
+                          _regions_key, catalogue_problems, channels_last_stand_in, meta_region_tables, problem_key,
+                          region_tables)
+from .layout import channels_last_copy
 
 # Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).
 WEIGHT_GRAD_MIN_PROGRAMS = 264
@@ -231,6 +233,16 @@ def weight_grad_config(x, experts, m, groups, stride) -> dict:
                                                  is_channels_last(x), flat_capable(m, stride, is_channels_last(x))))
 
 
+def weight_grad_copies_inputs(dy, x, m: int, groups: int) -> bool:
+    """Whether a kernel gradient on NCHW ``dy`` and ``x`` reads channels_last copies of both
+    (``kernels/layout.py``): one region, 64 or more channels a group on both sides, 2- or 4-byte
+    operands, 32-bit offsets, the tiles whose channels_last pipeline the NCHW steps do not match
+    (PREDICTED on triton 3.6, sm_90, the copies counted: C256 dw bf16 NCHW 33% -> 76%)."""
+    if is_channels_last(x) or m != 1 or x.element_size() not in (2, 4) or needs_int64(dy, x):
+        return False
+    return min(x.shape[1], dy.shape[1]) // groups >= 64
+
+
 def flat_capable(m: int, stride, channels_last: bool) -> bool:
     """What the problem key tells of ``flat_pixels``: NCHW, stride 1, no regions (padding not known)."""
     return m == 1 and tuple(stride) == (1, 1) and not channels_last
@@ -353,6 +365,8 @@ def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_h
     B, Cin = x.shape[:2]
     Cout = dy.shape[1]
     m = num_regions
+    if config is None and weight_grad_copies_inputs(dy, x, m, groups):
+        dy, x = (t if is_channels_last(t) else channels_last_copy(t) for t in (dy, x))
     if config is None:
         experts_like = torch.empty((1, Cout, Cin // groups, *kernel_hw), device="meta")
         config = weight_grad_config(x, experts_like, m, groups, stride)
@@ -377,6 +391,8 @@ def default_launch(dy, x, experts, m: int, groups: int, geometry) -> Launch:
     splits, partials in the accumulation dtype and, with regions, the bias gradient's (the
     catalogue's launches and the static model's)."""
     regions = meta_region_tables(x.shape[0], dy.shape[2] * dy.shape[3], m, 1) if m > 1 else None
+    if weight_grad_copies_inputs(dy, x, m, groups):
+        dy, x = channels_last_stand_in(dy), channels_last_stand_in(x)
     config = weight_grad_config(x, experts, m, groups, geometry[0])
     return launch_with_partials(dy, x, regions, m, groups, tuple(experts.shape[3:]), geometry, config)[0]
 

@@ -130,16 +130,33 @@ def test_channels_last(name, device):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_streamed_tiles(device, monkeypatch):
-    """channels_last 2-byte convs of 64 channels a group take the four-stage streamed tiles (128 x 64,
-    K-steps of 32 channels: two a tap) in the forward and the input gradient."""
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_streamed_tiles(dtype, memory_format, device, monkeypatch):
+    """Convs of 64 channels a group with materialised kernels take the four-stage streamed tiles
+    (128 x 64, K-steps of 64 bytes: two or four a tap) in the forward and the input gradient; in
+    NCHW through channels_last copies of x and dy (the kernel gradient too), the outputs NCHW."""
     monkeypatch.setattr(kernels, "should_materialise", lambda *args: True)
-    streamed = kernels._streamed_tiles(64, torch.float16)
-    assert streamed["num_stages"] == 4 and streamed["BLOCK_K"] == 32
-    assert kernels.default_forward_config(64, torch.float16, 30, cin_g=64, plain=True) == streamed
-    assert kernels.default_input_grad_config(64, torch.float16, 64) == streamed
-    y = _check(Case(B=1, Cin=64, Cout=64, H=5, W=6, E=2), torch.float16, device, torch.channels_last)
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(kernels, "materialise_part", lambda filter_size, B, m, out_pixels: B)  # what configs assume
+    streamed = kernels._streamed_tiles(64, dtype)
+    assert streamed["num_stages"] == 4 and streamed["BLOCK_K"] * dtype.itemsize == 64
+    assert kernels.default_forward_config(64, dtype, 30, cin_g=64, plain=True) == streamed
+    assert kernels.default_input_grad_config(64, dtype, 64) == streamed
+    case = Case(B=1, Cin=64, Cout=64, H=5, W=6, E=2)
+    x = torch.empty((1, 64, 5, 6), dtype=dtype).to(memory_format=memory_format)
+    experts = torch.empty((1, 64, 64, 3, 3), dtype=dtype)
+    nchw = memory_format == torch.contiguous_format
+    assert kernels.forward_copies_input(x, experts, 1, 1, (1, 1), (1, 1), (1, 1)) == nchw
+    assert kernels.input_grad_copies_output_grad(x, experts, 1, 1, (1, 1)) == nchw
+    assert weight_grad_kernels.weight_grad_copies_inputs(x, x, 1, 1) == nchw
+    copies = []
+    copy = kernels.channels_last_copy
+    for module in (kernels, weight_grad_kernels):
+        monkeypatch.setattr(module, "channels_last_copy", lambda t: copies.append(t.shape) or copy(t))
+    y = _check(case, dtype, device, memory_format)
+    assert y.is_contiguous(memory_format=memory_format)
+    # x in the forward, dy in the input gradient, dy and x in the kernel gradient
+    assert len(copies) == (4 if nchw else 0)
 
 
 def test_float64(device):
