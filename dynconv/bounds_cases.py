@@ -230,10 +230,11 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         fma = round(cuda_cores.get(k, 0) * share[k])
         return {tensor_cores: round(table[k][2] * share[k]) - fma, **({"fma": fma} if fma else {})}
 
-    dw_copies = ecw.weight_grad_copies_inputs(y0, x0, p.m, p.groups)
+    dw_copies = ecw.weight_grad_copies_inputs(y0, x0, p.m, p.groups, (p.stride, p.stride))
     copies = {"fwd": (lambda: copied(tensors()[0])) if fwd_copies else None,
               "dx": (lambda: copied(tensors()[1])) if dx_copies else None,
-              "dw": (lambda: [*copied(tensors()[1], True), *copied(tensors()[0], True)]) if dw_copies else None}
+              # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
+              "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}
     return [Case(name, k, dtype, layout, table[k][0], round(table[k][1] * share[k]), round(table[k][2] * share[k]),
                  compute(k), copies.get(k))
             for k in kernels]

@@ -22,8 +22,8 @@ from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layo
 from .configs import get_config
 from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, RegionTables, _acc_dtype,
                           _acc_torch_dtype, _block_k, _geometry_args, _input_precision, _pow2_between, _region_tensors,
-                          _regions_key, catalogue_problems, channels_last_stand_in, meta_region_tables, problem_key,
-                          region_tables)
+                          _per_kernel, _regions_key, catalogue_problems, channels_last_stand_in,
+                          input_grad_copies_output_grad, meta_region_tables, problem_key, region_tables)
 from .layout import channels_last_copy
 
 # Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).
@@ -218,10 +218,10 @@ def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, ci
         # in registers (PREFETCH): 16-byte loads along the channels, transposed on the way to shared
         # memory (E1 dw fp32 NHWC PREDICTED on triton 3.6: 60% -> 98%, C256/E2 66% -> 100%). NCHW
         # steps 16 pixels: its scalar patch loads at 32 spill on sm_80 with triton 3.9; FLAT steps,
-        # K-major already, keep the two-stage cp.async pipeline and 32 pixels (C256 dw fp32 NCHW
-        # PREDICTED on triton 3.6: 87% at 16, 100% at 32).
+        # K-major already, take triton's cp.async pipeline, four stages deep, and 32 pixels (C256 dw
+        # fp32 NCHW PREDICTED on triton 3.6 with the latency term: 2/3/4 stages 41/68/100%).
         return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
-                "BLOCK_K": 32 if channels_last or flat else 16, "num_warps": 8, "num_stages": 2 if flat else 1}
+                "BLOCK_K": 32 if channels_last or flat else 16, "num_warps": 8, "num_stages": 4 if flat else 1}
     return {"BLOCK_O": _pow2_between(cout_g, 16, 64), "BLOCK_N": block_n,
             "BLOCK_K": _block_k(dtype), "num_warps": 8, "num_stages": 2}
 
@@ -233,14 +233,28 @@ def weight_grad_config(x, experts, m, groups, stride) -> dict:
                                                  is_channels_last(x), flat_capable(m, stride, is_channels_last(x))))
 
 
-def weight_grad_copies_inputs(dy, x, m: int, groups: int) -> bool:
-    """Whether a kernel gradient on NCHW ``dy`` and ``x`` reads channels_last copies of both
+def weight_grad_copies_inputs(dy, x, m: int, groups: int, stride) -> bool:
+    """Whether a kernel gradient on NCHW ``dy`` and ``x`` reads channels_last copies of them
     (``kernels/layout.py``): one region, 64 or more channels a group on both sides, 2- or 4-byte
     operands, 32-bit offsets, the tiles whose channels_last pipeline the NCHW steps do not match
-    (PREDICTED on triton 3.6, sm_90, the copies counted: C256 dw bf16 NCHW 33% -> 76%)."""
+    (PREDICTED on triton 3.6, sm_90, the copy of x counted: C256 dw bf16 NCHW 33% -> 86%). Not fp32
+    FLAT steps: pixel-contiguous operands are what tf32 reads (K-major), and 4-byte elements stream
+    through cp.async at any shift (C256 dw fp32 NCHW 100% at four stages, no copy); 2-byte ones at
+    odd shifts do not."""
     if is_channels_last(x) or m != 1 or x.element_size() not in (2, 4) or needs_int64(dy, x):
         return False
+    if x.element_size() == 4 and flat_pixels(dy, x, stride):
+        return False
     return min(x.shape[1], dy.shape[1]) // groups >= 64
+
+
+def backward_shares_output_grad(dy, x, experts, routing, groups: int, stride) -> bool:
+    """Whether a backward that runs the input gradient and the kernel gradient on NCHW ``dy`` should
+    copy dy to channels_last once for both (each would copy it; given a channels_last dy they read it
+    as it is). ``experts`` and ``routing`` as those passes' entry points take them."""
+    shaped, m = _per_kernel(experts, routing)
+    return (not is_channels_last(dy) and input_grad_copies_output_grad(x, shaped, m, groups, stride)
+            and weight_grad_copies_inputs(dy, x, m, groups, stride))
 
 
 def flat_capable(m: int, stride, channels_last: bool) -> bool:
@@ -365,7 +379,7 @@ def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_h
     B, Cin = x.shape[:2]
     Cout = dy.shape[1]
     m = num_regions
-    if config is None and weight_grad_copies_inputs(dy, x, m, groups):
+    if config is None and weight_grad_copies_inputs(dy, x, m, groups, stride):
         dy, x = (t if is_channels_last(t) else channels_last_copy(t) for t in (dy, x))
     if config is None:
         experts_like = torch.empty((1, Cout, Cin // groups, *kernel_hw), device="meta")
@@ -391,7 +405,7 @@ def default_launch(dy, x, experts, m: int, groups: int, geometry) -> Launch:
     splits, partials in the accumulation dtype and, with regions, the bias gradient's (the
     catalogue's launches and the static model's)."""
     regions = meta_region_tables(x.shape[0], dy.shape[2] * dy.shape[3], m, 1) if m > 1 else None
-    if weight_grad_copies_inputs(dy, x, m, groups):
+    if weight_grad_copies_inputs(dy, x, m, groups, geometry[0]):
         dy, x = channels_last_stand_in(dy), channels_last_stand_in(x)
     config = weight_grad_config(x, experts, m, groups, geometry[0])
     return launch_with_partials(dy, x, regions, m, groups, tuple(experts.shape[3:]), geometry, config)[0]

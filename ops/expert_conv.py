@@ -29,10 +29,11 @@ from torch import Tensor
 
 from dynconv.kernels import expert_conv as kernels
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
-from dynconv.kernels import region_conv
+from dynconv.kernels import layout, region_conv
 from dynconv.kernels._launch import runs_kernels
 
 from . import _eager
+from .layout import channels_last_copy_op
 from ._eager import fold_vmapped, unfold_vmapped
 from . import reference_expert as reference
 from .reference_involution import conv2d_input
@@ -425,11 +426,16 @@ def _save(ctx, tensors, geometry):
     ctx.save_for_backward(*tensors)
 
 
-def _grads(ctx, grad, backward_input, backward_weight):
+def _grads(ctx, grad, backward_input, backward_weight, channels_last_copy):
     """First-order (dx, dweights, drouting, dbias, dspatial, dguide) from the fused backward bodies,
-    each None where not needed."""
+    each None where not needed. Where both bodies would read a channels_last copy of an NCHW grad,
+    ``channels_last_copy`` makes it once for both."""
     x, weights, routing, bias, spatial, guide = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    stride, _, _, groups = ctx.geometry
+    if (needs[0] and any(needs[1:6]) and runs_kernels(grad) and grad.numel()
+            and weight_grad_kernels.backward_shares_output_grad(grad, x, weights, routing, groups, stride)):
+        grad = channels_last_copy(grad)
     dx = dweights = drouting = dbias = dspatial = dguide = None
     if needs[0]:
         dx = backward_input(grad, weights, routing, spatial, guide, ctx.x_size, ctx.channels_last, *ctx.geometry)
@@ -648,7 +654,7 @@ def _op_backward(ctx, grad):
         grads = _conv_grads(_OP_STEPS, grad, ctx.saved_tensors, ctx.needs_input_grad, ctx.x_size,
                             ctx.channels_last, ctx.geometry, True)
     else:
-        grads = _grads(ctx, grad, backward_input_op, backward_weight_op)
+        grads = _grads(ctx, grad, backward_input_op, backward_weight_op, channels_last_copy_op)
     return (*grads, None, None, None, None)
 
 
@@ -774,7 +780,7 @@ class _Conv(torch.autograd.Function):
             grads = _conv_grads(_EAGER_STEPS, grad, ctx.saved_tensors, ctx.needs_input_grad, ctx.x_size,
                                 ctx.channels_last, ctx.geometry, True)
         else:
-            grads = _grads(ctx, grad, _backward_input, _backward_weight)
+            grads = _grads(ctx, grad, _backward_input, _backward_weight, layout.channels_last_copy)
         return (*grads, None, None, None, None, None)
 
     @staticmethod

@@ -15,6 +15,7 @@ import dynconv.ops.expert_conv as expert_ops
 from dynconv.kernels import _launch
 from dynconv.kernels import expert_conv as kernels
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
+from dynconv.kernels import layout
 from dynconv.kernels._launch import TRITON_VERSION
 from dynconv.ops.reference_expert import all_region_outputs
 from dynconv.reference import drconv_all_regions, expert_conv2d_grouped, expert_conv2d_loop
@@ -148,15 +149,18 @@ def test_streamed_tiles(dtype, memory_format, device, monkeypatch):
     nchw = memory_format == torch.contiguous_format
     assert kernels.forward_copies_input(x, experts, 1, 1, (1, 1), (1, 1), (1, 1)) == nchw
     assert kernels.input_grad_copies_output_grad(x, experts, 1, 1, (1, 1)) == nchw
-    assert weight_grad_kernels.weight_grad_copies_inputs(x, x, 1, 1) == nchw
+    # fp32 NCHW at stride 1, output as large as the input: the kernel gradient's FLAT steps, no copy
+    flat_fp32 = nchw and dtype == torch.float32
+    assert weight_grad_kernels.weight_grad_copies_inputs(x, x, 1, 1, (1, 1)) == (nchw and not flat_fp32)
     copies = []
     copy = kernels.channels_last_copy
-    for module in (kernels, weight_grad_kernels):
+    for module in (kernels, weight_grad_kernels, layout):
         monkeypatch.setattr(module, "channels_last_copy", lambda t: copies.append(t.shape) or copy(t))
     y = _check(case, dtype, device, memory_format)
     assert y.is_contiguous(memory_format=memory_format)
-    # x in the forward, dy in the input gradient, dy and x in the kernel gradient
-    assert len(copies) == (4 if nchw else 0)
+    # x in the forward; dy once for both backward passes (the input gradient's alone for fp32) and x
+    # in the kernel gradient (not fp32)
+    assert copies == ([x.shape] * (2 if flat_fp32 else 3) if nchw else [])
 
 
 def test_float64(device):
@@ -544,6 +548,25 @@ def test_opcheck(name, device):
     args = (inputs["x"], inputs["experts"], routing.detach().requires_grad_(), inputs["bias"], inputs["spatial"],
             inputs["guide"], [case.stride] * 2, [case.padding] * 2, [case.dilation] * 2, case.groups)
     torch.library.opcheck(torch.ops.dynconv.expert_conv2d, args)
+
+
+def test_torch_compile_streamed_nchw(device, monkeypatch):
+    """An NCHW conv on the streamed tiles under torch.compile: its backward formula, traced on fake
+    tensors, copies dy to channels_last once for both backward ops (a custom op); gradients as eager."""
+    monkeypatch.setattr(kernels, "should_materialise", lambda *args: True)
+    monkeypatch.setattr(kernels, "materialise_part", lambda filter_size, B, m, out_pixels: B)
+    inputs = Case(B=1, Cin=64, Cout=64, H=4, W=5, E=2).inputs()
+
+    def layer(x, experts, routing, bias):
+        return (dynconv.expert_conv2d(x, experts, routing, bias, padding=1) ** 2).sum()
+
+    results = []
+    for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+        args = [inputs[k].float().to(device).requires_grad_() for k in ("x", "experts", "routing", "bias")]
+        fn(*args).backward()
+        results.append([a.grad for a in args])
+    for eager, compiled in zip(*results):
+        assert_close(compiled, eager, torch.float32, "compiled grad")
 
 
 def test_torch_compile_fullgraph(device):

@@ -32,3 +32,23 @@ def test_empty(shape, device):
     x = torch.empty(shape, device=device)
     out = layout.channels_last_copy(x)
     assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_opcheck(device):
+    """torch.ops.dynconv.channels_last_copy, which expert_conv2d's backward makes between its two
+    backward ops (it must trace under torch.compile)."""
+    from dynconv.ops.layout import channels_last_copy_op
+
+    x = torch.randn((2, 5, 3, 4), device=device)
+    torch.library.opcheck(channels_last_copy_op, (x,))
+    torch.library.opcheck(channels_last_copy_op, (x.clone().requires_grad_(),))
+    out = channels_last_copy_op(x)
+    assert torch.equal(out, x) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_vmap(device):
+    from dynconv.ops.layout import channels_last_copy_op
+
+    x = torch.randn((3, 2, 5, 3, 4), device=device)
+    for dim in (0, 2):
+        assert torch.equal(torch.vmap(channels_last_copy_op, in_dims=dim)(x.movedim(0, dim)), x)
