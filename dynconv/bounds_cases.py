@@ -195,6 +195,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     def guide():
         x, y, experts, routing = tensors()
         if ec.uses_expert_bank(experts, routing):  # one launch for the batch: E plain convs' scores
+            if bank_copies:
+                x = ec.channels_last_stand_in(x)
             cfg = ec.bank_config(x, experts, p.groups, *geometry)
             bias = _empty((p.E, p.Cout), dt).expand(p.B, p.E, p.Cout) if p.bias else None
             score = _empty((p.B, p.E, ec.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)
@@ -231,10 +233,13 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         return {tensor_cores: round(table[k][2] * share[k]) - fma, **({"fma": fma} if fma else {})}
 
     dw_copies = ecw.weight_grad_copies_inputs(y0, x0, p.m, p.groups, (p.stride, p.stride))
+    bank_copies = ec.bank_copies_input(x0, experts0, p.groups, *geometry)
     copies = {"fwd": (lambda: copied(tensors()[0])) if fwd_copies else None,
               "dx": (lambda: copied(tensors()[1])) if dx_copies else None,
               # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
               "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}
+    if bank and bank_copies:  # the expert-bank guide scores read x's copy (the whole batch: one launch)
+        copies["guide"] = lambda: copied(tensors()[0], True)
     return [Case(name, k, dtype, layout, table[k][0], round(table[k][1] * share[k]), round(table[k][2] * share[k]),
                  compute(k), copies.get(k))
             for k in kernels]

@@ -7,7 +7,10 @@ copies of the operands run ahead across the taps, a K-step adds a scalar tap off
 zero padding is a bit of a per-row mask formed before the loop; the weights are laid out once,
 outside every kernel, with Cin/g innermost, so both dot operands are plain 2-D tiles. Below 16 channels
 per group (depth-wise, narrow groups) one loop over the flattened reduction ``k = (u·kw + v)·C + c``
-wastes no lanes instead.
+wastes no lanes instead. The operands stream channel-contiguous (``_streamed_tiles``): an NCHW
+input whose conv would take those tiles in channels_last is read through a channels_last copy
+(``kernels/layout.py``; ``forward_copies_input``, ``input_grad_copies_output_grad``), the output
+written in its own layout.
 
 Where the mixed kernel ``W[b,r] = spatial[b] ⊙ Σ_e routing[b,r,e]·experts[e]`` comes from:
 
@@ -871,11 +874,12 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
         config = {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128),
                   "BLOCK_K": min(64 // dtype.itemsize, _channel_block(cout_g, dtype)),
                   "num_warps": 8, "num_stages": 3 if dtype.itemsize == 2 else 2}
-    elif dtype.itemsize == 2 and cout_g >= 64 and cin_g >= 64 and channels_last:
+    elif dtype.itemsize in (2, 4) and cout_g >= 64 and cin_g >= 64 and channels_last:
         # Mixing on the fly (E FMAs per weight element a K-step): 128 pixels share each mixed weight
         # tile, twice as many as at 64, halving the mixing per MMA (X1 dx bf16 NHWC PREDICTED 17.5% ->
-        # 34% on triton 3.6). Two stages: the mixed tile is held in fp32 registers. channels_last only:
-        # NCHW's scalar gathers on top spill on sm_80 with triton 3.6.
+        # 34% on triton 3.6; fp32, with the taps in one loop, 2.2% -> 5.8%). Two stages: the mixed
+        # tile is held in fp32 registers. channels_last only: NCHW's scalar gathers on top spill on
+        # sm_80 with triton 3.6.
         config = {"BLOCK_P": 128, "BLOCK_N": _pow2_between(cin_g, 16, 128),
                   "BLOCK_K": _channel_block(cout_g, dtype, mixing), "num_warps": 8, "num_stages": 2}
     else:
@@ -1256,15 +1260,28 @@ def uses_expert_bank(experts: torch.Tensor, routing: torch.Tensor | None) -> boo
     return routing is not None and experts.shape[0] <= routing.shape[1]
 
 
-def bank_config(x, experts, groups, stride, padding, dilation) -> dict:
-    """Tiles of the expert-bank guide scores: one plain conv over every pixel of a sample, so
-    128-pixel tiles from 512 pixels on (D1 guide bf16 NHWC PREDICTED 62% at 64 -> 88% on triton 3.6)."""
-    cout_g = experts.shape[1] // groups
+def _bank_problem(x, experts, groups, stride, padding, dilation) -> dict:
+    """:func:`default_forward_config`'s arguments for the expert-bank guide scores: one plain conv
+    over every pixel of a sample, so 128-pixel tiles from 512 pixels on (D1 guide bf16 NHWC
+    PREDICTED 62% at 64 -> 88% on triton 3.6)."""
     pixels = output_pixels(x.shape[2:], experts.shape[3:], stride, padding, dilation)
-    index_64 = _past_int32(x, experts.shape[0] * experts.shape[1], pixels)  # the E experts' outputs
+    return dict(cout_g=experts.shape[1] // groups, dtype=x.dtype, pixels_per_region=1024 if pixels >= 512 else pixels,
+                index_64=_past_int32(x, experts.shape[0] * experts.shape[1], pixels),  # the E experts' outputs
+                cin_g=experts.shape[2], mixing=False, channels_last=is_channels_last(x))
+
+
+def bank_config(x, experts, groups, stride, padding, dilation) -> dict:
     return get_config("expert_conv_fwd", problem_key(x, experts, 1, groups, stride),
-                      default_forward_config(cout_g, x.dtype, 1024 if pixels >= 512 else pixels, index_64,
-                                             experts.shape[2], False, is_channels_last(x)))
+                      default_forward_config(**_bank_problem(x, experts, groups, stride, padding, dilation)))
+
+
+def bank_copies_input(x, experts, groups, stride, padding, dilation) -> bool:
+    """Whether the expert-bank guide scores on NCHW ``x`` read a channels_last copy of it, as the
+    forward does (:func:`forward_copies_input`)."""
+    if is_channels_last(x):
+        return False
+    p = _bank_problem(x, experts, groups, stride, padding, dilation)
+    return _forward_streams(p["cin_g"], x.dtype, False, p["index_64"], False, p["pixels_per_region"])
 
 
 def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, groups, stride, padding, dilation,
@@ -1281,6 +1298,8 @@ def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, group
     if (materialise is None and uses_expert_bank(experts, routing)
             and (bias_mixed is None or expert_bias is not None)):
         E = experts.shape[0]
+        if config is None and bank_copies_input(x, experts, groups, stride, padding, dilation):
+            x = channels_last_copy(x)
         config = config or bank_config(x, experts, groups, stride, padding, dilation)
         score = torch.empty((B, E, score_tiles(Cout, groups, config), Ho * Wo), dtype=_acc_torch_dtype(x.dtype),
                             device=x.device)
@@ -1392,10 +1411,11 @@ def catalogue() -> list[Launch]:
                                 dtype=torch.float32, device="meta")
             launches.append(guide_score_launch(xp, source, sp, bp, yp, score, (kh, kw), groups, *geometry, fwd_cfg))
             if uses_expert_bank(experts, routing):  # what the op runs; the above when E > m
-                bank_cfg = bank_config(x, experts, groups, *geometry)
+                bank_x = channels_last_stand_in(x) if bank_copies_input(x, experts, groups, *geometry) else x
+                bank_cfg = bank_config(bank_x, experts, groups, *geometry)
                 bank_score = torch.empty((B, E, score_tiles(Cout, groups, bank_cfg), Ho * Wo),
                                          dtype=torch.float32, device="meta")
-                launches.append(guide_score_launch(x, expert_bank_source(experts), spatial,
+                launches.append(guide_score_launch(bank_x, expert_bank_source(experts), spatial,
                                                    torch.empty((E, Cout), dtype=x.dtype, device="meta")
                                                    .expand(B, E, Cout), y,
                                                    bank_score, (kh, kw), groups, *geometry, bank_cfg))

@@ -237,6 +237,27 @@ def test_guide_scores_expert_bank(E, m, groups, bias, layout, monkeypatch, devic
     assert_close(scores, (y_all * dy.float().double()[:, None]).sum(2), torch.float32, "guide scores")
 
 
+def test_guide_scores_expert_bank_reads_a_channels_last_copy(monkeypatch, device):
+    """NCHW x with 64 channels and 576 output pixels: the expert-bank scores take the streamed tiles
+    through a channels_last copy of x; against float64 y_r, NaN-poisoned scores."""
+    case = Case(B=1, Cin=64, Cout=64, H=24, W=24, E=2, m=2, guide=True)
+    inputs = case.inputs()
+    x = inputs["x"].float().to(device)
+    experts = inputs["experts"].float().to(device)
+    assert kernels.bank_copies_input(x, experts, 1, (1, 1), (1, 1), (1, 1))
+    copies = []
+    copy = kernels.channels_last_copy
+    monkeypatch.setattr(kernels, "channels_last_copy", lambda t: copies.append(t.shape) or copy(t))
+    dy = torch.randn(1, 64, 24, 24, dtype=torch.float64)
+    routing = inputs["routing"].float().to(device)
+    scores = kernels.expert_conv_guide_scores(x, experts, routing, None, None, dy.float().to(device), 1, (1, 1),
+                                              (1, 1), (1, 1))
+    assert copies == [x.shape]
+    y_all = all_region_outputs(inputs["x"].float().double(), inputs["experts"].float().double(),
+                               inputs["routing"].float().double(), None, 1, 1, 1, 1)
+    assert_close(scores, (y_all * dy.float().double()[:, None]).sum(2), torch.float32, "guide scores")
+
+
 def test_drconv_ties_and_an_empty_region(device):
     """A guide whose logits tie (argmax takes the first) and leave region 1 without a pixel; the
     expert bank (E <= m) forms its gradient."""
