@@ -265,7 +265,7 @@ def _candidates(kernel: str):
         caps = dict(zip(_dot_blocks(kernel), _CAPS[key["dtype_bytes"]]))
         limits = {name: max(_MIN_DOT, min(caps[name], size)) for name, size in _gemm_dims(kernel, key).items()}
         around = neighbourhood(default, limits, elements_per_thread=(0, float("inf")), size=10**6,
-                               warps=(4, 8), stages=(1, 2, 3))
+                               warps=(4, 8), stages=(1, 2, 3, 4))
         keep = [c for c in around[1:] if _plausible(kernel, c, key)]
         return [default] + keep[: (6 if quick else 12) - 1]
     return candidates
