@@ -74,7 +74,7 @@ MATERIALISE_MAX_PARTS = 8
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mask, NUM_MIX,
+def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mask, NUM_MIX: tl.constexpr,
                  sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb,
                  MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr):
     """The tile ``W[b, r]`` at element offsets ``w_off`` (o, c, u, v part), in ACC_DTYPE where it is
@@ -82,7 +82,9 @@ def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mas
 
     ``sp_off`` / ``sp_mask`` (the u, v part of the spatial offsets, one per row) broadcast against ``w_off``;
     ``sp_mask`` None: ``sp_off`` is one in-range tap's scalar offset.
-    ``r`` must already be int64 in the INDEX_64 variants (or the constant 0).
+    ``r`` must already be int64 in the INDEX_64 variants (or the constant 0). NUM_MIX, the experts
+    mixed, is a compile-time constant: unrolled, their loads go out together, one memory round trip
+    a K-step where a run-time loop waited for each in turn (X1 dx bf16 NHWC PREDICTED 8.7% -> 30%).
     """
     base = w_ptr + b * sw_b + r * sw_r + w_off
     if MIX:
@@ -92,13 +94,13 @@ def _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, r, w_off, sp_off, sp_mask, mas
             # Step scalar pointers by one expert instead of forming e * sw_e: 64-bit offsets with no
             # 64-bit product in the loop (the product made ptxas 12.8 spill the DRConv forward on sm_80).
             expert = w_ptr + b * sw_b + r * sw_r
-            for e in range(NUM_MIX):
+            for e in tl.static_range(NUM_MIX):
                 coef = tl.load(coef_row).to(ACC_DTYPE)
                 tile += coef * tl.load(expert + w_off, mask=mask, other=0.0).to(ACC_DTYPE)
                 coef_row += sc_e
                 expert += sw_e
         else:
-            for e in range(NUM_MIX):
+            for e in tl.static_range(NUM_MIX):
                 coef = tl.load(coef_row + e * sc_e).to(ACC_DTYPE)
                 tile += coef * tl.load(base + e * sw_e, mask=mask, other=0.0).to(ACC_DTYPE)
     elif HAS_SPATIAL:
@@ -256,7 +258,7 @@ def _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, N
 def expert_conv_fwd_kernel(
     x_ptr, w_ptr, coef_ptr, spatial_ptr, bias_ptr, y_ptr,
     tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX: tl.constexpr, NUM_REGIONS, TILES, N_TILES,
     sxb, sxc, sxh, sxw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
     sc_b, sc_r, sc_e,
@@ -312,7 +314,7 @@ def expert_conv_fwd_kernel(
 @triton.jit
 def expert_conv_guide_score_kernel(
     x_ptr, w_ptr, coef_ptr, spatial_ptr, bias_ptr, dy_ptr, score_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, TILES, N_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX: tl.constexpr, TILES, N_TILES,
     sxb, sxc, sxh, sxw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
     sc_b, sc_r, sc_e,
@@ -435,7 +437,7 @@ def _live_taps_tile(dy_group, w_ptr, coef_ptr, spatial_ptr, b, g, cn, c_ok, qi, 
 @triton.jit
 def expert_conv_bwd_input_kernel(
     dy_ptr, w_ptr, coef_ptr, spatial_ptr, region_ptr, dx_ptr,
-    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX, NUM_REGIONS, TILES, N_TILES,
+    H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX: tl.constexpr, NUM_REGIONS, TILES, N_TILES,
     sdyb, sdyc, sdyh, sdyw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
     sc_b, sc_r, sc_e,
@@ -897,7 +899,7 @@ def _mixing_args(source: WeightSource, spatial) -> dict:
     coef_strides = source.coef.stride() if source.mix else (0, 0, 0)
     spatial_strides = spatial.stride() if spatial is not None else (0, 0, 0)
     return dict(
-        w_ptr=source.weight, coef_ptr=source.coef, spatial_ptr=spatial, NUM_MIX=source.num_mix,
+        w_ptr=source.weight, coef_ptr=source.coef, spatial_ptr=spatial,
         **dict(zip(("sw_b", "sw_r", "sw_e", "sw_o", "sw_i", "sw_u", "sw_v"), source.strides)),
         **dict(zip(("sc_b", "sc_r", "sc_e"), coef_strides)),
         **dict(zip(("ssb", "ssu", "ssv"), spatial_strides)),
@@ -963,15 +965,13 @@ def _out_meta(out: torch.Tensor) -> dict:
     return dict(CHANNEL_ROWS_OUT=TRITON_VERSION > (3, 6) and not is_channels_last(out))
 
 
-def _conv_tile_loops(cin_g: int, meta: dict, source: WeightSource) -> tuple:
-    """``_conv_tile``'s loops: one channel loop per (unrolled) tap, or one flattened loop; the
-    expert loop of on-the-fly mixing inside each."""
+def _conv_tile_loops(cin_g: int, meta: dict) -> tuple:
+    """``_conv_tile``'s loop: over every tap's channel blocks, or the flattened reduction (the
+    experts of on-the-fly mixing are unrolled inside a step)."""
     taps = meta["KH"] * meta["KW"]
     if meta["TAP_LOOP"]:
-        steps = cdiv(cin_g, meta["BLOCK_K"]) * taps
-    else:
-        steps = cdiv(cin_g * taps, meta["BLOCK_K"])
-    return ((steps, (source.num_mix,)) if source.mix else steps,)
+        return (cdiv(cin_g, meta["BLOCK_K"]) * taps,)
+    return (cdiv(cin_g * taps, meta["BLOCK_K"]),)
 
 
 def _past_int32(image: torch.Tensor, out_channels: int, out_pixels: int) -> bool:
@@ -1050,14 +1050,15 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
     )
     index_64 = needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed)
     meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], x, index_64), **_out_meta(y))
-    meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, HAS_SPATIAL=spatial is not None,
-                HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None, INDEX_64=index_64,
+    meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, NUM_MIX=source.num_mix,
+                HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
+                INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
     return Launch(expert_conv_fwd_kernel, (B * tiles, groups * n_tiles, 1), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 2),
-                  loops=_conv_tile_loops(Cin // groups, meta, source))
+                  loops=_conv_tile_loops(Cin // groups, meta))
 
 
 def guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score, kernel_hw, groups,
@@ -1093,13 +1094,13 @@ def _guide_score_launch(x, source: WeightSource, spatial, bias_mixed, dy, score,
     )
     index_64 = needs_int64(x, dy, score, source.weight, source.coef, spatial, bias_mixed)
     meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], x, index_64))
-    meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None, INDEX_64=index_64,
-                ACC_DTYPE=_acc_dtype(x.dtype),
+    meta.update(MIX=source.mix, NUM_MIX=source.num_mix, HAS_SPATIAL=spatial is not None,
+                HAS_BIAS=bias_mixed is not None, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype),
                 INPUT_PRECISION=_input_precision(x.dtype))
     _check_grid(groups * n_tiles)
     return Launch(expert_conv_guide_score_kernel, (B * tiles, groups * n_tiles, m), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 2),
-                  loops=_conv_tile_loops(Cin // groups, meta, source))
+                  loops=_conv_tile_loops(Cin // groups, meta))
 
 
 def score_tiles(cout: int, groups: int, config: dict) -> int:
@@ -1169,33 +1170,29 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
     )
     index_64 = needs_int64(dy, dx, source.weight, source.coef, spatial, region)
     meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"], dy, index_64), **_out_meta(dx))
-    meta.update(MIX=source.mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None, INDEX_64=index_64,
+    meta.update(MIX=source.mix, NUM_MIX=source.num_mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None,
+                INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(dy.dtype),
                 INPUT_PRECISION=_input_precision(dy.dtype))
     _check_grid(groups * n_tiles)
     return Launch(expert_conv_bwd_input_kernel, (B * phases * tiles, groups * n_tiles, 1), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 2),
-                  loops=_input_grad_loops(Cout // groups, meta, source, num_regions if region is not None else 0,
-                                          phases))
+                  loops=_input_grad_loops(Cout // groups, meta, num_regions if region is not None else 0, phases))
 
 
-def _input_grad_loops(cout_g: int, meta: dict, source: WeightSource, num_regions: int, phases: int) -> tuple:
-    """The input-gradient kernel's loops. A tap reaches the pixels of one stride phase in ``phases``,
-    so averaged over the programs its channel blocks run 1/phases of their steps. With
-    regions, every region's loop is counted on every tap (present or not): an upper bound."""
-    per_weight = (source.num_mix,) if source.mix else ()
+def _input_grad_loops(cout_g: int, meta: dict, num_regions: int, phases: int) -> tuple:
+    """The input-gradient kernel's loops (the experts of on-the-fly mixing are unrolled inside a
+    step). A tap reaches the pixels of one stride phase in ``phases``, so averaged over the programs
+    its channel blocks run 1/phases of their steps. With regions, every region's loop is counted on
+    every tap (present or not): an upper bound."""
     taps = meta["KH"] * meta["KW"]
     if meta["TAP_LOOP"] and not num_regions:  # one loop over the live taps' channel blocks
-        steps = cdiv(cout_g, meta["BLOCK_K"]) * taps / phases
-        return ((steps, per_weight) if per_weight else steps,)
+        return (cdiv(cout_g, meta["BLOCK_K"]) * taps / phases,)
     if meta["TAP_LOOP"]:
-        steps = cdiv(cout_g, meta["BLOCK_K"]) / phases
-        step = (steps, per_weight) if per_weight else steps
-        return ((num_regions, (step,)),) * taps
+        return ((num_regions, (cdiv(cout_g, meta["BLOCK_K"]) / phases,)),) * taps
     # Flattened: every K-step runs (the phase's dead taps are masked lanes).
     k_steps = cdiv(cout_g * taps, meta["BLOCK_K"])
-    per_step = ((num_regions, per_weight) if per_weight else num_regions,) if num_regions else per_weight
-    return ((k_steps, per_step) if per_step else k_steps,)
+    return ((k_steps, (num_regions,)) if num_regions else k_steps,)
 
 
 # --------------------------------------------------------------------------------------------
