@@ -146,6 +146,16 @@ def _store_tile(ptrs, tile, mask, CHANNEL_ROWS_OUT: tl.constexpr):
 
 
 @triton.jit
+def _inside_bits(first, step, size, K: tl.constexpr):
+    """Per element, bit t set where first + t·step lies in [0, size), for the K taps of one axis."""
+    inside = tl.zeros_like(first)
+    for t in tl.static_range(K):
+        position = first + t * step
+        inside |= ((position >= 0) & (position < size)).to(inside.dtype) << t
+    return inside
+
+
+@triton.jit
 def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_ok, c_end,
                H, W, CIN_G, NUM_MIX,
                sxb, sxc, sxh, sxw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
@@ -173,15 +183,8 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
         # channel loop per tap fills and drains it KH·KW times a tile. What a tap changes is formed
         # without per-row work in the loop: its offset is a scalar (u·DH·sxh + v·DW·sxw), and whether a
         # row reads inside the image is bit u of h_inside and bit v of w_inside (KH, KW <= 32).
-        h_inside = tl.zeros_like(h_first)
-        w_inside = tl.zeros_like(w_first)
-        for row in tl.static_range(KH):
-            h = h_first + row * DH
-            h_inside |= ((h >= 0) & (h < H)).to(h_inside.dtype) << row
-        for col in tl.static_range(KW):
-            w = w_first + col * DW
-            w_inside |= ((w >= 0) & (w < W)).to(w_inside.dtype) << col
-        h_inside = tl.where(pix_ok, h_inside, 0)
+        h_inside = tl.where(pix_ok, _inside_bits(h_first, DH, H, KH), 0)
+        w_inside = _inside_bits(w_first, DW, W, KW)
         x_rows = x_group + h_first * sxh + w_first * sxw
         w_cols = (o * sw_o)[None, :]
         tap = 0
@@ -1001,14 +1004,36 @@ def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
                       default_forward_config(**_forward_problem(x, experts, m, groups, stride, padding, dilation)))
 
 
+def _copies_for_streaming(problem: dict) -> bool:
+    """Whether a forward-like pass (the forward, the expert-bank guide scores) with these
+    :func:`default_forward_config` arguments reads a channels_last copy of its NCHW input
+    (``kernels/layout.py``): where that copy's conv takes the streamed tiles. PREDICTED (sm_90,
+    triton 3.6) with the copy counted: C256 fwd bf16 NCHW 27% -> 86%."""
+    return not problem["channels_last"] and _forward_streams(
+        problem["cin_g"], problem["dtype"], problem["mixing"], problem["index_64"], problem.get("plain", False),
+        problem["pixels_per_region"])
+
+
+def _routed_config(kernel: str, key: dict, problem: dict, copies: bool, default) -> dict:
+    """``kernel``'s config for the tensor a pass reads: where it reads a channels_last copy, the
+    copy's (the problem key and the default's layout switched to channels_last)."""
+    if copies:
+        key, problem = {**key, "channels_last": 1}, {**problem, "channels_last": True}
+    return get_config(kernel, key, default(**problem))
+
+
 def forward_copies_input(x, experts, m, groups, stride, padding, dilation) -> bool:
-    """Whether a forward on NCHW ``x`` reads a channels_last copy of it (``kernels/layout.py``): where
-    that copy's conv takes the streamed tiles. PREDICTED (sm_90, triton 3.6) with the copy counted:
-    C256 fwd bf16 NCHW 27% -> 86%."""
-    if is_channels_last(x):
-        return False
-    p = _forward_problem(x, experts, m, groups, stride, padding, dilation)
-    return _forward_streams(p["cin_g"], x.dtype, p["mixing"], p["index_64"], p["plain"], p["pixels_per_region"])
+    """Whether a forward on NCHW ``x`` reads a channels_last copy of it (:func:`_copies_for_streaming`)."""
+    return _copies_for_streaming(_forward_problem(x, experts, m, groups, stride, padding, dilation))
+
+
+def forward_route(x, experts, m, groups, stride, padding, dilation) -> tuple[bool, dict]:
+    """(whether the forward reads a channels_last copy of ``x``, the config of the tensor it reads),
+    from one look at the problem: the op's host path per call."""
+    problem = _forward_problem(x, experts, m, groups, stride, padding, dilation)
+    copies = _copies_for_streaming(problem)
+    return copies, _routed_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride), problem, copies,
+                                  default_forward_config)
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -1122,13 +1147,24 @@ def input_grad_config(dx, experts, m, groups, stride) -> dict:
                       default_input_grad_config(**_input_grad_problem(dx, experts, m, groups, stride)))
 
 
+def _input_grad_copies(problem: dict) -> bool:
+    return (not problem["channels_last"] and not problem["regions"]
+            and _streams(problem["cout_g"], problem["dtype"], problem["mixing"], problem["index_64"]))
+
+
 def input_grad_copies_output_grad(dx, experts, m, groups, stride) -> bool:
     """Whether an input gradient into NCHW ``dx`` reads a channels_last copy of dy (``kernels/layout.py``):
     where that copy's input gradient takes the streamed tiles (no regions: theirs are their own)."""
-    if is_channels_last(dx) or m > 1:
-        return False
-    p = _input_grad_problem(dx, experts, m, groups, stride)
-    return _streams(p["cout_g"], dx.dtype, p["mixing"], p["index_64"])
+    return _input_grad_copies(_input_grad_problem(dx, experts, m, groups, stride))
+
+
+def input_grad_route(dx, experts, m, groups, stride) -> tuple[bool, dict]:
+    """(whether the input gradient reads a channels_last copy of dy, the config it then runs), from
+    one look at the problem."""
+    problem = _input_grad_problem(dx, experts, m, groups, stride)
+    copies = _input_grad_copies(problem)
+    return copies, _routed_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride), problem,
+                                  copies, default_input_grad_config)
 
 
 def channels_last_stand_in(t: torch.Tensor) -> torch.Tensor:
@@ -1215,9 +1251,9 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, grou
                         materialise: bool | None = None, config: dict | None = None) -> None:
     """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``guide`` (B, m, Ho, Wo) or None."""
     shaped, m = _per_kernel(experts, routing)
-    if config is None and forward_copies_input(x, shaped, m, groups, stride, padding, dilation):
-        x = channels_last_copy(x)
-    config = config or forward_config(x, shaped, m, groups, stride, padding, dilation)
+    if config is None:
+        copies, config = forward_route(x, shaped, m, groups, stride, padding, dilation)
+        x = channels_last_copy(x) if copies else x
     for samples, materialised in batch_parts(experts, routing, y.shape[2] * y.shape[3], materialise):
         source = weight_source(experts, _part(routing, samples), materialised)
         part_guide = _part(guide, samples)
@@ -1229,10 +1265,9 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, grou
 def expert_conv_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation,
                                materialise: bool | None = None, config: dict | None = None) -> None:
     shaped, m = _per_kernel(experts, routing)
-    if config is None and input_grad_copies_output_grad(dx, shaped, m, groups, stride):
-        dy = dy if is_channels_last(dy) else channels_last_copy(dy)
-        config = input_grad_config(channels_last_stand_in(dx), shaped, m, groups, stride)
-    config = config or input_grad_config(dx, shaped, m, groups, stride)
+    if config is None:
+        copies, config = input_grad_route(dx, shaped, m, groups, stride)
+        dy = channels_last_copy(dy) if copies and not is_channels_last(dy) else dy
     for samples, materialised in batch_parts(experts, routing, dy.shape[2] * dy.shape[3], materialise):
         source = weight_source(experts, _part(routing, samples), materialised, COUT_INNERMOST)
         region = None
@@ -1274,11 +1309,16 @@ def bank_config(x, experts, groups, stride, padding, dilation) -> dict:
 
 def bank_copies_input(x, experts, groups, stride, padding, dilation) -> bool:
     """Whether the expert-bank guide scores on NCHW ``x`` read a channels_last copy of it, as the
-    forward does (:func:`forward_copies_input`)."""
-    if is_channels_last(x):
-        return False
-    p = _bank_problem(x, experts, groups, stride, padding, dilation)
-    return _forward_streams(p["cin_g"], x.dtype, False, p["index_64"], False, p["pixels_per_region"])
+    forward does (:func:`_copies_for_streaming`)."""
+    return _copies_for_streaming(_bank_problem(x, experts, groups, stride, padding, dilation))
+
+
+def bank_route(x, experts, groups, stride, padding, dilation) -> tuple[bool, dict]:
+    """:func:`forward_route` for the expert-bank guide scores."""
+    problem = _bank_problem(x, experts, groups, stride, padding, dilation)
+    copies = _copies_for_streaming(problem)
+    return copies, _routed_config("expert_conv_fwd", problem_key(x, experts, 1, groups, stride), problem, copies,
+                                  default_forward_config)
 
 
 def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, groups, stride, padding, dilation,
@@ -1295,9 +1335,9 @@ def expert_conv_guide_scores(x, experts, routing, spatial, bias_mixed, dy, group
     if (materialise is None and uses_expert_bank(experts, routing)
             and (bias_mixed is None or expert_bias is not None)):
         E = experts.shape[0]
-        if config is None and bank_copies_input(x, experts, groups, stride, padding, dilation):
-            x = channels_last_copy(x)
-        config = config or bank_config(x, experts, groups, stride, padding, dilation)
+        if config is None:
+            copies, config = bank_route(x, experts, groups, stride, padding, dilation)
+            x = channels_last_copy(x) if copies else x
         score = torch.empty((B, E, score_tiles(Cout, groups, config), Ho * Wo), dtype=_acc_torch_dtype(x.dtype),
                             device=x.device)
         bias = expert_bias.expand(B, E, Cout) if bias_mixed is not None else None
