@@ -28,6 +28,7 @@ import triton.language as tl
 
 from . import dynamic_dwconv as dwconv
 from . import involution_nchw
+from ._fence import fence
 from ._keys import problem_key
 from ._launch import (TRITON_VERSION, Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64,
                       next_power_of_2, planned)
@@ -302,9 +303,10 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
                 held = held + (tl.load(w_col + widen(U_FIRST + t * U_STEP, INDEX_64) * swu, mask=w_ok,
                                        other=0.0).to(ACC_DTYPE),)
         if PRELOAD:
-            # Every row of the column loaded before any is summed, then a store no lane makes: ptxas
-            # moves no load above a store that may alias it, so the column's loads stay one batch
-            # (one round trip), where it issued each row's just before its sums.
+            # Every row of the column loaded before any is summed, then a fence (see _fence) whose zero
+            # every weight adds: the column's loads go out as one batch (one round trip), where ptxas
+            # issued each row's just before its sums. The fence's store is of no loaded value: one that
+            # stored a row waited for it to land, and its load then waited a second round trip.
             loaded = ()
             for r in tl.static_range(ROWS):
                 ok = (col_bits & (1 << r)) != 0
@@ -317,10 +319,8 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
                     weights = weights + (weight,)
                 loaded = loaded + ((_row_loads(src_col, ok, r, RSTEP, ssh, chunk_step, channel_masks, INDEX_64,
                                                CHANNELS_FULL, CHUNKS), weights),)
-            fence_off = ((tl.zeros(row_first.shape, dtype=tl.int32) + SRC_H) < 0)[None, None, :]  # H >= 0: no lane
-            tl.store(src_col, loaded[ROWS - 1][0][0], mask=fence_off)
-            # ... and a load no lane makes after it, added to every weight: no sum can start before it.
-            after = tl.load(w_cols[0] + w_slots[0], mask=fence_off, other=0.0).to(ACC_DTYPE)
+            first_weight = (w_cols[0] + w_slots[0]).to(tl.pointer_type(tl.int32), bitcast=True)
+            after = fence(first_weight, SRC_H).to(ACC_DTYPE)
         for r in tl.static_range(ROWS):
             ok = (col_bits & (1 << r)) != 0
             if PRELOAD:
@@ -740,15 +740,13 @@ def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, K: 
     return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel, strips, K))
 
 
-def _preload(src, weight, gradient: bool = False) -> bool:
-    """Whether the unrolled forward (input gradient: ``gradient``) loads a column tap's every source
+def _preload(src, weight) -> bool:
+    """Whether the unrolled forward and input gradient load a column tap's every source
     row and weight before its first sum (_strip_taps, PRELOAD): per-pixel fp32 weights. ptxas
     otherwise issues each row's loads just before its sums and waits a memory round trip per row; a
     column at once holds about 100 more registers, which 16-bit tiles (16 channels a thread) do not
-    have (they spilled, and narrower tiles predicted less than the row-at-a-time walk). The input
-    gradient only on triton 3.6 or older: with triton 3.9's ptxas R1 dx fp32 NHWC predicts 73% with
-    it and 89% without."""
-    return weight.dim() == 6 and src.element_size() == 4 and (not gradient or TRITON_VERSION <= (3, 6))
+    have (they spilled, and narrower tiles predicted less than the row-at-a-time walk)."""
+    return weight.dim() == 6 and src.element_size() == 4
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -908,7 +906,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
         GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w, TAPS_V=taps_v, STRIP_ROWS=strip_rows, COLS=cols,
     )
     meta.update(PER_PIXEL=weight.dim() == 6, INDEX_64=needs_int64(dy, weight, dx), ACC_DTYPE=_acc_dtype(dy.dtype),
-                TAPS_U=taps_u, PRELOAD=unrolled and _preload(dy, weight, gradient=True),
+                TAPS_U=taps_u, PRELOAD=unrolled and _preload(dy, weight),
                 STRIP=strip, CHUNKS=chunks, CHANNELS_FULL=unrolled and _channels_full(C, G, meta, chunks),
                 PAIRS=unrolled and _pairs(dy, dx, weight, meta),
                 FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),

@@ -366,9 +366,8 @@ def test_runs_kernel_with_fewer_rows_ahead_than_its_halo(geometry, dtype, look_a
 
 @pytest.mark.parametrize("dtype, preload", [(torch.float32, True), (torch.bfloat16, False)])
 def test_channels_last_fp32_tiles_load_a_column_tap_at_once(dtype, preload):
-    """The unrolled channels_last forward and input gradient (triton 3.6 or older) load a whole column
-    tap before summing it in fp32 (PRELOAD); 16-bit tiles have no registers for it. Per-sample
-    weights never do."""
+    """The unrolled channels_last forward and input gradient load a whole column tap before summing it
+    in fp32 (PRELOAD); 16-bit tiles have no registers for it. Per-sample weights never do."""
     x = torch.empty((2, 32, 14, 14), dtype=dtype, device="meta").to(memory_format=torch.channels_last)
     geometry = ((1, 1), (3, 3), (1, 1))
     for w in (torch.empty((2, 2, 7, 7, 14, 14), dtype=dtype, device="meta"),
@@ -377,8 +376,7 @@ def test_channels_last_fp32_tiles_load_a_column_tap_at_once(dtype, preload):
         forward = kernels.forward_launch(x, w, None, torch.empty_like(x), *geometry)
         backward = kernels.backward_input_launch(x, w, torch.empty_like(x), *geometry)
         assert forward.meta.get("PRELOAD", False) == (preload and per_pixel), per_pixel
-        expected = preload and per_pixel and _launch.TRITON_VERSION <= (3, 6)
-        assert backward.meta.get("PRELOAD", False) == expected, per_pixel
+        assert backward.meta.get("PRELOAD", False) == (preload and per_pixel), per_pixel
 
 
 def test_runs_kernel_look_ahead_fits_its_registers():
