@@ -585,7 +585,7 @@ def dwconv_bwd_weight_kernel(
     sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
     PW: tl.constexpr, SW: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr,
 ):
     """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i-PH+u, j*SW-PW+v*DW] (G = C; row stride and
     dilation 1: the launcher sends other geometries to involution_weight_grad.py's kernels).
@@ -626,6 +626,8 @@ def dwconv_bwd_weight_kernel(
         accs = accs + (zero,)
     dy_channel = dy_ptr + b * sdyb + c2 * sdyc
     x_channel = x_ptr + b * sxb + c2 * sxc
+    part = dw_ptr + b * spb + split * sps + c * spc
+    fence_at = part[:, None].to(tl.pointer_type(tl.int32), bitcast=True)  # see _fence
     channels_in = (tl.program_id(1) + 1) * BLOCK_C <= C
     for tile in range(split, TILES, SPLITS):
         first = (tile % TILES_W) * (BLOCK_W * P)
@@ -653,13 +655,12 @@ def dwconv_bwd_weight_kernel(
                     & ((first + (BLOCK_W - 1) * P) * SW - PW - LEAD + REACH <= W) & (first + BLOCK_W * P - 1 < WO))
         if interior:
             accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
-                                t_last, PH, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, False, VEC, LEAD, REACH,
-                                INDEX_64, ACC_DTYPE)
+                                t_last, PH, fence_at, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, False, VEC, LEAD,
+                                REACH, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
         else:
             accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
-                                t_last, PH, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, True, 1, 0, HALO_W,
-                                INDEX_64, ACC_DTYPE)
-    part = dw_ptr + b * spb + split * sps + c * spc
+                                t_last, PH, fence_at, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, True, 1, 0, HALO_W,
+                                INDEX_64, ACC_DTYPE, 1)
     for k in tl.static_range(KS * KS):
         tl.store(part + ((k // KS) * spu + (k % KS) * spv), tl.sum(accs[k], axis=1), mask=c < C)
 
@@ -728,16 +729,20 @@ def _store_vectors(row, ok, columns, COLUMNS: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH,
+def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH, fence_at,
                  sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr, SW: tl.constexpr,
                  DW: tl.constexpr, KS: tl.constexpr, P: tl.constexpr, HALO_W: tl.constexpr, MASKED: tl.constexpr,
                  VEC: tl.constexpr, LEAD: tl.constexpr, REACH: tl.constexpr, INDEX_64: tl.constexpr,
-                 ACC_DTYPE: tl.constexpr):
+                 ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr):
     """One tile's walk down the x rows t_first..t_last, added to ``accs``: each row's P + K - 1 columns
     are loaded once and meet the K rows of dy that read it through tap rows 0..K-1 (a window of K dy
     rows, one new row loaded per step), so every loaded x element serves K * min(P, K) multiply-adds.
     MASKED: the loads keep their column and channel masks (cols_ok, outs_ok), else only dy's rows;
-    VEC > 1 (unmasked, unit column strides): rows read as vectors (_row_vectors)."""
+    VEC > 1 (unmasked, unit column strides): rows read as vectors (_row_vectors).
+    ROWS_AHEAD > 1: the rows go in batches, a batch's dy and x rows loaded behind a fence (see
+    _fence, at ``fence_at``, an output's address) whose zero every x element of the batch adds, so
+    the batch waits one memory round trip, where a row at a time waited one a row; the rows left
+    after the batches go one at a time."""
     zero = tl.zeros(cols_ok[0].shape, dtype=ACC_DTYPE)
     grads = ()
     for a in tl.static_range(KS):
@@ -753,41 +758,77 @@ def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_e
                     ok = ok & outs_ok[p]
                 grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=ok, other=0.0)
                 grads = grads + (_widen(grad, ACC_DTYPE),)
-    for t in range(t_first, t_last + 1):
+    t_rest = t_first
+    if ROWS_AHEAD > 1:
+        t_rest = t_first + (t_last + 1 - t_first) // ROWS_AHEAD * ROWS_AHEAD
+        for t0 in range(t_first, t_rest, ROWS_AHEAD):
+            if INDEX_64:
+                t0 = tl.cast(t0, tl.int64)
+            batch = ()
+            for d in tl.static_range(ROWS_AHEAD):
+                batch = batch + (_weight_row_loads(dy_lane, x_lane, x_vectors, cols_ok, outs_ok, row0, row_end, t0 + d,
+                                                   PH, sdyh, sdyw, sxh, sxw, P, HALO_W, MASKED, VEC, LEAD, REACH,
+                                                   ACC_DTYPE),)
+            after = fence(fence_at, row_end).to(ACC_DTYPE)
+            for d in tl.static_range(ROWS_AHEAD):
+                started = ()
+                for qc in tl.static_range(HALO_W):
+                    started = started + (batch[d][1][qc] + after,)
+                accs, grads = _weight_step(accs, grads, batch[d][0], started, zero, KS, P, SW, DW)
+    for t in range(t_rest, t_last + 1):
         if INDEX_64:
             t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
-        i = tl.zeros(cols_ok[0].shape, dtype=tl.int32) + (t + PH)  # a tensor: see _store_row
-        row_ok = (i >= row0) & (i < row_end)
-        dy_row = dy_lane + (t + PH) * sdyh
-        x_row = x_lane + t * sxh
-        if VEC > 1:
-            window = _row_vectors(dy_row, row_ok, P, VEC, ACC_DTYPE)
-        else:
-            window = ()
-            for p in tl.static_range(P):
-                if MASKED:
-                    grad = tl.load(dy_row + p * sdyw, mask=outs_ok[p] & row_ok, other=0.0)
-                else:
-                    grad = tl.load(dy_row + p * sdyw, mask=row_ok, other=0.0)
-                window = window + (_widen(grad, ACC_DTYPE),)
-        xs = _halo(x_row, x_vectors + t * sxh, cols_ok, sxw, HALO_W, MASKED, VEC, LEAD, REACH, ACC_DTYPE)
-        for k in tl.static_range(P, KS * P):
-            window = window + (grads[k],)
-        new = ()
-        for a in tl.static_range(KS):
-            for e in tl.static_range(KS):
-                acc = accs[a * KS + e]
-                for p in tl.static_range(P):
-                    acc += window[a * P + p] * xs[p * SW + e * DW]
-                new = new + (acc,)
-        accs = new
-        # Shift: the next step's window row a is this step's row a - 1.
-        grads = ()
-        for p in tl.static_range(P):
-            grads = grads + (zero,)
-        for k in tl.static_range((KS - 1) * P):
-            grads = grads + (window[k],)
+        dys, xs = _weight_row_loads(dy_lane, x_lane, x_vectors, cols_ok, outs_ok, row0, row_end, t, PH, sdyh, sdyw,
+                                    sxh, sxw, P, HALO_W, MASKED, VEC, LEAD, REACH, ACC_DTYPE)
+        accs, grads = _weight_step(accs, grads, dys, xs, zero, KS, P, SW, DW)
     return accs
+
+
+@triton.jit
+def _weight_row_loads(dy_lane, x_lane, x_vectors, cols_ok, outs_ok, row0, row_end, t, PH, sdyh: tl.constexpr,
+                      sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr, P: tl.constexpr, HALO_W: tl.constexpr,
+                      MASKED: tl.constexpr, VEC: tl.constexpr, LEAD: tl.constexpr, REACH: tl.constexpr,
+                      ACC_DTYPE: tl.constexpr):
+    """Step t of _weight_rows as loaded and widened: dy row t + PH's P columns (zero outside the run) and
+    x row t's HALO_W columns."""
+    i = tl.zeros(cols_ok[0].shape, dtype=tl.int32) + (t + PH)  # a tensor: see _store_row
+    row_ok = (i >= row0) & (i < row_end)
+    dy_row = dy_lane + (t + PH) * sdyh
+    if VEC > 1:
+        dys = _row_vectors(dy_row, row_ok, P, VEC, ACC_DTYPE)
+    else:
+        dys = ()
+        for p in tl.static_range(P):
+            if MASKED:
+                grad = tl.load(dy_row + p * sdyw, mask=outs_ok[p] & row_ok, other=0.0)
+            else:
+                grad = tl.load(dy_row + p * sdyw, mask=row_ok, other=0.0)
+            dys = dys + (_widen(grad, ACC_DTYPE),)
+    xs = _halo(x_lane + t * sxh, x_vectors + t * sxh, cols_ok, sxw, HALO_W, MASKED, VEC, LEAD, REACH, ACC_DTYPE)
+    return dys, xs
+
+
+@triton.jit
+def _weight_step(accs, grads, dys, xs, zero, KS: tl.constexpr, P: tl.constexpr, SW: tl.constexpr, DW: tl.constexpr):
+    """One step of _weight_rows: x row ``xs`` into every tap, against the window of dy rows whose newest
+    is ``dys`` (``grads``: the older K - 1, as the last step left them); the sums and the shifted window."""
+    window = dys
+    for k in tl.static_range(P, KS * P):
+        window = window + (grads[k],)
+    new = ()
+    for a in tl.static_range(KS):
+        for e in tl.static_range(KS):
+            acc = accs[a * KS + e]
+            for p in tl.static_range(P):
+                acc += window[a * P + p] * xs[p * SW + e * DW]
+            new = new + (acc,)
+    # Shift: the next step's window row a is this step's row a - 1.
+    grads = ()
+    for p in tl.static_range(P):
+        grads = grads + (zero,)
+    for k in tl.static_range((KS - 1) * P):
+        grads = grads + (window[k],)
+    return new, grads
 
 
 # --------------------------------------------------------------------------------------------
@@ -991,17 +1032,38 @@ def _walking(config: dict, stride, padding, dilation, source_rows: int, out_rows
             and _rows_reached(source_rows, out_rows, stride[0], padding[0], dilation[0], K, input_grad))
 
 
-# Source rows the walk loads as one batch behind a fence (_walk_rows; not 16-bit NCHW, see
+# Source rows the walk loads as one batch behind a fence (_walk_rows; not every 16-bit walk, see
 # _walk_rows_ahead). Triton 3.6's ptxas keeps them in registers at those walking tiles (R4 fwd/dx
-# PREDICTED 43-75% -> 85-100%); newer tritons' spill the 16-bit channels_last walk even at two
-# (thousands of stack bytes at R4), so they walk a row at a time.
-WALK_ROWS_AHEAD = 4 if TRITON_VERSION <= (3, 6) else 1
+# PREDICTED 43-75% -> 85-100%), newer tritons' too in fp32 (R4 fwd/dx fp32 on triton 3.9: NCHW
+# 63/62% -> 88/89%, NHWC 75/68% -> 100%; 168 registers at most, no spill on sm_80/sm_90).
+WALK_ROWS_AHEAD = 4
+# x rows the channels_last weight gradient's unmasked walk loads as one batch behind a fence
+# (_weight_rows): a row at a time, each waited a round trip. PREDICTED on triton 3.6 (3.9 alike): R4 dw
+# NHWC fp32/bf16 69/53% -> 87/65% at two rows (168 registers, as at one); four rows take 242 and two
+# waves of the persistent programs (fp32 56%). NCHW keeps one row: two take it from 128 registers to
+# 143-152, past four warps a scheduler, and its 2048 programs into two waves (R4 fp32 62% -> 42%).
+WEIGHT_ROWS_AHEAD = 2
+# Newer tritons' ptxas spills the 16-bit channels_last walk in batches even of two rows (thousands of
+# stack bytes at R4), so there it walks a row at a time.
+BATCHES_16BIT_CHANNELS_LAST = TRITON_VERSION <= (3, 6)
 
 
 def _walk_rows_ahead(element_size: int, channels_last: bool) -> int:
     """The walk's rows a batch: WALK_ROWS_AHEAD, but one for 16-bit NCHW (sm_80's ptxas, capped at 168
-    registers there, spilled in fp16: 40 bytes at four rows, 8 at two; R4 bf16 PREDICTED 74% at four)."""
-    return WALK_ROWS_AHEAD if element_size >= 4 or channels_last else 1
+    registers there, spilled in fp16: 40 bytes at four rows, 8 at two; R4 bf16 PREDICTED 74% at four)
+    and, past triton 3.6, for 16-bit channels_last (BATCHES_16BIT_CHANNELS_LAST)."""
+    if element_size == 2 and not (channels_last and BATCHES_16BIT_CHANNELS_LAST):
+        return 1
+    return WALK_ROWS_AHEAD
+
+
+def _weight_rows_ahead(element_size: int, channels_last: bool) -> int:
+    """The weight gradient's rows a batch: WEIGHT_ROWS_AHEAD in channels_last, but one for 16-bit
+    past triton 3.6 (BATCHES_16BIT_CHANNELS_LAST: triton 3.9's ptxas spilled its two-channel tiles
+    at K = 5 on sm_90, 6-61 local loads and stores); one in NCHW."""
+    if not channels_last or (element_size == 2 and not BATCHES_16BIT_CHANNELS_LAST):
+        return 1
+    return WEIGHT_ROWS_AHEAD
 
 
 def _walk_loops(walk: bool, config: dict, source_rows: int, K: int, interior: float | None, ahead: int = 1) -> tuple:
@@ -1017,6 +1079,18 @@ def _walk_loops(walk: bool, config: dict, source_rows: int, K: int, interior: fl
         return (trips // ahead, trips % ahead) if ahead > 1 else (trips,)
     if ahead > 1:
         return (trips // ahead * interior, trips % ahead * interior + trips * (1 - interior))
+    return (trips * interior, trips * (1 - interior))
+
+
+def _weight_loops(config: dict, source_rows: int, K: int, interior: float | None, ahead: int) -> tuple:
+    """Trip counts of _weight_rows' loops in a tile, each as its mean over the tiles: with INTERIOR
+    (``interior``, the share of such tiles) the unmasked walk's batches of ``ahead`` rows and the rows
+    they leave (one loop when ``ahead`` is 1), then the masked walk; else the masked walk alone."""
+    trips = min(config["RUN"] + K - 1, source_rows)
+    if interior is None:
+        return (trips,)
+    if ahead > 1:
+        return (trips // ahead * interior, trips % ahead * interior, trips * (1 - interior))
     return (trips * interior, trips * (1 - interior))
 
 
@@ -1176,12 +1250,14 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
                 DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"], P=config["P"],
                 INTERIOR=is_channels_last(x) or vec > 1, VEC=vec, INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
+    meta["ROWS_AHEAD"] = _weight_rows_ahead(x.element_size(), is_channels_last(x))
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the
-    # unmasked walk of the interior tiles, then the masked one, each as its mean over the tiles.
+    # unmasked walk of the interior tiles (in batches, then the rows they leave), then the masked
+    # one, each as its mean over the tiles.
     interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
                 if meta["INTERIOR"] else None)
-    rows = _walk_loops(True, config, H, K, interior)
+    rows = _weight_loops(config, H, K, interior, meta["ROWS_AHEAD"])
     loops = rows if tiles == 1 else ((cdiv(tiles, splits), rows),)
     return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=loops)

@@ -128,9 +128,10 @@ def test_forward_input_and_weight_gradients(case, dtype, memory_format):
 ], ids=["walk", "nchw-vectors", "nhwc-K7"])
 def test_walks_in_batches_of_rows_and_the_rows_left(case, dtype, memory_format, ahead, monkeypatch):
     """The interior programs' forward and input gradient walks load WALK_ROWS_AHEAD source rows a
-    batch behind a fence (triton 3.6: four), and leave the rows left to the masked walk: batches of
+    batch behind a fence (four by default), and leave the rows left to the masked walk: batches of
     two and three leave some here, and of four all of a walk's three rows or none of its four."""
     monkeypatch.setattr(dwconv, "WALK_ROWS_AHEAD", ahead)
+    monkeypatch.setattr(dwconv, "BATCHES_16BIT_CHANNELS_LAST", True)  # the interpreter runs it on any triton
     x, w, bias, stride, padding, dilation = _problem(case, dtype, memory_format)
     expected = _conv(x, w, bias, stride, padding, dilation)
     y = torch.empty(expected.shape, dtype=dtype).contiguous(memory_format=memory_format)
@@ -149,6 +150,30 @@ def test_walks_in_batches_of_rows_and_the_rows_left(case, dtype, memory_format, 
 
 
 @pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("ahead", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_weight_gradient_walks_rows_in_batches(ahead, dtype, monkeypatch):
+    """The channels_last weight gradient's interior tiles walk their x rows WEIGHT_ROWS_AHEAD a batch
+    behind a fence, then the rows the batches leave one at a time (a run of 5 + 3 - 1 = 7 rows:
+    batches of two, three and four each leave some); the edge tiles walk masked, a row at a time."""
+    monkeypatch.setattr(dwconv, "WEIGHT_ROWS_AHEAD", ahead)
+    monkeypatch.setattr(dwconv, "BATCHES_16BIT_CHANNELS_LAST", True)  # the interpreter runs it on any triton
+    x, w, bias, stride, padding, dilation = _problem((1, 72, 72, 5, 26, 3, 1, 1, 1), dtype, torch.channels_last)
+    dy = torch.randn(_conv(x, w, bias, stride, padding, dilation).shape).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    B, C, K = x.shape[0], x.shape[1], w.shape[-1]
+    config = dwconv.weight_grad_default(B, C, *dy.shape[2:], K, True, x.element_size())
+    part = torch.empty(dwconv.weight_grad_partials(B, C, K, *dy.shape[2:], config))
+    launch = dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
+    (_, (batches, left, masked)), = launch.loops
+    assert launch.meta["ROWS_AHEAD"] == ahead and min(batches, left, masked) > 0, launch.loops
+    launch()
+    w64 = w.double().requires_grad_()
+    _conv(x.double(), w64, None, stride, padding, dilation).backward(dy.double())
+    assert_close(part.sum(-1), w64.grad, dtype, f"dw, batches of {ahead}")
+
+
+@pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("case", [(1, 72, 72, 5, 26, 3, 1, 1, 1), (1, 64, 64, 6, 29, 3, 2, 1, 1)], ids=["s1", "s2"])
 def test_channels_last_walk_runs_interior_programs_unmasked(case, monkeypatch):
     """channels_last: programs (the weight gradient's tiles) whose channels and columns all lie inside
@@ -157,6 +182,7 @@ def test_channels_last_walk_runs_interior_programs_unmasked(case, monkeypatch):
     walk's trips. A row at a time: in batches of four, the stride-2 runs are too short for one (the
     batches' own test walks them)."""
     monkeypatch.setattr(dwconv, "WALK_ROWS_AHEAD", 1)
+    monkeypatch.setattr(dwconv, "BATCHES_16BIT_CHANNELS_LAST", True)  # the weight gradient's batches, on any triton
     x, w, bias, stride, padding, dilation = _problem(case, torch.bfloat16, torch.channels_last)
     expected = _conv(x, w, bias, stride, padding, dilation)
     y = torch.empty(expected.shape, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -180,8 +206,8 @@ def test_channels_last_walk_runs_interior_programs_unmasked(case, monkeypatch):
         config = dwconv.weight_grad_default(B, C, *y.shape[2:], K, True, x.element_size())
         part = torch.empty(dwconv.weight_grad_partials(B, C, K, *y.shape[2:], config))
         weight_grad = dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
-        (tiles, walks), = weight_grad.loops
-        assert weight_grad.meta["INTERIOR"] and tiles >= 1 and len(walks) == 2 and min(walks) > 0, weight_grad.loops
+        (tiles, walks), = weight_grad.loops  # the unmasked walk's batches and the rows they leave, the masked walk
+        assert weight_grad.meta["INTERIOR"] and tiles >= 1 and len(walks) == 3 and min(walks) > 0, weight_grad.loops
         weight_grad()
         w64 = w.double().requires_grad_()
         _conv(x.double(), w64, None, stride, padding, dilation).backward(dy.double())
