@@ -1085,13 +1085,12 @@ def _walk_loops(walk: bool, config: dict, source_rows: int, K: int, interior: fl
 def _weight_loops(config: dict, source_rows: int, K: int, interior: float | None, ahead: int) -> tuple:
     """Trip counts of _weight_rows' loops in a tile, each as its mean over the tiles: with INTERIOR
     (``interior``, the share of such tiles) the unmasked walk's batches of ``ahead`` rows and the rows
-    they leave (one loop when ``ahead`` is 1), then the masked walk; else the masked walk alone."""
+    they leave (one loop when ``ahead`` is 1: _walk_loops' walks), then the masked walk; else the
+    masked walk alone."""
+    if interior is None or ahead == 1:
+        return _walk_loops(True, config, source_rows, K, interior)
     trips = min(config["RUN"] + K - 1, source_rows)
-    if interior is None:
-        return (trips,)
-    if ahead > 1:
-        return (trips // ahead * interior, trips % ahead * interior, trips * (1 - interior))
-    return (trips * interior, trips * (1 - interior))
+    return (trips // ahead * interior, trips % ahead * interior, trips * (1 - interior))
 
 
 def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, stride: int, padding: int,

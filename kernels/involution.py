@@ -319,6 +319,8 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
                     weights = weights + (weight,)
                 loaded = loaded + ((_row_loads(src_col, ok, r, RSTEP, ssh, chunk_step, channel_masks, INDEX_64,
                                                CHANNELS_FULL, CHUNKS), weights),)
+            # At a weight's address, not an output's (which this helper has not): the source rows, the
+            # batch that matters, come from another tensor, so ptxas cannot prove them apart from it.
             first_weight = (w_cols[0] + w_slots[0]).to(tl.pointer_type(tl.int32), bitcast=True)
             after = fence(first_weight, SRC_H).to(ACC_DTYPE)
         for r in tl.static_range(ROWS):
