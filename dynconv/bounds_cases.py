@@ -153,6 +153,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         x, y, experts, routing = tensors()
         if region_fwd:  # DRConv: the first part of the batch, its mixed kernels materialised
             cfg = rc.forward_config(x, experts, p.m, p.groups, *geometry)
+            if fwd_copies:
+                x = ec.channels_last_stand_in(x)
             weight = _empty((rc_part, p.m, p.Cout, p.K, p.K, p.C // p.groups), dt).movedim(-1, 3)
             bias = _empty((rc_part, p.m, p.Cout), dt) if p.bias else None
             return rc.forward_launch(x[:rc_part], weight, bias, regions(cfg["BLOCK_P"], rc_part), y[:rc_part],
@@ -170,7 +172,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         return [(copy_launch(part_t, ec.channels_last_stand_in(part_t)), 2 * part_t.numel() * nb)]
 
     region_dx = guided and rc.backward_input_supported(y0, x0, p.m)
-    fwd_copies = not region_fwd and ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry)
+    fwd_copies = (rc.forward_copies_input(x0) if region_fwd
+                  else ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry))
     dx_copies = not region_dx and ec.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])
 
     def dx():
@@ -234,7 +237,9 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
 
     dw_copies = ecw.weight_grad_copies_inputs(y0, x0, p.m, p.groups, (p.stride, p.stride))
     bank_copies = ec.bank_copies_input(x0, experts0, p.groups, *geometry)
-    copies = {"fwd": (lambda: copied(tensors()[0])) if fwd_copies else None,
+    # The region forward copies the whole x once; its case models the copy of the part it reads.
+    copies = {"fwd": (lambda: copied(tensors()[0][:rc_part] if region_fwd else tensors()[0], region_fwd))
+              if fwd_copies else None,
               "dx": (lambda: copied(tensors()[1])) if dx_copies else None,
               # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
               "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}

@@ -175,6 +175,8 @@ def _region_forward(spec: dict, ts: dict, config: dict | None) -> Launch:
     weight = _cached(ts, "region_kernels", lambda: rc.mixed_kernels(experts, ts["routing"][part], None))
     tables = rc._tables_part(_regions(ts, config["BLOCK_P"]), part)
     bias = ts["bias"][part] if ts["bias"] is not None else None
+    if rc.forward_copies_input(x):  # as the op: an NCHW x read through its channels_last copy
+        x = _cached(ts, "x_channels_last", lambda: x.contiguous(memory_format=torch.channels_last))
     return rc.forward_launch(x[part], weight, bias, tables, y[part], g, *geometry, config)
 
 

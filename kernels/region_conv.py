@@ -30,7 +30,9 @@ import triton.language as tl
 
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
-from .expert_conv import (CIN_INNERMOST, COUT_INNERMOST, WeightSource, _acc_dtype, _input_precision, _region_tile,
+from .layout import channels_last_copy
+from .expert_conv import (CIN_INNERMOST, COUT_INNERMOST, WeightSource, _acc_dtype, _input_precision, _inside_bits,
+                          _region_tile,
                           backward_input_launch, input_grad_config, meta_region_tables, mix_experts, problem_key,
                           region_tables, region_tile_bound)
 
@@ -67,27 +69,40 @@ def region_conv_fwd_kernel(
     c_end = tl.where(valid, CIN_G, 0)
     i = p // Wo
     j = p % Wo
-    x_group = x_ptr + b * sxb + (g * CIN_G) * sxc
+    h_first = i * SH - PH
+    w_first = j * SW - PW
+    # One loop over (tap, channel block), as the expert kernels' ``_conv_tile``: the pipeline's loads
+    # run ahead across the taps, where a channel loop per tap filled and drained it KH·KW times a
+    # tile (D1: two K-steps a tap, each waiting a round trip). A tap's offset is a scalar and whether
+    # a pixel reads inside the image bit u of h_inside and bit v of w_inside.
+    h_inside = tl.where(pix_ok, _inside_bits(h_first, DH, H, KH), 0)
+    w_inside = _inside_bits(w_first, DW, W, KW)
+    x_cols = x_ptr + b * sxb + (g * CIN_G) * sxc + h_first * sxh + w_first * sxw
     w_rows = w_ptr + b * sw_b + r * sw_r + o * sw_o
     cc = tl.arange(0, BLOCK_K)
+    if HAS_BIAS:  # loaded before the loop: after it, its round trip would end the tile's path
+        bias = tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0)
     acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=ACC_DTYPE)
-    for u in tl.static_range(KH):
-        for v in tl.static_range(KW):
-            h = i * SH - PH + u * DH
-            w = j * SW - PW + v * DW
-            col_ok = pix_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            x_cols = x_group + h * sxh + w * sxw
-            w_tap = w_rows + u * sw_u + v * sw_v
-            for c0 in range(0, c_end, BLOCK_K):
-                c = c0 + cc
-                c_ok = c < c_end
-                weight = tl.load(w_tap[:, None] + (c * sw_i)[None, :], mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-                patch = tl.load(x_cols[None, :] + (c * sxc)[:, None], mask=c_ok[:, None] & col_ok[None, :],
-                                other=0.0)
-                # out_dtype named: triton 3.6 asserts it equals acc's (fp64 accumulators).
-                acc = tl.dot(weight, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    tap = 0
+    c0 = 0
+    for _ in range(0, KH * KW * tl.cdiv(c_end, BLOCK_K)):
+        u = tap // KW
+        v = tap - u * KW
+        col_ok = ((h_inside >> u) & (w_inside >> v) & 1) != 0
+        c = c0 + cc
+        c_ok = c < c_end
+        weight = tl.load((w_rows + u * sw_u + v * sw_v)[:, None] + (c * sw_i)[None, :],
+                         mask=o_ok[:, None] & c_ok[None, :], other=0.0)
+        patch = tl.load((x_cols + (u * DH) * sxh + (v * DW) * sxw)[None, :] + (c * sxc)[:, None],
+                        mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+        # out_dtype named: triton 3.6 asserts it equals acc's (fp64 accumulators).
+        acc = tl.dot(weight, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        c0 += BLOCK_K
+        tap_done = c0 >= c_end
+        tap += tap_done.to(tl.int32)
+        c0 = tl.where(tap_done, 0, c0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + b * sbias_b + r * sbias_r + o * sbias_o, mask=o_ok, other=0.0).to(ACC_DTYPE)[:, None]
+        acc += bias.to(ACC_DTYPE)[:, None]
     y_off = b * syb + (o * syc)[:, None] + (i * syh + j * syw)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=o_ok[:, None] & pix_ok[None, :])
 
@@ -100,18 +115,33 @@ def default_forward_config(cout_g: int, cin_g: int, dtype: torch.dtype, channels
     """Output-channel tiles of up to 128 and 64-pixel tiles: at 32 the region kernels' tiles, read
     once per pixel tile, bound 2-byte NHWC on L1 traffic (PREDICTED on triton 3.6, D1 fwd bf16 NHWC:
     32 pixels 51%, 64 pixels 66% at four warps). Eight warps: at four, the 128 x 64 fp32
-    accumulator spills on sm_80 (both layouts) and NCHW on sm_90 with triton 3.6 (bf16 NHWC then
-    64%). NCHW K-steps of 16 channels: its patch is gathered by scalar loads (bf16 16: 39%, 32: 36%)."""
+    accumulator spills on sm_80. Stages: a part of the batch is about one wave of tiles, so a
+    tile's path is the kernel's time and every K-step's load must be in flight a few steps ahead
+    (PREDICTED, D1 fwd bf16 NHWC, 3 stages 19%, 4 stages 34%; fp32, 32-channel steps: 2 stages 7%,
+    4 15%, 6 20%).
+
+    ``channels_last``: the layer's layout, which is the output's (the input is read channels_last
+    either way: ``forward_copies_input``). An NCHW output is stored an element at a time, with an
+    address each: 2-byte tiles of 64 output channels at four warps keep three programs an SM
+    (PREDICTED, D1 fwd bf16 NCHW: 128 channels 12%, 64 25%)."""
     block_k = min({2: 64, 4: 32}.get(dtype.itemsize, 16), 1 << (cin_g.bit_length() - 1))
-    if not channels_last:
-        block_k = min(block_k, 16)
     block_o = max(16, min(128, next_power_of_2(cout_g)))
-    # Narrower tiles at four warps: a 32 x 64 2-byte NCHW tile at eight spills on sm_80 (triton 3.6).
+    if not channels_last and dtype.itemsize == 2:
+        block_o = min(block_o, 64)
     return {"BLOCK_O": block_o, "BLOCK_P": 64, "BLOCK_K": block_k,
-            "num_warps": 8 if block_o >= 64 else 4, "num_stages": 3 if dtype.itemsize == 2 else 2}
+            "num_warps": 8 if block_o >= 128 or (block_o == 64 and channels_last) else 4,
+            "num_stages": {2: 4, 4: 6}.get(dtype.itemsize, 2)}
+
+
+def forward_copies_input(x: torch.Tensor) -> bool:
+    """Whether the region forward reads a channels_last copy of ``x``: an NCHW patch is gathered one
+    2- or 4-byte channel at a time, a channels_last one streams (PREDICTED, triton 3.6, D1 fwd NCHW
+    with the copy counted: bf16 2.2% -> 25%, fp32 3.5% -> 16%)."""
+    return not is_channels_last(x)
 
 
 def forward_config(x, experts, m, groups, stride, padding, dilation) -> dict:
+    """The config for the layer of input ``x`` (keyed by its layout, the output's)."""
     cout_g = experts.shape[1] // groups
     return get_config("region_conv_fwd", problem_key(x, experts, m, groups, stride),
                       default_forward_config(cout_g, experts.shape[2], x.dtype, is_channels_last(x)))
@@ -167,17 +197,20 @@ def forward_launch(x, weight, bias_mixed, regions, y, groups, stride, padding, d
     # Every program counted with the full K loop: tiles past a sample's last one are the bound's slack.
     return Launch(region_conv_fwd_kernel, (B * tiles, groups * o_tiles, 1), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 2),
-                  loops=(cdiv(Cin // groups, meta["BLOCK_K"]),) * (kh * kw))
+                  loops=(kh * kw * cdiv(Cin // groups, meta["BLOCK_K"]),))
 
 
 def region_forward(x, experts, routing, spatial, bias_mixed, guide, y, groups, stride, padding, dilation,
                    config: dict | None = None) -> None:
     """y of a DRConv layer: ``routing`` (B, m, E), ``bias_mixed`` (B, m, Cout) or None, ``guide`` (B, m, Ho, Wo).
 
-    Per part of the batch: its mixed kernels (``mixed_kernels``), then one launch over its region tiles.
+    Per part of the batch: its mixed kernels (``mixed_kernels``), then one launch over its region tiles
+    (of x's channels_last copy where x is NCHW).
     """
     B, m = routing.shape[:2]
     config = config or forward_config(x, experts, m, groups, stride, padding, dilation)
+    if forward_copies_input(x):
+        x = channels_last_copy(x)
     tables = region_tables(guide, config["BLOCK_P"])
     part = batch_part(B, m, experts[0].numel(), x.element_size())
     for b0 in range(0, B, part):
@@ -242,6 +275,8 @@ def catalogue() -> list[Launch]:
                 weight = torch.empty((part, m, Cout, k, k, Cin // groups), **meta).movedim(-1, 3)
                 cfg = forward_config(x, experts, m, groups, *geometry)
                 tables = meta_region_tables(part, Ho * Wo, m, cfg["BLOCK_P"])
+                # The kernel reads x channels_last (an NCHW input's copy), writes y in the layer's layout.
+                x = x.contiguous(memory_format=torch.channels_last)
                 launch = forward_launch(x[:part], weight, torch.empty((part, m, Cout), **meta), tables, y[:part],
                                         groups, *geometry, cfg)
                 launch.label = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
@@ -249,5 +284,5 @@ def catalogue() -> list[Launch]:
     return launches
 
 
-__all__ = ["region_forward", "forward_launch", "forward_config", "supported", "catalogue", "mixed_kernels",
+__all__ = ["region_forward", "forward_launch", "forward_config", "forward_copies_input", "supported", "catalogue", "mixed_kernels",
            "batch_part", "WORKSPACE_BYTES"]

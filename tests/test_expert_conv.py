@@ -258,6 +258,36 @@ def test_guide_scores_expert_bank_reads_a_channels_last_copy(monkeypatch, device
     assert_close(scores, (y_all * dy.float().double()[:, None]).sum(2), torch.float32, "guide scores")
 
 
+def test_drconv_region_forward_reads_nchw_input_through_a_channels_last_copy(monkeypatch, device):
+    """NCHW DRConv: the region forward streams x's channels_last copy (taps past the image edges at
+    stride 2, 3 K-steps a tap, a partial last one) and writes y NCHW; against float64, y NaN-poisoned."""
+    from dynconv.kernels import region_conv
+
+    case = Case(B=2, Cin=40, Cout=24, H=7, W=6, E=2, m=3, guide=True, stride=2)
+    inputs = case.inputs()
+    f32 = {k: v.float().to(device) if v is not None else None for k, v in inputs.items()}
+    read = []
+    launch = region_conv.forward_launch
+
+    def spy(x, *args, **kwargs):
+        read.append(_launch.is_channels_last(x))
+        return launch(x, *args, **kwargs)
+
+    monkeypatch.setattr(region_conv, "forward_launch", spy)
+    monkeypatch.setattr(region_conv, "default_forward_config",
+                        lambda *a: {"BLOCK_O": 16, "BLOCK_P": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2})
+    assert region_conv.forward_copies_input(f32["x"])
+    Ho, Wo = case.out_hw
+    y = torch.full((case.B, case.Cout, Ho, Wo), float("nan"), device=device)
+    mixed_bias = torch.einsum("bme,eo->bmo", f32["routing"], f32["bias"])
+    region_conv.region_forward(f32["x"], f32["experts"], f32["routing"], None, mixed_bias, f32["guide"], y, 1,
+                               (2, 2), (1, 1), (1, 1))
+    assert read and all(read)
+    expected = _reference(inputs["x"], inputs["experts"], inputs["routing"], inputs["bias"], guide=inputs["guide"],
+                          **case.geometry())
+    assert_close(y, expected, torch.float32, "y")
+
+
 def test_drconv_ties_and_an_empty_region(device):
     """A guide whose logits tie (argmax takes the first) and leave region 1 without a pixel; the
     expert bank (E <= m) forms its gradient."""
