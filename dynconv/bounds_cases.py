@@ -174,12 +174,14 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     region_dx = guided and rc.backward_input_supported(y0, x0, p.m)
     fwd_copies = (rc.forward_copies_input(x0) if region_fwd
                   else ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry))
-    dx_copies = not region_dx and ec.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])
+    dx_copies = (not cl) if region_dx else ec.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])
 
     def dx():
         x, y, experts, routing = tensors()
         cfg = ec.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
         if region_dx:  # DRConv: the first part of the batch, reading its materialised region kernels
+            if dx_copies:  # and dy's channels_last copy
+                y = ec.channels_last_stand_in(y)
             weight = _empty((rc_part, p.m, p.C // p.groups, p.K, p.K, p.Cout), dt).movedim(-1, 2)  # Cout innermost
             return ec.backward_input_launch(y[:rc_part], rc.materialised_source(weight), None,
                                             _empty((rc_part, N), torch.int32), x[:rc_part], (p.K, p.K), p.groups,
@@ -240,7 +242,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     # The region forward copies the whole x once; its case models the copy of the part it reads.
     copies = {"fwd": (lambda: copied(tensors()[0][:rc_part] if region_fwd else tensors()[0], region_fwd))
               if fwd_copies else None,
-              "dx": (lambda: copied(tensors()[1])) if dx_copies else None,
+              "dx": (lambda: copied(tensors()[1][:rc_part] if region_dx else tensors()[1], region_dx))
+              if dx_copies else None,
               # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
               "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}
     if bank and bank_copies:  # the expert-bank guide scores read x's copy (the whole batch: one launch)

@@ -36,10 +36,10 @@ an empty loop.
 Backward:
 
 * input gradient, gather form (each ``dx`` element written once, no atomics). With regions the
-  weight depends on the *output* pixel a tap reads, so a K-step multiplies once per region
-  present in a tap's pixels and skips absent ones: coherent regions cost about one conv, scattered
-  ones up to m. A program's pixels share one stride phase, so a strided conv's taps that none of
-  them reads cost no MMA work.
+  weight depends on the *output* pixel a tap reads, so a tap's K-steps run once per region, the
+  other regions' rows masked off (m times a conv's MMA, in one pipelined loop; the flattened
+  fallback below 16 channels skips the regions a K-step's pixels lack). A program's pixels share
+  one stride phase, so a strided conv's taps that none of them reads cost no MMA work.
 * kernel gradient ``dW[b,r] = Σ_{p in region r} dy[b,:,p] ⊗ patch[b,p,:]`` per (sample, region):
   ``kernels/expert_conv_weight_grad.py``, which shares this module's region tables and keys.
 * guide scores ``∂S[b,r,p] = Σ_o dy[b,o,p]·y_r[b,o,p]`` for the straight-through estimator:
@@ -389,19 +389,28 @@ def _live_taps(q, phase, PAD, DIL, STRIDE, OUT, K: tl.constexpr):
 
 
 @triton.jit
-def _live_taps_tile(dy_group, w_ptr, coef_ptr, spatial_ptr, b, g, cn, c_ok, qi, qj, pix_ok, ph, pw,
-                    Ho, Wo, COUT_G, NUM_MIX, sdyc, sdyh, sdyw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
+def _live_taps_tile(dy_group, w_ptr, coef_ptr, spatial_ptr, region_rows, b, g, cn, c_ok, qi, qj, pix_ok, ph, pw,
+                    Ho, Wo, COUT_G, NUM_MIX, NUM_REGIONS, sdyc, sdyh, sdyw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
                     sc_b, sc_r, sc_e, ssb, ssu, ssv, SH, SW, PH, PW, DH, DW,
                     KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, INDEX_64: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr):
-    """acc[p, n] = Σ_{u, v, o} dy[b, o, i_p(u), j_p(v)] · W[b, o, c_n, u, v] over the taps that reach
-    the stride phase (ph, pw), whose pixels are (ph + qi·SH, pw + qj·SW).
+                    BLOCK_K: tl.constexpr, MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_GUIDE: tl.constexpr,
+                    REGION_BITS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr):
+    """acc[p, n] = Σ_{u, v, o} dy[b, o, i_p(u), j_p(v)] · W[b, r(i_p(u), j_p(v)), o, c_n, u, v] over the
+    taps that reach the stride phase (ph, pw), whose pixels are (ph + qi·SH, pw + qj·SW).
 
-    One loop over (live tap, output-channel block), as the forward's: the pipeline runs ahead
-    across the taps. A live tap row u reads output row qi + (ph + PH - u·DH) / SH (exact), so its
-    offset is a scalar, and whether a pixel's row is inside is bit u of i_inside. The live rows are
-    evenly spaced (the solutions of u·DH = ph + PH mod SH): u0, u1, 2·u1 - u0, ...; the columns alike.
+    One loop over (live tap, region, output-channel block), as the forward's: the pipeline runs
+    ahead across the taps. A live tap row u reads output row qi + (ph + PH - u·DH) / SH (exact), so
+    its offset is a scalar, and whether a pixel's row is inside is bit u of i_inside. The live rows
+    are evenly spaced (the solutions of u·DH = ph + PH mod SH): u0, u1, 2·u1 - u0, ...; the columns
+    alike. HAS_GUIDE: the kernel depends on the region of the output pixel a tap reads
+    (``region_rows``, the (qi, qj) rows of the region map), so a tap's rows are multiplied once per
+    region with the other regions' rows masked off; every region is visited (NUM_REGIONS steps a
+    tap), which keeps the loop one pipelined run whatever the map. REGION_BITS > 0: each row's
+    regions of all the taps are gathered before the loop into one 64-bit word, REGION_BITS a tap
+    (a region read in the loop would feed the dy tile's mask, and triton's pipeliner leaves such
+    loads unpipelined: every K-step waited a round trip); 0: read in the loop (too many taps or
+    regions for 64 bits).
     """
     u0, u1, n_u, i_inside = _live_taps(qi, ph, PH, DH, SH, Ho, KH)
     v0, v1, n_v, j_inside = _live_taps(qj, pw, PW, DW, SW, Wo, KW)
@@ -412,24 +421,48 @@ def _live_taps_tile(dy_group, w_ptr, coef_ptr, spatial_ptr, b, g, cn, c_ok, qi, 
     if INDEX_64:
         oc = oc.to(tl.int64)
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
+    if HAS_GUIDE and REGION_BITS > 0:
+        tap_regions = tl.zeros((BLOCK_P,), dtype=tl.int64)
+        for tu in tl.static_range(KH):
+            for tv in tl.static_range(KW):
+                rise = ph + PH - tu * DH
+                run = pw + PW - tv * DW
+                # tl.where, not &: the interpreter makes a scalar bool & a bool tensor an integer mask.
+                live = tl.where((rise % SH == 0) & (run % SW == 0), ((i_inside >> tu) & (j_inside >> tv) & 1) != 0,
+                                False)
+                read = tl.load(region_rows + widen(rise // SH, INDEX_64) * Wo + run // SW, mask=live, other=0)
+                tap_regions |= read.to(tl.int64) << (REGION_BITS * (tu * KW + tv))
     u = u0
     v = v0
     o0 = 0
-    for _ in range(0, n_u * n_v * tl.cdiv(COUT_G, BLOCK_K)):
+    rgn = 0
+    for _ in range(0, n_u * n_v * NUM_REGIONS * tl.cdiv(COUT_G, BLOCK_K)):
         oo = o0 + oc
         o_ok = oo < COUT_G
         row_ok = ((i_inside >> u) & (j_inside >> v) & 1) != 0
-        dy_tap = widen((ph + PH - u * DH) // SH, INDEX_64) * sdyh + widen((pw + PW - v * DW) // SW, INDEX_64) * sdyw
+        di = (ph + PH - u * DH) // SH
+        dj = (pw + PW - v * DW) // SW
+        dy_tap = widen(di, INDEX_64) * sdyh + widen(dj, INDEX_64) * sdyw
         w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v
         sp_tap = widen(u, INDEX_64) * ssu + widen(v, INDEX_64) * ssv
+        if HAS_GUIDE and REGION_BITS > 0:
+            region = (tap_regions >> (REGION_BITS * (u * KW + v))) & ((1 << REGION_BITS) - 1)
+            row_ok = row_ok & (region == rgn)
+        elif HAS_GUIDE:
+            region = tl.load(region_rows + widen(di, INDEX_64) * Wo + dj, mask=row_ok, other=-1)
+            row_ok = region == rgn
         grad = _rows_tile(dy_rows + dy_tap, oo * sdyc, row_ok, o_ok, CHANNEL_ROWS)
-        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0, ((g * COUT_G + oo) * sw_o + w_tap)[:, None] + w_cols,
-                              sp_tap, None, o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
-                              sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
+        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64),
+                              ((g * COUT_G + oo) * sw_o + w_tap)[:, None] + w_cols, sp_tap, None,
+                              o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX,
+                              HAS_SPATIAL, ACC_DTYPE, INDEX_64)
         acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         o0 += BLOCK_K
-        tap_done = o0 >= COUT_G
-        o0 = tl.where(tap_done, 0, o0)
+        region_done = o0 >= COUT_G
+        o0 = tl.where(region_done, 0, o0)
+        rgn = tl.where(region_done, rgn + 1, rgn)
+        tap_done = rgn >= NUM_REGIONS
+        rgn = tl.where(tap_done, 0, rgn)
         v = tl.where(tap_done, v + (v1 - v0), v)
         row_done = tap_done & ((v >= KW) | (v1 < 0))
         v = tl.where(row_done, v0, v)
@@ -450,8 +483,8 @@ def expert_conv_bwd_input_kernel(
     KH: tl.constexpr, KW: tl.constexpr, TAP_LOOP: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MIX: tl.constexpr, HAS_SPATIAL: tl.constexpr, HAS_GUIDE: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CHANNEL_ROWS: tl.constexpr,
-    CHANNEL_ROWS_OUT: tl.constexpr,
+    REGION_BITS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CHANNEL_ROWS: tl.constexpr, CHANNEL_ROWS_OUT: tl.constexpr,
 ):
     """dx[b, c, h, w] = Σ_{o, u, v} W[b, r(i,j), o, c, u, v] · dy[b, o, i, j], (i, j) the output pixel
     that reads (h, w) through tap (u, v).
@@ -486,55 +519,13 @@ def expert_conv_bwd_input_kernel(
     w = pw + (q % Wp) * SW
     dy_group = dy_ptr + b * sdyb + (g * COUT_G) * sdyc
     acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=ACC_DTYPE)
-    if TAP_LOOP and not HAS_GUIDE:
-        acc = _live_taps_tile(dy_group, w_ptr, coef_ptr, spatial_ptr, b, g, cn, c_ok, q // Wp, q % Wp, pix_ok, ph, pw,
-                              Ho, Wo, COUT_G, NUM_MIX, sdyc, sdyh, sdyw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
-                              sc_b, sc_r, sc_e, ssb, ssu, ssv, SH, SW, PH, PW, DH, DW, KH, KW,
-                              BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, INDEX_64, ACC_DTYPE, INPUT_PRECISION,
-                              CHANNEL_ROWS)
-    elif TAP_LOOP:  # regions: a loop per tap and region
-        oc = tl.arange(0, BLOCK_K)
-        if INDEX_64:
-            oc = oc.to(tl.int64)
-        for u in tl.static_range(KH):
-            for v in tl.static_range(KW):
-                # Whether this phase's pixels are read through (u, v) at all: one test per tap.
-                rise = ph + PH - u * DH
-                run = pw + PW - v * DW
-                o_end = tl.where((rise % SH == 0) & (run % SW == 0), COUT_G, 0)
-                i = (h + PH - u * DH) // SH
-                j = (w + PW - v * DW) // SW
-                row_ok = pix_ok & (h + PH - u * DH >= 0) & (i < Ho) & (w + PW - v * DW >= 0) & (j < Wo)
-                dy_rows = dy_group + i * sdyh + j * sdyw
-                w_tap = widen(u, INDEX_64) * sw_u + widen(v, INDEX_64) * sw_v + (cn * sw_i)[None, :]
-                sp_off = widen(u, INDEX_64) * ssu + widen(v, INDEX_64) * ssv
-                if HAS_GUIDE:
-                    region = tl.load(region_ptr + b * Ho * Wo + i * Wo + j, mask=row_ok, other=-1)
-                    for rgn in range(NUM_REGIONS):
-                        selected = row_ok & (region == rgn)
-                        # Coherent regions: a tap's pixels hold one or two of them; skip the others.
-                        rgn_end = tl.where(tl.max(selected.to(tl.int32), axis=0) > 0, o_end, 0)
-                        for o0 in range(0, rgn_end, BLOCK_K):
-                            oo = o0 + oc
-                            o_ok = oo < o_end
-                            grad = _rows_tile(dy_rows, oo * sdyc, selected, o_ok, CHANNEL_ROWS)
-                            weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64),
-                                                  ((g * COUT_G + oo) * sw_o)[:, None] + w_tap, sp_off, None,
-                                                  o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b,
-                                                  sc_r, sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
-                            acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION,
-                                         out_dtype=ACC_DTYPE)
-                else:
-                    for o0 in range(0, o_end, BLOCK_K):
-                        oo = o0 + oc
-                        o_ok = oo < o_end
-                        grad = _rows_tile(dy_rows, oo * sdyc, row_ok, o_ok, CHANNEL_ROWS)
-                        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, 0,
-                                              ((g * COUT_G + oo) * sw_o)[:, None] + w_tap, sp_off, None,
-                                              o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r,
-                                              sc_e, ssb, MIX, HAS_SPATIAL, ACC_DTYPE, INDEX_64)
-                        acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION,
-                                     out_dtype=ACC_DTYPE)
+    if TAP_LOOP:
+        region_rows = region_ptr + b * Ho * Wo + (q // Wp) * Wo + q % Wp if HAS_GUIDE else region_ptr
+        acc = _live_taps_tile(dy_group, w_ptr, coef_ptr, spatial_ptr, region_rows, b, g, cn, c_ok, q // Wp, q % Wp,
+                              pix_ok, ph, pw, Ho, Wo, COUT_G, NUM_MIX, NUM_REGIONS if HAS_GUIDE else 1, sdyc, sdyh,
+                              sdyw, sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v, sc_b, sc_r, sc_e, ssb, ssu, ssv,
+                              SH, SW, PH, PW, DH, DW, KH, KW, BLOCK_P, BLOCK_N, BLOCK_K, MIX, HAS_SPATIAL, HAS_GUIDE,
+                              REGION_BITS, INDEX_64, ACC_DTYPE, INPUT_PRECISION, CHANNEL_ROWS)
     else:
         K_TOTAL = COUT_G * KH * KW
         for k0 in range(0, K_TOTAL, BLOCK_K):
@@ -862,8 +853,17 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
                               regions: bool = False, channels_last: bool = True, plain: bool = False,
                               index_64: bool = False) -> dict:
     # As the forward's (the reduction runs over output channels here); one stage for 4-byte 64-row
-    # operands. Regions hold their loop's tiles in registers as mixing does: the same small tiles,
-    # and one stage (two spill 2-byte NHWC on sm_80).
+    # operands.
+    if regions and not mixing:
+        # DRConv's materialised region kernels (region_conv.region_backward_input, dy channels_last):
+        # a tap's K-steps run once per region (m times a plain conv's MMA), so the loop is long and a
+        # part of the batch about one wave: four stages keep its loads ahead (PREDICTED, triton 3.6,
+        # D1 dx bf16 NHWC: 64 x 64 x 32 at one stage 0.9%, 64 x 128 x 64 at four 7.9%; m-fold MMA caps
+        # it at 11.8%).
+        return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 128), "BLOCK_K": _channel_block(cout_g, dtype),
+                "num_warps": 8, "num_stages": 4}
+    # Regions mixed on the fly (64-bit offsets) hold their loop's tiles in registers as mixing does:
+    # the same small tiles, and one stage (two spill 2-byte NHWC on sm_80).
     if regions:  # NCHW: columns up to 32 (64 spill an INDEX_64 variant on sm_80 with triton 3.9)
         config = {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64 if channels_last else 32),
                   "BLOCK_K": _channel_block(cout_g, dtype, True), "num_warps": _num_warps(dtype, 64, True),
@@ -1136,10 +1136,18 @@ def _input_grad_problem(dx, experts, m, groups, stride) -> dict:
     """:func:`default_input_grad_config`'s arguments for an input gradient into ``dx``."""
     # The output size up to padding: enough to tell whether the op materialises.
     pixels = cdiv(dx.shape[2], stride[0]) * cdiv(dx.shape[3], stride[1])
+    index_64 = _past_int32(dx, experts.shape[1], pixels)
     return dict(cin_g=dx.shape[1] // groups, dtype=dx.dtype, cout_g=experts.shape[1] // groups,
-                mixing=materialise_part(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels) == 0,
+                mixing=input_grad_mixes(experts[0].numel() // experts.shape[1], dx.shape[0], m, pixels, index_64),
                 regions=m > 1, channels_last=is_channels_last(dx), plain=is_plain_conv(m, stride),
-                index_64=_past_int32(dx, experts.shape[1], pixels))
+                index_64=index_64)
+
+
+def input_grad_mixes(filter_size: int, B: int, m: int, pixels: int, index_64: bool) -> bool:
+    """Whether the input gradient mixes the experts on the fly: where the op does not materialise;
+    with regions, only past 32-bit offsets (below, ``region_conv.region_backward_input`` reads the
+    region kernels materialised)."""
+    return (m == 1 or index_64) and materialise_part(filter_size, B, m, pixels) == 0
 
 
 def input_grad_config(dx, experts, m, groups, stride) -> dict:
@@ -1207,7 +1215,7 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
     index_64 = needs_int64(dy, dx, source.weight, source.coef, spatial, region)
     meta.update(_tap_meta(Cout // groups, kernel_hw, meta["BLOCK_K"], dy, index_64), **_out_meta(dx))
     meta.update(MIX=source.mix, NUM_MIX=source.num_mix, HAS_SPATIAL=spatial is not None, HAS_GUIDE=region is not None,
-                INDEX_64=index_64,
+                REGION_BITS=region_bits(kernel_hw, num_regions) if region is not None else 0, INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(dy.dtype),
                 INPUT_PRECISION=_input_precision(dy.dtype))
     _check_grid(groups * n_tiles)
@@ -1216,16 +1224,21 @@ def _backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel
                   loops=_input_grad_loops(Cout // groups, meta, num_regions if region is not None else 0, phases))
 
 
+def region_bits(kernel_hw, num_regions: int) -> int:
+    """Bits a tap's region takes when the input gradient packs every tap's region of a row into one
+    64-bit word before its loop; 0 where they do not fit (the loop then reads them)."""
+    bits = max(1, (num_regions - 1).bit_length())
+    return bits if bits * kernel_hw[0] * kernel_hw[1] <= 64 else 0
+
+
 def _input_grad_loops(cout_g: int, meta: dict, num_regions: int, phases: int) -> tuple:
     """The input-gradient kernel's loops (the experts of on-the-fly mixing are unrolled inside a
     step). A tap reaches the pixels of one stride phase in ``phases``, so averaged over the programs
     its channel blocks run 1/phases of their steps. With regions, every region's loop is counted on
     every tap (present or not): an upper bound."""
     taps = meta["KH"] * meta["KW"]
-    if meta["TAP_LOOP"] and not num_regions:  # one loop over the live taps' channel blocks
-        return (cdiv(cout_g, meta["BLOCK_K"]) * taps / phases,)
-    if meta["TAP_LOOP"]:
-        return ((num_regions, (cdiv(cout_g, meta["BLOCK_K"]) / phases,)),) * taps
+    if meta["TAP_LOOP"]:  # one loop over the live taps' (regions' and) channel blocks
+        return (cdiv(cout_g, meta["BLOCK_K"]) * taps * max(1, num_regions) / phases,)
     # Flattened: every K-step runs (the phase's dead taps are masked lanes).
     k_steps = cdiv(cout_g * taps, meta["BLOCK_K"])
     return ((k_steps, (num_regions,)) if num_regions else k_steps,)

@@ -147,10 +147,11 @@ def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     kernel_hw = (spec["kh"], spec["kw"])
     if regions is not None and rc.backward_input_supported(dy, dx, m):
         # As the op (region_conv.region_backward_input): the first part of the batch whose region
-        # kernels fit the workspace, materialised Cout innermost.
+        # kernels fit the workspace, materialised Cout innermost, dy channels_last.
         part = slice(0, rc.batch_part(dx.shape[0], m, experts[0].numel(), dx.element_size()))
         weight = _cached(ts, "region_kernels_dx",
                          lambda: rc.mixed_kernels(experts, ts["routing"][part], None, ec.COUT_INNERMOST))
+        dy = _cached(ts, "dy_channels_last", lambda: dy.contiguous(memory_format=torch.channels_last))
         return ec.backward_input_launch(dy[part], rc.materialised_source(weight), None, regions.region[part], dx[part],
                                         kernel_hw, g, *geometry, m, config)
     return ec.backward_input_launch(dy, _source(ts, ec.COUT_INNERMOST), None, regions.region if regions else None, dx,
@@ -206,7 +207,7 @@ def _default_for(kernel: str, key: dict) -> dict:
                                          mixing=mixing, channels_last=bool(key["channels_last"]), plain=plain)
     if kernel == "expert_conv_bwd_input":
         pixels = -(-key["H"] // key["stride_h"]) * -(-key["W"] // key["stride_w"])
-        mixing = ec.materialise_part(filter_size, key["B"], key["m"], pixels) == 0
+        mixing = ec.input_grad_mixes(filter_size, key["B"], key["m"], pixels, False)
         return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1,
                                             bool(key["channels_last"]), plain)
     flat = ecw.flat_capable(key["m"], (key["stride_h"], key["stride_w"]), bool(key["channels_last"]))

@@ -17,7 +17,8 @@ default, 32 where tuned). A sample's tiles are ``Σ_r ceil(count_r / BLOCK_P)``,
 full loop), and a region's last, partial tile wastes under BLOCK_P columns.
 
 The input gradient (``region_backward_input``) reads the same materialised kernels through the
-expert kernels' input-gradient kernel, which still multiplies once per region a tap's pixels hold.
+expert kernels' input-gradient kernel, which multiplies a tap's pixels once per region (the rows of
+the other regions masked off): m times a plain conv's MMA, in one pipelined loop.
 
 Kernels here know nothing of autograd: ``ops/expert_conv.py`` calls ``region_forward`` and
 ``region_backward_input``.
@@ -229,9 +230,11 @@ def region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stri
     """dx of a DRConv layer by the expert kernels' input-gradient kernel (its loop over the regions a
     tap's pixels hold), reading the materialised region kernels of a part of the batch at a time
     instead of mixing E expert tiles per K-step (D1 dx bf16 NHWC PREDICTED 1.8% -> 7.7% on triton 3.6:
-    the m-region loop, not the mixing, is what is left)."""
+    the m-region loop, not the mixing, is what is left), and an NCHW dy through a channels_last copy."""
     B, m = routing.shape[:2]
     config = config or input_grad_config(dx, experts, m, groups, stride)
+    if not is_channels_last(dy):  # the kernel streams channel-contiguous dy tiles
+        dy = channels_last_copy(dy)
     region = guide.argmax(dim=1).reshape(B, -1).to(torch.int32).contiguous()
     part = batch_part(B, m, experts[0].numel(), dx.element_size())
     for b0 in range(0, B, part):
@@ -254,7 +257,8 @@ def _tables_part(tables, samples: slice):
 
 
 def catalogue() -> list[Launch]:
-    """The region forward's default launches at representative shapes, on meta tensors (AOT checks)."""
+    """The region forward's and input gradient's default launches at representative shapes, on meta
+    tensors (AOT checks)."""
     launches = []
     shapes = [  # (B, Cin, Cout, H, W, k, groups, E, m, stride, label)
         (32, 128, 128, 28, 28, 3, 1, 8, 8, 1, "DRConv D1"),
@@ -279,7 +283,19 @@ def catalogue() -> list[Launch]:
                 x = x.contiguous(memory_format=torch.channels_last)
                 launch = forward_launch(x[:part], weight, torch.empty((part, m, Cout), **meta), tables, y[:part],
                                         groups, *geometry, cfg)
-                launch.label = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
+                tag = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
+                launch.label = tag
+                launches.append(launch)
+                # The input gradient as region_backward_input runs it: dy channels_last (an NCHW one's
+                # copy), the region kernels Cout innermost, dx in the layer's layout.
+                dx = torch.empty((B, Cin, H, W), **meta).to(memory_format=fmt)[:part]
+                dx_weight = torch.empty((part, m, Cin // groups, k, k, Cout), **meta).movedim(-1, 2)
+                launch = backward_input_launch(y.contiguous(memory_format=torch.channels_last)[:part],
+                                               materialised_source(dx_weight), None,
+                                               torch.empty((part, Ho * Wo), dtype=torch.int32, device="meta"), dx,
+                                               (k, k), groups, *geometry, m,
+                                               input_grad_config(dx, experts, m, groups, geometry[0]))
+                launch.label = tag + " input gradient"
                 launches.append(launch)
     return launches
 

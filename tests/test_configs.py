@@ -567,7 +567,7 @@ def test_region_conv_forward_has_a_tuning_space_and_uses_its_rows(gpu):
 def test_drconv_input_gradient_is_timed_on_the_op_s_region_kernels():
     """The sweep times DRConv's input gradient as the op runs it (region_conv.region_backward_input):
     materialised region kernels of the first part of the batch, Cout innermost, not the experts
-    mixed on the fly over the whole batch."""
+    mixed on the fly over the whole batch; dy channels_last (an NCHW layer's copy)."""
     from dynconv.autotune import build_grid
     from dynconv.kernels import region_conv
 
@@ -581,6 +581,7 @@ def test_drconv_input_gradient_is_timed_on_the_op_s_region_kernels():
         part = region_conv.batch_part(case.spec["B"], case.spec["m"], ts["experts"][0].numel(), 2)
         assert not launch.meta["MIX"] and launch.meta["HAS_GUIDE"]
         assert launch.args["dx_ptr"].shape[0] == part and launch.args["sw_o"] == 1
+        assert launch.args["dy_ptr"].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_expert_conv_keys_on_both_stride_components():

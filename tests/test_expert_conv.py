@@ -288,6 +288,17 @@ def test_drconv_region_forward_reads_nchw_input_through_a_channels_last_copy(mon
     assert_close(y, expected, torch.float32, "y")
 
 
+@pytest.mark.parametrize("kh, m, bits", [(3, 5, 3), (5, 8, 0)])
+def test_drconv_input_gradient_packs_each_row_s_tap_regions(kh, m, bits, device):
+    """The region input gradient's one loop over (tap, region, channel block): each row's regions of
+    all the taps packed into one word before the loop (3 bits a tap for 5 regions), or read in the
+    loop where 25 taps of 3 bits do not fit 64; stride 2 with odd sizes (live taps per phase), all
+    gradients against float64."""
+    assert kernels.region_bits((kh, kh), m) == bits
+    case = Case(B=1, Cin=16, Cout=16, H=7, W=6, kh=kh, kw=kh, padding=kh // 2, E=2, m=m, guide=True, stride=2)
+    _check(case, torch.float32, device, torch.channels_last)
+
+
 def test_drconv_ties_and_an_empty_region(device):
     """A guide whose logits tie (argmax takes the first) and leave region 1 without a pixel; the
     expert bank (E <= m) forms its gradient."""
