@@ -212,7 +212,7 @@ def _default_for(kernel: str, key: dict) -> dict:
                                             bool(key["channels_last"]), plain)
     flat = ecw.flat_capable(key["m"], (key["stride_h"], key["stride_w"]), bool(key["channels_last"]))
     return ecw.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype,
-                                         key["Cin"] // g, bool(key["channels_last"]), flat)
+                                         key["Cin"] // g, bool(key["channels_last"]), flat, key["m"] > 1)
 
 
 def _default(kernel: str):

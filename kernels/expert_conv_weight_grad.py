@@ -25,6 +25,7 @@ from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, Regio
                           _per_kernel, _regions_key, catalogue_problems, channels_last_stand_in,
                           input_grad_copies_output_grad, meta_region_tables, problem_key, region_tables)
 from .layout import channels_last_copy
+from . import region_conv
 
 # Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).
 WEIGHT_GRAD_MIN_PROGRAMS = 264
@@ -196,10 +197,19 @@ def expert_conv_bwd_weight_kernel(
 # --------------------------------------------------------------------------------------------
 
 def default_weight_grad_config(cout_g: int, k_total: int, dtype: torch.dtype, cin_g: int = 0,
-                               channels_last: bool = False, flat: bool = False) -> dict:
+                               channels_last: bool = False, flat: bool = False, regions: bool = False) -> dict:
     """``flat``: NCHW at stride 1 with one region, where the kernel's FLAT pixel steps apply when the
     output is as large as the input (the usual padding; the key does not tell, else the gathered
     steps run these tiles)."""
+    if regions and channels_last and dtype.itemsize in (2, 4) and cin_g >= 64 and cout_g >= 64:
+        # DRConv: a (sample, region, tap) program sums a region's ~Ho·Wo/m pixels, a couple of steps
+        # reached through the region's pixel list, so the kernel runs many short programs, each a
+        # chain of round trips (counts, pixel ids, then the operands): 128-byte pixel steps in
+        # triton's pipeline, five deep, fit two programs an SM where 64-pixel steps (or fp32's
+        # register double buffer) fit one (PREDICTED, triton 3.6, D1 dw NHWC: bf16 10% -> 23%,
+        # fp32 8.8% -> 18%).
+        return {"BLOCK_O": _pow2_between(cout_g, 16, 128), "BLOCK_N": min(128, 1 << (cin_g.bit_length() - 1)),
+                "BLOCK_K": 64 // dtype.itemsize, "num_warps": 8, "num_stages": 5}
     # Eight warps whatever the dtype: at four, a 4-byte 64 x 64 tile needs about 170 registers a
     # thread, and ptxas 12.8 (triton 3.6) spills a few to fit three blocks per SM on sm_80.
     # Columns: one tap's channels (a power of two within them, so the kernel loops per tap).
@@ -230,20 +240,22 @@ def weight_grad_config(x, experts, m, groups, stride) -> dict:
     _, Cout, cin_g, kh, kw = experts.shape
     return get_config("expert_conv_bwd_weight", problem_key(x, experts, m, groups, stride),
                       default_weight_grad_config(Cout // groups, cin_g * kh * kw, x.dtype, cin_g,
-                                                 is_channels_last(x), flat_capable(m, stride, is_channels_last(x))))
+                                                 is_channels_last(x), flat_capable(m, stride, is_channels_last(x)),
+                                                 m > 1))
 
 
 def weight_grad_copies_inputs(dy, x, m: int, groups: int, stride) -> bool:
     """Whether a kernel gradient on NCHW ``dy`` and ``x`` reads channels_last copies of them
-    (``kernels/layout.py``): one region, 64 or more channels a group on both sides, 2- or 4-byte
-    operands, 32-bit offsets, the tiles whose channels_last pipeline the NCHW steps do not match
-    (PREDICTED on triton 3.6, sm_90, the copy of x counted: C256 dw bf16 NCHW 33% -> 86%). Not fp32
-    FLAT steps: pixel-contiguous operands are what tf32 reads (K-major), and 4-byte elements stream
-    through cp.async at any shift (C256 dw fp32 NCHW 100% at four stages, no copy); 2-byte ones at
-    odd shifts do not."""
-    if is_channels_last(x) or m != 1 or x.element_size() not in (2, 4) or needs_int64(dy, x):
+    (``kernels/layout.py``): 64 or more channels a group on both sides, 2- or 4-byte operands,
+    32-bit offsets, the tiles whose channels_last pipeline the NCHW steps do not match (PREDICTED on
+    triton 3.6, sm_90, the copies counted: C256 dw bf16 NCHW 33% -> 86%; DRConv's region steps
+    gather NCHW a scalar at a time, D1 dw bf16 NCHW 3.6% -> 20%). Not fp32 FLAT steps:
+    pixel-contiguous operands are what tf32 reads (K-major), and 4-byte elements stream through
+    cp.async at any shift (C256 dw fp32 NCHW 100% at four stages, no copy); 2-byte ones at odd
+    shifts do not (with regions no step is FLAT)."""
+    if is_channels_last(x) or x.element_size() not in (2, 4) or needs_int64(dy, x):
         return False
-    if x.element_size() == 4 and flat_pixels(dy, x, stride):
+    if x.element_size() == 4 and m == 1 and flat_pixels(dy, x, stride):
         return False
     return min(x.shape[1], dy.shape[1]) // groups >= 64
 
@@ -253,8 +265,10 @@ def backward_shares_output_grad(dy, x, experts, routing, groups: int, stride) ->
     copy dy to channels_last once for both (each would copy it; given a channels_last dy they read it
     as it is). ``experts`` and ``routing`` as those passes' entry points take them."""
     shaped, m = _per_kernel(experts, routing)
-    return (not is_channels_last(dy) and input_grad_copies_output_grad(x, shaped, m, groups, stride)
-            and weight_grad_copies_inputs(dy, x, m, groups, stride))
+    # With regions the input gradient is region_conv's, which reads dy channels_last wherever it runs.
+    input_grad_copies = (region_conv.backward_input_supported(dy, x, m) if m > 1
+                         else input_grad_copies_output_grad(x, shaped, m, groups, stride))
+    return not is_channels_last(dy) and input_grad_copies and weight_grad_copies_inputs(dy, x, m, groups, stride)
 
 
 def flat_capable(m: int, stride, channels_last: bool) -> bool:

@@ -163,6 +163,35 @@ def test_streamed_tiles(dtype, memory_format, device, monkeypatch):
     assert copies == ([x.shape] * (2 if flat_fp32 else 3) if nchw else [])
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_drconv_backward_reads_channels_last_copies(dtype, memory_format, monkeypatch, device):
+    """DRConv at 64 channels: the region forward reads x's channels_last copy, the backward copies dy
+    once for the region input gradient and the kernel gradient, which copies x too (its region
+    steps, five stages deep); every gradient against float64."""
+    from dynconv.kernels import region_conv
+
+    case = Case(B=1, Cin=64, Cout=64, H=5, W=6, E=2, m=3, guide=True)
+    x = torch.empty((1, 64, 5, 6), dtype=dtype).to(memory_format=memory_format)
+    nchw = memory_format == torch.contiguous_format
+    assert weight_grad_kernels.weight_grad_copies_inputs(x, x, 3, 1, (1, 1)) == nchw
+    experts = torch.empty((2, 64, 64, 3, 3), dtype=dtype)
+    routing = torch.empty((1, 3, 2), dtype=dtype)
+    assert weight_grad_kernels.backward_shares_output_grad(x, x, experts, routing, 1, (1, 1)) == nchw
+    config = weight_grad_kernels.weight_grad_config(x.contiguous(memory_format=torch.channels_last), experts[:1], 3,
+                                                    1, (1, 1))
+    assert config["num_stages"] == 5 and config["BLOCK_K"] * dtype.itemsize == 64
+    copies = []
+    copy = kernels.channels_last_copy
+    for module in (kernels, weight_grad_kernels, layout, region_conv):
+        monkeypatch.setattr(module, "channels_last_copy", lambda t: copies.append(t.shape) or copy(t))
+    y = _check(case, dtype, device, memory_format)
+    assert y.is_contiguous(memory_format=memory_format)
+    # NCHW: x (forward), dy (shared), x (kernel gradient); channels_last: the NCHW dy the check's
+    # output gradient is, which the input gradient copies.
+    assert copies == [x.shape] * (3 if nchw else 1)
+
+
 def test_float64(device):
     _check(CASES["drconv-m3"], torch.float64, device)
 
