@@ -452,17 +452,19 @@ def _live_taps_tile(dy_group, w_ptr, coef_ptr, spatial_ptr, region_rows, b, g, c
             region = tl.load(region_rows + widen(di, INDEX_64) * Wo + dj, mask=row_ok, other=-1)
             row_ok = region == rgn
         grad = _rows_tile(dy_rows + dy_tap, oo * sdyc, row_ok, o_ok, CHANNEL_ROWS)
-        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64),
+        # Without regions the kernel's r is a constant 0 (a mixing tile's routing row is fixed).
+        weight = _weight_tile(w_ptr, coef_ptr, spatial_ptr, b, widen(rgn, INDEX_64) if HAS_GUIDE else 0,
                               ((g * COUT_G + oo) * sw_o + w_tap)[:, None] + w_cols, sp_tap, None,
                               o_ok[:, None] & c_ok[None, :], NUM_MIX, sw_b, sw_r, sw_e, sc_b, sc_r, sc_e, ssb, MIX,
                               HAS_SPATIAL, ACC_DTYPE, INDEX_64)
         acc = tl.dot(grad, weight.to(grad.dtype), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         o0 += BLOCK_K
-        region_done = o0 >= COUT_G
-        o0 = tl.where(region_done, 0, o0)
-        rgn = tl.where(region_done, rgn + 1, rgn)
-        tap_done = rgn >= NUM_REGIONS
-        rgn = tl.where(tap_done, 0, rgn)
+        tap_done = o0 >= COUT_G
+        o0 = tl.where(tap_done, 0, o0)
+        if HAS_GUIDE:  # the tap is done when its last region is
+            rgn = tl.where(tap_done, rgn + 1, rgn)
+            tap_done = rgn >= NUM_REGIONS
+            rgn = tl.where(tap_done, 0, rgn)
         v = tl.where(tap_done, v + (v1 - v0), v)
         row_done = tap_done & ((v >= KW) | (v1 < 0))
         v = tl.where(row_done, v0, v)
