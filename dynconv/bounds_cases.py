@@ -145,6 +145,11 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     def source(experts, routing, innermost=ec.CIN_INNERMOST):
         return ec.weight_source(experts, routing[samples], materialised, innermost)
 
+    # The input gradient's parts count dx's pixels (ec.input_grad_pixels).
+    dx_samples, dx_materialised = ec.batch_parts(_empty((p.E, p.Cout, p.C // p.groups, p.K, p.K), dt),
+                                                 _empty((p.B, p.m, p.E), dt), p.H * p.W, None)[0]
+    dx_part = len(range(p.B)[dx_samples]) / p.B
+
     x0, y0, experts0, _ = tensors()
     region_fwd = guided and rc.supported(x0, experts0, y0, p.m)
     rc_part = rc.batch_part(p.B, p.m, experts0[0].numel(), nb) if guided else p.B
@@ -186,12 +191,13 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
             return ec.backward_input_launch(y[:rc_part], rc.materialised_source(weight), None,
                                             _empty((rc_part, N), torch.int32), x[:rc_part], (p.K, p.K), p.groups,
                                             *geometry, p.m, cfg)
-        region = _empty((p.B, N), torch.int32)[samples] if guided else None
+        region = _empty((p.B, N), torch.int32)[dx_samples] if guided else None
         if dx_copies:
             cfg = ec.input_grad_config(ec.channels_last_stand_in(x), experts, p.m, p.groups, (p.stride, p.stride))
             y = ec.channels_last_stand_in(y)
-        return ec.backward_input_launch(y[samples], source(experts, routing, ec.COUT_INNERMOST), None, region,
-                                        x[samples], (p.K, p.K), p.groups, *geometry, p.m, cfg)
+        weight = ec.weight_source(experts, routing[dx_samples], dx_materialised, ec.COUT_INNERMOST)
+        return ec.backward_input_launch(y[dx_samples], weight, None, region, x[dx_samples], (p.K, p.K), p.groups,
+                                        *geometry, p.m, cfg)
 
     def dw():
         x, y, experts, _ = tensors()
@@ -229,7 +235,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
                   p.m * conv + 2 * p.B * p.m * p.Cout * N),
     }
     bank = guided and ec.uses_expert_bank(_empty((p.E, 1, 1, 1, 1), dt), _empty((p.B, p.m, p.E), dt))
-    share = {"fwd": rc_part / p.B if region_fwd else part, "dx": rc_part / p.B if region_dx else part, "guide": 1.0 if bank else part, "dw": 1.0}
+    share = {"fwd": rc_part / p.B if region_fwd else part, "dx": rc_part / p.B if region_dx else dx_part,
+             "guide": 1.0 if bank else part, "dw": 1.0}
     # The forward's bias adds run on the CUDA cores, the rest on the tensor cores.
     cuda_cores = {"fwd": p.B * p.Cout * N if p.bias else 0}
 
@@ -242,7 +249,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     # The region forward copies the whole x once; its case models the copy of the part it reads.
     copies = {"fwd": (lambda: copied(tensors()[0][:rc_part] if region_fwd else tensors()[0], region_fwd))
               if fwd_copies else None,
-              "dx": (lambda: copied(tensors()[1][:rc_part] if region_dx else tensors()[1], region_dx))
+              "dx": (lambda: copied(tensors()[1][:rc_part] if region_dx else tensors()[1][dx_samples], True))
               if dx_copies else None,
               # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
               "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}

@@ -112,10 +112,12 @@ def _cached(ts: dict, name, build):
 
 def _source(ts: dict, innermost: int = ec.CIN_INNERMOST) -> ec.WeightSource:
     # What the op would read: materialised mixed kernels or the experts mixed on the fly, laid out
-    # for the pass (``innermost``: its reduction axis).
+    # for the pass (``innermost``: its reduction axis; Cout innermost is the input gradient's, which
+    # counts dx's pixels).
     def build():
         experts, routing = ts["experts"], ts["routing"]
-        pixels = ts["y"].shape[2] * ts["y"].shape[3]
+        dx_pass = innermost == ec.COUT_INNERMOST
+        pixels = ec.input_grad_pixels(ts["dx"]) if dx_pass else ts["y"].shape[2] * ts["y"].shape[3]
         # A batch the op materialises in parts is timed materialised whole: the same programs.
         return ec.weight_source(experts, routing, ec.batch_parts(experts, routing, pixels, None)[0][1], innermost)
     return _cached(ts, ("source", innermost), build)
@@ -206,8 +208,7 @@ def _default_for(kernel: str, key: dict) -> dict:
         return ec.default_forward_config(key["Cout"] // g, dtype, Ho * Wo // key["m"], cin_g=key["Cin"] // g,
                                          mixing=mixing, channels_last=bool(key["channels_last"]), plain=plain)
     if kernel == "expert_conv_bwd_input":
-        pixels = -(-key["H"] // key["stride_h"]) * -(-key["W"] // key["stride_w"])
-        mixing = ec.input_grad_mixes(filter_size, key["B"], key["m"], pixels, False)
+        mixing = ec.input_grad_mixes(filter_size, key["B"], key["m"], key["H"] * key["W"], False)
         return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1,
                                             bool(key["channels_last"]), plain)
     flat = ecw.flat_capable(key["m"], (key["stride_h"], key["stride_w"]), bool(key["channels_last"]))

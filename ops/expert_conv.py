@@ -948,7 +948,8 @@ def expert_conv2d(x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | No
         guide: ``(B, m, Ho, Wo)`` DRConv region logits, or None.
 
     The forward costs one convolution per output pixel whatever m is; no per-sample Python loop.
-    See ``dynconv.kernels.expert_conv`` for what is materialised (at most the size of ``y``).
+    See ``dynconv.kernels.expert_conv`` for what is materialised (at most the size of ``y``; in the
+    input gradient, of ``dx``).
     """
     x, experts, routing, bias, spatial, guide = autocast_inputs(x, experts, routing, bias, spatial, guide)
     _check_routing_rank(routing)

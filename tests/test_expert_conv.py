@@ -142,7 +142,7 @@ def test_streamed_tiles(dtype, memory_format, device, monkeypatch):
     streamed = kernels._streamed_tiles(64, dtype)
     assert streamed["num_stages"] == 4 and streamed["BLOCK_K"] * dtype.itemsize == 64
     assert kernels.default_forward_config(64, dtype, 30, cin_g=64, plain=True) == streamed
-    assert kernels.default_input_grad_config(64, dtype, 64) == streamed
+    assert kernels.default_input_grad_config(64, dtype, 64, plain=True) == streamed
     case = Case(B=1, Cin=64, Cout=64, H=5, W=6, E=2)
     x = torch.empty((1, 64, 5, 6), dtype=dtype).to(memory_format=memory_format)
     experts = torch.empty((1, 64, 64, 3, 3), dtype=dtype)
@@ -190,6 +190,53 @@ def test_drconv_backward_reads_channels_last_copies(dtype, memory_format, monkey
     # NCHW: x (forward), dy (shared), x (kernel gradient); channels_last: the NCHW dy the check's
     # output gradient is, which the input gradient copies.
     assert copies == [x.shape] * (3 if nchw else 1)
+
+
+def test_input_gradient_materialises_for_dx_pixels():
+    """At stride 2 a sample's mixed kernels outgrow y (196 output pixels at X1) but not dx (784):
+    the forward mixes on the fly, the input gradient materialises them in parts (bounded by dx)."""
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    x = torch.empty((64, 256, 28, 28), **meta).to(memory_format=torch.channels_last)
+    experts = torch.empty((4, 256, 256, 3, 3), **meta)
+    routing = torch.empty((64, 1, 4), **meta)
+    assert kernels.input_grad_pixels(x) == 784
+    assert kernels.batch_parts(experts, routing, 14 * 14, None) == [(slice(None), False)]
+    parts = kernels.batch_parts(experts, routing, kernels.input_grad_pixels(x), None)
+    assert len(parts) == 4 and all(materialised for _, materialised in parts)
+    config = kernels.input_grad_config(x, experts, 1, 1, (2, 2))
+    assert (config["BLOCK_P"], config["BLOCK_N"], config["num_stages"]) == (128, 128, 3)
+
+
+def test_strided_input_gradient_reads_kernels_materialised_for_dx(monkeypatch, device):
+    """16 channels, 3 x 3 taps (144 weights a kernel) on a 16 x 16 image at stride 2: the kernels pay
+    and fit for dx's 256 pixels, not for y's 64, so the forward mixes on the fly and the input
+    gradient reads them materialised; every gradient against float64."""
+    sources = []
+    weight_source = kernels.weight_source
+
+    def spy(experts, routing, materialise, innermost=kernels.CIN_INNERMOST):
+        sources.append((innermost, materialise))
+        return weight_source(experts, routing, materialise, innermost)
+
+    monkeypatch.setattr(kernels, "weight_source", spy)
+    _check(Case(B=2, Cin=16, Cout=16, H=16, W=16, E=2, stride=2), torch.float32, device)
+    assert (kernels.CIN_INNERMOST, False) in sources and (kernels.COUT_INNERMOST, True) in sources
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_strided_input_gradient_streams_materialised_kernels(dtype, memory_format, device, monkeypatch):
+    """Materialised kernels of 64 channels a group at stride 2 (odd sizes: phases of unequal
+    pixels and live taps): the input gradient's 128 x 128 tiles stepping 128 bytes, three stages,
+    dy read through a channels_last copy in NCHW; every gradient against float64."""
+    monkeypatch.setattr(kernels, "should_materialise", lambda *args: True)
+    monkeypatch.setattr(kernels, "materialise_part", lambda filter_size, B, m, out_pixels: B)
+    x = torch.empty((1, 64, 7, 6), dtype=dtype).to(memory_format=memory_format)
+    experts = torch.empty((2, 64, 64, 3, 3), dtype=dtype)
+    copies, config = kernels.input_grad_route(x, experts, 1, 1, (2, 2))
+    assert copies == (memory_format == torch.contiguous_format)
+    assert config["BLOCK_P"] == 128 and config["BLOCK_K"] * dtype.itemsize == 128 and config["num_stages"] == 3
+    _check(Case(B=1, Cin=64, Cout=64, H=7, W=6, E=2, stride=2), dtype, device, memory_format)
 
 
 def test_float64(device):
