@@ -24,8 +24,8 @@ from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, Regio
                           _acc_torch_dtype, _block_k, _geometry_args, _input_precision, _pow2_between, _region_tensors,
                           _per_kernel, _regions_key, catalogue_problems, channels_last_stand_in,
                           input_grad_copies_output_grad, meta_region_tables, problem_key, region_tables)
-from .layout import channels_last_copy
 from . import region_conv
+from .layout import channels_last_copy
 
 # Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).
 WEIGHT_GRAD_MIN_PROGRAMS = 264
