@@ -108,8 +108,13 @@ def test_mixed_kernels_fold_spatial_attention():
 
 
 def test_catalogue_launches_are_region_launches():
+    """The region forward's launches, each followed by the input gradient's on the region kernels."""
     launches = region_conv.catalogue()
-    assert launches and all(launch.name == "region_conv_fwd_kernel" for launch in launches)
+    forwards, input_grads = launches[0::2], launches[1::2]
+    assert forwards and all(launch.name == "region_conv_fwd_kernel" for launch in forwards)
+    assert len(input_grads) == len(forwards)
+    assert all(launch.name == "expert_conv_bwd_input_kernel" and launch.meta["HAS_GUIDE"] and not launch.meta["MIX"]
+               for launch in input_grads)
 
 
 def test_region_forward_with_a_tuned_tile(monkeypatch, region_launches, device):
