@@ -293,12 +293,13 @@ def _forward_chunk(n0, q, q_features, m, total, acc, k_head, v_head, skh, skw, s
     kr, kc, row, col, k_features = _union_keys(n0, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
                                                BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64, DOT_DTYPE)
     key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
+    # The values with the keys, before the scores' dot: after it their round trip came on top.
+    value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
     s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, kr * sri + kc * srj, inside, inv_scale,
                     PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2((m - m_new) * scale2)
     weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
-    value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
     total = total * alpha + tl.sum(weights, axis=1)
     acc = acc * alpha[:, None] + tl.dot(weights.to(DOT_DTYPE), value.to(DOT_DTYPE), input_precision=DOT_PRECISION,
                                         out_dtype=ACC_DTYPE)
@@ -422,10 +423,10 @@ def na2d_bwd_query_tiled_kernel(
                                                    BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64,
                                                    DOT_DTYPE)
         key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D).to(DOT_DTYPE)
+        value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D).to(DOT_DTYPE)  # with the keys (forward)
         s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, kr * sri + kc * srj, inside,
                         inv_scale, PENALTY, ONE, HAS_RPB, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
         p = tl.exp2(s * scale2 - lse2[:, None])
-        value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D).to(DOT_DTYPE)
         dp = tl.dot(dy, tl.trans(value), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(DOT_DTYPE), key, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
