@@ -862,7 +862,7 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
                               index_64: bool = False) -> dict:
     # As the forward's (the reduction runs over output channels here); one stage for 4-byte 64-row
     # operands.
-    if regions and not mixing:
+    if regions and not mixing and not index_64:
         # DRConv's materialised region kernels (region_conv.region_backward_input, dy channels_last):
         # a tap's K-steps run once per region (m times a plain conv's MMA), so the loop is long and a
         # part of the batch about one wave: four stages keep its loads ahead (PREDICTED, triton 3.6,
@@ -870,8 +870,8 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
         # it at 11.8%).
         return {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 128), "BLOCK_K": _channel_block(cout_g, dtype),
                 "num_warps": 8, "num_stages": 4}
-    # Regions mixed on the fly (64-bit offsets) hold their loop's tiles in registers as mixing does:
-    # the same small tiles, and one stage (two spill 2-byte NHWC on sm_80).
+    # Regions past 32-bit offsets (the expert kernels' region path, mixed on the fly or not) keep the
+    # small tiles checked spill-free with 64-bit offsets, one stage (two spill 2-byte NHWC on sm_80).
     if regions:  # NCHW: columns up to 32 (64 spill an INDEX_64 variant on sm_80 with triton 3.9)
         config = {"BLOCK_P": 64, "BLOCK_N": _pow2_between(cin_g, 16, 64 if channels_last else 32),
                   "BLOCK_K": _channel_block(cout_g, dtype, True), "num_warps": _num_warps(dtype, 64, True),
