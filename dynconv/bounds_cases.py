@@ -136,8 +136,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
 
     # A batch the op materialises in parts runs as equal launches: the cases model the first, with
     # their bytes and FLOPs scaled to its share of the batch (``part``).
-    parts = ec.batch_parts(_empty((p.E, p.Cout, p.C // p.groups, p.K, p.K), dt), _empty((p.B, p.m, p.E), dt), N,
-                           None)
+    experts_like, routing_like = _empty((p.E, p.Cout, p.C // p.groups, p.K, p.K), dt), _empty((p.B, p.m, p.E), dt)
+    parts = ec.batch_parts(experts_like, routing_like, N, None)
     samples, materialised = parts[0]
     part_size = len(range(p.B)[samples])
     part = part_size / p.B
@@ -146,8 +146,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         return ec.weight_source(experts, routing[samples], materialised, innermost)
 
     # The input gradient's parts count dx's pixels (ec.input_grad_pixels).
-    dx_samples, dx_materialised = ec.batch_parts(_empty((p.E, p.Cout, p.C // p.groups, p.K, p.K), dt),
-                                                 _empty((p.B, p.m, p.E), dt), p.H * p.W, None)[0]
+    dx_samples, dx_materialised = ec.batch_parts(experts_like, routing_like, p.H * p.W, None)[0]
     dx_part = len(range(p.B)[dx_samples]) / p.B
 
     x0, y0, experts0, _ = tensors()

@@ -256,15 +256,19 @@ def _load_rows(head, row, col, srow, scol, dmask, EVEN_D: tl.constexpr):
     return tl.load(head + (row * srow + col * scol)[:, None], mask=dmask, other=0.0)
 
 
+# Heads of up to this many features read a chunk's rpb before its scores (``_pair_bias``).
+EARLY_BIAS_FEATURES = tl.constexpr(64)
+
+
 @triton.jit
 def _pair_bias(rpb_head, key_i, key_j, query_i, query_j, sri, srj, mask, K: tl.constexpr):
     """The rpb of each (query, key) pair from their bins, read before the scores exist: the relative
     position key - query is clamped into the table, so a pair off the query's window reads some
     bin (in bounds) and its score, which the window's mask makes <= PENALTY·ONE, drops it. Masked by
     the score instead, the read waits for the products: a round trip more a chunk (PREDICTED,
-    triton 3.6, bf16: N1-rpb fwd 12.5% -> 19.7%, N2-rpb dq 9.6% -> 19.4%). Up to 64 features a
-    head (``EARLY_BIAS``): the [queries, keys] bias held through the products spilled the D = 128
-    forward and dq on sm_80."""
+    triton 3.6, bf16: N1-rpb fwd 12.5% -> 19.7%, N2-rpb dq 9.6% -> 19.4%). Up to
+    ``EARLY_BIAS_FEATURES`` features a head: the [queries, keys] bias held through the products
+    spilled the D = 128 forward and dq on sm_80."""
     rel_i = tl.minimum(tl.maximum(key_i - query_i, 1 - K), K - 1)
     rel_j = tl.minimum(tl.maximum(key_j - query_j, 1 - K), K - 1)
     return tl.load(rpb_head + rel_i * sri + rel_j * srj, mask=mask, other=0.0)
@@ -316,7 +320,8 @@ def _forward_chunk(n0, q, q_features, m, total, acc, k_head, v_head, skh, skw, s
     # The values with the keys, before the scores' dot: after it their round trip came on top.
     value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
     s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, ti, tj, kr, kc, sri, srj, inside,
-                    inv_scale, K, PENALTY, ONE, HAS_RPB, key.shape[1] <= 64, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+                    inv_scale, K, PENALTY, ONE, HAS_RPB, key.shape[1] <= EARLY_BIAS_FEATURES, ACC_DTYPE, DOT_DTYPE,
+                    DOT_PRECISION)
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2((m - m_new) * scale2)
     weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
@@ -445,7 +450,8 @@ def na2d_bwd_query_tiled_kernel(
         key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D).to(DOT_DTYPE)
         value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D).to(DOT_DTYPE)  # with the keys (forward)
         s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, ti, tj, kr, kc, sri, srj, inside,
-                        inv_scale, K, PENALTY, ONE, HAS_RPB, BLOCK_D <= 64, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION)
+                        inv_scale, K, PENALTY, ONE, HAS_RPB, BLOCK_D <= EARLY_BIAS_FEATURES, ACC_DTYPE,
+                        DOT_DTYPE, DOT_PRECISION)
         p = tl.exp2(s * scale2 - lse2[:, None])
         dp = tl.dot(dy, tl.trans(value), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
@@ -538,7 +544,7 @@ def na2d_bwd_key_tiled_kernel(
                              _window_start(qc, lj, K, NEIGHBORHOOD)[None, :])
             missed = ((slot_key - start).to(tl.uint32) >= K) & (f < BLOCK_H + BLOCK_W)[:, None]
             q_features = tl.where(missed, PENALTY, 0.0).to(DOT_DTYPE)
-            early_bias: tl.constexpr = HAS_RPB and BLOCK_D <= 64  # see _pair_bias
+            early_bias: tl.constexpr = HAS_RPB and BLOCK_D <= EARLY_BIAS_FEATURES
             if early_bias:
                 bias = _pair_bias(rpb_head, ti[:, None], tj[:, None], qr[None, :], qc[None, :], sri, srj,
                                   inside[:, None] & valid[None, :], K)
