@@ -86,8 +86,10 @@ FIGURES = {
     "pipe_us": "PREDICTED: each pipe's busy time on the H200 model (issue, int, fma, xu, l1, hbm minimum, mma, latency)",
     "bound_us": "PREDICTED: the largest pipe time (with the latency pipe an estimate of the kernel's time), "
                 "plus copy_us",
-    "copy_us": "PREDICTED: the layout copies the kernel reads (NCHW inputs copied to channels_last), each "
-               "modelled as a launch of its own, run before it",
+    "copy_us": "PREDICTED: the launches whose output the kernel reads, run before it, each modelled as a "
+               "launch of its own: layout copies (NCHW inputs copied to channels_last), DRConv's column product",
+    "workspace_bytes": "computed: bytes the kernel reads back from a workspace a launch before it wrote, on its "
+                       "HBM pipe (L2 residency not assumed), not in min_bytes",
     "registers": "computed: registers a thread, from the cubin",
     "resident_programs": "computed: programs an SM holds at once (registers, shared memory, warp and block slots)",
     "warps_per_scheduler": "computed: resident warps an SM scheduler interleaves (of 4), capped by the grid",
@@ -303,13 +305,14 @@ def evaluate(case: Case, arch: int = 90, launch=None) -> dict:
     """One row of the model for one case (compiles its launch, or ``launch``: the same problem with
     another config), the layout copies it reads first included."""
     launch = launch or case.build()
-    usage, counts, resident, bounds, warp = _launch_bounds(launch, case.min_bytes, arch)
+    usage, counts, resident, bounds, warp = _launch_bounds(launch, case.min_bytes + case.workspace_bytes, arch)
     limiter = max(bounds, key=bounds.get)
     copies, copy_s, copy_throughput = _copies(case, arch)
     bound = bounds[limiter] + copy_s
     throughput = max(bounds[k] for k in THROUGHPUT_PIPES) + copy_throughput
     compute_s = compute_seconds(case)
-    roofline = max(bounds["hbm"], compute_s)
+    min_hbm = case.min_bytes / MODEL["hbm_bytes_per_s"]
+    roofline = max(min_hbm, compute_s)
     w = counts["warp_instructions"]
     return {
         "case": case.case, "kernel": case.kernel, "dtype": case.dtype, "layout": case.layout, "arch": f"sm_{arch}",
@@ -317,9 +320,9 @@ def evaluate(case: Case, arch: int = 90, launch=None) -> dict:
         "copy_us": round(copy_s * 1e6, 2), "copies": copies,
         "predicted_fraction": round(roofline / bound, 4),
         "predicted_fraction_throughput": round(roofline / throughput, 4),
-        "predicted_fraction_of_hbm": round(bounds["hbm"] / bound, 4),
+        "predicted_fraction_of_hbm": round(min_hbm / bound, 4),
         "roofline_us": round(roofline * 1e6, 2),
-        "roofline_limiter": "hbm" if bounds["hbm"] >= compute_s else ceiling_name(case),
+        "roofline_limiter": "hbm" if min_hbm >= compute_s else ceiling_name(case),
         "pipe_us": {k: round(v * 1e6, 2) for k, v in bounds.items()},
         "kernel_name": launch.name, "grid": list(launch.grid), "num_warps": launch.num_warps,
         "num_stages": launch.num_stages, "loops": launch.loops,
@@ -329,7 +332,8 @@ def evaluate(case: Case, arch: int = 90, launch=None) -> dict:
         "meta": {k: str(v) for k, v in launch.meta.items()},
         "warp_instructions": {k: round(v) for k, v in w.items()},
         "instructions_per_fma": round(w["issue"] * 32 / (case.flops / 2), 2),
-        "min_bytes": case.min_bytes, "requested_bytes": round(counts["requested_bytes"]),
+        "min_bytes": case.min_bytes, "workspace_bytes": case.workspace_bytes,
+        "requested_bytes": round(counts["requested_bytes"]),
         "requested_over_min": round(counts["requested_bytes"] / case.min_bytes, 2),
         "l1_bytes": round(counts["l1_bytes"]), "load_widths": counts["load_widths"],
         "sector_efficiency": round(counts["sector_efficiency"], 3), "sector_source": counts["sector_source"],
@@ -355,7 +359,8 @@ def markdown(rows: list[dict]) -> str:
              "Columns: `bound` is the largest per-pipe time (µs, PREDICTED time of the kernel); "
              "`fraction` the roofline time over it; `thru` the same without the latency pipe (an upper bound); "
              "`roof` what the roofline is (hbm or the compute ceiling); `lat` the latency pipe (waves x one warp's "
-             "critical path); `copy` the layout copies run before the kernel (in `bound`); "
+             "critical path); `copy` the launches run before the kernel (layout copies, DRConv's column product; in "
+             "`bound`); "
              "`w/s` resident warps an SM scheduler interleaves; "
              "`instr/FMA` executed thread-instructions per useful multiply-add; `req/min` bytes the loads and "
              "stores request over the kernel's minimum bytes; `sectors` the share of each 32-byte sector the "

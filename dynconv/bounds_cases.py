@@ -25,9 +25,12 @@ class Case:
     # Useful FLOPs per compute ceiling: "fma" (CUDA cores) or a tensor-core rate of the model
     # ("gmma16", "gmmatf32"); kernels using both get both, and the slower pipe is the floor.
     compute: dict
-    # () -> [(Launch, its minimum bytes)]: layout copies the kernel reads, run before it (NCHW inputs
-    # copied to channels_last); the model adds their time to the kernel's.
+    # () -> [(Launch, its minimum bytes)]: launches run before the kernel, whose output it reads: layout
+    # copies (NCHW inputs copied to channels_last), DRConv's column product; the model adds their time.
     copies: Callable | None = None
+    # Bytes the kernel reads back from a workspace such a launch wrote: on its HBM pipe (no L2
+    # residency assumed), not in the pass's minimum (the roofline).
+    workspace_bytes: int = 0
 
     @property
     def name(self) -> str:
@@ -111,6 +114,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     from .kernels import expert_conv as ec
     from .kernels import expert_conv_weight_grad as ecw
     from .kernels import region_conv as rc
+    from .kernels import region_conv_input_grad as rcg
     from .kernels.layout import copy_launch
 
     p = _problem(name)
@@ -176,6 +180,11 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         return [(copy_launch(part_t, ec.channels_last_stand_in(part_t)), 2 * part_t.numel() * nb)]
 
     region_dx = guided and rc.backward_input_supported(y0, x0, p.m)
+    # DRConv's input gradient by columns (a product launch, then the fold the case models).
+    columns = region_dx and rcg.uses_columns(y0, x0, (p.K, p.K), p.groups)
+    n_columns = rcg.column_count((p.K, p.K), p.C) * N
+    col_part = rcg.columns_part(p.B, p.m, experts0[0].numel(), dt, n_columns) if columns else rc_part
+    col_bytes = col_part * n_columns * rcg.columns_dtype(dt).itemsize
     fwd_copies = (rc.forward_copies_input(x0) if region_fwd
                   else ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry))
     dx_copies = (not cl) if region_dx else ec.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])
@@ -183,6 +192,9 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     def dx():
         x, y, experts, routing = tensors()
         cfg = ec.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
+        if columns:  # the fold of the first part's columns
+            return rcg.fold_launch(_columns(), x[:col_part], (p.K, p.K), p.groups, *geometry,
+                                   rcg.fold_config(p.C // p.groups))
         if region_dx:  # DRConv: the first part of the batch, reading its materialised region kernels
             if dx_copies:  # and dy's channels_last copy
                 y = ec.channels_last_stand_in(y)
@@ -197,6 +209,16 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         weight = ec.weight_source(experts, routing[dx_samples], dx_materialised, ec.COUT_INNERMOST)
         return ec.backward_input_launch(y[dx_samples], weight, None, region, x[dx_samples], (p.K, p.K), p.groups,
                                         *geometry, p.m, cfg)
+
+    def _columns():
+        return rcg.columns_empty(col_part, p.C, (p.K, p.K), Ho, Wo, dt, "meta")
+
+    def column_product():  # the launch before the fold, with its bytes: dy's part in, the columns out
+        y = ec.channels_last_stand_in(tensors()[1])[:col_part]
+        weight = _empty((col_part, p.m, rcg.column_count((p.K, p.K), p.C), p.Cout // p.groups, 1, 1), dt)
+        cfg = rcg.columns_config(dt)
+        launch = rcg.columns_launch(y, weight, regions(cfg["BLOCK_P"], col_part), _columns(), p.groups, cfg)
+        return [(launch, col_part * p.Cout * N * nb + col_bytes)]
 
     def dw():
         x, y, experts, _ = tensors()
@@ -234,7 +256,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
                   p.m * conv + 2 * p.B * p.m * p.Cout * N),
     }
     bank = guided and ec.uses_expert_bank(_empty((p.E, 1, 1, 1, 1), dt), _empty((p.B, p.m, p.E), dt))
-    share = {"fwd": rc_part / p.B if region_fwd else part, "dx": rc_part / p.B if region_dx else dx_part,
+    share = {"fwd": rc_part / p.B if region_fwd else part, "dx": col_part / p.B if region_dx else dx_part,
              "guide": 1.0 if bank else part, "dw": 1.0}
     # The forward's bias adds run on the CUDA cores, the rest on the tensor cores.
     cuda_cores = {"fwd": p.B * p.Cout * N if p.bias else 0}
@@ -248,14 +270,16 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     # The region forward copies the whole x once; its case models the copy of the part it reads.
     copies = {"fwd": (lambda: copied(tensors()[0][:rc_part] if region_fwd else tensors()[0], region_fwd))
               if fwd_copies else None,
-              "dx": (lambda: copied(tensors()[1][:rc_part] if region_dx else tensors()[1][dx_samples], True))
-              if dx_copies else None,
+              "dx": (lambda: (copied(tensors()[1][:col_part] if region_dx else tensors()[1][dx_samples], True)
+                              if dx_copies else []) + (column_product() if columns else []))
+              if dx_copies or columns else None,
               # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
               "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}
     if bank and bank_copies:  # the expert-bank guide scores read x's copy (the whole batch: one launch)
         copies["guide"] = lambda: copied(tensors()[0], True)
+    workspace = {"dx": col_bytes if columns else 0}  # the fold reads the columns back
     return [Case(name, k, dtype, layout, table[k][0], round(table[k][1] * share[k]), round(table[k][2] * share[k]),
-                 compute(k), copies.get(k))
+                 compute(k), copies.get(k), workspace.get(k, 0))
             for k in kernels]
 
 

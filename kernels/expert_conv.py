@@ -863,7 +863,8 @@ def default_input_grad_config(cin_g: int, dtype: torch.dtype, cout_g: int = 0, m
     # As the forward's (the reduction runs over output channels here); one stage for 4-byte 64-row
     # operands.
     if regions and not mixing and not index_64:
-        # DRConv's materialised region kernels (region_conv.region_backward_input, dy channels_last):
+        # DRConv's materialised region kernels (region_conv.region_backward_input, dy channels_last;
+        # the fallback of region_conv_input_grad's columns, where one sample's do not fit):
         # a tap's K-steps run once per region (m times a plain conv's MMA), so the loop is long and a
         # part of the batch about one wave: four stages keep its loads ahead (PREDICTED, triton 3.6,
         # D1 dx bf16 NHWC: 64 x 64 x 32 at one stage 0.9%, 64 x 128 x 64 at four 7.9%; m-fold MMA caps

@@ -148,8 +148,9 @@ def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     regions = _regions(ts, 1)
     kernel_hw = (spec["kh"], spec["kw"])
     if regions is not None and rc.backward_input_supported(dy, dx, m):
-        # As the op (region_conv.region_backward_input): the first part of the batch whose region
-        # kernels fit the workspace, materialised Cout innermost, dy channels_last.
+        # As the op's fallback where the columns do not fit (region_conv.region_backward_input): the
+        # first part of the batch whose region kernels fit the workspace, materialised Cout
+        # innermost, dy channels_last.
         part = slice(0, rc.batch_part(dx.shape[0], m, experts[0].numel(), dx.element_size()))
         weight = _cached(ts, "region_kernels_dx",
                          lambda: rc.mixed_kernels(experts, ts["routing"][part], None, ec.COUT_INNERMOST))
@@ -176,7 +177,7 @@ def _region_forward(spec: dict, ts: dict, config: dict | None) -> Launch:
     # As the op: the first part of the batch whose region kernels fit the workspace, materialised.
     part = slice(0, rc.batch_part(x.shape[0], m, experts[0].numel(), x.element_size()))
     weight = _cached(ts, "region_kernels", lambda: rc.mixed_kernels(experts, ts["routing"][part], None))
-    tables = rc._tables_part(_regions(ts, config["BLOCK_P"]), part)
+    tables = rc.tables_part(_regions(ts, config["BLOCK_P"]), part)
     bias = ts["bias"][part] if ts["bias"] is not None else None
     if rc.forward_copies_input(x):  # as the op: an NCHW x read through its channels_last copy
         x = _cached(ts, "x_channels_last", lambda: x.contiguous(memory_format=torch.channels_last))
@@ -292,8 +293,17 @@ def _region_problems(quick: bool) -> list:
     return [problem for problem in _problems(quick) if problem.op == "drconv"]
 
 
+def _input_grad_problems(quick: bool) -> list:
+    """DRConv layers' input gradient runs by columns (``region_conv_input_grad``), not this kernel,
+    wherever they fit: the sweep leaves them out (a fallback layer is tuned at run time)."""
+    return [problem for problem in _problems(quick) if problem.op != "drconv"]
+
+
+_PROBLEMS = {"region_conv_fwd": _region_problems, "expert_conv_bwd_input": _input_grad_problems}
+
+
 def autotune_space() -> dict:
-    return {name: KernelSpace(problems=_region_problems if name == "region_conv_fwd" else _problems, inputs=_inputs,
+    return {name: KernelSpace(problems=_PROBLEMS.get(name, _problems), inputs=_inputs,
                               launch=_LAUNCH[name], key=_key(name),
                               default=_default(name), candidates=_candidates(name),
                               spec_for_key=_spec_for_key(name), exact=_EXACT, rules=_rules(name))

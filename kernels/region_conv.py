@@ -16,12 +16,13 @@ default, 32 where tuned). A sample's tiles are ``Σ_r ceil(count_r / BLOCK_P)``,
 ``ceil(Ho·Wo / BLOCK_P) + m - 1``: the grid takes that bound (the model counts every program's
 full loop), and a region's last, partial tile wastes under BLOCK_P columns.
 
-The input gradient (``region_backward_input``) reads the same materialised kernels through the
-expert kernels' input-gradient kernel, which multiplies a tap's pixels once per region (the rows of
-the other regions masked off): m times a plain conv's MMA, in one pipelined loop.
+The input gradient runs by columns (``region_conv_input_grad``: one conv's MMA). Where one
+sample's columns would not fit its workspace, ``region_backward_input`` here reads the materialised
+kernels through the expert kernels' input-gradient kernel, which multiplies a tap's pixels once per
+region (the rows of the other regions masked off): m times a plain conv's MMA, in one pipelined loop.
 
-Kernels here know nothing of autograd: ``ops/expert_conv.py`` calls ``region_forward`` and
-``region_backward_input``.
+Kernels here know nothing of autograd: ``ops/expert_conv.py`` calls ``region_forward``, and
+``region_conv_input_grad.region_backward_input`` calls ``region_backward_input`` here.
 """
 from __future__ import annotations
 
@@ -217,7 +218,7 @@ def region_forward(x, experts, routing, spatial, bias_mixed, guide, y, groups, s
     for b0 in range(0, B, part):
         s = slice(b0, b0 + part)
         weight = mixed_kernels(experts, routing[s], spatial[s] if spatial is not None else None)
-        forward_launch(x[s], weight, bias_mixed[s] if bias_mixed is not None else None, _tables_part(tables, s),
+        forward_launch(x[s], weight, bias_mixed[s] if bias_mixed is not None else None, tables_part(tables, s),
                        y[s], groups, stride, padding, dilation, config)()
 
 
@@ -251,7 +252,7 @@ def materialised_source(weight: torch.Tensor) -> WeightSource:
     return WeightSource(weight, (s[0], s[1], 0, *s[2:]), None, 1)
 
 
-def _tables_part(tables, samples: slice):
+def tables_part(tables, samples: slice):
     return type(tables)(*(getattr(tables, f)[samples] for f in ("region", "perm", "count", "pixel_start",
                                                                  "tile_offsets")), tables.block_p)
 

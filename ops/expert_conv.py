@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dynconv.kernels import expert_conv as kernels
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
-from dynconv.kernels import layout, region_conv
+from dynconv.kernels import layout, region_conv, region_conv_input_grad
 from dynconv.kernels._launch import runs_kernels
 
 from . import _eager
@@ -309,8 +309,8 @@ def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_las
     if grad.numel() == 0 or weights.numel() == 0:
         return dx.zero_()
     if guide is not None and routing is not None and region_conv.backward_input_supported(grad, dx, routing.shape[1]):
-        region_conv.region_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
-                                          dilation)
+        region_conv_input_grad.region_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride,
+                                                     padding, dilation)
         return dx
     kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
                                        dilation)

@@ -169,7 +169,7 @@ def test_drconv_backward_reads_channels_last_copies(dtype, memory_format, monkey
     """DRConv at 64 channels: the region forward reads x's channels_last copy, the backward copies dy
     once for the region input gradient and the kernel gradient, which copies x too (its region
     steps, five stages deep); every gradient against float64."""
-    from dynconv.kernels import region_conv
+    from dynconv.kernels import region_conv, region_conv_input_grad
 
     case = Case(B=1, Cin=64, Cout=64, H=5, W=6, E=2, m=3, guide=True)
     x = torch.empty((1, 64, 5, 6), dtype=dtype).to(memory_format=memory_format)
@@ -183,12 +183,12 @@ def test_drconv_backward_reads_channels_last_copies(dtype, memory_format, monkey
     assert config["num_stages"] == 5 and config["BLOCK_K"] * dtype.itemsize == 64
     copies = []
     copy = kernels.channels_last_copy
-    for module in (kernels, weight_grad_kernels, layout, region_conv):
+    for module in (kernels, weight_grad_kernels, layout, region_conv, region_conv_input_grad):
         monkeypatch.setattr(module, "channels_last_copy", lambda t: copies.append(t.shape) or copy(t))
     y = _check(case, dtype, device, memory_format)
     assert y.is_contiguous(memory_format=memory_format)
     # NCHW: x (forward), dy (shared), x (kernel gradient); channels_last: the NCHW dy the check's
-    # output gradient is, which the input gradient copies.
+    # output gradient is, which the input gradient (by columns) copies.
     assert copies == [x.shape] * (3 if nchw else 1)
 
 

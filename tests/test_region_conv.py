@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dynconv
-from dynconv.kernels import expert_conv, region_conv
+from dynconv.kernels import expert_conv, region_conv, region_conv_input_grad
 from dynconv.reference import expert_conv2d_loop
 from helpers import assert_close, check_against_reference
 
@@ -12,9 +12,9 @@ pytestmark = pytest.mark.usefixtures("nan_poison")
 
 
 def _inputs(B=2, Cin=16, Cout=16, H=7, W=5, k=3, E=3, m=3, groups=1, stride=1, padding=1, bias=True,
-            spatial=True):
-    Ho = (H + 2 * padding - k) // stride + 1
-    Wo = (W + 2 * padding - k) // stride + 1
+            spatial=True, dilation=1):
+    Ho = (H + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    Wo = (W + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     f64 = dict(dtype=torch.float64)
     return {
         "x": torch.randn(B, Cin, H, W, **f64),
@@ -23,7 +23,7 @@ def _inputs(B=2, Cin=16, Cout=16, H=7, W=5, k=3, E=3, m=3, groups=1, stride=1, p
         "bias": torch.randn(E, Cout, **f64) if bias else None,
         "spatial": torch.rand(B, k, k, **f64) + 0.5 if spatial else None,
         "guide": torch.randn(B, m, Ho, Wo, **f64) * 4,
-    }, dict(stride=stride, padding=padding, groups=groups)
+    }, dict(stride=stride, padding=padding, groups=groups, **({"dilation": dilation} if dilation != 1 else {}))
 
 
 def _op(x, experts, routing, bias=None, spatial=None, guide=None, **geometry):
@@ -125,3 +125,73 @@ def test_region_forward_with_a_tuned_tile(monkeypatch, region_launches, device):
     inputs, geometry = _inputs(B=2, Cin=32, Cout=32, H=7, W=6, m=4)
     check_against_reference(_op, _reference, inputs, torch.float32, device, torch.contiguous_format, **geometry)
     assert region_launches and all(args[-1] == tile for args in region_launches)
+
+
+# --------------------------------------------------------------------------------------------
+# The input gradient by columns (kernels/region_conv_input_grad.py)
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def column_launches(monkeypatch):
+    """Counts the column products and folds; the m-region input-gradient kernel must not run."""
+    launched = {"columns": [], "fold": []}
+    for name, real in (("columns", region_conv_input_grad.columns_launch),
+                       ("fold", region_conv_input_grad.fold_launch)):
+        def spy(*args, _real=real, _name=name, **kwargs):
+            launched[_name].append(args)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(region_conv_input_grad, f"{name}_launch", spy)
+    monkeypatch.setattr(region_conv, "region_backward_input",
+                        lambda *a, **k: pytest.fail("the m-region input gradient ran where the columns fit"))
+    return launched
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", [dict(H=9, W=7, stride=2, padding=2, dilation=2, groups=2, Cin=32, Cout=32, m=4),
+                                   dict(H=3, W=4, k=5, padding=2, E=2, m=5)],
+                         ids=["stride2-dilation2-groups2", "kernel-over-image"])
+def test_input_gradient_by_columns(shape, layout, column_launches, device):
+    """dx through the column product and the fold (odd sizes, stride 2 with odd H, dilation, groups,
+    K past the image), every gradient against float64, the workspace NaN-poisoned."""
+    dilation = shape.pop("dilation", 1)
+    inputs, geometry = _inputs(**shape, dilation=dilation)
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    check_against_reference(_op, _reference, inputs, torch.float32, device, fmt, **geometry)
+    assert len(column_launches["columns"]) == len(column_launches["fold"]) == 1
+
+
+def test_input_gradient_columns_in_parts_and_bf16(monkeypatch, column_launches, device):
+    """A workspace of one sample's columns: one product and one fold a sample; bf16 operands, the
+    columns kept in fp32 (dx rounded once)."""
+    inputs, geometry = _inputs(B=3, H=6, W=5, m=3)
+    Ho, Wo = 6, 5
+    one = region_conv_input_grad.column_count((3, 3), 16) * Ho * Wo * 4
+    monkeypatch.setattr(region_conv_input_grad, "COLUMNS_BYTES", one)
+    check_against_reference(_op, _reference, inputs, torch.bfloat16, device, torch.channels_last, **geometry)
+    assert len(column_launches["columns"]) == len(column_launches["fold"]) == 3
+    assert all(args[3].dtype == torch.float32 for args in column_launches["columns"])
+
+
+def test_input_gradient_falls_back_where_the_columns_do_not_fit(monkeypatch, device):
+    """One sample's columns past COLUMNS_BYTES: the m-region kernel, same gradients."""
+    monkeypatch.setattr(region_conv_input_grad, "COLUMNS_BYTES", 1)
+    monkeypatch.setattr(region_conv_input_grad, "fold_launch", lambda *a, **k: pytest.fail("columns past the bound"))
+    inputs, geometry = _inputs(B=2, m=3, stride=2)
+    check_against_reference(_op, _reference, inputs, torch.float32, device, torch.channels_last, **geometry)
+
+
+def test_column_kernels_layout():
+    """Row (g, u, v, c) of a region's column kernel holds W[b, r, g·Cout/g + o, c, u, v] over o."""
+    inputs, _ = _inputs(B=2, m=3, E=2, Cin=8, Cout=12, groups=2)
+    experts = inputs["experts"]  # (E, Cout, Cin/g, 3, 3): two groups of 4 input channels
+    mixed = region_conv.mixed_kernels(experts, inputs["routing"], inputs["spatial"])  # (b, m, Cout, Cin/g, u, v)
+    cols = region_conv_input_grad.column_kernels(experts, inputs["routing"], inputs["spatial"], groups=2)
+    assert cols.shape == (2, 3, 2 * 9 * 4, 6, 1, 1) and cols.stride(3) == 1
+    expected = mixed.reshape(2, 3, 2, 6, 4, 3, 3).permute(0, 1, 2, 5, 6, 4, 3).reshape(2, 3, 72, 6, 1, 1)
+    assert_close(cols, expected, torch.float64, "column kernels")
+
+
+def test_catalogue_lists_the_column_product_and_the_fold():
+    launches = region_conv_input_grad.catalogue()
+    assert [launch.name for launch in launches[:2]] == ["region_columns_kernel", "fold_columns_kernel"]
+    assert all(launch.name == "region_columns_kernel" for launch in launches[0::2])
