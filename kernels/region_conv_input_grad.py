@@ -164,10 +164,11 @@ def columns_config(dtype: torch.dtype) -> dict:
 
 
 def fold_config(cin_g: int) -> dict:
-    """32 pixels x 64 channels: seven programs an SM keep the column reads in flight (PREDICTED,
-    triton 3.6, D1 part, bf16: at 64 x 64, 112 registers and a path twice as long, 7.2 µs in NHWC and
-    16 in NCHW against the 5.3 µs HBM floor both reach at 32 x 64)."""
-    return {"BLOCK_Q": 32, "BLOCK_C": max(16, min(64, next_power_of_2(cin_g))), "num_warps": 4}
+    """32 pixels x 32 channels: nine or ten programs an SM keep the column reads in flight (PREDICTED,
+    triton 3.6, D1 part: bf16 at 64 x 64, 112 registers, 7.2 µs NHWC and 16 NCHW against the 5.3 µs
+    HBM floor, which 32 x 32 reaches with half the path; fp32 (three samples a part) 32 x 64 6.0/8.3
+    µs, 32 x 32 4.9/3.9 µs)."""
+    return {"BLOCK_Q": 32, "BLOCK_C": max(16, min(32, next_power_of_2(cin_g))), "num_warps": 4}
 
 
 def columns_launch(dy, weight, regions, cols, groups: int, config: dict) -> Launch:
