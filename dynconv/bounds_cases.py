@@ -112,6 +112,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     import torch
 
     from .kernels import expert_conv as ec
+    from .kernels import expert_conv_input_grad as eci
     from .kernels import expert_conv_weight_grad as ecw
     from .kernels import region_conv as rc
     from .kernels import region_conv_input_grad as rcg
@@ -149,7 +150,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     def source(experts, routing, innermost=ec.CIN_INNERMOST):
         return ec.weight_source(experts, routing[samples], materialised, innermost)
 
-    # The input gradient's parts count dx's pixels (ec.input_grad_pixels).
+    # The input gradient's parts count dx's pixels (eci.input_grad_pixels).
     dx_samples, dx_materialised = ec.batch_parts(experts_like, routing_like, p.H * p.W, None)[0]
     dx_part = len(range(p.B)[dx_samples]) / p.B
 
@@ -187,11 +188,11 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     col_bytes = col_part * n_columns * rcg.columns_dtype(dt).itemsize
     fwd_copies = (rc.forward_copies_input(x0) if region_fwd
                   else ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry))
-    dx_copies = (not cl) if region_dx else ec.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])
+    dx_copies = (not cl) if region_dx else eci.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])
 
     def dx():
         x, y, experts, routing = tensors()
-        cfg = ec.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
+        cfg = eci.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
         if columns:  # the fold of the first part's columns
             return rcg.fold_launch(_columns(), x[:col_part], (p.K, p.K), p.groups, *geometry,
                                    rcg.fold_config(p.C // p.groups))
@@ -199,15 +200,15 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
             if dx_copies:  # and dy's channels_last copy
                 y = ec.channels_last_stand_in(y)
             weight = _empty((rc_part, p.m, p.C // p.groups, p.K, p.K, p.Cout), dt).movedim(-1, 2)  # Cout innermost
-            return ec.backward_input_launch(y[:rc_part], rc.materialised_source(weight), None,
+            return eci.backward_input_launch(y[:rc_part], rc.materialised_source(weight), None,
                                             _empty((rc_part, N), torch.int32), x[:rc_part], (p.K, p.K), p.groups,
                                             *geometry, p.m, cfg)
         region = _empty((p.B, N), torch.int32)[dx_samples] if guided else None
         if dx_copies:
-            cfg = ec.input_grad_config(ec.channels_last_stand_in(x), experts, p.m, p.groups, (p.stride, p.stride))
+            cfg = eci.input_grad_config(ec.channels_last_stand_in(x), experts, p.m, p.groups, (p.stride, p.stride))
             y = ec.channels_last_stand_in(y)
         weight = ec.weight_source(experts, routing[dx_samples], dx_materialised, ec.COUT_INNERMOST)
-        return ec.backward_input_launch(y[dx_samples], weight, None, region, x[dx_samples], (p.K, p.K), p.groups,
+        return eci.backward_input_launch(y[dx_samples], weight, None, region, x[dx_samples], (p.K, p.K), p.groups,
                                         *geometry, p.m, cfg)
 
     def _columns():

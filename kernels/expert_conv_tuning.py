@@ -1,4 +1,5 @@
-"""Autotuning space of the expert-conv kernels (``kernels/expert_conv.py``; contract in ``kernels/configs.py``).
+"""Autotuning space of the expert-conv kernels (``kernels/expert_conv.py``, ``expert_conv_input_grad.py``,
+``expert_conv_weight_grad.py``, ``region_conv.py``; contract in ``kernels/configs.py``).
 
 Four configs are tuned, one per ``get_config`` name of the launchers:
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import expert_conv as ec
+from . import expert_conv_input_grad as eci
 from . import expert_conv_weight_grad as ecw
 from . import region_conv as rc
 from ._launch import Launch
@@ -117,7 +119,7 @@ def _source(ts: dict, innermost: int = ec.CIN_INNERMOST) -> ec.WeightSource:
     def build():
         experts, routing = ts["experts"], ts["routing"]
         dx_pass = innermost == ec.COUT_INNERMOST
-        pixels = ec.input_grad_pixels(ts["dx"]) if dx_pass else ts["y"].shape[2] * ts["y"].shape[3]
+        pixels = eci.input_grad_pixels(ts["dx"]) if dx_pass else ts["y"].shape[2] * ts["y"].shape[3]
         # A batch the op materialises in parts is timed materialised whole: the same programs.
         return ec.weight_source(experts, routing, ec.batch_parts(experts, routing, pixels, None)[0][1], innermost)
     return _cached(ts, ("source", innermost), build)
@@ -144,7 +146,7 @@ def _forward(spec: dict, ts: dict, config: dict | None) -> Launch:
 def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
     dy, dx, experts = ts["dy"], ts["dx"], ts["experts"]
-    config = config or ec.input_grad_config(dx, experts, m, g, geometry[0])
+    config = config or eci.input_grad_config(dx, experts, m, g, geometry[0])
     regions = _regions(ts, 1)
     kernel_hw = (spec["kh"], spec["kw"])
     if regions is not None and rc.backward_input_supported(dy, dx, m):
@@ -155,9 +157,9 @@ def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
         weight = _cached(ts, "region_kernels_dx",
                          lambda: rc.mixed_kernels(experts, ts["routing"][part], None, ec.COUT_INNERMOST))
         dy = _cached(ts, "dy_channels_last", lambda: dy.contiguous(memory_format=torch.channels_last))
-        return ec.backward_input_launch(dy[part], rc.materialised_source(weight), None, regions.region[part], dx[part],
+        return eci.backward_input_launch(dy[part], rc.materialised_source(weight), None, regions.region[part], dx[part],
                                         kernel_hw, g, *geometry, m, config)
-    return ec.backward_input_launch(dy, _source(ts, ec.COUT_INNERMOST), None, regions.region if regions else None, dx,
+    return eci.backward_input_launch(dy, _source(ts, ec.COUT_INNERMOST), None, regions.region if regions else None, dx,
                                     kernel_hw, g, *geometry, m, config)
 
 
@@ -209,8 +211,8 @@ def _default_for(kernel: str, key: dict) -> dict:
         return ec.default_forward_config(key["Cout"] // g, dtype, Ho * Wo // key["m"], cin_g=key["Cin"] // g,
                                          mixing=mixing, channels_last=bool(key["channels_last"]), plain=plain)
     if kernel == "expert_conv_bwd_input":
-        mixing = ec.input_grad_mixes(filter_size, key["B"], key["m"], key["H"] * key["W"], False)
-        return ec.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1,
+        mixing = eci.input_grad_mixes(filter_size, key["B"], key["m"], key["H"] * key["W"], False)
+        return eci.default_input_grad_config(key["Cin"] // g, dtype, key["Cout"] // g, mixing, key["m"] > 1,
                                             bool(key["channels_last"]), plain)
     flat = ecw.flat_capable(key["m"], (key["stride_h"], key["stride_w"]), bool(key["channels_last"]))
     return ecw.default_weight_grad_config(key["Cout"] // g, key["Cin"] // g * key["kh"] * key["kw"], dtype,

@@ -23,8 +23,9 @@ from .configs import get_config
 from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, RegionTables, _acc_dtype,
                           _acc_torch_dtype, _block_k, _geometry_args, _input_precision, _pow2_between, _region_tensors,
                           _per_kernel, _regions_key, catalogue_problems, channels_last_stand_in,
-                          input_grad_copies_output_grad, meta_region_tables, problem_key, region_tables)
+                          meta_region_tables, problem_key, region_tables)
 from . import region_conv
+from .expert_conv_input_grad import input_grad_copies_output_grad
 from .layout import channels_last_copy
 
 # Below this many programs the kernel-gradient pass splits each region's pixels (fills the GPU).

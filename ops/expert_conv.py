@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import expert_conv as kernels
+from dynconv.kernels import expert_conv_input_grad as input_grad_kernels
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.kernels import layout, region_conv, region_conv_input_grad
 from dynconv.kernels._launch import runs_kernels
@@ -312,7 +313,7 @@ def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_las
         region_conv_input_grad.region_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride,
                                                      padding, dilation)
         return dx
-    kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
+    input_grad_kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
                                        dilation)
     return dx
 

@@ -14,6 +14,8 @@ import dynconv
 import dynconv.ops.expert_conv as expert_ops
 from dynconv.kernels import _launch
 from dynconv.kernels import expert_conv as kernels
+from dynconv.kernels import expert_conv_input_grad as input_grad_kernels
+from dynconv.kernels import region_conv_input_grad
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.kernels import layout
 from dynconv.kernels._launch import TRITON_VERSION
@@ -142,19 +144,19 @@ def test_streamed_tiles(dtype, memory_format, device, monkeypatch):
     streamed = kernels._streamed_tiles(64, dtype)
     assert streamed["num_stages"] == 4 and streamed["BLOCK_K"] * dtype.itemsize == 64
     assert kernels.default_forward_config(64, dtype, 30, cin_g=64, plain=True) == streamed
-    assert kernels.default_input_grad_config(64, dtype, 64, plain=True) == streamed
+    assert input_grad_kernels.default_input_grad_config(64, dtype, 64, plain=True) == streamed
     case = Case(B=1, Cin=64, Cout=64, H=5, W=6, E=2)
     x = torch.empty((1, 64, 5, 6), dtype=dtype).to(memory_format=memory_format)
     experts = torch.empty((1, 64, 64, 3, 3), dtype=dtype)
     nchw = memory_format == torch.contiguous_format
     assert kernels.forward_copies_input(x, experts, 1, 1, (1, 1), (1, 1), (1, 1)) == nchw
-    assert kernels.input_grad_copies_output_grad(x, experts, 1, 1, (1, 1)) == nchw
+    assert input_grad_kernels.input_grad_copies_output_grad(x, experts, 1, 1, (1, 1)) == nchw
     # fp32 NCHW at stride 1, output as large as the input: the kernel gradient's FLAT steps, no copy
     flat_fp32 = nchw and dtype == torch.float32
     assert weight_grad_kernels.weight_grad_copies_inputs(x, x, 1, 1, (1, 1)) == (nchw and not flat_fp32)
     copies = []
     copy = kernels.channels_last_copy
-    for module in (kernels, weight_grad_kernels, layout):
+    for module in (kernels, input_grad_kernels, weight_grad_kernels, layout):
         monkeypatch.setattr(module, "channels_last_copy", lambda t: copies.append(t.shape) or copy(t))
     y = _check(case, dtype, device, memory_format)
     assert y.is_contiguous(memory_format=memory_format)
@@ -169,7 +171,7 @@ def test_drconv_backward_reads_channels_last_copies(dtype, memory_format, monkey
     """DRConv at 64 channels: the region forward reads x's channels_last copy, the backward copies dy
     once for the region input gradient and the kernel gradient, which copies x too (its region
     steps, five stages deep); every gradient against float64."""
-    from dynconv.kernels import region_conv, region_conv_input_grad
+    from dynconv.kernels import region_conv
 
     case = Case(B=1, Cin=64, Cout=64, H=5, W=6, E=2, m=3, guide=True)
     x = torch.empty((1, 64, 5, 6), dtype=dtype).to(memory_format=memory_format)
@@ -199,11 +201,11 @@ def test_input_gradient_materialises_for_dx_pixels():
     x = torch.empty((64, 256, 28, 28), **meta).to(memory_format=torch.channels_last)
     experts = torch.empty((4, 256, 256, 3, 3), **meta)
     routing = torch.empty((64, 1, 4), **meta)
-    assert kernels.input_grad_pixels(x) == 784
+    assert input_grad_kernels.input_grad_pixels(x) == 784
     assert kernels.batch_parts(experts, routing, 14 * 14, None) == [(slice(None), False)]
-    parts = kernels.batch_parts(experts, routing, kernels.input_grad_pixels(x), None)
+    parts = kernels.batch_parts(experts, routing, input_grad_kernels.input_grad_pixels(x), None)
     assert len(parts) == 4 and all(materialised for _, materialised in parts)
-    config = kernels.input_grad_config(x, experts, 1, 1, (2, 2))
+    config = input_grad_kernels.input_grad_config(x, experts, 1, 1, (2, 2))
     assert (config["BLOCK_P"], config["BLOCK_N"], config["num_stages"]) == (128, 128, 3)
 
 
@@ -233,7 +235,7 @@ def test_strided_input_gradient_streams_materialised_kernels(dtype, memory_forma
     monkeypatch.setattr(kernels, "materialise_part", lambda filter_size, B, m, out_pixels: B)
     x = torch.empty((1, 64, 7, 6), dtype=dtype).to(memory_format=memory_format)
     experts = torch.empty((2, 64, 64, 3, 3), dtype=dtype)
-    copies, config = kernels.input_grad_route(x, experts, 1, 1, (2, 2))
+    copies, config = input_grad_kernels.input_grad_route(x, experts, 1, 1, (2, 2))
     assert copies == (memory_format == torch.contiguous_format)
     assert config["BLOCK_P"] == 128 and config["BLOCK_K"] * dtype.itemsize == 128 and config["num_stages"] == 3
     _check(Case(B=1, Cin=64, Cout=64, H=7, W=6, E=2, stride=2), dtype, device, memory_format)
@@ -370,7 +372,7 @@ def test_drconv_input_gradient_packs_each_row_s_tap_regions(kh, m, bits, device)
     all the taps packed into one word before the loop (3 bits a tap for 5 regions), or read in the
     loop where 25 taps of 3 bits do not fit 64; stride 2 with odd sizes (live taps per phase), all
     gradients against float64."""
-    assert kernels.region_bits((kh, kh), m) == bits
+    assert input_grad_kernels.region_bits((kh, kh), m) == bits
     case = Case(B=1, Cin=16, Cout=16, H=7, W=6, kh=kh, kw=kh, padding=kh // 2, E=2, m=m, guide=True, stride=2)
     _check(case, torch.float32, device, torch.channels_last)
 
@@ -457,7 +459,7 @@ def test_nchw_wide_tiles(device):
     x = torch.empty((1, 128, 16, 16), dtype=torch.float16, device="meta")
     experts = torch.empty((2, 256, 128, 1, 1), dtype=torch.float16, device="meta")
     fwd = kernels.forward_config(x, experts, 1, 1, (1, 1), (0, 0), (1, 1))
-    dx = kernels.input_grad_config(x, experts, 1, 1, (1, 1))
+    dx = input_grad_kernels.input_grad_config(x, experts, 1, 1, (1, 1))
     dw = weight_grad_kernels.weight_grad_config(x, experts[:1], 1, 1, (1, 1))
     assert (fwd["BLOCK_P"], fwd["BLOCK_N"], dx["BLOCK_P"], dx["BLOCK_N"]) == (64, 256, 256, 128)
     assert (dw["BLOCK_O"], dw["BLOCK_N"], dw["BLOCK_K"]) == (128, 128, 64)
@@ -472,12 +474,12 @@ def test_nchw_256_pixel_tiles_for_plain_convs_only():
     experts = torch.empty((4, 128, 128, 3, 3), dtype=torch.bfloat16, device="meta")
     one = (1, 1)
     assert kernels.forward_config(x, experts, 1, 1, one, one, one)["BLOCK_P"] == 256
-    assert kernels.input_grad_config(x, experts, 1, 1, one)["BLOCK_P"] == 256
+    assert input_grad_kernels.input_grad_config(x, experts, 1, 1, one)["BLOCK_P"] == 256
     huge = torch.empty((2**17 + 1, 128, 64, 64), dtype=torch.bfloat16, device="meta")  # past 2^31 elements
     assert kernels.forward_config(huge, experts, 1, 1, one, one, one)["BLOCK_P"] <= 128
-    assert kernels.input_grad_config(huge, experts, 1, 1, one)["BLOCK_P"] == (256 if TRITON_VERSION <= (3, 6) else 128)
+    assert input_grad_kernels.input_grad_config(huge, experts, 1, 1, one)["BLOCK_P"] == (256 if TRITON_VERSION <= (3, 6) else 128)
     assert kernels.forward_config(x, experts, 1, 1, (2, 2), one, one)["BLOCK_P"] <= 128
-    assert kernels.input_grad_config(x, experts, 1, 1, (2, 2))["BLOCK_P"] <= 128
+    assert input_grad_kernels.input_grad_config(x, experts, 1, 1, (2, 2))["BLOCK_P"] <= 128
     assert kernels.forward_config(x, experts, 2, 1, one, one, one)["BLOCK_P"] <= 128
     assert kernels.bank_config(x, experts, 1, one, one, one)["BLOCK_P"] <= 128
 
@@ -735,7 +737,8 @@ def test_cpu_pytorch_path(name, monkeypatch):
     def no_kernels(*args, **kwargs):
         raise AssertionError("a Triton kernel ran on the plain-PyTorch path")
 
-    for module, entry in ((kernels, "expert_conv_forward"), (kernels, "expert_conv_backward_input"),
+    for module, entry in ((kernels, "expert_conv_forward"), (input_grad_kernels, "expert_conv_backward_input"),
+                          (region_conv_input_grad, "region_backward_input"),
                           (weight_grad_kernels, "expert_conv_backward_kernel"), (kernels, "expert_conv_guide_scores")):
         monkeypatch.setattr(module, entry, no_kernels)
     case = CASES[name]

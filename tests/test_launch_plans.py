@@ -8,6 +8,7 @@ import dynconv
 from dynconv.kernels import _launch, configs
 from dynconv.kernels import involution as kernels
 from dynconv.kernels import expert_conv as expert
+from dynconv.kernels import expert_conv_input_grad as expert_input_grad
 from dynconv.kernels import expert_conv_weight_grad as expert_weight_grad
 from dynconv.kernels import involution_fused as fused
 from dynconv.reference import expert_conv2d_loop, involution_fused_reference, involution_unfold
@@ -312,7 +313,7 @@ def _expert_launch_args(fmt, materialise):
     fwd_cfg = expert.forward_config(x, experts, m, 1, *geometry)
     regions = expert.region_tables(guide, fwd_cfg["BLOCK_P"])
     score = torch.empty(B, m, expert.score_tiles(Cout, 1, fwd_cfg), y.shape[2] * y.shape[3])
-    in_cfg = expert.input_grad_config(x, experts, m, 1, (1, 1))
+    in_cfg = expert_input_grad.input_grad_config(x, experts, m, 1, (1, 1))
     w_cfg = expert_weight_grad.weight_grad_config(x, experts, m, 1, (1, 1))
     splits = expert_weight_grad.weight_grad_splits(B, m, Cout, 1, experts[0, 0].numel(), y.shape[2] * y.shape[3], w_cfg)
     dw = torch.empty(splits, B, m, *experts.shape[1:])
@@ -336,7 +337,8 @@ def test_expert_conv_plan_launch_matches_a_fresh_build(launcher, materialise):
     for fmt in (torch.contiguous_format, torch.channels_last):
         launchers, tensors = _expert_launch_args(fmt, materialise)
         make_args = launchers[launcher]
-        module = expert_weight_grad if launcher == "backward_weight_launch" else expert
+        module = {"backward_weight_launch": expert_weight_grad,
+                  "backward_input_launch": expert_input_grad}.get(launcher, expert)
         first = getattr(module, launcher)(*make_args(tensors))
         others = {k: torch.empty_like(v) for k, v in tensors.items()}
         again = getattr(module, launcher)(*make_args(others))
@@ -348,5 +350,5 @@ def test_expert_conv_plan_launch_matches_a_fresh_build(launcher, materialise):
 
 
 def test_expert_conv_meta_tensors_build_afresh():
-    launches = expert.catalogue() + expert_weight_grad.catalogue()
+    launches = expert.catalogue() + expert_input_grad.catalogue() + expert_weight_grad.catalogue()
     assert launches and not _launch._plans
