@@ -120,7 +120,10 @@ def default_forward_config(cout_g: int, cin_g: int, dtype: torch.dtype, channels
     accumulator spills on sm_80. Stages: a part of the batch is about one wave of tiles, so a
     tile's path is the kernel's time and every K-step's load must be in flight a few steps ahead
     (PREDICTED, D1 fwd bf16 NHWC, 3 stages 19%, 4 stages 34%; fp32, 32-channel steps: 2 stages 7%,
-    4 15%, 6 20%).
+    4 15%, 6 20%). fp32 takes 64-channel output tiles four stages deep: its 4-byte region kernels
+    leave a part half the samples of 16-bit's, so 128-channel tiles kept half the SMs idle
+    (PREDICTED, triton 3.6, D1 fwd fp32 NHWC/NCHW: 128 x 64 six stages 20.8/16.1%, 64 x 64 four
+    stages 25.0/19.5%; 3.9: 21.0/19.6% -> 25.6/23.5%).
 
     ``channels_last``: the layer's layout, which is the output's (the input is read channels_last
     either way: ``forward_copies_input``). An NCHW output is stored an element at a time, with an
@@ -129,11 +132,11 @@ def default_forward_config(cout_g: int, cin_g: int, dtype: torch.dtype, channels
     block_k = min({2: 64, 4: 32}.get(dtype.itemsize, 16), 1 << (cin_g.bit_length() - 1))
     block_o = max(16, min(128, next_power_of_2(cout_g)))
     narrow_out = not channels_last and dtype.itemsize == 2
-    if narrow_out:
+    if narrow_out or dtype.itemsize == 4:
         block_o = min(block_o, 64)
     return {"BLOCK_O": block_o, "BLOCK_P": 64, "BLOCK_K": block_k,
             "num_warps": 4 if narrow_out or block_o < 64 else 8,
-            "num_stages": {2: 4, 4: 6}.get(dtype.itemsize, 2)}
+            "num_stages": {2: 4, 4: 4}.get(dtype.itemsize, 2)}
 
 
 def forward_copies_input(x: torch.Tensor) -> bool:
