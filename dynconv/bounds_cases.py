@@ -217,7 +217,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     def column_product():  # the launch before the fold, with its bytes: dy's part in, the columns out
         y = ec.channels_last_stand_in(tensors()[1])[:col_part]
         weight = _empty((col_part, p.m, rcg.column_count((p.K, p.K), p.C), p.Cout // p.groups, 1, 1), dt)
-        cfg = rcg.columns_config(dt)
+        cfg = rcg.default_columns_config(dt)
         launch = rcg.columns_launch(y, weight, regions(cfg["BLOCK_P"], col_part), _columns(), p.groups, cfg)
         return [(launch, col_part * p.Cout * N * nb + col_bytes)]
 

@@ -1,16 +1,18 @@
 """Autotuning space of the expert-conv kernels (``kernels/expert_conv.py``, ``expert_conv_input_grad.py``,
-``expert_conv_weight_grad.py``, ``region_conv.py``; contract in ``kernels/configs.py``).
+``expert_conv_weight_grad.py``, ``region_conv.py``, ``region_conv_input_grad.py``; contract in
+``kernels/configs.py``).
 
-Four configs are tuned, one per ``get_config`` name of the launchers:
+Five configs are tuned, one per ``get_config`` name of the launchers:
 
 * ``expert_conv_fwd`` (also used by the DRConv guide-score kernel, which recomputes the forward);
 * ``expert_conv_bwd_input``;
 * ``expert_conv_bwd_weight`` (its launcher keys the problem with E = 1: the kernel gradient does
   not depend on the experts);
-* ``region_conv_fwd``: DRConv's region forward (``kernels/region_conv.py``), on the DRConv layers.
+* ``region_conv_fwd``: DRConv's region forward (``kernels/region_conv.py``), on the DRConv layers;
+* ``region_conv_columns``: DRConv's input-gradient column product (``kernels/region_conv_input_grad.py``).
 
 Every pass is a ``tl.dot`` implicit GEMM with a (rows, cols, reduction) tile: (BLOCK_P, BLOCK_N,
-BLOCK_K) for the forward and input gradient, (BLOCK_O, BLOCK_N, BLOCK_K) for the kernel gradient,
+BLOCK_K) for the forward, the input gradient and the column product, (BLOCK_O, BLOCK_N, BLOCK_K) for the kernel gradient,
 (BLOCK_P, BLOCK_O, BLOCK_K) for the region forward (BLOCK_K channels of one tap).
 Candidates are the neighbourhood of the launcher's default, pruned to what ``tl.dot`` takes (every
 block a power of two >= 16), tiles no larger than the problem, and what plausibly fits registers
@@ -25,6 +27,7 @@ from . import expert_conv as ec
 from . import expert_conv_input_grad as eci
 from . import expert_conv_weight_grad as ecw
 from . import region_conv as rc
+from . import region_conv_input_grad as rcg
 from ._launch import Launch
 from .configs import KernelSpace, Problem, neighbourhood, register_spaces
 
@@ -186,13 +189,30 @@ def _region_forward(spec: dict, ts: dict, config: dict | None) -> Launch:
     return rc.forward_launch(x[part], weight, bias, tables, y[part], g, *geometry, config)
 
 
+def _region_columns(spec: dict, ts: dict, config: dict | None) -> Launch:
+    geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
+    dx, dy, experts = ts["dx"], ts["dy"], ts["experts"]
+    config = config or rcg.columns_config(dx, experts, m, g, geometry[0])
+    # As the op: the first part of the batch, dy channels_last, its region kernels laid for columns.
+    Ho, Wo = dy.shape[2:]
+    kernel_hw = (spec["kh"], spec["kw"])
+    part = slice(0, rcg.columns_part(dx.shape[0], m, experts[0].numel(), dx.dtype,
+                                     rcg.column_count(kernel_hw, dx.shape[1]) * Ho * Wo))
+    weight = _cached(ts, "column_kernels", lambda: rcg.column_kernels(experts, ts["routing"][part], None, g))
+    dy = _cached(ts, "dy_channels_last", lambda: dy.contiguous(memory_format=torch.channels_last))
+    cols = _cached(ts, "columns", lambda: rcg.columns_empty(weight.shape[0], dx.shape[1], kernel_hw, Ho, Wo,
+                                                            dx.dtype, dx.device))
+    tables = rc.tables_part(_regions(ts, config["BLOCK_P"]), part)
+    return rcg.columns_launch(dy[part], weight, tables, cols, g, config)
+
+
 _LAUNCH = {"expert_conv_fwd": _forward, "expert_conv_bwd_input": _input_grad, "expert_conv_bwd_weight": _weight_grad,
-           "region_conv_fwd": _region_forward}
+           "region_conv_fwd": _region_forward, "region_conv_columns": _region_columns}
 
 
 def _key(kernel: str):
     def key(spec: dict, ts: dict) -> dict:
-        x = ts["dx"] if kernel == "expert_conv_bwd_input" else ts["x"]
+        x = ts["dx"] if kernel in ("expert_conv_bwd_input", "region_conv_columns") else ts["x"]
         return ec.problem_key(x, _key_experts(kernel, ts), spec["m"], spec["groups"], _strides(spec))
     return key
 
@@ -205,6 +225,8 @@ def _default_for(kernel: str, key: dict) -> dict:
     plain = ec.is_plain_conv(key["m"], (key["stride_h"], key["stride_w"]))
     if kernel == "region_conv_fwd":
         return rc.default_forward_config(key["Cout"] // g, key["Cin"] // g, dtype, bool(key["channels_last"]))
+    if kernel == "region_conv_columns":
+        return rcg.default_columns_config(dtype)
     if kernel == "expert_conv_fwd":
         Ho, Wo = _out_hw(key)
         mixing = ec.materialise_part(filter_size, key["B"], key["m"], Ho * Wo) == 0
@@ -233,6 +255,8 @@ def _gemm_dims(kernel: str, key: dict) -> dict:
         return {"BLOCK_P": Ho * Wo // key["m"], "BLOCK_N": key["Cout"] // g, "BLOCK_K": key["Cin"] // g * taps}
     if kernel == "region_conv_fwd":
         return {"BLOCK_P": Ho * Wo // key["m"], "BLOCK_O": key["Cout"] // g, "BLOCK_K": key["Cin"] // g}
+    if kernel == "region_conv_columns":  # pixels of a region, columns (tap, channel), output channels
+        return {"BLOCK_P": Ho * Wo // key["m"], "BLOCK_N": key["Cin"] // g * taps, "BLOCK_K": key["Cout"] // g}
     if kernel == "expert_conv_bwd_input":
         return {"BLOCK_P": key["H"] * key["W"], "BLOCK_N": key["Cin"] // g, "BLOCK_K": key["Cout"] // g * taps}
     return {"BLOCK_O": key["Cout"] // g, "BLOCK_N": key["Cin"] // g * taps, "BLOCK_K": Ho * Wo // key["m"]}
@@ -301,7 +325,8 @@ def _input_grad_problems(quick: bool) -> list:
     return [problem for problem in _problems(quick) if problem.op != "drconv"]
 
 
-_PROBLEMS = {"region_conv_fwd": _region_problems, "expert_conv_bwd_input": _input_grad_problems}
+_PROBLEMS = {"region_conv_fwd": _region_problems, "region_conv_columns": _region_problems,
+             "expert_conv_bwd_input": _input_grad_problems}
 
 
 def autotune_space() -> dict:

@@ -8,7 +8,7 @@ a plain conv's MMA: ``region_conv.region_backward_input``, kept where the column
 
 Grouped by output pixel instead, the product is the forward's: the columns
 ``U[b, p, (g, u, v, c)] = Σ_o dy[b, o, p] · W[b, r(p), o, c, u, v]`` of a region tile share one kernel,
-so ``region_columns_kernel`` computes them as one GEMM per tile of dy's pixels sorted by region (the
+so ``region_conv_columns_kernel`` computes them as one GEMM per tile of dy's pixels sorted by region (the
 forward's region tables) against the region kernels laid (g, u, v, c) x o: one conv's MMA, however
 the regions lie. A fold then sums each input pixel's K² columns (``fold_columns_kernel``) in the
 accumulator's precision, in a fixed order.
@@ -24,8 +24,9 @@ import triton.language as tl
 
 from . import region_conv
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
+from .configs import get_config
 from .expert_conv import (_acc_dtype, _acc_torch_dtype, _input_precision, _region_tile, meta_region_tables,
-                          region_tile_bound, region_tables)
+                          problem_key, region_tile_bound, region_tables)
 from .layout import channels_last_copy
 
 # The columns of at most this many bytes exist at once; a sample whose columns alone pass it takes
@@ -34,7 +35,7 @@ COLUMNS_BYTES = 64 << 20
 
 
 @triton.jit
-def region_columns_kernel(
+def region_conv_columns_kernel(
     dy_ptr, w_ptr, cols_ptr,
     tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr,
     P, COUT_G, N_COLS, NUM_REGIONS, TILES, N_TILES,
@@ -153,7 +154,7 @@ def column_kernels(experts: torch.Tensor, routing: torch.Tensor, spatial: torch.
     return mixed.reshape(B, m, groups * kh * kw * cin_g, Cout // groups, 1, 1)
 
 
-def columns_config(dtype: torch.dtype) -> dict:
+def default_columns_config(dtype: torch.dtype) -> dict:
     """The column product: 64 pixels x 128 columns, the reduction in 16-channel steps four deep. A
     program's path (tables, pixel ids, then its few steps) is most of its time, so the shortest steps
     with the deepest pipeline, three programs an SM (PREDICTED, triton 3.6, D1 part, bf16: 64-channel
@@ -161,6 +162,13 @@ def columns_config(dtype: torch.dtype) -> dict:
     deep 9.2; 64 x 64 tiles or several column tiles a program slower)."""
     return {"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_K": 16, "num_warps": 4,
             "num_stages": 4 if dtype.itemsize <= 4 else 2}
+
+
+def columns_config(dx, experts, m: int, groups: int, stride) -> dict:
+    """The column product's config for the layer whose input gradient is ``dx`` (keyed as the expert
+    kernels key it; tuned as ``region_conv_columns``)."""
+    return get_config("region_conv_columns", problem_key(dx, experts, m, groups, stride),
+                      default_columns_config(dx.dtype))
 
 
 def fold_config(cin_g: int) -> dict:
@@ -194,7 +202,7 @@ def columns_launch(dy, weight, regions, cols, groups: int, config: dict) -> Laun
         raise ValueError("the column kernels' output channels must be contiguous (column_kernels)")
     if groups * n_tiles > 65535:
         raise ValueError(f"too many column tiles for the grid ({groups * n_tiles}); use a larger BLOCK_N")
-    return Launch(region_columns_kernel, (B * tiles, groups * n_tiles, 1), args, meta, config["num_warps"],
+    return Launch(region_conv_columns_kernel, (B * tiles, groups * n_tiles, 1), args, meta, config["num_warps"],
                   config["num_stages"], loops=(cdiv(Cout // groups, meta["BLOCK_K"]),))
 
 
@@ -230,7 +238,7 @@ def region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stri
     Ho, Wo = dy.shape[2:]
     if not is_channels_last(dy):
         dy = channels_last_copy(dy)
-    config = columns_config(dy.dtype)
+    config = columns_config(dx, experts, m, groups, stride)
     tables = region_tables(guide, config["BLOCK_P"])
     part = columns_part(B, m, experts[0].numel(), dx.dtype, column_count(kernel_hw, Cin) * Ho * Wo)
     cols = columns_empty(min(part, B), Cin, kernel_hw, Ho, Wo, dx.dtype, dx.device)
@@ -260,7 +268,7 @@ def catalogue() -> list[Launch]:
                 dx = torch.empty((B, Cin, H, W), **meta).to(memory_format=fmt)
                 part = columns_part(B, m, Cout * (Cin // groups) * k * k, dtype, column_count((k, k), Cin) * Ho * Wo)
                 weight = torch.empty((part, m, column_count((k, k), Cin), Cout // groups, 1, 1), **meta)
-                config = columns_config(dtype)
+                config = default_columns_config(dtype)
                 cols = columns_empty(part, Cin, (k, k), Ho, Wo, dtype, "meta")
                 tables = meta_region_tables(part, Ho * Wo, m, config["BLOCK_P"])
                 tag = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"

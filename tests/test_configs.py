@@ -564,6 +564,31 @@ def test_region_conv_forward_has_a_tuning_space_and_uses_its_rows(gpu):
     assert region_conv.forward_config(ts["x"], ts["experts"], case.spec["m"], case.spec["groups"], *geometry) == tuned
 
 
+def test_drconv_column_product_has_a_tuning_space_and_uses_its_rows(gpu):
+    """DRConv's input-gradient column product is swept on the DRConv layers from its launcher's
+    default, keyed by dx as the op keys it, and a tuned row reaches the launcher."""
+    from dynconv.autotune import build_grid
+    from dynconv.kernels import region_conv_input_grad
+
+    space = configs.spaces()["region_conv_columns"]
+    cases = build_grid({"region_conv_columns": space}, None, ["float16", "float32"], quick=False)
+    assert cases and all(case.spec["m"] > 1 for case in cases)
+    for case in cases:
+        ts = space.inputs(case.spec, getattr(torch, case.dtype), "meta")
+        key = space.key(case.spec, ts)
+        assert case.candidates[0] == case.default == region_conv_input_grad.default_columns_config(ts["dx"].dtype)
+        assert len(case.candidates) > 1 and not any(space.rules(c, key) for c in case.candidates)
+        launch = space.launch(case.spec, ts, case.candidates[1])
+        assert launch.name == "region_conv_columns_kernel" and launch.meta["BLOCK_P"] == case.candidates[1]["BLOCK_P"]
+    user, _, _ = gpu
+    case = cases[0]
+    ts = space.inputs(case.spec, getattr(torch, case.dtype), "meta")
+    tuned = dict(case.candidates[1])
+    write(user, table_file([(space.key(case.spec, ts), tuned)], kernel="region_conv_columns"))
+    assert region_conv_input_grad.columns_config(ts["dx"], ts["experts"], case.spec["m"], case.spec["groups"],
+                                                 (1, 1)) == tuned
+
+
 def test_drconv_input_gradient_is_timed_on_the_op_s_region_kernels():
     """DRConv's input gradient runs by columns where they fit: the sweep leaves its layers out of
     the expert input-gradient kernel's grid. Where they do not (run-time tuning of a fallback

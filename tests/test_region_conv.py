@@ -172,6 +172,16 @@ def test_input_gradient_columns_in_parts_and_bf16(monkeypatch, column_launches, 
     assert all(args[3].dtype == torch.float32 for args in column_launches["columns"])
 
 
+def test_input_gradient_columns_with_a_tuned_tile(monkeypatch, column_launches, device):
+    """A tile the tuner may pick (region_conv_columns' space): 16-pixel tiles, several column tiles
+    and several 16-channel reduction steps, one stage."""
+    tile = {"BLOCK_P": 16, "BLOCK_N": 64, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setattr(region_conv_input_grad, "columns_config", lambda *args: dict(tile))
+    inputs, geometry = _inputs(B=2, Cin=32, Cout=48, H=7, W=6, m=4, stride=2)
+    check_against_reference(_op, _reference, inputs, torch.float32, device, torch.channels_last, **geometry)
+    assert column_launches["columns"] and all(args[-1] == tile for args in column_launches["columns"])
+
+
 def test_input_gradient_falls_back_where_the_columns_do_not_fit(monkeypatch, device):
     """One sample's columns past COLUMNS_BYTES: the m-region kernel, same gradients."""
     monkeypatch.setattr(region_conv_input_grad, "COLUMNS_BYTES", 1)
@@ -193,5 +203,5 @@ def test_column_kernels_layout():
 
 def test_catalogue_lists_the_column_product_and_the_fold():
     launches = region_conv_input_grad.catalogue()
-    assert [launch.name for launch in launches[:2]] == ["region_columns_kernel", "fold_columns_kernel"]
-    assert all(launch.name == "region_columns_kernel" for launch in launches[0::2])
+    assert [launch.name for launch in launches[:2]] == ["region_conv_columns_kernel", "fold_columns_kernel"]
+    assert all(launch.name == "region_conv_columns_kernel" for launch in launches[0::2])
