@@ -141,8 +141,7 @@ def check_candidate(task: tuple) -> str | None:
     if warm:
         try:
             # Compile through the JIT too, so the timing loop finds the binary in Triton's cache.
-            launch.kernel.warmup(grid=launch.grid, **launch.args, **launch.meta,
-                                 num_warps=launch.num_warps, num_stages=launch.num_stages)
+            launch.kernel.warmup(grid=launch.grid, **launch.args, **launch.meta, **launch.compile_options(arch))
         except Exception:  # noqa: BLE001 - only a cache warm-up; the timing loop compiles anyway
             pass
     return None

@@ -6,6 +6,7 @@ would see on a GPU, so the AOT compile check and ``dynconv inspect`` test what r
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -41,6 +42,17 @@ TRITON_VERSION = tuple(int(n) for n in triton.__version__.split(".")[:2])
 
 # Architectures the AOT check compiles for, with their shared-memory ceiling per block (bytes).
 ARCHS = {90: 232448, 80: 166912}
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_of(device: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _device_arch() -> int:
+    """The current CUDA device's architecture as 90 for sm_90 (Triton launches on the current one)."""
+    return _arch_of(torch.cuda.current_device())
 
 
 def cdiv(a: int, b: int) -> int:
@@ -108,11 +120,23 @@ class Launch:
     # empty: the grid's middle program. A launcher whose middle program is an edge tile names one
     # off the image's borders, the model's assumed typical program.
     typical_program: tuple = field(default=())
+    # Registers a thread may take when compiled for sm_90 (ptxas' maxnreg; 0: ptxas chooses). A
+    # launcher caps a kernel a few registers over a residency step where ptxas fits it without
+    # spilling there; other architectures compile it uncapped (the AOT check compiles both ways).
+    sm90_max_registers: int = 0
+
+    def compile_options(self, arch: int) -> dict:
+        """Triton's compile options for ``arch`` (90 for sm_90; 0 where none applies)."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.sm90_max_registers and arch == 90:
+            options["maxnreg"] = self.sm90_max_registers
+        return options
 
     def __call__(self) -> None:
         if min(self.grid) == 0:
             return
-        self.kernel[self.grid](**self.args, **self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
+        arch = 0 if _INTERPRETED or not self.sm90_max_registers else _device_arch()
+        self.kernel[self.grid](**self.args, **self.meta, **self.compile_options(arch))
 
     @property
     def name(self) -> str:
@@ -160,11 +184,7 @@ class Launch:
     def compile(self, arch: int = 90):
         from triton.backends.compiler import GPUTarget
 
-        return triton.compile(
-            self.source(),
-            target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": self.num_warps, "num_stages": self.num_stages},
-        )
+        return triton.compile(self.source(), target=GPUTarget("cuda", arch, 32), options=self.compile_options(arch))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +201,7 @@ class _Plan:
     num_warps: int
     num_stages: int
     loops: tuple = ()
+    sm90_max_registers: int = 0
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -220,14 +241,15 @@ def planned(key: tuple, names: tuple[str, ...], tensors: tuple, build) -> Launch
     if plan is not None:
         args = dict(zip(names, tensors))
         args.update(plan.scalars)
-        return Launch(plan.kernel, plan.grid, args, plan.meta, plan.num_warps, plan.num_stages, loops=plan.loops)
+        return Launch(plan.kernel, plan.grid, args, plan.meta, plan.num_warps, plan.num_stages, loops=plan.loops,
+                      sm90_max_registers=plan.sm90_max_registers)
     provisional = configs.provisional_answers
     launch = build()
     if configs.provisional_answers == provisional:
         scalars = {k: v for k, v in launch.args.items() if k not in names}
         assert not any(isinstance(v, torch.Tensor) for v in scalars.values()), "a tensor argument not in names"
         _store_plan(key, _Plan(launch.kernel, launch.grid, scalars, dict(launch.meta), launch.num_warps,
-                               launch.num_stages, launch.loops))
+                               launch.num_stages, launch.loops, launch.sm90_max_registers))
     return launch
 
 

@@ -53,7 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, next_power_of_2, planned
+from ._launch import (TRITON_VERSION, Launch, cacheable, cdiv, config_key, is_channels_last, layout,
+                      next_power_of_2, planned)
 from .configs import get_config
 from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64, widen
 from . import involution_fused_halo as halo
@@ -584,7 +585,8 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
             "ssb": span_bias.stride(0) if span_bias is not None else 0, **_strides(names[3], out),
             "PH": padding[0], "PW": padding[1], "TILES": tiles_h * tiles_w, "TILES_W": tiles_w}
     warps = HALO_WARPS["bwd_input" if transposed else "fwd"]
-    return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, warps, 1, loops=(G,))
+    return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, warps, 1, loops=(G,),
+                  sm90_max_registers=HALO_INPUT_GRAD_SM90_REGISTERS if transposed else 0)
 
 
 # The forward fits one warpgroup (its [pixels, halo] window is then staged for the dot once, not
@@ -592,6 +594,11 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
 # ptxas spills the input gradient (weights over a 256-pixel halo) and dspan on sm_80 in NCHW, and
 # dz gains nothing: they keep two warpgroups.
 HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_span": 8}
+# The input gradient takes 130-150 registers a thread on sm_90: one eight-warp program an SM. Capped
+# at 128, two fit, and triton 3.6's ptxas (the GPU machines') keeps it without a spill there
+# (PREDICTED, R1-layer dx bf16 NHWC/NCHW 10.9/10.1% -> 21.6/19.4%); newer ptxas spill it (8-32
+# bytes of stack), and sm_80 compiles it uncapped. dz would gain as much but spills on 3.6 too.
+HALO_INPUT_GRAD_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
 
 
 def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:

@@ -215,6 +215,24 @@ def test_fused_plan_launch_matches_a_fresh_build(launcher):
         assert again.args == fresh.args and first.args.keys() == fresh.args.keys()
 
 
+def test_register_cap_is_an_sm90_option_a_plan_keeps():
+    """The halo input gradient's register cap (triton <= 3.6) reaches ptxas only for sm_90, and a
+    launch rebuilt from its plan keeps it."""
+    B, C, H, W, K, G, R = 1, 16, 6, 7, 3, 2, 5
+    dy = torch.randn(B, C, H, W, dtype=torch.bfloat16)
+    z = torch.randn(B, R, H, W, dtype=torch.bfloat16)
+    span_w, span_b = torch.randn(K * K * G, R, dtype=torch.bfloat16), torch.randn(K * K * G, dtype=torch.bfloat16)
+    geometry = ((1, 1), (1, 1), (1, 1))
+    first = fused.backward_input_launch(dy, z, span_w, span_b, torch.empty_like(dy), K, *geometry)
+    again = fused.backward_input_launch(dy, z, span_w, span_b, torch.empty_like(dy), K, *geometry)
+    assert first.name == "fused_bwd_input_halo_kernel"
+    cap = fused.HALO_INPUT_GRAD_SM90_REGISTERS
+    assert first.sm90_max_registers == again.sm90_max_registers == cap
+    assert cap == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
+    assert again.compile_options(90).get("maxnreg") == (cap or None)
+    assert "maxnreg" not in again.compile_options(80) and "maxnreg" not in again.compile_options(0)
+
+
 def test_fused_provisional_config_is_not_remembered(monkeypatch, tmp_path):
     def capturing():
         raise configs._NotNow
