@@ -297,6 +297,23 @@ def test_the_static_model_simulates_a_middle_tile_of_the_walks():
             assert launch.typical_program[1] == launch.grid[1] // 2
 
 
+def test_16_bit_nchw_walks_cap_their_registers_on_sm90():
+    """R4's 16-bit NCHW walks (forward and input gradient) compile for sm_90 at 128 registers a
+    thread (16 one-warp programs an SM); fp32 and channels_last walks keep ptxas' own count."""
+    for dtype, fmt, capped in ((torch.bfloat16, torch.contiguous_format, True),
+                               (torch.float16, torch.contiguous_format, True),
+                               (torch.float32, torch.contiguous_format, False),
+                               (torch.bfloat16, torch.channels_last, False)):
+        x = torch.empty(64, 256, 56, 56, device="meta", dtype=dtype).to(memory_format=fmt)
+        w = torch.empty(64, 256, 7, 7, device="meta", dtype=dtype)
+        geometry = (1, 1), (3, 3), (1, 1)
+        for launch in (dwconv.forward_launch(x, w, None, torch.empty_like(x), *geometry),
+                       dwconv.backward_input_launch(torch.empty_like(x), w, x, *geometry)):
+            assert launch.meta["WALK"]
+            assert launch.compile_options(90).get("maxnreg") == (128 if capped else None), (dtype, fmt)
+            assert "maxnreg" not in launch.compile_options(80)
+
+
 def test_weight_gradient_rejects_geometries_it_does_not_walk():
     x = torch.randn(1, 2, 5, 5)
     config = dwconv.weight_grad_default(1, 2, 3, 3, 3, False)
