@@ -112,6 +112,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     import torch
 
     from .kernels import expert_conv as ec
+    from .kernels import expert_conv_guide as ecg
     from .kernels import expert_conv_input_grad as eci
     from .kernels import expert_conv_weight_grad as ecw
     from .kernels import region_conv as rc
@@ -227,19 +228,19 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
 
     def guide():
         x, y, experts, routing = tensors()
-        if ec.uses_expert_bank(experts, routing):  # one launch for the batch: E plain convs' scores
+        if ecg.uses_expert_bank(experts, routing):  # one launch for the batch: E plain convs' scores
             if bank_copies:
                 x = ec.channels_last_stand_in(x)
-            cfg = ec.bank_config(x, experts, p.groups, *geometry)
+            cfg = ecg.bank_config(x, experts, p.groups, *geometry)
             bias = _empty((p.E, p.Cout), dt).expand(p.B, p.E, p.Cout) if p.bias else None
-            score = _empty((p.B, p.E, ec.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)
-            return ec.guide_score_launch(x, ec.expert_bank_source(experts), None, bias, y, score, (p.K, p.K),
-                                         p.groups, *geometry, cfg)
+            score = _empty((p.B, p.E, ecg.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)
+            return ecg.guide_score_launch(x, ecg.expert_bank_source(experts), None, bias, y, score, (p.K, p.K),
+                                          p.groups, *geometry, cfg)
         cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
         bias = _empty((p.B, p.m, p.Cout), dt)[samples] if p.bias else None
-        score = _empty((p.B, p.m, ec.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)[samples]
-        return ec.guide_score_launch(x[samples], source(experts, routing), None, bias, y[samples], score, (p.K, p.K),
-                                     p.groups, *geometry, cfg)
+        score = _empty((p.B, p.m, ecg.score_tiles(p.Cout, p.groups, cfg), N), torch.float32)[samples]
+        return ecg.guide_score_launch(x[samples], source(experts, routing), None, bias, y[samples], score,
+                                      (p.K, p.K), p.groups, *geometry, cfg)
 
     weights = sizes["experts"] + sizes["routing"]
     extra = sizes.get("guide", 0)
@@ -256,7 +257,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         "guide": (guide, (sizes["x"] + weights + bias + sizes["y"] + 2 * extra) * nb,
                   p.m * conv + 2 * p.B * p.m * p.Cout * N),
     }
-    bank = guided and ec.uses_expert_bank(_empty((p.E, 1, 1, 1, 1), dt), _empty((p.B, p.m, p.E), dt))
+    bank = guided and ecg.uses_expert_bank(_empty((p.E, 1, 1, 1, 1), dt), _empty((p.B, p.m, p.E), dt))
     share = {"fwd": rc_part / p.B if region_fwd else part, "dx": col_part / p.B if region_dx else dx_part,
              "guide": 1.0 if bank else part, "dw": 1.0}
     # The forward's bias adds run on the CUDA cores, the rest on the tensor cores.
@@ -267,7 +268,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         return {tensor_cores: round(table[k][2] * share[k]) - fma, **({"fma": fma} if fma else {})}
 
     dw_copies = ecw.weight_grad_copies_inputs(y0, x0, p.m, p.groups, (p.stride, p.stride))
-    bank_copies = ec.bank_copies_input(x0, experts0, p.groups, *geometry)
+    bank_copies = ecg.bank_copies_input(x0, experts0, p.groups, *geometry)
     # The region forward copies the whole x once; its case models the copy of the part it reads.
     copies = {"fwd": (lambda: copied(tensors()[0][:rc_part] if region_fwd else tensors()[0], region_fwd))
               if fwd_copies else None,

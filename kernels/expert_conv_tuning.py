@@ -1,6 +1,6 @@
-"""Autotuning space of the expert-conv kernels (``kernels/expert_conv.py``, ``expert_conv_input_grad.py``,
-``expert_conv_weight_grad.py``, ``region_conv.py``, ``region_conv_input_grad.py``; contract in
-``kernels/configs.py``).
+"""Autotuning space of the expert-conv kernels (``kernels/expert_conv.py``, ``expert_conv_guide.py``,
+``expert_conv_input_grad.py``, ``expert_conv_weight_grad.py``, ``region_conv.py``,
+``region_conv_input_grad.py``; contract in ``kernels/configs.py``).
 
 Five configs are tuned, one per ``get_config`` name of the launchers:
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import expert_conv as kernels
+from dynconv.kernels import expert_conv_guide as guide_kernels
 from dynconv.kernels import expert_conv_input_grad as input_grad_kernels
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.kernels import layout, region_conv, region_conv_input_grad
@@ -283,9 +284,9 @@ def _guide_scores(x, weights, routing, bias, spatial, grad, groups, stride, padd
             return grad.new_zeros((grad.shape[0], _regions(weights, routing), *grad.shape[2:]), dtype=acc)
         return torch.einsum("bohw,bro->brhw", grad.to(acc), mixed.to(acc))
     if runs_kernels(x):
-        return kernels.expert_conv_guide_scores(x, weights, routing, spatial, _mixed_bias(routing, bias), grad,
-                                                groups, stride, padding, dilation,
-                                                expert_bias=bias if routing is not None else None)
+        return guide_kernels.expert_conv_guide_scores(x, weights, routing, spatial, _mixed_bias(routing, bias),
+                                                      grad, groups, stride, padding, dilation,
+                                                      expert_bias=bias if routing is not None else None)
     y_all = _cpu_region_outputs(x, weights, routing, bias, spatial, stride, padding, dilation, groups)
     B, Cout = grad.shape[:2]
     # In place: y_all is this function's own temporary (m outputs; a product would be a second).

@@ -12,6 +12,7 @@ from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 import dynconv
 from dynconv.kernels import _launch
 from dynconv.kernels import expert_conv as kernels
+from dynconv.kernels import expert_conv_guide as guide_kernels
 from dynconv.kernels import expert_conv_input_grad as input_grad_kernels
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.ops import _eager
@@ -201,7 +202,8 @@ def test_vmap_over_any_argument(vmapped, plain):
 def test_empty_problems(shape, interpreted, path, monkeypatch, nan_poison):
     monkeypatch.setattr(_launch, "_INTERPRETED", interpreted and _launch._INTERPRETED)
     for module, entry in ((kernels, "expert_conv_forward"), (input_grad_kernels, "expert_conv_backward_input"),
-                          (weight_grad_kernels, "expert_conv_backward_kernel"), (kernels, "expert_conv_guide_scores")):
+                          (weight_grad_kernels, "expert_conv_backward_kernel"),
+                          (guide_kernels, "expert_conv_guide_scores")):
         monkeypatch.setattr(module, entry, lambda *a, **k: pytest.fail("a kernel was launched for nothing"))
     inputs = _inputs(**shape)
     names, leaves = _leaves(inputs)

@@ -14,6 +14,7 @@ import dynconv
 import dynconv.ops.expert_conv as expert_ops
 from dynconv.kernels import _launch
 from dynconv.kernels import expert_conv as kernels
+from dynconv.kernels import expert_conv_guide as guide_kernels
 from dynconv.kernels import expert_conv_input_grad as input_grad_kernels
 from dynconv.kernels import region_conv_input_grad
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
@@ -296,15 +297,15 @@ def test_guide_scores_expert_bank(E, m, groups, bias, layout, monkeypatch, devic
     fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
     t = {k: (v.float().to(device) if v is not None else None) for k, v in inputs.items()}
     launched = []
-    real = kernels.guide_score_launch
+    real = guide_kernels.guide_score_launch
 
     def spy(x, source, *args):
         launched.append(source)
         return real(x, source, *args)
 
-    monkeypatch.setattr(kernels, "guide_score_launch", spy)
+    monkeypatch.setattr(guide_kernels, "guide_score_launch", spy)
     mixed_bias = t["routing"] @ t["bias"] if bias else None
-    scores = kernels.expert_conv_guide_scores(
+    scores = guide_kernels.expert_conv_guide_scores(
         t["x"].contiguous(memory_format=fmt), t["experts"], t["routing"], t["spatial"], mixed_bias,
         dy.float().to(device).contiguous(memory_format=fmt), groups, (2, 2), (1, 1), (1, 1),
         expert_bias=t["bias"])
@@ -322,13 +323,13 @@ def test_guide_scores_expert_bank_reads_a_channels_last_copy(monkeypatch, device
     inputs = case.inputs()
     x = inputs["x"].float().to(device)
     experts = inputs["experts"].float().to(device)
-    assert kernels.bank_copies_input(x, experts, 1, (1, 1), (1, 1), (1, 1))
+    assert guide_kernels.bank_copies_input(x, experts, 1, (1, 1), (1, 1), (1, 1))
     copies = []
-    copy = kernels.channels_last_copy
-    monkeypatch.setattr(kernels, "channels_last_copy", lambda t: copies.append(t.shape) or copy(t))
+    copy = guide_kernels.channels_last_copy
+    monkeypatch.setattr(guide_kernels, "channels_last_copy", lambda t: copies.append(t.shape) or copy(t))
     dy = torch.randn(1, 64, 24, 24, dtype=torch.float64)
     routing = inputs["routing"].float().to(device)
-    scores = kernels.expert_conv_guide_scores(x, experts, routing, None, None, dy.float().to(device), 1, (1, 1),
+    scores = guide_kernels.expert_conv_guide_scores(x, experts, routing, None, None, dy.float().to(device), 1, (1, 1),
                                               (1, 1), (1, 1))
     assert copies == [x.shape]
     y_all = all_region_outputs(inputs["x"].float().double(), inputs["experts"].float().double(),
@@ -481,7 +482,7 @@ def test_nchw_256_pixel_tiles_for_plain_convs_only():
     assert kernels.forward_config(x, experts, 1, 1, (2, 2), one, one)["BLOCK_P"] <= 128
     assert input_grad_kernels.input_grad_config(x, experts, 1, 1, (2, 2))["BLOCK_P"] <= 128
     assert kernels.forward_config(x, experts, 2, 1, one, one, one)["BLOCK_P"] <= 128
-    assert kernels.bank_config(x, experts, 1, one, one, one)["BLOCK_P"] <= 128
+    assert guide_kernels.bank_config(x, experts, 1, one, one, one)["BLOCK_P"] <= 128
 
 
 @pytest.mark.parametrize("name, padding", [("drconv-m3", 1), ("taps-flat-k5-dilation2", 4)])
@@ -739,7 +740,8 @@ def test_cpu_pytorch_path(name, monkeypatch):
 
     for module, entry in ((kernels, "expert_conv_forward"), (input_grad_kernels, "expert_conv_backward_input"),
                           (region_conv_input_grad, "region_backward_input"),
-                          (weight_grad_kernels, "expert_conv_backward_kernel"), (kernels, "expert_conv_guide_scores")):
+                          (weight_grad_kernels, "expert_conv_backward_kernel"),
+                          (guide_kernels, "expert_conv_guide_scores")):
         monkeypatch.setattr(module, entry, no_kernels)
     case = CASES[name]
     check_against_reference(_dynconv, _reference, case.inputs(), torch.float32, "cpu", **case.geometry())

@@ -264,7 +264,7 @@ def test_expert_conv_experts_and_regions_past_int32(storage):
     """e * sw_e and r * sbias_r pass 2^31 (experts and regions outermost), mixing on the fly with a
     DRConv guide: forward, input gradient and guide scores."""
     from dynconv.kernels import expert_conv as k
-    from dynconv.kernels import expert_conv_input_grad
+    from dynconv.kernels import expert_conv_guide, expert_conv_input_grad
 
     B, C, H, W, E, m, kk = 1, 4, 4, 4, 3, 3, 3
     x, dy = _randn(B, C, H, W), _randn(B, C, H, W)
@@ -284,7 +284,8 @@ def test_expert_conv_experts_and_regions_past_int32(storage):
         k.expert_conv_forward(x, ex, routing, None, bb, guide, y, 1, *GEOMETRY, materialise=False)
         expert_conv_input_grad.expert_conv_backward_input(dy, ex, routing, None, guide, dx, 1, *GEOMETRY,
                                                           materialise=False)
-        scores = k.expert_conv_guide_scores(x, ex, routing, None, bb, dy, 1, *GEOMETRY, materialise=False)
+        scores = expert_conv_guide.expert_conv_guide_scores(x, ex, routing, None, bb, dy, 1, *GEOMETRY,
+                                                            materialise=False)
         outputs.append((y, dx, scores))
     for name, small, wide in zip(("y", "dx", "guide scores"), *outputs):
         assert not small.isnan().any(), name

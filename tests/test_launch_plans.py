@@ -8,6 +8,7 @@ import dynconv
 from dynconv.kernels import _launch, configs
 from dynconv.kernels import involution as kernels
 from dynconv.kernels import expert_conv as expert
+from dynconv.kernels import expert_conv_guide as expert_guide
 from dynconv.kernels import expert_conv_input_grad as expert_input_grad
 from dynconv.kernels import expert_conv_weight_grad as expert_weight_grad
 from dynconv.kernels import involution_fused as fused
@@ -330,7 +331,7 @@ def _expert_launch_args(fmt, materialise):
     source = expert.weight_source(experts, routing, materialise)
     fwd_cfg = expert.forward_config(x, experts, m, 1, *geometry)
     regions = expert.region_tables(guide, fwd_cfg["BLOCK_P"])
-    score = torch.empty(B, m, expert.score_tiles(Cout, 1, fwd_cfg), y.shape[2] * y.shape[3])
+    score = torch.empty(B, m, expert_guide.score_tiles(Cout, 1, fwd_cfg), y.shape[2] * y.shape[3])
     in_cfg = expert_input_grad.input_grad_config(x, experts, m, 1, (1, 1))
     w_cfg = expert_weight_grad.weight_grad_config(x, experts, m, 1, (1, 1))
     splits = expert_weight_grad.weight_grad_splits(B, m, Cout, 1, experts[0, 0].numel(), y.shape[2] * y.shape[3], w_cfg)
@@ -355,8 +356,8 @@ def test_expert_conv_plan_launch_matches_a_fresh_build(launcher, materialise):
     for fmt in (torch.contiguous_format, torch.channels_last):
         launchers, tensors = _expert_launch_args(fmt, materialise)
         make_args = launchers[launcher]
-        module = {"backward_weight_launch": expert_weight_grad,
-                  "backward_input_launch": expert_input_grad}.get(launcher, expert)
+        module = {"backward_weight_launch": expert_weight_grad, "backward_input_launch": expert_input_grad,
+                  "guide_score_launch": expert_guide}.get(launcher, expert)
         first = getattr(module, launcher)(*make_args(tensors))
         others = {k: torch.empty_like(v) for k, v in tensors.items()}
         again = getattr(module, launcher)(*make_args(others))
@@ -368,5 +369,6 @@ def test_expert_conv_plan_launch_matches_a_fresh_build(launcher, materialise):
 
 
 def test_expert_conv_meta_tensors_build_afresh():
-    launches = expert.catalogue() + expert_input_grad.catalogue() + expert_weight_grad.catalogue()
+    launches = (expert.catalogue() + expert_guide.catalogue() + expert_input_grad.catalogue()
+                + expert_weight_grad.catalogue())
     assert launches and not _launch._plans
