@@ -359,11 +359,11 @@ def _gpu() -> tuple:
     """(CUDA index, device name, sm arch, shared memory per block, L2 bytes) of the current GPU."""
     import torch
 
-    from dynconv.kernels._launch import ARCHS
+    from dynconv.kernels._launch import ARCHS, device_arch
 
     index = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
-    arch = props.major * 10 + props.minor
+    arch = device_arch()
     shared_limit = getattr(props, "shared_memory_per_block_optin", None) or ARCHS.get(arch)
     l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
     return index, torch.cuda.get_device_name(index), arch, shared_limit, l2_bytes

@@ -184,42 +184,42 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     region_dx = guided and rc.backward_input_supported(y0, x0, p.m)
     # DRConv's input gradient by columns (a product launch, then the fold the case models).
     columns = region_dx and rcg.uses_columns(y0, x0, (p.K, p.K), p.groups)
-    n_columns = rcg.column_count((p.K, p.K), p.C) * N
-    col_part = rcg.columns_part(p.B, p.m, experts0[0].numel(), dt, n_columns) if columns else rc_part
-    col_bytes = col_part * n_columns * rcg.columns_dtype(dt).itemsize
+    col_part = rcg.columns_part(y0, x0, experts0, p.m) if columns else rc_part
+    col_bytes = col_part * rcg.column_count((p.K, p.K), p.C) * N * rcg.columns_dtype(dt).itemsize
     fwd_copies = (rc.forward_copies_input(x0) if region_fwd
                   else ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry))
     dx_copies = (not cl) if region_dx else eci.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])
 
     def dx():
         x, y, experts, routing = tensors()
-        cfg = eci.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
         if columns:  # the fold of the first part's columns
-            return rcg.fold_launch(_columns(), x[:col_part], (p.K, p.K), p.groups, *geometry,
+            return rcg.fold_launch(columns_workspace(), x[:col_part], (p.K, p.K), p.groups, *geometry,
                                    rcg.fold_config(p.C // p.groups))
+        cfg = eci.input_grad_config(x, experts, p.m, p.groups, (p.stride, p.stride))
         if region_dx:  # DRConv: the first part of the batch, reading its materialised region kernels
             if dx_copies:  # and dy's channels_last copy
                 y = ec.channels_last_stand_in(y)
             weight = _empty((rc_part, p.m, p.C // p.groups, p.K, p.K, p.Cout), dt).movedim(-1, 2)  # Cout innermost
             return eci.backward_input_launch(y[:rc_part], rc.materialised_source(weight), None,
-                                            _empty((rc_part, N), torch.int32), x[:rc_part], (p.K, p.K), p.groups,
-                                            *geometry, p.m, cfg)
+                                             _empty((rc_part, N), torch.int32), x[:rc_part], (p.K, p.K), p.groups,
+                                             *geometry, p.m, cfg)
         region = _empty((p.B, N), torch.int32)[dx_samples] if guided else None
         if dx_copies:
             cfg = eci.input_grad_config(ec.channels_last_stand_in(x), experts, p.m, p.groups, (p.stride, p.stride))
             y = ec.channels_last_stand_in(y)
         weight = ec.weight_source(experts, routing[dx_samples], dx_materialised, ec.COUT_INNERMOST)
         return eci.backward_input_launch(y[dx_samples], weight, None, region, x[dx_samples], (p.K, p.K), p.groups,
-                                        *geometry, p.m, cfg)
+                                         *geometry, p.m, cfg)
 
-    def _columns():
+    def columns_workspace():
         return rcg.columns_empty(col_part, p.C, (p.K, p.K), Ho, Wo, dt, "meta")
 
     def column_product():  # the launch before the fold, with its bytes: dy's part in, the columns out
         y = ec.channels_last_stand_in(tensors()[1])[:col_part]
         weight = _empty((col_part, p.m, rcg.column_count((p.K, p.K), p.C), p.Cout // p.groups, 1, 1), dt)
         cfg = rcg.default_columns_config(dt)
-        launch = rcg.columns_launch(y, weight, regions(cfg["BLOCK_P"], col_part), _columns(), p.groups, cfg)
+        launch = rcg.columns_launch(y, weight, regions(cfg["BLOCK_P"], col_part), columns_workspace(), p.groups,
+                                    cfg)
         return [(launch, col_part * p.Cout * N * nb + col_bytes)]
 
     def dw():

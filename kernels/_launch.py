@@ -50,7 +50,7 @@ def _arch_of(device: int) -> int:
     return 10 * major + minor
 
 
-def _device_arch() -> int:
+def device_arch() -> int:
     """The current CUDA device's architecture as 90 for sm_90 (Triton launches on the current one)."""
     return _arch_of(torch.cuda.current_device())
 
@@ -135,7 +135,7 @@ class Launch:
     def __call__(self) -> None:
         if min(self.grid) == 0:
             return
-        arch = 0 if _INTERPRETED or not self.sm90_max_registers else _device_arch()
+        arch = 0 if _INTERPRETED or not self.sm90_max_registers else device_arch()
         self.kernel[self.grid](**self.args, **self.meta, **self.compile_options(arch))
 
     @property

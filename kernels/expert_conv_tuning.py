@@ -12,8 +12,8 @@ Five configs are tuned, one per ``get_config`` name of the launchers:
 * ``region_conv_columns``: DRConv's input-gradient column product (``kernels/region_conv_input_grad.py``).
 
 Every pass is a ``tl.dot`` implicit GEMM with a (rows, cols, reduction) tile: (BLOCK_P, BLOCK_N,
-BLOCK_K) for the forward, the input gradient and the column product, (BLOCK_O, BLOCK_N, BLOCK_K) for the kernel gradient,
-(BLOCK_P, BLOCK_O, BLOCK_K) for the region forward (BLOCK_K channels of one tap).
+BLOCK_K) for the forward, the input gradient and the column product, (BLOCK_O, BLOCK_N, BLOCK_K) for
+the kernel gradient, (BLOCK_P, BLOCK_O, BLOCK_K) for the region forward (BLOCK_K channels of one tap).
 Candidates are the neighbourhood of the launcher's default, pruned to what ``tl.dot`` takes (every
 block a power of two >= 16), tiles no larger than the problem, and what plausibly fits registers
 and shared memory (:func:`_plausible`).
@@ -196,8 +196,7 @@ def _region_columns(spec: dict, ts: dict, config: dict | None) -> Launch:
     # As the op: the first part of the batch, dy channels_last, its region kernels laid for columns.
     Ho, Wo = dy.shape[2:]
     kernel_hw = (spec["kh"], spec["kw"])
-    part = slice(0, rcg.columns_part(dx.shape[0], m, experts[0].numel(), dx.dtype,
-                                     rcg.column_count(kernel_hw, dx.shape[1]) * Ho * Wo))
+    part = slice(0, rcg.columns_part(dy, dx, experts, m))
     weight = _cached(ts, "column_kernels", lambda: rcg.column_kernels(experts, ts["routing"][part], None, g))
     dy = _cached(ts, "dy_channels_last", lambda: dy.contiguous(memory_format=torch.channels_last))
     cols = _cached(ts, "columns", lambda: rcg.columns_empty(weight.shape[0], dx.shape[1], kernel_hw, Ho, Wo,

@@ -33,8 +33,8 @@ import triton.language as tl
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
 from .expert_conv import (CIN_INNERMOST, COUT_INNERMOST, WeightSource, _acc_dtype, _input_precision, _inside_bits,
-                          _region_tile, meta_region_tables, mix_experts,
-                          problem_key, region_tables, region_tile_bound)
+                          _region_tile, meta_region_tables, mix_experts, problem_key, region_tables,
+                          region_tile_bound)
 from .expert_conv_input_grad import backward_input_launch, input_grad_config
 from .layout import channels_last_copy
 

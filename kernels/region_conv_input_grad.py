@@ -125,19 +125,23 @@ def column_count(kernel_hw, cin: int) -> int:
     return kernel_hw[0] * kernel_hw[1] * cin
 
 
-def columns_part(B: int, m: int, filter_elements: int, dtype: torch.dtype, columns_per_sample: int) -> int:
-    """Samples a part holds: their region kernels fit ``region_conv``'s workspace and their columns
-    (``columns_per_sample`` elements each) ``COLUMNS_BYTES``."""
-    column_bytes = max(1, columns_per_sample * columns_dtype(dtype).itemsize)
-    return max(1, min(region_conv.batch_part(B, m, filter_elements, dtype.itemsize), COLUMNS_BYTES // column_bytes))
+def _sample_column_bytes(dy: torch.Tensor, dx: torch.Tensor, kernel_hw) -> int:
+    return column_count(kernel_hw, dx.shape[1]) * dy.shape[2] * dy.shape[3] * columns_dtype(dx.dtype).itemsize
+
+
+def columns_part(dy: torch.Tensor, dx: torch.Tensor, experts: torch.Tensor, m: int) -> int:
+    """Samples a part holds: their m region kernels fit ``region_conv``'s workspace and their columns
+    ``COLUMNS_BYTES``."""
+    column_bytes = max(1, _sample_column_bytes(dy, dx, experts.shape[3:]))
+    kernels_part = region_conv.batch_part(dx.shape[0], m, experts[0].numel(), dx.element_size())
+    return max(1, min(kernels_part, COLUMNS_BYTES // column_bytes))
 
 
 def uses_columns(dy: torch.Tensor, dx: torch.Tensor, kernel_hw, groups: int) -> bool:
     """Whether the input gradient runs by columns: one sample's columns fit ``COLUMNS_BYTES``, a
     group has the 16 output channels the product's reduction block needs, and offsets fit 32 bits."""
-    B, Cin = dx.shape[:2]
-    per_sample = column_count(kernel_hw, Cin) * dy.shape[2] * dy.shape[3] * columns_dtype(dx.dtype).itemsize
-    return per_sample <= COLUMNS_BYTES and dy.shape[1] // groups >= 16 and not needs_int64(dy, dx)
+    return (_sample_column_bytes(dy, dx, kernel_hw) <= COLUMNS_BYTES and dy.shape[1] // groups >= 16
+            and not needs_int64(dy, dx))
 
 
 def column_kernels(experts: torch.Tensor, routing: torch.Tensor, spatial: torch.Tensor | None,
@@ -240,7 +244,7 @@ def region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stri
         dy = channels_last_copy(dy)
     config = columns_config(dx, experts, m, groups, stride)
     tables = region_tables(guide, config["BLOCK_P"])
-    part = columns_part(B, m, experts[0].numel(), dx.dtype, column_count(kernel_hw, Cin) * Ho * Wo)
+    part = columns_part(dy, dx, experts, m)
     cols = columns_empty(min(part, B), Cin, kernel_hw, Ho, Wo, dx.dtype, dx.device)
     fold = fold_config(Cin // groups)
     for b0 in range(0, B, part):
@@ -266,7 +270,8 @@ def catalogue() -> list[Launch]:
                 Ho, Wo = ((n + 2 * (k // 2) - k) // s + 1 for n in (H, W))
                 dy = torch.empty((B, Cout, Ho, Wo), **meta).to(memory_format=torch.channels_last)
                 dx = torch.empty((B, Cin, H, W), **meta).to(memory_format=fmt)
-                part = columns_part(B, m, Cout * (Cin // groups) * k * k, dtype, column_count((k, k), Cin) * Ho * Wo)
+                experts = torch.empty((1, Cout, Cin // groups, k, k), **meta)
+                part = columns_part(dy, dx, experts, m)
                 weight = torch.empty((part, m, column_count((k, k), Cin), Cout // groups, 1, 1), **meta)
                 config = default_columns_config(dtype)
                 cols = columns_empty(part, Cin, (k, k), Ho, Wo, dtype, "meta")

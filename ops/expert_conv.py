@@ -314,8 +314,8 @@ def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_las
         region_conv_input_grad.region_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride,
                                                      padding, dilation)
         return dx
-    input_grad_kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride, padding,
-                                       dilation)
+    input_grad_kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride,
+                                                  padding, dilation)
     return dx
 
 
