@@ -6,6 +6,7 @@ would see on a GPU, so the AOT compile check and ``dynconv inspect`` test what r
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -53,6 +54,18 @@ def _arch_of(device: int) -> int:
 def device_arch() -> int:
     """The current CUDA device's architecture as 90 for sm_90 (Triton launches on the current one)."""
     return _arch_of(torch.cuda.current_device())
+
+
+@contextlib.contextmanager
+def conv_tf32(allowed: bool):
+    """torch's tf32 switch for convs, which the fp32 tensor-core kernels follow, set for a block: the
+    catalogues list the launches of both settings. Not for threads: the switch is process-wide."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 def cdiv(a: int, b: int) -> int:
@@ -232,11 +245,12 @@ def planned(key: tuple, names: tuple[str, ...], tensors: tuple, build) -> Launch
     """``build()``'s Launch, from a plan cached under ``key`` with only the tensor arguments filled in.
 
     ``key`` must determine everything in the launch but the tensors' data: every shape, stride and
-    dtype, the geometry, and the explicit config or None; the GPU the config lookup answers for is
-    added here. ``names`` are the argument names that take ``tensors`` (None allowed); the rest of
-    the arguments must follow from ``key``. Meta tensors never come here (``cacheable``).
+    dtype, the geometry, and the explicit config or None; the GPU the config lookup answers for and
+    torch's tf32 switch for convs (fp32 kernels choose their products' precision by it) are added
+    here. ``names`` are the argument names that take ``tensors`` (None allowed); the rest of the
+    arguments must follow from ``key``. Meta tensors never come here (``cacheable``).
     """
-    key = (key, configs._active_device())
+    key = (key, configs._active_device(), torch.backends.cudnn.allow_tf32)
     plan = _plans.get(key)
     if plan is not None:
         args = dict(zip(names, tensors))

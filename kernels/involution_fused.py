@@ -8,9 +8,9 @@ tap (u, v) of group g, exactly the ``view(B, G, K, K, Ho, Wo)`` of the unfused m
 
 fp16/bf16 layers with 8..32 channels per group, R <= 64 and a small enough halo run the tensor-core
 halo kernels of ``involution_fused_halo.py`` instead (the launchers below choose; see
-``takes_halo_path``): forward, dz and dspan at stride 1, the input gradient at strides 1 and 2.
-The per-tap kernels here take everything else (fp32, fp64, depth-wise and wide groups, large R or
-halos).
+``takes_halo_path``): forward, dz and dspan at stride 1, the input gradient at strides 1 and 2; so
+do fp32 layers while torch allows tf32 in convs. The per-tap kernels here take everything else
+(fp32 with tf32 off, fp64, depth-wise and wide groups, large R or halos).
 
 Per-tap kernels (all deterministic: every output element and every partial has exactly one writer):
 
@@ -42,8 +42,9 @@ dy per kernel. The programs of one slab in the span kernel differ only in their 
 adjacently, so they walk the same dy and x lines together.
 
 Dot operands are in the input dtype (dW is rounded to it before the two span products, as the
-unfused path's materialised dW is); fp32 inputs use ``input_precision="tf32x3"`` (three tf32 products:
-fp32-level error on tensor cores; plain tf32 would round the operands to 10 mantissa bits).
+unfused path's materialised dW is); fp32 inputs use ``input_precision="tf32x3"`` here (three tf32
+products: fp32-level error on tensor cores; plain tf32 would round the operands to 10 mantissa
+bits). The halo kernels, which fp32 takes only while torch allows tf32 in convs, use plain tf32.
 A contraction shorter than 16 (a dz dot over fewer than 16 groups) and fp64 use a broadcast
 multiply-reduce instead, with blocks the launcher keeps small.
 """
@@ -53,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import (TRITON_VERSION, Launch, cacheable, cdiv, config_key, is_channels_last, layout,
+from ._launch import (TRITON_VERSION, Launch, cacheable, cdiv, config_key, conv_tf32, is_channels_last, layout,
                       next_power_of_2, planned)
 from .configs import get_config
 from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64, widen
@@ -416,7 +417,8 @@ def uses_dot(kernel: str, config: dict, dtype: torch.dtype) -> bool:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # tf32 would round fp32 operands to 10 mantissa bits; tf32x3 splits each into two tf32 parts.
+    # The per-tap kernels' fp32 products: tf32 would round the operands to 10 mantissa bits; tf32x3
+    # splits each into two tf32 parts (fp32-level error at three times the tensor-core work).
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
@@ -538,24 +540,30 @@ MIN_HALO_CHANNELS = 8
 # Past these the [halo, channels] and [R, halo] operand tiles no longer fit 8 warps' registers.
 MAX_HALO_CHANNELS = 32
 MAX_HALO_R = 64
-# fp32 takes the per-tap kernels: its tf32x3 window product (three tf32 products of a [pixels, halo]
-# window mostly zero) is PREDICTED slower than the CUDA-core aggregation, and spills at 8 warps.
 HALO_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def takes_halo_path(x, G, R, K, stride, dilation, transposed) -> bool:
-    """Whether the tensor-core halo kernels (kernels/involution_fused_halo.py) run this pass."""
+    """Whether the tensor-core halo kernels (kernels/involution_fused_halo.py) run this pass.
+
+    fp32 runs there while torch allows tf32 in convs (its default): window and span products in
+    plain tf32 (PREDICTED R1-layer fp32 1-6% -> 13-26% of the roofline against the per-tap kernels).
+    With the switch off it keeps the per-tap kernels: a tf32x3 forward needs 288 KB of shared
+    memory, more than an SM has.
+    """
     meta = halo.halo_meta(K, stride, dilation, transposed)
-    return (x.dtype in HALO_DTYPES and MIN_HALO_CHANNELS <= x.shape[1] // G <= MAX_HALO_CHANNELS
+    dtype_ok = x.dtype in HALO_DTYPES or (x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32)
+    return (dtype_ok and MIN_HALO_CHANNELS <= x.shape[1] // G <= MAX_HALO_CHANNELS
             and R <= MAX_HALO_R and meta["BLOCK_Q"] <= halo.MAX_BLOCK_Q)
 
 
 def _halo_meta(x, C, G, K, R, stride, dilation, transposed, tile_h, tile_w, *tensors) -> tuple[dict, int]:
-    """Meta-parameters of a halo kernel whose tiles cover a ``tile_h x tile_w`` grid, and its tile count."""
+    """Meta-parameters of a halo kernel whose tiles cover a ``tile_h x tile_w`` grid, and its tile count.
+    Its products are plain tf32 for fp32: fp32 comes here only while torch allows tf32."""
     meta = halo.halo_meta(K, stride, dilation, transposed)
     meta.update(K=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
                 BLOCK_R=max(16, next_power_of_2(R)), BLOCK_CG=max(16, next_power_of_2(C // G)),
-                DOT_PRECISION=_dot_precision(x.dtype), INDEX_64=needs_int64(*tensors), ACC_DTYPE=_acc_dtype(x.dtype))
+                DOT_PRECISION="tf32", INDEX_64=needs_int64(*tensors), ACC_DTYPE=_acc_dtype(x.dtype))
     return meta, cdiv(tile_h, meta["BLOCK_H"]), cdiv(tile_w, meta["BLOCK_W"])
 
 
@@ -585,8 +593,9 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
             "ssb": span_bias.stride(0) if span_bias is not None else 0, **_strides(names[3], out),
             "PH": padding[0], "PW": padding[1], "TILES": tiles_h * tiles_w, "TILES_W": tiles_w}
     warps = HALO_WARPS["bwd_input" if transposed else "fwd"]
+    capped = transposed and big.element_size() == 2
     return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, warps, 1, loops=(G,),
-                  sm90_max_registers=HALO_INPUT_GRAD_SM90_REGISTERS if transposed else 0)
+                  sm90_max_registers=HALO_INPUT_GRAD_SM90_REGISTERS if capped else 0)
 
 
 # The forward fits one warpgroup (its [pixels, halo] window is then staged for the dot once, not
@@ -597,7 +606,8 @@ HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_span": 8}
 # The input gradient takes 130-150 registers a thread on sm_90: one eight-warp program an SM. Capped
 # at 128, two fit, and triton 3.6's ptxas (the GPU machines') keeps it without a spill there
 # (PREDICTED, R1-layer dx bf16 NHWC/NCHW 10.9/10.1% -> 21.6/19.4%); newer ptxas spill it (8-32
-# bytes of stack), and sm_80 compiles it uncapped. dz would gain as much but spills on 3.6 too.
+# bytes of stack), and sm_80 compiles it uncapped. dz would gain as much but spills on 3.6 too, as
+# does the fp32 input gradient (196-230 registers: 160 bytes of stack at 128), which stays uncapped.
 HALO_INPUT_GRAD_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
 
 
@@ -821,8 +831,11 @@ def catalogue() -> list[Launch]:
         (32, 128, 56, 56, 7, 128, 32, 1, "R3 fused depth-wise per-pixel"),
         (8, 64, 31, 31, 3, 4, 16, 2, "fused stride 2, odd H"),
     ]
+    # fp32 with torch's tf32 switch on (the halo kernels, where they apply; the per-tap kernels are
+    # the same either way) and off.
+    variants = [(torch.float32, True), (torch.float32, False), (torch.float16, True), (torch.bfloat16, True)]
     for B, C, H, W, K, G, R, s, label in shapes:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype, tf32 in variants:
             for channels_last in (False, True):
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
                 p = (K - 1) // 2
@@ -835,15 +848,19 @@ def catalogue() -> list[Launch]:
                 span_w = torch.empty((K * K * G, R), **meta)
                 span_b = torch.empty((K * K * G,), **meta)
                 geometry = ((s, s), (p, p), (1, 1))
-                cfg = span_grad_config(x, G, K, R, (s, s), Ho, Wo)
-                slabs, _ = span_grad_slabs(B, Ho, Wo, K, G, R, cfg)
-                partials = torch.empty((slabs, K * K * G, R), dtype=torch.float32, device="meta")
-                bias_partials = torch.empty((slabs, K * K * G), dtype=torch.float32, device="meta")
-                tag = f"{label} {dtype} {'NHWC' if channels_last else 'NCHW'}"
-                for launch in (forward_launch(x, z, span_w, span_b, y, K, *geometry),
-                               backward_input_launch(y, z, span_w, span_b, x, K, *geometry),
-                               backward_z_launch(y, x, span_w, z, K, *geometry),
-                               backward_span_launch(y, x, z, partials, bias_partials, K, *geometry)):
+                tag = f"{label} {dtype}{'' if tf32 else ' tf32 off'} {'NHWC' if channels_last else 'NCHW'}"
+                with conv_tf32(tf32):
+                    cfg = span_grad_config(x, G, K, R, (s, s), Ho, Wo)
+                    slabs, _ = span_grad_slabs(B, Ho, Wo, K, G, R, cfg)
+                    partials = torch.empty((slabs, K * K * G, R), dtype=torch.float32, device="meta")
+                    bias_partials = torch.empty((slabs, K * K * G), dtype=torch.float32, device="meta")
+                    built = (forward_launch(x, z, span_w, span_b, y, K, *geometry),
+                             backward_input_launch(y, z, span_w, span_b, x, K, *geometry),
+                             backward_z_launch(y, x, span_w, z, K, *geometry),
+                             backward_span_launch(y, x, z, partials, bias_partials, K, *geometry))
+                if dtype == torch.float32 and tf32:
+                    built = [launch for launch in built if launch.name.endswith("_halo_kernel")]
+                for launch in built:
                     launch.label = tag
                     launches.append(launch)
     # Over 2^31 elements: the int64-offset variants. Depth-wise groups loop over group blocks in

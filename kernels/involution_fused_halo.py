@@ -29,8 +29,9 @@ per tile walks the groups) and ``dS_g += dWᵀ @ z`` (a program per group walks 
 tiles and writes one partial: no atomics, deterministic).
 
 Generated weights and dW enter the dots in the input dtype (as the unfused path rounds its
-materialised weights); fp32 inputs use ``tf32x3``. K, stride and dilation are compile-time
-constants here: they size the halo.
+materialised weights); fp32 inputs come here only while torch allows tf32 in convs, and both products
+run in plain tf32 (a tf32x3 forward needs more shared memory than an SM has). K, stride and
+dilation are compile-time constants here: they size the halo.
 """
 from __future__ import annotations
 

@@ -59,13 +59,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def check_against_reference(fn, reference, inputs: dict, dtype: torch.dtype, device: str = "cpu",
-                            memory_format=None, **kwargs):
+                            memory_format=None, tolerance: torch.dtype | None = None, **kwargs):
     """Run ``fn`` on ``inputs`` cast to ``dtype`` and ``reference`` on float64 copies; compare the
     output and the gradient of every floating input against a random output gradient.
 
     ``inputs`` maps argument names to float64 CPU tensors (or None); 4-D tensors are converted to
-    ``memory_format`` when given. Returns the output of ``fn``.
+    ``memory_format`` when given. ``tolerance`` names another dtype whose tolerance applies (fp32
+    with tf32 products: fp16's). Returns the output of ``fn``.
     """
+    tolerance = tolerance or dtype
     # The reference sees the same rounded values as the kernel: only the kernel's error is measured.
     ref_in = {k: (v.detach().to(dtype).double().requires_grad_() if isinstance(v, torch.Tensor) else v)
               for k, v in inputs.items()}
@@ -81,14 +83,14 @@ def check_against_reference(fn, reference, inputs: dict, dtype: torch.dtype, dev
     expected = reference(**ref_in, **kwargs)
     actual = fn(**test_in, **kwargs)
     assert actual.dtype == dtype, f"output dtype {actual.dtype} != input dtype {dtype}"
-    assert_close(actual, expected, dtype, "output")
+    assert_close(actual, expected, tolerance, "output")
     grad = torch.randn_like(expected)
     expected.backward(grad)
     actual.backward(grad.to(device=device, dtype=dtype))
     for k, v in ref_in.items():
         if isinstance(v, torch.Tensor):
             assert test_in[k].grad is not None, f"no gradient reached {k}"
-            assert_close(test_in[k].grad, v.grad, dtype, f"grad {k}")
+            assert_close(test_in[k].grad, v.grad, tolerance, f"grad {k}")
     return actual
 
 

@@ -28,8 +28,8 @@ CASES = [
     (1, 32, 9, 8, 3, 2, 12, 2, 1),      # stride 2, odd H
     (1, 4, 7, 6, 4, 4, 3, 1, 2),        # G = C (inhomogeneous dynamic depth-wise), even K, dilation 2
 ]
-# 8 and 16 channels per group: fp16 and bf16 take the tensor-core halo kernels (fp32 the per-tap
-# ones, covered above), so these run in fp16 only.
+# 8 and 16 channels per group: fp16 and bf16 take the tensor-core halo kernels, and fp32 does while
+# torch allows tf32 in convs (the suite turns it off: fp32 takes the per-tap kernels above).
 HALO_CASES = [
     (2, 32, 6, 7, 3, 2, 20, 1, 1),      # forward, dz, dspan on halo kernels (2 slabs)
     (1, 16, 9, 10, 3, 2, 12, 2, 1),     # stride 2, odd H: dx on the halo kernel over 2 x 2 input tiles
@@ -77,6 +77,26 @@ def test_halo_forward_and_every_gradient(case, dtype, fmt, device):
     y = check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, dtype, device,
                                 memory_format=FORMATS[fmt], **geometry)
     assert y.is_contiguous(memory_format=FORMATS[fmt])
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+@pytest.mark.parametrize("case", HALO_CASES, ids=CASE_IDS[len(CASES):])
+def test_fp32_halo_forward_and_every_gradient_with_tf32(case, fmt, device, monkeypatch):
+    """fp32 with torch's tf32 switch on takes the halo kernels in plain tf32. A GPU rounds the
+    products' operands to 10 mantissa bits (fp16's tolerance); the interpreter multiplies exactly."""
+    inputs, geometry = _inputs(case)
+    launched = []
+    launch = _launch.Launch.__call__
+    monkeypatch.setattr(_launch.Launch, "__call__", lambda self, *a, **k: (launched.append(self.name),
+                                                                           launch(self, *a, **k))[1])
+    tolerance = torch.float16 if device == "cuda" else torch.float32
+    with _launch.conv_tf32(True):
+        check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, torch.float32,
+                                device, memory_format=FORMATS[fmt], tolerance=tolerance, **geometry)
+    stride = geometry["stride"]
+    expected = {"fused_bwd_input_halo_kernel"} | (
+        {"fused_fwd_halo_kernel", "fused_bwd_z_halo_kernel", "fused_bwd_span_halo_kernel"} if stride == 1 else set())
+    assert expected <= set(launched), launched
 
 
 def test_conv_shaped_span_weight_without_bias(device):
@@ -203,13 +223,14 @@ def test_halo_span_gradient_is_deterministic_over_slabs(device):
     assert_close(results[0][1], ref_bias, torch.float16, "dbias")
 
 
-@pytest.mark.parametrize("dtype, K, stride, expected", [
-    (torch.float16, 7, 1, "fused_bwd_input_halo_kernel"),    # RedNet's stride-1 layer: the halo kernel
-    (torch.bfloat16, 3, 2, "fused_bwd_input_halo_kernel"),
-    (torch.float16, 9, 1, "fused_bwd_input_kernel"),         # a 32 x 32 halo: per tap
-    (torch.float32, 7, 1, "fused_bwd_input_kernel"),
+@pytest.mark.parametrize("dtype, K, stride, tf32, expected", [
+    (torch.float16, 7, 1, False, "fused_bwd_input_halo_kernel"),    # RedNet's stride-1 layer: the halo kernel
+    (torch.bfloat16, 3, 2, False, "fused_bwd_input_halo_kernel"),
+    (torch.float16, 9, 1, False, "fused_bwd_input_kernel"),         # a 32 x 32 halo: per tap
+    (torch.float32, 7, 1, False, "fused_bwd_input_kernel"),         # tf32 off (the suite's setting): tf32x3
+    (torch.float32, 7, 1, True, "fused_bwd_input_halo_kernel"),     # torch's default
 ])
-def test_input_gradient_takes_the_halo_kernel_where_it_fits(dtype, K, stride, expected):
+def test_input_gradient_takes_the_halo_kernel_where_it_fits(dtype, K, stride, tf32, expected):
     B, C, H, G, R = 2, 64, 16, 4, 16
     Ho = (H + 2 * ((K - 1) // 2) - K) // stride + 1
     meta = dict(device="meta", dtype=dtype)
@@ -217,7 +238,8 @@ def test_input_gradient_takes_the_halo_kernel_where_it_fits(dtype, K, stride, ex
     span_w, span_b = torch.empty(K * K * G, R, **meta), torch.empty(K * K * G, **meta)
     dx = torch.empty(B, C, H, H, **meta)
     g = ((stride, stride), ((K - 1) // 2,) * 2, (1, 1))
-    assert kernels.backward_input_launch(dy, z, span_w, span_b, dx, K, *g).name == expected
+    with _launch.conv_tf32(tf32):
+        assert kernels.backward_input_launch(dy, z, span_w, span_b, dx, K, *g).name == expected
 
 
 @pytest.mark.parametrize("case", [0, 1], ids=["s1", "s2"])

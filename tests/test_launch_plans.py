@@ -234,6 +234,32 @@ def test_register_cap_is_an_sm90_option_a_plan_keeps():
     assert "maxnreg" not in again.compile_options(80) and "maxnreg" not in again.compile_options(0)
 
 
+def test_plans_follow_the_tf32_switch(device):
+    """fp32 kernels choose their products' precision (and the fused layer its kernels) by torch's tf32
+    switch for convs: a plan made under one setting must not serve the other."""
+    B, C, H, W, K, G, R = 1, 16, 6, 7, 3, 2, 5
+    x, z = torch.randn(B, C, H, W), torch.randn(B, R, H, W)
+    span_w, span_b = torch.randn(K * K * G, R), torch.randn(K * K * G)
+    geometry = ((1, 1), (1, 1), (1, 1))
+    built = {}
+    for allowed in (True, False, True):
+        with _launch.conv_tf32(allowed):
+            launch = fused.forward_launch(x, z, span_w, span_b, torch.empty_like(x), K, *geometry)
+        built.setdefault(allowed, []).append((launch.name, launch.meta["DOT_PRECISION"]))
+    assert built[True] == [("fused_fwd_halo_kernel", "tf32")] * 2
+    assert built[False] == [("fused_fwd_kernel", "tf32x3")]
+    assert len(_fused_plans("fwd")) == 2
+    if not _launch.kernels_are_interpreted() and device == "cpu":
+        return  # the expert op runs its eager path: no plans
+    inputs = _expert_inputs(guide=False)
+    for allowed, precision in ((True, "tf32"), (False, "ieee"), (True, "tf32")):
+        with _launch.conv_tf32(allowed):
+            y = _expert_conv(*(inputs[k].to(device, torch.float32) for k in ("x", "experts", "routing")), **GEOMETRY)
+        assert y.dtype == torch.float32
+        plans = [_launch._plans[key] for key in _expert_plans("fwd") if key[-1] == allowed]
+        assert plans and all(plan.meta["INPUT_PRECISION"] == precision for plan in plans)
+
+
 def test_fused_provisional_config_is_not_remembered(monkeypatch, tmp_path):
     def capturing():
         raise configs._NotNow
