@@ -136,6 +136,10 @@ def no_rules(config: dict, key: dict) -> list[str]:
     return []
 
 
+def always(spec: dict, tensors: dict) -> bool:
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSpace:
     problems: Callable[[bool], list[Problem]]
@@ -150,6 +154,9 @@ class KernelSpace:
     # BLOCK names the launcher splits itself (strips of any length times a power of two of them):
     # these need only be positive integers <= MAX_BLOCK.
     free_blocks: tuple[str, ...] = ()
+    # Whether the launcher reads its table for a problem (spec, its meta tensors): one it serves
+    # with a kernel outside the space (the fused layer's halo kernels) is not swept.
+    reads_table: Callable[[dict, dict], bool] = always
 
 
 # ---------------------------------------------------------------------------------------------

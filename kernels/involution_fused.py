@@ -462,15 +462,15 @@ def problem_key(x: torch.Tensor, G: int, K: int, R: int, stride) -> dict:
             "channels_last": int(is_channels_last(x)), "dtype_bytes": x.element_size()}
 
 
-def _config(kernel, x, G, K, R, stride, height, width, config):
-    """(config, picked): the caller's config, else the tuned one, else the per-tap default; ``picked``
-    says whether a caller or a tuned table chose it. An unpicked problem may take the halo kernels,
-    which `dynconv autotune` does not sweep yet: a tuned per-tap entry overrides them."""
+def _config(kernel, x, G, K, R, stride, height, width, config) -> dict:
+    """A per-tap kernel's config: the caller's, else the tuned one, else the default. The launchers
+    ask only where the halo kernels do not run (or a caller chose a per-tap config): the tuned
+    tables hold per-tap tiles, never timed against the halo kernels (`dynconv autotune` leaves
+    those problems out)."""
     if config is not None:
-        return dict(config), True
+        return dict(config)
     default = default_config(kernel, x.shape[1], G, R, height, width, is_channels_last(x), x.dtype)
-    found = get_config(f"involution_fused_{kernel}", problem_key(x, G, K, R, stride), default)
-    return found, found is not default
+    return get_config(f"involution_fused_{kernel}", problem_key(x, G, K, R, stride), default)
 
 
 def _common_meta(config: dict, x: torch.Tensor, use_dot: bool, *tensors) -> tuple[dict, int, int]:
@@ -510,10 +510,10 @@ def _forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilatio
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = y.shape[2], y.shape[3]
-    config, picked = _config("fwd", x, G, K, R, stride, Ho, Wo, config)
-    if not picked and takes_halo_path(x, G, R, K, stride, dilation, False):
+    if config is None and takes_halo_path(x, G, R, K, stride, dilation, False):
         return _halo_launch(halo.fused_fwd_halo_kernel, x, z, span_weight, span_bias, y, K, stride, padding,
                             dilation, ("x_ptr", "y_ptr", "sxb sxc sxh sxw", "syb syc syh syw"))
+    config = _config("fwd", x, G, K, R, stride, Ho, Wo, config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("fwd", config, x.dtype),
                                                x, z, span_weight, span_bias, y)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
@@ -626,10 +626,10 @@ def _backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
-    config, picked = _config("bwd_input", dy, G, K, R, stride, H, W, config)
-    if not picked and takes_halo_path(dy, G, R, K, stride, dilation, True):
+    if config is None and takes_halo_path(dy, G, R, K, stride, dilation, True):
         return _halo_launch(halo.fused_bwd_input_halo_kernel, dy, z, span_weight, span_bias, dx, K, stride, padding,
                             dilation, ("dy_ptr", "dx_ptr", "sdyb sdyc sdyh sdyw", "sdxb sdxc sdxh sdxw"))
+    config = _config("bwd_input", dy, G, K, R, stride, H, W, config)
     meta, num_warps, num_stages = _common_meta(config, dy, uses_dot("bwd_input", config, dy.dtype),
                                                dy, z, span_weight, span_bias, dx)
     tiles_w = cdiv(W, meta["BLOCK_W"])
@@ -665,8 +665,7 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
     R = dz.shape[1]
     G = span_weight.shape[0] // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
-    config, picked = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
-    if not picked and takes_halo_path(x, G, R, K, stride, dilation, False):
+    if config is None and takes_halo_path(x, G, R, K, stride, dilation, False):
         meta, tiles_h, tiles_w = _halo_grad_meta(x, C, G, K, R, stride, dilation, Ho, Wo, dy, x, dz)
         args = dict(dy_ptr=dy, x_ptr=x, span_w_ptr=span_weight, dz_ptr=dz, H=H, W=W, Ho=Ho, Wo=Wo, G=G, CG=C // G,
                     R=R, **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
@@ -674,6 +673,7 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
                     PH=padding[0], PW=padding[1], TILES=tiles_h * tiles_w, TILES_W=tiles_w)
         return Launch(halo.fused_bwd_z_halo_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
                       HALO_WARPS["bwd_z"], 1, loops=(G,))
+    config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, span_weight, dz)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
     tiles_pix = cdiv(Ho, meta["BLOCK_H"]) * tiles_w
@@ -710,10 +710,9 @@ def span_grad_slabs(B: int, Ho: int, Wo: int, K: int, G: int, R: int, config: di
 
 def span_grad_config(x, G, K, R, stride, Ho, Wo, config=None, dilation=(1, 1)) -> dict:
     """The span-gradient kernel's config; ``{"HALO": True, ...}`` for the halo kernel."""
-    config, picked = _config("bwd_span", x, G, K, R, stride, Ho, Wo, config)
-    if not picked and takes_halo_path(x, G, R, K, stride, dilation, False):
+    if config is None and takes_halo_path(x, G, R, K, stride, dilation, False):
         return dict(HALO=True, BLOCK_H=halo.TILE_H, BLOCK_W=halo.TILE_W)
-    return config
+    return _config("bwd_span", x, G, K, R, stride, Ho, Wo, config)
 
 
 def backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation,

@@ -273,10 +273,20 @@ def _spec_for_key(kernel: str):
     return spec_for_key
 
 
+def _reads_table(kernel: str):
+    def reads_table(spec: dict, ts: dict) -> bool:
+        # The halo kernels serve these problems; the launchers ask no table for them.
+        x = ts["dy"] if kernel == "bwd_input" else ts["x"]
+        stride, _, dilation = _geometry(spec)
+        return not fused.takes_halo_path(x, spec["G"], spec["R"], spec["K"], stride, dilation, kernel == "bwd_input")
+    return reads_table
+
+
 def autotune_space() -> dict:
     return {name: KernelSpace(problems=_problems, inputs=_inputs, launch=_launch(kernel), key=_key(kernel),
                               default=_default(kernel), candidates=_candidates(kernel),
-                              spec_for_key=_spec_for_key(kernel), exact=_EXACT, rules=_rules(kernel))
+                              spec_for_key=_spec_for_key(kernel), exact=_EXACT, rules=_rules(kernel),
+                              reads_table=_reads_table(kernel))
             for name, kernel in _KERNELS.items()}
 
 

@@ -409,6 +409,31 @@ def test_every_kernel_has_a_space_and_its_grid_keys_match_the_launchers(monkeypa
 
 
 
+def test_tuned_tables_do_not_displace_the_fused_halo_kernels(monkeypatch):
+    """The fused spaces tune per-tap tiles, never timed against the halo kernels: the launchers ask
+    no table where the halo kernels run, and the sweep leaves those problems out."""
+    from dynconv.kernels import involution_fused as fused
+
+    fused_kernels = ("involution_fused_fwd", "involution_fused_bwd_input", "involution_fused_bwd_z",
+                     "involution_fused_bwd_span")
+    spaces = {name: space for name, space in configs.spaces().items() if name in fused_kernels}
+    cases = autotune.build_grid(spaces, None, ["float16"], quick=True)
+    assert {case.kernel for case in cases} == set(fused_kernels)
+    swept = {(case.kernel, case.label) for case in cases}
+    asked = []
+    monkeypatch.setattr(fused, "get_config", lambda kernel, key, default: asked.append(kernel) or default)
+    for name, space in spaces.items():
+        for problem in space.problems(True):
+            tensors = space.inputs(problem.spec, torch.float16, "meta")
+            asked.clear()
+            launch = space.launch(problem.spec, tensors, None)
+            halo = launch.name.endswith("_halo_kernel")
+            assert halo == (not space.reads_table(problem.spec, tensors)), (name, problem.label)
+            assert ((name, problem.label) in swept) == (not halo) == bool(asked), (name, problem.label, asked)
+    assert any("R1" in problem.label and (name, problem.label) not in swept
+               for name, space in spaces.items() for problem in space.problems(True))
+
+
 def test_fused_involution_keys_on_both_stride_components():
     from dynconv.kernels import involution_fused as fused
 
