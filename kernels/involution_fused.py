@@ -600,9 +600,19 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
 
 # The forward fits one warpgroup (its [pixels, halo] window is then staged for the dot once, not
 # once per warpgroup: a third fewer L1 bytes and tensor-core instructions, PREDICTED). At 4 warps
-# ptxas spills the input gradient (weights over a 256-pixel halo) and dspan on sm_80 in NCHW, and
-# dz gains nothing: they keep two warpgroups.
+# ptxas spills the input gradient (weights over a 256-pixel halo), dz (8 or 32 channels a group,
+# fp32 at 8-192 bytes) and dspan in NCHW: they keep two warpgroups. dspan on channels_last with
+# up to 16 channels a group fits one (231-255 registers, no stack on sm_80/sm_90, both tritons; 32
+# channels in fp32 spill on sm_80): two programs an SM, R1-layer dspan NHWC bf16/fp32 PREDICTED
+# 12.2/16.9% -> 17.9/19.8% (triton 3.6).
 HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_span": 8}
+HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS = 16
+
+
+def _span_grad_halo_warps(x: torch.Tensor, channels_per_group: int) -> int:
+    if is_channels_last(x) and channels_per_group <= HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS:
+        return 4
+    return HALO_WARPS["bwd_span"]
 # The input gradient takes 130-150 registers a thread on sm_90: one eight-warp program an SM. Capped
 # at 128, two fit, and triton 3.6's ptxas (the GPU machines') keeps it without a spill there
 # (PREDICTED, R1-layer dx bf16 NHWC/NCHW 10.9/10.1% -> 21.6/19.4%); newer ptxas spill it (8-32
@@ -784,7 +794,7 @@ def _backward_span_halo_launch(dy, x, z, dspan_partials, dbias_partials, K, stri
                 TOTAL_TILES=B * tiles, TILES_PER_SLAB=per_slab)
     if G > 65535:
         raise ValueError(f"too many groups for the grid ({G})")
-    return Launch(halo.fused_bwd_span_halo_kernel, (G, slabs, 1), args, meta, HALO_WARPS["bwd_span"], 1,
+    return Launch(halo.fused_bwd_span_halo_kernel, (G, slabs, 1), args, meta, _span_grad_halo_warps(x, C // G), 1,
                   loops=(cdiv(B * tiles, slabs),))
 
 
