@@ -1,12 +1,8 @@
 """Fused 2-D neighbourhood attention (docs/operators.md §1c): forward and backward.
 
-Layout ``(B, H, W, heads, D)`` for q, k, v and the output, any strides. A program owns one sample,
-one head and a ``BLOCK_H x BLOCK_W`` tile of pixels (flattened to ``BLOCK_Q`` lanes), with the head
-dimension ``BLOCK_D`` as the second tile axis. Along each image axis, position ``i`` belongs to the
-subsequence ``g = i mod d`` at index ``t = i // d`` (length ``L_g``); tap ``u`` of its window is
-subsequence index ``start(t) + u``, with ``start = t - K//2`` ("sliding", masked outside the image)
-or that clamped to ``[0, L_g - K]`` ("neighborhood", NATTEN's shifted window). The relative-position
-bias index of a (query, key) pair is ``t_key - t_query + K - 1`` per axis.
+Layout ``(B, H, W, heads, D)`` for q, k, v and the output, any strides; the window geometry is
+``na2d_common.py``'s. A program owns one sample, one head and a ``BLOCK_H x BLOCK_W`` tile of pixels
+(flattened to ``BLOCK_Q`` lanes), with the head dimension ``BLOCK_D`` as the second tile axis.
 
 Kernels (deterministic: every element and every partial has exactly one writer, no atomics):
 
@@ -23,82 +19,22 @@ Kernels (deterministic: every element and every partial has exactly one writer, 
 
 ``delta = Σ_d dy·y`` per query comes from the caller (one fused torch reduction).
 
-The unfused pair (``na2d_qk``, ``na2d_av``) uses three gathers of the same window geometry:
-``na2d_tap_dots_kernel`` (scores q·k + rpb, and av's weight gradient dy·v), ``na2d_tap_sum_kernel``
-(av's Σ attn·v, and qk's dq with the rpb-gradient partials) and ``na2d_key_sum_kernel`` (qk's dk and
-av's dv over the inverse neighbourhood).
-
-Tensor cores (fp16/bf16, D >= 16): ``na2d_fwd_tiled_kernel``, ``na2d_bwd_query_tiled_kernel`` (dq,
-and with a learnt rpb ds per (query, tap), which ``_reduce_window_ds`` sums by bin) and ``na2d_bwd_key_tiled_kernel`` (dk, dv) take a tile of 8 x 8 queries (or
-keys), its union window (or its holders' union) flattened into chunks, and mask the pairs outside each
-query's window through a one-hot feature product accumulated under the scores (``_window_features``):
-no per-pair integer work. fp32 stays on the CUDA-core kernels (exact products, no silent TF32), as does
-D < 16.
+Tensor cores (fp16/bf16, D >= 16): the launchers here dispatch to the tiled kernels of
+``na2d_tiled.py``; fp32 stays on the kernels here (exact products, no silent TF32), as does D < 16.
+The unfused pair (``na2d_qk``, ``na2d_av``) has its own kernels in ``na2d_pair.py``.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cacheable, cdiv, config_key, layout, next_power_of_2, planned
-from .configs import get_config
+from ._launch import Launch, cacheable, config_key, layout, planned
 from .involution import needs_int64
-
-# Lanes x head-dim elements per program: 16 fp32 elements of each [Q, D] tile per thread at 4 warps.
-TILE_ELEMENTS = 2048
-# The rpb-gradient product contracts over the query lanes: tl.dot needs at least 16 of them.
-MIN_QUERIES = 16
-
-
-@triton.jit
-def _window_start(t, length, K, NEIGHBORHOOD: tl.constexpr):
-    """The first key index of the window of query index ``t`` in a subsequence of ``length``."""
-    start = t - K // 2
-    if NEIGHBORHOOD:
-        start = tl.minimum(tl.maximum(start, 0), length - K)
-    return start
-
-
-@triton.jit
-def _axis(pos, L, K, d, NEIGHBORHOOD: tl.constexpr):
-    """Subsequence (group), index in it, its length, and the window's first index, per position."""
-    g = pos % d
-    t = pos // d
-    length = (L - g + d - 1) // d
-    return g, t, length, _window_start(t, length, K, NEIGHBORHOOD)
-
-
-@triton.jit
-def _tile(TILES, TILES_W, HEADS, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, INDEX_64: tl.constexpr):
-    """(sample, head, rows, columns) of this program: one flat grid, tiles of one (sample, head) adjacent."""
-    pid = tl.program_id(0) % TILES
-    bh = tl.program_id(0) // TILES
-    b = bh // HEADS
-    h = bh % HEADS
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    i = (pid // TILES_W) * BLOCK_H + p // BLOCK_W
-    j = (pid % TILES_W) * BLOCK_W + p % BLOCK_W
-    if INDEX_64:
-        b = b.to(tl.int64)
-        h = h.to(tl.int64)
-        i = i.to(tl.int64)
-        j = j.to(tl.int64)
-    return b, h, i, j
-
-
-# The JIT passes a Python float to an undeclared parameter as fp32, which left float64 attention 1e-6
-# off on an H200 (the interpreter keeps Python floats). The kernels take the scale once more as a
-# declared fp64 and, in float64, derive their constants from it; the other dtypes keep the fp32
-# arguments, whose compiled code this leaves as it was (an fp64 scale converted on entry held one
-# more register, and na2d_bwd_key_kernel spilled on sm_80).
-@triton.jit
-def _fp64_scales(scale_f64):
-    """(scale, scale·log2 e, 1/scale, log2 e, ln 2) in float64."""
-    log2e = tl.full((), 1.4426950408889634, tl.float64)
-    return scale_f64, scale_f64 * log2e, 1.0 / scale_f64, log2e, tl.full((), 0.6931471805599453, tl.float64)
+from .na2d_common import (CATALOGUE_SHAPES, _HOLDER_LOOPS, _acc_dtype, _axis, _common, _fp64_scales, _holders,
+                          _reduce_rpb_partials, _rpb_block, _strides, _tile, rpb_partial_shape)
+from .na2d_tiled import (_backward_key_tiled_launch, _backward_query_tiled_launch, _forward_tiled_launch,
+                         window_penalty)
 
 
 @triton.jit
@@ -157,415 +93,6 @@ def na2d_fwd_kernel(
     tl.store(y_ptr + b * syb + h * syn + (i * syh + j * syw)[:, None] + dd[None, :] * syd,
              y.to(y_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
     tl.store(lse_ptr + b * slb + h * sln + i * slh + j * slw, m + tl.log(safe), mask=inside)
-
-
-@triton.jit
-def _query_tile(H, W, HEADS, DH, DW, TILES, TILES_W, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_W: tl.constexpr, NEIGHBORHOOD: tl.constexpr, INDEX_64: tl.constexpr):
-    """The tiled kernels' program: one (sample, head), one dilation group (gi, gj) and a
-    ``BLOCK_H x BLOCK_W`` tile of that group's subsequence, so all its queries' windows lie in the
-    group. Returns the sample, head, group, subsequence lengths, the queries' subsequence indices,
-    whether they are in the image, their window starts, the union window's first row and column, and
-    their image positions. Window starts are 1-Lipschitz in the query index, hence the union window
-    along an axis starts at the first query's start and spans at most ``BLOCK + K - 1`` indices."""
-    pid = tl.program_id(0)
-    tile = pid % TILES
-    rest = pid // TILES
-    group = rest % (DH * DW)
-    bh = rest // (DH * DW)
-    b = bh // HEADS
-    h = bh % HEADS
-    gi = group // DW
-    gj = group % DW
-    li = (H - gi + DH - 1) // DH
-    lj = (W - gj + DW - 1) // DW
-    t0i = (tile // TILES_W) * BLOCK_H
-    t0j = (tile % TILES_W) * BLOCK_W
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    ti = t0i + p // BLOCK_W
-    tj = t0j + p % BLOCK_W
-    inside = (ti < li) & (tj < lj)
-    si = _window_start(ti, li, K, NEIGHBORHOOD)
-    sj = _window_start(tj, lj, K, NEIGHBORHOOD)
-    lo_i = _window_start(t0i, li, K, NEIGHBORHOOD)
-    lo_j = _window_start(t0j, lj, K, NEIGHBORHOOD)
-    i = gi + ti * DH
-    j = gj + tj * DW
-    if INDEX_64:
-        b = b.to(tl.int64)
-        h = h.to(tl.int64)
-        i = i.to(tl.int64)
-        j = j.to(tl.int64)
-    return b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j
-
-
-@triton.jit
-def _window_features(si, sj, lo_i, lo_j, BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, ONE: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr):
-    """The window mask as a product accumulated under the scores, its query side ``[Q, F]``: ONE on the
-    slot of the query's window start row (``si - lo_i``, in ``[0, BLOCK_H)``: starts are monotone and
-    1-Lipschitz in the query index) and on that of its start column (``BLOCK_H + sj - lo_j``). A key's
-    features (``_union_keys``) are PENALTY on every start slot whose window misses it, so q_f·k_f is
-    exactly 0 on the query's own keys and <= PENALTY·ONE elsewhere: -2^100 (-2^30 in fp16, whose
-    operands stop at 2^15), which no score of finite inputs offsets and exp2 turns into exactly 0 next
-    to any key of the window (every query in the image has one: its centre). Indexing the starts, not
-    the union's rows and columns, keeps the product's depth at BLOCK_H + BLOCK_W, whatever K."""
-    f = tl.arange(0, BLOCK_F)
-    slot = (f[None, :] == (si - lo_i)[:, None]) | (f[None, :] == (BLOCK_H + sj - lo_j)[:, None])
-    return tl.where(slot, ONE, 0.0).to(DOT_DTYPE)
-
-
-@triton.jit
-def _union_keys(n0, gi, gj, li, lj, lo_i, lo_j, DH, DW, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, PENALTY: tl.constexpr,
-                NEIGHBORHOOD: tl.constexpr, INDEX_64: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """The ``BLOCK_N`` keys from ``n0`` on of the flattened union window: their subsequence rows and columns, the image
-    row and column to load them from (clamped into the image: a key outside it, or past the union,
-    loads a real row unmasked and its features drop it), and the keys' features ``[F, N]``: PENALTY on
-    the start slots (``_window_features``) whose window misses the key; on every slot for a key past
-    the union or, in a sliding window, outside the image. A neighbourhood window never leaves the
-    image, so there the features depend on the chunk only."""
-    union_h: tl.constexpr = BLOCK_H + K - 1
-    union_w: tl.constexpr = BLOCK_W + K - 1
-    n = n0 + tl.arange(0, BLOCK_N)
-    nr = n // union_w
-    nc = n % union_w
-    kr = lo_i + nr
-    kc = lo_j + nc
-    row = gi + tl.minimum(tl.maximum(kr, 0), li - 1) * DH
-    col = gj + tl.minimum(tl.maximum(kc, 0), lj - 1) * DW
-    if INDEX_64:
-        row = row.to(tl.int64)
-        col = col.to(tl.int64)
-    f = tl.arange(0, BLOCK_F)
-    # Slot f < BLOCK_H: window rows [lo_i + f, lo_i + f + K); then the columns likewise.
-    offset = tl.where(f < BLOCK_H, f, f - BLOCK_H)[:, None]
-    along = tl.where((f < BLOCK_H)[:, None], nr[None, :], nc[None, :])
-    missed = ((along - offset).to(tl.uint32) >= K) | (n >= union_h * union_w)[None, :]
-    if not NEIGHBORHOOD:
-        missed |= ~((kr >= 0) & (kr < li) & (kc >= 0) & (kc < lj))[None, :]
-    features = tl.where(missed & (f < BLOCK_H + BLOCK_W)[:, None], PENALTY, 0.0).to(DOT_DTYPE)
-    return kr, kc, row, col, features
-
-
-@triton.jit
-def _load_rows(head, row, col, srow, scol, dmask, EVEN_D: tl.constexpr):
-    """``[N, D]`` rows at (row, col), unmasked where D fills the block (rows are always in the image)."""
-    if EVEN_D:
-        return tl.load(head + (row * srow + col * scol)[:, None])
-    return tl.load(head + (row * srow + col * scol)[:, None], mask=dmask, other=0.0)
-
-
-# Heads of up to this many features read a chunk's rpb before its scores (``_pair_bias``).
-EARLY_BIAS_FEATURES = tl.constexpr(64)
-
-
-@triton.jit
-def _pair_bias(rpb_head, key_i, key_j, query_i, query_j, sri, srj, mask, K: tl.constexpr):
-    """The rpb of each (query, key) pair from their bins, read before the scores exist: the relative
-    position key - query is clamped into the table, so a pair off the query's window reads some
-    bin (in bounds) and its score, which the window's mask makes <= PENALTY·ONE, drops it. Masked by
-    the score instead, the read waits for the products: a round trip more a chunk (PREDICTED,
-    triton 3.6, bf16: N1-rpb fwd 12.5% -> 19.7%, N2-rpb dq 9.6% -> 19.4%). Up to
-    ``EARLY_BIAS_FEATURES`` features a head: the [queries, keys] bias held through the products
-    spilled the D = 128 forward and dq on sm_80."""
-    rel_i = tl.minimum(tl.maximum(key_i - query_i, 1 - K), K - 1)
-    rel_j = tl.minimum(tl.maximum(key_j - query_j, 1 - K), K - 1)
-    return tl.load(rpb_head + rel_i * sri + rel_j * srj, mask=mask, other=0.0)
-
-
-@triton.jit
-def _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, ti, tj, kr, kc, sri, srj, inside, inv_scale,
-                K: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr, HAS_RPB: tl.constexpr,
-                EARLY_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """``q·k + rpb/scale`` on the query's own keys, ``<= PENALTY·ONE`` elsewhere ([Q, N], fp32). The
-    rpb of a pair (query bins ti, tj; key bins kr, kc): EARLY_BIAS, read before the products
-    (``_pair_bias``); else after them, masked by the score, at ``rpb_head + key bins - query_bins``
-    (one subtraction per pair). Lanes outside the image read no rpb: their clamped window is no
-    window of theirs, its offsets not bins."""
-    if HAS_RPB and EARLY_BIAS:
-        bias = _pair_bias(rpb_head, kr[None, :], kc[None, :], ti[:, None], tj[:, None], sri, srj, inside[:, None], K)
-    s = tl.dot(q_features, k_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    s = tl.dot(q, tl.trans(key.to(DOT_DTYPE)), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    if HAS_RPB and EARLY_BIAS:
-        s += tl.where(s > 0.5 * PENALTY * ONE, bias.to(ACC_DTYPE) * inv_scale, 0.0)
-    elif HAS_RPB:
-        s += tl.load(rpb_head + ((kr * sri + kc * srj)[None, :] - query_bins[:, None]),
-                     mask=inside[:, None] & (s > 0.5 * PENALTY * ONE), other=0.0).to(ACC_DTYPE) * inv_scale
-    return s
-
-
-@triton.jit
-def _bias_head(rpb_ptr, h, srn, sri, srj, K: tl.constexpr, HAS_RPB: tl.constexpr):
-    """The rpb entry of relative position (0, 0) of head ``h``: a pair (query t, key u) per axis reads
-    bin ``u - t + K - 1``, at ``_bias_head(...) + (u·sri + u'·srj) - (t·sri + t'·srj)``."""
-    head = rpb_ptr
-    if HAS_RPB:
-        head = rpb_ptr + h * srn + (K - 1) * (sri + srj)
-    return head
-
-
-@triton.jit
-def _forward_chunk(n0, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_head,
-                   query_bins, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
-                   PENALTY: tl.constexpr, ONE: tl.constexpr, NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr,
-                   INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr):
-    """One online-softmax step of the tiled forward over the union keys ``n0 .. n0 + BLOCK_N``."""
-    kr, kc, row, col, k_features = _union_keys(n0, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
-                                               BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64, DOT_DTYPE)
-    key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D)
-    # The values with the keys, before the scores' dot: after it their round trip came on top.
-    value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D)
-    s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, ti, tj, kr, kc, sri, srj, inside,
-                    inv_scale, K, PENALTY, ONE, HAS_RPB, key.shape[1] <= EARLY_BIAS_FEATURES, ACC_DTYPE, DOT_DTYPE,
-                    DOT_PRECISION)
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    alpha = tl.exp2((m - m_new) * scale2)
-    weights = tl.exp2(s * scale2 - (m_new * scale2)[:, None])
-    total = total * alpha + tl.sum(weights, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(weights.to(DOT_DTYPE), value.to(DOT_DTYPE), input_precision=DOT_PRECISION,
-                                        out_dtype=ACC_DTYPE)
-    return m_new, total, acc
-
-
-@triton.jit
-def na2d_fwd_tiled_kernel(
-    q_ptr, k_ptr, v_ptr, rpb_ptr, y_ptr, lse_ptr,
-    H, W, HEADS, D, DH, DW, scale2, inv_scale, ln2, scale_f64: tl.float64,
-    sqb, sqh, sqw, sqn, sqd,
-    skb, skh, skw, skn, skd,
-    svb, svh, svw, svn, svd,
-    syb, syh, syw, syn, syd,
-    slb, slh, slw, sln,
-    srn, sri, srj,
-    TILES, TILES_W, CHUNKS,
-    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    TAIL_N: tl.constexpr, BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
-    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
-):
-    """The forward of ``na2d_fwd_kernel`` on tensor cores: the tile's union window (``_query_tile``),
-    flattened and cut into ``CHUNKS`` chunks of ``BLOCK_N`` keys and a tail of ``TAIL_N`` (the rest,
-    a power of two >= 16, or none: less padding than a last full chunk), each a ``[Q, D] x [D, N]``
-    score product and a ``[Q, N] x [N, D]`` aggregation, the pairs outside a query's window masked by
-    ``_window_features``.
-    K is a compile-time constant here: the flattened union index splits into (row, column) by a
-    constant divisor, a multiply and shift.
-
-    Raw scores t = q·k (+ rpb / scale) and their running max m; the softmax in base 2, one fused
-    multiply-add per score: exp2(t·scale2 - m·scale2), scale2 = scale·log2(e) > 0. The constants are
-    arguments (in float64 derived from ``scale_f64``, ``_fp64_scales``)."""
-    if ACC_DTYPE == tl.float64:
-        _, scale2, inv_scale, _, ln2 = _fp64_scales(scale_f64)
-    b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j = _query_tile(
-        H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = (dd < D)[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqn + (i * sqh + j * sqw)[:, None] + dd[None, :] * sqd,
-                mask=inside[:, None] & dmask, other=0.0).to(DOT_DTYPE)
-    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
-    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
-    q_features = _window_features(si, sj, lo_i, lo_j, BLOCK_H, BLOCK_F, ONE, DOT_DTYPE)
-    rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
-    query_bins = ti * sri + tj * srj
-    m = tl.full((BLOCK_H * BLOCK_W,), float("-inf"), ACC_DTYPE)
-    total = tl.zeros((BLOCK_H * BLOCK_W,), ACC_DTYPE)
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
-    for c in range(0, CHUNKS):
-        m, total, acc = _forward_chunk(
-            c * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_head,
-            query_bins, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H, BLOCK_W,
-            BLOCK_N, BLOCK_F, PENALTY, ONE, NEIGHBORHOOD, HAS_RPB, INDEX_64, ACC_DTYPE, DOT_DTYPE, DOT_PRECISION,
-            EVEN_D)
-    if TAIL_N > 0:
-        m, total, acc = _forward_chunk(
-            CHUNKS * BLOCK_N, q, q_features, m, total, acc, k_head, v_head, skh, skw, svh, svw, dmask, rpb_head,
-            query_bins, sri, srj, gi, gj, li, lj, lo_i, lo_j, ti, tj, inside, DH, DW, scale2, inv_scale, K, BLOCK_H,
-            BLOCK_W, TAIL_N, BLOCK_F, PENALTY, ONE, NEIGHBORHOOD, HAS_RPB, INDEX_64, ACC_DTYPE, DOT_DTYPE,
-            DOT_PRECISION, EVEN_D)
-    safe = tl.where(total > 0, total, 1.0)  # lanes outside the image
-    # One reciprocal per query, not an IEEE division per element (~10 instructions each).
-    y = acc * (1.0 / safe)[:, None]
-    tl.store(y_ptr + b * syb + h * syn + (i * syh + j * syw)[:, None] + dd[None, :] * syd,
-             y.to(y_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
-    tl.store(lse_ptr + b * slb + h * sln + i * slh + j * slw, (m * scale2 + tl.log2(safe)) * ln2, mask=inside)
-
-
-@triton.jit
-def na2d_bwd_query_tiled_kernel(
-    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dq_ptr, ds_ptr,
-    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e, scale_f64: tl.float64,
-    sqb, sqh, sqw, sqn, sqd,
-    skb, skh, skw, skn, skd,
-    svb, svh, svw, svn, svd,
-    sgb, sgh, sgw, sgn, sgd,
-    slb, slh, slw, sln,
-    srn, sri, srj,
-    sdqb, sdqh, sdqw, sdqn, sdqd,
-    sdsb, sdsh, sdsw, sdsn, sdsu, sdsv,
-    TILES, TILES_W, CHUNKS,
-    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
-    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
-):
-    """dq of ``na2d_bwd_query_kernel`` on tensor cores, over the forward's tiles and chunks: per chunk
-    p = exp2(t·scale2 - lse·log2e), dp = dy·vᵀ and dq += (p·(dp - delta))·k, three products.
-    With RPB_GRAD, ds of every pair in a query's window (and in the image) is also stored, in window
-    order ``ds[b, i, j, h, u, v]`` (tap (u, v) = key - window start): the bin of a pair depends on both
-    query and key, so the tile cannot sum ds by bin; ``_reduce_window_ds`` does, by the queries' window
-    shifts. Each (query, tap) is one pair of the union: one writer. The store address is a per-query
-    base plus a per-key offset, one addition per pair; the in-window test is the score's own."""
-    if ACC_DTYPE == tl.float64:
-        scale, scale2, inv_scale, log2e, _ = _fp64_scales(scale_f64)
-    b, h, gi, gj, li, lj, ti, tj, inside, si, sj, lo_i, lo_j, i, j = _query_tile(
-        H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = (dd < D)[None, :]
-    mask2 = inside[:, None] & dmask
-    q = tl.load(q_ptr + b * sqb + h * sqn + (i * sqh + j * sqw)[:, None] + dd[None, :] * sqd,
-                mask=mask2, other=0.0).to(DOT_DTYPE)
-    dy = tl.load(dy_ptr + b * sgb + h * sgn + (i * sgh + j * sgw)[:, None] + dd[None, :] * sgd,
-                 mask=mask2, other=0.0).to(DOT_DTYPE)
-    stat = b * slb + h * sln + i * slh + j * slw
-    # A lane outside the image gets lse = +inf: p = 0, no overflow in rows nobody stores.
-    lse2 = tl.load(lse_ptr + stat, mask=inside, other=float("inf")).to(ACC_DTYPE) * log2e
-    delta = tl.load(delta_ptr + stat, mask=inside, other=0.0).to(ACC_DTYPE)
-    k_head = k_ptr + b * skb + h * skn + dd[None, :] * skd
-    v_head = v_ptr + b * svb + h * svn + dd[None, :] * svd
-    q_features = _window_features(si, sj, lo_i, lo_j, BLOCK_H, BLOCK_F, ONE, DOT_DTYPE)
-    rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
-    query_bins = ti * sri + tj * srj
-    ds_window = ds_ptr
-    if RPB_GRAD:
-        ds_window = ds_ptr + b * sdsb + h * sdsn + i * sdsh + j * sdsw - (si * sdsu + sj * sdsv)
-    dq = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
-    for c in range(0, CHUNKS):
-        kr, kc, row, col, k_features = _union_keys(c * BLOCK_N, gi, gj, li, lj, lo_i, lo_j, DH, DW, K, BLOCK_H, BLOCK_W,
-                                                   BLOCK_N, BLOCK_F, PENALTY, NEIGHBORHOOD, INDEX_64,
-                                                   DOT_DTYPE)
-        key = _load_rows(k_head, row, col, skh, skw, dmask, EVEN_D).to(DOT_DTYPE)
-        value = _load_rows(v_head, row, col, svh, svw, dmask, EVEN_D).to(DOT_DTYPE)  # with the keys (forward)
-        s = _raw_scores(q, q_features, key, k_features, rpb_head, query_bins, ti, tj, kr, kc, sri, srj, inside,
-                        inv_scale, K, PENALTY, ONE, HAS_RPB, BLOCK_D <= EARLY_BIAS_FEATURES, ACC_DTYPE,
-                        DOT_DTYPE, DOT_PRECISION)
-        p = tl.exp2(s * scale2 - lse2[:, None])
-        dp = tl.dot(dy, tl.trans(value), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(DOT_DTYPE), key, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        if RPB_GRAD:
-            tl.store(ds_window[:, None] + (kr * sdsu + kc * sdsv)[None, :], ds.to(ds_ptr.dtype.element_ty),
-                     mask=inside[:, None] & (s > 0.5 * PENALTY * ONE))
-    tl.store(dq_ptr + b * sdqb + h * sdqn + (i * sdqh + j * sdqw)[:, None] + dd[None, :] * sdqd,
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=mask2)
-
-
-@triton.jit
-def na2d_bwd_key_tiled_kernel(
-    q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    H, W, HEADS, D, DH, DW, scale, scale2, inv_scale, log2e, scale_f64: tl.float64,
-    sqb, sqh, sqw, sqn, sqd,
-    skb, skh, skw, skn, skd,
-    svb, svh, svw, svn, svd,
-    sgb, sgh, sgw, sgn, sgd,
-    slb, slh, slw, sln,
-    srn, sri, srj,
-    sdkb, sdkh, sdkw, sdkn, sdkd,
-    sdvb, sdvh, sdvw, sdvn, sdvd,
-    TILES, TILES_W,
-    K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    CHUNK_H: tl.constexpr, BLOCK_F: tl.constexpr, PENALTY: tl.constexpr, ONE: tl.constexpr,
-    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
-):
-    """dk and dv of ``na2d_bwd_key_kernel`` on tensor cores. A program owns a tile of keys (the
-    forward's query tiling, ``_query_tile``); the queries whose windows hold them form, per axis, the
-    range from the first key's first holder to the last key's last holder (holder ranges are monotone),
-    at most ``BLOCK + 2K - 2`` long. That union is cut into ``CHUNK_H x CHUNK_W`` blocks of
-    ``BLOCK_N`` queries (a run-time row loop around a column loop: no division per query); per
-    chunk, keys as rows: sᵀ = k·qᵀ, pᵀ = exp2(sᵀ·scale2 - lse·log2e), dv += pᵀ·dy, dpᵀ = v·dyᵀ,
-    dk += (pᵀ·(dpᵀ - delta))·q. The mask is ``_window_features``' product with the roles swapped: a
-    key's features are ONE on its row's and its column's slot in the tile, a query's are PENALTY on
-    every key row and column its window misses. Queries outside the image or past the union read
-    lse = +inf (p = 0). Each key has one writer: deterministic, no atomics."""
-    if ACC_DTYPE == tl.float64:
-        scale, scale2, inv_scale, log2e, _ = _fp64_scales(scale_f64)
-    CHUNK_W: tl.constexpr = BLOCK_N // CHUNK_H
-    b, h, gi, gj, li, lj, ti, tj, inside, _, _, _, _, i, j = _query_tile(
-        H, W, HEADS, DH, DW, TILES, TILES_W, K, BLOCK_H, BLOCK_W, NEIGHBORHOOD, INDEX_64)
-    t0i = tl.min(ti, axis=0)
-    t0j = tl.min(tj, axis=0)
-    lo_i, _ = _holders(t0i, li, K, NEIGHBORHOOD)
-    lo_j, _ = _holders(t0j, lj, K, NEIGHBORHOOD)
-    _, hi_i = _holders(tl.minimum(t0i + BLOCK_H - 1, li - 1), li, K, NEIGHBORHOOD)
-    _, hi_j = _holders(tl.minimum(t0j + BLOCK_W - 1, lj - 1), lj, K, NEIGHBORHOOD)
-    dd = tl.arange(0, BLOCK_D)
-    dmask = (dd < D)[None, :]
-    mask2 = inside[:, None] & dmask
-    key = tl.load(k_ptr + b * skb + h * skn + (i * skh + j * skw)[:, None] + dd[None, :] * skd,
-                  mask=mask2, other=0.0).to(DOT_DTYPE)
-    value = tl.load(v_ptr + b * svb + h * svn + (i * svh + j * svw)[:, None] + dd[None, :] * svd,
-                    mask=mask2, other=0.0).to(DOT_DTYPE)
-    f = tl.arange(0, BLOCK_F)
-    k_features = tl.where((f[None, :] == (ti - t0i)[:, None]) | (f[None, :] == (BLOCK_H + tj - t0j)[:, None]),
-                          ONE, 0.0).to(DOT_DTYPE)
-    # Slot f < BLOCK_H: key row t0i + f; then the key columns likewise.
-    slot_key = tl.where(f < BLOCK_H, t0i + f, t0j + f - BLOCK_H)[:, None]
-    n = tl.arange(0, BLOCK_N)
-    # Relative to the key, a holder sits at minus its offset: the bin of (query, key) is key - query.
-    rpb_head = _bias_head(rpb_ptr, h, srn, sri, srj, K, HAS_RPB)
-    key_bins = ti * sri + tj * srj
-    q_head = q_ptr + b * sqb + h * sqn + dd[None, :] * sqd
-    dy_head = dy_ptr + b * sgb + h * sgn + dd[None, :] * sgd
-    stat_head = lse_ptr + b * slb + h * sln
-    delta_head = delta_ptr + b * slb + h * sln
-    dk = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
-    dv = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
-    for r0 in range(lo_i, hi_i + 1, CHUNK_H):
-        qr = r0 + n // CHUNK_W
-        row = gi + tl.minimum(qr, li - 1) * DH
-        if INDEX_64:
-            row = row.to(tl.int64)
-        start_i = _window_start(qr, li, K, NEIGHBORHOOD)
-        for c0 in range(lo_j, hi_j + 1, CHUNK_W):
-            qc = c0 + n % CHUNK_W
-            valid = (qr <= hi_i) & (qc <= hi_j)
-            col = gj + tl.minimum(qc, lj - 1) * DW
-            if INDEX_64:
-                col = col.to(tl.int64)
-            query = _load_rows(q_head, row, col, sqh, sqw, dmask, EVEN_D).to(DOT_DTYPE)
-            grad = _load_rows(dy_head, row, col, sgh, sgw, dmask, EVEN_D).to(DOT_DTYPE)
-            lse2 = tl.load(stat_head + row * slh + col * slw, mask=valid, other=float("inf")).to(ACC_DTYPE) * log2e
-            delta = tl.load(delta_head + row * slh + col * slw, mask=valid, other=0.0).to(ACC_DTYPE)
-            start = tl.where((f < BLOCK_H)[:, None], start_i[None, :],
-                             _window_start(qc, lj, K, NEIGHBORHOOD)[None, :])
-            missed = ((slot_key - start).to(tl.uint32) >= K) & (f < BLOCK_H + BLOCK_W)[:, None]
-            q_features = tl.where(missed, PENALTY, 0.0).to(DOT_DTYPE)
-            early_bias: tl.constexpr = HAS_RPB and BLOCK_D <= EARLY_BIAS_FEATURES
-            if early_bias:
-                bias = _pair_bias(rpb_head, ti[:, None], tj[:, None], qr[None, :], qc[None, :], sri, srj,
-                                  inside[:, None] & valid[None, :], K)
-            s = tl.dot(k_features, q_features, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            s = tl.dot(key, tl.trans(query), s, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            if early_bias:
-                s += tl.where(s > 0.5 * PENALTY * ONE, bias.to(ACC_DTYPE) * inv_scale, 0.0)
-            elif HAS_RPB:
-                s += tl.load(rpb_head + (key_bins[:, None] - (qr * sri + qc * srj)[None, :]),
-                             mask=inside[:, None] & valid[None, :] & (s > 0.5 * PENALTY * ONE),
-                             other=0.0).to(ACC_DTYPE) * inv_scale
-            p = tl.exp2(s * scale2 - lse2[None, :])
-            dv = tl.dot(p.to(DOT_DTYPE), grad, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            dp = tl.dot(value, tl.trans(grad), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-            ds = p * (dp - delta[None, :])
-            dk = tl.dot(ds.to(DOT_DTYPE), query, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    tl.store(dk_ptr + b * sdkb + h * sdkn + (i * sdkh + j * sdkw)[:, None] + dd[None, :] * sdkd,
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=mask2)
-    tl.store(dv_ptr + b * sdvb + h * sdvn + (i * sdvh + j * sdvw)[:, None] + dd[None, :] * sdvd,
-             dv.to(dv_ptr.dtype.element_ty), mask=mask2)
-
 
 @triton.jit
 def na2d_bwd_query_kernel(
@@ -636,19 +163,6 @@ def na2d_bwd_query_kernel(
         out = drpb_ptr + tl.program_id(0) * (BLOCK_R * BLOCK_R)
         tl.store(out + r[:, None] * BLOCK_R + r[None, :], partial)
 
-
-@triton.jit
-def _holders(t, length, K, NEIGHBORHOOD: tl.constexpr):
-    """The range [lo, hi] of query indices whose windows hold key index ``t`` (one subsequence)."""
-    if NEIGHBORHOOD:
-        lo = tl.where(t < K, 0, t - K // 2)
-        hi = tl.where(t >= length - K, length - 1, t + K // 2)
-    else:
-        lo = tl.maximum(t - K // 2, 0)
-        hi = tl.minimum(t + K // 2, length - 1)
-    return lo, hi
-
-
 @triton.jit
 def na2d_bwd_key_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, dy_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
@@ -718,150 +232,8 @@ def na2d_bwd_key_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# The unfused pair (na2d_qk, na2d_av): three gathers in window order, each with one writer per element
-# --------------------------------------------------------------------------------------------
-
-@triton.jit
-def na2d_tap_dots_kernel(
-    x_ptr, y_ptr, rpb_ptr, out_ptr,
-    H, W, HEADS, D, K, DH, DW,
-    sxb, sxh, sxw, sxn, sxd,
-    syb, syh, syw, syn, syd,
-    srn, sri, srj,
-    sob, soh, sow, son, sou, sov,
-    TILES, TILES_W,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-    NEIGHBORHOOD: tl.constexpr, HAS_RPB: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """out[q, u, v] = x[q]·y[key(q, u, v)] (+ rpb), MASKED where a sliding window leaves the image:
-    the scores of na2d_qk (x = q, y = k) and the weight gradient of na2d_av (x = dy, y = v)."""
-    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
-    dd = tl.arange(0, BLOCK_D)
-    inside = (i < H) & (j < W)
-    dmask = (dd < D)[None, :]
-    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
-    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
-    x = tl.load(x_ptr + b * sxb + h * sxn + (i * sxh + j * sxw)[:, None] + dd[None, :] * sxd,
-                mask=inside[:, None] & dmask, other=0.0).to(ACC_DTYPE)
-    y_head = y_ptr + b * syb + h * syn + dd[None, :] * syd
-    out_pix = out_ptr + b * sob + h * son + i * soh + j * sow
-    for tap in range(K * K):
-        u = tap // K
-        v = tap % K
-        ki = si + u
-        kj = sj + v
-        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
-        y = tl.load(y_head + ((gi + ki * DH) * syh + (gj + kj * DW) * syw)[:, None], mask=ok[:, None] & dmask,
-                    other=0.0)
-        s = tl.sum(x * y.to(ACC_DTYPE), axis=1)
-        if HAS_RPB:
-            s += tl.load(rpb_ptr + h * srn + (ki - ti + K - 1) * sri + (kj - tj + K - 1) * srj,
-                         mask=ok, other=0.0).to(ACC_DTYPE)
-        s = tl.where(ok, s, MASKED)
-        tl.store(out_pix + u * sou + v * sov, s.to(out_ptr.dtype.element_ty), mask=inside)
-
-
-@triton.jit
-def na2d_tap_sum_kernel(
-    w_ptr, y_ptr, out_ptr, rpb_grad_ptr,
-    H, W, HEADS, D, K, DH, DW,
-    swb, swh, sww, swn, swu, swv,
-    syb, syh, syw, syn, syd,
-    sob, soh, sow, son, sod,
-    TILES, TILES_W,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    NEIGHBORHOOD: tl.constexpr, RPB_GRAD: tl.constexpr, RPB_DOT: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
-    """out[q] = Σ_taps w[q, u, v]·y[key(q, u, v)] over the taps inside the image: na2d_av (w = attn,
-    y = v) and dq of na2d_qk (w = dscores, y = k, with the per-program rpb-gradient partial of w)."""
-    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
-    dd = tl.arange(0, BLOCK_D)
-    inside = (i < H) & (j < W)
-    dmask = (dd < D)[None, :]
-    gi, ti, li, si = _axis(i, H, K, DH, NEIGHBORHOOD)
-    gj, tj, lj, sj = _axis(j, W, K, DW, NEIGHBORHOOD)
-    y_head = y_ptr + b * syb + h * syn + dd[None, :] * syd
-    w_pix = w_ptr + b * swb + h * swn + i * swh + j * sww
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
-    r = tl.arange(0, BLOCK_R)
-    partial = tl.zeros((BLOCK_R, BLOCK_R), ACC_DTYPE)
-    for tap in range(K * K):
-        u = tap // K
-        v = tap % K
-        ki = si + u
-        kj = sj + v
-        ok = inside & (ki >= 0) & (ki < li) & (kj >= 0) & (kj < lj)
-        weight = tl.load(w_pix + u * swu + v * swv, mask=ok, other=0.0).to(ACC_DTYPE)
-        y = tl.load(y_head + ((gi + ki * DH) * syh + (gj + kj * DW) * syw)[:, None], mask=ok[:, None] & dmask,
-                    other=0.0)
-        acc += weight[:, None] * y.to(ACC_DTYPE)
-        if RPB_GRAD:
-            rows = tl.where((ki - ti + K - 1)[:, None] == r[None, :], weight[:, None], 0.0)
-            cols = tl.where((kj - tj + K - 1)[:, None] == r[None, :], 1.0, 0.0).to(ACC_DTYPE)
-            if RPB_DOT:
-                partial += tl.dot(tl.trans(rows), cols, input_precision="ieee")
-            else:
-                partial += tl.sum(rows[:, :, None] * cols[:, None, :], axis=0)
-    tl.store(out_ptr + b * sob + h * son + (i * soh + j * sow)[:, None] + dd[None, :] * sod,
-             acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
-    if RPB_GRAD:
-        out = rpb_grad_ptr + tl.program_id(0) * (BLOCK_R * BLOCK_R)
-        tl.store(out + r[:, None] * BLOCK_R + r[None, :], partial)
-
-
-@triton.jit
-def na2d_key_sum_kernel(
-    w_ptr, x_ptr, out_ptr,
-    H, W, HEADS, D, K, DH, DW,
-    swb, swh, sww, swn, swu, swv,
-    sxb, sxh, sxw, sxn, sxd,
-    sob, soh, sow, son, sod,
-    TILES, TILES_W,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
-    NEIGHBORHOOD: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    """out[key] = Σ_{q holding key} w[q, tap(q, key)]·x[q]: dk of na2d_qk (w = dscores, x = q) and dv
-    of na2d_av (w = attn, x = dy), gathered from the inverse neighbourhood."""
-    b, h, i, j = _tile(TILES, TILES_W, HEADS, BLOCK_H, BLOCK_W, INDEX_64)
-    dd = tl.arange(0, BLOCK_D)
-    inside = (i < H) & (j < W)
-    dmask = (dd < D)[None, :]
-    gi, ti, li, _ = _axis(i, H, K, DH, NEIGHBORHOOD)
-    gj, tj, lj, _ = _axis(j, W, K, DW, NEIGHBORHOOD)
-    lo_i, hi_i = _holders(ti, li, K, NEIGHBORHOOD)
-    lo_j, hi_j = _holders(tj, lj, K, NEIGHBORHOOD)
-    span_i = tl.max(tl.where(inside, hi_i - lo_i + 1, 0), axis=0)
-    span_j = tl.max(tl.where(inside, hi_j - lo_j + 1, 0), axis=0)
-    x_head = x_ptr + b * sxb + h * sxn + dd[None, :] * sxd
-    w_head = w_ptr + b * swb + h * swn
-    acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_D), ACC_DTYPE)
-    for ei in range(0, span_i):
-        qi = lo_i + ei
-        ok_i = inside & (qi <= hi_i)
-        row = gi + qi * DH
-        u = ti - _window_start(qi, li, K, NEIGHBORHOOD)
-        for ej in range(0, span_j):
-            qj = lo_j + ej
-            ok = ok_i & (qj <= hi_j)
-            col = gj + qj * DW
-            v = tj - _window_start(qj, lj, K, NEIGHBORHOOD)
-            weight = tl.load(w_head + row * swh + col * sww + u * swu + v * swv, mask=ok, other=0.0)
-            x = tl.load(x_head + (row * sxh + col * sxw)[:, None], mask=ok[:, None] & dmask, other=0.0)
-            acc += weight.to(ACC_DTYPE)[:, None] * x.to(ACC_DTYPE)
-    tl.store(out_ptr + b * sob + h * son + (i * soh + j * sow)[:, None] + dd[None, :] * sod,
-             acc.to(out_ptr.dtype.element_ty), mask=inside[:, None] & dmask)
-
-
-# --------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------
-
-def _HOLDER_LOOPS(K: int) -> tuple:
-    """Trip counts of the inverse-neighbourhood double loop: K x K holders away from the borders
-    (up to 2K-1 per axis next to one; the static model takes the interior)."""
-    return ((K, (K,)),)
-
 
 def uses_tensor_cores(kernel: str, dtype: torch.dtype, D: int, rpb: bool = False) -> bool:
     """Whether ``kernel`` ("fwd", "dq", "dkv") runs its score and aggregation products as ``tl.dot``
@@ -870,18 +242,15 @@ def uses_tensor_cores(kernel: str, dtype: torch.dtype, D: int, rpb: bool = False
     stores ds in window order for the rpb gradient (``rpb`` is kept for the callers' symmetry)."""
     return dtype in (torch.float16, torch.bfloat16) and D >= 16
 
-
 def query_kernel_is_tiled(q: torch.Tensor, scale: float, config=None) -> bool:
     """Whether the dq launch takes the tensor-core kernel: then the rpb gradient goes through ds in
     window order (``window_ds_shape``), else through per-program partials (``rpb_partial_shape``)."""
     tiled = (config or {}).get("tiled", uses_tensor_cores("dq", q.dtype, q.shape[-1]))
     return bool(tiled) and window_penalty(q.dtype, scale) is not None
 
-
 def window_ds_shape(q) -> tuple[int, ...]:
     """ds of the tiled dq kernel per query and tap: (B, H, W, heads, K, K) (K from the caller)."""
     return tuple(q.shape[:4])
-
 
 def rpb_grad_buffer(q, K, dilation, scale, neighborhood, config=None) -> torch.Tensor:
     """What the dq launch writes the rpb gradient's terms into: ds per (query, tap) for the tiled
@@ -894,54 +263,6 @@ def rpb_grad_buffer(q, K, dilation, scale, neighborhood, config=None) -> torch.T
         return allocate((*window_ds_shape(q), K, K), dtype=dtype, device=q.device)
     return torch.empty(rpb_partial_shape(q, K, dilation, config), dtype=acc, device=q.device)
 
-
-def default_config(H: int, W: int, D: int, kernel: str = "na2d_fwd") -> dict:
-    block_d = next_power_of_2(D)
-    queries = max(MIN_QUERIES, min(64, TILE_ELEMENTS // block_d))
-    block_w = max(1, min(8, next_power_of_2(W)))
-    # Warps from `dynconv inspect` on both triton lanes, sm_80 and sm_90: at 4 warps ptxas (3.6 most of
-    # all) caps some of these kernels far below 255 registers and spills a few values; 8 warps do not.
-    # At D = 128 the forward spills at 4 and 8 warps but not at 2 (~175 registers), and the key-side
-    # backward (six [Q, D] tiles live) spills at 4 and 8 somewhere but nowhere at 16.
-    if kernel == "na2d_fwd":
-        num_warps = 2 if block_d >= 128 else 4
-    elif kernel == "na2d_bwd_key" and block_d >= 128:
-        num_warps = 16
-    else:
-        num_warps = 8
-    return {"BLOCK_H": queries // block_w, "BLOCK_W": block_w, "num_warps": num_warps, "num_stages": 1}
-
-
-def problem_key(q: torch.Tensor, K: int, dilation) -> dict:
-    B, H, W, heads, D = q.shape
-    return {"B": B, "H": H, "W": W, "heads": heads, "D": D, "K": K, "dilation_h": dilation[0],
-            "dilation_w": dilation[1], "dtype_bytes": q.element_size()}
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _rpb_block(K: int) -> int:
-    return max(16, next_power_of_2(2 * K - 1))
-
-
-def _strides(prefix: str, t: torch.Tensor | None, n: int) -> dict:
-    names = {6: "bhwnuv", 5: "bhwnd", 4: "bhwn", 3: "nij"}[n]
-    values = t.stride() if t is not None else (0,) * n
-    return {f"s{prefix}{axis}": s for axis, s in zip(names, values)}
-
-
-def _common(kernel_name, q, K, dilation, config):
-    B, H, W, heads, D = q.shape
-    config = config or get_config(kernel_name, problem_key(q, K, dilation), default_config(H, W, D, kernel_name))
-    meta = {"BLOCK_H": config["BLOCK_H"], "BLOCK_W": config["BLOCK_W"], "BLOCK_D": next_power_of_2(D)}
-    tiles_w = cdiv(W, meta["BLOCK_W"])
-    tiles = cdiv(H, meta["BLOCK_H"]) * tiles_w
-    scalars = dict(H=H, W=W, HEADS=heads, D=D, K=K, DH=dilation[0], DW=dilation[1], TILES=tiles, TILES_W=tiles_w)
-    return meta, scalars, (tiles * B * heads, 1, 1), config.get("num_warps", 4), config.get("num_stages", 1)
-
-
 def forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
     if not cacheable(q):
         return _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)
@@ -949,7 +270,6 @@ def forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, confi
            neighborhood, config_key(config))
     return planned(key, ("q_ptr", "k_ptr", "v_ptr", "rpb_ptr", "y_ptr", "lse_ptr"), (q, k, v, rpb, y, lse),
                    lambda: _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config))
-
 
 def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
     tiled = (config or {}).get("tiled", uses_tensor_cores("fwd", q.dtype, q.shape[-1]))
@@ -963,141 +283,6 @@ def _forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, conf
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
                 ACC_DTYPE=_acc_dtype(q.dtype))
     return Launch(na2d_fwd_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
-
-
-def tiled_config(q, K: int, dilation, config=None, kernel: str = "na2d_fwd_tiled") -> dict:
-    """The tile of the tensor-core kernels: 8 x 8 queries (the 64 rows one warpgroup's wgmma needs)
-    and 32-key chunks of their union window, 64 in the forward (with its tail, the union's padding
-    stays under 16 keys) up to D = 64, but for a gathered rpb at D <= 32; 16 at D = 128 (all spill on
-    sm_80 otherwise). From `dynconv inspect --bounds` (triton 3.6, sm_90) at N1 and N2: 4 x 8 or
-    4 x 4 tiles at 1-2 warps (mma.sync) waste fewer products but issue more per score; 16 x 8 or 8
-    warps and 128-key chunks are slower; a second pipeline stage adds issue. The key-side kernel
-    keeps six [Q, D] tiles live: 16-query chunks from D = 64 and 8 warps at D = 128 keep it from
-    spilling."""
-    default = {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    if q.shape[-1] <= 64 and (kernel == "na2d_fwd_tiled" or (kernel == "na2d_fwd_tiled_rpb" and q.shape[-1] > 32)):
-        default.update(BLOCK_N=64)
-    if kernel.startswith("na2d_fwd_tiled") and q.shape[-1] > 64:
-        default.update(BLOCK_N=16)
-    if kernel == "na2d_bwd_key_tiled" and q.shape[-1] > 32:
-        default.update(BLOCK_N=16, num_warps=8 if q.shape[-1] > 64 else 4)
-    return config or get_config(kernel, problem_key(q, K, dilation), default)
-
-
-def _tiled_common(q, K, dilation, config, kernel="na2d_fwd_tiled"):
-    B, H, W, heads, D = q.shape
-    cfg = tiled_config(q, K, dilation, config, kernel)
-    bh, bw, bn = cfg["BLOCK_H"], cfg["BLOCK_W"], cfg["BLOCK_N"]
-    # Tiles cover the longest subsequence of each axis (group 0's); shorter groups mask their tail.
-    tiles_w = cdiv(cdiv(W, dilation[1]), bw)
-    tiles = cdiv(cdiv(H, dilation[0]), bh) * tiles_w
-    chunks = cdiv((bh + K - 1) * (bw + K - 1), bn)
-    meta = {"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_D": max(16, next_power_of_2(D)), "BLOCK_N": bn}
-    scalars = dict(H=H, W=W, HEADS=heads, D=D, DH=dilation[0], DW=dilation[1], TILES=tiles, TILES_W=tiles_w,
-                   CHUNKS=chunks)
-    # The query tile's window start rows, then its start columns (``_window_features``).
-    meta.update(K=K, BLOCK_F=max(16, next_power_of_2(bh + bw)))
-    grid = (tiles * dilation[0] * dilation[1] * B * heads, 1, 1)
-    return meta, scalars, grid, cfg.get("num_warps", 4), cfg.get("num_stages", 1)
-
-
-def _dot_types(dtype: torch.dtype) -> dict:
-    """The tiled kernels' tl.dot operand type and precision. fp32 and fp64 reach them only when a
-    test asks: exact products, not TF32. The interpreter multiplies bf16 tiles wrongly (triton 3.6
-    and 3.9), so there bf16 operands are widened to fp32: exact, as the tensor cores' products are."""
-    from ._launch import kernels_are_interpreted
-
-    if dtype == torch.float16 or (dtype == torch.bfloat16 and not kernels_are_interpreted()):
-        return {"DOT_DTYPE": {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype], "DOT_PRECISION": "tf32"}
-    return {"DOT_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32, "DOT_PRECISION": "ieee"}
-
-
-def window_penalty(dtype: torch.dtype, scale: float) -> dict | None:
-    """The tiled kernels' mask features (``_window_features``): PENALTY on the query side, ONE on the
-    key side, their product -2^100 (-2^30 in fp16, whose operands stop at 2^15). None where the
-    softmax cannot be taken in base 2 by a positive factor (scale <= 0) or the product times
-    scale·log2(e) would not reach -2^11 (exp2 of it exactly 0 in fp32): then the CUDA-core kernels run."""
-    penalty, one = (-(2.0 ** 15), 2.0 ** 15) if dtype == torch.float16 else (-(2.0 ** 100), 1.0)
-    if not scale > 0 or penalty * one * scale * math.log2(math.e) > -(2.0 ** 11):
-        return None
-    return {"PENALTY": penalty, "ONE": one}
-
-
-def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
-    kernel = "na2d_fwd_tiled" if rpb is None else "na2d_fwd_tiled_rpb"
-    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, kernel)
-    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, y_ptr=y, lse_ptr=lse, **scalars,
-                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), ln2=math.log(2.0),
-                scale_f64=float(scale),
-                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("y", y, 5),
-                **_strides("l", lse, 4), **_strides("r", rpb, 3))
-    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, y),
-                **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype), EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
-    # Full chunks, then the rest of the union in the smallest power-of-two tail tl.dot takes (16 keys).
-    bn = meta["BLOCK_N"]
-    union = (meta["BLOCK_H"] + K - 1) * (meta["BLOCK_W"] + K - 1)
-    chunks, tail = divmod(union, bn)
-    tail = 0 if tail == 0 else max(16, next_power_of_2(tail))
-    if tail >= bn:
-        chunks, tail = chunks + 1, 0
-    args["CHUNKS"] = chunks
-    meta["TAIL_N"] = tail
-    return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(chunks,))
-
-
-def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, ds, K, dilation, scale, neighborhood,
-                                 config=None) -> Launch:
-    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_query_tiled")
-    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
-                ds_ptr=ds, **_strides("ds", ds, 6), **scalars, scale=float(scale), scale_f64=float(scale),
-                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), log2e=math.log2(math.e),
-                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
-                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dq", dq, 5))
-    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, RPB_GRAD=ds is not None,
-                INDEX_64=needs_int64(q, k, v, dy, dq, ds),
-                **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
-                EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
-    return Launch(na2d_bwd_query_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
-
-
-def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
-                               config=None) -> Launch:
-    meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, "na2d_bwd_key_tiled")
-    # The holders' union spans BLOCK + K - 1 queries per axis away from the borders (up to BLOCK + 2K - 2
-    # next to one): the chunk shape that wastes the fewest of them there, and its trip counts, which
-    # the static model weights the loops by. The key features need one slot per key row and column.
-    bh, bw, bn = meta["BLOCK_H"], meta["BLOCK_W"], meta["BLOCK_N"]
-    del scalars["CHUNKS"]
-    chunk_h = holder_chunk_rows(bh + K - 1, bw + K - 1, bn)
-    meta["CHUNK_H"] = chunk_h
-    loops = ((cdiv(bh + K - 1, chunk_h), (cdiv(bw + K - 1, bn // chunk_h),)),)
-    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, rpb_ptr=rpb, dy_ptr=dy, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk,
-                dv_ptr=dv, **scalars, scale=float(scale), scale_f64=float(scale),
-                scale2=float(scale) * math.log2(math.e), inv_scale=1.0 / float(scale), log2e=math.log2(math.e),
-                **_strides("q", q, 5), **_strides("k", k, 5), **_strides("v", v, 5), **_strides("g", dy, 5),
-                **_strides("l", lse, 4), **_strides("r", rpb, 3), **_strides("dk", dk, 5),
-                **_strides("dv", dv, 5))
-    meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
-                **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
-                EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
-    return Launch(na2d_bwd_key_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=loops)
-
-
-def holder_chunk_rows(extent_h: int, extent_w: int, block_n: int) -> int:
-    """Rows of the key-side kernel's ``CHUNK_H x (BLOCK_N / CHUNK_H)`` query chunks: the power of two
-    whose chunks cover an ``extent_h x extent_w`` union with the fewest queries (the squarer on a tie)."""
-    shapes = [(1 << e, block_n >> e) for e in range(block_n.bit_length()) if 1 << e <= block_n]
-    return min(shapes, key=lambda hw: (cdiv(extent_h, hw[0]) * hw[0] * cdiv(extent_w, hw[1]) * hw[1],
-                                       abs(hw[0] - hw[1])))[0]
-
-
-def rpb_partial_shape(q, K, dilation, config=None, kernel="na2d_bwd_query") -> tuple[int, ...]:
-    """The fp32 partials of the rpb gradient: one (R, R) block per (sample, head, tile) of ``kernel``."""
-    B, _, _, heads, _ = q.shape
-    _, scalars, _, _, _ = _common(kernel, q, K, dilation, config)
-    R = _rpb_block(K)
-    return (B, heads, scalars["TILES"], R, R)
-
 
 def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilation, scale, neighborhood,
                           config=None) -> Launch:
@@ -1114,7 +299,6 @@ def backward_query_launch(q, k, v, rpb, dy, lse, delta, dq, partials, K, dilatio
                 RPB_DOT=q.dtype != torch.float64, INDEX_64=needs_int64(q, k, v, dy, dq),
                 ACC_DTYPE=_acc_dtype(q.dtype))
     return Launch(na2d_bwd_query_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
-
 
 def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
                         config=None) -> Launch:
@@ -1133,39 +317,12 @@ def backward_key_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale
     return Launch(na2d_bwd_key_kernel, grid, args, meta, num_warps, num_stages, loops=_HOLDER_LOOPS(K))
 
 
-def tap_dots_launch(x, y, rpb, out, K, dilation, neighborhood, masked: float, config=None) -> Launch:
-    meta, scalars, grid, num_warps, num_stages = _common("na2d_tap_dots", x, K, dilation, config)
-    args = dict(x_ptr=x, y_ptr=y, rpb_ptr=rpb, out_ptr=out, **scalars, **_strides("x", x, 5), **_strides("y", y, 5),
-                **_strides("r", rpb, 3), **_strides("o", out, 6))
-    meta.update(MASKED=masked, NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(x, y, out),
-                ACC_DTYPE=_acc_dtype(x.dtype))
-    return Launch(na2d_tap_dots_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
-
-
-def tap_sum_launch(w, y, out, partials, K, dilation, neighborhood, config=None) -> Launch:
-    meta, scalars, grid, num_warps, num_stages = _common("na2d_tap_sum", y, K, dilation, config)
-    args = dict(w_ptr=w, y_ptr=y, out_ptr=out, rpb_grad_ptr=partials, **scalars, **_strides("w", w, 6),
-                **_strides("y", y, 5), **_strides("o", out, 5))
-    meta.update(BLOCK_R=_rpb_block(K), NEIGHBORHOOD=neighborhood, RPB_GRAD=partials is not None,
-                RPB_DOT=y.dtype != torch.float64, INDEX_64=needs_int64(w, y, out), ACC_DTYPE=_acc_dtype(y.dtype))
-    return Launch(na2d_tap_sum_kernel, grid, args, meta, num_warps, num_stages, loops=(K * K,))
-
-
-def key_sum_launch(w, x, out, K, dilation, neighborhood, config=None) -> Launch:
-    meta, scalars, grid, num_warps, num_stages = _common("na2d_key_sum", x, K, dilation, config)
-    args = dict(w_ptr=w, x_ptr=x, out_ptr=out, **scalars, **_strides("w", w, 6), **_strides("x", x, 5),
-                **_strides("o", out, 5))
-    meta.update(NEIGHBORHOOD=neighborhood, INDEX_64=needs_int64(w, x, out), ACC_DTYPE=_acc_dtype(x.dtype))
-    return Launch(na2d_key_sum_kernel, grid, args, meta, num_warps, num_stages, loops=_HOLDER_LOOPS(K))
-
-
 # --------------------------------------------------------------------------------------------
 # Entry points used by ops/: they write into outputs the caller allocated.
 # --------------------------------------------------------------------------------------------
 
 def na2d_forward(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> None:
     forward_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config)()
-
 
 def na2d_backward(dy, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, dilation, scale, neighborhood, config=None):
     """dq, dk, dv and (when ``rpb`` is given) drpb, from the forward's output and log-sum-exp."""
@@ -1184,13 +341,6 @@ def na2d_backward(dy, q, k, v, rpb, y, lse, dq, dk, dv, drpb, K, dilation, scale
     else:
         _reduce_rpb_partials(partials, drpb, K)
 
-
-def _reduce_rpb_partials(partials, drpb, K) -> None:
-    """Sum the per-program partials over samples and tiles (a fixed order) into ``drpb``."""
-    R = 2 * K - 1
-    drpb.copy_(partials.sum(dim=(0, 2))[:, :R, :R])
-
-
 def _window_shifts(L: int, K: int, d: int, neighborhood: bool, device) -> torch.Tensor:
     """Per position along an axis: its window start minus its subsequence index, plus K - 1 (in
     [0, K); the rpb bin of its tap u is this plus u)."""
@@ -1200,7 +350,6 @@ def _window_shifts(L: int, K: int, d: int, neighborhood: bool, device) -> torch.
     if neighborhood:
         start = torch.minimum(start.clamp(min=0), (L - g + d - 1) // d - K)
     return (start - t + K - 1).to(device)
-
 
 def _reduce_window_ds(ds, drpb, K, dilation, neighborhood) -> None:
     """drpb[h, a + u, c + v] = Σ ds[b, i, j, h, u, v] over the queries of window shifts (a, c): a sum
@@ -1216,54 +365,11 @@ def _reduce_window_ds(ds, drpb, K, dilation, neighborhood) -> None:
     place = torch.nn.functional.one_hot(tap[:, None] + tap[None, :], 2 * K - 1).to(acc)  # (shift, tap, bin)
     drpb.copy_(torch.einsum("hacuv,aur,cvs->hrs", by_shift, place, place))
 
-
-def na2d_qk_forward(q, k, rpb, scores, K, dilation, neighborhood, config=None) -> None:
-    tap_dots_launch(q, k, rpb, scores, K, dilation, neighborhood, float("-inf"), config)()
-
-
-def na2d_qk_backward(grad, q, k, dq, dk, drpb, K, dilation, neighborhood, config=None) -> None:
-    """dq and dk of the scores; drpb too unless it is None."""
-    partials = None
-    if drpb is not None:
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        partials = torch.empty(rpb_partial_shape(k, K, dilation, config, "na2d_tap_sum"), dtype=acc, device=q.device)
-    tap_sum_launch(grad, k, dq, partials, K, dilation, neighborhood, config)()
-    key_sum_launch(grad, q, dk, K, dilation, neighborhood, config)()
-    if drpb is not None:
-        _reduce_rpb_partials(partials, drpb, K)
-
-
-def na2d_av_forward(attn, v, y, K, dilation, neighborhood, config=None) -> None:
-    tap_sum_launch(attn, v, y, None, K, dilation, neighborhood, config)()
-
-
-def na2d_av_backward(grad, attn, v, dattn, dv, K, dilation, neighborhood, config=None) -> None:
-    """dattn (zero on taps outside the image) and dv."""
-    tap_dots_launch(grad, v, None, dattn, K, dilation, neighborhood, 0.0, config)()
-    key_sum_launch(attn, grad, dv, K, dilation, neighborhood, config)()
-
-
-def na2d_dots(x, y, out, K, dilation, neighborhood, config=None) -> None:
-    """``out[i, t] = x_i · y_n(i,t)``, zero on taps outside the image (ops/na2d_linear.py)."""
-    tap_dots_launch(x, y, None, out, K, dilation, neighborhood, 0.0, config)()
-
-
-def na2d_key_sum(w, x, out, K, dilation, neighborhood, config=None) -> None:
-    """``out[j] = Σ_{(i,t): n(i,t) = j} w[i, t] · x_i`` (ops/na2d_linear.py)."""
-    key_sum_launch(w, x, out, K, dilation, neighborhood, config)()
-
-
 def catalogue() -> list[Launch]:
     """The launches the op makes by default at representative shapes, on meta tensors (AOT checks)."""
     launches = []
-    shapes = [  # (B, H, W, heads, D, K, dilation, label)
-        (8, 56, 56, 4, 32, 7, 1, "NAT-tiny stage 1"),
-        (2, 128, 128, 8, 64, 13, 1, "B2 H128 heads 8 D64 K13"),
-        (2, 31, 29, 2, 128, 5, 2, "D128 dilation 2, odd sizes"),
-        (4, 14, 14, 4, 16, 3, 1, "D16 K3"),
-    ]
     # fp16 compiles as bf16 does (same layouts, same registers): two dtypes keep the AOT test short.
-    for B, H, W, heads, D, K, d, label in shapes:
+    for B, H, W, heads, D, K, d, label in CATALOGUE_SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             for neighborhood in (True, False):
                 meta = dict(dtype=dtype, device="meta")
@@ -1281,13 +387,6 @@ def catalogue() -> list[Launch]:
                          backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, *geometry)]
                 if uses_tensor_cores("dq", dtype, D):  # the tiled dq kernel without rpb too
                     batch.append(backward_query_launch(q, q, q, None, q, lse, lse, q, None, *geometry))
-                if neighborhood:  # the unfused kernels: the window kind changes two index lines
-                    scores = torch.empty((B, H, W, heads, K, K), **meta)
-                    window = (K, (d, d), neighborhood)
-                    sum_partials = torch.empty(rpb_partial_shape(q, K, (d, d), kernel="na2d_tap_sum"), **acc)
-                    batch += [tap_dots_launch(q, q, rpb, scores, *window, float("-inf")),
-                              tap_sum_launch(scores, q, q, sum_partials, *window),
-                              key_sum_launch(scores, q, q, *window)]
                 for launch in batch:
                     launch.label = tag
                 launches += batch

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from dynconv.kernels import na2d as kernels
+from dynconv.kernels import na2d_pair as pair_kernels
 from dynconv.kernels._launch import runs_kernels
 
 from . import _eager
@@ -128,7 +129,7 @@ def _backward(grad, q, k, v, rpb, y, lse, K, dilation, scale, window):
 def _qk(q, k, rpb, K, dilation, window):
     if runs_kernels(q):
         scores = torch.empty((*q.shape[:4], K, K), dtype=q.dtype, device=q.device)
-        kernels.na2d_qk_forward(q, k, rpb, scores, K, dilation, window == "neighborhood")
+        pair_kernels.na2d_qk_forward(q, k, rpb, scores, K, dilation, window == "neighborhood")
         return scores
     return reference.na2d_qk_taps(q, k, K, dilation, rpb, window).contiguous()
 
@@ -138,7 +139,7 @@ def _qk_backward(grad, q, k, K, dilation, window, rpb_grad):
     if runs_kernels(q):
         dq, dk = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k))
         drpb = torch.empty((q.shape[3], 2 * K - 1, 2 * K - 1), dtype=q.dtype, device=q.device)
-        kernels.na2d_qk_backward(grad, q, k, dq, dk, drpb if rpb_grad else None, K, dilation,
+        pair_kernels.na2d_qk_backward(grad, q, k, dq, dk, drpb if rpb_grad else None, K, dilation,
                                  window == "neighborhood")
         return dq, dk, drpb if rpb_grad else drpb.zero_()
     return tuple(g.contiguous() for g in reference.na2d_qk_taps_backward(grad, q, k, K, dilation, window))
@@ -147,7 +148,7 @@ def _qk_backward(grad, q, k, K, dilation, window, rpb_grad):
 def _av(attn, v, K, dilation, window):
     if runs_kernels(v):
         y = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        kernels.na2d_av_forward(attn, v, y, K, dilation, window == "neighborhood")
+        pair_kernels.na2d_av_forward(attn, v, y, K, dilation, window == "neighborhood")
         return y
     return reference.na2d_av_taps(attn, v, K, dilation, window).contiguous()
 
@@ -156,7 +157,7 @@ def _av_backward(grad, attn, v, K, dilation, window):
     if runs_kernels(v):
         dattn = torch.empty(attn.shape, dtype=attn.dtype, device=attn.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        kernels.na2d_av_backward(grad, attn, v, dattn, dv, K, dilation, window == "neighborhood")
+        pair_kernels.na2d_av_backward(grad, attn, v, dattn, dv, K, dilation, window == "neighborhood")
         return dattn, dv
     return tuple(g.contiguous() for g in reference.na2d_av_taps_backward(grad, attn, v, K, dilation, window))
 

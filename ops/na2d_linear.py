@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dynconv.kernels import na2d as kernels
+from dynconv.kernels import na2d_pair as kernels
 from dynconv.kernels._launch import runs_kernels
 
 from . import _eager

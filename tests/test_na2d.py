@@ -16,6 +16,8 @@ import dynconv
 import dynconv.ops.na2d as na2d_ops
 from dynconv.kernels import _launch
 from dynconv.kernels import na2d as kernels
+from dynconv.kernels import na2d_pair as pair_kernels
+from dynconv.kernels import na2d_tiled as tiled_kernels
 from dynconv.reference import na2d_av_gather, na2d_gather, na2d_naive, na2d_qk_gather, na2d_taps
 from helpers import assert_close, check_against_reference
 
@@ -123,12 +125,12 @@ def test_tiled_kernels_in_float64(case, device):
     ds = None if rpb is None else kernels.rpb_grad_buffer(q, K, d, 0.3, neighborhood, config)
     launch = kernels.backward_query_launch(q, k, v, rpb, dy, lse, (dy * y).sum(-1), dq, ds, K, d, 0.3,
                                            neighborhood, config)
-    assert launch.kernel is kernels.na2d_bwd_query_tiled_kernel
+    assert launch.kernel is tiled_kernels.na2d_bwd_query_tiled_kernel
     launch()
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     launch = kernels.backward_key_launch(q, k, v, rpb, dy, lse, (dy * y).sum(-1), dk, dv, K, d, 0.3,
                                          window == "neighborhood", config)
-    assert launch.kernel is kernels.na2d_bwd_key_tiled_kernel
+    assert launch.kernel is tiled_kernels.na2d_bwd_key_tiled_kernel
     launch()
     if rpb is not None:
         assert ds.shape == (*q.shape[:4], K, K)
@@ -152,15 +154,15 @@ def test_half_precision_takes_the_tiled_kernels(dtype, with_rpb, device):
     q = torch.empty(1, 6, 7, 2, 16, dtype=torch.bfloat16, device="meta")  # meta: a fresh launch, no plan
     lse = torch.empty(1, 6, 7, 2, device="meta")
     launch = kernels.forward_launch(q, q, q, None, q, lse, 3, (1, 1), 0.25, True)
-    assert launch.kernel is kernels.na2d_fwd_tiled_kernel
+    assert launch.kernel is tiled_kernels.na2d_fwd_tiled_kernel
     ds = None if not with_rpb else kernels.rpb_grad_buffer(q, 3, (1, 1), 0.25, True)
     assert ds is None or (ds.shape == (1, 6, 7, 2, 3, 3) and ds.dtype == torch.bfloat16)
     rpb = None if not with_rpb else torch.empty(2, 5, 5, dtype=torch.bfloat16, device="meta")
     dq_launch = kernels.backward_query_launch(q, q, q, rpb, q, lse, lse, q, ds, 3, (1, 1), 0.25, True)
-    assert dq_launch.kernel is kernels.na2d_bwd_query_tiled_kernel
+    assert dq_launch.kernel is tiled_kernels.na2d_bwd_query_tiled_kernel
     assert dq_launch.meta["RPB_GRAD"] == with_rpb
     dkv_launch = kernels.backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, 3, (1, 1), 0.25, True)
-    assert dkv_launch.kernel is kernels.na2d_bwd_key_tiled_kernel
+    assert dkv_launch.kernel is tiled_kernels.na2d_bwd_key_tiled_kernel
     assert kernels.uses_tensor_cores("fwd", torch.bfloat16, 16)
     assert not kernels.uses_tensor_cores("fwd", torch.bfloat16, 8)
     assert not kernels.uses_tensor_cores("fwd", torch.float32, 64)
@@ -215,22 +217,22 @@ def test_kernels_across_tile_borders(window, device):
         assert_close(actual, leaf.grad, torch.float32, name)
     # the unfused kernels on the same tiles
     scores = torch.empty(B, H, W, heads, K, K, device=device)
-    kernels.na2d_qk_forward(q, k, rpb, scores, K, d, neighborhood, config)
+    pair_kernels.na2d_qk_forward(q, k, rpb, scores, K, d, neighborhood, config)
     s_expected = na2d_qk_gather(q.double().cpu(), k.double().cpu(), K, d, rpb.double().cpu(), window)
     assert torch.equal(torch.isinf(scores.cpu()), torch.isinf(s_expected))
     finite = torch.isfinite(s_expected)
     assert_close(scores.cpu()[finite], s_expected[finite], torch.float32, "scores")
     ds = torch.randn_like(scores)
-    kernels.na2d_qk_backward(ds, q, k, dq, dk, drpb, K, d, neighborhood, config)
+    pair_kernels.na2d_qk_backward(ds, q, k, dq, dk, drpb, K, d, neighborhood, config)
     leaves = [t.double().cpu().requires_grad_() for t in (q, k, rpb)]
     s64 = na2d_qk_gather(leaves[0], leaves[1], K, d, leaves[2], window)
     s64.backward(torch.where(torch.isfinite(s64), ds.double().cpu(), 0))
     for name, actual, leaf in zip(("qk dq", "qk dk", "qk drpb"), (dq, dk, drpb), leaves):
         assert_close(actual, leaf.grad, torch.float32, name)
     attn = torch.randn_like(scores)
-    kernels.na2d_av_forward(attn, v, y, K, d, neighborhood, config)
+    pair_kernels.na2d_av_forward(attn, v, y, K, d, neighborhood, config)
     dattn = torch.empty_like(attn)
-    kernels.na2d_av_backward(dy, attn, v, dattn, dv, K, d, neighborhood, config)
+    pair_kernels.na2d_av_backward(dy, attn, v, dattn, dv, K, d, neighborhood, config)
     leaves = [t.double().cpu().requires_grad_() for t in (attn, v)]
     y64 = na2d_av_gather(*leaves, K, d, window)
     y64.backward(dy.double().cpu())
