@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dynamic_dwconv as dwconv
+from . import dynamic_dwconv_weight_grad as dwconv_dw
 from . import involution_nchw
 from ._keys import problem_key
 from ._launch import (Launch, cacheable, cdiv, config_key, inner_strides, is_channels_last, layout, needs_int64,
@@ -354,7 +354,7 @@ def _backward_weight_launch(dy, x, dw, stride, padding, dilation, per_pixel: boo
     Ho, Wo = dy.shape[2], dy.shape[3]
     config = config or weight_grad_config(x, G, K, stride, Ho, Wo, per_pixel, dilation)
     if not per_pixel and "P" in config:
-        return dwconv.backward_weight_launch(dy, x, dw, stride, padding, dilation, config)
+        return dwconv_dw.backward_weight_launch(dy, x, dw, stride, padding, dilation, config)
     if per_pixel and "RUN" in config:
         return _runs_launch(dy, x, dw, stride, padding, dilation, config)
     if "RUN" in config:
@@ -481,7 +481,7 @@ def _sample_launch(dy, x, part, stride, padding, dilation, config) -> Launch:
 
 
 # Programs the per-sample weight gradient aims for: the depth-wise walk's count (its reasons hold here).
-PERSISTENT_PROGRAMS = dwconv.PERSISTENT_PROGRAMS
+PERSISTENT_PROGRAMS = dwconv_dw.PERSISTENT_PROGRAMS
 
 
 def _least_padding(n: int, options) -> int:
@@ -533,8 +533,8 @@ def weight_grad_default(C: int, G: int, K: int, Ho: int, Wo: int, channels_last:
     is asked (K <= its MAX_K)."""
     if per_pixel and channels_last and K <= RUNS_MAX_K and 2 <= C // G <= RUNS_MAX_CG:
         return dict(_runs_config(G, Ho, Wo))
-    if not per_pixel and dwconv.handles_weight_grad(C, G, K, stride, dilation, None):
-        return dwconv.weight_grad_default(B, C, Ho, Wo, K, channels_last, dtype_bytes)
+    if not per_pixel and dwconv_dw.handles_weight_grad(C, G, K, stride, dilation, None):
+        return dwconv_dw.weight_grad_default(B, C, Ho, Wo, K, channels_last, dtype_bytes)
     if not per_pixel and K <= SAMPLE_MAX_K and C == G:
         return dict(_sample_config(C, K, Ho, Wo, channels_last, stride[0], dilation[0]))
     # Eight warps make sm_80 spill in the cross-channel reduction; four do not (dynconv inspect).
@@ -566,7 +566,7 @@ def weight_grad_partials(B: int, G: int, K: int, Ho: int, Wo: int, config: dict)
     the last dim: one per persistent program of a (sample, group block), or one per tile from the
     generic kernel."""
     if "P" in config:
-        return dwconv.weight_grad_partials(B, G, K, Ho, Wo, config)
+        return dwconv_dw.weight_grad_partials(B, G, K, Ho, Wo, config)
     if "RUN" in config:
         tiles = cdiv(Ho, config["RUN"]) * cdiv(Wo, config["BLOCK_W"])
         blocks = B * cdiv(G, config["BLOCK_G"])

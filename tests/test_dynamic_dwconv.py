@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.kernels import dynamic_dwconv as dwconv
+from dynconv.kernels import dynamic_dwconv_weight_grad as dwconv_dw
 from helpers import assert_close, run_without_interpreter
 
 # (B, C, G, H, W, K, stride, padding, dilation)
@@ -68,8 +69,8 @@ def test_the_16_bit_channels_last_walk_takes_two_channels_a_thread():
 
     assert block_c(7) == block_c(3) == 64 and block_c(9) == 32 and block_c(7, C=48) == 32
     assert block_c(7, nbytes=4) == 32 and block_c(7, channels_last=False) == 4
-    assert dwconv.weight_grad_default(64, 256, 56, 56, 5, True, 2)["BLOCK_C"] == 64
-    assert dwconv.weight_grad_default(64, 256, 56, 56, 7, True, 2)["BLOCK_C"] == 32
+    assert dwconv_dw.weight_grad_default(64, 256, 56, 56, 5, True, 2)["BLOCK_C"] == 64
+    assert dwconv_dw.weight_grad_default(64, 256, 56, 56, 7, True, 2)["BLOCK_C"] == 32
 
 
 def _conv(x, w, bias, stride, padding, dilation):
@@ -110,11 +111,11 @@ def test_forward_input_and_weight_gradients(case, dtype, memory_format):
     assert_close(dx, x64.grad, dtype, "dx")
 
     B, C, K = x.shape[0], x.shape[1], w.shape[-1]
-    if dwconv.handles_weight_grad(C, w.shape[1], K, stride, dilation, None):
-        config = dwconv.weight_grad_default(B, C, *y.shape[2:], K, memory_format == torch.channels_last,
+    if dwconv_dw.handles_weight_grad(C, w.shape[1], K, stride, dilation, None):
+        config = dwconv_dw.weight_grad_default(B, C, *y.shape[2:], K, memory_format == torch.channels_last,
                                             x.element_size())
-        part = torch.empty(dwconv.weight_grad_partials(B, C, K, *y.shape[2:], config))
-        dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)()
+        part = torch.empty(dwconv_dw.weight_grad_partials(B, C, K, *y.shape[2:], config))
+        dwconv_dw.backward_weight_launch(dy, x, part, stride, padding, dilation, config)()
         assert_close(part.sum(-1), w64.grad, dtype, "dw")
 
 
@@ -156,15 +157,15 @@ def test_channels_last_weight_gradient_walks_rows_in_batches(ahead, dtype, monke
     """The channels_last weight gradient's interior tiles walk their x rows WEIGHT_ROWS_AHEAD a batch
     behind a fence, then the rows the batches leave one at a time (a run of 5 + 3 - 1 = 7 rows:
     batches of two, three and four each leave some); the edge tiles walk masked, a row at a time."""
-    monkeypatch.setattr(dwconv, "WEIGHT_ROWS_AHEAD", ahead)
+    monkeypatch.setattr(dwconv_dw, "WEIGHT_ROWS_AHEAD", ahead)
     monkeypatch.setattr(dwconv, "BATCHES_16BIT_CHANNELS_LAST", True)  # the interpreter runs it on any triton
     x, w, bias, stride, padding, dilation = _problem((1, 72, 72, 5, 26, 3, 1, 1, 1), dtype, torch.channels_last)
     dy = torch.randn(_conv(x, w, bias, stride, padding, dilation).shape).to(dtype).contiguous(
         memory_format=torch.channels_last)
     B, C, K = x.shape[0], x.shape[1], w.shape[-1]
-    config = dwconv.weight_grad_default(B, C, *dy.shape[2:], K, True, x.element_size())
-    part = torch.empty(dwconv.weight_grad_partials(B, C, K, *dy.shape[2:], config))
-    launch = dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
+    config = dwconv_dw.weight_grad_default(B, C, *dy.shape[2:], K, True, x.element_size())
+    part = torch.empty(dwconv_dw.weight_grad_partials(B, C, K, *dy.shape[2:], config))
+    launch = dwconv_dw.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
     (_, (batches, left, masked)), = launch.loops
     assert launch.meta["ROWS_AHEAD"] == ahead and min(batches, left, masked) > 0, launch.loops
     launch()
@@ -203,9 +204,9 @@ def test_channels_last_walk_runs_interior_programs_unmasked(case, monkeypatch):
     assert_close(dx, x64.grad, torch.bfloat16, "dx")
     if stride == (1, 1):
         B, C, K = x.shape[0], x.shape[1], w.shape[-1]
-        config = dwconv.weight_grad_default(B, C, *y.shape[2:], K, True, x.element_size())
-        part = torch.empty(dwconv.weight_grad_partials(B, C, K, *y.shape[2:], config))
-        weight_grad = dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
+        config = dwconv_dw.weight_grad_default(B, C, *y.shape[2:], K, True, x.element_size())
+        part = torch.empty(dwconv_dw.weight_grad_partials(B, C, K, *y.shape[2:], config))
+        weight_grad = dwconv_dw.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
         (tiles, walks), = weight_grad.loops  # the unmasked walk's batches and the rows they leave, the masked walk
         assert weight_grad.meta["INTERIOR"] and tiles >= 1 and len(walks) == 3 and min(walks) > 0, weight_grad.loops
         weight_grad()
@@ -216,7 +217,7 @@ def test_channels_last_walk_runs_interior_programs_unmasked(case, monkeypatch):
 @pytest.mark.usefixtures("nan_poison")
 def test_runs_split_across_programs_and_several_partials(monkeypatch):
     """Runs of two rows (each run's first and last rows read fewer taps) and three persistent partials."""
-    monkeypatch.setattr(dwconv, "PERSISTENT_PROGRAMS", 3)
+    monkeypatch.setattr(dwconv_dw, "PERSISTENT_PROGRAMS", 3)
     x, w, bias, stride, padding, dilation = _problem((1, 3, 3, 9, 6, 3, 1, 1, 1), torch.float32, torch.contiguous_format)
     config = dwconv.taps_config(1, 3, 9, 6, 3, False, True)
     config.update(RUN=2)
@@ -231,10 +232,10 @@ def test_runs_split_across_programs_and_several_partials(monkeypatch):
     dx = torch.empty_like(x)
     dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation, config)()
     assert_close(dx, x64.grad, torch.float32, "dx")
-    shape = dwconv.weight_grad_partials(1, 3, 3, 9, 6, config)
+    shape = dwconv_dw.weight_grad_partials(1, 3, 3, 9, 6, config)
     assert shape[-1] == 3, shape
     part = torch.empty(shape)
-    dwconv.backward_weight_launch(dy, x, part, stride, padding, dilation, config)()
+    dwconv_dw.backward_weight_launch(dy, x, part, stride, padding, dilation, config)()
     assert_close(part.sum(-1), w64.grad, torch.float32, "dw")
 
 
@@ -256,9 +257,9 @@ def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding):
     dx = torch.empty_like(x)
     input_grad = dwconv.backward_input_launch(dy, w, dx, *geometry, {**dwconv.input_grad_default(x, K, *geometry[::2]),
                                                                      **tile})
-    config = {**dwconv.weight_grad_default(B, C, H, W, K, False, x.element_size()), **tile}
-    part = torch.empty(dwconv.weight_grad_partials(B, C, K, H, W, config))
-    weight_grad = dwconv.backward_weight_launch(dy, x, part, *geometry, config)
+    config = {**dwconv_dw.weight_grad_default(B, C, H, W, K, False, x.element_size()), **tile}
+    part = torch.empty(dwconv_dw.weight_grad_partials(B, C, K, H, W, config))
+    weight_grad = dwconv_dw.backward_weight_launch(dy, x, part, *geometry, config)
     (_, weight_walks), = weight_grad.loops
     vectors = x.element_size() * 4 >= dwconv.WALK_VECTOR_BYTES
     for launch, walks in ((forward, _walk_rows(forward)), (input_grad, _walk_rows(input_grad)),
@@ -316,10 +317,10 @@ def test_16_bit_nchw_walks_cap_their_registers_on_sm90():
 
 def test_weight_gradient_rejects_geometries_it_does_not_walk():
     x = torch.randn(1, 2, 5, 5)
-    config = dwconv.weight_grad_default(1, 2, 3, 3, 3, False)
-    part = torch.empty(dwconv.weight_grad_partials(1, 2, 3, 3, 3, config))
+    config = dwconv_dw.weight_grad_default(1, 2, 3, 3, 3, False)
+    part = torch.empty(dwconv_dw.weight_grad_partials(1, 2, 3, 3, 3, config))
     with pytest.raises(ValueError, match="stride and dilation 1"):
-        dwconv.backward_weight_launch(torch.randn(1, 2, 3, 3), x, part, (2, 2), (1, 1), (1, 1), config)
+        dwconv_dw.backward_weight_launch(torch.randn(1, 2, 3, 3), x, part, (2, 2), (1, 1), (1, 1), config)
 
 
 @pytest.mark.usefixtures("nan_poison")

@@ -1,0 +1,304 @@
+"""The per-sample depth-wise weight gradient (``dynamic_dwconv.py``'s weights, one-channel groups):
+``dw[b, c, u, v] = Σ_{i,j} dy[b, c, i, j] · x[b, c, i - PH + u, j·SW - PW + v·DW]``.
+
+``dwconv_bwd_weight_kernel`` walks down the x rows of a tile as the forward's row walk does (the
+same compile-time strides, row vectors and halo loads of ``dynamic_dwconv.py``), holds a thread's
+K*K tap sums in registers, and runs as a fixed number of persistent programs whose fp32 partials
+the caller sums in a fixed order (deterministic, no atomics). ``involution_weight_grad.py``
+dispatches here for 4-D weights with one-channel groups at row stride and dilation 1.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import dynamic_dwconv as dwconv
+from ._fence import fence
+from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64
+from .dynamic_dwconv import (MAX_K, _acc_dtype, _grid, _halo, _interior_share, _row_vectors, _tiles, _vector_width,
+                             _walk_loops, _widen, taps_config)
+
+# Programs the weight gradient aims for: a fixed count, so the partials and their summation order
+# never depend on the GPU. About twelve one-warp programs per SM of an H100/H200, one wave at the
+# occupancy their 128-168 registers allow: at 512 (one warp a scheduler) the static model's latency
+# term put R4's dw at 20-36% of its roofline, waiting on memory with nothing to interleave; at 1536,
+# 47-69% (PREDICTED, triton 3.6), for partials three times as large (9.6 MB at R4).
+PERSISTENT_PROGRAMS = 1536
+# x rows the channels_last weight gradient's unmasked walk loads as one batch behind a fence
+# (_weight_rows): a row at a time, each waited a round trip. PREDICTED on triton 3.6 (3.9 alike): R4 dw
+# NHWC fp32/bf16 69/53% -> 87/65% at two rows (168 registers, as at one); four rows take 242 and two
+# waves of the persistent programs (fp32 56%). NCHW keeps one row: two take it from 128 registers to
+# 143-152, past four warps a scheduler, and its 2048 programs into two waves (R4 fp32 62% -> 42%).
+WEIGHT_ROWS_AHEAD = 2
+
+
+@triton.jit
+def dwconv_bwd_weight_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    C, H, W, HO, WO,
+    sdyb, sdyc, sxb, sxc,
+    spb, spc, spu, spv, sps,
+    PH, TILES, TILES_W, SPLITS, RUN,
+    sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
+    PW: tl.constexpr, SW: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr,
+):
+    """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i-PH+u, j*SW-PW+v*DW] (G = C; row stride and
+    dilation 1: the launcher sends other geometries to involution_weight_grad.py's kernels).
+
+    A persistent program (sample, split, channel block) walks the tiles split, split + SPLITS, ...
+    (P columns per thread x a run of RUN rows). Within a tile it walks down the x rows (_weight_rows).
+    Each thread holds the K*K tap sums of its channel; they are reduced over the program's threads
+    once, at the end, into part[b, c, u, v, split]; the caller adds the SPLITS partials in a fixed
+    order (deterministic, no atomics).
+    The row and column strides are compile-time constants (a variant per feature-map size): a row's
+    loads are its row pointer plus immediates, where run-time strides took a 64-bit address each.
+    A tile whose channels all exist and whose columns (read and written) all lie in the image walks
+    without column masks (INTERIOR, the launcher's choice): the masks' predicates, rebuilt from
+    registers every row, and the zeros under masked loads were about a tenth of the loop's issue.
+    With VEC (NCHW, P a multiple of VEC) it loads each row's columns as VEC-wide vectors from the
+    aligned column at or before the halo's first (LEAD columns before it): lanes P columns apart
+    loading scalars used a fifth of each 32-byte sector, and L1, not issue, bound the walk.
+    """
+    pid0 = tl.program_id(0)
+    b = pid0 // SPLITS
+    split = pid0 % SPLITS
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INDEX_64:
+        # Every stride in 64 bits: a tap or halo index times a stride may pass 2^31 on its own.
+        b = b.to(tl.int64)
+        c = c.to(tl.int64)
+        spu = tl.cast(spu, tl.int64)
+        spv = tl.cast(spv, tl.int64)
+    c2 = c[:, None]
+    c_ok = c2 < C
+    zero = tl.zeros((BLOCK_C, BLOCK_W), dtype=ACC_DTYPE)
+    HALO_W: tl.constexpr = (P - 1) * SW + (KS - 1) * DW + 1
+    # The vectors' reach: LEAD columns before the halo, up to the vector that holds its last column.
+    LEAD: tl.constexpr = -PW % VEC if VEC > 1 else 0
+    REACH: tl.constexpr = (LEAD + HALO_W + VEC - 1) // VEC * VEC if VEC > 1 else HALO_W
+    accs = ()
+    for k in tl.static_range(KS * KS):
+        accs = accs + (zero,)
+    dy_channel = dy_ptr + b * sdyb + c2 * sdyc
+    x_channel = x_ptr + b * sxb + c2 * sxc
+    part = dw_ptr + b * spb + split * sps + c * spc
+    fence_at = part[:, None].to(tl.pointer_type(tl.int32), bitcast=True)  # see _fence
+    channels_in = (tl.program_id(1) + 1) * BLOCK_C <= C
+    for tile in range(split, TILES, SPLITS):
+        first = (tile % TILES_W) * (BLOCK_W * P)
+        col0 = first + tl.arange(0, BLOCK_W) * P
+        row0 = (tile // TILES_W) * RUN
+        if INDEX_64:
+            col0 = col0.to(tl.int64)
+        col0 = col0[None, :]
+        row_end = tl.minimum(row0 + RUN, HO)
+        w_first = col0 * SW - PW
+        cols_ok = ()
+        for qc in tl.static_range(HALO_W):
+            cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
+        outs_ok = ()
+        for p in tl.static_range(P):
+            outs_ok = outs_ok + (c_ok & (col0 + p < WO),)
+        dy_lane = dy_channel + col0 * sdyw
+        x_lane = x_channel + w_first * sxw
+        # The vectors' first column, as one constant off col0: triton proves its alignment only so.
+        x_vectors = x_channel + (col0 * SW - (PW + LEAD)) * sxw
+        # x row t meets dy row t + PH - a through tap row a.
+        t_first = tl.maximum(row0 - PH, 0)
+        t_last = tl.minimum(row_end - 1 - PH + KS - 1, H - 1)
+        interior = (INTERIOR & channels_in & (first * SW - PW - LEAD >= 0)
+                    & ((first + (BLOCK_W - 1) * P) * SW - PW - LEAD + REACH <= W) & (first + BLOCK_W * P - 1 < WO))
+        if interior:
+            accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
+                                t_last, PH, fence_at, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, False, VEC, LEAD,
+                                REACH, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
+        else:
+            accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
+                                t_last, PH, fence_at, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, True, 1, 0, HALO_W,
+                                INDEX_64, ACC_DTYPE, 1)
+    for k in tl.static_range(KS * KS):
+        tl.store(part + ((k // KS) * spu + (k % KS) * spv), tl.sum(accs[k], axis=1), mask=c < C)
+
+
+@triton.jit
+def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first, t_last, PH, fence_at,
+                 sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr, SW: tl.constexpr,
+                 DW: tl.constexpr, KS: tl.constexpr, P: tl.constexpr, HALO_W: tl.constexpr, MASKED: tl.constexpr,
+                 VEC: tl.constexpr, LEAD: tl.constexpr, REACH: tl.constexpr, INDEX_64: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr):
+    """One tile's walk down the x rows t_first..t_last, added to ``accs``: each row's P + K - 1 columns
+    are loaded once and meet the K rows of dy that read it through tap rows 0..K-1 (a window of K dy
+    rows, one new row loaded per step), so every loaded x element serves K * min(P, K) multiply-adds.
+    MASKED: the loads keep their column and channel masks (cols_ok, outs_ok), else only dy's rows;
+    VEC > 1 (unmasked, unit column strides): rows read as vectors (_row_vectors).
+    ROWS_AHEAD > 1: the rows go in batches, a batch's dy and x rows loaded behind a fence (see
+    _fence, at ``fence_at``, an output's address) whose zero every x element of the batch adds, so
+    the batch waits one memory round trip, where a row at a time waited one a row; the rows left
+    after the batches go one at a time."""
+    zero = tl.zeros(cols_ok[0].shape, dtype=ACC_DTYPE)
+    grads = ()
+    for a in tl.static_range(KS):
+        for p in tl.static_range(P):
+            if a == 0:
+                grads = grads + (zero,)  # loaded at the top of the first step
+            else:
+                i = tl.zeros(cols_ok[0].shape, dtype=tl.int32) + (t_first + PH - a)
+                if INDEX_64:
+                    i = i.to(tl.int64)
+                ok = (i >= row0) & (i < row_end)
+                if MASKED:
+                    ok = ok & outs_ok[p]
+                grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=ok, other=0.0)
+                grads = grads + (_widen(grad, ACC_DTYPE),)
+    t_rest = t_first
+    if ROWS_AHEAD > 1:
+        t_rest = t_first + (t_last + 1 - t_first) // ROWS_AHEAD * ROWS_AHEAD
+        for t0 in range(t_first, t_rest, ROWS_AHEAD):
+            if INDEX_64:
+                t0 = tl.cast(t0, tl.int64)
+            batch = ()
+            for d in tl.static_range(ROWS_AHEAD):
+                batch = batch + (_weight_row_loads(dy_lane, x_lane, x_vectors, cols_ok, outs_ok, row0, row_end, t0 + d,
+                                                   PH, sdyh, sdyw, sxh, sxw, P, HALO_W, MASKED, VEC, LEAD, REACH,
+                                                   ACC_DTYPE),)
+            after = fence(fence_at, row_end).to(ACC_DTYPE)
+            for d in tl.static_range(ROWS_AHEAD):
+                started = ()
+                for qc in tl.static_range(HALO_W):
+                    started = started + (batch[d][1][qc] + after,)
+                accs, grads = _weight_step(accs, grads, batch[d][0], started, zero, KS, P, SW, DW)
+    for t in range(t_rest, t_last + 1):
+        if INDEX_64:
+            t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
+        dys, xs = _weight_row_loads(dy_lane, x_lane, x_vectors, cols_ok, outs_ok, row0, row_end, t, PH, sdyh, sdyw,
+                                    sxh, sxw, P, HALO_W, MASKED, VEC, LEAD, REACH, ACC_DTYPE)
+        accs, grads = _weight_step(accs, grads, dys, xs, zero, KS, P, SW, DW)
+    return accs
+
+
+@triton.jit
+def _weight_row_loads(dy_lane, x_lane, x_vectors, cols_ok, outs_ok, row0, row_end, t, PH, sdyh: tl.constexpr,
+                      sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr, P: tl.constexpr, HALO_W: tl.constexpr,
+                      MASKED: tl.constexpr, VEC: tl.constexpr, LEAD: tl.constexpr, REACH: tl.constexpr,
+                      ACC_DTYPE: tl.constexpr):
+    """Step t of _weight_rows as loaded and widened: dy row t + PH's P columns (zero outside the run) and
+    x row t's HALO_W columns."""
+    i = tl.zeros(cols_ok[0].shape, dtype=tl.int32) + (t + PH)  # a tensor: see _store_row
+    row_ok = (i >= row0) & (i < row_end)
+    dy_row = dy_lane + (t + PH) * sdyh
+    if VEC > 1:
+        dys = _row_vectors(dy_row, row_ok, P, VEC, ACC_DTYPE)
+    else:
+        dys = ()
+        for p in tl.static_range(P):
+            if MASKED:
+                grad = tl.load(dy_row + p * sdyw, mask=outs_ok[p] & row_ok, other=0.0)
+            else:
+                grad = tl.load(dy_row + p * sdyw, mask=row_ok, other=0.0)
+            dys = dys + (_widen(grad, ACC_DTYPE),)
+    xs = _halo(x_lane + t * sxh, x_vectors + t * sxh, cols_ok, sxw, HALO_W, MASKED, VEC, LEAD, REACH, ACC_DTYPE)
+    return dys, xs
+
+
+@triton.jit
+def _weight_step(accs, grads, dys, xs, zero, KS: tl.constexpr, P: tl.constexpr, SW: tl.constexpr, DW: tl.constexpr):
+    """One step of _weight_rows: x row ``xs`` into every tap, against the window of dy rows whose newest
+    is ``dys`` (``grads``: the older K - 1, as the last step left them); the sums and the shifted window."""
+    window = dys
+    for k in tl.static_range(P, KS * P):
+        window = window + (grads[k],)
+    new = ()
+    for a in tl.static_range(KS):
+        for e in tl.static_range(KS):
+            acc = accs[a * KS + e]
+            for p in tl.static_range(P):
+                acc += window[a * P + p] * xs[p * SW + e * DW]
+            new = new + (acc,)
+    # Shift: the next step's window row a is this step's row a - 1.
+    grads = ()
+    for p in tl.static_range(P):
+        grads = grads + (zero,)
+    for k in tl.static_range((KS - 1) * P):
+        grads = grads + (window[k],)
+    return new, grads
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+def _weight_rows_ahead(element_size: int, channels_last: bool) -> int:
+    """The weight gradient's rows a batch: WEIGHT_ROWS_AHEAD in channels_last, but one for 16-bit
+    past triton 3.6 (BATCHES_16BIT_CHANNELS_LAST: triton 3.9's ptxas spilled its two-channel tiles
+    at K = 5 on sm_90, 6-61 local loads and stores); one in NCHW."""
+    if not channels_last or (element_size == 2 and not dwconv.BATCHES_16BIT_CHANNELS_LAST):
+        return 1
+    return WEIGHT_ROWS_AHEAD
+
+
+def _weight_loops(config: dict, source_rows: int, K: int, interior: float | None, ahead: int) -> tuple:
+    """Trip counts of _weight_rows' loops in a tile, each as its mean over the tiles: with INTERIOR
+    (``interior``, the share of such tiles) the unmasked walk's batches of ``ahead`` rows and the rows
+    they leave (one loop when ``ahead`` is 1: _walk_loops' walks), then the masked walk; else the
+    masked walk alone."""
+    if interior is None or ahead == 1:
+        return _walk_loops(True, config, source_rows, K, interior)
+    trips = min(config["RUN"] + K - 1, source_rows)
+    return (trips // ahead * interior, trips % ahead * interior, trips * (1 - interior))
+
+
+def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict | None) -> bool:
+    """Whether the per-sample weight gradient runs here: one-channel groups, K <= MAX_K, rows read at
+    stride and dilation 1 (the row walk)."""
+    return (C == G and K <= MAX_K and stride[0] == 1 and dilation[0] == 1
+            and (config is None or "P" in config))
+
+
+def weight_grad_default(B: int, C: int, Ho: int, Wo: int, K: int, channels_last: bool, dtype_bytes: int = 0) -> dict:
+    """The forward's walking tile (P columns of a channel per thread, of two adjacent ones for 16-bit
+    channels_last up to K = 5; runs of RUN rows)."""
+    return taps_config(B, C, Ho, Wo, K, channels_last, True, False, dtype_bytes, weight_grad=True, unit_columns=True)
+
+
+def weight_grad_partials(B: int, C: int, K: int, Ho: int, Wo: int, config: dict) -> tuple[int, ...]:
+    """Shape (B, C, K, K, splits) of the fp32 partials, summed over the last dim by the caller: one per
+    persistent program of a (sample, channel block)."""
+    tiles, _ = _tiles(config, Ho, Wo)
+    blocks = B * cdiv(C, config["BLOCK_C"])
+    return (B, C, K, K, max(1, min(tiles, cdiv(PERSISTENT_PROGRAMS, blocks))))
+
+
+def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
+    """``dw`` is the (B, C, K, K, splits) partials of weight_grad_partials(config)."""
+    if not handles_weight_grad(x.shape[1], x.shape[1], dw.shape[2], stride, dilation, config):
+        raise ValueError(f"the per-sample depth-wise weight-gradient kernel needs one-channel groups, K <= {MAX_K}, row "
+                         f"stride and dilation 1 (got C={x.shape[1]}, K={dw.shape[2]}, stride={tuple(stride)}, "
+                         f"dilation={tuple(dilation)})")
+    B, C, H, W = x.shape
+    K, splits = dw.shape[2], dw.shape[4]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    tiles, tiles_w = _tiles(config, Ho, Wo)
+    args = dict(
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw, C=C, H=H, W=W, HO=Ho, WO=Wo,
+        sdyb=dy.stride(0), sdyc=dy.stride(1), sxb=x.stride(0), sxc=x.stride(1),
+        **dict(zip(("spb", "spc", "spu", "spv", "sps"), dw.stride())),
+        PH=padding[0], TILES=tiles, TILES_W=tiles_w, SPLITS=splits, RUN=config["RUN"],
+    )
+    vec = _vector_width(config["P"], (dy, x), stride[1] == 1 and dilation[1] == 1)
+    meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sx", x, "hw"), PW=padding[1], SW=stride[1],
+                DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"], P=config["P"],
+                INTERIOR=is_channels_last(x) or vec > 1, VEC=vec, INDEX_64=needs_int64(dy, x, dw),
+                ACC_DTYPE=_acc_dtype(x.dtype))
+    meta["ROWS_AHEAD"] = _weight_rows_ahead(x.element_size(), is_channels_last(x))
+    # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
+    # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the
+    # unmasked walk of the interior tiles (in batches, then the rows they leave), then the masked
+    # one, each as its mean over the tiles.
+    interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
+                if meta["INTERIOR"] else None)
+    rows = _weight_loops(config, H, K, interior, meta["ROWS_AHEAD"])
+    loops = rows if tiles == 1 else ((cdiv(tiles, splits), rows),)
+    return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=loops)
