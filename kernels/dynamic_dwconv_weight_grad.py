@@ -27,9 +27,14 @@ PERSISTENT_PROGRAMS = 1536
 # x rows the channels_last weight gradient's unmasked walk loads as one batch behind a fence
 # (_weight_rows): a row at a time, each waited a round trip. PREDICTED on triton 3.6 (3.9 alike): R4 dw
 # NHWC fp32/bf16 69/53% -> 87/65% at two rows (168 registers, as at one); four rows take 242 and two
-# waves of the persistent programs (fp32 56%). NCHW keeps one row: two take it from 128 registers to
-# 143-152, past four warps a scheduler, and its 2048 programs into two waves (R4 fp32 62% -> 42%).
+# waves of the persistent programs (fp32 56%). NCHW's interior walk takes two rows too up to
+# NCHW_BATCH_MAX_K, capped at 128 registers on sm_90 (uncapped, 143-152 registers put its 2048 one-warp
+# programs in two waves: R4 fp32 62% -> 42%): ptxas fits K <= 7 there without a spill on both tritons
+# (K = 9 spills 224-272 bytes and keeps one row). R4 dw NCHW bf16/fp32 47.5/62.4% -> 60.8/63.0% (triton
+# 3.6; 3.9 23.9/62.1% -> 60.5/81.2%), PREDICTED.
 WEIGHT_ROWS_AHEAD = 2
+NCHW_BATCH_MAX_K = 7
+NCHW_BATCH_SM90_REGISTERS = 128
 
 
 @triton.jit
@@ -229,11 +234,13 @@ def _weight_step(accs, grads, dys, xs, zero, KS: tl.constexpr, P: tl.constexpr, 
 # Launch helpers
 # --------------------------------------------------------------------------------------------
 
-def _weight_rows_ahead(element_size: int, channels_last: bool) -> int:
-    """The weight gradient's rows a batch: WEIGHT_ROWS_AHEAD in channels_last, but one for 16-bit
-    past triton 3.6 (BATCHES_16BIT_CHANNELS_LAST: triton 3.9's ptxas spilled its two-channel tiles
-    at K = 5 on sm_90, 6-61 local loads and stores); one in NCHW."""
-    if not channels_last or (element_size == 2 and not dwconv.BATCHES_16BIT_CHANNELS_LAST):
+def _weight_rows_ahead(element_size: int, channels_last: bool, K: int) -> int:
+    """The weight gradient's rows a batch: WEIGHT_ROWS_AHEAD, but one for 16-bit channels_last past
+    triton 3.6 (BATCHES_16BIT_CHANNELS_LAST: triton 3.9's ptxas spilled its two-channel tiles at K = 5
+    on sm_90, 6-61 local loads and stores) and for NCHW past NCHW_BATCH_MAX_K."""
+    if channels_last and element_size == 2 and not dwconv.BATCHES_16BIT_CHANNELS_LAST:
+        return 1
+    if not channels_last and K > NCHW_BATCH_MAX_K:
         return 1
     return WEIGHT_ROWS_AHEAD
 
@@ -291,7 +298,7 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
                 DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"], P=config["P"],
                 INTERIOR=is_channels_last(x) or vec > 1, VEC=vec, INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
-    meta["ROWS_AHEAD"] = _weight_rows_ahead(x.element_size(), is_channels_last(x))
+    meta["ROWS_AHEAD"] = _weight_rows_ahead(x.element_size(), is_channels_last(x), K)
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the
     # unmasked walk of the interior tiles (in batches, then the rows they leave), then the masked
@@ -300,5 +307,6 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
                 if meta["INTERIOR"] else None)
     rows = _weight_loops(config, H, K, interior, meta["ROWS_AHEAD"])
     loops = rows if tiles == 1 else ((cdiv(tiles, splits), rows),)
+    cap = NCHW_BATCH_SM90_REGISTERS if not is_channels_last(x) and meta["ROWS_AHEAD"] > 1 else 0
     return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
-                  config.get("num_warps", 4), config.get("num_stages", 1), loops=loops)
+                  config.get("num_warps", 4), config.get("num_stages", 1), loops=loops, sm90_max_registers=cap)

@@ -175,6 +175,34 @@ def test_channels_last_weight_gradient_walks_rows_in_batches(ahead, dtype, monke
 
 
 @pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nchw_weight_gradient_walks_rows_in_pairs_under_a_register_cap(dtype):
+    """NCHW: the interior tiles' x rows two a batch up to K = NCHW_BATCH_MAX_K, under a 128-register
+    cap that reaches ptxas only on sm_90; K = 9 walks a row at a time, uncapped."""
+    x, w, bias, stride, padding, dilation = _problem((1, 8, 8, 9, 72, 5, 1, 2, 1), dtype, torch.contiguous_format)
+    dy = torch.randn(_conv(x, w, bias, stride, padding, dilation).shape).to(dtype)
+    B, C, K = x.shape[0], x.shape[1], w.shape[-1]
+    config = dwconv_dw.weight_grad_default(B, C, *dy.shape[2:], K, False, x.element_size())
+    part = torch.empty(dwconv_dw.weight_grad_partials(B, C, K, *dy.shape[2:], config))
+    launch = dwconv_dw.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
+    assert launch.meta["INTERIOR"] and launch.meta["ROWS_AHEAD"] == 2, launch.meta
+    assert launch.compile_options(90).get("maxnreg") == dwconv_dw.NCHW_BATCH_SM90_REGISTERS
+    assert "maxnreg" not in launch.compile_options(80)
+    (_, (batches, left, masked)), = launch.loops
+    assert min(batches, left, masked) > 0, launch.loops
+    launch()
+    w64 = w.double().requires_grad_()
+    _conv(x.double(), w64, None, stride, padding, dilation).backward(dy.double())
+    assert_close(part.sum(-1), w64.grad, dtype, "dw, NCHW rows in pairs")
+    meta = dict(device="meta", dtype=dtype)
+    big_x, big_dy = torch.empty(2, 8, 40, 40, **meta), torch.empty(2, 8, 40, 40, **meta)
+    config = dwconv_dw.weight_grad_default(2, 8, 40, 40, 9, False, x.element_size())
+    part = torch.empty(dwconv_dw.weight_grad_partials(2, 8, 9, 40, 40, config), device="meta")
+    launch = dwconv_dw.backward_weight_launch(big_dy, big_x, part, (1, 1), (4, 4), (1, 1), config)
+    assert launch.meta["ROWS_AHEAD"] == 1 and launch.sm90_max_registers == 0
+
+
+@pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("case", [(1, 72, 72, 5, 26, 3, 1, 1, 1), (1, 64, 64, 6, 29, 3, 2, 1, 1)], ids=["s1", "s2"])
 def test_channels_last_walk_runs_interior_programs_unmasked(case, monkeypatch):
     """channels_last: programs (the weight gradient's tiles) whose channels and columns all lie inside
@@ -266,7 +294,9 @@ def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding):
                           (weight_grad, weight_walks)):
         if vectors or launch is weight_grad:
             assert launch.meta["VEC"] == 4 and launch.meta["INTERIOR"], launch.meta
-            assert len(walks) == 2 and min(walks) > 0, launch.loops
+            # The weight gradient's interior walk in batches of rows, then the rows they leave.
+            batched = launch is weight_grad and launch.meta["ROWS_AHEAD"] > 1
+            assert len(walks) == 2 + batched and min(walks) > 0, launch.loops
         else:
             assert launch.meta["VEC"] == 1 and not launch.meta["INTERIOR"] and len(walks) == 1, launch.meta
     forward()
