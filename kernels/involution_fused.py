@@ -593,9 +593,8 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
             "ssb": span_bias.stride(0) if span_bias is not None else 0, **_strides(names[3], out),
             "PH": padding[0], "PW": padding[1], "TILES": tiles_h * tiles_w, "TILES_W": tiles_w}
     warps = HALO_WARPS["bwd_input" if transposed else "fwd"]
-    capped = transposed and big.element_size() == 2
     return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, warps, 1, loops=(G,),
-                  sm90_max_registers=HALO_INPUT_GRAD_SM90_REGISTERS if capped else 0)
+                  sm90_max_registers=_halo_register_cap(big, transposed))
 
 
 # The forward fits one warpgroup (its [pixels, halo] window is then staged for the dot once, not
@@ -607,18 +606,31 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
 # 12.2/16.9% -> 17.9/19.8% (triton 3.6).
 HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_span": 8}
 HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS = 16
-
-
-def _span_grad_halo_warps(x: torch.Tensor, channels_per_group: int) -> int:
-    if is_channels_last(x) and channels_per_group <= HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS:
-        return 4
-    return HALO_WARPS["bwd_span"]
 # The input gradient takes 130-150 registers a thread on sm_90: one eight-warp program an SM. Capped
 # at 128, two fit, and triton 3.6's ptxas (the GPU machines') keeps it without a spill there
 # (PREDICTED, R1-layer dx bf16 NHWC/NCHW 10.9/10.1% -> 21.6/19.4%); newer ptxas spill it (8-32
 # bytes of stack), and sm_80 compiles it uncapped. dz would gain as much but spills on 3.6 too, as
 # does the fp32 input gradient (196-230 registers: 160 bytes of stack at 128), which stays uncapped.
 HALO_INPUT_GRAD_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
+# The 16-bit NCHW forward takes 160 registers a thread at one warpgroup: three programs an SM. Capped
+# at 128, four fit, and triton 3.6's ptxas keeps it without a spill (PREDICTED, R1-layer fwd bf16
+# NCHW 26.4% -> 33.0%); channels_last spills 8 bytes there, newer ptxas 112-120.
+HALO_FORWARD_NCHW_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
+
+
+def _halo_register_cap(big: torch.Tensor, transposed: bool) -> int:
+    """The sm_90 register cap of the forward (``big`` = x) or input gradient (``big`` = dy)."""
+    if big.element_size() != 2:
+        return 0
+    if transposed:
+        return HALO_INPUT_GRAD_SM90_REGISTERS
+    return 0 if is_channels_last(big) else HALO_FORWARD_NCHW_SM90_REGISTERS
+
+
+def _span_grad_halo_warps(x: torch.Tensor, channels_per_group: int) -> int:
+    if is_channels_last(x) and channels_per_group <= HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS:
+        return 4
+    return HALO_WARPS["bwd_span"]
 
 
 def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
