@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cdiv, next_power_of_2
+from ._launch import TRITON_VERSION, Launch, cdiv, next_power_of_2
 from .configs import get_config
 from .involution import needs_int64
 from .na2d_common import _acc_dtype, _fp64_scales, _holders, _strides, _window_start, problem_key
@@ -477,6 +477,21 @@ def window_penalty(dtype: torch.dtype, scale: float) -> dict | None:
         return None
     return {"PENALTY": penalty, "ONE": one}
 
+# With a learnt rpb the tiled forward (heads of up to 64 features) and key-side kernel (up to 32)
+# take 149-166 registers a thread: three four-warp programs an SM. Capped at 128, four fit, and
+# triton 3.6's ptxas keeps them without a spill (PREDICTED, sm_90, bf16: N2-rpb fwd 21.3% -> 25.6%,
+# N1-rpb fwd 19.7% -> 22.1%, N1-rpb dkv 23.9% -> 28.2%); N2-rpb dkv and dq spill 40-48 bytes under
+# it, newer ptxas 48-112 everywhere.
+RPB_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
+RPB_CAP_MAX_D = {"fwd": 64, "dkv": 32}
+
+
+def _rpb_register_cap(kernel: str, rpb, q) -> int:
+    if rpb is None or q.element_size() != 2 or q.shape[-1] > RPB_CAP_MAX_D[kernel]:
+        return 0
+    return RPB_SM90_REGISTERS
+
+
 def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
     kernel = "na2d_fwd_tiled" if rpb is None else "na2d_fwd_tiled_rpb"
     meta, scalars, grid, num_warps, num_stages = _tiled_common(q, K, dilation, config, kernel)
@@ -496,7 +511,8 @@ def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood
         chunks, tail = chunks + 1, 0
     args["CHUNKS"] = chunks
     meta["TAIL_N"] = tail
-    return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(chunks,))
+    return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(chunks,),
+                  sm90_max_registers=_rpb_register_cap("fwd", rpb, q))
 
 def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, ds, K, dilation, scale, neighborhood,
                                  config=None) -> Launch:
@@ -532,7 +548,8 @@ def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation
     meta.update(NEIGHBORHOOD=neighborhood, HAS_RPB=rpb is not None, INDEX_64=needs_int64(q, k, v, dy, dk, dv),
                 **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
                 EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
-    return Launch(na2d_bwd_key_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=loops)
+    return Launch(na2d_bwd_key_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=loops,
+                  sm90_max_registers=_rpb_register_cap("dkv", rpb, q))
 
 def holder_chunk_rows(extent_h: int, extent_w: int, block_n: int) -> int:
     """Rows of the key-side kernel's ``CHUNK_H x (BLOCK_N / CHUNK_H)`` query chunks: the power of two

@@ -669,3 +669,24 @@ def test_zero_head_dim_is_an_empty_result(device):
     y = dynconv.na2d(q, q, q, 3)
     y.sum().backward()
     assert y.shape == q.shape and q.grad.shape == q.shape
+
+
+def test_rpb_tiled_kernels_are_register_capped_on_sm90():
+    """With a learnt rpb the 16-bit tiled forward (D <= 64) and key-side kernel (D <= 32) are capped
+    at 128 registers on sm_90 with triton 3.6 (four programs an SM); other heads, no rpb, fp32 not."""
+    cap = tiled_kernels.RPB_SM90_REGISTERS
+    assert cap == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
+    K = 7
+    for D, dtype, with_rpb, fwd_cap, dkv_cap in ((32, torch.bfloat16, True, cap, cap), (64, torch.float16, True, cap, 0),
+                                                 (128, torch.bfloat16, True, 0, 0), (32, torch.bfloat16, False, 0, 0),
+                                                 (32, torch.float32, True, 0, 0)):
+        meta = dict(device="meta", dtype=dtype)
+        q = torch.empty(2, 14, 14, 2, D, **meta)
+        rpb = torch.empty(2, 2 * K - 1, 2 * K - 1, **meta) if with_rpb else None
+        lse = torch.empty(2, 14, 14, 2, device="meta")
+        geometry = (K, (1, 1), D ** -0.5, True)
+        fwd = kernels.forward_launch(q, q, q, rpb, q, lse, *geometry)
+        dkv = kernels.backward_key_launch(q, q, q, rpb, q, lse, lse, q, q, *geometry)
+        assert (fwd.sm90_max_registers, dkv.sm90_max_registers) == (fwd_cap, dkv_cap), (D, dtype, with_rpb)
+        assert fwd.compile_options(90).get("maxnreg") == (fwd_cap or None)
+        assert "maxnreg" not in fwd.compile_options(80)
