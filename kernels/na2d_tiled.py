@@ -484,6 +484,12 @@ def window_penalty(dtype: torch.dtype, scale: float) -> dict | None:
 # it, newer ptxas 48-112 everywhere.
 RPB_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
 RPB_CAP_MAX_D = {"fwd": 64, "dkv": 32}
+# The 16-bit tiled dq without an rpb, heads of up to 32 features: 82 registers a thread, five
+# four-warp programs an SM; at 80, six fit and triton 3.6's ptxas keeps it without a spill
+# (PREDICTED, sm_90: N1 dq bf16 42.0% -> 62.7%); at 64 features (96 registers) it spills, and newer
+# ptxas spill it at 80 (32 bytes).
+DQ_SM90_REGISTERS = 80 if TRITON_VERSION <= (3, 6) else 0
+DQ_CAP_MAX_D = 32
 
 
 def _rpb_register_cap(kernel: str, rpb, q) -> int:
@@ -526,7 +532,9 @@ def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, ds, K, dilati
                 INDEX_64=needs_int64(q, k, v, dy, dq, ds),
                 **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
                 EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
-    return Launch(na2d_bwd_query_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],))
+    cap = DQ_SM90_REGISTERS if rpb is None and q.element_size() == 2 and q.shape[-1] <= DQ_CAP_MAX_D else 0
+    return Launch(na2d_bwd_query_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],),
+                  sm90_max_registers=cap)
 
 def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
                                config=None) -> Launch:

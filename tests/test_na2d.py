@@ -673,7 +673,8 @@ def test_zero_head_dim_is_an_empty_result(device):
 
 def test_rpb_tiled_kernels_are_register_capped_on_sm90():
     """With a learnt rpb the 16-bit tiled forward (D <= 64) and key-side kernel (D <= 32) are capped
-    at 128 registers on sm_90 with triton 3.6 (four programs an SM); other heads, no rpb, fp32 not."""
+    at 128 registers on sm_90 with triton 3.6 (four programs an SM), dq without one (D <= 32) at 80;
+    other heads and fp32 not."""
     cap = tiled_kernels.RPB_SM90_REGISTERS
     assert cap == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
     K = 7
@@ -690,3 +691,7 @@ def test_rpb_tiled_kernels_are_register_capped_on_sm90():
         assert (fwd.sm90_max_registers, dkv.sm90_max_registers) == (fwd_cap, dkv_cap), (D, dtype, with_rpb)
         assert fwd.compile_options(90).get("maxnreg") == (fwd_cap or None)
         assert "maxnreg" not in fwd.compile_options(80)
+        # dq without an rpb, heads of up to 32 features: capped at DQ_SM90_REGISTERS.
+        dq = kernels.backward_query_launch(q, q, q, None, q, lse, lse, q, None, *geometry)
+        dq_cap = tiled_kernels.DQ_SM90_REGISTERS if dtype != torch.float32 and D <= 32 else 0
+        assert dq.sm90_max_registers == dq_cap, (D, dtype)
