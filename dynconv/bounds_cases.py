@@ -185,7 +185,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     # DRConv's input gradient by columns (a product launch, then the fold the case models).
     columns = region_dx and rcg.uses_columns(y0, x0, (p.K, p.K), p.groups)
     col_part = rcg.columns_part(y0, x0, experts0, p.m) if columns else rc_part
-    col_bytes = col_part * rcg.column_count((p.K, p.K), p.C) * N * rcg.columns_dtype(dt).itemsize
+    col_bytes = col_part * rcg.sample_column_bytes(y0, x0, (p.K, p.K))
     fwd_copies = (rc.forward_copies_input(x0) if region_fwd
                   else ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry))
     dx_copies = (not cl) if region_dx else eci.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])

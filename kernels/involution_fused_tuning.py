@@ -128,10 +128,14 @@ def _launch(kernel: str):
     return launch
 
 
+def _keyed(kernel: str, ts: dict):
+    """The tensor a launcher keys its table on (and takes the halo path by): dy for bwd_input, else x."""
+    return ts["dy"] if kernel == "bwd_input" else ts["x"]
+
+
 def _key(kernel: str):
     def key(spec: dict, ts: dict) -> dict:
-        x = ts["dy"] if kernel == "bwd_input" else ts["x"]
-        return fused.problem_key(x, spec["G"], spec["K"], spec["R"], _strides(spec))
+        return fused.problem_key(_keyed(kernel, ts), spec["G"], spec["K"], spec["R"], _strides(spec))
     return key
 
 
@@ -152,9 +156,8 @@ def _default_for(kernel: str, key: dict) -> dict:
 def _default(kernel: str):
     def default(spec: dict, ts: dict) -> dict:
         tile = ts["dx"] if kernel == "bwd_input" else ts["y"]
-        x = ts["dy"] if kernel == "bwd_input" else ts["x"]
         return fused.default_config(kernel, spec["C"], spec["G"], spec["R"], tile.shape[2], tile.shape[3],
-                                    bool(spec["channels_last"]), x.dtype)
+                                    bool(spec["channels_last"]), _keyed(kernel, ts).dtype)
     return default
 
 
@@ -276,9 +279,9 @@ def _spec_for_key(kernel: str):
 def _reads_table(kernel: str):
     def reads_table(spec: dict, ts: dict) -> bool:
         # The halo kernels serve these problems; the launchers ask no table for them.
-        x = ts["dy"] if kernel == "bwd_input" else ts["x"]
         stride, _, dilation = _geometry(spec)
-        return not fused.takes_halo_path(x, spec["G"], spec["R"], spec["K"], stride, dilation, kernel == "bwd_input")
+        return not fused.takes_halo_path(_keyed(kernel, ts), spec["G"], spec["R"], spec["K"], stride, dilation,
+                                         kernel == "bwd_input")
     return reads_table
 
 

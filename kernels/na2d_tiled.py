@@ -477,25 +477,21 @@ def window_penalty(dtype: torch.dtype, scale: float) -> dict | None:
         return None
     return {"PENALTY": penalty, "ONE": one}
 
-# With a learnt rpb the tiled forward (heads of up to 64 features) and key-side kernel (up to 32)
-# take 149-166 registers a thread: three four-warp programs an SM. Capped at 128, four fit, and
-# triton 3.6's ptxas keeps them without a spill (PREDICTED, sm_90, bf16: N2-rpb fwd 21.3% -> 25.6%,
-# N1-rpb fwd 19.7% -> 22.1%, N1-rpb dkv 23.9% -> 28.2%); N2-rpb dkv and dq spill 40-48 bytes under
-# it, newer ptxas 48-112 everywhere.
-RPB_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
-RPB_CAP_MAX_D = {"fwd": 64, "dkv": 32}
-# The 16-bit tiled dq without an rpb, heads of up to 32 features: 82 registers a thread, five
-# four-warp programs an SM; at 80, six fit and triton 3.6's ptxas keeps it without a spill
-# (PREDICTED, sm_90: N1 dq bf16 42.0% -> 62.7%); at 64 features (96 registers) it spills, and newer
-# ptxas spill it at 80 (32 bytes).
-DQ_SM90_REGISTERS = 80 if TRITON_VERSION <= (3, 6) else 0
-DQ_CAP_MAX_D = 32
+# Register caps on sm_90 for 16-bit tiled launches, where triton 3.6's ptxas fits them a residency
+# step lower without a spill (newer ptxas spill under each, 32-112 bytes): (kernel, with a learnt
+# rpb) -> (registers, largest head). With an rpb the forward (heads of up to 64 features) and the
+# key-side kernel (up to 32) take 149-166 registers, three four-warp programs an SM; at 128 four fit
+# (PREDICTED, sm_90, bf16: N2-rpb fwd 21.3% -> 25.6%, N1-rpb fwd 19.7% -> 22.1%, N1-rpb dkv 23.9% ->
+# 28.2%; N2-rpb dkv and the rpb dq kernels spill 40-48 bytes). dq without an rpb (up to 32 features)
+# takes 82, five programs an SM; at 80 six fit (N1 dq bf16 42.0% -> 62.7%; 64 features spill).
+SM90_REGISTER_CAPS = ({("fwd", True): (128, 64), ("dkv", True): (128, 32), ("dq", False): (80, 32)}
+                      if TRITON_VERSION <= (3, 6) else {})
 
 
-def _rpb_register_cap(kernel: str, rpb, q) -> int:
-    if rpb is None or q.element_size() != 2 or q.shape[-1] > RPB_CAP_MAX_D[kernel]:
-        return 0
-    return RPB_SM90_REGISTERS
+def _register_cap(kernel: str, rpb, q) -> int:
+    """The sm_90 register cap of a tiled launch (0: none), from SM90_REGISTER_CAPS."""
+    registers, max_d = SM90_REGISTER_CAPS.get((kernel, rpb is not None), (0, 0))
+    return registers if q.element_size() == 2 and q.shape[-1] <= max_d else 0
 
 
 def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood, config=None) -> Launch:
@@ -518,7 +514,7 @@ def _forward_tiled_launch(q, k, v, rpb, y, lse, K, dilation, scale, neighborhood
     args["CHUNKS"] = chunks
     meta["TAIL_N"] = tail
     return Launch(na2d_fwd_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(chunks,),
-                  sm90_max_registers=_rpb_register_cap("fwd", rpb, q))
+                  sm90_max_registers=_register_cap("fwd", rpb, q))
 
 def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, ds, K, dilation, scale, neighborhood,
                                  config=None) -> Launch:
@@ -532,9 +528,8 @@ def _backward_query_tiled_launch(q, k, v, rpb, dy, lse, delta, dq, ds, K, dilati
                 INDEX_64=needs_int64(q, k, v, dy, dq, ds),
                 **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
                 EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
-    cap = DQ_SM90_REGISTERS if rpb is None and q.element_size() == 2 and q.shape[-1] <= DQ_CAP_MAX_D else 0
     return Launch(na2d_bwd_query_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=(scalars["CHUNKS"],),
-                  sm90_max_registers=cap)
+                  sm90_max_registers=_register_cap("dq", rpb, q))
 
 def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation, scale, neighborhood,
                                config=None) -> Launch:
@@ -557,7 +552,7 @@ def _backward_key_tiled_launch(q, k, v, rpb, dy, lse, delta, dk, dv, K, dilation
                 **window_penalty(q.dtype, scale), ACC_DTYPE=_acc_dtype(q.dtype),
                 EVEN_D=meta["BLOCK_D"] == q.shape[-1], **_dot_types(q.dtype))
     return Launch(na2d_bwd_key_tiled_kernel, grid, args, meta, num_warps, num_stages, loops=loops,
-                  sm90_max_registers=_rpb_register_cap("dkv", rpb, q))
+                  sm90_max_registers=_register_cap("dkv", rpb, q))
 
 def holder_chunk_rows(extent_h: int, extent_w: int, block_n: int) -> int:
     """Rows of the key-side kernel's ``CHUNK_H x (BLOCK_N / CHUNK_H)`` query chunks: the power of two

@@ -125,14 +125,15 @@ def column_count(kernel_hw, cin: int) -> int:
     return kernel_hw[0] * kernel_hw[1] * cin
 
 
-def _sample_column_bytes(dy: torch.Tensor, dx: torch.Tensor, kernel_hw) -> int:
+def sample_column_bytes(dy: torch.Tensor, dx: torch.Tensor, kernel_hw) -> int:
+    """Bytes of one sample's columns (the input gradient's workspace per sample)."""
     return column_count(kernel_hw, dx.shape[1]) * dy.shape[2] * dy.shape[3] * columns_dtype(dx.dtype).itemsize
 
 
 def columns_part(dy: torch.Tensor, dx: torch.Tensor, experts: torch.Tensor, m: int) -> int:
     """Samples a part holds: their m region kernels fit ``region_conv``'s workspace and their columns
     ``COLUMNS_BYTES``."""
-    column_bytes = max(1, _sample_column_bytes(dy, dx, experts.shape[3:]))
+    column_bytes = max(1, sample_column_bytes(dy, dx, experts.shape[3:]))
     kernels_part = region_conv.batch_part(dx.shape[0], m, experts[0].numel(), dx.element_size())
     return max(1, min(kernels_part, COLUMNS_BYTES // column_bytes))
 
@@ -140,7 +141,7 @@ def columns_part(dy: torch.Tensor, dx: torch.Tensor, experts: torch.Tensor, m: i
 def uses_columns(dy: torch.Tensor, dx: torch.Tensor, kernel_hw, groups: int) -> bool:
     """Whether the input gradient runs by columns: one sample's columns fit ``COLUMNS_BYTES``, a
     group has the 16 output channels the product's reduction block needs, and offsets fit 32 bits."""
-    return (_sample_column_bytes(dy, dx, kernel_hw) <= COLUMNS_BYTES and dy.shape[1] // groups >= 16
+    return (sample_column_bytes(dy, dx, kernel_hw) <= COLUMNS_BYTES and dy.shape[1] // groups >= 16
             and not needs_int64(dy, dx))
 
 

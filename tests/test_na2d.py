@@ -675,8 +675,9 @@ def test_rpb_tiled_kernels_are_register_capped_on_sm90():
     """With a learnt rpb the 16-bit tiled forward (D <= 64) and key-side kernel (D <= 32) are capped
     at 128 registers on sm_90 with triton 3.6 (four programs an SM), dq without one (D <= 32) at 80;
     other heads and fp32 not."""
-    cap = tiled_kernels.RPB_SM90_REGISTERS
-    assert cap == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
+    caps = tiled_kernels.SM90_REGISTER_CAPS
+    cap = caps.get(("fwd", True), (0, 0))[0]
+    assert cap == caps.get(("dkv", True), (0, 0))[0] == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
     K = 7
     for D, dtype, with_rpb, fwd_cap, dkv_cap in ((32, torch.bfloat16, True, cap, cap), (64, torch.float16, True, cap, 0),
                                                  (128, torch.bfloat16, True, 0, 0), (32, torch.bfloat16, False, 0, 0),
@@ -691,7 +692,7 @@ def test_rpb_tiled_kernels_are_register_capped_on_sm90():
         assert (fwd.sm90_max_registers, dkv.sm90_max_registers) == (fwd_cap, dkv_cap), (D, dtype, with_rpb)
         assert fwd.compile_options(90).get("maxnreg") == (fwd_cap or None)
         assert "maxnreg" not in fwd.compile_options(80)
-        # dq without an rpb, heads of up to 32 features: capped at DQ_SM90_REGISTERS.
+        # dq without an rpb, heads of up to 32 features: capped at 80.
         dq = kernels.backward_query_launch(q, q, q, None, q, lse, lse, q, None, *geometry)
-        dq_cap = tiled_kernels.DQ_SM90_REGISTERS if dtype != torch.float32 and D <= 32 else 0
+        dq_cap = caps.get(("dq", False), (0, 0))[0] if dtype != torch.float32 and D <= 32 else 0
         assert dq.sm90_max_registers == dq_cap, (D, dtype)
