@@ -116,6 +116,35 @@ def test_gradient_penalty_reaches_the_span_weight(device):
     assert_close(results[0], results[1], torch.float64, "penalty gradient")
 
 
+HALO_KERNELS = {"fused_fwd_halo_kernel", "fused_bwd_input_halo_kernel", "fused_bwd_z_halo_kernel",
+                "fused_bwd_span_halo_kernel"}
+
+
+def test_fp32_on_the_halo_kernels_at_second_order_and_in_forward_mode(device, monkeypatch):
+    """fp32 with torch's tf32 switch on runs every derivative, of every order and in forward mode,
+    on the tensor-core halo kernels (in plain tf32 on a GPU; the interpreter multiplies exactly)."""
+    launched = []
+    launch = _launch.Launch.__call__
+    monkeypatch.setattr(_launch.Launch, "__call__", lambda self, *a, **k: (launched.append(self.name),
+                                                                           launch(self, *a, **k))[1])
+    args, op, reference = _problem(B=2, C=32, H=6, W=7, K=3, G=2, R=20, device=device)
+    cpu = [a.cpu() for a in args]
+    args = [a.float() for a in args]
+    tolerance = torch.float16 if device == "cuda" else torch.float32
+    directions = [torch.randn_like(t) for t in (reference(*cpu), *cpu)]
+    names = ["y", "dx", "dz", "dspan_w", "dspan_b", "d2x", "d2z", "d2span_w", "d2span_b", "d2v"]
+    expected = _second_order(reference, cpu, directions)
+    tangents = [torch.randn_like(a) for a in cpu]
+    with _launch.conv_tf32(True):
+        actual = _second_order(op, args, [d.float().to(device) for d in directions])
+        _, tangent = func.jvp(op, tuple(args), tuple(t.float().to(device) for t in tangents))
+    for name, got, want in zip(names, actual, expected):
+        assert_close(got, want, tolerance, name)
+    assert_close(tangent, func.jvp(reference, tuple(cpu), tuple(tangents))[1], tolerance, "jvp")
+    assert HALO_KERNELS <= set(launched), launched
+    assert not {name for name in launched if name.startswith("fused_") and "halo" not in name}, launched
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Forward-mode AD and torch.func
 # ---------------------------------------------------------------------------------------------
