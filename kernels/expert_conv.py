@@ -57,7 +57,7 @@ import triton.language as tl
 from ._launch import (INT32_MAX, TRITON_VERSION, Launch, cacheable, cdiv, config_key, is_channels_last, layout,
                       needs_int64, next_power_of_2, planned)
 from .configs import get_config
-from .involution import widen
+from ._indexing import widen
 from .layout import channels_last_copy, channels_last_empty
 # Running tile totals past the last region read as "never reached" (a constexpr: kernels may use it).
 _PAST_LAST_TILE = tl.constexpr(INT32_MAX)

@@ -24,7 +24,7 @@ from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, Weigh
                           _part, _past_int32, _routed_config, _source_key, _tap_meta,
                           catalogue_problems, channels_last_stand_in, default_forward_config, output_pixels,
                           problem_key)
-from .involution import widen
+from ._indexing import widen
 from .layout import channels_last_copy
 
 # weight_source, batch_parts, forward_config and needs_int64 are read through the module

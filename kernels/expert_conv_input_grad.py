@@ -29,7 +29,7 @@ from .expert_conv import (COUT_INNERMOST, INT64_CATALOGUE_GEOMETRY, INT64_CATALO
                           _routed_config, _rows_tile, _source_key, _split_k, _store_tile, _streamed_tiles, _streams,
                           _tap_meta, _weight_tile, catalogue_problems, channels_last_stand_in, is_plain_conv,
                           problem_key)
-from .involution import gather_source, widen
+from ._indexing import gather_source, widen
 from .layout import channels_last_copy
 
 # weight_source, batch_parts, materialise_part and needs_int64 are read through the module

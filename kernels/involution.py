@@ -29,23 +29,11 @@ import triton.language as tl
 from . import dynamic_dwconv as dwconv
 from . import involution_nchw
 from ._fence import fence
+from ._indexing import gather_source, widen
 from ._keys import problem_key
 from ._launch import (TRITON_VERSION, Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64,
                       next_power_of_2, planned)
 from .configs import get_config
-
-
-@triton.jit
-def widen(index, INDEX_64: tl.constexpr):
-    """``index`` as int64 in the INDEX_64 variants, so a product with a stride is formed in 64 bits.
-
-    Every index that multiplies a stride passes through here (or is int64 already): a tap,
-    region or partial index times the stride of an outer axis passes 2^31 on its own when that
-    axis is outermost in memory. The 32-bit variants keep 32-bit products (cheaper, fewer registers).
-    """
-    if INDEX_64:
-        index = tl.cast(index, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
-    return index
 
 
 @triton.jit
@@ -113,19 +101,6 @@ def _program_lanes(pid0, pid_ch, TILES, B, ROWS, COLS, TILES_W, CG_TILES, G, CG,
         g3, cg3, c3, channel_mask, row, col = _tile_indices(tile, pid_ch, TILES_W, CG_TILES, G, CG,
                                                             BLOCK_G, BLOCK_CG, LANE_ROWS, BLOCK_W, INDEX_64)
     return outer, b, row, col, g3, cg3, c3, channel_mask
-
-
-@triton.jit
-def gather_source(pos, pad, tap, dilation, stride, out_size, mask):
-    """The output index that reads input index ``pos`` through ``tap``, and ``mask`` & whether one exists.
-
-    Solves ``out * stride - pad + tap * dilation == pos`` for a whole ``out`` in ``[0, out_size)``:
-    the gather form of an input gradient, where each input element has exactly one writer.
-    """
-    scaled = pos + pad - tap * dilation
-    # Clamp before dividing: masked lanes must still form in-range arithmetic.
-    out = tl.maximum(scaled, 0) // stride
-    return out, mask & (scaled >= 0) & (scaled % stride == 0) & (out < out_size)
 
 
 @triton.jit

@@ -55,9 +55,10 @@ import triton
 import triton.language as tl
 
 from ._launch import (TRITON_VERSION, Launch, cacheable, cdiv, config_key, conv_tf32, is_channels_last, layout,
-                      next_power_of_2, planned)
+                      needs_int64, next_power_of_2, planned)
 from .configs import get_config
-from .involution import _acc_dtype, _pow2_at_most, _tile_indices, gather_source, needs_int64, widen
+from ._indexing import gather_source, widen
+from .involution import _acc_dtype, _pow2_at_most, _tile_indices
 from . import involution_fused_halo as halo
 
 # Programs the span-gradient kernel aims for: enough to fill any current GPU several times, few

@@ -38,7 +38,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .involution import widen
+from ._indexing import widen
 
 TILE_H = 8
 TILE_W = 8

@@ -408,7 +408,6 @@ def _dw_pair_columns(dy_words, x_rows, shifts, dw_pixels, PARITY: tl.constexpr, 
     in-range address and no load is masked (the masks, one per halo row and word, outnumbered the
     predicate registers and were rebuilt before every load)."""
     STRADDLES: tl.constexpr = (PARITY * DW + PW % 2) % 2
-    HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
     for v in range(PARITY, KS, 2):
         # Pixel p's column through tap v, 2*jj + p + v*DW - PW, lies in word (2*jj + v*DW - PW + p) // 2.
         first = 2 * jj + v * DW - PW

@@ -28,9 +28,10 @@ from . import involution_nchw
 from ._keys import problem_key
 from ._launch import (Launch, cacheable, cdiv, config_key, inner_strides, is_channels_last, layout, needs_int64,
                       next_power_of_2, planned)
+from ._indexing import widen
 from .configs import get_config
 from .involution import (_acc_dtype, _grid, _pow2_at_most, _split_config, _tile_indices, catalogue_problems,
-                         default_config, label_over_int32, over_int32_problem, widen)
+                         default_config, label_over_int32, over_int32_problem)
 
 
 @triton.jit

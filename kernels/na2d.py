@@ -29,8 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cacheable, config_key, layout, planned
-from .involution import needs_int64
+from ._launch import Launch, cacheable, config_key, layout, needs_int64, planned
 from .na2d_common import (CATALOGUE_SHAPES, _HOLDER_LOOPS, _acc_dtype, _axis, _common, _fp64_scales, _holders,
                           _reduce_rpb_partials, _rpb_block, _strides, _tile, rpb_partial_shape)
 from .na2d_tiled import (_backward_key_tiled_launch, _backward_query_tiled_launch, _forward_tiled_launch,

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch
-from .involution import needs_int64
+from ._launch import Launch, needs_int64
 from .na2d_common import (CATALOGUE_SHAPES, _HOLDER_LOOPS, _acc_dtype, _axis, _common, _holders, _reduce_rpb_partials,
                           _rpb_block, _strides, _tile, _window_start, rpb_partial_shape)
 

@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import TRITON_VERSION, Launch, cdiv, next_power_of_2
+from ._launch import TRITON_VERSION, Launch, cdiv, needs_int64, next_power_of_2
 from .configs import get_config
-from .involution import needs_int64
 from .na2d_common import _acc_dtype, _fp64_scales, _holders, _strides, _window_start, problem_key
 
 
