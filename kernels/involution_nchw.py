@@ -278,19 +278,37 @@ def involution_nchw_bwd_input_kernel(
 
 
 @triton.jit
-def _dw_chunk(dy_group, x_col, c, lane_ok, col_ok, i0, row_first, Ho, H, sdyc: tl.constexpr, sdyh: tl.constexpr,
+def _dw_chunk(dy_group, x_col, x_shifted, c, grad_ok, x_ok, sdyc: tl.constexpr, sdyh: tl.constexpr,
               sxc: tl.constexpr, sxh: tl.constexpr, STRIP: tl.constexpr, HALO: tl.constexpr, CH: tl.constexpr,
-              ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr):
+              ROW_GROUPS: tl.constexpr, MASKED: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """The dy (STRIP rows) and x (HALO rows of one tap column) of channels c .. c + CH - 1, flat
-    tuples row-major: what involution_nchw_bwd_weight_kernel sums for one chunk."""
+    tuples row-major: what involution_nchw_bwd_weight_kernel sums for one chunk. The halo rows of
+    group g of ROW_GROUPS are read from ``x_shifted[g]`` (inside x); MASKED (a strip past the last
+    output row, a chunk past the group's channels): dy where ``grad_ok[s]``, x where ``x_ok``."""
     grads = ()
     for s in tl.static_range(STRIP):
-        grads = grads + _channel_row(dy_group + c * sdyc + s * sdyh, lane_ok & (i0 + s < Ho), sdyc, CH, ACC_DTYPE)
-    rows = ()
+        for q in tl.static_range(CH):
+            ptr = dy_group + c * sdyc + (s * sdyh + q * sdyc)
+            if MASKED:
+                grads = grads + (tl.load(ptr, mask=grad_ok[s], other=0.0).to(ACC_DTYPE),)
+            else:
+                grads = grads + (tl.load(ptr).to(ACC_DTYPE),)
     x_chunk = x_col + c * sxc
+    x_groups = ()
+    for g in tl.static_range(len(ROW_GROUPS)):
+        x_groups = x_groups + (x_shifted[g] + c * sxc,)
+    rows = ()
     for h in tl.static_range(HALO):
-        ok = col_ok & (row_first + h >= 0) & (row_first + h < H)
-        rows = rows + _channel_row(x_chunk + h * sxh, ok, sxc, CH, ACC_DTYPE)
+        row = x_chunk
+        for g in tl.static_range(len(ROW_GROUPS)):
+            if h >= ROW_GROUPS[g][0] and h < ROW_GROUPS[g][1]:
+                row = x_groups[g]
+        for q in tl.static_range(CH):
+            ptr = row + (h * sxh + q * sxc)
+            if MASKED:
+                rows = rows + (tl.load(ptr, mask=x_ok, other=0.0).to(ACC_DTYPE),)
+            else:
+                rows = rows + (tl.load(ptr).to(ACC_DTYPE),)
     return grads, rows
 
 
@@ -306,6 +324,7 @@ def involution_nchw_bwd_weight_kernel(
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     CH: tl.constexpr, STRIP: tl.constexpr, BLOCK_W: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, BATCH: tl.constexpr,
+    ROWS_FULL: tl.constexpr = False, CHANNELS_FULL: tl.constexpr = False, ROW_GROUPS: tl.constexpr = (),
 ):
     """dw[b,g,u,v,i,j] = sum_{c in g} dy[b,c,i,j] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
 
@@ -313,6 +332,12 @@ def involution_nchw_bwd_weight_kernel(
     channels itself (CH at a time, a run-time loop), so the sum is a chain of FMAs, and holds the
     K tap rows x STRIP rows of one tap column: the x rows of a tap column are loaded once per chunk
     and serve every (strip row, tap row) reading them.
+    Every sum reads one x position, through all the channels: where it lies outside x the sum is
+    zeroed once, when stored, and the loads read an in-range position instead (the column clamped
+    into x; ROW_GROUPS, the runs of halo rows outside x in some strip, each shifted into x, as in the
+    pair kernel), so none is masked: the masks, the zeroed registers of masked loads and their
+    predicates were half the loop's instructions. ROWS_FULL: the strips tile the output rows;
+    CHANNELS_FULL: the batches tile each group's channels (else those loads are masked).
     """
     lane = _wide(tl.program_id(0), INDEX_64) * BLOCK_W + tl.arange(0, BLOCK_W)
     j = lane % Wo
@@ -322,17 +347,30 @@ def involution_nchw_bwd_weight_kernel(
     g = rest % G
     b = rest // G
     lane_ok = b < B
+    b_in = tl.minimum(b, B - 1)  # lanes past the last sample read its data (and store nothing)
     row_first = i0 * SH - PH
     col_first = j * SW - PW
     c_first = g * CG
-    dy_group = dy_ptr + (b * sdyb + c_first * sdyc) + i0 * sdyh + j * sdyw
-    x_group = x_ptr + (b * sxb + c_first * sxc) + row_first * sxh + col_first * sxw
+    dy_group = dy_ptr + (b_in * sdyb + c_first * sdyc) + i0 * sdyh + j * sdyw
+    x_group = x_ptr + (b_in * sxb + c_first * sxc) + row_first * sxh
+    shifts = ()
+    for gr in tl.static_range(len(ROW_GROUPS)):
+        start = row_first + ROW_GROUPS[gr][0]
+        last = tl.minimum(tl.maximum(start, 0), H - (ROW_GROUPS[gr][1] - ROW_GROUPS[gr][0]))
+        shifts = shifts + ((last - start) * sxh,)
+    grad_ok = ()
+    for s in tl.static_range(STRIP):
+        grad_ok = grad_ok + ((i0 + s < Ho) | ROWS_FULL,)
     dw_pixels = dw_ptr + b * sdwb + g * sdwg + i0 * sdwh + j * sdww
     HALO: tl.constexpr = (STRIP - 1) * SH + (KS - 1) * DH + 1
     fence = dw_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.arange(0, BLOCK_W)  # see _fence
     for v in range(KS):
-        col_ok = (col_first + v * DW >= 0) & (col_first + v * DW < W) & lane_ok
-        x_col = x_group + _wide(v, INDEX_64) * (DW * sxw)
+        col = col_first + v * DW
+        col_in = (col >= 0) & (col < W)
+        x_col = x_group + tl.minimum(tl.maximum(col, 0), W - 1) * sxw
+        x_shifted = ()
+        for gr in tl.static_range(len(ROW_GROUPS)):
+            x_shifted = x_shifted + (x_col + shifts[gr],)
         accs = ()
         for _ in tl.static_range(STRIP * KS):
             accs = accs + (tl.zeros((BLOCK_W,), dtype=ACC_DTYPE),)
@@ -345,10 +383,13 @@ def involution_nchw_bwd_weight_kernel(
             c = _wide(c, INDEX_64)
             loaded = ()
             for k in tl.static_range(BATCH):
-                more = c + k * CH + zero < CG
-                loaded = loaded + (_dw_chunk(dy_group, x_col, c + k * CH, lane_ok & more, col_ok & more, i0,
-                                             row_first, Ho, H, sdyc, sdyh, sxc, sxh, STRIP, HALO, CH, ACC_DTYPE,
-                                             INDEX_64),)
+                more = (c + k * CH + zero < CG) | CHANNELS_FULL
+                chunk_grad_ok = ()
+                for s in tl.static_range(STRIP):
+                    chunk_grad_ok = chunk_grad_ok + (grad_ok[s] & more,)
+                loaded = loaded + (_dw_chunk(dy_group, x_col, x_shifted, c + k * CH, chunk_grad_ok, more,
+                                             sdyc, sdyh, sxc, sxh, STRIP, HALO, CH, ROW_GROUPS,
+                                             not (ROWS_FULL and CHANNELS_FULL), ACC_DTYPE),)
             # The fence's zero starts every sum, so no sum moves above it.
             after = _fence(fence, H).to(ACC_DTYPE)
             new = ()
@@ -370,8 +411,14 @@ def involution_nchw_bwd_weight_kernel(
         dw_col = dw_pixels + _wide(v, INDEX_64) * sdwv
         for s in tl.static_range(STRIP):
             for u in tl.static_range(KS):
-                tl.store(dw_col + (u * sdwu + s * sdwh), accs[s * KS + u].to(dw_ptr.dtype.element_ty),
-                         mask=lane_ok & (i0 + s < Ho))
+                keep = col_in
+                # Only the rows of ROW_GROUPS may lie outside x: the others' sums need the column's test alone.
+                for gr in tl.static_range(len(ROW_GROUPS)):
+                    if s * SH + u * DH >= ROW_GROUPS[gr][0] and s * SH + u * DH < ROW_GROUPS[gr][1]:
+                        row = row_first + s * SH + u * DH
+                        keep = keep & (row >= 0) & (row < H)
+                tl.store(dw_col + (u * sdwu + s * sdwh), tl.where(keep, accs[s * KS + u], 0.0).to(dw_ptr.dtype.element_ty),
+                         mask=lane_ok & grad_ok[s])
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,7 +703,9 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, index_64: bool,
     batch = _dw_batch(K, strip, ch, chunks, stride[0], dilation[0], x.element_size())
     meta = dict(**inner_strides("sdy", dy), **inner_strides("sx", x), **inner_strides("sdw", dw, "uvhw"),
                 KS=K, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], CH=ch, STRIP=strip,
-                BLOCK_W=block_w, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype), BATCH=batch)
+                BLOCK_W=block_w, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype), BATCH=batch,
+                ROWS_FULL=Ho % strip == 0, CHANNELS_FULL=CG % (ch * batch) == 0,
+                ROW_GROUPS=_row_groups(H, K, strip, row_tiles, stride[0], padding[0], dilation[0]))
     # The tap columns, and inside each the group's channels BATCH chunks at a time: a loop whenever
     # CG > 1 (triton makes CG = 1 a constant), one trip or more.
     inner = (cdiv(chunks, batch),) if CG > 1 else ()

@@ -121,7 +121,9 @@ def test_input_gradient_in_fenced_batches_of_halo_rows(case, monkeypatch, nan_po
 @pytest.mark.parametrize("batch", [1, 2])
 def test_weight_gradient_in_batches_of_chunks_with_a_partial_last(batch, monkeypatch, nan_poison):
     """The single-pixel weight gradient loads DW_BATCH chunks of channels a trip: three chunks of one
-    channel in batches of two leave a last batch half past the group (masked, summing nothing)."""
+    channel in batches of two leave a last batch half past the group (masked, summing nothing). K = 7
+    over a 3 x 4 image: every halo row outside x is read shifted into it, every column clamped, and
+    their sums zeroed when stored."""
     monkeypatch.setattr(nchw, "DW_BATCH", batch)
     case = CASES[4]  # three channels a group, K = 7 larger than the image
     (x64, w64, dy64, _), geometry = _problem(case, torch.float32)
@@ -130,6 +132,7 @@ def test_weight_gradient_in_batches_of_chunks_with_a_partial_last(batch, monkeyp
     launch = nchw.backward_weight_launch(dy, x, dw, *geometry, False, {"CH": 1, "STRIP": 3, "BLOCK_W": 32,
                                                                        "num_warps": 1})
     assert launch.meta["BATCH"] == batch and launch.loops == ((case[4], (-(-3 // batch),)),)
+    assert launch.meta["CHANNELS_FULL"] == (batch == 1) and launch.meta["ROW_GROUPS"] == ((0, 3), (6, 9))
     launch()
     w64r = w64.detach().requires_grad_(True)
     involution_unfold(x.double(), w64r, None, *geometry).backward(dy.double())
