@@ -657,19 +657,23 @@ def _draw_predicted_roofline(rows: list[dict], path: Path) -> list[Path]:
 
 
 def predicted_summary(reports: Path) -> str:
-    """A terminal table of the committed predictions (the lowest fraction over layouts per row)."""
+    """A terminal table of the committed predictions: a row per (shape, kernel), a column per dtype and
+    layout, with a header wherever the layouts change (the attention rows' are BHWND and BNHWD). One
+    decimal: 84.7% must not read as issue 12's 85%."""
     lines = []
     for version, rows in predicted_tables(reports).items():
         lines.append(f"PREDICTED fraction of the roofline (static model, not measured), triton {version}:")
-        lines.append(f"  {'case':<9} {'kernel':<6} {'fp32 NCHW':>10} {'fp32 NHWC':>10} {'bf16 NCHW':>10} {'bf16 NHWC':>10}")
-        keys = list(dict.fromkeys((r["case"], r["kernel"]) for r in rows))
-        for case, kernel in keys:
-            cells = []
-            for dtype in ("fp32", "bf16"):
-                for layout in ("NCHW", "NHWC"):
-                    hit = [r for r in rows if (r["case"], r["kernel"], r["dtype"], r["layout"]) == (case, kernel, dtype, layout)]
-                    cells.append(f"{100 * hit[0]['predicted_fraction']:.0f}%" if hit else "-")
-            lines.append(f"  {case:<9} {kernel:<6} " + " ".join(f"{c:>10}" for c in cells))
+        fractions = {(r["case"], r["kernel"], r["dtype"], r["layout"]): r["predicted_fraction"] for r in rows}
+        header = None
+        for case, kernel in dict.fromkeys((r["case"], r["kernel"]) for r in rows):
+            layouts = predicted_layouts([r for r in rows if r["case"] == case])
+            columns = [(dtype, layout) for dtype in ("fp32", "bf16") for layout in layouts]
+            if columns != header:
+                header = columns
+                lines.append(f"  {'case':<9} {'kernel':<6} " + " ".join(f"{d + ' ' + lay:>10}" for d, lay in columns))
+            cells = [fractions.get((case, kernel, dtype, layout)) for dtype, layout in columns]
+            lines.append(f"  {case:<9} {kernel:<6} "
+                         + " ".join(f"{'-' if f is None else f'{100 * f:.1f}%':>10}" for f in cells))
     return "\n".join(lines)
 
 

@@ -331,6 +331,24 @@ def test_plot_draws_the_predicted_roofline_apart_from_measurements(tmp_path):
     assert plot.predicted_layouts([attention, *rows]) == ["NHWC", "BHWND"]  # attention rows get a figure row
 
 
+def test_predicted_summary_shows_every_layout_to_a_tenth_of_a_percent(tmp_path):
+    """The terminal table of `make run`: 84.7% is not printed as the target's 85%, and the attention
+    rows come under a header of their own layouts instead of four empty NCHW/NHWC cells."""
+    from dynconv import plot
+
+    base = dict(arch="sm_90", triton="3.6", limiter="latency", bound_us=1.0, flops=1.0, min_bytes=1.0)
+    rows = [dict(base, case="R1", kernel="dw", dtype="bf16", layout="NHWC", predicted_fraction=0.847),
+            dict(base, case="N1", kernel="dq", dtype="bf16", layout="BHWND", predicted_fraction=0.627),
+            dict(base, case="N1", kernel="dq", dtype="bf16", layout="BNHWD", predicted_fraction=0.5)]
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "bounds-triton3.6.json").write_text(json.dumps({"status": "PREDICTED", "rows": rows}))
+    lines = plot.predicted_summary(tmp_path).splitlines()
+    assert lines[1].split()[2:] == ["fp32", "NHWC", "bf16", "NHWC"]
+    assert lines[2].split() == ["R1", "dw", "-", "84.7%"]
+    assert lines[3].split()[2:] == ["fp32", "BHWND", "fp32", "BNHWD", "bf16", "BHWND", "bf16", "BNHWD"]
+    assert lines[4].split() == ["N1", "dq", "-", "-", "62.7%", "50.0%"]
+
+
 def test_na2d_cases_split_the_minimum_model():
     """Issue 15's rows: forward and the two backward kernels of both shapes, with and without rpb; the
     backward kernels' FLOPs add up to roofline.py's backward, each row's bytes cover the model's."""
