@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import latency, ptx_sim, sass
 from .console import Progress, add_quiet, command_parser
-from .bounds_cases import Case, all_cases
+from .bounds_cases import Case, selected_cases
 
 # The H200 model of issues 12 and 13 (clock and SM count of the H200 SXM at boost).
 MODEL = {
@@ -418,9 +418,8 @@ def load_tables(folder: Path) -> dict[str, list[dict]]:
     return tables
 
 
-def run(arch: int = 90, case_filter: str = "", kernel_filter: str = "", progress=True) -> list[dict]:
-    kernels = set(kernel_filter.split(",")) if kernel_filter else None
-    cases = [c for c in all_cases() if case_filter in c.name and (kernels is None or c.kernel in kernels)]
+def run(arch: int = 90, case_filter=(), kernel_filter: str = "", progress=True) -> list[dict]:
+    cases = selected_cases(case_filter, kernel_filter)
     rows = []
     shown = Progress(len(cases), f"bounds sm_{arch}", quiet=not progress)
     for case in cases:
@@ -439,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = command_parser("dynconv inspect --bounds", __doc__)
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90, Hopper)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
-    parser.add_argument("--case", default="", help="only cases whose 'shape kernel dtype layout' contains this")
+    parser.add_argument("--case", action="append", default=[],
+                        help="only cases whose 'shape kernel dtype layout' contains this (repeatable: any of them)")
     parser.add_argument("--kernel", default="", help="only these kernels, comma-separated (fwd, dx, dw, guide, dz, dspan)")
     parser.add_argument("--write", type=Path, default=None, help="also write bounds-triton<version>.json/.md here")
     parser.add_argument("--waits", action="store_true",

@@ -415,3 +415,13 @@ def all_cases() -> list[Case]:
         for name in ("N1", "N2"):
             cases += _na2d_cases(name, dtype, "BNHWD")
     return cases
+
+
+def selected_cases(case_filters=(), kernel_filter: str = "") -> list[Case]:
+    """The cases whose name ('shape kernel dtype layout') contains any of ``case_filters`` (all when
+    none), of the comma-separated ``kernel_filter`` kernels (all when empty)."""
+    filters = [case_filters] if isinstance(case_filters, str) else list(case_filters)
+    filters = [f for f in filters if f] or [""]
+    kernels = set(kernel_filter.split(",")) if kernel_filter else None
+    return [c for c in all_cases()
+            if any(f in c.name for f in filters) and (kernels is None or c.kernel in kernels)]

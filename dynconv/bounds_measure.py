@@ -19,7 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .bounds_cases import Case, all_cases
+from .bounds_cases import Case, all_cases, selected_cases
 
 # Integer tensors whose all-zero content is valid input (every pixel in region 0).
 ZERO_INDEX_ARGUMENTS = {"region_ptr"}
@@ -110,11 +110,10 @@ def measure(cases: list[Case], out: Path, environment: dict, timer=None, log=pri
     return rows
 
 
-def run(out: Path, case_filter: str = "", kernel_filter: str = "", jobs: int = 0, log=print) -> int:
+def run(out: Path, case_filter=(), kernel_filter: str = "", jobs: int = 0, log=print) -> int:
     from .provenance import environment
 
-    kernels = set(kernel_filter.split(",")) if kernel_filter else None
-    cases = [c for c in all_cases() if case_filter in c.name and (kernels is None or c.kernel in kernels)]
+    cases = selected_cases(case_filter, kernel_filter)
     jobs = jobs or min(16, os.cpu_count() or 1)
     log(f"compiling {len(cases)} launches in {jobs} processes ...")
     log(f"  {precompile(cases, jobs):.0f} s")

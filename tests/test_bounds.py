@@ -349,6 +349,22 @@ def test_predicted_summary_shows_every_layout_to_a_tenth_of_a_percent(tmp_path):
     assert lines[4].split() == ["N1", "dq", "-", "-", "62.7%", "50.0%"]
 
 
+def test_case_filters_repeat_and_add_up(monkeypatch):
+    """`--case` may be given several times: the rows of any of them (one used to replace the other)."""
+    from dynconv import bounds_cases
+
+    names = [c.name for c in bounds_cases.selected_cases(["R1 dw fp32 NCHW", "R2 dw bf16 NHWC"])]
+    assert names == ["R1 dw fp32 NCHW", "R2 dw bf16 NHWC"]
+    assert [c.name for c in bounds_cases.selected_cases("R1 dw fp32 NCHW")] == ["R1 dw fp32 NCHW"]
+    assert {c.kernel for c in bounds_cases.selected_cases(["R1 ", "C256 "], "dx")} == {"dx"}
+    assert len(bounds_cases.selected_cases()) == len(bounds_cases.all_cases())
+    seen = []
+    monkeypatch.setattr(bounds, "run", lambda arch, cases, kernels, progress: seen.append(cases) or [])
+    monkeypatch.setattr("dynconv.kernels._launch.kernels_are_interpreted", lambda: False)
+    bounds.main(["--case", "R1 dw", "--case", "R2 dw", "--quiet"])
+    assert seen == [["R1 dw", "R2 dw"]]
+
+
 def test_na2d_cases_split_the_minimum_model():
     """Issue 15's rows: forward and the two backward kernels of both shapes, with and without rpb; the
     backward kernels' FLOPs add up to roofline.py's backward, each row's bytes cover the model's."""
