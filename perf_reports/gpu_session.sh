@@ -56,6 +56,8 @@ sanitize_tests() {  # memcheck over the unmasked kernels' tests, boxed by $1 sec
         --error-exitcode 86 --log-file "$OUT/sanitize.log" $PY -m pytest -q -x -p no:cacheprovider \
         tests/test_involution_nchw.py::test_pair_kernels_forward_input_and_weight_gradients \
         tests/test_involution_nchw.py::test_weight_gradient_pairs_shift_every_row_they_read_into_x \
+        tests/test_involution_nchw.py::test_nchw_kernels_forward_input_and_weight_gradients \
+        tests/test_involution_nchw.py::test_weight_gradient_in_batches_of_chunks_with_a_partial_last \
         tests/test_dynamic_dwconv.py::test_channels_last_walk_runs_interior_programs_unmasked \
         tests/test_dynamic_dwconv.py::test_nchw_walks_read_vectors_in_interior_tiles 2>&1 | tail -5
     echo "compute-sanitizer exit ${PIPESTATUS[0]} (86: memcheck found errors, see sanitize.log)"
