@@ -31,3 +31,17 @@ def _lanes(BLOCKS, Wo, G, CHUNKS, CG, CH: tl.constexpr, STRIP: tl.constexpr, LAN
     g = rest % G
     b = rest // G
     return b, g, g * CG + chunk * CH, i0, j
+
+
+@triton.jit
+def _row_group_shifts(row_first, H, ROW_STRIDE: tl.constexpr, ROW_GROUPS: tl.constexpr):
+    """Per group of ROW_GROUPS (runs of halo rows, counted from ``row_first``, that lie all outside or
+    all inside x in every strip), the pointer offset (whole rows of ROW_STRIDE) that moves the run
+    into x: the weight gradients' loads there read rows inside x; the sums they feed are zeroed when
+    stored."""
+    shifts = ()
+    for gr in tl.static_range(len(ROW_GROUPS)):
+        start = row_first + ROW_GROUPS[gr][0]
+        last = tl.minimum(tl.maximum(start, 0), H - (ROW_GROUPS[gr][1] - ROW_GROUPS[gr][0]))
+        shifts = shifts + ((last - start) * ROW_STRIDE,)
+    return shifts

@@ -34,7 +34,7 @@ import torch
 
 from ._fence import fence as _fence
 from ._launch import TRITON_VERSION, Launch, cdiv, inner_strides, is_channels_last
-from ._nchw_lanes import _lanes, _wide
+from ._nchw_lanes import _lanes, _row_group_shifts, _wide
 from .configs import get_config
 from .involution_nchw_pairs import (involution_nchw_bwd_input_pairs_kernel, involution_nchw_bwd_weight_pairs_kernel,
                                     involution_nchw_fwd_pairs_kernel)
@@ -70,13 +70,17 @@ DW_HELD_WORDS = 210
 
 
 @triton.jit
-def _channel_row(ptr, mask, sc: tl.constexpr, CH: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _channel_row(ptr, mask, sc: tl.constexpr, CH: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 MASKED: tl.constexpr = True):
     """One row of CH channels (``ptr`` at the first, channel stride ``sc``) as a tuple in ACC_DTYPE,
-    zero where ``mask`` is off: the within-sample stride is a compile-time constant, so each channel's
-    address is an immediate offset."""
+    zero where ``mask`` is off (MASKED; else read unmasked): the within-sample stride is a
+    compile-time constant, so each channel's address is an immediate offset."""
     values = ()
     for q in tl.static_range(CH):
-        values = values + (tl.load(ptr + q * sc, mask=mask, other=0.0).to(ACC_DTYPE),)
+        if MASKED:
+            values = values + (tl.load(ptr + q * sc, mask=mask, other=0.0).to(ACC_DTYPE),)
+        else:
+            values = values + (tl.load(ptr + q * sc).to(ACC_DTYPE),)
     return values
 
 
@@ -287,12 +291,7 @@ def _dw_chunk(dy_group, x_col, x_shifted, c, grad_ok, x_ok, sdyc: tl.constexpr, 
     output row, a chunk past the group's channels): dy where ``grad_ok[s]``, x where ``x_ok``."""
     grads = ()
     for s in tl.static_range(STRIP):
-        for q in tl.static_range(CH):
-            ptr = dy_group + c * sdyc + (s * sdyh + q * sdyc)
-            if MASKED:
-                grads = grads + (tl.load(ptr, mask=grad_ok[s], other=0.0).to(ACC_DTYPE),)
-            else:
-                grads = grads + (tl.load(ptr).to(ACC_DTYPE),)
+        grads = grads + _channel_row(dy_group + c * sdyc + s * sdyh, grad_ok[s], sdyc, CH, ACC_DTYPE, MASKED)
     x_chunk = x_col + c * sxc
     x_groups = ()
     for g in tl.static_range(len(ROW_GROUPS)):
@@ -303,12 +302,7 @@ def _dw_chunk(dy_group, x_col, x_shifted, c, grad_ok, x_ok, sdyc: tl.constexpr, 
         for g in tl.static_range(len(ROW_GROUPS)):
             if h >= ROW_GROUPS[g][0] and h < ROW_GROUPS[g][1]:
                 row = x_groups[g]
-        for q in tl.static_range(CH):
-            ptr = row + (h * sxh + q * sxc)
-            if MASKED:
-                rows = rows + (tl.load(ptr, mask=x_ok, other=0.0).to(ACC_DTYPE),)
-            else:
-                rows = rows + (tl.load(ptr).to(ACC_DTYPE),)
+        rows = rows + _channel_row(row + h * sxh, x_ok, sxc, CH, ACC_DTYPE, MASKED)
     return grads, rows
 
 
@@ -353,11 +347,7 @@ def involution_nchw_bwd_weight_kernel(
     c_first = g * CG
     dy_group = dy_ptr + (b_in * sdyb + c_first * sdyc) + i0 * sdyh + j * sdyw
     x_group = x_ptr + (b_in * sxb + c_first * sxc) + row_first * sxh
-    shifts = ()
-    for gr in tl.static_range(len(ROW_GROUPS)):
-        start = row_first + ROW_GROUPS[gr][0]
-        last = tl.minimum(tl.maximum(start, 0), H - (ROW_GROUPS[gr][1] - ROW_GROUPS[gr][0]))
-        shifts = shifts + ((last - start) * sxh,)
+    shifts = _row_group_shifts(row_first, H, sxh, ROW_GROUPS)
     grad_ok = ()
     for s in tl.static_range(STRIP):
         grad_ok = grad_ok + ((i0 + s < Ho) | ROWS_FULL,)

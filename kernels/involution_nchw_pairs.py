@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._fence import fence as _fence
-from ._nchw_lanes import _lanes, _wide
+from ._nchw_lanes import _lanes, _row_group_shifts, _wide
 
 
 @triton.jit
@@ -482,11 +482,7 @@ def involution_nchw_bwd_weight_pairs_kernel(
     # Halo rows outside x in some strip read, there, rows inside instead (their sums are zeroed, see
     # _dw_pair_columns): each group of ROW_GROUPS (all outside or all inside in every strip) is
     # shifted into x by its lanes, and its rows keep constant offsets from the group's pointer.
-    shifts = ()
-    for gr in tl.static_range(len(ROW_GROUPS)):
-        start = row_first + ROW_GROUPS[gr][0]
-        last = tl.minimum(tl.maximum(start, 0), H - (ROW_GROUPS[gr][1] - ROW_GROUPS[gr][0]))
-        shifts = shifts + ((last - start) * (sxh // 2),)
+    shifts = _row_group_shifts(row_first, H, sxh // 2, ROW_GROUPS)
     dw_pixels = dw_ptr + b * sdwb + g * sdwg + i0 * sdwh + jj * (2 * sdww)
     for parity in tl.static_range(2):
         _dw_pair_columns(dy_words, x_rows, shifts, dw_pixels, parity, lane_ok, i0, jj, row_first, H, W, Ho, CG, SIGN_SHIFT,
