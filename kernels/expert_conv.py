@@ -29,8 +29,8 @@ Where the mixed kernel ``W[b,r] = spatial[b] ⊙ Σ_e routing[b,r,e]·experts[e]
 The spatial attention ``spatial[b, u, v]`` is applied to the weight tile in both cases (a per-row
 scale), so it is never materialised into the kernels.
 
-DRConv (``guide``): the pixels of every sample are sorted by region (``region_tables``, a stable
-argsort on the device, no host synchronisation), and a pixel tile holds pixels of one region only,
+DRConv (``guide``): the pixels of every sample are sorted by region (``region_tables.py``, a stable
+counting sort on the device in one launch, no host synchronisation), and a pixel tile holds pixels of one region only,
 so the forward is a grouped GEMM: one conv per output pixel, whatever m is. The grid has the
 upper bound ``ceil(Ho·Wo / BLOCK_P) + m`` tiles per sample; tiles past a sample's last one run
 an empty loop.
@@ -59,6 +59,7 @@ from ._launch import (INT32_MAX, TRITON_VERSION, Launch, cacheable, cdiv, config
 from .configs import get_config
 from ._indexing import widen
 from .layout import channels_last_copy, channels_last_empty
+from .region_tables import RegionTables, meta_region_tables, region_tables, region_tile_bound
 # Running tile totals past the last region read as "never reached" (a constexpr: kernels may use it).
 _PAST_LAST_TILE = tl.constexpr(INT32_MAX)
 # A region needs this many output pixels before materialising its mixed kernel beats mixing on the fly.
@@ -319,46 +320,6 @@ def expert_conv_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # Host side: region tables, weight sources, configurations, launches
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class RegionTables:
-    """Pixels of every sample sorted by DRConv region, built on the device without a host sync.
-
-    region: (B, Ho·Wo) int32 region of each output pixel (argmax of the guide);
-    perm: (B, Ho·Wo) int32 pixel ids in region order (stable); count, pixel_start: (B, m) int32;
-    tile_offsets: (B, m + 1) int32 running totals of BLOCK_P-pixel tiles per region.
-    """
-
-    region: torch.Tensor
-    perm: torch.Tensor
-    count: torch.Tensor
-    pixel_start: torch.Tensor
-    tile_offsets: torch.Tensor
-    block_p: int
-
-    @property
-    def num_regions(self) -> int:
-        return self.count.shape[1]
-
-
-def region_tables(guide: torch.Tensor, block_p: int) -> RegionTables:
-    B, m, Ho, Wo = guide.shape
-    region = guide.argmax(dim=1).reshape(B, Ho * Wo)
-    perm = torch.argsort(region, dim=1, stable=True).to(torch.int32)
-    count = torch.zeros((B, m), dtype=torch.int32, device=guide.device)
-    count.scatter_add_(1, region, torch.ones_like(region, dtype=torch.int32))
-    pixel_start = (torch.cumsum(count, dim=1, dtype=torch.int32) - count).contiguous()
-    tiles = (count + block_p - 1) // block_p
-    tile_offsets = torch.zeros((B, m + 1), dtype=torch.int32, device=guide.device)
-    tile_offsets[:, 1:] = torch.cumsum(tiles, dim=1, dtype=torch.int32)
-    return RegionTables(region.to(torch.int32).contiguous(), perm.contiguous(), count.contiguous(),
-                        pixel_start, tile_offsets, block_p)
-
-
-def region_tile_bound(pixels: int, m: int, block_p: int) -> int:
-    """Upper bound on Σ_r ceil(count_r / block_p) over any split of ``pixels`` into m regions."""
-    return cdiv(pixels, block_p) + m - 1 if m > 1 else cdiv(pixels, block_p)
-
 
 @dataclass
 class WeightSource:
@@ -832,13 +793,6 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, grou
         regions = region_tables(part_guide, config["BLOCK_P"]) if guide is not None and m > 1 else None
         forward_launch(x[samples], source, _part(spatial, samples), _part(bias_mixed, samples), regions, y[samples],
                        shaped.shape[3:], groups, stride, padding, dilation, config)()
-
-
-def meta_region_tables(n: int, pixels: int, m: int, block_p: int) -> RegionTables:
-    """Region tables of ``n`` samples of ``pixels`` pixels in ``m`` regions, on the meta device: what
-    the AOT catalogues' and the static model's launches read."""
-    i32 = dict(dtype=torch.int32, device="meta")
-    return RegionTables(*(torch.empty((n, size), **i32) for size in (pixels, pixels, m, m, m + 1)), block_p)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from . import expert_conv_input_grad as eci
 from . import expert_conv_weight_grad as ecw
 from . import region_conv as rc
 from . import region_conv_input_grad as rcg
+from . import region_tables as rt
 from ._launch import Launch
 from .configs import KernelSpace, Problem, neighbourhood, register_spaces
 
@@ -128,10 +129,10 @@ def _source(ts: dict, innermost: int = ec.CIN_INNERMOST) -> ec.WeightSource:
     return _cached(ts, ("source", innermost), build)
 
 
-def _regions(ts: dict, block_p: int) -> ec.RegionTables | None:
+def _regions(ts: dict, block_p: int) -> rt.RegionTables | None:
     if ts["guide"] is None:
         return None
-    return _cached(ts, ("regions", block_p), lambda: ec.region_tables(ts["guide"], block_p))
+    return _cached(ts, ("regions", block_p), lambda: rt.region_tables(ts["guide"], block_p))
 
 
 def _key_experts(kernel: str, ts: dict) -> torch.Tensor:

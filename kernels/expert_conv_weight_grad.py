@@ -20,11 +20,11 @@ import triton.language as tl
 
 from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64, planned
 from .configs import get_config
-from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, RegionTables, _acc_dtype,
-                          _acc_torch_dtype, _block_k, _geometry_args, _input_precision, _pow2_between, _region_tensors,
-                          _per_kernel, _regions_key, catalogue_problems, channels_last_stand_in,
-                          meta_region_tables, problem_key, region_tables)
+from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, _acc_dtype, _acc_torch_dtype, _block_k,
+                          _geometry_args, _input_precision, _pow2_between, _region_tensors, _per_kernel, _regions_key,
+                          catalogue_problems, channels_last_stand_in, problem_key)
 from . import region_conv
+from .region_tables import RegionTables, meta_region_tables, region_tables
 from .expert_conv_input_grad import input_grad_copies_output_grad
 from .layout import channels_last_copy
 

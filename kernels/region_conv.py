@@ -2,7 +2,7 @@
 materialised region kernels.
 
 Each output pixel uses the kernel of its region, ``W[b, r] = spatial[b] ⊙ Σ_e routing[b, r, e]·experts[e]``.
-The pixels of a sample are sorted by region (``expert_conv.region_tables``), so a tile of pixels
+The pixels of a sample are sorted by region (``region_tables.py``), so a tile of pixels
 shares one kernel and the forward is one plain conv per pixel. Why not mix the kernels on the fly
 as the expert kernels do: a region of a DRConv layer holds about Ho·Wo/m pixels (98 at D1), so
 each mixed weight element (E FMAs on the CUDA cores) would feed fewer than a hundred MMAs, and
@@ -33,10 +33,10 @@ import triton.language as tl
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
 from .expert_conv import (CIN_INNERMOST, COUT_INNERMOST, WeightSource, _acc_dtype, _input_precision, _inside_bits,
-                          _region_tile, meta_region_tables, mix_experts, problem_key, region_tables,
-                          region_tile_bound)
+                          _region_tile, mix_experts, problem_key)
 from .expert_conv_input_grad import backward_input_launch, input_grad_config
 from .layout import channels_last_copy
+from .region_tables import meta_region_tables, region_tables, region_tile_bound
 
 # The mixed kernels of at most this many bytes exist at once (a part of the batch at a time).
 WORKSPACE_BYTES = 16 << 20

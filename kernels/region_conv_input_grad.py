@@ -25,9 +25,9 @@ import triton.language as tl
 from . import region_conv
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
-from .expert_conv import (_acc_dtype, _acc_torch_dtype, _input_precision, _region_tile, meta_region_tables,
-                          problem_key, region_tile_bound, region_tables)
+from .expert_conv import _acc_dtype, _acc_torch_dtype, _input_precision, _region_tile, problem_key
 from .layout import channels_last_copy
+from .region_tables import meta_region_tables, region_tables, region_tile_bound
 
 # The columns of at most this many bytes exist at once; a sample whose columns alone pass it takes
 # the m-region kernel instead, so the memory stays bounded whatever the image.
