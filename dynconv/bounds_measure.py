@@ -53,6 +53,20 @@ def real_launch(launch, generator, device: str = "cuda"):
     return replace(launch, args=args), ""
 
 
+def real_launches(case: Case, generator, device: str = "cuda"):
+    """(the case's launch, the launches the model counts before it, as the op runs them) on real
+    memory, or (None, [], why one of them cannot be measured): a kernel timed without a launch it
+    reads from (DRConv's column product, its region tables) would not be the row's time."""
+    launch, reason = real_launch(case.build(), generator, device)
+    copies = []
+    for copy, _ in case.copies() if case.copies else ():
+        real, why = real_launch(copy, generator, device)
+        if real is None:
+            return None, [], reason or f"{copy.name} before it: {why}"
+        copies.append(real)
+    return launch, copies, reason
+
+
 def _compile(case_names: list[str]) -> int:
     names = set(case_names)
     for case in all_cases():
@@ -87,9 +101,7 @@ def measure(cases: list[Case], out: Path, environment: dict, timer=None, log=pri
         row = {"case": case.case, "kernel": case.kernel, "dtype": case.dtype, "layout": case.layout,
                "status": "MEASURED", **environment}
         try:
-            launch, reason = real_launch(case.build(), generator)
-            # The layout copies the model counts in the row run before the kernel, as the op runs them.
-            copies = [real_launch(copy, generator)[0] for copy, _ in (case.copies() if case.copies else ())]
+            launch, copies, reason = real_launches(case, generator)
             if launch is None:
                 row.update(status="not measured", reason=reason)
             else:

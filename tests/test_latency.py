@@ -218,6 +218,12 @@ def test_measured_launches_are_the_modelled_ones_on_real_memory():
             assert launch.args[name] == value
     assert bounds_measure.real_launch(cases["D1 fwd bf16 NHWC"].build(), generator, "cpu")[0] is None
     assert bounds_measure.real_launch(cases["D1 dx bf16 NHWC"].build(), generator, "cpu")[0] is not None
+    # The fold itself is measurable, the launches before it (region tables, column product) are not:
+    # the row is refused with their reason, not timed without them (nor a None called).
+    launch, copies, reason = bounds_measure.real_launches(cases["D1 dx bf16 NHWC"], generator, "cpu")
+    assert launch is None and copies == [] and "before it" in reason
+    launch, copies, reason = bounds_measure.real_launches(cases["C256 fwd bf16 NCHW"], generator, "cpu")
+    assert launch is not None and [c.name for c in copies] == ["channels_last_copy_kernel"] and not reason
 
 
 def test_measuring_without_a_gpu_says_so(tmp_path):
