@@ -118,6 +118,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     from .kernels import region_conv as rc
     from .kernels import region_conv_input_grad as rcg
     from .kernels.layout import copy_launch
+    from .kernels.region_tables import meta_region_tables, region_tables_launch
 
     p = _problem(name)
     Ho, Wo = p.out_hw
@@ -138,7 +139,11 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         return x, y, experts, routing
 
     def regions(block_p, n=p.B):
-        return ec.meta_region_tables(n, N, p.m, block_p)
+        return meta_region_tables(n, N, p.m, block_p)
+
+    def regions_built(block_p, n):  # the launch before a region kernel that builds its tables, and its bytes
+        guide = _empty((n, p.m, Ho, Wo), dt, cl)
+        return [(region_tables_launch(guide, regions(block_p, n)), n * N * (p.m * nb + 8) + n * (3 * p.m + 1) * 4)]
 
     # A batch the op materialises in parts runs as equal launches: the cases model the first, with
     # their bytes and FLOPs scaled to its share of the batch (``part``).
@@ -176,6 +181,13 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         tables = regions(cfg["BLOCK_P"], part_size) if guided else None
         return ec.forward_launch(x[samples], source(experts, routing), None, bias, tables, y[samples], (p.K, p.K),
                                  p.groups, *geometry, cfg)
+
+    def fwd_block_p():  # the pixels a tile of the forward's region tables
+        x, _, experts, _ = tensors()
+        if region_fwd:
+            return rc.forward_config(x, experts, p.m, p.groups, *geometry)["BLOCK_P"]
+        return ec.forward_config(ec.channels_last_stand_in(x) if fwd_copies else x, experts, p.m, p.groups,
+                                 *geometry)["BLOCK_P"]
 
     def copied(t, whole=False):  # the channels_last copy a launch reads (of the first part of t), and its bytes
         part_t = t if whole else t[samples]
@@ -277,6 +289,13 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
               if dx_copies or columns else None,
               # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
               "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}
+    if guided and p.m > 1:  # and the region tables each of those passes builds first (one launch each)
+        tables = {"fwd": lambda: regions_built(fwd_block_p(), rc_part if region_fwd else part_size),
+                  "dw": lambda: regions_built(1, p.B)}
+        if columns:
+            tables["dx"] = lambda: regions_built(rcg.default_columns_config(dt)["BLOCK_P"], col_part)
+        for k, built in tables.items():
+            copies[k] = (lambda before, built: lambda: (before() if before else []) + built())(copies.get(k), built)
     if bank and bank_copies:  # the expert-bank guide scores read x's copy (the whole batch: one launch)
         copies["guide"] = lambda: copied(tensors()[0], True)
     workspace = {"dx": col_bytes if columns else 0}  # the fold reads the columns back
