@@ -108,6 +108,11 @@ def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw
             for k in kernels]
 
 
+def _then(before: Callable | None, after: Callable) -> Callable:
+    """A case's ``copies``: the launches of ``before`` (if any), then those of ``after``."""
+    return lambda: (before() if before else []) + after()
+
+
 def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw")) -> list[Case]:
     import torch
 
@@ -295,7 +300,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         if columns:
             tables["dx"] = lambda: regions_built(rcg.default_columns_config(dt)["BLOCK_P"], col_part)
         for k, built in tables.items():
-            copies[k] = (lambda before, built: lambda: (before() if before else []) + built())(copies.get(k), built)
+            copies[k] = _then(copies.get(k), built)
     if bank and bank_copies:  # the expert-bank guide scores read x's copy (the whole batch: one launch)
         copies["guide"] = lambda: copied(tensors()[0], True)
     workspace = {"dx": col_bytes if columns else 0}  # the fold reads the columns back

@@ -29,11 +29,11 @@ Where the mixed kernel ``W[b,r] = spatial[b] ⊙ Σ_e routing[b,r,e]·experts[e]
 The spatial attention ``spatial[b, u, v]`` is applied to the weight tile in both cases (a per-row
 scale), so it is never materialised into the kernels.
 
-DRConv (``guide``): the pixels of every sample are sorted by region (``region_tables.py``, a stable
-counting sort on the device in one launch, no host synchronisation), and a pixel tile holds pixels of one region only,
-so the forward is a grouped GEMM: one conv per output pixel, whatever m is. The grid has the
-upper bound ``ceil(Ho·Wo / BLOCK_P) + m`` tiles per sample; tiles past a sample's last one run
-an empty loop.
+DRConv (``guide``): the pixels of every sample are sorted by region (``region_tables.py``: a stable
+counting sort on the device, one launch, no host synchronisation), and a pixel tile holds pixels of
+one region only, so the forward is a grouped GEMM: one conv per output pixel, whatever m is. The
+grid has the upper bound ``ceil(Ho·Wo / BLOCK_P) + m`` tiles per sample; tiles past a sample's last
+one run an empty loop.
 
 Backward:
 
