@@ -47,7 +47,7 @@ install() {  # its log stays off $OUT: a call brings back 8 files at most
         || { tail -20 /tmp/dynconv-install.log; exit 1; }
 }
 
-sanitize_tests() {  # memcheck over the unmasked kernels' tests, boxed by $1 seconds (default the budget)
+sanitize_tests() {  # memcheck over the unmasked and scattering kernels' tests, boxed by $1 s (default the budget)
     command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer is not on PATH here"; return 0; }
     # Without torch's caching allocator every tensor is its own allocation, so a read past its end
     # is outside any allocation rather than inside a cached block, where memcheck cannot see it.
@@ -59,7 +59,8 @@ sanitize_tests() {  # memcheck over the unmasked kernels' tests, boxed by $1 sec
         tests/test_involution_nchw.py::test_nchw_kernels_forward_input_and_weight_gradients \
         tests/test_involution_nchw.py::test_weight_gradient_in_batches_of_chunks_with_a_partial_last \
         tests/test_dynamic_dwconv.py::test_channels_last_walk_runs_interior_programs_unmasked \
-        tests/test_dynamic_dwconv.py::test_nchw_walks_read_vectors_in_interior_tiles 2>&1 | tail -5
+        tests/test_dynamic_dwconv.py::test_nchw_walks_read_vectors_in_interior_tiles \
+        tests/test_region_tables.py 2>&1 | tail -5
     echo "compute-sanitizer exit ${PIPESTATUS[0]} (86: memcheck found errors, see sanitize.log)"
 }
 
@@ -124,8 +125,9 @@ case $step in
     ;;
   sanitize)
     # compute-sanitizer's memcheck over the tests of the kernels that load without masks (clamped
-    # or shifted addresses: the pair kernels, the dwconv interior walks). The interpreter checks no
-    # address, so only a GPU can show a stray read.
+    # or shifted addresses: the pair kernels, the dwconv interior walks) and of the region tables
+    # (pixel ids stored at computed slots). The interpreter checks no address, so only a GPU can
+    # show a stray read or write.
     environment | tee "$OUT/environment.txt"
     install
     sanitize_tests
@@ -155,9 +157,10 @@ case $step in
         | tee "$OUT/environment.txt"
     install
     tests=(test_dynamic_dwconv test_expert_conv test_involution_nchw test_involution test_involution_autograd
-           test_expert_autograd test_involution_fused test_region_conv test_na2d test_index64 test_cuda_graph
-           test_involution_fused_autograd test_involution_api test_expert_modules test_modules_dropin
-           test_launch_plans test_eager_path test_configs test_thread_safety test_peer_checkpoints)
+           test_expert_autograd test_involution_fused test_region_conv test_region_tables test_na2d test_index64
+           test_cuda_graph test_involution_fused_autograd test_involution_api test_expert_modules
+           test_modules_dropin test_launch_plans test_eager_path test_configs test_thread_safety
+           test_peer_checkpoints)
     DYNCONV_TEST_DEVICE=cuda timeout -s INT -k 20 ${LEASE_TEST_S:-200} $PY -m pytest -q -n 16 -rfE \
         -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" $(printf 'tests/%s.py ' "${tests[@]}") 2>&1 \
         | tee "$OUT/gpu-tests.log" | tail -30
