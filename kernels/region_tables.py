@@ -135,8 +135,10 @@ def region_tables_kernel(guide_ptr, region_ptr, perm_ptr, count_ptr, start_ptr, 
             hits = ((region == r) & ok).to(tl.int32)
             # The block's pixels of region r before each, after the earlier blocks' (placed[r]).
             slot += hits * (placed[r] + tl.cumsum(hits, axis=0) - 1)
-            new = new + (placed[r] + tl.sum(hits, axis=0),)
-        placed = new
+            if not ONE_BLOCK:  # one block: no block after it needs the running counts
+                new = new + (placed[r] + tl.sum(hits, axis=0),)
+        if not ONE_BLOCK:
+            placed = new
         tl.store(perm_ptr + b * P + slot, p.to(tl.int32), mask=ok)
 
 
