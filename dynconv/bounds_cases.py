@@ -143,12 +143,12 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         routing = _empty((p.B, p.m, p.E), dt)
         return x, y, experts, routing
 
-    def regions(block_p, n=p.B):
-        return meta_region_tables(n, N, p.m, block_p)
+    def regions(n=p.B):
+        return meta_region_tables(n, N, p.m)
 
-    def regions_built(block_p, n):  # the launch before a region kernel that builds its tables, and its bytes
+    def regions_built(n):  # the launch before the forward's region kernel that builds its tables, and its bytes
         guide = _empty((n, p.m, Ho, Wo), dt, cl)
-        return [(region_tables_launch(guide, regions(block_p, n)), n * N * (p.m * nb + 8) + n * (3 * p.m + 1) * 4)]
+        return [(region_tables_launch(guide, regions(n)), n * N * (p.m * nb + 8) + n * 2 * p.m * 4)]
 
     # A batch the op materialises in parts runs as equal launches: the cases model the first, with
     # their bytes and FLOPs scaled to its share of the batch (``part``).
@@ -177,22 +177,15 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
                 x = ec.channels_last_stand_in(x)
             weight = _empty((rc_part, p.m, p.Cout, p.K, p.K, p.C // p.groups), dt).movedim(-1, 3)
             bias = _empty((rc_part, p.m, p.Cout), dt) if p.bias else None
-            return rc.forward_launch(x[:rc_part], weight, bias, regions(cfg["BLOCK_P"], rc_part), y[:rc_part],
+            return rc.forward_launch(x[:rc_part], weight, bias, regions(rc_part), y[:rc_part],
                                      p.groups, *geometry, cfg)
         if fwd_copies:
             x = ec.channels_last_stand_in(x)
         cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
         bias = _empty((p.B, p.m, p.Cout), dt)[samples] if p.bias else None
-        tables = regions(cfg["BLOCK_P"], part_size) if guided else None
+        tables = regions(part_size) if guided else None
         return ec.forward_launch(x[samples], source(experts, routing), None, bias, tables, y[samples], (p.K, p.K),
                                  p.groups, *geometry, cfg)
-
-    def fwd_block_p():  # the pixels a tile of the forward's region tables
-        x, _, experts, _ = tensors()
-        if region_fwd:
-            return rc.forward_config(x, experts, p.m, p.groups, *geometry)["BLOCK_P"]
-        return ec.forward_config(ec.channels_last_stand_in(x) if fwd_copies else x, experts, p.m, p.groups,
-                                 *geometry)["BLOCK_P"]
 
     def copied(t, whole=False):  # the channels_last copy a launch reads (of the first part of t), and its bytes
         part_t = t if whole else t[samples]
@@ -235,8 +228,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         y = ec.channels_last_stand_in(tensors()[1])[:col_part]
         weight = _empty((col_part, p.m, rcg.column_count((p.K, p.K), p.C), p.Cout // p.groups, 1, 1), dt)
         cfg = rcg.default_columns_config(dt)
-        launch = rcg.columns_launch(y, weight, regions(cfg["BLOCK_P"], col_part), columns_workspace(), p.groups,
-                                    cfg)
+        launch = rcg.columns_launch(y, weight, regions(col_part), columns_workspace(), p.groups, cfg)
         return [(launch, col_part * p.Cout * N * nb + col_bytes)]
 
     def dw():
@@ -294,13 +286,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
               if dx_copies or columns else None,
               # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
               "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}
-    if guided and p.m > 1:  # and the region tables each of those passes builds first (one launch each)
-        tables = {"fwd": lambda: regions_built(fwd_block_p(), rc_part if region_fwd else part_size),
-                  "dw": lambda: regions_built(1, p.B)}
-        if columns:
-            tables["dx"] = lambda: regions_built(rcg.default_columns_config(dt)["BLOCK_P"], col_part)
-        for k, built in tables.items():
-            copies[k] = _then(copies.get(k), built)
+    if guided and p.m > 1:  # and the region tables the forward builds first (the backward reads the forward's)
+        copies["fwd"] = _then(copies.get("fwd"), lambda: regions_built(rc_part if region_fwd else part_size))
     if bank and bank_copies:  # the expert-bank guide scores read x's copy (the whole batch: one launch)
         copies["guide"] = lambda: copied(tensors()[0], True)
     workspace = {"dx": col_bytes if columns else 0}  # the fold reads the columns back

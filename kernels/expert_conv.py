@@ -59,9 +59,7 @@ from ._launch import (INT32_MAX, TRITON_VERSION, Launch, cacheable, cdiv, config
 from .configs import get_config
 from ._indexing import widen
 from .layout import channels_last_copy, channels_last_empty
-from .region_tables import RegionTables, meta_region_tables, region_tables, region_tile_bound
-# Running tile totals past the last region read as "never reached" (a constexpr: kernels may use it).
-_PAST_LAST_TILE = tl.constexpr(INT32_MAX)
+from .region_tables import RegionTables, meta_region_tables, region_tile, region_tile_bound
 # A region needs this many output pixels before materialising its mixed kernel beats mixing on the fly.
 MATERIALISE_MIN_PIXELS = 256
 # At most this many launches per pass when the batch's mixed kernels are materialised a part at a time.
@@ -230,32 +228,6 @@ def _conv_tile(x_ptr, w_ptr, coef_ptr, spatial_ptr, b, r, g, o, o_ok, i, j, pix_
     return acc
 
 
-@triton.jit
-def _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, NUM_REGIONS, P,
-                 BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(region, pixel ids, pixel mask, valid) of the t-th tile of sample b in region-sorted order.
-
-    ``tile_offsets[b]`` holds the m + 1 running totals of tiles per region; tiles past the last
-    one are invalid (no pixels). The sample's counts and starts are loaded with its offsets and
-    the region's picked from them: loaded after the region was known, they cost a round trip more
-    on every tile's path (PREDICTED, D1 fwd bf16 NHWC: three before the first operand load).
-    """
-    rr = tl.arange(0, BLOCK_R)
-    offsets = tl.load(tile_offsets_ptr + b * (NUM_REGIONS + 1) + rr, mask=rr <= NUM_REGIONS, other=_PAST_LAST_TILE)
-    counts = tl.load(count_ptr + b * NUM_REGIONS + rr, mask=rr < NUM_REGIONS, other=0)
-    starts = tl.load(pixel_start_ptr + b * NUM_REGIONS + rr, mask=rr < NUM_REGIONS, other=0)
-    r = tl.sum(((rr >= 1) & (offsets <= t)).to(tl.int32), axis=0)
-    valid = r < NUM_REGIONS
-    r = tl.minimum(r, NUM_REGIONS - 1)
-    first_tile = tl.sum(tl.where(rr == r, offsets, 0), axis=0)
-    count = tl.sum(tl.where(rr == r, counts, 0), axis=0)
-    start = tl.sum(tl.where(rr == r, starts, 0), axis=0)
-    q = (t - first_tile) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pix_ok = q < tl.where(valid, count, 0)
-    p = tl.load(perm_ptr + b * P + start + q, mask=pix_ok, other=0)
-    return r, p, pix_ok, valid
-
-
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -263,7 +235,7 @@ def _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, N
 @triton.jit
 def expert_conv_fwd_kernel(
     x_ptr, w_ptr, coef_ptr, spatial_ptr, bias_ptr, y_ptr,
-    tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr,
+    pixel_start_ptr, count_ptr, perm_ptr,
     H, W, Ho, Wo, CIN_G, COUT_G, NUM_MIX: tl.constexpr, NUM_REGIONS, TILES, N_TILES,
     sxb, sxc, sxh, sxw,
     sw_b, sw_r, sw_e, sw_o, sw_i, sw_u, sw_v,
@@ -290,8 +262,8 @@ def expert_conv_fwd_kernel(
     if INDEX_64:
         b = b.to(tl.int64)
     if HAS_GUIDE:
-        r, p, pix_ok, valid = _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t,
-                                           NUM_REGIONS, P, BLOCK_P, BLOCK_R)
+        r, p, pix_ok, valid = region_tile(pixel_start_ptr, count_ptr, perm_ptr, b, t, NUM_REGIONS, P, BLOCK_P,
+                                          BLOCK_R)
         c_end = tl.where(valid, c_end, 0)
         r = widen(r, INDEX_64)
     else:
@@ -606,8 +578,7 @@ def _regions_key(regions: RegionTables | None) -> tuple | None:
     width); never their values, which change with the guide every call."""
     if regions is None:
         return None
-    return tuple(layout(t) for t in (regions.region, regions.perm, regions.count, regions.pixel_start,
-                                     regions.tile_offsets))
+    return tuple(layout(t) for t in (regions.region, regions.perm, regions.count, regions.pixel_start))
 
 
 def _region_tensors(regions: RegionTables | None, names: tuple[str, ...]) -> tuple:
@@ -710,17 +681,16 @@ def forward_route(x, experts, m, groups, stride, padding, dilation) -> tuple[boo
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
                    kernel_hw, groups, stride, padding, dilation, config: dict) -> Launch:
-    """``config`` must be the one ``regions`` was built with (its BLOCK_P sizes the region tiles)."""
     if not cacheable(x):
         return _forward_launch(x, source, spatial, bias_mixed, regions, y, kernel_hw, groups, stride, padding,
                                dilation, config)
     key = ("expert_conv_fwd", layout(x), _source_key(source), layout(spatial), layout(bias_mixed),
            _regions_key(regions), layout(y), tuple(kernel_hw), groups, *stride, *padding, *dilation,
            config_key(config))
-    return planned(key, ("x_ptr", "y_ptr", "w_ptr", "coef_ptr", "spatial_ptr", "bias_ptr", "tile_offsets_ptr",
-                         "pixel_start_ptr", "count_ptr", "perm_ptr"),
+    return planned(key, ("x_ptr", "y_ptr", "w_ptr", "coef_ptr", "spatial_ptr", "bias_ptr", "pixel_start_ptr",
+                         "count_ptr", "perm_ptr"),
                    (x, y, source.weight, source.coef, spatial, bias_mixed,
-                    *_region_tensors(regions, ("tile_offsets", "pixel_start", "count", "perm"))),
+                    *_region_tensors(regions, ("pixel_start", "count", "perm"))),
                    lambda: _forward_launch(x, source, spatial, bias_mixed, regions, y, kernel_hw, groups, stride,
                                            padding, dilation, config))
 
@@ -735,7 +705,6 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
     tiles = region_tile_bound(Ho * Wo, m, meta["BLOCK_P"]) if regions is not None else cdiv(Ho * Wo, meta["BLOCK_P"])
     args = dict(
         x_ptr=x, y_ptr=y, **_mixing_args(source, spatial), **_bias_args(bias_mixed),
-        tile_offsets_ptr=regions.tile_offsets if regions is not None else None,
         pixel_start_ptr=regions.pixel_start if regions is not None else None,
         count_ptr=regions.count if regions is not None else None,
         perm_ptr=regions.perm if regions is not None else None,
@@ -747,7 +716,7 @@ def _forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: Regio
     )
     index_64 = needs_int64(x, y, source.weight, source.coef, spatial, bias_mixed)
     meta.update(_tap_meta(Cin // groups, kernel_hw, meta["BLOCK_K"], x, index_64), **_out_meta(y))
-    meta.update(BLOCK_R=next_power_of_2(m + 1), MIX=source.mix, NUM_MIX=source.num_mix,
+    meta.update(BLOCK_R=next_power_of_2(m), MIX=source.mix, NUM_MIX=source.num_mix,
                 HAS_SPATIAL=spatial is not None, HAS_BIAS=bias_mixed is not None, HAS_GUIDE=regions is not None,
                 INDEX_64=index_64,
                 ACC_DTYPE=_acc_dtype(x.dtype),
@@ -780,19 +749,19 @@ def _per_kernel(experts, routing):
     return experts, routing.shape[1]
 
 
-def expert_conv_forward(x, experts, routing, spatial, bias_mixed, guide, y, groups, stride, padding, dilation,
-                        materialise: bool | None = None, config: dict | None = None) -> None:
-    """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``guide`` (B, m, Ho, Wo) or None."""
+def expert_conv_forward(x, experts, routing, spatial, bias_mixed, regions: RegionTables | None, y, groups, stride,
+                        padding, dilation, materialise: bool | None = None, config: dict | None = None) -> None:
+    """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``regions`` the tables of a DRConv
+    guide of m > 1 regions, else None."""
     shaped, m = _per_kernel(experts, routing)
     if config is None:
         copies, config = forward_route(x, shaped, m, groups, stride, padding, dilation)
         x = channels_last_copy(x) if copies else x
     for samples, materialised in batch_parts(experts, routing, y.shape[2] * y.shape[3], materialise):
         source = weight_source(experts, _part(routing, samples), materialised)
-        part_guide = _part(guide, samples)
-        regions = region_tables(part_guide, config["BLOCK_P"]) if guide is not None and m > 1 else None
-        forward_launch(x[samples], source, _part(spatial, samples), _part(bias_mixed, samples), regions, y[samples],
-                       shaped.shape[3:], groups, stride, padding, dilation, config)()
+        part_regions = regions.part(samples) if regions is not None else None
+        forward_launch(x[samples], source, _part(spatial, samples), _part(bias_mixed, samples), part_regions,
+                       y[samples], shaped.shape[3:], groups, stride, padding, dilation, config)()
 
 
 @dataclass
@@ -870,7 +839,7 @@ def catalogue() -> list[Launch]:
         samples, materialised = batch_parts(experts, routing, Ho * Wo, None)[0]
         yp, sp, bp, conv_xp = (_part(t, samples) for t in (y, spatial, bias, conv_x))
         source = weight_source(experts, _part(routing, samples), materialised)
-        regions = meta_region_tables(yp.shape[0], Ho * Wo, m, config["BLOCK_P"]) if m > 1 else None
+        regions = meta_region_tables(yp.shape[0], Ho * Wo, m) if m > 1 else None
         launch = forward_launch(conv_xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, config)
         launch.label = problem.tag + (" materialised" if materialised else "")
         launches.append(launch)
@@ -892,7 +861,7 @@ def _int64_catalogue() -> list[Launch]:
         spatial = None if materialised else torch.empty((B, k, k), **meta)
         bias = None if materialised else torch.empty((B, m, C), **meta)
         config = forward_config(x, experts, m, 1, *geometry)
-        regions = meta_region_tables(B, H * W, m, config["BLOCK_P"]) if m > 1 else None
+        regions = meta_region_tables(B, H * W, m) if m > 1 else None
         launch = forward_launch(x, source, spatial, bias, regions, x, (k, k), 1, *geometry, config)
         assert launch.meta["INDEX_64"]
         launch.label = (f"over 2^31 elements {'DRConv m=4 spatial' if m > 1 else 'CondConv'} bfloat16 NCHW"

@@ -31,6 +31,7 @@ from .expert_conv import (COUT_INNERMOST, INT64_CATALOGUE_GEOMETRY, INT64_CATALO
                           problem_key)
 from ._indexing import gather_source, widen
 from .layout import channels_last_copy
+from .region_tables import RegionTables
 
 # weight_source, batch_parts, materialise_part and needs_int64 are read through the module
 # (``ec.<name>``), so that one replaced on expert_conv (as the tests do) reaches every pass.
@@ -397,18 +398,16 @@ def _input_grad_loops(cout_g: int, meta: dict, num_regions: int, phases: int) ->
     return ((k_steps, (num_regions,)) if num_regions else k_steps,)
 
 
-def expert_conv_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation,
-                               materialise: bool | None = None, config: dict | None = None) -> None:
+def expert_conv_backward_input(dy, experts, routing, spatial, regions: RegionTables | None, dx, groups, stride,
+                               padding, dilation, materialise: bool | None = None, config: dict | None = None) -> None:
+    """``regions``: the tables of a DRConv guide of m > 1 regions (their region map), else None."""
     shaped, m = _per_kernel(experts, routing)
     if config is None:
         copies, config = input_grad_route(dx, shaped, m, groups, stride)
         dy = channels_last_copy(dy) if copies and not is_channels_last(dy) else dy
     for samples, materialised in ec.batch_parts(experts, routing, input_grad_pixels(dx), materialise):
         source = ec.weight_source(experts, _part(routing, samples), materialised, COUT_INNERMOST)
-        region = None
-        if guide is not None and m > 1:
-            part_guide = guide[samples]
-            region = part_guide.argmax(dim=1).reshape(part_guide.shape[0], -1).to(torch.int32).contiguous()
+        region = regions.region[samples] if regions is not None else None
         backward_input_launch(dy[samples], source, _part(spatial, samples), region, dx[samples], shaped.shape[3:],
                               groups, stride, padding, dilation, m, config)()
 

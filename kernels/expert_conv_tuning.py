@@ -129,10 +129,10 @@ def _source(ts: dict, innermost: int = ec.CIN_INNERMOST) -> ec.WeightSource:
     return _cached(ts, ("source", innermost), build)
 
 
-def _regions(ts: dict, block_p: int) -> rt.RegionTables | None:
+def _regions(ts: dict) -> rt.RegionTables | None:
     if ts["guide"] is None:
         return None
-    return _cached(ts, ("regions", block_p), lambda: rt.region_tables(ts["guide"], block_p))
+    return _cached(ts, "regions", lambda: rt.region_tables(ts["guide"]))
 
 
 def _key_experts(kernel: str, ts: dict) -> torch.Tensor:
@@ -143,7 +143,7 @@ def _key_experts(kernel: str, ts: dict) -> torch.Tensor:
 def _forward(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
     config = config or ec.forward_config(ts["x"], ts["experts"], m, g, *geometry)
-    return ec.forward_launch(ts["x"], _source(ts), None, ts["bias"], _regions(ts, config["BLOCK_P"]), ts["y"],
+    return ec.forward_launch(ts["x"], _source(ts), None, ts["bias"], _regions(ts), ts["y"],
                              (spec["kh"], spec["kw"]), g, *geometry, config)
 
 
@@ -151,7 +151,7 @@ def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
     dy, dx, experts = ts["dy"], ts["dx"], ts["experts"]
     config = config or eci.input_grad_config(dx, experts, m, g, geometry[0])
-    regions = _regions(ts, 1)
+    regions = _regions(ts)
     kernel_hw = (spec["kh"], spec["kw"])
     if regions is not None and rc.backward_input_supported(dy, dx, m):
         # As the op's fallback where the columns do not fit (region_conv.region_backward_input): the
@@ -172,7 +172,7 @@ def _weight_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     x, dy = ts["x"], ts["dy"]
     config = config or ecw.weight_grad_config(x, _key_experts("expert_conv_bwd_weight", ts), m, g, geometry[0])
     # As the op, its partials kept across the candidates of one problem.
-    return ecw.launch_with_partials(dy, x, _regions(ts, 1), m, g, (spec["kh"], spec["kw"]), geometry, config,
+    return ecw.launch_with_partials(dy, x, _regions(ts), m, g, (spec["kh"], spec["kw"]), geometry, config,
                                     buffer=lambda name, build: _cached(ts, name, build))[0]
 
 
@@ -183,7 +183,7 @@ def _region_forward(spec: dict, ts: dict, config: dict | None) -> Launch:
     # As the op: the first part of the batch whose region kernels fit the workspace, materialised.
     part = slice(0, rc.batch_part(x.shape[0], m, experts[0].numel(), x.element_size()))
     weight = _cached(ts, "region_kernels", lambda: rc.mixed_kernels(experts, ts["routing"][part], None))
-    tables = rc.tables_part(_regions(ts, config["BLOCK_P"]), part)
+    tables = _regions(ts).part(part)
     bias = ts["bias"][part] if ts["bias"] is not None else None
     if rc.forward_copies_input(x):  # as the op: an NCHW x read through its channels_last copy
         x = _cached(ts, "x_channels_last", lambda: x.contiguous(memory_format=torch.channels_last))
@@ -202,7 +202,7 @@ def _region_columns(spec: dict, ts: dict, config: dict | None) -> Launch:
     dy = _cached(ts, "dy_channels_last", lambda: dy.contiguous(memory_format=torch.channels_last))
     cols = _cached(ts, "columns", lambda: rcg.columns_empty(weight.shape[0], dx.shape[1], kernel_hw, Ho, Wo,
                                                             dx.dtype, dx.device))
-    tables = rc.tables_part(_regions(ts, config["BLOCK_P"]), part)
+    tables = _regions(ts).part(part)
     return rcg.columns_launch(dy[part], weight, tables, cols, g, config)
 
 

@@ -24,7 +24,7 @@ from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, _acc_
                           _geometry_args, _input_precision, _pow2_between, _region_tensors, _per_kernel, _regions_key,
                           catalogue_problems, channels_last_stand_in, problem_key)
 from . import region_conv
-from .region_tables import RegionTables, meta_region_tables, region_tables
+from .region_tables import RegionTables, meta_region_tables
 from .expert_conv_input_grad import input_grad_copies_output_grad
 from .layout import channels_last_copy
 
@@ -387,10 +387,11 @@ def launch_with_partials(dy, x, regions: RegionTables | None, m: int, groups: in
     return backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, *geometry, config), dw, dbias
 
 
-def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_hw, stride, padding, dilation,
-                                config: dict | None = None):
+def expert_conv_backward_kernel(dy, x, regions: RegionTables | None, num_regions: int, groups, kernel_hw, stride,
+                                padding, dilation, config: dict | None = None):
     """Gradient of the per-(sample, region) kernels and biases: fp32 (fp64) ``dW (B, m, Cout, Cin/g, kh, kw)``
-    and ``dbias (B, m, Cout)``, each the fixed-order sum of the pixel-chunk partials."""
+    and ``dbias (B, m, Cout)``, each the fixed-order sum of the pixel-chunk partials; ``regions`` the
+    tables of a DRConv guide of m > 1 regions, else None."""
     B, Cin = x.shape[:2]
     Cout = dy.shape[1]
     m = num_regions
@@ -399,7 +400,6 @@ def expert_conv_backward_kernel(dy, x, guide, num_regions: int, groups, kernel_h
     if config is None:
         experts_like = torch.empty((1, Cout, Cin // groups, *kernel_hw), device="meta")
         config = weight_grad_config(x, experts_like, m, groups, stride)
-    regions = region_tables(guide, 1) if guide is not None and m > 1 else None
     launch, dw, dbias = launch_with_partials(dy, x, regions, m, groups, kernel_hw, (stride, padding, dilation),
                                              config)
     launch()
@@ -419,7 +419,7 @@ def default_launch(dy, x, experts, m: int, groups: int, geometry) -> Launch:
     """The kernel-gradient launch an op makes by default for these meta tensors: its config, pixel
     splits, partials in the accumulation dtype and, with regions, the bias gradient's (the
     catalogue's launches and the static model's)."""
-    regions = meta_region_tables(x.shape[0], dy.shape[2] * dy.shape[3], m, 1) if m > 1 else None
+    regions = meta_region_tables(x.shape[0], dy.shape[2] * dy.shape[3], m) if m > 1 else None
     if weight_grad_copies_inputs(dy, x, m, groups, geometry[0]):
         dy, x = channels_last_stand_in(dy), channels_last_stand_in(x)
     config = weight_grad_config(x, experts, m, groups, geometry[0])

@@ -33,10 +33,10 @@ import triton.language as tl
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
 from .expert_conv import (CIN_INNERMOST, COUT_INNERMOST, WeightSource, _acc_dtype, _input_precision, _inside_bits,
-                          _region_tile, mix_experts, problem_key)
+                          mix_experts, problem_key)
 from .expert_conv_input_grad import backward_input_launch, input_grad_config
 from .layout import channels_last_copy
-from .region_tables import meta_region_tables, region_tables, region_tile_bound
+from .region_tables import RegionTables, meta_region_tables, region_tile, region_tile_bound
 
 # The mixed kernels of at most this many bytes exist at once (a part of the batch at a time).
 WORKSPACE_BYTES = 16 << 20
@@ -45,7 +45,7 @@ WORKSPACE_BYTES = 16 << 20
 @triton.jit
 def region_conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr,
-    tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr,
+    pixel_start_ptr, count_ptr, perm_ptr,
     H, W, Ho, Wo, CIN_G, COUT_G, NUM_REGIONS, TILES, O_TILES,
     sxb, sxc, sxh, sxw,
     sw_b, sw_r, sw_o, sw_i, sw_u, sw_v,
@@ -65,8 +65,8 @@ def region_conv_fwd_kernel(
     on = (pid_o % O_TILES) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = on < COUT_G
     o = g * COUT_G + on
-    r, p, pix_ok, valid = _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, NUM_REGIONS,
-                                       Ho * Wo, BLOCK_P, BLOCK_R)
+    r, p, pix_ok, valid = region_tile(pixel_start_ptr, count_ptr, perm_ptr, b, t, NUM_REGIONS, Ho * Wo, BLOCK_P,
+                                      BLOCK_R)
     # Tiles past the sample's last one (the grid's bound) run no K-step.
     c_end = tl.where(valid, CIN_G, 0)
     i = p // Wo
@@ -175,7 +175,7 @@ def mixed_kernels(experts: torch.Tensor, routing: torch.Tensor, spatial: torch.T
 
 
 def forward_launch(x, weight, bias_mixed, regions, y, groups, stride, padding, dilation, config: dict) -> Launch:
-    """``weight`` (B, m, Cout, Cin/g, kh, kw) any strides; ``regions`` built with ``config['BLOCK_P']``."""
+    """``weight`` (B, m, Cout, Cin/g, kh, kw) any strides."""
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = y.shape[1:]
     m, kh, kw = weight.shape[1], weight.shape[4], weight.shape[5]
@@ -186,8 +186,7 @@ def forward_launch(x, weight, bias_mixed, regions, y, groups, stride, padding, d
     sw = weight.stride()
     args = dict(
         x_ptr=x, w_ptr=weight, bias_ptr=bias_mixed, y_ptr=y,
-        tile_offsets_ptr=regions.tile_offsets, pixel_start_ptr=regions.pixel_start, count_ptr=regions.count,
-        perm_ptr=regions.perm,
+        pixel_start_ptr=regions.pixel_start, count_ptr=regions.count, perm_ptr=regions.perm,
         H=H, W=W, Ho=Ho, Wo=Wo, CIN_G=Cin // groups, COUT_G=Cout // groups, NUM_REGIONS=m, TILES=tiles,
         O_TILES=o_tiles,
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
@@ -196,7 +195,7 @@ def forward_launch(x, weight, bias_mixed, regions, y, groups, stride, padding, d
         **dict(zip(("syb", "syc", "syh", "syw"), y.stride())),
         SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
     )
-    meta.update(KH=kh, KW=kw, BLOCK_R=next_power_of_2(m + 1), HAS_BIAS=bias_mixed is not None,
+    meta.update(KH=kh, KW=kw, BLOCK_R=next_power_of_2(m), HAS_BIAS=bias_mixed is not None,
                 ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
     if groups * o_tiles > 65535:
         raise ValueError(f"too many channel tiles for the grid ({groups * o_tiles}); use a larger BLOCK_O")
@@ -206,9 +205,10 @@ def forward_launch(x, weight, bias_mixed, regions, y, groups, stride, padding, d
                   loops=(kh * kw * cdiv(Cin // groups, meta["BLOCK_K"]),))
 
 
-def region_forward(x, experts, routing, spatial, bias_mixed, guide, y, groups, stride, padding, dilation,
-                   config: dict | None = None) -> None:
-    """y of a DRConv layer: ``routing`` (B, m, E), ``bias_mixed`` (B, m, Cout) or None, ``guide`` (B, m, Ho, Wo).
+def region_forward(x, experts, routing, spatial, bias_mixed, regions: RegionTables, y, groups, stride, padding,
+                   dilation, config: dict | None = None) -> None:
+    """y of a DRConv layer: ``routing`` (B, m, E), ``bias_mixed`` (B, m, Cout) or None, ``regions`` the
+    tables of its guide.
 
     Per part of the batch: its mixed kernels (``mixed_kernels``), then one launch over its region tiles
     (of x's channels_last copy where x is NCHW).
@@ -217,36 +217,35 @@ def region_forward(x, experts, routing, spatial, bias_mixed, guide, y, groups, s
     config = config or forward_config(x, experts, m, groups, stride, padding, dilation)
     if forward_copies_input(x):
         x = channels_last_copy(x)
-    tables = region_tables(guide, config["BLOCK_P"])
     part = batch_part(B, m, experts[0].numel(), x.element_size())
     for b0 in range(0, B, part):
         s = slice(b0, b0 + part)
         weight = mixed_kernels(experts, routing[s], spatial[s] if spatial is not None else None)
-        forward_launch(x[s], weight, bias_mixed[s] if bias_mixed is not None else None, tables_part(tables, s),
-                       y[s], groups, stride, padding, dilation, config)()
+        forward_launch(x[s], weight, bias_mixed[s] if bias_mixed is not None else None, regions.part(s), y[s],
+                       groups, stride, padding, dilation, config)()
 
 
 def backward_input_supported(dy: torch.Tensor, dx: torch.Tensor, m: int) -> bool:
     return m > 1 and not needs_int64(dy, dx)
 
 
-def region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation,
-                          config: dict | None = None) -> None:
+def region_backward_input(dy, experts, routing, spatial, regions: RegionTables, dx, groups, stride, padding,
+                          dilation, config: dict | None = None) -> None:
     """dx of a DRConv layer by the expert kernels' input-gradient kernel (its loop over the regions a
     tap's pixels hold), reading the materialised region kernels of a part of the batch at a time
     instead of mixing E expert tiles per K-step (D1 dx bf16 NHWC PREDICTED 1.8% -> 7.7% on triton 3.6:
-    the m-region loop, not the mixing, is what is left), and an NCHW dy through a channels_last copy."""
+    the m-region loop, not the mixing, is what is left), and an NCHW dy through a channels_last copy;
+    the region map is the tables' (``regions``)."""
     B, m = routing.shape[:2]
     config = config or input_grad_config(dx, experts, m, groups, stride)
     if not is_channels_last(dy):  # the kernel streams channel-contiguous dy tiles
         dy = channels_last_copy(dy)
-    region = guide.argmax(dim=1).reshape(B, -1).to(torch.int32).contiguous()
     part = batch_part(B, m, experts[0].numel(), dx.element_size())
     for b0 in range(0, B, part):
         s = slice(b0, b0 + part)
         source = materialised_source(mixed_kernels(experts, routing[s], spatial[s] if spatial is not None else None,
                                                    COUT_INNERMOST))
-        backward_input_launch(dy[s], source, None, region[s], dx[s], experts.shape[3:], groups, stride, padding,
+        backward_input_launch(dy[s], source, None, regions.region[s], dx[s], experts.shape[3:], groups, stride, padding,
                               dilation, m, config)()
 
 
@@ -254,11 +253,6 @@ def materialised_source(weight: torch.Tensor) -> WeightSource:
     """``weight`` (b, m, Cout, Cin/g, kh, kw) as the expert kernels read materialised kernels."""
     s = weight.stride()
     return WeightSource(weight, (s[0], s[1], 0, *s[2:]), None, 1)
-
-
-def tables_part(tables, samples: slice):
-    return type(tables)(*(getattr(tables, f)[samples] for f in ("region", "perm", "count", "pixel_start",
-                                                                 "tile_offsets")), tables.block_p)
 
 
 def catalogue() -> list[Launch]:
@@ -283,7 +277,7 @@ def catalogue() -> list[Launch]:
                 part = batch_part(B, m, experts[0].numel(), dtype.itemsize)
                 weight = torch.empty((part, m, Cout, k, k, Cin // groups), **meta).movedim(-1, 3)
                 cfg = forward_config(x, experts, m, groups, *geometry)
-                tables = meta_region_tables(part, Ho * Wo, m, cfg["BLOCK_P"])
+                tables = meta_region_tables(part, Ho * Wo, m)
                 # The kernel reads x channels_last (an NCHW input's copy), writes y in the layer's layout.
                 x = x.contiguous(memory_format=torch.channels_last)
                 launch = forward_launch(x[:part], weight, torch.empty((part, m, Cout), **meta), tables, y[:part],

@@ -25,9 +25,9 @@ import triton.language as tl
 from . import region_conv
 from ._launch import Launch, cdiv, is_channels_last, needs_int64, next_power_of_2
 from .configs import get_config
-from .expert_conv import _acc_dtype, _acc_torch_dtype, _input_precision, _region_tile, problem_key
+from .expert_conv import _acc_dtype, _acc_torch_dtype, _input_precision, problem_key
 from .layout import channels_last_copy
-from .region_tables import meta_region_tables, region_tables, region_tile_bound
+from .region_tables import RegionTables, meta_region_tables, region_tile, region_tile_bound
 
 # The columns of at most this many bytes exist at once; a sample whose columns alone pass it takes
 # the m-region kernel instead, so the memory stays bounded whatever the image.
@@ -37,7 +37,7 @@ COLUMNS_BYTES = 64 << 20
 @triton.jit
 def region_conv_columns_kernel(
     dy_ptr, w_ptr, cols_ptr,
-    tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr,
+    pixel_start_ptr, count_ptr, perm_ptr,
     P, COUT_G, N_COLS, NUM_REGIONS, TILES, N_TILES,
     sdyb, sdyc, sdyp,
     sw_b, sw_r, sw_n,
@@ -55,8 +55,7 @@ def region_conv_columns_kernel(
     g = pid_n // N_TILES
     n = (pid_n % N_TILES) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N_COLS
-    r, p, pix_ok, valid = _region_tile(tile_offsets_ptr, pixel_start_ptr, count_ptr, perm_ptr, b, t, NUM_REGIONS,
-                                       P, BLOCK_P, BLOCK_R)
+    r, p, pix_ok, valid = region_tile(pixel_start_ptr, count_ptr, perm_ptr, b, t, NUM_REGIONS, P, BLOCK_P, BLOCK_R)
     k_end = tl.where(valid, COUT_G, 0)  # tiles past the sample's last one run no step
     dy_rows = dy_ptr + b * sdyb + p * sdyp + (g * COUT_G) * sdyc
     w_cols = w_ptr + b * sw_b + r * sw_r + (g * N_COLS + n) * sw_n
@@ -186,7 +185,7 @@ def fold_config(cin_g: int) -> dict:
 
 def columns_launch(dy, weight, regions, cols, groups: int, config: dict) -> Launch:
     """The columns ``cols`` (b, g·kh·kw·Cin/g, Ho, Wo) of dy, both channels_last, and the
-    ``column_kernels`` ``weight``; ``regions`` built with ``config['BLOCK_P']``."""
+    ``column_kernels`` ``weight``."""
     B, Cout, Ho, Wo = dy.shape
     m, n_cols = weight.shape[1], weight.shape[2] // groups
     for t in (dy, cols):  # a pixel is one stride apart from the next
@@ -196,12 +195,12 @@ def columns_launch(dy, weight, regions, cols, groups: int, config: dict) -> Laun
     tiles = region_tile_bound(Ho * Wo, m, meta["BLOCK_P"])
     n_tiles = cdiv(n_cols, meta["BLOCK_N"])
     sw = weight.stride()
-    args = dict(dy_ptr=dy, w_ptr=weight, cols_ptr=cols, tile_offsets_ptr=regions.tile_offsets,
-                pixel_start_ptr=regions.pixel_start, count_ptr=regions.count, perm_ptr=regions.perm,
+    args = dict(dy_ptr=dy, w_ptr=weight, cols_ptr=cols, pixel_start_ptr=regions.pixel_start, count_ptr=regions.count,
+                perm_ptr=regions.perm,
                 P=Ho * Wo, COUT_G=Cout // groups, N_COLS=n_cols, NUM_REGIONS=m, TILES=tiles, N_TILES=n_tiles,
                 sdyb=dy.stride(0), sdyc=dy.stride(1), sdyp=dy.stride(3), sw_b=sw[0], sw_r=sw[1], sw_n=sw[2],
                 scb=cols.stride(0), scp=cols.stride(3))
-    meta.update(BLOCK_R=next_power_of_2(m + 1), ACC_DTYPE=_acc_dtype(dy.dtype),
+    meta.update(BLOCK_R=next_power_of_2(m), ACC_DTYPE=_acc_dtype(dy.dtype),
                 INPUT_PRECISION=_input_precision(dy.dtype))
     if weight.stride(3) != 1:
         raise ValueError("the column kernels' output channels must be contiguous (column_kernels)")
@@ -230,13 +229,15 @@ def columns_empty(B: int, Cin: int, kernel_hw, Ho: int, Wo: int, dtype: torch.dt
     return torch.empty(shape, dtype=columns_dtype(dtype), device=device, memory_format=torch.channels_last)
 
 
-def region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation) -> None:
-    """dx of a DRConv layer (``routing`` (B, m, E), ``guide`` (B, m, Ho, Wo)): by columns where
+def region_backward_input(dy, experts, routing, spatial, regions: RegionTables, dx, groups, stride, padding,
+                          dilation) -> None:
+    """dx of a DRConv layer (``routing`` (B, m, E), ``regions`` its guide's tables): by columns where
     ``uses_columns``, else by ``region_conv``'s m-region kernel; dy read channels_last (a copy of an
     NCHW one) either way."""
     kernel_hw = tuple(experts.shape[3:])
     if not uses_columns(dy, dx, kernel_hw, groups):
-        region_conv.region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stride, padding, dilation)
+        region_conv.region_backward_input(dy, experts, routing, spatial, regions, dx, groups, stride, padding,
+                                          dilation)
         return
     B, m = routing.shape[:2]
     Cin = dx.shape[1]
@@ -244,7 +245,6 @@ def region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stri
     if not is_channels_last(dy):
         dy = channels_last_copy(dy)
     config = columns_config(dx, experts, m, groups, stride)
-    tables = region_tables(guide, config["BLOCK_P"])
     part = columns_part(dy, dx, experts, m)
     cols = columns_empty(min(part, B), Cin, kernel_hw, Ho, Wo, dx.dtype, dx.device)
     fold = fold_config(Cin // groups)
@@ -252,7 +252,7 @@ def region_backward_input(dy, experts, routing, spatial, guide, dx, groups, stri
         s = slice(b0, b0 + part)
         n = len(range(B)[s])
         weight = column_kernels(experts, routing[s], spatial[s] if spatial is not None else None, groups)
-        columns_launch(dy[s], weight, region_conv.tables_part(tables, s), cols[:n], groups, config)()
+        columns_launch(dy[s], weight, regions.part(s), cols[:n], groups, config)()
         fold_launch(cols[:n], dx[s], kernel_hw, groups, stride, padding, dilation, fold)()
 
 
@@ -276,7 +276,7 @@ def catalogue() -> list[Launch]:
                 weight = torch.empty((part, m, column_count((k, k), Cin), Cout // groups, 1, 1), **meta)
                 config = default_columns_config(dtype)
                 cols = columns_empty(part, Cin, (k, k), Ho, Wo, dtype, "meta")
-                tables = meta_region_tables(part, Ho * Wo, m, config["BLOCK_P"])
+                tables = meta_region_tables(part, Ho * Wo, m)
                 tag = f"{label} {str(dtype).removeprefix('torch.')} {'NHWC' if channels_last else 'NCHW'}"
                 product = columns_launch(dy[:part], weight, tables, cols, groups, config)
                 product.label = tag + " input-gradient columns"

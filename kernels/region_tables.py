@@ -2,14 +2,16 @@
 
 The region kernels walk a sample's pixels region by region (``expert_conv``, ``region_conv``,
 ``region_conv_input_grad``, ``expert_conv_weight_grad``), so each tile of BLOCK_P pixels reads one
-region's kernel. Their tables are the region of each pixel (the guide's argmax), the pixels in
-region order (a stable sort), each region's count and first slot, and the running totals of
-tiles. By torch ops that was eleven launches (an argmax, a segmented sort and a scatter among
-them), three times a training step (forward, input gradient, weight gradient), beside kernels of a
-few microseconds at D1 (PREDICTED: the region forward 5.6 us in bf16; nothing here has been timed
-on a GPU). ``region_tables_kernel`` builds them in one launch, a program per sample: a counting
-sort, one pass to count each region's pixels, one to place them. The torch ops stay as
-``region_tables_torch``: the path without kernels, and the kernel's reference in the tests.
+region's kernel; the input gradients that walk dx's pixels read the region map. The tables are the
+region of each pixel (the guide's argmax), the pixels in region order (a stable sort), each region's
+count and first slot. None of it depends on a kernel's tile size (``region_tile`` finds a tile's
+region from the counts), so one build serves a forward and its backward (``ops/expert_conv.py``).
+By torch ops they were eleven launches (an argmax, a segmented sort and a scatter among them),
+three times a training step, beside kernels of a few microseconds at D1 (PREDICTED: the region
+forward 5.6 us in bf16; nothing here has been timed on a GPU). ``region_tables_kernel`` builds them
+in one launch, a program per sample: a counting sort, one pass to count each region's pixels, one
+to place them. The torch ops stay as ``region_tables_torch``: the path without kernels, and the
+kernel's reference in the tests.
 """
 from __future__ import annotations
 
@@ -35,20 +37,47 @@ class RegionTables:
     """Pixels of every sample sorted by DRConv region, built on the device without a host sync.
 
     region: (B, Ho·Wo) int32 region of each output pixel (argmax of the guide);
-    perm: (B, Ho·Wo) int32 pixel ids in region order (stable); count, pixel_start: (B, m) int32;
-    tile_offsets: (B, m + 1) int32 running totals of BLOCK_P-pixel tiles per region.
+    perm: (B, Ho·Wo) int32 pixel ids in region order (stable); count, pixel_start: (B, m) int32.
     """
 
     region: torch.Tensor
     perm: torch.Tensor
     count: torch.Tensor
     pixel_start: torch.Tensor
-    tile_offsets: torch.Tensor
-    block_p: int
 
     @property
     def num_regions(self) -> int:
         return self.count.shape[1]
+
+    def part(self, samples: slice) -> RegionTables:
+        """The tables of a part of the batch."""
+        return RegionTables(self.region[samples], self.perm[samples], self.count[samples],
+                            self.pixel_start[samples])
+
+
+@triton.jit
+def region_tile(pixel_start_ptr, count_ptr, perm_ptr, b, t, NUM_REGIONS, P, BLOCK_P: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+    """(region, pixel ids, pixel mask, valid) of the t-th tile of BLOCK_P pixels of sample b in region
+    order: region r's pixels fill ceil(count_r / BLOCK_P) tiles, after the earlier regions' tiles.
+    Tiles past the last one are invalid (no pixels). Counts and starts are loaded together and the
+    region's picked from them: loaded after the region was known, they cost a round trip more on
+    every tile's path (PREDICTED, D1 fwd bf16 NHWC: three before the first operand load)."""
+    rr = tl.arange(0, BLOCK_R)
+    counts = tl.load(count_ptr + b * NUM_REGIONS + rr, mask=rr < NUM_REGIONS, other=0)
+    starts = tl.load(pixel_start_ptr + b * NUM_REGIONS + rr, mask=rr < NUM_REGIONS, other=0)
+    tiles = (counts + BLOCK_P - 1) // BLOCK_P
+    ends = tl.cumsum(tiles, axis=0)  # the tiles of regions 0..r
+    r = tl.sum(((rr < NUM_REGIONS) & (ends <= t)).to(tl.int32), axis=0)  # the regions wholly before tile t
+    valid = r < NUM_REGIONS
+    r = tl.minimum(r, NUM_REGIONS - 1)
+    first_tile = tl.sum(tl.where(rr == r, ends - tiles, 0), axis=0)
+    count = tl.sum(tl.where(rr == r, counts, 0), axis=0)
+    start = tl.sum(tl.where(rr == r, starts, 0), axis=0)
+    q = (t - first_tile) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pix_ok = q < tl.where(valid, count, 0)
+    p = tl.load(perm_ptr + b * P + start + q, mask=pix_ok, other=0)
+    return r, p, pix_ok, valid
 
 
 @triton.jit
@@ -82,11 +111,11 @@ def _regions(guide, p, ok, Wo, sgr, sgh, sgw, fence_ptr, P, M: tl.constexpr, FLA
 
 
 @triton.jit
-def region_tables_kernel(guide_ptr, region_ptr, perm_ptr, count_ptr, start_ptr, tiles_ptr,
-                         P, Wo, TILE, sgb, sgr, sgh, sgw, M: tl.constexpr, BLOCK_P: tl.constexpr,
+def region_tables_kernel(guide_ptr, region_ptr, perm_ptr, count_ptr, start_ptr,
+                         P, Wo, sgb, sgr, sgh, sgw, M: tl.constexpr, BLOCK_P: tl.constexpr,
                          ONE_BLOCK: tl.constexpr, FLAT: tl.constexpr, INDEX_64: tl.constexpr,
                          VALUE_DTYPE: tl.constexpr):
-    """The RegionTables of sample ``program_id(0)`` (P pixels, M regions, tiles of TILE pixels): its
+    """The RegionTables of sample ``program_id(0)`` (P pixels, M regions): its
     pixels' regions and each region's count, then each pixel placed at its region's first slot plus
     the pixels of its region before it (a running count per region across the blocks of BLOCK_P
     pixels). The regions are unrolled, each a 1-D pass over the block's pixels: no (pixels x regions)
@@ -114,15 +143,11 @@ def region_tables_kernel(guide_ptr, region_ptr, perm_ptr, count_ptr, start_ptr, 
         counts = new
     starts = ()
     start = zero
-    tiles = zero
-    tl.store(tiles_ptr + b * (M + 1), tiles)
     for r in tl.static_range(M):
         starts = starts + (start,)
         tl.store(count_ptr + (b * M + r), counts[r])
         tl.store(start_ptr + (b * M + r), start)
         start += counts[r]
-        tiles += (counts[r] + TILE - 1) // TILE
-        tl.store(tiles_ptr + (b * (M + 1) + 1 + r), tiles)
     placed = starts
     for p0 in range(0, P, BLOCK_P):
         p = p0 + pixels
@@ -153,38 +178,37 @@ def _block_pixels(pixels: int, m: int, index_64: bool) -> int:
 
 
 def region_tables_launch(guide: torch.Tensor, tables: RegionTables) -> Launch:
-    """The launch filling ``tables`` (of ``guide``'s shape and their own ``block_p``) from ``guide``."""
+    """The launch filling ``tables`` (of ``guide``'s shape) from ``guide``."""
     B, m, Ho, Wo = guide.shape
     block_pixels = _block_pixels(Ho * Wo, m, needs_int64(guide))
     blocks = cdiv(Ho * Wo, block_pixels)
     sgb, sgr, sgh, sgw = guide.stride()
     return Launch(region_tables_kernel, (B, 1, 1),
                   dict(guide_ptr=guide, region_ptr=tables.region, perm_ptr=tables.perm, count_ptr=tables.count,
-                       start_ptr=tables.pixel_start, tiles_ptr=tables.tile_offsets, P=Ho * Wo, Wo=Wo,
-                       TILE=tables.block_p, sgb=sgb, sgr=sgr, sgh=sgh, sgw=sgw),
+                       start_ptr=tables.pixel_start, P=Ho * Wo, Wo=Wo, sgb=sgb, sgr=sgr, sgh=sgh, sgw=sgw),
                   dict(M=m, BLOCK_P=block_pixels, ONE_BLOCK=blocks == 1,
                        FLAT=sgw == 1 and sgh == Wo, INDEX_64=needs_int64(guide),
                        VALUE_DTYPE=tl.float64 if guide.dtype == torch.float64 else tl.float32), 4, 1,
                   loops=(blocks, blocks))  # the counting pass and the placing pass
 
 
-def _empty_tables(B: int, pixels: int, m: int, block_p: int, device) -> RegionTables:
+def _empty_tables(B: int, pixels: int, m: int, device) -> RegionTables:
     i32 = dict(dtype=torch.int32, device=device)
-    return RegionTables(*(torch.empty((B, size), **i32) for size in (pixels, pixels, m, m, m + 1)), block_p)
+    return RegionTables(*(torch.empty((B, size), **i32) for size in (pixels, pixels, m, m)))
 
 
-def region_tables(guide: torch.Tensor, block_p: int) -> RegionTables:
-    """The RegionTables of ``guide`` (B, m, Ho, Wo) for tiles of ``block_p`` pixels: one launch where the
-    ops run kernels (up to MAX_REGIONS regions), else region_tables_torch."""
+def region_tables(guide: torch.Tensor) -> RegionTables:
+    """The RegionTables of ``guide`` (B, m, Ho, Wo): one launch where the ops run kernels (up to
+    MAX_REGIONS regions), else region_tables_torch."""
     B, m, Ho, Wo = guide.shape
     if not runs_kernels(guide) or guide.numel() == 0 or m > MAX_REGIONS:
-        return region_tables_torch(guide, block_p)
-    tables = _empty_tables(B, Ho * Wo, m, block_p, guide.device)
+        return region_tables_torch(guide)
+    tables = _empty_tables(B, Ho * Wo, m, guide.device)
     region_tables_launch(guide, tables)()
     return tables
 
 
-def region_tables_torch(guide: torch.Tensor, block_p: int) -> RegionTables:
+def region_tables_torch(guide: torch.Tensor) -> RegionTables:
     """The same tables by torch ops: the CPU path, and the kernel's reference."""
     B, m, Ho, Wo = guide.shape
     region = guide.argmax(dim=1).reshape(B, Ho * Wo)
@@ -192,11 +216,7 @@ def region_tables_torch(guide: torch.Tensor, block_p: int) -> RegionTables:
     count = torch.zeros((B, m), dtype=torch.int32, device=guide.device)
     count.scatter_add_(1, region, torch.ones_like(region, dtype=torch.int32))
     pixel_start = (torch.cumsum(count, dim=1, dtype=torch.int32) - count).contiguous()
-    tiles = (count + block_p - 1) // block_p
-    tile_offsets = torch.zeros((B, m + 1), dtype=torch.int32, device=guide.device)
-    tile_offsets[:, 1:] = torch.cumsum(tiles, dim=1, dtype=torch.int32)
-    return RegionTables(region.to(torch.int32).contiguous(), perm.contiguous(), count.contiguous(),
-                        pixel_start, tile_offsets, block_p)
+    return RegionTables(region.to(torch.int32).contiguous(), perm.contiguous(), count.contiguous(), pixel_start)
 
 
 def region_tile_bound(pixels: int, m: int, block_p: int) -> int:
@@ -204,10 +224,10 @@ def region_tile_bound(pixels: int, m: int, block_p: int) -> int:
     return cdiv(pixels, block_p) + m - 1 if m > 1 else cdiv(pixels, block_p)
 
 
-def meta_region_tables(n: int, pixels: int, m: int, block_p: int) -> RegionTables:
+def meta_region_tables(n: int, pixels: int, m: int) -> RegionTables:
     """Region tables of ``n`` samples of ``pixels`` pixels in ``m`` regions, on the meta device: what
     the AOT catalogues' and the static model's launches read."""
-    return _empty_tables(n, pixels, m, block_p, "meta")
+    return _empty_tables(n, pixels, m, "meta")
 
 
 def catalogue() -> list[Launch]:
@@ -221,11 +241,11 @@ def catalogue() -> list[Launch]:
         guide = torch.empty(shape, dtype=dtype, device="meta")
         if channels_last:
             guide = guide.to(memory_format=torch.channels_last)
-        launch = region_tables_launch(guide, meta_region_tables(shape[0], shape[2] * shape[3], shape[1], 64))
+        launch = region_tables_launch(guide, meta_region_tables(shape[0], shape[2] * shape[3], shape[1]))
         launch.label = label
         launches.append(launch)
     return launches
 
 
-__all__ = ["RegionTables", "region_tables", "region_tables_torch", "region_tables_launch", "region_tile_bound",
-           "meta_region_tables", "catalogue"]
+__all__ = ["RegionTables", "region_tile", "region_tables", "region_tables_torch", "region_tables_launch",
+           "region_tile_bound", "meta_region_tables", "catalogue"]

@@ -33,6 +33,7 @@ from dynconv.kernels import expert_conv_input_grad as input_grad_kernels
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.kernels import layout, region_conv, region_conv_input_grad
 from dynconv.kernels._launch import runs_kernels
+from dynconv.kernels.region_tables import RegionTables, region_tables
 
 from . import _eager
 from .layout import channels_last_copy_op
@@ -145,6 +146,19 @@ def _regions(weights: Tensor, routing: Tensor | None) -> int:
     return weights.shape[1] if routing is None else routing.shape[1]
 
 
+def _tables(guide: Tensor | None, m: int) -> RegionTables | None:
+    """The region tables a DRConv guide of m > 1 regions gives the kernels (one launch), else None."""
+    return region_tables(guide) if guide is not None and m > 1 else None
+
+
+def _step_tables(x: Tensor, weights: Tensor, routing: Tensor | None, guide: Tensor | None) -> RegionTables | None:
+    """The tables an eager forward builds where its kernels will read them, and keeps for its backward
+    (one build a training step, not three)."""
+    if x.numel() == 0 or x.is_meta or not runs_kernels(x):
+        return None
+    return _tables(guide, _regions(weights, routing))
+
+
 def _mixed_bias(routing, bias):
     if bias is None or routing is None:
         return bias
@@ -184,7 +198,9 @@ def _region_grad_sums(grad: Tensor, guide, m: int, acc: torch.dtype) -> Tensor:
 # Empty problems are answered here, without a launch.
 # ---------------------------------------------------------------------------------------------
 
-def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
+def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out,
+             regions: RegionTables | None = None):
+    """y; ``regions`` the guide's tables where the caller built them (``_step_tables``)."""
     fmt = memory_format_of(x)
     nonempty = x.numel() and weights.shape[-4] and weights.shape[-3] and out[0] * out[1]
     if nonempty and not x.is_meta and not runs_kernels(x):
@@ -199,11 +215,13 @@ def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilatio
         return y.copy_(_selected_bias(mixed, guide, y.shape)) if mixed is not None else y.zero_()
     if y.is_meta:
         return y
-    if guide is not None and routing is not None and region_conv.supported(x, weights, y, routing.shape[1]):
-        region_conv.region_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
+    if regions is None:
+        regions = _tables(guide, _regions(weights, routing))
+    if regions is not None and routing is not None and region_conv.supported(x, weights, y, routing.shape[1]):
+        region_conv.region_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), regions, y, groups,
                                    stride, padding, dilation)
         return y
-    kernels.expert_conv_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), guide, y, groups,
+    kernels.expert_conv_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), regions, y, groups,
                                 stride, padding, dilation)
     return y
 
@@ -300,7 +318,8 @@ def _guide_grad(scores: Tensor, guide: Tensor) -> Tensor:
     return soft * (scores - (soft * scores).sum(dim=1, keepdim=True))
 
 
-def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
+def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups,
+                    regions: RegionTables | None = None):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if not grad.is_meta and not runs_kernels(grad) and grad.numel() and weights.numel() and all(x_size):
         dx = _cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, padding, dilation, groups)
@@ -310,16 +329,20 @@ def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_las
         return dx
     if grad.numel() == 0 or weights.numel() == 0:
         return dx.zero_()
-    if guide is not None and routing is not None and region_conv.backward_input_supported(grad, dx, routing.shape[1]):
-        region_conv_input_grad.region_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride,
+    if regions is None:
+        regions = _tables(guide, _regions(weights, routing))
+    if regions is not None and routing is not None and region_conv.backward_input_supported(grad, dx,
+                                                                                           routing.shape[1]):
+        region_conv_input_grad.region_backward_input(grad, weights, routing, spatial, regions, dx, groups, stride,
                                                      padding, dilation)
         return dx
-    input_grad_kernels.expert_conv_backward_input(grad, weights, routing, spatial, guide, dx, groups, stride,
+    input_grad_kernels.expert_conv_backward_input(grad, weights, routing, spatial, regions, dx, groups, stride,
                                                   padding, dilation)
     return dx
 
 
-def _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation):
+def _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation,
+                     regions: RegionTables | None = None):
     """∂W of the per-(sample, region) mixed kernels (B, m, Cout, Cin/g, kh, kw) and ∂ of their mixed
     biases (B, m, Cout), both in the accumulation dtype."""
     acc = _acc_dtype(x.dtype)
@@ -328,8 +351,10 @@ def _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dila
         dW = x.new_zeros((B, m, grad.shape[1], Cin // groups, *kernel_hw), dtype=acc)
         return dW, _region_grad_sums(grad, guide, m, acc)
     if runs_kernels(x):
-        return weight_grad_kernels.expert_conv_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding,
-                                                               dilation)
+        if regions is None:
+            regions = _tables(guide, m)
+        return weight_grad_kernels.expert_conv_backward_kernel(grad, x, regions, m, groups, kernel_hw, stride,
+                                                               padding, dilation)
     return _cpu_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
 
 
@@ -372,10 +397,12 @@ def _batch_chunks(B: int, per_sample_bytes: int) -> list[slice]:
     return [slice(b, min(b + per_chunk, B)) for b in range(0, B, per_chunk)] or [slice(0, 0)]
 
 
-def _weight_side_grads(backward_kernel, grad, x, guide, weights, routing, bias, spatial, geometry, with_bias=True):
+def _weight_side_grads(backward_kernel, grad, x, guide, weights, routing, bias, spatial, geometry, with_bias=True,
+                       regions: RegionTables | None = None):
     """(∂weights, ∂routing, ∂bias, ∂spatial) through the per-(sample, region) kernel gradient, formed a
     part of the batch at a time (``DW_BUFFER_BYTES``) and reduced part by part in a fixed order
-    (deterministic). Without routing the kernel gradient is itself the result: one part."""
+    (deterministic). Without routing the kernel gradient is itself the result: one part. ``regions``
+    (the guide's tables, where built) go to a ``backward_kernel`` that takes them (``_backward_kernel``)."""
     stride, padding, dilation, groups = geometry
     m = _regions(weights, routing)
     kernel_hw = tuple(weights.shape[-2:])
@@ -385,8 +412,9 @@ def _weight_side_grads(backward_kernel, grad, x, guide, weights, routing, bias, 
     parts = []
     for samples in chunks:
         part_guide = guide[samples] if guide is not None else None
+        tables = {"regions": regions.part(samples)} if regions is not None else {}
         dW, dbias_mixed = backward_kernel(grad[samples], x[samples], part_guide, m, groups, kernel_hw, stride,
-                                          padding, dilation)
+                                          padding, dilation, **tables)
         parts.append(_mix_grads(dW, dbias_mixed if with_bias else None, weights,
                                 routing[samples] if routing is not None else None, bias if with_bias else None,
                                 spatial[samples] if spatial is not None else None))
@@ -398,7 +426,8 @@ def _weight_side_grads(backward_kernel, grad, x, guide, weights, routing, bias, 
     return summed[0], per_sample_grads[1], summed[2], per_sample_grads[3]
 
 
-def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide):
+def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide,
+                     regions: RegionTables | None = None):
     """(∂weights, ∂routing, ∂bias, ∂spatial, ∂guide); an absent or unwanted one is an empty tensor.
 
     The per-(sample, region) kernel gradient ``dW (B, m, Cout, Cin/g, kh, kw)`` (fp32; with a
@@ -408,7 +437,8 @@ def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, pa
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     need_guide = need_guide and guide is not None
     dweights, drouting, dbias, dspatial = _weight_side_grads(_backward_kernel, grad, x, guide, weights, routing, bias,
-                                                             spatial, (stride, padding, dilation, groups))
+                                                             spatial, (stride, padding, dilation, groups),
+                                                             regions=regions)
     dguide = None
     if need_guide:
         if guide.shape[1] == 1:
@@ -782,7 +812,10 @@ class _Conv(torch.autograd.Function):
             grads = _conv_grads(_EAGER_STEPS, grad, ctx.saved_tensors, ctx.needs_input_grad, ctx.x_size,
                                 ctx.channels_last, ctx.geometry, True)
         else:
-            grads = _grads(ctx, grad, _backward_input, _backward_weight, layout.channels_last_copy)
+            # The tables the eager forward built (_EagerConv), or None: each pass builds its own.
+            regions = getattr(ctx, "regions", None)
+            grads = _grads(ctx, grad, functools.partial(_backward_input, regions=regions),
+                           functools.partial(_backward_weight, regions=regions), layout.channels_last_copy)
         return (*grads, None, None, None, None, None)
 
     @staticmethod
@@ -916,7 +949,10 @@ class _EagerConv(torch.autograd.Function):
         if torch.autograd.forward_ad._current_level >= 0:
             ctx.save_for_forward(x, weights, routing, bias, spatial, guide)
             ctx.out = out
-        return _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out)
+        # Derived from the saved guide, whose version autograd checks before the backward reads them.
+        ctx.regions = _step_tables(x, weights, routing, guide)
+        return _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out,
+                        ctx.regions)
 
     backward = _Conv.backward
     jvp = _Conv.jvp

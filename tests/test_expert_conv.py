@@ -19,6 +19,7 @@ from dynconv.kernels import expert_conv_input_grad as input_grad_kernels
 from dynconv.kernels import region_conv_input_grad
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.kernels import layout
+from dynconv.kernels.region_tables import meta_region_tables, region_tables
 from dynconv.kernels._launch import TRITON_VERSION
 from dynconv.ops.reference_expert import all_region_outputs
 from dynconv.reference import drconv_all_regions, expert_conv2d_grouped, expert_conv2d_loop
@@ -359,8 +360,8 @@ def test_drconv_region_forward_reads_nchw_input_through_a_channels_last_copy(mon
     Ho, Wo = case.out_hw
     y = torch.full((case.B, case.Cout, Ho, Wo), float("nan"), device=device)
     mixed_bias = torch.einsum("bme,eo->bmo", f32["routing"], f32["bias"])
-    region_conv.region_forward(f32["x"], f32["experts"], f32["routing"], None, mixed_bias, f32["guide"], y, 1,
-                               (2, 2), (1, 1), (1, 1))
+    region_conv.region_forward(f32["x"], f32["experts"], f32["routing"], None, mixed_bias,
+                               region_tables(f32["guide"]), y, 1, (2, 2), (1, 1), (1, 1))
     assert read and all(read)
     expected = _reference(inputs["x"], inputs["experts"], inputs["routing"], inputs["bias"], guide=inputs["guide"],
                           **case.geometry())
@@ -392,7 +393,7 @@ def test_drconv_ties_and_an_empty_region(device):
 
 def test_region_tables_sort_pixels_by_region():
     guide = torch.randn(2, 3, 5, 7)
-    tables = kernels.region_tables(guide, block_p=4)
+    tables = region_tables(guide)
     region = guide.argmax(1).reshape(2, -1)
     assert torch.equal(tables.region, region.int())
     for b in range(2):
@@ -400,8 +401,7 @@ def test_region_tables_sort_pixels_by_region():
         assert torch.equal(sorted_regions, torch.sort(region[b]).values)
         counts = torch.bincount(region[b], minlength=3)
         assert tables.count[b].tolist() == counts.tolist()
-        assert tables.tile_offsets[b].tolist() == [0, *torch.cumsum((counts + 3) // 4, 0).tolist()]
-        assert tables.tile_offsets[b, -1] <= kernels.region_tile_bound(35, 3, 4)
+        assert tables.pixel_start[b].tolist() == [0, *torch.cumsum(counts, 0)[:-1].tolist()]
 
 
 def test_region_tile_bound_is_tight():
@@ -421,9 +421,7 @@ def test_weight_gradient_takes_flat_pixel_steps_where_they_apply():
         stride = (case.stride, case.stride)
         config = weight_grad_kernels.weight_grad_config(x, experts, case.m, case.groups, stride)
         dw = torch.empty((1, case.B, case.m, case.Cout, case.Cin // case.groups, case.kh, case.kw), device="meta")
-        regions = kernels.RegionTables(*(torch.empty((case.B, n), dtype=torch.int32, device="meta")
-                                         for n in (Ho * Wo, Ho * Wo, case.m, case.m, case.m + 1)), 1) \
-            if case.guide else None
+        regions = meta_region_tables(case.B, Ho * Wo, case.m) if case.guide else None
         dbias = torch.empty((1, case.B, case.m, case.Cout), device="meta") if case.guide else None
         launch = weight_grad_kernels.backward_weight_launch(dy, x, regions, dw, dbias, (case.kh, case.kw), case.groups, stride,
                                                 (case.padding,) * 2, (case.dilation,) * 2, config)
@@ -446,8 +444,7 @@ def test_kernel_gradient_is_stored_channels_innermost():
     dy = torch.empty((3, 8, 6, 6), device="meta").to(memory_format=torch.channels_last)
     experts = torch.empty((1, 8, 5, 3, 3), device="meta")
     config = weight_grad_kernels.weight_grad_config(x, experts, 4, 1, (1, 1))
-    regions = kernels.RegionTables(*(torch.empty((3, n), dtype=torch.int32, device="meta")
-                                     for n in (36, 36, 4, 4, 5)), 1)
+    regions = meta_region_tables(3, 36, 4)
     launch = weight_grad_kernels.backward_weight_launch(dy, x, regions, dw, torch.empty((2, 3, 4, 8), device="meta"), (3, 3), 1,
                                             (1, 1), (1, 1), (1, 1), config)
     assert launch.args["sdw_i"] == 1

@@ -265,6 +265,7 @@ def test_expert_conv_experts_and_regions_past_int32(storage):
     DRConv guide: forward, input gradient and guide scores."""
     from dynconv.kernels import expert_conv as k
     from dynconv.kernels import expert_conv_guide, expert_conv_input_grad
+    from dynconv.kernels.region_tables import region_tables
 
     B, C, H, W, E, m, kk = 1, 4, 4, 4, 3, 3, 3
     x, dy = _randn(B, C, H, W), _randn(B, C, H, W)
@@ -275,14 +276,14 @@ def test_expert_conv_experts_and_regions_past_int32(storage):
     bias_big = _view(storage, bias, (64, BIG, 1), 256)
     config = k.forward_config(x, experts, m, 1, *GEOMETRY)
     source = k.weight_source(experts_big, routing, materialise=False)
-    regions = k.region_tables(guide, config["BLOCK_P"])
+    regions = region_tables(guide)
     assert k.forward_launch(x, source, None, bias_big, regions, _nan(B, C, H, W), (kk, kk), 1, *GEOMETRY,
                             config).meta["INDEX_64"]
     outputs = []
     for ex, bb in ((experts, bias), (experts_big, bias_big)):
         y, dx = _nan(B, C, H, W), _nan(B, C, H, W)
-        k.expert_conv_forward(x, ex, routing, None, bb, guide, y, 1, *GEOMETRY, materialise=False)
-        expert_conv_input_grad.expert_conv_backward_input(dy, ex, routing, None, guide, dx, 1, *GEOMETRY,
+        k.expert_conv_forward(x, ex, routing, None, bb, regions, y, 1, *GEOMETRY, materialise=False)
+        expert_conv_input_grad.expert_conv_backward_input(dy, ex, routing, None, regions, dx, 1, *GEOMETRY,
                                                           materialise=False)
         scores = expert_conv_guide.expert_conv_guide_scores(x, ex, routing, None, bb, dy, 1, *GEOMETRY,
                                                             materialise=False)

@@ -12,6 +12,7 @@ from dynconv.kernels import expert_conv_guide as expert_guide
 from dynconv.kernels import expert_conv_input_grad as expert_input_grad
 from dynconv.kernels import expert_conv_weight_grad as expert_weight_grad
 from dynconv.kernels import involution_fused as fused
+from dynconv.kernels.region_tables import region_tables
 from dynconv.reference import expert_conv2d_loop, involution_fused_reference, involution_unfold
 from helpers import assert_close, check_against_reference
 
@@ -365,7 +366,7 @@ def _expert_launch_args(fmt, materialise):
     bias = torch.randn(B, m, Cout)
     source = expert.weight_source(experts, routing, materialise)
     fwd_cfg = expert.forward_config(x, experts, m, 1, *geometry)
-    regions = expert.region_tables(guide, fwd_cfg["BLOCK_P"])
+    regions = region_tables(guide)
     score = torch.empty(B, m, expert_guide.score_tiles(Cout, 1, fwd_cfg), y.shape[2] * y.shape[3])
     in_cfg = expert_input_grad.input_grad_config(x, experts, m, 1, (1, 1))
     w_cfg = expert_weight_grad.weight_grad_config(x, experts, m, 1, (1, 1))

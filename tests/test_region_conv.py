@@ -205,3 +205,23 @@ def test_catalogue_lists_the_column_product_and_the_fold():
     launches = region_conv_input_grad.catalogue()
     assert [launch.name for launch in launches[:2]] == ["region_conv_columns_kernel", "fold_columns_kernel"]
     assert all(launch.name == "region_conv_columns_kernel" for launch in launches[0::2])
+
+
+@pytest.mark.parametrize("columns", [True, False], ids=["columns", "m-region"])
+def test_a_training_step_builds_the_region_tables_once(columns, monkeypatch, device):
+    """The eager forward's region tables serve its input and kernel gradients: one build (one launch)
+    a forward and backward, whichever input gradient runs; every gradient against float64."""
+    from dynconv.kernels import region_tables
+    builds = []
+    real = region_tables.region_tables_launch
+
+    def counted(*args, **kwargs):
+        builds.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(region_tables, "region_tables_launch", counted)
+    if not columns:
+        monkeypatch.setattr(region_conv_input_grad, "uses_columns", lambda *args: False)
+    inputs, geometry = _inputs(B=2, H=6, W=5, m=4)
+    check_against_reference(_op, _reference, inputs, torch.float32, device, torch.channels_last, **geometry)
+    assert builds == [inputs["guide"].shape]
