@@ -38,12 +38,15 @@ class RegionTables:
 
     region: (B, Ho·Wo) int32 region of each output pixel (argmax of the guide);
     perm: (B, Ho·Wo) int32 pixel ids in region order (stable); count, pixel_start: (B, m) int32.
+    packed: the one flat int32 tensor the four are views of, in that order, where they are (the
+    kernel's tables): what ``packed_tables`` hands the custom ops without a copy.
     """
 
     region: torch.Tensor
     perm: torch.Tensor
     count: torch.Tensor
     pixel_start: torch.Tensor
+    packed: torch.Tensor | None = None
 
     @property
     def num_regions(self) -> int:
@@ -192,9 +195,28 @@ def region_tables_launch(guide: torch.Tensor, tables: RegionTables) -> Launch:
                   loops=(blocks, blocks))  # the counting pass and the placing pass
 
 
+def packed_size(B: int, pixels: int, m: int) -> int:
+    """Elements of the tables of B samples of ``pixels`` pixels in m regions, packed."""
+    return B * 2 * (pixels + m)
+
+
+def unpacked_tables(packed: torch.Tensor, B: int, pixels: int, m: int) -> RegionTables:
+    """The RegionTables whose fields are views of ``packed`` (``packed_tables``)."""
+    region, perm, count, start = torch.split(packed, (B * pixels, B * pixels, B * m, B * m))
+    return RegionTables(region.view(B, pixels), perm.view(B, pixels), count.view(B, m), start.view(B, m), packed)
+
+
+def packed_tables(tables: RegionTables) -> torch.Tensor:
+    """The tables as one flat int32 tensor, region, perm, count and pixel_start back to back: how a
+    forward hands its tables to its backward. The kernel's are built packed; the torch path's are
+    copied."""
+    if tables.packed is not None:
+        return tables.packed
+    return torch.cat([t.reshape(-1) for t in (tables.region, tables.perm, tables.count, tables.pixel_start)])
+
+
 def _empty_tables(B: int, pixels: int, m: int, device) -> RegionTables:
-    i32 = dict(dtype=torch.int32, device=device)
-    return RegionTables(*(torch.empty((B, size), **i32) for size in (pixels, pixels, m, m)))
+    return unpacked_tables(torch.empty(packed_size(B, pixels, m), dtype=torch.int32, device=device), B, pixels, m)
 
 
 def region_tables(guide: torch.Tensor) -> RegionTables:
@@ -248,4 +270,4 @@ def catalogue() -> list[Launch]:
 
 
 __all__ = ["RegionTables", "region_tile", "region_tables", "region_tables_torch", "region_tables_launch",
-           "region_tile_bound", "meta_region_tables", "catalogue"]
+           "region_tile_bound", "meta_region_tables", "packed_tables", "unpacked_tables", "packed_size", "catalogue"]

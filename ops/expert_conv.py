@@ -2,8 +2,10 @@
 
 Registered with torch.library as ``torch.ops.dynconv.expert_conv2d`` (forward),
 ``expert_conv2d_backward_input`` (∂x) and ``expert_conv2d_backward_weight`` (∂experts, ∂routing,
-∂bias, ∂spatial, ∂guide). Each has a fake implementation, so ``torch.compile(fullgraph=True)``
-traces through it, and the forward has an autograd formula built from the backward ops. Higher
+∂bias, ∂spatial, ∂guide), with DRConv's region tables built once before the forward by
+``expert_conv2d_region_tables`` and passed to the backward ops. Each has a fake implementation, so
+``torch.compile(fullgraph=True)`` traces through it, and the forward has an autograd formula built
+from the backward ops. Higher
 derivatives (a create_graph backward) are built from differentiable steps instead:
 ``expert_conv2d_backward_input``, ``expert_conv2d_backward_kernel`` (per-sample kernel gradient)
 and ``expert_conv2d_per_sample`` (the forward with already-mixed kernels), each with an autograd
@@ -33,7 +35,7 @@ from dynconv.kernels import expert_conv_input_grad as input_grad_kernels
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.kernels import layout, region_conv, region_conv_input_grad
 from dynconv.kernels._launch import runs_kernels
-from dynconv.kernels.region_tables import RegionTables, region_tables
+from dynconv.kernels.region_tables import RegionTables, packed_size, packed_tables, region_tables, unpacked_tables
 
 from . import _eager
 from .layout import channels_last_copy_op
@@ -146,17 +148,31 @@ def _regions(weights: Tensor, routing: Tensor | None) -> int:
     return weights.shape[1] if routing is None else routing.shape[1]
 
 
-def _tables(guide: Tensor | None, m: int) -> RegionTables | None:
-    """The region tables a DRConv guide of m > 1 regions gives the kernels (one launch), else None."""
-    return region_tables(guide) if guide is not None and m > 1 else None
+# DRConv's region tables (kernels/region_tables.py) are built once a training step: before the
+# forward (``_forward_tables``), packed into one int32 tensor that the forward saves and its backward
+# passes reach as ``regions``; a pass given none (the differentiable steps, the per-sample op) builds
+# its own.
+
+def _builds_tables(x: Tensor, weights: Tensor, routing: Tensor | None, guide: Tensor | None) -> bool:
+    """Whether a forward's kernels read region tables: a guide of m > 1 regions, and x for the kernels."""
+    return (guide is not None and _regions(weights, routing) > 1 and x.numel() > 0 and not x.is_meta
+            and runs_kernels(x))
 
 
-def _step_tables(x: Tensor, weights: Tensor, routing: Tensor | None, guide: Tensor | None) -> RegionTables | None:
-    """The tables an eager forward builds where its kernels will read them, and keeps for its backward
-    (one build a training step, not three)."""
-    if x.numel() == 0 or x.is_meta or not runs_kernels(x):
+def _forward_tables(x, weights, routing, guide) -> Tensor | None:
+    """The packed tables an eager forward builds for itself and its backward, or None."""
+    return packed_tables(region_tables(guide)) if _builds_tables(x, weights, routing, guide) else None
+
+
+def _tables(guide: Tensor | None, m: int, packed: Tensor | None) -> RegionTables | None:
+    """The region tables the kernels read for a guide of m > 1 regions, else None: the forward's
+    (``packed``) or, without them, built here (one launch)."""
+    if guide is None or m <= 1:
         return None
-    return _tables(guide, _regions(weights, routing))
+    if packed is None:
+        return region_tables(guide)
+    B, _, Ho, Wo = guide.shape
+    return unpacked_tables(packed, B, Ho * Wo, m)
 
 
 def _mixed_bias(routing, bias):
@@ -199,8 +215,8 @@ def _region_grad_sums(grad: Tensor, guide, m: int, acc: torch.dtype) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out,
-             regions: RegionTables | None = None):
-    """y; ``regions`` the guide's tables where the caller built them (``_step_tables``)."""
+             regions: Tensor | None = None):
+    """y; ``regions`` the guide's packed tables where the caller built them (``_forward_tables``)."""
     fmt = memory_format_of(x)
     nonempty = x.numel() and weights.shape[-4] and weights.shape[-3] and out[0] * out[1]
     if nonempty and not x.is_meta and not runs_kernels(x):
@@ -215,8 +231,7 @@ def _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilatio
         return y.copy_(_selected_bias(mixed, guide, y.shape)) if mixed is not None else y.zero_()
     if y.is_meta:
         return y
-    if regions is None:
-        regions = _tables(guide, _regions(weights, routing))
+    regions = _tables(guide, _regions(weights, routing), regions)
     if regions is not None and routing is not None and region_conv.supported(x, weights, y, routing.shape[1]):
         region_conv.region_forward(x, weights, routing, spatial, _mixed_bias(routing, bias), regions, y, groups,
                                    stride, padding, dilation)
@@ -319,7 +334,7 @@ def _guide_grad(scores: Tensor, guide: Tensor) -> Tensor:
 
 
 def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups,
-                    regions: RegionTables | None = None):
+                    regions: Tensor | None = None):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if not grad.is_meta and not runs_kernels(grad) and grad.numel() and weights.numel() and all(x_size):
         dx = _cpu_backward_input(grad, weights, routing, spatial, guide, x_size, stride, padding, dilation, groups)
@@ -329,8 +344,7 @@ def _backward_input(grad, weights, routing, spatial, guide, x_size, channels_las
         return dx
     if grad.numel() == 0 or weights.numel() == 0:
         return dx.zero_()
-    if regions is None:
-        regions = _tables(guide, _regions(weights, routing))
+    regions = _tables(guide, _regions(weights, routing), regions)
     if regions is not None and routing is not None and region_conv.backward_input_supported(grad, dx,
                                                                                            routing.shape[1]):
         region_conv_input_grad.region_backward_input(grad, weights, routing, spatial, regions, dx, groups, stride,
@@ -352,7 +366,7 @@ def _backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dila
         return dW, _region_grad_sums(grad, guide, m, acc)
     if runs_kernels(x):
         if regions is None:
-            regions = _tables(guide, m)
+            regions = _tables(guide, m, None)
         return weight_grad_kernels.expert_conv_backward_kernel(grad, x, regions, m, groups, kernel_hw, stride,
                                                                padding, dilation)
     return _cpu_backward_kernel(grad, x, guide, m, groups, kernel_hw, stride, padding, dilation)
@@ -427,7 +441,7 @@ def _weight_side_grads(backward_kernel, grad, x, guide, weights, routing, bias, 
 
 
 def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide,
-                     regions: RegionTables | None = None):
+                     regions: Tensor | None = None):
     """(∂weights, ∂routing, ∂bias, ∂spatial, ∂guide); an absent or unwanted one is an empty tensor.
 
     The per-(sample, region) kernel gradient ``dW (B, m, Cout, Cin/g, kh, kw)`` (fp32; with a
@@ -438,7 +452,8 @@ def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, pa
     need_guide = need_guide and guide is not None
     dweights, drouting, dbias, dspatial = _weight_side_grads(_backward_kernel, grad, x, guide, weights, routing, bias,
                                                              spatial, (stride, padding, dilation, groups),
-                                                             regions=regions)
+                                                             regions=_tables(guide, _regions(weights, routing),
+                                                                             regions) if regions is not None else None)
     dguide = None
     if need_guide:
         if guide.shape[1] == 1:
@@ -451,18 +466,19 @@ def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, pa
                  for g in (dweights, drouting, dbias, dspatial, dguide))
 
 
-def _save(ctx, tensors, geometry):
+def _save(ctx, tensors, geometry, regions=None):
+    """The six conv inputs and the forward's packed region tables (or None) for the backward."""
     ctx.geometry = tuple(geometry)
     ctx.x_size = tuple(tensors[0].shape)
     ctx.channels_last = is_channels_last(tensors[0])
-    ctx.save_for_backward(*tensors)
+    ctx.save_for_backward(*tensors, regions)
 
 
 def _grads(ctx, grad, backward_input, backward_weight, channels_last_copy):
     """First-order (dx, dweights, drouting, dbias, dspatial, dguide) from the fused backward bodies,
     each None where not needed. Where both bodies would read a channels_last copy of an NCHW grad,
     ``channels_last_copy`` makes it once for both."""
-    x, weights, routing, bias, spatial, guide = ctx.saved_tensors
+    x, weights, routing, bias, spatial, guide, regions = ctx.saved_tensors
     needs = ctx.needs_input_grad
     stride, _, _, groups = ctx.geometry
     if (needs[0] and any(needs[1:6]) and runs_kernels(grad) and grad.numel()
@@ -470,9 +486,11 @@ def _grads(ctx, grad, backward_input, backward_weight, channels_last_copy):
         grad = channels_last_copy(grad)
     dx = dweights = drouting = dbias = dspatial = dguide = None
     if needs[0]:
-        dx = backward_input(grad, weights, routing, spatial, guide, ctx.x_size, ctx.channels_last, *ctx.geometry)
+        dx = backward_input(grad, weights, routing, spatial, guide, ctx.x_size, ctx.channels_last, *ctx.geometry,
+                            regions=regions)
     if any(needs[1:6]):
-        grads = backward_weight(grad, x, weights, routing, bias, spatial, guide, *ctx.geometry, bool(needs[5]))
+        grads = backward_weight(grad, x, weights, routing, bias, spatial, guide, *ctx.geometry, bool(needs[5]),
+                                regions=regions)
         dweights, drouting, dbias, dspatial, dguide = (g if (need and present is not None) else None
                                                        for g, need, present in zip(
                                                            grads, needs[1:6], (weights, routing, bias, spatial, guide)))
@@ -504,8 +522,9 @@ def _like(grads, tensors):
 
 
 def _conv_grads(steps: _Steps, grad, saved, needs, x_size, channels_last, geometry, straight_through: bool):
-    """Differentiable (dx, dweights, drouting, dbias, dspatial, dguide) of conv (see above)."""
-    x, weights, routing, bias, spatial, guide = saved
+    """Differentiable (dx, dweights, drouting, dbias, dspatial, dguide) of conv (see above); ``saved``
+    from ``_save`` (the forward's region tables unused: each step builds its own)."""
+    x, weights, routing, bias, spatial, guide = saved[:6]
     stride, padding, dilation, groups = geometry
     fixed = _fixed(guide)
     dx = dweights = drouting = dbias = dspatial = dguide = None
@@ -575,16 +594,30 @@ def _backward_kernel_grads(steps: _Steps, dW, dbias, saved, needs, geometry, ker
 # Custom ops (torch.compile, opcheck, fake tensors; see ops/_eager.py)
 # ---------------------------------------------------------------------------------------------
 
+@torch.library.custom_op("dynconv::expert_conv2d_region_tables", mutates_args=())
+def region_tables_op(guide: Tensor) -> Tensor:
+    """DRConv's region tables of ``guide`` (B, m, Ho, Wo), packed (``packed_tables``): built before the
+    forward op, which saves them for its backward ops."""
+    return packed_tables(region_tables(guide))
+
+
+@region_tables_op.register_fake
+def _(guide):
+    B, m, Ho, Wo = guide.shape
+    return guide.new_empty(packed_size(B, Ho * Wo, m), dtype=torch.int32)
+
+
 @torch.library.custom_op("dynconv::expert_conv2d", mutates_args=())
 def expert_conv2d_op(x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | None, spatial: Tensor | None,
                      guide: Tensor | None, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                     groups: int) -> Tensor:
+                     groups: int, regions: Tensor | None = None) -> Tensor:
+    """``regions``: the guide's packed region tables (``region_tables_op``), which the backward reads."""
     geometry = _check(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups)
-    return _forward(x, experts, routing, bias, spatial, guide, *geometry[:3], groups, geometry[3])
+    return _forward(x, experts, routing, bias, spatial, guide, *geometry[:3], groups, geometry[3], regions)
 
 
 @expert_conv2d_op.register_fake
-def _(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups):
+def _(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, regions=None):
     _, _, _, out = _check(x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups)
     return _empty(x, (x.shape[0], experts.shape[1], *out), memory_format_of(x))
 
@@ -607,27 +640,28 @@ def _(x, kernels, bias, guide, stride, padding, dilation, groups):
 @torch.library.custom_op("dynconv::expert_conv2d_backward_input", mutates_args=())
 def backward_input_op(grad: Tensor, experts: Tensor, routing: Tensor | None, spatial: Tensor | None,
                       guide: Tensor | None, x_size: Sequence[int], channels_last: bool, stride: Sequence[int],
-                      padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+                      padding: Sequence[int], dilation: Sequence[int], groups: int,
+                      regions: Tensor | None = None) -> Tensor:
     return _backward_input(grad, experts, routing, spatial, guide, x_size, channels_last, stride, padding, dilation,
-                           groups)
+                           groups, regions)
 
 
 @backward_input_op.register_fake
-def _(grad, experts, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups):
+def _(grad, experts, routing, spatial, guide, x_size, channels_last, stride, padding, dilation, groups, regions=None):
     return _empty(grad, x_size, torch.channels_last if channels_last else torch.contiguous_format)
 
 
 @torch.library.custom_op("dynconv::expert_conv2d_backward_weight", mutates_args=())
 def backward_weight_op(grad: Tensor, x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | None,
                        spatial: Tensor | None, guide: Tensor | None, stride: Sequence[int], padding: Sequence[int],
-                       dilation: Sequence[int], groups: int, need_guide: bool
+                       dilation: Sequence[int], groups: int, need_guide: bool, regions: Tensor | None = None
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _backward_weight(grad, x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups,
-                            need_guide)
+                            need_guide, regions)
 
 
 @backward_weight_op.register_fake
-def _(grad, x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide):
+def _(grad, x, experts, routing, bias, spatial, guide, stride, padding, dilation, groups, need_guide, regions=None):
     need_guide = need_guide and guide is not None
     return (torch.empty_like(experts, memory_format=torch.contiguous_format),
             torch.empty_like(routing, memory_format=torch.contiguous_format),
@@ -678,7 +712,7 @@ _OP_STEPS = _Steps(
 
 
 def _op_setup_context(ctx, inputs, output):
-    _save(ctx, inputs[:6], inputs[6:])
+    _save(ctx, inputs[:6], inputs[6:10], inputs[10])
 
 
 def _op_backward(ctx, grad):
@@ -687,7 +721,7 @@ def _op_backward(ctx, grad):
                             ctx.channels_last, ctx.geometry, True)
     else:
         grads = _grads(ctx, grad, backward_input_op, backward_weight_op, channels_last_copy_op)
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 torch.library.register_autograd("dynconv::expert_conv2d", _op_backward, setup_context=_op_setup_context)
@@ -711,13 +745,13 @@ torch.library.register_autograd("dynconv::expert_conv2d_per_sample", _per_sample
 
 
 def _backward_input_setup_context(ctx, inputs, output):
-    ctx.geometry = tuple(inputs[7:])
+    ctx.geometry = tuple(inputs[7:11])
     ctx.save_for_backward(*inputs[:5])
 
 
 def _backward_input_backward(ctx, h):
     grads = _backward_input_grads(_OP_STEPS, h, ctx.saved_tensors, ctx.needs_input_grad, ctx.geometry)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("dynconv::expert_conv2d_backward_input", _backward_input_backward,
@@ -812,10 +846,7 @@ class _Conv(torch.autograd.Function):
             grads = _conv_grads(_EAGER_STEPS, grad, ctx.saved_tensors, ctx.needs_input_grad, ctx.x_size,
                                 ctx.channels_last, ctx.geometry, True)
         else:
-            # The tables the eager forward built (_EagerConv), or None: each pass builds its own.
-            regions = getattr(ctx, "regions", None)
-            grads = _grads(ctx, grad, functools.partial(_backward_input, regions=regions),
-                           functools.partial(_backward_weight, regions=regions), layout.channels_last_copy)
+            grads = _grads(ctx, grad, _backward_input, _backward_weight, layout.channels_last_copy)
         return (*grads, None, None, None, None, None)
 
     @staticmethod
@@ -945,14 +976,12 @@ class _EagerConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out):
-        _save(ctx, (x, weights, routing, bias, spatial, guide), (stride, padding, dilation, groups))
+        regions = _forward_tables(x, weights, routing, guide)
+        _save(ctx, (x, weights, routing, bias, spatial, guide), (stride, padding, dilation, groups), regions)
         if torch.autograd.forward_ad._current_level >= 0:
             ctx.save_for_forward(x, weights, routing, bias, spatial, guide)
             ctx.out = out
-        # Derived from the saved guide, whose version autograd checks before the backward reads them.
-        ctx.regions = _step_tables(x, weights, routing, guide)
-        return _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out,
-                        ctx.regions)
+        return _forward(x, weights, routing, bias, spatial, guide, stride, padding, dilation, groups, out, regions)
 
     backward = _Conv.backward
     jvp = _Conv.jvp
@@ -997,7 +1026,12 @@ def expert_conv2d(x: Tensor, experts: Tensor, routing: Tensor, bias: Tensor | No
     tensors = x, experts, routing, bias, spatial, guide
     if not _eager.eager(*tensors):
         if not _transformed():
-            return expert_conv2d_op(*tensors, *map(list, pairs), groups)
+            regions = None
+            if guide is not None:  # checked before its tables are built
+                _check_tensors(*tensors, groups)
+                if _builds_tables(x, experts, routing, guide):
+                    regions = region_tables_op(_fixed(guide))
+            return expert_conv2d_op(*tensors, *map(list, pairs), groups, regions)
         _check_tensors(*tensors, groups)
         geometry = _geometry(x.shape, experts.shape, routing.shape, _shape(bias), _shape(spatial), _shape(guide),
                              *pairs, groups)

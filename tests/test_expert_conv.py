@@ -686,6 +686,11 @@ def test_opcheck(name, device):
     args = (inputs["x"], inputs["experts"], routing.detach().requires_grad_(), inputs["bias"], inputs["spatial"],
             inputs["guide"], [case.stride] * 2, [case.padding] * 2, [case.dilation] * 2, case.groups)
     torch.library.opcheck(torch.ops.dynconv.expert_conv2d, args)
+    if inputs["guide"] is not None:  # with the region tables built before it, as the op path passes them
+        guide = inputs["guide"].detach()
+        torch.library.opcheck(torch.ops.dynconv.expert_conv2d_region_tables, (guide,))
+        regions = torch.ops.dynconv.expert_conv2d_region_tables(guide)
+        torch.library.opcheck(torch.ops.dynconv.expert_conv2d, args + (regions,))
 
 
 def test_torch_compile_streamed_nchw(device, monkeypatch):

@@ -207,10 +207,10 @@ def test_catalogue_lists_the_column_product_and_the_fold():
     assert all(launch.name == "region_conv_columns_kernel" for launch in launches[0::2])
 
 
-@pytest.mark.parametrize("columns", [True, False], ids=["columns", "m-region"])
-def test_a_training_step_builds_the_region_tables_once(columns, monkeypatch, device):
-    """The eager forward's region tables serve its input and kernel gradients: one build (one launch)
-    a forward and backward, whichever input gradient runs; every gradient against float64."""
+
+@pytest.fixture
+def table_builds(monkeypatch):
+    """The guide shapes of the region tables' launches."""
     from dynconv.kernels import region_tables
     builds = []
     real = region_tables.region_tables_launch
@@ -220,8 +220,24 @@ def test_a_training_step_builds_the_region_tables_once(columns, monkeypatch, dev
         return real(*args, **kwargs)
 
     monkeypatch.setattr(region_tables, "region_tables_launch", counted)
+    return builds
+
+
+@pytest.mark.parametrize("columns", [True, False], ids=["columns", "m-region"])
+def test_a_training_step_builds_the_region_tables_once(columns, table_builds, monkeypatch, device):
+    """The eager forward's region tables serve its input and kernel gradients: one build (one launch)
+    a forward and backward, whichever input gradient runs; every gradient against float64."""
     if not columns:
         monkeypatch.setattr(region_conv_input_grad, "uses_columns", lambda *args: False)
     inputs, geometry = _inputs(B=2, H=6, W=5, m=4)
     check_against_reference(_op, _reference, inputs, torch.float32, device, torch.channels_last, **geometry)
-    assert builds == [inputs["guide"].shape]
+    assert table_builds == [inputs["guide"].shape]
+
+
+def test_a_compiled_training_step_builds_the_region_tables_once(table_builds, device):
+    """Under torch.compile the forward op takes the tables of a region-tables op and saves them for
+    the backward ops: one build a forward and backward there too."""
+    inputs, geometry = _inputs(B=2, H=6, W=5, m=4)
+    compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
+    check_against_reference(compiled, _reference, inputs, torch.float32, device, **geometry)
+    assert table_builds == [inputs["guide"].shape]
