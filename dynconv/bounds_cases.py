@@ -286,8 +286,13 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
               if dx_copies or columns else None,
               # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
               "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}
-    if guided and p.m > 1:  # and the region tables the forward builds first (the backward reads the forward's)
+    if guided and p.m > 1:
+        # The region tables the forward builds first (the backward reads the forward's), and the bias
+        # gradient's own launch beside the kernel gradient (dy in, the (B, m, Cout) sums out).
         copies["fwd"] = _then(copies.get("fwd"), lambda: regions_built(rc_part if region_fwd else part_size))
+        copies["dw"] = _then(copies.get("dw"), lambda: [(ecw.default_bias_launch(
+            ec.channels_last_stand_in(tensors()[1]) if dw_copies else tensors()[1], p.m),
+            sizes["y"] * nb + p.B * p.m * p.Cout * 4)])
     if bank and bank_copies:  # the expert-bank guide scores read x's copy (the whole batch: one launch)
         copies["guide"] = lambda: copied(tensors()[0], True)
     workspace = {"dx": col_bytes if columns else 0}  # the fold reads the columns back

@@ -1,10 +1,13 @@
 """The expert conv's kernel gradient (docs/operators.md §2): ``dW[b,r] = Σ_{p in region r} dy[b,:,p] ⊗
-patch[b,p,:]`` per (sample, region), with the bias gradient of regions, as an implicit GEMM whose
-reduction runs over the pixels.
+patch[b,p,:]`` per (sample, region), as an implicit GEMM whose reduction runs over the pixels, and
+the bias gradient of regions ``dbias[b,r] = Σ_{p in region r} dy[b,:,p]``.
 
 Summed over pixels inside a program, optionally split over ``SPLITS`` pixel chunks whose fp32
 partials the caller adds in a fixed order: deterministic, no float atomics. The bias gradient per
-(sample, region) comes from the same programs. ``dW`` is fp32 ``(SPLITS, B, m, Cout, Cin/g, kh, kw)``
+(sample, region) is a launch of its own (``region_bias_grad_kernel``): summed in the kernel
+gradient's programs it cost every one of them a row sum a step, though a ninth stored it
+(PREDICTED, triton 3.6, D1 dw: bf16 NHWC 40.7 -> 35.8 us without it, fp32 NCHW 108.5 -> 57.1 us:
+the sums' registers had halved the programs an SM holds). ``dW`` is fp32 ``(SPLITS, B, m, Cout, Cin/g, kh, kw)``
 laid out with Cin/g innermost (``kernel_grad_buffer``); the contraction down to experts, routing
 and spatial is a few small GEMMs left to the caller (ops/).
 
@@ -18,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64, planned
+from ._indexing import widen
+from ._launch import (Launch, cacheable, cdiv, config_key, is_channels_last, layout, needs_int64, next_power_of_2,
+                      planned)
 from .configs import get_config
 from .expert_conv import (INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, _acc_dtype, _acc_torch_dtype, _block_k,
                           _geometry_args, _input_precision, _pow2_between, _region_tensors, _per_kernel, _regions_key,
@@ -68,21 +73,19 @@ def _weight_grad_step(dy_sample, dy_row, x_sample, x_col, perm_ptr, b, P, start,
 
 @triton.jit
 def expert_conv_bwd_weight_kernel(
-    dy_ptr, x_ptr, pixel_start_ptr, count_ptr, perm_ptr, dw_ptr, dbias_ptr,
+    dy_ptr, x_ptr, pixel_start_ptr, count_ptr, perm_ptr, dw_ptr,
     H, W, Ho, Wo, P, CIN_G, COUT_G, KH, KW, NUM_REGIONS, SPLITS, O_TILES, C_TILES,
     sdyb, sdyc, sdyh, sdyw,
     sxb, sxc, sxh, sxw,
     sdw_s, sdw_b, sdw_r, sdw_o, sdw_i, sdw_u, sdw_v,
-    sdb_s, sdb_b, sdb_r, sdb_o,
     SH, SW, PH, PW, DH, DW,
     TAP_LOOP: tl.constexpr, FLAT: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, HAS_GUIDE: tl.constexpr, HAS_DBIAS: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_K: tl.constexpr, HAS_GUIDE: tl.constexpr, PREFETCH: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dw[s, b, r, o, k] = Σ_{p in chunk s of region r} dy[b, o, p] · patch[b, p, k], and (HAS_DBIAS)
-    from the programs of the first k tile dbias[s, b, r, o] = Σ_p dy[b, o, p]. Axis 0 is (b, r, s).
-    Without regions the caller sums dy itself: a row sum per K-step (conversions, adds and shuffles
-    on every program, though only the first k tile's is stored) costs more issue slots than the MMA.
+    """dw[s, b, r, o, k] = Σ_{p in chunk s of region r} dy[b, o, p] · patch[b, p, k]. Axis 0 is (b, r, s).
+    The bias gradient is not summed here: a row sum per K-step (conversions, adds and shuffles on
+    every program, though only the first k tile's would be stored) costs more issue slots than the MMA.
 
     TAP_LOOP: a program's k tile is BLOCK_N channels of one tap (axis 2 is (tap, channel tile)), so
     a pixel step forms the patch rows' positions and padding mask once per pixel, not per element.
@@ -140,7 +143,6 @@ def expert_conv_bwd_weight_kernel(
     x_col = (g * CIN_G + c) * sxc
     dw_col = c * sdw_i + u * sdw_u + v * sdw_v
     acc = tl.zeros((BLOCK_O, BLOCK_N), dtype=ACC_DTYPE)
-    bias_acc = tl.zeros((BLOCK_O,), dtype=ACC_DTYPE)
     if FLAT:
         # The tap's shift in flat pixels (x's rows are W = Wo apart): x[c, p + shift] is patch[p, c].
         rise = u * DH - PH
@@ -160,8 +162,6 @@ def expert_conv_bwd_weight_kernel(
             patch = tl.load(x_step, mask=ok[:, None] & k_ok[None, :], other=0.0)
             x_step += BLOCK_K
             acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if HAS_DBIAS:
-                bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
     elif PREFETCH:
         # Register double buffering instead of triton's cp.async pipeline: the step after next is
         # loaded with vectors along the channels before this step's MMA, and the copy to shared
@@ -175,8 +175,6 @@ def expert_conv_bwd_weight_kernel(
                                                       sxh, sxw, SH, SW, PH, PW, DH, DW, BLOCK_K, TAP_LOOP,
                                                       HAS_GUIDE, INDEX_64)
             acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if HAS_DBIAS:
-                bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
             grad = grad_next
             patch = patch_next
     else:
@@ -185,12 +183,38 @@ def expert_conv_bwd_weight_kernel(
                                             k_ok, u, v, H, W, Wo, sdyh, sdyw, sxh, sxw, SH, SW, PH, PW, DH, DW,
                                             BLOCK_K, TAP_LOOP, HAS_GUIDE, INDEX_64)
             acc = tl.dot(grad, patch, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if HAS_DBIAS:
-                bias_acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
     dw_off = s * sdw_s + b * sdw_b + r * sdw_r + (o * sdw_o)[:, None] + dw_col[None, :]
     tl.store(dw_ptr + dw_off, acc, mask=o_ok[:, None] & k_ok[None, :])
-    if HAS_DBIAS and pid_k == 0:
-        tl.store(dbias_ptr + s * sdb_s + b * sdb_b + r * sdb_r + o * sdb_o, bias_acc, mask=o_ok)
+
+
+@triton.jit
+def region_bias_grad_kernel(dy_ptr, pixel_start_ptr, count_ptr, perm_ptr, dbias_ptr, P, Wo, COUT, NUM_REGIONS,
+                            sdyb, sdyc, sdyh, sdyw, sdb_b, sdb_r,
+                            BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, FLAT: tl.constexpr,
+                            INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """dbias[b, r, o] = Σ_{p in region r} dy[b, o, p] for BLOCK_O channels: a program per (sample,
+    region, channel tile) walks the region's pixels (perm[start : start + count]) BLOCK_P at a time,
+    in a fixed order. FLAT: a pixel's offset is p · sdyw (NCHW-contiguous or channels_last dy)."""
+    br = tl.program_id(0)
+    b = widen(br // NUM_REGIONS, INDEX_64)
+    r = br % NUM_REGIONS
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < COUT
+    start = tl.load(pixel_start_ptr + b * NUM_REGIONS + r)
+    count = tl.load(count_ptr + b * NUM_REGIONS + r)
+    rows = dy_ptr + b * sdyb + widen(o, INDEX_64)[:, None] * sdyc
+    acc = tl.zeros((BLOCK_O,), dtype=ACC_DTYPE)
+    for q0 in range(0, count, BLOCK_P):
+        q = q0 + tl.arange(0, BLOCK_P)
+        q_ok = q < count
+        p = widen(tl.load(perm_ptr + b * P + start + q, mask=q_ok, other=0), INDEX_64)
+        if FLAT:
+            offset = p * sdyw
+        else:
+            offset = (p // Wo) * sdyh + (p % Wo) * sdyw
+        grad = tl.load(rows + offset[None, :], mask=o_ok[:, None] & q_ok[None, :], other=0.0)
+        acc += tl.sum(grad.to(ACC_DTYPE), axis=1)
+    tl.store(dbias_ptr + b * sdb_b + r * sdb_r + o, acc, mask=o_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,18 +320,16 @@ def kernel_grad_buffer(splits: int, B: int, m: int, cout: int, cin_g: int, kerne
     return buffer.movedim(-1, 4)
 
 
-def backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kernel_hw, groups, stride,
-                           padding, dilation, config: dict) -> Launch:
-    """``dw``: (SPLITS, B, m, Cout, Cin/g, kh, kw), ``dbias``: (SPLITS, B, m, Cout), both fp32/fp64;
-    ``dbias`` None leaves the bias gradient to the caller (without regions it is dy's pixel sum)."""
+def backward_weight_launch(dy, x, regions: RegionTables | None, dw, kernel_hw, groups, stride, padding, dilation,
+                           config: dict) -> Launch:
+    """``dw``: (SPLITS, B, m, Cout, Cin/g, kh, kw), fp32/fp64."""
     if not cacheable(x):
-        return _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding, dilation,
-                                       config)
-    key = ("expert_conv_bwd_weight", layout(dy), layout(x), _regions_key(regions), layout(dw), layout(dbias),
+        return _backward_weight_launch(dy, x, regions, dw, kernel_hw, groups, stride, padding, dilation, config)
+    key = ("expert_conv_bwd_weight", layout(dy), layout(x), _regions_key(regions), layout(dw),
            tuple(kernel_hw), groups, *stride, *padding, *dilation, config_key(config))
-    return planned(key, ("dy_ptr", "x_ptr", "dw_ptr", "dbias_ptr", "pixel_start_ptr", "count_ptr", "perm_ptr"),
-                   (dy, x, dw, dbias, *_region_tensors(regions, ("pixel_start", "count", "perm"))),
-                   lambda: _backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, stride, padding,
+    return planned(key, ("dy_ptr", "x_ptr", "dw_ptr", "pixel_start_ptr", "count_ptr", "perm_ptr"),
+                   (dy, x, dw, *_region_tensors(regions, ("pixel_start", "count", "perm"))),
+                   lambda: _backward_weight_launch(dy, x, regions, dw, kernel_hw, groups, stride, padding,
                                                    dilation, config))
 
 
@@ -320,8 +342,8 @@ def flat_pixels(dy, x, stride) -> bool:
             and dy.stride()[2:] == (Wo, 1))
 
 
-def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kernel_hw, groups, stride,
-                            padding, dilation, config: dict) -> Launch:
+def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, kernel_hw, groups, stride, padding, dilation,
+                            config: dict) -> Launch:
     B, Cin, H, W = x.shape
     Cout, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
     splits, m = dw.shape[0], dw.shape[2]
@@ -333,7 +355,7 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
     c_tiles = cdiv(Cin // groups, meta["BLOCK_N"])
     k_tiles = kh * kw * c_tiles if tap_loop else cdiv((Cin // groups) * kh * kw, meta["BLOCK_N"])
     args = dict(
-        dy_ptr=dy, x_ptr=x, dw_ptr=dw, dbias_ptr=dbias,
+        dy_ptr=dy, x_ptr=x, dw_ptr=dw,
         pixel_start_ptr=regions.pixel_start if regions is not None else None,
         count_ptr=regions.count if regions is not None else None,
         perm_ptr=regions.perm if regions is not None else None,
@@ -342,11 +364,10 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
         **dict(zip(("sdyb", "sdyc", "sdyh", "sdyw"), dy.stride())),
         **dict(zip(("sxb", "sxc", "sxh", "sxw"), x.stride())),
         **dict(zip(("sdw_s", "sdw_b", "sdw_r", "sdw_o", "sdw_i", "sdw_u", "sdw_v"), dw.stride())),
-        **dict(zip(("sdb_s", "sdb_b", "sdb_r", "sdb_o"), dbias.stride() if dbias is not None else (0,) * 4)),
         **_geometry_args(stride, padding, dilation),
     )
     flat = tap_loop and regions is None and flat_pixels(dy, x, stride)
-    index_64 = needs_int64(dy, x, dw, dbias)
+    index_64 = needs_int64(dy, x, dw)
     stages = config.get("num_stages", 2)
     # One stage: the gathered steps double-buffer in registers themselves (the kernel's PREFETCH).
     # Not the 64-bit variants, which take triton's two-stage pipeline instead: the register buffer
@@ -355,9 +376,8 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
     prefetch = gathered_one_stage and not index_64
     if gathered_one_stage and index_64:
         stages = 2
-    meta.update(TAP_LOOP=tap_loop, FLAT=flat, HAS_GUIDE=regions is not None, HAS_DBIAS=dbias is not None,
-                PREFETCH=prefetch, INDEX_64=index_64, ACC_DTYPE=_acc_dtype(x.dtype),
-                INPUT_PRECISION=_input_precision(x.dtype))
+    meta.update(TAP_LOOP=tap_loop, FLAT=flat, HAS_GUIDE=regions is not None, PREFETCH=prefetch, INDEX_64=index_64,
+                ACC_DTYPE=_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype))
     if groups * o_tiles > 65535 or k_tiles > 65535:
         raise ValueError("too many tiles for the grid; use larger BLOCK_O/BLOCK_N")
     # Pixels per (sample, region, split): the mean region size when a guide splits the pixels.
@@ -370,28 +390,47 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, dbias, kern
 # The entry point used by ops/: it allocates the partials and sums them.
 # --------------------------------------------------------------------------------------------
 
+def region_bias_grad_launch(dy, regions: RegionTables, dbias) -> Launch:
+    """The bias gradient of regions into ``dbias`` (B, m, Cout), fp32/fp64, Cout contiguous: 16 channels
+    by 128 pixels a step, two warps. A program's path is its chain of dependent loads (the counts, the
+    pixel ids, dy), so most regions take one step: PREDICTED (triton 3.6, D1 dy, bf16 channels_last)
+    3.0 us, 10.1 with 128 channels by 32 pixels (a round trip per step and four steps); NCHW 4.1 us."""
+    B, Cout, Ho, Wo = dy.shape
+    m = regions.num_regions
+    block_o = min(16, next_power_of_2(Cout))
+    block_p = 128
+    sdyb, sdyc, sdyh, sdyw = dy.stride()
+    if dbias.stride(2) != 1:
+        raise ValueError("the bias gradient's channels must be contiguous")
+    return Launch(region_bias_grad_kernel, (B * m, cdiv(Cout, block_o), 1),
+                  dict(dy_ptr=dy, pixel_start_ptr=regions.pixel_start, count_ptr=regions.count, perm_ptr=regions.perm,
+                       dbias_ptr=dbias, P=Ho * Wo, Wo=Wo, COUT=Cout, NUM_REGIONS=m, sdyb=sdyb, sdyc=sdyc, sdyh=sdyh,
+                       sdyw=sdyw, sdb_b=dbias.stride(0), sdb_r=dbias.stride(1)),
+                  dict(BLOCK_O=block_o, BLOCK_P=block_p, FLAT=sdyh == Wo * sdyw, INDEX_64=needs_int64(dy, dbias),
+                       ACC_DTYPE=_acc_dtype(dy.dtype)), 2, 1,
+                  loops=(cdiv(cdiv(Ho * Wo, m), block_p),))  # the mean region's pixels
+
+
 def launch_with_partials(dy, x, regions: RegionTables | None, m: int, groups: int, kernel_hw, geometry,
-                         config: dict, buffer=None) -> tuple[Launch, torch.Tensor, torch.Tensor | None]:
-    """The kernel-gradient launch and the partials it writes, on dy's device in the accumulation
-    dtype: dW's pixel splits and, with regions, the bias gradient's. One region leaves the bias
-    gradient to dy's pixel sum, a plain reduction (deterministic) rather than a row sum in every
-    program of the kernel (see expert_conv_bwd_weight_kernel). ``buffer(name, build)`` gives each
-    partials tensor (the tuner's cache of them); by default ``build()``, a new one."""
+                         config: dict, buffer=None) -> tuple[Launch, torch.Tensor]:
+    """The kernel-gradient launch and the partials it writes, dW's pixel splits, on dy's device in the
+    accumulation dtype. ``buffer(name, build)`` gives the partials tensor (the tuner's cache of
+    them); by default ``build()``, a new one."""
     B, Cin = x.shape[:2]
     Cout, pixels = dy.shape[1], dy.shape[2] * dy.shape[3]
     splits = weight_grad_splits(B, m, Cout, groups, Cin // groups * kernel_hw[0] * kernel_hw[1], pixels, config)
     acc = dict(dtype=_acc_torch_dtype(x.dtype), device=dy.device)
     buffer = buffer or (lambda name, build: build())
     dw = buffer(("dw", splits), lambda: kernel_grad_buffer(splits, B, m, Cout, Cin // groups, kernel_hw, **acc))
-    dbias = buffer(("dbias", splits), lambda: torch.empty((splits, B, m, Cout), **acc)) if regions is not None else None
-    return backward_weight_launch(dy, x, regions, dw, dbias, kernel_hw, groups, *geometry, config), dw, dbias
+    return backward_weight_launch(dy, x, regions, dw, kernel_hw, groups, *geometry, config), dw
 
 
 def expert_conv_backward_kernel(dy, x, regions: RegionTables | None, num_regions: int, groups, kernel_hw, stride,
                                 padding, dilation, config: dict | None = None):
-    """Gradient of the per-(sample, region) kernels and biases: fp32 (fp64) ``dW (B, m, Cout, Cin/g, kh, kw)``
-    and ``dbias (B, m, Cout)``, each the fixed-order sum of the pixel-chunk partials; ``regions`` the
-    tables of a DRConv guide of m > 1 regions, else None."""
+    """Gradient of the per-(sample, region) kernels and biases: fp32 (fp64) ``dW (B, m, Cout, Cin/g, kh, kw)``,
+    the fixed-order sum of the pixel-chunk partials, and ``dbias (B, m, Cout)`` (each region's pixel sum
+    of dy; without regions dy's, a plain reduction); ``regions`` the tables of a DRConv guide of m > 1
+    regions, else None."""
     B, Cin = x.shape[:2]
     Cout = dy.shape[1]
     m = num_regions
@@ -400,15 +439,17 @@ def expert_conv_backward_kernel(dy, x, regions: RegionTables | None, num_regions
     if config is None:
         experts_like = torch.empty((1, Cout, Cin // groups, *kernel_hw), device="meta")
         config = weight_grad_config(x, experts_like, m, groups, stride)
-    launch, dw, dbias = launch_with_partials(dy, x, regions, m, groups, kernel_hw, (stride, padding, dilation),
-                                             config)
+    launch, dw = launch_with_partials(dy, x, regions, m, groups, kernel_hw, (stride, padding, dilation), config)
     launch()
-    if dbias is None:
-        dbias = dy.sum((2, 3), dtype=dw.dtype).reshape(1, B, 1, Cout)
+    if regions is None:
+        dbias = dy.sum((2, 3), dtype=dw.dtype).reshape(B, 1, Cout)
+    else:
+        dbias = torch.empty((B, m, Cout), dtype=dw.dtype, device=dw.device)
+        region_bias_grad_launch(dy, regions, dbias)()
     if dw.shape[0] == 1:
-        return dw[0], dbias[0]
+        return dw[0], dbias
     # Summed in storage order: a sum over the permuted view would return the standard layout.
-    return dw.movedim(4, -1).sum(0).movedim(-1, 3), dbias.sum(0)
+    return dw.movedim(4, -1).sum(0).movedim(-1, 3), dbias
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,13 +458,20 @@ def expert_conv_backward_kernel(dy, x, regions: RegionTables | None, num_regions
 
 def default_launch(dy, x, experts, m: int, groups: int, geometry) -> Launch:
     """The kernel-gradient launch an op makes by default for these meta tensors: its config, pixel
-    splits, partials in the accumulation dtype and, with regions, the bias gradient's (the
-    catalogue's launches and the static model's)."""
+    splits and partials in the accumulation dtype (the catalogue's launches and the static model's)."""
     regions = meta_region_tables(x.shape[0], dy.shape[2] * dy.shape[3], m) if m > 1 else None
     if weight_grad_copies_inputs(dy, x, m, groups, geometry[0]):
         dy, x = channels_last_stand_in(dy), channels_last_stand_in(x)
     config = weight_grad_config(x, experts, m, groups, geometry[0])
     return launch_with_partials(dy, x, regions, m, groups, tuple(experts.shape[3:]), geometry, config)[0]
+
+
+def default_bias_launch(dy, m: int) -> Launch:
+    """The bias gradient's launch of m > 1 regions for meta ``dy``, as the op reads it (the catalogue's
+    launches and the static model's)."""
+    regions = meta_region_tables(dy.shape[0], dy.shape[2] * dy.shape[3], m)
+    dbias = torch.empty((dy.shape[0], m, dy.shape[1]), dtype=_acc_torch_dtype(dy.dtype), device="meta")
+    return region_bias_grad_launch(dy, regions, dbias)
 
 
 def catalogue() -> list[Launch]:
@@ -434,6 +482,10 @@ def catalogue() -> list[Launch]:
         launch = default_launch(problem.y, problem.x, problem.experts, problem.m, problem.groups, problem.geometry)
         launch.label = problem.tag
         launches.append(launch)
+        if problem.m > 1:
+            bias = default_bias_launch(launch.args["dy_ptr"], problem.m)
+            bias.label = problem.tag + " bias gradient"
+            launches.append(bias)
     B, C, H, W, k, E = INT64_CATALOGUE_SHAPE
     experts = torch.empty((E, C, C, k, k), dtype=torch.bfloat16, device="meta")
     # bf16 NCHW as the other passes' 64-bit variants; fp32 channels_last: one-stage defaults, which
@@ -447,4 +499,8 @@ def catalogue() -> list[Launch]:
             assert launch.meta["INDEX_64"] and not launch.meta["PREFETCH"]
             launch.label = f"over 2^31 elements {'DRConv m=4' if m > 1 else 'CondConv'} {name}"
             launches.append(launch)
+        bias = default_bias_launch(x, 4)
+        assert bias.meta["INDEX_64"]
+        bias.label = f"over 2^31 elements DRConv m=4 bias gradient {name}"
+        launches.append(bias)
     return launches

@@ -372,7 +372,6 @@ def _expert_launch_args(fmt, materialise):
     w_cfg = expert_weight_grad.weight_grad_config(x, experts, m, 1, (1, 1))
     splits = expert_weight_grad.weight_grad_splits(B, m, Cout, 1, experts[0, 0].numel(), y.shape[2] * y.shape[3], w_cfg)
     dw = torch.empty(splits, B, m, *experts.shape[1:])
-    dbias = torch.empty(splits, B, m, Cout)
     return {
         "forward_launch": lambda t: (t["x"], source, spatial, bias, regions, t["y"], kernel_hw, 1, *geometry,
                                      fwd_cfg),
@@ -380,9 +379,9 @@ def _expert_launch_args(fmt, materialise):
                                          *geometry, fwd_cfg),
         "backward_input_launch": lambda t: (t["y"], source, spatial, regions.region, t["x"], kernel_hw, 1,
                                             *geometry, m, in_cfg),
-        "backward_weight_launch": lambda t: (t["y"], t["x"], regions, t["dw"], t["dbias"], kernel_hw, 1,
+        "backward_weight_launch": lambda t: (t["y"], t["x"], regions, t["dw"], kernel_hw, 1,
                                              *geometry, w_cfg),
-    }, dict(x=x, y=y, score=score, dw=dw, dbias=dbias)
+    }, dict(x=x, y=y, score=score, dw=dw)
 
 
 @pytest.mark.parametrize("materialise", [False, True], ids=["on-the-fly", "materialised"])

@@ -241,3 +241,30 @@ def test_a_compiled_training_step_builds_the_region_tables_once(table_builds, de
     compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
     check_against_reference(compiled, _reference, inputs, torch.float32, device, **geometry)
     assert table_builds == [inputs["guide"].shape]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "strided"])
+def test_region_bias_gradient_sums_each_region_s_pixels(layout):
+    """dbias[b, r] = Σ over region r's pixels of dy (a region empty, one larger than a pixel step, more
+    channels than a channel tile), NaN-poisoned, against float64; a strided dy takes the row/column
+    offsets."""
+    from dynconv.kernels import expert_conv_weight_grad as ecw
+    from dynconv.kernels.region_tables import region_tables
+    B, m, Cout, Ho, Wo = 2, 4, 160, 7, 9
+    guide = torch.randn(B, m, Ho, Wo)
+    guide[:, 2] -= 100.0  # region 2 empty
+    guide[0, 1, :5] += 100.0  # 45 pixels of region 1 in sample 0: two steps of 32
+    dy = torch.randn(B, Cout, Ho, Wo, dtype=torch.bfloat16)
+    if layout == "NHWC":
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        dy = torch.randn(B, Cout, Ho, Wo + 3, dtype=torch.bfloat16)[..., :Wo]  # rows Wo + 3 apart
+    tables = region_tables(guide)
+    dbias = torch.full((B, m, Cout), float("nan"))
+    launch = ecw.region_bias_grad_launch(dy, tables, dbias)
+    assert launch.meta["FLAT"] == (layout != "strided")
+    launch()
+    one_hot = torch.nn.functional.one_hot(guide.argmax(1), m).double()  # (B, Ho, Wo, m)
+    expected = torch.einsum("bohw,bhwr->bro", dy.double(), one_hot)
+    assert_close(dbias, expected, torch.float32, "dbias")
+    assert torch.equal(dbias[:, 2], torch.zeros(B, Cout))
