@@ -88,7 +88,8 @@ FIGURES = {
                 "plus copy_us",
     "copy_us": "PREDICTED: the launches whose output the kernel reads, run before it, each modelled as a "
                "launch of its own: layout copies (NCHW inputs copied to channels_last), DRConv's column product",
-    "workspace_bytes": "computed: bytes the kernel reads back from a workspace a launch before it wrote, on its "
+    "workspace_bytes": "computed: bytes the kernel moves through a workspace (reads back what a launch before "
+                       "it wrote, or writes for a step after it: the kernel gradient's fp32 partials), on its "
                        "HBM pipe (L2 residency not assumed), not in min_bytes",
     "registers": "computed: registers a thread, from the cubin",
     "resident_programs": "computed: programs an SM holds at once (registers, shared memory, warp and block slots)",

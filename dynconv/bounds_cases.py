@@ -28,8 +28,9 @@ class Case:
     # () -> [(Launch, its minimum bytes)]: launches run before the kernel, whose output it reads: layout
     # copies (NCHW inputs copied to channels_last), DRConv's column product; the model adds their time.
     copies: Callable | None = None
-    # Bytes the kernel reads back from a workspace such a launch wrote: on its HBM pipe (no L2
-    # residency assumed), not in the pass's minimum (the roofline).
+    # Bytes the kernel moves through a workspace: reads back what such a launch wrote (DRConv's
+    # columns), or writes for a step after it (the kernel gradient's fp32 per-sample partials, which
+    # the mixing GEMMs read); on its HBM pipe (no L2 residency assumed), not in the pass's minimum.
     workspace_bytes: int = 0
 
     @property
@@ -295,7 +296,9 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
             sizes["y"] * nb + p.B * p.m * p.Cout * 4)])
     if bank and bank_copies:  # the expert-bank guide scores read x's copy (the whole batch: one launch)
         copies["guide"] = lambda: copied(tensors()[0], True)
-    workspace = {"dx": col_bytes if columns else 0}  # the fold reads the columns back
+    partials = dw().args["dw_ptr"]  # the kernel gradient's fp32 per-(sample, region) partials it writes
+    workspace = {"dx": col_bytes if columns else 0,  # the fold reads the columns back
+                 "dw": partials.numel() * partials.element_size()}
     return [Case(name, k, dtype, layout, table[k][0], round(table[k][1] * share[k]), round(table[k][2] * share[k]),
                  compute(k), copies.get(k), workspace.get(k, 0))
             for k in kernels]

@@ -275,6 +275,21 @@ def test_nchw_expert_rows_count_their_channels_last_copies():
             assert (row["copy_us"] > 0) == (expected > 0)
 
 
+
+def test_drconv_rows_build_the_region_tables_once_and_count_the_partials():
+    """D1: the forward builds the region tables (a launch before it) and the backward reads them (no
+    tables launch before dx or dw); the kernel gradient follows the bias gradient's launch and writes
+    its fp32 per-(sample, region) partials, B·m·Cout·Cin·k² of them, through its HBM pipe."""
+    for version, rows in _committed().items():
+        for row in rows:
+            if row["case"] != "D1" or "error" in row:
+                continue
+            names = [c["kernel_name"] for c in row["copies"]]
+            assert ("region_tables_kernel" in names) == (row["kernel"] == "fwd"), (version, row["kernel"], names)
+            assert ("region_bias_grad_kernel" in names) == (row["kernel"] == "dw"), (version, row["kernel"], names)
+            if row["kernel"] == "dw":
+                assert row["workspace_bytes"] >= 32 * 8 * 128 * 128 * 9 * 4, version
+
 # Issue 12's and 13's audit (triton 3.6, sm_90), the rows this model reproduces within ±20%, as
 # (case, kernel, dtype, layout, audited upper bound or range, which fraction the audit quoted).
 # Rows it does not reproduce are listed in perf_reports/NOTES.md with the reason.
