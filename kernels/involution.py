@@ -146,10 +146,12 @@ def _bf16_pairs(lo, hi):
 # input row is reused across taps in registers); larger K takes the run-time K² loop. Only
 # channels_last tiles take this path (see unrolled_taps).
 MAX_UNROLLED_K = 13
-# Whether per-pixel weights with one channel a group (R3) take the unrolled kernels. The run-time
-# loop issues fewer instructions but waits a memory round trip per tap: with triton 3.6's ptxas the
-# unrolled ones predict R3 fwd bf16 NHWC 90.8% against 49.6% (dx 97% against 85%); with triton 3.9's
-# they wait as long as the loop (46% and 23% against 49% and 77%), so it keeps the loop.
+# Whether per-pixel weights with one channel a group (R3) take the unrolled kernels whatever their
+# dtype. The run-time loop issues fewer instructions but waits a memory round trip per tap: with
+# triton 3.6's ptxas the unrolled ones predict R3 fwd bf16 NHWC 90.8% against 49.6% (dx 97% against
+# 85%). With triton 3.9's they wait as long as the loop (46% and 23% against 49% and 77%) unless a
+# column's rows are all loaded before its sums (PRELOAD): then 16-bit reaches HBM (fwd and dx 100%),
+# while fp32 falls to 46% (the loop: 93% and 87%). So newer tritons unroll 16-bit R3 only, preloaded.
 UNROLLED_DEPTHWISE = TRITON_VERSION <= (3, 6)
 # Output rows per thread in the unrolled kernels ("strip"): a strip of S rows reads S + K - 1 input
 # rows per column tap instead of S * K, so each loaded (and, in bf16, converted) input element
@@ -719,11 +721,16 @@ def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, K: 
 
 def _preload(src, weight) -> bool:
     """Whether the unrolled forward and input gradient load a column tap's every source
-    row and weight before its first sum (_strip_taps, PRELOAD): per-pixel fp32 weights. ptxas
-    otherwise issues each row's loads just before its sums and waits a memory round trip per row; a
-    column at once holds about 100 more registers, which 16-bit tiles (16 channels a thread) do not
-    have (they spilled, and narrower tiles predicted less than the row-at-a-time walk)."""
-    return weight.dim() == 6 and src.element_size() == 4
+    row and weight before its first sum (_strip_taps, PRELOAD): per-pixel fp32 weights, and on
+    triton newer than 3.6 16-bit depth-wise ones (UNROLLED_DEPTHWISE). ptxas otherwise issues each
+    row's loads just before its sums and waits a memory round trip per row; a column at once holds
+    about 100 more registers, which 16-bit tiles of 16 channels a thread do not have (they spilled,
+    and narrower tiles predicted less than the row-at-a-time walk). A depth-wise tile holds one
+    channel a group: triton 3.6's ptxas walks it row at a time well enough (R3 fwd bf16 NHWC 90.8%,
+    preloaded 86%), 3.9's only preloaded."""
+    if weight.dim() != 6:
+        return False
+    return src.element_size() == 4 or (not UNROLLED_DEPTHWISE and weight.shape[1] == src.shape[1])
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -768,13 +775,13 @@ def unrolled_taps(x, weight) -> bool:
     default_config's tile).
 
     Channels_last only, and only with channels to share a tap's weight, but for per-pixel weights
-    on triton 3.6 or older (UNROLLED_DEPTHWISE). A per-sample weight's K held values per channel left
-    no registers. NCHW per-pixel calls and depth-wise per-sample weights never reach this choice: the
-    launchers hand them to involution_nchw.py and dynamic_dwconv.py first.
+    on triton 3.6 or older and 16-bit ones on newer (UNROLLED_DEPTHWISE). A per-sample weight's K
+    held values per channel left no registers. NCHW per-pixel calls and depth-wise per-sample weights
+    never reach this choice: the launchers hand them to involution_nchw.py and dynamic_dwconv.py first.
     """
     if weight.shape[2] > MAX_UNROLLED_K or not is_channels_last(x):
         return False
-    return weight.shape[1] < x.shape[1] or (UNROLLED_DEPTHWISE and weight.dim() == 6)
+    return weight.shape[1] < x.shape[1] or (weight.dim() == 6 and (UNROLLED_DEPTHWISE or x.element_size() == 2))
 
 
 def forward_default(x, weight, Ho: int, Wo: int, strips: bool = True) -> dict:

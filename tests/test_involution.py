@@ -379,6 +379,38 @@ def test_channels_last_fp32_tiles_load_a_column_tap_at_once(dtype, preload):
         assert backward.meta.get("PRELOAD", False) == (preload and per_pixel), per_pixel
 
 
+
+@pytest.mark.parametrize("newer_triton", [False, True], ids=["triton-3.6-rule", "newer-triton-rule"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_depthwise_per_pixel_tiles_by_triton(dtype, newer_triton, device, monkeypatch):
+    """Per-pixel weights with one channel a group (R3), channels_last: triton 3.6 unrolls every dtype
+    (PRELOAD in fp32 only); newer tritons unroll 16-bit only, preloaded, and keep the tap loop for
+    fp32 (UNROLLED_DEPTHWISE). Both rules' launches on either triton, forward and input gradient
+    against float64, outputs NaN-poisoned."""
+    monkeypatch.setattr(kernels, "UNROLLED_DEPTHWISE", not newer_triton)
+    configs.clear_cache()  # no launch plan made under the other rule
+    B, C, H, W, K = 1, 8, 7, 6, 3
+    geometry = ((1, 1), (1, 1), (1, 1))
+    x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(B, C, K, K, H, W, device=device).to(dtype)
+    y = torch.full_like(x, float("nan"))
+    dx = torch.full_like(x, float("nan"))
+    forward = kernels.forward_launch(x, w, None, y, *geometry)
+    backward = kernels.backward_input_launch(dy, w, dx, *geometry)
+    unrolled = not newer_triton or dtype == torch.bfloat16
+    for launch in (forward, backward):
+        assert launch.meta.get("PRELOAD", False) == (unrolled and (newer_triton or dtype == torch.float32))
+    assert (forward.meta["TAPS"] > 0) == unrolled and (backward.meta["TAPS_U"] > 0) == unrolled
+    forward()
+    backward()
+    configs.clear_cache()  # nor one made under this rule left for other tests
+    x64 = x.double().cpu().requires_grad_()
+    y64 = involution_unfold(x64, w.double().cpu(), None, *geometry)
+    y64.backward(dy.double().cpu())
+    assert_close(y, y64, dtype, "y")
+    assert_close(dx, x64.grad, dtype, "dx")
+
 def test_runs_kernel_look_ahead_fits_its_registers():
     """The default look-ahead: a whole tap column where the rows are small, fewer rows where the
     run's gradients take most of RUNS_HELD_WORDS, never none, never past the halo."""
