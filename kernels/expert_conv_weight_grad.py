@@ -197,7 +197,7 @@ def region_bias_grad_kernel(dy_ptr, pixel_start_ptr, count_ptr, perm_ptr, dbias_
     in a fixed order. FLAT: a pixel's offset is p · sdyw (NCHW-contiguous or channels_last dy)."""
     br = tl.program_id(0)
     b = widen(br // NUM_REGIONS, INDEX_64)
-    r = br % NUM_REGIONS
+    r = widen(br % NUM_REGIONS, INDEX_64)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < COUT
     start = tl.load(pixel_start_ptr + b * NUM_REGIONS + r)

@@ -70,7 +70,8 @@ def test_the_eager_path_calls_no_custom_op(device, monkeypatch):
 
     for module, names in ((involution_ops, ("involution_op", "dynamic_dwconv2d_op", "backward_input_op",
                                              "backward_weight_op")),
-                          (expert_ops, ("expert_conv2d_op", "backward_input_op", "backward_weight_op")),
+                          (expert_ops, ("expert_conv2d_op", "region_tables_op", "backward_input_op",
+                                        "backward_weight_op")),
                           (fused_ops, ("involution_fused_op", "backward_input_op", "backward_z_op",
                                        "backward_span_op"))):
         for name in names:
