@@ -296,9 +296,10 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
             sizes["y"] * nb + p.B * p.m * p.Cout * 4)])
     if bank and bank_copies:  # the expert-bank guide scores read x's copy (the whole batch: one launch)
         copies["guide"] = lambda: copied(tensors()[0], True)
-    partials = dw().args["dw_ptr"]  # the kernel gradient's fp32 per-(sample, region) partials it writes
-    workspace = {"dx": col_bytes if columns else 0,  # the fold reads the columns back
-                 "dw": partials.numel() * partials.element_size()}
+    workspace = {"dx": col_bytes if columns else 0}  # the fold reads the columns back
+    if "dw" in kernels:  # the kernel gradient's fp32 per-(sample, region) partials it writes
+        partials = dw().args["dw_ptr"]
+        workspace["dw"] = partials.numel() * partials.element_size()
     return [Case(name, k, dtype, layout, table[k][0], round(table[k][1] * share[k]), round(table[k][2] * share[k]),
                  compute(k), copies.get(k), workspace.get(k, 0))
             for k in kernels]

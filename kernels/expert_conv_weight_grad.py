@@ -386,10 +386,6 @@ def _backward_weight_launch(dy, x, regions: RegionTables | None, dw, kernel_hw, 
                   config.get("num_warps", 4), stages, loops=(chunk,))
 
 
-# --------------------------------------------------------------------------------------------
-# The entry point used by ops/: it allocates the partials and sums them.
-# --------------------------------------------------------------------------------------------
-
 def region_bias_grad_launch(dy, regions: RegionTables, dbias) -> Launch:
     """The bias gradient of regions into ``dbias`` (B, m, Cout), fp32/fp64, Cout contiguous: 16 channels
     by 128 pixels a step, two warps. A program's path is its chain of dependent loads (the counts, the
@@ -410,6 +406,10 @@ def region_bias_grad_launch(dy, regions: RegionTables, dbias) -> Launch:
                        ACC_DTYPE=_acc_dtype(dy.dtype)), 2, 1,
                   loops=(cdiv(cdiv(Ho * Wo, m), block_p),))  # the mean region's pixels
 
+
+# --------------------------------------------------------------------------------------------
+# The entry point used by ops/: it allocates the partials and sums them.
+# --------------------------------------------------------------------------------------------
 
 def launch_with_partials(dy, x, regions: RegionTables | None, m: int, groups: int, kernel_hw, geometry,
                          config: dict, buffer=None) -> tuple[Launch, torch.Tensor]:

@@ -719,6 +719,12 @@ def tap_config(C: int, G: int, height: int, width: int, channels_last: bool, K: 
     return dict(_tap_config(C, G, height, width, channels_last, element_size, per_pixel, strips, K))
 
 
+def _preloaded_depthwise(src) -> bool:
+    """Whether per-pixel depth-wise (R3) tiles take the unrolled kernels preloaded: 16-bit ones on
+    triton newer than 3.6 (see UNROLLED_DEPTHWISE)."""
+    return not UNROLLED_DEPTHWISE and src.element_size() == 2
+
+
 def _preload(src, weight) -> bool:
     """Whether the unrolled forward and input gradient load a column tap's every source
     row and weight before its first sum (_strip_taps, PRELOAD): per-pixel fp32 weights, and on
@@ -730,7 +736,7 @@ def _preload(src, weight) -> bool:
     preloaded 86%), 3.9's only preloaded."""
     if weight.dim() != 6:
         return False
-    return src.element_size() == 4 or (not UNROLLED_DEPTHWISE and weight.shape[1] == src.shape[1])
+    return src.element_size() == 4 or (weight.shape[1] == src.shape[1] and _preloaded_depthwise(src))
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -781,7 +787,7 @@ def unrolled_taps(x, weight) -> bool:
     """
     if weight.shape[2] > MAX_UNROLLED_K or not is_channels_last(x):
         return False
-    return weight.shape[1] < x.shape[1] or (weight.dim() == 6 and (UNROLLED_DEPTHWISE or x.element_size() == 2))
+    return weight.shape[1] < x.shape[1] or (weight.dim() == 6 and (UNROLLED_DEPTHWISE or _preloaded_depthwise(x)))
 
 
 def forward_default(x, weight, Ho: int, Wo: int, strips: bool = True) -> dict:

@@ -450,10 +450,11 @@ def _backward_weight(grad, x, weights, routing, bias, spatial, guide, stride, pa
     """
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     need_guide = need_guide and guide is not None
+    if regions is not None:
+        regions = _tables(guide, _regions(weights, routing), regions)
     dweights, drouting, dbias, dspatial = _weight_side_grads(_backward_kernel, grad, x, guide, weights, routing, bias,
                                                              spatial, (stride, padding, dilation, groups),
-                                                             regions=_tables(guide, _regions(weights, routing),
-                                                                             regions) if regions is not None else None)
+                                                             regions=regions)
     dguide = None
     if need_guide:
         if guide.shape[1] == 1:
