@@ -239,7 +239,10 @@ def _step(warp: _Warp, head: str, opcode: str, ops: list[str], active: np.ndarra
         return
     if head == "cp" and ".global" in opcode:
         width = int(ops[2], 0) if len(ops) > 2 else 16
-        _access(result, index, text, width, False, warp.address(ops[1]), active)
+        # A copy whose source size is 0 reads nothing (it zero-fills): the masked halo, and the
+        # copies a pipelined loop issues for the trips past its end.
+        reading = active & (v(ops[3]) != 0) if len(ops) > 3 else active
+        _access(result, index, text, width, False, warp.address(ops[1]), reading)
         return
     if head == "ld" and ".param" in opcode:
         _set(warp, ops[0], np.full(LANES, warp.params.get(ops[1].strip("[] "), 0), dtype=np.int64), active)

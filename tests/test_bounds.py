@@ -190,6 +190,39 @@ def test_warp_simulation_counts_sectors_per_lane_layout():
     assert (useful, sectors, ideal) == (3 * (128 + 64), 3 * (128 + 512), 3 * 2 * 128)
 
 
+COPY_PTX = textwrap.dedent("""
+    .visible .entry probe(
+        .param .u64 .ptr .global .align 1 probe_param_0
+    )
+    .reqntid 32
+    {
+        .reg .pred %p<2>;
+        .reg .b32 %r<20>;
+        .reg .b64 %rd<10>;
+        ld.param.b64 %rd1, [probe_param_0];
+        mov.u32 %r2, %tid.x;
+        mul.wide.s32 %rd2, %r2, 16;
+        add.s64 %rd3, %rd1, %rd2;
+        mov.u32 %r3, 0;
+        setp.lt.s32 %p1, %r2, 8;
+        selp.b32 %r4, 16, 0, %p1;
+        // begin inline asm
+        cp.async.cg.shared.global [ %r3 + 0 ], [ %rd3 + 0 ], 0x10, %r4;
+        // end inline asm
+        ret;
+    }
+""")
+
+
+def test_a_copy_of_source_size_zero_reads_nothing():
+    """cp.async with a source size of 0 zero-fills (a masked halo, a pipelined loop's copies past its
+    end): only the 8 lanes copying 16 bytes are charged sectors, against the warp's ideal of 32."""
+    result = ptx_sim.simulate(COPY_PTX, [1 << 40], program=(0, 0, 0), grid=(1, 1, 1), num_warps=1)
+    (copy,) = result.accesses.values()
+    assert copy.sector_bytes == 8 * 16 and copy.useful_bytes == 8 * 16
+    assert copy.ideal_bytes == 32 * 16
+
+
 REAL_KERNEL = textwrap.dedent('''
     import json, sys
     import torch, triton, triton.language as tl
