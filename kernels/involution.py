@@ -190,12 +190,23 @@ def _pixel_weight(w_cols, w_slots, ok, g_ok, first_tap_ok, r: tl.constexpr, s: t
 
 
 @triton.jit
+def _behind_fence(weight, after, ACC_DTYPE: tl.constexpr):
+    """A loaded weight in ACC_DTYPE plus the fence's zero ``after`` (int32), so that no sum it feeds
+    starts before the fence. A bf16 is the top half of an fp32: its widening shift and the add are
+    one instruction (LEA), where a float add after the conversion is a second."""
+    if weight.dtype == tl.bfloat16:
+        return (weight.to(tl.float32).to(tl.int32, bitcast=True) + after).to(tl.float32, bitcast=True)
+    return weight.to(ACC_DTYPE) + after.to(ACC_DTYPE)
+
+
+@triton.jit
 def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, SRC_H, ssh, col_first, CSTEP, SRC_W,
                 ssw, w_group, g_ok, swu, swv, swh, sww, w_out_pix, out_row, OUT_H,
                 U_FIRST, U_STEP, V_FIRST, V_STEP, K, zero,
                 TAPS_V, STRIP: tl.constexpr, TAPS_U: tl.constexpr, CHUNKS: tl.constexpr, PAIRS: tl.constexpr,
                 PER_PIXEL: tl.constexpr, WEIGHT_AT_SOURCE: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
-                INDEX_64: tl.constexpr, CHANNELS_FULL: tl.constexpr, PRELOAD: tl.constexpr = False):
+                INDEX_64: tl.constexpr, CHANNELS_FULL: tl.constexpr, PRELOAD: tl.constexpr = False,
+                STAGED: tl.constexpr = False):
     """The tap sums (in ``zero``'s shape and dtype) of a strip of STRIP output rows per pixel of the tile.
 
     Taps are indexed by slots: tap slot (a, b) is kernel tap (U_FIRST + a*U_STEP, V_FIRST + b*V_STEP),
@@ -217,6 +228,9 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
     per-thread word (one test; comparing the row each time took a predicate register per row).
     PRELOAD (per-pixel weights only): a column tap's every source row and weight is loaded before its
     first sum, so the column waits one memory round trip rather than one per row.
+    STAGED (per-pixel weights only): the source rows go through triton's copy pipeline (cp.async into
+    shared memory a column ahead: no registers held, no round trip waited) and the column's weights
+    are loaded before its sums, behind the fence, so the column waits one round trip for them.
     """
     if STRIP > 1:
         RSTEP = 1  # known here, so that with compile-time strides each row's offset is an immediate
@@ -250,7 +264,7 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
                 # Output rows clamped into the image: a tile's rows (and, in w_out_pix, columns) past it are
                 # never stored, so their weights need no mask, and the loads no zeroed registers or predicates.
                 w_rows = w_rows + (w_group + (tl.minimum(out_row + s, OUT_H - 1) * swh + w_out_pix)[None, None, :],)
-    for b in range(b_first, TAPS_V):
+    for b in tl.range(b_first, TAPS_V, num_stages=2 if STAGED else 1):
         col = col_first + b * CSTEP
         col_bits = tl.where((col >= 0) & (col < SRC_W), row_bits, 0)
         src_col = src_rows + widen(b * CSTEP, INDEX_64) * ssw
@@ -279,11 +293,12 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
                     w_ok = w_ok & first_tap_ok
                 held = held + (tl.load(w_col + widen(U_FIRST + t * U_STEP, INDEX_64) * swu, mask=w_ok,
                                        other=0.0).to(ACC_DTYPE),)
-        if PRELOAD:
-            # Every row of the column loaded before any is summed, then a fence (see _fence) whose zero
-            # every weight adds: the column's loads go out as one batch (one round trip), where ptxas
-            # issued each row's just before its sums. The fence's store is of no loaded value: one that
-            # stored a row waited for it to land, and its load then waited a second round trip.
+        if PRELOAD or STAGED:
+            # Every row of the column (STAGED: every weight) loaded before any is summed, then a fence
+            # (see _fence) whose zero every weight adds: the column's loads go out as one batch (one
+            # round trip), where ptxas issued each row's just before its sums. The fence's store is of
+            # no loaded value: one that stored a row waited for it to land, and its load then waited a
+            # second round trip.
             loaded = ()
             for r in tl.static_range(ROWS):
                 ok = (col_bits & (1 << r)) != 0
@@ -294,12 +309,17 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
                         weight = _pixel_weight(w_cols, w_slots, ok, g_ok, first_tap_ok, r, s, WEIGHT_AT_SOURCE,
                                                FIRST_TAP_MAY_MISS, CHANNELS_FULL)
                     weights = weights + (weight,)
-                loaded = loaded + ((_row_loads(src_col, ok, r, RSTEP, ssh, chunk_step, channel_masks, INDEX_64,
-                                               CHANNELS_FULL, CHUNKS), weights),)
+                rows = ()  # STAGED: loaded below, where the pipeline turns them into copies a column ahead
+                if PRELOAD:
+                    rows = _row_loads(src_col, ok, r, RSTEP, ssh, chunk_step, channel_masks, INDEX_64,
+                                      CHANNELS_FULL, CHUNKS)
+                loaded = loaded + ((rows, weights),)
             # At a weight's address, not an output's (which this helper has not): the source rows, the
             # batch that matters, come from another tensor, so ptxas cannot prove them apart from it.
-            first_weight = (w_cols[0] + w_slots[0]).to(tl.pointer_type(tl.int32), bitcast=True)
-            after = fence(first_weight, SRC_H).to(ACC_DTYPE)
+            # STAGED orders the weights themselves: at the strip's weights' pointer, which no column's
+            # offset (a run-time sum) lets ptxas prove apart from them.
+            first_weight = (w_rows[0] if STAGED else w_cols[0] + w_slots[0]).to(tl.pointer_type(tl.int32), bitcast=True)
+            after = fence(first_weight, SRC_H)
         for r in tl.static_range(ROWS):
             ok = (col_bits & (1 << r)) != 0
             if PRELOAD:
@@ -319,8 +339,8 @@ def _strip_taps(src, src_channels, chunk_step, channel_masks, row_first, RSTEP, 
             new = ()
             for s in tl.static_range(STRIP):
                 if r - s >= 0 and r - s < TAPS_U:  # tap slot r - s of strip row s
-                    if PRELOAD:
-                        weight = loaded[r][1][s].to(ACC_DTYPE) + after
+                    if PRELOAD or STAGED:
+                        weight = _behind_fence(loaded[r][1][s], after, ACC_DTYPE)
                     elif PER_PIXEL:
                         weight = _pixel_weight(w_cols, w_slots, ok, g_ok, first_tap_ok, r, s, WEIGHT_AT_SOURCE,
                                                FIRST_TAP_MAY_MISS, CHANNELS_FULL).to(ACC_DTYPE)
@@ -384,6 +404,7 @@ def involution_fwd_kernel(
     PER_PIXEL: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TAPS: tl.constexpr = 0, STRIP: tl.constexpr = 1, CHUNKS: tl.constexpr = 1, PAIRS: tl.constexpr = False,
     CHANNELS_FULL: tl.constexpr = False, INNER: tl.constexpr = None, PRELOAD: tl.constexpr = False,
+    STAGED: tl.constexpr = False,
 ):
     """y[b,c,i,j] = bias[b,c] + sum_{u,v} w[b,g(c),u,v,(i,j)] * x[b,c,i*SH-PH+u*DH, j*SW-PW+v*DW].
 
@@ -421,7 +442,7 @@ def involution_fwd_kernel(
                            w_ptr + b * swb + tl.minimum(g3, G - 1) * swg, g3 < G, swu, swv, swh, sww,
                            tl.minimum(j, Wo - 1) * sww, i, Ho,
                            0, 1, 0, 1, K, zero, K, STRIP, TAPS, CHUNKS, PAIRS, PER_PIXEL, False, False, INDEX_64,
-                           CHANNELS_FULL, PRELOAD)
+                           CHANNELS_FULL, PRELOAD, STAGED)
         if HAS_BIAS:
             new = ()
             for q in tl.static_range(CHUNKS):
@@ -487,7 +508,7 @@ def involution_bwd_input_kernel(
     TAPS_U: tl.constexpr = 0, STRIP: tl.constexpr = 1,
     FIRST_TAP_MAY_MISS: tl.constexpr = False, PHASE_MAY_BE_EMPTY: tl.constexpr = False, CHUNKS: tl.constexpr = 1,
     PAIRS: tl.constexpr = False, CHANNELS_FULL: tl.constexpr = False, INNER: tl.constexpr = None,
-    PRELOAD: tl.constexpr = False,
+    PRELOAD: tl.constexpr = False, STAGED: tl.constexpr = False,
 ):
     """Gather form of dx: each input pixel sums the taps that read it, so no atomics are needed.
 
@@ -537,7 +558,7 @@ def involution_bwd_input_kernel(
                            col_first, DW // GW, Wo, ssw, w_group, g3 < G, swu, swv, swh, sww, 0, 0, 0,
                            u0 + (TAPS_U - 1) * step_h, -step_h, v0 + (TAPS_V - 1) * step_w, -step_w, K, zero,
                            TAPS_V, STRIP, TAPS_U, CHUNKS, PAIRS, PER_PIXEL, True, FIRST_TAP_MAY_MISS, INDEX_64,
-                           CHANNELS_FULL, PRELOAD)
+                           CHANNELS_FULL, PRELOAD, STAGED)
         # Input rows and columns of this phase.
         h = ph + SH * hh
         w = pw + SW * w
@@ -739,6 +760,33 @@ def _preload(src, weight) -> bool:
     return src.element_size() == 4 or (weight.shape[1] == src.shape[1] and _preloaded_depthwise(src))
 
 
+# Staged tiles ptxas left a stack frame on (a sweep of K 3-13 at 8, 16 and 32 channels a group, sm_80
+# and sm_90): on triton 3.9 the input gradient (R1: 4 local loads and stores at 255 registers) and the
+# forward with one 16-byte chunk a thread (K = 7, sm_80: 8 bytes); on triton 3.6 the input gradient
+# with two chunks at K = 5 (56-80 bytes; K = 3, 4, 6, 7 and 9-13 clean). They keep the row walk.
+STAGED_NEWER_TRITON = TRITON_VERSION > (3, 6)
+# Shared memory a staged tile's source rows may take (two columns of them): within what a block may
+# hold on sm_80 (163 KB) and sm_86/89 (99 KB).
+STAGED_MAX_BYTES = 64 * 1024
+
+
+def _staged(src, weight, meta: dict, strip: int, taps_u: int, input_grad: bool = False) -> bool:
+    """Whether the unrolled forward and input gradient stage a column's source rows through the copy
+    pipeline and load its weights first (_strip_taps, STAGED): the per-pixel bf16 pair tiles, which
+    the row-at-a-time walk made wait a round trip for every few rows (PREDICTED, triton 3.6: R1 fwd/dx
+    bf16 NHWC 56.8/54.8% -> 83.3/79.9%; 3.9: fwd 56.0% -> 81.4%). fp16 tiles (a conversion an element)
+    spilled staged (sm_80, triton 3.6: 28 local loads and stores)."""
+    if weight.dim() != 6 or not meta["PAIRS"] or _preload(src, weight):
+        return False
+    if STAGED_NEWER_TRITON and (input_grad or meta["CHUNKS"] == 1):
+        return False
+    if input_grad and weight.shape[2] == 5 and meta["CHUNKS"] == 2:
+        return False
+    pixels = meta["BLOCK_H"] // strip * meta["BLOCK_W"]
+    row_bytes = meta["BLOCK_G"] * meta["BLOCK_CG"] * meta["CHUNKS"] * pixels * src.element_size()
+    return 2 * (strip + taps_u - 1) * row_bytes <= STAGED_MAX_BYTES
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -841,6 +889,7 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
                 PRELOAD=taps > 0 and _preload(x, weight),
                 CHUNKS=chunks, PAIRS=taps > 0 and bias is None and _pairs(x, y, weight, meta),
                 CHANNELS_FULL=taps > 0 and _channels_full(C, G, meta, chunks))
+    meta["STAGED"] = taps > 0 and _staged(x, weight, meta, strip, taps)
     meta["INNER"] = _inner_strides(x, weight, meta) if taps else None
     return Launch(involution_fwd_kernel, _grid(programs, G, cg_tiles, meta["BLOCK_G"]), args, meta,
                   num_warps, num_stages, loops=_tap_loops(taps > 0, K, K))
@@ -901,6 +950,7 @@ def _backward_input_launch(dy, weight, dx, stride, padding, dilation, config=Non
                 PAIRS=unrolled and _pairs(dy, dx, weight, meta),
                 FIRST_TAP_MAY_MISS=unrolled and (K % step_h != 0 or K % step_w != 0),
                 PHASE_MAY_BE_EMPTY=unrolled and (gh > 1 or gw > 1))
+    meta["STAGED"] = unrolled and _staged(dy, weight, meta, strip, taps_u, input_grad=True)
     meta["INNER"] = _inner_strides(dy, weight, meta) if unrolled else None
     programs = phases * tiles_phase if unrolled else B * tiles_phase
     trips = _phase_column_taps(K, stride[1], padding[1], gw, step_w, inv_w, taps_v) if unrolled else None

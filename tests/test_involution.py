@@ -411,6 +411,37 @@ def test_depthwise_per_pixel_tiles_by_triton(dtype, newer_triton, device, monkey
     assert_close(y, y64, dtype, "y")
     assert_close(dx, x64.grad, dtype, "dx")
 
+@pytest.mark.parametrize("newer_triton", [False, True])
+@pytest.mark.parametrize("K,stride", [(3, 1), (5, 1), (5, 2)])
+def test_staged_pair_tiles_by_triton(K, stride, newer_triton, device, monkeypatch):
+    """Per-pixel bf16 pair tiles (16 channels a thread), channels_last: the forward stages its rows
+    (STAGED: a column's weights loaded first, behind the fence); the input gradient on triton 3.6
+    only, and not at K = 5 (STAGED_NEWER_TRITON, the spill sweep). Both rules' launches, forward
+    and input gradient against float64, outputs NaN-poisoned."""
+    monkeypatch.setattr(kernels, "STAGED_NEWER_TRITON", newer_triton)
+    configs.clear_cache()  # no launch plan made under the other rule
+    B, C, G, H, W = 1, 32, 2, 7, 6
+    geometry = ((stride, stride), (K // 2, K // 2), (1, 1))
+    Ho, Wo = (H + 2 * (K // 2) - K) // stride + 1, (W + 2 * (K // 2) - K) // stride + 1
+    x = torch.randn(B, C, H, W, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(B, C, Ho, Wo, device=device).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(B, G, K, K, Ho, Wo, device=device).to(torch.bfloat16)
+    y = torch.full_like(dy, float("nan"))
+    dx = torch.full_like(x, float("nan"))
+    forward = kernels.forward_launch(x, w, None, y, *geometry)
+    backward = kernels.backward_input_launch(dy, w, dx, *geometry)
+    assert forward.meta["PAIRS"] and forward.meta["CHUNKS"] == 2 and forward.meta["STAGED"]
+    assert backward.meta["STAGED"] == (not newer_triton and K != 5)
+    forward()
+    backward()
+    configs.clear_cache()  # nor one made under this rule left for other tests
+    x64 = x.double().cpu().requires_grad_()
+    y64 = involution_unfold(x64, w.double().cpu(), None, *geometry)
+    y64.backward(dy.double().cpu())
+    assert_close(y, y64, torch.bfloat16, "y")
+    assert_close(dx, x64.grad, torch.bfloat16, "dx")
+
+
 def test_runs_kernel_look_ahead_fits_its_registers():
     """The default look-ahead: a whole tap column where the rows are small, fewer rows where the
     run's gradients take most of RUNS_HELD_WORDS, never none, never past the halo."""
