@@ -47,7 +47,7 @@ install() {  # its log stays off $OUT: a call brings back 8 files at most
         || { tail -20 /tmp/dynconv-install.log; exit 1; }
 }
 
-sanitize_tests() {  # memcheck over the unmasked and scattering kernels' tests, boxed by $1 s (default the budget)
+sanitize_tests() {  # memcheck over the unmasked, scattering and staged kernels' tests, boxed by $1 s (default the budget)
     command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer is not on PATH here"; return 0; }
     # Without torch's caching allocator every tensor is its own allocation, so a read past its end
     # is outside any allocation rather than inside a cached block, where memcheck cannot see it.
@@ -61,6 +61,7 @@ sanitize_tests() {  # memcheck over the unmasked and scattering kernels' tests, 
         tests/test_dynamic_dwconv.py::test_channels_last_walk_runs_interior_programs_unmasked \
         tests/test_dynamic_dwconv.py::test_nchw_walks_read_vectors_in_interior_tiles \
         tests/test_region_conv.py::test_region_bias_gradient_sums_each_region_s_pixels \
+        tests/test_involution.py::test_staged_pair_tiles_by_triton \
         tests/test_region_tables.py 2>&1 | tail -5
     echo "compute-sanitizer exit ${PIPESTATUS[0]} (86: memcheck found errors, see sanitize.log)"
 }
