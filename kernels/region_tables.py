@@ -95,7 +95,6 @@ def _regions(guide, p, ok, Wo, sgr, sgh, sgw, fence_ptr, P, M: tl.constexpr, FLA
         offset = p
     else:
         offset = (p // Wo) * sgh + (p % Wo) * sgw
-    best = tl.zeros(p.shape, dtype=VALUE_DTYPE)
     region = tl.zeros(p.shape, dtype=tl.int32)
     for r0 in tl.static_range(0, M, REGIONS_A_BATCH):
         values = ()
