@@ -772,11 +772,12 @@ STAGED_MAX_BYTES = 64 * 1024
 
 def _staged(src, weight, meta: dict, strip: int, taps_u: int, input_grad: bool = False) -> bool:
     """Whether the unrolled forward and input gradient stage a column's source rows through the copy
-    pipeline and load its weights first (_strip_taps, STAGED): the per-pixel bf16 pair tiles, which
-    the row-at-a-time walk made wait a round trip for every few rows (PREDICTED, triton 3.6: R1 fwd/dx
-    bf16 NHWC 56.8/54.8% -> 83.3/79.9%; 3.9: fwd 56.0% -> 81.4%). fp16 tiles (a conversion an element)
-    spilled staged (sm_80, triton 3.6: 28 local loads and stores)."""
-    if weight.dim() != 6 or not meta["PAIRS"] or _preload(src, weight):
+    pipeline and load its weights first (_strip_taps, STAGED): the bf16 pair tiles (PAIRS: per-pixel
+    weights) not preloaded, which the row-at-a-time walk made wait a round trip for every few rows
+    (PREDICTED, triton 3.6: R1 fwd/dx bf16 NHWC 56.8/54.8% -> 83.3/79.9%; 3.9: fwd 56.0% -> 81.3%).
+    fp16 tiles (a conversion an element) spilled staged (sm_80, triton 3.6: 28 local loads and
+    stores). ``meta``: the launch's, PAIRS, PRELOAD and CHUNKS set."""
+    if not meta["PAIRS"] or meta["PRELOAD"]:
         return False
     if STAGED_NEWER_TRITON and (input_grad or meta["CHUNKS"] == 1):
         return False
