@@ -66,6 +66,7 @@ def _empty(shape, dtype, channels_last=False):
 def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw")) -> list[Case]:
     from .kernels import involution as inv
     from .kernels import involution_weight_grad as weight_grad
+    from .kernels.layout import channels_last_empty, copy_launch
 
     p = _problem(name)
     Ho, Wo = p.out_hw
@@ -90,14 +91,24 @@ def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw
         x, y, w = tensors()
         return inv.backward_input_launch(y, w, x, *geometry)
 
+    # The weight gradient's channels_last copies of NCHW dy and x, where it makes them.
+    x0, y0, w0 = tensors()
+    dw_copies = weight_grad.weight_grad_copies(y0, x0, w0, geometry[0])
+
     def dw():
         import torch
 
         x, y, w = tensors()
+        if dw_copies:
+            x, y = channels_last_empty(x, "meta"), channels_last_empty(y, "meta")
         if not per_pixel:
             cfg = weight_grad.weight_grad_config(x, p.G, p.K, (p.stride, p.stride), Ho, Wo, per_pixel=False)
             w = _empty(weight_grad.weight_grad_partials(p.B, p.G, p.K, Ho, Wo, cfg), torch.float32)
         return weight_grad.backward_weight_launch(y, x, w, *geometry, per_pixel)
+
+    def copied():
+        x, y, _ = tensors()
+        return [(copy_launch(t, channels_last_empty(t, "meta")), 2 * t.numel() * nb) for t in (y, x)]
 
     bias = sizes.get("bias", 0)
     table = {
@@ -105,8 +116,9 @@ def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw
         "dx": (dx, (sizes["y"] + sizes["weight"] + sizes["x"]) * nb, contraction),
         "dw": (dw, (sizes["y"] + sizes["x"] + sizes["weight"]) * nb, contraction),
     }
-    return [Case(name, k, dtype, layout, table[k][0], table[k][1], table[k][2], {"fma": table[k][2]})
-            for k in kernels]
+    copies = {"dw": copied} if dw_copies else {}
+    return [Case(name, k, dtype, layout, table[k][0], table[k][1], table[k][2], {"fma": table[k][2]},
+                 copies.get(k)) for k in kernels]
 
 
 def _then(before: Callable | None, after: Callable) -> Callable:

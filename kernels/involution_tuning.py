@@ -14,8 +14,8 @@ from ._launch import Launch
 from .configs import KernelSpace, Problem, neighbourhood, register_spaces
 from . import involution_nchw as nchw
 from .involution import backward_input_launch, forward_default, forward_launch, input_grad_default, problem_key
-from .involution_weight_grad import (backward_weight_launch, weight_grad_config, weight_grad_default,
-                                     weight_grad_partials)
+from .involution_weight_grad import (backward_weight_launch, weight_grad_config, weight_grad_copies,
+                                     weight_grad_default, weight_grad_partials)
 
 # (label, C, H = W, stride): RedNet-50's involutions (K = 7, 16 channels per group) and DWNet-T's
 # dynamic depth-wise convs (K = 7, G = C), at training batch size.
@@ -177,9 +177,17 @@ def _nchw_problems(kernel: str):
                for label, op, C, G, H, s in shapes]
         if kernel in _NCHW_PAIRS:  # only the shapes the launcher gives a pair kernel
             kind = _NCHW_KIND[kernel]
-            out = [p for p in out if _nchw_pairs(kind, p.spec, _tuning_inputs(p.spec, torch.bfloat16, "meta"))]
+            out = [p for p in out if _nchw_pairs(kind, p.spec, _tuning_inputs(p.spec, torch.bfloat16, "meta"))
+                   and not (kind == "dw" and _copied(p.spec))]
         return out
     return problems
+
+
+def _copied(spec: dict) -> bool:
+    """Whether the weight gradient's entry point copies these NCHW bf16 inputs to channels_last (and
+    so runs the channels_last kernel, not the pair kernel)."""
+    ts = _tuning_inputs(spec, torch.bfloat16, "meta")
+    return weight_grad_copies(ts["y"], ts["x"], ts["w"], _strides(spec))
 
 
 def _nchw_pairs(kind: str, spec: dict, ts: dict) -> bool:

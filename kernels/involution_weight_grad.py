@@ -30,6 +30,7 @@ from ._launch import (Launch, cacheable, cdiv, config_key, inner_strides, is_cha
                       next_power_of_2, planned)
 from ._indexing import widen
 from .configs import get_config
+from .layout import channels_last_copy, channels_last_empty
 from .involution import (_acc_dtype, _grid, _pow2_at_most, _split_config, _tile_indices, catalogue_problems,
                          default_config, label_over_int32, over_int32_problem)
 
@@ -411,6 +412,24 @@ def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=(K,))
 
 
+def weight_grad_copies(dy, x, dw, stride, config=None) -> bool:
+    """Whether the per-pixel weight gradient on NCHW reads channels_last copies of dy and x
+    (``kernels/layout.py``), to run the runs kernel instead of the NCHW pair kernel: where the pair
+    kernel would run (bf16, column stride 1, even groups, K >= 5) and the runs kernel applies, with
+    32-bit offsets and no explicit config. The pair kernel holds a tap column's sums (112 at K = 7)
+    and a chunk's words in registers, two programs an SM, and waits on memory for about two thirds
+    of its path; the runs kernel reads 16-byte channel vectors. PREDICTED (triton 3.6, sm_90, the
+    copies counted): R1/R2 dw bf16 NCHW 42.7/33.9% -> 50.7/50.8%; triton 3.9 alike. x alone copied
+    (dy read as 2-byte NCHW loads): R2 60.5%, but R1 41.9%, where ptxas packed dy's loads in pairs
+    as they landed and waited a round trip for each pair."""
+    if config is not None or dw.dim() != 6 or is_channels_last(x) or needs_int64(dy, x, dw):
+        return False
+    G, K = dw.shape[1], dw.shape[2]
+    CG = x.shape[1] // G
+    return (involution_nchw.covers(x, dw) and involution_nchw.dw_pairs(x, dy, CG, K, stride)
+            and K <= RUNS_MAX_K and 2 <= CG <= RUNS_MAX_CG)
+
+
 # The runs kernel unrolls K*K taps and holds RUN x (channels of a group) gradients in registers.
 RUNS_MAX_K = 9
 RUNS_MAX_CG = 32
@@ -580,8 +599,11 @@ def weight_grad_partials(B: int, G: int, K: int, Ho: int, Wo: int, config: dict)
 # --------------------------------------------------------------------------------------------
 
 def involution_backward_weight(dy, x, dw, stride, padding, dilation, config=None) -> None:
-    """Per-pixel ``dw`` is written directly; per-sample ``dw`` via deterministic per-tile partials."""
+    """Per-pixel ``dw`` is written directly (from channels_last copies where weight_grad_copies
+    says); per-sample ``dw`` via deterministic per-tile partials."""
     if dw.dim() == 6:
+        if weight_grad_copies(dy, x, dw, stride, config):
+            dy, x = channels_last_copy(dy), channels_last_copy(x)
         backward_weight_launch(dy, x, dw, stride, padding, dilation, True, config)()
         return
     B, G, K = dw.shape[:3]
@@ -605,6 +627,8 @@ def catalogue() -> list[Launch]:
             B, G, K = w.shape[:3]
             cfg = weight_grad_config(x, G, K, geometry[0], *y.shape[2:], per_pixel=False)
             dw = torch.empty(weight_grad_partials(B, G, K, *y.shape[2:], cfg), dtype=torch.float32, device="meta")
+        if weight_grad_copies(y, x, dw, geometry[0]):  # ops' copies (involution_backward_weight)
+            y, x = channels_last_empty(y, "meta"), channels_last_empty(x, "meta")
         launch = backward_weight_launch(y, x, dw, *geometry, per_pixel)
         launch.label = tag
         launches.append(launch)

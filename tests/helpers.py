@@ -103,7 +103,10 @@ def run_without_interpreter(args: list[str], timeout: float) -> subprocess.Compl
 
 def idle_tuning_spaces() -> set[str]:
     """Tuning spaces with nothing to time on the installed triton: the NCHW input gradient's pair
-    kernel runs on triton 3.6 or older only (involution_nchw.DX_PAIRS)."""
+    kernel runs on triton 3.6 or older only (involution_nchw.DX_PAIRS); the NCHW weight gradient's
+    pair kernel not at the sweep's shapes, whose NCHW bf16 inputs the entry point copies to
+    channels_last (involution_weight_grad.weight_grad_copies)."""
     from dynconv.kernels import involution_nchw
 
-    return set() if involution_nchw.DX_PAIRS else {"involution_nchw_bwd_input_pairs"}
+    idle = {"involution_nchw_bwd_weight_pairs"}
+    return idle if involution_nchw.DX_PAIRS else idle | {"involution_nchw_bwd_input_pairs"}

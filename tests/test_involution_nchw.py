@@ -270,6 +270,44 @@ def test_pair_kernels_forward_input_and_weight_gradients(case, nan_poison):
     assert launches[2].name == ("involution_nchw_bwd_weight_pairs_kernel" if pairs else "involution_nchw_bwd_weight_kernel")
 
 
+@pytest.mark.parametrize("case", [(2, 8, 7, 8, 5, 2, 1, 1, None), (1, 4, 9, 6, 7, 2, (2, 1), 1, None)],
+                         ids=["B2C8H7W8K5G2", "B1C4H9W6K7G2s2x1"])
+def test_weight_gradient_of_bf16_pairs_reads_channels_last_copies(case):
+    """Where the pair weight gradient would run and the runs kernel applies, the entry point copies dy
+    and x to channels_last and runs the runs kernel on the copies (weight_grad_copies): two samples,
+    an odd height, row stride 2; against float64 on the rounded operands, dw NaN-poisoned."""
+    (x64, w64, dy64, _), geometry = _problem(case, torch.bfloat16)
+    x, dy = (t.detach().bfloat16() for t in (x64, dy64))
+    dw = torch.empty(w64.shape, dtype=torch.bfloat16)
+    assert weight_grad.weight_grad_copies(dy, x, dw, geometry[0])
+    copies = (t.contiguous(memory_format=torch.channels_last) for t in (dy, x))
+    assert weight_grad.backward_weight_launch(*copies, dw, *geometry, True).name == "involution_bwd_weight_runs_kernel"
+    weight_grad.involution_backward_weight(dy, x, dw, *geometry)
+    x64r, w64r, dy64r = (t.detach().bfloat16().double().requires_grad_(True) for t in (x64, w64, dy64))
+    involution_unfold(x64r, w64r, None, *geometry).backward(dy64r)
+    assert_close(dw, w64r.grad, torch.bfloat16, "dw")
+
+
+def test_weight_gradient_copies_only_where_the_pair_kernel_would_run():
+    """No copies for channels_last x, fp32, K = 3, an odd number of channels a group, column stride 2,
+    more channels a group than the runs kernel holds, or an explicit config."""
+    def copies(C=8, G=2, K=5, dtype=torch.bfloat16, stride=(1, 1), channels_last=False, config=None):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.empty((1, C, 8, 8), dtype=dtype, device="meta").to(memory_format=fmt)
+        dy = torch.empty((1, C, 8, 8 // stride[1]), dtype=dtype, device="meta")
+        dw = torch.empty((1, G, K, K, 8, 8 // stride[1]), dtype=dtype, device="meta")
+        return weight_grad.weight_grad_copies(dy, x, dw, stride, config)
+
+    assert copies()
+    assert not copies(channels_last=True)
+    assert not copies(dtype=torch.float32)
+    assert not copies(K=3)
+    assert not copies(C=6)
+    assert not copies(stride=(1, 2))
+    assert not copies(C=128, G=2)
+    assert not copies(config={"CH": 2, "STRIP": 3, "BLOCK_W": 32, "num_warps": 1})
+
+
 def test_weight_gradient_pairs_shift_every_row_they_read_into_x():
     """The pair weight gradient reads halo rows outside x from rows inside instead (and zeroes their
     sums): each group of ``_row_groups`` is all outside or all inside x in every strip, at most H rows,
