@@ -63,10 +63,18 @@ def _empty(shape, dtype, channels_last=False):
     return t.to(memory_format=torch.channels_last) if channels_last and len(shape) == 4 else t
 
 
+def _layout_copy(t, nb: int) -> tuple:
+    """The launch copying meta tensor ``t`` to channels_last (kernels/layout.py), and its minimum
+    bytes: ``t`` read once and written once, ``nb`` bytes an element."""
+    from .kernels.layout import channels_last_empty, copy_launch
+
+    return copy_launch(t, channels_last_empty(t, "meta")), 2 * t.numel() * nb
+
+
 def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw")) -> list[Case]:
     from .kernels import involution as inv
     from .kernels import involution_weight_grad as weight_grad
-    from .kernels.layout import channels_last_empty, copy_launch
+    from .kernels.layout import channels_last_empty
 
     p = _problem(name)
     Ho, Wo = p.out_hw
@@ -108,7 +116,7 @@ def _family1_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw
 
     def copied():
         x, y, _ = tensors()
-        return [(copy_launch(t, channels_last_empty(t, "meta")), 2 * t.numel() * nb) for t in (y, x)]
+        return [_layout_copy(t, nb) for t in (y, x)]
 
     bias = sizes.get("bias", 0)
     table = {
@@ -135,7 +143,6 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     from .kernels import expert_conv_weight_grad as ecw
     from .kernels import region_conv as rc
     from .kernels import region_conv_input_grad as rcg
-    from .kernels.layout import copy_launch
     from .kernels.region_tables import meta_region_tables, region_tables_launch
 
     p = _problem(name)
@@ -201,8 +208,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
                                  p.groups, *geometry, cfg)
 
     def copied(t, whole=False):  # the channels_last copy a launch reads (of the first part of t), and its bytes
-        part_t = t if whole else t[samples]
-        return [(copy_launch(part_t, ec.channels_last_stand_in(part_t)), 2 * part_t.numel() * nb)]
+        return [_layout_copy(t if whole else t[samples], nb)]
 
     region_dx = guided and rc.backward_input_supported(y0, x0, p.m)
     # DRConv's input gradient by columns (a product launch, then the fold the case models).

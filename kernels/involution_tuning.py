@@ -177,17 +177,19 @@ def _nchw_problems(kernel: str):
                for label, op, C, G, H, s in shapes]
         if kernel in _NCHW_PAIRS:  # only the shapes the launcher gives a pair kernel
             kind = _NCHW_KIND[kernel]
-            out = [p for p in out if _nchw_pairs(kind, p.spec, _tuning_inputs(p.spec, torch.bfloat16, "meta"))
-                   and not (kind == "dw" and _copied(p.spec))]
+            out = [p for p in out if _runs_pair_kernel(kind, p.spec)]
         return out
     return problems
 
 
-def _copied(spec: dict) -> bool:
-    """Whether the weight gradient's entry point copies these NCHW bf16 inputs to channels_last (and
-    so runs the channels_last kernel, not the pair kernel)."""
+def _runs_pair_kernel(kind: str, spec: dict) -> bool:
+    """Whether ops run a pair kernel on this problem in bf16: the launcher's rule (_nchw_pairs), and
+    for the weight gradient no channels_last copies at its entry point (weight_grad_copies), on
+    which the channels_last kernel runs instead."""
     ts = _tuning_inputs(spec, torch.bfloat16, "meta")
-    return weight_grad_copies(ts["y"], ts["x"], ts["w"], _strides(spec))
+    if not _nchw_pairs(kind, spec, ts):
+        return False
+    return kind != "dw" or not weight_grad_copies(ts["y"], ts["x"], ts["w"], _strides(spec))
 
 
 def _nchw_pairs(kind: str, spec: dict, ts: dict) -> bool:
