@@ -128,7 +128,9 @@ def is_global_store(ins: Instruction) -> bool:
 
 
 _GMMA_SHAPE = re.compile(r"^[A-Z]+GMMA\.(\d+)x(\d+)x(\d+)")
-_HMMA_SHAPE = re.compile(r"^[A-Z]MMA\.(\d)(\d)(\d+)")
+# mma.sync shapes run their digits together: m is 16 or 8, n always 8, k the rest (HMMA.16816 is
+# m16n8k16, HMMA.1688 m16n8k8, DMMA.884 m8n8k4).
+_HMMA_SHAPE = re.compile(r"^[A-Z]MMA\.(16|8)(8)(\d+)")
 
 
 def mma_flops(ins: Instruction) -> int:

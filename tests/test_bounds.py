@@ -49,6 +49,15 @@ def test_sass_parser_reads_instructions_widths_and_pipes():
     assert sass.mma_flops(by_addr[0x70]) == 2 * 64 * 64 * 16 // 4
 
 
+@pytest.mark.parametrize("opcode, m, n, k", [("HMMA.16816.F32.BF16", 16, 8, 16), ("HMMA.1688.F32.TF32", 16, 8, 8),
+                                             ("HMMA.16816.F32", 16, 8, 16), ("DMMA.884", 8, 8, 4),
+                                             ("IMMA.16832.S8.S8", 16, 8, 32), ("IMMA.8816.S8.S8", 8, 8, 16)])
+def test_mma_sync_shapes_run_their_digits_together(opcode, m, n, k):
+    # A whole warp's matrix instruction: m·n·k multiply-adds (HMMA.16816 once read as m1 n6 k816).
+    instruction = sass.parse(f"        /*0000*/                   {opcode} R4, R8, R12, R4 ;  /* 0x0 */\n")[0]
+    assert sass.mma_flops(instruction) == 2 * m * n * k
+
+
 def test_loops_nest_and_weight_by_declared_trips():
     instructions = sass.parse(SNIPPET)
     forest = sass.loops(instructions)
