@@ -587,6 +587,10 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
     # Both spread [pixels, KP, KP] weights over a window, KP > K so that tap row and column K are zero.
     del meta["BLOCK_KK"]
     meta["KP"] = next_power_of_2(K + 1)
+    if not transposed:  # the forward's window per pair of pixel rows
+        for name in ("HALO_H", "BLOCK_Q"):
+            del meta[name]
+        meta.update(halo.pair_meta(K, stride, dilation))
     x, y = (out, big) if transposed else (big, out)
     args = {names[0]: big, "z_ptr": z, "span_w_ptr": span_weight, "span_b_ptr": span_bias, names[1]: out,
             "H": x.shape[2], "W": x.shape[3], "Ho": y.shape[2], "Wo": y.shape[3], "G": G, "CG": C // G, "R": R,
@@ -594,8 +598,8 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
             "ssb": span_bias.stride(0) if span_bias is not None else 0, **_strides(names[3], out),
             "PH": padding[0], "PW": padding[1], "TILES": tiles_h * tiles_w, "TILES_W": tiles_w}
     warps = HALO_WARPS["bwd_input" if transposed else "fwd"]
-    return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, warps, 1, loops=(G,),
-                  sm90_max_registers=_halo_register_cap(big, transposed))
+    return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, warps, _halo_stages(big, transposed),
+                  loops=(G,), sm90_max_registers=_halo_register_cap(big, transposed))
 
 
 # The forward fits one warpgroup (its [pixels, halo] window is then staged for the dot once, not
@@ -613,19 +617,27 @@ HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS = 16
 # bytes of stack), and sm_80 compiles it uncapped. dz would gain as much but spills on 3.6 too, as
 # does the fp32 input gradient (196-230 registers: 160 bytes of stack at 128), which stays uncapped.
 HALO_INPUT_GRAD_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
-# The 16-bit NCHW forward takes 160 registers a thread at one warpgroup: three programs an SM. Capped
-# at 128, four fit, and triton 3.6's ptxas keeps it without a spill (PREDICTED, R1-layer fwd bf16
-# NCHW 26.4% -> 33.0%); channels_last spills 8 bytes there, newer ptxas 112-120.
-HALO_FORWARD_NCHW_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
+# The forward takes 134 registers a thread on sm_90 with triton 3.6 (16-bit, channels_last, two
+# stages): three one-warpgroup programs an SM. Capped at 128, four fit without a spill there
+# (PREDICTED, R1-layer fwd bf16 NHWC 37.2% -> 48.6%, NCHW 23.2% -> 31.1%); newer ptxas spill it.
+HALO_FORWARD_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
 
 
 def _halo_register_cap(big: torch.Tensor, transposed: bool) -> int:
     """The sm_90 register cap of the forward (``big`` = x) or input gradient (``big`` = dy)."""
     if big.element_size() != 2:
         return 0
-    if transposed:
-        return HALO_INPUT_GRAD_SM90_REGISTERS
-    return 0 if is_channels_last(big) else HALO_FORWARD_NCHW_SM90_REGISTERS
+    return HALO_INPUT_GRAD_SM90_REGISTERS if transposed else HALO_FORWARD_SM90_REGISTERS
+
+
+def _halo_stages(big: torch.Tensor, transposed: bool) -> int:
+    """Two stages for the forward's group loop (the next group's halo and span weights copied while
+    this one's products run), but for 16-bit NCHW: its 2-byte halo loads cannot be asynchronous
+    copies, and the second stage only holds registers (PREDICTED, triton 3.6, R1-layer fwd: bf16
+    NHWC 38.7% -> 48.6%, fp32 NHWC/NCHW 26.3/24.6% -> 28.3/29.9%; bf16 NCHW 31.1% -> 22.7%)."""
+    if transposed or (big.element_size() == 2 and not is_channels_last(big)):
+        return 1
+    return 2
 
 
 def _span_grad_halo_warps(x: torch.Tensor, channels_per_group: int) -> int:

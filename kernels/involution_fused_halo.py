@@ -6,18 +6,20 @@ Per group both products are ``tl.dot``s with M = the tile's pixels:
 * the span product ``w[p, k] = Σ_r z[p, r] · S[g·K²+k, r]`` ([P, R] @ [R, KK]): the tile's
   generated weights for all K² taps at once (KK = K² padded to a power of two; the padding columns
   are zero, since S and β are loaded masked);
-* the window product. The tile's neighbourhood is the halo of ``HALO_H x HALO_W`` pixels (padded
-  to BLOCK_Q, rows PITCH_W apart). ``A[p, q]`` is pixel p's weight for halo pixel q, the tap
-  linking them, or zero when q lies outside p's window. The forward spreads its [P, KP, KP]
-  weights (taps padded per row, KP > K) into A in two gathers of short axes (tap column to halo
-  column, tap row to halo row, a zero padding tap where none links them): cheaper than one
-  gather along the whole halo, which triton lowers to a shuffle per candidate. The index tables
-  depend on the geometry only and are built once for all groups. Then ``y[p, c] = A[p, :] @
-  x_halo[:, c]``.
+* the window product. A pixel's neighbourhood lies in the halo of input pixels (rows PITCH_W
+  apart, a power of two). ``A[p, q]`` is pixel p's weight for halo pixel q, the tap linking
+  them, or zero when q lies outside p's window; ``y[p, c] = A[p, :] @ x_halo[:, c]``. The weights
+  are generated as [P, KP, KP] (taps padded per row, KP > K) and spread into A in two gathers of
+  short axes (tap row to halo row, tap column to halo column, a zero padding tap where none links
+  them): cheaper than one gather along the whole halo, which triton lowers to a shuffle per
+  candidate. The index tables depend on the geometry only and are built once for all groups. The
+  forward takes the window per pair of pixel rows (a pair's halo rows, not the tile's: half the
+  elements to spread) in a batched dot; the input gradient over the whole tile's halo (BLOCK_Q).
 
-The window product does ``BLOCK_Q / K²`` times the useful multiply-adds (256 / 49 at K = 7 on an
-8 x 8 tile), on tensor cores at 12 (bf16) or 6 (tf32) times the CUDA cores' rate, and every x
-element of the halo is loaded once per program, not once per tap.
+The window product does ``Q / K²`` times the useful multiply-adds (128 / 49 for the forward's
+pairs at K = 7, 256 / 49 for the input gradient on an 8 x 8 tile), on tensor cores at 12 (bf16)
+or 6 (tf32) times the CUDA cores' rate, and every x element is loaded once per program (the
+forward: once per pair that reads it, from L1), not once per tap.
 
 The input gradient is the same window product turned around: a tile of dx's pixels, the halo of
 output pixels that read them, the weights generated at the halo (``[Q, R] @ [R, KP²]``) and spread
@@ -67,6 +69,15 @@ def halo_meta(K: int, stride, dilation, transposed: bool) -> dict:
                 BLOCK_Q=_pow2(hh) * _pow2(hw), BLOCK_KK=_pow2(K * K + 1))
 
 
+def pair_meta(K: int, stride, dilation) -> dict:
+    """The forward's window per pair of pixel rows (``fused_fwd_halo_kernel``): the halo rows a
+    pair reads (PAIR_ROWS, padded to KPR) and the taps padded per row (KP > K, a zero row and column)."""
+    rows = stride[0] + (K - 1) * dilation[0] + 1
+    meta = halo_meta(K, stride, dilation, False)
+    return dict(BLOCK_H=meta["BLOCK_H"], BLOCK_W=meta["BLOCK_W"], HALO_W=meta["HALO_W"], PITCH_W=meta["PITCH_W"],
+                PAIR_ROWS=rows, KPR=_pow2(rows), KP=_pow2(K + 1))
+
+
 @triton.jit
 def _tile_pixels(tile, TILES_W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     p = tl.arange(0, BLOCK_H * BLOCK_W)
@@ -92,34 +103,38 @@ def fused_fwd_halo_kernel(
     syb, syc, syh, syw,
     PH, PW, TILES, TILES_W,
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
-    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIR_ROWS: tl.constexpr, KPR: tl.constexpr,
+    HALO_W: tl.constexpr, PITCH_W: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """y[b, g·CG+c, p] = Σ_q A_g[p, q] · x[b, g·CG+c, q] over the tile's input halo. The weights
-    are generated as [pixels, KP, KP] (taps padded per row to KP > K, so row and column K are
-    zero) and spread into the window in two gathers of a short axis: tap column to halo column,
-    then tap row to halo row."""
+    """y[b, g·CG+c, p] = Σ_q A_g[p, q] · x[b, g·CG+c, q], one window product per pair of the tile's
+    pixel rows. Pair i (its 2·BLOCK_W pixels, M) reads the PAIR_ROWS halo rows from (h0 + 2i)·SH - PH
+    (padded to KPR) by PITCH_W columns, so its window is [M, KPR·PITCH_W]: half the tile-wide
+    window's elements, since a pair's rows span SH + (K-1)·DH + 1 halo rows, not the tile's
+    (BLOCK_H-1)·SH + (K-1)·DH + 1. The weights are generated as [pixels, KP, KP] (taps padded per row to
+    KP > K: row and column K are zero) and spread in two gathers of a short axis: tap row to pair
+    row (a shift by the pixel's row in its pair), then tap column to halo column. The window
+    product is a batched dot over the pairs (mma.sync; the pairs' halos overlap and are loaded per
+    pair, from L1). Gathering the whole tile's [64, 256] window cost 820 instructions a warp per
+    group and the pairs' 540 (PREDICTED, triton 3.6, R1-layer fwd bf16 NHWC)."""
     P: tl.constexpr = BLOCK_H * BLOCK_W
-    ROWS: tl.constexpr = BLOCK_Q // PITCH_W
+    PAIRS: tl.constexpr = BLOCK_H // 2
+    M: tl.constexpr = 2 * BLOCK_W
+    Q: tl.constexpr = KPR * PITCH_W
     pid = tl.program_id(0)
     b = widen(pid // TILES, INDEX_64)
     h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
     out_ok = (oh < Ho) & (ow < Wo)
-    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
-    in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    # Tap column of (pixel, halo column), tap row of (pixel, halo row); K (a zero column/row) for none.
-    p = tl.arange(0, P)
+    m = tl.arange(0, M)
+    rr = tl.arange(0, KPR)
+    drow = rr[None, :] - (m // BLOCK_W)[:, None] * SH
+    row_tap = tl.where((drow >= 0) & (drow % DH == 0) & (drow < K * DH), tl.maximum(drow, 0) // DH, K)  # [M, KPR]
     t = tl.arange(0, PITCH_W)
-    dcol = t[None, :] - (p % BLOCK_W)[:, None] * SW
+    dcol = t[None, :] - (m % BLOCK_W)[:, None] * SW
     col_tap = tl.where((dcol >= 0) & (dcol % DW == 0) & (dcol < K * DW) & (t < HALO_W)[None, :],
-                       tl.maximum(dcol, 0) // DW, K)
-    rr = tl.arange(0, ROWS)
-    drow = rr[None, :] - (p // BLOCK_W)[:, None] * SH
-    row_tap = tl.where((drow >= 0) & (drow % DH == 0) & (drow < K * DH) & (rr < HALO_H)[None, :],
-                       tl.maximum(drow, 0) // DH, K)
-    col_pick = col_tap[:, None, :] + tl.zeros((P, KP, PITCH_W), dtype=tl.int32)
-    row_pick = row_tap[:, :, None] + tl.zeros((P, ROWS, PITCH_W), dtype=tl.int32)
+                       tl.maximum(dcol, 0) // DW, K)  # [M, PITCH_W]
+    row_pick = row_tap[None, :, :, None] + tl.zeros((PAIRS, M, KPR, KP), dtype=tl.int32)
+    col_pick = col_tap[None, :, None, :] + tl.zeros((PAIRS, M, KPR, PITCH_W), dtype=tl.int32)
 
     r = tl.arange(0, BLOCK_R)
     z = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
@@ -128,22 +143,32 @@ def fused_fwd_halo_kernel(
     tap_ok = (tp // KP < K) & (tp % KP < K)
     c = tl.arange(0, BLOCK_CG)
     c_ok = c < CG
-    x_halo = x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None]
+    # Pair i's halo: rows (h0 + 2i)·SH - PH + u', columns w0·SW - PW + qw.
+    pr = tl.arange(0, PAIRS)
+    q = tl.arange(0, Q)
+    ih = h0 * SH - PH + (2 * pr * SH)[:, None] + (q // PITCH_W)[None, :]
+    iw = w0 * SW - PW + (q % PITCH_W)[None, :] + pr[:, None] * 0
+    in_ok = ((q // PITCH_W < PAIR_ROWS) & (q % PITCH_W < HALO_W))[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_halo = x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, :, None]
     y_tile = y_ptr + b * syb + widen(oh * syh + ow * syw, INDEX_64)[:, None]
+    tap_rows = (tp // KP) * K + tp % KP
+    if HAS_BIAS:
+        bias_next = tl.load(span_b_ptr + widen(tap_rows, INDEX_64) * ssb, mask=tap_ok, other=0.0)
     for g in range(G):
-        rows = widen(g * (K * K) + (tp // KP) * K + tp % KP, INDEX_64)
+        rows = widen(g * (K * K) + tap_rows, INDEX_64)
         span_t = tl.load(span_w_ptr + rows[None, :] * sso + r[:, None] * ssr,
                          mask=(r < R)[:, None] & tap_ok[None, :], other=0.0)
-        # Both of a group's loads before its first dot: issued after it, the halo's load waited a
-        # second round trip each group (PREDICTED, triton 3.6, R1-layer fwd bf16 NHWC 24% -> 29%).
         channel = widen(g * CG + c, INDEX_64)
-        xv = tl.load(x_halo + channel[None, :] * sxc, mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+        xv = tl.load(x_halo + channel[None, None, :] * sxc, mask=in_ok[:, :, None] & c_ok[None, None, :], other=0.0)
         weight = tl.dot(z, span_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [P, KP²]
         if HAS_BIAS:
-            weight += tl.load(span_b_ptr + rows * ssb, mask=tap_ok, other=0.0).to(ACC_DTYPE)[None, :]
-        by_col = tl.gather(tl.reshape(weight.to(xv.dtype), (P, KP, KP)), col_pick, 2)  # [P, KP, PITCH_W]
-        window = tl.reshape(tl.gather(by_col, row_pick, 1), (P, BLOCK_Q))
-        out = tl.dot(window, xv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            weight += bias_next.to(ACC_DTYPE)[None, :]
+            # The next group's, loaded here: a 2-byte load the pipeline does not stage, it cost a round trip a group.
+            bias_next = tl.load(span_b_ptr + (rows + K * K) * ssb, mask=tap_ok & (tp * 0 + g + 1 < G), other=0.0)
+        by_row = tl.gather(tl.reshape(weight.to(xv.dtype), (PAIRS, M, KP, KP)), row_pick, 2)  # [PAIRS, M, KPR, KP]
+        window = tl.reshape(tl.gather(by_row, col_pick, 3), (PAIRS, M, Q))
+        out = tl.dot(window, xv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [PAIRS, M, BLOCK_CG]
+        out = tl.reshape(out, (P, BLOCK_CG))
         tl.store(y_tile + channel[None, :] * syc, out.to(y_ptr.dtype.element_ty),
                  mask=out_ok[:, None] & c_ok[None, :])
 
@@ -352,3 +377,4 @@ def fused_bwd_span_halo_kernel(
     tl.store(dspan_ptr + slab * sps + rows[:, None] * spo + r[None, :] * spr, dspan,
              mask=tap_ok[:, None] & (r < R)[None, :])
     tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=tap_ok)
+

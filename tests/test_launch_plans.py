@@ -233,15 +233,16 @@ def test_register_cap_is_an_sm90_option_a_plan_keeps():
     assert cap == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
     assert again.compile_options(90).get("maxnreg") == (cap or None)
     assert "maxnreg" not in again.compile_options(80) and "maxnreg" not in again.compile_options(0)
-    # The forward: 16-bit NCHW only (channels_last and fp32 spill under it).
-    forward_cap = fused.HALO_FORWARD_NCHW_SM90_REGISTERS
+    # The forward: 16-bit in both layouts (fp32 spills under it); two stages but for 16-bit NCHW.
+    forward_cap = fused.HALO_FORWARD_SM90_REGISTERS
     assert forward_cap == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
-    for x, expected in ((dy, forward_cap), (dy.contiguous(memory_format=torch.channels_last), 0),
-                        (dy.float(), 0)):
+    for x, expected, stages in ((dy, forward_cap, 1), (dy.contiguous(memory_format=torch.channels_last), forward_cap, 2),
+                                (dy.float(), 0, 2)):
         with _launch.conv_tf32(True):
             launch = fused.forward_launch(x, z.to(x.dtype), span_w.to(x.dtype), span_b.to(x.dtype), torch.empty_like(x),
                                           K, *geometry)
         assert launch.name == "fused_fwd_halo_kernel" and launch.sm90_max_registers == expected
+        assert launch.num_stages == stages
 
 
 def test_plans_follow_the_tf32_switch(device):
