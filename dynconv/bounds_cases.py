@@ -327,6 +327,7 @@ def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz",
     import torch
 
     from .kernels import involution_fused as fu
+    from .kernels.layout import channels_last_empty
 
     p = _problem(name)
     Ho, Wo = p.out_hw
@@ -345,8 +346,13 @@ def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz",
         z = _empty((p.B, p.R, Ho, Wo), dt, cl)
         return x, y, z, _empty((T, p.R), dt), _empty((T,), dt)
 
+    x0, _, _, sw0, _ = tensors()
+    fwd_copies = fu.forward_copies_input(x0, sw0, p.R, p.K, geometry[0], geometry[2])
+
     def fwd():
         x, y, z, sw, sb = tensors()
+        if fwd_copies:  # the forward reads x's channels_last copy
+            x = channels_last_empty(x, "meta")
         return fu.forward_launch(x, z, sw, sb, y, p.K, *geometry)
 
     def dx():
@@ -372,8 +378,9 @@ def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz",
         "dspan": (dspan, (sizes["y"] + sizes["x"] + sizes["z"] + weights) * nb),
     }
     # The aggregation runs on CUDA cores, the span product on tensor cores.
+    copies = {"fwd": lambda: [_layout_copy(tensors()[0], nb)]} if fwd_copies else {}
     return [Case(name, k, dtype, layout, table[k][0], table[k][1], aggregation + span,
-                 {"fma": aggregation, tensor_cores: span}) for k in kernels]
+                 {"fma": aggregation, tensor_cores: span}, copies.get(k)) for k in kernels]
 
 
 def _na2d_cases(name: str, dtype: str, layout: str = "BHWND", kernels=("fwd", "dq", "dkv")) -> list[Case]:

@@ -60,6 +60,7 @@ from .configs import get_config
 from ._indexing import gather_source, widen
 from .involution import _acc_dtype, _pow2_at_most, _tile_indices
 from . import involution_fused_halo as halo
+from .layout import channels_last_copy, channels_last_empty
 
 # Programs the span-gradient kernel aims for: enough to fill any current GPU several times, few
 # enough that the fp32 partials stay a few MB. A constant, so the reduction order (and the result)
@@ -827,7 +828,20 @@ def _backward_span_halo_launch(dy, x, z, dspan_partials, dbias_partials, K, stri
 # Entry points used by ops/: they write into outputs the caller allocated.
 # --------------------------------------------------------------------------------------------
 
+def forward_copies_input(x, span_weight, R, K, stride, dilation, config=None) -> bool:
+    """Whether the forward on NCHW ``x`` reads a channels_last copy of it (``kernels/layout.py``):
+    16-bit x on the halo kernel, whose pairs of pixel rows read overlapping halos, loaded 2 bytes at
+    a time and without asynchronous copies in NCHW. PREDICTED (sm_90, R1-layer fwd bf16 NCHW, the
+    copy counted, 24 of 109 us): triton 3.6 31.1% -> 34.6%, triton 3.9 15.4% -> 26.2%; fp32 NCHW
+    keeps its own loads (29.9%: a copy of twice the bytes would cost more than the kernel saves)."""
+    G = span_weight.shape[0] // (K * K)
+    return (config is None and x.element_size() == 2 and not is_channels_last(x)
+            and takes_halo_path(x, G, R, K, stride, dilation, False))
+
+
 def involution_fused_forward(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> None:
+    if forward_copies_input(x, span_weight, z.shape[1], K, stride, dilation, config):
+        x = channels_last_copy(x)
     forward_launch(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config)()
 
 
@@ -888,7 +902,10 @@ def catalogue() -> list[Launch]:
                     slabs, _ = span_grad_slabs(B, Ho, Wo, K, G, R, cfg)
                     partials = torch.empty((slabs, K * K * G, R), dtype=torch.float32, device="meta")
                     bias_partials = torch.empty((slabs, K * K * G), dtype=torch.float32, device="meta")
-                    built = (forward_launch(x, z, span_w, span_b, y, K, *geometry),
+                    # The op's forward reads x's channels_last copy where it makes one.
+                    x_read = (channels_last_empty(x, "meta")
+                              if forward_copies_input(x, span_w, R, K, (s, s), (1, 1)) else x)
+                    built = (forward_launch(x_read, z, span_w, span_b, y, K, *geometry),
                              backward_input_launch(y, z, span_w, span_b, x, K, *geometry),
                              backward_z_launch(y, x, span_w, z, K, *geometry),
                              backward_span_launch(y, x, z, partials, bias_partials, K, *geometry))

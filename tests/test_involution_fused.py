@@ -242,6 +242,30 @@ def test_input_gradient_takes_the_halo_kernel_where_it_fits(dtype, K, stride, tf
         assert kernels.backward_input_launch(dy, z, span_w, span_b, dx, K, *g).name == expected
 
 
+def test_16_bit_nchw_forward_reads_a_channels_last_copy(device, monkeypatch):
+    """fp16/bf16 NCHW x on the halo kernel: the forward copies x to channels_last and the halo
+    kernel reads the copy, writing NCHW y, against float64; fp32 and channels_last read x as it is."""
+    inputs, geometry = _inputs(HALO_CASES[0])
+    read = []
+    launch = _launch.Launch.__call__
+    monkeypatch.setattr(_launch.Launch, "__call__", lambda self, *a, **k: (
+        read.append((self.name, self.args["x_ptr"].is_contiguous(memory_format=torch.channels_last)
+                   if self.name == "fused_fwd_halo_kernel" else None)),
+        launch(self, *a, **k))[1])
+    y = check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, torch.float16, device,
+                                memory_format=torch.contiguous_format, **geometry)
+    assert y.is_contiguous()
+    assert read[:2] == [("channels_last_copy_kernel", None), ("fused_fwd_halo_kernel", True)], read
+    K, s, d = geometry["kernel_size"], (geometry["stride"],) * 2, (geometry["dilation"],) * 2
+    meta = dict(device="meta")
+    x16, span16 = torch.empty(2, 32, 6, 7, dtype=torch.float16, **meta), torch.empty(18, 20, dtype=torch.float16, **meta)
+    assert kernels.forward_copies_input(x16, span16, 20, K, s, d)
+    assert not kernels.forward_copies_input(x16.to(memory_format=torch.channels_last), span16, 20, K, s, d)
+    assert not kernels.forward_copies_input(x16, span16, 20, K, s, d, config={"BLOCK_G": 1})
+    with _launch.conv_tf32(True):
+        assert not kernels.forward_copies_input(x16.float(), span16.float(), 20, K, s, d)
+
+
 @pytest.mark.parametrize("case", [0, 1], ids=["s1", "s2"])
 def test_halo_int64_indexing_variant_matches(case, device):
     """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd, dx and dz; stride 2: dx)."""
