@@ -576,22 +576,29 @@ def _halo_grad_meta(x, C, G, K, R, stride, dilation, *tensors) -> tuple[dict, in
     return meta, tiles_h, tiles_w
 
 
+def _by_pairs(meta: dict, K: int, stride, dilation) -> None:
+    """A halo kernel's meta turned to the halo of a pair of pixel rows (the forward, dz)."""
+    for name in ("HALO_H", "BLOCK_Q", "BLOCK_KK"):
+        meta.pop(name, None)
+    meta.update(halo.pair_meta(K, stride, dilation))
+
+
 def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding, dilation, names) -> Launch:
     """The forward (``big`` = x, ``out`` = y) or the input gradient (``big`` = dy, ``out`` = dx)."""
     B, C = big.shape[:2]
     R = z.shape[1]
     G = span_weight.shape[0] // (K * K)
     transposed = kernel is halo.fused_bwd_input_halo_kernel
+    if not transposed and forward_by_pairs(big, C // G):
+        kernel = halo.fused_fwd_halo_pairs_kernel
     meta, tiles_h, tiles_w = _halo_meta(big, C, G, K, R, stride, dilation, transposed, out.shape[2], out.shape[3],
                                         big, z, out)
     meta["HAS_BIAS"] = span_bias is not None
     # Both spread [pixels, KP, KP] weights over a window, KP > K so that tap row and column K are zero.
     del meta["BLOCK_KK"]
     meta["KP"] = next_power_of_2(K + 1)
-    if not transposed:  # the forward's window per pair of pixel rows
-        for name in ("HALO_H", "BLOCK_Q"):
-            del meta[name]
-        meta.update(halo.pair_meta(K, stride, dilation))
+    if kernel is halo.fused_fwd_halo_pairs_kernel:
+        _by_pairs(meta, K, stride, dilation)
     x, y = (out, big) if transposed else (big, out)
     args = {names[0]: big, "z_ptr": z, "span_w_ptr": span_weight, "span_b_ptr": span_bias, names[1]: out,
             "H": x.shape[2], "W": x.shape[3], "Ho": y.shape[2], "Wo": y.shape[3], "G": G, "CG": C // G, "R": R,
@@ -599,18 +606,18 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
             "ssb": span_bias.stride(0) if span_bias is not None else 0, **_strides(names[3], out),
             "PH": padding[0], "PW": padding[1], "TILES": tiles_h * tiles_w, "TILES_W": tiles_w}
     warps = HALO_WARPS["bwd_input" if transposed else "fwd"]
-    return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, warps, _halo_stages(big, transposed),
-                  loops=(G,), sm90_max_registers=_halo_register_cap(big, transposed))
+    return Launch(kernel, (B * tiles_h * tiles_w, 1, 1), args, meta, warps, _halo_stages(kernel, big),
+                  loops=(G,), sm90_max_registers=_halo_register_cap(big, transposed, C // G))
 
 
 # The forward fits one warpgroup (its [pixels, halo] window is then staged for the dot once, not
-# once per warpgroup: a third fewer L1 bytes and tensor-core instructions, PREDICTED). At 4 warps
-# ptxas spills the input gradient (weights over a 256-pixel halo), dz (8 or 32 channels a group,
-# fp32 at 8-192 bytes) and dspan in NCHW: they keep two warpgroups. dspan on channels_last with
-# up to 16 channels a group fits one (231-255 registers, no stack on sm_80/sm_90, both tritons; 32
+# once per warpgroup: a third fewer L1 bytes and tensor-core instructions, PREDICTED), and so does
+# dz by pairs of pixel rows. At 4 warps ptxas spills the input gradient (weights over a 256-pixel
+# halo), the tile-wide dz (8 or 32 channels a group, fp32 at 8-192 bytes) and dspan in NCHW: they
+# keep two warpgroups. dspan on channels_last with up to 16 channels a group fits one (231-255 registers, no stack on sm_80/sm_90, both tritons; 32
 # channels in fp32 spill on sm_80): two programs an SM, R1-layer dspan NHWC bf16/fp32 PREDICTED
 # 12.2/16.9% -> 17.9/19.8% (triton 3.6).
-HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_span": 8}
+HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_z_pairs": 4, "bwd_span": 8}
 HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS = 16
 # The input gradient takes 130-150 registers a thread on sm_90: one eight-warp program an SM. Capped
 # at 128, two fit, and triton 3.6's ptxas (the GPU machines') keeps it without a spill there
@@ -619,26 +626,53 @@ HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS = 16
 # does the fp32 input gradient (196-230 registers: 160 bytes of stack at 128), which stays uncapped.
 HALO_INPUT_GRAD_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
 # The forward takes 134 registers a thread on sm_90 with triton 3.6 (16-bit, channels_last, two
-# stages): three one-warpgroup programs an SM. Capped at 128, four fit without a spill there
-# (PREDICTED, R1-layer fwd bf16 NHWC 37.2% -> 48.6%, NCHW 23.2% -> 31.1%); newer ptxas spill it.
+# stages): three one-warpgroup programs an SM. Capped at 128, four fit without a spill there at 16
+# channels a group (RedNet's; PREDICTED, R1-layer fwd bf16 NHWC 37.2% -> 48.6%); a sweep of K 3-7
+# found 24-416 bytes of stack at 8 and 32 channels (K 5-7), and newer ptxas spill it at 16 too.
 HALO_FORWARD_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
+# Both caps hold at 16 channels a group only: the AOT catalogue's 8- and 32-channel layers (K 5
+# and 7) found the capped input gradient spilling too (16-80 bytes on sm_90, channels_last).
+HALO_CAPPED_CHANNELS = 16
+# fp32 (tf32) forwards by pairs spill in most places (8-232 bytes: 8 channels a group on triton 3.6,
+# 32 on newer ptxas) and keep the tile-wide kernel; on newer ptxas that one spills at 8 channels
+# a group (24 bytes at K = 5, sm_90), where the pairs compile clean at K 3-7 in both layouts.
+FP32_PAIRS_CHANNELS = 8 if TRITON_VERSION > (3, 6) else 0
 
 
-def _halo_register_cap(big: torch.Tensor, transposed: bool) -> int:
+def _halo_register_cap(big: torch.Tensor, transposed: bool, channels_per_group: int) -> int:
     """The sm_90 register cap of the forward (``big`` = x) or input gradient (``big`` = dy)."""
-    if big.element_size() != 2:
+    if big.element_size() != 2 or channels_per_group != HALO_CAPPED_CHANNELS:
         return 0
     return HALO_INPUT_GRAD_SM90_REGISTERS if transposed else HALO_FORWARD_SM90_REGISTERS
 
 
-def _halo_stages(big: torch.Tensor, transposed: bool) -> int:
-    """Two stages for the forward's group loop (the next group's halo and span weights copied while
-    this one's products run), but for 16-bit NCHW: its 2-byte halo loads cannot be asynchronous
-    copies, and the second stage only holds registers (PREDICTED, triton 3.6, R1-layer fwd: bf16
-    NHWC 38.7% -> 48.6%, fp32 NHWC/NCHW 26.3/24.6% -> 28.3/29.9%; bf16 NCHW 31.1% -> 22.7%)."""
-    if transposed or (big.element_size() == 2 and not is_channels_last(big)):
+def forward_by_pairs(x: torch.Tensor, channels_per_group: int) -> bool:
+    """Whether the halo forward builds its window per pair of pixel rows: in 16 bits always; in fp32
+    (tf32) only at FP32_PAIRS_CHANNELS, where the tile-wide kernel spills and the pairs do not."""
+    return x.element_size() == 2 or channels_per_group == FP32_PAIRS_CHANNELS
+
+
+def _halo_stages(kernel, big: torch.Tensor) -> int:
+    """Two stages for the forward by pairs (the next group's halo and span weights copied while this
+    one's products run), but on 16-bit NCHW: its 2-byte halo loads cannot be asynchronous copies, and
+    a second stage only holds registers (PREDICTED, triton 3.6, R1-layer fwd bf16 NHWC 38.7% ->
+    48.6%; bf16 NCHW 31.1% -> 22.7%). The other halo kernels keep one."""
+    if kernel is not halo.fused_fwd_halo_pairs_kernel:
         return 1
-    return 2
+    return 1 if big.element_size() == 2 and not is_channels_last(big) else 2
+
+
+# dz by pairs of pixel rows fits one warpgroup in 16-bit at 16 channels a group (184-188 registers,
+# no stack at K 3-7 on sm_80/sm_90, both tritons); at 8 and 32 channels ptxas spills it (8-120
+# bytes, K 5-7), and in fp32 at 16 too (8-40 bytes).
+DZ_PAIRS_CHANNELS = 16
+
+
+def _dz_by_pairs(x: torch.Tensor, channels_per_group: int) -> bool:
+    """Whether dz takes the pairs kernel: 16-bit channels_last at DZ_PAIRS_CHANNELS. On 16-bit NCHW
+    its 2-byte loads of the pairs' overlapping halos cost more than they save (R1-layer dz bf16 NCHW
+    28.8% -> 24.7%, PREDICTED, triton 3.6), and in fp32 (tf32) ptxas spills it at K 5-7."""
+    return channels_per_group == DZ_PAIRS_CHANNELS and x.element_size() == 2 and is_channels_last(x)
 
 
 def _span_grad_halo_warps(x: torch.Tensor, channels_per_group: int) -> int:
@@ -707,8 +741,12 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
                     R=R, **_strides("sdyb sdyc sdyh sdyw", dy), **_strides("sxb sxc sxh sxw", x),
                     **_strides("sso ssr", span_weight), **_strides("sdzb sdzr sdzh sdzw", dz),
                     PH=padding[0], PW=padding[1], TILES=tiles_h * tiles_w, TILES_W=tiles_w)
-        return Launch(halo.fused_bwd_z_halo_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
-                      HALO_WARPS["bwd_z"], 1, loops=(G,))
+        if not _dz_by_pairs(x, C // G):
+            return Launch(halo.fused_bwd_z_halo_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
+                          HALO_WARPS["bwd_z"], 1, loops=(G,))
+        _by_pairs(meta, K, stride, dilation)
+        return Launch(halo.fused_bwd_z_halo_pairs_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
+                      HALO_WARPS["bwd_z_pairs"], 2, loops=(G,))
     config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, span_weight, dz)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
@@ -832,8 +870,8 @@ def forward_copies_input(x, span_weight, R, K, stride, dilation, config=None) ->
     """Whether the forward on NCHW ``x`` reads a channels_last copy of it (``kernels/layout.py``):
     16-bit x on the halo kernel, whose pairs of pixel rows read overlapping halos, loaded 2 bytes at
     a time and without asynchronous copies in NCHW. PREDICTED (sm_90, R1-layer fwd bf16 NCHW, the
-    copy counted, 24 of 109 us): triton 3.6 31.1% -> 34.6%, triton 3.9 15.4% -> 26.2%; fp32 NCHW
-    keeps its own loads (29.9%: a copy of twice the bytes would cost more than the kernel saves)."""
+    copy counted, 24 of 109 us): triton 3.6 31.1% -> 34.6%, triton 3.9 15.4% -> 26.2%. fp32 takes
+    the tile-wide forward and reads x as it is."""
     G = span_weight.shape[0] // (K * K)
     return (config is None and x.element_size() == 2 and not is_channels_last(x)
             and takes_halo_path(x, G, R, K, stride, dilation, False))
@@ -878,6 +916,9 @@ def catalogue() -> list[Launch]:
         (32, 256, 56, 56, 7, 16, 64, 1, "R1 fused involution"),
         (32, 128, 56, 56, 7, 128, 32, 1, "R3 fused depth-wise per-pixel"),
         (8, 64, 31, 31, 3, 4, 16, 2, "fused stride 2, odd H"),
+        # Where a sweep found spills by pairs or under the forward's cap: 8 and 32 channels a group.
+        (4, 64, 28, 28, 5, 8, 32, 1, "fused 8 channels a group"),
+        (4, 128, 28, 28, 7, 4, 32, 1, "fused 32 channels a group"),
     ]
     # fp32 with torch's tf32 switch on (the halo kernels, where they apply; the per-tap kernels are
     # the same either way) and off.

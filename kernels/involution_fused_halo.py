@@ -13,13 +13,14 @@ Per group both products are ``tl.dot``s with M = the tile's pixels:
   short axes (tap row to halo row, tap column to halo column, a zero padding tap where none links
   them): cheaper than one gather along the whole halo, which triton lowers to a shuffle per
   candidate. The index tables depend on the geometry only and are built once for all groups. The
-  forward takes the window per pair of pixel rows (a pair's halo rows, not the tile's: half the
-  elements to spread) in a batched dot; the input gradient over the whole tile's halo (BLOCK_Q).
+  16-bit forward takes the window per pair of pixel rows (a pair's halo rows, not the tile's: half
+  the elements to spread) in a batched dot, and so does its dz at 16 channels a group; fp32 (tf32)
+  and the input gradient take the whole tile's halo (BLOCK_Q): by pairs, fp32's windows spill.
 
-The window product does ``Q / K²`` times the useful multiply-adds (128 / 49 for the forward's
-pairs at K = 7, 256 / 49 for the input gradient on an 8 x 8 tile), on tensor cores at 12 (bf16)
-or 6 (tf32) times the CUDA cores' rate, and every x element is loaded once per program (the
-forward: once per pair that reads it, from L1), not once per tap.
+The window product does ``Q / K²`` times the useful multiply-adds (128 / 49 for the pairs at K = 7,
+256 / 49 for the tile's halo on an 8 x 8 tile), on tensor cores at 12 (bf16) or 6 (tf32) times the
+CUDA cores' rate, and every x element is loaded once per program (by pairs: once per pair that
+reads it, from L1), not once per tap.
 
 The input gradient is the same window product turned around: a tile of dx's pixels, the halo of
 output pixels that read them, the weights generated at the halo (``[Q, R] @ [R, KP²]``) and spread
@@ -70,12 +71,12 @@ def halo_meta(K: int, stride, dilation, transposed: bool) -> dict:
 
 
 def pair_meta(K: int, stride, dilation) -> dict:
-    """The forward's window per pair of pixel rows (``fused_fwd_halo_kernel``): the halo rows a
-    pair reads (PAIR_ROWS, padded to KPR) and the taps padded per row (KP > K, a zero row and column)."""
+    """The halo of a pair of pixel rows (the forward and dz kernels): the halo rows a pair reads
+    (PAIR_ROWS, padded to KPR), as many columns as the tile's halo (HALO_W, padded to PITCH_W)."""
     rows = stride[0] + (K - 1) * dilation[0] + 1
     meta = halo_meta(K, stride, dilation, False)
     return dict(BLOCK_H=meta["BLOCK_H"], BLOCK_W=meta["BLOCK_W"], HALO_W=meta["HALO_W"], PITCH_W=meta["PITCH_W"],
-                PAIR_ROWS=rows, KPR=_pow2(rows), KP=_pow2(K + 1))
+                PAIR_ROWS=rows, KPR=_pow2(rows))
 
 
 @triton.jit
@@ -95,6 +96,73 @@ def _halo_pixels(h_first, w_first, HALO_H: tl.constexpr, HALO_W: tl.constexpr, P
 
 @triton.jit
 def fused_fwd_halo_kernel(
+    x_ptr, z_ptr, span_w_ptr, span_b_ptr, y_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sxb, sxc, sxh, sxw,
+    szb, szr, szh, szw,
+    sso, ssr, ssb,
+    syb, syc, syh, syw,
+    PH, PW, TILES, TILES_W,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+    PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y[b, g·CG+c, p] = Σ_q A_g[p, q] · x[b, g·CG+c, q] over the whole tile's input halo (the fp32
+    forward: by pairs of pixel rows its tf32 windows spill at 8 and 32 channels a group). The
+    weights are generated as [pixels, KP, KP] (taps padded per row to KP > K, so row and column K
+    are zero) and spread into the window in two gathers of a short axis: tap column to halo
+    column, then tap row to halo row."""
+    P: tl.constexpr = BLOCK_H * BLOCK_W
+    ROWS: tl.constexpr = BLOCK_Q // PITCH_W
+    pid = tl.program_id(0)
+    b = widen(pid // TILES, INDEX_64)
+    h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
+    out_ok = (oh < Ho) & (ow < Wo)
+    ih, iw, q_ok = _halo_pixels(h0 * SH - PH, w0 * SW - PW, HALO_H, HALO_W, PITCH_W, BLOCK_Q)
+    in_ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    # Tap column of (pixel, halo column), tap row of (pixel, halo row); K (a zero column/row) for none.
+    p = tl.arange(0, P)
+    t = tl.arange(0, PITCH_W)
+    dcol = t[None, :] - (p % BLOCK_W)[:, None] * SW
+    col_tap = tl.where((dcol >= 0) & (dcol % DW == 0) & (dcol < K * DW) & (t < HALO_W)[None, :],
+                       tl.maximum(dcol, 0) // DW, K)
+    rr = tl.arange(0, ROWS)
+    drow = rr[None, :] - (p // BLOCK_W)[:, None] * SH
+    row_tap = tl.where((drow >= 0) & (drow % DH == 0) & (drow < K * DH) & (rr < HALO_H)[None, :],
+                       tl.maximum(drow, 0) // DH, K)
+    col_pick = col_tap[:, None, :] + tl.zeros((P, KP, PITCH_W), dtype=tl.int32)
+    row_pick = row_tap[:, :, None] + tl.zeros((P, ROWS, PITCH_W), dtype=tl.int32)
+
+    r = tl.arange(0, BLOCK_R)
+    z = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
+                mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
+    tp = tl.arange(0, KP * KP)
+    tap_ok = (tp // KP < K) & (tp % KP < K)
+    c = tl.arange(0, BLOCK_CG)
+    c_ok = c < CG
+    x_halo = x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None]
+    y_tile = y_ptr + b * syb + widen(oh * syh + ow * syw, INDEX_64)[:, None]
+    for g in range(G):
+        rows = widen(g * (K * K) + (tp // KP) * K + tp % KP, INDEX_64)
+        span_t = tl.load(span_w_ptr + rows[None, :] * sso + r[:, None] * ssr,
+                         mask=(r < R)[:, None] & tap_ok[None, :], other=0.0)
+        # Both of a group's loads before its first dot: issued after it, the halo's load waited a
+        # second round trip each group (PREDICTED, triton 3.6, R1-layer fwd bf16 NHWC 24% -> 29%).
+        channel = widen(g * CG + c, INDEX_64)
+        xv = tl.load(x_halo + channel[None, :] * sxc, mask=in_ok[:, None] & c_ok[None, :], other=0.0)
+        weight = tl.dot(z, span_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [P, KP²]
+        if HAS_BIAS:
+            weight += tl.load(span_b_ptr + rows * ssb, mask=tap_ok, other=0.0).to(ACC_DTYPE)[None, :]
+        by_col = tl.gather(tl.reshape(weight.to(xv.dtype), (P, KP, KP)), col_pick, 2)  # [P, KP, PITCH_W]
+        window = tl.reshape(tl.gather(by_col, row_pick, 1), (P, BLOCK_Q))
+        out = tl.dot(window, xv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        tl.store(y_tile + channel[None, :] * syc, out.to(y_ptr.dtype.element_ty),
+                 mask=out_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def fused_fwd_halo_pairs_kernel(
     x_ptr, z_ptr, span_w_ptr, span_b_ptr, y_ptr,
     H, W, Ho, Wo, G, CG, R,
     sxb, sxc, sxh, sxw,
@@ -378,3 +446,78 @@ def fused_bwd_span_halo_kernel(
              mask=tap_ok[:, None] & (r < R)[None, :])
     tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=tap_ok)
 
+
+
+@triton.jit
+def _pair_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok,
+                       x_pairs, in_ok, pick_rows, pick_cols, PAIRS: tl.constexpr, M: tl.constexpr,
+                       KPR: tl.constexpr, PITCH_W: tl.constexpr, KP: tl.constexpr, BLOCK_CG: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``dW[i·M+m, u·KP+v] = Σ_{c∈g} dy[pixel m of pair i, c] · x[pair i's halo at (r·SH + u·DH, pw·SW + v·DW), c]``
+    ([P, KP²], r and pw the pixel's row in its pair and its column): each pair's logits
+    ``dy_pair @ x_pairᵀ`` ([M, KPR·PITCH_W], a batched dot) with the pixel's taps picked out in two
+    gathers of a short axis (pair row, then column), as the forward spreads them."""
+    c = tl.arange(0, BLOCK_CG)
+    channel = widen(g * CG + c, INDEX_64)
+    c_ok = c < CG
+    grad = tl.load(dy_ptr + b * sdyb + widen(oh * sdyh + ow * sdyw, INDEX_64)[:, None] + channel[None, :] * sdyc,
+                   mask=out_ok[:, None] & c_ok[None, :], other=0.0)
+    xv_t = tl.load(x_pairs + channel[None, :, None] * sxc, mask=in_ok[:, None, :] & c_ok[None, :, None], other=0.0)
+    logits = tl.dot(tl.reshape(grad, (PAIRS, M, BLOCK_CG)), xv_t, input_precision=DOT_PRECISION,
+                    out_dtype=ACC_DTYPE).to(grad.dtype)  # [PAIRS, M, KPR·PITCH_W]
+    rows = tl.gather(tl.reshape(logits, (PAIRS, M, KPR, PITCH_W)), pick_rows, 2)  # [PAIRS, M, KP, PITCH_W]
+    return tl.reshape(tl.gather(rows, pick_cols, 3), (PAIRS * M, KP * KP))
+
+
+@triton.jit
+def fused_bwd_z_halo_pairs_kernel(
+    dy_ptr, x_ptr, span_w_ptr, dz_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    sso, ssr,
+    sdzb, sdzr, sdzh, sdzw,
+    PH, PW, TILES, TILES_W,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIR_ROWS: tl.constexpr, KPR: tl.constexpr,
+    HALO_W: tl.constexpr, PITCH_W: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dz[b, r, p] = Σ_g dW_g[p, :] @ S_g[:, r] with dW_g by pairs of pixel rows
+    (:func:`_pair_grad_weights`): half the logits of the tile-wide kernel, one warpgroup, and the
+    group loop in stages. PREDICTED (sm_90, triton 3.6, R1-layer dz): bf16 NHWC 16.2% -> 28.0%, fp32
+    21.2-21.5% -> 23.8-24.2%; 16-bit NCHW keeps the tile-wide kernel (24.7% here against 28.8%)."""
+    P: tl.constexpr = BLOCK_H * BLOCK_W
+    PAIRS: tl.constexpr = BLOCK_H // 2
+    M: tl.constexpr = 2 * BLOCK_W
+    Q: tl.constexpr = KPR * PITCH_W
+    pid = tl.program_id(0)
+    b = widen(pid // TILES, INDEX_64)
+    h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
+    out_ok = (oh < Ho) & (ow < Wo)
+    # The pair row and halo column of (pixel, tap row / column); padding taps clamp into the halo.
+    m = tl.arange(0, M)
+    t = tl.arange(0, KP)
+    pick_rows = tl.minimum((m // BLOCK_W)[:, None, None] * SH + t[None, :, None] * DH, KPR - 1)  # [M, KP, 1]
+    pick_rows = pick_rows[None, :, :, :] + tl.zeros((PAIRS, M, KP, PITCH_W), dtype=tl.int32)
+    pick_cols = tl.minimum((m % BLOCK_W)[:, None, None] * SW + t[None, None, :] * DW, HALO_W - 1)  # [M, 1, KP]
+    pick_cols = pick_cols[None, :, :, :] + tl.zeros((PAIRS, M, KP, KP), dtype=tl.int32)
+    pr = tl.arange(0, PAIRS)
+    q = tl.arange(0, Q)
+    ih = h0 * SH - PH + (2 * pr * SH)[:, None] + (q // PITCH_W)[None, :]
+    iw = w0 * SW - PW + (q % PITCH_W)[None, :] + pr[:, None] * 0
+    in_ok = ((q // PITCH_W < PAIR_ROWS) & (q % PITCH_W < HALO_W))[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    x_pairs = x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None, :]  # [PAIRS, 1, Q]
+    tap, tap_ok = _padded_taps(K, KP)
+    r = tl.arange(0, BLOCK_R)
+    dz = tl.zeros((P, BLOCK_R), dtype=ACC_DTYPE)
+    for g in range(G):
+        rows = widen(g * (K * K) + tap, INDEX_64)
+        span = tl.load(span_w_ptr + rows[:, None] * sso + r[None, :] * ssr,
+                       mask=tap_ok[:, None] & (r < R)[None, :], other=0.0)
+        dw = _pair_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok,
+                                x_pairs, in_ok, pick_rows, pick_cols, PAIRS, M, KPR, PITCH_W, KP, BLOCK_CG,
+                                DOT_PRECISION, INDEX_64, ACC_DTYPE)
+        dz += tl.dot(dw, span, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    dz_off = b * sdzb + widen(oh * sdzh + ow * sdzw, INDEX_64)[:, None] + widen(r, INDEX_64)[None, :] * sdzr
+    tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=out_ok[:, None] & (r < R)[None, :])

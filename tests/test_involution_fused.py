@@ -33,7 +33,7 @@ CASES = [
 HALO_CASES = [
     (2, 32, 6, 7, 3, 2, 20, 1, 1),      # forward, dz, dspan on halo kernels (2 slabs)
     (1, 16, 9, 10, 3, 2, 12, 2, 1),     # stride 2, odd H: dx on the halo kernel over 2 x 2 input tiles
-    (1, 16, 7, 6, 4, 2, 3, 1, 2),       # even K, dilation 2
+    (1, 32, 7, 6, 4, 2, 3, 1, 2),       # even K, dilation 2; 16 channels a group: dz by pairs
     (1, 16, 3, 2, 5, 2, 16, 1, 1),      # K larger than the image: every halo reaches past its edges
 ]
 CASE_IDS = [f"B{c[0]}C{c[1]}H{c[2]}W{c[3]}K{c[4]}G{c[5]}R{c[6]}s{c[7]}d{c[8]}" for c in CASES + HALO_CASES]
@@ -94,8 +94,11 @@ def test_fp32_halo_forward_and_every_gradient_with_tf32(case, fmt, device, monke
         check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, torch.float32,
                                 device, memory_format=FORMATS[fmt], tolerance=tolerance, **geometry)
     stride = geometry["stride"]
+    # fp32 forwards by pairs only where the tile-wide kernel spills (8 channels a group, newer ptxas).
+    forward = "fused_fwd_halo_pairs_kernel" if kernels.forward_by_pairs(torch.empty(0), case[1] // case[5]) \
+        else "fused_fwd_halo_kernel"
     expected = {"fused_bwd_input_halo_kernel"} | (
-        {"fused_fwd_halo_kernel", "fused_bwd_z_halo_kernel", "fused_bwd_span_halo_kernel"} if stride == 1 else set())
+        {forward, "fused_bwd_z_halo_kernel", "fused_bwd_span_halo_kernel"} if stride == 1 else set())
     assert expected <= set(launched), launched
 
 
@@ -250,12 +253,12 @@ def test_16_bit_nchw_forward_reads_a_channels_last_copy(device, monkeypatch):
     launch = _launch.Launch.__call__
     monkeypatch.setattr(_launch.Launch, "__call__", lambda self, *a, **k: (
         read.append((self.name, self.args["x_ptr"].is_contiguous(memory_format=torch.channels_last)
-                   if self.name == "fused_fwd_halo_kernel" else None)),
+                   if self.name == "fused_fwd_halo_pairs_kernel" else None)),
         launch(self, *a, **k))[1])
     y = check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, torch.float16, device,
                                 memory_format=torch.contiguous_format, **geometry)
     assert y.is_contiguous()
-    assert read[:2] == [("channels_last_copy_kernel", None), ("fused_fwd_halo_kernel", True)], read
+    assert read[:2] == [("channels_last_copy_kernel", None), ("fused_fwd_halo_pairs_kernel", True)], read
     K, s, d = geometry["kernel_size"], (geometry["stride"],) * 2, (geometry["dilation"],) * 2
     meta = dict(device="meta")
     x16, span16 = torch.empty(2, 32, 6, 7, dtype=torch.float16, **meta), torch.empty(18, 20, dtype=torch.float16, **meta)
@@ -266,14 +269,37 @@ def test_16_bit_nchw_forward_reads_a_channels_last_copy(device, monkeypatch):
         assert not kernels.forward_copies_input(x16.float(), span16.float(), 20, K, s, d)
 
 
+@pytest.mark.parametrize("dtype, channels_last, expected", [
+    (torch.float16, True, "fused_bwd_z_halo_pairs_kernel"),
+    (torch.bfloat16, False, "fused_bwd_z_halo_kernel"),     # 16-bit NCHW: the tile-wide logits
+    (torch.bfloat16, True, "fused_bwd_z_halo_pairs_kernel"),
+    (torch.float32, True, "fused_bwd_z_halo_kernel"),       # fp32 (tf32): ptxas spills the pairs kernel
+])
+def test_dz_takes_the_pairs_kernel_in_16_bit_channels_last_at_16_channels(dtype, channels_last, expected):
+    B, C, H, K, G, R = 2, 32, 9, 3, 2, 20
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(B, C, H, H, **meta).to(memory_format=fmt)
+    z = torch.empty(B, R, H, H, **meta).to(memory_format=fmt)
+    with _launch.conv_tf32(True):
+        launch = kernels.backward_z_launch(x, x, torch.empty(K * K * G, R, **meta), z, K, (1, 1), (1, 1), (1, 1))
+    assert launch.name == expected
+    assert launch.num_stages == (1 if expected == "fused_bwd_z_halo_kernel" else 2)
+    with _launch.conv_tf32(True):  # 8 channels a group: the pairs kernel spills there (K 5-7)
+        eight = kernels.backward_z_launch(x, x, torch.empty(K * K * 2 * G, R, **meta), z, K, (1, 1), (1, 1), (1, 1))
+    assert eight.name == "fused_bwd_z_halo_kernel"
+
+
 @pytest.mark.parametrize("case", [0, 1], ids=["s1", "s2"])
-def test_halo_int64_indexing_variant_matches(case, device):
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+def test_halo_int64_indexing_variant_matches(case, fmt, device):
     """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd, dx and dz; stride 2: dx)."""
     inputs, geometry = _inputs(HALO_CASES[case])
     K, s = geometry["kernel_size"], geometry["stride"]
-    x, z = inputs["x"].half().to(device), inputs["z"].half().to(device)
+    fmt = FORMATS[fmt]
+    x, z = (inputs[n].half().to(device).contiguous(memory_format=fmt) for n in ("x", "z"))
     span_w, span_b = inputs["span_weight"].half().to(device), inputs["span_bias"].half().to(device)
-    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half()
+    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half().contiguous(memory_format=fmt)
     g = ((s, s), (1, 1), (1, 1))
     builders = {
         "fwd": (dy.shape, lambda out: kernels.forward_launch(x, z, span_w, span_b, out, K, *g)),
@@ -286,7 +312,7 @@ def test_halo_int64_indexing_variant_matches(case, device):
             continue
         outs = []
         for index_64 in (False, True):
-            out = torch.empty(shape, device=device, dtype=torch.float16)
+            out = torch.empty(shape, device=device, dtype=torch.float16).contiguous(memory_format=fmt)
             launch = build(out)
             launch.meta["INDEX_64"] = index_64
             launch()

@@ -217,10 +217,14 @@ def test_fused_plan_launch_matches_a_fresh_build(launcher):
         assert again.args == fresh.args and first.args.keys() == fresh.args.keys()
 
 
+def _two_group_span(K, R):
+    return torch.randn(2 * K * K, R, dtype=torch.bfloat16), torch.randn(2 * K * K, dtype=torch.bfloat16)
+
+
 def test_register_cap_is_an_sm90_option_a_plan_keeps():
-    """The halo input gradient's register cap (triton <= 3.6) reaches ptxas only for sm_90, and a
-    launch rebuilt from its plan keeps it."""
-    B, C, H, W, K, G, R = 1, 16, 6, 7, 3, 2, 5
+    """The halo input gradient's register cap (triton <= 3.6, 16 channels a group) reaches ptxas only
+    for sm_90, and a launch rebuilt from its plan keeps it."""
+    B, C, H, W, K, G, R = 1, 16, 6, 7, 3, 1, 5
     dy = torch.randn(B, C, H, W, dtype=torch.bfloat16)
     z = torch.randn(B, R, H, W, dtype=torch.bfloat16)
     span_w, span_b = torch.randn(K * K * G, R, dtype=torch.bfloat16), torch.randn(K * K * G, dtype=torch.bfloat16)
@@ -233,15 +237,23 @@ def test_register_cap_is_an_sm90_option_a_plan_keeps():
     assert cap == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
     assert again.compile_options(90).get("maxnreg") == (cap or None)
     assert "maxnreg" not in again.compile_options(80) and "maxnreg" not in again.compile_options(0)
-    # The forward: 16-bit in both layouts (fp32 spills under it); two stages but for 16-bit NCHW.
+    eight = fused.backward_input_launch(dy, z, *_two_group_span(K, R), torch.empty_like(dy), K, *geometry)
+    assert eight.name == "fused_bwd_input_halo_kernel" and eight.sm90_max_registers == 0  # it spills there
+    # The forward: 16-bit at 16 channels a group in both layouts (fp32, 8 and 32 channels spill
+    # under it); the 16-bit forward by pairs in two stages but on NCHW, fp32 tile-wide in one.
     forward_cap = fused.HALO_FORWARD_SM90_REGISTERS
     assert forward_cap == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
-    for x, expected, stages in ((dy, forward_cap, 1), (dy.contiguous(memory_format=torch.channels_last), forward_cap, 2),
-                                (dy.float(), 0, 2)):
+    assert fused.HALO_CAPPED_CHANNELS == 16
+    two_groups = _two_group_span(K, R)
+    one_group = (span_w, span_b)
+    for x, weights, expected, stages in (
+            (dy, one_group, forward_cap, 1), (dy.contiguous(memory_format=torch.channels_last), one_group, forward_cap, 2),
+            (dy.float(), one_group, 0, 1), (dy, two_groups, 0, 1)):  # 8 channels a group: uncapped
         with _launch.conv_tf32(True):
-            launch = fused.forward_launch(x, z.to(x.dtype), span_w.to(x.dtype), span_b.to(x.dtype), torch.empty_like(x),
+            launch = fused.forward_launch(x, z.to(x.dtype), *(w.to(x.dtype) for w in weights), torch.empty_like(x),
                                           K, *geometry)
-        assert launch.name == "fused_fwd_halo_kernel" and launch.sm90_max_registers == expected
+        name = "fused_fwd_halo_pairs_kernel" if fused.forward_by_pairs(x, C // G) else "fused_fwd_halo_kernel"
+        assert launch.name == name and launch.sm90_max_registers == expected
         assert launch.num_stages == stages
 
 
@@ -257,7 +269,8 @@ def test_plans_follow_the_tf32_switch(device):
         with _launch.conv_tf32(allowed):
             launch = fused.forward_launch(x, z, span_w, span_b, torch.empty_like(x), K, *geometry)
         built.setdefault(allowed, []).append((launch.name, launch.meta["DOT_PRECISION"]))
-    assert built[True] == [("fused_fwd_halo_kernel", "tf32")] * 2
+    halo_forward = "fused_fwd_halo_pairs_kernel" if fused.forward_by_pairs(x, C // G) else "fused_fwd_halo_kernel"
+    assert built[True] == [(halo_forward, "tf32")] * 2
     assert built[False] == [("fused_fwd_kernel", "tf32x3")]
     assert len(_fused_plans("fwd")) == 2
     if not _launch.kernels_are_interpreted() and device == "cpu":
