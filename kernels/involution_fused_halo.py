@@ -95,6 +95,20 @@ def _halo_pixels(h_first, w_first, HALO_H: tl.constexpr, HALO_W: tl.constexpr, P
 
 
 @triton.jit
+def _pair_halos(x_sample, h_first, w_first, H, W, sxh, sxw, SH: tl.constexpr, PAIRS: tl.constexpr,
+                PAIR_ROWS: tl.constexpr, KPR: tl.constexpr, HALO_W: tl.constexpr, PITCH_W: tl.constexpr,
+                INDEX_64: tl.constexpr):
+    """Pointers to each pair's halo ([PAIRS, KPR·PITCH_W]: pair i's rows from h_first + 2i·SH) and
+    whether each lies in x (off the image, or in the padding, it reads zero)."""
+    pr = tl.arange(0, PAIRS)
+    q = tl.arange(0, KPR * PITCH_W)
+    ih = h_first + (2 * pr * SH)[:, None] + (q // PITCH_W)[None, :]
+    iw = w_first + (q % PITCH_W)[None, :] + pr[:, None] * 0
+    ok = ((q // PITCH_W < PAIR_ROWS) & (q % PITCH_W < HALO_W))[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return x_sample + widen(ih * sxh + iw * sxw, INDEX_64), ok
+
+
+@triton.jit
 def fused_fwd_halo_kernel(
     x_ptr, z_ptr, span_w_ptr, span_b_ptr, y_ptr,
     H, W, Ho, Wo, G, CG, R,
@@ -212,12 +226,9 @@ def fused_fwd_halo_pairs_kernel(
     c = tl.arange(0, BLOCK_CG)
     c_ok = c < CG
     # Pair i's halo: rows (h0 + 2i)·SH - PH + u', columns w0·SW - PW + qw.
-    pr = tl.arange(0, PAIRS)
-    q = tl.arange(0, Q)
-    ih = h0 * SH - PH + (2 * pr * SH)[:, None] + (q // PITCH_W)[None, :]
-    iw = w0 * SW - PW + (q % PITCH_W)[None, :] + pr[:, None] * 0
-    in_ok = ((q // PITCH_W < PAIR_ROWS) & (q % PITCH_W < HALO_W))[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    x_halo = x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, :, None]
+    x_halo, in_ok = _pair_halos(x_ptr + b * sxb, h0 * SH - PH, w0 * SW - PW, H, W, sxh, sxw, SH, PAIRS, PAIR_ROWS,
+                                KPR, HALO_W, PITCH_W, INDEX_64)
+    x_halo = x_halo[:, :, None]
     y_tile = y_ptr + b * syb + widen(oh * syh + ow * syw, INDEX_64)[:, None]
     tap_rows = (tp // KP) * K + tp % KP
     if HAS_BIAS:
@@ -485,12 +496,11 @@ def fused_bwd_z_halo_pairs_kernel(
 ):
     """dz[b, r, p] = Σ_g dW_g[p, :] @ S_g[:, r] with dW_g by pairs of pixel rows
     (:func:`_pair_grad_weights`): half the logits of the tile-wide kernel, one warpgroup, and the
-    group loop in stages. PREDICTED (sm_90, triton 3.6, R1-layer dz): bf16 NHWC 16.2% -> 28.0%, fp32
-    21.2-21.5% -> 23.8-24.2%; 16-bit NCHW keeps the tile-wide kernel (24.7% here against 28.8%)."""
+    group loop in two stages; 16-bit channels_last at 16 channels a group (involution_fused.
+    _dz_by_pairs). PREDICTED (sm_90, triton 3.6, R1-layer dz bf16 NHWC): 16.2% -> 28.0%."""
     P: tl.constexpr = BLOCK_H * BLOCK_W
     PAIRS: tl.constexpr = BLOCK_H // 2
     M: tl.constexpr = 2 * BLOCK_W
-    Q: tl.constexpr = KPR * PITCH_W
     pid = tl.program_id(0)
     b = widen(pid // TILES, INDEX_64)
     h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
@@ -502,12 +512,9 @@ def fused_bwd_z_halo_pairs_kernel(
     pick_rows = pick_rows[None, :, :, :] + tl.zeros((PAIRS, M, KP, PITCH_W), dtype=tl.int32)
     pick_cols = tl.minimum((m % BLOCK_W)[:, None, None] * SW + t[None, None, :] * DW, HALO_W - 1)  # [M, 1, KP]
     pick_cols = pick_cols[None, :, :, :] + tl.zeros((PAIRS, M, KP, KP), dtype=tl.int32)
-    pr = tl.arange(0, PAIRS)
-    q = tl.arange(0, Q)
-    ih = h0 * SH - PH + (2 * pr * SH)[:, None] + (q // PITCH_W)[None, :]
-    iw = w0 * SW - PW + (q % PITCH_W)[None, :] + pr[:, None] * 0
-    in_ok = ((q // PITCH_W < PAIR_ROWS) & (q % PITCH_W < HALO_W))[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    x_pairs = x_ptr + b * sxb + widen(ih * sxh + iw * sxw, INDEX_64)[:, None, :]  # [PAIRS, 1, Q]
+    x_pairs, in_ok = _pair_halos(x_ptr + b * sxb, h0 * SH - PH, w0 * SW - PW, H, W, sxh, sxw, SH, PAIRS, PAIR_ROWS,
+                                 KPR, HALO_W, PITCH_W, INDEX_64)
+    x_pairs = x_pairs[:, None, :]  # [PAIRS, 1, Q]
     tap, tap_ok = _padded_taps(K, KP)
     r = tl.arange(0, BLOCK_R)
     dz = tl.zeros((P, BLOCK_R), dtype=ACC_DTYPE)
