@@ -951,7 +951,7 @@ def catalogue() -> list[Launch]:
                              backward_z_launch(y, x, span_w, z, K, *geometry),
                              backward_span_launch(y, x, z, partials, bias_partials, K, *geometry))
                 if dtype == torch.float32 and tf32:
-                    built = [launch for launch in built if launch.name.endswith("_halo_kernel")]
+                    built = [launch for launch in built if "_halo_" in launch.name]
                 for launch in built:
                     launch.label = tag
                     launches.append(launch)

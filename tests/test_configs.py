@@ -427,7 +427,7 @@ def test_tuned_tables_do_not_displace_the_fused_halo_kernels(monkeypatch):
             tensors = space.inputs(problem.spec, torch.float16, "meta")
             asked.clear()
             launch = space.launch(problem.spec, tensors, None)
-            halo = launch.name.endswith("_halo_kernel")
+            halo = "_halo_" in launch.name
             assert halo == (not space.reads_table(problem.spec, tensors)), (name, problem.label)
             assert ((name, problem.label) in swept) == (not halo) == bool(asked), (name, problem.label, asked)
     assert any("R1" in problem.label and (name, problem.label) not in swept
