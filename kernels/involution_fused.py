@@ -577,7 +577,7 @@ def _halo_grad_meta(x, C, G, K, R, stride, dilation, *tensors) -> tuple[dict, in
 
 
 def _by_pairs(meta: dict, K: int, stride, dilation) -> None:
-    """A halo kernel's meta turned to the halo of a pair of pixel rows (the forward, dz)."""
+    """A halo kernel's meta turned to the halo of a pair of pixel rows (the forward, dz, dspan)."""
     for name in ("HALO_H", "BLOCK_Q", "BLOCK_KK"):
         meta.pop(name, None)
     meta.update(halo.pair_meta(K, stride, dilation))
@@ -611,14 +611,11 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
 
 
 # The forward fits one warpgroup (its [pixels, halo] window is then staged for the dot once, not
-# once per warpgroup: a third fewer L1 bytes and tensor-core instructions, PREDICTED), and so does
-# dz by pairs of pixel rows. At 4 warps ptxas spills the input gradient (weights over a 256-pixel
-# halo), the tile-wide dz (8 or 32 channels a group, fp32 at 8-192 bytes) and dspan in NCHW: they
-# keep two warpgroups. dspan on channels_last with up to 16 channels a group fits one (231-255 registers, no stack on sm_80/sm_90, both tritons; 32
-# channels in fp32 spill on sm_80): two programs an SM, R1-layer dspan NHWC bf16/fp32 PREDICTED
-# 12.2/16.9% -> 17.9/19.8% (triton 3.6).
-HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_z_pairs": 4, "bwd_span": 8}
-HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS = 16
+# once per warpgroup: a third fewer L1 bytes and tensor-core instructions, PREDICTED), and so do dz
+# and dspan by pairs of pixel rows. At 4 warps ptxas spills the input gradient (weights over a
+# 256-pixel halo), the tile-wide dz (8 or 32 channels a group, fp32 at 8-192 bytes) and the
+# tile-wide dspan in NCHW: they keep two warpgroups.
+HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_z_pairs": 4, "bwd_span": 8, "bwd_span_pairs": 4}
 # The input gradient takes 130-150 registers a thread on sm_90: one eight-warp program an SM. Capped
 # at 128, two fit, and triton 3.6's ptxas (the GPU machines') keeps it without a spill there
 # (PREDICTED, R1-layer dx bf16 NHWC/NCHW 10.9/10.1% -> 21.6/19.4%); newer ptxas spill it (8-32
@@ -675,10 +672,32 @@ def _dz_by_pairs(x: torch.Tensor, channels_per_group: int) -> bool:
     return channels_per_group == DZ_PAIRS_CHANNELS and x.element_size() == 2 and is_channels_last(x)
 
 
-def _span_grad_halo_warps(x: torch.Tensor, channels_per_group: int) -> int:
-    if is_channels_last(x) and channels_per_group <= HALO_SPAN_GRAD_ONE_WARPGROUP_CHANNELS:
-        return 4
-    return HALO_WARPS["bwd_span"]
+# dspan by pairs of pixel rows (one warpgroup) compiles clean at K 3-7 on sm_80/sm_90 with both
+# tritons on channels_last (fp32 at two stages) and on 16-bit NCHW up to SPAN_PAIRS_NCHW_CHANNELS a
+# group (at 32, newer ptxas stack 112 bytes at K = 3); fp32 NCHW spills it (RedNet's layer: 40
+# bytes on sm_80, triton 3.6). Those keep the tile-wide kernel. 16-bit channels_last takes three
+# stages (the next tiles' dy, x and z copied while this one's products run) up to
+# SPAN_PAIRS_STAGED_CHANNELS a group: above, sm_80 spills them (8-16 bytes at K = 5: 32 channels on
+# triton 3.6, 16 on newer), and one stage it is. PREDICTED (sm_90, triton 3.6, R1-layer dspan): bf16
+# NHWC/NCHW 17.9/10.7% -> 37.3/16.0%, fp32 NHWC 19.8% -> 22.6%.
+SPAN_PAIRS_NCHW_CHANNELS = 16
+SPAN_PAIRS_STAGED_CHANNELS = 16 if TRITON_VERSION <= (3, 6) else 8
+
+
+def _span_grad_by_pairs(x: torch.Tensor, channels_per_group: int) -> bool:
+    """Whether dspan takes the pairs kernel: on channels_last, and on 16-bit NCHW up to
+    SPAN_PAIRS_NCHW_CHANNELS a group."""
+    if is_channels_last(x):
+        return True
+    return x.element_size() == 2 and channels_per_group <= SPAN_PAIRS_NCHW_CHANNELS
+
+
+def _span_pairs_stages(x: torch.Tensor, channels_per_group: int) -> int:
+    if not is_channels_last(x):
+        return 1  # its 2-byte loads cannot be asynchronous copies: a stage more only holds registers
+    if x.element_size() != 2:
+        return 2
+    return 3 if channels_per_group <= SPAN_PAIRS_STAGED_CHANNELS else 1
 
 
 def backward_input_launch(dy, z, span_weight, span_bias, dx, K, stride, padding, dilation, config=None) -> Launch:
@@ -835,7 +854,8 @@ def _backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, p
         raise ValueError(f"too many R blocks for the grid ({r_tiles}); use a larger BLOCK_R")
     tiles = cdiv(B * tiles_pix, slabs)  # per program: the slabs' mean
     loops = ((tiles, (cdiv(C // G, meta["BLOCK_CG"]),)) if not meta["ONE_CG_CHUNK"] else tiles,)
-    return Launch(fused_bwd_span_kernel, (K * K * g_tiles, r_tiles, slabs), args, meta, num_warps, num_stages, loops=loops)
+    return Launch(fused_bwd_span_kernel, (K * K * g_tiles, r_tiles, slabs), args, meta, num_warps, num_stages,
+                  loops=loops)
 
 
 def _backward_span_halo_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation,
@@ -858,8 +878,13 @@ def _backward_span_halo_launch(dy, x, z, dspan_partials, dbias_partials, K, stri
                 TOTAL_TILES=B * tiles, TILES_PER_SLAB=per_slab)
     if G > 65535:
         raise ValueError(f"too many groups for the grid ({G})")
-    return Launch(halo.fused_bwd_span_halo_kernel, (G, slabs, 1), args, meta, _span_grad_halo_warps(x, C // G), 1,
-                  loops=(cdiv(B * tiles, slabs),))
+    loops = (cdiv(B * tiles, slabs),)
+    if not _span_grad_by_pairs(x, C // G):
+        return Launch(halo.fused_bwd_span_halo_kernel, (G, slabs, 1), args, meta, HALO_WARPS["bwd_span"], 1,
+                      loops=loops)
+    _by_pairs(meta, K, stride, dilation)
+    return Launch(halo.fused_bwd_span_halo_pairs_kernel, (G, slabs, 1), args, meta, HALO_WARPS["bwd_span_pairs"],
+                  _span_pairs_stages(x, C // G), loops=loops)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ Per group both products are ``tl.dot``s with M = the tile's pixels:
   them): cheaper than one gather along the whole halo, which triton lowers to a shuffle per
   candidate. The index tables depend on the geometry only and are built once for all groups. The
   16-bit forward takes the window per pair of pixel rows (a pair's halo rows, not the tile's: half
-  the elements to spread) in a batched dot, and so does its dz at 16 channels a group; fp32 (tf32)
-  and the input gradient take the whole tile's halo (BLOCK_Q): by pairs, fp32's windows spill.
+  the elements to spread) in a batched dot, and so do its dz at 16 channels a group and dspan (but
+  16-bit NCHW above 16 channels); fp32 (tf32) forwards and the input gradient take the whole
+  tile's halo (BLOCK_Q): by pairs, fp32's windows spill.
 
 The window product does ``Q / K²`` times the useful multiply-adds (128 / 49 for the pairs at K = 7,
 256 / 49 for the tile's halo on an 8 x 8 tile), on tensor cores at 12 (bf16) or 6 (tf32) times the
@@ -458,14 +459,30 @@ def fused_bwd_span_halo_kernel(
     tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=tap_ok)
 
 
+@triton.jit
+def _pair_picks(SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_W: tl.constexpr, KPR: tl.constexpr, HALO_W: tl.constexpr, PITCH_W: tl.constexpr,
+                KP: tl.constexpr):
+    """Index tensors of :func:`_pair_grad_weights`' two picks: the pair row of (pixel, tap row) as
+    [PAIRS, M, KP, PITCH_W], the halo column of (pixel, tap column) as [PAIRS, M, KP, KP]; padding
+    taps clamp into the halo."""
+    PAIRS: tl.constexpr = BLOCK_H // 2
+    M: tl.constexpr = 2 * BLOCK_W
+    m = tl.arange(0, M)
+    t = tl.arange(0, KP)
+    rows = tl.minimum((m // BLOCK_W)[:, None, None] * SH + t[None, :, None] * DH, KPR - 1)  # [M, KP, 1]
+    cols = tl.minimum((m % BLOCK_W)[:, None, None] * SW + t[None, None, :] * DW, HALO_W - 1)  # [M, 1, KP]
+    return (rows[None, :, :, :] + tl.zeros((PAIRS, M, KP, PITCH_W), dtype=tl.int32),
+            cols[None, :, :, :] + tl.zeros((PAIRS, M, KP, KP), dtype=tl.int32))
+
 
 @triton.jit
-def _pair_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok,
-                       x_pairs, in_ok, pick_rows, pick_cols, PAIRS: tl.constexpr, M: tl.constexpr,
-                       KPR: tl.constexpr, PITCH_W: tl.constexpr, KP: tl.constexpr, BLOCK_CG: tl.constexpr,
+def _pair_grad_weights(dy_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxc, oh, ow, out_ok, x_pairs, in_ok,
+                       pick_rows, pick_cols, PAIRS: tl.constexpr, M: tl.constexpr, KPR: tl.constexpr,
+                       PITCH_W: tl.constexpr, KP: tl.constexpr, BLOCK_CG: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """``dW[i·M+m, u·KP+v] = Σ_{c∈g} dy[pixel m of pair i, c] · x[pair i's halo at (r·SH + u·DH, pw·SW + v·DW), c]``
-    ([P, KP²], r and pw the pixel's row in its pair and its column): each pair's logits
+    """``dW[i·M+m, u·KP+v] = Σ_{c∈g} dy[pixel m of pair i, c] · x_i[(r·SH + u·DH, pw·SW + v·DW), c]``
+    ([P, KP²], x_i pair i's halo, r and pw the pixel's row in its pair and its column): each pair's logits
     ``dy_pair @ x_pairᵀ`` ([M, KPR·PITCH_W], a batched dot) with the pixel's taps picked out in two
     gathers of a short axis (pair row, then column), as the forward spreads them."""
     c = tl.arange(0, BLOCK_CG)
@@ -505,13 +522,7 @@ def fused_bwd_z_halo_pairs_kernel(
     b = widen(pid // TILES, INDEX_64)
     h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
     out_ok = (oh < Ho) & (ow < Wo)
-    # The pair row and halo column of (pixel, tap row / column); padding taps clamp into the halo.
-    m = tl.arange(0, M)
-    t = tl.arange(0, KP)
-    pick_rows = tl.minimum((m // BLOCK_W)[:, None, None] * SH + t[None, :, None] * DH, KPR - 1)  # [M, KP, 1]
-    pick_rows = pick_rows[None, :, :, :] + tl.zeros((PAIRS, M, KP, PITCH_W), dtype=tl.int32)
-    pick_cols = tl.minimum((m % BLOCK_W)[:, None, None] * SW + t[None, None, :] * DW, HALO_W - 1)  # [M, 1, KP]
-    pick_cols = pick_cols[None, :, :, :] + tl.zeros((PAIRS, M, KP, KP), dtype=tl.int32)
+    pick_rows, pick_cols = _pair_picks(SH, SW, DH, DW, BLOCK_H, BLOCK_W, KPR, HALO_W, PITCH_W, KP)
     x_pairs, in_ok = _pair_halos(x_ptr + b * sxb, h0 * SH - PH, w0 * SW - PW, H, W, sxh, sxw, SH, PAIRS, PAIR_ROWS,
                                  KPR, HALO_W, PITCH_W, INDEX_64)
     x_pairs = x_pairs[:, None, :]  # [PAIRS, 1, Q]
@@ -522,9 +533,58 @@ def fused_bwd_z_halo_pairs_kernel(
         rows = widen(g * (K * K) + tap, INDEX_64)
         span = tl.load(span_w_ptr + rows[:, None] * sso + r[None, :] * ssr,
                        mask=tap_ok[:, None] & (r < R)[None, :], other=0.0)
-        dw = _pair_grad_weights(dy_ptr, x_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxb, sxc, sxh, sxw, oh, ow, out_ok,
-                                x_pairs, in_ok, pick_rows, pick_cols, PAIRS, M, KPR, PITCH_W, KP, BLOCK_CG,
-                                DOT_PRECISION, INDEX_64, ACC_DTYPE)
+        dw = _pair_grad_weights(dy_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxc, oh, ow, out_ok, x_pairs, in_ok,
+                                pick_rows, pick_cols, PAIRS, M, KPR, PITCH_W, KP, BLOCK_CG, DOT_PRECISION, INDEX_64,
+                                ACC_DTYPE)
         dz += tl.dot(dw, span, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     dz_off = b * sdzb + widen(oh * sdzh + ow * sdzw, INDEX_64)[:, None] + widen(r, INDEX_64)[None, :] * sdzr
     tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=out_ok[:, None] & (r < R)[None, :])
+
+
+@triton.jit
+def fused_bwd_span_halo_pairs_kernel(
+    dy_ptr, x_ptr, z_ptr, dspan_ptr, dbias_ptr,
+    H, W, Ho, Wo, G, CG, R,
+    sdyb, sdyc, sdyh, sdyw,
+    sxb, sxc, sxh, sxw,
+    szb, szr, szh, szw,
+    sps, spo, spr,
+    sbs, sbo,
+    PH, PW, TILES, TILES_W, TOTAL_TILES, TILES_PER_SLAB,
+    K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIR_ROWS: tl.constexpr, KPR: tl.constexpr,
+    HALO_W: tl.constexpr, PITCH_W: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Per-slab partials of dS and dβ as :func:`fused_bwd_span_halo_kernel`, with dW_g by pairs of
+    pixel rows (:func:`_pair_grad_weights`, as dz takes it): half the logits, one warpgroup, and on
+    channels_last the tile loop in stages (involution_fused._span_pairs_stages). PREDICTED (sm_90,
+    triton 3.6, R1-layer dspan bf16 NHWC): 17.9% -> 37.3%."""
+    PAIRS: tl.constexpr = BLOCK_H // 2
+    M: tl.constexpr = 2 * BLOCK_W
+    g = tl.program_id(0)
+    slab = tl.program_id(1)
+    pick_rows, pick_cols = _pair_picks(SH, SW, DH, DW, BLOCK_H, BLOCK_W, KPR, HALO_W, PITCH_W, KP)
+    r = tl.arange(0, BLOCK_R)
+    dspan = tl.zeros((KP * KP, BLOCK_R), dtype=ACC_DTYPE)
+    dbias = tl.zeros((KP * KP,), dtype=ACC_DTYPE)
+    first = slab * TILES_PER_SLAB
+    for t in range(first, tl.minimum(first + TILES_PER_SLAB, TOTAL_TILES)):
+        b = widen(t // TILES, INDEX_64)
+        h0, w0, oh, ow = _tile_pixels(t % TILES, TILES_W, BLOCK_H, BLOCK_W)
+        out_ok = (oh < Ho) & (ow < Wo)
+        x_pairs, in_ok = _pair_halos(x_ptr + b * sxb, h0 * SH - PH, w0 * SW - PW, H, W, sxh, sxw, SH, PAIRS,
+                                     PAIR_ROWS, KPR, HALO_W, PITCH_W, INDEX_64)
+        zv = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
+                     mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
+        dw = _pair_grad_weights(dy_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxc, oh, ow, out_ok, x_pairs[:, None, :],
+                                in_ok, pick_rows, pick_cols, PAIRS, M, KPR, PITCH_W, KP, BLOCK_CG, DOT_PRECISION,
+                                INDEX_64, ACC_DTYPE)
+        dspan += tl.dot(tl.trans(dw), zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        dbias += tl.sum(dw.to(ACC_DTYPE), axis=0)
+    tap, tap_ok = _padded_taps(K, KP)
+    rows = widen(g * (K * K) + tap, INDEX_64)
+    slab = widen(slab, INDEX_64)
+    tl.store(dspan_ptr + slab * sps + rows[:, None] * spo + r[None, :] * spr, dspan,
+             mask=tap_ok[:, None] & (r < R)[None, :])
+    tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=tap_ok)

@@ -97,8 +97,9 @@ def test_fp32_halo_forward_and_every_gradient_with_tf32(case, fmt, device, monke
     # fp32 forwards by pairs only where the tile-wide kernel spills (8 channels a group, newer ptxas).
     forward = "fused_fwd_halo_pairs_kernel" if kernels.forward_by_pairs(torch.empty(0), case[1] // case[5]) \
         else "fused_fwd_halo_kernel"
+    span_grad = "fused_bwd_span_halo_pairs_kernel" if fmt == "nhwc" else "fused_bwd_span_halo_kernel"
     expected = {"fused_bwd_input_halo_kernel"} | (
-        {forward, "fused_bwd_z_halo_kernel", "fused_bwd_span_halo_kernel"} if stride == 1 else set())
+        {forward, "fused_bwd_z_halo_kernel", span_grad} if stride == 1 else set())
     assert expected <= set(launched), launched
 
 
@@ -203,17 +204,25 @@ def test_span_gradient_is_deterministic_and_split_into_slabs(device):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_halo_span_gradient_is_deterministic_over_slabs(device):
+@pytest.mark.parametrize("groups, expected", [
+    (2, "fused_bwd_span_halo_pairs_kernel"),    # 16 channels a group: by pairs of pixel rows
+    (1, "fused_bwd_span_halo_kernel"),          # 16-bit NCHW at 32: the tile-wide logits
+])
+def test_halo_span_gradient_is_deterministic_over_slabs(groups, expected, device):
     """The tensor-core halo kernels: dS and dβ from per-(group, slab) partials, bitwise repeatable,
     and equal to the float64 reference; the launches are the halo kernels."""
-    inputs, geometry = _inputs(HALO_CASES[0])
-    K, G, R = geometry["kernel_size"], geometry["groups"], inputs["z"].shape[1]
-    x, z = inputs["x"].half().to(device), inputs["z"].half().to(device)
-    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half()
+    B, C, H, W, K, _, R = HALO_CASES[0][:7]
+    G = groups
+    x, z = torch.randn(B, C, H, W, device=device).half(), torch.randn(B, R, H, W, device=device).half()
+    dy = torch.randn(B, C, H, W, device=device).half()
+    span_w = torch.randn(K * K * G, R, device=device).half()
     g = ((1, 1), (1, 1), (1, 1))
-    config = kernels.span_grad_config(x, G, K, R, (1, 1), *z.shape[2:])
-    assert config.get("HALO") and kernels.span_grad_slabs(x.shape[0], *z.shape[2:], K, G, R, config)[0] > 1
-    assert kernels.backward_z_launch(dy, x, inputs["span_weight"].half(), z, K, *g).name == "fused_bwd_z_halo_kernel"
+    config = kernels.span_grad_config(x, G, K, R, (1, 1), H, W)
+    slabs = kernels.span_grad_slabs(B, H, W, K, G, R, config)[0]
+    assert config.get("HALO") and slabs > 1
+    assert kernels.backward_z_launch(dy, x, span_w, z, K, *g).name == "fused_bwd_z_halo_kernel"
+    partials = torch.empty(slabs, K * K * G, R, device=device), torch.empty(slabs, K * K * G, device=device)
+    assert kernels.backward_span_launch(dy, x, z, *partials, K, *g).name == expected
     results = []
     for _ in range(2):
         dspan = torch.empty(K * K * G, R, device=device, dtype=torch.float16)
@@ -224,6 +233,35 @@ def test_halo_span_gradient_is_deterministic_over_slabs(device):
     ref_span, ref_bias = reference.fused_backward_span(dy.double(), x.double(), z.double(), K, G, *g)
     assert_close(results[0][0], ref_span, torch.float16, "dspan")
     assert_close(results[0][1], ref_bias, torch.float16, "dbias")
+
+
+STAGED_AT_16 = 3 if kernels.SPAN_PAIRS_STAGED_CHANNELS >= 16 else 1  # triton 3.6; sm_80 spills newer ones
+
+
+@pytest.mark.parametrize("dtype, channels_last, channels, expected, stages", [
+    (torch.float16, True, 16, "fused_bwd_span_halo_pairs_kernel", STAGED_AT_16),
+    (torch.bfloat16, True, 8, "fused_bwd_span_halo_pairs_kernel", 3),
+    (torch.bfloat16, True, 32, "fused_bwd_span_halo_pairs_kernel", 1),  # three stages spill on sm_80
+    (torch.bfloat16, False, 16, "fused_bwd_span_halo_pairs_kernel", 1),
+    (torch.float16, False, 32, "fused_bwd_span_halo_kernel", 1),        # the pairs spill (newer ptxas)
+    (torch.float32, True, 32, "fused_bwd_span_halo_pairs_kernel", 2),
+    (torch.float32, False, 16, "fused_bwd_span_halo_kernel", 1),        # the pairs spill (sm_80)
+])
+def test_span_gradient_kernel_and_stages_by_dtype_layout_and_channels(dtype, channels_last, channels, expected,
+                                                                     stages):
+    B, G, H, K, R = 2, 2, 9, 5, 20
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(B, channels * G, H, H, **meta).to(memory_format=fmt)
+    z = torch.empty(B, R, H, H, **meta).to(memory_format=fmt)
+    g = ((1, 1), (2, 2), (1, 1))
+    with _launch.conv_tf32(True):
+        config = kernels.span_grad_config(x, G, K, R, (1, 1), H, H)
+        slabs = kernels.span_grad_slabs(B, H, H, K, G, R, config)[0]
+        partials = (torch.empty(slabs, K * K * G, R, device="meta"), torch.empty(slabs, K * K * G, device="meta"))
+        launch = kernels.backward_span_launch(x, x, z, *partials, K, *g)
+    assert (launch.name, launch.num_stages) == (expected, stages)
+    assert launch.num_warps == (4 if "pairs" in expected else 8)
 
 
 @pytest.mark.parametrize("dtype, K, stride, tf32, expected", [
@@ -293,33 +331,45 @@ def test_dz_takes_the_pairs_kernel_in_16_bit_channels_last_at_16_channels(dtype,
 @pytest.mark.parametrize("case", [0, 1], ids=["s1", "s2"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
 def test_halo_int64_indexing_variant_matches(case, fmt, device):
-    """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd, dx and dz; stride 2: dx)."""
+    """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd, dx, dz and dspan;
+    stride 2: dx)."""
     inputs, geometry = _inputs(HALO_CASES[case])
-    K, s = geometry["kernel_size"], geometry["stride"]
+    K, s, G = geometry["kernel_size"], geometry["stride"], geometry["groups"]
     fmt = FORMATS[fmt]
     x, z = (inputs[n].half().to(device).contiguous(memory_format=fmt) for n in ("x", "z"))
     span_w, span_b = inputs["span_weight"].half().to(device), inputs["span_bias"].half().to(device)
     dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half().contiguous(memory_format=fmt)
     g = ((s, s), (1, 1), (1, 1))
-    builders = {
-        "fwd": (dy.shape, lambda out: kernels.forward_launch(x, z, span_w, span_b, out, K, *g)),
-        "bwd_input": (x.shape, lambda out: kernels.backward_input_launch(dy, z, span_w, span_b, out, K, *g)),
-        "bwd_z": (z.shape, lambda out: kernels.backward_z_launch(dy, x, span_w, out, K, *g)),
+    R = z.shape[1]
+    config = kernels.span_grad_config(x, G, K, R, (s, s), *z.shape[2:])
+    slabs = kernels.span_grad_slabs(x.shape[0], *z.shape[2:], K, G, R, config)[0]
+
+    def like(shape, dtype=torch.float16):
+        out = torch.empty(shape, device=device, dtype=dtype)
+        return out.contiguous(memory_format=fmt) if len(shape) == 4 else out
+
+    builders = {  # the outputs each launch writes, and the launch
+        "fwd": (lambda: [like(dy.shape)], lambda out: kernels.forward_launch(x, z, span_w, span_b, *out, K, *g)),
+        "bwd_input": (lambda: [like(x.shape)],
+                      lambda out: kernels.backward_input_launch(dy, z, span_w, span_b, *out, K, *g)),
+        "bwd_z": (lambda: [like(z.shape)], lambda out: kernels.backward_z_launch(dy, x, span_w, *out, K, *g)),
+        "bwd_span": (lambda: [like((slabs, K * K * G, R), torch.float32), like((slabs, K * K * G), torch.float32)],
+                     lambda out: kernels.backward_span_launch(dy, x, z, *out, K, *g)),
     }
     ran = 0
-    for name, (shape, build) in builders.items():
-        if "halo" not in build(torch.empty(shape, device=device, dtype=torch.float16)).name:
+    for name, (outputs, build) in builders.items():
+        if "halo" not in build(outputs()).name:
             continue
-        outs = []
+        results = []
         for index_64 in (False, True):
-            out = torch.empty(shape, device=device, dtype=torch.float16).contiguous(memory_format=fmt)
+            out = outputs()
             launch = build(out)
             launch.meta["INDEX_64"] = index_64
             launch()
-            outs.append(out)
-        assert torch.equal(outs[0], outs[1]), name
+            results.append(out)
+        assert all(torch.equal(a, b) for a, b in zip(*results)), name
         ran += 1
-    assert ran == (3 if s == 1 else 1)
+    assert ran == (4 if s == 1 else 1)
 
 
 def test_int64_indexing_variant_matches(device):
