@@ -659,10 +659,14 @@ def _halo_stages(kernel, big: torch.Tensor) -> int:
     return 1 if big.element_size() == 2 and not is_channels_last(big) else 2
 
 
-# dz by pairs of pixel rows fits one warpgroup in 16-bit at 16 channels a group (184-188 registers,
-# no stack at K 3-7 on sm_80/sm_90, both tritons); at 8 and 32 channels ptxas spills it (8-120
-# bytes, K 5-7), and in fp32 at 16 too (8-40 bytes).
+# dz by pairs of pixel rows fits one warpgroup in 16-bit at 16 channels a group (at two stages
+# 184-188 registers, no stack at K 3-7 on sm_80/sm_90, both tritons); at 8 and 32 channels ptxas
+# spills it (8-120 bytes, K 5-7), and in fp32 at 16 too (8-40 bytes). Three stages (the next two
+# groups' dy, x and span weights in flight) compile clean there too (107-193 registers) and hide
+# the round trip two did not: PREDICTED (sm_90, R1-layer dz bf16 NHWC) triton 3.6 28.0% -> 40.5%,
+# triton 3.9 28.6% -> 39.0%.
 DZ_PAIRS_CHANNELS = 16
+DZ_PAIRS_STAGES = 3
 
 
 def _dz_by_pairs(x: torch.Tensor, channels_per_group: int) -> bool:
@@ -765,7 +769,7 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
                           HALO_WARPS["bwd_z"], 1, loops=(G,))
         _by_pairs(meta, K, stride, dilation)
         return Launch(halo.fused_bwd_z_halo_pairs_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
-                      HALO_WARPS["bwd_z_pairs"], 2, loops=(G,))
+                      HALO_WARPS["bwd_z_pairs"], DZ_PAIRS_STAGES, loops=(G,))
     config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
     meta, num_warps, num_stages = _common_meta(config, x, uses_dot("bwd_z", config, x.dtype), dy, x, span_weight, dz)
     tiles_w = cdiv(Wo, meta["BLOCK_W"])
