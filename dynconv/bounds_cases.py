@@ -348,6 +348,7 @@ def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz",
 
     x0, _, _, sw0, _ = tensors()
     fwd_copies = fu.forward_copies_input(x0, sw0, p.R, p.K, geometry[0], geometry[2])
+    span_copies = fu.span_grad_copies_inputs(x0, p.G, p.R, p.K, geometry[0], geometry[2])
 
     def fwd():
         x, y, z, sw, sb = tensors()
@@ -365,6 +366,8 @@ def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz",
 
     def dspan():
         x, y, z, _, _ = tensors()
+        if span_copies:  # dspan reads x's and z's channels_last copies
+            x, z = channels_last_empty(x, "meta"), channels_last_empty(z, "meta")
         cfg = fu.span_grad_config(x, p.G, p.K, p.R, (p.stride, p.stride), Ho, Wo)
         slabs, _ = fu.span_grad_slabs(p.B, Ho, Wo, p.K, p.G, p.R, cfg)
         return fu.backward_span_launch(y, x, z, _empty((slabs, T, p.R), torch.float32),
@@ -379,6 +382,8 @@ def _fused_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dz",
     }
     # The aggregation runs on CUDA cores, the span product on tensor cores.
     copies = {"fwd": lambda: [_layout_copy(tensors()[0], nb)]} if fwd_copies else {}
+    if span_copies:
+        copies["dspan"] = lambda: [_layout_copy(tensors()[0], nb), _layout_copy(tensors()[2], nb)]
     return [Case(name, k, dtype, layout, table[k][0], table[k][1], aggregation + span,
                  {"fma": aggregation, tensor_cores: span}, copies.get(k)) for k in kernels]
 

@@ -906,6 +906,15 @@ def forward_copies_input(x, span_weight, R, K, stride, dilation, config=None) ->
             and takes_halo_path(x, G, R, K, stride, dilation, False))
 
 
+def span_grad_copies_inputs(x, G, R, K, stride, dilation, config=None) -> bool:
+    """Whether the span-weight gradient on NCHW ``x`` reads channels_last copies of x and z: 16-bit
+    x on the halo path, where the pairs kernel otherwise loads the pairs' overlapping halos 2 bytes
+    at a time (dy stays as it is: a copy of it saves less than it costs). PREDICTED (sm_90, triton
+    3.6, R1-layer dspan bf16 NCHW, the copies counted: 30 of 162 us): 16.0% -> 23.2%."""
+    return (config is None and x.element_size() == 2 and not is_channels_last(x)
+            and takes_halo_path(x, G, R, K, stride, dilation, False))
+
+
 def involution_fused_forward(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> None:
     if forward_copies_input(x, span_weight, z.shape[1], K, stride, dilation, config):
         x = channels_last_copy(x)
@@ -927,11 +936,15 @@ def involution_fused_backward_span(dy, x, z, dspan, dbias, K, stride, padding, d
     O = dspan.shape[0]
     G = O // (K * K)
     Ho, Wo = dy.shape[2], dy.shape[3]
+    copies = span_grad_copies_inputs(x, G, R, K, stride, dilation, config)
     config = span_grad_config(x, G, K, R, stride, Ho, Wo, config, dilation)
     slabs, _ = span_grad_slabs(B, Ho, Wo, K, G, R, config)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dspan_partials = torch.empty((slabs, O, R), dtype=acc, device=x.device)
     dbias_partials = torch.empty((slabs, O), dtype=acc, device=x.device)
+    if copies:
+        x = channels_last_copy(x)
+        z = z if is_channels_last(z) else channels_last_copy(z)
     backward_span_launch(dy, x, z, dspan_partials, dbias_partials, K, stride, padding, dilation, config)()
     dspan.copy_(dspan_partials.sum(0))
     if dbias is not None:
@@ -975,10 +988,13 @@ def catalogue() -> list[Launch]:
                     # The op's forward reads x's channels_last copy where it makes one.
                     x_read = (channels_last_empty(x, "meta")
                               if forward_copies_input(x, span_w, R, K, (s, s), (1, 1)) else x)
+                    # and the span-weight gradient copies of x and z.
+                    span_read = ((channels_last_empty(x, "meta"), channels_last_empty(z, "meta"))
+                                 if span_grad_copies_inputs(x, G, R, K, (s, s), (1, 1)) else (x, z))
                     built = (forward_launch(x_read, z, span_w, span_b, y, K, *geometry),
                              backward_input_launch(y, z, span_w, span_b, x, K, *geometry),
                              backward_z_launch(y, x, span_w, z, K, *geometry),
-                             backward_span_launch(y, x, z, partials, bias_partials, K, *geometry))
+                             backward_span_launch(y, *span_read, partials, bias_partials, K, *geometry))
                 if dtype == torch.float32 and tf32:
                     built = [launch for launch in built if "_halo_" in launch.name]
                 for launch in built:

@@ -204,33 +204,34 @@ def test_span_gradient_is_deterministic_and_split_into_slabs(device):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-@pytest.mark.parametrize("groups, expected", [
-    (2, "fused_bwd_span_halo_pairs_kernel"),    # 16 channels a group: by pairs of pixel rows
-    (1, "fused_bwd_span_halo_kernel"),          # 16-bit NCHW at 32: the tile-wide logits
+@pytest.mark.parametrize("dtype, expected", [
+    (torch.float16, "fused_bwd_span_halo_pairs_kernel"),  # by pairs of pixel rows, on copies of x and z
+    (torch.float32, "fused_bwd_span_halo_kernel"),        # fp32 NCHW: the tile-wide logits
 ])
-def test_halo_span_gradient_is_deterministic_over_slabs(groups, expected, device):
+def test_halo_span_gradient_is_deterministic_over_slabs(dtype, expected, device):
     """The tensor-core halo kernels: dS and dβ from per-(group, slab) partials, bitwise repeatable,
     and equal to the float64 reference; the launches are the halo kernels."""
-    B, C, H, W, K, _, R = HALO_CASES[0][:7]
-    G = groups
-    x, z = torch.randn(B, C, H, W, device=device).half(), torch.randn(B, R, H, W, device=device).half()
-    dy = torch.randn(B, C, H, W, device=device).half()
-    span_w = torch.randn(K * K * G, R, device=device).half()
+    B, C, H, W, K, G, R = HALO_CASES[0][:7]
+    x, z = torch.randn(B, C, H, W, device=device).to(dtype), torch.randn(B, R, H, W, device=device).to(dtype)
+    dy = torch.randn(B, C, H, W, device=device).to(dtype)
     g = ((1, 1), (1, 1), (1, 1))
-    config = kernels.span_grad_config(x, G, K, R, (1, 1), H, W)
-    slabs = kernels.span_grad_slabs(B, H, W, K, G, R, config)[0]
-    assert config.get("HALO") and slabs > 1
-    assert kernels.backward_z_launch(dy, x, span_w, z, K, *g).name == "fused_bwd_z_halo_kernel"
-    partials = torch.empty(slabs, K * K * G, R, device=device), torch.empty(slabs, K * K * G, device=device)
-    assert kernels.backward_span_launch(dy, x, z, *partials, K, *g).name == expected
     results = []
-    for _ in range(2):
-        dspan = torch.empty(K * K * G, R, device=device, dtype=torch.float16)
-        dbias = torch.empty(K * K * G, device=device, dtype=torch.float16)
-        kernels.involution_fused_backward_span(dy, x, z, dspan, dbias, K, *g)
-        results.append((dspan, dbias))
+    with _launch.conv_tf32(True):
+        config = kernels.span_grad_config(x, G, K, R, (1, 1), H, W)
+        slabs = kernels.span_grad_slabs(B, H, W, K, G, R, config)[0]
+        assert config.get("HALO") and slabs > 1
+        reads = ((x.contiguous(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last))
+                 if kernels.span_grad_copies_inputs(x, G, R, K, (1, 1), (1, 1)) else (x, z))
+        partials = torch.empty(slabs, K * K * G, R, device=device), torch.empty(slabs, K * K * G, device=device)
+        assert kernels.backward_span_launch(dy, *reads, *partials, K, *g).name == expected
+        for _ in range(2):
+            dspan = torch.empty(K * K * G, R, device=device, dtype=dtype)
+            dbias = torch.empty(K * K * G, device=device, dtype=dtype)
+            kernels.involution_fused_backward_span(dy, x, z, dspan, dbias, K, *g)
+            results.append((dspan, dbias))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     ref_span, ref_bias = reference.fused_backward_span(dy.double(), x.double(), z.double(), K, G, *g)
+    # tf32 on a GPU rounds fp32's operands to fp16's mantissa; the interpreter multiplies exactly.
     assert_close(results[0][0], ref_span, torch.float16, "dspan")
     assert_close(results[0][1], ref_bias, torch.float16, "dbias")
 
@@ -305,6 +306,35 @@ def test_16_bit_nchw_forward_reads_a_channels_last_copy(device, monkeypatch):
     assert not kernels.forward_copies_input(x16, span16, 20, K, s, d, config={"BLOCK_G": 1})
     with _launch.conv_tf32(True):
         assert not kernels.forward_copies_input(x16.float(), span16.float(), 20, K, s, d)
+
+
+def test_16_bit_nchw_span_gradient_reads_channels_last_copies(device, monkeypatch):
+    """fp16/bf16 NCHW x on the halo path: dspan copies x and z to channels_last and the pairs
+    kernel reads the copies (dy as it is), against float64; fp32 and channels_last read them as
+    they are."""
+    inputs, geometry = _inputs(HALO_CASES[0])
+    read = []
+    launch = _launch.Launch.__call__
+
+    def layouts(self):
+        names = ("x_ptr", "z_ptr", "dy_ptr")
+        return tuple(self.args[n].is_contiguous(memory_format=torch.channels_last) for n in names)
+
+    monkeypatch.setattr(_launch.Launch, "__call__", lambda self, *a, **k: (
+        read.append((self.name, layouts(self) if "span" in self.name else None)), launch(self, *a, **k))[1])
+    check_against_reference(dynconv.involution_fused, involution_fused_reference, inputs, torch.float16, device,
+                            memory_format=torch.contiguous_format, **geometry)
+    span = [i for i, (name, _) in enumerate(read) if "span" in name]
+    assert len(span) == 1 and read[span[0]] == ("fused_bwd_span_halo_pairs_kernel", (True, True, False)), read
+    assert [name for name, _ in read[span[0] - 2:span[0]]] == ["channels_last_copy_kernel"] * 2, read
+    B, C, H, W, K, G, R = HALO_CASES[0][:7]
+    x16 = torch.empty(B, C, H, W, dtype=torch.float16, device="meta")
+    s, d = (1, 1), (1, 1)
+    assert kernels.span_grad_copies_inputs(x16, G, R, K, s, d)
+    assert not kernels.span_grad_copies_inputs(x16.to(memory_format=torch.channels_last), G, R, K, s, d)
+    assert not kernels.span_grad_copies_inputs(x16, G, R, K, s, d, config={"BLOCK_G": 1})
+    with _launch.conv_tf32(True):
+        assert not kernels.span_grad_copies_inputs(x16.float(), G, R, K, s, d)
 
 
 @pytest.mark.parametrize("dtype, channels_last, expected", [
