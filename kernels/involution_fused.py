@@ -599,6 +599,8 @@ def _halo_launch(kernel, big, z, span_weight, span_bias, out, K, stride, padding
     meta["KP"] = next_power_of_2(K + 1)
     if kernel is halo.fused_fwd_halo_pairs_kernel:
         _by_pairs(meta, K, stride, dilation)
+    if transposed:
+        meta["PACKED"] = big.element_size() == 2 and HALO_INPUT_GRAD_PACKED
     x, y = (out, big) if transposed else (big, out)
     args = {names[0]: big, "z_ptr": z, "span_w_ptr": span_weight, "span_b_ptr": span_bias, names[1]: out,
             "H": x.shape[2], "W": x.shape[3], "Ho": y.shape[2], "Wo": y.shape[3], "G": G, "CG": C // G, "R": R,
@@ -622,6 +624,12 @@ HALO_WARPS = {"fwd": 4, "bwd_input": 8, "bwd_z": 8, "bwd_z_pairs": 4, "bwd_span"
 # bytes of stack), and sm_80 compiles it uncapped. dz would gain as much but spills on 3.6 too, as
 # does the fp32 input gradient (196-230 registers: 160 bytes of stack at 128), which stays uncapped.
 HALO_INPUT_GRAD_SM90_REGISTERS = 128 if TRITON_VERSION <= (3, 6) else 0
+# The 16-bit input gradient's two gathers move pairs of weights in 32-bit words (halo._spread_packed):
+# with triton 3.6, 661 instructions a warp per group where 780 moved one 16-bit value each (fewer
+# shuffles and byte permutes), PREDICTED (sm_90, R1-layer dx bf16 NHWC/NCHW) 21.6/19.4% ->
+# 22.9/20.9%, now as L1-bound as latency-bound; newer tritons lower the packed gathers to more
+# integer work (triton 3.9: 11.1% -> 10.5%) and keep the plain ones.
+HALO_INPUT_GRAD_PACKED = TRITON_VERSION <= (3, 6)
 # The forward takes 134 registers a thread on sm_90 with triton 3.6 (16-bit, channels_last, two
 # stages): three one-warpgroup programs an SM. Capped at 128, four fit without a spill there at 16
 # channels a group (RedNet's; PREDICTED, R1-layer fwd bf16 NHWC 37.2% -> 48.6%); a sweep of K 3-7

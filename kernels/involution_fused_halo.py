@@ -254,6 +254,27 @@ def fused_fwd_halo_pairs_kernel(
 
 
 @triton.jit
+def _pack16(lo, hi):
+    """Two 16-bit tensors as one of 32-bit words, ``lo`` in the low half."""
+    return lo.to(tl.uint16, bitcast=True).to(tl.uint32) | (hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+
+
+@triton.jit
+def _spread_packed(weight, row_tap, col_tap, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                   KP: tl.constexpr):
+    """Aᵀ[q, p] = weight[q, tap(q, p)] for 16-bit weights [Q, KP²] (the input gradient's window),
+    both gathers on 32-bit words holding a pair of tap columns: tap row to tile row (the index
+    holds for both of a word's columns), then each pixel's word by its tap column's half, and the
+    half picked by a shift. A 16-bit gather packs and unpacks each value it shuffles."""
+    lo, hi = tl.split(tl.reshape(weight, (BLOCK_Q, KP, KP // 2, 2)))
+    by_row = tl.gather(_pack16(lo, hi), row_tap[:, :, None] + tl.zeros((BLOCK_Q, BLOCK_H, KP // 2), dtype=tl.int32),
+                       1)  # [Q, BLOCK_H, KP / 2]: tap columns in pairs
+    word = tl.gather(by_row, (col_tap // 2)[:, None, :] + tl.zeros((BLOCK_Q, BLOCK_H, BLOCK_W), dtype=tl.int32), 2)
+    half = (word >> ((col_tap % 2) * 16)[:, None, :].to(tl.uint32)) & 0xFFFF
+    return tl.reshape(half.to(tl.uint16).to(weight.dtype, bitcast=True), (BLOCK_Q, BLOCK_H * BLOCK_W))
+
+
+@triton.jit
 def fused_bwd_input_halo_kernel(
     dy_ptr, z_ptr, span_w_ptr, span_b_ptr, dx_ptr,
     H, W, Ho, Wo, G, CG, R,
@@ -266,13 +287,15 @@ def fused_bwd_input_halo_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
     PITCH_W: tl.constexpr, BLOCK_Q: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     """dx[b, g·CG+c, p] = Σ_q w_g[q, tap(q, p)] · dy[b, g·CG+c, q] over the output pixels q whose
     windows reach the tile. The forward's window turned around: the weights are generated at the
     halo as [halo, KP, KP] and spread over the tile's pixels in the same two short gathers (tap
     column to tile column, tap row to tile row), giving Aᵀ[q, p]; then ``dx = Aᵀᵀ @ dy_halo``.
     Tap row and column depend on one axis each, so the index tables are [halo, BLOCK_W] and
-    [halo, BLOCK_H], broadcast in the loop."""
+    [halo, BLOCK_H], broadcast in the loop. PACKED (16-bit): the gathers move pairs of weights in
+    32-bit words (:func:`_spread_packed`)."""
     P: tl.constexpr = BLOCK_H * BLOCK_W
     pid = tl.program_id(0)
     b = widen(pid // TILES, INDEX_64)
@@ -313,10 +336,13 @@ def fused_bwd_input_halo_kernel(
         weight = tl.dot(z, span_t, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [Q, KP²]
         if HAS_BIAS:
             weight += tl.load(span_b_ptr + rows * ssb, mask=tap_ok, other=0.0).to(ACC_DTYPE)[None, :]
-        col_pick = col_tap[:, None, :] + tl.zeros((BLOCK_Q, KP, BLOCK_W), dtype=tl.int32)
-        row_pick = row_tap[:, :, None] + tl.zeros((BLOCK_Q, BLOCK_H, BLOCK_W), dtype=tl.int32)
-        by_col = tl.gather(tl.reshape(weight.to(grad.dtype), (BLOCK_Q, KP, KP)), col_pick, 2)  # [Q, KP, BLOCK_W]
-        window_t = tl.reshape(tl.gather(by_col, row_pick, 1), (BLOCK_Q, P))
+        if PACKED:
+            window_t = _spread_packed(weight.to(grad.dtype), row_tap, col_tap, BLOCK_Q, BLOCK_H, BLOCK_W, KP)
+        else:
+            col_pick = col_tap[:, None, :] + tl.zeros((BLOCK_Q, KP, BLOCK_W), dtype=tl.int32)
+            row_pick = row_tap[:, :, None] + tl.zeros((BLOCK_Q, BLOCK_H, BLOCK_W), dtype=tl.int32)
+            by_col = tl.gather(tl.reshape(weight.to(grad.dtype), (BLOCK_Q, KP, KP)), col_pick, 2)  # [Q, KP, BLOCK_W]
+            window_t = tl.reshape(tl.gather(by_col, row_pick, 1), (BLOCK_Q, P))
         out = tl.dot(tl.trans(window_t), grad, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         tl.store(dx_tile + channel[None, :] * sdxc, out.to(dx_ptr.dtype.element_ty),
                  mask=in_ok[:, None] & c_ok[None, :])

@@ -402,6 +402,31 @@ def test_halo_int64_indexing_variant_matches(case, fmt, device):
     assert ran == (4 if s == 1 else 1)
 
 
+@pytest.mark.parametrize("case", [0, 1, 3], ids=["s1", "s2", "K5"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+def test_input_gradient_packed_spread_matches_plain(case, fmt, device):
+    """The 16-bit input gradient's gathers on pairs packed in 32-bit words (PACKED, triton 3.6's
+    default) move the same weights as the plain 16-bit gathers: the same dx, bit for bit."""
+    inputs, geometry = _inputs(HALO_CASES[case])
+    K, s = geometry["kernel_size"], geometry["stride"]
+    fmt = FORMATS[fmt]
+    z = inputs["z"].half().to(device).contiguous(memory_format=fmt)
+    span_w, span_b = inputs["span_weight"].half().to(device), inputs["span_bias"].half().to(device)
+    dy = torch.randn(z.shape[0], inputs["x"].shape[1], *z.shape[2:], device=device).half().contiguous(
+        memory_format=fmt)
+    g = ((s, s), ((K - 1) // 2,) * 2, (1, 1))
+    outs = []
+    for packed in (False, True):
+        dx = torch.full(inputs["x"].shape, float("nan"), device=device, dtype=torch.float16)
+        dx = dx.contiguous(memory_format=fmt)
+        launch = kernels.backward_input_launch(dy, z, span_w, span_b, dx, K, *g)
+        assert launch.name == "fused_bwd_input_halo_kernel"
+        launch.meta["PACKED"] = packed
+        launch()
+        outs.append(dx)
+    assert not outs[0].isnan().any() and torch.equal(outs[0], outs[1])
+
+
 def test_int64_indexing_variant_matches(device):
     """The INDEX_64 code path (chosen past 2^31 elements) computes the same values in every kernel."""
     inputs, geometry = _inputs(CASES[1])
