@@ -776,6 +776,7 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
             return Launch(halo.fused_bwd_z_halo_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
                           HALO_WARPS["bwd_z"], 1, loops=(G,))
         _by_pairs(meta, K, stride, dilation)
+        meta["PACKED"] = True  # 16-bit only
         return Launch(halo.fused_bwd_z_halo_pairs_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
                       HALO_WARPS["bwd_z_pairs"], DZ_PAIRS_STAGES, loops=(G,))
     config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
@@ -895,6 +896,7 @@ def _backward_span_halo_launch(dy, x, z, dspan_partials, dbias_partials, K, stri
         return Launch(halo.fused_bwd_span_halo_kernel, (G, slabs, 1), args, meta, HALO_WARPS["bwd_span"], 1,
                       loops=loops)
     _by_pairs(meta, K, stride, dilation)
+    meta["PACKED"] = x.element_size() == 2
     return Launch(halo.fused_bwd_span_halo_pairs_kernel, (G, slabs, 1), args, meta, HALO_WARPS["bwd_span_pairs"],
                   _span_pairs_stages(x, C // G), loops=loops)
 

@@ -260,6 +260,12 @@ def _pack16(lo, hi):
 
 
 @triton.jit
+def _half(word, odd, dtype: tl.constexpr):
+    """The high half of each 32-bit ``word`` where ``odd`` (1), else the low half, as ``dtype``."""
+    return ((word >> (odd * 16).to(tl.uint32)) & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True)
+
+
+@triton.jit
 def _spread_packed(weight, row_tap, col_tap, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                    KP: tl.constexpr):
     """Aᵀ[q, p] = weight[q, tap(q, p)] for 16-bit weights [Q, KP²] (the input gradient's window),
@@ -270,8 +276,7 @@ def _spread_packed(weight, row_tap, col_tap, BLOCK_Q: tl.constexpr, BLOCK_H: tl.
     by_row = tl.gather(_pack16(lo, hi), row_tap[:, :, None] + tl.zeros((BLOCK_Q, BLOCK_H, KP // 2), dtype=tl.int32),
                        1)  # [Q, BLOCK_H, KP / 2]: tap columns in pairs
     word = tl.gather(by_row, (col_tap // 2)[:, None, :] + tl.zeros((BLOCK_Q, BLOCK_H, BLOCK_W), dtype=tl.int32), 2)
-    half = (word >> ((col_tap % 2) * 16)[:, None, :].to(tl.uint32)) & 0xFFFF
-    return tl.reshape(half.to(tl.uint16).to(weight.dtype, bitcast=True), (BLOCK_Q, BLOCK_H * BLOCK_W))
+    return tl.reshape(_half(word, (col_tap % 2)[:, None, :], weight.dtype), (BLOCK_Q, BLOCK_H * BLOCK_W))
 
 
 @triton.jit
@@ -488,17 +493,18 @@ def fused_bwd_span_halo_kernel(
 @triton.jit
 def _pair_picks(SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_W: tl.constexpr, KPR: tl.constexpr, HALO_W: tl.constexpr, PITCH_W: tl.constexpr,
-                KP: tl.constexpr):
+                KP: tl.constexpr, PACKED: tl.constexpr):
     """Index tensors of :func:`_pair_grad_weights`' two picks: the pair row of (pixel, tap row) as
-    [PAIRS, M, KP, PITCH_W], the halo column of (pixel, tap column) as [PAIRS, M, KP, KP]; padding
-    taps clamp into the halo."""
+    [PAIRS, M, KP, PITCH_W] (PACKED: PITCH_W / 2, a word per pair of columns), the halo column of
+    (pixel, tap column) as [PAIRS, M, KP, KP]; padding taps clamp into the halo."""
     PAIRS: tl.constexpr = BLOCK_H // 2
     M: tl.constexpr = 2 * BLOCK_W
     m = tl.arange(0, M)
     t = tl.arange(0, KP)
     rows = tl.minimum((m // BLOCK_W)[:, None, None] * SH + t[None, :, None] * DH, KPR - 1)  # [M, KP, 1]
     cols = tl.minimum((m % BLOCK_W)[:, None, None] * SW + t[None, None, :] * DW, HALO_W - 1)  # [M, 1, KP]
-    return (rows[None, :, :, :] + tl.zeros((PAIRS, M, KP, PITCH_W), dtype=tl.int32),
+    WORDS: tl.constexpr = PITCH_W // 2 if PACKED else PITCH_W
+    return (rows[None, :, :, :] + tl.zeros((PAIRS, M, KP, WORDS), dtype=tl.int32),
             cols[None, :, :, :] + tl.zeros((PAIRS, M, KP, KP), dtype=tl.int32))
 
 
@@ -506,11 +512,14 @@ def _pair_picks(SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.con
 def _pair_grad_weights(dy_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxc, oh, ow, out_ok, x_pairs, in_ok,
                        pick_rows, pick_cols, PAIRS: tl.constexpr, M: tl.constexpr, KPR: tl.constexpr,
                        PITCH_W: tl.constexpr, KP: tl.constexpr, BLOCK_CG: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                       PACKED: tl.constexpr):
     """``dW[i·M+m, u·KP+v] = Σ_{c∈g} dy[pixel m of pair i, c] · x_i[(r·SH + u·DH, pw·SW + v·DW), c]``
     ([P, KP²], x_i pair i's halo, r and pw the pixel's row in its pair and its column): each pair's logits
     ``dy_pair @ x_pairᵀ`` ([M, KPR·PITCH_W], a batched dot) with the pixel's taps picked out in two
-    gathers of a short axis (pair row, then column), as the forward spreads them."""
+    gathers of a short axis (pair row, then column), as the forward spreads them. PACKED (16-bit):
+    both gathers on 32-bit words holding a pair of halo columns, the column's half then picked by
+    a shift (as :func:`_spread_packed`)."""
     c = tl.arange(0, BLOCK_CG)
     channel = widen(g * CG + c, INDEX_64)
     c_ok = c < CG
@@ -519,8 +528,14 @@ def _pair_grad_weights(dy_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxc, oh, ow, ou
     xv_t = tl.load(x_pairs + channel[None, :, None] * sxc, mask=in_ok[:, None, :] & c_ok[None, :, None], other=0.0)
     logits = tl.dot(tl.reshape(grad, (PAIRS, M, BLOCK_CG)), xv_t, input_precision=DOT_PRECISION,
                     out_dtype=ACC_DTYPE).to(grad.dtype)  # [PAIRS, M, KPR·PITCH_W]
-    rows = tl.gather(tl.reshape(logits, (PAIRS, M, KPR, PITCH_W)), pick_rows, 2)  # [PAIRS, M, KP, PITCH_W]
-    return tl.reshape(tl.gather(rows, pick_cols, 3), (PAIRS * M, KP * KP))
+    if PACKED:
+        lo, hi = tl.split(tl.reshape(logits, (PAIRS, M, KPR, PITCH_W // 2, 2)))
+        rows = tl.gather(_pack16(lo, hi), pick_rows, 2)  # [PAIRS, M, KP, PITCH_W / 2]
+        dw = _half(tl.gather(rows, pick_cols // 2, 3), pick_cols % 2, logits.dtype)
+    else:
+        rows = tl.gather(tl.reshape(logits, (PAIRS, M, KPR, PITCH_W)), pick_rows, 2)  # [PAIRS, M, KP, PITCH_W]
+        dw = tl.gather(rows, pick_cols, 3)
+    return tl.reshape(dw, (PAIRS * M, KP * KP))
 
 
 @triton.jit
@@ -535,7 +550,7 @@ def fused_bwd_z_halo_pairs_kernel(
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIR_ROWS: tl.constexpr, KPR: tl.constexpr,
     HALO_W: tl.constexpr, PITCH_W: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, PACKED: tl.constexpr,
 ):
     """dz[b, r, p] = Σ_g dW_g[p, :] @ S_g[:, r] with dW_g by pairs of pixel rows
     (:func:`_pair_grad_weights`): half the logits of the tile-wide kernel, one warpgroup, and the
@@ -548,7 +563,7 @@ def fused_bwd_z_halo_pairs_kernel(
     b = widen(pid // TILES, INDEX_64)
     h0, w0, oh, ow = _tile_pixels(pid % TILES, TILES_W, BLOCK_H, BLOCK_W)
     out_ok = (oh < Ho) & (ow < Wo)
-    pick_rows, pick_cols = _pair_picks(SH, SW, DH, DW, BLOCK_H, BLOCK_W, KPR, HALO_W, PITCH_W, KP)
+    pick_rows, pick_cols = _pair_picks(SH, SW, DH, DW, BLOCK_H, BLOCK_W, KPR, HALO_W, PITCH_W, KP, PACKED)
     x_pairs, in_ok = _pair_halos(x_ptr + b * sxb, h0 * SH - PH, w0 * SW - PW, H, W, sxh, sxw, SH, PAIRS, PAIR_ROWS,
                                  KPR, HALO_W, PITCH_W, INDEX_64)
     x_pairs = x_pairs[:, None, :]  # [PAIRS, 1, Q]
@@ -561,7 +576,7 @@ def fused_bwd_z_halo_pairs_kernel(
                        mask=tap_ok[:, None] & (r < R)[None, :], other=0.0)
         dw = _pair_grad_weights(dy_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxc, oh, ow, out_ok, x_pairs, in_ok,
                                 pick_rows, pick_cols, PAIRS, M, KPR, PITCH_W, KP, BLOCK_CG, DOT_PRECISION, INDEX_64,
-                                ACC_DTYPE)
+                                ACC_DTYPE, PACKED)
         dz += tl.dot(dw, span, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     dz_off = b * sdzb + widen(oh * sdzh + ow * sdzw, INDEX_64)[:, None] + widen(r, INDEX_64)[None, :] * sdzr
     tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=out_ok[:, None] & (r < R)[None, :])
@@ -580,7 +595,7 @@ def fused_bwd_span_halo_pairs_kernel(
     K: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIR_ROWS: tl.constexpr, KPR: tl.constexpr,
     HALO_W: tl.constexpr, PITCH_W: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_CG: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, PACKED: tl.constexpr,
 ):
     """Per-slab partials of dS and dβ as :func:`fused_bwd_span_halo_kernel`, with dW_g by pairs of
     pixel rows (:func:`_pair_grad_weights`, as dz takes it): half the logits, one warpgroup, and on
@@ -590,7 +605,7 @@ def fused_bwd_span_halo_pairs_kernel(
     M: tl.constexpr = 2 * BLOCK_W
     g = tl.program_id(0)
     slab = tl.program_id(1)
-    pick_rows, pick_cols = _pair_picks(SH, SW, DH, DW, BLOCK_H, BLOCK_W, KPR, HALO_W, PITCH_W, KP)
+    pick_rows, pick_cols = _pair_picks(SH, SW, DH, DW, BLOCK_H, BLOCK_W, KPR, HALO_W, PITCH_W, KP, PACKED)
     r = tl.arange(0, BLOCK_R)
     dspan = tl.zeros((KP * KP, BLOCK_R), dtype=ACC_DTYPE)
     dbias = tl.zeros((KP * KP,), dtype=ACC_DTYPE)
@@ -605,7 +620,7 @@ def fused_bwd_span_halo_pairs_kernel(
                      mask=out_ok[:, None] & (r < R)[None, :], other=0.0)
         dw = _pair_grad_weights(dy_ptr, b, g, CG, sdyb, sdyc, sdyh, sdyw, sxc, oh, ow, out_ok, x_pairs[:, None, :],
                                 in_ok, pick_rows, pick_cols, PAIRS, M, KPR, PITCH_W, KP, BLOCK_CG, DOT_PRECISION,
-                                INDEX_64, ACC_DTYPE)
+                                INDEX_64, ACC_DTYPE, PACKED)
         dspan += tl.dot(tl.trans(dw), zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dbias += tl.sum(dw.to(ACC_DTYPE), axis=0)
     tap, tap_ok = _padded_taps(K, KP)

@@ -402,29 +402,56 @@ def test_halo_int64_indexing_variant_matches(case, fmt, device):
     assert ran == (4 if s == 1 else 1)
 
 
-@pytest.mark.parametrize("case", [0, 1, 3], ids=["s1", "s2", "K5"])
+@pytest.mark.parametrize("case", [0, 1, 2, 3], ids=["s1", "s2", "K4d2", "K5"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
-def test_input_gradient_packed_spread_matches_plain(case, fmt, device):
-    """The 16-bit input gradient's gathers on pairs packed in 32-bit words (PACKED, triton 3.6's
-    default) move the same weights as the plain 16-bit gathers: the same dx, bit for bit."""
+def test_packed_gathers_match_plain(case, fmt, device):
+    """The 16-bit gathers on pairs packed in 32-bit words (PACKED: the input gradient's on triton
+    3.6, the pairs kernels' dz and dspan everywhere) move the same values as plain 16-bit gathers:
+    the same outputs, bit for bit, every element written."""
     inputs, geometry = _inputs(HALO_CASES[case])
-    K, s = geometry["kernel_size"], geometry["stride"]
+    K, s, d, G = geometry["kernel_size"], geometry["stride"], geometry["dilation"], geometry["groups"]
     fmt = FORMATS[fmt]
-    z = inputs["z"].half().to(device).contiguous(memory_format=fmt)
+    x, z = (inputs[n].half().to(device).contiguous(memory_format=fmt) for n in ("x", "z"))
     span_w, span_b = inputs["span_weight"].half().to(device), inputs["span_bias"].half().to(device)
-    dy = torch.randn(z.shape[0], inputs["x"].shape[1], *z.shape[2:], device=device).half().contiguous(
-        memory_format=fmt)
-    g = ((s, s), ((K - 1) // 2,) * 2, (1, 1))
-    outs = []
-    for packed in (False, True):
-        dx = torch.full(inputs["x"].shape, float("nan"), device=device, dtype=torch.float16)
-        dx = dx.contiguous(memory_format=fmt)
-        launch = kernels.backward_input_launch(dy, z, span_w, span_b, dx, K, *g)
-        assert launch.name == "fused_bwd_input_halo_kernel"
-        launch.meta["PACKED"] = packed
-        launch()
-        outs.append(dx)
-    assert not outs[0].isnan().any() and torch.equal(outs[0], outs[1])
+    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half().contiguous(memory_format=fmt)
+    g = ((s, s), (d * (K - 1) // 2,) * 2, (d, d))
+    R = z.shape[1]
+    slabs = kernels.span_grad_slabs(x.shape[0], *z.shape[2:], K, G, R,
+                                    kernels.span_grad_config(x, G, K, R, (s, s), *z.shape[2:], dilation=(d, d)))[0]
+
+    def nan(shape, dtype=torch.float16):
+        out = torch.full(shape, float("nan"), device=device, dtype=dtype)
+        return out.contiguous(memory_format=fmt) if len(shape) == 4 else out
+
+    builders = {  # the kernel each runs where PACKED applies, its outputs, and the launch
+        "fused_bwd_input_halo_kernel": (lambda: [nan(x.shape)],
+                                        lambda out: kernels.backward_input_launch(dy, z, span_w, span_b, *out, K, *g)),
+        "fused_bwd_z_halo_pairs_kernel": (lambda: [nan(z.shape)],
+                                          lambda out: kernels.backward_z_launch(dy, x, span_w, *out, K, *g)),
+        "fused_bwd_span_halo_pairs_kernel": (
+            lambda: [nan((slabs, K * K * G, R), torch.float32), nan((slabs, K * K * G), torch.float32)],
+            lambda out: kernels.backward_span_launch(dy, x, z, *out, K, *g)),
+    }
+    ran = []
+    for name, (outputs, build) in builders.items():
+        if build(outputs()).name != name:
+            continue
+        results = []
+        for packed in (False, True):
+            out = outputs()
+            launch = build(out)
+            launch.meta["PACKED"] = packed
+            launch()
+            results.append(out)
+        for plain, packed in zip(*results):
+            if plain.dim() == 4:
+                assert not plain.isnan().any(), name
+            assert torch.equal(plain, packed), name
+        ran.append(name)
+    assert "fused_bwd_input_halo_kernel" in ran
+    assert ("fused_bwd_span_halo_pairs_kernel" in ran) == (s == 1)
+    dz_pairs = s == 1 and fmt == torch.channels_last and x.shape[1] // G == kernels.DZ_PAIRS_CHANNELS
+    assert ("fused_bwd_z_halo_pairs_kernel" in ran) == dz_pairs
 
 
 def test_int64_indexing_variant_matches(device):
