@@ -555,7 +555,7 @@ def fused_bwd_z_halo_pairs_kernel(
     """dz[b, r, p] = Σ_g dW_g[p, :] @ S_g[:, r] with dW_g by pairs of pixel rows
     (:func:`_pair_grad_weights`): half the logits of the tile-wide kernel, one warpgroup, and the
     group loop in three stages; 16-bit channels_last at 16 channels a group (involution_fused.
-    _dz_by_pairs). PREDICTED (sm_90, triton 3.6, R1-layer dz bf16 NHWC): 16.2% -> 40.5%."""
+    _dz_by_pairs). PREDICTED (sm_90, triton 3.6, R1-layer dz bf16 NHWC): 16.2% -> 43.4%."""
     P: tl.constexpr = BLOCK_H * BLOCK_W
     PAIRS: tl.constexpr = BLOCK_H // 2
     M: tl.constexpr = 2 * BLOCK_W
