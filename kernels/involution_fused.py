@@ -776,7 +776,7 @@ def _backward_z_launch(dy, x, span_weight, dz, K, stride, padding, dilation, con
             return Launch(halo.fused_bwd_z_halo_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
                           HALO_WARPS["bwd_z"], 1, loops=(G,))
         _by_pairs(meta, K, stride, dilation)
-        meta["PACKED"] = True  # 16-bit only
+        meta["PACKED"] = x.element_size() == 2
         return Launch(halo.fused_bwd_z_halo_pairs_kernel, (B * tiles_h * tiles_w, 1, 1), args, meta,
                       HALO_WARPS["bwd_z_pairs"], DZ_PAIRS_STAGES, loops=(G,))
     config = _config("bwd_z", x, G, K, R, stride, Ho, Wo, config)
@@ -911,7 +911,11 @@ def forward_copies_input(x, span_weight, R, K, stride, dilation, config=None) ->
     a time and without asynchronous copies in NCHW. PREDICTED (sm_90, R1-layer fwd bf16 NCHW, the
     copy counted, 24 of 109 us): triton 3.6 31.1% -> 34.6%, triton 3.9 15.4% -> 26.2%. fp32 takes
     the tile-wide forward and reads x as it is."""
-    G = span_weight.shape[0] // (K * K)
+    return _reads_channels_last_copies(x, span_weight.shape[0] // (K * K), R, K, stride, dilation, config)
+
+
+def _reads_channels_last_copies(x, G, R, K, stride, dilation, config) -> bool:
+    """16-bit NCHW ``x`` on the halo path (the default config): the pairs kernels read channels_last copies."""
     return (config is None and x.element_size() == 2 and not is_channels_last(x)
             and takes_halo_path(x, G, R, K, stride, dilation, False))
 
@@ -921,8 +925,7 @@ def span_grad_copies_inputs(x, G, R, K, stride, dilation, config=None) -> bool:
     x on the halo path, where the pairs kernel otherwise loads the pairs' overlapping halos 2 bytes
     at a time (dy stays as it is: a copy of it saves less than it costs). PREDICTED (sm_90, triton
     3.6, R1-layer dspan bf16 NCHW, the copies counted: 30 of 162 us): 16.0% -> 23.2%."""
-    return (config is None and x.element_size() == 2 and not is_channels_last(x)
-            and takes_halo_path(x, G, R, K, stride, dilation, False))
+    return _reads_channels_last_copies(x, G, R, K, stride, dilation, config)
 
 
 def involution_fused_forward(x, z, span_weight, span_bias, y, K, stride, padding, dilation, config=None) -> None:

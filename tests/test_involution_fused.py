@@ -358,59 +358,11 @@ def test_dz_takes_the_pairs_kernel_in_16_bit_channels_last_at_16_channels(dtype,
     assert eight.name == "fused_bwd_z_halo_kernel"
 
 
-@pytest.mark.parametrize("case", [0, 1], ids=["s1", "s2"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
-def test_halo_int64_indexing_variant_matches(case, fmt, device):
-    """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd, dx, dz and dspan;
-    stride 2: dx)."""
-    inputs, geometry = _inputs(HALO_CASES[case])
-    K, s, G = geometry["kernel_size"], geometry["stride"], geometry["groups"]
-    fmt = FORMATS[fmt]
-    x, z = (inputs[n].half().to(device).contiguous(memory_format=fmt) for n in ("x", "z"))
-    span_w, span_b = inputs["span_weight"].half().to(device), inputs["span_bias"].half().to(device)
-    dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half().contiguous(memory_format=fmt)
-    g = ((s, s), (1, 1), (1, 1))
-    R = z.shape[1]
-    config = kernels.span_grad_config(x, G, K, R, (s, s), *z.shape[2:])
-    slabs = kernels.span_grad_slabs(x.shape[0], *z.shape[2:], K, G, R, config)[0]
-
-    def like(shape, dtype=torch.float16):
-        out = torch.empty(shape, device=device, dtype=dtype)
-        return out.contiguous(memory_format=fmt) if len(shape) == 4 else out
-
-    builders = {  # the outputs each launch writes, and the launch
-        "fwd": (lambda: [like(dy.shape)], lambda out: kernels.forward_launch(x, z, span_w, span_b, *out, K, *g)),
-        "bwd_input": (lambda: [like(x.shape)],
-                      lambda out: kernels.backward_input_launch(dy, z, span_w, span_b, *out, K, *g)),
-        "bwd_z": (lambda: [like(z.shape)], lambda out: kernels.backward_z_launch(dy, x, span_w, *out, K, *g)),
-        "bwd_span": (lambda: [like((slabs, K * K * G, R), torch.float32), like((slabs, K * K * G), torch.float32)],
-                     lambda out: kernels.backward_span_launch(dy, x, z, *out, K, *g)),
-    }
-    ran = 0
-    for name, (outputs, build) in builders.items():
-        if "halo" not in build(outputs()).name:
-            continue
-        results = []
-        for index_64 in (False, True):
-            out = outputs()
-            launch = build(out)
-            launch.meta["INDEX_64"] = index_64
-            launch()
-            results.append(out)
-        assert all(torch.equal(a, b) for a, b in zip(*results)), name
-        ran += 1
-    assert ran == (4 if s == 1 else 1)
-
-
-@pytest.mark.parametrize("case", [0, 1, 2, 3], ids=["s1", "s2", "K4d2", "K5"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
-def test_packed_gathers_match_plain(case, fmt, device):
-    """The 16-bit gathers on pairs packed in 32-bit words (PACKED: the input gradient's on triton
-    3.6, the pairs kernels' dz and dspan everywhere) move the same values as plain 16-bit gathers:
-    the same outputs, bit for bit, every element written."""
+def _halo_launches(case, fmt, device):
+    """fp16 inputs of HALO_CASES[case] in ``fmt`` and, per launcher, fresh NaN-filled outputs and the
+    launch that writes them: (x, groups, stride, {launcher: (outputs, build)})."""
     inputs, geometry = _inputs(HALO_CASES[case])
     K, s, d, G = geometry["kernel_size"], geometry["stride"], geometry["dilation"], geometry["groups"]
-    fmt = FORMATS[fmt]
     x, z = (inputs[n].half().to(device).contiguous(memory_format=fmt) for n in ("x", "z"))
     span_w, span_b = inputs["span_weight"].half().to(device), inputs["span_bias"].half().to(device)
     dy = torch.randn(x.shape[0], x.shape[1], *z.shape[2:], device=device).half().contiguous(memory_format=fmt)
@@ -423,26 +375,63 @@ def test_packed_gathers_match_plain(case, fmt, device):
         out = torch.full(shape, float("nan"), device=device, dtype=dtype)
         return out.contiguous(memory_format=fmt) if len(shape) == 4 else out
 
-    builders = {  # the kernel each runs where PACKED applies, its outputs, and the launch
-        "fused_bwd_input_halo_kernel": (lambda: [nan(x.shape)],
-                                        lambda out: kernels.backward_input_launch(dy, z, span_w, span_b, *out, K, *g)),
-        "fused_bwd_z_halo_pairs_kernel": (lambda: [nan(z.shape)],
-                                          lambda out: kernels.backward_z_launch(dy, x, span_w, *out, K, *g)),
-        "fused_bwd_span_halo_pairs_kernel": (
-            lambda: [nan((slabs, K * K * G, R), torch.float32), nan((slabs, K * K * G), torch.float32)],
-            lambda out: kernels.backward_span_launch(dy, x, z, *out, K, *g)),
+    return x, G, s, {
+        "fwd": (lambda: [nan(dy.shape)], lambda out: kernels.forward_launch(x, z, span_w, span_b, *out, K, *g)),
+        "bwd_input": (lambda: [nan(x.shape)],
+                      lambda out: kernels.backward_input_launch(dy, z, span_w, span_b, *out, K, *g)),
+        "bwd_z": (lambda: [nan(z.shape)], lambda out: kernels.backward_z_launch(dy, x, span_w, *out, K, *g)),
+        "bwd_span": (lambda: [nan((slabs, K * K * G, R), torch.float32), nan((slabs, K * K * G), torch.float32)],
+                     lambda out: kernels.backward_span_launch(dy, x, z, *out, K, *g)),
     }
+
+
+def _outputs_by_meta(outputs, build, name, values):
+    """The outputs of ``build``'s launch run once per value of meta-parameter ``name``, each on fresh ones."""
+    results = []
+    for value in values:
+        out = outputs()
+        launch = build(out)
+        launch.meta[name] = value
+        launch()
+        results.append(out)
+    return results
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["s1", "s2"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+def test_halo_int64_indexing_variant_matches(case, fmt, device):
+    """The halo kernels' INDEX_64 code path computes the same values (stride 1: fwd, dx, dz and dspan;
+    stride 2: dx)."""
+    _, _, s, launches = _halo_launches(case, FORMATS[fmt], device)
+    ran = 0
+    for name, (outputs, build) in launches.items():
+        if "halo" not in build(outputs()).name:
+            continue
+        results = _outputs_by_meta(outputs, build, "INDEX_64", (False, True))
+        assert all(torch.equal(a, b) for a, b in zip(*results)), name
+        ran += 1
+    assert ran == (4 if s == 1 else 1)
+
+
+# The kernels with a PACKED variant, where their launchers run them.
+PACKED_KERNELS = {"bwd_input": "fused_bwd_input_halo_kernel", "bwd_z": "fused_bwd_z_halo_pairs_kernel",
+                  "bwd_span": "fused_bwd_span_halo_pairs_kernel"}
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 3], ids=["s1", "s2", "K4d2", "K5"])
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+def test_packed_gathers_match_plain(case, fmt, device):
+    """The 16-bit gathers on pairs packed in 32-bit words (PACKED: the input gradient's on triton
+    3.6, the pairs kernels' dz and dspan everywhere) move the same values as plain 16-bit gathers:
+    the same outputs, bit for bit, every element written."""
+    fmt = FORMATS[fmt]
+    x, G, s, launches = _halo_launches(case, fmt, device)
     ran = []
-    for name, (outputs, build) in builders.items():
+    for launcher, name in PACKED_KERNELS.items():
+        outputs, build = launches[launcher]
         if build(outputs()).name != name:
             continue
-        results = []
-        for packed in (False, True):
-            out = outputs()
-            launch = build(out)
-            launch.meta["PACKED"] = packed
-            launch()
-            results.append(out)
+        results = _outputs_by_meta(outputs, build, "PACKED", (False, True))
         for plain, packed in zip(*results):
             if plain.dim() == 4:
                 assert not plain.isnan().any(), name
