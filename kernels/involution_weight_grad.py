@@ -26,8 +26,8 @@ import triton.language as tl
 from . import dynamic_dwconv_weight_grad as dwconv_dw
 from . import involution_nchw
 from ._keys import problem_key
-from ._launch import (Launch, cacheable, cdiv, config_key, inner_strides, is_channels_last, layout, needs_int64,
-                      next_power_of_2, planned)
+from ._launch import (TRITON_VERSION, Launch, cacheable, cdiv, config_key, inner_strides, is_channels_last, layout,
+                      needs_int64, next_power_of_2, planned)
 from ._indexing import widen
 from .configs import get_config
 from .layout import channels_last_copy, channels_last_empty
@@ -130,7 +130,7 @@ def involution_bwd_weight_runs_kernel(
     KS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     RUN: tl.constexpr, LOOK_AHEAD: tl.constexpr, CHANNELS_FULL: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, CARRIED: tl.constexpr = False,
 ):
     """Per-pixel dw with the kernel size, strides and dilations compile-time constants, taps unrolled.
 
@@ -141,6 +141,9 @@ def involution_bwd_weight_runs_kernel(
     halo of (RUN-1)*SH + (K-1)*DH + 1 rows: each is loaded and converted once and serves every
     (row, u) pair that reads it, instead of once per tap. The within-sample strides are compile-time
     constants (a variant per feature-map size), so each row's and tap's offset is an immediate.
+    CARRIED: a tap column's first LOOK_AHEAD halo rows are loaded after the last column's final store
+    (the first column's before the run's gradient, the two sharing one round trip), in the registers
+    the last column's rows had freed, and carried into the loop.
     """
     pid0 = tl.program_id(0)
     b = pid0 // TILES_PIX
@@ -171,6 +174,21 @@ def involution_bwd_weight_runs_kernel(
         # CHANNELS_FULL: every chunk of every lane's group exists, so the loads need only the pixel's mask.
         channels_ok = channels_ok + (group_ok[:, None] & (q * CHUNK + k[None, :] < CG),)
 
+    HALO: tl.constexpr = (RUN - 1) * SH + (KS - 1) * DH + 1
+    h_first = row * SH - PH
+    w_first = col * SW - PW
+    rows_ok = ()
+    for h in tl.static_range(HALO):
+        rows_ok = rows_ok + ((h_first + h >= 0) & (h_first + h < H),)
+    # Per-element pointers are formed once; each (tap column, halo row) adds one scalar offset.
+    x_lane = x_ptr + b * sxb + (h_first * sxh + w_first * sxw)[:, None]
+    x_chunks = ()
+    for q in tl.static_range(CHUNKS):
+        x_chunks = x_chunks + (x_lane + channels[q] * sxc,)
+    if CARRIED:
+        pending = _runs_look_ahead_rows(x_chunks, 0, w_first, W, rows_ok, channels_ok, sxh, sxw, DW, LOOK_AHEAD,
+                                        CHUNKS, CHANNELS_FULL, INDEX_64)
+
     # The run's output pixels and their gradient, converted once for all K*K taps.
     grads = ()
     out_ok = ()
@@ -185,17 +203,6 @@ def involution_bwd_weight_runs_kernel(
             grad = tl.load(dy_lane + (channels[q] * sdyc + r * sdyh), mask=m, other=0.0)
             grads = grads + (grad.to(ACC_DTYPE),)
 
-    HALO: tl.constexpr = (RUN - 1) * SH + (KS - 1) * DH + 1
-    h_first = row * SH - PH
-    w_first = col * SW - PW
-    rows_ok = ()
-    for h in tl.static_range(HALO):
-        rows_ok = rows_ok + ((h_first + h >= 0) & (h_first + h < H),)
-    # Per-element pointers are formed once; each (tap column, halo row) adds one scalar offset.
-    x_lane = x_ptr + b * sxb + (h_first * sxh + w_first * sxw)[:, None]
-    x_chunks = ()
-    for q in tl.static_range(CHUNKS):
-        x_chunks = x_chunks + (x_lane + channels[q] * sxc,)
     dw_lane = dw_ptr + b * sdwb + g * sdwg + row * sdwh + col * sdww
     # Tap columns a run-time loop: unrolled too, ptxas takes minutes on the K*HALO*RUN body (R1 fp32).
     for v in range(KS):
@@ -203,12 +210,11 @@ def involution_bwd_weight_runs_kernel(
         column = widen(v, INDEX_64) * (DW * sxw)
         # Halo rows are loaded LOOK_AHEAD rows ahead of the row summed: the stores between rows keep
         # the compiler from moving a row's loads above the last row's (dw might alias x), so each row
-        # would otherwise wait out a full memory round trip. (Reaching into the next tap column too,
-        # a loop-carried look-ahead, took more registers than the round trip per column it saved.)
-        pending = ()
-        for h in tl.static_range(LOOK_AHEAD):
-            pending = pending + _runs_halo_row(x_chunks, h * sxh + column, cols_ok & rows_ok[h], channels_ok, CHUNKS,
-                                               CHANNELS_FULL)
+        # would otherwise wait out a full memory round trip. (Loading the next column's rows as this
+        # column's are summed took more registers than the round trip per column it saved.)
+        if not CARRIED:
+            pending = _runs_look_ahead_rows(x_chunks, v, w_first, W, rows_ok, channels_ok, sxh, sxw, DW,
+                                            LOOK_AHEAD, CHUNKS, CHANNELS_FULL, INDEX_64)
         for h in tl.static_range(HALO):
             raw = ()
             rest = ()
@@ -236,6 +242,24 @@ def involution_bwd_weight_runs_kernel(
                             u = (h - r * SH) // DH
                             offset = widen(v, INDEX_64) * sdwv + (u * sdwu + r * sdwh)
                             tl.store(dw_lane + offset, acc.to(dw_ptr.dtype.element_ty), mask=group_ok & out_ok[r])
+        if CARRIED:
+            pending = _runs_look_ahead_rows(x_chunks, v + 1, w_first, W, rows_ok, channels_ok, sxh, sxw, DW,
+                                            LOOK_AHEAD, CHUNKS, CHANNELS_FULL, INDEX_64, v + 1 < KS)
+
+
+@triton.jit
+def _runs_look_ahead_rows(x_chunks, v, w_first, W, rows_ok, channels_ok, sxh: tl.constexpr, sxw: tl.constexpr,
+                          DW: tl.constexpr, LOOK_AHEAD: tl.constexpr, CHUNKS: tl.constexpr,
+                          CHANNELS_FULL: tl.constexpr, INDEX_64: tl.constexpr, column_ok=True):
+    """Tap column v's first LOOK_AHEAD halo rows, as loaded (CHUNKS entries a row); none read where
+    ``column_ok`` is false (past the last column)."""
+    cols_ok = (w_first + v * DW >= 0) & (w_first + v * DW < W) & column_ok
+    column = widen(v, INDEX_64) * (DW * sxw)
+    rows = ()
+    for h in tl.static_range(LOOK_AHEAD):
+        rows = rows + _runs_halo_row(x_chunks, h * sxh + column, cols_ok & rows_ok[h], channels_ok, CHUNKS,
+                                     CHANNELS_FULL)
+    return rows
 
 
 @triton.jit
@@ -407,6 +431,8 @@ def _runs_launch(dy, x, dw, stride, padding, dilation, config) -> Launch:
                 CHANNELS_FULL=G % config["BLOCK_G"] == 0 and CG % chunk == 0,
                 INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
+    halo = _runs_halo(K, stride[0], dilation[0], config["RUN"])
+    meta["CARRIED"] = RUNS_CARRIED and meta["LOOK_AHEAD"] == halo <= RUNS_CARRIED_MAX_HALO
     # The tap-column loop; the rows and the halo are unrolled inside it.
     return Launch(involution_bwd_weight_runs_kernel, _grid(B * tiles_pix, G, 1, config["BLOCK_G"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=(K,))
@@ -437,12 +463,25 @@ RUNS_MAX_CG = 32
 # (16 channels, 7 rows) 6 fp32 rows or a whole tap column of 13 bf16 rows ahead, 255 and 251 registers
 # on sm_90 with triton 3.6, no spills (sm_80 and sm_90, both tritons).
 RUNS_HELD_WORDS = 216
+# The runs kernel carries a tap column's halo rows into the loop (CARRIED) on triton 3.6, where it
+# loads the whole column ahead and that column is at most RUNS_CARRIED_MAX_HALO rows: PREDICTED
+# (sm_90) R1/R2 dw bf16 NHWC 84.7/84.9% -> 86.3%. Beyond, ptxas spills (8-152 bytes: 16 channels a
+# group at K = 5, stride 2, 13 rows of a 17-row halo ahead; 8 channels a group, 19-23-row halos).
+# Triton 3.9 re-pairs a carried 16-bit row's halves in registers right after its load, so the
+# load's round trip is waited at the column's end (79.3% against 84.3%).
+RUNS_CARRIED = TRITON_VERSION <= (3, 6)
+RUNS_CARRIED_MAX_HALO = 13
+
+
+def _runs_halo(K: int, stride: int, dilation: int, run: int) -> int:
+    """Input rows a run of output rows reads through one tap column."""
+    return (run - 1) * stride + (K - 1) * dilation + 1
 
 
 def _runs_look_ahead(CG: int, K: int, stride: int, dilation: int, run: int, element_size: int) -> int:
     """Halo rows the runs kernel loads ahead of the one it sums: as many as RUNS_HELD_WORDS leave
     beside the run's gradients, at least one, at most the tap column's halo."""
-    halo = (run - 1) * stride + (K - 1) * dilation + 1
+    halo = _runs_halo(K, stride, dilation, run)
     row_words = max(1, CG * element_size // 4)
     return max(1, min(halo, (RUNS_HELD_WORDS - run * CG) // row_words))
 

@@ -341,15 +341,21 @@ def test_per_pixel_weight_gradient_runs_kernel_and_its_fallback(geometry, memory
 
 
 @pytest.mark.parametrize("geometry, dtype", [(S1, torch.bfloat16), (S2D2, torch.float32)], ids=["s1-bf16", "s2d2-fp32"])
-@pytest.mark.parametrize("look_ahead", [1, 2])
-def test_runs_kernel_with_fewer_rows_ahead_than_its_halo(geometry, dtype, look_ahead, device, monkeypatch):
-    """The runs kernel loads halo rows ahead of the row it sums (_runs_look_ahead: a whole tap column
-    at the small groups above); with fewer, each row's loads are issued rows before its sums and the
-    look-ahead stops at the column's end. Against float64, the output poisoned with NaN."""
+@pytest.mark.parametrize("look_ahead", [1, 2, None], ids=["ahead1", "ahead2", "column"])
+@pytest.mark.parametrize("carried", [False, True], ids=["per-column", "carried"])
+def test_runs_kernel_with_fewer_rows_ahead_than_its_halo(geometry, dtype, look_ahead, carried, device, monkeypatch):
+    """The runs kernel loads halo rows ahead of the row it sums (_runs_look_ahead: a whole tap column,
+    None, at these small groups); with fewer, each row's loads are issued rows before its sums and the
+    look-ahead stops at the column's end. Either way a column's first rows are loaded at its start or,
+    CARRIED, after the last column's final store and carried into the loop (the launcher carries
+    them only on triton 3.6 with the whole column ahead; the kernel takes any look-ahead). Against
+    float64, the output poisoned with NaN."""
     stride, padding, dilation = geometry
     B, G, C, H, W, K = 1, 2, 8, 7, 5, 3
     Ho, Wo = ((n + 2 * p - d * (K - 1) - 1) // s + 1 for n, s, p, d in zip((H, W), stride, padding, dilation))
-    monkeypatch.setattr(weight_grad, "_runs_look_ahead", lambda *args: look_ahead)
+    halo = (3 - 1) * stride[0] + (K - 1) * dilation[0] + 1  # a run of 3 rows
+    if look_ahead is not None:
+        monkeypatch.setattr(weight_grad, "_runs_look_ahead", lambda *args: look_ahead)
     configs.clear_cache()  # no launch plan made with another look-ahead
     x = torch.randn(B, C, H, W, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     dy = torch.randn(B, C, Ho, Wo, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -358,10 +364,12 @@ def test_runs_kernel_with_fewer_rows_ahead_than_its_halo(geometry, dtype, look_a
     dw = torch.full((B, G, K, K, Ho, Wo), float("nan"), device=device, dtype=dtype)
     runs = {"BLOCK_G": 2, "BLOCK_H": 1, "BLOCK_W": 4, "RUN": 3, "num_warps": 1}
     launch = weight_grad.backward_weight_launch(dy, x, dw, stride, padding, dilation, True, runs)
-    assert launch.name == "involution_bwd_weight_runs_kernel" and launch.meta["LOOK_AHEAD"] == look_ahead
+    assert launch.name == "involution_bwd_weight_runs_kernel"
+    assert launch.meta["LOOK_AHEAD"] == (halo if look_ahead is None else look_ahead)
     configs.clear_cache()  # nor one made with this look-ahead left for other tests
+    launch.meta["CARRIED"] = carried
     launch()
-    assert_close(dw, w64.grad, dtype, f"look-ahead {look_ahead}")
+    assert_close(dw, w64.grad, dtype, f"look-ahead {look_ahead}, carried {carried}")
 
 
 @pytest.mark.parametrize("dtype, preload", [(torch.float32, True), (torch.bfloat16, False)])
@@ -440,6 +448,31 @@ def test_staged_pair_tiles_by_triton(K, stride, newer_triton, device, monkeypatc
     assert forward.meta["PAIRS"] and forward.meta["CHUNKS"] == 2 and forward.meta["STAGED"]
     assert backward.meta["STAGED"] == (not newer_triton and K != 5)
     _run_against_float64(forward, backward, x, w, dy, geometry)
+
+
+@pytest.mark.parametrize("K, stride, dilation, carried", [(7, 1, 1, True), (5, 1, 1, True), (5, 2, 1, False),
+                                                         (7, 1, 2, False)])
+def test_runs_kernel_carries_whole_columns_of_at_most_13_rows_on_triton_3_6(K, stride, dilation, carried,
+                                                                          monkeypatch):
+    """The launcher carries a tap column's rows into the loop (CARRIED) where the whole column is
+    loaded ahead and is at most RUNS_CARRIED_MAX_HALO rows (R1: 13), on triton 3.6: ptxas spills
+    longer columns or a rolling look-ahead carried, and triton 3.9 waits for carried 16-bit rows."""
+    monkeypatch.setattr(weight_grad, "RUNS_CARRIED", True)
+    configs.clear_cache()
+    B, G, C, H = 1, 16, 256, 56
+    p = dilation * (K - 1) // 2
+    Ho = (H + 2 * p - dilation * (K - 1) - 1) // stride + 1
+    x = torch.empty(B, C, H, H, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dy = torch.empty(B, C, Ho, Ho, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dw = torch.empty(B, G, K, K, Ho, Ho, dtype=torch.bfloat16)
+    launch = weight_grad.backward_weight_launch(dy, x, dw, (stride,) * 2, (p,) * 2, (dilation,) * 2, True)
+    configs.clear_cache()
+    assert launch.name == "involution_bwd_weight_runs_kernel"
+    assert launch.meta["CARRIED"] == carried, launch.meta
+    monkeypatch.setattr(weight_grad, "RUNS_CARRIED", False)
+    assert not weight_grad.backward_weight_launch(dy, x, dw, (stride,) * 2, (p,) * 2, (dilation,) * 2,
+                                                  True).meta["CARRIED"]
+    configs.clear_cache()
 
 
 def test_runs_kernel_look_ahead_fits_its_registers():
