@@ -262,7 +262,7 @@ def _row_walk(
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr,
     VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr, FLAT: tl.constexpr,
 ):
     """_tap_sums's sum when source rows step one per output row and per tap row (forward SH = DH = 1;
     input gradient DH/gcd(SH, DH) = 1), walking down the rows instead of unrolling them.
@@ -284,6 +284,12 @@ def _row_walk(
     _walk_rows): rows of bias alone would need loops of their own, which ptxas unrolls or not
     depending on the tile, and the static model could no longer tell which SASS loop the declared
     trip counts belong to.
+
+    FLAT (BLOCK_C = 1; the launcher's _flat_fits: NCHW 16-bit at unit column strides, VEC > 1, widths
+    multiples of VEC): the lanes lie along the flattened (channel, column block) axis, TILES_W blocks
+    a row, so no lane idles where a row's blocks are no power of two (56 columns: 7 blocks of 8), and
+    the one walk is masked but still reads and writes vectors: aligned to VEC in a width that is a
+    multiple of VEC, a vector lies wholly in the image or wholly out, so one flag masks it.
     """
     b, tile, ph, pw, u_first, v_first, pad_h, pad_w, sxh, sxw, swu, swv, syh, syw = _program(
         TILES_PHASE, PH, PW, sxh, sxw, swu, swv, syh, syw, SH, SW, DH, DW, IS_DX, TAPS_H, TAPS_W, GH, GW, INV_H, INV_W,
@@ -302,14 +308,24 @@ def _row_walk(
         SRC_DW: tl.constexpr = DW
         OUT_SH: tl.constexpr = 1
         OUT_SW: tl.constexpr = 1
-    # Lanes: BLOCK_C channels x BLOCK_W column blocks; tiles: column blocks x row runs.
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col0 = ((tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_W)) * P
-    row0 = (tile // TILES_W) * RUN
+    if FLAT:
+        # Lanes: BLOCK_W (channel, column block) pairs, flattened; tiles: row runs.
+        f = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        c = f // TILES_W
+        col0 = (f % TILES_W) * P
+        row0 = tile * RUN
+    else:
+        # Lanes: BLOCK_C channels x BLOCK_W column blocks; tiles: column blocks x row runs.
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col0 = ((tile % TILES_W) * BLOCK_W + tl.arange(0, BLOCK_W)) * P
+        row0 = (tile // TILES_W) * RUN
     if INDEX_64:
         c = c.to(tl.int64)
         col0 = col0.to(tl.int64)
-    c2 = c[:, None]
+    if FLAT:
+        c2 = c[None, :]
+    else:
+        c2 = c[:, None]
     col0 = col0[None, :]
     c_ok = c2 < C
     w_lane = w_ptr + b * swb + (c2 // CG) * swg
@@ -333,12 +349,19 @@ def _row_walk(
     LEAD: tl.constexpr = -VEC_PAD % VEC if VEC > 1 else 0
     REACH: tl.constexpr = (LEAD + HALO_W + VEC - 1) // VEC * VEC if VEC > 1 else HALO_W
     w_first = col0 * SRC_SW - pad_w
+    # The masked walk's flags: a column's (FLAT: a vector's) source in the image, output in it.
     cols_ok = ()
-    for qc in tl.static_range(HALO_W):
-        cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
     outs_ok = ()
-    for p in tl.static_range(P):
-        outs_ok = outs_ok + (c_ok & ((col0 + p) * OUT_SW + pw < WO),)
+    if FLAT:
+        for j in tl.static_range(REACH // VEC):
+            cols_ok = cols_ok + (c_ok & (w_first - LEAD + j * VEC >= 0) & (w_first - LEAD + j * VEC < W),)
+        for j in tl.static_range(P // VEC):
+            outs_ok = outs_ok + (c_ok & (col0 + j * VEC < WO),)
+    else:
+        for qc in tl.static_range(HALO_W):
+            cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
+        for p in tl.static_range(P):
+            outs_ok = outs_ok + (c_ok & ((col0 + p) * OUT_SW + pw < WO),)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + b * sbb + c2 * sbc, mask=c_ok, other=0.0).to(ACC_DTYPE) + zero
     else:
@@ -378,15 +401,20 @@ def _row_walk(
                                     u_ok, v_ok, live, row0, row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw,
                                     HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS,
                                     PHASE_MAY_BE_EMPTY, False, VEC, LEAD, REACH, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
-    if (not INTERIOR) and ROWS_AHEAD > 1:
+    if (not INTERIOR) and (not FLAT) and ROWS_AHEAD > 1:
         window, t_rest = _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok,
                                     u_ok, v_ok, live, row0, row_end, t_first, t_last, pad_h, ph, sxh, sxw, syh, syw,
                                     HALO_W, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS,
                                     PHASE_MAY_BE_EMPTY, True, 1, 0, HALO_W, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
+    # The masked walk: vectors with FLAT, else a column at a time.
+    MASKED_VEC: tl.constexpr = VEC if FLAT else 1
+    MASKED_LEAD: tl.constexpr = LEAD if FLAT else 0
+    MASKED_REACH: tl.constexpr = REACH if FLAT else HALO_W
     window, t_rest = _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols_ok, outs_ok, u_ok,
                                 v_ok, live, row0, row_end, t_rest, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W,
                                 TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS,
-                                PHASE_MAY_BE_EMPTY, True, 1, 0, HALO_W, INDEX_64, ACC_DTYPE, 1)
+                                PHASE_MAY_BE_EMPTY, True, MASKED_VEC, MASKED_LEAD, MASKED_REACH, INDEX_64, ACC_DTYPE, 1,
+                                FLAT and IS_DX and x_ptr.dtype.element_ty == tl.bfloat16)
     # Rows whose last taps read past the image. Interior programs store them unmasked where they walk
     # a row at a time; after batches, masked (the batches' registers, PREDICTED at R4 on triton 3.6:
     # fp32 NHWC dx 100% so, 89% unmasked; triton 3.9, one row a time: dx fp32 NCHW 62% unmasked, 53%).
@@ -395,7 +423,7 @@ def _row_walk(
                     TAPS_H, P, OUT_SW, PHASE_MAY_BE_EMPTY, False, VEC)
     else:
         _store_tail(y_lane, y_vectors, window, t_last, row0, row_end, pad_h, OUT_SH, ph, syh, syw, outs_ok, live,
-                    TAPS_H, P, OUT_SW, PHASE_MAY_BE_EMPTY, True, 1)
+                    TAPS_H, P, OUT_SW, PHASE_MAY_BE_EMPTY, True, MASKED_VEC)
 
 
 @triton.jit
@@ -416,7 +444,8 @@ def _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols
                TAPS_W: tl.constexpr, P: tl.constexpr, SRC_SW: tl.constexpr, SRC_DW: tl.constexpr,
                OUT_SH: tl.constexpr, OUT_SW: tl.constexpr, FIRST_TAP_MAY_MISS: tl.constexpr,
                PHASE_MAY_BE_EMPTY: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr, LEAD: tl.constexpr,
-               REACH: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr):
+               REACH: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr,
+               FENCED: tl.constexpr = False):
     """_row_walk's loop over the source rows from t_first: the window after them, and the first row
     it left. MASKED: the loads and stores keep their column and channel masks (cols_ok, outs_ok),
     else none; VEC > 1 (unmasked): rows read from ``src_vectors`` and written to ``y_vectors`` as
@@ -449,10 +478,30 @@ def _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols
                 t = tl.cast(t, tl.int64)  # tl.cast, not .to: the interpreter's loop indices are Python ints
             xs = _halo(src_lane + t * sxh, src_vectors + t * sxh, cols_ok, sxw, HALO_W, MASKED, VEC, LEAD, REACH,
                        ACC_DTYPE)
+            if FENCED:
+                xs = _fenced_halo(xs, fence(y_lane.to(tl.pointer_type(tl.int32), bitcast=True), row_end), LEAD)
             window = _walk_step(window, xs, t, wts, bias, u_ok, v_ok, live, y_lane, y_vectors, outs_ok, row0,
                                 row_end, pad_h, ph, syh, syw, TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW,
                                 FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, MASKED, VEC)
     return window, t_rest
+
+
+@triton.jit
+def _fenced_halo(xs, after, LEAD: tl.constexpr):
+    """A bf16 row's widened columns (vectors from LEAD, pairs of bf16 in 32-bit words) joined to the
+    fence's zero ``after`` (int32), so that no sum starts before the fence and every load of the row
+    goes out before it (ptxas issued a row's last vector after the first's sums, in the register the
+    first had freed: a second round trip a row). Free where the widening is: an even column's shift
+    and the add are one LEA, an odd column's mask and the or one LOP3."""
+    fenced = ()
+    for qc in tl.static_range(len(xs)):
+        bits = xs[qc].to(tl.int32, bitcast=True)
+        if (LEAD + qc) % 2 == 0:
+            bits = bits + after
+        else:
+            bits = bits | after
+        fenced = fenced + (bits.to(tl.float32, bitcast=True),)
+    return fenced
 
 
 @triton.jit
@@ -497,7 +546,13 @@ def _store_row(y_lane, y_vectors, window, first, i, row0, row_end, OUT_SH: tl.co
             if PHASE_MAY_BE_EMPTY:
                 acc = tl.where(live, acc, 0.0)
             columns = columns + (acc.to(y_vectors.dtype.element_ty),)
-        _store_vectors(y_vectors + i * syh, row_ok, columns, P, VEC)
+        if MASKED:
+            oks = ()
+            for j in tl.static_range(P // VEC):
+                oks = oks + (row_ok & outs_ok[j],)
+            _store_vectors(y_vectors + (i * OUT_SH + ph) * syh, oks, columns, P, VEC, True)
+        else:
+            _store_vectors(y_vectors + (i * OUT_SH + ph) * syh, row_ok, columns, P, VEC)
     else:
         y_row = y_lane + (i * OUT_SH + ph) * syh
         for p in tl.static_range(P):
@@ -523,14 +578,15 @@ def dwconv_fwd_kernel(
     SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
     P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1,
+    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1, FLAT: tl.constexpr = False,
 ):
     """The forward: x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS); WALK: _row_walk (SH = DH = 1),
     else _tap_sums."""
     if WALK:
         _row_walk(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, RUN, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0,
-                  False, False, BLOCK_C, BLOCK_W, P, INTERIOR, VEC, VEC_PAD, HAS_BIAS, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
+                  False, False, BLOCK_C, BLOCK_W, P, INTERIOR, VEC, VEC_PAD, HAS_BIAS, INDEX_64, ACC_DTYPE, ROWS_AHEAD,
+                  FLAT)
     else:
         _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
@@ -552,7 +608,7 @@ def dwconv_bwd_input_kernel(
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
     P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1,
+    ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1, FLAT: tl.constexpr = False,
 ):
     """The input gradient by stride phase: dy (B, C, H, W), dx (B, C, HO, WO); SH, SW, DH, DW, PH, PW and KS
     the forward's; the grid's first axis runs over (sample, phase, tile). WALK: _row_walk (DH/gcd(SH, DH) = 1),
@@ -561,7 +617,7 @@ def dwconv_bwd_input_kernel(
         _row_walk(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, RUN, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
                   GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, INTERIOR, VEC,
-                  VEC_PAD, False, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
+                  VEC_PAD, False, INDEX_64, ACC_DTYPE, ROWS_AHEAD, FLAT)
     else:
         _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
@@ -570,15 +626,19 @@ def dwconv_bwd_input_kernel(
 
 
 @triton.jit
-def _row_vectors(row, ok, COLUMNS: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _row_vectors(row, ok, COLUMNS: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 PER_VECTOR: tl.constexpr = False):
     """The COLUMNS consecutive elements from each lane's ``row`` pointer (aligned to VEC elements, a
     multiple of VEC of them), loaded as VEC-wide vectors (masked by ``ok`` alone, one flag a lane, or
-    none) and split into a tuple of per-column tensors, widened to ACC_DTYPE."""
+    none; PER_VECTOR: ``ok[j]`` masks vector j) and split into a tuple of per-column tensors, widened
+    to ACC_DTYPE."""
     lanes = tl.arange(0, VEC)[None, None, :]
     columns = ()
     for j in tl.static_range(COLUMNS // VEC):
         if ok is None:
             v = tl.load(row[:, :, None] + (j * VEC + lanes))
+        elif PER_VECTOR:
+            v = tl.load(row[:, :, None] + (j * VEC + lanes), mask=ok[j][:, :, None], other=0.0)
         else:
             v = tl.load(row[:, :, None] + (j * VEC + lanes), mask=ok[:, :, None], other=0.0)
         v = _widen(v, ACC_DTYPE)
@@ -597,12 +657,15 @@ def _row_vectors(row, ok, COLUMNS: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: t
 @triton.jit
 def _halo(row, vector_row, cols_ok, sxw, HALO_W: tl.constexpr, MASKED: tl.constexpr, VEC: tl.constexpr,
           LEAD: tl.constexpr, REACH: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """A source row's HALO_W columns of each lane, widened: VEC > 1 (unmasked) the REACH columns from
-    ``vector_row`` as vectors (_row_vectors), the halo LEAD columns into them; else a load a column
-    from ``row`` (MASKED: by cols_ok)."""
+    """A source row's HALO_W columns of each lane, widened: VEC > 1 the REACH columns from
+    ``vector_row`` as vectors (_row_vectors; MASKED: vector j by cols_ok[j]), the halo LEAD columns
+    into them; else a load a column from ``row`` (MASKED: by cols_ok)."""
     xs = ()
     if VEC > 1:
-        vectors = _row_vectors(vector_row, None, REACH, VEC, ACC_DTYPE)
+        if MASKED:
+            vectors = _row_vectors(vector_row, cols_ok, REACH, VEC, ACC_DTYPE, True)
+        else:
+            vectors = _row_vectors(vector_row, None, REACH, VEC, ACC_DTYPE)
         for qc in tl.static_range(HALO_W):
             xs = xs + (vectors[LEAD + qc],)
     else:
@@ -616,10 +679,10 @@ def _halo(row, vector_row, cols_ok, sxw, HALO_W: tl.constexpr, MASKED: tl.conste
 
 
 @triton.jit
-def _store_vectors(row, ok, columns, COLUMNS: tl.constexpr, VEC: tl.constexpr):
+def _store_vectors(row, ok, columns, COLUMNS: tl.constexpr, VEC: tl.constexpr, PER_VECTOR: tl.constexpr = False):
     """Store the tuple ``columns`` (COLUMNS per-column tensors, a multiple of VEC) as VEC-wide vectors
-    from each lane's ``row`` pointer (aligned to VEC elements), masked by ``ok`` (one flag a lane):
-    _row_vectors the other way."""
+    from each lane's ``row`` pointer (aligned to VEC elements), masked by ``ok`` (one flag a lane;
+    PER_VECTOR: ``ok[j]`` vector j's): _row_vectors the other way."""
     lanes = tl.arange(0, VEC)[None, None, :]
     for j in tl.static_range(COLUMNS // VEC):
         if VEC == 2:
@@ -629,7 +692,10 @@ def _store_vectors(row, ok, columns, COLUMNS: tl.constexpr, VEC: tl.constexpr):
             even = tl.join(columns[4 * j], columns[4 * j + 2])
             odd = tl.join(columns[4 * j + 1], columns[4 * j + 3])
             v = tl.reshape(tl.join(even, odd), (even.shape[0], even.shape[1], 4))
-        tl.store(row[:, :, None] + (j * VEC + lanes), v, mask=ok[:, :, None])
+        if PER_VECTOR:
+            tl.store(row[:, :, None] + (j * VEC + lanes), v, mask=ok[j][:, :, None])
+        else:
+            tl.store(row[:, :, None] + (j * VEC + lanes), v, mask=ok[:, :, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,7 +714,8 @@ def handles(weight: torch.Tensor, config: dict | None) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
-                 input_grad: bool, dtype_bytes: int, weight_grad: bool = False, unit_columns: bool = False) -> dict:
+                 input_grad: bool, dtype_bytes: int, weight_grad: bool = False, unit_columns: bool = False,
+                 flat: bool = True) -> dict:
     """Tile over ``height x width`` output pixels of one program set.
 
     walk (_row_walk): P output columns per thread, the window of K*P accumulators and the K*K held
@@ -656,8 +723,16 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
     too few threads: a run's first and last K-1 source rows feed fewer taps). Otherwise (_tap_sums, a
     strided or dilated forward): S x P outputs per thread, kept small, since all its taps are
     unrolled in one block. Lanes: BLOCK_C channels (channels_last: up to 32, coalesced), and BLOCK_W
-    (x BLOCK_H) pixel blocks; the least estimated issue, then the most lanes.
+    (x BLOCK_H) pixel blocks; the least estimated issue, then the most lanes. ``flat``: the 16-bit
+    NCHW walk at unit column strides takes _row_walk's FLAT lanes (FLAT_WALK_P) where the launcher
+    can (_flat_fits; else it asks again with ``flat`` off).
     """
+    if flat and walk and not channels_last and not weight_grad and dtype_bytes == 2 and unit_columns \
+            and K <= FLAT_WALK_MAX_K and width % 4 == 0:
+        config = {"BLOCK_C": 1, "BLOCK_H": 1, "BLOCK_W": 32, "S": 1, "P": FLAT_WALK_P, "num_warps": 1,
+                  "num_stages": 1, "FLAT": 1}
+        config["RUN"] = _run(B * C * cdiv(width, FLAT_WALK_P), height, K)
+        return config
     best = None
     rows = (1,) if walk else range(1, min(4, height) + 1)
     # channels_last 16-bit walk: two adjacent channels a thread, one 32-bit load (and store) for both,
@@ -716,15 +791,19 @@ def _taps_config(B: int, C: int, height: int, width: int, K: int, channels_last:
                     score = (round(cost), block_c, -warps, -block_w)
                     if best is None or score < best[0]:
                         best = (score, {"BLOCK_C": block_c, "BLOCK_H": block_h, "BLOCK_W": block_w, "S": s, "P": p,
-                                        "num_warps": warps, "num_stages": 1})
+                                        "num_warps": warps, "num_stages": 1, "FLAT": 0})
     config = best[1]
     if walk:
-        threads = B * cdiv(C, config["BLOCK_C"]) * config["BLOCK_C"] // vec * cdiv(width, config["P"])
-        runs = max(1, min(cdiv(2**16, threads), height // (4 * K)))
-        config["RUN"] = cdiv(height, runs)
+        config["RUN"] = _run(B * cdiv(C, config["BLOCK_C"]) * config["BLOCK_C"] // vec * cdiv(width, config["P"]),
+                             height, K)
     else:
         config["RUN"] = 0
     return config
+
+
+def _run(threads: int, height: int, K: int) -> int:
+    """A walk's RUN: whole columns, split only when there are too few threads."""
+    return cdiv(height, max(1, min(cdiv(2**16, threads), height // (4 * K))))
 
 
 def _nchw_sectors(block_c: int, block_w: int, p: int, nbytes: int) -> float:
@@ -738,11 +817,11 @@ def _nchw_sectors(block_c: int, block_w: int, p: int, nbytes: int) -> float:
 
 def taps_config(B: int, C: int, height: int, width: int, K: int, channels_last: bool, walk: bool,
                 input_grad: bool = False, dtype_bytes: int = 0, weight_grad: bool = False,
-                unit_columns: bool = False) -> dict:
+                unit_columns: bool = False, flat: bool = True) -> dict:
     """The forward's (input gradient's, weight gradient's) own tile over ``height x width`` output
     (input) pixels (a copy); ``unit_columns``: the layer's column stride and dilation are 1."""
     return dict(_taps_config(B, C, height, width, K, channels_last, walk, input_grad, dtype_bytes, weight_grad,
-                             unit_columns))
+                             unit_columns, flat))
 
 
 def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
@@ -750,18 +829,18 @@ def _walks(stride: int, dilation: int, input_grad: bool) -> bool:
     return dilation // math.gcd(stride, dilation) == 1 if input_grad else stride == 1 and dilation == 1
 
 
-def forward_default(x, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
+def forward_default(x, K: int, stride, dilation, Ho: int, Wo: int, flat: bool = True) -> dict:
     """The forward's own tile (a copy)."""
     return taps_config(x.shape[0], x.shape[1], Ho, Wo, K, is_channels_last(x), _walks(stride[0], dilation[0], False),
-                       False, x.element_size(), unit_columns=stride[1] == 1 and dilation[1] == 1)
+                       False, x.element_size(), unit_columns=stride[1] == 1 and dilation[1] == 1, flat=flat)
 
 
-def input_grad_default(dx, K: int, stride, dilation) -> dict:
+def input_grad_default(dx, K: int, stride, dilation, flat: bool = True) -> dict:
     """The input gradient's own tile over the pixels of one stride phase (a copy)."""
     B, C, H, W = dx.shape
     return taps_config(B, C, cdiv(H, stride[0]), cdiv(W, stride[1]), K, is_channels_last(dx),
                        _walks(stride[0], dilation[0], True), True, dx.element_size(),
-                       unit_columns=stride[1] == 1 and dilation[1] == 1)
+                       unit_columns=stride[1] == 1 and dilation[1] == 1, flat=flat)
 
 
 def forward_config(x, G: int, K: int, stride, dilation, Ho: int, Wo: int) -> dict:
@@ -778,11 +857,14 @@ def _grid(rows: int, C: int, block_c: int) -> tuple[int, int, int]:
 
 
 def _meta(config: dict) -> dict:
-    return {k: config[k] for k in ("BLOCK_C", "BLOCK_H", "BLOCK_W", "S", "P")}
+    return {**{k: config[k] for k in ("BLOCK_C", "BLOCK_H", "BLOCK_W", "S", "P")}, "FLAT": bool(config.get("FLAT"))}
 
 
 def _tiles(config: dict, height: int, width: int, walk: bool = True) -> tuple[int, int]:
-    """(tiles, tiles along W) of one program set: runs of RUN rows (walk) or BLOCK_H x S rows."""
+    """(tiles, tiles along W) of one program set: runs of RUN rows (walk) or BLOCK_H x S rows. FLAT:
+    (runs, column blocks a row), the blocks being lanes."""
+    if config.get("FLAT"):
+        return cdiv(height, config["RUN"]), cdiv(width, config["P"])
     tiles_w = cdiv(width, config["BLOCK_W"] * config["P"])
     rows = config["RUN"] if walk and config["RUN"] else config["BLOCK_H"] * config["S"]
     return cdiv(height, rows) * tiles_w, tiles_w
@@ -931,12 +1013,44 @@ def _walk_register_cap(t: torch.Tensor, walk: bool) -> int:
     return WALK_16BIT_NCHW_SM90_REGISTERS if walk and t.element_size() == 2 and not is_channels_last(t) else 0
 
 
+# The 16-bit NCHW walks at unit strides (forward, input gradient): FLAT lanes (_row_walk) of P = 8
+# columns, read and written as 8-byte vectors, masked a vector at a time. Where a row's column blocks
+# are no power of two (R4: 7 blocks of 8) no lane idles, and a row step spends 1.15 instructions a
+# multiply-add where a load a column (P = 7) spent 1.33. K*P sums and K*K weights: 125-128
+# registers at K = 7 (sm_90's cap, WALK_16BIT_NCHW_SM90_REGISTERS), no spill. PREDICTED (sm_90,
+# triton 3.6 / 3.9): R4 fwd bf16 NCHW 73.6/72.3% -> 85.7/85.5%, dx 72.8/71.2% -> 84.6/84.7%.
+FLAT_WALK_P = 8
+FLAT_WALK_MAX_K = 7
+FLAT_WALK_VECTOR_BYTES = 8
+
+
+def _walk_vectors(config: dict, walk: bool, tensors, stride, dilation) -> int:
+    """The walk's VEC (_vector_width): FLAT walks take 8-byte vectors, the others WALK_VECTOR_BYTES."""
+    flat = config.get("FLAT", False)
+    return _vector_width(config["P"], tensors, walk and stride[1] == 1 and dilation[1] == 1,
+                         FLAT_WALK_VECTOR_BYTES if flat else WALK_VECTOR_BYTES)
+
+
+def _flat_fits(config: dict, walk: bool, vec: int, stride, widths) -> bool:
+    """Whether a FLAT config can run: one channel a lane row (BLOCK_C 1), a walk at unit strides whose
+    vectors are aligned and whose source and output widths are multiples of them (a vector then lies
+    wholly in a row or out)."""
+    return (config["BLOCK_C"] == 1 and walk and vec > 1 and tuple(stride) == (1, 1)
+            and all(w % vec == 0 for w in widths))
+
+
 def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
     B, C, H, W = x.shape
     CG, K = C // weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     config = config or forward_config(x, weight.shape[1], K, stride, dilation, Ho, Wo)
     walk = _walking(config, stride, padding, dilation, H, Ho, K, False)
+    vec = _walk_vectors(config, walk, (x, y), stride, dilation)
+    if config.get("FLAT") and not _flat_fits(config, walk, vec, stride, (W, Wo)):
+        config = forward_default(x, K, stride, dilation, Ho, Wo, flat=False)
+        walk = _walking(config, stride, padding, dilation, H, Ho, K, False)
+        vec = _walk_vectors(config, walk, (x, y), stride, dilation)
+    flat = config.get("FLAT", False)
     tiles, tiles_w = _tiles(config, Ho, Wo, walk)
     bias_strides = bias.stride() if bias is not None else (0, 0)
     args = dict(
@@ -946,18 +1060,19 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
         sbb=bias_strides[0], sbc=bias_strides[1], syb=y.stride(0), syc=y.stride(1),
         PH=padding[0], PW=padding[1], TILES=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
-    vec = _vector_width(config["P"], (x, y), walk and stride[1] == 1 and dilation[1] == 1, WALK_VECTOR_BYTES)
     meta = dict(**inner_strides("sx", x, "hw"), **inner_strides("sy", y, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K, WALK=walk,
-                INTERIOR=walk and (is_channels_last(x) or vec > 1), VEC=vec, VEC_PAD=padding[1] if vec > 1 else 0,
+                INTERIOR=walk and (is_channels_last(x) or vec > 1) and not flat, VEC=vec,
+                VEC_PAD=padding[1] if vec > 1 else 0,
                 HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype),
                 ROWS_AHEAD=_walk_rows_ahead(x.element_size(), is_channels_last(x)))
     interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
                 if meta["INTERIOR"] else None)
-    return Launch(dwconv_fwd_kernel, _grid(B * tiles, C, meta["BLOCK_C"]), args, meta,
+    lanes = (C * tiles_w, meta["BLOCK_W"], 1) if flat else (C, meta["BLOCK_C"], tiles_w)
+    return Launch(dwconv_fwd_kernel, _grid(B * tiles, *lanes[:2]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
                   loops=_walk_loops(walk, config, H, K, interior, meta["ROWS_AHEAD"]),
-                  typical_program=_middle_tile(B // 2, tiles, tiles_w, C, meta["BLOCK_C"]),
+                  typical_program=_middle_tile(B // 2, tiles, lanes[2], *lanes[:2]),
                   sm90_max_registers=_walk_register_cap(x, walk))
 
 
@@ -969,6 +1084,12 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     phases = stride[0] * stride[1]
     walk = _walking(config, stride, padding, dilation, Ho, H, K, True)
+    vec = _walk_vectors(config, walk, (dy, dx), stride, dilation)
+    if config.get("FLAT") and not _flat_fits(config, walk, vec, stride, (Wo, W)):
+        config = input_grad_default(dx, K, stride, dilation, flat=False)
+        walk = _walking(config, stride, padding, dilation, Ho, H, K, True)
+        vec = _walk_vectors(config, walk, (dy, dx), stride, dilation)
+    flat = config.get("FLAT", False)
     tiles, tiles_w = _tiles(config, cdiv(H, stride[0]), cdiv(W, stride[1]), walk)
     args = dict(
         dy_ptr=dy, w_ptr=weight, dx_ptr=dx, C=C, H=Ho, W=Wo, HO=H, WO=W, CG=CG,
@@ -978,18 +1099,18 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
         PH=padding[0], PW=padding[1], TILES_PHASE=tiles, TILES_W=tiles_w, RUN=config["RUN"],
     )
     # At a unit column stride and dilation the one phase's source padding is K - 1 - padding.
-    vec = _vector_width(config["P"], (dy, dx), walk and stride[1] == 1 and dilation[1] == 1, WALK_VECTOR_BYTES)
     meta = dict(**inner_strides("sdy", dy, "hw"), **inner_strides("sdx", dx, "hw"), **_meta(config))
     meta.update(SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], KS=K,
                 TAPS_H=cdiv(K, step_h), TAPS_W=cdiv(K, step_w), GH=gh, GW=gw, INV_H=inv_h, INV_W=inv_w,
                 FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
-                WALK=walk, INTERIOR=walk and (is_channels_last(dx) or vec > 1), VEC=vec,
+                WALK=walk, INTERIOR=walk and (is_channels_last(dx) or vec > 1) and not flat, VEC=vec,
                 VEC_PAD=K - 1 - padding[1] if vec > 1 else 0, INDEX_64=needs_int64(dy, weight, dx),
                 ACC_DTYPE=_acc_dtype(dy.dtype), ROWS_AHEAD=_walk_rows_ahead(dx.element_size(), is_channels_last(dx)))
     interior = (_interior_share(config, C, Wo, W, K, stride[1], padding[1], dilation[1], True, vec)
                 if meta["INTERIOR"] else None)
-    return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, C, meta["BLOCK_C"]), args, meta,
+    lanes = (C * tiles_w, meta["BLOCK_W"], 1) if flat else (C, meta["BLOCK_C"], tiles_w)
+    return Launch(dwconv_bwd_input_kernel, _grid(B * phases * tiles, *lanes[:2]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1),
                   loops=_walk_loops(walk, config, Ho, cdiv(K, step_h), interior, meta["ROWS_AHEAD"]),
-                  typical_program=_middle_tile(B // 2 * phases, tiles, tiles_w, C, meta["BLOCK_C"]),
+                  typical_program=_middle_tile(B // 2 * phases, tiles, lanes[2], *lanes[:2]),
                   sm90_max_registers=_walk_register_cap(dx, walk))

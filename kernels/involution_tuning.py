@@ -126,8 +126,8 @@ def _tuning_candidates(kernel: str):
         if "P" in default:
             # dynamic_dwconv's tiles: one output block per lane, so the lanes are the threads.
             limits.update(BLOCK_C=key["C"])
-            # The row walk has no row lanes (BLOCK_H unused).
-            vary = ["BLOCK_C", "BLOCK_W"] if default["RUN"] else None
+            # The row walk has no row lanes (BLOCK_H unused); FLAT lanes no channel axis (BLOCK_C 1).
+            vary = (["BLOCK_W"] if default.get("FLAT") else ["BLOCK_C", "BLOCK_W"]) if default["RUN"] else None
             return neighbourhood(default, limits, elements_per_thread=(1, 1), size=6 if quick else 10,
                                  vary=vary, warps=(1, 2, 4, 8), stages=(1,))
         # The weight-gradient kernels with RUN size their registers for the default's elements per thread.

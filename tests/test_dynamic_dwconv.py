@@ -53,12 +53,69 @@ def test_the_nchw_walk_spreads_a_warp_over_channel_rows_where_sectors_bind():
     assert dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, 2)["BLOCK_C"] == 4
     # At unit column strides the NCHW walks read a lane's columns as vectors of four (P a multiple
     # of four), and L1 no longer binds: R4 fp32 takes 16 channels x 2 lanes of 4 columns, and so does
-    # the 16-bit weight gradient; the 16-bit forward keeps its scalar tile (WALK_VECTOR_BYTES).
-    def tile(nbytes, weight_grad=False):
-        config = dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, nbytes, weight_grad, unit_columns=True)
-        return config["BLOCK_C"], config["BLOCK_W"], config["P"]
+    # the 16-bit weight gradient; the 16-bit forward and input gradient take FLAT lanes of 8 columns.
+    def tile(nbytes, weight_grad=False, input_grad=False):
+        config = dwconv.taps_config(64, 256, 56, 56, 7, False, True, input_grad, nbytes, weight_grad,
+                                    unit_columns=True)
+        return config["BLOCK_C"], config["BLOCK_W"], config["P"], bool(config["FLAT"])
 
-    assert tile(4) == tile(4, True) == tile(2, True) == (16, 2, 4) and tile(2) == (4, 8, 7)
+    assert tile(4) == tile(4, True) == tile(2, True) == (16, 2, 4, False)
+    assert tile(2, input_grad=True) == tile(2) == (1, 32, 8, True)
+
+
+def test_the_16_bit_nchw_walks_take_flat_lanes_where_vectors_fit():
+    """FLAT (kernels/dynamic_dwconv.py, _row_walk): the 16-bit NCHW forward and input gradient at unit
+    column strides, K <= 7 and a width a multiple of four; not fp32, channels_last, K = 9, a width of
+    54, strided columns, the weight gradient. The launchers fall back where the widths or the strides
+    do not fit (a valid conv's output width of 10, stride 2 rows)."""
+    def flat(nbytes=2, K=7, width=56, channels_last=False, unit_columns=True, input_grad=False, weight_grad=False):
+        return dwconv.taps_config(64, 256, 56, width, K, channels_last, True, input_grad, nbytes, weight_grad,
+                                  unit_columns=unit_columns)["FLAT"]
+
+    assert flat() and flat(K=3) and flat(width=12) and flat(input_grad=True)
+    assert not (flat(nbytes=4) or flat(K=9) or flat(width=54) or flat(channels_last=True)
+                or flat(unit_columns=False) or flat(weight_grad=True))
+    assert dwconv.taps_config(64, 256, 56, 56, 7, False, True, False, 2, unit_columns=True, flat=False)["P"] == 7
+    for shape, stride, padding, out in (((1, 4, 8, 12), 1, 0, (1, 4, 6, 10)), ((1, 4, 8, 12), 2, 1, (1, 4, 4, 6)),
+                                        ((1, 4, 8, 12), 1, 1, (1, 4, 8, 12))):
+        x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+        w = torch.empty(1, 4, 3, 3, dtype=torch.bfloat16, device="meta")
+        y = torch.empty(out, dtype=torch.bfloat16, device="meta")
+        for launch in (dwconv.forward_launch(x, w, None, y, (stride, stride), (padding, padding), (1, 1)),
+                       dwconv.backward_input_launch(y, w, x, (stride, 1), (padding, padding), (1, 1))):
+            assert launch.meta["FLAT"] == (padding == 1 and stride == 1), (stride, padding, launch.meta)
+
+
+@pytest.mark.usefixtures("nan_poison")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [
+    (2, 5, 5, 5, 12, 3, 1, 1, 1),   # two blocks a row (the second's last vector off the image), a part warp
+    (1, 6, 3, 5, 8, 5, 1, 2, 1),    # groups of two, one block a row: both halo edges
+    (1, 3, 3, 4, 16, 7, 1, 3, 1),   # K > H
+    (1, 2, 2, 6, 12, 5, 1, 0, 1),   # a valid conv (output width 8): the vectors' lead of 0
+], ids=["W12-K3", "G3-K5", "K7-H4", "valid-K5"])
+def test_the_flat_walks_against_float64(case, dtype):
+    """The FLAT walks, masked a vector at a time, with lanes over (channel, column block): every
+    output written (NaN-poisoned), equal to the float64 conv (with and without a bias) and to its
+    input gradient (bf16: each row's halo behind a fence, _fenced_halo)."""
+    x, w, bias, stride, padding, dilation = _problem(case, dtype, torch.contiguous_format)
+    for b in (bias, None):
+        expected = _conv(x, w, b, stride, padding, dilation)
+        y = torch.empty(expected.shape, dtype=dtype)
+        launch = dwconv.forward_launch(x, w, b, y, stride, padding, dilation)
+        B, C, _, W = x.shape
+        assert launch.meta["FLAT"] and launch.meta["VEC"] == 4 and not launch.meta["INTERIOR"], launch.meta
+        assert launch.grid[1] == -(-C * -(-y.shape[3] // 8) // 32), launch.grid
+        launch()
+        assert_close(y, expected, dtype, "y")
+    dy = torch.randn(expected.shape).to(dtype)
+    x64 = x.double().requires_grad_()
+    _conv(x64, w.double(), None, stride, padding, dilation).backward(dy.double())
+    dx = torch.empty_like(x)
+    launch = dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation)
+    assert launch.meta["FLAT"] and launch.meta["VEC"] == 4 and not launch.meta["INTERIOR"], launch.meta
+    launch()
+    assert_close(dx, x64.grad, dtype, "dx")
 
 
 def test_the_16_bit_channels_last_walk_takes_two_channels_a_thread():
@@ -278,7 +335,7 @@ def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding):
     x, w, bias, stride, padding, dilation = _problem((B, C, C, H, W, K, 1, padding, 1), dtype, torch.contiguous_format)
     dy = torch.randn(B, C, H, W).to(dtype)
     geometry = stride, padding, dilation
-    tile = {"BLOCK_C": 16, "BLOCK_W": 2, "P": 4, "num_warps": 1}
+    tile = {"BLOCK_C": 16, "BLOCK_W": 2, "P": 4, "num_warps": 1, "FLAT": 0}
     y = torch.empty_like(x)
     forward = dwconv.forward_launch(x, w, bias, y, *geometry, {**dwconv.forward_default(x, K, *geometry[::2], H, W),
                                                                **tile})
@@ -308,6 +365,22 @@ def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding):
     assert_close(dx, x64.grad, dtype, "dx")
     weight_grad()
     assert_close(part.sum(-1), w64.grad, dtype, "dw")
+
+
+@pytest.mark.usefixtures("nan_poison")
+def test_the_vector_walk_stores_a_row_stride_phase_at_its_rows():
+    """The fp32 NCHW input gradient at stride (2, 1) walks each row phase with vectors (unit column
+    stride): phase ph's row i is dx row 2i + ph, where the vector store once wrote row i."""
+    x, w, _, _, padding, dilation = _problem((1, 16, 16, 9, 24, 3, 1, 1, 1), torch.float32, torch.contiguous_format)
+    stride = (2, 1)
+    dy = torch.randn(_conv(x, w, None, stride, padding, dilation).shape)
+    x64 = x.double().requires_grad_()
+    _conv(x64, w.double(), None, stride, padding, dilation).backward(dy.double())
+    dx = torch.empty_like(x)
+    launch = dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation)
+    assert launch.meta["WALK"] and launch.meta["VEC"] == 4 and launch.meta["INTERIOR"], launch.meta
+    launch()
+    assert_close(dx, x64.grad, torch.float32, "dx")
 
 
 def test_the_static_model_simulates_a_middle_tile_of_the_walks():
