@@ -262,7 +262,8 @@ def _row_walk(
     FIRST_TAP_MAY_MISS: tl.constexpr, PHASE_MAY_BE_EMPTY: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr,
     VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr, FLAT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr, FLAT: tl.constexpr, INSIDE_SRC: tl.constexpr,
+    INSIDE_OUT: tl.constexpr,
 ):
     """_tap_sums's sum when source rows step one per output row and per tap row (forward SH = DH = 1;
     input gradient DH/gcd(SH, DH) = 1), walking down the rows instead of unrolling them.
@@ -289,7 +290,9 @@ def _row_walk(
     multiples of VEC): the lanes lie along the flattened (channel, column block) axis, TILES_W blocks
     a row, so no lane idles where a row's blocks are no power of two (56 columns: 7 blocks of 8), and
     the one walk is masked but still reads and writes vectors: aligned to VEC in a width that is a
-    multiple of VEC, a vector lies wholly in the image or wholly out, so one flag masks it.
+    multiple of VEC, a vector lies wholly in the image or wholly out, so one flag masks it. Bit j of
+    INSIDE_SRC (INSIDE_OUT): source (output) vector j lies in the image in every lane, and every lane
+    is a real (channel, block) (the launcher's _flat_inside), so it takes no mask at all.
     """
     b, tile, ph, pw, u_first, v_first, pad_h, pad_w, sxh, sxw, swu, swv, syh, syw = _program(
         TILES_PHASE, PH, PW, sxh, sxw, swu, swv, syh, syw, SH, SW, DH, DW, IS_DX, TAPS_H, TAPS_W, GH, GW, INV_H, INV_W,
@@ -353,10 +356,18 @@ def _row_walk(
     cols_ok = ()
     outs_ok = ()
     if FLAT:
+        # A constant true mask: triton drops it (no predicate, no zero fill).
+        inside = tl.full(c_ok.shape, 1, tl.int1)
         for j in tl.static_range(REACH // VEC):
-            cols_ok = cols_ok + (c_ok & (w_first - LEAD + j * VEC >= 0) & (w_first - LEAD + j * VEC < W),)
+            if (INSIDE_SRC >> j) & 1:
+                cols_ok = cols_ok + (inside,)
+            else:
+                cols_ok = cols_ok + (c_ok & (w_first - LEAD + j * VEC >= 0) & (w_first - LEAD + j * VEC < W),)
         for j in tl.static_range(P // VEC):
-            outs_ok = outs_ok + (c_ok & (col0 + j * VEC < WO),)
+            if (INSIDE_OUT >> j) & 1:
+                outs_ok = outs_ok + (inside,)
+            else:
+                outs_ok = outs_ok + (c_ok & (col0 + j * VEC < WO),)
     else:
         for qc in tl.static_range(HALO_W):
             cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
@@ -579,6 +590,7 @@ def dwconv_fwd_kernel(
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
     P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1, FLAT: tl.constexpr = False,
+    INSIDE_SRC: tl.constexpr = 0, INSIDE_OUT: tl.constexpr = 0,
 ):
     """The forward: x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS); WALK: _row_walk (SH = DH = 1),
     else _tap_sums."""
@@ -586,7 +598,7 @@ def dwconv_fwd_kernel(
         _row_walk(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, RUN, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0,
                   False, False, BLOCK_C, BLOCK_W, P, INTERIOR, VEC, VEC_PAD, HAS_BIAS, INDEX_64, ACC_DTYPE, ROWS_AHEAD,
-                  FLAT)
+                  FLAT, INSIDE_SRC, INSIDE_OUT)
     else:
         _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
@@ -609,6 +621,7 @@ def dwconv_bwd_input_kernel(
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
     P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, INDEX_64: tl.constexpr,
     ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1, FLAT: tl.constexpr = False,
+    INSIDE_SRC: tl.constexpr = 0, INSIDE_OUT: tl.constexpr = 0,
 ):
     """The input gradient by stride phase: dy (B, C, H, W), dx (B, C, HO, WO); SH, SW, DH, DW, PH, PW and KS
     the forward's; the grid's first axis runs over (sample, phase, tile). WALK: _row_walk (DH/gcd(SH, DH) = 1),
@@ -617,7 +630,7 @@ def dwconv_bwd_input_kernel(
         _row_walk(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, RUN, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
                   GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, INTERIOR, VEC,
-                  VEC_PAD, False, INDEX_64, ACC_DTYPE, ROWS_AHEAD, FLAT)
+                  VEC_PAD, False, INDEX_64, ACC_DTYPE, ROWS_AHEAD, FLAT, INSIDE_SRC, INSIDE_OUT)
     else:
         _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
@@ -1016,9 +1029,10 @@ def _walk_register_cap(t: torch.Tensor, walk: bool) -> int:
 # The 16-bit NCHW walks at unit strides (forward, input gradient): FLAT lanes (_row_walk) of P = 8
 # columns, read and written as 8-byte vectors, masked a vector at a time. Where a row's column blocks
 # are no power of two (R4: 7 blocks of 8) no lane idles, and a row step spends 1.15 instructions a
-# multiply-add where a load a column (P = 7) spent 1.33. K*P sums and K*K weights: 125-128
-# registers at K = 7 (sm_90's cap, WALK_16BIT_NCHW_SM90_REGISTERS), no spill. PREDICTED (sm_90,
-# triton 3.6 / 3.9): R4 fwd bf16 NCHW 73.6/72.3% -> 85.7/85.5%, dx 72.8/71.2% -> 84.6/84.7%.
+# multiply-add where a load a column (P = 7) spent 1.33; vectors every lane reads inside the image
+# take no mask (_flat_inside: no zero fill, no predicate). K*P sums and K*K weights: 128 registers
+# at K = 7 (sm_90's cap, WALK_16BIT_NCHW_SM90_REGISTERS), no spill. PREDICTED (sm_90, triton
+# 3.6 / 3.9): R4 fwd bf16 NCHW 73.6/72.3% -> 87.6/87.1%, dx 72.8/71.2% -> 86.0/85.5%.
 FLAT_WALK_P = 8
 FLAT_WALK_MAX_K = 7
 FLAT_WALK_VECTOR_BYTES = 8
@@ -1037,6 +1051,22 @@ def _flat_fits(config: dict, walk: bool, vec: int, stride, widths) -> bool:
     wholly in a row or out)."""
     return (config["BLOCK_C"] == 1 and walk and vec > 1 and tuple(stride) == (1, 1)
             and all(w % vec == 0 for w in widths))
+
+
+def _flat_inside(config: dict, C: int, vec: int, K: int, pad: int, source_w: int, out_w: int) -> dict:
+    """A FLAT walk's INSIDE_SRC and INSIDE_OUT (_row_walk): bit j set where source (output) vector j
+    of every lane lies in the image, when every lane is a real (channel, block); else none."""
+    if not config.get("FLAT"):
+        return {"INSIDE_SRC": 0, "INSIDE_OUT": 0}
+    p, blocks = config["P"], cdiv(out_w, config["P"])
+    if C * blocks % config["BLOCK_W"]:
+        return {"INSIDE_SRC": 0, "INSIDE_OUT": 0}
+    first = -pad - (-pad % vec)  # the first vector's column in block 0
+    reach = cdiv(-first - pad + p + K - 1, vec)
+    last = (blocks - 1) * p + first  # ... in the last block
+    src = sum(1 << j for j in range(reach) if first + j * vec >= 0 and last + (j + 1) * vec <= source_w)
+    out = sum(1 << j for j in range(p // vec) if (blocks - 1) * p + (j + 1) * vec <= out_w)
+    return {"INSIDE_SRC": src, "INSIDE_OUT": out}
 
 
 def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -> Launch:
@@ -1065,7 +1095,8 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
                 INTERIOR=walk and (is_channels_last(x) or vec > 1) and not flat, VEC=vec,
                 VEC_PAD=padding[1] if vec > 1 else 0,
                 HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype),
-                ROWS_AHEAD=_walk_rows_ahead(x.element_size(), is_channels_last(x)))
+                ROWS_AHEAD=_walk_rows_ahead(x.element_size(), is_channels_last(x)),
+                **_flat_inside(config, C, vec, K, padding[1], W, Wo))
     interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
                 if meta["INTERIOR"] else None)
     lanes = (C * tiles_w, meta["BLOCK_W"], 1) if flat else (C, meta["BLOCK_C"], tiles_w)
@@ -1105,7 +1136,8 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
                 FIRST_TAP_MAY_MISS=K % step_h != 0 or K % step_w != 0, PHASE_MAY_BE_EMPTY=gh > 1 or gw > 1,
                 WALK=walk, INTERIOR=walk and (is_channels_last(dx) or vec > 1) and not flat, VEC=vec,
                 VEC_PAD=K - 1 - padding[1] if vec > 1 else 0, INDEX_64=needs_int64(dy, weight, dx),
-                ACC_DTYPE=_acc_dtype(dy.dtype), ROWS_AHEAD=_walk_rows_ahead(dx.element_size(), is_channels_last(dx)))
+                ACC_DTYPE=_acc_dtype(dy.dtype), ROWS_AHEAD=_walk_rows_ahead(dx.element_size(), is_channels_last(dx)),
+                **_flat_inside(config, C, vec, K, K - 1 - padding[1], Wo, W))
     interior = (_interior_share(config, C, Wo, W, K, stride[1], padding[1], dilation[1], True, vec)
                 if meta["INTERIOR"] else None)
     lanes = (C * tiles_w, meta["BLOCK_W"], 1) if flat else (C, meta["BLOCK_C"], tiles_w)

@@ -93,12 +93,15 @@ def test_the_16_bit_nchw_walks_take_flat_lanes_where_vectors_fit():
     (1, 6, 3, 5, 8, 5, 1, 2, 1),    # groups of two, one block a row: both halo edges
     (1, 3, 3, 4, 16, 7, 1, 3, 1),   # K > H
     (1, 2, 2, 6, 12, 5, 1, 0, 1),   # a valid conv (output width 8): the vectors' lead of 0
-], ids=["W12-K3", "G3-K5", "K7-H4", "valid-K5"])
+    (1, 4, 4, 5, 64, 3, 1, 1, 1),   # a whole warp of lanes: the inner vectors unmasked (INSIDE_SRC/OUT)
+    (1, 32, 16, 4, 8, 7, 1, 3, 1),  # the same at K = 7, one block a row
+], ids=["W12-K3", "G3-K5", "K7-H4", "valid-K5", "inside-K3", "inside-K7"])
 def test_the_flat_walks_against_float64(case, dtype):
     """The FLAT walks, masked a vector at a time, with lanes over (channel, column block): every
     output written (NaN-poisoned), equal to the float64 conv (with and without a bias) and to its
     input gradient (bf16: each row's halo behind a fence, _fenced_halo)."""
     x, w, bias, stride, padding, dilation = _problem(case, dtype, torch.contiguous_format)
+    whole = x.shape[1] * -(-x.shape[3] // 8) % 32 == 0  # every lane a real (channel, block)
     for b in (bias, None):
         expected = _conv(x, w, b, stride, padding, dilation)
         y = torch.empty(expected.shape, dtype=dtype)
@@ -106,6 +109,7 @@ def test_the_flat_walks_against_float64(case, dtype):
         B, C, _, W = x.shape
         assert launch.meta["FLAT"] and launch.meta["VEC"] == 4 and not launch.meta["INTERIOR"], launch.meta
         assert launch.grid[1] == -(-C * -(-y.shape[3] // 8) // 32), launch.grid
+        assert (launch.meta["INSIDE_SRC"] == 0b0110 and launch.meta["INSIDE_OUT"] == 0b11) == whole, launch.meta
         launch()
         assert_close(y, expected, dtype, "y")
     dy = torch.randn(expected.shape).to(dtype)
@@ -114,8 +118,25 @@ def test_the_flat_walks_against_float64(case, dtype):
     dx = torch.empty_like(x)
     launch = dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation)
     assert launch.meta["FLAT"] and launch.meta["VEC"] == 4 and not launch.meta["INTERIOR"], launch.meta
+    assert (launch.meta["INSIDE_SRC"] == 0b0110 and launch.meta["INSIDE_OUT"] == 0b11) == whole, launch.meta
     launch()
     assert_close(dx, x64.grad, dtype, "dx")
+
+
+def test_flat_walks_unmask_the_vectors_every_lane_reads_inside_the_image():
+    """_flat_inside: bit j where vector j of every lane lies in the image and every lane is real.
+    R4 (pad 3, 7 blocks of 8, 256 channels): source vectors 1 and 2 (columns 8b .. 8b + 7), both
+    output vectors; a width of 52 leaves the last block half outside (output vector 1, source
+    vector 2 masked); a part warp of lanes, or padding 5, masks more."""
+    config = {"FLAT": 1, "P": 8, "BLOCK_W": 32}
+    def inside(C=256, pad=3, width=56, K=7):
+        bits = dwconv._flat_inside(config, C, 4, K, pad, width, width)
+        return bits["INSIDE_SRC"], bits["INSIDE_OUT"]
+
+    assert inside() == (0b0110, 0b11) and inside(K=3, pad=1) == (0b0110, 0b11)
+    assert inside(width=52) == (0b0010, 0b01) and inside(C=3) == (0, 0)
+    assert inside(pad=5, K=11) == (0b01100, 0b11)  # the lead vectors start two before the block
+    assert dwconv._flat_inside({**config, "FLAT": 0}, 256, 4, 7, 3, 56, 56) == {"INSIDE_SRC": 0, "INSIDE_OUT": 0}
 
 
 def test_the_16_bit_channels_last_walk_takes_two_channels_a_thread():
