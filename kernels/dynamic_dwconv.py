@@ -263,7 +263,7 @@ def _row_walk(
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr,
     VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
     ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr, FLAT: tl.constexpr, INSIDE_SRC: tl.constexpr,
-    INSIDE_OUT: tl.constexpr,
+    INSIDE_OUT: tl.constexpr, FENCE_ROWS: tl.constexpr,
 ):
     """_tap_sums's sum when source rows step one per output row and per tap row (forward SH = DH = 1;
     input gradient DH/gcd(SH, DH) = 1), walking down the rows instead of unrolling them.
@@ -293,6 +293,8 @@ def _row_walk(
     multiple of VEC, a vector lies wholly in the image or wholly out, so one flag masks it. Bit j of
     INSIDE_SRC (INSIDE_OUT): source (output) vector j lies in the image in every lane, and every lane
     is a real (channel, block) (the launcher's _flat_inside), so it takes no mask at all.
+    FENCE_ROWS (FLAT): each row's halo joined to a fence's zero (_fenced_halo, the launcher's
+    FLAT_FENCED_ROWS).
     """
     b, tile, ph, pw, u_first, v_first, pad_h, pad_w, sxh, sxw, swu, swv, syh, syw = _program(
         TILES_PHASE, PH, PW, sxh, sxw, swu, swv, syh, syw, SH, SW, DH, DW, IS_DX, TAPS_H, TAPS_W, GH, GW, INV_H, INV_W,
@@ -425,7 +427,7 @@ def _row_walk(
                                 v_ok, live, row0, row_end, t_rest, t_last, pad_h, ph, sxh, sxw, syh, syw, HALO_W,
                                 TAPS_H, TAPS_W, P, SRC_SW, SRC_DW, OUT_SH, OUT_SW, FIRST_TAP_MAY_MISS,
                                 PHASE_MAY_BE_EMPTY, True, MASKED_VEC, MASKED_LEAD, MASKED_REACH, INDEX_64, ACC_DTYPE, 1,
-                                FLAT and IS_DX and x_ptr.dtype.element_ty == tl.bfloat16)
+                                FENCE_ROWS)
     # Rows whose last taps read past the image. Interior programs store them unmasked where they walk
     # a row at a time; after batches, masked (the batches' registers, PREDICTED at R4 on triton 3.6:
     # fp32 NHWC dx 100% so, 89% unmasked; triton 3.9, one row a time: dx fp32 NCHW 62% unmasked, 53%).
@@ -499,11 +501,11 @@ def _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols
 
 @triton.jit
 def _fenced_halo(xs, after, LEAD: tl.constexpr):
-    """A bf16 row's widened columns (vectors from LEAD, pairs of bf16 in 32-bit words) joined to the
-    fence's zero ``after`` (int32), so that no sum starts before the fence and every load of the row
-    goes out before it (ptxas issued a row's last vector after the first's sums, in the register the
-    first had freed: a second round trip a row). Free where the widening is: an even column's shift
-    and the add are one LEA, an odd column's mask and the or one LOP3."""
+    """A 16-bit row's widened columns (vectors from LEAD) joined to the fence's zero ``after`` (int32),
+    so that no sum starts before the fence and every load of the row goes out before it (ptxas may
+    issue a row's last vector after the first one's sums, in the register they freed: a second round
+    trip a row). Free in bf16, where the widening is: an even column's shift and the add are one
+    LEA, an odd column's mask and the or one LOP3; an integer add a column in fp16."""
     fenced = ()
     for qc in tl.static_range(len(xs)):
         bits = xs[qc].to(tl.int32, bitcast=True)
@@ -590,7 +592,7 @@ def dwconv_fwd_kernel(
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
     P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
     INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1, FLAT: tl.constexpr = False,
-    INSIDE_SRC: tl.constexpr = 0, INSIDE_OUT: tl.constexpr = 0,
+    INSIDE_SRC: tl.constexpr = 0, INSIDE_OUT: tl.constexpr = 0, FENCE_ROWS: tl.constexpr = False,
 ):
     """The forward: x (B, C, H, W), y (B, C, HO, WO), w (B, C // CG, KS, KS); WALK: _row_walk (SH = DH = 1),
     else _tap_sums."""
@@ -598,7 +600,7 @@ def dwconv_fwd_kernel(
         _row_walk(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, RUN, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0,
                   False, False, BLOCK_C, BLOCK_W, P, INTERIOR, VEC, VEC_PAD, HAS_BIAS, INDEX_64, ACC_DTYPE, ROWS_AHEAD,
-                  FLAT, INSIDE_SRC, INSIDE_OUT)
+                  FLAT, INSIDE_SRC, INSIDE_OUT, FENCE_ROWS)
     else:
         _tap_sums(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, HO, WO, CG, sxb, sxc, sxh, sxw, swb, swg, swu, swv, sbb, sbc,
                   syb, syc, syh, syw, PH, PW, TILES, TILES_W, SH, SW, DH, DW, KS, False, KS, KS, 1, 1, 0, 0, False, False,
@@ -621,7 +623,7 @@ def dwconv_bwd_input_kernel(
     WALK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, S: tl.constexpr,
     P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr, VEC_PAD: tl.constexpr, INDEX_64: tl.constexpr,
     ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr = 1, FLAT: tl.constexpr = False,
-    INSIDE_SRC: tl.constexpr = 0, INSIDE_OUT: tl.constexpr = 0,
+    INSIDE_SRC: tl.constexpr = 0, INSIDE_OUT: tl.constexpr = 0, FENCE_ROWS: tl.constexpr = False,
 ):
     """The input gradient by stride phase: dy (B, C, H, W), dx (B, C, HO, WO); SH, SW, DH, DW, PH, PW and KS
     the forward's; the grid's first axis runs over (sample, phase, tile). WALK: _row_walk (DH/gcd(SH, DH) = 1),
@@ -630,7 +632,7 @@ def dwconv_bwd_input_kernel(
         _row_walk(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, RUN, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
                   GH, GW, INV_H, INV_W, FIRST_TAP_MAY_MISS, PHASE_MAY_BE_EMPTY, BLOCK_C, BLOCK_W, P, INTERIOR, VEC,
-                  VEC_PAD, False, INDEX_64, ACC_DTYPE, ROWS_AHEAD, FLAT, INSIDE_SRC, INSIDE_OUT)
+                  VEC_PAD, False, INDEX_64, ACC_DTYPE, ROWS_AHEAD, FLAT, INSIDE_SRC, INSIDE_OUT, FENCE_ROWS)
     else:
         _tap_sums(dy_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W, HO, WO, CG, sdyb, sdyc, sdyh, sdyw, swb, swg, swu, swv, 0, 0,
                   sdxb, sdxc, sdxh, sdxw, PH, PW, TILES_PHASE, TILES_W, SH, SW, DH, DW, KS, True, TAPS_H, TAPS_W,
@@ -1053,6 +1055,14 @@ def _flat_fits(config: dict, walk: bool, vec: int, stride, widths) -> bool:
             and all(w % vec == 0 for w in widths))
 
 
+# The FLAT walks whose rows go behind a fence (_fenced_halo), by (element type, input gradient): those
+# where ptxas issued a row's last vector into the register its first had freed, after that one's
+# sums, and waited a second round trip a row (PREDICTED, R4 NCHW, sm_90, triton 3.6: bf16 dx 61.8% ->
+# 84.6% fenced, fp16 fwd 123.5 us -> 90.0 us). Elsewhere the fence only costs (bf16 fwd 85.7% ->
+# 85.3%, fp16 dx 86.5 us -> 90.8 us).
+FLAT_FENCED_ROWS = {(torch.bfloat16, True), (torch.float16, False)}
+
+
 def _flat_inside(config: dict, C: int, vec: int, K: int, pad: int, source_w: int, out_w: int) -> dict:
     """A FLAT walk's INSIDE_SRC and INSIDE_OUT (_row_walk): bit j set where source (output) vector j
     of every lane lies in the image, when every lane is a real (channel, block); else none."""
@@ -1096,7 +1106,8 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
                 VEC_PAD=padding[1] if vec > 1 else 0,
                 HAS_BIAS=bias is not None, INDEX_64=needs_int64(x, weight, bias, y), ACC_DTYPE=_acc_dtype(x.dtype),
                 ROWS_AHEAD=_walk_rows_ahead(x.element_size(), is_channels_last(x)),
-                **_flat_inside(config, C, vec, K, padding[1], W, Wo))
+                **_flat_inside(config, C, vec, K, padding[1], W, Wo),
+                FENCE_ROWS=flat and (x.dtype, False) in FLAT_FENCED_ROWS)
     interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
                 if meta["INTERIOR"] else None)
     lanes = (C * tiles_w, meta["BLOCK_W"], 1) if flat else (C, meta["BLOCK_C"], tiles_w)
@@ -1137,7 +1148,8 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
                 WALK=walk, INTERIOR=walk and (is_channels_last(dx) or vec > 1) and not flat, VEC=vec,
                 VEC_PAD=K - 1 - padding[1] if vec > 1 else 0, INDEX_64=needs_int64(dy, weight, dx),
                 ACC_DTYPE=_acc_dtype(dy.dtype), ROWS_AHEAD=_walk_rows_ahead(dx.element_size(), is_channels_last(dx)),
-                **_flat_inside(config, C, vec, K, K - 1 - padding[1], Wo, W))
+                **_flat_inside(config, C, vec, K, K - 1 - padding[1], Wo, W),
+                FENCE_ROWS=flat and (dy.dtype, True) in FLAT_FENCED_ROWS)
     interior = (_interior_share(config, C, Wo, W, K, stride[1], padding[1], dilation[1], True, vec)
                 if meta["INTERIOR"] else None)
     lanes = (C * tiles_w, meta["BLOCK_W"], 1) if flat else (C, meta["BLOCK_C"], tiles_w)

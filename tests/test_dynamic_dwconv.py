@@ -99,7 +99,7 @@ def test_the_16_bit_nchw_walks_take_flat_lanes_where_vectors_fit():
 def test_the_flat_walks_against_float64(case, dtype):
     """The FLAT walks, masked a vector at a time, with lanes over (channel, column block): every
     output written (NaN-poisoned), equal to the float64 conv (with and without a bias) and to its
-    input gradient (bf16: each row's halo behind a fence, _fenced_halo)."""
+    input gradient (the bf16 input gradient's and fp16 forward's rows behind a fence, _fenced_halo)."""
     x, w, bias, stride, padding, dilation = _problem(case, dtype, torch.contiguous_format)
     whole = x.shape[1] * -(-x.shape[3] // 8) % 32 == 0  # every lane a real (channel, block)
     for b in (bias, None):
@@ -110,6 +110,7 @@ def test_the_flat_walks_against_float64(case, dtype):
         assert launch.meta["FLAT"] and launch.meta["VEC"] == 4 and not launch.meta["INTERIOR"], launch.meta
         assert launch.grid[1] == -(-C * -(-y.shape[3] // 8) // 32), launch.grid
         assert (launch.meta["INSIDE_SRC"] == 0b0110 and launch.meta["INSIDE_OUT"] == 0b11) == whole, launch.meta
+        assert launch.meta["FENCE_ROWS"] == (dtype == torch.float16), launch.meta  # FLAT_FENCED_ROWS
         launch()
         assert_close(y, expected, dtype, "y")
     dy = torch.randn(expected.shape).to(dtype)
@@ -119,6 +120,7 @@ def test_the_flat_walks_against_float64(case, dtype):
     launch = dwconv.backward_input_launch(dy, w, dx, stride, padding, dilation)
     assert launch.meta["FLAT"] and launch.meta["VEC"] == 4 and not launch.meta["INTERIOR"], launch.meta
     assert (launch.meta["INSIDE_SRC"] == 0b0110 and launch.meta["INSIDE_OUT"] == 0b11) == whole, launch.meta
+    assert launch.meta["FENCE_ROWS"] == (dtype == torch.bfloat16), launch.meta
     launch()
     assert_close(dx, x64.grad, dtype, "dx")
 
