@@ -15,7 +15,8 @@ import triton.language as tl
 from . import dynamic_dwconv as dwconv
 from ._fence import fence
 from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64
-from .dynamic_dwconv import (MAX_K, _acc_dtype, _grid, _halo, _interior_share, _row_vectors, _tiles, _vector_width,
+from .dynamic_dwconv import (MAX_K, _acc_dtype, _fenced_halo, _grid, _halo, _interior_share, _row_vectors, _tiles,
+                             _vector_width,
                              _walk_loops, _widen, taps_config)
 
 # Programs the weight gradient aims for: a fixed count, so the partials and their summation order
@@ -168,11 +169,14 @@ def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_e
                 batch = batch + (_weight_row_loads(dy_lane, x_lane, x_vectors, cols_ok, outs_ok, row0, row_end, t0 + d,
                                                    PH, sdyh, sdyw, sxh, sxw, P, HALO_W, MASKED, VEC, LEAD, REACH,
                                                    ACC_DTYPE),)
-            after = fence(fence_at, row_end).to(ACC_DTYPE)
+            after = fence(fence_at, row_end)
             for d in tl.static_range(ROWS_AHEAD):
-                started = ()
-                for qc in tl.static_range(HALO_W):
-                    started = started + (batch[d][1][qc] + after,)
+                if VEC > 1 and x_lane.dtype.element_ty == tl.bfloat16:
+                    started = _fenced_halo(batch[d][1], after, LEAD)  # no add: fused into the widening
+                else:
+                    started = ()
+                    for qc in tl.static_range(HALO_W):
+                        started = started + (batch[d][1][qc] + after.to(ACC_DTYPE),)
                 accs, grads = _weight_step(accs, grads, batch[d][0], started, zero, KS, P, SW, DW)
     for t in range(t_rest, t_last + 1):
         if INDEX_64:
