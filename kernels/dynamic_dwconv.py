@@ -1034,7 +1034,7 @@ def _walk_register_cap(t: torch.Tensor, walk: bool) -> int:
 # multiply-add where a load a column (P = 7) spent 1.33; vectors every lane reads inside the image
 # take no mask (_flat_inside: no zero fill, no predicate). K*P sums and K*K weights: 128 registers
 # at K = 7 (sm_90's cap, WALK_16BIT_NCHW_SM90_REGISTERS), no spill. PREDICTED (sm_90, triton
-# 3.6 / 3.9): R4 fwd bf16 NCHW 73.6/72.3% -> 87.6/87.1%, dx 72.8/71.2% -> 86.0/85.5%.
+# 3.6 / 3.9): R4 fwd bf16 NCHW 73.6/72.3% -> 87.6/87.1%, dx 72.8/71.2% -> 86.0/86.7%.
 FLAT_WALK_P = 8
 FLAT_WALK_MAX_K = 7
 FLAT_WALK_VECTOR_BYTES = 8
@@ -1059,8 +1059,9 @@ def _flat_fits(config: dict, walk: bool, vec: int, stride, widths) -> bool:
 # where ptxas issued a row's last vector into the register its first had freed, after that one's
 # sums, and waited a second round trip a row (PREDICTED, R4 NCHW, sm_90, triton 3.6: bf16 dx 61.8% ->
 # 84.6% fenced, fp16 fwd 123.5 us -> 90.0 us). Elsewhere the fence only costs (bf16 fwd 85.7% ->
-# 85.3%, fp16 dx 86.5 us -> 90.8 us).
-FLAT_FENCED_ROWS = {(torch.bfloat16, True), (torch.float16, False)}
+# 85.3%, fp16 dx 86.5 us -> 90.8 us). Newer tritons' ptxas keeps the bf16 input gradient's loads
+# together unfenced (86.7%) and spilled it fenced (sm_90: 8 bytes of stack).
+FLAT_FENCED_ROWS = {(torch.float16, False)} | ({(torch.bfloat16, True)} if TRITON_VERSION <= (3, 6) else set())
 
 
 def _flat_inside(config: dict, C: int, vec: int, K: int, pad: int, source_w: int, out_w: int) -> dict:
