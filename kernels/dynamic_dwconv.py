@@ -1055,6 +1055,19 @@ def _flat_fits(config: dict, walk: bool, vec: int, stride, widths) -> bool:
             and all(w % vec == 0 for w in widths))
 
 
+def _walk_plan(config: dict, walking, tensors, stride, dilation, widths, fallback) -> tuple[dict, bool, int]:
+    """A launch's (config, whether it walks, VEC): ``walking(config)`` says whether it walks; a FLAT
+    config that cannot run here (_flat_fits, over the source and output ``widths``) gives way to
+    ``fallback()``, the launcher's own tile with flat off."""
+    walk = walking(config)
+    vec = _walk_vectors(config, walk, tensors, stride, dilation)
+    if config.get("FLAT") and not _flat_fits(config, walk, vec, stride, widths):
+        config = fallback()
+        walk = walking(config)
+        vec = _walk_vectors(config, walk, tensors, stride, dilation)
+    return config, walk, vec
+
+
 # The FLAT walks whose rows go behind a fence (_fenced_halo), by (element type, input gradient): those
 # where ptxas issued a row's last vector into the register its first had freed, after that one's
 # sums, and waited a second round trip a row (PREDICTED, R4 NCHW, sm_90, triton 3.6: bf16 dx 61.8% ->
@@ -1084,13 +1097,10 @@ def forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) -
     B, C, H, W = x.shape
     CG, K = C // weight.shape[1], weight.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
-    config = config or forward_config(x, weight.shape[1], K, stride, dilation, Ho, Wo)
-    walk = _walking(config, stride, padding, dilation, H, Ho, K, False)
-    vec = _walk_vectors(config, walk, (x, y), stride, dilation)
-    if config.get("FLAT") and not _flat_fits(config, walk, vec, stride, (W, Wo)):
-        config = forward_default(x, K, stride, dilation, Ho, Wo, flat=False)
-        walk = _walking(config, stride, padding, dilation, H, Ho, K, False)
-        vec = _walk_vectors(config, walk, (x, y), stride, dilation)
+    config, walk, vec = _walk_plan(config or forward_config(x, weight.shape[1], K, stride, dilation, Ho, Wo),
+                                   lambda c: _walking(c, stride, padding, dilation, H, Ho, K, False), (x, y),
+                                   stride, dilation, (W, Wo),
+                                   lambda: forward_default(x, K, stride, dilation, Ho, Wo, flat=False))
     flat = config.get("FLAT", False)
     tiles, tiles_w = _tiles(config, Ho, Wo, walk)
     bias_strides = bias.stride() if bias is not None else (0, 0)
@@ -1126,12 +1136,9 @@ def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None
     config = config or input_grad_config(dx, weight.shape[1], K, stride, dilation)
     (gh, step_h, inv_h), (gw, step_w, inv_w) = (_phase_taps(s, d) for s, d in zip(stride, dilation))
     phases = stride[0] * stride[1]
-    walk = _walking(config, stride, padding, dilation, Ho, H, K, True)
-    vec = _walk_vectors(config, walk, (dy, dx), stride, dilation)
-    if config.get("FLAT") and not _flat_fits(config, walk, vec, stride, (Wo, W)):
-        config = input_grad_default(dx, K, stride, dilation, flat=False)
-        walk = _walking(config, stride, padding, dilation, Ho, H, K, True)
-        vec = _walk_vectors(config, walk, (dy, dx), stride, dilation)
+    config, walk, vec = _walk_plan(config, lambda c: _walking(c, stride, padding, dilation, Ho, H, K, True), (dy, dx),
+                                   stride, dilation, (Wo, W),
+                                   lambda: input_grad_default(dx, K, stride, dilation, flat=False))
     flat = config.get("FLAT", False)
     tiles, tiles_w = _tiles(config, cdiv(H, stride[0]), cdiv(W, stride[1]), walk)
     args = dict(

@@ -16,8 +16,7 @@ from . import dynamic_dwconv as dwconv
 from ._fence import fence
 from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64
 from .dynamic_dwconv import (MAX_K, _acc_dtype, _fenced_halo, _grid, _halo, _interior_share, _row_vectors, _tiles,
-                             _vector_width,
-                             _walk_loops, _widen, taps_config)
+                             _vector_width, _walk_loops, _widen, taps_config)
 
 # Programs the weight gradient aims for: a fixed count, so the partials and their summation order
 # never depend on the GPU. About twelve one-warp programs per SM of an H100/H200, one wave at the
