@@ -16,7 +16,7 @@ from . import dynamic_dwconv as dwconv
 from ._fence import fence
 from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64
 from .dynamic_dwconv import (MAX_K, _acc_dtype, _fenced_halo, _grid, _halo, _interior_share, _row_vectors, _tiles,
-                             _vector_width, _walk_loops, _widen, taps_config)
+                             _vector_width, _widen, taps_config)
 
 # Programs the weight gradient aims for: a fixed count, so the partials and their summation order
 # never depend on the GPU. About twelve one-warp programs per SM of an H100/H200, one wave at the
@@ -47,7 +47,8 @@ def dwconv_bwd_weight_kernel(
     sdyh: tl.constexpr, sdyw: tl.constexpr, sxh: tl.constexpr, sxw: tl.constexpr,
     PW: tl.constexpr, SW: tl.constexpr, DW: tl.constexpr, KS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr, P: tl.constexpr, INTERIOR: tl.constexpr, VEC: tl.constexpr,
-    INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr,
+    EDGE_VECTORS: tl.constexpr, INDEX_64: tl.constexpr, ACC_DTYPE: tl.constexpr, ROWS_AHEAD: tl.constexpr,
+    EDGE_ROWS_AHEAD: tl.constexpr,
 ):
     """Partials of dw[b,c,u,v] = sum_{i,j} dy[b,c,i,j] * x[b,c,i-PH+u, j*SW-PW+v*DW] (G = C; row stride and
     dilation 1: the launcher sends other geometries to involution_weight_grad.py's kernels).
@@ -65,6 +66,11 @@ def dwconv_bwd_weight_kernel(
     With VEC (NCHW, P a multiple of VEC) it loads each row's columns as VEC-wide vectors from the
     aligned column at or before the halo's first (LEAD columns before it): lanes P columns apart
     loading scalars used a fifth of each 32-byte sector, and L1, not issue, bound the walk.
+    EDGE_VECTORS (the launcher's, where x and dy rows hold whole vectors, so that a vector lies wholly
+    in the image or out): the other tiles read vectors too, masked a vector at a time, in batches of
+    EDGE_ROWS_AHEAD rows. R4's edge tiles, 2 of 7, loaded a halo column at a time, a row a round trip:
+    dw NCHW bf16/fp32 62.0/63.0% -> 67.3/65.3% (triton 3.6; 3.9 62.3/81.2% -> 67.1/85.0%), PREDICTED.
+    fp32 edges go a row at a time: in batches ptxas spilled 16 bytes under the 128-register cap.
     """
     pid0 = tl.program_id(0)
     b = pid0 // SPLITS
@@ -101,11 +107,18 @@ def dwconv_bwd_weight_kernel(
         row_end = tl.minimum(row0 + RUN, HO)
         w_first = col0 * SW - PW
         cols_ok = ()
-        for qc in tl.static_range(HALO_W):
-            cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
         outs_ok = ()
-        for p in tl.static_range(P):
-            outs_ok = outs_ok + (c_ok & (col0 + p < WO),)
+        if EDGE_VECTORS:
+            # A vector lies wholly in the image or out (the launcher's widths are multiples of VEC).
+            for j in tl.static_range(REACH // VEC):
+                cols_ok = cols_ok + (c_ok & (w_first - LEAD + j * VEC >= 0) & (w_first - LEAD + j * VEC < W),)
+            for j in tl.static_range(P // VEC):
+                outs_ok = outs_ok + (c_ok & (col0 + j * VEC < WO),)
+        else:
+            for qc in tl.static_range(HALO_W):
+                cols_ok = cols_ok + (c_ok & (w_first + qc >= 0) & (w_first + qc < W),)
+            for p in tl.static_range(P):
+                outs_ok = outs_ok + (c_ok & (col0 + p < WO),)
         dy_lane = dy_channel + col0 * sdyw
         x_lane = x_channel + w_first * sxw
         # The vectors' first column, as one constant off col0: triton proves its alignment only so.
@@ -119,6 +132,10 @@ def dwconv_bwd_weight_kernel(
             accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
                                 t_last, PH, fence_at, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, False, VEC, LEAD,
                                 REACH, INDEX_64, ACC_DTYPE, ROWS_AHEAD)
+        elif EDGE_VECTORS:
+            accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
+                                t_last, PH, fence_at, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, True, VEC, LEAD,
+                                REACH, INDEX_64, ACC_DTYPE, EDGE_ROWS_AHEAD)
         else:
             accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
                                 t_last, PH, fence_at, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, True, 1, 0, HALO_W,
@@ -136,8 +153,9 @@ def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_e
     """One tile's walk down the x rows t_first..t_last, added to ``accs``: each row's P + K - 1 columns
     are loaded once and meet the K rows of dy that read it through tap rows 0..K-1 (a window of K dy
     rows, one new row loaded per step), so every loaded x element serves K * min(P, K) multiply-adds.
-    MASKED: the loads keep their column and channel masks (cols_ok, outs_ok), else only dy's rows;
-    VEC > 1 (unmasked, unit column strides): rows read as vectors (_row_vectors).
+    MASKED: the loads keep their column and channel masks (cols_ok, outs_ok: a column's each, or with
+    VEC > 1 a vector's), else only dy's rows; VEC > 1 (unit column strides): rows read as vectors
+    (_row_vectors).
     ROWS_AHEAD > 1: the rows go in batches, a batch's dy and x rows loaded behind a fence (see
     _fence, at ``fence_at``, an output's address) whose zero every x element of the batch adds, so
     the batch waits one memory round trip, where a row at a time waited one a row; the rows left
@@ -154,7 +172,7 @@ def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_e
                     i = i.to(tl.int64)
                 ok = (i >= row0) & (i < row_end)
                 if MASKED:
-                    ok = ok & outs_ok[p]
+                    ok = ok & outs_ok[p // VEC]
                 grad = tl.load(dy_lane + (i * sdyh + p * sdyw), mask=ok, other=0.0)
                 grads = grads + (_widen(grad, ACC_DTYPE),)
     t_rest = t_first
@@ -196,7 +214,12 @@ def _weight_row_loads(dy_lane, x_lane, x_vectors, cols_ok, outs_ok, row0, row_en
     i = tl.zeros(cols_ok[0].shape, dtype=tl.int32) + (t + PH)  # a tensor: see _store_row
     row_ok = (i >= row0) & (i < row_end)
     dy_row = dy_lane + (t + PH) * sdyh
-    if VEC > 1:
+    if VEC > 1 and MASKED:
+        oks = ()
+        for j in tl.static_range(P // VEC):
+            oks = oks + (outs_ok[j] & row_ok,)
+        dys = _row_vectors(dy_row, oks, P, VEC, ACC_DTYPE, True)
+    elif VEC > 1:
         dys = _row_vectors(dy_row, row_ok, P, VEC, ACC_DTYPE)
     else:
         dys = ()
@@ -248,15 +271,22 @@ def _weight_rows_ahead(element_size: int, channels_last: bool, K: int) -> int:
     return WEIGHT_ROWS_AHEAD
 
 
-def _weight_loops(config: dict, source_rows: int, K: int, interior: float | None, ahead: int) -> tuple:
+def _weight_loops(config: dict, source_rows: int, K: int, interior: float | None, ahead: int,
+                  edge_ahead: int) -> tuple:
     """Trip counts of _weight_rows' loops in a tile, each as its mean over the tiles: with INTERIOR
     (``interior``, the share of such tiles) the unmasked walk's batches of ``ahead`` rows and the rows
-    they leave (one loop when ``ahead`` is 1: _walk_loops' walks), then the masked walk; else the
-    masked walk alone."""
-    if interior is None or ahead == 1:
-        return _walk_loops(True, config, source_rows, K, interior)
+    they leave (one loop when ``ahead`` is 1), then the masked walk's (``edge_ahead`` rows a batch);
+    else the masked walk alone."""
     trips = min(config["RUN"] + K - 1, source_rows)
-    return (trips // ahead * interior, trips % ahead * interior, trips * (1 - interior))
+    if interior is None:
+        return (trips,)
+
+    def walk(rows_ahead: int, share: float) -> tuple:
+        if rows_ahead == 1:
+            return (trips * share,)
+        return (trips // rows_ahead * share, trips % rows_ahead * share)
+
+    return walk(ahead, interior) + walk(edge_ahead, 1 - interior)
 
 
 def handles_weight_grad(C: int, G: int, K: int, stride, dilation, config: dict | None) -> bool:
@@ -301,14 +331,17 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
                 DW=dilation[1], KS=K, BLOCK_C=config["BLOCK_C"], BLOCK_W=config["BLOCK_W"], P=config["P"],
                 INTERIOR=is_channels_last(x) or vec > 1, VEC=vec, INDEX_64=needs_int64(dy, x, dw),
                 ACC_DTYPE=_acc_dtype(x.dtype))
+    # The edge tiles' masked walk reads vectors too where a vector lies wholly in a row or out.
+    meta["EDGE_VECTORS"] = vec > 1 and W % vec == 0 and Wo % vec == 0
     meta["ROWS_AHEAD"] = _weight_rows_ahead(x.element_size(), is_channels_last(x), K)
+    meta["EDGE_ROWS_AHEAD"] = meta["ROWS_AHEAD"] if meta["EDGE_VECTORS"] and x.element_size() == 2 else 1
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the
     # unmasked walk of the interior tiles (in batches, then the rows they leave), then the masked
     # one, each as its mean over the tiles.
     interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
                 if meta["INTERIOR"] else None)
-    rows = _weight_loops(config, H, K, interior, meta["ROWS_AHEAD"])
+    rows = _weight_loops(config, H, K, interior, meta["ROWS_AHEAD"], meta["EDGE_ROWS_AHEAD"])
     loops = rows if tiles == 1 else ((cdiv(tiles, splits), rows),)
     cap = NCHW_BATCH_SM90_REGISTERS if not is_channels_last(x) and meta["ROWS_AHEAD"] > 1 else 0
     return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,

@@ -269,8 +269,8 @@ def test_nchw_weight_gradient_walks_rows_in_pairs_under_a_register_cap(dtype):
     assert launch.meta["INTERIOR"] and launch.meta["ROWS_AHEAD"] == 2, launch.meta
     assert launch.compile_options(90).get("maxnreg") == dwconv_dw.NCHW_BATCH_SM90_REGISTERS
     assert "maxnreg" not in launch.compile_options(80)
-    (_, (batches, left, masked)), = launch.loops
-    assert min(batches, left, masked) > 0, launch.loops
+    (_, walks), = launch.loops  # the interior batches and the rows they leave, then the edges' (in 16 bits)
+    assert len(walks) == 3 + (x.element_size() == 2) and min(walks) > 0, launch.loops
     launch()
     w64 = w.double().requires_grad_()
     _conv(x.double(), w64, None, stride, padding, dilation).backward(dy.double())
@@ -351,19 +351,23 @@ def test_runs_split_across_programs_and_several_partials(monkeypatch):
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("K, padding", [(3, 1), (5, 2)])
-def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding):
+@pytest.mark.parametrize("width", [28, 26], ids=["whole-vectors", "part-vectors"])
+def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding, width):
     """NCHW at unit column strides: the forward's, input gradient's (fp32) and weight gradient's
     interior tiles read (and the first two write) each lane's columns as vectors of four from the
-    aligned column before the halo; edge tiles and a part channel block walk masked scalars."""
-    B, C, H, W = 2, 24, 5, 24
-    x, w, bias, stride, padding, dilation = _problem((B, C, C, H, W, K, 1, padding, 1), dtype, torch.contiguous_format)
-    dy = torch.randn(B, C, H, W).to(dtype)
+    aligned column before the halo; edge tiles and a part channel block walk masked scalars, but
+    for the weight gradient's vectors with a mask a vector where a row holds whole vectors (a view of
+    26 columns of rows 28 apart does not), in batches of rows in 16 bits."""
+    B, C, H, W = 2, 24, 5, width
+    x, w, bias, stride, padding, dilation = _problem((B, C, C, H, 28, K, 1, padding, 1), dtype, torch.contiguous_format)
+    x = x[..., :W]
+    dy = torch.randn(B, C, H, 28).to(dtype)[..., :W]
     geometry = stride, padding, dilation
     tile = {"BLOCK_C": 16, "BLOCK_W": 2, "P": 4, "num_warps": 1, "FLAT": 0}
-    y = torch.empty_like(x)
+    y = torch.empty(B, C, H, 28, dtype=dtype)[..., :W]
     forward = dwconv.forward_launch(x, w, bias, y, *geometry, {**dwconv.forward_default(x, K, *geometry[::2], H, W),
                                                                **tile})
-    dx = torch.empty_like(x)
+    dx = torch.empty(B, C, H, 28, dtype=dtype)[..., :W]
     input_grad = dwconv.backward_input_launch(dy, w, dx, *geometry, {**dwconv.input_grad_default(x, K, *geometry[::2]),
                                                                      **tile})
     config = {**dwconv_dw.weight_grad_default(B, C, H, W, K, False, x.element_size()), **tile}
@@ -375,9 +379,14 @@ def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding):
                           (weight_grad, weight_walks)):
         if vectors or launch is weight_grad:
             assert launch.meta["VEC"] == 4 and launch.meta["INTERIOR"], launch.meta
-            # The weight gradient's interior walk in batches of rows, then the rows they leave.
+            # The weight gradient's interior walk in batches of rows, then the rows they leave, and
+            # its edge walk so too with vectors in 16 bits.
             batched = launch is weight_grad and launch.meta["ROWS_AHEAD"] > 1
-            assert len(walks) == 2 + batched and min(walks) > 0, launch.loops
+            edge_batched = launch is weight_grad and launch.meta["EDGE_ROWS_AHEAD"] > 1
+            assert len(walks) == 2 + batched + edge_batched and min(walks) > 0, launch.loops
+            if launch is weight_grad:
+                assert launch.meta["EDGE_VECTORS"] == (W == 28), launch.meta
+                assert edge_batched == (W == 28 and x.element_size() == 2), launch.meta
         else:
             assert launch.meta["VEC"] == 1 and not launch.meta["INTERIOR"] and len(walks) == 1, launch.meta
     forward()
