@@ -260,11 +260,14 @@ def _weight_step(accs, grads, dys, xs, zero, KS: tl.constexpr, P: tl.constexpr, 
 # Launch helpers
 # --------------------------------------------------------------------------------------------
 
-def _weight_rows_ahead(element_size: int, channels_last: bool, K: int) -> int:
-    """The weight gradient's rows a batch: WEIGHT_ROWS_AHEAD, but one for 16-bit channels_last past
-    triton 3.6 (BATCHES_16BIT_CHANNELS_LAST: triton 3.9's ptxas spilled its two-channel tiles at K = 5
-    on sm_90, 6-61 local loads and stores) and for NCHW past NCHW_BATCH_MAX_K."""
-    if channels_last and element_size == 2 and not dwconv.BATCHES_16BIT_CHANNELS_LAST:
+def _weight_rows_ahead(element_size: int, channels_last: bool, K: int, channels_a_thread: int) -> int:
+    """The weight gradient's rows a batch: WEIGHT_ROWS_AHEAD, but one for 16-bit channels_last tiles
+    of two channels a thread past triton 3.6 (BATCHES_16BIT_CHANNELS_LAST: triton 3.9's ptxas spilled
+    them at K = 5 on sm_90, 6-61 local loads and stores; one channel a thread, it batches at K = 7
+    without a spill: R4 dw bf16 NHWC 53.9% -> 64.3%, triton 3.9, PREDICTED) and for NCHW past
+    NCHW_BATCH_MAX_K."""
+    if (channels_last and element_size == 2 and channels_a_thread > 1
+            and not dwconv.BATCHES_16BIT_CHANNELS_LAST):
         return 1
     if not channels_last and K > NCHW_BATCH_MAX_K:
         return 1
@@ -333,7 +336,8 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
                 ACC_DTYPE=_acc_dtype(x.dtype))
     # The edge tiles' masked walk reads vectors too where a vector lies wholly in a row or out.
     meta["EDGE_VECTORS"] = vec > 1 and W % vec == 0 and Wo % vec == 0
-    meta["ROWS_AHEAD"] = _weight_rows_ahead(x.element_size(), is_channels_last(x), K)
+    channels_a_thread = max(1, config["BLOCK_C"] * config["BLOCK_W"] // (32 * config.get("num_warps", 4)))
+    meta["ROWS_AHEAD"] = _weight_rows_ahead(x.element_size(), is_channels_last(x), K, channels_a_thread)
     meta["EDGE_ROWS_AHEAD"] = meta["ROWS_AHEAD"] if meta["EDGE_VECTORS"] and x.element_size() == 2 else 1
     # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the

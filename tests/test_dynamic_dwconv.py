@@ -255,6 +255,19 @@ def test_channels_last_weight_gradient_walks_rows_in_batches(ahead, dtype, monke
     assert_close(part.sum(-1), w64.grad, dtype, f"dw, batches of {ahead}")
 
 
+def test_16_bit_channels_last_weight_gradient_batches_rows_at_one_channel_a_thread(monkeypatch):
+    """Where newer tritons' ptxas spills 16-bit channels_last batches (BATCHES_16BIT_CHANNELS_LAST
+    off), the weight gradient walks a row at a time only in tiles of two channels a thread (K = 5);
+    at one (K = 7) it keeps its batches of rows."""
+    monkeypatch.setattr(dwconv, "BATCHES_16BIT_CHANNELS_LAST", False)
+    x = torch.empty(16, 96, 28, 28, dtype=torch.bfloat16, device="meta").to(memory_format=torch.channels_last)
+    for K, ahead in ((5, 1), (7, dwconv_dw.WEIGHT_ROWS_AHEAD)):
+        config = dwconv_dw.weight_grad_default(16, 96, 28, 28, K, True, 2)
+        part = torch.empty(dwconv_dw.weight_grad_partials(16, 96, K, 28, 28, config), device="meta")
+        launch = dwconv_dw.backward_weight_launch(x, x, part, (1, 1), (K // 2, K // 2), (1, 1), config)
+        assert launch.meta["ROWS_AHEAD"] == ahead, (K, config)
+
+
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nchw_weight_gradient_walks_rows_in_pairs_under_a_register_cap(dtype):
