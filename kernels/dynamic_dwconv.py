@@ -500,16 +500,17 @@ def _walk_rows(window, src_lane, y_lane, src_vectors, y_vectors, wts, bias, cols
 
 
 @triton.jit
-def _fenced_halo(xs, after, LEAD: tl.constexpr):
-    """A 16-bit row's widened columns (vectors from LEAD) joined to the fence's zero ``after`` (int32),
-    so that no sum starts before the fence and every load of the row goes out before it (ptxas may
-    issue a row's last vector after the first one's sums, in the register they freed: a second round
-    trip a row). Free in bf16, where the widening is: an even column's shift and the add are one
-    LEA, an odd column's mask and the or one LOP3; an integer add a column in fp16."""
+def _fenced_halo(xs, after, LEAD: tl.constexpr, VECTORS: tl.constexpr = True):
+    """A 16-bit row's widened columns (vectors from LEAD; else scalars) joined to the fence's zero
+    ``after`` (int32), so that no sum starts before the fence and every load of the row goes out
+    before it (ptxas may issue a row's last vector after the first one's sums, in the register they
+    freed: a second round trip a row). Free in bf16, where the widening is: a scalar's or an even
+    column's shift and the add are one LEA, an odd column's mask and the or one LOP3; an integer
+    add a column in fp16."""
     fenced = ()
     for qc in tl.static_range(len(xs)):
         bits = xs[qc].to(tl.int32, bitcast=True)
-        if (LEAD + qc) % 2 == 0:
+        if (LEAD + qc) % 2 == 0 or not VECTORS:
             bits = bits + after
         else:
             bits = bits | after

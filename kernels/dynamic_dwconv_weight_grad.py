@@ -188,8 +188,8 @@ def _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_e
                                                    ACC_DTYPE),)
             after = fence(fence_at, row_end)
             for d in tl.static_range(ROWS_AHEAD):
-                if VEC > 1 and x_lane.dtype.element_ty == tl.bfloat16:
-                    started = _fenced_halo(batch[d][1], after, LEAD)  # no add: fused into the widening
+                if x_lane.dtype.element_ty == tl.bfloat16:
+                    started = _fenced_halo(batch[d][1], after, LEAD, VEC > 1)  # no add: fused into the widening
                 else:
                     started = ()
                     for qc in tl.static_range(HALO_W):
