@@ -65,8 +65,9 @@ MODEL = {
 ASSUMPTIONS = ("PREDICTED by a static model, not measured: H200 model (132 SMs at 1.98 GHz, 4 warp-instructions "
                "issued per clock per SM, integer pipe at half rate, fp32 FMA 128 lanes, L1 128 B/clock/SM, "
                "HBM 4.3 TB/s, HGMMA 3023 FLOP/clock/SM = 790 TFLOP/s bf16 (tf32: half), HMMA at half the HGMMA rate); every instruction of a loop "
-               "body counted on every trip (trip counts declared by the launcher; where they differ by stride "
-               "phase, their mean over the programs), masked lanes and branches "
+               "body counted on every trip (trip counts declared by the launcher; where they differ between programs, "
+               "by stride phase or a persistent program's share of the tiles, their mean over the programs, the "
+               "largest in the latency walk), masked lanes and branches "
                "not taken included; cache misses beyond the minimum bytes ignored. Latency: one warp's critical path through "
                f"the scoreboards ptxas set, every global load {MODEL['latency_cycles']['global']:.0f} cycles (fitted to "
                "the one kernel measured), "
@@ -166,7 +167,10 @@ def count(dump: str, trips: tuple, programs: int, num_warps: int, warp_accesses:
     forest = sass.loops(instructions)
     executed = sass.execution_counts(instructions, forest, trips)
     waits: dict = {}
-    warp_cycles = latency.warp_cycles(instructions, executed, forest, MODEL["latency_cycles"],
+    # The pipes count every program's work (a class of programs' trips at their mean); the latency
+    # walk follows the slowest programs, on which the launch waits.
+    warp_cycles = latency.warp_cycles(instructions, sass.execution_counts(instructions, forest, trips, longest=True),
+                                      forest, MODEL["latency_cycles"],
                                       MODEL["mma_flop_per_clock"]["gmma16"] / 4, waits)
     warps = programs * num_warps
     pipes = dict.fromkeys(("issue", "int", "imad", "fma", "xu", "mem", "mma", "other"), 0.0)

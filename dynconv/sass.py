@@ -219,19 +219,22 @@ def _work(instructions: list[Instruction], loop: Loop) -> int:
 
 
 def _match(instructions: list[Instruction], level: list[Loop], declared: tuple, outer: float,
-           spans: list[tuple[int, int, float]]) -> bool:
+           spans: list[tuple[int, int, float]], longest: bool = False) -> bool:
     """Pair SASS loops with declared trip counts, outermost first, recording each loop's count.
 
     A declared loop without inner loops may appear as two: ptxas unrolled it U times and left a
     remainder loop. U is the ratio of their bodies' work; the main loop then runs trips // U
     times and the remainder trips % U (its peeled copies outside any loop count once).
     A list of trip counts declares equally many programs running each (a loop whose bounds differ
-    by stride phase): the loop counts their mean.
+    by stride phase, a persistent program's share of the tiles): the loop counts their mean, or with
+    ``longest`` their largest (the slowest programs' path).
     """
     sass_index = 0
     for position, item in enumerate(declared):
         count, children = (item, ()) if not isinstance(item, tuple) else item
         classes = count if isinstance(count, list) else [count]
+        if longest:
+            classes = [max(classes)]
         count = sum(classes) / len(classes)
         if sass_index >= len(level):
             return False
@@ -246,23 +249,24 @@ def _match(instructions: list[Instruction], level: list[Loop], declared: tuple, 
             sass_index += 2
             continue
         if len(loop.children) and not children or children and not _match(instructions, loop.children, children,
-                                                                          outer * count, spans):
+                                                                          outer * count, spans, longest):
             return False
         spans.append((loop.start, loop.end, outer * count))
         sass_index += 1
     return sass_index == len(level)
 
 
-def execution_counts(instructions: list[Instruction], forest: list[Loop], trips: tuple) -> list[float]:
+def execution_counts(instructions: list[Instruction], forest: list[Loop], trips: tuple,
+                     longest: bool = False) -> list[float]:
     """How many times each instruction runs per warp: the product of its enclosing loops' trips.
 
-    ``trips`` mirrors ``forest``: an int (or a list of ints, one per class of programs, see ``_match``)
-    per loop without children, ``(trips, children)`` otherwise (a loop ptxas unrolled into a main and a
-    remainder loop is recognised, see ``_match``).
+    ``trips`` mirrors ``forest``: an int (or a list of ints, one per class of programs, see ``_match``:
+    their mean, or with ``longest`` their largest) per loop without children, ``(trips, children)``
+    otherwise (a loop ptxas unrolled into a main and a remainder loop is recognised, see ``_match``).
     Everything outside loops runs once; the trailing padding after the last EXIT never runs.
     """
     spans: list[tuple[int, int, float]] = []
-    if not _match(instructions, forest, trips, 1.0, spans):
+    if not _match(instructions, forest, trips, 1.0, spans, longest):
         raise ValueError(f"the SASS has loops shaped {loop_shape(forest)}, the launch declares {declared_shape(trips)}"
                          f" ({trips}): update the launch's loops")
     last_exit = max((ins.addr for ins in instructions if ins.base == "EXIT"), default=None)

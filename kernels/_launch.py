@@ -81,6 +81,13 @@ def next_power_of_2(n: int) -> int:
 INT32_MAX = 2**31 - 1
 
 
+def split_trips(tiles: int, splits: int) -> int | list[int]:
+    """A persistent loop's trips (``Launch.loops``) where the programs of split s walk tiles s, s +
+    splits, ...: one count per split, equally many programs each (one count where they agree)."""
+    trips = [len(range(s, tiles, splits)) for s in range(splits)]
+    return trips[0] if len(set(trips)) == 1 else trips
+
+
 def needs_int64(*tensors: torch.Tensor | None) -> bool:
     """Whether any element offset of these tensors (None: absent) exceeds int32 (then the kernels
     take their INDEX_64 variant, which forms every offset in 64 bits)."""
@@ -126,8 +133,9 @@ class Launch:
     label: str = field(default="")
     # Trip counts of the kernel's runtime ``for`` loops per program, in source order: an int per loop
     # without inner loops (a list of ints where equally many programs run each, e.g. one per stride
-    # phase), ``(trips, (inner loops...))`` otherwise. Read only by the static
-    # performance model (dynconv/bounds.py), which matches them to the loops of the compiled code.
+    # phase, or per persistent split: split_trips), ``(trips, (inner loops...))`` otherwise. Read
+    # only by the static performance model (dynconv/bounds.py), which matches them to the loops of
+    # the compiled code.
     loops: tuple = field(default=())
     # The program whose warp 0 the static model simulates for its memory accesses (its sector use);
     # empty: the grid's middle program. A launcher whose middle program is an edge tile names one

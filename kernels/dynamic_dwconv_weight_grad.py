@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import dynamic_dwconv as dwconv
 from ._fence import fence
-from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64
+from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64, split_trips
 from .dynamic_dwconv import (MAX_K, _acc_dtype, _fenced_halo, _grid, _halo, _interior_share, _row_vectors, _tiles,
                              _vector_width, _widen, taps_config)
 
@@ -339,14 +339,14 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
     channels_a_thread = max(1, config["BLOCK_C"] * config["BLOCK_W"] // (32 * config.get("num_warps", 4)))
     meta["ROWS_AHEAD"] = _weight_rows_ahead(x.element_size(), is_channels_last(x), K, channels_a_thread)
     meta["EDGE_ROWS_AHEAD"] = meta["ROWS_AHEAD"] if meta["EDGE_VECTORS"] and x.element_size() == 2 else 1
-    # The persistent walk over tiles (cdiv(tiles, splits) trips at most; with one tile, TILES = 1 is a
+    # The persistent walk over tiles (a split's share of them; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the
     # unmasked walk of the interior tiles (in batches, then the rows they leave), then the masked
     # one, each as its mean over the tiles.
     interior = (_interior_share(config, C, W, Wo, K, stride[1], padding[1], dilation[1], False, vec)
                 if meta["INTERIOR"] else None)
     rows = _weight_loops(config, H, K, interior, meta["ROWS_AHEAD"], meta["EDGE_ROWS_AHEAD"])
-    loops = rows if tiles == 1 else ((cdiv(tiles, splits), rows),)
+    loops = rows if tiles == 1 else ((split_trips(tiles, splits), rows),)
     cap = NCHW_BATCH_SM90_REGISTERS if not is_channels_last(x) and meta["ROWS_AHEAD"] > 1 else 0
     return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=loops, sm90_max_registers=cap)

@@ -27,7 +27,7 @@ from . import dynamic_dwconv_weight_grad as dwconv_dw
 from . import involution_nchw
 from ._keys import problem_key
 from ._launch import (TRITON_VERSION, Launch, cacheable, cdiv, config_key, inner_strides, is_channels_last, layout,
-                      needs_int64, next_power_of_2, planned)
+                      needs_int64, next_power_of_2, planned, split_trips)
 from ._indexing import widen
 from .configs import get_config
 from .layout import channels_last_copy, channels_last_empty
@@ -534,9 +534,9 @@ def _sample_launch(dy, x, part, stride, padding, dilation, config) -> Launch:
                 BLOCK_W=config["BLOCK_W"], RUN=config["RUN"], INDEX_64=needs_int64(dy, x, part),
                 ACC_DTYPE=_acc_dtype(x.dtype))
     grid = (B * splits, cdiv(C, config["BLOCK_G"]), 1)
-    # One loop: the persistent walk over pixel tiles (taps unrolled); programs make cdiv(tiles, splits) trips at most.
+    # One loop: the persistent walk over pixel tiles (taps unrolled), a split's share of them.
     return Launch(involution_bwd_weight_sample_kernel, grid, args, meta, config.get("num_warps", 4),
-                  config.get("num_stages", 1), loops=(cdiv(tiles_pix, splits),))
+                  config.get("num_stages", 1), loops=(split_trips(tiles_pix, splits),))
 
 
 # Programs the per-sample weight gradient aims for: the depth-wise walk's count (its reasons hold here).

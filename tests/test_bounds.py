@@ -92,12 +92,24 @@ def test_trips_that_differ_by_program_class_count_their_mean():
     counts = dict(zip((i.addr for i in instructions),
                       sass.execution_counts(instructions, forest, (([4, 6], ([6, 8],)),))))
     assert counts[0x20] == 5 and counts[0x40] == 35 and counts[0x00] == 1
+    # The slowest programs' counts (the latency walk's): the largest of each.
+    longest = dict(zip((i.addr for i in instructions),
+                       sass.execution_counts(instructions, forest, (([4, 6], ([6, 8],)),), longest=True)))
+    assert longest[0x20] == 6 and longest[0x40] == 48 and longest[0x00] == 1
+    # The pipes count the mean, the latency walk follows the slowest programs.
+    classes = bounds.count(SNIPPET, (([4, 6], ([6, 8],)),), programs=1000, num_warps=4)
+    assert classes["warp_instructions"] == bounds.count(SNIPPET, ((5, (7,)),), 1000, 4)["warp_instructions"]
+    assert classes["warp_cycles"] == bounds.count(SNIPPET, ((6, (8,)),), 1000, 4)["warp_cycles"]
+    assert classes["warp_cycles"] > bounds.count(SNIPPET, ((5, (7,)),), 1000, 4)["warp_cycles"]
     # Split into a main loop unrolled twice and a remainder: 3 trips are 1 + 1, 4 trips 2 + 0.
     instructions = sass.parse(UNROLLED)
     forest = sass.loops(instructions)
     assert [(loop.start, loop.end) for loop in forest] == [(0x10, 0x30), (0x40, 0x50)]
     counts = dict(zip((i.addr for i in instructions), sass.execution_counts(instructions, forest, ([3, 4],))))
     assert counts[0x10] == 1.5 and counts[0x40] == 0.5
+    counts = dict(zip((i.addr for i in instructions),
+                      sass.execution_counts(instructions, forest, ([3, 4],), longest=True)))
+    assert counts[0x10] == 2 and counts[0x40] == 0
 
 
 # A loop whose warp reduction has a divergent slow path: ptxas moves it after the last EXIT

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from dynconv.kernels import dynamic_dwconv as dwconv
 from dynconv.kernels import dynamic_dwconv_weight_grad as dwconv_dw
+from dynconv.kernels._launch import split_trips
 from helpers import assert_close, run_without_interpreter
 
 # (B, C, G, H, W, K, stride, padding, dilation)
@@ -335,6 +336,18 @@ def test_channels_last_walk_runs_interior_programs_unmasked(case, monkeypatch):
         w64 = w.double().requires_grad_()
         _conv(x.double(), w64, None, stride, padding, dilation).backward(dy.double())
         assert_close(part.sum(-1), w64.grad, torch.bfloat16, "dw")
+
+def test_the_weight_gradient_declares_each_splits_share_of_the_tiles():
+    """The persistent programs of split s walk tiles s, s + splits, ...: the static model is told each
+    split's trips (its pipes count their mean, its latency walk the largest), not the largest alone."""
+    assert split_trips(7, 2) == [4, 3] and split_trips(8, 3) == [3, 3, 2] and split_trips(8, 4) == 2
+    x = torch.empty(64, 256, 56, 56, dtype=torch.bfloat16, device="meta")  # R4: 7 tiles a sample, 2 splits
+    config = dwconv_dw.weight_grad_default(64, 256, 56, 56, 7, False, 2)
+    part = torch.empty(dwconv_dw.weight_grad_partials(64, 256, 7, 56, 56, config), device="meta")
+    launch = dwconv_dw.backward_weight_launch(x, x, part, (1, 1), (3, 3), (1, 1), config)
+    (trips, _), = launch.loops
+    assert part.shape[-1] == 2 and trips == [4, 3], launch.loops
+
 
 @pytest.mark.usefixtures("nan_poison")
 def test_runs_split_across_programs_and_several_partials(monkeypatch):
