@@ -110,6 +110,16 @@ def _pair_halos(x_sample, h_first, w_first, H, W, sxh, sxw, SH: tl.constexpr, PA
 
 
 @triton.jit
+def _tap_of(offset, D: tl.constexpr, K: tl.constexpr, inside=None):
+    """The tap (row or column) through which a pixel reads the halo element ``offset`` past its
+    first (a multiple of the dilation D below K * D, and ``inside``), else K: the zero tap."""
+    is_tap = (offset >= 0) & (offset % D == 0) & (offset < K * D)
+    if inside is not None:
+        is_tap = is_tap & inside
+    return tl.where(is_tap, tl.maximum(offset, 0) // D, K)
+
+
+@triton.jit
 def fused_fwd_halo_kernel(
     x_ptr, z_ptr, span_w_ptr, span_b_ptr, y_ptr,
     H, W, Ho, Wo, G, CG, R,
@@ -140,12 +150,10 @@ def fused_fwd_halo_kernel(
     p = tl.arange(0, P)
     t = tl.arange(0, PITCH_W)
     dcol = t[None, :] - (p % BLOCK_W)[:, None] * SW
-    col_tap = tl.where((dcol >= 0) & (dcol % DW == 0) & (dcol < K * DW) & (t < HALO_W)[None, :],
-                       tl.maximum(dcol, 0) // DW, K)
+    col_tap = _tap_of(dcol, DW, K, (t < HALO_W)[None, :])
     rr = tl.arange(0, ROWS)
     drow = rr[None, :] - (p // BLOCK_W)[:, None] * SH
-    row_tap = tl.where((drow >= 0) & (drow % DH == 0) & (drow < K * DH) & (rr < HALO_H)[None, :],
-                       tl.maximum(drow, 0) // DH, K)
+    row_tap = _tap_of(drow, DH, K, (rr < HALO_H)[None, :])
     col_pick = col_tap[:, None, :] + tl.zeros((P, KP, PITCH_W), dtype=tl.int32)
     row_pick = row_tap[:, :, None] + tl.zeros((P, ROWS, PITCH_W), dtype=tl.int32)
 
@@ -211,11 +219,10 @@ def fused_fwd_halo_pairs_kernel(
     m = tl.arange(0, M)
     rr = tl.arange(0, KPR)
     drow = rr[None, :] - (m // BLOCK_W)[:, None] * SH
-    row_tap = tl.where((drow >= 0) & (drow % DH == 0) & (drow < K * DH), tl.maximum(drow, 0) // DH, K)  # [M, KPR]
+    row_tap = _tap_of(drow, DH, K)  # [M, KPR]
     t = tl.arange(0, PITCH_W)
     dcol = t[None, :] - (m % BLOCK_W)[:, None] * SW
-    col_tap = tl.where((dcol >= 0) & (dcol % DW == 0) & (dcol < K * DW) & (t < HALO_W)[None, :],
-                       tl.maximum(dcol, 0) // DW, K)  # [M, PITCH_W]
+    col_tap = _tap_of(dcol, DW, K, (t < HALO_W)[None, :])  # [M, PITCH_W]
     row_pick = row_tap[None, :, :, None] + tl.zeros((PAIRS, M, KPR, KP), dtype=tl.int32)
     col_pick = col_tap[None, :, None, :] + tl.zeros((PAIRS, M, KPR, PITCH_W), dtype=tl.int32)
 
@@ -318,9 +325,9 @@ def fused_bwd_input_halo_kernel(
     q = tl.arange(0, BLOCK_Q)
     # Tap column of (halo pixel, tile column), tap row of (halo pixel, tile row); K (zero) for none.
     dcol = (w0 + PW - ow_first * SW) + tl.arange(0, BLOCK_W)[None, :] - (q % PITCH_W)[:, None] * SW
-    col_tap = tl.where((dcol >= 0) & (dcol % DW == 0) & (dcol < K * DW), tl.maximum(dcol, 0) // DW, K)
+    col_tap = _tap_of(dcol, DW, K)
     drow = (h0 + PH - oh_first * SH) + tl.arange(0, BLOCK_H)[None, :] - (q // PITCH_W)[:, None] * SH
-    row_tap = tl.where((drow >= 0) & (drow % DH == 0) & (drow < K * DH), tl.maximum(drow, 0) // DH, K)
+    row_tap = _tap_of(drow, DH, K)
 
     r = tl.arange(0, BLOCK_R)
     z = tl.load(z_ptr + b * szb + widen(oh * szh + ow * szw, INDEX_64)[:, None] + r[None, :] * szr,
