@@ -410,6 +410,18 @@ def _padded_taps(K: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
+def _store_span_partials(dspan_ptr, dbias_ptr, dspan, dbias, g, slab, r, R, sps, spo, spr, sbs, sbo,
+                         K: tl.constexpr, KP: tl.constexpr, INDEX_64: tl.constexpr):
+    """Group g's slab partials of dS ([KP * KP, BLOCK_R], padded taps) and dβ, at rows g·K² + k."""
+    tap, tap_ok = _padded_taps(K, KP)
+    rows = widen(g * (K * K) + tap, INDEX_64)
+    slab = widen(slab, INDEX_64)
+    tl.store(dspan_ptr + slab * sps + rows[:, None] * spo + r[None, :] * spr, dspan,
+             mask=tap_ok[:, None] & (r < R)[None, :])
+    tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=tap_ok)
+
+
+@triton.jit
 def fused_bwd_z_halo_kernel(
     dy_ptr, x_ptr, span_w_ptr, dz_ptr,
     H, W, Ho, Wo, G, CG, R,
@@ -489,12 +501,7 @@ def fused_bwd_span_halo_kernel(
                                    DOT_PRECISION, INDEX_64, ACC_DTYPE)
         dspan += tl.dot(dw_t, zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dbias += tl.sum(dw_t.to(ACC_DTYPE), axis=1)
-    tap, tap_ok = _padded_taps(K, KP)
-    rows = widen(g * (K * K) + tap, INDEX_64)
-    slab = widen(slab, INDEX_64)
-    tl.store(dspan_ptr + slab * sps + rows[:, None] * spo + r[None, :] * spr, dspan,
-             mask=tap_ok[:, None] & (r < R)[None, :])
-    tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=tap_ok)
+    _store_span_partials(dspan_ptr, dbias_ptr, dspan, dbias, g, slab, r, R, sps, spo, spr, sbs, sbo, K, KP, INDEX_64)
 
 
 @triton.jit
@@ -630,9 +637,4 @@ def fused_bwd_span_halo_pairs_kernel(
                                 INDEX_64, ACC_DTYPE, PACKED)
         dspan += tl.dot(tl.trans(dw), zv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         dbias += tl.sum(dw.to(ACC_DTYPE), axis=0)
-    tap, tap_ok = _padded_taps(K, KP)
-    rows = widen(g * (K * K) + tap, INDEX_64)
-    slab = widen(slab, INDEX_64)
-    tl.store(dspan_ptr + slab * sps + rows[:, None] * spo + r[None, :] * spr, dspan,
-             mask=tap_ok[:, None] & (r < R)[None, :])
-    tl.store(dbias_ptr + slab * sbs + rows * sbo, dbias, mask=tap_ok)
+    _store_span_partials(dspan_ptr, dbias_ptr, dspan, dbias, g, slab, r, R, sps, spo, spr, sbs, sbo, K, KP, INDEX_64)
