@@ -206,8 +206,7 @@ def involution_bwd_weight_runs_kernel(
     dw_lane = dw_ptr + b * sdwb + g * sdwg + row * sdwh + col * sdww
     # Tap columns a run-time loop: unrolled too, ptxas takes minutes on the K*HALO*RUN body (R1 fp32).
     for v in range(KS):
-        cols_ok = (w_first + v * DW >= 0) & (w_first + v * DW < W)
-        column = widen(v, INDEX_64) * (DW * sxw)
+        cols_ok, column = _runs_column(v, w_first, W, sxw, DW, INDEX_64)
         # Halo rows are loaded LOOK_AHEAD rows ahead of the row summed: the stores between rows keep
         # the compiler from moving a row's loads above the last row's (dw might alias x), so each row
         # would otherwise wait out a full memory round trip. (Loading the next column's rows as this
@@ -253,13 +252,19 @@ def _runs_look_ahead_rows(x_chunks, v, w_first, W, rows_ok, channels_ok, sxh: tl
                           CHANNELS_FULL: tl.constexpr, INDEX_64: tl.constexpr, column_ok=True):
     """Tap column v's first LOOK_AHEAD halo rows, as loaded (CHUNKS entries a row); none read where
     ``column_ok`` is false (past the last column)."""
-    cols_ok = (w_first + v * DW >= 0) & (w_first + v * DW < W) & column_ok
-    column = widen(v, INDEX_64) * (DW * sxw)
+    cols_ok, column = _runs_column(v, w_first, W, sxw, DW, INDEX_64)
+    cols_ok = cols_ok & column_ok
     rows = ()
     for h in tl.static_range(LOOK_AHEAD):
         rows = rows + _runs_halo_row(x_chunks, h * sxh + column, cols_ok & rows_ok[h], channels_ok, CHUNKS,
                                      CHANNELS_FULL)
     return rows
+
+
+@triton.jit
+def _runs_column(v, w_first, W, sxw: tl.constexpr, DW: tl.constexpr, INDEX_64: tl.constexpr):
+    """Tap column v's halo: whether each lane's column lies in x, and its offset from the lane's first."""
+    return (w_first + v * DW >= 0) & (w_first + v * DW < W), widen(v, INDEX_64) * (DW * sxw)
 
 
 @triton.jit
