@@ -35,6 +35,12 @@ PERSISTENT_PROGRAMS = 1536
 WEIGHT_ROWS_AHEAD = 2
 NCHW_BATCH_MAX_K = 7
 NCHW_BATCH_SM90_REGISTERS = 128
+# channels_last edge tiles walk their masked rows in the interior's batches (EDGE_ROWS_AHEAD) under this
+# cap on sm_90: uncapped, the masks' predicates took 189-216 registers (9-10 one-warp programs an SM
+# against 12) and the latency rose by 80% (R4 dw NHWC bf16/fp32 70.7/93.0% -> 39/51%); at 160 the
+# occupancy is as before (at 168 ptxas spilled 48 bytes in bf16, at 128 96-120). PREDICTED: R4 dw
+# NHWC bf16/fp32 70.7/93.0% -> 74.7/98.8% (triton 3.6), 70.5/91.4% -> 73.5/98.3% (3.9).
+CHANNELS_LAST_EDGE_SM90_REGISTERS = 160
 
 
 @triton.jit
@@ -71,6 +77,9 @@ def dwconv_bwd_weight_kernel(
     EDGE_ROWS_AHEAD rows. R4's edge tiles, 2 of 7, loaded a halo column at a time, a row a round trip:
     dw NCHW bf16/fp32 62.0/63.0% -> 67.3/65.3% (triton 3.6; 3.9 62.3/81.2% -> 67.1/85.0%), PREDICTED.
     fp32 edges go a row at a time: in batches ptxas spilled 16 bytes under the 128-register cap.
+    channels_last edge tiles keep their column masks (one a halo column, the same in every lane) and
+    walk in the interior's batches too, under CHANNELS_LAST_EDGE_SM90_REGISTERS (16-bit tiles of one
+    channel a thread: of two, triton 3.6 spilled 64-112 bytes at K = 5).
     """
     pid0 = tl.program_id(0)
     b = pid0 // SPLITS
@@ -139,7 +148,7 @@ def dwconv_bwd_weight_kernel(
         else:
             accs = _weight_rows(dy_lane, x_lane, x_vectors, accs, cols_ok, outs_ok, row0, row_end, t_first,
                                 t_last, PH, fence_at, sdyh, sdyw, sxh, sxw, SW, DW, KS, P, HALO_W, True, 1, 0, HALO_W,
-                                INDEX_64, ACC_DTYPE, 1)
+                                INDEX_64, ACC_DTYPE, EDGE_ROWS_AHEAD)
     for k in tl.static_range(KS * KS):
         tl.store(part + ((k // KS) * spu + (k % KS) * spv), tl.sum(accs[k], axis=1), mask=c < C)
 
@@ -338,7 +347,14 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
     meta["EDGE_VECTORS"] = vec > 1 and W % vec == 0 and Wo % vec == 0
     channels_a_thread = max(1, config["BLOCK_C"] * config["BLOCK_W"] // (32 * config.get("num_warps", 4)))
     meta["ROWS_AHEAD"] = _weight_rows_ahead(x.element_size(), is_channels_last(x), K, channels_a_thread)
-    meta["EDGE_ROWS_AHEAD"] = meta["ROWS_AHEAD"] if meta["EDGE_VECTORS"] and x.element_size() == 2 else 1
+    # The edge tiles' rows in the interior's batches too, but fp32 NCHW's (16 bytes of stack at 128
+    # registers on sm_90) and 16-bit channels_last's of two channels a thread (triton 3.6's ptxas
+    # spilled 64-112 bytes at K = 5 under CHANNELS_LAST_EDGE_SM90_REGISTERS).
+    if is_channels_last(x):
+        edge_batches = x.element_size() == 4 or channels_a_thread == 1
+    else:
+        edge_batches = meta["EDGE_VECTORS"] and x.element_size() == 2
+    meta["EDGE_ROWS_AHEAD"] = meta["ROWS_AHEAD"] if edge_batches else 1
     # The persistent walk over tiles (a split's share of them; with one tile, TILES = 1 is a
     # compile-time constant and the loop disappears), and down each tile's x rows: with INTERIOR the
     # unmasked walk of the interior tiles (in batches, then the rows they leave), then the masked
@@ -348,5 +364,7 @@ def backward_weight_launch(dy, x, dw, stride, padding, dilation, config) -> Laun
     rows = _weight_loops(config, H, K, interior, meta["ROWS_AHEAD"], meta["EDGE_ROWS_AHEAD"])
     loops = rows if tiles == 1 else ((split_trips(tiles, splits), rows),)
     cap = NCHW_BATCH_SM90_REGISTERS if not is_channels_last(x) and meta["ROWS_AHEAD"] > 1 else 0
+    if is_channels_last(x) and meta["EDGE_ROWS_AHEAD"] > 1:
+        cap = CHANNELS_LAST_EDGE_SM90_REGISTERS
     return Launch(dwconv_bwd_weight_kernel, _grid(B * splits, C, config["BLOCK_C"]), args, meta,
                   config.get("num_warps", 4), config.get("num_stages", 1), loops=loops, sm90_max_registers=cap)

@@ -234,22 +234,28 @@ def test_walks_in_batches_of_rows_and_the_rows_left(case, dtype, memory_format, 
 
 @pytest.mark.usefixtures("nan_poison")
 @pytest.mark.parametrize("ahead", [2, 3, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_channels_last_weight_gradient_walks_rows_in_batches(ahead, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, K, edge_batches", [(torch.float32, 3, True), (torch.bfloat16, 3, False),
+                                                    (torch.bfloat16, 7, True)], ids=["fp32", "bf16", "bf16-k7"])
+def test_channels_last_weight_gradient_walks_rows_in_batches(ahead, dtype, K, edge_batches, monkeypatch):
     """The channels_last weight gradient's interior tiles walk their x rows WEIGHT_ROWS_AHEAD a batch
-    behind a fence, then the rows the batches leave one at a time (a run of 5 + 3 - 1 = 7 rows:
-    batches of two, three and four each leave some); the edge tiles walk masked, a row at a time."""
+    behind a fence, then the rows the batches leave one at a time (batches of two, three and four each
+    leave some of the 5 rows); the edge tiles walk masked, in batches alike under a register cap on
+    sm_90, but a row at a time for 16-bit tiles of two channels a thread (K = 3 here; one at K = 7)."""
     monkeypatch.setattr(dwconv_dw, "WEIGHT_ROWS_AHEAD", ahead)
     monkeypatch.setattr(dwconv, "BATCHES_16BIT_CHANNELS_LAST", True)  # the interpreter runs it on any triton
-    x, w, bias, stride, padding, dilation = _problem((1, 72, 72, 5, 26, 3, 1, 1, 1), dtype, torch.channels_last)
+    x, w, bias, stride, padding, dilation = _problem((1, 72, 72, 5, 26, K, 1, K // 2, 1), dtype, torch.channels_last)
     dy = torch.randn(_conv(x, w, bias, stride, padding, dilation).shape).to(dtype).contiguous(
         memory_format=torch.channels_last)
-    B, C, K = x.shape[0], x.shape[1], w.shape[-1]
+    B, C = x.shape[0], x.shape[1]
     config = dwconv_dw.weight_grad_default(B, C, *dy.shape[2:], K, True, x.element_size())
     part = torch.empty(dwconv_dw.weight_grad_partials(B, C, K, *dy.shape[2:], config))
     launch = dwconv_dw.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
-    (_, (batches, left, masked)), = launch.loops
-    assert launch.meta["ROWS_AHEAD"] == ahead and min(batches, left, masked) > 0, launch.loops
+    # The interior tiles' batches and the rows they leave, then the edge tiles' batches and theirs.
+    (_, walks), = launch.loops
+    edge_ahead = ahead if edge_batches else 1
+    assert launch.meta["ROWS_AHEAD"] == ahead and launch.meta["EDGE_ROWS_AHEAD"] == edge_ahead, launch.meta
+    assert len(walks) == (4 if edge_batches else 3) and min(walks) > 0, launch.loops
+    assert launch.sm90_max_registers == (dwconv_dw.CHANNELS_LAST_EDGE_SM90_REGISTERS if edge_batches else 0)
     launch()
     w64 = w.double().requires_grad_()
     _conv(x.double(), w64, None, stride, padding, dilation).backward(dy.double())
