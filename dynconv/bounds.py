@@ -67,7 +67,7 @@ ASSUMPTIONS = ("PREDICTED by a static model, not measured: H200 model (132 SMs a
                "HBM 4.3 TB/s, HGMMA 3023 FLOP/clock/SM = 790 TFLOP/s bf16 (tf32: half), HMMA at half the HGMMA rate); every instruction of a loop "
                "body counted on every trip (trip counts declared by the launcher; where they differ between programs, "
                "by stride phase or a persistent program's share of the tiles, their mean over the programs, the "
-               "largest in the latency walk), masked lanes and branches "
+               "slowest class of programs in the latency walk), masked lanes and branches "
                "not taken included; cache misses beyond the minimum bytes ignored. Latency: one warp's critical path through "
                f"the scoreboards ptxas set, every global load {MODEL['latency_cycles']['global']:.0f} cycles (fitted to "
                "the one kernel measured), "
@@ -152,7 +152,7 @@ def _shared_bytes(ins: sass.Instruction) -> int:
     return 32 * sass.access_bytes(ins)
 
 
-def count(dump: str, trips: tuple, programs: int, num_warps: int, warp_accesses: ptx_sim.Result | None = None) -> dict:
+def count(dump: str, trips: tuple | list, programs: int, num_warps: int, warp_accesses: ptx_sim.Result | None = None) -> dict:
     """Executed warp-instructions per pipe, L1 bytes, bytes requested from global memory and
     tensor-core time for a whole launch (``programs`` programs of ``num_warps`` warps).
 
@@ -165,13 +165,20 @@ def count(dump: str, trips: tuple, programs: int, num_warps: int, warp_accesses:
     if not instructions:
         raise ValueError("no SASS instructions in the dump")
     forest = sass.loops(instructions)
-    executed = sass.execution_counts(instructions, forest, trips)
-    waits: dict = {}
-    # The pipes count every program's work (a class of programs' trips at their mean); the latency
-    # walk follows the slowest programs, on which the launch waits.
-    warp_cycles = latency.warp_cycles(instructions, sass.execution_counts(instructions, forest, trips, longest=True),
-                                      forest, MODEL["latency_cycles"],
-                                      MODEL["mma_flop_per_clock"]["gmma16"] / 4, waits)
+    # Classes of programs, equally many each, whose whole trees of trips differ (a list of trees) or
+    # that differ loop by loop (a list of trips in one tree): the pipes count every program's work,
+    # the classes' mean; the latency walk follows the slowest programs, on which the launch waits.
+    trees = trips if isinstance(trips, list) else [trips]
+    per_class = [sass.execution_counts(instructions, forest, tree) for tree in trees]
+    executed = [sum(counts) / len(trees) for counts in zip(*per_class)]
+    warp_cycles, waits = 0.0, {}
+    for tree in trees:
+        tree_waits: dict = {}
+        cycles = latency.warp_cycles(instructions, sass.execution_counts(instructions, forest, tree, longest=True),
+                                     forest, MODEL["latency_cycles"], MODEL["mma_flop_per_clock"]["gmma16"] / 4,
+                                     tree_waits)
+        if cycles > warp_cycles:
+            warp_cycles, waits = cycles, tree_waits
     warps = programs * num_warps
     pipes = dict.fromkeys(("issue", "int", "imad", "fma", "xu", "mem", "mma", "other"), 0.0)
     global_ideal = shared = 0.0

@@ -133,10 +133,11 @@ class Launch:
     label: str = field(default="")
     # Trip counts of the kernel's runtime ``for`` loops per program, in source order: an int per loop
     # without inner loops (a list of ints where equally many programs run each, e.g. one per stride
-    # phase, or per persistent split: split_trips), ``(trips, (inner loops...))`` otherwise. Read
-    # only by the static performance model (dynconv/bounds.py), which matches them to the loops of
-    # the compiled code.
-    loops: tuple = field(default=())
+    # phase, or per persistent split: split_trips), ``(trips, (inner loops...))`` otherwise; a list of
+    # such tuples where classes of programs, equally many each, walk different trips all the way down
+    # (the depth-wise weight gradient's splits, whose tiles differ). Read only by the static
+    # performance model (dynconv/bounds.py), which matches them to the loops of the compiled code.
+    loops: tuple | list = field(default=())
     # The program whose warp 0 the static model simulates for its memory accesses (its sector use);
     # empty: the grid's middle program. A launcher whose middle program is an edge tile names one
     # off the image's borders, the model's assumed typical program.
@@ -221,7 +222,7 @@ class _Plan:
     meta: dict[str, Any]
     num_warps: int
     num_stages: int
-    loops: tuple = ()
+    loops: tuple | list = ()
     sm90_max_registers: int = 0
 
 

@@ -966,15 +966,13 @@ def _walk_loops(walk: bool, config: dict, source_rows: int, K: int, interior: fl
     return (trips * interior, trips * (1 - interior))
 
 
-def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, stride: int, padding: int,
-                    dilation: int, input_grad: bool, vec: int = 1) -> float:
-    """The share of a walk's programs that take its unmasked loop (_row_walk's ``interior``): every
-    channel of the block exists, every column read and written lies in the image (with ``vec``-wide
-    vectors, from the aligned column at or before the halo's first: the kernels' LEAD and REACH).
-    Over the column tiles of each column stride phase (the input gradient's), as _program derives
-    their padding."""
-    block_c, block_w, p = config["BLOCK_C"], config["BLOCK_W"], config["P"]
-    span = block_w * p
+def _inside_tiles(config: dict, source_w: int, out_w: int, K: int, stride: int, padding: int, dilation: int,
+                  input_grad: bool, vec: int = 1) -> list[list[bool]]:
+    """Per column stride phase (the input gradient's, as _program derives their padding; else one),
+    whether each column tile's columns read and written all lie in the image (with ``vec``-wide
+    vectors, from the aligned column at or before the halo's first: the kernels' LEAD and REACH)."""
+    p = config["P"]
+    span = config["BLOCK_W"] * p
     if input_grad:
         taps, pads = _phase_pads(stride, padding, dilation, K)
         src_sw, src_dw, out_sw = 1, dilation // math.gcd(stride, dilation), stride
@@ -985,14 +983,27 @@ def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, str
         phases = [(0, padding)]
         tiles_w = cdiv(out_w, span)
     halo = (p - 1) * src_sw + (taps - 1) * src_dw + 1
-    inside = 0
+    inside = []
     for pw, pad in phases:
         lead = -pad % vec
         reach = cdiv(lead + halo, vec) * vec
-        inside += sum(first * src_sw - pad - lead >= 0
-                      and (first + (block_w - 1) * p) * src_sw - pad - lead + reach <= source_w
-                      and (first + span - 1) * out_sw + pw < out_w for first in range(0, tiles_w * span, span))
-    return inside / (len(phases) * tiles_w) * (C // block_c) / cdiv(C, block_c)
+        inside.append([first * src_sw - pad - lead >= 0
+                       and (first + span - p) * src_sw - pad - lead + reach <= source_w
+                       and (first + span - 1) * out_sw + pw < out_w for first in range(0, tiles_w * span, span)])
+    return inside
+
+
+def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, stride: int, padding: int,
+                    dilation: int, input_grad: bool, vec: int = 1) -> float:
+    """The share of a walk's programs that take its unmasked loop (_row_walk's ``interior``): every
+    channel of the block exists (_channels_in_share) and its column tile lies inside (_inside_tiles)."""
+    phases = _inside_tiles(config, source_w, out_w, K, stride, padding, dilation, input_grad, vec)
+    return sum(map(sum, phases)) / sum(map(len, phases)) * _channels_in_share(config, C)
+
+
+def _channels_in_share(config: dict, C: int) -> float:
+    """The share of channel blocks whose channels all exist."""
+    return (C // config["BLOCK_C"]) / cdiv(C, config["BLOCK_C"])
 
 
 def _middle_tile(first_axis_block: int, tiles: int, tiles_w: int, C: int, block_c: int) -> tuple[int, int]:

@@ -101,6 +101,15 @@ def test_trips_that_differ_by_program_class_count_their_mean():
     assert classes["warp_instructions"] == bounds.count(SNIPPET, ((5, (7,)),), 1000, 4)["warp_instructions"]
     assert classes["warp_cycles"] == bounds.count(SNIPPET, ((6, (8,)),), 1000, 4)["warp_cycles"]
     assert classes["warp_cycles"] > bounds.count(SNIPPET, ((5, (7,)),), 1000, 4)["warp_cycles"]
+    # Classes whose whole trees differ (a list of trees): one runs 4 x 8, the other 6 x 6 inner trips.
+    # The pipes count their mean (5 outer trips and 34 inner a program); the walk the slower class's,
+    # not a blend of each loop's largest (6 x 8).
+    trees = bounds.count(SNIPPET, [((4, (8,)),), ((6, (6,)),)], programs=1000, num_warps=4)
+    mean = bounds.count(SNIPPET, ((5, (6.8,)),), programs=1000, num_warps=4)
+    assert trees["warp_instructions"] == pytest.approx(mean["warp_instructions"])
+    assert trees["warp_cycles"] == max(bounds.count(SNIPPET, tree, 1000, 4)["warp_cycles"]
+                                       for tree in (((4, (8,)),), ((6, (6,)),)))
+    assert trees["warp_cycles"] < classes["warp_cycles"]
     # Split into a main loop unrolled twice and a remainder: 3 trips are 1 + 1, 4 trips 2 + 0.
     instructions = sass.parse(UNROLLED)
     forest = sass.loops(instructions)

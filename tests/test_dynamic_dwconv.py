@@ -44,6 +44,14 @@ def _walk_rows(launch) -> tuple:
     return unmasked * ahead, masked
 
 
+def _weight_walks(launch) -> tuple:
+    """The weight gradient's row loops of a tile (below its persistent loop over tiles), each as its
+    mean over the splits (one tree of loops a split where the splits' tiles differ)."""
+    trees = launch.loops if isinstance(launch.loops, list) else [launch.loops]
+    walks = [walk for ((_, walk),) in trees]
+    return tuple(sum(trips) / len(walks) for trips in zip(*walks))
+
+
 def test_the_nchw_walk_spreads_a_warp_over_channel_rows_where_sectors_bind():
     """Lanes P columns apart waste most of each sector, so the fp32 NCHW walk may take more channels
     than fill a warp along one row (the last case above runs such a tile)."""
@@ -251,7 +259,7 @@ def test_channels_last_weight_gradient_walks_rows_in_batches(ahead, dtype, K, ed
     part = torch.empty(dwconv_dw.weight_grad_partials(B, C, K, *dy.shape[2:], config))
     launch = dwconv_dw.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
     # The interior tiles' batches and the rows they leave, then the edge tiles' batches and theirs.
-    (_, walks), = launch.loops
+    walks = _weight_walks(launch)
     edge_ahead = ahead if edge_batches else 1
     assert launch.meta["ROWS_AHEAD"] == ahead and launch.meta["EDGE_ROWS_AHEAD"] == edge_ahead, launch.meta
     assert len(walks) == (4 if edge_batches else 3) and min(walks) > 0, launch.loops
@@ -289,7 +297,7 @@ def test_nchw_weight_gradient_walks_rows_in_pairs_under_a_register_cap(dtype):
     assert launch.meta["INTERIOR"] and launch.meta["ROWS_AHEAD"] == 2, launch.meta
     assert launch.compile_options(90).get("maxnreg") == dwconv_dw.NCHW_BATCH_SM90_REGISTERS
     assert "maxnreg" not in launch.compile_options(80)
-    (_, walks), = launch.loops  # the interior batches and the rows they leave, then the edges' (in 16 bits)
+    walks = _weight_walks(launch)  # the interior batches and the rows they leave, then the edges' (in 16 bits)
     assert len(walks) == 3 + (x.element_size() == 2) and min(walks) > 0, launch.loops
     launch()
     w64 = w.double().requires_grad_()
@@ -336,23 +344,31 @@ def test_channels_last_walk_runs_interior_programs_unmasked(case, monkeypatch):
         config = dwconv_dw.weight_grad_default(B, C, *y.shape[2:], K, True, x.element_size())
         part = torch.empty(dwconv_dw.weight_grad_partials(B, C, K, *y.shape[2:], config))
         weight_grad = dwconv_dw.backward_weight_launch(dy, x, part, stride, padding, dilation, config)
-        (tiles, walks), = weight_grad.loops  # the unmasked walk's batches and the rows they leave, the masked walk
-        assert weight_grad.meta["INTERIOR"] and tiles >= 1 and len(walks) == 3 and min(walks) > 0, weight_grad.loops
+        walks = _weight_walks(weight_grad)  # the unmasked walk's batches and the rows they leave, the masked walk
+        assert weight_grad.meta["INTERIOR"] and len(walks) == 3 and min(walks) > 0, weight_grad.loops
         weight_grad()
         w64 = w.double().requires_grad_()
         _conv(x.double(), w64, None, stride, padding, dilation).backward(dy.double())
         assert_close(part.sum(-1), w64.grad, torch.bfloat16, "dw")
 
 def test_the_weight_gradient_declares_each_splits_share_of_the_tiles():
-    """The persistent programs of split s walk tiles s, s + splits, ...: the static model is told each
-    split's trips (its pipes count their mean, its latency walk the largest), not the largest alone."""
+    """The persistent programs of split s walk tiles s, s + splits, ... of a row of column tiles taken
+    from both ends in turn, so that the splits share the (masked) edge tiles; the static model is told
+    each split's tiles and rows (its pipes count their mean, its latency walk the slowest split)."""
     assert split_trips(7, 2) == [4, 3] and split_trips(8, 3) == [3, 3, 2] and split_trips(8, 4) == 2
-    x = torch.empty(64, 256, 56, 56, dtype=torch.bfloat16, device="meta")  # R4: 7 tiles a sample, 2 splits
-    config = dwconv_dw.weight_grad_default(64, 256, 56, 56, 7, False, 2)
+    for tiles_w in range(1, 10):
+        order = [dwconv_dw._tile_column(p, tiles_w) for p in range(tiles_w)]
+        assert sorted(order) == list(range(tiles_w)) and order[:2] == [0, tiles_w - 1][:tiles_w], order
+    x = torch.empty(64, 256, 56, 56, dtype=torch.float32, device="meta")  # R4: 7 tiles a sample, 2 splits
+    config = dwconv_dw.weight_grad_default(64, 256, 56, 56, 7, False, 4)
     part = torch.empty(dwconv_dw.weight_grad_partials(64, 256, 7, 56, 56, config), device="meta")
     launch = dwconv_dw.backward_weight_launch(x, x, part, (1, 1), (3, 3), (1, 1), config)
-    (trips, _), = launch.loops
-    assert part.shape[-1] == 2 and trips == [4, 3], launch.loops
+    # Split 0 walks column tiles 0, 1, 2, 3, split 1 tiles 6, 5, 4: an edge each. fp32 NCHW walks the
+    # interior's 56 rows in 28 batches of two, the edges' a row at a time.
+    assert part.shape[-1] == 2 and launch.meta["EDGE_ROWS_AHEAD"] == 1, launch.meta
+    (((tiles_0, walks_0),), ((tiles_1, walks_1),)) = launch.loops
+    assert (tiles_0, tiles_1) == (4, 3), launch.loops
+    assert walks_0 == pytest.approx((28 * 3 / 4, 0, 56 / 4)) and walks_1 == pytest.approx((28 * 2 / 3, 0, 56 / 3))
 
 
 @pytest.mark.usefixtures("nan_poison")
@@ -405,7 +421,7 @@ def test_nchw_walks_read_vectors_in_interior_tiles(dtype, K, padding, width):
     config = {**dwconv_dw.weight_grad_default(B, C, H, W, K, False, x.element_size()), **tile}
     part = torch.empty(dwconv_dw.weight_grad_partials(B, C, K, H, W, config))
     weight_grad = dwconv_dw.backward_weight_launch(dy, x, part, *geometry, config)
-    (_, weight_walks), = weight_grad.loops
+    weight_walks = _weight_walks(weight_grad)
     vectors = x.element_size() * 4 >= dwconv.WALK_VECTOR_BYTES
     for launch, walks in ((forward, _walk_rows(forward)), (input_grad, _walk_rows(input_grad)),
                           (weight_grad, weight_walks)):
