@@ -985,12 +985,19 @@ def _inside_tiles(config: dict, source_w: int, out_w: int, K: int, stride: int, 
     halo = (p - 1) * src_sw + (taps - 1) * src_dw + 1
     inside = []
     for pw, pad in phases:
-        lead = -pad % vec
-        reach = cdiv(lead + halo, vec) * vec
+        lead, reach = _vector_reach(pad, halo, vec)
         inside.append([first * src_sw - pad - lead >= 0
                        and (first + span - p) * src_sw - pad - lead + reach <= source_w
                        and (first + span - 1) * out_sw + pw < out_w for first in range(0, tiles_w * span, span)])
     return inside
+
+
+def _vector_reach(pad: int, halo: int, vec: int) -> tuple[int, int]:
+    """(LEAD, REACH) of a halo row read as ``vec``-wide vectors (the kernels' constants): the columns
+    from the aligned column at or before the halo's first to it, and the columns from that aligned
+    column to the end of the vector that holds the halo's last."""
+    lead = -pad % vec
+    return lead, cdiv(lead + halo, vec) * vec
 
 
 def _interior_share(config: dict, C: int, source_w: int, out_w: int, K: int, stride: int, padding: int,
@@ -1097,10 +1104,10 @@ def _flat_inside(config: dict, C: int, vec: int, K: int, pad: int, source_w: int
     p, blocks = config["P"], cdiv(out_w, config["P"])
     if C * blocks % config["BLOCK_W"]:
         return {"INSIDE_SRC": 0, "INSIDE_OUT": 0}
-    first = -pad - (-pad % vec)  # the first vector's column in block 0
-    reach = cdiv(-first - pad + p + K - 1, vec)
+    lead, reach = _vector_reach(pad, p + K - 1, vec)
+    first = -pad - lead  # the first vector's column in block 0
     last = (blocks - 1) * p + first  # ... in the last block
-    src = sum(1 << j for j in range(reach) if first + j * vec >= 0 and last + (j + 1) * vec <= source_w)
+    src = sum(1 << j for j in range(reach // vec) if first + j * vec >= 0 and last + (j + 1) * vec <= source_w)
     out = sum(1 << j for j in range(p // vec) if (blocks - 1) * p + (j + 1) * vec <= out_w)
     return {"INSIDE_SRC": src, "INSIDE_OUT": out}
 
