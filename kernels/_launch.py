@@ -145,12 +145,15 @@ class Launch:
     # Registers a thread may take when compiled for sm_90 (ptxas' maxnreg; 0: ptxas chooses). A
     # launcher caps a kernel a few registers over a residency step where ptxas fits it without
     # spilling there; other architectures compile it uncapped (the AOT check compiles both ways).
+    # The cap is a bet on occupancy, checked on the compiled kernel: where ptxas gives it local
+    # memory under the cap (a shape the launcher's sweep did not see), it runs uncapped (__call__,
+    # after its first run) and compiles so (compile: what the AOT check and the static model see).
     sm90_max_registers: int = 0
 
-    def compile_options(self, arch: int) -> dict:
+    def compile_options(self, arch: int, capped: bool = True) -> dict:
         """Triton's compile options for ``arch`` (90 for sm_90; 0 where none applies)."""
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
-        if self.sm90_max_registers and arch == 90:
+        if capped and self.sm90_max_registers and arch == 90:
             options["maxnreg"] = self.sm90_max_registers
         return options
 
@@ -158,7 +161,16 @@ class Launch:
         if min(self.grid) == 0:
             return
         arch = 0 if _INTERPRETED or not self.sm90_max_registers else device_arch()
-        self.kernel[self.grid](**self.args, **self.meta, **self.compile_options(arch))
+        options = self.compile_options(arch)
+        if "maxnreg" not in options:
+            self.kernel[self.grid](**self.args, **self.meta, **options)
+            return
+        specialisation = (self.kernel, tuple(self.meta.items()))
+        if specialisation in _LOCAL_MEMORY_UNDER_CAP:
+            options = self.compile_options(arch, capped=False)
+        compiled = self.kernel[self.grid](**self.args, **self.meta, **options)
+        if "maxnreg" in options and getattr(compiled, "n_spills", 0):  # the kernel's local bytes / 4
+            _LOCAL_MEMORY_UNDER_CAP.add(specialisation)
 
     @property
     def name(self) -> str:
@@ -204,9 +216,22 @@ class Launch:
         return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
     def compile(self, arch: int = 90):
+        """Compiled for sm_<arch> as it runs there: under its sm_90 cap unless ptxas gives it local
+        memory (a stack frame) under it, as __call__ decides."""
         from triton.backends.compiler import GPUTarget
 
-        return triton.compile(self.source(), target=GPUTarget("cuda", arch, 32), options=self.compile_options(arch))
+        target = GPUTarget("cuda", arch, 32)
+        options = self.compile_options(arch)
+        compiled = triton.compile(self.source(), target=target, options=options)
+        if "maxnreg" in options and _local_bytes(compiled):
+            compiled = triton.compile(self.source(), target=target, options=self.compile_options(arch, capped=False))
+        return compiled
+
+
+# Kernel specialisations (kernel, meta) that ptxas gave local memory under their sm_90 register cap
+# on this GPU: they run uncapped from their second call on (Launch.sm90_max_registers). A set's add
+# and membership test are atomic, so serving threads may share it.
+_LOCAL_MEMORY_UNDER_CAP: set[tuple] = set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,6 +360,13 @@ def cubin_dumps(compiled) -> tuple[dict[str, int], str]:
     return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", dump)}, sass
 
 
+def _local_bytes(compiled) -> int:
+    """A compiled kernel's local memory a thread (its stack frame: spills included), as the driver's
+    CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, which triton reports as 4 x ``n_spills``, counts it."""
+    usage = cubin_dumps(compiled)[0]
+    return usage.get("STACK", 0) + usage.get("LOCAL", 0)
+
+
 def coalescing_work(ttir: str) -> int:
     """The operations of a kernel's TTIR times its memory accesses (loads, stores, atomics): the work
     of triton 3.6's coalescing pass, which walks the whole slice of operations around each access.
@@ -362,6 +394,7 @@ def resource_usage(launch: Launch, arch: int = 90) -> dict[str, Any]:
         "num_warps": launch.num_warps,
         "num_stages": launch.num_stages,
         "registers": int(usage.get("REG", 0)),
+        "sm90_max_registers": launch.sm90_max_registers,
         "stack_bytes": int(usage.get("STACK", 0)),
         "local_memory_ops": local_memory_ops,
         "spilled": local_memory_ops > 0 or int(usage.get("LOCAL", 0)) > 0,

@@ -765,6 +765,14 @@ def _preload(src, weight) -> bool:
 # forward with one 16-byte chunk a thread (K = 7, sm_80: 8 bytes); on triton 3.6 the input gradient
 # with two chunks at K = 5 (56-80 bytes; K = 3, 4, 6, 7 and 9-13 clean). They keep the row walk.
 STAGED_NEWER_TRITON = TRITON_VERSION > (3, 6)
+# Staged forwards are capped at this many registers on sm_90: at 254 an SM held 8 of their warps (R1:
+# 3584 two-warp programs, 6.8 waves of 528, paid as 7), at 200 it holds 10 (5.4 waves, paid as 6).
+# PREDICTED (sm_90): R1/R2 fwd bf16 NHWC 83.3/83.7% -> 87.2% (triton 3.6), 81.3/81.2% -> 88.0% (3.9),
+# issue-bound. A sweep (K 3-13, 8-32 channels a group, 20 and 56 pixels square) found ptxas spilling
+# some shapes under it (K = 3 at 56: 104-128 bytes of stack; K = 5, 7 at 20 on triton 3.6), so the cap
+# is the Launch's checked kind: dropped where the compiled kernel has local memory. The input
+# gradient stays uncapped (R2: 16 bytes of stack at 200 for an issue bound of 82%).
+STAGED_FORWARD_SM90_REGISTERS = 200
 # Shared memory a staged tile's source rows may take (two columns of them): within what a block may
 # hold on sm_80 (163 KB) and sm_86/89 (99 KB).
 STAGED_MAX_BYTES = 64 * 1024
@@ -893,7 +901,8 @@ def _forward_launch(x, weight, bias, y, stride, padding, dilation, config=None) 
     meta["STAGED"] = taps > 0 and _staged(x, weight, meta, strip, taps)
     meta["INNER"] = _inner_strides(x, weight, meta) if taps else None
     return Launch(involution_fwd_kernel, _grid(programs, G, cg_tiles, meta["BLOCK_G"]), args, meta,
-                  num_warps, num_stages, loops=_tap_loops(taps > 0, K, K))
+                  num_warps, num_stages, loops=_tap_loops(taps > 0, K, K),
+                  sm90_max_registers=STAGED_FORWARD_SM90_REGISTERS if meta["STAGED"] else 0)
 
 
 def backward_input_launch(dy, weight, dx, stride, padding, dilation, config=None) -> Launch:

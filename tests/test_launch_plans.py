@@ -257,6 +257,41 @@ def test_register_cap_is_an_sm90_option_a_plan_keeps():
         assert launch.num_stages == stages
 
 
+def test_a_register_cap_the_kernel_spills_under_is_dropped(monkeypatch):
+    """An sm_90 cap is a bet on occupancy: a specialisation whose compiled kernel reports local memory
+    under it (triton's n_spills) runs uncapped from its second call on; one that fits keeps it, and
+    another specialisation of the same kernel bets afresh."""
+    calls = []
+
+    class Compiled:
+        def __init__(self, n_spills):
+            self.n_spills = n_spills
+
+    class Kernel:
+        def __init__(self, spills):
+            self.spills = spills
+
+        def __getitem__(self, grid):
+            def run(**kwargs):
+                calls.append((self, kwargs.get("maxnreg")))
+                return Compiled(self.spills if "maxnreg" in kwargs else 0)
+            return run
+
+    monkeypatch.setattr(_launch, "_INTERPRETED", False)
+    monkeypatch.setattr(_launch, "device_arch", lambda: 90)
+    monkeypatch.setattr(_launch, "_LOCAL_MEMORY_UNDER_CAP", set())
+    spills, fits = Kernel(6), Kernel(0)
+    for kernel in (spills, fits):
+        for _ in range(3):
+            _launch.Launch(kernel, (1,), {}, {"K": 3}, num_warps=2, num_stages=1, sm90_max_registers=200)()
+    assert calls == [(spills, 200), (spills, None), (spills, None), (fits, 200), (fits, 200), (fits, 200)]
+    _launch.Launch(spills, (1,), {}, {"K": 5}, num_warps=2, num_stages=1, sm90_max_registers=200)()
+    assert calls[-1] == (spills, 200)
+    monkeypatch.setattr(_launch, "device_arch", lambda: 80)  # other GPUs never take the cap
+    _launch.Launch(fits, (1,), {}, {"K": 3}, num_warps=2, num_stages=1, sm90_max_registers=200)()
+    assert calls[-1] == (fits, None)
+
+
 def test_plans_follow_the_tf32_switch(device):
     """fp32 kernels choose their products' precision (and the fused layer its kernels) by torch's tf32
     switch for convs: a plan made under one setting must not serve the other."""
