@@ -290,6 +290,12 @@ def test_a_register_cap_the_kernel_spills_under_is_dropped(monkeypatch):
     monkeypatch.setattr(_launch, "device_arch", lambda: 80)  # other GPUs never take the cap
     _launch.Launch(fits, (1,), {}, {"K": 3}, num_warps=2, num_stages=1, sm90_max_registers=200)()
     assert calls[-1] == (fits, None)
+    # The specialisation is keyed by the launch's meta: every capped default launch's must hash.
+    from dynconv.kernels import catalogue
+    capped = [launch for launch in catalogue() if launch.sm90_max_registers]
+    assert capped
+    for launch in capped:
+        hash((launch.kernel, tuple(launch.meta.items())))
 
 
 def test_plans_follow_the_tf32_switch(device):
