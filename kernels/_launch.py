@@ -352,18 +352,28 @@ def unwritten_dots(ttir: str) -> list[str]:
 def cubin_dumps(compiled) -> tuple[dict[str, int], str]:
     """A compiled kernel's resource usage (``REG``, ``STACK``, ``SHARED``, ``LOCAL``) and its SASS,
     as ``cuobjdump`` prints them."""
+    usage, sass = _cuobjdump_outputs(compiled, "--dump-resource-usage", "-sass")
+    return _usage_counts(usage), sass
+
+
+def _cuobjdump_outputs(compiled, *flags: str) -> list[str]:
+    """What ``cuobjdump <flag>`` prints of the compiled kernel's cubin, for each flag."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", cubin.name], capture_output=True, text=True, check=True).stdout
-    return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", dump)}, sass
+        return [subprocess.run([_cuobjdump(), flag, cubin.name], capture_output=True, text=True, check=True).stdout
+                for flag in flags]
+
+
+def _usage_counts(dump: str) -> dict[str, int]:
+    return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", dump)}
 
 
 def _local_bytes(compiled) -> int:
     """A compiled kernel's local memory a thread (its stack frame: spills included), as the driver's
-    CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, which triton reports as 4 x ``n_spills``, counts it."""
-    usage = cubin_dumps(compiled)[0]
+    CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, which triton reports as 4 x ``n_spills``, counts it. Its
+    resource usage alone: the SASS dump of a large kernel is most of cubin_dumps' time."""
+    usage = _usage_counts(*_cuobjdump_outputs(compiled, "--dump-resource-usage"))
     return usage.get("STACK", 0) + usage.get("LOCAL", 0)
 
 
