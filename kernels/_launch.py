@@ -149,6 +149,13 @@ class Launch:
     # memory under the cap (a shape the launcher's sweep did not see), it runs uncapped (__call__,
     # after its first run) and compiles so (compile: what the AOT check and the static model see).
     sm90_max_registers: int = 0
+    # The run-time cap check's key (cap_key); empty: formed at each call. A plan forms its launches'
+    # once: forming and hashing it cost about a microsecond of host time a call.
+    specialisation: tuple = field(default=(), repr=False, compare=False)
+
+    def cap_key(self) -> tuple:
+        """(kernel, meta items): what __call__'s cap check keys on (``_LOCAL_MEMORY_UNDER_CAP``)."""
+        return self.specialisation or (self.kernel, tuple(self.meta.items()))
 
     def compile_options(self, arch: int, capped: bool = True) -> dict:
         """Triton's compile options for ``arch`` (90 for sm_90; 0 where none applies)."""
@@ -165,7 +172,7 @@ class Launch:
         if "maxnreg" not in options:
             self.kernel[self.grid](**self.args, **self.meta, **options)
             return
-        specialisation = (self.kernel, tuple(self.meta.items()))
+        specialisation = self.cap_key()
         if specialisation in _LOCAL_MEMORY_UNDER_CAP:
             options = self.compile_options(arch, capped=False)
         compiled = self.kernel[self.grid](**self.args, **self.meta, **options)
@@ -249,6 +256,7 @@ class _Plan:
     num_stages: int
     loops: tuple | list = ()
     sm90_max_registers: int = 0
+    specialisation: tuple = ()
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -290,14 +298,16 @@ def planned(key: tuple, names: tuple[str, ...], tensors: tuple, build) -> Launch
         args = dict(zip(names, tensors))
         args.update(plan.scalars)
         return Launch(plan.kernel, plan.grid, args, plan.meta, plan.num_warps, plan.num_stages, loops=plan.loops,
-                      sm90_max_registers=plan.sm90_max_registers)
+                      sm90_max_registers=plan.sm90_max_registers, specialisation=plan.specialisation)
     provisional = configs.provisional_answers
     launch = build()
     if configs.provisional_answers == provisional:
         scalars = {k: v for k, v in launch.args.items() if k not in names}
         assert not any(isinstance(v, torch.Tensor) for v in scalars.values()), "a tensor argument not in names"
-        _store_plan(key, _Plan(launch.kernel, launch.grid, scalars, dict(launch.meta), launch.num_warps,
-                               launch.num_stages, launch.loops, launch.sm90_max_registers))
+        meta = dict(launch.meta)
+        specialisation = (launch.kernel, tuple(meta.items())) if launch.sm90_max_registers else ()
+        _store_plan(key, _Plan(launch.kernel, launch.grid, scalars, meta, launch.num_warps, launch.num_stages,
+                               launch.loops, launch.sm90_max_registers, specialisation))
     return launch
 
 

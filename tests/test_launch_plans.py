@@ -234,6 +234,9 @@ def test_register_cap_is_an_sm90_option_a_plan_keeps():
     assert first.name == "fused_bwd_input_halo_kernel"
     cap = fused.HALO_INPUT_GRAD_SM90_REGISTERS
     assert first.sm90_max_registers == again.sm90_max_registers == cap
+    # The plan forms the cap check's key once, as the launch would.
+    assert again.cap_key() == first.cap_key() == (again.kernel, tuple(again.meta.items()))
+    assert bool(again.specialisation) == bool(cap) and not first.specialisation
     assert cap == (128 if _launch.TRITON_VERSION <= (3, 6) else 0)
     assert again.compile_options(90).get("maxnreg") == (cap or None)
     assert "maxnreg" not in again.compile_options(80) and "maxnreg" not in again.compile_options(0)
@@ -287,6 +290,12 @@ def test_a_register_cap_the_kernel_spills_under_is_dropped(monkeypatch):
     assert calls == [(spills, 200), (spills, None), (spills, None), (fits, 200), (fits, 200), (fits, 200)]
     _launch.Launch(spills, (1,), {}, {"K": 5}, num_warps=2, num_stages=1, sm90_max_registers=200)()
     assert calls[-1] == (spills, 200)
+    # A plan's launches carry their key (Launch.specialisation): the check goes by it.
+    planned = (spills, (("K", 7),))
+    for _ in range(2):
+        _launch.Launch(spills, (1,), {}, {"K": 7}, num_warps=2, num_stages=1, sm90_max_registers=200,
+                       specialisation=planned)()
+    assert planned in _launch._LOCAL_MEMORY_UNDER_CAP and calls[-2:] == [(spills, 200), (spills, None)]
     monkeypatch.setattr(_launch, "device_arch", lambda: 80)  # other GPUs never take the cap
     _launch.Launch(fits, (1,), {}, {"K": 3}, num_warps=2, num_stages=1, sm90_max_registers=200)()
     assert calls[-1] == (fits, None)
