@@ -81,10 +81,15 @@ def next_power_of_2(n: int) -> int:
 INT32_MAX = 2**31 - 1
 
 
+def split_tiles(tiles: int, splits: int, s: int) -> range:
+    """The tiles the programs of split s of a persistent loop walk: s, s + splits, ..."""
+    return range(s, tiles, splits)
+
+
 def split_trips(tiles: int, splits: int) -> int | list[int]:
-    """A persistent loop's trips (``Launch.loops``) where the programs of split s walk tiles s, s +
-    splits, ...: one count per split, equally many programs each (one count where they agree)."""
-    trips = [len(range(s, tiles, splits)) for s in range(splits)]
+    """A persistent loop's trips (``Launch.loops``): one count per split (split_tiles), equally many
+    programs each (one count where they agree)."""
+    trips = [len(split_tiles(tiles, splits, s)) for s in range(splits)]
     return trips[0] if len(set(trips)) == 1 else trips
 
 

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import dynamic_dwconv as dwconv
 from ._fence import fence
-from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64
+from ._launch import Launch, cdiv, inner_strides, is_channels_last, needs_int64, split_tiles
 from .dynamic_dwconv import (MAX_K, _acc_dtype, _channels_in_share, _fenced_halo, _grid, _halo, _inside_tiles,
                              _row_vectors, _tiles, _vector_width, _widen, taps_config)
 
@@ -312,17 +312,17 @@ def _tile_column(position: int, tiles_w: int) -> int:
 
 
 def _split_loops(tiles: int, tiles_w: int, splits: int, rows, interior: list[float] | None) -> tuple | list:
-    """``Launch.loops`` of the persistent walk: each split's tiles (s, s + splits, ...) and ``rows(share)``,
+    """``Launch.loops`` of the persistent walk: each split's tiles (split_tiles) and ``rows(share)``,
     the row loops of a tile where that share of them walk unmasked (``interior``: the share of each
     column tile's programs that do; None: no INTERIOR variant); one tree per split where they differ
     (the static model's classes of programs), else one."""
-    def share(s: int) -> float | None:
-        mine = range(s, tiles, splits)
+    def share(mine: range) -> float | None:
         return None if interior is None else sum(interior[_tile_column(t % tiles_w, tiles_w)] for t in mine) / len(mine)
 
     if tiles == 1:
-        return rows(share(0))
-    trees = [((len(range(s, tiles, splits)), rows(share(s))),) for s in range(splits)]
+        return rows(share(range(1)))
+    walks = [split_tiles(tiles, splits, s) for s in range(splits)]
+    trees = [((len(mine), rows(share(mine))),) for mine in walks]
     return trees[0] if all(tree == trees[0] for tree in trees) else trees
 
 
