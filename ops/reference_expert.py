@@ -78,10 +78,20 @@ def from_grouped_output(y, batch, regions, groups):
     return y.reshape(batch, regions, -1, Ho, Wo)
 
 
+def _no_samples(x, weight, stride, padding, dilation, groups):
+    """The (0, Cout, Ho, Wo) output of an empty batch, from the per-sample kernels ``weight`` (0, m,
+    Cout, Cin/g, kh, kw): the batch-as-groups conv would take B·groups = 0 groups."""
+    return F.conv2d(x, weight.new_zeros(weight.shape[2:]), None, _pair(stride), _pair(padding), _pair(dilation),
+                    groups)
+
+
 def all_region_outputs(x, experts, routing, bias=None, stride=1, padding=0, dilation=1, groups=1, *, spatial=None):
     """y_r for every region r, (B, m, Cout, Ho, Wo): m convs of every pixel in one grouped conv."""
     weight, mixed_bias = mix_kernels(experts, routing, bias, spatial)
     B, m = weight.shape[:2]
+    if B == 0:
+        y = _no_samples(x, weight, stride, padding, dilation, groups)
+        return y[:, None].expand(0, m, *y.shape[1:])
     Cin, H, W = x.shape[1:]
     y = F.conv2d(x.reshape(1, B * Cin, H, W), as_grouped_weight(weight, groups), None,
                  _pair(stride), _pair(padding), _pair(dilation), B * groups)
@@ -110,6 +120,8 @@ def expert_conv2d_grouped(x, experts, routing, bias=None, stride=1, padding=0, d
                                   spatial=spatial, guide=guide)
     weight, mixed_bias = mix_kernels(experts, routing, bias, spatial)
     B, _, Cout = weight.shape[:3]
+    if B == 0:
+        return _no_samples(x, weight, stride, padding, dilation, groups)
     Cin, H, W = x.shape[1:]
     y = F.conv2d(x.reshape(1, B * Cin, H, W), weight.reshape(B * Cout, *weight.shape[3:]),
                  mixed_bias.reshape(B * Cout) if mixed_bias is not None else None,
@@ -127,7 +139,7 @@ def _mixed_flat(experts, routing, bias):
     B, m, E = routing.shape
     route = routing.reshape(B * m, E)
     weight = (route @ experts.reshape(E, -1)).reshape(B, m, *experts.shape[1:])
-    return weight, (route @ bias).reshape(B, m, -1) if bias is not None else None
+    return weight, (route @ bias).reshape(B, m, bias.shape[-1]) if bias is not None else None
 
 
 def expert_conv2d_selected(x, experts, routing, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -171,7 +183,7 @@ def expert_conv2d_loop(x, experts, routing, bias=None, stride=1, padding=0, dila
         y = F.conv2d(x[b: b + 1], w, bias_b, *geometry)
         outputs.append(y)
     if not outputs:  # B = 0: only the output's shape to give
-        return F.conv2d(x, experts.new_zeros(experts.shape[1:]), None, *geometry)
+        return _no_samples(x, weight, stride, padding, dilation, groups)
     y = torch.cat(outputs)
     if guide is None:
         return y

@@ -17,7 +17,7 @@ from dynconv.kernels import expert_conv_input_grad as input_grad_kernels
 from dynconv.kernels import expert_conv_weight_grad as weight_grad_kernels
 from dynconv.ops import _eager
 from dynconv.ops import expert_conv as ops
-from dynconv.reference import expert_conv2d_grouped
+from dynconv.reference import expert_conv2d_grouped, expert_conv2d_loop
 from helpers import assert_close
 
 F64 = dict(dtype=torch.float64)
@@ -216,6 +216,14 @@ def test_empty_problems(shape, interpreted, path, monkeypatch, nan_poison):
         if g.numel() and shape.get("B", 2) == 0:
             assert (g == 0).all(), name
     if shape.get("B", 2) == 0:
+        # The public references give the same empty output and zero gradients (the batch-as-groups
+        # conv would take zero groups; the mixed bias's reshape could not infer its size).
+        for reference in (expert_conv2d_grouped, expert_conv2d_loop):
+            ref_leaves = [leaf.detach().clone().requires_grad_() for leaf in leaves]
+            ref_y = reference(**dict(zip(names, ref_leaves)), stride=1, padding=1, dilation=1, groups=1)
+            assert ref_y.shape == y.shape, reference.__name__
+            for name, g, want in zip(names, torch.autograd.grad(ref_y, ref_leaves, dy, allow_unused=True), grads):
+                assert torch.equal(torch.zeros_like(want) if g is None else g, want), (reference.__name__, name)
         return
     # Cin = 0: the mixed bias alone. The reference cannot take zero channels; one zero channel of x
     # and the experts gives the same output and the same routing, bias and spatial gradients.
