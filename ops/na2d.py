@@ -76,12 +76,7 @@ def _geometry(shape, others: tuple, rpb_shape, attn_shape, K: int, dilation, win
         if tuple(other) != tuple(shape):
             raise ValueError(f"{name} must have the shape of q {tuple(shape)}, got {tuple(other)}")
     dilation = as_pair(dilation, "dilation", 1)
-    if window == "neighborhood":
-        for axis, size, d in (("H", H, dilation[0]), ("W", W, dilation[1])):
-            if K * d > size:
-                raise ValueError(
-                    f"kernel_size·dilation = {K}·{d} = {K * d} is larger than the image side {axis}={size}: a "
-                    f"neighborhood window must fit inside the image (use window='sliding' or a smaller K)")
+    reference.check_window_fits(H, W, K, dilation, window)
     if rpb_shape is not None and tuple(rpb_shape) != (heads, 2 * K - 1, 2 * K - 1):
         raise ValueError(f"rpb must have shape (heads, 2K-1, 2K-1) = {(heads, 2 * K - 1, 2 * K - 1)}, "
                          f"got {tuple(rpb_shape)}")

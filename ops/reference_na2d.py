@@ -60,7 +60,20 @@ def _pair(dilation):
     return (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
 
 
+def check_window_fits(H: int, W: int, K: int, dilation, window: str) -> None:
+    """A neighborhood window (shifted at the borders, never cut) needs K·dilation <= each side, as
+    NATTEN's; past it the windows above read outside the image."""
+    if window != "neighborhood":
+        return
+    for axis, size, d in (("H", H, _pair(dilation)[0]), ("W", W, _pair(dilation)[1])):
+        if K * d > size:
+            raise ValueError(
+                f"kernel_size·dilation = {K}·{d} = {K * d} is larger than the image side {axis}={size}: a "
+                f"neighborhood window must fit inside the image (use window='sliding' or a smaller K)")
+
+
 def _tables(H, W, K, dilation, window, device):
+    check_window_fits(H, W, K, dilation, window)
     dilation = _pair(dilation)
     return window_indices(H, K, dilation[0], window, device), window_indices(W, K, dilation[1], window, device)
 
@@ -82,6 +95,7 @@ def na2d_naive(q, k, v, kernel_size, dilation=(1, 1), rpb=None, scale=None, wind
     """``y[b,i,j,h] = Σ_n softmax_n(scale·q·k[n] + rpb[h, Δi+K-1, Δj+K-1]) · v[n]``, loop by loop."""
     B, H, W, heads, D = q.shape
     K, dilation = kernel_size, _pair(dilation)
+    check_window_fits(H, W, K, dilation, window)
     scale = D ** -0.5 if scale is None else scale
     q, k, v = q.double(), k.double(), v.double()
     y = torch.zeros(q.shape, dtype=torch.float64)

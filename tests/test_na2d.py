@@ -386,6 +386,18 @@ def test_na2d_rejects_bad_input_before_any_kernel(name, make, kwargs, error, mat
         dynconv.na2d(q, k, v, kwargs.pop("kernel_size"), **kwargs)
 
 
+def test_references_reject_a_neighborhood_window_that_does_not_fit():
+    """The references say so as the op does: the loops indexed past the image (IndexError), the
+    gathers clamped their windows into it and returned numbers for a window that does not exist."""
+    from dynconv.reference import na2d_av_gather, na2d_gather, na2d_naive, na2d_qk_gather
+    q = _t(1, 5, 9, 2, 4, dtype=torch.float64)
+    for call in (lambda: na2d_naive(q, q, q, 3, (2, 1)), lambda: na2d_gather(q, q, q, 3, (2, 1)),
+                 lambda: na2d_qk_gather(q, q, 3, (2, 1)), lambda: na2d_av_gather(_t(1, 5, 9, 2, 3, 3), q, 3, (2, 1))):
+        with pytest.raises(ValueError, match=r"kernel_size·dilation = 3·2 = 6 is larger than the image side H=5"):
+            call()
+    assert na2d_naive(q, q, q, 3, (2, 1), window="sliding").shape == q.shape  # a sliding window may leave it
+
+
 def test_unfused_ops_reject_bad_input():
     q = _t(1, 5, 5, 2, 4)
     with pytest.raises(ValueError, match=r"attn must have shape \(B, H, W, heads, K, K\) = \(1, 5, 5, 2, 3, 3\)"):
