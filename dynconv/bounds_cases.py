@@ -138,6 +138,7 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     import torch
 
     from .kernels import expert_conv as ec
+    from .kernels import expert_conv_rows as ecr
     from .kernels import expert_conv_guide as ecg
     from .kernels import expert_conv_input_grad as eci
     from .kernels import expert_conv_weight_grad as ecw
@@ -199,10 +200,14 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
             bias = _empty((rc_part, p.m, p.Cout), dt) if p.bias else None
             return rc.forward_launch(x[:rc_part], weight, bias, regions(rc_part), y[:rc_part],
                                      p.groups, *geometry, cfg)
+        bias = _empty((p.B, p.m, p.Cout), dt)[samples] if p.bias else None
+        if fwd_in_rows:  # NCHW read in place (expert_conv_rows)
+            weight = source(experts, routing)
+            return ecr.forward_launch(x[samples], weight.weight, ec._rows_strides(weight), bias, y[samples],
+                                      (p.K, p.K), p.groups, *geometry[1:])
         if fwd_copies:
             x = ec.channels_last_stand_in(x)
         cfg = ec.forward_config(x, experts, p.m, p.groups, *geometry)
-        bias = _empty((p.B, p.m, p.Cout), dt)[samples] if p.bias else None
         tables = regions(part_size) if guided else None
         return ec.forward_launch(x[samples], source(experts, routing), None, bias, tables, y[samples], (p.K, p.K),
                                  p.groups, *geometry, cfg)
@@ -217,7 +222,10 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
     col_bytes = col_part * rcg.sample_column_bytes(y0, x0, (p.K, p.K))
     fwd_copies = (rc.forward_copies_input(x0) if region_fwd
                   else ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry))
-    dx_copies = (not cl) if region_dx else eci.input_grad_copies_output_grad(x0, experts0, p.m, p.groups, geometry[0])
+    fwd_in_rows = not region_fwd and ec.forward_in_rows(x0, experts0, p.m, p.groups, *geometry)
+    dx_in_rows = not region_dx and eci.input_grad_in_rows(y0, x0, experts0, p.m, p.groups, *geometry)
+    dx_copies = (not cl) if region_dx else (not dx_in_rows and eci.input_grad_copies_output_grad(
+        x0, experts0, p.m, p.groups, geometry[0]))
 
     def dx():
         x, y, experts, routing = tensors()
@@ -232,6 +240,10 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
             return eci.backward_input_launch(y[:rc_part], rc.materialised_source(weight), None,
                                              _empty((rc_part, N), torch.int32), x[:rc_part], (p.K, p.K), p.groups,
                                              *geometry, p.m, cfg)
+        if dx_in_rows:  # NCHW dy read in place (expert_conv_rows)
+            weight = ec.weight_source(experts, routing[dx_samples], dx_materialised, ec.COUT_INNERMOST)
+            return ecr.input_grad_launch(y[dx_samples], weight.weight, ec._rows_strides(weight), x[dx_samples],
+                                         (p.K, p.K), p.groups, *geometry[1:])
         region = _empty((p.B, N), torch.int32)[dx_samples] if guided else None
         if dx_copies:
             cfg = eci.input_grad_config(ec.channels_last_stand_in(x), experts, p.m, p.groups, (p.stride, p.stride))

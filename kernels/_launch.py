@@ -93,6 +93,14 @@ def split_trips(tiles: int, splits: int) -> int | list[int]:
     return trips[0] if len(set(trips)) == 1 else trips
 
 
+def conv_input_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision in a conv kernel: fp32 follows torch's conv switch (on by
+    default), so the kernels round like cuDNN would."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 def needs_int64(*tensors: torch.Tensor | None) -> bool:
     """Whether any element offset of these tensors (None: absent) exceeds int32 (then the kernels
     take their INDEX_64 variant, which forms every offset in 64 bits)."""

@@ -10,7 +10,9 @@ per group (depth-wise, narrow groups) one loop over the flattened reduction ``k 
 wastes no lanes instead. The operands stream channel-contiguous (``_streamed_tiles``): an NCHW
 input whose conv would take those tiles in channels_last is read through a channels_last copy
 (``kernels/layout.py``; ``forward_copies_input``, the input gradient's
-``input_grad_copies_output_grad``), the output written in its own layout.
+``input_grad_copies_output_grad``), the output written in its own layout; at stride 1, where its
+rows fill aligned boxes, in place instead (``expert_conv_rows.py``: ``forward_in_rows``, the input
+gradient's ``input_grad_in_rows``).
 
 Where the mixed kernel ``W[b,r] = spatial[b] ⊙ Σ_e routing[b,r,e]·experts[e]`` comes from:
 
@@ -56,6 +58,8 @@ import triton.language as tl
 
 from ._launch import (INT32_MAX, TRITON_VERSION, Launch, cacheable, cdiv, config_key, is_channels_last, layout,
                       needs_int64, next_power_of_2, planned)
+from ._launch import conv_input_precision as _input_precision
+from . import expert_conv_rows
 from .configs import get_config
 from ._indexing import widen
 from .layout import channels_last_copy, channels_last_empty
@@ -411,13 +415,6 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's conv switch (on by default), so the kernels round like cuDNN would.
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def problem_key(x: torch.Tensor, experts: torch.Tensor, m: int, groups: int, stride) -> dict:
     B, Cin, H, W = x.shape
     E, Cout, _, kh, kw = experts.shape
@@ -665,9 +662,26 @@ def _routed_config(kernel: str, key: dict, problem: dict, copies: bool, default)
     return get_config(kernel, key, default(**problem))
 
 
-def forward_copies_input(x, experts, m, groups, stride, padding, dilation) -> bool:
-    """Whether a forward on NCHW ``x`` reads a channels_last copy of it (:func:`_copies_for_streaming`)."""
-    return _copies_for_streaming(_forward_problem(x, experts, m, groups, stride, padding, dilation))
+def forward_copies_input(x, experts, m, groups, stride, padding, dilation, has_spatial: bool = False) -> bool:
+    """Whether a forward on NCHW ``x`` reads a channels_last copy of it (:func:`_copies_for_streaming`)
+    rather than in place (:func:`forward_in_rows`)."""
+    problem = _forward_problem(x, experts, m, groups, stride, padding, dilation)
+    return _copies_for_streaming(problem) and not _in_rows(problem, x, experts, m, groups, stride, padding, dilation,
+                                                           has_spatial)
+
+
+def forward_in_rows(x, experts, m, groups, stride, padding, dilation, has_spatial: bool = False) -> bool:
+    """Whether a forward reads NCHW ``x`` in place, in aligned row tiles (``expert_conv_rows``), where
+    it would otherwise read a channels_last copy; ``experts`` as :func:`_per_kernel` shapes them."""
+    return _in_rows(_forward_problem(x, experts, m, groups, stride, padding, dilation), x, experts, m, groups,
+                    stride, padding, dilation, has_spatial)
+
+
+def _in_rows(problem: dict, x, experts, m, groups, stride, padding, dilation, has_spatial: bool) -> bool:
+    Cout, kernel_hw = experts.shape[1], tuple(experts.shape[3:])
+    out_w = output_pixels((1, x.shape[3]), (1, kernel_hw[1]), (1, stride[1]), (0, padding[1]), (1, dilation[1]))
+    return expert_conv_rows.supported(x, Cout, out_w, problem["mixing"], has_spatial, m, kernel_hw, groups, stride,
+                                      padding, dilation, problem["index_64"])
 
 
 def forward_route(x, experts, m, groups, stride, padding, dilation) -> tuple[bool, dict]:
@@ -741,6 +755,12 @@ def _acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rows_strides(source: WeightSource) -> tuple:
+    """A materialised (one region) source's (b, o, i, u, v) strides: what ``expert_conv_rows`` reads."""
+    b, _, _, *rest = source.strides
+    return (b, *rest)
+
+
 def _per_kernel(experts, routing):
     """(an experts-shaped tensor for configurations and the kernel size, m): without routing,
     ``experts`` are per-sample kernels (B, m, Cout, Cin/g, kh, kw), see ``weight_source``."""
@@ -754,11 +774,19 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, regions: Regio
     """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``regions`` the tables of a DRConv
     guide of m > 1 regions, else None."""
     shaped, m = _per_kernel(experts, routing)
-    if config is None:
+    in_rows = config is None and forward_in_rows(x, shaped, m, groups, stride, padding, dilation, spatial is not None)
+    if config is None and not in_rows:
         copies, config = forward_route(x, shaped, m, groups, stride, padding, dilation)
         x = channels_last_copy(x) if copies else x
     for samples, materialised in batch_parts(experts, routing, y.shape[2] * y.shape[3], materialise):
         source = weight_source(experts, _part(routing, samples), materialised)
+        if in_rows and not source.mix:
+            expert_conv_rows.forward_launch(x[samples], source.weight, _rows_strides(source),
+                                            _part(bias_mixed, samples), y[samples], shaped.shape[3:], groups,
+                                            padding, dilation)()
+            continue
+        if in_rows:  # a part that mixes on the fly after all (an explicit ``materialise=False``)
+            config = forward_config(x, shaped, m, groups, stride, padding, dilation)
         part_regions = regions.part(samples) if regions is not None else None
         forward_launch(x[samples], source, _part(spatial, samples), _part(bias_mixed, samples), part_regions,
                        y[samples], shaped.shape[3:], groups, stride, padding, dilation, config)()
@@ -832,15 +860,19 @@ def catalogue() -> list[Launch]:
         m, groups, geometry = problem.m, problem.groups, problem.geometry
         kh, kw = experts.shape[3:]
         Ho, Wo = y.shape[2], y.shape[3]
-        # What the forward reads: x or its channels_last copy.
+        # What the forward reads: x in row boxes, x, or its channels_last copy.
         conv_x = channels_last_stand_in(x) if forward_copies_input(x, experts, m, groups, *geometry) else x
-        config = forward_config(conv_x, experts, m, groups, *geometry)
         # The first launch of the pass (all of them when the batch is materialised in parts).
         samples, materialised = batch_parts(experts, routing, Ho * Wo, None)[0]
         yp, sp, bp, conv_xp = (_part(t, samples) for t in (y, spatial, bias, conv_x))
         source = weight_source(experts, _part(routing, samples), materialised)
-        regions = meta_region_tables(yp.shape[0], Ho * Wo, m) if m > 1 else None
-        launch = forward_launch(conv_xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, config)
+        if forward_in_rows(x, experts, m, groups, *geometry, spatial is not None):
+            launch = expert_conv_rows.forward_launch(conv_xp, source.weight, _rows_strides(source), bp, yp, (kh, kw),
+                                                     groups, *geometry[1:])
+        else:
+            config = forward_config(conv_x, experts, m, groups, *geometry)
+            regions = meta_region_tables(yp.shape[0], Ho * Wo, m) if m > 1 else None
+            launch = forward_launch(conv_xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, config)
         launch.label = problem.tag + (" materialised" if materialised else "")
         launches.append(launch)
     return launches + _int64_catalogue()

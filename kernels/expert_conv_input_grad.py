@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import expert_conv as ec
+from . import expert_conv_rows
 from ._launch import Launch, cacheable, cdiv, config_key, is_channels_last, layout, planned
 from .configs import get_config
 from .expert_conv import (COUT_INNERMOST, INT64_CATALOGUE_GEOMETRY, INT64_CATALOGUE_SHAPE, WeightSource,
@@ -326,6 +327,19 @@ def input_grad_copies_output_grad(dx, experts, m, groups, stride) -> bool:
     return _input_grad_copies(_input_grad_problem(dx, experts, m, groups, stride))
 
 
+def input_grad_in_rows(dy, dx, experts, m, groups, stride, padding, dilation, has_spatial: bool = False) -> bool:
+    """Whether an input gradient reads NCHW ``dy`` in place: at stride 1, as the row-box forward of dy
+    (``expert_conv_rows.input_grad_launch``) where that forward's conditions hold for dy; ``experts``
+    as :func:`_per_kernel` shapes them."""
+    kernel_hw = tuple(experts.shape[3:])
+    padding = expert_conv_rows.transposed_padding(kernel_hw, padding, dilation)
+    if tuple(stride) != (1, 1) or min(padding) < 0:
+        return False
+    problem = _input_grad_problem(dx, experts, m, groups, stride)
+    return expert_conv_rows.supported(dy, dx.shape[1], dx.shape[3], problem["mixing"], has_spatial, m, kernel_hw,
+                                      groups, stride, padding, dilation, problem["index_64"])
+
+
 def input_grad_route(dx, experts, m, groups, stride) -> tuple[bool, dict]:
     """(whether the input gradient reads a channels_last copy of dy, the config it then runs), from
     one look at the problem."""
@@ -402,11 +416,19 @@ def expert_conv_backward_input(dy, experts, routing, spatial, regions: RegionTab
                                padding, dilation, materialise: bool | None = None, config: dict | None = None) -> None:
     """``regions``: the tables of a DRConv guide of m > 1 regions (their region map), else None."""
     shaped, m = _per_kernel(experts, routing)
-    if config is None:
+    in_rows = config is None and input_grad_in_rows(dy, dx, shaped, m, groups, stride, padding, dilation,
+                                                    spatial is not None)
+    if config is None and not in_rows:
         copies, config = input_grad_route(dx, shaped, m, groups, stride)
         dy = channels_last_copy(dy) if copies and not is_channels_last(dy) else dy
     for samples, materialised in ec.batch_parts(experts, routing, input_grad_pixels(dx), materialise):
         source = ec.weight_source(experts, _part(routing, samples), materialised, COUT_INNERMOST)
+        if in_rows and not source.mix:
+            expert_conv_rows.input_grad_launch(dy[samples], source.weight, ec._rows_strides(source), dx[samples],
+                                               shaped.shape[3:], groups, padding, dilation)()
+            continue
+        if in_rows:  # a part that mixes on the fly after all (an explicit ``materialise=False``)
+            config = input_grad_config(dx, shaped, m, groups, stride)
         region = regions.region[samples] if regions is not None else None
         backward_input_launch(dy[samples], source, _part(spatial, samples), region, dx[samples], shaped.shape[3:],
                               groups, stride, padding, dilation, m, config)()
@@ -420,12 +442,20 @@ def catalogue() -> list[Launch]:
         x, y, experts, routing, spatial = problem.x, problem.y, problem.experts, problem.routing, problem.spatial
         m, groups, geometry = problem.m, problem.groups, problem.geometry
         Ho, Wo = y.shape[2:]
-        dx_copies = input_grad_copies_output_grad(x, experts, m, groups, geometry[0])
+        in_rows = input_grad_in_rows(y, x, experts, m, groups, *geometry, spatial is not None)
+        dx_copies = not in_rows and input_grad_copies_output_grad(x, experts, m, groups, geometry[0])
         dy = channels_last_stand_in(y) if dx_copies else y
         config = input_grad_config(channels_last_stand_in(x) if dx_copies else x, experts, m, groups, geometry[0])
         # Its parts count dx's pixels (input_grad_pixels).
         samples, materialised = ec.batch_parts(experts, routing, input_grad_pixels(x), None)[0]
         dx = _part(x, samples)
+        if in_rows:
+            source = ec.weight_source(experts, _part(routing, samples), materialised, COUT_INNERMOST)
+            launch = expert_conv_rows.input_grad_launch(_part(dy, samples), source.weight, ec._rows_strides(source),
+                                                        dx, experts.shape[3:], groups, *geometry[1:])
+            launch.label = problem.tag + (" materialised" if materialised else "") + " in rows"
+            launches.append(launch)
+            continue
         region_map = torch.empty((dx.shape[0], Ho * Wo), dtype=torch.int32, device="meta") if m > 1 else None
         launch = backward_input_launch(_part(dy, samples),
                                        ec.weight_source(experts, _part(routing, samples), materialised, COUT_INNERMOST),

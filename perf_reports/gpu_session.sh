@@ -158,7 +158,7 @@ case $step in
     { environment; nvidia-smi -q -d CLOCK,POWER,PERFORMANCE 2>/dev/null | grep -E 'Graphics|SM|Memory|Power Draw|Slowdown|Throttle' | head -20; } \
         | tee "$OUT/environment.txt"
     install
-    tests=(test_dynamic_dwconv test_expert_conv test_involution_nchw test_involution test_involution_autograd
+    tests=(test_dynamic_dwconv test_expert_conv test_expert_conv_rows test_involution_nchw test_involution test_involution_autograd
            test_expert_autograd test_involution_fused test_region_conv test_region_tables test_na2d test_index64
            test_cuda_graph test_involution_fused_autograd test_involution_api test_expert_modules
            test_modules_dropin test_launch_plans test_eager_path test_configs test_thread_safety
