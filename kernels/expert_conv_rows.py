@@ -89,9 +89,10 @@ def expert_conv_rows_fwd_kernel(
 
     p = tl.arange(0, M)
     r = p // BOX
-    # Whether a pixel's column is in the image, decided per 8-pixel chunk (exact: the rows and the
-    # box start are chunk-aligned), written so the compiler sees it constant over each copy.
-    chunk = w0 - HALO + (p // 8 % (BOX // 8)) * 8
+    # Columns masked per 8-pixel chunk (exact: the rows and the box start are chunk-aligned), from
+    # the pixel's chunk start in the box, so the compiler sees a mask constant over each 16-byte copy.
+    box_chunk = (p // 8 % (BOX // 8)) * 8
+    chunk = w0 - HALO + box_chunk
     col_in = (chunk >= 0) & (chunk < W)
     c = tl.arange(0, BLOCK_K)
     n = n0 + tl.arange(0, BLOCK_N)
@@ -134,9 +135,7 @@ def expert_conv_rows_fwd_kernel(
         out = _column_shifted(acc0, -PW, BOX, M, BLOCK_N)
     if HAS_BIAS:
         out += tl.load(bias_row + n * sbias_o, mask=n_in, other=0.0)[None, :].to(tl.float32)
-    q = p % BOX
-    if OUT_ALIGNED:  # decided per chunk, as the copies' mask
-        q = (p // 8 % (BOX // 8)) * 8
+    q = box_chunk if OUT_ALIGNED else p % BOX  # stores masked per chunk too where rows are aligned
     keep = (q >= HALO) & (q < HALO + COL_STEP) & (w0 - HALO + q < Wo) & (h0 + r < Ho)
     y_offs = n[None, :] * (Ho * Wo) + (r * Wo + p % BOX)[:, None]
     tl.store(y_tile + y_offs, out.to(y_ptr.dtype.element_ty), mask=keep[:, None] & n_in[None, :])
