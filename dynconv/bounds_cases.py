@@ -224,8 +224,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
                   else ec.forward_copies_input(x0, experts0, p.m, p.groups, *geometry))
     fwd_in_rows = not region_fwd and ec.forward_in_rows(x0, experts0, p.m, p.groups, *geometry)
     dx_in_rows = not region_dx and eci.input_grad_in_rows(y0, x0, experts0, p.m, p.groups, *geometry)
-    dx_copies = (not cl) if region_dx else (not dx_in_rows and eci.input_grad_copies_output_grad(
-        x0, experts0, p.m, p.groups, geometry[0]))
+    dx_copies = (not cl) if region_dx else eci.input_grad_copies_output_grad(y0, x0, experts0, p.m, p.groups,
+                                                                             *geometry)
 
     def dx():
         x, y, experts, routing = tensors()
@@ -263,7 +263,10 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
         return [(launch, col_part * p.Cout * N * nb + col_bytes)]
 
     def dw():
-        x, y, experts, _ = tensors()
+        x, y, experts, routing = tensors()
+        # A backward running both passes hands the kernel gradient the input gradient's copy of dy.
+        if ecw.backward_shares_output_grad(y, x, experts, routing, p.groups, *geometry):
+            y = ec.channels_last_stand_in(y)
         return ecw.default_launch(y, x, experts, p.m, p.groups, geometry)
 
     def guide():
@@ -315,7 +318,8 @@ def _expert_cases(name: str, dtype: str, layout: str, kernels=("fwd", "dx", "dw"
               "dx": (lambda: (copied(tensors()[1][:col_part] if region_dx else tensors()[1][dx_samples], True)
                               if dx_copies else []) + (column_product() if columns else []))
               if dx_copies or columns else None,
-              # dy's copy is the input gradient's: a backward running both makes one (ops' _grads).
+              # x's: dy's copy, where there is one, is the input gradient's (a backward running both
+              # makes one, ops' _grads); without one a 16-bit kernel gradient reads a flat NCHW dy in place.
               "dw": (lambda: copied(tensors()[0], True)) if dw_copies else None}
     if guided and p.m > 1:
         # The region tables the forward builds first (the backward reads the forward's), and the bias

@@ -684,13 +684,16 @@ def _in_rows(problem: dict, x, experts, m, groups, stride, padding, dilation, ha
                                       padding, dilation, problem["index_64"])
 
 
-def forward_route(x, experts, m, groups, stride, padding, dilation) -> tuple[bool, dict]:
-    """(whether the forward reads a channels_last copy of ``x``, the config of the tensor it reads),
-    from one look at the problem: the op's host path per call."""
+def forward_route(x, experts, m, groups, stride, padding, dilation,
+                  has_spatial: bool = False) -> tuple[bool, bool, dict | None]:
+    """(whether the forward reads ``x`` in row boxes, whether it reads a channels_last copy of it, the
+    config of the tensor it otherwise reads), from one look at the problem: the op's host path per call."""
     problem = _forward_problem(x, experts, m, groups, stride, padding, dilation)
+    if _in_rows(problem, x, experts, m, groups, stride, padding, dilation, has_spatial):
+        return True, False, None
     copies = _copies_for_streaming(problem)
-    return copies, _routed_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride), problem, copies,
-                                  default_forward_config)
+    return False, copies, _routed_config("expert_conv_fwd", problem_key(x, experts, m, groups, stride), problem,
+                                         copies, default_forward_config)
 
 
 def forward_launch(x, source: WeightSource, spatial, bias_mixed, regions: RegionTables | None, y,
@@ -774,9 +777,9 @@ def expert_conv_forward(x, experts, routing, spatial, bias_mixed, regions: Regio
     """``routing`` (B, m, E); ``bias_mixed`` (B, m, Cout) or None; ``regions`` the tables of a DRConv
     guide of m > 1 regions, else None."""
     shaped, m = _per_kernel(experts, routing)
-    in_rows = config is None and forward_in_rows(x, shaped, m, groups, stride, padding, dilation, spatial is not None)
-    if config is None and not in_rows:
-        copies, config = forward_route(x, shaped, m, groups, stride, padding, dilation)
+    in_rows = False
+    if config is None:
+        in_rows, copies, config = forward_route(x, shaped, m, groups, stride, padding, dilation, spatial is not None)
         x = channels_last_copy(x) if copies else x
     for samples, materialised in batch_parts(experts, routing, y.shape[2] * y.shape[3], materialise):
         source = weight_source(experts, _part(routing, samples), materialised)
@@ -861,16 +864,16 @@ def catalogue() -> list[Launch]:
         kh, kw = experts.shape[3:]
         Ho, Wo = y.shape[2], y.shape[3]
         # What the forward reads: x in row boxes, x, or its channels_last copy.
-        conv_x = channels_last_stand_in(x) if forward_copies_input(x, experts, m, groups, *geometry) else x
+        in_rows, copies, config = forward_route(x, experts, m, groups, *geometry, spatial is not None)
+        conv_x = channels_last_stand_in(x) if copies else x
         # The first launch of the pass (all of them when the batch is materialised in parts).
         samples, materialised = batch_parts(experts, routing, Ho * Wo, None)[0]
         yp, sp, bp, conv_xp = (_part(t, samples) for t in (y, spatial, bias, conv_x))
         source = weight_source(experts, _part(routing, samples), materialised)
-        if forward_in_rows(x, experts, m, groups, *geometry, spatial is not None):
+        if in_rows:
             launch = expert_conv_rows.forward_launch(conv_xp, source.weight, _rows_strides(source), bp, yp, (kh, kw),
                                                      groups, *geometry[1:])
         else:
-            config = forward_config(conv_x, experts, m, groups, *geometry)
             regions = meta_region_tables(yp.shape[0], Ho * Wo, m) if m > 1 else None
             launch = forward_launch(conv_xp, source, sp, bp, regions, yp, (kh, kw), groups, *geometry, config)
         launch.label = problem.tag + (" materialised" if materialised else "")

@@ -167,7 +167,8 @@ def bank_copies_input(x, experts, groups, stride, padding, dilation) -> bool:
 
 
 def bank_route(x, experts, groups, stride, padding, dilation) -> tuple[bool, dict]:
-    """:func:`forward_route` for the expert-bank guide scores."""
+    """(whether it reads a channels_last copy of ``x``, its config): the forward's routing
+    (:func:`forward_route`, no row boxes) for the expert-bank guide scores."""
     problem = _bank_problem(x, experts, groups, stride, padding, dilation)
     copies = _copies_for_streaming(problem)
     return copies, _routed_config("expert_conv_fwd", problem_key(x, experts, 1, groups, stride), problem, copies,

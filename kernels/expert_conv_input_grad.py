@@ -321,32 +321,43 @@ def _input_grad_copies(problem: dict) -> bool:
             and _streams(problem["cout_g"], problem["dtype"], problem["mixing"], problem["index_64"]))
 
 
-def input_grad_copies_output_grad(dx, experts, m, groups, stride) -> bool:
-    """Whether an input gradient into NCHW ``dx`` reads a channels_last copy of dy (``kernels/layout.py``):
-    where that copy's input gradient takes the streamed tiles (no regions: theirs are their own)."""
-    return _input_grad_copies(_input_grad_problem(dx, experts, m, groups, stride))
+def input_grad_copies_output_grad(dy, dx, experts, m, groups, stride, padding, dilation,
+                                  has_spatial: bool = False) -> bool:
+    """Whether an input gradient into NCHW ``dx`` reads a channels_last copy of NCHW ``dy``
+    (``kernels/layout.py``): where that copy's input gradient takes the streamed tiles (no regions:
+    theirs are their own) and dy is not read in place in row boxes (:func:`input_grad_in_rows`)."""
+    return input_grad_route(dy, dx, experts, m, groups, stride, padding, dilation, has_spatial)[1]
 
 
 def input_grad_in_rows(dy, dx, experts, m, groups, stride, padding, dilation, has_spatial: bool = False) -> bool:
     """Whether an input gradient reads NCHW ``dy`` in place: at stride 1, as the row-box forward of dy
     (``expert_conv_rows.input_grad_launch``) where that forward's conditions hold for dy; ``experts``
     as :func:`_per_kernel` shapes them."""
+    return _in_rows(_input_grad_problem(dx, experts, m, groups, stride), dy, dx, experts, m, groups, stride, padding,
+                    dilation, has_spatial)
+
+
+def _in_rows(problem: dict, dy, dx, experts, m, groups, stride, padding, dilation, has_spatial: bool) -> bool:
     kernel_hw = tuple(experts.shape[3:])
     padding = expert_conv_rows.transposed_padding(kernel_hw, padding, dilation)
     if tuple(stride) != (1, 1) or min(padding) < 0:
         return False
-    problem = _input_grad_problem(dx, experts, m, groups, stride)
     return expert_conv_rows.supported(dy, dx.shape[1], dx.shape[3], problem["mixing"], has_spatial, m, kernel_hw,
                                       groups, stride, padding, dilation, problem["index_64"])
 
 
-def input_grad_route(dx, experts, m, groups, stride) -> tuple[bool, dict]:
-    """(whether the input gradient reads a channels_last copy of dy, the config it then runs), from
-    one look at the problem."""
+def input_grad_route(dy, dx, experts, m, groups, stride, padding, dilation,
+                     has_spatial: bool = False) -> tuple[bool, bool, dict | None]:
+    """(whether the input gradient reads ``dy`` in row boxes, whether it reads a channels_last copy
+    of it, the config it otherwise runs), from one look at the problem: the op's host path per call."""
     problem = _input_grad_problem(dx, experts, m, groups, stride)
-    copies = _input_grad_copies(problem)
-    return copies, _routed_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride), problem,
-                                  copies, default_input_grad_config)
+    if _in_rows(problem, dy, dx, experts, m, groups, stride, padding, dilation, has_spatial):
+        return True, False, None
+    # Where the streamed tiles read dy channels_last: its copy, or dy as it is.
+    reads_channels_last = _input_grad_copies(problem)
+    config = _routed_config("expert_conv_bwd_input", problem_key(dx, experts, m, groups, stride), problem,
+                            reads_channels_last, default_input_grad_config)
+    return False, reads_channels_last and not is_channels_last(dy), config
 
 
 def backward_input_launch(dy, source: WeightSource, spatial, region, dx, kernel_hw, groups, stride, padding,
@@ -416,11 +427,11 @@ def expert_conv_backward_input(dy, experts, routing, spatial, regions: RegionTab
                                padding, dilation, materialise: bool | None = None, config: dict | None = None) -> None:
     """``regions``: the tables of a DRConv guide of m > 1 regions (their region map), else None."""
     shaped, m = _per_kernel(experts, routing)
-    in_rows = config is None and input_grad_in_rows(dy, dx, shaped, m, groups, stride, padding, dilation,
-                                                    spatial is not None)
-    if config is None and not in_rows:
-        copies, config = input_grad_route(dx, shaped, m, groups, stride)
-        dy = channels_last_copy(dy) if copies and not is_channels_last(dy) else dy
+    in_rows = False
+    if config is None:
+        in_rows, copies, config = input_grad_route(dy, dx, shaped, m, groups, stride, padding, dilation,
+                                                   spatial is not None)
+        dy = channels_last_copy(dy) if copies else dy
     for samples, materialised in ec.batch_parts(experts, routing, input_grad_pixels(dx), materialise):
         source = ec.weight_source(experts, _part(routing, samples), materialised, COUT_INNERMOST)
         if in_rows and not source.mix:
@@ -442,10 +453,8 @@ def catalogue() -> list[Launch]:
         x, y, experts, routing, spatial = problem.x, problem.y, problem.experts, problem.routing, problem.spatial
         m, groups, geometry = problem.m, problem.groups, problem.geometry
         Ho, Wo = y.shape[2:]
-        in_rows = input_grad_in_rows(y, x, experts, m, groups, *geometry, spatial is not None)
-        dx_copies = not in_rows and input_grad_copies_output_grad(x, experts, m, groups, geometry[0])
+        in_rows, dx_copies, config = input_grad_route(y, x, experts, m, groups, *geometry, spatial is not None)
         dy = channels_last_stand_in(y) if dx_copies else y
-        config = input_grad_config(channels_last_stand_in(x) if dx_copies else x, experts, m, groups, geometry[0])
         # Its parts count dx's pixels (input_grad_pixels).
         samples, materialised = ec.batch_parts(experts, routing, input_grad_pixels(x), None)[0]
         dx = _part(x, samples)

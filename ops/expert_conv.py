@@ -481,9 +481,10 @@ def _grads(ctx, grad, backward_input, backward_weight, channels_last_copy):
     ``channels_last_copy`` makes it once for both."""
     x, weights, routing, bias, spatial, guide, regions = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    stride, _, _, groups = ctx.geometry
+    stride, padding, dilation, groups = ctx.geometry
     if (needs[0] and any(needs[1:6]) and runs_kernels(grad) and grad.numel()
-            and weight_grad_kernels.backward_shares_output_grad(grad, x, weights, routing, groups, stride)):
+            and weight_grad_kernels.backward_shares_output_grad(grad, x, weights, routing, groups, stride, padding,
+                                                                dilation, spatial is not None)):
         grad = channels_last_copy(grad)
     dx = dweights = drouting = dbias = dspatial = dguide = None
     if needs[0]:

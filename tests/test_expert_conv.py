@@ -152,7 +152,7 @@ def test_streamed_tiles(dtype, memory_format, device, monkeypatch):
     experts = torch.empty((1, 64, 64, 3, 3), dtype=dtype)
     nchw = memory_format == torch.contiguous_format
     assert kernels.forward_copies_input(x, experts, 1, 1, (1, 1), (1, 1), (1, 1)) == nchw
-    assert input_grad_kernels.input_grad_copies_output_grad(x, experts, 1, 1, (1, 1)) == nchw
+    assert input_grad_kernels.input_grad_copies_output_grad(x, x, experts, 1, 1, (1, 1), (1, 1), (1, 1)) == nchw
     # fp32 NCHW at stride 1, output as large as the input: the kernel gradient's FLAT steps, no copy
     flat_fp32 = nchw and dtype == torch.float32
     assert weight_grad_kernels.weight_grad_copies_inputs(x, x, 1, 1, (1, 1)) == (nchw and not flat_fp32)
@@ -181,7 +181,7 @@ def test_drconv_backward_reads_channels_last_copies(dtype, memory_format, monkey
     assert weight_grad_kernels.weight_grad_copies_inputs(x, x, 3, 1, (1, 1)) == nchw
     experts = torch.empty((2, 64, 64, 3, 3), dtype=dtype)
     routing = torch.empty((1, 3, 2), dtype=dtype)
-    assert weight_grad_kernels.backward_shares_output_grad(x, x, experts, routing, 1, (1, 1)) == nchw
+    assert weight_grad_kernels.backward_shares_output_grad(x, x, experts, routing, 1, (1, 1), (1, 1), (1, 1)) == nchw
     config = weight_grad_kernels.weight_grad_config(x.contiguous(memory_format=torch.channels_last), experts[:1], 3,
                                                     1, (1, 1))
     assert config["num_stages"] == 5 and config["BLOCK_K"] * dtype.itemsize == 64
@@ -237,8 +237,9 @@ def test_strided_input_gradient_streams_materialised_kernels(dtype, memory_forma
     monkeypatch.setattr(kernels, "materialise_part", lambda filter_size, B, m, out_pixels: B)
     x = torch.empty((1, 64, 7, 6), dtype=dtype).to(memory_format=memory_format)
     experts = torch.empty((2, 64, 64, 3, 3), dtype=dtype)
-    copies, config = input_grad_kernels.input_grad_route(x, experts, 1, 1, (2, 2))
-    assert copies == (memory_format == torch.contiguous_format)
+    dy = torch.empty((1, 64, 4, 3), dtype=dtype).to(memory_format=memory_format)
+    in_rows, copies, config = input_grad_kernels.input_grad_route(dy, x, experts, 1, 1, (2, 2), (1, 1), (1, 1))
+    assert not in_rows and copies == (memory_format == torch.contiguous_format)
     assert config["BLOCK_P"] == 128 and config["BLOCK_K"] * dtype.itemsize == 128 and config["num_stages"] == 3
     _check(Case(B=1, Cin=64, Cout=64, H=7, W=6, E=2, stride=2), dtype, device, memory_format)
 

@@ -70,8 +70,8 @@ def test_forward_in_row_boxes(name, dtype, device, monkeypatch):
     expected += [("input_grad_launch", y.shape), ("forward_launch", y.shape)] * dx_in_rows
     assert launched == expected
     # no copy of x; dy's where the input gradient takes the channels_last streamed tiles instead
-    dy_copied = not dx_in_rows and input_grad_kernels.input_grad_copies_output_grad(x, experts, 1, case.groups,
-                                                                                     geometry[0])
+    dy_copied = input_grad_kernels.input_grad_copies_output_grad(y, x, experts, 1, case.groups, *geometry)
+    assert not (dy_copied and dx_in_rows)
     assert copied == [y.shape] * dy_copied
 
 
@@ -94,3 +94,65 @@ def test_rows_are_taken_only_where_they_apply():
     assert not reads_in_rows(cin=48)  # not whole channel blocks
     assert rows.box_columns(28, 28, 3, 1, 1) is None
     assert rows.box_columns(112, 112, 3, 1, 1) == (128, 112)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_of_64_channels_copies_only_x(dtype, device, monkeypatch):
+    """From 64 channels a group the 16-bit kernel gradient reads x's channels_last copy; dy, whose
+    pixels are one flat axis of a multiple of 16, it reads in place (DY_FLAT steps), so the op makes
+    no copy of dy for both backward passes and the input gradient reads dy in row boxes."""
+    case = Case(B=1, Cin=64, Cout=64, H=2, W=56, E=2)
+    x, experts, routing = _materialised(case, dtype, monkeypatch)
+    assert weight_grad_kernels.weight_grad_copies_inputs(x, x, 1, 1, (1, 1))
+    assert weight_grad_kernels.reads_output_grad_flat(x, 1)
+    assert not weight_grad_kernels.weight_grad_copies_output_grad(x, x, 1, 1, (1, 1))
+    assert not weight_grad_kernels.backward_shares_output_grad(x, x, experts, routing, 1, (1, 1), (1, 1), (1, 1))
+    assert not weight_grad_kernels.reads_output_grad_flat(x[..., :6], 1)  # 12 pixels: planes not 16-aligned
+    launched, copied = _record_backward(monkeypatch)
+    _check(case, dtype, device)
+    assert copied == [x.shape]  # x, for the kernel gradient
+    weight_launch = launched[-1][0]
+    assert weight_launch.meta["DY_FLAT"] and not weight_launch.meta["FLAT"]
+    assert launched[:-1] == ["forward_launch", "input_grad_launch", "forward_launch"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_backward_shares_the_input_gradients_copy_of_dy(dtype, device, monkeypatch):
+    """Where the input gradient copies dy anyway (24-pixel rows: no row boxes), the kernel gradient
+    reads that one copy rather than dy in place, though dy would qualify."""
+    case = Case(B=1, Cin=64, Cout=64, H=2, W=24, E=2)
+    x, experts, routing = _materialised(case, dtype, monkeypatch)
+    assert weight_grad_kernels.reads_output_grad_flat(x, 1)
+    assert weight_grad_kernels.backward_shares_output_grad(x, x, experts, routing, 1, (1, 1), (1, 1), (1, 1))
+    launched, copied = _record_backward(monkeypatch)
+    _check(case, dtype, device)
+    assert copied == [x.shape] * 3  # x for the forward, dy once for both backward passes, x for the kernel gradient
+    assert launched[:-1] == []  # no row boxes
+    assert not launched[-1][0].meta["DY_FLAT"]
+
+
+def _materialised(case: Case, dtype, monkeypatch):
+    """Stand-ins (x, experts, routing) of ``case`` for the routing predicates, with the op
+    set to materialise the whole batch's kernels (the streamed tiles' condition)."""
+    monkeypatch.setattr(kernels, "should_materialise", lambda *args: True)
+    monkeypatch.setattr(kernels, "materialise_part", lambda filter_size, B, m, out_pixels: B)
+    x = torch.empty((case.B, case.Cin, case.H, case.W), dtype=dtype)
+    experts = torch.empty((case.E, case.Cout, case.Cin // case.groups, case.kh, case.kw), dtype=dtype)
+    return x, experts, torch.empty((case.B, 1, case.E), dtype=dtype)
+
+
+def _record_backward(monkeypatch):
+    """(launches, copied shapes) the op makes: the row-box entry points by name, the kernel
+    gradient's launches as they are, channels_last copies by shape."""
+    launched, copied = [], []
+    launch = weight_grad_kernels.launch_with_partials
+    monkeypatch.setattr(weight_grad_kernels, "launch_with_partials",
+                        lambda *a, **k: launched.append(launch(*a, **k)) or launched[-1])
+    for entry in ("forward_launch", "input_grad_launch"):
+        rows_launch = getattr(rows, entry)
+        monkeypatch.setattr(rows, entry, lambda *a, entry=entry, rows_launch=rows_launch, **k:
+                            launched.append(entry) or rows_launch(*a, **k))
+    copy = kernels.channels_last_copy
+    for module in (kernels, input_grad_kernels, weight_grad_kernels, layout):
+        monkeypatch.setattr(module, "channels_last_copy", lambda t: copied.append(t.shape) or copy(t))
+    return launched, copied
