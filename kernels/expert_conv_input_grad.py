@@ -325,8 +325,11 @@ def input_grad_copies_output_grad(dy, dx, experts, m, groups, stride, padding, d
                                   has_spatial: bool = False) -> bool:
     """Whether an input gradient into NCHW ``dx`` reads a channels_last copy of NCHW ``dy``
     (``kernels/layout.py``): where that copy's input gradient takes the streamed tiles (no regions:
-    theirs are their own) and dy is not read in place in row boxes (:func:`input_grad_in_rows`)."""
-    return input_grad_route(dy, dx, experts, m, groups, stride, padding, dilation, has_spatial)[1]
+    theirs are their own) and dy is not read in place in row boxes (:func:`input_grad_in_rows`);
+    :func:`input_grad_route`'s verdict without its config lookup (a backward asks it first)."""
+    problem = _input_grad_problem(dx, experts, m, groups, stride)
+    return (not is_channels_last(dy) and _input_grad_copies(problem)
+            and not _in_rows(problem, dy, dx, experts, m, groups, stride, padding, dilation, has_spatial))
 
 
 def input_grad_in_rows(dy, dx, experts, m, groups, stride, padding, dilation, has_spatial: bool = False) -> bool:
