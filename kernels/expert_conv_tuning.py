@@ -17,6 +17,11 @@ the kernel gradient, (BLOCK_P, BLOCK_O, BLOCK_K) for the region forward (BLOCK_K
 Candidates are the neighbourhood of the launcher's default, pruned to what ``tl.dot`` takes (every
 block a power of two >= 16), tiles no larger than the problem, and what plausibly fits registers
 and shared memory (:func:`_plausible`).
+
+An NCHW layer is timed as the op runs it (:func:`_route`): where a pass reads a channels_last copy
+of its NCHW operand, the copy's kernel is timed under the copy's key (the row the op looks up,
+which the layer's channels_last problem times too: ``choose`` takes the best config over both);
+where it reads the operand in row boxes (``expert_conv_rows``, no table) the pass is not swept.
 """
 from __future__ import annotations
 
@@ -116,6 +121,34 @@ def _cached(ts: dict, name, build):
     return ts[name]
 
 
+def _channels_last(ts: dict, name: str) -> torch.Tensor:
+    """The channels_last copy of ``ts[name]`` that the op would make, made once per problem."""
+    return _cached(ts, f"{name}_channels_last", lambda: ts[name].contiguous(memory_format=torch.channels_last))
+
+
+def _route(kernel: str, spec: dict, ts: dict) -> tuple[bool, bool]:
+    """(whether the op's forward or input gradient reads its NCHW operand in row boxes, whether it
+    reads a channels_last copy of it), as the op's routing answers for these tensors (the kernel
+    gradient's copies: :func:`_weight_grad_operands`). DRConv's forward keeps its NCHW row: that key
+    is also the mixing guide scores', which read x in place."""
+    geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
+    if kernel == "expert_conv_fwd" and m == 1:
+        x, experts = ts["x"], ts["experts"]
+        return ec.forward_in_rows(x, experts, m, g, *geometry), ec.forward_copies_input(x, experts, m, g, *geometry)
+    if kernel == "expert_conv_bwd_input" and m == 1:
+        dy, dx, experts = ts["dy"], ts["dx"], ts["experts"]
+        return (eci.input_grad_in_rows(dy, dx, experts, m, g, *geometry),
+                eci.input_grad_copies_output_grad(dy, dx, experts, m, g, *geometry))
+    return False, False
+
+
+def _weight_grad_operands(spec: dict, ts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy, x) as the op's kernel gradient reads them: x's channels_last copy where it copies x, dy's
+    too where it does not read dy in place."""
+    return ecw.operands_read(ts["dy"], ts["x"], spec["m"], spec["groups"], _strides(spec),
+                             lambda t: _channels_last(ts, "dy" if t is ts["dy"] else "x"))
+
+
 def _source(ts: dict, innermost: int = ec.CIN_INNERMOST) -> ec.WeightSource:
     # What the op would read: materialised mixed kernels or the experts mixed on the fly, laid out
     # for the pass (``innermost``: its reduction axis; Cout innermost is the input gradient's, which
@@ -142,15 +175,18 @@ def _key_experts(kernel: str, ts: dict) -> torch.Tensor:
 
 def _forward(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
-    config = config or ec.forward_config(ts["x"], ts["experts"], m, g, *geometry)
-    return ec.forward_launch(ts["x"], _source(ts), None, ts["bias"], _regions(ts), ts["y"],
+    x = _channels_last(ts, "x") if _route("expert_conv_fwd", spec, ts)[1] else ts["x"]
+    config = config or ec.forward_config(x, ts["experts"], m, g, *geometry)
+    return ec.forward_launch(x, _source(ts), None, ts["bias"], _regions(ts), ts["y"],
                              (spec["kh"], spec["kw"]), g, *geometry, config)
 
 
 def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
     dy, dx, experts = ts["dy"], ts["dx"], ts["experts"]
-    config = config or eci.input_grad_config(dx, experts, m, g, geometry[0])
+    if config is None:  # the op's lookup: the copy's row where it reads dy's copy (none in row boxes)
+        config = eci.input_grad_route(dy, dx, experts, m, g, *geometry)[2] or eci.input_grad_config(
+            dx, experts, m, g, geometry[0])
     regions = _regions(ts)
     kernel_hw = (spec["kh"], spec["kw"])
     if regions is not None and rc.backward_input_supported(dy, dx, m):
@@ -160,16 +196,18 @@ def _input_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
         part = slice(0, rc.batch_part(dx.shape[0], m, experts[0].numel(), dx.element_size()))
         weight = _cached(ts, "region_kernels_dx",
                          lambda: rc.mixed_kernels(experts, ts["routing"][part], None, ec.COUT_INNERMOST))
-        dy = _cached(ts, "dy_channels_last", lambda: dy.contiguous(memory_format=torch.channels_last))
+        dy = _channels_last(ts, "dy")
         return eci.backward_input_launch(dy[part], rc.materialised_source(weight), None, regions.region[part], dx[part],
                                         kernel_hw, g, *geometry, m, config)
+    if _route("expert_conv_bwd_input", spec, ts)[1]:
+        dy = _channels_last(ts, "dy")
     return eci.backward_input_launch(dy, _source(ts, ec.COUT_INNERMOST), None, regions.region if regions else None, dx,
                                     kernel_hw, g, *geometry, m, config)
 
 
 def _weight_grad(spec: dict, ts: dict, config: dict | None) -> Launch:
     geometry, m, g = _geometry(spec), spec["m"], spec["groups"]
-    x, dy = ts["x"], ts["dy"]
+    dy, x = _weight_grad_operands(spec, ts)
     config = config or ecw.weight_grad_config(x, _key_experts("expert_conv_bwd_weight", ts), m, g, geometry[0])
     # As the op, its partials kept across the candidates of one problem.
     return ecw.launch_with_partials(dy, x, _regions(ts), m, g, (spec["kh"], spec["kw"]), geometry, config,
@@ -186,7 +224,7 @@ def _region_forward(spec: dict, ts: dict, config: dict | None) -> Launch:
     tables = _regions(ts).part(part)
     bias = ts["bias"][part] if ts["bias"] is not None else None
     if rc.forward_copies_input(x):  # as the op: an NCHW x read through its channels_last copy
-        x = _cached(ts, "x_channels_last", lambda: x.contiguous(memory_format=torch.channels_last))
+        x = _channels_last(ts, "x")
     return rc.forward_launch(x[part], weight, bias, tables, y[part], g, *geometry, config)
 
 
@@ -199,7 +237,7 @@ def _region_columns(spec: dict, ts: dict, config: dict | None) -> Launch:
     kernel_hw = (spec["kh"], spec["kw"])
     part = slice(0, rcg.columns_part(dy, dx, experts, m))
     weight = _cached(ts, "column_kernels", lambda: rcg.column_kernels(experts, ts["routing"][part], None, g))
-    dy = _cached(ts, "dy_channels_last", lambda: dy.contiguous(memory_format=torch.channels_last))
+    dy = _channels_last(ts, "dy")
     cols = _cached(ts, "columns", lambda: rcg.columns_empty(weight.shape[0], dx.shape[1], kernel_hw, Ho, Wo,
                                                             dx.dtype, dx.device))
     tables = _regions(ts).part(part)
@@ -212,9 +250,23 @@ _LAUNCH = {"expert_conv_fwd": _forward, "expert_conv_bwd_input": _input_grad, "e
 
 def _key(kernel: str):
     def key(spec: dict, ts: dict) -> dict:
-        x = ts["dx"] if kernel in ("expert_conv_bwd_input", "region_conv_columns") else ts["x"]
-        return ec.problem_key(x, _key_experts(kernel, ts), spec["m"], spec["groups"], _strides(spec))
+        if kernel == "expert_conv_bwd_weight":
+            x = _weight_grad_operands(spec, ts)[1]  # x's copy, where the kernel gradient reads one
+        else:
+            x = ts["dx"] if kernel in ("expert_conv_bwd_input", "region_conv_columns") else ts["x"]
+        found = ec.problem_key(x, _key_experts(kernel, ts), spec["m"], spec["groups"], _strides(spec))
+        # A pass that reads a channels_last copy looks up the copy's row (kernels.expert_conv._routed_config).
+        return {**found, "channels_last": 1} if _route(kernel, spec, ts)[1] else found
     return key
+
+
+def _reads_table(kernel: str):
+    def reads_table(spec: dict, ts: dict) -> bool:
+        if kernel == "expert_conv_bwd_weight":
+            # Where it copies dy as well as x it runs the very launch of the layer's channels_last problem.
+            return not ecw.weight_grad_copies_output_grad(ts["dy"], ts["x"], spec["m"], spec["groups"], _strides(spec))
+        return not _route(kernel, spec, ts)[0]
+    return reads_table
 
 
 def _default_for(kernel: str, key: dict) -> dict:
@@ -333,7 +385,8 @@ def autotune_space() -> dict:
     return {name: KernelSpace(problems=_PROBLEMS.get(name, _problems), inputs=_inputs,
                               launch=_LAUNCH[name], key=_key(name),
                               default=_default(name), candidates=_candidates(name),
-                              spec_for_key=_spec_for_key(name), exact=_EXACT, rules=_rules(name))
+                              spec_for_key=_spec_for_key(name), exact=_EXACT, rules=_rules(name),
+                              reads_table=_reads_table(name))
             for name in _LAUNCH}
 
 

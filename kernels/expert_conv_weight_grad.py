@@ -308,7 +308,7 @@ def weight_grad_copies_output_grad(dy, x, m: int, groups: int, stride) -> bool:
             and not reads_output_grad_flat(dy, m))
 
 
-def _operands_read(dy, x, m: int, groups: int, stride, to_channels_last):
+def operands_read(dy, x, m: int, groups: int, stride, to_channels_last):
     """(dy, x) as a kernel gradient on them reads them: x through ``to_channels_last`` (a copy, or a
     meta stand-in for the catalogue and the static model) where it copies x, dy too where it copies dy."""
     if not weight_grad_copies_inputs(dy, x, m, groups, stride):
@@ -477,7 +477,7 @@ def expert_conv_backward_kernel(dy, x, regions: RegionTables | None, num_regions
     Cout = dy.shape[1]
     m = num_regions
     if config is None:
-        dy, x = _operands_read(dy, x, m, groups, stride, channels_last_copy)
+        dy, x = operands_read(dy, x, m, groups, stride, channels_last_copy)
         experts_like = torch.empty((1, Cout, Cin // groups, *kernel_hw), device="meta")
         config = weight_grad_config(x, experts_like, m, groups, stride)
     launch, dw = launch_with_partials(dy, x, regions, m, groups, kernel_hw, (stride, padding, dilation), config)
@@ -501,7 +501,7 @@ def default_launch(dy, x, experts, m: int, groups: int, geometry) -> Launch:
     """The kernel-gradient launch an op makes by default for these meta tensors: its config, pixel
     splits and partials in the accumulation dtype (the catalogue's launches and the static model's)."""
     regions = meta_region_tables(x.shape[0], dy.shape[2] * dy.shape[3], m) if m > 1 else None
-    dy, x = _operands_read(dy, x, m, groups, geometry[0], channels_last_stand_in)
+    dy, x = operands_read(dy, x, m, groups, geometry[0], channels_last_stand_in)
     config = weight_grad_config(x, experts, m, groups, geometry[0])
     return launch_with_partials(dy, x, regions, m, groups, tuple(experts.shape[3:]), geometry, config)[0]
 

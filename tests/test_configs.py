@@ -639,6 +639,40 @@ def test_drconv_input_gradient_is_timed_on_the_op_s_region_kernels():
     assert launch.args["dy_ptr"].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_expert_sweep_times_nchw_layers_as_the_op_runs_them():
+    """An NCHW pass that reads a channels_last copy is timed on the copy, under the copy's row (the
+    one the op looks up); a pass the op runs in row boxes (no table) is not swept; the kernel gradient
+    is timed on the operands it reads (dy in place beside x's copy at E2), and not at all where it
+    copies both (the very launch of the layer's channels_last problem)."""
+    from dynconv.kernels import expert_conv_weight_grad as ecw
+
+    spaces = {name: space for name, space in configs.spaces().items() if name.startswith("expert_conv")}
+    grid = {(case.kernel, case.label): case for case in autotune.build_grid(spaces, None, ["float16"], quick=False)}
+    e1, e2 = "E1 CondConv ResNet stage 3 3x3", "E2 DynamicConv ResNet stage 2 3x3"
+    assert ("expert_conv_fwd", f"{e2} NCHW") not in grid and ("expert_conv_bwd_input", f"{e2} NCHW") not in grid
+    assert ("expert_conv_fwd", f"{e2} NHWC") in grid
+    d1_dw = [label for kernel, label in grid if kernel == "expert_conv_bwd_weight" and label.startswith("D1 ")]
+    assert d1_dw and all(label.endswith("NHWC") for label in d1_dw)
+
+    def launch(kernel, label):
+        case = grid[(kernel, label)]
+        space = spaces[kernel]
+        return case, space.launch(case.spec, space.inputs(case.spec, torch.float16, "meta"), case.default)
+
+    cl = lambda t: t.is_contiguous(memory_format=torch.channels_last)  # noqa: E731
+    case, fwd = launch("expert_conv_fwd", f"{e1} NCHW")
+    assert case.key["channels_last"] == 1 and cl(fwd.args["x_ptr"]) and not cl(fwd.args["y_ptr"])
+    case, dx = launch("expert_conv_bwd_input", f"{e1} NCHW")
+    assert case.key["channels_last"] == 1 and cl(dx.args["dy_ptr"]) and not cl(dx.args["dx_ptr"])
+    for label in (f"{e1} NCHW", f"{e2} NCHW"):
+        case, dw = launch("expert_conv_bwd_weight", label)
+        ts = spaces["expert_conv_bwd_weight"].inputs(case.spec, torch.float16, "meta")
+        op = ecw.default_launch(ts["dy"], ts["x"], ts["experts"], case.spec["m"], case.spec["groups"],
+                                ((1, 1), (1, 1), (1, 1)))
+        assert case.key["channels_last"] == 1 and dw.meta["DY_FLAT"] and dw.meta == op.meta, label
+        assert cl(dw.args["x_ptr"]) and not cl(dw.args["dy_ptr"]), label
+
+
 def test_expert_conv_keys_on_both_stride_components():
     from dynconv.kernels import expert_conv as ec
 
@@ -646,12 +680,18 @@ def test_expert_conv_keys_on_both_stride_components():
     space = configs.spaces()["expert_conv_fwd"]
     assert not _borrows_across_strides(space, lambda s: ec.problem_key(x, experts, 1, 1, s))
     for name in ("expert_conv_fwd", "expert_conv_bwd_input", "expert_conv_bwd_weight"):
+        space = configs.spaces()[name]
         for sh, sw in ((1, 2), (2, 1)):
             # bwd_weight's launcher keys the problem with one expert (see expert_conv_tuning).
             E = 1 if name == "expert_conv_bwd_weight" else 4
             key = dict(B=8, Cin=64, Cout=128, H=32, W=16, kh=3, kw=3, E=E, m=1, groups=1, depthwise=0,
-                       stride_h=sh, stride_w=sw, channels_last=0, dtype_bytes=2)
-            assert _round_trips(configs.spaces()[name], key), (name, sh, sw)
+                       stride_h=sh, stride_w=sw, channels_last=1, dtype_bytes=2)
+            assert _round_trips(space, key), (name, sh, sw)
+            # NCHW: the forward reads x in place at this stride; the gradients read channels_last
+            # copies of dy (dx) and x (dW), so they look up (and are tuned under) the copy's row.
+            spec, dtype = space.spec_for_key({**key, "channels_last": 0})
+            rebuilt = space.key(spec, space.inputs(spec, dtype, "meta"))
+            assert rebuilt == {**key, "channels_last": int(name != "expert_conv_fwd")}, (name, sh, sw)
 
 
 def test_expert_conv_grouped_layers_find_the_nearest_grouped_row_and_depthwise_only_its_own():
